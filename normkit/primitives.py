@@ -1,0 +1,67 @@
+"""The two primitives TensorFlow users know: ``tf.nn.moments`` and ``tf.nn.batch_normalization``."""
+
+from __future__ import annotations
+
+import numbers
+
+import numpy as np
+
+
+def _float_array(fn: str, name: str, a) -> np.ndarray:
+    a = np.asarray(a)
+    if a.dtype.kind != "f":
+        raise TypeError(f"{fn}: {name} must be a float array, got dtype {a.dtype}")
+    return a
+
+
+def moments(x, axes, keepdims: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and biased variance of ``x`` over ``axes`` (like ``tf.nn.moments``).
+
+    Two passes accumulated in float64 (never E[x^2] - E[x]^2), returned in ``x``'s dtype.
+    For BatchNorm statistics of an NCHW batch use ``axes=(0, 2, 3)``; of an (N, C) batch ``axes=[0]``.
+    """
+    x = _float_array("moments", "x", x)
+    if isinstance(axes, numbers.Integral):
+        axes = (axes,)
+    try:
+        axes = tuple(int(a) for a in axes)
+    except TypeError:
+        raise TypeError(f"moments: axes must be an int or a sequence of ints, got {axes!r}") from None
+    for a in axes:
+        if not -x.ndim <= a < x.ndim:
+            raise ValueError(f"moments: axis {a} is out of range for x with {x.ndim} dims")
+    axes = tuple(a % x.ndim for a in axes)
+    if len(set(axes)) != len(axes):
+        raise ValueError(f"moments: axes {axes} contain a repeated axis")
+    if any(x.shape[a] == 0 for a in axes):
+        raise ValueError(f"moments: x of shape {x.shape} has no elements along axes {axes}")
+    x64 = x.astype(np.float64)
+    mean = x64.mean(axis=axes, keepdims=True)
+    var = np.square(x64 - mean).mean(axis=axes, keepdims=keepdims)
+    if not keepdims:
+        mean = mean.reshape(var.shape)
+    return mean.astype(x.dtype), var.astype(x.dtype)
+
+
+def batch_normalization(x, mean, variance, offset, scale, variance_epsilon):
+    """``(x - mean) / sqrt(variance + variance_epsilon) * scale + offset``, broadcasting like
+    ``tf.nn.batch_normalization``. ``offset``/``scale`` may be None. Computed in float64, returned in x's dtype."""
+    x = _float_array("batch_normalization", "x", x)
+    if isinstance(variance_epsilon, bool) or not isinstance(variance_epsilon, numbers.Real) or variance_epsilon < 0:
+        raise ValueError(f"batch_normalization: variance_epsilon must be a number >= 0, got {variance_epsilon!r}")
+    terms = {"mean": mean, "variance": variance, "offset": offset, "scale": scale}
+    arrays = {k: None if v is None else _float_array("batch_normalization", k, v).astype(np.float64)
+              for k, v in terms.items()}
+    for k, v in arrays.items():
+        if v is not None:
+            try:
+                np.broadcast_shapes(v.shape, x.shape)
+            except ValueError:
+                raise ValueError(f"batch_normalization: {k} of shape {v.shape} does not broadcast against x of "
+                                 f"shape {x.shape}") from None
+    y = (x.astype(np.float64) - arrays["mean"]) / np.sqrt(arrays["variance"] + float(variance_epsilon))
+    if arrays["scale"] is not None:
+        y = y * arrays["scale"]
+    if arrays["offset"] is not None:
+        y = y + arrays["offset"]
+    return y.astype(x.dtype)

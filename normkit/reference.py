@@ -1,0 +1,154 @@
+"""The NumPy reference backend: the oracle every other backend is tested against, and the backend of last resort.
+
+Written for clarity, not speed: every op is "normalize over the last axis of a float64 view", with statistics
+from a two-pass mean/variance in float64. It follows the kernel contract in :mod:`normkit.contract` exactly.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .contract import DIRECTIONS
+from .registry import Backend
+
+backend = Backend(
+    name="reference",
+    module="normkit.reference",
+    kernels=DIRECTIONS,
+    description="pure NumPy, float64 statistics; the oracle and the fallback",
+)
+
+
+# Every op is expressed through "sets": a float64 view of shape (..., m) whose last axis is one normalized set.
+# Channel-indexed weights are broadcast to the same view.
+
+def _set_stats(sets: np.ndarray, eps: float) -> tuple[np.ndarray, np.ndarray]:
+    mean = sets.mean(axis=-1)
+    var = np.square(sets - mean[..., None]).mean(axis=-1)
+    return mean, 1.0 / np.sqrt(var + eps)
+
+
+def _affine(xhat: np.ndarray, weight, bias, shape) -> np.ndarray:
+    if weight is not None:
+        xhat = xhat * weight.astype(np.float64).reshape(shape)
+    if bias is not None:
+        xhat = xhat + bias.astype(np.float64).reshape(shape)
+    return xhat
+
+
+def _channel_sets(x: np.ndarray) -> np.ndarray:
+    """(N, C, S) -> float64 (C, N*S): BatchNorm's sets."""
+    return np.moveaxis(x.astype(np.float64), 1, 0).reshape(x.shape[1], -1)
+
+
+# --- forward ---------------------------------------------------------------------------------------------------
+
+def batchnorm_forward(x, weight, bias, eps, y, mean, rstd):
+    mu, r = _set_stats(_channel_sets(x), eps)
+    xhat = (x - mu[None, :, None]) * r[None, :, None]
+    y[...] = _affine(xhat, weight, bias, (1, -1, 1))
+    mean[...], rstd[...] = mu, r
+
+
+def groupnorm_forward(x, num_groups, weight, bias, eps, y, mean, rstd):
+    n, c, s = x.shape
+    sets = x.astype(np.float64).reshape(n, num_groups, -1)
+    mu, r = _set_stats(sets, eps)
+    xhat = ((sets - mu[..., None]) * r[..., None]).reshape(n, c, s)
+    y[...] = _affine(xhat, weight, bias, (1, -1, 1))
+    mean[...], rstd[...] = mu, r
+
+
+def instancenorm_forward(x, weight, bias, eps, y, mean, rstd):
+    groupnorm_forward(x, x.shape[1], weight, bias, eps, y, mean, rstd)
+
+
+def layernorm_forward(x, weight, bias, eps, y, mean, rstd):
+    sets = x.astype(np.float64)
+    mu, r = _set_stats(sets, eps)
+    y[...] = _affine((sets - mu[:, None]) * r[:, None], weight, bias, (1, -1))
+    mean[...], rstd[...] = mu, r
+
+
+def channel_forward_infer(x, weight, bias, running_mean, running_var, eps, y):
+    mu = running_mean.astype(np.float64)[None, :, None]
+    r = 1.0 / np.sqrt(running_var.astype(np.float64) + eps)[None, :, None]
+    y[...] = _affine((x.astype(np.float64) - mu) * r, weight, bias, (1, -1, 1))
+
+
+# --- backward --------------------------------------------------------------------------------------------------
+
+def _set_backward(dy_sets, x_sets, mean, rstd, w_sets):
+    """dx for sets (..., m) given per-set mean/rstd (...,) and the weight broadcast to the sets (or None)."""
+    xhat = (x_sets - mean[..., None]) * rstd[..., None]
+    g = dy_sets if w_sets is None else dy_sets * w_sets
+    return rstd[..., None] * (g - g.mean(axis=-1, keepdims=True) - xhat * (g * xhat).mean(axis=-1, keepdims=True))
+
+
+def _param_grads(dy, xhat, dweight, dbias, axes):
+    if dweight is not None:
+        dweight[...] = (dy * xhat).sum(axis=axes)
+    if dbias is not None:
+        dbias[...] = dy.sum(axis=axes)
+
+
+def batchnorm_backward(dy, x, mean, rstd, weight, dx, dweight, dbias):
+    n, c, s = x.shape
+    dy_sets, x_sets = _channel_sets(dy), _channel_sets(x)
+    mu, r = mean.astype(np.float64), rstd.astype(np.float64)
+    w_sets = None if weight is None else weight.astype(np.float64)[:, None]
+    d = _set_backward(dy_sets, x_sets, mu, r, w_sets)
+    dx[...] = np.moveaxis(d.reshape(c, n, s), 0, 1)
+    _param_grads(dy_sets, (x_sets - mu[:, None]) * r[:, None], dweight, dbias, axes=1)
+
+
+def groupnorm_backward(dy, x, num_groups, mean, rstd, weight, dx, dweight, dbias):
+    n, c, s = x.shape
+    dy64, x64 = dy.astype(np.float64), x.astype(np.float64)
+    mu, r = mean.astype(np.float64), rstd.astype(np.float64)
+    w_sets = None
+    if weight is not None:
+        w_sets = np.broadcast_to(weight.astype(np.float64)[:, None], (c, s)).reshape(num_groups, -1)[None]
+    d = _set_backward(dy64.reshape(n, num_groups, -1), x64.reshape(n, num_groups, -1), mu, r, w_sets)
+    dx[...] = d.reshape(n, c, s)
+    xhat = ((x64.reshape(n, num_groups, -1) - mu[..., None]) * r[..., None]).reshape(n, c, s)
+    _param_grads(dy64, xhat, dweight, dbias, axes=(0, 2))
+
+
+def instancenorm_backward(dy, x, mean, rstd, weight, dx, dweight, dbias):
+    groupnorm_backward(dy, x, x.shape[1], mean, rstd, weight, dx, dweight, dbias)
+
+
+def layernorm_backward(dy, x, mean, rstd, weight, dx, dweight, dbias):
+    dy64, x64 = dy.astype(np.float64), x.astype(np.float64)
+    mu, r = mean.astype(np.float64), rstd.astype(np.float64)
+    w_sets = None if weight is None else weight.astype(np.float64)[None, :]
+    dx[...] = _set_backward(dy64, x64, mu, r, w_sets)
+    _param_grads(dy64, (x64 - mu[:, None]) * r[:, None], dweight, dbias, axes=0)
+
+
+def channel_backward_infer(dy, x, mean, rstd, weight, dx, dweight, dbias):
+    dy64 = dy.astype(np.float64)
+    r = rstd.astype(np.float64)[None, :, None]
+    scale = r if weight is None else r * weight.astype(np.float64)[None, :, None]
+    dx[...] = dy64 * scale
+    xhat = (x.astype(np.float64) - mean.astype(np.float64)[None, :, None]) * r
+    _param_grads(dy64, xhat, dweight, dbias, axes=(0, 2))
+
+
+KERNELS = {}
+for _dtype in backend.dtypes:
+    KERNELS.update({
+        ("batchnorm", "forward", _dtype): batchnorm_forward,
+        ("batchnorm", "forward_infer", _dtype): channel_forward_infer,
+        ("batchnorm", "backward", _dtype): batchnorm_backward,
+        ("batchnorm", "backward_infer", _dtype): channel_backward_infer,
+        ("instancenorm", "forward", _dtype): instancenorm_forward,
+        ("instancenorm", "forward_infer", _dtype): channel_forward_infer,
+        ("instancenorm", "backward", _dtype): instancenorm_backward,
+        ("instancenorm", "backward_infer", _dtype): channel_backward_infer,
+        ("groupnorm", "forward", _dtype): groupnorm_forward,
+        ("groupnorm", "backward", _dtype): groupnorm_backward,
+        ("layernorm", "forward", _dtype): layernorm_forward,
+        ("layernorm", "backward", _dtype): layernorm_backward,
+    })

@@ -1,0 +1,402 @@
+"""The backend registry: entry points in the ``normkit.backends`` group, loaded lazily, dispatched by
+(op, direction, dtype) and an ordered list of backend names.
+
+Loading happens in two steps so that ``import normkit`` and listing names stay cheap:
+
+1. the entry point's object, a :class:`Backend` declaration, lives in a light module (no numba, no torch);
+2. ``Backend.module`` is imported only when one of its kernels is first needed; it must define ``KERNELS``.
+
+A plugin that fails at either step becomes a ``RuntimeWarning`` naming it and a failed row in
+:func:`list_backends`; it never breaks the other backends.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import threading
+import types
+import warnings
+from dataclasses import dataclass, field
+from importlib import metadata
+from typing import Callable, Mapping, Sequence
+
+from .contract import CONTRACT_VERSION, DIRECTIONS, DTYPES, OPS
+
+GROUP = "normkit.backends"
+# Built-ins come first in this order, then plugins by name, then the reference as the backend of last resort.
+BUILTIN_PREFERENCE = ("cython", "numba")
+REFERENCE = "reference"
+
+
+class UnknownBackendError(ValueError):
+    """A backend name that is not installed (or was disabled)."""
+
+
+@dataclass(frozen=True)
+class Backend:
+    """What a backend declares about itself. Cheap to import: it names its kernels module, never imports it.
+
+    ``kernels`` maps each op to the directions implemented (see :mod:`normkit.contract`); ``dtypes`` applies to
+    all of them. ``module`` is the dotted name of the kernels module (or, for backends registered at run time, an
+    object with a ``KERNELS`` attribute).
+    """
+
+    name: str
+    module: str | object
+    kernels: Mapping[str, Sequence[str]]
+    dtypes: Sequence[str] = DTYPES
+    contract: int = CONTRACT_VERSION
+    description: str = ""
+
+    def declared(self) -> frozenset[tuple[str, str, str]]:
+        return frozenset(
+            (op, direction, dtype)
+            for op, directions in self.kernels.items()
+            for direction in directions
+            for dtype in self.dtypes
+        )
+
+    def validate(self) -> None:
+        """Raise ValueError if the declaration itself is malformed or targets another contract."""
+        if self.contract != CONTRACT_VERSION:
+            raise ValueError(
+                f"backend {self.name!r} targets kernel contract {self.contract}, "
+                f"this normkit speaks contract {CONTRACT_VERSION}"
+            )
+        for op, directions in self.kernels.items():
+            if op not in OPS:
+                raise ValueError(f"backend {self.name!r} declares unknown op {op!r}; ops are {', '.join(OPS)}")
+            bad = [d for d in directions if d not in DIRECTIONS[op]]
+            if bad:
+                raise ValueError(
+                    f"backend {self.name!r} declares unknown direction(s) {bad} for {op}; "
+                    f"valid: {', '.join(DIRECTIONS[op])}"
+                )
+        bad = [d for d in self.dtypes if d not in DTYPES]
+        if bad:
+            raise ValueError(f"backend {self.name!r} declares unsupported dtype(s) {bad}; valid: {', '.join(DTYPES)}")
+
+
+@dataclass
+class _Entry:
+    name: str
+    package: str  # distribution that provides it ("" for run-time registrations)
+    builtin: bool
+    entry_point: metadata.EntryPoint | None = None
+    spec: Backend | None = None
+    kernels: dict | None = None
+    info: dict = field(default_factory=dict)
+    set_threads: Callable[[int], None] | None = None
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class BackendInfo:
+    """One row of :func:`list_backends`."""
+
+    name: str
+    package: str
+    builtin: bool
+    status: str  # "ok", "failed" or "not loaded"
+    error: str | None
+    implements: tuple[tuple[str, str, str], ...]
+    info: Mapping[str, str]
+    description: str
+
+
+_lock = threading.RLock()
+_entries: dict[str, _Entry] | None = None
+_user_order: tuple[str, ...] | None = None
+_num_threads: int | None = None
+_lookup_cache: dict = {}
+
+
+def _dist_name(ep: metadata.EntryPoint) -> str:
+    dist = getattr(ep, "dist", None)
+    return dist.metadata["Name"] if dist is not None else ""
+
+
+def _scan() -> dict[str, _Entry]:
+    """Read entry point names and packages; imports nothing."""
+    only_builtins = os.environ.get("NORMKIT_DISABLE_PLUGINS", "") not in ("", "0")
+    entries: dict[str, _Entry] = {}
+    for ep in metadata.entry_points(group=GROUP):
+        package = _dist_name(ep)
+        builtin = package.lower() == "normkit"
+        if only_builtins and not builtin:
+            continue
+        new = _Entry(ep.name, package, builtin, ep)
+        if ep.name in entries:
+            kept = entries[ep.name]
+            if kept.package == package:  # the same distribution seen twice on sys.path
+                continue
+            if builtin and not kept.builtin:  # a plugin may not shadow a built-in
+                kept, new = new, kept
+            entries[ep.name] = kept
+            warnings.warn(
+                f"normkit: backend name {ep.name!r} from package {new.package!r} is already taken by "
+                f"{kept.package!r}; ignoring {new.package!r}'s",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            continue
+        entries[ep.name] = new
+    return entries
+
+
+def _all() -> dict[str, _Entry]:
+    global _entries
+    with _lock:
+        if _entries is None:
+            _entries = _scan()
+        return _entries
+
+
+def refresh() -> None:
+    """Forget everything loaded and scan the entry points again (after installing a plugin at run time)."""
+    global _entries
+    with _lock:
+        _entries = None
+        _lookup_cache.clear()
+
+
+def _fail(entry: _Entry, stage: str, exc: BaseException | str) -> None:
+    msg = exc if isinstance(exc, str) else f"{type(exc).__name__}: {exc}"
+    entry.error = f"{stage}: {msg}"
+    entry.kernels = None
+    who = f"package {entry.package!r}" if entry.package else "registered at run time"
+    warnings.warn(f"normkit: backend {entry.name!r} ({who}) was skipped; {entry.error}", RuntimeWarning, stacklevel=4)
+
+
+def _load_spec(entry: _Entry) -> Backend | None:
+    if entry.spec is not None or entry.error is not None:
+        return entry.spec
+    try:
+        spec = entry.entry_point.load()
+        if not isinstance(spec, Backend):
+            raise TypeError(f"entry point must name a normkit.Backend, got {type(spec).__name__}")
+        if spec.name != entry.name:
+            raise ValueError(f"entry point name {entry.name!r} differs from the declared name {spec.name!r}")
+        spec.validate()
+    except Exception as exc:  # a broken plugin must not break normkit
+        _fail(entry, "declaration", exc)
+        return None
+    entry.spec = spec
+    return spec
+
+
+def _load_kernels(entry: _Entry) -> dict | None:
+    if entry.kernels is not None or entry.error is not None:
+        return entry.kernels
+    spec = _load_spec(entry)
+    if spec is None:
+        return None
+    try:
+        module = importlib.import_module(spec.module) if isinstance(spec.module, str) else spec.module
+        kernels = dict(module.KERNELS)
+        missing = sorted(spec.declared() - kernels.keys())
+        if missing:
+            raise LookupError(f"declares kernels it does not provide: {', '.join(map(':'.join, missing))}")
+        not_callable = sorted(k for k in spec.declared() if not callable(kernels[k]))
+        if not_callable:
+            raise TypeError(f"kernels are not callable: {', '.join(map(':'.join, not_callable))}")
+        entry.set_threads = getattr(module, "set_num_threads", None)
+        entry.info = dict(getattr(module, "INFO", {}))
+        if _num_threads is not None and entry.set_threads is not None:
+            entry.set_threads(_num_threads)
+    except Exception as exc:
+        _fail(entry, "kernels", exc)
+        return None
+    entry.kernels = kernels
+    return kernels
+
+
+def _entry(name: str) -> _Entry:
+    entries = _all()
+    if name not in entries:
+        hint = " (plugins are disabled by NORMKIT_DISABLE_PLUGINS)" if os.environ.get("NORMKIT_DISABLE_PLUGINS") else ""
+        raise UnknownBackendError(
+            f"unknown backend {name!r}{hint}; installed backends: {', '.join(sorted(entries)) or 'none'}"
+        )
+    return entries[name]
+
+
+def default_order() -> tuple[str, ...]:
+    entries = _all()
+    builtins = [n for n in BUILTIN_PREFERENCE if n in entries]
+    builtins += sorted(n for n, e in entries.items() if e.builtin and n not in builtins and n != REFERENCE)
+    plugins = sorted(n for n, e in entries.items() if not e.builtin and n != REFERENCE)
+    return tuple(builtins + plugins + ([REFERENCE] if REFERENCE in entries else []))
+
+
+def _parse_order(names: Sequence[str], source: str) -> tuple[str, ...]:
+    entries = _all()
+    unknown = [n for n in names if n not in entries]
+    if unknown:
+        raise UnknownBackendError(
+            f"{source} names unknown backend(s) {', '.join(map(repr, unknown))}; "
+            f"installed backends: {', '.join(sorted(entries))}"
+        )
+    return tuple(names)
+
+
+def get_backend_order() -> tuple[str, ...]:
+    """The order in which backends are tried when no ``backend=`` is given.
+
+    Names set with :func:`set_backend_order` (or, if none, the comma-separated ``NORMKIT_BACKEND`` environment
+    variable) come first; every other installed backend follows in the default order.
+    """
+    if _user_order is not None:
+        preferred = _user_order
+    else:
+        env = os.environ.get("NORMKIT_BACKEND", "")
+        preferred = _parse_order([n.strip() for n in env.split(",") if n.strip()], "NORMKIT_BACKEND")
+    return preferred + tuple(n for n in default_order() if n not in preferred)
+
+
+def set_backend_order(names: Sequence[str] | None) -> None:
+    """Prefer these backends, in this order (``None`` restores the default / ``NORMKIT_BACKEND``)."""
+    global _user_order
+    if isinstance(names, str):
+        names = [names]
+    with _lock:
+        _user_order = None if names is None else _parse_order(list(names), "set_backend_order")
+        _lookup_cache.clear()
+
+
+def lookup(op: str, direction: str, dtype: str, backend: str | None = None) -> tuple[str, Callable]:
+    """Return ``(backend_name, kernel)`` for one (op, direction, dtype).
+
+    Raises UnknownBackendError for a name that is not installed, TypeError when no backend has the dtype, and
+    ValueError when the named backend failed to load or does not implement the kernel.
+    """
+    order = (backend,) if backend is not None else get_backend_order()
+    key = (op, direction, dtype, order)
+    hit = _lookup_cache.get(key)
+    if hit is not None:
+        return hit
+    with _lock:
+        wanted = (op, direction, dtype)
+        if backend is not None:
+            entry = _entry(backend)
+            spec = _load_spec(entry)
+            if spec is not None and wanted not in spec.declared():
+                declared_dtypes = sorted({d for o, dr, d in spec.declared() if (o, dr) == (op, direction)})
+                if declared_dtypes:
+                    raise TypeError(
+                        f"{op}: backend {backend!r} has no {dtype} kernel for {direction}; "
+                        f"it supports {', '.join(declared_dtypes)}"
+                    )
+                raise ValueError(f"{op}: backend {backend!r} does not implement {direction}")
+            kernels = _load_kernels(entry)
+            if kernels is None:
+                raise ValueError(f"{op}: backend {backend!r} is unavailable; {entry.error}")
+            result = (backend, kernels[wanted])
+        else:
+            result = None
+            for name in order:
+                entry = _all()[name]
+                spec = _load_spec(entry)
+                if spec is None or wanted not in spec.declared():
+                    continue
+                kernels = _load_kernels(entry)
+                if kernels is not None:
+                    result = (name, kernels[wanted])
+                    break
+            if result is None:
+                dtypes = sorted({d for e in _all().values() if e.spec for o, dr, d in e.spec.declared()
+                                 if (o, dr) == (op, direction)})
+                if dtype not in dtypes:
+                    raise TypeError(
+                        f"{op}: no backend has a {dtype} kernel; supported dtypes: {', '.join(dtypes) or 'none'}"
+                    )
+                raise ValueError(f"{op}: no installed backend implements {direction} for {dtype}")
+        _lookup_cache[key] = result
+        return result
+
+
+def register_backend(spec: Backend, replace: bool = False) -> None:
+    """Register a backend at run time (tests, notebooks). Taking a name that is already registered with a
+    different declaration fails unless ``replace=True``."""
+    if not isinstance(spec, Backend):
+        raise TypeError(f"register_backend: expected a normkit.Backend, got {type(spec).__name__}")
+    spec.validate()
+    with _lock:
+        entries = _all()
+        old = entries.get(spec.name)
+        if old is not None and not replace:
+            if old.spec == spec:
+                return
+            raise ValueError(
+                f"register_backend: backend name {spec.name!r} is taken (by {old.package or 'a run-time registration'});"
+                f" pass replace=True to replace it"
+            )
+        entries[spec.name] = _Entry(spec.name, "", False, spec=spec)
+        _lookup_cache.clear()
+
+
+def unregister_backend(name: str) -> None:
+    """Remove a backend from this process's registry (entry points come back with :func:`refresh`)."""
+    with _lock:
+        _entry(name)
+        del _all()[name]
+        _lookup_cache.clear()
+
+
+def list_backends(load: bool = True) -> list[BackendInfo]:
+    """Every installed backend in dispatch order, what it implements and whether it loaded.
+
+    ``load=True`` imports each backend's kernels module so that failures show up; ``load=False`` only reads the
+    declarations.
+    """
+    rows = []
+    with _lock:
+        for name in get_backend_order():
+            entry = _all()[name]
+            spec = _load_spec(entry)
+            if load and spec is not None:
+                _load_kernels(entry)
+            status = "failed" if entry.error else ("ok" if entry.kernels is not None else "not loaded")
+            rows.append(
+                BackendInfo(
+                    name=name,
+                    package=entry.package,
+                    builtin=entry.builtin,
+                    status=status,
+                    error=entry.error,
+                    implements=tuple(sorted(spec.declared())) if spec and not entry.error else (),
+                    info=dict(entry.info),
+                    description=spec.description if spec else "",
+                )
+            )
+    return rows
+
+
+def set_num_threads(n: int) -> None:
+    """Threads used by every backend's kernels (default: all CPUs this process may use)."""
+    global _num_threads
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"set_num_threads: expected a positive int, got {n!r}")
+    limit = os.cpu_count() or 1
+    if n > limit:
+        raise ValueError(f"set_num_threads: {n} threads requested, this machine has {limit} CPUs")
+    with _lock:
+        _num_threads = n
+        for entry in _all().values():
+            if entry.kernels is not None and entry.set_threads is not None:
+                entry.set_threads(n)
+
+
+def get_num_threads() -> int:
+    if _num_threads is not None:
+        return _num_threads
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def runtime_module(kernels: Mapping[tuple[str, str, str], Callable], **attrs) -> types.SimpleNamespace:
+    """A stand-in kernels module for :func:`register_backend` (``Backend(module=runtime_module({...}))``)."""
+    return types.SimpleNamespace(KERNELS=dict(kernels), **attrs)

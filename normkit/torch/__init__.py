@@ -1,0 +1,1 @@
+"""PyTorch frontend (see issue: custom ops, modules, convert). Imported only when asked for."""
