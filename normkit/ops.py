@@ -41,19 +41,107 @@ def _describe(a) -> str:
     return type(a).__name__
 
 
+# Checks on metadata (shape tuples, dtype names), shared by the NumPy and PyTorch frontends so that both accept
+# and reject the same arguments with the same messages.
+
+def check_dtype(op: str, name: str, dtype_name: str) -> None:
+    if dtype_name not in DTYPES:
+        hint = ("; normkit has no half-precision kernels, cast to float32"
+                if dtype_name in ("float16", "bfloat16") else "")
+        raise TypeError(f"{op}: {name} must be float32 or float64, got dtype {dtype_name}{hint}")
+
+
+def check_shape(op: str, name: str, shape: tuple, min_ndim: int = 2) -> None:
+    if len(shape) < min_ndim:
+        want = "(N, C) or (N, C, *spatial)" if min_ndim == 2 else f"at least {min_ndim} dims"
+        raise ValueError(f"{op}: {name} must have shape {want}, got shape {tuple(shape)}")
+    if math.prod(shape) == 0:
+        raise ValueError(f"{op}: {name} is empty (shape {tuple(shape)}); there is nothing to normalize")
+
+
+def check_param(op: str, name: str, shape: tuple, dtype, want_shape: tuple, want_dtype) -> None:
+    """weight / bias: exactly ``want_shape`` and the input's dtype."""
+    if dtype != want_dtype:
+        raise TypeError(f"{op}: {name} must have the input's dtype {want_dtype}, got {dtype}")
+    if tuple(shape) != tuple(want_shape):
+        raise ValueError(f"{op}: {name} must have shape {tuple(want_shape)}, got {tuple(shape)}")
+
+
+def check_running(op: str, name: str, shape: tuple, is_float: bool, dtype, c: int) -> None:
+    """running_mean / running_var: a float vector of the input's C channels (any float dtype)."""
+    if not is_float:
+        raise TypeError(f"{op}: {name} must be a float array, got dtype {dtype}")
+    if tuple(shape) != (c,):
+        raise ValueError(f"{op}: {name} must have shape ({c},) to match the input's {c} channels, "
+                         f"got {tuple(shape)}")
+
+
+def check_running_pair(op: str, running_mean, running_var) -> bool:
+    """Whether running statistics were given: both or neither."""
+    if (running_mean is None) != (running_var is None):
+        raise ValueError(f"{op}: pass both running_mean and running_var, or neither")
+    return running_mean is not None
+
+
+def missing_running(op: str, flag: str) -> ValueError:
+    return ValueError(f"{op}: {flag}=False normalizes with running_mean and running_var, and none were given; "
+                      f"pass them, or {flag}=True to use the input's statistics")
+
+
+def stats_count(op: str, shape: tuple, per_instance: bool) -> int:
+    """How many values each batch statistic is computed from (batchnorm: N*S, instancenorm: S); at least 2,
+    since the running variance is unbiased."""
+    spatial = math.prod(shape[2:])
+    if per_instance:
+        if spatial < 2:
+            raise ValueError(f"{op}: expected more than 1 spatial element when using input statistics, got "
+                             f"input of shape {tuple(shape)}")
+        return spatial
+    count = shape[0] * spatial
+    if count < 2:
+        raise ValueError(f"{op}: expected more than 1 value per channel when training, got input of shape "
+                         f"{tuple(shape)}")
+    return count
+
+
+def check_num_groups(op: str, num_groups, c: int) -> int:
+    if isinstance(num_groups, bool) or not isinstance(num_groups, numbers.Integral) or num_groups < 1:
+        raise ValueError(f"{op}: num_groups must be a positive int, got {num_groups!r}")
+    if c % num_groups:
+        raise ValueError(f"{op}: num_groups={num_groups} must divide the number of channels C={c}")
+    return int(num_groups)
+
+
+def check_normalized_shape(op: str, normalized_shape) -> tuple:
+    if isinstance(normalized_shape, numbers.Integral) and not isinstance(normalized_shape, bool):
+        normalized_shape = (int(normalized_shape),)
+    try:
+        normalized_shape = tuple(int(d) for d in normalized_shape)
+    except TypeError:
+        raise TypeError(f"{op}: normalized_shape must be an int or a tuple of ints, got "
+                        f"{_describe(normalized_shape)}") from None
+    if not normalized_shape or min(normalized_shape) < 1:
+        raise ValueError(f"{op}: normalized_shape must be a non-empty tuple of positive ints, got "
+                         f"{normalized_shape}")
+    return normalized_shape
+
+
+def check_trailing(op: str, shape: tuple, normalized_shape: tuple) -> None:
+    if tuple(shape[len(shape) - len(normalized_shape):]) != normalized_shape:
+        raise ValueError(f"{op}: input of shape {tuple(shape)} does not end with normalized_shape "
+                         f"{normalized_shape}")
+
+
+# --- NumPy arrays ----------------------------------------------------------------------------------------------
+
 def as_input(op: str, name: str, x, min_ndim: int = 2) -> np.ndarray:
     """A float32/float64, native-byte-order, C-contiguous array (copied only when needed; never modified)."""
     if not isinstance(x, np.ndarray):
         if isinstance(x, (str, bytes)) or x is None:
             raise TypeError(f"{op}: {name} must be a float32 or float64 array, got {_describe(x)}")
         x = np.asarray(x)
-    if x.dtype.kind != "f" or x.dtype.name not in DTYPES:
-        raise TypeError(f"{op}: {name} must be float32 or float64, got dtype {x.dtype}")
-    if x.ndim < min_ndim:
-        want = "(N, C) or (N, C, *spatial)" if min_ndim == 2 else f"at least {min_ndim} dims"
-        raise ValueError(f"{op}: {name} must have shape {want}, got shape {x.shape}")
-    if x.size == 0:
-        raise ValueError(f"{op}: {name} is empty (shape {x.shape}); there is nothing to normalize")
+    check_dtype(op, name, x.dtype.name)
+    check_shape(op, name, x.shape, min_ndim)
     if not x.dtype.isnative:
         x = x.astype(x.dtype.newbyteorder("="))
     return np.ascontiguousarray(x)
@@ -65,10 +153,7 @@ def as_param(op: str, name: str, p, shape: tuple, dtype: np.dtype) -> np.ndarray
         return None
     if not isinstance(p, np.ndarray):
         p = np.asarray(p)
-    if p.dtype != dtype:
-        raise TypeError(f"{op}: {name} must have the input's dtype {dtype}, got {p.dtype}")
-    if p.shape != shape:
-        raise ValueError(f"{op}: {name} must have shape {shape}, got {p.shape}")
+    check_param(op, name, p.shape, p.dtype, shape, dtype)
     if not p.dtype.isnative:
         p = p.astype(p.dtype.newbyteorder("="))
     return np.ascontiguousarray(p)
@@ -78,10 +163,7 @@ def as_running(op: str, name: str, r, c: int, writable: bool) -> np.ndarray:
     """running_mean / running_var: a float ndarray of shape (C,), updated in place when ``writable``."""
     if not isinstance(r, np.ndarray):
         raise TypeError(f"{op}: {name} must be a NumPy array (it is updated in place), got {_describe(r)}")
-    if r.dtype.kind != "f":
-        raise TypeError(f"{op}: {name} must be a float array, got dtype {r.dtype}")
-    if r.shape != (c,):
-        raise ValueError(f"{op}: {name} must have shape ({c},) to match the input's {c} channels, got {r.shape}")
+    check_running(op, name, r.shape, r.dtype.kind == "f", r.dtype, c)
     if writable and not r.flags.writeable:
         raise ValueError(f"{op}: {name} is read-only but training updates it in place")
     return r
@@ -100,9 +182,7 @@ def check_momentum(op: str, momentum) -> float:
 
 
 def _running_pair(op, running_mean, running_var, c, writable):
-    if (running_mean is None) != (running_var is None):
-        raise ValueError(f"{op}: pass both running_mean and running_var, or neither")
-    if running_mean is None:
+    if not check_running_pair(op, running_mean, running_var):
         return None, None
     return (as_running(op, "running_mean", running_mean, c, writable),
             as_running(op, "running_var", running_var, c, writable))
@@ -189,18 +269,14 @@ class BatchNorm(Op):
         y = np.empty_like(x3)
         if training:
             momentum = check_momentum(op, momentum)
-            count = n * x3.shape[2]
-            if count < 2:
-                raise ValueError(f"{op}: expected more than 1 value per channel when training, got input of shape "
-                                 f"{x.shape}")
+            count = stats_count(op, x.shape, per_instance=False)
             mean, rstd = np.empty(c, x.dtype), np.empty(c, x.dtype)
             used = self._run("forward", x.dtype, backend, x3, weight, bias, eps, y, mean, rstd)
             if running_mean is not None:
                 _update_running(running_mean, running_var, mean, rstd, eps, count, momentum)
             return y.reshape(x.shape), Saved(mean, rstd, True, used)
         if running_mean is None:
-            raise ValueError(f"{op}: training=False normalizes with running_mean and running_var, and none were "
-                             f"given; pass them, or training=True to use the batch's statistics")
+            raise missing_running(op, "training")
         # copies: Saved must not alias buffers that a later training step updates in place
         rm, rv = np.array(running_mean, dtype=x.dtype), np.array(running_var, dtype=x.dtype)
         used = self._run("forward_infer", x.dtype, backend, x3, weight, bias, rm, rv, eps, y)
@@ -228,18 +304,14 @@ class InstanceNorm(Op):
         y = np.empty_like(x3)
         if use_input_stats:
             momentum = check_momentum(op, momentum)
-            s = x3.shape[2]
-            if s < 2:
-                raise ValueError(f"{op}: expected more than 1 spatial element when using input statistics, got "
-                                 f"input of shape {x.shape}")
+            s = stats_count(op, x.shape, per_instance=True)
             mean, rstd = np.empty((n, c), x.dtype), np.empty((n, c), x.dtype)
             used = self._run("forward", x.dtype, backend, x3, weight, bias, eps, y, mean, rstd)
             if running_mean is not None:
                 _update_running(running_mean, running_var, mean, rstd, eps, s, momentum)
             return y.reshape(x.shape), Saved(mean, rstd, True, used)
         if running_mean is None:
-            raise ValueError(f"{op}: use_input_stats=False normalizes with running_mean and running_var, and none "
-                             f"were given")
+            raise missing_running(op, "use_input_stats")
         # copies: Saved must not alias buffers that a later training step updates in place
         rm, rv = np.array(running_mean, dtype=x.dtype), np.array(running_var, dtype=x.dtype)
         used = self._run("forward_infer", x.dtype, backend, x3, weight, bias, rm, rv, eps, y)
@@ -279,11 +351,7 @@ class GroupNorm(Op):
         op = self.name
         x = as_input(op, "input", x)
         n, c = x.shape[:2]
-        if isinstance(num_groups, bool) or not isinstance(num_groups, numbers.Integral) or num_groups < 1:
-            raise ValueError(f"{op}: num_groups must be a positive int, got {num_groups!r}")
-        num_groups = int(num_groups)
-        if c % num_groups:
-            raise ValueError(f"{op}: num_groups={num_groups} must divide the number of channels C={c}")
+        num_groups = check_num_groups(op, num_groups, c)
         weight = as_param(op, "weight", weight, (c,), x.dtype)
         bias = as_param(op, "bias", bias, (c,), x.dtype)
         return x, x.reshape(n, c, -1), num_groups, weight, bias
@@ -315,20 +383,9 @@ class LayerNorm(Op):
 
     def _check(self, x, normalized_shape, weight, bias):
         op = self.name
-        if isinstance(normalized_shape, numbers.Integral) and not isinstance(normalized_shape, bool):
-            normalized_shape = (int(normalized_shape),)
-        try:
-            normalized_shape = tuple(int(d) for d in normalized_shape)
-        except TypeError:
-            raise TypeError(f"{op}: normalized_shape must be an int or a tuple of ints, got "
-                            f"{_describe(normalized_shape)}") from None
-        if not normalized_shape or min(normalized_shape) < 1:
-            raise ValueError(f"{op}: normalized_shape must be a non-empty tuple of positive ints, got "
-                             f"{normalized_shape}")
-        k = len(normalized_shape)
-        x = as_input(op, "input", x, min_ndim=k)
-        if x.shape[x.ndim - k:] != normalized_shape:
-            raise ValueError(f"{op}: input of shape {x.shape} does not end with normalized_shape {normalized_shape}")
+        normalized_shape = check_normalized_shape(op, normalized_shape)
+        x = as_input(op, "input", x, min_ndim=len(normalized_shape))
+        check_trailing(op, x.shape, normalized_shape)
         weight = as_param(op, "weight", weight, normalized_shape, x.dtype)
         bias = as_param(op, "bias", bias, normalized_shape, x.dtype)
         size = math.prod(normalized_shape)
