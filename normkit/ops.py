@@ -116,8 +116,10 @@ def check_normalized_shape(op: str, normalized_shape) -> tuple:
     if isinstance(normalized_shape, numbers.Integral) and not isinstance(normalized_shape, bool):
         normalized_shape = (int(normalized_shape),)
     try:
+        if isinstance(normalized_shape, (str, bytes)):
+            raise TypeError
         normalized_shape = tuple(int(d) for d in normalized_shape)
-    except TypeError:
+    except (TypeError, ValueError):
         raise TypeError(f"{op}: normalized_shape must be an int or a tuple of ints, got "
                         f"{_describe(normalized_shape)}") from None
     if not normalized_shape or min(normalized_shape) < 1:
@@ -153,7 +155,7 @@ def as_param(op: str, name: str, p, shape: tuple, dtype: np.dtype) -> np.ndarray
         return None
     if not isinstance(p, np.ndarray):
         p = np.asarray(p)
-    check_param(op, name, p.shape, p.dtype, shape, dtype)
+    check_param(op, name, p.shape, p.dtype.newbyteorder("="), shape, dtype)
     if not p.dtype.isnative:
         p = p.astype(p.dtype.newbyteorder("="))
     return np.ascontiguousarray(p)

@@ -24,8 +24,10 @@ def moments(x, axes, keepdims: bool = False) -> tuple[np.ndarray, np.ndarray]:
     if isinstance(axes, numbers.Integral):
         axes = (axes,)
     try:
+        if isinstance(axes, (str, bytes)):
+            raise TypeError
         axes = tuple(int(a) for a in axes)
-    except TypeError:
+    except (TypeError, ValueError):
         raise TypeError(f"moments: axes must be an int or a sequence of ints, got {axes!r}") from None
     for a in axes:
         if not -x.ndim <= a < x.ndim:

@@ -1,0 +1,232 @@
+"""The NumPy frontend: names, argument checks and their messages, layouts, mutation, running statistics, and the
+tf.nn-style primitives."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+from support import OPS, copy_args, op_args
+
+import normkit
+
+REF = {"backend": "reference"}
+
+
+def test_names_and_aliases():
+    for name, aliases in {"batchnorm": ("bn", "batch_norm", "BN"), "layernorm": ("ln", "layer_norm"),
+                          "instancenorm": ("in", "instance_norm"), "groupnorm": ("gn", "group_norm")}.items():
+        assert normkit.get(name).name == name
+        for alias in aliases:
+            assert normkit.get(alias) is normkit.get(name)
+    assert normkit.list_ops() == ("batchnorm", "layernorm", "instancenorm", "groupnorm")
+
+
+def test_unknown_op_lists_known_names():
+    with pytest.raises(normkit.UnknownOpError, match=r"unknown op 'rmsnorm'.*batchnorm \(bn.*groupnorm") as err:
+        normkit.get("rmsnorm")
+    assert isinstance(err.value, ValueError)
+
+
+def test_unknown_backend_lists_installed(rng):
+    x = rng.standard_normal((2, 4, 3)).astype(np.float32)
+    with pytest.raises(normkit.UnknownBackendError, match=r"unknown backend 'cuda'; installed backends: .*reference"):
+        normkit.get("gn")(x, 2, backend="cuda")
+
+
+def test_call_equals_forward_output(rng):
+    x = rng.standard_normal((2, 4, 3))
+    y1 = normkit.get("gn")(x, 2, **REF)
+    y2, saved = normkit.get("gn").forward(x, 2, **REF)
+    np.testing.assert_array_equal(y1, y2)
+    assert saved.mean.shape == saved.rstd.shape == (2, 2) and saved.training and saved.backend == "reference"
+
+
+def x4(dtype=np.float32, shape=(2, 4, 3, 3)):
+    return np.random.default_rng(0).standard_normal(shape).astype(dtype)
+
+
+BAD_CALLS = [
+    # (op, args, kwargs, exception, message pattern)
+    ("bn", (x4()[0, 0, 0],), dict(training=True), ValueError, r"batchnorm: input must have shape \(N, C\).*got shape \(3,\)"),
+    ("bn", (x4(),), dict(weight=np.ones(3, np.float32), training=True), ValueError,
+     r"batchnorm: weight must have shape \(4,\), got \(3,\)"),
+    ("bn", (x4(),), dict(bias=np.ones(5, np.float32), training=True), ValueError, r"batchnorm: bias must have shape \(4,\)"),
+    ("bn", (x4(), np.zeros(3), np.ones(3)), dict(training=True), ValueError,
+     r"batchnorm: running_mean must have shape \(4,\) to match the input's 4 channels, got \(3,\)"),
+    ("bn", (x4(), np.zeros(4)), dict(training=True), ValueError, r"both running_mean and running_var, or neither"),
+    ("bn", (x4(),), dict(training=False), ValueError, r"batchnorm: training=False normalizes with running_mean"),
+    ("bn", (x4(shape=(1, 4)),), dict(training=True), ValueError,
+     r"batchnorm: expected more than 1 value per channel when training, got input of shape \(1, 4\)"),
+    ("bn", (x4(np.float64),), dict(weight=np.ones(4, np.float32), training=True), TypeError,
+     r"batchnorm: weight must have the input's dtype float64, got float32"),
+    ("bn", (x4(),), dict(training=True, eps=-1.0), ValueError, r"batchnorm: eps must be a finite number >= 0, got -1.0"),
+    ("bn", (x4(), np.zeros(4), np.ones(4)), dict(training=True, momentum=1.5), ValueError,
+     r"batchnorm: momentum must be a number in \[0, 1\], got 1.5"),
+    ("bn", (x4(), [0.0] * 4, [1.0] * 4), dict(training=True), TypeError,
+     r"batchnorm: running_mean must be a NumPy array \(it is updated in place\), got list"),
+    ("in", (x4(shape=(2, 4, 1, 1)),), {}, ValueError,
+     r"instancenorm: expected more than 1 spatial element when using input statistics, got input of shape \(2, 4, 1, 1\)"),
+    ("in", (x4(),), dict(use_input_stats=False), ValueError, r"instancenorm: use_input_stats=False normalizes"),
+    ("gn", (x4(), 3), {}, ValueError, r"groupnorm: num_groups=3 must divide the number of channels C=4"),
+    ("gn", (x4(), 0), {}, ValueError, r"groupnorm: num_groups must be a positive int, got 0"),
+    ("gn", (x4(), 2.0), {}, ValueError, r"groupnorm: num_groups must be a positive int, got 2.0"),
+    ("ln", (x4(), (3, 4)), {}, ValueError,
+     r"layernorm: input of shape \(2, 4, 3, 3\) does not end with normalized_shape \(3, 4\)"),
+    ("ln", (x4(), (3, 3)), dict(weight=np.ones(9, np.float32)), ValueError,
+     r"layernorm: weight must have shape \(3, 3\), got \(9,\)"),
+    ("ln", (x4(), "3"), {}, TypeError, r"layernorm: normalized_shape must be an int or a tuple of ints, got str"),
+    ("ln", (x4(), None), {}, TypeError, r"layernorm: normalized_shape must be an int or a tuple of ints, got NoneType"),
+    ("gn", (np.ones((2, 4, 3), np.int64), 2), {}, TypeError, r"groupnorm: input must be float32 or float64, got dtype int64"),
+    ("gn", (np.ones((2, 4, 3), np.complex128), 2), {}, TypeError, r"got dtype complex128"),
+    ("gn", (np.ones((2, 4, 3), object), 2), {}, TypeError, r"got dtype object"),
+    ("gn", (np.ones((2, 4, 3), np.float16), 2), {}, TypeError, r"groupnorm: input must be float32 or float64, got dtype float16"),
+    ("gn", ("abc", 2), {}, TypeError, r"groupnorm: input must be a float32 or float64 array, got str"),
+    ("gn", (np.ones((0, 4, 3), np.float32), 2), {}, ValueError, r"groupnorm: input is empty \(shape \(0, 4, 3\)\)"),
+]
+
+
+@pytest.mark.parametrize("op,args,kwargs,exc,pattern", BAD_CALLS, ids=[p[4][:40] for p in BAD_CALLS])
+def test_bad_input_gets_a_clear_error(op, args, kwargs, exc, pattern):
+    with pytest.raises(exc, match=pattern):
+        normkit.get(op).forward(*args, **kwargs, **REF)
+
+
+def test_read_only_running_stats_refused_in_training():
+    rm, rv = np.zeros(4), np.ones(4)
+    rm.flags.writeable = False
+    with pytest.raises(ValueError, match="batchnorm: running_mean is read-only but training updates it in place"):
+        normkit.get("bn")(x4(), rm, rv, training=True, **REF)
+    normkit.get("bn")(x4(), rm, rv, training=False, **REF)  # inference only reads them
+
+
+def test_backward_checks_its_arguments():
+    x = x4()
+    gn = normkit.get("gn")
+    _, saved = gn.forward(x, 2, **REF)
+    with pytest.raises(ValueError, match=r"groupnorm: grad_output must have the input's shape \(2, 4, 3, 3\)"):
+        gn.backward(x[:1], x, saved, 2, **REF)
+    with pytest.raises(TypeError, match="groupnorm: grad_output must have the input's dtype float32, got float64"):
+        gn.backward(x.astype(np.float64), x, saved, 2, **REF)
+    with pytest.raises(ValueError, match=r"saved statistics have shape \(2, 2\), expected \(2, 4\)"):
+        gn.backward(x, x, saved, 4, **REF)
+    with pytest.raises(TypeError, match="groupnorm: saved must be the Saved returned by forward, got tuple"):
+        gn.backward(x, x, (saved.mean, saved.rstd), 2, **REF)
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_layouts_give_the_same_answer(op, rng):
+    """Transposed, strided, Fortran-ordered and byte-swapped inputs equal the contiguous computation."""
+    base = rng.standard_normal((5, 6, 4, 8))
+    views = [base.transpose(3, 1, 2, 0), base[::2, :, 1:], np.asfortranarray(base),
+             base.astype(base.dtype.newbyteorder(">"))]
+    for x in views:
+        kw = op_args(op, np.ascontiguousarray(x), rng, groups=3, affine="both")
+        dy = rng.standard_normal(x.shape)
+        nk = normkit.get(op)
+        y, saved = nk.forward(x, **copy_args(kw), **REF)
+        y2, saved2 = nk.forward(np.ascontiguousarray(x, dtype=np.float64), **copy_args(kw), **REF)
+        np.testing.assert_array_equal(y, y2)
+        grads = nk.backward(dy, x, saved, **copy_args(kw), **REF)
+        grads2 = nk.backward(dy, np.ascontiguousarray(x, np.float64), saved2, **copy_args(kw), **REF)
+        for g, g2 in zip(grads, grads2):
+            np.testing.assert_array_equal(g, g2)
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_nothing_but_running_stats_is_mutated(op, rng):
+    x = rng.standard_normal((3, 4, 5)).astype(np.float32)
+    kw = op_args(op, x, rng, groups=2, affine="both", running=True)
+    frozen = {k: v.copy() for k, v in kw.items() if isinstance(v, np.ndarray)}
+    x0 = x.copy()
+    y, saved = normkit.get(op).forward(x, **kw)
+    np.testing.assert_array_equal(x, x0)
+    for k, v in frozen.items():
+        if k in ("running_mean", "running_var"):
+            assert not np.array_equal(kw[k], v), f"{k} was not updated"
+        else:
+            np.testing.assert_array_equal(kw[k], v)
+
+
+def test_running_stats_follow_pytorch_over_several_steps(rng):
+    torch = pytest.importorskip("torch")
+    for op, tfn in (("bn", torch.nn.functional.batch_norm), ("in", torch.nn.functional.instance_norm)):
+        rm, rv = np.zeros(4, np.float32), np.ones(4, np.float32)
+        trm, trv = torch.zeros(4), torch.ones(4)
+        for step in range(5):
+            x = (rng.standard_normal((3, 4, 6)) * (step + 1) + step).astype(np.float32)
+            flag = {"training": True} if op == "bn" else {"use_input_stats": True}
+            normkit.get(op)(x, rm, rv, momentum=0.3, **flag)
+            tfn(torch.from_numpy(x), trm, trv, momentum=0.3, **flag)
+        np.testing.assert_allclose(rm, trm.numpy(), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(rv, trv.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_saved_inference_stats_do_not_alias_running_buffers():
+    x = x4(np.float64)
+    rm, rv = np.zeros(4), np.ones(4)
+    _, saved = normkit.get("bn").forward(x, rm, rv, training=False, **REF)
+    normkit.get("bn")(x, rm, rv, training=True, **REF)
+    np.testing.assert_array_equal(saved.mean, np.zeros(4))
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_nan_propagates_through_default_dispatch(op, rng):
+    x = rng.standard_normal((2, 4, 5)).astype(np.float32)
+    x[0, 0, 0] = np.nan
+    y = normkit.get(op).forward(x, **op_args(op, x, rng, groups=2))[0]
+    assert np.isnan(y[0, 0, 0]) and np.isfinite(y).any()
+
+
+def test_set_num_threads_validates():
+    for bad in (0, -1, 1.5, True, 10**6):
+        with pytest.raises(ValueError, match="set_num_threads"):
+            normkit.set_num_threads(bad)
+    n = normkit.get_num_threads()
+    normkit.set_num_threads(1)
+    assert normkit.get_num_threads() == 1
+    normkit.set_num_threads(n)
+
+
+# --- tf.nn-style primitives ------------------------------------------------------------------------------------
+
+def test_moments_match_numpy_and_keep_dims(rng):
+    x = rng.standard_normal((4, 3, 5, 6)).astype(np.float32)
+    mean, var = normkit.moments(x, axes=[0, 2, 3])
+    assert mean.shape == var.shape == (3,) and mean.dtype == np.float32
+    np.testing.assert_allclose(mean, x.astype(np.float64).mean(axis=(0, 2, 3)), rtol=1e-6)
+    np.testing.assert_allclose(var, x.astype(np.float64).var(axis=(0, 2, 3)), rtol=1e-6)
+    mean, var = normkit.moments(x, axes=(-1,), keepdims=True)
+    assert mean.shape == var.shape == (4, 3, 5, 1)
+    dense = rng.standard_normal((6, 10))
+    mean, var = normkit.moments(dense, axes=[0])  # the MLP case of the tutorials
+    np.testing.assert_allclose(var, dense.var(axis=0))
+
+
+def test_moments_large_offset_float32(rng):
+    x = (1e8 + rng.standard_normal(10000)).astype(np.float32)
+    _, var = normkit.moments(x, axes=0)
+    np.testing.assert_allclose(var, x.astype(np.float64).var(), rtol=1e-6)
+
+
+@pytest.mark.parametrize("axes,exc,pattern", [((5,), ValueError, "axis 5 is out of range"),
+                                              ((0, 0), ValueError, "repeated axis"),
+                                              ("a", TypeError, "axes must be an int or a sequence of ints")])
+def test_moments_errors(axes, exc, pattern):
+    with pytest.raises(exc, match=pattern):
+        normkit.moments(np.ones((2, 3)), axes)
+
+
+def test_batch_normalization_formula_and_broadcasting(rng):
+    x = rng.standard_normal((6, 10))
+    mean, var = normkit.moments(x, axes=[0])
+    scale, offset = rng.standard_normal(10), rng.standard_normal(10)
+    y = normkit.batch_normalization(x, mean, var, offset, scale, variance_epsilon=1e-3)
+    np.testing.assert_allclose(y, (x - x.mean(0)) / np.sqrt(x.var(0) + 1e-3) * scale + offset, rtol=1e-12)
+    y = normkit.batch_normalization(x, mean, var, None, None, 1e-3)
+    np.testing.assert_allclose(y.mean(0), 0, atol=1e-12)
+    with pytest.raises(ValueError, match=re.escape("offset of shape (3,) does not broadcast against x of shape (6, 10)")):
+        normkit.batch_normalization(x, mean, var, np.zeros(3), None, 1e-3)
+    with pytest.raises(TypeError, match="x must be a float array, got dtype int64"):
+        normkit.batch_normalization(np.ones((2, 2), np.int64), 0.0, 1.0, None, None, 1e-3)
