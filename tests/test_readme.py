@@ -1,0 +1,33 @@
+"""The README is part of the product: its quick start is what CI runs, and its examples run."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+README = (ROOT / "README.md").read_text()
+
+
+def section(title: str) -> str:
+    match = re.search(rf"^## {re.escape(title)}\n(.*?)(?=^## |\Z)", README, re.S | re.M)
+    assert match, f"README has no section {title!r}"
+    return match.group(1)
+
+
+def code_blocks(text: str, lang: str) -> list[str]:
+    return re.findall(rf"```{lang}\n(.*?)```", text, re.S)
+
+
+def test_quick_start_is_two_commands_and_ci_runs_them_verbatim():
+    (block,) = code_blocks(section("Quick start"), "bash")
+    commands = [line for line in block.splitlines() if line.strip()]
+    assert len(commands) == 2
+    ci_lines = (ROOT / ".ci" / "run").read_text().splitlines()
+    for command in commands:
+        assert command in ci_lines, f".ci/run does not run the README command {command!r}"
+
+
+def test_numpy_examples_run():
+    for block in code_blocks(section("NumPy usage"), "python"):
+        exec(compile(block, "README.md", "exec"), {})
