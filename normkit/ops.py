@@ -260,30 +260,8 @@ class BatchNorm(Op):
 
     def forward(self, x, running_mean=None, running_var=None, weight=None, bias=None, training=False,
                 momentum=0.1, eps=1e-5, *, backend=None):
-        op = self.name
-        x = as_input(op, "input", x)
-        n, c = x.shape[:2]
-        x3 = x.reshape(n, c, -1)
-        eps = check_eps(op, eps)
-        weight = as_param(op, "weight", weight, (c,), x.dtype)
-        bias = as_param(op, "bias", bias, (c,), x.dtype)
-        running_mean, running_var = _running_pair(op, running_mean, running_var, c, writable=training)
-        y = np.empty_like(x3)
-        if training:
-            momentum = check_momentum(op, momentum)
-            count = stats_count(op, x.shape, per_instance=False)
-            mean, rstd = np.empty(c, x.dtype), np.empty(c, x.dtype)
-            used = self._run("forward", x.dtype, backend, x3, weight, bias, eps, y, mean, rstd)
-            if running_mean is not None:
-                _update_running(running_mean, running_var, mean, rstd, eps, count, momentum)
-            return y.reshape(x.shape), Saved(mean, rstd, True, used)
-        if running_mean is None:
-            raise missing_running(op, "training")
-        # copies: Saved must not alias buffers that a later training step updates in place
-        rm, rv = np.array(running_mean, dtype=x.dtype), np.array(running_var, dtype=x.dtype)
-        used = self._run("forward_infer", x.dtype, backend, x3, weight, bias, rm, rv, eps, y)
-        rstd = (1.0 / np.sqrt(rv.astype(np.float64) + eps)).astype(x.dtype)
-        return y.reshape(x.shape), Saved(rm, rstd, False, used)
+        return _channel_forward(self, x, running_mean, running_var, weight, bias, training, momentum, eps,
+                                backend, per_instance=False)
 
     def backward(self, grad_output, x, saved, running_mean=None, running_var=None, weight=None, bias=None,
                  training=False, momentum=0.1, eps=1e-5, *, backend=None):
@@ -295,34 +273,42 @@ class InstanceNorm(Op):
 
     def forward(self, x, running_mean=None, running_var=None, weight=None, bias=None, use_input_stats=True,
                 momentum=0.1, eps=1e-5, *, backend=None):
-        op = self.name
-        x = as_input(op, "input", x)
-        n, c = x.shape[:2]
-        x3 = x.reshape(n, c, -1)
-        eps = check_eps(op, eps)
-        weight = as_param(op, "weight", weight, (c,), x.dtype)
-        bias = as_param(op, "bias", bias, (c,), x.dtype)
-        running_mean, running_var = _running_pair(op, running_mean, running_var, c, writable=use_input_stats)
-        y = np.empty_like(x3)
-        if use_input_stats:
-            momentum = check_momentum(op, momentum)
-            s = stats_count(op, x.shape, per_instance=True)
-            mean, rstd = np.empty((n, c), x.dtype), np.empty((n, c), x.dtype)
-            used = self._run("forward", x.dtype, backend, x3, weight, bias, eps, y, mean, rstd)
-            if running_mean is not None:
-                _update_running(running_mean, running_var, mean, rstd, eps, s, momentum)
-            return y.reshape(x.shape), Saved(mean, rstd, True, used)
-        if running_mean is None:
-            raise missing_running(op, "use_input_stats")
-        # copies: Saved must not alias buffers that a later training step updates in place
-        rm, rv = np.array(running_mean, dtype=x.dtype), np.array(running_var, dtype=x.dtype)
-        used = self._run("forward_infer", x.dtype, backend, x3, weight, bias, rm, rv, eps, y)
-        rstd = (1.0 / np.sqrt(rv.astype(np.float64) + eps)).astype(x.dtype)
-        return y.reshape(x.shape), Saved(rm, rstd, False, used)
+        return _channel_forward(self, x, running_mean, running_var, weight, bias, use_input_stats, momentum, eps,
+                                backend, per_instance=True)
 
     def backward(self, grad_output, x, saved, running_mean=None, running_var=None, weight=None, bias=None,
                  use_input_stats=True, momentum=0.1, eps=1e-5, *, backend=None):
         return _channel_backward(self, grad_output, x, saved, weight, bias, backend, per_instance=True)
+
+
+def _channel_forward(op_obj, x, running_mean, running_var, weight, bias, training, momentum, eps, backend,
+                     per_instance):
+    """Forward of batchnorm (statistics per channel) and instancenorm (per sample and channel)."""
+    op = op_obj.name
+    x = as_input(op, "input", x)
+    n, c = x.shape[:2]
+    x3 = x.reshape(n, c, -1)
+    eps = check_eps(op, eps)
+    weight = as_param(op, "weight", weight, (c,), x.dtype)
+    bias = as_param(op, "bias", bias, (c,), x.dtype)
+    running_mean, running_var = _running_pair(op, running_mean, running_var, c, writable=training)
+    y = np.empty_like(x3)
+    if training:
+        momentum = check_momentum(op, momentum)
+        count = stats_count(op, x.shape, per_instance)
+        stats_shape = (n, c) if per_instance else (c,)
+        mean, rstd = np.empty(stats_shape, x.dtype), np.empty(stats_shape, x.dtype)
+        used = op_obj._run("forward", x.dtype, backend, x3, weight, bias, eps, y, mean, rstd)
+        if running_mean is not None:
+            _update_running(running_mean, running_var, mean, rstd, eps, count, momentum)
+        return y.reshape(x.shape), Saved(mean, rstd, True, used)
+    if running_mean is None:
+        raise missing_running(op, "use_input_stats" if per_instance else "training")
+    # copies: Saved must not alias buffers that a later training step updates in place
+    rm, rv = np.array(running_mean, dtype=x.dtype), np.array(running_var, dtype=x.dtype)
+    used = op_obj._run("forward_infer", x.dtype, backend, x3, weight, bias, rm, rv, eps, y)
+    rstd = (1.0 / np.sqrt(rv.astype(np.float64) + eps)).astype(x.dtype)
+    return y.reshape(x.shape), Saved(rm, rstd, False, used)
 
 
 def _channel_backward(op_obj, grad_output, x, saved, weight, bias, backend, per_instance):
