@@ -1,0 +1,821 @@
+"""Numba kernels for the four ops, following :mod:`normkit.contract`.
+
+How the work is split (every split is a function of the shape only, never of the thread count, and partial sums
+are merged in a fixed order, so results are identical for any number of threads and from run to run):
+
+* groupnorm / instancenorm / layernorm: one work item per normalized set (a contiguous run of ``x``); the set
+  is reduced and then normalized while it is still in cache. With fewer than ``MIN_SETS`` sets, each set is cut
+  into pieces whose partial sums are merged per set, so that small batches still use every core.
+* batchnorm: with enough channels whose data fits in L2, one work item per channel (reduce, then apply, in
+  cache); otherwise work items are (n, c, piece) rows, or, for tiny spatial sizes such as (N, C) inputs, blocks
+  of rows of the flattened (N, C*S) view, merged per channel afterwards.
+
+Statistics are a shifted single pass accumulated in float64: each set subtracts a pivot (its first element, or
+0 if that is not finite) and sums d and d*d. The shift removes the cancellation of E[x^2] - E[x]^2; float64
+keeps d*d of float32 data near 1e30 finite. All pieces of a set share its pivot, so merging is plain addition.
+
+The elementwise passes run in the data's dtype as ``(x - mean) * scale + shift``: exact ``bias`` for a constant
+input; the difference between the float64 mean and the mean rounded to the dtype is folded into ``shift``.
+
+``fastmath`` is limited to flags that let LLVM vectorize float reductions (reassoc) and fuse multiply-adds,
+without assuming the absence of NaN/inf (no ``nnan``/``ninf``), so non-finite inputs propagate as in the
+reference.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+from numba import njit, prange
+from numba.core import config
+from numba.np.ufunc.parallel import _launch_threads
+
+FASTMATH = {"reassoc", "contract", "nsz", "arcp"}
+
+# Work splitting (shape-only). Fewer sets than MIN_SETS: cut sets into pieces of at least PIECE elements, aiming
+# at TARGET_ITEMS work items.
+MIN_SETS = 8
+TARGET_ITEMS = 16
+PIECE = 4096
+# batchnorm: spatial sizes below WIDE_S use the flattened (N, C*S) view; a channel is one work item when there
+# are at least MIN_SETS channels and its data (all arrays a pass touches) fits in FUSED_BYTES.
+WIDE_S = 16
+FUSED_BYTES = 768 * 1024
+# Width of the column blocks of the flattened (N, C*S) view and of layernorm's parameter gradients.
+BLOCK = 2048
+
+_jit = njit(cache=True, fastmath=FASTMATH, nogil=True)
+_pjit = njit(cache=True, fastmath=FASTMATH, nogil=True, parallel=True)
+
+
+# --- scalar helpers ---------------------------------------------------------------------------------------------
+
+@_jit
+def _pivot(v):
+    p = np.float64(v)
+    return p if np.isfinite(p) else 0.0
+
+
+@_jit
+def _cdiv(a, b):
+    return -(-a // b)
+
+
+@_jit
+def _npieces(nsets, m):
+    """Pieces per set: 1 when there are enough sets, else enough pieces (of >= PIECE elements) for TARGET_ITEMS."""
+    if nsets >= MIN_SETS:
+        return 1
+    return max(1, min(_cdiv(TARGET_ITEMS, nsets), m // PIECE))
+
+
+@_jit
+def _sums(xr, a, e, p):
+    """sum(d), sum(d*d) over xr[a:e] with d = x - p, in float64."""
+    s1 = 0.0
+    s2 = 0.0
+    for i in range(a, e):
+        d = np.float64(xr[i]) - p
+        s1 += d
+        s2 += d * d
+    return s1, s2
+
+
+@_jit
+def _dsums(dyr, xr, a, e, m):
+    """sum(dy), sum(dy * (x - m)) over [a:e], in float64."""
+    s1 = 0.0
+    s2 = 0.0
+    for i in range(a, e):
+        g = np.float64(dyr[i])
+        s1 += g
+        s2 += g * (np.float64(xr[i]) - m)
+    return s1, s2
+
+
+@_jit
+def _finish(p, s1, s2, count, eps):
+    """(mean, rstd) in float64 from shifted sums."""
+    mu = s1 / count
+    var = s2 / count - mu * mu
+    if var < 0.0:  # rounding; written as a comparison so that a NaN variance stays NaN
+        var = 0.0
+    return p + mu, 1.0 / np.sqrt(var + eps)
+
+
+@_jit
+def _apply_range(xs, ys, a, e, S, c0, m, m64, r, w, b, has_w, has_b):
+    """y = (x - m) * scale_c + shift_c over positions [a, e) of one set whose channels (runs of S) start at c0.
+
+    ``m`` is the mean in the data's dtype, ``m64`` in float64; their difference goes into the shift.
+    """
+    t = xs.dtype.type
+    ci = a // S
+    i = a
+    while i < e:
+        hi = min((ci + 1) * S, e)
+        sc = r * (np.float64(w[c0 + ci]) if has_w else 1.0)
+        sh = (np.float64(b[c0 + ci]) if has_b else 0.0) + (np.float64(m) - m64) * sc
+        sct = t(sc)
+        sht = t(sh)
+        for j in range(i, hi):
+            ys[j] = (xs[j] - m) * sct + sht
+        i = hi
+        ci += 1
+
+
+# --- groupnorm / instancenorm: sets of cpg channels -------------------------------------------------------------
+
+@_pjit
+def _sets_forward(x, G, w, b, has_w, has_b, eps, y, mean, rstd):
+    N, C, S = x.shape
+    cpg = C // G
+    m = cpg * S
+    nsets = N * G
+    xs2 = x.reshape(nsets, m)
+    ys2 = y.reshape(nsets, m)
+    mf = mean.reshape(nsets)
+    rf = rstd.reshape(nsets)
+    P = _npieces(nsets, m)
+    if P == 1:
+        for k in prange(nsets):
+            xs = xs2[k]
+            p = _pivot(xs[0])
+            s1, s2 = _sums(xs, 0, m, p)
+            m64, r64 = _finish(p, s1, s2, m, eps)
+            mf[k] = m64
+            rf[k] = r64
+            _apply_range(xs, ys2[k], 0, m, S, (k % G) * cpg, mf[k], m64, r64, w, b, has_w, has_b)
+        return
+    L = _cdiv(m, P)
+    part = np.empty((nsets * P, 2))
+    for it in prange(nsets * P):
+        k = it // P
+        a = (it % P) * L
+        s1, s2 = _sums(xs2[k], a, min(m, a + L), _pivot(xs2[k, 0]))
+        part[it, 0] = s1
+        part[it, 1] = s2
+    st = np.empty((nsets, 2))
+    for k in range(nsets):
+        s1 = 0.0
+        s2 = 0.0
+        for q in range(P):
+            s1 += part[k * P + q, 0]
+            s2 += part[k * P + q, 1]
+        m64, r64 = _finish(_pivot(xs2[k, 0]), s1, s2, m, eps)
+        mf[k] = m64
+        rf[k] = r64
+        st[k, 0] = m64
+        st[k, 1] = r64
+    for it in prange(nsets * P):
+        k = it // P
+        a = (it % P) * L
+        _apply_range(xs2[k], ys2[k], a, min(m, a + L), S, (k % G) * cpg, mf[k], st[k, 0], st[k, 1], w, b,
+                     has_w, has_b)
+
+
+@_jit
+def _set_coefs(sdy, sdyx, n, g, cpg, m, r, w, has_w):
+    """dx = dy * (r * w_c) + (x - mean) * B + Cc for set (n, g): returns (B, Cc) in float64."""
+    sg = 0.0
+    sgx = 0.0
+    for ci in range(cpg):
+        c = g * cpg + ci
+        wc = np.float64(w[c]) if has_w else 1.0
+        sg += wc * sdy[n, c]
+        sgx += wc * sdyx[n, c]
+    mg = sg / m
+    mgx = r * sgx / m  # mean(g * xhat)
+    return -r * r * mgx, -r * mg
+
+
+@_jit
+def _dx_range(dyr, xr, dxr, a, e, A, B, Cc, m):
+    for j in range(a, e):
+        dxr[j] = dyr[j] * A + (xr[j] - m) * B + Cc
+
+
+@_pjit
+def _sets_backward(dy, x, G, mean, rstd, w, has_w, dx, dw, db, want_dw, want_db):
+    N, C, S = x.shape
+    cpg = C // G
+    m = cpg * S
+    nsets = N * G
+    t = x.dtype.type
+    sdy = np.empty((N, C))
+    sdyx = np.empty((N, C))
+    if _npieces(nsets, m) == 1:
+        for k in prange(nsets):
+            n = k // G
+            g = k % G
+            mk = mean[n, g]
+            m64 = np.float64(mk)
+            r = np.float64(rstd[n, g])
+            for ci in range(cpg):
+                c = g * cpg + ci
+                s1, s2 = _dsums(dy[n, c], x[n, c], 0, S, m64)
+                sdy[n, c] = s1
+                sdyx[n, c] = s2
+            B, Cc = _set_coefs(sdy, sdyx, n, g, cpg, m, r, w, has_w)
+            for ci in range(cpg):
+                c = g * cpg + ci
+                A = r * (np.float64(w[c]) if has_w else 1.0)
+                _dx_range(dy[n, c], x[n, c], dx[n, c], 0, S, t(A), t(B), t(Cc), mk)
+    else:
+        # few sets: (n, c, piece) work items
+        Q = max(1, min(_cdiv(TARGET_ITEMS, N * C), S // PIECE))
+        L = _cdiv(S, Q)
+        part = np.empty((N * C * Q, 2))
+        for it in prange(N * C * Q):
+            n = it // (C * Q)
+            c = (it // Q) % C
+            a = (it % Q) * L
+            s1, s2 = _dsums(dy[n, c], x[n, c], a, min(S, a + L), np.float64(mean[n, c // cpg]))
+            part[it, 0] = s1
+            part[it, 1] = s2
+        for n in range(N):
+            for c in range(C):
+                s1 = 0.0
+                s2 = 0.0
+                for q in range(Q):
+                    s1 += part[(n * C + c) * Q + q, 0]
+                    s2 += part[(n * C + c) * Q + q, 1]
+                sdy[n, c] = s1
+                sdyx[n, c] = s2
+        coef = np.empty((N, G, 2))
+        for n in range(N):
+            for g in range(G):
+                B, Cc = _set_coefs(sdy, sdyx, n, g, cpg, m, np.float64(rstd[n, g]), w, has_w)
+                coef[n, g, 0] = B
+                coef[n, g, 1] = Cc
+        for it in prange(N * C * Q):
+            n = it // (C * Q)
+            c = (it // Q) % C
+            g = c // cpg
+            a = (it % Q) * L
+            A = np.float64(rstd[n, g]) * (np.float64(w[c]) if has_w else 1.0)
+            _dx_range(dy[n, c], x[n, c], dx[n, c], a, min(S, a + L), t(A), t(coef[n, g, 0]), t(coef[n, g, 1]),
+                      mean[n, g])
+    if want_dw or want_db:
+        for c in prange(C):
+            s1 = 0.0
+            s2 = 0.0
+            for n in range(N):
+                s1 += sdy[n, c]
+                s2 += np.float64(rstd[n, c // cpg]) * sdyx[n, c]
+            if want_db:
+                db[c] = s1
+            if want_dw:
+                dw[c] = s2
+
+
+# --- per-channel statistics and elementwise passes over (N, C, S) (batchnorm, *_infer) -------------------------
+
+@_jit
+def _row_split(N, C, S):
+    """Pieces per (n, c) row and their length, for the (n, c, piece) work items."""
+    Q = max(1, min(_cdiv(TARGET_ITEMS, N * C), S // PIECE))
+    return Q, _cdiv(S, Q)
+
+
+@_jit
+def _wide_split(N, W):
+    """Row blocks and column blocks of the flattened (N, W) view, W = C*S."""
+    R = max(1, min(TARGET_ITEMS, N // 8, (1 << 20) // W))
+    return R, _cdiv(N, R), _cdiv(W, BLOCK)
+
+
+@_pjit
+def _channel_sums(a, bx, ref, mode):
+    """Per-channel float64 sums over (N, S) of one of two integrands, merged in a fixed order:
+
+    mode 0: d = a - ref[c]          -> (sum d, sum d*d)            (statistics; ref = pivots)
+    mode 1: a = dy, bx = x          -> (sum dy, sum dy*(x - ref[c])) (parameter gradients)
+    """
+    N, C, S = a.shape
+    out = np.empty((C, 2))
+    if S >= WIDE_S:
+        Q, L = _row_split(N, C, S)
+        part = np.empty((N * C * Q, 2))
+        for it in prange(N * C * Q):
+            n = it // (C * Q)
+            c = (it // Q) % C
+            lo = (it % Q) * L
+            if mode == 0:
+                s1, s2 = _sums(a[n, c], lo, min(S, lo + L), ref[c])
+            else:
+                s1, s2 = _dsums(a[n, c], bx[n, c], lo, min(S, lo + L), ref[c])
+            part[it, 0] = s1
+            part[it, 1] = s2
+        for c in prange(C):
+            s1 = 0.0
+            s2 = 0.0
+            for n in range(N):
+                for q in range(Q):
+                    s1 += part[(n * C + c) * Q + q, 0]
+                    s2 += part[(n * C + c) * Q + q, 1]
+            out[c, 0] = s1
+            out[c, 1] = s2
+        return out
+    W = C * S
+    a2 = a.reshape(N, W)
+    b2 = bx.reshape(N, W)
+    refw = np.empty(W)
+    for j in range(W):
+        refw[j] = ref[j // S]
+    R, RL, JB = _wide_split(N, W)
+    part = np.zeros((R, 2, W))
+    for it in prange(R * JB):
+        r = it // JB
+        j0 = (it % JB) * BLOCK
+        j1 = min(W, j0 + BLOCK)
+        p1 = part[r, 0]
+        p2 = part[r, 1]
+        for n in range(r * RL, min(N, (r + 1) * RL)):
+            ar = a2[n]
+            br = b2[n]
+            if mode == 0:
+                for j in range(j0, j1):
+                    d = np.float64(ar[j]) - refw[j]
+                    p1[j] += d
+                    p2[j] += d * d
+            else:
+                for j in range(j0, j1):
+                    g = np.float64(ar[j])
+                    p1[j] += g
+                    p2[j] += g * (np.float64(br[j]) - refw[j])
+    for c in prange(C):
+        s1 = 0.0
+        s2 = 0.0
+        for r in range(R):
+            for s in range(S):
+                s1 += part[r, 0, c * S + s]
+                s2 += part[r, 1, c * S + s]
+        out[c, 0] = s1
+        out[c, 1] = s2
+    return out
+
+
+@_pjit
+def _channel_affine(x, m, sc, sh, y):
+    """y = (x - m[c]) * sc[c] + sh[c]; m, sc, sh have x's dtype."""
+    N, C, S = x.shape
+    if S >= WIDE_S:
+        Q, L = _row_split(N, C, S)
+        for it in prange(N * C * Q):
+            n = it // (C * Q)
+            c = (it // Q) % C
+            lo = (it % Q) * L
+            xr = x[n, c]
+            yr = y[n, c]
+            mc = m[c]
+            scc = sc[c]
+            shc = sh[c]
+            for j in range(lo, min(S, lo + L)):
+                yr[j] = (xr[j] - mc) * scc + shc
+        return
+    W = C * S
+    x2 = x.reshape(N, W)
+    y2 = y.reshape(N, W)
+    mw = np.empty(W, x.dtype)
+    scw = np.empty(W, x.dtype)
+    shw = np.empty(W, x.dtype)
+    for j in range(W):
+        mw[j] = m[j // S]
+        scw[j] = sc[j // S]
+        shw[j] = sh[j // S]
+    R, RL, JB = _wide_split(N, W)
+    for it in prange(R * JB):
+        r = it // JB
+        j0 = (it % JB) * BLOCK
+        j1 = min(W, j0 + BLOCK)
+        for n in range(r * RL, min(N, (r + 1) * RL)):
+            xr = x2[n]
+            yr = y2[n]
+            for j in range(j0, j1):
+                yr[j] = (xr[j] - mw[j]) * scw[j] + shw[j]
+
+
+@_pjit
+def _channel_dx(dy, x, m, A, B, Cc, dx):
+    """dx = dy * A[c] + (x - m[c]) * B[c] + Cc[c]; coefficient arrays have x's dtype."""
+    N, C, S = x.shape
+    if S >= WIDE_S:
+        Q, L = _row_split(N, C, S)
+        for it in prange(N * C * Q):
+            n = it // (C * Q)
+            c = (it // Q) % C
+            lo = (it % Q) * L
+            _dx_range(dy[n, c], x[n, c], dx[n, c], lo, min(S, lo + L), A[c], B[c], Cc[c], m[c])
+        return
+    W = C * S
+    d2 = dy.reshape(N, W)
+    x2 = x.reshape(N, W)
+    o2 = dx.reshape(N, W)
+    mw = np.empty(W, x.dtype)
+    aw = np.empty(W, x.dtype)
+    bw = np.empty(W, x.dtype)
+    cw = np.empty(W, x.dtype)
+    for j in range(W):
+        mw[j] = m[j // S]
+        aw[j] = A[j // S]
+        bw[j] = B[j // S]
+        cw[j] = Cc[j // S]
+    R, RL, JB = _wide_split(N, W)
+    for it in prange(R * JB):
+        r = it // JB
+        j0 = (it % JB) * BLOCK
+        j1 = min(W, j0 + BLOCK)
+        for n in range(r * RL, min(N, (r + 1) * RL)):
+            dr = d2[n]
+            xr = x2[n]
+            outr = o2[n]
+            for j in range(j0, j1):
+                outr[j] = dr[j] * aw[j] + (xr[j] - mw[j]) * bw[j] + cw[j]
+
+
+@_jit
+def _fused_channels(N, C, S, itemsize, arrays):
+    return S >= WIDE_S and C >= MIN_SETS and N * S * itemsize * arrays <= FUSED_BYTES
+
+
+@_pjit
+def _bn_forward(x, w, b, has_w, has_b, eps, y, mean, rstd):
+    N, C, S = x.shape
+    cnt = N * S
+    if _fused_channels(N, C, S, x.itemsize, 2):
+        # one channel per work item: its rows are still in L2 for the apply pass
+        for c in prange(C):
+            p = _pivot(x[0, c, 0])
+            s1 = 0.0
+            s2 = 0.0
+            for n in range(N):
+                a1, a2 = _sums(x[n, c], 0, S, p)
+                s1 += a1
+                s2 += a2
+            m64, r64 = _finish(p, s1, s2, cnt, eps)
+            mean[c] = m64
+            rstd[c] = r64
+            for n in range(N):
+                _apply_range(x[n, c], y[n, c], 0, S, S, c, mean[c], m64, r64, w, b, has_w, has_b)
+        return
+    piv = np.empty(C)
+    for c in range(C):
+        piv[c] = _pivot(x[0, c, 0])
+    sums = _channel_sums(x, x, piv, 0)
+    t = x.dtype.type
+    sc = np.empty(C, x.dtype)
+    sh = np.empty(C, x.dtype)
+    for c in range(C):
+        m64, r64 = _finish(piv[c], sums[c, 0], sums[c, 1], cnt, eps)
+        mean[c] = m64
+        rstd[c] = r64
+        s = r64 * (np.float64(w[c]) if has_w else 1.0)
+        sc[c] = s
+        sh[c] = (np.float64(b[c]) if has_b else 0.0) + (np.float64(mean[c]) - m64) * s
+    _channel_affine(x, mean, sc, sh, y)
+
+
+@_pjit
+def _bn_backward(dy, x, mean, rstd, w, has_w, dx, dw, db, want_dw, want_db):
+    N, C, S = x.shape
+    cnt = N * S
+    t = x.dtype.type
+    if _fused_channels(N, C, S, x.itemsize, 3):
+        for c in prange(C):
+            mc = mean[c]
+            m64 = np.float64(mc)
+            r = np.float64(rstd[c])
+            s1 = 0.0
+            s2 = 0.0
+            for n in range(N):
+                a1, a2 = _dsums(dy[n, c], x[n, c], 0, S, m64)
+                s1 += a1
+                s2 += a2
+            wc = np.float64(w[c]) if has_w else 1.0
+            A = t(r * wc)
+            B = t(-r * r * (r * wc * s2 / cnt))
+            Cc = t(-r * (wc * s1 / cnt))
+            for n in range(N):
+                _dx_range(dy[n, c], x[n, c], dx[n, c], 0, S, A, B, Cc, mc)
+            if want_db:
+                db[c] = s1
+            if want_dw:
+                dw[c] = r * s2
+        return
+    ref = np.empty(C)
+    for c in range(C):
+        ref[c] = mean[c]
+    sums = _channel_sums(dy, x, ref, 1)
+    A = np.empty(C, x.dtype)
+    B = np.empty(C, x.dtype)
+    Cc = np.empty(C, x.dtype)
+    for c in range(C):
+        r = np.float64(rstd[c])
+        wc = np.float64(w[c]) if has_w else 1.0
+        A[c] = r * wc
+        B[c] = -r * r * (r * wc * sums[c, 1] / cnt)
+        Cc[c] = -r * (wc * sums[c, 0] / cnt)
+        if want_db:
+            db[c] = sums[c, 0]
+        if want_dw:
+            dw[c] = r * sums[c, 1]
+    _channel_dx(dy, x, mean, A, B, Cc, dx)
+
+
+@_pjit
+def _channel_forward_infer(x, w, b, has_w, has_b, running_mean, running_var, eps, y):
+    C = x.shape[1]
+    sc = np.empty(C, x.dtype)
+    sh = np.empty(C, x.dtype)
+    for c in range(C):
+        s = (np.float64(w[c]) if has_w else 1.0) / np.sqrt(np.float64(running_var[c]) + eps)
+        sc[c] = s
+        sh[c] = np.float64(b[c]) if has_b else 0.0
+    _channel_affine(x, running_mean, sc, sh, y)
+
+
+@_pjit
+def _channel_backward_infer(dy, x, mean, rstd, w, has_w, dx, dw, db, want_dw, want_db):
+    C = x.shape[1]
+    zero = np.zeros(C, x.dtype)
+    A = np.empty(C, x.dtype)
+    for c in range(C):
+        A[c] = np.float64(rstd[c]) * (np.float64(w[c]) if has_w else 1.0)
+    _channel_affine(dy, zero, A, zero, dx)  # dx = dy * rstd * weight; x is not involved
+    if want_dw or want_db:
+        ref = np.empty(C)
+        for c in range(C):
+            ref[c] = mean[c]
+        sums = _channel_sums(dy, x, ref, 1)
+        for c in range(C):
+            if want_db:
+                db[c] = sums[c, 0]
+            if want_dw:
+                dw[c] = np.float64(rstd[c]) * sums[c, 1]
+
+
+# --- layernorm: rows of K with an elementwise affine --------------------------------------------------------------
+
+@_jit
+def _ln_apply(xr, yr, a, e, m, m64, r, w, b):
+    """y = ((x - m) * r + c0) * w + b, with c0 = (m - m64) * r the rounding of the mean to the dtype."""
+    t = xr.dtype.type
+    rt = t(r)
+    c0 = t((np.float64(m) - m64) * r)
+    for j in range(a, e):
+        yr[j] = ((xr[j] - m) * rt + c0) * w[j] + b[j]
+
+
+@_pjit
+def _ln_forward(x, w, b, has_w, has_b, eps, y, mean, rstd):
+    M, K = x.shape
+    wv = w if has_w else np.ones(K, x.dtype)
+    bv = b if has_b else np.zeros(K, x.dtype)
+    P = _npieces(M, K)
+    if P == 1:
+        for k in prange(M):
+            xr = x[k]
+            p = _pivot(xr[0])
+            s1, s2 = _sums(xr, 0, K, p)
+            m64, r64 = _finish(p, s1, s2, K, eps)
+            mean[k] = m64
+            rstd[k] = r64
+            _ln_apply(xr, y[k], 0, K, mean[k], m64, r64, wv, bv)
+        return
+    L = _cdiv(K, P)
+    part = np.empty((M * P, 2))
+    for it in prange(M * P):
+        k = it // P
+        a = (it % P) * L
+        s1, s2 = _sums(x[k], a, min(K, a + L), _pivot(x[k, 0]))
+        part[it, 0] = s1
+        part[it, 1] = s2
+    st = np.empty((M, 2))
+    for k in range(M):
+        s1 = 0.0
+        s2 = 0.0
+        for q in range(P):
+            s1 += part[k * P + q, 0]
+            s2 += part[k * P + q, 1]
+        m64, r64 = _finish(_pivot(x[k, 0]), s1, s2, K, eps)
+        mean[k] = m64
+        rstd[k] = r64
+        st[k, 0] = m64
+        st[k, 1] = r64
+    for it in prange(M * P):
+        k = it // P
+        a = (it % P) * L
+        _ln_apply(x[k], y[k], a, min(K, a + L), mean[k], st[k, 0], st[k, 1], wv, bv)
+
+
+@_jit
+def _ln_row_sums(dyr, xr, a, e, m, r, w):
+    """sum(g), sum(g * xhat) over [a, e) of one row, g = dy * w, in float64."""
+    sg = 0.0
+    sgx = 0.0
+    for j in range(a, e):
+        g = np.float64(dyr[j]) * np.float64(w[j])
+        sg += g
+        sgx += g * (np.float64(xr[j]) - m)
+    return sg, sgx * r
+
+
+@_jit
+def _ln_dx(dyr, xr, dxr, a, e, m, r, B, Cc, w):
+    """dx = dy * w * r + (x - m) * B + Cc."""
+    for j in range(a, e):
+        dxr[j] = dyr[j] * w[j] * r + (xr[j] - m) * B + Cc
+
+
+@_pjit
+def _ln_backward(dy, x, mean, rstd, w, has_w, dx, dw, db, want_dw, want_db):
+    M, K = x.shape
+    t = x.dtype.type
+    wv = w if has_w else np.ones(K, x.dtype)
+    want = want_dw or want_db
+    if K <= 4 * BLOCK:
+        # a row fits in L1: sums then dx while it is there; blocks of rows keep partial parameter gradients
+        R = max(1, min(TARGET_ITEMS * 2, M // 8)) if want else min(M, TARGET_ITEMS * 2)
+        RL = _cdiv(M, R)
+        pw = np.zeros((R, K)) if want else np.zeros((1, 1))
+        pb = np.zeros((R, K)) if want else np.zeros((1, 1))
+        for it in prange(R):
+            for k in range(it * RL, min(M, (it + 1) * RL)):
+                mk = mean[k]
+                m64 = np.float64(mk)
+                r = np.float64(rstd[k])
+                sg, sgx = _ln_row_sums(dy[k], x[k], 0, K, m64, r, wv)
+                B = t(-r * r * sgx / K)
+                Cc = t(-r * sg / K)
+                _ln_dx(dy[k], x[k], dx[k], 0, K, mk, t(r), B, Cc, wv)
+                if want:
+                    pwr = pw[it]
+                    pbr = pb[it]
+                    dyr = dy[k]
+                    xr = x[k]
+                    for j in range(K):
+                        g = np.float64(dyr[j])
+                        pwr[j] += g * (np.float64(xr[j]) - m64) * r
+                        pbr[j] += g
+        if want:
+            for j in prange(K):
+                s1 = 0.0
+                s2 = 0.0
+                for it in range(R):
+                    s1 += pw[it, j]
+                    s2 += pb[it, j]
+                if want_dw:
+                    dw[j] = s1
+                if want_db:
+                    db[j] = s2
+        return
+    # long rows: row sums over (row, piece) items, then dx and the parameter gradients over column blocks
+    P = max(1, min(_cdiv(TARGET_ITEMS, M), K // PIECE))
+    L = _cdiv(K, P)
+    part = np.empty((M * P, 2))
+    for it in prange(M * P):
+        k = it // P
+        a = (it % P) * L
+        sg, sgx = _ln_row_sums(dy[k], x[k], a, min(K, a + L), np.float64(mean[k]), np.float64(rstd[k]), wv)
+        part[it, 0] = sg
+        part[it, 1] = sgx
+    coef = np.empty((M, 2), x.dtype)
+    for k in range(M):
+        sg = 0.0
+        sgx = 0.0
+        for q in range(P):
+            sg += part[k * P + q, 0]
+            sgx += part[k * P + q, 1]
+        r = np.float64(rstd[k])
+        coef[k, 0] = -r * r * sgx / K
+        coef[k, 1] = -r * sg / K
+    JB = _cdiv(K, BLOCK)
+    for jb in prange(JB):
+        j0 = jb * BLOCK
+        j1 = min(K, j0 + BLOCK)
+        aw = np.zeros(j1 - j0)
+        ab = np.zeros(j1 - j0)
+        for k in range(M):
+            mk = mean[k]
+            m64 = np.float64(mk)
+            r = np.float64(rstd[k])
+            dyr = dy[k]
+            xr = x[k]
+            _ln_dx(dyr, xr, dx[k], j0, j1, mk, t(r), coef[k, 0], coef[k, 1], wv)
+            if want:
+                for j in range(j0, j1):
+                    g = np.float64(dyr[j])
+                    aw[j - j0] += g * (np.float64(xr[j]) - m64) * r
+                    ab[j - j0] += g
+        if want_dw:
+            dw[j0:j1] = aw
+        if want_db:
+            db[j0:j1] = ab
+
+
+# --- the contract's callables --------------------------------------------------------------------------------------
+
+_EMPTY = {np.dtype(np.float32): np.empty(0, np.float32), np.dtype(np.float64): np.empty(0, np.float64)}
+
+
+def _opt(a, x):
+    """None -> (an empty array of x's dtype, False), so that one compiled specialization serves both."""
+    return (_EMPTY[x.dtype], False) if a is None else (a, True)
+
+
+def batchnorm_forward(x, weight, bias, eps, y, mean, rstd):
+    w, hw = _opt(weight, x)
+    b, hb = _opt(bias, x)
+    _bn_forward(x, w, b, hw, hb, eps, y, mean, rstd)
+
+
+def channel_forward_infer(x, weight, bias, running_mean, running_var, eps, y):
+    w, hw = _opt(weight, x)
+    b, hb = _opt(bias, x)
+    _channel_forward_infer(x, w, b, hw, hb, running_mean, running_var, eps, y)
+
+
+def batchnorm_backward(dy, x, mean, rstd, weight, dx, dweight, dbias):
+    w, hw = _opt(weight, x)
+    dw, wdw = _opt(dweight, x)
+    db, wdb = _opt(dbias, x)
+    _bn_backward(dy, x, mean, rstd, w, hw, dx, dw, db, wdw, wdb)
+
+
+def channel_backward_infer(dy, x, mean, rstd, weight, dx, dweight, dbias):
+    w, hw = _opt(weight, x)
+    dw, wdw = _opt(dweight, x)
+    db, wdb = _opt(dbias, x)
+    _channel_backward_infer(dy, x, mean, rstd, w, hw, dx, dw, db, wdw, wdb)
+
+
+def groupnorm_forward(x, num_groups, weight, bias, eps, y, mean, rstd):
+    w, hw = _opt(weight, x)
+    b, hb = _opt(bias, x)
+    _sets_forward(x, num_groups, w, b, hw, hb, eps, y, mean, rstd)
+
+
+def groupnorm_backward(dy, x, num_groups, mean, rstd, weight, dx, dweight, dbias):
+    w, hw = _opt(weight, x)
+    dw, wdw = _opt(dweight, x)
+    db, wdb = _opt(dbias, x)
+    _sets_backward(dy, x, num_groups, mean, rstd, w, hw, dx, dw, db, wdw, wdb)
+
+
+def instancenorm_forward(x, weight, bias, eps, y, mean, rstd):
+    groupnorm_forward(x, x.shape[1], weight, bias, eps, y, mean, rstd)
+
+
+def instancenorm_backward(dy, x, mean, rstd, weight, dx, dweight, dbias):
+    groupnorm_backward(dy, x, x.shape[1], mean, rstd, weight, dx, dweight, dbias)
+
+
+def layernorm_forward(x, weight, bias, eps, y, mean, rstd):
+    w, hw = _opt(weight, x)
+    b, hb = _opt(bias, x)
+    _ln_forward(x, w, b, hw, hb, eps, y, mean, rstd)
+
+
+def layernorm_backward(dy, x, mean, rstd, weight, dx, dweight, dbias):
+    w, hw = _opt(weight, x)
+    dw, wdw = _opt(dweight, x)
+    db, wdb = _opt(dbias, x)
+    _ln_backward(dy, x, mean, rstd, w, hw, dx, dw, db, wdw, wdb)
+
+
+def set_num_threads(n: int) -> None:
+    numba.set_num_threads(min(n, config.NUMBA_NUM_THREADS))
+
+
+def _threading_layer() -> str:
+    try:
+        _launch_threads()  # cheap: loads the threading library, compiles nothing
+        return numba.threading_layer()
+    except Exception as exc:  # noqa: BLE001 - only informational
+        return f"unavailable ({type(exc).__name__})"
+
+
+INFO = {
+    "numba": numba.__version__,
+    "threading layer": _threading_layer(),
+    "max threads": str(config.NUMBA_NUM_THREADS),
+    "fastmath": ",".join(sorted(FASTMATH)),
+}
+
+KERNELS = {}
+for _dtype in ("float32", "float64"):
+    KERNELS.update({
+        ("batchnorm", "forward", _dtype): batchnorm_forward,
+        ("batchnorm", "forward_infer", _dtype): channel_forward_infer,
+        ("batchnorm", "backward", _dtype): batchnorm_backward,
+        ("batchnorm", "backward_infer", _dtype): channel_backward_infer,
+        ("instancenorm", "forward", _dtype): instancenorm_forward,
+        ("instancenorm", "forward_infer", _dtype): channel_forward_infer,
+        ("instancenorm", "backward", _dtype): instancenorm_backward,
+        ("instancenorm", "backward_infer", _dtype): channel_backward_infer,
+        ("groupnorm", "forward", _dtype): groupnorm_forward,
+        ("groupnorm", "backward", _dtype): groupnorm_backward,
+        ("layernorm", "forward", _dtype): layernorm_forward,
+        ("layernorm", "backward", _dtype): layernorm_backward,
+    })
