@@ -1,0 +1,584 @@
+"""The conformance kit: run a backend's kernels against the float64 reference on the hard cases.
+
+    import normkit.testing
+    report = normkit.testing.check_backend("mybackend")      # a list of Failure; empty means it conforms
+    print(report)                                             # one line per failing case: which check, how much
+    normkit.testing.assert_backend_conforms("mybackend")     # for a plugin's pytest suite: raises with the report
+
+or ``normkit check mybackend`` on the command line. The kit calls the kernels directly, through the kernel
+contract (:mod:`normkit.contract`), for every (op, direction, dtype) the backend declares.
+
+What it checks, for every case:
+
+- the outputs against the NumPy reference run in float64 on the very same (already rounded) inputs, within the
+  tolerances below; NaN where the reference has NaN (NaN propagation), finite where the reference is finite;
+- every output element was written: outputs are pre-filled with a signalling-NaN sentinel whose bit pattern no
+  computation produces;
+- no input was modified (bit-for-bit comparison after the call), and nothing was written just outside any of the
+  arrays it was given: every array sits inside a larger buffer whose guard zones are compared after the call;
+- the kernel did not raise, and gives bit-identical results when called twice on one case per kernel.
+
+The cases: several shapes per op, including N=1, C=1, S=1, groups=C and groups=1, odd and longer sets; every
+declared direction (training and inference) and dtype; no affine, weight only, weight and bias; data that is
+standard normal, offset (mean 1e4, 1e6, 1e8, std 1), constant, of small variance next to a large eps, or
+holding one NaN (in ``x`` for forward, in ``dy`` for backward). ``quick=True`` runs a subset.
+
+Tolerances (derived, not tuned). A correct kernel is backward stable: its result is the exact result for inputs
+perturbed by a few roundings, plus the rounding of the result. Perturbing each x_i of a set by ``eps*|x_i|``
+(``eps`` = the dtype's machine epsilon) moves the set's mean by at most ``eps*max|x|`` and its standard deviation
+by at most ``eps*max|x|`` (the rms of the perturbation), so it moves ``xhat = (x - mean) * rstd`` by at most
+``eps * kappa * (1 + |xhat|)`` with ``kappa = max|x| * rstd``: the set's condition number, about 4 for standard
+normal data, 1e4 for mean 1e4 and std 1, and ``|x| / sqrt(eps_norm)`` for a constant set. A float32 kernel
+cannot do better than this, because rounding the inputs to float32 already perturbs them that much; a kernel
+that accumulates in float64 does far better and passes easily. Sums of m terms add ``log2(m)`` roundings when
+summed pairwise or in blocks (what a fast kernel does; float64 accumulation is better still), so every bound
+carries the factor ``K(m) = 4 * (2 + log2(m))``. Per element, in float64:
+
+==================  ====================================================================================
+output              tolerance
+==================  ====================================================================================
+y (forward)         K(m) eps (|w| (1 + kappa)(1 + |xhat|) + |b|)      (w = 1, b = 0 without affine)
+mean                K(m) eps max|x|                                    (over the set)
+rstd                K(m) eps (1 + kappa) rstd
+dx (backward)       K(m) eps rstd max|g| (1 + kappa)(1 + |xhat|)       (g = dy * w, max over the set)
+dx (backward_infer) K(1) eps |dy w rstd|
+dweight             K(n) eps sum(|dy| (1 + kappa)(1 + |xhat|))         (n terms per weight element)
+dbias               K(n) eps sum(|dy|)
+==================  ====================================================================================
+
+In inference mode (``*_infer``) there is no reduction for y and kappa is per element, ``(|x| + |mean|) * rstd``.
+For standard normal float32 data this allows about 3e-5 on y; at mean 1e4 about 5e-2 (the float32 inputs are
+themselves only accurate to 1e4 * 6e-8 = 6e-4 of a standard deviation); at mean 1e8 it admits anything finite
+of the right size, which is all float32 can promise there. The mistakes the kit exists to catch are larger by
+orders of magnitude: E[x^2] - E[x]^2 in working precision loses all digits at mean 1e4 in float32 (1e8 in
+float64); eps outside the square root is off by eps / var relative (caught with variance below eps, and on
+constant sets, where rstd should be 1/sqrt(eps)); the unbiased variance is off by 1/(2m) relative (caught on
+small sets, and in float64 everywhere); a backward that forgets the weight is off by a factor of w.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+import zlib
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from . import reference, registry
+from .contract import DIRECTIONS, DTYPES, OPS
+
+__all__ = ["Case", "Failure", "Report", "assert_backend_conforms", "cases", "check_backend", "tolerance_factor"]
+
+# --- the cases -------------------------------------------------------------------------------------------------
+
+# (shape as the kernel sees it, num_groups); (N, C, S) for the channel ops, (M, K) for layernorm.
+_SHAPES = {
+    "batchnorm": [((4, 3, 5), None), ((1, 3, 7), None), ((5, 1, 3), None), ((7, 4, 1), None),
+                  ((3, 4, 700), None)],
+    "instancenorm": [((4, 3, 5), None), ((1, 3, 7), None), ((5, 1, 3), None), ((6, 4, 1), None),
+                     ((2, 3, 1000), None)],
+    "groupnorm": [((2, 6, 5), 3), ((1, 6, 7), 6), ((3, 4, 5), 1), ((2, 1, 9), 1), ((4, 6, 1), 2), ((1, 6, 1), 6),
+                  ((2, 8, 250), 4)],
+    "layernorm": [((5, 7), None), ((1, 9), None), ((6, 1), None), ((33, 16), None), ((3, 1000), None)],
+}
+# The shape the data kinds run on: sets of 65..132 values, small enough to be quick, long enough to accumulate.
+_DATA_SHAPE = {
+    "batchnorm": ((4, 3, 33), None),
+    "instancenorm": ((2, 3, 65), None),
+    "groupnorm": ((2, 6, 35), 3),
+    "layernorm": ((4, 129), None),
+}
+# data kind -> eps. small_var has variance 1e-4 next to eps 1e-3, where eps dominates rstd.
+_DATA = {"offset1e4": 1e-5, "offset1e6": 1e-5, "offset1e8": 1e-5, "constant": 1e-5, "small_var": 1e-3,
+         "nan": 1e-5}
+_QUICK_DATA = ("offset1e4", "offset1e8", "constant", "small_var", "nan")
+_AFFINE = ("none", "weight", "weight+bias")
+
+_OUTPUTS = {
+    "forward": ("y", "mean", "rstd"),
+    "forward_infer": ("y",),
+    "backward": ("dx", "dweight", "dbias"),
+    "backward_infer": ("dx", "dweight", "dbias"),
+}
+
+
+@dataclass(frozen=True)
+class Case:
+    op: str
+    direction: str
+    dtype: str
+    shape: tuple[int, ...]
+    groups: int | None
+    affine: str  # "none", "weight" or "weight+bias"
+    data: str  # "normal" or a key of _DATA
+    eps: float
+    repeat: bool = False  # also call twice and compare bit for bit
+
+    def __str__(self) -> str:
+        groups = f" groups={self.groups}" if self.groups else ""
+        return (f"{self.op} {self.direction} {self.dtype} shape={self.shape}{groups} affine={self.affine} "
+                f"data={self.data} eps={self.eps:g}")
+
+    @property
+    def training(self) -> bool:
+        return not self.direction.endswith("_infer")
+
+
+def _allowed(op: str, direction: str, shape: tuple[int, ...]) -> bool:
+    """Cases the frontends can produce: training statistics need more than one value per set."""
+    if direction in ("forward", "backward"):
+        if op == "batchnorm":
+            return shape[0] * shape[2] > 1
+        if op == "instancenorm":
+            return shape[2] > 1
+    return True
+
+
+def cases(op: str, direction: str, dtype: str, quick: bool = False) -> list[Case]:
+    """The cases the kit runs for one kernel."""
+    out = []
+    shapes = [s for s in _SHAPES[op] if _allowed(op, direction, s[0])]
+    for i, (shape, groups) in enumerate(shapes):
+        affines = (_AFFINE[(i % 2) * 2],) if quick else _AFFINE
+        last = i == len(shapes) - 1
+        out += [Case(op, direction, dtype, shape, groups, a, "normal", 1e-5, repeat=last and a == "weight+bias")
+                for a in affines]
+    shape, groups = _DATA_SHAPE[op]
+    for data, eps in _DATA.items():
+        if quick and data not in _QUICK_DATA:
+            continue
+        for a in ("weight+bias",) if quick else ("none", "weight+bias"):
+            out.append(Case(op, direction, dtype, shape, groups, a, data, eps))
+    return out
+
+
+# --- results ---------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Failure:
+    """One failed check: the case, which check, and what was measured."""
+
+    case: str
+    check: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.case}: {self.check}: {self.message}"
+
+
+class Report(list):
+    """The failures of one :func:`check_backend` run (a list of :class:`Failure`; empty when all passed)."""
+
+    def __init__(self, backend: str, failures: Iterable[Failure] = (), cases_run: int = 0):
+        super().__init__(failures)
+        self.backend = backend
+        self.cases_run = cases_run
+
+    def summary(self) -> str:
+        if not self:
+            return f"backend {self.backend!r} conforms: {self.cases_run} cases passed"
+        failed_cases = len({f.case for f in self})
+        counts: dict[str, int] = {}
+        for f in self:
+            counts[f.check] = counts.get(f.check, 0) + 1
+        by_check = ", ".join(f"{check} ({n})" for check, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+        return (f"backend {self.backend!r} FAILS: {failed_cases} of {self.cases_run} cases failed; "
+                f"failed checks: {by_check}")
+
+    def format(self, limit: int | None = 40) -> str:
+        lines = [self.summary()]
+        shown = self if limit is None else self[:limit]
+        lines += [f"  {f}" for f in shown]
+        if len(shown) < len(self):
+            lines.append(f"  ... and {len(self) - len(shown)} more failures")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.format()
+
+
+# --- arrays in guarded buffers ---------------------------------------------------------------------------------
+
+_GUARD = 16  # elements of sentinel before and after every array
+# Signalling NaNs with a payload: arithmetic never produces these bits (it yields quiet NaNs), so an output
+# element that still holds them was never written.
+_SENTINEL = {"float32": (np.uint32, 0x7F80DEAD), "float64": (np.uint64, 0x7FF00000DEADBEEF)}
+
+
+class _Guarded:
+    """An array inside a buffer with sentinel-filled guard zones; remembers the buffer's bits for comparison."""
+
+    def __init__(self, name: str, shape: tuple[int, ...], dtype: str, value: np.ndarray | None):
+        self.name = name
+        self.itype, bits = _SENTINEL[dtype]
+        n = math.prod(shape)
+        self.buf = np.empty(n + 2 * _GUARD, dtype)
+        self.buf.view(self.itype)[:] = bits
+        self.sentinel = bits
+        self.array = self.buf[_GUARD:_GUARD + n].reshape(shape)
+        if value is not None:
+            self.array[...] = value
+        self.before = self.buf.view(self.itype).copy()
+
+    def bits(self) -> np.ndarray:
+        return self.buf.view(self.itype)
+
+    def outside_writes(self) -> str | None:
+        changed = self.bits() != self.before
+        head, tail = int(changed[:_GUARD].sum()), int(changed[-_GUARD:].sum())
+        if not head and not tail:
+            return None
+        where = " and ".join(s for s in (f"{head} element(s) just before" if head else "",
+                                         f"{tail} element(s) just after" if tail else "") if s)
+        return f"wrote {where} the {self.name} array"
+
+    def mutated(self) -> str | None:
+        changed = (self.bits() != self.before)[_GUARD:-_GUARD].reshape(self.array.shape)
+        if not changed.any():
+            return None
+        first = tuple(int(i) for i in np.argwhere(changed)[0])
+        old = self.before[_GUARD:-_GUARD].view(self.array.dtype).reshape(self.array.shape)[first]
+        return (f"input {self.name} was modified: {int(changed.sum())} of {changed.size} elements changed, "
+                f"first at {first} ({old:.9g} -> {self.array[first]:.9g})")
+
+    def unwritten(self) -> np.ndarray:
+        return (self.bits()[_GUARD:-_GUARD] == self.sentinel).reshape(self.array.shape)
+
+
+# --- per-op geometry: how sets and weights map onto elements ---------------------------------------------------
+
+def _set_size(case: Case) -> int:
+    if case.op == "layernorm":
+        return case.shape[1]
+    n, c, s = case.shape
+    return {"batchnorm": n * s, "instancenorm": s, "groupnorm": c // (case.groups or 1) * s}[case.op]
+
+
+def _stat_shape(case: Case) -> tuple[int, ...]:
+    if case.op == "layernorm":
+        return (case.shape[0],)
+    n, c, _ = case.shape
+    return {"batchnorm": (c,), "instancenorm": (n, c), "groupnorm": (n, case.groups)}[case.op]
+
+
+def _set_max(case: Case, a: np.ndarray) -> np.ndarray:
+    """Per-set maximum of an element-shaped array, ignoring NaN, shaped like the op's statistics."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN sets give NaN, which is what we want
+        if case.op == "layernorm":
+            return np.nanmax(a, axis=1)
+        if case.op == "batchnorm":
+            return np.nanmax(a, axis=(0, 2))
+        if case.op == "instancenorm":
+            return np.nanmax(a, axis=2)
+        n = case.shape[0]
+        return np.nanmax(a.reshape(n, case.groups, -1), axis=2)
+
+
+def _per_element(case: Case, stat: np.ndarray) -> np.ndarray:
+    """Broadcast per-set values (shaped like the statistics) to the elements of x."""
+    if case.op == "layernorm":
+        return stat[:, None]
+    if case.op == "batchnorm":
+        return stat[None, :, None]
+    if case.op == "instancenorm":
+        return stat[:, :, None]
+    return np.repeat(stat, case.shape[1] // case.groups, axis=1)[:, :, None]
+
+
+def _per_channel(case: Case, p: np.ndarray) -> np.ndarray:
+    """Broadcast a weight-shaped array (C,) or (K,) to the elements."""
+    return p[None, :] if case.op == "layernorm" else p[None, :, None]
+
+
+def _param_sum(case: Case, a: np.ndarray) -> np.ndarray:
+    return np.nansum(a, axis=0 if case.op == "layernorm" else (0, 2))
+
+
+def _param_count(case: Case) -> int:
+    return case.shape[0] if case.op == "layernorm" else case.shape[0] * case.shape[2]
+
+
+def tolerance_factor(m: int) -> float:
+    """K(m): roundings allowed for a result that sums m terms (see the module docstring)."""
+    return 4.0 * (2.0 + math.log2(max(m, 1)))
+
+
+# --- inputs ----------------------------------------------------------------------------------------------------
+
+def _inputs(case: Case) -> dict[str, np.ndarray | None]:
+    """Every input the kernel takes, in the case's dtype (rounded once; the reference sees the same values)."""
+    rng = np.random.default_rng(zlib.crc32(str(case).encode()))
+    dt = np.dtype(case.dtype)
+    shape = case.shape
+    if case.data == "normal" or case.data == "nan":
+        x = rng.standard_normal(shape)
+    elif case.data.startswith("offset"):
+        x = float(case.data[len("offset"):]) + rng.standard_normal(shape)
+    elif case.data == "constant":
+        x = np.full(shape, 1.1)  # not a binary fraction, so sums of it round
+    elif case.data == "small_var":
+        x = 1.0 + 0.01 * rng.standard_normal(shape)
+    else:
+        raise ValueError(f"unknown data kind {case.data!r}")
+    x = x.astype(dt)
+    nan_at = tuple(s // 2 for s in shape)
+    if case.data == "nan" and case.direction.startswith("forward"):
+        x[nan_at] = np.nan
+    k = shape[1]
+    weight = (1.0 + 0.5 * rng.standard_normal(k)).astype(dt) if case.affine != "none" else None
+    bias = (0.5 * rng.standard_normal(k)).astype(dt) if case.affine == "weight+bias" else None
+    inputs: dict[str, np.ndarray | None] = {"x": x, "weight": weight, "bias": bias}
+    if case.op in ("batchnorm", "instancenorm"):
+        # running statistics near the data's own, as after some training
+        x64 = x.astype(np.float64)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            ch_mean = np.nanmean(x64, axis=(0, 2))
+            ch_var = np.nanvar(x64, axis=(0, 2))
+        running_mean = (ch_mean + 0.1 * rng.standard_normal(k)).astype(dt)
+        running_var = (ch_var * rng.uniform(0.5, 2.0, k)).astype(dt)
+        if case.direction == "forward_infer":
+            inputs.update(running_mean=running_mean, running_var=running_var)
+        elif case.direction == "backward_infer":
+            rstd = 1.0 / np.sqrt(running_var.astype(np.float64) + case.eps)
+            inputs.update(mean=running_mean, rstd=rstd.astype(dt))
+    if case.direction == "backward":
+        # the statistics a training forward saved: exact ones, rounded to the dtype
+        y = np.empty(shape)
+        mean, rstd = np.empty(_stat_shape(case)), np.empty(_stat_shape(case))
+        fwd = reference.KERNELS[(case.op, "forward", "float64")]
+        args = _forward_args(case, x.astype(np.float64), None, None, y, mean, rstd)
+        fwd(*args)
+        inputs.update(mean=mean.astype(dt), rstd=rstd.astype(dt))
+    if case.direction.startswith("backward"):
+        dy = rng.standard_normal(shape).astype(dt)
+        if case.data == "nan":
+            dy[nan_at] = np.nan
+        inputs["dy"] = dy
+    return inputs
+
+
+def _forward_args(case, x, weight, bias, y, mean, rstd):
+    if case.op == "groupnorm":
+        return [x, case.groups, weight, bias, case.eps, y, mean, rstd]
+    return [x, weight, bias, case.eps, y, mean, rstd]
+
+
+def _output_shapes(case: Case, inputs) -> dict[str, tuple[int, ...] | None]:
+    if case.direction == "forward":
+        return {"y": case.shape, "mean": _stat_shape(case), "rstd": _stat_shape(case)}
+    if case.direction == "forward_infer":
+        return {"y": case.shape}
+    k = (case.shape[1],)
+    return {"dx": case.shape,
+            "dweight": k if inputs["weight"] is not None else None,
+            "dbias": k if inputs["bias"] is not None else None}
+
+
+def _args(case: Case, a: dict) -> list:
+    """The positional arguments of the kernel, per the contract, from a dict of named arrays."""
+    d = case.direction
+    if d == "forward":
+        return _forward_args(case, a["x"], a["weight"], a["bias"], a["y"], a["mean"], a["rstd"])
+    if d == "forward_infer":
+        return [a["x"], a["weight"], a["bias"], a["running_mean"], a["running_var"], case.eps, a["y"]]
+    groups = [case.groups] if case.op == "groupnorm" else []
+    return [a["dy"], a["x"], *groups, a["mean"], a["rstd"], a["weight"], a["dx"], a["dweight"], a["dbias"]]
+
+
+# --- expected values and tolerances ----------------------------------------------------------------------------
+
+def _expected(case: Case, inputs: dict, out_shapes: dict) -> dict[str, np.ndarray]:
+    named = {k: None if v is None else v.astype(np.float64) for k, v in inputs.items()}
+    outs = {k: None if s is None else np.empty(s) for k, s in out_shapes.items()}
+    with np.errstate(all="ignore"):
+        reference.KERNELS[(case.op, case.direction, "float64")](*_args(case, {**named, **outs}))
+    return {k: v for k, v in outs.items() if v is not None}
+
+
+def _tolerances(case: Case, inputs: dict, expected: dict) -> dict[str, np.ndarray]:
+    eps = float(np.finfo(case.dtype).eps)
+    f64 = {k: None if v is None else v.astype(np.float64) for k, v in inputs.items()}
+    x = f64["x"]
+    ones = np.ones(case.shape[1])
+    w = _per_channel(case, np.abs(f64["weight"]) if f64["weight"] is not None else ones)
+    b = _per_channel(case, np.abs(f64["bias"]) if f64["bias"] is not None else 0 * ones)
+    m = _set_size(case)
+    tol = {}
+    with np.errstate(all="ignore"):
+        if case.direction == "forward":
+            mean, rstd = expected["mean"], expected["rstd"]
+            absmax = _set_max(case, np.abs(x))
+            kappa = absmax * rstd
+            xhat = (x - _per_element(case, mean)) * _per_element(case, rstd)
+            k = tolerance_factor(m) * eps
+            tol["y"] = k * (w * (1 + _per_element(case, kappa)) * (1 + np.abs(xhat)) + b)
+            tol["mean"] = k * absmax
+            tol["rstd"] = k * (1 + kappa) * rstd
+            return tol
+        if case.direction == "forward_infer":
+            mean, r = f64["running_mean"], 1.0 / np.sqrt(f64["running_var"] + case.eps)
+            mean, r = _per_channel(case, mean), _per_channel(case, r)
+            kappa = (np.abs(x) + np.abs(mean)) * r
+            tol["y"] = tolerance_factor(1) * eps * (w * (1 + kappa) * (1 + np.abs((x - mean) * r)) + b)
+            return tol
+        dy = np.abs(f64["dy"])
+        training = case.direction == "backward"
+        expand = (lambda s: _per_element(case, s)) if training else (lambda s: _per_channel(case, s))
+        mean, rstd = expand(f64["mean"]), expand(f64["rstd"])
+        xhat = np.abs((x - mean) * rstd)
+        if training:
+            kappa = _per_element(case, _set_max(case, np.abs(x)) * f64["rstd"])
+            g = _per_element(case, _set_max(case, dy * w))
+            tol["dx"] = tolerance_factor(m) * eps * rstd * g * (1 + kappa) * (1 + xhat)
+        else:
+            kappa = (np.abs(x) + np.abs(mean)) * rstd
+            tol["dx"] = tolerance_factor(1) * eps * dy * w * rstd
+        kn = tolerance_factor(_param_count(case)) * eps
+        tol["dweight"] = kn * _param_sum(case, dy * (1 + kappa) * (1 + xhat))
+        tol["dbias"] = kn * _param_sum(case, dy)
+        return tol
+
+
+# --- comparing -------------------------------------------------------------------------------------------------
+
+def _index(flat: int, shape) -> tuple[int, ...]:
+    return tuple(int(i) for i in np.unravel_index(flat, shape))
+
+
+def _compare(case: Case, name: str, got: np.ndarray, ref: np.ndarray, tol: np.ndarray) -> list[Failure]:
+    got64 = got.astype(np.float64)
+    tol = np.broadcast_to(tol, ref.shape)
+    ref_nan = np.isnan(ref)
+    failures = []
+    swallowed = ref_nan & ~np.isnan(got64)
+    if swallowed.any():
+        i = _index(np.flatnonzero(swallowed)[0], ref.shape)
+        failures.append(Failure(str(case), f"NaN propagation ({name})",
+                                f"{int(swallowed.sum())} of {int(ref_nan.sum())} elements that must be NaN "
+                                f"(their set holds a NaN) are not, e.g. {name}{list(i)} = {got64[i]:.9g}"))
+    check = ~ref_nan
+    nonfinite = check & ~np.isfinite(got64) & np.isfinite(ref)
+    with np.errstate(all="ignore"):
+        err = np.where(check & np.isfinite(got64), np.abs(got64 - ref), 0.0)
+        over = err > tol
+        ratio = np.where(over, err / np.where(tol > 0, tol, np.finfo(np.float64).tiny), 0.0)
+    if nonfinite.any():
+        i = _index(np.flatnonzero(nonfinite)[0], ref.shape)
+        failures.append(Failure(str(case), name,
+                                f"{int(nonfinite.sum())} non-finite values where the reference is finite, "
+                                f"e.g. {name}{list(i)} = {got64[i]} (expected {ref[i]:.9g})"))
+    if over.any():
+        i = _index(int(np.argmax(ratio)), ref.shape)
+        rel = err[i] / abs(ref[i]) if ref[i] else math.inf
+        failures.append(Failure(
+            str(case), name,
+            f"error {err[i]:.3g} (relative {rel:.3g}) at {name}{list(i)}: got {got64[i]:.9g}, expected "
+            f"{ref[i]:.9g}; tolerance there {tol[i]:.3g}, exceeded {ratio[i]:.3g}x; "
+            f"{int(over.sum())} of {over.size} elements out of tolerance"))
+    return failures
+
+
+def _run_case(case: Case, kernel, failures: list[Failure]) -> None:
+    inputs = _inputs(case)
+    out_shapes = _output_shapes(case, inputs)
+    expected = _expected(case, inputs, out_shapes)
+    guarded_in = {k: _Guarded(k, v.shape, case.dtype, v) for k, v in inputs.items() if v is not None}
+    outs = {k: None if s is None else _Guarded(k, s, case.dtype, None) for k, s in out_shapes.items()}
+    named = {k: None for k in inputs} | {k: g.array for k, g in guarded_in.items()}
+    named |= {k: None if g is None else g.array for k, g in outs.items()}
+    args = _args(case, named)
+    label = str(case)
+    try:
+        with np.errstate(all="ignore"):
+            kernel(*args)
+    except Exception as exc:  # a failing kernel is a finding, not a crash of the kit
+        failures.append(Failure(label, "raised", f"{type(exc).__name__}: {exc}"))
+        return
+    for g in [*guarded_in.values(), *(g for g in outs.values() if g is not None)]:
+        msg = g.outside_writes()
+        if msg:
+            failures.append(Failure(label, "write outside buffers", msg))
+    for g in guarded_in.values():
+        msg = g.mutated()
+        if msg:
+            failures.append(Failure(label, "input mutation", msg))
+    tolerances = _tolerances(case, inputs, expected)
+    for name, g in outs.items():
+        if g is None:
+            continue
+        unwritten = g.unwritten()
+        if unwritten.any():
+            i = tuple(int(j) for j in np.argwhere(unwritten)[0])
+            failures.append(Failure(label, "unwritten output",
+                                    f"{int(unwritten.sum())} of {unwritten.size} elements of {name} were never "
+                                    f"written, first at {name}{list(i)}"))
+            continue
+        failures.extend(_compare(case, name, g.array, expected[name], tolerances[name]))
+    if case.repeat:
+        again = {k: None if s is None else np.empty(s, case.dtype) for k, s in out_shapes.items()}
+        kernel(*_args(case, named | again))
+        for name, g in outs.items():
+            if g is not None and g.array.tobytes() != again[name].tobytes():
+                diff = int((g.array.view(g.itype) != again[name].view(g.itype)).sum())
+                failures.append(Failure(label, "not deterministic",
+                                        f"a second call on the same inputs changed {diff} elements of {name}"))
+
+
+# --- entry points ----------------------------------------------------------------------------------------------
+
+def _select(name: str, values: Sequence[str] | None, known: Sequence[str], what: str) -> tuple[str, ...]:
+    if values is None:
+        return tuple(known)
+    if isinstance(values, str):
+        values = [values]
+    bad = [v for v in values if v not in known]
+    if bad:
+        raise ValueError(f"check_backend: unknown {what} {', '.join(map(repr, bad))}; known: {', '.join(known)}")
+    return tuple(values)
+
+
+def check_backend(name: str, ops: Sequence[str] | None = None, dtypes: Sequence[str] | None = None,
+                  quick: bool = False) -> Report:
+    """Run backend ``name`` against the reference on the hard cases; returns the failures (empty: conforms).
+
+    Only what the backend declares is checked, restricted to ``ops`` / ``dtypes`` when given. A backend that
+    fails to load yields a single ``load`` failure. Raises :class:`normkit.UnknownBackendError` for a name that
+    is not installed.
+    """
+    ops = _select(name, ops, OPS, "op(s)")
+    dtypes = _select(name, dtypes, DTYPES, "dtype(s)")
+    rows = {row.name: row for row in registry.list_backends(load=False)}
+    if name not in rows:
+        registry._entry(name)  # raises UnknownBackendError listing the installed backends
+    row = rows[name]
+    report = Report(name)
+    if row.error:
+        report.append(Failure(f"backend {name}", "load", row.error))
+        return report
+    declared = set(row.implements)
+    for op in ops:
+        for direction in DIRECTIONS[op]:
+            for dtype in dtypes:
+                if (op, direction, dtype) not in declared:
+                    continue
+                try:
+                    _, kernel = registry.lookup(op, direction, dtype, backend=name)
+                except ValueError as exc:  # failed to load its kernels module
+                    report.append(Failure(f"backend {name}", "load", str(exc)))
+                    return report
+                for case in cases(op, direction, dtype, quick=quick):
+                    report.cases_run += 1
+                    _run_case(case, kernel, report)
+    return report
+
+
+def assert_backend_conforms(name: str, ops: Sequence[str] | None = None, dtypes: Sequence[str] | None = None,
+                            quick: bool = False) -> None:
+    """For a plugin's test suite: raise AssertionError with the full report unless the backend conforms."""
+    report = check_backend(name, ops=ops, dtypes=dtypes, quick=quick)
+    if report:
+        raise AssertionError(report.format(limit=None))
