@@ -1,0 +1,490 @@
+"""``normkit bench`` as a library function: time the training forward and backward of the normalization ops for
+every selected backend, against PyTorch's own CPU kernels and against a memory copy of the same bytes.
+
+How the measurement stays honest on a noisy machine:
+
+- every kernel is called directly (``registry.lookup``) on arrays allocated once, in the positional layout of
+  :mod:`normkit.contract`; PyTorch's kernels are called directly too (:mod:`normkit.bench_torch`);
+- the first call of each contender (JIT compilation, first touch of its buffers) is timed on its own and
+  reported apart; a few more untimed warm-up calls follow;
+- contenders are interleaved call by call, round-robin with a rotating start, so drift in clock speed or in other
+  processes' load hits all of them alike;
+- each row reports the median and the p10-p90 spread over rounds; the ratio to PyTorch is taken within each
+  round and then the median of those ratios, and so is the percentage of the copy ceiling;
+- glibc is told to recycle freed memory (:func:`recycle_freed_memory`) so that PyTorch, which allocates its
+  outputs on every call, is not charged for page faults that have nothing to do with its kernel.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import json
+import os
+import platform
+import sys
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from importlib import metadata
+from typing import Callable, Sequence
+
+import numpy as np
+
+from . import bench_torch, registry
+from .cases import Case, select_cases
+
+BASELINE = "pytorch"
+COPY = "copy"
+DIRECTIONS = ("forward", "backward")
+SCHEMA = "normkit.bench/1"
+DEFAULT_MIN_TIME = 1.0  # seconds of interleaved rounds per case and direction
+MIN_ROUNDS = 5
+MAX_ROUNDS = 1000
+WARMUP_ROUNDS = 2
+# Sanity check of every backend's output against PyTorch's (relative to max(1, max |torch|)); the test suite
+# holds the backends to much tighter bounds against the float64 reference.
+CHECK_TOL = {("float32", "forward"): 1e-4, ("float32", "backward"): 1e-3,
+             ("float64", "forward"): 1e-9, ("float64", "backward"): 1e-8}
+
+
+class BenchError(RuntimeError):
+    """Nothing could be benchmarked (e.g. no selected backend loads)."""
+
+
+# --- contenders ------------------------------------------------------------------------------------------------
+
+@dataclass
+class Contender:
+    """One thing to time: ``call()`` runs one pass; ``output()`` runs one and returns y or dx (kernel shape)."""
+
+    name: str
+    kind: str  # "backend", "baseline" (PyTorch) or "copy"
+    call: Callable[[], object]
+    output: Callable[[], np.ndarray] | None = None
+    load_s: float = 0.0
+
+
+def prepare(case: Case, direction: str, name: str, inputs: dict | None = None) -> Contender:
+    """A ready-to-time contender: a backend's kernel with preallocated outputs, PyTorch's kernel
+    (``name="pytorch"``) or the copy ceiling (``name="copy"``).
+
+    Raises what :func:`normkit.registry.lookup` raises when a backend is missing, failed to load, or lacks the
+    kernel.
+    """
+    inputs = case.make_inputs() if inputs is None else inputs
+    if name == COPY:
+        # same byte traffic as the pass: read half of it, write the other half
+        src = np.ones(case.bytes_moved(direction) // 2, np.uint8)
+        dst = np.zeros_like(src)
+        return Contender(COPY, "copy", lambda: np.copyto(dst, src))
+    if name == BASELINE:
+        call, output = bench_torch.prepare(case, direction, inputs)
+        return Contender(BASELINE, "baseline", call, output)
+    start = time.perf_counter()
+    _, forward = registry.lookup(case.op, "forward", case.dtype, name)
+    kernel = forward if direction == "forward" else registry.lookup(case.op, "backward", case.dtype, name)[1]
+    load_s = time.perf_counter() - start
+    out = case.empty_outputs(direction)
+    if direction == "forward":
+        args, result = case.forward_args(inputs, out), out["y"]
+    else:
+        # backward takes the statistics of this backend's own training forward, as in a training step
+        stats = case.empty_outputs("forward")
+        forward(*case.forward_args(inputs, stats))
+        del stats["y"]
+        args, result = case.backward_args(inputs, stats, out), out["dx"]
+
+    def call():
+        kernel(*args)
+
+    def output():
+        kernel(*args)
+        return result
+
+    return Contender(name, "backend", call, output, load_s)
+
+
+# --- statistics ------------------------------------------------------------------------------------------------
+
+def spread(times) -> tuple[float, float, float]:
+    """(p10, median, p90)."""
+    p10, med, p90 = np.percentile(np.asarray(times, np.float64), [10, 50, 90])
+    return float(p10), float(med), float(p90)
+
+
+def paired_ratio(times, base) -> tuple[float, float, float]:
+    """Per-round ratios times[r] / base[r], summarized as (p10, median, p90): the rounds pair calls made moments
+    apart, so a slow patch of the machine cancels out of each ratio."""
+    return spread(np.asarray(times, np.float64) / np.asarray(base, np.float64))
+
+
+def gb_per_s(nbytes: int, seconds: float) -> float:
+    return nbytes / seconds / 1e9
+
+
+# --- the machine -----------------------------------------------------------------------------------------------
+
+M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc <malloc.h>
+
+
+def recycle_freed_memory() -> str | None:
+    """Make glibc keep freed memory and hand it out again instead of returning it to the kernel.
+
+    By default glibc serves large blocks (above a dynamic threshold of at most 32 MB) with a fresh ``mmap`` and
+    unmaps them on ``free``, so a large output allocated on every call is page-faulted in again on every call:
+    about 10 ms per 25 MB on a typical machine, charged to whatever allocated it. PyTorch allocates its outputs on
+    every call (the out= variants of most of these ops are generated wrappers that compute into a temporary and
+    copy, which would charge it an extra pass instead), so we switch ``mmap`` off (``M_MMAP_MAX=0``) and trimming
+    off (``M_TRIM_THRESHOLD`` at its maximum): a freed block then returns at the next call with its pages still
+    mapped. This is process-wide and stays for the life of the process. Returns the glibc version, or None where
+    the C library is not glibc (then PyTorch's rows include those page faults).
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(None)
+        libc.gnu_get_libc_version.restype = ctypes.c_char_p
+        version = libc.gnu_get_libc_version().decode()
+        ok = libc.mallopt(M_MMAP_MAX, 0) == 1 and libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1) == 1
+    except (OSError, AttributeError):
+        return None
+    return f"glibc {version}" if ok else None
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _version(package: str) -> str | None:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def machine_info(threads: int, allocator: str | None) -> dict:
+    return {
+        "cpu": _cpu_model(),
+        "cpus": os.cpu_count(),
+        "threads": threads,
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "versions": {p: _version(p) for p in ("normkit", "numpy", "numba", "torch")},
+        "allocator": (f"{allocator}, freed memory recycled (mmap and trimming off)" if allocator
+                      else "system default; PyTorch's rows include page faults of its per-call allocations"),
+    }
+
+
+def machine_line(machine: dict) -> str:
+    versions = ", ".join(f"{p} {v}" for p, v in machine["versions"].items() if v)
+    return (f"{machine['cpu']}, {machine['threads']} threads ({machine['cpus']} CPUs) | {versions} | "
+            f"Python {machine['python']}")
+
+
+# --- results ---------------------------------------------------------------------------------------------------
+
+@dataclass
+class Row:
+    """One contender on one case and direction. Times in seconds; ratios are per-round medians."""
+
+    case: str
+    label: str
+    op: str
+    shape: list[int]
+    dtype: str
+    groups: int | None
+    normalized_shape: list[int] | None
+    direction: str
+    name: str
+    kind: str
+    rounds: int
+    median_s: float
+    p10_s: float
+    p90_s: float
+    bytes: int
+    gb_per_s: float
+    pct_of_copy: float
+    ratio_to_torch: float | None
+    ratio_to_torch_p10: float | None
+    ratio_to_torch_p90: float | None
+    first_call_s: float
+    load_s: float
+    check: str  # "ok", "MISMATCH ..." or "-" (no PyTorch to compare with)
+
+
+@dataclass
+class BenchResult:
+    machine: dict
+    settings: dict
+    rows: list[Row] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"schema": SCHEMA, "machine": self.machine, "settings": self.settings, "notes": self.notes,
+                "rows": [asdict(r) for r in self.rows]}
+
+    def write_json(self, path) -> None:
+        with open(path, "w") as f:
+            json.dump(self.to_dict(), f, indent=2)
+            f.write("\n")
+
+    def format(self) -> str:
+        """The report: machine line, one table per case and direction, warm-up costs, notes."""
+        lines = [f"normkit bench | {machine_line(self.machine)}",
+                 "median and p10-p90 of interleaved rounds; GB/s counts the bytes that must move (x, y forward; "
+                 "x, dy, dx backward);",
+                 "% copy: against np.copyto of the same bytes in the same rounds; time/torch: per-round ratio to "
+                 "PyTorch's kernel (< 1 is faster)"]
+        for (label, direction), rows in _groups(self.rows):
+            lines += ["", f"{label}, {direction}: {rows[0].bytes / 1e6:.1f} MB moved, {rows[0].rounds} rounds",
+                      f"  {'backend':<12}{'median ms':>11}{'p10-p90 ms':>21}{'GB/s':>9}{'% copy':>8}   "
+                      f"{'time/torch':<20}check"]
+            for r in rows:
+                if r.kind == "baseline":
+                    ratio = "1 (baseline)"
+                elif r.ratio_to_torch is None or r.kind == "copy":
+                    ratio = "-"
+                else:
+                    ratio = f"{r.ratio_to_torch:.2f} [{r.ratio_to_torch_p10:.2f}-{r.ratio_to_torch_p90:.2f}]"
+                p1090 = f"{_ms(r.p10_s)} - {_ms(r.p90_s)}"
+                check = "" if r.kind == "copy" else r.check
+                lines.append(f"  {r.name:<12}{_ms(r.median_s):>11}{p1090:>21}{r.gb_per_s:>9.1f}"
+                             f"{r.pct_of_copy:>7.0f}%   {ratio:<20}{check}".rstrip())
+        first: dict[str, float] = {}
+        load: dict[str, float] = {}
+        for r in self.rows:
+            if r.kind != "copy":
+                first[r.name] = first.get(r.name, 0.0) + r.first_call_s
+                load[r.name] = max(load.get(r.name, 0.0), r.load_s)
+        if first:
+            lines += ["", "first calls (JIT compilation, first touch of buffers; not in the timings): "
+                      + ", ".join(f"{n} {t:.2f} s" for n, t in first.items())]
+            loads = [f"{n} {t:.2f} s" for n, t in load.items() if t >= 0.005]
+            if loads:
+                lines.append("backend loading (imports, cached compilation): " + ", ".join(loads))
+        if self.notes:
+            lines += ["", "notes:"] + [f"  - {note}" for note in self.notes]
+        return "\n".join(lines)
+
+
+def _ms(seconds: float) -> str:
+    ms = seconds * 1e3
+    return f"{ms:.4g}" if ms < 1 else f"{ms:.3f}" if ms < 100 else f"{ms:.1f}"
+
+
+def _groups(rows: Sequence[Row]):
+    groups: dict[tuple[str, str], list[Row]] = {}
+    for r in rows:
+        groups.setdefault((r.label, r.direction), []).append(r)
+    return groups.items()
+
+
+# --- the run ---------------------------------------------------------------------------------------------------
+
+def default_backends() -> list[str]:
+    """Every installed backend in dispatch order, except the slow NumPy reference."""
+    return [n for n in registry.get_backend_order() if n != registry.REFERENCE]
+
+
+def _check_backends(names: Sequence[str]) -> list[str]:
+    installed = registry.get_backend_order()
+    unknown = [n for n in names if n not in installed]
+    if unknown:
+        hint = " (PyTorch's kernels are the baseline and run unless turned off)" if BASELINE in unknown else ""
+        raise registry.UnknownBackendError(
+            f"unknown backend(s) {', '.join(map(repr, unknown))}{hint}; installed backends: {', '.join(installed)}")
+    return list(dict.fromkeys(names))
+
+
+def _directions(direction) -> tuple[str, ...]:
+    if direction in (None, "both"):
+        return DIRECTIONS
+    chosen = (direction,) if isinstance(direction, str) else tuple(direction)
+    bad = [d for d in chosen if d not in DIRECTIONS]
+    if bad or not chosen:
+        raise ValueError(f"direction must be forward, backward or both, got {direction!r}")
+    return chosen
+
+
+def bench(op: str = "all", *, shape=None, groups: int | None = None, dtype: str | None = None, cases=None,
+          backends: Sequence[str] | None = None, direction="both", threads: int | None = None,
+          repeat: int | None = None, min_time: float = DEFAULT_MIN_TIME, baseline: bool = True,
+          recycle_memory: bool = True, seed: int = 0,
+          progress: Callable[[float, int, str], None] | None = None) -> BenchResult:
+    """Benchmark the training forward and/or backward of ``op`` (a name, an alias or ``"all"``).
+
+    Cases come from :func:`normkit.cases.select_cases` (``shape``, ``groups``, ``dtype``, or a named ``cases``
+    set such as ``"reference"``). ``backends`` defaults to :func:`default_backends`; a backend that fails to
+    load or lacks a kernel is skipped with a note. ``baseline`` adds PyTorch's CPU kernels when torch is
+    installed. Each case and direction runs ``repeat`` interleaved rounds, or rounds until ``min_time`` seconds
+    have passed (at least 5, at most 1000). ``threads`` calls :func:`normkit.set_num_threads` and sets PyTorch's
+    thread count alike (restored afterwards). ``recycle_memory`` calls :func:`recycle_freed_memory`.
+    ``progress(done, total, label)`` is called as the run advances (``done`` counts case-directions, with
+    fractions).
+    """
+    selected = select_cases(op, shape=shape, groups=groups, dtype=dtype, cases=cases)
+    directions = _directions(direction)
+    names = _check_backends(default_backends() if backends is None else backends)
+    if repeat is not None and (isinstance(repeat, bool) or not isinstance(repeat, int) or repeat < 1):
+        raise ValueError(f"repeat must be a positive int, got {repeat!r}")
+    if not min_time >= 0:
+        raise ValueError(f"min_time must be >= 0 seconds, got {min_time!r}")
+    if threads is not None:
+        registry.set_num_threads(threads)
+    n_threads = registry.get_num_threads()
+    notes: list[str] = []
+    if baseline and not bench_torch.available():
+        baseline = False
+        notes.append("PyTorch is not installed, so there is no baseline column (pip install 'normkit[torch]')")
+    if not names:
+        raise BenchError("no backend selected")
+    allocator = recycle_freed_memory() if recycle_memory else None
+    settings = {"directions": list(directions), "repeat": repeat, "min_time": None if repeat else min_time,
+                "warmup_rounds": WARMUP_ROUNDS, "baseline": baseline, "backends": names,
+                "cases": [c.id for c in selected]}
+    result = BenchResult(machine_info(n_threads, allocator), settings, notes=notes)
+    tasks = [(case, d) for case in selected for d in directions]
+    active = list(names)  # shrinks when a backend fails to load
+
+    torch_threads = None
+    if baseline:
+        import torch
+
+        torch_threads = torch.get_num_threads()
+        torch.set_num_threads(n_threads)
+    try:
+        for i, (case, d) in enumerate(tasks):
+            def tick(fraction, i=i, label=f"{case.label} {d}"):
+                if progress is not None:
+                    progress(i + min(fraction, 1.0), len(tasks), label)
+
+            tick(0.0)
+            result.rows += _run_task(case, d, active, baseline, repeat, min_time, seed, notes, tick)
+    finally:
+        if torch_threads is not None:
+            import torch
+
+            torch.set_num_threads(torch_threads)
+    if not any(r.kind == "backend" for r in result.rows):
+        raise BenchError("no selected backend could run: " + "; ".join(notes))
+    return result
+
+
+def _note(notes: list[str], text: str) -> None:
+    if text not in notes:
+        notes.append(text)
+
+
+def _run_task(case, direction, names, baseline, repeat, min_time, seed, notes, tick) -> list[Row]:
+    inputs = case.make_inputs(seed)
+    contenders = []
+    for name in list(names):
+        try:
+            with warnings.catch_warnings():  # a load failure becomes a note below, not a second warning
+                warnings.filterwarnings("ignore", message="normkit: backend", category=RuntimeWarning)
+                contenders.append(prepare(case, direction, name, inputs))
+        except (ValueError, TypeError) as exc:
+            info = {b.name: b for b in registry.list_backends(load=False)}.get(name)
+            if info is not None and info.status == "failed":
+                _note(notes, f"backend {name!r} failed to load and was skipped: {info.error}")
+                names.remove(name)  # no point retrying it for every case
+            else:
+                _note(notes, f"backend {name!r} skipped for {case.label} {direction}: {exc}")
+    if not contenders:
+        return []
+    if baseline:
+        contenders.append(prepare(case, direction, BASELINE, inputs))
+    contenders.append(prepare(case, direction, COPY, inputs))
+
+    first = []
+    for c in contenders:
+        start = time.perf_counter()
+        c.call()
+        first.append(time.perf_counter() - start)
+    for _ in range(WARMUP_ROUNDS):
+        for c in contenders:
+            c.call()
+    checks = _check_outputs(case, direction, contenders, notes)
+    times = _measure([c.call for c in contenders], repeat, min_time, tick)
+
+    copy_t = times[-1]
+    base_t = times[-2] if baseline else None
+    rows = []
+    for c, t, first_s, check in zip(contenders, times, first, checks):
+        p10, med, p90 = spread(t)
+        ratio = paired_ratio(t, base_t) if base_t is not None else (None, None, None)
+        nbytes = case.bytes_moved(direction)
+        rows.append(Row(
+            case=case.id, label=case.label, op=case.op, shape=list(case.shape), dtype=case.dtype,
+            groups=case.groups, normalized_shape=list(case.normalized_shape) if case.normalized_shape else None,
+            direction=direction, name=c.name, kind=c.kind, rounds=len(t), median_s=med, p10_s=p10, p90_s=p90,
+            bytes=nbytes, gb_per_s=gb_per_s(nbytes, med), pct_of_copy=100.0 * paired_ratio(copy_t, t)[1],
+            ratio_to_torch=ratio[1], ratio_to_torch_p10=ratio[0], ratio_to_torch_p90=ratio[2],
+            first_call_s=first_s, load_s=c.load_s, check=check,
+        ))
+    return rows
+
+
+def _check_outputs(case, direction, contenders, notes) -> list[str]:
+    """Compare each backend's y or dx with PyTorch's once, so that a fast but wrong kernel cannot pass unseen."""
+    base = next((c for c in contenders if c.kind == "baseline"), None)
+    if base is None:
+        return ["-"] * len(contenders)
+    expected = base.output().astype(np.float64)
+    scale = max(1.0, float(np.abs(expected).max()))
+    tol = CHECK_TOL[(case.dtype, direction)]
+    checks = []
+    for c in contenders:
+        if c.kind != "backend":
+            checks.append("-")
+            continue
+        err = float(np.abs(c.output().astype(np.float64) - expected).max()) / scale
+        if err <= tol:  # also False for NaN
+            checks.append("ok")
+        else:
+            checks.append(f"MISMATCH {err:.1e}")
+            _note(notes, f"{c.name}: {case.label} {direction} differs from PyTorch by {err:.1e} (relative), "
+                         f"more than {tol:.0e}")
+    return checks
+
+
+def _measure(calls: Sequence[Callable], repeat: int | None, min_time: float, tick) -> np.ndarray:
+    """Seconds per call, shape (contenders, rounds). Each round calls every contender once, starting one further
+    along each round, so no contender always runs right after the same neighbour."""
+    k = len(calls)
+    rounds: list[list[int]] = []
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    start = time.perf_counter()
+    try:
+        while True:
+            r = len(rounds)
+            ns = [0] * k
+            for j in range(k):
+                i = (r + j) % k
+                t0 = time.perf_counter_ns()
+                calls[i]()
+                ns[i] = time.perf_counter_ns() - t0
+            rounds.append(ns)
+            r += 1
+            elapsed = time.perf_counter() - start
+            if repeat is not None:
+                tick(r / repeat)
+                if r >= repeat:
+                    break
+            else:
+                tick(max(min(elapsed / min_time, 1.0) if min_time else 1.0, r / MAX_ROUNDS) * min(1.0, r / MIN_ROUNDS))
+                if (r >= MIN_ROUNDS and elapsed >= min_time) or r >= MAX_ROUNDS:
+                    break
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    return np.array(rounds, np.float64).T * 1e-9

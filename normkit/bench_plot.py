@@ -1,0 +1,56 @@
+"""``normkit bench --plot``: GB/s of every contender per case and direction, against the copy ceiling.
+
+matplotlib is the optional extra ``plot``; it is imported only here, and only when a plot is asked for.
+"""
+
+from __future__ import annotations
+
+from .bench import BenchResult, machine_line
+
+MISSING = "--plot needs matplotlib, which is not installed; install it with: pip install 'normkit[plot]'"
+
+
+class MissingDependencyError(ImportError):
+    pass
+
+
+def require_matplotlib() -> None:
+    """Raise MissingDependencyError with an install hint if matplotlib cannot be imported."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise MissingDependencyError(MISSING) from None
+
+
+def plot(result: BenchResult, path) -> None:
+    """Horizontal bars: one group per case and direction, one bar per backend and PyTorch; the copy of the same
+    bytes, measured in the same rounds, is the black tick that closes each group: the physical ceiling."""
+    require_matplotlib()
+    from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend
+
+    groups: dict[tuple[str, str], dict[str, float]] = {}
+    for r in result.rows:
+        groups.setdefault((r.label, r.direction), {})[r.name] = r.gb_per_s
+    names = list(dict.fromkeys(r.name for r in result.rows if r.kind != "copy"))
+    height = 1.0 / (len(names) + 1)
+
+    fig = Figure(figsize=(9, 1.2 + 0.35 * len(groups) * (len(names) + 1)), layout="constrained")
+    ax = fig.add_subplot()
+    for j, name in enumerate(names):
+        ys = [g - j * height for g, values in enumerate(groups.values()) if name in values]
+        xs = [values[name] for values in groups.values() if name in values]
+        ax.barh(ys, xs, height=height * 0.9, label=name, color=f"C{j}")
+    for g, values in enumerate(groups.values()):
+        if "copy" in values:
+            top, bottom = g + height / 2, g - (len(names) - 0.5) * height
+            ax.plot([values["copy"]] * 2, [bottom, top], color="black", linewidth=2.5,
+                    label="copy (ceiling)" if g == 0 else None)
+    ax.set_yticks([g - (len(names) - 1) * height / 2 for g in range(len(groups))])
+    ax.set_yticklabels([f"{label}\n{direction}" for label, direction in groups], fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("GB/s (bytes that must move / median time)")
+    ax.set_xlim(left=0)
+    ax.grid(axis="x", alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    ax.set_title(f"normkit bench: {machine_line(result.machine)}", fontsize=8)
+    fig.savefig(path, dpi=120)

@@ -1,0 +1,248 @@
+"""The case table: the op/shape/dtype combinations that ``normkit bench``, ``benchmarks/`` and the tests share.
+
+A :class:`Case` is one workload: an op on one input shape (plus GroupNorm's groups or LayerNorm's normalized
+dims), with an affine weight and bias, in training mode. It knows the kernel-level view of itself (the (N, C, S)
+or (M, K) shape handed to kernels, the statistics' shape), how many bytes a pass must move, how to make its
+input arrays, and how to lay out the positional arguments of :mod:`normkit.contract` for them.
+
+Named sets of cases live in :data:`CASE_SETS`; ``"reference"`` is the table behind the README's Performance
+section (``normkit bench --cases reference``).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from .contract import DTYPES, OPS
+from .ops import get as get_op
+
+EPS = 1e-5
+DEFAULT_SHAPE = (8, 256, 56, 56)
+DEFAULT_GROUPS = 32
+
+# Bytes a pass must move through memory, in units of one input array: forward reads x and writes y; backward
+# reads x and dy and writes dx. Weights, biases and statistics are per-channel and too small to count.
+ARRAYS_MOVED = {"forward": 2, "backward": 3}
+
+
+@dataclass(frozen=True)
+class Case:
+    """One workload. ``groups`` is GroupNorm's only; ``ln_dims`` is how many trailing dims LayerNorm normalizes
+    over (default: all but the first)."""
+
+    op: str
+    shape: tuple[int, ...]
+    dtype: str = "float32"
+    groups: int | None = None
+    ln_dims: int | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "op", get_op(self.op).name)
+        object.__setattr__(self, "shape", tuple(int(d) for d in self.shape))
+        check_shape(self.shape)
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.op == "groupnorm":
+            if self.groups is None:
+                object.__setattr__(self, "groups", default_groups(self.shape[1]))
+            check_groups(self.groups, self.shape[1])
+        elif self.groups is not None:
+            raise ValueError(f"{self.op}: groups applies to groupnorm only, got groups={self.groups}")
+        if self.op == "layernorm":
+            if self.ln_dims is None:
+                object.__setattr__(self, "ln_dims", len(self.shape) - 1)
+            if not 1 <= self.ln_dims <= len(self.shape) - 1:
+                raise ValueError(f"layernorm: ln_dims must be in 1..{len(self.shape) - 1} for shape {self.shape}, "
+                                 f"got {self.ln_dims}")
+        elif self.ln_dims is not None:
+            raise ValueError(f"{self.op}: ln_dims applies to layernorm only, got ln_dims={self.ln_dims}")
+        n, c, s = self.shape[0], self.shape[1], math.prod(self.shape[2:])
+        if self.op == "batchnorm" and n * s < 2:
+            raise ValueError(f"batchnorm: training needs more than 1 value per channel, shape {self.shape} has 1")
+        if self.op == "instancenorm" and s < 2:
+            raise ValueError(f"instancenorm: needs more than 1 spatial element, shape {self.shape} has {s}")
+
+    # --- what the case is -----------------------------------------------------------------------------------
+
+    @property
+    def normalized_shape(self) -> tuple[int, ...] | None:
+        return self.shape[len(self.shape) - self.ln_dims:] if self.op == "layernorm" else None
+
+    @property
+    def id(self) -> str:
+        """A stable name without spaces, e.g. ``groupnorm-8x256x56x56-g32-float32`` (pytest ids, JSON)."""
+        extra = f"-g{self.groups}" if self.op == "groupnorm" else ""
+        if self.op == "layernorm":
+            extra = f"-over{_dims(self.normalized_shape)}"
+        return f"{self.op}-{_dims(self.shape)}{extra}-{self.dtype}"
+
+    @property
+    def label(self) -> str:
+        """For people, e.g. ``groupnorm 8x256x56x56 G=32 float32``."""
+        extra = f" G={self.groups}" if self.op == "groupnorm" else ""
+        if self.op == "layernorm":
+            extra = f" over {_dims(self.normalized_shape)}"
+        return f"{self.op} {_dims(self.shape)}{extra} {self.dtype}"
+
+    @property
+    def kernel_shape(self) -> tuple[int, ...]:
+        """The shape kernels see: (N, C, S), or (M, K) for layernorm."""
+        if self.op == "layernorm":
+            k = math.prod(self.normalized_shape)
+            return (math.prod(self.shape) // k, k)
+        return (self.shape[0], self.shape[1], math.prod(self.shape[2:]))
+
+    @property
+    def stat_shape(self) -> tuple[int, ...]:
+        """Shape of the saved mean / rstd."""
+        n, c = self.shape[:2]
+        return {"batchnorm": (c,), "instancenorm": (n, c), "groupnorm": (n, self.groups),
+                "layernorm": self.kernel_shape[:1]}[self.op]
+
+    @property
+    def param_shape(self) -> tuple[int, ...]:
+        """Shape of weight / bias as kernels see them."""
+        return self.kernel_shape[1:] if self.op == "layernorm" else (self.shape[1],)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of one input-sized array."""
+        return math.prod(self.shape) * np.dtype(self.dtype).itemsize
+
+    def bytes_moved(self, direction: str) -> int:
+        """Bytes a pass must move at the least: x and y forward; x, dy and dx backward."""
+        return ARRAYS_MOVED[direction] * self.nbytes
+
+    def with_dtype(self, dtype: str) -> Case:
+        return replace(self, dtype=dtype)
+
+    # --- arrays and kernel arguments ------------------------------------------------------------------------
+
+    def make_inputs(self, seed: int = 0) -> dict[str, np.ndarray]:
+        """x, dy, weight, bias in kernel shapes: standard-normal data, weights near 1 and biases near 0."""
+        rng = np.random.default_rng(seed)
+        dt = np.dtype(self.dtype)
+        return {
+            "x": rng.standard_normal(self.kernel_shape, dtype=dt),
+            "dy": rng.standard_normal(self.kernel_shape, dtype=dt),
+            "weight": (1.0 + 0.1 * rng.standard_normal(self.param_shape)).astype(dt),
+            "bias": (0.1 * rng.standard_normal(self.param_shape)).astype(dt),
+        }
+
+    def empty_outputs(self, direction: str) -> dict[str, np.ndarray]:
+        """Preallocated outputs of one pass, already touched so that no timed call pays for first-touch."""
+        dt = np.dtype(self.dtype)
+        if direction == "forward":
+            names = {"y": self.kernel_shape, "mean": self.stat_shape, "rstd": self.stat_shape}
+        else:
+            names = {"dx": self.kernel_shape, "dweight": self.param_shape, "dbias": self.param_shape}
+        return {name: np.zeros(shape, dt) for name, shape in names.items()}
+
+    def forward_args(self, inputs: dict, out: dict) -> tuple:
+        """Positional arguments of the training forward kernel (see :mod:`normkit.contract`)."""
+        head = (inputs["x"], self.groups) if self.op == "groupnorm" else (inputs["x"],)
+        return (*head, inputs["weight"], inputs["bias"], EPS, out["y"], out["mean"], out["rstd"])
+
+    def backward_args(self, inputs: dict, stats: dict, out: dict) -> tuple:
+        """Positional arguments of the training backward kernel; ``stats`` holds the forward's mean and rstd."""
+        head = (inputs["dy"], inputs["x"])
+        if self.op == "groupnorm":
+            head = (*head, self.groups)
+        return (*head, stats["mean"], stats["rstd"], inputs["weight"], out["dx"], out["dweight"], out["dbias"])
+
+
+def _dims(shape) -> str:
+    return "x".join(map(str, shape))
+
+
+# --- building cases from user options --------------------------------------------------------------------------
+
+def parse_shape(text: str) -> tuple[int, ...]:
+    """``"8,256,56,56"``, ``"8x256x56x56"``, ``"(8, 256, 56, 56)"`` -> ``(8, 256, 56, 56)``."""
+    parts = [p for p in re.split(r"[,x\s]+", text.strip().strip("()[]").strip()) if p]
+    try:
+        shape = tuple(int(p) for p in parts)
+    except ValueError:
+        raise ValueError(f"shape must be integers separated by commas, like 8,256,56,56; got {text!r}") from None
+    check_shape(shape)
+    return shape
+
+
+def check_shape(shape: tuple[int, ...]) -> None:
+    if len(shape) < 2 or min(shape) < 1:
+        raise ValueError(f"shape must be (N, C) or (N, C, *spatial) with positive sizes, got {shape}")
+
+
+def divisors(c: int) -> list[int]:
+    return [d for d in range(1, c + 1) if c % d == 0]
+
+
+def default_groups(c: int) -> int:
+    """32 when it divides C, else the largest divisor of C below 32."""
+    return max(d for d in divisors(c) if d <= DEFAULT_GROUPS)
+
+
+def check_groups(groups: int, c: int) -> None:
+    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1 or c % groups:
+        raise ValueError(f"groupnorm: groups={groups!r} must divide the C={c} channels; valid groups: "
+                         f"{', '.join(map(str, divisors(c)))}")
+
+
+def select_cases(op: str = "all", shape=None, groups: int | None = None, dtype: str | None = None,
+                 cases=None) -> list[Case]:
+    """The cases a benchmark run covers.
+
+    ``cases`` (a set name from :data:`CASE_SETS` or a sequence of :class:`Case`) is filtered by ``op``;
+    otherwise every op selected by ``op`` (a name, an alias, or ``"all"``) runs on ``shape`` (default
+    :data:`DEFAULT_SHAPE`), GroupNorm with ``groups`` (default :func:`default_groups`) and LayerNorm over all
+    dims but the first. ``dtype`` (default float32) overrides the cases' own.
+    """
+    ops = OPS if op == "all" else (get_op(op).name,)
+    if cases is not None:
+        if shape is not None or groups is not None:
+            raise ValueError("a case set fixes shapes and groups; do not combine it with shape or groups")
+        chosen = [c for c in (case_set(cases) if isinstance(cases, str) else cases) if c.op in ops]
+        if not chosen:
+            raise ValueError(f"the case set has no case for {op}")
+        return [c.with_dtype(dtype) if dtype else c for c in chosen]
+    if groups is not None and "groupnorm" not in ops:
+        raise ValueError(f"groups applies to groupnorm only, and the op is {ops[0]}")
+    shape = DEFAULT_SHAPE if shape is None else tuple(shape)
+    return [Case(o, shape, dtype or "float32", groups=groups if o == "groupnorm" else None) for o in ops]
+
+
+# --- the tables ------------------------------------------------------------------------------------------------
+
+REFERENCE = (
+    Case("batchnorm", (32, 64, 56, 56)),
+    Case("batchnorm", (64, 256, 14, 14)),
+    Case("batchnorm", (256, 1024)),
+    Case("groupnorm", (8, 256, 56, 56), groups=32),
+    Case("groupnorm", (32, 64, 56, 56), groups=16),
+    Case("layernorm", (32, 64, 56, 56), ln_dims=3),
+    Case("layernorm", (8192, 1024), ln_dims=1),
+    Case("instancenorm", (32, 64, 56, 56)),
+)
+
+# Tiny versions of every kind of case (2-D and N-D inputs, partial layernorm dims): fast enough for tests.
+SMALL = (
+    Case("batchnorm", (4, 8, 5, 5)),
+    Case("batchnorm", (16, 8)),
+    Case("groupnorm", (2, 8, 4, 4), groups=4),
+    Case("layernorm", (3, 8, 5), ln_dims=2),
+    Case("layernorm", (6, 16), ln_dims=1),
+    Case("instancenorm", (2, 4, 3, 3)),
+)
+
+CASE_SETS = {"reference": REFERENCE, "small": SMALL}
+
+
+def case_set(name: str) -> tuple[Case, ...]:
+    try:
+        return CASE_SETS[name]
+    except KeyError:
+        raise ValueError(f"unknown case set {name!r}; known: {', '.join(CASE_SETS)}") from None
