@@ -56,3 +56,105 @@ def check_command(backend: str, ops: tuple[str, ...], dtypes: tuple[str, ...], q
     click.echo(report.format(limit=None if all_failures else 40))
     if report:
         raise SystemExit(1)
+
+
+def _op_choices() -> list[str]:
+    return ["all"] + [n for op in normkit.list_ops() for n in (op, *normkit.get(op).aliases)]
+
+
+def _case_sets() -> list[str]:
+    from normkit.cases import CASE_SETS
+
+    return list(CASE_SETS)
+
+
+def _shape_option(ctx, param, value):
+    from normkit.cases import parse_shape
+
+    try:
+        return None if value is None else parse_shape(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+def _backend_option(ctx, param, values):
+    from normkit import bench
+
+    try:
+        return bench._check_backends(values) if values else None
+    except registry.UnknownBackendError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+@main.command("bench")
+@click.option("--op", type=click.Choice(_op_choices(), case_sensitive=False), default="all", show_default=True,
+              help="Op name or alias, or all four.")
+@click.option("--shape", callback=_shape_option, metavar="N,C,...",
+              help="Input shape, e.g. 8,256,56,56 (the default); layernorm normalizes over all dims but the first.")
+@click.option("--groups", type=click.IntRange(min=1), help="GroupNorm groups [default: 32, or the largest divisor "
+              "of C below 32].")
+@click.option("--cases", "case_set", type=click.Choice(_case_sets()),
+              help="A named case set from normkit.cases instead of --shape/--groups (filtered by --op): "
+                   "'reference' is the README's performance table.")
+@click.option("--dtype", type=click.Choice(["float32", "float64"]), help="[default: float32, or the case set's]")
+@click.option("--backend", "backends", multiple=True, callback=_backend_option,
+              help="Repeatable. [default: every installed backend except 'reference', the pure-NumPy oracle, which "
+                   "is slow; name it to include it]")
+@click.option("--direction", type=click.Choice(["forward", "backward", "both"]), default="both", show_default=True,
+              help="Training forward, backward (with the forward's saved statistics), or both.")
+@click.option("--threads", type=click.IntRange(min=1), help="Threads for every backend and PyTorch "
+              "[default: all CPUs this process may use].")
+@click.option("--repeat", type=click.IntRange(min=1), help="Exactly this many interleaved rounds (overrides "
+              "--min-time).")
+@click.option("--min-time", type=click.FloatRange(min=0), default=1.0, show_default=True,
+              help="Seconds of interleaved rounds per case and direction (at least 5 rounds, at most 1000).")
+@click.option("--no-torch", is_flag=True, help="Leave out the PyTorch baseline.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Also write the results here as JSON.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False),
+              help="Also draw GB/s against the copy ceiling here (.png, .svg, .pdf; needs normkit[plot]).")
+def bench_command(op, shape, groups, case_set, dtype, backends, direction, threads, repeat, min_time, no_torch,
+                  json_path, plot_path) -> None:
+    """Time the training forward and backward of every selected backend against PyTorch's own CPU kernels and
+    against a memory copy of the same bytes (the ceiling), interleaved call by call; print a table."""
+    import sys
+
+    from normkit import bench, cases
+
+    if plot_path:
+        from normkit import bench_plot
+
+        try:
+            bench_plot.require_matplotlib()
+        except ImportError as exc:
+            raise click.UsageError(str(exc)) from None
+    if case_set and (shape or groups):
+        raise click.UsageError("--cases fixes the shapes and groups; drop --shape/--groups, or drop --cases")
+    try:
+        cases.select_cases(op, shape=shape, groups=groups, dtype=dtype, cases=case_set)
+        if threads is not None:
+            registry.set_num_threads(threads)
+    except ValueError as exc:
+        hint = "--groups" if "groups" in str(exc) else "--threads" if "threads" in str(exc) else "--shape"
+        raise click.BadParameter(str(exc), param_hint=hint) from None
+
+    with click.progressbar(length=1000, label="benchmarking", file=sys.stderr, show_eta=False,
+                           item_show_func=lambda s: s) as bar:
+        def progress(done, total, label):
+            pos = int(1000 * done / total)
+            if pos > bar.pos:
+                bar.update(pos - bar.pos, label)
+
+        try:
+            result = bench.bench(op, shape=shape, groups=groups, dtype=dtype, cases=case_set, backends=backends,
+                                 direction=direction, threads=threads, repeat=repeat, min_time=min_time,
+                                 baseline=not no_torch, progress=progress)
+        except bench.BenchError as exc:
+            raise click.ClickException(f"{exc}\ninstalled backends: {', '.join(registry.get_backend_order())}; "
+                                       f"try --backend reference") from None
+    click.echo(result.format())
+    if json_path:
+        result.write_json(json_path)
+        click.echo(f"wrote {json_path}")
+    if plot_path:
+        bench_plot.plot(result, plot_path)
+        click.echo(f"wrote {plot_path}")
