@@ -114,7 +114,10 @@ _lookup_cache: dict = {}
 
 def _dist_name(ep: metadata.EntryPoint) -> str:
     dist = getattr(ep, "dist", None)
-    return dist.metadata["Name"] if dist is not None else ""
+    try:
+        return (dist.metadata["Name"] or "") if dist is not None else ""
+    except Exception:  # malformed metadata must not break the scan (a missing Name raises on newer Pythons)
+        return ""
 
 
 def _scan() -> dict[str, _Entry]:
@@ -231,6 +234,12 @@ def default_order() -> tuple[str, ...]:
 
 
 def _parse_order(names: Sequence[str], source: str) -> tuple[str, ...]:
+    bad = [n for n in names if not isinstance(n, str)]
+    if bad:
+        raise TypeError(f"{source}: backend names must be strings, got {', '.join(map(repr, bad))}")
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ValueError(f"{source}: backend(s) {', '.join(map(repr, repeated))} named more than once")
     entries = _all()
     unknown = [n for n in names if n not in entries]
     if unknown:
@@ -241,17 +250,34 @@ def _parse_order(names: Sequence[str], source: str) -> tuple[str, ...]:
     return tuple(names)
 
 
+def _env_order() -> tuple[str, ...]:
+    """NORMKIT_BACKEND, minus names that are not installed: an environment variable left over from an
+    uninstalled plugin (or naming a plugin that NORMKIT_DISABLE_PLUGINS hides) must not break every op."""
+    names = [n.strip() for n in os.environ.get("NORMKIT_BACKEND", "").split(",") if n.strip()]
+    entries = _all()
+    unknown = [n for n in names if n not in entries]
+    if unknown:
+        warnings.warn(
+            f"normkit: NORMKIT_BACKEND names unknown backend(s) {', '.join(map(repr, unknown))}, ignored; "
+            f"installed backends: {', '.join(sorted(entries))}",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+    return tuple(dict.fromkeys(n for n in names if n in entries))
+
+
 def get_backend_order() -> tuple[str, ...]:
     """The order in which backends are tried when no ``backend=`` is given.
 
     Names set with :func:`set_backend_order` (or, if none, the comma-separated ``NORMKIT_BACKEND`` environment
-    variable) come first; every other installed backend follows in the default order.
+    variable; unknown names there are ignored with a RuntimeWarning) come first; every other installed backend
+    follows in the default order.
     """
     if _user_order is not None:
-        preferred = _user_order
+        # a name may have gone since it was set (unregister_backend, refresh)
+        preferred = tuple(n for n in _user_order if n in _all())
     else:
-        env = os.environ.get("NORMKIT_BACKEND", "")
-        preferred = _parse_order([n.strip() for n in env.split(",") if n.strip()], "NORMKIT_BACKEND")
+        preferred = _env_order()
     return preferred + tuple(n for n in default_order() if n not in preferred)
 
 
@@ -307,11 +333,12 @@ def lookup(op: str, direction: str, dtype: str, backend: str | None = None) -> t
             if result is None:
                 dtypes = sorted({d for e in _all().values() if e.spec for o, dr, d in e.spec.declared()
                                  if (o, dr) == (op, direction)})
+                if not dtypes:
+                    raise ValueError(f"{op}: no installed backend implements {direction}")
                 if dtype not in dtypes:
-                    raise TypeError(
-                        f"{op}: no backend has a {dtype} kernel; supported dtypes: {', '.join(dtypes) or 'none'}"
-                    )
-                raise ValueError(f"{op}: no installed backend implements {direction} for {dtype}")
+                    raise TypeError(f"{op}: no backend has a {dtype} kernel; supported dtypes: {', '.join(dtypes)}")
+                raise ValueError(f"{op}: every backend implementing {direction} for {dtype} failed to load; "
+                                 f"`normkit list` shows why")
         _lookup_cache[key] = result
         return result
 
@@ -385,7 +412,11 @@ def set_num_threads(n: int) -> None:
         _num_threads = n
         for entry in _all().values():
             if entry.kernels is not None and entry.set_threads is not None:
-                entry.set_threads(n)
+                try:
+                    entry.set_threads(n)
+                except Exception as exc:  # one backend's broken hook must not break the others
+                    _fail(entry, "set_num_threads", exc)
+                    _lookup_cache.clear()
 
 
 def get_num_threads() -> int:

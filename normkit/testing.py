@@ -177,6 +177,10 @@ class Report(list):
         self.cases_run = cases_run
 
     def summary(self) -> str:
+        if not self.cases_run:
+            if self:
+                return f"backend {self.backend!r} FAILS: it could not be checked"
+            return f"backend {self.backend!r}: nothing to check (it declares none of the selected kernels)"
         if not self:
             return f"backend {self.backend!r} conforms: {self.cases_run} cases passed"
         failed_cases = len({f.case for f in self})
