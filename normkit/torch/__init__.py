@@ -1,1 +1,32 @@
-"""PyTorch frontend (see issue: custom ops, modules, convert). Imported only when asked for."""
+"""PyTorch frontend: functional ops (custom ops under autograd and torch.compile), modules, model conversion.
+
+    import normkit.torch
+    model = normkit.torch.convert(model)       # every torch.nn norm layer now runs on normkit's kernels
+    y = normkit.torch.group_norm(x, 8, w, b)   # torch.nn.functional signatures, plus backend=
+
+Imported only when asked for: ``import normkit`` never imports torch.
+"""
+
+try:
+    import torch  # noqa: F401
+except ImportError as exc:  # pragma: no cover - exercised only where torch is absent
+    raise ImportError("normkit.torch needs PyTorch; install it with: pip install 'normkit[torch]'") from exc
+
+from .functional import batch_norm, group_norm, instance_norm, layer_norm
+from .modules import (
+    BatchNorm1d,
+    BatchNorm2d,
+    BatchNorm3d,
+    GroupNorm,
+    InstanceNorm1d,
+    InstanceNorm2d,
+    InstanceNorm3d,
+    LayerNorm,
+    convert,
+    revert,
+)
+
+__all__ = [
+    "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "GroupNorm", "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d",
+    "LayerNorm", "batch_norm", "convert", "group_norm", "instance_norm", "layer_norm", "revert",
+]

@@ -1,0 +1,429 @@
+"""The PyTorch frontend (normkit.torch): custom ops, autograd, modules against torch.nn, convert/revert,
+torch.compile, state_dicts, errors. Kernels come from the registry's default order unless a test says otherwise."""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import normkit  # noqa: E402
+import normkit.reference  # noqa: E402
+import normkit.torch as nt  # noqa: E402
+from normkit import registry  # noqa: E402
+from normkit.contract import DIRECTIONS  # noqa: E402
+
+nn = torch.nn
+DTYPES = (torch.float32, torch.float64)
+# float32 against torch.nn: both sides round differently (torch accumulates in float32, normkit in float64)
+TOL = {torch.float32: dict(rtol=1e-4, atol=1e-5), torch.float64: dict(rtol=1e-9, atol=1e-11)}
+
+
+@pytest.fixture
+def spy():
+    """A backend named "spy": the reference kernels, recording every call (key and arguments)."""
+    calls = []
+
+    def wrap(key, kernel):
+        def call(*args):
+            calls.append((key, args))
+            kernel(*args)
+
+        return call
+
+    kernels = {key: wrap(key, k) for key, k in normkit.reference.KERNELS.items()}
+    normkit.register_backend(normkit.Backend(name="spy", module=registry.runtime_module(kernels), kernels=DIRECTIONS))
+    yield calls
+    normkit.unregister_backend("spy")
+
+
+def test_import_normkit_does_not_import_torch():
+    code = "import sys, normkit; normkit.get('bn'); normkit.list_backends(load=False); print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
+
+
+# --- custom ops ------------------------------------------------------------------------------------------------
+
+def _forward_samples(dtype, requires_grad):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 4, 5, dtype=dtype, generator=g).requires_grad_(requires_grad)
+    w = torch.randn(4, dtype=dtype, generator=g).requires_grad_(requires_grad)
+    b = torch.randn(4, dtype=dtype, generator=g).requires_grad_(requires_grad)
+    rm, rv = torch.randn(4, dtype=dtype, generator=g), torch.rand(4, dtype=dtype, generator=g) + 0.5
+    ops = torch.ops.normkit
+    return [
+        (ops.batch_norm, (x, w, b, None, None, True, 1e-5, None)),
+        (ops.batch_norm, (x, w, None, rm, rv, False, 1e-3, None)),
+        (ops.instance_norm, (x, None, b, None, None, True, 1e-5, None)),
+        (ops.instance_norm, (x, w, b, rm, rv, False, 1e-5, None)),
+        (ops.group_norm, (x, 2, w, b, 1e-5, None)),
+        (ops.group_norm, (x, 4, None, None, 1e-5, "reference")),
+        (ops.layer_norm, (x, [4, 5], None, None, 1e-5, None)),
+        (ops.layer_norm, (x, [5], torch.randn(5, dtype=dtype, generator=g).requires_grad_(requires_grad), None,
+                          1e-5, None)),
+    ]
+
+
+def _backward_samples(dtype):
+    """Each forward sample's backward, fed with what the forward returned."""
+    ops, out = torch.ops.normkit, []
+    for op, args in _forward_samples(dtype, requires_grad=False):
+        x = args[0]
+        _, mean, rstd = op(*args)
+        dy = torch.randn_like(x)
+        if op in (ops.batch_norm, ops.instance_norm):
+            x, w, b, _, _, batch_stats, _, _ = args
+            backward = ops.batch_norm_backward if op is ops.batch_norm else ops.instance_norm_backward
+            out.append((backward, (dy, x, mean, rstd, w, batch_stats, w is not None, b is not None, None)))
+        else:  # group_norm and layer_norm: (x, num_groups / normalized_shape, weight, bias, eps, backend)
+            x, extra, w, b, _, _ = args
+            backward = ops.group_norm_backward if op is ops.group_norm else ops.layer_norm_backward
+            out.append((backward, (dy, x, mean, rstd, extra, w, w is not None, b is not None, None)))
+    return out
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("requires_grad", [True, False])
+def test_opcheck_forward(dtype, requires_grad):
+    for op, args in _forward_samples(dtype, requires_grad):
+        torch.library.opcheck(op, args)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_opcheck_backward(dtype):
+    for op, args in _backward_samples(dtype):
+        torch.library.opcheck(op, args)
+
+
+def _leaf(shape, seed, positive=False):
+    g = torch.Generator().manual_seed(seed)
+    t = torch.rand(shape, dtype=torch.float64, generator=g) + 0.5 if positive else \
+        torch.randn(shape, dtype=torch.float64, generator=g)
+    return t.requires_grad_()
+
+
+GRADCHECK = {
+    "bn-train": lambda x, w, b: nt.batch_norm(x, None, None, w, b, True),
+    "bn-eval": lambda x, w, b: nt.batch_norm(x, _leaf(4, 9).detach(), _leaf(4, 8, True).detach(), w, b, False),
+    "bn-bias-only": lambda x, w, b: nt.batch_norm(x, None, None, None, b, True),
+    "in-train": lambda x, w, b: nt.instance_norm(x, None, None, w, b),
+    "in-eval": lambda x, w, b: nt.instance_norm(x, _leaf(4, 9).detach(), _leaf(4, 8, True).detach(), w, None,
+                                                use_input_stats=False),
+    "gn": lambda x, w, b: nt.group_norm(x, 2, w, b),
+    "gn-weight-only": lambda x, w, b: nt.group_norm(x, 1, w),
+    "ln": lambda x, w, b: nt.layer_norm(x, (5,), w[:1].expand(5), b[1:2].expand(5)),
+    "ln-2d": lambda x, w, b: nt.layer_norm(x, (4, 5)),
+}
+
+
+@pytest.mark.parametrize("case", GRADCHECK)
+def test_gradcheck(case):
+    x, w, b = _leaf((3, 4, 5), 1), _leaf(4, 2), _leaf(4, 3)
+    assert torch.autograd.gradcheck(GRADCHECK[case], (x, w, b))
+
+
+# --- modules against torch.nn ----------------------------------------------------------------------------------
+
+# (constructor, input shape): every option the issue names
+MODULES = {
+    "bn1d-NC": (lambda: nn.BatchNorm1d(6), (8, 6)),
+    "bn1d-NCL": (lambda: nn.BatchNorm1d(6, momentum=None), (4, 6, 7)),
+    "bn2d": (lambda: nn.BatchNorm2d(6), (4, 6, 5, 3)),
+    "bn2d-no-affine": (lambda: nn.BatchNorm2d(6, affine=False, momentum=0.3), (4, 6, 5, 3)),
+    "bn2d-untracked": (lambda: nn.BatchNorm2d(6, track_running_stats=False), (4, 6, 5, 3)),
+    "bn3d": (lambda: nn.BatchNorm3d(3, eps=1e-3), (2, 3, 4, 3, 2)),
+    "in1d-unbatched": (lambda: nn.InstanceNorm1d(6), (6, 9)),
+    "in1d-tracked": (lambda: nn.InstanceNorm1d(6, affine=True, track_running_stats=True), (4, 6, 9)),
+    "in2d": (lambda: nn.InstanceNorm2d(6, affine=True), (4, 6, 5, 3)),
+    "in3d-unbatched-tracked": (lambda: nn.InstanceNorm3d(3, track_running_stats=True), (3, 4, 3, 2)),
+    "ln": (lambda: nn.LayerNorm(7), (4, 6, 7)),
+    "ln-2d": (lambda: nn.LayerNorm((6, 7), eps=1e-3), (4, 6, 7)),
+    "ln-no-bias": (lambda: nn.LayerNorm(7, bias=False), (4, 7)),
+    "ln-no-affine": (lambda: nn.LayerNorm(7, elementwise_affine=False), (3, 4, 7)),
+    "gn": (lambda: nn.GroupNorm(3, 6), (4, 6, 5, 3)),
+    "gn-no-affine-1d": (lambda: nn.GroupNorm(2, 6, affine=False), (4, 6)),
+}
+
+
+def _pair(make, dtype, seed=0):
+    """A torch.nn module with non-trivial parameters/buffers, and its normkit twin from the same state_dict."""
+    torch.manual_seed(seed)
+    ref = make().to(dtype)
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.uniform_(0.5, 1.5)
+        if getattr(ref, "running_var", None) is not None:
+            ref.running_mean.uniform_(-1, 1)
+            ref.running_var.uniform_(0.5, 2)
+    ours = nt.convert(copy.deepcopy(ref))
+    assert type(ours) is not type(ref) and isinstance(ours, type(ref))
+    return ref, ours
+
+
+def _step(module, x, dy):
+    x = x.clone().requires_grad_()
+    y = module(x)
+    y.backward(dy)
+    grads = [x.grad] + [p.grad.clone() for p in module.parameters()]
+    module.zero_grad()
+    return y.detach(), grads
+
+
+def _assert_same(ref, ours, tol):
+    for (name, a), b in zip(ref.state_dict().items(), ours.state_dict().values()):
+        torch.testing.assert_close(b, a, **tol, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", MODULES)
+def test_module_matches_torch(case, dtype):
+    make, shape = MODULES[case]
+    ref, ours = _pair(make, dtype)
+    tol = TOL[dtype]
+    g = torch.Generator().manual_seed(1)
+    for mode in ("train", "train", "train", "eval", "train", "eval"):
+        ref.train(mode == "train"), ours.train(mode == "train")
+        x = torch.randn(shape, dtype=dtype, generator=g) * 3 + 2
+        dy = torch.randn(shape, dtype=dtype, generator=g)
+        (y_ref, g_ref), (y, grads) = _step(ref, x, dy), _step(ours, x, dy)
+        torch.testing.assert_close(y, y_ref, **tol)
+        for a, b in zip(grads, g_ref):
+            torch.testing.assert_close(a, b, **tol)
+        _assert_same(ref, ours, tol)  # running statistics and num_batches_tracked
+
+
+def test_module_input_checks_are_torchs():
+    with pytest.raises(ValueError, match="expected 4D input"):
+        nt.BatchNorm2d(3)(torch.randn(2, 3, 4))
+    with pytest.raises(ValueError, match="expected 2D or 3D input"):
+        nt.BatchNorm1d(3)(torch.randn(2, 3, 4, 5))
+    with pytest.raises(ValueError, match="num_features"):
+        nt.InstanceNorm1d(3, affine=True)(torch.randn(2, 4, 5))
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        nt.BatchNorm1d(3)(torch.randn(1, 3))
+
+
+def test_functional_matches_torch_and_get_routes_tensors(spy):
+    x = torch.randn(4, 6, 5, dtype=torch.float64)
+    w, b = torch.rand(6, dtype=torch.float64), torch.randn(6, dtype=torch.float64)
+    F = nn.functional
+    rm, rv = torch.randn(6, dtype=torch.float64), torch.rand(6, dtype=torch.float64)
+    rm_ref, rv_ref = rm.clone(), rv.clone()
+    cases = [
+        (normkit.get("bn")(x, rm, rv, w, b, True, 0.2, backend="spy"), F.batch_norm(x, rm_ref, rv_ref, w, b, True, 0.2)),
+        (normkit.get("in")(x, weight=w, bias=b, backend="spy"), F.instance_norm(x, weight=w, bias=b)),
+        (normkit.get("gn")(x, 3, w, b, 1e-3, backend="spy"), F.group_norm(x, 3, w, b, 1e-3)),
+        (normkit.get("ln")(x, (6, 5), backend="spy"), F.layer_norm(x, (6, 5))),
+    ]
+    for y, y_ref in cases:
+        torch.testing.assert_close(y, y_ref, **TOL[torch.float64])
+    torch.testing.assert_close(rm, rm_ref), torch.testing.assert_close(rv, rv_ref)
+    assert [key[0] for key, _ in spy] == ["batchnorm", "instancenorm", "groupnorm", "layernorm"]
+
+
+# --- kernels get the tensors' memory ---------------------------------------------------------------------------
+
+def test_kernels_get_tensor_memory_without_copies(spy):
+    x = torch.randn(4, 6, 5, requires_grad=True)
+    w, b = torch.rand(6, requires_grad=True), torch.randn(6, requires_grad=True)
+    y = nt.group_norm(x, 2, w, b, backend="spy")
+    (key, (x3, groups, w_, b_, eps, y3, mean, rstd)), = spy
+    assert key == ("groupnorm", "forward", "float32")
+    assert x3.ctypes.data == x.data_ptr() and w_.ctypes.data == w.data_ptr() and b_.ctypes.data == b.data_ptr()
+    assert y3.ctypes.data == y.data_ptr()  # the kernel wrote straight into the tensor torch allocated
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    (key, (dy3, x3, *_, dx3, dw, db)) = spy[1]
+    assert key == ("groupnorm", "backward", "float32")
+    assert dy3.ctypes.data == dy.data_ptr() and x3.ctypes.data == x.data_ptr() and dx3.ctypes.data == x.grad.data_ptr()
+
+
+def test_non_contiguous_input_works_and_is_not_modified():
+    base = torch.randn(5, 4, 6, 3)
+    x = base.permute(0, 3, 1, 2)  # (5, 3, 4, 6), not contiguous
+    before = base.clone()
+    m, ref = nt.BatchNorm2d(3), nn.BatchNorm2d(3)
+    torch.testing.assert_close(m(x), ref(x))
+    cl = torch.randn(2, 3, 4, 4).to(memory_format=torch.channels_last)
+    torch.testing.assert_close(nt.group_norm(cl, 3), nn.functional.group_norm(cl, 3))
+    torch.testing.assert_close(nt.layer_norm(x.transpose(-1, -2), (6, 4)), nn.functional.layer_norm(x.transpose(-1, -2), (6, 4)))
+    assert torch.equal(base, before)
+    torch.testing.assert_close(m.running_mean, ref.running_mean)
+
+
+# --- convert / revert / state_dict -----------------------------------------------------------------------------
+
+class SmallCNN(nn.Module):
+    def __init__(self, classes=10):
+        super().__init__()
+        block = lambda i, o: [nn.Conv2d(i, o, 3, padding=1, bias=False), nn.BatchNorm2d(o), nn.ReLU()]  # noqa: E731
+        self.features = nn.Sequential(*block(3, 16), *block(16, 32), nn.MaxPool2d(2),
+                                      nn.Conv2d(32, 32, 3, padding=1), nn.GroupNorm(8, 32), nn.ReLU(),
+                                      nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.head = nn.Sequential(nn.LayerNorm(32), nn.Linear(32, classes))
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+
+def _train(model, steps, seed):
+    """SGD on one fixed batch (so the loss must go down), returning the loss of every step."""
+    g = torch.Generator().manual_seed(seed)
+    x, target = torch.randn(16, 3, 16, 16, generator=g), torch.randint(0, 10, (16,), generator=g)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    losses = []
+    for _ in range(steps):
+        loss = nn.functional.cross_entropy(model(x), target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+def test_small_cnn_trains_like_torch():
+    torch.manual_seed(0)
+    ref = SmallCNN()
+    model = copy.deepcopy(ref)
+    assert nt.convert(model) is model
+    assert sum(type(m).__module__ == "normkit.torch.modules" for m in model.modules()) == 4
+    ref_losses, losses = _train(ref, 6, seed=1), _train(model, 6, seed=1)
+    np.testing.assert_allclose(losses, ref_losses, rtol=1e-4)
+    assert losses[-1] < losses[0]
+    _assert_same(ref, model, dict(rtol=1e-3, atol=1e-4))
+    ref.eval(), model.eval()
+    x = torch.randn(4, 3, 16, 16)
+    torch.testing.assert_close(model(x), ref(x), rtol=1e-3, atol=1e-4)
+
+
+def test_convert_keeps_state_and_revert_undoes_it():
+    torch.manual_seed(0)
+    model = SmallCNN().eval()
+    model.features.train()  # mixed train/eval state must survive
+    hook_calls = []
+    model.features[1].register_forward_hook(lambda *a: hook_calls.append(1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    identity = {n: t for n, t in [*model.named_parameters(), *model.named_buffers()]}
+    kinds = {n: type(m) for n, m in model.named_modules()}
+    training = {n: m.training for n, m in model.named_modules()}
+    x = torch.randn(2, 3, 8, 8)
+
+    with torch.no_grad():
+        y_torch = copy.deepcopy(model)(x)
+    nt.convert(model, backend="reference")
+    for n, m in model.named_modules():
+        assert m.training == training[n]
+        if kinds[n] in nt.modules._TO_NORMKIT:
+            assert type(m) is nt.modules._TO_NORMKIT[kinds[n]] and m.backend == "reference"
+    for n, t in [*model.named_parameters(), *model.named_buffers()]:
+        assert t is identity[n]  # the optimizer's references stay valid
+    assert opt.param_groups[0]["params"][1] is model.features[1].weight
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), y_torch)
+    assert hook_calls
+
+    nt.revert(model)
+    assert {n: type(m) for n, m in model.named_modules()} == kinds
+    assert not any("backend" in vars(m) for m in model.modules())
+    for n, t in [*model.named_parameters(), *model.named_buffers()]:
+        assert t is identity[n]
+    assert model.state_dict().keys() == before.keys()
+
+    class MyBN(nn.BatchNorm2d):
+        pass
+
+    assert type(nt.convert(MyBN(3))) is MyBN  # a user's subclass keeps its own forward
+    assert type(nt.convert(nn.LayerNorm(3))) is nt.LayerNorm  # the model may itself be a norm layer
+    with pytest.raises(normkit.UnknownBackendError, match="nope"):
+        nt.convert(model, backend="nope")
+
+
+@pytest.mark.parametrize("case", MODULES)
+def test_state_dict_round_trip(case):
+    make, shape = MODULES[case]
+    ref, _ = _pair(make, torch.float32)
+    ref.train()
+    ref(torch.randn(shape))  # non-trivial running stats and num_batches_tracked
+    ours = nt.convert(make())
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    back = make()
+    back.load_state_dict(ours.state_dict(), strict=True)
+    for sd in (ours.state_dict(), back.state_dict()):
+        assert sd.keys() == ref.state_dict().keys()
+        for k, v in ref.state_dict().items():
+            assert torch.equal(sd[k], v), k
+
+
+# --- torch.compile ---------------------------------------------------------------------------------------------
+
+def test_torch_compile_matches_eager():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nt.BatchNorm2d(8), nn.ReLU(), nt.GroupNorm(2, 8),
+                          nn.Flatten(), nt.LayerNorm(8 * 5 * 5))
+    twin = copy.deepcopy(model)
+    compiled = torch.compile(twin, fullgraph=True)  # fullgraph: a graph break would fail, not fall back to eager
+    for step in range(2):
+        x = torch.randn(4, 3, 5, 5)
+        y, y_c = model(x), compiled(x)
+        torch.testing.assert_close(y_c, y)
+        y.square().sum().backward(), y_c.square().sum().backward()
+        for p, q in zip(model.parameters(), twin.parameters()):
+            torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-5)
+    _assert_same(model, twin, dict(rtol=1e-5, atol=1e-6))
+    model.eval(), twin.eval()
+    x = torch.randn(4, 3, 5, 5)
+    torch.testing.assert_close(compiled(x), model(x))
+
+
+# --- errors ----------------------------------------------------------------------------------------------------
+
+def test_errors_name_op_argument_expectation_and_what_came():
+    x = torch.randn(4, 6, 5)
+    with pytest.raises(ValueError, match=r"batchnorm: input is on device meta; .*CPU only"):
+        nt.batch_norm(x.to("meta"), training=True)
+    with pytest.raises(ValueError, match=r"groupnorm: weight is on device meta"):
+        nt.group_norm(x, 2, torch.ones(6, device="meta"))
+    for dtype in (torch.float16, torch.bfloat16):
+        with pytest.raises(TypeError, match=rf"layernorm: input must be float32 or float64, got dtype "
+                                            rf"{str(dtype)[6:]}; normkit has no half-precision kernels"):
+            nt.layer_norm(x.to(dtype), (5,))
+    with pytest.raises(TypeError, match=r"instancenorm: input must be float32 or float64, got dtype int64"):
+        nt.instance_norm(torch.ones(2, 3, 4, dtype=torch.long))
+    with pytest.raises(TypeError, match=r"batchnorm: input must be a torch.Tensor, got ndarray"):
+        nt.batch_norm(np.ones((2, 3)), training=True)
+    with pytest.raises(ValueError, match=r"batchnorm: input must have shape \(N, C\) or \(N, C, \*spatial\), got "
+                                         r"shape \(6,\)"):
+        nt.batch_norm(torch.randn(6), training=True)
+    with pytest.raises(ValueError, match=r"groupnorm: num_groups=4 must divide the number of channels C=6"):
+        nt.group_norm(x, 4)
+    with pytest.raises(ValueError, match=r"layernorm: input of shape \(4, 6, 5\) does not end with normalized_shape"):
+        nt.layer_norm(x, (6,))
+    with pytest.raises(ValueError, match=r"batchnorm: weight must have shape \(6,\), got \(5,\)"):
+        nt.batch_norm(x, weight=torch.ones(5), training=True)
+    with pytest.raises(TypeError, match=r"groupnorm: bias must have the input's dtype float32, got float64"):
+        nt.group_norm(x, 2, bias=torch.ones(6, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"batchnorm: running_var must have shape \(6,\)"):
+        nt.batch_norm(x, torch.zeros(6), torch.ones(5), training=True)
+    with pytest.raises(ValueError, match=r"batchnorm: training=False normalizes with running_mean"):
+        nt.batch_norm(x)
+    with pytest.raises(ValueError, match=r"instancenorm: momentum must be a number in \[0, 1\], got 2"):
+        nt.instance_norm(x, torch.zeros(6), torch.ones(6), momentum=2)
+    with pytest.raises(ValueError, match=r"layernorm: eps must be a finite number >= 0, got -1"):
+        nt.layer_norm(x, 5, eps=-1)
+    with pytest.raises(normkit.UnknownBackendError, match=r"unknown backend 'nope'"):
+        nt.group_norm(x, 2, backend="nope")
+    with pytest.raises(ValueError, match=r"groupnorm: grad_output must have the input's shape"):
+        torch.ops.normkit.group_norm_backward(x[:1], x, x[:, :2, 0], x[:, :2, 0], 2, None, False, False, None)
+
+
+def test_errors_surface_under_torch_compile():
+    f = torch.compile(lambda x: nt.group_norm(x, 4), backend="eager", fullgraph=True)
+    with pytest.raises(Exception, match=r"groupnorm: num_groups=4 must divide the number of channels C=6"):
+        f(torch.randn(2, 6, 3))
