@@ -352,7 +352,7 @@ def bench(op: str = "all", *, shape=None, groups: int | None = None, dtype: str 
                 "cases": [c.id for c in selected]}
     result = BenchResult(machine_info(n_threads, allocator), settings, notes=notes)
     tasks = [(case, d) for case in selected for d in directions]
-    active = list(names)  # shrinks when a backend fails to load
+    active = _load(names, notes)
 
     torch_threads = None
     if baseline:
@@ -378,6 +378,25 @@ def bench(op: str = "all", *, shape=None, groups: int | None = None, dtype: str 
     return result
 
 
+def _load(names: Sequence[str], notes: list[str]) -> list[str]:
+    """The backends whose kernels load; each one that fails becomes a note (instead of a warning) and is left out."""
+    loaded = []
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="normkit: backend", category=RuntimeWarning)
+        for info in registry.list_backends(load=False):
+            if info.name not in names:
+                continue
+            if info.implements and info.status != "failed":
+                try:
+                    registry.lookup(*info.implements[0], backend=info.name)  # imports its kernels module
+                    loaded.append(info.name)
+                    continue
+                except (ValueError, TypeError):
+                    info = {b.name: b for b in registry.list_backends(load=False)}[info.name]
+            _note(notes, f"backend {info.name!r} failed to load and was skipped: {info.error or 'it implements nothing'}")
+    return [n for n in names if n in loaded]
+
+
 def _note(notes: list[str], text: str) -> None:
     if text not in notes:
         notes.append(text)
@@ -386,18 +405,11 @@ def _note(notes: list[str], text: str) -> None:
 def _run_task(case, direction, names, baseline, repeat, min_time, seed, notes, tick) -> list[Row]:
     inputs = case.make_inputs(seed)
     contenders = []
-    for name in list(names):
+    for name in names:
         try:
-            with warnings.catch_warnings():  # a load failure becomes a note below, not a second warning
-                warnings.filterwarnings("ignore", message="normkit: backend", category=RuntimeWarning)
-                contenders.append(prepare(case, direction, name, inputs))
-        except (ValueError, TypeError) as exc:
-            info = {b.name: b for b in registry.list_backends(load=False)}.get(name)
-            if info is not None and info.status == "failed":
-                _note(notes, f"backend {name!r} failed to load and was skipped: {info.error}")
-                names.remove(name)  # no point retrying it for every case
-            else:
-                _note(notes, f"backend {name!r} skipped for {case.label} {direction}: {exc}")
+            contenders.append(prepare(case, direction, name, inputs))
+        except (ValueError, TypeError) as exc:  # it lacks this op, direction or dtype
+            _note(notes, f"backend {name!r} skipped for {case.label} {direction}: {exc}")
     if not contenders:
         return []
     if baseline:

@@ -135,7 +135,7 @@ def bench_command(op, shape, groups, case_set, dtype, backends, direction, threa
             registry.set_num_threads(threads)
     except ValueError as exc:
         hint = "--groups" if "groups" in str(exc) else "--threads" if "threads" in str(exc) else "--shape"
-        raise click.BadParameter(str(exc), param_hint=hint) from None
+        raise click.BadParameter(str(exc), param_hint=[hint]) from None
 
     with click.progressbar(length=1000, label="benchmarking", file=sys.stderr, show_eta=False,
                            item_show_func=lambda s: s) as bar:

@@ -1,0 +1,388 @@
+"""normkit bench: the case table, the arithmetic, the measurement loop, the PyTorch baseline and the CLI."""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+import normkit
+from normkit import bench, cases, registry
+from normkit.cases import Case
+from normkit.cli import main
+
+TINY = ["--shape", "2,8,4,4", "--repeat", "3"]
+HAS_TORCH = bench.bench_torch.available()
+needs_torch = pytest.mark.skipif(not HAS_TORCH, reason="torch is not installed")
+
+
+def run(*args):
+    return CliRunner().invoke(main, ["bench", *args])
+
+
+# --- the case table --------------------------------------------------------------------------------------------
+
+def test_reference_cases_are_the_readme_table():
+    got = {(c.op, c.shape, c.groups, c.normalized_shape, c.dtype) for c in cases.case_set("reference")}
+    assert got == {
+        ("batchnorm", (32, 64, 56, 56), None, None, "float32"),
+        ("batchnorm", (64, 256, 14, 14), None, None, "float32"),
+        ("batchnorm", (256, 1024), None, None, "float32"),
+        ("groupnorm", (8, 256, 56, 56), 32, None, "float32"),
+        ("groupnorm", (32, 64, 56, 56), 16, None, "float32"),
+        ("layernorm", (32, 64, 56, 56), None, (64, 56, 56), "float32"),
+        ("layernorm", (8192, 1024), None, (1024,), "float32"),
+        ("instancenorm", (32, 64, 56, 56), None, None, "float32"),
+    }
+    assert len({c.id for c in cases.case_set("reference")}) == 8
+
+
+@pytest.mark.parametrize("case, kernel_shape, stat_shape, param_shape", [
+    (Case("bn", (32, 64, 56, 56)), (32, 64, 3136), (64,), (64,)),
+    (Case("bn", (256, 1024)), (256, 1024, 1), (1024,), (1024,)),
+    (Case("in", (2, 3, 4, 5)), (2, 3, 20), (2, 3), (3,)),
+    (Case("gn", (8, 256, 56, 56), groups=16), (8, 256, 3136), (8, 16), (256,)),
+    (Case("ln", (32, 64, 56, 56)), (32, 200704), (32,), (200704,)),
+    (Case("ln", (4, 6, 5), ln_dims=1), (24, 5), (24,), (5,)),
+])
+def test_kernel_view_of_a_case(case, kernel_shape, stat_shape, param_shape):
+    assert (case.kernel_shape, case.stat_shape, case.param_shape) == (kernel_shape, stat_shape, param_shape)
+
+
+def test_bytes_moved_counts_only_the_big_arrays():
+    gn = Case("gn", (8, 256, 56, 56), groups=16)
+    one = 8 * 256 * 56 * 56 * 4
+    assert gn.nbytes == one
+    assert gn.bytes_moved("forward") == 2 * one   # read x, write y
+    assert gn.bytes_moved("backward") == 3 * one  # read x and dy, write dx
+    assert gn.with_dtype("float64").bytes_moved("backward") == 6 * one
+    assert Case("ln", (8192, 1024)).bytes_moved("forward") == 2 * 8192 * 1024 * 4
+
+
+def test_gb_per_s():
+    assert bench.gb_per_s(2_000_000_000, 0.5) == pytest.approx(4.0)
+
+
+def test_case_arguments_follow_the_contract():
+    case = Case("gn", (2, 8, 3), groups=4)
+    inputs, out = case.make_inputs(), case.empty_outputs("forward")
+    args = case.forward_args(inputs, out)
+    assert args[0] is inputs["x"] and args[1] == 4 and args[5] is out["y"]
+    stats = {"mean": out["mean"], "rstd": out["rstd"]}
+    grads = case.empty_outputs("backward")
+    args = case.backward_args(inputs, stats, grads)
+    assert args[:3] == (inputs["dy"], inputs["x"], 4) and args[6] is grads["dx"]
+    assert len(Case("bn", (2, 8, 3)).backward_args(inputs, stats, grads)) == 8
+
+
+@pytest.mark.parametrize("case", cases.case_set("small"), ids=lambda c: c.id)
+@pytest.mark.parametrize("direction", ["forward", "backward"])
+def test_small_cases_run_on_the_reference_and_agree_with_the_frontend(case, direction):
+    """The table's argument layout computes what normkit's own frontend computes."""
+    inputs = case.make_inputs(seed=3)
+    got = bench.prepare(case, direction, "reference", inputs).output()
+    op = normkit.get(case.op)
+    x = inputs["x"].reshape(case.shape)
+    kw = {"weight": inputs["weight"], "bias": inputs["bias"]}
+    if case.op == "groupnorm":
+        kw["num_groups"] = case.groups
+    if case.op == "layernorm":
+        kw = {"normalized_shape": case.normalized_shape, **{k: v.reshape(case.normalized_shape) for k, v in kw.items()}}
+    if case.op == "batchnorm":
+        kw["training"] = True
+    y, saved = op.forward(x, backend="reference", **kw)
+    want = y if direction == "forward" else op.backward(inputs["dy"].reshape(case.shape), x, saved,
+                                                        backend="reference", **kw)[0]
+    np.testing.assert_array_equal(got, want.reshape(case.kernel_shape))
+
+
+@needs_torch
+@pytest.mark.parametrize("case", cases.case_set("small"), ids=lambda c: c.id)
+@pytest.mark.parametrize("direction", ["forward", "backward"])
+def test_torch_baseline_computes_the_same_pass(case, direction):
+    """The baseline is PyTorch's kernel for the same training pass (instance norm included)."""
+    case = case.with_dtype("float64")
+    inputs = case.make_inputs(seed=4)
+    expected = bench.prepare(case, direction, "reference", inputs).output()
+    got = bench.prepare(case, direction, "pytorch", inputs).output()
+    np.testing.assert_allclose(got, expected, rtol=1e-9, atol=1e-9)
+
+
+# --- selecting cases -------------------------------------------------------------------------------------------
+
+def test_select_cases_defaults():
+    chosen = cases.select_cases()
+    assert [c.op for c in chosen] == ["batchnorm", "layernorm", "instancenorm", "groupnorm"]
+    assert {c.shape for c in chosen} == {(8, 256, 56, 56)}
+    assert chosen[3].groups == 32 and chosen[1].normalized_shape == (256, 56, 56)
+    assert cases.select_cases("gn", shape=(2, 24, 5))[0].groups == 24  # largest divisor of 24 below 32
+    assert cases.select_cases("gn", shape=(2, 48, 5))[0].groups == 24
+    assert [c.id for c in cases.select_cases("gn", cases="reference")] == [
+        "groupnorm-8x256x56x56-g32-float32", "groupnorm-32x64x56x56-g16-float32"]
+    assert {c.dtype for c in cases.select_cases(cases="small", dtype="float64")} == {"float64"}
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"op": "gn", "groups": 7}, "groups=7 must divide the C=256 channels; valid groups: 1, 2, 4, 8, 16, 32, 64, 128, 256"),
+    ({"op": "bn", "groups": 4}, "groups applies to groupnorm only"),
+    ({"op": "gn", "cases": "reference", "shape": (2, 4)}, "do not combine it with shape or groups"),
+    ({"op": "bn", "cases": [Case("gn", (2, 4, 3), groups=2)]}, "the case set has no case for bn"),
+    ({"cases": "huge"}, "unknown case set 'huge'; known: reference, small"),
+    ({"op": "in", "shape": (4, 3)}, "instancenorm: needs more than 1 spatial element"),
+    ({"op": "bn", "shape": (1, 3)}, "batchnorm: training needs more than 1 value per channel"),
+])
+def test_select_cases_errors(kwargs, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        cases.select_cases(**kwargs)
+
+
+@pytest.mark.parametrize("text", ["8,256,56,56", "8x256x56x56", "(8, 256, 56, 56)", " 8 256 56 56 ", "[8,256,56,56]"])
+def test_parse_shape(text):
+    assert cases.parse_shape(text) == (8, 256, 56, 56)
+
+
+@pytest.mark.parametrize("text", ["8", "8,a", "8,0,3", "", "8,-1"])
+def test_parse_shape_rejects(text):
+    with pytest.raises(ValueError, match="shape"):
+        cases.parse_shape(text)
+
+
+# --- statistics and the loop -----------------------------------------------------------------------------------
+
+def test_ratio_is_taken_per_round_then_the_median():
+    a, b = [1.0, 4.0, 9.0], [2.0, 2.0, 10.0]
+    assert bench.paired_ratio(a, b)[1] == pytest.approx(0.9)  # ratios 0.5, 2, 0.9
+    assert np.median(a) / np.median(b) == pytest.approx(2.0)  # what a ratio of medians would have said
+
+
+def test_paired_ratio_cancels_drift():
+    drift = np.array([1.0, 5.0, 1.5, 9.0, 2.0, 1.0, 7.0])  # the machine slows down and recovers
+    torch_t, ours = 2e-3 * drift, 1e-3 * drift
+    p10, med, p90 = bench.paired_ratio(ours, torch_t)
+    assert (p10, med, p90) == pytest.approx((0.5, 0.5, 0.5))
+    p10, med, p90 = bench.spread(ours)
+    assert p10 < med < p90
+
+
+def test_measure_interleaves_with_a_rotating_start():
+    log = []
+    calls = [lambda i=i: log.append(i) for i in range(3)]
+    times = bench._measure(calls, repeat=3, min_time=0, tick=lambda f: None)
+    assert times.shape == (3, 3) and (times > 0).all()
+    assert log == [0, 1, 2, 1, 2, 0, 2, 0, 1]
+
+
+def test_measure_min_time_bounds_the_rounds():
+    times = bench._measure([lambda: None], repeat=None, min_time=0, tick=lambda f: None)
+    assert times.shape == (1, bench.MIN_ROUNDS)
+    times = bench._measure([lambda: None], repeat=None, min_time=1e9, tick=lambda f: None)
+    assert times.shape == (1, bench.MAX_ROUNDS)
+
+
+def test_recycled_memory_does_not_fault_again():
+    if bench.recycle_freed_memory() is None:
+        pytest.skip("not glibc")
+    size = 48 * 2**20  # above glibc's largest dynamic mmap threshold (32 MB)
+    np.ones(size, np.uint8)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(5):
+        np.ones(size, np.uint8)
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+    assert faults < 1000, f"{faults} page faults for 5 reallocations of {size >> 20} MB"
+
+
+# --- the library function --------------------------------------------------------------------------------------
+
+def test_default_backends_leave_out_the_reference():
+    assert bench.default_backends() == [n for n in registry.get_backend_order() if n != "reference"]
+
+
+def test_bench_rows_and_ratios():
+    result = bench.bench("gn", shape=(2, 8, 4, 4), groups=2, backends=["reference"], repeat=4)
+    kinds = [(r.direction, r.name, r.kind) for r in result.rows]
+    want = [("forward", "reference", "backend")] + ([("forward", "pytorch", "baseline")] if HAS_TORCH else [])
+    want = want + [("forward", "copy", "copy")]
+    assert kinds == want + [(("backward",) + k[1:]) for k in want]
+    for r in result.rows:
+        assert r.rounds == 4 and r.p10_s <= r.median_s <= r.p90_s
+        assert r.gb_per_s == pytest.approx(r.bytes / r.median_s / 1e9)
+        assert r.bytes == (2 if r.direction == "forward" else 3) * 2 * 8 * 16 * 4
+    copy = [r for r in result.rows if r.kind == "copy"]
+    assert all(r.pct_of_copy == pytest.approx(100.0) for r in copy)
+    if HAS_TORCH:
+        base = [r for r in result.rows if r.kind == "baseline"]
+        assert all(r.ratio_to_torch == pytest.approx(1.0) for r in base)
+        assert all(r.check == "ok" for r in result.rows if r.kind == "backend")
+
+
+def test_bench_without_baseline():
+    result = bench.bench("ln", shape=(4, 8), backends=["reference"], direction="forward", repeat=2, baseline=False)
+    assert [r.name for r in result.rows] == ["reference", "copy"]
+    assert result.rows[0].ratio_to_torch is None and result.rows[0].check == "-"
+
+
+def _register(name, kernels, ops=("groupnorm",)):
+    spec = normkit.Backend(name=name, module=registry.runtime_module(kernels),
+                           kernels={op: ("forward", "backward") for op in ops})
+    registry.register_backend(spec, replace=True)
+
+
+@pytest.fixture
+def broken_backend():
+    spec = normkit.Backend(name="broken", module=registry.runtime_module({}), kernels={"groupnorm": ("forward",
+                                                                                                    "backward")})
+    registry.register_backend(spec, replace=True)
+    yield "broken"
+    registry.unregister_backend("broken")
+
+
+def test_a_backend_that_fails_to_load_is_skipped_with_a_note(broken_backend):
+    result = bench.bench("all", shape=(2, 4, 3), backends=["broken", "reference"], direction="forward", repeat=2,
+                         baseline=False)
+    assert {r.name for r in result.rows} == {"reference", "copy"}
+    assert len({r.case for r in result.rows}) == 4  # every op still ran
+    assert [n for n in result.notes if "broken" in n] == [
+        "backend 'broken' failed to load and was skipped: kernels: LookupError: declares kernels it does not "
+        "provide: groupnorm:backward:float32, groupnorm:backward:float64, groupnorm:forward:float32, "
+        "groupnorm:forward:float64"]
+
+
+def test_a_backend_without_the_op_is_skipped_for_that_op_only():
+    kernels = {("groupnorm", d, t): registry.lookup("groupnorm", d, t, "reference")[1]
+               for d in ("forward", "backward") for t in ("float32", "float64")}
+    _register("gnonly", kernels)
+    try:
+        result = bench.bench("all", shape=(2, 4, 3), backends=["gnonly"], direction="forward", repeat=2,
+                             baseline=False)
+    finally:
+        registry.unregister_backend("gnonly")
+    assert [r.case for r in result.rows if r.name == "gnonly"] == ["groupnorm-2x4x3-g4-float32"]
+    assert "backend 'gnonly' skipped for batchnorm 2x4x3 float32 forward: batchnorm: backend 'gnonly' does not " \
+           "implement forward" in result.notes
+
+
+def test_nothing_to_run_is_an_error(broken_backend):
+    with pytest.raises(bench.BenchError, match="no selected backend could run: backend 'broken' failed to load"):
+        bench.bench("gn", shape=(2, 4, 3), backends=["broken"], repeat=1, baseline=False)
+
+
+@needs_torch
+def test_a_wrong_kernel_is_flagged():
+    def zeros_forward(x, groups, weight, bias, eps, y, mean, rstd):
+        y[...] = 0
+        mean[...] = 0
+        rstd[...] = 1
+
+    kernels = {("groupnorm", "forward", t): zeros_forward for t in ("float32", "float64")}
+    kernels |= {("groupnorm", "backward", t): registry.lookup("groupnorm", "backward", t, "reference")[1]
+                for t in ("float32", "float64")}
+    _register("wrong", kernels)
+    try:
+        result = bench.bench("gn", shape=(2, 4, 3), groups=2, backends=["wrong"], direction="forward", repeat=2)
+    finally:
+        registry.unregister_backend("wrong")
+    assert result.rows[0].check.startswith("MISMATCH")
+    assert any(n.startswith("wrong: groupnorm 2x4x3 G=2 float32 forward differs from PyTorch") for n in result.notes)
+
+
+# --- the command line ------------------------------------------------------------------------------------------
+
+def test_cli_table_and_json(tmp_path):
+    out = tmp_path / "r.json"
+    result = run("--op", "gn", "--groups", "4", "--backend", "reference", "--json", str(out), *TINY)
+    assert result.exit_code == 0, result.output
+    assert "benchmarking" in result.stderr and "benchmarking" not in result.stdout  # the progress bar
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("normkit bench | ") and "threads" in lines[0] and "numpy " in lines[0]
+    assert "groupnorm 2x8x4x4 G=4 float32, forward: 0.0 MB moved, 3 rounds" in result.output
+    assert "groupnorm 2x8x4x4 G=4 float32, backward" in result.output
+    assert any(line.lstrip().startswith("reference ") for line in lines)
+    assert any(line.lstrip().startswith("copy ") for line in lines)
+    assert f"wrote {out}" in result.output
+
+    data = json.loads(out.read_text())
+    assert data["schema"] == "normkit.bench/1"
+    assert set(data) == {"schema", "machine", "settings", "notes", "rows"}
+    assert set(data["machine"]) == {"cpu", "cpus", "threads", "platform", "python", "versions", "allocator"}
+    assert data["machine"]["versions"]["numpy"] == np.__version__
+    assert data["settings"]["repeat"] == 3 and data["settings"]["backends"] == ["reference"]
+    row_keys = {f.name for f in bench.Row.__dataclass_fields__.values()}
+    assert all(set(r) == row_keys for r in data["rows"])
+    names = ["reference"] + (["pytorch"] if HAS_TORCH else []) + ["copy"]
+    assert [(r["direction"], r["name"]) for r in data["rows"]] == [(d, n) for d in ("forward", "backward")
+                                                                  for n in names]
+    row = data["rows"][0]
+    assert row["case"] == "groupnorm-2x8x4x4-g4-float32" and row["shape"] == [2, 8, 4, 4] and row["groups"] == 4
+    assert row["bytes"] == 2 * 2 * 8 * 16 * 4 and row["rounds"] == 3
+    assert row["p10_s"] <= row["median_s"] <= row["p90_s"]
+
+
+def test_cli_case_set_and_direction():
+    result = run("--cases", "small", "--op", "ln", "--backend", "reference", "--direction", "backward",
+                 "--repeat", "2", "--no-torch")
+    assert result.exit_code == 0, result.output
+    assert "layernorm 3x8x5 over 8x5 float32, backward" in result.output
+    assert "layernorm 6x16 over 16 float32, backward" in result.output
+    assert ", forward:" not in result.output and "pytorch" not in result.output
+
+
+def test_cli_threads():
+    result = run("--op", "bn", "--backend", "reference", "--threads", "1", "--direction", "forward", *TINY)
+    assert result.exit_code == 0, result.output
+    assert ", 1 threads (" in result.stdout.splitlines()[0]
+    registry.set_num_threads(registry.get_num_threads())  # leave no trace for other tests
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--op", "gn", "--groups", "7"], "Invalid value for '--groups': groupnorm: groups=7 must divide the C=256 "
+                                      "channels; valid groups: 1, 2, 4, 8, 16, 32, 64, 128, 256"),
+    (["--op", "frob"], "Invalid value for '--op': 'frob' is not one of 'all', 'batchnorm', 'bn'"),
+    (["--backend", "nope"], "Invalid value for '--backend': unknown backend(s) 'nope'; installed backends: "),
+    (["--backend", "pytorch"], "PyTorch's kernels are the baseline and run unless turned off"),
+    (["--shape", "8,a"], "Invalid value for '--shape': shape must be integers separated by commas"),
+    (["--op", "bn", "--groups", "4"], "Invalid value for '--groups': groups applies to groupnorm only"),
+    (["--cases", "reference", "--shape", "2,4"], "--cases fixes the shapes and groups"),
+    (["--cases", "nope"], "Invalid value for '--cases': 'nope' is not one of 'reference', 'small'"),
+    (["--direction", "sideways"], "Invalid value for '--direction'"),
+    (["--threads", "100000"], "Invalid value for '--threads': set_num_threads: 100000 threads requested"),
+    (["--repeat", "0"], "Invalid value for '--repeat'"),
+    (["--dtype", "float16"], "Invalid value for '--dtype': 'float16' is not one of 'float32', 'float64'"),
+])
+def test_cli_usage_errors(args, message):
+    result = run(*args)
+    assert result.exit_code == 2, result.output
+    assert message in " ".join(result.output.split()), result.output
+    assert "Traceback" not in result.output
+
+
+def test_cli_lists_installed_backends_for_an_unknown_one():
+    result = run("--backend", "nope")
+    for name in registry.get_backend_order():
+        assert name in result.output
+
+
+def test_cli_nothing_to_run(broken_backend):
+    result = run("--op", "gn", "--backend", "broken", *TINY)
+    assert result.exit_code == 1
+    assert "no selected backend could run" in result.output and "try --backend reference" in result.output
+
+
+def test_cli_plot_without_matplotlib(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
+    result = run("--op", "gn", "--backend", "reference", "--plot", str(tmp_path / "p.png"), *TINY)
+    assert result.exit_code == 2
+    assert "--plot needs matplotlib, which is not installed; install it with: pip install 'normkit[plot]'" in \
+        result.output
+    assert not (tmp_path / "p.png").exists()
+
+
+def test_cli_plot(tmp_path):
+    pytest.importorskip("matplotlib")
+    path = tmp_path / "p.png"
+    result = run("--op", "all", "--shape", "2,4,3", "--backend", "reference", "--plot", str(path), "--repeat", "2")
+    assert result.exit_code == 0, result.output
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
