@@ -38,9 +38,10 @@ MIN_SETS = 8
 TARGET_ITEMS = 16
 PIECE = 4096
 # batchnorm: spatial sizes below WIDE_S use the flattened (N, C*S) view; a channel is one work item when there
-# are at least MIN_SETS channels and its data (all arrays a pass touches) fits in FUSED_BYTES.
+# are at least MIN_SETS channels and the input data of one channel fits in FUSED_BYTES (L2 is 1 MiB per core on
+# the Zen 4 this was tuned on; a partial miss falls back to L3).
 WIDE_S = 16
-FUSED_BYTES = 768 * 1024
+FUSED_BYTES = 1 << 20
 # Width of the column blocks of the flattened (N, C*S) view and of layernorm's parameter gradients.
 BLOCK = 2048
 
@@ -69,12 +70,15 @@ def _npieces(nsets, m):
     return max(1, min(_cdiv(TARGET_ITEMS, nsets), m // PIECE))
 
 
+# The inner loops take views and run from 0: a loop from a run-time start index keeps numba's negative-index
+# wraparound check in the loop, which stops LLVM from vectorizing it (measured 7x slower).
+
 @_jit
-def _sums(xr, a, e, p):
-    """sum(d), sum(d*d) over xr[a:e] with d = x - p, in float64."""
+def _sums(xr, p):
+    """sum(d), sum(d*d) over xr with d = x - p, in float64."""
     s1 = 0.0
     s2 = 0.0
-    for i in range(a, e):
+    for i in range(xr.shape[0]):
         d = np.float64(xr[i]) - p
         s1 += d
         s2 += d * d
@@ -82,11 +86,11 @@ def _sums(xr, a, e, p):
 
 
 @_jit
-def _dsums(dyr, xr, a, e, m):
-    """sum(dy), sum(dy * (x - m)) over [a:e], in float64."""
+def _dsums(dyr, xr, m):
+    """sum(dy), sum(dy * (x - m)), in float64."""
     s1 = 0.0
     s2 = 0.0
-    for i in range(a, e):
+    for i in range(xr.shape[0]):
         g = np.float64(dyr[i])
         s1 += g
         s2 += g * (np.float64(xr[i]) - m)
@@ -118,8 +122,10 @@ def _apply_range(xs, ys, a, e, S, c0, m, m64, r, w, b, has_w, has_b):
         sh = (np.float64(b[c0 + ci]) if has_b else 0.0) + (np.float64(m) - m64) * sc
         sct = t(sc)
         sht = t(sh)
-        for j in range(i, hi):
-            ys[j] = (xs[j] - m) * sct + sht
+        xv = xs[i:hi]
+        yv = ys[i:hi]
+        for j in range(hi - i):
+            yv[j] = (xv[j] - m) * sct + sht
         i = hi
         ci += 1
 
@@ -141,7 +147,7 @@ def _sets_forward(x, G, w, b, has_w, has_b, eps, y, mean, rstd):
         for k in prange(nsets):
             xs = xs2[k]
             p = _pivot(xs[0])
-            s1, s2 = _sums(xs, 0, m, p)
+            s1, s2 = _sums(xs, p)
             m64, r64 = _finish(p, s1, s2, m, eps)
             mf[k] = m64
             rf[k] = r64
@@ -152,7 +158,7 @@ def _sets_forward(x, G, w, b, has_w, has_b, eps, y, mean, rstd):
     for it in prange(nsets * P):
         k = it // P
         a = (it % P) * L
-        s1, s2 = _sums(xs2[k], a, min(m, a + L), _pivot(xs2[k, 0]))
+        s1, s2 = _sums(xs2[k, a:min(m, a + L)], _pivot(xs2[k, 0]))
         part[it, 0] = s1
         part[it, 1] = s2
     st = np.empty((nsets, 2))
@@ -190,8 +196,8 @@ def _set_coefs(sdy, sdyx, n, g, cpg, m, r, w, has_w):
 
 
 @_jit
-def _dx_range(dyr, xr, dxr, a, e, A, B, Cc, m):
-    for j in range(a, e):
+def _dx(dyr, xr, dxr, A, B, Cc, m):
+    for j in range(xr.shape[0]):
         dxr[j] = dyr[j] * A + (xr[j] - m) * B + Cc
 
 
@@ -213,14 +219,14 @@ def _sets_backward(dy, x, G, mean, rstd, w, has_w, dx, dw, db, want_dw, want_db)
             r = np.float64(rstd[n, g])
             for ci in range(cpg):
                 c = g * cpg + ci
-                s1, s2 = _dsums(dy[n, c], x[n, c], 0, S, m64)
+                s1, s2 = _dsums(dy[n, c], x[n, c], m64)
                 sdy[n, c] = s1
                 sdyx[n, c] = s2
             B, Cc = _set_coefs(sdy, sdyx, n, g, cpg, m, r, w, has_w)
             for ci in range(cpg):
                 c = g * cpg + ci
                 A = r * (np.float64(w[c]) if has_w else 1.0)
-                _dx_range(dy[n, c], x[n, c], dx[n, c], 0, S, t(A), t(B), t(Cc), mk)
+                _dx(dy[n, c], x[n, c], dx[n, c], t(A), t(B), t(Cc), mk)
     else:
         # few sets: (n, c, piece) work items
         Q = max(1, min(_cdiv(TARGET_ITEMS, N * C), S // PIECE))
@@ -230,7 +236,8 @@ def _sets_backward(dy, x, G, mean, rstd, w, has_w, dx, dw, db, want_dw, want_db)
             n = it // (C * Q)
             c = (it // Q) % C
             a = (it % Q) * L
-            s1, s2 = _dsums(dy[n, c], x[n, c], a, min(S, a + L), np.float64(mean[n, c // cpg]))
+            e = min(S, a + L)
+            s1, s2 = _dsums(dy[n, c, a:e], x[n, c, a:e], np.float64(mean[n, c // cpg]))
             part[it, 0] = s1
             part[it, 1] = s2
         for n in range(N):
@@ -254,10 +261,10 @@ def _sets_backward(dy, x, G, mean, rstd, w, has_w, dx, dw, db, want_dw, want_db)
             g = c // cpg
             a = (it % Q) * L
             A = np.float64(rstd[n, g]) * (np.float64(w[c]) if has_w else 1.0)
-            _dx_range(dy[n, c], x[n, c], dx[n, c], a, min(S, a + L), t(A), t(coef[n, g, 0]), t(coef[n, g, 1]),
-                      mean[n, g])
+            e = min(S, a + L)
+            _dx(dy[n, c, a:e], x[n, c, a:e], dx[n, c, a:e], t(A), t(coef[n, g, 0]), t(coef[n, g, 1]), mean[n, g])
     if want_dw or want_db:
-        for c in prange(C):
+        for c in range(C):
             s1 = 0.0
             s2 = 0.0
             for n in range(N):
@@ -301,13 +308,14 @@ def _channel_sums(a, bx, ref, mode):
             n = it // (C * Q)
             c = (it // Q) % C
             lo = (it % Q) * L
+            e = min(S, lo + L)
             if mode == 0:
-                s1, s2 = _sums(a[n, c], lo, min(S, lo + L), ref[c])
+                s1, s2 = _sums(a[n, c, lo:e], ref[c])
             else:
-                s1, s2 = _dsums(a[n, c], bx[n, c], lo, min(S, lo + L), ref[c])
+                s1, s2 = _dsums(a[n, c, lo:e], bx[n, c, lo:e], ref[c])
             part[it, 0] = s1
             part[it, 1] = s2
-        for c in prange(C):
+        for c in range(C):
             s1 = 0.0
             s2 = 0.0
             for n in range(N):
@@ -329,22 +337,23 @@ def _channel_sums(a, bx, ref, mode):
         r = it // JB
         j0 = (it % JB) * BLOCK
         j1 = min(W, j0 + BLOCK)
-        p1 = part[r, 0]
-        p2 = part[r, 1]
+        p1 = part[r, 0, j0:j1]
+        p2 = part[r, 1, j0:j1]
+        rw = refw[j0:j1]
         for n in range(r * RL, min(N, (r + 1) * RL)):
-            ar = a2[n]
-            br = b2[n]
+            ar = a2[n, j0:j1]
+            br = b2[n, j0:j1]
             if mode == 0:
-                for j in range(j0, j1):
-                    d = np.float64(ar[j]) - refw[j]
+                for j in range(j1 - j0):
+                    d = np.float64(ar[j]) - rw[j]
                     p1[j] += d
                     p2[j] += d * d
             else:
-                for j in range(j0, j1):
+                for j in range(j1 - j0):
                     g = np.float64(ar[j])
                     p1[j] += g
-                    p2[j] += g * (np.float64(br[j]) - refw[j])
-    for c in prange(C):
+                    p2[j] += g * (np.float64(br[j]) - rw[j])
+    for c in range(C):
         s1 = 0.0
         s2 = 0.0
         for r in range(R):
@@ -366,12 +375,13 @@ def _channel_affine(x, m, sc, sh, y):
             n = it // (C * Q)
             c = (it // Q) % C
             lo = (it % Q) * L
-            xr = x[n, c]
-            yr = y[n, c]
+            e = min(S, lo + L)
+            xr = x[n, c, lo:e]
+            yr = y[n, c, lo:e]
             mc = m[c]
             scc = sc[c]
             shc = sh[c]
-            for j in range(lo, min(S, lo + L)):
+            for j in range(e - lo):
                 yr[j] = (xr[j] - mc) * scc + shc
         return
     W = C * S
@@ -389,11 +399,14 @@ def _channel_affine(x, m, sc, sh, y):
         r = it // JB
         j0 = (it % JB) * BLOCK
         j1 = min(W, j0 + BLOCK)
+        mv = mw[j0:j1]
+        scv = scw[j0:j1]
+        shv = shw[j0:j1]
         for n in range(r * RL, min(N, (r + 1) * RL)):
-            xr = x2[n]
-            yr = y2[n]
-            for j in range(j0, j1):
-                yr[j] = (xr[j] - mw[j]) * scw[j] + shw[j]
+            xr = x2[n, j0:j1]
+            yr = y2[n, j0:j1]
+            for j in range(j1 - j0):
+                yr[j] = (xr[j] - mv[j]) * scv[j] + shv[j]
 
 
 @_pjit
@@ -406,7 +419,8 @@ def _channel_dx(dy, x, m, A, B, Cc, dx):
             n = it // (C * Q)
             c = (it // Q) % C
             lo = (it % Q) * L
-            _dx_range(dy[n, c], x[n, c], dx[n, c], lo, min(S, lo + L), A[c], B[c], Cc[c], m[c])
+            e = min(S, lo + L)
+            _dx(dy[n, c, lo:e], x[n, c, lo:e], dx[n, c, lo:e], A[c], B[c], Cc[c], m[c])
         return
     W = C * S
     d2 = dy.reshape(N, W)
@@ -426,12 +440,16 @@ def _channel_dx(dy, x, m, A, B, Cc, dx):
         r = it // JB
         j0 = (it % JB) * BLOCK
         j1 = min(W, j0 + BLOCK)
+        mv = mw[j0:j1]
+        av = aw[j0:j1]
+        bv = bw[j0:j1]
+        cv = cw[j0:j1]
         for n in range(r * RL, min(N, (r + 1) * RL)):
-            dr = d2[n]
-            xr = x2[n]
-            outr = o2[n]
-            for j in range(j0, j1):
-                outr[j] = dr[j] * aw[j] + (xr[j] - mw[j]) * bw[j] + cw[j]
+            dr = d2[n, j0:j1]
+            xr = x2[n, j0:j1]
+            outr = o2[n, j0:j1]
+            for j in range(j1 - j0):
+                outr[j] = dr[j] * av[j] + (xr[j] - mv[j]) * bv[j] + cv[j]
 
 
 @_jit
@@ -443,14 +461,14 @@ def _fused_channels(N, C, S, itemsize, arrays):
 def _bn_forward(x, w, b, has_w, has_b, eps, y, mean, rstd):
     N, C, S = x.shape
     cnt = N * S
-    if _fused_channels(N, C, S, x.itemsize, 2):
+    if _fused_channels(N, C, S, x.itemsize, 1):
         # one channel per work item: its rows are still in L2 for the apply pass
         for c in prange(C):
             p = _pivot(x[0, c, 0])
             s1 = 0.0
             s2 = 0.0
             for n in range(N):
-                a1, a2 = _sums(x[n, c], 0, S, p)
+                a1, a2 = _sums(x[n, c], p)
                 s1 += a1
                 s2 += a2
             m64, r64 = _finish(p, s1, s2, cnt, eps)
@@ -481,7 +499,7 @@ def _bn_backward(dy, x, mean, rstd, w, has_w, dx, dw, db, want_dw, want_db):
     N, C, S = x.shape
     cnt = N * S
     t = x.dtype.type
-    if _fused_channels(N, C, S, x.itemsize, 3):
+    if _fused_channels(N, C, S, x.itemsize, 2):
         for c in prange(C):
             mc = mean[c]
             m64 = np.float64(mc)
@@ -489,7 +507,7 @@ def _bn_backward(dy, x, mean, rstd, w, has_w, dx, dw, db, want_dw, want_db):
             s1 = 0.0
             s2 = 0.0
             for n in range(N):
-                a1, a2 = _dsums(dy[n, c], x[n, c], 0, S, m64)
+                a1, a2 = _dsums(dy[n, c], x[n, c], m64)
                 s1 += a1
                 s2 += a2
             wc = np.float64(w[c]) if has_w else 1.0
@@ -497,7 +515,7 @@ def _bn_backward(dy, x, mean, rstd, w, has_w, dx, dw, db, want_dw, want_db):
             B = t(-r * r * (r * wc * s2 / cnt))
             Cc = t(-r * (wc * s1 / cnt))
             for n in range(N):
-                _dx_range(dy[n, c], x[n, c], dx[n, c], 0, S, A, B, Cc, mc)
+                _dx(dy[n, c], x[n, c], dx[n, c], A, B, Cc, mc)
             if want_db:
                 db[c] = s1
             if want_dw:
@@ -523,7 +541,7 @@ def _bn_backward(dy, x, mean, rstd, w, has_w, dx, dw, db, want_dw, want_db):
     _channel_dx(dy, x, mean, A, B, Cc, dx)
 
 
-@_pjit
+@_jit
 def _channel_forward_infer(x, w, b, has_w, has_b, running_mean, running_var, eps, y):
     C = x.shape[1]
     sc = np.empty(C, x.dtype)
@@ -535,7 +553,7 @@ def _channel_forward_infer(x, w, b, has_w, has_b, running_mean, running_var, eps
     _channel_affine(x, running_mean, sc, sh, y)
 
 
-@_pjit
+@_jit
 def _channel_backward_infer(dy, x, mean, rstd, w, has_w, dx, dw, db, want_dw, want_db):
     C = x.shape[1]
     zero = np.zeros(C, x.dtype)
@@ -558,12 +576,12 @@ def _channel_backward_infer(dy, x, mean, rstd, w, has_w, dx, dw, db, want_dw, wa
 # --- layernorm: rows of K with an elementwise affine --------------------------------------------------------------
 
 @_jit
-def _ln_apply(xr, yr, a, e, m, m64, r, w, b):
+def _ln_apply(xr, yr, m, m64, r, w, b):
     """y = ((x - m) * r + c0) * w + b, with c0 = (m - m64) * r the rounding of the mean to the dtype."""
     t = xr.dtype.type
     rt = t(r)
     c0 = t((np.float64(m) - m64) * r)
-    for j in range(a, e):
+    for j in range(xr.shape[0]):
         yr[j] = ((xr[j] - m) * rt + c0) * w[j] + b[j]
 
 
@@ -577,18 +595,18 @@ def _ln_forward(x, w, b, has_w, has_b, eps, y, mean, rstd):
         for k in prange(M):
             xr = x[k]
             p = _pivot(xr[0])
-            s1, s2 = _sums(xr, 0, K, p)
+            s1, s2 = _sums(xr, p)
             m64, r64 = _finish(p, s1, s2, K, eps)
             mean[k] = m64
             rstd[k] = r64
-            _ln_apply(xr, y[k], 0, K, mean[k], m64, r64, wv, bv)
+            _ln_apply(xr, y[k], mean[k], m64, r64, wv, bv)
         return
     L = _cdiv(K, P)
     part = np.empty((M * P, 2))
     for it in prange(M * P):
         k = it // P
         a = (it % P) * L
-        s1, s2 = _sums(x[k], a, min(K, a + L), _pivot(x[k, 0]))
+        s1, s2 = _sums(x[k, a:min(K, a + L)], _pivot(x[k, 0]))
         part[it, 0] = s1
         part[it, 1] = s2
     st = np.empty((M, 2))
@@ -606,15 +624,16 @@ def _ln_forward(x, w, b, has_w, has_b, eps, y, mean, rstd):
     for it in prange(M * P):
         k = it // P
         a = (it % P) * L
-        _ln_apply(x[k], y[k], a, min(K, a + L), mean[k], st[k, 0], st[k, 1], wv, bv)
+        e = min(K, a + L)
+        _ln_apply(x[k, a:e], y[k, a:e], mean[k], st[k, 0], st[k, 1], wv[a:e], bv[a:e])
 
 
 @_jit
-def _ln_row_sums(dyr, xr, a, e, m, r, w):
-    """sum(g), sum(g * xhat) over [a, e) of one row, g = dy * w, in float64."""
+def _ln_row_sums(dyr, xr, m, r, w):
+    """sum(g), sum(g * xhat) over (a piece of) one row, g = dy * w, in float64."""
     sg = 0.0
     sgx = 0.0
-    for j in range(a, e):
+    for j in range(xr.shape[0]):
         g = np.float64(dyr[j]) * np.float64(w[j])
         sg += g
         sgx += g * (np.float64(xr[j]) - m)
@@ -622,9 +641,25 @@ def _ln_row_sums(dyr, xr, a, e, m, r, w):
 
 
 @_jit
-def _ln_dx(dyr, xr, dxr, a, e, m, r, B, Cc, w):
+def _ln_row_sums_grads(dyr, xr, m, r, w, pw, pb):
+    """_ln_row_sums, also adding dy * xhat to pw and dy to pb (the parameter gradients' partial sums)."""
+    sg = 0.0
+    sgx = 0.0
+    for j in range(xr.shape[0]):
+        g = np.float64(dyr[j])
+        xh = (np.float64(xr[j]) - m) * r
+        gw = g * np.float64(w[j])
+        sg += gw
+        sgx += gw * xh
+        pw[j] += g * xh
+        pb[j] += g
+    return sg, sgx
+
+
+@_jit
+def _ln_dx(dyr, xr, dxr, m, r, B, Cc, w):
     """dx = dy * w * r + (x - m) * B + Cc."""
-    for j in range(a, e):
+    for j in range(xr.shape[0]):
         dxr[j] = dyr[j] * w[j] * r + (xr[j] - m) * B + Cc
 
 
@@ -645,21 +680,15 @@ def _ln_backward(dy, x, mean, rstd, w, has_w, dx, dw, db, want_dw, want_db):
                 mk = mean[k]
                 m64 = np.float64(mk)
                 r = np.float64(rstd[k])
-                sg, sgx = _ln_row_sums(dy[k], x[k], 0, K, m64, r, wv)
+                if want:
+                    sg, sgx = _ln_row_sums_grads(dy[k], x[k], m64, r, wv, pw[it], pb[it])
+                else:
+                    sg, sgx = _ln_row_sums(dy[k], x[k], m64, r, wv)
                 B = t(-r * r * sgx / K)
                 Cc = t(-r * sg / K)
-                _ln_dx(dy[k], x[k], dx[k], 0, K, mk, t(r), B, Cc, wv)
-                if want:
-                    pwr = pw[it]
-                    pbr = pb[it]
-                    dyr = dy[k]
-                    xr = x[k]
-                    for j in range(K):
-                        g = np.float64(dyr[j])
-                        pwr[j] += g * (np.float64(xr[j]) - m64) * r
-                        pbr[j] += g
+                _ln_dx(dy[k], x[k], dx[k], mk, t(r), B, Cc, wv)
         if want:
-            for j in prange(K):
+            for j in range(K):
                 s1 = 0.0
                 s2 = 0.0
                 for it in range(R):
@@ -677,7 +706,8 @@ def _ln_backward(dy, x, mean, rstd, w, has_w, dx, dw, db, want_dw, want_db):
     for it in prange(M * P):
         k = it // P
         a = (it % P) * L
-        sg, sgx = _ln_row_sums(dy[k], x[k], a, min(K, a + L), np.float64(mean[k]), np.float64(rstd[k]), wv)
+        e = min(K, a + L)
+        sg, sgx = _ln_row_sums(dy[k, a:e], x[k, a:e], np.float64(mean[k]), np.float64(rstd[k]), wv[a:e])
         part[it, 0] = sg
         part[it, 1] = sgx
     coef = np.empty((M, 2), x.dtype)
@@ -700,14 +730,14 @@ def _ln_backward(dy, x, mean, rstd, w, has_w, dx, dw, db, want_dw, want_db):
             mk = mean[k]
             m64 = np.float64(mk)
             r = np.float64(rstd[k])
-            dyr = dy[k]
-            xr = x[k]
-            _ln_dx(dyr, xr, dx[k], j0, j1, mk, t(r), coef[k, 0], coef[k, 1], wv)
+            dyr = dy[k, j0:j1]
+            xr = x[k, j0:j1]
+            _ln_dx(dyr, xr, dx[k, j0:j1], mk, t(r), coef[k, 0], coef[k, 1], wv[j0:j1])
             if want:
-                for j in range(j0, j1):
+                for j in range(j1 - j0):
                     g = np.float64(dyr[j])
-                    aw[j - j0] += g * (np.float64(xr[j]) - m64) * r
-                    ab[j - j0] += g
+                    aw[j] += g * (np.float64(xr[j]) - m64) * r
+                    ab[j] += g
         if want_dw:
             dw[j0:j1] = aw
         if want_db:
