@@ -1,0 +1,382 @@
+"""The conformance kit (normkit.testing, `normkit check`): it passes correct backends and fails broken ones, each
+with a message naming the check and the size of the miss.
+
+Every broken backend here is the reference with exactly one thing broken, registered at run time.
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+import normkit
+from normkit import Backend, UnknownBackendError, reference, registry, testing
+from normkit.cli import main
+from normkit.contract import DIRECTIONS, DTYPES
+from normkit.registry import runtime_module
+
+
+@pytest.fixture
+def register():
+    """register(name, {(op, direction): kernel}) -> name: the reference with those kernels replaced."""
+    names = []
+
+    def _register(name, replaced, kernels=DIRECTIONS, dtypes=DTYPES):
+        table = dict(reference.KERNELS)
+        for (op, direction), fn in replaced.items():
+            for dtype in DTYPES:
+                table[(op, direction, dtype)] = fn
+        normkit.register_backend(Backend(name, runtime_module(table), kernels=kernels, dtypes=dtypes), replace=True)
+        names.append(name)
+        return name
+
+    yield _register
+    for name in names:
+        normkit.unregister_backend(name)
+
+
+def _affine(xhat, weight, bias, shape):
+    if weight is not None:
+        xhat = xhat * weight.reshape(shape)
+    if bias is not None:
+        xhat = xhat + bias.reshape(shape)
+    return xhat
+
+
+# --- the broken kernels ----------------------------------------------------------------------------------------
+
+def layernorm_naive_variance(x, weight, bias, eps, y, mean, rstd):
+    """E[x^2] - E[x]^2 in working precision (numpy sums float32 in float32)."""
+    mu = x.mean(axis=1)
+    var = (x * x).mean(axis=1) - mu * mu
+    r = 1 / np.sqrt(var + x.dtype.type(eps))
+    y[...] = _affine((x - mu[:, None]) * r[:, None], weight, bias, (1, -1))
+    mean[...], rstd[...] = mu, r
+
+
+def groupnorm_eps_outside_sqrt(x, num_groups, weight, bias, eps, y, mean, rstd):
+    n, c, s = x.shape
+    sets = x.astype(np.float64).reshape(n, num_groups, -1)
+    mu = sets.mean(axis=-1)
+    r = 1 / (np.sqrt(np.square(sets - mu[..., None]).mean(axis=-1)) + eps)
+    y[...] = _affine(((sets - mu[..., None]) * r[..., None]).reshape(n, c, s), weight, bias, (1, -1, 1))
+    mean[...], rstd[...] = mu, r
+
+
+def batchnorm_unbiased_variance(x, weight, bias, eps, y, mean, rstd):
+    sets = np.moveaxis(x.astype(np.float64), 1, 0).reshape(x.shape[1], -1)
+    mu, var = sets.mean(axis=1), sets.var(axis=1, ddof=1)
+    r = 1 / np.sqrt(var + eps)
+    y[...] = _affine((x - mu[None, :, None]) * r[None, :, None], weight, bias, (1, -1, 1))
+    mean[...], rstd[...] = mu, r
+
+
+def instancenorm_backward_without_affine(dy, x, mean, rstd, weight, dx, dweight, dbias):
+    reference.instancenorm_backward(dy, x, mean, rstd, None, dx, dweight, dbias)
+
+
+def layernorm_centres_input_in_place(x, weight, bias, eps, y, mean, rstd):
+    reference.layernorm_forward(x, weight, bias, eps, y, mean, rstd)
+    x -= mean[:, None]
+
+
+def layernorm_leaves_output_unwritten(x, weight, bias, eps, y, mean, rstd):
+    flat = y.reshape(-1)
+    saved = flat[-1:].copy()  # keep the last element as it was handed in
+    reference.layernorm_forward(x, weight, bias, eps, y, mean, rstd)
+    flat[-1:] = saved
+
+
+def layernorm_writes_past_the_end(x, weight, bias, eps, y, mean, rstd):
+    reference.layernorm_forward(x, weight, bias, eps, y, mean, rstd)
+    flat = y.reshape(-1)
+    past = np.lib.stride_tricks.as_strided(flat, shape=(flat.size + 1,), strides=flat.strides)
+    past[-1] = 0.0  # an off-by-one store: safe only because the kit surrounds every array with guard zones
+
+
+def layernorm_swallows_nan(x, weight, bias, eps, y, mean, rstd):
+    reference.layernorm_forward(np.nan_to_num(x), weight, bias, eps, y, mean, rstd)
+
+
+def layernorm_raises(x, weight, bias, eps, y, mean, rstd):
+    raise RuntimeError("kernel exploded")
+
+
+_calls = [0]
+
+
+def layernorm_not_deterministic(x, weight, bias, eps, y, mean, rstd):
+    reference.layernorm_forward(x, weight, bias, eps, y, mean, rstd)
+    _calls[0] += 1
+    if _calls[0] % 2 == 0:
+        y.reshape(-1)[0] = np.nextafter(y.reshape(-1)[0], np.inf)
+
+
+def layernorm_working_precision(x, weight, bias, eps, y, mean, rstd):
+    """A legitimate float32 kernel: two-pass statistics and a fused scale/shift, all in the working dtype."""
+    dt = x.dtype.type
+    mu = x.mean(axis=1)
+    r = dt(1) / np.sqrt(np.square(x - mu[:, None]).mean(axis=1) + dt(eps))
+    scale = r[:, None] * (weight if weight is not None else dt(1))
+    shift = (bias if bias is not None else dt(0)) - mu[:, None] * scale
+    y[...] = x * scale + shift
+    mean[...], rstd[...] = mu, r
+
+
+def groupnorm_working_precision_backward(dy, x, num_groups, mean, rstd, weight, dx, dweight, dbias):
+    """A legitimate float32 backward in the style of PyTorch's: per-set coefficients, dx = a*dy + b*x + c."""
+    n, c, s = x.shape
+    dt = x.dtype.type
+    w = weight if weight is not None else np.ones(c, x.dtype)
+    g = (dy * w[None, :, None]).reshape(n, num_groups, -1)
+    xs = x.reshape(n, num_groups, -1)
+    m = g.shape[-1]
+    r = rstd[..., None]
+    mu = mean[..., None]
+    sum_g, sum_gx = g.sum(axis=-1, keepdims=True), (g * xs).sum(axis=-1, keepdims=True)
+    b = (sum_g * mu - sum_gx) * r * r * r / dt(m)
+    cc = -b * mu - sum_g * r / dt(m)
+    dx[...] = (g * r + b * xs + cc).reshape(n, c, s)
+    xhat = ((xs - mu) * r).reshape(n, c, s)
+    if dweight is not None:
+        dweight[...] = (dy * xhat).sum(axis=(0, 2))
+    if dbias is not None:
+        dbias[...] = dy.sum(axis=(0, 2))
+
+
+# --- correct backends pass -------------------------------------------------------------------------------------
+
+def test_reference_conforms():
+    report = testing.check_backend("reference")
+    assert report == [], report.format()
+    assert report.cases_run > 500
+    assert "conforms" in report.summary()
+
+
+def test_working_precision_float32_kernels_pass(register):
+    """The tolerances are not tighter than float32 allows: kernels computing in float32 throughout, with the
+    usual two-pass / fused-coefficient formulas, pass every case, large offsets included."""
+    name = register("wp", {("layernorm", "forward"): layernorm_working_precision,
+                           ("groupnorm", "backward"): groupnorm_working_precision_backward})
+    report = testing.check_backend(name, ops=["layernorm", "groupnorm"])
+    assert report == [], report.format()
+
+
+# --- broken backends fail, saying which check and by how much -------------------------------------------------
+
+MESSAGE = re.compile(r"error (\S+) \(relative \S+\) at \w+\[.*\]: got \S+, expected \S+; tolerance there (\S+), "
+                     r"exceeded (\S+)x; \d+ of \d+ elements out of tolerance")
+
+
+def measured(failure):
+    """(error, tolerance, ratio) parsed from a value failure's message."""
+    m = MESSAGE.search(failure.message)
+    assert m, failure.message
+    return tuple(float(v) for v in m.groups())
+
+
+def test_naive_variance_in_float32_fails(register):
+    name = register("naive_var", {("layernorm", "forward"): layernorm_naive_variance})
+    report = testing.check_backend(name, ops=["layernorm"])
+    f32 = [f for f in report if "float32" in f.case]
+    assert {f.check for f in f32} >= {"y", "rstd"}
+    assert {re.search(r"data=(\w+)", f.case).group(1) for f in f32} >= {"offset1e4", "offset1e6", "offset1e8"}
+    # in float64 the same formula survives mean 1e4 but not 1e8
+    f64 = {re.search(r"data=(\w+)", f.case).group(1) for f in report if "float64" in f.case}
+    assert "offset1e8" in f64 and "normal" not in f64
+    worst = max(measured(f)[2] for f in f32 if "offset1e4" in f.case and f.check == "rstd"
+                and "error" in f.message)
+    assert worst > 100
+    assert "FAILS" in report.summary() and "rstd" in report.summary()
+
+
+def test_eps_outside_the_square_root_fails(register):
+    name = register("eps_out", {("groupnorm", "forward"): groupnorm_eps_outside_sqrt})
+    report = testing.check_backend(name, ops=["groupnorm"])
+    constant = [f for f in report if "data=constant" in f.case and f.check == "rstd"]
+    assert constant, report.format()
+    # a constant set has rstd = 1/sqrt(eps) = 316.2; this kernel gives 1/eps
+    assert "got 100000, expected 316.227766" in constant[0].message
+    assert any("data=small_var" in f.case and f.check == "y" for f in report)
+    assert all(f.check in ("y", "rstd") for f in report)
+
+
+def test_unbiased_variance_fails(register):
+    name = register("unbiased", {("batchnorm", "forward"): batchnorm_unbiased_variance})
+    report = testing.check_backend(name, ops=["batchnorm"])
+    assert any(f.check == "rstd" and "float64" in f.case and "data=normal" in f.case for f in report)
+    # on 4 * 5 = 20 values per channel, rstd is off by sqrt(20/19): 2.5 % relative
+    small = [f for f in report if "shape=(4, 3, 5)" in f.case and f.check == "rstd"]
+    assert small and all(re.search(r"relative 0\.025", f.message) for f in small), small
+    assert not any("forward_infer" in f.case or "backward" in f.case for f in report)
+
+
+def test_backward_that_forgets_the_affine_fails(register):
+    name = register("no_affine_bwd", {("instancenorm", "backward"): instancenorm_backward_without_affine})
+    report = testing.check_backend(name, ops=["instancenorm"])
+    assert report
+    assert {f.check for f in report} == {"dx"}
+    assert all("instancenorm backward " in f.case and "affine=none" not in f.case for f in report)
+    assert min(measured(f)[2] for f in report) > 1  # every reported miss exceeds its tolerance
+
+
+def test_input_mutation_is_caught(register):
+    name = register("mutator", {("layernorm", "forward"): layernorm_centres_input_in_place})
+    report = testing.check_backend(name, ops=["layernorm"], quick=True)
+    mutations = [f for f in report if f.check == "input mutation"]
+    assert mutations and all("input x was modified" in f.message for f in mutations)
+    assert not any(f.check == "input mutation" for f in report if "layernorm backward" in f.case)
+
+
+def test_unwritten_output_is_caught(register):
+    name = register("lazy", {("layernorm", "forward"): layernorm_leaves_output_unwritten})
+    report = testing.check_backend(name, ops=["layernorm"], quick=True, dtypes=["float32"])
+    unwritten = [f for f in report if f.check == "unwritten output"]
+    assert len(unwritten) == len({f.case for f in report if "layernorm forward" in f.case})
+    assert unwritten[0].message == "1 of 35 elements of y were never written, first at y[4, 6]"
+
+
+def test_write_past_an_output_is_caught(register):
+    name = register("overrun", {("layernorm", "forward"): layernorm_writes_past_the_end})
+    report = testing.check_backend(name, ops=["layernorm"], quick=True)
+    outside = [f for f in report if f.check == "write outside buffers"]
+    assert outside and all(f.message == "wrote 1 element(s) just after the y array" for f in outside)
+
+
+def test_swallowed_nan_is_caught(register):
+    name = register("nan_eater", {("layernorm", "forward"): layernorm_swallows_nan})
+    report = testing.check_backend(name, ops=["layernorm"], quick=True)
+    assert {f.check for f in report} == {"NaN propagation (y)", "NaN propagation (mean)", "NaN propagation (rstd)"}
+    assert all("data=nan" in f.case for f in report)
+    y = next(f for f in report if f.check == "NaN propagation (y)")
+    assert "129 of 129 elements that must be NaN (their set holds a NaN) are not" in y.message
+
+
+def test_raising_kernel_is_reported_not_fatal(register):
+    name = register("raiser", {("layernorm", "forward"): layernorm_raises})
+    report = testing.check_backend(name, ops=["layernorm"], quick=True)
+    assert report and {f.check for f in report} == {"raised"}
+    assert report[0].message == "RuntimeError: kernel exploded"
+    assert len(report) == len(testing.cases("layernorm", "forward", "float32", quick=True)) * 2
+
+
+def test_non_deterministic_kernel_is_caught(register):
+    name = register("flaky", {("layernorm", "forward"): layernorm_not_deterministic})
+    _calls[0] = 0
+    report = testing.check_backend(name, ops=["layernorm"], dtypes=["float64"])
+    assert [f.check for f in report] == ["not deterministic"]
+    assert "changed 1 elements of y" in report[0].message
+
+
+# --- what is checked, and the API ------------------------------------------------------------------------------
+
+def test_only_declared_kernels_are_checked(register):
+    table = {("layernorm", "forward", "float64"): reference.layernorm_forward}
+    normkit.register_backend(Backend("ln64", runtime_module(table), kernels={"layernorm": ("forward",)},
+                                     dtypes=("float64",)))
+    try:
+        report = testing.check_backend("ln64")
+        assert report == [] and report.cases_run == len(testing.cases("layernorm", "forward", "float64"))
+        report = testing.check_backend("ln64", ops=["groupnorm"])
+        assert report == [] and report.cases_run == 0 and "nothing to check" in report.summary()
+    finally:
+        normkit.unregister_backend("ln64")
+
+
+def test_cases_cover_the_hard_shapes_and_data():
+    all_cases = [c for op, ds in DIRECTIONS.items() for d in ds for t in DTYPES for c in testing.cases(op, d, t)]
+    shapes = {(c.op, c.shape, c.groups) for c in all_cases}
+    assert ("batchnorm", (1, 3, 7), None) in shapes  # N = 1
+    assert ("groupnorm", (2, 1, 9), 1) in shapes  # C = 1
+    assert ("groupnorm", (1, 6, 1), 6) in shapes  # S = 1, groups = C
+    assert ("groupnorm", (3, 4, 5), 1) in shapes  # groups = 1
+    assert {c.data for c in all_cases} == {"normal", "offset1e4", "offset1e6", "offset1e8", "constant",
+                                           "small_var", "nan"}
+    assert {c.affine for c in all_cases} == {"none", "weight", "weight+bias"}
+    # training statistics are never asked of a set of one value (the frontends refuse those inputs)
+    assert not any(c.op == "instancenorm" and c.training and c.shape[2] == 1 for c in all_cases)
+    assert any(c.op == "instancenorm" and not c.training and c.shape[2] == 1 for c in all_cases)
+
+
+def test_float32_tolerance_on_standard_normal_data_is_tight():
+    """The derived bound on y for float32 standard-normal data, sets of 1000: about 4e-5, 1.2e-4 at the tails
+    (|xhat| ~ 3.5), the order of the 1e-4 a user would accept, and far from float64 rounding."""
+    case = testing.Case("layernorm", "forward", "float32", (3, 1000), None, "none", "normal", 1e-5)
+    inputs = testing._inputs(case)
+    expected = testing._expected(case, inputs, testing._output_shapes(case, inputs))
+    tol = testing._tolerances(case, inputs, expected)["y"]
+    assert 1e-5 < tol.min() and np.median(tol) < 5e-5 and tol.max() < 1.5e-4
+
+
+def test_unknown_backend_and_bad_arguments():
+    with pytest.raises(UnknownBackendError, match="unknown backend 'nosuch'; installed backends: .*reference"):
+        testing.check_backend("nosuch")
+    with pytest.raises(ValueError, match="check_backend: unknown op\\(s\\) 'gn'; known: batchnorm"):
+        testing.check_backend("reference", ops=["gn"])
+    with pytest.raises(ValueError, match="check_backend: unknown dtype\\(s\\) 'float16'"):
+        testing.check_backend("reference", dtypes="float16")
+
+
+def test_backend_that_fails_to_load_gives_one_load_failure():
+    normkit.register_backend(Backend("hollow", runtime_module({}), kernels={"layernorm": ("forward",)}))
+    try:
+        with pytest.warns(RuntimeWarning, match="hollow"):
+            report = testing.check_backend("hollow")
+        assert [f.check for f in report] == ["load"]
+        assert "declares kernels it does not provide" in report[0].message
+        assert "could not be checked" in report.summary()
+    finally:
+        normkit.unregister_backend("hollow")
+
+
+def test_assert_backend_conforms(register):
+    testing.assert_backend_conforms("reference", ops=["groupnorm"], quick=True)
+    name = register("unbiased2", {("batchnorm", "forward"): batchnorm_unbiased_variance})
+    with pytest.raises(AssertionError, match="backend 'unbiased2' FAILS") as info:
+        testing.assert_backend_conforms(name, ops=["batchnorm"], quick=True)
+    assert "batchnorm forward float64" in str(info.value) and "rstd: error" in str(info.value)
+
+
+# --- the command line ------------------------------------------------------------------------------------------
+
+def test_cli_check_passes_a_correct_backend():
+    result = CliRunner().invoke(main, ["check", "reference", "--quick", "--op", "gn", "--dtype", "float32"])
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith("backend 'reference' conforms:")
+
+
+def test_cli_check_fails_a_broken_backend(register):
+    name = register("unbiased3", {("batchnorm", "forward"): batchnorm_unbiased_variance})
+    result = CliRunner().invoke(main, ["check", name, "--op", "bn"])
+    assert result.exit_code == 1
+    lines = result.output.splitlines()
+    assert lines[0].startswith(f"backend '{name}' FAILS:")
+    assert "batchnorm forward float32 shape=(4, 3, 5) affine=none data=normal eps=1e-05: y: error" in lines[1]
+    assert lines[-1].startswith("  ... and ")
+    full = CliRunner().invoke(main, ["check", name, "--op", "bn", "--all-failures"])
+    assert not full.output.splitlines()[-1].startswith("  ... and ")
+
+
+def test_cli_check_usage_errors():
+    result = CliRunner().invoke(main, ["check", "nosuch"])
+    assert result.exit_code == 2 and "unknown backend 'nosuch'" in result.output
+    result = CliRunner().invoke(main, ["check", "reference", "--op", "rmsnorm"])
+    assert result.exit_code == 2 and "unknown op 'rmsnorm'" in result.output
+
+
+def test_check_is_fast_enough_for_ci():
+    """< 30 s per backend in CI; the reference (the slowest-per-call backend besides a cold JIT) needs ~1 s."""
+    import time
+
+    start = time.perf_counter()
+    testing.check_backend("reference")
+    assert time.perf_counter() - start < 15
+
+
+def test_registry_state_untouched_by_the_kit():
+    before = registry.get_backend_order()
+    testing.check_backend("reference", quick=True)
+    assert registry.get_backend_order() == before
