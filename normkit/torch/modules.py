@@ -10,6 +10,8 @@ optimizer already holds all stay the very same objects. Only exact torch.nn clas
 subclass has its own forward, which normkit must not replace.
 """
 
+import warnings
+
 import torch
 from torch import nn
 
@@ -64,6 +66,11 @@ class _InstanceNormForward:
                     f"expected input's size at dim={feature_dim} to match num_features"
                     f" ({self.num_features}), but got: {input.size(feature_dim)}."
                 )
+            warnings.warn(
+                f"input's size at dim={feature_dim} does not match num_features. You can silence this warning by "
+                "not passing in num_features, which is not used because affine=False",
+                stacklevel=2,
+            )
         unbatched = input.dim() == self._get_no_batch_dim()
         y = instance_norm(
             input.unsqueeze(0) if unbatched else input,

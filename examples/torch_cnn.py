@@ -1,0 +1,90 @@
+"""Train a small CNN with torch.nn's norm layers and with normkit's, and time one training step of each.
+
+    python examples/torch_cnn.py [--batch 32] [--size 32] [--reps 30] [--backend numba] [--threads 1]
+
+Both models start from the same weights; normkit.torch.convert swaps the norm layers in place. Steps of the two
+models are interleaved (alternating which goes first) and the medians reported, so that load from other processes
+hits both alike.
+"""
+
+import argparse
+import copy
+import statistics
+import time
+
+import torch
+from torch import nn
+
+import normkit
+import normkit.torch as nt
+
+
+class SmallCNN(nn.Module):
+    """conv + BN + ReLU blocks, a GroupNorm block, a LayerNorm head."""
+
+    def __init__(self, classes=10):
+        super().__init__()
+        block = lambda i, o: [nn.Conv2d(i, o, 3, padding=1, bias=False), nn.BatchNorm2d(o), nn.ReLU()]  # noqa: E731
+        self.features = nn.Sequential(*block(3, 16), *block(16, 32), nn.MaxPool2d(2),
+                                      nn.Conv2d(32, 32, 3, padding=1), nn.GroupNorm(8, 32), nn.ReLU(),
+                                      nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.head = nn.Sequential(nn.LayerNorm(32), nn.Linear(32, classes))
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--size", type=int, default=32, help="image height and width")
+    parser.add_argument("--reps", type=int, default=30)
+    parser.add_argument("--backend", default=None, help="pin normkit's layers to one backend (default: registry order)")
+    parser.add_argument("--threads", type=int, default=None, help="threads for torch and normkit (default: all)")
+    args = parser.parse_args()
+
+    torch.manual_seed(0)
+    models = {"torch.nn": SmallCNN()}
+    models["normkit"] = nt.convert(copy.deepcopy(models["torch.nn"]), backend=args.backend)
+    x = torch.randn(args.batch, 3, args.size, args.size)
+    target = torch.randint(0, 10, (args.batch,))
+
+    def make_step(model):
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+
+        def step():
+            loss = nn.functional.cross_entropy(model(x), target)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            return loss.item()
+
+        return step
+
+    steps = {name: make_step(model) for name, model in models.items()}
+    losses = {name: [step() for _ in range(3)] for name, step in steps.items()}  # warm-up (JIT, caches)
+    if args.threads:
+        # after the warm-up: Numba's OpenMP threading layer, when it starts, resets the OpenMP thread count that
+        # torch shares with it
+        torch.set_num_threads(args.threads)
+        normkit.set_num_threads(args.threads)
+    times = {name: [] for name in steps}
+    for rep in range(args.reps):
+        for name in (list(steps) if rep % 2 == 0 else list(steps)[::-1]):
+            t0 = time.perf_counter()
+            losses[name].append(steps[name]())
+            times[name].append(time.perf_counter() - t0)
+
+    used = {op: normkit.registry.lookup(op, direction, "float32", args.backend)[0]
+            for op in ("batchnorm", "groupnorm", "layernorm") for direction in ("forward",)}
+    print(f"batch {args.batch}x3x{args.size}x{args.size}, {args.reps} interleaved steps, "
+          f"torch {torch.__version__}, {torch.get_num_threads()} torch threads, "
+          f"normkit {normkit.get_num_threads()} threads, normkit kernels: "
+          + ", ".join(f"{op}={name}" for op, name in used.items()))
+    for name in steps:
+        print(f"  {name:9s} median step {1e3 * statistics.median(times[name]):8.2f} ms   "
+              f"(min {1e3 * min(times[name]):.2f} ms)   loss {losses[name][0]:.5f} -> {losses[name][-1]:.5f}")
+
+
+if __name__ == "__main__":
+    main()
