@@ -6,7 +6,10 @@ Every broken backend here is the reference with exactly one thing broken, regist
 
 from __future__ import annotations
 
+import dataclasses
 import re
+import types
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -163,6 +166,25 @@ def test_working_precision_float32_kernels_pass(register):
                            ("groupnorm", "backward"): groupnorm_working_precision_backward})
     report = testing.check_backend(name, ops=["layernorm", "groupnorm"])
     assert report == [], report.format()
+
+
+def test_plugin_readme_minimal_backend_conforms():
+    """The ~30-line backend in plugins/README.md passes the kit, as the README says."""
+    readme = (Path(__file__).parents[1] / "plugins" / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", readme, re.S)
+    kernels_src = next(b for b in blocks if b.startswith("# mynorm/kernels.py"))
+    declaration_src = next(b for b in blocks if b.startswith("# mynorm/__init__.py"))
+    module = types.ModuleType("mynorm_kernels")
+    exec(kernels_src, module.__dict__)
+    declared = {}
+    exec(declaration_src, declared)
+    spec = dataclasses.replace(declared["backend"], module=module)
+    normkit.register_backend(spec)
+    try:
+        report = testing.check_backend("mynorm")
+        assert report == [] and report.cases_run > 50, report.format()
+    finally:
+        normkit.unregister_backend("mynorm")
 
 
 # --- broken backends fail, saying which check and by how much -------------------------------------------------
