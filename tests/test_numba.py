@@ -1,0 +1,93 @@
+"""Numba-specific behaviour: lazy compilation, the on-disk cache, thread settings. Numerics and thread
+independence of the results are covered for every backend in test_backends.py."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+numba = pytest.importorskip("numba")
+
+import normkit  # noqa: E402
+from normkit import registry  # noqa: E402
+
+# Runs in a fresh interpreter: calls one kernel and reports what numba compiled, loaded from the cache, or
+# had already compiled at import time.
+PROBE = r"""
+import json, sys, time
+import numpy as np
+from numba.core.registry import CPUDispatcher
+import normkit_kernels.numba.kernels as K
+
+dispatchers = {n: d for n, d in vars(K).items() if isinstance(d, CPUDispatcher)}
+compiled_at_import = sorted(n for n, d in dispatchers.items() if d.signatures)
+x = np.random.default_rng(0).standard_normal((4, 160)).astype(np.float32)
+w = np.ones(160, np.float32)
+t = time.perf_counter()
+K.KERNELS[("layernorm", "forward", "float32")](x, w, w, 1e-5, np.empty_like(x), np.empty(4, np.float32),
+                                              np.empty(4, np.float32))
+seconds = time.perf_counter() - t
+d = K._ln_forward
+print(json.dumps({
+    "compiled_at_import": compiled_at_import,
+    "signatures": [str(s) for s in d.signatures],
+    "hits": sum(d.stats.cache_hits.values()),
+    "misses": sum(d.stats.cache_misses.values()),
+    "seconds": seconds,
+}))
+"""
+
+
+def _probe(cache_dir) -> dict:
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(cache_dir))
+    out = subprocess.run([sys.executable, "-c", PROBE], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_lazy_compile_and_second_process_loads_from_cache(tmp_path):
+    first = _probe(tmp_path)
+    assert first["compiled_at_import"] == [], "importing the kernels module must not compile anything"
+    assert len(first["signatures"]) == 1 and "float32" in first["signatures"][0], (
+        "only the dtype that was called may be compiled"
+    )
+    assert first["misses"] == 1 and first["hits"] == 0
+    assert any(tmp_path.rglob("*.nbc")), "nothing was written to NUMBA_CACHE_DIR"
+
+    second = _probe(tmp_path)
+    assert second["hits"] == 1 and second["misses"] == 0, "the second process compiled again instead of loading"
+    assert second["seconds"] < first["seconds"]
+
+
+def test_normkit_set_num_threads_reaches_numba():
+    registry.lookup("layernorm", "forward", "float32", "numba")  # loads the backend
+    before = numba.get_num_threads()
+    try:
+        normkit.set_num_threads(1)
+        assert numba.get_num_threads() == 1
+    finally:
+        normkit.set_num_threads(before)
+    assert numba.get_num_threads() == before
+
+
+def test_more_threads_than_numba_has_is_clamped():
+    from normkit_kernels.numba import kernels as K
+
+    before = numba.get_num_threads()
+    try:
+        K.set_num_threads(numba.config.NUMBA_NUM_THREADS + 5)
+        assert numba.get_num_threads() == numba.config.NUMBA_NUM_THREADS
+    finally:
+        numba.set_num_threads(before)
+
+
+def test_info_names_threading_layer():
+    from normkit_kernels.numba import kernels as K
+
+    assert set(K.INFO) >= {"numba", "threading layer"}
+    assert all(isinstance(v, str) and v for v in K.INFO.values())
+    assert "nnan" not in K.INFO["fastmath"] and "ninf" not in K.INFO["fastmath"]
