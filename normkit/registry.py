@@ -64,7 +64,13 @@ class Backend:
                 f"backend {self.name!r} targets kernel contract {self.contract}, "
                 f"this normkit speaks contract {CONTRACT_VERSION}"
             )
+        if isinstance(self.dtypes, str):
+            raise ValueError(f"backend {self.name!r}: dtypes must be a sequence of dtype names, got the string "
+                             f"{self.dtypes!r}")
         for op, directions in self.kernels.items():
+            if isinstance(directions, str):
+                raise ValueError(f"backend {self.name!r}: directions for {op} must be a sequence, got the string "
+                                 f"{directions!r}")
             if op not in OPS:
                 raise ValueError(f"backend {self.name!r} declares unknown op {op!r}; ops are {', '.join(OPS)}")
             bad = [d for d in directions if d not in DIRECTIONS[op]]
