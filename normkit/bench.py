@@ -170,11 +170,19 @@ def _version(package: str) -> str | None:
         return None
 
 
+def _load_average() -> float | None:
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):  # not on this platform
+        return None
+
+
 def machine_info(threads: int, allocator: str | None) -> dict:
     return {
         "cpu": _cpu_model(),
         "cpus": os.cpu_count(),
         "threads": threads,
+        "load_average": _load_average(),  # 1-minute, when the run began: other processes' demand for the CPUs
         "platform": platform.platform(),
         "python": platform.python_version(),
         "versions": {p: _version(p) for p in ("normkit", "numpy", "numba", "torch")},
@@ -185,8 +193,9 @@ def machine_info(threads: int, allocator: str | None) -> dict:
 
 def machine_line(machine: dict) -> str:
     versions = ", ".join(f"{p} {v}" for p, v in machine["versions"].items() if v)
+    load = "" if machine["load_average"] is None else f" | load average {machine['load_average']}"
     return (f"{machine['cpu']}, {machine['threads']} threads ({machine['cpus']} CPUs) | {versions} | "
-            f"Python {machine['python']}")
+            f"Python {machine['python']}{load}")
 
 
 # --- results ---------------------------------------------------------------------------------------------------
@@ -351,6 +360,11 @@ def bench(op: str = "all", *, shape=None, groups: int | None = None, dtype: str 
                 "warmup_rounds": WARMUP_ROUNDS, "baseline": baseline, "backends": names,
                 "cases": [c.id for c in selected]}
     result = BenchResult(machine_info(n_threads, allocator), settings, notes=notes)
+    load = result.machine["load_average"]
+    if load is not None and load > 0.5:
+        notes.append(f"the machine was busy when the run began (load average {load} on {os.cpu_count()} CPUs): a "
+                     f"parallel kernel waits for its slowest thread, and a preempted thread costs milliseconds, so "
+                     f"timings are noisy and pessimistic; compare within rows, or rerun on an idle machine")
     tasks = [(case, d) for case in selected for d in directions]
     active = _load(names, notes)
 
@@ -374,7 +388,7 @@ def bench(op: str = "all", *, shape=None, groups: int | None = None, dtype: str 
 
             torch.set_num_threads(torch_threads)
     if not any(r.kind == "backend" for r in result.rows):
-        raise BenchError("no selected backend could run: " + "; ".join(notes))
+        raise BenchError("no selected backend could run: " + "; ".join(n for n in notes if n.startswith("backend ")))
     return result
 
 

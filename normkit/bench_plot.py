@@ -37,20 +37,19 @@ def plot(result: BenchResult, path) -> None:
     fig = Figure(figsize=(9, 1.2 + 0.35 * len(groups) * (len(names) + 1)), layout="constrained")
     ax = fig.add_subplot()
     for j, name in enumerate(names):
-        ys = [g - j * height for g, values in enumerate(groups.values()) if name in values]
+        ys = [g + j * height for g, values in enumerate(groups.values()) if name in values]
         xs = [values[name] for values in groups.values() if name in values]
         ax.barh(ys, xs, height=height * 0.9, label=name, color=f"C{j}")
     for g, values in enumerate(groups.values()):
         if "copy" in values:
-            top, bottom = g + height / 2, g - (len(names) - 0.5) * height
-            ax.plot([values["copy"]] * 2, [bottom, top], color="black", linewidth=2.5,
+            ax.plot([values["copy"]] * 2, [g - height / 2, g + (len(names) - 0.5) * height], color="black", linewidth=2.5,
                     label="copy (ceiling)" if g == 0 else None)
-    ax.set_yticks([g - (len(names) - 1) * height / 2 for g in range(len(groups))])
+    ax.set_yticks([g + (len(names) - 1) * height / 2 for g in range(len(groups))])
     ax.set_yticklabels([f"{label}\n{direction}" for label, direction in groups], fontsize=8)
     ax.invert_yaxis()
     ax.set_xlabel("GB/s (bytes that must move / median time)")
     ax.set_xlim(left=0)
     ax.grid(axis="x", alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
+    fig.legend(loc="outside lower center", ncols=len(names) + 1, fontsize=8)
     ax.set_title(f"normkit bench: {machine_line(result.machine)}", fontsize=8)
     fig.savefig(path, dpi=120)

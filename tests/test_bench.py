@@ -307,7 +307,8 @@ def test_cli_table_and_json(tmp_path):
     data = json.loads(out.read_text())
     assert data["schema"] == "normkit.bench/1"
     assert set(data) == {"schema", "machine", "settings", "notes", "rows"}
-    assert set(data["machine"]) == {"cpu", "cpus", "threads", "platform", "python", "versions", "allocator"}
+    assert set(data["machine"]) == {"cpu", "cpus", "threads", "load_average", "platform", "python", "versions",
+                                    "allocator"}
     assert data["machine"]["versions"]["numpy"] == np.__version__
     assert data["settings"]["repeat"] == 3 and data["settings"]["backends"] == ["reference"]
     row_keys = {f.name for f in bench.Row.__dataclass_fields__.values()}
