@@ -331,11 +331,15 @@ def test_cli_case_set_and_direction():
     assert ", forward:" not in result.output and "pytorch" not in result.output
 
 
-def test_cli_threads():
-    result = run("--op", "bn", "--backend", "reference", "--threads", "1", "--direction", "forward", *TINY)
+def test_cli_threads(monkeypatch):
+    before = registry.get_num_threads()
+    monkeypatch.setattr(registry, "_num_threads", registry._num_threads)  # restored after the test
+    try:
+        result = run("--op", "bn", "--backend", "reference", "--threads", "1", "--direction", "forward", *TINY)
+    finally:
+        registry.set_num_threads(before)  # the loaded backends' own thread counts
     assert result.exit_code == 0, result.output
     assert ", 1 threads (" in result.stdout.splitlines()[0]
-    registry.set_num_threads(registry.get_num_threads())  # leave no trace for other tests
 
 
 @pytest.mark.parametrize("args, message", [
