@@ -1,0 +1,350 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
+"""BatchNorm, and the per-channel inference kernels that BatchNorm and InstanceNorm share.
+
+Channel c's values are the N rows x[i, c, :] of S contiguous values. Three schedules, chosen from the shape
+alone, so that the summation order (and so every result) never depends on the thread count:
+
+- channels (S >= SHORT_ROW, C >= MANY_CHANNELS): one task per channel sums its rows, then runs the elementwise
+  pass over them while they are still in cache;
+- rows (S >= SHORT_ROW, few channels): one task per row (i, c) for the sums, merged per channel in row order,
+  then one task per row for the elementwise pass;
+- columns (S < SHORT_ROW, e.g. (N, C) input): on the (N, C*S) view, tasks of CHUNK columns sum down their
+  columns in row order (vectorized across columns), the S columns of a channel are merged in order, and the
+  elementwise pass runs row by row with per-column coefficients.
+"""
+
+import numpy as np
+
+from cython cimport floating
+from cython.parallel cimport prange
+from libc.math cimport sqrt
+
+from _common cimport (
+    NORMKIT_BUILD_FLAGS, NORMKIT_HAVE_OPENMP, NORMKIT_OPENMP_NOTE, affine, finish_moments, grad_apply, grad_sums,
+    moments, pivot_of, scale_copy,
+)
+
+BUILD = {
+    "openmp": bool(NORMKIT_HAVE_OPENMP),
+    "openmp_note": NORMKIT_OPENMP_NOTE.decode(),
+    "flags": NORMKIT_BUILD_FLAGS.decode(),
+}
+
+cdef Py_ssize_t SHORT_ROW = 32
+cdef Py_ssize_t MANY_CHANNELS = 32
+cdef Py_ssize_t CHUNK = 256
+
+cdef int _nthreads = 1
+
+
+def set_num_threads(int n):
+    global _nthreads
+    _nthreads = n
+
+
+cdef inline const floating* _ptr(const floating[::1] a) noexcept:
+    return NULL if a is None else &a[0]
+
+
+cdef inline Py_ssize_t _chunks(Py_ssize_t length) noexcept nogil:
+    return (length + CHUNK - 1) // CHUNK
+
+
+# --- per-task loops --------------------------------------------------------------------------------------------
+
+cdef void _forward_channel(const floating* x, floating* y, Py_ssize_t n, Py_ssize_t nc, Py_ssize_t s,
+                           Py_ssize_t c, double eps, const floating* w, const floating* b, double* mean,
+                           double* rstd) noexcept nogil:
+    cdef Py_ssize_t i
+    cdef double s1 = 0.0, s2 = 0.0, pivot = pivot_of(x[c * s]), scale
+    for i in range(n):
+        moments(x + (i * nc + c) * s, s, pivot, &s1, &s2)
+    finish_moments(s1, s2, n * s, pivot, eps, mean, rstd)
+    scale = rstd[0] * w[c] if w != NULL else rstd[0]
+    for i in range(n):
+        affine(x + (i * nc + c) * s, y + (i * nc + c) * s, s, mean[0], scale, b[c] if b != NULL else 0.0)
+
+
+cdef inline void _coefficients(bint training, double sdy, double sdyx, double m, double rstd, double w,
+                               double* ca, double* cb, double* cc) noexcept nogil:
+    # dx = ca * dy + cb * (x - mean) + cc; training: the batch statistics depend on x, so
+    # dx = rstd * w * (dy - mean(dy) - xhat * mean(dy * xhat)).
+    ca[0] = rstd * w
+    if training:
+        cb[0] = -rstd * rstd * rstd * w * sdyx / m
+        cc[0] = -rstd * w * sdy / m
+    else:
+        cb[0] = 0.0
+        cc[0] = 0.0
+
+
+cdef void _backward_channel(const floating* dy, const floating* x, floating* dx, Py_ssize_t n, Py_ssize_t nc,
+                            Py_ssize_t s, Py_ssize_t c, bint training, bint sums, double mean, double rstd,
+                            double w, double* sdy, double* sdyx) noexcept nogil:
+    cdef Py_ssize_t i, off
+    cdef double a = 0.0, b = 0.0, ca, cb, cc
+    if sums:
+        for i in range(n):
+            grad_sums(dy + (i * nc + c) * s, x + (i * nc + c) * s, s, mean, &a, &b)
+    sdy[0] = a
+    sdyx[0] = b
+    _coefficients(training, a, b, <double>(n * s), rstd, w, &ca, &cb, &cc)
+    for i in range(n):
+        off = (i * nc + c) * s
+        if training:
+            grad_apply(dy + off, x + off, dx + off, s, mean, ca, cb, cc)
+        else:
+            scale_copy(dy + off, dx + off, s, ca)
+
+
+cdef void _column_moments(const floating* x, Py_ssize_t n, Py_ssize_t length, Py_ssize_t l0, Py_ssize_t l1,
+                          const double* pivot, double* s1, double* s2) noexcept nogil:
+    cdef Py_ssize_t i, l
+    cdef double d
+    for l in range(l0, l1):
+        s1[l] = 0.0
+        s2[l] = 0.0
+    for i in range(n):
+        for l in range(l0, l1):
+            d = x[i * length + l] - pivot[l]
+            s1[l] += d
+            s2[l] += d * d
+
+
+cdef void _column_grad_sums(const floating* dy, const floating* x, Py_ssize_t n, Py_ssize_t length,
+                            Py_ssize_t l0, Py_ssize_t l1, const double* mean, double* sdy,
+                            double* sdyx) noexcept nogil:
+    cdef Py_ssize_t i, l
+    cdef double g
+    for l in range(l0, l1):
+        sdy[l] = 0.0
+        sdyx[l] = 0.0
+    for i in range(n):
+        for l in range(l0, l1):
+            g = dy[i * length + l]
+            sdy[l] += g
+            sdyx[l] += g * (x[i * length + l] - mean[l])
+
+
+cdef void _affine_columns(const floating* x, floating* y, Py_ssize_t length, const double* mean,
+                          const double* scale, const double* shift) noexcept nogil:
+    cdef Py_ssize_t l
+    for l in range(length):
+        y[l] = <floating>((x[l] - mean[l]) * scale[l] + shift[l])
+
+
+cdef void _grad_apply_columns(const floating* dy, const floating* x, floating* dx, Py_ssize_t length,
+                              const double* mean, const double* ca, const double* cb,
+                              const double* cc) noexcept nogil:
+    cdef Py_ssize_t l
+    for l in range(length):
+        dx[l] = <floating>(ca[l] * dy[l] + cb[l] * (x[l] - mean[l]) + cc[l])
+
+
+cdef void _scale_columns(const floating* dy, floating* dx, Py_ssize_t length, const double* ca) noexcept nogil:
+    cdef Py_ssize_t l
+    for l in range(length):
+        dx[l] = <floating>(ca[l] * dy[l])
+
+
+# --- schedules -------------------------------------------------------------------------------------------------
+
+cdef double[::1] _per_column(double[::1] per_channel, Py_ssize_t s):
+    return np.repeat(np.asarray(per_channel), s)
+
+
+cdef void _channel_moments(const floating[:, :, ::1] x, double[::1] pivot, double[::1] s1, double[::1] s2):
+    """Per-channel sum(x - pivot) and sum((x - pivot)**2) with the rows or the columns schedule."""
+    cdef Py_ssize_t n = x.shape[0], nc = x.shape[1], s = x.shape[2], t, c, i, length = nc * s
+    cdef const floating* xp = &x[0, 0, 0]
+    cdef double[::1] a, b, p
+    cdef int nt = _nthreads
+    if s >= SHORT_ROW:
+        a = np.zeros(n * nc)
+        b = np.zeros(n * nc)
+        for t in prange(n * nc, nogil=True, schedule="static", num_threads=nt):
+            moments(xp + t * s, s, pivot[t % nc], &a[t], &b[t])
+        for c in range(nc):
+            s1[c] = 0.0
+            s2[c] = 0.0
+            for i in range(n):
+                s1[c] += a[i * nc + c]
+                s2[c] += b[i * nc + c]
+    else:
+        a = np.empty(length)
+        b = np.empty(length)
+        p = _per_column(pivot, s)
+        for t in prange(_chunks(length), nogil=True, schedule="static", num_threads=nt):
+            _column_moments(xp, n, length, t * CHUNK, min(length, (t + 1) * CHUNK), &p[0], &a[0], &b[0])
+        for c in range(nc):
+            s1[c] = 0.0
+            s2[c] = 0.0
+            for i in range(s):
+                s1[c] += a[c * s + i]
+                s2[c] += b[c * s + i]
+
+
+cdef void _apply_channels(const floating[:, :, ::1] x, floating[:, :, ::1] y, double[::1] mean,
+                          double[::1] scale, double[::1] shift):
+    """y = (x - mean) * scale + shift with per-channel coefficients."""
+    cdef Py_ssize_t n = x.shape[0], nc = x.shape[1], s = x.shape[2], t, c
+    cdef const floating* xp = &x[0, 0, 0]
+    cdef floating* yp = &y[0, 0, 0]
+    cdef double[::1] m, a, b
+    cdef int nt = _nthreads
+    if s >= SHORT_ROW:
+        for t in prange(n * nc, nogil=True, schedule="static", num_threads=nt):
+            c = t % nc
+            affine(xp + t * s, yp + t * s, s, mean[c], scale[c], shift[c])
+    else:
+        m, a, b = _per_column(mean, s), _per_column(scale, s), _per_column(shift, s)
+        for t in prange(n, nogil=True, schedule="static", num_threads=nt):
+            _affine_columns(xp + t * nc * s, yp + t * nc * s, nc * s, &m[0], &a[0], &b[0])
+
+
+cdef void _channel_grad_sums(const floating[:, :, ::1] dy, const floating[:, :, ::1] x, double[::1] mean,
+                             double[::1] sdy, double[::1] sdyx):
+    """Per-channel sum(dy) and sum(dy * (x - mean)) with the rows or the columns schedule."""
+    cdef Py_ssize_t n = x.shape[0], nc = x.shape[1], s = x.shape[2], t, c, i, length = nc * s
+    cdef const floating* dyp = &dy[0, 0, 0]
+    cdef const floating* xp = &x[0, 0, 0]
+    cdef double[::1] a, b, m
+    cdef int nt = _nthreads
+    if s >= SHORT_ROW:
+        a = np.zeros(n * nc)
+        b = np.zeros(n * nc)
+        for t in prange(n * nc, nogil=True, schedule="static", num_threads=nt):
+            grad_sums(dyp + t * s, xp + t * s, s, mean[t % nc], &a[t], &b[t])
+        for c in range(nc):
+            sdy[c] = 0.0
+            sdyx[c] = 0.0
+            for i in range(n):
+                sdy[c] += a[i * nc + c]
+                sdyx[c] += b[i * nc + c]
+    else:
+        a = np.empty(length)
+        b = np.empty(length)
+        m = _per_column(mean, s)
+        for t in prange(_chunks(length), nogil=True, schedule="static", num_threads=nt):
+            _column_grad_sums(dyp, xp, n, length, t * CHUNK, min(length, (t + 1) * CHUNK), &m[0], &a[0], &b[0])
+        for c in range(nc):
+            sdy[c] = 0.0
+            sdyx[c] = 0.0
+            for i in range(s):
+                sdy[c] += a[c * s + i]
+                sdyx[c] += b[c * s + i]
+
+
+cdef void _grad_apply_channels(const floating[:, :, ::1] dy, const floating[:, :, ::1] x, floating[:, :, ::1] dx,
+                               bint training, double[::1] mean, double[::1] ca, double[::1] cb, double[::1] cc):
+    cdef Py_ssize_t n = x.shape[0], nc = x.shape[1], s = x.shape[2], t, c, length = nc * s
+    cdef const floating* dyp = &dy[0, 0, 0]
+    cdef const floating* xp = &x[0, 0, 0]
+    cdef floating* dxp = &dx[0, 0, 0]
+    cdef double[::1] m, a, b, k
+    cdef int nt = _nthreads
+    if s >= SHORT_ROW:
+        for t in prange(n * nc, nogil=True, schedule="static", num_threads=nt):
+            c = t % nc
+            if training:
+                grad_apply(dyp + t * s, xp + t * s, dxp + t * s, s, mean[c], ca[c], cb[c], cc[c])
+            else:
+                scale_copy(dyp + t * s, dxp + t * s, s, ca[c])
+    else:
+        m, a, b, k = _per_column(mean, s), _per_column(ca, s), _per_column(cb, s), _per_column(cc, s)
+        for t in prange(n, nogil=True, schedule="static", num_threads=nt):
+            if training:
+                _grad_apply_columns(dyp + t * length, xp + t * length, dxp + t * length, length,
+                                    &m[0], &a[0], &b[0], &k[0])
+            else:
+                _scale_columns(dyp + t * length, dxp + t * length, length, &a[0])
+
+
+cdef void _backward(bint training, const floating[:, :, ::1] dy, const floating[:, :, ::1] x,
+                    const floating[::1] mean, const floating[::1] rstd, const floating[::1] weight,
+                    floating[:, :, ::1] dx, floating[::1] dweight, floating[::1] dbias):
+    cdef Py_ssize_t n = x.shape[0], nc = x.shape[1], s = x.shape[2], c
+    cdef const floating* dyp = &dy[0, 0, 0]
+    cdef const floating* xp = &x[0, 0, 0]
+    cdef floating* dxp = &dx[0, 0, 0]
+    cdef const floating* w = _ptr(weight)
+    # inference without parameter gradients needs no sums: dx = dy * rstd * weight
+    cdef bint sums = training or dweight is not None or dbias is not None
+    cdef double[::1] mu = np.asarray(mean, dtype=np.float64), r = np.asarray(rstd, dtype=np.float64)
+    cdef double[::1] sdy = np.zeros(nc), sdyx = np.zeros(nc)
+    cdef double[::1] ca, cb, cc
+    cdef int nt = _nthreads
+    if s >= SHORT_ROW and nc >= MANY_CHANNELS:
+        for c in prange(nc, nogil=True, schedule="static", num_threads=nt):
+            _backward_channel(dyp, xp, dxp, n, nc, s, c, training, sums, mu[c], r[c],
+                              w[c] if w != NULL else 1.0, &sdy[c], &sdyx[c])
+    else:
+        if sums:
+            _channel_grad_sums(dy, x, mu, sdy, sdyx)
+        ca, cb, cc = np.empty(nc), np.empty(nc), np.empty(nc)
+        for c in range(nc):
+            _coefficients(training, sdy[c], sdyx[c], <double>(n * s), r[c], w[c] if w != NULL else 1.0,
+                          &ca[c], &cb[c], &cc[c])
+        _grad_apply_channels(dy, x, dx, training, mu, ca, cb, cc)
+    # dweight = sum(dy * xhat) = rstd * sum(dy * (x - mean)); dbias = sum(dy)
+    for c in range(nc):
+        if dweight is not None:
+            dweight[c] = <floating>(r[c] * sdyx[c])
+        if dbias is not None:
+            dbias[c] = <floating>sdy[c]
+
+
+# --- kernels (normkit.contract) --------------------------------------------------------------------------------
+
+def batchnorm_forward(const floating[:, :, ::1] x, const floating[::1] weight, const floating[::1] bias,
+                      double eps, floating[:, :, ::1] y, floating[::1] mean, floating[::1] rstd):
+    cdef Py_ssize_t n = x.shape[0], nc = x.shape[1], s = x.shape[2], c
+    cdef const floating* xp = &x[0, 0, 0]
+    cdef floating* yp = &y[0, 0, 0]
+    cdef const floating* w = _ptr(weight)
+    cdef const floating* b = _ptr(bias)
+    cdef double[::1] mu = np.empty(nc), r = np.empty(nc)
+    cdef double[::1] pivot, s1, s2, scale, shift
+    cdef int nt = _nthreads
+    if s >= SHORT_ROW and nc >= MANY_CHANNELS:
+        for c in prange(nc, nogil=True, schedule="static", num_threads=nt):
+            _forward_channel(xp, yp, n, nc, s, c, eps, w, b, &mu[c], &r[c])
+    else:
+        pivot, s1, s2, scale, shift = np.empty(nc), np.empty(nc), np.empty(nc), np.empty(nc), np.empty(nc)
+        for c in range(nc):
+            pivot[c] = pivot_of(x[0, c, 0])
+        _channel_moments(x, pivot, s1, s2)
+        for c in range(nc):
+            finish_moments(s1[c], s2[c], n * s, pivot[c], eps, &mu[c], &r[c])
+            scale[c] = r[c] * w[c] if w != NULL else r[c]
+            shift[c] = b[c] if b != NULL else 0.0
+        _apply_channels(x, y, mu, scale, shift)
+    for c in range(nc):
+        mean[c] = <floating>mu[c]
+        rstd[c] = <floating>r[c]
+
+
+def channel_forward_infer(const floating[:, :, ::1] x, const floating[::1] weight, const floating[::1] bias,
+                          const floating[::1] running_mean, const floating[::1] running_var, double eps,
+                          floating[:, :, ::1] y):
+    cdef Py_ssize_t nc = x.shape[1], c
+    cdef double[::1] mu = np.empty(nc), scale = np.empty(nc), shift = np.empty(nc)
+    cdef double r
+    for c in range(nc):
+        r = 1.0 / sqrt(<double>running_var[c] + eps)
+        mu[c] = running_mean[c]
+        scale[c] = r * weight[c] if weight is not None else r
+        shift[c] = bias[c] if bias is not None else 0.0
+    _apply_channels(x, y, mu, scale, shift)
+
+
+def batchnorm_backward(const floating[:, :, ::1] dy, const floating[:, :, ::1] x, const floating[::1] mean,
+                       const floating[::1] rstd, const floating[::1] weight, floating[:, :, ::1] dx,
+                       floating[::1] dweight, floating[::1] dbias):
+    _backward(True, dy, x, mean, rstd, weight, dx, dweight, dbias)
+
+
+def channel_backward_infer(const floating[:, :, ::1] dy, const floating[:, :, ::1] x, const floating[::1] mean,
+                           const floating[::1] rstd, const floating[::1] weight, floating[:, :, ::1] dx,
+                           floating[::1] dweight, floating[::1] dbias):
+    _backward(False, dy, x, mean, rstd, weight, dx, dweight, dbias)

@@ -1,0 +1,94 @@
+# cython: language_level=3
+"""Inner loops shared by the kernel modules: one pass over a contiguous run of values, accumulating in double.
+
+Every reduction is a plain loop over one accumulator pair; the build's -fassociative-math (without
+-ffinite-math-only) lets the compiler split it into vector lanes while NaN and inf still propagate.
+"""
+
+from cython cimport floating
+from libc.math cimport isfinite, sqrt
+
+
+cdef inline double pivot_of(double first) noexcept nogil:
+    # Statistics are accumulated on x - pivot (a value from the set) so that a large offset cancels before
+    # squaring. A non-finite pivot would turn every shifted value into NaN, so an inf set keeps its mean of inf.
+    return first if isfinite(first) else 0.0
+
+
+cdef inline void moments(const floating* x, Py_ssize_t n, double pivot, double* s1, double* s2) noexcept nogil:
+    """Add sum(x - pivot) to s1[0] and sum((x - pivot)**2) to s2[0]."""
+    cdef double a = 0.0, b = 0.0, d
+    cdef Py_ssize_t i
+    for i in range(n):
+        d = x[i] - pivot
+        a = a + d
+        b = b + d * d
+    s1[0] += a
+    s2[0] += b
+
+
+cdef inline void finish_moments(double s1, double s2, Py_ssize_t m, double pivot, double eps,
+                                double* mean, double* rstd) noexcept nogil:
+    """mean and 1/sqrt(var + eps) from shifted sums; var is the biased variance, clamped at 0 (NaN stays NaN)."""
+    cdef double dmean = s1 / m
+    cdef double var = s2 / m - dmean * dmean
+    if var < 0.0:
+        var = 0.0
+    mean[0] = pivot + dmean
+    rstd[0] = 1.0 / sqrt(var + eps)
+
+
+cdef inline void affine(const floating* x, floating* y, Py_ssize_t n, double mean, double scale,
+                        double shift) noexcept nogil:
+    """y = (x - mean) * scale + shift. Subtracting first (rather than folding mean into shift) keeps a constant
+    input's output exactly equal to the bias."""
+    cdef Py_ssize_t i
+    for i in range(n):
+        y[i] = <floating>((x[i] - mean) * scale + shift)
+
+
+cdef inline void grad_sums(const floating* dy, const floating* x, Py_ssize_t n, double mean,
+                           double* sdy, double* sdyx) noexcept nogil:
+    """Add sum(dy) to sdy[0] and sum(dy * (x - mean)) to sdyx[0]."""
+    cdef double a = 0.0, b = 0.0, g
+    cdef Py_ssize_t i
+    for i in range(n):
+        g = dy[i]
+        a = a + g
+        b = b + g * (x[i] - mean)
+    sdy[0] += a
+    sdyx[0] += b
+
+
+cdef inline void grad_apply(const floating* dy, const floating* x, floating* dx, Py_ssize_t n, double mean,
+                            double a, double b, double c) noexcept nogil:
+    """dx = a * dy + b * (x - mean) + c: the input gradient of one normalized set, or of one channel within it."""
+    cdef Py_ssize_t i
+    for i in range(n):
+        dx[i] = <floating>(a * dy[i] + b * (x[i] - mean) + c)
+
+
+cdef inline void scale_copy(const floating* dy, floating* dx, Py_ssize_t n, double a) noexcept nogil:
+    cdef Py_ssize_t i
+    for i in range(n):
+        dx[i] = <floating>(a * dy[i])
+
+
+cdef extern from *:
+    # What setup.py built this module with (see its docstring); _OPENMP is the compiler's own macro.
+    """
+    #ifdef _OPENMP
+    #define NORMKIT_HAVE_OPENMP 1
+    #else
+    #define NORMKIT_HAVE_OPENMP 0
+    #endif
+    #ifndef NORMKIT_BUILD_FLAGS
+    #define NORMKIT_BUILD_FLAGS "unknown (not built by normkit's setup.py)"
+    #endif
+    #ifndef NORMKIT_OPENMP_NOTE
+    #define NORMKIT_OPENMP_NOTE "unknown (not built by normkit's setup.py)"
+    #endif
+    """
+    const int NORMKIT_HAVE_OPENMP
+    const char* NORMKIT_BUILD_FLAGS
+    const char* NORMKIT_OPENMP_NOTE

@@ -1,0 +1,51 @@
+"""The Cython backend's kernels module: KERNELS, set_num_threads and INFO over the compiled extension modules.
+
+The kernels are fused-type (float32/float64) Cython functions; each KERNELS entry is the specialization for its
+dtype, so a call skips Cython's run-time dispatch on the argument types.
+"""
+
+from __future__ import annotations
+
+from normkit.contract import DTYPES
+from normkit.registry import get_num_threads
+
+from . import _batchnorm, _groupnorm, _layernorm
+
+_MODULES = (_batchnorm, _groupnorm, _layernorm)
+_CTYPE = {"float32": "float", "float64": "double"}
+
+_FUNCTIONS = {
+    ("batchnorm", "forward"): _batchnorm.batchnorm_forward,
+    ("batchnorm", "forward_infer"): _batchnorm.channel_forward_infer,
+    ("batchnorm", "backward"): _batchnorm.batchnorm_backward,
+    ("batchnorm", "backward_infer"): _batchnorm.channel_backward_infer,
+    ("instancenorm", "forward"): _groupnorm.instancenorm_forward,
+    ("instancenorm", "forward_infer"): _batchnorm.channel_forward_infer,
+    ("instancenorm", "backward"): _groupnorm.instancenorm_backward,
+    ("instancenorm", "backward_infer"): _batchnorm.channel_backward_infer,
+    ("groupnorm", "forward"): _groupnorm.groupnorm_forward,
+    ("groupnorm", "backward"): _groupnorm.groupnorm_backward,
+    ("layernorm", "forward"): _layernorm.layernorm_forward,
+    ("layernorm", "backward"): _layernorm.layernorm_backward,
+}
+
+KERNELS = {
+    (op, direction, dtype): function[_CTYPE[dtype]]
+    for (op, direction), function in _FUNCTIONS.items()
+    for dtype in DTYPES
+}
+
+_build = _batchnorm.BUILD
+INFO = {
+    "openmp": "yes" if _build["openmp"] else _build["openmp_note"],
+    "compile flags": _build["flags"],
+}
+
+
+def set_num_threads(n: int) -> None:
+    """Threads for every kernel's prange (ignored by a serial build)."""
+    for module in _MODULES:
+        module.set_num_threads(n)
+
+
+set_num_threads(get_num_threads())
