@@ -42,6 +42,9 @@ PIECE = 4096
 # the Zen 4 this was tuned on; a partial miss falls back to L3).
 WIDE_S = 16
 FUSED_BYTES = 1 << 20
+# layernorm backward with long rows: rows per group, so that a group's dy and x stay in L3 (32 MiB) between
+# the two passes over them.
+GROUP_BYTES = 8 << 20
 # Width of the column blocks of the flattened (N, C*S) view and of layernorm's parameter gradients.
 BLOCK = 2048
 
@@ -288,7 +291,7 @@ def _row_split(N, C, S):
 @_jit
 def _wide_split(N, W):
     """Row blocks and column blocks of the flattened (N, W) view, W = C*S."""
-    R = max(1, min(TARGET_ITEMS, N // 8, (1 << 20) // W))
+    R = max(1, min(TARGET_ITEMS, N // 32, (1 << 20) // W))
     return R, _cdiv(N, R), _cdiv(W, BLOCK)
 
 
@@ -699,49 +702,55 @@ def _ln_backward(dy, x, mean, rstd, w, has_w, dx, dw, db, want_dw, want_db):
                 if want_db:
                     db[j] = s2
         return
-    # long rows: row sums over (row, piece) items, then dx and the parameter gradients over column blocks
-    P = max(1, min(_cdiv(TARGET_ITEMS, M), K // PIECE))
+    # Long rows, in groups of rows small enough to stay in L3 between two passes: row sums over (row, piece)
+    # items, then dx and the parameter gradients over column blocks, each block adding its rows in order.
+    GR = max(1, min(M, GROUP_BYTES // (2 * K * x.itemsize)))
+    P = max(1, min(_cdiv(TARGET_ITEMS, GR), K // PIECE))
     L = _cdiv(K, P)
-    part = np.empty((M * P, 2))
-    for it in prange(M * P):
-        k = it // P
-        a = (it % P) * L
-        e = min(K, a + L)
-        sg, sgx = _ln_row_sums(dy[k, a:e], x[k, a:e], np.float64(mean[k]), np.float64(rstd[k]), wv[a:e])
-        part[it, 0] = sg
-        part[it, 1] = sgx
-    coef = np.empty((M, 2), x.dtype)
-    for k in range(M):
-        sg = 0.0
-        sgx = 0.0
-        for q in range(P):
-            sg += part[k * P + q, 0]
-            sgx += part[k * P + q, 1]
-        r = np.float64(rstd[k])
-        coef[k, 0] = -r * r * sgx / K
-        coef[k, 1] = -r * sg / K
     JB = _cdiv(K, BLOCK)
-    for jb in prange(JB):
-        j0 = jb * BLOCK
-        j1 = min(K, j0 + BLOCK)
-        aw = np.zeros(j1 - j0)
-        ab = np.zeros(j1 - j0)
-        for k in range(M):
-            mk = mean[k]
-            m64 = np.float64(mk)
+    aw = np.zeros(K)
+    ab = np.zeros(K)
+    coef = np.empty((M, 2), x.dtype)
+    part = np.empty((GR * P, 2))
+    for k0 in range(0, M, GR):
+        k1 = min(M, k0 + GR)
+        for it in prange((k1 - k0) * P):
+            k = k0 + it // P
+            a = (it % P) * L
+            e = min(K, a + L)
+            sg, sgx = _ln_row_sums(dy[k, a:e], x[k, a:e], np.float64(mean[k]), np.float64(rstd[k]), wv[a:e])
+            part[it, 0] = sg
+            part[it, 1] = sgx
+        for k in range(k0, k1):
+            sg = 0.0
+            sgx = 0.0
+            for q in range(P):
+                sg += part[(k - k0) * P + q, 0]
+                sgx += part[(k - k0) * P + q, 1]
             r = np.float64(rstd[k])
-            dyr = dy[k, j0:j1]
-            xr = x[k, j0:j1]
-            _ln_dx(dyr, xr, dx[k, j0:j1], mk, t(r), coef[k, 0], coef[k, 1], wv[j0:j1])
-            if want:
-                for j in range(j1 - j0):
-                    g = np.float64(dyr[j])
-                    aw[j] += g * (np.float64(xr[j]) - m64) * r
-                    ab[j] += g
-        if want_dw:
-            dw[j0:j1] = aw
-        if want_db:
-            db[j0:j1] = ab
+            coef[k, 0] = -r * r * sgx / K
+            coef[k, 1] = -r * sg / K
+        for jb in prange(JB):
+            j0 = jb * BLOCK
+            j1 = min(K, j0 + BLOCK)
+            awv = aw[j0:j1]
+            abv = ab[j0:j1]
+            for k in range(k0, k1):
+                mk = mean[k]
+                m64 = np.float64(mk)
+                r = np.float64(rstd[k])
+                dyr = dy[k, j0:j1]
+                xr = x[k, j0:j1]
+                _ln_dx(dyr, xr, dx[k, j0:j1], mk, t(r), coef[k, 0], coef[k, 1], wv[j0:j1])
+                if want:
+                    for j in range(j1 - j0):
+                        g = np.float64(dyr[j])
+                        awv[j] += g * (np.float64(xr[j]) - m64) * r
+                        abv[j] += g
+    if want_dw:
+        dw[:] = aw
+    if want_db:
+        db[:] = ab
 
 
 # --- the contract's callables --------------------------------------------------------------------------------------
