@@ -198,6 +198,19 @@ def test_module_matches_torch(case, dtype):
         _assert_same(ref, ours, tol)  # running statistics and num_batches_tracked
 
 
+@pytest.mark.parametrize("case", MODULES)
+def test_modules_run_on_normkit_kernels(case, spy):
+    """Matching torch.nn is not enough: a module that fell back to torch's own kernels would match too."""
+    make, shape = MODULES[case]
+    module = nt.convert(make(), backend="spy")
+    for training in (True, False):
+        spy.clear()
+        module.train(training)
+        module(torch.randn(shape, requires_grad=True)).sum().backward()
+        directions = {key[1] for key, _ in spy}
+        assert directions & {"forward", "forward_infer"} and directions & {"backward", "backward_infer"}, spy
+
+
 def test_module_input_checks_are_torchs():
     with pytest.raises(ValueError, match="expected 4D input"):
         nt.BatchNorm2d(3)(torch.randn(2, 3, 4))
@@ -216,7 +229,8 @@ def test_functional_matches_torch_and_get_routes_tensors(spy):
     rm, rv = torch.randn(6, dtype=torch.float64), torch.rand(6, dtype=torch.float64)
     rm_ref, rv_ref = rm.clone(), rv.clone()
     cases = [
-        (normkit.get("bn")(x, rm, rv, w, b, True, 0.2, backend="spy"), F.batch_norm(x, rm_ref, rv_ref, w, b, True, 0.2)),
+        (normkit.get("bn")(x, rm, rv, w, b, True, 0.2, backend="spy"),
+         F.batch_norm(x, rm_ref, rv_ref, w, b, True, 0.2)),
         (normkit.get("in")(x, weight=w, bias=b, backend="spy"), F.instance_norm(x, weight=w, bias=b)),
         (normkit.get("gn")(x, 3, w, b, 1e-3, backend="spy"), F.group_norm(x, 3, w, b, 1e-3)),
         (normkit.get("ln")(x, (6, 5), backend="spy"), F.layer_norm(x, (6, 5))),
@@ -252,7 +266,8 @@ def test_non_contiguous_input_works_and_is_not_modified():
     torch.testing.assert_close(m(x), ref(x))
     cl = torch.randn(2, 3, 4, 4).to(memory_format=torch.channels_last)
     torch.testing.assert_close(nt.group_norm(cl, 3), nn.functional.group_norm(cl, 3))
-    torch.testing.assert_close(nt.layer_norm(x.transpose(-1, -2), (6, 4)), nn.functional.layer_norm(x.transpose(-1, -2), (6, 4)))
+    xt = x.transpose(-1, -2)
+    torch.testing.assert_close(nt.layer_norm(xt, (6, 4)), nn.functional.layer_norm(xt, (6, 4)))
     assert torch.equal(base, before)
     torch.testing.assert_close(m.running_mean, ref.running_mean)
 
