@@ -7,8 +7,9 @@ How the measurement stays honest on a noisy machine:
   :mod:`normkit.contract`; PyTorch's kernels are called directly too (:mod:`normkit.bench_torch`);
 - the first call of each contender (JIT compilation, first touch of its buffers) is timed on its own and
   reported apart; a few more untimed warm-up calls follow;
-- contenders are interleaved call by call, round-robin with a rotating start, so drift in clock speed or in other
-  processes' load hits all of them alike;
+- contenders are interleaved call by call: every round calls each once, in a freshly shuffled order, so drift in
+  clock speed or in other processes' load hits all of them alike, and no contender always runs right after the
+  same neighbour (whose leftover threads or cache contents could help or hurt it);
 - each row reports the median and the p10-p90 spread over rounds; the ratio to PyTorch is taken within each
   round and then the median of those ratios, and so is the percentage of the copy ceiling;
 - glibc is told to recycle freed memory (:func:`recycle_freed_memory`) so that PyTorch, which allocates its
@@ -439,7 +440,7 @@ def _run_task(case, direction, names, baseline, repeat, min_time, seed, notes, t
         for c in contenders:
             c.call()
     checks = _check_outputs(case, direction, contenders, notes)
-    times = _measure([c.call for c in contenders], repeat, min_time, tick)
+    times = _measure([c.call for c in contenders], repeat, min_time, tick, seed)
 
     copy_t = times[-1]
     base_t = times[-2] if baseline else None
@@ -482,10 +483,10 @@ def _check_outputs(case, direction, contenders, notes) -> list[str]:
     return checks
 
 
-def _measure(calls: Sequence[Callable], repeat: int | None, min_time: float, tick) -> np.ndarray:
-    """Seconds per call, shape (contenders, rounds). Each round calls every contender once, starting one further
-    along each round, so no contender always runs right after the same neighbour."""
+def _measure(calls: Sequence[Callable], repeat: int | None, min_time: float, tick, seed: int = 0) -> np.ndarray:
+    """Seconds per call, shape (contenders, rounds). Each round calls every contender once, in a shuffled order."""
     k = len(calls)
+    shuffle = np.random.default_rng(seed)
     rounds: list[list[int]] = []
     gc_was_enabled = gc.isenabled()
     gc.disable()
@@ -494,8 +495,7 @@ def _measure(calls: Sequence[Callable], repeat: int | None, min_time: float, tic
         while True:
             r = len(rounds)
             ns = [0] * k
-            for j in range(k):
-                i = (r + j) % k
+            for i in shuffle.permutation(k).tolist():
                 t0 = time.perf_counter_ns()
                 calls[i]()
                 ns[i] = time.perf_counter_ns() - t0

@@ -168,12 +168,16 @@ def test_paired_ratio_cancels_drift():
     assert p10 < med < p90
 
 
-def test_measure_interleaves_with_a_rotating_start():
+def test_measure_interleaves_in_shuffled_rounds():
     log = []
     calls = [lambda i=i: log.append(i) for i in range(3)]
-    times = bench._measure(calls, repeat=3, min_time=0, tick=lambda f: None)
-    assert times.shape == (3, 3) and (times > 0).all()
-    assert log == [0, 1, 2, 1, 2, 0, 2, 0, 1]
+    times = bench._measure(calls, repeat=60, min_time=0, tick=lambda f: None)
+    assert times.shape == (3, 60) and (times > 0).all()
+    rounds = [tuple(log[i:i + 3]) for i in range(0, len(log), 3)]
+    assert all(sorted(r) == [0, 1, 2] for r in rounds)  # each contender once per round
+    assert len(set(rounds)) == 6  # every order occurs: no fixed neighbours
+    followers = {(a, b) for r in rounds for a, b in zip(r, r[1:])}
+    assert len(followers) == 6
 
 
 def test_measure_min_time_bounds_the_rounds():
