@@ -44,7 +44,7 @@ WIDE_S = 16
 FUSED_BYTES = 1 << 20
 # layernorm backward with long rows: rows per group, so that a group's dy and x stay in L3 (32 MiB) between
 # the two passes over them.
-GROUP_BYTES = 8 << 20
+GROUP_BYTES = 16 << 20
 # Width of the column blocks of the flattened (N, C*S) view and of layernorm's parameter gradients.
 BLOCK = 2048
 
@@ -335,13 +335,16 @@ def _channel_sums(a, bx, ref, mode):
     for j in range(W):
         refw[j] = ref[j // S]
     R, RL, JB = _wide_split(N, W)
-    part = np.zeros((R, 2, W))
+    part = np.empty((R, 2, W))
     for it in prange(R * JB):
         r = it // JB
         j0 = (it % JB) * BLOCK
         j1 = min(W, j0 + BLOCK)
         p1 = part[r, 0, j0:j1]
         p2 = part[r, 1, j0:j1]
+        for j in range(j1 - j0):
+            p1[j] = 0.0
+            p2[j] = 0.0
         rw = refw[j0:j1]
         for n in range(r * RL, min(N, (r + 1) * RL)):
             ar = a2[n, j0:j1]
@@ -676,9 +679,13 @@ def _ln_backward(dy, x, mean, rstd, w, has_w, dx, dw, db, want_dw, want_db):
         # a row fits in L1: sums then dx while it is there; blocks of rows keep partial parameter gradients
         R = max(1, min(TARGET_ITEMS * 2, M // 8)) if want else min(M, TARGET_ITEMS * 2)
         RL = _cdiv(M, R)
-        pw = np.zeros((R, K)) if want else np.zeros((1, 1))
-        pb = np.zeros((R, K)) if want else np.zeros((1, 1))
+        pw = np.empty((R, K) if want else (1, 1))
+        pb = np.empty((R, K) if want else (1, 1))
         for it in prange(R):
+            if want:
+                for j in range(K):
+                    pw[it, j] = 0.0
+                    pb[it, j] = 0.0
             for k in range(it * RL, min(M, (it + 1) * RL)):
                 mk = mean[k]
                 m64 = np.float64(mk)
@@ -708,8 +715,8 @@ def _ln_backward(dy, x, mean, rstd, w, has_w, dx, dw, db, want_dw, want_db):
     P = max(1, min(_cdiv(TARGET_ITEMS, GR), K // PIECE))
     L = _cdiv(K, P)
     JB = _cdiv(K, BLOCK)
-    aw = np.zeros(K)
-    ab = np.zeros(K)
+    aw = np.empty(K)
+    ab = np.empty(K)
     coef = np.empty((M, 2), x.dtype)
     part = np.empty((GR * P, 2))
     for k0 in range(0, M, GR):
@@ -735,6 +742,10 @@ def _ln_backward(dy, x, mean, rstd, w, has_w, dx, dw, db, want_dw, want_db):
             j1 = min(K, j0 + BLOCK)
             awv = aw[j0:j1]
             abv = ab[j0:j1]
+            if k0 == 0:
+                for j in range(j1 - j0):
+                    awv[j] = 0.0
+                    abv[j] = 0.0
             for k in range(k0, k1):
                 mk = mean[k]
                 m64 = np.float64(mk)
@@ -747,10 +758,11 @@ def _ln_backward(dy, x, mean, rstd, w, has_w, dx, dw, db, want_dw, want_db):
                         g = np.float64(dyr[j])
                         awv[j] += g * (np.float64(xr[j]) - m64) * r
                         abv[j] += g
-    if want_dw:
-        dw[:] = aw
-    if want_db:
-        db[:] = ab
+    for j in range(K if want else 0):
+        if want_dw:
+            dw[j] = aw[j]
+        if want_db:
+            db[j] = ab[j]
 
 
 # --- the contract's callables --------------------------------------------------------------------------------------
