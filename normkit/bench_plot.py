@@ -34,7 +34,7 @@ def plot(result: BenchResult, path) -> None:
     names = list(dict.fromkeys(r.name for r in result.rows if r.kind != "copy"))
     height = 1.0 / (len(names) + 1)
 
-    fig = Figure(figsize=(9, 1.2 + 0.35 * len(groups) * (len(names) + 1)), layout="constrained")
+    fig = Figure(figsize=(9, 1.5 + 0.2 * len(groups) * (len(names) + 1)), layout="constrained")
     ax = fig.add_subplot()
     for j, name in enumerate(names):
         ys = [g + j * height for g, values in enumerate(groups.values()) if name in values]
@@ -51,5 +51,6 @@ def plot(result: BenchResult, path) -> None:
     ax.set_xlim(left=0)
     ax.grid(axis="x", alpha=0.3)
     fig.legend(loc="outside lower center", ncols=len(names) + 1, fontsize=8)
-    ax.set_title(f"normkit bench: {machine_line(result.machine)}", fontsize=8)
+    ax.margins(y=0.01)
+    ax.set_title("normkit bench: " + machine_line(result.machine).replace(" | ", "\n", 1), fontsize=8)
     fig.savefig(path, dpi=120)
