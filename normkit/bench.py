@@ -335,14 +335,16 @@ def bench(op: str = "all", *, shape=None, groups: int | None = None, dtype: str 
     set such as ``"reference"``). ``backends`` defaults to :func:`default_backends`; a backend that fails to
     load or lacks a kernel is skipped with a note. ``baseline`` adds PyTorch's CPU kernels when torch is
     installed. Each case and direction runs ``repeat`` interleaved rounds, or rounds until ``min_time`` seconds
-    have passed (at least 5, at most 1000). ``threads`` calls :func:`normkit.set_num_threads` and sets PyTorch's
-    thread count alike (restored afterwards). ``recycle_memory`` calls :func:`recycle_freed_memory`.
+    have passed (at least 5, at most 1000). ``threads`` calls :func:`normkit.set_num_threads`; PyTorch runs with
+    the same thread count during the run. ``recycle_memory`` calls :func:`recycle_freed_memory`.
     ``progress(done, total, label)`` is called as the run advances (``done`` counts case-directions, with
     fractions).
     """
     selected = select_cases(op, shape=shape, groups=groups, dtype=dtype, cases=cases)
     directions = _directions(direction)
     names = _check_backends(default_backends() if backends is None else backends)
+    if not names:
+        raise BenchError("no backend selected")
     if repeat is not None and (isinstance(repeat, bool) or not isinstance(repeat, int) or repeat < 1):
         raise ValueError(f"repeat must be a positive int, got {repeat!r}")
     if not min_time >= 0:
@@ -354,8 +356,6 @@ def bench(op: str = "all", *, shape=None, groups: int | None = None, dtype: str 
     if baseline and not bench_torch.available():
         baseline = False
         notes.append("PyTorch is not installed, so there is no baseline column (pip install 'normkit[torch]')")
-    if not names:
-        raise BenchError("no backend selected")
     allocator = recycle_freed_memory() if recycle_memory else None
     settings = {"directions": list(directions), "repeat": repeat, "min_time": None if repeat else min_time,
                 "warmup_rounds": WARMUP_ROUNDS, "baseline": baseline, "backends": names,
@@ -408,7 +408,8 @@ def _load(names: Sequence[str], notes: list[str]) -> list[str]:
                     continue
                 except (ValueError, TypeError):
                     info = {b.name: b for b in registry.list_backends(load=False)}[info.name]
-            _note(notes, f"backend {info.name!r} failed to load and was skipped: {info.error or 'it implements nothing'}")
+            why = info.error or "it implements nothing"
+            _note(notes, f"backend {info.name!r} failed to load and was skipped: {why}")
     return [n for n in names if n in loaded]
 
 

@@ -42,7 +42,8 @@ def plot(result: BenchResult, path) -> None:
         ax.barh(ys, xs, height=height * 0.9, label=name, color=f"C{j}")
     for g, values in enumerate(groups.values()):
         if "copy" in values:
-            ax.plot([values["copy"]] * 2, [g - height / 2, g + (len(names) - 0.5) * height], color="black", linewidth=2.5,
+            span = [g - height / 2, g + (len(names) - 0.5) * height]
+            ax.plot([values["copy"]] * 2, span, color="black", linewidth=2.5,
                     label="copy (ceiling)" if g == 0 else None)
     ax.set_yticks([g + (len(names) - 1) * height / 2 for g in range(len(groups))])
     ax.set_yticklabels([f"{label}\n{direction}" for label, direction in groups], fontsize=8)

@@ -60,7 +60,7 @@ class Case:
                                  f"got {self.ln_dims}")
         elif self.ln_dims is not None:
             raise ValueError(f"{self.op}: ln_dims applies to layernorm only, got ln_dims={self.ln_dims}")
-        n, c, s = self.shape[0], self.shape[1], math.prod(self.shape[2:])
+        n, s = self.shape[0], math.prod(self.shape[2:])
         if self.op == "batchnorm" and n * s < 2:
             raise ValueError(f"batchnorm: training needs more than 1 value per channel, shape {self.shape} has 1")
         if self.op == "instancenorm" and s < 2:

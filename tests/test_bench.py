@@ -127,7 +127,8 @@ def test_select_cases_defaults():
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    ({"op": "gn", "groups": 7}, "groups=7 must divide the C=256 channels; valid groups: 1, 2, 4, 8, 16, 32, 64, 128, 256"),
+    ({"op": "gn", "groups": 7}, "groups=7 must divide the C=256 channels; valid groups: 1, 2, 4, 8, 16, 32, 64, 128, "
+                                "256"),
     ({"op": "bn", "groups": 4}, "groups applies to groupnorm only"),
     ({"op": "gn", "cases": "reference", "shape": (2, 4)}, "do not combine it with shape or groups"),
     ({"op": "bn", "cases": [Case("gn", (2, 4, 3), groups=2)]}, "the case set has no case for bn"),
