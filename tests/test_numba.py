@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 numba = pytest.importorskip("numba")
@@ -91,3 +92,28 @@ def test_info_names_threading_layer():
     assert set(K.INFO) >= {"numba", "threading layer"}
     assert all(isinstance(v, str) and v for v in K.INFO.values())
     assert "nnan" not in K.INFO["fastmath"] and "ninf" not in K.INFO["fastmath"]
+
+
+def test_thread_count_applies_in_other_python_threads():
+    """numba's thread count is per calling thread; the backend applies normkit's setting in every thread."""
+    import threading
+
+    from normkit_kernels.numba import kernels as K
+
+    x = np.ones((2, 8), np.float32)
+    seen = []
+
+    def work():
+        K.KERNELS[("layernorm", "forward", "float32")](x, None, None, 1e-5, np.empty_like(x), np.empty(2, np.float32),
+                                                      np.empty(2, np.float32))
+        seen.append(numba.get_num_threads())
+
+    before = numba.get_num_threads()
+    try:
+        K.set_num_threads(1)
+        t = threading.Thread(target=work)
+        t.start()
+        t.join()
+        assert seen == [1]
+    finally:
+        K.set_num_threads(before)

@@ -24,6 +24,8 @@ reference.
 
 from __future__ import annotations
 
+import threading
+
 import numba
 import numpy as np
 from numba import njit, prange
@@ -776,18 +778,21 @@ def _opt(a, x):
 
 
 def batchnorm_forward(x, weight, bias, eps, y, mean, rstd):
+    _sync_threads()
     w, hw = _opt(weight, x)
     b, hb = _opt(bias, x)
     _bn_forward(x, w, b, hw, hb, eps, y, mean, rstd)
 
 
 def channel_forward_infer(x, weight, bias, running_mean, running_var, eps, y):
+    _sync_threads()
     w, hw = _opt(weight, x)
     b, hb = _opt(bias, x)
     _channel_forward_infer(x, w, b, hw, hb, running_mean, running_var, eps, y)
 
 
 def batchnorm_backward(dy, x, mean, rstd, weight, dx, dweight, dbias):
+    _sync_threads()
     w, hw = _opt(weight, x)
     dw, wdw = _opt(dweight, x)
     db, wdb = _opt(dbias, x)
@@ -795,6 +800,7 @@ def batchnorm_backward(dy, x, mean, rstd, weight, dx, dweight, dbias):
 
 
 def channel_backward_infer(dy, x, mean, rstd, weight, dx, dweight, dbias):
+    _sync_threads()
     w, hw = _opt(weight, x)
     dw, wdw = _opt(dweight, x)
     db, wdb = _opt(dbias, x)
@@ -802,12 +808,14 @@ def channel_backward_infer(dy, x, mean, rstd, weight, dx, dweight, dbias):
 
 
 def groupnorm_forward(x, num_groups, weight, bias, eps, y, mean, rstd):
+    _sync_threads()
     w, hw = _opt(weight, x)
     b, hb = _opt(bias, x)
     _sets_forward(x, num_groups, w, b, hw, hb, eps, y, mean, rstd)
 
 
 def groupnorm_backward(dy, x, num_groups, mean, rstd, weight, dx, dweight, dbias):
+    _sync_threads()
     w, hw = _opt(weight, x)
     dw, wdw = _opt(dweight, x)
     db, wdb = _opt(dbias, x)
@@ -823,20 +831,36 @@ def instancenorm_backward(dy, x, mean, rstd, weight, dx, dweight, dbias):
 
 
 def layernorm_forward(x, weight, bias, eps, y, mean, rstd):
+    _sync_threads()
     w, hw = _opt(weight, x)
     b, hb = _opt(bias, x)
     _ln_forward(x, w, b, hw, hb, eps, y, mean, rstd)
 
 
 def layernorm_backward(dy, x, mean, rstd, weight, dx, dweight, dbias):
+    _sync_threads()
     w, hw = _opt(weight, x)
     dw, wdw = _opt(dweight, x)
     db, wdb = _opt(dbias, x)
     _ln_backward(dy, x, mean, rstd, w, hw, dx, dw, db, wdw, wdb)
 
 
+# numba's thread count is per calling thread: remember the wanted count and apply it in whichever thread calls a
+# kernel (a threading.local check costs far less than numba.get_num_threads()).
+_wanted: int | None = None
+_applied = threading.local()
+
+
+def _sync_threads() -> None:
+    if _wanted is not None and getattr(_applied, "n", None) != _wanted:
+        numba.set_num_threads(_wanted)
+        _applied.n = _wanted
+
+
 def set_num_threads(n: int) -> None:
-    numba.set_num_threads(min(n, config.NUMBA_NUM_THREADS))
+    global _wanted
+    _wanted = min(n, config.NUMBA_NUM_THREADS)
+    _sync_threads()
 
 
 def _threading_layer() -> str:
