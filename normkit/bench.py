@@ -195,7 +195,8 @@ def machine_info(threads: int, allocator: str | None) -> dict:
 def machine_line(machine: dict) -> str:
     versions = ", ".join(f"{p} {v}" for p, v in machine["versions"].items() if v)
     load = "" if machine["load_average"] is None else f" | load average {machine['load_average']}"
-    return (f"{machine['cpu']}, {machine['threads']} threads ({machine['cpus']} CPUs) | {versions} | "
+    threads = f"{machine['threads']} thread{'s' if machine['threads'] != 1 else ''}"
+    return (f"{machine['cpu']}, {threads} ({machine['cpus']} CPUs) | {versions} | "
             f"Python {machine['python']}{load}")
 
 

@@ -344,7 +344,7 @@ def test_cli_threads(monkeypatch):
     finally:
         registry.set_num_threads(before)  # the loaded backends' own thread counts
     assert result.exit_code == 0, result.output
-    assert ", 1 threads (" in result.stdout.splitlines()[0]
+    assert ", 1 thread (" in result.stdout.splitlines()[0]
 
 
 @pytest.mark.parametrize("args, message", [
