@@ -234,8 +234,7 @@ def _sets_backward(dy, x, G, mean, rstd, w, has_w, dx, dw, db, want_dw, want_db)
                 _dx(dy[n, c], x[n, c], dx[n, c], t(A), t(B), t(Cc), mk)
     else:
         # few sets: (n, c, piece) work items
-        Q = max(1, min(_cdiv(TARGET_ITEMS, N * C), S // PIECE))
-        L = _cdiv(S, Q)
+        Q, L = _row_split(N, C, S)
         part = np.empty((N * C * Q, 2))
         for it in prange(N * C * Q):
             n = it // (C * Q)
