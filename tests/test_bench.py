@@ -396,3 +396,15 @@ def test_cli_plot(tmp_path):
     result = run("--op", "all", "--shape", "2,4,3", "--backend", "reference", "--plot", str(path), "--repeat", "2")
     assert result.exit_code == 0, result.output
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@needs_torch
+def test_every_builtin_backend_agrees_with_torch_on_the_reference_cases():
+    """The reference table as a correctness test at full size: every built-in backend's output, through the same
+    calls the benchmark times, matches PyTorch's (a built-in that fails to load fails here)."""
+    builtins = [b.name for b in registry.list_backends(load=False) if b.builtin and b.name != "reference"]
+    result = bench.bench(cases="reference", backends=builtins, repeat=1, min_time=0)
+    ran = {(r.case, r.direction, r.name): r.check for r in result.rows if r.kind == "backend"}
+    want = {(c.id, d, b) for c in cases.case_set("reference") for d in bench.DIRECTIONS for b in builtins}
+    assert set(ran) == want, result.notes
+    assert all(check == "ok" for check in ran.values()), {k: v for k, v in ran.items() if v != "ok"}
