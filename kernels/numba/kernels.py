@@ -46,7 +46,9 @@ WIDE_S = 16
 FUSED_BYTES = 1 << 20
 # layernorm backward with long rows: rows per group, so that a group's dy and x stay in L3 (32 MiB) between
 # the two passes over them.
-GROUP_BYTES = 16 << 20
+GROUP_BYTES = 8 << 20
+# layernorm backward with long rows sums its parameter gradients in the data's dtype over at most FLUSH rows.
+FLUSH = 16
 # Width of the column blocks of the flattened (N, C*S) view and of layernorm's parameter gradients.
 BLOCK = 2048
 
@@ -664,6 +666,17 @@ def _ln_row_sums_grads(dyr, xr, m, r, w, pw, pb):
 
 
 @_jit
+def _ln_dx_grads(dyr, xr, dxr, m, r, B, Cc, w, acw, acb):
+    """_ln_dx, also adding dy * xhat to acw and dy to acb, all in the dtype."""
+    for j in range(xr.shape[0]):
+        g = dyr[j]
+        xm = xr[j] - m
+        dxr[j] = g * w[j] * r + xm * B + Cc
+        acw[j] += g * (xm * r)
+        acb[j] += g
+
+
+@_jit
 def _ln_dx(dyr, xr, dxr, m, r, B, Cc, w):
     """dx = dy * w * r + (x - m) * B + Cc."""
     for j in range(xr.shape[0]):
@@ -747,18 +760,24 @@ def _ln_backward(dy, x, mean, rstd, w, has_w, dx, dw, db, want_dw, want_db):
                 for j in range(j1 - j0):
                     awv[j] = 0.0
                     abv[j] = 0.0
+            # parameter gradients: summed in the dtype over at most FLUSH rows, then added to float64
+            acw = np.empty(j1 - j0, x.dtype)
+            acb = np.empty(j1 - j0, x.dtype)
             for k in range(k0, k1):
                 mk = mean[k]
-                m64 = np.float64(mk)
-                r = np.float64(rstd[k])
                 dyr = dy[k, j0:j1]
                 xr = x[k, j0:j1]
-                _ln_dx(dyr, xr, dx[k, j0:j1], mk, t(r), coef[k, 0], coef[k, 1], wv[j0:j1])
-                if want:
+                if not want:
+                    _ln_dx(dyr, xr, dx[k, j0:j1], mk, t(rstd[k]), coef[k, 0], coef[k, 1], wv[j0:j1])
+                    continue
+                if (k - k0) % FLUSH == 0:
+                    acw[:] = 0.0
+                    acb[:] = 0.0
+                _ln_dx_grads(dyr, xr, dx[k, j0:j1], mk, rstd[k], coef[k, 0], coef[k, 1], wv[j0:j1], acw, acb)
+                if (k - k0) % FLUSH == FLUSH - 1 or k == k1 - 1:
                     for j in range(j1 - j0):
-                        g = np.float64(dyr[j])
-                        awv[j] += g * (np.float64(xr[j]) - m64) * r
-                        abv[j] += g
+                        awv[j] += np.float64(acw[j])
+                        abv[j] += np.float64(acb[j])
     for j in range(K if want else 0):
         if want_dw:
             dw[j] = aw[j]
