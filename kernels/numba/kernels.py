@@ -52,8 +52,24 @@ FLUSH = 16
 # Width of the column blocks of the flattened (N, C*S) view and of layernorm's parameter gradients.
 BLOCK = 2048
 
-_jit = njit(cache=True, fastmath=FASTMATH, nogil=True)
-_pjit = njit(cache=True, fastmath=FASTMATH, nogil=True, parallel=True)
+
+def _cache_probe():
+    return 0
+
+
+def _can_cache() -> bool:
+    """numba caches next to this file, else in the user's cache directory (or NUMBA_CACHE_DIR); when none of
+    them is writable, decorating with cache=True raises, and the kernels compile in every process instead."""
+    try:
+        njit(cache=True)(_cache_probe)
+    except RuntimeError:
+        return False
+    return True
+
+
+CACHE = _can_cache()
+_jit = njit(cache=CACHE, fastmath=FASTMATH, nogil=True)
+_pjit = njit(cache=CACHE, fastmath=FASTMATH, nogil=True, parallel=True)
 
 
 # --- scalar helpers ---------------------------------------------------------------------------------------------
@@ -894,6 +910,7 @@ INFO = {
     "threading layer": _threading_layer(),
     "max threads": str(config.NUMBA_NUM_THREADS),
     "fastmath": ",".join(sorted(FASTMATH)),
+    "compile cache": "on" if CACHE else "off: no writable cache directory (set NUMBA_CACHE_DIR)",
 }
 
 KERNELS = {}
