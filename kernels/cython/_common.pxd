@@ -88,7 +88,17 @@ cdef extern from *:
     #ifndef NORMKIT_OPENMP_NOTE
     #define NORMKIT_OPENMP_NOTE "unknown (not built by normkit's setup.py)"
     #endif
+    /* Whether setup.py also built the x86-64-v3 copy of the modules and this CPU can run it. */
+    static int normkit_use_x86_64_v3(void) {
+    #ifdef NORMKIT_HAVE_X86_64_V3_BUILD
+        __builtin_cpu_init();
+        return __builtin_cpu_supports("x86-64-v3") != 0;
+    #else
+        return 0;
+    #endif
+    }
     """
     const int NORMKIT_HAVE_OPENMP
     const char* NORMKIT_BUILD_FLAGS
     const char* NORMKIT_OPENMP_NOTE
+    int normkit_use_x86_64_v3() noexcept nogil

@@ -1,27 +1,31 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
 """LayerNorm over the rows of an (M, K) array, with an elementwise (K,) weight and bias.
 
-Rows are independent tasks. The parameter gradients sum over rows, so to stay independent of the thread count
-they are summed per fixed block of rows (blocks depend on the shape only) and the blocks merged in order;
-when rows are so long that per-block partial sums would cost too much memory, a second pass over chunks of
-columns sums each column in row order instead.
+Rows are independent tasks. The parameter gradients sum over rows; to stay independent of the thread count they
+are summed per fixed block of rows (blocks depend on the shape only) and the blocks merged in order. Rows too long
+for per-block partial sums (K > LONG_ROW) are instead processed one at a time, split into tiles of columns: one
+parallel pass for the row's sums (merged in tile order), one for dx and the parameter gradients, which then
+accumulate in row order while the row is still in cache.
 """
+
+import threading
 
 import numpy as np
 
 from cython cimport floating
 from cython.parallel cimport prange
+from libc.string cimport memset
 
-from _common cimport affine, finish_moments, grad_apply, grad_sums, moments, pivot_of
+from _common cimport finish_moments, moments, pivot_of
 
-# Partial parameter gradients of all row blocks together stay under this many doubles (4 MB per gradient).
-cdef Py_ssize_t PARTIAL_BUDGET = 1 << 19
+# Per-block partial parameter gradients of all blocks together stay under this many doubles (8 MB).
+cdef Py_ssize_t PARTIAL_BUDGET = 1 << 20
 cdef Py_ssize_t MAX_BLOCKS = 64
-# Rows longer than this take the column pass for parameter gradients (a budget of fewer than 16 blocks).
-cdef Py_ssize_t LONG_ROW = PARTIAL_BUDGET // 16
-cdef Py_ssize_t CHUNK = 1024
+cdef Py_ssize_t LONG_ROW = 1 << 16
+cdef Py_ssize_t TILE = 4096
 
 cdef int _nthreads = 1
+_local = threading.local()
 
 
 def set_num_threads(int n):
@@ -29,11 +33,26 @@ def set_num_threads(int n):
     _nthreads = n
 
 
-cdef inline const floating* _ptr(const floating[::1] a) noexcept:
-    return NULL if a is None else &a[0]
+cdef double[::1] _scratch(Py_ssize_t n):
+    """A work buffer of n doubles kept per calling thread: a fresh allocation on every call costs page faults
+    that took as long as the kernel itself."""
+    buf = getattr(_local, "buf", None)
+    if buf is None or buf.shape[0] < n:
+        buf = _local.buf = np.empty(n)
+    return buf
 
 
-cdef void _forward_row(const floating* x, floating* y, Py_ssize_t k, const floating* w, const floating* b,
+cdef void _to_double(const floating[::1] a, double* out, Py_ssize_t k, double missing) noexcept:
+    cdef Py_ssize_t j
+    if a is None:
+        for j in range(k):
+            out[j] = missing
+    else:
+        for j in range(k):
+            out[j] = a[j]
+
+
+cdef void _forward_row(const floating* x, floating* y, Py_ssize_t k, const double* w, const double* b,
                        double eps, floating* mean_out, floating* rstd_out) noexcept nogil:
     cdef Py_ssize_t j
     cdef double s1 = 0.0, s2 = 0.0, mean, rstd, pivot = pivot_of(x[0])
@@ -42,80 +61,74 @@ cdef void _forward_row(const floating* x, floating* y, Py_ssize_t k, const float
     mean_out[0] = <floating>mean
     rstd_out[0] = <floating>rstd
     # (x - mean) * rstd first, then the affine: a constant row gives exactly the bias
-    if w != NULL and b != NULL:
-        for j in range(k):
-            y[j] = <floating>((x[j] - mean) * rstd * w[j] + b[j])
-    elif w != NULL:
-        for j in range(k):
-            y[j] = <floating>((x[j] - mean) * rstd * w[j])
-    elif b != NULL:
-        for j in range(k):
-            y[j] = <floating>((x[j] - mean) * rstd + b[j])
-    else:
-        affine(x, y, k, mean, rstd, 0.0)
+    for j in range(k):
+        y[j] = <floating>((x[j] - mean) * rstd * w[j] + b[j])
 
 
-cdef void _row_coefficients(const floating* dy, const floating* x, Py_ssize_t k, const floating* w, double mean,
-                            double rstd, double* cb, double* cc) noexcept nogil:
-    # With g = dy * w: dx = rstd * w * dy + cb * (x - mean) + cc, i.e. rstd * (g - mean(g) - xhat * mean(g * xhat))
+cdef void _row_sums(const floating* dy, const floating* x, Py_ssize_t k, const double* w, double mean,
+                    double* sg, double* sgx) noexcept nogil:
+    """Add sum(g) and sum(g * (x - mean)), g = dy * w, to sg[0] and sgx[0]."""
     cdef Py_ssize_t j
-    cdef double sg = 0.0, sgx = 0.0, g
-    if w == NULL:
-        grad_sums(dy, x, k, mean, &sg, &sgx)
+    cdef double a = 0.0, b = 0.0, g
+    for j in range(k):
+        g = dy[j] * w[j]
+        a = a + g
+        b = b + g * (x[j] - mean)
+    sg[0] += a
+    sgx[0] += b
+
+
+cdef void _row_grads(const floating* dy, const floating* x, floating* dx, Py_ssize_t k, const double* w,
+                     double mean, double rstd, double cb, double cc, double* dw, double* db) noexcept nogil:
+    """dx = rstd * w * dy + cb * (x - mean) + cc, i.e. rstd * (g - mean(g) - xhat * mean(g * xhat)); adds
+    dy * xhat to dw and dy to db unless dw is NULL."""
+    cdef Py_ssize_t j
+    cdef double d, g
+    if dw == NULL:
+        for j in range(k):
+            dx[j] = <floating>(rstd * w[j] * dy[j] + cb * (x[j] - mean) + cc)
     else:
         for j in range(k):
-            g = dy[j] * <double>w[j]
-            sg = sg + g
-            sgx = sgx + g * (x[j] - mean)
+            g = dy[j]
+            d = x[j] - mean
+            dx[j] = <floating>(rstd * w[j] * g + cb * d + cc)
+            dw[j] += g * (d * rstd)
+            db[j] += g
+
+
+cdef inline void _coefficients(double sg, double sgx, Py_ssize_t k, double rstd, double* cb,
+                               double* cc) noexcept nogil:
     cb[0] = -rstd * rstd * rstd * sgx / k
     cc[0] = -rstd * sg / k
 
 
-cdef void _row_dx(const floating* dy, const floating* x, floating* dx, Py_ssize_t k, const floating* w,
-                  double mean, double rstd, double cb, double cc) noexcept nogil:
-    cdef Py_ssize_t j
-    if w == NULL:
-        grad_apply(dy, x, dx, k, mean, rstd, cb, cc)
-    else:
-        for j in range(k):
-            dx[j] = <floating>(rstd * w[j] * dy[j] + cb * (x[j] - mean) + cc)
-
-
-cdef void _add_param_grads(const floating* dy, const floating* x, Py_ssize_t k, double mean, double rstd,
-                           double* dw, double* db) noexcept nogil:
-    # dw += dy * xhat, db += dy (either may be NULL)
-    cdef Py_ssize_t j
-    if dw != NULL:
-        for j in range(k):
-            dw[j] += dy[j] * ((x[j] - mean) * rstd)
-    if db != NULL:
-        for j in range(k):
-            db[j] += dy[j]
-
-
-cdef void _backward_rows(const floating* dy, const floating* x, floating* dx, Py_ssize_t m0, Py_ssize_t m1,
-                         Py_ssize_t k, const floating* w, const floating* mean, const floating* rstd,
-                         double* dw, double* db) noexcept nogil:
-    """dx of rows m0..m1-1, adding their parameter gradients to dw, db (NULL: not wanted)."""
+cdef void _backward_block(const floating* dy, const floating* x, floating* dx, Py_ssize_t m0, Py_ssize_t m1,
+                          Py_ssize_t k, const double* w, const floating* mean, const floating* rstd,
+                          double* partial) noexcept nogil:
+    """Rows m0..m1-1; their parameter gradients go to partial[0:k] (weight) and partial[k:2k] (bias), or nowhere
+    if partial is NULL."""
     cdef Py_ssize_t i
-    cdef double cb, cc
+    cdef double sg, sgx, cb, cc
+    if partial != NULL:
+        memset(partial, 0, 2 * k * sizeof(double))
     for i in range(m0, m1):
-        _row_coefficients(dy + i * k, x + i * k, k, w, mean[i], rstd[i], &cb, &cc)
-        _row_dx(dy + i * k, x + i * k, dx + i * k, k, w, mean[i], rstd[i], cb, cc)
-        _add_param_grads(dy + i * k, x + i * k, k, mean[i], rstd[i], dw, db)
+        sg = 0.0
+        sgx = 0.0
+        _row_sums(dy + i * k, x + i * k, k, w, mean[i], &sg, &sgx)
+        _coefficients(sg, sgx, k, rstd[i], &cb, &cc)
+        _row_grads(dy + i * k, x + i * k, dx + i * k, k, w, mean[i], rstd[i], cb, cc,
+                   partial, partial + k if partial != NULL else NULL)
 
 
-cdef void _backward_columns(const floating* dy, const floating* x, floating* dx, Py_ssize_t m, Py_ssize_t k,
-                            Py_ssize_t j0, Py_ssize_t j1, const floating* w, const floating* mean,
-                            const floating* rstd, const double* cb, const double* cc, double* dw,
-                            double* db) noexcept nogil:
-    """Columns j0..j1-1 of every row, in row order: dx, and the parameter gradients summed into dw, db."""
-    cdef Py_ssize_t i, off = j0, n = j1 - j0
-    for i in range(m):
-        _row_dx(dy + i * k + off, x + i * k + off, dx + i * k + off, n, w + off if w != NULL else NULL,
-                mean[i], rstd[i], cb[i], cc[i])
-        _add_param_grads(dy + i * k + off, x + i * k + off, n, mean[i], rstd[i],
-                         dw + off if dw != NULL else NULL, db + off if db != NULL else NULL)
+cdef void _merge_blocks(const double* partial, Py_ssize_t blocks, Py_ssize_t k, Py_ssize_t j0, Py_ssize_t j1,
+                        double* out) noexcept nogil:
+    """out[j] = sum over blocks, in block order, of partial[block, j] for j0 <= j < j1 (rows of length k)."""
+    cdef Py_ssize_t t, j
+    for j in range(j0, j1):
+        out[j] = 0.0
+    for t in range(blocks):
+        for j in range(j0, j1):
+            out[j] += partial[t * k + j]
 
 
 def layernorm_forward(const floating[:, ::1] x, const floating[::1] weight, const floating[::1] bias, double eps,
@@ -125,9 +138,12 @@ def layernorm_forward(const floating[:, ::1] x, const floating[::1] weight, cons
     cdef floating* yp = &y[0, 0]
     cdef floating* mp = &mean[0]
     cdef floating* rp = &rstd[0]
-    cdef const floating* w = _ptr(weight)
-    cdef const floating* b = _ptr(bias)
+    cdef double[::1] buf = _scratch(2 * k)
+    cdef double* w = &buf[0]
+    cdef double* b = w + k
     cdef int nt = _nthreads
+    _to_double(weight, w, k, 1.0)
+    _to_double(bias, b, k, 0.0)
     for i in prange(m, nogil=True, schedule="static", num_threads=nt):
         _forward_row(xp + i * k, yp + i * k, k, w, b, eps, mp + i, rp + i)
 
@@ -135,48 +151,70 @@ def layernorm_forward(const floating[:, ::1] x, const floating[::1] weight, cons
 def layernorm_backward(const floating[:, ::1] dy, const floating[:, ::1] x, const floating[::1] mean,
                        const floating[::1] rstd, const floating[::1] weight, floating[:, ::1] dx,
                        floating[::1] dweight, floating[::1] dbias):
-    cdef Py_ssize_t m = x.shape[0], k = x.shape[1], i, j, t, per_block, blocks
+    cdef Py_ssize_t m = x.shape[0], k = x.shape[1], i, j, t, per_block, blocks, tiles
     cdef const floating* dyp = &dy[0, 0]
     cdef const floating* xp = &x[0, 0]
     cdef floating* dxp = &dx[0, 0]
     cdef const floating* mp = &mean[0]
     cdef const floating* rp = &rstd[0]
-    cdef const floating* w = _ptr(weight)
-    cdef bint want_w = dweight is not None, want_b = dbias is not None
-    cdef double[::1] dw = np.zeros(k), db = np.zeros(k), cb, cc
-    cdef double[:, ::1] pw, pb
-    cdef double* pwp = NULL
-    cdef double* pbp = NULL
+    cdef bint params = dweight is not None or dbias is not None
+    cdef double[::1] buf
+    cdef double *w
+    cdef double *grads  # weight gradients, then bias gradients: 2k doubles
+    cdef double *work
+    cdef double sg, sgx, cb, cc
     cdef int nt = _nthreads
-    if (want_w or want_b) and k > LONG_ROW:
-        cb, cc = np.empty(m), np.empty(m)
-        for i in prange(m, nogil=True, schedule="static", num_threads=nt):
-            _row_coefficients(dyp + i * k, xp + i * k, k, w, mp[i], rp[i], &cb[i], &cc[i])
-        for t in prange((k + CHUNK - 1) // CHUNK, nogil=True, schedule="static", num_threads=nt):
-            _backward_columns(dyp, xp, dxp, m, k, t * CHUNK, min(k, (t + 1) * CHUNK), w, mp, rp, &cb[0], &cc[0],
-                              &dw[0] if want_w else NULL, &db[0] if want_b else NULL)
-    else:
-        blocks = min(m, MAX_BLOCKS, max(1, PARTIAL_BUDGET // k))
+    if not params:
+        blocks = min(m, MAX_BLOCKS)
         per_block = (m + blocks - 1) // blocks
         blocks = (m + per_block - 1) // per_block
-        pw = np.zeros((blocks if want_w else 1, k))
-        pb = np.zeros((blocks if want_b else 1, k))
-        if want_w:
-            pwp = &pw[0, 0]
-        if want_b:
-            pbp = &pb[0, 0]
+        buf = _scratch(k)
+        w = &buf[0]
+        _to_double(weight, w, k, 1.0)
         for t in prange(blocks, nogil=True, schedule="static", num_threads=nt):
-            _backward_rows(dyp, xp, dxp, t * per_block, min(m, (t + 1) * per_block), k, w, mp, rp,
-                           pwp + t * k if want_w else NULL, pbp + t * k if want_b else NULL)
-        # merge the blocks in order
-        for t in range(blocks if (want_w or want_b) else 0):
-            for j in range(k):
-                if want_w:
-                    dw[j] += pw[t, j]
-                if want_b:
-                    db[j] += pb[t, j]
+            _backward_block(dyp, xp, dxp, t * per_block, min(m, (t + 1) * per_block), k, w, mp, rp, NULL)
+        return
+    if k > LONG_ROW:
+        tiles = (k + TILE - 1) // TILE
+        buf = _scratch(3 * k + 2 * tiles)
+        w, grads = &buf[0], &buf[k]
+        work = grads + 2 * k
+        _to_double(weight, w, k, 1.0)
+        memset(grads, 0, 2 * k * sizeof(double))
+        with nogil:
+            for i in range(m):
+                for t in prange(tiles, schedule="static", num_threads=nt):
+                    work[2 * t] = 0.0
+                    work[2 * t + 1] = 0.0
+                    _row_sums(dyp + i * k + t * TILE, xp + i * k + t * TILE, min(TILE, k - t * TILE),
+                              w + t * TILE, mp[i], &work[2 * t], &work[2 * t + 1])
+                sg = 0.0
+                sgx = 0.0
+                for t in range(tiles):
+                    sg = sg + work[2 * t]
+                    sgx = sgx + work[2 * t + 1]
+                _coefficients(sg, sgx, k, rp[i], &cb, &cc)
+                for t in prange(tiles, schedule="static", num_threads=nt):
+                    _row_grads(dyp + i * k + t * TILE, xp + i * k + t * TILE, dxp + i * k + t * TILE,
+                               min(TILE, k - t * TILE), w + t * TILE, mp[i], rp[i], cb, cc,
+                               grads + t * TILE, grads + k + t * TILE)
+    else:
+        blocks = min(m, MAX_BLOCKS, max(1, PARTIAL_BUDGET // (2 * k)))
+        per_block = (m + blocks - 1) // blocks
+        blocks = (m + per_block - 1) // per_block
+        buf = _scratch(k + 2 * k + blocks * 2 * k)
+        w, grads = &buf[0], &buf[k]
+        work = grads + 2 * k
+        _to_double(weight, w, k, 1.0)
+        for t in prange(blocks, nogil=True, schedule="static", num_threads=nt):
+            _backward_block(dyp, xp, dxp, t * per_block, min(m, (t + 1) * per_block), k, w, mp, rp,
+                            work + t * 2 * k)
+        # the partials are laid out as rows of 2k (weight then bias), so one merge does both
+        tiles = (2 * k + TILE - 1) // TILE
+        for t in prange(tiles, nogil=True, schedule="static", num_threads=nt):
+            _merge_blocks(work, blocks, 2 * k, t * TILE, min(2 * k, (t + 1) * TILE), grads)
     for j in range(k):
-        if want_w:
-            dweight[j] = <floating>dw[j]
-        if want_b:
-            dbias[j] = <floating>db[j]
+        if dweight is not None:
+            dweight[j] = <floating>grads[j]
+        if dbias is not None:
+            dbias[j] = <floating>grads[k + j]

@@ -2,14 +2,24 @@
 
 The kernels are fused-type (float32/float64) Cython functions; each KERNELS entry is the specialization for its
 dtype, so a call skips Cython's run-time dispatch on the argument types.
+
+On x86-64, setup.py also builds the modules for x86-64-v3 (AVX2, FMA); they are used when this CPU supports them,
+unless NORMKIT_CYTHON_BASELINE=1 asks for the baseline build (to test or compare it).
 """
 
 from __future__ import annotations
 
+import os
+
 from normkit.contract import DTYPES
 from normkit.registry import get_num_threads
 
-from . import _batchnorm, _groupnorm, _layernorm
+from . import _batchnorm
+
+if _batchnorm.BUILD["use_x86_64_v3"] and os.environ.get("NORMKIT_CYTHON_BASELINE", "") in ("", "0"):
+    from .x86_64_v3 import _batchnorm, _groupnorm, _layernorm
+else:
+    from . import _groupnorm, _layernorm
 
 _MODULES = (_batchnorm, _groupnorm, _layernorm)
 _CTYPE = {"float32": "float", "float64": "double"}
@@ -39,6 +49,7 @@ _build = _batchnorm.BUILD
 INFO = {
     "openmp": "yes" if _build["openmp"] else _build["openmp_note"],
     "compile flags": _build["flags"],
+    "modules": _batchnorm.__name__.rsplit(".", 1)[0],
 }
 
 
