@@ -506,7 +506,6 @@ def _bn_forward(x, w, b, has_w, has_b, eps, y, mean, rstd):
     for c in range(C):
         piv[c] = _pivot(x[0, c, 0])
     sums = _channel_sums(x, x, piv, 0)
-    t = x.dtype.type
     sc = np.empty(C, x.dtype)
     sh = np.empty(C, x.dtype)
     for c in range(C):
