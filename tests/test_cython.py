@@ -1,0 +1,137 @@
+"""Cython-specific behaviour: the build (OpenMP or not, the x86-64-v3 copy), what INFO reports, and shapes at the
+kernels' schedule boundaries. Numerics and thread independence are covered for every backend in test_backends.py.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import numpy as np
+import pytest
+from support import assert_close, copy_args, op_args
+
+import normkit
+
+kernels = pytest.importorskip("normkit_kernels.cython.kernels")
+
+REPO = Path(__file__).resolve().parents[1]
+NO_FAST_MATH = ("-ffast-math", "-ffinite-math-only", "-Ofast", "-fno-honor-nans", "-fno-honor-infinities")
+
+
+def test_info_reports_openmp_and_flags():
+    info = kernels.INFO
+    assert set(info) == {"openmp", "compile flags", "modules"}
+    assert info["openmp"] == "yes" or info["openmp"].startswith("no ("), info["openmp"]
+    flags = info["compile flags"].split()
+    assert not set(flags) & set(NO_FAST_MATH), f"flags that break NaN/inf handling: {flags}"
+    if info["openmp"] == "yes":
+        assert "-fopenmp" in flags or "/openmp" in flags
+    row = next(b for b in normkit.list_backends() if b.name == "cython")
+    assert row.status == "ok" and row.info == info
+
+
+def _compare(op, shape, dtype, rng, **extra):
+    x = (rng.standard_normal(shape) * 2 + 3).astype(dtype)
+    dy = rng.standard_normal(shape).astype(dtype)
+    nk = normkit.get(op)
+    for affine in ("both", "none", "weight"):
+        for training in (True, False) if op == "batchnorm" else (True,):
+            kw = op_args(op, x, rng, affine=affine, training=training, **extra)
+            got, want = {}, {}
+            for backend, out in (("cython", got), ("reference", want)):
+                y, saved = nk.forward(x, **copy_args(kw), backend=backend)
+                out["y"] = y
+                out["dx"], out["dweight"], out["dbias"] = nk.backward(dy, x, saved, **copy_args(kw), backend=backend)
+            for name, expected in want.items():
+                if expected is None:
+                    assert got[name] is None
+                    continue
+                direction = "forward" if name == "y" else "backward"
+                assert_close(got[name], expected, dtype, direction, what=f"{op} {shape} {affine} {training} {name}")
+
+
+# Each side of every schedule switch in the kernels: BatchNorm's short rows (S < 32, with row counts that are
+# not a multiple of the 4-row sweep) and many channels (C >= 32); LayerNorm's long rows (K > 65536, tiles of
+# 4096) and its row blocks.
+SCHEDULE_CASES = [
+    ("batchnorm", (7, 33, 31), {}),
+    ("batchnorm", (9, 31, 32), {}),
+    ("batchnorm", (5, 32, 32), {}),
+    ("batchnorm", (6, 40, 3), {}),
+    ("batchnorm", (1025, 3), {}),
+    ("layernorm", (3, 65536), {}),
+    ("layernorm", (3, 65537), {}),
+    ("layernorm", (2, 5, 20000), {"ln_dims": 2}),
+    ("layernorm", (130, 33), {}),
+    ("groupnorm", (3, 6, 1), {"groups": 3}),
+]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("op,shape,extra", SCHEDULE_CASES, ids=str)
+def test_schedule_boundaries(op, shape, extra, dtype, rng):
+    _compare(op, shape, dtype, rng, **extra)
+
+
+def _run(cmd, env=None, cwd=REPO, timeout=600):
+    out = subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    assert out.returncode == 0, f"{' '.join(map(str, cmd))} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
+    return out.stdout
+
+
+def _suite(python, env):
+    """The shared backend suite, cython only, with ``python`` and ``env``."""
+    safe_path = ["-P"] if sys.version_info >= (3, 11) else []  # import normkit as installed, not from the cwd
+    return _run([python, *safe_path, "-m", "pytest", "tests/test_backends.py", "-k", "cython", "-q", "-x"], env=env)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not kernels.INFO["modules"].endswith("x86_64_v3"), reason="this build has only one copy")
+def test_baseline_copy_passes_backend_suite():
+    """On x86-64 the tests above ran the x86-64-v3 copy; the baseline copy (any x86-64 CPU) must pass too."""
+    env = dict(os.environ, NORMKIT_CYTHON_BASELINE="1")
+    info = _run([sys.executable, "-c", "import normkit_kernels.cython.kernels as k; print(k.INFO['modules'])"], env)
+    assert info.strip() == "normkit_kernels.cython"
+    _suite(sys.executable, env)
+
+
+@pytest.mark.slow
+def test_fresh_venv_build_without_openmp(tmp_path):
+    """``pip install .`` of a clean copy of the source (no generated C, no binaries) into a new venv, with
+    NORMKIT_NO_OPENMP=1: the install succeeds, ``normkit list`` says the kernels are serial, and the build passes
+    the backend suite (both the baseline and the x86-64-v3 copy, where there is one).
+
+    The venv sees the dev environment's packages through a .pth file, so the build runs offline with
+    --no-build-isolation; normkit itself comes only from the fresh install.
+    """
+    src = tmp_path / "src"
+    shutil.copytree(REPO, src, ignore=shutil.ignore_patterns(
+        ".git", "build", "dist", "*.egg-info", "*.so", "*.c", "__pycache__", ".hypothesis", "venv*", ".ci-venv"))
+    venv = tmp_path / "venv"
+    _run([sys.executable, "-m", "venv", "--without-pip", str(venv)])
+    python = str(venv / "bin" / "python")
+    site = _run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"]).strip()
+    Path(site, "dev_env.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("NORMKIT_", "PYTHON"))}
+    env["NORMKIT_NO_OPENMP"] = "1"
+    # --ignore-installed: never touch the dev environment's normkit, which pip can see through the .pth file
+    _run([python, "-m", "pip", "install", "--no-build-isolation", "--no-deps", "--no-index", "--ignore-installed",
+          "-q", str(src)],
+         env=env, cwd=tmp_path)
+    env.pop("NORMKIT_NO_OPENMP")
+
+    where = _run([python, "-c", "import normkit_kernels.cython.kernels as k; print(k.__file__)"], env, tmp_path)
+    assert where.startswith(site), f"normkit was not imported from the fresh install: {where}"
+    listing = _run([str(venv / "bin" / "normkit"), "list"], env, tmp_path)
+    assert "openmp: no (disabled by NORMKIT_NO_OPENMP at build time)" in listing, listing
+    assert "-fopenmp" not in listing
+
+    _suite(python, env)
+    if "x86_64_v3" in listing:
+        _suite(python, dict(env, NORMKIT_CYTHON_BASELINE="1"))
