@@ -95,7 +95,7 @@ LARGE = [
     ("groupnorm", (1, 6, 1000), {"groups": 1}),
     ("layernorm", (300, 1000), {}),
     ("layernorm", (3, 5, 4097), {"ln_dims": 1}),
-    ("layernorm", (30, 70000), {}),  # long rows: the numba backward's column-block path, odd and even rows
+    ("layernorm", (31, 70000), {}),  # long rows: the numba backward's column-block path; an odd row count
     ("instancenorm", (2, 4, 129, 65), {}),
     ("instancenorm", (1, 1, 100000), {}),
 ]
