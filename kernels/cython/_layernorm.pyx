@@ -52,7 +52,7 @@ cdef void _to_double(const floating[::1] a, double* out, Py_ssize_t k, double mi
             out[j] = a[j]
 
 
-cdef void _forward_row(const floating* x, floating* y, Py_ssize_t k, const double* w, const double* b,
+cdef void _forward_row(const floating* x, floating* y, Py_ssize_t k, const floating* w, const floating* b,
                        double eps, floating* mean_out, floating* rstd_out) noexcept nogil:
     cdef Py_ssize_t j
     cdef double s1 = 0.0, s2 = 0.0, mean, rstd, pivot = pivot_of(x[0])
@@ -60,9 +60,10 @@ cdef void _forward_row(const floating* x, floating* y, Py_ssize_t k, const doubl
     finish_moments(s1, s2, k, pivot, eps, &mean, &rstd)
     mean_out[0] = <floating>mean
     rstd_out[0] = <floating>rstd
-    # (x - mean) * rstd first, then the affine: a constant row gives exactly the bias
+    # xhat in double (x - mean loses nothing to a large offset), the affine in the data's precision (it needs no
+    # more); a constant row gives xhat = 0 and so exactly the bias
     for j in range(k):
-        y[j] = <floating>((x[j] - mean) * rstd * w[j] + b[j])
+        y[j] = <floating>((x[j] - mean) * rstd) * w[j] + b[j]
 
 
 cdef void _row_sums(const floating* dy, const floating* x, Py_ssize_t k, const double* w, double mean,
@@ -138,12 +139,16 @@ def layernorm_forward(const floating[:, ::1] x, const floating[::1] weight, cons
     cdef floating* yp = &y[0, 0]
     cdef floating* mp = &mean[0]
     cdef floating* rp = &rstd[0]
-    cdef double[::1] buf = _scratch(2 * k)
-    cdef double* w = &buf[0]
-    cdef double* b = w + k
+    cdef const floating[::1] wv = weight, bv = bias
     cdef int nt = _nthreads
-    _to_double(weight, w, k, 1.0)
-    _to_double(bias, b, k, 0.0)
+    # missing parameters become ones and zeros, so that one loop serves every combination
+    dtype = np.float32 if floating is float else np.float64
+    if wv is None:
+        wv = np.ones(k, dtype)
+    if bv is None:
+        bv = np.zeros(k, dtype)
+    cdef const floating* w = &wv[0]
+    cdef const floating* b = &bv[0]
     for i in prange(m, nogil=True, schedule="static", num_threads=nt):
         _forward_row(xp + i * k, yp + i * k, k, w, b, eps, mp + i, rp + i)
 
