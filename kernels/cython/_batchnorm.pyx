@@ -173,7 +173,13 @@ cdef void _scale_columns(const floating* dy, floating* dx, Py_ssize_t length, co
 # --- schedules -------------------------------------------------------------------------------------------------
 
 cdef double[::1] _per_column(double[::1] per_channel, Py_ssize_t s):
-    return np.repeat(np.asarray(per_channel), s)
+    """Each channel's value repeated for its s columns of the (N, C*S) view."""
+    cdef Py_ssize_t c, i, nc = per_channel.shape[0]
+    cdef double[::1] out = np.empty(nc * s)
+    for c in range(nc):
+        for i in range(s):
+            out[c * s + i] = per_channel[c]
+    return out
 
 
 cdef void _channel_moments(const floating[:, :, ::1] x, double[::1] pivot, double[::1] s1, double[::1] s2):

@@ -1,4 +1,4 @@
-# cython: language_level=3
+# cython: language_level=3, cdivision=True
 """Inner loops shared by the kernel modules: one pass over a contiguous run of values, accumulating in double.
 
 Every reduction is a plain loop over one accumulator pair; the build's -fassociative-math (without
