@@ -83,17 +83,16 @@ cdef void _row_grads(const floating* dy, const floating* x, floating* dx, Py_ssi
                      double mean, double rstd, double cb, double cc, double* dw, double* db) noexcept nogil:
     """dx = rstd * w * dy + cb * (x - mean) + cc, i.e. rstd * (g - mean(g) - xhat * mean(g * xhat)); adds
     dy * xhat to dw and dy to db unless dw is NULL."""
+    # Two loops rather than one: with all six arrays in one loop gcc gives up vectorizing the float64 version
+    # (too many possible overlaps to check at run time); the second reads dy and x again from L1.
     cdef Py_ssize_t j
-    cdef double d, g
-    if dw == NULL:
-        for j in range(k):
-            dx[j] = <floating>(rstd * w[j] * dy[j] + cb * (x[j] - mean) + cc)
-    else:
+    cdef double g
+    for j in range(k):
+        dx[j] = <floating>(rstd * w[j] * dy[j] + cb * (x[j] - mean) + cc)
+    if dw != NULL:
         for j in range(k):
             g = dy[j]
-            d = x[j] - mean
-            dx[j] = <floating>(rstd * w[j] * g + cb * d + cc)
-            dw[j] += g * (d * rstd)
+            dw[j] += g * ((x[j] - mean) * rstd)
             db[j] += g
 
 
