@@ -53,3 +53,9 @@ DIRECTIONS = {
     "groupnorm": ("forward", "backward"),
     "layernorm": ("forward", "backward"),
 }
+
+
+def kernel_table(functions, dtypes=DTYPES) -> dict:
+    """``KERNELS`` for a backend whose functions take every dtype: ``{(op, direction): f}`` becomes
+    ``{(op, direction, dtype): f}`` for each dtype."""
+    return {(op, direction, dtype): f for (op, direction), f in functions.items() for dtype in dtypes}

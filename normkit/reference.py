@@ -10,7 +10,7 @@ import functools
 
 import numpy as np
 
-from .contract import DIRECTIONS
+from .contract import DIRECTIONS, kernel_table
 from .registry import Backend
 
 backend = Backend(
@@ -152,20 +152,18 @@ def _quiet(kernel):
     return run
 
 
-KERNELS = {}
-for _dtype in backend.dtypes:
-    KERNELS.update({
-        ("batchnorm", "forward", _dtype): batchnorm_forward,
-        ("batchnorm", "forward_infer", _dtype): channel_forward_infer,
-        ("batchnorm", "backward", _dtype): batchnorm_backward,
-        ("batchnorm", "backward_infer", _dtype): channel_backward_infer,
-        ("instancenorm", "forward", _dtype): instancenorm_forward,
-        ("instancenorm", "forward_infer", _dtype): channel_forward_infer,
-        ("instancenorm", "backward", _dtype): instancenorm_backward,
-        ("instancenorm", "backward_infer", _dtype): channel_backward_infer,
-        ("groupnorm", "forward", _dtype): groupnorm_forward,
-        ("groupnorm", "backward", _dtype): groupnorm_backward,
-        ("layernorm", "forward", _dtype): layernorm_forward,
-        ("layernorm", "backward", _dtype): layernorm_backward,
-    })
+KERNELS = kernel_table({
+    ("batchnorm", "forward"): batchnorm_forward,
+    ("batchnorm", "forward_infer"): channel_forward_infer,
+    ("batchnorm", "backward"): batchnorm_backward,
+    ("batchnorm", "backward_infer"): channel_backward_infer,
+    ("instancenorm", "forward"): instancenorm_forward,
+    ("instancenorm", "forward_infer"): channel_forward_infer,
+    ("instancenorm", "backward"): instancenorm_backward,
+    ("instancenorm", "backward_infer"): channel_backward_infer,
+    ("groupnorm", "forward"): groupnorm_forward,
+    ("groupnorm", "backward"): groupnorm_backward,
+    ("layernorm", "forward"): layernorm_forward,
+    ("layernorm", "backward"): layernorm_backward,
+})
 KERNELS = {key: _quiet(kernel) for key, kernel in KERNELS.items()}

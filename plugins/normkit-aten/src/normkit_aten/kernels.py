@@ -11,6 +11,7 @@ import warnings
 
 import numpy as np
 import torch
+from normkit.contract import kernel_table
 
 aten = torch.ops.aten
 
@@ -118,19 +119,17 @@ def layernorm_backward(dy, x, mean, rstd, weight, dx, dweight, dbias):
         _store(dst, src)
 
 
-KERNELS = {}
-for _dtype in ("float32", "float64"):
-    KERNELS.update({
-        ("batchnorm", "forward", _dtype): batchnorm_forward,
-        ("batchnorm", "forward_infer", _dtype): channel_forward_infer,
-        ("batchnorm", "backward", _dtype): batchnorm_backward,
-        ("batchnorm", "backward_infer", _dtype): channel_backward_infer,
-        ("instancenorm", "forward", _dtype): instancenorm_forward,
-        ("instancenorm", "forward_infer", _dtype): channel_forward_infer,
-        ("instancenorm", "backward", _dtype): instancenorm_backward,
-        ("instancenorm", "backward_infer", _dtype): channel_backward_infer,
-        ("groupnorm", "forward", _dtype): groupnorm_forward,
-        ("groupnorm", "backward", _dtype): groupnorm_backward,
-        ("layernorm", "forward", _dtype): layernorm_forward,
-        ("layernorm", "backward", _dtype): layernorm_backward,
-    })
+KERNELS = kernel_table({
+    ("batchnorm", "forward"): batchnorm_forward,
+    ("batchnorm", "forward_infer"): channel_forward_infer,
+    ("batchnorm", "backward"): batchnorm_backward,
+    ("batchnorm", "backward_infer"): channel_backward_infer,
+    ("instancenorm", "forward"): instancenorm_forward,
+    ("instancenorm", "forward_infer"): channel_forward_infer,
+    ("instancenorm", "backward"): instancenorm_backward,
+    ("instancenorm", "backward_infer"): channel_backward_infer,
+    ("groupnorm", "forward"): groupnorm_forward,
+    ("groupnorm", "backward"): groupnorm_backward,
+    ("layernorm", "forward"): layernorm_forward,
+    ("layernorm", "backward"): layernorm_backward,
+})
