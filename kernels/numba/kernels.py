@@ -32,6 +32,8 @@ from numba import njit, prange
 from numba.core import config
 from numba.np.ufunc.parallel import _launch_threads
 
+from normkit.contract import kernel_table
+
 FASTMATH = {"reassoc", "contract", "nsz", "arcp"}
 
 # Work splitting (shape-only). Fewer sets than MIN_SETS: cut sets into pieces of at least PIECE elements, aiming
@@ -933,19 +935,17 @@ INFO = {
     "compile cache": "on" if CACHE else "off: no writable cache directory (set NUMBA_CACHE_DIR)",
 }
 
-KERNELS = {}
-for _dtype in ("float32", "float64"):
-    KERNELS.update({
-        ("batchnorm", "forward", _dtype): batchnorm_forward,
-        ("batchnorm", "forward_infer", _dtype): channel_forward_infer,
-        ("batchnorm", "backward", _dtype): batchnorm_backward,
-        ("batchnorm", "backward_infer", _dtype): channel_backward_infer,
-        ("instancenorm", "forward", _dtype): instancenorm_forward,
-        ("instancenorm", "forward_infer", _dtype): channel_forward_infer,
-        ("instancenorm", "backward", _dtype): instancenorm_backward,
-        ("instancenorm", "backward_infer", _dtype): channel_backward_infer,
-        ("groupnorm", "forward", _dtype): groupnorm_forward,
-        ("groupnorm", "backward", _dtype): groupnorm_backward,
-        ("layernorm", "forward", _dtype): layernorm_forward,
-        ("layernorm", "backward", _dtype): layernorm_backward,
-    })
+KERNELS = kernel_table({
+    ("batchnorm", "forward"): batchnorm_forward,
+    ("batchnorm", "forward_infer"): channel_forward_infer,
+    ("batchnorm", "backward"): batchnorm_backward,
+    ("batchnorm", "backward_infer"): channel_backward_infer,
+    ("instancenorm", "forward"): instancenorm_forward,
+    ("instancenorm", "forward_infer"): channel_forward_infer,
+    ("instancenorm", "backward"): instancenorm_backward,
+    ("instancenorm", "backward_infer"): channel_backward_infer,
+    ("groupnorm", "forward"): groupnorm_forward,
+    ("groupnorm", "backward"): groupnorm_backward,
+    ("layernorm", "forward"): layernorm_forward,
+    ("layernorm", "backward"): layernorm_backward,
+})
