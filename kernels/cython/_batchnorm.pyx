@@ -21,7 +21,7 @@ from libc.math cimport sqrt
 
 from _common cimport (
     NORMKIT_BUILD_FLAGS, NORMKIT_HAVE_OPENMP, NORMKIT_OPENMP_NOTE, affine, finish_moments, grad_apply, grad_sums,
-    moments, normkit_use_x86_64_v3, pivot_of, scale_copy,
+    moments, normkit_use_x86_64_v3, pivot_of, prefetch_run, scale_copy,
 )
 
 # How this module was built (setup.py); the backend reads it for its INFO and to pick the x86-64-v3 copy.
@@ -60,6 +60,8 @@ cdef void _forward_channel(const floating* x, floating* y, Py_ssize_t n, Py_ssiz
     cdef Py_ssize_t i
     cdef double s1 = 0.0, s2 = 0.0, pivot = pivot_of(x[c * s]), scale
     for i in range(n):
+        if i + 1 < n:
+            prefetch_run(x + ((i + 1) * nc + c) * s, s * sizeof(floating))
         moments(x + (i * nc + c) * s, s, pivot, &s1, &s2)
     finish_moments(s1, s2, n * s, pivot, eps, mean, rstd)
     scale = rstd[0] * w[c] if w != NULL else rstd[0]
@@ -87,6 +89,9 @@ cdef void _backward_channel(const floating* dy, const floating* x, floating* dx,
     cdef double a = 0.0, b = 0.0, ca, cb, cc
     if sums:
         for i in range(n):
+            if i + 1 < n:
+                prefetch_run(dy + ((i + 1) * nc + c) * s, s * sizeof(floating))
+                prefetch_run(x + ((i + 1) * nc + c) * s, s * sizeof(floating))
             grad_sums(dy + (i * nc + c) * s, x + (i * nc + c) * s, s, mean, &a, &b)
     sdy[0] = a
     sdyx[0] = b

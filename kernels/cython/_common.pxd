@@ -40,11 +40,16 @@ cdef inline void finish_moments(double s1, double s2, Py_ssize_t m, double pivot
 
 cdef inline void affine(const floating* x, floating* y, Py_ssize_t n, double mean, double scale,
                         double shift) noexcept nogil:
-    """y = (x - mean) * scale + shift. Subtracting first (rather than folding mean into shift) keeps a constant
-    input's output exactly equal to the bias."""
+    """y = (x - mean) * scale + shift, computed in the data's precision: for float32 that is twice the vector
+    lanes of double, and the pass then keeps up with memory. The mean's rounding to that precision goes into the
+    shift, so a large offset costs nothing; subtracting first (rather than folding the mean into the shift) keeps
+    a constant input's output exactly equal to the bias."""
+    cdef floating m = <floating>mean
+    cdef floating a = <floating>scale
+    cdef floating c = <floating>(shift + (<double>m - mean) * scale)
     cdef Py_ssize_t i
     for i in range(n):
-        y[i] = <floating>((x[i] - mean) * scale + shift)
+        y[i] = (x[i] - m) * a + c
 
 
 cdef inline void grad_sums(const floating* dy, const floating* x, Py_ssize_t n, double mean,
@@ -62,16 +67,43 @@ cdef inline void grad_sums(const floating* dy, const floating* x, Py_ssize_t n, 
 
 cdef inline void grad_apply(const floating* dy, const floating* x, floating* dx, Py_ssize_t n, double mean,
                             double a, double b, double c) noexcept nogil:
-    """dx = a * dy + b * (x - mean) + c: the input gradient of one normalized set, or of one channel within it."""
+    """dx = a * dy + b * (x - mean) + c: the input gradient of one normalized set, or of one channel within it.
+    In the data's precision, as affine(); mean is the saved statistic, already of that precision."""
+    cdef floating m = <floating>mean, ta = <floating>a, tb = <floating>b, tc = <floating>c
     cdef Py_ssize_t i
     for i in range(n):
-        dx[i] = <floating>(a * dy[i] + b * (x[i] - mean) + c)
+        dx[i] = ta * dy[i] + tb * (x[i] - m) + tc
 
 
 cdef inline void scale_copy(const floating* dy, floating* dx, Py_ssize_t n, double a) noexcept nogil:
+    cdef floating ta = <floating>a
     cdef Py_ssize_t i
     for i in range(n):
-        dx[i] = <floating>(a * dy[i])
+        dx[i] = ta * dy[i]
+
+
+cdef extern from *:
+    """
+    #if defined(__GNUC__) || defined(__clang__)
+    #define normkit_prefetch(p) __builtin_prefetch((p), 0, 3)
+    #else
+    #define normkit_prefetch(p) ((void)(p))
+    #endif
+    """
+    void normkit_prefetch(const void* p) noexcept nogil
+
+
+# Prefetch requests per run stop here: the hardware prefetcher has caught a longer run by then.
+DEF PREFETCH_BYTES = 4096
+
+
+cdef inline void prefetch_run(const void* p, Py_ssize_t nbytes) noexcept nogil:
+    """Ask for the first PREFETCH_BYTES of a run that is about to be read. Runs far apart (a channel's rows of
+    (N, C, S) data) each start a new stream that the hardware prefetcher has to discover again."""
+    cdef Py_ssize_t k
+    cdef const char* c = <const char*>p
+    for k in range(0, min(nbytes, PREFETCH_BYTES), 64):
+        normkit_prefetch(c + k)
 
 
 cdef extern from *:
