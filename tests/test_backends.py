@@ -94,6 +94,7 @@ LARGE = [
     ("groupnorm", (3, 12, 17, 19), {"groups": 12}),
     ("groupnorm", (1, 6, 1000), {"groups": 1}),
     ("layernorm", (300, 1000), {}),
+    ("layernorm", (2051, 300), {}),  # blocks of 33 rows: row quads, a leftover row, flushes inside a block
     ("layernorm", (3, 5, 4097), {"ln_dims": 1}),
     ("layernorm", (31, 70000), {}),  # long rows: the numba backward's column-block path; an odd row count
     ("instancenorm", (2, 4, 129, 65), {}),
@@ -147,6 +148,17 @@ def test_huge_values(backend, op, dtype, rng):
     kw = op_args(op, x, rng, groups=2, affine="both")
     got = compare(op, x, kw, backend, dy)
     assert all(np.isfinite(v).all() for k, v in got.items() if k not in ("mean", "rstd") and v is not None)
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_huge_gradients_float32(backend, op, rng):
+    """dy and x near 1e20: the products dy * (x - mean) overflow float32, so any sum of them kept in float32
+    must be redone in double (the backward results themselves are of moderate size)."""
+    x = (rng.standard_normal((256, 4, 3, 3)) * 1e20).astype(np.float32)  # layernorm: row quads
+    dy = (rng.standard_normal(x.shape) * 1e20).astype(np.float32)
+    kw = op_args(op, x, rng, groups=2, affine="both")
+    got = compare(op, x, kw, backend, dy)
+    assert all(np.isfinite(got[k]).all() for k in ("dx", "dweight", "dbias"))
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])

@@ -14,6 +14,7 @@ import numpy as np
 
 from cython cimport floating
 from cython.parallel cimport prange
+from libc.math cimport isfinite
 from libc.string cimport memset
 
 from _common cimport finish_moments, moments, pivot_of
@@ -23,6 +24,10 @@ cdef Py_ssize_t PARTIAL_BUDGET = 1 << 20
 cdef Py_ssize_t MAX_BLOCKS = 64
 cdef Py_ssize_t LONG_ROW = 1 << 16
 cdef Py_ssize_t TILE = 4096
+# Parameter-gradient terms summed in the data's precision before they are added to the double sums.
+# Values per row that _row_sums4 adds in the data's precision before adding them to double.
+cdef Py_ssize_t SUM_CHUNK = 256
+cdef Py_ssize_t FLUSH = 16  # a multiple of 4: _backward_block's row quads never straddle a flush
 
 cdef int _nthreads = 1
 _local = threading.local()
@@ -42,16 +47,6 @@ cdef double[::1] _scratch(Py_ssize_t n):
     return buf
 
 
-cdef void _to_double(const floating[::1] a, double* out, Py_ssize_t k, double missing) noexcept:
-    cdef Py_ssize_t j
-    if a is None:
-        for j in range(k):
-            out[j] = missing
-    else:
-        for j in range(k):
-            out[j] = a[j]
-
-
 cdef void _forward_row(const floating* x, floating* y, Py_ssize_t k, const floating* w, const floating* b,
                        double eps, floating* mean_out, floating* rstd_out) noexcept nogil:
     cdef Py_ssize_t j
@@ -60,40 +55,100 @@ cdef void _forward_row(const floating* x, floating* y, Py_ssize_t k, const float
     finish_moments(s1, s2, k, pivot, eps, &mean, &rstd)
     mean_out[0] = <floating>mean
     rstd_out[0] = <floating>rstd
-    # xhat in double (x - mean loses nothing to a large offset), the affine in the data's precision (it needs no
-    # more); a constant row gives xhat = 0 and so exactly the bias
+    # In the data's precision (twice the vector lanes of double for float32): xhat = (x - m) * r + c0 with m the
+    # mean rounded to that precision and c0 = (m - mean) * rstd the rounding's correction, so that a large offset
+    # loses nothing; a constant row gives xhat = 0 exactly and so exactly the bias.
+    cdef floating m = <floating>mean, r = <floating>rstd, c0 = <floating>((<double>m - mean) * rstd)
     for j in range(k):
-        y[j] = <floating>((x[j] - mean) * rstd) * w[j] + b[j]
+        y[j] = ((x[j] - m) * r + c0) * w[j] + b[j]
 
 
-cdef void _row_sums(const floating* dy, const floating* x, Py_ssize_t k, const double* w, double mean,
+cdef void _row_sums(const floating* dy, const floating* x, Py_ssize_t k, const floating* w, double mean,
                     double* sg, double* sgx) noexcept nogil:
-    """Add sum(g) and sum(g * (x - mean)), g = dy * w, to sg[0] and sgx[0]."""
+    """Add sum(g) and sum(g * (x - mean)), g = dy * w, to sg[0] and sgx[0] (in double: they set every dx)."""
     cdef Py_ssize_t j
     cdef double a = 0.0, b = 0.0, g
     for j in range(k):
-        g = dy[j] * w[j]
+        g = <double>dy[j] * w[j]
         a = a + g
         b = b + g * (x[j] - mean)
     sg[0] += a
     sgx[0] += b
 
 
-cdef void _row_grads(const floating* dy, const floating* x, floating* dx, Py_ssize_t k, const double* w,
-                     double mean, double rstd, double cb, double cc, double* dw, double* db) noexcept nogil:
-    """dx = rstd * w * dy + cb * (x - mean) + cc, i.e. rstd * (g - mean(g) - xhat * mean(g * xhat)); adds
-    dy * xhat to dw and dy to db unless dw is NULL."""
-    # Two loops rather than one: with all six arrays in one loop gcc gives up vectorizing the float64 version
-    # (too many possible overlaps to check at run time); the second reads dy and x again from L1.
+cdef void _row_sums4(const floating* dy, const floating* x, Py_ssize_t k, const floating* w, const floating* mean,
+                     double* sg, double* sgx) noexcept nogil:
+    """_row_sums of the four consecutive rows at dy, x into sg[0:4], sgx[0:4].
+
+    This is the loop that reads dy and x from memory, and it runs at the speed of its arithmetic: in the data's
+    precision (8 float32 lanes, not 4 doubles) and over four rows at once it took 0.8x the time of the double
+    row-by-row loop. Each lane adds at most SUM_CHUNK / 8 terms before the chunk's sums go into double; a chunk
+    whose sums overflow float32 (values near 1e19 and beyond) is added again in double."""
+    cdef floating m0 = mean[0], m1 = mean[1], m2 = mean[2], m3 = mean[3], wj, g0, g1, g2, g3
+    cdef floating a0, a1, a2, a3, b0, b1, b2, b3
+    cdef Py_ssize_t c, j, j0, n, r
+    for r in range(4):
+        sg[r] = 0.0
+        sgx[r] = 0.0
+    for c in range((k + SUM_CHUNK - 1) // SUM_CHUNK):
+        j0 = c * SUM_CHUNK
+        n = min(SUM_CHUNK, k - j0)
+        a0 = a1 = a2 = a3 = b0 = b1 = b2 = b3 = 0
+        for j in range(j0, j0 + n):
+            wj = w[j]
+            g0 = dy[j] * wj
+            g1 = dy[k + j] * wj
+            g2 = dy[2 * k + j] * wj
+            g3 = dy[3 * k + j] * wj
+            a0 = a0 + g0
+            a1 = a1 + g1
+            a2 = a2 + g2
+            a3 = a3 + g3
+            b0 = b0 + g0 * (x[j] - m0)
+            b1 = b1 + g1 * (x[k + j] - m1)
+            b2 = b2 + g2 * (x[2 * k + j] - m2)
+            b3 = b3 + g3 * (x[3 * k + j] - m3)
+        if isfinite(a0 + a1 + a2 + a3 + b0 + b1 + b2 + b3):
+            sg[0] += a0
+            sg[1] += a1
+            sg[2] += a2
+            sg[3] += a3
+            sgx[0] += b0
+            sgx[1] += b1
+            sgx[2] += b2
+            sgx[3] += b3
+        else:  # an overflow in the data's precision, or a NaN or inf in the data (which double keeps)
+            for r in range(4):
+                _row_sums(dy + r * k + j0, x + r * k + j0, n, w + j0, mean[r], &sg[r], &sgx[r])
+
+
+cdef void _row_dx(const floating* dy, const floating* x, floating* dx, Py_ssize_t k, const floating* w,
+                  double mean, double rstd, double cb, double cc) noexcept nogil:
+    """dx = rstd * w * dy + cb * (x - mean) + cc, i.e. rstd * (g - mean(g) - xhat * mean(g * xhat)), in the data's
+    precision (twice the vector lanes of double for float32; mean is the saved statistic, of that precision)."""
+    cdef floating m = <floating>mean, r = <floating>rstd, b = <floating>cb, c = <floating>cc
     cdef Py_ssize_t j
-    cdef double g
     for j in range(k):
-        dx[j] = <floating>(rstd * w[j] * dy[j] + cb * (x[j] - mean) + cc)
-    if dw != NULL:
-        for j in range(k):
-            g = dy[j]
-            dw[j] += g * ((x[j] - mean) * rstd)
-            db[j] += g
+        dx[j] = r * w[j] * dy[j] + b * (x[j] - m) + c
+
+
+cdef void _add_param_grads(const floating* dy, const floating* x, Py_ssize_t k, double mean, double rstd,
+                           floating* accw, floating* accb) noexcept nogil:
+    """accw += dy * xhat, accb += dy, in the data's precision; callers flush the sums into double every FLUSH
+    rows, so no more than FLUSH terms are ever added in float32."""
+    cdef floating m = <floating>mean, r = <floating>rstd, g
+    cdef Py_ssize_t j
+    for j in range(k):
+        g = dy[j]
+        accw[j] += g * ((x[j] - m) * r)
+        accb[j] += g
+
+
+cdef void _flush(floating* acc, double* out, Py_ssize_t n) noexcept nogil:
+    cdef Py_ssize_t j
+    for j in range(n):
+        out[j] += acc[j]
+        acc[j] = 0
 
 
 cdef inline void _coefficients(double sg, double sgx, Py_ssize_t k, double rstd, double* cb,
@@ -102,22 +157,70 @@ cdef inline void _coefficients(double sg, double sgx, Py_ssize_t k, double rstd,
     cc[0] = -rstd * sg / k
 
 
+cdef void _dx_grads4(const floating* dy, const floating* x, floating* dx, Py_ssize_t k, const floating* w,
+                     const floating* mean, const floating* rstd, const double* cb, const double* cc,
+                     floating* accw, floating* accb) noexcept nogil:
+    """_row_dx and _add_param_grads for the four consecutive rows at dy, x, dx in one loop: the accumulators are
+    loaded and stored once per four rows, and dy and x read once (measured 1.15-1.25x faster than row by row)."""
+    cdef floating m0 = mean[0], m1 = mean[1], m2 = mean[2], m3 = mean[3]
+    cdef floating r0 = rstd[0], r1 = rstd[1], r2 = rstd[2], r3 = rstd[3]
+    cdef floating b0 = <floating>cb[0], b1 = <floating>cb[1], b2 = <floating>cb[2], b3 = <floating>cb[3]
+    cdef floating c0 = <floating>cc[0], c1 = <floating>cc[1], c2 = <floating>cc[2], c3 = <floating>cc[3]
+    cdef floating g0, g1, g2, g3, h0, h1, h2, h3, wj
+    cdef Py_ssize_t j
+    for j in range(k):
+        g0 = dy[j]
+        g1 = dy[k + j]
+        g2 = dy[2 * k + j]
+        g3 = dy[3 * k + j]
+        h0 = (x[j] - m0) * r0
+        h1 = (x[k + j] - m1) * r1
+        h2 = (x[2 * k + j] - m2) * r2
+        h3 = (x[3 * k + j] - m3) * r3
+        wj = w[j]
+        dx[j] = r0 * wj * g0 + b0 * (x[j] - m0) + c0
+        dx[k + j] = r1 * wj * g1 + b1 * (x[k + j] - m1) + c1
+        dx[2 * k + j] = r2 * wj * g2 + b2 * (x[2 * k + j] - m2) + c2
+        dx[3 * k + j] = r3 * wj * g3 + b3 * (x[3 * k + j] - m3) + c3
+        accw[j] += (g0 * h0 + g1 * h1) + (g2 * h2 + g3 * h3)
+        accb[j] += (g0 + g1) + (g2 + g3)
+
+
 cdef void _backward_block(const floating* dy, const floating* x, floating* dx, Py_ssize_t m0, Py_ssize_t m1,
-                          Py_ssize_t k, const double* w, const floating* mean, const floating* rstd,
-                          double* partial) noexcept nogil:
-    """Rows m0..m1-1; their parameter gradients go to partial[0:k] (weight) and partial[k:2k] (bias), or nowhere
-    if partial is NULL."""
-    cdef Py_ssize_t i
-    cdef double sg, sgx, cb, cc
+                          Py_ssize_t k, const floating* w, const floating* mean, const floating* rstd,
+                          double* partial, floating* acc) noexcept nogil:
+    """Rows m0..m1-1, four at a time. Unless partial is NULL, their parameter gradients go to partial[0:k]
+    (weight) and partial[k:2k] (bias), through the accumulators acc[0:2k] in the data's precision, flushed every
+    FLUSH rows of the block."""
+    cdef Py_ssize_t i, r, q, o
+    cdef double sg[4]
+    cdef double sgx[4]
+    cdef double cb[4]
+    cdef double cc[4]
     if partial != NULL:
         memset(partial, 0, 2 * k * sizeof(double))
-    for i in range(m0, m1):
-        sg = 0.0
-        sgx = 0.0
-        _row_sums(dy + i * k, x + i * k, k, w, mean[i], &sg, &sgx)
-        _coefficients(sg, sgx, k, rstd[i], &cb, &cc)
-        _row_grads(dy + i * k, x + i * k, dx + i * k, k, w, mean[i], rstd[i], cb, cc,
-                   partial, partial + k if partial != NULL else NULL)
+        memset(acc, 0, 2 * k * sizeof(floating))
+    for i in range(m0, m1, 4):
+        q = min(4, m1 - i)
+        if q == 4:
+            _row_sums4(dy + i * k, x + i * k, k, w, mean + i, sg, sgx)
+        else:
+            for r in range(q):
+                sg[r] = 0.0
+                sgx[r] = 0.0
+                _row_sums(dy + (i + r) * k, x + (i + r) * k, k, w, mean[i + r], &sg[r], &sgx[r])
+        for r in range(q):
+            _coefficients(sg[r], sgx[r], k, rstd[i + r], &cb[r], &cc[r])
+        if partial != NULL and q == 4:
+            _dx_grads4(dy + i * k, x + i * k, dx + i * k, k, w, mean + i, rstd + i, cb, cc, acc, acc + k)
+        else:
+            for r in range(q):
+                o = (i + r) * k
+                _row_dx(dy + o, x + o, dx + o, k, w, mean[i + r], rstd[i + r], cb[r], cc[r])
+                if partial != NULL:
+                    _add_param_grads(dy + o, x + o, k, mean[i + r], rstd[i + r], acc, acc + k)
+        if partial != NULL and ((i + q - m0) % FLUSH == 0 or i + q == m1):
+            _flush(acc, partial, 2 * k)
 
 
 cdef void _merge_blocks(const double* partial, Py_ssize_t blocks, Py_ssize_t k, Py_ssize_t j0, Py_ssize_t j1,
@@ -155,35 +258,39 @@ def layernorm_forward(const floating[:, ::1] x, const floating[::1] weight, cons
 def layernorm_backward(const floating[:, ::1] dy, const floating[:, ::1] x, const floating[::1] mean,
                        const floating[::1] rstd, const floating[::1] weight, floating[:, ::1] dx,
                        floating[::1] dweight, floating[::1] dbias):
-    cdef Py_ssize_t m = x.shape[0], k = x.shape[1], i, j, t, per_block, blocks, tiles
+    cdef Py_ssize_t m = x.shape[0], k = x.shape[1], i, j, t, per_block, blocks, tiles, n
     cdef const floating* dyp = &dy[0, 0]
     cdef const floating* xp = &x[0, 0]
     cdef floating* dxp = &dx[0, 0]
     cdef const floating* mp = &mean[0]
     cdef const floating* rp = &rstd[0]
     cdef bint params = dweight is not None or dbias is not None
+    cdef const floating[::1] wv = weight
+    cdef floating* acc  # float accumulators of the parameter gradients, weight then bias
     cdef double[::1] buf
-    cdef double *w
-    cdef double *grads  # weight gradients, then bias gradients: 2k doubles
-    cdef double *work
+    cdef double* grads  # weight gradients, then bias gradients: 2k doubles
+    cdef double* work
     cdef double sg, sgx, cb, cc
     cdef int nt = _nthreads
+    dtype = np.float32 if floating is float else np.float64
+    if wv is None:
+        wv = np.ones(k, dtype)
+    cdef const floating* w = &wv[0]
     if not params:
         blocks = min(m, MAX_BLOCKS)
         per_block = (m + blocks - 1) // blocks
         blocks = (m + per_block - 1) // per_block
-        buf = _scratch(k)
-        w = &buf[0]
-        _to_double(weight, w, k, 1.0)
         for t in prange(blocks, nogil=True, schedule="static", num_threads=nt):
-            _backward_block(dyp, xp, dxp, t * per_block, min(m, (t + 1) * per_block), k, w, mp, rp, NULL)
+            _backward_block(dyp, xp, dxp, t * per_block, min(m, (t + 1) * per_block), k, w, mp, rp, NULL, NULL)
         return
     if k > LONG_ROW:
         tiles = (k + TILE - 1) // TILE
-        buf = _scratch(3 * k + 2 * tiles)
-        w, grads = &buf[0], &buf[k]
+        # 2k doubles of gradients, 2 per tile of row sums, then room for 2k accumulators
+        buf = _scratch(2 * k + 2 * tiles + 2 * k)
+        grads = &buf[0]
         work = grads + 2 * k
-        _to_double(weight, w, k, 1.0)
+        acc = <floating*>(work + 2 * tiles)
+        memset(acc, 0, 2 * k * sizeof(floating))
         memset(grads, 0, 2 * k * sizeof(double))
         with nogil:
             for i in range(m):
@@ -199,20 +306,26 @@ def layernorm_backward(const floating[:, ::1] dy, const floating[:, ::1] x, cons
                     sgx = sgx + work[2 * t + 1]
                 _coefficients(sg, sgx, k, rp[i], &cb, &cc)
                 for t in prange(tiles, schedule="static", num_threads=nt):
-                    _row_grads(dyp + i * k + t * TILE, xp + i * k + t * TILE, dxp + i * k + t * TILE,
-                               min(TILE, k - t * TILE), w + t * TILE, mp[i], rp[i], cb, cc,
-                               grads + t * TILE, grads + k + t * TILE)
+                    n = min(TILE, k - t * TILE)
+                    _row_dx(dyp + i * k + t * TILE, xp + i * k + t * TILE, dxp + i * k + t * TILE, n,
+                            w + t * TILE, mp[i], rp[i], cb, cc)
+                    _add_param_grads(dyp + i * k + t * TILE, xp + i * k + t * TILE, n, mp[i], rp[i],
+                                     acc + t * TILE, acc + k + t * TILE)
+                    if i % FLUSH == FLUSH - 1 or i == m - 1:
+                        _flush(acc + t * TILE, grads + t * TILE, n)
+                        _flush(acc + k + t * TILE, grads + k + t * TILE, n)
     else:
         blocks = min(m, MAX_BLOCKS, max(1, PARTIAL_BUDGET // (2 * k)))
         per_block = (m + blocks - 1) // blocks
         blocks = (m + per_block - 1) // per_block
-        buf = _scratch(k + 2 * k + blocks * 2 * k)
-        w, grads = &buf[0], &buf[k]
+        # 2k doubles of gradients, 2k per block of partial sums, then room for 2k accumulators per block
+        buf = _scratch(2 * k + 2 * (blocks * 2 * k))
+        grads = &buf[0]
         work = grads + 2 * k
-        _to_double(weight, w, k, 1.0)
+        acc = <floating*>(work + blocks * 2 * k)
         for t in prange(blocks, nogil=True, schedule="static", num_threads=nt):
             _backward_block(dyp, xp, dxp, t * per_block, min(m, (t + 1) * per_block), k, w, mp, rp,
-                            work + t * 2 * k)
+                            work + t * 2 * k, acc + t * 2 * k)
         # the partials are laid out as rows of 2k (weight then bias), so one merge does both
         tiles = (2 * k + TILE - 1) // TILE
         for t in prange(tiles, nogil=True, schedule="static", num_threads=nt):
