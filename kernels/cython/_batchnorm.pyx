@@ -17,7 +17,7 @@ import numpy as np
 
 from cython cimport floating
 from cython.parallel cimport prange
-from libc.math cimport sqrt
+from libc.math cimport isfinite, sqrt
 
 from _common cimport (
     NORMKIT_BUILD_FLAGS, NORMKIT_HAVE_OPENMP, NORMKIT_OPENMP_NOTE, affine, finish_moments, grad_apply, grad_sums,
@@ -105,11 +105,12 @@ cdef void _backward_channel(const floating* dy, const floating* x, floating* dx,
 
 
 cdef void _column_moments(const floating* x, Py_ssize_t n, Py_ssize_t length, Py_ssize_t l0, Py_ssize_t l1,
-                          const double* pivot, double* s1, double* s2) noexcept nogil:
-    # Four rows per sweep: the column sums are loaded and stored a quarter as often.
+                          const floating* pivot, double* s1, double* s2) noexcept nogil:
+    # Four rows per sweep, their terms added in the data's precision and then into double: the column sums are
+    # loaded and stored a quarter as often, and the arithmetic runs in 8 float32 lanes rather than 4 doubles.
     cdef Py_ssize_t i, l
     cdef const floating* r
-    cdef double d0, d1, d2, d3
+    cdef floating d0, d1, d2, d3
     for l in range(l0, l1):
         s1[l] = 0.0
         s2[l] = 0.0
@@ -127,13 +128,23 @@ cdef void _column_moments(const floating* x, Py_ssize_t n, Py_ssize_t length, Py
             d0 = x[i * length + l] - pivot[l]
             s1[l] += d0
             s2[l] += d0 * d0
+    if not _all_finite(s1, s2, l0, l1):
+        # squares that overflow the data's precision (|x - pivot| beyond ~1e19 in float32), or a NaN or inf in
+        # the data (which the double sums keep): this chunk again, in double
+        for l in range(l0, l1):
+            s1[l] = 0.0
+            s2[l] = 0.0
+        for i in range(n):
+            for l in range(l0, l1):
+                moments(x + i * length + l, 1, pivot[l], &s1[l], &s2[l])
 
 
 cdef void _column_grad_sums(const floating* dy, const floating* x, Py_ssize_t n, Py_ssize_t length,
-                            Py_ssize_t l0, Py_ssize_t l1, const double* mean, double* sdy,
+                            Py_ssize_t l0, Py_ssize_t l1, const floating* mean, double* sdy,
                             double* sdyx) noexcept nogil:
+    # As _column_moments: four rows per sweep in the data's precision, added into double.
     cdef Py_ssize_t i, l, o
-    cdef double g0, g1, g2, g3
+    cdef floating g0, g1, g2, g3
     for l in range(l0, l1):
         sdy[l] = 0.0
         sdyx[l] = 0.0
@@ -152,46 +163,61 @@ cdef void _column_grad_sums(const floating* dy, const floating* x, Py_ssize_t n,
             g0 = dy[i * length + l]
             sdy[l] += g0
             sdyx[l] += g0 * (x[i * length + l] - mean[l])
+    if not _all_finite(sdy, sdyx, l0, l1):
+        # products that overflow the data's precision, or non-finite data: this chunk again, in double
+        for l in range(l0, l1):
+            sdy[l] = 0.0
+            sdyx[l] = 0.0
+        for i in range(n):
+            for l in range(l0, l1):
+                grad_sums(dy + i * length + l, x + i * length + l, 1, mean[l], &sdy[l], &sdyx[l])
 
 
-cdef void _affine_columns(const floating* x, floating* y, Py_ssize_t length, const double* mean,
-                          const double* scale, const double* shift) noexcept nogil:
+cdef bint _all_finite(const double* a, const double* b, Py_ssize_t l0, Py_ssize_t l1) noexcept nogil:
+    cdef Py_ssize_t l
+    for l in range(l0, l1):
+        if not (isfinite(a[l]) and isfinite(b[l])):
+            return False
+    return True
+
+
+cdef void _affine_columns(const floating* x, floating* y, Py_ssize_t length, const floating* mean,
+                          const floating* scale, const floating* shift) noexcept nogil:
     cdef Py_ssize_t l
     for l in range(length):
-        y[l] = <floating>((x[l] - mean[l]) * scale[l] + shift[l])
+        y[l] = (x[l] - mean[l]) * scale[l] + shift[l]
 
 
 cdef void _grad_apply_columns(const floating* dy, const floating* x, floating* dx, Py_ssize_t length,
-                              const double* mean, const double* ca, const double* cb,
-                              const double* cc) noexcept nogil:
+                              const floating* mean, const floating* ca, const floating* cb,
+                              const floating* cc) noexcept nogil:
     cdef Py_ssize_t l
     for l in range(length):
-        dx[l] = <floating>(ca[l] * dy[l] + cb[l] * (x[l] - mean[l]) + cc[l])
+        dx[l] = ca[l] * dy[l] + cb[l] * (x[l] - mean[l]) + cc[l]
 
 
-cdef void _scale_columns(const floating* dy, floating* dx, Py_ssize_t length, const double* ca) noexcept nogil:
+cdef void _scale_columns(const floating* dy, floating* dx, Py_ssize_t length, const floating* ca) noexcept nogil:
     cdef Py_ssize_t l
     for l in range(length):
-        dx[l] = <floating>(ca[l] * dy[l])
+        dx[l] = ca[l] * dy[l]
 
 
 # --- schedules -------------------------------------------------------------------------------------------------
 
-cdef double[::1] _per_column(double[::1] per_channel, Py_ssize_t s):
-    """Each channel's value repeated for its s columns of the (N, C*S) view."""
-    cdef Py_ssize_t c, i, nc = per_channel.shape[0]
-    cdef double[::1] out = np.empty(nc * s)
+cdef void _per_column(const double* per_channel, Py_ssize_t nc, Py_ssize_t s, floating* out) noexcept nogil:
+    """Each channel's value repeated for its s columns of the (N, C*S) view, in the data's precision."""
+    cdef Py_ssize_t c, i
     for c in range(nc):
         for i in range(s):
-            out[c * s + i] = per_channel[c]
-    return out
+            out[c * s + i] = <floating>per_channel[c]
 
 
 cdef void _channel_moments(const floating[:, :, ::1] x, double[::1] pivot, double[::1] s1, double[::1] s2):
     """Per-channel sum(x - pivot) and sum((x - pivot)**2) with the rows or the columns schedule."""
     cdef Py_ssize_t n = x.shape[0], nc = x.shape[1], s = x.shape[2], t, c, i, length = nc * s
     cdef const floating* xp = &x[0, 0, 0]
-    cdef double[::1] a, b, p
+    cdef double[::1] a, b
+    cdef floating[::1] p
     cdef int nt = _nthreads
     if s >= SHORT_ROW:
         a = np.zeros(n * nc)
@@ -207,7 +233,8 @@ cdef void _channel_moments(const floating[:, :, ::1] x, double[::1] pivot, doubl
     else:
         a = np.empty(length)
         b = np.empty(length)
-        p = _per_column(pivot, s)
+        p = np.empty(length, np.float32 if floating is float else np.float64)
+        _per_column(&pivot[0], nc, s, &p[0])
         for t in prange(_chunks(length), nogil=True, schedule="static", num_threads=nt):
             _column_moments(xp, n, length, t * CHUNK, min(length, (t + 1) * CHUNK), &p[0], &a[0], &b[0])
         for c in range(nc):
@@ -224,16 +251,26 @@ cdef void _apply_channels(const floating[:, :, ::1] x, floating[:, :, ::1] y, do
     cdef Py_ssize_t n = x.shape[0], nc = x.shape[1], s = x.shape[2], t, c
     cdef const floating* xp = &x[0, 0, 0]
     cdef floating* yp = &y[0, 0, 0]
-    cdef double[::1] m, a, b
+    cdef Py_ssize_t length = nc * s
+    cdef double[::1] exact_shift
+    cdef floating[:, ::1] cols
     cdef int nt = _nthreads
     if s >= SHORT_ROW:
         for t in prange(n * nc, nogil=True, schedule="static", num_threads=nt):
             c = t % nc
             affine(xp + t * s, yp + t * s, s, mean[c], scale[c], shift[c])
     else:
-        m, a, b = _per_column(mean, s), _per_column(scale, s), _per_column(shift, s)
+        # per-column mean, scale and shift in the data's precision; as in affine(), the shift takes the mean's
+        # rounding to that precision
+        exact_shift = np.empty(nc)
+        for c in range(nc):
+            exact_shift[c] = shift[c] + (<double><floating>mean[c] - mean[c]) * scale[c]
+        cols = np.empty((3, length), np.float32 if floating is float else np.float64)
+        _per_column(&mean[0], nc, s, &cols[0, 0])
+        _per_column(&scale[0], nc, s, &cols[1, 0])
+        _per_column(&exact_shift[0], nc, s, &cols[2, 0])
         for t in prange(n, nogil=True, schedule="static", num_threads=nt):
-            _affine_columns(xp + t * nc * s, yp + t * nc * s, nc * s, &m[0], &a[0], &b[0])
+            _affine_columns(xp + t * length, yp + t * length, length, &cols[0, 0], &cols[1, 0], &cols[2, 0])
 
 
 cdef void _channel_grad_sums(const floating[:, :, ::1] dy, const floating[:, :, ::1] x, double[::1] mean,
@@ -242,7 +279,8 @@ cdef void _channel_grad_sums(const floating[:, :, ::1] dy, const floating[:, :, 
     cdef Py_ssize_t n = x.shape[0], nc = x.shape[1], s = x.shape[2], t, c, i, length = nc * s
     cdef const floating* dyp = &dy[0, 0, 0]
     cdef const floating* xp = &x[0, 0, 0]
-    cdef double[::1] a, b, m
+    cdef double[::1] a, b
+    cdef floating[::1] m
     cdef int nt = _nthreads
     if s >= SHORT_ROW:
         a = np.zeros(n * nc)
@@ -258,7 +296,8 @@ cdef void _channel_grad_sums(const floating[:, :, ::1] dy, const floating[:, :, 
     else:
         a = np.empty(length)
         b = np.empty(length)
-        m = _per_column(mean, s)
+        m = np.empty(length, np.float32 if floating is float else np.float64)
+        _per_column(&mean[0], nc, s, &m[0])
         for t in prange(_chunks(length), nogil=True, schedule="static", num_threads=nt):
             _column_grad_sums(dyp, xp, n, length, t * CHUNK, min(length, (t + 1) * CHUNK), &m[0], &a[0], &b[0])
         for c in range(nc):
@@ -275,7 +314,7 @@ cdef void _grad_apply_channels(const floating[:, :, ::1] dy, const floating[:, :
     cdef const floating* dyp = &dy[0, 0, 0]
     cdef const floating* xp = &x[0, 0, 0]
     cdef floating* dxp = &dx[0, 0, 0]
-    cdef double[::1] m, a, b, k
+    cdef floating[:, ::1] cols
     cdef int nt = _nthreads
     if s >= SHORT_ROW:
         for t in prange(n * nc, nogil=True, schedule="static", num_threads=nt):
@@ -285,13 +324,18 @@ cdef void _grad_apply_channels(const floating[:, :, ::1] dy, const floating[:, :
             else:
                 scale_copy(dyp + t * s, dxp + t * s, s, ca[c])
     else:
-        m, a, b, k = _per_column(mean, s), _per_column(ca, s), _per_column(cb, s), _per_column(cc, s)
+        # per-column coefficients in the data's precision (mean is the saved statistic, already of it)
+        cols = np.empty((4, length), np.float32 if floating is float else np.float64)
+        _per_column(&mean[0], nc, s, &cols[0, 0])
+        _per_column(&ca[0], nc, s, &cols[1, 0])
+        _per_column(&cb[0], nc, s, &cols[2, 0])
+        _per_column(&cc[0], nc, s, &cols[3, 0])
         for t in prange(n, nogil=True, schedule="static", num_threads=nt):
             if training:
                 _grad_apply_columns(dyp + t * length, xp + t * length, dxp + t * length, length,
-                                    &m[0], &a[0], &b[0], &k[0])
+                                    &cols[0, 0], &cols[1, 0], &cols[2, 0], &cols[3, 0])
             else:
-                _scale_columns(dyp + t * length, dxp + t * length, length, &a[0])
+                _scale_columns(dyp + t * length, dxp + t * length, length, &cols[1, 0])
 
 
 cdef void _backward(bint training, const floating[:, :, ::1] dy, const floating[:, :, ::1] x,
