@@ -35,9 +35,6 @@ UNIX_OPENMP = "-fopenmp"
 MSVC_FLAGS = ["/O2"]
 MSVC_OPENMP = "/openmp"
 V3_FLAG = "-march=x86-64-v3"
-# gcc vectorizes a loop over arrays that might overlap only after run-time overlap checks, and by default gives up
-# beyond 10 of them; LayerNorm's four-row backward loop (7 arrays) needs about 60 (2.3x slower unvectorized).
-ALIAS_CHECKS_FLAG = "--param=vect-max-version-for-alias-checks=100"
 
 OPENMP_PROBE = """
 #include <omp.h>
@@ -88,8 +85,6 @@ class BuildExt(build_ext):
         flags = MSVC_FLAGS if msvc else UNIX_FLAGS
         if not _compiles(self.compiler, flags):  # e.g. a compiler without the fine-grained math flags
             flags = flags[:1]
-        if not msvc and _compiles(self.compiler, ["-Werror", ALIAS_CHECKS_FLAG]):  # gcc's; clang has no such limit
-            flags = flags + [ALIAS_CHECKS_FLAG]
         native = _env_flag("NORMKIT_MARCH_NATIVE") and not msvc and _compiles(self.compiler, ["-march=native"])
         if native:
             flags = flags + ["-march=native"]

@@ -25,9 +25,9 @@ cdef Py_ssize_t MAX_BLOCKS = 64
 cdef Py_ssize_t LONG_ROW = 1 << 16
 cdef Py_ssize_t TILE = 4096
 # Parameter-gradient terms summed in the data's precision before they are added to the double sums.
-# Values per row that _row_sums4 adds in the data's precision before adding them to double.
+# Values per row that _row_sums adds in the data's precision before adding them to double.
 cdef Py_ssize_t SUM_CHUNK = 256
-cdef Py_ssize_t FLUSH = 16  # a multiple of 4: _backward_block's row quads never straddle a flush
+cdef Py_ssize_t FLUSH = 16
 
 cdef int _nthreads = 1
 _local = threading.local()
@@ -63,9 +63,9 @@ cdef void _forward_row(const floating* x, floating* y, Py_ssize_t k, const float
         y[j] = ((x[j] - m) * r + c0) * w[j] + b[j]
 
 
-cdef void _row_sums(const floating* dy, const floating* x, Py_ssize_t k, const floating* w, double mean,
+cdef void _row_sums_double(const floating* dy, const floating* x, Py_ssize_t k, const floating* w, double mean,
                     double* sg, double* sgx) noexcept nogil:
-    """Add sum(g) and sum(g * (x - mean)), g = dy * w, to sg[0] and sgx[0] (in double: they set every dx)."""
+    """_row_sums in double throughout."""
     cdef Py_ssize_t j
     cdef double a = 0.0, b = 0.0, g
     for j in range(k):
@@ -76,50 +76,30 @@ cdef void _row_sums(const floating* dy, const floating* x, Py_ssize_t k, const f
     sgx[0] += b
 
 
-cdef void _row_sums4(const floating* dy, const floating* x, Py_ssize_t k, const floating* w, const floating* mean,
-                     double* sg, double* sgx) noexcept nogil:
-    """_row_sums of the four consecutive rows at dy, x into sg[0:4], sgx[0:4].
+cdef void _row_sums(const floating* dy, const floating* x, Py_ssize_t k, const floating* w, double mean,
+                    double* sg, double* sgx) noexcept nogil:
+    """Add sum(g) and sum(g * (x - mean)), g = dy * w, to sg[0] and sgx[0].
 
-    This is the loop that reads dy and x from memory, and it runs at the speed of its arithmetic: in the data's
-    precision (8 float32 lanes, not 4 doubles) and over four rows at once it took 0.8x the time of the double
-    row-by-row loop. Each lane adds at most SUM_CHUNK / 8 terms before the chunk's sums go into double; a chunk
-    whose sums overflow float32 (values near 1e19 and beyond) is added again in double."""
-    cdef floating m0 = mean[0], m1 = mean[1], m2 = mean[2], m3 = mean[3], wj, g0, g1, g2, g3
-    cdef floating a0, a1, a2, a3, b0, b1, b2, b3
-    cdef Py_ssize_t c, j, j0, n, r
-    for r in range(4):
-        sg[r] = 0.0
-        sgx[r] = 0.0
+    This loop reads dy and x from memory and runs at the speed of its arithmetic, so each chunk of SUM_CHUNK
+    values is summed in the data's precision (8 float32 lanes rather than 4 doubles; the LayerNorm (8192, 1024)
+    backward took 0.7-0.8x the time of the all-double loop) and then added into double. A chunk whose sums are
+    not finite (products beyond float32's range, or NaN/inf data) is summed again in double."""
+    cdef floating m = <floating>mean, a, b, g
+    cdef Py_ssize_t c, j, j0, n
     for c in range((k + SUM_CHUNK - 1) // SUM_CHUNK):
         j0 = c * SUM_CHUNK
         n = min(SUM_CHUNK, k - j0)
-        a0 = a1 = a2 = a3 = b0 = b1 = b2 = b3 = 0
+        a = 0
+        b = 0
         for j in range(j0, j0 + n):
-            wj = w[j]
-            g0 = dy[j] * wj
-            g1 = dy[k + j] * wj
-            g2 = dy[2 * k + j] * wj
-            g3 = dy[3 * k + j] * wj
-            a0 = a0 + g0
-            a1 = a1 + g1
-            a2 = a2 + g2
-            a3 = a3 + g3
-            b0 = b0 + g0 * (x[j] - m0)
-            b1 = b1 + g1 * (x[k + j] - m1)
-            b2 = b2 + g2 * (x[2 * k + j] - m2)
-            b3 = b3 + g3 * (x[3 * k + j] - m3)
-        if isfinite(a0 + a1 + a2 + a3 + b0 + b1 + b2 + b3):
-            sg[0] += a0
-            sg[1] += a1
-            sg[2] += a2
-            sg[3] += a3
-            sgx[0] += b0
-            sgx[1] += b1
-            sgx[2] += b2
-            sgx[3] += b3
-        else:  # an overflow in the data's precision, or a NaN or inf in the data (which double keeps)
-            for r in range(4):
-                _row_sums(dy + r * k + j0, x + r * k + j0, n, w + j0, mean[r], &sg[r], &sgx[r])
+            g = dy[j] * w[j]
+            a = a + g
+            b = b + g * (x[j] - m)
+        if isfinite(a) and isfinite(b):
+            sg[0] += a
+            sgx[0] += b
+        else:
+            _row_sums_double(dy + j0, x + j0, n, w + j0, mean, sg, sgx)
 
 
 cdef void _row_dx(const floating* dy, const floating* x, floating* dx, Py_ssize_t k, const floating* w,
@@ -157,69 +137,30 @@ cdef inline void _coefficients(double sg, double sgx, Py_ssize_t k, double rstd,
     cc[0] = -rstd * sg / k
 
 
-cdef void _dx_grads4(const floating* dy, const floating* x, floating* dx, Py_ssize_t k, const floating* w,
-                     const floating* mean, const floating* rstd, const double* cb, const double* cc,
-                     floating* accw, floating* accb) noexcept nogil:
-    """_row_dx and _add_param_grads for the four consecutive rows at dy, x, dx in one loop: the accumulators are
-    loaded and stored once per four rows, and dy and x read once (measured 1.15-1.25x faster than row by row)."""
-    cdef floating m0 = mean[0], m1 = mean[1], m2 = mean[2], m3 = mean[3]
-    cdef floating r0 = rstd[0], r1 = rstd[1], r2 = rstd[2], r3 = rstd[3]
-    cdef floating b0 = <floating>cb[0], b1 = <floating>cb[1], b2 = <floating>cb[2], b3 = <floating>cb[3]
-    cdef floating c0 = <floating>cc[0], c1 = <floating>cc[1], c2 = <floating>cc[2], c3 = <floating>cc[3]
-    cdef floating g0, g1, g2, g3, h0, h1, h2, h3, wj
-    cdef Py_ssize_t j
-    for j in range(k):
-        g0 = dy[j]
-        g1 = dy[k + j]
-        g2 = dy[2 * k + j]
-        g3 = dy[3 * k + j]
-        h0 = (x[j] - m0) * r0
-        h1 = (x[k + j] - m1) * r1
-        h2 = (x[2 * k + j] - m2) * r2
-        h3 = (x[3 * k + j] - m3) * r3
-        wj = w[j]
-        dx[j] = r0 * wj * g0 + b0 * (x[j] - m0) + c0
-        dx[k + j] = r1 * wj * g1 + b1 * (x[k + j] - m1) + c1
-        dx[2 * k + j] = r2 * wj * g2 + b2 * (x[2 * k + j] - m2) + c2
-        dx[3 * k + j] = r3 * wj * g3 + b3 * (x[3 * k + j] - m3) + c3
-        accw[j] += (g0 * h0 + g1 * h1) + (g2 * h2 + g3 * h3)
-        accb[j] += (g0 + g1) + (g2 + g3)
-
-
 cdef void _backward_block(const floating* dy, const floating* x, floating* dx, Py_ssize_t m0, Py_ssize_t m1,
                           Py_ssize_t k, const floating* w, const floating* mean, const floating* rstd,
                           double* partial, floating* acc) noexcept nogil:
-    """Rows m0..m1-1, four at a time. Unless partial is NULL, their parameter gradients go to partial[0:k]
-    (weight) and partial[k:2k] (bias), through the accumulators acc[0:2k] in the data's precision, flushed every
-    FLUSH rows of the block."""
-    cdef Py_ssize_t i, r, q, o
-    cdef double sg[4]
-    cdef double sgx[4]
-    cdef double cb[4]
-    cdef double cc[4]
+    """Rows m0..m1-1. Unless partial is NULL, their parameter gradients go to partial[0:k] (weight) and
+    partial[k:2k] (bias), through the accumulators acc[0:2k] in the data's precision, flushed every FLUSH rows.
+
+    A row takes three loops, in PyTorch's order: the parameter gradients first, so that the loop that reads dy
+    and x from memory is the lightest one, then the row's sums and dx from L1. (Four rows at a time with dx and
+    the gradients fused measured no faster, and needed gcc's run-time overlap checks raised.)"""
+    cdef Py_ssize_t i, o
+    cdef double sg, sgx, cb, cc
     if partial != NULL:
         memset(partial, 0, 2 * k * sizeof(double))
         memset(acc, 0, 2 * k * sizeof(floating))
-    for i in range(m0, m1, 4):
-        q = min(4, m1 - i)
-        if q == 4:
-            _row_sums4(dy + i * k, x + i * k, k, w, mean + i, sg, sgx)
-        else:
-            for r in range(q):
-                sg[r] = 0.0
-                sgx[r] = 0.0
-                _row_sums(dy + (i + r) * k, x + (i + r) * k, k, w, mean[i + r], &sg[r], &sgx[r])
-        for r in range(q):
-            _coefficients(sg[r], sgx[r], k, rstd[i + r], &cb[r], &cc[r])
-        if partial != NULL and q == 4:
-            _dx_grads4(dy + i * k, x + i * k, dx + i * k, k, w, mean + i, rstd + i, cb, cc, acc, acc + k)
-        else:
-            for r in range(q):
-                o = (i + r) * k
-                _row_dx(dy + o, x + o, dx + o, k, w, mean[i + r], rstd[i + r], cb[r], cc[r])
-                if partial != NULL:
-                    _add_param_grads(dy + o, x + o, k, mean[i + r], rstd[i + r], acc, acc + k)
-        if partial != NULL and ((i + q - m0) % FLUSH == 0 or i + q == m1):
+    for i in range(m0, m1):
+        o = i * k
+        if partial != NULL:
+            _add_param_grads(dy + o, x + o, k, mean[i], rstd[i], acc, acc + k)
+        sg = 0.0
+        sgx = 0.0
+        _row_sums(dy + o, x + o, k, w, mean[i], &sg, &sgx)
+        _coefficients(sg, sgx, k, rstd[i], &cb, &cc)
+        _row_dx(dy + o, x + o, dx + o, k, w, mean[i], rstd[i], cb, cc)
+        if partial != NULL and ((i + 1 - m0) % FLUSH == 0 or i + 1 == m1):
             _flush(acc, partial, 2 * k)
 
 
