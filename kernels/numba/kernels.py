@@ -46,10 +46,8 @@ PIECE = 4096
 # the Zen 4 this was tuned on; a partial miss falls back to L3).
 WIDE_S = 16
 FUSED_BYTES = 1 << 20
-# layernorm backward sums its parameter gradients in the data's dtype over at most FLUSH rows.
-FLUSH = 16  # a multiple of 4: row pairs and quads never straddle a flush
-# layernorm backward with short rows sums each row in the dtype over chunks of SUM_CHUNK values, added in float64.
-SUM_CHUNK = 256
+# layernorm backward with long rows sums its parameter gradients in the data's dtype over at most FLUSH rows.
+FLUSH = 16  # even: row pairs never straddle a flush
 # layernorm backward with long rows: rows per group (even, so row pairs never straddle groups), so that a group's
 # dy and x stay in cache (L3 is 32 MiB on the Zen 4 this was tuned on; 4 to 12 MiB measured alike, 2 rows of
 # 200704 slightly best) between the two passes over them.
@@ -670,88 +668,19 @@ def _ln_row_sums(dyr, xr, m, r, w):
 
 
 @_jit
-def _ln_sums4(d0, d1, d2, d3, x0, x1, x2, x3, m0, m1, m2, m3, w):
-    """sum(g) and sum(g * (x - m)), g = dy * w, of four rows: (sg0, sg1, sg2, sg3, sgx0, sgx1, sgx2, sgx3).
-
-    This loop reads dy and x from memory and runs at the speed of its arithmetic: in the data's dtype and over
-    four rows at once it beat the float64 row-by-row loop. Each chunk of SUM_CHUNK values is summed in the dtype,
-    then added in float64; a chunk whose sums are not finite (an overflow of float32, or NaN/inf data) is summed
-    again in float64. ``m0``..``m3`` are the means in the dtype (the saved statistics).
-    """
-    K = x0.shape[0]
-    t = x0.dtype.type
-    A0 = A1 = A2 = A3 = B0 = B1 = B2 = B3 = 0.0
-    for j0 in range(0, K, SUM_CHUNK):
-        j1 = min(K, j0 + SUM_CHUNK)
-        e0, e1, e2, e3 = d0[j0:j1], d1[j0:j1], d2[j0:j1], d3[j0:j1]
-        y0, y1, y2, y3 = x0[j0:j1], x1[j0:j1], x2[j0:j1], x3[j0:j1]
-        wc = w[j0:j1]
-        a0 = a1 = a2 = a3 = b0 = b1 = b2 = b3 = t(0)
-        for j in range(j1 - j0):
-            wj = wc[j]
-            g0 = e0[j] * wj
-            g1 = e1[j] * wj
-            g2 = e2[j] * wj
-            g3 = e3[j] * wj
-            a0 += g0
-            a1 += g1
-            a2 += g2
-            a3 += g3
-            b0 += g0 * (y0[j] - m0)
-            b1 += g1 * (y1[j] - m1)
-            b2 += g2 * (y2[j] - m2)
-            b3 += g3 * (y3[j] - m3)
-        # each value on its own: with reassoc, LLVM folds np.isfinite(a + b) to True for a NaN a (numba 0.68)
-        if (np.isfinite(a0) and np.isfinite(a1) and np.isfinite(a2) and np.isfinite(a3) and np.isfinite(b0)
-                and np.isfinite(b1) and np.isfinite(b2) and np.isfinite(b3)):
-            A0 += a0
-            A1 += a1
-            A2 += a2
-            A3 += a3
-            B0 += b0
-            B1 += b1
-            B2 += b2
-            B3 += b3
-        else:
-            s, u = _ln_row_sums(e0, y0, np.float64(m0), 1.0, wc)
-            A0 += s
-            B0 += u
-            s, u = _ln_row_sums(e1, y1, np.float64(m1), 1.0, wc)
-            A1 += s
-            B1 += u
-            s, u = _ln_row_sums(e2, y2, np.float64(m2), 1.0, wc)
-            A2 += s
-            B2 += u
-            s, u = _ln_row_sums(e3, y3, np.float64(m3), 1.0, wc)
-            A3 += s
-            B3 += u
-    return A0, A1, A2, A3, B0, B1, B2, B3
-
-
-@_jit
-def _ln_dx_grads4(d0, d1, d2, d3, x0, x1, x2, x3, o0, o1, o2, o3, m, r, B, Cc, w, acw, acb):
-    """_ln_dx of four rows in one loop, adding their dy * xhat to acw and dy to acb: the accumulators are loaded
-    and stored once per four rows. ``m``, ``r``, ``B``, ``Cc`` are 4-tuples in the dtype."""
-    m0, m1, m2, m3 = m
-    r0, r1, r2, r3 = r
-    b0, b1, b2, b3 = B
-    c0, c1, c2, c3 = Cc
-    for j in range(x0.shape[0]):
-        wj = w[j]
-        g0 = d0[j]
-        g1 = d1[j]
-        g2 = d2[j]
-        g3 = d3[j]
-        h0 = x0[j] - m0
-        h1 = x1[j] - m1
-        h2 = x2[j] - m2
-        h3 = x3[j] - m3
-        o0[j] = g0 * wj * r0 + h0 * b0 + c0
-        o1[j] = g1 * wj * r1 + h1 * b1 + c1
-        o2[j] = g2 * wj * r2 + h2 * b2 + c2
-        o3[j] = g3 * wj * r3 + h3 * b3 + c3
-        acw[j] += (g0 * (h0 * r0) + g1 * (h1 * r1)) + (g2 * (h2 * r2) + g3 * (h3 * r3))
-        acb[j] += (g0 + g1) + (g2 + g3)
+def _ln_row_sums_grads(dyr, xr, m, r, w, pw, pb):
+    """_ln_row_sums, also adding dy * xhat to pw and dy to pb (the parameter gradients' partial sums)."""
+    sg = 0.0
+    sgx = 0.0
+    for j in range(xr.shape[0]):
+        g = np.float64(dyr[j])
+        xh = (np.float64(xr[j]) - m) * r
+        gw = g * np.float64(w[j])
+        sg += gw
+        sgx += gw * xh
+        pw[j] += g * xh
+        pb[j] += g
+    return sg, sgx
 
 
 @_jit
@@ -791,59 +720,27 @@ def _ln_backward(dy, x, mean, rstd, w, has_w, dx, dw, db, want_dw, want_db):
     wv = w if has_w else np.ones(K, x.dtype)
     want = want_dw or want_db
     if K <= 4 * BLOCK:
-        # A row fits in L1: blocks of rows, four rows at a time, sums then dx while the rows are there. The
-        # parameter gradients add up in the dtype per block, flushed into float64 every FLUSH rows of the block.
+        # a row fits in L1: sums then dx while it is there; blocks of rows keep partial parameter gradients
         R = max(1, min(TARGET_ITEMS * 2, M // 8)) if want else min(M, TARGET_ITEMS * 2)
         RL = _cdiv(M, R)
         pw = np.empty((R, K) if want else (1, 1))
         pb = np.empty((R, K) if want else (1, 1))
-        acw = np.empty((R, K) if want else (1, 1), x.dtype)
-        acb = np.empty((R, K) if want else (1, 1), x.dtype)
         for it in prange(R):
             if want:
                 for j in range(K):
                     pw[it, j] = 0.0
                     pb[it, j] = 0.0
-                    acw[it, j] = 0.0
-                    acb[it, j] = 0.0
-            k0 = it * RL
-            k1 = min(M, k0 + RL)
-            for k in range(k0, k1, 4):
-                if k + 4 <= k1:
-                    s = _ln_sums4(dy[k], dy[k + 1], dy[k + 2], dy[k + 3], x[k], x[k + 1], x[k + 2], x[k + 3],
-                                  mean[k], mean[k + 1], mean[k + 2], mean[k + 3], wv)
-                    r0, r1, r2, r3 = (np.float64(rstd[k]), np.float64(rstd[k + 1]), np.float64(rstd[k + 2]),
-                                      np.float64(rstd[k + 3]))
-                    B = (t(-r0 * r0 * r0 * s[4] / K), t(-r1 * r1 * r1 * s[5] / K), t(-r2 * r2 * r2 * s[6] / K),
-                         t(-r3 * r3 * r3 * s[7] / K))
-                    Cc = (t(-r0 * s[0] / K), t(-r1 * s[1] / K), t(-r2 * s[2] / K), t(-r3 * s[3] / K))
-                    if want:
-                        _ln_dx_grads4(dy[k], dy[k + 1], dy[k + 2], dy[k + 3], x[k], x[k + 1], x[k + 2], x[k + 3],
-                                      dx[k], dx[k + 1], dx[k + 2], dx[k + 3],
-                                      (mean[k], mean[k + 1], mean[k + 2], mean[k + 3]),
-                                      (rstd[k], rstd[k + 1], rstd[k + 2], rstd[k + 3]), B, Cc, wv, acw[it], acb[it])
-                    else:
-                        _ln_dx(dy[k], x[k], dx[k], mean[k], rstd[k], B[0], Cc[0], wv)
-                        _ln_dx(dy[k + 1], x[k + 1], dx[k + 1], mean[k + 1], rstd[k + 1], B[1], Cc[1], wv)
-                        _ln_dx(dy[k + 2], x[k + 2], dx[k + 2], mean[k + 2], rstd[k + 2], B[2], Cc[2], wv)
-                        _ln_dx(dy[k + 3], x[k + 3], dx[k + 3], mean[k + 3], rstd[k + 3], B[3], Cc[3], wv)
+            for k in range(it * RL, min(M, (it + 1) * RL)):
+                mk = mean[k]
+                m64 = np.float64(mk)
+                r = np.float64(rstd[k])
+                if want:
+                    sg, sgx = _ln_row_sums_grads(dy[k], x[k], m64, r, wv, pw[it], pb[it])
                 else:
-                    for kk in range(k, k1):
-                        r = np.float64(rstd[kk])
-                        sg, sgx = _ln_row_sums(dy[kk], x[kk], np.float64(mean[kk]), r, wv)
-                        Bk = t(-r * r * sgx / K)
-                        Ck = t(-r * sg / K)
-                        if want:
-                            _ln_dx_grads(dy[kk], x[kk], dx[kk], mean[kk], rstd[kk], Bk, Ck, dy[kk], x[kk], dx[kk],
-                                         mean[kk], rstd[kk], Bk, Ck, False, wv, acw[it], acb[it])
-                        else:
-                            _ln_dx(dy[kk], x[kk], dx[kk], mean[kk], rstd[kk], Bk, Ck, wv)
-                if want and ((k + 4 - k0) % FLUSH == 0 or k + 4 >= k1):
-                    for j in range(K):
-                        pw[it, j] += np.float64(acw[it, j])
-                        pb[it, j] += np.float64(acb[it, j])
-                        acw[it, j] = 0.0
-                        acb[it, j] = 0.0
+                    sg, sgx = _ln_row_sums(dy[k], x[k], m64, r, wv)
+                B = t(-r * r * sgx / K)
+                Cc = t(-r * sg / K)
+                _ln_dx(dy[k], x[k], dx[k], mk, t(r), B, Cc, wv)
         if want:
             for j in range(K):
                 s1 = 0.0
