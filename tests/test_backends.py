@@ -41,8 +41,24 @@ def compare(op, x, kw, backend, dy=None, what=""):
             assert got[name] is None, f"{what} {name}: expected None"
             continue
         direction = "backward" if name in ("dx", "dweight", "dbias") else "forward"
-        assert_close(got[name], expected, x.dtype, direction, what=f"{op} {what} {name}")
+        scale = dx_scale(want, kw, dy) if name == "dx" else None
+        assert_close(got[name], expected, x.dtype, direction, what=f"{op} {what} {name}", scale=scale)
     return got
+
+
+def dx_scale(want, kw, dy):
+    """The size against which dx's error is judged. dx is a difference of terms as large as rstd * |weight * dy|;
+    float32 arithmetic (PyTorch's as well as ours) rounds those terms, so in a set of equal values, where rstd is
+    1/sqrt(eps) ~ 316 and the exact dx is 0, the error is a few ulps of the terms (measured up to 4.9e-4 for
+    PyTorch's group_norm on (3, 6) with 6 groups and weights ~3), not of dx. The scale keeps the tolerance at a
+    few ulps of the largest term, and is 1 (as for the other outputs) for ordinary data."""
+    def finite_max(a):
+        a = np.abs(np.asarray(a, np.float64))
+        return float(a[np.isfinite(a)].max(initial=0.0))
+
+    weight = kw.get("weight")
+    term = finite_max(want["rstd"]) * (1.0 if weight is None else finite_max(weight)) * finite_max(dy)
+    return max(1.0, finite_max(want["dx"]), 5e-3 * term)
 
 
 @st.composite
