@@ -25,9 +25,10 @@ from .contract import CONTRACT_VERSION, DIRECTIONS, DTYPES, OPS
 
 GROUP = "normkit.backends"
 # Built-ins come first in this order, then plugins by name, then the reference as the backend of last resort.
-# numba first: it was the faster of the two in 13 of the 16 reference cases of `normkit bench --cases reference`
-# (README, Performance); cython needs no JIT compile on first use, so it is a good choice for short-lived processes.
-BUILTIN_PREFERENCE = ("numba", "cython")
+# cython first: in `normkit bench --cases reference` (README, Performance) the two are within the machine's noise of
+# each other (each faster in about half of the 16 cases, cython never slower than PyTorch's median), and cython
+# needs no JIT compile on first use (numba: 3-10 s per op and dtype, once per machine).
+BUILTIN_PREFERENCE = ("cython", "numba")
 REFERENCE = "reference"
 
 
