@@ -92,7 +92,7 @@ cdef void _backward_channel(const floating* dy, const floating* x, floating* dx,
             if i + 1 < n:
                 prefetch_run(dy + ((i + 1) * nc + c) * s, s * sizeof(floating))
                 prefetch_run(x + ((i + 1) * nc + c) * s, s * sizeof(floating))
-            grad_sums(dy + (i * nc + c) * s, x + (i * nc + c) * s, s, mean, &a, &b)
+            grad_sums(dy + (i * nc + c) * s, x + (i * nc + c) * s, NULL, s, mean, &a, &b)
     sdy[0] = a
     sdyx[0] = b
     _coefficients(training, a, b, <double>(n * s), rstd, w, &ca, &cb, &cc)
@@ -170,7 +170,7 @@ cdef void _column_grad_sums(const floating* dy, const floating* x, Py_ssize_t n,
             sdyx[l] = 0.0
         for i in range(n):
             for l in range(l0, l1):
-                grad_sums(dy + i * length + l, x + i * length + l, 1, mean[l], &sdy[l], &sdyx[l])
+                grad_sums(dy + i * length + l, x + i * length + l, NULL, 1, mean[l], &sdy[l], &sdyx[l])
 
 
 cdef bint _all_finite(const double* a, const double* b, Py_ssize_t l0, Py_ssize_t l1) noexcept nogil:
@@ -286,7 +286,7 @@ cdef void _channel_grad_sums(const floating[:, :, ::1] dy, const floating[:, :, 
         a = np.zeros(n * nc)
         b = np.zeros(n * nc)
         for t in prange(n * nc, nogil=True, schedule="static", num_threads=nt):
-            grad_sums(dyp + t * s, xp + t * s, s, mean[t % nc], &a[t], &b[t])
+            grad_sums(dyp + t * s, xp + t * s, NULL, s, mean[t % nc], &a[t], &b[t])
         for c in range(nc):
             sdy[c] = 0.0
             sdyx[c] = 0.0

@@ -56,9 +56,10 @@ cdef inline void affine(const floating* x, floating* y, Py_ssize_t n, double mea
 DEF SUM_CHUNK = 256
 
 
-cdef inline void grad_sums(const floating* dy, const floating* x, Py_ssize_t n, double mean,
+cdef inline void grad_sums(const floating* dy, const floating* x, const floating* w, Py_ssize_t n, double mean,
                            double* sdy, double* sdyx) noexcept nogil:
-    """Add sum(dy) to sdy[0] and sum(dy * (x - mean)) to sdyx[0].
+    """Add sum(g) to sdy[0] and sum(g * (x - mean)) to sdyx[0], with g = dy * w (LayerNorm's elementwise weight),
+    or g = dy where w is NULL (the compiler makes a loop of each).
 
     This loop reads dy and x from memory and runs at the speed of its arithmetic, so each chunk of SUM_CHUNK
     values is summed in the data's precision (8 float32 lanes rather than 4 doubles) and then added into double;
@@ -73,7 +74,7 @@ cdef inline void grad_sums(const floating* dy, const floating* x, Py_ssize_t n, 
         a = 0
         b = 0
         for i in range(i0, i0 + k):
-            g = dy[i]
+            g = dy[i] * w[i] if w != NULL else dy[i]
             a = a + g
             b = b + g * (x[i] - m)
         if isfinite(a) and isfinite(b):
@@ -83,7 +84,7 @@ cdef inline void grad_sums(const floating* dy, const floating* x, Py_ssize_t n, 
             da = 0.0
             db = 0.0
             for i in range(i0, i0 + k):
-                dg = dy[i]
+                dg = <double>dy[i] * w[i] if w != NULL else dy[i]
                 da = da + dg
                 db = db + dg * (x[i] - mean)
             sdy[0] += da

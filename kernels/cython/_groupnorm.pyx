@@ -48,7 +48,7 @@ cdef void _backward_set(const floating* dy, const floating* x, floating* dx, Py_
     for c in range(cg):
         sdy[c] = 0.0
         sdyx[c] = 0.0
-        grad_sums(dy + c * s, x + c * s, s, mean, &sdy[c], &sdyx[c])
+        grad_sums(dy + c * s, x + c * s, NULL, s, mean, &sdy[c], &sdyx[c])
         wc = w[c] if w != NULL else 1.0
         sg = sg + wc * sdy[c]
         sgx = sgx + wc * sdyx[c]

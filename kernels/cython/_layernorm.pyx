@@ -14,10 +14,9 @@ import numpy as np
 
 from cython cimport floating
 from cython.parallel cimport prange
-from libc.math cimport isfinite
 from libc.string cimport memset
 
-from _common cimport finish_moments, moments, pivot_of
+from _common cimport finish_moments, grad_sums, moments, pivot_of
 
 # Per-block partial parameter gradients of all blocks together stay under this many doubles (8 MB).
 cdef Py_ssize_t PARTIAL_BUDGET = 1 << 20
@@ -25,8 +24,6 @@ cdef Py_ssize_t MAX_BLOCKS = 64
 cdef Py_ssize_t LONG_ROW = 1 << 16
 cdef Py_ssize_t TILE = 4096
 # Parameter-gradient terms summed in the data's precision before they are added to the double sums.
-# Values per row that _row_sums adds in the data's precision before adding them to double.
-cdef Py_ssize_t SUM_CHUNK = 256
 cdef Py_ssize_t FLUSH = 16
 
 cdef int _nthreads = 1
@@ -61,45 +58,6 @@ cdef void _forward_row(const floating* x, floating* y, Py_ssize_t k, const float
     cdef floating m = <floating>mean, r = <floating>rstd, c0 = <floating>((<double>m - mean) * rstd)
     for j in range(k):
         y[j] = ((x[j] - m) * r + c0) * w[j] + b[j]
-
-
-cdef void _row_sums_double(const floating* dy, const floating* x, Py_ssize_t k, const floating* w, double mean,
-                    double* sg, double* sgx) noexcept nogil:
-    """_row_sums in double throughout."""
-    cdef Py_ssize_t j
-    cdef double a = 0.0, b = 0.0, g
-    for j in range(k):
-        g = <double>dy[j] * w[j]
-        a = a + g
-        b = b + g * (x[j] - mean)
-    sg[0] += a
-    sgx[0] += b
-
-
-cdef void _row_sums(const floating* dy, const floating* x, Py_ssize_t k, const floating* w, double mean,
-                    double* sg, double* sgx) noexcept nogil:
-    """Add sum(g) and sum(g * (x - mean)), g = dy * w, to sg[0] and sgx[0].
-
-    This loop reads dy and x from memory and runs at the speed of its arithmetic, so each chunk of SUM_CHUNK
-    values is summed in the data's precision (8 float32 lanes rather than 4 doubles; the LayerNorm (8192, 1024)
-    backward took 0.7-0.8x the time of the all-double loop) and then added into double. A chunk whose sums are
-    not finite (products beyond float32's range, or NaN/inf data) is summed again in double."""
-    cdef floating m = <floating>mean, a, b, g
-    cdef Py_ssize_t c, j, j0, n
-    for c in range((k + SUM_CHUNK - 1) // SUM_CHUNK):
-        j0 = c * SUM_CHUNK
-        n = min(SUM_CHUNK, k - j0)
-        a = 0
-        b = 0
-        for j in range(j0, j0 + n):
-            g = dy[j] * w[j]
-            a = a + g
-            b = b + g * (x[j] - m)
-        if isfinite(a) and isfinite(b):
-            sg[0] += a
-            sgx[0] += b
-        else:
-            _row_sums_double(dy + j0, x + j0, n, w + j0, mean, sg, sgx)
 
 
 cdef void _row_dx(const floating* dy, const floating* x, floating* dx, Py_ssize_t k, const floating* w,
@@ -157,7 +115,7 @@ cdef void _backward_block(const floating* dy, const floating* x, floating* dx, P
             _add_param_grads(dy + o, x + o, k, mean[i], rstd[i], acc, acc + k)
         sg = 0.0
         sgx = 0.0
-        _row_sums(dy + o, x + o, k, w, mean[i], &sg, &sgx)
+        grad_sums(dy + o, x + o, w, k, mean[i], &sg, &sgx)
         _coefficients(sg, sgx, k, rstd[i], &cb, &cc)
         _row_dx(dy + o, x + o, dx + o, k, w, mean[i], rstd[i], cb, cc)
         if partial != NULL and ((i + 1 - m0) % FLUSH == 0 or i + 1 == m1):
@@ -238,8 +196,8 @@ def layernorm_backward(const floating[:, ::1] dy, const floating[:, ::1] x, cons
                 for t in prange(tiles, schedule="static", num_threads=nt):
                     work[2 * t] = 0.0
                     work[2 * t + 1] = 0.0
-                    _row_sums(dyp + i * k + t * TILE, xp + i * k + t * TILE, min(TILE, k - t * TILE),
-                              w + t * TILE, mp[i], &work[2 * t], &work[2 * t + 1])
+                    grad_sums(dyp + i * k + t * TILE, xp + i * k + t * TILE, w + t * TILE,
+                              min(TILE, k - t * TILE), mp[i], &work[2 * t], &work[2 * t + 1])
                 sg = 0.0
                 sgx = 0.0
                 for t in range(tiles):
