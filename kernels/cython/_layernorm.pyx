@@ -184,8 +184,8 @@ def layernorm_backward(const floating[:, ::1] dy, const floating[:, ::1] x, cons
         return
     if k > LONG_ROW:
         tiles = (k + TILE - 1) // TILE
-        # 2k doubles of gradients, 2 per tile of row sums, then room for 2k accumulators
-        buf = _scratch(2 * k + 2 * tiles + 2 * k)
+        # 2k doubles of gradients, 2 per tile of row sums, then 2k accumulators (in doubles' room)
+        buf = _scratch(2 * k + 2 * tiles + (2 * k * sizeof(floating) + 7) // 8)
         grads = &buf[0]
         work = grads + 2 * k
         acc = <floating*>(work + 2 * tiles)
@@ -217,8 +217,8 @@ def layernorm_backward(const floating[:, ::1] dy, const floating[:, ::1] x, cons
         blocks = min(m, MAX_BLOCKS, max(1, PARTIAL_BUDGET // (2 * k)))
         per_block = (m + blocks - 1) // blocks
         blocks = (m + per_block - 1) // per_block
-        # 2k doubles of gradients, 2k per block of partial sums, then room for 2k accumulators per block
-        buf = _scratch(2 * k + 2 * (blocks * 2 * k))
+        # 2k doubles of gradients, 2k per block of partial sums, then 2k accumulators per block (in doubles' room)
+        buf = _scratch(2 * k + blocks * 2 * k + (blocks * 2 * k * sizeof(floating) + 7) // 8)
         grads = &buf[0]
         work = grads + 2 * k
         acc = <floating*>(work + blocks * 2 * k)
