@@ -106,6 +106,8 @@ LARGE = [
     ("batchnorm", (2, 3, 101, 97), {}),
     ("batchnorm", (5, 37, 13, 11), {}),
     ("batchnorm", (4, 70000), {}),
+    ("batchnorm", (70, 100, 3, 3), {}),  # the Cython columns schedule, tasks of whole channels; a short last task
+    ("batchnorm", (301, 5, 2, 3), {}),  # the Cython columns schedule with row blocks; a short last block
     ("groupnorm", (2, 64, 33, 33), {"groups": 8}),
     ("groupnorm", (3, 12, 17, 19), {"groups": 12}),
     ("groupnorm", (1, 6, 1000), {"groups": 1}),
@@ -166,23 +168,27 @@ def test_huge_values(backend, op, dtype, rng):
     assert all(np.isfinite(v).all() for k, v in got.items() if k not in ("mean", "rstd") and v is not None)
 
 
+# (256, 4, 3, 3): layernorm's row quads, batchnorm's columns with row blocks; (32, 100, 3, 3): batchnorm's columns
+# in tasks of whole channels
+@pytest.mark.parametrize("shape", [(256, 4, 3, 3), (32, 100, 3, 3)], ids=str)
 @pytest.mark.parametrize("op", OPS)
-def test_huge_gradients_float32(backend, op, rng):
+def test_huge_gradients_float32(backend, op, shape, rng):
     """dy and x near 1e20: the products dy * (x - mean) overflow float32, so any sum of them kept in float32
     must be redone in double (the backward results themselves are of moderate size)."""
-    x = (rng.standard_normal((256, 4, 3, 3)) * 1e20).astype(np.float32)  # layernorm: row quads
+    x = (rng.standard_normal(shape) * 1e20).astype(np.float32)
     dy = (rng.standard_normal(x.shape) * 1e20).astype(np.float32)
     kw = op_args(op, x, rng, groups=2, affine="both")
     got = compare(op, x, kw, backend, dy)
     assert all(np.isfinite(got[k]).all() for k in ("dx", "dweight", "dbias"))
 
 
+@pytest.mark.parametrize("shape", [(3, 4, 6, 5), (3, 200, 2, 3)], ids=str)
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
 @pytest.mark.parametrize("op", OPS)
-def test_nan_inf_propagate(backend, op, bad, rng):
+def test_nan_inf_propagate(backend, op, bad, shape, rng):
     """A non-finite input poisons its own normalized set, exactly as in the reference, and nothing else."""
-    x = rng.standard_normal((3, 4, 6, 5)).astype(np.float32)
-    x[1, 2, 3, 4] = bad
+    x = rng.standard_normal(shape).astype(np.float32)
+    x[1, 2, 1, 2] = bad
     dy = rng.standard_normal(x.shape).astype(np.float32)
     kw = op_args(op, x, rng, groups=2, affine="both")
     got = compare(op, x, kw, backend, dy)

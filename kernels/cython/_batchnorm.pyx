@@ -8,9 +8,12 @@ alone, so that the summation order (and so every result) never depends on the th
   pass over them while they are still in cache;
 - rows (S >= SHORT_ROW, few channels): one task per row (i, c) for the sums, merged per channel in row order,
   then one task per row for the elementwise pass;
-- columns (S < SHORT_ROW, e.g. (N, C) input): on the (N, C*S) view, tasks of CHUNK columns sum down their
-  columns in row order (vectorized across columns), the S columns of a channel are merged in order, and the
-  elementwise pass runs row by row with per-column coefficients.
+- columns (S < SHORT_ROW, e.g. (N, C) input): on the (N, C*S) view, a task takes the whole channels in CHUNK
+  columns and sums down its columns in row order (vectorized across columns); the S columns of a channel are
+  merged in order. With enough such tasks, each one then finishes its channels and runs their elementwise pass
+  with per-column coefficients, all in one parallel region. With few (narrow inputs such as (256, 16)), the
+  rows are cut into blocks too, so that every core sums, the blocks' sums are merged per channel in block
+  order, and the elementwise pass runs row by row.
 """
 
 import numpy as np
@@ -34,7 +37,16 @@ BUILD = {
 
 cdef Py_ssize_t SHORT_ROW = 32
 cdef Py_ssize_t MANY_CHANNELS = 32
-cdef Py_ssize_t CHUNK = 256
+
+cdef enum:
+    # columns schedule: a task takes the whole channels that fit in CHUNK columns of the (N, C*S) view
+    CHUNK = 256
+    # with at least WIDE_TASKS such tasks, each one also runs the elementwise pass over its columns (one parallel
+    # region, the columns still in cache); with fewer, the rows are cut into blocks as well, for ROW_TASKS tasks
+    # of at least BLOCK_ROWS rows, whose partial sums are merged per channel in block order
+    WIDE_TASKS = 4
+    ROW_TASKS = 8
+    BLOCK_ROWS = 64
 
 cdef int _nthreads = 1
 
@@ -48,8 +60,17 @@ cdef inline const floating* _ptr(const floating[::1] a) noexcept:
     return NULL if a is None else &a[0]
 
 
-cdef inline Py_ssize_t _chunks(Py_ssize_t length) noexcept nogil:
-    return (length + CHUNK - 1) // CHUNK
+cdef inline Py_ssize_t _cdiv(Py_ssize_t a, Py_ssize_t b) noexcept nogil:
+    return (a + b - 1) // b
+
+
+cdef inline Py_ssize_t _column_tasks(Py_ssize_t nc, Py_ssize_t s) noexcept nogil:
+    """Column tasks of the columns schedule (S < SHORT_ROW <= CHUNK): CHUNK // s whole channels each."""
+    return _cdiv(nc, CHUNK // s)
+
+
+cdef inline Py_ssize_t _row_blocks(Py_ssize_t n, Py_ssize_t tasks) noexcept nogil:
+    return max(1, min(_cdiv(ROW_TASKS, tasks), n // BLOCK_ROWS))
 
 
 # --- per-task loops --------------------------------------------------------------------------------------------
@@ -202,6 +223,83 @@ cdef void _scale_columns(const floating* dy, floating* dx, Py_ssize_t length, co
         dx[l] = ca[l] * dy[l]
 
 
+cdef inline void _merge_columns(const double* a, const double* b, Py_ssize_t s, double* s1,
+                                double* s2) noexcept nogil:
+    """Add the s column sums of one channel to its sums, in column order."""
+    cdef Py_ssize_t i
+    for i in range(s):
+        s1[0] += a[i]
+        s2[0] += b[i]
+
+
+cdef void _forward_columns(const floating* x, floating* y, Py_ssize_t n, Py_ssize_t nc, Py_ssize_t s,
+                           Py_ssize_t c0, Py_ssize_t c1, double eps, const floating* w, const floating* b,
+                           double* mean, double* rstd) noexcept nogil:
+    """Channels c0..c1 of the columns schedule, whole: their column sums, statistics and elementwise pass."""
+    cdef Py_ssize_t length = nc * s, l0 = c0 * s, width = (c1 - c0) * s, c, i, j
+    cdef floating piv[CHUNK]
+    cdef floating cm[CHUNK]
+    cdef floating scale[CHUNK]
+    cdef floating shift[CHUNK]
+    cdef double s1[CHUNK]
+    cdef double s2[CHUNK]
+    cdef double t1, t2, sc, sh
+    for c in range(c0, c1):
+        for i in range(s):
+            piv[(c - c0) * s + i] = <floating>pivot_of(x[c * s])
+    _column_moments(x + l0, n, length, 0, width, piv, s1, s2)
+    for c in range(c0, c1):
+        j = (c - c0) * s
+        t1 = 0.0
+        t2 = 0.0
+        _merge_columns(s1 + j, s2 + j, s, &t1, &t2)
+        finish_moments(t1, t2, n * s, pivot_of(x[c * s]), eps, &mean[c], &rstd[c])
+        sc = rstd[c] * w[c] if w != NULL else rstd[c]
+        # as in affine(): the shift takes the mean's rounding to the data's precision
+        sh = (b[c] if b != NULL else 0.0) + (<double><floating>mean[c] - mean[c]) * sc
+        for i in range(j, j + s):
+            cm[i] = <floating>mean[c]
+            scale[i] = <floating>sc
+            shift[i] = <floating>sh
+    for i in range(n):
+        _affine_columns(x + i * length + l0, y + i * length + l0, width, cm, scale, shift)
+
+
+cdef void _backward_columns(const floating* dy, const floating* x, floating* dx, Py_ssize_t n, Py_ssize_t nc,
+                            Py_ssize_t s, Py_ssize_t c0, Py_ssize_t c1, bint training, bint sums,
+                            const double* mean, const double* rstd, const floating* w, double* sdy,
+                            double* sdyx) noexcept nogil:
+    """Channels c0..c1 of the columns schedule, whole: their gradient sums, coefficients and input gradient."""
+    cdef Py_ssize_t length = nc * s, l0 = c0 * s, width = (c1 - c0) * s, c, i, j
+    cdef floating cm[CHUNK]
+    cdef floating ca[CHUNK]
+    cdef floating cb[CHUNK]
+    cdef floating cc[CHUNK]
+    cdef double a[CHUNK]
+    cdef double b[CHUNK]
+    cdef double da, db, dc
+    for c in range(c0, c1):
+        for i in range((c - c0) * s, (c - c0 + 1) * s):
+            cm[i] = <floating>mean[c]
+    if sums:
+        _column_grad_sums(dy + l0, x + l0, n, length, 0, width, cm, a, b)
+        for c in range(c0, c1):
+            _merge_columns(a + (c - c0) * s, b + (c - c0) * s, s, &sdy[c], &sdyx[c])
+    for c in range(c0, c1):
+        _coefficients(training, sdy[c], sdyx[c], <double>(n * s), rstd[c], w[c] if w != NULL else 1.0,
+                      &da, &db, &dc)
+        for i in range((c - c0) * s, (c - c0 + 1) * s):
+            ca[i] = <floating>da
+            cb[i] = <floating>db
+            cc[i] = <floating>dc
+    for i in range(n):
+        j = i * length + l0
+        if training:
+            _grad_apply_columns(dy + j, x + j, dx + j, width, cm, ca, cb, cc)
+        else:
+            _scale_columns(dy + j, dx + j, width, ca)
+
+
 # --- schedules -------------------------------------------------------------------------------------------------
 
 cdef void _per_column(const double* per_channel, Py_ssize_t nc, Py_ssize_t s, floating* out) noexcept nogil:
@@ -214,7 +312,8 @@ cdef void _per_column(const double* per_channel, Py_ssize_t nc, Py_ssize_t s, fl
 
 cdef void _channel_moments(const floating[:, :, ::1] x, double[::1] pivot, double[::1] s1, double[::1] s2):
     """Per-channel sum(x - pivot) and sum((x - pivot)**2) with the rows or the columns schedule."""
-    cdef Py_ssize_t n = x.shape[0], nc = x.shape[1], s = x.shape[2], t, c, i, length = nc * s
+    cdef Py_ssize_t n = x.shape[0], nc = x.shape[1], s = x.shape[2], t, c, i, k, length = nc * s
+    cdef Py_ssize_t width, tasks, blocks, rows
     cdef const floating* xp = &x[0, 0, 0]
     cdef double[::1] a, b
     cdef floating[::1] p
@@ -231,18 +330,25 @@ cdef void _channel_moments(const floating[:, :, ::1] x, double[::1] pivot, doubl
                 s1[c] += a[i * nc + c]
                 s2[c] += b[i * nc + c]
     else:
-        a = np.empty(length)
-        b = np.empty(length)
+        # column tasks times row blocks; block k's column sums land in row k of a and b
+        width = (CHUNK // s) * s
+        tasks = _column_tasks(nc, s)
+        blocks = _row_blocks(n, tasks)
+        rows = _cdiv(n, blocks)
+        a = np.empty(blocks * length)
+        b = np.empty(blocks * length)
         p = np.empty(length, np.float32 if floating is float else np.float64)
         _per_column(&pivot[0], nc, s, &p[0])
-        for t in prange(_chunks(length), nogil=True, schedule="static", num_threads=nt):
-            _column_moments(xp, n, length, t * CHUNK, min(length, (t + 1) * CHUNK), &p[0], &a[0], &b[0])
+        for t in prange(blocks * tasks, nogil=True, schedule="static", num_threads=nt):
+            k = t // tasks
+            _column_moments(xp + k * rows * length, max(0, min(rows, n - k * rows)), length,
+                            (t % tasks) * width, min(length, (t % tasks + 1) * width), &p[0], &a[k * length],
+                            &b[k * length])
         for c in range(nc):
             s1[c] = 0.0
             s2[c] = 0.0
-            for i in range(s):
-                s1[c] += a[c * s + i]
-                s2[c] += b[c * s + i]
+            for k in range(blocks):
+                _merge_columns(&a[k * length + c * s], &b[k * length + c * s], s, &s1[c], &s2[c])
 
 
 cdef void _apply_channels(const floating[:, :, ::1] x, floating[:, :, ::1] y, double[::1] mean,
@@ -276,7 +382,8 @@ cdef void _apply_channels(const floating[:, :, ::1] x, floating[:, :, ::1] y, do
 cdef void _channel_grad_sums(const floating[:, :, ::1] dy, const floating[:, :, ::1] x, double[::1] mean,
                              double[::1] sdy, double[::1] sdyx):
     """Per-channel sum(dy) and sum(dy * (x - mean)) with the rows or the columns schedule."""
-    cdef Py_ssize_t n = x.shape[0], nc = x.shape[1], s = x.shape[2], t, c, i, length = nc * s
+    cdef Py_ssize_t n = x.shape[0], nc = x.shape[1], s = x.shape[2], t, c, i, k, length = nc * s
+    cdef Py_ssize_t width, tasks, blocks, rows
     cdef const floating* dyp = &dy[0, 0, 0]
     cdef const floating* xp = &x[0, 0, 0]
     cdef double[::1] a, b
@@ -294,18 +401,25 @@ cdef void _channel_grad_sums(const floating[:, :, ::1] dy, const floating[:, :, 
                 sdy[c] += a[i * nc + c]
                 sdyx[c] += b[i * nc + c]
     else:
-        a = np.empty(length)
-        b = np.empty(length)
+        # as in _channel_moments
+        width = (CHUNK // s) * s
+        tasks = _column_tasks(nc, s)
+        blocks = _row_blocks(n, tasks)
+        rows = _cdiv(n, blocks)
+        a = np.empty(blocks * length)
+        b = np.empty(blocks * length)
         m = np.empty(length, np.float32 if floating is float else np.float64)
         _per_column(&mean[0], nc, s, &m[0])
-        for t in prange(_chunks(length), nogil=True, schedule="static", num_threads=nt):
-            _column_grad_sums(dyp, xp, n, length, t * CHUNK, min(length, (t + 1) * CHUNK), &m[0], &a[0], &b[0])
+        for t in prange(blocks * tasks, nogil=True, schedule="static", num_threads=nt):
+            k = t // tasks
+            _column_grad_sums(dyp + k * rows * length, xp + k * rows * length, max(0, min(rows, n - k * rows)),
+                              length, (t % tasks) * width, min(length, (t % tasks + 1) * width), &m[0],
+                              &a[k * length], &b[k * length])
         for c in range(nc):
             sdy[c] = 0.0
             sdyx[c] = 0.0
-            for i in range(s):
-                sdy[c] += a[c * s + i]
-                sdyx[c] += b[c * s + i]
+            for k in range(blocks):
+                _merge_columns(&a[k * length + c * s], &b[k * length + c * s], s, &sdy[c], &sdyx[c])
 
 
 cdef void _grad_apply_channels(const floating[:, :, ::1] dy, const floating[:, :, ::1] x, floating[:, :, ::1] dx,
@@ -341,7 +455,7 @@ cdef void _grad_apply_channels(const floating[:, :, ::1] dy, const floating[:, :
 cdef void _backward(bint training, const floating[:, :, ::1] dy, const floating[:, :, ::1] x,
                     const floating[::1] mean, const floating[::1] rstd, const floating[::1] weight,
                     floating[:, :, ::1] dx, floating[::1] dweight, floating[::1] dbias):
-    cdef Py_ssize_t n = x.shape[0], nc = x.shape[1], s = x.shape[2], c
+    cdef Py_ssize_t n = x.shape[0], nc = x.shape[1], s = x.shape[2], c, t, k
     cdef const floating* dyp = &dy[0, 0, 0]
     cdef const floating* xp = &x[0, 0, 0]
     cdef floating* dxp = &dx[0, 0, 0]
@@ -356,6 +470,11 @@ cdef void _backward(bint training, const floating[:, :, ::1] dy, const floating[
         for c in prange(nc, nogil=True, schedule="static", num_threads=nt):
             _backward_channel(dyp, xp, dxp, n, nc, s, c, training, sums, mu[c], r[c],
                               w[c] if w != NULL else 1.0, &sdy[c], &sdyx[c])
+    elif s < SHORT_ROW and _column_tasks(nc, s) >= WIDE_TASKS:
+        k = CHUNK // s
+        for t in prange(_column_tasks(nc, s), nogil=True, schedule="static", num_threads=nt):
+            _backward_columns(dyp, xp, dxp, n, nc, s, t * k, min(nc, (t + 1) * k), training, sums, &mu[0], &r[0],
+                              w, &sdy[0], &sdyx[0])
     else:
         if sums:
             _channel_grad_sums(dy, x, mu, sdy, sdyx)
@@ -376,7 +495,7 @@ cdef void _backward(bint training, const floating[:, :, ::1] dy, const floating[
 
 def batchnorm_forward(const floating[:, :, ::1] x, const floating[::1] weight, const floating[::1] bias,
                       double eps, floating[:, :, ::1] y, floating[::1] mean, floating[::1] rstd):
-    cdef Py_ssize_t n = x.shape[0], nc = x.shape[1], s = x.shape[2], c
+    cdef Py_ssize_t n = x.shape[0], nc = x.shape[1], s = x.shape[2], c, t, k
     cdef const floating* xp = &x[0, 0, 0]
     cdef floating* yp = &y[0, 0, 0]
     cdef const floating* w = _ptr(weight)
@@ -387,6 +506,10 @@ def batchnorm_forward(const floating[:, :, ::1] x, const floating[::1] weight, c
     if s >= SHORT_ROW and nc >= MANY_CHANNELS:
         for c in prange(nc, nogil=True, schedule="static", num_threads=nt):
             _forward_channel(xp, yp, n, nc, s, c, eps, w, b, &mu[c], &r[c])
+    elif s < SHORT_ROW and _column_tasks(nc, s) >= WIDE_TASKS:
+        k = CHUNK // s
+        for t in prange(_column_tasks(nc, s), nogil=True, schedule="static", num_threads=nt):
+            _forward_columns(xp, yp, n, nc, s, t * k, min(nc, (t + 1) * k), eps, w, b, &mu[0], &r[0])
     else:
         pivot, s1, s2, scale, shift = np.empty(nc), np.empty(nc), np.empty(nc), np.empty(nc), np.empty(nc)
         for c in range(nc):
