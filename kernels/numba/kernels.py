@@ -7,8 +7,9 @@ are merged in a fixed order, so results are identical for any number of threads 
   is reduced and then normalized while it is still in cache. With fewer than ``MIN_SETS`` sets, each set is cut
   into pieces whose partial sums are merged per set, so that small batches still use every core.
 * batchnorm: with enough channels whose data fits in L2, one work item per channel (reduce, then apply, in
-  cache); otherwise work items are (n, c, piece) rows, or, for tiny spatial sizes such as (N, C) inputs, blocks
-  of rows of the flattened (N, C*S) view, merged per channel afterwards.
+  cache); otherwise work items are (n, c, piece) rows, or, for tiny spatial sizes such as (N, C) inputs, tasks
+  of whole channels on the flattened (N, C*S) view that sum, finish and apply their columns (when there are
+  enough of them), else blocks of rows of that view, merged per channel afterwards.
 
 Statistics are a shifted single pass accumulated in float64: each set subtracts a pivot (its first element, or
 0 if that is not finite) and sums d and d*d. The shift removes the cancellation of E[x^2] - E[x]^2; float64
@@ -54,6 +55,10 @@ FLUSH = 16  # even: row pairs never straddle a flush
 GROUP_BYTES = 4 << 20
 # Width of the column blocks of the flattened (N, C*S) view and of layernorm's parameter gradients.
 BLOCK = 2048
+# batchnorm on the flattened view: a column task takes the whole channels in CHUNK columns; with at least
+# WIDE_TASKS of them, each task sums, finishes and applies its channels in one parallel region, in cache.
+CHUNK = 256
+WIDE_TASKS = 4
 
 
 def _cache_probe():
@@ -485,6 +490,135 @@ def _fused_channels(N, C, S, itemsize, arrays):
     return S >= WIDE_S and C >= MIN_SETS and N * S * itemsize * arrays <= FUSED_BYTES
 
 
+@_jit
+def _column_tasks(C, S):
+    """Column tasks of CHUNK // S whole channels on the flattened (N, C*S) view, or 0 if there are too few."""
+    T = _cdiv(C, max(1, CHUNK // S))
+    return T if S < WIDE_S and T >= WIDE_TASKS else 0
+
+
+@_jit
+def _forward_columns(x2, y2, S, c0, c1, eps, w, b, has_w, has_b, mean, rstd):
+    """batchnorm forward of channels c0..c1 on the flattened view (N, C*S): column sums, statistics, apply."""
+    N = x2.shape[0]
+    l0 = c0 * S
+    L = (c1 - c0) * S
+    p = np.empty(L)
+    for j in range(L):
+        p[j] = _pivot(x2[0, l0 + j // S * S])
+    s1 = np.zeros(L)
+    s2 = np.zeros(L)
+    # four rows per sweep: a quarter of the loads and stores of the column sums, which bound this loop
+    for n in range(0, N - 3, 4):
+        x0 = x2[n, l0:l0 + L]
+        x1 = x2[n + 1, l0:l0 + L]
+        x2_ = x2[n + 2, l0:l0 + L]
+        x3 = x2[n + 3, l0:l0 + L]
+        for j in range(L):
+            d0 = np.float64(x0[j]) - p[j]
+            d1 = np.float64(x1[j]) - p[j]
+            d2 = np.float64(x2_[j]) - p[j]
+            d3 = np.float64(x3[j]) - p[j]
+            s1[j] += (d0 + d1) + (d2 + d3)
+            s2[j] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)
+    for n in range(N - N % 4, N):
+        xr = x2[n, l0:l0 + L]
+        for j in range(L):
+            d = np.float64(xr[j]) - p[j]
+            s1[j] += d
+            s2[j] += d * d
+    m = np.empty(L, x2.dtype)
+    sc = np.empty(L, x2.dtype)
+    sh = np.empty(L, x2.dtype)
+    for c in range(c1 - c0):
+        a1 = 0.0
+        a2 = 0.0
+        for i in range(c * S, (c + 1) * S):
+            a1 += s1[i]
+            a2 += s2[i]
+        m64, r64 = _finish(p[c * S], a1, a2, N * S, eps)
+        mean[c0 + c] = m64
+        rstd[c0 + c] = r64
+        scale = r64 * (np.float64(w[c0 + c]) if has_w else 1.0)
+        shift = (np.float64(b[c0 + c]) if has_b else 0.0) + (np.float64(mean[c0 + c]) - m64) * scale
+        for i in range(c * S, (c + 1) * S):
+            m[i] = mean[c0 + c]
+            sc[i] = scale
+            sh[i] = shift
+    for n in range(N):
+        xr = x2[n, l0:l0 + L]
+        yr = y2[n, l0:l0 + L]
+        for j in range(L):
+            yr[j] = (xr[j] - m[j]) * sc[j] + sh[j]
+
+
+@_jit
+def _backward_columns(dy2, x2, dx2, S, c0, c1, mean, rstd, w, has_w, dw, db, want_dw, want_db):
+    """batchnorm backward of channels c0..c1 on the flattened view: column sums, coefficients, dx."""
+    N = x2.shape[0]
+    l0 = c0 * S
+    L = (c1 - c0) * S
+    cnt = N * S
+    ref = np.empty(L)
+    for j in range(L):
+        ref[j] = mean[c0 + j // S]
+    s1 = np.zeros(L)
+    s2 = np.zeros(L)
+    # four rows per sweep, as in _forward_columns
+    for n in range(0, N - 3, 4):
+        g0 = dy2[n, l0:l0 + L]
+        g1 = dy2[n + 1, l0:l0 + L]
+        g2 = dy2[n + 2, l0:l0 + L]
+        g3 = dy2[n + 3, l0:l0 + L]
+        x0 = x2[n, l0:l0 + L]
+        x1 = x2[n + 1, l0:l0 + L]
+        x2_ = x2[n + 2, l0:l0 + L]
+        x3 = x2[n + 3, l0:l0 + L]
+        for j in range(L):
+            a0 = np.float64(g0[j])
+            a1 = np.float64(g1[j])
+            a2 = np.float64(g2[j])
+            a3 = np.float64(g3[j])
+            rj = ref[j]
+            s1[j] += (a0 + a1) + (a2 + a3)
+            s2[j] += ((a0 * (np.float64(x0[j]) - rj) + a1 * (np.float64(x1[j]) - rj))
+                      + (a2 * (np.float64(x2_[j]) - rj) + a3 * (np.float64(x3[j]) - rj)))
+    for n in range(N - N % 4, N):
+        dr = dy2[n, l0:l0 + L]
+        xr = x2[n, l0:l0 + L]
+        for j in range(L):
+            g = np.float64(dr[j])
+            s1[j] += g
+            s2[j] += g * (np.float64(xr[j]) - ref[j])
+    m = np.empty(L, x2.dtype)
+    A = np.empty(L, x2.dtype)
+    B = np.empty(L, x2.dtype)
+    Cc = np.empty(L, x2.dtype)
+    for c in range(c1 - c0):
+        a1 = 0.0
+        a2 = 0.0
+        for i in range(c * S, (c + 1) * S):
+            a1 += s1[i]
+            a2 += s2[i]
+        r = np.float64(rstd[c0 + c])
+        wc = np.float64(w[c0 + c]) if has_w else 1.0
+        for i in range(c * S, (c + 1) * S):
+            m[i] = mean[c0 + c]
+            A[i] = r * wc
+            B[i] = -r * r * (r * wc * a2 / cnt)
+            Cc[i] = -r * (wc * a1 / cnt)
+        if want_db:
+            db[c0 + c] = a1
+        if want_dw:
+            dw[c0 + c] = r * a2
+    for n in range(N):
+        dr = dy2[n, l0:l0 + L]
+        xr = x2[n, l0:l0 + L]
+        outr = dx2[n, l0:l0 + L]
+        for j in range(L):
+            outr[j] = dr[j] * A[j] + (xr[j] - m[j]) * B[j] + Cc[j]
+
+
 @_pjit
 def _bn_forward(x, w, b, has_w, has_b, eps, y, mean, rstd):
     N, C, S = x.shape
@@ -504,6 +638,14 @@ def _bn_forward(x, w, b, has_w, has_b, eps, y, mean, rstd):
             rstd[c] = r64
             for n in range(N):
                 _apply_range(x[n, c], y[n, c], 0, S, S, c, mean[c], m64, r64, w, b, has_w, has_b)
+        return
+    T = _column_tasks(C, S)
+    if T:
+        k = CHUNK // S
+        x2 = x.reshape(N, C * S)
+        y2 = y.reshape(N, C * S)
+        for t in prange(T):
+            _forward_columns(x2, y2, S, t * k, min(C, (t + 1) * k), eps, w, b, has_w, has_b, mean, rstd)
         return
     piv = np.empty(C)
     for c in range(C):
@@ -547,6 +689,16 @@ def _bn_backward(dy, x, mean, rstd, w, has_w, dx, dw, db, want_dw, want_db):
                 db[c] = s1
             if want_dw:
                 dw[c] = r * s2
+        return
+    T = _column_tasks(C, S)
+    if T:
+        k = CHUNK // S
+        d2 = dy.reshape(N, C * S)
+        x2 = x.reshape(N, C * S)
+        o2 = dx.reshape(N, C * S)
+        for t in prange(T):
+            _backward_columns(d2, x2, o2, S, t * k, min(C, (t + 1) * k), mean, rstd, w, has_w, dw, db, want_dw,
+                              want_db)
         return
     ref = np.empty(C)
     for c in range(C):
