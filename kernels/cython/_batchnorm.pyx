@@ -11,9 +11,9 @@ alone, so that the summation order (and so every result) never depends on the th
 - columns (S < SHORT_ROW, e.g. (N, C) input): on the (N, C*S) view, a task takes the whole channels in CHUNK
   columns and sums down its columns in row order (vectorized across columns); the S columns of a channel are
   merged in order. With enough such tasks, each one then finishes its channels and runs their elementwise pass
-  with per-column coefficients, all in one parallel region. With few (narrow inputs such as (256, 16)), the
-  rows are cut into blocks too, so that every core sums, the blocks' sums are merged per channel in block
-  order, and the elementwise pass runs row by row.
+  with per-column coefficients, all in one parallel region. With few (narrow inputs such as (256, 16)) and
+  enough rows, the rows are cut into blocks too, so that every core sums, the blocks' sums are merged per
+  channel in block order, and the elementwise pass runs row by row.
 """
 
 import numpy as np
@@ -42,8 +42,8 @@ cdef enum:
     # columns schedule: a task takes the whole channels that fit in CHUNK columns of the (N, C*S) view
     CHUNK = 256
     # with at least WIDE_TASKS such tasks, each one also runs the elementwise pass over its columns (one parallel
-    # region, the columns still in cache); with fewer, the rows are cut into blocks as well, for ROW_TASKS tasks
-    # of at least BLOCK_ROWS rows, whose partial sums are merged per channel in block order
+    # region, the columns still in cache); with fewer, the rows are cut into blocks as well (if there are enough),
+    # for ROW_TASKS tasks of at least BLOCK_ROWS rows, whose partial sums are merged per channel in block order
     WIDE_TASKS = 4
     ROW_TASKS = 8
     BLOCK_ROWS = 64
@@ -71,6 +71,13 @@ cdef inline Py_ssize_t _column_tasks(Py_ssize_t nc, Py_ssize_t s) noexcept nogil
 
 cdef inline Py_ssize_t _row_blocks(Py_ssize_t n, Py_ssize_t tasks) noexcept nogil:
     return max(1, min(_cdiv(ROW_TASKS, tasks), n // BLOCK_ROWS))
+
+
+cdef inline bint _whole_columns(Py_ssize_t n, Py_ssize_t nc, Py_ssize_t s) noexcept nogil:
+    """Whether the columns schedule runs tasks of whole channels (sums, statistics and the elementwise pass in
+    one parallel region): with enough tasks, or when cutting the rows into blocks would not add any."""
+    cdef Py_ssize_t tasks = _column_tasks(nc, s)
+    return s < SHORT_ROW and (tasks >= WIDE_TASKS or _row_blocks(n, tasks) == 1)
 
 
 # --- per-task loops --------------------------------------------------------------------------------------------
@@ -470,7 +477,7 @@ cdef void _backward(bint training, const floating[:, :, ::1] dy, const floating[
         for c in prange(nc, nogil=True, schedule="static", num_threads=nt):
             _backward_channel(dyp, xp, dxp, n, nc, s, c, training, sums, mu[c], r[c],
                               w[c] if w != NULL else 1.0, &sdy[c], &sdyx[c])
-    elif s < SHORT_ROW and _column_tasks(nc, s) >= WIDE_TASKS:
+    elif _whole_columns(n, nc, s):
         k = CHUNK // s
         for t in prange(_column_tasks(nc, s), nogil=True, schedule="static", num_threads=nt):
             _backward_columns(dyp, xp, dxp, n, nc, s, t * k, min(nc, (t + 1) * k), training, sums, &mu[0], &r[0],
@@ -506,7 +513,7 @@ def batchnorm_forward(const floating[:, :, ::1] x, const floating[::1] weight, c
     if s >= SHORT_ROW and nc >= MANY_CHANNELS:
         for c in prange(nc, nogil=True, schedule="static", num_threads=nt):
             _forward_channel(xp, yp, n, nc, s, c, eps, w, b, &mu[c], &r[c])
-    elif s < SHORT_ROW and _column_tasks(nc, s) >= WIDE_TASKS:
+    elif _whole_columns(n, nc, s):
         k = CHUNK // s
         for t in prange(_column_tasks(nc, s), nogil=True, schedule="static", num_threads=nt):
             _forward_columns(xp, yp, n, nc, s, t * k, min(nc, (t + 1) * k), eps, w, b, &mu[0], &r[0])
