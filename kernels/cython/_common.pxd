@@ -15,16 +15,51 @@ cdef inline double pivot_of(double first) noexcept nogil:
     return first if isfinite(first) else 0.0
 
 
+cdef extern from *:
+    # The statistics pass, in double. From a plain loop the compiler makes one vector register per sum, and the
+    # loop waits on the latency of its additions; with AVX (the x86-64-v3 build) four registers per sum instead:
+    # LayerNorm forward on (64, 1024) in L2, one thread, 8.3 -> 7.5 us. The order of the additions is fixed by
+    # the code, so results do not depend on the thread count; the baseline build keeps the plain loop.
+    """
+    #if defined(__AVX__)
+    #include <immintrin.h>
+    #define NORMKIT_LOAD4_F(p) _mm256_cvtps_pd(_mm_loadu_ps(p))
+    #define NORMKIT_LOAD4_D(p) _mm256_loadu_pd(p)
+    #define NORMKIT_MOMENTS_BLOCKS(LOAD)                                                              \
+        __m256d p = _mm256_set1_pd(pivot), z = _mm256_setzero_pd(), d0, d1, d2, d3;               \
+        __m256d a0 = z, a1 = z, a2 = z, a3 = z, b0 = z, b1 = z, b2 = z, b3 = z;                   \
+        for (; i + 16 <= n; i += 16) {                                                            \
+            d0 = LOAD(x + i) - p; d1 = LOAD(x + i + 4) - p;                                       \
+            d2 = LOAD(x + i + 8) - p; d3 = LOAD(x + i + 12) - p;                                  \
+            a0 += d0; a1 += d1; a2 += d2; a3 += d3;                                               \
+            b0 += d0 * d0; b1 += d1 * d1; b2 += d2 * d2; b3 += d3 * d3;                           \
+        }                                                                                         \
+        a0 = (a0 + a1) + (a2 + a3); b0 = (b0 + b1) + (b2 + b3);                                   \
+        ta = (a0[0] + a0[1]) + (a0[2] + a0[3]); tb = (b0[0] + b0[1]) + (b0[2] + b0[3]);
+    #else
+    #define NORMKIT_MOMENTS_BLOCKS(LOAD)
+    #endif
+    #define NORMKIT_MOMENTS(NAME, T, LOAD)                                                            \
+        static inline void NAME(const T* x, Py_ssize_t n, double pivot, double* s1, double* s2) {     \
+            double ta = 0.0, tb = 0.0, d;                                                             \
+            Py_ssize_t i = 0;                                                                         \
+            NORMKIT_MOMENTS_BLOCKS(LOAD)                                                              \
+            for (; i < n; i++) { d = x[i] - pivot; ta += d; tb += d * d; }                            \
+            *s1 += ta; *s2 += tb;                                                                     \
+        }
+    NORMKIT_MOMENTS(normkit_moments_f, float, NORMKIT_LOAD4_F)
+    NORMKIT_MOMENTS(normkit_moments_d, double, NORMKIT_LOAD4_D)
+    """
+    void normkit_moments_f(const float* x, Py_ssize_t n, double pivot, double* s1, double* s2) noexcept nogil
+    void normkit_moments_d(const double* x, Py_ssize_t n, double pivot, double* s1, double* s2) noexcept nogil
+
+
 cdef inline void moments(const floating* x, Py_ssize_t n, double pivot, double* s1, double* s2) noexcept nogil:
-    """Add sum(x - pivot) to s1[0] and sum((x - pivot)**2) to s2[0]."""
-    cdef double a = 0.0, b = 0.0, d
-    cdef Py_ssize_t i
-    for i in range(n):
-        d = x[i] - pivot
-        a = a + d
-        b = b + d * d
-    s1[0] += a
-    s2[0] += b
+    """Add sum(x - pivot) to s1[0] and sum((x - pivot)**2) to s2[0] (see above)."""
+    if floating is float:
+        normkit_moments_f(x, n, pivot, s1, s2)
+    else:
+        normkit_moments_d(x, n, pivot, s1, s2)
 
 
 cdef inline void finish_moments(double s1, double s2, Py_ssize_t m, double pivot, double eps,
