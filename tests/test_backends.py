@@ -219,11 +219,14 @@ def test_non_contiguous_input(backend, rng):
             compare(op, x, kw, backend, rng.standard_normal(x.shape).astype(np.float32))
 
 
-@pytest.mark.parametrize("op", OPS)
-def test_thread_count_independent_and_deterministic(backend, op, rng):
-    shapes = {"batchnorm": (64, 3, 40, 40), "layernorm": (64, 3, 40, 40), "instancenorm": (8, 16, 33, 31),
-              "groupnorm": (8, 16, 33, 31)}
-    x = rng.standard_normal(shapes[op]).astype(np.float32)
+# batchnorm: the rows schedule, then the columns schedule with row blocks and in tasks of whole channels
+THREAD_CASES = [("batchnorm", (64, 3, 40, 40)), ("batchnorm", (301, 5, 2, 3)), ("batchnorm", (32, 100, 3, 3)),
+                ("layernorm", (64, 3, 40, 40)), ("instancenorm", (8, 16, 33, 31)), ("groupnorm", (8, 16, 33, 31))]
+
+
+@pytest.mark.parametrize("op,shape", THREAD_CASES, ids=str)
+def test_thread_count_independent_and_deterministic(backend, op, shape, rng):
+    x = rng.standard_normal(shape).astype(np.float32)
     dy = rng.standard_normal(x.shape).astype(np.float32)
     kw = op_args(op, x, rng, groups=4, affine="both")
     threads = normkit.get_num_threads()
