@@ -59,6 +59,9 @@ BLOCK = 2048
 # WIDE_TASKS of them, each task sums, finishes and applies its channels in one parallel region, in cache.
 CHUNK = 256
 WIDE_TASKS = 4
+# Rows of the flattened view shorter than a column block are handled TILE values (whole rows) at a time: one slice
+# and one vectorized loop per tile rather than per row ((4096, 16): one per 16 rows).
+TILE = 256
 
 
 def _cache_probe():
@@ -356,12 +359,14 @@ def _channel_sums(a, bx, ref, mode):
             out[c, 1] = s2
         return out
     W = C * S
+    R, RL, JB = _wide_split(N, W)
+    if JB == 1:
+        return _tiled_sums(a, bx, ref, mode, R, RL)
     a2 = a.reshape(N, W)
     b2 = bx.reshape(N, W)
     refw = np.empty(W)
     for j in range(W):
         refw[j] = ref[j // S]
-    R, RL, JB = _wide_split(N, W)
     part = np.empty((R, 2, W))
     for it in prange(R * JB):
         r = it // JB
@@ -398,6 +403,91 @@ def _channel_sums(a, bx, ref, mode):
     return out
 
 
+@_jit
+def _tiled(per_channel, S, T, dtype):
+    """Per-channel values repeated for each column of a tile of T values (whole rows of W = C*S columns)."""
+    out = np.empty(T, dtype)
+    C = per_channel.shape[0]
+    for q0 in range(0, T, C * S):
+        for c in range(C):
+            for s in range(S):
+                out[q0 + c * S + s] = per_channel[c]
+    return out
+
+
+@_pjit
+def _tiled_sums(a, bx, ref, mode, R, RL):
+    """_channel_sums on the flattened view when a row fits in one column block: each of R blocks of RL rows
+    walks its contiguous span in tiles of whole rows, summing per tile position; tile positions, then blocks,
+    are merged per channel in a fixed order."""
+    N, C, S = a.shape
+    W = C * S
+    RT = max(1, TILE // W)
+    T = RT * W
+    fa = a.reshape(N * W)
+    fb = bx.reshape(N * W)
+    rt = _tiled(ref, S, T, np.float64)
+    part = np.zeros((R, 2, T))
+    for r in prange(R):
+        p1 = part[r, 0]
+        p2 = part[r, 1]
+        n1 = min(N, (r + 1) * RL)
+        for n in range(r * RL, n1, RT):
+            o = n * W
+            L = (min(n1, n + RT) - n) * W
+            av = fa[o:o + L]
+            bv = fb[o:o + L]
+            if mode == 0:
+                for q in range(L):
+                    d = np.float64(av[q]) - rt[q]
+                    p1[q] += d
+                    p2[q] += d * d
+            else:
+                for q in range(L):
+                    g = np.float64(av[q])
+                    p1[q] += g
+                    p2[q] += g * (np.float64(bv[q]) - rt[q])
+    out = np.zeros((C, 2))
+    for r in range(R):
+        for q0 in range(0, T, W):
+            for c in range(C):
+                for s in range(S):
+                    out[c, 0] += part[r, 0, q0 + c * S + s]
+                    out[c, 1] += part[r, 1, q0 + c * S + s]
+    return out
+
+
+@_pjit
+def _tiled_apply(a, bx, m, A, B, Cc, mode, out, R, RL):
+    """The elementwise passes on the flattened view in tiles of whole rows (see _tiled_sums):
+    mode 0: out = (a - m) * A + Cc;  mode 1: out = a * A + (bx - m) * B + Cc (a = dy, bx = x)."""
+    N, C, S = a.shape
+    W = C * S
+    RT = max(1, TILE // W)
+    T = RT * W
+    fa = a.reshape(N * W)
+    fb = bx.reshape(N * W)
+    fo = out.reshape(N * W)
+    mt = _tiled(m, S, T, a.dtype)
+    at = _tiled(A, S, T, a.dtype)
+    bt = _tiled(B, S, T, a.dtype)
+    ct = _tiled(Cc, S, T, a.dtype)
+    for r in prange(R):
+        n1 = min(N, (r + 1) * RL)
+        for n in range(r * RL, n1, RT):
+            o = n * W
+            L = (min(n1, n + RT) - n) * W
+            av = fa[o:o + L]
+            bv = fb[o:o + L]
+            ov = fo[o:o + L]
+            if mode == 0:
+                for q in range(L):
+                    ov[q] = (av[q] - mt[q]) * at[q] + ct[q]
+            else:
+                for q in range(L):
+                    ov[q] = av[q] * at[q] + (bv[q] - mt[q]) * bt[q] + ct[q]
+
+
 @_pjit
 def _channel_affine(x, m, sc, sh, y):
     """y = (x - m[c]) * sc[c] + sh[c]; m, sc, sh have x's dtype."""
@@ -418,6 +508,10 @@ def _channel_affine(x, m, sc, sh, y):
                 yr[j] = (xr[j] - mc) * scc + shc
         return
     W = C * S
+    R, RL, JB = _wide_split(N, W)
+    if JB == 1:
+        _tiled_apply(x, x, m, sc, sc, sh, 0, y, R, RL)
+        return
     x2 = x.reshape(N, W)
     y2 = y.reshape(N, W)
     mw = np.empty(W, x.dtype)
@@ -427,7 +521,6 @@ def _channel_affine(x, m, sc, sh, y):
         mw[j] = m[j // S]
         scw[j] = sc[j // S]
         shw[j] = sh[j // S]
-    R, RL, JB = _wide_split(N, W)
     for it in prange(R * JB):
         r = it // JB
         j0 = (it % JB) * BLOCK
@@ -456,6 +549,10 @@ def _channel_dx(dy, x, m, A, B, Cc, dx):
             _dx(dy[n, c, lo:e], x[n, c, lo:e], dx[n, c, lo:e], A[c], B[c], Cc[c], m[c])
         return
     W = C * S
+    R, RL, JB = _wide_split(N, W)
+    if JB == 1:
+        _tiled_apply(dy, x, m, A, B, Cc, 1, dx, R, RL)
+        return
     d2 = dy.reshape(N, W)
     x2 = x.reshape(N, W)
     o2 = dx.reshape(N, W)
@@ -468,7 +565,6 @@ def _channel_dx(dy, x, m, A, B, Cc, dx):
         aw[j] = A[j // S]
         bw[j] = B[j // S]
         cw[j] = Cc[j // S]
-    R, RL, JB = _wide_split(N, W)
     for it in prange(R * JB):
         r = it // JB
         j0 = (it % JB) * BLOCK
