@@ -73,6 +73,17 @@ cdef inline Py_ssize_t _row_blocks(Py_ssize_t n, Py_ssize_t tasks) noexcept nogi
     return max(1, min(_cdiv(ROW_TASKS, tasks), n // BLOCK_ROWS))
 
 
+cdef inline Py_ssize_t _column_split(Py_ssize_t n, Py_ssize_t nc, Py_ssize_t s, Py_ssize_t* width,
+                                     Py_ssize_t* tasks, Py_ssize_t* rows) noexcept nogil:
+    """The columns schedule with row blocks: sets the width (in columns) of a column task, the number of column
+    tasks and the rows per block; returns the number of row blocks."""
+    width[0] = (CHUNK // s) * s
+    tasks[0] = _column_tasks(nc, s)
+    cdef Py_ssize_t blocks = _row_blocks(n, tasks[0])
+    rows[0] = _cdiv(n, blocks)
+    return blocks
+
+
 cdef inline bint _whole_columns(Py_ssize_t n, Py_ssize_t nc, Py_ssize_t s) noexcept nogil:
     """Whether the columns schedule runs tasks of whole channels (sums, statistics and the elementwise pass in
     one parallel region): with enough tasks, or when cutting the rows into blocks would not add any."""
@@ -338,10 +349,7 @@ cdef void _channel_moments(const floating[:, :, ::1] x, double[::1] pivot, doubl
                 s2[c] += b[i * nc + c]
     else:
         # column tasks times row blocks; block k's column sums land in row k of a and b
-        width = (CHUNK // s) * s
-        tasks = _column_tasks(nc, s)
-        blocks = _row_blocks(n, tasks)
-        rows = _cdiv(n, blocks)
+        blocks = _column_split(n, nc, s, &width, &tasks, &rows)
         a = np.empty(blocks * length)
         b = np.empty(blocks * length)
         p = np.empty(length, np.float32 if floating is float else np.float64)
@@ -409,10 +417,7 @@ cdef void _channel_grad_sums(const floating[:, :, ::1] dy, const floating[:, :, 
                 sdyx[c] += b[i * nc + c]
     else:
         # as in _channel_moments
-        width = (CHUNK // s) * s
-        tasks = _column_tasks(nc, s)
-        blocks = _row_blocks(n, tasks)
-        rows = _cdiv(n, blocks)
+        blocks = _column_split(n, nc, s, &width, &tasks, &rows)
         a = np.empty(blocks * length)
         b = np.empty(blocks * length)
         m = np.empty(length, np.float32 if floating is float else np.float64)

@@ -594,6 +594,17 @@ def _column_tasks(C, S):
 
 
 @_jit
+def _channel_of_columns(s1, s2, c, S):
+    """Channel c's sums from its S column sums, in column order."""
+    a1 = 0.0
+    a2 = 0.0
+    for i in range(c * S, (c + 1) * S):
+        a1 += s1[i]
+        a2 += s2[i]
+    return a1, a2
+
+
+@_jit
 def _forward_columns(x2, y2, S, c0, c1, eps, w, b, has_w, has_b, mean, rstd):
     """batchnorm forward of channels c0..c1 on the flattened view (N, C*S): column sums, statistics, apply."""
     N = x2.shape[0]
@@ -627,11 +638,7 @@ def _forward_columns(x2, y2, S, c0, c1, eps, w, b, has_w, has_b, mean, rstd):
     sc = np.empty(L, x2.dtype)
     sh = np.empty(L, x2.dtype)
     for c in range(c1 - c0):
-        a1 = 0.0
-        a2 = 0.0
-        for i in range(c * S, (c + 1) * S):
-            a1 += s1[i]
-            a2 += s2[i]
+        a1, a2 = _channel_of_columns(s1, s2, c, S)
         m64, r64 = _finish(p[c * S], a1, a2, N * S, eps)
         mean[c0 + c] = m64
         rstd[c0 + c] = r64
@@ -691,11 +698,7 @@ def _backward_columns(dy2, x2, dx2, S, c0, c1, mean, rstd, w, has_w, dw, db, wan
     B = np.empty(L, x2.dtype)
     Cc = np.empty(L, x2.dtype)
     for c in range(c1 - c0):
-        a1 = 0.0
-        a2 = 0.0
-        for i in range(c * S, (c + 1) * S):
-            a1 += s1[i]
-            a2 += s2[i]
+        a1, a2 = _channel_of_columns(s1, s2, c, S)
         r = np.float64(rstd[c0 + c])
         wc = np.float64(w[c0 + c]) if has_w else 1.0
         for i in range(c * S, (c + 1) * S):
