@@ -271,7 +271,7 @@ cdef void _forward_columns(const floating* x, floating* y, Py_ssize_t n, Py_ssiz
         t1 = 0.0
         t2 = 0.0
         _merge_columns(s1 + j, s2 + j, s, &t1, &t2)
-        finish_moments(t1, t2, n * s, pivot_of(x[c * s]), eps, &mean[c], &rstd[c])
+        finish_moments(t1, t2, n * s, piv[j], eps, &mean[c], &rstd[c])
         sc = rstd[c] * w[c] if w != NULL else rstd[c]
         # as in affine(): the shift takes the mean's rounding to the data's precision
         sh = (b[c] if b != NULL else 0.0) + (<double><floating>mean[c] - mean[c]) * sc

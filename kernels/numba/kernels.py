@@ -605,6 +605,57 @@ def _channel_of_columns(s1, s2, c, S):
 
 
 @_jit
+def _column_sums(a2, b2, l0, L, ref, mode):
+    """Float64 sums down columns l0..l0+L of a flattened (N, W) view, in row order, with the integrands of
+    _channel_sums (mode 0: d = a - ref -> sum d, sum d*d; mode 1: sum a, sum a*(b - ref)). Four rows per sweep:
+    a quarter of the loads and stores of the column sums, which bound this loop."""
+    N = a2.shape[0]
+    s1 = np.zeros(L)
+    s2 = np.zeros(L)
+    for n in range(0, N - N % 4, 4):
+        a0 = a2[n, l0:l0 + L]
+        a1 = a2[n + 1, l0:l0 + L]
+        a2_ = a2[n + 2, l0:l0 + L]
+        a3 = a2[n + 3, l0:l0 + L]
+        if mode == 0:
+            for j in range(L):
+                d0 = np.float64(a0[j]) - ref[j]
+                d1 = np.float64(a1[j]) - ref[j]
+                d2 = np.float64(a2_[j]) - ref[j]
+                d3 = np.float64(a3[j]) - ref[j]
+                s1[j] += (d0 + d1) + (d2 + d3)
+                s2[j] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)
+        else:
+            b0 = b2[n, l0:l0 + L]
+            b1 = b2[n + 1, l0:l0 + L]
+            b2_ = b2[n + 2, l0:l0 + L]
+            b3 = b2[n + 3, l0:l0 + L]
+            for j in range(L):
+                g0 = np.float64(a0[j])
+                g1 = np.float64(a1[j])
+                g2 = np.float64(a2_[j])
+                g3 = np.float64(a3[j])
+                rj = ref[j]
+                s1[j] += (g0 + g1) + (g2 + g3)
+                s2[j] += ((g0 * (np.float64(b0[j]) - rj) + g1 * (np.float64(b1[j]) - rj))
+                          + (g2 * (np.float64(b2_[j]) - rj) + g3 * (np.float64(b3[j]) - rj)))
+    for n in range(N - N % 4, N):
+        ar = a2[n, l0:l0 + L]
+        br = b2[n, l0:l0 + L]
+        if mode == 0:
+            for j in range(L):
+                d = np.float64(ar[j]) - ref[j]
+                s1[j] += d
+                s2[j] += d * d
+        else:
+            for j in range(L):
+                g = np.float64(ar[j])
+                s1[j] += g
+                s2[j] += g * (np.float64(br[j]) - ref[j])
+    return s1, s2
+
+
+@_jit
 def _forward_columns(x2, y2, S, c0, c1, eps, w, b, has_w, has_b, mean, rstd):
     """batchnorm forward of channels c0..c1 on the flattened view (N, C*S): column sums, statistics, apply."""
     N = x2.shape[0]
@@ -613,27 +664,7 @@ def _forward_columns(x2, y2, S, c0, c1, eps, w, b, has_w, has_b, mean, rstd):
     p = np.empty(L)
     for j in range(L):
         p[j] = _pivot(x2[0, l0 + j // S * S])
-    s1 = np.zeros(L)
-    s2 = np.zeros(L)
-    # four rows per sweep: a quarter of the loads and stores of the column sums, which bound this loop
-    for n in range(0, N - 3, 4):
-        x0 = x2[n, l0:l0 + L]
-        x1 = x2[n + 1, l0:l0 + L]
-        x2_ = x2[n + 2, l0:l0 + L]
-        x3 = x2[n + 3, l0:l0 + L]
-        for j in range(L):
-            d0 = np.float64(x0[j]) - p[j]
-            d1 = np.float64(x1[j]) - p[j]
-            d2 = np.float64(x2_[j]) - p[j]
-            d3 = np.float64(x3[j]) - p[j]
-            s1[j] += (d0 + d1) + (d2 + d3)
-            s2[j] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)
-    for n in range(N - N % 4, N):
-        xr = x2[n, l0:l0 + L]
-        for j in range(L):
-            d = np.float64(xr[j]) - p[j]
-            s1[j] += d
-            s2[j] += d * d
+    s1, s2 = _column_sums(x2, x2, l0, L, p, 0)
     m = np.empty(L, x2.dtype)
     sc = np.empty(L, x2.dtype)
     sh = np.empty(L, x2.dtype)
@@ -665,34 +696,7 @@ def _backward_columns(dy2, x2, dx2, S, c0, c1, mean, rstd, w, has_w, dw, db, wan
     ref = np.empty(L)
     for j in range(L):
         ref[j] = mean[c0 + j // S]
-    s1 = np.zeros(L)
-    s2 = np.zeros(L)
-    # four rows per sweep, as in _forward_columns
-    for n in range(0, N - 3, 4):
-        g0 = dy2[n, l0:l0 + L]
-        g1 = dy2[n + 1, l0:l0 + L]
-        g2 = dy2[n + 2, l0:l0 + L]
-        g3 = dy2[n + 3, l0:l0 + L]
-        x0 = x2[n, l0:l0 + L]
-        x1 = x2[n + 1, l0:l0 + L]
-        x2_ = x2[n + 2, l0:l0 + L]
-        x3 = x2[n + 3, l0:l0 + L]
-        for j in range(L):
-            a0 = np.float64(g0[j])
-            a1 = np.float64(g1[j])
-            a2 = np.float64(g2[j])
-            a3 = np.float64(g3[j])
-            rj = ref[j]
-            s1[j] += (a0 + a1) + (a2 + a3)
-            s2[j] += ((a0 * (np.float64(x0[j]) - rj) + a1 * (np.float64(x1[j]) - rj))
-                      + (a2 * (np.float64(x2_[j]) - rj) + a3 * (np.float64(x3[j]) - rj)))
-    for n in range(N - N % 4, N):
-        dr = dy2[n, l0:l0 + L]
-        xr = x2[n, l0:l0 + L]
-        for j in range(L):
-            g = np.float64(dr[j])
-            s1[j] += g
-            s2[j] += g * (np.float64(xr[j]) - ref[j])
+    s1, s2 = _column_sums(dy2, x2, l0, L, ref, 1)
     m = np.empty(L, x2.dtype)
     A = np.empty(L, x2.dtype)
     B = np.empty(L, x2.dtype)
@@ -920,6 +924,7 @@ def _ln_row_sums(dyr, xr, m, r, w):
 
 @_jit
 def _ln_flush(acc, out):
+    """out += acc in float64, and acc starts again from 0 (the dtype accumulators of the parameter gradients)."""
     for j in range(acc.shape[0]):
         out[j] += np.float64(acc[j])
         acc[j] = 0.0
@@ -1021,10 +1026,10 @@ def _ln_backward(dy, x, mean, rstd, w, has_w, dx, dw, db, want_dw, want_db):
     part = np.empty((GR * P, 2))
     coef = np.empty((M, 2), x.dtype)
     JB = _cdiv(K, BLOCK)
-    aw = np.empty(K)
-    ab = np.empty(K)
-    acw = np.empty(K, x.dtype)
-    acb = np.empty(K, x.dtype)
+    aw = np.zeros(K)
+    ab = np.zeros(K)
+    acw = np.zeros(K, x.dtype)
+    acb = np.zeros(K, x.dtype)
     for k0 in range(0, M, GR):
         k1 = min(M, k0 + GR)
         for it in prange((k1 - k0) * P):
@@ -1057,23 +1062,14 @@ def _ln_backward(dy, x, mean, rstd, w, has_w, dx, dw, db, want_dw, want_db):
             abv = ab[j0:j1]
             acwv = acw[j0:j1]
             acbv = acb[j0:j1]
-            if k0 == 0:
-                for j in range(j1 - j0):
-                    awv[j] = 0.0
-                    abv[j] = 0.0
             for k in range(k0, k1, 2):
-                if k % FLUSH == 0:
-                    for j in range(j1 - j0):
-                        acwv[j] = 0.0
-                        acbv[j] = 0.0
                 k2 = min(k + 1, k1 - 1)
                 _ln_dx_grads_pair(dy[k, j0:j1], x[k, j0:j1], dx[k, j0:j1], mean[k], rstd[k], coef[k, 0],
                                   coef[k, 1], dy[k2, j0:j1], x[k2, j0:j1], dx[k2, j0:j1], mean[k2], rstd[k2],
                                   coef[k2, 0], coef[k2, 1], k2 > k, wv[j0:j1], acwv, acbv)
                 if k2 % FLUSH == FLUSH - 1 or k2 == M - 1:
-                    for j in range(j1 - j0):
-                        awv[j] += np.float64(acwv[j])
-                        abv[j] += np.float64(acbv[j])
+                    _ln_flush(acwv, awv)
+                    _ln_flush(acbv, abv)
     for j in range(K if want else 0):
         if want_dw:
             dw[j] = aw[j]
