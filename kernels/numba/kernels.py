@@ -325,6 +325,22 @@ def _wide_split(N, W):
     return R, _cdiv(N, R), _cdiv(W, BLOCK)
 
 
+@_jit
+def _add_terms(av, bv, ref, p1, p2, mode):
+    """Elementwise, in float64, the terms of _channel_sums' integrands: mode 0 adds d = a - ref to p1 and d*d to
+    p2; mode 1 adds a to p1 and a*(b - ref) to p2."""
+    if mode == 0:
+        for j in range(av.shape[0]):
+            d = np.float64(av[j]) - ref[j]
+            p1[j] += d
+            p2[j] += d * d
+    else:
+        for j in range(av.shape[0]):
+            g = np.float64(av[j])
+            p1[j] += g
+            p2[j] += g * (np.float64(bv[j]) - ref[j])
+
+
 @_pjit
 def _channel_sums(a, bx, ref, mode):
     """Per-channel float64 sums over (N, S) of one of two integrands, merged in a fixed order:
@@ -379,18 +395,7 @@ def _channel_sums(a, bx, ref, mode):
             p2[j] = 0.0
         rw = refw[j0:j1]
         for n in range(r * RL, min(N, (r + 1) * RL)):
-            ar = a2[n, j0:j1]
-            br = b2[n, j0:j1]
-            if mode == 0:
-                for j in range(j1 - j0):
-                    d = np.float64(ar[j]) - rw[j]
-                    p1[j] += d
-                    p2[j] += d * d
-            else:
-                for j in range(j1 - j0):
-                    g = np.float64(ar[j])
-                    p1[j] += g
-                    p2[j] += g * (np.float64(br[j]) - rw[j])
+            _add_terms(a2[n, j0:j1], b2[n, j0:j1], rw, p1, p2, mode)
     for c in range(C):
         s1 = 0.0
         s2 = 0.0
@@ -435,18 +440,7 @@ def _tiled_sums(a, bx, ref, mode, R, RL):
         for n in range(r * RL, n1, RT):
             o = n * W
             L = (min(n1, n + RT) - n) * W
-            av = fa[o:o + L]
-            bv = fb[o:o + L]
-            if mode == 0:
-                for q in range(L):
-                    d = np.float64(av[q]) - rt[q]
-                    p1[q] += d
-                    p2[q] += d * d
-            else:
-                for q in range(L):
-                    g = np.float64(av[q])
-                    p1[q] += g
-                    p2[q] += g * (np.float64(bv[q]) - rt[q])
+            _add_terms(fa[o:o + L], fb[o:o + L], rt, p1, p2, mode)
     out = np.zeros((C, 2))
     for r in range(R):
         for q0 in range(0, T, W):
@@ -640,18 +634,7 @@ def _column_sums(a2, b2, l0, L, ref, mode):
                 s2[j] += ((g0 * (np.float64(b0[j]) - rj) + g1 * (np.float64(b1[j]) - rj))
                           + (g2 * (np.float64(b2_[j]) - rj) + g3 * (np.float64(b3[j]) - rj)))
     for n in range(N - N % 4, N):
-        ar = a2[n, l0:l0 + L]
-        br = b2[n, l0:l0 + L]
-        if mode == 0:
-            for j in range(L):
-                d = np.float64(ar[j]) - ref[j]
-                s1[j] += d
-                s2[j] += d * d
-        else:
-            for j in range(L):
-                g = np.float64(ar[j])
-                s1[j] += g
-                s2[j] += g * (np.float64(br[j]) - ref[j])
+        _add_terms(a2[n, l0:l0 + L], b2[n, l0:l0 + L], ref, s1, s2, mode)
     return s1, s2
 
 
