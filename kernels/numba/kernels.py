@@ -894,14 +894,41 @@ def _ln_forward(x, w, b, has_w, has_b, eps, y, mean, rstd):
 
 
 @_jit
+def _finite(v):
+    """isfinite as a comparison: numba's np.isfinite is x - x == 0, which ``reassoc`` may fold to True for a
+    computed x (seen for sums of NaN)."""
+    return abs(v) < np.inf
+
+
+@_jit
 def _ln_row_sums(dyr, xr, m, r, w):
-    """sum(g), sum(g * xhat) over (a piece of) one row, g = dy * w, in float64."""
+    """sum(g), sum(g * xhat) over (a piece of) one row, g = dy * w, into float64.
+
+    Each chunk of PIECE values is summed in the dtype, then added into float64: for float32, twice the vector
+    lanes of float64 and no conversions (15% faster in cache; a lane adds at most PIECE / 64 terms). A chunk
+    whose sums are not finite (products beyond float32's range, or NaN/inf data) is summed again in float64."""
+    t = xr.dtype.type
+    mt = t(m)
     sg = 0.0
     sgx = 0.0
-    for j in range(xr.shape[0]):
-        g = np.float64(dyr[j]) * np.float64(w[j])
-        sg += g
-        sgx += g * (np.float64(xr[j]) - m)
+    for c0 in range(0, xr.shape[0], PIECE):
+        dyc = dyr[c0:c0 + PIECE]
+        xc = xr[c0:c0 + PIECE]
+        wc = w[c0:c0 + PIECE]
+        a = t(0.0)
+        b = t(0.0)
+        for j in range(xc.shape[0]):
+            g = dyc[j] * wc[j]
+            a += g
+            b += g * (xc[j] - mt)
+        if _finite(a) and _finite(b):
+            sg += np.float64(a)
+            sgx += np.float64(b)
+            continue
+        for j in range(xc.shape[0]):
+            g64 = np.float64(dyc[j]) * np.float64(wc[j])
+            sg += g64
+            sgx += g64 * (np.float64(xc[j]) - m)
     return sg, sgx * r
 
 
