@@ -104,7 +104,8 @@ LARGE = [
     ("batchnorm", (256, 16), {}),
     ("batchnorm", (64, 3, 32, 32), {}),
     ("batchnorm", (2, 3, 101, 97), {}),
-    ("batchnorm", (5, 37, 13, 11), {}),
+    ("batchnorm", (5, 37, 13, 11), {}),  # numba: one channel per task, rows short enough to prefetch
+    ("batchnorm", (1, 9, 40, 50), {}),  # numba: one channel per task, a single row longer than PREFETCH_BYTES
     ("batchnorm", (4, 70000), {}),
     ("batchnorm", (70, 100, 3, 3), {}),  # the Cython columns schedule, tasks of whole channels; a short last task
     ("batchnorm", (301, 5, 2, 3), {}),  # the Cython columns schedule with row blocks; a short last block

@@ -29,8 +29,10 @@ import threading
 
 import numba
 import numpy as np
+from llvmlite import ir
 from numba import njit, prange
-from numba.core import config
+from numba.core import cgutils, config, types
+from numba.extending import intrinsic
 from numba.np.ufunc.parallel import _launch_threads
 
 from normkit.contract import kernel_table
@@ -62,6 +64,8 @@ WIDE_TASKS = 4
 # Rows of the flattened view shorter than a column block are handled TILE values (whole rows) at a time: one slice
 # and one vectorized loop per tile rather than per row ((4096, 16): one per 16 rows).
 TILE = 256
+# Runs of data up to this long are prefetched by hand (see _prefetch_run).
+PREFETCH_BYTES = 4096
 
 
 def _cache_probe():
@@ -103,6 +107,33 @@ def _npieces(nsets, m):
         return 1
     return max(1, min(_cdiv(TARGET_ITEMS, nsets), m // PIECE))
 
+
+@intrinsic
+def _prefetch(typingctx, a, i):
+    """LLVM's prefetch (for reading, into every cache level) of the cache line holding a[i]; a hint, it cannot
+    fault or change any result."""
+    def codegen(context, builder, signature, args):
+        aryty = signature.args[0]
+        ary = context.make_array(aryty)(context, builder, args[0])
+        ptr = cgutils.get_item_pointer(context, builder, aryty, ary, [args[1]], wraparound=False)
+        i32 = ir.IntType(32)
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [ptr.type, i32, i32, i32]),
+                                            "llvm.prefetch.p0")
+        builder.call(fn, [ptr, i32(0), i32(3), i32(1)])
+        return context.get_dummy_value()
+    return types.void(a, i), codegen
+
+
+@_jit
+def _prefetch_run(a, start, count):
+    """Ask for the run a[start:start + count] (of a flat array) that is about to be read, if it is at most
+    PREFETCH_BYTES long. Short runs far apart (a channel's rows of (N, C, S) data) each start a new stream that
+    the hardware prefetcher has to discover again (BN (64, 256, 14, 14) backward: 0.91 -> 0.78 of PyTorch);
+    longer runs it catches by itself (prefetching their start measured 5% slower on (32, 64, 56, 56))."""
+    if count * a.itemsize > PREFETCH_BYTES:
+        return
+    for j in range(0, count, 64 // a.itemsize):
+        _prefetch(a, start + j)
 
 # The inner loops take views and run from 0: a loop from a run-time start index keeps numba's negative-index
 # wraparound check in the loop, which stops LLVM from vectorizing it (measured 7x slower).
@@ -710,20 +741,32 @@ def _bn_forward(x, w, b, has_w, has_b, eps, y, mean, rstd):
     N, C, S = x.shape
     cnt = N * S
     if _fused_channels(N, C, S, x.itemsize, 1):
-        # one channel per work item: its rows are still in L2 for the apply pass
+        # one channel per work item: its rows are still in L2 for the apply pass. The loops index x[n, c, j]
+        # rather than take a view of each row: a view per row of 196 values made this path 1.5x slower.
+        xf = x.reshape(N * C * S)
+        t = x.dtype.type
         for c in prange(C):
             p = _pivot(x[0, c, 0])
             s1 = 0.0
             s2 = 0.0
             for n in range(N):
-                a1, a2 = _sums(x[n, c], p)
-                s1 += a1
-                s2 += a2
+                if n + 1 < N:
+                    _prefetch_run(xf, ((n + 1) * C + c) * S, S)
+                for j in range(S):
+                    d = np.float64(x[n, c, j]) - p
+                    s1 += d
+                    s2 += d * d
             m64, r64 = _finish(p, s1, s2, cnt, eps)
             mean[c] = m64
             rstd[c] = r64
+            mc = mean[c]
+            sc = r64 * (np.float64(w[c]) if has_w else 1.0)
+            sh = (np.float64(b[c]) if has_b else 0.0) + (np.float64(mc) - m64) * sc
+            sct = t(sc)
+            sht = t(sh)
             for n in range(N):
-                _apply_range(x[n, c], y[n, c], 0, S, S, c, mean[c], m64, r64, w, b, has_w, has_b)
+                for j in range(S):
+                    y[n, c, j] = (x[n, c, j] - mc) * sct + sht
         return
     T = _column_tasks(C, S)
     if T:
@@ -755,6 +798,9 @@ def _bn_backward(dy, x, mean, rstd, w, has_w, dx, dw, db, want_dw, want_db):
     cnt = N * S
     t = x.dtype.type
     if _fused_channels(N, C, S, x.itemsize, 2):
+        # as in _bn_forward: one channel per work item, indexed without a view per row
+        dyf = dy.reshape(N * C * S)
+        xf = x.reshape(N * C * S)
         for c in prange(C):
             mc = mean[c]
             m64 = np.float64(mc)
@@ -762,15 +808,20 @@ def _bn_backward(dy, x, mean, rstd, w, has_w, dx, dw, db, want_dw, want_db):
             s1 = 0.0
             s2 = 0.0
             for n in range(N):
-                a1, a2 = _dsums(dy[n, c], x[n, c], m64)
-                s1 += a1
-                s2 += a2
+                if n + 1 < N:
+                    _prefetch_run(dyf, ((n + 1) * C + c) * S, S)
+                    _prefetch_run(xf, ((n + 1) * C + c) * S, S)
+                for j in range(S):
+                    g = np.float64(dy[n, c, j])
+                    s1 += g
+                    s2 += g * (np.float64(x[n, c, j]) - m64)
             wc = np.float64(w[c]) if has_w else 1.0
             A = t(r * wc)
             B = t(-r * r * (r * wc * s2 / cnt))
             Cc = t(-r * (wc * s1 / cnt))
             for n in range(N):
-                _dx(dy[n, c], x[n, c], dx[n, c], A, B, Cc, mc)
+                for j in range(S):
+                    dx[n, c, j] = dy[n, c, j] * A + (x[n, c, j] - mc) * B + Cc
             if want_db:
                 db[c] = s1
             if want_dw:
