@@ -111,12 +111,14 @@ LARGE = [
     ("batchnorm", (301, 5, 2, 3), {}),  # the Cython columns schedule with row blocks; a short last block
     ("groupnorm", (2, 64, 33, 33), {"groups": 8}),
     ("groupnorm", (3, 12, 17, 19), {"groups": 12}),
+    ("groupnorm", (4, 64, 7, 7), {"groups": 8}),  # sets of 8 short channel runs
     ("groupnorm", (1, 6, 1000), {"groups": 1}),
     ("layernorm", (300, 1000), {}),
     ("layernorm", (2051, 300), {}),  # blocks of 33 rows: row quads, a leftover row, flushes inside a block
     ("layernorm", (3, 5, 4097), {"ln_dims": 1}),
     ("layernorm", (31, 70000), {}),  # long rows: the numba backward's column-block path; an odd row count
     ("instancenorm", (2, 4, 129, 65), {}),
+    ("instancenorm", (8, 96, 7, 7), {}),  # many sets of runs shorter than numba's vector loop
     ("instancenorm", (1, 1, 100000), {}),
 ]
 

@@ -96,6 +96,13 @@ def _pivot(v):
 
 
 @_jit
+def _finite(v):
+    """isfinite as a comparison: numba's np.isfinite is x - x == 0, which ``reassoc`` may fold to True for a
+    computed x (seen for sums of NaN)."""
+    return abs(v) < np.inf
+
+
+@_jit
 def _cdiv(a, b):
     return -(-a // b)
 
@@ -209,14 +216,29 @@ def _sets_forward(x, G, w, b, has_w, has_b, eps, y, mean, rstd):
     rf = rstd.reshape(nsets)
     P = _npieces(nsets, m)
     if P == 1:
+        # indexed rather than through views of each set and channel: a view costs more than a short run's
+        # arithmetic (InstanceNorm (32, 512, 7, 7) forward: 0.55 -> 0.26 of PyTorch)
+        t = x.dtype.type
         for k in prange(nsets):
-            xs = xs2[k]
-            p = _pivot(xs[0])
-            s1, s2 = _sums(xs, p)
+            n = k // G
+            c0 = (k % G) * cpg
+            p = _pivot(xs2[k, 0])
+            s1 = 0.0
+            s2 = 0.0
+            for j in range(m):
+                d = np.float64(xs2[k, j]) - p
+                s1 += d
+                s2 += d * d
             m64, r64 = _finish(p, s1, s2, m, eps)
             mf[k] = m64
             rf[k] = r64
-            _apply_range(xs, ys2[k], 0, m, S, (k % G) * cpg, mf[k], m64, r64, w, b, has_w, has_b)
+            mk = mf[k]
+            for c in range(c0, c0 + cpg):
+                sc = r64 * (np.float64(w[c]) if has_w else 1.0)
+                sct = t(sc)
+                sht = t((np.float64(b[c]) if has_b else 0.0) + (np.float64(mk) - m64) * sc)
+                for j in range(S):
+                    y[n, c, j] = (x[n, c, j] - mk) * sct + sht
         return
     L = _cdiv(m, P)
     part = np.empty((nsets * P, 2))
@@ -282,16 +304,23 @@ def _sets_backward(dy, x, G, mean, rstd, w, has_w, dx, dw, db, want_dw, want_db)
             mk = mean[n, g]
             m64 = np.float64(mk)
             r = np.float64(rstd[n, g])
-            for ci in range(cpg):
-                c = g * cpg + ci
-                s1, s2 = _dsums(dy[n, c], x[n, c], m64)
+            # indexed rather than through a view of each channel's run, as in _sets_forward
+            for c in range(g * cpg, (g + 1) * cpg):
+                s1 = 0.0
+                s2 = 0.0
+                for j in range(S):
+                    gj = np.float64(dy[n, c, j])
+                    s1 += gj
+                    s2 += gj * (np.float64(x[n, c, j]) - m64)
                 sdy[n, c] = s1
                 sdyx[n, c] = s2
             B, Cc = _set_coefs(sdy, sdyx, n, g, cpg, m, r, w, has_w)
-            for ci in range(cpg):
-                c = g * cpg + ci
-                A = r * (np.float64(w[c]) if has_w else 1.0)
-                _dx(dy[n, c], x[n, c], dx[n, c], t(A), t(B), t(Cc), mk)
+            Bt = t(B)
+            Ct = t(Cc)
+            for c in range(g * cpg, (g + 1) * cpg):
+                At = t(r * (np.float64(w[c]) if has_w else 1.0))
+                for j in range(S):
+                    dx[n, c, j] = dy[n, c, j] * At + (x[n, c, j] - mk) * Bt + Ct
     else:
         # few sets: (n, c, piece) work items
         Q, L = _row_split(N, C, S)
@@ -328,16 +357,18 @@ def _sets_backward(dy, x, G, mean, rstd, w, has_w, dx, dw, db, want_dw, want_db)
             e = min(S, a + L)
             _dx(dy[n, c, a:e], x[n, c, a:e], dx[n, c, a:e], t(A), t(coef[n, g, 0]), t(coef[n, g, 1]), mean[n, g])
     if want_dw or want_db:
+        # over n in order for every c, reading the (N, C) sums row by row
+        s1 = np.zeros(C)
+        s2 = np.zeros(C)
+        for n in range(N):
+            for c in range(C):
+                s1[c] += sdy[n, c]
+                s2[c] += np.float64(rstd[n, c // cpg]) * sdyx[n, c]
         for c in range(C):
-            s1 = 0.0
-            s2 = 0.0
-            for n in range(N):
-                s1 += sdy[n, c]
-                s2 += np.float64(rstd[n, c // cpg]) * sdyx[n, c]
             if want_db:
-                db[c] = s1
+                db[c] = s1[c]
             if want_dw:
-                dw[c] = s2
+                dw[c] = s2[c]
 
 
 # --- per-channel statistics and elementwise passes over (N, C, S) (batchnorm, *_infer) -------------------------
@@ -942,13 +973,6 @@ def _ln_forward(x, w, b, has_w, has_b, eps, y, mean, rstd):
         a = (it % P) * L
         e = min(K, a + L)
         _ln_apply(x[k, a:e], y[k, a:e], mean[k], st[k, 0], st[k, 1], wv[a:e], bv[a:e])
-
-
-@_jit
-def _finite(v):
-    """isfinite as a comparison: numba's np.isfinite is x - x == 0, which ``reassoc`` may fold to True for a
-    computed x (seen for sums of NaN)."""
-    return abs(v) < np.inf
 
 
 @_jit
