@@ -101,7 +101,8 @@ def test_matches_reference(backend, op, data):
 # Larger shapes that take the parallel paths: BatchNorm with few channels split over (N, S) chunks, many sets,
 # sets whose length is not a multiple of the vector width.
 LARGE = [
-    ("batchnorm", (256, 16), {}),
+    ("batchnorm", (256, 16), {}),  # numba: every task sums the whole (small) input
+    ("batchnorm", (4096, 16), {}),  # numba: tiles of whole rows, merged per channel
     ("batchnorm", (64, 3, 32, 32), {}),
     ("batchnorm", (2, 3, 101, 97), {}),
     ("batchnorm", (5, 37, 13, 11), {}),  # numba: one channel per task, rows short enough to prefetch
@@ -222,8 +223,10 @@ def test_non_contiguous_input(backend, rng):
             compare(op, x, kw, backend, rng.standard_normal(x.shape).astype(np.float32))
 
 
-# batchnorm: the rows schedule, then the columns schedule with row blocks and in tasks of whole channels
-THREAD_CASES = [("batchnorm", (64, 3, 40, 40)), ("batchnorm", (301, 5, 2, 3)), ("batchnorm", (32, 100, 3, 3)),
+# batchnorm: the rows schedule, then the columns schedule with row blocks (numba: whole-input sums per task, and
+# tiles of rows) and in tasks of whole channels
+THREAD_CASES = [("batchnorm", (64, 3, 40, 40)), ("batchnorm", (301, 5, 2, 3)), ("batchnorm", (4096, 16)),
+                ("batchnorm", (32, 100, 3, 3)),
                 ("layernorm", (64, 3, 40, 40)), ("instancenorm", (8, 16, 33, 31)), ("groupnorm", (8, 16, 33, 31))]
 
 
