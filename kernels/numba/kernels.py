@@ -153,7 +153,10 @@ def _prefetch_run(a, start, count):
 # The inner loops run from 0, over a view or over the last index of the whole array (x[n, c, j] for j in
 # range(S)): a loop from a run-time start index keeps numba's negative-index wraparound check in the loop, which
 # stops LLVM from vectorizing it (measured 7x slower; x[n, c, c0 + j] doubled InstanceNorm's backward). A view
-# costs about as much as the arithmetic on a run of 200 values, so short runs are indexed rather than viewed.
+# costs about as much as the arithmetic on a run of 200 values, and so does passing an array to a helper, so the
+# loops over short runs are indexed, and written out where they are used: helpers _run_sums(x, n, c, p) and the
+# like in their place made BatchNorm training on (64, 256, 14, 14) 1.35x slower, and inference on (32, 512, 7, 7)
+# 1.4x.
 
 @_jit
 def _sums(xr, p):
