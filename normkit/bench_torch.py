@@ -23,52 +23,74 @@ def available() -> bool:
     return importlib.util.find_spec("torch") is not None
 
 
+def _batchnorm(case, aten, x, dy, w, b):
+    def forward():
+        return aten.native_batch_norm(x, w, b, None, None, True, 0.1, EPS)
+
+    def backward(mean, rstd):
+        return aten.native_batch_norm_backward(dy, x, w, None, None, mean, rstd, True, EPS, MASK)
+
+    return forward, backward
+
+
+def _groupnorm(case, aten, x, dy, w, b):
+    n, c, s = case.kernel_shape
+
+    def forward():
+        return aten.native_group_norm(x, w, b, n, c, s, case.groups, EPS)
+
+    def backward(mean, rstd):
+        return aten.native_group_norm_backward(dy, x, mean, rstd, w, n, c, s, case.groups, MASK)
+
+    return forward, backward
+
+
+def _layernorm(case, aten, x, dy, w, b):
+    norm = list(case.normalized_shape)
+    wl, bl = w.view(norm), b.view(norm)
+
+    def forward():
+        return aten.native_layer_norm(x, norm, wl, bl, EPS)
+
+    def backward(mean, rstd):
+        return aten.native_layer_norm_backward(dy, x, norm, mean, rstd, wl, bl, MASK)
+
+    return forward, backward
+
+
+def _instancenorm(case, aten, x, dy, w, b):
+    # PyTorch has no instance-norm kernel: at::instance_norm runs batch norm on a (1, N*C, S) view with the weight
+    # repeated N times, and autograd sums the repeated weight's gradient back. We time the same.
+    n, c, s = case.kernel_shape
+    xv, dyv = x.view(1, n * c, s), dy.view(1, n * c, s)
+
+    def forward():
+        y, mean, rstd = aten.native_batch_norm(xv, w.repeat(n), b.repeat(n), None, None, True, 0.1, EPS)
+        return y.view(case.shape), mean, rstd
+
+    def backward(mean, rstd):
+        dx, dw, db = aten.native_batch_norm_backward(dyv, xv, w.repeat(n), None, None, mean, rstd, True, EPS, MASK)
+        return dx.view(case.shape), dw.view(n, c).sum(0), db.view(n, c).sum(0)
+
+    return forward, backward
+
+
+# op -> (forward, backward) builder: the ATen calls a training step of the op's torch.nn.functional twin makes
+BASELINES = {"batchnorm": _batchnorm, "groupnorm": _groupnorm, "layernorm": _layernorm,
+             "instancenorm": _instancenorm}
+
+
 def prepare(case: Case, direction: str, inputs: dict) -> tuple[Callable[[], object], Callable[[], np.ndarray]]:
     """``(call, output)``: ``call()`` runs one pass; ``output()`` runs one and returns y or dx as NumPy, shaped
     like the kernels' outputs."""
     import torch
 
-    aten = torch.ops.aten
+    if case.op not in BASELINES:
+        raise ValueError(f"{case.op}: normkit's bench has no PyTorch baseline for this op")
     x = torch.from_numpy(inputs["x"]).view(case.shape)
     dy = torch.from_numpy(inputs["dy"]).view(case.shape)
     w, b = torch.from_numpy(inputs["weight"]), torch.from_numpy(inputs["bias"])
-    n, c = case.shape[:2]
-    s = case.kernel_shape[-1]
-
-    if case.op == "batchnorm":
-        def forward():
-            return aten.native_batch_norm(x, w, b, None, None, True, 0.1, EPS)
-
-        def backward(mean, rstd):
-            return aten.native_batch_norm_backward(dy, x, w, None, None, mean, rstd, True, EPS, MASK)
-    elif case.op == "groupnorm":
-        def forward():
-            return aten.native_group_norm(x, w, b, n, c, s, case.groups, EPS)
-
-        def backward(mean, rstd):
-            return aten.native_group_norm_backward(dy, x, mean, rstd, w, n, c, s, case.groups, MASK)
-    elif case.op == "layernorm":
-        norm = list(case.normalized_shape)
-        wl, bl = w.view(norm), b.view(norm)
-
-        def forward():
-            return aten.native_layer_norm(x, norm, wl, bl, EPS)
-
-        def backward(mean, rstd):
-            return aten.native_layer_norm_backward(dy, x, norm, mean, rstd, wl, bl, MASK)
-    else:
-        # PyTorch has no instance-norm kernel: at::instance_norm runs batch norm on a (1, N*C, S) view with the
-        # weight repeated N times, and autograd sums the repeated weight's gradient back. We time the same.
-        xv, dyv = x.view(1, n * c, s), dy.view(1, n * c, s)
-
-        def forward():
-            y, mean, rstd = aten.native_batch_norm(xv, w.repeat(n), b.repeat(n), None, None, True, 0.1, EPS)
-            return y.view(case.shape), mean, rstd
-
-        def backward(mean, rstd):
-            dx, dw, db = aten.native_batch_norm_backward(dyv, xv, w.repeat(n), None, None, mean, rstd, True, EPS,
-                                                         MASK)
-            return dx.view(case.shape), dw.view(n, c).sum(0), db.view(n, c).sum(0)
+    forward, backward = BASELINES[case.op](case, torch.ops.aten, x, dy, w, b)
 
     if direction == "forward":
         call = forward

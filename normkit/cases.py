@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from .contract import DTYPES, OPS
+from .contract import DTYPES, OPS, SPECS, OpSpec, kernel_shape
 from .ops import get as get_op
 
 EPS = 1e-5
@@ -46,13 +46,14 @@ class Case:
         check_shape(self.shape)
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
-        if self.op == "groupnorm":
+        spec = SPECS[self.op]
+        if spec.grouped:
             if self.groups is None:
                 object.__setattr__(self, "groups", default_groups(self.shape[1]))
             check_groups(self.groups, self.shape[1])
         elif self.groups is not None:
             raise ValueError(f"{self.op}: groups applies to groupnorm only, got groups={self.groups}")
-        if self.op == "layernorm":
+        if spec.sets == "row":
             if self.ln_dims is None:
                 object.__setattr__(self, "ln_dims", len(self.shape) - 1)
             if not 1 <= self.ln_dims <= len(self.shape) - 1:
@@ -60,17 +61,15 @@ class Case:
                                  f"got {self.ln_dims}")
         elif self.ln_dims is not None:
             raise ValueError(f"{self.op}: ln_dims applies to layernorm only, got ln_dims={self.ln_dims}")
-        n, s = self.shape[0], math.prod(self.shape[2:])
-        if self.op == "batchnorm" and n * s < 2:
-            raise ValueError(f"batchnorm: training needs more than 1 value per channel, shape {self.shape} has 1")
-        if self.op == "instancenorm" and s < 2:
-            raise ValueError(f"instancenorm: needs more than 1 spatial element, shape {self.shape} has {s}")
+        if spec.running and spec.set_size(self.kernel_shape, self.groups) < 2:
+            raise ValueError(f"{self.op}: training needs more than 1 value per normalized set, shape {self.shape} "
+                             f"has 1")
 
     # --- what the case is -----------------------------------------------------------------------------------
 
     @property
     def normalized_shape(self) -> tuple[int, ...] | None:
-        return self.shape[len(self.shape) - self.ln_dims:] if self.op == "layernorm" else None
+        return self.shape[len(self.shape) - self.ln_dims:] if self.spec.sets == "row" else None
 
     @property
     def id(self) -> str:
@@ -91,22 +90,21 @@ class Case:
     @property
     def kernel_shape(self) -> tuple[int, ...]:
         """The shape kernels see: (N, C, S), or (M, K) for layernorm."""
-        if self.op == "layernorm":
-            k = math.prod(self.normalized_shape)
-            return (math.prod(self.shape) // k, k)
-        return (self.shape[0], self.shape[1], math.prod(self.shape[2:]))
+        return kernel_shape(self.spec, self.shape, self.ln_dims)
+
+    @property
+    def spec(self) -> OpSpec:
+        return SPECS[self.op]
 
     @property
     def stat_shape(self) -> tuple[int, ...]:
         """Shape of the saved mean / rstd."""
-        n, c = self.shape[:2]
-        return {"batchnorm": (c,), "instancenorm": (n, c), "groupnorm": (n, self.groups),
-                "layernorm": self.kernel_shape[:1]}[self.op]
+        return self.spec.stat_shape(self.kernel_shape, self.groups)
 
     @property
     def param_shape(self) -> tuple[int, ...]:
         """Shape of weight / bias as kernels see them."""
-        return self.kernel_shape[1:] if self.op == "layernorm" else (self.shape[1],)
+        return self.spec.param_shape(self.kernel_shape)
 
     @property
     def nbytes(self) -> int:
@@ -144,15 +142,11 @@ class Case:
 
     def forward_args(self, inputs: dict, out: dict) -> tuple:
         """Positional arguments of the training forward kernel (see :mod:`normkit.contract`)."""
-        head = (inputs["x"], self.groups) if self.op == "groupnorm" else (inputs["x"],)
-        return (*head, inputs["weight"], inputs["bias"], EPS, out["y"], out["mean"], out["rstd"])
+        return self.spec.kernel_args("forward", {**inputs, **out, "eps": EPS, "num_groups": self.groups})
 
     def backward_args(self, inputs: dict, stats: dict, out: dict) -> tuple:
         """Positional arguments of the training backward kernel; ``stats`` holds the forward's mean and rstd."""
-        head = (inputs["dy"], inputs["x"])
-        if self.op == "groupnorm":
-            head = (*head, self.groups)
-        return (*head, stats["mean"], stats["rstd"], inputs["weight"], out["dx"], out["dweight"], out["dbias"])
+        return self.spec.kernel_args("backward", {**inputs, **stats, **out, "num_groups": self.groups})
 
 
 def _dims(shape) -> str:

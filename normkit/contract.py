@@ -1,32 +1,23 @@
-"""The kernel contract: what every backend (built-in or plugin) implements.
+"""The op table and the kernel contract: what every op is, and what every backend (built-in or plugin) implements.
+
+Every fact about an op lives in its :class:`OpSpec` in :data:`SPECS`: its names, its ``torch.nn.functional``
+twin, its directions and each direction's kernel arguments, how its input is cut into normalized sets (which gives
+the shapes of the statistics), and where its parameters sit. The NumPy and PyTorch frontends, the reference, the
+conformance kit, the bench and the tests derive what they need from this table; an op that is not in it is an
+error everywhere, never another op.
 
 A backend's kernels module exposes ``KERNELS``, a dict mapping ``(op, direction, dtype)`` to a callable, e.g.
 ``KERNELS[("groupnorm", "forward", "float32")]``. normkit's frontends validate all arguments, make every array
-C-contiguous with the kernel's dtype, allocate every output, and then call the kernel positionally. A kernel only
-computes: it writes its outputs in place, returns nothing, and never writes anywhere else.
+C-contiguous with the kernel's dtype, allocate every output, and then call the kernel positionally with the
+arguments :attr:`OpSpec.args` names. A kernel only computes: it writes its outputs in place, returns nothing, and
+never writes anywhere else.
 
-Shapes: ``x``, ``dy``, ``y``, ``dx`` are (N, C, S) for batchnorm / instancenorm / groupnorm (S is the product of the
-spatial dims, 1 for (N, C) inputs) and (M, K) for layernorm (K = prod(normalized_shape)). All arrays have the
-kernel's dtype, including ``mean``/``rstd``. ``weight``/``bias`` may be ``None`` (no affine); in backward
-``dweight``/``dbias`` are ``None`` when that gradient is not wanted. ``rstd`` is ``1 / sqrt(var + eps)`` with the
-biased (population) variance. Statistics must not be computed as E[x^2] - E[x]^2 in working precision.
-
-=========================  =========================================================================
-(op, direction)            positional arguments
-=========================  =========================================================================
-batchnorm, forward         x, weight, bias, eps, y, mean[C], rstd[C]
-batchnorm, forward_infer   x, weight, bias, running_mean[C], running_var[C], eps, y
-batchnorm, backward        dy, x, mean[C], rstd[C], weight, dx, dweight, dbias
-batchnorm, backward_infer  dy, x, mean[C], rstd[C], weight, dx, dweight, dbias
-instancenorm, forward      x, weight, bias, eps, y, mean[N, C], rstd[N, C]
-instancenorm, forward_infer  same as batchnorm's
-instancenorm, backward     dy, x, mean[N, C], rstd[N, C], weight, dx, dweight, dbias
-instancenorm, backward_infer  same as batchnorm's
-groupnorm, forward         x, num_groups, weight, bias, eps, y, mean[N, G], rstd[N, G]
-groupnorm, backward        dy, x, num_groups, mean[N, G], rstd[N, G], weight, dx, dweight, dbias
-layernorm, forward         x, weight[K], bias[K], eps, y, mean[M], rstd[M]
-layernorm, backward        dy, x, mean[M], rstd[M], weight[K], dx, dweight[K], dbias[K]
-=========================  =========================================================================
+Shapes: ``x``, ``dy``, ``y``, ``dx`` are (N, C, S) for the channel ops (batchnorm / instancenorm / groupnorm; S is
+the product of the spatial dims, 1 for (N, C) inputs) and (M, K) for the row ops (layernorm; K =
+prod(normalized_shape)). All arrays have the kernel's dtype, including ``mean``/``rstd``. ``weight``/``bias`` may
+be ``None`` (no affine); in backward ``dweight``/``dbias`` are ``None`` when that gradient is not wanted. ``rstd``
+is ``1 / sqrt(var + eps)`` with the biased (population) variance. Statistics must not be computed as
+E[x^2] - E[x]^2 in working precision.
 
 ``backward`` is the gradient of a training-mode forward (statistics depend on x):
 ``dx = rstd * (g - mean(g) - xhat * mean(g * xhat))`` over each normalized set, with ``g = dy * weight`` and
@@ -36,23 +27,166 @@ the normalized shape for layernorm). ``backward_infer`` is the gradient of an in
 
 The contract is versioned; a backend declares the version it targets and normkit refuses other versions.
 Optional module attributes: ``set_num_threads(n)`` (normkit calls it whenever the user sets a thread count, and
-once when the module is loaded) and ``INFO`` (a dict of short strings shown by ``normkit list``).
+once when the module is loaded; it must not change any process-wide setting such as OpenMP's or PyTorch's thread
+count) and ``INFO`` (a dict of short strings shown by ``normkit list``).
 """
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
 
 CONTRACT_VERSION = 1
 
-OPS = ("batchnorm", "layernorm", "instancenorm", "groupnorm")
-
 DTYPES = ("float32", "float64")
 
-# Which directions each op has. forward/backward are required for a backend to claim an op; the *_infer
-# directions exist only where the op has running statistics.
-DIRECTIONS = {
-    "batchnorm": ("forward", "forward_infer", "backward", "backward_infer"),
-    "instancenorm": ("forward", "forward_infer", "backward", "backward_infer"),
-    "groupnorm": ("forward", "backward"),
-    "layernorm": ("forward", "backward"),
+# The kernel arguments of each direction, shared by the ops whose kernels look alike. ``num_groups`` follows x (or
+# dy, x) for the ops that have it.
+_FORWARD = ("x", "weight", "bias", "eps", "y", "mean", "rstd")
+_FORWARD_INFER = ("x", "weight", "bias", "running_mean", "running_var", "eps", "y")
+_BACKWARD = ("dy", "x", "mean", "rstd", "weight", "dx", "dweight", "dbias")
+_BACKWARD_INFER = _BACKWARD
+
+# The outputs of each direction, among its arguments.
+OUTPUTS = {
+    "forward": ("y", "mean", "rstd"),
+    "forward_infer": ("y",),
+    "backward": ("dx", "dweight", "dbias"),
+    "backward_infer": ("dx", "dweight", "dbias"),
 }
+
+
+@dataclass(frozen=True)
+class OpSpec:
+    """One op. ``sets`` says what one normalized set is, and so the shape of the statistics:
+
+    =========  ==================================  ===================
+    sets       one set                             statistics' shape
+    =========  ==================================  ===================
+    channel    one channel over N and S            (C,)
+    instance   one (sample, channel) row of S      (N, C)
+    group      one (sample, group) of C/G rows     (N, G)
+    row        one row of K                        (M,)
+    =========  ==================================  ===================
+
+    ``running``: the op has running statistics (and so the ``*_infer`` directions and a momentum).
+    ``training_flag``: the name of its ``torch.nn.functional`` argument that asks for batch statistics.
+    """
+
+    name: str
+    aliases: tuple[str, ...]
+    torch_name: str
+    sets: str
+    running: bool = False
+    training_flag: str | None = None
+
+    @property
+    def grouped(self) -> bool:
+        return self.sets == "group"
+
+    @property
+    def directions(self) -> tuple[str, ...]:
+        if self.running:
+            return ("forward", "forward_infer", "backward", "backward_infer")
+        return ("forward", "backward")
+
+    def args(self, direction: str) -> tuple[str, ...]:
+        """The kernel's positional argument names for ``direction``."""
+        if direction not in self.directions:
+            raise ValueError(f"{self.name} has no direction {direction!r}; it has {', '.join(self.directions)}")
+        names = {"forward": _FORWARD, "forward_infer": _FORWARD_INFER, "backward": _BACKWARD,
+                 "backward_infer": _BACKWARD_INFER}[direction]
+        if self.grouped:
+            at = names.index("x") + 1
+            names = (*names[:at], "num_groups", *names[at:])
+        return names
+
+    def kernel_args(self, direction: str, values: dict) -> tuple:
+        """The positional arguments of the ``direction`` kernel, taken by name from ``values``."""
+        return tuple(values.get(name) for name in self.args(direction))
+
+    # --- shapes, for inputs already in the kernel's shape: (N, C, S) or (M, K) ---------------------------------
+
+    def stat_shape(self, kshape: tuple[int, ...], groups: int | None = None, training: bool = True) -> tuple:
+        """Shape of the saved mean / rstd (running statistics give per-channel ones)."""
+        if not training or self.sets == "channel":
+            return (kshape[1],)
+        return {"instance": kshape[:2], "group": (kshape[0], groups), "row": kshape[:1]}[self.sets]
+
+    def param_shape(self, kshape: tuple[int, ...]) -> tuple[int, ...]:
+        """Shape of weight / bias as kernels see them: per channel, or per element of a row."""
+        return (kshape[1],)
+
+    def set_size(self, kshape: tuple[int, ...], groups: int | None = None) -> int:
+        """How many values one normalized set holds."""
+        if self.sets == "channel":
+            return kshape[0] * kshape[2]
+        if self.sets == "group":
+            return kshape[1] // groups * kshape[2]
+        return kshape[-1]
+
+    def param_count(self, kshape: tuple[int, ...]) -> int:
+        """How many terms one element of dweight / dbias sums."""
+        return kshape[0] if self.sets == "row" else kshape[0] * kshape[2]
+
+    def as_sets(self, a: np.ndarray, groups: int | None = None) -> np.ndarray:
+        """A kernel-shaped array as (*stat_shape, set_size): one normalized set per last axis (a copy for
+        channel sets, whose values are strided)."""
+        if self.sets == "channel":
+            return np.moveaxis(a, 1, 0).reshape(a.shape[1], -1)
+        if self.sets == "group":
+            return a.reshape(a.shape[0], groups, -1)
+        return a
+
+    def per_element(self, stat: np.ndarray, kshape: tuple[int, ...]) -> np.ndarray:
+        """Per-set values (shaped like the statistics) broadcast to kernel-shaped elements."""
+        if self.sets == "channel":
+            return stat[None, :, None]
+        if self.sets == "instance":
+            return stat[:, :, None]
+        if self.sets == "group":
+            return np.repeat(stat, kshape[1] // stat.shape[1], axis=1)[:, :, None]
+        return stat[:, None]
+
+    def per_param(self, p: np.ndarray) -> np.ndarray:
+        """A weight-shaped array broadcast to kernel-shaped elements."""
+        return p[None, :] if self.sets == "row" else p[None, :, None]
+
+    def param_axes(self) -> tuple[int, ...]:
+        """The kernel-shape axes that dweight / dbias sum over."""
+        return (0,) if self.sets == "row" else (0, 2)
+
+
+SPECS = {spec.name: spec for spec in (
+    OpSpec("batchnorm", ("bn", "batch_norm"), "batch_norm", "channel", running=True, training_flag="training"),
+    OpSpec("layernorm", ("ln", "layer_norm"), "layer_norm", "row"),
+    OpSpec("instancenorm", ("in", "instance_norm"), "instance_norm", "instance", running=True,
+           training_flag="use_input_stats"),
+    OpSpec("groupnorm", ("gn", "group_norm"), "group_norm", "group"),
+)}
+
+OPS = tuple(SPECS)
+
+DIRECTIONS = {name: spec.directions for name, spec in SPECS.items()}
+
+
+def spec(name: str) -> OpSpec:
+    """The spec of op ``name`` (its canonical name); a clear error for any other name."""
+    try:
+        return SPECS[name]
+    except KeyError:
+        raise ValueError(f"unknown op {name!r}; ops are {', '.join(OPS)}") from None
+
+
+def kernel_shape(spec_: OpSpec, shape: tuple[int, ...], ndims: int | None = None) -> tuple[int, ...]:
+    """The kernel's view of an input of ``shape``: (N, C, S), or (M, K) for row ops normalizing the last
+    ``ndims`` dims."""
+    if spec_.sets == "row":
+        k = math.prod(shape[len(shape) - ndims:])
+        return (math.prod(shape[:len(shape) - ndims]), k)
+    return (shape[0], shape[1], math.prod(shape[2:]))
 
 
 def kernel_table(functions, dtypes=DTYPES) -> dict:

@@ -10,13 +10,17 @@ import functools
 
 import numpy as np
 
-from .contract import DIRECTIONS, kernel_table
+from .contract import kernel_table
 from .registry import Backend
 
+_CHANNEL = ("forward", "forward_infer", "backward", "backward_infer")
 backend = Backend(
     name="reference",
     module="normkit.reference",
-    kernels=DIRECTIONS,
+    # exactly what KERNELS below implements
+    kernels={"batchnorm": _CHANNEL, "instancenorm": _CHANNEL, "groupnorm": ("forward", "backward"),
+             "layernorm": ("forward", "backward")},
+    dtypes=("float32", "float64"),
     description="pure NumPy, float64 statistics; the oracle and the fallback",
 )
 

@@ -304,13 +304,26 @@ def lookup(op: str, direction: str, dtype: str, backend: str | None = None) -> t
     """Return ``(backend_name, kernel)`` for one (op, direction, dtype).
 
     Raises UnknownBackendError for a name that is not installed, TypeError when no backend has the dtype, and
-    ValueError when the named backend failed to load or does not implement the kernel.
+    ValueError for an op or direction nobody implements, or when the named backend failed to load or does not
+    implement the kernel. After the first call for a key this is one dict look-up (plus, when the order comes from
+    ``NORMKIT_BACKEND``, a read of that variable): the cache is dropped whenever the order, the thread count or the
+    registrations change.
     """
+    hit = _lookup_cache.get((op, direction, dtype, backend))
+    if hit is not None and (hit[1] is None or hit[1] == os.environ.get("NORMKIT_BACKEND", "")):
+        return hit[0]
+    env = None if backend is not None or _user_order is not None else os.environ.get("NORMKIT_BACKEND", "")
+    result = _resolve(op, direction, dtype, backend)
+    _lookup_cache[(op, direction, dtype, backend)] = (result, env)
+    return result
+
+
+def _resolve(op: str, direction: str, dtype: str, backend: str | None) -> tuple[str, Callable]:
+    if op not in DIRECTIONS:
+        raise ValueError(f"unknown op {op!r}; ops are {', '.join(OPS)}")
+    if direction not in DIRECTIONS[op]:
+        raise ValueError(f"{op} has no direction {direction!r}; it has {', '.join(DIRECTIONS[op])}")
     order = (backend,) if backend is not None else get_backend_order()
-    key = (op, direction, dtype, order)
-    hit = _lookup_cache.get(key)
-    if hit is not None:
-        return hit
     with _lock:
         wanted = (op, direction, dtype)
         if backend is not None:
@@ -348,7 +361,6 @@ def lookup(op: str, direction: str, dtype: str, backend: str | None = None) -> t
                     raise TypeError(f"{op}: no backend has a {dtype} kernel; supported dtypes: {', '.join(dtypes)}")
                 raise ValueError(f"{op}: every backend implementing {direction} for {dtype} failed to load; "
                                  f"`normkit list` shows why")
-        _lookup_cache[key] = result
         return result
 
 
@@ -419,6 +431,7 @@ def set_num_threads(n: int) -> None:
         raise ValueError(f"set_num_threads: {n} threads requested, this machine has {limit} CPUs")
     with _lock:
         _num_threads = n
+        _lookup_cache.clear()
         for entry in _all().values():
             if entry.kernels is not None and entry.set_threads is not None:
                 try:

@@ -72,7 +72,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from . import reference, registry
-from .contract import DIRECTIONS, DTYPES, OPS
+from .contract import DIRECTIONS, DTYPES, OPS, OUTPUTS, SPECS, OpSpec
 
 __all__ = ["Case", "Failure", "Report", "assert_backend_conforms", "cases", "check_backend", "tolerance_factor"]
 
@@ -101,14 +101,6 @@ _DATA = {"offset1e4": 1e-5, "offset1e6": 1e-5, "offset1e8": 1e-5, "constant": 1e
 _QUICK_DATA = ("offset1e4", "offset1e8", "constant", "small_var", "nan")
 _AFFINE = ("none", "weight", "weight+bias")
 
-_OUTPUTS = {
-    "forward": ("y", "mean", "rstd"),
-    "forward_infer": ("y",),
-    "backward": ("dx", "dweight", "dbias"),
-    "backward_infer": ("dx", "dweight", "dbias"),
-}
-
-
 @dataclass(frozen=True)
 class Case:
     op: str
@@ -133,12 +125,8 @@ class Case:
 
 def _allowed(op: str, direction: str, shape: tuple[int, ...]) -> bool:
     """Cases the frontends can produce: training statistics need more than one value per set."""
-    if direction in ("forward", "backward"):
-        if op == "batchnorm":
-            return shape[0] * shape[2] > 1
-        if op == "instancenorm":
-            return shape[2] > 1
-    return True
+    spec = SPECS[op]
+    return not (spec.running and direction in ("forward", "backward")) or spec.set_size(shape) > 1
 
 
 def cases(op: str, direction: str, dtype: str, quick: bool = False) -> list[Case]:
@@ -258,56 +246,33 @@ class _Guarded:
 
 # --- per-op geometry: how sets and weights map onto elements ---------------------------------------------------
 
-def _set_size(case: Case) -> int:
-    if case.op == "layernorm":
-        return case.shape[1]
-    n, c, s = case.shape
-    return {"batchnorm": n * s, "instancenorm": s, "groupnorm": c // (case.groups or 1) * s}[case.op]
+def _spec(case: Case) -> OpSpec:
+    return SPECS[case.op]
 
 
 def _stat_shape(case: Case) -> tuple[int, ...]:
-    if case.op == "layernorm":
-        return (case.shape[0],)
-    n, c, _ = case.shape
-    return {"batchnorm": (c,), "instancenorm": (n, c), "groupnorm": (n, case.groups)}[case.op]
+    return _spec(case).stat_shape(case.shape, case.groups)
 
 
 def _set_max(case: Case, a: np.ndarray) -> np.ndarray:
     """Per-set maximum of an element-shaped array, ignoring NaN, shaped like the op's statistics."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN sets give NaN, which is what we want
-        if case.op == "layernorm":
-            return np.nanmax(a, axis=1)
-        if case.op == "batchnorm":
-            return np.nanmax(a, axis=(0, 2))
-        if case.op == "instancenorm":
-            return np.nanmax(a, axis=2)
-        n = case.shape[0]
-        return np.nanmax(a.reshape(n, case.groups, -1), axis=2)
+        return np.nanmax(_spec(case).as_sets(a, case.groups), axis=-1)
 
 
 def _per_element(case: Case, stat: np.ndarray) -> np.ndarray:
     """Broadcast per-set values (shaped like the statistics) to the elements of x."""
-    if case.op == "layernorm":
-        return stat[:, None]
-    if case.op == "batchnorm":
-        return stat[None, :, None]
-    if case.op == "instancenorm":
-        return stat[:, :, None]
-    return np.repeat(stat, case.shape[1] // case.groups, axis=1)[:, :, None]
+    return _spec(case).per_element(stat, case.shape)
 
 
 def _per_channel(case: Case, p: np.ndarray) -> np.ndarray:
     """Broadcast a weight-shaped array (C,) or (K,) to the elements."""
-    return p[None, :] if case.op == "layernorm" else p[None, :, None]
+    return _spec(case).per_param(p)
 
 
 def _param_sum(case: Case, a: np.ndarray) -> np.ndarray:
-    return np.nansum(a, axis=0 if case.op == "layernorm" else (0, 2))
-
-
-def _param_count(case: Case) -> int:
-    return case.shape[0] if case.op == "layernorm" else case.shape[0] * case.shape[2]
+    return np.nansum(a, axis=_spec(case).param_axes())
 
 
 def tolerance_factor(m: int) -> float:
@@ -336,11 +301,11 @@ def _inputs(case: Case) -> dict[str, np.ndarray | None]:
     nan_at = tuple(s // 2 for s in shape)
     if case.data == "nan" and case.direction.startswith("forward"):
         x[nan_at] = np.nan
-    k = shape[1]
+    k = _spec(case).param_shape(shape)
     weight = (1.0 + 0.5 * rng.standard_normal(k)).astype(dt) if case.affine != "none" else None
     bias = (0.5 * rng.standard_normal(k)).astype(dt) if case.affine == "weight+bias" else None
     inputs: dict[str, np.ndarray | None] = {"x": x, "weight": weight, "bias": bias}
-    if case.op in ("batchnorm", "instancenorm"):
+    if _spec(case).running:
         # running statistics near the data's own, as after some training
         x64 = x.astype(np.float64)
         with warnings.catch_warnings():
@@ -359,8 +324,7 @@ def _inputs(case: Case) -> dict[str, np.ndarray | None]:
         y = np.empty(shape)
         mean, rstd = np.empty(_stat_shape(case)), np.empty(_stat_shape(case))
         fwd = reference.KERNELS[(case.op, "forward", "float64")]
-        args = _forward_args(case, x.astype(np.float64), None, None, y, mean, rstd)
-        fwd(*args)
+        fwd(*_args(case, dict(x=x.astype(np.float64), y=y, mean=mean, rstd=rstd), "forward"))
         inputs.update(mean=mean.astype(dt), rstd=rstd.astype(dt))
     if case.direction.startswith("backward"):
         dy = rng.standard_normal(shape).astype(dt)
@@ -370,32 +334,18 @@ def _inputs(case: Case) -> dict[str, np.ndarray | None]:
     return inputs
 
 
-def _forward_args(case, x, weight, bias, y, mean, rstd):
-    if case.op == "groupnorm":
-        return [x, case.groups, weight, bias, case.eps, y, mean, rstd]
-    return [x, weight, bias, case.eps, y, mean, rstd]
-
-
 def _output_shapes(case: Case, inputs) -> dict[str, tuple[int, ...] | None]:
-    if case.direction == "forward":
-        return {"y": case.shape, "mean": _stat_shape(case), "rstd": _stat_shape(case)}
-    if case.direction == "forward_infer":
-        return {"y": case.shape}
-    k = (case.shape[1],)
-    return {"dx": case.shape,
-            "dweight": k if inputs["weight"] is not None else None,
-            "dbias": k if inputs["bias"] is not None else None}
+    spec = _spec(case)
+    shapes = {"y": case.shape, "mean": _stat_shape(case), "rstd": _stat_shape(case), "dx": case.shape}
+    pshape = spec.param_shape(case.shape)
+    shapes["dweight"] = pshape if inputs["weight"] is not None else None
+    shapes["dbias"] = pshape if inputs["bias"] is not None else None
+    return {name: shapes[name] for name in OUTPUTS[case.direction]}
 
 
-def _args(case: Case, a: dict) -> list:
+def _args(case: Case, a: dict, direction: str | None = None) -> tuple:
     """The positional arguments of the kernel, per the contract, from a dict of named arrays."""
-    d = case.direction
-    if d == "forward":
-        return _forward_args(case, a["x"], a["weight"], a["bias"], a["y"], a["mean"], a["rstd"])
-    if d == "forward_infer":
-        return [a["x"], a["weight"], a["bias"], a["running_mean"], a["running_var"], case.eps, a["y"]]
-    groups = [case.groups] if case.op == "groupnorm" else []
-    return [a["dy"], a["x"], *groups, a["mean"], a["rstd"], a["weight"], a["dx"], a["dweight"], a["dbias"]]
+    return _spec(case).kernel_args(direction or case.direction, {**a, "eps": case.eps, "num_groups": case.groups})
 
 
 # --- expected values and tolerances ----------------------------------------------------------------------------
@@ -415,7 +365,7 @@ def _tolerances(case: Case, inputs: dict, expected: dict) -> dict[str, np.ndarra
     ones = np.ones(case.shape[1])
     w = _per_channel(case, np.abs(f64["weight"]) if f64["weight"] is not None else ones)
     b = _per_channel(case, np.abs(f64["bias"]) if f64["bias"] is not None else 0 * ones)
-    m = _set_size(case)
+    m = _spec(case).set_size(case.shape, case.groups)
     tol = {}
     with np.errstate(all="ignore"):
         if case.direction == "forward":
@@ -446,7 +396,7 @@ def _tolerances(case: Case, inputs: dict, expected: dict) -> dict[str, np.ndarra
         else:
             kappa = (np.abs(x) + np.abs(mean)) * rstd
             tol["dx"] = tolerance_factor(1) * eps * dy * w * rstd
-        kn = tolerance_factor(_param_count(case)) * eps
+        kn = tolerance_factor(_spec(case).param_count(case.shape)) * eps
         tol["dweight"] = kn * _param_sum(case, dy * (1 + kappa) * (1 + xhat))
         tol["dbias"] = kn * _param_sum(case, dy)
         return tol

@@ -5,8 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from normkit import registry
-
-OPS = ("batchnorm", "layernorm", "instancenorm", "groupnorm")
+from normkit.contract import OPS, SPECS  # noqa: F401  (OPS is re-exported for the test modules)
 
 # Every built-in backend except the oracle itself. Taken from the installed entry points, not from what happens
 # to load: a built-in that fails to load must fail these tests, not vanish from them.
@@ -42,22 +41,23 @@ def op_args(op: str, x: np.ndarray, rng, *, groups: int = 1, affine: str = "both
     ``affine``: "none", "weight", "bias" or "both". ``ln_dims``: how many trailing dims layernorm normalizes over
     (default: all but the first). ``running``: give batchnorm/instancenorm running statistics.
     """
+    spec = SPECS[op]
     c = x.shape[1]
-    if op == "layernorm":
+    if spec.sets == "row":
         k = x.ndim - 1 if ln_dims is None else ln_dims
         pshape = x.shape[x.ndim - k:]
         kw = {"normalized_shape": pshape}
     else:
         pshape = (c,)
         kw = {}
-    if op == "groupnorm":
+    if spec.grouped:
         kw["num_groups"] = groups
     if affine in ("weight", "both"):
         kw["weight"] = rng.standard_normal(pshape).astype(x.dtype)
     if affine in ("bias", "both"):
         kw["bias"] = rng.standard_normal(pshape).astype(x.dtype)
-    if op in ("batchnorm", "instancenorm"):
-        kw["training" if op == "batchnorm" else "use_input_stats"] = training
+    if spec.running:
+        kw[spec.training_flag] = training
         if running or not training:
             kw["running_mean"] = rng.standard_normal(c).astype(x.dtype)
             kw["running_var"] = rng.uniform(0.5, 2.0, c).astype(x.dtype)

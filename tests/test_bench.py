@@ -133,8 +133,8 @@ def test_select_cases_defaults():
     ({"op": "gn", "cases": "reference", "shape": (2, 4)}, "do not combine it with shape or groups"),
     ({"op": "bn", "cases": [Case("gn", (2, 4, 3), groups=2)]}, "the case set has no case for bn"),
     ({"cases": "huge"}, "unknown case set 'huge'; known: reference, small"),
-    ({"op": "in", "shape": (4, 3)}, "instancenorm: needs more than 1 spatial element"),
-    ({"op": "bn", "shape": (1, 3)}, "batchnorm: training needs more than 1 value per channel"),
+    ({"op": "in", "shape": (4, 3)}, "instancenorm: training needs more than 1 value per normalized set"),
+    ({"op": "bn", "shape": (1, 3)}, "batchnorm: training needs more than 1 value per normalized set"),
 ])
 def test_select_cases_errors(kwargs, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):

@@ -9,23 +9,20 @@ from hypothesis import strategies as st
 from support import OPS, copy_args, op_args
 
 import normkit
+from normkit.contract import SPECS
 
 torch = pytest.importorskip("torch")
 F = torch.nn.functional
 
 
 def torch_forward(op, x, kw):
-    """The same op through torch.nn.functional (running stats as tensors, updated in place)."""
+    """The same op through its torch.nn.functional twin, from the op table (running stats as tensors, updated in
+    place). The NumPy frontend's keyword arguments are torch.nn.functional's."""
+    spec = SPECS[op]
     t = {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in kw.items()}
-    if op == "batchnorm":
-        return F.batch_norm(x, t.get("running_mean"), t.get("running_var"), t.get("weight"), t.get("bias"),
-                            training=t["training"])
-    if op == "instancenorm":
-        return F.instance_norm(x, t.get("running_mean"), t.get("running_var"), t.get("weight"), t.get("bias"),
-                               use_input_stats=t["use_input_stats"])
-    if op == "groupnorm":
-        return F.group_norm(x, t["num_groups"], t.get("weight"), t.get("bias"))
-    return F.layer_norm(x, t["normalized_shape"], t.get("weight"), t.get("bias"))
+    if spec.running:
+        t = {"running_mean": None, "running_var": None, **t}
+    return getattr(F, spec.torch_name)(x, **t)
 
 
 @st.composite

@@ -425,6 +425,45 @@ def test_lookup_error_when_no_backend_has_the_dtype(monkeypatch):
             registry.lookup("groupnorm", "forward", "float64")
 
 
+def test_lookup_refuses_an_op_or_direction_not_in_the_table():
+    """An op or direction nobody has is a clear error, never some other op's kernel."""
+    with pytest.raises(ValueError, match="unknown op 'rmsnorm'; ops are batchnorm, layernorm, instancenorm, groupnorm"):
+        registry.lookup("rmsnorm", "forward", "float32")
+    with pytest.raises(ValueError, match="groupnorm has no direction 'forward_infer'; it has forward, backward"):
+        registry.lookup("groupnorm", "forward_infer", "float32")
+
+
+def test_builtin_backends_declare_exactly_what_they_implement():
+    """A built-in declares its ops, directions and dtypes itself, not the contract's: a new op or dtype in the
+    table must not make it claim (and fail to load for) kernels it does not have."""
+    for row in normkit.list_backends(load=True):
+        if row.builtin:
+            assert row.status == "ok", row
+            module = importlib.import_module(registry._all()[row.name].spec.module)
+            assert set(row.implements) == set(module.KERNELS), row.name
+
+
+def test_lookup_cache_follows_the_order_and_registrations(monkeypatch):
+    monkeypatch.delenv("NORMKIT_BACKEND", raising=False)
+    first = registry.lookup("layernorm", "forward", "float64")[0]
+    assert registry.lookup("layernorm", "forward", "float64")[0] == first
+    monkeypatch.setenv("NORMKIT_BACKEND", "reference")
+    assert registry.lookup("layernorm", "forward", "float64")[0] == "reference"
+    monkeypatch.delenv("NORMKIT_BACKEND")
+    kernels = {("layernorm", "forward", "float64"): reference.layernorm_forward}
+    normkit.register_backend(Backend("cached", runtime_module(kernels), kernels={"layernorm": ("forward",)},
+                                     dtypes=("float64",)))
+    try:
+        normkit.set_backend_order(["cached"])
+        assert registry.lookup("layernorm", "forward", "float64")[0] == "cached"
+        normkit.unregister_backend("cached")
+        assert registry.lookup("layernorm", "forward", "float64")[0] == first
+    finally:
+        normkit.set_backend_order(None)
+        if "cached" in {b.name for b in normkit.list_backends(load=False)}:
+            normkit.unregister_backend("cached")
+
+
 # --- run-time registration -------------------------------------------------------------------------------------
 
 def test_register_backend_dispatches_and_unregisters():

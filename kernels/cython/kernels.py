@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 
-from normkit.contract import DTYPES
 from normkit.registry import get_num_threads
 
 from . import _batchnorm
@@ -42,7 +41,7 @@ _FUNCTIONS = {
 KERNELS = {
     (op, direction, dtype): function[_CTYPE[dtype]]
     for (op, direction), function in _FUNCTIONS.items()
-    for dtype in DTYPES
+    for dtype in _CTYPE
 }
 
 _build = _batchnorm.BUILD

@@ -1,9 +1,14 @@
-from normkit.contract import DIRECTIONS
 from normkit.registry import Backend
+
+# Exactly what the kernels module implements: an op, direction or dtype added to the contract is not claimed
+# until this backend has kernels for it.
+_CHANNEL = ("forward", "forward_infer", "backward", "backward_infer")
 
 backend = Backend(
     name="numba",
     module="normkit_kernels.numba.kernels",
-    kernels=DIRECTIONS,
+    kernels={"batchnorm": _CHANNEL, "instancenorm": _CHANNEL, "groupnorm": ("forward", "backward"),
+             "layernorm": ("forward", "backward")},
+    dtypes=("float32", "float64"),
     description="Numba JIT, parallel=True; compiled per dtype on first use and cached on disk",
 )

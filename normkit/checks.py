@@ -1,0 +1,124 @@
+"""Argument checks on metadata (shape tuples, dtype names, numbers), shared by the NumPy and PyTorch frontends so
+that both accept and reject the same arguments with the same messages.
+
+Every message names the op, the argument, what was expected and what came. The PyTorch frontend accepts
+everything ``torch.nn.functional`` accepts (empty batches, negative ``eps``, any ``momentum``); the NumPy
+frontend is stricter where a value can only be a mistake (``strict=True``).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+from .contract import DTYPES
+
+
+def describe(a) -> str:
+    shape, dtype = getattr(a, "shape", None), getattr(a, "dtype", None)
+    if shape is not None and dtype is not None:
+        return f"{type(a).__name__} of shape {tuple(shape)} and dtype {dtype}"
+    return type(a).__name__
+
+
+def dtype(op: str, name: str, dtype_name: str) -> None:
+    if dtype_name not in DTYPES:
+        hint = ("; normkit has no half-precision kernels, cast to float32"
+                if dtype_name in ("float16", "bfloat16") else "")
+        raise TypeError(f"{op}: {name} must be float32 or float64, got dtype {dtype_name}{hint}")
+
+
+def shape(op: str, name: str, shape_: tuple, min_ndim: int = 2, strict: bool = True) -> None:
+    if len(shape_) < min_ndim:
+        want = "(N, C) or (N, C, *spatial)" if min_ndim == 2 else f"at least {min_ndim} dims"
+        raise ValueError(f"{op}: {name} must have shape {want}, got shape {tuple(shape_)}")
+    if strict and math.prod(shape_) == 0:
+        raise ValueError(f"{op}: {name} is empty (shape {tuple(shape_)}); there is nothing to normalize")
+
+
+def param(op: str, name: str, shape_: tuple, dtype_, want_shape: tuple, want_dtype) -> None:
+    """weight / bias: exactly ``want_shape`` and the input's dtype."""
+    if dtype_ != want_dtype:
+        raise TypeError(f"{op}: {name} must have the input's dtype {want_dtype}, got {dtype_}")
+    if tuple(shape_) != tuple(want_shape):
+        raise ValueError(f"{op}: {name} must have shape {tuple(want_shape)}, got {tuple(shape_)}")
+
+
+def running(op: str, name: str, shape_: tuple, is_float: bool, dtype_, c: int) -> None:
+    """running_mean / running_var: a float vector of the input's C channels (any float dtype)."""
+    if not is_float:
+        raise TypeError(f"{op}: {name} must be a float array, got dtype {dtype_}")
+    if tuple(shape_) != (c,):
+        raise ValueError(f"{op}: {name} must have shape ({c},) to match the input's {c} channels, "
+                         f"got {tuple(shape_)}")
+
+
+def running_pair(op: str, running_mean, running_var) -> bool:
+    """Whether running statistics were given: both or neither."""
+    if (running_mean is None) != (running_var is None):
+        raise ValueError(f"{op}: pass both running_mean and running_var, or neither")
+    return running_mean is not None
+
+
+def missing_running(op: str, flag: str) -> ValueError:
+    return ValueError(f"{op}: {flag}=False normalizes with running_mean and running_var, and none were given; "
+                      f"pass them, or {flag}=True to use the input's statistics")
+
+
+def stats_count(op: str, shape_: tuple, per_instance: bool) -> int:
+    """How many values each batch statistic is computed from (batchnorm: N*S, instancenorm: S); more than one,
+    as torch.nn.functional requires (an empty input has nothing to compute and passes)."""
+    spatial = math.prod(shape_[2:])
+    count = spatial if per_instance else shape_[0] * spatial
+    if count == 1:
+        if per_instance:
+            raise ValueError(f"{op}: expected more than 1 spatial element when using input statistics, got "
+                             f"input of shape {tuple(shape_)}")
+        raise ValueError(f"{op}: expected more than 1 value per channel when training, got input of shape "
+                         f"{tuple(shape_)}")
+    return count
+
+
+def num_groups(op: str, groups, c: int) -> int:
+    if isinstance(groups, bool) or not isinstance(groups, numbers.Integral) or groups < 1:
+        raise ValueError(f"{op}: num_groups must be a positive int, got {groups!r}")
+    if c % groups:
+        raise ValueError(f"{op}: num_groups={groups} must divide the number of channels C={c}")
+    return int(groups)
+
+
+def normalized_shape(op: str, value) -> tuple:
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        value = (int(value),)
+    try:
+        if isinstance(value, (str, bytes)):
+            raise TypeError
+        value = tuple(int(d) for d in value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{op}: normalized_shape must be an int or a tuple of ints, got {describe(value)}") from None
+    if not value or min(value) < 0:
+        raise ValueError(f"{op}: normalized_shape must be a non-empty tuple of ints >= 0, got {value}")
+    return value
+
+
+def trailing(op: str, shape_: tuple, normalized: tuple) -> None:
+    if len(shape_) < len(normalized) or tuple(shape_[len(shape_) - len(normalized):]) != normalized:
+        raise ValueError(f"{op}: input of shape {tuple(shape_)} does not end with normalized_shape {normalized}")
+
+
+def eps(op: str, value, strict: bool = True) -> float:
+    """``strict``: finite and >= 0 (the NumPy frontend); otherwise any real number, as torch takes it."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{op}: eps must be a number, got {describe(value)}")
+    if strict and (not math.isfinite(value) or value < 0):
+        raise ValueError(f"{op}: eps must be a finite number >= 0, got {value!r}")
+    return float(value)
+
+
+def momentum(op: str, value, strict: bool = True) -> float:
+    """``strict``: in [0, 1] (the NumPy frontend); otherwise any real number, as torch takes it."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{op}: momentum must be a number, got {describe(value)}")
+    if strict and not 0.0 <= value <= 1.0:
+        raise ValueError(f"{op}: momentum must be a number in [0, 1], got {value!r}")
+    return float(value)

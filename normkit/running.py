@@ -1,0 +1,21 @@
+"""Running statistics: the one place both frontends update them (torch.nn's convention)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def update_running(running_mean: np.ndarray, running_var: np.ndarray, batch_mean: np.ndarray,
+                   batch_rstd: np.ndarray, eps: float, count: int, momentum: float) -> None:
+    """PyTorch's convention: running = (1 - momentum) * running + momentum * batch, unbiased batch variance.
+
+    ``batch_mean``/``batch_rstd`` have the channel as their last axis; leading axes (instances) are averaged.
+    The biased variance is recovered from rstd in float64; it is clamped at 0 because rounding of rstd can make
+    1/rstd^2 - eps slightly negative when var << eps. Shared by both frontends' eager paths.
+    """
+    var = np.maximum(1.0 / np.square(batch_rstd.astype(np.float64)) - eps, 0.0) * (count / (count - 1))
+    mean = batch_mean.astype(np.float64)
+    if mean.ndim == 2:
+        mean, var = mean.mean(axis=0), var.mean(axis=0)
+    running_mean[...] = (1.0 - momentum) * running_mean + momentum * mean
+    running_var[...] = (1.0 - momentum) * running_var + momentum * var
