@@ -189,7 +189,7 @@ def kernel_shape(spec_: OpSpec, shape: tuple[int, ...], ndims: int | None = None
     return (shape[0], shape[1], math.prod(shape[2:]))
 
 
-def kernel_table(functions, dtypes=DTYPES) -> dict:
+def kernel_table(functions, dtypes) -> dict:
     """``KERNELS`` for a backend whose functions take every dtype: ``{(op, direction): f}`` becomes
     ``{(op, direction, dtype): f}`` for each dtype."""
     return {(op, direction, dtype): f for (op, direction), f in functions.items() for dtype in dtypes}

@@ -169,5 +169,5 @@ KERNELS = kernel_table({
     ("groupnorm", "backward"): groupnorm_backward,
     ("layernorm", "forward"): layernorm_forward,
     ("layernorm", "backward"): layernorm_backward,
-})
+}, dtypes=("float32", "float64"))
 KERNELS = {key: _quiet(kernel) for key, kernel in KERNELS.items()}

@@ -1,0 +1,247 @@
+"""What the Numba kernel families (batchnorm.py, groupnorm.py, layernorm.py) share: the jit decorators, the scalar
+helpers and shifted sums, the work-splitting constants that more than one family uses, the handling of optional
+arguments, and the thread count (see kernels.py for what the kernels guarantee and how).
+
+numba caches a compiled kernel next to the file that defines it and checks only that file's time stamp (numba
+issue #1833): a kernel from batchnorm.py carries the helpers and constants it took from here, compiled in. After an
+edit to this file, touch the family modules (or delete their ``__pycache__/*.nbi`` and ``*.nbc``) so that they
+compile again; they would otherwise keep running the old code.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import threading
+
+import numba
+import numpy as np
+from llvmlite import ir
+from numba import njit
+from numba.core import cgutils, config, types
+from numba.extending import intrinsic
+from numba.np.ufunc.parallel import _launch_threads
+
+# the fastmath flags: see kernels.py (no nnan or ninf)
+FASTMATH = {"reassoc", "contract", "nsz", "arcp"}
+
+# Work splitting (shape-only). Fewer sets than MIN_SETS: cut sets into pieces of at least PIECE elements, aiming
+# at TARGET_ITEMS work items.
+MIN_SETS = 8
+TARGET_ITEMS = 16
+PIECE = 4096
+# Width of the column blocks of the flattened (N, C*S) view and of layernorm's parameter gradients.
+BLOCK = 2048
+
+
+def _cache_probe():
+    return 0
+
+
+def _can_cache() -> bool:
+    """numba caches next to this file, else in the user's cache directory (or NUMBA_CACHE_DIR); when none of
+    them is writable, decorating with cache=True raises, and the kernels compile in every process instead."""
+    try:
+        njit(cache=True)(_cache_probe)
+    except RuntimeError:
+        return False
+    return True
+
+
+CACHE = _can_cache()
+_jit = njit(cache=CACHE, fastmath=FASTMATH, nogil=True)
+_pjit = njit(cache=CACHE, fastmath=FASTMATH, nogil=True, parallel=True)
+
+
+# --- scalar helpers ---------------------------------------------------------------------------------------------
+
+@_jit
+def _pivot(v):
+    p = np.float64(v)
+    return p if np.isfinite(p) else 0.0
+
+
+@_jit
+def _finite(v):
+    """isfinite as a comparison: numba's np.isfinite is x - x == 0, which ``reassoc`` may fold to True for a
+    computed x (seen for sums of NaN)."""
+    return abs(v) < np.inf
+
+
+@_jit
+def _cdiv(a, b):
+    return -(-a // b)
+
+
+@_jit
+def _npieces(nsets, m):
+    """Pieces per set: 1 when there are enough sets, else enough pieces (of >= PIECE elements) for TARGET_ITEMS."""
+    if nsets >= MIN_SETS:
+        return 1
+    return max(1, min(_cdiv(TARGET_ITEMS, nsets), m // PIECE))
+
+
+@intrinsic
+def _prefetch(typingctx, a, i):
+    """LLVM's prefetch (for reading, into every cache level) of the cache line holding a[i]; a hint, it cannot
+    fault or change any result."""
+    def codegen(context, builder, signature, args):
+        aryty = signature.args[0]
+        ary = context.make_array(aryty)(context, builder, args[0])
+        ptr = cgutils.get_item_pointer(context, builder, aryty, ary, [args[1]], wraparound=False)
+        i32 = ir.IntType(32)
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [ptr.type, i32, i32, i32]),
+                                            "llvm.prefetch.p0")
+        builder.call(fn, [ptr, i32(0), i32(3), i32(1)])
+        return context.get_dummy_value()
+    return types.void(a, i), codegen
+
+
+# The inner loops run from 0, over a view or over the last index of the whole array (x[n, c, j] for j in
+# range(S)): a loop from a run-time start index keeps numba's negative-index wraparound check in the loop, which
+# stops LLVM from vectorizing it (measured 7x slower; x[n, c, c0 + j] doubled InstanceNorm's backward). A view
+# costs about as much as the arithmetic on a run of 200 values, and so does passing an array to a helper, so the
+# loops over short runs are indexed, and written out where they are used: helpers _run_sums(x, n, c, p) and the
+# like in their place made BatchNorm training on (64, 256, 14, 14) 1.35x slower, and inference on (32, 512, 7, 7)
+# 1.4x.
+
+@_jit
+def _sums(xr, p):
+    """sum(d), sum(d*d) over xr with d = x - p, in float64."""
+    s1 = 0.0
+    s2 = 0.0
+    for i in range(xr.shape[0]):
+        d = np.float64(xr[i]) - p
+        s1 += d
+        s2 += d * d
+    return s1, s2
+
+
+@_jit
+def _dsums(dyr, xr, m):
+    """sum(dy), sum(dy * (x - m)), in float64."""
+    s1 = 0.0
+    s2 = 0.0
+    for i in range(xr.shape[0]):
+        g = np.float64(dyr[i])
+        s1 += g
+        s2 += g * (np.float64(xr[i]) - m)
+    return s1, s2
+
+
+@_jit
+def _finish(p, s1, s2, count, eps):
+    """(mean, rstd) in float64 from shifted sums."""
+    mu = s1 / count
+    var = s2 / count - mu * mu
+    if var < 0.0:  # rounding; written as a comparison so that a NaN variance stays NaN
+        var = 0.0
+    return p + mu, 1.0 / np.sqrt(var + eps)
+
+
+@_jit
+def _dx(dyr, xr, dxr, A, B, Cc, m):
+    for j in range(xr.shape[0]):
+        dxr[j] = dyr[j] * A + (xr[j] - m) * B + Cc
+
+
+@_jit
+def _row_split(N, C, S):
+    """Pieces per (n, c) row and their length, for the (n, c, piece) work items. With one piece per row, the
+    loops index x[n, c, j] (no views, one division per item): BatchNorm inference forward on (32, 512, 7, 7) went
+    from 1.06 to 0.66 of PyTorch."""
+    Q = max(1, min(_cdiv(TARGET_ITEMS, N * C), S // PIECE))
+    return Q, _cdiv(S, Q)
+
+
+_EMPTY = {np.dtype(np.float32): np.empty(0, np.float32), np.dtype(np.float64): np.empty(0, np.float64)}
+
+
+def _opt(a, x):
+    """None -> (an empty array of x's dtype, False), so that one compiled specialization serves both."""
+    return (_EMPTY[x.dtype], False) if a is None else (a, True)
+
+
+# --- threads ----------------------------------------------------------------------------------------------------
+
+# numba's thread count is per calling thread: remember the wanted count and apply it in whichever thread calls a
+# kernel (a threading.local check costs far less than numba.get_num_threads()).
+_wanted: int | None = None
+_applied = threading.local()
+
+
+def _sync_threads() -> None:
+    if _wanted is not None and getattr(_applied, "n", None) != _wanted:
+        numba.set_num_threads(_wanted)
+        _applied.n = _wanted
+
+
+def set_num_threads(n: int) -> None:
+    global _wanted
+    _wanted = min(n, config.NUMBA_NUM_THREADS)
+    _sync_threads()
+
+
+# Why numba's threads are started here, and OpenMP's thread counts put back: when numba's OpenMP threading layer
+# starts (omppool's launch_threads, once per process, on the first parallel kernel or numba.set_num_threads), it
+# calls omp_set_num_threads(NUMBA_NUM_THREADS), which sets the calling thread's default team size in the libgomp
+# that the dynamic linker finds first in the global scope. With PyTorch imported that is PyTorch's own copy
+# (torch/lib/libgomp.so.1; omppool links the system's libgomp.so.1.0.0, another file that stays untouched), whose
+# setting is what torch.get_num_threads() reports and what every later torch op runs with: a user who had set
+# torch to 1 thread found it at all CPUs after one normkit call. numba's kernels do not need that setting: each
+# parallel region gets numba's own count (numba.set_num_threads, per calling thread) as its num_threads clause,
+# which is how normkit's thread count applies, and neither that nor numba.set_num_threads touches OpenMP's
+# settings again. So the layer is started once, here at import, before any kernel or set_num_threads can start
+# it, and every OpenMP runtime's thread count that the start changed is set back: calls cost nothing extra. The
+# nesting switch that the start also turns on (omp_set_nested) is left as numba wants it for its nested parallel
+# regions; it sets no team size, and PyTorch runs a parallel region inside another one serially anyway.
+
+_OPENMP_RUNTIMES = ("libgomp", "libomp", "libiomp")  # GNU, LLVM, Intel
+
+
+def _openmp_runtimes() -> list:
+    """The OpenMP runtimes loaded in this process (found in /proc/self/maps on Linux; elsewhere whatever the
+    process's global symbols lead to), as ctypes libraries; nothing is loaded."""
+    paths = []
+    try:
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                fields = line.split(maxsplit=5)
+                path = fields[5].strip() if len(fields) == 6 else ""
+                if os.path.basename(path).startswith(_OPENMP_RUNTIMES) and path not in paths:
+                    paths.append(path)
+    except OSError:
+        paths = [None]
+    libs = []
+    for path in paths:
+        try:
+            lib = ctypes.CDLL(path, mode=getattr(os, "RTLD_NOLOAD", 0)) if path else ctypes.CDLL(None)
+            lib.omp_get_max_threads.restype = ctypes.c_int
+            lib.omp_set_num_threads.argtypes = [ctypes.c_int]
+        except (OSError, AttributeError, TypeError):
+            continue
+        libs.append(lib)
+    return libs
+
+
+def _start_threads() -> str:
+    """Start numba's threading layer, keeping every OpenMP runtime's thread count; returns the layer's name."""
+    if str(config.THREADING_LAYER).lower() not in ("tbb", "workqueue"):
+        try:
+            # loads the runtime that the OpenMP layer links, without running it, so that its setting is read too
+            from numba.np.ufunc import omppool  # noqa: F401
+        except ImportError:
+            pass
+    before = [(lib, lib.omp_get_max_threads()) for lib in _openmp_runtimes()]
+    try:
+        _launch_threads()  # loads the threading library and starts its threads; compiles nothing
+        layer = numba.threading_layer()
+    except Exception as exc:  # noqa: BLE001 - the layer's name is only informational; a kernel call reports it
+        layer = f"unavailable ({type(exc).__name__})"
+    for lib, n in before:
+        if lib.omp_get_max_threads() != n:
+            lib.omp_set_num_threads(n)
+    return layer
+
+
+THREADING_LAYER = _start_threads()

@@ -1,0 +1,144 @@
+"""normkit never changes PyTorch's or OpenMP's thread settings, and its own thread count is what its kernels use.
+
+numba's OpenMP threading layer sets OpenMP's thread count when it starts, in whichever libgomp its symbols bind to
+(PyTorch's own when torch was imported first), which made torch.get_num_threads() jump from the user's 1 to all
+CPUs after one normkit call (see kernels/numba/_common.py). Each case runs in a fresh interpreter, since thread
+pools start once per process: the user sets PyTorch (and, through OMP_NUM_THREADS, every OpenMP runtime) to one
+thread, calls a backend through the NumPy frontend, and the settings must be as they were; then with
+normkit.set_num_threads(2) the kernels still give the right results and PyTorch still says 1.
+
+NUMBA_NUM_THREADS=2 makes numba's start-up want two threads even on a one-CPU machine, so that a change shows. The
+kernels are few (layernorm forward and backward, batchnorm inference forward; float32, one small shape each) so
+that a run without numba's disk cache compiles little: about 25 s here, where batchnorm's training forward, which
+holds every BatchNorm schedule, would add 12 s.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from support import TOL
+
+from normkit import registry
+
+BACKENDS = tuple(sorted(b.name for b in registry.list_backends(load=False) if b.builtin))
+HAVE_TORCH = importlib.util.find_spec("torch") is not None
+
+SCRIPT = r"""
+import ctypes, json, os, sys
+
+backend, torch_first, nk_threads = sys.argv[1], sys.argv[2] == "1", int(sys.argv[3])
+
+
+def openmp():
+    # omp_get_max_threads() of every OpenMP runtime loaded in this process, by path; None where that cannot be read
+    try:
+        with open("/proc/self/maps") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    found = {}
+    for line in lines:
+        fields = line.split(maxsplit=5)
+        path = fields[5].strip() if len(fields) == 6 else ""
+        if os.path.basename(path).startswith(("libgomp", "libomp", "libiomp")) and path not in found:
+            found[path] = ctypes.CDLL(path, mode=os.RTLD_NOLOAD).omp_get_max_threads()
+    return found
+
+
+torch = None
+if torch_first:
+    import normkit.torch
+try:
+    import torch
+except ImportError:
+    pass
+if torch is not None:
+    torch.set_num_threads(1)
+    torch.get_num_threads()  # PyTorch applies its setting to OpenMP lazily, per thread: make it take effect now
+
+
+def settings():
+    return {"torch": None if torch is None else [torch.get_num_threads(), torch.get_num_interop_threads()],
+            "openmp": openmp()}
+
+
+before = settings()
+import numpy as np
+import normkit
+
+rng = np.random.default_rng(0)
+x = rng.standard_normal((6, 40)).astype(np.float32)
+dy = rng.standard_normal(x.shape).astype(np.float32)
+w, b = rng.standard_normal((2, 40)).astype(np.float32)
+xb = rng.standard_normal((5, 3, 20)).astype(np.float32)
+wb, bb, rm = rng.standard_normal((3, 3)).astype(np.float32)
+rv = rng.uniform(0.5, 2.0, 3).astype(np.float32)
+
+
+def run(name):
+    ln, bn = normkit.get("layernorm"), normkit.get("batchnorm")
+    y, saved = ln.forward(x, (40,), w, b, backend=name)
+    dx, dw, db = ln.backward(dy, x, saved, (40,), w, b, backend=name)
+    yb, _ = bn.forward(xb, rm, rv, wb, bb, training=False, backend=name)
+    return {("forward", "layernorm y"): y, ("backward", "layernorm dx"): dx, ("backward", "layernorm dweight"): dw,
+            ("backward", "layernorm dbias"): db, ("forward", "batchnorm y"): yb}
+
+
+def errors(got, want):
+    return [[d, what, float(np.abs(got[d, what] - want[d, what]).max() / max(1.0, np.abs(want[d, what]).max()))]
+            for d, what in want]
+
+
+got = run(backend)
+after = settings()
+normkit.set_num_threads(nk_threads)
+got_nk = run(backend)
+after_nk = settings()
+want = run("reference")
+numba_threads = None
+if backend == "numba":
+    import numba
+    numba_threads = numba.get_num_threads()
+print(json.dumps({"before": before, "after": after, "after_set_num_threads": after_nk,
+                  "errors": errors(got, want) + errors(got_nk, want), "numba_threads": numba_threads}))
+"""
+
+
+def _run(backend: str, torch_first: bool, nk_threads: int) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS="1", NUMBA_NUM_THREADS="2")
+    out = subprocess.run([sys.executable, "-c", SCRIPT, backend, str(int(torch_first)), str(nk_threads)], env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("torch_first", [False, True], ids=["numpy", "after-import-normkit.torch"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_thread_settings_unchanged(backend, torch_first):
+    if torch_first and not HAVE_TORCH:
+        pytest.skip("torch is not installed")
+    nk_threads = min(2, os.cpu_count() or 1)
+    r = _run(backend, torch_first, nk_threads)
+    before = r["before"]
+    if before["torch"] is not None:
+        assert before["torch"][0] == 1
+        for when in ("after", "after_set_num_threads"):
+            assert r[when]["torch"] == before["torch"], (
+                f"{backend}: torch's (intra-op, inter-op) threads went from {before['torch']} to {r[when]['torch']}"
+                f" ({when.replace('_', ' ')})")
+    if before["openmp"] is not None:
+        # every runtime, loaded before the calls or by them, must still have the user's OMP_NUM_THREADS=1
+        assert set(before["openmp"].values()) <= {1}
+        for when in ("after", "after_set_num_threads"):
+            changed = {path: n for path, n in r[when]["openmp"].items() if n != 1}
+            assert not changed, f"{backend}: OpenMP max threads changed from 1 ({when.replace('_', ' ')}): {changed}"
+    for direction, what, err in r["errors"]:
+        assert err <= TOL[("float32", direction)], f"{backend}: {what} off by {err:.3g}"
+    if backend == "numba":
+        assert r["numba_threads"] == nk_threads, "normkit.set_num_threads did not reach numba's kernels"
