@@ -112,14 +112,25 @@ def _backend_option(ctx, param, values):
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Also write the results here as JSON.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False),
               help="Also draw GB/s against the copy ceiling here (.png, .svg, .pdf; needs normkit[plot]).")
+@click.option("--model", metavar="NAME", help="Instead of the kernels, time a training and an inference step of a "
+              "model from normkit.torch.models (resnet, unet, transformer, or all) with torch.nn's norm layers "
+              "against the same model converted to normkit's (needs PyTorch; takes --backend, --threads).")
+@click.option("--quick", is_flag=True, help="With --model: the models' small sizes.")
+@click.option("--steps", type=click.IntRange(min=1), help="With --model: timed steps per mode [default: 20].")
 def bench_command(op, shape, groups, case_set, dtype, backends, direction, threads, repeat, min_time, no_torch,
-                  json_path, plot_path) -> None:
+                  json_path, plot_path, model, quick, steps) -> None:
     """Time the training forward and backward of every selected backend against PyTorch's own CPU kernels and
-    against a memory copy of the same bytes (the ceiling), interleaved call by call; print a table."""
+    against a memory copy of the same bytes (the ceiling), interleaved call by call; print a table.
+    With --model, time whole models instead (normkit.torch.benchmark)."""
     import sys
 
     from normkit import bench, cases
 
+    if model is not None:
+        _bench_models(model, quick, steps, backends, threads)
+        return
+    if quick or steps is not None:
+        raise click.UsageError("--quick and --steps apply to --model only")
     if plot_path:
         from normkit import bench_plot
 
@@ -158,3 +169,50 @@ def bench_command(op, shape, groups, case_set, dtype, backends, direction, threa
     if plot_path:
         bench_plot.plot(result, plot_path)
         click.echo(f"wrote {plot_path}")
+
+
+def _bench_models(name: str, quick: bool, steps: int | None, backends: list[str] | None, threads: int | None) -> None:
+    """``normkit bench --model NAME``: normkit.torch.benchmark on the models of normkit.torch.models."""
+    ctx = click.get_current_context()
+    kernel_only = [p for p in ctx.command.params if p.name not in ("model", "quick", "steps", "backends", "threads")
+                   and ctx.get_parameter_source(p.name) is not click.core.ParameterSource.DEFAULT]
+    if kernel_only:
+        raise click.UsageError(f"--model times whole models; drop {', '.join(p.opts[0] for p in kernel_only)}")
+    if backends and len(backends) > 1:
+        raise click.BadParameter("with --model, give at most one backend", param_hint=["--backend"])
+    try:
+        import torch
+
+        from normkit.torch.model_bench import ModelMismatchError, benchmark, format_summary
+        from normkit.torch.models import MODELS
+    except ImportError as exc:
+        raise click.UsageError(f"--model needs PyTorch: pip install 'normkit[torch]' ({exc})") from None
+    names = list(MODELS) if name.lower() == "all" else [name.lower()]
+    if names[0] not in MODELS:
+        raise click.BadParameter(f"unknown model {name!r}; choose from {', '.join(MODELS)}, all",
+                                 param_hint=["--model"])
+    torch_threads = torch.get_num_threads()
+    if threads is not None:
+        try:
+            registry.set_num_threads(threads)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint=["--threads"]) from None
+        torch.set_num_threads(threads)
+    try:
+        results = {}
+        for n in names:
+            model, inputs = MODELS[n](quick=quick)
+            if results:
+                click.echo()
+            click.echo(f"[{n}{' --quick' if quick else ''}]")
+            try:
+                results[n] = benchmark(model, inputs, steps=20 if steps is None else steps,
+                                       backend=backends[0] if backends else None, file=None)
+            except ModelMismatchError as exc:
+                raise click.ClickException(str(exc)) from None
+            click.echo(results[n].format())
+    finally:
+        torch.set_num_threads(torch_threads)
+    if len(results) > 1:
+        click.echo()
+        click.echo(format_summary(results))

@@ -41,6 +41,9 @@ import numpy as np
 CONTRACT_VERSION = 1
 
 DTYPES = ("float32", "float64")
+# What a backend implements when it names no dtypes (contract 1's): a plugin written then must not start claiming a
+# dtype added to DTYPES later.
+DEFAULT_DTYPES = ("float32", "float64")
 
 # The kernel arguments of each direction, shared by the ops whose kernels look alike. ``num_groups`` follows x (or
 # dy, x) for the ops that have it.
@@ -189,7 +192,7 @@ def kernel_shape(spec_: OpSpec, shape: tuple[int, ...], ndims: int | None = None
     return (shape[0], shape[1], math.prod(shape[2:]))
 
 
-def kernel_table(functions, dtypes) -> dict:
+def kernel_table(functions, dtypes=DEFAULT_DTYPES) -> dict:
     """``KERNELS`` for a backend whose functions take every dtype: ``{(op, direction): f}`` becomes
     ``{(op, direction, dtype): f}`` for each dtype."""
     return {(op, direction, dtype): f for (op, direction), f in functions.items() for dtype in dtypes}

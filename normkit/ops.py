@@ -130,7 +130,7 @@ class Op:
         return self.spec.aliases
 
     def __call__(self, x, *args, **kwargs):
-        if _is_torch(x):
+        if type(x) is not np.ndarray and _is_torch(x):
             from . import torch as nk_torch
 
             return getattr(nk_torch, self.spec.torch_name)(x, *args, **kwargs)
@@ -247,7 +247,8 @@ class GroupNorm(Op):
         op = self.name
         x = as_input(op, "input", x)
         n, c = x.shape[:2]
-        groups = checks.num_groups(op, num_groups, c)
+        groups = num_groups if type(num_groups) is int and num_groups > 0 and not c % num_groups else \
+            checks.num_groups(op, num_groups, c)
         weight = as_param(op, "weight", weight, (c,), x.dtype)
         bias = as_param(op, "bias", bias, (c,), x.dtype)
         return x, (n, c, x.size // (n * c)), groups, weight, bias

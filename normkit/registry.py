@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from importlib import metadata
 from typing import Callable, Mapping, Sequence
 
-from .contract import CONTRACT_VERSION, DIRECTIONS, DTYPES, OPS
+from .contract import CONTRACT_VERSION, DEFAULT_DTYPES, DIRECTIONS, DTYPES, OPS
 
 GROUP = "normkit.backends"
 # Built-ins come first in this order, then plugins by name, then the reference as the backend of last resort.
@@ -48,7 +48,7 @@ class Backend:
     name: str
     module: str | object
     kernels: Mapping[str, Sequence[str]]
-    dtypes: Sequence[str] = DTYPES
+    dtypes: Sequence[str] = DEFAULT_DTYPES
     contract: int = CONTRACT_VERSION
     description: str = ""
 

@@ -12,6 +12,7 @@ try:
 except ImportError as exc:  # pragma: no cover - exercised only where torch is absent
     raise ImportError("normkit.torch needs PyTorch; install it with: pip install 'normkit[torch]'") from exc
 
+from .model_bench import benchmark
 from .functional import batch_norm, group_norm, instance_norm, layer_norm
 from .modules import (
     BatchNorm1d,
@@ -28,5 +29,5 @@ from .modules import (
 
 __all__ = [
     "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "GroupNorm", "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d",
-    "LayerNorm", "batch_norm", "convert", "group_norm", "instance_norm", "layer_norm", "revert",
+    "LayerNorm", "batch_norm", "benchmark", "convert", "group_norm", "instance_norm", "layer_norm", "revert",
 ]

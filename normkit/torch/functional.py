@@ -46,7 +46,7 @@ def _tensor(op: str, name: str, t, optional: bool = True) -> Optional[Tensor]:
         return None
     if not isinstance(t, Tensor):
         raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.device.type != "cpu":
+    if not t.is_cpu:
         raise ValueError(f"{op}: {name} is on device {t.device}; normkit's kernels run on the CPU only "
                          f"(move it with .cpu())")
     return t
@@ -64,7 +64,7 @@ def _params(op: str, x: Tensor, shape: tuple, weight, bias) -> tuple[Optional[Te
     out = []
     for name, p in (("weight", weight), ("bias", bias)):
         p = _tensor(op, name, p)
-        if p is not None and (p.dtype != x.dtype or tuple(p.shape) != shape):
+        if p is not None and (p.dtype != x.dtype or p.shape != shape):
             checks.param(op, name, p.shape, _dtype_name(p), shape, _dtype_name(x))
         out.append(p)
     return out[0], out[1]
@@ -113,6 +113,10 @@ def _kernel_shape(spec: OpSpec, shape, ndims: int) -> tuple[int, ...]:
         lead = len(shape) - ndims
         return (math.prod(shape[:lead]), math.prod(shape[lead:]))
     return (shape[0], shape[1], math.prod(shape[2:]))
+
+
+def _eps(op: str, eps) -> float:
+    return eps if type(eps) is float else checks.eps(op, eps, strict=False)
 
 
 def _forward(spec: OpSpec, x: Tensor, weight, bias, eps: float, groups: int, ndims: int, running_mean,
@@ -480,7 +484,7 @@ def _channel(spec: OpSpec, custom_op, input, running_mean, running_var, weight, 
     c = x.shape[1]
     weight, bias = _params(op, x, (c,), weight, bias)
     has_running = _running(op, x, running_mean, running_var)
-    eps = checks.eps(op, eps, strict=False)
+    eps = _eps(op, eps)
     if batch_stats:
         count = checks.stats_count(op, x.shape, per_instance=spec.sets == "instance")
     elif not has_running:
@@ -523,9 +527,10 @@ def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5, *, backend=N
     op = "groupnorm"
     x = _input(op, input)
     c = x.shape[1]
-    groups = checks.num_groups(op, num_groups, c)
+    groups = num_groups if type(num_groups) is int and num_groups > 0 and not c % num_groups else \
+        checks.num_groups(op, num_groups, c)
     weight, bias = _params(op, x, (c,), weight, bias)
-    eps = checks.eps(op, eps, strict=False)
+    eps = _eps(op, eps)
     if _is_compiling():
         return _group_norm(x, groups, weight, bias, eps, backend)[0]
     return _run(_Call(_GN, eps, groups, 0, (c,), None, None, True, False, 0, 0.0, backend), x, weight, bias)
@@ -534,11 +539,15 @@ def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5, *, backend=N
 def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5, *, backend=None):
     """:func:`torch.nn.functional.layer_norm` computed by normkit."""
     op = "layernorm"
-    shape = checks.normalized_shape(op, normalized_shape)
-    x = _input(op, input, min_ndim=len(shape))
-    checks.trailing(op, x.shape, shape)
+    x = _input(op, input, min_ndim=1)
+    if type(normalized_shape) is tuple and normalized_shape and x.shape[-len(normalized_shape):] == normalized_shape:
+        shape = normalized_shape  # what a module passes: its own tuple, which the input ends with
+    else:
+        shape = checks.normalized_shape(op, normalized_shape)
+        checks.shape(op, "input", x.shape, len(shape), strict=False)
+        checks.trailing(op, x.shape, shape)
     weight, bias = _params(op, x, shape, weight, bias)
-    eps = checks.eps(op, eps, strict=False)
+    eps = _eps(op, eps)
     if _is_compiling():
         return _layer_norm(x, list(shape), weight, bias, eps, backend)[0]
     return _run(_Call(_LN, eps, 0, len(shape), shape, None, None, True, False, 0, 0.0, backend), x, weight, bias)

@@ -1,0 +1,430 @@
+"""Time a whole model with torch.nn's norm layers against the same model converted to normkit's.
+
+    import normkit.torch
+    result = normkit.torch.benchmark(model, (x,))      # prints a table; result.train.ratio, result.infer.ratio
+
+:func:`benchmark` deep-copies the model twice (the user's instance is never converted, run or modified), converts
+one copy with :func:`normkit.torch.convert`, checks that both copies compute the same outputs and gradients, then
+times a training step (zero_grad, forward, loss, backward, SGD step) and an inference step (``eval()`` under
+``torch.no_grad()``) of each, the two copies interleaved call by call, and reports medians.
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+import math
+import statistics
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .. import registry
+from . import modules
+
+__all__ = ["BenchmarkResult", "ModelMismatchError", "ModeResult", "benchmark", "format_summary"]
+
+#: the agreement check: each output tensor must agree to within RTOL of its largest magnitude (the two sides
+#: round differently: normkit accumulates in float64, torch in float32)
+RTOL = 1e-3
+#: and each parameter's gradient to within GRAD_RTOL in L2 norm (relative to the gradient's norm, or to 1e-3 of
+#: the largest gradient norm if that is larger): gradients are not continuous in rounding errors. An activation
+#: within rounding distance of a ReLU's kink goes either way, and its whole gradient with it; in the resnet model,
+#: one such element among 6.4 million moves some gradients by 0.3% (torch float32 against torch float64 too)
+GRAD_RTOL = 5e-2
+SGD_LR = 1e-3
+SGD_MOMENTUM = 0.9
+
+_OPS = {
+    "BatchNorm1d": "batchnorm", "BatchNorm2d": "batchnorm", "BatchNorm3d": "batchnorm",
+    "InstanceNorm1d": "instancenorm", "InstanceNorm2d": "instancenorm", "InstanceNorm3d": "instancenorm",
+    "LayerNorm": "layernorm", "GroupNorm": "groupnorm",
+}
+
+
+class ModelMismatchError(AssertionError):
+    """The converted copy's outputs or gradients differ from the torch.nn copy's on the example inputs."""
+
+
+class _Stdout:
+    """Default of ``file``: whatever ``sys.stdout`` is when :func:`benchmark` is called (as for ``print``)."""
+
+    def __repr__(self) -> str:
+        return "sys.stdout"
+
+
+_STDOUT = _Stdout()
+
+
+@dataclass(frozen=True)
+class ModeResult:
+    """One mode ("train" or "infer"): medians over the timed steps, and every step's time, in milliseconds."""
+
+    mode: str
+    torch_ms: float
+    normkit_ms: float
+    ratio: float  # normkit_ms / torch_ms: below 1 means the converted model is faster
+    torch_times_ms: tuple[float, ...] = field(repr=False)
+    normkit_times_ms: tuple[float, ...] = field(repr=False)
+
+
+@dataclass
+class BenchmarkResult:
+    model: str  # the model's class name
+    inputs: str  # the example inputs' shapes and dtypes
+    steps: int
+    warmup: int
+    compiled: bool
+    backend: Optional[str]  # as passed to convert(); None: the registry's order
+    torch_threads: int
+    normkit_threads: int
+    layers: dict[str, int]  # converted layer class -> count
+    kernels: dict[str, str]  # op -> backend whose forward kernel the converted layers run
+    agreement: dict[str, float]  # what was compared -> largest difference relative to the torch side's magnitude
+    train: Optional[ModeResult] = None
+    infer: Optional[ModeResult] = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def modes(self) -> list[ModeResult]:
+        return [r for r in (self.train, self.infer) if r is not None]
+
+    def format(self) -> str:
+        backend = self.backend or "registry order"
+        lines = [
+            f"{self.model}: inputs {self.inputs}; {self.steps} timed steps after {self.warmup} warm-up, "
+            f"interleaved{', torch.compile on both' if self.compiled else ''}",
+            f"torch {torch.__version__}: {self.torch_threads} threads; normkit: {self.normkit_threads} threads, "
+            f"backend {backend} (" + ", ".join(f"{op}: {name}" for op, name in self.kernels.items()) + ")",
+            "converted: " + ", ".join(f"{n} {cls}" for cls, n in self.layers.items())
+            + "; agreement: " + ", ".join(f"{k} {v:.1e}" for k, v in self.agreement.items()),
+            f"{'mode':<6} {'torch ms':>10} {'normkit ms':>11} {'normkit/torch':>14}",
+        ]
+        for r in self.modes:
+            lines.append(f"{r.mode:<6} {r.torch_ms:>10.2f} {r.normkit_ms:>11.2f} {r.ratio:>14.3f}")
+        lines += [f"note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+def format_summary(results: dict[str, BenchmarkResult]) -> str:
+    """One line per model (name -> result): train and inference medians and ratios."""
+    width = max([5] + [len(name) for name in results])
+    lines = [f"{'model':<{width}}  {'train: torch ms':>15} {'normkit ms':>10} {'ratio':>6}   "
+             f"{'infer: torch ms':>15} {'normkit ms':>10} {'ratio':>6}"]
+    for name, res in results.items():
+        cells = []
+        for r in (res.train, res.infer):
+            cells.append(f"{r.torch_ms:>15.2f} {r.normkit_ms:>10.2f} {r.ratio:>6.3f}" if r
+                         else f"{'-':>15} {'-':>10} {'-':>6}")
+        lines.append(f"{name:<{width}}  {cells[0]}   {cells[1]}")
+    return "\n".join(lines)
+
+
+# --- argument checks -------------------------------------------------------------------------------------------
+
+def _check_int(name: str, value, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"benchmark: {name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"benchmark: {name} must be >= {minimum}, got {value}")
+    return value
+
+
+def _check_bool(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"benchmark: {name} must be True or False, got {type(value).__name__}")
+    return value
+
+
+def _leaves(obj) -> list:
+    if isinstance(obj, (tuple, list)):
+        return [leaf for item in obj for leaf in _leaves(item)]
+    if isinstance(obj, dict):
+        return [leaf for item in obj.values() for leaf in _leaves(item)]
+    return [obj]
+
+
+def _tensors(obj) -> list[Tensor]:
+    return [t for t in _leaves(obj) if isinstance(t, Tensor)]
+
+
+def _describe(inputs: tuple) -> str:
+    parts = []
+    for x in inputs:
+        if isinstance(x, Tensor):
+            parts.append("x".join(map(str, x.shape)) + " " + str(x.dtype).removeprefix("torch."))
+        else:
+            parts.append(type(x).__name__)
+    return ", ".join(parts) or "none"
+
+
+# --- the agreement check ---------------------------------------------------------------------------------------
+
+def _compare(key: str, what: str, expected: Tensor, actual: Tensor, agreement: dict[str, float]) -> None:
+    """``actual`` (normkit) against ``expected`` (torch) to within RTOL of the expected tensor's largest
+    magnitude; records the largest difference, relative to that magnitude, under ``key``."""
+    expected, actual = expected.detach(), actual.detach()
+    if expected.shape != actual.shape or expected.dtype != actual.dtype:
+        raise ModelMismatchError(f"benchmark: the converted (normkit) copy's {what} is {tuple(actual.shape)} "
+                                 f"{actual.dtype}, the torch.nn copy's {tuple(expected.shape)} {expected.dtype}")
+    if not expected.is_floating_point():
+        diff = float((expected != actual).any())
+    else:
+        scale = expected.abs().max().item() if expected.numel() else 0.0
+        scale = scale if math.isfinite(scale) and scale > 0 else 1.0
+        diff = (actual.double() - expected.double()).abs().max().item() / scale if expected.numel() else 0.0
+        try:
+            torch.testing.assert_close(actual, expected, rtol=RTOL, atol=RTOL * scale, equal_nan=True)
+        except AssertionError as exc:
+            raise ModelMismatchError(
+                f"benchmark: the converted (normkit) copy's {what} differs from the torch.nn copy's on the example "
+                f"inputs (tolerance {RTOL:g} of its largest magnitude, {scale:.3g}):\n{exc}") from None
+    agreement[key] = max(agreement.get(key, 0.0), diff if math.isfinite(diff) else math.inf)
+
+
+def _projection_loss(out) -> Callable[[Any], Tensor]:
+    """A fixed random projection of every floating-point output tensor: the loss sum((out * proj)), whose
+    gradient is proj (the gradient of out.sum() through a normalization is zero)."""
+    outs = [t for t in _tensors(out) if t.is_floating_point()]
+    if not outs:
+        raise ValueError("benchmark: the model's output has no floating-point tensor to build the default loss "
+                         "from; pass loss_fn")
+    gen = torch.Generator().manual_seed(0)
+    projs = [torch.randn(t.shape, generator=gen, dtype=t.dtype) / math.sqrt(max(t.numel(), 1)) for t in outs]
+
+    def loss(output) -> Tensor:
+        ts = [t for t in _tensors(output) if t.is_floating_point()]
+        return sum((t * p).sum() for t, p in zip(ts, projs))
+
+    return loss
+
+
+def _loss(loss_fn, out) -> Tensor:
+    value = loss_fn(out)
+    if not isinstance(value, Tensor) or value.numel() != 1:
+        raise TypeError(f"benchmark: loss_fn must return a tensor with one element, got "
+                        f"{type(value).__name__}{tuple(value.shape) if isinstance(value, Tensor) else ''}")
+    return value.reshape(())
+
+
+# --- the benchmark ---------------------------------------------------------------------------------------------
+
+def benchmark(model: nn.Module, example_inputs, *, steps: int = 20, warmup: int = 3, train: bool = True,
+              infer: bool = True, backend: Optional[str] = None, loss_fn: Optional[Callable[[Any], Tensor]] = None,
+              compile: bool = False, file=_STDOUT) -> BenchmarkResult:
+    """Time ``model`` with its torch.nn norm layers against a copy converted to normkit's; print a table.
+
+    ``example_inputs`` is a tensor or a tuple of arguments: ``model(*example_inputs)``. Two deep copies are
+    made: one keeps (or gets back) the torch.nn layers, the other is passed to ``convert(copy, backend=backend)``;
+    ``model`` itself is left untouched. Before timing, one training forward and backward and one inference forward
+    of each copy are compared; :class:`ModelMismatchError` if an output differs by more than 1e-3 of its largest
+    magnitude, or a parameter's gradient by more than 5e-2 in L2 norm (see GRAD_RTOL).
+
+    ``train``: time a training step (``zero_grad``, forward, ``loss_fn(output).backward()``, an SGD step, so both
+    copies' weights evolve alike); ``loss_fn`` defaults to a fixed random projection of the output.
+    ``infer``: time an ``eval()`` forward under ``torch.no_grad()``. Each mode runs ``warmup`` untimed steps and
+    then ``steps`` timed ones, the two copies alternating (which one goes first alternates too); the result holds
+    medians and the ratio normkit/torch of the medians. ``compile``: run both copies through ``torch.compile``
+    (compilation happens during the agreement check and is not timed). Threads are left as they are.
+    ``file``: where to print the table (default: ``sys.stdout`` at call time; None prints nothing).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"benchmark: model must be a torch.nn.Module, got {type(model).__name__}")
+    if isinstance(example_inputs, Tensor):
+        example_inputs = (example_inputs,)
+    elif isinstance(example_inputs, (tuple, list)):
+        example_inputs = tuple(example_inputs)
+    else:
+        raise TypeError(f"benchmark: example_inputs must be a tensor or a tuple of model arguments, got "
+                        f"{type(example_inputs).__name__}")
+    steps = _check_int("steps", steps, 1)
+    warmup = _check_int("warmup", warmup, 0)
+    train, infer, compile = _check_bool("train", train), _check_bool("infer", infer), _check_bool("compile", compile)
+    if not (train or infer):
+        raise ValueError("benchmark: train and infer are both False; nothing to time")
+    if backend is not None and not isinstance(backend, str):
+        raise TypeError(f"benchmark: backend must be a backend name or None, got {type(backend).__name__}")
+    if loss_fn is not None and not callable(loss_fn):
+        raise TypeError(f"benchmark: loss_fn must be callable (output -> scalar tensor), got "
+                        f"{type(loss_fn).__name__}")
+    if file is _STDOUT:
+        file = sys.stdout
+    elif file is not None and not callable(getattr(file, "write", None)):
+        raise TypeError(f"benchmark: file must be a text stream or None, got {type(file).__name__}")
+    for what, tensors in (("model", [*model.parameters(), *model.buffers()]),
+                          ("example_inputs", _tensors(example_inputs))):
+        devices = {t.device.type for t in tensors} - {"cpu"}
+        if devices:
+            raise ValueError(f"benchmark: {what} has tensors on {', '.join(sorted(devices))}; normkit's kernels "
+                             f"run on the CPU only (move it with .cpu())")
+    if backend is not None:  # convert() checks it too, but this names benchmark and the argument
+        installed = [b.name for b in registry.list_backends(load=False)]
+        if backend not in installed:
+            raise registry.UnknownBackendError(
+                f"benchmark: unknown backend {backend!r}; installed backends: {', '.join(installed)}")
+
+    # the two contenders: copies, never the user's instance (which may itself be converted already)
+    torch_model = modules.revert(copy.deepcopy(model))
+    nk_model = modules.convert(copy.deepcopy(model), backend=backend)
+    layers = dict(sorted(Counter(type(m).__name__ for m in nk_model.modules() if type(m) in modules._TO_TORCH)
+                         .items()))
+    if not layers:
+        raise ValueError(f"benchmark: model ({type(model).__name__}) has no torch.nn normalization layer that "
+                         f"normkit.torch.convert replaces ({', '.join(sorted(_OPS))}); nothing to compare")
+    notes = _coverage_notes(torch_model)
+    dtype = next((p.dtype for p in nk_model.parameters() if p.is_floating_point()), torch.float32)
+    kernels = {}
+    for op in dict.fromkeys(_OPS[cls] for cls in layers):
+        try:
+            kernels[op] = registry.lookup(op, "forward", str(dtype).removeprefix("torch."), backend)[0]
+        except Exception as exc:  # reported by the check below when the layers actually run
+            kernels[op] = f"none ({exc})"
+
+    if train and not any(p.requires_grad for p in nk_model.parameters()):
+        raise ValueError("benchmark: model has no parameter that requires grad, so there is no training step to "
+                         "time; pass train=False")
+    runners = [torch.compile(m) if compile else m for m in (torch_model, nk_model)]
+    optimizers = [torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=SGD_LR, momentum=SGD_MOMENTUM)
+                  for m in (torch_model, nk_model)] if train else []
+    threads_before = torch.get_num_threads()
+
+    # the agreement check (first calls: also JIT and torch.compile compilation)
+    agreement: dict[str, float] = {}
+    first: dict[str, list[float]] = {}
+    if train:
+        outs = []
+        for m, run, opt in zip((torch_model, nk_model), runners, optimizers):
+            m.train()
+            opt.zero_grad(set_to_none=True)
+            t0 = time.perf_counter()
+            out = run(*example_inputs)
+            if loss_fn is None:
+                loss_fn = _projection_loss(out)
+            _loss(loss_fn, out).backward()
+            first.setdefault("training step", []).append(time.perf_counter() - t0)
+            outs.append(out)
+        _compare_outputs("training output", outs, agreement)
+        _compare_gradients(torch_model, nk_model, agreement)
+        for opt in optimizers:
+            opt.zero_grad(set_to_none=True)
+    if infer:
+        outs = []
+        for m, run in zip((torch_model, nk_model), runners):
+            m.eval()
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                outs.append(run(*example_inputs))
+            first.setdefault("inference step", []).append(time.perf_counter() - t0)
+        _compare_outputs("inference output", outs, agreement)
+    notes.append("first calls, not timed (" + ("compilation, " if compile else "") + "JIT, first touch): " + "; ".join(
+        f"{what} torch {t[0]:.2f} s, normkit {t[1]:.2f} s" for what, t in first.items()))
+
+    result = BenchmarkResult(
+        model=type(model).__name__, inputs=_describe(example_inputs), steps=steps, warmup=warmup, compiled=compile,
+        backend=backend, torch_threads=threads_before, normkit_threads=registry.get_num_threads(), layers=layers,
+        kernels=kernels, agreement=agreement, notes=notes)
+
+    if train:
+        def train_step(m, run, opt):
+            def step():
+                opt.zero_grad(set_to_none=True)
+                _loss(loss_fn, run(*example_inputs)).backward()
+                opt.step()
+            return step
+
+        for m in (torch_model, nk_model):
+            m.train()
+        result.train = _time("train", [train_step(*c) for c in zip((torch_model, nk_model), runners, optimizers)],
+                             steps, warmup)
+    if infer:
+        def infer_step(run):
+            def step():
+                with torch.no_grad():
+                    run(*example_inputs)
+            return step
+
+        for m in (torch_model, nk_model):
+            m.eval()
+        result.infer = _time("infer", [infer_step(run) for run in runners], steps, warmup)
+
+    if torch.get_num_threads() != threads_before:
+        result.notes.append(f"torch's thread count changed from {threads_before} to {torch.get_num_threads()} "
+                            f"during the run (an OpenMP runtime started by a backend?); timings are suspect")
+    if file is not None:
+        print(result.format(), file=file, flush=True)
+    return result
+
+
+def _compare_gradients(torch_model: nn.Module, nk_model: nn.Module, agreement: dict[str, float]) -> None:
+    grads = [{n: p.grad for n, p in m.named_parameters() if p.requires_grad} for m in (torch_model, nk_model)]
+    # a gradient that is zero in exact arithmetic (a conv bias in front of a norm layer) is rounding noise on both
+    # sides: the scale has a floor, 1e-3 of the largest gradient norm
+    norms = {n: g.double().norm().item() for n, g in grads[0].items() if g is not None}
+    floor = 1e-3 * max(norms.values(), default=0.0)
+    worst = 0.0
+    for name, g in grads[0].items():
+        h = grads[1][name]
+        if (g is None) != (h is None):
+            raise ModelMismatchError(f"benchmark: parameter {name} has a gradient in only one of the copies")
+        if g is None:
+            continue
+        scale = max(norms[name], floor) or 1.0
+        rel = (h.double() - g.double()).norm().item() / scale
+        if not rel <= GRAD_RTOL and math.isfinite(norms[name]):
+            raise ModelMismatchError(
+                f"benchmark: the converted (normkit) copy's gradient of {name} differs from the torch.nn copy's on the "
+                f"example inputs by {rel:.2g} (L2 norm of the difference relative to the gradient's, {scale:.3g}; "
+                f"tolerance {GRAD_RTOL:g})")
+        worst = max(worst, rel if math.isfinite(rel) else 0.0)
+    agreement["gradients"] = worst
+
+
+def _compare_outputs(what: str, outs: Sequence, agreement: dict[str, float]) -> None:
+    expected, actual = _leaves(outs[0]), _leaves(outs[1])
+    if len(expected) != len(actual):
+        raise ModelMismatchError(f"benchmark: {what}: the copies return different structures")
+    for e, a in zip(expected, actual):
+        if isinstance(e, Tensor) and isinstance(a, Tensor):
+            _compare(what, what, e, a, agreement)
+
+
+def _coverage_notes(torch_model: nn.Module) -> list[str]:
+    """Norm layers that convert() leaves alone, and modules known to bypass their norm layers' forward."""
+    notes = []
+    norm_bases = tuple(c for c in (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm,
+                                   getattr(nn, "RMSNorm", None), nn.LocalResponseNorm) if c is not None)
+    missed = Counter(type(m).__name__ for m in torch_model.modules()
+                     if isinstance(m, norm_bases) and type(m) not in modules._TO_NORMKIT)
+    if missed:
+        notes.append("left as torch.nn (convert() replaces exact torch.nn classes only): "
+                     + ", ".join(f"{n} {cls}" for cls, n in sorted(missed.items())))
+    fast = [name for name, m in torch_model.named_modules() if isinstance(m, nn.TransformerEncoderLayer)]
+    if fast:
+        notes.append(f"{len(fast)} nn.TransformerEncoderLayer: in inference their fast path calls ATen's fused "
+                     f"kernel with the LayerNorms' weights and never their forward, so normkit does not run there")
+    return notes
+
+
+def _time(mode: str, calls: Sequence[Callable[[], None]], steps: int, warmup: int) -> ModeResult:
+    """Warm-up and timed rounds; each round calls both contenders, the first one alternating."""
+    times: list[list[float]] = [[], []]
+    gc_was_enabled = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    try:
+        for r in range(warmup + steps):
+            for i in ((0, 1) if r % 2 == 0 else (1, 0)):
+                t0 = time.perf_counter_ns()
+                calls[i]()
+                if r >= warmup:
+                    times[i].append((time.perf_counter_ns() - t0) * 1e-6)
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    t, n = statistics.median(times[0]), statistics.median(times[1])
+    return ModeResult(mode, t, n, n / t, tuple(times[0]), tuple(times[1]))

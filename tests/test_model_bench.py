@@ -1,0 +1,245 @@
+"""normkit.torch.benchmark and normkit.torch.models: the model-level benchmark (torch.nn copy against a converted
+copy), its agreement check, its argument errors, and ``normkit bench --model``. No timing assertions."""
+
+from __future__ import annotations
+
+import io
+import statistics
+
+import pytest
+from click.testing import CliRunner
+
+torch = pytest.importorskip("torch")
+
+import normkit.torch as nt  # noqa: E402
+from normkit.cli import main  # noqa: E402
+from normkit.torch import modules  # noqa: E402
+from normkit.torch.model_bench import BenchmarkResult, ModelMismatchError, ModeResult  # noqa: E402
+from normkit.torch.models import MODELS  # noqa: E402
+
+nn = torch.nn
+QUICK = dict(steps=2, warmup=1)
+NORM_CLASS = {"resnet": "BatchNorm2d", "unet": "GroupNorm", "transformer": "LayerNorm"}
+
+
+def snapshot(model):
+    """Everything benchmark() must leave alone: classes, modes, parameters and buffers (bit for bit)."""
+    return ([(name, type(m), m.training, "backend" in vars(m)) for name, m in model.named_modules()],
+            {k: v.clone() for k, v in model.state_dict().items()},
+            {k: None if p.grad is None else p.grad.clone() for k, p in model.named_parameters()})
+
+
+def assert_unchanged(model, before):
+    classes, state, grads = snapshot(model)
+    assert classes == before[0]
+    assert state.keys() == before[1].keys()
+    for k, v in state.items():
+        assert torch.equal(v, before[1][k]), k
+    assert grads == before[2]
+
+
+def small_bn_model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3))
+
+
+# --- models ----------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_models_are_deterministic_and_keep_the_global_random_state(name):
+    state = torch.random.get_rng_state()
+    (m1, x1), (m2, x2) = MODELS[name](quick=True), MODELS[name](quick=True)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert all(torch.equal(a, b) for a, b in zip(m1.state_dict().values(), m2.state_dict().values()))
+    assert all(torch.equal(a, b) for a, b in zip(x1, x2))
+    m3, _ = MODELS[name](quick=True, seed=1)
+    assert not all(torch.equal(a, b) for a, b in zip(m1.state_dict().values(), m3.state_dict().values()))
+    assert m1.training
+    assert any(type(m).__name__ == NORM_CLASS[name] for m in m1.modules())
+    assert all(type(m) not in modules._TO_TORCH for m in m1.modules())  # torch.nn layers, not normkit's
+
+
+def test_default_sizes():
+    # the shapes the README and earlier measurements use; building the default models is cheap (no forward)
+    shapes = {name: [tuple(x.shape) for x in MODELS[name]()[1]] for name in MODELS}
+    assert shapes == {"resnet": [(32, 3, 112, 112)], "unet": [(8, 3, 32, 32)], "transformer": [(16, 128)]}
+    layer_norms = [m for m in MODELS["transformer"]()[0].modules() if isinstance(m, nn.LayerNorm)]
+    assert len(layer_norms) == 9 and all(m.normalized_shape == (256,) for m in layer_norms)
+    group_norms = [m for m in MODELS["unet"]()[0].modules() if isinstance(m, nn.GroupNorm)]
+    assert group_norms and all(m.num_groups == 32 for m in group_norms)
+
+
+# --- benchmark -------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_benchmark_quick_models(name):
+    model, inputs = MODELS[name](quick=True)
+    before = snapshot(model)
+    out = io.StringIO()
+    res = nt.benchmark(model, inputs, file=out, **QUICK)
+
+    assert isinstance(res, BenchmarkResult)
+    assert res.model == type(model).__name__ and res.steps == 2 and res.warmup == 1 and not res.compiled
+    assert [r.mode for r in res.modes] == ["train", "infer"]
+    for r in res.modes:
+        assert isinstance(r, ModeResult)
+        assert len(r.torch_times_ms) == len(r.normkit_times_ms) == 2
+        assert all(t > 0 for t in r.torch_times_ms + r.normkit_times_ms)
+        assert r.torch_ms == statistics.median(r.torch_times_ms) > 0
+        assert r.normkit_ms == statistics.median(r.normkit_times_ms) > 0
+        assert r.ratio == pytest.approx(r.normkit_ms / r.torch_ms)
+    n_norm = sum(type(m).__name__ == NORM_CLASS[name] for m in model.modules())
+    assert res.layers == {NORM_CLASS[name]: n_norm}
+    assert set(res.kernels) == {NORM_CLASS[name].lower().removesuffix("2d")}
+    # the two copies agreed: outputs and gradients within the check's tolerance
+    assert set(res.agreement) == {"training output", "gradients", "inference output"}
+    assert 0 <= res.agreement["training output"] < 1e-3 and 0 <= res.agreement["inference output"] < 1e-3
+    assert 0 <= res.agreement["gradients"] < 5e-2, res.agreement
+    assert res.torch_threads >= 1 and res.normkit_threads >= 1
+
+    text = out.getvalue()
+    assert text.strip() == res.format()
+    assert "normkit/torch" in text and "\ntrain " in text and "\ninfer " in text
+    assert f"{n_norm} {NORM_CLASS[name]}" in text
+
+    assert_unchanged(model, before)
+
+
+def test_benchmark_one_mode_custom_loss_and_tensor_input():
+    model = small_bn_model()
+    x = torch.randn(4, 3, 8, 8)
+    res = nt.benchmark(model, x, train=True, infer=False, loss_fn=lambda out: out.square().mean(), file=None,
+                       **QUICK)
+    assert res.infer is None and res.train is not None and res.modes == [res.train]
+    assert "infer" not in res.agreement
+    res = nt.benchmark(model, [x], train=False, file=None, **QUICK)
+    assert res.train is None and set(res.agreement) == {"inference output"}
+
+
+def test_benchmark_compares_against_torch_even_when_the_model_is_already_converted():
+    model = nt.convert(small_bn_model())
+    before = snapshot(model)
+    res = nt.benchmark(model, torch.randn(4, 3, 8, 8), file=None, **QUICK)
+    assert res.layers == {"BatchNorm2d": 1}
+    assert_unchanged(model, before)
+    assert type(model[1]) is nt.BatchNorm2d  # still the user's converted model
+
+
+def test_benchmark_backend_is_passed_to_convert():
+    res = nt.benchmark(small_bn_model(), torch.randn(4, 3, 8, 8), backend="reference", file=None, **QUICK)
+    assert res.backend == "reference" and res.kernels == {"batchnorm": "reference"}
+
+
+def test_benchmark_notes_norm_layers_convert_leaves_alone():
+    class MyNorm(nn.BatchNorm2d):
+        pass
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), MyNorm(4))
+    res = nt.benchmark(model, torch.randn(2, 3, 8, 8), file=None, **QUICK)
+    assert res.layers == {"BatchNorm2d": 1}
+    assert any("1 MyNorm" in n for n in res.notes)
+
+
+def test_benchmark_raises_when_the_copies_disagree(monkeypatch):
+    monkeypatch.setattr(modules._LayerNormForward, "forward", lambda self, x: nn.LayerNorm.forward(self, x) * 1.01)
+    model, inputs = MODELS["transformer"](quick=True)
+    with pytest.raises(ModelMismatchError, match="converted \\(normkit\\) copy's training output differs"):
+        nt.benchmark(model, inputs, file=None, **QUICK)
+    with pytest.raises(ModelMismatchError, match="converted \\(normkit\\) copy's inference output differs"):
+        nt.benchmark(model, inputs, train=False, file=None, **QUICK)
+
+
+def test_benchmark_raises_when_gradients_disagree(monkeypatch):
+    class Scale(torch.autograd.Function):  # identity forward, wrong backward
+        @staticmethod
+        def forward(ctx, y):
+            return y.clone()
+
+        @staticmethod
+        def backward(ctx, g):
+            return g * 2
+
+    forward = modules._GroupNormForward.forward
+    monkeypatch.setattr(modules._GroupNormForward, "forward", lambda self, x: Scale.apply(forward(self, x)))
+    model, inputs = MODELS["unet"](quick=True)
+    with pytest.raises(ModelMismatchError, match=r"copy's gradient of \S+ differs from the torch.nn copy's on the "
+                                                 r"example inputs by \d"):
+        nt.benchmark(model, inputs, file=None, **QUICK)
+
+
+@pytest.mark.parametrize("kwargs, exc, match", [
+    (dict(model="not a model"), TypeError, "benchmark: model must be a torch.nn.Module, got str"),
+    (dict(example_inputs=3), TypeError, "benchmark: example_inputs must be a tensor or a tuple"),
+    (dict(steps=0), ValueError, "benchmark: steps must be >= 1, got 0"),
+    (dict(steps=2.0), TypeError, "benchmark: steps must be an int, got float"),
+    (dict(steps=True), TypeError, "benchmark: steps must be an int, got bool"),
+    (dict(warmup=-1), ValueError, "benchmark: warmup must be >= 0, got -1"),
+    (dict(train=False, infer=False), ValueError, "benchmark: train and infer are both False"),
+    (dict(train=1), TypeError, "benchmark: train must be True or False, got int"),
+    (dict(infer=None), TypeError, "benchmark: infer must be True or False, got NoneType"),
+    (dict(compile="yes"), TypeError, "benchmark: compile must be True or False, got str"),
+    (dict(backend="nope"), ValueError, "benchmark: unknown backend 'nope'; installed backends: "),
+    (dict(backend=3), TypeError, "benchmark: backend must be a backend name or None, got int"),
+    (dict(loss_fn="sum"), TypeError, "benchmark: loss_fn must be callable"),
+    (dict(loss_fn=lambda out: out), TypeError, r"benchmark: loss_fn must return a tensor with one element, got "
+                                               r"Tensor\(4, 3\)"),
+    (dict(file=3), TypeError, "benchmark: file must be a text stream or None, got int"),
+    (dict(model=small_bn_model().requires_grad_(False)), ValueError,
+     "benchmark: model has no parameter that requires grad, so there is no training step to time; pass train=False"),
+    (dict(model=nn.Sequential(nn.Linear(3, 3))), ValueError,
+     r"benchmark: model \(Sequential\) has no torch.nn normalization layer that normkit.torch.convert replaces"),
+    (dict(model=nn.Sequential(nn.Linear(3, 3)).to("meta")), ValueError,
+     "benchmark: model has tensors on meta; normkit's kernels run on the CPU only"),
+    (dict(example_inputs=(torch.randn(4, 3, 8, 8, device="meta"),)), ValueError,
+     "benchmark: example_inputs has tensors on meta"),
+])
+def test_benchmark_argument_errors(kwargs, exc, match):
+    args = dict(model=small_bn_model(), example_inputs=(torch.randn(4, 3, 8, 8),), file=None, **QUICK)
+    args.update(kwargs)
+    model = args["model"]
+    before = snapshot(model) if isinstance(model, nn.Module) and not kwargs.get("model") else None
+    with pytest.raises(exc, match=match):
+        nt.benchmark(args.pop("model"), args.pop("example_inputs"), **args)
+    if before is not None:
+        assert_unchanged(model, before)
+
+
+def test_only_benchmark_is_new_in_normkit_torch():
+    assert "benchmark" in nt.__all__
+    assert nt.benchmark.__module__ == "normkit.torch.model_bench"
+
+
+# --- the CLI ---------------------------------------------------------------------------------------------------
+
+def run(*args):
+    return CliRunner().invoke(main, ["bench", *args])
+
+
+def test_cli_model_quick():
+    result = run("--model", "resnet", "--quick", "--steps", "2")
+    assert result.exit_code == 0, result.output
+    out = result.output
+    assert out.startswith("[resnet --quick]\nResNet: inputs 4x3x32x32 float32; 2 timed steps after 3 warm-up")
+    assert "\ntrain " in out and "\ninfer " in out and "BatchNorm2d" in out
+    assert "model  " not in out  # no summary for a single model
+
+
+def test_cli_model_help_names_every_model():
+    result = CliRunner().invoke(main, ["bench", "--help"])
+    assert result.exit_code == 0
+    text = " ".join(result.output.split())
+    assert "(" + ", ".join(MODELS) + ", or all)" in text
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "vgg"], "unknown model 'vgg'; choose from resnet, unet, transformer, all"),
+    (["--quick"], "--quick and --steps apply to --model only"),
+    (["--steps", "3", "--op", "ln"], "--quick and --steps apply to --model only"),
+    (["--model", "resnet", "--op", "ln", "--repeat", "3"], "--model times whole models; drop --op, --repeat"),
+    (["--model", "resnet", "--backend", "reference", "--backend", "numba"], "at most one backend"),
+    (["--model", "resnet", "--steps", "0"], "0 is not in the range x>=1"),
+])
+def test_cli_model_usage_errors(args, message):
+    result = run(*args)
+    assert result.exit_code == 2, result.output
+    assert message in " ".join(result.output.split())
