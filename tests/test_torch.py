@@ -24,6 +24,16 @@ DTYPES = (torch.float32, torch.float64)
 TOL = {torch.float32: dict(rtol=1e-4, atol=1e-5), torch.float64: dict(rtol=1e-9, atol=1e-11)}
 
 
+def _assert_close_to_scale(actual, expected, what="", rel=1e-5):
+    """|actual - expected| <= rel * max(1, max |expected|) elementwise: float32 rounding (~100 ulps at rel=1e-5) of
+    terms as large as the result's largest element, the size of what a loss without cancellation sums."""
+    if not expected.is_floating_point():
+        assert torch.equal(actual, expected), what
+        return
+    scale = max(1.0, expected.detach().abs().max().item()) if expected.numel() else 1.0
+    torch.testing.assert_close(actual, expected, rtol=0.0, atol=rel * scale, msg=lambda m: f"{what}: {m}")
+
+
 @pytest.fixture
 def spy():
     """A backend named "spy": the reference kernels, recording every call (key and arguments)."""
@@ -73,10 +83,11 @@ def _forward_samples(dtype, requires_grad):
 def _backward_samples(dtype):
     """Each forward sample's backward, fed with what the forward returned."""
     ops, out = torch.ops.normkit, []
+    g = torch.Generator().manual_seed(1)
     for op, args in _forward_samples(dtype, requires_grad=False):
         x = args[0]
         _, mean, rstd = op(*args)
-        dy = torch.randn_like(x)
+        dy = torch.randn(x.shape, dtype=x.dtype, generator=g)
         if op in (ops.batch_norm, ops.instance_norm):
             x, w, b, _, _, batch_stats, _, _ = args
             backward = ops.batch_norm_backward if op is ops.batch_norm else ops.instance_norm_backward
@@ -203,10 +214,12 @@ def test_modules_run_on_normkit_kernels(case, spy):
     """Matching torch.nn is not enough: a module that fell back to torch's own kernels would match too."""
     make, shape = MODULES[case]
     module = nt.convert(make(), backend="spy")
+    g = torch.Generator().manual_seed(0)
     for training in (True, False):
         spy.clear()
         module.train(training)
-        module(torch.randn(shape, requires_grad=True)).sum().backward()
+        y = module(torch.randn(shape, generator=g, requires_grad=True))
+        y.backward(torch.randn(y.shape, generator=g))
         directions = {key[1] for key, _ in spy}
         assert directions & {"forward", "forward_infer"} and directions & {"backward", "backward_infer"}, spy
 
@@ -223,10 +236,11 @@ def test_module_input_checks_are_torchs():
 
 
 def test_functional_matches_torch_and_get_routes_tensors(spy):
-    x = torch.randn(4, 6, 5, dtype=torch.float64)
-    w, b = torch.rand(6, dtype=torch.float64), torch.randn(6, dtype=torch.float64)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 6, 5, dtype=torch.float64, generator=g)
+    w, b = torch.rand(6, dtype=torch.float64, generator=g), torch.randn(6, dtype=torch.float64, generator=g)
     F = nn.functional
-    rm, rv = torch.randn(6, dtype=torch.float64), torch.rand(6, dtype=torch.float64)
+    rm, rv = torch.randn(6, dtype=torch.float64, generator=g), torch.rand(6, dtype=torch.float64, generator=g)
     rm_ref, rv_ref = rm.clone(), rv.clone()
     cases = [
         (normkit.get("bn")(x, rm, rv, w, b, True, 0.2, backend="spy"),
@@ -244,14 +258,15 @@ def test_functional_matches_torch_and_get_routes_tensors(spy):
 # --- kernels get the tensors' memory ---------------------------------------------------------------------------
 
 def test_kernels_get_tensor_memory_without_copies(spy):
-    x = torch.randn(4, 6, 5, requires_grad=True)
-    w, b = torch.rand(6, requires_grad=True), torch.randn(6, requires_grad=True)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 6, 5, generator=g, requires_grad=True)
+    w, b = torch.rand(6, generator=g, requires_grad=True), torch.randn(6, generator=g, requires_grad=True)
     y = nt.group_norm(x, 2, w, b, backend="spy")
     (key, (x3, groups, w_, b_, eps, y3, mean, rstd)), = spy
     assert key == ("groupnorm", "forward", "float32")
     assert x3.ctypes.data == x.data_ptr() and w_.ctypes.data == w.data_ptr() and b_.ctypes.data == b.data_ptr()
     assert y3.ctypes.data == y.data_ptr()  # the kernel wrote straight into the tensor torch allocated
-    dy = torch.randn_like(y)
+    dy = torch.randn(y.shape, generator=g)
     y.backward(dy)
     (key, (dy3, x3, *_, dx3, dw, db)) = spy[1]
     assert key == ("groupnorm", "backward", "float32")
@@ -259,17 +274,19 @@ def test_kernels_get_tensor_memory_without_copies(spy):
 
 
 def test_non_contiguous_input_works_and_is_not_modified():
-    base = torch.randn(5, 4, 6, 3)
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(5, 4, 6, 3, generator=g)
     x = base.permute(0, 3, 1, 2)  # (5, 3, 4, 6), not contiguous
     before = base.clone()
     m, ref = nt.BatchNorm2d(3), nn.BatchNorm2d(3)
-    torch.testing.assert_close(m(x), ref(x))
-    cl = torch.randn(2, 3, 4, 4).to(memory_format=torch.channels_last)
-    torch.testing.assert_close(nt.group_norm(cl, 3), nn.functional.group_norm(cl, 3))
+    _assert_close_to_scale(m(x), ref(x), "batch_norm")
+    cl = torch.randn(2, 3, 4, 4, generator=g).to(memory_format=torch.channels_last)
+    _assert_close_to_scale(nt.group_norm(cl, 3), nn.functional.group_norm(cl, 3), "group_norm")
     xt = x.transpose(-1, -2)
-    torch.testing.assert_close(nt.layer_norm(xt, (6, 4)), nn.functional.layer_norm(xt, (6, 4)))
+    _assert_close_to_scale(nt.layer_norm(xt, (6, 4)), nn.functional.layer_norm(xt, (6, 4)), "layer_norm")
     assert torch.equal(base, before)
-    torch.testing.assert_close(m.running_mean, ref.running_mean)
+    _assert_close_to_scale(m.running_mean, ref.running_mean, "running_mean")
+    _assert_close_to_scale(m.running_var, ref.running_var, "running_var")
 
 
 # --- convert / revert / state_dict -----------------------------------------------------------------------------
@@ -287,10 +304,10 @@ class SmallCNN(nn.Module):
         return self.head(self.features(x))
 
 
-def _train(model, steps, seed):
+def _train(model, steps, seed, dtype=torch.float32):
     """SGD on one fixed batch (so the loss must go down), returning the loss of every step."""
     g = torch.Generator().manual_seed(seed)
-    x, target = torch.randn(16, 3, 16, 16, generator=g), torch.randint(0, 10, (16,), generator=g)
+    x, target = torch.randn(16, 3, 16, 16, generator=g, dtype=dtype), torch.randint(0, 10, (16,), generator=g)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     losses = []
     for _ in range(steps):
@@ -302,19 +319,28 @@ def _train(model, steps, seed):
     return losses
 
 
-def test_small_cnn_trains_like_torch():
+# (losses, state and outputs) relative error allowed. float64: both sides' rounding is ~1e-15 after the 6 steps, so
+# any real difference shows. float32: torch's own float32 BatchNorm rounding, amplified by training, moves a conv
+# weight by 7e-5 from the exact trajectory after 6 steps on this batch (normkit, accumulating in float64, by 3e-8),
+# so its state is compared to 1e-3 of its scale; the losses (mean cross-entropies) agree to 2e-7.
+CNN_TOL = {torch.float32: dict(loss=1e-4, state=1e-3), torch.float64: dict(loss=1e-9, state=1e-9)}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_small_cnn_trains_like_torch(dtype):
     torch.manual_seed(0)
-    ref = SmallCNN()
+    ref = SmallCNN().to(dtype)
     model = copy.deepcopy(ref)
     assert nt.convert(model) is model
     assert sum(type(m).__module__ == "normkit.torch.modules" for m in model.modules()) == 4
-    ref_losses, losses = _train(ref, 6, seed=1), _train(model, 6, seed=1)
-    np.testing.assert_allclose(losses, ref_losses, rtol=1e-4)
+    ref_losses, losses = _train(ref, 6, seed=1, dtype=dtype), _train(model, 6, seed=1, dtype=dtype)
+    np.testing.assert_allclose(losses, ref_losses, rtol=CNN_TOL[dtype]["loss"])
     assert losses[-1] < losses[0]
-    _assert_same(ref, model, dict(rtol=1e-3, atol=1e-4))
+    for (name, a), b in zip(ref.state_dict().items(), model.state_dict().values()):
+        _assert_close_to_scale(b, a, name, rel=CNN_TOL[dtype]["state"])
     ref.eval(), model.eval()
-    x = torch.randn(4, 3, 16, 16)
-    torch.testing.assert_close(model(x), ref(x), rtol=1e-3, atol=1e-4)
+    x = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(2), dtype=dtype)
+    _assert_close_to_scale(model(x), ref(x), "eval output", rel=CNN_TOL[dtype]["state"])
 
 
 def test_convert_keeps_state_and_revert_undoes_it():
@@ -365,7 +391,7 @@ def test_state_dict_round_trip(case):
     make, shape = MODULES[case]
     ref, _ = _pair(make, torch.float32)
     ref.train()
-    ref(torch.randn(shape))  # non-trivial running stats and num_batches_tracked
+    ref(torch.randn(shape, generator=torch.Generator().manual_seed(1)))  # running stats, num_batches_tracked
     ours = nt.convert(make())
     ours.load_state_dict(ref.state_dict(), strict=True)
     back = make()
@@ -379,22 +405,32 @@ def test_state_dict_round_trip(case):
 # --- torch.compile ---------------------------------------------------------------------------------------------
 
 def test_torch_compile_matches_eager():
+    """Compiled and eager agree on outputs, gradients and running statistics.
+
+    The loss is a fixed random projection <proj, y>: with y.square().sum() on a LayerNorm output (whose norm is
+    fixed) the loss is nearly constant and every upstream gradient a cancellation residue, rounding noise that the
+    eager and the compiled graph (other kernels, other summation orders, other CPUs) need not share. For the same
+    reason the convolution has no bias: BatchNorm removes any per-channel constant, so that gradient is exactly 0
+    and what autograd computes for it is noise."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nt.BatchNorm2d(8), nn.ReLU(), nt.GroupNorm(2, 8),
-                          nn.Flatten(), nt.LayerNorm(8 * 5 * 5))
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nt.BatchNorm2d(8), nn.ReLU(),
+                          nt.GroupNorm(2, 8), nn.Flatten(), nt.LayerNorm(8 * 5 * 5))
     twin = copy.deepcopy(model)
     compiled = torch.compile(twin, fullgraph=True)  # fullgraph: a graph break would fail, not fall back to eager
+    g = torch.Generator().manual_seed(1)
     for step in range(2):
-        x = torch.randn(4, 3, 5, 5)
+        x = torch.randn(4, 3, 5, 5, generator=g)
+        proj = torch.randn(4, 8 * 5 * 5, generator=g)
         y, y_c = model(x), compiled(x)
-        torch.testing.assert_close(y_c, y)
-        y.square().sum().backward(), y_c.square().sum().backward()
-        for p, q in zip(model.parameters(), twin.parameters()):
-            torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-5)
-    _assert_same(model, twin, dict(rtol=1e-5, atol=1e-6))
+        _assert_close_to_scale(y_c, y, f"step {step} output")
+        (y * proj).sum().backward(), (y_c * proj).sum().backward()
+        for (name, p), q in zip(model.named_parameters(), twin.parameters()):
+            _assert_close_to_scale(q.grad, p.grad, f"step {step} gradient of {name}")
+    for (name, a), b in zip(model.state_dict().items(), twin.state_dict().values()):
+        _assert_close_to_scale(b, a, name)  # running statistics and num_batches_tracked
     model.eval(), twin.eval()
-    x = torch.randn(4, 3, 5, 5)
-    torch.testing.assert_close(compiled(x), model(x))
+    x = torch.randn(4, 3, 5, 5, generator=g)
+    _assert_close_to_scale(compiled(x), model(x), "eval output")
 
 
 # --- errors ----------------------------------------------------------------------------------------------------
@@ -428,10 +464,8 @@ def test_errors_name_op_argument_expectation_and_what_came():
         nt.batch_norm(x, torch.zeros(6), torch.ones(5), training=True)
     with pytest.raises(ValueError, match=r"batchnorm: training=False normalizes with running_mean"):
         nt.batch_norm(x)
-    with pytest.raises(ValueError, match=r"instancenorm: momentum must be a number in \[0, 1\], got 2"):
-        nt.instance_norm(x, torch.zeros(6), torch.ones(6), momentum=2)
-    with pytest.raises(ValueError, match=r"layernorm: eps must be a finite number >= 0, got -1"):
-        nt.layer_norm(x, 5, eps=-1)
+    # no refusal of momentum outside [0, 1] or of a negative eps: torch.nn.functional accepts both (NaN where
+    # var + eps < 0), and so must normkit.torch (tests/test_opinfo.py runs PyTorch's own samples of them)
     with pytest.raises(normkit.UnknownBackendError, match=r"unknown backend 'nope'"):
         nt.group_norm(x, 2, backend="nope")
     with pytest.raises(ValueError, match=r"groupnorm: grad_output must have the input's shape"):

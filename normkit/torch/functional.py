@@ -510,6 +510,9 @@ def batch_norm(input, running_mean=None, running_var=None, weight=None, bias=Non
                eps=1e-5, *, backend=None):
     """:func:`torch.nn.functional.batch_norm` computed by normkit; ``running_mean``/``running_var`` are updated
     in place when ``training``. ``backend`` picks a backend by name (default: the registry's order)."""
+    if isinstance(input, Tensor) and input.dim() == 1 and not input.numel() and weight is None and bias is None \
+            and all(r is None or (isinstance(r, Tensor) and not r.numel()) for r in (running_mean, running_var)):
+        return input.clone()  # the one 1-D input torch takes: an empty one, with nothing to normalize
     return _channel(_BN, _batch_norm, input, running_mean, running_var, weight, bias, training, momentum, eps,
                     backend)
 
