@@ -78,22 +78,23 @@ __all__ = ["Case", "Failure", "Report", "assert_backend_conforms", "cases", "che
 
 # --- the cases -------------------------------------------------------------------------------------------------
 
-# (shape as the kernel sees it, num_groups); (N, C, S) for the channel ops, (M, K) for layernorm.
+# Per kind of normalized set (OpSpec.sets), so that a new op of a known kind needs no cases of its own:
+# (shape as the kernel sees it, num_groups); (N, C, S) for the channel ops, (M, K) for the row ops.
 _SHAPES = {
-    "batchnorm": [((4, 3, 5), None), ((1, 3, 7), None), ((5, 1, 3), None), ((7, 4, 1), None),
-                  ((3, 4, 700), None)],
-    "instancenorm": [((4, 3, 5), None), ((1, 3, 7), None), ((5, 1, 3), None), ((6, 4, 1), None),
-                     ((2, 3, 1000), None)],
-    "groupnorm": [((2, 6, 5), 3), ((1, 6, 7), 6), ((3, 4, 5), 1), ((2, 1, 9), 1), ((4, 6, 1), 2), ((1, 6, 1), 6),
-                  ((2, 8, 250), 4)],
-    "layernorm": [((5, 7), None), ((1, 9), None), ((6, 1), None), ((33, 16), None), ((3, 1000), None)],
+    "channel": [((4, 3, 5), None), ((1, 3, 7), None), ((5, 1, 3), None), ((7, 4, 1), None),
+                ((3, 4, 700), None)],
+    "instance": [((4, 3, 5), None), ((1, 3, 7), None), ((5, 1, 3), None), ((6, 4, 1), None),
+                 ((2, 3, 1000), None)],
+    "group": [((2, 6, 5), 3), ((1, 6, 7), 6), ((3, 4, 5), 1), ((2, 1, 9), 1), ((4, 6, 1), 2), ((1, 6, 1), 6),
+              ((2, 8, 250), 4)],
+    "row": [((5, 7), None), ((1, 9), None), ((6, 1), None), ((33, 16), None), ((3, 1000), None)],
 }
 # The shape the data kinds run on: sets of 65..132 values, small enough to be quick, long enough to accumulate.
 _DATA_SHAPE = {
-    "batchnorm": ((4, 3, 33), None),
-    "instancenorm": ((2, 3, 65), None),
-    "groupnorm": ((2, 6, 35), 3),
-    "layernorm": ((4, 129), None),
+    "channel": ((4, 3, 33), None),
+    "instance": ((2, 3, 65), None),
+    "group": ((2, 6, 35), 3),
+    "row": ((4, 129), None),
 }
 # data kind -> eps. small_var has variance 1e-4 next to eps 1e-3, where eps dominates rstd.
 _DATA = {"offset1e4": 1e-5, "offset1e6": 1e-5, "offset1e8": 1e-5, "constant": 1e-5, "small_var": 1e-3,
@@ -132,13 +133,13 @@ def _allowed(op: str, direction: str, shape: tuple[int, ...]) -> bool:
 def cases(op: str, direction: str, dtype: str, quick: bool = False) -> list[Case]:
     """The cases the kit runs for one kernel."""
     out = []
-    shapes = [s for s in _SHAPES[op] if _allowed(op, direction, s[0])]
+    shapes = [s for s in _SHAPES[SPECS[op].sets] if _allowed(op, direction, s[0])]
     for i, (shape, groups) in enumerate(shapes):
         affines = (_AFFINE[(i % 2) * 2],) if quick else _AFFINE
         last = i == len(shapes) - 1
         out += [Case(op, direction, dtype, shape, groups, a, "normal", 1e-5, repeat=last and a == "weight+bias")
                 for a in affines]
-    shape, groups = _DATA_SHAPE[op]
+    shape, groups = _DATA_SHAPE[SPECS[op].sets]
     for data, eps in _DATA.items():
         if quick and data not in _QUICK_DATA:
             continue
