@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 from typing import Optional
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -120,9 +121,9 @@ def _eps(op: str, eps) -> float:
 
 
 def _forward(spec: OpSpec, x: Tensor, weight, bias, eps: float, groups: int, ndims: int, running_mean,
-             running_var, backend) -> tuple[Tensor, Tensor, Tensor]:
+             running_var, backend, save: bool = True) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
     """(y, mean, rstd): batch statistics when ``running_mean`` is None, else normalization by the running ones
-    (then mean and rstd are those, as constants)."""
+    (then mean and rstd are those, as constants; with ``save=False`` they are not made and come back None)."""
     x, weight, bias = _contiguous(x), _contiguous(weight), _contiguous(bias)
     kshape = _kernel_shape(spec, x.shape, ndims)
     y = x.new_empty(x.shape)
@@ -139,14 +140,23 @@ def _forward(spec: OpSpec, x: Tensor, weight, bias, eps: float, groups: int, ndi
         elif mean.numel():  # sets without values (torch's empty layer_norm rows): mean 0, variance 0
             mean.zero_(), rstd.fill_(1.0 / math.sqrt(eps) if eps > 0 else math.inf if eps == 0 else math.nan)
         return y, mean, rstd
-    # fresh tensors: outputs may not alias inputs, and the running statistics change at the next training step
-    mean = x.new_empty(kshape[1]).copy_(running_mean)
-    var = x.new_empty(kshape[1]).copy_(running_var)
+    if save or running_mean.dtype != x.dtype or running_var.dtype != x.dtype or not (
+            running_mean.is_contiguous() and running_var.is_contiguous()):
+        # fresh tensors: saved statistics must not alias the running ones, which the next training step changes
+        mean = x.new_empty(kshape[1]).copy_(running_mean)
+        var = x.new_empty(kshape[1]).copy_(running_var)
+        rm, rv = mean.numpy(), var.numpy()
+    else:  # nothing is saved: the kernel only reads them
+        mean = None
+        rm, rv = _np(running_mean), _np(running_var)
     if y.numel():
         kernel = registry.lookup(spec.name, "forward_infer", _KERNEL_DTYPES[x.dtype], backend)[1]
-        kernel(_np(x).reshape(kshape), _flat(weight), _flat(bias), mean.numpy(), var.numpy(), eps,
-               y.numpy().reshape(kshape))
-    return y, mean, (var.double() + eps).rsqrt().to(x.dtype)
+        kernel(_np(x).reshape(kshape), _flat(weight), _flat(bias), rm, rv, eps, y.numpy().reshape(kshape))
+    if not save:
+        return y, None, None
+    with np.errstate(invalid="ignore", divide="ignore"):  # var + eps <= 0 gives NaN / inf, as in torch
+        rstd = torch.from_numpy((1.0 / np.sqrt(rv.astype(np.float64) + eps)).astype(rv.dtype))
+    return y, mean, rstd
 
 
 def _backward(spec: OpSpec, dy: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, weight, groups: int, ndims: int,
@@ -187,11 +197,11 @@ class _Call:
         self.running_mean, self.running_var, self.batch_stats = running_mean, running_var, batch_stats
         self.update, self.count, self.momentum, self.backend = update, count, momentum, backend
 
-    def forward(self, x: Tensor, weight, bias) -> tuple[Tensor, Tensor, Tensor]:
+    def forward(self, x: Tensor, weight, bias, save: bool) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
         use_running = not self.batch_stats
         y, mean, rstd = _forward(self.spec, x, weight, bias, self.eps, self.groups, self.ndims,
                                  self.running_mean if use_running else None,
-                                 self.running_var if use_running else None, self.backend)
+                                 self.running_var if use_running else None, self.backend, save)
         if self.update:
             _update_running_now(self.running_mean, self.running_var, mean, rstd, self.eps, self.count,
                                 self.momentum)
@@ -211,7 +221,7 @@ def _update_running_now(running_mean: Tensor, running_var: Tensor, mean: Tensor,
 class _Norm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, call):
-        y, mean, rstd = call.forward(x, weight, bias)
+        y, mean, rstd = call.forward(x, weight, bias, save=True)
         ctx.save_for_backward(x, weight, mean, rstd)
         ctx.call = call
         return y
@@ -231,7 +241,7 @@ def _run(call: _Call, x: Tensor, weight, bias) -> Tensor:
     if torch.is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad)
                                     or (bias is not None and bias.requires_grad)):
         return _Norm.apply(x, weight, bias, call)
-    return call.forward(x, weight, bias)[0]
+    return call.forward(x, weight, bias, save=False)[0]
 
 
 # --- under torch.compile: custom ops -----------------------------------------------------------------------------
