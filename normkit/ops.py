@@ -192,8 +192,11 @@ class _ChannelOp(Op):
             running_mean = as_running(op, "running_mean", running_mean, c, writable=training)
             running_var = as_running(op, "running_var", running_var, c, writable=training)
         if training:
-            momentum = checks.momentum(op, momentum)
-            count = checks.stats_count(op, x.shape, per_instance=spec.sets == "instance")
+            if not (type(momentum) is float and 0.0 <= momentum <= 1.0):
+                momentum = checks.momentum(op, momentum)
+            count = spec.set_size(kshape)
+            if count < 2:
+                checks.stats_count(op, x.shape, per_instance=spec.sets == "instance")  # raises
             y, saved = self._forward(x, kshape, None, weight, bias, eps, backend)
             if running_mean is not None:
                 update_running(running_mean, running_var, saved.mean, saved.rstd, eps, count, momentum)
