@@ -121,13 +121,8 @@ class Op:
 
     spec: OpSpec
 
-    @property
-    def name(self) -> str:
-        return self.spec.name
-
-    @property
-    def aliases(self) -> tuple[str, ...]:
-        return self.spec.aliases
+    def __init__(self) -> None:
+        self.name, self.aliases = self.spec.name, self.spec.aliases  # plain attributes: read on every call
 
     def __call__(self, x, *args, **kwargs):
         if type(x) is not np.ndarray and _is_torch(x):
