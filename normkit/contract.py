@@ -114,9 +114,12 @@ class OpSpec:
 
     def stat_shape(self, kshape: tuple[int, ...], groups: int | None = None, training: bool = True) -> tuple:
         """Shape of the saved mean / rstd (running statistics give per-channel ones)."""
-        if not training or self.sets == "channel":
+        sets = self.sets
+        if not training or sets == "channel":
             return (kshape[1],)
-        return {"instance": kshape[:2], "group": (kshape[0], groups), "row": kshape[:1]}[self.sets]
+        if sets == "row":
+            return (kshape[0],)
+        return (kshape[0], groups if sets == "group" else kshape[1])
 
     def param_shape(self, kshape: tuple[int, ...]) -> tuple[int, ...]:
         """Shape of weight / bias as kernels see them: per channel, or per element of a row."""

@@ -268,16 +268,18 @@ class LayerNorm(Op):
 
     def _check(self, x, normalized_shape, weight, bias):
         op = self.name
-        if type(normalized_shape) is not tuple or type(x) is not np.ndarray or x.shape[-len(normalized_shape):] \
-                != normalized_shape:  # the short path takes a tuple that x ends with; anything else is checked
+        if (type(normalized_shape) is tuple and normalized_shape and type(x) is np.ndarray
+                and x.shape[-len(normalized_shape):] == normalized_shape):
+            x = as_input(op, "input", x, min_ndim=len(normalized_shape))  # the short path: a tuple x ends with
+        else:
             normalized_shape = checks.normalized_shape(op, normalized_shape)
-        x = as_input(op, "input", x, min_ndim=len(normalized_shape))
-        checks.trailing(op, x.shape, normalized_shape)
+            x = as_input(op, "input", x, min_ndim=len(normalized_shape))
+            checks.trailing(op, x.shape, normalized_shape)
         k = math.prod(normalized_shape)
         weight = as_param(op, "weight", weight, normalized_shape, x.dtype)
         bias = as_param(op, "bias", bias, normalized_shape, x.dtype)
-        flat = lambda p: None if p is None else p.reshape(k)  # noqa: E731
-        return x, (x.size // k, k), flat(weight), flat(bias), normalized_shape
+        return (x, (x.size // k, k), None if weight is None else weight.reshape(k),
+                None if bias is None else bias.reshape(k), normalized_shape)
 
     def forward(self, x, normalized_shape, weight=None, bias=None, eps=1e-5, *, backend=None):
         x, kshape, weight, bias, _ = self._check(x, normalized_shape, weight, bias)
