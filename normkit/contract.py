@@ -14,16 +14,49 @@ never writes anywhere else.
 
 Shapes: ``x``, ``dy``, ``y``, ``dx`` are (N, C, S) for the channel ops (batchnorm / instancenorm / groupnorm; S is
 the product of the spatial dims, 1 for (N, C) inputs) and (M, K) for the row ops (layernorm; K =
-prod(normalized_shape)). All arrays have the kernel's dtype, including ``mean``/``rstd``. ``weight``/``bias`` may
-be ``None`` (no affine); in backward ``dweight``/``dbias`` are ``None`` when that gradient is not wanted. ``rstd``
-is ``1 / sqrt(var + eps)`` with the biased (population) variance. Statistics must not be computed as
-E[x^2] - E[x]^2 in working precision.
+prod(normalized_shape)). All arrays have the kernel's dtype, including ``mean``/``rstd`` (but see the split
+directions below). ``weight``/``bias`` may be ``None`` (no affine); in backward ``dweight``/``dbias`` are ``None``
+when that gradient is not wanted. ``rstd`` is ``1 / sqrt(var + eps)`` with the biased (population) variance.
+Statistics must not be computed as E[x^2] - E[x]^2 in working precision.
 
 ``backward`` is the gradient of a training-mode forward (statistics depend on x):
 ``dx = rstd * (g - mean(g) - xhat * mean(g * xhat))`` over each normalized set, with ``g = dy * weight`` and
 ``xhat = (x - mean) * rstd``; ``dweight = sum(dy * xhat)`` and ``dbias = sum(dy)`` per channel (per element of
 the normalized shape for layernorm). ``backward_infer`` is the gradient of an inference-mode forward, where
 ``mean``/``rstd`` came from running statistics and are constants: ``dx = dy * weight * rstd``.
+
+Split directions (ops whose spec has ``split=True``: batchnorm). They cut the training step into reductions
+and elementwise passes, so that statistics can be merged across batches or processes between the two (synchronized
+BatchNorm, Batch Renormalization); the fused ``forward``/``backward`` stay the kernels of plain BatchNorm. Here
+``mean``, ``m2``, ``rstd`` (of ``backward_reduce``), ``sum_dy`` and ``sum_dy_xhat`` are float64 (C,) arrays whatever
+the kernel's dtype (:func:`arg_dtype`); ``scale``, ``shift``, ``a``, ``b``, ``d`` are (C,) arrays of the kernel's
+dtype; ``count`` = N*S is known to the caller and is no argument. Each direction writes only its outputs:
+
+- ``stats(x, mean, m2)``: ``mean[c]`` = the mean of channel c over (N, S) and ``m2[c]`` = sum((x - mean[c])**2)
+  (the sum of squared deviations, not the variance), accumulated in float64 on values shifted by a per-channel
+  pivot (or compensated), never as E[x^2] - E[x]^2 in working precision; a NaN in a channel makes both NaN. Two
+  such triples (count, mean, m2) merge with Chan's formula (:func:`normkit.split.merge_stats`).
+- ``apply(x, scale, shift, y)``: ``y = x * scale[c] + shift[c]``, in the kernel's dtype (one fused multiply-add
+  per element where the hardware has it). For BatchNorm ``scale = weight * rstd`` and ``shift = bias - mean *
+  scale``; in float32 the product ``x * scale`` rounds at the size of ``|mean| * rstd`` (the set's condition
+  number), which is within the conformance kit's bound for y.
+- ``backward_reduce(dy, x, mean, rstd, sum_dy, sum_dy_xhat)``: ``sum_dy[c] = sum(dy)`` and ``sum_dy_xhat[c] =
+  sum(dy * xhat)`` over (N, S), with ``xhat = (x - mean[c]) * rstd[c]`` and mean/rstd given in float64; stored
+  in float64, accumulated at least as accurately as the fused backward's ``dbias`` / ``dweight``.
+- ``backward_apply(dy, x, a, b, d, dx)``: ``dx = a[c] * dy + b[c] * x + d[c]``, in the kernel's dtype. For the
+  training-mode BatchNorm gradient (weight w, or 1; count M; sums over the whole batch, possibly merged across
+  processes), exactly ``dx = w * rstd * (dy - sum_dy / M - xhat * sum_dy_xhat / M)`` becomes, per channel
+  (computed in float64, then rounded to the dtype)::
+
+      a = w * rstd
+      b = -w * rstd**2 * sum_dy_xhat / M
+      d = -w * rstd * sum_dy / M - b * mean        (rstd * (rstd * mean * sum_dy_xhat - sum_dy) * w / M)
+
+  and ``dweight = sum_dy_xhat``, ``dbias = sum_dy``. The same form holds other gradients: inference
+  (``b = d = 0``), or Batch Renormalization's (its r and d corrections folded into a, b, d).
+
+The split directions were added to contract 1 without changing its version: a backend that does not declare
+them is unaffected.
 
 The contract is versioned; a backend declares the version it targets and normkit refuses other versions.
 Optional module attributes: ``set_num_threads(n)`` (normkit calls it whenever the user sets a thread count, and
@@ -51,6 +84,19 @@ _FORWARD = ("x", "weight", "bias", "eps", "y", "mean", "rstd")
 _FORWARD_INFER = ("x", "weight", "bias", "running_mean", "running_var", "eps", "y")
 _BACKWARD = ("dy", "x", "mean", "rstd", "weight", "dx", "dweight", "dbias")
 _BACKWARD_INFER = _BACKWARD
+# The split directions (OpSpec.split), per-channel ops only; see the module docstring.
+SPLIT_DIRECTIONS = ("stats", "apply", "backward_reduce", "backward_apply")
+_SPLIT_ARGS = {
+    "stats": ("x", "mean", "m2"),
+    "apply": ("x", "scale", "shift", "y"),
+    "backward_reduce": ("dy", "x", "mean", "rstd", "sum_dy", "sum_dy_xhat"),
+    "backward_apply": ("dy", "x", "a", "b", "d", "dx"),
+}
+# Arguments of a split direction that are float64 whatever the kernel's dtype.
+_FLOAT64_ARGS = {
+    "stats": ("mean", "m2"),
+    "backward_reduce": ("mean", "rstd", "sum_dy", "sum_dy_xhat"),
+}
 
 # The outputs of each direction, among its arguments.
 OUTPUTS = {
@@ -58,7 +104,17 @@ OUTPUTS = {
     "forward_infer": ("y",),
     "backward": ("dx", "dweight", "dbias"),
     "backward_infer": ("dx", "dweight", "dbias"),
+    "stats": ("mean", "m2"),
+    "apply": ("y",),
+    "backward_reduce": ("sum_dy", "sum_dy_xhat"),
+    "backward_apply": ("dx",),
 }
+
+
+def arg_dtype(direction: str, name: str, dtype: str) -> str:
+    """The dtype of argument ``name`` of a ``direction`` kernel of dtype ``dtype``: the kernel's own, except for
+    the float64 statistics and sums of the split directions."""
+    return "float64" if name in _FLOAT64_ARGS.get(direction, ()) else dtype
 
 
 @dataclass(frozen=True)
@@ -76,6 +132,7 @@ class OpSpec:
 
     ``running``: the op has running statistics (and so the ``*_infer`` directions and a momentum).
     ``training_flag``: the name of its ``torch.nn.functional`` argument that asks for batch statistics.
+    ``split``: the op also has the split directions :data:`SPLIT_DIRECTIONS` (per-channel statistics only).
     """
 
     name: str
@@ -84,6 +141,11 @@ class OpSpec:
     sets: str
     running: bool = False
     training_flag: str | None = None
+    split: bool = False
+
+    def __post_init__(self) -> None:
+        if self.split and self.sets != "channel":
+            raise ValueError(f"{self.name}: the split directions are defined for per-channel statistics only")
 
     @property
     def grouped(self) -> bool:
@@ -91,16 +153,15 @@ class OpSpec:
 
     @property
     def directions(self) -> tuple[str, ...]:
-        if self.running:
-            return ("forward", "forward_infer", "backward", "backward_infer")
-        return ("forward", "backward")
+        fused = ("forward", "forward_infer", "backward", "backward_infer") if self.running else ("forward", "backward")
+        return fused + SPLIT_DIRECTIONS if self.split else fused
 
     def args(self, direction: str) -> tuple[str, ...]:
         """The kernel's positional argument names for ``direction``."""
         if direction not in self.directions:
             raise ValueError(f"{self.name} has no direction {direction!r}; it has {', '.join(self.directions)}")
         names = {"forward": _FORWARD, "forward_infer": _FORWARD_INFER, "backward": _BACKWARD,
-                 "backward_infer": _BACKWARD_INFER}[direction]
+                 "backward_infer": _BACKWARD_INFER, **_SPLIT_ARGS}[direction]
         if self.grouped:
             at = names.index("x") + 1
             names = (*names[:at], "num_groups", *names[at:])
@@ -166,7 +227,8 @@ class OpSpec:
 
 
 SPECS = {spec.name: spec for spec in (
-    OpSpec("batchnorm", ("bn", "batch_norm"), "batch_norm", "channel", running=True, training_flag="training"),
+    OpSpec("batchnorm", ("bn", "batch_norm"), "batch_norm", "channel", running=True, training_flag="training",
+           split=True),
     OpSpec("layernorm", ("ln", "layer_norm"), "layer_norm", "row"),
     OpSpec("instancenorm", ("in", "instance_norm"), "instance_norm", "instance", running=True,
            training_flag="use_input_stats"),

@@ -14,11 +14,12 @@ from .contract import kernel_table
 from .registry import Backend
 
 _CHANNEL = ("forward", "forward_infer", "backward", "backward_infer")
+_SPLIT = ("stats", "apply", "backward_reduce", "backward_apply")
 backend = Backend(
     name="reference",
     module="normkit.reference",
     # exactly what KERNELS below implements
-    kernels={"batchnorm": _CHANNEL, "instancenorm": _CHANNEL, "groupnorm": ("forward", "backward"),
+    kernels={"batchnorm": _CHANNEL + _SPLIT, "instancenorm": _CHANNEL, "groupnorm": ("forward", "backward"),
              "layernorm": ("forward", "backward")},
     dtypes=("float32", "float64"),
     description="pure NumPy, float64 statistics; the oracle and the fallback",
@@ -147,6 +148,32 @@ def channel_backward_infer(dy, x, mean, rstd, weight, dx, dweight, dbias):
     _param_grads(dy64, xhat, dweight, dbias, axes=(0, 2))
 
 
+# --- the split directions (batchnorm) ----------------------------------------------------------------------------
+
+def batchnorm_stats(x, mean, m2):
+    sets = _channel_sets(x)
+    mu, _ = _set_stats(sets, 0.0)
+    # the mean from shifted data, as in _set_stats; m2 by a second pass around it
+    mean[...] = mu
+    m2[...] = np.square(sets - mu[:, None]).sum(axis=1)
+
+
+def batchnorm_apply(x, scale, shift, y):
+    y[...] = x.astype(np.float64) * scale.astype(np.float64)[None, :, None] + shift.astype(np.float64)[None, :, None]
+
+
+def batchnorm_backward_reduce(dy, x, mean, rstd, sum_dy, sum_dy_xhat):
+    dy_sets, x_sets = _channel_sets(dy), _channel_sets(x)
+    xhat = (x_sets - mean.astype(np.float64)[:, None]) * rstd.astype(np.float64)[:, None]
+    sum_dy[...] = dy_sets.sum(axis=1)
+    sum_dy_xhat[...] = (dy_sets * xhat).sum(axis=1)
+
+
+def batchnorm_backward_apply(dy, x, a, b, d, dx):
+    per = (lambda v: v.astype(np.float64)[None, :, None])
+    dx[...] = per(a) * dy.astype(np.float64) + per(b) * x.astype(np.float64) + per(d)
+
+
 def _quiet(kernel):
     """NaN/inf inputs propagate to NaN outputs by design; NumPy's invalid-value warnings about it are noise."""
     @functools.wraps(kernel)
@@ -161,6 +188,10 @@ KERNELS = kernel_table({
     ("batchnorm", "forward_infer"): channel_forward_infer,
     ("batchnorm", "backward"): batchnorm_backward,
     ("batchnorm", "backward_infer"): channel_backward_infer,
+    ("batchnorm", "stats"): batchnorm_stats,
+    ("batchnorm", "apply"): batchnorm_apply,
+    ("batchnorm", "backward_reduce"): batchnorm_backward_reduce,
+    ("batchnorm", "backward_apply"): batchnorm_backward_apply,
     ("instancenorm", "forward"): instancenorm_forward,
     ("instancenorm", "forward_infer"): channel_forward_infer,
     ("instancenorm", "backward"): instancenorm_backward,

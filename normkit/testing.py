@@ -49,6 +49,15 @@ dweight             K(n) eps sum(|dy| (1 + kappa)(1 + |xhat|))         (n terms 
 dbias               K(n) eps sum(|dy|)
 ==================  ====================================================================================
 
+The split directions of batchnorm (``stats``, ``apply``, ``backward_reduce``, ``backward_apply``; see
+:mod:`normkit.contract`) run on the same shapes and data, with arguments as a BatchNorm training step makes them
+(float64 statistics of x ignoring a NaN; coefficients from a weight and bias, computed in float64 and rounded to
+the dtype), and tolerances derived the same way: ``mean`` as forward's; ``m2`` by how far perturbing the inputs
+moves it, ``K(m) eps (m2 + 2 max|x| sqrt(m m2)) + m (K(m) eps max|x|)^2`` (the last term is all a constant set
+allows); ``sum_dy`` / ``sum_dy_xhat`` as ``dbias`` / ``dweight``; ``y`` of apply ``K(1) eps (|x scale| + |shift|)``
+and ``dx`` of backward_apply ``K(1) eps (|a dy| + |b x| + |d|)``, the rounding of their own few operations.
+E[x^2] - E[x]^2 misses m2's bound at mean 1e4 in float32 (90x) and in float64 (190x).
+
 In inference mode (``*_infer``) there is no reduction for y and kappa is per element, ``(|x| + |mean|) * rstd``.
 For standard normal float32 data on sets of 1000 this allows about 4e-5 on y (1.2e-4 at the tails, where
 |xhat| ~ 3.5). At mean 1e4 it allows about 5e-2: the float32 inputs themselves only resolve 1e4 * 6e-8 = 6e-4 of
@@ -72,7 +81,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from . import reference, registry
-from .contract import DIRECTIONS, DTYPES, OPS, OUTPUTS, SPECS, OpSpec
+from .contract import DIRECTIONS, DTYPES, OPS, OUTPUTS, SPECS, SPLIT_DIRECTIONS, OpSpec, arg_dtype
 
 __all__ = ["Case", "Failure", "Report", "assert_backend_conforms", "cases", "check_backend", "tolerance_factor"]
 
@@ -101,6 +110,9 @@ _DATA = {"offset1e4": 1e-5, "offset1e6": 1e-5, "offset1e8": 1e-5, "constant": 1e
          "nan": 1e-5}
 _QUICK_DATA = ("offset1e4", "offset1e8", "constant", "small_var", "nan")
 _AFFINE = ("none", "weight", "weight+bias")
+# The split directions take no weight or bias; apply and backward_apply take per-channel coefficients that the kit
+# derives from a BatchNorm with weight and bias, the reductions none.
+_SPLIT_AFFINE = {"stats": "none", "apply": "weight+bias", "backward_reduce": "none", "backward_apply": "weight+bias"}
 
 @dataclass(frozen=True)
 class Case:
@@ -134,8 +146,11 @@ def cases(op: str, direction: str, dtype: str, quick: bool = False) -> list[Case
     """The cases the kit runs for one kernel."""
     out = []
     shapes = [s for s in _SHAPES[SPECS[op].sets] if _allowed(op, direction, s[0])]
+    split = direction in SPLIT_DIRECTIONS
     for i, (shape, groups) in enumerate(shapes):
         affines = (_AFFINE[(i % 2) * 2],) if quick else _AFFINE
+        if split:
+            affines = (_SPLIT_AFFINE[direction],)
         last = i == len(shapes) - 1
         out += [Case(op, direction, dtype, shape, groups, a, "normal", 1e-5, repeat=last and a == "weight+bias")
                 for a in affines]
@@ -143,7 +158,7 @@ def cases(op: str, direction: str, dtype: str, quick: bool = False) -> list[Case
     for data, eps in _DATA.items():
         if quick and data not in _QUICK_DATA:
             continue
-        for a in ("weight+bias",) if quick else ("none", "weight+bias"):
+        for a in (_SPLIT_AFFINE[direction],) if split else ("weight+bias",) if quick else ("none", "weight+bias"):
             out.append(Case(op, direction, dtype, shape, groups, a, data, eps))
     return out
 
@@ -300,7 +315,7 @@ def _inputs(case: Case) -> dict[str, np.ndarray | None]:
         raise ValueError(f"unknown data kind {case.data!r}")
     x = x.astype(dt)
     nan_at = tuple(s // 2 for s in shape)
-    if case.data == "nan" and case.direction.startswith("forward"):
+    if case.data == "nan" and (case.direction.startswith("forward") or case.direction in ("stats", "apply")):
         x[nan_at] = np.nan
     k = _spec(case).param_shape(shape)
     weight = (1.0 + 0.5 * rng.standard_normal(k)).astype(dt) if case.affine != "none" else None
@@ -332,12 +347,45 @@ def _inputs(case: Case) -> dict[str, np.ndarray | None]:
         if case.data == "nan":
             dy[nan_at] = np.nan
         inputs["dy"] = dy
+    if case.direction in SPLIT_DIRECTIONS:
+        inputs.update(_split_inputs(case, inputs))
     return inputs
+
+
+def _split_inputs(case: Case, inputs: dict) -> dict[str, np.ndarray]:
+    """The per-channel arguments of the split directions, as a BatchNorm training step makes them: float64
+    statistics of x (ignoring a NaN, so that only its own elements turn NaN), and the coefficients of the contract's
+    docstring, computed in float64 and rounded to the dtype."""
+    if case.direction == "stats":
+        return {}
+    dt = np.dtype(case.dtype)
+    x64 = inputs["x"].astype(np.float64)
+    with warnings.catch_warnings(), np.errstate(all="ignore"):
+        warnings.simplefilter("ignore", RuntimeWarning)
+        mean = np.nanmean(x64, axis=(0, 2))
+        rstd = 1.0 / np.sqrt(np.nanvar(x64, axis=(0, 2)) + case.eps)
+        if case.direction == "backward_reduce":
+            return {"mean": mean, "rstd": rstd}
+        w, b = inputs["weight"].astype(np.float64), inputs["bias"].astype(np.float64)
+        if case.direction == "apply":
+            scale = (w * rstd).astype(dt)
+            return {"scale": scale, "shift": (b - mean * scale).astype(dt)}
+        if case.direction == "backward_apply":
+            dy = inputs["dy"].astype(np.float64)
+            count = x64.shape[0] * x64.shape[2]
+            sum_dy = np.nansum(dy, axis=(0, 2))
+            sum_dy_xhat = np.nansum(dy * (x64 - mean[None, :, None]) * rstd[None, :, None], axis=(0, 2))
+            a = w * rstd
+            bb = (-w * rstd * rstd * sum_dy_xhat / count).astype(dt)
+            d = -a * sum_dy / count - bb * mean
+            return {"a": a.astype(dt), "b": bb, "d": d.astype(dt)}
+    return {}
 
 
 def _output_shapes(case: Case, inputs) -> dict[str, tuple[int, ...] | None]:
     spec = _spec(case)
     shapes = {"y": case.shape, "mean": _stat_shape(case), "rstd": _stat_shape(case), "dx": case.shape}
+    shapes.update(dict.fromkeys(("m2", "sum_dy", "sum_dy_xhat"), (case.shape[1],)))
     pshape = spec.param_shape(case.shape)
     shapes["dweight"] = pshape if inputs["weight"] is not None else None
     shapes["dbias"] = pshape if inputs["bias"] is not None else None
@@ -369,6 +417,8 @@ def _tolerances(case: Case, inputs: dict, expected: dict) -> dict[str, np.ndarra
     m = _spec(case).set_size(case.shape, case.groups)
     tol = {}
     with np.errstate(all="ignore"):
+        if case.direction in SPLIT_DIRECTIONS:
+            return _split_tolerances(case, f64, expected, m, eps)
         if case.direction == "forward":
             mean, rstd = expected["mean"], expected["rstd"]
             absmax = _set_max(case, np.abs(x))
@@ -401,6 +451,33 @@ def _tolerances(case: Case, inputs: dict, expected: dict) -> dict[str, np.ndarra
         tol["dweight"] = kn * _param_sum(case, dy * (1 + kappa) * (1 + xhat))
         tol["dbias"] = kn * _param_sum(case, dy)
         return tol
+
+
+def _split_tolerances(case: Case, f64: dict, expected: dict, m: int, eps: float) -> dict[str, np.ndarray]:
+    """Tolerances of the split directions, derived as the others (module docstring) from perturbing the inputs by
+    the dtype's rounding: statistics and sums as the fused kernels' (m2 by its first- and second-order change),
+    the elementwise passes by the rounding of their own few operations."""
+    x = f64["x"]
+    k1 = tolerance_factor(1) * eps
+    per = (lambda v: v[None, :, None])
+    if case.direction == "stats":
+        k = tolerance_factor(m) * eps
+        absmax = _set_max(case, np.abs(x))
+        m2 = expected["m2"]
+        # perturbing each x_i by k|x_i| moves m2 by 2 sum((x_i - mean) k|x_i|) <= 2 k max|x| sqrt(m m2), plus
+        # m (k max|x|)^2 at second order (all of it for a constant set)
+        return {"mean": k * absmax, "m2": k * (m2 + 2 * absmax * np.sqrt(m * m2)) + m * (k * absmax) ** 2}
+    if case.direction == "apply":
+        return {"y": k1 * (np.abs(x * per(f64["scale"])) + np.abs(per(f64["shift"])))}
+    if case.direction == "backward_apply":
+        return {"dx": k1 * (np.abs(per(f64["a"]) * f64["dy"]) + np.abs(per(f64["b"]) * x) + np.abs(per(f64["d"])))}
+    # backward_reduce: as the fused backward's dbias and dweight
+    dy = np.abs(f64["dy"])
+    rstd = f64["rstd"]
+    kappa = per(_set_max(case, np.abs(x)) * rstd)
+    xhat = np.abs((x - per(f64["mean"])) * per(rstd))
+    kn = tolerance_factor(m) * eps
+    return {"sum_dy": kn * _param_sum(case, dy), "sum_dy_xhat": kn * _param_sum(case, dy * (1 + kappa) * (1 + xhat))}
 
 
 # --- comparing -------------------------------------------------------------------------------------------------
@@ -446,8 +523,9 @@ def _run_case(case: Case, kernel, failures: list[Failure]) -> None:
     inputs = _inputs(case)
     out_shapes = _output_shapes(case, inputs)
     expected = _expected(case, inputs, out_shapes)
-    guarded_in = {k: _Guarded(k, v.shape, case.dtype, v) for k, v in inputs.items() if v is not None}
-    outs = {k: None if s is None else _Guarded(k, s, case.dtype, None) for k, s in out_shapes.items()}
+    dtype_of = (lambda name: arg_dtype(case.direction, name, case.dtype))
+    guarded_in = {k: _Guarded(k, v.shape, dtype_of(k), v) for k, v in inputs.items() if v is not None}
+    outs = {k: None if s is None else _Guarded(k, s, dtype_of(k), None) for k, s in out_shapes.items()}
     named = {k: None for k in inputs} | {k: g.array for k, g in guarded_in.items()}
     named |= {k: None if g is None else g.array for k, g in outs.items()}
     args = _args(case, named)
@@ -480,7 +558,7 @@ def _run_case(case: Case, kernel, failures: list[Failure]) -> None:
             continue
         failures.extend(_compare(case, name, g.array, expected[name], tolerances[name]))
     if case.repeat and len(failures) == already:  # a kernel that changed its inputs cannot be rerun on them
-        again = {k: None if s is None else _Guarded(k, s, case.dtype, None).array for k, s in out_shapes.items()}
+        again = {k: None if s is None else _Guarded(k, s, dtype_of(k), None).array for k, s in out_shapes.items()}
         try:
             with np.errstate(all="ignore"):
                 kernel(*_args(case, named | again))

@@ -150,6 +150,38 @@ def groupnorm_working_precision_backward(dy, x, num_groups, mean, rstd, weight, 
         dbias[...] = dy.sum(axis=(0, 2))
 
 
+def batchnorm_naive_stats(x, mean, m2):
+    """E[x^2] - E[x]^2 (times the count) in the data's precision."""
+    sets = np.moveaxis(x, 1, 0).reshape(x.shape[1], -1)
+    mu = sets.mean(axis=1)
+    mean[...] = mu
+    m2[...] = (sets * sets).sum(axis=1) - sets.shape[1] * mu * mu
+
+
+def batchnorm_stats_variance_not_m2(x, mean, m2):
+    reference.batchnorm_stats(x, mean, m2)
+    m2 /= x.shape[0] * x.shape[2]
+
+
+def batchnorm_apply_working_precision(x, scale, shift, y):
+    y[...] = x * scale[None, :, None] + shift[None, :, None]
+
+
+def batchnorm_backward_reduce_working_precision(dy, x, mean, rstd, sum_dy, sum_dy_xhat):
+    """A legitimate float32 reduction: mean and rstd rounded to the data's dtype, sums in it."""
+    xhat = (x - mean.astype(x.dtype)[None, :, None]) * rstd.astype(x.dtype)[None, :, None]
+    sum_dy[...] = dy.sum(axis=(0, 2))
+    sum_dy_xhat[...] = (dy * xhat).sum(axis=(0, 2))
+
+
+def batchnorm_backward_apply_working_precision(dy, x, a, b, d, dx):
+    dx[...] = a[None, :, None] * dy + b[None, :, None] * x + d[None, :, None]
+
+
+def batchnorm_backward_apply_swapped(dy, x, a, b, d, dx):
+    dx[...] = b[None, :, None] * dy + a[None, :, None] * x + d[None, :, None]
+
+
 # --- correct backends pass -------------------------------------------------------------------------------------
 
 def test_reference_conforms():
@@ -166,6 +198,23 @@ def test_working_precision_float32_kernels_pass(register):
                            ("groupnorm", "backward"): groupnorm_working_precision_backward})
     report = testing.check_backend(name, ops=["layernorm", "groupnorm"])
     assert report == [], report.format()
+
+
+def test_working_precision_split_kernels_pass(register):
+    """The split directions' tolerances allow kernels that compute the elementwise passes and the gradient sums in
+    the data's dtype."""
+    name = register("wp_split", {("batchnorm", "apply"): batchnorm_apply_working_precision,
+                                 ("batchnorm", "backward_reduce"): batchnorm_backward_reduce_working_precision,
+                                 ("batchnorm", "backward_apply"): batchnorm_backward_apply_working_precision})
+    report = testing.check_backend(name, ops=["batchnorm"])
+    assert report == [], report.format()
+
+
+def test_every_declared_split_direction_is_checked():
+    report = testing.check_backend("reference", ops=["batchnorm"], dtypes=["float32"])
+    assert report == []
+    assert report.cases_run == sum(len(testing.cases("batchnorm", d, "float32")) for d in DIRECTIONS["batchnorm"])
+    assert {"stats", "apply", "backward_reduce", "backward_apply"} <= set(DIRECTIONS["batchnorm"])
 
 
 def test_plugin_readme_minimal_backend_conforms():
@@ -243,6 +292,26 @@ def test_backward_that_forgets_the_affine_fails(register):
     assert {f.check for f in report} == {"dx"}
     assert all("instancenorm backward " in f.case and "affine=none" not in f.case for f in report)
     assert min(measured(f)[2] for f in report) > 1  # every reported miss exceeds its tolerance
+
+
+def test_naive_split_statistics_fail(register):
+    name = register("naive_stats", {("batchnorm", "stats"): batchnorm_naive_stats})
+    report = testing.check_backend(name, ops=["batchnorm"])
+    assert report and {f.check for f in report} == {"m2"}
+    data = {(re.search(r"data=(\w+)", f.case).group(1), f.case.split()[2]) for f in report}
+    # in float32 from mean 1e4 on; in float64 (where the sums are float64 too) still at mean 1e4
+    assert {("offset1e4", "float32"), ("offset1e4", "float64"), ("offset1e8", "float64")} <= data
+    assert not any("data=normal" in f.case for f in report)
+    assert min(measured(f)[2] for f in report if "offset1e4" in f.case) > 50
+
+
+def test_variance_instead_of_m2_and_swapped_coefficients_fail(register):
+    name = register("var_m2", {("batchnorm", "stats"): batchnorm_stats_variance_not_m2,
+                               ("batchnorm", "backward_apply"): batchnorm_backward_apply_swapped})
+    report = testing.check_backend(name, ops=["batchnorm"], quick=True)
+    assert {f.check for f in report} == {"m2", "dx"}
+    assert all(" stats " in f.case for f in report if f.check == "m2")
+    assert all(" backward_apply " in f.case for f in report if f.check == "dx")
 
 
 def test_input_mutation_is_caught(register):
