@@ -1,5 +1,7 @@
 """BatchNorm over (N, C, S) inputs with per-channel statistics, and the per-channel elementwise passes of inference
-(``channel_forward_infer`` / ``channel_backward_infer``, which InstanceNorm's inference uses too).
+(``channel_forward_infer`` / ``channel_backward_infer``, which InstanceNorm's inference uses too). The split
+directions (``stats``, ``apply``, ``backward_reduce``, ``backward_apply``) are the fused kernels' reductions and
+elementwise passes (_channel_sums, _channel_affine, _channel_dx) called on their own.
 
 How the work is split: with enough channels whose data fits in L2, one work item per channel (reduce, then apply,
 in cache); otherwise work items are (n, c, piece) rows, or, for tiny spatial sizes such as (N, C) inputs, tasks of
@@ -686,3 +688,54 @@ def channel_backward_infer(dy, x, mean, rstd, weight, dx, dweight, dbias):
     dw, wdw = _opt(dweight, x)
     db, wdb = _opt(dbias, x)
     _channel_backward_infer(dy, x, mean, rstd, w, hw, dx, dw, db, wdw, wdb)
+
+
+# --- the split directions (normkit.contract): reductions and elementwise passes of the fused kernels above --------
+
+@_jit
+def _bn_stats(x, mean, m2):
+    C = x.shape[1]
+    cnt = x.shape[0] * x.shape[2]
+    piv = np.empty(C)
+    for c in range(C):
+        piv[c] = _pivot(x[0, c, 0])
+    sums = _channel_sums(x, x, piv, 0)  # float64 d = x - pivot and d*d, merged in a fixed order
+    for c in range(C):
+        s1 = sums[c, 0]
+        d = s1 / cnt
+        v = sums[c, 1] - s1 * d
+        if v < 0.0:  # rounding; a NaN stays NaN
+            v = 0.0
+        mean[c] = piv[c] + d
+        m2[c] = v
+
+
+@_jit
+def _bn_backward_reduce(dy, x, mean, rstd, sum_dy, sum_dy_xhat):
+    sums = _channel_sums(dy, x, mean, 1)  # float64 sum(dy), sum(dy * (x - mean))
+    for c in range(x.shape[1]):
+        sum_dy[c] = sums[c, 0]
+        sum_dy_xhat[c] = rstd[c] * sums[c, 1]
+
+
+def batchnorm_stats(x, mean, m2):
+    _sync_threads()
+    _bn_stats(x, mean, m2)
+
+
+def batchnorm_apply(x, scale, shift, y):
+    _sync_threads()
+    # y = (x - 0) * scale + shift: the per-channel affine pass of inference, with no mean to subtract
+    _channel_affine(x, np.zeros(x.shape[1], x.dtype), scale, shift, y)
+
+
+def batchnorm_backward_reduce(dy, x, mean, rstd, sum_dy, sum_dy_xhat):
+    _sync_threads()
+    _bn_backward_reduce(dy, x, mean, rstd, sum_dy, sum_dy_xhat)
+
+
+def batchnorm_backward_apply(dy, x, a, b, d, dx):
+    _sync_threads()
+    # dx = dy * a + (x - 0) * b + d: the fused backward's elementwise pass
+    _channel_dx(dy, x, np.zeros(x.shape[1], x.dtype), a, b, d, dx)
+

@@ -32,7 +32,8 @@ from numba.core import config
 from normkit.contract import kernel_table
 
 from ._common import CACHE, FASTMATH, THREADING_LAYER, set_num_threads
-from .batchnorm import batchnorm_backward, batchnorm_forward, channel_backward_infer, channel_forward_infer
+from .batchnorm import (batchnorm_apply, batchnorm_backward, batchnorm_backward_apply, batchnorm_backward_reduce,
+                        batchnorm_forward, batchnorm_stats, channel_backward_infer, channel_forward_infer)
 from .groupnorm import groupnorm_backward, groupnorm_forward, instancenorm_backward, instancenorm_forward
 from .layernorm import layernorm_backward, layernorm_forward
 
@@ -51,6 +52,10 @@ KERNELS = kernel_table({
     ("batchnorm", "forward_infer"): channel_forward_infer,
     ("batchnorm", "backward"): batchnorm_backward,
     ("batchnorm", "backward_infer"): channel_backward_infer,
+    ("batchnorm", "stats"): batchnorm_stats,
+    ("batchnorm", "apply"): batchnorm_apply,
+    ("batchnorm", "backward_reduce"): batchnorm_backward_reduce,
+    ("batchnorm", "backward_apply"): batchnorm_backward_apply,
     ("instancenorm", "forward"): instancenorm_forward,
     ("instancenorm", "forward_infer"): channel_forward_infer,
     ("instancenorm", "backward"): instancenorm_backward,
