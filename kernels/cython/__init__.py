@@ -3,11 +3,12 @@ from normkit.registry import Backend
 # Exactly what the kernels module implements: an op, direction or dtype added to the contract is not claimed
 # until this backend has kernels for it.
 _CHANNEL = ("forward", "forward_infer", "backward", "backward_infer")
+_SPLIT = ("stats", "apply", "backward_reduce", "backward_apply")
 
 backend = Backend(
     name="cython",
     module="normkit_kernels.cython.kernels",
-    kernels={"batchnorm": _CHANNEL, "instancenorm": _CHANNEL, "groupnorm": ("forward", "backward"),
+    kernels={"batchnorm": _CHANNEL + _SPLIT, "instancenorm": _CHANNEL, "groupnorm": ("forward", "backward"),
              "layernorm": ("forward", "backward")},
     dtypes=("float32", "float64"),
     description="Cython with OpenMP prange, compiled at install time",

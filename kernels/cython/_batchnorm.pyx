@@ -561,3 +561,101 @@ def channel_backward_infer(const floating[:, :, ::1] dy, const floating[:, :, ::
                            const floating[::1] rstd, const floating[::1] weight, floating[:, :, ::1] dx,
                            floating[::1] dweight, floating[::1] dbias):
     _backward(False, dy, x, mean, rstd, weight, dx, dweight, dbias)
+
+
+# --- the split directions (normkit.contract): the reductions and elementwise passes above, on their own ------------
+
+cdef void _column_moments64(const floating* x, Py_ssize_t n, Py_ssize_t length, Py_ssize_t l0, Py_ssize_t l1,
+                            const double* pivot, double* s1, double* s2) noexcept nogil:
+    """As _column_moments, all in double (the statistics of ``stats`` are float64 whatever the data's dtype)."""
+    cdef Py_ssize_t i, l
+    cdef const floating* r
+    cdef double d0, d1, d2, d3
+    for l in range(l0, l1):
+        s1[l] = 0.0
+        s2[l] = 0.0
+    for i in range(0, n - 3, 4):
+        r = x + i * length
+        for l in range(l0, l1):
+            d0 = r[l] - pivot[l]
+            d1 = r[length + l] - pivot[l]
+            d2 = r[2 * length + l] - pivot[l]
+            d3 = r[3 * length + l] - pivot[l]
+            s1[l] += (d0 + d1) + (d2 + d3)
+            s2[l] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)
+    for i in range(n - n % 4, n):
+        for l in range(l0, l1):
+            d0 = x[i * length + l] - pivot[l]
+            s1[l] += d0
+            s2[l] += d0 * d0
+
+
+cdef void _stats_moments(const floating[:, :, ::1] x, double[::1] pivot, double[::1] s1, double[::1] s2):
+    """Per-channel sum(x - pivot) and sum((x - pivot)**2), in double: _channel_moments' rows schedule (moments()
+    is double throughout), and its columns schedule with double column sums."""
+    cdef Py_ssize_t n = x.shape[0], nc = x.shape[1], s = x.shape[2], t, c, k, length = nc * s
+    cdef Py_ssize_t width, tasks, blocks, rows
+    cdef const floating* xp = &x[0, 0, 0]
+    cdef double[::1] a, b, p
+    cdef int nt = _nthreads
+    if s >= SHORT_ROW:
+        _channel_moments(x, pivot, s1, s2)
+        return
+    blocks = _column_split(n, nc, s, &width, &tasks, &rows)
+    a = np.empty(blocks * length)
+    b = np.empty(blocks * length)
+    p = np.empty(length)
+    for c in range(nc):
+        for k in range(s):
+            p[c * s + k] = pivot[c]
+    for t in prange(blocks * tasks, nogil=True, schedule="static", num_threads=nt):
+        k = t // tasks
+        _column_moments64(xp + k * rows * length, max(0, min(rows, n - k * rows)), length, (t % tasks) * width,
+                          min(length, (t % tasks + 1) * width), &p[0], &a[k * length], &b[k * length])
+    for c in range(nc):
+        s1[c] = 0.0
+        s2[c] = 0.0
+        for k in range(blocks):
+            _merge_columns(&a[k * length + c * s], &b[k * length + c * s], s, &s1[c], &s2[c])
+
+
+def batchnorm_stats(const floating[:, :, ::1] x, double[::1] mean, double[::1] m2):
+    cdef Py_ssize_t nc = x.shape[1], c
+    cdef double cnt = <double>(x.shape[0] * x.shape[2]), d, v
+    cdef double[::1] pivot = np.empty(nc), s1 = np.empty(nc), s2 = np.empty(nc)
+    for c in range(nc):
+        pivot[c] = pivot_of(x[0, c, 0])
+    _stats_moments(x, pivot, s1, s2)
+    for c in range(nc):
+        d = s1[c] / cnt
+        v = s2[c] - s1[c] * d
+        if v < 0.0:  # rounding; a NaN stays NaN
+            v = 0.0
+        mean[c] = pivot[c] + d
+        m2[c] = v
+
+
+def batchnorm_apply(const floating[:, :, ::1] x, const floating[::1] scale, const floating[::1] shift,
+                    floating[:, :, ::1] y):
+    # y = (x - 0) * scale + shift: the per-channel affine pass, with no mean to subtract
+    cdef double[::1] zero = np.zeros(x.shape[1])
+    cdef double[::1] sc = np.asarray(scale, dtype=np.float64), sh = np.asarray(shift, dtype=np.float64)
+    _apply_channels(x, y, zero, sc, sh)
+
+
+def batchnorm_backward_reduce(const floating[:, :, ::1] dy, const floating[:, :, ::1] x, const double[::1] mean,
+                              const double[::1] rstd, double[::1] sum_dy, double[::1] sum_dy_xhat):
+    cdef Py_ssize_t nc = x.shape[1], c
+    cdef double[::1] mu = np.array(mean), sdyx = np.empty(nc)
+    _channel_grad_sums(dy, x, mu, sum_dy, sdyx)
+    for c in range(nc):
+        sum_dy_xhat[c] = rstd[c] * sdyx[c]
+
+
+def batchnorm_backward_apply(const floating[:, :, ::1] dy, const floating[:, :, ::1] x, const floating[::1] a,
+                             const floating[::1] b, const floating[::1] d, floating[:, :, ::1] dx):
+    # dx = a * dy + b * (x - 0) + d: the backward's elementwise pass
+    cdef double[::1] zero = np.zeros(x.shape[1])
+    cdef double[::1] ca = np.asarray(a, dtype=np.float64), cb = np.asarray(b, dtype=np.float64)
+    cdef double[::1] cc = np.asarray(d, dtype=np.float64)
+    _grad_apply_channels(dy, x, dx, True, zero, ca, cb, cc)
