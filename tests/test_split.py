@@ -239,3 +239,40 @@ def test_argument_errors():
         split.batchnorm_apply(x, np.ones(2), np.zeros(3))
     with pytest.raises(ValueError, match="eps must be"):
         split.batchnorm_forward(x, eps=-1.0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", [(3, 4, 6, 5), (3, 200, 2, 3), (40, 3, 40)], ids=str)
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_statistics_as_the_reference(backend, shape, bad):
+    """A NaN or inf poisons its own channel's statistics exactly as in the reference (mean +-inf and m2 NaN for
+    an inf), and nothing else."""
+    x = np.random.default_rng(9).standard_normal(shape).astype(np.float32)
+    x[1, 2, 1] = bad
+    got, want = split.batchnorm_stats(x, backend=backend), split.batchnorm_stats(x, backend="reference")
+    for name in ("mean", "m2"):
+        g, w = getattr(got, name), getattr(want, name)
+        np.testing.assert_array_equal(g[2], w[2])
+        assert np.isfinite(np.delete(g, 2)).all()
+        np.testing.assert_allclose(np.delete(g, 2), np.delete(w, 2), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", [(2, 4, 9, 7), (256, 4, 3, 3), (32, 100, 3, 3)], ids=str)
+def test_huge_values_float32(backend, shape):
+    """x and dy near 1e20: squares and products overflow float32; the float64 statistics and the sums' double
+    fallback keep the composition correct."""
+    rng = np.random.default_rng(10)
+    x = (rng.standard_normal(shape) * 1e20).astype(np.float32)
+    dy = (rng.standard_normal(shape) * 1e20).astype(np.float32)
+    w = (1 + 0.5 * rng.standard_normal(shape[1])).astype(np.float32)
+    y, mean, rstd = split.batchnorm_forward(x, w, None, backend=backend)
+    want_y, want_mean, want_rstd = split.batchnorm_forward(x, w, None, backend="reference")
+    assert_close(y, want_y, "float32", "forward", what="y")
+    np.testing.assert_allclose(mean, want_mean, rtol=1e-12, atol=1e-12 * np.abs(x).max())
+    np.testing.assert_allclose(rstd, want_rstd, rtol=1e-12)
+    got = split.batchnorm_backward(dy, x, mean, rstd, w, backend=backend)
+    want = split.batchnorm_backward(dy, x, mean, rstd, w, backend="reference")
+    for name, g, r in zip(("dx", "dweight", "dbias"), got, want):
+        assert np.isfinite(g).all(), name
+        assert_close(g, r, "float32", "backward", what=name)
