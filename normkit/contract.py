@@ -35,8 +35,8 @@ dtype; ``count`` = N*S is known to the caller and is no argument. Each direction
 - ``stats(x, mean, m2)``: ``mean[c]`` = the mean of channel c over (N, S) and ``m2[c]`` = sum((x - mean[c])**2)
   (the sum of squared deviations, not the variance), accumulated in float64 on values shifted by a per-channel
   pivot (or compensated), never as E[x^2] - E[x]^2 in working precision; a NaN in a channel makes both NaN, an
-  inf makes the mean that inf and m2 NaN (as the reference). Two
-  such triples (count, mean, m2) merge with Chan's formula (:func:`normkit.split.merge_stats`).
+  inf makes the mean that inf and m2 NaN (as the reference). Two such triples (count, mean, m2) merge with
+  Chan's formula (:func:`normkit.split.merge_stats`).
 - ``apply(x, scale, shift, y)``: ``y = x * scale[c] + shift[c]``, in the kernel's dtype (one multiply-add per
   element). For BatchNorm ``scale = weight * rstd`` and ``shift = bias - mean *
   scale``; in float32 the product ``x * scale`` rounds at the size of ``|mean| * rstd`` (the set's condition
