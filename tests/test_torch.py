@@ -289,6 +289,54 @@ def test_non_contiguous_input_works_and_is_not_modified():
     _assert_close_to_scale(m.running_var, ref.running_var, "running_var")
 
 
+def test_outputs_are_plain_contiguous_tensors():
+    """y and the gradients have the standard strides even when the input's size-1 dimensions have odd ones (a
+    channels_last (N, C, 1, 1) tensor is contiguous), and y aliases nothing."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 3, 1, 1, generator=g).to(memory_format=torch.channels_last).requires_grad_()
+    w = torch.rand(3, generator=g, requires_grad=True)
+    assert x.is_contiguous() and x.stride() != (3, 1, 1, 1)
+    y = nt.batch_norm(x, None, None, w, None, True)
+    assert y.stride() == (3, 1, 1, 1)
+    _assert_close_to_scale(y, nn.functional.batch_norm(x, None, None, w, None, True), "batch_norm")
+    y.backward(torch.ones_like(y))
+    assert x.grad.stride() == (3, 1, 1, 1) and w.grad.shape == (3,)
+    y2 = nt.layer_norm(x.detach(), (3, 1, 1))
+    assert y2.stride() == (3, 1, 1, 1) and y2.untyped_storage().data_ptr() != y.untyped_storage().data_ptr()
+
+
+def test_differentiating_gradients_is_an_error_and_in_place_changes_are_caught():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 5, generator=g, requires_grad=True)
+    y = nt.group_norm(x, 2)
+    (dx,) = torch.autograd.grad((y * y).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        dx.sum().backward()
+    xc = x.detach().clone().requires_grad_()
+    w = torch.rand(4, generator=g, requires_grad=True)
+    y = nt.group_norm(xc, 2, w)
+    with torch.no_grad():
+        w.add_(1.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
+
+
+def test_saved_statistics_do_not_alias_the_running_ones():
+    """Eval-mode batch_norm under autograd: backward uses the running statistics of the forward call, even when a
+    training step changes the buffers in between."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 3, 4, generator=g, requires_grad=True)
+    rm, rv = torch.randn(3, generator=g), torch.rand(3, generator=g) + 0.5
+    ref_x = x.detach().clone().requires_grad_()
+    y = nt.batch_norm(x, rm, rv, training=False)
+    ref = nn.functional.batch_norm(ref_x, rm.clone(), rv.clone(), training=False)
+    nt.batch_norm(torch.randn(6, 3, 4, generator=g), rm, rv, training=True)  # moves rm, rv
+    dy = torch.randn(y.shape, generator=g)
+    y.backward(dy)
+    ref.backward(dy)
+    _assert_close_to_scale(x.grad, ref_x.grad, "dx")
+
+
 # --- convert / revert / state_dict -----------------------------------------------------------------------------
 
 class SmallCNN(nn.Module):

@@ -9,8 +9,9 @@ Two paths to the same kernels:
   never traces into NumPy. Running statistics are updated with torch operations in the wrapper, which the
   compiler traces like any other (torch refuses ``register_autograd`` on an op that declares ``mutates_args``).
 
-Both paths run :func:`_forward` and :func:`_backward`, which take contiguous CPU tensors. Inputs are made
-contiguous (a copy only when they are not); outputs are allocated by torch and handed to the kernel to write into.
+Both paths run :func:`_forward` and :func:`_backward`, which take CPU tensors. Inputs are made contiguous (a copy
+only when they are not); outputs are allocated (see below) and handed to the kernel to write into; the saved
+statistics stay NumPy arrays (tensors only where a custom op returns or receives them).
 The domain is torch's: empty batches, negative ``eps`` and any ``momentum`` are accepted and give what
 ``torch.nn.functional`` gives.
 """
@@ -31,7 +32,9 @@ from ..running import update_running
 __all__ = ["batch_norm", "group_norm", "instance_norm", "layer_norm"]
 
 _KERNEL_DTYPES = {torch.float32: "float32", torch.float64: "float64"}
+_NP_DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
 _is_compiling = torch.compiler.is_compiling
+_DENSE = torch.contiguous_format
 
 
 # --- checks ----------------------------------------------------------------------------------------------------
@@ -93,16 +96,37 @@ def _check_saved(op: str, dy: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, sta
 
 
 # --- the kernels on tensors: shared by the eager path and the custom ops ---------------------------------------
+#
+# Per-call cost matters here (at small shapes it is most of a call), hence these choices, each measured:
+# * inputs: NumPy views by ``numpy(force=True)`` (one C call, where ``detach().numpy()`` makes a tensor first);
+# * y and dx (input-sized): ``torch.empty_like(x, memory_format=_DENSE)``, ~1 µs less than ``new_empty`` and the
+#   same standard strides (without memory_format, a contiguous x with odd strides on size-1 dimensions would pass
+#   them on). They stay torch's: its allocator maps large blocks as huge pages, where ``np.empty`` of a 2 MB
+#   output took ~500 page faults on every call in a training loop (at (16, 128, 256));
+# * dweight, dbias (per-channel vectors): ``torch.from_numpy(np.empty(...))``, ~0.7 µs where ``new_empty`` +
+#   ``.numpy()`` costs ~2. Either way the storage cannot grow with ``resize_`` (``Tensor.numpy()`` makes it so);
+# * the statistics stay NumPy arrays, wrapped in tensors only where a custom op returns them (the eager path
+#   never shows them).
 
 def _np(t: Optional[Tensor]):
-    """A NumPy view of a CPU tensor's memory (the kernel runs below autograd)."""
-    if t is None:
-        return None
-    return t.detach().numpy() if t.requires_grad else t.numpy()
+    """A NumPy view of a CPU tensor's memory, for the kernel to read (below autograd). ``force=True`` detaches
+    without a copy; it would copy only a tensor NumPy cannot view (a negative-bit one), which a read tolerates."""
+    return None if t is None else t.numpy(force=True)
 
 
 def _flat(t: Optional[Tensor]):
-    return None if t is None else _np(t).reshape(-1)
+    if t is None:
+        return None
+    a = t.numpy(force=True)
+    return a if a.ndim == 1 else a.reshape(-1)
+
+
+def _writable(t: Tensor) -> np.ndarray:
+    return t.detach().numpy() if t.requires_grad else t.numpy()
+
+
+def _from_numpy(a: Optional[np.ndarray]) -> Optional[Tensor]:
+    return None if a is None else torch.from_numpy(a)
 
 
 def _contiguous(t: Optional[Tensor]) -> Optional[Tensor]:
@@ -120,128 +144,147 @@ def _eps(op: str, eps) -> float:
     return eps if type(eps) is float else checks.eps(op, eps, strict=False)
 
 
-def _forward(spec: OpSpec, x: Tensor, weight, bias, eps: float, groups: int, ndims: int, running_mean,
-             running_var, backend, save: bool = True) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
-    """(y, mean, rstd): batch statistics when ``running_mean`` is None, else normalization by the running ones
-    (then mean and rstd are those, as constants; with ``save=False`` they are not made and come back None)."""
+def _forward(spec: OpSpec, x: Tensor, weight, bias, eps: float, groups: int, kshape: tuple, running_mean,
+             running_var, backend, save: bool = True) -> tuple[Tensor, Optional[np.ndarray], Optional[np.ndarray]]:
+    """(y, mean, rstd), the statistics as NumPy arrays: batch statistics when ``running_mean`` is None, else
+    normalization by the running ones (then mean and rstd are those, as constants; with ``save=False`` they are
+    not made and come back None). ``kshape`` is ``_kernel_shape`` of ``x``."""
     x, weight, bias = _contiguous(x), _contiguous(weight), _contiguous(bias)
-    kshape = _kernel_shape(spec, x.shape, ndims)
-    y = x.new_empty(x.shape)
+    y = torch.empty_like(x, memory_format=_DENSE)
+    ya = y.numpy()
     if running_mean is None:
         stat = spec.stat_shape(kshape, groups)
-        mean, rstd = x.new_empty(stat), x.new_empty(stat)
-        if y.numel():
+        dtype = _NP_DTYPES[x.dtype]
+        mean, rstd = np.empty(stat, dtype), np.empty(stat, dtype)
+        if ya.size:
             kernel = registry.lookup(spec.name, "forward", _KERNEL_DTYPES[x.dtype], backend)[1]
-            xa, ya, w, b = _np(x).reshape(kshape), y.numpy().reshape(kshape), _flat(weight), _flat(bias)
+            xa, ya, w, b = _np(x).reshape(kshape), ya.reshape(kshape), _flat(weight), _flat(bias)
             if spec.grouped:
-                kernel(xa, groups, w, b, eps, ya, mean.numpy(), rstd.numpy())
+                kernel(xa, groups, w, b, eps, ya, mean, rstd)
             else:
-                kernel(xa, w, b, eps, ya, mean.numpy(), rstd.numpy())
-        elif mean.numel():  # sets without values (torch's empty layer_norm rows): mean 0, variance 0
-            mean.zero_(), rstd.fill_(1.0 / math.sqrt(eps) if eps > 0 else math.inf if eps == 0 else math.nan)
+                kernel(xa, w, b, eps, ya, mean, rstd)
+        elif mean.size:  # sets without values (torch's empty layer_norm rows): mean 0, variance 0
+            mean.fill(0.0), rstd.fill(1.0 / math.sqrt(eps) if eps > 0 else math.inf if eps == 0 else math.nan)
         return y, mean, rstd
     if save or running_mean.dtype != x.dtype or running_var.dtype != x.dtype or not (
             running_mean.is_contiguous() and running_var.is_contiguous()):
-        # fresh tensors: saved statistics must not alias the running ones, which the next training step changes
-        mean = x.new_empty(kshape[1]).copy_(running_mean)
-        var = x.new_empty(kshape[1]).copy_(running_var)
-        rm, rv = mean.numpy(), var.numpy()
+        # fresh arrays: saved statistics must not alias the running ones, which the next training step changes
+        rm = mean = x.new_empty(kshape[1]).copy_(running_mean).numpy()
+        rv = x.new_empty(kshape[1]).copy_(running_var).numpy()
     else:  # nothing is saved: the kernel only reads them
         mean = None
         rm, rv = _np(running_mean), _np(running_var)
-    if y.numel():
+    if ya.size:
         kernel = registry.lookup(spec.name, "forward_infer", _KERNEL_DTYPES[x.dtype], backend)[1]
-        kernel(_np(x).reshape(kshape), _flat(weight), _flat(bias), rm, rv, eps, y.numpy().reshape(kshape))
+        kernel(_np(x).reshape(kshape), _flat(weight), _flat(bias), rm, rv, eps, ya.reshape(kshape))
     if not save:
         return y, None, None
     with np.errstate(invalid="ignore", divide="ignore"):  # var + eps <= 0 gives NaN / inf, as in torch
-        rstd = torch.from_numpy((1.0 / np.sqrt(rv.astype(np.float64) + eps)).astype(rv.dtype))
+        rstd = (1.0 / np.sqrt(rv.astype(np.float64) + eps)).astype(rv.dtype)
     return y, mean, rstd
 
 
-def _backward(spec: OpSpec, dy: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, weight, groups: int, ndims: int,
-              batch_stats: bool, pshape: tuple, weight_grad: bool, bias_grad: bool,
+def _backward(spec: OpSpec, dy: Tensor, x: Tensor, mean: np.ndarray, rstd: np.ndarray, weight, groups: int,
+              kshape: tuple, batch_stats: bool, pshape: tuple, weight_grad: bool, bias_grad: bool,
               backend) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
-    """dx and, when asked for, dweight and dbias (None otherwise)."""
-    dy, x, mean, rstd, weight = map(_contiguous, (dy, x, mean, rstd, weight))
-    kshape = _kernel_shape(spec, x.shape, ndims)
-    dx = x.new_empty(x.shape)
-    dw = x.new_empty(pshape) if weight_grad else None
-    db = x.new_empty(pshape) if bias_grad else None
-    if not dx.numel():  # no values: every gradient is an empty or zero sum
-        for g in (dw, db):
+    """dx and, when asked for, dweight and dbias (None otherwise). ``mean``/``rstd``: contiguous NumPy arrays."""
+    dy, x, weight = _contiguous(dy), _contiguous(x), _contiguous(weight)
+    dx = torch.empty_like(x, memory_format=_DENSE)
+    dxa = dx.numpy()
+    dtype = _NP_DTYPES[x.dtype]
+    dwa = np.empty(pshape, dtype) if weight_grad else None
+    dba = np.empty(pshape, dtype) if bias_grad else None
+    dw, db = _from_numpy(dwa), _from_numpy(dba)
+    if not dxa.size:  # no values: every gradient is an empty or zero sum
+        for g in (dwa, dba):
             if g is not None:
-                g.zero_()
+                g.fill(0.0)
         return dx, dw, db
     direction = "backward" if batch_stats else "backward_infer"
     kernel = registry.lookup(spec.name, direction, _KERNEL_DTYPES[x.dtype], backend)[1]
-    dya, xa, dxa = _np(dy).reshape(kshape), _np(x).reshape(kshape), dx.numpy().reshape(kshape)
+    dya, xa, dxa = _np(dy).reshape(kshape), _np(x).reshape(kshape), dxa.reshape(kshape)
+    if len(pshape) > 1:  # layer_norm over several dimensions: the kernels take dweight, dbias flat
+        dwa, dba = (None if a is None else a.reshape(-1) for a in (dwa, dba))
     if spec.grouped:
-        kernel(dya, xa, groups, _np(mean), _np(rstd), _flat(weight), dxa, _flat(dw), _flat(db))
+        kernel(dya, xa, groups, mean, rstd, _flat(weight), dxa, dwa, dba)
     else:
-        kernel(dya, xa, _np(mean), _np(rstd), _flat(weight), dxa, _flat(dw), _flat(db))
+        kernel(dya, xa, mean, rstd, _flat(weight), dxa, dwa, dba)
     return dx, dw, db
 
 
 # --- eager: one autograd.Function for every op -----------------------------------------------------------------
 
 class _Call:
-    """The non-tensor arguments of one call, and the running statistics it updates."""
+    """The non-tensor arguments of one call, the running statistics it updates, and (after forward) the saved
+    statistics, as NumPy arrays: internal constants, so they need neither tensors nor ``save_for_backward``."""
 
-    __slots__ = ("spec", "eps", "groups", "ndims", "pshape", "running_mean", "running_var", "batch_stats",
-                 "update", "count", "momentum", "backend")
+    __slots__ = ("spec", "eps", "groups", "kshape", "pshape", "running_mean", "running_var", "batch_stats",
+                 "update", "count", "momentum", "backend", "mean", "rstd")
 
-    def __init__(self, spec, eps, groups, ndims, pshape, running_mean, running_var, batch_stats, update, count,
+    def __init__(self, spec, eps, groups, kshape, pshape, running_mean, running_var, batch_stats, update, count,
                  momentum, backend):
-        self.spec, self.eps, self.groups, self.ndims, self.pshape = spec, eps, groups, ndims, pshape
+        self.spec, self.eps, self.groups, self.kshape, self.pshape = spec, eps, groups, kshape, pshape
         self.running_mean, self.running_var, self.batch_stats = running_mean, running_var, batch_stats
         self.update, self.count, self.momentum, self.backend = update, count, momentum, backend
 
-    def forward(self, x: Tensor, weight, bias, save: bool) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+    def forward(self, x: Tensor, weight, bias, save: bool) -> Tensor:
         use_running = not self.batch_stats
-        y, mean, rstd = _forward(self.spec, x, weight, bias, self.eps, self.groups, self.ndims,
-                                 self.running_mean if use_running else None,
-                                 self.running_var if use_running else None, self.backend, save)
+        y, self.mean, self.rstd = _forward(self.spec, x, weight, bias, self.eps, self.groups, self.kshape,
+                                           self.running_mean if use_running else None,
+                                           self.running_var if use_running else None, self.backend, save)
         if self.update:
-            _update_running_now(self.running_mean, self.running_var, mean, rstd, self.eps, self.count,
+            _update_running_now(self.running_mean, self.running_var, self.mean, self.rstd, self.eps, self.count,
                                 self.momentum)
-        return y, mean, rstd
+        return y
 
 
-def _update_running_now(running_mean: Tensor, running_var: Tensor, mean: Tensor, rstd: Tensor, eps: float,
+def _update_running_now(running_mean: Tensor, running_var: Tensor, mean: np.ndarray, rstd: np.ndarray, eps: float,
                         count: int, momentum: float) -> None:
     """The eager update: NumPy on the buffers' own memory (a few µs on (C,) vectors where torch operations cost
-    tens), except for dtypes NumPy lacks."""
+    tens), except for dtypes NumPy lacks. The buffers are written, so their views come from ``numpy()``, which never
+    copies (``numpy(force=True)`` could)."""
     if running_mean.dtype in _KERNEL_DTYPES and running_var.dtype in _KERNEL_DTYPES:
-        update_running(_np(running_mean), _np(running_var), mean.numpy(), rstd.numpy(), eps, count, momentum)
+        update_running(_writable(running_mean), _writable(running_var), mean, rstd, eps, count, momentum)
     else:
-        _update_running_traced(running_mean, running_var, mean, rstd, eps, count, momentum)
+        _update_running_traced(running_mean, running_var, torch.from_numpy(mean), torch.from_numpy(rstd), eps,
+                               count, momentum)
+
+
+def _grads(ctx, dy):
+    x, weight = ctx.saved_tensors
+    need_x, need_w, need_b, _ = ctx.needs_input_grad
+    c = ctx.call
+    dx, dw, db = _backward(c.spec, dy, x, c.mean, c.rstd, weight, c.groups, c.kshape, c.batch_stats, c.pshape,
+                           need_w, need_b, c.backend)
+    return dx if need_x else None, dw, db, None
+
+
+_grads_once = torch.autograd.function.once_differentiable(_grads)
 
 
 class _Norm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, call):
-        y, mean, rstd = call.forward(x, weight, bias, save=True)
-        ctx.save_for_backward(x, weight, mean, rstd)
+        y = call.forward(x, weight, bias, save=True)
+        ctx.save_for_backward(x, weight)
         ctx.call = call
         return y
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, dy):
-        x, weight, mean, rstd = ctx.saved_tensors
-        need_x, need_w, need_b, _ = ctx.needs_input_grad
-        c = ctx.call
-        dx, dw, db = _backward(c.spec, dy, x, mean, rstd, weight, c.groups, c.ndims, c.batch_stats, c.pshape,
-                               need_w, need_b, c.backend)
-        return dx if need_x else None, dw, db, None
+        # Grad mode is off in backward unless it was asked for a graph (create_graph=True). Only then is
+        # once_differentiable needed (it makes differentiating the gradients an error, where the kernels would
+        # silently give none); its no_grad block costs about a µs on every other call.
+        if torch.is_grad_enabled():
+            return _grads_once(ctx, dy)
+        return _grads(ctx, dy)
 
 
 def _run(call: _Call, x: Tensor, weight, bias) -> Tensor:
     if torch.is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad)
                                     or (bias is not None and bias.requires_grad)):
         return _Norm.apply(x, weight, bias, call)
-    return call.forward(x, weight, bias, save=False)[0]
+    return call.forward(x, weight, bias, save=False)
 
 
 # --- under torch.compile: custom ops -----------------------------------------------------------------------------
@@ -260,6 +303,15 @@ def _grads_or_empty(x: Tensor, dx, dw, db):
     return dx, x.new_empty((0,)) if dw is None else dw, x.new_empty((0,)) if db is None else db
 
 
+def _op_outputs(y: Tensor, mean: np.ndarray, rstd: np.ndarray) -> tuple[Tensor, Tensor, Tensor]:
+    return y, torch.from_numpy(mean), torch.from_numpy(rstd)
+
+
+def _stat(t: Tensor) -> np.ndarray:
+    """A saved statistic given back to a backward custom op, as :func:`_backward` takes it."""
+    return _np(_contiguous(t))
+
+
 def _fake_backward(x, pshape, weight_grad, bias_grad):
     return (x.new_empty(x.shape), x.new_empty(pshape if weight_grad else (0,)),
             x.new_empty(pshape if bias_grad else (0,)))
@@ -273,8 +325,8 @@ def _batch_norm(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
                 running_var: Optional[Tensor], training: bool, eps: float,
                 backend: Optional[str]) -> tuple[Tensor, Tensor, Tensor]:
     _check_channel_op(_BN, input, weight, bias, running_mean, running_var, training, eps)
-    return _forward(_BN, input, weight, bias, eps, 0, 0, None if training else running_mean,
-                    None if training else running_var, backend)
+    return _op_outputs(*_forward(_BN, input, weight, bias, eps, 0, _kernel_shape(_BN, input.shape, 0),
+                                 None if training else running_mean, None if training else running_var, backend))
 
 
 @_batch_norm.register_fake
@@ -289,8 +341,9 @@ def _batch_norm_backward(grad_output: Tensor, input: Tensor, mean: Tensor, rstd:
                          backend: Optional[str]) -> tuple[Tensor, Tensor, Tensor]:
     _check_channel_backward(_BN, grad_output, input, mean, rstd, weight, training)
     pshape = (input.shape[1],)
-    return _grads_or_empty(input, *_backward(_BN, grad_output, input, mean, rstd, weight, 0, 0, training, pshape,
-                                             weight_grad, bias_grad, backend))
+    return _grads_or_empty(input, *_backward(_BN, grad_output, input, _stat(mean), _stat(rstd), weight, 0,
+                                             _kernel_shape(_BN, input.shape, 0), training, pshape, weight_grad,
+                                             bias_grad, backend))
 
 
 @_batch_norm_backward.register_fake
@@ -304,8 +357,9 @@ def _instance_norm(input: Tensor, weight: Optional[Tensor], bias: Optional[Tenso
                    running_var: Optional[Tensor], use_input_stats: bool, eps: float,
                    backend: Optional[str]) -> tuple[Tensor, Tensor, Tensor]:
     _check_channel_op(_IN, input, weight, bias, running_mean, running_var, use_input_stats, eps)
-    return _forward(_IN, input, weight, bias, eps, 0, 0, None if use_input_stats else running_mean,
-                    None if use_input_stats else running_var, backend)
+    return _op_outputs(*_forward(_IN, input, weight, bias, eps, 0, _kernel_shape(_IN, input.shape, 0),
+                                 None if use_input_stats else running_mean,
+                                 None if use_input_stats else running_var, backend))
 
 
 @_instance_norm.register_fake
@@ -320,8 +374,9 @@ def _instance_norm_backward(grad_output: Tensor, input: Tensor, mean: Tensor, rs
                             backend: Optional[str]) -> tuple[Tensor, Tensor, Tensor]:
     _check_channel_backward(_IN, grad_output, input, mean, rstd, weight, use_input_stats)
     pshape = (input.shape[1],)
-    return _grads_or_empty(input, *_backward(_IN, grad_output, input, mean, rstd, weight, 0, 0, use_input_stats,
-                                             pshape, weight_grad, bias_grad, backend))
+    return _grads_or_empty(input, *_backward(_IN, grad_output, input, _stat(mean), _stat(rstd), weight, 0,
+                                             _kernel_shape(_IN, input.shape, 0), use_input_stats, pshape,
+                                             weight_grad, bias_grad, backend))
 
 
 @_instance_norm_backward.register_fake
@@ -334,7 +389,8 @@ def _(grad_output, input, mean, rstd, weight, use_input_stats, weight_grad, bias
 def _group_norm(input: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
                 backend: Optional[str]) -> tuple[Tensor, Tensor, Tensor]:
     _check_group_op(input, num_groups, weight, bias, eps)
-    return _forward(_GN, input, weight, bias, eps, num_groups, 0, None, None, backend)
+    return _op_outputs(*_forward(_GN, input, weight, bias, eps, num_groups, _kernel_shape(_GN, input.shape, 0),
+                                 None, None, backend))
 
 
 @_group_norm.register_fake
@@ -349,8 +405,9 @@ def _group_norm_backward(grad_output: Tensor, input: Tensor, mean: Tensor, rstd:
                          backend: Optional[str]) -> tuple[Tensor, Tensor, Tensor]:
     _check_group_backward(grad_output, input, mean, rstd, num_groups, weight)
     pshape = (input.shape[1],)
-    return _grads_or_empty(input, *_backward(_GN, grad_output, input, mean, rstd, weight, num_groups, 0, True,
-                                             pshape, weight_grad, bias_grad, backend))
+    return _grads_or_empty(input, *_backward(_GN, grad_output, input, _stat(mean), _stat(rstd), weight,
+                                             num_groups, _kernel_shape(_GN, input.shape, 0), True, pshape,
+                                             weight_grad, bias_grad, backend))
 
 
 @_group_norm_backward.register_fake
@@ -363,7 +420,8 @@ def _(grad_output, input, mean, rstd, num_groups, weight, weight_grad, bias_grad
 def _layer_norm(input: Tensor, normalized_shape: list[int], weight: Optional[Tensor], bias: Optional[Tensor],
                 eps: float, backend: Optional[str]) -> tuple[Tensor, Tensor, Tensor]:
     shape = _check_layer_op(input, normalized_shape, weight, bias, eps)
-    return _forward(_LN, input, weight, bias, eps, 0, len(shape), None, None, backend)
+    return _op_outputs(*_forward(_LN, input, weight, bias, eps, 0, _kernel_shape(_LN, input.shape, len(shape)),
+                                 None, None, backend))
 
 
 @_layer_norm.register_fake
@@ -377,8 +435,9 @@ def _layer_norm_backward(grad_output: Tensor, input: Tensor, mean: Tensor, rstd:
                          normalized_shape: list[int], weight: Optional[Tensor], weight_grad: bool, bias_grad: bool,
                          backend: Optional[str]) -> tuple[Tensor, Tensor, Tensor]:
     shape = _check_layer_backward(grad_output, input, mean, rstd, normalized_shape, weight)
-    return _grads_or_empty(input, *_backward(_LN, grad_output, input, mean, rstd, weight, 0, len(shape), True,
-                                             shape, weight_grad, bias_grad, backend))
+    return _grads_or_empty(input, *_backward(_LN, grad_output, input, _stat(mean), _stat(rstd), weight, 0,
+                                             _kernel_shape(_LN, input.shape, len(shape)), True, shape,
+                                             weight_grad, bias_grad, backend))
 
 
 @_layer_norm_backward.register_fake
@@ -512,7 +571,8 @@ def _channel(spec: OpSpec, custom_op, input, running_mean, running_var, weight, 
             _update_running_traced(running_mean, running_var, mean, rstd, eps, count, momentum)
             return y
         return custom_op(x, weight, bias, running_mean, running_var, batch_stats, eps, backend)[0]
-    call = _Call(spec, eps, 0, 0, (c,), running_mean, running_var, batch_stats, update, count, momentum, backend)
+    call = _Call(spec, eps, 0, (x.shape[0], c, math.prod(x.shape[2:])), (c,), running_mean, running_var, batch_stats,
+                 update, count, momentum, backend)
     return _run(call, x, weight, bias)
 
 
@@ -546,7 +606,8 @@ def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5, *, backend=N
     eps = _eps(op, eps)
     if _is_compiling():
         return _group_norm(x, groups, weight, bias, eps, backend)[0]
-    return _run(_Call(_GN, eps, groups, 0, (c,), None, None, True, False, 0, 0.0, backend), x, weight, bias)
+    kshape = (x.shape[0], c, math.prod(x.shape[2:]))
+    return _run(_Call(_GN, eps, groups, kshape, (c,), None, None, True, False, 0, 0.0, backend), x, weight, bias)
 
 
 def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5, *, backend=None):
@@ -563,4 +624,5 @@ def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5, *, bac
     eps = _eps(op, eps)
     if _is_compiling():
         return _layer_norm(x, list(shape), weight, bias, eps, backend)[0]
-    return _run(_Call(_LN, eps, 0, len(shape), shape, None, None, True, False, 0, 0.0, backend), x, weight, bias)
+    kshape = _kernel_shape(_LN, x.shape, len(shape))
+    return _run(_Call(_LN, eps, 0, kshape, shape, None, None, True, False, 0, 0.0, backend), x, weight, bias)
