@@ -2,6 +2,7 @@
 
     import normkit.torch
     model = normkit.torch.convert(model)       # every torch.nn norm layer now runs on normkit's kernels
+    model = normkit.torch.convert_sync_batchnorm(model)   # BatchNorm synchronized over torch.distributed (CPU)
     y = normkit.torch.group_norm(x, 8, w, b)   # torch.nn.functional signatures, plus backend=
 
 Imported only when asked for: ``import normkit`` never imports torch.
@@ -26,8 +27,10 @@ from .modules import (
     convert,
     revert,
 )
+from .sync import SyncBatchNorm, convert_sync_batchnorm
 
 __all__ = [
     "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "GroupNorm", "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d",
-    "LayerNorm", "batch_norm", "benchmark", "convert", "group_norm", "instance_norm", "layer_norm", "revert",
+    "LayerNorm", "SyncBatchNorm", "batch_norm", "benchmark", "convert", "convert_sync_batchnorm", "group_norm",
+    "instance_norm", "layer_norm", "revert",
 ]
