@@ -1,0 +1,150 @@
+"""One process of tests/test_syncbn.py's process groups (not a test module itself).
+
+    python tests/syncbn_worker.py WORLD RANK PORT OUTDIR
+
+joins a gloo group on 127.0.0.1:PORT, runs every case of :func:`cases` on its slice of the batch with normkit's
+SyncBatchNorm, counts the collectives, runs one DistributedDataParallel step, and saves what it got to
+OUTDIR/rankRANK.pt for the test to compare with single-process BatchNorm on the whole batch.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from datetime import timedelta
+
+import numpy as np
+import torch
+
+#: the batch sizes of the processes, by group size: uneven, and one process of three gets an empty batch
+SIZES = {2: [5, 2], 3: [4, 0, 3]}
+#: the (C, *spatial) of a 2D, 3D, 4D and 5D input
+SHAPES = [(5,), (4, 6), (3, 4, 5), (2, 3, 2, 4)]
+DTYPES = [torch.float64, torch.float32]
+STEPS = 2
+
+
+def cases():
+    """(name, shape, dtype, module keyword arguments) of every comparison."""
+    out = []
+    for dtype in DTYPES:
+        for shape in SHAPES:
+            out.append((f"{len(shape) + 1}d-{str(dtype)[6:]}", shape, dtype, {}))
+    out.append(("cumulative-float64", (3, 4, 5), torch.float64, {"momentum": None}))
+    out.append(("noaffine-norunning-float64", (3, 4, 5), torch.float64,
+                {"affine": False, "track_running_stats": False}))
+    return out
+
+
+def data(name: str, shape, dtype, n: int, step: int):
+    """The whole batch (x, dy) and the affine parameters of one case and step: channels with std 1 and mean 1e4
+    in float64, mean 10 in float32."""
+    rng = np.random.default_rng([sum(map(ord, name)), step])
+    mean = 1e4 if dtype == torch.float64 else 10.0
+    x = torch.from_numpy(rng.standard_normal((n, *shape)) + mean).to(dtype)
+    dy = torch.from_numpy(rng.standard_normal((n, *shape))).to(dtype)
+    c = shape[0]
+    weight = torch.from_numpy(rng.uniform(0.5, 1.5, c)).to(dtype)
+    bias = torch.from_numpy(rng.standard_normal(c)).to(dtype)
+    return x, dy, weight, bias
+
+
+def bounds(world: int, rank: int) -> tuple[int, int]:
+    sizes = SIZES[world]
+    start = sum(sizes[:rank])
+    return start, start + sizes[rank]
+
+
+def run_module(module, name, shape, dtype, lo, hi, n):
+    """STEPS training steps (forward, backward with dy) on the rows lo:hi, then one eval forward. Returns the last
+    step's y and gradients, the running statistics and the eval output."""
+    out = {}
+    for step in range(STEPS):
+        x, dy, _, _ = data(name, shape, dtype, n, step)
+        xl = x[lo:hi].clone().requires_grad_(True)
+        for p in module.parameters():
+            p.grad = None
+        y = module(xl)
+        y.backward(dy[lo:hi])
+        out.update(y=y.detach(), dx=xl.grad)
+        if module.weight is not None:
+            out.update(dweight=module.weight.grad, dbias=module.bias.grad)
+    if module.running_mean is not None:
+        out.update(running_mean=module.running_mean.clone(), running_var=module.running_var.clone(),
+                   num_batches_tracked=module.num_batches_tracked.clone())
+    module.eval()
+    x, _, _, _ = data(name, shape, dtype, n, STEPS)
+    with torch.no_grad():
+        out["eval_y"] = module(x[lo:hi])
+    module.train()
+    return out
+
+
+def make_module(cls, shape, dtype, kwargs, name, n):
+    module = cls(shape[0], **kwargs).to(dtype)
+    if module.weight is not None:
+        _, _, weight, bias = data(name, shape, dtype, n, 0)
+        with torch.no_grad():
+            module.weight.copy_(weight)
+            module.bias.copy_(bias)
+    return module
+
+
+def ddp_model():
+    # no bias in the convolution: BatchNorm cancels it, and its gradient is zero up to rounding
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1, bias=False), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+                               torch.nn.Flatten(), torch.nn.Linear(4 * 5 * 5, 2)).double()
+
+
+def ddp_data(n: int):
+    rng = np.random.default_rng(7)
+    return torch.from_numpy(rng.standard_normal((n, 3, 5, 5)) * 2 + 3)
+
+
+def main(world: int, rank: int, port: int, outdir: str) -> None:
+    import torch.distributed as dist
+
+    import normkit.torch as nkt
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=30))
+    calls = {"all_gather": 0, "all_reduce": 0}
+    for fn in list(calls):
+        real = getattr(dist, fn)
+
+        def counted(*args, _real=real, _fn=fn, **kwargs):
+            calls[_fn] += 1
+            return _real(*args, **kwargs)
+        setattr(dist, fn, counted)
+
+    n = sum(SIZES[world])
+    lo, hi = bounds(world, rank)
+    results = {}
+    for name, shape, dtype, kwargs in cases():
+        module = make_module(nkt.SyncBatchNorm, shape, dtype, kwargs, name, n)
+        before = dict(calls)
+        res = run_module(module, name, shape, dtype, lo, hi, n)
+        res["collectives"] = {k: calls[k] - before[k] for k in calls}
+        results[name] = res
+
+    # one DistributedDataParallel step of a small CNN converted with convert_sync_batchnorm
+    model = nkt.convert_sync_batchnorm(ddp_model())
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
+    x = ddp_data(n)[lo:hi]
+    loss = ddp(x).pow(2).sum()
+    loss.backward()
+    grads = {k: p.grad.clone() for k, p in model.named_parameters()}
+    opt.step()
+    results["ddp"] = {"grads": grads, "state": {k: v.clone() for k, v in model.state_dict().items()},
+                      "types": [type(m).__module__ + "." + type(m).__name__ for m in model.modules()]}
+
+    torch.save(results, os.path.join(outdir, f"rank{rank}.pt"))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])
