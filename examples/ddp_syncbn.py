@@ -18,6 +18,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
+import normkit
 import normkit.torch as nt
 
 WORLD = 2
@@ -42,7 +43,8 @@ def free_port() -> int:
 
 
 def worker(rank: int, port: int, args) -> None:
-    torch.set_num_threads(1)
+    torch.set_num_threads(1)  # two processes on a small machine: one thread each, for torch and normkit
+    normkit.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
                             timeout=timedelta(seconds=60))
     try:
