@@ -78,6 +78,7 @@ def worker(rank: int, port: int, args) -> None:
             print(f"{verdict} across {WORLD} processes", flush=True)
             if diff:
                 raise SystemExit(1)
+        dist.barrier()  # leave together: a process tearing down while its peer is mid-collective fails the peer
     finally:
         dist.destroy_process_group()
 

@@ -223,5 +223,5 @@ def test_convert_sync_batchnorm():
 def test_example_quick():
     proc = subprocess.run([sys.executable, str(HERE.parent / "examples" / "ddp_syncbn.py"), "--quick"],
                           env=child_env(), capture_output=True, text=True, timeout=TIMEOUT)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.returncode == 0, f"exit code {proc.returncode}\nstderr:\n{proc.stderr[-3000:]}\nstdout:\n{proc.stdout}"
     assert "running statistics agree" in proc.stdout
