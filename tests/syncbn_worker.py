@@ -129,6 +129,16 @@ def main(world: int, rank: int, port: int, outdir: str) -> None:
         res["collectives"] = {k: calls[k] - before[k] for k in calls}
         results[name] = res
 
+    # input that needs no gradient: as in torch, backward skips its all_reduce (every process alike), and the
+    # weight and bias gradients are still the local sums
+    name, shape, dtype, kwargs = cases()[2]
+    module = make_module(nkt.SyncBatchNorm, shape, dtype, kwargs, name, n)
+    x, dy, _, _ = data(name, shape, dtype, n, 0)
+    before = dict(calls)
+    module(x[lo:hi]).backward(dy[lo:hi])
+    results["no-input-grad"] = {"case": name, "dweight": module.weight.grad, "dbias": module.bias.grad,
+                                "collectives": {k: calls[k] - before[k] for k in calls}}
+
     # one DistributedDataParallel step of a small CNN converted with convert_sync_batchnorm
     model = nkt.convert_sync_batchnorm(ddp_model())
     ddp = torch.nn.parallel.DistributedDataParallel(model)

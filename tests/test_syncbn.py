@@ -136,6 +136,20 @@ def test_two_collectives_per_step_none_in_eval(group):
             assert res[name]["collectives"] == {"all_gather": W.STEPS, "all_reduce": W.STEPS}, name
 
 
+def test_no_input_grad_skips_the_backward_all_reduce(group):
+    world, results = group
+    got = [res["no-input-grad"] for res in results]
+    name, shape, dtype, kwargs = next(c for c in W.cases() if c[0] == got[0]["case"])
+    n = sum(W.SIZES[world])
+    bn = W.make_module(torch_bn(shape), shape, dtype, kwargs, name, n)
+    x, dy, _, _ = W.data(name, shape, dtype, n, 0)
+    bn(x).backward(dy)
+    for g in got:
+        assert g["collectives"] == {"all_gather": 1, "all_reduce": 0}
+    for key, ref in (("dweight", bn.weight.grad), ("dbias", bn.bias.grad)):
+        assert rel(sum(g[key] for g in got), ref) < TOL[dtype]
+
+
 def test_ddp_step(group):
     world, results = group
     n = sum(W.SIZES[world])
