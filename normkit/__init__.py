@@ -10,6 +10,7 @@ the PyTorch frontend (:mod:`normkit.torch`) only when asked for.
 
 from importlib.metadata import PackageNotFoundError, version as _version
 
+from .keras import BatchNormalization
 from .ops import Op, Saved, UnknownOpError, get, list_ops
 from .primitives import batch_normalization, moments
 from .registry import (
@@ -31,7 +32,7 @@ except PackageNotFoundError:  # running from a source tree that was never instal
     __version__ = "0+unknown"
 
 __all__ = [
-    "Backend", "BackendInfo", "Op", "Saved", "UnknownBackendError", "UnknownOpError", "__version__",
+    "Backend", "BackendInfo", "BatchNormalization", "Op", "Saved", "UnknownBackendError", "UnknownOpError", "__version__",
     "batch_normalization", "get", "get_backend_order", "get_num_threads", "list_backends", "list_ops", "moments",
     "register_backend", "set_backend_order", "set_num_threads", "unregister_backend",
 ]

@@ -1,0 +1,360 @@
+"""A Keras-style ``BatchNormalization`` layer on NumPy arrays, with the semantics of tf_keras 2.21's layer (its
+non-fused path), computed with BatchNorm's split kernels (:mod:`normkit.split`).
+
+    layer = normkit.BatchNormalization(axis=-1, momentum=0.99, epsilon=1e-3)
+    y = layer(x, training=True)            # batch statistics; updates the moving statistics
+    dx, dgamma, dbeta = layer.backward(dy)  # gradients of the last training call
+    y = layer(x)                           # training=False: the moving statistics
+
+What tf_keras does, and so what this layer does:
+
+- Training: per-channel mean and biased variance over every axis but ``axis``;
+  ``y = gamma * (x - mean) / sqrt(var + epsilon) + beta``; each moving statistic becomes
+  ``moving - (moving - batch) * (1 - momentum)`` (``moving * momentum + batch * (1 - momentum)``) with the biased
+  batch variance. Inference normalizes with ``moving_mean`` and ``moving_variance``.
+- ``renorm`` (Batch Renormalization): with ``sigma = sqrt(var + epsilon)`` and ``s = max(renorm_stddev,
+  sqrt(epsilon))``, ``r = clip(sigma / s, rmin, rmax)`` and ``d = clip((mean - renorm_mean) / s, -dmax, dmax)``
+  (a missing key does not clip), ``y = gamma * (xhat * r + d) + beta`` with r and d constants for the gradient.
+  Then ``renorm_mean`` and ``renorm_stddev`` move towards mean and sigma with ``renorm_momentum``,
+  ``moving_mean`` towards mean and ``moving_stddev`` towards sigma with ``momentum``, and ``moving_variance =
+  max(moving_stddev**2 - epsilon, 0)``. ``moving_stddev`` and ``renorm_stddev`` start at sqrt(1) = 1.
+- ``virtual_batch_size`` (ghost batches): the batch (N, ...) is reshaped to (virtual_batch_size, N //
+  virtual_batch_size, ...), so sample i belongs to ghost batch i mod (N // virtual_batch_size); each ghost batch
+  is normalized with its own statistics, the moving statistics (and renorm's r and d) use the mean over the ghost
+  batches of their means and of their variances. As in tf_keras the parameters then have the shape
+  ``(1, 1, ..., C)`` (rank + 1) instead of ``(C,)``.
+
+Variables are NumPy arrays of the layer's ``dtype`` (float32 unless ``dtype="float64"``), replaced (never
+modified in place) by each training call. Inputs may be float32 or float64 (the output has the input's dtype, not
+the layer's); statistics are float64. ``backward`` keeps a reference to the last training call's input: do not
+modify it in between.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import numpy as np
+
+from . import split
+
+__all__ = ["BatchNormalization"]
+
+_CLIP_KEYS = ("rmax", "rmin", "dmax")
+
+
+def _describe(v) -> str:
+    return f"{v!r} ({type(v).__name__})"
+
+
+class BatchNormalization:
+    """tf_keras's ``BatchNormalization`` (non-fused) for NumPy arrays, with a ``backward``; see :mod:`normkit.keras`."""
+
+    def __init__(self, axis=-1, momentum=0.99, epsilon=1e-3, center=True, scale=True, renorm=False,
+                 renorm_clipping=None, renorm_momentum=0.99, virtual_batch_size=None, dtype="float32",
+                 name="batch_normalization", backend=None):
+        if not isinstance(name, str):
+            raise TypeError(f"BatchNormalization: name must be a str, got {_describe(name)}")
+        self.name = name
+        if isinstance(axis, (list, tuple)):
+            axes = list(axis)
+        else:
+            axes = [axis]
+        if not axes or any(isinstance(a, bool) or not isinstance(a, numbers.Integral) for a in axes):
+            raise TypeError(f"{self._who}: axis must be an int or a non-empty list/tuple of ints, got "
+                            f"{_describe(axis)}")
+        self.axis = [int(a) for a in axes] if isinstance(axis, (list, tuple)) else int(axis)
+        self.momentum = self._fraction("momentum", momentum)
+        self.renorm_momentum = self._fraction("renorm_momentum", renorm_momentum)
+        if (isinstance(epsilon, bool) or not isinstance(epsilon, numbers.Real)
+                or not (math.isfinite(epsilon) and epsilon >= 0)):
+            raise ValueError(f"{self._who}: epsilon must be a finite number >= 0, got {_describe(epsilon)}")
+        self.epsilon = float(epsilon)
+        for arg, v in (("center", center), ("scale", scale), ("renorm", renorm)):
+            if not isinstance(v, (bool, np.bool_)):
+                raise TypeError(f"{self._who}: {arg} must be a bool, got {_describe(v)}")
+        self.center, self.scale, self.renorm = bool(center), bool(scale), bool(renorm)
+        self.renorm_clipping = self._clipping(renorm_clipping)
+        if virtual_batch_size is not None and (isinstance(virtual_batch_size, bool)
+                                               or not isinstance(virtual_batch_size, numbers.Integral)):
+            raise TypeError(f"{self._who}: virtual_batch_size must be None or a positive int, got "
+                            f"{_describe(virtual_batch_size)}")
+        if virtual_batch_size is not None and virtual_batch_size <= 0:
+            raise ValueError(f"{self._who}: virtual_batch_size must be a positive int, got {virtual_batch_size}")
+        self.virtual_batch_size = None if virtual_batch_size is None else int(virtual_batch_size)
+        try:
+            self.dtype = np.dtype(dtype)
+        except TypeError:
+            raise TypeError(f"{self._who}: dtype must be float32 or float64, got {_describe(dtype)}") from None
+        if self.dtype not in (np.float32, np.float64):
+            raise TypeError(f"{self._who}: dtype must be float32 or float64, got {self.dtype}")
+        self.backend = backend
+        self.built = False
+        self.gamma = self.beta = self.moving_mean = self.moving_variance = None
+        self.moving_stddev = self.renorm_mean = self.renorm_stddev = None
+        self._saved = None
+
+    # --- arguments -------------------------------------------------------------------------------------------
+
+    @property
+    def _who(self) -> str:
+        return f"BatchNormalization {self.name!r}"
+
+    def _fraction(self, arg, v) -> float:
+        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not 0.0 <= v <= 1.0:
+            raise ValueError(f"{self._who}: {arg} must be a number in [0, 1], got {_describe(v)}")
+        return float(v)
+
+    def _clipping(self, clipping) -> dict:
+        if clipping is None:
+            return {}
+        if not isinstance(clipping, dict):
+            raise TypeError(f"{self._who}: renorm_clipping must be None or a dict with keys among {_CLIP_KEYS}, "
+                            f"got {_describe(clipping)}")
+        bad = sorted(set(clipping) - set(_CLIP_KEYS), key=str)
+        if bad:
+            raise ValueError(f"{self._who}: renorm_clipping has keys {bad}; expected keys among {_CLIP_KEYS}")
+        out = {}
+        for k, v in clipping.items():
+            if v is None:
+                continue
+            if isinstance(v, bool) or not isinstance(v, numbers.Real) or math.isnan(v):
+                raise ValueError(f"{self._who}: renorm_clipping[{k!r}] must be a number, got {_describe(v)}")
+            out[k] = float(v)
+        if out.get("dmax", 0.0) < 0:
+            raise ValueError(f"{self._who}: renorm_clipping['dmax'] must be >= 0, got {out['dmax']}")
+        if out.get("rmin", -math.inf) > out.get("rmax", math.inf):
+            raise ValueError(f"{self._who}: renorm_clipping['rmin']={out['rmin']} is larger than "
+                             f"renorm_clipping['rmax']={out['rmax']}")
+        return out
+
+    def _input(self, arg, x) -> np.ndarray:
+        if type(x).__module__.split(".")[0] == "torch" or isinstance(x, (str, bytes)) or x is None:
+            raise TypeError(f"{self._who}: {arg} must be a float32 or float64 NumPy array, got {type(x).__name__}")
+        x = np.asarray(x)
+        if x.dtype not in (np.float32, np.float64):
+            raise TypeError(f"{self._who}: {arg} must be float32 or float64, got dtype {x.dtype}")
+        if not x.dtype.isnative:
+            x = x.astype(x.dtype.newbyteorder("="))
+        if x.size == 0:
+            raise ValueError(f"{self._who}: {arg} must not be empty, got shape {x.shape}")
+        return x
+
+    # --- build -----------------------------------------------------------------------------------------------
+
+    def build(self, input_shape) -> None:
+        """Create the variables for inputs of ``input_shape`` (Keras's initial values: gamma 1, beta 0,
+        moving_mean 0, moving_variance 1; with renorm moving_stddev 1, renorm_mean 0, renorm_stddev 1)."""
+        try:
+            shape = tuple(int(s) for s in input_shape)
+        except (TypeError, ValueError):
+            raise TypeError(f"{self._who}: input_shape must be a sequence of ints, got "
+                            f"{_describe(input_shape)}") from None
+        ndim = len(shape)
+        axes = self.axis if isinstance(self.axis, list) else [self.axis]
+        for a in axes:
+            if not -ndim <= a < ndim:
+                raise ValueError(f"{self._who}: axis {a} is out of range for inputs of rank {ndim} "
+                                 f"(shape {shape}); expected -{ndim} <= axis < {ndim}")
+        axes = sorted(a % ndim for a in axes)
+        if len(set(axes)) != len(axes):
+            raise ValueError(f"{self._who}: axis {self.axis} has a duplicate axis for inputs of rank {ndim}")
+        if self.virtual_batch_size is not None and 0 in axes:
+            raise ValueError(f"{self._who}: with virtual_batch_size the batch dimension must be 0, so axis cannot "
+                             f"include 0, got axis={self.axis} for inputs of rank {ndim}")
+        if any(s <= 0 for s in shape):
+            raise ValueError(f"{self._who}: input_shape must have positive sizes, got {shape}")
+        self._ndim, self._axes = ndim, axes
+        self._dims = {a: shape[a] for a in axes}
+        self._c = math.prod(shape[a] for a in axes)
+        if len(axes) == 1 and self.virtual_batch_size is None:
+            param_shape = (shape[axes[0]],)
+        else:
+            param_shape = [shape[i] if i in axes else 1 for i in range(ndim)]
+            if self.virtual_batch_size is not None:
+                param_shape.insert(1, 1)
+            param_shape = tuple(param_shape)
+        self._param_shape = param_shape
+        ones, zeros = np.ones(param_shape, self.dtype), np.zeros(param_shape, self.dtype)
+        self.gamma = ones.copy() if self.scale else None
+        self.beta = zeros.copy() if self.center else None
+        self.moving_mean, self.moving_variance = zeros.copy(), ones.copy()
+        if self.renorm:
+            self.moving_stddev, self.renorm_mean, self.renorm_stddev = ones.copy(), zeros.copy(), ones.copy()
+        self.built = True
+
+    def _check_shape(self, x: np.ndarray) -> None:
+        if x.ndim != self._ndim:
+            raise ValueError(f"{self._who}: expected inputs of rank {self._ndim} (as built), got shape {x.shape}")
+        for a, s in self._dims.items():
+            if x.shape[a] != s:
+                raise ValueError(f"{self._who}: expected axis {a} of the input to have size {s} (as built), got "
+                                 f"shape {x.shape}")
+
+    def _flat(self, v) -> np.ndarray:
+        """A variable as a float64 (C,) array (checked: the user may have assigned it)."""
+        v = np.asarray(v, np.float64)
+        if v.size != self._c:
+            raise ValueError(f"{self._who}: a variable has shape {v.shape}, expected {self._param_shape}")
+        return v.reshape(self._c)
+
+    def _store(self, v: np.ndarray) -> np.ndarray:
+        return np.asarray(v, np.float64).astype(self.dtype).reshape(self._param_shape)
+
+    # --- layout ----------------------------------------------------------------------------------------------
+
+    def _layout(self, shape: tuple, ghosts: int):
+        """How to view an input of ``shape`` as the kernels' (N', C', S'): (shape of the array to transpose,
+        permutation, (N', C', S')). With ghost batches the batch axis becomes (virtual_batch_size, ghosts) and the
+        ghost axis joins the channel axes, so that C' = ghosts * C in ghost-major order."""
+        if ghosts:
+            full = (self.virtual_batch_size, ghosts) + shape[1:]
+            kept = [1] + [a + 1 for a in self._axes]
+        else:
+            full, kept = shape, list(self._axes)
+        lead = [i for i in range(len(full)) if i not in kept and i < kept[0]]
+        trail = [i for i in range(len(full)) if i not in kept and i > kept[0]]
+        perm = lead + kept + trail
+        view = (math.prod(full[i] for i in lead), math.prod(full[i] for i in kept),
+                math.prod(full[i] for i in trail))
+        return full, perm, view
+
+    @staticmethod
+    def _to_kernel(x: np.ndarray, layout) -> np.ndarray:
+        full, perm, view = layout
+        return np.ascontiguousarray(x.reshape(full).transpose(perm)).reshape(view)
+
+    @staticmethod
+    def _from_kernel(y: np.ndarray, layout, shape: tuple) -> np.ndarray:
+        full, perm, _ = layout
+        y = y.reshape([full[i] for i in perm]).transpose(np.argsort(perm))
+        return np.ascontiguousarray(y).reshape(shape)
+
+    # --- the layer -------------------------------------------------------------------------------------------
+
+    def __call__(self, inputs, training=False):
+        """The layer's output for ``inputs``: batch statistics when ``training`` (and the moving statistics are
+        updated), the moving statistics otherwise."""
+        if not isinstance(training, (bool, np.bool_)) and training is not None:
+            raise TypeError(f"{self._who}: training must be a bool, got {_describe(training)}")
+        x = self._input("inputs", inputs)
+        if not self.built:
+            self.build(x.shape)
+        self._check_shape(x)
+        return self._train(x) if training else self._infer(x)
+
+    def _infer(self, x: np.ndarray) -> np.ndarray:
+        layout = self._layout(x.shape, 0)
+        x3 = self._to_kernel(x, layout)
+        rstd = 1.0 / np.sqrt(self._flat(self.moving_variance) + self.epsilon)
+        scale, shift = split.apply_coefficients(self._flat(self.moving_mean), rstd, self._weight(),
+                                                self._bias(), x.dtype)
+        y3 = split.batchnorm_apply(x3, scale, shift, self.backend)
+        return self._from_kernel(y3, layout, x.shape)
+
+    def _weight(self):
+        return None if self.gamma is None else self._flat(self.gamma)
+
+    def _bias(self):
+        return None if self.beta is None else self._flat(self.beta)
+
+    def _train(self, x: np.ndarray) -> np.ndarray:
+        n, vbs = x.shape[0], self.virtual_batch_size
+        if vbs is not None and n % vbs:
+            raise ValueError(f"{self._who}: virtual_batch_size={vbs} must divide the batch size, got a batch of "
+                             f"{n} (shape {x.shape})")
+        ghosts = 0 if vbs is None else n // vbs
+        g = max(ghosts, 1)
+        layout = self._layout(x.shape, ghosts)
+        x3 = self._to_kernel(x, layout)
+        stats = split.batchnorm_stats(x3, self.backend)
+        mean_gc, var_gc = stats.mean, stats.var                       # (G * C,), ghost-major
+        rstd_gc = 1.0 / np.sqrt(var_gc + self.epsilon)
+        new_mean = mean_gc.reshape(g, self._c).mean(axis=0)           # tf_keras: the mean over ghost batches
+        new_var = var_gc.reshape(g, self._c).mean(axis=0)
+        gamma, beta = self._weight(), self._bias()
+        if self.renorm:
+            r, d = self._renorm(new_mean, new_var)
+        else:
+            r, d = np.ones(self._c), np.zeros(self._c)
+        w = (1.0 if gamma is None else gamma) * r                       # y = w * xhat + b, r and d constants
+        b = (1.0 if gamma is None else gamma) * d + (0.0 if beta is None else beta)
+        w_gc, b_gc = np.tile(w, g), np.tile(b, g)
+        scale, shift = split.apply_coefficients(mean_gc, rstd_gc, w_gc, b_gc, x.dtype)
+        y3 = split.batchnorm_apply(x3, scale, shift, self.backend)
+        self._update(new_mean, new_var)
+        self._saved = (x3, layout, x.shape, mean_gc, rstd_gc, w_gc, r, d, stats.count, g)
+        return self._from_kernel(y3, layout, x.shape)
+
+    def _renorm(self, mean: np.ndarray, var: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Batch Renormalization's r and d (tf_keras's ``_renorm_correction_and_moments``); updates renorm_mean
+        and renorm_stddev."""
+        sigma = np.sqrt(var + self.epsilon)
+        renorm_mean, renorm_stddev = self._flat(self.renorm_mean), self._flat(self.renorm_stddev)
+        s = np.maximum(renorm_stddev, math.sqrt(self.epsilon))
+        r = sigma / s
+        d = (mean - renorm_mean) / s
+        clip = self.renorm_clipping
+        if "rmin" in clip:
+            r = np.maximum(r, clip["rmin"])
+        if "rmax" in clip:
+            r = np.minimum(r, clip["rmax"])
+        if "dmax" in clip:
+            d = np.minimum(np.maximum(d, -clip["dmax"]), clip["dmax"])
+        decay = 1.0 - self.renorm_momentum
+        self.renorm_mean = self._store(renorm_mean - (renorm_mean - mean) * decay)
+        self.renorm_stddev = self._store(renorm_stddev - (renorm_stddev - sigma) * decay)
+        return r, d
+
+    def _update(self, mean: np.ndarray, var: np.ndarray) -> None:
+        decay = 1.0 - self.momentum
+        moving_mean = self._flat(self.moving_mean)
+        self.moving_mean = self._store(moving_mean - (moving_mean - mean) * decay)
+        if self.renorm:
+            moving_stddev = self._flat(self.moving_stddev)
+            moving_stddev = moving_stddev - (moving_stddev - np.sqrt(var + self.epsilon)) * decay
+            self.moving_stddev = self._store(moving_stddev)
+            stddev = self._flat(self.moving_stddev)                  # as stored, as tf_keras reads it back
+            self.moving_variance = self._store(np.maximum(stddev * stddev - self.epsilon, 0.0))
+        else:
+            moving_variance = self._flat(self.moving_variance)
+            self.moving_variance = self._store(moving_variance - (moving_variance - var) * decay)
+
+    def backward(self, dy):
+        """Gradients ``(dx, dgamma, dbeta)`` of the last training call's output for the output gradient ``dy``
+        (dgamma None without ``scale``, dbeta None without ``center``). The batch statistics depend on x; renorm's
+        r and d are constants, as in tf_keras. dx has the input's dtype, dgamma and dbeta the layer's."""
+        if self._saved is None:
+            raise ValueError(f"{self._who}: backward needs a training call first (layer(x, training=True))")
+        x3, layout, shape, mean_gc, rstd_gc, w_gc, r, d, count, g = self._saved
+        dy = self._input("dy", dy)
+        if dy.shape != shape:
+            raise ValueError(f"{self._who}: dy must have the shape of the last training call's input {shape}, "
+                             f"got {dy.shape}")
+        if dy.dtype != x3.dtype:
+            raise TypeError(f"{self._who}: dy must have the last training call's input dtype {x3.dtype}, got "
+                            f"{dy.dtype}")
+        dy3 = self._to_kernel(dy, layout)
+        sum_dy, sum_dy_xhat = split.batchnorm_backward_reduce(dy3, x3, mean_gc, rstd_gc, self.backend)
+        a, b, dd = split.backward_coefficients(mean_gc, rstd_gc, w_gc, sum_dy, sum_dy_xhat, count, x3.dtype)
+        dx = self._from_kernel(split.batchnorm_backward_apply(dy3, x3, a, b, dd, self.backend), layout, shape)
+        sdy = sum_dy.reshape(g, self._c).sum(axis=0)
+        sdyx = sum_dy_xhat.reshape(g, self._c).sum(axis=0)
+        dgamma = self._store(r * sdyx + d * sdy) if self.scale else None
+        dbeta = self._store(sdy) if self.center else None
+        return dx, dgamma, dbeta
+
+    def get_weights(self) -> list[np.ndarray]:
+        """The variables in tf_keras's order: gamma, beta (when present), moving_mean, moving_variance, and with
+        renorm moving_stddev, renorm_mean, renorm_stddev."""
+        names = ["gamma", "beta", "moving_mean", "moving_variance"]
+        if self.renorm:
+            names += ["moving_stddev", "renorm_mean", "renorm_stddev"]
+        return [getattr(self, k).copy() for k in names if getattr(self, k) is not None]
+
+    def __repr__(self) -> str:
+        return (f"BatchNormalization(axis={self.axis}, momentum={self.momentum}, epsilon={self.epsilon}, "
+                f"center={self.center}, scale={self.scale}, renorm={self.renorm}, "
+                f"renorm_clipping={self.renorm_clipping or None}, renorm_momentum={self.renorm_momentum}, "
+                f"virtual_batch_size={self.virtual_batch_size}, dtype={self.dtype.name!r}, name={self.name!r})")
