@@ -1,0 +1,463 @@
+"""normkit.BatchNormalization (normkit.keras): tf_keras 2.21's BatchNormalization (non-fused) on NumPy arrays.
+
+Checked against a float64 oracle written plainly here from tf_keras's formulas (moments over the reduction axes,
+Batch Renormalization's r and d, ghost batches from the reshape (virtual_batch_size, N // virtual_batch_size,
+...)), against finite differences, and against tf_keras itself when tensorflow and tf_keras are installed (they
+are not part of the test extra).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import normkit
+
+RENORM_VARS = ("moving_stddev", "renorm_mean", "renorm_stddev")
+
+
+# --- the oracle ------------------------------------------------------------------------------------------------
+
+class Oracle:
+    """tf_keras's non-fused BatchNormalization, float64, written from its formulas."""
+
+    def __init__(self, shape, axis=-1, momentum=0.99, epsilon=1e-3, renorm=False, renorm_clipping=None,
+                 renorm_momentum=0.99, virtual_batch_size=None):
+        nd = len(shape)
+        axes = axis if isinstance(axis, list) else [axis]
+        self.axes = sorted(a % nd for a in axes)
+        self.c = int(np.prod([shape[a] for a in self.axes]))
+        self.momentum, self.eps, self.renorm = momentum, epsilon, renorm
+        self.clip, self.renorm_momentum, self.vbs = renorm_clipping or {}, renorm_momentum, virtual_batch_size
+        self.v = {"gamma": np.ones(self.c), "beta": np.zeros(self.c), "moving_mean": np.zeros(self.c),
+                  "moving_variance": np.ones(self.c), "moving_stddev": np.ones(self.c),
+                  "renorm_mean": np.zeros(self.c), "renorm_stddev": np.ones(self.c)}
+
+    def _shaped(self, x):
+        """x reshaped as tf_keras does, the kept axes, the reduction axes, and the parameters' broadcast shape."""
+        if self.vbs:
+            xr = x.reshape((self.vbs, x.shape[0] // self.vbs) + x.shape[1:])
+            axes = [a + 1 for a in self.axes]
+            red = tuple(i for i in range(xr.ndim) if i not in axes and i != 1)
+        else:
+            xr, axes = x, self.axes
+            red = tuple(i for i in range(xr.ndim) if i not in axes)
+        bshape = [xr.shape[i] if i in axes else 1 for i in range(xr.ndim)]
+        return xr, red, bshape
+
+    def infer(self, x, gamma=True, beta=True):
+        x = x.astype(np.float64)
+        b = [x.shape[i] if i in self.axes else 1 for i in range(x.ndim)]
+        v = {k: a.reshape(b) for k, a in self.v.items()}
+        y = (x - v["moving_mean"]) / np.sqrt(v["moving_variance"] + self.eps)
+        return y * (v["gamma"] if gamma else 1) + (v["beta"] if beta else 0)
+
+    def train(self, x, dy, gamma=True, beta=True):
+        x64, dy64 = x.astype(np.float64), dy.astype(np.float64)
+        xr, red, b = self._shaped(x64)
+        dyr = dy64.reshape(xr.shape)
+        v = {k: a.reshape(b) for k, a in self.v.items()}
+        mean = xr.mean(axis=red, keepdims=True)
+        var = np.square(xr - mean).mean(axis=red, keepdims=True)
+        if self.vbs:
+            new_mean, new_var = mean.mean(axis=1, keepdims=True), var.mean(axis=1, keepdims=True)
+        else:
+            new_mean, new_var = mean, var
+        rstd = 1 / np.sqrt(var + self.eps)
+        xhat = (xr - mean) * rstd
+        g = v["gamma"] if gamma else np.ones(b)
+        r, d = np.ones(b), np.zeros(b)
+        if self.renorm:
+            sigma = np.sqrt(new_var + self.eps)
+            s = np.maximum(v["renorm_stddev"], np.sqrt(self.eps))
+            r, d = sigma / s, (new_mean - v["renorm_mean"]) / s
+            if "rmin" in self.clip:
+                r = np.maximum(r, self.clip["rmin"])
+            if "rmax" in self.clip:
+                r = np.minimum(r, self.clip["rmax"])
+            if "dmax" in self.clip:
+                d = np.clip(d, -self.clip["dmax"], self.clip["dmax"])
+            m = self.renorm_momentum
+            v["renorm_mean"] = v["renorm_mean"] * m + new_mean * (1 - m)
+            v["renorm_stddev"] = v["renorm_stddev"] * m + sigma * (1 - m)
+        y = g * (xhat * r + d) + (v["beta"] if beta else 0)
+        m = self.momentum
+        v["moving_mean"] = v["moving_mean"] * m + new_mean * (1 - m)
+        if self.renorm:
+            v["moving_stddev"] = v["moving_stddev"] * m + np.sqrt(new_var + self.eps) * (1 - m)
+            v["moving_variance"] = np.maximum(v["moving_stddev"] ** 2 - self.eps, 0)
+        else:
+            v["moving_variance"] = v["moving_variance"] * m + new_var * (1 - m)
+        self.v = {k: a.reshape(self.c) for k, a in v.items()}
+        # the gradient with r and d constants: y = (g * r) * xhat + const per ghost batch and channel
+        gdy = dyr * g * r
+        dx = rstd * (gdy - gdy.mean(axis=red, keepdims=True) - xhat * (gdy * xhat).mean(axis=red, keepdims=True))
+        every = tuple(i for i in range(xr.ndim) if b[i] == 1)
+        dgamma = (dyr * (xhat * r + d)).sum(axis=every).reshape(self.c)
+        dbeta = dyr.sum(axis=every).reshape(self.c)
+        return y.reshape(x.shape), dx.reshape(x.shape), dgamma, dbeta
+
+
+def make_pair(shape, seed, dtype=np.float64, offset=0.0, **kw):
+    """A layer and its oracle with the same random gamma and beta."""
+    rng = np.random.default_rng(seed)
+    layer = normkit.BatchNormalization(dtype=dtype, **kw)
+    layer.build(shape)
+    oracle = Oracle(shape, **{k: v for k, v in kw.items() if k not in ("center", "scale")})
+    gamma, beta = 1 + 0.5 * rng.standard_normal(oracle.c), 0.5 * rng.standard_normal(oracle.c)
+    if layer.scale:
+        layer.gamma = gamma.astype(dtype).reshape(layer.gamma.shape)
+        oracle.v["gamma"] = layer.gamma.astype(np.float64).ravel()
+    if layer.center:
+        layer.beta = beta.astype(dtype).reshape(layer.beta.shape)
+        oracle.v["beta"] = layer.beta.astype(np.float64).ravel()
+    return layer, oracle, rng
+
+
+def data(rng, shape, dtype, offset=0.0, std=1.0):
+    return ((offset + std * rng.standard_normal(shape)).astype(dtype),
+            rng.standard_normal(shape).astype(dtype))
+
+
+def close(got, want, rtol, atol=0.0, what=""):
+    got = np.asarray(got, np.float64).ravel()
+    want = np.asarray(want, np.float64).ravel()
+    np.testing.assert_allclose(got, want, rtol=rtol, atol=atol + rtol * np.abs(want).max(initial=1.0),
+                               err_msg=what)
+
+
+def run_steps(layer, oracle, rng, shape, dtype, steps, rtol, offset=0.0):
+    center, scale = layer.center, layer.scale
+    for step in range(steps):
+        x, dy = data(rng, shape, dtype, offset)
+        x0 = x.copy()
+        y = layer(x, training=True)
+        dx, dgamma, dbeta = layer.backward(dy)
+        np.testing.assert_array_equal(x, x0)
+        wy, wdx, wdg, wdb = oracle.train(x, dy, gamma=scale, beta=center)
+        assert y.dtype == dtype and dx.dtype == dtype and y.shape == shape and dx.shape == shape
+        close(y, wy, rtol, what=f"y step {step}")
+        close(dx, wdx, rtol, what=f"dx step {step}")
+        assert (dgamma is None) == (not scale) and (dbeta is None) == (not center)
+        if scale:
+            assert dgamma.shape == layer.gamma.shape
+            close(dgamma, wdg, rtol, what=f"dgamma step {step}")
+        if center:
+            close(dbeta, wdb, rtol, what=f"dbeta step {step}")
+        names = ["moving_mean", "moving_variance"] + (list(RENORM_VARS) if layer.renorm else [])
+        for name in names:
+            close(getattr(layer, name), oracle.v[name], rtol, what=f"{name} step {step}")
+    x, _ = data(rng, shape, dtype, offset)
+    close(layer(x, training=False), oracle.infer(x, gamma=scale, beta=center), rtol, what="inference")
+
+
+# --- against the oracle ----------------------------------------------------------------------------------------
+
+@st.composite
+def configs(draw):
+    rank = draw(st.integers(2, 4))
+    axis = draw(st.sampled_from([1, -1]))
+    vbs = draw(st.sampled_from([None, 1, 2, 3]))
+    n = vbs * draw(st.integers(1, 3)) if vbs else draw(st.integers(1, 5))
+    rest = [draw(st.integers(1, 3)) for _ in range(rank - 1)]
+    renorm = draw(st.booleans())
+    clipping = draw(st.sampled_from([None, {"rmax": 1.2, "rmin": 0.9, "dmax": 0.3}, {"rmax": 2.0}, {"dmax": 0.0}]))
+    return dict(shape=(n, *rest), axis=axis, virtual_batch_size=vbs, renorm=renorm,
+                renorm_clipping=clipping if renorm else None, center=draw(st.booleans()),
+                scale=draw(st.booleans()), momentum=draw(st.sampled_from([0.99, 0.5, 0.0])),
+                seed=draw(st.integers(0, 2**16)))
+
+
+@settings(max_examples=60, deadline=None)
+@given(configs())
+def test_matches_oracle_float64(cfg):
+    cfg = dict(cfg)
+    shape, seed = cfg.pop("shape"), cfg.pop("seed")
+    layer, oracle, rng = make_pair(shape, seed, np.float64, renorm_momentum=0.9, **cfg)
+    run_steps(layer, oracle, rng, shape, np.float64, 3, 1e-9)
+
+
+@pytest.mark.parametrize("kw", [{}, {"axis": 1}, {"renorm": True}, {"renorm": True, "renorm_clipping": {
+    "rmax": 1.1, "rmin": 0.95, "dmax": 0.05}}, {"virtual_batch_size": 4, "axis": 1},
+    {"virtual_batch_size": 2, "renorm": True, "renorm_clipping": {"rmax": 1.5, "dmax": 1.0}}, {"axis": [1, 3]}])
+def test_matches_oracle_float32(kw):
+    shape = (8, 3, 5, 4)
+    layer, oracle, rng = make_pair(shape, 7, np.float32, renorm_momentum=0.8, momentum=0.7, **kw)
+    run_steps(layer, oracle, rng, shape, np.float32, 4, 2e-6)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("kw", [{}, {"renorm": True}, {"virtual_batch_size": 2}])
+def test_large_offsets(dtype, kw):
+    """Data of mean 1e4 and std 1: float64 statistics (no E[x^2] - E[x]^2). In float32 the input itself is
+    rounded at 1e4 * 2**-24 ~ 6e-4 of its std, so y, dx are only that accurate."""
+    shape = (6, 4, 3)
+    layer, oracle, rng = make_pair(shape, 3, dtype, axis=1, **kw)
+    run_steps(layer, oracle, rng, shape, dtype, 3, 1e-9 if dtype == np.float64 else 2e-3, offset=1e4)
+
+
+def test_multi_axis_and_axis_0():
+    for kw, shape in (({"axis": [1, 3]}, (4, 3, 2, 5)), ({"axis": 0}, (5, 3)), ({"axis": [-1, 2]}, (3, 2, 4, 2))):
+        layer, oracle, rng = make_pair(shape, 1, np.float64, **kw)
+        run_steps(layer, oracle, rng, shape, np.float64, 2, 1e-9)
+
+
+# --- finite differences ----------------------------------------------------------------------------------------
+
+def fd_check(layer, x, dy, h=1e-6):
+    """backward against central differences of sum(y * dy) for x, gamma and beta (on copies of the layer)."""
+    def loss(x=x, gamma=None, beta=None):
+        one = copy.deepcopy(layer)
+        if gamma is not None:
+            one.gamma = gamma
+        if beta is not None:
+            one.beta = beta
+        return float((one(x, training=True) * dy).sum())
+
+    def numeric(f, a):
+        g = np.zeros_like(a)
+        for i in np.ndindex(a.shape):
+            ap, am = a.copy(), a.copy()
+            ap[i] += h
+            am[i] -= h
+            g[i] = (f(ap) - f(am)) / (2 * h)
+        return g
+
+    one = copy.deepcopy(layer)
+    one(x, training=True)
+    dx, dgamma, dbeta = one.backward(dy)
+    np.testing.assert_allclose(dx, numeric(lambda a: loss(x=a), x), rtol=1e-6, atol=1e-7)
+    if layer.scale:
+        np.testing.assert_allclose(dgamma, numeric(lambda a: loss(gamma=a), layer.gamma), rtol=1e-6, atol=1e-7)
+    if layer.center:
+        np.testing.assert_allclose(dbeta, numeric(lambda a: loss(beta=a), layer.beta), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("kw,shape", [({}, (4, 3)), ({"axis": 1}, (3, 2, 2)), ({"virtual_batch_size": 2, "axis": 1},
+                                      (4, 2, 3)), ({"axis": -1, "center": False}, (2, 2, 3)),
+                                      ({"virtual_batch_size": 3, "scale": False}, (6, 2))])
+def test_backward_finite_differences(kw, shape):
+    rng = np.random.default_rng(5)
+    layer = normkit.BatchNormalization(dtype="float64", **kw)
+    layer.build(shape)
+    if layer.scale:
+        layer.gamma = 1 + 0.5 * rng.standard_normal(layer.gamma.shape)
+    if layer.center:
+        layer.beta = rng.standard_normal(layer.beta.shape)
+    fd_check(layer, rng.standard_normal(shape), rng.standard_normal(shape))
+
+
+@pytest.mark.parametrize("vbs", [None, 2])
+def test_backward_finite_differences_renorm(vbs):
+    """r and d are constants for the gradient (tf_keras's stop_gradient). Finite differences see r and d change
+    with x unless they are clipped: renorm_stddev tiny and renorm_mean far away pin r at rmax and d at dmax."""
+    shape = (4, 3)
+    rng = np.random.default_rng(6)
+    layer = normkit.BatchNormalization(dtype="float64", renorm=True, virtual_batch_size=vbs,
+                                       renorm_clipping={"rmax": 1.5, "dmax": 0.7})
+    layer.build(shape)
+    layer.gamma = 1 + 0.5 * rng.standard_normal(layer.gamma.shape)
+    layer.beta = rng.standard_normal(layer.beta.shape)
+    layer.renorm_stddev = np.full(layer.gamma.shape, 0.05)
+    layer.renorm_mean = np.full(layer.gamma.shape, -50.0)
+    fd_check(layer, rng.standard_normal(shape), rng.standard_normal(shape))
+
+
+# --- behaviour and errors --------------------------------------------------------------------------------------
+
+def test_initial_values_and_build():
+    layer = normkit.BatchNormalization(renorm=True)
+    assert not layer.built and layer.gamma is None
+    layer.build((2, 5, 3))
+    assert layer.gamma.shape == (3,) and layer.gamma.dtype == np.float32
+    for name, value in (("gamma", 1), ("beta", 0), ("moving_mean", 0), ("moving_variance", 1),
+                        ("moving_stddev", 1), ("renorm_mean", 0), ("renorm_stddev", 1)):
+        np.testing.assert_array_equal(getattr(layer, name), np.full(3, value, np.float32))
+    assert len(layer.get_weights()) == 7
+    ghost = normkit.BatchNormalization(virtual_batch_size=2, center=False)
+    ghost(np.ones((4, 3), np.float32))
+    assert ghost.gamma.shape == (1, 1, 3) and ghost.beta is None     # tf_keras's parameter shape with ghost batches
+    assert len(ghost.get_weights()) == 3
+
+
+def test_inference_does_not_update_and_ghost_inference_takes_any_batch():
+    layer = normkit.BatchNormalization(virtual_batch_size=4)
+    x = np.random.default_rng(0).standard_normal((6, 3)).astype(np.float32)
+    y = layer(x)
+    np.testing.assert_allclose(y, x / np.sqrt(1 + 1e-3), rtol=1e-6)
+    np.testing.assert_array_equal(layer.moving_mean, 0)
+    with pytest.raises(ValueError, match="backward needs a training call"):
+        layer.backward(np.ones_like(x))
+
+
+def test_float64_input_to_float32_layer():
+    layer = normkit.BatchNormalization()
+    x = np.random.default_rng(0).standard_normal((5, 2))
+    y = layer(x, training=True)
+    assert y.dtype == np.float64 and layer.moving_mean.dtype == np.float32
+    dx, dg, db = layer.backward(np.ones_like(x))
+    assert dx.dtype == np.float64 and dg.dtype == np.float32
+
+
+@pytest.mark.parametrize("kw,exc,match", [
+    ({"axis": 1.0}, TypeError, "axis must be an int"),
+    ({"axis": []}, TypeError, "axis must be an int"),
+    ({"momentum": 1.5}, ValueError, "momentum must be a number in"),
+    ({"renorm_momentum": -0.1}, ValueError, "renorm_momentum must be a number in"),
+    ({"epsilon": -1e-3}, ValueError, "epsilon must be a finite number"),
+    ({"center": 1}, TypeError, "center must be a bool"),
+    ({"renorm_clipping": {"rmax": 2, "max": 3}}, ValueError, r"renorm_clipping has keys \['max'\]"),
+    ({"renorm_clipping": [1, 2]}, TypeError, "renorm_clipping must be None or a dict"),
+    ({"renorm_clipping": {"rmin": 2, "rmax": 1}}, ValueError, "is larger than"),
+    ({"renorm_clipping": {"dmax": -1}}, ValueError, "dmax"),
+    ({"virtual_batch_size": 0}, ValueError, "virtual_batch_size must be a positive int, got 0"),
+    ({"virtual_batch_size": 2.0}, TypeError, "virtual_batch_size must be None or a positive int"),
+    ({"dtype": "float16"}, TypeError, "dtype must be float32 or float64"),
+])
+def test_bad_arguments(kw, exc, match):
+    with pytest.raises(exc, match=match) as info:
+        normkit.BatchNormalization(**kw)
+    assert "BatchNormalization" in str(info.value)
+
+
+def test_bad_inputs():
+    x = np.zeros((4, 3, 2), np.float32)
+    with pytest.raises(ValueError, match="axis 3 is out of range for inputs of rank 3"):
+        normkit.BatchNormalization(axis=3)(x)
+    with pytest.raises(ValueError, match="duplicate axis"):
+        normkit.BatchNormalization(axis=[1, -2])(x)
+    with pytest.raises(ValueError, match="axis cannot include 0"):
+        normkit.BatchNormalization(axis=0, virtual_batch_size=2)(x)
+    layer = normkit.BatchNormalization(name="bn1")
+    layer(x)
+    with pytest.raises(ValueError, match=r"BatchNormalization 'bn1': expected inputs of rank 3 \(as built\)"):
+        layer(np.zeros((4, 2), np.float32))
+    with pytest.raises(ValueError, match=r"expected axis 2 of the input to have size 2 \(as built\), got shape"):
+        layer(np.zeros((4, 3, 5), np.float32))
+    with pytest.raises(TypeError, match="must be float32 or float64, got dtype int64"):
+        layer(np.zeros((4, 3, 2), np.int64))
+    with pytest.raises(ValueError, match="must not be empty"):
+        layer(np.zeros((0, 3, 2), np.float32), training=True)
+    with pytest.raises(TypeError, match="training must be a bool"):
+        layer(x, training="yes")
+    with pytest.raises(ValueError, match="backward needs a training call"):
+        layer.backward(x)
+    layer(x, training=True)
+    with pytest.raises(ValueError, match=r"dy must have the shape .* \(4, 3, 2\), got \(4, 3\)"):
+        layer.backward(np.zeros((4, 3), np.float32))
+    with pytest.raises(TypeError, match="dy must have the last training call's input dtype float32"):
+        layer.backward(x.astype(np.float64))
+    ghost = normkit.BatchNormalization(virtual_batch_size=3, name="g")
+    with pytest.raises(ValueError, match=r"BatchNormalization 'g': virtual_batch_size=3 must divide the batch "
+                                         r"size, got a batch of 4"):
+        ghost(x, training=True)
+
+
+def test_inputs_and_saved_arrays_are_not_modified():
+    rng = np.random.default_rng(2)
+    x = np.asfortranarray(rng.standard_normal((4, 3, 5)).astype(np.float32))
+    dy = rng.standard_normal((4, 3, 5)).astype(np.float32)
+    x0, dy0 = x.copy(), dy.copy()
+    layer = normkit.BatchNormalization(axis=1, renorm=True, virtual_batch_size=2)
+    layer.build(x.shape)
+    gamma = layer.gamma
+    y = layer(x, training=True)
+    layer.backward(dy)
+    layer(x)
+    np.testing.assert_array_equal(x, x0)
+    np.testing.assert_array_equal(dy, dy0)
+    np.testing.assert_array_equal(gamma, 1)
+    assert y.flags.c_contiguous
+
+
+# --- against tf_keras ------------------------------------------------------------------------------------------
+
+TF_CASES = {
+    "plain axis=-1 rank 2": ((16, 5), {}),
+    "plain axis=1 rank 4": ((8, 3, 4, 5), {"axis": 1}),
+    "renorm": ((16, 4, 3), {"renorm": True}),
+    "renorm clipped": ((16, 4, 3), {"renorm": True, "renorm_clipping": {"rmax": 1.05, "rmin": 0.97, "dmax": 0.1}}),
+    "ghost": ((12, 3, 4), {"virtual_batch_size": 4, "axis": 1}),
+    "ghost rank 4 axis=-1": ((8, 2, 3, 4), {"virtual_batch_size": 2}),
+    "ghost renorm clipped": ((12, 5), {"virtual_batch_size": 3, "renorm": True,
+                                       "renorm_clipping": {"rmax": 1.1, "dmax": 0.2}}),
+    "no center, no scale, renorm": ((10, 4), {"renorm": True, "center": False, "scale": False}),
+}
+TF_ERRORS: dict[str, dict[str, float]] = {}
+
+
+def rel(got, want) -> float:
+    """max |got - want| over max |want| (norm-wise relative error)."""
+    want = np.asarray(want, np.float64)
+    return float(np.abs(np.asarray(got, np.float64) - want).max() / max(np.abs(want).max(), 1e-30))
+
+
+@pytest.mark.parametrize("case", list(TF_CASES))
+def test_matches_tf_keras(case):
+    tf = pytest.importorskip("tensorflow")
+    tf_keras = pytest.importorskip("tf_keras")
+    shape, kw = TF_CASES[case]
+    kw = dict(kw, momentum=0.9, renorm_momentum=0.8) if kw.get("renorm") else dict(kw, momentum=0.9)
+    ref = tf_keras.layers.BatchNormalization(fused=False, **kw)
+    ref.build(shape)
+    layer = normkit.BatchNormalization(**kw)
+    layer.build(shape)
+    rng = np.random.default_rng(11)
+    if layer.scale:
+        layer.gamma = (1 + 0.3 * rng.standard_normal(layer.gamma.shape)).astype(np.float32)
+        ref.gamma.assign(layer.gamma)
+    if layer.center:
+        layer.beta = (0.3 * rng.standard_normal(layer.beta.shape)).astype(np.float32)
+        ref.beta.assign(layer.beta)
+    names = ["moving_mean", "moving_variance"] + (list(RENORM_VARS) if layer.renorm else [])
+    errors = TF_ERRORS.setdefault(case, {})
+
+    def record(what, got, want):
+        e = rel(got, want)
+        errors[what] = max(errors.get(what, 0.0), e)
+        assert e <= 1e-5, f"{case}: {what} relative error {e:.3g}"
+
+    for step in range(5):
+        x = (2.0 + 1.5 * rng.standard_normal(shape)).astype(np.float32)
+        dy = rng.standard_normal(shape).astype(np.float32)
+        xt = tf.constant(x)
+        params = [v for v in (ref.gamma, ref.beta) if v is not None]
+        with tf.GradientTape() as tape:
+            tape.watch(xt)
+            yt = ref(xt, training=True)
+            loss = tf.reduce_sum(yt * dy)
+        grads = tape.gradient(loss, [xt, *params])
+        y = layer(x, training=True)
+        dx, dgamma, dbeta = layer.backward(dy)
+        record("y", y, yt.numpy())
+        record("dx", dx, grads[0].numpy())
+        if layer.scale:
+            record("dgamma", dgamma, grads[1].numpy())
+        if layer.center:
+            record("dbeta", dbeta, grads[-1].numpy())
+        for name in names:
+            assert getattr(layer, name).shape == tuple(getattr(ref, name).shape)
+            record(name, getattr(layer, name), getattr(ref, name).numpy())
+    x = rng.standard_normal(shape).astype(np.float32)
+    record("y inference", layer(x, training=False), ref(tf.constant(x), training=False).numpy())
+    print(f"\n{case}: " + ", ".join(f"{k} {v:.2g}" for k, v in errors.items()))
+
+
+def test_tf_keras_fused_path_keeps_the_unbiased_variance():
+    """tf_keras's fused path (the default for rank 4 with axis 1 or 3, without renorm / ghost batches) puts the
+    unbiased batch variance (count / (count - 1)) in moving_variance; the non-fused path, and normkit, the biased."""
+    tf = pytest.importorskip("tensorflow")
+    tf_keras = pytest.importorskip("tf_keras")
+    x = np.random.default_rng(0).standard_normal((2, 3, 2, 4)).astype(np.float32)
+    fused = tf_keras.layers.BatchNormalization(axis=-1, momentum=0.0)
+    fused(tf.constant(x), training=True)
+    assert fused.fused
+    layer = normkit.BatchNormalization(axis=-1, momentum=0.0)
+    layer(x, training=True)
+    count = x.size // x.shape[-1]
+    np.testing.assert_allclose(fused.moving_variance.numpy(), layer.moving_variance * count / (count - 1),
+                               rtol=1e-5)
