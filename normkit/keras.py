@@ -235,7 +235,8 @@ class BatchNormalization:
 
     def __call__(self, inputs, training=False):
         """The layer's output for ``inputs``: batch statistics when ``training`` (and the moving statistics are
-        updated), the moving statistics otherwise."""
+        updated), the moving statistics otherwise (``training=None`` is inference, as tf_keras's default learning
+        phase). The first call builds the layer for the input's shape."""
         if not isinstance(training, (bool, np.bool_)) and training is not None:
             raise TypeError(f"{self._who}: training must be a bool, got {_describe(training)}")
         x = self._input("inputs", inputs)
