@@ -328,7 +328,12 @@ class BatchNormalization:
         r and d are constants, as in tf_keras. dx has the input's dtype, dgamma and dbeta the layer's."""
         if self._saved is None:
             raise ValueError(f"{self._who}: backward needs a training call first (layer(x, training=True))")
-        x3, layout, shape, mean_gc, rstd_gc, w_gc, r, d, count, g = self._saved
+        return self._backward(self._saved, dy)
+
+    def _backward(self, saved: tuple, dy):
+        """``backward`` for the state ``saved`` by one training call (``_saved`` right after it): the torch frontend
+        (normkit.torch.BatchNormalization) keeps it per call, for autograd."""
+        x3, layout, shape, mean_gc, rstd_gc, w_gc, r, d, count, g = saved
         dy = self._input("dy", dy)
         if dy.shape != shape:
             raise ValueError(f"{self._who}: dy must have the shape of the last training call's input {shape}, "
