@@ -1,0 +1,179 @@
+"""``normkit.torch.BatchNormalization``: tf_keras 2.21's ``BatchNormalization`` as a torch.nn.Module.
+
+The computation is :class:`normkit.BatchNormalization`'s (normkit/keras.py), run on NumPy views of the tensors
+inside one ``torch.autograd.Function``: there is one implementation of the Keras semantics (momentum convention
+``moving = moving * momentum + batch * (1 - momentum)``, biased variance, Batch Renormalization with r and d
+clipped and constant for the gradient, ghost batches where sample i joins ghost batch i mod (N //
+virtual_batch_size)). This module only keeps the variables as torch parameters and buffers, with Keras's names.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from .. import keras as _keras
+
+__all__ = ["BatchNormalization"]
+
+_NP = {torch.float32: np.float32, torch.float64: np.float64}
+_RENORM_BUFFERS = ("moving_stddev", "renorm_mean", "renorm_stddev")
+
+
+class _KerasBN(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, gamma, beta, module):
+        core = module._core
+        xa = x.detach().contiguous().numpy()
+        y = core(xa, training=module.training)
+        if module.training:
+            ctx.saved = core._saved
+            core._saved = None                    # the state belongs to this call (autograd may interleave calls)
+            with torch.no_grad():
+                for name in module._buffer_names():
+                    getattr(module, name).copy_(torch.from_numpy(np.asarray(getattr(core, name)).reshape(-1)))
+        else:
+            ctx.saved = None
+            ctx.infer = (xa, core._flat(core.moving_mean).copy(), 1.0 / np.sqrt(core._flat(core.moving_variance)
+                                                                         + core.epsilon))
+        ctx.core, ctx.axis, ctx.pdtype = core, module._axis(x.dim()), module.moving_mean.dtype
+        ctx.has_gamma, ctx.has_beta = gamma is not None, beta is not None
+        if gamma is not None:
+            ctx.gamma = gamma.detach().numpy().astype(np.float64)
+        return torch.from_numpy(y)
+
+    @staticmethod
+    def backward(ctx, dy):
+        dya = dy.contiguous().numpy()
+        if ctx.saved is not None:
+            dx, dgamma, dbeta = ctx.core._backward(ctx.saved, dya)
+        else:                                     # inference: y = gamma * (x - moving_mean) * rstd + beta
+            xa, mean, rstd = ctx.infer
+            shape = [1] * xa.ndim
+            shape[ctx.axis] = -1
+            red = tuple(i for i in range(xa.ndim) if i != ctx.axis)
+            w = rstd * (ctx.gamma if ctx.has_gamma else 1.0)
+            dy64 = dya.astype(np.float64)
+            dx = (dy64 * w.reshape(shape)).astype(xa.dtype)
+            xhat = (xa.astype(np.float64) - mean.reshape(shape)) * rstd.reshape(shape)
+            np_dtype = _NP[ctx.pdtype]
+            dgamma = (dy64 * xhat).sum(axis=red).astype(np_dtype) if ctx.has_gamma else None
+            dbeta = dy64.sum(axis=red).astype(np_dtype) if ctx.has_beta else None
+        grads = [torch.from_numpy(np.ascontiguousarray(dx))]
+        for g in (dgamma, dbeta):
+            grads.append(None if g is None else torch.from_numpy(np.ascontiguousarray(g).reshape(-1)))
+        return grads[0], grads[1], grads[2], None
+
+
+class BatchNormalization(nn.Module):
+    """tf_keras 2.21's ``BatchNormalization`` (non-fused) as a torch.nn.Module: Keras's constructor arguments, with
+    ``axis=1`` by default (channels of NCHW inputs) and ``num_features`` the size of that axis.
+
+    Training in ``module.train()`` (batch statistics; the moving statistics are updated), inference in
+    ``module.eval()`` (``moving_mean`` and ``moving_variance``), as ``layer(x, training=True/False)`` in Keras.
+    Semantics exactly :class:`normkit.BatchNormalization`'s (see :mod:`normkit.keras`), which computes them:
+
+    - ``moving = moving * momentum + batch * (1 - momentum)`` (Keras's momentum, not torch's), biased variance;
+    - ``renorm``: r = clip(sigma_B / max(renorm_stddev, sqrt(epsilon)), rmin, rmax), d = clip((mean_B -
+      renorm_mean) / max(renorm_stddev, sqrt(epsilon)), -dmax, dmax) with ``renorm_clipping``'s keys (a missing key
+      does not clip), constants for the gradient; renorm_mean/renorm_stddev move with ``renorm_momentum``,
+      moving_mean/moving_stddev with ``momentum``, and ``moving_variance = max(moving_stddev**2 - epsilon, 0)``;
+    - ``virtual_batch_size``: sample i is in ghost batch i mod (N // virtual_batch_size) (tf_keras's reshape), each
+      ghost batch is normalized with its own statistics, the moving statistics (and r, d) use the means over the
+      ghost batches of their means and variances. N must be a multiple of virtual_batch_size in training.
+
+    State, with Keras's names, all of shape ``(num_features,)`` (tf_keras's ghost-batch variables have shape
+    ``(1, 1, ..., C)``; reshape when porting): parameters ``gamma`` (when ``scale``) and ``beta`` (when
+    ``center``); buffers ``moving_mean``, ``moving_variance`` and, with ``renorm``, ``moving_stddev``,
+    ``renorm_mean``, ``renorm_stddev``. The buffers' dtype is the computation's (float32 unless the module is made
+    float64 with ``.double()``); the output has the input's dtype. CPU tensors only.
+    """
+
+    def __init__(self, num_features: int, axis: int = 1, momentum: float = 0.99, epsilon: float = 1e-3,
+                 center: bool = True, scale: bool = True, renorm: bool = False, renorm_clipping=None,
+                 renorm_momentum: float = 0.99, virtual_batch_size=None, device=None, dtype=None):
+        super().__init__()
+        if isinstance(num_features, bool) or not isinstance(num_features, numbers.Integral) or num_features <= 0:
+            raise ValueError(f"BatchNormalization: num_features must be a positive int, got {num_features!r}")
+        if isinstance(axis, bool) or not isinstance(axis, numbers.Integral):
+            raise TypeError(f"BatchNormalization: axis must be an int, got {axis!r} ({type(axis).__name__})")
+        # the NumPy layer checks (and keeps) every other argument
+        self._core = _keras.BatchNormalization(
+            axis=int(axis), momentum=momentum, epsilon=epsilon, center=center, scale=scale, renorm=renorm,
+            renorm_clipping=renorm_clipping, renorm_momentum=renorm_momentum,
+            virtual_batch_size=virtual_batch_size, name="normkit.torch")
+        core = self._core
+        self.num_features, self.axis = int(num_features), core.axis
+        self.momentum, self.epsilon, self.center, self.scale = core.momentum, core.epsilon, core.center, core.scale
+        self.renorm, self.renorm_clipping = core.renorm, dict(core.renorm_clipping)
+        self.renorm_momentum, self.virtual_batch_size = core.renorm_momentum, core.virtual_batch_size
+        kw = {"device": device, "dtype": dtype}
+        c = self.num_features
+        self.gamma = nn.Parameter(torch.ones(c, **kw)) if self.scale else None
+        self.beta = nn.Parameter(torch.zeros(c, **kw)) if self.center else None
+        self.register_buffer("moving_mean", torch.zeros(c, **kw))
+        self.register_buffer("moving_variance", torch.ones(c, **kw))
+        if self.renorm:
+            self.register_buffer("moving_stddev", torch.ones(c, **kw))
+            self.register_buffer("renorm_mean", torch.zeros(c, **kw))
+            self.register_buffer("renorm_stddev", torch.ones(c, **kw))
+
+    @property
+    def backend(self):
+        """Backend name for the kernels (None: the registry's order)."""
+        return self._core.backend
+
+    @backend.setter
+    def backend(self, name):
+        self._core.backend = name
+
+    def _buffer_names(self) -> tuple[str, ...]:
+        return ("moving_mean", "moving_variance") + (_RENORM_BUFFERS if self.renorm else ())
+
+    def _axis(self, ndim: int) -> int:
+        return self.axis % ndim
+
+    def _check(self, x) -> None:
+        if not isinstance(x, Tensor):
+            raise TypeError(f"BatchNormalization: input must be a torch.Tensor, got {type(x).__name__}")
+        if x.dtype not in _NP:
+            raise TypeError(f"BatchNormalization: input must be float32 or float64, got {x.dtype}")
+        for name, t in [("input", x), *self.named_parameters(recurse=False), *self.named_buffers(recurse=False)]:
+            if not t.is_cpu:
+                raise ValueError(f"BatchNormalization: {name} is on device {t.device}; normkit's kernels run on "
+                                 f"the CPU only")
+        if not -x.dim() <= self.axis < x.dim():
+            raise ValueError(f"BatchNormalization: axis {self.axis} is out of range for an input of shape "
+                             f"{tuple(x.shape)}")
+        if x.shape[self.axis] != self.num_features:
+            raise ValueError(f"BatchNormalization: expected input's size at dim={self._axis(x.dim())} to match "
+                             f"num_features ({self.num_features}), got shape {tuple(x.shape)}")
+        dtypes = {t.dtype for t in (*self.parameters(recurse=False), *self.buffers(recurse=False))}
+        if len(dtypes) != 1 or dtypes.pop() not in _NP:
+            raise TypeError(f"BatchNormalization: parameters and buffers must all be float32 or all float64, got "
+                            f"{sorted(str(d) for d in dtypes)}")
+
+    def forward(self, input: Tensor) -> Tensor:
+        self._check(input)
+        core = self._core
+        core.dtype = np.dtype(_NP[self.moving_mean.dtype])
+        if not core.built or core._ndim != input.dim():
+            core.build(tuple(input.shape))    # the layout for this rank (checks axis 0 with virtual_batch_size)
+        core.gamma = None if self.gamma is None else self.gamma.detach().numpy()
+        core.beta = None if self.beta is None else self.beta.detach().numpy()
+        for name in self._buffer_names():
+            setattr(core, name, getattr(self, name).numpy())
+        try:
+            return _KerasBN.apply(input, self.gamma, self.beta, self)
+        finally:                              # the core keeps no reference to the module's tensors
+            for name in ("gamma", "beta") + self._buffer_names():
+                setattr(core, name, None)
+
+    def extra_repr(self) -> str:
+        return (f"{self.num_features}, axis={self.axis}, momentum={self.momentum}, epsilon={self.epsilon}, "
+                f"center={self.center}, scale={self.scale}, renorm={self.renorm}, "
+                f"renorm_clipping={self.renorm_clipping or None}, renorm_momentum={self.renorm_momentum}, "
+                f"virtual_batch_size={self.virtual_batch_size}")
