@@ -1,0 +1,291 @@
+"""normkit.torch.BatchNormalization: tf_keras's BatchNormalization as a torch.nn.Module.
+
+Step by step against normkit.BatchNormalization (the NumPy layer, itself checked against a float64 oracle and
+tf_keras in tests/test_keras_bn.py): outputs, autograd gradients and every buffer; state_dict; eval; tf_keras
+itself for one renorm + ghost-batch configuration when tf_keras is installed.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import normkit  # noqa: E402
+import normkit.torch as nkt  # noqa: E402
+
+RENORM_VARS = ("moving_stddev", "renorm_mean", "renorm_stddev")
+RTOL = {np.float32: 1e-6, np.float64: 1e-12}
+CLIP = {"rmax": 1.5, "rmin": 0.8, "dmax": 0.3}
+CONFIGS = {
+    "plain": {},
+    "no_affine": {"center": False, "scale": False},
+    "scale_only": {"center": False},
+    "renorm": {"renorm": True, "renorm_momentum": 0.7},
+    "renorm_clip": {"renorm": True, "renorm_clipping": CLIP, "renorm_momentum": 0.6},
+    "ghost": {"virtual_batch_size": 2},
+    "renorm_ghost": {"renorm": True, "renorm_clipping": CLIP, "renorm_momentum": 0.7, "virtual_batch_size": 3},
+}
+SHAPES = {"nchw": ((6, 3, 4, 5), 1), "nc": ((6, 4), 1), "nhwc": ((6, 4, 5, 3), -1), "ncl": ((6, 3, 7), 1)}
+
+
+def close(got, want, rtol, what=""):
+    got = np.asarray(got.detach() if isinstance(got, torch.Tensor) else got, np.float64).ravel()
+    want = np.asarray(want, np.float64).ravel()
+    scale = max(np.abs(want).max(initial=0.0), 1.0)
+    err = np.abs(got - want).max(initial=0.0) / scale
+    assert err <= rtol, f"{what}: relative error {err:.3g} > {rtol}"
+
+
+def pair(shape, axis, dtype, seed=0, **kw):
+    rng = np.random.default_rng(seed)
+    c = shape[axis]
+    layer = normkit.BatchNormalization(axis=axis, momentum=0.8, dtype=dtype, **kw)
+    layer.build(shape)
+    module = nkt.BatchNormalization(c, axis=axis, momentum=0.8, **kw)
+    if dtype == np.float64:
+        module = module.double()
+    with torch.no_grad():
+        if module.gamma is not None:
+            g = (1 + 0.4 * rng.standard_normal(c)).astype(dtype)
+            module.gamma.copy_(torch.from_numpy(g))
+            layer.gamma = g.reshape(layer.gamma.shape)
+        if module.beta is not None:
+            b = (0.4 * rng.standard_normal(c)).astype(dtype)
+            module.beta.copy_(torch.from_numpy(b))
+            layer.beta = b.reshape(layer.beta.shape)
+    return layer, module, rng
+
+
+def buffers_of(layer):
+    return ["moving_mean", "moving_variance"] + (list(RENORM_VARS) if layer.renorm else [])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape_name", list(SHAPES))
+@pytest.mark.parametrize("cfg", list(CONFIGS))
+def test_matches_numpy_layer_step_by_step(cfg, shape_name, dtype):
+    shape, axis = SHAPES[shape_name]
+    layer, module, rng = pair(shape, axis, dtype, **CONFIGS[cfg])
+    rtol = RTOL[dtype]
+    module.train()
+    for step in range(5):
+        x = (1.5 + 2.0 * rng.standard_normal(shape)).astype(dtype)
+        dy = rng.standard_normal(shape).astype(dtype)
+        xt = torch.from_numpy(x.copy()).requires_grad_(True)
+        yt = module(xt)
+        yt.backward(torch.from_numpy(dy))
+        y = layer(x, training=True)
+        dx, dgamma, dbeta = layer.backward(dy)
+        assert yt.dtype == xt.dtype and yt.shape == xt.shape
+        close(yt, y, rtol, f"y step {step}")
+        close(xt.grad, dx, rtol, f"dx step {step}")
+        if layer.scale:
+            close(module.gamma.grad, dgamma, rtol, f"dgamma step {step}")
+            module.gamma.grad = None
+        if layer.center:
+            close(module.beta.grad, dbeta, rtol, f"dbeta step {step}")
+            module.beta.grad = None
+        for name in buffers_of(layer):
+            buf = getattr(module, name)
+            assert buf.shape == (shape[axis],) and buf.dtype == xt.dtype
+            close(buf, getattr(layer, name), rtol, f"{name} step {step}")
+    module.eval()
+    x = rng.standard_normal(shape).astype(dtype)
+    close(module(torch.from_numpy(x)), layer(x, training=False), rtol, "inference")
+
+
+@pytest.mark.parametrize("cfg", ["plain", "renorm_ghost", "no_affine"])
+def test_eval_gradients(cfg):
+    """In eval, y = gamma * (x - moving_mean) / sqrt(moving_variance + epsilon) + beta, differentiable."""
+    shape, axis = SHAPES["nchw"]
+    _, module, rng = pair(shape, axis, np.float64, **CONFIGS[cfg])
+    module.train()
+    module(torch.from_numpy(rng.standard_normal(shape) + 1.0))      # moves the moving statistics
+    module.eval()
+    x = torch.from_numpy(rng.standard_normal(shape)).requires_grad_(True)
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    params = [p for p in (module.gamma, module.beta) if p is not None]
+    torch.autograd.gradcheck(lambda x, *p: module(x), (x, *params))
+    b = [1, -1, 1, 1]
+    g = module.gamma.reshape(b) if module.gamma is not None else 1.0
+    want = (x - module.moving_mean.reshape(b)) / torch.sqrt(module.moving_variance.reshape(b) + module.epsilon)
+    want = want * g + (module.beta.reshape(b) if module.beta is not None else 0.0)
+    close(module(x), want.detach().numpy(), 1e-12, "eval output")
+    for k, v in module.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+@pytest.mark.parametrize("vbs", [None, 2])
+def test_train_gradcheck_renorm(vbs):
+    """Training gradients by finite differences (float64). r and d are constants for the gradient, which finite
+    differences see only where they are clipped: renorm_mean and renorm_stddev are set so that both are clipped
+    in every channel. gradcheck runs forward again for every perturbation, so the state is reset each call."""
+    shape = (4, 2, 3)
+    rng = np.random.default_rng(3)
+    module = nkt.BatchNormalization(2, renorm=True, renorm_clipping={"rmax": 1.2, "dmax": 0.2},
+                                    virtual_batch_size=vbs).double()
+    with torch.no_grad():
+        module.gamma.copy_(torch.tensor([1.3, -0.7], dtype=torch.float64))
+        module.renorm_mean.copy_(torch.tensor([3.0, -3.0], dtype=torch.float64))     # |d| ~ 10 > dmax
+        module.renorm_stddev.copy_(torch.tensor([0.3, 0.4], dtype=torch.float64))    # r ~ 3 > rmax
+    state = {k: v.clone() for k, v in module.named_buffers()}
+
+    def f(x, gamma, beta):                   # gradcheck perturbs gamma and beta in place: reset the buffers only
+        with torch.no_grad():
+            for k, v in module.named_buffers():
+                v.copy_(state[k])
+        return module(x)
+
+    x = torch.from_numpy(rng.standard_normal(shape)).requires_grad_(True)
+    torch.autograd.gradcheck(f, (x, module.gamma, module.beta))
+
+
+def test_state_dict_names_and_round_trip():
+    m = nkt.BatchNormalization(3, renorm=True, virtual_batch_size=2)
+    assert list(m.state_dict()) == ["gamma", "beta", "moving_mean", "moving_variance", "moving_stddev",
+                                    "renorm_mean", "renorm_stddev"]
+    assert [n for n, _ in m.named_parameters()] == ["gamma", "beta"]
+    assert list(nkt.BatchNormalization(3, center=False).state_dict()) == ["gamma", "moving_mean",
+                                                                           "moving_variance"]
+    assert list(nkt.BatchNormalization(3, scale=False, center=False).state_dict()) == ["moving_mean",
+                                                                                      "moving_variance"]
+    rng = np.random.default_rng(5)
+    x = torch.from_numpy(rng.standard_normal((4, 3, 5)).astype(np.float32))
+    m.train()
+    for _ in range(3):
+        m(x * 2 + 1)
+    m2 = nkt.BatchNormalization(3, renorm=True, virtual_batch_size=2)
+    m2.load_state_dict(m.state_dict())
+    for mod in (m, m2):
+        mod.eval()
+    assert torch.equal(m(x), m2(x))
+    m.train(), m2.train()
+    assert torch.equal(m(x), m2(x))
+    for k, v in m.state_dict().items():
+        assert torch.equal(v, m2.state_dict()[k]), k
+    # a deep copy is independent
+    m3 = copy.deepcopy(m)
+    m3(x + 3)
+    assert not torch.equal(m3.moving_mean, m.moving_mean)
+
+
+def test_initial_values_dtype_and_repr():
+    m = nkt.BatchNormalization(4, renorm=True)
+    for name, value in [("gamma", 1), ("beta", 0), ("moving_mean", 0), ("moving_variance", 1),
+                        ("moving_stddev", 1), ("renorm_mean", 0), ("renorm_stddev", 1)]:
+        t = getattr(m, name)
+        assert t.dtype == torch.float32 and torch.equal(t, torch.full((4,), float(value)))
+    assert isinstance(m.gamma, torch.nn.Parameter) and isinstance(m.beta, torch.nn.Parameter)
+    assert "virtual_batch_size=None" in repr(m) and "renorm=True" in repr(m)
+    assert nkt.BatchNormalization(4, dtype=torch.float64).moving_mean.dtype == torch.float64
+
+
+def test_no_grad_and_float64_input_to_float32_module():
+    shape, axis = SHAPES["nchw"]
+    layer, module, rng = pair(shape, axis, np.float32, **CONFIGS["renorm_ghost"])
+    x = rng.standard_normal(shape)                                    # float64 input, float32 variables
+    with torch.no_grad():
+        y = module(torch.from_numpy(x))
+    assert y.dtype == torch.float64
+    close(y, layer(x, training=True), 1e-12, "y")
+    for name in buffers_of(layer):
+        assert getattr(module, name).dtype == torch.float32
+        close(getattr(module, name), getattr(layer, name), 1e-7, name)
+
+
+def test_two_calls_before_backward():
+    """Each call keeps its own saved state: two forwards, one backward through both."""
+    shape, axis = SHAPES["nc"]
+    layer, module, rng = pair(shape, axis, np.float64, **CONFIGS["ghost"])
+    x1, x2 = rng.standard_normal(shape), rng.standard_normal(shape) + 2
+    dy1, dy2 = rng.standard_normal(shape), rng.standard_normal(shape)
+    t1, t2 = torch.from_numpy(x1).requires_grad_(True), torch.from_numpy(x2).requires_grad_(True)
+    loss = (module(t1) * torch.from_numpy(dy1)).sum() + (module(t2) * torch.from_numpy(dy2)).sum()
+    loss.backward()
+    layer(x1, training=True)
+    dx1, dg1, db1 = layer.backward(dy1)
+    layer(x2, training=True)
+    dx2, dg2, db2 = layer.backward(dy2)
+    close(t1.grad, dx1, 1e-12, "dx1")
+    close(t2.grad, dx2, 1e-12, "dx2")
+    close(module.gamma.grad, dg1.ravel() + dg2.ravel(), 1e-12, "dgamma")
+    close(module.beta.grad, db1.ravel() + db2.ravel(), 1e-12, "dbeta")
+
+
+@pytest.mark.parametrize("kw, exc, match", [
+    ({"num_features": 0}, ValueError, "num_features"),
+    ({"num_features": 3, "axis": 1.0}, TypeError, "axis"),
+    ({"num_features": 3, "momentum": 1.5}, ValueError, "momentum"),
+    ({"num_features": 3, "epsilon": -1}, ValueError, "epsilon"),
+    ({"num_features": 3, "renorm_clipping": {"rmax": 1, "foo": 2}}, ValueError, "renorm_clipping"),
+    ({"num_features": 3, "virtual_batch_size": 0}, ValueError, "virtual_batch_size"),
+    ({"num_features": 3, "renorm": "yes"}, TypeError, "renorm"),
+])
+def test_bad_arguments(kw, exc, match):
+    with pytest.raises(exc, match=match):
+        nkt.BatchNormalization(**kw)
+
+
+def test_bad_inputs():
+    m = nkt.BatchNormalization(3, virtual_batch_size=4)
+    with pytest.raises(ValueError, match="num_features"):
+        m(torch.zeros(8, 4, 2))
+    with pytest.raises(ValueError, match="must divide the batch size"):
+        m(torch.randn(6, 3, 2))
+    with pytest.raises(TypeError, match="float32 or float64"):
+        m(torch.zeros(8, 3, dtype=torch.int64))
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        m(np.zeros((8, 3), np.float32))
+    with pytest.raises(ValueError, match="out of range"):
+        nkt.BatchNormalization(3, axis=2)(torch.zeros(4, 3))
+    with pytest.raises(ValueError, match="axis cannot include 0"):
+        nkt.BatchNormalization(4, axis=0, virtual_batch_size=2)(torch.zeros(4, 3))
+    m.eval()
+    assert m(torch.randn(6, 3, 2)).shape == (6, 3, 2)                 # inference takes any batch
+
+
+def test_matches_tf_keras_renorm_ghost():
+    tf = pytest.importorskip("tensorflow")
+    tf_keras = pytest.importorskip("tf_keras")
+    shape = (6, 3, 4, 5)                                              # NHWC for tf_keras, C = 5
+    kw = {"momentum": 0.9, "renorm": True, "renorm_clipping": {"rmax": 1.4, "rmin": 0.7, "dmax": 0.5},
+          "renorm_momentum": 0.8, "virtual_batch_size": 3}
+    ref = tf_keras.layers.BatchNormalization(fused=False, **kw)
+    ref.build(shape)
+    module = nkt.BatchNormalization(shape[-1], axis=-1, **kw)
+    rng = np.random.default_rng(11)
+    g = (1 + 0.3 * rng.standard_normal(shape[-1])).astype(np.float32)
+    b = (0.3 * rng.standard_normal(shape[-1])).astype(np.float32)
+    ref.gamma.assign(g.reshape(ref.gamma.shape))
+    ref.beta.assign(b.reshape(ref.beta.shape))
+    with torch.no_grad():
+        module.gamma.copy_(torch.from_numpy(g))
+        module.beta.copy_(torch.from_numpy(b))
+    tol = 1e-5
+    for step in range(5):
+        x = (2.0 + 1.5 * rng.standard_normal(shape)).astype(np.float32)
+        dy = rng.standard_normal(shape).astype(np.float32)
+        xt = tf.constant(x)
+        with tf.GradientTape() as tape:
+            tape.watch(xt)
+            yt = ref(xt, training=True)
+            loss = tf.reduce_sum(yt * dy)
+        grads = tape.gradient(loss, [xt, ref.gamma, ref.beta])
+        xp = torch.from_numpy(x).requires_grad_(True)
+        module.train()
+        y = module(xp)
+        y.backward(torch.from_numpy(dy))
+        close(y, yt.numpy(), tol, f"y step {step}")
+        close(xp.grad, grads[0].numpy(), tol, f"dx step {step}")
+        close(module.gamma.grad, grads[1].numpy(), tol, f"dgamma step {step}")
+        close(module.beta.grad, grads[2].numpy(), tol, f"dbeta step {step}")
+        module.gamma.grad = module.beta.grad = None
+        for name in ("moving_mean", "moving_variance") + RENORM_VARS:
+            close(getattr(module, name), getattr(ref, name).numpy(), tol, f"{name} step {step}")
+    x = rng.standard_normal(shape).astype(np.float32)
+    module.eval()
+    close(module(torch.from_numpy(x)), ref(tf.constant(x), training=False).numpy(), tol, "inference")
