@@ -93,7 +93,7 @@ class BatchNormalization:
         self.built = False
         self.gamma = self.beta = self.moving_mean = self.moving_variance = None
         self.moving_stddev = self.renorm_mean = self.renorm_stddev = None
-        self._saved = None
+        self._saved = self._batch_stats = None
 
     # --- arguments -------------------------------------------------------------------------------------------
 
@@ -285,6 +285,7 @@ class BatchNormalization:
         scale, shift = split.apply_coefficients(mean_gc, rstd_gc, w_gc, b_gc, x.dtype)
         y3 = split.batchnorm_apply(x3, scale, shift, self.backend)
         self._update(new_mean, new_var)
+        self._batch_stats = (new_mean, new_var, stats.count)       # for normkit.torch's BatchRenorm/GhostBatchNorm
         self._saved = (x3, layout, x.shape, mean_gc, rstd_gc, w_gc, r, d, stats.count, g)
         return self._from_kernel(y3, layout, x.shape)
 
