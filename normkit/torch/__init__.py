@@ -16,6 +16,14 @@ except ImportError as exc:  # pragma: no cover - exercised only where torch is a
 from .model_bench import benchmark
 from .functional import batch_norm, group_norm, instance_norm, layer_norm
 from .keras import BatchNormalization
+from .renorm import (
+    BatchRenorm1d,
+    BatchRenorm2d,
+    BatchRenorm3d,
+    GhostBatchNorm1d,
+    GhostBatchNorm2d,
+    GhostBatchNorm3d,
+)
 from .modules import (
     BatchNorm1d,
     BatchNorm2d,
@@ -31,7 +39,8 @@ from .modules import (
 from .sync import SyncBatchNorm, convert_sync_batchnorm
 
 __all__ = [
-    "BatchNormalization", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "GroupNorm", "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d",
-    "LayerNorm", "SyncBatchNorm", "batch_norm", "benchmark", "convert", "convert_sync_batchnorm", "group_norm",
+    "BatchNormalization", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchRenorm1d", "BatchRenorm2d",
+    "BatchRenorm3d", "GhostBatchNorm1d", "GhostBatchNorm2d", "GhostBatchNorm3d", "GroupNorm", "InstanceNorm1d",
+    "InstanceNorm2d", "InstanceNorm3d", "LayerNorm", "SyncBatchNorm", "batch_norm", "benchmark", "convert", "convert_sync_batchnorm", "group_norm",
     "instance_norm", "layer_norm", "revert",
 ]

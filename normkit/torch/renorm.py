@@ -1,0 +1,188 @@
+"""``BatchRenorm1d/2d/3d`` and ``GhostBatchNorm1d/2d/3d``: Batch Renormalization (Ioffe, 2017) and ghost batch
+normalization with torch.nn's BatchNorm conventions.
+
+Both are subclasses of ``torch.nn.BatchNorm*d`` (constructor, ``weight``/``bias``/``running_mean``/``running_var``/
+``num_batches_tracked``, input dimension checks, ``eval`` with the running statistics) and both run the same core
+as :class:`normkit.torch.BatchNormalization` and :class:`normkit.BatchNormalization` (normkit/keras.py), configured
+for torch's conventions; only the running statistics are updated here, the torch way:
+``running = (1 - momentum) * running + momentum * batch`` (``momentum=None``: cumulative average), with the
+*unbiased* batch variance, as torch.nn.BatchNorm does.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from .. import keras as _keras
+from .functional import batch_norm
+
+__all__ = ["BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d", "GhostBatchNorm1d", "GhostBatchNorm2d",
+           "GhostBatchNorm3d"]
+
+
+class _CoreTrain(torch.autograd.Function):
+    """The core's training step (normalization by batch statistics, r and d constants) and its backward."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, core, out):
+        y = core(x.detach().contiguous().numpy(), training=True)
+        ctx.core, ctx.saved, core._saved = core, core._saved, None
+        ctx.wdtype = None if weight is None else weight.dtype
+        ctx.bdtype = None if bias is None else bias.dtype
+        out.append(core._batch_stats)
+        return torch.from_numpy(y)
+
+    @staticmethod
+    def backward(ctx, dy):
+        dx, dw, db = ctx.core._backward(ctx.saved, dy.contiguous().numpy())
+        dw = None if ctx.wdtype is None else torch.from_numpy(dw.reshape(-1)).to(ctx.wdtype)
+        db = None if ctx.bdtype is None else torch.from_numpy(db.reshape(-1)).to(ctx.bdtype)
+        return torch.from_numpy(dx), dw, db, None, None
+
+
+class _RenormGhostForward:
+    """forward of BatchRenorm*d and GhostBatchNorm*d: the shared core in training, torch's batch_norm in eval."""
+
+    _renorm = False
+    #: Backend name for the kernels; None means the registry's order. Not part of the state_dict.
+    backend = None
+
+    def _core_for(self, x: Tensor, use_running: bool):
+        core = _keras.BatchNormalization(
+            axis=1, momentum=1.0, epsilon=self.eps, center=self.bias is not None, scale=self.weight is not None,
+            renorm=use_running, renorm_clipping={"rmin": 1.0 / self.rmax, "rmax": self.rmax, "dmax": self.dmax}
+            if use_running else None, renorm_momentum=1.0, virtual_batch_size=self._vbs(), dtype="float64",
+            name=type(self).__name__, backend=self.backend)
+        core.build(tuple(x.shape))
+        core.gamma = None if self.weight is None else self.weight.detach().numpy()
+        core.beta = None if self.bias is None else self.bias.detach().numpy()
+        if use_running:                        # Batch Renormalization's r and d from the running statistics
+            core.renorm_mean = self.running_mean.numpy().astype(np.float64)
+            core.renorm_stddev = np.sqrt(self.running_var.numpy().astype(np.float64) + self.eps)
+        return core
+
+    def _vbs(self):
+        return None
+
+    def forward(self, input: Tensor) -> Tensor:
+        if not isinstance(input, Tensor):
+            raise TypeError(f"{type(self).__name__}: input must be a torch.Tensor, got {type(input).__name__}")
+        if not input.is_cpu:
+            raise ValueError(f"{type(self).__name__}: input is on device {input.device}; normkit's kernels run on "
+                             f"the CPU only")
+        self._check_input_dim(input)
+        if input.shape[1] != self.num_features:
+            raise ValueError(f"{type(self).__name__}: expected input's size at dim=1 to match num_features "
+                             f"({self.num_features}), got shape {tuple(input.shape)}")
+        has_running = self.running_mean is not None and self.running_var is not None
+        if not self.training and has_running:
+            return batch_norm(input, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0,
+                              self.eps, backend=self.backend)
+        n, vbs = input.shape[0], self._vbs()
+        if vbs is not None and n % vbs:
+            raise ValueError(f"{type(self).__name__}: virtual_batch_size={vbs} must divide the batch size, got a "
+                             f"batch of {n} (shape {tuple(input.shape)})")
+        count = (n if vbs is None else vbs) * input[0, 0].numel()
+        if count <= 1:
+            raise ValueError(f"{type(self).__name__}: expected more than 1 value per channel "
+                             f"{'per ghost batch ' if vbs else ''}when training, got input size {tuple(input.shape)}")
+        core = self._core_for(input, self._renorm and has_running)
+        out = []
+        y = _CoreTrain.apply(input, self.weight, self.bias, core, out)
+        if self.training and self.track_running_stats and has_running:
+            self.num_batches_tracked.add_(1)
+            factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+            mean, var, count = out[0]
+            unbiased = var * (count / (count - 1))             # every ghost batch has count values per channel
+            with torch.no_grad():
+                rm, rv = self.running_mean, self.running_var
+                rm.copy_(torch.from_numpy((1 - factor) * rm.numpy().astype(np.float64) + factor * mean))
+                rv.copy_(torch.from_numpy((1 - factor) * rv.numpy().astype(np.float64) + factor * unbiased))
+        return y
+
+
+def _positive_number(cls, arg, v, low):
+    if isinstance(v, bool) or not isinstance(v, numbers.Real) or not np.isfinite(v) or v < low:
+        raise ValueError(f"{cls}: {arg} must be a finite number >= {low}, got {v!r}")
+    return float(v)
+
+
+class _BatchRenorm(_RenormGhostForward):
+    _renorm = True
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True, rmax=3.0,
+                 dmax=5.0, device=None, dtype=None):
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
+        self.rmax = _positive_number(type(self).__name__, "rmax", rmax, 1.0)
+        self.dmax = _positive_number(type(self).__name__, "dmax", dmax, 0.0)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", rmax={self.rmax}, dmax={self.dmax}"
+
+
+class _GhostBatchNorm(_RenormGhostForward):
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
+                 virtual_batch_size=None, device=None, dtype=None):
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
+        v = virtual_batch_size
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v <= 0:
+            raise ValueError(f"{type(self).__name__}: virtual_batch_size must be a positive int, got {v!r}")
+        self.virtual_batch_size = int(v)
+
+    def _vbs(self):
+        return self.virtual_batch_size
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", virtual_batch_size={self.virtual_batch_size}"
+
+
+_RENORM_DOC = """Batch Renormalization (Ioffe, 2017) with torch.nn.{base}'s conventions (see the README).
+
+    Training: with the batch's per-channel mean mu_B and biased variance var_B, sigma_B = sqrt(var_B + eps) and
+    sigma = sqrt(running_var + eps), ``r = clip(sigma_B / sigma, 1/rmax, rmax)`` and ``d = clip((mu_B -
+    running_mean) / sigma, -dmax, dmax)``, ``y = weight * ((x - mu_B) / sigma_B * r + d) + bias``, with r and d
+    constants for the gradient (the paper's stop_gradient). r and d use the running statistics as they were
+    before the step; then ``running_mean``/``running_var`` are updated as torch.nn.{base} does (``momentum``,
+    unbiased variance; ``momentum=None`` is a cumulative average), and eval normalizes with them. There is one set
+    of running statistics (the paper's), so no separate renorm momentum. ``rmax`` and ``dmax`` are read at every
+    call: ramp them (the paper starts at 1 and 0) by assigning the attributes. rmax=1, dmax=0 is plain BatchNorm.
+    With ``track_running_stats=False`` there is nothing to renormalize against: r=1, d=0 (plain BatchNorm).
+    """
+
+_GHOST_DOC = """Ghost batch normalization with torch.nn.{base}'s conventions (see the README).
+
+    Training: the batch of N samples (N a multiple of ``virtual_batch_size``) forms G = N // virtual_batch_size
+    ghost batches, sample i in ghost batch ``i mod G`` (tf_keras's and normkit.BatchNormalization's grouping,
+    which is not ``torch.chunk``'s contiguous one); each ghost batch is normalized with its own mean and biased
+    variance. ``running_mean`` moves towards the mean over the ghost batches of their means and ``running_var``
+    towards the mean of their unbiased variances, as torch.nn.{base} (``momentum``; None is a cumulative average).
+    Eval normalizes with the running statistics, for any batch size. virtual_batch_size=N is plain BatchNorm.
+    """
+
+
+class BatchRenorm1d(_BatchRenorm, nn.BatchNorm1d):
+    __doc__ = _RENORM_DOC.format(base="BatchNorm1d")
+
+
+class BatchRenorm2d(_BatchRenorm, nn.BatchNorm2d):
+    __doc__ = _RENORM_DOC.format(base="BatchNorm2d")
+
+
+class BatchRenorm3d(_BatchRenorm, nn.BatchNorm3d):
+    __doc__ = _RENORM_DOC.format(base="BatchNorm3d")
+
+
+class GhostBatchNorm1d(_GhostBatchNorm, nn.BatchNorm1d):
+    __doc__ = _GHOST_DOC.format(base="BatchNorm1d")
+
+
+class GhostBatchNorm2d(_GhostBatchNorm, nn.BatchNorm2d):
+    __doc__ = _GHOST_DOC.format(base="BatchNorm2d")
+
+
+class GhostBatchNorm3d(_GhostBatchNorm, nn.BatchNorm3d):
+    __doc__ = _GHOST_DOC.format(base="BatchNorm3d")
