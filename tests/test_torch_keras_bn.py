@@ -289,3 +289,219 @@ def test_matches_tf_keras_renorm_ghost():
     x = rng.standard_normal(shape).astype(np.float32)
     module.eval()
     close(module(torch.from_numpy(x)), ref(tf.constant(x), training=False).numpy(), tol, "inference")
+
+
+# --- BatchRenorm*d and GhostBatchNorm*d (torch.nn conventions) -------------------------------------------------
+
+RENORM = {1: nkt.BatchRenorm1d, 2: nkt.BatchRenorm2d, 3: nkt.BatchRenorm3d}
+GHOST = {1: nkt.GhostBatchNorm1d, 2: nkt.GhostBatchNorm2d, 3: nkt.GhostBatchNorm3d}
+TORCH_BN = {1: torch.nn.BatchNorm1d, 2: torch.nn.BatchNorm2d, 3: torch.nn.BatchNorm3d}
+TORCH_SHAPES = {1: (8, 3, 5), 2: (8, 3, 4, 3), 3: (8, 3, 2, 3, 2)}
+
+
+class TorchOracle:
+    """float64, plainly: ghost batch j = samples j, j + G, j + 2G, ...; Batch Renormalization with r and d from
+    the running statistics (before the step); torch's running-statistics update with the unbiased variance."""
+
+    def __init__(self, c, eps, momentum, rmax=None, dmax=None, vbs=None):
+        self.eps, self.momentum, self.rmax, self.dmax, self.vbs = eps, momentum, rmax, dmax, vbs
+        self.rm, self.rv, self.steps = np.zeros(c), np.ones(c), 0
+
+    def train(self, x, dy, w, b):
+        n, c = x.shape[:2]
+        g = 1 if self.vbs is None else n // self.vbs
+        bshape = (1, c) + (1,) * (x.ndim - 2)
+        w, b = w.reshape(bshape), b.reshape(bshape)
+        y, dx = np.empty_like(x), np.empty_like(x)
+        dw, db = np.zeros(c), np.zeros(c)
+        means, vars_, counts = [], [], []
+        ghost_stats = []
+        for j in range(g):
+            xs, dys = x[j::g], dy[j::g]
+            red = (0,) + tuple(range(2, x.ndim))
+            mu = xs.mean(axis=red, keepdims=True)
+            var = ((xs - mu) ** 2).mean(axis=red, keepdims=True)
+            means.append(mu), vars_.append(var), counts.append(xs.size // c)
+            ghost_stats.append((xs, dys, mu, var, red))
+        mean_b, var_b = np.mean(means, axis=0), np.mean(vars_, axis=0)
+        if self.rmax is not None:
+            sigma = np.sqrt(self.rv.reshape(bshape) + self.eps)
+            r = np.clip(np.sqrt(var_b + self.eps) / sigma, 1 / self.rmax, self.rmax)
+            d = np.clip((mean_b - self.rm.reshape(bshape)) / sigma, -self.dmax, self.dmax)
+        else:
+            r, d = np.ones(bshape), np.zeros(bshape)
+        for j, (xs, dys, mu, var, red) in enumerate(ghost_stats):
+            rstd = 1 / np.sqrt(var + self.eps)
+            xhat = (xs - mu) * rstd
+            y[j::g] = w * (xhat * r + d) + b
+            gx = dys * w * r                                      # dL/dxhat
+            m = counts[j]
+            dx[j::g] = rstd / m * (m * gx - gx.sum(axis=red, keepdims=True)
+                                   - xhat * (gx * xhat).sum(axis=red, keepdims=True))
+            dw += (dys * (xhat * r + d)).sum(axis=red)
+            db += dys.sum(axis=red)
+        self.steps += 1
+        f = 1 / self.steps if self.momentum is None else self.momentum
+        m = counts[0]
+        self.rm = (1 - f) * self.rm + f * mean_b.ravel()
+        self.rv = (1 - f) * self.rv + f * var_b.ravel() * m / (m - 1)
+        return y, dx, dw, db
+
+
+def torch_pair(kind, dims, dtype, momentum=0.1, **kw):
+    cls = (RENORM if kind == "renorm" else GHOST)[dims]
+    m = cls(3, momentum=momentum, **kw)
+    if dtype == np.float64:
+        m = m.double()
+    with torch.no_grad():
+        m.weight.copy_(torch.tensor([1.3, -0.6, 0.9]))
+        m.bias.copy_(torch.tensor([0.2, -0.1, 0.4]))
+    o = TorchOracle(3, m.eps, momentum, rmax=kw.get("rmax", 3.0) if kind == "renorm" else None,
+                    dmax=kw.get("dmax", 5.0), vbs=kw.get("virtual_batch_size"))
+    return m, o
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("dims", [1, 2, 3])
+@pytest.mark.parametrize("kind, kw", [
+    ("renorm", {"rmax": 1.5, "dmax": 0.5}),
+    ("renorm", {"rmax": 3.0, "dmax": 5.0, "momentum": None}),
+    ("ghost", {"virtual_batch_size": 2}),
+    ("ghost", {"virtual_batch_size": 4, "momentum": 0.3}),
+])
+def test_renorm_ghost_match_oracle(kind, kw, dims, dtype):
+    kw = dict(kw)
+    momentum = kw.pop("momentum", 0.1)
+    m, o = torch_pair(kind, dims, dtype, momentum=momentum, **kw)
+    rng = np.random.default_rng(dims)
+    shape = TORCH_SHAPES[dims]
+    rtol = 1e-5 if dtype == np.float32 else 1e-12
+    for step in range(5):
+        x = (0.5 * step + (1 + 0.3 * step) * rng.standard_normal(shape)).astype(dtype)
+        dy = rng.standard_normal(shape).astype(dtype)
+        wy, wdx, wdw, wdb = o.train(x.astype(np.float64), dy.astype(np.float64),
+                                    m.weight.detach().double().numpy(), m.bias.detach().double().numpy())
+        xt = torch.from_numpy(x).requires_grad_(True)
+        y = m(xt)
+        y.backward(torch.from_numpy(dy))
+        assert y.dtype == xt.dtype and m.weight.grad.dtype == xt.dtype
+        close(y, wy, rtol, f"y step {step}")
+        close(xt.grad, wdx, rtol, f"dx step {step}")
+        close(m.weight.grad, wdw, rtol, f"dweight step {step}")
+        close(m.bias.grad, wdb, rtol, f"dbias step {step}")
+        m.weight.grad = m.bias.grad = None
+        close(m.running_mean, o.rm, rtol, f"running_mean step {step}")
+        close(m.running_var, o.rv, rtol, f"running_var step {step}")
+        assert int(m.num_batches_tracked) == step + 1
+    m.eval()
+    x = rng.standard_normal(shape[:1] + (3,) + shape[2:]).astype(dtype)[:3]   # eval: any batch size
+    b = (1, 3) + (1,) * dims
+    want = ((x - o.rm.reshape(b)) / np.sqrt(o.rv.reshape(b) + m.eps) * m.weight.detach().double().numpy().reshape(b)
+            + m.bias.detach().double().numpy().reshape(b))
+    close(m(torch.from_numpy(x)), want, rtol, "eval")
+
+
+@pytest.mark.parametrize("kind", ["renorm", "ghost"])
+def test_renorm_ghost_gradcheck(kind):
+    """float64 finite differences on tiny shapes. For renorm the running statistics are set so that r and d are
+    clipped in every channel (constants, as the analytical gradient takes them)."""
+    if kind == "renorm":
+        m = nkt.BatchRenorm1d(2, rmax=1.5, dmax=0.25).double()
+        init = {"running_mean": torch.tensor([4.0, -4.0], dtype=torch.float64),
+                "running_var": torch.tensor([0.04, 0.09], dtype=torch.float64)}
+    else:
+        m = nkt.GhostBatchNorm1d(2, virtual_batch_size=3).double()
+        init = {}
+    with torch.no_grad():
+        m.weight.copy_(torch.tensor([1.2, -0.8], dtype=torch.float64))
+        for k, v in init.items():
+            getattr(m, k).copy_(v)
+    state = {k: v.clone() for k, v in m.named_buffers()}
+
+    def f(x, w, b):
+        with torch.no_grad():
+            for k, v in m.named_buffers():
+                v.copy_(state[k])
+        return m(x)
+
+    x = torch.from_numpy(np.random.default_rng(0).standard_normal((6, 2, 2))).requires_grad_(True)
+    torch.autograd.gradcheck(f, (x, m.weight, m.bias))
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+@pytest.mark.parametrize("dims", [1, 2, 3])
+@pytest.mark.parametrize("kind", ["renorm", "ghost"])
+def test_reduces_to_torch_batchnorm(kind, dims, momentum):
+    shape = TORCH_SHAPES[dims]
+    if kind == "renorm":
+        m = RENORM[dims](3, momentum=momentum, rmax=1.0, dmax=0.0)
+    else:
+        m = GHOST[dims](3, momentum=momentum, virtual_batch_size=shape[0])
+    ref = TORCH_BN[dims](3, momentum=momentum)
+    with torch.no_grad():
+        for mod in (m, ref):
+            mod.weight.copy_(torch.tensor([1.3, -0.6, 0.9]))
+            mod.bias.copy_(torch.tensor([0.2, -0.1, 0.4]))
+    assert list(m.state_dict()) == list(ref.state_dict())
+    rng = np.random.default_rng(1)
+    for step in range(4):
+        x = torch.from_numpy((1 + 2 * rng.standard_normal(shape)).astype(np.float32))
+        dy = torch.from_numpy(rng.standard_normal(shape).astype(np.float32))
+        xs = [x.clone().requires_grad_(True) for _ in range(2)]
+        ys = [mod(xi) for mod, xi in zip((m, ref), xs)]
+        for y in ys:
+            y.backward(dy)
+        close(ys[0], ys[1].detach().numpy(), 1e-5, "y")
+        close(xs[0].grad, xs[1].grad.numpy(), 1e-5, "dx")
+        for name in ("weight", "bias"):
+            close(getattr(m, name).grad, getattr(ref, name).grad.numpy(), 1e-5, f"d{name}")
+        for name in ("running_mean", "running_var", "num_batches_tracked"):
+            close(getattr(m, name), getattr(ref, name).numpy(), 1e-6, name)
+    m.eval(), ref.eval()
+    x = torch.randn(shape)
+    close(m(x), ref(x).detach().numpy(), 1e-6, "eval")
+
+
+def test_untracked_renorm_is_batchnorm_and_eval_uses_batch_statistics():
+    m, ref = nkt.BatchRenorm2d(3, track_running_stats=False), torch.nn.BatchNorm2d(3, track_running_stats=False)
+    assert m.running_mean is None and list(m.state_dict()) == ["weight", "bias"]
+    x = torch.randn(4, 3, 2, 2) * 3 + 1
+    close(m(x), ref(x).detach().numpy(), 1e-5, "train")
+    m.eval(), ref.eval()
+    close(m(x), ref(x).detach().numpy(), 1e-5, "eval")
+    g = nkt.GhostBatchNorm2d(3, virtual_batch_size=2, track_running_stats=False, affine=False).eval()
+    x = torch.randn(4, 3, 2, 2)
+    want = torch.cat([torch.nn.functional.batch_norm(x[j::2], None, None, training=True) for j in range(2)])
+    close(g(x), want[[0, 2, 1, 3]].numpy(), 1e-5, "ghost eval without running statistics")
+
+
+@pytest.mark.parametrize("make, exc, match", [
+    (lambda: nkt.GhostBatchNorm2d(3), ValueError, "virtual_batch_size"),
+    (lambda: nkt.GhostBatchNorm2d(3, virtual_batch_size=0), ValueError, "virtual_batch_size"),
+    (lambda: nkt.GhostBatchNorm2d(3, virtual_batch_size=2.0), ValueError, "virtual_batch_size"),
+    (lambda: nkt.BatchRenorm2d(3, rmax=0.5), ValueError, "rmax"),
+    (lambda: nkt.BatchRenorm2d(3, dmax=-1), ValueError, "dmax"),
+    (lambda: nkt.BatchRenorm2d(3, rmax=float("inf")), ValueError, "rmax"),
+])
+def test_renorm_ghost_bad_arguments(make, exc, match):
+    with pytest.raises(exc, match=match):
+        make()
+
+
+def test_renorm_ghost_bad_inputs():
+    g = nkt.GhostBatchNorm2d(3, virtual_batch_size=4)
+    with pytest.raises(ValueError, match="must divide the batch size"):
+        g(torch.randn(6, 3, 2, 2))
+    with pytest.raises(ValueError, match="4D input"):                 # torch.nn.BatchNorm2d's dimension check
+        g(torch.randn(8, 3, 2))
+    with pytest.raises(ValueError, match="num_features"):
+        g(torch.randn(8, 4, 2, 2))
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        nkt.GhostBatchNorm1d(3, virtual_batch_size=1)(torch.randn(4, 3))
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        nkt.BatchRenorm1d(3)(torch.randn(1, 3))
+    g.eval()
+    assert g(torch.randn(6, 3, 2, 2)).shape == (6, 3, 2, 2)
+    assert isinstance(g, torch.nn.BatchNorm2d) and isinstance(nkt.BatchRenorm3d(2), torch.nn.BatchNorm3d)
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        g(np.zeros((8, 3, 2, 2), np.float32))
