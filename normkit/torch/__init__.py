@@ -41,6 +41,6 @@ from .sync import SyncBatchNorm, convert_sync_batchnorm
 __all__ = [
     "BatchNormalization", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchRenorm1d", "BatchRenorm2d",
     "BatchRenorm3d", "GhostBatchNorm1d", "GhostBatchNorm2d", "GhostBatchNorm3d", "GroupNorm", "InstanceNorm1d",
-    "InstanceNorm2d", "InstanceNorm3d", "LayerNorm", "SyncBatchNorm", "batch_norm", "benchmark", "convert", "convert_sync_batchnorm", "group_norm",
-    "instance_norm", "layer_norm", "revert",
+    "InstanceNorm2d", "InstanceNorm3d", "LayerNorm", "SyncBatchNorm", "batch_norm", "benchmark", "convert",
+    "convert_sync_batchnorm", "group_norm", "instance_norm", "layer_norm", "revert",
 ]
