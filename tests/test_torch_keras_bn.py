@@ -505,3 +505,12 @@ def test_renorm_ghost_bad_inputs():
     assert isinstance(g, torch.nn.BatchNorm2d) and isinstance(nkt.BatchRenorm3d(2), torch.nn.BatchNorm3d)
     with pytest.raises(TypeError, match="torch.Tensor"):
         g(np.zeros((8, 3, 2, 2), np.float32))
+
+
+def test_convert_sync_batchnorm_refuses_renorm_and_ghost():
+    """They subclass torch.nn.BatchNorm*d, so a plain SyncBatchNorm would silently replace their semantics."""
+    ghost = torch.nn.Sequential(torch.nn.Conv2d(3, 3, 1), nkt.GhostBatchNorm2d(3, virtual_batch_size=2))
+    for m in (nkt.BatchRenorm2d(3), ghost):
+        with pytest.raises(TypeError, match="no synchronized version"):
+            nkt.convert_sync_batchnorm(m)
+    assert isinstance(nkt.convert_sync_batchnorm(torch.nn.BatchNorm2d(3)), nkt.SyncBatchNorm)

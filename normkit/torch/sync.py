@@ -191,6 +191,11 @@ def convert_sync_batchnorm(module: nn.Module, process_group=None) -> nn.Module:
     object if it is a BatchNorm layer)."""
     if not isinstance(module, nn.Module):
         raise TypeError(f"convert_sync_batchnorm: module must be a torch.nn.Module, got {type(module).__name__}")
+    from .renorm import _RenormGhostForward
+
+    if isinstance(module, _RenormGhostForward):  # a torch.nn.BatchNorm*d subclass: SyncBatchNorm would drop r, d
+        raise TypeError(f"convert_sync_batchnorm: {type(module).__name__} has no synchronized version (its batch "
+                        f"renormalization / ghost batches would be lost)")
     out = module
     if isinstance(module, _BatchNorm):
         out = SyncBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
