@@ -60,7 +60,11 @@ class _RenormGhostForward:
         core.build(tuple(x.shape))
         core.gamma = None if self.weight is None else self.weight.detach().numpy()
         core.beta = None if self.bias is None else self.bias.detach().numpy()
-        if use_running:                        # Batch Renormalization's r and d from the running statistics
+        if use_running and getattr(self, "renorm_momentum", None) is not None:
+            # r and d from the separate renorm statistics; the core floors renorm_stddev at sqrt(eps), as Keras
+            core.renorm_mean = self.renorm_mean.numpy().astype(np.float64)
+            core.renorm_stddev = self.renorm_std.numpy().astype(np.float64)
+        elif use_running:                      # Batch Renormalization's r and d from the running statistics
             core.renorm_mean = self.running_mean.numpy().astype(np.float64)
             core.renorm_stddev = np.sqrt(self.running_var.numpy().astype(np.float64) + self.eps)
         return core
@@ -102,6 +106,10 @@ class _RenormGhostForward:
                 rm, rv = self.running_mean, self.running_var
                 rm.copy_(torch.from_numpy((1 - factor) * rm.numpy().astype(np.float64) + factor * mean))
                 rv.copy_(torch.from_numpy((1 - factor) * rv.numpy().astype(np.float64) + factor * unbiased))
+                if self._renorm and getattr(self, "renorm_momentum", None) is not None:
+                    f, mm, ms = self.renorm_momentum, self.renorm_mean, self.renorm_std
+                    mm.copy_(torch.from_numpy((1 - f) * mm.numpy().astype(np.float64) + f * mean))
+                    ms.copy_(torch.from_numpy((1 - f) * ms.numpy().astype(np.float64) + f * np.sqrt(var + self.eps)))
         return y
 
 
@@ -115,13 +123,34 @@ class _BatchRenorm(_RenormGhostForward):
     _renorm = True
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True, rmax=3.0,
-                 dmax=5.0, device=None, dtype=None):
+                 dmax=5.0, renorm_momentum=None, device=None, dtype=None):
+        who = type(self).__name__
+        rmax = _positive_number(who, "rmax", rmax, 1.0)
+        dmax = _positive_number(who, "dmax", dmax, 0.0)
+        if renorm_momentum is not None:
+            v = renorm_momentum
+            if isinstance(v, bool) or not isinstance(v, numbers.Real) or not 0.0 <= v <= 1.0:
+                raise ValueError(f"{who}: renorm_momentum must be None or a number in [0, 1], got {v!r}")
+            renorm_momentum = float(v)
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
-        self.rmax = _positive_number(type(self).__name__, "rmax", rmax, 1.0)
-        self.dmax = _positive_number(type(self).__name__, "dmax", dmax, 0.0)
+        self.rmax, self.dmax, self.renorm_momentum = rmax, dmax, renorm_momentum
+        if renorm_momentum is not None:
+            if self.track_running_stats:
+                kw = {"device": device, "dtype": dtype}
+                self.register_buffer("renorm_mean", torch.zeros(num_features, **kw))
+                self.register_buffer("renorm_std", torch.ones(num_features, **kw))
+            else:
+                self.register_buffer("renorm_mean", None)
+                self.register_buffer("renorm_std", None)
+
+    def reset_running_stats(self) -> None:
+        super().reset_running_stats()
+        if getattr(self, "renorm_mean", None) is not None:
+            self.renorm_mean.zero_()
+            self.renorm_std.fill_(1)
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + f", rmax={self.rmax}, dmax={self.dmax}"
+        return super().extra_repr() + f", rmax={self.rmax}, dmax={self.dmax}, renorm_momentum={self.renorm_momentum}"
 
 
 class _GhostBatchNorm(_RenormGhostForward):
@@ -147,10 +176,19 @@ _RENORM_DOC = """Batch Renormalization (Ioffe, 2017) with torch.nn.{base}'s conv
     running_mean) / sigma, -dmax, dmax)``, ``y = weight * ((x - mu_B) / sigma_B * r + d) + bias``, with r and d
     constants for the gradient (the paper's stop_gradient). r and d use the running statistics as they were
     before the step; then ``running_mean``/``running_var`` are updated as torch.nn.{base} does (``momentum``,
-    unbiased variance; ``momentum=None`` is a cumulative average), and eval normalizes with them. There is one set
-    of running statistics (the paper's), so no separate renorm momentum. ``rmax`` and ``dmax`` are read at every
+    unbiased variance; ``momentum=None`` is a cumulative average), and eval normalizes with them.
+
+    ``renorm_momentum=None`` (default): one set of running statistics, the paper's, as above. A float in [0, 1]
+    instead: r and d come from separate buffers ``renorm_mean`` (initially 0) and ``renorm_std`` (initially 1),
+    as Keras's renorm_mean/renorm_stddev but in torch's momentum convention: ``s = max(renorm_std, sqrt(eps))``,
+    ``r = clip(sigma_B / s, 1/rmax, rmax)``, ``d = clip((mu_B - renorm_mean) / s, -dmax, dmax)`` (values from
+    before the step), then every training step ``renorm_mean = (1 - renorm_momentum) * renorm_mean +
+    renorm_momentum * mu_B`` and ``renorm_std = (1 - renorm_momentum) * renorm_std + renorm_momentum * sigma_B``.
+    They are state_dict entries; ``running_mean``/``running_var`` are still updated with ``momentum`` and used in
+    eval. ``rmax`` and ``dmax`` are read at every
     call: ramp them (the paper starts at 1 and 0) by assigning the attributes. rmax=1, dmax=0 is plain BatchNorm.
-    With ``track_running_stats=False`` there is nothing to renormalize against: r=1, d=0 (plain BatchNorm).
+    With ``track_running_stats=False`` there is nothing to renormalize against: r=1, d=0 (plain BatchNorm; the
+    renorm buffers are then None, as the running statistics).
     """
 
 _GHOST_DOC = """Ghost batch normalization with torch.nn.{base}'s conventions (see the README).
