@@ -303,9 +303,11 @@ class TorchOracle:
     """float64, plainly: ghost batch j = samples j, j + G, j + 2G, ...; Batch Renormalization with r and d from
     the running statistics (before the step); torch's running-statistics update with the unbiased variance."""
 
-    def __init__(self, c, eps, momentum, rmax=None, dmax=None, vbs=None):
+    def __init__(self, c, eps, momentum, rmax=None, dmax=None, vbs=None, renorm_momentum=None):
         self.eps, self.momentum, self.rmax, self.dmax, self.vbs = eps, momentum, rmax, dmax, vbs
         self.rm, self.rv, self.steps = np.zeros(c), np.ones(c), 0
+        self.renorm_momentum = renorm_momentum           # not None: r and d from separate renorm statistics
+        self.renorm_mean, self.renorm_std = np.zeros(c), np.ones(c)
 
     def train(self, x, dy, w, b):
         n, c = x.shape[:2]
@@ -324,7 +326,14 @@ class TorchOracle:
             means.append(mu), vars_.append(var), counts.append(xs.size // c)
             ghost_stats.append((xs, dys, mu, var, red))
         mean_b, var_b = np.mean(means, axis=0), np.mean(vars_, axis=0)
-        if self.rmax is not None:
+        if self.rmax is not None and self.renorm_momentum is not None:
+            s = np.maximum(self.renorm_std.reshape(bshape), np.sqrt(self.eps))
+            r = np.clip(np.sqrt(var_b + self.eps) / s, 1 / self.rmax, self.rmax)
+            d = np.clip((mean_b - self.renorm_mean.reshape(bshape)) / s, -self.dmax, self.dmax)
+            f = self.renorm_momentum
+            self.renorm_mean = (1 - f) * self.renorm_mean + f * mean_b.ravel()
+            self.renorm_std = (1 - f) * self.renorm_std + f * np.sqrt(var_b + self.eps).ravel()
+        elif self.rmax is not None:
             sigma = np.sqrt(self.rv.reshape(bshape) + self.eps)
             r = np.clip(np.sqrt(var_b + self.eps) / sigma, 1 / self.rmax, self.rmax)
             d = np.clip((mean_b - self.rm.reshape(bshape)) / sigma, -self.dmax, self.dmax)
@@ -357,7 +366,8 @@ def torch_pair(kind, dims, dtype, momentum=0.1, **kw):
         m.weight.copy_(torch.tensor([1.3, -0.6, 0.9]))
         m.bias.copy_(torch.tensor([0.2, -0.1, 0.4]))
     o = TorchOracle(3, m.eps, momentum, rmax=kw.get("rmax", 3.0) if kind == "renorm" else None,
-                    dmax=kw.get("dmax", 5.0), vbs=kw.get("virtual_batch_size"))
+                    dmax=kw.get("dmax", 5.0), vbs=kw.get("virtual_batch_size"),
+                    renorm_momentum=kw.get("renorm_momentum"))
     return m, o
 
 
@@ -366,6 +376,8 @@ def torch_pair(kind, dims, dtype, momentum=0.1, **kw):
 @pytest.mark.parametrize("kind, kw", [
     ("renorm", {"rmax": 1.5, "dmax": 0.5}),
     ("renorm", {"rmax": 3.0, "dmax": 5.0, "momentum": None}),
+    ("renorm", {"rmax": 1.5, "dmax": 0.5, "renorm_momentum": 0.3}),
+    ("renorm", {"rmax": 3.0, "dmax": 5.0, "renorm_momentum": 0.7, "momentum": None}),
     ("ghost", {"virtual_batch_size": 2}),
     ("ghost", {"virtual_batch_size": 4, "momentum": 0.3}),
 ])
@@ -392,6 +404,10 @@ def test_renorm_ghost_match_oracle(kind, kw, dims, dtype):
         m.weight.grad = m.bias.grad = None
         close(m.running_mean, o.rm, rtol, f"running_mean step {step}")
         close(m.running_var, o.rv, rtol, f"running_var step {step}")
+        if o.renorm_momentum is not None:
+            assert m.renorm_mean.dtype == m.renorm_std.dtype == xt.dtype
+            close(m.renorm_mean, o.renorm_mean, rtol, f"renorm_mean step {step}")
+            close(m.renorm_std, o.renorm_std, rtol, f"renorm_std step {step}")
         assert int(m.num_batches_tracked) == step + 1
     m.eval()
     x = rng.standard_normal(shape[:1] + (3,) + shape[2:]).astype(dtype)[:3]   # eval: any batch size
@@ -482,10 +498,77 @@ def test_untracked_renorm_is_batchnorm_and_eval_uses_batch_statistics():
     (lambda: nkt.BatchRenorm2d(3, rmax=0.5), ValueError, "rmax"),
     (lambda: nkt.BatchRenorm2d(3, dmax=-1), ValueError, "dmax"),
     (lambda: nkt.BatchRenorm2d(3, rmax=float("inf")), ValueError, "rmax"),
+    (lambda: nkt.BatchRenorm2d(3, renorm_momentum=-0.1), ValueError, "BatchRenorm2d: renorm_momentum"),
+    (lambda: nkt.BatchRenorm1d(3, renorm_momentum=1.5), ValueError, "BatchRenorm1d: renorm_momentum"),
+    (lambda: nkt.BatchRenorm3d(3, renorm_momentum=float("nan")), ValueError, "BatchRenorm3d: renorm_momentum"),
+    (lambda: nkt.BatchRenorm2d(3, renorm_momentum=True), ValueError, "BatchRenorm2d: renorm_momentum"),
+    (lambda: nkt.BatchRenorm2d(3, renorm_momentum="0.1"), ValueError, "BatchRenorm2d: renorm_momentum"),
 ])
 def test_renorm_ghost_bad_arguments(make, exc, match):
     with pytest.raises(exc, match=match):
         make()
+
+
+def test_renorm_momentum_none_unchanged():
+    """renorm_momentum=None (the default) is the paper's version: no extra buffers, r and d from the running
+    statistics; an explicit None is the same module as the default, step for step."""
+    shape = TORCH_SHAPES[2]
+    a, b = nkt.BatchRenorm2d(3, rmax=1.5, dmax=0.5), nkt.BatchRenorm2d(3, rmax=1.5, dmax=0.5, renorm_momentum=None)
+    assert a.renorm_momentum is None and not hasattr(a, "renorm_std")
+    want = ["weight", "bias", "running_mean", "running_var", "num_batches_tracked"]
+    assert list(a.state_dict()) == list(b.state_dict()) == want
+    o = TorchOracle(3, a.eps, 0.1, rmax=1.5, dmax=0.5)
+    rng = np.random.default_rng(5)
+    for step in range(4):
+        x = (1 + 2 * rng.standard_normal(shape)).astype(np.float64)
+        wy = o.train(x, np.zeros(shape), np.ones(3), np.zeros(3))[0]
+        for m in (a, b):
+            close(m(torch.from_numpy(x.astype(np.float32))), wy, 1e-5, f"y step {step}")
+    for k, v in a.state_dict().items():
+        assert torch.equal(v, b.state_dict()[k]), k
+
+
+def test_renorm_momentum_floors_renorm_std():
+    """As Keras, r and d divide by max(renorm_std, sqrt(eps)): renorm_std of 0 or below sqrt(eps) is floored."""
+    m, o = torch_pair("renorm", 2, np.float64, rmax=1e3, dmax=1e3, renorm_momentum=0.2)
+    with torch.no_grad():
+        m.renorm_std.copy_(torch.tensor([0.0, 1e-4, 2.0], dtype=torch.float64))
+        m.renorm_mean.copy_(torch.tensor([0.1, -0.2, 0.3], dtype=torch.float64))
+    o.renorm_std, o.renorm_mean = m.renorm_std.numpy().copy(), m.renorm_mean.numpy().copy()
+    rng = np.random.default_rng(7)
+    shape = TORCH_SHAPES[2]
+    for step in range(2):
+        x = 0.01 * rng.standard_normal(shape)
+        wy = o.train(x, np.zeros(shape), m.weight.detach().numpy(), m.bias.detach().numpy())[0]
+        close(m(torch.from_numpy(x)), wy, 1e-12, f"y step {step}")
+        close(m.renorm_std, o.renorm_std, 1e-12, f"renorm_std step {step}")
+
+
+def test_renorm_momentum_state_dict_round_trip():
+    shape = TORCH_SHAPES[1]
+    m = nkt.BatchRenorm1d(3, rmax=2.0, dmax=1.0, renorm_momentum=0.4)
+    assert "renorm_momentum=0.4" in repr(m)
+    assert torch.equal(m.renorm_mean, torch.zeros(3)) and torch.equal(m.renorm_std, torch.ones(3))
+    assert list(m.state_dict()) == ["weight", "bias", "running_mean", "running_var", "num_batches_tracked",
+                                    "renorm_mean", "renorm_std"]
+    rng = np.random.default_rng(2)
+    for _ in range(3):
+        m(torch.from_numpy((2 + 3 * rng.standard_normal(shape)).astype(np.float32)))
+    assert not torch.equal(m.renorm_std, torch.ones(3)) and not torch.equal(m.renorm_mean, m.running_mean)
+    m2 = nkt.BatchRenorm1d(3, rmax=2.0, dmax=1.0, renorm_momentum=0.4)
+    m2.load_state_dict(m.state_dict())
+    for k, v in m.state_dict().items():
+        assert torch.equal(v, m2.state_dict()[k]), k
+    x = torch.from_numpy((1 + rng.standard_normal(shape)).astype(np.float32))
+    assert torch.equal(m(x), m2(x))                                   # same renorm statistics, same r and d
+    for k, v in m.state_dict().items():
+        assert torch.equal(v, m2.state_dict()[k]), k
+    with pytest.raises(RuntimeError, match="renorm_std"):           # the paper's module has no such buffers
+        nkt.BatchRenorm1d(3).load_state_dict(m.state_dict())
+    m.reset_running_stats()
+    assert torch.equal(m.renorm_mean, torch.zeros(3)) and torch.equal(m.renorm_std, torch.ones(3))
+    u = nkt.BatchRenorm1d(3, renorm_momentum=0.4, track_running_stats=False)
+    assert u.renorm_mean is None and u.renorm_std is None and list(u.state_dict()) == ["weight", "bias"]
 
 
 def test_renorm_ghost_bad_inputs():
