@@ -17,21 +17,7 @@ from torch import nn
 
 import normkit
 import normkit.torch as nt
-
-
-class SmallCNN(nn.Module):
-    """conv + BN + ReLU blocks, a GroupNorm block, a LayerNorm head."""
-
-    def __init__(self, classes=10):
-        super().__init__()
-        block = lambda i, o: [nn.Conv2d(i, o, 3, padding=1, bias=False), nn.BatchNorm2d(o), nn.ReLU()]  # noqa: E731
-        self.features = nn.Sequential(*block(3, 16), *block(16, 32), nn.MaxPool2d(2),
-                                      nn.Conv2d(32, 32, 3, padding=1), nn.GroupNorm(8, 32), nn.ReLU(),
-                                      nn.AdaptiveAvgPool2d(1), nn.Flatten())
-        self.head = nn.Sequential(nn.LayerNorm(32), nn.Linear(32, classes))
-
-    def forward(self, x):
-        return self.head(self.features(x))
+from normkit.torch.models import SmallCNN
 
 
 def main():

@@ -17,6 +17,7 @@ import normkit.reference  # noqa: E402
 import normkit.torch as nt  # noqa: E402
 from normkit import registry  # noqa: E402
 from normkit.contract import DIRECTIONS  # noqa: E402
+from normkit.torch.models import SmallCNN  # noqa: E402
 
 nn = torch.nn
 DTYPES = (torch.float32, torch.float64)
@@ -338,19 +339,6 @@ def test_saved_statistics_do_not_alias_the_running_ones():
 
 
 # --- convert / revert / state_dict -----------------------------------------------------------------------------
-
-class SmallCNN(nn.Module):
-    def __init__(self, classes=10):
-        super().__init__()
-        block = lambda i, o: [nn.Conv2d(i, o, 3, padding=1, bias=False), nn.BatchNorm2d(o), nn.ReLU()]  # noqa: E731
-        self.features = nn.Sequential(*block(3, 16), *block(16, 32), nn.MaxPool2d(2),
-                                      nn.Conv2d(32, 32, 3, padding=1), nn.GroupNorm(8, 32), nn.ReLU(),
-                                      nn.AdaptiveAvgPool2d(1), nn.Flatten())
-        self.head = nn.Sequential(nn.LayerNorm(32), nn.Linear(32, classes))
-
-    def forward(self, x):
-        return self.head(self.features(x))
-
 
 def _train(model, steps, seed, dtype=torch.float32):
     """SGD on one fixed batch (so the loss must go down), returning the loss of every step."""

@@ -8,6 +8,9 @@ batch (for tests and a fast look). The global random state is left as it was.
 - ``unet``: a UNet-like stack of diffusers-style ResNet blocks with GroupNorm(32) + SiLU; 8x3x32x32 images.
 - ``transformer``: a pre-LN transformer encoder with LayerNorm; 16x128 tokens, hidden 256, 4 heads, 4 layers.
 
+``SmallCNN`` (not in ``MODELS``) is the small CNN with all three kinds of norm that ``examples/torch_cnn.py`` and
+the tests train.
+
     from normkit.torch import benchmark
     from normkit.torch.models import MODELS
     model, inputs = MODELS["resnet"]()
@@ -23,7 +26,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-__all__ = ["MODELS", "ResNet", "Transformer", "UNet", "resnet", "transformer", "unet"]
+__all__ = ["MODELS", "ResNet", "SmallCNN", "Transformer", "UNet", "resnet", "transformer", "unet"]
 
 
 def _seeded(seed: int, build: Callable[[], tuple[nn.Module, tuple]]) -> tuple[nn.Module, tuple]:
@@ -207,6 +210,23 @@ def transformer(quick: bool = False, seed: int = 0) -> tuple[nn.Module, tuple[Te
                                       (torch.randint(0, 100, (2, 16)),)))
     return _seeded(seed, lambda: (Transformer(vocab=1000, dim=256, heads=4, layers=4),
                                   (torch.randint(0, 1000, (16, 128)),)))
+
+
+# --- SmallCNN: BatchNorm2d, GroupNorm and LayerNorm ---------------------------------------------------------
+
+class SmallCNN(nn.Module):
+    """conv + BatchNorm2d + ReLU blocks, a GroupNorm block, a LayerNorm head; for images (N, 3, H, W), any H, W."""
+
+    def __init__(self, classes: int = 10):
+        super().__init__()
+        block = lambda i, o: [nn.Conv2d(i, o, 3, padding=1, bias=False), nn.BatchNorm2d(o), nn.ReLU()]  # noqa: E731
+        self.features = nn.Sequential(*block(3, 16), *block(16, 32), nn.MaxPool2d(2),
+                                      nn.Conv2d(32, 32, 3, padding=1), nn.GroupNorm(8, 32), nn.ReLU(),
+                                      nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.head = nn.Sequential(nn.LayerNorm(32), nn.Linear(32, classes))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.features(x))
 
 
 #: name -> builder ``(quick=False, seed=0) -> (model, example_inputs)``
