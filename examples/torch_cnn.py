@@ -1,6 +1,6 @@
 """Train a small CNN with torch.nn's norm layers and with normkit's, and time one training step of each.
 
-    python examples/torch_cnn.py [--batch 32] [--size 32] [--reps 30] [--backend numba] [--threads 1]
+    python examples/torch_cnn.py [--batch 32] [--size 32] [--reps 30] [--backend numba] [--threads 1] [--quick]
 
 Both models start from the same weights; normkit.torch.convert swaps the norm layers in place. Steps of the two
 models are interleaved (alternating which goes first) and the medians reported, so that load from other processes
@@ -27,7 +27,13 @@ def main():
     parser.add_argument("--reps", type=int, default=30)
     parser.add_argument("--backend", default=None, help="pin normkit's layers to one backend (default: registry order)")
     parser.add_argument("--threads", type=int, default=None, help="threads for torch and normkit (default: all)")
+    parser.add_argument("--quick", action="store_true", help="a tiny batch and 3 steps: seconds (tests run this)")
     args = parser.parse_args()
+    if args.quick:
+        args.batch, args.size, args.reps = 8, 16, 3
+    if args.threads:
+        torch.set_num_threads(args.threads)
+        normkit.set_num_threads(args.threads)
 
     torch.manual_seed(0)
     models = {"torch.nn": SmallCNN()}
@@ -49,11 +55,6 @@ def main():
 
     steps = {name: make_step(model) for name, model in models.items()}
     losses = {name: [step() for _ in range(3)] for name, step in steps.items()}  # warm-up (JIT, caches)
-    if args.threads:
-        # after the warm-up: Numba's OpenMP threading layer, when it starts, resets the OpenMP thread count that
-        # torch shares with it
-        torch.set_num_threads(args.threads)
-        normkit.set_num_threads(args.threads)
     times = {name: [] for name in steps}
     for rep in range(args.reps):
         for name in (list(steps) if rep % 2 == 0 else list(steps)[::-1]):

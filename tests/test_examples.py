@@ -77,6 +77,20 @@ def test_tf_idioms(tmp_path):
     assert first != last and all(f != 0.0 for f in first)  # they moved on the first call and kept moving
 
 
+def test_torch_cnn_trains_both_models_alike():
+    """examples/torch_cnn.py --quick: the torch.nn model and the converted one start from the same weights and
+    train alike (the same losses to float32 rounding), and the loss goes down."""
+    proc = subprocess.run([sys.executable, str(EXAMPLES / "torch_cnn.py"), "--quick", "--threads", "1"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    losses = {name: (float(a), float(b)) for name, a, b in
+              re.findall(r"^\s+(torch\.nn|normkit)\s+median step .* loss ([\d.]+) -> ([\d.]+)$", proc.stdout, re.M)}
+    assert set(losses) == {"torch.nn", "normkit"}, proc.stdout
+    assert losses["normkit"][0] == pytest.approx(losses["torch.nn"][0], rel=1e-5)
+    assert losses["normkit"][1] == pytest.approx(losses["torch.nn"][1], rel=1e-3)
+    assert losses["normkit"][1] < losses["normkit"][0]
+
+
 def test_readme_lists_every_example_with_its_figure():
     readme = (EXAMPLES.parent / "README.md").read_text()
     section = re.search(r"^## Examples\n(.*?)(?=^## )", readme, re.S | re.M).group(1)
