@@ -32,7 +32,7 @@ except PackageNotFoundError:  # running from a source tree that was never instal
     __version__ = "0+unknown"
 
 __all__ = [
-    "Backend", "BackendInfo", "BatchNormalization", "Op", "Saved", "UnknownBackendError", "UnknownOpError", "__version__",
-    "batch_normalization", "get", "get_backend_order", "get_num_threads", "list_backends", "list_ops", "moments",
+    "Backend", "BackendInfo", "BatchNormalization", "Op", "Saved", "UnknownBackendError", "UnknownOpError",
+    "__version__", "batch_normalization", "get", "get_backend_order", "get_num_threads", "list_backends", "list_ops", "moments",
     "register_backend", "set_backend_order", "set_num_threads", "unregister_backend",
 ]
