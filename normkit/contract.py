@@ -15,8 +15,9 @@ never writes anywhere else.
 Shapes: ``x``, ``dy``, ``y``, ``dx`` are (N, C, S) for the channel ops (batchnorm / instancenorm / groupnorm; S is
 the product of the spatial dims, 1 for (N, C) inputs) and (M, K) for the row ops (layernorm; K =
 prod(normalized_shape)). All arrays have the kernel's dtype, including ``mean``/``rstd`` (but see the split
-directions below). ``weight``/``bias`` may be ``None`` (no affine); in backward ``dweight``/``dbias`` are ``None``
-when that gradient is not wanted. ``rstd`` is ``1 / sqrt(var + eps)`` with the biased (population) variance.
+directions and the 16-bit dtypes below). ``weight``/``bias`` may be ``None`` (no affine); in backward
+``dweight``/``dbias`` are ``None`` when that gradient is not wanted. ``rstd`` is ``1 / sqrt(var + eps)`` with the
+biased (population) variance.
 Statistics must not be computed as E[x^2] - E[x]^2 in working precision.
 
 ``backward`` is the gradient of a training-mode forward (statistics depend on x):
@@ -59,6 +60,22 @@ dtype; ``count`` = N*S is known to the caller and is no argument. Each direction
 The split directions were added to contract 1 without changing its version: a backend that does not declare
 them is unaffected.
 
+16-bit dtypes (``bfloat16``, ``float16``): storage in 16 bits, arithmetic in float32 at least. A kernel of one of
+:data:`HALF_DTYPES` receives the data arrays ``x``, ``y``, ``dy``, ``dx`` as C-contiguous ``np.uint16`` arrays
+holding the raw 16-bit patterns (NumPy has no bfloat16, and Numba and Cython know no 16-bit float type; one storage
+type keeps kernels free of ml_dtypes, and the kernel's key says which format). Every other float array (``weight``,
+``bias``, ``mean``, ``rstd``, ``running_mean``, ``running_var``, ``dweight``, ``dbias``; ``scale``, ``shift``,
+``a``, ``b``, ``d`` of the split directions) is float32; the split directions' float64 arguments stay float64.
+:func:`arg_dtype` and :func:`storage_dtype` say this for every argument; nothing else restates it. Statistics are
+accumulated as in the float32 kernels (float64, shifted by a pivot; never E[x^2] - E[x]^2). Each 16-bit output
+element is rounded once, from float32 (or better) to 16 bits, round-to-nearest-even; NaN stays NaN, beyond the range
+gives +-inf (float16's largest value is 65504). Saved ``mean``/``rstd`` are float32. Accuracy: ``y`` within 1 ulp of
+the 16-bit type of the float64 reference computed from the exactly widened input and rounded once; ``dx`` within 2
+ulp plus the condition-based slack float32 kernels get; float32 outputs as accurate as the float32 kernels'.
+Conversions: bfloat16 -> float32 is ``(uint32)u << 16``; float32 -> bfloat16 is ``(u + 0x7FFF + ((u >> 16) & 1)) >>
+16`` with NaN kept a quiet NaN (``(u >> 16) | 0x0040``); float16 <-> float32 by F16C where the CPU has it, otherwise a
+bit-exact software conversion (subnormals included). :mod:`normkit.half` holds the same conversions in NumPy.
+
 The contract is versioned; a backend declares the version it targets and normkit refuses other versions.
 Optional module attributes: ``set_num_threads(n)`` (normkit calls it whenever the user sets a thread count, and
 once when the module is loaded; it must not change any process-wide setting such as OpenMP's or PyTorch's thread
@@ -74,7 +91,11 @@ import numpy as np
 
 CONTRACT_VERSION = 1
 
-DTYPES = ("float32", "float64")
+DTYPES = ("float32", "float64", "bfloat16", "float16")
+# Stored in 16 bits, computed in float32: their kernels take the data arrays as uint16 bit patterns (docstring).
+HALF_DTYPES = ("bfloat16", "float16")
+# The arrays of input size; all others are per-set or per-channel.
+DATA_ARGS = ("x", "y", "dy", "dx")
 # What a backend implements when it names no dtypes (contract 1's): a plugin written then must not start claiming a
 # dtype added to DTYPES later.
 DEFAULT_DTYPES = ("float32", "float64")
@@ -113,9 +134,27 @@ OUTPUTS = {
 
 
 def arg_dtype(direction: str, name: str, dtype: str) -> str:
-    """The dtype of argument ``name`` of a ``direction`` kernel of dtype ``dtype``: the kernel's own, except for
-    the float64 statistics and sums of the split directions."""
-    return "float64" if name in _FLOAT64_ARGS.get(direction, ()) else dtype
+    """The dtype of the values of argument ``name`` of a ``direction`` kernel of dtype ``dtype``: the kernel's own,
+    except for the float64 statistics and sums of the split directions, and for 16-bit kernels every array but the
+    data arrays (:data:`DATA_ARGS`), which is float32."""
+    if name in _FLOAT64_ARGS.get(direction, ()):
+        return "float64"
+    if dtype in HALF_DTYPES and name not in DATA_ARGS:
+        return "float32"
+    return dtype
+
+
+def storage_dtype(direction: str, name: str, dtype: str) -> np.dtype:
+    """The NumPy dtype of the array a kernel receives as argument ``name``: :func:`arg_dtype`, with 16-bit values
+    stored as ``np.uint16`` bit patterns."""
+    value = arg_dtype(direction, name, dtype)
+    return np.dtype(np.uint16) if value in HALF_DTYPES else np.dtype(value)
+
+
+def stat_dtype(dtype: str) -> str:
+    """The dtype of the saved statistics (and of weight, bias, dweight, dbias as kernels see them) of a kernel of
+    dtype ``dtype``."""
+    return arg_dtype("forward", "mean", dtype)
 
 
 @dataclass(frozen=True)

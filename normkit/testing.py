@@ -68,6 +68,15 @@ precision loses all digits at mean 1e4 in float32 (1e8 in float64); eps outside 
 eps / var relative (caught with variance below eps, and on constant sets, where rstd should be 1/sqrt(eps)); the
 unbiased variance is off by 1/(2m) relative (caught on small sets, and in float64 everywhere); a backward that
 forgets the weight is off by a factor of w.
+
+16-bit dtypes (bfloat16, float16; see :mod:`normkit.contract`). Inputs are rounded to the 16-bit type (the data
+arrays) or to float32 (everything else), and the kernels get the data arrays as ``np.uint16`` bit patterns. A
+16-bit output (y, dx) is allowed the contract's 1 ulp (y) or 2 ulp (dx) of the 16-bit type at the float64
+reference, plus the tolerance above computed with float32's eps (the slack of float32 arithmetic, far below an
+ulp on well-conditioned data); where the reference rounds to +-inf (overflow), that inf is expected (or a value
+within the tolerance). Float32 outputs (mean, rstd, dweight, dbias, the split directions' sums) get the float32
+tolerances. The data kinds differ: float16 cannot hold means of 1e6 or 1e8 (they are left out), and an
+``overflow`` kind multiplies the weight so that y and dx leave the 16-bit range where |xhat| is large.
 """
 
 from __future__ import annotations
@@ -80,8 +89,8 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from . import reference, registry
-from .contract import DIRECTIONS, DTYPES, OPS, OUTPUTS, SPECS, SPLIT_DIRECTIONS, OpSpec, arg_dtype
+from . import half, reference, registry
+from .contract import DIRECTIONS, DTYPES, HALF_DTYPES, OPS, OUTPUTS, SPECS, SPLIT_DIRECTIONS, OpSpec, arg_dtype
 
 __all__ = ["Case", "Failure", "Report", "assert_backend_conforms", "cases", "check_backend", "tolerance_factor"]
 
@@ -108,7 +117,14 @@ _DATA_SHAPE = {
 # data kind -> eps. small_var has variance 1e-4 next to eps 1e-3, where eps dominates rstd.
 _DATA = {"offset1e4": 1e-5, "offset1e6": 1e-5, "offset1e8": 1e-5, "constant": 1e-5, "small_var": 1e-3,
          "nan": 1e-5}
-_QUICK_DATA = ("offset1e4", "offset1e8", "constant", "small_var", "nan")
+_QUICK_DATA = ("offset1e4", "offset1e8", "constant", "small_var", "nan", "overflow")
+# The 16-bit dtypes' data kinds: float16's largest value is 65504, so no offsets beyond 1e4 there; the weight of the
+# overflow kind (float32) makes y and dx exceed the 16-bit range for large |xhat|.
+_HALF_DATA = {"bfloat16": {**_DATA, "overflow": 1e-5},
+              "float16": {k: v for k, v in {**_DATA, "overflow": 1e-5}.items() if k not in ("offset1e6", "offset1e8")}}
+_OVERFLOW_WEIGHT = {"bfloat16": 1e38, "float16": 3e4}
+# ulps of the 16-bit type allowed on its outputs (the contract's bounds)
+_HALF_ULPS = {"y": 1, "dx": 2}
 _AFFINE = ("none", "weight", "weight+bias")
 # The split directions take no weight or bias; apply and backward_apply take per-channel coefficients that the kit
 # derives from a BatchNorm with weight and bias, the reductions none.
@@ -155,11 +171,13 @@ def cases(op: str, direction: str, dtype: str, quick: bool = False) -> list[Case
         out += [Case(op, direction, dtype, shape, groups, a, "normal", 1e-5, repeat=last and a == "weight+bias")
                 for a in affines]
     shape, groups = _DATA_SHAPE[SPECS[op].sets]
-    for data, eps in _DATA.items():
+    for data, eps in _HALF_DATA.get(dtype, _DATA).items():
         if quick and data not in _QUICK_DATA:
             continue
-        for a in (_SPLIT_AFFINE[direction],) if split else ("weight+bias",) if quick else ("none", "weight+bias"):
-            out.append(Case(op, direction, dtype, shape, groups, a, data, eps))
+        affines = (_SPLIT_AFFINE[direction],) if split else ("weight+bias",) if quick else ("none", "weight+bias")
+        if data == "overflow":  # the weight makes the overflow
+            affines = [a for a in affines if a != "none"]
+        out += [Case(op, direction, dtype, shape, groups, a, data, eps) for a in affines]
     return out
 
 
@@ -217,7 +235,8 @@ class Report(list):
 _GUARD = 16  # elements of sentinel before and after every array
 # Signalling NaNs with a payload: arithmetic never produces these bits (it yields quiet NaNs), so an output
 # element that still holds them was never written.
-_SENTINEL = {"float32": (np.uint32, 0x7F80DEAD), "float64": (np.uint64, 0x7FF00000DEADBEEF)}
+_SENTINEL = {"float32": (np.uint32, 0x7F80DEAD), "float64": (np.uint64, 0x7FF00000DEADBEEF),
+             "bfloat16": (np.uint16, 0x7F8D), "float16": (np.uint16, 0x7DAD)}
 
 
 class _Guarded:
@@ -227,7 +246,7 @@ class _Guarded:
         self.name = name
         self.itype, bits = _SENTINEL[dtype]
         n = math.prod(shape)
-        self.buf = np.empty(n + 2 * _GUARD, dtype)
+        self.buf = np.empty(n + 2 * _GUARD, np.uint16 if dtype in HALF_DTYPES else dtype)
         self.buf.view(self.itype)[:] = bits
         self.sentinel = bits
         self.array = self.buf[_GUARD:_GUARD + n].reshape(shape)
@@ -298,12 +317,29 @@ def tolerance_factor(m: int) -> float:
 
 # --- inputs ----------------------------------------------------------------------------------------------------
 
+def _to_arg(case: Case, name: str, values) -> np.ndarray:
+    """float64 values as the kernel's argument ``name``: rounded once to its dtype (16-bit: as bit patterns)."""
+    dtype = arg_dtype(case.direction, name, case.dtype)
+    if dtype in HALF_DTYPES:
+        return half.narrow(np.asarray(values, np.float64), dtype)
+    return np.asarray(values).astype(dtype)
+
+
+def _f64(case: Case, name: str, a: np.ndarray | None) -> np.ndarray | None:
+    """The values of the kernel's argument ``name`` (as :func:`_to_arg` made it, or as a kernel wrote it), in
+    float64."""
+    if a is None:
+        return None
+    dtype = arg_dtype(case.direction, name, case.dtype)
+    return half.widen(a, dtype) if dtype in HALF_DTYPES else a.astype(np.float64)
+
+
 def _inputs(case: Case) -> dict[str, np.ndarray | None]:
     """Every input the kernel takes, in the case's dtype (rounded once; the reference sees the same values)."""
     rng = np.random.default_rng(zlib.crc32(str(case).encode()))
-    dt = np.dtype(case.dtype)
+    to = (lambda name, v: _to_arg(case, name, v))
     shape = case.shape
-    if case.data == "normal" or case.data == "nan":
+    if case.data in ("normal", "nan", "overflow"):
         x = rng.standard_normal(shape)
     elif case.data.startswith("offset"):
         x = float(case.data[len("offset"):]) + rng.standard_normal(shape)
@@ -313,40 +349,42 @@ def _inputs(case: Case) -> dict[str, np.ndarray | None]:
         x = 1.0 + 0.01 * rng.standard_normal(shape)
     else:
         raise ValueError(f"unknown data kind {case.data!r}")
-    x = x.astype(dt)
     nan_at = tuple(s // 2 for s in shape)
     if case.data == "nan" and (case.direction.startswith("forward") or case.direction in ("stats", "apply")):
         x[nan_at] = np.nan
+    x = to("x", x)
     k = _spec(case).param_shape(shape)
-    weight = (1.0 + 0.5 * rng.standard_normal(k)).astype(dt) if case.affine != "none" else None
-    bias = (0.5 * rng.standard_normal(k)).astype(dt) if case.affine == "weight+bias" else None
+    scale = _OVERFLOW_WEIGHT[case.dtype] if case.data == "overflow" else 1.0
+    weight = to("weight", scale * (1.0 + 0.5 * rng.standard_normal(k))) if case.affine != "none" else None
+    bias = to("bias", 0.5 * rng.standard_normal(k)) if case.affine == "weight+bias" else None
     inputs: dict[str, np.ndarray | None] = {"x": x, "weight": weight, "bias": bias}
+    x64 = _f64(case, "x", x)
     if _spec(case).running:
         # running statistics near the data's own, as after some training
-        x64 = x.astype(np.float64)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
             ch_mean = np.nanmean(x64, axis=(0, 2))
             ch_var = np.nanvar(x64, axis=(0, 2))
-        running_mean = (ch_mean + 0.1 * rng.standard_normal(k)).astype(dt)
-        running_var = (ch_var * rng.uniform(0.5, 2.0, k)).astype(dt)
+        running_mean = to("running_mean", ch_mean + 0.1 * rng.standard_normal(k))
+        running_var = to("running_var", ch_var * rng.uniform(0.5, 2.0, k))
         if case.direction == "forward_infer":
             inputs.update(running_mean=running_mean, running_var=running_var)
         elif case.direction == "backward_infer":
             rstd = 1.0 / np.sqrt(running_var.astype(np.float64) + case.eps)
-            inputs.update(mean=running_mean, rstd=rstd.astype(dt))
+            inputs.update(mean=to("mean", running_mean), rstd=to("rstd", rstd))
     if case.direction == "backward":
         # the statistics a training forward saved: exact ones, rounded to the dtype
         y = np.empty(shape)
         mean, rstd = np.empty(_stat_shape(case)), np.empty(_stat_shape(case))
         fwd = reference.KERNELS[(case.op, "forward", "float64")]
-        fwd(*_args(case, dict(x=x.astype(np.float64), y=y, mean=mean, rstd=rstd), "forward"))
-        inputs.update(mean=mean.astype(dt), rstd=rstd.astype(dt))
+        with np.errstate(all="ignore"):
+            fwd(*_args(case, dict(x=x64, y=y, mean=mean, rstd=rstd), "forward"))
+        inputs.update(mean=to("mean", mean), rstd=to("rstd", rstd))
     if case.direction.startswith("backward"):
-        dy = rng.standard_normal(shape).astype(dt)
+        dy = rng.standard_normal(shape)
         if case.data == "nan":
             dy[nan_at] = np.nan
-        inputs["dy"] = dy
+        inputs["dy"] = to("dy", dy)
     if case.direction in SPLIT_DIRECTIONS:
         inputs.update(_split_inputs(case, inputs))
     return inputs
@@ -358,27 +396,27 @@ def _split_inputs(case: Case, inputs: dict) -> dict[str, np.ndarray]:
     docstring, computed in float64 and rounded to the dtype."""
     if case.direction == "stats":
         return {}
-    dt = np.dtype(case.dtype)
-    x64 = inputs["x"].astype(np.float64)
+    to = (lambda name, v: _to_arg(case, name, v))
+    x64 = _f64(case, "x", inputs["x"])
     with warnings.catch_warnings(), np.errstate(all="ignore"):
         warnings.simplefilter("ignore", RuntimeWarning)
         mean = np.nanmean(x64, axis=(0, 2))
         rstd = 1.0 / np.sqrt(np.nanvar(x64, axis=(0, 2)) + case.eps)
         if case.direction == "backward_reduce":
             return {"mean": mean, "rstd": rstd}
-        w, b = inputs["weight"].astype(np.float64), inputs["bias"].astype(np.float64)
+        w, b = _f64(case, "weight", inputs["weight"]), _f64(case, "bias", inputs["bias"])
         if case.direction == "apply":
-            scale = (w * rstd).astype(dt)
-            return {"scale": scale, "shift": (b - mean * scale).astype(dt)}
+            scale = to("scale", w * rstd)
+            return {"scale": scale, "shift": to("shift", b - mean * _f64(case, "scale", scale))}
         if case.direction == "backward_apply":
-            dy = inputs["dy"].astype(np.float64)
+            dy = _f64(case, "dy", inputs["dy"])
             count = x64.shape[0] * x64.shape[2]
             sum_dy = np.nansum(dy, axis=(0, 2))
             sum_dy_xhat = np.nansum(dy * (x64 - mean[None, :, None]) * rstd[None, :, None], axis=(0, 2))
             a = w * rstd
-            bb = (-w * rstd * rstd * sum_dy_xhat / count).astype(dt)
-            d = -a * sum_dy / count - bb * mean
-            return {"a": a.astype(dt), "b": bb, "d": d.astype(dt)}
+            bb = to("b", -w * rstd * rstd * sum_dy_xhat / count)
+            d = -a * sum_dy / count - _f64(case, "b", bb) * mean
+            return {"a": to("a", a), "b": bb, "d": to("d", d)}
     return {}
 
 
@@ -400,7 +438,7 @@ def _args(case: Case, a: dict, direction: str | None = None) -> tuple:
 # --- expected values and tolerances ----------------------------------------------------------------------------
 
 def _expected(case: Case, inputs: dict, out_shapes: dict) -> dict[str, np.ndarray]:
-    named = {k: None if v is None else v.astype(np.float64) for k, v in inputs.items()}
+    named = {k: _f64(case, k, v) for k, v in inputs.items()}
     outs = {k: None if s is None else np.empty(s) for k, s in out_shapes.items()}
     with np.errstate(all="ignore"):
         reference.KERNELS[(case.op, case.direction, "float64")](*_args(case, {**named, **outs}))
@@ -408,8 +446,18 @@ def _expected(case: Case, inputs: dict, out_shapes: dict) -> dict[str, np.ndarra
 
 
 def _tolerances(case: Case, inputs: dict, expected: dict) -> dict[str, np.ndarray]:
-    eps = float(np.finfo(case.dtype).eps)
-    f64 = {k: None if v is None else v.astype(np.float64) for k, v in inputs.items()}
+    tol = _working_tolerances(case, inputs, expected)
+    if case.dtype in HALF_DTYPES:
+        for name, ulps in _HALF_ULPS.items():
+            if name in tol:
+                tol[name] = tol[name] + ulps * half.ulp(expected[name], case.dtype)
+    return tol
+
+
+def _working_tolerances(case: Case, inputs: dict, expected: dict) -> dict[str, np.ndarray]:
+    """The tolerances of the module docstring, with the eps of the arithmetic (float32 for 16-bit dtypes)."""
+    eps = float(np.finfo(np.float32 if case.dtype in HALF_DTYPES else case.dtype).eps)
+    f64 = {k: _f64(case, k, v) for k, v in inputs.items()}
     x = f64["x"]
     ones = np.ones(case.shape[1])
     w = _per_channel(case, np.abs(f64["weight"]) if f64["weight"] is not None else ones)
@@ -487,8 +535,11 @@ def _index(flat: int, shape) -> tuple[int, ...]:
 
 
 def _compare(case: Case, name: str, got: np.ndarray, ref: np.ndarray, tol: np.ndarray) -> list[Failure]:
-    got64 = got.astype(np.float64)
+    got64 = _f64(case, name, got)
     tol = np.broadcast_to(tol, ref.shape)
+    # a 16-bit output may round a finite reference to +-inf: then that inf is right
+    dtype = arg_dtype(case.direction, name, case.dtype)
+    limit = half.widen(half.narrow(ref, dtype), dtype) if dtype in HALF_DTYPES else ref
     ref_nan = np.isnan(ref)
     failures = []
     swallowed = ref_nan & ~np.isnan(got64)
@@ -498,7 +549,7 @@ def _compare(case: Case, name: str, got: np.ndarray, ref: np.ndarray, tol: np.nd
                                 f"{int(swallowed.sum())} of {int(ref_nan.sum())} elements that must be NaN "
                                 f"(their set holds a NaN) are not, e.g. {name}{list(i)} = {got64[i]:.9g}"))
     check = ~ref_nan
-    nonfinite = check & ~np.isfinite(got64) & np.isfinite(ref)
+    nonfinite = check & ~np.isfinite(got64) & (np.isfinite(ref) | np.isinf(limit)) & (got64 != limit)
     with np.errstate(all="ignore"):
         err = np.where(check & np.isfinite(got64), np.abs(got64 - ref), 0.0)
         over = err > tol
@@ -507,7 +558,7 @@ def _compare(case: Case, name: str, got: np.ndarray, ref: np.ndarray, tol: np.nd
         i = _index(np.flatnonzero(nonfinite)[0], ref.shape)
         failures.append(Failure(str(case), name,
                                 f"{int(nonfinite.sum())} non-finite values where the reference is finite, "
-                                f"e.g. {name}{list(i)} = {got64[i]} (expected {ref[i]:.9g})"))
+                                f"e.g. {name}{list(i)} = {got64[i]} (expected {limit[i]:.9g})"))
     if over.any():
         i = _index(int(np.argmax(ratio)), ref.shape)
         rel = err[i] / abs(ref[i]) if ref[i] else math.inf

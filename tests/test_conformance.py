@@ -18,7 +18,7 @@ from click.testing import CliRunner
 import normkit
 from normkit import Backend, UnknownBackendError, reference, registry, testing
 from normkit.cli import main
-from normkit.contract import DIRECTIONS, DTYPES
+from normkit.contract import DEFAULT_DTYPES, DIRECTIONS, DTYPES
 from normkit.registry import runtime_module
 
 
@@ -27,10 +27,10 @@ def register():
     """register(name, {(op, direction): kernel}) -> name: the reference with those kernels replaced."""
     names = []
 
-    def _register(name, replaced, kernels=DIRECTIONS, dtypes=DTYPES):
+    def _register(name, replaced, kernels=DIRECTIONS, dtypes=DEFAULT_DTYPES):
         table = dict(reference.KERNELS)
         for (op, direction), fn in replaced.items():
-            for dtype in DTYPES:
+            for dtype in dtypes:
                 table[(op, direction, dtype)] = fn
         normkit.register_backend(Backend(name, runtime_module(table), kernels=kernels, dtypes=dtypes), replace=True)
         names.append(name)
@@ -385,7 +385,10 @@ def test_cases_cover_the_hard_shapes_and_data():
     assert ("groupnorm", (1, 6, 1), 6) in shapes  # S = 1, groups = C
     assert ("groupnorm", (3, 4, 5), 1) in shapes  # groups = 1
     assert {c.data for c in all_cases} == {"normal", "offset1e4", "offset1e6", "offset1e8", "constant",
-                                           "small_var", "nan"}
+                                           "small_var", "nan", "overflow"}
+    # float16 holds no mean of 1e6; the overflow kind is the 16-bit dtypes' only
+    assert not any(c.dtype == "float16" and c.data in ("offset1e6", "offset1e8") for c in all_cases)
+    assert {c.dtype for c in all_cases if c.data == "overflow"} == {"bfloat16", "float16"}
     assert {c.affine for c in all_cases} == {"none", "weight", "weight+bias"}
     # training statistics are never asked of a set of one value (the frontends refuse those inputs)
     assert not any(c.op == "instancenorm" and c.training and c.shape[2] == 1 for c in all_cases)
@@ -407,8 +410,8 @@ def test_unknown_backend_and_bad_arguments():
         testing.check_backend("nosuch")
     with pytest.raises(ValueError, match="check_backend: unknown op\\(s\\) 'gn'; known: batchnorm"):
         testing.check_backend("reference", ops=["gn"])
-    with pytest.raises(ValueError, match="check_backend: unknown dtype\\(s\\) 'float16'"):
-        testing.check_backend("reference", dtypes="float16")
+    with pytest.raises(ValueError, match="check_backend: unknown dtype\\(s\\) 'float8'"):
+        testing.check_backend("reference", dtypes="float8")
 
 
 def test_backend_that_fails_to_load_gives_one_load_failure():
