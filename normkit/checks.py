@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import numbers
 
-from .contract import DTYPES
+from .contract import DTYPES, HALF_DTYPES
 
 
 def describe(a) -> str:
@@ -23,9 +23,7 @@ def describe(a) -> str:
 
 def dtype(op: str, name: str, dtype_name: str) -> None:
     if dtype_name not in DTYPES:
-        hint = ("; normkit has no half-precision kernels, cast to float32"
-                if dtype_name in ("float16", "bfloat16") else "")
-        raise TypeError(f"{op}: {name} must be float32 or float64, got dtype {dtype_name}{hint}")
+        raise TypeError(f"{op}: {name} must be float32, float64, bfloat16 or float16, got dtype {dtype_name}")
 
 
 def shape(op: str, name: str, shape_: tuple, min_ndim: int = 2, strict: bool = True) -> None:
@@ -37,9 +35,11 @@ def shape(op: str, name: str, shape_: tuple, min_ndim: int = 2, strict: bool = T
 
 
 def param(op: str, name: str, shape_: tuple, dtype_, want_shape: tuple, want_dtype) -> None:
-    """weight / bias: exactly ``want_shape`` and the input's dtype."""
-    if dtype_ != want_dtype:
-        raise TypeError(f"{op}: {name} must have the input's dtype {want_dtype}, got {dtype_}")
+    """weight / bias: exactly ``want_shape``, and the input's dtype (or float32 for a 16-bit input, as PyTorch's CPU
+    kernels take them)."""
+    if str(dtype_) != str(want_dtype) and not (str(want_dtype) in HALF_DTYPES and str(dtype_) == "float32"):
+        also = " or float32" if str(want_dtype) in HALF_DTYPES else ""
+        raise TypeError(f"{op}: {name} must have the input's dtype {want_dtype}{also}, got {dtype_}")
     if tuple(shape_) != tuple(want_shape):
         raise ValueError(f"{op}: {name} must have shape {tuple(want_shape)}, got {tuple(shape_)}")
 

@@ -3,7 +3,13 @@ signatures. ``forward`` also returns the saved statistics that ``backward`` take
 
 Each call checks its arguments once, reshapes to the kernel's view ((N, C, S) or (M, K)), allocates the outputs
 and calls the kernel. The common case (a C-contiguous float32/float64 array) takes a short path: a few
-microseconds of Python on top of the kernel. A torch tensor handed to an op goes to :mod:`normkit.torch`, which
+microseconds of Python on top of the kernel.
+
+16-bit inputs: float16 arrays, and bfloat16 arrays of ``ml_dtypes`` (normkit itself needs ml_dtypes for nothing
+else). As PyTorch's CPU kernels, they take weight and bias in float32 or in the input's dtype, and running
+statistics in any float dtype (updated in their own); the output has the input's dtype, the saved statistics are
+float32, and weight / bias gradients have the dtype of weight / bias. The kernels see the data as ``np.uint16``
+bit patterns (views, no copy) and everything else as float32 (:mod:`normkit.contract`). A torch tensor handed to an op goes to :mod:`normkit.torch`, which
 never comes back here.
 """
 
@@ -16,7 +22,7 @@ import numpy as np
 
 from . import checks, registry
 from .running import update_running
-from .contract import SPECS, OpSpec
+from .contract import HALF_DTYPES, SPECS, OpSpec, stat_dtype
 
 
 class UnknownOpError(ValueError):
@@ -36,8 +42,29 @@ class Saved(NamedTuple):
     backend: str
 
 
-# dtype -> kernel dtype name; a byte-swapped dtype is not a key, so it takes the slow path and is converted
-_KERNEL_DTYPES = {np.dtype(np.float32): "float32", np.dtype(np.float64): "float64"}
+# dtype -> kernel dtype name; a byte-swapped dtype is not a key, so it takes the slow path and is converted.
+# bfloat16 (ml_dtypes, which normkit does not import) is added the first time an array of it arrives.
+_KERNEL_DTYPES = {np.dtype(np.float32): "float32", np.dtype(np.float64): "float64", np.dtype(np.float16): "float16"}
+_FLOAT32 = np.dtype(np.float32)
+
+
+def _is_half(dt: np.dtype) -> bool:
+    return dt.itemsize == 2
+
+
+def _bits(a: np.ndarray) -> np.ndarray:
+    """What a kernel gets for a data array: 16-bit values as their uint16 bit patterns (a view), others as they are."""
+    return a.view(np.uint16) if a.dtype.itemsize == 2 else a
+
+
+def _stat_dtype(dt: np.dtype) -> np.dtype:
+    """The dtype of the saved statistics (and of the kernels' weight / bias / gradients) for input dtype ``dt``."""
+    return np.dtype(stat_dtype(_KERNEL_DTYPES[dt]))
+
+
+def _grad_dtype(p, x: np.ndarray) -> np.dtype:
+    """The dtype of the gradient of weight / bias ``p`` (as given) for input x: that of the parameter."""
+    return p.dtype if _is_half(x.dtype) and isinstance(p, np.ndarray) and p.dtype == x.dtype else _stat_dtype(x.dtype)
 
 
 # --- NumPy arrays ----------------------------------------------------------------------------------------------
@@ -56,28 +83,32 @@ def as_input(op: str, name: str, x, min_ndim: int = 2) -> np.ndarray:
     checks.shape(op, name, x.shape, min_ndim)
     if not x.dtype.isnative:
         x = x.astype(x.dtype.newbyteorder("="))
+    if x.dtype.name in HALF_DTYPES:
+        _KERNEL_DTYPES.setdefault(x.dtype, x.dtype.name)
     return np.ascontiguousarray(x)
 
 
 def as_param(op: str, name: str, p, shape: tuple, dtype: np.dtype) -> np.ndarray | None:
-    """weight / bias: None, or an array of exactly ``shape`` and the input's dtype."""
+    """weight / bias: None, or an array of exactly ``shape`` and the input's dtype (or float32 for a 16-bit input),
+    as the kernel takes it (float32 for a 16-bit input)."""
     if p is None:
         return None
-    if type(p) is np.ndarray and p.dtype == dtype and p.shape == shape and p.flags.c_contiguous:
+    if type(p) is np.ndarray and p.dtype == dtype and p.shape == shape and p.flags.c_contiguous and \
+            not _is_half(dtype):
         return p
     if not isinstance(p, np.ndarray):
         p = np.asarray(p)
     checks.param(op, name, p.shape, p.dtype.newbyteorder("="), shape, dtype)
     if not p.dtype.isnative:
         p = p.astype(p.dtype.newbyteorder("="))
-    return np.ascontiguousarray(p)
+    return np.ascontiguousarray(p, dtype=_FLOAT32 if _is_half(dtype) else None)
 
 
 def as_running(op: str, name: str, r, c: int, writable: bool) -> np.ndarray:
     """running_mean / running_var: a float ndarray of shape (C,), updated in place when ``writable``."""
     if not isinstance(r, np.ndarray):
         raise TypeError(f"{op}: {name} must be a NumPy array (it is updated in place), got {checks.describe(r)}")
-    checks.running(op, name, r.shape, r.dtype.kind == "f", r.dtype, c)
+    checks.running(op, name, r.shape, r.dtype.kind == "f" or r.dtype.name in HALF_DTYPES, r.dtype, c)
     if writable and not r.flags.writeable:
         raise ValueError(f"{op}: {name} is read-only but training updates it in place")
     return r
@@ -139,32 +170,37 @@ class Op:
         x = x.reshape(kshape)
         y = np.empty(kshape, x.dtype)
         stat = self.spec.stat_shape(kshape, groups)
-        mean, rstd = np.empty(stat, x.dtype), np.empty(stat, x.dtype)
+        sdt = _stat_dtype(x.dtype)
+        mean, rstd = np.empty(stat, sdt), np.empty(stat, sdt)
         used, kernel = registry.lookup(self.name, "forward", _KERNEL_DTYPES[x.dtype], backend)
         if self.spec.grouped:
-            kernel(x, groups, weight, bias, eps, y, mean, rstd)
+            kernel(_bits(x), groups, weight, bias, eps, _bits(y), mean, rstd)
         else:
-            kernel(x, weight, bias, eps, y, mean, rstd)
+            kernel(_bits(x), weight, bias, eps, _bits(y), mean, rstd)
         return y, Saved(mean, rstd, True, used)
 
-    def _backward(self, dy, x, kshape, groups, saved, weight, bias, backend):
-        """The backward kernel matching ``saved`` (training or inference statistics); returns (dx, dw, db)."""
+    def _backward(self, dy, x, kshape, groups, saved, weight, bias, backend, grad_dtypes=(None, None)):
+        """The backward kernel matching ``saved`` (training or inference statistics); returns (dx, dw, db), dw and
+        db cast to ``grad_dtypes`` where given (a 16-bit parameter's)."""
         training = isinstance(saved, Saved) and saved.training
         saved = _saved(self.name, saved, self.spec.stat_shape(kshape, groups, training))
         dt = x.dtype
+        sdt = _stat_dtype(dt)
         pshape = self.spec.param_shape(kshape)
         dx = np.empty(kshape, dt)
-        dweight = None if weight is None else np.empty(pshape, dt)
-        dbias = None if bias is None else np.empty(pshape, dt)
-        mean = np.ascontiguousarray(saved.mean, dtype=dt)
-        rstd = np.ascontiguousarray(saved.rstd, dtype=dt)
+        dweight = None if weight is None else np.empty(pshape, sdt)
+        dbias = None if bias is None else np.empty(pshape, sdt)
+        mean = np.ascontiguousarray(saved.mean, dtype=sdt)
+        rstd = np.ascontiguousarray(saved.rstd, dtype=sdt)
         direction = "backward" if training else "backward_infer"
         _, kernel = registry.lookup(self.name, direction, _KERNEL_DTYPES[dt], backend)
-        dy, x = dy.reshape(kshape), x.reshape(kshape)
+        dy, x = _bits(dy.reshape(kshape)), _bits(x.reshape(kshape))
         if self.spec.grouped:
-            kernel(dy, x, groups, mean, rstd, weight, dx, dweight, dbias)
+            kernel(dy, x, groups, mean, rstd, weight, _bits(dx), dweight, dbias)
         else:
-            kernel(dy, x, mean, rstd, weight, dx, dweight, dbias)
+            kernel(dy, x, mean, rstd, weight, _bits(dx), dweight, dbias)
+        dweight, dbias = (g if g is None or to is None or g.dtype == to else g.astype(to)
+                          for g, to in zip((dweight, dbias), grad_dtypes))
         return dx, dweight, dbias
 
 
@@ -199,17 +235,19 @@ class _ChannelOp(Op):
         if running_mean is None:
             raise checks.missing_running(op, spec.training_flag)
         # copies: Saved must not alias buffers that a later training step updates in place
-        rm, rv = np.array(running_mean, dtype=x.dtype), np.array(running_var, dtype=x.dtype)
+        sdt = _stat_dtype(x.dtype)
+        rm, rv = np.array(running_mean, dtype=sdt), np.array(running_var, dtype=sdt)
         y = np.empty(kshape, x.dtype)
         used, kernel = registry.lookup(op, "forward_infer", _KERNEL_DTYPES[x.dtype], backend)
-        kernel(x.reshape(kshape), weight, bias, rm, rv, eps, y)
-        rstd = (1.0 / np.sqrt(rv.astype(np.float64) + eps)).astype(x.dtype)
+        kernel(_bits(x.reshape(kshape)), weight, bias, rm, rv, eps, _bits(y))
+        rstd = (1.0 / np.sqrt(rv.astype(np.float64) + eps)).astype(sdt)
         return y.reshape(x.shape), Saved(rm, rstd, False, used)
 
     def _channel_backward(self, grad_output, x, saved, weight, bias, backend):
-        x, kshape, weight, bias = self._check(x, weight, bias)
+        x, kshape, weight_k, bias_k = self._check(x, weight, bias)
         dy = _grad_output(self.name, grad_output, x)
-        dx, dweight, dbias = self._backward(dy, x, kshape, None, saved, weight, bias, backend)
+        dx, dweight, dbias = self._backward(dy, x, kshape, None, saved, weight_k, bias_k, backend,
+                                            (_grad_dtype(weight, x), _grad_dtype(bias, x)))
         return dx.reshape(x.shape), dweight, dbias
 
 
@@ -257,9 +295,10 @@ class GroupNorm(Op):
         return y.reshape(x.shape), saved
 
     def backward(self, grad_output, x, saved, num_groups, weight=None, bias=None, eps=1e-5, *, backend=None):
-        x, kshape, groups, weight, bias = self._check(x, num_groups, weight, bias)
+        x, kshape, groups, weight_k, bias_k = self._check(x, num_groups, weight, bias)
         dy = _grad_output(self.name, grad_output, x)
-        dx, dweight, dbias = self._backward(dy, x, kshape, groups, saved, weight, bias, backend)
+        dx, dweight, dbias = self._backward(dy, x, kshape, groups, saved, weight_k, bias_k, backend,
+                                            (_grad_dtype(weight, x), _grad_dtype(bias, x)))
         return dx.reshape(x.shape), dweight, dbias
 
 
@@ -288,9 +327,10 @@ class LayerNorm(Op):
 
     def backward(self, grad_output, x, saved, normalized_shape, weight=None, bias=None, eps=1e-5, *,
                  backend=None):
-        x, kshape, weight, bias, shape = self._check(x, normalized_shape, weight, bias)
+        x, kshape, weight_k, bias_k, shape = self._check(x, normalized_shape, weight, bias)
         dy = _grad_output(self.name, grad_output, x)
-        dx, dweight, dbias = self._backward(dy, x, kshape, None, saved, weight, bias, backend)
+        dx, dweight, dbias = self._backward(dy, x, kshape, None, saved, weight_k, bias_k, backend,
+                                            (_grad_dtype(weight, x), _grad_dtype(bias, x)))
         unflat = lambda g: None if g is None else g.reshape(shape)  # noqa: E731
         return dx.reshape(x.shape), unflat(dweight), unflat(dbias)
 

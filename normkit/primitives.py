@@ -6,18 +6,29 @@ import numbers
 
 import numpy as np
 
+from . import half
+from .contract import HALF_DTYPES
+
 
 def _float_array(fn: str, name: str, a) -> np.ndarray:
     a = np.asarray(a)
-    if a.dtype.kind != "f":
+    if a.dtype.kind != "f" and a.dtype.name not in HALF_DTYPES:  # ml_dtypes' bfloat16 is not of kind "f"
         raise TypeError(f"{fn}: {name} must be a float array, got dtype {a.dtype}")
     return a
+
+
+def _rounded(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """float64 values in ``dtype``, rounded once (a float64 -> bfloat16 cast would round twice, via float32)."""
+    if dtype.name in HALF_DTYPES:
+        return half.narrow(values, dtype.name).view(dtype)
+    return values.astype(dtype)
 
 
 def moments(x, axes, keepdims: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Mean and biased variance of ``x`` over ``axes`` (like ``tf.nn.moments``).
 
-    Two passes accumulated in float64 (never E[x^2] - E[x]^2), returned in ``x``'s dtype.
+    Two passes accumulated in float64 (never E[x^2] - E[x]^2), returned in ``x``'s dtype (rounded once, also to
+    float16 or ml_dtypes' bfloat16).
     For BatchNorm statistics of an NCHW batch use ``axes=(0, 2, 3)``; of an (N, C) batch ``axes=[0]``.
     """
     x = _float_array("moments", "x", x)
@@ -42,7 +53,7 @@ def moments(x, axes, keepdims: bool = False) -> tuple[np.ndarray, np.ndarray]:
     var = np.square(x64 - mean).mean(axis=axes, keepdims=keepdims)
     if not keepdims:
         mean = mean.reshape(var.shape)
-    return mean.astype(x.dtype), var.astype(x.dtype)
+    return _rounded(mean, x.dtype), _rounded(var, x.dtype)
 
 
 def batch_normalization(x, mean, variance, offset, scale, variance_epsilon):
@@ -66,4 +77,4 @@ def batch_normalization(x, mean, variance, offset, scale, variance_epsilon):
         y = y * arrays["scale"]
     if arrays["offset"] is not None:
         y = y + arrays["offset"]
-    return y.astype(x.dtype)
+    return _rounded(y, x.dtype)

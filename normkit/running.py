@@ -17,5 +17,7 @@ def update_running(running_mean: np.ndarray, running_var: np.ndarray, batch_mean
     mean = batch_mean.astype(np.float64)
     if mean.ndim == 2:
         mean, var = mean.mean(axis=0), var.mean(axis=0)
-    running_mean[...] = (1.0 - momentum) * running_mean + momentum * mean
-    running_var[...] = (1.0 - momentum) * running_var + momentum * var
+    # 16-bit buffers (float16, bfloat16) are read in float64, so that the update rounds once, to their own dtype
+    widen = (lambda r: r.astype(np.float64) if r.dtype.itemsize == 2 else r)
+    running_mean[...] = (1.0 - momentum) * widen(running_mean) + momentum * mean
+    running_var[...] = (1.0 - momentum) * widen(running_var) + momentum * var
