@@ -44,6 +44,20 @@ def param(op: str, name: str, shape_: tuple, dtype_, want_shape: tuple, want_dty
         raise ValueError(f"{op}: {name} must have shape {tuple(want_shape)}, got {tuple(shape_)}")
 
 
+def half_params(op: str, dtype_name: str, given: dict) -> None:
+    """For a 16-bit input, as PyTorch's CPU kernels require: the weight, bias and running statistics given (name ->
+    dtype name) share one dtype, float32 or the input's."""
+    if dtype_name not in HALF_DTYPES:
+        return
+    for name, d in given.items():
+        if d not in ("float32", dtype_name):
+            raise TypeError(f"{op}: {name} must be float32 or the input's dtype {dtype_name}, got {d}")
+    if len(set(given.values())) > 1:
+        named = ", ".join(f"{n} {d}" for n, d in given.items())
+        raise TypeError(f"{op}: with a {dtype_name} input, weight, bias and running statistics must share one dtype "
+                        f"(float32 or {dtype_name}), got {named}")
+
+
 def running(op: str, name: str, shape_: tuple, is_float: bool, dtype_, c: int) -> None:
     """running_mean / running_var: a float vector of the input's C channels (any float dtype)."""
     if not is_float:

@@ -9,8 +9,9 @@ microseconds of Python on top of the kernel.
 else). As PyTorch's CPU kernels, they take weight and bias in float32 or in the input's dtype, and running
 statistics in any float dtype (updated in their own); the output has the input's dtype, the saved statistics are
 float32, and weight / bias gradients have the dtype of weight / bias. The kernels see the data as ``np.uint16``
-bit patterns (views, no copy) and everything else as float32 (:mod:`normkit.contract`). A torch tensor handed to an op goes to :mod:`normkit.torch`, which
-never comes back here.
+bit patterns (views, no copy) and everything else as float32 (:mod:`normkit.contract`).
+
+A torch tensor handed to an op goes to :mod:`normkit.torch`, which never comes back here.
 """
 
 from __future__ import annotations
@@ -60,6 +61,11 @@ def _bits(a: np.ndarray) -> np.ndarray:
 def _stat_dtype(dt: np.dtype) -> np.dtype:
     """The dtype of the saved statistics (and of the kernels' weight / bias / gradients) for input dtype ``dt``."""
     return np.dtype(stat_dtype(_KERNEL_DTYPES[dt]))
+
+
+def _half_params(op: str, x: np.ndarray, **arrays) -> None:
+    """For a 16-bit input: the parameters given share one dtype, float32 or the input's (as in PyTorch)."""
+    checks.half_params(op, x.dtype.name, {n: np.asarray(a).dtype.name for n, a in arrays.items() if a is not None})
 
 
 def _grad_dtype(p, x: np.ndarray) -> np.dtype:
@@ -212,16 +218,21 @@ class _ChannelOp(Op):
         x = as_input(op, "input", x)
         c = x.shape[1]
         kshape = (x.shape[0], c, x.size // (x.shape[0] * c))
+        if _is_half(x.dtype):
+            _half_params(op, x, weight=weight, bias=bias)
         return x, kshape, as_param(op, "weight", weight, (c,), x.dtype), as_param(op, "bias", bias, (c,), x.dtype)
 
     def _channel_forward(self, x, running_mean, running_var, weight, bias, training, momentum, eps, backend):
         op, spec = self.name, self.spec
+        weight_in, bias_in = weight, bias
         x, kshape, weight, bias = self._check(x, weight, bias)
         eps = _eps(op, eps)
         c = kshape[1]
         if checks.running_pair(op, running_mean, running_var):
             running_mean = as_running(op, "running_mean", running_mean, c, writable=training)
             running_var = as_running(op, "running_var", running_var, c, writable=training)
+            if _is_half(x.dtype):
+                _half_params(op, x, weight=weight_in, bias=bias_in, running_mean=running_mean, running_var=running_var)
         if training:
             if not (type(momentum) is float and 0.0 <= momentum <= 1.0):
                 momentum = checks.momentum(op, momentum)
@@ -285,6 +296,8 @@ class GroupNorm(Op):
         n, c = x.shape[:2]
         groups = num_groups if type(num_groups) is int and num_groups > 0 and not c % num_groups else \
             checks.num_groups(op, num_groups, c)
+        if _is_half(x.dtype):
+            _half_params(op, x, weight=weight, bias=bias)
         weight = as_param(op, "weight", weight, (c,), x.dtype)
         bias = as_param(op, "bias", bias, (c,), x.dtype)
         return x, (n, c, x.size // (n * c)), groups, weight, bias
@@ -315,6 +328,8 @@ class LayerNorm(Op):
             x = as_input(op, "input", x, min_ndim=len(normalized_shape))
             checks.trailing(op, x.shape, normalized_shape)
         k = math.prod(normalized_shape)
+        if _is_half(x.dtype):
+            _half_params(op, x, weight=weight, bias=bias)
         weight = as_param(op, "weight", weight, normalized_shape, x.dtype)
         bias = as_param(op, "bias", bias, normalized_shape, x.dtype)
         return (x, (x.size // k, k), None if weight is None else weight.reshape(k),

@@ -75,7 +75,7 @@ arrays) or to float32 (everything else), and the kernels get the data arrays as 
 reference, plus the tolerance above computed with float32's eps (the slack of float32 arithmetic, far below an
 ulp on well-conditioned data); where the reference rounds to +-inf (overflow), that inf is expected (or a value
 within the tolerance). Float32 outputs (mean, rstd, dweight, dbias, the split directions' sums) get the float32
-tolerances. The data kinds differ: float16 cannot hold means of 1e6 or 1e8 (they are left out), and an
+tolerances. The data kinds differ: float16 cannot hold means of 1e6 or 1e8 (they are left out; 1e3 is added), and an
 ``overflow`` kind multiplies the weight so that y and dx leave the 16-bit range where |xhat| is large.
 """
 
@@ -118,10 +118,12 @@ _DATA_SHAPE = {
 _DATA = {"offset1e4": 1e-5, "offset1e6": 1e-5, "offset1e8": 1e-5, "constant": 1e-5, "small_var": 1e-3,
          "nan": 1e-5}
 _QUICK_DATA = ("offset1e4", "offset1e8", "constant", "small_var", "nan", "overflow")
-# The 16-bit dtypes' data kinds: float16's largest value is 65504, so no offsets beyond 1e4 there; the weight of the
-# overflow kind (float32) makes y and dx exceed the 16-bit range for large |xhat|.
+# The 16-bit dtypes' data kinds: float16's largest value is 65504, so no offsets beyond 1e4 there (and at 1e4, with
+# float16's spacing of 8, std-1 sets are constant; at 1e3 they are not); the weight of the overflow kind (float32)
+# makes y and dx exceed the 16-bit range for large |xhat|.
 _HALF_DATA = {"bfloat16": {**_DATA, "overflow": 1e-5},
-              "float16": {k: v for k, v in {**_DATA, "overflow": 1e-5}.items() if k not in ("offset1e6", "offset1e8")}}
+              "float16": {"offset1e3": 1e-5, **{k: v for k, v in {**_DATA, "overflow": 1e-5}.items()
+                                                if k not in ("offset1e6", "offset1e8")}}}
 _OVERFLOW_WEIGHT = {"bfloat16": 1e38, "float16": 3e4}
 # ulps of the 16-bit type allowed on its outputs (the contract's bounds)
 _HALF_ULPS = {"y": 1, "dx": 2}

@@ -385,7 +385,7 @@ def test_cases_cover_the_hard_shapes_and_data():
     assert ("groupnorm", (1, 6, 1), 6) in shapes  # S = 1, groups = C
     assert ("groupnorm", (3, 4, 5), 1) in shapes  # groups = 1
     assert {c.data for c in all_cases} == {"normal", "offset1e4", "offset1e6", "offset1e8", "constant",
-                                           "small_var", "nan", "overflow"}
+                                           "small_var", "nan", "overflow", "offset1e3"}
     # float16 holds no mean of 1e6; the overflow kind is the 16-bit dtypes' only
     assert not any(c.dtype == "float16" and c.data in ("offset1e6", "offset1e8") for c in all_cases)
     assert {c.dtype for c in all_cases if c.data == "overflow"} == {"bfloat16", "float16"}

@@ -14,6 +14,14 @@ only when they are not); outputs are allocated (see below) and handed to the ker
 statistics stay NumPy arrays (tensors only where a custom op returns or receives them).
 The domain is torch's: empty batches, negative ``eps`` and any ``momentum`` are accepted and give what
 ``torch.nn.functional`` gives.
+
+bfloat16 and float16 tensors: as torch's CPU kernels, with weight / bias in float32 or in the input's dtype, running
+statistics in either (updated in their own dtype), the output in the input's dtype, float32 saved statistics and
+gradients in each parameter's dtype. The kernels get the 16-bit data as ``np.uint16`` views of the tensors' memory
+(``t.view(torch.int16)``, no copy) and everything else as float32 (:mod:`normkit.contract`). Under
+``torch.autocast("cpu", ...)`` torch casts nothing for the norm ops (they are in none of its CPU autocast lists), so
+normkit's ops, receiving what torch's would, do what torch's do: a 16-bit convolution's output is normalized in its
+16-bit dtype with the float32 parameters.
 """
 
 from __future__ import annotations
@@ -31,8 +39,13 @@ from ..running import update_running
 
 __all__ = ["batch_norm", "group_norm", "instance_norm", "layer_norm"]
 
-_KERNEL_DTYPES = {torch.float32: "float32", torch.float64: "float64"}
-_NP_DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
+_KERNEL_DTYPES = {torch.float32: "float32", torch.float64: "float64", torch.bfloat16: "bfloat16",
+                  torch.float16: "float16"}
+_HALF = (torch.bfloat16, torch.float16)
+# input dtype -> the dtype of the saved statistics, and of weight, bias, dweight, dbias as the kernels see them
+_STAT_DTYPES = {torch.float32: torch.float32, torch.float64: torch.float64, torch.bfloat16: torch.float32,
+                torch.float16: torch.float32}
+_NP_STAT_DTYPES = {dt: np.dtype(str(s).removeprefix("torch.")) for dt, s in _STAT_DTYPES.items()}
 _is_compiling = torch.compiler.is_compiling
 _DENSE = torch.contiguous_format
 
@@ -71,15 +84,23 @@ def _params(op: str, x: Tensor, shape: tuple, weight, bias) -> tuple[Optional[Te
         if p is not None and (p.dtype != x.dtype or p.shape != shape):
             checks.param(op, name, p.shape, _dtype_name(p), shape, _dtype_name(x))
         out.append(p)
+    if x.dtype in _HALF:
+        _half_params(op, x, weight=out[0], bias=out[1])
     return out[0], out[1]
 
 
-def _running(op: str, x: Tensor, running_mean, running_var) -> bool:
+def _half_params(op: str, x: Tensor, **tensors) -> None:
+    checks.half_params(op, _dtype_name(x), {n: _dtype_name(t) for n, t in tensors.items() if t is not None})
+
+
+def _running(op: str, x: Tensor, running_mean, running_var, weight=None, bias=None) -> bool:
     running_mean, running_var = _tensor(op, "running_mean", running_mean), _tensor(op, "running_var", running_var)
     if not checks.running_pair(op, running_mean, running_var):
         return False
     for name, r in (("running_mean", running_mean), ("running_var", running_var)):
         checks.running(op, name, r.shape, r.is_floating_point(), _dtype_name(r), x.shape[1])
+    if x.dtype in _HALF:
+        _half_params(op, x, weight=weight, bias=bias, running_mean=running_mean, running_var=running_var)
     return True
 
 
@@ -89,10 +110,10 @@ def _check_saved(op: str, dy: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, sta
     if dy.dtype != x.dtype:
         raise TypeError(f"{op}: grad_output must have the input's dtype {_dtype_name(x)}, got {_dtype_name(dy)}")
     for name, s in (("mean", mean), ("rstd", rstd)):
-        if tuple(s.shape) != tuple(stats_shape) or s.dtype != x.dtype:
+        if tuple(s.shape) != tuple(stats_shape) or s.dtype != _STAT_DTYPES[x.dtype]:
             raise ValueError(f"{op}: saved {name} must have shape {tuple(stats_shape)} and dtype "
-                             f"{_dtype_name(x)}, got {tuple(s.shape)} and {_dtype_name(s)}; pass what forward "
-                             f"returned")
+                             f"{_dtype_name(mean.new_empty(0, dtype=_STAT_DTYPES[x.dtype]))}, got "
+                             f"{tuple(s.shape)} and {_dtype_name(s)}; pass what forward returned")
 
 
 # --- the kernels on tensors: shared by the eager path and the custom ops ---------------------------------------
@@ -110,18 +131,27 @@ def _check_saved(op: str, dy: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, sta
 
 def _np(t: Optional[Tensor]):
     """A NumPy view of a CPU tensor's memory, for the kernel to read (below autograd). ``force=True`` detaches
-    without a copy; it would copy only a tensor NumPy cannot view (a negative-bit one), which a read tolerates."""
-    return None if t is None else t.numpy(force=True)
+    without a copy; it would copy only a tensor NumPy cannot view (a negative-bit one), which a read tolerates.
+    16-bit tensors give their bit patterns (``np.uint16``), as the kernels take them."""
+    if t is None:
+        return None
+    if t.dtype in _HALF:
+        return t.detach().view(torch.int16).numpy(force=True).view(np.uint16)
+    return t.numpy(force=True)
 
 
 def _flat(t: Optional[Tensor]):
+    """weight / bias as the kernels take them: flat, and in float32 when they are 16-bit (a copy of C values)."""
     if t is None:
         return None
-    a = t.numpy(force=True)
+    a = t.detach().float().numpy() if t.dtype in _HALF else t.numpy(force=True)
     return a if a.ndim == 1 else a.reshape(-1)
 
 
 def _writable(t: Tensor) -> np.ndarray:
+    """A NumPy view for a kernel to write (16-bit: the bit patterns)."""
+    if t.dtype in _HALF:
+        return t.detach().view(torch.int16).numpy().view(np.uint16)
     return t.detach().numpy() if t.requires_grad else t.numpy()
 
 
@@ -151,10 +181,10 @@ def _forward(spec: OpSpec, x: Tensor, weight, bias, eps: float, groups: int, ksh
     not made and come back None). ``kshape`` is ``_kernel_shape`` of ``x``."""
     x, weight, bias = _contiguous(x), _contiguous(weight), _contiguous(bias)
     y = torch.empty_like(x, memory_format=_DENSE)
-    ya = y.numpy()
+    ya = _writable(y)
     if running_mean is None:
         stat = spec.stat_shape(kshape, groups)
-        dtype = _NP_DTYPES[x.dtype]
+        dtype = _NP_STAT_DTYPES[x.dtype]
         mean, rstd = np.empty(stat, dtype), np.empty(stat, dtype)
         if ya.size:
             kernel = registry.lookup(spec.name, "forward", _KERNEL_DTYPES[x.dtype], backend)[1]
@@ -166,11 +196,12 @@ def _forward(spec: OpSpec, x: Tensor, weight, bias, eps: float, groups: int, ksh
         elif mean.size:  # sets without values (torch's empty layer_norm rows): mean 0, variance 0
             mean.fill(0.0), rstd.fill(1.0 / math.sqrt(eps) if eps > 0 else math.inf if eps == 0 else math.nan)
         return y, mean, rstd
-    if save or running_mean.dtype != x.dtype or running_var.dtype != x.dtype or not (
+    sdt = _STAT_DTYPES[x.dtype]
+    if save or running_mean.dtype != sdt or running_var.dtype != sdt or not (
             running_mean.is_contiguous() and running_var.is_contiguous()):
         # fresh arrays: saved statistics must not alias the running ones, which the next training step changes
-        rm = mean = x.new_empty(kshape[1]).copy_(running_mean).numpy()
-        rv = x.new_empty(kshape[1]).copy_(running_var).numpy()
+        rm = mean = x.new_empty(kshape[1], dtype=sdt).copy_(running_mean).numpy()
+        rv = x.new_empty(kshape[1], dtype=sdt).copy_(running_var).numpy()
     else:  # nothing is saved: the kernel only reads them
         mean = None
         rm, rv = _np(running_mean), _np(running_var)
@@ -187,11 +218,12 @@ def _forward(spec: OpSpec, x: Tensor, weight, bias, eps: float, groups: int, ksh
 def _backward(spec: OpSpec, dy: Tensor, x: Tensor, mean: np.ndarray, rstd: np.ndarray, weight, groups: int,
               kshape: tuple, batch_stats: bool, pshape: tuple, weight_grad: bool, bias_grad: bool,
               backend) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
-    """dx and, when asked for, dweight and dbias (None otherwise). ``mean``/``rstd``: contiguous NumPy arrays."""
+    """dx and, when asked for, dweight and dbias (None otherwise; float32 for a 16-bit x, whatever the parameters'
+    dtype: the callers cast them). ``mean``/``rstd``: contiguous NumPy arrays."""
     dy, x, weight = _contiguous(dy), _contiguous(x), _contiguous(weight)
     dx = torch.empty_like(x, memory_format=_DENSE)
-    dxa = dx.numpy()
-    dtype = _NP_DTYPES[x.dtype]
+    dxa = _writable(dx)
+    dtype = _NP_STAT_DTYPES[x.dtype]
     dwa = np.empty(pshape, dtype) if weight_grad else None
     dba = np.empty(pshape, dtype) if bias_grad else None
     dw, db = _from_numpy(dwa), _from_numpy(dba)
@@ -238,16 +270,28 @@ class _Call:
         return y
 
 
+_NUMPY_RUNNING = (torch.float32, torch.float64)
+
+
 def _update_running_now(running_mean: Tensor, running_var: Tensor, mean: np.ndarray, rstd: np.ndarray, eps: float,
                         count: int, momentum: float) -> None:
     """The eager update: NumPy on the buffers' own memory (a few µs on (C,) vectors where torch operations cost
     tens), except for dtypes NumPy lacks. The buffers are written, so their views come from ``numpy()``, which never
     copies (``numpy(force=True)`` could)."""
-    if running_mean.dtype in _KERNEL_DTYPES and running_var.dtype in _KERNEL_DTYPES:
+    if running_mean.dtype in _NUMPY_RUNNING and running_var.dtype in _NUMPY_RUNNING:
         update_running(_writable(running_mean), _writable(running_var), mean, rstd, eps, count, momentum)
     else:
         _update_running_traced(running_mean, running_var, torch.from_numpy(mean), torch.from_numpy(rstd), eps,
                                count, momentum)
+
+
+def _param_grads(dw: Optional[Tensor], db: Optional[Tensor], weight_dtype, bias_dtype):
+    """The kernels' float32 gradients of 16-bit parameters, in the parameters' dtype (rounded once)."""
+    if dw is not None and dw.dtype != weight_dtype:
+        dw = dw.to(weight_dtype)
+    if db is not None and db.dtype != bias_dtype:
+        db = db.to(bias_dtype)
+    return dw, db
 
 
 def _grads(ctx, dy):
@@ -256,6 +300,8 @@ def _grads(ctx, dy):
     c = ctx.call
     dx, dw, db = _backward(c.spec, dy, x, c.mean, c.rstd, weight, c.groups, c.kshape, c.batch_stats, c.pshape,
                            need_w, need_b, c.backend)
+    if x.dtype in _HALF:
+        dw, db = _param_grads(dw, db, ctx.param_dtypes[0], ctx.param_dtypes[1])
     return dx if need_x else None, dw, db, None
 
 
@@ -268,6 +314,8 @@ class _Norm(torch.autograd.Function):
         y = call.forward(x, weight, bias, save=True)
         ctx.save_for_backward(x, weight)
         ctx.call = call
+        if x.dtype in _HALF:
+            ctx.param_dtypes = tuple(None if p is None else p.dtype for p in (weight, bias))
         return y
 
     @staticmethod
@@ -295,12 +343,14 @@ def _stat_shape(spec: OpSpec, x: Tensor, groups: int, ndims: int, batch_stats: b
 
 def _fake_forward(spec, x, groups, ndims, batch_stats):
     shape = _stat_shape(spec, x, groups, ndims, batch_stats)
-    return x.new_empty(x.shape), x.new_empty(shape), x.new_empty(shape)
+    sdt = _STAT_DTYPES[x.dtype]
+    return x.new_empty(x.shape), x.new_empty(shape, dtype=sdt), x.new_empty(shape, dtype=sdt)
 
 
 def _grads_or_empty(x: Tensor, dx, dw, db):
     """Custom ops cannot return None: a gradient that is not wanted is an empty tensor."""
-    return dx, x.new_empty((0,)) if dw is None else dw, x.new_empty((0,)) if db is None else db
+    sdt = _STAT_DTYPES[x.dtype]
+    return dx, x.new_empty((0,), dtype=sdt) if dw is None else dw, x.new_empty((0,), dtype=sdt) if db is None else db
 
 
 def _op_outputs(y: Tensor, mean: np.ndarray, rstd: np.ndarray) -> tuple[Tensor, Tensor, Tensor]:
@@ -313,8 +363,9 @@ def _stat(t: Tensor) -> np.ndarray:
 
 
 def _fake_backward(x, pshape, weight_grad, bias_grad):
-    return (x.new_empty(x.shape), x.new_empty(pshape if weight_grad else (0,)),
-            x.new_empty(pshape if bias_grad else (0,)))
+    sdt = _STAT_DTYPES[x.dtype]
+    return (x.new_empty(x.shape), x.new_empty(pshape if weight_grad else (0,), dtype=sdt),
+            x.new_empty(pshape if bias_grad else (0,), dtype=sdt))
 
 
 _BN, _IN, _GN, _LN = (SPECS[n] for n in ("batchnorm", "instancenorm", "groupnorm", "layernorm"))
@@ -447,18 +498,20 @@ def _(grad_output, input, mean, rstd, normalized_shape, weight, weight_grad, bia
 
 
 def _channel_setup(ctx, inputs, output):
-    x, weight, _bias, _rm, _rv, batch_stats, _eps, backend = inputs
+    x, weight, bias, _rm, _rv, batch_stats, _eps, backend = inputs
     _y, mean, rstd = output
     ctx.save_for_backward(x, weight, mean, rstd)
     ctx.extra, ctx.backend = batch_stats, backend
+    ctx.param_dtypes = tuple(None if p is None else p.dtype for p in (weight, bias))
     ctx.mark_non_differentiable(mean, rstd)
 
 
 def _group_setup(ctx, inputs, output):  # group_norm and layer_norm: (x, num_groups | normalized_shape, w, b, ...)
-    x, extra, weight, _bias, _eps, backend = inputs
+    x, extra, weight, bias, _eps, backend = inputs
     _y, mean, rstd = output
     ctx.save_for_backward(x, weight, mean, rstd)
     ctx.extra, ctx.backend = extra, backend
+    ctx.param_dtypes = tuple(None if p is None else p.dtype for p in (weight, bias))
     ctx.mark_non_differentiable(mean, rstd)
 
 
@@ -471,6 +524,8 @@ def _autograd(backward_op, weight_at: int):
         need_w, need_b = need[weight_at], need[weight_at + 1]
         dx, dw, db = backward_op(dy, x, mean, rstd, *((ctx.extra, weight) if weight_at == 2 else (weight, ctx.extra)),
                                  need_w, need_b, ctx.backend)
+        if x.dtype in _HALF:
+            dw, db = _param_grads(dw if need_w else None, db if need_b else None, *ctx.param_dtypes)
         grads = [None] * len(need)
         grads[0], grads[weight_at], grads[weight_at + 1] = (dx if need[0] else None, dw if need_w else None,
                                                              db if need_b else None)
@@ -494,7 +549,7 @@ def _check_channel_op(spec, x, weight, bias, running_mean, running_var, batch_st
     checks.eps(spec.name, eps, strict=False)
     if batch_stats:
         checks.stats_count(spec.name, x.shape, per_instance=spec.sets == "instance")
-    elif not _running(spec.name, x, running_mean, running_var):
+    elif not _running(spec.name, x, running_mean, running_var, weight, bias):
         raise checks.missing_running(spec.name, spec.training_flag)
 
 
@@ -552,7 +607,7 @@ def _channel(spec: OpSpec, custom_op, input, running_mean, running_var, weight, 
     x = _input(op, input)
     c = x.shape[1]
     weight, bias = _params(op, x, (c,), weight, bias)
-    has_running = _running(op, x, running_mean, running_var)
+    has_running = _running(op, x, running_mean, running_var, weight, bias)
     eps = _eps(op, eps)
     if batch_stats:
         count = checks.stats_count(op, x.shape, per_instance=spec.sets == "instance")

@@ -28,7 +28,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..split import (Stats, apply_coefficients, backward_coefficients, batchnorm_apply, batchnorm_backward_apply,
                      batchnorm_backward_reduce, batchnorm_stats, merge_stats)
-from .functional import _KERNEL_DTYPES, _input, _np, _params, batch_norm
+from .functional import _input, _np, _params, batch_norm
 
 __all__ = ["SyncBatchNorm", "convert_sync_batchnorm"]
 
@@ -177,8 +177,9 @@ class SyncBatchNorm(_BatchNorm):
                               self.eps, backend=self.backend)
 
         x = _input(_OP, input)
-        if x.dtype not in _KERNEL_DTYPES:  # pragma: no cover - _input raises first
-            raise TypeError(f"{_OP}: input must be float32 or float64")
+        if x.dtype not in (torch.float32, torch.float64):  # the split kernels' NumPy functions take no others
+            raise TypeError(f"{_OP}: synchronized statistics need a float32 or float64 input, got "
+                            f"{str(x.dtype).removeprefix('torch.')}; cast it (or its model) to float32")
         weight, bias = _params(_OP, x, (x.shape[1],), self.weight, self.bias)
         return _SyncBatchNormFunction.apply(x, weight, bias, running_mean, running_var, float(self.eps),
                                             float(factor), group, self.backend)
