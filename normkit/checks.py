@@ -51,7 +51,7 @@ def half_params(op: str, dtype_name: str, given: dict) -> None:
         return
     for name, d in given.items():
         if d not in ("float32", dtype_name):
-            raise TypeError(f"{op}: {name} must be float32 or the input's dtype {dtype_name}, got {d}")
+            raise TypeError(f"{op}: {name} must have the input's dtype {dtype_name} or float32, got {d}")
     if len(set(given.values())) > 1:
         named = ", ".join(f"{n} {d}" for n, d in given.items())
         raise TypeError(f"{op}: with a {dtype_name} input, weight, bias and running statistics must share one dtype "

@@ -1,0 +1,269 @@
+"""bfloat16 and float16 in the frontends: NumPy (float16, ml_dtypes' bfloat16) and PyTorch (tensors, mixed float32
+parameters, autograd, the custom ops, modules and models under torch.autocast). The kernels come from the
+registry's order: the reference where no compiled backend declares 16-bit kernels, theirs where one does."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+
+import normkit
+from normkit import half, reference
+from normkit.contract import HALF_DTYPES
+
+ml_dtypes = pytest.importorskip("ml_dtypes")
+NUMPY = {"bfloat16": np.dtype(ml_dtypes.bfloat16), "float16": np.dtype(np.float16)}
+
+
+# --- NumPy -----------------------------------------------------------------------------------------------------
+
+def _calls(x, w, b):
+    c = x.shape[1]
+    rm, rv = np.linspace(-0.5, 0.5, c).astype(w.dtype), np.linspace(0.5, 2, c).astype(w.dtype)
+    return {
+        "batchnorm": (normkit.get("bn"), (x, None, None, w, b, True), {}),
+        "batchnorm_infer": (normkit.get("bn"), (x, rm, rv, w, b, False), {}),
+        "instancenorm": (normkit.get("in"), (x, None, None, w, b, True), {}),
+        "groupnorm": (normkit.get("gn"), (x, 3, w, b), {}),
+        "layernorm": (normkit.get("ln"), (x, x.shape[-1:], np.ones(x.shape[-1], w.dtype), None), {}),
+    }
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+@pytest.mark.parametrize("params", ["float32", "same"])
+def test_numpy_ops_take_16_bit_arrays(dtype, params):
+    rng = np.random.default_rng(0)
+    dt = NUMPY[dtype]
+    pdt = np.dtype(np.float32) if params == "float32" else dt
+    x64 = 3 + 2 * rng.standard_normal((4, 6, 7, 5))
+    x = x64.astype(np.float32).astype(dt)
+    w, b = (1 + 0.5 * rng.standard_normal(6)).astype(pdt), (0.5 * rng.standard_normal(6)).astype(pdt)
+    for name, (op, args, kw) in _calls(x, w, b).items():
+        before = x.copy()
+        y, saved = op.forward(*args, **kw)
+        assert y.dtype == dt and y.shape == x.shape and saved.mean.dtype == np.float32, name
+        assert np.array_equal(x.view(np.uint16), before.view(np.uint16))  # input untouched
+        # the same values as the float64 ops on the widened input, rounded once (the reference is exact)
+        args64 = [a.astype(np.float64) if isinstance(a, np.ndarray) else a for a in args]
+        y64 = op(*args64)
+        assert np.array_equal(y.view(np.uint16), half.narrow(y64, dtype)), name
+        dy = rng.standard_normal(x.shape).astype(np.float32).astype(dt)
+        dx, dw, db = op.backward(dy, args[0], saved, *args[1:], **kw)
+        assert dx.dtype == dt
+        if name != "layernorm":
+            assert dw.dtype == pdt and db.dtype == pdt
+        saved64 = normkit.ops.Saved(saved.mean.astype(np.float64), saved.rstd.astype(np.float64), saved.training,
+                                    saved.backend)
+        dx64, dw64, _ = op.backward(dy.astype(np.float64), args64[0], saved64, *args64[1:], **kw)
+        assert np.array_equal(dx.view(np.uint16), half.narrow(dx64, dtype)), name
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+@pytest.mark.parametrize("running", ["float32", "same"])
+def test_numpy_running_statistics_update_in_their_own_dtype(dtype, running):
+    dt = NUMPY[dtype]
+    rdt = np.dtype(np.float32) if running == "float32" else dt
+    x = np.random.default_rng(1).standard_normal((8, 4, 3)).astype(np.float32).astype(dt)
+    rm, rv = np.zeros(4, rdt), np.ones(4, rdt)
+    normkit.get("bn")(x, rm, rv, training=True, momentum=0.5)
+    assert rm.dtype == rdt and rv.dtype == rdt
+    x64 = x.astype(np.float64)
+    want_mean = 0.5 * x64.mean(axis=(0, 2))
+    want_var = 0.5 + 0.5 * x64.var(axis=(0, 2), ddof=1)
+    np.testing.assert_allclose(rm.astype(np.float64), want_mean, rtol=2 * float(np.finfo(rdt).eps), atol=1e-6)
+    np.testing.assert_allclose(rv.astype(np.float64), want_var, rtol=2 * float(np.finfo(rdt).eps))
+
+
+def test_numpy_16_bit_mixed_dtypes_follow_torch():
+    x = np.ones((2, 4, 3), ml_dtypes.bfloat16)
+    f32, bf = np.ones(4, np.float32), np.ones(4, ml_dtypes.bfloat16)
+    with pytest.raises(TypeError, match="groupnorm: weight must have the input's dtype bfloat16 or float32, got "
+                                        "float16"):
+        normkit.get("gn")(x, 2, np.ones(4, np.float16))
+    with pytest.raises(TypeError, match="groupnorm: with a bfloat16 input, weight, bias and running statistics must "
+                                        "share one dtype \\(float32 or bfloat16\\), got weight float32, bias bfloat16"):
+        normkit.get("gn")(x, 2, f32, bf)
+    with pytest.raises(TypeError, match="batchnorm: with a bfloat16 input.*weight bfloat16, running_mean float32"):
+        normkit.get("bn")(x, np.zeros(4, np.float32), np.ones(4, np.float32), bf, None, True)
+    with pytest.raises(TypeError, match="layernorm: weight must have the input's dtype float32, got bfloat16"):
+        normkit.get("ln")(np.ones((2, 4), np.float32), (4,), bf)
+    with pytest.raises(TypeError, match="grad_output must have the input's dtype bfloat16, got float16"):
+        y, s = normkit.get("gn").forward(x, 2)
+        normkit.get("gn").backward(np.ones(x.shape, np.float16), x, s, 2)
+
+
+def test_numpy_non_contiguous_and_byte_order_16_bit_inputs():
+    rng = np.random.default_rng(2)
+    base = rng.standard_normal((4, 6, 10)).astype(np.float32).astype(ml_dtypes.bfloat16)
+    x = base[:, :, ::2]
+    y = normkit.get("gn")(x, 2)
+    assert np.array_equal(y.view(np.uint16), normkit.get("gn")(np.ascontiguousarray(x), 2).view(np.uint16))
+    h = rng.standard_normal((3, 4, 5)).astype(np.float16)
+    swapped = h.astype(h.dtype.newbyteorder(">"))
+    assert np.array_equal(normkit.get("in")(swapped), normkit.get("in")(h))
+
+
+def test_numpy_primitives_round_once_to_16_bit():
+    x = np.random.default_rng(3).standard_normal((6, 5)).astype(np.float32).astype(ml_dtypes.bfloat16)
+    mean, var = normkit.moments(x, [0])
+    assert mean.dtype == x.dtype and var.dtype == x.dtype
+    x64 = x.astype(np.float64)
+    assert np.array_equal(var.view(np.uint16), half.narrow(x64.var(axis=0), "bfloat16"))
+    y = normkit.batch_normalization(x, mean, var, None, None, 1e-3)
+    assert y.dtype == x.dtype
+
+
+# --- PyTorch ---------------------------------------------------------------------------------------------------
+
+torch = pytest.importorskip("torch")
+from torch import nn  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import normkit.torch as nt  # noqa: E402
+
+TORCH = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+def test_torch_kernels_get_views_not_copies(dtype, monkeypatch):
+    """The 16-bit data reach the kernel as uint16 views of the tensors' memory; the output is written in place."""
+    seen = {}
+    kernel = reference.KERNELS[("groupnorm", "forward", dtype)]
+
+    def spy(x, groups, w, b, eps, y, mean, rstd):
+        seen.update(x=x, y=y, w=w)
+        kernel(x, groups, w, b, eps, y, mean, rstd)
+
+    normkit.register_backend(normkit.Backend("spy16", normkit.registry.runtime_module(
+        {("groupnorm", "forward", dtype): spy}), {"groupnorm": ("forward",)}, dtypes=(dtype,)))
+    try:
+        x = torch.randn(2, 4, 3).to(TORCH[dtype])
+        y = nt.group_norm(x, 2, torch.ones(4), None, backend="spy16")
+    finally:
+        normkit.unregister_backend("spy16")
+    assert seen["x"].dtype == np.uint16 and seen["x"].ctypes.data == x.data_ptr()
+    assert seen["y"].ctypes.data == y.data_ptr() and seen["w"].dtype == np.float32
+    assert y.dtype == x.dtype
+
+
+def test_torch_16_bit_errors_follow_torch():
+    x = torch.ones(2, 4, 3, dtype=torch.bfloat16)
+    with pytest.raises(TypeError, match="groupnorm: weight must have the input's dtype float32, got bfloat16"):
+        nt.group_norm(torch.ones(2, 4, 3), 2, torch.ones(4, dtype=torch.bfloat16))
+    with pytest.raises(TypeError, match="weight must have the input's dtype bfloat16 or float32, got float16"):
+        nt.layer_norm(x, (3,), torch.ones(3, dtype=torch.float16))
+    with pytest.raises(TypeError, match="must share one dtype .*weight bfloat16, running_mean float32"):
+        nt.batch_norm(x, torch.zeros(4), torch.ones(4), torch.ones(4, dtype=torch.bfloat16), None, True)
+    for f in (F, nt):  # torch refuses the same
+        with pytest.raises((TypeError, RuntimeError)):
+            f.group_norm(x, 2, torch.ones(4), torch.ones(4, dtype=torch.bfloat16))
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+def test_torch_running_statistics_in_their_own_dtype(dtype):
+    for rdt in (torch.float32, TORCH[dtype]):
+        x = torch.randn(8, 4, 3).to(TORCH[dtype])
+        rm, rv = torch.zeros(4, dtype=rdt), torch.ones(4, dtype=rdt)
+        rm_t, rv_t = rm.clone(), rv.clone()
+        nt.batch_norm(x, rm, rv, None, None, True, 0.5)
+        F.batch_norm(x, rm_t, rv_t, None, None, True, 0.5)
+        assert rm.dtype == rdt and rv.dtype == rdt
+        torch.testing.assert_close(rm, rm_t, atol=2e-3, rtol=1e-2)
+        torch.testing.assert_close(rv, rv_t, atol=2e-3, rtol=1e-2)
+
+
+def _forward_samples(dtype):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 4, 5, generator=g).to(dtype)
+    w, b = torch.randn(4, generator=g), torch.randn(4, generator=g)
+    wh, bh = w.to(dtype), b.to(dtype)
+    rm, rv = torch.randn(4, generator=g), torch.rand(4, generator=g) + 0.5
+    ops = torch.ops.normkit
+    return [
+        (ops.batch_norm, (x, w, b, None, None, True, 1e-5, None)),
+        (ops.batch_norm, (x, wh, None, rm.to(dtype), rv.to(dtype), False, 1e-3, None)),
+        (ops.instance_norm, (x, w, b, rm, rv, False, 1e-5, None)),
+        (ops.group_norm, (x, 2, wh, bh, 1e-5, None)),
+        (ops.layer_norm, (x, [5], torch.randn(5, generator=g), None, 1e-5, None)),
+    ]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_custom_ops_opcheck_16_bit(dtype):
+    ops = torch.ops.normkit
+    for op, args in _forward_samples(dtype):
+        torch.library.opcheck(op, args)
+        x = args[0]
+        _, mean, rstd = op(*args)
+        assert mean.dtype == torch.float32
+        dy = torch.randn(x.shape).to(dtype)
+        if op in (ops.batch_norm, ops.instance_norm):
+            backward = ops.batch_norm_backward if op is ops.batch_norm else ops.instance_norm_backward
+            bargs = (dy, x, mean, rstd, args[1], args[5], True, args[2] is not None, None)
+        else:
+            backward = ops.group_norm_backward if op is ops.group_norm else ops.layer_norm_backward
+            bargs = (dy, x, mean, rstd, args[1], args[2], True, args[3] is not None, None)
+        torch.library.opcheck(backward, bargs)
+
+
+# --- models under torch.autocast -------------------------------------------------------------------------------
+
+def _assert_model_like_torch(model, inputs, dtype, atol):
+    """model (torch.nn) and its converted twin, under autocast, from the same weights: output dtype and values,
+    parameter and gradient dtypes, gradients, running statistics."""
+    twin = nt.convert(copy.deepcopy(model))
+    outs = []
+    for m in (model, twin):
+        with torch.autocast("cpu", dtype=dtype):
+            y = m(*inputs)
+        g = torch.Generator().manual_seed(7)
+        (y.float() * torch.randn(y.shape, generator=g)).sum().backward()
+        outs.append(y)
+    assert outs[1].dtype == outs[0].dtype
+    scale = outs[0].float().abs().max().item()
+    torch.testing.assert_close(outs[1].float(), outs[0].float(), atol=atol * scale, rtol=0)
+    # gradients on the scale of the largest one: a bias before a norm layer that removes per-channel constants
+    # (GroupNorm with a channel per group) has a gradient of exactly 0, and what autograd computes is noise
+    grad_scale = max(p.grad.abs().max().item() for p in model.parameters())
+    for (name, p), q in zip(model.named_parameters(), twin.parameters()):
+        assert q.dtype == p.dtype and q.grad.dtype == p.grad.dtype, name
+        torch.testing.assert_close(q.grad, p.grad, atol=atol * grad_scale, rtol=0, msg=name)
+    for (name, a), b in zip(model.state_dict().items(), twin.state_dict().values()):
+        assert a.dtype == b.dtype, name
+        torch.testing.assert_close(b.float(), a.float(), atol=atol * (1 + a.float().abs().max().item()), rtol=0,
+                                   msg=name)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("stack", ["bn_relu", "gn_silu"])
+def test_converted_cnn_under_autocast_matches_torch(stack, dtype):
+    torch.manual_seed(0)
+    if stack == "bn_relu":
+        model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
+                              nn.Conv2d(16, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
+                              nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10))
+    else:
+        model = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.GroupNorm(8, 32), nn.SiLU(),
+                              nn.Conv2d(32, 32, 3, padding=1), nn.GroupNorm(8, 32), nn.SiLU(),
+                              nn.Conv2d(32, 3, 1))
+    x = torch.randn(4, 3, 12, 12)
+    # one 16-bit ulp of difference in a norm layer's output moves the next layers' by about as much
+    atol = 4 * float(torch.finfo(dtype).eps)
+    _assert_model_like_torch(model, (x,), dtype, atol)
+    # eval mode: running statistics
+    model.eval()
+    twin = nt.convert(copy.deepcopy(model)).eval()
+    with torch.autocast("cpu", dtype=dtype), torch.no_grad():
+        y, y_nk = model(x), twin(x)
+    assert y_nk.dtype == y.dtype
+    torch.testing.assert_close(y_nk.float(), y.float(), atol=atol * y.float().abs().max().item(), rtol=0)
+
+
+@pytest.mark.parametrize("name", ["resnet", "unet", "transformer"])
+def test_normkit_models_under_bf16_autocast(name):
+    from normkit.torch.models import MODELS
+
+    model, inputs = MODELS[name](quick=True)
+    _assert_model_like_torch(model, inputs, torch.bfloat16, 8 * float(torch.finfo(torch.bfloat16).eps))
