@@ -76,14 +76,15 @@ def _grad_dtype(p, x: np.ndarray) -> np.dtype:
 # --- NumPy arrays ----------------------------------------------------------------------------------------------
 
 def as_input(op: str, name: str, x, min_ndim: int = 2) -> np.ndarray:
-    """A float32/float64, native-byte-order, C-contiguous, non-empty array (copied only when needed; never
-    modified)."""
+    """A float32/float64/bfloat16/float16, native-byte-order, C-contiguous, non-empty array (copied only when
+    needed; never modified)."""
     if (type(x) is np.ndarray and x.dtype in _KERNEL_DTYPES and x.ndim >= min_ndim and x.flags.c_contiguous
             and x.size):
         return x
     if not isinstance(x, np.ndarray):
         if isinstance(x, (str, bytes)) or x is None:
-            raise TypeError(f"{op}: {name} must be a float32 or float64 array, got {checks.describe(x)}")
+            raise TypeError(f"{op}: {name} must be a float32, float64, bfloat16 or float16 array, got "
+                            f"{checks.describe(x)}")
         x = np.asarray(x)
     checks.dtype(op, name, x.dtype.name)
     checks.shape(op, name, x.shape, min_ndim)

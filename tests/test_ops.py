@@ -78,11 +78,13 @@ BAD_CALLS = [
      r"layernorm: weight must have shape \(3, 3\), got \(9,\)"),
     ("ln", (x4(), "3"), {}, TypeError, r"layernorm: normalized_shape must be an int or a tuple of ints, got str"),
     ("ln", (x4(), None), {}, TypeError, r"layernorm: normalized_shape must be an int or a tuple of ints, got NoneType"),
-    ("gn", (np.ones((2, 4, 3), np.int64), 2), {}, TypeError, r"groupnorm: input must be float32 or float64, got dtype int64"),
+    ("gn", (np.ones((2, 4, 3), np.int64), 2), {}, TypeError,
+     r"groupnorm: input must be float32, float64, bfloat16 or float16, got dtype int64"),
     ("gn", (np.ones((2, 4, 3), np.complex128), 2), {}, TypeError, r"got dtype complex128"),
     ("gn", (np.ones((2, 4, 3), object), 2), {}, TypeError, r"got dtype object"),
-    ("gn", (np.ones((2, 4, 3), np.float16), 2), {}, TypeError, r"groupnorm: input must be float32 or float64, got dtype float16"),
-    ("gn", ("abc", 2), {}, TypeError, r"groupnorm: input must be a float32 or float64 array, got str"),
+    ("gn", (np.ones((2, 4, 3), np.float16), 2, np.ones(4, np.float64)), {}, TypeError,
+     r"groupnorm: weight must have the input's dtype float16 or float32, got float64"),
+    ("gn", ("abc", 2), {}, TypeError, r"groupnorm: input must be a float32, float64, bfloat16 or float16 array, got str"),
     ("gn", (np.ones((0, 4, 3), np.float32), 2), {}, ValueError, r"groupnorm: input is empty \(shape \(0, 4, 3\)\)"),
 ]
 
