@@ -87,8 +87,11 @@ def prepare(case: Case, direction: str, inputs: dict) -> tuple[Callable[[], obje
 
     if case.op not in BASELINES:
         raise ValueError(f"{case.op}: normkit's bench has no PyTorch baseline for this op")
-    x = torch.from_numpy(inputs["x"]).view(case.shape)
-    dy = torch.from_numpy(inputs["dy"]).view(case.shape)
+    # 16-bit data: the same memory as the kernels' uint16 patterns, seen as torch's 16-bit dtype; weight and bias
+    # stay float32, the mixed types autocast gives torch's kernels after a 16-bit convolution
+    data = (lambda a: torch.from_numpy(a.view(np.int16)).view(getattr(torch, case.dtype))
+            if a.dtype == np.uint16 else torch.from_numpy(a))
+    x, dy = data(inputs["x"]).view(case.shape), data(inputs["dy"]).view(case.shape)
     w, b = torch.from_numpy(inputs["weight"]), torch.from_numpy(inputs["bias"])
     forward, backward = BASELINES[case.op](case, torch.ops.aten, x, dy, w, b)
 
@@ -101,6 +104,9 @@ def prepare(case: Case, direction: str, inputs: dict) -> tuple[Callable[[], obje
             return backward(mean, rstd)
 
     def output() -> np.ndarray:
-        return call()[0].numpy().reshape(case.kernel_shape)
+        out = call()[0]
+        if out.dtype in (torch.bfloat16, torch.float16):  # as the kernels store it
+            return out.view(torch.int16).numpy().view(np.uint16).reshape(case.kernel_shape)
+        return out.numpy().reshape(case.kernel_shape)
 
     return call, output

@@ -17,7 +17,8 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from .contract import DTYPES, OPS, SPECS, OpSpec, kernel_shape
+from . import half
+from .contract import DTYPES, HALF_DTYPES, OPS, SPECS, OpSpec, arg_dtype, kernel_shape, storage_dtype
 from .ops import get as get_op
 
 EPS = 1e-5
@@ -109,7 +110,7 @@ class Case:
     @property
     def nbytes(self) -> int:
         """Bytes of one input-sized array."""
-        return math.prod(self.shape) * np.dtype(self.dtype).itemsize
+        return math.prod(self.shape) * storage_dtype("forward", "x", self.dtype).itemsize
 
     def bytes_moved(self, direction: str) -> int:
         """Bytes a pass must move at the least: x and y forward; x, dy and dx backward."""
@@ -121,24 +122,37 @@ class Case:
     # --- arrays and kernel arguments ------------------------------------------------------------------------
 
     def make_inputs(self, seed: int = 0) -> dict[str, np.ndarray]:
-        """x, dy, weight, bias in kernel shapes: standard-normal data, weights near 1 and biases near 0."""
+        """x, dy, weight, bias in kernel shapes and storage (16-bit data as uint16 patterns, float32 parameters):
+        standard-normal data, weights near 1 and biases near 0."""
         rng = np.random.default_rng(seed)
-        dt = np.dtype(self.dtype)
-        return {
-            "x": rng.standard_normal(self.kernel_shape, dtype=dt),
-            "dy": rng.standard_normal(self.kernel_shape, dtype=dt),
-            "weight": (1.0 + 0.1 * rng.standard_normal(self.param_shape)).astype(dt),
-            "bias": (0.1 * rng.standard_normal(self.param_shape)).astype(dt),
+        data_dt = np.float32 if self.dtype in HALF_DTYPES else np.dtype(self.dtype)
+        values = {
+            "x": rng.standard_normal(self.kernel_shape, dtype=data_dt),
+            "dy": rng.standard_normal(self.kernel_shape, dtype=data_dt),
+            "weight": 1.0 + 0.1 * rng.standard_normal(self.param_shape),
+            "bias": 0.1 * rng.standard_normal(self.param_shape),
         }
+        return {name: self._stored(name, v) for name, v in values.items()}
+
+    def _stored(self, name: str, values: np.ndarray) -> np.ndarray:
+        """``values`` as the kernels take argument ``name`` (:func:`normkit.contract.storage_dtype`)."""
+        if storage_dtype("forward", name, self.dtype) == np.uint16:
+            return half.narrow(values, self.dtype)
+        return values.astype(arg_dtype("forward", name, self.dtype))
 
     def empty_outputs(self, direction: str) -> dict[str, np.ndarray]:
         """Preallocated outputs of one pass, already touched so that no timed call pays for first-touch."""
-        dt = np.dtype(self.dtype)
         if direction == "forward":
             names = {"y": self.kernel_shape, "mean": self.stat_shape, "rstd": self.stat_shape}
         else:
             names = {"dx": self.kernel_shape, "dweight": self.param_shape, "dbias": self.param_shape}
-        return {name: np.zeros(shape, dt) for name, shape in names.items()}
+        return {name: np.zeros(shape, storage_dtype(direction, name, self.dtype)) for name, shape in names.items()}
+
+    def values(self, name: str, a: np.ndarray) -> np.ndarray:
+        """The float64 values of a kernel argument ``name`` as stored (16-bit patterns widened)."""
+        if storage_dtype("forward", name, self.dtype) == np.uint16:
+            return half.widen(a, self.dtype)
+        return a.astype(np.float64)
 
     def forward_args(self, inputs: dict, out: dict) -> tuple:
         """Positional arguments of the training forward kernel (see :mod:`normkit.contract`)."""

@@ -6,6 +6,7 @@ import click
 
 import normkit
 from normkit import registry
+from normkit.contract import DTYPES
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -40,7 +41,7 @@ def list_command() -> None:
 @main.command("check")
 @click.argument("backend")
 @click.option("--op", "ops", multiple=True, help="Only this op (repeatable; aliases such as gn work).")
-@click.option("--dtype", "dtypes", multiple=True, type=click.Choice(["float32", "float64"]), help="Only this dtype.")
+@click.option("--dtype", "dtypes", multiple=True, type=click.Choice(DTYPES), help="Only this dtype.")
 @click.option("--quick", is_flag=True, help="A smaller set of cases.")
 @click.option("--all-failures", is_flag=True, help="Print every failure, not the first 40.")
 def check_command(backend: str, ops: tuple[str, ...], dtypes: tuple[str, ...], quick: bool,
@@ -96,7 +97,8 @@ def _backend_option(ctx, param, values):
 @click.option("--cases", "case_set", type=click.Choice(_case_sets()),
               help="A named case set from normkit.cases instead of --shape/--groups (filtered by --op): "
                    "'reference' is the README's performance table.")
-@click.option("--dtype", type=click.Choice(["float32", "float64"]), help="[default: float32, or the case set's]")
+@click.option("--dtype", type=click.Choice(DTYPES), help="[default: float32, or the case set's]; bfloat16 and "
+              "float16 store the data in 16 bits, with float32 weight and bias (PyTorch's baseline too)")
 @click.option("--backend", "backends", multiple=True, callback=_backend_option,
               help="Repeatable. [default: every installed backend except 'reference', the pure-NumPy oracle, which "
                    "is slow; name it to include it]")
@@ -117,8 +119,10 @@ def _backend_option(ctx, param, values):
               "against the same model converted to normkit's (needs PyTorch; takes --backend, --threads).")
 @click.option("--quick", is_flag=True, help="With --model: the models' small sizes.")
 @click.option("--steps", type=click.IntRange(min=1), help="With --model: timed steps per mode [default: 20].")
+@click.option("--autocast", type=click.Choice(["bfloat16", "float16"]), help="With --model: run the forwards under "
+              "torch.autocast('cpu', dtype=...) (mixed precision: 16-bit convolutions and norm-layer inputs).")
 def bench_command(op, shape, groups, case_set, dtype, backends, direction, threads, repeat, min_time, no_torch,
-                  json_path, plot_path, model, quick, steps) -> None:
+                  json_path, plot_path, model, quick, steps, autocast) -> None:
     """Time the training forward and backward of every selected backend against PyTorch's own CPU kernels and
     against a memory copy of the same bytes (the ceiling), interleaved call by call; print a table.
     With --model, time whole models instead (normkit.torch.benchmark)."""
@@ -127,10 +131,10 @@ def bench_command(op, shape, groups, case_set, dtype, backends, direction, threa
     from normkit import bench, cases
 
     if model is not None:
-        _bench_models(model, quick, steps, backends, threads)
+        _bench_models(model, quick, steps, backends, threads, autocast)
         return
-    if quick or steps is not None:
-        raise click.UsageError("--quick and --steps apply to --model only")
+    if quick or steps is not None or autocast is not None:
+        raise click.UsageError("--quick, --steps and --autocast apply to --model only")
     if plot_path:
         from normkit import bench_plot
 
@@ -171,10 +175,12 @@ def bench_command(op, shape, groups, case_set, dtype, backends, direction, threa
         click.echo(f"wrote {plot_path}")
 
 
-def _bench_models(name: str, quick: bool, steps: int | None, backends: list[str] | None, threads: int | None) -> None:
+def _bench_models(name: str, quick: bool, steps: int | None, backends: list[str] | None, threads: int | None,
+                  autocast: str | None = None) -> None:
     """``normkit bench --model NAME``: normkit.torch.benchmark on the models of normkit.torch.models."""
     ctx = click.get_current_context()
-    kernel_only = [p for p in ctx.command.params if p.name not in ("model", "quick", "steps", "backends", "threads")
+    kernel_only = [p for p in ctx.command.params if p.name not in ("model", "quick", "steps", "backends", "threads",
+                                                                    "autocast")
                    and ctx.get_parameter_source(p.name) is not click.core.ParameterSource.DEFAULT]
     if kernel_only:
         raise click.UsageError(f"--model times whole models; drop {', '.join(p.opts[0] for p in kernel_only)}")
@@ -207,7 +213,7 @@ def _bench_models(name: str, quick: bool, steps: int | None, backends: list[str]
             click.echo(f"[{n}{' --quick' if quick else ''}]")
             try:
                 results[n] = benchmark(model, inputs, steps=20 if steps is None else steps,
-                                       backend=backends[0] if backends else None, file=None)
+                                       backend=backends[0] if backends else None, autocast=autocast, file=None)
             except ModelMismatchError as exc:
                 raise click.ClickException(str(exc)) from None
             click.echo(results[n].format())

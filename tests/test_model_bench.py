@@ -184,6 +184,7 @@ def test_benchmark_raises_when_gradients_disagree(monkeypatch):
     (dict(loss_fn=lambda out: out), TypeError, r"benchmark: loss_fn must return a tensor with one element, got "
                                                r"Tensor\(4, 3\)"),
     (dict(file=3), TypeError, "benchmark: file must be a text stream or None, got int"),
+    (dict(autocast=torch.float64), ValueError, "benchmark: autocast must be None, torch.bfloat16 or torch.float16"),
     (dict(model=small_bn_model().requires_grad_(False)), ValueError,
      "benchmark: model has no parameter that requires grad, so there is no training step to time; pass train=False"),
     (dict(model=nn.Sequential(nn.Linear(3, 3))), ValueError,
@@ -202,6 +203,17 @@ def test_benchmark_argument_errors(kwargs, exc, match):
         nt.benchmark(args.pop("model"), args.pop("example_inputs"), **args)
     if before is not None:
         assert_unchanged(model, before)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", torch.float16])
+def test_benchmark_under_autocast(dtype):
+    """Both copies' forwards run under torch.autocast: the norm layers see 16-bit inputs and the outputs agree to
+    within the 16-bit tolerance."""
+    name = dtype if isinstance(dtype, str) else str(dtype).removeprefix("torch.")
+    res = nt.benchmark(small_bn_model(), torch.randn(4, 3, 8, 8), autocast=dtype, file=None, **QUICK)
+    assert res.autocast == name and f"under torch.autocast({name})" in res.format()
+    assert res.kernels["batchnorm"] == "reference"  # the registry's 16-bit kernel (no compiled one declares them)
+    assert res.agreement["training output"] <= 8 * torch.finfo(getattr(torch, name)).eps
 
 
 def test_only_benchmark_is_new_in_normkit_torch():
@@ -224,6 +236,12 @@ def test_cli_model_quick():
     assert "model  " not in out  # no summary for a single model
 
 
+def test_cli_model_autocast():
+    result = run("--model", "resnet", "--quick", "--steps", "1", "--autocast", "bfloat16")
+    assert result.exit_code == 0, result.output
+    assert "under torch.autocast(bfloat16)" in result.output
+
+
 def test_cli_model_help_names_every_model():
     result = CliRunner().invoke(main, ["bench", "--help"])
     assert result.exit_code == 0
@@ -233,8 +251,8 @@ def test_cli_model_help_names_every_model():
 
 @pytest.mark.parametrize("args, message", [
     (["--model", "vgg"], "unknown model 'vgg'; choose from resnet, unet, transformer, all"),
-    (["--quick"], "--quick and --steps apply to --model only"),
-    (["--steps", "3", "--op", "ln"], "--quick and --steps apply to --model only"),
+    (["--quick"], "--quick, --steps and --autocast apply to --model only"),
+    (["--steps", "3", "--op", "ln"], "--quick, --steps and --autocast apply to --model only"),
     (["--model", "resnet", "--op", "ln", "--repeat", "3"], "--model times whole models; drop --op, --repeat"),
     (["--model", "resnet", "--backend", "reference", "--backend", "numba"], "at most one backend"),
     (["--model", "resnet", "--steps", "0"], "0 is not in the range x>=1"),

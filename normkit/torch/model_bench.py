@@ -6,7 +6,9 @@
 :func:`benchmark` deep-copies the model twice (the user's instance is never converted, run or modified), converts
 one copy with :func:`normkit.torch.convert`, checks that both copies compute the same outputs and gradients, then
 times a training step (zero_grad, forward, loss, backward, SGD step) and an inference step (``eval()`` under
-``torch.no_grad()``) of each, the two copies interleaved call by call, and reports medians.
+``torch.no_grad()``) of each, the two copies interleaved call by call, and reports medians. ``autocast=torch.bfloat16``
+(or float16) runs both copies' forwards under ``torch.autocast("cpu", dtype=...)``, mixed-precision training as
+on a real CPU model.
 """
 
 from __future__ import annotations
@@ -89,6 +91,7 @@ class BenchmarkResult:
     train: Optional[ModeResult] = None
     infer: Optional[ModeResult] = None
     notes: list[str] = field(default_factory=list)
+    autocast: Optional[str] = None  # the dtype of torch.autocast("cpu", ...) around the forwards, or None
 
     @property
     def modes(self) -> list[ModeResult]:
@@ -98,7 +101,8 @@ class BenchmarkResult:
         backend = self.backend or "registry order"
         lines = [
             f"{self.model}: inputs {self.inputs}; {self.steps} timed steps after {self.warmup} warm-up, "
-            f"interleaved{', torch.compile on both' if self.compiled else ''}",
+            f"interleaved{', torch.compile on both' if self.compiled else ''}"
+            f"{f', under torch.autocast({self.autocast})' if self.autocast else ''}",
             f"torch {torch.__version__}: {self.torch_threads} threads; normkit: {self.normkit_threads} threads, "
             f"backend {backend} (" + ", ".join(f"{op}: {name}" for op, name in self.kernels.items()) + ")",
             "converted: " + ", ".join(f"{n} {cls}" for cls, n in self.layers.items())
@@ -165,8 +169,9 @@ def _describe(inputs: tuple) -> str:
 
 # --- the agreement check ---------------------------------------------------------------------------------------
 
-def _compare(key: str, what: str, expected: Tensor, actual: Tensor, agreement: dict[str, float]) -> None:
-    """``actual`` (normkit) against ``expected`` (torch) to within RTOL of the expected tensor's largest
+def _compare(key: str, what: str, expected: Tensor, actual: Tensor, agreement: dict[str, float],
+             rtol: float = RTOL) -> None:
+    """``actual`` (normkit) against ``expected`` (torch) to within ``rtol`` of the expected tensor's largest
     magnitude; records the largest difference, relative to that magnitude, under ``key``."""
     expected, actual = expected.detach(), actual.detach()
     if expected.shape != actual.shape or expected.dtype != actual.dtype:
@@ -179,11 +184,11 @@ def _compare(key: str, what: str, expected: Tensor, actual: Tensor, agreement: d
         scale = scale if math.isfinite(scale) and scale > 0 else 1.0
         diff = (actual.double() - expected.double()).abs().max().item() / scale if expected.numel() else 0.0
         try:
-            torch.testing.assert_close(actual, expected, rtol=RTOL, atol=RTOL * scale, equal_nan=True)
+            torch.testing.assert_close(actual, expected, rtol=rtol, atol=rtol * scale, equal_nan=True)
         except AssertionError as exc:
             raise ModelMismatchError(
                 f"benchmark: the converted (normkit) copy's {what} differs from the torch.nn copy's on the example "
-                f"inputs (tolerance {RTOL:g} of its largest magnitude, {scale:.3g}):\n{exc}") from None
+                f"inputs (tolerance {rtol:g} of its largest magnitude, {scale:.3g}):\n{exc}") from None
     agreement[key] = max(agreement.get(key, 0.0), diff if math.isfinite(diff) else math.inf)
 
 
@@ -214,9 +219,32 @@ def _loss(loss_fn, out) -> Tensor:
 
 # --- the benchmark ---------------------------------------------------------------------------------------------
 
+def _autocast_dtype(value) -> Optional[torch.dtype]:
+    if value is None:
+        return None
+    dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(value, value)
+    if dtype not in (torch.bfloat16, torch.float16):
+        raise ValueError(f"benchmark: autocast must be None, torch.bfloat16 or torch.float16 (or their names), got "
+                         f"{value!r}")
+    return dtype
+
+
+def _autocasting(run: Callable, dtype: Optional[torch.dtype]) -> Callable:
+    """``run`` with its forward under ``torch.autocast("cpu", dtype)`` (the loss and backward stay outside, as in
+    PyTorch's mixed-precision recipe)."""
+    if dtype is None:
+        return run
+
+    def call(*args):
+        with torch.autocast("cpu", dtype=dtype):
+            return run(*args)
+
+    return call
+
+
 def benchmark(model: nn.Module, example_inputs, *, steps: int = 20, warmup: int = 3, train: bool = True,
               infer: bool = True, backend: Optional[str] = None, loss_fn: Optional[Callable[[Any], Tensor]] = None,
-              compile: bool = False, file=_STDOUT) -> BenchmarkResult:
+              compile: bool = False, autocast=None, file=_STDOUT) -> BenchmarkResult:
     """Time ``model`` with its torch.nn norm layers against a copy converted to normkit's; print a table.
 
     ``example_inputs`` is a tensor or a tuple of arguments: ``model(*example_inputs)``. Two deep copies are
@@ -230,7 +258,9 @@ def benchmark(model: nn.Module, example_inputs, *, steps: int = 20, warmup: int 
     ``infer``: time an ``eval()`` forward under ``torch.no_grad()``. Each mode runs ``warmup`` untimed steps and
     then ``steps`` timed ones, the two copies alternating (which one goes first alternates too); the result holds
     medians and the ratio normkit/torch of the medians. ``compile``: run both copies through ``torch.compile``
-    (compilation happens during the agreement check and is not timed). Threads are left as they are.
+    (compilation happens during the agreement check and is not timed). ``autocast``: ``torch.bfloat16`` or
+    ``torch.float16`` (or the name) runs every forward under ``torch.autocast("cpu", dtype=autocast)``; outputs
+    then agree to within a few ulps of that dtype instead of RTOL. Threads are left as they are.
     ``file``: where to print the table (default: ``sys.stdout`` at call time; None prints nothing).
     """
     if not isinstance(model, nn.Module):
@@ -245,6 +275,9 @@ def benchmark(model: nn.Module, example_inputs, *, steps: int = 20, warmup: int 
     steps = _check_int("steps", steps, 1)
     warmup = _check_int("warmup", warmup, 0)
     train, infer, compile = _check_bool("train", train), _check_bool("infer", infer), _check_bool("compile", compile)
+    autocast = _autocast_dtype(autocast)
+    # under autocast both copies round to 16 bits at every layer, so one ulp of a norm layer's output travels on
+    rtol = RTOL if autocast is None else max(RTOL, 8 * torch.finfo(autocast).eps)
     if not (train or infer):
         raise ValueError("benchmark: train and infer are both False; nothing to time")
     if backend is not None and not isinstance(backend, str):
@@ -277,7 +310,8 @@ def benchmark(model: nn.Module, example_inputs, *, steps: int = 20, warmup: int 
         raise ValueError(f"benchmark: model ({type(model).__name__}) has no torch.nn normalization layer that "
                          f"normkit.torch.convert replaces ({', '.join(sorted(_OPS))}); nothing to compare")
     notes = _coverage_notes(torch_model)
-    dtype = next((p.dtype for p in nk_model.parameters() if p.is_floating_point()), torch.float32)
+    # the norm layers see the autocast dtype (a 16-bit convolution's or linear layer's output)
+    dtype = autocast or next((p.dtype for p in nk_model.parameters() if p.is_floating_point()), torch.float32)
     kernels = {}
     for op in dict.fromkeys(_OPS[cls] for cls in layers):
         try:
@@ -288,7 +322,7 @@ def benchmark(model: nn.Module, example_inputs, *, steps: int = 20, warmup: int 
     if train and not any(p.requires_grad for p in nk_model.parameters()):
         raise ValueError("benchmark: model has no parameter that requires grad, so there is no training step to "
                          "time; pass train=False")
-    runners = [torch.compile(m) if compile else m for m in (torch_model, nk_model)]
+    runners = [_autocasting(torch.compile(m) if compile else m, autocast) for m in (torch_model, nk_model)]
     optimizers = [torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=SGD_LR, momentum=SGD_MOMENTUM)
                   for m in (torch_model, nk_model)] if train else []
     threads_before = torch.get_num_threads()
@@ -308,8 +342,9 @@ def benchmark(model: nn.Module, example_inputs, *, steps: int = 20, warmup: int 
             _loss(loss_fn, out).backward()
             first.setdefault("training step", []).append(time.perf_counter() - t0)
             outs.append(out)
-        _compare_outputs("training output", outs, agreement)
-        _compare_gradients(torch_model, nk_model, agreement)
+        _compare_outputs("training output", outs, agreement, rtol)
+        _compare_gradients(torch_model, nk_model, agreement,
+                           1e-3 if autocast is None else max(1e-3, torch.finfo(autocast).eps))
         for opt in optimizers:
             opt.zero_grad(set_to_none=True)
     if infer:
@@ -320,14 +355,15 @@ def benchmark(model: nn.Module, example_inputs, *, steps: int = 20, warmup: int 
             with torch.no_grad():
                 outs.append(run(*example_inputs))
             first.setdefault("inference step", []).append(time.perf_counter() - t0)
-        _compare_outputs("inference output", outs, agreement)
+        _compare_outputs("inference output", outs, agreement, rtol)
     notes.append("first calls, not timed (" + ("compilation, " if compile else "") + "JIT, first touch): " + "; ".join(
         f"{what} torch {t[0]:.2f} s, normkit {t[1]:.2f} s" for what, t in first.items()))
 
     result = BenchmarkResult(
         model=type(model).__name__, inputs=_describe(example_inputs), steps=steps, warmup=warmup, compiled=compile,
         backend=backend, torch_threads=threads_before, normkit_threads=registry.get_num_threads(), layers=layers,
-        kernels=kernels, agreement=agreement, notes=notes)
+        kernels=kernels, agreement=agreement, notes=notes,
+        autocast=None if autocast is None else str(autocast).removeprefix("torch."))
 
     if train:
         def train_step(m, run, opt):
@@ -360,12 +396,13 @@ def benchmark(model: nn.Module, example_inputs, *, steps: int = 20, warmup: int 
     return result
 
 
-def _compare_gradients(torch_model: nn.Module, nk_model: nn.Module, agreement: dict[str, float]) -> None:
+def _compare_gradients(torch_model: nn.Module, nk_model: nn.Module, agreement: dict[str, float],
+                       floor_factor: float = 1e-3) -> None:
     grads = [{n: p.grad for n, p in m.named_parameters() if p.requires_grad} for m in (torch_model, nk_model)]
     # a gradient that is zero in exact arithmetic (a conv bias in front of a norm layer) is rounding noise on both
-    # sides: the scale has a floor, 1e-3 of the largest gradient norm
+    # sides: the scale has a floor, 1e-3 of the largest gradient norm (the 16-bit eps under autocast)
     norms = {n: g.double().norm().item() for n, g in grads[0].items() if g is not None}
-    floor = 1e-3 * max(norms.values(), default=0.0)
+    floor = floor_factor * max(norms.values(), default=0.0)
     worst = 0.0
     for name, g in grads[0].items():
         h = grads[1][name]
@@ -384,13 +421,13 @@ def _compare_gradients(torch_model: nn.Module, nk_model: nn.Module, agreement: d
     agreement["gradients"] = worst
 
 
-def _compare_outputs(what: str, outs: Sequence, agreement: dict[str, float]) -> None:
+def _compare_outputs(what: str, outs: Sequence, agreement: dict[str, float], rtol: float = RTOL) -> None:
     expected, actual = _leaves(outs[0]), _leaves(outs[1])
     if len(expected) != len(actual):
         raise ModelMismatchError(f"benchmark: {what}: the copies return different structures")
     for e, a in zip(expected, actual):
         if isinstance(e, Tensor) and isinstance(a, Tensor):
-            _compare(what, what, e, a, agreement)
+            _compare(what, what, e, a, agreement, rtol)
 
 
 def _coverage_notes(torch_model: nn.Module) -> list[str]:
