@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
 
@@ -30,4 +32,13 @@ def test_quick_start_is_two_commands_and_ci_runs_them_verbatim():
 
 def test_numpy_examples_run():
     for block in code_blocks(section("NumPy usage"), "python"):
+        exec(compile(block, "README.md", "exec"), {})
+
+
+def test_16_bit_examples_run():
+    pytest.importorskip("ml_dtypes")
+    pytest.importorskip("torch")
+    blocks = code_blocks(section("16-bit storage and mixed precision"), "python")
+    assert len(blocks) == 2
+    for block in blocks:
         exec(compile(block, "README.md", "exec"), {})
