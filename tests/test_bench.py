@@ -224,6 +224,18 @@ def test_bench_rows_and_ratios():
         assert all(r.check == "ok" for r in result.rows if r.kind == "backend")
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_bench_16_bit(dtype):
+    """16-bit data (half the bytes of float32), float32 parameters; PyTorch's kernels on the same memory agree."""
+    result = bench.bench("all", shape=(2, 8, 4, 4), groups=2, dtype=dtype, backends=["reference"], repeat=2)
+    for r in result.rows:
+        assert r.bytes == (2 if r.direction == "forward" else 3) * 2 * 8 * 16 * 2
+    if HAS_TORCH:
+        assert all(r.check == "ok" for r in result.rows if r.kind == "backend")
+        assert {r.op for r in result.rows if r.kind == "baseline"} == {"batchnorm", "groupnorm", "layernorm",
+                                                                       "instancenorm"}
+
+
 def test_bench_without_baseline():
     result = bench.bench("ln", shape=(4, 8), backends=["reference"], direction="forward", repeat=2, baseline=False)
     assert [r.name for r in result.rows] == ["reference", "copy"]

@@ -442,6 +442,15 @@ def test_cli_check_passes_a_correct_backend():
     assert result.output.startswith("backend 'reference' conforms:")
 
 
+def test_cli_check_takes_the_16_bit_dtypes():
+    result = CliRunner().invoke(main, ["check", "reference", "--quick", "--op", "ln", "--dtype", "bfloat16",
+                                       "--dtype", "float16"])
+    assert result.exit_code == 0, result.output
+    n = sum(len(testing.cases("layernorm", d, t, quick=True)) for d in ("forward", "backward")
+            for t in ("bfloat16", "float16"))
+    assert result.output.startswith(f"backend 'reference' conforms: {n} cases passed")
+
+
 def test_cli_check_fails_a_broken_backend(register):
     name = register("unbiased3", {("batchnorm", "forward"): batchnorm_unbiased_variance})
     result = CliRunner().invoke(main, ["check", name, "--op", "bn"])

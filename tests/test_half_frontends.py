@@ -267,3 +267,30 @@ def test_normkit_models_under_bf16_autocast(name):
 
     model, inputs = MODELS[name](quick=True)
     _assert_model_like_torch(model, inputs, torch.bfloat16, 8 * float(torch.finfo(torch.bfloat16).eps))
+
+
+def test_torch_compile_under_autocast_matches_eager():
+    """The custom ops under torch.compile with 16-bit inputs and float32 parameters: fake outputs of the right
+    dtypes (fullgraph: no graph break), the same results as eager. aot_eager traces with fake tensors and autograd
+    as inductor does, without inductor's C++ compilation (minutes on a shared machine)."""
+    torch.manual_seed(0)
+    model = nt.convert(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+                                     nn.Conv2d(8, 8, 3, padding=1), nn.GroupNorm(2, 8), nn.Flatten(),
+                                     nn.Linear(8 * 25, 16), nn.LayerNorm(16)))
+    twin = copy.deepcopy(model)
+    compiled = torch.compile(twin, backend="aot_eager", fullgraph=True)
+    x = torch.randn(4, 3, 5, 5)
+    proj = torch.randn(4, 16)
+    outs = []
+    for m in (model, compiled):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = m(x)
+        (y.float() * proj).sum().backward()
+        outs.append(y)
+    assert outs[1].dtype == outs[0].dtype
+    torch.testing.assert_close(outs[1], outs[0], atol=0, rtol=0)
+    for (name, p), q in zip(model.named_parameters(), twin.parameters()):
+        assert q.grad.dtype == p.grad.dtype == torch.float32
+        torch.testing.assert_close(q.grad, p.grad, msg=name)
+    for (name, a), b in zip(model.state_dict().items(), twin.state_dict().values()):
+        torch.testing.assert_close(b, a, msg=name)
