@@ -75,9 +75,10 @@ arrays) or to float32 (everything else), and the kernels get the data arrays as 
 reference, plus the tolerance above computed with float32's eps (the slack of float32 arithmetic, far below an
 ulp on well-conditioned data); where the reference rounds to +-inf (overflow), that inf is expected (or a value
 within the tolerance). bfloat16's range is float32's, so float32 arithmetic may overflow an intermediate where the
-result is finite: there an inf of the right sign is accepted for results within the format's top binade. Float32 outputs (mean, rstd, dweight, dbias, the split directions' sums) get the float32
-tolerances. The data kinds differ: float16 cannot hold means of 1e6 or 1e8 (they are left out; 1e3 is added), and an
-``overflow`` kind multiplies the weight so that y and dx leave the 16-bit range where |xhat| is large.
+result is finite: there an inf of the right sign is accepted for results within the format's top binade. Float32
+outputs (mean, rstd, dweight, dbias, the split directions' sums) get the float32 tolerances. The data kinds differ:
+float16 cannot hold means of 1e6 or 1e8 (they are left out; 1e3 is added), and an ``overflow`` kind multiplies the
+weight so that y and dx leave the 16-bit range where |xhat| is large.
 """
 
 from __future__ import annotations

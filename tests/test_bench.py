@@ -372,7 +372,8 @@ def test_cli_threads(monkeypatch):
     (["--direction", "sideways"], "Invalid value for '--direction'"),
     (["--threads", "100000"], "Invalid value for '--threads': set_num_threads: 100000 threads requested"),
     (["--repeat", "0"], "Invalid value for '--repeat'"),
-    (["--dtype", "float16"], "Invalid value for '--dtype': 'float16' is not one of 'float32', 'float64'"),
+    (["--dtype", "float8"],
+     "Invalid value for '--dtype': 'float8' is not one of 'float32', 'float64', 'bfloat16', 'float16'"),
 ])
 def test_cli_usage_errors(args, message):
     result = run(*args)

@@ -8,6 +8,7 @@ import copy
 
 import numpy as np
 import pytest
+from hypothesis import given, settings, strategies as st
 
 import normkit
 from normkit import half, reference
@@ -58,6 +59,30 @@ def test_numpy_ops_take_16_bit_arrays(dtype, params):
                                     saved.backend)
         dx64, dw64, _ = op.backward(dy.astype(np.float64), args64[0], saved64, *args64[1:], **kw)
         assert np.array_equal(dx.view(np.uint16), half.narrow(dx64, dtype)), name
+
+
+@settings(max_examples=20)
+@given(dtype=st.sampled_from(HALF_DTYPES), n=st.integers(1, 3), c=st.sampled_from([1, 2, 6]),
+       s=st.integers(1, 9), offset=st.sampled_from([0.0, 100.0]), strided=st.booleans(), data=st.data())
+def test_numpy_16_bit_shapes_match_the_rounded_float64_ops(dtype, n, c, s, offset, strided, data):
+    """Awkward shapes (N=1, C=1, S=1, groups=C), offsets and strided inputs: the 16-bit result is the float64
+    op's on the widened input, rounded once (the kernels come from the registry's order)."""
+    groups = data.draw(st.sampled_from([g for g in (1, 2, c) if c % g == 0]))
+    rng = np.random.default_rng(n * 100 + c * 10 + s)
+    x = (offset + rng.standard_normal((n, c, 2 * s))).astype(np.float32).astype(NUMPY[dtype])
+    x = x[:, :, ::2] if strided else np.ascontiguousarray(x[:, :, :s])
+    w, b = (1 + 0.5 * rng.standard_normal(c)).astype(np.float32), rng.standard_normal(c).astype(np.float32)
+    x64 = x.astype(np.float64)
+    for op, args in (("gn", (groups, w, b)), ("ln", ((s,),)), ("in", (None, None, w, b, True))):
+        if op == "in" and s == 1:
+            continue  # no statistics of one value
+        y = normkit.get(op)(x, *args)
+        y64 = normkit.get(op)(x64, *[a.astype(np.float64) if isinstance(a, np.ndarray) else a for a in args])
+        assert np.array_equal(y.view(np.uint16), half.narrow(y64, dtype)), op
+    if n * s > 1:
+        y = normkit.get("bn")(x, None, None, w, b, True)
+        y64 = normkit.get("bn")(x64, None, None, w.astype(np.float64), b.astype(np.float64), True)
+        assert np.array_equal(y.view(np.uint16), half.narrow(y64, dtype))
 
 
 @pytest.mark.parametrize("dtype", HALF_DTYPES)

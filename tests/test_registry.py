@@ -494,7 +494,7 @@ def test_register_backend_refuses_a_taken_name_unless_replace():
 @pytest.mark.parametrize("kwargs, message", [
     ({"kernels": {"rmsnorm": ("forward",)}}, "unknown op 'rmsnorm'"),
     ({"kernels": {"groupnorm": ("forward_infer",)}}, r"unknown direction\(s\) \['forward_infer'\] for groupnorm"),
-    ({"kernels": {}, "dtypes": ("float16",)}, r"unsupported dtype\(s\) \['float16'\]"),
+    ({"kernels": {}, "dtypes": ("float8",)}, r"unsupported dtype\(s\) \['float8'\]"),
     ({"kernels": {}, "contract": 0}, "targets kernel contract 0, this normkit speaks contract 1"),
     ({"kernels": {"layernorm": "forward"}}, "directions for layernorm must be a sequence, got the string 'forward'"),
     ({"kernels": {}, "dtypes": "float32"}, "dtypes must be a sequence of dtype names, got the string 'float32'"),
