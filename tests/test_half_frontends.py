@@ -186,6 +186,15 @@ def test_torch_16_bit_errors_follow_torch():
             f.group_norm(x, 2, torch.ones(4), torch.ones(4, dtype=torch.bfloat16))
 
 
+def test_layers_without_a_16_bit_path_say_so():
+    x = torch.randn(2, 4, 3, 3).bfloat16()
+    for layer in (nt.BatchRenorm2d(4), nt.GhostBatchNorm2d(4, virtual_batch_size=1)):
+        with pytest.raises(TypeError, match=f"{type(layer).__name__}: training takes a float32 or float64 input, "
+                                            f"got bfloat16"):
+            layer(x)
+    assert nt.BatchRenorm2d(4).eval()(x).dtype == torch.bfloat16  # eval is plain batch_norm
+
+
 @pytest.mark.parametrize("dtype", HALF_DTYPES)
 def test_torch_running_statistics_in_their_own_dtype(dtype):
     for rdt in (torch.float32, TORCH[dtype]):

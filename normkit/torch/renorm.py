@@ -94,6 +94,10 @@ class _RenormGhostForward:
         if count <= 1:
             raise ValueError(f"{type(self).__name__}: expected more than 1 value per channel "
                              f"{'per ghost batch ' if vbs else ''}when training, got input size {tuple(input.shape)}")
+        if input.dtype not in (torch.float32, torch.float64):  # the core is NumPy float32/float64 code
+            raise TypeError(f"{type(self).__name__}: training takes a float32 or float64 input, got "
+                            f"{str(input.dtype).removeprefix('torch.')}; cast it to float32 (torch.autocast: end the "
+                            f"autocast region before this layer)")
         core = self._core_for(input, self._renorm and has_running)
         out = []
         y = _CoreTrain.apply(input, self.weight, self.bias, core, out)
