@@ -58,9 +58,15 @@ def _bits(a: np.ndarray) -> np.ndarray:
     return a.view(np.uint16) if a.dtype.itemsize == 2 else a
 
 
+_STAT_DTYPES: dict = {}  # input dtype -> stat dtype, filled on first use (a dict look-up on every call after)
+
+
 def _stat_dtype(dt: np.dtype) -> np.dtype:
     """The dtype of the saved statistics (and of the kernels' weight / bias / gradients) for input dtype ``dt``."""
-    return np.dtype(stat_dtype(_KERNEL_DTYPES[dt]))
+    sdt = _STAT_DTYPES.get(dt)
+    if sdt is None:
+        sdt = _STAT_DTYPES[dt] = np.dtype(stat_dtype(_KERNEL_DTYPES[dt]))
+    return sdt
 
 
 def _half_params(op: str, x: np.ndarray, **arrays) -> None:
