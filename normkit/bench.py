@@ -1,5 +1,7 @@
 """``normkit bench`` as a library function: time the training forward and backward of the normalization ops for
-every selected backend, against PyTorch's own CPU kernels and against a memory copy of the same bytes.
+every selected backend, against PyTorch's own CPU kernels (and, with ``compile=True``, ``torch.compile``'d
+``torch.nn.functional`` calls), and against the memory ceiling: a copy and a pure read of the same bytes on the
+same number of threads (:mod:`normkit.ceiling`).
 
 How the measurement stays honest on a noisy machine:
 
@@ -11,7 +13,8 @@ How the measurement stays honest on a noisy machine:
   clock speed or in other processes' load hits all of them alike, and no contender always runs right after the
   same neighbour (whose leftover threads or cache contents could help or hurt it);
 - each row reports the median and the p10-p90 spread over rounds; the ratio to PyTorch is taken within each
-  round and then the median of those ratios, and so is the percentage of the copy ceiling;
+  round and then the median of those ratios, and so are the ratio to the better of PyTorch and torch.compile and
+  the percentages of the copy and read ceilings;
 - glibc is told to recycle freed memory (:func:`recycle_freed_memory`) so that PyTorch, which allocates its
   outputs on every call, is not charged for page faults that have nothing to do with its kernel.
 """
@@ -36,9 +39,12 @@ from . import bench_torch, registry
 from .cases import Case, select_cases
 
 BASELINE = "pytorch"
+COMPILED = "torch.compile"
 COPY = "copy"
+READ = "read"
+CEILINGS = ("copy", "read")  # the kinds of the ceiling contenders
 DIRECTIONS = ("forward", "backward")
-SCHEMA = "normkit.bench/1"
+SCHEMA = "normkit.bench/2"
 DEFAULT_MIN_TIME = 1.0  # seconds of interleaved rounds per case and direction
 MIN_ROUNDS = 5
 MAX_ROUNDS = 1000
@@ -63,7 +69,7 @@ class Contender:
     """One thing to time: ``call()`` runs one pass; ``output()`` runs one and returns y or dx (kernel shape)."""
 
     name: str
-    kind: str  # "backend", "baseline" (PyTorch) or "copy"
+    kind: str  # "backend", "baseline" (PyTorch), "peer" (torch.compile), "copy" or "read"
     call: Callable[[], object]
     output: Callable[[], np.ndarray] | None = None
     load_s: float = 0.0
@@ -71,20 +77,30 @@ class Contender:
 
 def prepare(case: Case, direction: str, name: str, inputs: dict | None = None) -> Contender:
     """A ready-to-time contender: a backend's kernel with preallocated outputs, PyTorch's kernel
-    (``name="pytorch"``) or the copy ceiling (``name="copy"``).
+    (``name="pytorch"``), torch.compile's (``name="torch.compile"``; its compilation is ``load_s``), or a ceiling:
+    ``"copy"`` (read half of the pass's bytes, write the other half) or ``"read"`` (read all of them), on the
+    thread count of :func:`normkit.get_num_threads`.
 
     Raises what :func:`normkit.registry.lookup` raises when a backend is missing, failed to load, or lacks the
-    kernel.
+    kernel, and :class:`normkit.bench_torch.CompileUnavailable` when torch.compile cannot run.
     """
     inputs = case.make_inputs() if inputs is None else inputs
-    if name == COPY:
-        # same byte traffic as the pass: read half of it, write the other half
-        src = np.ones(case.bytes_moved(direction) // 2, np.uint8)
-        dst = np.zeros_like(src)
-        return Contender(COPY, "copy", lambda: np.copyto(dst, src))
+    if name in CEILINGS:
+        from . import ceiling
+
+        ceiling.set_threads(registry.get_num_threads())
+        nbytes = case.bytes_moved(direction)
+        if name == COPY:
+            src, dst = ceiling.words(nbytes // 2), ceiling.words(nbytes // 2)
+            return Contender(COPY, "copy", lambda: ceiling.copy(src, dst))
+        src = ceiling.words(nbytes)
+        return Contender(READ, "read", lambda: ceiling.read(src))
     if name == BASELINE:
         call, output = bench_torch.prepare(case, direction, inputs)
         return Contender(BASELINE, "baseline", call, output)
+    if name == COMPILED:
+        call, output, compile_s = bench_torch.prepare_compiled(case, direction, inputs)
+        return Contender(COMPILED, "peer", call, output, compile_s)
     start = time.perf_counter()
     _, forward = registry.lookup(case.op, "forward", case.dtype, name)
     kernel = forward if direction == "forward" else registry.lookup(case.op, "backward", case.dtype, name)[1]
@@ -225,10 +241,12 @@ class Row:
     p90_s: float
     bytes: int
     gb_per_s: float
-    pct_of_copy: float
+    pct_of_copy: float  # of the copy ceiling's speed, same bytes, same threads (per-round median)
+    pct_of_read: float  # of the pure read's speed
     ratio_to_torch: float | None
     ratio_to_torch_p10: float | None
     ratio_to_torch_p90: float | None
+    ratio_to_best: float | None  # to the faster of PyTorch and torch.compile in each round (with --compile)
     first_call_s: float
     load_s: float
     check: str  # "ok", "MISMATCH ..." or "-" (no PyTorch to compare with)
@@ -252,31 +270,42 @@ class BenchResult:
 
     def format(self) -> str:
         """The report: machine line, one table per case and direction, warm-up costs, notes."""
+        threads = self.machine["threads"]
+        best = any(r.ratio_to_best is not None for r in self.rows)
         lines = [f"normkit bench | {machine_line(self.machine)}",
                  "median and p10-p90 of interleaved rounds; GB/s counts the bytes that must move (x, y forward; "
                  "x, dy, dx backward);",
-                 "% copy: against np.copyto of the same bytes in the same rounds; time/torch: per-round ratio to "
-                 "PyTorch's kernel (< 1 is faster)"]
+                 f"% copy, % read: share of the speed of a copy (read half the bytes, write half) and of a pure read "
+                 f"of the same bytes, on {threads} thread{'s' if threads != 1 else ''}, in the same rounds;",
+                 "time/torch: per-round ratio to PyTorch's kernel (< 1 is faster)"
+                 + ("; time/best: to the faster of PyTorch and torch.compile in each round" if best else "")]
         for (label, direction), rows in _groups(self.rows):
             lines += ["", f"{label}, {direction}: {rows[0].bytes / 1e6:.1f} MB moved, {rows[0].rounds} rounds",
-                      f"  {'backend':<12}{'median ms':>11}{'p10-p90 ms':>21}{'GB/s':>9}{'% copy':>8}   "
-                      f"{'time/torch':<20}check"]
+                      f"  {'backend':<14}{'median ms':>11}{'p10-p90 ms':>21}{'GB/s':>9}{'% copy':>8}{'% read':>8}   "
+                      f"{'time/torch':<20}" + (f"{'time/best':<11}" if best else "") + "check"]
             for r in rows:
                 if r.kind == "baseline":
                     ratio = "1 (baseline)"
-                elif r.ratio_to_torch is None or r.kind == "copy":
+                elif r.ratio_to_torch is None or r.kind in CEILINGS:
                     ratio = "-"
                 else:
                     ratio = f"{r.ratio_to_torch:.2f} [{r.ratio_to_torch_p10:.2f}-{r.ratio_to_torch_p90:.2f}]"
+                to_best = "-" if r.ratio_to_best is None or r.kind in CEILINGS else f"{r.ratio_to_best:.2f}"
                 p1090 = f"{_ms(r.p10_s)} - {_ms(r.p90_s)}"
-                check = "" if r.kind == "copy" else r.check
-                lines.append(f"  {r.name:<12}{_ms(r.median_s):>11}{p1090:>21}{r.gb_per_s:>9.1f}"
-                             f"{r.pct_of_copy:>7.0f}%   {ratio:<20}{check}".rstrip())
+                check = "" if r.kind in CEILINGS else r.check
+                lines.append(f"  {r.name:<14}{_ms(r.median_s):>11}{p1090:>21}{r.gb_per_s:>9.1f}"
+                             f"{r.pct_of_copy:>7.0f}%{r.pct_of_read:>7.0f}%   {ratio:<20}"
+                             + (f"{to_best:<11}" if best else "") + check)
+                lines[-1] = lines[-1].rstrip()
         first: dict[str, float] = {}
         load: dict[str, float] = {}
+        compiling: float = 0.0
         for r in self.rows:
-            if r.kind != "copy":
+            if r.kind == "peer":
+                compiling += r.load_s
+            if r.kind not in CEILINGS:
                 first[r.name] = first.get(r.name, 0.0) + r.first_call_s
+            if r.kind == "backend":
                 load[r.name] = max(load.get(r.name, 0.0), r.load_s)
         if first:
             lines += ["", "first calls (JIT compilation, first touch of buffers; not in the timings): "
@@ -284,6 +313,8 @@ class BenchResult:
             loads = [f"{n} {t:.2f} s" for n, t in load.items() if t >= 0.005]
             if loads:
                 lines.append("backend loading (imports, cached compilation): " + ", ".join(loads))
+            if compiling:
+                lines.append(f"torch.compile: {compiling:.1f} s compiling and warming up (not in the timings)")
         if self.notes:
             lines += ["", "notes:"] + [f"  - {note}" for note in self.notes]
         return "\n".join(lines)
@@ -331,16 +362,18 @@ def _directions(direction) -> tuple[str, ...]:
 def bench(op: str = "all", *, shape=None, groups: int | None = None, dtype: str | None = None, cases=None,
           backends: Sequence[str] | None = None, direction="both", threads: int | None = None,
           repeat: int | None = None, min_time: float = DEFAULT_MIN_TIME, baseline: bool = True,
-          recycle_memory: bool = True, seed: int = 0,
+          compile: bool = False, recycle_memory: bool = True, seed: int = 0,
           progress: Callable[[float, int, str], None] | None = None) -> BenchResult:
     """Benchmark the training forward and/or backward of ``op`` (a name, an alias or ``"all"``).
 
     Cases come from :func:`normkit.cases.select_cases` (``shape``, ``groups``, ``dtype``, or a named ``cases``
     set such as ``"reference"``). ``backends`` defaults to :func:`default_backends`; a backend that fails to
     load or lacks a kernel is skipped with a note. ``baseline`` adds PyTorch's CPU kernels when torch is
-    installed. Each case and direction runs ``repeat`` interleaved rounds, or rounds until ``min_time`` seconds
-    have passed (at least 5, at most 1000). ``threads`` calls :func:`normkit.set_num_threads`; PyTorch runs with
-    the same thread count during the run. ``recycle_memory`` calls :func:`recycle_freed_memory`.
+    installed; ``compile`` adds ``torch.compile``'d ``torch.nn.functional`` calls (compiled before timing; left
+    out with a note where torch.compile cannot run). Each case and direction runs ``repeat`` interleaved rounds,
+    or rounds until ``min_time`` seconds have passed (at least 5, at most 1000). ``threads`` calls
+    :func:`normkit.set_num_threads`; PyTorch runs with the same thread count during the run. ``recycle_memory``
+    calls :func:`recycle_freed_memory`.
     ``progress(done, total, label)`` is called as the run advances (``done`` counts case-directions, with
     fractions).
     """
@@ -360,9 +393,18 @@ def bench(op: str = "all", *, shape=None, groups: int | None = None, dtype: str 
     if baseline and not bench_torch.available():
         baseline = False
         notes.append("PyTorch is not installed, so there is no baseline column (pip install 'normkit[torch]')")
+    if compile and not bench_torch.available():
+        compile = False
+        notes.append("PyTorch is not installed, so there is no torch.compile column (pip install 'normkit[torch]')")
+    elif compile:
+        try:
+            bench_torch.check_compiler()
+        except bench_torch.CompileUnavailable as exc:
+            compile = False
+            notes.append(f"no torch.compile column: {exc}")
     allocator = recycle_freed_memory() if recycle_memory else None
     settings = {"directions": list(directions), "repeat": repeat, "min_time": None if repeat else min_time,
-                "warmup_rounds": WARMUP_ROUNDS, "baseline": baseline, "backends": names,
+                "warmup_rounds": WARMUP_ROUNDS, "baseline": baseline, "compile": compile, "backends": names,
                 "cases": [c.id for c in selected]}
     result = BenchResult(machine_info(n_threads, allocator), settings, notes=notes)
     load = result.machine["load_average"]
@@ -374,7 +416,7 @@ def bench(op: str = "all", *, shape=None, groups: int | None = None, dtype: str 
     active = _load(names, notes)
 
     torch_threads = None
-    if baseline:
+    if baseline or compile:
         import torch
 
         torch_threads = torch.get_num_threads()
@@ -386,7 +428,7 @@ def bench(op: str = "all", *, shape=None, groups: int | None = None, dtype: str 
                     progress(i + min(fraction, 1.0), len(tasks), label)
 
             tick(0.0)
-            result.rows += _run_task(case, d, active, baseline, repeat, min_time, seed, notes, tick)
+            result.rows += _run_task(case, d, active, baseline, compile, repeat, min_time, seed, notes, tick)
     finally:
         if torch_threads is not None:
             import torch
@@ -422,7 +464,7 @@ def _note(notes: list[str], text: str) -> None:
         notes.append(text)
 
 
-def _run_task(case, direction, names, baseline, repeat, min_time, seed, notes, tick) -> list[Row]:
+def _run_task(case, direction, names, baseline, compile, repeat, min_time, seed, notes, tick) -> list[Row]:
     inputs = case.make_inputs(seed)
     contenders = []
     for name in names:
@@ -434,7 +476,12 @@ def _run_task(case, direction, names, baseline, repeat, min_time, seed, notes, t
         return []
     if baseline:
         contenders.append(prepare(case, direction, BASELINE, inputs))
-    contenders.append(prepare(case, direction, COPY, inputs))
+    if compile:
+        try:
+            contenders.append(prepare(case, direction, COMPILED, inputs))
+        except bench_torch.CompileUnavailable as exc:
+            _note(notes, f"no torch.compile row for {case.label} {direction}: {exc}")
+    contenders += [prepare(case, direction, COPY, inputs), prepare(case, direction, READ, inputs)]
 
     first = []
     for c in contenders:
@@ -447,8 +494,9 @@ def _run_task(case, direction, names, baseline, repeat, min_time, seed, notes, t
     checks = _check_outputs(case, direction, contenders, notes)
     times = _measure([c.call for c in contenders], repeat, min_time, tick, seed)
 
-    copy_t = times[-1]
-    base_t = times[-2] if baseline else None
+    by_kind = {c.kind: t for c, t in zip(contenders, times) if c.kind != "backend"}
+    base_t = by_kind.get("baseline")
+    best_t = np.minimum(base_t, by_kind["peer"]) if base_t is not None and "peer" in by_kind else None
     rows = []
     for c, t, first_s, check in zip(contenders, times, first, checks):
         p10, med, p90 = spread(t)
@@ -458,8 +506,10 @@ def _run_task(case, direction, names, baseline, repeat, min_time, seed, notes, t
             case=case.id, label=case.label, op=case.op, shape=list(case.shape), dtype=case.dtype,
             groups=case.groups, normalized_shape=list(case.normalized_shape) if case.normalized_shape else None,
             direction=direction, name=c.name, kind=c.kind, rounds=len(t), median_s=med, p10_s=p10, p90_s=p90,
-            bytes=nbytes, gb_per_s=gb_per_s(nbytes, med), pct_of_copy=100.0 * paired_ratio(copy_t, t)[1],
+            bytes=nbytes, gb_per_s=gb_per_s(nbytes, med), pct_of_copy=100.0 * paired_ratio(by_kind["copy"], t)[1],
+            pct_of_read=100.0 * paired_ratio(by_kind["read"], t)[1],
             ratio_to_torch=ratio[1], ratio_to_torch_p10=ratio[0], ratio_to_torch_p90=ratio[2],
+            ratio_to_best=None if best_t is None else paired_ratio(t, best_t)[1],
             first_call_s=first_s, load_s=c.load_s, check=check,
         ))
     return rows
@@ -476,7 +526,7 @@ def _check_outputs(case, direction, contenders, notes) -> list[str]:
     tol = CHECK_TOL[(case.dtype, direction)]
     checks = []
     for c in contenders:
-        if c.kind != "backend":
+        if c.kind not in ("backend", "peer"):
             checks.append("-")
             continue
         err = float(np.abs(case.values(output, c.output()) - expected).max()) / scale

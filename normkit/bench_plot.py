@@ -24,14 +24,15 @@ def require_matplotlib() -> None:
 
 def plot(result: BenchResult, path) -> None:
     """Horizontal bars: one group per case and direction, one bar per backend and PyTorch; the copy of the same
-    bytes, measured in the same rounds, is the black tick that closes each group: the physical ceiling."""
+    bytes on as many threads, measured in the same rounds, is the black tick that closes each group (the ceiling of
+    a pass that writes), a pure read of them the dotted one."""
     require_matplotlib()
     from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend
 
     groups: dict[tuple[str, str], dict[str, float]] = {}
     for r in result.rows:
         groups.setdefault((r.label, r.direction), {})[r.name] = r.gb_per_s
-    names = list(dict.fromkeys(r.name for r in result.rows if r.kind != "copy"))
+    names = list(dict.fromkeys(r.name for r in result.rows if r.kind not in ("copy", "read")))
     height = 1.0 / (len(names) + 1)
 
     fig = Figure(figsize=(9, 1.5 + 0.2 * len(groups) * (len(names) + 1)), layout="constrained")
@@ -45,6 +46,10 @@ def plot(result: BenchResult, path) -> None:
             span = [g - height / 2, g + (len(names) - 0.5) * height]
             ax.plot([values["copy"]] * 2, span, color="black", linewidth=2.5,
                     label="copy (ceiling)" if g == 0 else None)
+        if "read" in values:
+            span = [g - height / 2, g + (len(names) - 0.5) * height]
+            ax.plot([values["read"]] * 2, span, color="black", linewidth=1.5, linestyle=":",
+                    label="read (no stores)" if g == 0 else None)
     ax.set_yticks([g + (len(names) - 1) * height / 2 for g in range(len(groups))])
     ax.set_yticklabels([f"{label}\n{direction}" for label, direction in groups], fontsize=8)
     ax.invert_yaxis()

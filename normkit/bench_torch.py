@@ -2,6 +2,9 @@
 their ``*_backward`` ops with the forward's saved statistics, the calls autograd makes in a training step. No
 adapter of ours sits between the timer and ATen.
 
+The second peer (``normkit bench --compile``, :func:`prepare_compiled`) is ``torch.compile`` of the op's
+``torch.nn.functional`` call: inductor's generated C++ for the same pass.
+
 The input tensors share memory with the NumPy inputs the normkit backends read. PyTorch allocates its outputs on
 every call, as it does in training; see :func:`normkit.bench.recycle_freed_memory` for how that is kept free of
 page faults.
@@ -10,6 +13,7 @@ page faults.
 from __future__ import annotations
 
 import importlib.util
+import time
 from typing import Callable
 
 import numpy as np
@@ -110,3 +114,79 @@ def prepare(case: Case, direction: str, inputs: dict) -> tuple[Callable[[], obje
         return out.numpy().reshape(case.kernel_shape)
 
     return call, output
+
+
+# --- torch.compile ---------------------------------------------------------------------------------------------
+
+class CompileUnavailable(RuntimeError):
+    """torch.compile cannot run here (no C++ compiler, or compilation failed)."""
+
+
+def _functional(case: Case):
+    """The op's torch.nn.functional call in training mode, as a function of (x, weight, bias)."""
+    import torch.nn.functional as F
+
+    if case.op == "batchnorm":
+        return lambda x, w, b: F.batch_norm(x, None, None, w, b, True, 0.1, EPS)
+    if case.op == "instancenorm":
+        return lambda x, w, b: F.instance_norm(x, None, None, w, b, True, 0.1, EPS)
+    if case.op == "groupnorm":
+        return lambda x, w, b: F.group_norm(x, case.groups, w, b, EPS)
+    if case.op == "layernorm":
+        norm = list(case.normalized_shape)
+        return lambda x, w, b: F.layer_norm(x, norm, w.view(norm), b.view(norm), EPS)
+    raise ValueError(f"{case.op}: normkit's bench has no torch.compile peer for this op")
+
+
+def check_compiler() -> None:
+    """Raise :class:`CompileUnavailable` when inductor finds no C++ compiler (it compiles its kernels at run time)."""
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+
+        get_cpp_compiler()
+    except Exception as exc:  # noqa: BLE001 - inductor raises several types, all meaning "no compiler"
+        raise CompileUnavailable(f"torch.compile needs a C++ compiler at run time and found none "
+                                 f"({type(exc).__name__}: {exc}); install g++ or set CXX") from None
+
+
+def prepare_compiled(case: Case, direction: str, inputs: dict) -> tuple[Callable[[], object],
+                                                                        Callable[[], np.ndarray], float]:
+    """``(call, output, compile_s)`` for ``torch.compile`` of the op's ``torch.nn.functional`` call.
+
+    forward: the compiled function on inputs without gradients (inductor's forward kernel); backward: one
+    compiled forward on inputs that require gradients, then ``torch.autograd.grad`` of its output with
+    ``retain_graph`` (inductor's backward kernel, run again on each call; the gradients are returned, not
+    accumulated into ``.grad``, which would add a pass). Compilation and the first calls happen here, timed as
+    ``compile_s``, so that none of it lands in the timings. Raises :class:`CompileUnavailable`.
+    """
+    import torch
+
+    check_compiler()
+    torch._dynamo.reset()  # each case compiles afresh, never against dynamo's recompilation limit
+    fn = torch.compile(_functional(case), dynamic=False, fullgraph=True)
+    x = torch.from_numpy(inputs["x"]).view(case.shape)
+    w, b = torch.from_numpy(inputs["weight"]), torch.from_numpy(inputs["bias"])
+    start = time.perf_counter()
+    try:
+        if direction == "forward":
+            def call():
+                return fn(x, w, b)
+        else:
+            dy = torch.from_numpy(inputs["dy"]).view(case.shape)
+            leaves = tuple(t.detach().requires_grad_() for t in (x, w, b))
+            y = fn(*leaves)
+
+            def call():
+                return torch.autograd.grad(y, leaves, dy, retain_graph=True)
+        call()
+        call()
+    except Exception as exc:  # noqa: BLE001 - dynamo and inductor raise many types; the bench goes on without it
+        raise CompileUnavailable(f"torch.compile failed for {case.label} {direction}: "
+                                 f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
+    compile_s = time.perf_counter() - start
+
+    def output() -> np.ndarray:
+        out = call()
+        return (out if direction == "forward" else out[0]).detach().numpy().reshape(case.kernel_shape)
+
+    return call, output, compile_s

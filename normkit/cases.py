@@ -3,7 +3,8 @@
 A :class:`Case` is one workload: an op on one input shape (plus GroupNorm's groups or LayerNorm's normalized
 dims), with an affine weight and bias, in training mode. It knows the kernel-level view of itself (the (N, C, S)
 or (M, K) shape handed to kernels, the statistics' shape), how many bytes a pass must move, how to make its
-input arrays, and how to lay out the positional arguments of :mod:`normkit.contract` for them.
+input arrays (64-byte aligned, as are the outputs it preallocates), and how to lay out the positional arguments
+of :mod:`normkit.contract` for them.
 
 Named sets of cases live in :data:`CASE_SETS`; ``"reference"`` is the table behind the README's Performance
 section (``normkit bench --cases reference``).
@@ -18,6 +19,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from . import half
+from .alloc import aligned_empty
 from .contract import DTYPES, HALF_DTYPES, OPS, SPECS, OpSpec, arg_dtype, kernel_shape, storage_dtype
 from .ops import get as get_op
 
@@ -132,7 +134,7 @@ class Case:
             "weight": 1.0 + 0.1 * rng.standard_normal(self.param_shape),
             "bias": 0.1 * rng.standard_normal(self.param_shape),
         }
-        return {name: self._stored(name, v) for name, v in values.items()}
+        return {name: _aligned(self._stored(name, v)) for name, v in values.items()}
 
     def _stored(self, name: str, values: np.ndarray) -> np.ndarray:
         """``values`` as the kernels take argument ``name`` (:func:`normkit.contract.storage_dtype`)."""
@@ -146,7 +148,8 @@ class Case:
             names = {"y": self.kernel_shape, "mean": self.stat_shape, "rstd": self.stat_shape}
         else:
             names = {"dx": self.kernel_shape, "dweight": self.param_shape, "dbias": self.param_shape}
-        return {name: np.zeros(shape, storage_dtype(direction, name, self.dtype)) for name, shape in names.items()}
+        return {name: _aligned(np.zeros(shape, storage_dtype(direction, name, self.dtype)))
+                for name, shape in names.items()}
 
     def values(self, name: str, a: np.ndarray) -> np.ndarray:
         """The float64 values of a kernel argument ``name`` as stored (16-bit patterns widened)."""
@@ -161,6 +164,13 @@ class Case:
     def backward_args(self, inputs: dict, stats: dict, out: dict) -> tuple:
         """Positional arguments of the training backward kernel; ``stats`` holds the forward's mean and rstd."""
         return self.spec.kernel_args("backward", {**inputs, **stats, **out, "num_groups": self.groups})
+
+
+def _aligned(a: np.ndarray) -> np.ndarray:
+    """A 64-byte-aligned copy of ``a``: as normkit's frontends allocate outputs and torch's allocator does tensors."""
+    out = aligned_empty(a.shape, a.dtype)
+    out[...] = a
+    return out
 
 
 def _dims(shape) -> str:

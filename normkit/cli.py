@@ -111,6 +111,9 @@ def _backend_option(ctx, param, values):
 @click.option("--min-time", type=click.FloatRange(min=0), default=1.0, show_default=True,
               help="Seconds of interleaved rounds per case and direction (at least 5 rounds, at most 1000).")
 @click.option("--no-torch", is_flag=True, help="Leave out the PyTorch baseline.")
+@click.option("--compile", "compiled", is_flag=True,
+              help="Add torch.compile'd torch.nn.functional calls (inductor's C++; needs PyTorch and a C++ compiler; "
+                   "compilation is not timed) as a second peer, and each backend's ratio to the faster of the two.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Also write the results here as JSON.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False),
               help="Also draw GB/s against the copy ceiling here (.png, .svg, .pdf; needs normkit[plot]).")
@@ -122,9 +125,10 @@ def _backend_option(ctx, param, values):
 @click.option("--autocast", type=click.Choice(["bfloat16", "float16"]), help="With --model: run the forwards under "
               "torch.autocast('cpu', dtype=...) (mixed precision: 16-bit convolutions and norm-layer inputs).")
 def bench_command(op, shape, groups, case_set, dtype, backends, direction, threads, repeat, min_time, no_torch,
-                  json_path, plot_path, model, quick, steps, autocast) -> None:
+                  compiled, json_path, plot_path, model, quick, steps, autocast) -> None:
     """Time the training forward and backward of every selected backend against PyTorch's own CPU kernels and
-    against a memory copy of the same bytes (the ceiling), interleaved call by call; print a table.
+    against a copy and a read of the same bytes on as many threads (the ceiling), interleaved call by call; print
+    a table.
     With --model, time whole models instead (normkit.torch.benchmark)."""
     import sys
 
@@ -162,7 +166,7 @@ def bench_command(op, shape, groups, case_set, dtype, backends, direction, threa
         try:
             result = bench.bench(op, shape=shape, groups=groups, dtype=dtype, cases=case_set, backends=backends,
                                  direction=direction, threads=threads, repeat=repeat, min_time=min_time,
-                                 baseline=not no_torch, progress=progress)
+                                 baseline=not no_torch, compile=compiled, progress=progress)
         except bench.BenchError as exc:
             raise click.ClickException(f"{exc}\ninstalled backends: {', '.join(registry.get_backend_order())}; "
                                        f"try --backend reference") from None

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import resource
+import shutil
 import sys
 
 import numpy as np
@@ -210,7 +212,7 @@ def test_bench_rows_and_ratios():
     result = bench.bench("gn", shape=(2, 8, 4, 4), groups=2, backends=["reference"], repeat=4)
     kinds = [(r.direction, r.name, r.kind) for r in result.rows]
     want = [("forward", "reference", "backend")] + ([("forward", "pytorch", "baseline")] if HAS_TORCH else [])
-    want = want + [("forward", "copy", "copy")]
+    want = want + [("forward", "copy", "copy"), ("forward", "read", "read")]
     assert kinds == want + [(("backward",) + k[1:]) for k in want]
     for r in result.rows:
         assert r.rounds == 4 and r.p10_s <= r.median_s <= r.p90_s
@@ -218,6 +220,9 @@ def test_bench_rows_and_ratios():
         assert r.bytes == (2 if r.direction == "forward" else 3) * 2 * 8 * 16 * 4
     copy = [r for r in result.rows if r.kind == "copy"]
     assert all(r.pct_of_copy == pytest.approx(100.0) for r in copy)
+    read = [r for r in result.rows if r.kind == "read"]
+    assert all(r.pct_of_read == pytest.approx(100.0) for r in read)
+    assert all(r.ratio_to_best is None for r in result.rows)  # no torch.compile peer asked for
     if HAS_TORCH:
         base = [r for r in result.rows if r.kind == "baseline"]
         assert all(r.ratio_to_torch == pytest.approx(1.0) for r in base)
@@ -238,7 +243,7 @@ def test_bench_16_bit(dtype):
 
 def test_bench_without_baseline():
     result = bench.bench("ln", shape=(4, 8), backends=["reference"], direction="forward", repeat=2, baseline=False)
-    assert [r.name for r in result.rows] == ["reference", "copy"]
+    assert [r.name for r in result.rows] == ["reference", "copy", "read"]
     assert result.rows[0].ratio_to_torch is None and result.rows[0].check == "-"
 
 
@@ -260,7 +265,7 @@ def broken_backend():
 def test_a_backend_that_fails_to_load_is_skipped_with_a_note(broken_backend):
     result = bench.bench("all", shape=(2, 4, 3), backends=["broken", "reference"], direction="forward", repeat=2,
                          baseline=False)
-    assert {r.name for r in result.rows} == {"reference", "copy"}
+    assert {r.name for r in result.rows} == {"reference", "copy", "read"}
     assert len({r.case for r in result.rows}) == 4  # every op still ran
     assert [n for n in result.notes if "broken" in n] == [
         "backend 'broken' failed to load and was skipped: kernels: LookupError: declares kernels it does not "
@@ -319,10 +324,12 @@ def test_cli_table_and_json(tmp_path):
     assert "groupnorm 2x8x4x4 G=4 float32, backward" in result.output
     assert any(line.lstrip().startswith("reference ") for line in lines)
     assert any(line.lstrip().startswith("copy ") for line in lines)
+    assert any(line.lstrip().startswith("read ") for line in lines)
+    assert "% copy  % read" in result.output and "time/best" not in result.output
     assert f"wrote {out}" in result.output
 
     data = json.loads(out.read_text())
-    assert data["schema"] == "normkit.bench/1"
+    assert data["schema"] == "normkit.bench/2"
     assert set(data) == {"schema", "machine", "settings", "notes", "rows"}
     assert set(data["machine"]) == {"cpu", "cpus", "threads", "load_average", "platform", "python", "versions",
                                     "allocator"}
@@ -330,7 +337,7 @@ def test_cli_table_and_json(tmp_path):
     assert data["settings"]["repeat"] == 3 and data["settings"]["backends"] == ["reference"]
     row_keys = {f.name for f in bench.Row.__dataclass_fields__.values()}
     assert all(set(r) == row_keys for r in data["rows"])
-    names = ["reference"] + (["pytorch"] if HAS_TORCH else []) + ["copy"]
+    names = ["reference"] + (["pytorch"] if HAS_TORCH else []) + ["copy", "read"]
     assert [(r["direction"], r["name"]) for r in data["rows"]] == [(d, n) for d in ("forward", "backward")
                                                                   for n in names]
     row = data["rows"][0]
@@ -421,3 +428,92 @@ def test_every_builtin_backend_agrees_with_torch_on_the_reference_cases():
     want = {(c.id, d, b) for c in cases.case_set("reference") for d in bench.DIRECTIONS for b in builtins}
     assert set(ran) == want, result.notes
     assert all(check == "ok" for check in ran.values()), {k: v for k, v in ran.items() if v != "ok"}
+
+
+# --- the ceiling, the torch.compile peer, aligned buffers ------------------------------------------------------
+
+def test_ceiling_loops_move_the_bytes():
+    from normkit import ceiling
+
+    src, dst = ceiling.words(8 * 1000 + 5), ceiling.words(8 * 1000)
+    assert src.size == 1000 and src.ctypes.data % 64 == 0
+    src[:] = np.arange(1000, dtype=np.uint64)
+    dst[:] = 0
+    ceiling.copy(src, dst)
+    np.testing.assert_array_equal(dst, src)
+    assert ceiling.read(src) == 999 * 1000 // 2
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_ceilings_run_on_the_bench_threads(threads, monkeypatch):
+    import numba
+
+    from normkit import ceiling
+
+    if threads > numba.config.NUMBA_NUM_THREADS:
+        pytest.skip("numba has fewer threads")
+    seen = []
+    monkeypatch.setattr(ceiling, "set_threads", seen.append)
+    monkeypatch.setattr(registry, "get_num_threads", lambda: threads)
+    case = Case("gn", (2, 8, 4, 4), groups=2)
+    for name in ("copy", "read"):
+        bench.prepare(case, "forward", name).call()
+    assert seen == [threads, threads]
+
+
+def test_bench_buffers_are_64_byte_aligned():
+    case = Case("gn", (3, 6, 5), groups=3)
+    arrays = [*case.make_inputs().values(), *case.empty_outputs("forward").values(),
+              *case.empty_outputs("backward").values()]
+    assert all(a.ctypes.data % 64 == 0 and a.flags.c_contiguous for a in arrays)
+
+
+def test_no_compile_column_without_a_cpp_compiler():
+    """--compile where inductor finds no C++ compiler: a clear note, the other rows as usual, exit code 0."""
+    if not HAS_TORCH:
+        result = run("--op", "ln", "--shape", "4,8", "--backend", "reference", "--compile", "--repeat", "2")
+        assert result.exit_code == 0 and "no torch.compile column" in result.output
+        return
+    from torch._inductor import config
+
+    with config.patch({"cpp.cxx": ("/nonexistent/normkit-test-c++",)}):
+        result = run("--op", "ln", "--shape", "4,8", "--backend", "reference", "--compile", "--repeat", "2",
+                     "--direction", "forward")
+    assert result.exit_code == 0, result.output
+    assert "no torch.compile column: torch.compile needs a C++ compiler at run time and found none" in \
+        " ".join(result.output.split())
+    assert "torch.compile " not in result.output.split("notes:")[0] and "time/best" not in result.output
+    assert any(line.lstrip().startswith("pytorch ") for line in result.output.splitlines())
+
+
+def test_a_failed_compilation_drops_the_row_with_a_note(monkeypatch):
+    def fail(case, direction, inputs):
+        raise bench.bench_torch.CompileUnavailable(f"torch.compile failed for {case.label} {direction}: boom")
+
+    monkeypatch.setattr(bench.bench_torch, "check_compiler", lambda: None)
+    monkeypatch.setattr(bench.bench_torch, "prepare_compiled", fail)
+    monkeypatch.setattr(bench.bench_torch, "available", lambda: True)
+    result = bench.bench("ln", shape=(4, 8), backends=["reference"], direction="forward", repeat=2, baseline=False,
+                         compile=True)
+    assert [r.name for r in result.rows] == ["reference", "copy", "read"]
+    assert "no torch.compile row for layernorm 4x8 over 8 float32 forward: torch.compile failed for layernorm 4x8 " \
+           "over 8 float32 forward: boom" in result.notes
+
+
+@needs_torch
+@pytest.mark.skipif(not shutil.which("g++") and not os.environ.get("CXX"), reason="no C++ compiler for inductor")
+def test_cli_compile_peer(tmp_path):
+    """--compile: a torch.compile row checked against PyTorch, and every row's ratio to the faster peer."""
+    out = tmp_path / "r.json"
+    result = run("--op", "gn", "--shape", "2,8,4,4", "--groups", "2", "--backend", "reference", "--compile",
+                 "--repeat", "3", "--json", str(out))
+    assert result.exit_code == 0, result.output
+    assert "time/best" in result.output and "torch.compile: " in result.output, result.output
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["direction"], r["name"]) for r in rows] == [
+        (d, n) for d in ("forward", "backward") for n in ("reference", "pytorch", "torch.compile", "copy", "read")]
+    for r in rows:
+        if r["kind"] in ("backend", "peer"):
+            assert r["check"] == "ok" and r["ratio_to_best"] > 0
+        if r["kind"] == "peer":
+            assert r["load_s"] > 0  # the compilation, kept out of the timings
