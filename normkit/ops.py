@@ -2,8 +2,8 @@
 signatures. ``forward`` also returns the saved statistics that ``backward`` takes back.
 
 Each call checks its arguments once, reshapes to the kernel's view ((N, C, S) or (M, K)), allocates the outputs
-(64-byte aligned, :mod:`normkit.alloc`) and calls the kernel. The common case (a C-contiguous float32/float64
-array) takes a short path: a few microseconds of Python on top of the kernel.
+(the large ones 64-byte aligned, :mod:`normkit.alloc`) and calls the kernel. The common case (a C-contiguous
+float32/float64 array) takes a short path: a few microseconds of Python on top of the kernel.
 
 16-bit inputs: float16 arrays, and bfloat16 arrays of ``ml_dtypes`` (normkit itself needs ml_dtypes for nothing
 else). As PyTorch's CPU kernels, they take weight and bias in float32 or in the input's dtype, and running
@@ -22,7 +22,7 @@ from typing import NamedTuple
 import numpy as np
 
 from . import checks, registry
-from .alloc import aligned_empty as _empty
+from .alloc import empty as _empty
 from .running import update_running
 from .contract import HALF_DTYPES, SPECS, OpSpec, stat_dtype
 
@@ -182,10 +182,10 @@ class Op:
     def _forward(self, x, kshape, groups, weight, bias, eps, backend):
         """The training forward kernel on the kernel view of x; returns (y, Saved)."""
         x = x.reshape(kshape)
-        y = _empty(kshape, x.dtype)
+        y = _empty(kshape, x.dtype, x.nbytes)
         stat = self.spec.stat_shape(kshape, groups)
         sdt = _stat_dtype(x.dtype)
-        mean, rstd = np.empty(stat, sdt), np.empty(stat, sdt)
+        mean, rstd = np.empty(stat, sdt), np.empty(stat, sdt)  # one scalar store per set: alignment is moot
         used, kernel = registry.lookup(self.name, "forward", _KERNEL_DTYPES[x.dtype], backend)
         if self.spec.grouped:
             kernel(_bits(x), groups, weight, bias, eps, _bits(y), mean, rstd)
@@ -201,7 +201,7 @@ class Op:
         dt = x.dtype
         sdt = _stat_dtype(dt)
         pshape = self.spec.param_shape(kshape)
-        dx = _empty(kshape, dt)
+        dx = _empty(kshape, dt, x.nbytes)
         dweight = None if weight is None else _empty(pshape, sdt)
         dbias = None if bias is None else _empty(pshape, sdt)
         mean = np.ascontiguousarray(saved.mean, dtype=sdt)
@@ -256,7 +256,7 @@ class _ChannelOp(Op):
         # copies: Saved must not alias buffers that a later training step updates in place
         sdt = _stat_dtype(x.dtype)
         rm, rv = np.array(running_mean, dtype=sdt), np.array(running_var, dtype=sdt)
-        y = _empty(kshape, x.dtype)
+        y = _empty(kshape, x.dtype, x.nbytes)
         used, kernel = registry.lookup(op, "forward_infer", _KERNEL_DTYPES[x.dtype], backend)
         kernel(_bits(x.reshape(kshape)), weight, bias, rm, rv, eps, _bits(y))
         rstd = (1.0 / np.sqrt(rv.astype(np.float64) + eps)).astype(sdt)
