@@ -1,4 +1,4 @@
-"""pytest-benchmark suite: every backend, PyTorch's own kernel and the copy ceiling on the cases of
+"""pytest-benchmark suite: every backend, PyTorch's own kernel and the copy and read ceilings on the cases of
 ``normkit.cases`` (the same table ``normkit bench --cases reference`` runs and the tests use).
 
     pytest benchmarks                                  # the reference cases, all installed backends
@@ -24,7 +24,7 @@ from normkit import bench, bench_torch, cases, registry
 CASES = cases.case_set(os.environ.get("NORMKIT_BENCH_CASES", "reference"))
 _names = os.environ.get("NORMKIT_BENCH_BACKENDS", "")
 BACKENDS = [n.strip() for n in _names.split(",") if n.strip()] or bench.default_backends()
-CONTENDERS = [*BACKENDS, bench.BASELINE, bench.COPY]
+CONTENDERS = [*BACKENDS, bench.BASELINE, bench.COPY, bench.READ]
 
 # As in normkit bench: PyTorch allocates its outputs on every call; recycled memory keeps page faults out of it.
 bench.recycle_freed_memory()
