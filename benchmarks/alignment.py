@@ -10,7 +10,8 @@ runs on the same data placed three ways, interleaved call by call (shuffled roun
   allocations usually land), the outputs at 64;
 - ``all 16``: inputs and outputs at 16 past a boundary.
 
-Printed: median ms per layout and the per-round ratio of each layout to ``all 64`` (median and p10-p90).
+Printed: median and minimum ms per layout, the per-round ratio of each layout to ``all 64`` (median and p10-p90)
+and the ratio of the minima (on a busy machine the minimum is the least disturbed call).
 """
 
 from __future__ import annotations
@@ -79,7 +80,8 @@ def main(argv=None) -> None:
         for (b, layout), t in zip(names, times):
             base = times[names.index((b, "all 64"))]
             p10, med, p90 = bench.paired_ratio(t, base)
-            print(f"  {b:<8}{layout:<8}{np.median(t) * 1e3:9.3f} ms   vs all 64: {med:.3f} [{p10:.3f}-{p90:.3f}]")
+            print(f"  {b:<8}{layout:<8}{np.median(t) * 1e3:9.3f} ms (min {t.min() * 1e3:.3f})   vs all 64: "
+                  f"{med:.3f} [{p10:.3f}-{p90:.3f}], min/min {t.min() / base.min():.3f}")
     print(f"\nload average {os.getloadavg()[0]:.2f} at the end")
 
 
