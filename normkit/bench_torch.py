@@ -91,11 +91,7 @@ def prepare(case: Case, direction: str, inputs: dict) -> tuple[Callable[[], obje
 
     if case.op not in BASELINES:
         raise ValueError(f"{case.op}: normkit's bench has no PyTorch baseline for this op")
-    # 16-bit data: the same memory as the kernels' uint16 patterns, seen as torch's 16-bit dtype; weight and bias
-    # stay float32, the mixed types autocast gives torch's kernels after a 16-bit convolution
-    data = (lambda a: torch.from_numpy(a.view(np.int16)).view(getattr(torch, case.dtype))
-            if a.dtype == np.uint16 else torch.from_numpy(a))
-    x, dy = data(inputs["x"]).view(case.shape), data(inputs["dy"]).view(case.shape)
+    x, dy = _data(case, inputs["x"]), _data(case, inputs["dy"])
     w, b = torch.from_numpy(inputs["weight"]), torch.from_numpy(inputs["bias"])
     forward, backward = BASELINES[case.op](case, torch.ops.aten, x, dy, w, b)
 
@@ -108,12 +104,30 @@ def prepare(case: Case, direction: str, inputs: dict) -> tuple[Callable[[], obje
             return backward(mean, rstd)
 
     def output() -> np.ndarray:
-        out = call()[0]
-        if out.dtype in (torch.bfloat16, torch.float16):  # as the kernels store it
-            return out.view(torch.int16).numpy().view(np.uint16).reshape(case.kernel_shape)
-        return out.numpy().reshape(case.kernel_shape)
+        return _stored(case, call()[0])
 
     return call, output
+
+
+def _data(case: Case, a: np.ndarray):
+    """x or dy as a tensor of the case's shape. 16-bit data: the same memory as the kernels' uint16 patterns, seen
+    as torch's 16-bit dtype; weight and bias stay float32, the mixed types autocast gives torch's kernels after a
+    16-bit convolution."""
+    import torch
+
+    t = torch.from_numpy(a.view(np.int16)).view(getattr(torch, case.dtype)) if a.dtype == np.uint16 else \
+        torch.from_numpy(a)
+    return t.view(case.shape)
+
+
+def _stored(case: Case, out) -> np.ndarray:
+    """An output tensor as the kernels store it (16-bit as uint16 patterns), in the kernels' shape."""
+    import torch
+
+    out = out.detach()
+    if out.dtype in (torch.bfloat16, torch.float16):
+        return out.view(torch.int16).numpy().view(np.uint16).reshape(case.kernel_shape)
+    return out.numpy().reshape(case.kernel_shape)
 
 
 # --- torch.compile ---------------------------------------------------------------------------------------------
@@ -164,7 +178,7 @@ def prepare_compiled(case: Case, direction: str, inputs: dict) -> tuple[Callable
     check_compiler()
     torch._dynamo.reset()  # each case compiles afresh, never against dynamo's recompilation limit
     fn = torch.compile(_functional(case), dynamic=False, fullgraph=True)
-    x = torch.from_numpy(inputs["x"]).view(case.shape)
+    x = _data(case, inputs["x"])
     w, b = torch.from_numpy(inputs["weight"]), torch.from_numpy(inputs["bias"])
     start = time.perf_counter()
     try:
@@ -172,7 +186,7 @@ def prepare_compiled(case: Case, direction: str, inputs: dict) -> tuple[Callable
             def call():
                 return fn(x, w, b)
         else:
-            dy = torch.from_numpy(inputs["dy"]).view(case.shape)
+            dy = _data(case, inputs["dy"])
             leaves = tuple(t.detach().requires_grad_() for t in (x, w, b))
             y = fn(*leaves)
 
@@ -187,6 +201,6 @@ def prepare_compiled(case: Case, direction: str, inputs: dict) -> tuple[Callable
 
     def output() -> np.ndarray:
         out = call()
-        return (out if direction == "forward" else out[0]).detach().numpy().reshape(case.kernel_shape)
+        return _stored(case, out if direction == "forward" else out[0])
 
     return call, output, compile_s
