@@ -1,4 +1,4 @@
-"""normkit: fast, correct normalization kernels (BatchNorm, LayerNorm, InstanceNorm, GroupNorm).
+"""normkit: fast, correct normalization kernels (BatchNorm, LayerNorm, InstanceNorm, GroupNorm, RMSNorm).
 
     import normkit
     gn = normkit.get("gn")
@@ -11,7 +11,7 @@ the PyTorch frontend (:mod:`normkit.torch`) only when asked for.
 from importlib.metadata import PackageNotFoundError, version as _version
 
 from .keras import BatchNormalization
-from .ops import Op, Saved, UnknownOpError, get, list_ops
+from .ops import Op, Saved, UnknownOpError, add_layer_norm, add_rms_norm, get, list_ops
 from .primitives import batch_normalization, moments
 from .registry import (
     Backend,
@@ -33,6 +33,7 @@ except PackageNotFoundError:  # running from a source tree that was never instal
 
 __all__ = [
     "Backend", "BackendInfo", "BatchNormalization", "Op", "Saved", "UnknownBackendError", "UnknownOpError",
+    "add_layer_norm", "add_rms_norm",
     "__version__", "batch_normalization", "get", "get_backend_order", "get_num_threads", "list_backends", "list_ops", "moments",
     "register_backend", "set_backend_order", "set_num_threads", "unregister_backend",
 ]

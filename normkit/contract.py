@@ -2,9 +2,9 @@
 
 Every fact about an op lives in its :class:`OpSpec` in :data:`SPECS`: its names, its ``torch.nn.functional``
 twin, its directions and each direction's kernel arguments, how its input is cut into normalized sets (which gives
-the shapes of the statistics), and where its parameters sit. The NumPy and PyTorch frontends, the reference, the
-conformance kit, the bench and the tests derive what they need from this table; an op that is not in it is an
-error everywhere, never another op.
+the shapes of the statistics), whether it is centered (RMSNorm is not), and where its parameters sit. The NumPy
+and PyTorch frontends, the reference, the conformance kit, the bench and the tests derive what they need from
+this table; an op that is not in it is an error everywhere, never another op.
 
 A backend's kernels module exposes ``KERNELS``, a dict mapping ``(op, direction, dtype)`` to a callable, e.g.
 ``KERNELS[("groupnorm", "forward", "float32")]``. normkit's frontends validate all arguments, make every array
@@ -13,7 +13,7 @@ arguments :attr:`OpSpec.args` names. A kernel only computes: it writes its outpu
 never writes anywhere else.
 
 Shapes: ``x``, ``dy``, ``y``, ``dx`` are (N, C, S) for the channel ops (batchnorm / instancenorm / groupnorm; S is
-the product of the spatial dims, 1 for (N, C) inputs) and (M, K) for the row ops (layernorm; K =
+the product of the spatial dims, 1 for (N, C) inputs) and (M, K) for the row ops (layernorm, rmsnorm; K =
 prod(normalized_shape)). All arrays have the kernel's dtype, including ``mean``/``rstd`` (but see the split
 directions and the 16-bit dtypes below). ``weight``/``bias`` may be ``None`` (no affine); in backward
 ``dweight``/``dbias`` are ``None`` when that gradient is not wanted. ``rstd`` is ``1 / sqrt(var + eps)`` with the
@@ -57,8 +57,24 @@ dtype; ``count`` = N*S is known to the caller and is no argument. Each direction
   and ``dweight = sum_dy_xhat``, ``dbias = sum_dy``. The same form holds other gradients: inference
   (``b = d = 0``), or Batch Renormalization's (its r and d corrections folded into a, b, d).
 
-The split directions were added to contract 1 without changing its version: a backend that does not declare
-them is unaffected.
+Fused residual add (ops whose spec has ``fused_add=True``: the row ops). ``h = x + residual`` (rounded once to the
+dtype) and ``y = norm(h)`` in one pass over memory, the pre-norm transformer's ``h = x + sublayer(x)`` then
+``norm(h)``:
+
+- ``add_forward(x, residual, weight, bias, eps, y, h, mean, rstd)`` writes ``h`` and what ``forward`` on ``h``
+  writes (statistics of the rounded ``h``);
+- ``add_backward(dy, dh, h, mean, rstd, weight, dx, dweight, dbias)``: ``dx`` = the ``backward`` of ``y``'s
+  gradient ``dy`` at ``h``, plus ``dh``, the gradient flowing into ``h`` from its other uses (``None`` when there
+  is none). ``dx`` is the gradient of both ``x`` and ``residual``.
+
+Uncentered ops (``centered=False``: RMSNorm) have no mean and no bias: ``rstd = 1 / sqrt(mean(x**2) + eps)``,
+``y = x * rstd * weight``, and their arguments are the others' without ``bias``, ``mean`` and ``dbias``
+(``forward(x, weight, eps, y, rstd)``, ``backward(dy, x, rstd, weight, dx, dweight)`` with ``xhat = x * rstd``
+and ``dx = rstd * (g - xhat * mean(g * xhat))``; the add directions likewise). ``mean(x**2)`` is accumulated in
+float64, so no cancellation is possible.
+
+The split and add directions were added to contract 1 without changing its version: a backend that does not
+declare them is unaffected.
 
 16-bit dtypes (``bfloat16``, ``float16``): storage in 16 bits, arithmetic in float32 at least. A kernel of one of
 :data:`HALF_DTYPES` receives the data arrays ``x``, ``y``, ``dy``, ``dx`` as C-contiguous ``np.uint16`` arrays
@@ -106,6 +122,12 @@ _FORWARD = ("x", "weight", "bias", "eps", "y", "mean", "rstd")
 _FORWARD_INFER = ("x", "weight", "bias", "running_mean", "running_var", "eps", "y")
 _BACKWARD = ("dy", "x", "mean", "rstd", "weight", "dx", "dweight", "dbias")
 _BACKWARD_INFER = _BACKWARD
+# The fused residual add (OpSpec.fused_add), row ops only; see the module docstring.
+ADD_DIRECTIONS = ("add_forward", "add_backward")
+_ADD_FORWARD = ("x", "residual", "weight", "bias", "eps", "y", "h", "mean", "rstd")
+_ADD_BACKWARD = ("dy", "dh", "h", "mean", "rstd", "weight", "dx", "dweight", "dbias")
+# What an uncentered op (OpSpec.centered=False: RMSNorm) has none of.
+_CENTERED_ONLY = ("bias", "mean", "dbias")
 # The split directions (OpSpec.split), per-channel ops only; see the module docstring.
 SPLIT_DIRECTIONS = ("stats", "apply", "backward_reduce", "backward_apply")
 _SPLIT_ARGS = {
@@ -130,6 +152,8 @@ OUTPUTS = {
     "apply": ("y",),
     "backward_reduce": ("sum_dy", "sum_dy_xhat"),
     "backward_apply": ("dx",),
+    "add_forward": ("y", "h", "mean", "rstd"),
+    "add_backward": ("dx", "dweight", "dbias"),
 }
 
 
@@ -173,6 +197,9 @@ class OpSpec:
     ``running``: the op has running statistics (and so the ``*_infer`` directions and a momentum).
     ``training_flag``: the name of its ``torch.nn.functional`` argument that asks for batch statistics.
     ``split``: the op also has the split directions :data:`SPLIT_DIRECTIONS` (per-channel statistics only).
+    ``centered``: the op subtracts the mean and has a bias; False for RMSNorm (no mean, no bias, see the module
+    docstring).
+    ``fused_add``: the op also has the fused residual-add directions :data:`ADD_DIRECTIONS` (row ops only).
     """
 
     name: str
@@ -182,10 +209,16 @@ class OpSpec:
     running: bool = False
     training_flag: str | None = None
     split: bool = False
+    centered: bool = True
+    fused_add: bool = False
 
     def __post_init__(self) -> None:
         if self.split and self.sets != "channel":
             raise ValueError(f"{self.name}: the split directions are defined for per-channel statistics only")
+        if self.fused_add and self.sets != "row":
+            raise ValueError(f"{self.name}: the fused residual add is defined for row ops only")
+        if not self.centered and (self.running or self.split):
+            raise ValueError(f"{self.name}: an uncentered op has no mean, so no running or split statistics")
 
     @property
     def grouped(self) -> bool:
@@ -194,18 +227,26 @@ class OpSpec:
     @property
     def directions(self) -> tuple[str, ...]:
         fused = ("forward", "forward_infer", "backward", "backward_infer") if self.running else ("forward", "backward")
-        return fused + SPLIT_DIRECTIONS if self.split else fused
+        return fused + (SPLIT_DIRECTIONS if self.split else ()) + (ADD_DIRECTIONS if self.fused_add else ())
 
     def args(self, direction: str) -> tuple[str, ...]:
         """The kernel's positional argument names for ``direction``."""
         if direction not in self.directions:
             raise ValueError(f"{self.name} has no direction {direction!r}; it has {', '.join(self.directions)}")
         names = {"forward": _FORWARD, "forward_infer": _FORWARD_INFER, "backward": _BACKWARD,
-                 "backward_infer": _BACKWARD_INFER, **_SPLIT_ARGS}[direction]
+                 "backward_infer": _BACKWARD_INFER, "add_forward": _ADD_FORWARD, "add_backward": _ADD_BACKWARD,
+                 **_SPLIT_ARGS}[direction]
+        if not self.centered:
+            names = tuple(n for n in names if n not in _CENTERED_ONLY)
         if self.grouped:
             at = names.index("x") + 1
             names = (*names[:at], "num_groups", *names[at:])
         return names
+
+    def outputs(self, direction: str) -> tuple[str, ...]:
+        """The outputs of the ``direction`` kernel, among its arguments."""
+        args = self.args(direction)
+        return tuple(n for n in OUTPUTS[direction] if n in args)
 
     def kernel_args(self, direction: str, values: dict) -> tuple:
         """The positional arguments of the ``direction`` kernel, taken by name from ``values``."""
@@ -269,10 +310,11 @@ class OpSpec:
 SPECS = {spec.name: spec for spec in (
     OpSpec("batchnorm", ("bn", "batch_norm"), "batch_norm", "channel", running=True, training_flag="training",
            split=True),
-    OpSpec("layernorm", ("ln", "layer_norm"), "layer_norm", "row"),
+    OpSpec("layernorm", ("ln", "layer_norm"), "layer_norm", "row", fused_add=True),
     OpSpec("instancenorm", ("in", "instance_norm"), "instance_norm", "instance", running=True,
            training_flag="use_input_stats"),
     OpSpec("groupnorm", ("gn", "group_norm"), "group_norm", "group"),
+    OpSpec("rmsnorm", ("rms", "rms_norm"), "rms_norm", "row", centered=False, fused_add=True),
 )}
 
 OPS = tuple(SPECS)

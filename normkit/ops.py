@@ -32,7 +32,8 @@ class UnknownOpError(ValueError):
 
 
 class Saved(NamedTuple):
-    """What forward saves for backward: per-set ``mean`` and ``rstd`` = 1/sqrt(var + eps).
+    """What forward saves for backward: per-set ``mean`` and ``rstd`` = 1/sqrt(var + eps) (for RMSNorm, which is
+    not centered, ``mean`` is None and ``rstd`` = 1/sqrt(mean(x**2) + eps)).
 
     ``training`` says whether they are batch statistics (gradient flows through them) or running statistics
     (constants). ``backend`` is the backend that computed them.
@@ -146,7 +147,9 @@ def _grad_output(op: str, dy, x: np.ndarray) -> np.ndarray:
 def _saved(op: str, saved, shape: tuple) -> Saved:
     if not isinstance(saved, Saved):
         raise TypeError(f"{op}: saved must be the Saved returned by forward, got {checks.describe(saved)}")
-    if saved.mean.shape != shape or saved.rstd.shape != shape:
+    if saved.mean is None and SPECS[op].centered:
+        raise TypeError(f"{op}: saved holds no mean; pass the Saved that this op's forward returned")
+    if (saved.mean is not None and saved.mean.shape != shape) or saved.rstd.shape != shape:
         raise ValueError(
             f"{op}: saved statistics have shape {saved.mean.shape}, expected {shape} for this input; "
             f"pass the same arguments to backward as to forward"
@@ -185,8 +188,12 @@ class Op:
         y = _empty(kshape, x.dtype, x.nbytes)
         stat = self.spec.stat_shape(kshape, groups)
         sdt = _stat_dtype(x.dtype)
-        mean, rstd = np.empty(stat, sdt), np.empty(stat, sdt)  # one scalar store per set: alignment is moot
+        rstd = np.empty(stat, sdt)  # one scalar store per set: alignment is moot
         used, kernel = registry.lookup(self.name, "forward", _KERNEL_DTYPES[x.dtype], backend)
+        if not self.spec.centered:
+            kernel(_bits(x), weight, eps, _bits(y), rstd)
+            return y, Saved(None, rstd, True, used)
+        mean = np.empty(stat, sdt)
         if self.spec.grouped:
             kernel(_bits(x), groups, weight, bias, eps, _bits(y), mean, rstd)
         else:
@@ -204,15 +211,17 @@ class Op:
         dx = _empty(kshape, dt, x.nbytes)
         dweight = None if weight is None else _empty(pshape, sdt)
         dbias = None if bias is None else _empty(pshape, sdt)
-        mean = np.ascontiguousarray(saved.mean, dtype=sdt)
         rstd = np.ascontiguousarray(saved.rstd, dtype=sdt)
         direction = "backward" if training else "backward_infer"
         _, kernel = registry.lookup(self.name, direction, _KERNEL_DTYPES[dt], backend)
         dy, x = _bits(dy.reshape(kshape)), _bits(x.reshape(kshape))
-        if self.spec.grouped:
-            kernel(dy, x, groups, mean, rstd, weight, _bits(dx), dweight, dbias)
+        if not self.spec.centered:
+            kernel(dy, x, rstd, weight, _bits(dx), dweight)
+        elif self.spec.grouped:
+            kernel(dy, x, groups, np.ascontiguousarray(saved.mean, dtype=sdt), rstd, weight, _bits(dx), dweight,
+                   dbias)
         else:
-            kernel(dy, x, mean, rstd, weight, _bits(dx), dweight, dbias)
+            kernel(dy, x, np.ascontiguousarray(saved.mean, dtype=sdt), rstd, weight, _bits(dx), dweight, dbias)
         dweight, dbias = (g if g is None or to is None or g.dtype == to else g.astype(to)
                           for g, to in zip((dweight, dbias), grad_dtypes))
         return dx, dweight, dbias
@@ -323,10 +332,11 @@ class GroupNorm(Op):
         return dx.reshape(x.shape), dweight, dbias
 
 
-class LayerNorm(Op):
-    spec = SPECS["layernorm"]
+class _RowOp(Op):
+    """layernorm and rmsnorm: sets are the rows of the trailing ``normalized_shape``, with elementwise parameters;
+    both also have the fused residual add (``add_forward`` / ``add_backward``)."""
 
-    def _check(self, x, normalized_shape, weight, bias):
+    def _check(self, x, normalized_shape, weight, bias=None):
         op = self.name
         if (type(normalized_shape) is tuple and normalized_shape and type(x) is np.ndarray
                 and x.shape[-len(normalized_shape):] == normalized_shape):
@@ -343,22 +353,145 @@ class LayerNorm(Op):
         return (x, (x.size // k, k), None if weight is None else weight.reshape(k),
                 None if bias is None else bias.reshape(k), normalized_shape)
 
-    def forward(self, x, normalized_shape, weight=None, bias=None, eps=1e-5, *, backend=None):
+    def _eps(self, eps, x):
+        return _eps(self.name, eps)
+
+    def _row_forward(self, x, normalized_shape, weight, bias, eps, backend):
         x, kshape, weight, bias, _ = self._check(x, normalized_shape, weight, bias)
-        y, saved = self._forward(x, kshape, None, weight, bias, _eps(self.name, eps), backend)
+        y, saved = self._forward(x, kshape, None, weight, bias, self._eps(eps, x), backend)
         return y.reshape(x.shape), saved
 
-    def backward(self, grad_output, x, saved, normalized_shape, weight=None, bias=None, eps=1e-5, *,
-                 backend=None):
+    def _row_backward(self, grad_output, x, saved, normalized_shape, weight, bias, backend):
         x, kshape, weight_k, bias_k, shape = self._check(x, normalized_shape, weight, bias)
         dy = _grad_output(self.name, grad_output, x)
         dx, dweight, dbias = self._backward(dy, x, kshape, None, saved, weight_k, bias_k, backend,
                                             (_grad_dtype(weight, x), _grad_dtype(bias, x)))
-        unflat = lambda g: None if g is None else g.reshape(shape)  # noqa: E731
-        return dx.reshape(x.shape), unflat(dweight), unflat(dbias)
+        return dx.reshape(x.shape), _unflat(dweight, shape), _unflat(dbias, shape)
+
+    def _add_forward(self, x, residual, normalized_shape, weight, bias, eps, backend):
+        """(y, h, Saved) with h = x + residual and y = norm(h): one kernel where the chosen backend has the fused
+        add, else the sum and then the norm's forward kernel."""
+        op, spec = self.name, self.spec
+        x, kshape, weight, bias, _ = self._check(x, normalized_shape, weight, bias)
+        residual = _same_as(op, "residual", residual, x)
+        eps = self._eps(eps, x)
+        dtype = _KERNEL_DTYPES[x.dtype]
+        used, fused = _fused(op, "add_forward", dtype, backend)
+        if fused is None:
+            h = np.add(x, residual)
+            y, saved = self._forward(h, kshape, None, weight, bias, eps, used)
+            return y.reshape(x.shape), h, saved
+        y, h = np.empty(kshape, x.dtype), np.empty(kshape, x.dtype)
+        stat = spec.stat_shape(kshape)
+        rstd = np.empty(stat, x.dtype)
+        mean = np.empty(stat, x.dtype) if spec.centered else None
+        fused(*spec.kernel_args("add_forward", dict(x=x.reshape(kshape), residual=residual.reshape(kshape),
+                                                     weight=weight, bias=bias, eps=eps, y=y, h=h, mean=mean,
+                                                     rstd=rstd)))
+        return y.reshape(x.shape), h.reshape(x.shape), Saved(mean, rstd, True, used)
+
+    def _add_backward(self, grad_y, grad_h, h, saved, normalized_shape, weight, bias, backend):
+        """(dx, dweight, dbias): dx is the gradient of both x and residual, the norm's backward at h plus the
+        gradient ``grad_h`` flowing into h (None: none)."""
+        op, spec = self.name, self.spec
+        h, kshape, weight, bias, shape = self._check(h, normalized_shape, weight, bias)
+        dy = _grad_output(op, grad_y, h)
+        dh = None if grad_h is None else _same_as(op, "grad_h", grad_h, h)
+        used, fused = _fused(op, "add_backward", _KERNEL_DTYPES[h.dtype], backend)
+        if fused is None:
+            dx, dweight, dbias = self._backward(dy, h, kshape, None, saved, weight, bias, used)
+            if dh is not None:
+                dx += dh.reshape(kshape)
+        else:
+            saved = _saved(op, saved, spec.stat_shape(kshape))
+            dt = h.dtype
+            pshape = spec.param_shape(kshape)
+            dx = np.empty(kshape, dt)
+            dweight = None if weight is None else np.empty(pshape, dt)
+            dbias = None if bias is None else np.empty(pshape, dt)
+            mean = None if saved.mean is None else np.ascontiguousarray(saved.mean, dtype=dt)
+            fused(*spec.kernel_args("add_backward", dict(
+                dy=dy.reshape(kshape), dh=None if dh is None else dh.reshape(kshape), h=h.reshape(kshape),
+                mean=mean, rstd=np.ascontiguousarray(saved.rstd, dtype=dt), weight=weight, dx=dx,
+                dweight=dweight, dbias=dbias)))
+        return dx.reshape(h.shape), _unflat(dweight, shape), _unflat(dbias, shape)
 
 
-_OPS = {cls.spec.name: cls() for cls in (BatchNorm, LayerNorm, InstanceNorm, GroupNorm)}
+def _unflat(g, shape):
+    return None if g is None else g.reshape(shape)
+
+
+def _same_as(op: str, name: str, a, x: np.ndarray) -> np.ndarray:
+    """An array that must have x's shape and dtype (residual, grad_h)."""
+    a = as_input(op, name, a, min_ndim=1)
+    if a.shape != x.shape:
+        raise ValueError(f"{op}: {name} must have the input's shape {x.shape}, got {a.shape}")
+    if a.dtype != x.dtype:
+        raise TypeError(f"{op}: {name} must have the input's dtype {x.dtype}, got {a.dtype}")
+    return a
+
+
+_fused_cache: dict = {}
+
+
+def _fused(op: str, direction: str, dtype: str, backend):
+    """(backend, kernel) for a fused-add direction from the backend that runs the op's plain kernels (the named
+    one, or the first in the registry's order), or (that backend, None) when it has no such kernel: then the
+    caller composes the plain kernel with a separate add, rather than running another backend's fused kernel."""
+    plain = "forward" if direction == "add_forward" else "backward"
+    used, _ = registry.lookup(op, plain, dtype, backend)
+    try:
+        return registry.lookup(op, direction, dtype, used)
+    except (ValueError, TypeError):
+        return used, None
+
+
+class LayerNorm(_RowOp):
+    spec = SPECS["layernorm"]
+
+    def forward(self, x, normalized_shape, weight=None, bias=None, eps=1e-5, *, backend=None):
+        return self._row_forward(x, normalized_shape, weight, bias, eps, backend)
+
+    def backward(self, grad_output, x, saved, normalized_shape, weight=None, bias=None, eps=1e-5, *,
+                 backend=None):
+        return self._row_backward(grad_output, x, saved, normalized_shape, weight, bias, backend)
+
+    def add_forward(self, x, residual, normalized_shape, weight=None, bias=None, eps=1e-5, *, backend=None):
+        """``(y, h, saved)``: ``h = x + residual`` and ``y = layer_norm(h)``, in one pass where the backend can."""
+        return self._add_forward(x, residual, normalized_shape, weight, bias, eps, backend)
+
+    def add_backward(self, grad_y, grad_h, h, saved, normalized_shape, weight=None, bias=None, eps=1e-5, *,
+                     backend=None):
+        """``(dx, dweight, dbias)`` of :meth:`add_forward`: ``dx`` is the gradient of both x and residual (the
+        norm's backward at h plus ``grad_h``, the gradient of h's other uses, or None)."""
+        return self._add_backward(grad_y, grad_h, h, saved, normalized_shape, weight, bias, backend)
+
+
+class RMSNorm(_RowOp):
+    """RMSNorm (``torch.nn.functional.rms_norm``): ``y = x / sqrt(mean(x**2) + eps) * weight``; ``eps=None`` is
+    the dtype's machine epsilon, as in torch. No bias, so backward returns ``(dx, dweight)``."""
+
+    spec = SPECS["rmsnorm"]
+
+    def _eps(self, eps, x):
+        return float(np.finfo(x.dtype).eps) if eps is None else _eps(self.name, eps)
+
+    def forward(self, x, normalized_shape, weight=None, eps=None, *, backend=None):
+        return self._row_forward(x, normalized_shape, weight, None, eps, backend)
+
+    def backward(self, grad_output, x, saved, normalized_shape, weight=None, eps=None, *, backend=None):
+        return self._row_backward(grad_output, x, saved, normalized_shape, weight, None, backend)[:2]
+
+    def add_forward(self, x, residual, normalized_shape, weight=None, eps=None, *, backend=None):
+        """``(y, h, saved)``: ``h = x + residual`` and ``y = rms_norm(h)``, in one pass where the backend can."""
+        return self._add_forward(x, residual, normalized_shape, weight, None, eps, backend)
+
+    def add_backward(self, grad_y, grad_h, h, saved, normalized_shape, weight=None, eps=None, *, backend=None):
+        """``(dx, dweight)`` of :meth:`add_forward`; ``dx`` is the gradient of both x and residual."""
+        return self._add_backward(grad_y, grad_h, h, saved, normalized_shape, weight, None, backend)[:2]
+
+
+_OPS = {cls.spec.name: cls() for cls in (BatchNorm, LayerNorm, InstanceNorm, GroupNorm, RMSNorm)}
 assert tuple(_OPS) == tuple(SPECS), "every op of the table has a NumPy frontend"
 _NAMES = {alias: op for op in _OPS.values() for alias in (op.name, *op.aliases)}
 
@@ -374,3 +507,25 @@ def get(name: str) -> Op:
 
 def list_ops() -> tuple[str, ...]:
     return tuple(_OPS)
+
+
+def add_layer_norm(x, residual, normalized_shape, weight=None, bias=None, eps=1e-5, *, backend=None):
+    """``(y, h)`` with ``h = x + residual`` and ``y = layer_norm(h, normalized_shape, weight, bias, eps)``, in one
+    pass over memory where the backend has the fused kernel. Torch tensors go to :mod:`normkit.torch`."""
+    if type(x) is not np.ndarray and _is_torch(x):
+        from . import torch as nk_torch
+
+        return nk_torch.add_layer_norm(x, residual, normalized_shape, weight, bias, eps, backend=backend)
+    y, h, _ = _OPS["layernorm"].add_forward(x, residual, normalized_shape, weight, bias, eps, backend=backend)
+    return y, h
+
+
+def add_rms_norm(x, residual, normalized_shape, weight=None, eps=None, *, backend=None):
+    """``(y, h)`` with ``h = x + residual`` and ``y = rms_norm(h, normalized_shape, weight, eps)``, in one pass
+    over memory where the backend has the fused kernel. Torch tensors go to :mod:`normkit.torch`."""
+    if type(x) is not np.ndarray and _is_torch(x):
+        from . import torch as nk_torch
+
+        return nk_torch.add_rms_norm(x, residual, normalized_shape, weight, eps, backend=backend)
+    y, h, _ = _OPS["rmsnorm"].add_forward(x, residual, normalized_shape, weight, eps, backend=backend)
+    return y, h

@@ -1,7 +1,7 @@
 """The NumPy reference backend: the oracle every other backend is tested against, and the backend of last resort.
 
 Written for clarity, not speed: every op is "normalize over the last axis of a float64 view", with statistics
-from a two-pass mean/variance in float64. It follows the kernel contract in :mod:`normkit.contract` exactly.
+from a two-pass mean/variance in float64 (RMSNorm: the mean of squares in float64). It follows the kernel contract in :mod:`normkit.contract` exactly.
 """
 
 from __future__ import annotations
@@ -16,12 +16,13 @@ from .registry import Backend
 
 _CHANNEL = ("forward", "forward_infer", "backward", "backward_infer")
 _SPLIT = ("stats", "apply", "backward_reduce", "backward_apply")
+_ROW = ("forward", "backward", "add_forward", "add_backward")
 backend = Backend(
     name="reference",
     module="normkit.reference",
     # exactly what KERNELS below implements
     kernels={"batchnorm": _CHANNEL + _SPLIT, "instancenorm": _CHANNEL, "groupnorm": ("forward", "backward"),
-             "layernorm": ("forward", "backward")},
+             "layernorm": _ROW, "rmsnorm": _ROW},
     dtypes=("float32", "float64", "bfloat16", "float16"),
     description="pure NumPy, float64 statistics; the oracle and the fallback",
 )
@@ -83,6 +84,13 @@ def layernorm_forward(x, weight, bias, eps, y, mean, rstd):
     mean[...], rstd[...] = mu, r
 
 
+def rmsnorm_forward(x, weight, eps, y, rstd):
+    sets = x.astype(np.float64)
+    r = 1.0 / np.sqrt(np.square(sets).mean(axis=-1) + eps)
+    y[...] = _affine(sets * r[:, None], weight, None, (1, -1))
+    rstd[...] = r
+
+
 def channel_forward_infer(x, weight, bias, running_mean, running_var, eps, y):
     mu = running_mean.astype(np.float64)[None, :, None]
     r = 1.0 / np.sqrt(running_var.astype(np.float64) + eps)[None, :, None]
@@ -140,6 +148,14 @@ def layernorm_backward(dy, x, mean, rstd, weight, dx, dweight, dbias):
     _param_grads(dy64, (x64 - mu[:, None]) * r[:, None], dweight, dbias, axes=0)
 
 
+def rmsnorm_backward(dy, x, rstd, weight, dx, dweight):
+    dy64, x64, r = dy.astype(np.float64), x.astype(np.float64), rstd.astype(np.float64)[:, None]
+    xhat = x64 * r
+    g = dy64 if weight is None else dy64 * weight.astype(np.float64)[None, :]
+    dx[...] = r * (g - xhat * (g * xhat).mean(axis=-1, keepdims=True))
+    _param_grads(dy64, xhat, dweight, None, axes=0)
+
+
 def channel_backward_infer(dy, x, mean, rstd, weight, dx, dweight, dbias):
     dy64 = dy.astype(np.float64)
     r = rstd.astype(np.float64)[None, :, None]
@@ -175,6 +191,42 @@ def batchnorm_backward_apply(dy, x, a, b, d, dx):
     dx[...] = per(a) * dy.astype(np.float64) + per(b) * x.astype(np.float64) + per(d)
 
 
+# --- the fused residual add (row ops): h = x + residual, y = norm(h) ---------------------------------------------
+
+def _add(x, residual, h):
+    """h = x + residual, rounded once to h's dtype (what every kernel stores and normalizes)."""
+    h[...] = x.astype(np.float64) + residual.astype(np.float64)
+    return h
+
+
+def layernorm_add_forward(x, residual, weight, bias, eps, y, h, mean, rstd):
+    layernorm_forward(_add(x, residual, h), weight, bias, eps, y, mean, rstd)
+
+
+def rmsnorm_add_forward(x, residual, weight, eps, y, h, rstd):
+    rmsnorm_forward(_add(x, residual, h), weight, eps, y, rstd)
+
+
+def _plus(dx, dh):
+    if dh is not None:
+        dx[...] = dx.astype(np.float64) + dh.astype(np.float64)
+
+
+def layernorm_add_backward(dy, dh, h, mean, rstd, weight, dx, dweight, dbias):
+    # the norm's gradient in float64, plus dh, rounded once
+    d = np.empty(dx.shape)
+    layernorm_backward(dy, h, mean, rstd, weight, d, dweight, dbias)
+    _plus(d, dh)
+    dx[...] = d
+
+
+def rmsnorm_add_backward(dy, dh, h, rstd, weight, dx, dweight):
+    d = np.empty(dx.shape)
+    rmsnorm_backward(dy, h, rstd, weight, d, dweight)
+    _plus(d, dh)
+    dx[...] = d
+
+
 def _quiet(kernel):
     """NaN/inf inputs propagate to NaN outputs by design; NumPy's invalid-value warnings about it are noise."""
     @functools.wraps(kernel)
@@ -201,6 +253,12 @@ KERNELS = kernel_table({
     ("groupnorm", "backward"): groupnorm_backward,
     ("layernorm", "forward"): layernorm_forward,
     ("layernorm", "backward"): layernorm_backward,
+    ("layernorm", "add_forward"): layernorm_add_forward,
+    ("layernorm", "add_backward"): layernorm_add_backward,
+    ("rmsnorm", "forward"): rmsnorm_forward,
+    ("rmsnorm", "backward"): rmsnorm_backward,
+    ("rmsnorm", "add_forward"): rmsnorm_add_forward,
+    ("rmsnorm", "add_backward"): rmsnorm_add_backward,
 }, dtypes=("float32", "float64"))
 
 
@@ -213,6 +271,8 @@ def _sixteen(kernel, op: str, direction: str, dtype: str):
     def run(*args):
         args, rounds = list(args), []
         for i, is_output in at:
+            if args[i] is None:  # an optional argument (add_backward's dh)
+                continue
             if is_output:
                 rounds.append((args[i], np.empty(args[i].shape)))
                 args[i] = rounds[-1][1]
