@@ -355,7 +355,8 @@ def _inputs(case: Case) -> dict[str, np.ndarray | None]:
     else:
         raise ValueError(f"unknown data kind {case.data!r}")
     nan_at = tuple(s // 2 for s in shape)
-    if case.data == "nan" and (case.direction.startswith("forward") or case.direction in ("stats", "apply")):
+    reads_dy = case.direction.startswith("backward") or case.direction == "add_backward"
+    if case.data == "nan" and not reads_dy:
         x[nan_at] = np.nan
     x = to("x", x)
     k = _spec(case).param_shape(shape)
@@ -377,19 +378,27 @@ def _inputs(case: Case) -> dict[str, np.ndarray | None]:
         elif case.direction == "backward_infer":
             rstd = 1.0 / np.sqrt(running_var.astype(np.float64) + case.eps)
             inputs.update(mean=to("mean", running_mean), rstd=to("rstd", rstd))
-    if case.direction == "backward":
-        # the statistics a training forward saved: exact ones, rounded to the dtype
+    if case.direction == "add_forward":
+        inputs["residual"] = to("residual", rng.standard_normal(shape))
+    if case.direction in ("backward", "add_backward"):
+        # the statistics a training forward saved: exact ones, rounded to the dtype (an uncentered op's mean is
+        # no argument; zeros stand for it in the tolerances)
         y = np.empty(shape)
-        mean, rstd = np.empty(_stat_shape(case)), np.empty(_stat_shape(case))
+        mean, rstd = np.zeros(_stat_shape(case)), np.empty(_stat_shape(case))
         fwd = reference.KERNELS[(case.op, "forward", "float64")]
         with np.errstate(all="ignore"):
             fwd(*_args(case, dict(x=x64, y=y, mean=mean, rstd=rstd), "forward"))
         inputs.update(mean=to("mean", mean), rstd=to("rstd", rstd))
-    if case.direction.startswith("backward"):
+    if reads_dy:
         dy = rng.standard_normal(shape)
         if case.data == "nan":
             dy[nan_at] = np.nan
         inputs["dy"] = to("dy", dy)
+    if case.direction == "add_backward":
+        # h is the normalized input; the gradient flowing into h from its other uses is absent in the cases with
+        # a weight only, so that both forms of the kernel run
+        inputs["h"] = x
+        inputs["dh"] = None if case.affine == "weight" else to("dh", rng.standard_normal(shape))
     if case.direction in SPLIT_DIRECTIONS:
         inputs.update(_split_inputs(case, inputs))
     return inputs
@@ -427,12 +436,13 @@ def _split_inputs(case: Case, inputs: dict) -> dict[str, np.ndarray]:
 
 def _output_shapes(case: Case, inputs) -> dict[str, tuple[int, ...] | None]:
     spec = _spec(case)
-    shapes = {"y": case.shape, "mean": _stat_shape(case), "rstd": _stat_shape(case), "dx": case.shape}
+    shapes = {"y": case.shape, "h": case.shape, "mean": _stat_shape(case), "rstd": _stat_shape(case),
+              "dx": case.shape}
     shapes.update(dict.fromkeys(("m2", "sum_dy", "sum_dy_xhat"), (case.shape[1],)))
     pshape = spec.param_shape(case.shape)
     shapes["dweight"] = pshape if inputs["weight"] is not None else None
     shapes["dbias"] = pshape if inputs["bias"] is not None else None
-    return {name: shapes[name] for name in OUTPUTS[case.direction]}
+    return {name: shapes[name] for name in spec.outputs(case.direction)}
 
 
 def _args(case: Case, a: dict, direction: str | None = None) -> tuple:
@@ -464,6 +474,8 @@ def _working_tolerances(case: Case, inputs: dict, expected: dict) -> dict[str, n
     eps = float(np.finfo(np.float32 if case.dtype in HALF_DTYPES else case.dtype).eps)
     f64 = {k: _f64(case, k, v) for k, v in inputs.items()}
     x = f64["x"]
+    if case.direction == "add_forward":
+        x = x + f64["residual"]  # the normalized values: h (here exact; the kernel's h is rounded once)
     ones = np.ones(case.shape[1])
     w = _per_channel(case, np.abs(f64["weight"]) if f64["weight"] is not None else ones)
     b = _per_channel(case, np.abs(f64["bias"]) if f64["bias"] is not None else 0 * ones)
@@ -472,8 +484,8 @@ def _working_tolerances(case: Case, inputs: dict, expected: dict) -> dict[str, n
     with np.errstate(all="ignore"):
         if case.direction in SPLIT_DIRECTIONS:
             return _split_tolerances(case, f64, expected, m, eps)
-        if case.direction == "forward":
-            mean, rstd = expected["mean"], expected["rstd"]
+        if case.direction in ("forward", "add_forward"):
+            mean, rstd = expected.get("mean", np.zeros(_stat_shape(case))), expected["rstd"]
             absmax = _set_max(case, np.abs(x))
             kappa = absmax * rstd
             xhat = (x - _per_element(case, mean)) * _per_element(case, rstd)
@@ -481,6 +493,7 @@ def _working_tolerances(case: Case, inputs: dict, expected: dict) -> dict[str, n
             tol["y"] = k * (w * (1 + _per_element(case, kappa)) * (1 + np.abs(xhat)) + b)
             tol["mean"] = k * absmax
             tol["rstd"] = k * (1 + kappa) * rstd
+            tol["h"] = tolerance_factor(1) * eps * np.abs(x)
             return tol
         if case.direction == "forward_infer":
             mean, r = f64["running_mean"], 1.0 / np.sqrt(f64["running_var"] + case.eps)
@@ -489,7 +502,7 @@ def _working_tolerances(case: Case, inputs: dict, expected: dict) -> dict[str, n
             tol["y"] = tolerance_factor(1) * eps * (w * (1 + kappa) * (1 + np.abs((x - mean) * r)) + b)
             return tol
         dy = np.abs(f64["dy"])
-        training = case.direction == "backward"
+        training = case.direction in ("backward", "add_backward")
         expand = (lambda s: _per_element(case, s)) if training else (lambda s: _per_channel(case, s))
         mean, rstd = expand(f64["mean"]), expand(f64["rstd"])
         xhat = np.abs((x - mean) * rstd)
@@ -497,6 +510,8 @@ def _working_tolerances(case: Case, inputs: dict, expected: dict) -> dict[str, n
             kappa = _per_element(case, _set_max(case, np.abs(x)) * f64["rstd"])
             g = _per_element(case, _set_max(case, dy * w))
             tol["dx"] = tolerance_factor(m) * eps * rstd * g * (1 + kappa) * (1 + xhat)
+            if f64.get("dh") is not None:  # add_backward: plus dh, one more rounding
+                tol["dx"] = tol["dx"] + tolerance_factor(1) * eps * (np.abs(f64["dh"]) + np.abs(expected["dx"]))
         else:
             kappa = (np.abs(x) + np.abs(mean)) * rstd
             tol["dx"] = tolerance_factor(1) * eps * dy * w * rstd

@@ -4,12 +4,13 @@ from normkit.registry import Backend
 # until this backend has kernels for it.
 _CHANNEL = ("forward", "forward_infer", "backward", "backward_infer")
 _SPLIT = ("stats", "apply", "backward_reduce", "backward_apply")
+_ROW = ("forward", "backward", "add_forward", "add_backward")
 
 backend = Backend(
     name="cython",
     module="normkit_kernels.cython.kernels",
     kernels={"batchnorm": _CHANNEL + _SPLIT, "instancenorm": _CHANNEL, "groupnorm": ("forward", "backward"),
-             "layernorm": ("forward", "backward")},
+             "layernorm": _ROW, "rmsnorm": _ROW},
     dtypes=("float32", "float64"),
     description="Cython with OpenMP prange, compiled at install time",
 )

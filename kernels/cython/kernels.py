@@ -16,11 +16,11 @@ from normkit.registry import get_num_threads
 from . import _batchnorm
 
 if _batchnorm.BUILD["use_x86_64_v3"] and os.environ.get("NORMKIT_CYTHON_BASELINE", "") in ("", "0"):
-    from .x86_64_v3 import _batchnorm, _groupnorm, _layernorm
+    from .x86_64_v3 import _batchnorm, _groupnorm, _layernorm, _rownorm
 else:
-    from . import _groupnorm, _layernorm
+    from . import _groupnorm, _layernorm, _rownorm
 
-_MODULES = (_batchnorm, _groupnorm, _layernorm)
+_MODULES = (_batchnorm, _groupnorm, _layernorm, _rownorm)
 _CTYPE = {"float32": "float", "float64": "double"}
 
 _FUNCTIONS = {
@@ -40,6 +40,12 @@ _FUNCTIONS = {
     ("groupnorm", "backward"): _groupnorm.groupnorm_backward,
     ("layernorm", "forward"): _layernorm.layernorm_forward,
     ("layernorm", "backward"): _layernorm.layernorm_backward,
+    ("layernorm", "add_forward"): _rownorm.layernorm_add_forward,
+    ("layernorm", "add_backward"): _rownorm.layernorm_add_backward,
+    ("rmsnorm", "forward"): _rownorm.rmsnorm_forward,
+    ("rmsnorm", "backward"): _rownorm.rmsnorm_backward,
+    ("rmsnorm", "add_forward"): _rownorm.rmsnorm_add_forward,
+    ("rmsnorm", "add_backward"): _rownorm.rmsnorm_add_backward,
 }
 
 KERNELS = {

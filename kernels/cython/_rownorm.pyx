@@ -1,0 +1,324 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
+"""RMSNorm over the rows of an (M, K) array, and the fused residual add of both row ops: h = x + residual, then
+LayerNorm or RMSNorm of h, in one pass over memory.
+
+One row kernel serves the four forward kernels and one block kernel the four backward ones; ``centered`` says
+whether a row's mean is subtracted and a bias added (LayerNorm) or not (RMSNorm). The fused forward writes a row
+of h and reads it back from L1 for its statistics and y; the fused backward adds dh (the gradient flowing into h
+from its other uses) where it writes dx. Rows are independent tasks. The parameter gradients are summed per fixed
+block of rows (blocks depend on the shape only) and the blocks merged in order, as in _layernorm.pyx, so results
+do not depend on the thread count. Rows longer than PARTIAL_BUDGET / 2 make one block, which runs on one thread.
+"""
+
+import threading
+
+import numpy as np
+
+from cython cimport floating
+from cython.parallel cimport prange
+from libc.math cimport sqrt
+from libc.string cimport memset
+
+from _common cimport finish_moments, grad_sums, moments, pivot_of
+
+# Per-block partial parameter gradients of all blocks together stay under this many doubles (8 MB).
+cdef Py_ssize_t PARTIAL_BUDGET = 1 << 20
+cdef Py_ssize_t MAX_BLOCKS = 64
+# Rows per block, at least, once there are more than a few blocks (see _layernorm.pyx).
+cdef Py_ssize_t BLOCK_ROWS = 16
+cdef Py_ssize_t FEW_BLOCKS = 4
+cdef Py_ssize_t TILE = 4096
+# Parameter-gradient terms summed in the data's precision before they are added to the double sums.
+cdef Py_ssize_t FLUSH = 16
+
+cdef int _nthreads = 1
+_local = threading.local()
+
+
+def set_num_threads(int n):
+    global _nthreads
+    _nthreads = n
+
+
+cdef extern from *:
+    # sum(x**2) in double: RMSNorm's statistic, where there is nothing to cancel, so no pivot. With AVX four
+    # registers of partial sums, as _common.pxd's moments(); the order of the additions is fixed by the code.
+    """
+    #if defined(__AVX__)
+    #include <immintrin.h>
+    #define NK_SQ_LOAD_F(p) _mm256_cvtps_pd(_mm_loadu_ps(p))
+    #define NK_SQ_LOAD_D(p) _mm256_loadu_pd(p)
+    #define NK_SUMSQ_BLOCKS(LOAD)                                                                     \
+        __m256d z = _mm256_setzero_pd(), d0, d1, d2, d3, b0 = z, b1 = z, b2 = z, b3 = z;            \
+        for (; i + 16 <= n; i += 16) {                                                              \
+            d0 = LOAD(x + i); d1 = LOAD(x + i + 4); d2 = LOAD(x + i + 8); d3 = LOAD(x + i + 12);    \
+            b0 += d0 * d0; b1 += d1 * d1; b2 += d2 * d2; b3 += d3 * d3;                             \
+        }                                                                                           \
+        b0 = (b0 + b1) + (b2 + b3);                                                                 \
+        t = (b0[0] + b0[1]) + (b0[2] + b0[3]);
+    #else
+    #define NK_SUMSQ_BLOCKS(LOAD)
+    #endif
+    #define NK_SUMSQ(NAME, T, LOAD)                                                                   \
+        static inline double NAME(const T* x, Py_ssize_t n) {                                       \
+            double t = 0.0, d;                                                                      \
+            Py_ssize_t i = 0;                                                                       \
+            NK_SUMSQ_BLOCKS(LOAD)                                                                   \
+            for (; i < n; i++) { d = x[i]; t += d * d; }                                            \
+            return t;                                                                               \
+        }
+    NK_SUMSQ(normkit_sumsq_f, float, NK_SQ_LOAD_F)
+    NK_SUMSQ(normkit_sumsq_d, double, NK_SQ_LOAD_D)
+    """
+    double normkit_sumsq_f(const float* x, Py_ssize_t n) noexcept nogil
+    double normkit_sumsq_d(const double* x, Py_ssize_t n) noexcept nogil
+
+
+cdef inline double _sumsq(const floating* x, Py_ssize_t n) noexcept nogil:
+    if floating is float:
+        return normkit_sumsq_f(x, n)
+    else:
+        return normkit_sumsq_d(x, n)
+
+
+cdef double[::1] _scratch(Py_ssize_t n):
+    """A work buffer of n doubles kept per calling thread (see _layernorm.pyx)."""
+    buf = getattr(_local, "buf", None)
+    if buf is None or buf.shape[0] < n:
+        buf = _local.buf = np.empty(n)
+    return buf
+
+
+# --- forward -----------------------------------------------------------------------------------------------------
+
+cdef void _row_forward(const floating* x, const floating* res, floating* h, floating* y, Py_ssize_t k,
+                       const floating* w, const floating* b, double eps, bint centered, floating* mean_out,
+                       floating* rstd_out) noexcept nogil:
+    """One row: h = x + res first when res is not NULL (then the rest reads h, from L1), the statistics in
+    double, then y in the data's precision."""
+    cdef Py_ssize_t j
+    cdef const floating* src = x
+    cdef double s1 = 0.0, s2 = 0.0, mean = 0.0, rstd, pivot
+    cdef floating m, r, c0
+    if res != NULL:
+        for j in range(k):
+            h[j] = x[j] + res[j]
+        src = h
+    if centered:
+        pivot = pivot_of(src[0])
+        moments(src, k, pivot, &s1, &s2)
+        finish_moments(s1, s2, k, pivot, eps, &mean, &rstd)
+        mean_out[0] = <floating>mean
+    else:
+        rstd = 1.0 / sqrt(_sumsq(src, k) / k + eps)
+    rstd_out[0] = <floating>rstd
+    r = <floating>rstd
+    if centered:
+        # as _layernorm.pyx: the mean rounded to the data's precision, its rounding folded into c0
+        m = <floating>mean
+        c0 = <floating>((<double>m - mean) * rstd)
+        for j in range(k):
+            y[j] = ((src[j] - m) * r + c0) * w[j] + b[j]
+    else:
+        for j in range(k):
+            y[j] = (src[j] * r) * w[j]
+
+
+cdef void _forward(const floating* x, const floating* res, floating* h, floating* y, Py_ssize_t m, Py_ssize_t k,
+                   const floating* w, const floating* b, double eps, bint centered, floating* mean,
+                   floating* rstd) noexcept nogil:
+    cdef Py_ssize_t i
+    cdef int nt = _nthreads
+    for i in prange(m, schedule="static", num_threads=nt):
+        _row_forward(x + i * k, res + i * k if res != NULL else NULL, h + i * k if h != NULL else NULL, y + i * k,
+                     k, w, b, eps, centered, mean + i if mean != NULL else NULL, rstd + i)
+
+
+# --- backward ----------------------------------------------------------------------------------------------------
+
+cdef void _row_dx(const floating* dy, const floating* dh, const floating* x, floating* dx, Py_ssize_t k,
+                  const floating* w, double mean, double rstd, double cb, double cc) noexcept nogil:
+    """dx = rstd * w * dy + cb * (x - mean) + cc (+ dh), in the data's precision."""
+    cdef floating m = <floating>mean, r = <floating>rstd, b = <floating>cb, c = <floating>cc
+    cdef Py_ssize_t j
+    if dh == NULL:
+        for j in range(k):
+            dx[j] = r * w[j] * dy[j] + b * (x[j] - m) + c
+    else:
+        for j in range(k):
+            dx[j] = r * w[j] * dy[j] + b * (x[j] - m) + c + dh[j]
+
+
+cdef void _add_param_grads(const floating* dy, const floating* x, Py_ssize_t k, double mean, double rstd,
+                           floating* accw, floating* accb) noexcept nogil:
+    """accw += dy * xhat and, unless accb is NULL, accb += dy, in the data's precision (flushed into double
+    every FLUSH rows by the caller)."""
+    cdef floating m = <floating>mean, r = <floating>rstd, g
+    cdef Py_ssize_t j
+    if accb == NULL:
+        for j in range(k):
+            accw[j] += dy[j] * ((x[j] - m) * r)
+    else:
+        for j in range(k):
+            g = dy[j]
+            accw[j] += g * ((x[j] - m) * r)
+            accb[j] += g
+
+
+cdef void _flush(floating* acc, double* out, Py_ssize_t n) noexcept nogil:
+    cdef Py_ssize_t j
+    for j in range(n):
+        out[j] += acc[j]
+        acc[j] = 0
+
+
+cdef void _backward_block(const floating* dy, const floating* dh, const floating* x, floating* dx, Py_ssize_t m0,
+                          Py_ssize_t m1, Py_ssize_t k, const floating* w, const floating* mean,
+                          const floating* rstd, bint centered, double* partial, floating* acc) noexcept nogil:
+    """Rows m0..m1-1. Unless partial is NULL, their parameter gradients go to partial[0:k] (weight) and, when
+    centered, partial[k:2k] (bias), through the accumulators acc in the data's precision. The loops of a row in
+    _layernorm.pyx's order: parameter gradients (the one that reads dy and x from memory), the row's sums, dx."""
+    cdef Py_ssize_t i, o, n = 2 * k if centered else k
+    cdef double sg, sgx, mi, r
+    if partial != NULL:
+        memset(partial, 0, n * sizeof(double))
+        memset(acc, 0, n * sizeof(floating))
+    for i in range(m0, m1):
+        o = i * k
+        mi = mean[i] if centered else 0.0
+        r = rstd[i]
+        if partial != NULL:
+            _add_param_grads(dy + o, x + o, k, mi, r, acc, acc + k if centered else NULL)
+        sg = 0.0
+        sgx = 0.0
+        grad_sums(dy + o, x + o, w, k, mi, &sg, &sgx)
+        # dx = rstd * (g - mean(g) - xhat * mean(g * xhat)); an uncentered row has no mean(g) term
+        _row_dx(dy + o, dh + o if dh != NULL else NULL, x + o, dx + o, k, w, mi, r, -r * r * r * sgx / k,
+                -r * sg / k if centered else 0.0)
+        if partial != NULL and ((i + 1 - m0) % FLUSH == 0 or i + 1 == m1):
+            _flush(acc, partial, n)
+
+
+cdef void _merge_blocks(const double* partial, Py_ssize_t blocks, Py_ssize_t n, Py_ssize_t j0, Py_ssize_t j1,
+                        double* out) noexcept nogil:
+    """out[j] = sum over blocks, in block order, of partial[block, j] for j0 <= j < j1 (rows of length n)."""
+    cdef Py_ssize_t t, j
+    for j in range(j0, j1):
+        out[j] = 0.0
+    for t in range(blocks):
+        for j in range(j0, j1):
+            out[j] += partial[t * n + j]
+
+
+cdef void _backward(const floating* dy, const floating* dh, const floating* x, floating* dx, Py_ssize_t m,
+                    Py_ssize_t k, const floating* w, const floating* mean, const floating* rstd, bint centered,
+                    floating* dweight, floating* dbias):
+    """dweight / dbias: NULL when not wanted."""
+    cdef Py_ssize_t j, t, per_block, blocks, tiles, n = 2 * k if centered else k
+    cdef double[::1] buf
+    cdef double* grads
+    cdef double* work
+    cdef floating* acc
+    cdef int nt = _nthreads
+    if dweight == NULL and dbias == NULL:
+        blocks = min(m, MAX_BLOCKS)
+        per_block = (m + blocks - 1) // blocks
+        blocks = (m + per_block - 1) // per_block
+        for t in prange(blocks, nogil=True, schedule="static", num_threads=nt):
+            _backward_block(dy, dh, x, dx, t * per_block, min(m, (t + 1) * per_block), k, w, mean, rstd, centered,
+                            NULL, NULL)
+        return
+    blocks = min(m, MAX_BLOCKS, max(1, PARTIAL_BUDGET // n), max(FEW_BLOCKS, m // BLOCK_ROWS))
+    per_block = (m + blocks - 1) // blocks
+    blocks = (m + per_block - 1) // per_block
+    # n doubles of gradients, n per block of partial sums, then n accumulators per block (in doubles' room)
+    buf = _scratch(n + blocks * n + (blocks * n * sizeof(floating) + 7) // 8)
+    grads = &buf[0]
+    work = grads + n
+    acc = <floating*>(work + blocks * n)
+    for t in prange(blocks, nogil=True, schedule="static", num_threads=nt):
+        _backward_block(dy, dh, x, dx, t * per_block, min(m, (t + 1) * per_block), k, w, mean, rstd, centered,
+                        work + t * n, acc + t * n)
+    tiles = (n + TILE - 1) // TILE
+    for t in prange(tiles, nogil=True, schedule="static", num_threads=nt):
+        _merge_blocks(work, blocks, n, t * TILE, min(n, (t + 1) * TILE), grads)
+    for j in range(k):
+        if dweight != NULL:
+            dweight[j] = <floating>grads[j]
+        if dbias != NULL:
+            dbias[j] = <floating>grads[k + j]
+
+
+# --- the contract's kernels --------------------------------------------------------------------------------------
+
+cdef const floating* _ones(const floating[::1] weight, Py_ssize_t k, list keep):
+    """weight's data, or a row of ones (kept alive in ``keep``) when there is none: one loop serves both."""
+    cdef const floating[::1] wv = weight
+    if wv is None:
+        wv = np.ones(k, np.float32 if floating is float else np.float64)
+        keep.append(wv)
+    return &wv[0]
+
+
+cdef const floating* _zeros(const floating[::1] bias, Py_ssize_t k, list keep):
+    cdef const floating[::1] bv = bias
+    if bv is None:
+        bv = np.zeros(k, np.float32 if floating is float else np.float64)
+        keep.append(bv)
+    return &bv[0]
+
+
+def rmsnorm_forward(const floating[:, ::1] x, const floating[::1] weight, double eps, floating[:, ::1] y,
+                    floating[::1] rstd):
+    keep = []
+    cdef const floating* w = _ones(weight, x.shape[1], keep)
+    with nogil:
+        _forward(&x[0, 0], NULL, NULL, &y[0, 0], x.shape[0], x.shape[1], w, NULL, eps, False, NULL, &rstd[0])
+
+
+def rmsnorm_add_forward(const floating[:, ::1] x, const floating[:, ::1] residual, const floating[::1] weight,
+                        double eps, floating[:, ::1] y, floating[:, ::1] h, floating[::1] rstd):
+    keep = []
+    cdef const floating* w = _ones(weight, x.shape[1], keep)
+    with nogil:
+        _forward(&x[0, 0], &residual[0, 0], &h[0, 0], &y[0, 0], x.shape[0], x.shape[1], w, NULL, eps, False, NULL,
+                 &rstd[0])
+
+
+def layernorm_add_forward(const floating[:, ::1] x, const floating[:, ::1] residual, const floating[::1] weight,
+                          const floating[::1] bias, double eps, floating[:, ::1] y, floating[:, ::1] h,
+                          floating[::1] mean, floating[::1] rstd):
+    keep = []
+    cdef const floating* w = _ones(weight, x.shape[1], keep)
+    cdef const floating* b = _zeros(bias, x.shape[1], keep)
+    with nogil:
+        _forward(&x[0, 0], &residual[0, 0], &h[0, 0], &y[0, 0], x.shape[0], x.shape[1], w, b, eps, True, &mean[0],
+                 &rstd[0])
+
+
+cdef floating* _out(floating[::1] a):
+    """An optional output's data, or NULL."""
+    return &a[0] if a is not None else NULL
+
+
+def rmsnorm_backward(const floating[:, ::1] dy, const floating[:, ::1] x, const floating[::1] rstd,
+                     const floating[::1] weight, floating[:, ::1] dx, floating[::1] dweight):
+    keep = []
+    _backward(&dy[0, 0], NULL, &x[0, 0], &dx[0, 0], x.shape[0], x.shape[1], _ones(weight, x.shape[1], keep), NULL,
+              &rstd[0], False, _out(dweight), NULL)
+
+
+def rmsnorm_add_backward(const floating[:, ::1] dy, const floating[:, ::1] dh, const floating[:, ::1] h,
+                         const floating[::1] rstd, const floating[::1] weight, floating[:, ::1] dx,
+                         floating[::1] dweight):
+    keep = []
+    _backward(&dy[0, 0], &dh[0, 0] if dh is not None else NULL, &h[0, 0], &dx[0, 0], h.shape[0], h.shape[1],
+              _ones(weight, h.shape[1], keep), NULL, &rstd[0], False, _out(dweight), NULL)
+
+
+def layernorm_add_backward(const floating[:, ::1] dy, const floating[:, ::1] dh, const floating[:, ::1] h,
+                           const floating[::1] mean, const floating[::1] rstd, const floating[::1] weight,
+                           floating[:, ::1] dx, floating[::1] dweight, floating[::1] dbias):
+    keep = []
+    _backward(&dy[0, 0], &dh[0, 0] if dh is not None else NULL, &h[0, 0], &dx[0, 0], h.shape[0], h.shape[1],
+              _ones(weight, h.shape[1], keep), &mean[0], &rstd[0], True, _out(dweight), _out(dbias))
