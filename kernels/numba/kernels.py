@@ -1,6 +1,7 @@
 """Numba kernels for the four ops, following :mod:`normkit.contract`: this module assembles the backend (KERNELS,
 INFO, set_num_threads) from one module per kernel family, batchnorm.py (with the per-channel inference passes),
-groupnorm.py (GroupNorm and InstanceNorm) and layernorm.py, over the pieces they share in _common.py. numba caches
+groupnorm.py (GroupNorm and InstanceNorm), layernorm.py and rownorm.py (RMSNorm and the fused residual add of
+the row ops), over the pieces they share in _common.py. numba caches
 compiled kernels per source file, so an edit to one family recompiles only that family (but see _common.py about
 edits to it).
 
@@ -36,6 +37,8 @@ from .batchnorm import (batchnorm_apply, batchnorm_backward, batchnorm_backward_
                         batchnorm_forward, batchnorm_stats, channel_backward_infer, channel_forward_infer)
 from .groupnorm import groupnorm_backward, groupnorm_forward, instancenorm_backward, instancenorm_forward
 from .layernorm import layernorm_backward, layernorm_forward
+from .rownorm import (layernorm_add_backward, layernorm_add_forward, rmsnorm_add_backward, rmsnorm_add_forward,
+                      rmsnorm_backward, rmsnorm_forward)
 
 __all__ = ["INFO", "KERNELS", "set_num_threads"]
 
@@ -64,4 +67,10 @@ KERNELS = kernel_table({
     ("groupnorm", "backward"): groupnorm_backward,
     ("layernorm", "forward"): layernorm_forward,
     ("layernorm", "backward"): layernorm_backward,
+    ("layernorm", "add_forward"): layernorm_add_forward,
+    ("layernorm", "add_backward"): layernorm_add_backward,
+    ("rmsnorm", "forward"): rmsnorm_forward,
+    ("rmsnorm", "backward"): rmsnorm_backward,
+    ("rmsnorm", "add_forward"): rmsnorm_add_forward,
+    ("rmsnorm", "add_backward"): rmsnorm_add_backward,
 }, dtypes=("float32", "float64"))

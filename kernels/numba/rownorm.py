@@ -1,0 +1,239 @@
+"""RMSNorm, and the fused residual add of both row ops (h = x + residual, then LayerNorm or RMSNorm of h, in one
+pass over memory).
+
+One forward and one backward serve all four directions each; ``centered`` says whether a row's mean is subtracted
+and a bias added (LayerNorm) or not (RMSNorm: rstd = 1/sqrt(mean(x**2) + eps), the sum of squares in float64).
+How the work is split: one work item per row in the forward (the fused add writes the row of h and reads it back
+from cache); in the backward, fixed blocks of rows (a function of the shape only) keep partial parameter gradients,
+merged in block order, so results do not depend on the thread count.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import prange
+
+from ._common import PIECE, TARGET_ITEMS, _cdiv, _finish, _finite, _jit, _opt, _pivot, _pjit, _sums, _sync_threads
+
+# Parameter gradients are summed in the data's dtype over at most FLUSH rows, then added into float64.
+FLUSH = 16
+# Partial parameter gradients of all row blocks together stay under this many doubles (8 MB).
+PARTIAL_BUDGET = 1 << 20
+
+
+@_jit
+def _sumsq(xr):
+    s = 0.0
+    for i in range(xr.shape[0]):
+        d = np.float64(xr[i])
+        s += d * d
+    return s
+
+
+@_jit
+def _add(xr, rr, hr):
+    for j in range(xr.shape[0]):
+        hr[j] = xr[j] + rr[j]
+
+
+@_jit
+def _normalize(src, yr, w, b, centered, eps, mean, rstd, k):
+    """Statistics of one row (in float64) into mean[k] (when centered) and rstd[k], then y in the dtype, as
+    layernorm.py: the mean rounded to the dtype, with its rounding folded into c0."""
+    K = src.shape[0]
+    t = src.dtype.type
+    if centered:
+        p = _pivot(src[0])
+        s1, s2 = _sums(src, p)
+        m64, r64 = _finish(p, s1, s2, K, eps)
+        mean[k] = m64
+        m = mean[k]
+        rt = t(r64)
+        c0 = t((np.float64(m) - m64) * r64)
+        for j in range(K):
+            yr[j] = ((src[j] - m) * rt + c0) * w[j] + b[j]
+    else:
+        r64 = 1.0 / np.sqrt(_sumsq(src) / K + eps)
+        rt = t(r64)
+        for j in range(K):
+            yr[j] = (src[j] * rt) * w[j]
+    rstd[k] = r64
+
+
+@_pjit
+def _forward(x, res, has_res, h, w, has_w, b, has_b, centered, eps, y, mean, rstd):
+    M, K = x.shape
+    wv = w if has_w else np.ones(K, x.dtype)
+    bv = b if has_b else np.zeros(K, x.dtype)
+    for k in prange(M):
+        if has_res:
+            _add(x[k], res[k], h[k])
+            _normalize(h[k], y[k], wv, bv, centered, eps, mean, rstd, k)
+        else:
+            _normalize(x[k], y[k], wv, bv, centered, eps, mean, rstd, k)
+
+
+@_jit
+def _row_sums(dyr, xr, m, w):
+    """sum(g), sum(g * (x - m)) over one row, g = dy * w, into float64: chunks of PIECE values summed in the
+    dtype (twice the vector lanes of float64 for float32), a chunk whose sums are not finite again in float64
+    (as layernorm.py's _ln_row_sums)."""
+    t = xr.dtype.type
+    mt = t(m)
+    sg = 0.0
+    sgx = 0.0
+    for c0 in range(0, xr.shape[0], PIECE):
+        dyc = dyr[c0:c0 + PIECE]
+        xc = xr[c0:c0 + PIECE]
+        wc = w[c0:c0 + PIECE]
+        a = t(0.0)
+        b = t(0.0)
+        for j in range(xc.shape[0]):
+            g = dyc[j] * wc[j]
+            a += g
+            b += g * (xc[j] - mt)
+        if _finite(a) and _finite(b):
+            sg += np.float64(a)
+            sgx += np.float64(b)
+            continue
+        for j in range(xc.shape[0]):
+            g64 = np.float64(dyc[j]) * np.float64(wc[j])
+            sg += g64
+            sgx += g64 * (np.float64(xc[j]) - m)
+    return sg, sgx
+
+
+@_jit
+def _dx(dyr, xr, dxr, m, r, B, Cc, w):
+    for j in range(xr.shape[0]):
+        dxr[j] = dyr[j] * w[j] * r + (xr[j] - m) * B + Cc
+
+
+@_jit
+def _dx_plus(dyr, dhr, xr, dxr, m, r, B, Cc, w):
+    for j in range(xr.shape[0]):
+        dxr[j] = dyr[j] * w[j] * r + (xr[j] - m) * B + Cc + dhr[j]
+
+
+@_jit
+def _param_grads(dyr, xr, m, r, acw, acb, centered):
+    """acw += dy * xhat and, when centered, acb += dy, in the dtype."""
+    if centered:
+        for j in range(xr.shape[0]):
+            g = dyr[j]
+            acw[j] += g * ((xr[j] - m) * r)
+            acb[j] += g
+    else:
+        for j in range(xr.shape[0]):
+            acw[j] += dyr[j] * (xr[j] * r)
+
+
+@_jit
+def _flush(acc, out):
+    for j in range(acc.shape[0]):
+        out[j] += np.float64(acc[j])
+        acc[j] = 0.0
+
+
+@_pjit
+def _backward(dy, dh, has_dh, x, mean, rstd, w, has_w, centered, dx, dw, db, want_dw, want_db):
+    M, K = x.shape
+    t = x.dtype.type
+    wv = w if has_w else np.ones(K, x.dtype)
+    want = want_dw or want_db
+    R = max(1, min(TARGET_ITEMS * 2, M // 8, PARTIAL_BUDGET // (2 * K))) if want else min(M, TARGET_ITEMS * 2)
+    RL = _cdiv(M, R)
+    pw = np.zeros((R, K) if want else (1, 1))
+    acw = np.zeros((R, K) if want else (1, 1), x.dtype)
+    # bias gradients: a centered op's only
+    pb = np.zeros((R, K) if want and centered else (R, 1))
+    acb = np.zeros((R, K) if want and centered else (R, 1), x.dtype)
+    for it in prange(R):
+        k0 = it * RL
+        k1 = min(M, (it + 1) * RL)
+        for k in range(k0, k1):
+            mk = mean[k] if centered else t(0.0)
+            r = np.float64(rstd[k])
+            sg, sgx = _row_sums(dy[k], x[k], np.float64(mk), wv)
+            # dx = rstd * (g - mean(g) - xhat * mean(g * xhat)); an uncentered row has no mean(g) term
+            B = t(-r * r * r * sgx / K)
+            Cc = t(-r * sg / K) if centered else t(0.0)
+            if has_dh:
+                _dx_plus(dy[k], dh[k], x[k], dx[k], mk, rstd[k], B, Cc, wv)
+            else:
+                _dx(dy[k], x[k], dx[k], mk, rstd[k], B, Cc, wv)
+            if want:
+                _param_grads(dy[k], x[k], mk, rstd[k], acw[it], acb[it], centered)
+                if (k - k0) % FLUSH == FLUSH - 1 or k == k1 - 1:
+                    _flush(acw[it], pw[it])
+                    if centered:
+                        _flush(acb[it], pb[it])
+    if want:
+        # block by block, in block order for every j
+        aw = np.zeros(K)
+        ab = np.zeros(K)
+        for it in range(R):
+            for j in range(K):
+                aw[j] += pw[it, j]
+            if centered:
+                for j in range(K):
+                    ab[j] += pb[it, j]
+        for j in range(K):
+            if want_dw:
+                dw[j] = aw[j]
+            if want_db:
+                db[j] = ab[j]
+
+
+# --- the contract's callables -----------------------------------------------------------------------------------
+
+_EMPTY2 = {np.dtype(np.float32): np.empty((0, 0), np.float32), np.dtype(np.float64): np.empty((0, 0), np.float64)}
+
+
+def _opt2(a, x):
+    """An optional (M, K) argument: None -> (an empty 2-D array of x's dtype, False)."""
+    return (_EMPTY2[x.dtype], False) if a is None else (a, True)
+
+
+def _fwd(x, residual, h, weight, bias, centered, eps, y, mean, rstd):
+    _sync_threads()
+    w, hw = _opt(weight, x)
+    b, hb = _opt(bias, x)
+    res, has_res = _opt2(residual, x)
+    h, _ = _opt2(h, x)
+    m, _ = _opt(mean, x)
+    _forward(x, res, has_res, h, w, hw, b, hb, centered, eps, y, m, rstd)
+
+
+def _bwd(dy, dh, x, mean, rstd, weight, centered, dx, dweight, dbias):
+    _sync_threads()
+    w, hw = _opt(weight, x)
+    dw, wdw = _opt(dweight, x)
+    db, wdb = _opt(dbias, x)
+    d, has_dh = _opt2(dh, x)
+    m, _ = _opt(mean, x)
+    _backward(dy, d, has_dh, x, m, rstd, w, hw, centered, dx, dw, db, wdw, wdb)
+
+
+def rmsnorm_forward(x, weight, eps, y, rstd):
+    _fwd(x, None, None, weight, None, False, eps, y, None, rstd)
+
+
+def rmsnorm_backward(dy, x, rstd, weight, dx, dweight):
+    _bwd(dy, None, x, None, rstd, weight, False, dx, dweight, None)
+
+
+def rmsnorm_add_forward(x, residual, weight, eps, y, h, rstd):
+    _fwd(x, residual, h, weight, None, False, eps, y, None, rstd)
+
+
+def rmsnorm_add_backward(dy, dh, h, rstd, weight, dx, dweight):
+    _bwd(dy, dh, h, None, rstd, weight, False, dx, dweight, None)
+
+
+def layernorm_add_forward(x, residual, weight, bias, eps, y, h, mean, rstd):
+    _fwd(x, residual, h, weight, bias, True, eps, y, mean, rstd)
+
+
+def layernorm_add_backward(dy, dh, h, mean, rstd, weight, dx, dweight, dbias):
+    _bwd(dy, dh, h, mean, rstd, weight, True, dx, dweight, dbias)
