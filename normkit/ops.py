@@ -376,8 +376,8 @@ class _RowOp(Op):
         residual = _same_as(op, "residual", residual, x)
         eps = self._eps(eps, x)
         dtype = _KERNEL_DTYPES[x.dtype]
-        used, fused = _fused(op, "add_forward", dtype, backend)
-        if fused is None:
+        used, fused = fused_kernel(op, "add_forward", dtype, backend)
+        if fused is None or dtype not in ("float32", "float64"):  # the fused kernels are float32/float64 only
             h = np.add(x, residual)
             y, saved = self._forward(h, kshape, None, weight, bias, eps, used)
             return y.reshape(x.shape), h, saved
@@ -397,7 +397,7 @@ class _RowOp(Op):
         h, kshape, weight, bias, shape = self._check(h, normalized_shape, weight, bias)
         dy = _grad_output(op, grad_y, h)
         dh = None if grad_h is None else _same_as(op, "grad_h", grad_h, h)
-        used, fused = _fused(op, "add_backward", _KERNEL_DTYPES[h.dtype], backend)
+        used, fused = fused_kernel(op, "add_backward", _KERNEL_DTYPES[h.dtype], backend)
         if fused is None:
             dx, dweight, dbias = self._backward(dy, h, kshape, None, saved, weight, bias, used)
             if dh is not None:
@@ -431,10 +431,7 @@ def _same_as(op: str, name: str, a, x: np.ndarray) -> np.ndarray:
     return a
 
 
-_fused_cache: dict = {}
-
-
-def _fused(op: str, direction: str, dtype: str, backend):
+def fused_kernel(op: str, direction: str, dtype: str, backend):
     """(backend, kernel) for a fused-add direction from the backend that runs the op's plain kernels (the named
     one, or the first in the registry's order), or (that backend, None) when it has no such kernel: then the
     caller composes the plain kernel with a separate add, rather than running another backend's fused kernel."""

@@ -14,7 +14,7 @@ except ImportError as exc:  # pragma: no cover - exercised only where torch is a
     raise ImportError("normkit.torch needs PyTorch; install it with: pip install 'normkit[torch]'") from exc
 
 from .model_bench import benchmark
-from .functional import batch_norm, group_norm, instance_norm, layer_norm
+from .functional import add_layer_norm, add_rms_norm, batch_norm, group_norm, instance_norm, layer_norm, rms_norm
 from .keras import BatchNormalization
 from .renorm import (
     BatchRenorm1d,
@@ -33,12 +33,15 @@ from .modules import (
     InstanceNorm2d,
     InstanceNorm3d,
     LayerNorm,
+    RMSNorm,
+    RMSNormSemantics,
     convert,
     revert,
 )
 from .sync import SyncBatchNorm, convert_sync_batchnorm
 
 __all__ = [
+    "RMSNorm", "RMSNormSemantics", "add_layer_norm", "add_rms_norm", "rms_norm",
     "BatchNormalization", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchRenorm1d", "BatchRenorm2d",
     "BatchRenorm3d", "GhostBatchNorm1d", "GhostBatchNorm2d", "GhostBatchNorm3d", "GroupNorm", "InstanceNorm1d",
     "InstanceNorm2d", "InstanceNorm3d", "LayerNorm", "SyncBatchNorm", "batch_norm", "benchmark", "convert",

@@ -35,9 +35,10 @@ from torch import Tensor
 
 from .. import alloc, checks, registry
 from ..contract import SPECS, OpSpec
+from ..ops import fused_kernel
 from ..running import update_running
 
-__all__ = ["batch_norm", "group_norm", "instance_norm", "layer_norm"]
+__all__ = ["add_layer_norm", "add_rms_norm", "batch_norm", "group_norm", "instance_norm", "layer_norm", "rms_norm"]
 
 _KERNEL_DTYPES = {torch.float32: "float32", torch.float64: "float64", torch.bfloat16: "bfloat16",
                   torch.float16: "float16"}
@@ -104,15 +105,17 @@ def _running(op: str, x: Tensor, running_mean, running_var, weight=None, bias=No
     return True
 
 
-def _check_saved(op: str, dy: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, stats_shape: tuple) -> None:
+def _check_saved(op: str, dy: Tensor, x: Tensor, mean: Optional[Tensor], rstd: Tensor, stats_shape: tuple) -> None:
     if dy.shape != x.shape:
         raise ValueError(f"{op}: grad_output must have the input's shape {tuple(x.shape)}, got {tuple(dy.shape)}")
     if dy.dtype != x.dtype:
         raise TypeError(f"{op}: grad_output must have the input's dtype {_dtype_name(x)}, got {_dtype_name(dy)}")
     for name, s in (("mean", mean), ("rstd", rstd)):
+        if s is None and not SPECS[op].centered:
+            continue
         if tuple(s.shape) != tuple(stats_shape) or s.dtype != _STAT_DTYPES[x.dtype]:
             raise ValueError(f"{op}: saved {name} must have shape {tuple(stats_shape)} and dtype "
-                             f"{_dtype_name(mean.new_empty(0, dtype=_STAT_DTYPES[x.dtype]))}, got "
+                             f"{_dtype_name(rstd.new_empty(0, dtype=_STAT_DTYPES[x.dtype]))}, got "
                              f"{tuple(s.shape)} and {_dtype_name(s)}; pass what forward returned")
 
 
@@ -187,16 +190,20 @@ def _forward(spec: OpSpec, x: Tensor, weight, bias, eps: float, groups: int, ksh
     if running_mean is None:
         stat = spec.stat_shape(kshape, groups)
         dtype = _NP_STAT_DTYPES[x.dtype]
-        mean, rstd = np.empty(stat, dtype), np.empty(stat, dtype)
+        mean, rstd = np.empty(stat, dtype) if spec.centered else None, np.empty(stat, dtype)
         if ya.size:
             kernel = registry.lookup(spec.name, "forward", _KERNEL_DTYPES[x.dtype], backend)[1]
             xa, ya, w, b = _np(x).reshape(kshape), ya.reshape(kshape), _flat(weight), _flat(bias)
-            if spec.grouped:
+            if not spec.centered:
+                kernel(xa, w, eps, ya, rstd)
+            elif spec.grouped:
                 kernel(xa, groups, w, b, eps, ya, mean, rstd)
             else:
                 kernel(xa, w, b, eps, ya, mean, rstd)
-        elif mean.size:  # sets without values (torch's empty layer_norm rows): mean 0, variance 0
-            mean.fill(0.0), rstd.fill(1.0 / math.sqrt(eps) if eps > 0 else math.inf if eps == 0 else math.nan)
+        elif rstd.size:  # sets without values (torch's empty layer_norm rows): mean 0, variance 0
+            if mean is not None:
+                mean.fill(0.0)
+            rstd.fill(1.0 / math.sqrt(eps) if eps > 0 else math.inf if eps == 0 else math.nan)
         return y, mean, rstd
     sdt = _STAT_DTYPES[x.dtype]
     if save or running_mean.dtype != sdt or running_var.dtype != sdt or not (
@@ -239,7 +246,9 @@ def _backward(spec: OpSpec, dy: Tensor, x: Tensor, mean: np.ndarray, rstd: np.nd
     dya, xa, dxa = _np(dy).reshape(kshape), _np(x).reshape(kshape), dxa.reshape(kshape)
     if len(pshape) > 1:  # layer_norm over several dimensions: the kernels take dweight, dbias flat
         dwa, dba = (None if a is None else a.reshape(-1) for a in (dwa, dba))
-    if spec.grouped:
+    if not spec.centered:
+        kernel(dya, xa, rstd, _flat(weight), dxa, dwa)
+    elif spec.grouped:
         kernel(dya, xa, groups, mean, rstd, _flat(weight), dxa, dwa, dba)
     else:
         kernel(dya, xa, mean, rstd, _flat(weight), dxa, dwa, dba)
@@ -370,7 +379,7 @@ def _fake_backward(x, pshape, weight_grad, bias_grad):
             x.new_empty(pshape if bias_grad else (0,), dtype=sdt))
 
 
-_BN, _IN, _GN, _LN = (SPECS[n] for n in ("batchnorm", "instancenorm", "groupnorm", "layernorm"))
+_BN, _IN, _GN, _LN, _RMS = (SPECS[n] for n in ("batchnorm", "instancenorm", "groupnorm", "layernorm", "rmsnorm"))
 
 
 @torch.library.custom_op("normkit::batch_norm", mutates_args=(), device_types="cpu")
@@ -499,6 +508,53 @@ def _(grad_output, input, mean, rstd, normalized_shape, weight, weight_grad, bia
     return _fake_backward(input, shape, weight_grad, bias_grad)
 
 
+@torch.library.custom_op("normkit::rms_norm", mutates_args=(), device_types="cpu")
+def _rms_norm(input: Tensor, normalized_shape: list[int], weight: Optional[Tensor], eps: float,
+              backend: Optional[str]) -> tuple[Tensor, Tensor]:
+    shape = _check_layer_op(input, normalized_shape, weight, None, eps, _RMS)
+    y, _, rstd = _forward(_RMS, input, weight, None, eps, 0, _kernel_shape(_RMS, input.shape, len(shape)), None,
+                          None, backend)
+    return y, torch.from_numpy(rstd)
+
+
+@_rms_norm.register_fake
+def _(input, normalized_shape, weight, eps, backend):
+    shape = _check_layer_op(input, normalized_shape, weight, None, eps, _RMS)
+    return input.new_empty(input.shape), input.new_empty(_stat_shape(_RMS, input, 0, len(shape), True))
+
+
+@torch.library.custom_op("normkit::rms_norm_backward", mutates_args=(), device_types="cpu")
+def _rms_norm_backward(grad_output: Tensor, input: Tensor, rstd: Tensor, normalized_shape: list[int],
+                       weight: Optional[Tensor], weight_grad: bool, backend: Optional[str]) -> tuple[Tensor, Tensor]:
+    shape = _check_layer_backward(grad_output, input, None, rstd, normalized_shape, weight, _RMS)
+    dx, dw, _ = _backward(_RMS, grad_output, input, None, _stat(rstd), weight, 0,
+                          _kernel_shape(_RMS, input.shape, len(shape)), True, shape, weight_grad, False, backend)
+    return dx, input.new_empty((0,)) if dw is None else dw
+
+
+@_rms_norm_backward.register_fake
+def _(grad_output, input, rstd, normalized_shape, weight, weight_grad, backend):
+    shape = _check_layer_backward(grad_output, input, None, rstd, normalized_shape, weight, _RMS)
+    return input.new_empty(input.shape), input.new_empty(shape if weight_grad else (0,))
+
+
+def _rms_setup(ctx, inputs, output):
+    x, normalized_shape, weight, _eps, backend = inputs
+    ctx.save_for_backward(x, weight, output[1])
+    ctx.extra, ctx.backend = normalized_shape, backend
+    ctx.mark_non_differentiable(output[1])
+
+
+def _rms_autograd(ctx, dy, _drstd):
+    x, weight, rstd = ctx.saved_tensors
+    need_w = ctx.needs_input_grad[2]
+    dx, dw = _rms_norm_backward(dy, x, rstd, ctx.extra, weight, need_w, ctx.backend)
+    return dx if ctx.needs_input_grad[0] else None, None, dw if need_w else None, None, None
+
+
+_rms_norm.register_autograd(_rms_autograd, setup_context=_rms_setup)
+
+
 def _channel_setup(ctx, inputs, output):
     x, weight, bias, _rm, _rv, batch_stats, _eps, backend = inputs
     _y, mean, rstd = output
@@ -574,18 +630,19 @@ def _check_group_backward(dy, x, mean, rstd, num_groups, weight):
     _check_saved("groupnorm", dy, x, mean, rstd, (x.shape[0], num_groups))
 
 
-def _check_layer_op(x, normalized_shape, weight, bias, eps) -> tuple:
-    shape = checks.normalized_shape("layernorm", normalized_shape)
-    x = _input("layernorm", x, min_ndim=len(shape))
-    checks.trailing("layernorm", x.shape, shape)
-    _params("layernorm", x, shape, weight, bias)
-    checks.eps("layernorm", eps, strict=False)
+def _check_layer_op(x, normalized_shape, weight, bias, eps, spec=_LN) -> tuple:
+    op = spec.name
+    shape = checks.normalized_shape(op, normalized_shape)
+    x = _input(op, x, min_ndim=len(shape))
+    checks.trailing(op, x.shape, shape)
+    _params(op, x, shape, weight, bias)
+    checks.eps(op, eps, strict=False)
     return shape
 
 
-def _check_layer_backward(dy, x, mean, rstd, normalized_shape, weight) -> tuple:
-    shape = _check_layer_op(x, normalized_shape, weight, None, 0.0)
-    _check_saved("layernorm", dy, x, mean, rstd, (math.prod(x.shape[:x.dim() - len(shape)]),))
+def _check_layer_backward(dy, x, mean, rstd, normalized_shape, weight, spec=_LN) -> tuple:
+    shape = _check_layer_op(x, normalized_shape, weight, None, 0.0, spec)
+    _check_saved(spec.name, dy, x, mean, rstd, (math.prod(x.shape[:x.dim() - len(shape)]),))
     return shape
 
 
@@ -667,19 +724,148 @@ def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5, *, backend=N
     return _run(_Call(_GN, eps, groups, kshape, (c,), None, None, True, False, 0, 0.0, backend), x, weight, bias)
 
 
+def _row_input(op: str, input, normalized_shape) -> tuple[Tensor, tuple]:
+    x = _input(op, input, min_ndim=1)
+    if type(normalized_shape) is tuple and normalized_shape and x.shape[-len(normalized_shape):] == normalized_shape:
+        return x, normalized_shape  # what a module passes: its own tuple, which the input ends with
+    shape = checks.normalized_shape(op, normalized_shape)
+    checks.shape(op, "input", x.shape, len(shape), strict=False)
+    checks.trailing(op, x.shape, shape)
+    return x, shape
+
+
 def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5, *, backend=None):
     """:func:`torch.nn.functional.layer_norm` computed by normkit."""
     op = "layernorm"
-    x = _input(op, input, min_ndim=1)
-    if type(normalized_shape) is tuple and normalized_shape and x.shape[-len(normalized_shape):] == normalized_shape:
-        shape = normalized_shape  # what a module passes: its own tuple, which the input ends with
-    else:
-        shape = checks.normalized_shape(op, normalized_shape)
-        checks.shape(op, "input", x.shape, len(shape), strict=False)
-        checks.trailing(op, x.shape, shape)
+    x, shape = _row_input(op, input, normalized_shape)
     weight, bias = _params(op, x, shape, weight, bias)
     eps = _eps(op, eps)
     if _is_compiling():
         return _layer_norm(x, list(shape), weight, bias, eps, backend)[0]
     kshape = _kernel_shape(_LN, x.shape, len(shape))
     return _run(_Call(_LN, eps, 0, kshape, shape, None, None, True, False, 0, 0.0, backend), x, weight, bias)
+
+
+def _rms_eps(x: Tensor, eps) -> float:
+    """torch's default: the dtype's machine epsilon."""
+    return torch.finfo(x.dtype).eps if eps is None else _eps("rmsnorm", eps)
+
+
+def rms_norm(input, normalized_shape, weight=None, eps=None, *, backend=None):
+    """:func:`torch.nn.functional.rms_norm` computed by normkit (``eps=None``: the dtype's machine epsilon)."""
+    op = "rmsnorm"
+    x, shape = _row_input(op, input, normalized_shape)
+    weight, _ = _params(op, x, shape, weight, None)
+    eps = _rms_eps(x, eps)
+    if _is_compiling():
+        return _rms_norm(x, list(shape), weight, eps, backend)[0]
+    kshape = _kernel_shape(_RMS, x.shape, len(shape))
+    return _run(_Call(_RMS, eps, 0, kshape, shape, None, None, True, False, 0, 0.0, backend), x, weight, None)
+
+
+# --- the fused residual add: (y, h) with h = x + residual and y = norm(h) -----------------------------------------
+
+class _AddCall:
+    """One call of a fused add: its op, shapes and backend; after forward, the saved statistics (NumPy)."""
+
+    __slots__ = ("spec", "eps", "kshape", "pshape", "backend", "mean", "rstd")
+
+    def __init__(self, spec, eps, kshape, pshape, backend):
+        self.spec, self.eps, self.kshape, self.pshape, self.backend = spec, eps, kshape, pshape, backend
+
+    def forward(self, x: Tensor, residual: Tensor, weight, bias) -> tuple[Tensor, Tensor]:
+        """One kernel where the backend that runs the op has the fused add; else the sum, then the op's kernel."""
+        spec = self.spec
+        x, residual, weight, bias = (_contiguous(t) for t in (x, residual, weight, bias))
+        used, fused = fused_kernel(spec.name, "add_forward", _KERNEL_DTYPES[x.dtype], self.backend)
+        if fused is None or not x.numel() or x.dtype in _HALF:  # the fused kernels are float32/float64 only
+            h = torch.add(x, residual)
+            y, self.mean, self.rstd = _forward(spec, h, weight, bias, self.eps, 0, self.kshape, None, None, used)
+            return y, h
+        y, h = torch.empty_like(x, memory_format=_DENSE), torch.empty_like(x, memory_format=_DENSE)
+        stat = spec.stat_shape(self.kshape)
+        dtype = _NP_STAT_DTYPES[x.dtype]
+        self.mean, self.rstd = np.empty(stat, dtype) if spec.centered else None, np.empty(stat, dtype)
+        k = self.kshape
+        fused(*spec.kernel_args("add_forward", dict(
+            x=_np(x).reshape(k), residual=_np(residual).reshape(k), weight=_flat(weight), bias=_flat(bias),
+            eps=self.eps, y=y.numpy().reshape(k), h=h.numpy().reshape(k), mean=self.mean, rstd=self.rstd)))
+        return y, h
+
+    def backward(self, dy: Tensor, dh: Optional[Tensor], h: Tensor, weight, weight_grad: bool, bias_grad: bool):
+        """(dx, dweight, dbias): dx is the gradient of both x and residual, the norm's backward plus dh."""
+        spec = self.spec
+        dy, dh = _contiguous(dy), _contiguous(dh)
+        used, fused = fused_kernel(spec.name, "add_backward", _KERNEL_DTYPES[h.dtype], self.backend)
+        if fused is None or not h.numel() or h.dtype in _HALF:
+            dx, dw, db = _backward(spec, dy, h, self.mean, self.rstd, weight, 0, self.kshape, True, self.pshape,
+                                   weight_grad, bias_grad, used)
+            return (dx if dh is None else dx.add_(dh)), dw, db
+        weight = _contiguous(weight)
+        dx = torch.empty_like(h, memory_format=_DENSE)
+        dtype = _NP_STAT_DTYPES[h.dtype]
+        dwa = np.empty(self.pshape, dtype) if weight_grad else None
+        dba = np.empty(self.pshape, dtype) if bias_grad else None
+        k = self.kshape
+        fused(*spec.kernel_args("add_backward", dict(
+            dy=_np(dy).reshape(k), dh=None if dh is None else _np(dh).reshape(k), h=_np(h).reshape(k),
+            mean=self.mean, rstd=self.rstd, weight=_flat(weight), dx=dx.numpy().reshape(k),
+            dweight=None if dwa is None else dwa.reshape(-1), dbias=None if dba is None else dba.reshape(-1))))
+        return dx, _from_numpy(dwa), _from_numpy(dba)
+
+
+class _AddNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, residual, weight, bias, call):
+        y, h = call.forward(x, residual, weight, bias)
+        ctx.save_for_backward(h, weight)
+        ctx.call = call
+        ctx.set_materialize_grads(False)  # no gradient for y or h comes as None, not as a tensor of zeros
+        return y, h
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy, dh):
+        h, weight = ctx.saved_tensors
+        need_x, need_r, need_w, need_b, _ = ctx.needs_input_grad
+        if dy is None:  # only h was used: the norm passes no gradient
+            dx, dw, db = dh, None, None
+        else:
+            dx, dw, db = ctx.call.backward(dy, dh, h, weight, need_w, need_b)
+        return dx if need_x else None, dx if need_r else None, dw, db, None
+
+
+def _add_norm(spec, x, residual, shape, weight, bias, eps, backend):
+    op = spec.name
+    residual = _tensor(op, "residual", residual, optional=False)
+    if residual.shape != x.shape or residual.dtype != x.dtype:
+        raise ValueError(f"{op}: residual must have the input's shape {tuple(x.shape)} and dtype "
+                         f"{_dtype_name(x)}, got {tuple(residual.shape)} and {_dtype_name(residual)}")
+    if _is_compiling():  # the sum, then the op's custom op: the compiler fuses what it can
+        h = x + residual
+        norm = layer_norm(h, shape, weight, bias, eps, backend=backend) if spec.centered else \
+            rms_norm(h, shape, weight, eps, backend=backend)
+        return norm, h
+    call = _AddCall(spec, eps, _kernel_shape(spec, x.shape, len(shape)), shape, backend)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, residual, weight, bias)):
+        return _AddNorm.apply(x, residual, weight, bias, call)
+    return call.forward(x, residual, weight, bias)
+
+
+def add_layer_norm(x, residual, normalized_shape, weight=None, bias=None, eps=1e-5, *, backend=None):
+    """``(y, h)`` with ``h = x + residual`` and ``y = layer_norm(h, normalized_shape, weight, bias, eps)``: the
+    pre-norm transformer's residual step, in one pass over memory where the backend has the fused kernel (else
+    the sum, then layer_norm). Gradients flow to x and residual from both y and h."""
+    op = "layernorm"
+    x, shape = _row_input(op, x, normalized_shape)
+    weight, bias = _params(op, x, shape, weight, bias)
+    return _add_norm(_LN, x, residual, shape, weight, bias, _eps(op, eps), backend)
+
+
+def add_rms_norm(x, residual, normalized_shape, weight=None, eps=None, *, backend=None):
+    """``(y, h)`` with ``h = x + residual`` and ``y = rms_norm(h, normalized_shape, weight, eps)``, in one pass
+    over memory where the backend has the fused kernel (see :func:`add_layer_norm`)."""
+    op = "rmsnorm"
+    x, shape = _row_input(op, x, normalized_shape)
+    weight, _ = _params(op, x, shape, weight, None)
+    return _add_norm(_RMS, x, residual, shape, weight, None, _rms_eps(x, eps), backend)

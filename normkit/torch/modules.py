@@ -7,20 +7,24 @@ code that looks for norm layers (weight-decay filters, conv-BN fusion) keeps wor
 Because a normkit module adds no state, :func:`convert` switches the class of each torch.nn instance in place
 instead of building new modules: parameters, buffers, hooks, device, train/eval state and the references an
 optimizer already holds all stay the very same objects. Only exact torch.nn classes are converted; a user's
-subclass has its own forward, which normkit must not replace.
+subclass has its own forward, which normkit must not replace, unless the user declares what it computes: a model's
+own RMSNorm class (transformers' ``LlamaRMSNorm`` and its kin) is converted when passed in ``rmsnorm_classes``
+with its :class:`RMSNormSemantics`.
 """
 
 import warnings
+from dataclasses import dataclass
+from typing import Mapping, Optional, Union
 
 import torch
 from torch import nn
 
 from .. import registry
-from .functional import batch_norm, group_norm, instance_norm, layer_norm
+from .functional import batch_norm, group_norm, instance_norm, layer_norm, rms_norm
 
 __all__ = [
     "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "GroupNorm", "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d",
-    "LayerNorm", "convert", "revert",
+    "LayerNorm", "RMSNorm", "RMSNormSemantics", "convert", "revert",
 ]
 
 
@@ -93,6 +97,13 @@ class _LayerNormForward:
         return layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps, backend=self.backend)
 
 
+class _RMSNormForward:
+    backend = None
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return rms_norm(input, self.normalized_shape, self.weight, self.eps, backend=self.backend)
+
+
 class _GroupNormForward:
     backend = None
 
@@ -132,20 +143,97 @@ class GroupNorm(_GroupNormForward, nn.GroupNorm):
     """:class:`torch.nn.GroupNorm` computed by normkit."""
 
 
+class RMSNorm(_RMSNormForward, nn.RMSNorm):
+    """:class:`torch.nn.RMSNorm` computed by normkit."""
+
+
+@dataclass(frozen=True)
+class RMSNormSemantics:
+    """What a model's own RMSNorm class computes, for :func:`convert`'s ``rmsnorm_classes``. It normalizes over
+    the last dimension: ``y = x / sqrt(mean(x**2, -1) + eps) * weight``.
+
+    ``eps``: the name of the instance attribute holding eps, or a number. ``weight``: the name of the attribute
+    holding the weight (a Parameter of shape (hidden,)), or None for no weight. ``compute_dtype``: None to compute
+    in the input's dtype (``torch.nn.RMSNorm``'s semantics); ``torch.float32`` for transformers' LlamaRMSNorm
+    (and its copies in Mistral, Qwen2, ...), which normalizes ``x.to(float32)``, casts the result back to the
+    input's dtype, and only then multiplies by the weight::
+
+        RMSNormSemantics(eps="variance_epsilon", compute_dtype=torch.float32)
+    """
+
+    eps: Union[str, float] = "eps"
+    weight: Optional[str] = "weight"
+    compute_dtype: Optional[torch.dtype] = None
+
+    def check(self, module: nn.Module) -> None:
+        cls = type(module).__name__
+        if isinstance(self.eps, str) and not isinstance(getattr(module, self.eps, None), (int, float)):
+            raise ValueError(f"convert: {cls} has no number in attribute {self.eps!r} (RMSNormSemantics.eps)")
+        if self.weight is not None and not isinstance(getattr(module, self.weight, None), torch.Tensor):
+            raise ValueError(f"convert: {cls} has no tensor in attribute {self.weight!r} (RMSNormSemantics.weight)")
+
+
+class _DeclaredRMSNormForward:
+    """forward of a user's RMSNorm class converted with its RMSNormSemantics (``_normkit_semantics``)."""
+
+    backend = None
+    _normkit_semantics: RMSNormSemantics
+    _normkit_original: type
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        sem = self._normkit_semantics
+        eps = getattr(self, sem.eps) if isinstance(sem.eps, str) else sem.eps
+        weight = None if sem.weight is None else getattr(self, sem.weight)
+        shape = tuple(input.shape[-1:])
+        compute = sem.compute_dtype
+        if compute is None or (input.dtype == compute and (weight is None or weight.dtype == compute)):
+            # one kernel: torch.nn.RMSNorm's semantics, and LlamaRMSNorm's when nothing is cast
+            return rms_norm(input, shape, weight, float(eps), backend=self.backend)
+        y = rms_norm(input.to(compute), shape, None, float(eps), backend=self.backend).to(input.dtype)
+        return y if weight is None else weight * y
+
+
+_declared_classes: dict = {}
+
+
+def _declared_class(cls: type, semantics: RMSNormSemantics) -> type:
+    """A subclass of the user's class whose forward is normkit's (one per class and semantics): ``isinstance``
+    stays true, and :func:`revert` finds the original in ``_normkit_original``."""
+    key = (cls, semantics)
+    if key not in _declared_classes:
+        _declared_classes[key] = type(f"Normkit{cls.__name__}", (_DeclaredRMSNormForward, cls), {
+            "_normkit_semantics": semantics, "_normkit_original": cls, "__module__": __name__,
+            "__doc__": f"{cls.__qualname__} computed by normkit ({semantics})"})
+    return _declared_classes[key]
+
+
 _TO_NORMKIT = {
     nn.BatchNorm1d: BatchNorm1d, nn.BatchNorm2d: BatchNorm2d, nn.BatchNorm3d: BatchNorm3d,
     nn.InstanceNorm1d: InstanceNorm1d, nn.InstanceNorm2d: InstanceNorm2d, nn.InstanceNorm3d: InstanceNorm3d,
-    nn.LayerNorm: LayerNorm, nn.GroupNorm: GroupNorm,
+    nn.LayerNorm: LayerNorm, nn.GroupNorm: GroupNorm, nn.RMSNorm: RMSNorm,
 }
 _TO_TORCH = {nk: tn for tn, nk in _TO_NORMKIT.items()}
 
 
-def convert(model: nn.Module, backend: str | None = None) -> nn.Module:
+def convert(model: nn.Module, backend: str | None = None, *,
+            rmsnorm_classes: Mapping[type, RMSNormSemantics] | None = None) -> nn.Module:
     """Make every torch.nn normalization layer of ``model`` (the model itself included) a normkit layer, in
     place, and return ``model``. ``backend`` pins the layers to one backend by name (also on layers that were
-    already normkit's); None leaves the registry's order in charge."""
+    already normkit's); None leaves the registry's order in charge.
+
+    ``rmsnorm_classes`` opts a model's own RMSNorm classes in: ``{LlamaRMSNorm: RMSNormSemantics(
+    eps="variance_epsilon", compute_dtype=torch.float32)}`` converts every instance of exactly that class (not of
+    its subclasses) to a subclass of it whose forward is normkit's rms_norm with the declared semantics."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"convert: model must be a torch.nn.Module, got {type(model).__name__}")
+    declared = {}
+    for cls, sem in (rmsnorm_classes or {}).items():
+        if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+            raise TypeError(f"convert: rmsnorm_classes keys must be torch.nn.Module classes, got {cls!r}")
+        if not isinstance(sem, RMSNormSemantics):
+            raise TypeError(f"convert: rmsnorm_classes[{cls.__name__}] must be an RMSNormSemantics, got "
+                            f"{type(sem).__name__}")
+        declared[cls] = _declared_class(cls, sem)
     if backend is not None:
         installed = [b.name for b in registry.list_backends(load=False)]
         if backend not in installed:
@@ -153,9 +241,12 @@ def convert(model: nn.Module, backend: str | None = None) -> nn.Module:
                 f"convert: unknown backend {backend!r}; installed backends: {', '.join(installed)}")
     for module in model.modules():
         cls = _TO_NORMKIT.get(type(module))
+        if cls is None and type(module) in declared:
+            cls = declared[type(module)]
+            cls._normkit_semantics.check(module)
         if cls is not None:
             module.__class__ = cls
-        if backend is not None and type(module) in _TO_TORCH:
+        if backend is not None and (type(module) in _TO_TORCH or isinstance(module, _DeclaredRMSNormForward)):
             module.backend = backend
     return model
 
@@ -166,6 +257,8 @@ def revert(model: nn.Module) -> nn.Module:
         raise TypeError(f"revert: model must be a torch.nn.Module, got {type(model).__name__}")
     for module in model.modules():
         cls = _TO_TORCH.get(type(module))
+        if isinstance(module, _DeclaredRMSNormForward):
+            cls = type(module)._normkit_original
         if cls is not None:
             module.__class__ = cls
             module.__dict__.pop("backend", None)
