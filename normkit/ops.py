@@ -466,7 +466,8 @@ class LayerNorm(_RowOp):
 
 class RMSNorm(_RowOp):
     """RMSNorm (``torch.nn.functional.rms_norm``): ``y = x / sqrt(mean(x**2) + eps) * weight``; ``eps=None`` is
-    the dtype's machine epsilon, as in torch. No bias, so backward returns ``(dx, dweight)``."""
+    the dtype's machine epsilon, as in torch. It has no bias: backward returns ``(dx, dweight, None)``, the shape of
+    every op's backward."""
 
     spec = SPECS["rmsnorm"]
 
@@ -477,15 +478,15 @@ class RMSNorm(_RowOp):
         return self._row_forward(x, normalized_shape, weight, None, eps, backend)
 
     def backward(self, grad_output, x, saved, normalized_shape, weight=None, eps=None, *, backend=None):
-        return self._row_backward(grad_output, x, saved, normalized_shape, weight, None, backend)[:2]
+        return self._row_backward(grad_output, x, saved, normalized_shape, weight, None, backend)
 
     def add_forward(self, x, residual, normalized_shape, weight=None, eps=None, *, backend=None):
         """``(y, h, saved)``: ``h = x + residual`` and ``y = rms_norm(h)``, in one pass where the backend can."""
         return self._add_forward(x, residual, normalized_shape, weight, None, eps, backend)
 
     def add_backward(self, grad_y, grad_h, h, saved, normalized_shape, weight=None, eps=None, *, backend=None):
-        """``(dx, dweight)`` of :meth:`add_forward`; ``dx`` is the gradient of both x and residual."""
-        return self._add_backward(grad_y, grad_h, h, saved, normalized_shape, weight, None, backend)[:2]
+        """``(dx, dweight, None)`` of :meth:`add_forward`; ``dx`` is the gradient of both x and residual."""
+        return self._add_backward(grad_y, grad_h, h, saved, normalized_shape, weight, None, backend)
 
 
 _OPS = {cls.spec.name: cls() for cls in (BatchNorm, LayerNorm, InstanceNorm, GroupNorm, RMSNorm)}

@@ -38,7 +38,7 @@ def op_args(op: str, x: np.ndarray, rng, *, groups: int = 1, affine: str = "both
             training: bool = True, running: bool = False):
     """Keyword arguments for ``normkit.get(op).forward`` / ``backward`` on input ``x``.
 
-    ``affine``: "none", "weight", "bias" or "both". ``ln_dims``: how many trailing dims layernorm normalizes over
+    ``affine``: "none", "weight", "bias" or "both" (no bias for rmsnorm). ``ln_dims``: how many trailing dims layernorm normalizes over
     (default: all but the first). ``running``: give batchnorm/instancenorm running statistics.
     """
     spec = SPECS[op]
@@ -54,7 +54,7 @@ def op_args(op: str, x: np.ndarray, rng, *, groups: int = 1, affine: str = "both
         kw["num_groups"] = groups
     if affine in ("weight", "both"):
         kw["weight"] = rng.standard_normal(pshape).astype(x.dtype)
-    if affine in ("bias", "both"):
+    if affine in ("bias", "both") and spec.centered:  # an uncentered op (rmsnorm) has no bias
         kw["bias"] = rng.standard_normal(pshape).astype(x.dtype)
     if spec.running:
         kw[spec.training_flag] = training

@@ -466,8 +466,8 @@ def test_cli_check_fails_a_broken_backend(register):
 def test_cli_check_usage_errors():
     result = CliRunner().invoke(main, ["check", "nosuch"])
     assert result.exit_code == 2 and "unknown backend 'nosuch'" in result.output
-    result = CliRunner().invoke(main, ["check", "reference", "--op", "rmsnorm"])
-    assert result.exit_code == 2 and "unknown op 'rmsnorm'" in result.output
+    result = CliRunner().invoke(main, ["check", "reference", "--op", "pixelnorm"])
+    assert result.exit_code == 2 and "unknown op 'pixelnorm'" in result.output
 
 
 def test_check_is_fast_enough_for_ci():

@@ -16,16 +16,17 @@ REF = {"backend": "reference"}
 
 def test_names_and_aliases():
     for name, aliases in {"batchnorm": ("bn", "batch_norm", "BN"), "layernorm": ("ln", "layer_norm"),
-                          "instancenorm": ("in", "instance_norm"), "groupnorm": ("gn", "group_norm")}.items():
+                          "instancenorm": ("in", "instance_norm"), "groupnorm": ("gn", "group_norm"),
+                          "rmsnorm": ("rms", "rms_norm", "RMSNorm")}.items():
         assert normkit.get(name).name == name
         for alias in aliases:
             assert normkit.get(alias) is normkit.get(name)
-    assert normkit.list_ops() == ("batchnorm", "layernorm", "instancenorm", "groupnorm")
+    assert normkit.list_ops() == ("batchnorm", "layernorm", "instancenorm", "groupnorm", "rmsnorm")
 
 
 def test_unknown_op_lists_known_names():
-    with pytest.raises(normkit.UnknownOpError, match=r"unknown op 'rmsnorm'.*batchnorm \(bn.*groupnorm") as err:
-        normkit.get("rmsnorm")
+    with pytest.raises(normkit.UnknownOpError, match=r"unknown op 'pixelnorm'.*batchnorm \(bn.*groupnorm") as err:
+        normkit.get("pixelnorm")
     assert isinstance(err.value, ValueError)
 
 

@@ -241,8 +241,8 @@ def test_plugin_declaring_kernels_it_does_not_provide_is_skipped(plugins):
 
 
 def test_plugin_declaring_an_unknown_op_is_skipped(plugins):
-    plugins.add("fakeop", kernels={"rmsnorm": ("forward",), "layernorm": ("forward",)})
-    assert_skipped("fakeop", "unknown op 'rmsnorm'")
+    plugins.add("fakeop", kernels={"pixelnorm": ("forward",), "layernorm": ("forward",)})
+    assert_skipped("fakeop", "unknown op 'pixelnorm'")
 
 
 def test_entry_point_naming_something_else_is_skipped(plugins):
@@ -427,8 +427,8 @@ def test_lookup_error_when_no_backend_has_the_dtype(monkeypatch):
 
 def test_lookup_refuses_an_op_or_direction_not_in_the_table():
     """An op or direction nobody has is a clear error, never some other op's kernel."""
-    with pytest.raises(ValueError, match="unknown op 'rmsnorm'; ops are batchnorm, layernorm, instancenorm, groupnorm"):
-        registry.lookup("rmsnorm", "forward", "float32")
+    with pytest.raises(ValueError, match="unknown op 'pixelnorm'; ops are batchnorm, layernorm, instancenorm, groupnorm, rmsnorm"):
+        registry.lookup("pixelnorm", "forward", "float32")
     with pytest.raises(ValueError, match="groupnorm has no direction 'forward_infer'; it has forward, backward"):
         registry.lookup("groupnorm", "forward_infer", "float32")
 
@@ -492,7 +492,7 @@ def test_register_backend_refuses_a_taken_name_unless_replace():
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    ({"kernels": {"rmsnorm": ("forward",)}}, "unknown op 'rmsnorm'"),
+    ({"kernels": {"pixelnorm": ("forward",)}}, "unknown op 'pixelnorm'"),
     ({"kernels": {"groupnorm": ("forward_infer",)}}, r"unknown direction\(s\) \['forward_infer'\] for groupnorm"),
     ({"kernels": {}, "dtypes": ("float8",)}, r"unsupported dtype\(s\) \['float8'\]"),
     ({"kernels": {}, "contract": 0}, "targets kernel contract 0, this normkit speaks contract 1"),
