@@ -147,8 +147,9 @@ def _grad_output(op: str, dy, x: np.ndarray) -> np.ndarray:
 def _saved(op: str, saved, shape: tuple) -> Saved:
     if not isinstance(saved, Saved):
         raise TypeError(f"{op}: saved must be the Saved returned by forward, got {checks.describe(saved)}")
-    if saved.mean is None and SPECS[op].centered:
-        raise TypeError(f"{op}: saved holds no mean; pass the Saved that this op's forward returned")
+    if (saved.mean is None) == SPECS[op].centered:  # another op's statistics: rmsnorm saves no mean
+        raise TypeError(f"{op}: saved {'holds no' if saved.mean is None else 'holds a'} mean; pass the Saved "
+                        f"that this op's forward returned")
     if (saved.mean is not None and saved.mean.shape != shape) or saved.rstd.shape != shape:
         raise ValueError(
             f"{op}: saved statistics have shape {saved.mean.shape}, expected {shape} for this input; "

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
-from support import BACKENDS, OPS, assert_close, copy_args, op_args
+from support import BACKENDS, OPS, SPECS, assert_close, copy_args, op_args
 
 import normkit
 
@@ -136,7 +136,7 @@ def test_large_shapes(backend, op, shape, extra, dtype, rng):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
-@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("op", [op for op in OPS if SPECS[op].centered])  # rmsnorm: tests/test_rmsnorm.py
 def test_constant_input_gives_bias_exactly(backend, op, dtype, rng):
     x = np.full((3, 8, 7, 5), 3.7, dtype=dtype)
     dy = rng.standard_normal(x.shape).astype(dtype)
@@ -183,7 +183,7 @@ def test_huge_gradients_float32(backend, op, shape, rng):
     dy = (rng.standard_normal(x.shape) * 1e20).astype(np.float32)
     kw = op_args(op, x, rng, groups=2, affine="both")
     got = compare(op, x, kw, backend, dy)
-    assert all(np.isfinite(got[k]).all() for k in ("dx", "dweight", "dbias"))
+    assert all(np.isfinite(got[k]).all() for k in ("dx", "dweight", "dbias") if got[k] is not None)
 
 
 @pytest.mark.parametrize("shape", [(3, 4, 6, 5), (3, 200, 2, 3)], ids=str)

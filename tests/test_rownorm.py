@@ -1,0 +1,355 @@
+"""RMSNorm and the fused residual add of the row ops (add_layer_norm, add_rms_norm): every built-in backend's kernels
+against the float64 reference on awkward shapes and data, the PyTorch frontend against torch's own ops and
+autograd, conversion of nn.RMSNorm and of a model's own RMSNorm class, and clear errors. (The op-table tests in
+test_backends.py, test_reference.py and the conformance kit cover rmsnorm's plain directions as well.)"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from support import BACKENDS, assert_close
+
+import normkit
+import normkit.torch as nt
+from normkit import reference, registry
+from normkit.registry import Backend, runtime_module
+
+F = torch.nn.functional
+ROW_OPS = ("layernorm", "rmsnorm")
+
+
+def params(op, k, dtype, rng, affine):
+    w = (1 + 0.5 * rng.standard_normal(k)).astype(dtype) if affine != "none" else None
+    b = (0.5 * rng.standard_normal(k)).astype(dtype) if affine == "both" and op == "layernorm" else None
+    return ({"weight": w, "bias": b} if op == "layernorm" else {"weight": w})
+
+
+def add_pass(op, x, r, dy, dh, kw, backend):
+    """Fused forward and backward: every output, by name."""
+    nk = normkit.get(op)
+    y, h, saved = nk.add_forward(x, r, (x.shape[-1],), **kw, backend=backend)
+    dx, dw, db = nk.add_backward(dy, dh, h, saved, (x.shape[-1],), **kw, backend=backend)
+    return {"y": y, "h": h, "mean": saved.mean, "rstd": saved.rstd, "dx": dx, "dweight": dw, "dbias": db}
+
+
+def compare(got, want, dtype, what):
+    for name, expected in want.items():
+        if expected is None:
+            assert got[name] is None, f"{what}: {name} should be None"
+            continue
+        direction = "backward" if name in ("dx", "dweight", "dbias") else "forward"
+        assert_close(got[name], expected, dtype, direction, what=f"{what} {name}")
+
+
+@st.composite
+def row_cases(draw):
+    # K=1, M=1, K not a multiple of any vector width, K across the 16-value blocks of the AVX sums
+    return dict(m=draw(st.sampled_from([1, 2, 3, 17, 40])), k=draw(st.sampled_from([1, 2, 7, 16, 33, 100, 301])),
+                dtype=draw(st.sampled_from(["float32", "float64"])),
+                affine=draw(st.sampled_from(["none", "weight", "both"])), dh=draw(st.booleans()),
+                scale=draw(st.sampled_from([1.0, 1e-3, 1e15])), seed=draw(st.integers(0, 2**32 - 1)))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("op", ROW_OPS)
+@given(case=row_cases())
+def test_add_forms_match_reference(backend, op, case):
+    rng = np.random.default_rng(case["seed"])
+    shape, dt = (case["m"], case["k"]), case["dtype"]
+    x = (rng.standard_normal(shape) * case["scale"]).astype(dt)
+    r = (rng.standard_normal(shape) * case["scale"]).astype(dt)
+    dy, dh = rng.standard_normal(shape).astype(dt), rng.standard_normal(shape).astype(dt) if case["dh"] else None
+    kw = params(op, case["k"], dt, rng, case["affine"])
+    got = add_pass(op, x, r, dy, dh, kw, backend)
+    want = add_pass(op, x, r, dy, dh, kw, "reference")
+    np.testing.assert_array_equal(got["h"], x + r)  # h is the sum rounded once, as x + r in the dtype
+    compare(got, want, dt, f"{op} {case}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@given(case=row_cases())
+def test_rmsnorm_matches_reference(backend, case):
+    rng = np.random.default_rng(case["seed"])
+    shape, dt = (case["m"], case["k"]), case["dtype"]
+    x = (rng.standard_normal(shape) * case["scale"]).astype(dt)
+    dy = rng.standard_normal(shape).astype(dt)
+    kw = params("rmsnorm", case["k"], dt, rng, case["affine"])
+    nk = normkit.get("rms")
+    out = {}
+    for be in (backend, "reference"):
+        y, saved = nk.forward(x, (case["k"],), **kw, eps=1e-6, backend=be)
+        dx, dw, db = nk.backward(dy, x, saved, (case["k"],), **kw, eps=1e-6, backend=be)
+        assert saved.mean is None and db is None
+        out[be] = {"y": y, "rstd": saved.rstd, "dx": dx, "dweight": dw}
+    compare(out[backend], out["reference"], dt, str(case))
+
+
+@pytest.mark.parametrize("backend", ("reference",) + BACKENDS)
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_rms_of_zero_rows(backend, dtype, rng):
+    """rms of a zero row: rstd = 1/sqrt(eps), y = 0, and the gradient is dy * weight * rstd."""
+    x = np.zeros((5, 37), dtype)
+    x[2] = rng.standard_normal(37)  # one ordinary row among zero rows
+    w = rng.standard_normal(37).astype(dtype)
+    dy = rng.standard_normal(x.shape).astype(dtype)
+    eps = 1e-5
+    nk = normkit.get("rmsnorm")
+    y, saved = nk.forward(x, (37,), w, eps, backend=backend)
+    zero = [0, 1, 3, 4]
+    np.testing.assert_array_equal(y[zero], 0.0)
+    np.testing.assert_allclose(saved.rstd[zero], 1 / np.sqrt(eps), rtol=np.finfo(dtype).eps)
+    dx, dw, _ = nk.backward(dy, x, saved, (37,), w, eps, backend=backend)
+    np.testing.assert_allclose(dx[zero], (dy * w)[zero] / np.sqrt(eps), rtol=8 * np.finfo(dtype).eps)
+    assert np.isfinite(dx).all() and np.isfinite(dw).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("op", ROW_OPS)
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_non_finite_poisons_its_row_only(backend, op, bad, rng):
+    x = rng.standard_normal((6, 50)).astype(np.float32)
+    r = rng.standard_normal(x.shape).astype(np.float32)
+    r[3, 7] = bad  # in the residual: h holds it, and its row of y is NaN, as in the reference
+    dy, dh = rng.standard_normal(x.shape).astype(np.float32), rng.standard_normal(x.shape).astype(np.float32)
+    kw = params(op, 50, np.float32, rng, "both")
+    got = add_pass(op, x, r, dy, dh, kw, backend)
+    want = add_pass(op, x, r, dy, dh, kw, "reference")
+    assert np.isnan(got["y"][3]).any() and np.isfinite(np.delete(got["y"], 3, axis=0)).all()
+    np.testing.assert_array_equal(np.isnan(got["y"]), np.isnan(want["y"]))
+    np.testing.assert_array_equal(np.isnan(got["dx"]), np.isnan(want["dx"]))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("op", ROW_OPS)
+def test_large_shapes_and_thread_count_independent(backend, op, rng):
+    """Enough rows for several parameter-gradient blocks (and a short last one); identical for 1 and 2 threads."""
+    x = (rng.standard_normal((2051, 300)) * 2 + 0.5).astype(np.float32)
+    r = rng.standard_normal(x.shape).astype(np.float32)
+    dy, dh = rng.standard_normal(x.shape).astype(np.float32), rng.standard_normal(x.shape).astype(np.float32)
+    kw = params(op, 300, np.float32, rng, "both")
+    threads = normkit.get_num_threads()
+    runs = []
+    try:
+        for n in (1, 2, 1):
+            normkit.set_num_threads(min(n, threads))
+            runs.append(add_pass(op, x, r, dy, dh, kw, backend))
+            y, saved = normkit.get(op).forward(x, (300,), **kw, backend=backend)
+            runs[-1].update(plain_y=y, plain_dx=normkit.get(op).backward(dy, x, saved, (300,), **kw,
+                                                                             backend=backend)[0])
+    finally:
+        normkit.set_num_threads(threads)
+    for other in runs[1:]:
+        for name, value in runs[0].items():
+            if value is not None:
+                np.testing.assert_array_equal(other[name], value, err_msg=f"{op} {name} differs between runs")
+    compare({k: runs[0][k] for k in ("y", "h", "dx", "dweight", "dbias")},
+            {k: v for k, v in add_pass(op, x, r, dy, dh, kw, "reference").items() if k in ("y", "h", "dx", "dweight",
+                                                                                            "dbias")},
+            "float32", op)
+
+
+def test_inputs_not_mutated(rng):
+    for backend in BACKENDS:
+        for op in ROW_OPS:
+            x, r, dy, dh = (rng.standard_normal((4, 20)).astype(np.float32) for _ in range(4))
+            kw = params(op, 20, np.float32, rng, "both")
+            before = [a.copy() for a in (x, r, dy, dh, *kw.values())]
+            add_pass(op, x, r, dy, dh, kw, backend)
+            for a, b in zip((x, r, dy, dh, *kw.values()), before):
+                np.testing.assert_array_equal(a, b)
+
+
+def test_backend_without_fused_kernels_composes(rng):
+    """A backend that has a row op's plain kernels only: the add forms run its kernels with a separate add (not
+    another backend's fused kernel), and give the same results."""
+    plain = {(op, d, "float32"): reference.KERNELS[(op, d, "float32")] for op in ROW_OPS for d in ("forward", "backward")}
+    normkit.register_backend(Backend("plainrow", runtime_module(plain), kernels={op: ("forward", "backward")
+                                                                                  for op in ROW_OPS},
+                                     dtypes=("float32",)))
+    try:
+        for op in ROW_OPS:
+            x, r, dy, dh = (rng.standard_normal((3, 9)).astype(np.float32) for _ in range(4))
+            kw = params(op, 9, np.float32, rng, "both")
+            got = add_pass(op, x, r, dy, dh, kw, "plainrow")
+            compare(got, add_pass(op, x, r, dy, dh, kw, "reference"), "float32", op)
+            _, _, saved = normkit.get(op).add_forward(x, r, (9,), **kw, backend="plainrow")
+            assert saved.backend == "plainrow"
+            y, h = nt.add_rms_norm(torch.from_numpy(x), torch.from_numpy(r), (9,), backend="plainrow")
+            torch.testing.assert_close(y, F.rms_norm(torch.from_numpy(x + r), (9,)))
+    finally:
+        normkit.unregister_backend("plainrow")
+
+
+# --- clear errors ------------------------------------------------------------------------------------------------
+
+def test_errors(rng):
+    x = rng.standard_normal((4, 8)).astype(np.float32)
+    rms, ln = normkit.get("rms"), normkit.get("ln")
+    with pytest.raises(ValueError, match=r"rmsnorm: residual must have the input's shape \(4, 8\), got \(4, 7\)"):
+        normkit.add_rms_norm(x, x[:, :7].copy(), (8,))
+    with pytest.raises(TypeError, match="layernorm: residual must have the input's dtype float32, got float64"):
+        normkit.add_layer_norm(x, x.astype(np.float64), (8,))
+    with pytest.raises(ValueError, match=r"rmsnorm: weight must have shape \(8,\), got \(7,\)"):
+        rms.forward(x, (8,), np.ones(7, np.float32))
+    _, ln_saved = ln.forward(x, (8,))
+    with pytest.raises(TypeError, match="rmsnorm: saved holds a mean"):
+        rms.backward(x, x, ln_saved, (8,))
+    y, h, saved = rms.add_forward(x, x, (8,))
+    with pytest.raises(ValueError, match=r"rmsnorm: grad_h must have the input's shape"):
+        rms.add_backward(x, x[:2].copy(), h, saved, (8,))
+    with pytest.raises(ValueError, match="rmsnorm: eps must be"):
+        rms.forward(x, (8,), eps=-1.0)
+    with pytest.raises(ValueError, match=r"rmsnorm: residual must have the input's shape \(4, 8\) and dtype"):
+        nt.add_rms_norm(torch.from_numpy(x), torch.zeros(4, 7), (8,))
+    with pytest.raises(TypeError, match="rmsnorm: residual must be a torch.Tensor"):
+        nt.add_rms_norm(torch.from_numpy(x), x, (8,))
+    with pytest.raises(TypeError, match="rmsnorm: input must be float32 or float64, got dtype int64"):
+        nt.rms_norm(torch.zeros(2, 3, dtype=torch.int64), (3,))
+
+
+# --- PyTorch -----------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape,normalized", [((6, 33), (33,)), ((2, 3, 4, 5), (4, 5)), ((1, 1), (1,))], ids=str)
+def test_rms_norm_matches_torch(dtype, shape, normalized):
+    """Forward and autograd against torch.nn.functional.rms_norm, including its default eps (the dtype's)."""
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(shape, generator=g, dtype=dtype) * 3).requires_grad_()
+    w = torch.randn(normalized, generator=g, dtype=dtype).requires_grad_()
+    dy = torch.randn(shape, generator=g, dtype=dtype)
+    for eps in (None, 1e-3):
+        ours, theirs = nt.rms_norm(x, normalized, w, eps), F.rms_norm(x, normalized, w, eps)
+        tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(ours, theirs, **tol)
+        for a, b in zip(torch.autograd.grad(ours, (x, w), dy), torch.autograd.grad(theirs, (x, w), dy)):
+            torch.testing.assert_close(a, b, **{k: 10 * v for k, v in tol.items()})
+    assert normkit.get("rms_norm")(x.detach(), normalized).shape == x.shape  # a tensor goes to normkit.torch
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_add_forms_gradcheck_and_match_composition(backend):
+    """Gradients to x and residual (and weight, bias) from y, from h, and from both, against torch's autograd of
+    x + r followed by the norm; gradcheck in float64."""
+    g = torch.Generator().manual_seed(1)
+    x, r = (torch.randn(5, 3, 12, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    w, b = (torch.randn(12, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    forms = {
+        "layernorm": (lambda x, r, w, b: nt.add_layer_norm(x, r, (12,), w, b, 1e-5, backend=backend),
+                      lambda x, r, w, b: (F.layer_norm(x + r, (12,), w, b, 1e-5), x + r)),
+        "rmsnorm": (lambda x, r, w, b: nt.add_rms_norm(x, r, (12,), w, 1e-5, backend=backend),
+                    lambda x, r, w, b: (F.rms_norm(x + r, (12,), w, 1e-5), x + r)),
+    }
+    for op, (ours, theirs) in forms.items():
+        inputs = (x, r, w, b) if op == "layernorm" else (x, r, w)
+        fn = (lambda *a: ours(*a, *((None,) if op == "rmsnorm" else ())))
+        assert torch.autograd.gradcheck(fn, inputs)
+        for use in ("y", "h", "both"):
+            def loss(f, use=use):
+                y, h = f(x, r, w, b)
+                return {"y": (y * y).sum(), "h": (h.sin()).sum(), "both": (y * h).sum()}[use]
+            a = torch.autograd.grad(loss(ours), inputs, allow_unused=True)
+            e = torch.autograd.grad(loss(theirs), inputs, allow_unused=True)
+            for ga, ge in zip(a, e):
+                if ge is None:
+                    assert ga is None or not ga.any()
+                else:
+                    torch.testing.assert_close(ga, ge)
+
+
+def test_add_forms_without_grad_and_compiled():
+    x, r = torch.randn(4, 16), torch.randn(4, 16)
+    w = torch.randn(16)
+    y, h = nt.add_rms_norm(x, r, (16,), w)
+    torch.testing.assert_close(h, x + r, rtol=0, atol=0)
+    torch.testing.assert_close(y, F.rms_norm(x + r, (16,), w))
+    compiled = torch.compile(lambda x, r: nt.add_layer_norm(x, r, (16,), w, None), fullgraph=True)
+    y, h = compiled(x, r)
+    torch.testing.assert_close(y, F.layer_norm(x + r, (16,), w, None))
+
+
+def test_rmsnorm_module_and_convert():
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.RMSNorm(8), torch.nn.RMSNorm([2, 4], eps=1e-3,
+                                                                                              elementwise_affine=False))
+    model[2] = torch.nn.Sequential(torch.nn.Unflatten(1, (2, 4)), model[2])
+    x = torch.randn(5, 8)
+    want = model(x)
+    nt.convert(model, backend="numba")
+    assert type(model[1]) is nt.RMSNorm and isinstance(model[1], torch.nn.RMSNorm) and model[1].backend == "numba"
+    torch.testing.assert_close(model(x), want)
+    nt.revert(model)
+    assert type(model[1]) is torch.nn.RMSNorm
+    m = nt.RMSNorm(8)
+    torch.testing.assert_close(m(x), F.rms_norm(x, (8,), m.weight))
+
+
+class ToyRMSNorm(torch.nn.Module):
+    """A model's own RMSNorm in LlamaRMSNorm's style: computes in float32, casts back, then the weight."""
+
+    def __init__(self, hidden, eps=1e-6):
+        super().__init__()
+        self.weight = torch.nn.Parameter(1 + 0.1 * torch.randn(hidden))
+        self.variance_epsilon = eps
+
+    def forward(self, hidden_states):
+        dtype = hidden_states.dtype
+        hidden_states = hidden_states.to(torch.float32)
+        variance = hidden_states.pow(2).mean(-1, keepdim=True)
+        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+        return self.weight * hidden_states.to(dtype)
+
+
+LLAMA = nt.RMSNormSemantics(eps="variance_epsilon", compute_dtype=torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_convert_declared_rmsnorm_class(dtype):
+    model = torch.nn.Sequential(torch.nn.Linear(16, 16), ToyRMSNorm(16)).to(dtype)
+    x = torch.randn(3, 16, dtype=dtype, requires_grad=True)
+    want = model(x)
+    want_grads = torch.autograd.grad(want.sum(), (x, model[1].weight))
+    assert nt.convert(model) is model and type(model[1]) is ToyRMSNorm  # only when opted in
+    nt.convert(model, rmsnorm_classes={ToyRMSNorm: LLAMA})
+    assert isinstance(model[1], ToyRMSNorm) and type(model[1]) is not ToyRMSNorm
+    got = model(x)
+    got_grads = torch.autograd.grad(got.sum(), (x, model[1].weight))
+    # both compute in float32 (float64 input included), and round in different places
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype != torch.bfloat16 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(got, want, **tol)
+    for a, b in zip(got_grads, want_grads):
+        torch.testing.assert_close(a, b, **tol)
+    nt.revert(model)
+    assert type(model[1]) is ToyRMSNorm
+
+
+def test_convert_declared_class_errors():
+    with pytest.raises(TypeError, match="rmsnorm_classes keys must be torch.nn.Module classes"):
+        nt.convert(torch.nn.Linear(2, 2), rmsnorm_classes={int: LLAMA})
+    with pytest.raises(TypeError, match=r"rmsnorm_classes\[ToyRMSNorm\] must be an RMSNormSemantics"):
+        nt.convert(torch.nn.Linear(2, 2), rmsnorm_classes={ToyRMSNorm: {"eps": "variance_epsilon"}})
+    with pytest.raises(ValueError, match="ToyRMSNorm has no number in attribute 'eps'"):
+        nt.convert(ToyRMSNorm(4), rmsnorm_classes={ToyRMSNorm: nt.RMSNormSemantics()})
+
+
+def test_convert_llama_model():
+    """A randomly initialized transformers Llama (no weights downloaded): LlamaRMSNorm converted with its
+    declared semantics gives the same logits and gradients."""
+    transformers = pytest.importorskip("transformers")
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    model = transformers.LlamaForCausalLM(config)
+    ids = torch.randint(0, 128, (2, 16))
+    want = model(ids).logits
+    want_grad = torch.autograd.grad(want.square().mean(), model.model.norm.weight)[0]
+    nt.convert(model, rmsnorm_classes={LlamaRMSNorm: LLAMA})
+    converted = [m for m in model.modules() if isinstance(m, LlamaRMSNorm)]
+    assert len(converted) == 5 and all(type(m) is not LlamaRMSNorm for m in converted)
+    got = model(ids).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(torch.autograd.grad(got.square().mean(), model.model.norm.weight)[0], want_grad,
+                               rtol=1e-4, atol=1e-6)
