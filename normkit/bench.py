@@ -102,8 +102,9 @@ def prepare(case: Case, direction: str, name: str, inputs: dict | None = None) -
         call, output, compile_s = bench_torch.prepare_compiled(case, direction, inputs)
         return Contender(COMPILED, "peer", call, output, compile_s)
     start = time.perf_counter()
-    _, forward = registry.lookup(case.op, "forward", case.dtype, name)
-    kernel = forward if direction == "forward" else registry.lookup(case.op, "backward", case.dtype, name)[1]
+    _, forward = registry.lookup(case.op, case.kernel_direction("forward"), case.dtype, name)
+    kernel = forward if direction == "forward" else \
+        registry.lookup(case.op, case.kernel_direction("backward"), case.dtype, name)[1]
     load_s = time.perf_counter() - start
     out = case.empty_outputs(direction)
     if direction == "forward":

@@ -62,6 +62,26 @@ def _layernorm(case, aten, x, dy, w, b):
     return forward, backward
 
 
+def _rmsnorm(case, aten, x, dy, w, b):
+    # F.rms_norm: torch's own training forward; its backward is autograd's over the ops it is made of, which we
+    # time on a graph recorded once (retained)
+    import torch
+
+    norm = list(case.normalized_shape)
+    wl = w.view(norm)
+
+    def forward():
+        return torch.nn.functional.rms_norm(x, norm, wl, EPS), None, None
+
+    xg, wg = x.detach().requires_grad_(), wl.detach().requires_grad_()
+    graph = torch.nn.functional.rms_norm(xg, norm, wg, EPS)
+
+    def backward(mean, rstd):
+        return torch.autograd.grad(graph, (xg, wg), dy, retain_graph=True)
+
+    return forward, backward
+
+
 def _instancenorm(case, aten, x, dy, w, b):
     # PyTorch has no instance-norm kernel: at::instance_norm runs batch norm on a (1, N*C, S) view with the weight
     # repeated N times, and autograd sums the repeated weight's gradient back. We time the same.
@@ -81,7 +101,34 @@ def _instancenorm(case, aten, x, dy, w, b):
 
 # op -> (forward, backward) builder: the ATen calls a training step of the op's torch.nn.functional twin makes
 BASELINES = {"batchnorm": _batchnorm, "groupnorm": _groupnorm, "layernorm": _layernorm,
-             "instancenorm": _instancenorm}
+             "instancenorm": _instancenorm, "rmsnorm": _rmsnorm}
+
+
+def _add_baseline(case, x, r, dy, dh, w, b):
+    """The fused residual add's baseline: ``x + r`` then the norm's torch.nn.functional function, and autograd's
+    backward of the two with gradients for both y and h (on a graph recorded once)."""
+    import torch
+
+    F = torch.nn.functional
+    norm = list(case.normalized_shape)
+    wl, bl = w.view(norm), b.view(norm)
+    centered = case.spec.centered
+
+    def norm_of(h, w, b):
+        return F.layer_norm(h, norm, w, b, EPS) if centered else F.rms_norm(h, norm, w, EPS)
+
+    def forward():
+        h = x + r
+        return norm_of(h, wl, bl), h
+
+    leaves = [t.detach().requires_grad_() for t in ((x, r, wl, bl) if centered else (x, r, wl))]
+    h = leaves[0] + leaves[1]
+    outputs = (norm_of(h, *leaves[2:], *(() if centered else (None,))), h)
+
+    def backward():
+        return torch.autograd.grad(outputs, leaves, (dy, dh), retain_graph=True)
+
+    return forward, backward
 
 
 def prepare(case: Case, direction: str, inputs: dict) -> tuple[Callable[[], object], Callable[[], np.ndarray]]:
@@ -93,6 +140,10 @@ def prepare(case: Case, direction: str, inputs: dict) -> tuple[Callable[[], obje
         raise ValueError(f"{case.op}: normkit's bench has no PyTorch baseline for this op")
     x, dy = _data(case, inputs["x"]), _data(case, inputs["dy"])
     w, b = torch.from_numpy(inputs["weight"]), torch.from_numpy(inputs["bias"])
+    if case.add:
+        r, dh = (torch.from_numpy(inputs[k]).view(case.shape) for k in ("residual", "dh"))
+        call = _add_baseline(case, x, r, dy, dh, w, b)[direction == "backward"]
+        return call, lambda: call()[0].numpy().reshape(case.kernel_shape)
     forward, backward = BASELINES[case.op](case, torch.ops.aten, x, dy, w, b)
 
     if direction == "forward":

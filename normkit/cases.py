@@ -30,18 +30,22 @@ DEFAULT_GROUPS = 32
 # Bytes a pass must move through memory, in units of one input array: forward reads x and writes y; backward
 # reads x and dy and writes dx. Weights, biases and statistics are per-channel and too small to count.
 ARRAYS_MOVED = {"forward": 2, "backward": 3}
+# The fused residual add: forward reads x and residual and writes y and h; backward reads dy, dh and h and writes dx.
+ADD_ARRAYS_MOVED = {"forward": 4, "backward": 4}
 
 
 @dataclass(frozen=True)
 class Case:
-    """One workload. ``groups`` is GroupNorm's only; ``ln_dims`` is how many trailing dims LayerNorm normalizes
-    over (default: all but the first)."""
+    """One workload. ``groups`` is GroupNorm's only; ``ln_dims`` is how many trailing dims a row op (LayerNorm,
+    RMSNorm) normalizes over (default: all but the first). ``add``: the row op's fused residual add (h = x +
+    residual, y = norm(h); backward with a gradient flowing into h too)."""
 
     op: str
     shape: tuple[int, ...]
     dtype: str = "float32"
     groups: int | None = None
     ln_dims: int | None = None
+    add: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "op", get_op(self.op).name)
@@ -63,7 +67,9 @@ class Case:
                 raise ValueError(f"layernorm: ln_dims must be in 1..{len(self.shape) - 1} for shape {self.shape}, "
                                  f"got {self.ln_dims}")
         elif self.ln_dims is not None:
-            raise ValueError(f"{self.op}: ln_dims applies to layernorm only, got ln_dims={self.ln_dims}")
+            raise ValueError(f"{self.op}: ln_dims applies to the row ops only, got ln_dims={self.ln_dims}")
+        if self.add and not spec.fused_add:
+            raise ValueError(f"{self.op}: add (the fused residual add) applies to the row ops only")
         if spec.running and spec.set_size(self.kernel_shape, self.groups) < 2:
             raise ValueError(f"{self.op}: training needs more than 1 value per normalized set, shape {self.shape} "
                              f"has 1")
@@ -78,17 +84,17 @@ class Case:
     def id(self) -> str:
         """A stable name without spaces, e.g. ``groupnorm-8x256x56x56-g32-float32`` (pytest ids, JSON)."""
         extra = f"-g{self.groups}" if self.op == "groupnorm" else ""
-        if self.op == "layernorm":
+        if self.spec.sets == "row":
             extra = f"-over{_dims(self.normalized_shape)}"
-        return f"{self.op}-{_dims(self.shape)}{extra}-{self.dtype}"
+        return f"{'add-' if self.add else ''}{self.op}-{_dims(self.shape)}{extra}-{self.dtype}"
 
     @property
     def label(self) -> str:
         """For people, e.g. ``groupnorm 8x256x56x56 G=32 float32``."""
         extra = f" G={self.groups}" if self.op == "groupnorm" else ""
-        if self.op == "layernorm":
+        if self.spec.sets == "row":
             extra = f" over {_dims(self.normalized_shape)}"
-        return f"{self.op} {_dims(self.shape)}{extra} {self.dtype}"
+        return f"{'add+' if self.add else ''}{self.op} {_dims(self.shape)}{extra} {self.dtype}"
 
     @property
     def kernel_shape(self) -> tuple[int, ...]:
@@ -115,8 +121,12 @@ class Case:
         return math.prod(self.shape) * storage_dtype("forward", "x", self.dtype).itemsize
 
     def bytes_moved(self, direction: str) -> int:
-        """Bytes a pass must move at the least: x and y forward; x, dy and dx backward."""
-        return ARRAYS_MOVED[direction] * self.nbytes
+        """Bytes a pass must move at the least: x and y forward; x, dy and dx backward (see ADD_ARRAYS_MOVED)."""
+        return (ADD_ARRAYS_MOVED if self.add else ARRAYS_MOVED)[direction] * self.nbytes
+
+    def kernel_direction(self, direction: str) -> str:
+        """The kernel direction that times ``direction`` ("forward" or "backward")."""
+        return f"add_{direction}" if self.add else direction
 
     def with_dtype(self, dtype: str) -> Case:
         return replace(self, dtype=dtype)
@@ -134,7 +144,11 @@ class Case:
             "weight": 1.0 + 0.1 * rng.standard_normal(self.param_shape),
             "bias": 0.1 * rng.standard_normal(self.param_shape),
         }
-        return {name: _aligned(self._stored(name, v)) for name, v in values.items()}
+        if self.add:  # the residual, and the gradient flowing into h (data arrays, stored as x is)
+            values.update(residual=rng.standard_normal(self.kernel_shape, dtype=data_dt),
+                          dh=rng.standard_normal(self.kernel_shape, dtype=data_dt))
+        return {name: _aligned(self._stored("x" if name in ("residual", "dh") else name, v))
+                for name, v in values.items()}
 
     def _stored(self, name: str, values: np.ndarray) -> np.ndarray:
         """``values`` as the kernels take argument ``name`` (:func:`normkit.contract.storage_dtype`)."""
@@ -146,6 +160,8 @@ class Case:
         """Preallocated outputs of one pass, already touched so that no timed call pays for first-touch."""
         if direction == "forward":
             names = {"y": self.kernel_shape, "mean": self.stat_shape, "rstd": self.stat_shape}
+            if self.add:
+                names["h"] = self.kernel_shape
         else:
             names = {"dx": self.kernel_shape, "dweight": self.param_shape, "dbias": self.param_shape}
         return {name: _aligned(np.zeros(shape, storage_dtype(direction, name, self.dtype)))
@@ -159,11 +175,14 @@ class Case:
 
     def forward_args(self, inputs: dict, out: dict) -> tuple:
         """Positional arguments of the training forward kernel (see :mod:`normkit.contract`)."""
-        return self.spec.kernel_args("forward", {**inputs, **out, "eps": EPS, "num_groups": self.groups})
+        return self.spec.kernel_args(self.kernel_direction("forward"),
+                                     {**inputs, **out, "eps": EPS, "num_groups": self.groups})
 
     def backward_args(self, inputs: dict, stats: dict, out: dict) -> tuple:
-        """Positional arguments of the training backward kernel; ``stats`` holds the forward's mean and rstd."""
-        return self.spec.kernel_args("backward", {**inputs, **stats, **out, "num_groups": self.groups})
+        """Positional arguments of the training backward kernel; ``stats`` holds the forward's mean and rstd (and
+        h, for the fused add)."""
+        return self.spec.kernel_args(self.kernel_direction("backward"),
+                                     {**inputs, **stats, **out, "num_groups": self.groups})
 
 
 def _aligned(a: np.ndarray) -> np.ndarray:
@@ -256,7 +275,15 @@ SMALL = (
     Case("instancenorm", (2, 4, 3, 3)),
 )
 
-CASE_SETS = {"reference": REFERENCE, "small": SMALL}
+# RMSNorm and the fused residual add (issue 17), next to LayerNorm at the same shapes: a transformer's hidden
+# states, batch of tokens by width.
+TRANSFORMER = tuple(
+    Case(op, shape, ln_dims=1, add=add)
+    for shape in ((8192, 1024), (1, 128, 4096))
+    for op, add in (("layernorm", False), ("rmsnorm", False), ("layernorm", True), ("rmsnorm", True))
+)
+
+CASE_SETS = {"reference": REFERENCE, "small": SMALL, "transformer": TRANSFORMER}
 
 
 def case_set(name: str) -> tuple[Case, ...]:

@@ -118,7 +118,7 @@ def test_torch_baseline_computes_the_same_pass(case, direction):
 
 def test_select_cases_defaults():
     chosen = cases.select_cases()
-    assert [c.op for c in chosen] == ["batchnorm", "layernorm", "instancenorm", "groupnorm"]
+    assert [c.op for c in chosen] == ["batchnorm", "layernorm", "instancenorm", "groupnorm", "rmsnorm"]
     assert {c.shape for c in chosen} == {(8, 256, 56, 56)}
     assert chosen[3].groups == 32 and chosen[1].normalized_shape == (256, 56, 56)
     assert cases.select_cases("gn", shape=(2, 24, 5))[0].groups == 24  # largest divisor of 24 below 32
@@ -266,7 +266,7 @@ def test_a_backend_that_fails_to_load_is_skipped_with_a_note(broken_backend):
     result = bench.bench("all", shape=(2, 4, 3), backends=["broken", "reference"], direction="forward", repeat=2,
                          baseline=False)
     assert {r.name for r in result.rows} == {"reference", "copy", "read"}
-    assert len({r.case for r in result.rows}) == 4  # every op still ran
+    assert len({r.case for r in result.rows}) == 5  # every op still ran
     assert [n for n in result.notes if "broken" in n] == [
         "backend 'broken' failed to load and was skipped: kernels: LookupError: declares kernels it does not "
         "provide: groupnorm:backward:float32, groupnorm:backward:float64, groupnorm:forward:float32, "

@@ -353,3 +353,27 @@ def test_convert_llama_model():
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(torch.autograd.grad(got.square().mean(), model.model.norm.weight)[0], want_grad,
                                rtol=1e-4, atol=1e-6)
+
+
+# --- bench and check ---------------------------------------------------------------------------------------------
+
+def test_bench_covers_rmsnorm_and_the_add_forms():
+    """Small versions of the "transformer" case set: every backend's output agrees with torch's (F.rms_norm, and
+    x + r followed by the norm, backward through autograd with gradients for y and h)."""
+    from normkit import bench, cases
+
+    small = [cases.Case(op, (6, 5, 16), ln_dims=1, add=add) for op in ROW_OPS for add in (False, True)]
+    result = bench.bench(cases=small, backends=list(BACKENDS) + ["reference"], repeat=2)
+    rows = [r for r in result.rows if r.kind == "backend"]
+    assert {(r.case, r.direction) for r in rows} == {(c.id, d) for c in small for d in ("forward", "backward")}
+    assert all(r.check == "ok" for r in rows), [(r.case, r.name, r.check) for r in rows if r.check != "ok"]
+    assert {c.op for c in cases.case_set("transformer")} == set(ROW_OPS)
+
+
+def test_check_covers_rmsnorm_and_the_add_directions():
+    import normkit.testing
+
+    for backend in BACKENDS:
+        report = normkit.testing.check_backend(backend, ops=ROW_OPS, dtypes=["float32"], quick=True)
+        assert not report, report.format()
+        assert report.cases_run >= 2 * 4 * 10  # two ops, forward, backward, add_forward, add_backward
