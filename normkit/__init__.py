@@ -33,7 +33,7 @@ except PackageNotFoundError:  # running from a source tree that was never instal
 
 __all__ = [
     "Backend", "BackendInfo", "BatchNormalization", "Op", "Saved", "UnknownBackendError", "UnknownOpError",
-    "add_layer_norm", "add_rms_norm",
-    "__version__", "batch_normalization", "get", "get_backend_order", "get_num_threads", "list_backends", "list_ops", "moments",
+    "__version__", "add_layer_norm", "add_rms_norm", "batch_normalization", "get", "get_backend_order",
+    "get_num_threads", "list_backends", "list_ops", "moments",
     "register_backend", "set_backend_order", "set_num_threads", "unregister_backend",
 ]

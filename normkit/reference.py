@@ -1,7 +1,8 @@
 """The NumPy reference backend: the oracle every other backend is tested against, and the backend of last resort.
 
 Written for clarity, not speed: every op is "normalize over the last axis of a float64 view", with statistics
-from a two-pass mean/variance in float64 (RMSNorm: the mean of squares in float64). It follows the kernel contract in :mod:`normkit.contract` exactly.
+from a two-pass mean/variance in float64 (RMSNorm: the mean of squares in float64). It follows the kernel contract
+in :mod:`normkit.contract` exactly.
 """
 
 from __future__ import annotations

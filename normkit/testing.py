@@ -49,6 +49,11 @@ dweight             K(n) eps sum(|dy| (1 + kappa)(1 + |xhat|))         (n terms 
 dbias               K(n) eps sum(|dy|)
 ==================  ====================================================================================
 
+RMSNorm (not centered) is checked with the same bounds, its mean taken as 0 (kappa = max|x| * rstd, xhat = x * rstd).
+The fused residual add of the row ops: ``add_forward`` as forward on h = x + residual (the exact sum; the kernel's h
+is rounded once, which the bounds absorb, and h itself is held to ``K(1) eps |h|``), ``add_backward`` as backward on
+h, plus ``K(1) eps (|dh| + |dx|)`` for the added gradient of h (absent, ``dh=None``, in the cases with a weight only).
+
 The split directions of batchnorm (``stats``, ``apply``, ``backward_reduce``, ``backward_apply``; see
 :mod:`normkit.contract`) run on the same shapes and data, with arguments as a BatchNorm training step makes them
 (float64 statistics of x ignoring a NaN; coefficients from a weight and bias, computed in float64 and rounded to

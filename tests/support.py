@@ -38,8 +38,8 @@ def op_args(op: str, x: np.ndarray, rng, *, groups: int = 1, affine: str = "both
             training: bool = True, running: bool = False):
     """Keyword arguments for ``normkit.get(op).forward`` / ``backward`` on input ``x``.
 
-    ``affine``: "none", "weight", "bias" or "both" (no bias for rmsnorm). ``ln_dims``: how many trailing dims layernorm normalizes over
-    (default: all but the first). ``running``: give batchnorm/instancenorm running statistics.
+    ``affine``: "none", "weight", "bias" or "both" (no bias for rmsnorm). ``ln_dims``: how many trailing dims
+    the row ops normalize over (default: all but the first). ``running``: give batchnorm/instancenorm running statistics.
     """
     spec = SPECS[op]
     c = x.shape[1]

@@ -427,7 +427,8 @@ def test_lookup_error_when_no_backend_has_the_dtype(monkeypatch):
 
 def test_lookup_refuses_an_op_or_direction_not_in_the_table():
     """An op or direction nobody has is a clear error, never some other op's kernel."""
-    with pytest.raises(ValueError, match="unknown op 'pixelnorm'; ops are batchnorm, layernorm, instancenorm, groupnorm, rmsnorm"):
+    with pytest.raises(ValueError,
+                       match="unknown op 'pixelnorm'; ops are batchnorm, layernorm, instancenorm, groupnorm, rmsnorm"):
         registry.lookup("pixelnorm", "forward", "float32")
     with pytest.raises(ValueError, match="groupnorm has no direction 'forward_infer'; it has forward, backward"):
         registry.lookup("groupnorm", "forward_infer", "float32")

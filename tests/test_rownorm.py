@@ -165,7 +165,8 @@ def test_inputs_not_mutated(rng):
 def test_backend_without_fused_kernels_composes(rng):
     """A backend that has a row op's plain kernels only: the add forms run its kernels with a separate add (not
     another backend's fused kernel), and give the same results."""
-    plain = {(op, d, "float32"): reference.KERNELS[(op, d, "float32")] for op in ROW_OPS for d in ("forward", "backward")}
+    plain = {(op, d, "float32"): reference.KERNELS[(op, d, "float32")]
+             for op in ROW_OPS for d in ("forward", "backward")}
     normkit.register_backend(Backend("plainrow", runtime_module(plain), kernels={op: ("forward", "backward")
                                                                                   for op in ROW_OPS},
                                      dtypes=("float32",)))
