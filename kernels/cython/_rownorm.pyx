@@ -151,18 +151,23 @@ cdef void _row_dx(const floating* dy, const floating* dh, const floating* x, flo
 
 cdef void _add_param_grads(const floating* dy, const floating* x, Py_ssize_t k, double mean, double rstd,
                            floating* accw, floating* accb) noexcept nogil:
-    """accw += dy * xhat and, unless accb is NULL, accb += dy, in the data's precision (flushed into double
-    every FLUSH rows by the caller)."""
+    """accw += dy * xhat and accb += dy, in the data's precision (flushed into double every FLUSH rows by the
+    caller)."""
     cdef floating m = <floating>mean, r = <floating>rstd, g
     cdef Py_ssize_t j
-    if accb == NULL:
-        for j in range(k):
-            accw[j] += dy[j] * ((x[j] - m) * r)
-    else:
-        for j in range(k):
-            g = dy[j]
-            accw[j] += g * ((x[j] - m) * r)
-            accb[j] += g
+    for j in range(k):
+        g = dy[j]
+        accw[j] += g * ((x[j] - m) * r)
+        accb[j] += g
+
+
+cdef void _add_weight_grads(const floating* dy, const floating* x, Py_ssize_t k, double rstd,
+                            double* out) noexcept nogil:
+    """out += dy * x * rstd in double, for an uncentered row: -fassociative-math may multiply dy * x first, which
+    overflows float32 for values near 1e20 but never double (a centered row's x - mean keeps that order)."""
+    cdef Py_ssize_t j
+    for j in range(k):
+        out[j] += <double>dy[j] * (<double>x[j] * rstd)
 
 
 cdef void _flush(floating* acc, double* out, Py_ssize_t n) noexcept nogil:
@@ -176,7 +181,8 @@ cdef void _backward_block(const floating* dy, const floating* dh, const floating
                           Py_ssize_t m1, Py_ssize_t k, const floating* w, const floating* mean,
                           const floating* rstd, bint centered, double* partial, floating* acc) noexcept nogil:
     """Rows m0..m1-1. Unless partial is NULL, their parameter gradients go to partial[0:k] (weight) and, when
-    centered, partial[k:2k] (bias), through the accumulators acc in the data's precision. The loops of a row in
+    centered, partial[k:2k] (bias): through the accumulators acc in the data's precision when centered, directly
+    in double when not (see _add_weight_grads). The loops of a row in
     _layernorm.pyx's order: parameter gradients (the one that reads dy and x from memory), the row's sums, dx."""
     cdef Py_ssize_t i, o, n = 2 * k if centered else k
     cdef double sg, sgx, mi, r
@@ -187,15 +193,17 @@ cdef void _backward_block(const floating* dy, const floating* dh, const floating
         o = i * k
         mi = mean[i] if centered else 0.0
         r = rstd[i]
-        if partial != NULL:
-            _add_param_grads(dy + o, x + o, k, mi, r, acc, acc + k if centered else NULL)
+        if partial != NULL and centered:
+            _add_param_grads(dy + o, x + o, k, mi, r, acc, acc + k)
+        elif partial != NULL:
+            _add_weight_grads(dy + o, x + o, k, r, partial)
         sg = 0.0
         sgx = 0.0
         grad_sums(dy + o, x + o, w, k, mi, &sg, &sgx)
         # dx = rstd * (g - mean(g) - xhat * mean(g * xhat)); an uncentered row has no mean(g) term
         _row_dx(dy + o, dh + o if dh != NULL else NULL, x + o, dx + o, k, w, mi, r, -r * r * r * sgx / k,
                 -r * sg / k if centered else 0.0)
-        if partial != NULL and ((i + 1 - m0) % FLUSH == 0 or i + 1 == m1):
+        if partial != NULL and centered and ((i + 1 - m0) % FLUSH == 0 or i + 1 == m1):
             _flush(acc, partial, n)
 
 
