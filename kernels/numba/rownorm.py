@@ -15,7 +15,7 @@ from numba import prange
 
 from ._common import PIECE, TARGET_ITEMS, _cdiv, _finish, _finite, _jit, _opt, _pivot, _pjit, _sums, _sync_threads
 
-# Parameter gradients are summed in the data's dtype over at most FLUSH rows, then added into float64.
+# A centered op's parameter gradients are summed in the dtype over at most FLUSH rows, then added into float64.
 FLUSH = 16
 # Partial parameter gradients of all row blocks together stay under this many doubles (8 MB).
 PARTIAL_BUDGET = 1 << 20
@@ -116,16 +116,20 @@ def _dx_plus(dyr, dhr, xr, dxr, m, r, B, Cc, w):
 
 
 @_jit
-def _param_grads(dyr, xr, m, r, acw, acb, centered):
-    """acw += dy * xhat and, when centered, acb += dy, in the dtype."""
-    if centered:
-        for j in range(xr.shape[0]):
-            g = dyr[j]
-            acw[j] += g * ((xr[j] - m) * r)
-            acb[j] += g
-    else:
-        for j in range(xr.shape[0]):
-            acw[j] += dyr[j] * (xr[j] * r)
+def _param_grads(dyr, xr, m, r, acw, acb):
+    """acw += dy * xhat and acb += dy, in the dtype."""
+    for j in range(xr.shape[0]):
+        g = dyr[j]
+        acw[j] += g * ((xr[j] - m) * r)
+        acb[j] += g
+
+
+@_jit
+def _weight_grads(dyr, xr, r, out):
+    """out += dy * x * r in float64, for an uncentered row: ``reassoc`` may multiply dy * x first, which overflows
+    float32 for values near 1e20 but never float64 (a centered row's x - mean keeps that order)."""
+    for j in range(xr.shape[0]):
+        out[j] += np.float64(dyr[j]) * (np.float64(xr[j]) * r)
 
 
 @_jit
@@ -144,10 +148,10 @@ def _backward(dy, dh, has_dh, x, mean, rstd, w, has_w, centered, dx, dw, db, wan
     R = max(1, min(TARGET_ITEMS * 2, M // 8, PARTIAL_BUDGET // (2 * K))) if want else min(M, TARGET_ITEMS * 2)
     RL = _cdiv(M, R)
     pw = np.zeros((R, K) if want else (1, 1))
-    acw = np.zeros((R, K) if want else (1, 1), x.dtype)
-    # bias gradients: a centered op's only
-    pb = np.zeros((R, K) if want and centered else (R, 1))
-    acb = np.zeros((R, K) if want and centered else (R, 1), x.dtype)
+    # the dtype accumulators and the bias gradients: a centered op's only
+    acw = np.zeros((R, K) if want and centered else (1, 1), x.dtype)
+    pb = np.zeros((R, K) if want and centered else (1, 1))
+    acb = np.zeros((R, K) if want and centered else (1, 1), x.dtype)
     for it in prange(R):
         k0 = it * RL
         k1 = min(M, (it + 1) * RL)
@@ -162,12 +166,13 @@ def _backward(dy, dh, has_dh, x, mean, rstd, w, has_w, centered, dx, dw, db, wan
                 _dx_plus(dy[k], dh[k], x[k], dx[k], mk, rstd[k], B, Cc, wv)
             else:
                 _dx(dy[k], x[k], dx[k], mk, rstd[k], B, Cc, wv)
-            if want:
-                _param_grads(dy[k], x[k], mk, rstd[k], acw[it], acb[it], centered)
+            if want and centered:
+                _param_grads(dy[k], x[k], mk, rstd[k], acw[it], acb[it])
                 if (k - k0) % FLUSH == FLUSH - 1 or k == k1 - 1:
                     _flush(acw[it], pw[it])
-                    if centered:
-                        _flush(acb[it], pb[it])
+                    _flush(acb[it], pb[it])
+            elif want:
+                _weight_grads(dy[k], x[k], r, pw[it])
     if want:
         # block by block, in block order for every j
         aw = np.zeros(K)
