@@ -399,7 +399,7 @@ class _RowOp(Op):
         dy = _grad_output(op, grad_y, h)
         dh = None if grad_h is None else _same_as(op, "grad_h", grad_h, h)
         used, fused = fused_kernel(op, "add_backward", _KERNEL_DTYPES[h.dtype], backend)
-        if fused is None:
+        if fused is None or h.dtype not in (np.float32, np.float64):  # the fused kernels: float32/float64 only
             dx, dweight, dbias = self._backward(dy, h, kshape, None, saved, weight, bias, used)
             if dh is not None:
                 dx += dh.reshape(kshape)
