@@ -207,7 +207,7 @@ def test_errors(rng):
         nt.add_rms_norm(torch.from_numpy(x), torch.zeros(4, 7), (8,))
     with pytest.raises(TypeError, match="rmsnorm: residual must be a torch.Tensor"):
         nt.add_rms_norm(torch.from_numpy(x), x, (8,))
-    with pytest.raises(TypeError, match="rmsnorm: input must be float32 or float64, got dtype int64"):
+    with pytest.raises(TypeError, match="rmsnorm: input must be float32, float64, bfloat16 or float16, got dtype int64"):
         nt.rms_norm(torch.zeros(2, 3, dtype=torch.int64), (3,))
 
 
