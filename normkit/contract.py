@@ -111,7 +111,7 @@ DTYPES = ("float32", "float64", "bfloat16", "float16")
 # Stored in 16 bits, computed in float32: their kernels take the data arrays as uint16 bit patterns (docstring).
 HALF_DTYPES = ("bfloat16", "float16")
 # The arrays of input size; all others are per-set or per-channel.
-DATA_ARGS = ("x", "y", "dy", "dx")
+DATA_ARGS = ("x", "y", "dy", "dx", "residual", "h", "dh")  # the last three: the fused residual add's
 # What a backend implements when it names no dtypes (contract 1's): a plugin written then must not start claiming a
 # dtype added to DTYPES later.
 DEFAULT_DTYPES = ("float32", "float64")
