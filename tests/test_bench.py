@@ -238,7 +238,7 @@ def test_bench_16_bit(dtype):
     if HAS_TORCH:
         assert all(r.check == "ok" for r in result.rows if r.kind == "backend")
         assert {r.op for r in result.rows if r.kind == "baseline"} == {"batchnorm", "groupnorm", "layernorm",
-                                                                       "instancenorm"}
+                                                                       "instancenorm", "rmsnorm"}
 
 
 def test_bench_without_baseline():
