@@ -92,6 +92,20 @@ Conversions: bfloat16 -> float32 is ``(uint32)u << 16``; float32 -> bfloat16 is 
 16`` with NaN kept a quiet NaN (``(u >> 16) | 0x0040``); float16 <-> float32 by F16C where the CPU has it, otherwise a
 bit-exact software conversion (subnormals included). :mod:`normkit.half` holds the same conversions in NumPy.
 
+Channels-last kernels (layout ``"nhwc"``; channel ops only: batchnorm, instancenorm, groupnorm; LayerNorm
+normalizes trailing dims and has no layout). A backend declares them in ``Backend.channels_last`` (op ->
+directions, each also a direction of its ``kernels``; the same dtypes) and provides them under 4-tuple keys
+``(op, direction, dtype, "nhwc")``; the 3-tuple keys stay the NCHW kernels. A channels-last kernel takes the same
+positional arguments as the NCHW kernel of its direction, except that ``x``, ``y``, ``dy``, ``dx`` are
+C-contiguous (N, S, C) arrays (S the product of the spatial dims, in order): the memory of a torch
+``channels_last`` / ``channels_last_3d`` tensor, or of a NumPy array with NHWC strides. Every other array
+(weight, bias, statistics, running statistics, parameter gradients, the split directions' per-channel arrays) has
+exactly the NCHW kernel's shape and meaning; a GroupNorm group is a run of C/G consecutive channels of each row of
+C. Numerics and tolerances are the NCHW kernel's. ``normkit.registry.lookup(..., layout="nhwc")`` finds them;
+when no backend has one, the frontends copy the input to NCHW, call the NCHW kernel and hand the output back in the
+input's memory format, so a backend without them is only slower on channels-last data. An input that is both
+NCHW- and NHWC-contiguous (C = 1, or S = 1) goes to the NCHW kernel: the memory is the same.
+
 The contract is versioned; a backend declares the version it targets and normkit refuses other versions.
 Optional module attributes: ``set_num_threads(n)`` (normkit calls it whenever the user sets a thread count, and
 once when the module is loaded; it must not change any process-wide setting such as OpenMP's or PyTorch's thread
@@ -318,6 +332,10 @@ SPECS = {spec.name: spec for spec in (
 )}
 
 OPS = tuple(SPECS)
+# The memory layouts of the channel ops' data arrays (see the module docstring), and the ops that have them.
+NCHW, NHWC = "nchw", "nhwc"
+LAYOUTS = (NCHW, NHWC)
+CHANNEL_OPS = tuple(name for name, s in SPECS.items() if s.sets != "row")
 
 DIRECTIONS = {name: spec.directions for name, spec in SPECS.items()}
 

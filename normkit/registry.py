@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from importlib import metadata
 from typing import Callable, Mapping, Sequence
 
-from .contract import CONTRACT_VERSION, DEFAULT_DTYPES, DIRECTIONS, DTYPES, OPS
+from .contract import CHANNEL_OPS, CONTRACT_VERSION, DEFAULT_DTYPES, DIRECTIONS, DTYPES, LAYOUTS, NCHW, NHWC, OPS
 
 GROUP = "normkit.backends"
 # Built-ins come first in this order, then plugins by name, then the reference as the backend of last resort.
@@ -41,8 +41,9 @@ class Backend:
     """What a backend declares about itself. Cheap to import: it names its kernels module, never imports it.
 
     ``kernels`` maps each op to the directions implemented (see :mod:`normkit.contract`); ``dtypes`` applies to
-    all of them. ``module`` is the dotted name of the kernels module (or, for backends registered at run time, an
-    object with a ``KERNELS`` attribute).
+    all of them. ``channels_last`` maps an op to the directions that also have a channels-last kernel (channel ops
+    only, among the directions of ``kernels``; same dtypes). ``module`` is the dotted name of the kernels module
+    (or, for backends registered at run time, an object with a ``KERNELS`` attribute).
     """
 
     name: str
@@ -51,11 +52,22 @@ class Backend:
     dtypes: Sequence[str] = DEFAULT_DTYPES
     contract: int = CONTRACT_VERSION
     description: str = ""
+    channels_last: Mapping[str, Sequence[str]] = field(default_factory=dict)
 
     def declared(self) -> frozenset[tuple[str, str, str]]:
+        """The NCHW kernels (and the row ops'): (op, direction, dtype) keys of ``KERNELS``."""
         return frozenset(
             (op, direction, dtype)
             for op, directions in self.kernels.items()
+            for direction in directions
+            for dtype in self.dtypes
+        )
+
+    def declared_channels_last(self) -> frozenset[tuple[str, str, str, str]]:
+        """The channels-last kernels: (op, direction, dtype, "nhwc") keys of ``KERNELS``."""
+        return frozenset(
+            (op, direction, dtype, NHWC)
+            for op, directions in self.channels_last.items()
             for direction in directions
             for dtype in self.dtypes
         )
@@ -85,6 +97,17 @@ class Backend:
         bad = [d for d in self.dtypes if d not in DTYPES]
         if bad:
             raise ValueError(f"backend {self.name!r} declares unsupported dtype(s) {bad}; valid: {', '.join(DTYPES)}")
+        for op, directions in self.channels_last.items():
+            if isinstance(directions, str):
+                raise ValueError(f"backend {self.name!r}: channels_last directions for {op} must be a sequence, got "
+                                 f"the string {directions!r}")
+            if op not in CHANNEL_OPS:
+                raise ValueError(f"backend {self.name!r} declares channels-last kernels for {op!r}; only the channel "
+                                 f"ops have a layout: {', '.join(CHANNEL_OPS)}")
+            bad = [d for d in directions if d not in self.kernels.get(op, ())]
+            if bad:
+                raise ValueError(f"backend {self.name!r} declares channels-last {op} direction(s) {bad} without the "
+                                 f"NCHW kernel; its {op} directions: {', '.join(self.kernels.get(op, ())) or 'none'}")
 
 
 @dataclass
@@ -112,6 +135,7 @@ class BackendInfo:
     implements: tuple[tuple[str, str, str], ...]
     info: Mapping[str, str]
     description: str
+    channels_last: tuple[tuple[str, str, str, str], ...] = ()
 
 
 _lock = threading.RLock()
@@ -207,10 +231,10 @@ def _load_kernels(entry: _Entry) -> dict | None:
     try:
         module = importlib.import_module(spec.module) if isinstance(spec.module, str) else spec.module
         kernels = dict(module.KERNELS)
-        missing = sorted(spec.declared() - kernels.keys())
+        missing = sorted(spec.declared() - kernels.keys()) + sorted(spec.declared_channels_last() - kernels.keys())
         if missing:
             raise LookupError(f"declares kernels it does not provide: {', '.join(map(':'.join, missing))}")
-        not_callable = sorted(k for k in spec.declared() if not callable(kernels[k]))
+        not_callable = sorted(k for k in spec.declared() | spec.declared_channels_last() if not callable(kernels[k]))
         if not_callable:
             raise TypeError(f"kernels are not callable: {', '.join(map(':'.join, not_callable))}")
         entry.set_threads = getattr(module, "set_num_threads", None)
@@ -316,22 +340,49 @@ def _env_backend():
     return os.environ.get("NORMKIT_BACKEND")
 
 
-def lookup(op: str, direction: str, dtype: str, backend: str | None = None) -> tuple[str, Callable]:
-    """Return ``(backend_name, kernel)`` for one (op, direction, dtype).
+def lookup(op: str, direction: str, dtype: str, backend: str | None = None,
+           layout: str = NCHW) -> tuple[str, Callable] | None:
+    """Return ``(backend_name, kernel)`` for one (op, direction, dtype) and memory layout.
 
     Raises UnknownBackendError for a name that is not installed, TypeError when no backend has the dtype, and
     ValueError for an op or direction nobody implements, or when the named backend failed to load or does not
     implement the kernel. After the first call for a key this is one dict look-up (plus, when the order comes from
     ``NORMKIT_BACKEND``, a read of that variable): the cache is dropped whenever the order, the thread count or the
     registrations change.
+
+    ``layout="nhwc"`` asks for a channels-last kernel (channel ops only): the first backend in the order that has
+    it (or the named one), or **None** when none has (or the named one has not); the caller then copies to NCHW
+    and looks up the NCHW kernel, which raises the errors above.
     """
-    hit = _lookup_cache.get((op, direction, dtype, backend))
+    hit = _lookup_cache.get((op, direction, dtype, backend, layout))
     if hit is not None and (hit[1] is _ANY_ENV or hit[1] == _env_backend()):
         return hit[0]
     env = _ANY_ENV if backend is not None or _user_order is not None else _env_backend()
-    result = _resolve(op, direction, dtype, backend)
-    _lookup_cache[(op, direction, dtype, backend)] = (result, env)
+    if layout == NCHW:
+        result = _resolve(op, direction, dtype, backend)
+    else:
+        result = _resolve_layout(op, direction, dtype, backend, layout)
+    _lookup_cache[(op, direction, dtype, backend, layout)] = (result, env)
     return result
+
+
+def _resolve_layout(op: str, direction: str, dtype: str, backend: str | None,
+                    layout: str) -> tuple[str, Callable] | None:
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; layouts are {', '.join(LAYOUTS)}")
+    if op not in CHANNEL_OPS:
+        raise ValueError(f"{op} has no channels-last kernels (only {', '.join(CHANNEL_OPS)} have a layout)")
+    wanted = (op, direction, dtype, layout)
+    with _lock:
+        for name in (backend,) if backend is not None else get_backend_order():
+            entry = _entry(name)
+            spec = _load_spec(entry)
+            if spec is None or wanted not in spec.declared_channels_last():
+                continue
+            kernels = _load_kernels(entry)
+            if kernels is not None:
+                return name, kernels[wanted]
+    return None
 
 
 def _resolve(op: str, direction: str, dtype: str, backend: str | None) -> tuple[str, Callable]:
@@ -432,6 +483,7 @@ def list_backends(load: bool = True) -> list[BackendInfo]:
                     implements=tuple(sorted(spec.declared())) if spec and not entry.error else (),
                     info=dict(entry.info),
                     description=spec.description if spec else "",
+                    channels_last=tuple(sorted(spec.declared_channels_last())) if spec and not entry.error else (),
                 )
             )
     return rows
