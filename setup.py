@@ -26,7 +26,7 @@ from Cython.Build import cythonize
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
-MODULES = ("_batchnorm", "_groupnorm", "_layernorm", "_rownorm")
+MODULES = ("_batchnorm", "_channels_last", "_groupnorm", "_layernorm", "_rownorm")
 PACKAGE = "normkit_kernels.cython"
 V3_PACKAGE = PACKAGE + ".x86_64_v3"
 

@@ -12,5 +12,6 @@ backend = Backend(
     kernels={"batchnorm": _CHANNEL + _SPLIT, "instancenorm": _CHANNEL, "groupnorm": ("forward", "backward"),
              "layernorm": _ROW, "rmsnorm": _ROW},
     dtypes=("float32", "float64"),
+    channels_last={"batchnorm": _CHANNEL + _SPLIT, "instancenorm": _CHANNEL, "groupnorm": ("forward", "backward")},
     description="Cython with OpenMP prange, compiled at install time",
 )

@@ -3,6 +3,11 @@
 The kernels are fused-type (float32/float64) Cython functions; each KERNELS entry is the specialization for its
 dtype, so a call skips Cython's run-time dispatch on the argument types.
 
+Channels-last kernels (keys ending in "nhwc", arrays (N, S, C)): GroupNorm and InstanceNorm training are in
+_channels_last. Every per-channel kernel (all of BatchNorm's, and InstanceNorm's inference directions, which take
+running statistics) is the NCHW kernel on the (N*S, C, 1) view: the same channels' values in the same order, which
+the NCHW kernels' columns schedule sums down the columns of an (N*S, C) matrix, vectorized along C.
+
 On x86-64, setup.py also builds the modules for x86-64-v3 (AVX2, FMA); they are used when this CPU supports them,
 unless NORMKIT_CYTHON_BASELINE=1 asks for the baseline build (to test or compare it).
 """
@@ -16,11 +21,11 @@ from normkit.registry import get_num_threads
 from . import _batchnorm
 
 if _batchnorm.BUILD["use_x86_64_v3"] and os.environ.get("NORMKIT_CYTHON_BASELINE", "") in ("", "0"):
-    from .x86_64_v3 import _batchnorm, _groupnorm, _layernorm, _rownorm
+    from .x86_64_v3 import _batchnorm, _channels_last, _groupnorm, _layernorm, _rownorm
 else:
-    from . import _groupnorm, _layernorm, _rownorm
+    from . import _channels_last, _groupnorm, _layernorm, _rownorm
 
-_MODULES = (_batchnorm, _groupnorm, _layernorm, _rownorm)
+_MODULES = (_batchnorm, _channels_last, _groupnorm, _layernorm, _rownorm)
 _CTYPE = {"float32": "float", "float64": "double"}
 
 _FUNCTIONS = {
@@ -48,11 +53,56 @@ _FUNCTIONS = {
     ("rmsnorm", "add_backward"): _rownorm.rmsnorm_add_backward,
 }
 
+# Channels-last kernels that are the NCHW ones on (N*S, C, 1) views (see the module docstring); the arguments that
+# are data arrays, by position.
+_PER_CHANNEL = {
+    ("batchnorm", "forward"): (0, 4),
+    ("batchnorm", "forward_infer"): (0, 6),
+    ("batchnorm", "backward"): (0, 1, 5),
+    ("batchnorm", "backward_infer"): (0, 1, 5),
+    ("batchnorm", "stats"): (0,),
+    ("batchnorm", "apply"): (0, 3),
+    ("batchnorm", "backward_reduce"): (0, 1),
+    ("batchnorm", "backward_apply"): (0, 1, 5),
+    ("instancenorm", "forward_infer"): (0, 6),
+    ("instancenorm", "backward_infer"): (0, 1, 5),
+}
+_CHANNELS_LAST = {
+    ("instancenorm", "forward"): _channels_last.instancenorm_forward,
+    ("instancenorm", "backward"): _channels_last.instancenorm_backward,
+    ("groupnorm", "forward"): _channels_last.groupnorm_forward,
+    ("groupnorm", "backward"): _channels_last.groupnorm_backward,
+}
+
+
+def _on_columns(kernel, data):
+    """The NCHW ``kernel`` called with its data arguments (positions ``data``) viewed from (N, S, C) as
+    (N*S, C, 1)."""
+    def on_columns(*args):
+        args = list(args)
+        for i in data:
+            a = args[i]
+            args[i] = a.reshape(a.shape[0] * a.shape[1], a.shape[2], 1)
+        kernel(*args)
+
+    return on_columns
+
+
 KERNELS = {
     (op, direction, dtype): function[_CTYPE[dtype]]
     for (op, direction), function in _FUNCTIONS.items()
     for dtype in _CTYPE
 }
+KERNELS.update({
+    (op, direction, dtype, "nhwc"): _on_columns(KERNELS[(op, direction, dtype)], data)
+    for (op, direction), data in _PER_CHANNEL.items()
+    for dtype in _CTYPE
+})
+KERNELS.update({
+    (op, direction, dtype, "nhwc"): function[_CTYPE[dtype]]
+    for (op, direction), function in _CHANNELS_LAST.items()
+    for dtype in _CTYPE
+})
 
 _build = _batchnorm.BUILD
 INFO = {

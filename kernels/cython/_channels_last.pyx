@@ -1,0 +1,328 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
+"""GroupNorm and InstanceNorm (GroupNorm with one channel per group) on channels-last data, training mode.
+
+x is (N, S, C), C-contiguous: sample n is S rows of C values, and a set (n, g) is the columns g*Cg..(g+1)*Cg-1
+of those rows. Sums run down the columns, vectorized along C: four rows per sweep added in the data's precision,
+then into double per column (as the NCHW kernels' columns schedule), redone in double where that overflowed or
+met a NaN/inf. A set's column sums are then merged in channel order.
+
+Tasks are cut from the shape alone, so no result depends on the thread count: one task per sample when there are
+enough samples (its sums, statistics and elementwise pass while the sample is in cache); otherwise blocks of rows,
+whose column sums are merged in block order before a second parallel pass. Parameter gradients are summed over
+samples in sample order.
+
+BatchNorm, and the inference directions that take running statistics, need no kernel here: on (N, S, C) data they
+are the NCHW per-channel kernels on the (N*S, C, 1) view (see kernels.py).
+"""
+
+import numpy as np
+
+from cython cimport floating
+from cython.parallel cimport prange
+from libc.math cimport isfinite
+
+from _common cimport finish_moments, grad_sums, moments, pivot_of
+
+cdef int _nthreads = 1
+
+
+def set_num_threads(int n):
+    global _nthreads
+    _nthreads = n
+
+
+cdef enum:
+    # with at least SAMPLE_TASKS samples, one task per sample; with fewer, each sample's rows are cut into blocks of
+    # at least BLOCK_ROWS rows, enough for SAMPLE_TASKS tasks in all
+    SAMPLE_TASKS = 8
+    BLOCK_ROWS = 64
+
+
+cdef inline Py_ssize_t _cdiv(Py_ssize_t a, Py_ssize_t b) noexcept nogil:
+    return (a + b - 1) // b
+
+
+cdef inline Py_ssize_t _blocks(Py_ssize_t n, Py_ssize_t s) noexcept nogil:
+    """Row blocks per sample (1: whole samples)."""
+    if n >= SAMPLE_TASKS:
+        return 1
+    return max(1, min(_cdiv(SAMPLE_TASKS, n), s // BLOCK_ROWS))
+
+
+cdef inline const floating* _ptr(const floating[::1] a) noexcept:
+    return NULL if a is None else &a[0]
+
+
+# --- column loops: rows of nc values, one accumulator per column ----------------------------------------------
+
+cdef bint _all_finite(const double* a, const double* b, Py_ssize_t nc) noexcept nogil:
+    cdef Py_ssize_t l
+    for l in range(nc):
+        if not (isfinite(a[l]) and isfinite(b[l])):
+            return False
+    return True
+
+
+cdef void _col_moments(const floating* x, Py_ssize_t rows, Py_ssize_t nc, const floating* piv, double* s1,
+                       double* s2) noexcept nogil:
+    """s1[l] = sum(x[:, l] - piv[l]) and s2[l] = sum((x[:, l] - piv[l])**2) over ``rows`` rows."""
+    cdef Py_ssize_t i, l
+    cdef const floating* r
+    cdef floating d0, d1, d2, d3
+    for l in range(nc):
+        s1[l] = 0.0
+        s2[l] = 0.0
+    for i in range(0, rows - 3, 4):
+        r = x + i * nc
+        for l in range(nc):
+            d0 = r[l] - piv[l]
+            d1 = r[nc + l] - piv[l]
+            d2 = r[2 * nc + l] - piv[l]
+            d3 = r[3 * nc + l] - piv[l]
+            s1[l] += (d0 + d1) + (d2 + d3)
+            s2[l] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)
+    for i in range(rows - rows % 4, rows):
+        for l in range(nc):
+            d0 = x[i * nc + l] - piv[l]
+            s1[l] += d0
+            s2[l] += d0 * d0
+    if not _all_finite(s1, s2, nc):
+        # squares beyond the data's range, or a NaN / inf in the data (which double keeps): again, in double
+        for l in range(nc):
+            s1[l] = 0.0
+            s2[l] = 0.0
+        for i in range(rows):
+            for l in range(nc):
+                moments(x + i * nc + l, 1, piv[l], &s1[l], &s2[l])
+
+
+cdef void _col_grad_sums(const floating* dy, const floating* x, Py_ssize_t rows, Py_ssize_t nc,
+                         const floating* mean, double* sdy, double* sdyx) noexcept nogil:
+    """sdy[l] = sum(dy[:, l]) and sdyx[l] = sum(dy[:, l] * (x[:, l] - mean[l])), as _col_moments."""
+    cdef Py_ssize_t i, l, o
+    cdef floating g0, g1, g2, g3
+    for l in range(nc):
+        sdy[l] = 0.0
+        sdyx[l] = 0.0
+    for i in range(0, rows - 3, 4):
+        o = i * nc
+        for l in range(nc):
+            g0 = dy[o + l]
+            g1 = dy[o + nc + l]
+            g2 = dy[o + 2 * nc + l]
+            g3 = dy[o + 3 * nc + l]
+            sdy[l] += (g0 + g1) + (g2 + g3)
+            sdyx[l] += ((g0 * (x[o + l] - mean[l]) + g1 * (x[o + nc + l] - mean[l]))
+                        + (g2 * (x[o + 2 * nc + l] - mean[l]) + g3 * (x[o + 3 * nc + l] - mean[l])))
+    for i in range(rows - rows % 4, rows):
+        for l in range(nc):
+            g0 = dy[i * nc + l]
+            sdy[l] += g0
+            sdyx[l] += g0 * (x[i * nc + l] - mean[l])
+    if not _all_finite(sdy, sdyx, nc):
+        for l in range(nc):
+            sdy[l] = 0.0
+            sdyx[l] = 0.0
+        for i in range(rows):
+            for l in range(nc):
+                grad_sums(dy + i * nc + l, x + i * nc + l, NULL, 1, mean[l], &sdy[l], &sdyx[l])
+
+
+cdef void _affine_rows(const floating* x, floating* y, Py_ssize_t rows, Py_ssize_t nc, const floating* mean,
+                       const floating* scale, const floating* shift) noexcept nogil:
+    cdef Py_ssize_t i, l
+    for i in range(rows):
+        for l in range(nc):
+            y[i * nc + l] = (x[i * nc + l] - mean[l]) * scale[l] + shift[l]
+
+
+cdef void _grad_apply_rows(const floating* dy, const floating* x, floating* dx, Py_ssize_t rows, Py_ssize_t nc,
+                           const floating* mean, const floating* ca, const floating* cb,
+                           const floating* cc) noexcept nogil:
+    cdef Py_ssize_t i, l
+    for i in range(rows):
+        for l in range(nc):
+            dx[i * nc + l] = ca[l] * dy[i * nc + l] + cb[l] * (x[i * nc + l] - mean[l]) + cc[l]
+
+
+# --- per-sample steps ------------------------------------------------------------------------------------------
+
+cdef void _finish_sample(const double* s1, const double* s2, Py_ssize_t nc, Py_ssize_t groups, Py_ssize_t s,
+                         const floating* piv, double eps, const floating* w, const floating* b, double* mu,
+                         double* rs, floating* cm, floating* scale, floating* shift) noexcept nogil:
+    """One sample's statistics (mu, rs: per group) from its column sums, and its per-column coefficients in the
+    data's precision; as in affine(), the shift takes the mean's rounding to that precision."""
+    cdef Py_ssize_t cg = nc // groups, g, c
+    cdef double t1, t2, sc
+    for g in range(groups):
+        t1 = 0.0
+        t2 = 0.0
+        for c in range(g * cg, (g + 1) * cg):
+            t1 = t1 + s1[c]
+            t2 = t2 + s2[c]
+        finish_moments(t1, t2, cg * s, piv[g * cg], eps, &mu[g], &rs[g])
+        for c in range(g * cg, (g + 1) * cg):
+            sc = rs[g] * w[c] if w != NULL else rs[g]
+            cm[c] = <floating>mu[g]
+            scale[c] = <floating>sc
+            shift[c] = <floating>((b[c] if b != NULL else 0.0) + (<double>cm[c] - mu[g]) * sc)
+
+
+cdef void _grad_coefficients(const double* sdy, const double* sdyx, Py_ssize_t nc, Py_ssize_t groups,
+                             Py_ssize_t s, const floating* rstd, const floating* w, floating* ca, floating* cb,
+                             floating* cc) noexcept nogil:
+    """dx = ca * dy + cb * (x - mean) + cc per column of one sample: with g = dy * w,
+    dx = rstd * (g - mean(g) - xhat * mean(g * xhat)) over each set."""
+    cdef Py_ssize_t cg = nc // groups, g, c
+    cdef double sg, sgx, wc, r, m = <double>(cg * s), bb, k
+    for g in range(groups):
+        sg = 0.0
+        sgx = 0.0
+        for c in range(g * cg, (g + 1) * cg):
+            wc = w[c] if w != NULL else 1.0
+            sg = sg + wc * sdy[c]
+            sgx = sgx + wc * sdyx[c]
+        r = rstd[g]
+        bb = -r * r * r * sgx / m
+        k = -r * sg / m
+        for c in range(g * cg, (g + 1) * cg):
+            ca[c] = <floating>(r * (w[c] if w != NULL else 1.0))
+            cb[c] = <floating>bb
+            cc[c] = <floating>k
+
+
+cdef void _merge_blocks(double* a, double* b, Py_ssize_t blocks, Py_ssize_t nc) noexcept nogil:
+    """Add the column sums of a sample's blocks 1.. into block 0's, in block order."""
+    cdef Py_ssize_t k, l
+    for k in range(1, blocks):
+        for l in range(nc):
+            a[l] += a[k * nc + l]
+            b[l] += b[k * nc + l]
+
+
+# --- the kernels' bodies ---------------------------------------------------------------------------------------
+
+cdef void _forward(const floating[:, :, ::1] x, Py_ssize_t groups, const floating[::1] weight,
+                   const floating[::1] bias, double eps, floating[:, :, ::1] y, floating[:, ::1] mean,
+                   floating[:, ::1] rstd):
+    cdef Py_ssize_t n = x.shape[0], s = x.shape[1], nc = x.shape[2], cg = nc // groups
+    cdef Py_ssize_t blocks = _blocks(n, s), rows = _cdiv(s, blocks), i, g, c, t, r0
+    cdef const floating* xp = &x[0, 0, 0]
+    cdef floating* yp = &y[0, 0, 0]
+    cdef const floating* w = _ptr(weight)
+    cdef const floating* b = _ptr(bias)
+    dtype = np.float32 if floating is float else np.float64
+    cdef floating[:, ::1] piv = np.empty((n, nc), dtype)
+    cdef floating[:, ::1] cm = np.empty((n, nc), dtype), scale = np.empty((n, nc), dtype)
+    cdef floating[:, ::1] shift = np.empty((n, nc), dtype)
+    cdef double[:, ::1] s1 = np.empty((n * blocks, nc)), s2 = np.empty((n * blocks, nc))
+    cdef double[:, ::1] mu = np.empty((n, groups)), rs = np.empty((n, groups))
+    cdef int nt = _nthreads
+    for i in range(n):
+        for g in range(groups):
+            for c in range(g * cg, (g + 1) * cg):
+                piv[i, c] = <floating>pivot_of(x[i, 0, g * cg])
+    if blocks == 1:
+        for i in prange(n, nogil=True, schedule="static", num_threads=nt):
+            _col_moments(xp + i * s * nc, s, nc, &piv[i, 0], &s1[i, 0], &s2[i, 0])
+            _finish_sample(&s1[i, 0], &s2[i, 0], nc, groups, s, &piv[i, 0], eps, w, b, &mu[i, 0], &rs[i, 0],
+                           &cm[i, 0], &scale[i, 0], &shift[i, 0])
+            _affine_rows(xp + i * s * nc, yp + i * s * nc, s, nc, &cm[i, 0], &scale[i, 0], &shift[i, 0])
+    else:
+        for t in prange(n * blocks, nogil=True, schedule="static", num_threads=nt):
+            i = t // blocks
+            r0 = (t % blocks) * rows
+            _col_moments(xp + (i * s + r0) * nc, max(0, min(rows, s - r0)), nc, &piv[i, 0], &s1[t, 0], &s2[t, 0])
+        for i in range(n):
+            _merge_blocks(&s1[i * blocks, 0], &s2[i * blocks, 0], blocks, nc)
+            _finish_sample(&s1[i * blocks, 0], &s2[i * blocks, 0], nc, groups, s, &piv[i, 0], eps, w, b,
+                           &mu[i, 0], &rs[i, 0], &cm[i, 0], &scale[i, 0], &shift[i, 0])
+        for t in prange(n * blocks, nogil=True, schedule="static", num_threads=nt):
+            i = t // blocks
+            r0 = (t % blocks) * rows
+            _affine_rows(xp + (i * s + r0) * nc, yp + (i * s + r0) * nc, max(0, min(rows, s - r0)), nc,
+                         &cm[i, 0], &scale[i, 0], &shift[i, 0])
+    for i in range(n):
+        for g in range(groups):
+            mean[i, g] = <floating>mu[i, g]
+            rstd[i, g] = <floating>rs[i, g]
+
+
+cdef void _backward(const floating[:, :, ::1] dy, const floating[:, :, ::1] x, Py_ssize_t groups,
+                    const floating[:, ::1] mean, const floating[:, ::1] rstd, const floating[::1] weight,
+                    floating[:, :, ::1] dx, floating[::1] dweight, floating[::1] dbias):
+    cdef Py_ssize_t n = x.shape[0], s = x.shape[1], nc = x.shape[2], cg = nc // groups
+    cdef Py_ssize_t blocks = _blocks(n, s), rows = _cdiv(s, blocks), i, c, t, r0
+    cdef const floating* dyp = &dy[0, 0, 0]
+    cdef const floating* xp = &x[0, 0, 0]
+    cdef floating* dxp = &dx[0, 0, 0]
+    cdef const floating* w = _ptr(weight)
+    dtype = np.float32 if floating is float else np.float64
+    cdef floating[:, ::1] cm = np.empty((n, nc), dtype), ca = np.empty((n, nc), dtype)
+    cdef floating[:, ::1] cb = np.empty((n, nc), dtype), cc = np.empty((n, nc), dtype)
+    cdef double[:, ::1] sdy = np.empty((n * blocks, nc)), sdyx = np.empty((n * blocks, nc))
+    cdef double acc
+    cdef int nt = _nthreads
+    for i in range(n):
+        for c in range(nc):
+            cm[i, c] = mean[i, c // cg]
+    if blocks == 1:
+        for i in prange(n, nogil=True, schedule="static", num_threads=nt):
+            _col_grad_sums(dyp + i * s * nc, xp + i * s * nc, s, nc, &cm[i, 0], &sdy[i, 0], &sdyx[i, 0])
+            _grad_coefficients(&sdy[i, 0], &sdyx[i, 0], nc, groups, s, &rstd[i, 0], w, &ca[i, 0], &cb[i, 0],
+                               &cc[i, 0])
+            _grad_apply_rows(dyp + i * s * nc, xp + i * s * nc, dxp + i * s * nc, s, nc, &cm[i, 0], &ca[i, 0],
+                             &cb[i, 0], &cc[i, 0])
+    else:
+        for t in prange(n * blocks, nogil=True, schedule="static", num_threads=nt):
+            i = t // blocks
+            r0 = (t % blocks) * rows
+            _col_grad_sums(dyp + (i * s + r0) * nc, xp + (i * s + r0) * nc, max(0, min(rows, s - r0)), nc,
+                           &cm[i, 0], &sdy[t, 0], &sdyx[t, 0])
+        for i in range(n):
+            _merge_blocks(&sdy[i * blocks, 0], &sdyx[i * blocks, 0], blocks, nc)
+            _grad_coefficients(&sdy[i * blocks, 0], &sdyx[i * blocks, 0], nc, groups, s, &rstd[i, 0], w,
+                               &ca[i, 0], &cb[i, 0], &cc[i, 0])
+        for t in prange(n * blocks, nogil=True, schedule="static", num_threads=nt):
+            i = t // blocks
+            r0 = (t % blocks) * rows
+            _grad_apply_rows(dyp + (i * s + r0) * nc, xp + (i * s + r0) * nc, dxp + (i * s + r0) * nc,
+                             max(0, min(rows, s - r0)), nc, &cm[i, 0], &ca[i, 0], &cb[i, 0], &cc[i, 0])
+    # dweight = sum(dy * xhat) = sum over samples of rstd * sum(dy * (x - mean)); summed in sample order
+    if dweight is not None:
+        for c in range(nc):
+            acc = 0.0
+            for i in range(n):
+                acc = acc + <double>rstd[i, c // cg] * sdyx[i * blocks, c]
+            dweight[c] = <floating>acc
+    if dbias is not None:
+        for c in range(nc):
+            acc = 0.0
+            for i in range(n):
+                acc = acc + sdy[i * blocks, c]
+            dbias[c] = <floating>acc
+
+
+# --- kernels (normkit.contract, channels-last: x, y, dy, dx are (N, S, C)) ------------------------------------
+
+def groupnorm_forward(const floating[:, :, ::1] x, Py_ssize_t num_groups, const floating[::1] weight,
+                      const floating[::1] bias, double eps, floating[:, :, ::1] y, floating[:, ::1] mean,
+                      floating[:, ::1] rstd):
+    _forward(x, num_groups, weight, bias, eps, y, mean, rstd)
+
+
+def groupnorm_backward(const floating[:, :, ::1] dy, const floating[:, :, ::1] x, Py_ssize_t num_groups,
+                       const floating[:, ::1] mean, const floating[:, ::1] rstd, const floating[::1] weight,
+                       floating[:, :, ::1] dx, floating[::1] dweight, floating[::1] dbias):
+    _backward(dy, x, num_groups, mean, rstd, weight, dx, dweight, dbias)
+
+
+def instancenorm_forward(const floating[:, :, ::1] x, const floating[::1] weight, const floating[::1] bias,
+                         double eps, floating[:, :, ::1] y, floating[:, ::1] mean, floating[:, ::1] rstd):
+    _forward(x, x.shape[2], weight, bias, eps, y, mean, rstd)
+
+
+def instancenorm_backward(const floating[:, :, ::1] dy, const floating[:, :, ::1] x,
+                          const floating[:, ::1] mean, const floating[:, ::1] rstd, const floating[::1] weight,
+                          floating[:, :, ::1] dx, floating[::1] dweight, floating[::1] dbias):
+    _backward(dy, x, x.shape[2], mean, rstd, weight, dx, dweight, dbias)
