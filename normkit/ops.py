@@ -11,6 +11,13 @@ statistics in any float dtype (updated in their own); the output has the input's
 float32, and weight / bias gradients have the dtype of weight / bias. The kernels see the data as ``np.uint16``
 bit patterns (views, no copy) and everything else as float32 (:mod:`normkit.contract`).
 
+Channels-last (float32/float64): an input of the channel ops whose strides are NHWC (NDHWC, ...), e.g.
+``a.transpose(0, 3, 1, 2)`` of a C-contiguous (N, H, W, C) array, goes without a copy to the channels-last kernel as
+its (N, S, C) view, and the outputs ``y`` / ``dx`` come back with the same strides (``dx`` follows ``x``; a
+``grad_output`` in the other layout is copied). Without a channels-last kernel, the NCHW one runs on a copy and the
+output is still handed back channels-last. An array that is C-contiguous too (C = 1, or S = 1) takes the NCHW path:
+the memory is the same. 16-bit channels-last inputs are copied to NCHW (no 16-bit channels-last kernels yet).
+
 A torch tensor handed to an op goes to :mod:`normkit.torch`, which never comes back here.
 """
 
@@ -24,7 +31,7 @@ import numpy as np
 from . import checks, registry
 from .alloc import empty as _empty
 from .running import update_running
-from .contract import HALF_DTYPES, SPECS, OpSpec, stat_dtype
+from .contract import HALF_DTYPES, NHWC, SPECS, OpSpec, stat_dtype
 
 
 class UnknownOpError(ValueError):
@@ -103,6 +110,30 @@ def as_input(op: str, name: str, x, min_ndim: int = 2) -> np.ndarray:
     return np.ascontiguousarray(x)
 
 
+_CHANNELS_LAST_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def channels_last_view(x) -> np.ndarray | None:
+    """The C-contiguous (N, S, C) view of a float32/float64 array of 3 or more dims whose strides are channels-last
+    (dim 1 the fastest, then the spatial dims in order), or None: for any other array, and for one that is
+    C-contiguous too (its NCHW view is the same memory)."""
+    if type(x) is not np.ndarray or x.ndim < 3 or x.flags.c_contiguous or x.dtype not in _CHANNELS_LAST_DTYPES \
+            or not x.size:
+        return None
+    t = np.moveaxis(x, 1, -1)
+    return t.reshape(x.shape[0], -1, x.shape[1]) if t.flags.c_contiguous else None
+
+
+def _nhwc_output(a: np.ndarray, shape: tuple) -> np.ndarray:
+    """An (N, S, C) kernel output as an array of ``shape`` (N, C, *spatial) with channels-last strides."""
+    return np.moveaxis(a.reshape(shape[0], *shape[2:], shape[1]), -1, 1)
+
+
+def _to_nchw(a: np.ndarray) -> np.ndarray:
+    """(N, S, C) -> a C-contiguous (N, C, S) copy."""
+    return np.ascontiguousarray(a.transpose(0, 2, 1))
+
+
 def as_param(op: str, name: str, p, shape: tuple, dtype: np.dtype) -> np.ndarray | None:
     """weight / bias: None, or an array of exactly ``shape`` and the input's dtype (or float32 for a 16-bit input),
     as the kernel takes it (float32 for a 16-bit input)."""
@@ -144,6 +175,20 @@ def _grad_output(op: str, dy, x: np.ndarray) -> np.ndarray:
     return dy
 
 
+def _grad_output_nhwc(op: str, dy, x: np.ndarray) -> np.ndarray:
+    """grad_output as the (N, S, C) array that goes with a channels-last x (a copy unless it is channels-last)."""
+    cl = channels_last_view(dy)
+    if cl is not None and dy.shape == x.shape and dy.dtype == x.dtype:
+        return cl
+    dy = _grad_output(op, dy, x)
+    return np.ascontiguousarray(np.moveaxis(dy, 1, -1)).reshape(x.shape[0], -1, x.shape[1])
+
+
+def _output(a: np.ndarray, shape: tuple, cl) -> np.ndarray:
+    """A kernel's y / dx as the input's shape, in its layout (channels-last when ``cl`` is not None)."""
+    return a.reshape(shape) if cl is None else _nhwc_output(a, shape)
+
+
 def _saved(op: str, saved, shape: tuple) -> Saved:
     if not isinstance(saved, Saved):
         raise TypeError(f"{op}: saved must be the Saved returned by forward, got {checks.describe(saved)}")
@@ -183,14 +228,27 @@ class Op:
     def __repr__(self) -> str:
         return f"<normkit op {self.name} (aliases: {', '.join(self.aliases)})>"
 
-    def _forward(self, x, kshape, groups, weight, bias, eps, backend):
-        """The training forward kernel on the kernel view of x; returns (y, Saved)."""
-        x = x.reshape(kshape)
-        y = _empty(kshape, x.dtype, x.nbytes)
+    def _kernel(self, direction, dtype, backend, nhwc):
+        """(backend, kernel) of the channels-last kernel if ``nhwc`` and a backend has it, else None; of the NCHW
+        kernel if not ``nhwc``."""
+        if nhwc:
+            return registry.lookup(self.name, direction, _KERNEL_DTYPES[dtype], backend, NHWC)
+        return registry.lookup(self.name, direction, _KERNEL_DTYPES[dtype], backend)
+
+    def _forward(self, x, kshape, groups, weight, bias, eps, backend, nhwc=False):
+        """The training forward kernel on the kernel view of x; returns (y, Saved). With ``nhwc``, x and y are
+        (N, S, C) arrays."""
+        found = self._kernel("forward", x.dtype, backend, nhwc)
+        if found is None:  # no channels-last kernel: the NCHW one on a copy
+            y, saved = self._forward(_to_nchw(x), kshape, groups, weight, bias, eps, backend)
+            return np.ascontiguousarray(y.transpose(0, 2, 1)), saved
+        used, kernel = found
+        shape = (kshape[0], kshape[2], kshape[1]) if nhwc else kshape
+        x = x.reshape(shape)
+        y = _empty(shape, x.dtype, x.nbytes)
         stat = self.spec.stat_shape(kshape, groups)
         sdt = _stat_dtype(x.dtype)
         rstd = np.empty(stat, sdt)  # one scalar store per set: alignment is moot
-        used, kernel = registry.lookup(self.name, "forward", _KERNEL_DTYPES[x.dtype], backend)
         if not self.spec.centered:
             kernel(_bits(x), weight, eps, _bits(y), rstd)
             return y, Saved(None, rstd, True, used)
@@ -201,21 +259,28 @@ class Op:
             kernel(_bits(x), weight, bias, eps, _bits(y), mean, rstd)
         return y, Saved(mean, rstd, True, used)
 
-    def _backward(self, dy, x, kshape, groups, saved, weight, bias, backend, grad_dtypes=(None, None)):
+    def _backward(self, dy, x, kshape, groups, saved, weight, bias, backend, grad_dtypes=(None, None), nhwc=False):
         """The backward kernel matching ``saved`` (training or inference statistics); returns (dx, dw, db), dw and
-        db cast to ``grad_dtypes`` where given (a 16-bit parameter's)."""
+        db cast to ``grad_dtypes`` where given (a 16-bit parameter's). With ``nhwc``, dy, x and dx are (N, S, C)
+        arrays."""
         training = isinstance(saved, Saved) and saved.training
         saved = _saved(self.name, saved, self.spec.stat_shape(kshape, groups, training))
         dt = x.dtype
+        direction = "backward" if training else "backward_infer"
+        found = self._kernel(direction, dt, backend, nhwc)
+        if found is None:  # no channels-last kernel: the NCHW one on copies
+            dx, dweight, dbias = self._backward(_to_nchw(dy), _to_nchw(x), kshape, groups, saved, weight, bias,
+                                                backend, grad_dtypes)
+            return np.ascontiguousarray(dx.transpose(0, 2, 1)), dweight, dbias
+        kernel = found[1]
+        shape = (kshape[0], kshape[2], kshape[1]) if nhwc else kshape
         sdt = _stat_dtype(dt)
         pshape = self.spec.param_shape(kshape)
-        dx = _empty(kshape, dt, x.nbytes)
+        dx = _empty(shape, dt, x.nbytes)
         dweight = None if weight is None else _empty(pshape, sdt)
         dbias = None if bias is None else _empty(pshape, sdt)
         rstd = np.ascontiguousarray(saved.rstd, dtype=sdt)
-        direction = "backward" if training else "backward_infer"
-        _, kernel = registry.lookup(self.name, direction, _KERNEL_DTYPES[dt], backend)
-        dy, x = _bits(dy.reshape(kshape)), _bits(x.reshape(kshape))
+        dy, x = _bits(dy.reshape(shape)), _bits(x.reshape(shape))
         if not self.spec.centered:
             kernel(dy, x, rstd, weight, _bits(dx), dweight)
         elif self.spec.grouped:
@@ -232,18 +297,21 @@ class _ChannelOp(Op):
     """batchnorm and instancenorm: per-channel affine, running statistics."""
 
     def _check(self, x, weight, bias):
+        """(x, its (N, S, C) view or None, kshape, weight, bias)."""
         op = self.name
-        x = as_input(op, "input", x)
+        cl = channels_last_view(x)
+        x = x if cl is not None else as_input(op, "input", x)
         c = x.shape[1]
         kshape = (x.shape[0], c, x.size // (x.shape[0] * c))
         if _is_half(x.dtype):
             _half_params(op, x, weight=weight, bias=bias)
-        return x, kshape, as_param(op, "weight", weight, (c,), x.dtype), as_param(op, "bias", bias, (c,), x.dtype)
+        return (x, cl, kshape, as_param(op, "weight", weight, (c,), x.dtype),
+                as_param(op, "bias", bias, (c,), x.dtype))
 
     def _channel_forward(self, x, running_mean, running_var, weight, bias, training, momentum, eps, backend):
         op, spec = self.name, self.spec
         weight_in, bias_in = weight, bias
-        x, kshape, weight, bias = self._check(x, weight, bias)
+        x, cl, kshape, weight, bias = self._check(x, weight, bias)
         eps = _eps(op, eps)
         c = kshape[1]
         if checks.running_pair(op, running_mean, running_var):
@@ -257,27 +325,43 @@ class _ChannelOp(Op):
             count = spec.set_size(kshape)
             if count < 2:
                 checks.stats_count(op, x.shape, per_instance=spec.sets == "instance")  # raises
-            y, saved = self._forward(x, kshape, None, weight, bias, eps, backend)
+            if cl is None:
+                y, saved = self._forward(x, kshape, None, weight, bias, eps, backend)
+            else:
+                y, saved = self._forward(cl, kshape, None, weight, bias, eps, backend, nhwc=True)
             if running_mean is not None:
                 update_running(running_mean, running_var, saved.mean, saved.rstd, eps, count, momentum)
-            return y.reshape(x.shape), saved
+            return _output(y, x.shape, cl), saved
         if running_mean is None:
             raise checks.missing_running(op, spec.training_flag)
         # copies: Saved must not alias buffers that a later training step updates in place
         sdt = _stat_dtype(x.dtype)
         rm, rv = np.array(running_mean, dtype=sdt), np.array(running_var, dtype=sdt)
-        y = _empty(kshape, x.dtype, x.nbytes)
-        used, kernel = registry.lookup(op, "forward_infer", _KERNEL_DTYPES[x.dtype], backend)
-        kernel(_bits(x.reshape(kshape)), weight, bias, rm, rv, eps, _bits(y))
+        found = self._kernel("forward_infer", x.dtype, backend, cl is not None)
+        if found is None:  # no channels-last kernel: the NCHW one on a copy
+            xk, y = np.ascontiguousarray(x).reshape(kshape), _empty(kshape, x.dtype, x.nbytes)
+            used, kernel = self._kernel("forward_infer", x.dtype, backend, False)
+            kernel(_bits(xk), weight, bias, rm, rv, eps, _bits(y))
+            y = np.ascontiguousarray(y.transpose(0, 2, 1))
+        else:
+            used, kernel = found
+            xk = x.reshape(kshape) if cl is None else cl
+            y = _empty(xk.shape, x.dtype, x.nbytes)
+            kernel(_bits(xk), weight, bias, rm, rv, eps, _bits(y))
         rstd = (1.0 / np.sqrt(rv.astype(np.float64) + eps)).astype(sdt)
-        return y.reshape(x.shape), Saved(rm, rstd, False, used)
+        return _output(y, x.shape, cl), Saved(rm, rstd, False, used)
 
     def _channel_backward(self, grad_output, x, saved, weight, bias, backend):
-        x, kshape, weight_k, bias_k = self._check(x, weight, bias)
-        dy = _grad_output(self.name, grad_output, x)
-        dx, dweight, dbias = self._backward(dy, x, kshape, None, saved, weight_k, bias_k, backend,
-                                            (_grad_dtype(weight, x), _grad_dtype(bias, x)))
-        return dx.reshape(x.shape), dweight, dbias
+        x, cl, kshape, weight_k, bias_k = self._check(x, weight, bias)
+        grad_dtypes = (_grad_dtype(weight, x), _grad_dtype(bias, x))
+        if cl is None:
+            dy = _grad_output(self.name, grad_output, x)
+            dx, dweight, dbias = self._backward(dy, x, kshape, None, saved, weight_k, bias_k, backend, grad_dtypes)
+        else:
+            dy = _grad_output_nhwc(self.name, grad_output, x)
+            dx, dweight, dbias = self._backward(dy, cl, kshape, None, saved, weight_k, bias_k, backend, grad_dtypes,
+                                                nhwc=True)
+        return _output(dx, x.shape, cl), dweight, dbias
 
 
 class BatchNorm(_ChannelOp):
@@ -310,7 +394,8 @@ class GroupNorm(Op):
 
     def _check(self, x, num_groups, weight, bias):
         op = self.name
-        x = as_input(op, "input", x)
+        cl = channels_last_view(x)
+        x = x if cl is not None else as_input(op, "input", x)
         n, c = x.shape[:2]
         groups = num_groups if type(num_groups) is int and num_groups > 0 and not c % num_groups else \
             checks.num_groups(op, num_groups, c)
@@ -318,19 +403,28 @@ class GroupNorm(Op):
             _half_params(op, x, weight=weight, bias=bias)
         weight = as_param(op, "weight", weight, (c,), x.dtype)
         bias = as_param(op, "bias", bias, (c,), x.dtype)
-        return x, (n, c, x.size // (n * c)), groups, weight, bias
+        return x, cl, (n, c, x.size // (n * c)), groups, weight, bias
 
     def forward(self, x, num_groups, weight=None, bias=None, eps=1e-5, *, backend=None):
-        x, kshape, groups, weight, bias = self._check(x, num_groups, weight, bias)
-        y, saved = self._forward(x, kshape, groups, weight, bias, _eps(self.name, eps), backend)
-        return y.reshape(x.shape), saved
+        x, cl, kshape, groups, weight, bias = self._check(x, num_groups, weight, bias)
+        eps = _eps(self.name, eps)
+        if cl is None:
+            y, saved = self._forward(x, kshape, groups, weight, bias, eps, backend)
+        else:
+            y, saved = self._forward(cl, kshape, groups, weight, bias, eps, backend, nhwc=True)
+        return _output(y, x.shape, cl), saved
 
     def backward(self, grad_output, x, saved, num_groups, weight=None, bias=None, eps=1e-5, *, backend=None):
-        x, kshape, groups, weight_k, bias_k = self._check(x, num_groups, weight, bias)
-        dy = _grad_output(self.name, grad_output, x)
-        dx, dweight, dbias = self._backward(dy, x, kshape, groups, saved, weight_k, bias_k, backend,
-                                            (_grad_dtype(weight, x), _grad_dtype(bias, x)))
-        return dx.reshape(x.shape), dweight, dbias
+        x, cl, kshape, groups, weight_k, bias_k = self._check(x, num_groups, weight, bias)
+        grad_dtypes = (_grad_dtype(weight, x), _grad_dtype(bias, x))
+        if cl is None:
+            dy = _grad_output(self.name, grad_output, x)
+            dx, dweight, dbias = self._backward(dy, x, kshape, groups, saved, weight_k, bias_k, backend, grad_dtypes)
+        else:
+            dy = _grad_output_nhwc(self.name, grad_output, x)
+            dx, dweight, dbias = self._backward(dy, cl, kshape, groups, saved, weight_k, bias_k, backend, grad_dtypes,
+                                                nhwc=True)
+        return _output(dx, x.shape, cl), dweight, dbias
 
 
 class _RowOp(Op):

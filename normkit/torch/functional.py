@@ -22,6 +22,14 @@ gradients in each parameter's dtype. The kernels get the 16-bit data as ``np.uin
 ``torch.autocast("cpu", ...)`` torch casts nothing for the norm ops (they are in none of its CPU autocast lists), so
 normkit's ops, receiving what torch's would, do what torch's do: a 16-bit convolution's output is normalized in its
 16-bit dtype with the float32 parameters.
+
+Channels-last (float32/float64): an input of the channel ops in ``torch.channels_last`` / ``channels_last_3d`` (or
+any dense layout with dim 1 fastest, then the spatial dims in order) goes without a copy to the channels-last
+kernels as its (N, S, C) view, and ``y`` (and, in backward, ``dx``) has the input's strides, as in PyTorch; a
+grad_output in another layout is copied to it. Without a channels-last kernel the NCHW one runs on a contiguous
+copy, and the output is still handed back channels-last. A tensor that is contiguous too (C = 1, or all spatial dims
+1) takes the NCHW path: the memory is the same. 16-bit channels-last tensors are copied to NCHW (no 16-bit
+channels-last kernels yet).
 """
 
 from __future__ import annotations
@@ -34,7 +42,7 @@ import torch
 from torch import Tensor
 
 from .. import alloc, checks, registry
-from ..contract import SPECS, OpSpec
+from ..contract import NHWC, SPECS, OpSpec
 from ..ops import fused_kernel
 from ..running import update_running
 
@@ -168,6 +176,27 @@ def _contiguous(t: Optional[Tensor]) -> Optional[Tensor]:
     return t if t is None or t.is_contiguous() else t.contiguous()
 
 
+def _is_nhwc(spec: OpSpec, t: Tensor) -> bool:
+    """Whether a channel op's float32/float64 input of 3 or more dims is channels-last dense and not contiguous (see
+    the module docstring)."""
+    return (spec.sets != "row" and t.dim() >= 3 and t.dtype in _NHWC_DTYPES and not t.is_contiguous()
+            and t.movedim(1, -1).is_contiguous())
+
+
+_NHWC_DTYPES = (torch.float32, torch.float64)
+
+
+def _nsc(t: Tensor, kshape: tuple) -> np.ndarray:
+    """The (N, S, C) NumPy view of a channels-last tensor whose kernel shape is ``kshape`` (N, C, S)."""
+    return t.movedim(1, -1).numpy(force=True).reshape(kshape[0], kshape[2], kshape[1])
+
+
+def _like(spec: OpSpec, x: Tensor) -> Tensor:
+    """An output in the layout the op gives x: channels-last (x's strides) for a channel op on channels-last x,
+    else contiguous."""
+    return torch.empty_like(x) if _is_nhwc(spec, x) else torch.empty_like(x, memory_format=_DENSE)
+
+
 def _kernel_shape(spec: OpSpec, shape, ndims: int) -> tuple[int, ...]:
     if spec.sets == "row":
         lead = len(shape) - ndims
@@ -183,17 +212,32 @@ def _forward(spec: OpSpec, x: Tensor, weight, bias, eps: float, groups: int, ksh
              running_var, backend, save: bool = True) -> tuple[Tensor, Optional[np.ndarray], Optional[np.ndarray]]:
     """(y, mean, rstd), the statistics as NumPy arrays: batch statistics when ``running_mean`` is None, else
     normalization by the running ones (then mean and rstd are those, as constants; with ``save=False`` they are
-    not made and come back None). ``kshape`` is ``_kernel_shape`` of ``x``."""
-    x, weight, bias = _contiguous(x), _contiguous(weight), _contiguous(bias)
-    y = torch.empty_like(x, memory_format=_DENSE)
-    ya = _writable(y)
+    not made and come back None). ``kshape`` is ``_kernel_shape`` of ``x``; a channels-last x gives a channels-last
+    y."""
+    direction = "forward" if running_mean is None else "forward_infer"
+    if _is_nhwc(spec, x):
+        found = registry.lookup(spec.name, direction, _KERNEL_DTYPES[x.dtype], backend, NHWC)
+        if found is None:  # no channels-last kernel: the NCHW one on a copy, y handed back channels-last
+            y, mean, rstd = _forward(spec, x.contiguous(), weight, bias, eps, groups, kshape, running_mean,
+                                     running_var, backend, save)
+            return torch.empty_like(x).copy_(y), mean, rstd
+        kernel = found[1]
+        y = torch.empty_like(x)
+        ya, xa = _nsc(y, kshape), _nsc(x, kshape)
+    else:
+        x = _contiguous(x)
+        y = torch.empty_like(x, memory_format=_DENSE)
+        ya = _writable(y)
+        if ya.size:
+            kernel = registry.lookup(spec.name, direction, _KERNEL_DTYPES[x.dtype], backend)[1]
+            xa, ya = _np(x).reshape(kshape), ya.reshape(kshape)
+    weight, bias = _contiguous(weight), _contiguous(bias)
     if running_mean is None:
         stat = spec.stat_shape(kshape, groups)
         dtype = _NP_STAT_DTYPES[x.dtype]
         mean, rstd = np.empty(stat, dtype) if spec.centered else None, np.empty(stat, dtype)
         if ya.size:
-            kernel = registry.lookup(spec.name, "forward", _KERNEL_DTYPES[x.dtype], backend)[1]
-            xa, ya, w, b = _np(x).reshape(kshape), ya.reshape(kshape), _flat(weight), _flat(bias)
+            w, b = _flat(weight), _flat(bias)
             if not spec.centered:
                 kernel(xa, w, eps, ya, rstd)
             elif spec.grouped:
@@ -215,8 +259,7 @@ def _forward(spec: OpSpec, x: Tensor, weight, bias, eps: float, groups: int, ksh
         mean = None
         rm, rv = _np(running_mean), _np(running_var)
     if ya.size:
-        kernel = registry.lookup(spec.name, "forward_infer", _KERNEL_DTYPES[x.dtype], backend)[1]
-        kernel(_np(x).reshape(kshape), _flat(weight), _flat(bias), rm, rv, eps, ya.reshape(kshape))
+        kernel(xa, _flat(weight), _flat(bias), rm, rv, eps, ya)
     if not save:
         return y, None, None
     with np.errstate(invalid="ignore", divide="ignore"):  # var + eps <= 0 gives NaN / inf, as in torch
@@ -228,22 +271,41 @@ def _backward(spec: OpSpec, dy: Tensor, x: Tensor, mean: np.ndarray, rstd: np.nd
               kshape: tuple, batch_stats: bool, pshape: tuple, weight_grad: bool, bias_grad: bool,
               backend) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
     """dx and, when asked for, dweight and dbias (None otherwise; float32 for a 16-bit x, whatever the parameters'
-    dtype: the callers cast them). ``mean``/``rstd``: contiguous NumPy arrays."""
-    dy, x, weight = _contiguous(dy), _contiguous(x), _contiguous(weight)
-    dx = torch.empty_like(x, memory_format=_DENSE)
-    dxa = _writable(dx)
-    dtype = _NP_STAT_DTYPES[x.dtype]
+    dtype: the callers cast them). ``mean``/``rstd``: contiguous NumPy arrays. A channels-last x gives a
+    channels-last dx (dy is copied to that layout if it is not in it)."""
+    direction = "backward" if batch_stats else "backward_infer"
+    if _is_nhwc(spec, x):
+        found = registry.lookup(spec.name, direction, _KERNEL_DTYPES[x.dtype], backend, NHWC)
+        if found is None:  # no channels-last kernel: the NCHW one on copies, dx handed back channels-last
+            dx, dw, db = _backward(spec, dy.contiguous(), x.contiguous(), mean, rstd, weight, groups, kshape,
+                                   batch_stats, pshape, weight_grad, bias_grad, backend)
+            return torch.empty_like(x).copy_(dx), dw, db
+        if dy.stride() != x.stride():
+            dy = torch.empty_like(x).copy_(dy)
+        return _run_backward(found[1], spec, _nsc(dy, kshape), _nsc(x, kshape), torch.empty_like(x),
+                             lambda t: _nsc(t, kshape), mean, rstd, weight, groups, pshape, weight_grad, bias_grad)
+    dy, x = _contiguous(dy), _contiguous(x)
+    kernel = registry.lookup(spec.name, direction, _KERNEL_DTYPES[x.dtype], backend)[1] if x.numel() else None
+    return _run_backward(kernel, spec, _np(dy).reshape(kshape), _np(x).reshape(kshape),
+                         torch.empty_like(x, memory_format=_DENSE), lambda t: _writable(t).reshape(kshape), mean,
+                         rstd, weight, groups, pshape, weight_grad, bias_grad)
+
+
+def _run_backward(kernel, spec: OpSpec, dya: np.ndarray, xa: np.ndarray, dx: Tensor, view, mean, rstd, weight,
+                  groups: int, pshape: tuple, weight_grad: bool,
+                  bias_grad: bool) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+    """The backward kernel on the kernel views of dy and x, writing ``view(dx)``."""
+    weight = _contiguous(weight)
+    dtype = _NP_STAT_DTYPES[dx.dtype]
     dwa = alloc.empty(pshape, dtype) if weight_grad else None
     dba = alloc.empty(pshape, dtype) if bias_grad else None
     dw, db = _from_numpy(dwa), _from_numpy(dba)
-    if not dxa.size:  # no values: every gradient is an empty or zero sum
+    if not dx.numel():  # no values: every gradient is an empty or zero sum
         for g in (dwa, dba):
             if g is not None:
                 g.fill(0.0)
         return dx, dw, db
-    direction = "backward" if batch_stats else "backward_infer"
-    kernel = registry.lookup(spec.name, direction, _KERNEL_DTYPES[x.dtype], backend)[1]
-    dya, xa, dxa = _np(dy).reshape(kshape), _np(x).reshape(kshape), dxa.reshape(kshape)
+    dxa = view(dx)
     if len(pshape) > 1:  # layer_norm over several dimensions: the kernels take dweight, dbias flat
         dwa, dba = (None if a is None else a.reshape(-1) for a in (dwa, dba))
     if not spec.centered:
@@ -355,7 +417,7 @@ def _stat_shape(spec: OpSpec, x: Tensor, groups: int, ndims: int, batch_stats: b
 def _fake_forward(spec, x, groups, ndims, batch_stats):
     shape = _stat_shape(spec, x, groups, ndims, batch_stats)
     sdt = _STAT_DTYPES[x.dtype]
-    return x.new_empty(x.shape), x.new_empty(shape, dtype=sdt), x.new_empty(shape, dtype=sdt)
+    return _like(spec, x), x.new_empty(shape, dtype=sdt), x.new_empty(shape, dtype=sdt)
 
 
 def _grads_or_empty(x: Tensor, dx, dw, db):
@@ -373,9 +435,9 @@ def _stat(t: Tensor) -> np.ndarray:
     return _np(_contiguous(t))
 
 
-def _fake_backward(x, pshape, weight_grad, bias_grad):
+def _fake_backward(spec, x, pshape, weight_grad, bias_grad):
     sdt = _STAT_DTYPES[x.dtype]
-    return (x.new_empty(x.shape), x.new_empty(pshape if weight_grad else (0,), dtype=sdt),
+    return (_like(spec, x), x.new_empty(pshape if weight_grad else (0,), dtype=sdt),
             x.new_empty(pshape if bias_grad else (0,), dtype=sdt))
 
 
@@ -411,7 +473,7 @@ def _batch_norm_backward(grad_output: Tensor, input: Tensor, mean: Tensor, rstd:
 @_batch_norm_backward.register_fake
 def _(grad_output, input, mean, rstd, weight, training, weight_grad, bias_grad, backend):
     _check_channel_backward(_BN, grad_output, input, mean, rstd, weight, training)
-    return _fake_backward(input, (input.shape[1],), weight_grad, bias_grad)
+    return _fake_backward(_BN, input, (input.shape[1],), weight_grad, bias_grad)
 
 
 @torch.library.custom_op("normkit::instance_norm", mutates_args=(), device_types="cpu")
@@ -444,7 +506,7 @@ def _instance_norm_backward(grad_output: Tensor, input: Tensor, mean: Tensor, rs
 @_instance_norm_backward.register_fake
 def _(grad_output, input, mean, rstd, weight, use_input_stats, weight_grad, bias_grad, backend):
     _check_channel_backward(_IN, grad_output, input, mean, rstd, weight, use_input_stats)
-    return _fake_backward(input, (input.shape[1],), weight_grad, bias_grad)
+    return _fake_backward(_IN, input, (input.shape[1],), weight_grad, bias_grad)
 
 
 @torch.library.custom_op("normkit::group_norm", mutates_args=(), device_types="cpu")
@@ -475,7 +537,7 @@ def _group_norm_backward(grad_output: Tensor, input: Tensor, mean: Tensor, rstd:
 @_group_norm_backward.register_fake
 def _(grad_output, input, mean, rstd, num_groups, weight, weight_grad, bias_grad, backend):
     _check_group_backward(grad_output, input, mean, rstd, num_groups, weight)
-    return _fake_backward(input, (input.shape[1],), weight_grad, bias_grad)
+    return _fake_backward(_GN, input, (input.shape[1],), weight_grad, bias_grad)
 
 
 @torch.library.custom_op("normkit::layer_norm", mutates_args=(), device_types="cpu")
@@ -505,7 +567,7 @@ def _layer_norm_backward(grad_output: Tensor, input: Tensor, mean: Tensor, rstd:
 @_layer_norm_backward.register_fake
 def _(grad_output, input, mean, rstd, normalized_shape, weight, weight_grad, bias_grad, backend):
     shape = _check_layer_backward(grad_output, input, mean, rstd, normalized_shape, weight)
-    return _fake_backward(input, shape, weight_grad, bias_grad)
+    return _fake_backward(_LN, input, shape, weight_grad, bias_grad)
 
 
 @torch.library.custom_op("normkit::rms_norm", mutates_args=(), device_types="cpu")
