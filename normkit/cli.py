@@ -35,6 +35,12 @@ def list_command() -> None:
         for op, directions in ops.items():
             parts = [f"{d} ({', '.join(dts)})" for d, dts in directions.items()]
             click.echo(f"    {op}: {'; '.join(parts)}")
+        channels_last: dict[str, list[str]] = {}
+        for op, direction, _dtype, _layout in row.channels_last:
+            if direction not in channels_last.setdefault(op, []):
+                channels_last[op].append(direction)
+        for op, directions in channels_last.items():
+            click.echo(f"    {op} channels-last: {', '.join(directions)}")
     click.echo(f"dispatch order: {', '.join(registry.get_backend_order())}")
 
 
@@ -42,16 +48,19 @@ def list_command() -> None:
 @click.argument("backend")
 @click.option("--op", "ops", multiple=True, help="Only this op (repeatable; aliases such as gn work).")
 @click.option("--dtype", "dtypes", multiple=True, type=click.Choice(DTYPES), help="Only this dtype.")
+@click.option("--layout", "layouts", multiple=True, type=click.Choice(["nchw", "nhwc"]),
+              help="Only this layout (nhwc: the channels-last kernels the backend declares).")
 @click.option("--quick", is_flag=True, help="A smaller set of cases.")
 @click.option("--all-failures", is_flag=True, help="Print every failure, not the first 40.")
-def check_command(backend: str, ops: tuple[str, ...], dtypes: tuple[str, ...], quick: bool,
-                  all_failures: bool) -> None:
+def check_command(backend: str, ops: tuple[str, ...], dtypes: tuple[str, ...], layouts: tuple[str, ...],
+                  quick: bool, all_failures: bool) -> None:
     """Run BACKEND's kernels against the reference on the hard cases (the conformance kit); exit 1 on failure."""
     from normkit import testing
 
     try:
         op_names = [normkit.get(op).name for op in ops] or None
-        report = testing.check_backend(backend, ops=op_names, dtypes=list(dtypes) or None, quick=quick)
+        report = testing.check_backend(backend, ops=op_names, dtypes=list(dtypes) or None, quick=quick,
+                                       layouts=list(layouts) or None)
     except ValueError as exc:  # unknown op or backend
         raise click.UsageError(str(exc)) from None
     click.echo(report.format(limit=None if all_failures else 40))
@@ -120,12 +129,17 @@ def _backend_option(ctx, param, values):
 @click.option("--model", metavar="NAME", help="Instead of the kernels, time a training and an inference step of a "
               "model from normkit.torch.models (resnet, unet, transformer, or all) with torch.nn's norm layers "
               "against the same model converted to normkit's (needs PyTorch; takes --backend, --threads).")
+@click.option("--layout", type=click.Choice(["nchw", "nhwc"]), default="nchw", show_default=True,
+              help="nhwc: the channels-last kernels (batchnorm, groupnorm, instancenorm) against PyTorch on "
+                   "channels-last tensors, each backend's NCHW kernel alongside.")
+@click.option("--channels-last", "channels_last", is_flag=True, help="With --model: the model and its input in "
+              "torch.channels_last.")
 @click.option("--quick", is_flag=True, help="With --model: the models' small sizes.")
 @click.option("--steps", type=click.IntRange(min=1), help="With --model: timed steps per mode [default: 20].")
 @click.option("--autocast", type=click.Choice(["bfloat16", "float16"]), help="With --model: run the forwards under "
               "torch.autocast('cpu', dtype=...) (mixed precision: 16-bit convolutions and norm-layer inputs).")
 def bench_command(op, shape, groups, case_set, dtype, backends, direction, threads, repeat, min_time, no_torch,
-                  compiled, json_path, plot_path, model, quick, steps, autocast) -> None:
+                  compiled, json_path, plot_path, model, layout, channels_last, quick, steps, autocast) -> None:
     """Time the training forward and backward of every selected backend against PyTorch's own CPU kernels and
     against a copy and a read of the same bytes on as many threads (the ceiling), interleaved call by call; print
     a table.
@@ -135,10 +149,10 @@ def bench_command(op, shape, groups, case_set, dtype, backends, direction, threa
     from normkit import bench, cases
 
     if model is not None:
-        _bench_models(model, quick, steps, backends, threads, autocast)
+        _bench_models(model, quick, steps, backends, threads, autocast, channels_last)
         return
-    if quick or steps is not None or autocast is not None:
-        raise click.UsageError("--quick, --steps and --autocast apply to --model only")
+    if quick or steps is not None or autocast is not None or channels_last:
+        raise click.UsageError("--quick, --steps, --autocast and --channels-last apply to --model only")
     if plot_path:
         from normkit import bench_plot
 
@@ -166,7 +180,9 @@ def bench_command(op, shape, groups, case_set, dtype, backends, direction, threa
         try:
             result = bench.bench(op, shape=shape, groups=groups, dtype=dtype, cases=case_set, backends=backends,
                                  direction=direction, threads=threads, repeat=repeat, min_time=min_time,
-                                 baseline=not no_torch, compile=compiled, progress=progress)
+                                 baseline=not no_torch, compile=compiled, layout=layout, progress=progress)
+        except ValueError as exc:  # e.g. --layout nhwc with no case that has a layout
+            raise click.UsageError(str(exc)) from None
         except bench.BenchError as exc:
             raise click.ClickException(f"{exc}\ninstalled backends: {', '.join(registry.get_backend_order())}; "
                                        f"try --backend reference") from None
@@ -180,11 +196,12 @@ def bench_command(op, shape, groups, case_set, dtype, backends, direction, threa
 
 
 def _bench_models(name: str, quick: bool, steps: int | None, backends: list[str] | None, threads: int | None,
-                  autocast: str | None = None) -> None:
-    """``normkit bench --model NAME``: normkit.torch.benchmark on the models of normkit.torch.models."""
+                  autocast: str | None = None, channels_last: bool = False) -> None:
+    """``normkit bench --model NAME``: normkit.torch.benchmark on the models of normkit.torch.models
+    (``channels_last``: the model and its 4-D inputs in torch.channels_last)."""
     ctx = click.get_current_context()
     kernel_only = [p for p in ctx.command.params if p.name not in ("model", "quick", "steps", "backends", "threads",
-                                                                    "autocast")
+                                                                    "autocast", "channels_last")
                    and ctx.get_parameter_source(p.name) is not click.core.ParameterSource.DEFAULT]
     if kernel_only:
         raise click.UsageError(f"--model times whole models; drop {', '.join(p.opts[0] for p in kernel_only)}")
@@ -212,9 +229,13 @@ def _bench_models(name: str, quick: bool, steps: int | None, backends: list[str]
         results = {}
         for n in names:
             model, inputs = MODELS[n](quick=quick)
+            if channels_last:
+                model = model.to(memory_format=torch.channels_last)
+                inputs = tuple(t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t
+                               for t in (inputs if isinstance(inputs, tuple) else (inputs,)))
             if results:
                 click.echo()
-            click.echo(f"[{n}{' --quick' if quick else ''}]")
+            click.echo(f"[{n}{' --quick' if quick else ''}{' --channels-last' if channels_last else ''}]")
             try:
                 results[n] = benchmark(model, inputs, steps=20 if steps is None else steps,
                                        backend=backends[0] if backends else None, autocast=autocast, file=None)

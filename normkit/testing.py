@@ -91,13 +91,15 @@ from __future__ import annotations
 import math
 import warnings
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Iterable, Sequence
 
 import numpy as np
 
 from . import half, reference, registry
-from .contract import DIRECTIONS, DTYPES, HALF_DTYPES, OPS, OUTPUTS, SPECS, SPLIT_DIRECTIONS, OpSpec, arg_dtype
+from .contract import (
+    DIRECTIONS, DTYPES, HALF_DTYPES, LAYOUTS, NCHW, NHWC, OPS, OUTPUTS, SPECS, SPLIT_DIRECTIONS, OpSpec, arg_dtype,
+)
 
 __all__ = ["Case", "Failure", "Report", "assert_backend_conforms", "cases", "check_backend", "tolerance_factor"]
 
@@ -151,10 +153,12 @@ class Case:
     data: str  # "normal" or a key of _DATA
     eps: float
     repeat: bool = False  # also call twice and compare bit for bit
+    layout: str = NCHW  # "nhwc": the channels-last kernel, given (N, S, C) data arrays
 
     def __str__(self) -> str:
         groups = f" groups={self.groups}" if self.groups else ""
-        return (f"{self.op} {self.direction} {self.dtype} shape={self.shape}{groups} affine={self.affine} "
+        layout = f" layout={self.layout}" if self.layout != NCHW else ""
+        return (f"{self.op} {self.direction} {self.dtype} shape={self.shape}{groups}{layout} affine={self.affine} "
                 f"data={self.data} eps={self.eps:g}")
 
     @property
@@ -168,8 +172,10 @@ def _allowed(op: str, direction: str, shape: tuple[int, ...]) -> bool:
     return not (spec.running and direction in ("forward", "backward")) or spec.set_size(shape) > 1
 
 
-def cases(op: str, direction: str, dtype: str, quick: bool = False) -> list[Case]:
-    """The cases the kit runs for one kernel."""
+def cases(op: str, direction: str, dtype: str, quick: bool = False, layout: str = NCHW) -> list[Case]:
+    """The cases the kit runs for one kernel (of ``layout``: the same cases, shapes given as (N, C, S))."""
+    if layout != NCHW:
+        return [replace(c, layout=layout) for c in cases(op, direction, dtype, quick)]
     out = []
     shapes = [s for s in _SHAPES[SPECS[op].sets] if _allowed(op, direction, s[0])]
     split = direction in SPLIT_DIRECTIONS
@@ -599,13 +605,27 @@ def _compare(case: Case, name: str, got: np.ndarray, ref: np.ndarray, tol: np.nd
     return failures
 
 
+_DATA_ARRAYS = ("x", "y", "dy", "dx")
+
+
+def _in_layout(case: Case, name: str, a: np.ndarray) -> np.ndarray:
+    """An (N, C, S) data array as the kernel of the case's layout takes it ((N, S, C) for nhwc; a view)."""
+    return a.transpose(0, 2, 1) if case.layout == NHWC and name in _DATA_ARRAYS else a
+
+
+def _layout_shape(case: Case, name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+    return (shape[0], shape[2], shape[1]) if case.layout == NHWC and name in _DATA_ARRAYS else shape
+
+
 def _run_case(case: Case, kernel, failures: list[Failure]) -> None:
     inputs = _inputs(case)
     out_shapes = _output_shapes(case, inputs)
     expected = _expected(case, inputs, out_shapes)
     dtype_of = (lambda name: arg_dtype(case.direction, name, case.dtype))
-    guarded_in = {k: _Guarded(k, v.shape, dtype_of(k), v) for k, v in inputs.items() if v is not None}
-    outs = {k: None if s is None else _Guarded(k, s, dtype_of(k), None) for k, s in out_shapes.items()}
+    guarded_in = {k: _Guarded(k, _layout_shape(case, k, v.shape), dtype_of(k), _in_layout(case, k, v))
+                  for k, v in inputs.items() if v is not None}
+    outs = {k: None if s is None else _Guarded(k, _layout_shape(case, k, s), dtype_of(k), None)
+            for k, s in out_shapes.items()}
     named = {k: None for k in inputs} | {k: g.array for k, g in guarded_in.items()}
     named |= {k: None if g is None else g.array for k, g in outs.items()}
     args = _args(case, named)
@@ -629,16 +649,17 @@ def _run_case(case: Case, kernel, failures: list[Failure]) -> None:
     for name, g in outs.items():
         if g is None:
             continue
-        unwritten = g.unwritten()
+        unwritten = _in_layout(case, name, g.unwritten())  # (N, C, S) again: (N, S, C) transposed back
         if unwritten.any():
             i = tuple(int(j) for j in np.argwhere(unwritten)[0])
             failures.append(Failure(label, "unwritten output",
                                     f"{int(unwritten.sum())} of {unwritten.size} elements of {name} were never "
                                     f"written, first at {name}{list(i)}"))
             continue
-        failures.extend(_compare(case, name, g.array, expected[name], tolerances[name]))
+        failures.extend(_compare(case, name, _in_layout(case, name, g.array), expected[name], tolerances[name]))
     if case.repeat and len(failures) == already:  # a kernel that changed its inputs cannot be rerun on them
-        again = {k: None if s is None else _Guarded(k, s, dtype_of(k), None).array for k, s in out_shapes.items()}
+        again = {k: None if s is None else _Guarded(k, _layout_shape(case, k, s), dtype_of(k), None).array
+             for k, s in out_shapes.items()}
         try:
             with np.errstate(all="ignore"):
                 kernel(*_args(case, named | again))
@@ -666,15 +687,17 @@ def _select(values: Sequence[str] | None, known: Sequence[str], what: str) -> tu
 
 
 def check_backend(name: str, ops: Sequence[str] | None = None, dtypes: Sequence[str] | None = None,
-                  quick: bool = False) -> Report:
+                  quick: bool = False, layouts: Sequence[str] | None = None) -> Report:
     """Run backend ``name`` against the reference on the hard cases; returns the failures (empty: conforms).
 
-    Only what the backend declares is checked, restricted to ``ops`` / ``dtypes`` when given. A backend that
-    fails to load yields a single ``load`` failure. Raises :class:`normkit.UnknownBackendError` for a name that
-    is not installed.
+    Only what the backend declares is checked, restricted to ``ops`` / ``dtypes`` / ``layouts`` ("nchw", "nhwc":
+    its channels-last kernels, on the same cases, compared with the reference on the NCHW view) when given. A
+    backend that fails to load yields a single ``load`` failure. Raises :class:`normkit.UnknownBackendError` for a
+    name that is not installed.
     """
     ops = _select(ops, OPS, "op(s)")
     dtypes = _select(dtypes, DTYPES, "dtype(s)")
+    layouts = _select(layouts, LAYOUTS, "layout(s)")
     rows = {row.name: row for row in registry.list_backends(load=False)}
     if name not in rows:
         registry._entry(name)  # raises UnknownBackendError listing the installed backends
@@ -683,26 +706,28 @@ def check_backend(name: str, ops: Sequence[str] | None = None, dtypes: Sequence[
     if row.error:
         report.append(Failure(f"backend {name}", "load", row.error))
         return report
-    declared = set(row.implements)
+    declared = set(row.implements) | set(row.channels_last)
     for op in ops:
         for direction in DIRECTIONS[op]:
             for dtype in dtypes:
-                if (op, direction, dtype) not in declared:
-                    continue
-                try:
-                    _, kernel = registry.lookup(op, direction, dtype, backend=name)
-                except ValueError as exc:  # failed to load its kernels module
-                    report.append(Failure(f"backend {name}", "load", str(exc)))
-                    return report
-                for case in cases(op, direction, dtype, quick=quick):
-                    report.cases_run += 1
-                    _run_case(case, kernel, report)
+                for layout in layouts:
+                    key = (op, direction, dtype) if layout == NCHW else (op, direction, dtype, layout)
+                    if key not in declared:
+                        continue
+                    try:
+                        _, kernel = registry.lookup(op, direction, dtype, backend=name, layout=layout)
+                    except ValueError as exc:  # failed to load its kernels module
+                        report.append(Failure(f"backend {name}", "load", str(exc)))
+                        return report
+                    for case in cases(op, direction, dtype, quick=quick, layout=layout):
+                        report.cases_run += 1
+                        _run_case(case, kernel, report)
     return report
 
 
 def assert_backend_conforms(name: str, ops: Sequence[str] | None = None, dtypes: Sequence[str] | None = None,
-                            quick: bool = False) -> None:
+                            quick: bool = False, layouts: Sequence[str] | None = None) -> None:
     """For a plugin's test suite: raise AssertionError with the full report unless the backend conforms."""
-    report = check_backend(name, ops=ops, dtypes=dtypes, quick=quick)
+    report = check_backend(name, ops=ops, dtypes=dtypes, quick=quick, layouts=layouts)
     if report:
         raise AssertionError(report.format(limit=None))
