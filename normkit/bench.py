@@ -37,6 +37,7 @@ import numpy as np
 
 from . import bench_torch, registry
 from .cases import Case, select_cases
+from .contract import LAYOUTS, NCHW, NHWC
 
 BASELINE = "pytorch"
 COMPILED = "torch.compile"
@@ -75,14 +76,21 @@ class Contender:
     load_s: float = 0.0
 
 
-def prepare(case: Case, direction: str, name: str, inputs: dict | None = None) -> Contender:
+def _nhwc(a: np.ndarray) -> np.ndarray:
+    """(N, C, S) -> the same values as a C-contiguous (N, S, C) array."""
+    return np.ascontiguousarray(a.transpose(0, 2, 1))
+
+
+def prepare(case: Case, direction: str, name: str, inputs: dict | None = None, layout: str = NCHW) -> Contender:
     """A ready-to-time contender: a backend's kernel with preallocated outputs, PyTorch's kernel
     (``name="pytorch"``), torch.compile's (``name="torch.compile"``; its compilation is ``load_s``), or a ceiling:
     ``"copy"`` (read half of the pass's bytes, write the other half) or ``"read"`` (read all of them), on the
-    thread count of :func:`normkit.get_num_threads`.
+    thread count of :func:`normkit.get_num_threads`. ``layout="nhwc"``: the channels-last kernel on (N, S, C)
+    data, PyTorch's on a channels-last tensor; ``output()`` still gives the (N, C, S) values.
 
     Raises what :func:`normkit.registry.lookup` raises when a backend is missing, failed to load, or lacks the
-    kernel, and :class:`normkit.bench_torch.CompileUnavailable` when torch.compile cannot run.
+    kernel (ValueError when it has no channels-last kernel), and :class:`normkit.bench_torch.CompileUnavailable`
+    when torch.compile cannot run.
     """
     inputs = case.make_inputs() if inputs is None else inputs
     if name in CEILINGS:
@@ -96,22 +104,34 @@ def prepare(case: Case, direction: str, name: str, inputs: dict | None = None) -
         src = ceiling.words(nbytes)
         return Contender(READ, "read", lambda: ceiling.read(src))
     if name == BASELINE:
-        call, output = bench_torch.prepare(case, direction, inputs)
+        call, output = bench_torch.prepare(case, direction, inputs, layout)
         return Contender(BASELINE, "baseline", call, output)
     if name == COMPILED:
         call, output, compile_s = bench_torch.prepare_compiled(case, direction, inputs)
         return Contender(COMPILED, "peer", call, output, compile_s)
     start = time.perf_counter()
-    _, forward = registry.lookup(case.op, case.kernel_direction("forward"), case.dtype, name)
-    kernel = forward if direction == "forward" else \
-        registry.lookup(case.op, case.kernel_direction("backward"), case.dtype, name)[1]
+    if layout == NHWC:
+        found = [registry.lookup(case.op, d, case.dtype, name, NHWC) for d in ("forward", direction)]
+        if None in found:
+            raise ValueError(f"backend {name!r} has no channels-last {case.op} kernel")
+        forward, kernel = found[0][1], found[1][1]
+        inputs = {**inputs, "x": _nhwc(inputs["x"]), "dy": _nhwc(inputs["dy"])}
+    else:
+        _, forward = registry.lookup(case.op, case.kernel_direction("forward"), case.dtype, name)
+        kernel = forward if direction == "forward" else \
+            registry.lookup(case.op, case.kernel_direction("backward"), case.dtype, name)[1]
     load_s = time.perf_counter() - start
     out = case.empty_outputs(direction)
+    data = "y" if direction == "forward" else "dx"
+    if layout == NHWC:
+        out[data] = _nhwc(out[data])
     if direction == "forward":
         args, result = case.forward_args(inputs, out), out["y"]
     else:
         # backward takes the statistics of this backend's own training forward, as in a training step
         stats = case.empty_outputs("forward")
+        if layout == NHWC:
+            stats["y"] = _nhwc(stats["y"])
         forward(*case.forward_args(inputs, stats))
         del stats["y"]
         args, result = case.backward_args(inputs, stats, out), out["dx"]
@@ -121,7 +141,7 @@ def prepare(case: Case, direction: str, name: str, inputs: dict | None = None) -
 
     def output():
         kernel(*args)
-        return result
+        return result.transpose(0, 2, 1) if layout == NHWC else result
 
     return Contender(name, "backend", call, output, load_s)
 
@@ -251,6 +271,7 @@ class Row:
     first_call_s: float
     load_s: float
     check: str  # "ok", "MISMATCH ..." or "-" (no PyTorch to compare with)
+    layout: str = NCHW  # of this row's kernel: "nhwc" (channels-last) or "nchw"
 
 
 @dataclass
@@ -281,7 +302,8 @@ class BenchResult:
                  "time/torch: per-round ratio to PyTorch's kernel (< 1 is faster)"
                  + ("; time/best: to the faster of PyTorch and torch.compile in each round" if best else "")]
         for (label, direction), rows in _groups(self.rows):
-            lines += ["", f"{label}, {direction}: {rows[0].bytes / 1e6:.1f} MB moved, {rows[0].rounds} rounds",
+            layout = ", channels-last" if any(r.layout == NHWC for r in rows) else ""
+            lines += ["", f"{label}{layout}, {direction}: {rows[0].bytes / 1e6:.1f} MB moved, {rows[0].rounds} rounds",
                       f"  {'backend':<14}{'median ms':>11}{'p10-p90 ms':>21}{'GB/s':>9}{'% copy':>8}{'% read':>8}   "
                       f"{'time/torch':<20}" + (f"{'time/best':<11}" if best else "") + "check"]
             for r in rows:
@@ -294,7 +316,8 @@ class BenchResult:
                 to_best = "-" if r.ratio_to_best is None or r.kind in CEILINGS else f"{r.ratio_to_best:.2f}"
                 p1090 = f"{_ms(r.p10_s)} - {_ms(r.p90_s)}"
                 check = "" if r.kind in CEILINGS else r.check
-                lines.append(f"  {r.name:<14}{_ms(r.median_s):>11}{p1090:>21}{r.gb_per_s:>9.1f}"
+                name = f"{r.name} {r.layout}" if layout and r.kind == "backend" else r.name
+                lines.append(f"  {name:<14}{_ms(r.median_s):>11}{p1090:>21}{r.gb_per_s:>9.1f}"
                              f"{r.pct_of_copy:>7.0f}%{r.pct_of_read:>7.0f}%   {ratio:<20}"
                              + (f"{to_best:<11}" if best else "") + check)
                 lines[-1] = lines[-1].rstrip()
@@ -363,7 +386,7 @@ def _directions(direction) -> tuple[str, ...]:
 def bench(op: str = "all", *, shape=None, groups: int | None = None, dtype: str | None = None, cases=None,
           backends: Sequence[str] | None = None, direction="both", threads: int | None = None,
           repeat: int | None = None, min_time: float = DEFAULT_MIN_TIME, baseline: bool = True,
-          compile: bool = False, recycle_memory: bool = True, seed: int = 0,
+          compile: bool = False, recycle_memory: bool = True, seed: int = 0, layout: str = NCHW,
           progress: Callable[[float, int, str], None] | None = None) -> BenchResult:
     """Benchmark the training forward and/or backward of ``op`` (a name, an alias or ``"all"``).
 
@@ -376,9 +399,17 @@ def bench(op: str = "all", *, shape=None, groups: int | None = None, dtype: str 
     :func:`normkit.set_num_threads`; PyTorch runs with the same thread count during the run. ``recycle_memory``
     calls :func:`recycle_freed_memory`.
     ``progress(done, total, label)`` is called as the run advances (``done`` counts case-directions, with
-    fractions).
+    fractions). ``layout="nhwc"``: the channels-last kernels of the channel ops (layernorm cases are left out)
+    against PyTorch on channels-last tensors, each backend's NCHW kernel timed alongside for comparison.
     """
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
     selected = select_cases(op, shape=shape, groups=groups, dtype=dtype, cases=cases)
+    if layout == NHWC:
+        selected = [c for c in selected if c.spec.sets != "row" and len(c.shape) > 2]
+        if not selected:
+            raise ValueError("--layout nhwc applies to batchnorm, groupnorm and instancenorm on inputs with spatial "
+                             "dims")
     directions = _directions(direction)
     names = _check_backends(default_backends() if backends is None else backends)
     if not names:
@@ -406,6 +437,7 @@ def bench(op: str = "all", *, shape=None, groups: int | None = None, dtype: str 
     allocator = recycle_freed_memory() if recycle_memory else None
     settings = {"directions": list(directions), "repeat": repeat, "min_time": None if repeat else min_time,
                 "warmup_rounds": WARMUP_ROUNDS, "baseline": baseline, "compile": compile, "backends": names,
+                "layout": layout,
                 "cases": [c.id for c in selected]}
     result = BenchResult(machine_info(n_threads, allocator), settings, notes=notes)
     load = result.machine["load_average"]
@@ -429,7 +461,8 @@ def bench(op: str = "all", *, shape=None, groups: int | None = None, dtype: str 
                     progress(i + min(fraction, 1.0), len(tasks), label)
 
             tick(0.0)
-            result.rows += _run_task(case, d, active, baseline, compile, repeat, min_time, seed, notes, tick)
+            result.rows += _run_task(case, d, active, baseline, compile, repeat, min_time, seed, notes, tick,
+                                     layout)
     finally:
         if torch_threads is not None:
             import torch
@@ -465,18 +498,22 @@ def _note(notes: list[str], text: str) -> None:
         notes.append(text)
 
 
-def _run_task(case, direction, names, baseline, compile, repeat, min_time, seed, notes, tick) -> list[Row]:
+def _run_task(case, direction, names, baseline, compile, repeat, min_time, seed, notes, tick,
+              layout=NCHW) -> list[Row]:
     inputs = case.make_inputs(seed)
-    contenders = []
+    contenders, layouts = [], []
     for name in names:
-        try:
-            contenders.append(prepare(case, direction, name, inputs))
-        except (ValueError, TypeError) as exc:  # it lacks this op, direction or dtype
-            _note(notes, f"backend {name!r} skipped for {case.label} {direction}: {exc}")
+        # channels-last: each backend's NCHW kernel runs alongside, for the ratio of the two
+        for lay in (NHWC, NCHW) if layout == NHWC else (NCHW,):
+            try:
+                contenders.append(prepare(case, direction, name, inputs, lay))
+                layouts.append(lay)
+            except (ValueError, TypeError) as exc:  # it lacks this op, direction, dtype or layout
+                _note(notes, f"backend {name!r} skipped for {case.label} {direction} ({lay}): {exc}")
     if not contenders:
         return []
     if baseline:
-        contenders.append(prepare(case, direction, BASELINE, inputs))
+        contenders.append(prepare(case, direction, BASELINE, inputs, layout))
     if compile:
         try:
             contenders.append(prepare(case, direction, COMPILED, inputs))
@@ -499,7 +536,8 @@ def _run_task(case, direction, names, baseline, compile, repeat, min_time, seed,
     base_t = by_kind.get("baseline")
     best_t = np.minimum(base_t, by_kind["peer"]) if base_t is not None and "peer" in by_kind else None
     rows = []
-    for c, t, first_s, check in zip(contenders, times, first, checks):
+    layouts += [layout] * (len(contenders) - len(layouts))
+    for c, t, first_s, check, lay in zip(contenders, times, first, checks, layouts):
         p10, med, p90 = spread(t)
         ratio = paired_ratio(t, base_t) if base_t is not None else (None, None, None)
         nbytes = case.bytes_moved(direction)
@@ -511,8 +549,14 @@ def _run_task(case, direction, names, baseline, compile, repeat, min_time, seed,
             pct_of_read=100.0 * paired_ratio(by_kind["read"], t)[1],
             ratio_to_torch=ratio[1], ratio_to_torch_p10=ratio[0], ratio_to_torch_p90=ratio[2],
             ratio_to_best=None if best_t is None else paired_ratio(t, best_t)[1],
-            first_call_s=first_s, load_s=c.load_s, check=check,
+            first_call_s=first_s, load_s=c.load_s, check=check, layout=lay,
         ))
+    if layout == NHWC:
+        for name in names:
+            pair = [i for i, c in enumerate(contenders) if c.name == name and c.kind == "backend"]
+            if len(pair) == 2:  # (nhwc, nchw)
+                ratio = paired_ratio(times[pair[0]], times[pair[1]])[1]
+                _note(notes, f"{name}: {case.label} {direction}: channels-last / NCHW time {ratio:.2f}")
     return rows
 
 

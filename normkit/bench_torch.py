@@ -85,14 +85,16 @@ def _rmsnorm(case, aten, x, dy, w, b):
 def _instancenorm(case, aten, x, dy, w, b):
     # PyTorch has no instance-norm kernel: at::instance_norm runs batch norm on a (1, N*C, S) view with the weight
     # repeated N times, and autograd sums the repeated weight's gradient back. We time the same.
+    # On a channels-last input it makes a contiguous copy first (input.contiguous().view(...)), timed here too.
     n, c, s = case.kernel_shape
-    xv, dyv = x.view(1, n * c, s), dy.view(1, n * c, s)
 
     def forward():
+        xv = x.contiguous().view(1, n * c, s)
         y, mean, rstd = aten.native_batch_norm(xv, w.repeat(n), b.repeat(n), None, None, True, 0.1, EPS)
         return y.view(case.shape), mean, rstd
 
     def backward(mean, rstd):
+        xv, dyv = x.contiguous().view(1, n * c, s), dy.contiguous().view(1, n * c, s)
         dx, dw, db = aten.native_batch_norm_backward(dyv, xv, w.repeat(n), None, None, mean, rstd, True, EPS, MASK)
         return dx.view(case.shape), dw.view(n, c).sum(0), db.view(n, c).sum(0)
 
@@ -131,14 +133,27 @@ def _add_baseline(case, x, r, dy, dh, w, b):
     return forward, backward
 
 
-def prepare(case: Case, direction: str, inputs: dict) -> tuple[Callable[[], object], Callable[[], np.ndarray]]:
+def _channels_last(a: np.ndarray, shape: tuple) -> "torch.Tensor":  # noqa: F821
+    """A (N, C, S) array's values as a channels-last tensor of ``shape`` (N, C, *spatial)."""
+    import torch
+
+    nhwc = np.ascontiguousarray(a.transpose(0, 2, 1)).reshape(shape[0], *shape[2:], shape[1])
+    return torch.from_numpy(nhwc).movedim(-1, 1)
+
+
+def prepare(case: Case, direction: str, inputs: dict,
+            layout: str = "nchw") -> tuple[Callable[[], object], Callable[[], np.ndarray]]:
     """``(call, output)``: ``call()`` runs one pass; ``output()`` runs one and returns y or dx as NumPy, shaped
-    like the kernels' outputs."""
+    like the (NCHW) kernels' outputs. ``layout="nhwc"``: on channels-last tensors (PyTorch's channels-last
+    kernels)."""
     import torch
 
     if case.op not in BASELINES:
         raise ValueError(f"{case.op}: normkit's bench has no PyTorch baseline for this op")
-    x, dy = _data(case, inputs["x"]), _data(case, inputs["dy"])
+    if layout == "nhwc":
+        x, dy = _channels_last(inputs["x"], case.shape), _channels_last(inputs["dy"], case.shape)
+    else:
+        x, dy = _data(case, inputs["x"]), _data(case, inputs["dy"])
     w, b = torch.from_numpy(inputs["weight"]), torch.from_numpy(inputs["bias"])
     if case.add:
         r, dh = (torch.from_numpy(inputs[k]).view(case.shape) for k in ("residual", "dh"))

@@ -241,6 +241,26 @@ def test_bench_16_bit(dtype):
                                                                        "instancenorm", "rmsnorm"}
 
 
+@pytest.mark.parametrize("op", ["bn", "gn", "in"])
+def test_bench_channels_last_times_both_layouts_against_torch_channels_last(op):
+    result = bench.bench(op, shape=(2, 8, 4, 3), backends=["cython", "reference"], repeat=3, layout="nhwc")
+    rows = [(r.direction, r.name, r.layout) for r in result.rows if r.kind == "backend"]
+    assert rows == [(d, n, lay) for d in ("forward", "backward") for n, lay in
+                    (("cython", "nhwc"), ("cython", "nchw"), ("reference", "nchw"))]
+    assert any("reference" in n and "no channels-last" in n for n in result.notes)
+    assert sum("channels-last / NCHW time" in n for n in result.notes) == 2
+    if HAS_TORCH:  # PyTorch on channels-last tensors computes the same values
+        assert all(r.check == "ok" for r in result.rows if r.kind == "backend")
+    assert "channels-last" in result.format() and "cython nhwc" in result.format()
+
+
+def test_bench_channels_last_needs_a_channel_op_with_spatial_dims():
+    with pytest.raises(ValueError, match="nhwc"):
+        bench.bench("ln", shape=(2, 8, 4), backends=["cython"], repeat=1, layout="nhwc")
+    result = run("--op", "ln", "--layout", "nhwc", *TINY)
+    assert result.exit_code == 2 and "nhwc" in result.output
+
+
 def test_bench_without_baseline():
     result = bench.bench("ln", shape=(4, 8), backends=["reference"], direction="forward", repeat=2, baseline=False)
     assert [r.name for r in result.rows] == ["reference", "copy", "read"]
