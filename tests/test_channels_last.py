@@ -1,0 +1,248 @@
+"""Channels-last: the contract's layout axis (registry, conformance kit), the built-in channels-last kernels, and
+the NumPy and PyTorch frontends on NHWC-strided data (no copy in, the output in the input's layout)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import assume, given
+from hypothesis import strategies as st
+from support import BACKENDS, assert_close
+
+import normkit
+from normkit import registry, testing
+from normkit.contract import CHANNEL_OPS, NHWC, SPECS
+from normkit.ops import channels_last_view
+from normkit.registry import Backend, runtime_module
+
+CL_BACKENDS = tuple(b.name for b in registry.list_backends(load=False) if b.name in BACKENDS and b.channels_last)
+
+
+def nhwc(a: np.ndarray) -> np.ndarray:
+    """The same values as ``a`` (N, C, *spatial), in memory ordered (N, *spatial, C)."""
+    return np.moveaxis(np.ascontiguousarray(np.moveaxis(a, 1, -1)), -1, 1)
+
+
+def is_nhwc(a: np.ndarray) -> bool:
+    return np.moveaxis(a, 1, -1).flags.c_contiguous
+
+
+# --- the contract and the registry -----------------------------------------------------------------------------
+
+def test_builtin_backends_declare_channels_last():
+    assert "cython" in CL_BACKENDS
+    row = next(r for r in registry.list_backends() if r.name == "cython")
+    assert {op for op, *_ in row.channels_last} == set(CHANNEL_OPS)
+    assert all(layout == NHWC for *_, layout in row.channels_last)
+
+
+@pytest.mark.parametrize("channels_last, match", [
+    ({"layernorm": ("forward",)}, "only the channel ops"),
+    ({"groupnorm": ("forward", "backward")}, "without the NCHW kernel"),
+    ({"batchnorm": "forward"}, "must be a sequence"),
+])
+def test_bad_channels_last_declarations(channels_last, match):
+    spec = Backend("bad", runtime_module({}), kernels={"batchnorm": ("forward",), "groupnorm": ("forward",)},
+                   channels_last=channels_last)
+    with pytest.raises(ValueError, match=match):
+        spec.validate()
+
+
+def test_lookup_by_layout():
+    name, kernel = registry.lookup("groupnorm", "forward", "float32", "cython", layout="nhwc")
+    assert name == "cython" and callable(kernel)
+    assert registry.lookup("groupnorm", "forward", "float32", "reference", layout="nhwc") is None
+    assert registry.lookup("batchnorm", "stats", "float64", layout="nhwc")[0] in CL_BACKENDS
+    with pytest.raises(ValueError, match="no channels-last kernels"):
+        registry.lookup("layernorm", "forward", "float32", layout="nhwc")
+    with pytest.raises(ValueError, match="unknown layout"):
+        registry.lookup("batchnorm", "forward", "float32", layout="nchwc")
+
+
+def test_declared_channels_last_kernel_missing_fails_to_load():
+    from normkit import reference
+
+    spec = Backend("cl_missing", runtime_module(dict(reference.KERNELS)), kernels={"batchnorm": ("forward",)},
+                   channels_last={"batchnorm": ("forward",)})
+    normkit.register_backend(spec)
+    try:
+        with pytest.warns(RuntimeWarning, match="does not provide"):
+            with pytest.raises(ValueError, match="unavailable"):
+                registry.lookup("batchnorm", "forward", "float32", "cl_missing")
+    finally:
+        normkit.unregister_backend("cl_missing")
+
+
+# --- the conformance kit ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", CL_BACKENDS)
+def test_channels_last_kernels_conform(backend):
+    report = testing.check_backend(backend, layouts=["nhwc"])
+    assert report == [], report.format()
+    declared = next(r for r in registry.list_backends() if r.name == backend).channels_last
+    assert report.cases_run >= 10 * len(declared)
+
+
+def _as_if_nchw(op, direction):
+    """A broken channels-last kernel: the reference's NCHW kernel handed the (N, S, C) arrays as they are."""
+    from normkit import reference
+
+    nchw = reference.KERNELS[(op, direction, "float64")]
+
+    def kernel(*args):
+        nchw(*(a.reshape(a.shape[0], a.shape[2], a.shape[1]) if isinstance(a, np.ndarray) and a.ndim == 3 else a
+               for a in args))
+
+    return kernel
+
+
+def test_kit_catches_a_kernel_that_ignores_the_layout():
+    from normkit import reference
+
+    table = dict(reference.KERNELS)
+    for direction in ("forward", "backward"):
+        for dtype in ("float32", "float64"):
+            table[("groupnorm", direction, dtype, "nhwc")] = _as_if_nchw("groupnorm", direction)
+    normkit.register_backend(Backend("cl_broken", runtime_module(table), kernels={"groupnorm": ("forward", "backward")},
+                                     channels_last={"groupnorm": ("forward", "backward")}))
+    try:
+        report = testing.check_backend("cl_broken", layouts=["nhwc"], quick=True)
+        assert report.cases_run and report, report.format()
+        assert testing.check_backend("cl_broken", layouts=["nchw"], quick=True) == []
+    finally:
+        normkit.unregister_backend("cl_broken")
+
+
+# --- the NumPy frontend ------------------------------------------------------------------------------------------
+
+def test_channels_last_view_and_ambiguous_strides(rng):
+    a = rng.standard_normal((2, 5, 4, 3)).astype(np.float32)  # (N, H, W, C)
+    x = a.transpose(0, 3, 1, 2)
+    view = channels_last_view(x)
+    assert view.shape == (2, 20, 3) and np.shares_memory(view, a)
+    assert channels_last_view(np.ascontiguousarray(x)) is None
+    assert channels_last_view(x[:, :, ::2]) is None  # strided: neither layout
+    assert channels_last_view(nhwc(rng.standard_normal((2, 1, 4, 4)))) is None  # C = 1: C-contiguous too
+    assert channels_last_view(nhwc(rng.standard_normal((2, 3, 1, 1)))) is None  # S = 1: C-contiguous too
+    assert channels_last_view(x.astype(np.int32)) is None
+
+
+def _shapes():
+    """(N, C, *spatial, groups) with awkward sizes: N = 1, C = 1, spatial 1, groups = C, C not a multiple of 8,
+    1 to 3 spatial dims."""
+    @st.composite
+    def draw(draw):
+        n = draw(st.integers(1, 3))
+        c = draw(st.sampled_from([1, 2, 3, 5, 8, 12, 17]))
+        spatial = draw(st.lists(st.integers(1, 7), min_size=1, max_size=3))
+        groups = draw(st.sampled_from([g for g in range(1, c + 1) if c % g == 0]))
+        return (n, c, *spatial), groups
+
+    return draw()
+
+
+def _forward_backward(op, x, dy, groups, weight, bias, backend, training=True, running=None):
+    fn = normkit.get(op)
+    if op == "groupnorm":
+        y, saved = fn.forward(x, groups, weight, bias, backend=backend)
+        return (y, *fn.backward(dy, x, saved, groups, weight, bias, backend=backend))
+    rm, rv = running if running is not None else (None, None)
+    flag = SPECS[op].training_flag
+    y, saved = fn.forward(x, rm, rv, weight, bias, backend=backend, **{flag: training})
+    return (y, *fn.backward(dy, x, saved, rm, rv, weight, bias, backend=backend, **{flag: training}))
+
+
+@pytest.mark.parametrize("op", CHANNEL_OPS)
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@given(shape_groups=_shapes(), affine=st.booleans(), seed=st.integers(0, 2**16))
+def test_numpy_nhwc_matches_reference(op, dtype, shape_groups, affine, seed):
+    shape, groups = shape_groups
+    spec = SPECS[op]
+    kshape = (shape[0], shape[1], int(np.prod(shape[2:])))
+    assume(spec.set_size(kshape, groups if op == "groupnorm" else None) > 1 or not spec.running)
+    assume(op != "groupnorm" or spec.set_size(kshape, groups) > 1)
+    rng = np.random.default_rng(seed)
+    x = nhwc(rng.standard_normal(shape).astype(dtype))
+    dy = nhwc(rng.standard_normal(shape).astype(dtype))
+    c = shape[1]
+    weight = rng.standard_normal(c).astype(dtype) if affine else None
+    bias = rng.standard_normal(c).astype(dtype) if affine else None
+    before = x.copy(), dy.copy()
+    got = _forward_backward(op, x, dy, groups, weight, bias, None)
+    np.testing.assert_array_equal(x, before[0])
+    np.testing.assert_array_equal(dy, before[1])
+    ref = _forward_backward(op, np.ascontiguousarray(x), np.ascontiguousarray(dy), groups, weight, bias, "reference")
+    for name, g, r, direction in zip(("y", "dx", "dweight", "dbias"), got, ref,
+                                     ("forward", "backward", "backward", "backward")):
+        if r is None:
+            assert g is None
+            continue
+        assert_close(g, r, dtype, direction, f"{op} {name} {shape} groups={groups}")
+    for out in got[:2]:  # y and dx in the input's layout
+        assert is_nhwc(out)
+
+
+@pytest.mark.parametrize("op", ["batchnorm", "instancenorm"])
+def test_numpy_nhwc_inference(op, rng):
+    x = nhwc(rng.standard_normal((2, 5, 3, 4)))
+    dy = nhwc(rng.standard_normal((2, 5, 3, 4)))
+    running = rng.standard_normal(5), rng.uniform(0.5, 2, 5)
+    w, b = rng.standard_normal(5), rng.standard_normal(5)
+    got = _forward_backward(op, x, dy, None, w, b, None, training=False, running=running)
+    ref = _forward_backward(op, np.ascontiguousarray(x), np.ascontiguousarray(dy), None, w, b, "reference",
+                            training=False, running=running)
+    for g, r, direction in zip(got, ref, ("forward", "backward", "backward", "backward")):
+        assert_close(g, r, "float64", direction)
+    assert is_nhwc(got[0]) and is_nhwc(got[1])
+
+
+@pytest.mark.parametrize("op", CHANNEL_OPS)
+def test_numpy_without_channels_last_kernel_copies_and_keeps_the_layout(op, rng):
+    x = nhwc(rng.standard_normal((3, 4, 5, 2)))
+    dy = rng.standard_normal((3, 4, 5, 2))  # NCHW while x is channels-last: dx follows x
+    got = _forward_backward(op, x, dy, 2, None, None, "reference")
+    ref = _forward_backward(op, np.ascontiguousarray(x), dy, 2, None, None, "cython")
+    assert is_nhwc(got[0]) and is_nhwc(got[1])
+    assert_close(got[0], ref[0], "float64", "forward")
+    assert_close(got[1], ref[1], "float64", "backward")
+
+
+# --- the kernels: numerics the conformance kit's small shapes do not reach --------------------------------------
+
+@pytest.mark.parametrize("backend", CL_BACKENDS)
+@pytest.mark.parametrize("op, shape, groups", [
+    ("groupnorm", (1, 12, 300), 3),  # one sample: its rows cut into blocks
+    ("instancenorm", (3, 5, 520), None),
+    ("batchnorm", (2, 7, 900), None),
+    ("groupnorm", (9, 8, 40), 8),  # whole samples per task
+])
+@pytest.mark.parametrize("data", ["offset1e8", "nan", "constant"])
+def test_channels_last_numerics_on_large_sets(backend, op, shape, groups, data):
+    case = testing.Case(op, "forward", "float64", shape, groups, "weight+bias", data, 1e-5, layout="nhwc")
+    failures = []
+    testing._run_case(case, registry.lookup(op, "forward", "float64", backend, "nhwc")[1], failures)
+    testing._run_case(testing.Case(op, "backward", "float32", shape, groups, "weight+bias", data, 1e-5,
+                                   layout="nhwc"),
+                      registry.lookup(op, "backward", "float32", backend, "nhwc")[1], failures)
+    assert failures == [], "\n".join(map(str, failures))
+
+
+@pytest.mark.parametrize("backend", CL_BACKENDS)
+@pytest.mark.parametrize("op, shape, groups", [
+    ("groupnorm", (1, 24, 1000), 6), ("groupnorm", (16, 6, 50), 2), ("instancenorm", (2, 33, 700), None),
+    ("batchnorm", (4, 40, 600), None),
+])
+def test_channels_last_results_do_not_depend_on_the_thread_count(backend, op, shape, groups, rng):
+    x = nhwc(rng.standard_normal(shape).astype(np.float32) + 3)
+    dy = nhwc(rng.standard_normal(shape).astype(np.float32))
+    w, b = rng.standard_normal(shape[1]).astype(np.float32), rng.standard_normal(shape[1]).astype(np.float32)
+    results = []
+    threads = registry.get_num_threads()
+    try:
+        for n in (1, 2):
+            registry.set_num_threads(n)
+            results.append(_forward_backward(op, x, dy, groups, w, b, backend))
+    finally:
+        registry.set_num_threads(threads)
+    for one, two in zip(*results):
+        np.testing.assert_array_equal(one, two)
