@@ -21,7 +21,9 @@ What it checks, for every case:
 The cases: several shapes per op, including N=1, C=1, S=1, groups=C and groups=1, odd and longer sets; every
 declared direction (training and inference) and dtype; no affine, weight only, weight and bias; data that is
 standard normal, offset (mean 1e4, 1e6, 1e8, std 1), constant, of small variance next to a large eps, or
-holding one NaN (in ``x`` for forward, in ``dy`` for backward). ``quick=True`` runs a subset.
+holding one NaN (in ``x`` for forward, in ``dy`` for backward). ``quick=True`` runs a subset. A backend's
+channels-last kernels (``layouts=["nhwc"]``; :mod:`normkit.contract`) run the same cases with ``x``, ``dy``, ``y``
+and ``dx`` as (N, S, C) arrays, and their outputs are compared on the NCHW view with the same tolerances.
 
 Tolerances (derived; only the constant in K was checked against real kernels). A correct kernel is backward stable:
 its result is the exact result for inputs perturbed by a few roundings, plus the rounding of the result. Perturbing

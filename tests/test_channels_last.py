@@ -83,6 +83,16 @@ def test_channels_last_kernels_conform(backend):
     assert report.cases_run >= 10 * len(declared)
 
 
+def test_cli_check_and_list_show_the_layout():
+    from click.testing import CliRunner
+
+    from normkit.cli import main
+
+    result = CliRunner().invoke(main, ["check", "cython", "--layout", "nhwc", "--op", "gn", "--quick"])
+    assert result.exit_code == 0 and "conforms" in result.output, result.output
+    assert "groupnorm channels-last: backward, forward" in CliRunner().invoke(main, ["list"]).output
+
+
 def _as_if_nchw(op, direction):
     """A broken channels-last kernel: the reference's NCHW kernel handed the (N, S, C) arrays as they are."""
     from normkit import reference
