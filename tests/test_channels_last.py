@@ -224,7 +224,9 @@ def test_numpy_without_channels_last_kernel_copies_and_keeps_the_layout(op, rng)
     ("groupnorm", (1, 12, 300), 3),  # one sample: its rows cut into blocks
     ("instancenorm", (3, 5, 520), None),
     ("batchnorm", (2, 7, 900), None),
-    ("groupnorm", (9, 8, 40), 8),  # whole samples per task
+    ("groupnorm", (9, 8, 40), 8),  # whole samples: sets in chunks of 16 columns
+    ("groupnorm", (9, 21, 30), 7),  # chunks of 5 sets of 3 columns, the last one of 2 sets
+    ("instancenorm", (8, 40, 20), None),
 ])
 @pytest.mark.parametrize("data", ["offset1e8", "nan", "constant"])
 def test_channels_last_numerics_on_large_sets(backend, op, shape, groups, data):
@@ -240,7 +242,7 @@ def test_channels_last_numerics_on_large_sets(backend, op, shape, groups, data):
 @pytest.mark.parametrize("backend", CL_BACKENDS)
 @pytest.mark.parametrize("op, shape, groups", [
     ("groupnorm", (1, 24, 1000), 6), ("groupnorm", (16, 6, 50), 2), ("instancenorm", (2, 33, 700), None),
-    ("batchnorm", (4, 40, 600), None),
+    ("batchnorm", (4, 40, 600), None), ("groupnorm", (9, 21, 30), 7), ("instancenorm", (8, 40, 20), None),
 ])
 def test_channels_last_results_do_not_depend_on_the_thread_count(backend, op, shape, groups, rng):
     x = nhwc(rng.standard_normal(shape).astype(np.float32) + 3)
