@@ -224,8 +224,8 @@ def test_numpy_without_channels_last_kernel_copies_and_keeps_the_layout(op, rng)
     ("groupnorm", (1, 12, 300), 3),  # one sample: its rows cut into blocks
     ("instancenorm", (3, 5, 520), None),
     ("batchnorm", (2, 7, 900), None),
-    ("groupnorm", (9, 8, 40), 8),  # whole samples: sets in chunks of 16 columns
-    ("groupnorm", (9, 21, 30), 7),  # chunks of 5 sets of 3 columns, the last one of 2 sets
+    ("groupnorm", (9, 8, 40), 8),  # whole samples per task
+    ("groupnorm", (9, 21, 30), 7),
     ("instancenorm", (8, 40, 20), None),
 ])
 @pytest.mark.parametrize("data", ["offset1e8", "nan", "constant"])

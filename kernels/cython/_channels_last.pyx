@@ -6,10 +6,10 @@ of those rows. Sums run down the columns, vectorized along C: four rows per swee
 then into double per column (as the NCHW kernels' columns schedule), redone in double where that overflowed or
 met a NaN/inf. A set's column sums are then merged in channel order.
 
-Tasks are cut from the shape alone, so no result depends on the thread count: with enough samples, a task takes a
-few whole sets of one sample (a run of columns of its rows: sums, statistics and elementwise pass while those are in
-cache); otherwise blocks of rows, whose column sums are merged in block order before a second parallel pass.
-Parameter gradients are summed over samples in sample order.
+Tasks are cut from the shape alone, so no result depends on the thread count: one task per sample when there are
+enough samples (its sums, statistics and elementwise pass while the sample is in cache); otherwise blocks of rows,
+whose column sums are merged in block order before a second parallel pass. Parameter gradients are summed over
+samples in sample order.
 
 BatchNorm, and the inference directions that take running statistics, need no kernel here: on (N, S, C) data they
 are the NCHW per-channel kernels on the (N*S, C, 1) view (see kernels.py).
@@ -32,13 +32,10 @@ def set_num_threads(int n):
 
 
 cdef enum:
-    # with at least SAMPLE_TASKS samples, whole samples: a task takes the sets of a sample that fit in CHUNK_COLUMNS
-    # columns (one 64-byte line of float32 per row), so that the rows' slices it reads twice (sums, then the
-    # elementwise pass) stay in cache; with fewer samples, each sample's rows are cut into blocks of at least
-    # BLOCK_ROWS rows, enough for SAMPLE_TASKS tasks in all, and the two passes are separate parallel loops
+    # with at least SAMPLE_TASKS samples, one task per sample; with fewer, each sample's rows are cut into blocks of
+    # at least BLOCK_ROWS rows, enough for SAMPLE_TASKS tasks in all
     SAMPLE_TASKS = 8
     BLOCK_ROWS = 64
-    CHUNK_COLUMNS = 16
 
 
 cdef inline Py_ssize_t _cdiv(Py_ssize_t a, Py_ssize_t b) noexcept nogil:
@@ -66,19 +63,18 @@ cdef bint _all_finite(const double* a, const double* b, Py_ssize_t nc) noexcept 
     return True
 
 
-cdef void _col_moments(const floating* x, Py_ssize_t rows, Py_ssize_t nc, Py_ssize_t width, const floating* piv,
-                       double* s1, double* s2) noexcept nogil:
-    """s1[l] = sum(x[:, l] - piv[l]) and s2[l] = sum((x[:, l] - piv[l])**2) over ``rows`` rows of ``nc`` values,
-    for the first ``width`` columns."""
+cdef void _col_moments(const floating* x, Py_ssize_t rows, Py_ssize_t nc, const floating* piv, double* s1,
+                       double* s2) noexcept nogil:
+    """s1[l] = sum(x[:, l] - piv[l]) and s2[l] = sum((x[:, l] - piv[l])**2) over ``rows`` rows."""
     cdef Py_ssize_t i, l
     cdef const floating* r
     cdef floating d0, d1, d2, d3
-    for l in range(width):
+    for l in range(nc):
         s1[l] = 0.0
         s2[l] = 0.0
     for i in range(0, rows - 3, 4):
         r = x + i * nc
-        for l in range(width):
+        for l in range(nc):
             d0 = r[l] - piv[l]
             d1 = r[nc + l] - piv[l]
             d2 = r[2 * nc + l] - piv[l]
@@ -86,31 +82,31 @@ cdef void _col_moments(const floating* x, Py_ssize_t rows, Py_ssize_t nc, Py_ssi
             s1[l] += (d0 + d1) + (d2 + d3)
             s2[l] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)
     for i in range(rows - rows % 4, rows):
-        for l in range(width):
+        for l in range(nc):
             d0 = x[i * nc + l] - piv[l]
             s1[l] += d0
             s2[l] += d0 * d0
-    if not _all_finite(s1, s2, width):
+    if not _all_finite(s1, s2, nc):
         # squares beyond the data's range, or a NaN / inf in the data (which double keeps): again, in double
-        for l in range(width):
+        for l in range(nc):
             s1[l] = 0.0
             s2[l] = 0.0
         for i in range(rows):
-            for l in range(width):
+            for l in range(nc):
                 moments(x + i * nc + l, 1, piv[l], &s1[l], &s2[l])
 
 
-cdef void _col_grad_sums(const floating* dy, const floating* x, Py_ssize_t rows, Py_ssize_t nc, Py_ssize_t width,
+cdef void _col_grad_sums(const floating* dy, const floating* x, Py_ssize_t rows, Py_ssize_t nc,
                          const floating* mean, double* sdy, double* sdyx) noexcept nogil:
     """sdy[l] = sum(dy[:, l]) and sdyx[l] = sum(dy[:, l] * (x[:, l] - mean[l])), as _col_moments."""
     cdef Py_ssize_t i, l, o
     cdef floating g0, g1, g2, g3
-    for l in range(width):
+    for l in range(nc):
         sdy[l] = 0.0
         sdyx[l] = 0.0
     for i in range(0, rows - 3, 4):
         o = i * nc
-        for l in range(width):
+        for l in range(nc):
             g0 = dy[o + l]
             g1 = dy[o + nc + l]
             g2 = dy[o + 2 * nc + l]
@@ -119,45 +115,44 @@ cdef void _col_grad_sums(const floating* dy, const floating* x, Py_ssize_t rows,
             sdyx[l] += ((g0 * (x[o + l] - mean[l]) + g1 * (x[o + nc + l] - mean[l]))
                         + (g2 * (x[o + 2 * nc + l] - mean[l]) + g3 * (x[o + 3 * nc + l] - mean[l])))
     for i in range(rows - rows % 4, rows):
-        for l in range(width):
+        for l in range(nc):
             g0 = dy[i * nc + l]
             sdy[l] += g0
             sdyx[l] += g0 * (x[i * nc + l] - mean[l])
-    if not _all_finite(sdy, sdyx, width):
-        for l in range(width):
+    if not _all_finite(sdy, sdyx, nc):
+        for l in range(nc):
             sdy[l] = 0.0
             sdyx[l] = 0.0
         for i in range(rows):
-            for l in range(width):
+            for l in range(nc):
                 grad_sums(dy + i * nc + l, x + i * nc + l, NULL, 1, mean[l], &sdy[l], &sdyx[l])
 
 
-cdef void _affine_rows(const floating* x, floating* y, Py_ssize_t rows, Py_ssize_t nc, Py_ssize_t width,
-                       const floating* mean, const floating* scale, const floating* shift) noexcept nogil:
+cdef void _affine_rows(const floating* x, floating* y, Py_ssize_t rows, Py_ssize_t nc, const floating* mean,
+                       const floating* scale, const floating* shift) noexcept nogil:
     cdef Py_ssize_t i, l
     for i in range(rows):
-        for l in range(width):
+        for l in range(nc):
             y[i * nc + l] = (x[i * nc + l] - mean[l]) * scale[l] + shift[l]
 
 
 cdef void _grad_apply_rows(const floating* dy, const floating* x, floating* dx, Py_ssize_t rows, Py_ssize_t nc,
-                           Py_ssize_t width, const floating* mean, const floating* ca, const floating* cb,
+                           const floating* mean, const floating* ca, const floating* cb,
                            const floating* cc) noexcept nogil:
     cdef Py_ssize_t i, l
     for i in range(rows):
-        for l in range(width):
+        for l in range(nc):
             dx[i * nc + l] = ca[l] * dy[i * nc + l] + cb[l] * (x[i * nc + l] - mean[l]) + cc[l]
 
 
 # --- per-sample steps ------------------------------------------------------------------------------------------
 
-cdef void _finish_groups(const double* s1, const double* s2, Py_ssize_t groups, Py_ssize_t cg, Py_ssize_t s,
+cdef void _finish_sample(const double* s1, const double* s2, Py_ssize_t nc, Py_ssize_t groups, Py_ssize_t s,
                          const floating* piv, double eps, const floating* w, const floating* b, double* mu,
                          double* rs, floating* cm, floating* scale, floating* shift) noexcept nogil:
-    """The statistics (mu, rs) of ``groups`` consecutive sets of a sample from their column sums, and their
-    per-column coefficients in the data's precision; as in affine(), the shift takes the mean's rounding to that
-    precision. Every pointer starts at the first set's first column (w, b: NULL without affine)."""
-    cdef Py_ssize_t g, c
+    """One sample's statistics (mu, rs: per group) from its column sums, and its per-column coefficients in the
+    data's precision; as in affine(), the shift takes the mean's rounding to that precision."""
+    cdef Py_ssize_t cg = nc // groups, g, c
     cdef double t1, t2, sc
     for g in range(groups):
         t1 = 0.0
@@ -173,12 +168,12 @@ cdef void _finish_groups(const double* s1, const double* s2, Py_ssize_t groups, 
             shift[c] = <floating>((b[c] if b != NULL else 0.0) + (<double>cm[c] - mu[g]) * sc)
 
 
-cdef void _grad_coefficients(const double* sdy, const double* sdyx, Py_ssize_t groups, Py_ssize_t cg,
+cdef void _grad_coefficients(const double* sdy, const double* sdyx, Py_ssize_t nc, Py_ssize_t groups,
                              Py_ssize_t s, const floating* rstd, const floating* w, floating* ca, floating* cb,
                              floating* cc) noexcept nogil:
-    """dx = ca * dy + cb * (x - mean) + cc per column of ``groups`` consecutive sets of a sample (pointers as in
-    _finish_groups): with g = dy * w, dx = rstd * (g - mean(g) - xhat * mean(g * xhat)) over each set."""
-    cdef Py_ssize_t g, c
+    """dx = ca * dy + cb * (x - mean) + cc per column of one sample: with g = dy * w,
+    dx = rstd * (g - mean(g) - xhat * mean(g * xhat)) over each set."""
+    cdef Py_ssize_t cg = nc // groups, g, c
     cdef double sg, sgx, wc, r, m = <double>(cg * s), bb, k
     for g in range(groups):
         sg = 0.0
@@ -207,17 +202,11 @@ cdef void _merge_blocks(double* a, double* b, Py_ssize_t blocks, Py_ssize_t nc) 
 
 # --- the kernels' bodies ---------------------------------------------------------------------------------------
 
-cdef inline Py_ssize_t _chunk_groups(Py_ssize_t cg) noexcept nogil:
-    """Sets per column chunk of the whole-sample schedule: as many as fit in CHUNK_COLUMNS columns (at least one)."""
-    return max(1, CHUNK_COLUMNS // cg)
-
-
 cdef void _forward(const floating[:, :, ::1] x, Py_ssize_t groups, const floating[::1] weight,
                    const floating[::1] bias, double eps, floating[:, :, ::1] y, floating[:, ::1] mean,
                    floating[:, ::1] rstd):
     cdef Py_ssize_t n = x.shape[0], s = x.shape[1], nc = x.shape[2], cg = nc // groups
-    cdef Py_ssize_t blocks = _blocks(n, s), rows = _cdiv(s, blocks), i, g, c, t, r0, c0, g0, k
-    cdef Py_ssize_t kg = _chunk_groups(cg), chunks = _cdiv(groups, kg)
+    cdef Py_ssize_t blocks = _blocks(n, s), rows = _cdiv(s, blocks), i, g, c, t, r0
     cdef const floating* xp = &x[0, 0, 0]
     cdef floating* yp = &y[0, 0, 0]
     cdef const floating* w = _ptr(weight)
@@ -234,33 +223,24 @@ cdef void _forward(const floating[:, :, ::1] x, Py_ssize_t groups, const floatin
             for c in range(g * cg, (g + 1) * cg):
                 piv[i, c] = <floating>pivot_of(x[i, 0, g * cg])
     if blocks == 1:
-        # task t: sample t // chunks, sets g0..g0+k-1: their columns' sums, statistics and elementwise pass, while
-        # those columns of the sample's rows are in cache
-        for t in prange(n * chunks, nogil=True, schedule="static", num_threads=nt):
-            i = t // chunks
-            g0 = (t % chunks) * kg
-            k = min(kg, groups - g0)
-            c0 = g0 * cg
-            _col_moments(xp + i * s * nc + c0, s, nc, k * cg, &piv[i, c0], &s1[i, c0], &s2[i, c0])
-            _finish_groups(&s1[i, c0], &s2[i, c0], k, cg, s, &piv[i, c0], eps, w + c0 if w != NULL else NULL,
-                           b + c0 if b != NULL else NULL, &mu[i, g0], &rs[i, g0], &cm[i, c0], &scale[i, c0],
-                           &shift[i, c0])
-            _affine_rows(xp + i * s * nc + c0, yp + i * s * nc + c0, s, nc, k * cg, &cm[i, c0], &scale[i, c0],
-                         &shift[i, c0])
+        for i in prange(n, nogil=True, schedule="static", num_threads=nt):
+            _col_moments(xp + i * s * nc, s, nc, &piv[i, 0], &s1[i, 0], &s2[i, 0])
+            _finish_sample(&s1[i, 0], &s2[i, 0], nc, groups, s, &piv[i, 0], eps, w, b, &mu[i, 0], &rs[i, 0],
+                           &cm[i, 0], &scale[i, 0], &shift[i, 0])
+            _affine_rows(xp + i * s * nc, yp + i * s * nc, s, nc, &cm[i, 0], &scale[i, 0], &shift[i, 0])
     else:
         for t in prange(n * blocks, nogil=True, schedule="static", num_threads=nt):
             i = t // blocks
             r0 = (t % blocks) * rows
-            _col_moments(xp + (i * s + r0) * nc, max(0, min(rows, s - r0)), nc, nc, &piv[i, 0], &s1[t, 0],
-                         &s2[t, 0])
+            _col_moments(xp + (i * s + r0) * nc, max(0, min(rows, s - r0)), nc, &piv[i, 0], &s1[t, 0], &s2[t, 0])
         for i in range(n):
             _merge_blocks(&s1[i * blocks, 0], &s2[i * blocks, 0], blocks, nc)
-            _finish_groups(&s1[i * blocks, 0], &s2[i * blocks, 0], groups, cg, s, &piv[i, 0], eps, w, b,
+            _finish_sample(&s1[i * blocks, 0], &s2[i * blocks, 0], nc, groups, s, &piv[i, 0], eps, w, b,
                            &mu[i, 0], &rs[i, 0], &cm[i, 0], &scale[i, 0], &shift[i, 0])
         for t in prange(n * blocks, nogil=True, schedule="static", num_threads=nt):
             i = t // blocks
             r0 = (t % blocks) * rows
-            _affine_rows(xp + (i * s + r0) * nc, yp + (i * s + r0) * nc, max(0, min(rows, s - r0)), nc, nc,
+            _affine_rows(xp + (i * s + r0) * nc, yp + (i * s + r0) * nc, max(0, min(rows, s - r0)), nc,
                          &cm[i, 0], &scale[i, 0], &shift[i, 0])
     for i in range(n):
         for g in range(groups):
@@ -272,8 +252,7 @@ cdef void _backward(const floating[:, :, ::1] dy, const floating[:, :, ::1] x, P
                     const floating[:, ::1] mean, const floating[:, ::1] rstd, const floating[::1] weight,
                     floating[:, :, ::1] dx, floating[::1] dweight, floating[::1] dbias):
     cdef Py_ssize_t n = x.shape[0], s = x.shape[1], nc = x.shape[2], cg = nc // groups
-    cdef Py_ssize_t blocks = _blocks(n, s), rows = _cdiv(s, blocks), i, c, t, r0, c0, g0, k, o
-    cdef Py_ssize_t kg = _chunk_groups(cg), chunks = _cdiv(groups, kg)
+    cdef Py_ssize_t blocks = _blocks(n, s), rows = _cdiv(s, blocks), i, c, t, r0
     cdef const floating* dyp = &dy[0, 0, 0]
     cdef const floating* xp = &x[0, 0, 0]
     cdef floating* dxp = &dx[0, 0, 0]
@@ -288,33 +267,27 @@ cdef void _backward(const floating[:, :, ::1] dy, const floating[:, :, ::1] x, P
         for c in range(nc):
             cm[i, c] = mean[i, c // cg]
     if blocks == 1:
-        # as in _forward: task t takes sets g0..g0+k-1 of sample t // chunks
-        for t in prange(n * chunks, nogil=True, schedule="static", num_threads=nt):
-            i = t // chunks
-            g0 = (t % chunks) * kg
-            k = min(kg, groups - g0)
-            c0 = g0 * cg
-            o = i * s * nc + c0
-            _col_grad_sums(dyp + o, xp + o, s, nc, k * cg, &cm[i, c0], &sdy[i, c0], &sdyx[i, c0])
-            _grad_coefficients(&sdy[i, c0], &sdyx[i, c0], k, cg, s, &rstd[i, g0], w + c0 if w != NULL else NULL,
-                               &ca[i, c0], &cb[i, c0], &cc[i, c0])
-            _grad_apply_rows(dyp + o, xp + o, dxp + o, s, nc, k * cg, &cm[i, c0], &ca[i, c0], &cb[i, c0],
-                             &cc[i, c0])
+        for i in prange(n, nogil=True, schedule="static", num_threads=nt):
+            _col_grad_sums(dyp + i * s * nc, xp + i * s * nc, s, nc, &cm[i, 0], &sdy[i, 0], &sdyx[i, 0])
+            _grad_coefficients(&sdy[i, 0], &sdyx[i, 0], nc, groups, s, &rstd[i, 0], w, &ca[i, 0], &cb[i, 0],
+                               &cc[i, 0])
+            _grad_apply_rows(dyp + i * s * nc, xp + i * s * nc, dxp + i * s * nc, s, nc, &cm[i, 0], &ca[i, 0],
+                             &cb[i, 0], &cc[i, 0])
     else:
         for t in prange(n * blocks, nogil=True, schedule="static", num_threads=nt):
             i = t // blocks
             r0 = (t % blocks) * rows
-            _col_grad_sums(dyp + (i * s + r0) * nc, xp + (i * s + r0) * nc, max(0, min(rows, s - r0)), nc, nc,
+            _col_grad_sums(dyp + (i * s + r0) * nc, xp + (i * s + r0) * nc, max(0, min(rows, s - r0)), nc,
                            &cm[i, 0], &sdy[t, 0], &sdyx[t, 0])
         for i in range(n):
             _merge_blocks(&sdy[i * blocks, 0], &sdyx[i * blocks, 0], blocks, nc)
-            _grad_coefficients(&sdy[i * blocks, 0], &sdyx[i * blocks, 0], groups, cg, s, &rstd[i, 0], w,
+            _grad_coefficients(&sdy[i * blocks, 0], &sdyx[i * blocks, 0], nc, groups, s, &rstd[i, 0], w,
                                &ca[i, 0], &cb[i, 0], &cc[i, 0])
         for t in prange(n * blocks, nogil=True, schedule="static", num_threads=nt):
             i = t // blocks
             r0 = (t % blocks) * rows
             _grad_apply_rows(dyp + (i * s + r0) * nc, xp + (i * s + r0) * nc, dxp + (i * s + r0) * nc,
-                             max(0, min(rows, s - r0)), nc, nc, &cm[i, 0], &ca[i, 0], &cb[i, 0], &cc[i, 0])
+                             max(0, min(rows, s - r0)), nc, &cm[i, 0], &ca[i, 0], &cb[i, 0], &cc[i, 0])
     # dweight = sum(dy * xhat) = sum over samples of rstd * sum(dy * (x - mean)); summed in sample order
     if dweight is not None:
         for c in range(nc):
