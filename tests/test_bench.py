@@ -259,6 +259,8 @@ def test_bench_channels_last_needs_a_channel_op_with_spatial_dims():
         bench.bench("ln", shape=(2, 8, 4), backends=["cython"], repeat=1, layout="nhwc")
     result = run("--op", "ln", "--layout", "nhwc", *TINY)
     assert result.exit_code == 2 and "nhwc" in result.output
+    result = run("--channels-last", *TINY)  # a --model option
+    assert result.exit_code == 2 and "--model only" in result.output
 
 
 def test_bench_without_baseline():
