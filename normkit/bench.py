@@ -509,7 +509,8 @@ def _run_task(case, direction, names, baseline, compile, repeat, min_time, seed,
                 contenders.append(prepare(case, direction, name, inputs, lay))
                 layouts.append(lay)
             except (ValueError, TypeError) as exc:  # it lacks this op, direction, dtype or layout
-                _note(notes, f"backend {name!r} skipped for {case.label} {direction} ({lay}): {exc}")
+                which = f" ({lay})" if layout == NHWC else ""
+                _note(notes, f"backend {name!r} skipped for {case.label} {direction}{which}: {exc}")
     if not contenders:
         return []
     if baseline:
