@@ -104,7 +104,9 @@ exactly the NCHW kernel's shape and meaning; a GroupNorm group is a run of C/G c
 C. Numerics and tolerances are the NCHW kernel's. ``normkit.registry.lookup(..., layout="nhwc")`` finds them;
 when no backend has one, the frontends copy the input to NCHW, call the NCHW kernel and hand the output back in the
 input's memory format, so a backend without them is only slower on channels-last data. An input that is both
-NCHW- and NHWC-contiguous (C = 1, or S = 1) goes to the NCHW kernel: the memory is the same.
+NCHW- and NHWC-contiguous (C = 1, or S = 1) goes to the NCHW kernel: the memory is the same. Channels-last kernels
+are float32/float64 only (:data:`LAYOUT_DTYPES`): a backend's 16-bit dtypes do not extend its ``channels_last``, and
+16-bit channels-last data goes through an NCHW copy.
 
 The contract is versioned; a backend declares the version it targets and normkit refuses other versions.
 Optional module attributes: ``set_num_threads(n)`` (normkit calls it whenever the user sets a thread count, and
@@ -336,6 +338,7 @@ OPS = tuple(SPECS)
 NCHW, NHWC = "nchw", "nhwc"
 LAYOUTS = (NCHW, NHWC)
 CHANNEL_OPS = tuple(name for name, s in SPECS.items() if s.sets != "row")
+LAYOUT_DTYPES = ("float32", "float64")  # the dtypes channels-last kernels exist for
 
 DIRECTIONS = {name: spec.directions for name, spec in SPECS.items()}
 

@@ -21,7 +21,9 @@ from dataclasses import dataclass, field
 from importlib import metadata
 from typing import Callable, Mapping, Sequence
 
-from .contract import CHANNEL_OPS, CONTRACT_VERSION, DEFAULT_DTYPES, DIRECTIONS, DTYPES, LAYOUTS, NCHW, NHWC, OPS
+from .contract import (
+    CHANNEL_OPS, CONTRACT_VERSION, DEFAULT_DTYPES, DIRECTIONS, DTYPES, LAYOUT_DTYPES, LAYOUTS, NCHW, NHWC, OPS,
+)
 
 GROUP = "normkit.backends"
 # Built-ins come first in this order, then plugins by name, then the reference as the backend of last resort.
@@ -42,8 +44,8 @@ class Backend:
 
     ``kernels`` maps each op to the directions implemented (see :mod:`normkit.contract`); ``dtypes`` applies to
     all of them. ``channels_last`` maps an op to the directions that also have a channels-last kernel (channel ops
-    only, among the directions of ``kernels``; same dtypes). ``module`` is the dotted name of the kernels module
-    (or, for backends registered at run time, an object with a ``KERNELS`` attribute).
+    only, among the directions of ``kernels``; the same dtypes, float32/float64 only). ``module`` is the dotted name
+    of the kernels module (or, for backends registered at run time, an object with a ``KERNELS`` attribute).
     """
 
     name: str
@@ -70,6 +72,7 @@ class Backend:
             for op, directions in self.channels_last.items()
             for direction in directions
             for dtype in self.dtypes
+            if dtype in LAYOUT_DTYPES
         )
 
     def validate(self) -> None:

@@ -251,8 +251,8 @@ def test_cli_model_help_names_every_model():
 
 @pytest.mark.parametrize("args, message", [
     (["--model", "vgg"], "unknown model 'vgg'; choose from resnet, unet, transformer, all"),
-    (["--quick"], "--quick, --steps and --autocast apply to --model only"),
-    (["--steps", "3", "--op", "ln"], "--quick, --steps and --autocast apply to --model only"),
+    (["--quick"], "--quick, --steps, --autocast and --channels-last apply to --model only"),
+    (["--steps", "3", "--op", "ln"], "--quick, --steps, --autocast and --channels-last apply to --model only"),
     (["--model", "resnet", "--op", "ln", "--repeat", "3"], "--model times whole models; drop --op, --repeat"),
     (["--model", "resnet", "--backend", "reference", "--backend", "numba"], "at most one backend"),
     (["--model", "resnet", "--steps", "0"], "0 is not in the range x>=1"),
