@@ -16,15 +16,20 @@ alone, so that the summation order (and so every result) never depends on the th
   channel in block order, and the elementwise pass runs row by row.
 """
 
+import os
+
 import numpy as np
 
 from cython cimport floating
 from cython.parallel cimport prange
 from libc.math cimport isfinite, sqrt
 
+from libc.stdint cimport uint16_t
+
 from _common cimport (
-    NORMKIT_BUILD_FLAGS, NORMKIT_HAVE_OPENMP, NORMKIT_OPENMP_NOTE, affine, finish_moments, grad_apply, grad_sums,
-    moments, normkit_use_x86_64_v3, pivot_of, prefetch_run, scale_copy,
+    NORMKIT_BUILD_FLAGS, NORMKIT_HAVE_OPENMP, NORMKIT_OPENMP_NOTE, TILE16, affine, affine16, finish_moments,
+    grad_apply, grad_apply16, grad_sums, grad_sums16, moments, moments16, normkit_half_init, normkit_narrow,
+    normkit_use_x86_64_v3, normkit_widen, pivot16, pivot_of, prefetch_run, scale_copy, scale_copy16,
 )
 
 # How this module was built (setup.py); the backend reads it for its INFO and to pick the x86-64-v3 copy.
@@ -34,6 +39,10 @@ BUILD = {
     "flags": NORMKIT_BUILD_FLAGS.decode(),
     "use_x86_64_v3": bool(normkit_use_x86_64_v3()),
 }
+
+# float16 converts with F16C where the CPU has it, unless NORMKIT_CYTHON_NO_F16C=1 asks for the portable code (to
+# test or compare it); each module holds its own choice.
+F16C = bool(normkit_half_init(os.environ.get("NORMKIT_CYTHON_NO_F16C", "") in ("", "0")))
 
 cdef Py_ssize_t SHORT_ROW = 32
 cdef Py_ssize_t MANY_CHANNELS = 32
@@ -659,3 +668,419 @@ def batchnorm_backward_apply(const floating[:, :, ::1] dy, const floating[:, :, 
     cdef double[::1] ca = np.asarray(a, dtype=np.float64), cb = np.asarray(b, dtype=np.float64)
     cdef double[::1] cc = np.asarray(d, dtype=np.float64)
     _grad_apply_channels(dy, x, dx, True, zero, ca, cb, cc)
+
+
+# --- 16-bit data (normkit.contract): uint16 patterns, fmt 0 bfloat16 / 1 float16; float32 parameters and stats ----
+# The same schedules (the columns one always with separate passes), each run of data widened to float32 tile by
+# tile (TILE16 values, or ROWS16 rows of a column task's CHUNK columns) and handed to the float32 loops above.
+
+cdef enum:
+    ROWS16 = 8
+
+
+def convert16(int fmt, a):
+    """The 16-bit conversions on a whole array, for tests: uint16 patterns -> float32, float32 -> uint16 (RNE)."""
+    cdef const uint16_t[::1] h
+    cdef const float[::1] f
+    cdef uint16_t[::1] ho
+    cdef float[::1] fo
+    a = np.ascontiguousarray(a).ravel()
+    if a.dtype == np.uint16:
+        h = a
+        out = np.empty(a.shape[0], np.float32)
+        fo = out
+        if a.shape[0]:
+            normkit_widen(&h[0], &fo[0], a.shape[0], fmt)
+        return out
+    f = a.astype(np.float32, copy=False)
+    out = np.empty(a.shape[0], np.uint16)
+    ho = out
+    if a.shape[0]:
+        normkit_narrow(&f[0], &ho[0], a.shape[0], fmt)
+    return out
+
+
+cdef void _widen_block(const uint16_t* x, Py_ssize_t rows, Py_ssize_t length, Py_ssize_t width, int fmt,
+                       float* out) noexcept nogil:
+    """rows x width values of the (., length) view starting at x, into out as rows of width."""
+    cdef Py_ssize_t i
+    for i in range(rows):
+        normkit_widen(x + i * length, out + i * width, width, fmt)
+
+
+cdef void _forward_channel16(const uint16_t* x, uint16_t* y, Py_ssize_t n, Py_ssize_t nc, Py_ssize_t s,
+                             Py_ssize_t c, double eps, const float* w, const float* b, int fmt, double* mean,
+                             double* rstd) noexcept nogil:
+    cdef Py_ssize_t i
+    cdef double s1 = 0.0, s2 = 0.0, pivot = pivot16(x + c * s, fmt), scale
+    for i in range(n):
+        if i + 1 < n:
+            prefetch_run(x + ((i + 1) * nc + c) * s, s * sizeof(uint16_t))
+        moments16(x + (i * nc + c) * s, s, fmt, pivot, &s1, &s2)
+    finish_moments(s1, s2, n * s, pivot, eps, mean, rstd)
+    scale = rstd[0] * w[c] if w != NULL else rstd[0]
+    for i in range(n):
+        affine16(x + (i * nc + c) * s, y + (i * nc + c) * s, s, fmt, mean[0], scale, b[c] if b != NULL else 0.0)
+
+
+cdef void _backward_channel16(const uint16_t* dy, const uint16_t* x, uint16_t* dx, Py_ssize_t n, Py_ssize_t nc,
+                              Py_ssize_t s, Py_ssize_t c, bint training, bint sums, double mean, double rstd,
+                              double w, int fmt, double* sdy, double* sdyx) noexcept nogil:
+    cdef Py_ssize_t i, off
+    cdef double a = 0.0, b = 0.0, ca, cb, cc
+    if sums:
+        for i in range(n):
+            if i + 1 < n:
+                prefetch_run(dy + ((i + 1) * nc + c) * s, s * sizeof(uint16_t))
+                prefetch_run(x + ((i + 1) * nc + c) * s, s * sizeof(uint16_t))
+            grad_sums16(dy + (i * nc + c) * s, x + (i * nc + c) * s, NULL, s, fmt, mean, &a, &b)
+    sdy[0] = a
+    sdyx[0] = b
+    _coefficients(training, a, b, <double>(n * s), rstd, w, &ca, &cb, &cc)
+    for i in range(n):
+        off = (i * nc + c) * s
+        if training:
+            grad_apply16(dy + off, x + off, dx + off, s, fmt, mean, ca, cb, cc)
+        else:
+            scale_copy16(dy + off, dx + off, s, fmt, ca)
+
+
+cdef void _column_moments16(const uint16_t* x, Py_ssize_t n, Py_ssize_t length, Py_ssize_t l0, Py_ssize_t l1,
+                            const float* pivot, bint wide, int fmt, double* s1, double* s2) noexcept nogil:
+    """_column_moments (_column_moments64 if wide) of columns l0..l1 (at most CHUNK), ROWS16 rows at a time."""
+    cdef float t[ROWS16 * CHUNK]
+    cdef double p[CHUNK]
+    cdef double a[CHUNK]
+    cdef double b[CHUNK]
+    cdef Py_ssize_t width = l1 - l0, q, i, l, r
+    for l in range(width):
+        p[l] = pivot[l0 + l]
+        s1[l0 + l] = 0.0
+        s2[l0 + l] = 0.0
+    for q in range((n + ROWS16 - 1) // ROWS16):
+        i = q * ROWS16
+        r = min(<Py_ssize_t>ROWS16, n - i)
+        _widen_block(x + i * length + l0, r, length, width, fmt, t)
+        if wide:
+            _column_moments64(t, r, width, 0, width, p, a, b)
+        else:
+            _column_moments(t, r, width, 0, width, pivot + l0, a, b)
+        for l in range(width):
+            s1[l0 + l] += a[l]
+            s2[l0 + l] += b[l]
+
+
+cdef void _column_grad_sums16(const uint16_t* dy, const uint16_t* x, Py_ssize_t n, Py_ssize_t length, Py_ssize_t l0,
+                              Py_ssize_t l1, const float* mean, int fmt, double* sdy, double* sdyx) noexcept nogil:
+    """_column_grad_sums of columns l0..l1 (at most CHUNK), ROWS16 rows at a time."""
+    cdef float tdy[ROWS16 * CHUNK]
+    cdef float tx[ROWS16 * CHUNK]
+    cdef double a[CHUNK]
+    cdef double b[CHUNK]
+    cdef Py_ssize_t width = l1 - l0, q, i, l, r
+    for l in range(l0, l1):
+        sdy[l] = 0.0
+        sdyx[l] = 0.0
+    for q in range((n + ROWS16 - 1) // ROWS16):
+        i = q * ROWS16
+        r = min(<Py_ssize_t>ROWS16, n - i)
+        _widen_block(dy + i * length + l0, r, length, width, fmt, tdy)
+        _widen_block(x + i * length + l0, r, length, width, fmt, tx)
+        _column_grad_sums(tdy, tx, r, width, 0, width, mean + l0, a, b)
+        for l in range(width):
+            sdy[l0 + l] += a[l]
+            sdyx[l0 + l] += b[l]
+
+
+cdef void _channel_moments16(const uint16_t[:, :, ::1] x, double[::1] pivot, bint wide, int fmt, double[::1] s1,
+                             double[::1] s2):
+    """_channel_moments (or, if wide, _stats_moments) on 16-bit data."""
+    cdef Py_ssize_t n = x.shape[0], nc = x.shape[1], s = x.shape[2], t, c, i, k, length = nc * s
+    cdef Py_ssize_t width, tasks, blocks, rows
+    cdef const uint16_t* xp = &x[0, 0, 0]
+    cdef double[::1] a, b
+    cdef float[::1] p
+    cdef int nt = _nthreads
+    if s >= SHORT_ROW:
+        a = np.zeros(n * nc)
+        b = np.zeros(n * nc)
+        for t in prange(n * nc, nogil=True, schedule="static", num_threads=nt):
+            moments16(xp + t * s, s, fmt, pivot[t % nc], &a[t], &b[t])
+        for c in range(nc):
+            s1[c] = 0.0
+            s2[c] = 0.0
+            for i in range(n):
+                s1[c] += a[i * nc + c]
+                s2[c] += b[i * nc + c]
+    else:
+        blocks = _column_split(n, nc, s, &width, &tasks, &rows)
+        a = np.empty(blocks * length)
+        b = np.empty(blocks * length)
+        p = np.empty(length, np.float32)
+        _per_column(&pivot[0], nc, s, &p[0])
+        for t in prange(blocks * tasks, nogil=True, schedule="static", num_threads=nt):
+            k = t // tasks
+            _column_moments16(xp + k * rows * length, max(0, min(rows, n - k * rows)), length, (t % tasks) * width,
+                              min(length, (t % tasks + 1) * width), &p[0], wide, fmt, &a[k * length],
+                              &b[k * length])
+        for c in range(nc):
+            s1[c] = 0.0
+            s2[c] = 0.0
+            for k in range(blocks):
+                _merge_columns(&a[k * length + c * s], &b[k * length + c * s], s, &s1[c], &s2[c])
+
+
+cdef void _apply_channels16(const uint16_t[:, :, ::1] x, uint16_t[:, :, ::1] y, double[::1] mean,
+                            double[::1] scale, double[::1] shift, int fmt):
+    """_apply_channels on 16-bit data."""
+    cdef Py_ssize_t n = x.shape[0], nc = x.shape[1], s = x.shape[2], t, c, length = nc * s
+    cdef const uint16_t* xp = &x[0, 0, 0]
+    cdef uint16_t* yp = &y[0, 0, 0]
+    cdef double[::1] exact_shift
+    cdef float[:, ::1] cols
+    cdef int nt = _nthreads
+    if s >= SHORT_ROW:
+        for t in prange(n * nc, nogil=True, schedule="static", num_threads=nt):
+            c = t % nc
+            affine16(xp + t * s, yp + t * s, s, fmt, mean[c], scale[c], shift[c])
+        return
+    exact_shift = np.empty(nc)
+    for c in range(nc):
+        exact_shift[c] = shift[c] + (<double><float>mean[c] - mean[c]) * scale[c]
+    cols = np.empty((3, length), np.float32)
+    _per_column(&mean[0], nc, s, &cols[0, 0])
+    _per_column(&scale[0], nc, s, &cols[1, 0])
+    _per_column(&exact_shift[0], nc, s, &cols[2, 0])
+    for t in prange(n, nogil=True, schedule="static", num_threads=nt):
+        _affine_row16(xp + t * length, yp + t * length, length, &cols[0, 0], &cols[1, 0], &cols[2, 0], fmt)
+
+
+cdef void _affine_row16(const uint16_t* x, uint16_t* y, Py_ssize_t length, const float* mean, const float* scale,
+                        const float* shift, int fmt) noexcept nogil:
+    """_affine_columns on one row of the (N, C*S) view, tile by tile."""
+    cdef float t[TILE16]
+    cdef Py_ssize_t q, j, k
+    for q in range((length + TILE16 - 1) // TILE16):
+        j = q * TILE16
+        k = min(<Py_ssize_t>TILE16, length - j)
+        normkit_widen(x + j, t, k, fmt)
+        _affine_columns(t, t, k, mean + j, scale + j, shift + j)
+        normkit_narrow(t, y + j, k, fmt)
+
+
+cdef void _channel_grad_sums16(const uint16_t[:, :, ::1] dy, const uint16_t[:, :, ::1] x, double[::1] mean, int fmt,
+                               double[::1] sdy, double[::1] sdyx):
+    """_channel_grad_sums on 16-bit data."""
+    cdef Py_ssize_t n = x.shape[0], nc = x.shape[1], s = x.shape[2], t, c, i, k, length = nc * s
+    cdef Py_ssize_t width, tasks, blocks, rows
+    cdef const uint16_t* dyp = &dy[0, 0, 0]
+    cdef const uint16_t* xp = &x[0, 0, 0]
+    cdef double[::1] a, b
+    cdef float[::1] m
+    cdef int nt = _nthreads
+    if s >= SHORT_ROW:
+        a = np.zeros(n * nc)
+        b = np.zeros(n * nc)
+        for t in prange(n * nc, nogil=True, schedule="static", num_threads=nt):
+            grad_sums16(dyp + t * s, xp + t * s, NULL, s, fmt, mean[t % nc], &a[t], &b[t])
+        for c in range(nc):
+            sdy[c] = 0.0
+            sdyx[c] = 0.0
+            for i in range(n):
+                sdy[c] += a[i * nc + c]
+                sdyx[c] += b[i * nc + c]
+    else:
+        blocks = _column_split(n, nc, s, &width, &tasks, &rows)
+        a = np.empty(blocks * length)
+        b = np.empty(blocks * length)
+        m = np.empty(length, np.float32)
+        _per_column(&mean[0], nc, s, &m[0])
+        for t in prange(blocks * tasks, nogil=True, schedule="static", num_threads=nt):
+            k = t // tasks
+            _column_grad_sums16(dyp + k * rows * length, xp + k * rows * length, max(0, min(rows, n - k * rows)),
+                                length, (t % tasks) * width, min(length, (t % tasks + 1) * width), &m[0], fmt,
+                                &a[k * length], &b[k * length])
+        for c in range(nc):
+            sdy[c] = 0.0
+            sdyx[c] = 0.0
+            for k in range(blocks):
+                _merge_columns(&a[k * length + c * s], &b[k * length + c * s], s, &sdy[c], &sdyx[c])
+
+
+cdef void _grad_apply_channels16(const uint16_t[:, :, ::1] dy, const uint16_t[:, :, ::1] x, uint16_t[:, :, ::1] dx,
+                                 bint training, double[::1] mean, double[::1] ca, double[::1] cb, double[::1] cc,
+                                 int fmt):
+    """_grad_apply_channels on 16-bit data."""
+    cdef Py_ssize_t n = x.shape[0], nc = x.shape[1], s = x.shape[2], t, c, length = nc * s
+    cdef const uint16_t* dyp = &dy[0, 0, 0]
+    cdef const uint16_t* xp = &x[0, 0, 0]
+    cdef uint16_t* dxp = &dx[0, 0, 0]
+    cdef float[:, ::1] cols
+    cdef int nt = _nthreads
+    if s >= SHORT_ROW:
+        for t in prange(n * nc, nogil=True, schedule="static", num_threads=nt):
+            c = t % nc
+            if training:
+                grad_apply16(dyp + t * s, xp + t * s, dxp + t * s, s, fmt, mean[c], ca[c], cb[c], cc[c])
+            else:
+                scale_copy16(dyp + t * s, dxp + t * s, s, fmt, ca[c])
+        return
+    cols = np.empty((4, length), np.float32)
+    _per_column(&mean[0], nc, s, &cols[0, 0])
+    _per_column(&ca[0], nc, s, &cols[1, 0])
+    _per_column(&cb[0], nc, s, &cols[2, 0])
+    _per_column(&cc[0], nc, s, &cols[3, 0])
+    for t in prange(n, nogil=True, schedule="static", num_threads=nt):
+        _grad_apply_row16(dyp + t * length, xp + t * length, dxp + t * length, length, training, &cols[0, 0], fmt)
+
+
+cdef void _grad_apply_row16(const uint16_t* dy, const uint16_t* x, uint16_t* dx, Py_ssize_t length, bint training,
+                            const float* cols, int fmt) noexcept nogil:
+    """_grad_apply_columns (or _scale_columns) on one row of the (N, C*S) view, tile by tile; cols holds the rows
+    mean, ca, cb, cc of per-column coefficients."""
+    cdef float tdy[TILE16]
+    cdef float tx[TILE16]
+    cdef Py_ssize_t q, j, k
+    for q in range((length + TILE16 - 1) // TILE16):
+        j = q * TILE16
+        k = min(<Py_ssize_t>TILE16, length - j)
+        normkit_widen(dy + j, tdy, k, fmt)
+        if training:
+            normkit_widen(x + j, tx, k, fmt)
+            _grad_apply_columns(tdy, tx, tdy, k, cols + j, cols + length + j, cols + 2 * length + j,
+                                cols + 3 * length + j)
+        else:
+            _scale_columns(tdy, tdy, k, cols + length + j)
+        normkit_narrow(tdy, dx + j, k, fmt)
+
+
+cdef void _backward16(bint training, const uint16_t[:, :, ::1] dy, const uint16_t[:, :, ::1] x,
+                      const float[::1] mean, const float[::1] rstd, const float[::1] weight, uint16_t[:, :, ::1] dx,
+                      float[::1] dweight, float[::1] dbias, int fmt):
+    """_backward on 16-bit data (the channels schedule, or sums and elementwise pass apart)."""
+    cdef Py_ssize_t n = x.shape[0], nc = x.shape[1], s = x.shape[2], c
+    cdef const uint16_t* dyp = &dy[0, 0, 0]
+    cdef const uint16_t* xp = &x[0, 0, 0]
+    cdef uint16_t* dxp = &dx[0, 0, 0]
+    cdef const float* w = _ptr(weight)
+    cdef bint sums = training or dweight is not None or dbias is not None
+    cdef double[::1] mu = np.asarray(mean, dtype=np.float64), r = np.asarray(rstd, dtype=np.float64)
+    cdef double[::1] sdy = np.zeros(nc), sdyx = np.zeros(nc)
+    cdef double[::1] ca, cb, cc
+    cdef int nt = _nthreads
+    if s >= SHORT_ROW and nc >= MANY_CHANNELS:
+        for c in prange(nc, nogil=True, schedule="static", num_threads=nt):
+            _backward_channel16(dyp, xp, dxp, n, nc, s, c, training, sums, mu[c], r[c],
+                                w[c] if w != NULL else 1.0, fmt, &sdy[c], &sdyx[c])
+    else:
+        if sums:
+            _channel_grad_sums16(dy, x, mu, fmt, sdy, sdyx)
+        ca, cb, cc = np.empty(nc), np.empty(nc), np.empty(nc)
+        for c in range(nc):
+            _coefficients(training, sdy[c], sdyx[c], <double>(n * s), r[c], w[c] if w != NULL else 1.0,
+                          &ca[c], &cb[c], &cc[c])
+        _grad_apply_channels16(dy, x, dx, training, mu, ca, cb, cc, fmt)
+    for c in range(nc):
+        if dweight is not None:
+            dweight[c] = <float>(r[c] * sdyx[c])
+        if dbias is not None:
+            dbias[c] = <float>sdy[c]
+
+
+cdef void _pivots16(const uint16_t[:, :, ::1] x, int fmt, double[::1] pivot):
+    cdef Py_ssize_t c
+    for c in range(x.shape[1]):
+        pivot[c] = pivot16(&x[0, c, 0], fmt)
+
+
+def batchnorm_forward16(int fmt, const uint16_t[:, :, ::1] x, const float[::1] weight, const float[::1] bias,
+                        double eps, uint16_t[:, :, ::1] y, float[::1] mean, float[::1] rstd):
+    cdef Py_ssize_t n = x.shape[0], nc = x.shape[1], s = x.shape[2], c
+    cdef const uint16_t* xp = &x[0, 0, 0]
+    cdef uint16_t* yp = &y[0, 0, 0]
+    cdef const float* w = _ptr(weight)
+    cdef const float* b = _ptr(bias)
+    cdef double[::1] mu = np.empty(nc), r = np.empty(nc)
+    cdef double[::1] pivot, s1, s2, scale, shift
+    cdef int nt = _nthreads
+    if s >= SHORT_ROW and nc >= MANY_CHANNELS:
+        for c in prange(nc, nogil=True, schedule="static", num_threads=nt):
+            _forward_channel16(xp, yp, n, nc, s, c, eps, w, b, fmt, &mu[c], &r[c])
+    else:
+        pivot, s1, s2, scale, shift = np.empty(nc), np.empty(nc), np.empty(nc), np.empty(nc), np.empty(nc)
+        _pivots16(x, fmt, pivot)
+        _channel_moments16(x, pivot, False, fmt, s1, s2)
+        for c in range(nc):
+            finish_moments(s1[c], s2[c], n * s, pivot[c], eps, &mu[c], &r[c])
+            scale[c] = r[c] * w[c] if w != NULL else r[c]
+            shift[c] = b[c] if b != NULL else 0.0
+        _apply_channels16(x, y, mu, scale, shift, fmt)
+    for c in range(nc):
+        mean[c] = <float>mu[c]
+        rstd[c] = <float>r[c]
+
+
+def channel_forward_infer16(int fmt, const uint16_t[:, :, ::1] x, const float[::1] weight, const float[::1] bias,
+                            const float[::1] running_mean, const float[::1] running_var, double eps,
+                            uint16_t[:, :, ::1] y):
+    cdef Py_ssize_t nc = x.shape[1], c
+    cdef double[::1] mu = np.empty(nc), scale = np.empty(nc), shift = np.empty(nc)
+    cdef double r
+    for c in range(nc):
+        r = 1.0 / sqrt(<double>running_var[c] + eps)
+        mu[c] = running_mean[c]
+        scale[c] = r * weight[c] if weight is not None else r
+        shift[c] = bias[c] if bias is not None else 0.0
+    _apply_channels16(x, y, mu, scale, shift, fmt)
+
+
+def batchnorm_backward16(int fmt, const uint16_t[:, :, ::1] dy, const uint16_t[:, :, ::1] x, const float[::1] mean,
+                         const float[::1] rstd, const float[::1] weight, uint16_t[:, :, ::1] dx, float[::1] dweight,
+                         float[::1] dbias):
+    _backward16(True, dy, x, mean, rstd, weight, dx, dweight, dbias, fmt)
+
+
+def channel_backward_infer16(int fmt, const uint16_t[:, :, ::1] dy, const uint16_t[:, :, ::1] x,
+                             const float[::1] mean, const float[::1] rstd, const float[::1] weight,
+                             uint16_t[:, :, ::1] dx, float[::1] dweight, float[::1] dbias):
+    _backward16(False, dy, x, mean, rstd, weight, dx, dweight, dbias, fmt)
+
+
+def batchnorm_stats16(int fmt, const uint16_t[:, :, ::1] x, double[::1] mean, double[::1] m2):
+    cdef Py_ssize_t nc = x.shape[1], c
+    cdef double cnt = <double>(x.shape[0] * x.shape[2]), d, v
+    cdef double[::1] pivot = np.empty(nc), s1 = np.empty(nc), s2 = np.empty(nc)
+    _pivots16(x, fmt, pivot)
+    _channel_moments16(x, pivot, True, fmt, s1, s2)
+    for c in range(nc):
+        d = s1[c] / cnt
+        v = s2[c] - s1[c] * d
+        if v < 0.0:  # rounding; a NaN stays NaN
+            v = 0.0
+        mean[c] = pivot[c] + d
+        m2[c] = v
+
+
+def batchnorm_apply16(int fmt, const uint16_t[:, :, ::1] x, const float[::1] scale, const float[::1] shift,
+                      uint16_t[:, :, ::1] y):
+    cdef double[::1] zero = np.zeros(x.shape[1])
+    cdef double[::1] sc = np.asarray(scale, dtype=np.float64), sh = np.asarray(shift, dtype=np.float64)
+    _apply_channels16(x, y, zero, sc, sh, fmt)
+
+
+def batchnorm_backward_reduce16(int fmt, const uint16_t[:, :, ::1] dy, const uint16_t[:, :, ::1] x,
+                                const double[::1] mean, const double[::1] rstd, double[::1] sum_dy,
+                                double[::1] sum_dy_xhat):
+    cdef Py_ssize_t nc = x.shape[1], c
+    cdef double[::1] mu = np.array(mean), sdyx = np.empty(nc)
+    _channel_grad_sums16(dy, x, mu, fmt, sum_dy, sdyx)
+    for c in range(nc):
+        sum_dy_xhat[c] = rstd[c] * sdyx[c]
+
+
+def batchnorm_backward_apply16(int fmt, const uint16_t[:, :, ::1] dy, const uint16_t[:, :, ::1] x,
+                               const float[::1] a, const float[::1] b, const float[::1] d, uint16_t[:, :, ::1] dx):
+    cdef double[::1] zero = np.zeros(x.shape[1])
+    cdef double[::1] ca = np.asarray(a, dtype=np.float64), cb = np.asarray(b, dtype=np.float64)
+    cdef double[::1] cc = np.asarray(d, dtype=np.float64)
+    _grad_apply_channels16(dy, x, dx, True, zero, ca, cb, cc, fmt)

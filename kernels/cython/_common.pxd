@@ -7,6 +7,7 @@ Every reduction is a plain loop over one accumulator pair; the build's -fassocia
 
 from cython cimport floating
 from libc.math cimport isfinite, sqrt
+from libc.stdint cimport uint16_t
 
 
 cdef inline double pivot_of(double first) noexcept nogil:
@@ -195,3 +196,203 @@ cdef extern from *:
     const char* NORMKIT_BUILD_FLAGS
     const char* NORMKIT_OPENMP_NOTE
     int normkit_use_x86_64_v3() noexcept nogil
+
+
+# --- 16-bit data (bfloat16, float16; normkit.contract): uint16 bit patterns, widened tile by tile ---------------
+
+cdef extern from *:
+    # fmt 0 is bfloat16, 1 is float16. bfloat16 widens by a shift and narrows by round-to-nearest-even in integers
+    # (both loops vectorize). float16 uses F16C where the CPU has it (always in the x86-64-v3 build; checked at
+    # run time in the baseline one), else a bit-exact integer conversion (subnormals, overflow to inf, NaN).
+    # A NaN narrows to a quiet NaN of the same sign.
+    """
+    #include <stdint.h>
+    #include <string.h>
+    #if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
+    #include <immintrin.h>
+    #define NORMKIT_F16C_TARGET __attribute__((target("avx,f16c")))
+    #endif
+
+    static int normkit_f16c = 0;
+
+    static inline float normkit_float_of(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
+    static inline uint32_t normkit_bits_of(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
+
+    static void normkit_bf16_widen(const uint16_t* s, float* d, Py_ssize_t n) {
+        for (Py_ssize_t i = 0; i < n; i++) d[i] = normkit_float_of((uint32_t)s[i] << 16);
+    }
+
+    static void normkit_bf16_narrow(const float* s, uint16_t* d, Py_ssize_t n) {
+        for (Py_ssize_t i = 0; i < n; i++) {
+            uint32_t u = normkit_bits_of(s[i]);
+            uint32_t r = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+            d[i] = (uint16_t)((u & 0x7FFFFFFFu) > 0x7F800000u ? (u >> 16) | 0x0040u : r);
+        }
+    }
+
+    static inline uint32_t normkit_f16_to_f32_bits(uint32_t h) {
+        uint32_t sign = (h & 0x8000u) << 16, e = (h >> 10) & 0x1Fu, m = h & 0x3FFu, p;
+        if (e == 0x1Fu) return sign | 0x7F800000u | (m << 13);
+        if (e) return sign | ((e + 112u) << 23) | (m << 13);
+        if (!m) return sign;
+        for (p = 9; !(m >> p); p--) {}  /* a subnormal: m * 2^-24 = 2^(p-24) * 1.f */
+        return sign | ((p + 103u) << 23) | ((m << (23 - p)) & 0x7FFFFFu);
+    }
+
+    static inline uint16_t normkit_f32_to_f16_bits(uint32_t u) {
+        uint32_t sign = (u >> 16) & 0x8000u, a = u & 0x7FFFFFFFu, m, sh, r, rest, half;
+        if (a > 0x7F800000u) return (uint16_t)(sign | 0x7E00u | ((a >> 13) & 0x3FFu));
+        if (a >= 0x477FF000u) return (uint16_t)(sign | 0x7C00u);  /* from 65520 on, RNE gives inf */
+        if (a >= 0x38800000u) {  /* normal: rebias the exponent by 127 - 15, round 13 bits away */
+            a -= 0x38000000u;
+            return (uint16_t)(sign | ((a + 0x0FFFu + ((a >> 13) & 1u)) >> 13));
+        }
+        if (a <= 0x33000000u) return (uint16_t)sign;  /* up to 2^-25, half the smallest subnormal: ties to 0 */
+        m = (a & 0x7FFFFFu) | 0x800000u;
+        sh = 126u - (a >> 23);  /* the value in units of 2^-24 is m >> sh */
+        r = m >> sh;
+        rest = m & ((1u << sh) - 1u);
+        half = 1u << (sh - 1u);
+        r += rest > half || (rest == half && (r & 1u));
+        return (uint16_t)(sign | r);
+    }
+
+    static void normkit_f16_widen_soft(const uint16_t* s, float* d, Py_ssize_t n) {
+        for (Py_ssize_t i = 0; i < n; i++) d[i] = normkit_float_of(normkit_f16_to_f32_bits(s[i]));
+    }
+
+    static void normkit_f16_narrow_soft(const float* s, uint16_t* d, Py_ssize_t n) {
+        for (Py_ssize_t i = 0; i < n; i++) d[i] = normkit_f32_to_f16_bits(normkit_bits_of(s[i]));
+    }
+
+    #ifdef NORMKIT_F16C_TARGET
+    NORMKIT_F16C_TARGET static void normkit_f16_widen_hw(const uint16_t* s, float* d, Py_ssize_t n) {
+        Py_ssize_t i = 0;
+        for (; i + 8 <= n; i += 8)
+            _mm256_storeu_ps(d + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(s + i))));
+        if (i < n) {
+            uint16_t t[8] = {0};
+            float f[8];
+            memcpy(t, s + i, (size_t)(n - i) * 2);
+            _mm256_storeu_ps(f, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)t)));
+            memcpy(d + i, f, (size_t)(n - i) * 4);
+        }
+    }
+
+    NORMKIT_F16C_TARGET static void normkit_f16_narrow_hw(const float* s, uint16_t* d, Py_ssize_t n) {
+        Py_ssize_t i = 0;
+        for (; i + 8 <= n; i += 8)
+            _mm_storeu_si128((__m128i*)(d + i), _mm256_cvtps_ph(_mm256_loadu_ps(s + i), _MM_FROUND_TO_NEAREST_INT));
+        if (i < n) {
+            float f[8] = {0};
+            uint16_t t[8];
+            memcpy(f, s + i, (size_t)(n - i) * 4);
+            _mm_storeu_si128((__m128i*)t, _mm256_cvtps_ph(_mm256_loadu_ps(f), _MM_FROUND_TO_NEAREST_INT));
+            memcpy(d + i, t, (size_t)(n - i) * 2);
+        }
+    }
+    #endif
+
+    /* Whether float16 uses F16C from now on: when allowed and the CPU has it. Returns the choice. */
+    static int normkit_half_init(int allow_f16c) {
+        normkit_f16c = 0;
+    #ifdef NORMKIT_F16C_TARGET
+        __builtin_cpu_init();
+        normkit_f16c = allow_f16c && __builtin_cpu_supports("avx") && __builtin_cpu_supports("f16c");
+    #endif
+        return normkit_f16c;
+    }
+
+    static void normkit_widen(const uint16_t* s, float* d, Py_ssize_t n, int fmt) {
+        if (fmt == 0) { normkit_bf16_widen(s, d, n); return; }
+    #ifdef NORMKIT_F16C_TARGET
+        if (normkit_f16c) { normkit_f16_widen_hw(s, d, n); return; }
+    #endif
+        normkit_f16_widen_soft(s, d, n);
+    }
+
+    static void normkit_narrow(const float* s, uint16_t* d, Py_ssize_t n, int fmt) {
+        if (fmt == 0) { normkit_bf16_narrow(s, d, n); return; }
+    #ifdef NORMKIT_F16C_TARGET
+        if (normkit_f16c) { normkit_f16_narrow_hw(s, d, n); return; }
+    #endif
+        normkit_f16_narrow_soft(s, d, n);
+    }
+    """
+    int normkit_half_init(int allow_f16c) noexcept nogil
+    void normkit_widen(const uint16_t* s, float* d, Py_ssize_t n, int fmt) noexcept nogil
+    void normkit_narrow(const float* s, uint16_t* d, Py_ssize_t n, int fmt) noexcept nogil
+
+
+# Values per tile of the 16-bit loops below: widened into float32 on the stack (4 KB per array, in L1), then the
+# float32 loops above run on the tile. A multiple of SUM_CHUNK, so grad_sums() chunks as it does for float32.
+cdef enum:
+    TILE16 = 1024
+
+
+cdef inline double pivot16(const uint16_t* x, int fmt) noexcept nogil:
+    """pivot_of() the first value of a 16-bit run."""
+    cdef float first
+    normkit_widen(x, &first, 1, fmt)
+    return pivot_of(first)
+
+
+cdef inline void moments16(const uint16_t* x, Py_ssize_t n, int fmt, double pivot, double* s1,
+                           double* s2) noexcept nogil:
+    cdef float t[TILE16]
+    cdef Py_ssize_t tile, i, k
+    for tile in range((n + TILE16 - 1) // TILE16):
+        i = tile * TILE16
+        k = min(TILE16, n - i)
+        normkit_widen(x + i, t, k, fmt)
+        normkit_moments_f(t, k, pivot, s1, s2)
+
+
+cdef inline void affine16(const uint16_t* x, uint16_t* y, Py_ssize_t n, int fmt, double mean, double scale,
+                          double shift) noexcept nogil:
+    cdef float t[TILE16]
+    cdef Py_ssize_t tile, i, k
+    for tile in range((n + TILE16 - 1) // TILE16):
+        i = tile * TILE16
+        k = min(TILE16, n - i)
+        normkit_widen(x + i, t, k, fmt)
+        affine(t, t, k, mean, scale, shift)
+        normkit_narrow(t, y + i, k, fmt)
+
+
+cdef inline void grad_sums16(const uint16_t* dy, const uint16_t* x, const float* w, Py_ssize_t n, int fmt,
+                             double mean, double* sdy, double* sdyx) noexcept nogil:
+    cdef float tdy[TILE16]
+    cdef float tx[TILE16]
+    cdef Py_ssize_t tile, i, k
+    for tile in range((n + TILE16 - 1) // TILE16):
+        i = tile * TILE16
+        k = min(TILE16, n - i)
+        normkit_widen(dy + i, tdy, k, fmt)
+        normkit_widen(x + i, tx, k, fmt)
+        grad_sums(tdy, tx, w + i if w != NULL else NULL, k, mean, sdy, sdyx)
+
+
+cdef inline void grad_apply16(const uint16_t* dy, const uint16_t* x, uint16_t* dx, Py_ssize_t n, int fmt,
+                              double mean, double a, double b, double c) noexcept nogil:
+    cdef float tdy[TILE16]
+    cdef float tx[TILE16]
+    cdef Py_ssize_t tile, i, k
+    for tile in range((n + TILE16 - 1) // TILE16):
+        i = tile * TILE16
+        k = min(TILE16, n - i)
+        normkit_widen(dy + i, tdy, k, fmt)
+        normkit_widen(x + i, tx, k, fmt)
+        grad_apply(tdy, tx, tdy, k, mean, a, b, c)
+        normkit_narrow(tdy, dx + i, k, fmt)
+
+
+cdef inline void scale_copy16(const uint16_t* dy, uint16_t* dx, Py_ssize_t n, int fmt, double a) noexcept nogil:
+    cdef float t[TILE16]
+    cdef Py_ssize_t tile, i, k
+    for tile in range((n + TILE16 - 1) // TILE16):
+        i = tile * TILE16
+        k = min(TILE16, n - i)
+        normkit_widen(dy + i, t, k, fmt)
+        scale_copy(t, t, k, a)
+        normkit_narrow(t, dx + i, k, fmt)

@@ -6,12 +6,23 @@ statistics and elementwise pass of a set done by one thread while the set is in 
 are summed over samples afterwards in sample order, so no result depends on the thread count.
 """
 
+import os
+
 import numpy as np
 
 from cython cimport floating
 from cython.parallel cimport prange
 
-from _common cimport affine, finish_moments, grad_apply, grad_sums, moments, pivot_of
+from libc.stdint cimport uint16_t
+
+from _common cimport (
+    affine, affine16, finish_moments, grad_apply, grad_apply16, grad_sums, grad_sums16, moments, moments16,
+    normkit_half_init, pivot16, pivot_of,
+)
+
+# float16 converts with F16C where the CPU has it, unless NORMKIT_CYTHON_NO_F16C=1 asks for the portable code (to
+# test or compare it); each module holds its own choice.
+F16C = bool(normkit_half_init(os.environ.get("NORMKIT_CYTHON_NO_F16C", "") in ("", "0")))
 
 cdef int _nthreads = 1
 
@@ -81,7 +92,7 @@ cdef void _groupnorm_forward(const floating[:, :, ::1] x, Py_ssize_t num_groups,
 cdef void _groupnorm_backward(const floating[:, :, ::1] dy, const floating[:, :, ::1] x, Py_ssize_t num_groups,
                               const floating[:, ::1] mean, const floating[:, ::1] rstd, const floating[::1] weight,
                               floating[:, :, ::1] dx, floating[::1] dweight, floating[::1] dbias):
-    cdef Py_ssize_t n = x.shape[0], c = x.shape[1], s = x.shape[2], cg = c // num_groups, t, i, j
+    cdef Py_ssize_t n = x.shape[0], c = x.shape[1], s = x.shape[2], cg = c // num_groups, t
     cdef const floating* dyp = &dy[0, 0, 0]
     cdef const floating* xp = &x[0, 0, 0]
     cdef floating* dxp = &dx[0, 0, 0]
@@ -92,13 +103,20 @@ cdef void _groupnorm_backward(const floating[:, :, ::1] dy, const floating[:, :,
     cdef double[:, ::1] sdyx = np.empty((n, c))
     cdef double* sdyp = &sdy[0, 0]
     cdef double* sdyxp = &sdyx[0, 0]
-    cdef double acc
     cdef int nt = _nthreads
     for t in prange(n * num_groups, nogil=True, schedule="static", num_threads=nt):
         _backward_set(dyp + t * cg * s, xp + t * cg * s, dxp + t * cg * s, cg, s,
                       w + (t % num_groups) * cg if w != NULL else NULL,
                       mp[t], rp[t], sdyp + t * cg, sdyxp + t * cg)
-    # dweight = sum(dy * xhat) = sum over samples of rstd * sum(dy * (x - mean)); summed in sample order
+    _param_grads(sdy, sdyx, rstd, cg, dweight, dbias)
+
+
+cdef void _param_grads(const double[:, ::1] sdy, const double[:, ::1] sdyx, const floating[:, ::1] rstd,
+                       Py_ssize_t cg, floating[::1] dweight, floating[::1] dbias):
+    """dweight = sum(dy * xhat) = sum over samples of rstd * sum(dy * (x - mean)), dbias = sum(dy); summed in
+    sample order."""
+    cdef Py_ssize_t n = sdy.shape[0], c = sdy.shape[1], i, j
+    cdef double acc
     if dweight is not None:
         for j in range(c):
             acc = 0.0
@@ -134,3 +152,88 @@ def instancenorm_backward(const floating[:, :, ::1] dy, const floating[:, :, ::1
                           const floating[:, ::1] mean, const floating[:, ::1] rstd, const floating[::1] weight,
                           floating[:, :, ::1] dx, floating[::1] dweight, floating[::1] dbias):
     _groupnorm_backward(dy, x, x.shape[1], mean, rstd, weight, dx, dweight, dbias)
+
+
+# --- 16-bit data (normkit.contract): uint16 patterns, fmt 0 bfloat16 / 1 float16; float32 parameters and stats ----
+
+cdef void _forward_set16(const uint16_t* x, uint16_t* y, Py_ssize_t cg, Py_ssize_t s, const float* w,
+                         const float* b, double eps, int fmt, float* mean_out, float* rstd_out) noexcept nogil:
+    # as _forward_set, tile by tile
+    cdef Py_ssize_t c
+    cdef double s1 = 0.0, s2 = 0.0, mean, rstd, pivot = pivot16(x, fmt)
+    moments16(x, cg * s, fmt, pivot, &s1, &s2)
+    finish_moments(s1, s2, cg * s, pivot, eps, &mean, &rstd)
+    mean_out[0] = <float>mean
+    rstd_out[0] = <float>rstd
+    for c in range(cg):
+        affine16(x + c * s, y + c * s, s, fmt, mean, rstd * w[c] if w != NULL else rstd, b[c] if b != NULL else 0.0)
+
+
+cdef void _backward_set16(const uint16_t* dy, const uint16_t* x, uint16_t* dx, Py_ssize_t cg, Py_ssize_t s,
+                          const float* w, double mean, double rstd, int fmt, double* sdy, double* sdyx) noexcept nogil:
+    # as _backward_set, tile by tile
+    cdef Py_ssize_t c
+    cdef double sg = 0.0, sgx = 0.0, wc, m = <double>(cg * s), b, k
+    for c in range(cg):
+        sdy[c] = 0.0
+        sdyx[c] = 0.0
+        grad_sums16(dy + c * s, x + c * s, NULL, s, fmt, mean, &sdy[c], &sdyx[c])
+        wc = w[c] if w != NULL else 1.0
+        sg = sg + wc * sdy[c]
+        sgx = sgx + wc * sdyx[c]
+    b = -rstd * rstd * rstd * sgx / m
+    k = -rstd * sg / m
+    for c in range(cg):
+        wc = w[c] if w != NULL else 1.0
+        grad_apply16(dy + c * s, x + c * s, dx + c * s, s, fmt, mean, rstd * wc, b, k)
+
+
+def groupnorm_forward16(int fmt, const uint16_t[:, :, ::1] x, Py_ssize_t num_groups, const float[::1] weight,
+                        const float[::1] bias, double eps, uint16_t[:, :, ::1] y, float[:, ::1] mean,
+                        float[:, ::1] rstd):
+    cdef Py_ssize_t n = x.shape[0], s = x.shape[2], cg = x.shape[1] // num_groups, t
+    cdef const uint16_t* xp = &x[0, 0, 0]
+    cdef uint16_t* yp = &y[0, 0, 0]
+    cdef float* mp = &mean[0, 0]
+    cdef float* rp = &rstd[0, 0]
+    cdef const float* w = _ptr(weight)
+    cdef const float* b = _ptr(bias)
+    cdef int nt = _nthreads
+    for t in prange(n * num_groups, nogil=True, schedule="static", num_threads=nt):
+        _forward_set16(xp + t * cg * s, yp + t * cg * s, cg, s,
+                       w + (t % num_groups) * cg if w != NULL else NULL,
+                       b + (t % num_groups) * cg if b != NULL else NULL,
+                       eps, fmt, mp + t, rp + t)
+
+
+def groupnorm_backward16(int fmt, const uint16_t[:, :, ::1] dy, const uint16_t[:, :, ::1] x, Py_ssize_t num_groups,
+                         const float[:, ::1] mean, const float[:, ::1] rstd, const float[::1] weight,
+                         uint16_t[:, :, ::1] dx, float[::1] dweight, float[::1] dbias):
+    cdef Py_ssize_t n = x.shape[0], c = x.shape[1], s = x.shape[2], cg = c // num_groups, t
+    cdef const uint16_t* dyp = &dy[0, 0, 0]
+    cdef const uint16_t* xp = &x[0, 0, 0]
+    cdef uint16_t* dxp = &dx[0, 0, 0]
+    cdef const float* mp = &mean[0, 0]
+    cdef const float* rp = &rstd[0, 0]
+    cdef const float* w = _ptr(weight)
+    cdef double[:, ::1] sdy = np.empty((n, c))
+    cdef double[:, ::1] sdyx = np.empty((n, c))
+    cdef double* sdyp = &sdy[0, 0]
+    cdef double* sdyxp = &sdyx[0, 0]
+    cdef int nt = _nthreads
+    for t in prange(n * num_groups, nogil=True, schedule="static", num_threads=nt):
+        _backward_set16(dyp + t * cg * s, xp + t * cg * s, dxp + t * cg * s, cg, s,
+                        w + (t % num_groups) * cg if w != NULL else NULL,
+                        mp[t], rp[t], fmt, sdyp + t * cg, sdyxp + t * cg)
+    _param_grads(sdy, sdyx, rstd, cg, dweight, dbias)
+
+
+def instancenorm_forward16(int fmt, const uint16_t[:, :, ::1] x, const float[::1] weight, const float[::1] bias,
+                           double eps, uint16_t[:, :, ::1] y, float[:, ::1] mean, float[:, ::1] rstd):
+    groupnorm_forward16(fmt, x, x.shape[1], weight, bias, eps, y, mean, rstd)
+
+
+def instancenorm_backward16(int fmt, const uint16_t[:, :, ::1] dy, const uint16_t[:, :, ::1] x,
+                            const float[:, ::1] mean, const float[:, ::1] rstd, const float[::1] weight,
+                            uint16_t[:, :, ::1] dx, float[::1] dweight, float[::1] dbias):
+    groupnorm_backward16(fmt, dy, x, x.shape[1], mean, rstd, weight, dx, dweight, dbias)

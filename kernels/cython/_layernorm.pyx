@@ -8,15 +8,24 @@ parallel pass for the row's sums (merged in tile order), one for dx and the para
 accumulate in row order while the row is still in cache.
 """
 
+import os
 import threading
 
 import numpy as np
 
 from cython cimport floating
 from cython.parallel cimport prange
+from libc.stdint cimport uint16_t
 from libc.string cimport memset
 
-from _common cimport finish_moments, grad_sums, moments, pivot_of
+from _common cimport (
+    TILE16, finish_moments, grad_sums, moments, moments16, normkit_half_init, normkit_narrow, normkit_widen, pivot16,
+    pivot_of,
+)
+
+# float16 converts with F16C where the CPU has it, unless NORMKIT_CYTHON_NO_F16C=1 asks for the portable code (to
+# test or compare it); each module holds its own choice.
+F16C = bool(normkit_half_init(os.environ.get("NORMKIT_CYTHON_NO_F16C", "") in ("", "0")))
 
 # Per-block partial parameter gradients of all blocks together stay under this many doubles (8 MB).
 cdef Py_ssize_t PARTIAL_BUDGET = 1 << 20
@@ -50,7 +59,6 @@ cdef double[::1] _scratch(Py_ssize_t n):
 
 cdef void _forward_row(const floating* x, floating* y, Py_ssize_t k, const floating* w, const floating* b,
                        double eps, floating* mean_out, floating* rstd_out) noexcept nogil:
-    cdef Py_ssize_t j
     cdef double s1 = 0.0, s2 = 0.0, mean, rstd, pivot = pivot_of(x[0])
     moments(x, k, pivot, &s1, &s2)
     finish_moments(s1, s2, k, pivot, eps, &mean, &rstd)
@@ -59,7 +67,13 @@ cdef void _forward_row(const floating* x, floating* y, Py_ssize_t k, const float
     # In the data's precision (twice the vector lanes of double for float32): xhat = (x - m) * r + c0 with m the
     # mean rounded to that precision and c0 = (m - mean) * rstd the rounding's correction, so that a large offset
     # loses nothing; a constant row gives xhat = 0 exactly and so exactly the bias.
+    _row_y(x, y, k, w, b, mean, rstd)
+
+
+cdef inline void _row_y(const floating* x, floating* y, Py_ssize_t k, const floating* w, const floating* b,
+                        double mean, double rstd) noexcept nogil:
     cdef floating m = <floating>mean, r = <floating>rstd, c0 = <floating>((<double>m - mean) * rstd)
+    cdef Py_ssize_t j
     for j in range(k):
         y[j] = ((x[j] - m) * r + c0) * w[j] + b[j]
 
@@ -238,3 +252,161 @@ def layernorm_backward(const floating[:, ::1] dy, const floating[:, ::1] x, cons
             dweight[j] = <floating>grads[j]
         if dbias is not None:
             dbias[j] = <floating>grads[k + j]
+
+
+# --- 16-bit data (normkit.contract): uint16 patterns, fmt 0 bfloat16 / 1 float16; float32 parameters and stats ----
+# Each row goes tile by tile (TILE16 values widened to float32 on the stack) through the float32 loops above.
+
+cdef void _forward_row16(const uint16_t* x, uint16_t* y, Py_ssize_t k, const float* w, const float* b, double eps,
+                         int fmt, float* mean_out, float* rstd_out) noexcept nogil:
+    cdef float t[TILE16]
+    cdef Py_ssize_t tile, j, n
+    cdef double s1 = 0.0, s2 = 0.0, mean, rstd, pivot = pivot16(x, fmt)
+    moments16(x, k, fmt, pivot, &s1, &s2)
+    finish_moments(s1, s2, k, pivot, eps, &mean, &rstd)
+    mean_out[0] = <float>mean
+    rstd_out[0] = <float>rstd
+    for tile in range((k + TILE16 - 1) // TILE16):
+        j = tile * TILE16
+        n = min(TILE16, k - j)
+        normkit_widen(x + j, t, n, fmt)
+        _row_y(t, t, n, w + j, b + j, mean, rstd)
+        normkit_narrow(t, y + j, n, fmt)
+
+
+cdef void _row_sums16(const uint16_t* dy, const uint16_t* x, Py_ssize_t k, const float* w, double mean, double rstd,
+                      int fmt, float* accw, float* accb, double* sg, double* sgx) noexcept nogil:
+    """grad_sums() of a run of a row into sg, sgx and, unless accw is NULL, _add_param_grads() into accw, accb."""
+    cdef float tdy[TILE16]
+    cdef float tx[TILE16]
+    cdef Py_ssize_t tile, j, n
+    for tile in range((k + TILE16 - 1) // TILE16):
+        j = tile * TILE16
+        n = min(TILE16, k - j)
+        normkit_widen(dy + j, tdy, n, fmt)
+        normkit_widen(x + j, tx, n, fmt)
+        if accw != NULL:
+            _add_param_grads(tdy, tx, n, mean, rstd, accw + j, accb + j)
+        grad_sums(tdy, tx, w + j, n, mean, sg, sgx)
+
+
+cdef void _row_dx16(const uint16_t* dy, const uint16_t* x, uint16_t* dx, Py_ssize_t k, const float* w, double mean,
+                    double rstd, double cb, double cc, int fmt) noexcept nogil:
+    cdef float tdy[TILE16]
+    cdef float tx[TILE16]
+    cdef Py_ssize_t tile, j, n
+    for tile in range((k + TILE16 - 1) // TILE16):
+        j = tile * TILE16
+        n = min(TILE16, k - j)
+        normkit_widen(dy + j, tdy, n, fmt)
+        normkit_widen(x + j, tx, n, fmt)
+        _row_dx(tdy, tx, tdy, n, w + j, mean, rstd, cb, cc)
+        normkit_narrow(tdy, dx + j, n, fmt)
+
+
+cdef void _backward_block16(const uint16_t* dy, const uint16_t* x, uint16_t* dx, Py_ssize_t m0, Py_ssize_t m1,
+                            Py_ssize_t k, const float* w, const float* mean, const float* rstd, int fmt,
+                            double* partial, float* acc) noexcept nogil:
+    """As _backward_block, with the parameter gradients and the row's sums taken in one visit of each tile."""
+    cdef Py_ssize_t i, o
+    cdef double sg, sgx, cb, cc
+    if partial != NULL:
+        memset(partial, 0, 2 * k * sizeof(double))
+        memset(acc, 0, 2 * k * sizeof(float))
+    for i in range(m0, m1):
+        o = i * k
+        sg = 0.0
+        sgx = 0.0
+        _row_sums16(dy + o, x + o, k, w, mean[i], rstd[i], fmt, acc if partial != NULL else NULL, acc + k, &sg, &sgx)
+        _coefficients(sg, sgx, k, rstd[i], &cb, &cc)
+        _row_dx16(dy + o, x + o, dx + o, k, w, mean[i], rstd[i], cb, cc, fmt)
+        if partial != NULL and ((i + 1 - m0) % FLUSH == 0 or i + 1 == m1):
+            _flush(acc, partial, 2 * k)
+
+
+def layernorm_forward16(int fmt, const uint16_t[:, ::1] x, const float[::1] weight, const float[::1] bias,
+                        double eps, uint16_t[:, ::1] y, float[::1] mean, float[::1] rstd):
+    cdef Py_ssize_t m = x.shape[0], k = x.shape[1], i
+    cdef const uint16_t* xp = &x[0, 0]
+    cdef uint16_t* yp = &y[0, 0]
+    cdef const float[::1] wv = weight if weight is not None else np.ones(k, np.float32)
+    cdef const float[::1] bv = bias if bias is not None else np.zeros(k, np.float32)
+    cdef int nt = _nthreads
+    for i in prange(m, nogil=True, schedule="static", num_threads=nt):
+        _forward_row16(xp + i * k, yp + i * k, k, &wv[0], &bv[0], eps, fmt, &mean[i], &rstd[i])
+
+
+def layernorm_backward16(int fmt, const uint16_t[:, ::1] dy, const uint16_t[:, ::1] x, const float[::1] mean,
+                         const float[::1] rstd, const float[::1] weight, uint16_t[:, ::1] dx, float[::1] dweight,
+                         float[::1] dbias):
+    """layernorm_backward's schedules (see there), on 16-bit data."""
+    cdef Py_ssize_t m = x.shape[0], k = x.shape[1], i, j, t, per_block, blocks, tiles, n
+    cdef const uint16_t* dyp = &dy[0, 0]
+    cdef const uint16_t* xp = &x[0, 0]
+    cdef uint16_t* dxp = &dx[0, 0]
+    cdef const float* mp = &mean[0]
+    cdef const float* rp = &rstd[0]
+    cdef bint params = dweight is not None or dbias is not None
+    cdef const float[::1] wv = weight if weight is not None else np.ones(k, np.float32)
+    cdef const float* w = &wv[0]
+    cdef float* acc
+    cdef double[::1] buf
+    cdef double* grads
+    cdef double* work
+    cdef double sg, sgx, cb, cc
+    cdef int nt = _nthreads
+    if not params:
+        blocks = min(m, MAX_BLOCKS)
+        per_block = (m + blocks - 1) // blocks
+        blocks = (m + per_block - 1) // per_block
+        for t in prange(blocks, nogil=True, schedule="static", num_threads=nt):
+            _backward_block16(dyp, xp, dxp, t * per_block, min(m, (t + 1) * per_block), k, w, mp, rp, fmt, NULL,
+                              NULL)
+        return
+    if k > LONG_ROW:
+        tiles = (k + TILE - 1) // TILE
+        buf = _scratch(2 * k + 2 * tiles + (2 * k * sizeof(float) + 7) // 8)
+        grads = &buf[0]
+        work = grads + 2 * k
+        acc = <float*>(work + 2 * tiles)
+        memset(acc, 0, 2 * k * sizeof(float))
+        memset(grads, 0, 2 * k * sizeof(double))
+        with nogil:
+            for i in range(m):
+                for t in prange(tiles, schedule="static", num_threads=nt):
+                    n = min(TILE, k - t * TILE)
+                    work[2 * t] = 0.0
+                    work[2 * t + 1] = 0.0
+                    _row_sums16(dyp + i * k + t * TILE, xp + i * k + t * TILE, n, w + t * TILE, mp[i], rp[i], fmt,
+                                acc + t * TILE, acc + k + t * TILE, &work[2 * t], &work[2 * t + 1])
+                    if i % FLUSH == FLUSH - 1 or i == m - 1:
+                        _flush(acc + t * TILE, grads + t * TILE, n)
+                        _flush(acc + k + t * TILE, grads + k + t * TILE, n)
+                sg = 0.0
+                sgx = 0.0
+                for t in range(tiles):
+                    sg = sg + work[2 * t]
+                    sgx = sgx + work[2 * t + 1]
+                _coefficients(sg, sgx, k, rp[i], &cb, &cc)
+                for t in prange(tiles, schedule="static", num_threads=nt):
+                    _row_dx16(dyp + i * k + t * TILE, xp + i * k + t * TILE, dxp + i * k + t * TILE,
+                              min(TILE, k - t * TILE), w + t * TILE, mp[i], rp[i], cb, cc, fmt)
+    else:
+        blocks = min(m, MAX_BLOCKS, max(1, PARTIAL_BUDGET // (2 * k)), max(FEW_BLOCKS, m // BLOCK_ROWS))
+        per_block = (m + blocks - 1) // blocks
+        blocks = (m + per_block - 1) // per_block
+        buf = _scratch(2 * k + blocks * 2 * k + (blocks * 2 * k * sizeof(float) + 7) // 8)
+        grads = &buf[0]
+        work = grads + 2 * k
+        acc = <float*>(work + blocks * 2 * k)
+        for t in prange(blocks, nogil=True, schedule="static", num_threads=nt):
+            _backward_block16(dyp, xp, dxp, t * per_block, min(m, (t + 1) * per_block), k, w, mp, rp, fmt,
+                              work + t * 2 * k, acc + t * 2 * k)
+        tiles = (2 * k + TILE - 1) // TILE
+        for t in prange(tiles, nogil=True, schedule="static", num_threads=nt):
+            _merge_blocks(work, blocks, 2 * k, t * TILE, min(2 * k, (t + 1) * TILE), grads)
+    for j in range(k):
+        if dweight is not None:
+            dweight[j] = <float>grads[j]
+        if dbias is not None:
+            dbias[j] = <float>grads[k + j]

@@ -1,7 +1,8 @@
 """The Cython backend's kernels module: KERNELS, set_num_threads and INFO over the compiled extension modules.
 
 The kernels are fused-type (float32/float64) Cython functions; each KERNELS entry is the specialization for its
-dtype, so a call skips Cython's run-time dispatch on the argument types.
+dtype, so a call skips Cython's run-time dispatch on the argument types. The bfloat16 and float16 kernels take the
+format as a first argument (0 bfloat16, 1 float16; the data are uint16 bit patterns either way), bound here.
 
 Channels-last kernels (keys ending in "nhwc", arrays (N, S, C)): GroupNorm and InstanceNorm training are in
 _channels_last. Every per-channel kernel (all of BatchNorm's, and InstanceNorm's inference directions, which take
@@ -15,6 +16,7 @@ unless NORMKIT_CYTHON_BASELINE=1 asks for the baseline build (to test or compare
 from __future__ import annotations
 
 import os
+from functools import partial
 
 from normkit.registry import get_num_threads
 
@@ -26,6 +28,12 @@ else:
     from . import _channels_last, _groupnorm, _layernorm, _rownorm
 
 _MODULES = (_batchnorm, _channels_last, _groupnorm, _layernorm, _rownorm)
+
+
+def _module_of(function):
+    return next(m for m in _MODULES if getattr(m, function.__name__, None) is function)
+
+
 _CTYPE = {"float32": "float", "float64": "double"}
 
 _FUNCTIONS = {
@@ -104,11 +112,20 @@ KERNELS.update({
     for dtype in _CTYPE
 })
 
+# Each fused kernel's 16-bit twin is its module's function of the same name with a 16 suffix.
+_FORMATS = {"bfloat16": 0, "float16": 1}
+KERNELS.update({
+    (op, direction, dtype): partial(getattr(_module_of(function), function.__name__ + "16"), fmt)
+    for (op, direction), function in _FUNCTIONS.items()
+    for dtype, fmt in _FORMATS.items()
+})
+
 _build = _batchnorm.BUILD
 INFO = {
     "openmp": "yes" if _build["openmp"] else _build["openmp_note"],
     "compile flags": _build["flags"],
     "modules": _batchnorm.__name__.rsplit(".", 1)[0],
+    "float16 conversion": "F16C" if _batchnorm.F16C else "portable",
 }
 
 
