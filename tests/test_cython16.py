@@ -255,7 +255,8 @@ def _narrowing_inputs():
                         2 ** -25, 2 ** -24, 2 ** -14, 5.9604645e-08, 2.9802322e-08, 1.1754942e-38], np.float32)
     parts = [special, -special, rng.integers(0, 1 << 32, 1 << 20, dtype=np.uint32).view(np.float32)]
     for fmt in FORMATS:
-        v = np.arange(1 << 16, dtype=np.uint16).view(NUMPY[fmt]).astype(np.float64)
+        with np.errstate(invalid="ignore"):  # the NaN patterns
+            v = np.arange(1 << 16, dtype=np.uint16).view(NUMPY[fmt]).astype(np.float64)
         v = np.sort(v[np.isfinite(v)])
         mid = ((v[1:] + v[:-1]) / 2).astype(np.float32)  # exact in float32 for both formats
         parts += [v.astype(np.float32), mid, np.nextafter(mid, np.float32(np.inf)),
@@ -267,7 +268,8 @@ def _narrowing_inputs():
 def test_narrowing_rounds_to_nearest_even_for_every_kind_of_value(fmt):
     f = _narrowing_inputs()
     got = kernels._batchnorm.convert16(FORMATS.index(fmt), f)
-    want = f.astype(NUMPY[fmt]).view(np.uint16)
+    with np.errstate(invalid="ignore", over="ignore"):
+        want = f.astype(NUMPY[fmt]).view(np.uint16)
     nan = np.isnan(f)
     np.testing.assert_array_equal(got[~nan], want[~nan])
     back = got[nan].view(NUMPY[fmt]).astype(np.float32)
@@ -336,7 +338,7 @@ def test_large_offset_bfloat16(op, kshape, groups, rng):
                                               ("groupnorm", (2, 4, 9), 2), ("layernorm", (4, 50), 1)], ids=str)
 def test_constant_input_gives_bias_exactly(op, kshape, groups, fmt, rng):
     x = np.full(kshape, quantize(1234.5, fmt))
-    got, w, b = run_forward(op, fmt, x, rng, True, groups)
+    got, _, b = run_forward(op, fmt, x, rng, True, groups)
     bias = b[None, :, None] if SPECS[op].sets != "row" else b[None, :]
     np.testing.assert_array_equal(got["y"], np.broadcast_to(quantize(bias, fmt), kshape))
 
@@ -348,9 +350,9 @@ def test_outputs_beyond_the_range_overflow_to_inf(op, kshape, groups, fmt, rng):
     """A weight that carries y past the format's largest value gives +-inf (float16: beyond 65504; bfloat16:
     float32's range), as the reference rounded once. For float16 dx likewise, through a large weight and dy;
     bfloat16's dx cannot overflow its range without overflowing the float32 arithmetic (PyTorch's too) first."""
-    top = {"float16": 1e5, "bfloat16": 2e38}[fmt]
+    top = {"float16": 1e5, "bfloat16": 3e38}[fmt]
     x = data(kshape, fmt, rng, std=4.0)  # rstd * weight (a float32 factor of y) stays in float32's range
-    fwd, w, b = run_forward(op, fmt, x, rng, True, groups, wscale=top)
+    fwd, w, _ = run_forward(op, fmt, x, rng, True, groups, wscale=top)
     assert np.isinf(fwd["y"]).any() and np.isfinite(fwd["y"]).any()
     if fmt == "float16":
         dy = quantize(rng.standard_normal(kshape) * 3e4, fmt)
@@ -368,7 +370,7 @@ def test_nan_inf_propagate(op, kshape, groups, bad, fmt, rng):
     x[(0,) * x.ndim] = bad
     dy = data(kshape, fmt, rng)
     dy[(-1,) * x.ndim] = bad
-    fwd, w, b = run_forward(op, fmt, x, rng, True, groups)
+    fwd, w, _ = run_forward(op, fmt, x, rng, True, groups)
     assert np.isnan(fwd["y"]).any()
     run_backward(op, "backward", fmt, dy, x, fwd["mean"], fwd["rstd"], w, groups)
     if SPECS[op].split:
@@ -437,9 +439,9 @@ def test_baseline_build_with_portable_float16_conversion():
     without F16C."""
     env = dict(os.environ, NORMKIT_CYTHON_BASELINE="1", NORMKIT_CYTHON_NO_F16C="1")
     check = "import normkit_kernels.cython.kernels as k; print(k.INFO['modules'], k.INFO['float16 conversion'])"
-    out = subprocess.run([sys.executable, "-c", check], env=env, capture_output=True, text=True, cwd=REPO)
+    out = subprocess.run([sys.executable, "-c", check], env=env, capture_output=True, text=True, cwd=REPO, check=False)
     assert out.stdout.split() == ["normkit_kernels.cython", "portable"], out.stderr
     safe_path = ["-P"] if sys.version_info >= (3, 11) else []
     out = subprocess.run([sys.executable, *safe_path, "-m", "pytest", __file__, "-q", "-x", "-p", "no:cacheprovider"],
-                         env=env, capture_output=True, text=True, cwd=REPO, timeout=1800)
+                         env=env, capture_output=True, text=True, cwd=REPO, timeout=1800, check=False)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
