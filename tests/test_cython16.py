@@ -360,6 +360,26 @@ def test_outputs_beyond_the_range_overflow_to_inf(op, kshape, groups, fmt, rng):
         assert np.isinf(got["dx"]).any()
 
 
+@pytest.mark.parametrize("op,kshape,groups", [("batchnorm", (4, 3, 33), 1), ("batchnorm", (40, 6, 2), 1),
+                                              ("batchnorm", (2, 40, 40), 1), ("instancenorm", (2, 3, 65), 1),
+                                              ("groupnorm", (2, 6, 35), 3), ("layernorm", (4, 129), 1)], ids=str)
+def test_bfloat16_results_near_the_top_of_the_range(op, kshape, groups, rng):
+    """Weights of 1e38 (the conformance kit's overflow data): terms of y and dx that overflow float32 while the
+    result does not must not turn it into inf or NaN (check16 compares the non-finite values exactly)."""
+    x = data(kshape, "bfloat16", rng)
+    w = (1e38 * (1 + 0.5 * rng.standard_normal(SPECS[op].param_shape(kshape)))).astype(np.float32).astype(float)
+    stat = SPECS[op].stat_shape(kshape, groups)
+    values = {"x": x, "weight": w, "bias": None, "eps": 1e-5, "num_groups": groups, "y": np.zeros(kshape),
+              "mean": np.zeros(stat), "rstd": np.zeros(stat)}
+    got, want = call(op, "forward", "bfloat16", values)
+    check16(got["y"], want["y"], "bfloat16", 1, y_slack(want["y"], None), f"{op} forward y")
+    for dy in (data(kshape, "bfloat16", rng), data(kshape, "bfloat16", rng) * 3):
+        run_backward(op, "backward", "bfloat16", quantize(dy, "bfloat16"), x, got["mean"], got["rstd"], w, groups)
+        if SPECS[op].running:
+            run_backward(op, "backward_infer", "bfloat16", quantize(dy, "bfloat16"), x, np.zeros(kshape[1]),
+                         np.ones(kshape[1]), w, groups)
+
+
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
 @pytest.mark.parametrize("op,kshape,groups", [("batchnorm", (3, 40, 40), 1), ("batchnorm", (30, 6, 2), 1),

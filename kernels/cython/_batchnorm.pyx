@@ -29,7 +29,8 @@ from libc.stdint cimport uint16_t
 from _common cimport (
     NORMKIT_BUILD_FLAGS, NORMKIT_HAVE_OPENMP, NORMKIT_OPENMP_NOTE, TILE16, affine, affine16, finish_moments,
     grad_apply, grad_apply16, grad_sums, grad_sums16, moments, moments16, normkit_half_init, normkit_narrow,
-    normkit_use_x86_64_v3, normkit_widen, pivot16, pivot_of, prefetch_run, scale_copy, scale_copy16,
+    narrow64, normkit_all_finite, normkit_use_x86_64_v3, normkit_widen, pivot16, pivot_of, prefetch_run, scale_copy,
+    scale_copy16, to_double,
 )
 
 # How this module was built (setup.py); the backend reads it for its INFO and to pick the x86-64-v3 copy.
@@ -859,13 +860,23 @@ cdef void _affine_row16(const uint16_t* x, uint16_t* y, Py_ssize_t length, const
                         const float* shift, int fmt) noexcept nogil:
     """_affine_columns on one row of the (N, C*S) view, tile by tile."""
     cdef float t[TILE16]
+    cdef double d[4][TILE16]
     cdef Py_ssize_t q, j, k
     for q in range((length + TILE16 - 1) // TILE16):
         j = q * TILE16
         k = min(<Py_ssize_t>TILE16, length - j)
         normkit_widen(x + j, t, k, fmt)
         _affine_columns(t, t, k, mean + j, scale + j, shift + j)
-        normkit_narrow(t, y + j, k, fmt)
+        if normkit_all_finite(t, k):
+            normkit_narrow(t, y + j, k, fmt)
+        else:  # again in double (see _common.affine16)
+            normkit_widen(x + j, t, k, fmt)
+            to_double(t, d[0], k)
+            to_double(mean + j, d[1], k)
+            to_double(scale + j, d[2], k)
+            to_double(shift + j, d[3], k)
+            _affine_columns(d[0], d[0], k, d[1], d[2], d[3])
+            narrow64(d[0], y + j, k, fmt)
 
 
 cdef void _channel_grad_sums16(const uint16_t[:, :, ::1] dy, const uint16_t[:, :, ::1] x, double[::1] mean, int fmt,
@@ -940,7 +951,8 @@ cdef void _grad_apply_row16(const uint16_t* dy, const uint16_t* x, uint16_t* dx,
     mean, ca, cb, cc of per-column coefficients."""
     cdef float tdy[TILE16]
     cdef float tx[TILE16]
-    cdef Py_ssize_t q, j, k
+    cdef double d[6][TILE16]
+    cdef Py_ssize_t q, j, k, c
     for q in range((length + TILE16 - 1) // TILE16):
         j = q * TILE16
         k = min(<Py_ssize_t>TILE16, length - j)
@@ -951,7 +963,20 @@ cdef void _grad_apply_row16(const uint16_t* dy, const uint16_t* x, uint16_t* dx,
                                 cols + 3 * length + j)
         else:
             _scale_columns(tdy, tdy, k, cols + length + j)
-        normkit_narrow(tdy, dx + j, k, fmt)
+        if normkit_all_finite(tdy, k):
+            normkit_narrow(tdy, dx + j, k, fmt)
+            continue
+        # again in double (see _common.affine16)
+        normkit_widen(dy + j, tdy, k, fmt)
+        to_double(tdy, d[0], k)
+        for c in range(4):
+            to_double(cols + c * length + j, d[2 + c], k)
+        if training:
+            to_double(tx, d[1], k)
+            _grad_apply_columns(d[0], d[1], d[0], k, d[2], d[3], d[4], d[5])
+        else:
+            _scale_columns(d[0], d[0], k, d[3])
+        narrow64(d[0], dx + j, k, fmt)
 
 
 cdef void _backward16(bint training, const uint16_t[:, :, ::1] dy, const uint16_t[:, :, ::1] x,

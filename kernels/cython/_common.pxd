@@ -303,6 +303,13 @@ cdef extern from *:
         return normkit_f16c;
     }
 
+    /* Whether no value is inf or NaN (in integers, so that it vectorizes). */
+    static int normkit_all_finite(const float* t, Py_ssize_t n) {
+        uint32_t bad = 0;
+        for (Py_ssize_t i = 0; i < n; i++) bad |= (normkit_bits_of(t[i]) & 0x7F800000u) == 0x7F800000u;
+        return !bad;
+    }
+
     static void normkit_widen(const uint16_t* s, float* d, Py_ssize_t n, int fmt) {
         if (fmt == 0) { normkit_bf16_widen(s, d, n); return; }
     #ifdef NORMKIT_F16C_TARGET
@@ -320,6 +327,7 @@ cdef extern from *:
     }
     """
     int normkit_half_init(int allow_f16c) noexcept nogil
+    bint normkit_all_finite(const float* t, Py_ssize_t n) noexcept nogil
     void normkit_widen(const uint16_t* s, float* d, Py_ssize_t n, int fmt) noexcept nogil
     void normkit_narrow(const float* s, uint16_t* d, Py_ssize_t n, int fmt) noexcept nogil
 
@@ -348,16 +356,43 @@ cdef inline void moments16(const uint16_t* x, Py_ssize_t n, int fmt, double pivo
         normkit_moments_f(t, k, pivot, s1, s2)
 
 
+cdef inline void to_double(const float* s, double* d, Py_ssize_t n) noexcept nogil:
+    cdef Py_ssize_t i
+    for i in range(n):
+        d[i] = s[i]
+
+
+cdef inline void narrow64(const double* s, uint16_t* d, Py_ssize_t n, int fmt) noexcept nogil:
+    """Round double values to 16 bits through float32 (exact there, or rounded once more, which the bounds of
+    the 16-bit outputs allow; beyond float32's range is beyond the 16-bit one too)."""
+    cdef float t[TILE16]
+    cdef Py_ssize_t i
+    for i in range(n):
+        t[i] = <float>s[i]
+    normkit_narrow(t, d, n, fmt)
+
+
+# The elementwise passes below compute a tile in float32 and, when that gives inf or NaN, again in double: a
+# product of terms that overflows float32 where the sum they make does not (16-bit outputs near bfloat16's top,
+# which is float32's) would otherwise turn a finite result into inf or NaN. NaN or inf data costs that second pass.
+
 cdef inline void affine16(const uint16_t* x, uint16_t* y, Py_ssize_t n, int fmt, double mean, double scale,
                           double shift) noexcept nogil:
     cdef float t[TILE16]
+    cdef double d[TILE16]
     cdef Py_ssize_t tile, i, k
     for tile in range((n + TILE16 - 1) // TILE16):
         i = tile * TILE16
         k = min(TILE16, n - i)
         normkit_widen(x + i, t, k, fmt)
         affine(t, t, k, mean, scale, shift)
-        normkit_narrow(t, y + i, k, fmt)
+        if normkit_all_finite(t, k):
+            normkit_narrow(t, y + i, k, fmt)
+        else:
+            normkit_widen(x + i, t, k, fmt)
+            to_double(t, d, k)
+            affine(d, d, k, mean, scale, shift)
+            narrow64(d, y + i, k, fmt)
 
 
 cdef inline void grad_sums16(const uint16_t* dy, const uint16_t* x, const float* w, Py_ssize_t n, int fmt,
@@ -377,6 +412,8 @@ cdef inline void grad_apply16(const uint16_t* dy, const uint16_t* x, uint16_t* d
                               double mean, double a, double b, double c) noexcept nogil:
     cdef float tdy[TILE16]
     cdef float tx[TILE16]
+    cdef double ddy[TILE16]
+    cdef double dx64[TILE16]
     cdef Py_ssize_t tile, i, k
     for tile in range((n + TILE16 - 1) // TILE16):
         i = tile * TILE16
@@ -384,15 +421,29 @@ cdef inline void grad_apply16(const uint16_t* dy, const uint16_t* x, uint16_t* d
         normkit_widen(dy + i, tdy, k, fmt)
         normkit_widen(x + i, tx, k, fmt)
         grad_apply(tdy, tx, tdy, k, mean, a, b, c)
-        normkit_narrow(tdy, dx + i, k, fmt)
+        if normkit_all_finite(tdy, k):
+            normkit_narrow(tdy, dx + i, k, fmt)
+        else:
+            normkit_widen(dy + i, tdy, k, fmt)
+            to_double(tdy, ddy, k)
+            to_double(tx, dx64, k)
+            grad_apply(ddy, dx64, dx64, k, mean, a, b, c)
+            narrow64(dx64, dx + i, k, fmt)
 
 
 cdef inline void scale_copy16(const uint16_t* dy, uint16_t* dx, Py_ssize_t n, int fmt, double a) noexcept nogil:
     cdef float t[TILE16]
+    cdef double d[TILE16]
     cdef Py_ssize_t tile, i, k
     for tile in range((n + TILE16 - 1) // TILE16):
         i = tile * TILE16
         k = min(TILE16, n - i)
         normkit_widen(dy + i, t, k, fmt)
         scale_copy(t, t, k, a)
-        normkit_narrow(t, dx + i, k, fmt)
+        if normkit_all_finite(t, k):
+            normkit_narrow(t, dx + i, k, fmt)
+        else:
+            normkit_widen(dy + i, t, k, fmt)
+            to_double(t, d, k)
+            scale_copy(d, d, k, a)
+            narrow64(d, dx + i, k, fmt)

@@ -19,8 +19,8 @@ from libc.stdint cimport uint16_t
 from libc.string cimport memset
 
 from _common cimport (
-    TILE16, finish_moments, grad_sums, moments, moments16, normkit_half_init, normkit_narrow, normkit_widen, pivot16,
-    pivot_of,
+    TILE16, finish_moments, grad_sums, moments, moments16, narrow64, normkit_all_finite, normkit_half_init,
+    normkit_narrow, normkit_widen, pivot16, pivot_of, to_double,
 )
 
 # float16 converts with F16C where the CPU has it, unless NORMKIT_CYTHON_NO_F16C=1 asks for the portable code (to
@@ -260,6 +260,7 @@ def layernorm_backward(const floating[:, ::1] dy, const floating[:, ::1] x, cons
 cdef void _forward_row16(const uint16_t* x, uint16_t* y, Py_ssize_t k, const float* w, const float* b, double eps,
                          int fmt, float* mean_out, float* rstd_out) noexcept nogil:
     cdef float t[TILE16]
+    cdef double d[3][TILE16]
     cdef Py_ssize_t tile, j, n
     cdef double s1 = 0.0, s2 = 0.0, mean, rstd, pivot = pivot16(x, fmt)
     moments16(x, k, fmt, pivot, &s1, &s2)
@@ -271,7 +272,15 @@ cdef void _forward_row16(const uint16_t* x, uint16_t* y, Py_ssize_t k, const flo
         n = min(TILE16, k - j)
         normkit_widen(x + j, t, n, fmt)
         _row_y(t, t, n, w + j, b + j, mean, rstd)
-        normkit_narrow(t, y + j, n, fmt)
+        if normkit_all_finite(t, n):
+            normkit_narrow(t, y + j, n, fmt)
+        else:  # again in double (see _common.affine16)
+            normkit_widen(x + j, t, n, fmt)
+            to_double(t, d[0], n)
+            to_double(w + j, d[1], n)
+            to_double(b + j, d[2], n)
+            _row_y(d[0], d[0], n, d[1], d[2], mean, rstd)
+            narrow64(d[0], y + j, n, fmt)
 
 
 cdef void _row_sums16(const uint16_t* dy, const uint16_t* x, Py_ssize_t k, const float* w, double mean, double rstd,
@@ -294,6 +303,7 @@ cdef void _row_dx16(const uint16_t* dy, const uint16_t* x, uint16_t* dx, Py_ssiz
                     double rstd, double cb, double cc, int fmt) noexcept nogil:
     cdef float tdy[TILE16]
     cdef float tx[TILE16]
+    cdef double d[3][TILE16]
     cdef Py_ssize_t tile, j, n
     for tile in range((k + TILE16 - 1) // TILE16):
         j = tile * TILE16
@@ -301,7 +311,15 @@ cdef void _row_dx16(const uint16_t* dy, const uint16_t* x, uint16_t* dx, Py_ssiz
         normkit_widen(dy + j, tdy, n, fmt)
         normkit_widen(x + j, tx, n, fmt)
         _row_dx(tdy, tx, tdy, n, w + j, mean, rstd, cb, cc)
-        normkit_narrow(tdy, dx + j, n, fmt)
+        if normkit_all_finite(tdy, n):
+            normkit_narrow(tdy, dx + j, n, fmt)
+        else:  # again in double (see _common.affine16)
+            normkit_widen(dy + j, tdy, n, fmt)
+            to_double(tdy, d[0], n)
+            to_double(tx, d[1], n)
+            to_double(w + j, d[2], n)
+            _row_dx(d[0], d[1], d[0], n, d[2], mean, rstd, cb, cc)
+            narrow64(d[0], dx + j, n, fmt)
 
 
 cdef void _backward_block16(const uint16_t* dy, const uint16_t* x, uint16_t* dx, Py_ssize_t m0, Py_ssize_t m1,
