@@ -29,7 +29,7 @@ from libc.stdint cimport uint16_t
 from _common cimport (
     NORMKIT_BUILD_FLAGS, NORMKIT_HAVE_OPENMP, NORMKIT_OPENMP_NOTE, TILE16, affine, affine16, finish_moments,
     grad_apply, grad_apply16, grad_sums, grad_sums16, moments, moments16, normkit_half_init, normkit_narrow,
-    narrow64, normkit_all_finite, normkit_use_x86_64_v3, normkit_widen, pivot16, pivot_of, prefetch_run, scale_copy,
+    narrow64, normkit_use_x86_64_v3, normkit_widen, pivot16, pivot_of, prefetch_run, scale_copy,
     scale_copy16, to_double,
 )
 
@@ -867,9 +867,7 @@ cdef void _affine_row16(const uint16_t* x, uint16_t* y, Py_ssize_t length, const
         k = min(<Py_ssize_t>TILE16, length - j)
         normkit_widen(x + j, t, k, fmt)
         _affine_columns(t, t, k, mean + j, scale + j, shift + j)
-        if normkit_all_finite(t, k):
-            normkit_narrow(t, y + j, k, fmt)
-        else:  # again in double (see _common.affine16)
+        if not normkit_narrow(t, y + j, k, fmt):  # again in double (see _common.affine16)
             normkit_widen(x + j, t, k, fmt)
             to_double(t, d[0], k)
             to_double(mean + j, d[1], k)
@@ -963,8 +961,7 @@ cdef void _grad_apply_row16(const uint16_t* dy, const uint16_t* x, uint16_t* dx,
                                 cols + 3 * length + j)
         else:
             _scale_columns(tdy, tdy, k, cols + length + j)
-        if normkit_all_finite(tdy, k):
-            normkit_narrow(tdy, dx + j, k, fmt)
+        if normkit_narrow(tdy, dx + j, k, fmt):
             continue
         # again in double (see _common.affine16)
         normkit_widen(dy + j, tdy, k, fmt)

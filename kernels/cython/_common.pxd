@@ -222,12 +222,17 @@ cdef extern from *:
         for (Py_ssize_t i = 0; i < n; i++) d[i] = normkit_float_of((uint32_t)s[i] << 16);
     }
 
-    static void normkit_bf16_narrow(const float* s, uint16_t* d, Py_ssize_t n) {
+    /* The narrowing loops return whether every output is finite (its exponent field not all ones). */
+    static int normkit_bf16_narrow(const float* s, uint16_t* d, Py_ssize_t n) {
+        uint32_t bad = 0;
         for (Py_ssize_t i = 0; i < n; i++) {
             uint32_t u = normkit_bits_of(s[i]);
             uint32_t r = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
-            d[i] = (uint16_t)((u & 0x7FFFFFFFu) > 0x7F800000u ? (u >> 16) | 0x0040u : r);
+            r = (u & 0x7FFFFFFFu) > 0x7F800000u ? (u >> 16) | 0x0040u : r;
+            d[i] = (uint16_t)r;
+            bad |= (r & 0x7F80u) == 0x7F80u;
         }
+        return !bad;
     }
 
     static inline uint32_t normkit_f16_to_f32_bits(uint32_t h) {
@@ -261,8 +266,13 @@ cdef extern from *:
         for (Py_ssize_t i = 0; i < n; i++) d[i] = normkit_float_of(normkit_f16_to_f32_bits(s[i]));
     }
 
-    static void normkit_f16_narrow_soft(const float* s, uint16_t* d, Py_ssize_t n) {
-        for (Py_ssize_t i = 0; i < n; i++) d[i] = normkit_f32_to_f16_bits(normkit_bits_of(s[i]));
+    static int normkit_f16_narrow_soft(const float* s, uint16_t* d, Py_ssize_t n) {
+        uint32_t bad = 0;
+        for (Py_ssize_t i = 0; i < n; i++) {
+            d[i] = normkit_f32_to_f16_bits(normkit_bits_of(s[i]));
+            bad |= (d[i] & 0x7C00u) == 0x7C00u;
+        }
+        return !bad;
     }
 
     #ifdef NORMKIT_F16C_TARGET
@@ -279,17 +289,25 @@ cdef extern from *:
         }
     }
 
-    NORMKIT_F16C_TARGET static void normkit_f16_narrow_hw(const float* s, uint16_t* d, Py_ssize_t n) {
+    NORMKIT_F16C_TARGET static int normkit_f16_narrow_hw(const float* s, uint16_t* d, Py_ssize_t n) {
+        const __m128i top = _mm_set1_epi16(0x7C00);
+        __m128i h, bad = _mm_setzero_si128();
         Py_ssize_t i = 0;
-        for (; i + 8 <= n; i += 8)
-            _mm_storeu_si128((__m128i*)(d + i), _mm256_cvtps_ph(_mm256_loadu_ps(s + i), _MM_FROUND_TO_NEAREST_INT));
+        for (; i + 8 <= n; i += 8) {
+            h = _mm256_cvtps_ph(_mm256_loadu_ps(s + i), _MM_FROUND_TO_NEAREST_INT);
+            _mm_storeu_si128((__m128i*)(d + i), h);
+            bad = _mm_or_si128(bad, _mm_cmpeq_epi16(_mm_and_si128(h, top), top));
+        }
         if (i < n) {
             float f[8] = {0};
             uint16_t t[8];
             memcpy(f, s + i, (size_t)(n - i) * 4);
-            _mm_storeu_si128((__m128i*)t, _mm256_cvtps_ph(_mm256_loadu_ps(f), _MM_FROUND_TO_NEAREST_INT));
+            h = _mm256_cvtps_ph(_mm256_loadu_ps(f), _MM_FROUND_TO_NEAREST_INT);
+            _mm_storeu_si128((__m128i*)t, h);
             memcpy(d + i, t, (size_t)(n - i) * 2);
+            bad = _mm_or_si128(bad, _mm_cmpeq_epi16(_mm_and_si128(h, top), top));
         }
+        return _mm_movemask_epi8(bad) == 0;
     }
     #endif
 
@@ -303,13 +321,6 @@ cdef extern from *:
         return normkit_f16c;
     }
 
-    /* Whether no value is inf or NaN (in integers, so that it vectorizes). */
-    static int normkit_all_finite(const float* t, Py_ssize_t n) {
-        uint32_t bad = 0;
-        for (Py_ssize_t i = 0; i < n; i++) bad |= (normkit_bits_of(t[i]) & 0x7F800000u) == 0x7F800000u;
-        return !bad;
-    }
-
     static void normkit_widen(const uint16_t* s, float* d, Py_ssize_t n, int fmt) {
         if (fmt == 0) { normkit_bf16_widen(s, d, n); return; }
     #ifdef NORMKIT_F16C_TARGET
@@ -318,18 +329,47 @@ cdef extern from *:
         normkit_f16_widen_soft(s, d, n);
     }
 
-    static void normkit_narrow(const float* s, uint16_t* d, Py_ssize_t n, int fmt) {
-        if (fmt == 0) { normkit_bf16_narrow(s, d, n); return; }
+    /* Returns whether every output is finite. */
+    static int normkit_narrow(const float* s, uint16_t* d, Py_ssize_t n, int fmt) {
+        if (fmt == 0) return normkit_bf16_narrow(s, d, n);
     #ifdef NORMKIT_F16C_TARGET
-        if (normkit_f16c) { normkit_f16_narrow_hw(s, d, n); return; }
+        if (normkit_f16c) return normkit_f16_narrow_hw(s, d, n);
     #endif
-        normkit_f16_narrow_soft(s, d, n);
+        return normkit_f16_narrow_soft(s, d, n);
+    }
+
+    /* The statistics pass straight from 16-bit data where the build has AVX2 and F16C (the x86-64-v3 one): the
+       loads of NORMKIT_MOMENTS_BLOCKS widen in registers. Returns 0 where it does not apply. */
+    #if defined(__AVX2__) && defined(__F16C__)
+    #define NORMKIT_LOAD4_BF16(p) \
+        _mm256_cvtps_pd(_mm_castsi128_ps(_mm_slli_epi32(_mm_cvtepu16_epi32(_mm_loadl_epi64((const __m128i*)(p))), 16)))
+    #define NORMKIT_LOAD4_F16(p) _mm256_cvtps_pd(_mm_cvtph_ps(_mm_loadl_epi64((const __m128i*)(p))))
+    #define NORMKIT_MOMENTS16(NAME, LOAD, SCALAR)                                                     \
+        static inline void NAME(const uint16_t* x, Py_ssize_t n, double pivot, double* s1, double* s2) { \
+            double ta = 0.0, tb = 0.0, d;                                                             \
+            Py_ssize_t i = 0;                                                                         \
+            NORMKIT_MOMENTS_BLOCKS(LOAD)                                                              \
+            for (; i < n; i++) { d = SCALAR(x[i]) - pivot; ta += d; tb += d * d; }                   \
+            *s1 += ta; *s2 += tb;                                                                     \
+        }
+    #define NORMKIT_BF16_SCALAR(h) normkit_float_of((uint32_t)(h) << 16)
+    NORMKIT_MOMENTS16(normkit_moments_bf16, NORMKIT_LOAD4_BF16, NORMKIT_BF16_SCALAR)
+    NORMKIT_MOMENTS16(normkit_moments_f16, NORMKIT_LOAD4_F16, _cvtsh_ss)
+    #endif
+
+    static int normkit_moments16(const uint16_t* x, Py_ssize_t n, int fmt, double pivot, double* s1, double* s2) {
+    #if defined(__AVX2__) && defined(__F16C__)
+        if (fmt == 0) { normkit_moments_bf16(x, n, pivot, s1, s2); return 1; }
+        if (normkit_f16c) { normkit_moments_f16(x, n, pivot, s1, s2); return 1; }
+    #endif
+        return 0;
     }
     """
     int normkit_half_init(int allow_f16c) noexcept nogil
-    bint normkit_all_finite(const float* t, Py_ssize_t n) noexcept nogil
     void normkit_widen(const uint16_t* s, float* d, Py_ssize_t n, int fmt) noexcept nogil
-    void normkit_narrow(const float* s, uint16_t* d, Py_ssize_t n, int fmt) noexcept nogil
+    bint normkit_narrow(const float* s, uint16_t* d, Py_ssize_t n, int fmt) noexcept nogil
+    bint normkit_moments16(const uint16_t* x, Py_ssize_t n, int fmt, double pivot, double* s1,
+                           double* s2) noexcept nogil
 
 
 # Values per tile of the 16-bit loops below: widened into float32 on the stack (4 KB per array, in L1), then the
@@ -349,6 +389,8 @@ cdef inline void moments16(const uint16_t* x, Py_ssize_t n, int fmt, double pivo
                            double* s2) noexcept nogil:
     cdef float t[TILE16]
     cdef Py_ssize_t tile, i, k
+    if normkit_moments16(x, n, fmt, pivot, s1, s2):
+        return
     for tile in range((n + TILE16 - 1) // TILE16):
         i = tile * TILE16
         k = min(TILE16, n - i)
@@ -386,9 +428,7 @@ cdef inline void affine16(const uint16_t* x, uint16_t* y, Py_ssize_t n, int fmt,
         k = min(TILE16, n - i)
         normkit_widen(x + i, t, k, fmt)
         affine(t, t, k, mean, scale, shift)
-        if normkit_all_finite(t, k):
-            normkit_narrow(t, y + i, k, fmt)
-        else:
+        if not normkit_narrow(t, y + i, k, fmt):
             normkit_widen(x + i, t, k, fmt)
             to_double(t, d, k)
             affine(d, d, k, mean, scale, shift)
@@ -421,9 +461,7 @@ cdef inline void grad_apply16(const uint16_t* dy, const uint16_t* x, uint16_t* d
         normkit_widen(dy + i, tdy, k, fmt)
         normkit_widen(x + i, tx, k, fmt)
         grad_apply(tdy, tx, tdy, k, mean, a, b, c)
-        if normkit_all_finite(tdy, k):
-            normkit_narrow(tdy, dx + i, k, fmt)
-        else:
+        if not normkit_narrow(tdy, dx + i, k, fmt):
             normkit_widen(dy + i, tdy, k, fmt)
             to_double(tdy, ddy, k)
             to_double(tx, dx64, k)
@@ -440,9 +478,7 @@ cdef inline void scale_copy16(const uint16_t* dy, uint16_t* dx, Py_ssize_t n, in
         k = min(TILE16, n - i)
         normkit_widen(dy + i, t, k, fmt)
         scale_copy(t, t, k, a)
-        if normkit_all_finite(t, k):
-            normkit_narrow(t, dx + i, k, fmt)
-        else:
+        if not normkit_narrow(t, dx + i, k, fmt):
             normkit_widen(dy + i, t, k, fmt)
             to_double(t, d, k)
             scale_copy(d, d, k, a)

@@ -19,7 +19,7 @@ from libc.stdint cimport uint16_t
 from libc.string cimport memset
 
 from _common cimport (
-    TILE16, finish_moments, grad_sums, moments, moments16, narrow64, normkit_all_finite, normkit_half_init,
+    TILE16, finish_moments, grad_sums, moments, moments16, narrow64, normkit_half_init,
     normkit_narrow, normkit_widen, pivot16, pivot_of, to_double,
 )
 
@@ -272,9 +272,7 @@ cdef void _forward_row16(const uint16_t* x, uint16_t* y, Py_ssize_t k, const flo
         n = min(TILE16, k - j)
         normkit_widen(x + j, t, n, fmt)
         _row_y(t, t, n, w + j, b + j, mean, rstd)
-        if normkit_all_finite(t, n):
-            normkit_narrow(t, y + j, n, fmt)
-        else:  # again in double (see _common.affine16)
+        if not normkit_narrow(t, y + j, n, fmt):  # again in double (see _common.affine16)
             normkit_widen(x + j, t, n, fmt)
             to_double(t, d[0], n)
             to_double(w + j, d[1], n)
@@ -311,9 +309,7 @@ cdef void _row_dx16(const uint16_t* dy, const uint16_t* x, uint16_t* dx, Py_ssiz
         normkit_widen(dy + j, tdy, n, fmt)
         normkit_widen(x + j, tx, n, fmt)
         _row_dx(tdy, tx, tdy, n, w + j, mean, rstd, cb, cc)
-        if normkit_all_finite(tdy, n):
-            normkit_narrow(tdy, dx + j, n, fmt)
-        else:  # again in double (see _common.affine16)
+        if not normkit_narrow(tdy, dx + j, n, fmt):  # again in double (see _common.affine16)
             normkit_widen(dy + j, tdy, n, fmt)
             to_double(tdy, d[0], n)
             to_double(tx, d[1], n)
