@@ -40,8 +40,9 @@ _THREADS = normkit.get_num_threads()
 
 
 def quantize(a, fmt):
-    """a rounded to the 16-bit format, as float64 (exact)."""
-    return np.asarray(a, np.float64).astype(NUMPY[fmt]).astype(np.float64)
+    """a rounded to the 16-bit format, as float64 (exact); beyond the range, inf."""
+    with np.errstate(over="ignore"):
+        return np.asarray(a, np.float64).astype(NUMPY[fmt]).astype(np.float64)
 
 
 def ulp(v, fmt):
@@ -92,7 +93,7 @@ def call(op, direction, fmt, values, threads=None):
 def check16(got, want, fmt, ulps, slack, what):
     """got within ulps units of the 16-bit format of want, plus slack (per element or scalar), where want rounds
     to a finite 16-bit value; equal (NaN, or inf of the same sign) where it does not."""
-    rounded = want.astype(NUMPY[fmt]).astype(np.float64)
+    rounded = quantize(want, fmt)
     finite = np.isfinite(rounded)
     np.testing.assert_array_equal(np.isnan(got), np.isnan(rounded), err_msg=f"{what}: NaN pattern differs")
     np.testing.assert_array_equal(got[~finite], rounded[~finite], err_msg=f"{what}: non-finite values differ")
