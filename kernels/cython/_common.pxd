@@ -357,6 +357,84 @@ cdef extern from *:
     NORMKIT_MOMENTS16(normkit_moments_f16, NORMKIT_LOAD4_F16, _cvtsh_ss)
     #endif
 
+    /* The two elementwise passes of the channel ops straight from and to 16-bit data where the build has AVX2 and
+       F16C: 8 values per step, widened and rounded in registers (bfloat16's RNE in integers, as above). They return
+       whether every output is finite, or -1 where they do not apply (then the callers go tile by tile). */
+    #define COMMA ,
+    #if defined(__AVX2__) && defined(__F16C__)
+    static inline __m256 normkit_load8(const uint16_t* p, int fmt) {
+        __m128i h = _mm_loadu_si128((const __m128i*)p);
+        return fmt == 0 ? _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16)) : _mm256_cvtph_ps(h);
+    }
+
+    static inline __m128i normkit_round8(__m256 v, int fmt) {
+        if (fmt) return _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT);
+        __m256i u = _mm256_castps_si256(v), one = _mm256_set1_epi32(1);
+        __m256i r = _mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7FFF)),
+                                     _mm256_and_si256(_mm256_srli_epi32(u, 16), one));
+        __m256i nan = _mm256_cmpgt_epi32(_mm256_and_si256(u, _mm256_set1_epi32(0x7FFFFFFF)),
+                                         _mm256_set1_epi32(0x7F800000));
+        r = _mm256_blendv_epi8(_mm256_srli_epi32(r, 16), _mm256_or_si256(_mm256_srli_epi32(u, 16),
+                               _mm256_set1_epi32(0x40)), nan);
+        return _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
+    }
+
+    #define NORMKIT_PASS16(NAME, PARAMS, SETUP, VALUE)                                                \
+        static int NAME(const uint16_t* dy, const uint16_t* x, uint16_t* out, Py_ssize_t n, int fmt PARAMS) { \
+            if (fmt == 1 && !normkit_f16c) return -1;                                                 \
+            const __m128i top = _mm_set1_epi16(fmt ? 0x7C00 : 0x7F80);                                \
+            __m128i h, bad = _mm_setzero_si128();                                                     \
+            __m256 vx, vdy;                                                                           \
+            uint16_t tdy[8] = {0}, tx[8] = {0}, to[8];                                                \
+            Py_ssize_t i = 0;                                                                         \
+            SETUP                                                                                     \
+            for (; i + 8 <= n; i += 8) {                                                              \
+                vx = normkit_load8(x + i, fmt);                                                       \
+                vdy = dy ? normkit_load8(dy + i, fmt) : vx;                                           \
+                h = normkit_round8(VALUE, fmt);                                                       \
+                _mm_storeu_si128((__m128i*)(out + i), h);                                             \
+                bad = _mm_or_si128(bad, _mm_cmpeq_epi16(_mm_and_si128(h, top), top));                 \
+            }                                                                                         \
+            if (i < n) {  /* the last values through a zero-padded buffer (a padding lane may flag a  \
+                             non-finite value, which only costs the callers' double pass) */         \
+                memcpy(tx, x + i, (size_t)(n - i) * 2);                                               \
+                if (dy) memcpy(tdy, dy + i, (size_t)(n - i) * 2);                                     \
+                vx = normkit_load8(tx, fmt);                                                          \
+                vdy = normkit_load8(tdy, fmt);                                                        \
+                h = normkit_round8(VALUE, fmt);                                                       \
+                _mm_storeu_si128((__m128i*)to, h);                                                    \
+                memcpy(out + i, to, (size_t)(n - i) * 2);                                             \
+                bad = _mm_or_si128(bad, _mm_cmpeq_epi16(_mm_and_si128(h, top), top));                 \
+            }                                                                                         \
+            return _mm_movemask_epi8(bad) == 0;                                                       \
+        }
+    /* y = (x - m) * a + c and dx = a * dy + b * (x - m) + c, as affine() and grad_apply() compute them */
+    NORMKIT_PASS16(normkit_affine16_v3, COMMA float m COMMA float a COMMA float c,
+                   __m256 vm = _mm256_set1_ps(m); __m256 va = _mm256_set1_ps(a); __m256 vc = _mm256_set1_ps(c);,
+                   _mm256_fmadd_ps(_mm256_sub_ps(vx, vm), va, vc))
+    NORMKIT_PASS16(normkit_grad_apply16_v3, COMMA float m COMMA float a COMMA float b COMMA float c,
+                   __m256 vm = _mm256_set1_ps(m); __m256 va = _mm256_set1_ps(a); __m256 vb = _mm256_set1_ps(b);
+                   __m256 vc = _mm256_set1_ps(c);,
+                   _mm256_fmadd_ps(va, vdy, _mm256_fmadd_ps(vb, _mm256_sub_ps(vx, vm), vc)))
+    #endif
+
+    static int normkit_affine16(const uint16_t* x, uint16_t* y, Py_ssize_t n, int fmt, float m, float a, float c) {
+    #if defined(__AVX2__) && defined(__F16C__)
+        return normkit_affine16_v3(NULL, x, y, n, fmt, m, a, c);
+    #else
+        return -1;
+    #endif
+    }
+
+    static int normkit_grad_apply16(const uint16_t* dy, const uint16_t* x, uint16_t* dx, Py_ssize_t n, int fmt,
+                                    float m, float a, float b, float c) {
+    #if defined(__AVX2__) && defined(__F16C__)
+        return normkit_grad_apply16_v3(dy, x, dx, n, fmt, m, a, b, c);
+    #else
+        return -1;
+    #endif
+    }
+
     static int normkit_moments16(const uint16_t* x, Py_ssize_t n, int fmt, double pivot, double* s1, double* s2) {
     #if defined(__AVX2__) && defined(__F16C__)
         if (fmt == 0) { normkit_moments_bf16(x, n, pivot, s1, s2); return 1; }
@@ -368,6 +446,10 @@ cdef extern from *:
     int normkit_half_init(int allow_f16c) noexcept nogil
     void normkit_widen(const uint16_t* s, float* d, Py_ssize_t n, int fmt) noexcept nogil
     bint normkit_narrow(const float* s, uint16_t* d, Py_ssize_t n, int fmt) noexcept nogil
+    int normkit_affine16(const uint16_t* x, uint16_t* y, Py_ssize_t n, int fmt, float m, float a,
+                         float c) noexcept nogil
+    int normkit_grad_apply16(const uint16_t* dy, const uint16_t* x, uint16_t* dx, Py_ssize_t n, int fmt, float m,
+                             float a, float b, float c) noexcept nogil
     bint normkit_moments16(const uint16_t* x, Py_ssize_t n, int fmt, double pivot, double* s1,
                            double* s2) noexcept nogil
 
@@ -422,13 +504,19 @@ cdef inline void affine16(const uint16_t* x, uint16_t* y, Py_ssize_t n, int fmt,
                           double shift) noexcept nogil:
     cdef float t[TILE16]
     cdef double d[TILE16]
+    cdef float m = <float>mean
     cdef Py_ssize_t tile, i, k
+    cdef int done
     for tile in range((n + TILE16 - 1) // TILE16):
         i = tile * TILE16
         k = min(TILE16, n - i)
-        normkit_widen(x + i, t, k, fmt)
-        affine(t, t, k, mean, scale, shift)
-        if not normkit_narrow(t, y + i, k, fmt):
+        # as affine() computes it
+        done = normkit_affine16(x + i, y + i, k, fmt, m, <float>scale, <float>(shift + (<double>m - mean) * scale))
+        if done < 0:
+            normkit_widen(x + i, t, k, fmt)
+            affine(t, t, k, mean, scale, shift)
+            done = normkit_narrow(t, y + i, k, fmt)
+        if not done:
             normkit_widen(x + i, t, k, fmt)
             to_double(t, d, k)
             affine(d, d, k, mean, scale, shift)
@@ -455,14 +543,19 @@ cdef inline void grad_apply16(const uint16_t* dy, const uint16_t* x, uint16_t* d
     cdef double ddy[TILE16]
     cdef double dx64[TILE16]
     cdef Py_ssize_t tile, i, k
+    cdef int done
     for tile in range((n + TILE16 - 1) // TILE16):
         i = tile * TILE16
         k = min(TILE16, n - i)
-        normkit_widen(dy + i, tdy, k, fmt)
-        normkit_widen(x + i, tx, k, fmt)
-        grad_apply(tdy, tx, tdy, k, mean, a, b, c)
-        if not normkit_narrow(tdy, dx + i, k, fmt):
+        done = normkit_grad_apply16(dy + i, x + i, dx + i, k, fmt, <float>mean, <float>a, <float>b, <float>c)
+        if done < 0:
             normkit_widen(dy + i, tdy, k, fmt)
+            normkit_widen(x + i, tx, k, fmt)
+            grad_apply(tdy, tx, tdy, k, mean, a, b, c)
+            done = normkit_narrow(tdy, dx + i, k, fmt)
+        if not done:
+            normkit_widen(dy + i, tdy, k, fmt)
+            normkit_widen(x + i, tx, k, fmt)
             to_double(tdy, ddy, k)
             to_double(tx, dx64, k)
             grad_apply(ddy, dx64, dx64, k, mean, a, b, c)
