@@ -360,7 +360,7 @@ cdef extern from *:
     /* The two elementwise passes of the channel ops straight from and to 16-bit data where the build has AVX2 and
        F16C: 8 values per step, widened and rounded in registers (bfloat16's RNE in integers, as above). They return
        whether every output is finite, or -1 where they do not apply (then the callers go tile by tile). */
-    #define COMMA ,
+    #define NORMKIT_COMMA ,
     #if defined(__AVX2__) && defined(__F16C__)
     static inline __m256 normkit_load8(const uint16_t* p, int fmt) {
         __m128i h = _mm_loadu_si128((const __m128i*)p);
@@ -409,10 +409,12 @@ cdef extern from *:
             return _mm_movemask_epi8(bad) == 0;                                                       \
         }
     /* y = (x - m) * a + c and dx = a * dy + b * (x - m) + c, as affine() and grad_apply() compute them */
-    NORMKIT_PASS16(normkit_affine16_v3, COMMA float m COMMA float a COMMA float c,
+    #define NORMKIT_AFFINE_PARAMS NORMKIT_COMMA float m NORMKIT_COMMA float a NORMKIT_COMMA float c
+    #define NORMKIT_GRAD_PARAMS NORMKIT_COMMA float m NORMKIT_COMMA float a NORMKIT_COMMA float b NORMKIT_COMMA float c
+    NORMKIT_PASS16(normkit_affine16_v3, NORMKIT_AFFINE_PARAMS,
                    __m256 vm = _mm256_set1_ps(m); __m256 va = _mm256_set1_ps(a); __m256 vc = _mm256_set1_ps(c);,
                    _mm256_fmadd_ps(_mm256_sub_ps(vx, vm), va, vc))
-    NORMKIT_PASS16(normkit_grad_apply16_v3, COMMA float m COMMA float a COMMA float b COMMA float c,
+    NORMKIT_PASS16(normkit_grad_apply16_v3, NORMKIT_GRAD_PARAMS,
                    __m256 vm = _mm256_set1_ps(m); __m256 va = _mm256_set1_ps(a); __m256 vb = _mm256_set1_ps(b);
                    __m256 vc = _mm256_set1_ps(c);,
                    _mm256_fmadd_ps(va, vdy, _mm256_fmadd_ps(vb, _mm256_sub_ps(vx, vm), vc)))
@@ -455,7 +457,8 @@ cdef extern from *:
 
 
 # Values per tile of the 16-bit loops below: widened into float32 on the stack (4 KB per array, in L1), then the
-# float32 loops above run on the tile. A multiple of SUM_CHUNK, so grad_sums() chunks as it does for float32.
+# float32 loops above run on the tile. A multiple of SUM_CHUNK, so grad_sums() chunks as it does for float32. The
+# x86-64-v3 build skips the float32 copy in the statistics pass and the channel ops' elementwise passes (above).
 cdef enum:
     TILE16 = 1024
 
