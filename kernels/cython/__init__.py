@@ -11,7 +11,7 @@ backend = Backend(
     module="normkit_kernels.cython.kernels",
     kernels={"batchnorm": _CHANNEL + _SPLIT, "instancenorm": _CHANNEL, "groupnorm": ("forward", "backward"),
              "layernorm": _ROW, "rmsnorm": _ROW},
-    dtypes=("float32", "float64"),
+    dtypes=("float32", "float64", "bfloat16", "float16"),
     channels_last={"batchnorm": _CHANNEL + _SPLIT, "instancenorm": _CHANNEL, "groupnorm": ("forward", "backward")},
     description="Cython with OpenMP prange, compiled at install time",
 )
