@@ -10,9 +10,11 @@ NumPy has float16; bfloat16 arrays need ``ml_dtypes`` (an optional dependency), 
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
-from .contract import HALF_DTYPES
+from .contract import HALF_DTYPES, OUTPUTS, SPECS, arg_dtype
 
 _BF16_QUIET = np.uint32(0x0040)
 
@@ -81,3 +83,29 @@ def ulp(values: np.ndarray, dtype: str) -> np.ndarray:
         e = np.floor(np.log2(np.where(a > 0, a, 1.0)))
     e = np.maximum(np.where(a > 0, e, emin), emin)
     return np.where(np.isfinite(a), np.ldexp(1.0, (e - mant).astype(np.int64)), np.nan)
+
+
+def through(kernel, op: str, direction: str, dtype: str, work=np.float64):
+    """A 16-bit ``direction`` kernel of ``op`` from a float64 or float32 one (``work``): the data arrays (uint16
+    patterns) widened exactly to ``work``, each 16-bit output computed in ``work`` and rounded once. The other
+    arguments pass through (float32, as the contract gives them to 16-bit kernels). The reference is made this
+    way; a compiled backend uses it (with ``work=np.float32``) for ops that have no native 16-bit loops, at the
+    cost of the widened copies."""
+    names = SPECS[op].args(direction)
+    at = [(i, name in OUTPUTS[direction]) for i, name in enumerate(names) if arg_dtype(direction, name, dtype) == dtype]
+
+    def run(*args):
+        args, rounds = list(args), []
+        for i, is_output in at:
+            if args[i] is None:  # an optional argument (add_backward's dh)
+                continue
+            if is_output:
+                rounds.append((args[i], np.empty(args[i].shape, work)))
+                args[i] = rounds[-1][1]
+            else:
+                args[i] = widen(args[i], dtype, work)
+        kernel(*args)
+        for out, values in rounds:
+            out[...] = narrow(values, dtype)
+
+    return functools.wraps(kernel)(run)

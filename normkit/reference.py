@@ -12,7 +12,7 @@ import functools
 import numpy as np
 
 from . import half
-from .contract import HALF_DTYPES, OUTPUTS, SPECS, arg_dtype, kernel_table
+from .contract import HALF_DTYPES, kernel_table
 from .registry import Backend
 
 _CHANNEL = ("forward", "forward_infer", "backward", "backward_infer")
@@ -263,29 +263,6 @@ KERNELS = kernel_table({
 }, dtypes=("float32", "float64"))
 
 
-def _sixteen(kernel, op: str, direction: str, dtype: str):
-    """A 16-bit kernel from a float64 one: the data arrays (uint16 patterns) widened exactly to float64, each 16-bit
-    output computed in float64 and rounded once; float32 outputs are assigned float64 values (one rounding)."""
-    names = SPECS[op].args(direction)
-    at = [(i, name in OUTPUTS[direction]) for i, name in enumerate(names) if arg_dtype(direction, name, dtype) == dtype]
-
-    def run(*args):
-        args, rounds = list(args), []
-        for i, is_output in at:
-            if args[i] is None:  # an optional argument (add_backward's dh)
-                continue
-            if is_output:
-                rounds.append((args[i], np.empty(args[i].shape)))
-                args[i] = rounds[-1][1]
-            else:
-                args[i] = half.widen(args[i], dtype)
-        kernel(*args)
-        for out, values in rounds:
-            out[...] = half.narrow(values, dtype)
-
-    return functools.wraps(kernel)(run)
-
-
-KERNELS.update({(op, direction, dtype): _sixteen(KERNELS[(op, direction, "float64")], op, direction, dtype)
+KERNELS.update({(op, direction, dtype): half.through(KERNELS[(op, direction, "float64")], op, direction, dtype)
                 for (op, direction, _) in list(KERNELS) for dtype in HALF_DTYPES})
 KERNELS = {key: _quiet(kernel) for key, kernel in KERNELS.items()}
