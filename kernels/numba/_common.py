@@ -22,6 +22,8 @@ from numba.core import cgutils, config, types
 from numba.extending import intrinsic
 from numba.np.ufunc.parallel import _launch_threads
 
+from ._dtype16 import narrow, widen
+
 # the fastmath flags: see kernels.py (no nnan or ninf)
 FASTMATH = {"reassoc", "contract", "nsz", "arcp"}
 
@@ -111,7 +113,7 @@ def _sums(xr, p):
     s1 = 0.0
     s2 = 0.0
     for i in range(xr.shape[0]):
-        d = np.float64(xr[i]) - p
+        d = np.float64(widen(xr[i])) - p
         s1 += d
         s2 += d * d
     return s1, s2
@@ -123,9 +125,9 @@ def _dsums(dyr, xr, m):
     s1 = 0.0
     s2 = 0.0
     for i in range(xr.shape[0]):
-        g = np.float64(dyr[i])
+        g = np.float64(widen(dyr[i]))
         s1 += g
-        s2 += g * (np.float64(xr[i]) - m)
+        s2 += g * (np.float64(widen(xr[i])) - m)
     return s1, s2
 
 
@@ -142,7 +144,7 @@ def _finish(p, s1, s2, count, eps):
 @_jit
 def _dx(dyr, xr, dxr, A, B, Cc, m):
     for j in range(xr.shape[0]):
-        dxr[j] = dyr[j] * A + (xr[j] - m) * B + Cc
+        dxr[j] = narrow(dxr, widen(dyr[j]) * A + (widen(xr[j]) - m) * B + Cc)
 
 
 @_jit
@@ -157,9 +159,10 @@ def _row_split(N, C, S):
 _EMPTY = {np.dtype(np.float32): np.empty(0, np.float32), np.dtype(np.float64): np.empty(0, np.float64)}
 
 
-def _opt(a, x):
-    """None -> (an empty array of x's dtype, False), so that one compiled specialization serves both."""
-    return (_EMPTY[x.dtype], False) if a is None else (a, True)
+def _opt(a, like):
+    """None -> (an empty array of the dtype of ``like``, a float array of the kernel's, such as ``mean``; False),
+    so that one compiled specialization serves both."""
+    return (_EMPTY[like.dtype], False) if a is None else (a, True)
 
 
 # --- threads ----------------------------------------------------------------------------------------------------

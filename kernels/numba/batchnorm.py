@@ -17,6 +17,7 @@ from numba import prange
 
 from ._common import (BLOCK, MIN_SETS, TARGET_ITEMS, _cdiv, _dsums, _dx, _finish, _jit, _opt, _pivot, _pjit,
                       _prefetch, _row_split, _sums, _sync_threads)
+from ._dtype16 import narrow, widen
 
 # batchnorm: spatial sizes below WIDE_S use the flattened (N, C*S) view; a channel is one work item when there
 # are at least MIN_SETS channels and the input data of one channel fits in FUSED_BYTES (L2 is 1 MiB per core on
@@ -65,14 +66,14 @@ def _add_terms(av, bv, ref, p1, p2, mode):
     p2; mode 1 adds a to p1 and a*(b - ref) to p2."""
     if mode == 0:
         for j in range(av.shape[0]):
-            d = np.float64(av[j]) - ref[j]
+            d = np.float64(widen(av[j])) - ref[j]
             p1[j] += d
             p2[j] += d * d
     else:
         for j in range(av.shape[0]):
-            g = np.float64(av[j])
+            g = np.float64(widen(av[j]))
             p1[j] += g
-            p2[j] += g * (np.float64(bv[j]) - ref[j])
+            p2[j] += g * (np.float64(widen(bv[j])) - ref[j])
 
 
 @_pjit
@@ -96,14 +97,14 @@ def _channel_sums(a, bx, ref, mode):
                 s2 = 0.0
                 if mode == 0:
                     for j in range(S):
-                        d = np.float64(a[n, c, j]) - rc
+                        d = np.float64(widen(a[n, c, j])) - rc
                         s1 += d
                         s2 += d * d
                 else:
                     for j in range(S):
-                        g = np.float64(a[n, c, j])
+                        g = np.float64(widen(a[n, c, j]))
                         s1 += g
-                        s2 += g * (np.float64(bx[n, c, j]) - rc)
+                        s2 += g * (np.float64(widen(bx[n, c, j])) - rc)
                 part[it, 0] = s1
                 part[it, 1] = s2
         else:
@@ -214,10 +215,10 @@ def _tiled_apply(a, bx, m, A, B, Cc, mode, out, R, RL):
     fa = a.reshape(N * W)
     fb = bx.reshape(N * W)
     fo = out.reshape(N * W)
-    mt = _tiled(m, S, T, a.dtype)
-    at = _tiled(A, S, T, a.dtype)
-    bt = _tiled(B, S, T, a.dtype)
-    ct = _tiled(Cc, S, T, a.dtype)
+    mt = _tiled(m, S, T, m.dtype)
+    at = _tiled(A, S, T, m.dtype)
+    bt = _tiled(B, S, T, m.dtype)
+    ct = _tiled(Cc, S, T, m.dtype)
     for r in prange(R):
         n1 = min(N, (r + 1) * RL)
         for n in range(r * RL, n1, RT):
@@ -228,10 +229,10 @@ def _tiled_apply(a, bx, m, A, B, Cc, mode, out, R, RL):
             ov = fo[o:o + L]
             if mode == 0:
                 for q in range(L):
-                    ov[q] = (av[q] - mt[q]) * at[q] + ct[q]
+                    ov[q] = narrow(ov, (widen(av[q]) - mt[q]) * at[q] + ct[q])
             else:
                 for q in range(L):
-                    ov[q] = av[q] * at[q] + (bv[q] - mt[q]) * bt[q] + ct[q]
+                    ov[q] = narrow(ov, widen(av[q]) * at[q] + (widen(bv[q]) - mt[q]) * bt[q] + ct[q])
 
 
 @_pjit
@@ -248,7 +249,7 @@ def _channel_affine(x, m, sc, sh, y):
                 scc = sc[c]
                 shc = sh[c]
                 for j in range(S):
-                    y[n, c, j] = (x[n, c, j] - mc) * scc + shc
+                    y[n, c, j] = narrow(y, (widen(x[n, c, j]) - mc) * scc + shc)
             return
         for it in prange(N * C * Q):
             n = it // (C * Q)
@@ -261,7 +262,7 @@ def _channel_affine(x, m, sc, sh, y):
             scc = sc[c]
             shc = sh[c]
             for j in range(e - lo):
-                yr[j] = (xr[j] - mc) * scc + shc
+                yr[j] = narrow(yr, (widen(xr[j]) - mc) * scc + shc)
         return
     W = C * S
     R, RL, JB = _wide_split(N, W)
@@ -270,9 +271,9 @@ def _channel_affine(x, m, sc, sh, y):
         return
     x2 = x.reshape(N, W)
     y2 = y.reshape(N, W)
-    mw = np.empty(W, x.dtype)
-    scw = np.empty(W, x.dtype)
-    shw = np.empty(W, x.dtype)
+    mw = np.empty(W, m.dtype)
+    scw = np.empty(W, m.dtype)
+    shw = np.empty(W, m.dtype)
     for j in range(W):
         mw[j] = m[j // S]
         scw[j] = sc[j // S]
@@ -288,7 +289,7 @@ def _channel_affine(x, m, sc, sh, y):
             xr = x2[n, j0:j1]
             yr = y2[n, j0:j1]
             for j in range(j1 - j0):
-                yr[j] = (xr[j] - mv[j]) * scv[j] + shv[j]
+                yr[j] = narrow(yr, (widen(xr[j]) - mv[j]) * scv[j] + shv[j])
 
 
 @_pjit
@@ -306,7 +307,7 @@ def _channel_dx(dy, x, m, A, B, Cc, dx):
                 Cv = Cc[c]
                 mc = m[c]
                 for j in range(S):
-                    dx[n, c, j] = dy[n, c, j] * Ac + (x[n, c, j] - mc) * Bc + Cv
+                    dx[n, c, j] = narrow(dx, widen(dy[n, c, j]) * Ac + (widen(x[n, c, j]) - mc) * Bc + Cv)
             return
         for it in prange(N * C * Q):
             n = it // (C * Q)
@@ -323,10 +324,10 @@ def _channel_dx(dy, x, m, A, B, Cc, dx):
     d2 = dy.reshape(N, W)
     x2 = x.reshape(N, W)
     o2 = dx.reshape(N, W)
-    mw = np.empty(W, x.dtype)
-    aw = np.empty(W, x.dtype)
-    bw = np.empty(W, x.dtype)
-    cw = np.empty(W, x.dtype)
+    mw = np.empty(W, m.dtype)
+    aw = np.empty(W, m.dtype)
+    bw = np.empty(W, m.dtype)
+    cw = np.empty(W, m.dtype)
     for j in range(W):
         mw[j] = m[j // S]
         aw[j] = A[j // S]
@@ -345,7 +346,7 @@ def _channel_dx(dy, x, m, A, B, Cc, dx):
             xr = x2[n, j0:j1]
             outr = o2[n, j0:j1]
             for j in range(j1 - j0):
-                outr[j] = dr[j] * av[j] + (xr[j] - mv[j]) * bv[j] + cv[j]
+                outr[j] = narrow(outr, widen(dr[j]) * av[j] + (widen(xr[j]) - mv[j]) * bv[j] + cv[j])
 
 
 @_jit
@@ -392,10 +393,10 @@ def _column_sums(a2, b2, l0, L, ref, mode):
         a3 = a2[n + 3, l0:l0 + L]
         if mode == 0:
             for j in range(L):
-                d0 = np.float64(a0[j]) - ref[j]
-                d1 = np.float64(a1[j]) - ref[j]
-                d2 = np.float64(a2_[j]) - ref[j]
-                d3 = np.float64(a3[j]) - ref[j]
+                d0 = np.float64(widen(a0[j])) - ref[j]
+                d1 = np.float64(widen(a1[j])) - ref[j]
+                d2 = np.float64(widen(a2_[j])) - ref[j]
+                d3 = np.float64(widen(a3[j])) - ref[j]
                 s1[j] += (d0 + d1) + (d2 + d3)
                 s2[j] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)
         else:
@@ -404,14 +405,14 @@ def _column_sums(a2, b2, l0, L, ref, mode):
             b2_ = b2[n + 2, l0:l0 + L]
             b3 = b2[n + 3, l0:l0 + L]
             for j in range(L):
-                g0 = np.float64(a0[j])
-                g1 = np.float64(a1[j])
-                g2 = np.float64(a2_[j])
-                g3 = np.float64(a3[j])
+                g0 = np.float64(widen(a0[j]))
+                g1 = np.float64(widen(a1[j]))
+                g2 = np.float64(widen(a2_[j]))
+                g3 = np.float64(widen(a3[j]))
                 rj = ref[j]
                 s1[j] += (g0 + g1) + (g2 + g3)
-                s2[j] += ((g0 * (np.float64(b0[j]) - rj) + g1 * (np.float64(b1[j]) - rj))
-                          + (g2 * (np.float64(b2_[j]) - rj) + g3 * (np.float64(b3[j]) - rj)))
+                s2[j] += ((g0 * (np.float64(widen(b0[j])) - rj) + g1 * (np.float64(widen(b1[j])) - rj))
+                          + (g2 * (np.float64(widen(b2_[j])) - rj) + g3 * (np.float64(widen(b3[j])) - rj)))
     for n in range(N - N % 4, N):
         _add_terms(a2[n, l0:l0 + L], b2[n, l0:l0 + L], ref, s1, s2, mode)
     return s1, s2
@@ -426,15 +427,15 @@ def _forward_columns(x2, y2, S, c0, c1, n0, n1, write, eps, w, b, has_w, has_b, 
     L = (c1 - c0) * S
     p = np.empty(L)
     for j in range(L):
-        p[j] = _pivot(x2[0, l0 + j // S * S])
+        p[j] = _pivot(widen(x2[0, l0 + j // S * S]))
     s1, s2 = _column_sums(x2, x2, l0, L, p, 0)
-    m = np.empty(L, x2.dtype)
-    sc = np.empty(L, x2.dtype)
-    sh = np.empty(L, x2.dtype)
+    m = np.empty(L, mean.dtype)
+    sc = np.empty(L, mean.dtype)
+    sh = np.empty(L, mean.dtype)
     for c in range(c1 - c0):
         a1, a2 = _channel_of_columns(s1, s2, c, S)
         m64, r64 = _finish(p[c * S], a1, a2, N * S, eps)
-        mt = x2.dtype.type(m64)
+        mt = mean.dtype.type(m64)
         if write:
             mean[c0 + c] = mt
             rstd[c0 + c] = r64
@@ -448,7 +449,7 @@ def _forward_columns(x2, y2, S, c0, c1, n0, n1, write, eps, w, b, has_w, has_b, 
         xr = x2[n, l0:l0 + L]
         yr = y2[n, l0:l0 + L]
         for j in range(L):
-            yr[j] = (xr[j] - m[j]) * sc[j] + sh[j]
+            yr[j] = narrow(yr, (widen(xr[j]) - m[j]) * sc[j] + sh[j])
 
 
 @_jit
@@ -463,10 +464,10 @@ def _backward_columns(dy2, x2, dx2, S, c0, c1, n0, n1, write, mean, rstd, w, has
     for j in range(L):
         ref[j] = mean[c0 + j // S]
     s1, s2 = _column_sums(dy2, x2, l0, L, ref, 1)
-    m = np.empty(L, x2.dtype)
-    A = np.empty(L, x2.dtype)
-    B = np.empty(L, x2.dtype)
-    Cc = np.empty(L, x2.dtype)
+    m = np.empty(L, mean.dtype)
+    A = np.empty(L, mean.dtype)
+    B = np.empty(L, mean.dtype)
+    Cc = np.empty(L, mean.dtype)
     for c in range(c1 - c0):
         a1, a2 = _channel_of_columns(s1, s2, c, S)
         r = np.float64(rstd[c0 + c])
@@ -485,7 +486,7 @@ def _backward_columns(dy2, x2, dx2, S, c0, c1, n0, n1, write, mean, rstd, w, has
         xr = x2[n, l0:l0 + L]
         outr = dx2[n, l0:l0 + L]
         for j in range(L):
-            outr[j] = dr[j] * A[j] + (xr[j] - m[j]) * B[j] + Cc[j]
+            outr[j] = narrow(outr, widen(dr[j]) * A[j] + (widen(xr[j]) - m[j]) * B[j] + Cc[j])
 
 
 @_pjit
@@ -496,16 +497,16 @@ def _bn_forward(x, w, b, has_w, has_b, eps, y, mean, rstd):
         # one channel per work item: its rows are still in L2 for the apply pass. The loops index x[n, c, j]
         # rather than take a view of each row: a view per row of 196 values made this path 1.5x slower.
         xf = x.reshape(N * C * S)
-        t = x.dtype.type
+        t = mean.dtype.type
         for c in prange(C):
-            p = _pivot(x[0, c, 0])
+            p = _pivot(widen(x[0, c, 0]))
             s1 = 0.0
             s2 = 0.0
             for n in range(N):
                 if n + 1 < N:
                     _prefetch_run(xf, ((n + 1) * C + c) * S, S)
                 for j in range(S):
-                    d = np.float64(x[n, c, j]) - p
+                    d = np.float64(widen(x[n, c, j])) - p
                     s1 += d
                     s2 += d * d
             m64, r64 = _finish(p, s1, s2, cnt, eps)
@@ -518,7 +519,7 @@ def _bn_forward(x, w, b, has_w, has_b, eps, y, mean, rstd):
             sht = t(sh)
             for n in range(N):
                 for j in range(S):
-                    y[n, c, j] = (x[n, c, j] - mc) * sct + sht
+                    y[n, c, j] = narrow(y, (widen(x[n, c, j]) - mc) * sct + sht)
         return
     T = _column_tasks(C, S)
     if T:
@@ -538,10 +539,10 @@ def _bn_forward(x, w, b, has_w, has_b, eps, y, mean, rstd):
         return
     piv = np.empty(C)
     for c in range(C):
-        piv[c] = _pivot(x[0, c, 0])
+        piv[c] = _pivot(widen(x[0, c, 0]))
     sums = _channel_sums(x, x, piv, 0)
-    sc = np.empty(C, x.dtype)
-    sh = np.empty(C, x.dtype)
+    sc = np.empty(C, mean.dtype)
+    sh = np.empty(C, mean.dtype)
     for c in range(C):
         m64, r64 = _finish(piv[c], sums[c, 0], sums[c, 1], cnt, eps)
         mean[c] = m64
@@ -556,7 +557,7 @@ def _bn_forward(x, w, b, has_w, has_b, eps, y, mean, rstd):
 def _bn_backward(dy, x, mean, rstd, w, has_w, dx, dw, db, want_dw, want_db):
     N, C, S = x.shape
     cnt = N * S
-    t = x.dtype.type
+    t = mean.dtype.type
     if _fused_channels(N, C, S, x.itemsize, 2):
         # as in _bn_forward: one channel per work item, indexed without a view per row
         dyf = dy.reshape(N * C * S)
@@ -572,16 +573,16 @@ def _bn_backward(dy, x, mean, rstd, w, has_w, dx, dw, db, want_dw, want_db):
                     _prefetch_run(dyf, ((n + 1) * C + c) * S, S)
                     _prefetch_run(xf, ((n + 1) * C + c) * S, S)
                 for j in range(S):
-                    g = np.float64(dy[n, c, j])
+                    g = np.float64(widen(dy[n, c, j]))
                     s1 += g
-                    s2 += g * (np.float64(x[n, c, j]) - m64)
+                    s2 += g * (np.float64(widen(x[n, c, j])) - m64)
             wc = np.float64(w[c]) if has_w else 1.0
             A = t(r * wc)
             B = t(-r * r * (r * wc * s2 / cnt))
             Cc = t(-r * (wc * s1 / cnt))
             for n in range(N):
                 for j in range(S):
-                    dx[n, c, j] = dy[n, c, j] * A + (x[n, c, j] - mc) * B + Cc
+                    dx[n, c, j] = narrow(dx, widen(dy[n, c, j]) * A + (widen(x[n, c, j]) - mc) * B + Cc)
             if want_db:
                 db[c] = s1
             if want_dw:
@@ -610,9 +611,9 @@ def _bn_backward(dy, x, mean, rstd, w, has_w, dx, dw, db, want_dw, want_db):
     for c in range(C):
         ref[c] = mean[c]
     sums = _channel_sums(dy, x, ref, 1)
-    A = np.empty(C, x.dtype)
-    B = np.empty(C, x.dtype)
-    Cc = np.empty(C, x.dtype)
+    A = np.empty(C, mean.dtype)
+    B = np.empty(C, mean.dtype)
+    Cc = np.empty(C, mean.dtype)
     for c in range(C):
         r = np.float64(rstd[c])
         wc = np.float64(w[c]) if has_w else 1.0
@@ -629,8 +630,8 @@ def _bn_backward(dy, x, mean, rstd, w, has_w, dx, dw, db, want_dw, want_db):
 @_jit
 def _channel_forward_infer(x, w, b, has_w, has_b, running_mean, running_var, eps, y):
     C = x.shape[1]
-    sc = np.empty(C, x.dtype)
-    sh = np.empty(C, x.dtype)
+    sc = np.empty(C, running_mean.dtype)
+    sh = np.empty(C, running_mean.dtype)
     for c in range(C):
         s = (np.float64(w[c]) if has_w else 1.0) / np.sqrt(np.float64(running_var[c]) + eps)
         sc[c] = s
@@ -641,8 +642,8 @@ def _channel_forward_infer(x, w, b, has_w, has_b, running_mean, running_var, eps
 @_jit
 def _channel_backward_infer(dy, x, mean, rstd, w, has_w, dx, dw, db, want_dw, want_db):
     C = x.shape[1]
-    zero = np.zeros(C, x.dtype)
-    A = np.empty(C, x.dtype)
+    zero = np.zeros(C, rstd.dtype)
+    A = np.empty(C, rstd.dtype)
     for c in range(C):
         A[c] = np.float64(rstd[c]) * (np.float64(w[c]) if has_w else 1.0)
     _channel_affine(dy, zero, A, zero, dx)  # dx = dy * rstd * weight; x is not involved
@@ -662,31 +663,31 @@ def _channel_backward_infer(dy, x, mean, rstd, w, has_w, dx, dw, db, want_dw, wa
 
 def batchnorm_forward(x, weight, bias, eps, y, mean, rstd):
     _sync_threads()
-    w, hw = _opt(weight, x)
-    b, hb = _opt(bias, x)
+    w, hw = _opt(weight, mean)
+    b, hb = _opt(bias, mean)
     _bn_forward(x, w, b, hw, hb, eps, y, mean, rstd)
 
 
 def channel_forward_infer(x, weight, bias, running_mean, running_var, eps, y):
     _sync_threads()
-    w, hw = _opt(weight, x)
-    b, hb = _opt(bias, x)
+    w, hw = _opt(weight, running_mean)
+    b, hb = _opt(bias, running_mean)
     _channel_forward_infer(x, w, b, hw, hb, running_mean, running_var, eps, y)
 
 
 def batchnorm_backward(dy, x, mean, rstd, weight, dx, dweight, dbias):
     _sync_threads()
-    w, hw = _opt(weight, x)
-    dw, wdw = _opt(dweight, x)
-    db, wdb = _opt(dbias, x)
+    w, hw = _opt(weight, mean)
+    dw, wdw = _opt(dweight, mean)
+    db, wdb = _opt(dbias, mean)
     _bn_backward(dy, x, mean, rstd, w, hw, dx, dw, db, wdw, wdb)
 
 
 def channel_backward_infer(dy, x, mean, rstd, weight, dx, dweight, dbias):
     _sync_threads()
-    w, hw = _opt(weight, x)
-    dw, wdw = _opt(dweight, x)
-    db, wdb = _opt(dbias, x)
+    w, hw = _opt(weight, mean)
+    dw, wdw = _opt(dweight, mean)
+    db, wdb = _opt(dbias, mean)
     _channel_backward_infer(dy, x, mean, rstd, w, hw, dx, dw, db, wdw, wdb)
 
 
@@ -698,7 +699,7 @@ def _bn_stats(x, mean, m2):
     cnt = x.shape[0] * x.shape[2]
     piv = np.empty(C)
     for c in range(C):
-        piv[c] = _pivot(x[0, c, 0])
+        piv[c] = _pivot(widen(x[0, c, 0]))
     sums = _channel_sums(x, x, piv, 0)  # float64 d = x - pivot and d*d, merged in a fixed order
     for c in range(C):
         s1 = sums[c, 0]
@@ -726,7 +727,7 @@ def batchnorm_stats(x, mean, m2):
 def batchnorm_apply(x, scale, shift, y):
     _sync_threads()
     # y = (x - 0) * scale + shift: the per-channel affine pass of inference, with no mean to subtract
-    _channel_affine(x, np.zeros(x.shape[1], x.dtype), scale, shift, y)
+    _channel_affine(x, np.zeros(x.shape[1], scale.dtype), scale, shift, y)
 
 
 def batchnorm_backward_reduce(dy, x, mean, rstd, sum_dy, sum_dy_xhat):
@@ -737,5 +738,5 @@ def batchnorm_backward_reduce(dy, x, mean, rstd, sum_dy, sum_dy_xhat):
 def batchnorm_backward_apply(dy, x, a, b, d, dx):
     _sync_threads()
     # dx = dy * a + (x - 0) * b + d: the fused backward's elementwise pass
-    _channel_dx(dy, x, np.zeros(x.shape[1], x.dtype), a, b, d, dx)
+    _channel_dx(dy, x, np.zeros(x.shape[1], a.dtype), a, b, d, dx)
 

@@ -20,6 +20,11 @@ input; the difference between the float64 mean and the mean rounded to the dtype
 without assuming the absence of NaN/inf (no ``nnan``/``ninf``), so non-finite inputs propagate as in the
 reference.
 
+The 16-bit dtypes (bfloat16, float16) are the same kernels: they load and store through _dtype16.py's ``widen`` /
+``narrow``, computing in float32 (the dtype of their float arguments) with float64 sums as above, and round each
+output element once. The wrappers below view the contract's uint16 bit arrays as the numba type that names the
+format (uint16 for bfloat16, int16 for float16).
+
 Threads: normkit's thread count (set_num_threads) is numba's, per calling thread; numba's threading layer is
 started when this backend loads, and it leaves PyTorch's and OpenMP's thread settings as they were (see
 _common.py).
@@ -28,9 +33,11 @@ _common.py).
 from __future__ import annotations
 
 import numba
+import numpy as np
 from numba.core import config
 
-from normkit.contract import kernel_table
+from normkit import half
+from normkit.contract import SPECS, kernel_table
 
 from ._common import CACHE, FASTMATH, THREADING_LAYER, set_num_threads
 from .batchnorm import (batchnorm_apply, batchnorm_backward, batchnorm_backward_apply, batchnorm_backward_reduce,
@@ -50,7 +57,7 @@ INFO = {
     "compile cache": "on" if CACHE else "off: no writable cache directory (set NUMBA_CACHE_DIR)",
 }
 
-KERNELS = kernel_table({
+_FUNCTIONS = {
     ("batchnorm", "forward"): batchnorm_forward,
     ("batchnorm", "forward_infer"): channel_forward_infer,
     ("batchnorm", "backward"): batchnorm_backward,
@@ -67,10 +74,39 @@ KERNELS = kernel_table({
     ("groupnorm", "backward"): groupnorm_backward,
     ("layernorm", "forward"): layernorm_forward,
     ("layernorm", "backward"): layernorm_backward,
+}
+# RMSNorm and the fused residual adds (rownorm.py) have no 16-bit loops yet: their float32 kernels on widened copies
+_ROWNORM = {
     ("layernorm", "add_forward"): layernorm_add_forward,
     ("layernorm", "add_backward"): layernorm_add_backward,
     ("rmsnorm", "forward"): rmsnorm_forward,
     ("rmsnorm", "backward"): rmsnorm_backward,
     ("rmsnorm", "add_forward"): rmsnorm_add_forward,
     ("rmsnorm", "add_backward"): rmsnorm_add_backward,
-}, dtypes=("float32", "float64"))
+}
+
+# the 16-bit formats' bit arrays, and the integer type whose numba type picks each format (see _dtype16.py)
+_DATA = ("x", "y", "dy", "dx")
+_FORMATS = {"bfloat16": np.uint16, "float16": np.int16}
+
+
+def _sixteen_bit(f, op, direction, bits):
+    """The kernel f for 16-bit data: the data arrays viewed as ``bits`` (no copy), everything else as given."""
+    at = tuple(i for i, name in enumerate(SPECS[op].args(direction)) if name in _DATA)
+
+    def kernel(*args):
+        args = list(args)
+        for i in at:
+            args[i] = args[i].view(bits)
+        f(*args)
+    kernel.__name__ = kernel.__qualname__ = f"{f.__name__}_{np.dtype(bits).name}"
+    kernel.__doc__ = f.__doc__
+    return kernel
+
+
+KERNELS = kernel_table({**_FUNCTIONS, **_ROWNORM}, dtypes=("float32", "float64"))
+KERNELS.update({(op, direction, dtype): _sixteen_bit(f, op, direction, bits)
+                for (op, direction), f in _FUNCTIONS.items() for dtype, bits in _FORMATS.items()})
+KERNELS.update({(op, direction, dtype): half.through(KERNELS[(op, direction, "float32")], op, direction, dtype,
+                                                     np.float32)
+                for op, direction in _ROWNORM for dtype in _FORMATS})

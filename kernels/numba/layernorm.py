@@ -12,6 +12,7 @@ from numba import prange
 
 from ._common import (BLOCK, PIECE, TARGET_ITEMS, _cdiv, _finish, _finite, _jit, _npieces, _opt, _pivot, _pjit,
                       _sums, _sync_threads)
+from ._dtype16 import narrow, widen
 
 # layernorm backward with long rows sums its parameter gradients in the data's dtype over at most FLUSH rows.
 FLUSH = 16  # even: row pairs never straddle a flush
@@ -24,23 +25,23 @@ GROUP_BYTES = 4 << 20
 @_jit
 def _ln_apply(xr, yr, m, m64, r, w, b):
     """y = ((x - m) * r + c0) * w + b, with c0 = (m - m64) * r the rounding of the mean to the dtype."""
-    t = xr.dtype.type
+    t = w.dtype.type
     rt = t(r)
     c0 = t((np.float64(m) - m64) * r)
     for j in range(xr.shape[0]):
-        yr[j] = ((xr[j] - m) * rt + c0) * w[j] + b[j]
+        yr[j] = narrow(yr, ((widen(xr[j]) - m) * rt + c0) * w[j] + b[j])
 
 
 @_pjit
 def _ln_forward(x, w, b, has_w, has_b, eps, y, mean, rstd):
     M, K = x.shape
-    wv = w if has_w else np.ones(K, x.dtype)
-    bv = b if has_b else np.zeros(K, x.dtype)
+    wv = w if has_w else np.ones(K, mean.dtype)
+    bv = b if has_b else np.zeros(K, mean.dtype)
     P = _npieces(M, K)
     if P == 1:
         for k in prange(M):
             xr = x[k]
-            p = _pivot(xr[0])
+            p = _pivot(widen(xr[0]))
             s1, s2 = _sums(xr, p)
             m64, r64 = _finish(p, s1, s2, K, eps)
             mean[k] = m64
@@ -52,7 +53,7 @@ def _ln_forward(x, w, b, has_w, has_b, eps, y, mean, rstd):
     for it in prange(M * P):
         k = it // P
         a = (it % P) * L
-        s1, s2 = _sums(x[k, a:min(K, a + L)], _pivot(x[k, 0]))
+        s1, s2 = _sums(x[k, a:min(K, a + L)], _pivot(widen(x[k, 0])))
         part[it, 0] = s1
         part[it, 1] = s2
     st = np.empty((M, 2))
@@ -62,7 +63,7 @@ def _ln_forward(x, w, b, has_w, has_b, eps, y, mean, rstd):
         for q in range(P):
             s1 += part[k * P + q, 0]
             s2 += part[k * P + q, 1]
-        m64, r64 = _finish(_pivot(x[k, 0]), s1, s2, K, eps)
+        m64, r64 = _finish(_pivot(widen(x[k, 0])), s1, s2, K, eps)
         mean[k] = m64
         rstd[k] = r64
         st[k, 0] = m64
@@ -81,7 +82,7 @@ def _ln_row_sums(dyr, xr, m, r, w):
     Each chunk of PIECE values is summed in the dtype, then added into float64: for float32, twice the vector
     lanes of float64 and no conversions (15% faster in cache; a lane adds at most PIECE / 64 terms). A chunk
     whose sums are not finite (products beyond float32's range, or NaN/inf data) is summed again in float64."""
-    t = xr.dtype.type
+    t = w.dtype.type
     mt = t(m)
     sg = 0.0
     sgx = 0.0
@@ -92,17 +93,17 @@ def _ln_row_sums(dyr, xr, m, r, w):
         a = t(0.0)
         b = t(0.0)
         for j in range(xc.shape[0]):
-            g = dyc[j] * wc[j]
+            g = widen(dyc[j]) * wc[j]
             a += g
-            b += g * (xc[j] - mt)
+            b += g * (widen(xc[j]) - mt)
         if _finite(a) and _finite(b):
             sg += np.float64(a)
             sgx += np.float64(b)
             continue
         for j in range(xc.shape[0]):
-            g64 = np.float64(dyc[j]) * np.float64(wc[j])
+            g64 = np.float64(widen(dyc[j])) * np.float64(wc[j])
             sg += g64
-            sgx += g64 * (np.float64(xc[j]) - m)
+            sgx += g64 * (np.float64(widen(xc[j])) - m)
     return sg, sgx * r
 
 
@@ -118,9 +119,9 @@ def _ln_flush(acc, out):
 def _ln_dx_grads(dyr, xr, dxr, m, r, B, Cc, w, acw, acb):
     """_ln_dx, also adding dy * xhat to acw and dy to acb, all in the dtype."""
     for j in range(xr.shape[0]):
-        g = dyr[j]
-        xm = xr[j] - m
-        dxr[j] = g * w[j] * r + xm * B + Cc
+        g = widen(dyr[j])
+        xm = widen(xr[j]) - m
+        dxr[j] = narrow(dxr, g * w[j] * r + xm * B + Cc)
         acw[j] += g * (xm * r)
         acb[j] += g
 
@@ -132,13 +133,13 @@ def _ln_dx_grads_pair(dy1, x1, dx1, m1, r1, B1, C1, dy2, x2, dx2, m2, r2, B2, C2
         _ln_dx_grads(dy1, x1, dx1, m1, r1, B1, C1, w, acw, acb)
         return
     for j in range(x1.shape[0]):
-        g1 = dy1[j]
-        g2 = dy2[j]
-        xm1 = x1[j] - m1
-        xm2 = x2[j] - m2
+        g1 = widen(dy1[j])
+        g2 = widen(dy2[j])
+        xm1 = widen(x1[j]) - m1
+        xm2 = widen(x2[j]) - m2
         wj = w[j]
-        dx1[j] = g1 * wj * r1 + xm1 * B1 + C1
-        dx2[j] = g2 * wj * r2 + xm2 * B2 + C2
+        dx1[j] = narrow(dx1, g1 * wj * r1 + xm1 * B1 + C1)
+        dx2[j] = narrow(dx2, g2 * wj * r2 + xm2 * B2 + C2)
         acw[j] += g1 * (xm1 * r1) + g2 * (xm2 * r2)
         acb[j] += g1 + g2
 
@@ -147,14 +148,14 @@ def _ln_dx_grads_pair(dy1, x1, dx1, m1, r1, B1, C1, dy2, x2, dx2, m2, r2, B2, C2
 def _ln_dx(dyr, xr, dxr, m, r, B, Cc, w):
     """dx = dy * w * r + (x - m) * B + Cc."""
     for j in range(xr.shape[0]):
-        dxr[j] = dyr[j] * w[j] * r + (xr[j] - m) * B + Cc
+        dxr[j] = narrow(dxr, widen(dyr[j]) * w[j] * r + (widen(xr[j]) - m) * B + Cc)
 
 
 @_pjit
 def _ln_backward(dy, x, mean, rstd, w, has_w, dx, dw, db, want_dw, want_db):
     M, K = x.shape
-    t = x.dtype.type
-    wv = w if has_w else np.ones(K, x.dtype)
+    t = mean.dtype.type
+    wv = w if has_w else np.ones(K, mean.dtype)
     want = want_dw or want_db
     if K <= 4 * BLOCK:
         # A row fits in L1: its sums, then dx and the parameter gradients (in the dtype, flushed into float64
@@ -165,8 +166,8 @@ def _ln_backward(dy, x, mean, rstd, w, has_w, dx, dw, db, want_dw, want_db):
         RL = _cdiv(M, R)
         pw = np.zeros((R, K) if want else (1, 1))
         pb = np.zeros((R, K) if want else (1, 1))
-        acw = np.zeros((R, K) if want else (1, 1), x.dtype)
-        acb = np.zeros((R, K) if want else (1, 1), x.dtype)
+        acw = np.zeros((R, K) if want else (1, 1), mean.dtype)
+        acb = np.zeros((R, K) if want else (1, 1), mean.dtype)
         for it in prange(R):
             k0 = it * RL
             k1 = min(M, (it + 1) * RL)
@@ -208,12 +209,12 @@ def _ln_backward(dy, x, mean, rstd, w, has_w, dx, dw, db, want_dw, want_db):
     P = max(1, min(_cdiv(TARGET_ITEMS, min(GR, M)), K // PIECE))
     L = _cdiv(K, P)
     part = np.empty((GR * P, 2))
-    coef = np.empty((M, 2), x.dtype)
+    coef = np.empty((M, 2), mean.dtype)
     JB = _cdiv(K, BLOCK)
     aw = np.zeros(K)
     ab = np.zeros(K)
-    acw = np.zeros(K, x.dtype)
-    acb = np.zeros(K, x.dtype)
+    acw = np.zeros(K, mean.dtype)
+    acb = np.zeros(K, mean.dtype)
     for k0 in range(0, M, GR):
         k1 = min(M, k0 + GR)
         for it in prange((k1 - k0) * P):
@@ -265,14 +266,14 @@ def _ln_backward(dy, x, mean, rstd, w, has_w, dx, dw, db, want_dw, want_db):
 
 def layernorm_forward(x, weight, bias, eps, y, mean, rstd):
     _sync_threads()
-    w, hw = _opt(weight, x)
-    b, hb = _opt(bias, x)
+    w, hw = _opt(weight, mean)
+    b, hb = _opt(bias, mean)
     _ln_forward(x, w, b, hw, hb, eps, y, mean, rstd)
 
 
 def layernorm_backward(dy, x, mean, rstd, weight, dx, dweight, dbias):
     _sync_threads()
-    w, hw = _opt(weight, x)
-    dw, wdw = _opt(dweight, x)
-    db, wdb = _opt(dbias, x)
+    w, hw = _opt(weight, mean)
+    dw, wdw = _opt(dweight, mean)
+    db, wdb = _opt(dbias, mean)
     _ln_backward(dy, x, mean, rstd, w, hw, dx, dw, db, wdw, wdb)
