@@ -1,5 +1,5 @@
-"""The Numba backend's bfloat16 and float16 kernels (normkit.contract's 16-bit contract), called directly: uint16 bit
-arrays for the data, float32 parameters and statistics. Each result is compared with the float64 reference
+"""The Numba backend's bfloat16 and float16 kernels (normkit.contract's 16-bit contract), called directly: uint16
+bit arrays for the data, float32 parameters and statistics. Each result is compared with the float64 reference
 computed from the exactly widened inputs: 16-bit outputs within 1 ulp of the 16-bit type (2 for dx), plus the
 condition-based slack that float32 arithmetic earns (normkit.testing's bounds with float32's epsilon); float32 and
 float64 outputs within those bounds alone. Also: the conversions on every bit pattern, overflow to inf, NaN

@@ -11,6 +11,6 @@ backend = Backend(
     module="normkit_kernels.numba.kernels",
     kernels={"batchnorm": _CHANNEL + _SPLIT, "instancenorm": _CHANNEL, "groupnorm": ("forward", "backward"),
              "layernorm": _ROW, "rmsnorm": _ROW},
-    dtypes=("float32", "float64"),
+    dtypes=("float32", "float64", "bfloat16", "float16"),
     description="Numba JIT, parallel=True; compiled per dtype on first use and cached on disk",
 )
