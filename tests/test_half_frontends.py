@@ -32,6 +32,15 @@ def _calls(x, w, b):
     }
 
 
+def _ulps(got, want_bits) -> int:
+    """The largest distance in units in the last place between 16-bit arrays (got as values, want as bits): their
+    patterns as integers ordered like the values (+-0 alike)."""
+    def ordered(bits):
+        b = bits.astype(np.int32)
+        return np.where(b & 0x8000, -(b & 0x7FFF), b & 0x7FFF)
+    return int(np.abs(ordered(got.view(np.uint16)) - ordered(want_bits)).max())
+
+
 @pytest.mark.parametrize("dtype", HALF_DTYPES)
 @pytest.mark.parametrize("params", ["float32", "same"])
 def test_numpy_ops_take_16_bit_arrays(dtype, params):
@@ -46,10 +55,11 @@ def test_numpy_ops_take_16_bit_arrays(dtype, params):
         y, saved = op.forward(*args, **kw)
         assert y.dtype == dt and y.shape == x.shape and saved.mean.dtype == np.float32, name
         assert np.array_equal(x.view(np.uint16), before.view(np.uint16))  # input untouched
-        # the same values as the float64 ops on the widened input, rounded once (the reference is exact)
+        # the float64 ops on the widened input, rounded once: exactly with the reference backend, within the
+        # contract's 1 ulp (y) / 2 ulp (dx) with a compiled backend's float32 arithmetic (the registry's first)
         args64 = [a.astype(np.float64) if isinstance(a, np.ndarray) else a for a in args]
         y64 = op(*args64)
-        assert np.array_equal(y.view(np.uint16), half.narrow(y64, dtype)), name
+        assert _ulps(y, half.narrow(y64, dtype)) <= (0 if saved.backend == "reference" else 1), name
         dy = rng.standard_normal(x.shape).astype(np.float32).astype(dt)
         dx, dw, db = op.backward(dy, args[0], saved, *args[1:], **kw)
         assert dx.dtype == dt
@@ -58,7 +68,7 @@ def test_numpy_ops_take_16_bit_arrays(dtype, params):
         saved64 = normkit.ops.Saved(saved.mean.astype(np.float64), saved.rstd.astype(np.float64), saved.training,
                                     saved.backend)
         dx64, dw64, _ = op.backward(dy.astype(np.float64), args64[0], saved64, *args64[1:], **kw)
-        assert np.array_equal(dx.view(np.uint16), half.narrow(dx64, dtype)), name
+        assert _ulps(dx, half.narrow(dx64, dtype)) <= (0 if saved.backend == "reference" else 2), name
 
 
 @settings(max_examples=20)
