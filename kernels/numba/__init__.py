@@ -12,5 +12,6 @@ backend = Backend(
     kernels={"batchnorm": _CHANNEL + _SPLIT, "instancenorm": _CHANNEL, "groupnorm": ("forward", "backward"),
              "layernorm": _ROW, "rmsnorm": _ROW},
     dtypes=("float32", "float64", "bfloat16", "float16"),
+    channels_last={"batchnorm": _CHANNEL + _SPLIT, "instancenorm": _CHANNEL, "groupnorm": ("forward", "backward")},
     description="Numba JIT, parallel=True; compiled per dtype on first use and cached on disk",
 )

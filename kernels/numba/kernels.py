@@ -1,9 +1,9 @@
 """Numba kernels for the four ops, following :mod:`normkit.contract`: this module assembles the backend (KERNELS,
 INFO, set_num_threads) from one module per kernel family, batchnorm.py (with the per-channel inference passes),
-groupnorm.py (GroupNorm and InstanceNorm), layernorm.py and rownorm.py (RMSNorm and the fused residual add of
-the row ops), over the pieces they share in _common.py. numba caches
-compiled kernels per source file, so an edit to one family recompiles only that family (but see _common.py about
-edits to it).
+groupnorm.py (GroupNorm and InstanceNorm), layernorm.py, rownorm.py (RMSNorm and the fused residual add of the row
+ops) and channels_last.py (the channel ops on (N, S, C) data), over the pieces they share in _common.py. numba
+caches compiled kernels per source file, so an edit to one family recompiles only that family (but see _common.py
+about edits to it).
 
 How the work is split is a function of the shape only, never of the thread count (each family module describes
 its splits), and partial sums are merged in a fixed order, so results are identical for any number of threads and
@@ -42,6 +42,7 @@ from normkit.contract import SPECS, kernel_table
 from ._common import CACHE, FASTMATH, THREADING_LAYER, set_num_threads
 from .batchnorm import (batchnorm_apply, batchnorm_backward, batchnorm_backward_apply, batchnorm_backward_reduce,
                         batchnorm_forward, batchnorm_stats, channel_backward_infer, channel_forward_infer)
+from .channels_last import NHWC
 from .groupnorm import groupnorm_backward, groupnorm_forward, instancenorm_backward, instancenorm_forward
 from .layernorm import layernorm_backward, layernorm_forward
 from .rownorm import (layernorm_add_backward, layernorm_add_forward, rmsnorm_add_backward, rmsnorm_add_forward,
@@ -110,3 +111,7 @@ KERNELS.update({(op, direction, dtype): _sixteen_bit(f, op, direction, bits)
 KERNELS.update({(op, direction, dtype): half.through(KERNELS[(op, direction, "float32")], op, direction, dtype,
                                                      np.float32)
                 for op, direction in _ROWNORM for dtype in _FORMATS})
+# the channels-last kernels (normkit.contract): (op, direction, dtype, "nhwc"), arrays (N, S, C); float32 and
+# float64 only (contract.LAYOUT_DTYPES)
+KERNELS.update({(op, direction, dtype, "nhwc"): f for (op, direction), f in NHWC.items()
+                for dtype in ("float32", "float64")})
