@@ -8,6 +8,7 @@ from support import OPS, op_args
 
 import normkit
 from normkit.alloc import ALIGN_MIN_BYTES, ALIGNMENT, aligned_empty, empty
+from normkit.contract import SPECS
 
 
 def _aligned(a) -> bool:
@@ -67,12 +68,15 @@ def test_torch_frontend_outputs_are_aligned(op):
 
     k = ALIGN_MIN_BYTES // 4
     x = torch.randn(3, 4, k, requires_grad=True)
-    c = k if op == "layernorm" else 4
+    row = SPECS[op].sets == "row"
+    c = k if row else 4
     w, b = torch.ones(c, requires_grad=True), torch.zeros(c, requires_grad=True)
     y = {"batchnorm": lambda: nkt.batch_norm(x, None, None, w, b, True),
          "instancenorm": lambda: nkt.instance_norm(x, None, None, w, b),
          "groupnorm": lambda: nkt.group_norm(x, 2, w, b),
-         "layernorm": lambda: nkt.layer_norm(x, (k,), w, b)}[op]()
-    dx, dw, db = torch.autograd.grad(y, (x, w, b), torch.randn_like(y))
-    tensors = [y, dx, *((dw, db) if op == "layernorm" else ())]  # torch's allocator: y, dx; normkit's: dw, db
+         "layernorm": lambda: nkt.layer_norm(x, (k,), w, b),
+         "rmsnorm": lambda: nkt.rms_norm(x, (k,), w)}[op]()
+    params = (w, b) if SPECS[op].centered else (w,)
+    dx, *dparams = torch.autograd.grad(y, (x, *params), torch.randn_like(y))
+    tensors = [y, dx, *(dparams if row else ())]  # torch's allocator: y, dx; normkit's: the parameter gradients
     assert all(t.data_ptr() % ALIGNMENT == 0 for t in tensors), [t.data_ptr() % ALIGNMENT for t in tensors]

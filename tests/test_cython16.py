@@ -231,8 +231,8 @@ def split_directions(fmt, x, dy, rng, threads=None):
 # --- tests -------------------------------------------------------------------------------------------------------
 
 def test_kernels_cover_every_float32_kernel():
-    for op, direction, dtype in list(kernels.KERNELS):
-        if dtype == "float32":
+    for op, direction, dtype, *layout in list(kernels.KERNELS):
+        if dtype == "float32" and not layout:
             for fmt in FORMATS:
                 assert (op, direction, fmt) in kernels.KERNELS
 
@@ -417,7 +417,8 @@ def test_thread_count_independent(op, kshape, groups, fmt, rng):
         try:
             outs = {}
             for direction in spec.directions:
-                outs.update(_run_any(op, direction, fmt, x, dy, w, b, groups))
+                if (op, direction) in kernels._FUNCTIONS and direction not in ("add_forward", "add_backward"):
+                    outs.update(_run_any(op, direction, fmt, x, dy, w, b, groups))
         finally:
             kernels.set_num_threads(_THREADS)
         runs.append(outs)

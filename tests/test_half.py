@@ -9,7 +9,7 @@ import pytest
 
 import normkit
 from normkit import Backend, half, reference, testing
-from normkit.contract import DEFAULT_DTYPES, DTYPES, HALF_DTYPES, SPECS, arg_dtype, storage_dtype
+from normkit.contract import DATA_ARGS, DEFAULT_DTYPES, DTYPES, HALF_DTYPES, SPECS, arg_dtype, storage_dtype
 from normkit.registry import runtime_module
 
 ml_dtypes = pytest.importorskip("ml_dtypes")
@@ -93,7 +93,7 @@ def test_contract_dtypes_and_argument_storage():
                 if name in ("eps", "num_groups"):
                     continue
                 for dtype in HALF_DTYPES:
-                    want = "uint16" if name in ("x", "y", "dy", "dx") else (
+                    want = "uint16" if name in DATA_ARGS else (
                         "float64" if arg_dtype(direction, name, "float32") == "float64" else "float32")
                     assert storage_dtype(direction, name, dtype) == np.dtype(want), (op, direction, name)
                 assert storage_dtype(direction, name, "float32") == np.dtype(arg_dtype(direction, name, "float32"))

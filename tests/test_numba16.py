@@ -297,8 +297,10 @@ PATHS = {
     "group": [((2, 6, 20), 3), ((1, 2, 9000), 1), ((4, 6, 1), 6), ((3, 4, 7), 1)],
     "row": [((9, 40), None), ((2, 9000), None), ((3, 1), None), ((20, 9000), None)],
 }
-CASES = [(op, d, shape, g) for op, spec in SPECS.items() for d in spec.directions
-         for shape, g in PATHS[spec.sets]]
+# the kernels with native 16-bit loops; the others (RMSNorm, the fused adds) are their float32 kernels on widened
+# copies (normkit.half.through), which the conformance kit covers
+NATIVE = [(op, d) for op, spec in SPECS.items() for d in spec.directions if (op, d) in K._FUNCTIONS]
+CASES = [(op, d, shape, g) for op, d in NATIVE for shape, g in PATHS[SPECS[op].sets]]
 
 
 @pytest.mark.parametrize("dtype", DTYPE_NAMES)
@@ -308,7 +310,7 @@ def test_kernel_matches_reference(op, direction, shape, groups, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPE_NAMES)
-@pytest.mark.parametrize("op,direction", [(op, d) for op, s in SPECS.items() for d in s.directions])
+@pytest.mark.parametrize("op,direction", NATIVE)
 def test_offset_nan_overflow_and_no_affine(op, direction, dtype):
     """mean 1e4 std 1 (float16's spacing there is 8, bfloat16's 64: nearly constant sets) and a mean where the
     spacing is 0.5, one NaN, outputs beyond the type's range, weight only and no affine. (bfloat16's range is
@@ -337,13 +339,12 @@ def _shapes(draw, op):
     return shape, draw(st.sampled_from(divisors))
 
 
-@pytest.mark.parametrize("op", list(SPECS))
+@pytest.mark.parametrize("op", sorted({op for op, _ in NATIVE}))
 @settings(max_examples=12, deadline=None)
 @given(data=st.data())
 def test_awkward_shapes(op, data):
-    spec = SPECS[op]
     shape, groups = data.draw(_shapes(op))
-    direction = data.draw(st.sampled_from(spec.directions))
+    direction = data.draw(st.sampled_from([d for o, d in NATIVE if o == op]))
     dtype = data.draw(st.sampled_from(DTYPE_NAMES))
     _check(op, direction, dtype, shape, groups, data.draw(st.sampled_from(("normal", "offset", "offset_fine"))),
            data.draw(st.integers(0, 2)), seed=data.draw(st.integers(0, 99)))
