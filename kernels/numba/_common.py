@@ -248,3 +248,38 @@ def _start_threads() -> str:
 
 
 THREADING_LAYER = _start_threads()
+
+
+# --- row ops (layernorm.py, rownorm.py) -------------------------------------------------------------------------
+
+@_jit
+def _row_grad_sums(dyr, xr, m, r, w):
+    """sum(g), sum(g * xhat) over (a piece of) one row, g = dy * w and xhat = (x - m) * r, into float64 (rownorm.py
+    passes r = 1, and m = 0 for RMSNorm, and scales by rstd itself).
+
+    Each chunk of PIECE values is summed in the dtype, then added into float64: for float32, twice the vector
+    lanes of float64 and no conversions (15% faster in cache; a lane adds at most PIECE / 64 terms). A chunk
+    whose sums are not finite (products beyond float32's range, or NaN/inf data) is summed again in float64."""
+    t = w.dtype.type
+    mt = t(m)
+    sg = 0.0
+    sgx = 0.0
+    for c0 in range(0, xr.shape[0], PIECE):
+        dyc = dyr[c0:c0 + PIECE]
+        xc = xr[c0:c0 + PIECE]
+        wc = w[c0:c0 + PIECE]
+        a = t(0.0)
+        b = t(0.0)
+        for j in range(xc.shape[0]):
+            g = widen(dyc[j]) * wc[j]
+            a += g
+            b += g * (widen(xc[j]) - mt)
+        if _finite(a) and _finite(b):
+            sg += np.float64(a)
+            sgx += np.float64(b)
+            continue
+        for j in range(xc.shape[0]):
+            g64 = np.float64(widen(dyc[j])) * np.float64(wc[j])
+            sg += g64
+            sgx += g64 * (np.float64(widen(xc[j])) - m)
+    return sg, sgx * r

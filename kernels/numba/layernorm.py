@@ -13,8 +13,8 @@ from numba import prange
 from numba.core import cgutils, types
 from numba.extending import intrinsic
 
-from ._common import (BLOCK, PIECE, TARGET_ITEMS, _cdiv, _finish, _finite, _jit, _npieces, _opt, _pivot, _pjit,
-                      _sums, _sync_threads)
+from ._common import (BLOCK, PIECE, TARGET_ITEMS, _cdiv, _finish, _jit, _npieces, _opt, _pivot, _pjit,
+                      _row_grad_sums, _sums, _sync_threads)
 from ._dtype16 import narrow, widen
 
 # layernorm backward with long rows sums its parameter gradients in the data's dtype over at most FLUSH rows.
@@ -96,38 +96,6 @@ def _ln_forward(x, w, b, has_w, has_b, eps, y, mean, rstd):
 
 
 @_jit
-def _ln_row_sums(dyr, xr, m, r, w):
-    """sum(g), sum(g * xhat) over (a piece of) one row, g = dy * w, into float64.
-
-    Each chunk of PIECE values is summed in the dtype, then added into float64: for float32, twice the vector
-    lanes of float64 and no conversions (15% faster in cache; a lane adds at most PIECE / 64 terms). A chunk
-    whose sums are not finite (products beyond float32's range, or NaN/inf data) is summed again in float64."""
-    t = w.dtype.type
-    mt = t(m)
-    sg = 0.0
-    sgx = 0.0
-    for c0 in range(0, xr.shape[0], PIECE):
-        dyc = dyr[c0:c0 + PIECE]
-        xc = xr[c0:c0 + PIECE]
-        wc = w[c0:c0 + PIECE]
-        a = t(0.0)
-        b = t(0.0)
-        for j in range(xc.shape[0]):
-            g = widen(dyc[j]) * wc[j]
-            a += g
-            b += g * (widen(xc[j]) - mt)
-        if _finite(a) and _finite(b):
-            sg += np.float64(a)
-            sgx += np.float64(b)
-            continue
-        for j in range(xc.shape[0]):
-            g64 = np.float64(widen(dyc[j])) * np.float64(wc[j])
-            sg += g64
-            sgx += g64 * (np.float64(widen(xc[j])) - m)
-    return sg, sgx * r
-
-
-@_jit
 def _ln_flush(acc, out):
     """out += acc in float64, and acc starts again from 0 (the dtype accumulators of the parameter gradients)."""
     for j in range(acc.shape[0]):
@@ -195,7 +163,7 @@ def _ln_backward(dy, x, mean, rstd, w, has_w, dx, dw, db, want_dw, want_db):
                 mk = mean[k]
                 m64 = np.float64(mk)
                 r = np.float64(rstd[k])
-                sg, sgx = _ln_row_sums(dy[k], x[k], m64, r, wv)
+                sg, sgx = _row_grad_sums(dy[k], x[k], m64, r, wv)
                 B = t(-r * r * sgx / K)
                 Cc = t(-r * sg / K)
                 if want:
@@ -241,7 +209,7 @@ def _ln_backward(dy, x, mean, rstd, w, has_w, dx, dw, db, want_dw, want_db):
             k = k0 + it % (k1 - k0)
             a = (it // (k1 - k0)) * L
             e = min(K, a + L)
-            sg, sgx = _ln_row_sums(dy[k, a:e], x[k, a:e], np.float64(mean[k]), np.float64(rstd[k]), wv[a:e])
+            sg, sgx = _row_grad_sums(dy[k, a:e], x[k, a:e], np.float64(mean[k]), np.float64(rstd[k]), wv[a:e])
             part[it, 0] = sg
             part[it, 1] = sgx
         for k in range(k0, k1):

@@ -13,7 +13,8 @@ from __future__ import annotations
 import numpy as np
 from numba import prange
 
-from ._common import PIECE, TARGET_ITEMS, _cdiv, _finish, _finite, _jit, _opt, _pivot, _pjit, _sums, _sync_threads
+from ._common import (TARGET_ITEMS, _cdiv, _finish, _jit, _opt, _pivot, _pjit, _row_grad_sums, _sums,
+                      _sync_threads)
 
 # A centered op's parameter gradients are summed in the dtype over at most FLUSH rows, then added into float64.
 FLUSH = 16
@@ -74,36 +75,6 @@ def _forward(x, res, has_res, h, w, has_w, b, has_b, centered, eps, y, mean, rst
 
 
 @_jit
-def _row_sums(dyr, xr, m, w):
-    """sum(g), sum(g * (x - m)) over one row, g = dy * w, into float64: chunks of PIECE values summed in the
-    dtype (twice the vector lanes of float64 for float32), a chunk whose sums are not finite again in float64
-    (as layernorm.py's _ln_row_sums)."""
-    t = xr.dtype.type
-    mt = t(m)
-    sg = 0.0
-    sgx = 0.0
-    for c0 in range(0, xr.shape[0], PIECE):
-        dyc = dyr[c0:c0 + PIECE]
-        xc = xr[c0:c0 + PIECE]
-        wc = w[c0:c0 + PIECE]
-        a = t(0.0)
-        b = t(0.0)
-        for j in range(xc.shape[0]):
-            g = dyc[j] * wc[j]
-            a += g
-            b += g * (xc[j] - mt)
-        if _finite(a) and _finite(b):
-            sg += np.float64(a)
-            sgx += np.float64(b)
-            continue
-        for j in range(xc.shape[0]):
-            g64 = np.float64(dyc[j]) * np.float64(wc[j])
-            sg += g64
-            sgx += g64 * (np.float64(xc[j]) - m)
-    return sg, sgx
-
-
-@_jit
 def _dx(dyr, xr, dxr, m, r, B, Cc, w):
     for j in range(xr.shape[0]):
         dxr[j] = dyr[j] * w[j] * r + (xr[j] - m) * B + Cc
@@ -158,7 +129,7 @@ def _backward(dy, dh, has_dh, x, mean, rstd, w, has_w, centered, dx, dw, db, wan
         for k in range(k0, k1):
             mk = mean[k] if centered else t(0.0)
             r = np.float64(rstd[k])
-            sg, sgx = _row_sums(dy[k], x[k], np.float64(mk), wv)
+            sg, sgx = _row_grad_sums(dy[k], x[k], np.float64(mk), 1.0, wv)
             # dx = rstd * (g - mean(g) - xhat * mean(g * xhat)); an uncentered row has no mean(g) term
             B = t(-r * r * r * sgx / K)
             Cc = t(-r * sg / K) if centered else t(0.0)
