@@ -73,7 +73,27 @@ Uncentered ops (``centered=False``: RMSNorm) have no mean and no bias: ``rstd = 
 and ``dx = rstd * (g - xhat * mean(g * xhat))``; the add directions likewise). ``mean(x**2)`` is accumulated in
 float64, so no cancellation is possible.
 
-The split and add directions were added to contract 1 without changing its version: a backend that does not
+Fused activation (ops whose spec has ``activation=True``: batchnorm, instancenorm, groupnorm, layernorm). The
+activation that follows a norm in most models, applied in the norm's own pass over memory: ``y = act(z)`` with
+``z = xhat * weight + bias`` (what the plain direction writes as ``y``). ``activation`` is an index into
+:data:`ACTIVATIONS` (a Python int) and ``slope`` leaky_relu's ``negative_slope`` (a float, ignored by the others).
+Each plain direction ``d`` among forward, forward_infer, backward, backward_infer that the op has gains ``act_d``:
+
+- ``act_forward`` / ``act_forward_infer``: the plain direction's arguments with ``activation, slope`` after
+  ``eps``; ``y = act(z)``, the statistics as the plain direction's (of x, not of y).
+- ``act_backward`` / ``act_backward_infer``: the plain direction's arguments with ``bias, activation, slope`` after
+  ``weight``: the plain gradient of ``g = dy * act'(z)`` (so ``dbias = sum(g)``, ``dweight = sum(g * xhat)``),
+  where ``z`` is recomputed from x, the given statistics, weight and bias rather than saved.
+
+Derivatives, at z: relu ``1 if z > 0 else 0``; leaky_relu ``1 if z > 0 else slope`` (both as torch's, also for a NaN
+z, whose set is NaN anyway); silu ``s * (1 + z * (1 - s))`` with ``s =
+sigmoid(z)``; gelu (erf) ``Phi(z) + z * phi(z)``; gelu_tanh that of ``0.5 * z * (1 + tanh(sqrt(2/pi) * (z + 0.044715
+* z**3)))`` (torch's ``approximate="tanh"``). ``z`` is computed in the kernel's working precision (float32 at least)
+and ``y`` rounded once; accuracy as the plain direction's, except that relu's and leaky_relu's derivative jumps at
+0, so an element whose ``z`` is within rounding of 0 may take either side. :mod:`normkit.activation` holds the same
+functions in NumPy. Channels-last data goes through an NCHW copy (no channels-last activation kernels yet).
+
+The split, add and activation directions were added to contract 1 without changing its version: a backend that does not
 declare them is unaffected.
 
 16-bit dtypes (``bfloat16``, ``float16``): storage in 16 bits, arithmetic in float32 at least. A kernel of one of
@@ -128,6 +148,9 @@ DTYPES = ("float32", "float64", "bfloat16", "float16")
 HALF_DTYPES = ("bfloat16", "float16")
 # The arrays of input size; all others are per-set or per-channel.
 DATA_ARGS = ("x", "y", "dy", "dx", "residual", "h", "dh")  # the last three: the fused residual add's
+# The fused activations (OpSpec.activation), in the order whose index a kernel receives as ``activation``.
+ACTIVATIONS = ("relu", "leaky_relu", "silu", "gelu", "gelu_tanh")
+ACT_PREFIX = "act_"
 # What a backend implements when it names no dtypes (contract 1's): a plugin written then must not start claiming a
 # dtype added to DTYPES later.
 DEFAULT_DTYPES = ("float32", "float64")
@@ -171,6 +194,13 @@ OUTPUTS = {
     "add_forward": ("y", "h", "mean", "rstd"),
     "add_backward": ("dx", "dweight", "dbias"),
 }
+OUTPUTS.update({ACT_PREFIX + d: OUTPUTS[d] for d in ("forward", "forward_infer", "backward", "backward_infer")})
+
+
+def plain_direction(direction: str) -> str:
+    """The direction an activation direction fuses an activation into (``act_forward`` -> ``forward``); any other
+    direction is its own."""
+    return direction.removeprefix(ACT_PREFIX)
 
 
 def arg_dtype(direction: str, name: str, dtype: str) -> str:
@@ -216,6 +246,7 @@ class OpSpec:
     ``centered``: the op subtracts the mean and has a bias; False for RMSNorm (no mean, no bias, see the module
     docstring).
     ``fused_add``: the op also has the fused residual-add directions :data:`ADD_DIRECTIONS` (row ops only).
+    ``activation``: the op also has ``act_`` twins of its forward / backward directions (a fused activation).
     """
 
     name: str
@@ -227,12 +258,15 @@ class OpSpec:
     split: bool = False
     centered: bool = True
     fused_add: bool = False
+    activation: bool = False
 
     def __post_init__(self) -> None:
         if self.split and self.sets != "channel":
             raise ValueError(f"{self.name}: the split directions are defined for per-channel statistics only")
         if self.fused_add and self.sets != "row":
             raise ValueError(f"{self.name}: the fused residual add is defined for row ops only")
+        if self.activation and not self.centered:
+            raise ValueError(f"{self.name}: the fused activation is defined for centered ops only")
         if not self.centered and (self.running or self.split):
             raise ValueError(f"{self.name}: an uncentered op has no mean, so no running or split statistics")
 
@@ -243,15 +277,22 @@ class OpSpec:
     @property
     def directions(self) -> tuple[str, ...]:
         fused = ("forward", "forward_infer", "backward", "backward_infer") if self.running else ("forward", "backward")
-        return fused + (SPLIT_DIRECTIONS if self.split else ()) + (ADD_DIRECTIONS if self.fused_add else ())
+        act = tuple(ACT_PREFIX + d for d in fused) if self.activation else ()
+        return fused + (SPLIT_DIRECTIONS if self.split else ()) + (ADD_DIRECTIONS if self.fused_add else ()) + act
 
     def args(self, direction: str) -> tuple[str, ...]:
         """The kernel's positional argument names for ``direction``."""
         if direction not in self.directions:
             raise ValueError(f"{self.name} has no direction {direction!r}; it has {', '.join(self.directions)}")
+        plain = plain_direction(direction)
         names = {"forward": _FORWARD, "forward_infer": _FORWARD_INFER, "backward": _BACKWARD,
                  "backward_infer": _BACKWARD_INFER, "add_forward": _ADD_FORWARD, "add_backward": _ADD_BACKWARD,
-                 **_SPLIT_ARGS}[direction]
+                 **_SPLIT_ARGS}[plain]
+        if plain != direction:  # an activation direction: its arguments follow eps (forward) or weight (backward)
+            at, extra = ("eps", ("activation", "slope")) if "forward" in plain else ("weight", ("bias", "activation",
+                                                                                                "slope"))
+            at = names.index(at) + 1
+            names = (*names[:at], *extra, *names[at:])
         if not self.centered:
             names = tuple(n for n in names if n not in _CENTERED_ONLY)
         if self.grouped:
@@ -325,11 +366,11 @@ class OpSpec:
 
 SPECS = {spec.name: spec for spec in (
     OpSpec("batchnorm", ("bn", "batch_norm"), "batch_norm", "channel", running=True, training_flag="training",
-           split=True),
-    OpSpec("layernorm", ("ln", "layer_norm"), "layer_norm", "row", fused_add=True),
+           split=True, activation=True),
+    OpSpec("layernorm", ("ln", "layer_norm"), "layer_norm", "row", fused_add=True, activation=True),
     OpSpec("instancenorm", ("in", "instance_norm"), "instance_norm", "instance", running=True,
-           training_flag="use_input_stats"),
-    OpSpec("groupnorm", ("gn", "group_norm"), "group_norm", "group"),
+           training_flag="use_input_stats", activation=True),
+    OpSpec("groupnorm", ("gn", "group_norm"), "group_norm", "group", activation=True),
     OpSpec("rmsnorm", ("rms", "rms_norm"), "rms_norm", "row", centered=False, fused_add=True),
 )}
 

@@ -11,19 +11,21 @@ import functools
 
 import numpy as np
 
-from . import half
-from .contract import HALF_DTYPES, kernel_table
+from . import activation, half
+from .contract import ACT_PREFIX, HALF_DTYPES, kernel_table
 from .registry import Backend
 
 _CHANNEL = ("forward", "forward_infer", "backward", "backward_infer")
 _SPLIT = ("stats", "apply", "backward_reduce", "backward_apply")
 _ROW = ("forward", "backward", "add_forward", "add_backward")
+_PLAIN = ("forward", "backward")
+_ACT, _ACT_PLAIN = (tuple(ACT_PREFIX + d for d in ds) for ds in (_CHANNEL, _PLAIN))
 backend = Backend(
     name="reference",
     module="normkit.reference",
     # exactly what KERNELS below implements
-    kernels={"batchnorm": _CHANNEL + _SPLIT, "instancenorm": _CHANNEL, "groupnorm": ("forward", "backward"),
-             "layernorm": _ROW, "rmsnorm": _ROW},
+    kernels={"batchnorm": _CHANNEL + _SPLIT + _ACT, "instancenorm": _CHANNEL + _ACT,
+             "groupnorm": _PLAIN + _ACT_PLAIN, "layernorm": _ROW + _ACT_PLAIN, "rmsnorm": _ROW},
     dtypes=("float32", "float64", "bfloat16", "float16"),
     description="pure NumPy, float64 statistics; the oracle and the fallback",
 )
@@ -261,7 +263,10 @@ KERNELS = kernel_table({
     ("rmsnorm", "add_forward"): rmsnorm_add_forward,
     ("rmsnorm", "add_backward"): rmsnorm_add_backward,
 }, dtypes=("float32", "float64"))
-
+# the fused activations: the plain kernels above and normkit.activation's functions, in float64
+KERNELS.update({(op, d, dtype): activation.compose(KERNELS[(op, d.removeprefix(ACT_PREFIX), dtype)], op, d, exact=True)
+                for op, directions in backend.kernels.items() for d in directions if d.startswith(ACT_PREFIX)
+                for dtype in ("float32", "float64")})
 
 KERNELS.update({(op, direction, dtype): half.through(KERNELS[(op, direction, "float64")], op, direction, dtype)
                 for (op, direction, _) in list(KERNELS) for dtype in HALF_DTYPES})

@@ -1,0 +1,123 @@
+"""The fused activations (:data:`normkit.contract.ACTIVATIONS`) in NumPy, and activation directions composed of a
+plain kernel and these functions.
+
+:func:`compose` is how the reference implements the ``act_`` directions (exactly, in float64), and how the
+frontends run them on a backend that has the plain kernels but not the fused ones (in the kernel's dtype, at the
+cost of a second pass over memory).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import numpy as np
+
+from . import checks
+from .contract import ACTIVATIONS, SPECS, plain_direction
+
+_SQRT_HALF = math.sqrt(0.5)
+_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+_TANH_C = math.sqrt(2.0 / math.pi)
+_TANH_K = 0.044715
+_erf = np.frompyfunc(math.erf, 1, 1)  # NumPy has no erf; libm's, element by element (the compiled kernels have theirs)
+
+
+def code(op: str, activation, negative_slope=0.01) -> tuple[int, float] | None:
+    """``(index into ACTIVATIONS, slope)`` for an ``activation=`` argument, or None for ``activation=None``; a
+    clear error for anything else."""
+    if activation is None:
+        return None
+    if not isinstance(activation, str) or activation not in ACTIVATIONS:
+        raise ValueError(f"{op}: activation must be None or one of {', '.join(map(repr, ACTIVATIONS))}, got "
+                         f"{checks.describe(activation)}")
+    if isinstance(negative_slope, bool) or not isinstance(negative_slope, (int, float)) \
+            or not math.isfinite(negative_slope):
+        raise ValueError(f"{op}: negative_slope must be a finite number, got {checks.describe(negative_slope)}")
+    return ACTIVATIONS.index(activation), float(negative_slope)
+
+
+def _sigmoid(z):
+    # exp of -|z| only: no overflow for either sign
+    e = np.exp(-np.abs(z))
+    return np.where(z >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+
+
+def apply(act: int, z: np.ndarray, slope: float) -> np.ndarray:
+    """act(z), computed in z's dtype."""
+    name = ACTIVATIONS[act]
+    if name == "relu":
+        return np.maximum(z, 0)  # NaN stays NaN
+    if name == "leaky_relu":
+        return np.where(z > 0, z, z * z.dtype.type(slope))
+    if name == "silu":
+        return z * _sigmoid(z)
+    if name == "gelu":
+        return (0.5 * z * (1.0 + _erf(z * _SQRT_HALF).astype(z.dtype))).astype(z.dtype)
+    t = np.tanh(_TANH_C * (z + _TANH_K * z * z * z))
+    return (0.5 * z * (1.0 + t)).astype(z.dtype)
+
+
+def derivative(act: int, z: np.ndarray, slope: float) -> np.ndarray:
+    """act'(z), computed in z's dtype (relu and leaky_relu: 1 where z > 0, else 0 or the slope, as in torch)."""
+    name = ACTIVATIONS[act]
+    if name == "relu":
+        return (z > 0).astype(z.dtype)
+    if name == "leaky_relu":
+        return np.where(z > 0, 1.0, slope).astype(z.dtype)
+    if name == "silu":
+        s = _sigmoid(z)
+        return s * (1.0 + z * (1.0 - s))
+    if name == "gelu":
+        cdf = 0.5 * (1.0 + _erf(z * _SQRT_HALF).astype(z.dtype))
+        return (cdf + z * np.exp(-0.5 * z * z) * _INV_SQRT_2PI).astype(z.dtype)
+    inner = _TANH_C * (z + _TANH_K * z * z * z)
+    t = np.tanh(inner)
+    return (0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * _TANH_C * (1.0 + 3.0 * _TANH_K * z * z)).astype(z.dtype)
+
+
+def _z(spec, direction: str, v: dict, work) -> np.ndarray:
+    """The plain forward's output (before the activation) recomputed from x, the statistics, weight and bias."""
+    x = v["x"]
+    kshape = x.shape
+    mean, rstd = v["mean"].astype(work), v["rstd"].astype(work)
+    if direction == "backward_infer":  # running statistics: per channel
+        mean, rstd = mean[None, :, None], rstd[None, :, None]
+    else:
+        mean, rstd = spec.per_element(mean, kshape), spec.per_element(rstd, kshape)
+    z = (x.astype(work) - mean) * rstd
+    if v["weight"] is not None:
+        z = z * spec.per_param(v["weight"].astype(work))
+    if v["bias"] is not None:
+        z = z + spec.per_param(v["bias"].astype(work))
+    return z
+
+
+def compose(kernel, op: str, direction: str, exact: bool = False):
+    """The ``direction`` (an ``act_`` one) kernel of ``op`` made of ``kernel``, the plain direction's, and the
+    functions above: forward applies the activation to the plain output, backward hands ``dy * act'(z)`` to the
+    plain backward. ``exact`` (the reference): everything in float64 and each output rounded once; otherwise in the
+    kernel's dtype (float32 or float64)."""
+    spec = SPECS[op]
+    plain = plain_direction(direction)
+    names, plain_names = spec.args(direction), spec.args(plain)
+
+    if "forward" in plain:
+        def run(*args):
+            v = dict(zip(names, args))
+            y = v["y"]
+            if exact:
+                v["y"] = np.empty(y.shape)
+            kernel(*(v[n] for n in plain_names))
+            with np.errstate(over="ignore", invalid="ignore"):
+                y[...] = apply(v["activation"], v["y"], v["slope"])
+    else:
+        def run(*args):
+            v = dict(zip(names, args))
+            work = np.float64 if exact else v["x"].dtype
+            with np.errstate(over="ignore", invalid="ignore"):
+                g = v["dy"].astype(work) * derivative(v["activation"], _z(spec, plain, v, work), v["slope"])
+            v["dy"] = g
+            kernel(*(v[n] for n in plain_names))
+
+    return functools.wraps(kernel)(run)
