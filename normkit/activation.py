@@ -13,8 +13,8 @@ import math
 
 import numpy as np
 
-from . import checks
-from .contract import ACTIVATIONS, SPECS, plain_direction
+from . import checks, registry
+from .contract import ACTIVATIONS, HALF_DTYPES, SPECS, plain_direction
 
 _SQRT_HALF = math.sqrt(0.5)
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
@@ -121,3 +121,32 @@ def compose(kernel, op: str, direction: str, exact: bool = False):
             kernel(*(v[n] for n in plain_names))
 
     return functools.wraps(kernel)(run)
+
+
+_composed: dict = {}
+
+
+def kernel(op: str, direction: str, dtype: str, backend=None) -> tuple[str, object]:
+    """``(backend, kernel)`` for an ``act_`` direction, from the backend that runs the op's plain kernels (the named
+    one, or the first in the registry's order): its fused kernel where it has one, else its plain kernel composed
+    with the activation (:func:`compose`), rather than another backend's fused kernel."""
+    plain = plain_direction(direction)
+    used, plain_kernel = registry.lookup(op, plain, dtype, backend)
+    try:
+        return registry.lookup(op, direction, dtype, used)
+    except (ValueError, TypeError):
+        pass
+    key = (used, plain_kernel, op, direction, dtype)
+    found = _composed.get(key)
+    if found is None:
+        if dtype in HALF_DTYPES:  # the plain 16-bit kernel would round z to 16 bits: compose in float32 instead
+            from . import half
+
+            inner = registry.lookup(op, plain, "float32", used)[1]
+            found = half.through(compose(inner, op, direction), op, direction, dtype, np.float32)
+        else:
+            found = compose(plain_kernel, op, direction)
+        if len(_composed) > 256:  # plain kernels of backends registered and dropped at run time
+            _composed.clear()
+        _composed[key] = found
+    return used, found
