@@ -65,6 +65,13 @@ allows); ``sum_dy`` / ``sum_dy_xhat`` as ``dbias`` / ``dweight``; ``y`` of apply
 and ``dx`` of backward_apply ``K(1) eps (|a dy| + |b x| + |d|)``, the rounding of their own few operations.
 E[x^2] - E[x]^2 misses m2's bound at mean 1e4 in float32 (90x) and in float64 (190x).
 
+The fused activations (``act_`` directions) run their plain direction's cases, each case with the next of the
+activations in turn (leaky_relu's slope 0.2). Tolerances: the plain direction's with the gradient bounded by the
+activations' largest slope (1.2), plus ``K(1) eps |y|`` for the activation's own rounding in forward; in backward,
+the error ``dz`` of the recomputed ``z`` (forward's bound for y) moves ``act'(z)`` by at most ``dz`` for the smooth
+activations, and for relu / leaky_relu an element whose ``|z| <= dz`` may take either side of the jump at 0; that
+change ``dg`` of ``g = dy * act'(z)`` is carried through the plain gradient formulas (to dx, dweight, dbias).
+
 In inference mode (``*_infer``) there is no reduction for y and kappa is per element, ``(|x| + |mean|) * rstd``.
 For standard normal float32 data on sets of 1000 this allows about 4e-5 on y (1.2e-4 at the tails, where
 |xhat| ~ 3.5). At mean 1e4 it allows about 5e-2: the float32 inputs themselves only resolve 1e4 * 6e-8 = 6e-4 of
@@ -100,7 +107,8 @@ import numpy as np
 
 from . import half, reference, registry
 from .contract import (
-    DIRECTIONS, DTYPES, HALF_DTYPES, LAYOUTS, NCHW, NHWC, OPS, OUTPUTS, SPECS, SPLIT_DIRECTIONS, OpSpec, arg_dtype,
+    ACTIVATIONS, DIRECTIONS, DTYPES, HALF_DTYPES, LAYOUTS, NCHW, NHWC, OPS, OUTPUTS, SPECS, SPLIT_DIRECTIONS, OpSpec,
+    arg_dtype, plain_direction,
 )
 
 __all__ = ["Case", "Failure", "Report", "assert_backend_conforms", "cases", "check_backend", "tolerance_factor"]
@@ -143,6 +151,7 @@ _AFFINE = ("none", "weight", "weight+bias")
 # The split directions take no weight or bias; apply and backward_apply take per-channel coefficients that the kit
 # derives from a BatchNorm with weight and bias, the reductions none.
 _SPLIT_AFFINE = {"stats": "none", "apply": "weight+bias", "backward_reduce": "none", "backward_apply": "weight+bias"}
+_SLOPE = 0.2  # leaky_relu's negative slope in the act_ cases
 
 @dataclass(frozen=True)
 class Case:
@@ -156,12 +165,15 @@ class Case:
     eps: float
     repeat: bool = False  # also call twice and compare bit for bit
     layout: str = NCHW  # "nhwc": the channels-last kernel, given (N, S, C) data arrays
+    activation: int | None = None  # the act_ directions': an index into ACTIVATIONS
+    slope: float = _SLOPE
 
     def __str__(self) -> str:
         groups = f" groups={self.groups}" if self.groups else ""
         layout = f" layout={self.layout}" if self.layout != NCHW else ""
-        return (f"{self.op} {self.direction} {self.dtype} shape={self.shape}{groups}{layout} affine={self.affine} "
-                f"data={self.data} eps={self.eps:g}")
+        act = "" if self.activation is None else f" activation={ACTIVATIONS[self.activation]}"
+        return (f"{self.op} {self.direction} {self.dtype} shape={self.shape}{groups}{layout}{act} "
+                f"affine={self.affine} data={self.data} eps={self.eps:g}")
 
     @property
     def training(self) -> bool:
@@ -171,7 +183,7 @@ class Case:
 def _allowed(op: str, direction: str, shape: tuple[int, ...]) -> bool:
     """Cases the frontends can produce: training statistics need more than one value per set."""
     spec = SPECS[op]
-    return not (spec.running and direction in ("forward", "backward")) or spec.set_size(shape) > 1
+    return not (spec.running and plain_direction(direction) in ("forward", "backward")) or spec.set_size(shape) > 1
 
 
 def cases(op: str, direction: str, dtype: str, quick: bool = False, layout: str = NCHW) -> list[Case]:
@@ -196,6 +208,8 @@ def cases(op: str, direction: str, dtype: str, quick: bool = False, layout: str 
         if data == "overflow":  # the weight makes the overflow
             affines = [a for a in affines if a != "none"]
         out += [Case(op, direction, dtype, shape, groups, a, data, eps) for a in affines]
+    if direction != plain_direction(direction):  # the activations in turn, so that each meets shapes and data
+        out = [replace(c, activation=i % len(ACTIVATIONS)) for i, c in enumerate(out)]
     return out
 
 
@@ -368,7 +382,8 @@ def _inputs(case: Case) -> dict[str, np.ndarray | None]:
     else:
         raise ValueError(f"unknown data kind {case.data!r}")
     nan_at = tuple(s // 2 for s in shape)
-    reads_dy = case.direction.startswith("backward") or case.direction == "add_backward"
+    direction = plain_direction(case.direction)
+    reads_dy = direction.startswith("backward") or direction == "add_backward"
     if case.data == "nan" and not reads_dy:
         x[nan_at] = np.nan
     x = to("x", x)
@@ -386,14 +401,14 @@ def _inputs(case: Case) -> dict[str, np.ndarray | None]:
             ch_var = np.nanvar(x64, axis=(0, 2))
         running_mean = to("running_mean", ch_mean + 0.1 * rng.standard_normal(k))
         running_var = to("running_var", ch_var * rng.uniform(0.5, 2.0, k))
-        if case.direction == "forward_infer":
+        if direction == "forward_infer":
             inputs.update(running_mean=running_mean, running_var=running_var)
-        elif case.direction == "backward_infer":
+        elif direction == "backward_infer":
             rstd = 1.0 / np.sqrt(running_var.astype(np.float64) + case.eps)
             inputs.update(mean=to("mean", running_mean), rstd=to("rstd", rstd))
     if case.direction == "add_forward":
         inputs["residual"] = to("residual", rng.standard_normal(shape))
-    if case.direction in ("backward", "add_backward"):
+    if direction in ("backward", "add_backward"):
         # the statistics a training forward saved: exact ones, rounded to the dtype (an uncentered op's mean is
         # no argument; zeros stand for it in the tolerances)
         y = np.empty(shape)
@@ -460,7 +475,8 @@ def _output_shapes(case: Case, inputs) -> dict[str, tuple[int, ...] | None]:
 
 def _args(case: Case, a: dict, direction: str | None = None) -> tuple:
     """The positional arguments of the kernel, per the contract, from a dict of named arrays."""
-    return _spec(case).kernel_args(direction or case.direction, {**a, "eps": case.eps, "num_groups": case.groups})
+    return _spec(case).kernel_args(direction or case.direction, {**a, "eps": case.eps, "num_groups": case.groups,
+                                                                 "activation": case.activation, "slope": case.slope})
 
 
 # --- expected values and tolerances ----------------------------------------------------------------------------
@@ -484,6 +500,8 @@ def _tolerances(case: Case, inputs: dict, expected: dict) -> dict[str, np.ndarra
 
 def _working_tolerances(case: Case, inputs: dict, expected: dict) -> dict[str, np.ndarray]:
     """The tolerances of the module docstring, with the eps of the arithmetic (float32 for 16-bit dtypes)."""
+    if case.activation is not None:
+        return _act_tolerances(case, inputs, expected)
     eps = float(np.finfo(np.float32 if case.dtype in HALF_DTYPES else case.dtype).eps)
     f64 = {k: _f64(case, k, v) for k, v in inputs.items()}
     x = f64["x"]
@@ -533,6 +551,61 @@ def _working_tolerances(case: Case, inputs: dict, expected: dict) -> dict[str, n
         tol["dweight"] = kn * _param_sum(case, dy * (1 + kappa) * (1 + xhat))
         tol["dbias"] = kn * _param_sum(case, dy)
         return tol
+
+
+# the largest |act'(z)| of the activations: gelu's is 1.13, silu's 1.10 (leaky_relu's the slope, when above)
+_ACT_SLOPE_MAX = 1.2
+_JUMPS = {"relu": 0.0, "leaky_relu": None}  # derivatives that jump at 0 from 1 to this (None: the case's slope)
+
+
+def _act_tolerances(case: Case, inputs: dict, expected: dict) -> dict[str, np.ndarray]:
+    """An act_ direction's tolerances: its plain direction's, with the gradient bounded by the activation's largest
+    slope, plus the activation's own rounding (forward) and, in backward, how far the error of the recomputed z
+    moves act'(z): by its Lipschitz bound (1 for the smooth ones), or across the jump of relu / leaky_relu at 0 for
+    elements whose z is within its error of 0 (either side is then right)."""
+    plain = replace(case, direction=plain_direction(case.direction), activation=None)
+    eps = float(np.finfo(np.float32 if case.dtype in HALF_DTYPES else case.dtype).eps)
+    name = ACTIVATIONS[case.activation]
+    a = max(_ACT_SLOPE_MAX, abs(case.slope))
+    f64 = {k: _f64(case, k, v) for k, v in inputs.items()}
+    if "forward" in plain.direction:
+        tol = _working_tolerances(plain, inputs, expected)
+        with np.errstate(all="ignore"):
+            tol["y"] = a * tol["y"] + tolerance_factor(1) * eps * np.nan_to_num(np.abs(expected["y"]))
+        return tol
+    tol = _working_tolerances(plain, dict(inputs, dy=_to_arg(case, "dy", a * f64["dy"])), expected)
+    x, dy = f64["x"], np.abs(f64["dy"])
+    w_signed = _per_channel(case, f64["weight"]) if f64["weight"] is not None else 1.0
+    b_signed = _per_channel(case, f64["bias"]) if f64["bias"] is not None else 0.0
+    w, b = np.abs(w_signed), np.abs(b_signed)
+    expand = (lambda s: _per_element(case, s)) if plain.training else (lambda s: _per_channel(case, s))
+    mean, rstd = expand(f64["mean"]), expand(f64["rstd"])
+    with np.errstate(all="ignore"):
+        xhat = (x - mean) * rstd
+        z = xhat * w_signed + b_signed
+        if plain.training:  # the error of z: that of forward's y
+            m = _spec(case).set_size(case.shape, case.groups)
+            kappa = _per_element(case, _set_max(case, np.abs(x)) * f64["rstd"])
+            dz = tolerance_factor(m) * eps * (w * (1 + kappa) * (1 + np.abs(xhat)) + b)
+        else:
+            kappa = (np.abs(x) + np.abs(mean)) * rstd
+            dz = tolerance_factor(1) * eps * (w * (1 + kappa) * (1 + np.abs(xhat)) + b)
+        if name in _JUMPS:
+            low = case.slope if _JUMPS[name] is None else _JUMPS[name]
+            dg = dy * np.where(np.abs(z) <= dz, abs(1.0 - low), 0.0)
+        else:
+            dg = dy * dz
+        wdg, ax = w * dg, np.abs(xhat)
+        if plain.training:  # dx = rstd * (w g - mean(w g) - xhat * mean(w g xhat)) over the set
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                set_mean = (lambda v: _per_element(case, np.nanmean(_spec(case).as_sets(v, case.groups), axis=-1)))
+                tol["dx"] = tol["dx"] + rstd * (wdg + set_mean(wdg) + ax * set_mean(wdg * ax))
+        else:
+            tol["dx"] = tol["dx"] + rstd * wdg
+        tol["dweight"] = tol["dweight"] + _param_sum(case, dg * ax)
+        tol["dbias"] = tol["dbias"] + _param_sum(case, dg)
+    return tol
 
 
 def _split_tolerances(case: Case, f64: dict, expected: dict, m: int, eps: float) -> dict[str, np.ndarray]:

@@ -16,9 +16,9 @@ import pytest
 from click.testing import CliRunner
 
 import normkit
-from normkit import Backend, UnknownBackendError, reference, registry, testing
+from normkit import Backend, UnknownBackendError, activation, reference, registry, testing
 from normkit.cli import main
-from normkit.contract import DEFAULT_DTYPES, DIRECTIONS, DTYPES
+from normkit.contract import ACT_PREFIX, DEFAULT_DTYPES, DIRECTIONS, DTYPES, SPECS, plain_direction
 from normkit.registry import runtime_module
 
 
@@ -483,3 +483,62 @@ def test_registry_state_untouched_by_the_kit():
     before = registry.get_backend_order()
     testing.check_backend("reference", quick=True)
     assert registry.get_backend_order() == before
+
+
+# --- the fused activations -------------------------------------------------------------------------------------
+
+_ACT_OPS = [op for op, spec in SPECS.items() if spec.activation]
+
+
+def _act_table(make) -> dict:
+    """{(op, act_direction): make(op, direction)} for every act_ direction."""
+    return {(op, d): make(op, d) for op in _ACT_OPS for d in SPECS[op].directions if d.startswith(ACT_PREFIX)}
+
+
+def _in_working_precision(op, direction):
+    """A legitimate act_ kernel: the reference's plain kernel rounded to the dtype, the activation in that dtype."""
+    plain = plain_direction(direction)
+
+    def run(*args):
+        dtype = args[SPECS[op].args(direction).index("x")].dtype.name
+        activation.compose(reference.KERNELS[(op, plain, dtype)], op, direction)(*args)
+    return run
+
+
+def test_working_precision_activation_kernels_pass(register):
+    name = register("wp_act", _act_table(_in_working_precision))
+    report = testing.check_backend(name, ops=_ACT_OPS, quick=True)
+    assert report == [], report.format()
+    assert report.cases_run > 100
+
+
+def _derivative_at_output(op, direction):
+    """A wrong backward: act' taken at the activation's output act(z) rather than at z (for relu the same)."""
+    if "forward" in direction:
+        return reference.KERNELS[(op, direction, "float64")]
+    plain, names = plain_direction(direction), SPECS[op].args(direction)
+
+    def run(*args):
+        v = dict(zip(names, args))
+        y = activation.apply(v["activation"], activation._z(SPECS[op], plain, v, np.float64), v["slope"])
+        dy = v["dy"] * activation.derivative(v["activation"], y, v["slope"])
+        reference.KERNELS[(op, plain, "float64")](*SPECS[op].kernel_args(plain, dict(v, dy=dy)))
+    return run
+
+
+def test_activation_derivative_at_the_output_fails(register):
+    name = register("act_at_y", _act_table(_derivative_at_output))
+    report = testing.check_backend(name, ops=_ACT_OPS, dtypes=["float64"], quick=True)
+    failing = {f.case.split(" ")[1] for f in report}
+    assert failing == {"act_backward", "act_backward_infer"}, report.format()
+    assert not any("relu" in f.case for f in report)
+
+
+def test_activation_slope_ignored_fails(register):
+    def ignore_slope(op, direction):
+        names = SPECS[op].args(direction)
+        kernel = reference.KERNELS[(op, direction, "float64")]
+        return lambda *args: kernel(*(0.01 if n == "slope" else a for n, a in zip(names, args)))
+    name = register("act_no_slope", _act_table(ignore_slope))
+    report = testing.check_backend(name, ops=["groupnorm"], dtypes=["float64"])
+    assert report and all("leaky_relu" in f.case for f in report), report.format()
