@@ -29,8 +29,8 @@ def code(op: str, activation, negative_slope=0.01) -> tuple[int, float] | None:
     if activation is None:
         return None
     if not isinstance(activation, str) or activation not in ACTIVATIONS:
-        raise ValueError(f"{op}: activation must be None or one of {', '.join(map(repr, ACTIVATIONS))}, got "
-                         f"{checks.describe(activation)}")
+        got = repr(activation) if isinstance(activation, str) else checks.describe(activation)
+        raise ValueError(f"{op}: activation must be None or one of {', '.join(map(repr, ACTIVATIONS))}, got {got}")
     if isinstance(negative_slope, bool) or not isinstance(negative_slope, (int, float)) \
             or not math.isfinite(negative_slope):
         raise ValueError(f"{op}: negative_slope must be a finite number, got {checks.describe(negative_slope)}")
@@ -54,8 +54,8 @@ def apply(act: int, z: np.ndarray, slope: float) -> np.ndarray:
         return z * _sigmoid(z)
     if name == "gelu":
         return (0.5 * z * (1.0 + _erf(z * _SQRT_HALF).astype(z.dtype))).astype(z.dtype)
-    t = np.tanh(_TANH_C * (z + _TANH_K * z * z * z))
-    return (0.5 * z * (1.0 + t)).astype(z.dtype)
+    # 0.5 * (1 + tanh(u)) = sigmoid(2u), which keeps the digits that 1 + tanh(u) cancels for z << 0
+    return (z * _sigmoid(2.0 * _TANH_C * (z + _TANH_K * z * z * z))).astype(z.dtype)
 
 
 def derivative(act: int, z: np.ndarray, slope: float) -> np.ndarray:
@@ -71,9 +71,8 @@ def derivative(act: int, z: np.ndarray, slope: float) -> np.ndarray:
     if name == "gelu":
         cdf = 0.5 * (1.0 + _erf(z * _SQRT_HALF).astype(z.dtype))
         return (cdf + z * np.exp(-0.5 * z * z) * _INV_SQRT_2PI).astype(z.dtype)
-    inner = _TANH_C * (z + _TANH_K * z * z * z)
-    t = np.tanh(inner)
-    return (0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * _TANH_C * (1.0 + 3.0 * _TANH_K * z * z)).astype(z.dtype)
+    s = _sigmoid(2.0 * _TANH_C * (z + _TANH_K * z * z * z))
+    return (s + z * 2.0 * s * (1.0 - s) * _TANH_C * (1.0 + 3.0 * _TANH_K * z * z)).astype(z.dtype)
 
 
 def _z(spec, direction: str, v: dict, work) -> np.ndarray:

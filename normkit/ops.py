@@ -28,7 +28,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from . import checks, registry
+from . import activation as _activation, checks, registry
 from .alloc import empty as _empty
 from .running import update_running
 from .contract import HALF_DTYPES, NHWC, SPECS, OpSpec, stat_dtype
@@ -228,19 +228,24 @@ class Op:
     def __repr__(self) -> str:
         return f"<normkit op {self.name} (aliases: {', '.join(self.aliases)})>"
 
-    def _kernel(self, direction, dtype, backend, nhwc):
+    def _kernel(self, direction, dtype, backend, nhwc, act=()):
         """(backend, kernel) of the channels-last kernel if ``nhwc`` and a backend has it, else None; of the NCHW
-        kernel if not ``nhwc``."""
+        kernel if not ``nhwc``. With ``act`` (an activation's (index, slope)), of the ``act_`` twin of ``direction``
+        (NCHW only: None for ``nhwc``)."""
+        if act:
+            return None if nhwc else _activation.kernel(self.name, "act_" + direction, _KERNEL_DTYPES[dtype],
+                                                        backend)
         if nhwc:
             return registry.lookup(self.name, direction, _KERNEL_DTYPES[dtype], backend, NHWC)
         return registry.lookup(self.name, direction, _KERNEL_DTYPES[dtype], backend)
 
-    def _forward(self, x, kshape, groups, weight, bias, eps, backend, nhwc=False):
+    def _forward(self, x, kshape, groups, weight, bias, eps, backend, nhwc=False, act=()):
         """The training forward kernel on the kernel view of x; returns (y, Saved). With ``nhwc``, x and y are
-        (N, S, C) arrays."""
-        found = self._kernel("forward", x.dtype, backend, nhwc)
+        (N, S, C) arrays. ``act``: () or a fused activation's (index, slope), the kernel arguments that follow
+        eps."""
+        found = self._kernel("forward", x.dtype, backend, nhwc, act)
         if found is None:  # no channels-last kernel: the NCHW one on a copy
-            y, saved = self._forward(_to_nchw(x), kshape, groups, weight, bias, eps, backend)
+            y, saved = self._forward(_to_nchw(x), kshape, groups, weight, bias, eps, backend, act=act)
             return np.ascontiguousarray(y.transpose(0, 2, 1)), saved
         used, kernel = found
         shape = (kshape[0], kshape[2], kshape[1]) if nhwc else kshape
@@ -254,23 +259,24 @@ class Op:
             return y, Saved(None, rstd, True, used)
         mean = np.empty(stat, sdt)
         if self.spec.grouped:
-            kernel(_bits(x), groups, weight, bias, eps, _bits(y), mean, rstd)
+            kernel(_bits(x), groups, weight, bias, eps, *act, _bits(y), mean, rstd)
         else:
-            kernel(_bits(x), weight, bias, eps, _bits(y), mean, rstd)
+            kernel(_bits(x), weight, bias, eps, *act, _bits(y), mean, rstd)
         return y, Saved(mean, rstd, True, used)
 
-    def _backward(self, dy, x, kshape, groups, saved, weight, bias, backend, grad_dtypes=(None, None), nhwc=False):
+    def _backward(self, dy, x, kshape, groups, saved, weight, bias, backend, grad_dtypes=(None, None), nhwc=False,
+                  act=()):
         """The backward kernel matching ``saved`` (training or inference statistics); returns (dx, dw, db), dw and
         db cast to ``grad_dtypes`` where given (a 16-bit parameter's). With ``nhwc``, dy, x and dx are (N, S, C)
-        arrays."""
+        arrays. ``act``: as in :meth:`_forward`."""
         training = isinstance(saved, Saved) and saved.training
         saved = _saved(self.name, saved, self.spec.stat_shape(kshape, groups, training))
         dt = x.dtype
         direction = "backward" if training else "backward_infer"
-        found = self._kernel(direction, dt, backend, nhwc)
+        found = self._kernel(direction, dt, backend, nhwc, act)
         if found is None:  # no channels-last kernel: the NCHW one on copies
             dx, dweight, dbias = self._backward(_to_nchw(dy), _to_nchw(x), kshape, groups, saved, weight, bias,
-                                                backend, grad_dtypes)
+                                                backend, grad_dtypes, act=act)
             return np.ascontiguousarray(dx.transpose(0, 2, 1)), dweight, dbias
         kernel = found[1]
         shape = (kshape[0], kshape[2], kshape[1]) if nhwc else kshape
@@ -281,13 +287,15 @@ class Op:
         dbias = None if bias is None else _empty(pshape, sdt)
         rstd = np.ascontiguousarray(saved.rstd, dtype=sdt)
         dy, x = _bits(dy.reshape(shape)), _bits(x.reshape(shape))
+        act = (bias, *act) if act else ()  # the act_ kernels recompute the activation's input, so need the bias
         if not self.spec.centered:
             kernel(dy, x, rstd, weight, _bits(dx), dweight)
         elif self.spec.grouped:
-            kernel(dy, x, groups, np.ascontiguousarray(saved.mean, dtype=sdt), rstd, weight, _bits(dx), dweight,
-                   dbias)
+            kernel(dy, x, groups, np.ascontiguousarray(saved.mean, dtype=sdt), rstd, weight, *act, _bits(dx),
+                   dweight, dbias)
         else:
-            kernel(dy, x, np.ascontiguousarray(saved.mean, dtype=sdt), rstd, weight, _bits(dx), dweight, dbias)
+            kernel(dy, x, np.ascontiguousarray(saved.mean, dtype=sdt), rstd, weight, *act, _bits(dx), dweight,
+                   dbias)
         dweight, dbias = (g if g is None or to is None or g.dtype == to else g.astype(to)
                           for g, to in zip((dweight, dbias), grad_dtypes))
         return dx, dweight, dbias
@@ -308,7 +316,7 @@ class _ChannelOp(Op):
         return (x, cl, kshape, as_param(op, "weight", weight, (c,), x.dtype),
                 as_param(op, "bias", bias, (c,), x.dtype))
 
-    def _channel_forward(self, x, running_mean, running_var, weight, bias, training, momentum, eps, backend):
+    def _channel_forward(self, x, running_mean, running_var, weight, bias, training, momentum, eps, backend, act):
         op, spec = self.name, self.spec
         weight_in, bias_in = weight, bias
         x, cl, kshape, weight, bias = self._check(x, weight, bias)
@@ -326,9 +334,9 @@ class _ChannelOp(Op):
             if count < 2:
                 checks.stats_count(op, x.shape, per_instance=spec.sets == "instance")  # raises
             if cl is None:
-                y, saved = self._forward(x, kshape, None, weight, bias, eps, backend)
+                y, saved = self._forward(x, kshape, None, weight, bias, eps, backend, act=act)
             else:
-                y, saved = self._forward(cl, kshape, None, weight, bias, eps, backend, nhwc=True)
+                y, saved = self._forward(cl, kshape, None, weight, bias, eps, backend, nhwc=True, act=act)
             if running_mean is not None:
                 update_running(running_mean, running_var, saved.mean, saved.rstd, eps, count, momentum)
             return _output(y, x.shape, cl), saved
@@ -337,30 +345,31 @@ class _ChannelOp(Op):
         # copies: Saved must not alias buffers that a later training step updates in place
         sdt = _stat_dtype(x.dtype)
         rm, rv = np.array(running_mean, dtype=sdt), np.array(running_var, dtype=sdt)
-        found = self._kernel("forward_infer", x.dtype, backend, cl is not None)
+        found = self._kernel("forward_infer", x.dtype, backend, cl is not None, act)
         if found is None:  # no channels-last kernel: the NCHW one on a copy
             xk, y = np.ascontiguousarray(x).reshape(kshape), _empty(kshape, x.dtype, x.nbytes)
-            used, kernel = self._kernel("forward_infer", x.dtype, backend, False)
-            kernel(_bits(xk), weight, bias, rm, rv, eps, _bits(y))
+            used, kernel = self._kernel("forward_infer", x.dtype, backend, False, act)
+            kernel(_bits(xk), weight, bias, rm, rv, eps, *act, _bits(y))
             y = np.ascontiguousarray(y.transpose(0, 2, 1))
         else:
             used, kernel = found
             xk = x.reshape(kshape) if cl is None else cl
             y = _empty(xk.shape, x.dtype, x.nbytes)
-            kernel(_bits(xk), weight, bias, rm, rv, eps, _bits(y))
+            kernel(_bits(xk), weight, bias, rm, rv, eps, *act, _bits(y))
         rstd = (1.0 / np.sqrt(rv.astype(np.float64) + eps)).astype(sdt)
         return _output(y, x.shape, cl), Saved(rm, rstd, False, used)
 
-    def _channel_backward(self, grad_output, x, saved, weight, bias, backend):
+    def _channel_backward(self, grad_output, x, saved, weight, bias, backend, act):
         x, cl, kshape, weight_k, bias_k = self._check(x, weight, bias)
         grad_dtypes = (_grad_dtype(weight, x), _grad_dtype(bias, x))
         if cl is None:
             dy = _grad_output(self.name, grad_output, x)
-            dx, dweight, dbias = self._backward(dy, x, kshape, None, saved, weight_k, bias_k, backend, grad_dtypes)
+            dx, dweight, dbias = self._backward(dy, x, kshape, None, saved, weight_k, bias_k, backend, grad_dtypes,
+                                                act=act)
         else:
             dy = _grad_output_nhwc(self.name, grad_output, x)
             dx, dweight, dbias = self._backward(dy, cl, kshape, None, saved, weight_k, bias_k, backend, grad_dtypes,
-                                                nhwc=True)
+                                                nhwc=True, act=act)
         return _output(dx, x.shape, cl), dweight, dbias
 
 
@@ -368,25 +377,29 @@ class BatchNorm(_ChannelOp):
     spec = SPECS["batchnorm"]
 
     def forward(self, x, running_mean=None, running_var=None, weight=None, bias=None, training=False,
-                momentum=0.1, eps=1e-5, *, backend=None):
-        return self._channel_forward(x, running_mean, running_var, weight, bias, training, momentum, eps, backend)
+                momentum=0.1, eps=1e-5, *, activation=None, negative_slope=0.01, backend=None):
+        return self._channel_forward(x, running_mean, running_var, weight, bias, training, momentum, eps, backend,
+                                     _act(self.name, activation, negative_slope))
 
     def backward(self, grad_output, x, saved, running_mean=None, running_var=None, weight=None, bias=None,
-                 training=False, momentum=0.1, eps=1e-5, *, backend=None):
-        return self._channel_backward(grad_output, x, saved, weight, bias, backend)
+                 training=False, momentum=0.1, eps=1e-5, *, activation=None, negative_slope=0.01, backend=None):
+        return self._channel_backward(grad_output, x, saved, weight, bias, backend,
+                                      _act(self.name, activation, negative_slope))
 
 
 class InstanceNorm(_ChannelOp):
     spec = SPECS["instancenorm"]
 
     def forward(self, x, running_mean=None, running_var=None, weight=None, bias=None, use_input_stats=True,
-                momentum=0.1, eps=1e-5, *, backend=None):
+                momentum=0.1, eps=1e-5, *, activation=None, negative_slope=0.01, backend=None):
         return self._channel_forward(x, running_mean, running_var, weight, bias, use_input_stats, momentum, eps,
-                                     backend)
+                                     backend, _act(self.name, activation, negative_slope))
 
     def backward(self, grad_output, x, saved, running_mean=None, running_var=None, weight=None, bias=None,
-                 use_input_stats=True, momentum=0.1, eps=1e-5, *, backend=None):
-        return self._channel_backward(grad_output, x, saved, weight, bias, backend)
+                 use_input_stats=True, momentum=0.1, eps=1e-5, *, activation=None, negative_slope=0.01,
+                 backend=None):
+        return self._channel_backward(grad_output, x, saved, weight, bias, backend,
+                                      _act(self.name, activation, negative_slope))
 
 
 class GroupNorm(Op):
@@ -405,25 +418,30 @@ class GroupNorm(Op):
         bias = as_param(op, "bias", bias, (c,), x.dtype)
         return x, cl, (n, c, x.size // (n * c)), groups, weight, bias
 
-    def forward(self, x, num_groups, weight=None, bias=None, eps=1e-5, *, backend=None):
+    def forward(self, x, num_groups, weight=None, bias=None, eps=1e-5, *, activation=None, negative_slope=0.01,
+                backend=None):
+        act = _act(self.name, activation, negative_slope)
         x, cl, kshape, groups, weight, bias = self._check(x, num_groups, weight, bias)
         eps = _eps(self.name, eps)
         if cl is None:
-            y, saved = self._forward(x, kshape, groups, weight, bias, eps, backend)
+            y, saved = self._forward(x, kshape, groups, weight, bias, eps, backend, act=act)
         else:
-            y, saved = self._forward(cl, kshape, groups, weight, bias, eps, backend, nhwc=True)
+            y, saved = self._forward(cl, kshape, groups, weight, bias, eps, backend, nhwc=True, act=act)
         return _output(y, x.shape, cl), saved
 
-    def backward(self, grad_output, x, saved, num_groups, weight=None, bias=None, eps=1e-5, *, backend=None):
+    def backward(self, grad_output, x, saved, num_groups, weight=None, bias=None, eps=1e-5, *, activation=None,
+                 negative_slope=0.01, backend=None):
+        act = _act(self.name, activation, negative_slope)
         x, cl, kshape, groups, weight_k, bias_k = self._check(x, num_groups, weight, bias)
         grad_dtypes = (_grad_dtype(weight, x), _grad_dtype(bias, x))
         if cl is None:
             dy = _grad_output(self.name, grad_output, x)
-            dx, dweight, dbias = self._backward(dy, x, kshape, groups, saved, weight_k, bias_k, backend, grad_dtypes)
+            dx, dweight, dbias = self._backward(dy, x, kshape, groups, saved, weight_k, bias_k, backend, grad_dtypes,
+                                                act=act)
         else:
             dy = _grad_output_nhwc(self.name, grad_output, x)
             dx, dweight, dbias = self._backward(dy, cl, kshape, groups, saved, weight_k, bias_k, backend, grad_dtypes,
-                                                nhwc=True)
+                                                nhwc=True, act=act)
         return _output(dx, x.shape, cl), dweight, dbias
 
 
@@ -451,16 +469,16 @@ class _RowOp(Op):
     def _eps(self, eps, x):
         return _eps(self.name, eps)
 
-    def _row_forward(self, x, normalized_shape, weight, bias, eps, backend):
+    def _row_forward(self, x, normalized_shape, weight, bias, eps, backend, act=()):
         x, kshape, weight, bias, _ = self._check(x, normalized_shape, weight, bias)
-        y, saved = self._forward(x, kshape, None, weight, bias, self._eps(eps, x), backend)
+        y, saved = self._forward(x, kshape, None, weight, bias, self._eps(eps, x), backend, act=act)
         return y.reshape(x.shape), saved
 
-    def _row_backward(self, grad_output, x, saved, normalized_shape, weight, bias, backend):
+    def _row_backward(self, grad_output, x, saved, normalized_shape, weight, bias, backend, act=()):
         x, kshape, weight_k, bias_k, shape = self._check(x, normalized_shape, weight, bias)
         dy = _grad_output(self.name, grad_output, x)
         dx, dweight, dbias = self._backward(dy, x, kshape, None, saved, weight_k, bias_k, backend,
-                                            (_grad_dtype(weight, x), _grad_dtype(bias, x)))
+                                            (_grad_dtype(weight, x), _grad_dtype(bias, x)), act=act)
         return dx.reshape(x.shape), _unflat(dweight, shape), _unflat(dbias, shape)
 
     def _add_forward(self, x, residual, normalized_shape, weight, bias, eps, backend):
@@ -512,6 +530,11 @@ class _RowOp(Op):
         return dx.reshape(h.shape), _unflat(dweight, shape), _unflat(dbias, shape)
 
 
+def _act(op: str, activation, negative_slope) -> tuple:
+    """The kernel arguments of a fused activation: () for none, else (index into ACTIVATIONS, slope)."""
+    return () if activation is None else _activation.code(op, activation, negative_slope)
+
+
 def _unflat(g, shape):
     return None if g is None else g.reshape(shape)
 
@@ -541,12 +564,15 @@ def fused_kernel(op: str, direction: str, dtype: str, backend):
 class LayerNorm(_RowOp):
     spec = SPECS["layernorm"]
 
-    def forward(self, x, normalized_shape, weight=None, bias=None, eps=1e-5, *, backend=None):
-        return self._row_forward(x, normalized_shape, weight, bias, eps, backend)
+    def forward(self, x, normalized_shape, weight=None, bias=None, eps=1e-5, *, activation=None, negative_slope=0.01,
+                backend=None):
+        return self._row_forward(x, normalized_shape, weight, bias, eps, backend,
+                                 _act(self.name, activation, negative_slope))
 
     def backward(self, grad_output, x, saved, normalized_shape, weight=None, bias=None, eps=1e-5, *,
-                 backend=None):
-        return self._row_backward(grad_output, x, saved, normalized_shape, weight, bias, backend)
+                 activation=None, negative_slope=0.01, backend=None):
+        return self._row_backward(grad_output, x, saved, normalized_shape, weight, bias, backend,
+                                  _act(self.name, activation, negative_slope))
 
     def add_forward(self, x, residual, normalized_shape, weight=None, bias=None, eps=1e-5, *, backend=None):
         """``(y, h, saved)``: ``h = x + residual`` and ``y = layer_norm(h)``, in one pass where the backend can."""

@@ -1,0 +1,193 @@
+"""Fused activations on the NumPy side: normkit.activation's functions and the reference's act_ kernels against
+torch (forward and autograd) and finite differences, the NumPy frontend's ``activation=`` on every op, the
+composition a backend without fused kernels gets, and clear errors. (The conformance kit holds every backend's act_
+kernels to the reference: test_conformance.py and the backends' own tests.)"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import normkit
+from normkit import activation, reference
+from normkit.contract import ACTIVATIONS, SPECS
+from normkit.registry import Backend, runtime_module
+
+F = torch.nn.functional
+ACT_OPS = [op for op, spec in SPECS.items() if spec.activation]
+TORCH_ACT = {"relu": F.relu, "leaky_relu": lambda z: F.leaky_relu(z, 0.2), "silu": F.silu, "gelu": F.gelu,
+             "gelu_tanh": lambda z: F.gelu(z, approximate="tanh")}
+
+
+def torch_norm(op, x, w, b, rm=None, rv=None):
+    if op == "batchnorm":
+        return F.batch_norm(x, rm, rv, w, b, training=rm is None)
+    if op == "instancenorm":
+        return F.instance_norm(x, rm, rv, w, b, use_input_stats=rm is None)
+    if op == "groupnorm":
+        return F.group_norm(x, 3, w, b)
+    return F.layer_norm(x, x.shape[-2:], w, b)
+
+
+def nk_args(op, x, w, b, rm=None, rv=None):
+    """(positional args, keyword args) of the NumPy op for the same call."""
+    if op in ("batchnorm", "instancenorm"):
+        flag = "training" if op == "batchnorm" else "use_input_stats"
+        return (x, rm, rv, w, b), {flag: rm is None}
+    if op == "groupnorm":
+        return (x, 3, w, b), {}
+    return (x, x.shape[-2:], w.reshape(x.shape[-2:]), b.reshape(x.shape[-2:])), {}
+
+
+def data(op, seed=0, dtype=np.float64):
+    rng = np.random.default_rng(seed)
+    shape = (3, 6, 4, 5)
+    c = 20 if op == "layernorm" else 6
+    x = (2.0 + rng.standard_normal(shape)).astype(dtype)
+    w = (1 + 0.5 * rng.standard_normal(c)).astype(dtype)
+    b = (0.3 * rng.standard_normal(c)).astype(dtype)
+    return x, w, b, rng.standard_normal(shape).astype(dtype)
+
+
+@pytest.mark.parametrize("name", ACTIVATIONS)
+def test_functions_match_torch(name):
+    z = np.concatenate([np.linspace(-9, 9, 301), [-40.0, -1e-30, 0.0, 1e-30, 40.0]])
+    act = ACTIVATIONS.index(name)
+    zt = torch.tensor(z, requires_grad=True)
+    y = TORCH_ACT[name](zt)
+    y.backward(torch.ones_like(y))
+    # torch's gelu_tanh cancels in 1 + tanh(u) for z << 0 (normkit's does not): absolute errors of eps * |z|
+    np.testing.assert_allclose(activation.apply(act, z, 0.2), y.detach().numpy(), rtol=1e-14, atol=1e-14)
+    np.testing.assert_allclose(activation.derivative(act, z, 0.2), zt.grad.numpy(), rtol=1e-13, atol=1e-14)
+    with np.errstate(invalid="ignore"):
+        assert np.isnan(activation.apply(act, np.array([np.nan]), 0.2)).all()
+
+
+@pytest.mark.parametrize("name", ["silu", "gelu", "gelu_tanh"])
+def test_derivatives_match_finite_differences(name):
+    z, h, act = np.linspace(-6, 6, 97), 1e-6, ACTIVATIONS.index(name)
+    numeric = (activation.apply(act, z + h, 0.2) - activation.apply(act, z - h, 0.2)) / (2 * h)
+    np.testing.assert_allclose(activation.derivative(act, z, 0.2), numeric, rtol=1e-7, atol=1e-9)
+
+
+@pytest.mark.parametrize("op, training", [(op, t) for op in ACT_OPS for t in (True, False) if t or SPECS[op].running])
+@pytest.mark.parametrize("name", ACTIVATIONS)
+def test_frontend_matches_torch(op, name, training):
+    """normkit.get(op).forward / backward with activation= (the reference's act_ kernels) against torch's norm then
+    activation, with autograd."""
+    x, w, b, dy = data(op)
+    rm = rv = None
+    if not training:
+        rm, rv = np.linspace(1.5, 2.5, 6), np.linspace(0.5, 2.0, 6)
+    args, kw = nk_args(op, x, w, b, rm, rv)
+    nk = normkit.get(op)
+    y, saved = nk.forward(*args, **kw, activation=name, negative_slope=0.2, backend="reference")
+    dx, dw, db = nk.backward(dy, x, saved, *args[1:], **kw, activation=name, negative_slope=0.2, backend="reference")
+    xt, wt, bt = (torch.tensor(a, requires_grad=True) for a in (x, w, b))
+    rmt, rvt = (None, None) if training else (torch.tensor(rm), torch.tensor(rv))
+    wv, bv = (wt.reshape(x.shape[-2:]), bt.reshape(x.shape[-2:])) if op == "layernorm" else (wt, bt)
+    yt = TORCH_ACT[name](torch_norm(op, xt, wv, bv, rmt, rvt))
+    yt.backward(torch.tensor(dy))
+    np.testing.assert_allclose(y, yt.detach().numpy(), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(dx, xt.grad.numpy(), rtol=1e-10, atol=1e-11)
+    np.testing.assert_allclose(dw.reshape(-1), wt.grad.numpy(), rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(db.reshape(-1), bt.grad.numpy(), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("op", ["batchnorm", "groupnorm"])
+def test_reference_backward_matches_finite_differences(op):
+    """The act_ backward of the reference is the gradient of its act_ forward (gelu: the smooth case with the most
+    curvature): a directional derivative along a random direction, against the loss sum(dy * y)."""
+    x, w, b, dy = data(op)
+    args, kw = nk_args(op, x, w, b)
+    nk = normkit.get(op)
+    y, saved = nk.forward(*args, **kw, activation="gelu", backend="reference")
+    dx, dw, db = nk.backward(dy, x, saved, *args[1:], **kw, activation="gelu", backend="reference")
+    rng = np.random.default_rng(1)
+    v, h = rng.standard_normal(x.shape), 1e-6
+
+    def loss(xx):
+        return float(np.sum(dy * nk.forward(xx, *args[1:], **kw, activation="gelu", backend="reference")[0]))
+    numeric = (loss(x + h * v) - loss(x - h * v)) / (2 * h)
+    assert numeric == pytest.approx(float(np.sum(dx * v)), rel=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["cython", "numba"])
+def test_float32_frontend_matches_reference(backend):
+    """The built-in backends (fused kernels, or their plain kernels composed) through the frontend, float32."""
+    for op in ACT_OPS:
+        x, w, b, dy = data(op, dtype=np.float32)
+        args, kw = nk_args(op, x, w, b)
+        nk = normkit.get(op)
+        got = nk.forward(*args, **kw, activation="silu", backend=backend)
+        want = nk.forward(*args, **kw, activation="silu", backend="reference")
+        np.testing.assert_allclose(got[0], want[0], rtol=2e-5, atol=2e-5)
+        g = nk.backward(dy, x, got[1], *args[1:], **kw, activation="silu", backend=backend)
+        r = nk.backward(dy, x, want[1], *args[1:], **kw, activation="silu", backend="reference")
+        for a, e in zip(g, r):
+            np.testing.assert_allclose(a, e, rtol=1e-4, atol=1e-4)
+
+
+@pytest.fixture
+def plain_only():
+    """A backend with the reference's plain kernels and no act_ ones."""
+    table = {k: v for k, v in reference.KERNELS.items() if not k[1].startswith("act_")}
+    kernels = {op: tuple(d for d in spec.directions if not d.startswith("act_")) for op, spec in SPECS.items()}
+    normkit.register_backend(Backend("plain_only", runtime_module(table), kernels=kernels), replace=True)
+    yield "plain_only"
+    normkit.unregister_backend("plain_only")
+
+
+def test_backend_without_fused_kernels_composes(plain_only):
+    """Its plain kernels run, with the activation composed in NumPy: never another backend's fused kernel."""
+    x, w, b, dy = data("groupnorm", dtype=np.float32)
+    nk = normkit.get("groupnorm")
+    used, kernel = activation.kernel("groupnorm", "act_forward", "float32", plain_only)
+    assert used == plain_only and kernel is not reference.KERNELS[("groupnorm", "act_forward", "float32")]
+    y, saved = nk.forward(x, 3, w, b, activation="leaky_relu", negative_slope=0.3, backend=plain_only)
+    assert saved.backend == plain_only
+    want = nk.forward(x, 3, w, b, activation="leaky_relu", negative_slope=0.3, backend="reference")[0]
+    np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5)
+    dx = nk.backward(dy, x, saved, 3, w, b, activation="leaky_relu", negative_slope=0.3, backend=plain_only)[0]
+    want = nk.backward(dy, x, saved, 3, w, b, activation="leaky_relu", negative_slope=0.3, backend="reference")[0]
+    np.testing.assert_allclose(dx, want, rtol=1e-4, atol=1e-4)
+
+
+def test_channels_last_input_keeps_its_layout():
+    x, w, b, dy = data("groupnorm")
+    xcl = np.ascontiguousarray(x.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
+    y = normkit.get("gn")(xcl, 3, w, b, activation="relu")
+    assert y.strides == xcl.strides
+    np.testing.assert_allclose(y, normkit.get("gn")(x, 3, w, b, activation="relu"), rtol=1e-12, atol=1e-12)
+
+
+def test_bfloat16_matches_float32_rounded_once():
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    x, w, b, _ = data("layernorm", dtype=np.float32)
+    xb = x.astype(ml_dtypes.bfloat16)
+    y = normkit.get("ln")(xb, x.shape[-2:], w.reshape(4, 5), b.reshape(4, 5), activation="gelu")
+    assert y.dtype == xb.dtype
+    want = normkit.get("ln")(xb.astype(np.float64), x.shape[-2:], w.reshape(4, 5).astype(np.float64),
+                             b.reshape(4, 5).astype(np.float64), activation="gelu", backend="reference")
+    ulp = np.spacing(np.abs(want).astype(ml_dtypes.bfloat16).astype(np.float32)).astype(np.float64) * 2**16
+    assert (np.abs(y.astype(np.float64) - want) <= ulp + 1e-6).all()
+
+
+@pytest.mark.parametrize("bad, match", [("tanh", "activation must be None or one of .*got 'tanh'"),
+                                        (1, "activation must be None .*got int")])
+def test_unknown_activation_is_a_clear_error(bad, match):
+    x, w, b, _ = data("batchnorm")
+    with pytest.raises(ValueError, match="batchnorm: " + match):
+        normkit.get("bn")(x, None, None, w, b, training=True, activation=bad)
+
+
+def test_bad_slope_is_a_clear_error():
+    x, w, b, _ = data("groupnorm")
+    with pytest.raises(ValueError, match="groupnorm: negative_slope must be a finite number, got str"):
+        normkit.get("gn")(x, 3, w, b, activation="leaky_relu", negative_slope="0.1")
+
+
+def test_rmsnorm_has_no_activation():
+    with pytest.raises(TypeError, match="activation"):
+        normkit.get("rms").forward(np.ones((2, 4)), (4,), activation="relu")
