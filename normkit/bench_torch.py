@@ -18,7 +18,7 @@ from typing import Callable
 
 import numpy as np
 
-from .cases import EPS, Case
+from .cases import EPS, NEGATIVE_SLOPE, Case
 
 MASK = [True, True, True]  # dx, dweight, dbias: what the normkit kernels compute too
 
@@ -133,6 +133,33 @@ def _add_baseline(case, x, r, dy, dh, w, b):
     return forward, backward
 
 
+def _activation(case):
+    """The case's activation as torch's function."""
+    import torch.nn.functional as F
+
+    return {"relu": F.relu, "leaky_relu": lambda z: F.leaky_relu(z, NEGATIVE_SLOPE), "silu": F.silu,
+            "gelu": F.gelu, "gelu_tanh": lambda z: F.gelu(z, approximate="tanh")}[case.activation]
+
+
+def _act_baseline(case, x, dy, w, b):
+    """A fused activation's baseline: the norm's torch.nn.functional call then the activation's, eager, and
+    autograd's backward of the two (on a graph recorded once): the two calls a model makes."""
+    import torch
+
+    fn, act = _functional(case), _activation(case)
+
+    def forward():
+        return act(fn(x, w, b)), None, None
+
+    leaves = tuple(t.detach().requires_grad_() for t in (x, w, b))
+    graph = act(fn(*leaves))
+
+    def backward():
+        return torch.autograd.grad(graph, leaves, dy, retain_graph=True)
+
+    return forward, backward
+
+
 def _channels_last(a: np.ndarray, shape: tuple) -> "torch.Tensor":  # noqa: F821
     """A (N, C, S) array's values as a channels-last tensor of ``shape`` (N, C, *spatial)."""
     import torch
@@ -159,6 +186,9 @@ def prepare(case: Case, direction: str, inputs: dict,
         r, dh = (torch.from_numpy(inputs[k]).view(case.shape) for k in ("residual", "dh"))
         call = _add_baseline(case, x, r, dy, dh, w, b)[direction == "backward"]
         return call, lambda: call()[0].numpy().reshape(case.kernel_shape)
+    if case.activation:
+        call = _act_baseline(case, x, dy, w, b)[direction == "backward"]
+        return call, lambda: _stored(case, call()[0])
     forward, backward = BASELINES[case.op](case, torch.ops.aten, x, dy, w, b)
 
     if direction == "forward":
@@ -203,7 +233,8 @@ class CompileUnavailable(RuntimeError):
 
 
 def _functional(case: Case):
-    """The op's torch.nn.functional call in training mode, as a function of (x, weight, bias)."""
+    """The op's torch.nn.functional call in training mode, as a function of (x, weight, bias) (without the case's
+    activation: :func:`_with_activation`)."""
     import torch.nn.functional as F
 
     if case.op == "batchnorm":
@@ -216,6 +247,15 @@ def _functional(case: Case):
         norm = list(case.normalized_shape)
         return lambda x, w, b: F.layer_norm(x, norm, w.view(norm), b.view(norm), EPS)
     raise ValueError(f"{case.op}: normkit's bench has no torch.compile peer for this op")
+
+
+def _with_activation(case: Case):
+    """:func:`_functional`, followed by the case's activation if it has one (what torch.compile may fuse)."""
+    fn = _functional(case)
+    if not case.activation:
+        return fn
+    act = _activation(case)
+    return lambda x, w, b: act(fn(x, w, b))
 
 
 def check_compiler() -> None:
@@ -243,7 +283,7 @@ def prepare_compiled(case: Case, direction: str, inputs: dict) -> tuple[Callable
 
     check_compiler()
     torch._dynamo.reset()  # each case compiles afresh, never against dynamo's recompilation limit
-    fn = torch.compile(_functional(case), dynamic=False, fullgraph=True)
+    fn = torch.compile(_with_activation(case), dynamic=False, fullgraph=True)
     x = _data(case, inputs["x"])
     w, b = torch.from_numpy(inputs["weight"]), torch.from_numpy(inputs["bias"])
     start = time.perf_counter()

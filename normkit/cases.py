@@ -20,10 +20,13 @@ import numpy as np
 
 from . import half
 from .alloc import aligned_empty
-from .contract import DTYPES, HALF_DTYPES, OPS, SPECS, OpSpec, arg_dtype, kernel_shape, storage_dtype
+from .contract import (
+    ACT_PREFIX, ACTIVATIONS, DTYPES, HALF_DTYPES, OPS, SPECS, OpSpec, arg_dtype, kernel_shape, storage_dtype,
+)
 from .ops import get as get_op
 
 EPS = 1e-5
+NEGATIVE_SLOPE = 0.01  # leaky_relu's, torch's default
 DEFAULT_SHAPE = (8, 256, 56, 56)
 DEFAULT_GROUPS = 32
 
@@ -38,7 +41,8 @@ ADD_ARRAYS_MOVED = {"forward": 4, "backward": 4}
 class Case:
     """One workload. ``groups`` is GroupNorm's only; ``ln_dims`` is how many trailing dims a row op (LayerNorm,
     RMSNorm) normalizes over (default: all but the first). ``add``: the row op's fused residual add (h = x +
-    residual, y = norm(h); backward with a gradient flowing into h too)."""
+    residual, y = norm(h); backward with a gradient flowing into h too). ``activation``: a fused activation (one
+    of :data:`normkit.contract.ACTIVATIONS`; leaky_relu with slope :data:`NEGATIVE_SLOPE`) after the norm."""
 
     op: str
     shape: tuple[int, ...]
@@ -46,6 +50,7 @@ class Case:
     groups: int | None = None
     ln_dims: int | None = None
     add: bool = False
+    activation: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "op", get_op(self.op).name)
@@ -70,6 +75,13 @@ class Case:
             raise ValueError(f"{self.op}: ln_dims applies to the row ops only, got ln_dims={self.ln_dims}")
         if self.add and not spec.fused_add:
             raise ValueError(f"{self.op}: add (the fused residual add) applies to the row ops only")
+        if self.activation is not None:
+            if not spec.activation:
+                raise ValueError(f"{self.op}: has no fused activation")
+            if self.activation not in ACTIVATIONS:
+                raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}, got {self.activation!r}")
+            if self.add:
+                raise ValueError(f"{self.op}: a case is either a fused add or a fused activation")
         if spec.running and spec.set_size(self.kernel_shape, self.groups) < 2:
             raise ValueError(f"{self.op}: training needs more than 1 value per normalized set, shape {self.shape} "
                              f"has 1")
@@ -86,7 +98,8 @@ class Case:
         extra = f"-g{self.groups}" if self.op == "groupnorm" else ""
         if self.spec.sets == "row":
             extra = f"-over{_dims(self.normalized_shape)}"
-        return f"{'add-' if self.add else ''}{self.op}-{_dims(self.shape)}{extra}-{self.dtype}"
+        act = f"-{self.activation}" if self.activation else ""
+        return f"{'add-' if self.add else ''}{self.op}{act}-{_dims(self.shape)}{extra}-{self.dtype}"
 
     @property
     def label(self) -> str:
@@ -94,7 +107,8 @@ class Case:
         extra = f" G={self.groups}" if self.op == "groupnorm" else ""
         if self.spec.sets == "row":
             extra = f" over {_dims(self.normalized_shape)}"
-        return f"{'add+' if self.add else ''}{self.op} {_dims(self.shape)}{extra} {self.dtype}"
+        act = f"+{self.activation}" if self.activation else ""
+        return f"{'add+' if self.add else ''}{self.op}{act} {_dims(self.shape)}{extra} {self.dtype}"
 
     @property
     def kernel_shape(self) -> tuple[int, ...]:
@@ -126,6 +140,8 @@ class Case:
 
     def kernel_direction(self, direction: str) -> str:
         """The kernel direction that times ``direction`` ("forward" or "backward")."""
+        if self.activation:
+            return ACT_PREFIX + direction
         return f"add_{direction}" if self.add else direction
 
     def with_dtype(self, dtype: str) -> Case:
@@ -176,13 +192,18 @@ class Case:
     def forward_args(self, inputs: dict, out: dict) -> tuple:
         """Positional arguments of the training forward kernel (see :mod:`normkit.contract`)."""
         return self.spec.kernel_args(self.kernel_direction("forward"),
-                                     {**inputs, **out, "eps": EPS, "num_groups": self.groups})
+                                     {**inputs, **out, **self._act_args(), "eps": EPS, "num_groups": self.groups})
 
     def backward_args(self, inputs: dict, stats: dict, out: dict) -> tuple:
         """Positional arguments of the training backward kernel; ``stats`` holds the forward's mean and rstd (and
         h, for the fused add)."""
         return self.spec.kernel_args(self.kernel_direction("backward"),
-                                     {**inputs, **stats, **out, "num_groups": self.groups})
+                                     {**inputs, **stats, **out, **self._act_args(), "num_groups": self.groups})
+
+    def _act_args(self) -> dict:
+        if self.activation is None:
+            return {}
+        return {"activation": ACTIVATIONS.index(self.activation), "slope": NEGATIVE_SLOPE}
 
 
 def _aligned(a: np.ndarray) -> np.ndarray:
@@ -283,7 +304,17 @@ TRANSFORMER = tuple(
     for op, add in (("layernorm", False), ("rmsnorm", False), ("layernorm", True), ("rmsnorm", True))
 )
 
-CASE_SETS = {"reference": REFERENCE, "small": SMALL, "transformer": TRANSFORMER}
+# Norm then activation (issue 17): a ResNet's BatchNorm + ReLU, a diffusion UNet's GroupNorm + SiLU, at the reference
+# shapes and at a UNet block's.
+FUSED = (
+    Case("batchnorm", (32, 64, 56, 56), activation="relu"),
+    Case("batchnorm", (64, 256, 14, 14), activation="relu"),
+    Case("groupnorm", (8, 256, 56, 56), groups=32, activation="silu"),
+    Case("groupnorm", (32, 64, 56, 56), groups=16, activation="silu"),
+    Case("groupnorm", (8, 128, 32, 32), groups=32, activation="silu"),
+)
+
+CASE_SETS = {"reference": REFERENCE, "small": SMALL, "transformer": TRANSFORMER, "fused": FUSED}
 
 
 def case_set(name: str) -> tuple[Case, ...]:

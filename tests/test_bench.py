@@ -81,7 +81,14 @@ def test_case_arguments_follow_the_contract():
     assert len(Case("bn", (2, 8, 3)).backward_args(inputs, stats, grads)) == 8
 
 
-@pytest.mark.parametrize("case", cases.case_set("small"), ids=lambda c: c.id)
+# the fused activations on tiny cases of each op
+SMALL_FUSED = (Case("batchnorm", (4, 8, 5, 5), activation="relu"),
+               Case("groupnorm", (2, 8, 4, 4), groups=4, activation="silu"),
+               Case("layernorm", (3, 8, 5), ln_dims=2, activation="gelu"),
+               Case("instancenorm", (2, 4, 3, 3), activation="leaky_relu"))
+
+
+@pytest.mark.parametrize("case", cases.case_set("small") + SMALL_FUSED, ids=lambda c: c.id)
 @pytest.mark.parametrize("direction", ["forward", "backward"])
 def test_small_cases_run_on_the_reference_and_agree_with_the_frontend(case, direction):
     """The table's argument layout computes what normkit's own frontend computes."""
@@ -96,6 +103,8 @@ def test_small_cases_run_on_the_reference_and_agree_with_the_frontend(case, dire
         kw = {"normalized_shape": case.normalized_shape, **{k: v.reshape(case.normalized_shape) for k, v in kw.items()}}
     if case.op == "batchnorm":
         kw["training"] = True
+    if case.activation:
+        kw.update(activation=case.activation, negative_slope=cases.NEGATIVE_SLOPE)
     y, saved = op.forward(x, backend="reference", **kw)
     want = y if direction == "forward" else op.backward(inputs["dy"].reshape(case.shape), x, saved,
                                                         backend="reference", **kw)[0]
@@ -103,7 +112,7 @@ def test_small_cases_run_on_the_reference_and_agree_with_the_frontend(case, dire
 
 
 @needs_torch
-@pytest.mark.parametrize("case", cases.case_set("small"), ids=lambda c: c.id)
+@pytest.mark.parametrize("case", cases.case_set("small") + SMALL_FUSED, ids=lambda c: c.id)
 @pytest.mark.parametrize("direction", ["forward", "backward"])
 def test_torch_baseline_computes_the_same_pass(case, direction):
     """The baseline is PyTorch's kernel for the same training pass (instance norm included)."""
@@ -115,6 +124,14 @@ def test_torch_baseline_computes_the_same_pass(case, direction):
 
 
 # --- selecting cases -------------------------------------------------------------------------------------------
+
+def test_fused_case_errors():
+    with pytest.raises(ValueError, match="rmsnorm: has no fused activation"):
+        Case("rmsnorm", (4, 8), activation="relu")
+    with pytest.raises(ValueError, match="activation must be one of .*got 'tanh'"):
+        Case("groupnorm", (2, 8, 4), activation="tanh")
+    assert Case("bn", (4, 8, 3), activation="relu").label == "batchnorm+relu 4x8x3 float32"
+
 
 def test_select_cases_defaults():
     chosen = cases.select_cases()
