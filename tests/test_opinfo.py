@@ -1,6 +1,6 @@
-"""PyTorch's own OpInfo samples for the four norms, through normkit.torch: the whole input domain torch accepts.
+"""PyTorch's own OpInfo samples for the norms, through normkit.torch: the whole input domain torch accepts.
 
-Every sample of ``op_db``'s ``nn.functional.{batch,group,layer,instance}_norm`` (float32 and float64, the dtypes
+Every sample of ``op_db``'s ``nn.functional.{batch,group,layer,instance,rms}_norm`` (float32 and float64, the dtypes
 normkit computes in) is one test: normkit's function and torch's each get their own copy of the sample's tensors
 (running statistics are updated in place), and must agree on the output, on every tensor argument after the call
 (running statistics; nothing else may change), and on the gradient of a fixed random projection of the output
@@ -35,6 +35,7 @@ FUNCTIONS = {
     "nn.functional.group_norm": (nt.group_norm, F.group_norm),
     "nn.functional.layer_norm": (nt.layer_norm, F.layer_norm),
     "nn.functional.instance_norm": (nt.instance_norm, F.instance_norm),
+    "nn.functional.rms_norm": (nt.rms_norm, F.rms_norm),
 }
 DTYPES = (torch.float32, torch.float64)
 # error allowed, relative to the magnitude of the terms a result is computed from: ~80 ulps of float32, ~4500 ulps
@@ -106,9 +107,15 @@ def _stats(name: str, p: dict) -> tuple[float, float, float]:
     and the largest (|x| + |mean|) * rstd, computed in float64 from the statistics the op uses (the batch's, or the
     running ones in evaluation). rstd and xhat size the terms of y and of the gradients; u sizes the rounding of
     x - mean that every implementation does in its own dtype (large when the variance is small against |x|)."""
-    x, eps = p["input"].detach().double(), float(p["eps"])
+    x = p["input"].detach().double()
+    eps = float(torch.finfo(p["input"].dtype).eps if p["eps"] is None else p["eps"])  # rms_norm's default: None
     if x.numel() == 0:
         return 0.0, 0.0, 0.0
+    if name.endswith("rms_norm"):  # uncentered: the mean is 0 and var is the mean of squares
+        shape = p["normalized_shape"]
+        sets = x.reshape(*x.shape[:x.dim() - len(shape)], -1)
+        rstd = (sets.square().mean(-1, keepdim=True) + eps).rsqrt()
+        return _max_abs(rstd), _max_abs(sets * rstd), _max_abs(x) * _max_abs(rstd)
     if name.endswith("layer_norm"):
         shape = p["normalized_shape"]
         sets, dims = x.reshape(*x.shape[:x.dim() - (1 if isinstance(shape, int) else len(shape))], -1), [-1]
@@ -166,7 +173,7 @@ def test_opinfo_sample(name, dtype, sample):
     y, args, _ = _run(ours_fn, torch_fn, sample)
 
     # forward: y = x * rstd * weight - mean * rstd * weight + bias
-    _assert_close(y, y_ref, max(1.0, _max_abs(y_ref), u * w + _max_abs(p["bias"])), rel, "output")
+    _assert_close(y, y_ref, max(1.0, _max_abs(y_ref), u * w + _max_abs(p.get("bias"))), rel, "output")
 
     # every tensor argument after the call: running statistics updated alike, nothing else modified. An update
     # (1 - momentum) * running + momentum * batch has terms bounded by |after| + 2 |1 - momentum| |before|.
