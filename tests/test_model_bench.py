@@ -20,7 +20,7 @@ from normkit.torch.models import MODELS  # noqa: E402
 
 nn = torch.nn
 QUICK = dict(steps=2, warmup=1)
-NORM_CLASS = {"resnet": "BatchNorm2d", "unet": "GroupNorm", "transformer": "LayerNorm"}
+NORM_CLASS = {"resnet": "BatchNorm2d", "unet": "GroupNorm", "transformer": "LayerNorm", "transformer_rms": "RMSNorm"}
 
 
 def snapshot(model):
@@ -63,7 +63,8 @@ def test_models_are_deterministic_and_keep_the_global_random_state(name):
 def test_default_sizes():
     # the shapes the README and earlier measurements use; building the default models is cheap (no forward)
     shapes = {name: [tuple(x.shape) for x in MODELS[name]()[1]] for name in MODELS}
-    assert shapes == {"resnet": [(32, 3, 112, 112)], "unet": [(8, 3, 32, 32)], "transformer": [(16, 128)]}
+    assert shapes == {"resnet": [(32, 3, 112, 112)], "unet": [(8, 3, 32, 32)], "transformer": [(16, 128)],
+                      "transformer_rms": [(16, 128)]}
     layer_norms = [m for m in MODELS["transformer"]()[0].modules() if isinstance(m, nn.LayerNorm)]
     assert len(layer_norms) == 9 and all(m.normalized_shape == (256,) for m in layer_norms)
     group_norms = [m for m in MODELS["unet"]()[0].modules() if isinstance(m, nn.GroupNorm)]
@@ -251,7 +252,7 @@ def test_cli_model_help_names_every_model():
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--model", "vgg"], "unknown model 'vgg'; choose from resnet, unet, transformer, all"),
+    (["--model", "vgg"], "unknown model 'vgg'; choose from resnet, unet, transformer, transformer_rms, all"),
     (["--quick"], "--quick, --steps, --autocast and --channels-last apply to --model only"),
     (["--steps", "3", "--op", "ln"], "--quick, --steps, --autocast and --channels-last apply to --model only"),
     (["--model", "resnet", "--op", "ln", "--repeat", "3"], "--model times whole models; drop --op, --repeat"),
@@ -262,3 +263,22 @@ def test_cli_model_usage_errors(args, message):
     result = run(*args)
     assert result.exit_code == 2, result.output
     assert message in " ".join(result.output.split())
+
+
+def test_gradients_under_autocast_are_held_to_their_float32_values():
+    """Two 16-bit gradients may sit far apart; normkit's passes when it is no further from the float32 gradient than
+    AUTOCAST_SLACK times torch's, and fails when it is."""
+    from normkit.torch import model_bench
+
+    def model_with_grad(values):
+        m = nn.Linear(2, 1, bias=False)
+        m.weight.grad = torch.tensor([values])
+        return m
+
+    exact = {"weight": torch.tensor([[1.0, 0.0]])}
+    torch_side = model_with_grad([1.0, 0.3])  # 0.3 from the float32 gradient
+    agreement = {}
+    model_bench._compare_gradients(torch_side, model_with_grad([1.0, -0.3]), agreement, float32_grads=exact)
+    assert agreement["gradients"] == pytest.approx(0.6 / (1.09 ** 0.5))
+    with pytest.raises(model_bench.ModelMismatchError, match="under autocast: 0.96 from the float32 gradient"):
+        model_bench._compare_gradients(torch_side, model_with_grad([1.0, 1.0]), {}, float32_grads=exact)

@@ -7,6 +7,7 @@ batch (for tests and a fast look). The global random state is left as it was.
 - ``resnet``: a ResNet-like CNN with BatchNorm2d; 32x3x112x112 images.
 - ``unet``: a UNet-like stack of diffusers-style ResNet blocks with GroupNorm(32) + SiLU; 8x3x32x32 images.
 - ``transformer``: a pre-LN transformer encoder with LayerNorm; 16x128 tokens, hidden 256, 4 heads, 4 layers.
+- ``transformer_rms``: the same with ``nn.RMSNorm`` in place of every LayerNorm (LLaMA's norm).
 
 ``SmallCNN`` (not in ``MODELS``) is the small CNN with all three kinds of norm that ``examples/torch_cnn.py`` and
 the tests train.
@@ -26,7 +27,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-__all__ = ["MODELS", "ResNet", "SmallCNN", "Transformer", "UNet", "resnet", "transformer", "unet"]
+__all__ = ["MODELS", "ResNet", "SmallCNN", "Transformer", "UNet", "resnet", "transformer", "transformer_rms", "unet"]
 
 
 def _seeded(seed: int, build: Callable[[], tuple[nn.Module, tuple]]) -> tuple[nn.Module, tuple]:
@@ -167,13 +168,13 @@ class EncoderLayer(nn.Module):
     with the LayerNorms' weights and never calls their forward (so a converted LayerNorm would not run there).
     """
 
-    def __init__(self, dim: int, heads: int, mlp_ratio: int = 4):
+    def __init__(self, dim: int, heads: int, mlp_ratio: int = 4, norm=nn.LayerNorm):
         super().__init__()
         self.heads = heads
-        self.norm1 = nn.LayerNorm(dim)
+        self.norm1 = norm(dim)
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
-        self.norm2 = nn.LayerNorm(dim)
+        self.norm2 = norm(dim)
         self.mlp = nn.Sequential(nn.Linear(dim, mlp_ratio * dim), nn.GELU(), nn.Linear(mlp_ratio * dim, dim))
 
     def forward(self, x: Tensor) -> Tensor:
@@ -185,15 +186,16 @@ class EncoderLayer(nn.Module):
 
 
 class Transformer(nn.Module):
-    """Token and learned position embeddings, pre-LN encoder layers, a final LayerNorm; returns the hidden
-    states (batch, tokens, dim)."""
+    """Token and learned position embeddings, pre-LN encoder layers, a final LayerNorm (``norm``: the class of
+    every norm layer, e.g. nn.RMSNorm); returns the hidden states (batch, tokens, dim)."""
 
-    def __init__(self, vocab: int = 1000, dim: int = 256, heads: int = 4, layers: int = 4, max_len: int = 512):
+    def __init__(self, vocab: int = 1000, dim: int = 256, heads: int = 4, layers: int = 4, max_len: int = 512,
+                 norm=nn.LayerNorm):
         super().__init__()
         self.embed = nn.Embedding(vocab, dim)
         self.pos = nn.Parameter(torch.randn(max_len, dim) / math.sqrt(dim))
-        self.layers = nn.ModuleList(EncoderLayer(dim, heads) for _ in range(layers))
-        self.norm = nn.LayerNorm(dim)
+        self.layers = nn.ModuleList(EncoderLayer(dim, heads, norm=norm) for _ in range(layers))
+        self.norm = norm(dim)
 
     def forward(self, tokens: Tensor) -> Tensor:
         x = self.embed(tokens) + self.pos[: tokens.shape[1]]
@@ -202,14 +204,19 @@ class Transformer(nn.Module):
         return self.norm(x)
 
 
-def transformer(quick: bool = False, seed: int = 0) -> tuple[nn.Module, tuple[Tensor]]:
+def transformer(quick: bool = False, seed: int = 0, norm=nn.LayerNorm) -> tuple[nn.Module, tuple[Tensor]]:
     """Pre-LN transformer encoder: 16x128 tokens, hidden 256, 4 heads, 4 layers (quick: 2x16 tokens, hidden 64,
     2 layers)."""
     if quick:
-        return _seeded(seed, lambda: (Transformer(vocab=100, dim=64, heads=4, layers=2),
+        return _seeded(seed, lambda: (Transformer(vocab=100, dim=64, heads=4, layers=2, norm=norm),
                                       (torch.randint(0, 100, (2, 16)),)))
-    return _seeded(seed, lambda: (Transformer(vocab=1000, dim=256, heads=4, layers=4),
+    return _seeded(seed, lambda: (Transformer(vocab=1000, dim=256, heads=4, layers=4, norm=norm),
                                   (torch.randint(0, 1000, (16, 128)),)))
+
+
+def transformer_rms(quick: bool = False, seed: int = 0) -> tuple[nn.Module, tuple[Tensor]]:
+    """:func:`transformer` with nn.RMSNorm (eps None: the dtype's machine epsilon, as in torch)."""
+    return transformer(quick, seed, norm=nn.RMSNorm)
 
 
 # --- SmallCNN: BatchNorm2d, GroupNorm and LayerNorm ---------------------------------------------------------
@@ -234,4 +241,5 @@ MODELS: dict[str, Callable[..., tuple[nn.Module, tuple]]] = {
     "resnet": resnet,
     "unet": unet,
     "transformer": transformer,
+    "transformer_rms": transformer_rms,
 }
