@@ -446,7 +446,8 @@ def bench(op: str = "all", *, shape=None, groups: int | None = None, dtype: str 
     if load is not None and load > 0.5:
         notes.append(f"the machine was busy when the run began (load average {load} on {os.cpu_count()} CPUs): a "
                      f"parallel kernel waits for its slowest thread, and a preempted thread costs milliseconds, so "
-                     f"timings are noisy and pessimistic; rerun on an idle machine, or with fewer threads (--threads 1)")
+                     f"timings are noisy and pessimistic; rerun on an idle machine, or with fewer threads "
+                     f"(--threads 1)")
     tasks = [(case, d) for case in selected for d in directions]
     active = _load(names, notes)
 

@@ -127,8 +127,8 @@ def _backend_option(ctx, param, values):
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False),
               help="Also draw GB/s against the copy ceiling here (.png, .svg, .pdf; needs normkit[plot]).")
 @click.option("--model", metavar="NAME", help="Instead of the kernels, time a training and an inference step of a "
-              "model from normkit.torch.models (resnet, unet, transformer, transformer_rms, or all) with torch.nn's norm layers "
-              "against the same model converted to normkit's (needs PyTorch; takes --backend, --threads).")
+              "model from normkit.torch.models (resnet, unet, transformer, transformer_rms, or all) with torch.nn's "
+              "norm layers against the same model converted to normkit's (needs PyTorch; takes --backend, --threads).")
 @click.option("--layout", type=click.Choice(["nchw", "nhwc"]), default="nchw", show_default=True,
               help="nhwc: the channels-last kernels (batchnorm, groupnorm, instancenorm) against PyTorch on "
                    "channels-last tensors, each backend's NCHW kernel alongside.")

@@ -447,8 +447,8 @@ def register_backend(spec: Backend, replace: bool = False) -> None:
             if old.spec == spec:
                 return
             raise ValueError(
-                f"register_backend: backend name {spec.name!r} is taken (by {old.package or 'a run-time registration'});"
-                f" pass replace=True to replace it"
+                f"register_backend: backend name {spec.name!r} is taken (by "
+                f"{old.package or 'a run-time registration'}); pass replace=True to replace it"
             )
         entries[spec.name] = _Entry(spec.name, "", False, spec=spec)
         _lookup_cache.clear()
