@@ -42,7 +42,8 @@ import torch
 from torch import Tensor
 
 from .. import alloc, checks, registry
-from ..contract import NHWC, SPECS, OpSpec
+from .. import activation as _activation
+from ..contract import ACT_PREFIX, ACTIVATIONS, NHWC, SPECS, OpSpec
 from ..ops import fused_kernel
 from ..running import update_running
 
@@ -208,18 +209,44 @@ def _eps(op: str, eps) -> float:
     return eps if type(eps) is float else checks.eps(op, eps, strict=False)
 
 
+def _kernel(spec: OpSpec, direction: str, x: Tensor, backend, act, bias=None):
+    """The NCHW kernel of a plain direction, called with the plain direction's arguments. With an activation
+    (``act`` = (index, slope)) it is the ``act_`` direction's kernel (:func:`normkit.activation.kernel`: fused, or
+    the plain one composed) given the activation's arguments, and in backward the bias, where the contract puts
+    them."""
+    dtype = _KERNEL_DTYPES[x.dtype]
+    if act is None:
+        return registry.lookup(spec.name, direction, dtype, backend)[1]
+    kernel = _activation.kernel(spec.name, ACT_PREFIX + direction, dtype, backend)[1]
+    at = _ACT_AT.get((spec.name, direction))
+    if at is None:
+        at = _ACT_AT[spec.name, direction] = spec.args(direction).index("eps" if "forward" in direction else
+                                                                        "weight") + 1
+    extra = act if "forward" in direction else (_flat(_contiguous(bias)), *act)
+    return lambda *args: kernel(*args[:at], *extra, *args[at:])
+
+
+_ACT_AT: dict = {}  # (op, plain direction) -> where the activation's arguments go among the plain ones
+
+
+def _act(op: str, activation, negative_slope) -> Optional[tuple[int, float]]:
+    return None if activation is None else _activation.code(op, activation, negative_slope)
+
+
 def _forward(spec: OpSpec, x: Tensor, weight, bias, eps: float, groups: int, kshape: tuple, running_mean,
-             running_var, backend, save: bool = True) -> tuple[Tensor, Optional[np.ndarray], Optional[np.ndarray]]:
+             running_var, backend, save: bool = True,
+             act=None) -> tuple[Tensor, Optional[np.ndarray], Optional[np.ndarray]]:
     """(y, mean, rstd), the statistics as NumPy arrays: batch statistics when ``running_mean`` is None, else
     normalization by the running ones (then mean and rstd are those, as constants; with ``save=False`` they are
     not made and come back None). ``kshape`` is ``_kernel_shape`` of ``x``; a channels-last x gives a channels-last
-    y."""
+    y. ``act``: None, or the fused activation's (index, slope)."""
     direction = "forward" if running_mean is None else "forward_infer"
     if _is_nhwc(spec, x):
-        found = registry.lookup(spec.name, direction, _KERNEL_DTYPES[x.dtype], backend, NHWC)
+        # the activation kernels are NCHW only
+        found = None if act else registry.lookup(spec.name, direction, _KERNEL_DTYPES[x.dtype], backend, NHWC)
         if found is None:  # no channels-last kernel: the NCHW one on a copy, y handed back channels-last
             y, mean, rstd = _forward(spec, x.contiguous(), weight, bias, eps, groups, kshape, running_mean,
-                                     running_var, backend, save)
+                                     running_var, backend, save, act)
             return torch.empty_like(x).copy_(y), mean, rstd
         kernel = found[1]
         y = torch.empty_like(x)
@@ -229,7 +256,7 @@ def _forward(spec: OpSpec, x: Tensor, weight, bias, eps: float, groups: int, ksh
         y = torch.empty_like(x, memory_format=_DENSE)
         ya = _writable(y)
         if ya.size:
-            kernel = registry.lookup(spec.name, direction, _KERNEL_DTYPES[x.dtype], backend)[1]
+            kernel = _kernel(spec, direction, x, backend, act)
             xa, ya = _np(x).reshape(kshape), ya.reshape(kshape)
     weight, bias = _contiguous(weight), _contiguous(bias)
     if running_mean is None:
@@ -269,23 +296,24 @@ def _forward(spec: OpSpec, x: Tensor, weight, bias, eps: float, groups: int, ksh
 
 def _backward(spec: OpSpec, dy: Tensor, x: Tensor, mean: np.ndarray, rstd: np.ndarray, weight, groups: int,
               kshape: tuple, batch_stats: bool, pshape: tuple, weight_grad: bool, bias_grad: bool,
-              backend) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+              backend, bias=None, act=None) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
     """dx and, when asked for, dweight and dbias (None otherwise; float32 for a 16-bit x, whatever the parameters'
     dtype: the callers cast them). ``mean``/``rstd``: contiguous NumPy arrays. A channels-last x gives a
-    channels-last dx (dy is copied to that layout if it is not in it)."""
+    channels-last dx (dy is copied to that layout if it is not in it). ``act``: None, or the fused activation's
+    (index, slope), whose derivative the kernel recomputes from x, the statistics, weight and ``bias``."""
     direction = "backward" if batch_stats else "backward_infer"
     if _is_nhwc(spec, x):
-        found = registry.lookup(spec.name, direction, _KERNEL_DTYPES[x.dtype], backend, NHWC)
+        found = None if act else registry.lookup(spec.name, direction, _KERNEL_DTYPES[x.dtype], backend, NHWC)
         if found is None:  # no channels-last kernel: the NCHW one on copies, dx handed back channels-last
             dx, dw, db = _backward(spec, dy.contiguous(), x.contiguous(), mean, rstd, weight, groups, kshape,
-                                   batch_stats, pshape, weight_grad, bias_grad, backend)
+                                   batch_stats, pshape, weight_grad, bias_grad, backend, bias, act)
             return torch.empty_like(x).copy_(dx), dw, db
         if dy.stride() != x.stride():
             dy = torch.empty_like(x).copy_(dy)
         return _run_backward(found[1], spec, _nsc(dy, kshape), _nsc(x, kshape), torch.empty_like(x),
                              lambda t: _nsc(t, kshape), mean, rstd, weight, groups, pshape, weight_grad, bias_grad)
     dy, x = _contiguous(dy), _contiguous(x)
-    kernel = registry.lookup(spec.name, direction, _KERNEL_DTYPES[x.dtype], backend)[1] if x.numel() else None
+    kernel = _kernel(spec, direction, x, backend, act, bias) if x.numel() else None
     return _run_backward(kernel, spec, _np(dy).reshape(kshape), _np(x).reshape(kshape),
                          torch.empty_like(x, memory_format=_DENSE), lambda t: _writable(t).reshape(kshape), mean,
                          rstd, weight, groups, pshape, weight_grad, bias_grad)
@@ -324,19 +352,20 @@ class _Call:
     statistics, as NumPy arrays: internal constants, so they need neither tensors nor ``save_for_backward``."""
 
     __slots__ = ("spec", "eps", "groups", "kshape", "pshape", "running_mean", "running_var", "batch_stats",
-                 "update", "count", "momentum", "backend", "mean", "rstd")
+                 "update", "count", "momentum", "backend", "act", "mean", "rstd")
 
     def __init__(self, spec, eps, groups, kshape, pshape, running_mean, running_var, batch_stats, update, count,
-                 momentum, backend):
+                 momentum, backend, act=None):
         self.spec, self.eps, self.groups, self.kshape, self.pshape = spec, eps, groups, kshape, pshape
         self.running_mean, self.running_var, self.batch_stats = running_mean, running_var, batch_stats
-        self.update, self.count, self.momentum, self.backend = update, count, momentum, backend
+        self.update, self.count, self.momentum, self.backend, self.act = update, count, momentum, backend, act
 
     def forward(self, x: Tensor, weight, bias, save: bool) -> Tensor:
         use_running = not self.batch_stats
         y, self.mean, self.rstd = _forward(self.spec, x, weight, bias, self.eps, self.groups, self.kshape,
                                            self.running_mean if use_running else None,
-                                           self.running_var if use_running else None, self.backend, save)
+                                           self.running_var if use_running else None, self.backend, save,
+                                           self.act)
         if self.update:
             _update_running_now(self.running_mean, self.running_var, self.mean, self.rstd, self.eps, self.count,
                                 self.momentum)
@@ -368,11 +397,11 @@ def _param_grads(dw: Optional[Tensor], db: Optional[Tensor], weight_dtype, bias_
 
 
 def _grads(ctx, dy):
-    x, weight = ctx.saved_tensors
+    x, weight, *bias = ctx.saved_tensors  # bias: saved only for an activation's derivative
     need_x, need_w, need_b, _ = ctx.needs_input_grad
     c = ctx.call
     dx, dw, db = _backward(c.spec, dy, x, c.mean, c.rstd, weight, c.groups, c.kshape, c.batch_stats, c.pshape,
-                           need_w, need_b, c.backend)
+                           need_w, need_b, c.backend, bias[0] if bias else None, c.act)
     if x.dtype in _HALF:
         dw, db = _param_grads(dw, db, ctx.param_dtypes[0], ctx.param_dtypes[1])
     return dx if need_x else None, dw, db, None
@@ -385,7 +414,10 @@ class _Norm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, call):
         y = call.forward(x, weight, bias, save=True)
-        ctx.save_for_backward(x, weight)
+        if call.act is None:
+            ctx.save_for_backward(x, weight)
+        else:  # backward recomputes the activation's input from x, the statistics, weight and bias
+            ctx.save_for_backward(x, weight, bias)
         ctx.call = call
         if x.dtype in _HALF:
             ctx.param_dtypes = tuple(None if p is None else p.dtype for p in (weight, bias))
@@ -435,6 +467,20 @@ def _stat(t: Tensor) -> np.ndarray:
     return _np(_contiguous(t))
 
 
+def _op_act(op: str, activation: Optional[int], slope: float) -> Optional[tuple[int, float]]:
+    """A custom op's ``activation`` (an index into ACTIVATIONS, or None) and ``slope``, as ``act``."""
+    if activation is None:
+        return None
+    if isinstance(activation, bool) or not isinstance(activation, int) or not 0 <= activation < len(ACTIVATIONS):
+        raise ValueError(f"{op}: activation must be None or an index into {ACTIVATIONS}, got {activation!r}")
+    return _activation.code(op, ACTIVATIONS[activation], slope)
+
+
+def _op_args(act: Optional[tuple[int, float]]) -> tuple[Optional[int], float]:
+    """``act`` as a custom op's last two arguments (activation, slope)."""
+    return (None, 0.01) if act is None else act
+
+
 def _fake_backward(spec, x, pshape, weight_grad, bias_grad):
     sdt = _STAT_DTYPES[x.dtype]
     return (_like(spec, x), x.new_empty(pshape if weight_grad else (0,), dtype=sdt),
@@ -446,126 +492,145 @@ _BN, _IN, _GN, _LN, _RMS = (SPECS[n] for n in ("batchnorm", "instancenorm", "gro
 
 @torch.library.custom_op("normkit::batch_norm", mutates_args=(), device_types="cpu")
 def _batch_norm(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], running_mean: Optional[Tensor],
-                running_var: Optional[Tensor], training: bool, eps: float,
-                backend: Optional[str]) -> tuple[Tensor, Tensor, Tensor]:
+                running_var: Optional[Tensor], training: bool, eps: float, backend: Optional[str],
+                activation: Optional[int] = None, slope: float = 0.01) -> tuple[Tensor, Tensor, Tensor]:
     _check_channel_op(_BN, input, weight, bias, running_mean, running_var, training, eps)
     return _op_outputs(*_forward(_BN, input, weight, bias, eps, 0, _kernel_shape(_BN, input.shape, 0),
-                                 None if training else running_mean, None if training else running_var, backend))
+                                 None if training else running_mean, None if training else running_var, backend,
+                                 act=_op_act("batchnorm", activation, slope)))
 
 
 @_batch_norm.register_fake
-def _(input, weight, bias, running_mean, running_var, training, eps, backend):
+def _(input, weight, bias, running_mean, running_var, training, eps, backend, activation=None, slope=0.01):
     _check_channel_op(_BN, input, weight, bias, running_mean, running_var, training, eps)
+    _op_act("batchnorm", activation, slope)
     return _fake_forward(_BN, input, 0, 0, training)
 
 
 @torch.library.custom_op("normkit::batch_norm_backward", mutates_args=(), device_types="cpu")
 def _batch_norm_backward(grad_output: Tensor, input: Tensor, mean: Tensor, rstd: Tensor, weight: Optional[Tensor],
-                         training: bool, weight_grad: bool, bias_grad: bool,
-                         backend: Optional[str]) -> tuple[Tensor, Tensor, Tensor]:
+                         training: bool, weight_grad: bool, bias_grad: bool, backend: Optional[str],
+                         bias: Optional[Tensor] = None, activation: Optional[int] = None,
+                         slope: float = 0.01) -> tuple[Tensor, Tensor, Tensor]:
     _check_channel_backward(_BN, grad_output, input, mean, rstd, weight, training)
     pshape = (input.shape[1],)
     return _grads_or_empty(input, *_backward(_BN, grad_output, input, _stat(mean), _stat(rstd), weight, 0,
                                              _kernel_shape(_BN, input.shape, 0), training, pshape, weight_grad,
-                                             bias_grad, backend))
+                                             bias_grad, backend, bias, _op_act("batchnorm", activation, slope)))
 
 
 @_batch_norm_backward.register_fake
-def _(grad_output, input, mean, rstd, weight, training, weight_grad, bias_grad, backend):
+def _(grad_output, input, mean, rstd, weight, training, weight_grad, bias_grad, backend, bias=None, activation=None,
+      slope=0.01):
     _check_channel_backward(_BN, grad_output, input, mean, rstd, weight, training)
     return _fake_backward(_BN, input, (input.shape[1],), weight_grad, bias_grad)
 
 
 @torch.library.custom_op("normkit::instance_norm", mutates_args=(), device_types="cpu")
 def _instance_norm(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], running_mean: Optional[Tensor],
-                   running_var: Optional[Tensor], use_input_stats: bool, eps: float,
-                   backend: Optional[str]) -> tuple[Tensor, Tensor, Tensor]:
+                   running_var: Optional[Tensor], use_input_stats: bool, eps: float, backend: Optional[str],
+                   activation: Optional[int] = None, slope: float = 0.01) -> tuple[Tensor, Tensor, Tensor]:
     _check_channel_op(_IN, input, weight, bias, running_mean, running_var, use_input_stats, eps)
     return _op_outputs(*_forward(_IN, input, weight, bias, eps, 0, _kernel_shape(_IN, input.shape, 0),
                                  None if use_input_stats else running_mean,
-                                 None if use_input_stats else running_var, backend))
+                                 None if use_input_stats else running_var, backend,
+                                 act=_op_act("instancenorm", activation, slope)))
 
 
 @_instance_norm.register_fake
-def _(input, weight, bias, running_mean, running_var, use_input_stats, eps, backend):
+def _(input, weight, bias, running_mean, running_var, use_input_stats, eps, backend, activation=None, slope=0.01):
     _check_channel_op(_IN, input, weight, bias, running_mean, running_var, use_input_stats, eps)
+    _op_act("instancenorm", activation, slope)
     return _fake_forward(_IN, input, 0, 0, use_input_stats)
 
 
 @torch.library.custom_op("normkit::instance_norm_backward", mutates_args=(), device_types="cpu")
 def _instance_norm_backward(grad_output: Tensor, input: Tensor, mean: Tensor, rstd: Tensor,
                             weight: Optional[Tensor], use_input_stats: bool, weight_grad: bool, bias_grad: bool,
-                            backend: Optional[str]) -> tuple[Tensor, Tensor, Tensor]:
+                            backend: Optional[str], bias: Optional[Tensor] = None, activation: Optional[int] = None,
+                            slope: float = 0.01) -> tuple[Tensor, Tensor, Tensor]:
     _check_channel_backward(_IN, grad_output, input, mean, rstd, weight, use_input_stats)
     pshape = (input.shape[1],)
     return _grads_or_empty(input, *_backward(_IN, grad_output, input, _stat(mean), _stat(rstd), weight, 0,
                                              _kernel_shape(_IN, input.shape, 0), use_input_stats, pshape,
-                                             weight_grad, bias_grad, backend))
+                                             weight_grad, bias_grad, backend, bias,
+                                             _op_act("instancenorm", activation, slope)))
 
 
 @_instance_norm_backward.register_fake
-def _(grad_output, input, mean, rstd, weight, use_input_stats, weight_grad, bias_grad, backend):
+def _(grad_output, input, mean, rstd, weight, use_input_stats, weight_grad, bias_grad, backend, bias=None,
+      activation=None, slope=0.01):
     _check_channel_backward(_IN, grad_output, input, mean, rstd, weight, use_input_stats)
     return _fake_backward(_IN, input, (input.shape[1],), weight_grad, bias_grad)
 
 
 @torch.library.custom_op("normkit::group_norm", mutates_args=(), device_types="cpu")
 def _group_norm(input: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
-                backend: Optional[str]) -> tuple[Tensor, Tensor, Tensor]:
+                backend: Optional[str], activation: Optional[int] = None,
+                slope: float = 0.01) -> tuple[Tensor, Tensor, Tensor]:
     _check_group_op(input, num_groups, weight, bias, eps)
     return _op_outputs(*_forward(_GN, input, weight, bias, eps, num_groups, _kernel_shape(_GN, input.shape, 0),
-                                 None, None, backend))
+                                 None, None, backend, act=_op_act("groupnorm", activation, slope)))
 
 
 @_group_norm.register_fake
-def _(input, num_groups, weight, bias, eps, backend):
+def _(input, num_groups, weight, bias, eps, backend, activation=None, slope=0.01):
     _check_group_op(input, num_groups, weight, bias, eps)
+    _op_act("groupnorm", activation, slope)
     return _fake_forward(_GN, input, num_groups, 0, True)
 
 
 @torch.library.custom_op("normkit::group_norm_backward", mutates_args=(), device_types="cpu")
 def _group_norm_backward(grad_output: Tensor, input: Tensor, mean: Tensor, rstd: Tensor, num_groups: int,
-                         weight: Optional[Tensor], weight_grad: bool, bias_grad: bool,
-                         backend: Optional[str]) -> tuple[Tensor, Tensor, Tensor]:
+                         weight: Optional[Tensor], weight_grad: bool, bias_grad: bool, backend: Optional[str],
+                         bias: Optional[Tensor] = None, activation: Optional[int] = None,
+                         slope: float = 0.01) -> tuple[Tensor, Tensor, Tensor]:
     _check_group_backward(grad_output, input, mean, rstd, num_groups, weight)
     pshape = (input.shape[1],)
     return _grads_or_empty(input, *_backward(_GN, grad_output, input, _stat(mean), _stat(rstd), weight,
                                              num_groups, _kernel_shape(_GN, input.shape, 0), True, pshape,
-                                             weight_grad, bias_grad, backend))
+                                             weight_grad, bias_grad, backend, bias,
+                                             _op_act("groupnorm", activation, slope)))
 
 
 @_group_norm_backward.register_fake
-def _(grad_output, input, mean, rstd, num_groups, weight, weight_grad, bias_grad, backend):
+def _(grad_output, input, mean, rstd, num_groups, weight, weight_grad, bias_grad, backend, bias=None,
+      activation=None, slope=0.01):
     _check_group_backward(grad_output, input, mean, rstd, num_groups, weight)
     return _fake_backward(_GN, input, (input.shape[1],), weight_grad, bias_grad)
 
 
 @torch.library.custom_op("normkit::layer_norm", mutates_args=(), device_types="cpu")
 def _layer_norm(input: Tensor, normalized_shape: list[int], weight: Optional[Tensor], bias: Optional[Tensor],
-                eps: float, backend: Optional[str]) -> tuple[Tensor, Tensor, Tensor]:
+                eps: float, backend: Optional[str], activation: Optional[int] = None,
+                slope: float = 0.01) -> tuple[Tensor, Tensor, Tensor]:
     shape = _check_layer_op(input, normalized_shape, weight, bias, eps)
     return _op_outputs(*_forward(_LN, input, weight, bias, eps, 0, _kernel_shape(_LN, input.shape, len(shape)),
-                                 None, None, backend))
+                                 None, None, backend, act=_op_act("layernorm", activation, slope)))
 
 
 @_layer_norm.register_fake
-def _(input, normalized_shape, weight, bias, eps, backend):
+def _(input, normalized_shape, weight, bias, eps, backend, activation=None, slope=0.01):
     shape = _check_layer_op(input, normalized_shape, weight, bias, eps)
+    _op_act("layernorm", activation, slope)
     return _fake_forward(_LN, input, 0, len(shape), True)
 
 
 @torch.library.custom_op("normkit::layer_norm_backward", mutates_args=(), device_types="cpu")
 def _layer_norm_backward(grad_output: Tensor, input: Tensor, mean: Tensor, rstd: Tensor,
                          normalized_shape: list[int], weight: Optional[Tensor], weight_grad: bool, bias_grad: bool,
-                         backend: Optional[str]) -> tuple[Tensor, Tensor, Tensor]:
+                         backend: Optional[str], bias: Optional[Tensor] = None, activation: Optional[int] = None,
+                         slope: float = 0.01) -> tuple[Tensor, Tensor, Tensor]:
     shape = _check_layer_backward(grad_output, input, mean, rstd, normalized_shape, weight)
     return _grads_or_empty(input, *_backward(_LN, grad_output, input, _stat(mean), _stat(rstd), weight, 0,
                                              _kernel_shape(_LN, input.shape, len(shape)), True, shape,
-                                             weight_grad, bias_grad, backend))
+                                             weight_grad, bias_grad, backend, bias,
+                                             _op_act("layernorm", activation, slope)))
 
 
 @_layer_norm_backward.register_fake
-def _(grad_output, input, mean, rstd, normalized_shape, weight, weight_grad, bias_grad, backend):
+def _(grad_output, input, mean, rstd, normalized_shape, weight, weight_grad, bias_grad, backend, bias=None,
+      activation=None, slope=0.01):
     shape = _check_layer_backward(grad_output, input, mean, rstd, normalized_shape, weight)
     return _fake_backward(_LN, input, shape, weight_grad, bias_grad)
 
@@ -618,19 +683,19 @@ _rms_norm.register_autograd(_rms_autograd, setup_context=_rms_setup)
 
 
 def _channel_setup(ctx, inputs, output):
-    x, weight, bias, _rm, _rv, batch_stats, _eps, backend = inputs
+    x, weight, bias, _rm, _rv, batch_stats, _eps, backend, activation, slope = inputs
     _y, mean, rstd = output
-    ctx.save_for_backward(x, weight, mean, rstd)
-    ctx.extra, ctx.backend = batch_stats, backend
+    ctx.save_for_backward(x, weight, bias, mean, rstd)
+    ctx.extra, ctx.backend, ctx.act = batch_stats, backend, (activation, slope)
     ctx.param_dtypes = tuple(None if p is None else p.dtype for p in (weight, bias))
     ctx.mark_non_differentiable(mean, rstd)
 
 
 def _group_setup(ctx, inputs, output):  # group_norm and layer_norm: (x, num_groups | normalized_shape, w, b, ...)
-    x, extra, weight, bias, _eps, backend = inputs
+    x, extra, weight, bias, _eps, backend, activation, slope = inputs
     _y, mean, rstd = output
-    ctx.save_for_backward(x, weight, mean, rstd)
-    ctx.extra, ctx.backend = extra, backend
+    ctx.save_for_backward(x, weight, bias, mean, rstd)
+    ctx.extra, ctx.backend, ctx.act = extra, backend, (activation, slope)
     ctx.param_dtypes = tuple(None if p is None else p.dtype for p in (weight, bias))
     ctx.mark_non_differentiable(mean, rstd)
 
@@ -639,11 +704,11 @@ def _autograd(backward_op, weight_at: int):
     """The backward of a forward custom op whose weight and bias are inputs ``weight_at`` and ``weight_at + 1``,
     as the custom op ``backward_op``."""
     def backward(ctx, dy, _dmean, _drstd):
-        x, weight, mean, rstd = ctx.saved_tensors
+        x, weight, bias, mean, rstd = ctx.saved_tensors
         need = ctx.needs_input_grad
         need_w, need_b = need[weight_at], need[weight_at + 1]
         dx, dw, db = backward_op(dy, x, mean, rstd, *((ctx.extra, weight) if weight_at == 2 else (weight, ctx.extra)),
-                                 need_w, need_b, ctx.backend)
+                                 need_w, need_b, ctx.backend, bias, *ctx.act)
         if x.dtype in _HALF:
             dw, db = _param_grads(dw if need_w else None, db if need_b else None, *ctx.param_dtypes)
         grads = [None] * len(need)
@@ -723,7 +788,7 @@ def _update_running_traced(running_mean: Tensor, running_var: Tensor, mean: Tens
 # --- the public functions --------------------------------------------------------------------------------------
 
 def _channel(spec: OpSpec, custom_op, input, running_mean, running_var, weight, bias, batch_stats, momentum, eps,
-             backend):
+             backend, act):
     op = spec.name
     x = _input(op, input)
     c = x.shape[1]
@@ -743,36 +808,50 @@ def _channel(spec: OpSpec, custom_op, input, running_mean, running_var, weight, 
         update = False
     if _is_compiling():
         if update:
-            y, mean, rstd = custom_op(x, weight, bias, None, None, True, eps, backend)
+            y, mean, rstd = custom_op(x, weight, bias, None, None, True, eps, backend, *_op_args(act))
             _update_running_traced(running_mean, running_var, mean, rstd, eps, count, momentum)
             return y
-        return custom_op(x, weight, bias, running_mean, running_var, batch_stats, eps, backend)[0]
+        return custom_op(x, weight, bias, running_mean, running_var, batch_stats, eps, backend, *_op_args(act))[0]
     call = _Call(spec, eps, 0, (x.shape[0], c, math.prod(x.shape[2:])), (c,), running_mean, running_var, batch_stats,
-                 update, count, momentum, backend)
+                 update, count, momentum, backend, act)
     return _run(call, x, weight, bias)
 
 
+_ACTIVATION_DOC = """
+
+    ``activation`` (None, "relu", "leaky_relu", "silu", "gelu" or "gelu_tanh"; ``negative_slope`` for
+    leaky_relu) applies that activation to the output in the same pass over memory, as ``torch.nn.functional``'s
+    activation after the norm would (gelu_tanh is ``gelu(approximate="tanh")``); its backward recomputes the
+    activation's input from x and the saved statistics."""
+
+
 def batch_norm(input, running_mean=None, running_var=None, weight=None, bias=None, training=False, momentum=0.1,
-               eps=1e-5, *, backend=None):
-    """:func:`torch.nn.functional.batch_norm` computed by normkit; ``running_mean``/``running_var`` are updated
-    in place when ``training``. ``backend`` picks a backend by name (default: the registry's order)."""
+               eps=1e-5, *, backend=None, activation=None, negative_slope=0.01):
     if isinstance(input, Tensor) and input.dim() == 1 and not input.numel() and weight is None and bias is None \
             and all(r is None or (isinstance(r, Tensor) and not r.numel()) for r in (running_mean, running_var)):
+        _act("batchnorm", activation, negative_slope)
         return input.clone()  # the one 1-D input torch takes: an empty one, with nothing to normalize
     return _channel(_BN, _batch_norm, input, running_mean, running_var, weight, bias, training, momentum, eps,
-                    backend)
+                    backend, _act("batchnorm", activation, negative_slope))
+
+
+batch_norm.__doc__ = """:func:`torch.nn.functional.batch_norm` computed by normkit; ``running_mean``/``running_var``
+    are updated in place when ``training``. ``backend`` picks a backend by name (default: the registry's
+    order).""" + _ACTIVATION_DOC
 
 
 def instance_norm(input, running_mean=None, running_var=None, weight=None, bias=None, use_input_stats=True,
-                  momentum=0.1, eps=1e-5, *, backend=None):
-    """:func:`torch.nn.functional.instance_norm` computed by normkit; running statistics, when given, are updated
-    in place with the average over the instances when ``use_input_stats``."""
+                  momentum=0.1, eps=1e-5, *, backend=None, activation=None, negative_slope=0.01):
     return _channel(_IN, _instance_norm, input, running_mean, running_var, weight, bias, use_input_stats, momentum,
-                    eps, backend)
+                    eps, backend, _act("instancenorm", activation, negative_slope))
 
 
-def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5, *, backend=None):
-    """:func:`torch.nn.functional.group_norm` computed by normkit."""
+instance_norm.__doc__ = """:func:`torch.nn.functional.instance_norm` computed by normkit; running statistics, when
+    given, are updated in place with the average over the instances when ``use_input_stats``.""" + _ACTIVATION_DOC
+
+
+def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5, *, backend=None, activation=None,
+               negative_slope=0.01):
     op = "groupnorm"
     x = _input(op, input)
     c = x.shape[1]
@@ -780,10 +859,15 @@ def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5, *, backend=N
         checks.num_groups(op, num_groups, c)
     weight, bias = _params(op, x, (c,), weight, bias)
     eps = _eps(op, eps)
+    act = _act(op, activation, negative_slope)
     if _is_compiling():
-        return _group_norm(x, groups, weight, bias, eps, backend)[0]
+        return _group_norm(x, groups, weight, bias, eps, backend, *_op_args(act))[0]
     kshape = (x.shape[0], c, math.prod(x.shape[2:]))
-    return _run(_Call(_GN, eps, groups, kshape, (c,), None, None, True, False, 0, 0.0, backend), x, weight, bias)
+    return _run(_Call(_GN, eps, groups, kshape, (c,), None, None, True, False, 0, 0.0, backend, act), x, weight,
+                bias)
+
+
+group_norm.__doc__ = """:func:`torch.nn.functional.group_norm` computed by normkit.""" + _ACTIVATION_DOC
 
 
 def _row_input(op: str, input, normalized_shape) -> tuple[Tensor, tuple]:
@@ -796,16 +880,20 @@ def _row_input(op: str, input, normalized_shape) -> tuple[Tensor, tuple]:
     return x, shape
 
 
-def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5, *, backend=None):
-    """:func:`torch.nn.functional.layer_norm` computed by normkit."""
+def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5, *, backend=None, activation=None,
+               negative_slope=0.01):
     op = "layernorm"
     x, shape = _row_input(op, input, normalized_shape)
     weight, bias = _params(op, x, shape, weight, bias)
     eps = _eps(op, eps)
+    act = _act(op, activation, negative_slope)
     if _is_compiling():
-        return _layer_norm(x, list(shape), weight, bias, eps, backend)[0]
+        return _layer_norm(x, list(shape), weight, bias, eps, backend, *_op_args(act))[0]
     kshape = _kernel_shape(_LN, x.shape, len(shape))
-    return _run(_Call(_LN, eps, 0, kshape, shape, None, None, True, False, 0, 0.0, backend), x, weight, bias)
+    return _run(_Call(_LN, eps, 0, kshape, shape, None, None, True, False, 0, 0.0, backend, act), x, weight, bias)
+
+
+layer_norm.__doc__ = """:func:`torch.nn.functional.layer_norm` computed by normkit.""" + _ACTIVATION_DOC
 
 
 def _rms_eps(x: Tensor, eps) -> float:
