@@ -2,6 +2,7 @@
 
     import normkit.torch
     model = normkit.torch.convert(model)       # every torch.nn norm layer now runs on normkit's kernels
+    model = normkit.torch.convert(model, fuse=True)   # and norm + activation pairs fused (fusion_report(model))
     model = normkit.torch.convert_sync_batchnorm(model)   # BatchNorm synchronized over torch.distributed (CPU)
     y = normkit.torch.group_norm(x, 8, w, b)   # torch.nn.functional signatures, plus backend=
 
@@ -39,8 +40,10 @@ from .modules import (
     revert,
 )
 from .sync import SyncBatchNorm, convert_sync_batchnorm
+from .fuse import FusedActivation, Fusion, FusionReport, fuse, fusion_report
 
 __all__ = [
+    "FusedActivation", "Fusion", "FusionReport", "fuse", "fusion_report",
     "RMSNorm", "RMSNormSemantics", "add_layer_norm", "add_rms_norm", "rms_norm",
     "BatchNormalization", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchRenorm1d", "BatchRenorm2d",
     "BatchRenorm3d", "GhostBatchNorm1d", "GhostBatchNorm2d", "GhostBatchNorm3d", "GroupNorm", "InstanceNorm1d",

@@ -10,6 +10,10 @@ optimizer already holds all stay the very same objects. Only exact torch.nn clas
 subclass has its own forward, which normkit must not replace, unless the user declares what it computes: a model's
 own RMSNorm class (transformers' ``LlamaRMSNorm`` and its kin) is converted when passed in ``rmsnorm_classes``
 with its :class:`RMSNormSemantics`.
+
+BatchNorm, InstanceNorm, GroupNorm and LayerNorm take two more keyword arguments, ``activation=None`` and
+``negative_slope=0.01``: the fused activation of :mod:`normkit.torch.functional` (their repr shows it when set).
+:func:`convert` with ``fuse=True`` fuses norm layers with the activation that follows them (:mod:`.fuse`).
 """
 
 import warnings
@@ -19,6 +23,7 @@ from typing import Mapping, Optional, Union
 import torch
 from torch import nn
 
+from .. import activation as _activation
 from .. import registry
 from .functional import batch_norm, group_norm, instance_norm, layer_norm, rms_norm
 
@@ -28,7 +33,29 @@ __all__ = [
 ]
 
 
-class _BatchNormForward:
+class _Activation:
+    """The ``activation`` and ``negative_slope`` keyword arguments of the norms that fuse one. Class attributes
+    give the default (none) to modules :func:`convert` switched the class of, which never ran this ``__init__``."""
+
+    activation: Optional[str] = None
+    negative_slope: float = 0.01
+
+    def __init__(self, *args, activation: Optional[str] = None, negative_slope: float = 0.01, **kwargs):
+        super().__init__(*args, **kwargs)
+        _activation.code(type(self).__name__, activation, negative_slope)
+        self.activation, self.negative_slope = activation, float(negative_slope)
+
+    def extra_repr(self) -> str:
+        text = super().extra_repr()
+        if self.activation is None:
+            return text
+        act = f"activation={self.activation!r}"
+        if self.activation == "leaky_relu":
+            act += f", negative_slope={self.negative_slope}"
+        return f"{text}, {act}" if text else act
+
+
+class _BatchNormForward(_Activation):
     #: Backend name for this layer's kernels; None means the registry's order. Not part of the state_dict.
     backend = None
 
@@ -54,10 +81,12 @@ class _BatchNormForward:
             factor,
             self.eps,
             backend=self.backend,
+            activation=self.activation,
+            negative_slope=self.negative_slope,
         )
 
 
-class _InstanceNormForward:
+class _InstanceNormForward(_Activation):
     backend = None
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
@@ -86,15 +115,18 @@ class _InstanceNormForward:
             self.momentum if self.momentum is not None else 0.0,
             self.eps,
             backend=self.backend,
+            activation=self.activation,
+            negative_slope=self.negative_slope,
         )
         return y.squeeze(0) if unbatched else y
 
 
-class _LayerNormForward:
+class _LayerNormForward(_Activation):
     backend = None
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps, backend=self.backend)
+        return layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps, backend=self.backend,
+                          activation=self.activation, negative_slope=self.negative_slope)
 
 
 class _RMSNormForward:
@@ -104,11 +136,12 @@ class _RMSNormForward:
         return rms_norm(input, self.normalized_shape, self.weight, self.eps, backend=self.backend)
 
 
-class _GroupNormForward:
+class _GroupNormForward(_Activation):
     backend = None
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return group_norm(input, self.num_groups, self.weight, self.bias, self.eps, backend=self.backend)
+        return group_norm(input, self.num_groups, self.weight, self.bias, self.eps, backend=self.backend,
+                          activation=self.activation, negative_slope=self.negative_slope)
 
 
 class BatchNorm1d(_BatchNormForward, nn.BatchNorm1d):
@@ -216,16 +249,22 @@ _TO_TORCH = {nk: tn for tn, nk in _TO_NORMKIT.items()}
 
 
 def convert(model: nn.Module, backend: str | None = None, *,
-            rmsnorm_classes: Mapping[type, RMSNormSemantics] | None = None) -> nn.Module:
+            rmsnorm_classes: Mapping[type, RMSNormSemantics] | None = None, fuse: bool = False) -> nn.Module:
     """Make every torch.nn normalization layer of ``model`` (the model itself included) a normkit layer, in
     place, and return ``model``. ``backend`` pins the layers to one backend by name (also on layers that were
     already normkit's); None leaves the registry's order in charge.
 
     ``rmsnorm_classes`` opts a model's own RMSNorm classes in: ``{LlamaRMSNorm: RMSNormSemantics(
     eps="variance_epsilon", compute_dtype=torch.float32)}`` converts every instance of exactly that class (not of
-    its subclasses) to a subclass of it whose forward is normkit's rms_norm with the declared semantics."""
+    its subclasses) to a subclass of it whose forward is normkit's rms_norm with the declared semantics.
+
+    ``fuse=True`` then fuses each norm layer with the activation after it wherever that is provable (in
+    ``nn.Sequential`` and in forwards that ``torch.fx`` can trace; see :mod:`normkit.torch.fuse`), in place;
+    :func:`~normkit.torch.fusion_report` tells what was fused."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"convert: model must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(fuse, bool):
+        raise TypeError(f"convert: fuse must be True or False, got {type(fuse).__name__}")
     declared = {}
     for cls, sem in (rmsnorm_classes or {}).items():
         if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
@@ -248,18 +287,28 @@ def convert(model: nn.Module, backend: str | None = None, *,
             module.__class__ = cls
         if backend is not None and (type(module) in _TO_TORCH or isinstance(module, _DeclaredRMSNormForward)):
             module.backend = backend
+    if fuse:
+        from .fuse import fuse_model
+
+        fuse_model(model)
     return model
 
 
 def revert(model: nn.Module) -> nn.Module:
-    """Undo :func:`convert`: every normkit normalization layer becomes its torch.nn class again, in place."""
+    """Undo :func:`convert`: every normkit normalization layer becomes its torch.nn class again, in place, and what
+    ``fuse=True`` fused is unfused. ValueError for a norm layer built with an activation (``activation=`` or
+    :func:`~normkit.torch.fuse`), which no torch.nn class can hold."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"revert: model must be a torch.nn.Module, got {type(model).__name__}")
+    from .fuse import unfuse_model
+
+    unfuse_model(model)
     for module in model.modules():
         cls = _TO_TORCH.get(type(module))
         if isinstance(module, _DeclaredRMSNormForward):
             cls = type(module)._normkit_original
         if cls is not None:
             module.__class__ = cls
-            module.__dict__.pop("backend", None)
+            for attribute in ("backend", "activation", "negative_slope"):
+                module.__dict__.pop(attribute, None)
     return model
