@@ -1,0 +1,351 @@
+"""Fused activations in the PyTorch frontend: ``activation=`` on the functions and modules, ``fuse()``, and
+``convert(model, fuse=True)``. Expected values are torch.nn.functional's norm followed by torch's activation,
+computed in float64; normkit runs the reference backend (float64 inside, each output rounded once), so float32
+results are within a few ulps of the float64 ones."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import normkit.torch as nt  # noqa: E402
+from normkit.torch import functional  # noqa: E402
+
+nn, F = torch.nn, torch.nn.functional
+SLOPE = 0.2
+ACTS = {
+    "relu": F.relu,
+    "leaky_relu": lambda z: F.leaky_relu(z, SLOPE),
+    "silu": F.silu,
+    "gelu": F.gelu,
+    "gelu_tanh": lambda z: F.gelu(z, approximate="tanh"),
+}
+# float32: the reference rounds each output once from float64, so a few ulps of float32 relative to the output's
+# largest element (gradients sum terms of that size); float64: the same in float64 plus torch's own summation order
+REL = {torch.float32: 2e-6, torch.float64: 1e-12}
+
+
+def _close(actual, expected, dtype, what):
+    scale = max(1.0, expected.abs().max().item()) if expected.numel() else 1.0
+    torch.testing.assert_close(actual.double(), expected.double(), rtol=0.0, atol=REL[dtype] * scale,
+                               msg=lambda m: f"{what}: {m}")
+
+
+def _op(op, training):
+    """(normkit call, torch.nn.functional call, input shape, running statistics or None) for one op."""
+    running = op in ("batchnorm", "instancenorm") and not training
+    if op == "batchnorm":
+        return (lambda x, w, b, rm, rv, **k: nt.batch_norm(x, rm, rv, w, b, training, **k),
+                lambda x, w, b, rm, rv: F.batch_norm(x, rm, rv, w, b, training), (4, 3, 5), running)
+    if op == "instancenorm":
+        return (lambda x, w, b, rm, rv, **k: nt.instance_norm(x, rm, rv, w, b, training, **k),
+                lambda x, w, b, rm, rv: F.instance_norm(x, rm, rv, w, b, training), (2, 3, 4, 3), running)
+    if op == "groupnorm":
+        return (lambda x, w, b, rm, rv, **k: nt.group_norm(x, 2, w, b, **k),
+                lambda x, w, b, rm, rv: F.group_norm(x, 2, w, b), (2, 4, 3, 2), False)
+    return (lambda x, w, b, rm, rv, **k: nt.layer_norm(x, (4,), w, b, **k),
+            lambda x, w, b, rm, rv: F.layer_norm(x, (4,), w, b), (3, 2, 4), False)
+
+
+def _case(op, training, dtype, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    _, _, shape, running = _op(op, training)
+    c = shape[-1] if op == "layernorm" else shape[1]
+    x = torch.randn(shape, generator=gen, dtype=torch.float64) * 2 + 0.5
+    w = torch.randn(c, generator=gen, dtype=torch.float64)
+    b = torch.randn(c, generator=gen, dtype=torch.float64)
+    stats = (torch.randn(c, generator=gen, dtype=torch.float64) * 0.3,
+             torch.rand(c, generator=gen, dtype=torch.float64) + 0.5) if running else (None, None)
+    proj = torch.randn(shape, generator=gen, dtype=torch.float64)
+    return x.to(dtype), w.to(dtype), b.to(dtype), tuple(None if s is None else s.to(dtype) for s in stats), proj
+
+
+def _forward_backward(f, x, w, b, stats, proj):
+    x, w, b = (t.detach().clone().requires_grad_() for t in (x, w, b))
+    y = f(x, w, b, *stats)
+    grads = torch.autograd.grad((y.double() * proj).sum(), (x, w, b))
+    return y, grads
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float64))
+@pytest.mark.parametrize("op, training", [("batchnorm", True), ("batchnorm", False), ("instancenorm", True),
+                                          ("instancenorm", False), ("groupnorm", True), ("layernorm", True)])
+@pytest.mark.parametrize("act", tuple(ACTS))
+def test_functional_activation_matches_torch(act, op, training, dtype):
+    nk, ref, _, _ = _op(op, training)
+    x, w, b, stats, proj = _case(op, training, dtype)
+    y, grads = _forward_backward(lambda *a: nk(*a, activation=act, negative_slope=SLOPE, backend="reference"),
+                                 x, w, b, stats, proj)
+    expected_y, expected_grads = _forward_backward(lambda *a: ACTS[act](ref(*a)), x.double(), w.double(),
+                                                   b.double(), tuple(None if s is None else s.double()
+                                                                     for s in stats), proj)
+    assert y.dtype == dtype and y.shape == x.shape
+    _close(y, expected_y, dtype, "y")
+    for name, g, e in zip(("dx", "dweight", "dbias"), grads, expected_grads):
+        _close(g, e, dtype, name)
+
+
+def test_training_batch_norm_updates_running_statistics_as_without_activation():
+    x, w, b, _, _ = _case("batchnorm", True, torch.float32)
+    stats = [(torch.zeros(3), torch.ones(3)) for _ in range(2)]
+    nt.batch_norm(x, *stats[0], w, b, True, activation="silu", backend="reference")
+    F.batch_norm(x, *stats[1], w, b, True)
+    for mine, theirs in zip(*stats):
+        torch.testing.assert_close(mine, theirs, rtol=1e-6, atol=1e-7)
+
+
+def test_channels_last_input_gives_channels_last_output():
+    x, w, b, _, proj = _case("groupnorm", True, torch.float32)
+    x = x.contiguous(memory_format=torch.channels_last)
+    y, grads = _forward_backward(lambda *a: nt.group_norm(a[0], 2, a[1], a[2], activation="gelu"), x, w, b,
+                                 (None, None), proj)
+    e, expected = _forward_backward(lambda *a: F.gelu(F.group_norm(a[0], 2, a[1], a[2])), x.double(), w.double(),
+                                    b.double(), (None, None), proj)
+    assert y.is_contiguous(memory_format=torch.channels_last) and grads[0].is_contiguous(
+        memory_format=torch.channels_last)
+    _close(y, e, torch.float32, "y")
+    for g, h in zip(grads, expected):
+        _close(g, h, torch.float32, "grad")
+
+
+def test_bfloat16_within_a_few_ulps():
+    """bfloat16 data with float32 parameters (autocast's case): y within 1 ulp of the rounded float64 result (2
+    allowed here), the gradients within the kernels' 2 ulps plus cancellation slack, relative to their scale."""
+    x, w, b, _, proj = _case("groupnorm", True, torch.float32, seed=3)
+    xb = x.to(torch.bfloat16)
+    y, grads = _forward_backward(lambda *a: nt.group_norm(a[0], 2, a[1], a[2], activation="silu",
+                                                          backend="reference"), xb, w, b, (None, None), proj)
+    e, expected = _forward_backward(lambda *a: F.silu(F.group_norm(a[0], 2, a[1], a[2])), xb.double(), w.double(),
+                                    b.double(), (None, None), proj)
+    assert y.dtype == torch.bfloat16 and grads[0].dtype == torch.bfloat16 and grads[1].dtype == torch.float32
+    eps = torch.finfo(torch.bfloat16).eps
+    torch.testing.assert_close(y.double(), e, rtol=2 * eps, atol=1e-30)
+    for g, h in zip(grads, expected):
+        torch.testing.assert_close(g.double(), h, rtol=0.0, atol=4 * eps * h.abs().max().item())
+
+
+@pytest.mark.parametrize("op", ("batchnorm", "instancenorm", "groupnorm", "layernorm"))
+def test_empty_batch(op):
+    nk, ref, shape, _ = _op(op, True)
+    c = shape[-1] if op == "layernorm" else shape[1]
+    x = torch.empty((0, *shape[1:]), requires_grad=True)
+    w, b = torch.ones(c, requires_grad=True), torch.zeros(c, requires_grad=True)
+    y = nk(x, w, b, None, None, activation="relu")
+    assert y.shape == x.shape
+    y.sum().backward()
+    assert x.grad.shape == x.shape and not w.grad.any() and not b.grad.any()
+
+
+def test_gradcheck_float64():
+    x = torch.randn(3, 2, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    w = torch.tensor([1.5, -0.7], dtype=torch.float64, requires_grad=True)
+    b = torch.tensor([0.3, -0.2], dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, w, b: nt.group_norm(x, 1, w, b, activation="gelu_tanh"), (x, w, b))
+
+
+def test_bad_activation_arguments():
+    x = torch.randn(2, 4, 3)
+    with pytest.raises(ValueError, match="groupnorm: activation must be None or one of"):
+        nt.group_norm(x, 2, activation="tanh")
+    with pytest.raises(ValueError, match="layernorm: negative_slope must be a finite number"):
+        nt.layer_norm(x, (3,), activation="leaky_relu", negative_slope=math.nan)
+    with pytest.raises(ValueError, match="BatchNorm1d: activation must be"):
+        nt.BatchNorm1d(4, activation="swish")
+
+
+# --- modules ------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("build, torch_build", [
+    (lambda: nt.BatchNorm2d(4, activation="leaky_relu", negative_slope=SLOPE), lambda: nn.BatchNorm2d(4)),
+    (lambda: nt.InstanceNorm2d(4, affine=True, track_running_stats=True, activation="gelu"),
+     lambda: nn.InstanceNorm2d(4, affine=True, track_running_stats=True)),
+    (lambda: nt.GroupNorm(2, 4, activation="silu"), lambda: nn.GroupNorm(2, 4)),
+    (lambda: nt.LayerNorm(3, activation="relu"), lambda: nn.LayerNorm(3)),
+])
+def test_modules_take_activation(build, torch_build):
+    mine, theirs = build(), torch_build()
+    act = ACTS[mine.activation]
+    assert f"activation={mine.activation!r}" in repr(mine)
+    assert list(mine.state_dict()) == list(theirs.state_dict())
+    x = torch.randn(2, 4, 3, 3, generator=torch.Generator().manual_seed(2))
+    for training in (True, False):
+        mine.train(training), theirs.train(training)
+        torch.testing.assert_close(mine(x), act(theirs(x)), rtol=1e-5, atol=1e-6)
+
+
+# --- fuse() -------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("activation, expected", [
+    (nn.ReLU(), ("relu", F.relu)), (nn.ReLU(inplace=True), ("relu", F.relu)),
+    (nn.LeakyReLU(SLOPE), ("leaky_relu", ACTS["leaky_relu"])), (nn.SiLU(), ("silu", F.silu)),
+    (nn.GELU(), ("gelu", F.gelu)), (nn.GELU(approximate="tanh"), ("gelu_tanh", ACTS["gelu_tanh"])),
+])
+def test_fuse_each_activation(activation, expected):
+    norm = nn.BatchNorm2d(4)
+    fused = nt.fuse(norm, activation)
+    assert type(fused) is nt.BatchNorm2d and fused.activation == expected[0] and type(norm) is nn.BatchNorm2d
+    assert fused.weight is norm.weight and fused.running_mean is norm.running_mean
+    x = torch.randn(2, 4, 3, 3, generator=torch.Generator().manual_seed(4))
+    y = fused(x)  # training: updates the running statistics both modules hold
+    torch.testing.assert_close(norm.running_mean, x.mean((0, 2, 3)) * 0.1, rtol=1e-5, atol=1e-7)
+    norm.eval(), fused.eval()
+    torch.testing.assert_close(fused(x), expected[1](norm(x)), rtol=1e-5, atol=1e-6)
+    assert y.shape == x.shape
+
+
+def test_fuse_errors():
+    with pytest.raises(TypeError, match="fuse: activation must be one of nn.ReLU.*got Hardswish"):
+        nt.fuse(nn.BatchNorm2d(4), nn.Hardswish())
+    with pytest.raises(TypeError, match="fuse: norm must be .*got BatchRenorm2d"):
+        nt.fuse(nt.BatchRenorm2d(4), nn.ReLU())
+    with pytest.raises(ValueError, match="fuse: RMSNorm has no fused activation"):
+        nt.fuse(nn.RMSNorm(4), nn.ReLU())
+    with pytest.raises(ValueError, match="already applies activation='silu'"):
+        nt.fuse(nt.GroupNorm(2, 4, activation="silu"), nn.ReLU())
+    with pytest.raises(TypeError, match="fuse: activation must be a torch.nn.Module, got function"):
+        nt.fuse(nn.LayerNorm(4), F.relu)
+
+
+# --- convert(fuse=True) -------------------------------------------------------------------------------------------
+
+def _train_step(model, x, proj, owner=None):
+    """Output and parameter gradients (of ``owner``'s parameters: the module a compiled ``model`` wraps)."""
+    owner = model if owner is None else owner
+    owner.zero_grad(set_to_none=True)
+    y = model(x)
+    (y * proj).sum().backward()
+    return y.detach(), {n: p.grad.clone() for n, p in owner.named_parameters()}
+
+
+def _assert_same_model_results(original, converted, x):
+    """Training output and parameter gradients, and eval output, of the converted model against the original's
+    (float32: normkit's float64 statistics against torch's float32 ones). A gradient that is zero in exact
+    arithmetic (a conv bias in front of a norm) is rounding noise on both sides, so the gradients' tolerance is
+    relative to the largest gradient element of the model."""
+    gen = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        shape = original.eval()(x).shape
+    original.train()
+    proj = torch.randn(shape, generator=gen)
+    (y, grads), (e, expected) = _train_step(converted, x, proj), _train_step(original, x, proj)
+    torch.testing.assert_close(y, e, rtol=1e-4, atol=1e-5)
+    scale = max(g.abs().max().item() for g in expected.values())
+    for name in expected:
+        torch.testing.assert_close(grads[name], expected[name], rtol=1e-3, atol=1e-5 * scale)
+    original.eval(), converted.eval()
+    torch.testing.assert_close(converted(x), original(x), rtol=1e-4, atol=1e-5)
+
+
+def test_convert_fuses_in_sequential():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(inplace=True),
+                          nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.LeakyReLU(SLOPE), nn.Flatten(),
+                          nn.LayerNorm(8 * 6 * 6), nn.Tanh())
+    original = copy.deepcopy(model)
+    keys = list(model.state_dict())
+    assert nt.convert(model, fuse=True) is model
+    report = nt.fusion_report(model)
+    assert [(f.norm, f.activation, f.found_by) for f in report.fused] == [
+        ("1", "relu", "nn.Sequential"), ("4", f"leaky_relu(negative_slope={SLOPE:g})", "nn.Sequential")]
+    assert type(model[2]) is nt.FusedActivation and type(model[8]) is nn.Tanh
+    assert list(model.state_dict()) == keys
+    x = torch.randn(4, 3, 6, 6, generator=torch.Generator().manual_seed(6))
+    _assert_same_model_results(original, model, x)
+    nt.revert(model)
+    assert type(model[1]) is nn.BatchNorm2d and type(model[2]) is nn.ReLU and nt.fusion_report(model) is None
+
+
+class ResnetBlock(nn.Module):
+    """GN-SiLU-conv, GN-SiLU-conv, plus the input: the UNet block, written as a module with a forward."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.norm1, self.conv1 = nn.GroupNorm(4, c), nn.Conv2d(c, c, 3, padding=1)
+        self.norm2, self.conv2 = nn.GroupNorm(4, c), nn.Conv2d(c, c, 3, padding=1)
+        self.act = nn.SiLU()
+
+    def forward(self, x):
+        h = self.conv1(F.silu(self.norm1(x)))
+        return x + self.conv2(self.act(self.norm2(h)))
+
+
+class Untraceable(nn.Module):
+    """A forward with data-dependent control flow (fx cannot trace it) around a Sequential it can still fuse."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(c, c, 1), nn.GroupNorm(2, c), nn.GELU())
+        self.norm = nn.GroupNorm(2, c)
+
+    def forward(self, x):
+        y = F.relu(self.norm(x))
+        return self.body(y) if y.sum() > 0 else y
+
+
+def test_convert_fuses_in_traced_module_and_falls_back_where_fx_cannot_trace():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), ResnetBlock(8), Untraceable(8))
+    original = copy.deepcopy(model)
+    keys = list(model.state_dict())
+    nt.convert(model, fuse=True)
+    report = nt.fusion_report(model)
+    assert {(f.norm, f.activation, f.found_by) for f in report.fused} == {
+        ("1.norm1", "silu", "torch.fx"), ("1.norm2", "silu", "torch.fx"), ("2.body.1", "gelu", "nn.Sequential")}
+    assert list(report.not_traced) == ["2"] and "TraceError" in report.not_traced["2"]
+    assert isinstance(model[1], ResnetBlock) and model[2].norm.activation is None
+    assert list(model.state_dict()) == keys
+    assert "1.norm1 + silu" in str(report)
+    _assert_same_model_results(original, model, torch.randn(2, 3, 6, 6, generator=torch.Generator().manual_seed(7)))
+    nt.revert(model)
+    assert type(model[1]) is ResnetBlock and type(model[1].norm1) is nn.GroupNorm
+
+
+def test_convert_leaves_a_norm_with_other_users_and_training_dependent_forwards():
+    class TwoUses(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm = nn.LayerNorm(4)
+
+        def forward(self, x):
+            y = self.norm(x)
+            return F.relu(y) + y
+
+    class ModeDependent(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm = nn.LayerNorm(4)
+
+        def forward(self, x):
+            return F.relu(self.norm(x)) if self.training else self.norm(x)
+
+    model = nn.Sequential(TwoUses(), ModeDependent())
+    nt.convert(model, fuse=True)
+    report = nt.fusion_report(model)
+    assert report.fused == [] and "train and eval mode" in report.not_traced["1"]
+
+
+def test_torch_compile_of_fused_model_matches_eager(monkeypatch):
+    """The compiled graph calls the custom ops with the activation: the act_ kernels run, forward and backward."""
+    torch.manual_seed(0)
+    model = nt.convert(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                                     nn.Conv2d(8, 8, 3, padding=1), nn.GroupNorm(4, 8), nn.SiLU()),
+                       fuse=True, backend="reference")
+    twin = copy.deepcopy(model)
+    looked_up = []
+    kernel = functional._activation.kernel
+    monkeypatch.setattr(functional._activation, "kernel",
+                        lambda op, direction, *a: looked_up.append((op, direction)) or kernel(op, direction, *a))
+    compiled = torch.compile(twin, backend="aot_eager", fullgraph=True)
+    x = torch.randn(2, 3, 6, 6, generator=torch.Generator().manual_seed(8))
+    proj = torch.randn(2, 8, 6, 6, generator=torch.Generator().manual_seed(9))
+    (y, grads), (e, expected) = _train_step(compiled, x, proj, twin), _train_step(model, x, proj)
+    assert {("batchnorm", "act_forward"), ("batchnorm", "act_backward"), ("groupnorm", "act_forward"),
+            ("groupnorm", "act_backward")} <= set(looked_up)
+    torch.testing.assert_close(y, e, rtol=1e-5, atol=1e-6)
+    for name in expected:
+        torch.testing.assert_close(grads[name], expected[name], rtol=1e-4,
+                                   atol=1e-5 * expected[name].abs().max().item())
