@@ -135,11 +135,13 @@ def _backend_option(ctx, param, values):
 @click.option("--channels-last", "channels_last", is_flag=True, help="With --model: the model and its input in "
               "torch.channels_last.")
 @click.option("--quick", is_flag=True, help="With --model: the models' small sizes.")
+@click.option("--fuse", is_flag=True, help="With --model: convert(model, fuse=True), norm layers fused with the "
+              "activation that follows them.")
 @click.option("--steps", type=click.IntRange(min=1), help="With --model: timed steps per mode [default: 20].")
 @click.option("--autocast", type=click.Choice(["bfloat16", "float16"]), help="With --model: run the forwards under "
               "torch.autocast('cpu', dtype=...) (mixed precision: 16-bit convolutions and norm-layer inputs).")
 def bench_command(op, shape, groups, case_set, dtype, backends, direction, threads, repeat, min_time, no_torch,
-                  compiled, json_path, plot_path, model, layout, channels_last, quick, steps, autocast) -> None:
+                  compiled, json_path, plot_path, model, layout, channels_last, quick, steps, autocast, fuse) -> None:
     """Time the training forward and backward of every selected backend against PyTorch's own CPU kernels and
     against a copy and a read of the same bytes on as many threads (the ceiling), interleaved call by call; print
     a table.
@@ -149,10 +151,10 @@ def bench_command(op, shape, groups, case_set, dtype, backends, direction, threa
     from normkit import bench, cases
 
     if model is not None:
-        _bench_models(model, quick, steps, backends, threads, autocast, channels_last)
+        _bench_models(model, quick, steps, backends, threads, autocast, channels_last, fuse)
         return
-    if quick or steps is not None or autocast is not None or channels_last:
-        raise click.UsageError("--quick, --steps, --autocast and --channels-last apply to --model only")
+    if quick or steps is not None or autocast is not None or channels_last or fuse:
+        raise click.UsageError("--quick, --steps, --autocast, --channels-last and --fuse apply to --model only")
     if plot_path:
         from normkit import bench_plot
 
@@ -196,12 +198,12 @@ def bench_command(op, shape, groups, case_set, dtype, backends, direction, threa
 
 
 def _bench_models(name: str, quick: bool, steps: int | None, backends: list[str] | None, threads: int | None,
-                  autocast: str | None = None, channels_last: bool = False) -> None:
+                  autocast: str | None = None, channels_last: bool = False, fuse: bool = False) -> None:
     """``normkit bench --model NAME``: normkit.torch.benchmark on the models of normkit.torch.models
-    (``channels_last``: the model and its 4-D inputs in torch.channels_last)."""
+    (``channels_last``: the model and its 4-D inputs in torch.channels_last; ``fuse``: convert(fuse=True))."""
     ctx = click.get_current_context()
     kernel_only = [p for p in ctx.command.params if p.name not in ("model", "quick", "steps", "backends", "threads",
-                                                                    "autocast", "channels_last")
+                                                                    "autocast", "channels_last", "fuse")
                    and ctx.get_parameter_source(p.name) is not click.core.ParameterSource.DEFAULT]
     if kernel_only:
         raise click.UsageError(f"--model times whole models; drop {', '.join(p.opts[0] for p in kernel_only)}")
@@ -235,10 +237,12 @@ def _bench_models(name: str, quick: bool, steps: int | None, backends: list[str]
                                for t in (inputs if isinstance(inputs, tuple) else (inputs,)))
             if results:
                 click.echo()
-            click.echo(f"[{n}{' --quick' if quick else ''}{' --channels-last' if channels_last else ''}]")
+            click.echo(f"[{n}{' --quick' if quick else ''}{' --channels-last' if channels_last else ''}"
+                       f"{' --fuse' if fuse else ''}]")
             try:
                 results[n] = benchmark(model, inputs, steps=20 if steps is None else steps,
-                                       backend=backends[0] if backends else None, autocast=autocast, file=None)
+                                       backend=backends[0] if backends else None, autocast=autocast, fuse=fuse,
+                                       file=None)
             except ModelMismatchError as exc:
                 raise click.ClickException(str(exc)) from None
             click.echo(results[n].format())

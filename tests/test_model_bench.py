@@ -244,6 +244,14 @@ def test_cli_model_autocast():
     assert "under torch.autocast(bfloat16)" in result.output
 
 
+def test_cli_model_fuse():
+    """--fuse: the converted copy has its norm + activation pairs fused (the quick unet: its 11 GroupNorm + SiLU),
+    and still agrees with the torch.nn copy."""
+    result = run("--model", "unet", "--quick", "--steps", "1", "--fuse")
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith("[unet --quick --fuse]") and "fused 11 norm + activation pairs" in result.output
+
+
 def test_cli_model_help_names_every_model():
     result = CliRunner().invoke(main, ["bench", "--help"])
     assert result.exit_code == 0
@@ -253,8 +261,8 @@ def test_cli_model_help_names_every_model():
 
 @pytest.mark.parametrize("args, message", [
     (["--model", "vgg"], "unknown model 'vgg'; choose from resnet, unet, transformer, transformer_rms, all"),
-    (["--quick"], "--quick, --steps, --autocast and --channels-last apply to --model only"),
-    (["--steps", "3", "--op", "ln"], "--quick, --steps, --autocast and --channels-last apply to --model only"),
+    (["--quick"], "--quick, --steps, --autocast, --channels-last and --fuse apply to --model only"),
+    (["--steps", "3", "--op", "ln"], "--quick, --steps, --autocast, --channels-last and --fuse apply to --model only"),
     (["--model", "resnet", "--op", "ln", "--repeat", "3"], "--model times whole models; drop --op, --repeat"),
     (["--model", "resnet", "--backend", "reference", "--backend", "numba"], "at most one backend"),
     (["--model", "resnet", "--steps", "0"], "0 is not in the range x>=1"),

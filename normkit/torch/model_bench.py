@@ -4,8 +4,8 @@
     result = normkit.torch.benchmark(model, (x,))      # prints a table; result.train.ratio, result.infer.ratio
 
 :func:`benchmark` deep-copies the model twice (the user's instance is never converted, run or modified), converts
-one copy with :func:`normkit.torch.convert`, checks that both copies compute the same outputs and gradients, then
-times a training step (zero_grad, forward, loss, backward, SGD step) and an inference step (``eval()`` under
+one copy with :func:`normkit.torch.convert` (``fuse=True``: also fusing norm + activation pairs), checks that both
+copies compute the same outputs and gradients, then times a training step (zero_grad, forward, loss, backward, SGD step) and an inference step (``eval()`` under
 ``torch.no_grad()``) of each, the two copies interleaved call by call, and reports medians. ``autocast=torch.bfloat16``
 (or float16) runs both copies' forwards under ``torch.autocast("cpu", dtype=...)``, mixed-precision training as
 on a real CPU model.
@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from .. import registry
 from . import modules
+from .fuse import fusion_report
 
 __all__ = ["BenchmarkResult", "ModelMismatchError", "ModeResult", "benchmark", "format_summary"]
 
@@ -97,6 +98,7 @@ class BenchmarkResult:
     infer: Optional[ModeResult] = None
     notes: list[str] = field(default_factory=list)
     autocast: Optional[str] = None  # the dtype of torch.autocast("cpu", ...) around the forwards, or None
+    fused: Optional[int] = None  # with fuse=True: how many norm + activation pairs convert() fused
 
     @property
     def modes(self) -> list[ModeResult]:
@@ -111,6 +113,7 @@ class BenchmarkResult:
             f"torch {torch.__version__}: {self.torch_threads} threads; normkit: {self.normkit_threads} threads, "
             f"backend {backend} (" + ", ".join(f"{op}: {name}" for op, name in self.kernels.items()) + ")",
             "converted: " + ", ".join(f"{n} {cls}" for cls, n in self.layers.items())
+            + ("" if self.fused is None else f"; fused {self.fused} norm + activation pairs")
             + "; agreement: " + ", ".join(f"{k} {v:.1e}" for k, v in self.agreement.items()),
             f"{'mode':<6} {'torch ms':>10} {'normkit ms':>11} {'normkit/torch':>14}",
         ]
@@ -249,11 +252,12 @@ def _autocasting(run: Callable, dtype: Optional[torch.dtype]) -> Callable:
 
 def benchmark(model: nn.Module, example_inputs, *, steps: int = 20, warmup: int = 3, train: bool = True,
               infer: bool = True, backend: Optional[str] = None, loss_fn: Optional[Callable[[Any], Tensor]] = None,
-              compile: bool = False, autocast=None, file=_STDOUT) -> BenchmarkResult:
+              compile: bool = False, autocast=None, fuse: bool = False, file=_STDOUT) -> BenchmarkResult:
     """Time ``model`` with its torch.nn norm layers against a copy converted to normkit's; print a table.
 
     ``example_inputs`` is a tensor or a tuple of arguments: ``model(*example_inputs)``. Two deep copies are
-    made: one keeps (or gets back) the torch.nn layers, the other is passed to ``convert(copy, backend=backend)``;
+    made: one keeps (or gets back) the torch.nn layers, the other is passed to ``convert(copy, backend=backend,
+    fuse=fuse)`` (``fuse=True``: norm layers fused with the activation after them, the count in ``result.fused``);
     ``model`` itself is left untouched. Before timing, one training forward and backward and one inference forward
     of each copy are compared; :class:`ModelMismatchError` if an output differs by more than 1e-3 of its largest
     magnitude, or a parameter's gradient by more than 5e-2 in L2 norm (see GRAD_RTOL; under autocast, see
@@ -281,6 +285,7 @@ def benchmark(model: nn.Module, example_inputs, *, steps: int = 20, warmup: int 
     steps = _check_int("steps", steps, 1)
     warmup = _check_int("warmup", warmup, 0)
     train, infer, compile = _check_bool("train", train), _check_bool("infer", infer), _check_bool("compile", compile)
+    fuse = _check_bool("fuse", fuse)
     autocast = _autocast_dtype(autocast)
     # under autocast both copies round to 16 bits at every layer, so one ulp of a norm layer's output travels on
     rtol = RTOL if autocast is None else max(RTOL, 8 * torch.finfo(autocast).eps)
@@ -309,7 +314,7 @@ def benchmark(model: nn.Module, example_inputs, *, steps: int = 20, warmup: int 
 
     # the two contenders: copies, never the user's instance (which may itself be converted already)
     torch_model = modules.revert(copy.deepcopy(model))
-    nk_model = modules.convert(copy.deepcopy(model), backend=backend)
+    nk_model = modules.convert(copy.deepcopy(model), backend=backend, fuse=fuse)
     layers = dict(sorted(Counter(type(m).__name__ for m in nk_model.modules() if type(m) in modules._TO_TORCH)
                          .items()))
     if not layers:
@@ -376,7 +381,8 @@ def benchmark(model: nn.Module, example_inputs, *, steps: int = 20, warmup: int 
         model=type(model).__name__, inputs=_describe(example_inputs), steps=steps, warmup=warmup, compiled=compile,
         backend=backend, torch_threads=threads_before, normkit_threads=registry.get_num_threads(), layers=layers,
         kernels=kernels, agreement=agreement, notes=notes,
-        autocast=None if autocast is None else str(autocast).removeprefix("torch."))
+        autocast=None if autocast is None else str(autocast).removeprefix("torch."),
+        fused=len(fusion_report(nk_model).fused) if fuse else None)
 
     if train:
         def train_step(m, run, opt):
