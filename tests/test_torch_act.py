@@ -208,6 +208,10 @@ def test_fuse_errors():
         nt.fuse(nt.GroupNorm(2, 4, activation="silu"), nn.ReLU())
     with pytest.raises(TypeError, match="fuse: activation must be a torch.nn.Module, got function"):
         nt.fuse(nn.LayerNorm(4), F.relu)
+    with pytest.raises(ValueError, match="convert_sync_batchnorm: this BatchNorm2d applies activation='relu'"):
+        nt.convert_sync_batchnorm(nt.fuse(nn.BatchNorm2d(4), nn.ReLU()))
+    with pytest.raises(ValueError, match="revert: 0 applies a fused activation"):
+        nt.revert(nn.Sequential(nt.BatchNorm2d(4, activation="relu")))
 
 
 # --- convert(fuse=True) -------------------------------------------------------------------------------------------

@@ -5,10 +5,10 @@
 
 :func:`benchmark` deep-copies the model twice (the user's instance is never converted, run or modified), converts
 one copy with :func:`normkit.torch.convert` (``fuse=True``: also fusing norm + activation pairs), checks that both
-copies compute the same outputs and gradients, then times a training step (zero_grad, forward, loss, backward, SGD step) and an inference step (``eval()`` under
-``torch.no_grad()``) of each, the two copies interleaved call by call, and reports medians. ``autocast=torch.bfloat16``
-(or float16) runs both copies' forwards under ``torch.autocast("cpu", dtype=...)``, mixed-precision training as
-on a real CPU model.
+copies compute the same outputs and gradients, then times a training step (zero_grad, forward, loss, backward, SGD
+step) and an inference step (``eval()`` under ``torch.no_grad()``) of each, the two copies interleaved call by call,
+and reports medians. ``autocast=torch.bfloat16`` (or float16) runs both copies' forwards under
+``torch.autocast("cpu", dtype=...)``, mixed-precision training as on a real CPU model.
 """
 
 from __future__ import annotations

@@ -197,6 +197,10 @@ def convert_sync_batchnorm(module: nn.Module, process_group=None) -> nn.Module:
     if isinstance(module, _RenormGhostForward):  # a torch.nn.BatchNorm*d subclass: SyncBatchNorm would drop r, d
         raise TypeError(f"convert_sync_batchnorm: {type(module).__name__} has no synchronized version (its batch "
                         f"renormalization / ghost batches would be lost)")
+    if getattr(module, "activation", None) is not None:
+        raise ValueError(f"convert_sync_batchnorm: this {type(module).__name__} applies activation="
+                         f"{module.activation!r}, which SyncBatchNorm has no fused form of (convert without fuse=True, "
+                         f"or convert_sync_batchnorm first)")
     out = module
     if isinstance(module, _BatchNorm):
         out = SyncBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
