@@ -5,12 +5,15 @@ from normkit.registry import Backend
 _CHANNEL = ("forward", "forward_infer", "backward", "backward_infer")
 _SPLIT = ("stats", "apply", "backward_reduce", "backward_apply")
 _ROW = ("forward", "backward", "add_forward", "add_backward")
+_ACT = ("act_forward", "act_forward_infer", "act_backward", "act_backward_infer")
+_ACT_TRAINING = ("act_forward", "act_backward")
 
 backend = Backend(
     name="cython",
     module="normkit_kernels.cython.kernels",
-    kernels={"batchnorm": _CHANNEL + _SPLIT, "instancenorm": _CHANNEL, "groupnorm": ("forward", "backward"),
-             "layernorm": _ROW, "rmsnorm": _ROW},
+    kernels={"batchnorm": _CHANNEL + _SPLIT + _ACT, "instancenorm": _CHANNEL + _ACT,
+             "groupnorm": ("forward", "backward") + _ACT_TRAINING, "layernorm": _ROW + _ACT_TRAINING,
+             "rmsnorm": _ROW},
     dtypes=("float32", "float64", "bfloat16", "float16"),
     channels_last={"batchnorm": _CHANNEL + _SPLIT, "instancenorm": _CHANNEL, "groupnorm": ("forward", "backward")},
     description="Cython with OpenMP prange, compiled at install time",

@@ -14,6 +14,11 @@ alone, so that the summation order (and so every result) never depends on the th
   with per-column coefficients, all in one parallel region. With few (narrow inputs such as (256, 16)) and
   enough rows, the rows are cut into blocks too, so that every core sums, the blocks' sums are merged per
   channel in block order, and the elementwise pass runs row by row.
+
+Fused activation (the act_ directions): the channels schedule where it applies, otherwise the rows or columns
+schedule with separate passes (never the whole-columns tasks): statistics (forward) or gradient sums (backward),
+then the elementwise pass, with the activation, or dy * act'(z) on z recomputed from x, computed on the fly in
+each pass that reads dy.
 """
 
 import os
@@ -23,14 +28,15 @@ import numpy as np
 from cython cimport floating
 from cython.parallel cimport prange
 from libc.math cimport isfinite, sqrt
+from libc.string cimport memcpy
 
 from libc.stdint cimport uint16_t
 
 from _common cimport (
-    NORMKIT_BUILD_FLAGS, NORMKIT_HAVE_OPENMP, NORMKIT_OPENMP_NOTE, TILE16, affine, affine16, finish_moments,
-    grad_apply, grad_apply16, grad_sums, grad_sums16, moments, moments16, normkit_half_init, normkit_narrow,
-    narrow64, normkit_use_x86_64_v3, normkit_widen, pivot16, pivot_of, prefetch_run, scale_copy,
-    scale_copy16, to_double,
+    ACT_CHUNK, NO_ACT, NORMKIT_BUILD_FLAGS, NORMKIT_HAVE_OPENMP, NORMKIT_OPENMP_NOTE, TILE16, act_apply, act_grad,
+    act_grad_apply, act_grad_sums, affine, affine16, affine_act, finish_moments, grad_apply, grad_apply16,
+    grad_sums, grad_sums16, moments, moments16, normkit_half_init, normkit_narrow, narrow64, normkit_use_x86_64_v3,
+    normkit_widen, pivot16, pivot_of, prefetch_run, scale_copy, scale_copy16, to_double,
 )
 
 # How this module was built (setup.py); the backend reads it for its INFO and to pick the x86-64-v3 copy.
@@ -57,6 +63,8 @@ cdef enum:
     WIDE_TASKS = 4
     ROW_TASKS = 8
     BLOCK_ROWS = 64
+    # rows of a column task whose dy * act'(z) is made at a time (fused activation's gradient sums)
+    ACT_ROWS = 8
 
 cdef int _nthreads = 1
 
@@ -104,8 +112,8 @@ cdef inline bint _whole_columns(Py_ssize_t n, Py_ssize_t nc, Py_ssize_t s) noexc
 # --- per-task loops --------------------------------------------------------------------------------------------
 
 cdef void _forward_channel(const floating* x, floating* y, Py_ssize_t n, Py_ssize_t nc, Py_ssize_t s,
-                           Py_ssize_t c, double eps, const floating* w, const floating* b, double* mean,
-                           double* rstd) noexcept nogil:
+                           Py_ssize_t c, double eps, const floating* w, const floating* b, int act, double slope,
+                           double* mean, double* rstd) noexcept nogil:
     cdef Py_ssize_t i
     cdef double s1 = 0.0, s2 = 0.0, pivot = pivot_of(x[c * s]), scale
     for i in range(n):
@@ -115,7 +123,8 @@ cdef void _forward_channel(const floating* x, floating* y, Py_ssize_t n, Py_ssiz
     finish_moments(s1, s2, n * s, pivot, eps, mean, rstd)
     scale = rstd[0] * w[c] if w != NULL else rstd[0]
     for i in range(n):
-        affine(x + (i * nc + c) * s, y + (i * nc + c) * s, s, mean[0], scale, b[c] if b != NULL else 0.0)
+        affine_act(x + (i * nc + c) * s, y + (i * nc + c) * s, s, mean[0], scale, b[c] if b != NULL else 0.0, act,
+                   slope)
 
 
 cdef inline void _coefficients(bint training, double sdy, double sdyx, double m, double rstd, double w,
@@ -133,7 +142,7 @@ cdef inline void _coefficients(bint training, double sdy, double sdyx, double m,
 
 cdef void _backward_channel(const floating* dy, const floating* x, floating* dx, Py_ssize_t n, Py_ssize_t nc,
                             Py_ssize_t s, Py_ssize_t c, bint training, bint sums, double mean, double rstd,
-                            double w, double* sdy, double* sdyx) noexcept nogil:
+                            double w, double bias, int act, double slope, double* sdy, double* sdyx) noexcept nogil:
     cdef Py_ssize_t i, off
     cdef double a = 0.0, b = 0.0, ca, cb, cc
     if sums:
@@ -141,16 +150,13 @@ cdef void _backward_channel(const floating* dy, const floating* x, floating* dx,
             if i + 1 < n:
                 prefetch_run(dy + ((i + 1) * nc + c) * s, s * sizeof(floating))
                 prefetch_run(x + ((i + 1) * nc + c) * s, s * sizeof(floating))
-            grad_sums(dy + (i * nc + c) * s, x + (i * nc + c) * s, NULL, s, mean, &a, &b)
+            act_grad_sums(dy + (i * nc + c) * s, x + (i * nc + c) * s, s, mean, rstd * w, bias, act, slope, &a, &b)
     sdy[0] = a
     sdyx[0] = b
     _coefficients(training, a, b, <double>(n * s), rstd, w, &ca, &cb, &cc)
     for i in range(n):
         off = (i * nc + c) * s
-        if training:
-            grad_apply(dy + off, x + off, dx + off, s, mean, ca, cb, cc)
-        else:
-            scale_copy(dy + off, dx + off, s, ca)
+        act_grad_apply(dy + off, x + off, dx + off, s, mean, rstd * w, bias, act, slope, training, ca, cb, cc)
 
 
 cdef void _column_moments(const floating* x, Py_ssize_t n, Py_ssize_t length, Py_ssize_t l0, Py_ssize_t l1,
@@ -249,6 +255,73 @@ cdef void _scale_columns(const floating* dy, floating* dx, Py_ssize_t length, co
     cdef Py_ssize_t l
     for l in range(length):
         dx[l] = ca[l] * dy[l]
+
+
+cdef void _affine_columns_act(const floating* x, floating* y, Py_ssize_t length, const floating* mean,
+                              const floating* scale, const floating* shift, int act, double slope) noexcept nogil:
+    """_affine_columns, each chunk then through the activation while it is in L1 (_affine_columns for NO_ACT)."""
+    cdef Py_ssize_t q, l, k
+    if act == NO_ACT:
+        _affine_columns(x, y, length, mean, scale, shift)
+        return
+    for q in range((length + ACT_CHUNK - 1) // ACT_CHUNK):
+        l = q * ACT_CHUNK
+        k = min(<Py_ssize_t>ACT_CHUNK, length - l)
+        _affine_columns(x + l, y + l, k, mean + l, scale + l, shift + l)
+        act_apply(y + l, k, act, slope)
+
+
+cdef void _grad_apply_columns_act(const floating* dy, const floating* x, floating* dx, Py_ssize_t length,
+                                  bint training, const floating* mean, const floating* zscale,
+                                  const floating* zshift, int act, double slope, const floating* ca,
+                                  const floating* cb, const floating* cc) noexcept nogil:
+    """_grad_apply_columns (training) or _scale_columns of g = dy * act'(z), with z = _affine_columns(x, zscale,
+    zshift) recomputed chunk by chunk on the stack (of dy for NO_ACT)."""
+    cdef floating g[ACT_CHUNK]
+    cdef Py_ssize_t q, l, k
+    if act == NO_ACT:
+        if training:
+            _grad_apply_columns(dy, x, dx, length, mean, ca, cb, cc)
+        else:
+            _scale_columns(dy, dx, length, ca)
+        return
+    for q in range((length + ACT_CHUNK - 1) // ACT_CHUNK):
+        l = q * ACT_CHUNK
+        k = min(<Py_ssize_t>ACT_CHUNK, length - l)
+        _affine_columns(x + l, g, k, mean + l, zscale + l, zshift + l)
+        act_grad(dy + l, g, k, act, slope)
+        if training:
+            _grad_apply_columns(g, x + l, dx + l, k, mean + l, ca + l, cb + l, cc + l)
+        else:
+            _scale_columns(g, dx + l, k, ca + l)
+
+
+cdef void _column_act_grad_sums(const floating* dy, const floating* x, Py_ssize_t n, Py_ssize_t length,
+                                Py_ssize_t l0, Py_ssize_t l1, const floating* mean, const floating* zscale,
+                                const floating* zshift, int act, double slope, double* sdy,
+                                double* sdyx) noexcept nogil:
+    """_column_grad_sums of g = dy * act'(z) over columns l0..l1 (at most CHUNK), ACT_ROWS rows at a time: their g
+    (z as in _grad_apply_columns_act) and x copied on the stack as rows of the task's width."""
+    cdef floating tg[ACT_ROWS * CHUNK]
+    cdef floating tx[ACT_ROWS * CHUNK]
+    cdef double a[CHUNK]
+    cdef double b[CHUNK]
+    cdef Py_ssize_t width = l1 - l0, q, i, j, l, r, o
+    for l in range(l0, l1):
+        sdy[l] = 0.0
+        sdyx[l] = 0.0
+    for q in range(_cdiv(n, ACT_ROWS)):
+        i = q * ACT_ROWS
+        r = min(<Py_ssize_t>ACT_ROWS, n - i)
+        for j in range(r):
+            o = (i + j) * length + l0
+            memcpy(tx + j * width, x + o, width * sizeof(floating))
+            _affine_columns(x + o, tg + j * width, width, mean + l0, zscale + l0, zshift + l0)
+            act_grad(dy + o, tg + j * width, width, act, slope)
+        _column_grad_sums(tg, tx, r, width, 0, width, mean + l0, a, b)
+        for l in range(width):
+            sdy[l0 + l] += a[l]
+            sdyx[l0 + l] += b[l]
 
 
 cdef inline void _merge_columns(const double* a, const double* b, Py_ssize_t s, double* s1,
@@ -377,8 +450,8 @@ cdef void _channel_moments(const floating[:, :, ::1] x, double[::1] pivot, doubl
 
 
 cdef void _apply_channels(const floating[:, :, ::1] x, floating[:, :, ::1] y, double[::1] mean,
-                          double[::1] scale, double[::1] shift):
-    """y = (x - mean) * scale + shift with per-channel coefficients."""
+                          double[::1] scale, double[::1] shift, int act, double slope):
+    """y = act((x - mean) * scale + shift) with per-channel coefficients (no activation for NO_ACT)."""
     cdef Py_ssize_t n = x.shape[0], nc = x.shape[1], s = x.shape[2], t, c
     cdef const floating* xp = &x[0, 0, 0]
     cdef floating* yp = &y[0, 0, 0]
@@ -389,7 +462,7 @@ cdef void _apply_channels(const floating[:, :, ::1] x, floating[:, :, ::1] y, do
     if s >= SHORT_ROW:
         for t in prange(n * nc, nogil=True, schedule="static", num_threads=nt):
             c = t % nc
-            affine(xp + t * s, yp + t * s, s, mean[c], scale[c], shift[c])
+            affine_act(xp + t * s, yp + t * s, s, mean[c], scale[c], shift[c], act, slope)
     else:
         # per-column mean, scale and shift in the data's precision; as in affine(), the shift takes the mean's
         # rounding to that precision
@@ -401,24 +474,31 @@ cdef void _apply_channels(const floating[:, :, ::1] x, floating[:, :, ::1] y, do
         _per_column(&scale[0], nc, s, &cols[1, 0])
         _per_column(&exact_shift[0], nc, s, &cols[2, 0])
         for t in prange(n, nogil=True, schedule="static", num_threads=nt):
-            _affine_columns(xp + t * length, yp + t * length, length, &cols[0, 0], &cols[1, 0], &cols[2, 0])
+            _affine_columns_act(xp + t * length, yp + t * length, length, &cols[0, 0], &cols[1, 0], &cols[2, 0],
+                                act, slope)
 
 
 cdef void _channel_grad_sums(const floating[:, :, ::1] dy, const floating[:, :, ::1] x, double[::1] mean,
-                             double[::1] sdy, double[::1] sdyx):
-    """Per-channel sum(dy) and sum(dy * (x - mean)) with the rows or the columns schedule."""
+                             double[::1] sdy, double[::1] sdyx, int act=NO_ACT, double slope=0.0,
+                             double[::1] zscale=None, double[::1] zshift=None):
+    """Per-channel sum(g) and sum(g * (x - mean)) with the rows or the columns schedule: g = dy, or with a fused
+    activation dy * act'(z), z = (x - mean) * zscale + zshift."""
     cdef Py_ssize_t n = x.shape[0], nc = x.shape[1], s = x.shape[2], t, c, i, k, length = nc * s
     cdef Py_ssize_t width, tasks, blocks, rows
     cdef const floating* dyp = &dy[0, 0, 0]
     cdef const floating* xp = &x[0, 0, 0]
     cdef double[::1] a, b
     cdef floating[::1] m
+    cdef floating[:, ::1] zcols
     cdef int nt = _nthreads
+    if act == NO_ACT:
+        zscale = zshift = np.zeros(nc)
     if s >= SHORT_ROW:
         a = np.zeros(n * nc)
         b = np.zeros(n * nc)
         for t in prange(n * nc, nogil=True, schedule="static", num_threads=nt):
-            grad_sums(dyp + t * s, xp + t * s, NULL, s, mean[t % nc], &a[t], &b[t])
+            act_grad_sums(dyp + t * s, xp + t * s, s, mean[t % nc], zscale[t % nc], zshift[t % nc], act, slope,
+                          &a[t], &b[t])
         for c in range(nc):
             sdy[c] = 0.0
             sdyx[c] = 0.0
@@ -432,11 +512,20 @@ cdef void _channel_grad_sums(const floating[:, :, ::1] dy, const floating[:, :, 
         b = np.empty(blocks * length)
         m = np.empty(length, np.float32 if floating is float else np.float64)
         _per_column(&mean[0], nc, s, &m[0])
+        zcols = np.empty((2, length), np.float32 if floating is float else np.float64)
+        _per_column(&zscale[0], nc, s, &zcols[0, 0])
+        _per_column(&zshift[0], nc, s, &zcols[1, 0])
         for t in prange(blocks * tasks, nogil=True, schedule="static", num_threads=nt):
             k = t // tasks
-            _column_grad_sums(dyp + k * rows * length, xp + k * rows * length, max(0, min(rows, n - k * rows)),
-                              length, (t % tasks) * width, min(length, (t % tasks + 1) * width), &m[0],
-                              &a[k * length], &b[k * length])
+            if act == NO_ACT:
+                _column_grad_sums(dyp + k * rows * length, xp + k * rows * length, max(0, min(rows, n - k * rows)),
+                                  length, (t % tasks) * width, min(length, (t % tasks + 1) * width), &m[0],
+                                  &a[k * length], &b[k * length])
+            else:
+                _column_act_grad_sums(dyp + k * rows * length, xp + k * rows * length,
+                                      max(0, min(rows, n - k * rows)), length, (t % tasks) * width,
+                                      min(length, (t % tasks + 1) * width), &m[0], &zcols[0, 0], &zcols[1, 0], act,
+                                      slope, &a[k * length], &b[k * length])
         for c in range(nc):
             sdy[c] = 0.0
             sdyx[c] = 0.0
@@ -445,67 +534,75 @@ cdef void _channel_grad_sums(const floating[:, :, ::1] dy, const floating[:, :, 
 
 
 cdef void _grad_apply_channels(const floating[:, :, ::1] dy, const floating[:, :, ::1] x, floating[:, :, ::1] dx,
-                               bint training, double[::1] mean, double[::1] ca, double[::1] cb, double[::1] cc):
+                               bint training, double[::1] mean, double[::1] ca, double[::1] cb, double[::1] cc,
+                               int act=NO_ACT, double slope=0.0, double[::1] zscale=None, double[::1] zshift=None):
+    """dx = ca * g + cb * (x - mean) + cc (training) or ca * g, per channel; g as in _channel_grad_sums."""
     cdef Py_ssize_t n = x.shape[0], nc = x.shape[1], s = x.shape[2], t, c, length = nc * s
     cdef const floating* dyp = &dy[0, 0, 0]
     cdef const floating* xp = &x[0, 0, 0]
     cdef floating* dxp = &dx[0, 0, 0]
     cdef floating[:, ::1] cols
     cdef int nt = _nthreads
+    if act == NO_ACT:
+        zscale = zshift = np.zeros(nc)
     if s >= SHORT_ROW:
         for t in prange(n * nc, nogil=True, schedule="static", num_threads=nt):
             c = t % nc
-            if training:
-                grad_apply(dyp + t * s, xp + t * s, dxp + t * s, s, mean[c], ca[c], cb[c], cc[c])
-            else:
-                scale_copy(dyp + t * s, dxp + t * s, s, ca[c])
+            act_grad_apply(dyp + t * s, xp + t * s, dxp + t * s, s, mean[c], zscale[c], zshift[c], act, slope,
+                           training, ca[c], cb[c], cc[c])
     else:
         # per-column coefficients in the data's precision (mean is the saved statistic, already of it)
-        cols = np.empty((4, length), np.float32 if floating is float else np.float64)
+        cols = np.empty((6, length), np.float32 if floating is float else np.float64)
         _per_column(&mean[0], nc, s, &cols[0, 0])
         _per_column(&ca[0], nc, s, &cols[1, 0])
         _per_column(&cb[0], nc, s, &cols[2, 0])
         _per_column(&cc[0], nc, s, &cols[3, 0])
+        _per_column(&zscale[0], nc, s, &cols[4, 0])
+        _per_column(&zshift[0], nc, s, &cols[5, 0])
         for t in prange(n, nogil=True, schedule="static", num_threads=nt):
-            if training:
-                _grad_apply_columns(dyp + t * length, xp + t * length, dxp + t * length, length,
-                                    &cols[0, 0], &cols[1, 0], &cols[2, 0], &cols[3, 0])
-            else:
-                _scale_columns(dyp + t * length, dxp + t * length, length, &cols[1, 0])
+            _grad_apply_columns_act(dyp + t * length, xp + t * length, dxp + t * length, length, training,
+                                    &cols[0, 0], &cols[4, 0], &cols[5, 0], act, slope, &cols[1, 0], &cols[2, 0],
+                                    &cols[3, 0])
 
 
 cdef void _backward(bint training, const floating[:, :, ::1] dy, const floating[:, :, ::1] x,
                     const floating[::1] mean, const floating[::1] rstd, const floating[::1] weight,
-                    floating[:, :, ::1] dx, floating[::1] dweight, floating[::1] dbias):
+                    const floating[::1] bias, int act, double slope, floating[:, :, ::1] dx, floating[::1] dweight,
+                    floating[::1] dbias):
     cdef Py_ssize_t n = x.shape[0], nc = x.shape[1], s = x.shape[2], c, t, k
     cdef const floating* dyp = &dy[0, 0, 0]
     cdef const floating* xp = &x[0, 0, 0]
     cdef floating* dxp = &dx[0, 0, 0]
     cdef const floating* w = _ptr(weight)
+    cdef const floating* bp = _ptr(bias)
     # inference without parameter gradients needs no sums: dx = dy * rstd * weight
     cdef bint sums = training or dweight is not None or dbias is not None
     cdef double[::1] mu = np.asarray(mean, dtype=np.float64), r = np.asarray(rstd, dtype=np.float64)
     cdef double[::1] sdy = np.zeros(nc), sdyx = np.zeros(nc)
-    cdef double[::1] ca, cb, cc
+    cdef double[::1] ca, cb, cc, zscale = np.empty(nc), zshift = np.empty(nc)
     cdef int nt = _nthreads
     if s >= SHORT_ROW and nc >= MANY_CHANNELS:
         for c in prange(nc, nogil=True, schedule="static", num_threads=nt):
             _backward_channel(dyp, xp, dxp, n, nc, s, c, training, sums, mu[c], r[c],
-                              w[c] if w != NULL else 1.0, &sdy[c], &sdyx[c])
-    elif _whole_columns(n, nc, s):
+                              w[c] if w != NULL else 1.0, bp[c] if bp != NULL else 0.0, act, slope, &sdy[c],
+                              &sdyx[c])
+    elif act == NO_ACT and _whole_columns(n, nc, s):
         k = CHUNK // s
         for t in prange(_column_tasks(nc, s), nogil=True, schedule="static", num_threads=nt):
             _backward_columns(dyp, xp, dxp, n, nc, s, t * k, min(nc, (t + 1) * k), training, sums, &mu[0], &r[0],
                               w, &sdy[0], &sdyx[0])
     else:
+        for c in range(nc):  # z = (x - mean) * zscale + zshift, for a fused activation
+            zscale[c] = r[c] * w[c] if w != NULL else r[c]
+            zshift[c] = bp[c] if bp != NULL else 0.0
         if sums:
-            _channel_grad_sums(dy, x, mu, sdy, sdyx)
+            _channel_grad_sums(dy, x, mu, sdy, sdyx, act, slope, zscale, zshift)
         ca, cb, cc = np.empty(nc), np.empty(nc), np.empty(nc)
         for c in range(nc):
             _coefficients(training, sdy[c], sdyx[c], <double>(n * s), r[c], w[c] if w != NULL else 1.0,
                           &ca[c], &cb[c], &cc[c])
-        _grad_apply_channels(dy, x, dx, training, mu, ca, cb, cc)
-    # dweight = sum(dy * xhat) = rstd * sum(dy * (x - mean)); dbias = sum(dy)
+        _grad_apply_channels(dy, x, dx, training, mu, ca, cb, cc, act, slope, zscale, zshift)
+    # dweight = sum(g * xhat) = rstd * sum(g * (x - mean)); dbias = sum(g); g = dy, or dy * act'(z)
     for c in range(nc):
         if dweight is not None:
             dweight[c] = <floating>(r[c] * sdyx[c])
@@ -515,8 +612,8 @@ cdef void _backward(bint training, const floating[:, :, ::1] dy, const floating[
 
 # --- kernels (normkit.contract) --------------------------------------------------------------------------------
 
-def batchnorm_forward(const floating[:, :, ::1] x, const floating[::1] weight, const floating[::1] bias,
-                      double eps, floating[:, :, ::1] y, floating[::1] mean, floating[::1] rstd):
+cdef void _forward(const floating[:, :, ::1] x, const floating[::1] weight, const floating[::1] bias, double eps,
+                   int act, double slope, floating[:, :, ::1] y, floating[::1] mean, floating[::1] rstd):
     cdef Py_ssize_t n = x.shape[0], nc = x.shape[1], s = x.shape[2], c, t, k
     cdef const floating* xp = &x[0, 0, 0]
     cdef floating* yp = &y[0, 0, 0]
@@ -527,8 +624,8 @@ def batchnorm_forward(const floating[:, :, ::1] x, const floating[::1] weight, c
     cdef int nt = _nthreads
     if s >= SHORT_ROW and nc >= MANY_CHANNELS:
         for c in prange(nc, nogil=True, schedule="static", num_threads=nt):
-            _forward_channel(xp, yp, n, nc, s, c, eps, w, b, &mu[c], &r[c])
-    elif _whole_columns(n, nc, s):
+            _forward_channel(xp, yp, n, nc, s, c, eps, w, b, act, slope, &mu[c], &r[c])
+    elif act == NO_ACT and _whole_columns(n, nc, s):
         k = CHUNK // s
         for t in prange(_column_tasks(nc, s), nogil=True, schedule="static", num_threads=nt):
             _forward_columns(xp, yp, n, nc, s, t * k, min(nc, (t + 1) * k), eps, w, b, &mu[0], &r[0])
@@ -541,15 +638,15 @@ def batchnorm_forward(const floating[:, :, ::1] x, const floating[::1] weight, c
             finish_moments(s1[c], s2[c], n * s, pivot[c], eps, &mu[c], &r[c])
             scale[c] = r[c] * w[c] if w != NULL else r[c]
             shift[c] = b[c] if b != NULL else 0.0
-        _apply_channels(x, y, mu, scale, shift)
+        _apply_channels(x, y, mu, scale, shift, act, slope)
     for c in range(nc):
         mean[c] = <floating>mu[c]
         rstd[c] = <floating>r[c]
 
 
-def channel_forward_infer(const floating[:, :, ::1] x, const floating[::1] weight, const floating[::1] bias,
-                          const floating[::1] running_mean, const floating[::1] running_var, double eps,
-                          floating[:, :, ::1] y):
+cdef void _forward_infer(const floating[:, :, ::1] x, const floating[::1] weight, const floating[::1] bias,
+                         const floating[::1] running_mean, const floating[::1] running_var, double eps, int act,
+                         double slope, floating[:, :, ::1] y):
     cdef Py_ssize_t nc = x.shape[1], c
     cdef double[::1] mu = np.empty(nc), scale = np.empty(nc), shift = np.empty(nc)
     cdef double r
@@ -558,19 +655,60 @@ def channel_forward_infer(const floating[:, :, ::1] x, const floating[::1] weigh
         mu[c] = running_mean[c]
         scale[c] = r * weight[c] if weight is not None else r
         shift[c] = bias[c] if bias is not None else 0.0
-    _apply_channels(x, y, mu, scale, shift)
+    _apply_channels(x, y, mu, scale, shift, act, slope)
+
+
+def batchnorm_forward(const floating[:, :, ::1] x, const floating[::1] weight, const floating[::1] bias,
+                      double eps, floating[:, :, ::1] y, floating[::1] mean, floating[::1] rstd):
+    _forward(x, weight, bias, eps, NO_ACT, 0.0, y, mean, rstd)
+
+
+def channel_forward_infer(const floating[:, :, ::1] x, const floating[::1] weight, const floating[::1] bias,
+                          const floating[::1] running_mean, const floating[::1] running_var, double eps,
+                          floating[:, :, ::1] y):
+    _forward_infer(x, weight, bias, running_mean, running_var, eps, NO_ACT, 0.0, y)
 
 
 def batchnorm_backward(const floating[:, :, ::1] dy, const floating[:, :, ::1] x, const floating[::1] mean,
                        const floating[::1] rstd, const floating[::1] weight, floating[:, :, ::1] dx,
                        floating[::1] dweight, floating[::1] dbias):
-    _backward(True, dy, x, mean, rstd, weight, dx, dweight, dbias)
+    cdef const floating[::1] no_bias = None
+    _backward(True, dy, x, mean, rstd, weight, no_bias, NO_ACT, 0.0, dx, dweight, dbias)
 
 
 def channel_backward_infer(const floating[:, :, ::1] dy, const floating[:, :, ::1] x, const floating[::1] mean,
                            const floating[::1] rstd, const floating[::1] weight, floating[:, :, ::1] dx,
                            floating[::1] dweight, floating[::1] dbias):
-    _backward(False, dy, x, mean, rstd, weight, dx, dweight, dbias)
+    cdef const floating[::1] no_bias = None
+    _backward(False, dy, x, mean, rstd, weight, no_bias, NO_ACT, 0.0, dx, dweight, dbias)
+
+
+# --- fused activation (normkit.contract): the kernels above with act'(z) or act applied in their passes -----------
+
+def batchnorm_act_forward(const floating[:, :, ::1] x, const floating[::1] weight, const floating[::1] bias,
+                          double eps, int activation, double slope, floating[:, :, ::1] y, floating[::1] mean,
+                          floating[::1] rstd):
+    _forward(x, weight, bias, eps, activation, slope, y, mean, rstd)
+
+
+def channel_act_forward_infer(const floating[:, :, ::1] x, const floating[::1] weight, const floating[::1] bias,
+                              const floating[::1] running_mean, const floating[::1] running_var, double eps,
+                              int activation, double slope, floating[:, :, ::1] y):
+    _forward_infer(x, weight, bias, running_mean, running_var, eps, activation, slope, y)
+
+
+def batchnorm_act_backward(const floating[:, :, ::1] dy, const floating[:, :, ::1] x, const floating[::1] mean,
+                           const floating[::1] rstd, const floating[::1] weight, const floating[::1] bias,
+                           int activation, double slope, floating[:, :, ::1] dx, floating[::1] dweight,
+                           floating[::1] dbias):
+    _backward(True, dy, x, mean, rstd, weight, bias, activation, slope, dx, dweight, dbias)
+
+
+def channel_act_backward_infer(const floating[:, :, ::1] dy, const floating[:, :, ::1] x,
+                               const floating[::1] mean, const floating[::1] rstd, const floating[::1] weight,
+                               const floating[::1] bias, int activation, double slope, floating[:, :, ::1] dx,
+                               floating[::1] dweight, floating[::1] dbias):
+    _backward(False, dy, x, mean, rstd, weight, bias, activation, slope, dx, dweight, dbias)
 
 
 # --- the split directions (normkit.contract): the reductions and elementwise passes above, on their own ------------
@@ -650,7 +788,7 @@ def batchnorm_apply(const floating[:, :, ::1] x, const floating[::1] scale, cons
     # y = (x - 0) * scale + shift: the per-channel affine pass, with no mean to subtract
     cdef double[::1] zero = np.zeros(x.shape[1])
     cdef double[::1] sc = np.asarray(scale, dtype=np.float64), sh = np.asarray(shift, dtype=np.float64)
-    _apply_channels(x, y, zero, sc, sh)
+    _apply_channels(x, y, zero, sc, sh, NO_ACT, 0.0)
 
 
 def batchnorm_backward_reduce(const floating[:, :, ::1] dy, const floating[:, :, ::1] x, const double[::1] mean,

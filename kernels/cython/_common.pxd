@@ -144,6 +144,247 @@ cdef inline void scale_copy(const floating* dy, floating* dx, Py_ssize_t n, doub
         dx[i] = ta * dy[i]
 
 
+# --- fused activations (normkit.contract "Fused activation"; act is an index into contract.ACTIVATIONS) ----------
+
+cdef extern from *:
+    # float32: one branchless loop per activation, which the compiler vectorizes (-O3). The transcendental parts
+    # come from one exp of a non-positive argument (Cephes' polynomial, about 1 ulp; scaled by 2^n built in the
+    # exponent bits), so a fused pass stays near memory speed rather than calling libm's expf per element.
+    # sigmoid(v) uses exp(-|v|) only, so neither sign overflows; gelu_tanh is z * sigmoid(2u) (= 0.5 z (1 + tanh u),
+    # without the cancellation of 1 + tanh u); gelu's Phi is Abramowitz & Stegun 7.1.26 (erf to 1.5e-7 absolute,
+    # as torch's vectorized CPU erf), whose exp(-z*z/2) its derivative shares. Accuracy: a few ulp of |z|.
+    # float64: libm, as normkit.activation computes them. NaN z gives NaN y (relu keeps it too, as np.maximum).
+    """
+    #include <math.h>
+    #include <stdint.h>
+    #include <string.h>
+    #define NORMKIT_LOG2E 1.44269504088896341f
+    #define NORMKIT_TANH_C 0.7978845608028654f  /* sqrt(2/pi) */
+    #define NORMKIT_TANH_K 0.044715f
+
+    /* |v| clamped to the float whose bits are limit (a positive float: for positive floats the order of the bits is
+       the order of the values), sign kept. An integer min rather than a float compare with a constant arm, which
+       gcc's jump threading turns into a branch that stops the loop from vectorizing. A NaN of |v|'s bits above
+       the limit's becomes the limit. */
+    static inline float normkit_clamp_abs(float v, uint32_t limit) {
+        uint32_t u, a;
+        memcpy(&u, &v, 4);
+        a = u & 0x7FFFFFFFu;
+        a = a < limit ? a : limit;
+        u = (u & 0x80000000u) | a;
+        memcpy(&v, &u, 4);
+        return v;
+    }
+
+    /* exp(v) for v <= 0; below -88 (also -inf) as at -88: 0 */
+    static inline float normkit_exp_neg(float v) {
+        v = normkit_clamp_abs(v, 0x42B00000u);  /* 88.0f */
+        int n = (int)(v * NORMKIT_LOG2E - 0.5f);  /* round to nearest for v <= 0 (truncation toward 0) */
+        float fn = (float)n;
+        float r = (v - fn * 0.693359375f) + fn * 2.12194440e-4f;
+        float p = 1.9875691500e-4f;
+        p = p * r + 1.3981999507e-3f;
+        p = p * r + 8.3334519073e-3f;
+        p = p * r + 4.1665795894e-2f;
+        p = p * r + 1.6666665459e-1f;
+        p = p * r + 5.0000001201e-1f;
+        p = p * r * r + r + 1.0f;
+        uint32_t bits = (uint32_t)(n + 127) << 23;  /* n >= -127: 2^-127 becomes 0, a flush below -87.3 */
+        float scale;
+        memcpy(&scale, &bits, 4);
+        return p * scale;
+    }
+
+    /* sigmoid(v) and 1 - sigmoid(v), without cancellation */
+    static inline void normkit_sigmoid2(float v, float* s, float* t) {
+        float e = normkit_exp_neg(-fabsf(v)), d = 1.0f / (1.0f + e);
+        *s = v >= 0.0f ? d : e * d;
+        *t = v >= 0.0f ? e * d : d;
+    }
+
+    /* Phi(z), the standard normal CDF, and exp(-z*z/2) */
+    static inline float normkit_phi_cdf(float z, float* g) {
+        float a = fabsf(z) * 0.70710678118654752f;
+        float t = 1.0f / (1.0f + 0.3275911f * a);
+        float p = 1.061405429f;
+        p = p * t - 1.453152027f;
+        p = p * t + 1.421413741f;
+        p = p * t - 0.284496736f;
+        p = p * t + 0.254829592f;
+        *g = normkit_exp_neg(-a * a);
+        float half_erfc = 0.5f * p * t * *g;
+        return z >= 0.0f ? 1.0f - half_erfc : half_erfc;
+    }
+
+    static inline float normkit_tanh_arg2(float z) {  /* 2u of gelu_tanh */
+        return 2.0f * NORMKIT_TANH_C * (z + NORMKIT_TANH_K * z * z * z);
+    }
+
+    static void normkit_act_f(float* y, Py_ssize_t n, int act, float slope) {
+        Py_ssize_t i;
+        float s, t, g;
+        switch (act) {
+        case 0: for (i = 0; i < n; i++) y[i] = y[i] < 0.0f ? 0.0f : y[i]; break;
+        case 1: for (i = 0; i < n; i++) y[i] = y[i] > 0.0f ? y[i] : y[i] * slope; break;
+        case 2: for (i = 0; i < n; i++) { normkit_sigmoid2(y[i], &s, &t); y[i] = y[i] * s; } break;
+        case 3: for (i = 0; i < n; i++) y[i] = y[i] * normkit_phi_cdf(y[i], &g); break;
+        default: for (i = 0; i < n; i++) { normkit_sigmoid2(normkit_tanh_arg2(y[i]), &s, &t); y[i] = y[i] * s; }
+        }
+    }
+
+    /* On entry z holds the pre-activation, on exit dy * act'(z) */
+    static void normkit_act_grad_f(const float* dy, float* z, Py_ssize_t n, int act, float slope) {
+        Py_ssize_t i;
+        float s, t, g, c, q;
+        switch (act) {
+        case 0: for (i = 0; i < n; i++) z[i] = dy[i] * (z[i] > 0.0f ? 1.0f : 0.0f); break;
+        case 1: for (i = 0; i < n; i++) z[i] = dy[i] * (z[i] > 0.0f ? 1.0f : slope); break;
+        case 2:
+            for (i = 0; i < n; i++) { normkit_sigmoid2(z[i], &s, &t); z[i] = dy[i] * (s * (1.0f + z[i] * t)); }
+            break;
+        case 3:
+            for (i = 0; i < n; i++) {
+                c = normkit_phi_cdf(z[i], &g);
+                z[i] = dy[i] * (c + z[i] * g * 0.3989422804014327f);
+            }
+            break;
+        default:
+            for (i = 0; i < n; i++) {
+                /* d/dz z sigmoid(2u) = s + 2 z s (1 - s) u'; beyond |z| = 1e4 s (1 - s) is 0 and z*z would
+                   overflow into 0 * inf */
+                q = normkit_clamp_abs(z[i], 0x461C4000u);  /* 1e4f */
+                normkit_sigmoid2(normkit_tanh_arg2(z[i]), &s, &t);
+                z[i] = dy[i] * (s + 2.0f * q * s * t * NORMKIT_TANH_C * (1.0f + 3.0f * NORMKIT_TANH_K * q * q));
+            }
+        }
+    }
+
+    static inline double normkit_sigmoid_d(double v) {
+        double e = exp(-fabs(v));
+        return v >= 0.0 ? 1.0 / (1.0 + e) : e / (1.0 + e);
+    }
+
+    static void normkit_act_d(double* y, Py_ssize_t n, int act, double slope) {
+        Py_ssize_t i;
+        double z;
+        for (i = 0; i < n; i++) {
+            z = y[i];
+            switch (act) {
+            case 0: y[i] = z < 0.0 ? 0.0 : z; break;
+            case 1: y[i] = z > 0.0 ? z : z * slope; break;
+            case 2: y[i] = z * normkit_sigmoid_d(z); break;
+            case 3: y[i] = 0.5 * z * (1.0 + erf(z * 0.70710678118654752)); break;
+            default: y[i] = 0.5 * z * (1.0 + tanh(0.7978845608028654 * (z + 0.044715 * z * z * z)));
+            }
+        }
+    }
+
+    static void normkit_act_grad_d(const double* dy, double* z, Py_ssize_t n, int act, double slope) {
+        Py_ssize_t i;
+        double v, s, t;
+        for (i = 0; i < n; i++) {
+            v = z[i];
+            switch (act) {
+            case 0: z[i] = dy[i] * (v > 0.0 ? 1.0 : 0.0); break;
+            case 1: z[i] = dy[i] * (v > 0.0 ? 1.0 : slope); break;
+            case 2: s = normkit_sigmoid_d(v); z[i] = dy[i] * (s * (1.0 + v * (1.0 - s))); break;
+            case 3:
+                z[i] = dy[i] * (0.5 * (1.0 + erf(v * 0.70710678118654752))
+                                + v * exp(-0.5 * v * v) * 0.3989422804014327);
+                break;
+            default:
+                t = tanh(0.7978845608028654 * (v + 0.044715 * v * v * v));
+                z[i] = dy[i] * (0.5 * (1.0 + t) + 0.5 * v * (1.0 - t * t) * 0.7978845608028654
+                                * (1.0 + 3.0 * 0.044715 * v * v));
+            }
+        }
+    }
+    """
+    void normkit_act_f(float* y, Py_ssize_t n, int act, float slope) noexcept nogil
+    void normkit_act_grad_f(const float* dy, float* z, Py_ssize_t n, int act, float slope) noexcept nogil
+    void normkit_act_d(double* y, Py_ssize_t n, int act, double slope) noexcept nogil
+    void normkit_act_grad_d(const double* dy, double* z, Py_ssize_t n, int act, double slope) noexcept nogil
+
+
+cdef enum:
+    # act argument of the loops below meaning "no activation": the plain directions share the loops
+    NO_ACT = -1
+    # Values per chunk of a fused pass: its pre-activations (forward: y itself) stay in L1 between the affine
+    # loop and the activation's. A multiple of SUM_CHUNK, so grad_sums() chunks g as it chunks dy.
+    ACT_CHUNK = 1024
+
+
+cdef inline void act_apply(floating* y, Py_ssize_t n, int act, double slope) noexcept nogil:
+    """y = act(y) in place."""
+    if floating is float:
+        normkit_act_f(y, n, act, <float>slope)
+    else:
+        normkit_act_d(y, n, act, slope)
+
+
+cdef inline void act_grad(const floating* dy, floating* z, Py_ssize_t n, int act, double slope) noexcept nogil:
+    """z (the pre-activation on entry) = dy * act'(z)."""
+    if floating is float:
+        normkit_act_grad_f(dy, z, n, act, <float>slope)
+    else:
+        normkit_act_grad_d(dy, z, n, act, slope)
+
+
+cdef inline void affine_act(const floating* x, floating* y, Py_ssize_t n, double mean, double scale, double shift,
+                            int act, double slope) noexcept nogil:
+    """y = act((x - mean) * scale + shift) as affine() computes the argument, chunk by chunk while it is in L1;
+    affine() alone for act == NO_ACT."""
+    cdef Py_ssize_t q, i, k
+    if act == NO_ACT:
+        affine(x, y, n, mean, scale, shift)
+        return
+    for q in range((n + ACT_CHUNK - 1) // ACT_CHUNK):
+        i = q * ACT_CHUNK
+        k = min(<Py_ssize_t>ACT_CHUNK, n - i)
+        affine(x + i, y + i, k, mean, scale, shift)
+        act_apply(y + i, k, act, slope)
+
+
+cdef inline void act_grad_sums(const floating* dy, const floating* x, Py_ssize_t n, double mean, double scale,
+                               double shift, int act, double slope, double* sdy, double* sdyx) noexcept nogil:
+    """grad_sums() (without w) of g = dy * act'(z), z = (x - mean) * scale + shift recomputed as affine_act()
+    computes it, chunk by chunk on the stack; grad_sums() of dy for act == NO_ACT."""
+    cdef floating g[ACT_CHUNK]
+    cdef Py_ssize_t q, i, k
+    if act == NO_ACT:
+        grad_sums(dy, x, NULL, n, mean, sdy, sdyx)
+        return
+    for q in range((n + ACT_CHUNK - 1) // ACT_CHUNK):
+        i = q * ACT_CHUNK
+        k = min(<Py_ssize_t>ACT_CHUNK, n - i)
+        affine(x + i, g, k, mean, scale, shift)
+        act_grad(dy + i, g, k, act, slope)
+        grad_sums(g, x + i, NULL, k, mean, sdy, sdyx)
+
+
+cdef inline void act_grad_apply(const floating* dy, const floating* x, floating* dx, Py_ssize_t n, double mean,
+                                double scale, double shift, int act, double slope, bint training, double a,
+                                double b, double c) noexcept nogil:
+    """grad_apply() (training) or scale_copy() with coefficient a (inference) of g = dy * act'(z), g as in
+    act_grad_sums(); of dy for act == NO_ACT."""
+    cdef floating g[ACT_CHUNK]
+    cdef Py_ssize_t q, i, k
+    if act == NO_ACT:
+        if training:
+            grad_apply(dy, x, dx, n, mean, a, b, c)
+        else:
+            scale_copy(dy, dx, n, a)
+        return
+    for q in range((n + ACT_CHUNK - 1) // ACT_CHUNK):
+        i = q * ACT_CHUNK
+        k = min(<Py_ssize_t>ACT_CHUNK, n - i)
+        affine(x + i, g, k, mean, scale, shift)
+        act_grad(dy + i, g, k, act, slope)
+        if training:
+            grad_apply(g, x + i, dx + i, k, mean, a, b, c)
+        else:
+            scale_copy(g, dx + i, k, a)
+
 cdef extern from *:
     """
     #if defined(__GNUC__) || defined(__clang__)

@@ -16,8 +16,8 @@ from cython.parallel cimport prange
 from libc.stdint cimport uint16_t
 
 from _common cimport (
-    affine, affine16, finish_moments, grad_apply, grad_apply16, grad_sums, grad_sums16, moments, moments16,
-    normkit_half_init, pivot16, pivot_of,
+    NO_ACT, act_grad_apply, act_grad_sums, affine16, affine_act, finish_moments, grad_apply16, grad_sums16,
+    moments, moments16, normkit_half_init, pivot16, pivot_of,
 )
 
 # float16 converts with F16C where the CPU has it, unless NORMKIT_CYTHON_NO_F16C=1 asks for the portable code (to
@@ -37,8 +37,10 @@ cdef inline const floating* _ptr(const floating[::1] a) noexcept:
 
 
 cdef void _forward_set(const floating* x, floating* y, Py_ssize_t cg, Py_ssize_t s, const floating* w,
-                       const floating* b, double eps, floating* mean_out, floating* rstd_out) noexcept nogil:
-    # x, y: the set's first value; w, b: its first channel's parameters, or NULL
+                       const floating* b, double eps, int act, double slope, floating* mean_out,
+                       floating* rstd_out) noexcept nogil:
+    # x, y: the set's first value; w, b: its first channel's parameters, or NULL; act: the fused activation, or
+    # NO_ACT
     cdef Py_ssize_t c
     cdef double s1 = 0.0, s2 = 0.0, mean, rstd, pivot = pivot_of(x[0])
     moments(x, cg * s, pivot, &s1, &s2)
@@ -46,33 +48,37 @@ cdef void _forward_set(const floating* x, floating* y, Py_ssize_t cg, Py_ssize_t
     mean_out[0] = <floating>mean
     rstd_out[0] = <floating>rstd
     for c in range(cg):
-        affine(x + c * s, y + c * s, s, mean, rstd * w[c] if w != NULL else rstd,
-               b[c] if b != NULL else 0.0)
+        affine_act(x + c * s, y + c * s, s, mean, rstd * w[c] if w != NULL else rstd,
+                   b[c] if b != NULL else 0.0, act, slope)
 
 
 cdef void _backward_set(const floating* dy, const floating* x, floating* dx, Py_ssize_t cg, Py_ssize_t s,
-                        const floating* w, double mean, double rstd, double* sdy, double* sdyx) noexcept nogil:
+                        const floating* w, const floating* bias, int act, double slope, double mean, double rstd,
+                        double* sdy, double* sdyx) noexcept nogil:
     # sdy, sdyx receive the set's per-channel sum(dy) and sum(dy * (x - mean)) for the parameter gradients.
-    # With g = dy * w: dx = rstd * (g - mean(g) - xhat * mean(g * xhat)), expanded into one fused pass.
+    # With g = dy * w: dx = rstd * (g - mean(g) - xhat * mean(g * xhat)), expanded into one fused pass. With a
+    # fused activation, dy * act'(z) in place of dy throughout (z recomputed from x in each of the two passes).
     cdef Py_ssize_t c
-    cdef double sg = 0.0, sgx = 0.0, wc, m = <double>(cg * s), b, k
+    cdef double sg = 0.0, sgx = 0.0, wc, m = <double>(cg * s), b, k, shift
     for c in range(cg):
         sdy[c] = 0.0
         sdyx[c] = 0.0
-        grad_sums(dy + c * s, x + c * s, NULL, s, mean, &sdy[c], &sdyx[c])
         wc = w[c] if w != NULL else 1.0
+        shift = bias[c] if bias != NULL else 0.0
+        act_grad_sums(dy + c * s, x + c * s, s, mean, rstd * wc, shift, act, slope, &sdy[c], &sdyx[c])
         sg = sg + wc * sdy[c]
         sgx = sgx + wc * sdyx[c]
     b = -rstd * rstd * rstd * sgx / m
     k = -rstd * sg / m
     for c in range(cg):
         wc = w[c] if w != NULL else 1.0
-        grad_apply(dy + c * s, x + c * s, dx + c * s, s, mean, rstd * wc, b, k)
+        shift = bias[c] if bias != NULL else 0.0
+        act_grad_apply(dy + c * s, x + c * s, dx + c * s, s, mean, rstd * wc, shift, act, slope, True, rstd * wc, b, k)
 
 
 cdef void _groupnorm_forward(const floating[:, :, ::1] x, Py_ssize_t num_groups, const floating[::1] weight,
-                             const floating[::1] bias, double eps, floating[:, :, ::1] y, floating[:, ::1] mean,
-                             floating[:, ::1] rstd):
+                             const floating[::1] bias, double eps, int act, double slope, floating[:, :, ::1] y,
+                             floating[:, ::1] mean, floating[:, ::1] rstd):
     cdef Py_ssize_t n = x.shape[0], s = x.shape[2], cg = x.shape[1] // num_groups, t
     cdef const floating* xp = &x[0, 0, 0]
     cdef floating* yp = &y[0, 0, 0]
@@ -86,12 +92,13 @@ cdef void _groupnorm_forward(const floating[:, :, ::1] x, Py_ssize_t num_groups,
         _forward_set(xp + t * cg * s, yp + t * cg * s, cg, s,
                      w + (t % num_groups) * cg if w != NULL else NULL,
                      b + (t % num_groups) * cg if b != NULL else NULL,
-                     eps, mp + t, rp + t)
+                     eps, act, slope, mp + t, rp + t)
 
 
 cdef void _groupnorm_backward(const floating[:, :, ::1] dy, const floating[:, :, ::1] x, Py_ssize_t num_groups,
                               const floating[:, ::1] mean, const floating[:, ::1] rstd, const floating[::1] weight,
-                              floating[:, :, ::1] dx, floating[::1] dweight, floating[::1] dbias):
+                              const floating[::1] bias, int act, double slope, floating[:, :, ::1] dx,
+                              floating[::1] dweight, floating[::1] dbias):
     cdef Py_ssize_t n = x.shape[0], c = x.shape[1], s = x.shape[2], cg = c // num_groups, t
     cdef const floating* dyp = &dy[0, 0, 0]
     cdef const floating* xp = &x[0, 0, 0]
@@ -99,6 +106,7 @@ cdef void _groupnorm_backward(const floating[:, :, ::1] dy, const floating[:, :,
     cdef const floating* mp = &mean[0, 0]
     cdef const floating* rp = &rstd[0, 0]
     cdef const floating* w = _ptr(weight)
+    cdef const floating* b = _ptr(bias)
     cdef double[:, ::1] sdy = np.empty((n, c))
     cdef double[:, ::1] sdyx = np.empty((n, c))
     cdef double* sdyp = &sdy[0, 0]
@@ -107,6 +115,7 @@ cdef void _groupnorm_backward(const floating[:, :, ::1] dy, const floating[:, :,
     for t in prange(n * num_groups, nogil=True, schedule="static", num_threads=nt):
         _backward_set(dyp + t * cg * s, xp + t * cg * s, dxp + t * cg * s, cg, s,
                       w + (t % num_groups) * cg if w != NULL else NULL,
+                      b + (t % num_groups) * cg if b != NULL else NULL, act, slope,
                       mp[t], rp[t], sdyp + t * cg, sdyxp + t * cg)
     _param_grads(sdy, sdyx, rstd, cg, dweight, dbias)
 
@@ -134,24 +143,54 @@ cdef void _param_grads(const double[:, ::1] sdy, const double[:, ::1] sdyx, cons
 def groupnorm_forward(const floating[:, :, ::1] x, Py_ssize_t num_groups, const floating[::1] weight,
                       const floating[::1] bias, double eps, floating[:, :, ::1] y, floating[:, ::1] mean,
                       floating[:, ::1] rstd):
-    _groupnorm_forward(x, num_groups, weight, bias, eps, y, mean, rstd)
+    _groupnorm_forward(x, num_groups, weight, bias, eps, NO_ACT, 0.0, y, mean, rstd)
 
 
 def groupnorm_backward(const floating[:, :, ::1] dy, const floating[:, :, ::1] x, Py_ssize_t num_groups,
                        const floating[:, ::1] mean, const floating[:, ::1] rstd, const floating[::1] weight,
                        floating[:, :, ::1] dx, floating[::1] dweight, floating[::1] dbias):
-    _groupnorm_backward(dy, x, num_groups, mean, rstd, weight, dx, dweight, dbias)
+    cdef const floating[::1] no_bias = None
+    _groupnorm_backward(dy, x, num_groups, mean, rstd, weight, no_bias, NO_ACT, 0.0, dx, dweight, dbias)
 
 
 def instancenorm_forward(const floating[:, :, ::1] x, const floating[::1] weight, const floating[::1] bias,
                          double eps, floating[:, :, ::1] y, floating[:, ::1] mean, floating[:, ::1] rstd):
-    _groupnorm_forward(x, x.shape[1], weight, bias, eps, y, mean, rstd)
+    _groupnorm_forward(x, x.shape[1], weight, bias, eps, NO_ACT, 0.0, y, mean, rstd)
 
 
 def instancenorm_backward(const floating[:, :, ::1] dy, const floating[:, :, ::1] x,
                           const floating[:, ::1] mean, const floating[:, ::1] rstd, const floating[::1] weight,
                           floating[:, :, ::1] dx, floating[::1] dweight, floating[::1] dbias):
-    _groupnorm_backward(dy, x, x.shape[1], mean, rstd, weight, dx, dweight, dbias)
+    cdef const floating[::1] no_bias = None
+    _groupnorm_backward(dy, x, x.shape[1], mean, rstd, weight, no_bias, NO_ACT, 0.0, dx, dweight, dbias)
+
+
+# --- fused activation (normkit.contract): the same sets, the activation applied in their passes ------------------
+
+def groupnorm_act_forward(const floating[:, :, ::1] x, Py_ssize_t num_groups, const floating[::1] weight,
+                          const floating[::1] bias, double eps, int activation, double slope, floating[:, :, ::1] y,
+                          floating[:, ::1] mean, floating[:, ::1] rstd):
+    _groupnorm_forward(x, num_groups, weight, bias, eps, activation, slope, y, mean, rstd)
+
+
+def groupnorm_act_backward(const floating[:, :, ::1] dy, const floating[:, :, ::1] x, Py_ssize_t num_groups,
+                           const floating[:, ::1] mean, const floating[:, ::1] rstd, const floating[::1] weight,
+                           const floating[::1] bias, int activation, double slope, floating[:, :, ::1] dx,
+                           floating[::1] dweight, floating[::1] dbias):
+    _groupnorm_backward(dy, x, num_groups, mean, rstd, weight, bias, activation, slope, dx, dweight, dbias)
+
+
+def instancenorm_act_forward(const floating[:, :, ::1] x, const floating[::1] weight, const floating[::1] bias,
+                             double eps, int activation, double slope, floating[:, :, ::1] y,
+                             floating[:, ::1] mean, floating[:, ::1] rstd):
+    _groupnorm_forward(x, x.shape[1], weight, bias, eps, activation, slope, y, mean, rstd)
+
+
+def instancenorm_act_backward(const floating[:, :, ::1] dy, const floating[:, :, ::1] x,
+                              const floating[:, ::1] mean, const floating[:, ::1] rstd, const floating[::1] weight,
+                              const floating[::1] bias, int activation, double slope, floating[:, :, ::1] dx,
+                              floating[::1] dweight, floating[::1] dbias):
+    _groupnorm_backward(dy, x, x.shape[1], mean, rstd, weight, bias, activation, slope, dx, dweight, dbias)
 
 
 # --- 16-bit data (normkit.contract): uint16 patterns, fmt 0 bfloat16 / 1 float16; float32 parameters and stats ----

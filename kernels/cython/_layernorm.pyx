@@ -6,6 +6,9 @@ are summed per fixed block of rows (blocks depend on the shape only) and the blo
 for per-block partial sums (K > LONG_ROW) are instead processed one at a time, split into tiles of columns: one
 parallel pass for the row's sums (merged in tile order), one for dx and the parameter gradients, which then
 accumulate in row order while the row is still in cache.
+
+Fused activation (the act_ directions): the activation is applied to each chunk of y as it is written; backward
+recomputes z = xhat * w + b chunk by chunk in each of its passes over a row and uses g = dy * act'(z) for dy.
 """
 
 import os
@@ -19,8 +22,8 @@ from libc.stdint cimport uint16_t
 from libc.string cimport memset
 
 from _common cimport (
-    TILE16, finish_moments, grad_sums, moments, moments16, narrow64, normkit_half_init,
-    normkit_narrow, normkit_widen, pivot16, pivot_of, to_double,
+    ACT_CHUNK, NO_ACT, TILE16, act_apply, act_grad, finish_moments, grad_sums, moments, moments16, narrow64,
+    normkit_half_init, normkit_narrow, normkit_widen, pivot16, pivot_of, to_double,
 )
 
 # float16 converts with F16C where the CPU has it, unless NORMKIT_CYTHON_NO_F16C=1 asks for the portable code (to
@@ -58,8 +61,9 @@ cdef double[::1] _scratch(Py_ssize_t n):
 
 
 cdef void _forward_row(const floating* x, floating* y, Py_ssize_t k, const floating* w, const floating* b,
-                       double eps, floating* mean_out, floating* rstd_out) noexcept nogil:
+                       double eps, int act, double slope, floating* mean_out, floating* rstd_out) noexcept nogil:
     cdef double s1 = 0.0, s2 = 0.0, mean, rstd, pivot = pivot_of(x[0])
+    cdef Py_ssize_t q, j, n
     moments(x, k, pivot, &s1, &s2)
     finish_moments(s1, s2, k, pivot, eps, &mean, &rstd)
     mean_out[0] = <floating>mean
@@ -67,7 +71,14 @@ cdef void _forward_row(const floating* x, floating* y, Py_ssize_t k, const float
     # In the data's precision (twice the vector lanes of double for float32): xhat = (x - m) * r + c0 with m the
     # mean rounded to that precision and c0 = (m - mean) * rstd the rounding's correction, so that a large offset
     # loses nothing; a constant row gives xhat = 0 exactly and so exactly the bias.
-    _row_y(x, y, k, w, b, mean, rstd)
+    if act == NO_ACT:
+        _row_y(x, y, k, w, b, mean, rstd)
+        return
+    for q in range((k + ACT_CHUNK - 1) // ACT_CHUNK):
+        j = q * ACT_CHUNK
+        n = min(<Py_ssize_t>ACT_CHUNK, k - j)
+        _row_y(x + j, y + j, n, w + j, b + j, mean, rstd)
+        act_apply(y + j, n, act, slope)
 
 
 cdef inline void _row_y(const floating* x, floating* y, Py_ssize_t k, const floating* w, const floating* b,
@@ -107,6 +118,39 @@ cdef void _flush(floating* acc, double* out, Py_ssize_t n) noexcept nogil:
         acc[j] = 0
 
 
+cdef inline void _row_run(const floating* g, const floating* x, floating* dx, Py_ssize_t n, const floating* w,
+                          double mean, double rstd, double* sg, double* sgx, floating* accw, floating* accb,
+                          double cb, double cc) noexcept nogil:
+    """The steps of one backward pass over a run of a row, with g for dy: g's parameter-gradient terms into accw,
+    accb (unless NULL, _add_param_grads), g * w's sums into sg, sgx (unless NULL, grad_sums), then dx (unless
+    NULL, _row_dx with cb, cc)."""
+    if accw != NULL:
+        _add_param_grads(g, x, n, mean, rstd, accw, accb)
+    if sg != NULL:
+        grad_sums(g, x, w, n, mean, sg, sgx)
+    if dx != NULL:
+        _row_dx(g, x, dx, n, w, mean, rstd, cb, cc)
+
+
+cdef void _row_pass(const floating* dy, const floating* x, floating* dx, Py_ssize_t n, const floating* w,
+                    const floating* b, double mean, double rstd, int act, double slope, double* sg, double* sgx,
+                    floating* accw, floating* accb, double cb, double cc) noexcept nogil:
+    """_row_run of dy (NO_ACT), or of g = dy * act'(z) with z recomputed as _row_y computes it, chunk by chunk on
+    the stack."""
+    cdef floating g[ACT_CHUNK]
+    cdef Py_ssize_t q, j, m
+    if act == NO_ACT:
+        _row_run(dy, x, dx, n, w, mean, rstd, sg, sgx, accw, accb, cb, cc)
+        return
+    for q in range((n + ACT_CHUNK - 1) // ACT_CHUNK):
+        j = q * ACT_CHUNK
+        m = min(<Py_ssize_t>ACT_CHUNK, n - j)
+        _row_y(x + j, g, m, w + j, b + j, mean, rstd)
+        act_grad(dy + j, g, m, act, slope)
+        _row_run(g, x + j, dx + j if dx != NULL else NULL, m, w + j, mean, rstd, sg, sgx,
+                 accw + j if accw != NULL else NULL, accb + j if accb != NULL else NULL, cb, cc)
+
+
 cdef inline void _coefficients(double sg, double sgx, Py_ssize_t k, double rstd, double* cb,
                                double* cc) noexcept nogil:
     cb[0] = -rstd * rstd * rstd * sgx / k
@@ -114,8 +158,8 @@ cdef inline void _coefficients(double sg, double sgx, Py_ssize_t k, double rstd,
 
 
 cdef void _backward_block(const floating* dy, const floating* x, floating* dx, Py_ssize_t m0, Py_ssize_t m1,
-                          Py_ssize_t k, const floating* w, const floating* mean, const floating* rstd,
-                          double* partial, floating* acc) noexcept nogil:
+                          Py_ssize_t k, const floating* w, const floating* b, int act, double slope,
+                          const floating* mean, const floating* rstd, double* partial, floating* acc) noexcept nogil:
     """Rows m0..m1-1. Unless partial is NULL, their parameter gradients go to partial[0:k] (weight) and
     partial[k:2k] (bias), through the accumulators acc[0:2k] in the data's precision, flushed every FLUSH rows.
 
@@ -129,13 +173,12 @@ cdef void _backward_block(const floating* dy, const floating* x, floating* dx, P
         memset(acc, 0, 2 * k * sizeof(floating))
     for i in range(m0, m1):
         o = i * k
-        if partial != NULL:
-            _add_param_grads(dy + o, x + o, k, mean[i], rstd[i], acc, acc + k)
         sg = 0.0
         sgx = 0.0
-        grad_sums(dy + o, x + o, w, k, mean[i], &sg, &sgx)
+        _row_pass(dy + o, x + o, NULL, k, w, b, mean[i], rstd[i], act, slope, &sg, &sgx,
+                  acc if partial != NULL else NULL, acc + k if partial != NULL else NULL, 0.0, 0.0)
         _coefficients(sg, sgx, k, rstd[i], &cb, &cc)
-        _row_dx(dy + o, x + o, dx + o, k, w, mean[i], rstd[i], cb, cc)
+        _row_pass(dy + o, x + o, dx + o, k, w, b, mean[i], rstd[i], act, slope, NULL, NULL, NULL, NULL, cb, cc)
         if partial != NULL and ((i + 1 - m0) % FLUSH == 0 or i + 1 == m1):
             _flush(acc, partial, 2 * k)
 
@@ -151,8 +194,8 @@ cdef void _merge_blocks(const double* partial, Py_ssize_t blocks, Py_ssize_t k, 
             out[j] += partial[t * k + j]
 
 
-def layernorm_forward(const floating[:, ::1] x, const floating[::1] weight, const floating[::1] bias, double eps,
-                      floating[:, ::1] y, floating[::1] mean, floating[::1] rstd):
+cdef void _forward(const floating[:, ::1] x, const floating[::1] weight, const floating[::1] bias, double eps,
+                   int act, double slope, floating[:, ::1] y, floating[::1] mean, floating[::1] rstd):
     cdef Py_ssize_t m = x.shape[0], k = x.shape[1], i
     cdef const floating* xp = &x[0, 0]
     cdef floating* yp = &y[0, 0]
@@ -169,12 +212,23 @@ def layernorm_forward(const floating[:, ::1] x, const floating[::1] weight, cons
     cdef const floating* w = &wv[0]
     cdef const floating* b = &bv[0]
     for i in prange(m, nogil=True, schedule="static", num_threads=nt):
-        _forward_row(xp + i * k, yp + i * k, k, w, b, eps, mp + i, rp + i)
+        _forward_row(xp + i * k, yp + i * k, k, w, b, eps, act, slope, mp + i, rp + i)
 
 
-def layernorm_backward(const floating[:, ::1] dy, const floating[:, ::1] x, const floating[::1] mean,
-                       const floating[::1] rstd, const floating[::1] weight, floating[:, ::1] dx,
-                       floating[::1] dweight, floating[::1] dbias):
+def layernorm_forward(const floating[:, ::1] x, const floating[::1] weight, const floating[::1] bias, double eps,
+                      floating[:, ::1] y, floating[::1] mean, floating[::1] rstd):
+    _forward(x, weight, bias, eps, NO_ACT, 0.0, y, mean, rstd)
+
+
+def layernorm_act_forward(const floating[:, ::1] x, const floating[::1] weight, const floating[::1] bias,
+                          double eps, int activation, double slope, floating[:, ::1] y, floating[::1] mean,
+                          floating[::1] rstd):
+    _forward(x, weight, bias, eps, activation, slope, y, mean, rstd)
+
+
+cdef void _backward(const floating[:, ::1] dy, const floating[:, ::1] x, const floating[::1] mean,
+                    const floating[::1] rstd, const floating[::1] weight, const floating[::1] bias, int act,
+                    double slope, floating[:, ::1] dx, floating[::1] dweight, floating[::1] dbias):
     cdef Py_ssize_t m = x.shape[0], k = x.shape[1], i, j, t, per_block, blocks, tiles, n
     cdef const floating* dyp = &dy[0, 0]
     cdef const floating* xp = &x[0, 0]
@@ -182,7 +236,7 @@ def layernorm_backward(const floating[:, ::1] dy, const floating[:, ::1] x, cons
     cdef const floating* mp = &mean[0]
     cdef const floating* rp = &rstd[0]
     cdef bint params = dweight is not None or dbias is not None
-    cdef const floating[::1] wv = weight
+    cdef const floating[::1] wv = weight, bv = bias
     cdef floating* acc  # float accumulators of the parameter gradients, weight then bias
     cdef double[::1] buf
     cdef double* grads  # weight gradients, then bias gradients: 2k doubles
@@ -192,13 +246,17 @@ def layernorm_backward(const floating[:, ::1] dy, const floating[:, ::1] x, cons
     dtype = np.float32 if floating is float else np.float64
     if wv is None:
         wv = np.ones(k, dtype)
+    if bv is None:
+        bv = np.zeros(k, dtype)
     cdef const floating* w = &wv[0]
+    cdef const floating* b = &bv[0]
     if not params:
         blocks = min(m, MAX_BLOCKS)
         per_block = (m + blocks - 1) // blocks
         blocks = (m + per_block - 1) // per_block
         for t in prange(blocks, nogil=True, schedule="static", num_threads=nt):
-            _backward_block(dyp, xp, dxp, t * per_block, min(m, (t + 1) * per_block), k, w, mp, rp, NULL, NULL)
+            _backward_block(dyp, xp, dxp, t * per_block, min(m, (t + 1) * per_block), k, w, b, act, slope, mp, rp,
+                            NULL, NULL)
         return
     if k > LONG_ROW:
         tiles = (k + TILE - 1) // TILE
@@ -214,8 +272,9 @@ def layernorm_backward(const floating[:, ::1] dy, const floating[:, ::1] x, cons
                 for t in prange(tiles, schedule="static", num_threads=nt):
                     work[2 * t] = 0.0
                     work[2 * t + 1] = 0.0
-                    grad_sums(dyp + i * k + t * TILE, xp + i * k + t * TILE, w + t * TILE,
-                              min(TILE, k - t * TILE), mp[i], &work[2 * t], &work[2 * t + 1])
+                    _row_pass(dyp + i * k + t * TILE, xp + i * k + t * TILE, NULL, min(TILE, k - t * TILE),
+                              w + t * TILE, b + t * TILE, mp[i], rp[i], act, slope, &work[2 * t], &work[2 * t + 1],
+                              NULL, NULL, 0.0, 0.0)
                 sg = 0.0
                 sgx = 0.0
                 for t in range(tiles):
@@ -224,10 +283,9 @@ def layernorm_backward(const floating[:, ::1] dy, const floating[:, ::1] x, cons
                 _coefficients(sg, sgx, k, rp[i], &cb, &cc)
                 for t in prange(tiles, schedule="static", num_threads=nt):
                     n = min(TILE, k - t * TILE)
-                    _row_dx(dyp + i * k + t * TILE, xp + i * k + t * TILE, dxp + i * k + t * TILE, n,
-                            w + t * TILE, mp[i], rp[i], cb, cc)
-                    _add_param_grads(dyp + i * k + t * TILE, xp + i * k + t * TILE, n, mp[i], rp[i],
-                                     acc + t * TILE, acc + k + t * TILE)
+                    _row_pass(dyp + i * k + t * TILE, xp + i * k + t * TILE, dxp + i * k + t * TILE, n,
+                              w + t * TILE, b + t * TILE, mp[i], rp[i], act, slope, NULL, NULL, acc + t * TILE,
+                              acc + k + t * TILE, cb, cc)
                     if i % FLUSH == FLUSH - 1 or i == m - 1:
                         _flush(acc + t * TILE, grads + t * TILE, n)
                         _flush(acc + k + t * TILE, grads + k + t * TILE, n)
@@ -241,7 +299,7 @@ def layernorm_backward(const floating[:, ::1] dy, const floating[:, ::1] x, cons
         work = grads + 2 * k
         acc = <floating*>(work + blocks * 2 * k)
         for t in prange(blocks, nogil=True, schedule="static", num_threads=nt):
-            _backward_block(dyp, xp, dxp, t * per_block, min(m, (t + 1) * per_block), k, w, mp, rp,
+            _backward_block(dyp, xp, dxp, t * per_block, min(m, (t + 1) * per_block), k, w, b, act, slope, mp, rp,
                             work + t * 2 * k, acc + t * 2 * k)
         # the partials are laid out as rows of 2k (weight then bias), so one merge does both
         tiles = (2 * k + TILE - 1) // TILE
@@ -252,6 +310,20 @@ def layernorm_backward(const floating[:, ::1] dy, const floating[:, ::1] x, cons
             dweight[j] = <floating>grads[j]
         if dbias is not None:
             dbias[j] = <floating>grads[k + j]
+
+
+def layernorm_backward(const floating[:, ::1] dy, const floating[:, ::1] x, const floating[::1] mean,
+                       const floating[::1] rstd, const floating[::1] weight, floating[:, ::1] dx,
+                       floating[::1] dweight, floating[::1] dbias):
+    cdef const floating[::1] no_bias = None
+    _backward(dy, x, mean, rstd, weight, no_bias, NO_ACT, 0.0, dx, dweight, dbias)
+
+
+def layernorm_act_backward(const floating[:, ::1] dy, const floating[:, ::1] x, const floating[::1] mean,
+                           const floating[::1] rstd, const floating[::1] weight, const floating[::1] bias,
+                           int activation, double slope, floating[:, ::1] dx, floating[::1] dweight,
+                           floating[::1] dbias):
+    _backward(dy, x, mean, rstd, weight, bias, activation, slope, dx, dweight, dbias)
 
 
 # --- 16-bit data (normkit.contract): uint16 patterns, fmt 0 bfloat16 / 1 float16; float32 parameters and stats ----

@@ -62,6 +62,18 @@ _FUNCTIONS = {
     ("rmsnorm", "backward"): _rownorm.rmsnorm_backward,
     ("rmsnorm", "add_forward"): _rownorm.rmsnorm_add_forward,
     ("rmsnorm", "add_backward"): _rownorm.rmsnorm_add_backward,
+    ("batchnorm", "act_forward"): _batchnorm.batchnorm_act_forward,
+    ("batchnorm", "act_forward_infer"): _batchnorm.channel_act_forward_infer,
+    ("batchnorm", "act_backward"): _batchnorm.batchnorm_act_backward,
+    ("batchnorm", "act_backward_infer"): _batchnorm.channel_act_backward_infer,
+    ("instancenorm", "act_forward"): _groupnorm.instancenorm_act_forward,
+    ("instancenorm", "act_forward_infer"): _batchnorm.channel_act_forward_infer,
+    ("instancenorm", "act_backward"): _groupnorm.instancenorm_act_backward,
+    ("instancenorm", "act_backward_infer"): _batchnorm.channel_act_backward_infer,
+    ("groupnorm", "act_forward"): _groupnorm.groupnorm_act_forward,
+    ("groupnorm", "act_backward"): _groupnorm.groupnorm_act_backward,
+    ("layernorm", "act_forward"): _layernorm.layernorm_act_forward,
+    ("layernorm", "act_backward"): _layernorm.layernorm_act_backward,
 }
 
 # Channels-last kernels that are the NCHW ones on (N*S, C, 1) views (see the module docstring); the arguments that
@@ -116,7 +128,8 @@ KERNELS.update({
 })
 
 # Each fused kernel's 16-bit twin is its module's function of the same name with a 16 suffix. The row ops of
-# _rownorm (RMSNorm, the fused residual adds) have no such twin yet: their float32 kernels on widened copies.
+# _rownorm (RMSNorm, the fused residual adds) and the fused activations have no such twin yet: their float32
+# kernels on widened copies.
 _FORMATS = {"bfloat16": 0, "float16": 1}
 
 
