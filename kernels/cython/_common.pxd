@@ -237,8 +237,9 @@ cdef extern from *:
         Py_ssize_t i;
         float s, t, g, c, q;
         switch (act) {
-        case 0: for (i = 0; i < n; i++) z[i] = dy[i] * (z[i] > 0.0f ? 1.0f : 0.0f); break;
-        case 1: for (i = 0; i < n; i++) z[i] = dy[i] * (z[i] > 0.0f ? 1.0f : slope); break;
+        /* dy - dy, as the reference's dy * 0: NaN for a NaN or inf dy (with -fno-signed-zeros gcc folds dy * 0 to 0) */
+        case 0: for (i = 0; i < n; i++) z[i] = z[i] > 0.0f ? dy[i] : dy[i] - dy[i]; break;
+        case 1: for (i = 0; i < n; i++) z[i] = z[i] > 0.0f ? dy[i] : dy[i] * slope; break;
         case 2:
             for (i = 0; i < n; i++) { normkit_sigmoid2(z[i], &s, &t); z[i] = dy[i] * (s * (1.0f + z[i] * t)); }
             break;
@@ -285,8 +286,8 @@ cdef extern from *:
         for (i = 0; i < n; i++) {
             v = z[i];
             switch (act) {
-            case 0: z[i] = dy[i] * (v > 0.0 ? 1.0 : 0.0); break;
-            case 1: z[i] = dy[i] * (v > 0.0 ? 1.0 : slope); break;
+            case 0: z[i] = v > 0.0 ? dy[i] : dy[i] - dy[i]; break;
+            case 1: z[i] = v > 0.0 ? dy[i] : dy[i] * slope; break;
             case 2: s = normkit_sigmoid_d(v); z[i] = dy[i] * (s * (1.0 + v * (1.0 - s))); break;
             case 3:
                 z[i] = dy[i] * (0.5 * (1.0 + erf(v * 0.70710678118654752))

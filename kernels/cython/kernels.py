@@ -21,6 +21,7 @@ from functools import partial
 import numpy as np
 
 from normkit import half
+from normkit.contract import OUTPUTS, SPECS
 from normkit.registry import get_num_threads
 
 from . import _batchnorm
@@ -128,16 +129,59 @@ KERNELS.update({
 })
 
 # Each fused kernel's 16-bit twin is its module's function of the same name with a 16 suffix. The row ops of
-# _rownorm (RMSNorm, the fused residual adds) and the fused activations have no such twin yet: their float32
-# kernels on widened copies.
+# _rownorm (RMSNorm, the fused residual adds) have no such twin yet: their float32 kernels on widened copies; nor
+# have the fused activations (_act16).
 _FORMATS = {"bfloat16": 0, "float16": 1}
 
 
 def _sixteen_bit(op, direction, function, dtype):
+    if direction.startswith("act_"):
+        return _act16(op, direction, dtype)
     twin = getattr(_module_of(function), function.__name__ + "16", None)
     if twin is None:
         return half.through(KERNELS[(op, direction, "float32")], op, direction, dtype, np.float32)
     return partial(twin, _FORMATS[dtype])
+
+
+# exponent bits that mark inf/NaN in a 16-bit pattern
+_TOP = {"bfloat16": np.uint16(0x7F80), "float16": np.uint16(0x7C00)}
+
+
+def _finite(a, dtype):
+    if a.dtype == np.uint16:
+        return not ((a & _TOP[dtype]) == _TOP[dtype]).any()
+    return bool(np.isfinite(a).all())
+
+
+def _with_float64_args(kernel64, op, direction):
+    """kernel64 (a float64 kernel) called with float32 arguments as float64 copies, outputs copied back."""
+    names, outputs = SPECS[op].args(direction), OUTPUTS[direction]
+
+    def run(*args):
+        wide = [a.astype(np.float64) if isinstance(a, np.ndarray) and a.dtype == np.float32 else a for a in args]
+        kernel64(*wide)
+        for name, a, w in zip(names, args, wide):
+            if name in outputs and w is not a:
+                a[...] = w
+
+    return run
+
+
+def _act16(op, direction, dtype):
+    """A fused-activation kernel on 16-bit data: the float32 kernel on widened copies, and where that gives a
+    non-finite output (float32 overflowing where the 16-bit result does not: bfloat16's range is float32's, or
+    NaN/inf data) the float64 kernel again, as the native 16-bit loops recompute such a tile in double."""
+    fast = half.through(KERNELS[(op, direction, "float32")], op, direction, dtype, np.float32)
+    exact = half.through(_with_float64_args(KERNELS[(op, direction, "float64")], op, direction), op, direction,
+                         dtype, np.float64)
+    outputs = [i for i, name in enumerate(SPECS[op].args(direction)) if name in OUTPUTS[direction]]
+
+    def act16(*args):
+        fast(*args)
+        if not all(args[i] is None or _finite(args[i], dtype) for i in outputs):
+            exact(*args)
+
+    return act16
 
 
 KERNELS.update({
