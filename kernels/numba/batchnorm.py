@@ -15,8 +15,9 @@ from __future__ import annotations
 import numpy as np
 from numba import prange
 
-from ._common import (BLOCK, MIN_SETS, TARGET_ITEMS, _cdiv, _dsums, _dx, _finish, _jit, _opt, _pivot, _pjit,
-                      _prefetch, _row_split, _sums, _sync_threads)
+from ._common import (BLOCK, MIN_SETS, TARGET_ITEMS, _act_param_grads, _act_row_sums, _act_rows_dx, _act_rows_forward,
+                      _cdiv, _dsums, _dx, _finish, _jit, _opt, _pivot, _pjit, _prefetch, _row_split, _rows, _sums,
+                      _sync_threads)
 from ._dtype16 import narrow, widen
 
 # batchnorm: spatial sizes below WIDE_S use the flattened (N, C*S) view; a channel is one work item when there
@@ -740,3 +741,102 @@ def batchnorm_backward_apply(dy, x, a, b, d, dx):
     # dx = dy * a + (x - 0) * b + d: the fused backward's elementwise pass
     _channel_dx(dy, x, np.zeros(x.shape[1], a.dtype), a, b, d, dx)
 
+
+
+# --- fused activations (normkit.contract): per-channel statistics or running statistics, then _common.py's act_
+# element loops over (n, c) rows (one read of x for the statistics and one fused pass; backward: the gradient
+# sums, then dx, each a read of dy and x)
+
+@_jit
+def _bn_act_forward(x, w, b, has_w, has_b, eps, y, mean, rstd, a, slope):
+    N, C, S = x.shape
+    piv = np.empty(C)
+    for c in range(C):
+        piv[c] = _pivot(x[0, c, 0])
+    sums = _channel_sums(x, x, piv, 0)
+    sc = np.empty(C, mean.dtype)
+    sh = np.empty(C, mean.dtype)
+    for c in range(C):
+        m64, r64 = _finish(piv[c], sums[c, 0], sums[c, 1], N * S, eps)
+        mean[c] = m64
+        rstd[c] = r64
+        s = r64 * (np.float64(w[c]) if has_w else 1.0)
+        sc[c] = s
+        sh[c] = (np.float64(b[c]) if has_b else 0.0) + (np.float64(mean[c]) - m64) * s
+    _act_rows_forward(x, _rows(mean, N), _rows(sc, N), _rows(sh, N), y, a, slope)
+
+
+@_jit
+def _channel_act_forward_infer(x, w, b, has_w, has_b, running_mean, running_var, eps, y, a, slope):
+    N, C, _ = x.shape
+    sc = np.empty(C, running_mean.dtype)
+    sh = np.empty(C, running_mean.dtype)
+    for c in range(C):
+        sc[c] = (np.float64(w[c]) if has_w else 1.0) / np.sqrt(np.float64(running_var[c]) + eps)
+        sh[c] = np.float64(b[c]) if has_b else 0.0
+    _act_rows_forward(x, _rows(running_mean, N), _rows(sc, N), _rows(sh, N), y, a, slope)
+
+
+@_jit
+def _channel_act_backward(dy, x, mean, rstd, w, b, has_w, has_b, dx, dw, db, want_dw, want_db, training, a, slope):
+    """act_backward of BatchNorm (``training``: batch statistics, dx through them) or of the inference passes
+    (running statistics: dx = g * w * rstd)."""
+    N, C, S = x.shape
+    t = mean.dtype.type
+    zs = np.empty(C, mean.dtype)
+    zb = np.empty(C, mean.dtype)
+    for c in range(C):
+        zs[c] = np.float64(rstd[c]) * (np.float64(w[c]) if has_w else 1.0)
+        zb[c] = b[c] if has_b else 0.0
+    m, zs2, zb2 = _rows(mean, N), _rows(zs, N), _rows(zb, N)
+    r = _rows(rstd.astype(np.float64), N)
+    A = np.empty(C, mean.dtype)
+    B = np.zeros(C, mean.dtype)
+    Cc = np.zeros(C, mean.dtype)
+    for c in range(C):
+        A[c] = zs[c]
+    if training or want_dw or want_db:
+        sums = _act_row_sums(dy, x, m, zs2, zb2, a, slope)
+        _act_param_grads(sums, r, dw, db, want_dw, want_db)
+        if training:
+            cnt = N * S
+            for c in range(C):
+                s1 = 0.0
+                s2 = 0.0
+                for n in range(N):
+                    s1 += sums[n, c, 0]
+                    s2 += sums[n, c, 1]
+                rc = np.float64(rstd[c])
+                wc = np.float64(w[c]) if has_w else 1.0
+                B[c] = t(-rc * rc * (rc * wc * s2 / cnt))
+                Cc[c] = t(-rc * (wc * s1 / cnt))
+    _act_rows_dx(dy, x, m, zs2, zb2, _rows(A, N), _rows(B, N), _rows(Cc, N), dx, a, slope)
+
+
+def batchnorm_act_forward(x, weight, bias, eps, activation, slope, y, mean, rstd):
+    _sync_threads()
+    w, hw = _opt(weight, mean)
+    b, hb = _opt(bias, mean)
+    _bn_act_forward(x, w, b, hw, hb, eps, y, mean, rstd, activation, slope)
+
+
+def channel_act_forward_infer(x, weight, bias, running_mean, running_var, eps, activation, slope, y):
+    _sync_threads()
+    w, hw = _opt(weight, running_mean)
+    b, hb = _opt(bias, running_mean)
+    _channel_act_forward_infer(x, w, b, hw, hb, running_mean, running_var, eps, y, activation, slope)
+
+
+def _act_backward(training):
+    def kernel(dy, x, mean, rstd, weight, bias, activation, slope, dx, dweight, dbias):
+        _sync_threads()
+        w, hw = _opt(weight, mean)
+        b, hb = _opt(bias, mean)
+        dw, wdw = _opt(dweight, mean)
+        db, wdb = _opt(dbias, mean)
+        _channel_act_backward(dy, x, mean, rstd, w, b, hw, hb, dx, dw, db, wdw, wdb, training, activation, slope)
+    return kernel
+
+
+batchnorm_act_backward = _act_backward(True)
+channel_act_backward_infer = _act_backward(False)

@@ -11,8 +11,8 @@ from __future__ import annotations
 import numpy as np
 from numba import prange
 
-from ._common import (_cdiv, _dsums, _dx, _finish, _jit, _npieces, _opt, _pivot, _pjit, _row_split, _sums,
-                      _sync_threads)
+from ._common import (_act_param_grads, _act_row_sums, _act_rows_dx, _act_rows_forward, _cdiv, _dsums, _dx, _finish,
+                      _jit, _npieces, _opt, _pivot, _pjit, _row_split, _sums, _sync_threads)
 from ._dtype16 import narrow, widen
 
 
@@ -223,3 +223,114 @@ def instancenorm_forward(x, weight, bias, eps, y, mean, rstd):
 
 def instancenorm_backward(dy, x, mean, rstd, weight, dx, dweight, dbias):
     groupnorm_backward(dy, x, x.shape[1], mean, rstd, weight, dx, dweight, dbias)
+
+
+# --- fused activations (normkit.contract): statistics as above, then _common.py's act_ element loops ------------
+
+@_pjit
+def _sets_stats(x, G, eps, mean, rstd):
+    """mean and rstd of every (sample, group) set over (set, piece) work items, merged per set in order; also
+    returned in float64, (N * G, 2)."""
+    N, C, S = x.shape
+    m = C // G * S
+    nsets = N * G
+    xs2 = x.reshape(nsets, m)
+    mf = mean.reshape(nsets)
+    rf = rstd.reshape(nsets)
+    P = _npieces(nsets, m)
+    L = _cdiv(m, P)
+    part = np.empty((nsets * P, 2))
+    for it in prange(nsets * P):
+        k = it // P
+        a = (it % P) * L
+        s1, s2 = _sums(xs2[k, a:min(m, a + L)], _pivot(xs2[k, 0]))
+        part[it, 0] = s1
+        part[it, 1] = s2
+    st = np.empty((nsets, 2))
+    for k in range(nsets):
+        s1 = 0.0
+        s2 = 0.0
+        for q in range(P):
+            s1 += part[k * P + q, 0]
+            s2 += part[k * P + q, 1]
+        m64, r64 = _finish(_pivot(xs2[k, 0]), s1, s2, m, eps)
+        mf[k] = m64
+        rf[k] = r64
+        st[k, 0] = m64
+        st[k, 1] = r64
+    return st
+
+
+@_jit
+def _sets_act_forward(x, G, w, b, has_w, has_b, eps, y, mean, rstd, a, slope):
+    N, C, _ = x.shape
+    cpg = C // G
+    st = _sets_stats(x, G, eps, mean, rstd)
+    m = np.empty((N, C), mean.dtype)
+    sc = np.empty((N, C), mean.dtype)
+    sh = np.empty((N, C), mean.dtype)
+    for n in range(N):
+        for c in range(C):
+            k = n * G + c // cpg
+            s = st[k, 1] * (np.float64(w[c]) if has_w else 1.0)
+            m[n, c] = mean[n, c // cpg]
+            sc[n, c] = s
+            # the mean's rounding to the dtype folded into the shift, as in _sets_forward
+            sh[n, c] = (np.float64(b[c]) if has_b else 0.0) + (np.float64(m[n, c]) - st[k, 0]) * s
+    _act_rows_forward(x, m, sc, sh, y, a, slope)
+
+
+@_jit
+def _sets_act_backward(dy, x, G, mean, rstd, w, b, has_w, has_b, dx, dw, db, want_dw, want_db, a, slope):
+    N, C, S = x.shape
+    cpg = C // G
+    t = mean.dtype.type
+    m = np.empty((N, C), mean.dtype)
+    r = np.empty((N, C))
+    zs = np.empty((N, C), mean.dtype)
+    zb = np.empty((N, C), mean.dtype)
+    for n in range(N):
+        for c in range(C):
+            m[n, c] = mean[n, c // cpg]
+            r[n, c] = rstd[n, c // cpg]
+            zs[n, c] = r[n, c] * (np.float64(w[c]) if has_w else 1.0)
+            zb[n, c] = b[c] if has_b else 0.0
+    sums = _act_row_sums(dy, x, m, zs, zb, a, slope)
+    sdy = np.ascontiguousarray(sums[:, :, 0])
+    sdyx = np.ascontiguousarray(sums[:, :, 1])
+    A = np.empty((N, C), mean.dtype)
+    B = np.empty((N, C), mean.dtype)
+    Cc = np.empty((N, C), mean.dtype)
+    for n in range(N):
+        for g in range(G):
+            Bg, Cg = _set_coefs(sdy, sdyx, n, g, cpg, cpg * S, r[n, g * cpg], w, has_w)
+            for c in range(g * cpg, (g + 1) * cpg):
+                A[n, c] = t(r[n, c] * (np.float64(w[c]) if has_w else 1.0))
+                B[n, c] = Bg
+                Cc[n, c] = Cg
+    _act_rows_dx(dy, x, m, zs, zb, A, B, Cc, dx, a, slope)
+    _act_param_grads(sums, r, dw, db, want_dw, want_db)
+
+
+def groupnorm_act_forward(x, num_groups, weight, bias, eps, activation, slope, y, mean, rstd):
+    _sync_threads()
+    w, hw = _opt(weight, mean)
+    b, hb = _opt(bias, mean)
+    _sets_act_forward(x, num_groups, w, b, hw, hb, eps, y, mean, rstd, activation, slope)
+
+
+def groupnorm_act_backward(dy, x, num_groups, mean, rstd, weight, bias, activation, slope, dx, dweight, dbias):
+    _sync_threads()
+    w, hw = _opt(weight, mean)
+    b, hb = _opt(bias, mean)
+    dw, wdw = _opt(dweight, mean)
+    db, wdb = _opt(dbias, mean)
+    _sets_act_backward(dy, x, num_groups, mean, rstd, w, b, hw, hb, dx, dw, db, wdw, wdb, activation, slope)
+
+
+def instancenorm_act_forward(x, weight, bias, eps, activation, slope, y, mean, rstd):
+    groupnorm_act_forward(x, x.shape[1], weight, bias, eps, activation, slope, y, mean, rstd)
+
+
+def instancenorm_act_backward(dy, x, mean, rstd, weight, bias, activation, slope, dx, dweight, dbias):
+    groupnorm_act_backward(dy, x, x.shape[1], mean, rstd, weight, bias, activation, slope, dx, dweight, dbias)

@@ -40,11 +40,14 @@ from normkit import half
 from normkit.contract import SPECS, kernel_table
 
 from ._common import CACHE, FASTMATH, THREADING_LAYER, set_num_threads
-from .batchnorm import (batchnorm_apply, batchnorm_backward, batchnorm_backward_apply, batchnorm_backward_reduce,
-                        batchnorm_forward, batchnorm_stats, channel_backward_infer, channel_forward_infer)
+from .batchnorm import (batchnorm_act_backward, batchnorm_act_forward, batchnorm_apply, batchnorm_backward,
+                        batchnorm_backward_apply, batchnorm_backward_reduce, batchnorm_forward, batchnorm_stats,
+                        channel_act_backward_infer, channel_act_forward_infer, channel_backward_infer,
+                        channel_forward_infer)
 from .channels_last import NHWC
-from .groupnorm import groupnorm_backward, groupnorm_forward, instancenorm_backward, instancenorm_forward
-from .layernorm import layernorm_backward, layernorm_forward
+from .groupnorm import (groupnorm_act_backward, groupnorm_act_forward, groupnorm_backward, groupnorm_forward,
+                        instancenorm_act_backward, instancenorm_act_forward, instancenorm_backward, instancenorm_forward)
+from .layernorm import layernorm_act_backward, layernorm_act_forward, layernorm_backward, layernorm_forward
 from .rownorm import (layernorm_add_backward, layernorm_add_forward, rmsnorm_add_backward, rmsnorm_add_forward,
                       rmsnorm_backward, rmsnorm_forward)
 
@@ -85,6 +88,21 @@ _ROWNORM = {
     ("rmsnorm", "add_forward"): rmsnorm_add_forward,
     ("rmsnorm", "add_backward"): rmsnorm_add_backward,
 }
+# The fused activations (float32 / float64 loops; 16-bit ones, like _ROWNORM's, on widened copies)
+_ACT = {
+    ("batchnorm", "act_forward"): batchnorm_act_forward,
+    ("batchnorm", "act_forward_infer"): channel_act_forward_infer,
+    ("batchnorm", "act_backward"): batchnorm_act_backward,
+    ("batchnorm", "act_backward_infer"): channel_act_backward_infer,
+    ("instancenorm", "act_forward"): instancenorm_act_forward,
+    ("instancenorm", "act_forward_infer"): channel_act_forward_infer,
+    ("instancenorm", "act_backward"): instancenorm_act_backward,
+    ("instancenorm", "act_backward_infer"): channel_act_backward_infer,
+    ("groupnorm", "act_forward"): groupnorm_act_forward,
+    ("groupnorm", "act_backward"): groupnorm_act_backward,
+    ("layernorm", "act_forward"): layernorm_act_forward,
+    ("layernorm", "act_backward"): layernorm_act_backward,
+}
 
 # the 16-bit formats' bit arrays, and the integer type whose numba type picks each format (see _dtype16.py)
 _DATA = ("x", "y", "dy", "dx")
@@ -105,12 +123,12 @@ def _sixteen_bit(f, op, direction, bits):
     return kernel
 
 
-KERNELS = kernel_table({**_FUNCTIONS, **_ROWNORM}, dtypes=("float32", "float64"))
+KERNELS = kernel_table({**_FUNCTIONS, **_ROWNORM, **_ACT}, dtypes=("float32", "float64"))
 KERNELS.update({(op, direction, dtype): _sixteen_bit(f, op, direction, bits)
                 for (op, direction), f in _FUNCTIONS.items() for dtype, bits in _FORMATS.items()})
 KERNELS.update({(op, direction, dtype): half.through(KERNELS[(op, direction, "float32")], op, direction, dtype,
                                                      np.float32)
-                for op, direction in _ROWNORM for dtype in _FORMATS})
+                for op, direction in {**_ROWNORM, **_ACT} for dtype in _FORMATS})
 # the channels-last kernels (normkit.contract): (op, direction, dtype, "nhwc"), arrays (N, S, C); float32 and
 # float64 only (contract.LAYOUT_DTYPES)
 KERNELS.update({(op, direction, dtype, "nhwc"): f for (op, direction), f in NHWC.items()
