@@ -288,13 +288,16 @@ def _row_grad_sums(dyr, xr, m, r, w):
 
 # --- fused activations (normkit.contract, "Fused activation") ---------------------------------------------------
 #
-# The act_ kernels take the activation as a run-time int (an index into contract.ACTIVATIONS) and test it inside
-# the element loops: the test is loop-invariant, so LLVM unswitches it (one loop per activation, the relu one
-# vectorized as the plain kernels' loops are), and one compiled specialization per dtype serves every activation.
-# (Measured on a (8, 64, 196) pass: relu as fast as the plain affine pass; one specialization per activation,
-# from a factory or numba.literally, compiled no faster per activation, and literally's dispatch cost ~10 ms a
-# call.) The 16-bit act kernels are these float32 ones on widened copies (kernels.py), so no widen/narrow here.
-# The element loops take the per-(n, c) row coefficients of the channel ops: (N, C) arrays of the data's dtype.
+# The element loops of the act_ kernels are built per activation (per_activation below): a closure over the
+# activation's index, which numba compiles as a constant, so each loop holds one activation's code. Measured on
+# (8, 64, 196) float32, one thread: with the index as a run-time argument (one specialization for all five), LLVM
+# did not unswitch the loops of the gradient sums and dx, which ran 7-10x slower than the plain kernels' for relu;
+# a scalar function passed as an argument vectorizes but defeats numba's disk cache; numba.literally costs ~10 ms
+# per call in dispatch. Closures over an int are cached (the index is part of the cache key), and compile only when
+# an activation is first used. Everything else of an act_ kernel (statistics, coefficients, merges) is plain njit
+# code, compiled once per dtype. The 16-bit act kernels are these float32 ones on widened copies (kernels.py), so
+# the act loops need no widen/narrow. The channel ops' loops take per-(n, c) row coefficients: (N, C) arrays of
+# the data's dtype.
 
 _SQRT_HALF = 0.7071067811865476
 _INV_SQRT_2PI = 0.3989422804014327
@@ -304,7 +307,7 @@ _TANH_K = 0.044715
 
 @_jit
 def _act(z, a, slope):
-    """act(z) in z's dtype; a NaN z stays NaN (relu as np.maximum)."""
+    """act(z) in z's dtype, for a constant ``a`` (an index into contract.ACTIVATIONS); a NaN z stays NaN."""
     t = type(z)
     if a == 0:
         return t(0.0) if z <= t(0.0) else z
@@ -336,79 +339,98 @@ def _dact(z, a, slope):
     return t(0.5) * (t(1.0) + th) + t(0.5) * z * (t(1.0) - th * th) * t(_TANH_C) * (t(1.0) + t(3.0 * _TANH_K) * z * z)
 
 
-@_pjit
-def _act_rows_forward(x, m, sc, sh, y, a, slope):
-    """y = act((x - m) * sc + sh), with m, sc, sh per (n, c) row; (n, c, piece) work items."""
-    N, C, S = x.shape
-    Q, L = _row_split(N, C, S)
-    for it in prange(N * C * Q):
-        n = it // (C * Q)
-        c = (it // Q) % C
-        lo = (it % Q) * L
-        xr = x[n, c, lo:min(S, lo + L)]
-        yr = y[n, c, lo:min(S, lo + L)]
-        mc = m[n, c]
-        scc = sc[n, c]
-        shc = sh[n, c]
-        for j in range(xr.shape[0]):
-            yr[j] = _act((xr[j] - mc) * scc + shc, a, slope)
+def per_activation(factory):
+    """factory(a) -> kernels for activation a, built on first use of each a and kept."""
+    built = {}
+
+    def get(a):
+        found = built.get(a)
+        if found is None:
+            found = built[a] = factory(a)
+        return found
+    get.__name__ = get.__qualname__ = factory.__name__
+    get.__doc__ = factory.__doc__
+    return get
 
 
-@_pjit
-def _act_row_sums(dy, x, m, zs, zb, a, slope):
-    """Per (n, c) row, in float64: sum(g) and sum(g * (x - m)) with g = dy * act'(z), z = (x - m) * zs + zb (the
-    forward's output before the activation, recomputed). Pieces of a row are merged in order: (N, C, 2)."""
-    N, C, S = x.shape
-    Q, L = _row_split(N, C, S)
-    part = np.empty((N * C * Q, 2))
-    for it in prange(N * C * Q):
-        n = it // (C * Q)
-        c = (it // Q) % C
-        lo = (it % Q) * L
-        dyr = dy[n, c, lo:min(S, lo + L)]
-        xr = x[n, c, lo:min(S, lo + L)]
-        mc = m[n, c]
-        m64 = np.float64(mc)
-        zsc = zs[n, c]
-        zbc = zb[n, c]
-        s1 = 0.0
-        s2 = 0.0
-        for j in range(xr.shape[0]):
-            g = np.float64(dyr[j] * _dact((xr[j] - mc) * zsc + zbc, a, slope))
-            s1 += g
-            s2 += g * (np.float64(xr[j]) - m64)
-        part[it, 0] = s1
-        part[it, 1] = s2
-    out = np.zeros((N, C, 2))
-    for n in range(N):
-        for c in range(C):
-            for q in range(Q):
-                out[n, c, 0] += part[(n * C + c) * Q + q, 0]
-                out[n, c, 1] += part[(n * C + c) * Q + q, 1]
-    return out
+@per_activation
+def act_rows(a):
+    """The channel ops' act_ element passes for activation ``a``, over (n, c, piece) work items:
+    (forward, sums, dx)."""
 
+    @_pjit
+    def forward(x, m, sc, sh, y, slope):
+        """y = act((x - m) * sc + sh)."""
+        N, C, S = x.shape
+        Q, L = _row_split(N, C, S)
+        for it in prange(N * C * Q):
+            n = it // (C * Q)
+            c = (it // Q) % C
+            lo = (it % Q) * L
+            xr = x[n, c, lo:min(S, lo + L)]
+            yr = y[n, c, lo:min(S, lo + L)]
+            mc = m[n, c]
+            scc = sc[n, c]
+            shc = sh[n, c]
+            for j in range(xr.shape[0]):
+                yr[j] = _act((xr[j] - mc) * scc + shc, a, slope)
 
-@_pjit
-def _act_rows_dx(dy, x, m, zs, zb, A, B, Cc, dx, a, slope):
-    """dx = g * A + (x - m) * B + Cc with g = dy * act'((x - m) * zs + zb), all per (n, c) row."""
-    N, C, S = x.shape
-    Q, L = _row_split(N, C, S)
-    for it in prange(N * C * Q):
-        n = it // (C * Q)
-        c = (it // Q) % C
-        lo = (it % Q) * L
-        dyr = dy[n, c, lo:min(S, lo + L)]
-        xr = x[n, c, lo:min(S, lo + L)]
-        dxr = dx[n, c, lo:min(S, lo + L)]
-        mc = m[n, c]
-        zsc = zs[n, c]
-        zbc = zb[n, c]
-        Ac = A[n, c]
-        Bc = B[n, c]
-        Cv = Cc[n, c]
-        for j in range(xr.shape[0]):
-            xm = xr[j] - mc
-            dxr[j] = dyr[j] * _dact(xm * zsc + zbc, a, slope) * Ac + xm * Bc + Cv
+    @_pjit
+    def sums(dy, x, m, zs, zb, slope):
+        """Per row, in float64: sum(g) and sum(g * (x - m)) with g = dy * act'(z), z = (x - m) * zs + zb (the
+        forward's output before the activation, recomputed); pieces merged in order: (N, C, 2)."""
+        N, C, S = x.shape
+        Q, L = _row_split(N, C, S)
+        part = np.empty((N * C * Q, 2))
+        for it in prange(N * C * Q):
+            n = it // (C * Q)
+            c = (it // Q) % C
+            lo = (it % Q) * L
+            dyr = dy[n, c, lo:min(S, lo + L)]
+            xr = x[n, c, lo:min(S, lo + L)]
+            mc = m[n, c]
+            m64 = np.float64(mc)
+            zsc = zs[n, c]
+            zbc = zb[n, c]
+            s1 = 0.0
+            s2 = 0.0
+            for j in range(xr.shape[0]):
+                g = np.float64(dyr[j] * _dact((xr[j] - mc) * zsc + zbc, a, slope))
+                s1 += g
+                s2 += g * (np.float64(xr[j]) - m64)
+            part[it, 0] = s1
+            part[it, 1] = s2
+        out = np.zeros((N, C, 2))
+        for n in range(N):
+            for c in range(C):
+                for q in range(Q):
+                    out[n, c, 0] += part[(n * C + c) * Q + q, 0]
+                    out[n, c, 1] += part[(n * C + c) * Q + q, 1]
+        return out
+
+    @_pjit
+    def dx(dy, x, m, zs, zb, A, B, Cc, out, slope):
+        """out = g * A + (x - m) * B + Cc with g = dy * act'((x - m) * zs + zb)."""
+        N, C, S = x.shape
+        Q, L = _row_split(N, C, S)
+        for it in prange(N * C * Q):
+            n = it // (C * Q)
+            c = (it // Q) % C
+            lo = (it % Q) * L
+            dyr = dy[n, c, lo:min(S, lo + L)]
+            xr = x[n, c, lo:min(S, lo + L)]
+            outr = out[n, c, lo:min(S, lo + L)]
+            mc = m[n, c]
+            zsc = zs[n, c]
+            zbc = zb[n, c]
+            Ac = A[n, c]
+            Bc = B[n, c]
+            Cv = Cc[n, c]
+            for j in range(xr.shape[0]):
+                xm = xr[j] - mc
+                outr[j] = dyr[j] * _dact(xm * zsc + zbc, a, slope) * Ac + xm * Bc + Cv
+
+    return forward, sums, dx
 
 
 @_jit
@@ -422,8 +444,8 @@ def _rows(v, N):
 
 @_jit
 def _act_param_grads(sums, r, dw, db, want_dw, want_db):
-    """dweight[c] = sum over n of r[n, c] * sum(g * (x - m)) and dbias[c] = sum over n of sum(g), from
-    _act_row_sums, over n in order; r is rstd per (n, c) row, in float64."""
+    """dweight[c] = sum over n of r[n, c] * sum(g * (x - m)) and dbias[c] = sum over n of sum(g), from act_rows'
+    sums, over n in order; r is rstd per (n, c) row, in float64."""
     N, C, _ = sums.shape
     for c in range(C):
         s1 = 0.0

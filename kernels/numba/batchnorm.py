@@ -15,9 +15,8 @@ from __future__ import annotations
 import numpy as np
 from numba import prange
 
-from ._common import (BLOCK, MIN_SETS, TARGET_ITEMS, _act_param_grads, _act_row_sums, _act_rows_dx, _act_rows_forward,
-                      _cdiv, _dsums, _dx, _finish, _jit, _opt, _pivot, _pjit, _prefetch, _row_split, _rows, _sums,
-                      _sync_threads)
+from ._common import (BLOCK, MIN_SETS, TARGET_ITEMS, _act_param_grads, _cdiv, _dsums, _dx, _finish, _jit, _opt, _pivot,
+                      _pjit, _prefetch, _row_split, _rows, _sums, _sync_threads, act_rows)
 from ._dtype16 import narrow, widen
 
 # batchnorm: spatial sizes below WIDE_S use the flattened (N, C*S) view; a channel is one work item when there
@@ -743,12 +742,13 @@ def batchnorm_backward_apply(dy, x, a, b, d, dx):
 
 
 
-# --- fused activations (normkit.contract): per-channel statistics or running statistics, then _common.py's act_
-# element loops over (n, c) rows (one read of x for the statistics and one fused pass; backward: the gradient
-# sums, then dx, each a read of dy and x)
+# --- fused activations (normkit.contract): statistics and coefficients here, the element passes _common.act_rows'
+# over (n, c) rows (forward: one read of x for the statistics, one fused pass; backward: the gradient sums, then
+# dx, each a read of dy and x), whatever the shape: the simplest of the schedules above.
 
 @_jit
-def _bn_act_forward(x, w, b, has_w, has_b, eps, y, mean, rstd, a, slope):
+def _bn_act_coefs(x, w, b, has_w, has_b, eps, mean, rstd):
+    """The batch statistics (stored), and act_rows' forward coefficients (m, scale, shift) per (n, c) row."""
     N, C, S = x.shape
     piv = np.empty(C)
     for c in range(C):
@@ -763,80 +763,94 @@ def _bn_act_forward(x, w, b, has_w, has_b, eps, y, mean, rstd, a, slope):
         s = r64 * (np.float64(w[c]) if has_w else 1.0)
         sc[c] = s
         sh[c] = (np.float64(b[c]) if has_b else 0.0) + (np.float64(mean[c]) - m64) * s
-    _act_rows_forward(x, _rows(mean, N), _rows(sc, N), _rows(sh, N), y, a, slope)
+    return _rows(mean, N), _rows(sc, N), _rows(sh, N)
 
 
 @_jit
-def _channel_act_forward_infer(x, w, b, has_w, has_b, running_mean, running_var, eps, y, a, slope):
-    N, C, _ = x.shape
+def _infer_act_coefs(N, w, b, has_w, has_b, running_mean, running_var, eps):
+    """act_rows' forward coefficients per (n, c) row from running statistics."""
+    C = running_mean.shape[0]
     sc = np.empty(C, running_mean.dtype)
     sh = np.empty(C, running_mean.dtype)
     for c in range(C):
         sc[c] = (np.float64(w[c]) if has_w else 1.0) / np.sqrt(np.float64(running_var[c]) + eps)
         sh[c] = np.float64(b[c]) if has_b else 0.0
-    _act_rows_forward(x, _rows(running_mean, N), _rows(sc, N), _rows(sh, N), y, a, slope)
+    return _rows(running_mean, N), _rows(sc, N), _rows(sh, N)
 
 
 @_jit
-def _channel_act_backward(dy, x, mean, rstd, w, b, has_w, has_b, dx, dw, db, want_dw, want_db, training, a, slope):
-    """act_backward of BatchNorm (``training``: batch statistics, dx through them) or of the inference passes
-    (running statistics: dx = g * w * rstd)."""
-    N, C, S = x.shape
-    t = mean.dtype.type
+def _channel_z_coefs(N, mean, rstd, w, b, has_w, has_b):
+    """Per (n, c) row: mean, rstd in float64, and z = (x - mean) * zs + zb's zs and zb (per-channel statistics)."""
+    C = mean.shape[0]
     zs = np.empty(C, mean.dtype)
     zb = np.empty(C, mean.dtype)
     for c in range(C):
         zs[c] = np.float64(rstd[c]) * (np.float64(w[c]) if has_w else 1.0)
         zb[c] = b[c] if has_b else 0.0
-    m, zs2, zb2 = _rows(mean, N), _rows(zs, N), _rows(zb, N)
-    r = _rows(rstd.astype(np.float64), N)
-    A = np.empty(C, mean.dtype)
-    B = np.zeros(C, mean.dtype)
-    Cc = np.zeros(C, mean.dtype)
+    return _rows(mean, N), _rows(rstd.astype(np.float64), N), _rows(zs, N), _rows(zb, N)
+
+
+@_jit
+def _channel_dx_coefs(sums, N, S, rstd, w, has_w, training):
+    """dx = g * A + (x - m) * B + Cc per (n, c) row from act_rows' sums: through the batch statistics
+    (``training``), or dx = g * w * rstd (running statistics; ``sums`` unused)."""
+    C = rstd.shape[0]
+    t = rstd.dtype.type
+    cnt = N * S
+    A = np.empty(C, rstd.dtype)
+    B = np.zeros(C, rstd.dtype)
+    Cc = np.zeros(C, rstd.dtype)
     for c in range(C):
-        A[c] = zs[c]
-    if training or want_dw or want_db:
-        sums = _act_row_sums(dy, x, m, zs2, zb2, a, slope)
-        _act_param_grads(sums, r, dw, db, want_dw, want_db)
+        rc = np.float64(rstd[c])
+        wc = np.float64(w[c]) if has_w else 1.0
+        A[c] = rc * wc
         if training:
-            cnt = N * S
-            for c in range(C):
-                s1 = 0.0
-                s2 = 0.0
-                for n in range(N):
-                    s1 += sums[n, c, 0]
-                    s2 += sums[n, c, 1]
-                rc = np.float64(rstd[c])
-                wc = np.float64(w[c]) if has_w else 1.0
-                B[c] = t(-rc * rc * (rc * wc * s2 / cnt))
-                Cc[c] = t(-rc * (wc * s1 / cnt))
-    _act_rows_dx(dy, x, m, zs2, zb2, _rows(A, N), _rows(B, N), _rows(Cc, N), dx, a, slope)
+            s1 = 0.0
+            s2 = 0.0
+            for n in range(N):
+                s1 += sums[n, c, 0]
+                s2 += sums[n, c, 1]
+            B[c] = t(-rc * rc * (rc * wc * s2 / cnt))
+            Cc[c] = t(-rc * (wc * s1 / cnt))
+    return _rows(A, N), _rows(B, N), _rows(Cc, N)
 
 
 def batchnorm_act_forward(x, weight, bias, eps, activation, slope, y, mean, rstd):
     _sync_threads()
     w, hw = _opt(weight, mean)
     b, hb = _opt(bias, mean)
-    _bn_act_forward(x, w, b, hw, hb, eps, y, mean, rstd, activation, slope)
+    m, sc, sh = _bn_act_coefs(x, w, b, hw, hb, eps, mean, rstd)
+    act_rows(activation)[0](x, m, sc, sh, y, slope)
 
 
 def channel_act_forward_infer(x, weight, bias, running_mean, running_var, eps, activation, slope, y):
     _sync_threads()
     w, hw = _opt(weight, running_mean)
     b, hb = _opt(bias, running_mean)
-    _channel_act_forward_infer(x, w, b, hw, hb, running_mean, running_var, eps, y, activation, slope)
+    m, sc, sh = _infer_act_coefs(x.shape[0], w, b, hw, hb, running_mean, running_var, eps)
+    act_rows(activation)[0](x, m, sc, sh, y, slope)
 
 
 def _act_backward(training):
+    """act_backward (``training``: through the batch statistics) or act_backward_infer (running statistics); the
+    latter sums the gradients of g only when dweight or dbias is wanted."""
     def kernel(dy, x, mean, rstd, weight, bias, activation, slope, dx, dweight, dbias):
         _sync_threads()
         w, hw = _opt(weight, mean)
         b, hb = _opt(bias, mean)
         dw, wdw = _opt(dweight, mean)
         db, wdb = _opt(dbias, mean)
-        _channel_act_backward(dy, x, mean, rstd, w, b, hw, hb, dx, dw, db, wdw, wdb, training, activation, slope)
+        _, sums_pass, dx_pass = act_rows(activation)
+        m, r, zs, zb = _channel_z_coefs(x.shape[0], mean, rstd, w, b, hw, hb)
+        sums = sums_pass(dy, x, m, zs, zb, slope) if training or wdw or wdb else _NO_SUMS
+        A, B, Cc = _channel_dx_coefs(sums, x.shape[0], x.shape[2], rstd, w, hw, training)
+        dx_pass(dy, x, m, zs, zb, A, B, Cc, dx, slope)
+        if wdw or wdb:
+            _act_param_grads(sums, r, dw, db, wdw, wdb)
+    kernel.__name__ = kernel.__qualname__ = "batchnorm_act_backward" if training else "channel_act_backward_infer"
     return kernel
 
 
+_NO_SUMS = np.zeros((0, 0, 2))
 batchnorm_act_backward = _act_backward(True)
 channel_act_backward_infer = _act_backward(False)

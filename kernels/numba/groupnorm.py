@@ -11,8 +11,8 @@ from __future__ import annotations
 import numpy as np
 from numba import prange
 
-from ._common import (_act_param_grads, _act_row_sums, _act_rows_dx, _act_rows_forward, _cdiv, _dsums, _dx, _finish,
-                      _jit, _npieces, _opt, _pivot, _pjit, _row_split, _sums, _sync_threads)
+from ._common import (_act_param_grads, _cdiv, _dsums, _dx, _finish, _jit, _npieces, _opt, _pivot, _pjit, _row_split,
+                      _sums, _sync_threads, act_rows)
 from ._dtype16 import narrow, widen
 
 
@@ -225,7 +225,7 @@ def instancenorm_backward(dy, x, mean, rstd, weight, dx, dweight, dbias):
     groupnorm_backward(dy, x, x.shape[1], mean, rstd, weight, dx, dweight, dbias)
 
 
-# --- fused activations (normkit.contract): statistics as above, then _common.py's act_ element loops ------------
+# --- fused activations (normkit.contract): statistics and coefficients here, the element passes _common.act_rows'
 
 @_pjit
 def _sets_stats(x, G, eps, mean, rstd):
@@ -262,7 +262,8 @@ def _sets_stats(x, G, eps, mean, rstd):
 
 
 @_jit
-def _sets_act_forward(x, G, w, b, has_w, has_b, eps, y, mean, rstd, a, slope):
+def _sets_act_coefs(x, G, w, b, has_w, has_b, eps, mean, rstd):
+    """The statistics (stored), and act_rows' forward coefficients (m, scale, shift) per (n, c) row."""
     N, C, _ = x.shape
     cpg = C // G
     st = _sets_stats(x, G, eps, mean, rstd)
@@ -277,14 +278,14 @@ def _sets_act_forward(x, G, w, b, has_w, has_b, eps, y, mean, rstd, a, slope):
             sc[n, c] = s
             # the mean's rounding to the dtype folded into the shift, as in _sets_forward
             sh[n, c] = (np.float64(b[c]) if has_b else 0.0) + (np.float64(m[n, c]) - st[k, 0]) * s
-    _act_rows_forward(x, m, sc, sh, y, a, slope)
+    return m, sc, sh
 
 
 @_jit
-def _sets_act_backward(dy, x, G, mean, rstd, w, b, has_w, has_b, dx, dw, db, want_dw, want_db, a, slope):
-    N, C, S = x.shape
+def _sets_z_coefs(x, G, mean, rstd, w, b, has_w, has_b):
+    """Per (n, c) row: the set's mean, rstd in float64, and z = (x - mean) * zs + zb's zs and zb."""
+    N, C, _ = x.shape
     cpg = C // G
-    t = mean.dtype.type
     m = np.empty((N, C), mean.dtype)
     r = np.empty((N, C))
     zs = np.empty((N, C), mean.dtype)
@@ -295,12 +296,22 @@ def _sets_act_backward(dy, x, G, mean, rstd, w, b, has_w, has_b, dx, dw, db, wan
             r[n, c] = rstd[n, c // cpg]
             zs[n, c] = r[n, c] * (np.float64(w[c]) if has_w else 1.0)
             zb[n, c] = b[c] if has_b else 0.0
-    sums = _act_row_sums(dy, x, m, zs, zb, a, slope)
+    return m, r, zs, zb
+
+
+@_jit
+def _sets_dx_coefs(sums, G, S, r, w, has_w, like):
+    """dx = g * A + (x - m) * B + Cc per (n, c) row, from act_rows' sums of g = dy * act'(z): (A, B, Cc), of the
+    dtype of ``like``."""
+    N, C, _ = sums.shape
+    cpg = C // G
+    dtype = like.dtype
+    t = dtype.type
     sdy = np.ascontiguousarray(sums[:, :, 0])
     sdyx = np.ascontiguousarray(sums[:, :, 1])
-    A = np.empty((N, C), mean.dtype)
-    B = np.empty((N, C), mean.dtype)
-    Cc = np.empty((N, C), mean.dtype)
+    A = np.empty((N, C), dtype)
+    B = np.empty((N, C), dtype)
+    Cc = np.empty((N, C), dtype)
     for n in range(N):
         for g in range(G):
             Bg, Cg = _set_coefs(sdy, sdyx, n, g, cpg, cpg * S, r[n, g * cpg], w, has_w)
@@ -308,15 +319,15 @@ def _sets_act_backward(dy, x, G, mean, rstd, w, b, has_w, has_b, dx, dw, db, wan
                 A[n, c] = t(r[n, c] * (np.float64(w[c]) if has_w else 1.0))
                 B[n, c] = Bg
                 Cc[n, c] = Cg
-    _act_rows_dx(dy, x, m, zs, zb, A, B, Cc, dx, a, slope)
-    _act_param_grads(sums, r, dw, db, want_dw, want_db)
+    return A, B, Cc
 
 
 def groupnorm_act_forward(x, num_groups, weight, bias, eps, activation, slope, y, mean, rstd):
     _sync_threads()
     w, hw = _opt(weight, mean)
     b, hb = _opt(bias, mean)
-    _sets_act_forward(x, num_groups, w, b, hw, hb, eps, y, mean, rstd, activation, slope)
+    m, sc, sh = _sets_act_coefs(x, num_groups, w, b, hw, hb, eps, mean, rstd)
+    act_rows(activation)[0](x, m, sc, sh, y, slope)
 
 
 def groupnorm_act_backward(dy, x, num_groups, mean, rstd, weight, bias, activation, slope, dx, dweight, dbias):
@@ -325,7 +336,12 @@ def groupnorm_act_backward(dy, x, num_groups, mean, rstd, weight, bias, activati
     b, hb = _opt(bias, mean)
     dw, wdw = _opt(dweight, mean)
     db, wdb = _opt(dbias, mean)
-    _sets_act_backward(dy, x, num_groups, mean, rstd, w, b, hw, hb, dx, dw, db, wdw, wdb, activation, slope)
+    _, sums_pass, dx_pass = act_rows(activation)
+    m, r, zs, zb = _sets_z_coefs(x, num_groups, mean, rstd, w, b, hw, hb)
+    sums = sums_pass(dy, x, m, zs, zb, slope)
+    A, B, Cc = _sets_dx_coefs(sums, num_groups, x.shape[2], r, w, hw, mean)
+    dx_pass(dy, x, m, zs, zb, A, B, Cc, dx, slope)
+    _act_param_grads(sums, r, dw, db, wdw, wdb)
 
 
 def instancenorm_act_forward(x, weight, bias, eps, activation, slope, y, mean, rstd):

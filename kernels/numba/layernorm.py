@@ -14,7 +14,7 @@ from numba.core import cgutils, types
 from numba.extending import intrinsic
 
 from ._common import (BLOCK, PIECE, TARGET_ITEMS, _act, _cdiv, _dact, _finish, _jit, _npieces, _opt, _pivot, _pjit,
-                      _row_grad_sums, _sums, _sync_threads)
+                      _row_grad_sums, _sums, _sync_threads, per_activation)
 from ._dtype16 import narrow, widen
 
 # layernorm backward with long rows sums its parameter gradients in the data's dtype over at most FLUSH rows.
@@ -267,25 +267,13 @@ def layernorm_backward(dy, x, mean, rstd, weight, dx, dweight, dbias):
     _ln_backward(dy, x, mean, rstd, w, hw, dx, dw, db, wdw, wdb)
 
 
-# --- fused activations (normkit.contract) ----------------------------------------------------------------------
-
-@_jit
-def _ln_act_apply(xr, yr, m, m64, r, w, b, a, slope):
-    """_ln_apply, then the activation."""
-    t = w.dtype.type
-    rt = t(r)
-    c0 = t((np.float64(m) - m64) * r)
-    for j in range(xr.shape[0]):
-        yr[j] = _act(((xr[j] - m) * rt + c0) * w[j] + b[j], a, slope)
-
+# --- fused activations (normkit.contract): the element loops built per activation (_common.per_activation) ----
 
 @_pjit
-def _ln_act_forward(x, w, b, has_w, has_b, eps, y, mean, rstd, a, slope):
-    """Row sums over (row, piece) work items (one piece per row with enough rows), merged per row in order, then
-    the fused apply pass."""
+def _ln_stats(x, eps, mean, rstd):
+    """Row statistics (stored) over (row, piece) work items (one piece per row with enough rows), merged per row in
+    order; also returned in float64, (M, 2)."""
     M, K = x.shape
-    wv = w if has_w else np.ones(K, mean.dtype)
-    bv = b if has_b else np.zeros(K, mean.dtype)
     P = _npieces(M, K)
     L = _cdiv(K, P)
     part = np.empty((M * P, 2))
@@ -307,75 +295,101 @@ def _ln_act_forward(x, w, b, has_w, has_b, eps, y, mean, rstd, a, slope):
         rstd[k] = r64
         st[k, 0] = m64
         st[k, 1] = r64
-    for it in prange(M * P):
-        k = it // P
-        lo = (it % P) * L
-        e = min(K, lo + L)
-        _ln_act_apply(x[k, lo:e], y[k, lo:e], mean[k], st[k, 0], st[k, 1], wv[lo:e], bv[lo:e], a, slope)
+    return st
 
 
-@_pjit
-def _ln_act_backward(dy, x, mean, rstd, w, b, has_w, has_b, dx, dw, db, want_dw, want_db, a, slope):
-    """Blocks of rows (as many as _ln_backward's short-row path makes); per row the gradient sums, then dx and the
-    parameter gradients (float64, per block, merged in block order), the row still in cache."""
-    M, K = x.shape
-    t = mean.dtype.type
-    wv = w if has_w else np.ones(K, mean.dtype)
-    bv = b if has_b else np.zeros(K, mean.dtype)
-    want = want_dw or want_db
-    R = max(1, min(TARGET_ITEMS * 2, M // 8)) if want else min(M, TARGET_ITEMS * 2)
-    RL = _cdiv(M, R)
-    pw = np.zeros((R, K if want else 0))
-    pb = np.zeros((R, K if want else 0))
-    for it in prange(R):
-        pwi = pw[it]
-        pbi = pb[it]
-        for k in range(it * RL, min(M, (it + 1) * RL)):
-            dyr = dy[k]
-            xr = x[k]
-            dxr = dx[k]
-            mk = mean[k]
-            m64 = np.float64(mk)
-            r64 = np.float64(rstd[k])
-            rt = rstd[k]
-            sg = 0.0
-            sgx = 0.0
-            for j in range(K):
-                gw = np.float64(dyr[j] * _dact((xr[j] - mk) * rt * wv[j] + bv[j], a, slope) * wv[j])
-                sg += gw
-                sgx += gw * (np.float64(xr[j]) - m64)
-            B = t(-r64 * r64 * r64 * sgx / K)
-            Cc = t(-r64 * sg / K)
-            for j in range(K):
-                xm = xr[j] - mk
-                g = dyr[j] * _dact(xm * rt * wv[j] + bv[j], a, slope)
-                dxr[j] = _fma(g, wv[j] * rt, xm * B + Cc)
-                if want:
-                    pwi[j] += np.float64(g) * np.float64(xm * rt)
-                    pbi[j] += np.float64(g)
-    for j in range(K if want else 0):
-        aw = 0.0
-        ab = 0.0
-        for it in range(R):
-            aw += pw[it, j]
-            ab += pb[it, j]
-        if want_dw:
-            dw[j] = aw
-        if want_db:
-            db[j] = ab
+@per_activation
+def _ln_act(a):
+    """LayerNorm's act_ passes for activation ``a``: (forward apply, backward)."""
+
+    @_pjit
+    def apply(x, st, w, b, y, mean, slope):
+        """y = act(((x - m) * r + c0) * w + b) as _ln_apply, over the (row, piece) items of _ln_stats."""
+        M, K = x.shape
+        P = _npieces(M, K)
+        L = _cdiv(K, P)
+        t = w.dtype.type
+        for it in prange(M * P):
+            k = it // P
+            lo = (it % P) * L
+            xr = x[k, lo:min(K, lo + L)]
+            yr = y[k, lo:min(K, lo + L)]
+            wr = w[lo:min(K, lo + L)]
+            br = b[lo:min(K, lo + L)]
+            m = mean[k]
+            rt = t(st[k, 1])
+            c0 = t((np.float64(m) - st[k, 0]) * st[k, 1])
+            for j in range(xr.shape[0]):
+                yr[j] = _act(((xr[j] - m) * rt + c0) * wr[j] + br[j], a, slope)
+
+    @_pjit
+    def backward(dy, x, mean, rstd, w, b, dx, dw, db, want_dw, want_db, slope):
+        """Blocks of rows (as many as _ln_backward's short-row path makes); per row the sums of g * w and
+        g * w * (x - m) with g = dy * act'(z), then dx and the parameter gradients (float64, per block, merged in
+        block order) while the row is in cache."""
+        M, K = x.shape
+        t = mean.dtype.type
+        want = want_dw or want_db
+        R = max(1, min(TARGET_ITEMS * 2, M // 8)) if want else min(M, TARGET_ITEMS * 2)
+        RL = _cdiv(M, R)
+        pw = np.zeros((R, K if want else 0))
+        pb = np.zeros((R, K if want else 0))
+        for it in prange(R):
+            pwi = pw[it]
+            pbi = pb[it]
+            for k in range(it * RL, min(M, (it + 1) * RL)):
+                dyr = dy[k]
+                xr = x[k]
+                dxr = dx[k]
+                mk = mean[k]
+                m64 = np.float64(mk)
+                r64 = np.float64(rstd[k])
+                rt = rstd[k]
+                sg = 0.0
+                sgx = 0.0
+                for j in range(K):
+                    gw = np.float64(dyr[j] * _dact((xr[j] - mk) * rt * w[j] + b[j], a, slope) * w[j])
+                    sg += gw
+                    sgx += gw * (np.float64(xr[j]) - m64)
+                B = t(-r64 * r64 * r64 * sgx / K)
+                Cc = t(-r64 * sg / K)
+                for j in range(K):
+                    xm = xr[j] - mk
+                    g = dyr[j] * _dact(xm * rt * w[j] + b[j], a, slope)
+                    dxr[j] = _fma(g, w[j] * rt, xm * B + Cc)
+                    if want:
+                        pwi[j] += np.float64(g) * np.float64(xm * rt)
+                        pbi[j] += np.float64(g)
+        for j in range(K if want else 0):
+            aw = 0.0
+            ab = 0.0
+            for q in range(R):
+                aw += pw[q, j]
+                ab += pb[q, j]
+            if want_dw:
+                dw[j] = aw
+            if want_db:
+                db[j] = ab
+
+    return apply, backward
+
+
+def _affine(weight, bias, like):
+    """weight and bias, ones and zeros where None (the act_ loops take both)."""
+    K = like.shape[1]
+    return (np.ones(K, like.dtype) if weight is None else weight, np.zeros(K, like.dtype) if bias is None else bias)
 
 
 def layernorm_act_forward(x, weight, bias, eps, activation, slope, y, mean, rstd):
     _sync_threads()
-    w, hw = _opt(weight, mean)
-    b, hb = _opt(bias, mean)
-    _ln_act_forward(x, w, b, hw, hb, eps, y, mean, rstd, activation, slope)
+    w, b = _affine(weight, bias, x)
+    st = _ln_stats(x, eps, mean, rstd)
+    _ln_act(activation)[0](x, st, w, b, y, mean, slope)
 
 
 def layernorm_act_backward(dy, x, mean, rstd, weight, bias, activation, slope, dx, dweight, dbias):
     _sync_threads()
-    w, hw = _opt(weight, mean)
-    b, hb = _opt(bias, mean)
+    w, b = _affine(weight, bias, x)
     dw, wdw = _opt(dweight, mean)
     db, wdb = _opt(dbias, mean)
-    _ln_act_backward(dy, x, mean, rstd, w, b, hw, hb, dx, dw, db, wdw, wdb, activation, slope)
+    _ln_act(activation)[1](dy, x, mean, rstd, w, b, dx, dw, db, wdw, wdb, slope)
