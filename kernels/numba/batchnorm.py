@@ -15,8 +15,8 @@ from __future__ import annotations
 import numpy as np
 from numba import prange
 
-from ._common import (BLOCK, MIN_SETS, TARGET_ITEMS, _act_param_grads, _cdiv, _dsums, _dx, _finish, _jit, _opt, _pivot,
-                      _pjit, _prefetch, _row_split, _rows, _sums, _sync_threads, act_rows)
+from ._common import (BLOCK, MIN_SETS, TARGET_ITEMS, _act_param_grads, _cdiv, _channel_stat_sums, _dsums, _dx, _finish,
+                      _jit, _opt, _pivot, _pjit, _prefetch, _row_split, _rows, _sums, _sync_threads, act_rows)
 from ._dtype16 import narrow, widen
 
 # batchnorm: spatial sizes below WIDE_S use the flattened (N, C*S) view; a channel is one work item when there
@@ -753,7 +753,7 @@ def _bn_act_coefs(x, w, b, has_w, has_b, eps, mean, rstd):
     piv = np.empty(C)
     for c in range(C):
         piv[c] = _pivot(x[0, c, 0])
-    sums = _channel_sums(x, x, piv, 0)
+    sums = _channel_stat_sums(x, piv)
     sc = np.empty(C, mean.dtype)
     sh = np.empty(C, mean.dtype)
     for c in range(C):
