@@ -100,6 +100,23 @@ def _prefetch(typingctx, a, i):
     return types.void(a, i), codegen
 
 
+@intrinsic
+def _fma(typingctx, a, b, c):
+    """a * b + c rounded once (LLVM's fma). The dx loops (layernorm.py's, the act_ ones) add dy * (w * r) to the rest this way: with a weight near
+    float32's range (16-bit data with float32 weights), dy * w * r alone can pass float32's largest value where dx
+    does not, and ``reassoc`` may regroup a plain product with the other products of dy in the loop."""
+    if not all(isinstance(t, types.Float) for t in (a, b, c)):
+        return None
+    ty = max((a, b, c), key=lambda t: t.bitwidth)
+
+    def codegen(context, builder, signature, args):
+        vals = [context.cast(builder, v, t, ty) for v, t in zip(args, signature.args)]
+        fty = vals[0].type
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(fty, [fty] * 3), f"llvm.fma.f{ty.bitwidth}")
+        return builder.call(fn, vals)
+    return ty(a, b, c), codegen
+
+
 # The inner loops run from 0, over a view or over the last index of the whole array (x[n, c, j] for j in
 # range(S)): a loop from a run-time start index keeps numba's negative-index wraparound check in the loop, which
 # stops LLVM from vectorizing it (measured 7x slower; x[n, c, c0 + j] doubled InstanceNorm's backward). A view
@@ -305,7 +322,9 @@ _TANH_C = 0.7978845608028654  # sqrt(2 / pi)
 _TANH_K = 0.044715
 # The scalar activations divide: numba's default error model checks each float division for zero (to raise
 # ZeroDivisionError), and that branch alone kept the silu loops from vectorizing (17x slower); NumPy's gives inf.
-_ajit = njit(cache=CACHE, fastmath=FASTMATH, nogil=True, error_model="numpy")
+# No fastmath: with nsz, LLVM folds the selects below (s != 0 ? z * s : 0) into the product, which is NaN for an
+# infinite z; the loops that call them vectorize as well without it.
+_ajit = njit(cache=CACHE, nogil=True, error_model="numpy")
 
 
 @intrinsic
@@ -365,6 +384,10 @@ def _tanh_impl(u):
     return lambda u: math.tanh(u)
 
 
+# Where a factor of a term is exactly 0 the term is 0, by a select: for |z| beyond float32's range (or z**2 beyond
+# it, in gelu_tanh's derivative) the term would be inf * 0 = NaN, where the float64 reference, whose z is finite,
+# gets the limit (the conformance kit's overflow data, 16-bit weights near 1e38).
+
 @_ajit
 def _act(z, a, slope):
     """act(z) in z's dtype, for a constant ``a`` (an index into contract.ACTIVATIONS); a NaN z stays NaN."""
@@ -375,10 +398,13 @@ def _act(z, a, slope):
         return z if z > t(0.0) else z * t(slope)
     if a == 2:
         e = _exp_neg(-abs(z))  # of -|z| only: no overflow for either sign
-        return z * (t(1.0) / (t(1.0) + e) if z >= t(0.0) else e / (t(1.0) + e))
+        s = t(1.0) / (t(1.0) + e) if z >= t(0.0) else e / (t(1.0) + e)
+        return z * s if s != t(0.0) else t(0.0)
     if a == 3:
-        return t(0.5) * z * (t(1.0) + math.erf(z * t(_SQRT_HALF)))
-    return t(0.5) * z * (t(1.0) + _tanh(t(_TANH_C) * (z + t(_TANH_K) * z * z * z)))
+        q = t(1.0) + math.erf(z * t(_SQRT_HALF))
+    else:
+        q = t(1.0) + _tanh(t(_TANH_C) * (z + t(_TANH_K) * z * z * z))
+    return t(0.5) * z * q if q != t(0.0) else t(0.0)
 
 
 @_ajit
@@ -392,11 +418,16 @@ def _dact(z, a, slope):
     if a == 2:
         e = _exp_neg(-abs(z))
         s = t(1.0) / (t(1.0) + e) if z >= t(0.0) else e / (t(1.0) + e)
-        return s * (t(1.0) + z * (t(1.0) - s))
+        tail = z * (t(1.0) - s) if s != t(1.0) else t(0.0)
+        return s * (t(1.0) + tail) if s != t(0.0) else t(0.0)
     if a == 3:
-        return t(0.5) * (t(1.0) + math.erf(z * t(_SQRT_HALF))) + z * _exp_neg(t(-0.5) * z * z) * t(_INV_SQRT_2PI)
+        g = _exp_neg(t(-0.5) * z * z)
+        tail = z * g * t(_INV_SQRT_2PI) if g != t(0.0) else t(0.0)
+        return t(0.5) * (t(1.0) + math.erf(z * t(_SQRT_HALF))) + tail
     th = _tanh(t(_TANH_C) * (z + t(_TANH_K) * z * z * z))
-    return t(0.5) * (t(1.0) + th) + t(0.5) * z * (t(1.0) - th * th) * t(_TANH_C) * (t(1.0) + t(3.0 * _TANH_K) * z * z)
+    sech2 = t(1.0) - th * th
+    tail = t(0.5) * z * sech2 * t(_TANH_C) * (t(1.0) + t(3.0 * _TANH_K) * z * z) if sech2 != t(0.0) else t(0.0)
+    return t(0.5) * (t(1.0) + th) + tail
 
 
 def per_activation(factory):
@@ -488,7 +519,7 @@ def act_rows(a):
             Cv = Cc[n, c]
             for j in range(xr.shape[0]):
                 xm = xr[j] - mc
-                outr[j] = dyr[j] * _dact(xm * zsc + zbc, a, slope) * Ac + xm * Bc + Cv
+                outr[j] = _fma(dyr[j] * _dact(xm * zsc + zbc, a, slope), Ac, xm * Bc + Cv)
 
     return forward, sums, dx
 

@@ -8,13 +8,10 @@ small batches still use every core.
 from __future__ import annotations
 
 import numpy as np
-from llvmlite import ir
 from numba import prange
-from numba.core import cgutils, types
-from numba.extending import intrinsic
 
-from ._common import (BLOCK, PIECE, TARGET_ITEMS, _act, _cdiv, _dact, _finish, _jit, _npieces, _opt, _pivot, _pjit,
-                      _row_grad_sums, _sums, _sync_threads, per_activation)
+from ._common import (BLOCK, PIECE, TARGET_ITEMS, _act, _cdiv, _dact, _finish, _fma, _jit, _npieces, _opt, _pivot,
+                      _pjit, _row_grad_sums, _sums, _sync_threads, per_activation)
 from ._dtype16 import narrow, widen
 
 # layernorm backward with long rows sums its parameter gradients in the data's dtype over at most FLUSH rows.
@@ -23,23 +20,6 @@ FLUSH = 16  # even: row pairs never straddle a flush
 # dy and x stay in cache (L3 is 32 MiB on the Zen 4 this was tuned on; 4 to 12 MiB measured alike, 2 rows of
 # 200704 slightly best) between the two passes over them.
 GROUP_BYTES = 4 << 20
-
-
-@intrinsic
-def _fma(typingctx, a, b, c):
-    """a * b + c rounded once (LLVM's fma). The dx loops add dy * (w * r) to the rest this way: with a weight near
-    float32's range (16-bit data with float32 weights), dy * w * r alone can pass float32's largest value where dx
-    does not, and ``reassoc`` may regroup a plain product with the other products of dy in the loop."""
-    if not all(isinstance(t, types.Float) for t in (a, b, c)):
-        return None
-    ty = max((a, b, c), key=lambda t: t.bitwidth)
-
-    def codegen(context, builder, signature, args):
-        vals = [context.cast(builder, v, t, ty) for v, t in zip(args, signature.args)]
-        fty = vals[0].type
-        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(fty, [fty] * 3), f"llvm.fma.f{ty.bitwidth}")
-        return builder.call(fn, vals)
-    return ty(a, b, c), codegen
 
 
 @_jit
@@ -348,7 +328,8 @@ def _ln_act(a):
                 sg = 0.0
                 sgx = 0.0
                 for j in range(K):
-                    gw = np.float64(dyr[j] * _dact((xr[j] - mk) * rt * w[j] + b[j], a, slope) * w[j])
+                    # g * w in float64: with 16-bit data a float32 weight may carry it past float32's range
+                    gw = np.float64(dyr[j] * _dact((xr[j] - mk) * rt * w[j] + b[j], a, slope)) * np.float64(w[j])
                     sg += gw
                     sgx += gw * (np.float64(xr[j]) - m64)
                 B = t(-r64 * r64 * r64 * sgx / K)
