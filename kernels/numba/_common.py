@@ -1,11 +1,13 @@
 """What the Numba kernel families (batchnorm.py, groupnorm.py, layernorm.py) share: the jit decorators, the scalar
 helpers and shifted sums, the work-splitting constants that more than one family uses, the handling of optional
-arguments, and the thread count (see kernels.py for what the kernels guarantee and how).
+arguments, the thread count, and the fused activations' scalar functions and element passes (see kernels.py for
+what the kernels guarantee and how).
 
-numba caches a compiled kernel next to the file that defines it and checks only that file's time stamp (numba
-issue #1833): a kernel from batchnorm.py carries the helpers and constants it took from here, compiled in. After an
-edit to this file, touch the family modules (or delete their ``__pycache__/*.nbi`` and ``*.nbc``) so that they
-compile again; they would otherwise keep running the old code.
+numba caches a compiled kernel next to the file that defines it and checks only that file (numba issue #1833): a
+kernel from batchnorm.py carries the helpers and constants it took from here, compiled in. After an edit to this
+file, delete ``kernels/numba/__pycache__/*.nbi`` and ``*.nbc`` so that the family modules compile again; they would
+otherwise keep running the old code. Touching them is not enough: numba 0.68 stamps a file by a hash of its
+contents, not by its modification time.
 """
 
 from __future__ import annotations

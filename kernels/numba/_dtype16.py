@@ -12,8 +12,8 @@ work only. float16 is LLVM's ``fpext``/``fptrunc`` to ``half`` where the compile
 vcvtps2ph per vector), else the bit-exact integer conversion below; both give the same bits (tests/test_numba16.py
 compares them on every pattern). The AVX512-BF16 conversion is not used: it flushes subnormals to zero.
 
-As with _common.py, numba's cache of a family module does not notice an edit to this file: touch the family
-modules after one.
+As with _common.py, numba's cache of a family module does not notice an edit to this file: delete the cached
+kernels after one (see _common.py).
 """
 
 from __future__ import annotations
