@@ -104,9 +104,10 @@ def _prefetch(typingctx, a, i):
 
 @intrinsic
 def _fma(typingctx, a, b, c):
-    """a * b + c rounded once (LLVM's fma). The dx loops (layernorm.py's, the act_ ones) add dy * (w * r) to the rest this way: with a weight near
-    float32's range (16-bit data with float32 weights), dy * w * r alone can pass float32's largest value where dx
-    does not, and ``reassoc`` may regroup a plain product with the other products of dy in the loop."""
+    """a * b + c rounded once (LLVM's fma). The dx loops (layernorm.py's, the act_ ones) add dy * (w * r) to the
+    rest this way: with a weight near float32's range (16-bit data with float32 weights), dy * w * r alone can pass
+    float32's largest value where dx does not, and ``reassoc`` may regroup a plain product with the other products
+    of dy in the loop."""
     if not all(isinstance(t, types.Float) for t in (a, b, c)):
         return None
     ty = max((a, b, c), key=lambda t: t.bitwidth)

@@ -46,7 +46,8 @@ from .batchnorm import (batchnorm_act_backward, batchnorm_act_forward, batchnorm
                         channel_forward_infer)
 from .channels_last import NHWC
 from .groupnorm import (groupnorm_act_backward, groupnorm_act_forward, groupnorm_backward, groupnorm_forward,
-                        instancenorm_act_backward, instancenorm_act_forward, instancenorm_backward, instancenorm_forward)
+                        instancenorm_act_backward, instancenorm_act_forward, instancenorm_backward,
+                        instancenorm_forward)
 from .layernorm import layernorm_act_backward, layernorm_act_forward, layernorm_backward, layernorm_forward
 from .rownorm import (layernorm_add_backward, layernorm_add_forward, rmsnorm_add_backward, rmsnorm_add_forward,
                       rmsnorm_backward, rmsnorm_forward)
