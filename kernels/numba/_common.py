@@ -377,7 +377,7 @@ def _tanh32(u):
     1 + tanh absorbs."""
     e = _exp_neg32(np.float32(-2.0) * abs(u))
     v = (np.float32(1.0) - e) / (np.float32(1.0) + e)
-    return v if u >= np.float32(0.0) else -v
+    return v if u >= np.float32(0.0) else (-v if u < np.float32(0.0) else u)  # NaN stays NaN
 
 
 @overload(_tanh)
