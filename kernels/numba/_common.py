@@ -78,12 +78,17 @@ def _cdiv(a, b):
     return -(-a // b)
 
 
-@_jit
-def _npieces(nsets, m):
+# The work splits below are plain Python for the dispatchers, which choose a kernel's schedule in Python (see
+# batchnorm.py), and compiled (the _-prefixed names) for the kernels: one definition, -(-a // b) for _cdiv.
+
+def npieces(nsets, m):
     """Pieces per set: 1 when there are enough sets, else enough pieces (of >= PIECE elements) for TARGET_ITEMS."""
     if nsets >= MIN_SETS:
         return 1
-    return max(1, min(_cdiv(TARGET_ITEMS, nsets), m // PIECE))
+    return max(1, min(-(-TARGET_ITEMS // nsets), m // PIECE))
+
+
+_npieces = _jit(npieces)
 
 
 @intrinsic
@@ -168,13 +173,15 @@ def _dx(dyr, xr, dxr, A, B, Cc, m):
         dxr[j] = narrow(dxr, widen(dyr[j]) * A + (widen(xr[j]) - m) * B + Cc)
 
 
-@_jit
-def _row_split(N, C, S):
+def row_split(N, C, S):
     """Pieces per (n, c) row and their length, for the (n, c, piece) work items. With one piece per row, the
     loops index x[n, c, j] (no views, one division per item): BatchNorm inference forward on (32, 512, 7, 7) went
     from 1.06 to 0.66 of PyTorch."""
-    Q = max(1, min(_cdiv(TARGET_ITEMS, N * C), S // PIECE))
-    return Q, _cdiv(S, Q)
+    Q = max(1, min(-(-TARGET_ITEMS // (N * C)), S // PIECE))
+    return Q, -(-S // Q)
+
+
+_row_split = _jit(row_split)
 
 
 _EMPTY = {np.dtype(np.float32): np.empty(0, np.float32), np.dtype(np.float64): np.empty(0, np.float64)}

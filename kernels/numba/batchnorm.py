@@ -1,13 +1,17 @@
 """BatchNorm over (N, C, S) inputs with per-channel statistics, and the per-channel elementwise passes of inference
 (``channel_forward_infer`` / ``channel_backward_infer``, which InstanceNorm's inference uses too). The split
 directions (``stats``, ``apply``, ``backward_reduce``, ``backward_apply``) are the fused kernels' reductions and
-elementwise passes (_channel_sums, _channel_affine, _channel_dx) called on their own.
+elementwise passes (the schedules in _CHANNEL_SUMS, _CHANNEL_AFFINE, _CHANNEL_DX) called on their own.
 
 How the work is split: with enough channels whose data fits in L2, one work item per channel (reduce, then apply,
 in cache); otherwise work items are (n, c, piece) rows, or, for tiny spatial sizes such as (N, C) inputs, tasks of
 whole channels on the flattened (N, C*S) view that sum, finish and apply their columns (when there are enough of
 them); else, for a small view, tasks that each sum all of it and apply their own rows; else blocks of rows of that
 view, merged per channel afterwards.
+
+Each schedule is a jitted function of its own, chosen in Python by the callables at the end from the shape alone:
+numba compiles a function whole, with every branch, so one function holding every schedule took 10-25 s to
+compile on its first call, where a shape needs one or two parallel loops.
 """
 
 from __future__ import annotations
@@ -16,7 +20,8 @@ import numpy as np
 from numba import prange
 
 from ._common import (BLOCK, MIN_SETS, TARGET_ITEMS, _act_param_grads, _cdiv, _channel_stat_sums, _dsums, _dx, _finish,
-                      _jit, _opt, _pivot, _pjit, _prefetch, _row_split, _rows, _sums, _sync_threads, act_rows)
+                      _jit, _opt, _pivot, _pjit, _prefetch, _row_split, _rows, _sums, _sync_threads, act_rows,
+                      row_split)
 from ._dtype16 import narrow, widen
 
 # batchnorm: spatial sizes below WIDE_S use the flattened (N, C*S) view; a channel is one work item when there
@@ -53,17 +58,20 @@ def _prefetch_run(a, start, count):
         _prefetch(a, start + j)
 
 
-@_jit
-def _wide_split(N, W):
-    """Row blocks and column blocks of the flattened (N, W) view, W = C*S."""
+def wide_split(N, W):
+    """Row blocks and column blocks of the flattened (N, W) view, W = C*S (plain Python for the dispatchers,
+    compiled as _wide_split for the kernels; -(-a // b) is _cdiv)."""
     R = max(1, min(TARGET_ITEMS, N // 32, (1 << 20) // W))
-    return R, _cdiv(N, R), _cdiv(W, BLOCK)
+    return R, -(-N // R), -(-W // BLOCK)
+
+
+_wide_split = _jit(wide_split)
 
 
 @_jit
 def _add_terms(av, bv, ref, p1, p2, mode):
-    """Elementwise, in float64, the terms of _channel_sums' integrands: mode 0 adds d = a - ref to p1 and d*d to
-    p2; mode 1 adds a to p1 and a*(b - ref) to p2."""
+    """Elementwise, in float64, the terms of the per-channel sums' integrands: mode 0 adds d = a - ref to p1 and
+    d*d to p2; mode 1 adds a to p1 and a*(b - ref) to p2."""
     if mode == 0:
         for j in range(av.shape[0]):
             d = np.float64(widen(av[j])) - ref[j]
@@ -76,61 +84,77 @@ def _add_terms(av, bv, ref, p1, p2, mode):
             p2[j] += g * (np.float64(widen(bv[j])) - ref[j])
 
 
-@_pjit
-def _channel_sums(a, bx, ref, mode):
-    """Per-channel float64 sums over (N, S) of one of two integrands, merged in a fixed order:
+@_jit
+def _merge_rows(part, N, C, Q):
+    """Per-channel sums of the (n, c, piece) partial sums: over n, then q, in order for every c, reading the
+    partial sums in memory order."""
+    out = np.zeros((C, 2))
+    for n in range(N):
+        for c in range(C):
+            for q in range(Q):
+                out[c, 0] += part[(n * C + c) * Q + q, 0]
+                out[c, 1] += part[(n * C + c) * Q + q, 1]
+    return out
 
-    mode 0: d = a - ref[c]          -> (sum d, sum d*d)            (statistics; ref = pivots)
-    mode 1: a = dy, bx = x          -> (sum dy, sum dy*(x - ref[c])) (parameter gradients)
-    """
+
+# The per-channel sums' schedules, one parallel loop each (the callables pick one by _channel_schedule).
+# Per-channel float64 sums over (N, S) of one of two integrands, merged in a fixed order:
+#
+# mode 0: d = a - ref[c]          -> (sum d, sum d*d)            (statistics; ref = pivots)
+# mode 1: a = dy, bx = x          -> (sum dy, sum dy*(x - ref[c])) (parameter gradients)
+
+@_pjit
+def _sums_rows(a, bx, ref, mode):
+    """(n, c) rows, one work item each (S >= WIDE_S, one piece per row)."""
     N, C, S = a.shape
-    out = np.empty((C, 2))
-    if S >= WIDE_S:
-        Q, L = _row_split(N, C, S)
-        part = np.empty((N * C * Q, 2))
-        if Q == 1:
-            for it in prange(N * C):
-                n = it // C
-                c = it - n * C
-                rc = ref[c]
-                s1 = 0.0
-                s2 = 0.0
-                if mode == 0:
-                    for j in range(S):
-                        d = np.float64(widen(a[n, c, j])) - rc
-                        s1 += d
-                        s2 += d * d
-                else:
-                    for j in range(S):
-                        g = np.float64(widen(a[n, c, j]))
-                        s1 += g
-                        s2 += g * (np.float64(widen(bx[n, c, j])) - rc)
-                part[it, 0] = s1
-                part[it, 1] = s2
+    part = np.empty((N * C, 2))
+    for it in prange(N * C):
+        n = it // C
+        c = it - n * C
+        rc = ref[c]
+        s1 = 0.0
+        s2 = 0.0
+        if mode == 0:
+            for j in range(S):
+                d = np.float64(widen(a[n, c, j])) - rc
+                s1 += d
+                s2 += d * d
         else:
-            for it in prange(N * C * Q):
-                n = it // (C * Q)
-                c = (it // Q) % C
-                lo = (it % Q) * L
-                e = min(S, lo + L)
-                if mode == 0:
-                    s1, s2 = _sums(a[n, c, lo:e], ref[c])
-                else:
-                    s1, s2 = _dsums(a[n, c, lo:e], bx[n, c, lo:e], ref[c])
-                part[it, 0] = s1
-                part[it, 1] = s2
-        # over n, then q, in order for every c, reading the partial sums in memory order
-        out[:] = 0.0
-        for n in range(N):
-            for c in range(C):
-                for q in range(Q):
-                    out[c, 0] += part[(n * C + c) * Q + q, 0]
-                    out[c, 1] += part[(n * C + c) * Q + q, 1]
-        return out
+            for j in range(S):
+                g = np.float64(widen(a[n, c, j]))
+                s1 += g
+                s2 += g * (np.float64(widen(bx[n, c, j])) - rc)
+        part[it, 0] = s1
+        part[it, 1] = s2
+    return _merge_rows(part, N, C, 1)
+
+
+@_pjit
+def _sums_pieces(a, bx, ref, mode):
+    """(n, c, piece) work items (S >= WIDE_S, more than one piece per row)."""
+    N, C, S = a.shape
+    Q, L = _row_split(N, C, S)
+    part = np.empty((N * C * Q, 2))
+    for it in prange(N * C * Q):
+        n = it // (C * Q)
+        c = (it // Q) % C
+        lo = (it % Q) * L
+        e = min(S, lo + L)
+        if mode == 0:
+            s1, s2 = _sums(a[n, c, lo:e], ref[c])
+        else:
+            s1, s2 = _dsums(a[n, c, lo:e], bx[n, c, lo:e], ref[c])
+        part[it, 0] = s1
+        part[it, 1] = s2
+    return _merge_rows(part, N, C, Q)
+
+
+@_pjit
+def _sums_blocks(a, bx, ref, mode):
+    """Blocks of rows and columns of the flattened (N, C*S) view (S < WIDE_S, rows longer than a block)."""
+    N, C, S = a.shape
     W = C * S
     R, RL, JB = _wide_split(N, W)
-    if JB == 1:
-        return _tiled_sums(a, bx, ref, mode, R, RL)
     a2 = a.reshape(N, W)
     b2 = bx.reshape(N, W)
     refw = np.empty(W)
@@ -149,6 +173,7 @@ def _channel_sums(a, bx, ref, mode):
         rw = refw[j0:j1]
         for n in range(r * RL, min(N, (r + 1) * RL)):
             _add_terms(a2[n, j0:j1], b2[n, j0:j1], rw, p1, p2, mode)
+    out = np.empty((C, 2))
     for c in range(C):
         s1 = 0.0
         s2 = 0.0
@@ -174,12 +199,13 @@ def _tiled(per_channel, S, T, dtype):
 
 
 @_pjit
-def _tiled_sums(a, bx, ref, mode, R, RL):
-    """_channel_sums on the flattened view when a row fits in one column block: each of R blocks of RL rows
-    walks its contiguous span in tiles of whole rows, summing per tile position; tile positions, then blocks,
-    are merged per channel in a fixed order."""
+def _tiled_sums(a, bx, ref, mode):
+    """The sums on the flattened view when a row fits in one column block: each of R blocks of RL rows walks its
+    contiguous span in tiles of whole rows, summing per tile position; tile positions, then blocks, are merged
+    per channel in a fixed order."""
     N, C, S = a.shape
     W = C * S
+    R, RL, _ = _wide_split(N, W)
     RT = max(1, TILE // W)
     T = RT * W
     fa = a.reshape(N * W)
@@ -205,11 +231,12 @@ def _tiled_sums(a, bx, ref, mode, R, RL):
 
 
 @_pjit
-def _tiled_apply(a, bx, m, A, B, Cc, mode, out, R, RL):
+def _tiled_apply(a, bx, m, A, B, Cc, mode, out):
     """The elementwise passes on the flattened view in tiles of whole rows (see _tiled_sums):
     mode 0: out = (a - m) * A + Cc;  mode 1: out = a * A + (bx - m) * B + Cc (a = dy, bx = x)."""
     N, C, S = a.shape
     W = C * S
+    R, RL, _ = _wide_split(N, W)
     RT = max(1, TILE // W)
     T = RT * W
     fa = a.reshape(N * W)
@@ -235,40 +262,51 @@ def _tiled_apply(a, bx, m, A, B, Cc, mode, out, R, RL):
                     ov[q] = narrow(ov, widen(av[q]) * at[q] + (widen(bv[q]) - mt[q]) * bt[q] + ct[q])
 
 
+# The elementwise passes' schedules, one parallel loop each, as the sums' (the same shapes take the same kind):
+# _affine_*: y = (x - m[c]) * sc[c] + sh[c];  _dx_*: dx = dy * A[c] + (x - m[c]) * B[c] + Cc[c]; the per-channel
+# arrays have x's dtype.
+
 @_pjit
-def _channel_affine(x, m, sc, sh, y):
-    """y = (x - m[c]) * sc[c] + sh[c]; m, sc, sh have x's dtype."""
+def _affine_rows(x, m, sc, sh, y):
     N, C, S = x.shape
-    if S >= WIDE_S:
-        Q, L = _row_split(N, C, S)
-        if Q == 1:
-            for it in prange(N * C):
-                n = it // C
-                c = it - n * C
-                mc = m[c]
-                scc = sc[c]
-                shc = sh[c]
-                for j in range(S):
-                    y[n, c, j] = narrow(y, (widen(x[n, c, j]) - mc) * scc + shc)
-            return
-        for it in prange(N * C * Q):
-            n = it // (C * Q)
-            c = (it // Q) % C
-            lo = (it % Q) * L
-            e = min(S, lo + L)
-            xr = x[n, c, lo:e]
-            yr = y[n, c, lo:e]
-            mc = m[c]
-            scc = sc[c]
-            shc = sh[c]
-            for j in range(e - lo):
-                yr[j] = narrow(yr, (widen(xr[j]) - mc) * scc + shc)
-        return
+    for it in prange(N * C):
+        n = it // C
+        c = it - n * C
+        mc = m[c]
+        scc = sc[c]
+        shc = sh[c]
+        for j in range(S):
+            y[n, c, j] = narrow(y, (widen(x[n, c, j]) - mc) * scc + shc)
+
+
+@_pjit
+def _affine_pieces(x, m, sc, sh, y):
+    N, C, S = x.shape
+    Q, L = _row_split(N, C, S)
+    for it in prange(N * C * Q):
+        n = it // (C * Q)
+        c = (it // Q) % C
+        lo = (it % Q) * L
+        e = min(S, lo + L)
+        xr = x[n, c, lo:e]
+        yr = y[n, c, lo:e]
+        mc = m[c]
+        scc = sc[c]
+        shc = sh[c]
+        for j in range(e - lo):
+            yr[j] = narrow(yr, (widen(xr[j]) - mc) * scc + shc)
+
+
+@_jit
+def _affine_tiled(x, m, sc, sh, y):
+    _tiled_apply(x, x, m, sc, sc, sh, 0, y)
+
+
+@_pjit
+def _affine_blocks(x, m, sc, sh, y):
+    N, C, S = x.shape
     W = C * S
     R, RL, JB = _wide_split(N, W)
-    if JB == 1:
-        _tiled_apply(x, x, m, sc, sc, sh, 0, y, R, RL)
-        return
     x2 = x.reshape(N, W)
     y2 = y.reshape(N, W)
     mw = np.empty(W, m.dtype)
@@ -293,34 +331,41 @@ def _channel_affine(x, m, sc, sh, y):
 
 
 @_pjit
-def _channel_dx(dy, x, m, A, B, Cc, dx):
-    """dx = dy * A[c] + (x - m[c]) * B[c] + Cc[c]; coefficient arrays have x's dtype."""
+def _dx_rows(dy, x, m, A, B, Cc, dx):
     N, C, S = x.shape
-    if S >= WIDE_S:
-        Q, L = _row_split(N, C, S)
-        if Q == 1:
-            for it in prange(N * C):
-                n = it // C
-                c = it - n * C
-                Ac = A[c]
-                Bc = B[c]
-                Cv = Cc[c]
-                mc = m[c]
-                for j in range(S):
-                    dx[n, c, j] = narrow(dx, widen(dy[n, c, j]) * Ac + (widen(x[n, c, j]) - mc) * Bc + Cv)
-            return
-        for it in prange(N * C * Q):
-            n = it // (C * Q)
-            c = (it // Q) % C
-            lo = (it % Q) * L
-            e = min(S, lo + L)
-            _dx(dy[n, c, lo:e], x[n, c, lo:e], dx[n, c, lo:e], A[c], B[c], Cc[c], m[c])
-        return
+    for it in prange(N * C):
+        n = it // C
+        c = it - n * C
+        Ac = A[c]
+        Bc = B[c]
+        Cv = Cc[c]
+        mc = m[c]
+        for j in range(S):
+            dx[n, c, j] = narrow(dx, widen(dy[n, c, j]) * Ac + (widen(x[n, c, j]) - mc) * Bc + Cv)
+
+
+@_pjit
+def _dx_pieces(dy, x, m, A, B, Cc, dx):
+    N, C, S = x.shape
+    Q, L = _row_split(N, C, S)
+    for it in prange(N * C * Q):
+        n = it // (C * Q)
+        c = (it // Q) % C
+        lo = (it % Q) * L
+        e = min(S, lo + L)
+        _dx(dy[n, c, lo:e], x[n, c, lo:e], dx[n, c, lo:e], A[c], B[c], Cc[c], m[c])
+
+
+@_jit
+def _dx_tiled(dy, x, m, A, B, Cc, dx):
+    _tiled_apply(dy, x, m, A, B, Cc, 1, dx)
+
+
+@_pjit
+def _dx_blocks(dy, x, m, A, B, Cc, dx):
+    N, C, S = x.shape
     W = C * S
     R, RL, JB = _wide_split(N, W)
-    if JB == 1:
-        _tiled_apply(dy, x, m, A, B, Cc, 1, dx, R, RL)
-        return
     d2 = dy.reshape(N, W)
     x2 = x.reshape(N, W)
     o2 = dx.reshape(N, W)
@@ -349,19 +394,34 @@ def _channel_dx(dy, x, m, A, B, Cc, dx):
                 outr[j] = narrow(outr, widen(dr[j]) * av[j] + (widen(xr[j]) - mv[j]) * bv[j] + cv[j])
 
 
-@_jit
+# the schedules of the per-channel passes, by _channel_schedule's kind
+_ROWS, _PIECES, _TILED, _BLOCKS = range(4)
+_CHANNEL_SUMS = (_sums_rows, _sums_pieces, _tiled_sums, _sums_blocks)
+_CHANNEL_AFFINE = (_affine_rows, _affine_pieces, _affine_tiled, _affine_blocks)
+_CHANNEL_DX = (_dx_rows, _dx_pieces, _dx_tiled, _dx_blocks)
+
+
+def _channel_schedule(N, C, S):
+    """Which schedule the per-channel sums and passes take for (N, C, S) data: (n, c) rows with one or more
+    pieces each, or the flattened (N, C*S) view in tiles of whole rows (a row fits in one column block) or in
+    blocks of rows and columns."""
+    if S >= WIDE_S:
+        return _ROWS if row_split(N, C, S)[0] == 1 else _PIECES
+    return _TILED if wide_split(N, C * S)[2] == 1 else _BLOCKS
+
+
+# The dispatchers' predicates (plain Python: they choose which schedule to compile and call)
+
 def _fused_channels(N, C, S, itemsize, arrays):
     return S >= WIDE_S and C >= MIN_SETS and N * S * itemsize * arrays <= FUSED_BYTES
 
 
-@_jit
 def _column_tasks(C, S):
     """Column tasks of CHUNK // S whole channels on the flattened (N, C*S) view, or 0 if there are too few."""
-    T = _cdiv(C, max(1, CHUNK // S))
+    T = -(-C // max(1, CHUNK // S))
     return T if S < WIDE_S and T >= WIDE_TASKS else 0
 
 
-@_jit
 def _small_view(N, C, S, itemsize):
     """Whether a flattened (N, C*S) input is small enough that every task sums all of it (see SMALL_BYTES)."""
     return S < WIDE_S and N * C * S * itemsize <= SMALL_BYTES
@@ -381,7 +441,7 @@ def _channel_of_columns(s1, s2, c, S):
 @_jit
 def _column_sums(a2, b2, l0, L, ref, mode):
     """Float64 sums down columns l0..l0+L of a flattened (N, W) view, in row order, with the integrands of
-    _channel_sums (mode 0: d = a - ref -> sum d, sum d*d; mode 1: sum a, sum a*(b - ref)). Four rows per sweep:
+    the per-channel sums (mode 0: d = a - ref -> sum d, sum d*d; mode 1: sum a, sum a*(b - ref)). Four rows per sweep:
     a quarter of the loads and stores of the column sums, which bound this loop."""
     N = a2.shape[0]
     s1 = np.zeros(L)
@@ -489,58 +549,75 @@ def _backward_columns(dy2, x2, dx2, S, c0, c1, n0, n1, write, mean, rstd, w, has
             outr[j] = narrow(outr, widen(dr[j]) * A[j] + (widen(xr[j]) - m[j]) * B[j] + Cc[j])
 
 
+# BatchNorm training's schedules: one compiled function each, so that a first call compiles only the one its
+# shape takes (numba compiles a function whole, every branch of it; the dispatchers below choose in Python).
+
 @_pjit
-def _bn_forward(x, w, b, has_w, has_b, eps, y, mean, rstd):
+def _bn_forward_fused(x, w, b, has_w, has_b, eps, y, mean, rstd):
+    """One channel per work item: its rows are still in L2 for the apply pass. The loops index x[n, c, j] rather
+    than take a view of each row: a view per row of 196 values made this path 1.5x slower."""
     N, C, S = x.shape
     cnt = N * S
-    if _fused_channels(N, C, S, x.itemsize, 1):
-        # one channel per work item: its rows are still in L2 for the apply pass. The loops index x[n, c, j]
-        # rather than take a view of each row: a view per row of 196 values made this path 1.5x slower.
-        xf = x.reshape(N * C * S)
-        t = mean.dtype.type
-        for c in prange(C):
-            p = _pivot(widen(x[0, c, 0]))
-            s1 = 0.0
-            s2 = 0.0
-            for n in range(N):
-                if n + 1 < N:
-                    _prefetch_run(xf, ((n + 1) * C + c) * S, S)
-                for j in range(S):
-                    d = np.float64(widen(x[n, c, j])) - p
-                    s1 += d
-                    s2 += d * d
-            m64, r64 = _finish(p, s1, s2, cnt, eps)
-            mean[c] = m64
-            rstd[c] = r64
-            mc = mean[c]
-            sc = r64 * (np.float64(w[c]) if has_w else 1.0)
-            sh = (np.float64(b[c]) if has_b else 0.0) + (np.float64(mc) - m64) * sc
-            sct = t(sc)
-            sht = t(sh)
-            for n in range(N):
-                for j in range(S):
-                    y[n, c, j] = narrow(y, (widen(x[n, c, j]) - mc) * sct + sht)
-        return
-    T = _column_tasks(C, S)
-    if T:
-        k = CHUNK // S
-        x2 = x.reshape(N, C * S)
-        y2 = y.reshape(N, C * S)
-        for t in prange(T):
-            _forward_columns(x2, y2, S, t * k, min(C, (t + 1) * k), 0, N, True, eps, w, b, has_w, has_b, mean, rstd)
-        return
-    if _small_view(N, C, S, x.itemsize):
-        x2 = x.reshape(N, C * S)
-        y2 = y.reshape(N, C * S)
-        RL = _cdiv(N, SMALL_TASKS)
-        for t in prange(SMALL_TASKS):
-            _forward_columns(x2, y2, S, 0, C, min(N, t * RL), min(N, (t + 1) * RL), t == 0, eps, w, b, has_w, has_b,
-                             mean, rstd)
-        return
+    xf = x.reshape(N * C * S)
+    t = mean.dtype.type
+    for c in prange(C):
+        p = _pivot(widen(x[0, c, 0]))
+        s1 = 0.0
+        s2 = 0.0
+        for n in range(N):
+            if n + 1 < N:
+                _prefetch_run(xf, ((n + 1) * C + c) * S, S)
+            for j in range(S):
+                d = np.float64(widen(x[n, c, j])) - p
+                s1 += d
+                s2 += d * d
+        m64, r64 = _finish(p, s1, s2, cnt, eps)
+        mean[c] = m64
+        rstd[c] = r64
+        mc = mean[c]
+        sc = r64 * (np.float64(w[c]) if has_w else 1.0)
+        sh = (np.float64(b[c]) if has_b else 0.0) + (np.float64(mc) - m64) * sc
+        sct = t(sc)
+        sht = t(sh)
+        for n in range(N):
+            for j in range(S):
+                y[n, c, j] = narrow(y, (widen(x[n, c, j]) - mc) * sct + sht)
+
+
+@_pjit
+def _bn_forward_columns(x, w, b, has_w, has_b, eps, y, mean, rstd, T):
+    N, C, S = x.shape
+    k = CHUNK // S
+    x2 = x.reshape(N, C * S)
+    y2 = y.reshape(N, C * S)
+    for t in prange(T):
+        _forward_columns(x2, y2, S, t * k, min(C, (t + 1) * k), 0, N, True, eps, w, b, has_w, has_b, mean, rstd)
+
+
+@_pjit
+def _bn_forward_small(x, w, b, has_w, has_b, eps, y, mean, rstd):
+    N, C, S = x.shape
+    x2 = x.reshape(N, C * S)
+    y2 = y.reshape(N, C * S)
+    RL = _cdiv(N, SMALL_TASKS)
+    for t in prange(SMALL_TASKS):
+        _forward_columns(x2, y2, S, 0, C, min(N, t * RL), min(N, (t + 1) * RL), t == 0, eps, w, b, has_w, has_b,
+                         mean, rstd)
+
+
+@_jit
+def _pivots(x):
+    C = x.shape[1]
     piv = np.empty(C)
     for c in range(C):
         piv[c] = _pivot(widen(x[0, c, 0]))
-    sums = _channel_sums(x, x, piv, 0)
+    return piv
+
+
+@_jit
+def _forward_coefs(piv, sums, cnt, eps, w, b, has_w, has_b, mean, rstd):
+    """The statistics (stored) and the apply pass's (scale, shift) per channel, from the shifted sums."""
+    C = piv.shape[0]
     sc = np.empty(C, mean.dtype)
     sh = np.empty(C, mean.dtype)
     for c in range(C):
@@ -550,67 +627,80 @@ def _bn_forward(x, w, b, has_w, has_b, eps, y, mean, rstd):
         s = r64 * (np.float64(w[c]) if has_w else 1.0)
         sc[c] = s
         sh[c] = (np.float64(b[c]) if has_b else 0.0) + (np.float64(mean[c]) - m64) * s
-    _channel_affine(x, mean, sc, sh, y)
+    return sc, sh
 
 
 @_pjit
-def _bn_backward(dy, x, mean, rstd, w, has_w, dx, dw, db, want_dw, want_db):
+def _bn_backward_fused(dy, x, mean, rstd, w, has_w, dx, dw, db, want_dw, want_db):
+    """As _bn_forward_fused: one channel per work item, indexed without a view per row."""
     N, C, S = x.shape
     cnt = N * S
     t = mean.dtype.type
-    if _fused_channels(N, C, S, x.itemsize, 2):
-        # as in _bn_forward: one channel per work item, indexed without a view per row
-        dyf = dy.reshape(N * C * S)
-        xf = x.reshape(N * C * S)
-        for c in prange(C):
-            mc = mean[c]
-            m64 = np.float64(mc)
-            r = np.float64(rstd[c])
-            s1 = 0.0
-            s2 = 0.0
-            for n in range(N):
-                if n + 1 < N:
-                    _prefetch_run(dyf, ((n + 1) * C + c) * S, S)
-                    _prefetch_run(xf, ((n + 1) * C + c) * S, S)
-                for j in range(S):
-                    g = np.float64(widen(dy[n, c, j]))
-                    s1 += g
-                    s2 += g * (np.float64(widen(x[n, c, j])) - m64)
-            wc = np.float64(w[c]) if has_w else 1.0
-            A = t(r * wc)
-            B = t(-r * r * (r * wc * s2 / cnt))
-            Cc = t(-r * (wc * s1 / cnt))
-            for n in range(N):
-                for j in range(S):
-                    dx[n, c, j] = narrow(dx, widen(dy[n, c, j]) * A + (widen(x[n, c, j]) - mc) * B + Cc)
-            if want_db:
-                db[c] = s1
-            if want_dw:
-                dw[c] = r * s2
-        return
-    T = _column_tasks(C, S)
-    if T:
-        k = CHUNK // S
-        d2 = dy.reshape(N, C * S)
-        x2 = x.reshape(N, C * S)
-        o2 = dx.reshape(N, C * S)
-        for t in prange(T):
-            _backward_columns(d2, x2, o2, S, t * k, min(C, (t + 1) * k), 0, N, True, mean, rstd, w, has_w, dw, db,
-                              want_dw, want_db)
-        return
-    if _small_view(N, C, S, x.itemsize):
-        d2 = dy.reshape(N, C * S)
-        x2 = x.reshape(N, C * S)
-        o2 = dx.reshape(N, C * S)
-        RL = _cdiv(N, SMALL_TASKS)
-        for t in prange(SMALL_TASKS):
-            _backward_columns(d2, x2, o2, S, 0, C, min(N, t * RL), min(N, (t + 1) * RL), t == 0, mean, rstd, w,
-                              has_w, dw, db, want_dw, want_db)
-        return
-    ref = np.empty(C)
-    for c in range(C):
-        ref[c] = mean[c]
-    sums = _channel_sums(dy, x, ref, 1)
+    dyf = dy.reshape(N * C * S)
+    xf = x.reshape(N * C * S)
+    for c in prange(C):
+        mc = mean[c]
+        m64 = np.float64(mc)
+        r = np.float64(rstd[c])
+        s1 = 0.0
+        s2 = 0.0
+        for n in range(N):
+            if n + 1 < N:
+                _prefetch_run(dyf, ((n + 1) * C + c) * S, S)
+                _prefetch_run(xf, ((n + 1) * C + c) * S, S)
+            for j in range(S):
+                g = np.float64(widen(dy[n, c, j]))
+                s1 += g
+                s2 += g * (np.float64(widen(x[n, c, j])) - m64)
+        wc = np.float64(w[c]) if has_w else 1.0
+        A = t(r * wc)
+        B = t(-r * r * (r * wc * s2 / cnt))
+        Cc = t(-r * (wc * s1 / cnt))
+        for n in range(N):
+            for j in range(S):
+                dx[n, c, j] = narrow(dx, widen(dy[n, c, j]) * A + (widen(x[n, c, j]) - mc) * B + Cc)
+        if want_db:
+            db[c] = s1
+        if want_dw:
+            dw[c] = r * s2
+
+
+@_pjit
+def _bn_backward_columns(dy, x, mean, rstd, w, has_w, dx, dw, db, want_dw, want_db, T):
+    N, C, S = x.shape
+    k = CHUNK // S
+    d2 = dy.reshape(N, C * S)
+    x2 = x.reshape(N, C * S)
+    o2 = dx.reshape(N, C * S)
+    for t in prange(T):
+        _backward_columns(d2, x2, o2, S, t * k, min(C, (t + 1) * k), 0, N, True, mean, rstd, w, has_w, dw, db,
+                          want_dw, want_db)
+
+
+@_pjit
+def _bn_backward_small(dy, x, mean, rstd, w, has_w, dx, dw, db, want_dw, want_db):
+    N, C, S = x.shape
+    d2 = dy.reshape(N, C * S)
+    x2 = x.reshape(N, C * S)
+    o2 = dx.reshape(N, C * S)
+    RL = _cdiv(N, SMALL_TASKS)
+    for t in prange(SMALL_TASKS):
+        _backward_columns(d2, x2, o2, S, 0, C, min(N, t * RL), min(N, (t + 1) * RL), t == 0, mean, rstd, w,
+                          has_w, dw, db, want_dw, want_db)
+
+
+@_jit
+def _float64(a):
+    out = np.empty(a.shape[0])
+    for c in range(a.shape[0]):
+        out[c] = a[c]
+    return out
+
+
+@_jit
+def _backward_coefs(sums, cnt, mean, rstd, w, has_w, dw, db, want_dw, want_db):
+    """The dx pass's (A, B, Cc) per channel and the parameter gradients (stored), from the sums."""
+    C = sums.shape[0]
     A = np.empty(C, mean.dtype)
     B = np.empty(C, mean.dtype)
     Cc = np.empty(C, mean.dtype)
@@ -624,39 +714,37 @@ def _bn_backward(dy, x, mean, rstd, w, has_w, dx, dw, db, want_dw, want_db):
             db[c] = sums[c, 0]
         if want_dw:
             dw[c] = r * sums[c, 1]
-    _channel_dx(dy, x, mean, A, B, Cc, dx)
+    return A, B, Cc
 
 
 @_jit
-def _channel_forward_infer(x, w, b, has_w, has_b, running_mean, running_var, eps, y):
-    C = x.shape[1]
+def _infer_coefs(w, b, has_w, has_b, running_mean, running_var, eps):
+    C = running_mean.shape[0]
     sc = np.empty(C, running_mean.dtype)
     sh = np.empty(C, running_mean.dtype)
     for c in range(C):
         s = (np.float64(w[c]) if has_w else 1.0) / np.sqrt(np.float64(running_var[c]) + eps)
         sc[c] = s
         sh[c] = np.float64(b[c]) if has_b else 0.0
-    _channel_affine(x, running_mean, sc, sh, y)
+    return sc, sh
 
 
 @_jit
-def _channel_backward_infer(dy, x, mean, rstd, w, has_w, dx, dw, db, want_dw, want_db):
-    C = x.shape[1]
-    zero = np.zeros(C, rstd.dtype)
+def _infer_dx_scale(rstd, w, has_w):
+    C = rstd.shape[0]
     A = np.empty(C, rstd.dtype)
     for c in range(C):
         A[c] = np.float64(rstd[c]) * (np.float64(w[c]) if has_w else 1.0)
-    _channel_affine(dy, zero, A, zero, dx)  # dx = dy * rstd * weight; x is not involved
-    if want_dw or want_db:
-        ref = np.empty(C)
-        for c in range(C):
-            ref[c] = mean[c]
-        sums = _channel_sums(dy, x, ref, 1)
-        for c in range(C):
-            if want_db:
-                db[c] = sums[c, 0]
-            if want_dw:
-                dw[c] = np.float64(rstd[c]) * sums[c, 1]
+    return A
+
+
+@_jit
+def _param_grads(sums, rstd, dw, db, want_dw, want_db):
+    for c in range(sums.shape[0]):
+        if want_db:
+            db[c] = sums[c, 0]
+        if want_dw:
+            dw[c] = np.float64(rstd[c]) * sums[c, 1]
 
 
 # --- the contract's callables -----------------------------------------------------------------------------------
@@ -665,14 +753,29 @@ def batchnorm_forward(x, weight, bias, eps, y, mean, rstd):
     _sync_threads()
     w, hw = _opt(weight, mean)
     b, hb = _opt(bias, mean)
-    _bn_forward(x, w, b, hw, hb, eps, y, mean, rstd)
+    N, C, S = x.shape
+    if _fused_channels(N, C, S, x.itemsize, 1):
+        _bn_forward_fused(x, w, b, hw, hb, eps, y, mean, rstd)
+        return
+    T = _column_tasks(C, S)
+    if T:
+        _bn_forward_columns(x, w, b, hw, hb, eps, y, mean, rstd, T)
+    elif _small_view(N, C, S, x.itemsize):
+        _bn_forward_small(x, w, b, hw, hb, eps, y, mean, rstd)
+    else:
+        kind = _channel_schedule(N, C, S)
+        piv = _pivots(x)
+        sums = _CHANNEL_SUMS[kind](x, x, piv, 0)
+        sc, sh = _forward_coefs(piv, sums, N * S, eps, w, b, hw, hb, mean, rstd)
+        _CHANNEL_AFFINE[kind](x, mean, sc, sh, y)
 
 
 def channel_forward_infer(x, weight, bias, running_mean, running_var, eps, y):
     _sync_threads()
     w, hw = _opt(weight, running_mean)
     b, hb = _opt(bias, running_mean)
-    _channel_forward_infer(x, w, b, hw, hb, running_mean, running_var, eps, y)
+    sc, sh = _infer_coefs(w, b, hw, hb, running_mean, running_var, eps)
+    _CHANNEL_AFFINE[_channel_schedule(*x.shape)](x, running_mean, sc, sh, y)
 
 
 def batchnorm_backward(dy, x, mean, rstd, weight, dx, dweight, dbias):
@@ -680,7 +783,20 @@ def batchnorm_backward(dy, x, mean, rstd, weight, dx, dweight, dbias):
     w, hw = _opt(weight, mean)
     dw, wdw = _opt(dweight, mean)
     db, wdb = _opt(dbias, mean)
-    _bn_backward(dy, x, mean, rstd, w, hw, dx, dw, db, wdw, wdb)
+    N, C, S = x.shape
+    if _fused_channels(N, C, S, x.itemsize, 2):
+        _bn_backward_fused(dy, x, mean, rstd, w, hw, dx, dw, db, wdw, wdb)
+        return
+    T = _column_tasks(C, S)
+    if T:
+        _bn_backward_columns(dy, x, mean, rstd, w, hw, dx, dw, db, wdw, wdb, T)
+    elif _small_view(N, C, S, x.itemsize):
+        _bn_backward_small(dy, x, mean, rstd, w, hw, dx, dw, db, wdw, wdb)
+    else:
+        kind = _channel_schedule(N, C, S)
+        sums = _CHANNEL_SUMS[kind](dy, x, _float64(mean), 1)
+        A, B, Cc = _backward_coefs(sums, N * S, mean, rstd, w, hw, dw, db, wdw, wdb)
+        _CHANNEL_DX[kind](dy, x, mean, A, B, Cc, dx)
 
 
 def channel_backward_infer(dy, x, mean, rstd, weight, dx, dweight, dbias):
@@ -688,20 +804,18 @@ def channel_backward_infer(dy, x, mean, rstd, weight, dx, dweight, dbias):
     w, hw = _opt(weight, mean)
     dw, wdw = _opt(dweight, mean)
     db, wdb = _opt(dbias, mean)
-    _channel_backward_infer(dy, x, mean, rstd, w, hw, dx, dw, db, wdw, wdb)
+    kind = _channel_schedule(*x.shape)
+    zero = np.zeros(x.shape[1], rstd.dtype)
+    _CHANNEL_AFFINE[kind](dy, zero, _infer_dx_scale(rstd, w, hw), zero, dx)  # dx = dy * rstd * weight
+    if wdw or wdb:
+        _param_grads(_CHANNEL_SUMS[kind](dy, x, _float64(mean), 1), rstd, dw, db, wdw, wdb)
 
 
 # --- the split directions (normkit.contract): reductions and elementwise passes of the fused kernels above --------
 
 @_jit
-def _bn_stats(x, mean, m2):
-    C = x.shape[1]
-    cnt = x.shape[0] * x.shape[2]
-    piv = np.empty(C)
-    for c in range(C):
-        piv[c] = _pivot(widen(x[0, c, 0]))
-    sums = _channel_sums(x, x, piv, 0)  # float64 d = x - pivot and d*d, merged in a fixed order
-    for c in range(C):
+def _stats_finish(piv, sums, cnt, mean, m2):
+    for c in range(piv.shape[0]):
         s1 = sums[c, 0]
         d = s1 / cnt
         v = sums[c, 1] - s1 * d
@@ -711,35 +825,29 @@ def _bn_stats(x, mean, m2):
         m2[c] = v
 
 
-@_jit
-def _bn_backward_reduce(dy, x, mean, rstd, sum_dy, sum_dy_xhat):
-    sums = _channel_sums(dy, x, mean, 1)  # float64 sum(dy), sum(dy * (x - mean))
-    for c in range(x.shape[1]):
-        sum_dy[c] = sums[c, 0]
-        sum_dy_xhat[c] = rstd[c] * sums[c, 1]
-
-
 def batchnorm_stats(x, mean, m2):
     _sync_threads()
-    _bn_stats(x, mean, m2)
+    piv = _pivots(x)
+    sums = _CHANNEL_SUMS[_channel_schedule(*x.shape)](x, x, piv, 0)  # float64 d = x - pivot and d*d, in order
+    _stats_finish(piv, sums, x.shape[0] * x.shape[2], mean, m2)
 
 
 def batchnorm_apply(x, scale, shift, y):
     _sync_threads()
     # y = (x - 0) * scale + shift: the per-channel affine pass of inference, with no mean to subtract
-    _channel_affine(x, np.zeros(x.shape[1], scale.dtype), scale, shift, y)
+    _CHANNEL_AFFINE[_channel_schedule(*x.shape)](x, np.zeros(x.shape[1], scale.dtype), scale, shift, y)
 
 
 def batchnorm_backward_reduce(dy, x, mean, rstd, sum_dy, sum_dy_xhat):
     _sync_threads()
-    _bn_backward_reduce(dy, x, mean, rstd, sum_dy, sum_dy_xhat)
+    sums = _CHANNEL_SUMS[_channel_schedule(*x.shape)](dy, x, mean, 1)  # float64 sum(dy), sum(dy * (x - mean))
+    _param_grads(sums, rstd, sum_dy_xhat, sum_dy, True, True)
 
 
 def batchnorm_backward_apply(dy, x, a, b, d, dx):
     _sync_threads()
     # dx = dy * a + (x - 0) * b + d: the fused backward's elementwise pass
-    _channel_dx(dy, x, np.zeros(x.shape[1], a.dtype), a, b, d, dx)
-
+    _CHANNEL_DX[_channel_schedule(*x.shape)](dy, x, np.zeros(x.shape[1], a.dtype), a, b, d, dx)
 
 
 # --- fused activations (normkit.contract): statistics and coefficients here, the element passes _common.act_rows'

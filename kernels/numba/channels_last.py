@@ -21,7 +21,7 @@ from __future__ import annotations
 import numpy as np
 from numba import prange
 
-from ._common import MIN_SETS, PIECE, TARGET_ITEMS, _cdiv, _finish, _jit, _opt, _pivot, _pjit, _sync_threads
+from ._common import MIN_SETS, PIECE, TARGET_ITEMS, _finish, _jit, _opt, _pivot, _pjit, _sync_threads
 from .batchnorm import (batchnorm_apply, batchnorm_backward_apply, batchnorm_backward_reduce,
                         batchnorm_stats, channel_backward_infer, channel_forward_infer)
 from .groupnorm import _set_coefs
@@ -35,14 +35,17 @@ def _rows(a):
     return a.reshape(a.shape[0] * a.shape[1], a.shape[2], 1)
 
 
-@_jit
-def _sample_split(N, S, C):
+def sample_split(N, S, C):
     """Pieces per sample and their length in rows: 1 with enough samples, else enough pieces of at least PIECE
-    values for TARGET_ITEMS work items."""
+    values for TARGET_ITEMS work items. Plain Python for the callables, which choose the schedule from it, and
+    compiled as _sample_split for the kernels (-(-a // b) is _cdiv)."""
     if N >= MIN_SETS:
         return 1, S
-    Q = max(1, min(_cdiv(TARGET_ITEMS, N), S * C // PIECE))
-    return Q, _cdiv(S, Q)
+    Q = max(1, min(-(-TARGET_ITEMS // N), S * C // PIECE))
+    return Q, -(-S // Q)
+
+
+_sample_split = _jit(sample_split)
 
 
 @_jit
@@ -257,13 +260,32 @@ def _param_grads(sdy, sdyx, rstd, dw, db, want_dw, want_db):
             dw[c] = s2[c]
 
 
-# The two kernels hold no array expressions: in a parallel function each would become a parallel loop of its own
-# and add to the compile time. One parallel loop sums the pieces (and, with one piece per sample, finishes and
-# normalizes the sample while it is in cache); with more pieces, a second one normalizes them, in reverse order,
-# so that it starts with what the sums left in the last-level cache.
+# The kernels hold no array expressions: in a parallel function each would become a parallel loop of its own and
+# add to the compile time. With one piece per sample (_whole), one parallel loop sums, finishes and normalizes each
+# sample while it is in cache; with more pieces (_pieces), one sums the pieces and a second one normalizes them, in
+# reverse order, so that it starts with what the sums left in the last-level cache. Each schedule is a function of
+# its own, chosen in Python by the callables below from the shape, so that a first call compiles only the one its
+# shape takes (see batchnorm.py).
 
 @_pjit
-def _sets_forward(x, G, w, b, has_w, has_b, eps, y, mean, rstd):
+def _sets_forward_whole(x, G, w, b, has_w, has_b, eps, y, mean, rstd):
+    N, S, C = x.shape
+    T = _tile_len(C)
+    fx = x.reshape(N * S * C)
+    fy = y.reshape(N * S * C)
+    piv = _pivots(x, G)
+    part = np.empty((N, 2, C))
+    for n in prange(N):
+        r0 = n * S
+        r1 = r0 + S
+        _rows_stats(fx, r0, r1, _set_ref(piv, n, C // G, T), part[n])
+        coef = np.empty((4, T), x.dtype)
+        _forward_coefs(part, n, 1, piv, S, eps, w, b, has_w, has_b, mean, rstd, coef)
+        _rows_y(fx, fy, r0, r1, C, coef)
+
+
+@_pjit
+def _sets_forward_pieces(x, G, w, b, has_w, has_b, eps, y, mean, rstd):
     N, S, C = x.shape
     T = _tile_len(C)
     fx = x.reshape(N * S * C)
@@ -276,23 +298,40 @@ def _sets_forward(x, G, w, b, has_w, has_b, eps, y, mean, rstd):
         r0 = n * S + (it % Q) * RL
         r1 = min((n + 1) * S, r0 + RL)
         _rows_stats(fx, r0, r1, _set_ref(piv, n, C // G, T), part[it])
-        if Q == 1:
-            coef = np.empty((4, T), x.dtype)
-            _forward_coefs(part, n, 1, piv, S, eps, w, b, has_w, has_b, mean, rstd, coef)
-            _rows_y(fx, fy, r0, r1, C, coef)
-    if Q > 1:
-        coefs = np.empty((N, 4, T), x.dtype)
-        for n in range(N):
-            _forward_coefs(part, n, Q, piv, S, eps, w, b, has_w, has_b, mean, rstd, coefs[n])
-        for rev in prange(N * Q):
-            it = N * Q - 1 - rev
-            n = it // Q
-            r0 = n * S + (it % Q) * RL
-            _rows_y(fx, fy, r0, min((n + 1) * S, r0 + RL), C, coefs[n])
+    coefs = np.empty((N, 4, T), x.dtype)
+    for n in range(N):
+        _forward_coefs(part, n, Q, piv, S, eps, w, b, has_w, has_b, mean, rstd, coefs[n])
+    for rev in prange(N * Q):
+        it = N * Q - 1 - rev
+        n = it // Q
+        r0 = n * S + (it % Q) * RL
+        _rows_y(fx, fy, r0, min((n + 1) * S, r0 + RL), C, coefs[n])
 
 
 @_pjit
-def _sets_backward(dy, x, G, mean, rstd, w, has_w, dx, dw, db, want_dw, want_db):
+def _sets_backward_whole(dy, x, G, mean, rstd, w, has_w, dx, dw, db, want_dw, want_db):
+    N, S, C = x.shape
+    T = _tile_len(C)
+    fdy = dy.reshape(N * S * C)
+    fx = x.reshape(N * S * C)
+    fdx = dx.reshape(N * S * C)
+    m64 = _as_float64(mean)
+    sdy = np.empty((N, C))
+    sdyx = np.empty((N, C))
+    part = np.empty((N, 2, C))
+    for n in prange(N):
+        r0 = n * S
+        r1 = r0 + S
+        _rows_grad_sums(fdy, fx, r0, r1, _set_ref(m64, n, C // G, T), part[n])
+        coef = np.empty((4, T), x.dtype)
+        _backward_coefs(part, n, 1, S, mean, rstd, w, has_w, sdy, sdyx, coef)
+        _rows_dx(fdy, fx, fdx, r0, r1, C, coef)
+    if want_dw or want_db:
+        _param_grads(sdy, sdyx, rstd, dw, db, want_dw, want_db)
+
+
+@_pjit
+def _sets_backward_pieces(dy, x, G, mean, rstd, w, has_w, dx, dw, db, want_dw, want_db):
     N, S, C = x.shape
     T = _tile_len(C)
     fdy = dy.reshape(N * S * C)
@@ -308,21 +347,27 @@ def _sets_backward(dy, x, G, mean, rstd, w, has_w, dx, dw, db, want_dw, want_db)
         r0 = n * S + (it % Q) * RL
         r1 = min((n + 1) * S, r0 + RL)
         _rows_grad_sums(fdy, fx, r0, r1, _set_ref(m64, n, C // G, T), part[it])
-        if Q == 1:
-            coef = np.empty((4, T), x.dtype)
-            _backward_coefs(part, n, 1, S, mean, rstd, w, has_w, sdy, sdyx, coef)
-            _rows_dx(fdy, fx, fdx, r0, r1, C, coef)
-    if Q > 1:
-        coefs = np.empty((N, 4, T), x.dtype)
-        for n in range(N):
-            _backward_coefs(part, n, Q, S, mean, rstd, w, has_w, sdy, sdyx, coefs[n])
-        for rev in prange(N * Q):
-            it = N * Q - 1 - rev
-            n = it // Q
-            r0 = n * S + (it % Q) * RL
-            _rows_dx(fdy, fx, fdx, r0, min((n + 1) * S, r0 + RL), C, coefs[n])
+    coefs = np.empty((N, 4, T), x.dtype)
+    for n in range(N):
+        _backward_coefs(part, n, Q, S, mean, rstd, w, has_w, sdy, sdyx, coefs[n])
+    for rev in prange(N * Q):
+        it = N * Q - 1 - rev
+        n = it // Q
+        r0 = n * S + (it % Q) * RL
+        _rows_dx(fdy, fx, fdx, r0, min((n + 1) * S, r0 + RL), C, coefs[n])
     if want_dw or want_db:
         _param_grads(sdy, sdyx, rstd, dw, db, want_dw, want_db)
+
+
+def _sets_forward(x, G, w, b, has_w, has_b, eps, y, mean, rstd):
+    whole = sample_split(*x.shape)[0] == 1
+    (_sets_forward_whole if whole else _sets_forward_pieces)(x, G, w, b, has_w, has_b, eps, y, mean, rstd)
+
+
+def _sets_backward(dy, x, G, mean, rstd, w, has_w, dx, dw, db, want_dw, want_db):
+    whole = sample_split(*x.shape)[0] == 1
+    kernel = _sets_backward_whole if whole else _sets_backward_pieces
+    kernel(dy, x, G, mean, rstd, w, has_w, dx, dw, db, want_dw, want_db)
 
 
 # --- the contract's callables: (op, direction, dtype, "nhwc") ----------------------------------------------------

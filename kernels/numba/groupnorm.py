@@ -12,7 +12,7 @@ import numpy as np
 from numba import prange
 
 from ._common import (_act_param_grads, _cdiv, _dsums, _dx, _finish, _jit, _npieces, _opt, _pivot, _pjit, _row_split,
-                      _sums, _sync_threads, act_rows)
+                      _sums, _sync_threads, act_rows, npieces)
 from ._dtype16 import narrow, widen
 
 
@@ -39,8 +39,45 @@ def _apply_range(xs, ys, a, e, S, c0, m, m64, r, w, b, has_w, has_b):
         ci += 1
 
 
+# Each schedule (one piece per set, or more) is a function of its own, chosen in Python by the callables below
+# from the shape alone, so that a first call compiles only the one its shape takes (see batchnorm.py).
+
 @_pjit
-def _sets_forward(x, G, w, b, has_w, has_b, eps, y, mean, rstd):
+def _sets_forward_whole(x, G, w, b, has_w, has_b, eps, y, mean, rstd):
+    N, C, S = x.shape
+    cpg = C // G
+    m = cpg * S
+    nsets = N * G
+    xs2 = x.reshape(nsets, m)
+    mf = mean.reshape(nsets)
+    rf = rstd.reshape(nsets)
+    # indexed rather than through views of each set and channel: a view costs more than a short run's
+    # arithmetic (InstanceNorm (32, 512, 7, 7) forward: 0.55 -> 0.26 of PyTorch)
+    t = mean.dtype.type
+    for k in prange(nsets):
+        n = k // G
+        c0 = (k % G) * cpg
+        p = _pivot(widen(xs2[k, 0]))
+        s1 = 0.0
+        s2 = 0.0
+        for j in range(m):
+            d = np.float64(widen(xs2[k, j])) - p
+            s1 += d
+            s2 += d * d
+        m64, r64 = _finish(p, s1, s2, m, eps)
+        mf[k] = m64
+        rf[k] = r64
+        mk = mf[k]
+        for c in range(c0, c0 + cpg):
+            sc = r64 * (np.float64(w[c]) if has_w else 1.0)
+            sct = t(sc)
+            sht = t((np.float64(b[c]) if has_b else 0.0) + (np.float64(mk) - m64) * sc)
+            for j in range(S):
+                y[n, c, j] = narrow(y, (widen(x[n, c, j]) - mk) * sct + sht)
+
+
+@_pjit
+def _sets_forward_pieces(x, G, w, b, has_w, has_b, eps, y, mean, rstd):
     N, C, S = x.shape
     cpg = C // G
     m = cpg * S
@@ -50,31 +87,6 @@ def _sets_forward(x, G, w, b, has_w, has_b, eps, y, mean, rstd):
     mf = mean.reshape(nsets)
     rf = rstd.reshape(nsets)
     P = _npieces(nsets, m)
-    if P == 1:
-        # indexed rather than through views of each set and channel: a view costs more than a short run's
-        # arithmetic (InstanceNorm (32, 512, 7, 7) forward: 0.55 -> 0.26 of PyTorch)
-        t = mean.dtype.type
-        for k in prange(nsets):
-            n = k // G
-            c0 = (k % G) * cpg
-            p = _pivot(widen(xs2[k, 0]))
-            s1 = 0.0
-            s2 = 0.0
-            for j in range(m):
-                d = np.float64(widen(xs2[k, j])) - p
-                s1 += d
-                s2 += d * d
-            m64, r64 = _finish(p, s1, s2, m, eps)
-            mf[k] = m64
-            rf[k] = r64
-            mk = mf[k]
-            for c in range(c0, c0 + cpg):
-                sc = r64 * (np.float64(w[c]) if has_w else 1.0)
-                sct = t(sc)
-                sht = t((np.float64(b[c]) if has_b else 0.0) + (np.float64(mk) - m64) * sc)
-                for j in range(S):
-                    y[n, c, j] = narrow(y, (widen(x[n, c, j]) - mk) * sct + sht)
-        return
     L = _cdiv(m, P)
     part = np.empty((nsets * P, 2))
     for it in prange(nsets * P):
@@ -117,8 +129,27 @@ def _set_coefs(sdy, sdyx, n, g, cpg, m, r, w, has_w):
     return -r * r * mgx, -r * mg
 
 
+@_jit
+def _param_grads(sdy, sdyx, rstd, cpg, dw, db, want_dw, want_db):
+    """The parameter gradients from the per-(n, c) sums: over n in order for every c, reading them row by row."""
+    if not (want_dw or want_db):
+        return
+    N, C = sdy.shape
+    s1 = np.zeros(C)
+    s2 = np.zeros(C)
+    for n in range(N):
+        for c in range(C):
+            s1[c] += sdy[n, c]
+            s2[c] += np.float64(rstd[n, c // cpg]) * sdyx[n, c]
+    for c in range(C):
+        if want_db:
+            db[c] = s1[c]
+        if want_dw:
+            dw[c] = s2[c]
+
+
 @_pjit
-def _sets_backward(dy, x, G, mean, rstd, w, has_w, dx, dw, db, want_dw, want_db):
+def _sets_backward_whole(dy, x, G, mean, rstd, w, has_w, dx, dw, db, want_dw, want_db):
     N, C, S = x.shape
     cpg = C // G
     m = cpg * S
@@ -126,87 +157,91 @@ def _sets_backward(dy, x, G, mean, rstd, w, has_w, dx, dw, db, want_dw, want_db)
     t = mean.dtype.type
     sdy = np.empty((N, C))
     sdyx = np.empty((N, C))
-    if _npieces(nsets, m) == 1:
-        for k in prange(nsets):
-            n = k // G
-            g = k % G
-            mk = mean[n, g]
-            m64 = np.float64(mk)
-            r = np.float64(rstd[n, g])
-            # indexed rather than through a view of each channel's run, as in _sets_forward
-            for c in range(g * cpg, (g + 1) * cpg):
-                s1 = 0.0
-                s2 = 0.0
-                for j in range(S):
-                    gj = np.float64(widen(dy[n, c, j]))
-                    s1 += gj
-                    s2 += gj * (np.float64(widen(x[n, c, j])) - m64)
-                sdy[n, c] = s1
-                sdyx[n, c] = s2
-            B, Cc = _set_coefs(sdy, sdyx, n, g, cpg, m, r, w, has_w)
-            Bt = t(B)
-            Ct = t(Cc)
-            for c in range(g * cpg, (g + 1) * cpg):
-                At = t(r * (np.float64(w[c]) if has_w else 1.0))
-                for j in range(S):
-                    dx[n, c, j] = narrow(dx, widen(dy[n, c, j]) * At + (widen(x[n, c, j]) - mk) * Bt + Ct)
-    else:
-        # few sets: (n, c, piece) work items
-        Q, L = _row_split(N, C, S)
-        part = np.empty((N * C * Q, 2))
-        for it in prange(N * C * Q):
-            n = it // (C * Q)
-            c = (it // Q) % C
-            a = (it % Q) * L
-            e = min(S, a + L)
-            s1, s2 = _dsums(dy[n, c, a:e], x[n, c, a:e], np.float64(mean[n, c // cpg]))
-            part[it, 0] = s1
-            part[it, 1] = s2
-        for n in range(N):
-            for c in range(C):
-                s1 = 0.0
-                s2 = 0.0
-                for q in range(Q):
-                    s1 += part[(n * C + c) * Q + q, 0]
-                    s2 += part[(n * C + c) * Q + q, 1]
-                sdy[n, c] = s1
-                sdyx[n, c] = s2
-        coef = np.empty((N, G, 2))
-        for n in range(N):
-            for g in range(G):
-                B, Cc = _set_coefs(sdy, sdyx, n, g, cpg, m, np.float64(rstd[n, g]), w, has_w)
-                coef[n, g, 0] = B
-                coef[n, g, 1] = Cc
-        for it in prange(N * C * Q):
-            n = it // (C * Q)
-            c = (it // Q) % C
-            g = c // cpg
-            a = (it % Q) * L
-            A = np.float64(rstd[n, g]) * (np.float64(w[c]) if has_w else 1.0)
-            e = min(S, a + L)
-            _dx(dy[n, c, a:e], x[n, c, a:e], dx[n, c, a:e], t(A), t(coef[n, g, 0]), t(coef[n, g, 1]), mean[n, g])
-    if want_dw or want_db:
-        # over n in order for every c, reading the (N, C) sums row by row
-        s1 = np.zeros(C)
-        s2 = np.zeros(C)
-        for n in range(N):
-            for c in range(C):
-                s1[c] += sdy[n, c]
-                s2[c] += np.float64(rstd[n, c // cpg]) * sdyx[n, c]
+    for k in prange(nsets):
+        n = k // G
+        g = k % G
+        mk = mean[n, g]
+        m64 = np.float64(mk)
+        r = np.float64(rstd[n, g])
+        # indexed rather than through a view of each channel's run, as in _sets_forward_whole
+        for c in range(g * cpg, (g + 1) * cpg):
+            s1 = 0.0
+            s2 = 0.0
+            for j in range(S):
+                gj = np.float64(widen(dy[n, c, j]))
+                s1 += gj
+                s2 += gj * (np.float64(widen(x[n, c, j])) - m64)
+            sdy[n, c] = s1
+            sdyx[n, c] = s2
+        B, Cc = _set_coefs(sdy, sdyx, n, g, cpg, m, r, w, has_w)
+        Bt = t(B)
+        Ct = t(Cc)
+        for c in range(g * cpg, (g + 1) * cpg):
+            At = t(r * (np.float64(w[c]) if has_w else 1.0))
+            for j in range(S):
+                dx[n, c, j] = narrow(dx, widen(dy[n, c, j]) * At + (widen(x[n, c, j]) - mk) * Bt + Ct)
+    _param_grads(sdy, sdyx, rstd, cpg, dw, db, want_dw, want_db)
+
+
+@_pjit
+def _sets_backward_pieces(dy, x, G, mean, rstd, w, has_w, dx, dw, db, want_dw, want_db):
+    """Few sets: (n, c, piece) work items."""
+    N, C, S = x.shape
+    cpg = C // G
+    m = cpg * S
+    t = mean.dtype.type
+    sdy = np.empty((N, C))
+    sdyx = np.empty((N, C))
+    Q, L = _row_split(N, C, S)
+    part = np.empty((N * C * Q, 2))
+    for it in prange(N * C * Q):
+        n = it // (C * Q)
+        c = (it // Q) % C
+        a = (it % Q) * L
+        e = min(S, a + L)
+        s1, s2 = _dsums(dy[n, c, a:e], x[n, c, a:e], np.float64(mean[n, c // cpg]))
+        part[it, 0] = s1
+        part[it, 1] = s2
+    for n in range(N):
         for c in range(C):
-            if want_db:
-                db[c] = s1[c]
-            if want_dw:
-                dw[c] = s2[c]
+            s1 = 0.0
+            s2 = 0.0
+            for q in range(Q):
+                s1 += part[(n * C + c) * Q + q, 0]
+                s2 += part[(n * C + c) * Q + q, 1]
+            sdy[n, c] = s1
+            sdyx[n, c] = s2
+    coef = np.empty((N, G, 2))
+    for n in range(N):
+        for g in range(G):
+            B, Cc = _set_coefs(sdy, sdyx, n, g, cpg, m, np.float64(rstd[n, g]), w, has_w)
+            coef[n, g, 0] = B
+            coef[n, g, 1] = Cc
+    for it in prange(N * C * Q):
+        n = it // (C * Q)
+        c = (it // Q) % C
+        g = c // cpg
+        a = (it % Q) * L
+        A = np.float64(rstd[n, g]) * (np.float64(w[c]) if has_w else 1.0)
+        e = min(S, a + L)
+        _dx(dy[n, c, a:e], x[n, c, a:e], dx[n, c, a:e], t(A), t(coef[n, g, 0]), t(coef[n, g, 1]), mean[n, g])
+    _param_grads(sdy, sdyx, rstd, cpg, dw, db, want_dw, want_db)
 
 
 # --- the contract's callables -----------------------------------------------------------------------------------
+
+def _whole_sets(x, num_groups):
+    """Whether each set is one work item (else pieces of sets, or of its channels' rows): the shape's schedule."""
+    N, C, S = x.shape
+    return npieces(N * num_groups, C // num_groups * S) == 1
+
 
 def groupnorm_forward(x, num_groups, weight, bias, eps, y, mean, rstd):
     _sync_threads()
     w, hw = _opt(weight, mean)
     b, hb = _opt(bias, mean)
-    _sets_forward(x, num_groups, w, b, hw, hb, eps, y, mean, rstd)
+    kernel = _sets_forward_whole if _whole_sets(x, num_groups) else _sets_forward_pieces
+    kernel(x, num_groups, w, b, hw, hb, eps, y, mean, rstd)
 
 
 def groupnorm_backward(dy, x, num_groups, mean, rstd, weight, dx, dweight, dbias):
@@ -214,7 +249,8 @@ def groupnorm_backward(dy, x, num_groups, mean, rstd, weight, dx, dweight, dbias
     w, hw = _opt(weight, mean)
     dw, wdw = _opt(dweight, mean)
     db, wdb = _opt(dbias, mean)
-    _sets_backward(dy, x, num_groups, mean, rstd, w, hw, dx, dw, db, wdw, wdb)
+    kernel = _sets_backward_whole if _whole_sets(x, num_groups) else _sets_backward_pieces
+    kernel(dy, x, num_groups, mean, rstd, w, hw, dx, dw, db, wdw, wdb)
 
 
 def instancenorm_forward(x, weight, bias, eps, y, mean, rstd):

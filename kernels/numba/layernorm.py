@@ -11,7 +11,7 @@ import numpy as np
 from numba import prange
 
 from ._common import (BLOCK, PIECE, TARGET_ITEMS, _act, _cdiv, _dact, _finish, _fma, _jit, _npieces, _opt, _pivot,
-                      _pjit, _row_grad_sums, _sums, _sync_threads, per_activation)
+                      _pjit, _row_grad_sums, _sums, _sync_threads, npieces, per_activation)
 from ._dtype16 import narrow, widen
 
 # layernorm backward with long rows sums its parameter gradients in the data's dtype over at most FLUSH rows.
@@ -32,22 +32,31 @@ def _ln_apply(xr, yr, m, m64, r, w, b):
         yr[j] = narrow(yr, ((widen(xr[j]) - m) * rt + c0) * w[j] + b[j])
 
 
+# Each schedule (whole rows, pieces of rows; short or long rows in backward) is a function of its own, chosen in
+# Python by the callables below from the shape alone, so that a first call compiles only the one its shape takes
+# (see batchnorm.py).
+
 @_pjit
 def _ln_forward(x, w, b, has_w, has_b, eps, y, mean, rstd):
     M, K = x.shape
     wv = w if has_w else np.ones(K, mean.dtype)
     bv = b if has_b else np.zeros(K, mean.dtype)
+    for k in prange(M):
+        xr = x[k]
+        p = _pivot(widen(xr[0]))
+        s1, s2 = _sums(xr, p)
+        m64, r64 = _finish(p, s1, s2, K, eps)
+        mean[k] = m64
+        rstd[k] = r64
+        _ln_apply(xr, y[k], mean[k], m64, r64, wv, bv)
+
+
+@_pjit
+def _ln_forward_pieces(x, w, b, has_w, has_b, eps, y, mean, rstd):
+    M, K = x.shape
+    wv = w if has_w else np.ones(K, mean.dtype)
+    bv = b if has_b else np.zeros(K, mean.dtype)
     P = _npieces(M, K)
-    if P == 1:
-        for k in prange(M):
-            xr = x[k]
-            p = _pivot(widen(xr[0]))
-            s1, s2 = _sums(xr, p)
-            m64, r64 = _finish(p, s1, s2, K, eps)
-            mean[k] = m64
-            rstd[k] = r64
-            _ln_apply(xr, y[k], mean[k], m64, r64, wv, bv)
-        return
     L = _cdiv(K, P)
     part = np.empty((M * P, 2))
     for it in prange(M * P):
@@ -120,55 +129,61 @@ def _ln_dx(dyr, xr, dxr, m, r, B, Cc, w):
 
 
 @_pjit
-def _ln_backward(dy, x, mean, rstd, w, has_w, dx, dw, db, want_dw, want_db):
+def _ln_backward_short(dy, x, mean, rstd, w, has_w, dx, dw, db, want_dw, want_db):
     M, K = x.shape
     t = mean.dtype.type
     wv = w if has_w else np.ones(K, mean.dtype)
     want = want_dw or want_db
-    if K <= 4 * BLOCK:
-        # A row fits in L1: its sums, then dx and the parameter gradients (in the dtype, flushed into float64
-        # every FLUSH rows) while it is there. Blocks of rows keep partial parameter gradients. (Measured against
-        # float64 gradients in the sums' loop, and against PyTorch's order of a separate first loop for them:
-        # this order is 10-20% faster.)
-        R = max(1, min(TARGET_ITEMS * 2, M // 8)) if want else min(M, TARGET_ITEMS * 2)
-        RL = _cdiv(M, R)
-        pw = np.zeros((R, K) if want else (1, 1))
-        pb = np.zeros((R, K) if want else (1, 1))
-        acw = np.zeros((R, K) if want else (1, 1), mean.dtype)
-        acb = np.zeros((R, K) if want else (1, 1), mean.dtype)
-        for it in prange(R):
-            k0 = it * RL
-            k1 = min(M, (it + 1) * RL)
-            for k in range(k0, k1):
-                mk = mean[k]
-                m64 = np.float64(mk)
-                r = np.float64(rstd[k])
-                sg, sgx = _row_grad_sums(dy[k], x[k], m64, r, wv)
-                B = t(-r * r * sgx / K)
-                Cc = t(-r * sg / K)
-                if want:
-                    _ln_dx_grads(dy[k], x[k], dx[k], mk, rstd[k], B, Cc, wv, acw[it], acb[it])
-                    if (k - k0) % FLUSH == FLUSH - 1 or k == k1 - 1:
-                        _ln_flush(acw[it], pw[it])
-                        _ln_flush(acb[it], pb[it])
-                else:
-                    _ln_dx(dy[k], x[k], dx[k], mk, t(r), B, Cc, wv)
-        if want:
-            # block by block (in block order for every j), reading the partial sums in memory order
-            aw = np.zeros(K)
-            ab = np.zeros(K)
-            for it in range(R):
-                pwi = pw[it]
-                pbi = pb[it]
-                for j in range(K):
-                    aw[j] += pwi[j]
-                    ab[j] += pbi[j]
+    # A row fits in L1: its sums, then dx and the parameter gradients (in the dtype, flushed into float64
+    # every FLUSH rows) while it is there. Blocks of rows keep partial parameter gradients. (Measured against
+    # float64 gradients in the sums' loop, and against PyTorch's order of a separate first loop for them:
+    # this order is 10-20% faster.)
+    R = max(1, min(TARGET_ITEMS * 2, M // 8)) if want else min(M, TARGET_ITEMS * 2)
+    RL = _cdiv(M, R)
+    pw = np.zeros((R, K) if want else (1, 1))
+    pb = np.zeros((R, K) if want else (1, 1))
+    acw = np.zeros((R, K) if want else (1, 1), mean.dtype)
+    acb = np.zeros((R, K) if want else (1, 1), mean.dtype)
+    for it in prange(R):
+        k0 = it * RL
+        k1 = min(M, (it + 1) * RL)
+        for k in range(k0, k1):
+            mk = mean[k]
+            m64 = np.float64(mk)
+            r = np.float64(rstd[k])
+            sg, sgx = _row_grad_sums(dy[k], x[k], m64, r, wv)
+            B = t(-r * r * sgx / K)
+            Cc = t(-r * sg / K)
+            if want:
+                _ln_dx_grads(dy[k], x[k], dx[k], mk, rstd[k], B, Cc, wv, acw[it], acb[it])
+                if (k - k0) % FLUSH == FLUSH - 1 or k == k1 - 1:
+                    _ln_flush(acw[it], pw[it])
+                    _ln_flush(acb[it], pb[it])
+            else:
+                _ln_dx(dy[k], x[k], dx[k], mk, t(r), B, Cc, wv)
+    if want:
+        # block by block (in block order for every j), reading the partial sums in memory order
+        aw = np.zeros(K)
+        ab = np.zeros(K)
+        for it in range(R):
+            pwi = pw[it]
+            pbi = pb[it]
             for j in range(K):
-                if want_dw:
-                    dw[j] = aw[j]
-                if want_db:
-                    db[j] = ab[j]
-        return
+                aw[j] += pwi[j]
+                ab[j] += pbi[j]
+        for j in range(K):
+            if want_dw:
+                dw[j] = aw[j]
+            if want_db:
+                db[j] = ab[j]
+
+
+@_pjit
+def _ln_backward_long(dy, x, mean, rstd, w, has_w, dx, dw, db, want_dw, want_db):
+    M, K = x.shape
+    t = mean.dtype.type
+    wv = w if has_w else np.ones(K, mean.dtype)
+    want = want_dw or want_db
     # Long rows, in groups of rows small enough to stay in L3 between the two passes over them: row sums over
     # (row, piece) items, then dx and the parameter gradients over column blocks, each block adding its rows in
     # order. The dtype partial sums flush every FLUSH rows of the whole input, so the grouping does not change
@@ -236,7 +251,8 @@ def layernorm_forward(x, weight, bias, eps, y, mean, rstd):
     _sync_threads()
     w, hw = _opt(weight, mean)
     b, hb = _opt(bias, mean)
-    _ln_forward(x, w, b, hw, hb, eps, y, mean, rstd)
+    kernel = _ln_forward if npieces(*x.shape) == 1 else _ln_forward_pieces
+    kernel(x, w, b, hw, hb, eps, y, mean, rstd)
 
 
 def layernorm_backward(dy, x, mean, rstd, weight, dx, dweight, dbias):
@@ -244,7 +260,9 @@ def layernorm_backward(dy, x, mean, rstd, weight, dx, dweight, dbias):
     w, hw = _opt(weight, mean)
     dw, wdw = _opt(dweight, mean)
     db, wdb = _opt(dbias, mean)
-    _ln_backward(dy, x, mean, rstd, w, hw, dx, dw, db, wdw, wdb)
+    # rows that fit in L1 (see _ln_backward_short), or longer ones
+    kernel = _ln_backward_short if x.shape[1] <= 4 * BLOCK else _ln_backward_long
+    kernel(dy, x, mean, rstd, w, hw, dx, dw, db, wdw, wdb)
 
 
 # --- fused activations (normkit.contract): the element loops built per activation (_common.per_activation) ----
