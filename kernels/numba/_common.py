@@ -125,6 +125,19 @@ def _fma(typingctx, a, b, c):
     return ty(a, b, c), codegen
 
 
+@_jit
+def _zeros(shape, dtype):
+    """np.zeros for the parallel kernels: in a parallel function numba makes each array creation a parallel loop of
+    its own, compiled on its own (about half a second each on a first call); here it is a plain fill."""
+    return np.zeros(shape, dtype)
+
+
+@_jit
+def _ones(shape, dtype):
+    """np.ones for the parallel kernels (see _zeros)."""
+    return np.ones(shape, dtype)
+
+
 # The inner loops run from 0, over a view or over the last index of the whole array (x[n, c, j] for j in
 # range(S)): a loop from a run-time start index keeps numba's negative-index wraparound check in the loop, which
 # stops LLVM from vectorizing it (measured 7x slower; x[n, c, c0 + j] doubled InstanceNorm's backward). A view

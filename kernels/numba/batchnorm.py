@@ -20,7 +20,7 @@ import numpy as np
 from numba import prange
 
 from ._common import (BLOCK, MIN_SETS, TARGET_ITEMS, _act_param_grads, _cdiv, _channel_stat_sums, _dsums, _dx, _finish,
-                      _jit, _opt, _pivot, _pjit, _prefetch, _row_split, _rows, _sums, _sync_threads, act_rows,
+                      _jit, _opt, _pivot, _pjit, _prefetch, _row_split, _rows, _sums, _sync_threads, _zeros, act_rows,
                       row_split)
 from ._dtype16 import narrow, widen
 
@@ -211,7 +211,7 @@ def _tiled_sums(a, bx, ref, mode):
     fa = a.reshape(N * W)
     fb = bx.reshape(N * W)
     rt = _tiled(ref, S, T, np.float64)
-    part = np.zeros((R, 2, T))
+    part = _zeros((R, 2, T), np.float64)
     for r in prange(R):
         p1 = part[r, 0]
         p2 = part[r, 1]
@@ -220,7 +220,7 @@ def _tiled_sums(a, bx, ref, mode):
             o = n * W
             L = (min(n1, n + RT) - n) * W
             _add_terms(fa[o:o + L], fb[o:o + L], rt, p1, p2, mode)
-    out = np.zeros((C, 2))
+    out = _zeros((C, 2), np.float64)
     for r in range(R):
         for q0 in range(0, T, W):
             for c in range(C):

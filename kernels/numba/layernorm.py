@@ -10,8 +10,8 @@ from __future__ import annotations
 import numpy as np
 from numba import prange
 
-from ._common import (BLOCK, PIECE, TARGET_ITEMS, _act, _cdiv, _dact, _finish, _fma, _jit, _npieces, _opt, _pivot,
-                      _pjit, _row_grad_sums, _sums, _sync_threads, npieces, per_activation)
+from ._common import (BLOCK, PIECE, TARGET_ITEMS, _act, _cdiv, _dact, _finish, _fma, _jit, _npieces, _ones, _opt,
+                      _pivot, _pjit, _row_grad_sums, _sums, _sync_threads, _zeros, npieces, per_activation)
 from ._dtype16 import narrow, widen
 
 # layernorm backward with long rows sums its parameter gradients in the data's dtype over at most FLUSH rows.
@@ -39,8 +39,8 @@ def _ln_apply(xr, yr, m, m64, r, w, b):
 @_pjit
 def _ln_forward(x, w, b, has_w, has_b, eps, y, mean, rstd):
     M, K = x.shape
-    wv = w if has_w else np.ones(K, mean.dtype)
-    bv = b if has_b else np.zeros(K, mean.dtype)
+    wv = w if has_w else _ones(K, mean.dtype)
+    bv = b if has_b else _zeros(K, mean.dtype)
     for k in prange(M):
         xr = x[k]
         p = _pivot(widen(xr[0]))
@@ -54,8 +54,8 @@ def _ln_forward(x, w, b, has_w, has_b, eps, y, mean, rstd):
 @_pjit
 def _ln_forward_pieces(x, w, b, has_w, has_b, eps, y, mean, rstd):
     M, K = x.shape
-    wv = w if has_w else np.ones(K, mean.dtype)
-    bv = b if has_b else np.zeros(K, mean.dtype)
+    wv = w if has_w else _ones(K, mean.dtype)
+    bv = b if has_b else _zeros(K, mean.dtype)
     P = _npieces(M, K)
     L = _cdiv(K, P)
     part = np.empty((M * P, 2))
@@ -132,7 +132,7 @@ def _ln_dx(dyr, xr, dxr, m, r, B, Cc, w):
 def _ln_backward_short(dy, x, mean, rstd, w, has_w, dx, dw, db, want_dw, want_db):
     M, K = x.shape
     t = mean.dtype.type
-    wv = w if has_w else np.ones(K, mean.dtype)
+    wv = w if has_w else _ones(K, mean.dtype)
     want = want_dw or want_db
     # A row fits in L1: its sums, then dx and the parameter gradients (in the dtype, flushed into float64
     # every FLUSH rows) while it is there. Blocks of rows keep partial parameter gradients. (Measured against
@@ -140,10 +140,10 @@ def _ln_backward_short(dy, x, mean, rstd, w, has_w, dx, dw, db, want_dw, want_db
     # this order is 10-20% faster.)
     R = max(1, min(TARGET_ITEMS * 2, M // 8)) if want else min(M, TARGET_ITEMS * 2)
     RL = _cdiv(M, R)
-    pw = np.zeros((R, K) if want else (1, 1))
-    pb = np.zeros((R, K) if want else (1, 1))
-    acw = np.zeros((R, K) if want else (1, 1), mean.dtype)
-    acb = np.zeros((R, K) if want else (1, 1), mean.dtype)
+    pw = _zeros((R, K) if want else (1, 1), np.float64)
+    pb = _zeros((R, K) if want else (1, 1), np.float64)
+    acw = _zeros((R, K) if want else (1, 1), mean.dtype)
+    acb = _zeros((R, K) if want else (1, 1), mean.dtype)
     for it in prange(R):
         k0 = it * RL
         k1 = min(M, (it + 1) * RL)
@@ -163,8 +163,8 @@ def _ln_backward_short(dy, x, mean, rstd, w, has_w, dx, dw, db, want_dw, want_db
                 _ln_dx(dy[k], x[k], dx[k], mk, t(r), B, Cc, wv)
     if want:
         # block by block (in block order for every j), reading the partial sums in memory order
-        aw = np.zeros(K)
-        ab = np.zeros(K)
+        aw = _zeros(K, np.float64)
+        ab = _zeros(K, np.float64)
         for it in range(R):
             pwi = pw[it]
             pbi = pb[it]
@@ -182,7 +182,7 @@ def _ln_backward_short(dy, x, mean, rstd, w, has_w, dx, dw, db, want_dw, want_db
 def _ln_backward_long(dy, x, mean, rstd, w, has_w, dx, dw, db, want_dw, want_db):
     M, K = x.shape
     t = mean.dtype.type
-    wv = w if has_w else np.ones(K, mean.dtype)
+    wv = w if has_w else _ones(K, mean.dtype)
     want = want_dw or want_db
     # Long rows, in groups of rows small enough to stay in L3 between the two passes over them: row sums over
     # (row, piece) items, then dx and the parameter gradients over column blocks, each block adding its rows in
@@ -194,10 +194,10 @@ def _ln_backward_long(dy, x, mean, rstd, w, has_w, dx, dw, db, want_dw, want_db)
     part = np.empty((GR * P, 2))
     coef = np.empty((M, 2), mean.dtype)
     JB = _cdiv(K, BLOCK)
-    aw = np.zeros(K)
-    ab = np.zeros(K)
-    acw = np.zeros(K, mean.dtype)
-    acb = np.zeros(K, mean.dtype)
+    aw = _zeros(K, np.float64)
+    ab = _zeros(K, np.float64)
+    acw = _zeros(K, mean.dtype)
+    acb = _zeros(K, mean.dtype)
     for k0 in range(0, M, GR):
         k1 = min(M, k0 + GR)
         for it in prange((k1 - k0) * P):
