@@ -514,7 +514,7 @@ def act_rows(a):
                 s2 += g * (np.float64(xr[j]) - m64)
             part[it, 0] = s1
             part[it, 1] = s2
-        out = np.zeros((N, C, 2))
+        out = _zeros((N, C, 2), np.float64)
         for n in range(N):
             for c in range(C):
                 for q in range(Q):
@@ -562,7 +562,7 @@ def _channel_stat_sums(x, piv):
         s1, s2 = _sums(x[n, c, lo:min(S, lo + L)], piv[c])
         part[it, 0] = s1
         part[it, 1] = s2
-    out = np.zeros((C, 2))
+    out = _zeros((C, 2), np.float64)
     for n in range(N):
         for c in range(C):
             for q in range(Q):
