@@ -61,7 +61,7 @@ def test_each_shape_takes_its_schedule():
 def _cases():
     table = [b for b in registry.list_backends(load=False) if b.name == "numba"][0].implements
     for op, direction, dtype in table:
-        if dtype != "float32":
+        if dtype != "float32" or direction.startswith("act_"):  # the act_ kernels: one schedule (test_numba_act.py)
             continue
         sets = SPECS[op].sets
         if sets == "channel":
