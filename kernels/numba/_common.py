@@ -547,30 +547,6 @@ def act_rows(a):
     return forward, sums, dx
 
 
-@_pjit
-def _channel_stat_sums(x, piv):
-    """Per channel, in float64: sum(d), sum(d * d) with d = x - piv[c], over (n, c, piece) items merged over n
-    and pieces in order: (C, 2). The act_ kernels' BatchNorm statistics (batchnorm.py's _channel_sums, with all
-    its schedules, would add its compile time to theirs)."""
-    N, C, S = x.shape
-    Q, L = _row_split(N, C, S)
-    part = np.empty((N * C * Q, 2))
-    for it in prange(N * C * Q):
-        n = it // (C * Q)
-        c = (it // Q) % C
-        lo = (it % Q) * L
-        s1, s2 = _sums(x[n, c, lo:min(S, lo + L)], piv[c])
-        part[it, 0] = s1
-        part[it, 1] = s2
-    out = _zeros((C, 2), np.float64)
-    for n in range(N):
-        for c in range(C):
-            for q in range(Q):
-                out[c, 0] += part[(n * C + c) * Q + q, 0]
-                out[c, 1] += part[(n * C + c) * Q + q, 1]
-    return out
-
-
 @_jit
 def _rows(v, N):
     """A per-channel (C,) array as the (N, C) row coefficients of the act_ element loops."""

@@ -19,9 +19,8 @@ from __future__ import annotations
 import numpy as np
 from numba import prange
 
-from ._common import (BLOCK, MIN_SETS, TARGET_ITEMS, _act_param_grads, _cdiv, _channel_stat_sums, _dsums, _dx, _finish,
-                      _jit, _opt, _pivot, _pjit, _prefetch, _row_split, _rows, _sums, _sync_threads, _zeros, act_rows,
-                      row_split)
+from ._common import (BLOCK, MIN_SETS, TARGET_ITEMS, _act_param_grads, _cdiv, _dsums, _dx, _finish, _jit, _opt,
+                      _pivot, _pjit, _prefetch, _row_split, _rows, _sums, _sync_threads, _zeros, act_rows, row_split)
 from ._dtype16 import narrow, widen
 
 # batchnorm: spatial sizes below WIDE_S use the flattened (N, C*S) view; a channel is one work item when there
@@ -852,16 +851,14 @@ def batchnorm_backward_apply(dy, x, a, b, d, dx):
 
 # --- fused activations (normkit.contract): statistics and coefficients here, the element passes _common.act_rows'
 # over (n, c) rows (forward: one read of x for the statistics, one fused pass; backward: the gradient sums, then
-# dx, each a read of dy and x), whatever the shape: the simplest of the schedules above.
+# dx, each a read of dy and x), whatever the shape: the simplest of the schedules above. The statistics are the plain
+# forward's (its _CHANNEL_SUMS schedule for the shape).
 
 @_jit
-def _bn_act_coefs(x, w, b, has_w, has_b, eps, mean, rstd):
-    """The batch statistics (stored), and act_rows' forward coefficients (m, scale, shift) per (n, c) row."""
-    N, C, S = x.shape
-    piv = np.empty(C)
-    for c in range(C):
-        piv[c] = _pivot(x[0, c, 0])
-    sums = _channel_stat_sums(x, piv)
+def _bn_act_coefs(N, S, piv, sums, w, b, has_w, has_b, eps, mean, rstd):
+    """The batch statistics (stored) from the pivots and shifted sums, and act_rows' forward coefficients (m,
+    scale, shift) per (n, c) row."""
+    C = piv.shape[0]
     sc = np.empty(C, mean.dtype)
     sh = np.empty(C, mean.dtype)
     for c in range(C):
@@ -927,7 +924,9 @@ def batchnorm_act_forward(x, weight, bias, eps, activation, slope, y, mean, rstd
     _sync_threads()
     w, hw = _opt(weight, mean)
     b, hb = _opt(bias, mean)
-    m, sc, sh = _bn_act_coefs(x, w, b, hw, hb, eps, mean, rstd)
+    piv = _pivots(x)
+    sums = _CHANNEL_SUMS[_channel_schedule(*x.shape)](x, x, piv, 0)  # the plain forward's statistics pass
+    m, sc, sh = _bn_act_coefs(x.shape[0], x.shape[2], piv, sums, w, b, hw, hb, eps, mean, rstd)
     act_rows(activation)[0](x, m, sc, sh, y, slope)
 
 
