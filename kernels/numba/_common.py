@@ -56,6 +56,11 @@ def _can_cache() -> bool:
 CACHE = _can_cache()
 _jit = njit(cache=CACHE, fastmath=FASTMATH, nogil=True)
 _pjit = njit(cache=CACHE, fastmath=FASTMATH, nogil=True, parallel=True)
+# For merges of partial sums: additions in the order the code gives, never regrouped. With ``reassoc`` LLVM
+# vectorizes a reduction loop and peels its first iterations up to an aligned address, so the grouping of the
+# additions, and the last bits of the sum, would depend on where a temporary array happens to sit in memory (seen:
+# BatchNorm's per-channel sums differing in the last bit from call to call).
+_sjit = njit(cache=CACHE, fastmath=FASTMATH - {"reassoc"}, nogil=True)
 
 
 # --- scalar helpers ---------------------------------------------------------------------------------------------

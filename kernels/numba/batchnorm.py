@@ -19,8 +19,8 @@ from __future__ import annotations
 import numpy as np
 from numba import prange
 
-from ._common import (BLOCK, MIN_SETS, TARGET_ITEMS, _act_param_grads, _cdiv, _dsums, _dx, _finish, _jit, _opt,
-                      _pivot, _pjit, _prefetch, _row_split, _rows, _sums, _sync_threads, _zeros, act_rows, row_split)
+from ._common import (BLOCK, MIN_SETS, TARGET_ITEMS, _act_param_grads, _cdiv, _dsums, _dx, _finish, _jit, _opt, _pivot,
+                      _pjit, _prefetch, _row_split, _rows, _sjit, _sums, _sync_threads, _zeros, act_rows, row_split)
 from ._dtype16 import narrow, widen
 
 # batchnorm: spatial sizes below WIDE_S use the flattened (N, C*S) view; a channel is one work item when there
@@ -83,7 +83,7 @@ def _add_terms(av, bv, ref, p1, p2, mode):
             p2[j] += g * (np.float64(widen(bv[j])) - ref[j])
 
 
-@_jit
+@_sjit
 def _merge_rows(part, N, C, Q):
     """Per-channel sums of the (n, c, piece) partial sums: over n, then q, in order for every c, reading the
     partial sums in memory order."""
@@ -172,16 +172,20 @@ def _sums_blocks(a, bx, ref, mode):
         rw = refw[j0:j1]
         for n in range(r * RL, min(N, (r + 1) * RL)):
             _add_terms(a2[n, j0:j1], b2[n, j0:j1], rw, p1, p2, mode)
-    out = np.empty((C, 2))
-    for c in range(C):
-        s1 = 0.0
-        s2 = 0.0
-        for r in range(R):
-            for s in range(S):
-                s1 += part[r, 0, c * S + s]
-                s2 += part[r, 1, c * S + s]
-        out[c, 0] = s1
-        out[c, 1] = s2
+    return _merge_columns(part, C, S)
+
+
+@_sjit
+def _merge_columns(part, C, S):
+    """Per-channel sums of the (R, 2, T) column sums of the flattened view (T: whole rows of C*S columns): over
+    blocks r, then tiles, then a channel's S columns, in order."""
+    out = np.zeros((C, 2))
+    for r in range(part.shape[0]):
+        for q0 in range(0, part.shape[2], C * S):
+            for c in range(C):
+                for s in range(S):
+                    out[c, 0] += part[r, 0, q0 + c * S + s]
+                    out[c, 1] += part[r, 1, q0 + c * S + s]
     return out
 
 
@@ -219,14 +223,7 @@ def _tiled_sums(a, bx, ref, mode):
             o = n * W
             L = (min(n1, n + RT) - n) * W
             _add_terms(fa[o:o + L], fb[o:o + L], rt, p1, p2, mode)
-    out = _zeros((C, 2), np.float64)
-    for r in range(R):
-        for q0 in range(0, T, W):
-            for c in range(C):
-                for s in range(S):
-                    out[c, 0] += part[r, 0, q0 + c * S + s]
-                    out[c, 1] += part[r, 1, q0 + c * S + s]
-    return out
+    return _merge_columns(part, C, S)
 
 
 @_pjit
