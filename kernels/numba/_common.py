@@ -552,6 +552,43 @@ def act_rows(a):
     return forward, sums, dx
 
 
+@_pjit
+def _row_stats(x2, eps, mean, rstd):
+    """mean and rstd (stored) of every row of the (sets, m) view x2 (LayerNorm's rows, GroupNorm's (sample, group)
+    sets), over (row, piece) work items (one piece per row with enough rows); also returned in float64, (sets, 2).
+    The act_ kernels' statistics."""
+    M, K = x2.shape
+    P = _npieces(M, K)
+    L = _cdiv(K, P)
+    part = np.empty((M * P, 2))
+    for it in prange(M * P):
+        k = it // P
+        lo = (it % P) * L
+        s1, s2 = _sums(x2[k, lo:min(K, lo + L)], _pivot(x2[k, 0]))
+        part[it, 0] = s1
+        part[it, 1] = s2
+    return _merge_row_stats(x2, part, P, eps, mean, rstd)
+
+
+@_sjit
+def _merge_row_stats(x2, part, P, eps, mean, rstd):
+    """_row_stats' pieces merged per row, in order (see _sjit)."""
+    M, K = x2.shape
+    st = np.empty((M, 2))
+    for k in range(M):
+        s1 = 0.0
+        s2 = 0.0
+        for q in range(P):
+            s1 += part[k * P + q, 0]
+            s2 += part[k * P + q, 1]
+        m64, r64 = _finish(_pivot(x2[k, 0]), s1, s2, K, eps)
+        mean[k] = m64
+        rstd[k] = r64
+        st[k, 0] = m64
+        st[k, 1] = r64
+    return st
+
+
 @_jit
 def _rows(v, N):
     """A per-channel (C,) array as the (N, C) row coefficients of the act_ element loops."""

@@ -12,7 +12,7 @@ import numpy as np
 from numba import prange
 
 from ._common import (_act_param_grads, _cdiv, _dsums, _dx, _finish, _jit, _npieces, _opt, _pivot, _pjit, _row_split,
-                      _sums, _sync_threads, act_rows, npieces)
+                      _row_stats, _sums, _sync_threads, act_rows, npieces)
 from ._dtype16 import narrow, widen
 
 
@@ -263,46 +263,12 @@ def instancenorm_backward(dy, x, mean, rstd, weight, dx, dweight, dbias):
 
 # --- fused activations (normkit.contract): statistics and coefficients here, the element passes _common.act_rows'
 
-@_pjit
-def _sets_stats(x, G, eps, mean, rstd):
-    """mean and rstd of every (sample, group) set over (set, piece) work items, merged per set in order; also
-    returned in float64, (N * G, 2)."""
-    N, C, S = x.shape
-    m = C // G * S
-    nsets = N * G
-    xs2 = x.reshape(nsets, m)
-    mf = mean.reshape(nsets)
-    rf = rstd.reshape(nsets)
-    P = _npieces(nsets, m)
-    L = _cdiv(m, P)
-    part = np.empty((nsets * P, 2))
-    for it in prange(nsets * P):
-        k = it // P
-        a = (it % P) * L
-        s1, s2 = _sums(xs2[k, a:min(m, a + L)], _pivot(xs2[k, 0]))
-        part[it, 0] = s1
-        part[it, 1] = s2
-    st = np.empty((nsets, 2))
-    for k in range(nsets):
-        s1 = 0.0
-        s2 = 0.0
-        for q in range(P):
-            s1 += part[k * P + q, 0]
-            s2 += part[k * P + q, 1]
-        m64, r64 = _finish(_pivot(xs2[k, 0]), s1, s2, m, eps)
-        mf[k] = m64
-        rf[k] = r64
-        st[k, 0] = m64
-        st[k, 1] = r64
-    return st
-
-
 @_jit
 def _sets_act_coefs(x, G, w, b, has_w, has_b, eps, mean, rstd):
     """The statistics (stored), and act_rows' forward coefficients (m, scale, shift) per (n, c) row."""
     N, C, _ = x.shape
     cpg = C // G
-    st = _sets_stats(x, G, eps, mean, rstd)
+    st = _row_stats(x.reshape(N * G, -1), eps, mean.reshape(-1), rstd.reshape(-1))
     m = np.empty((N, C), mean.dtype)
     sc = np.empty((N, C), mean.dtype)
     sh = np.empty((N, C), mean.dtype)

@@ -11,7 +11,7 @@ import numpy as np
 from numba import prange
 
 from ._common import (BLOCK, PIECE, TARGET_ITEMS, _act, _cdiv, _dact, _finish, _fma, _jit, _npieces, _ones, _opt,
-                      _pivot, _pjit, _row_grad_sums, _sums, _sync_threads, _zeros, npieces, per_activation)
+                      _pivot, _pjit, _row_grad_sums, _row_stats, _sums, _sync_threads, _zeros, npieces, per_activation)
 from ._dtype16 import narrow, widen
 
 # layernorm backward with long rows sums its parameter gradients in the data's dtype over at most FLUSH rows.
@@ -267,42 +267,13 @@ def layernorm_backward(dy, x, mean, rstd, weight, dx, dweight, dbias):
 
 # --- fused activations (normkit.contract): the element loops built per activation (_common.per_activation) ----
 
-@_pjit
-def _ln_stats(x, eps, mean, rstd):
-    """Row statistics (stored) over (row, piece) work items (one piece per row with enough rows), merged per row in
-    order; also returned in float64, (M, 2)."""
-    M, K = x.shape
-    P = _npieces(M, K)
-    L = _cdiv(K, P)
-    part = np.empty((M * P, 2))
-    for it in prange(M * P):
-        k = it // P
-        lo = (it % P) * L
-        s1, s2 = _sums(x[k, lo:min(K, lo + L)], _pivot(x[k, 0]))
-        part[it, 0] = s1
-        part[it, 1] = s2
-    st = np.empty((M, 2))
-    for k in range(M):
-        s1 = 0.0
-        s2 = 0.0
-        for q in range(P):
-            s1 += part[k * P + q, 0]
-            s2 += part[k * P + q, 1]
-        m64, r64 = _finish(_pivot(x[k, 0]), s1, s2, K, eps)
-        mean[k] = m64
-        rstd[k] = r64
-        st[k, 0] = m64
-        st[k, 1] = r64
-    return st
-
-
 @per_activation
 def _ln_act(a):
     """LayerNorm's act_ passes for activation ``a``: (forward apply, backward)."""
 
     @_pjit
     def apply(x, st, w, b, y, mean, slope):
-        """y = act(((x - m) * r + c0) * w + b) as _ln_apply, over the (row, piece) items of _ln_stats."""
+        """y = act(((x - m) * r + c0) * w + b) as _ln_apply, over the (row, piece) items of _row_stats."""
         M, K = x.shape
         P = _npieces(M, K)
         L = _cdiv(K, P)
@@ -382,7 +353,7 @@ def _affine(weight, bias, like):
 def layernorm_act_forward(x, weight, bias, eps, activation, slope, y, mean, rstd):
     _sync_threads()
     w, b = _affine(weight, bias, x)
-    st = _ln_stats(x, eps, mean, rstd)
+    st = _row_stats(x, eps, mean, rstd)
     _ln_act(activation)[0](x, st, w, b, y, mean, slope)
 
 
