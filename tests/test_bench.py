@@ -258,6 +258,17 @@ def test_bench_16_bit(dtype):
                                                                        "instancenorm", "rmsnorm"}
 
 
+@needs_torch
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_bench_16_bit_fused_add(dtype):
+    """The fused residual add's baseline sees the 16-bit residual and h-gradient as torch's 16-bit dtype, as x."""
+    add = [Case(op, (4, 16), add=True) for op in ("layernorm", "rmsnorm")]
+    result = bench.bench("all", cases=add, dtype=dtype, backends=["reference"], repeat=2)
+    assert {(r.op, r.direction) for r in result.rows if r.kind == "baseline"} == {
+        (op, d) for op in ("layernorm", "rmsnorm") for d in ("forward", "backward")}
+    assert all(r.check == "ok" for r in result.rows if r.kind == "backend")
+
+
 @pytest.mark.parametrize("op", ["bn", "gn", "in"])
 def test_bench_channels_last_times_both_layouts_against_torch_channels_last(op):
     result = bench.bench(op, shape=(2, 8, 4, 3), backends=["cython", "reference"], repeat=3, layout="nhwc")
