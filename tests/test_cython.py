@@ -25,8 +25,9 @@ NO_FAST_MATH = ("-ffast-math", "-ffinite-math-only", "-Ofast", "-fno-honor-nans"
 
 def test_info_reports_openmp_and_flags():
     info = kernels.INFO
-    assert set(info) == {"openmp", "compile flags", "modules", "float16 conversion"}
+    assert set(info) == {"openmp", "compile flags", "modules", "float16 conversion", "non-temporal stores"}
     assert info["float16 conversion"] in ("F16C", "portable")
+    assert info["non-temporal stores"].startswith("outputs of ")
     assert info["openmp"] == "yes" or info["openmp"].startswith("no ("), info["openmp"]
     flags = info["compile flags"].split()
     assert not set(flags) & set(NO_FAST_MATH), f"flags that break NaN/inf handling: {flags}"

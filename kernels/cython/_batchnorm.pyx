@@ -34,9 +34,10 @@ from libc.stdint cimport uint16_t
 
 from _common cimport (
     ACT_CHUNK, NO_ACT, NORMKIT_BUILD_FLAGS, NORMKIT_HAVE_OPENMP, NORMKIT_OPENMP_NOTE, TILE16, act_apply, act_grad,
-    act_grad_apply, act_grad_sums, affine, affine16, affine_act, finish_moments, grad_apply, grad_apply16,
-    grad_sums, grad_sums16, moments, moments16, normkit_half_init, normkit_narrow, narrow64, normkit_use_x86_64_v3,
-    normkit_widen, pivot16, pivot_of, prefetch_run, scale_copy, scale_copy16, to_double,
+    act_grad_apply, act_grad_apply_stream, act_grad_sums, affine, affine16, affine_act, affine_act_stream,
+    finish_moments, grad_apply, grad_apply16, grad_sums, grad_sums16, moments, moments16, normkit_half_init,
+    normkit_narrow, normkit_sfence, narrow64, normkit_use_x86_64_v3, normkit_widen, pivot16, pivot_of, prefetch_run,
+    scale_copy, scale_copy16, to_double,
 )
 
 # How this module was built (setup.py); the backend reads it for its INFO and to pick the x86-64-v3 copy.
@@ -67,11 +68,18 @@ cdef enum:
     ACT_ROWS = 8
 
 cdef int _nthreads = 1
+# Outputs of this many bytes or more are written with non-temporal stores (set_stream_min_bytes).
+cdef Py_ssize_t _stream_min = 1 << 62
 
 
 def set_num_threads(int n):
     global _nthreads
     _nthreads = n
+
+
+def set_stream_min_bytes(Py_ssize_t n):
+    global _stream_min
+    _stream_min = n
 
 
 cdef inline const floating* _ptr(const floating[::1] a) noexcept:
@@ -113,7 +121,7 @@ cdef inline bint _whole_columns(Py_ssize_t n, Py_ssize_t nc, Py_ssize_t s) noexc
 
 cdef void _forward_channel(const floating* x, floating* y, Py_ssize_t n, Py_ssize_t nc, Py_ssize_t s,
                            Py_ssize_t c, double eps, const floating* w, const floating* b, int act, double slope,
-                           double* mean, double* rstd) noexcept nogil:
+                           bint stream, double* mean, double* rstd) noexcept nogil:
     cdef Py_ssize_t i
     cdef double s1 = 0.0, s2 = 0.0, pivot = pivot_of(x[c * s]), scale
     for i in range(n):
@@ -123,8 +131,14 @@ cdef void _forward_channel(const floating* x, floating* y, Py_ssize_t n, Py_ssiz
     finish_moments(s1, s2, n * s, pivot, eps, mean, rstd)
     scale = rstd[0] * w[c] if w != NULL else rstd[0]
     for i in range(n):
-        affine_act(x + (i * nc + c) * s, y + (i * nc + c) * s, s, mean[0], scale, b[c] if b != NULL else 0.0, act,
-                   slope)
+        if stream:
+            affine_act_stream(x + (i * nc + c) * s, y + (i * nc + c) * s, s, mean[0], scale,
+                              b[c] if b != NULL else 0.0, act, slope)
+        else:
+            affine_act(x + (i * nc + c) * s, y + (i * nc + c) * s, s, mean[0], scale, b[c] if b != NULL else 0.0,
+                       act, slope)
+    if stream:
+        normkit_sfence()
 
 
 cdef inline void _coefficients(bint training, double sdy, double sdyx, double m, double rstd, double w,
@@ -142,7 +156,8 @@ cdef inline void _coefficients(bint training, double sdy, double sdyx, double m,
 
 cdef void _backward_channel(const floating* dy, const floating* x, floating* dx, Py_ssize_t n, Py_ssize_t nc,
                             Py_ssize_t s, Py_ssize_t c, bint training, bint sums, double mean, double rstd,
-                            double w, double bias, int act, double slope, double* sdy, double* sdyx) noexcept nogil:
+                            double w, double bias, int act, double slope, bint stream, double* sdy,
+                            double* sdyx) noexcept nogil:
     cdef Py_ssize_t i, off
     cdef double a = 0.0, b = 0.0, ca, cb, cc
     if sums:
@@ -156,7 +171,13 @@ cdef void _backward_channel(const floating* dy, const floating* x, floating* dx,
     _coefficients(training, a, b, <double>(n * s), rstd, w, &ca, &cb, &cc)
     for i in range(n):
         off = (i * nc + c) * s
-        act_grad_apply(dy + off, x + off, dx + off, s, mean, rstd * w, bias, act, slope, training, ca, cb, cc)
+        if stream:
+            act_grad_apply_stream(dy + off, x + off, dx + off, s, mean, rstd * w, bias, act, slope, training, ca, cb,
+                                  cc)
+        else:
+            act_grad_apply(dy + off, x + off, dx + off, s, mean, rstd * w, bias, act, slope, training, ca, cb, cc)
+    if stream:
+        normkit_sfence()
 
 
 cdef void _column_moments(const floating* x, Py_ssize_t n, Py_ssize_t length, Py_ssize_t l0, Py_ssize_t l1,
@@ -459,10 +480,15 @@ cdef void _apply_channels(const floating[:, :, ::1] x, floating[:, :, ::1] y, do
     cdef double[::1] exact_shift
     cdef floating[:, ::1] cols
     cdef int nt = _nthreads
+    cdef bint stream = n * length * <Py_ssize_t>sizeof(floating) >= _stream_min
     if s >= SHORT_ROW:
         for t in prange(n * nc, nogil=True, schedule="static", num_threads=nt):
             c = t % nc
-            affine_act(xp + t * s, yp + t * s, s, mean[c], scale[c], shift[c], act, slope)
+            if stream:
+                affine_act_stream(xp + t * s, yp + t * s, s, mean[c], scale[c], shift[c], act, slope)
+                normkit_sfence()
+            else:
+                affine_act(xp + t * s, yp + t * s, s, mean[c], scale[c], shift[c], act, slope)
     else:
         # per-column mean, scale and shift in the data's precision; as in affine(), the shift takes the mean's
         # rounding to that precision
@@ -581,10 +607,11 @@ cdef void _backward(bint training, const floating[:, :, ::1] dy, const floating[
     cdef double[::1] sdy = np.zeros(nc), sdyx = np.zeros(nc)
     cdef double[::1] ca, cb, cc, zscale = np.empty(nc), zshift = np.empty(nc)
     cdef int nt = _nthreads
+    cdef bint stream = n * nc * s * <Py_ssize_t>sizeof(floating) >= _stream_min
     if s >= SHORT_ROW and nc >= MANY_CHANNELS:
         for c in prange(nc, nogil=True, schedule="static", num_threads=nt):
             _backward_channel(dyp, xp, dxp, n, nc, s, c, training, sums, mu[c], r[c],
-                              w[c] if w != NULL else 1.0, bp[c] if bp != NULL else 0.0, act, slope, &sdy[c],
+                              w[c] if w != NULL else 1.0, bp[c] if bp != NULL else 0.0, act, slope, stream, &sdy[c],
                               &sdyx[c])
     elif act == NO_ACT and _whole_columns(n, nc, s):
         k = CHUNK // s
@@ -622,9 +649,10 @@ cdef void _forward(const floating[:, :, ::1] x, const floating[::1] weight, cons
     cdef double[::1] mu = np.empty(nc), r = np.empty(nc)
     cdef double[::1] pivot, s1, s2, scale, shift
     cdef int nt = _nthreads
+    cdef bint stream = n * nc * s * <Py_ssize_t>sizeof(floating) >= _stream_min
     if s >= SHORT_ROW and nc >= MANY_CHANNELS:
         for c in prange(nc, nogil=True, schedule="static", num_threads=nt):
-            _forward_channel(xp, yp, n, nc, s, c, eps, w, b, act, slope, &mu[c], &r[c])
+            _forward_channel(xp, yp, n, nc, s, c, eps, w, b, act, slope, stream, &mu[c], &r[c])
     elif act == NO_ACT and _whole_columns(n, nc, s):
         k = CHUNK // s
         for t in prange(_column_tasks(nc, s), nogil=True, schedule="static", num_threads=nt):

@@ -16,8 +16,9 @@ from cython.parallel cimport prange
 from libc.stdint cimport uint16_t
 
 from _common cimport (
-    NO_ACT, act_grad_apply, act_grad_sums, affine16, affine_act, finish_moments, grad_apply16, grad_sums16,
-    moments, moments16, normkit_half_init, pivot16, pivot_of,
+    NO_ACT, act_grad_apply, act_grad_apply_stream, act_grad_sums, affine16, affine_act, affine_act_stream,
+    finish_moments, grad_apply16, grad_sums16, moments, moments16, normkit_half_init, normkit_sfence, pivot16,
+    pivot_of,
 )
 
 # float16 converts with F16C where the CPU has it, unless NORMKIT_CYTHON_NO_F16C=1 asks for the portable code (to
@@ -25,6 +26,8 @@ from _common cimport (
 F16C = bool(normkit_half_init(os.environ.get("NORMKIT_CYTHON_NO_F16C", "") in ("", "0")))
 
 cdef int _nthreads = 1
+# Outputs of this many bytes or more are written with non-temporal stores (set_stream_min_bytes).
+cdef Py_ssize_t _stream_min = 1 << 62
 
 
 def set_num_threads(int n):
@@ -32,12 +35,17 @@ def set_num_threads(int n):
     _nthreads = n
 
 
+def set_stream_min_bytes(Py_ssize_t n):
+    global _stream_min
+    _stream_min = n
+
+
 cdef inline const floating* _ptr(const floating[::1] a) noexcept:
     return NULL if a is None else &a[0]
 
 
 cdef void _forward_set(const floating* x, floating* y, Py_ssize_t cg, Py_ssize_t s, const floating* w,
-                       const floating* b, double eps, int act, double slope, floating* mean_out,
+                       const floating* b, double eps, int act, double slope, bint stream, floating* mean_out,
                        floating* rstd_out) noexcept nogil:
     # x, y: the set's first value; w, b: its first channel's parameters, or NULL; act: the fused activation, or
     # NO_ACT
@@ -48,13 +56,19 @@ cdef void _forward_set(const floating* x, floating* y, Py_ssize_t cg, Py_ssize_t
     mean_out[0] = <floating>mean
     rstd_out[0] = <floating>rstd
     for c in range(cg):
-        affine_act(x + c * s, y + c * s, s, mean, rstd * w[c] if w != NULL else rstd,
-                   b[c] if b != NULL else 0.0, act, slope)
+        if stream:
+            affine_act_stream(x + c * s, y + c * s, s, mean, rstd * w[c] if w != NULL else rstd,
+                              b[c] if b != NULL else 0.0, act, slope)
+        else:
+            affine_act(x + c * s, y + c * s, s, mean, rstd * w[c] if w != NULL else rstd,
+                       b[c] if b != NULL else 0.0, act, slope)
+    if stream:
+        normkit_sfence()
 
 
 cdef void _backward_set(const floating* dy, const floating* x, floating* dx, Py_ssize_t cg, Py_ssize_t s,
                         const floating* w, const floating* bias, int act, double slope, double mean, double rstd,
-                        double* sdy, double* sdyx) noexcept nogil:
+                        bint stream, double* sdy, double* sdyx) noexcept nogil:
     # sdy, sdyx receive the set's per-channel sum(dy) and sum(dy * (x - mean)) for the parameter gradients.
     # With g = dy * w: dx = rstd * (g - mean(g) - xhat * mean(g * xhat)), expanded into one fused pass. With a
     # fused activation, dy * act'(z) in place of dy throughout (z recomputed from x in each of the two passes).
@@ -73,7 +87,14 @@ cdef void _backward_set(const floating* dy, const floating* x, floating* dx, Py_
     for c in range(cg):
         wc = w[c] if w != NULL else 1.0
         shift = bias[c] if bias != NULL else 0.0
-        act_grad_apply(dy + c * s, x + c * s, dx + c * s, s, mean, rstd * wc, shift, act, slope, True, rstd * wc, b, k)
+        if stream:
+            act_grad_apply_stream(dy + c * s, x + c * s, dx + c * s, s, mean, rstd * wc, shift, act, slope, True,
+                                  rstd * wc, b, k)
+        else:
+            act_grad_apply(dy + c * s, x + c * s, dx + c * s, s, mean, rstd * wc, shift, act, slope, True, rstd * wc,
+                           b, k)
+    if stream:
+        normkit_sfence()
 
 
 cdef void _groupnorm_forward(const floating[:, :, ::1] x, Py_ssize_t num_groups, const floating[::1] weight,
@@ -87,12 +108,13 @@ cdef void _groupnorm_forward(const floating[:, :, ::1] x, Py_ssize_t num_groups,
     cdef const floating* w = _ptr(weight)
     cdef const floating* b = _ptr(bias)
     cdef int nt = _nthreads
+    cdef bint stream = n * x.shape[1] * s * <Py_ssize_t>sizeof(floating) >= _stream_min
     # set t = (sample t // G, group t % G) starts at value t * cg * s
     for t in prange(n * num_groups, nogil=True, schedule="static", num_threads=nt):
         _forward_set(xp + t * cg * s, yp + t * cg * s, cg, s,
                      w + (t % num_groups) * cg if w != NULL else NULL,
                      b + (t % num_groups) * cg if b != NULL else NULL,
-                     eps, act, slope, mp + t, rp + t)
+                     eps, act, slope, stream, mp + t, rp + t)
 
 
 cdef void _groupnorm_backward(const floating[:, :, ::1] dy, const floating[:, :, ::1] x, Py_ssize_t num_groups,
@@ -112,11 +134,12 @@ cdef void _groupnorm_backward(const floating[:, :, ::1] dy, const floating[:, :,
     cdef double* sdyp = &sdy[0, 0]
     cdef double* sdyxp = &sdyx[0, 0]
     cdef int nt = _nthreads
+    cdef bint stream = n * c * s * <Py_ssize_t>sizeof(floating) >= _stream_min
     for t in prange(n * num_groups, nogil=True, schedule="static", num_threads=nt):
         _backward_set(dyp + t * cg * s, xp + t * cg * s, dxp + t * cg * s, cg, s,
                       w + (t % num_groups) * cg if w != NULL else NULL,
                       b + (t % num_groups) * cg if b != NULL else NULL, act, slope,
-                      mp[t], rp[t], sdyp + t * cg, sdyxp + t * cg)
+                      mp[t], rp[t], stream, sdyp + t * cg, sdyxp + t * cg)
     _param_grads(sdy, sdyx, rstd, cg, dweight, dbias)
 
 

@@ -23,7 +23,7 @@ from libc.string cimport memset
 
 from _common cimport (
     ACT_CHUNK, NO_ACT, TILE16, act_apply, act_grad, finish_moments, grad_sums, moments, moments16, narrow64,
-    normkit_half_init, normkit_narrow, normkit_widen, pivot16, pivot_of, to_double,
+    normkit_half_init, normkit_narrow, normkit_sfence, normkit_widen, pivot16, pivot_of, stream_store, to_double,
 )
 
 # float16 converts with F16C where the CPU has it, unless NORMKIT_CYTHON_NO_F16C=1 asks for the portable code (to
@@ -43,12 +43,19 @@ cdef Py_ssize_t TILE = 4096
 cdef Py_ssize_t FLUSH = 16
 
 cdef int _nthreads = 1
+# Outputs of this many bytes or more are written with non-temporal stores (set_stream_min_bytes).
+cdef Py_ssize_t _stream_min = 1 << 62
 _local = threading.local()
 
 
 def set_num_threads(int n):
     global _nthreads
     _nthreads = n
+
+
+def set_stream_min_bytes(Py_ssize_t n):
+    global _stream_min
+    _stream_min = n
 
 
 cdef double[::1] _scratch(Py_ssize_t n):
@@ -61,9 +68,11 @@ cdef double[::1] _scratch(Py_ssize_t n):
 
 
 cdef void _forward_row(const floating* x, floating* y, Py_ssize_t k, const floating* w, const floating* b,
-                       double eps, int act, double slope, floating* mean_out, floating* rstd_out) noexcept nogil:
+                       double eps, int act, double slope, bint stream, floating* mean_out,
+                       floating* rstd_out) noexcept nogil:
     cdef double s1 = 0.0, s2 = 0.0, mean, rstd, pivot = pivot_of(x[0])
     cdef Py_ssize_t q, j, n
+    cdef floating buf[ACT_CHUNK]
     moments(x, k, pivot, &s1, &s2)
     finish_moments(s1, s2, k, pivot, eps, &mean, &rstd)
     mean_out[0] = <floating>mean
@@ -71,14 +80,22 @@ cdef void _forward_row(const floating* x, floating* y, Py_ssize_t k, const float
     # In the data's precision (twice the vector lanes of double for float32): xhat = (x - m) * r + c0 with m the
     # mean rounded to that precision and c0 = (m - mean) * rstd the rounding's correction, so that a large offset
     # loses nothing; a constant row gives xhat = 0 exactly and so exactly the bias.
-    if act == NO_ACT:
+    if act == NO_ACT and not stream:
         _row_y(x, y, k, w, b, mean, rstd)
         return
     for q in range((k + ACT_CHUNK - 1) // ACT_CHUNK):
         j = q * ACT_CHUNK
         n = min(<Py_ssize_t>ACT_CHUNK, k - j)
-        _row_y(x + j, y + j, n, w + j, b + j, mean, rstd)
-        act_apply(y + j, n, act, slope)
+        if stream:  # the chunk on the stack, then out with non-temporal stores
+            _row_y(x + j, buf, n, w + j, b + j, mean, rstd)
+            if act != NO_ACT:
+                act_apply(buf, n, act, slope)
+            stream_store(y + j, buf, n)
+        else:
+            _row_y(x + j, y + j, n, w + j, b + j, mean, rstd)
+            act_apply(y + j, n, act, slope)
+    if stream:
+        normkit_sfence()
 
 
 cdef inline void _row_y(const floating* x, floating* y, Py_ssize_t k, const floating* w, const floating* b,
@@ -97,6 +114,18 @@ cdef void _row_dx(const floating* dy, const floating* x, floating* dx, Py_ssize_
     cdef Py_ssize_t j
     for j in range(k):
         dx[j] = r * w[j] * dy[j] + b * (x[j] - m) + c
+
+
+cdef void _row_dx_stream(const floating* dy, const floating* x, floating* dx, Py_ssize_t k, const floating* w,
+                         double mean, double rstd, double cb, double cc) noexcept nogil:
+    """_row_dx with dx written by non-temporal stores, chunk by chunk from the stack (the caller fences)."""
+    cdef floating buf[ACT_CHUNK]
+    cdef Py_ssize_t q, j, n
+    for q in range((k + ACT_CHUNK - 1) // ACT_CHUNK):
+        j = q * ACT_CHUNK
+        n = min(<Py_ssize_t>ACT_CHUNK, k - j)
+        _row_dx(dy + j, x + j, buf, n, w + j, mean, rstd, cb, cc)
+        stream_store(dx + j, buf, n)
 
 
 cdef void _add_param_grads(const floating* dy, const floating* x, Py_ssize_t k, double mean, double rstd,
@@ -120,27 +149,30 @@ cdef void _flush(floating* acc, double* out, Py_ssize_t n) noexcept nogil:
 
 cdef inline void _row_run(const floating* g, const floating* x, floating* dx, Py_ssize_t n, const floating* w,
                           double mean, double rstd, double* sg, double* sgx, floating* accw, floating* accb,
-                          double cb, double cc) noexcept nogil:
+                          double cb, double cc, bint stream) noexcept nogil:
     """The steps of one backward pass over a run of a row, with g for dy: g's parameter-gradient terms into accw,
     accb (unless NULL, _add_param_grads), g * w's sums into sg, sgx (unless NULL, grad_sums), then dx (unless
-    NULL, _row_dx with cb, cc)."""
+    NULL, _row_dx with cb, cc; with stream, by non-temporal stores)."""
     if accw != NULL:
         _add_param_grads(g, x, n, mean, rstd, accw, accb)
     if sg != NULL:
         grad_sums(g, x, w, n, mean, sg, sgx)
     if dx != NULL:
-        _row_dx(g, x, dx, n, w, mean, rstd, cb, cc)
+        if stream:
+            _row_dx_stream(g, x, dx, n, w, mean, rstd, cb, cc)
+        else:
+            _row_dx(g, x, dx, n, w, mean, rstd, cb, cc)
 
 
 cdef void _row_pass(const floating* dy, const floating* x, floating* dx, Py_ssize_t n, const floating* w,
                     const floating* b, double mean, double rstd, int act, double slope, double* sg, double* sgx,
-                    floating* accw, floating* accb, double cb, double cc) noexcept nogil:
+                    floating* accw, floating* accb, double cb, double cc, bint stream) noexcept nogil:
     """_row_run of dy (NO_ACT), or of g = dy * act'(z) with z recomputed as _row_y computes it, chunk by chunk on
     the stack."""
     cdef floating g[ACT_CHUNK]
     cdef Py_ssize_t q, j, m
     if act == NO_ACT:
-        _row_run(dy, x, dx, n, w, mean, rstd, sg, sgx, accw, accb, cb, cc)
+        _row_run(dy, x, dx, n, w, mean, rstd, sg, sgx, accw, accb, cb, cc, stream)
         return
     for q in range((n + ACT_CHUNK - 1) // ACT_CHUNK):
         j = q * ACT_CHUNK
@@ -148,7 +180,7 @@ cdef void _row_pass(const floating* dy, const floating* x, floating* dx, Py_ssiz
         _row_y(x + j, g, m, w + j, b + j, mean, rstd)
         act_grad(dy + j, g, m, act, slope)
         _row_run(g, x + j, dx + j if dx != NULL else NULL, m, w + j, mean, rstd, sg, sgx,
-                 accw + j if accw != NULL else NULL, accb + j if accb != NULL else NULL, cb, cc)
+                 accw + j if accw != NULL else NULL, accb + j if accb != NULL else NULL, cb, cc, stream)
 
 
 cdef inline void _coefficients(double sg, double sgx, Py_ssize_t k, double rstd, double* cb,
@@ -159,7 +191,8 @@ cdef inline void _coefficients(double sg, double sgx, Py_ssize_t k, double rstd,
 
 cdef void _backward_block(const floating* dy, const floating* x, floating* dx, Py_ssize_t m0, Py_ssize_t m1,
                           Py_ssize_t k, const floating* w, const floating* b, int act, double slope,
-                          const floating* mean, const floating* rstd, double* partial, floating* acc) noexcept nogil:
+                          const floating* mean, const floating* rstd, double* partial, floating* acc,
+                          bint stream) noexcept nogil:
     """Rows m0..m1-1. Unless partial is NULL, their parameter gradients go to partial[0:k] (weight) and
     partial[k:2k] (bias), through the accumulators acc[0:2k] in the data's precision, flushed every FLUSH rows.
 
@@ -176,11 +209,14 @@ cdef void _backward_block(const floating* dy, const floating* x, floating* dx, P
         sg = 0.0
         sgx = 0.0
         _row_pass(dy + o, x + o, NULL, k, w, b, mean[i], rstd[i], act, slope, &sg, &sgx,
-                  acc if partial != NULL else NULL, acc + k if partial != NULL else NULL, 0.0, 0.0)
+                  acc if partial != NULL else NULL, acc + k if partial != NULL else NULL, 0.0, 0.0, False)
         _coefficients(sg, sgx, k, rstd[i], &cb, &cc)
-        _row_pass(dy + o, x + o, dx + o, k, w, b, mean[i], rstd[i], act, slope, NULL, NULL, NULL, NULL, cb, cc)
+        _row_pass(dy + o, x + o, dx + o, k, w, b, mean[i], rstd[i], act, slope, NULL, NULL, NULL, NULL, cb, cc,
+                  stream)
         if partial != NULL and ((i + 1 - m0) % FLUSH == 0 or i + 1 == m1):
             _flush(acc, partial, 2 * k)
+    if stream:
+        normkit_sfence()
 
 
 cdef void _merge_blocks(const double* partial, Py_ssize_t blocks, Py_ssize_t k, Py_ssize_t j0, Py_ssize_t j1,
@@ -211,8 +247,9 @@ cdef void _forward(const floating[:, ::1] x, const floating[::1] weight, const f
         bv = np.zeros(k, dtype)
     cdef const floating* w = &wv[0]
     cdef const floating* b = &bv[0]
+    cdef bint stream = m * k * <Py_ssize_t>sizeof(floating) >= _stream_min
     for i in prange(m, nogil=True, schedule="static", num_threads=nt):
-        _forward_row(xp + i * k, yp + i * k, k, w, b, eps, act, slope, mp + i, rp + i)
+        _forward_row(xp + i * k, yp + i * k, k, w, b, eps, act, slope, stream, mp + i, rp + i)
 
 
 def layernorm_forward(const floating[:, ::1] x, const floating[::1] weight, const floating[::1] bias, double eps,
@@ -243,6 +280,7 @@ cdef void _backward(const floating[:, ::1] dy, const floating[:, ::1] x, const f
     cdef double* work
     cdef double sg, sgx, cb, cc
     cdef int nt = _nthreads
+    cdef bint stream = m * k * <Py_ssize_t>sizeof(floating) >= _stream_min
     dtype = np.float32 if floating is float else np.float64
     if wv is None:
         wv = np.ones(k, dtype)
@@ -256,7 +294,7 @@ cdef void _backward(const floating[:, ::1] dy, const floating[:, ::1] x, const f
         blocks = (m + per_block - 1) // per_block
         for t in prange(blocks, nogil=True, schedule="static", num_threads=nt):
             _backward_block(dyp, xp, dxp, t * per_block, min(m, (t + 1) * per_block), k, w, b, act, slope, mp, rp,
-                            NULL, NULL)
+                            NULL, NULL, stream)
         return
     if k > LONG_ROW:
         tiles = (k + TILE - 1) // TILE
@@ -274,7 +312,7 @@ cdef void _backward(const floating[:, ::1] dy, const floating[:, ::1] x, const f
                     work[2 * t + 1] = 0.0
                     _row_pass(dyp + i * k + t * TILE, xp + i * k + t * TILE, NULL, min(TILE, k - t * TILE),
                               w + t * TILE, b + t * TILE, mp[i], rp[i], act, slope, &work[2 * t], &work[2 * t + 1],
-                              NULL, NULL, 0.0, 0.0)
+                              NULL, NULL, 0.0, 0.0, False)
                 sg = 0.0
                 sgx = 0.0
                 for t in range(tiles):
@@ -285,7 +323,9 @@ cdef void _backward(const floating[:, ::1] dy, const floating[:, ::1] x, const f
                     n = min(TILE, k - t * TILE)
                     _row_pass(dyp + i * k + t * TILE, xp + i * k + t * TILE, dxp + i * k + t * TILE, n,
                               w + t * TILE, b + t * TILE, mp[i], rp[i], act, slope, NULL, NULL, acc + t * TILE,
-                              acc + k + t * TILE, cb, cc)
+                              acc + k + t * TILE, cb, cc, stream)
+                    if stream:
+                        normkit_sfence()
                     if i % FLUSH == FLUSH - 1 or i == m - 1:
                         _flush(acc + t * TILE, grads + t * TILE, n)
                         _flush(acc + k + t * TILE, grads + k + t * TILE, n)
@@ -300,7 +340,7 @@ cdef void _backward(const floating[:, ::1] dy, const floating[:, ::1] x, const f
         acc = <floating*>(work + blocks * 2 * k)
         for t in prange(blocks, nogil=True, schedule="static", num_threads=nt):
             _backward_block(dyp, xp, dxp, t * per_block, min(m, (t + 1) * per_block), k, w, b, act, slope, mp, rp,
-                            work + t * 2 * k, acc + t * 2 * k)
+                            work + t * 2 * k, acc + t * 2 * k, stream)
         # the partials are laid out as rows of 2k (weight then bias), so one merge does both
         tiles = (2 * k + TILE - 1) // TILE
         for t in prange(tiles, nogil=True, schedule="static", num_threads=nt):

@@ -1,0 +1,68 @@
+"""The Cython kernels write large outputs (forward y, backward dx) with non-temporal stores: the same values as
+ordinary stores, at any alignment of the output and any length (the vector loop's head and tail), with and without
+a fused activation, in every schedule that streams.
+
+The same values, up to one thing: a streamed output is computed into a chunk on the stack, a loop the compiler
+vectorizes on its own, and where it contracts a multiply and an add into one fused multiply-add may differ from
+the ordinary loop's (LayerNorm's backward with an activation: a few elements one unit in the last place apart).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from normkit import registry
+
+kernels = pytest.importorskip("normkit_kernels.cython.kernels")
+
+# (op, kernel shape, groups): BatchNorm's channels schedule (S >= 32, C >= 32), GroupNorm, InstanceNorm (groups =
+# C), LayerNorm rows longer than a chunk (1024 values) and longer than a tile of its long-row backward (2**16
+# values); lengths that are not multiples of a vector
+SHAPES = [("batchnorm", (3, 33, 45), None), ("groupnorm", (2, 6, 37), 3), ("instancenorm", (2, 5, 1031), None),
+          ("layernorm", (3, 2053), None), ("layernorm", (2, 65541), None)]
+OFFSETS = (0, 1, 3)  # elements past a 64-byte boundary
+
+
+def _outputs(op, direction, dtype, shape, groups, act, offset):
+    """Every output of a forward (y, mean, rstd) or backward (dx, dweight, dbias) call on fixed data, y / dx placed
+    ``offset`` elements past an aligned start of a zeroed buffer, which is returned too."""
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal(shape).astype(dtype) * 3 + 5
+    dy = rng.standard_normal(shape).astype(dtype)
+    c = shape[-1] if op == "layernorm" else shape[1]
+    w, b = rng.standard_normal(c).astype(dtype), rng.standard_normal(c).astype(dtype)
+    stat = {"batchnorm": (c,), "groupnorm": (shape[0], groups), "instancenorm": shape[:2],
+            "layernorm": (shape[0],)}[op]
+    mean, rstd = np.empty(stat, dtype), np.empty(stat, dtype)
+    buf = np.zeros(x.size + 16, dtype)
+    out = buf[offset:offset + x.size].reshape(shape)
+    grouped = (groups,) if op == "groupnorm" else ()
+    prefix = "act_" if act else ""
+    forward = registry.lookup(op, prefix + "forward", np.dtype(dtype).name, "cython")[1]
+    if direction == "forward":
+        forward(x, *grouped, w, b, 1e-5, *act, out, mean, rstd)
+        return (out.copy(), mean, rstd), buf
+    forward(x, *grouped, w, b, 1e-5, *act, np.empty_like(x), mean, rstd)
+    dw, db = np.empty(c, dtype), np.empty(c, dtype)
+    backward = registry.lookup(op, prefix + "backward", np.dtype(dtype).name, "cython")[1]
+    backward(dy, x, *grouped, mean, rstd, w, *((b, *act) if act else ()), out, dw, db)
+    return (out.copy(), dw, db), buf
+
+
+@pytest.mark.parametrize("op,shape,groups", SHAPES, ids=[f"{s[0]}-{'x'.join(map(str, s[1]))}" for s in SHAPES])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("act", [(), (2, 0.0)], ids=["plain", "silu"])
+@pytest.mark.parametrize("direction", ["forward", "backward"])
+def test_streamed_outputs_equal_ordinary_ones(op, shape, groups, dtype, act, direction):
+    try:
+        for offset in OFFSETS:
+            kernels.set_stream_min_bytes(1 << 62)
+            want, _ = _outputs(op, direction, dtype, shape, groups, act, offset)
+            kernels.set_stream_min_bytes(0)
+            got, buf = _outputs(op, direction, dtype, shape, groups, act, offset)
+            for a, b in zip(want, got):
+                np.testing.assert_array_max_ulp(a, b, maxulp=1)
+            assert not buf[:offset].any() and not buf[offset + np.prod(shape):].any()  # nothing written outside
+    finally:
+        kernels.set_stream_min_bytes(kernels.default_stream_min_bytes())
