@@ -10,6 +10,7 @@ block of rows (blocks depend on the shape only) and the blocks merged in order, 
 do not depend on the thread count. Rows longer than PARTIAL_BUDGET / 2 make one block, which runs on one thread.
 """
 
+import os
 import threading
 
 import numpy as np
@@ -17,9 +18,17 @@ import numpy as np
 from cython cimport floating
 from cython.parallel cimport prange
 from libc.math cimport sqrt
+from libc.stdint cimport uint16_t
 from libc.string cimport memset
 
-from _common cimport finish_moments, grad_sums, moments, pivot_of
+from _common cimport (
+    TILE16, finish_moments, grad_sums, moments, moments16, narrow64, normkit_half_init, normkit_narrow,
+    normkit_widen, pivot16, pivot_of, to_double,
+)
+
+# float16 converts with F16C where the CPU has it, unless NORMKIT_CYTHON_NO_F16C=1 (see _layernorm.pyx).
+cdef int _f16c = normkit_half_init(os.environ.get("NORMKIT_CYTHON_NO_F16C", "") in ("", "0"))
+F16C = bool(_f16c)
 
 # Per-block partial parameter gradients of all blocks together stay under this many doubles (8 MB).
 cdef Py_ssize_t PARTIAL_BUDGET = 1 << 20
@@ -59,19 +68,44 @@ cdef extern from *:
     #else
     #define NK_SUMSQ_BLOCKS(LOAD)
     #endif
-    #define NK_SUMSQ(NAME, T, LOAD)                                                                   \
+    #define NK_SUMSQ(NAME, T, LOAD, SCALAR)                                                           \
         static inline double NAME(const T* x, Py_ssize_t n) {                                       \
             double t = 0.0, d;                                                                      \
             Py_ssize_t i = 0;                                                                       \
             NK_SUMSQ_BLOCKS(LOAD)                                                                   \
-            for (; i < n; i++) { d = x[i]; t += d * d; }                                            \
+            for (; i < n; i++) { d = SCALAR(x[i]); t += d * d; }                                    \
             return t;                                                                               \
         }
-    NK_SUMSQ(normkit_sumsq_f, float, NK_SQ_LOAD_F)
-    NK_SUMSQ(normkit_sumsq_d, double, NK_SQ_LOAD_D)
+    #define NK_SQ_SAME(v) (v)
+    NK_SUMSQ(normkit_sumsq_f, float, NK_SQ_LOAD_F, NK_SQ_SAME)
+    NK_SUMSQ(normkit_sumsq_d, double, NK_SQ_LOAD_D, NK_SQ_SAME)
+
+    /* 16-bit rows (fmt 0 bfloat16, 1 float16) straight from their bits where the build has AVX2 and F16C (the
+       x86-64-v3 one), widened in registers as _common.pxd's moments16; returns 0 where that does not apply (then
+       the caller widens tile by tile). */
+    #if defined(__AVX2__) && defined(__F16C__)
+    #include <stdint.h>
+    #include <string.h>
+    #define NK_SQ_LOAD_BF16(p) _mm256_cvtps_pd(_mm_castsi128_ps(                                      \
+        _mm_slli_epi32(_mm_cvtepu16_epi32(_mm_loadl_epi64((const __m128i*)(p))), 16)))
+    #define NK_SQ_LOAD_F16(p) _mm256_cvtps_pd(_mm_cvtph_ps(_mm_loadl_epi64((const __m128i*)(p))))
+    static inline float nk_sq_bf16(uint16_t h) {
+        uint32_t u = (uint32_t)h << 16; float f; memcpy(&f, &u, 4); return f;
+    }
+    NK_SUMSQ(normkit_sumsq_bf16, uint16_t, NK_SQ_LOAD_BF16, nk_sq_bf16)
+    NK_SUMSQ(normkit_sumsq_f16, uint16_t, NK_SQ_LOAD_F16, _cvtsh_ss)
+    #endif
+    static int normkit_sumsq16(const uint16_t* x, Py_ssize_t n, int fmt, int f16c, double* out) {
+    #if defined(__AVX2__) && defined(__F16C__)
+        if (fmt == 0) { *out = normkit_sumsq_bf16(x, n); return 1; }
+        if (f16c) { *out = normkit_sumsq_f16(x, n); return 1; }
+    #endif
+        return 0;
+    }
     """
     double normkit_sumsq_f(const float* x, Py_ssize_t n) noexcept nogil
     double normkit_sumsq_d(const double* x, Py_ssize_t n) noexcept nogil
+    bint normkit_sumsq16(const uint16_t* x, Py_ssize_t n, int fmt, int f16c, double* out) noexcept nogil
 
 
 cdef inline double _sumsq(const floating* x, Py_ssize_t n) noexcept nogil:
@@ -99,7 +133,6 @@ cdef void _row_forward(const floating* x, const floating* res, floating* h, floa
     cdef Py_ssize_t j
     cdef const floating* src = x
     cdef double s1 = 0.0, s2 = 0.0, mean = 0.0, rstd, pivot
-    cdef floating m, r, c0
     if res != NULL:
         for j in range(k):
             h[j] = x[j] + res[j]
@@ -112,7 +145,14 @@ cdef void _row_forward(const floating* x, const floating* res, floating* h, floa
     else:
         rstd = 1.0 / sqrt(_sumsq(src, k) / k + eps)
     rstd_out[0] = <floating>rstd
-    r = <floating>rstd
+    _row_y(src, y, k, w, b, mean, rstd, centered)
+
+
+cdef inline void _row_y(const floating* src, floating* y, Py_ssize_t k, const floating* w, const floating* b,
+                        double mean, double rstd, bint centered) noexcept nogil:
+    """y of a row (or a run of one) from its statistics, in the data's precision."""
+    cdef Py_ssize_t j
+    cdef floating m, c0, r = <floating>rstd
     if centered:
         # as _layernorm.pyx: the mean rounded to the data's precision, its rounding folded into c0
         m = <floating>mean
@@ -330,3 +370,251 @@ def layernorm_add_backward(const floating[:, ::1] dy, const floating[:, ::1] dh,
     keep = []
     _backward(&dy[0, 0], &dh[0, 0] if dh is not None else NULL, &h[0, 0], &dx[0, 0], h.shape[0], h.shape[1],
               _ones(weight, h.shape[1], keep), &mean[0], &rstd[0], True, _out(dweight), _out(dbias))
+
+
+# --- 16-bit data (normkit.contract): uint16 patterns, fmt 0 bfloat16 / 1 float16; float32 parameters and stats ----
+# As _layernorm.pyx's: each row goes tile by tile (TILE16 values widened to float32 on the stack) through the float32
+# loops above, each 16-bit output rounded once; a tile whose float32 result is not finite is computed again in
+# double (see _common.affine16).
+
+cdef double _sumsq16(const uint16_t* x, Py_ssize_t n, int fmt) noexcept nogil:
+    cdef float t[TILE16]
+    cdef double s = 0.0
+    cdef Py_ssize_t tile, i, k
+    if normkit_sumsq16(x, n, fmt, _f16c, &s):
+        return s
+    for tile in range((n + TILE16 - 1) // TILE16):
+        i = tile * TILE16
+        k = min(TILE16, n - i)
+        normkit_widen(x + i, t, k, fmt)
+        s += normkit_sumsq_f(t, k)
+    return s
+
+
+cdef void _row_source16(const uint16_t* x, const uint16_t* res, float* t, Py_ssize_t n, int fmt) noexcept nogil:
+    """The values a run of a row normalizes, in float32: x, or x + res where res is not NULL."""
+    cdef float u[TILE16]
+    cdef Py_ssize_t i
+    normkit_widen(x, t, n, fmt)
+    if res == NULL:
+        return
+    normkit_widen(res, u, n, fmt)
+    for i in range(n):
+        t[i] = t[i] + u[i]
+
+
+cdef void _row_forward16(const uint16_t* x, const uint16_t* res, uint16_t* h, uint16_t* y, Py_ssize_t k,
+                         const float* w, const float* b, double eps, bint centered, int fmt, float* mean_out,
+                         float* rstd_out) noexcept nogil:
+    """_row_forward on 16-bit data. With res, the float32 sum x + res is what is normalized, as the float32 kernel
+    on widened copies does and the conformance kit holds it to (the exact sum for bfloat16; float16 values far
+    apart may round in float32, far below a 16-bit ulp); h is that sum rounded once. The first pass over the tiles
+    writes h and takes the statistics, the second adds x + res again for y rather than reading h back."""
+    cdef float t[TILE16]
+    cdef double d[3][TILE16]
+    cdef double s1 = 0.0, s2 = 0.0, ss = 0.0, mean = 0.0, rstd, pivot = 0.0
+    cdef Py_ssize_t tile, j, n
+    if res != NULL:
+        for tile in range((k + TILE16 - 1) // TILE16):
+            j = tile * TILE16
+            n = min(TILE16, k - j)
+            _row_source16(x + j, res + j, t, n, fmt)
+            normkit_narrow(t, h + j, n, fmt)  # float32 overflows only where the 16-bit sum is inf too
+            if not centered:
+                ss += normkit_sumsq_f(t, n)
+                continue
+            if j == 0:
+                pivot = pivot_of(t[0])
+            moments(t, n, pivot, &s1, &s2)
+    elif centered:
+        pivot = pivot16(x, fmt)
+        moments16(x, k, fmt, pivot, &s1, &s2)
+    else:
+        ss = _sumsq16(x, k, fmt)
+    if centered:
+        finish_moments(s1, s2, k, pivot, eps, &mean, &rstd)
+        mean_out[0] = <float>mean
+    else:
+        rstd = 1.0 / sqrt(ss / k + eps)
+    rstd_out[0] = <float>rstd
+    for tile in range((k + TILE16 - 1) // TILE16):
+        j = tile * TILE16
+        n = min(TILE16, k - j)
+        _row_source16(x + j, res + j if res != NULL else NULL, t, n, fmt)
+        _row_y(t, t, n, w + j, b + j if centered else NULL, mean, rstd, centered)
+        if not normkit_narrow(t, y + j, n, fmt):
+            _row_source16(x + j, res + j if res != NULL else NULL, t, n, fmt)
+            to_double(t, d[0], n)
+            to_double(w + j, d[1], n)
+            if centered:
+                to_double(b + j, d[2], n)
+            _row_y(d[0], d[0], n, d[1], d[2], mean, rstd, centered)
+            narrow64(d[0], y + j, n, fmt)
+
+
+cdef void _forward16(const uint16_t* x, const uint16_t* res, uint16_t* h, uint16_t* y, Py_ssize_t m,
+                     Py_ssize_t k, const float* w, const float* b, double eps, bint centered, int fmt, float* mean,
+                     float* rstd) noexcept nogil:
+    cdef Py_ssize_t i
+    cdef int nt = _nthreads
+    for i in prange(m, schedule="static", num_threads=nt):
+        _row_forward16(x + i * k, res + i * k if res != NULL else NULL, h + i * k if h != NULL else NULL,
+                       y + i * k, k, w, b, eps, centered, fmt, mean + i if mean != NULL else NULL, rstd + i)
+
+
+cdef void _row_sums16(const uint16_t* dy, const uint16_t* x, Py_ssize_t k, const float* w, double mean,
+                      double rstd, int fmt, double* partial, float* acc, double* sg, double* sgx) noexcept nogil:
+    """A row's grad_sums() into sg, sgx and its parameter gradients, taken in one visit of each tile: into the
+    float32 accumulators acc (weight, then bias at acc + k; a centered row) unless acc is NULL, or into partial in
+    double (an uncentered row's weight, see _add_weight_grads) unless partial is NULL."""
+    cdef float tdy[TILE16]
+    cdef float tx[TILE16]
+    cdef Py_ssize_t tile, j, n
+    for tile in range((k + TILE16 - 1) // TILE16):
+        j = tile * TILE16
+        n = min(TILE16, k - j)
+        normkit_widen(dy + j, tdy, n, fmt)
+        normkit_widen(x + j, tx, n, fmt)
+        if acc != NULL:
+            _add_param_grads(tdy, tx, n, mean, rstd, acc + j, acc + k + j)
+        elif partial != NULL:
+            _add_weight_grads(tdy, tx, n, rstd, partial + j)
+        grad_sums(tdy, tx, w + j, n, mean, sg, sgx)
+
+
+cdef void _row_dx16(const uint16_t* dy, const uint16_t* dh, const uint16_t* x, uint16_t* dx, Py_ssize_t k,
+                    const float* w, double mean, double rstd, double cb, double cc, int fmt) noexcept nogil:
+    cdef float tdy[TILE16]
+    cdef float tx[TILE16]
+    cdef float th[TILE16]
+    cdef double d[4][TILE16]
+    cdef Py_ssize_t tile, j, n
+    for tile in range((k + TILE16 - 1) // TILE16):
+        j = tile * TILE16
+        n = min(TILE16, k - j)
+        normkit_widen(dy + j, tdy, n, fmt)
+        normkit_widen(x + j, tx, n, fmt)
+        if dh != NULL:
+            normkit_widen(dh + j, th, n, fmt)
+        _row_dx(tdy, th if dh != NULL else NULL, tx, tdy, n, w + j, mean, rstd, cb, cc)
+        if not normkit_narrow(tdy, dx + j, n, fmt):
+            normkit_widen(dy + j, tdy, n, fmt)
+            to_double(tdy, d[0], n)
+            to_double(tx, d[1], n)
+            to_double(w + j, d[2], n)
+            if dh != NULL:
+                to_double(th, d[3], n)
+            _row_dx(d[0], d[3] if dh != NULL else NULL, d[1], d[0], n, d[2], mean, rstd, cb, cc)
+            narrow64(d[0], dx + j, n, fmt)
+
+
+cdef void _backward_block16(const uint16_t* dy, const uint16_t* dh, const uint16_t* x, uint16_t* dx, Py_ssize_t m0,
+                            Py_ssize_t m1, Py_ssize_t k, const float* w, const float* mean, const float* rstd,
+                            bint centered, int fmt, double* partial, float* acc) noexcept nogil:
+    """_backward_block on 16-bit data: per row, _row_sums16 then _row_dx16."""
+    cdef Py_ssize_t i, o, n = 2 * k if centered else k
+    cdef double sg, sgx, mi, r
+    if partial != NULL:
+        memset(partial, 0, n * sizeof(double))
+        memset(acc, 0, n * sizeof(float))
+    for i in range(m0, m1):
+        o = i * k
+        mi = mean[i] if centered else 0.0
+        r = rstd[i]
+        sg = 0.0
+        sgx = 0.0
+        _row_sums16(dy + o, x + o, k, w, mi, r, fmt, partial, acc if partial != NULL and centered else NULL, &sg,
+                    &sgx)
+        _row_dx16(dy + o, dh + o if dh != NULL else NULL, x + o, dx + o, k, w, mi, r, -r * r * r * sgx / k,
+                  -r * sg / k if centered else 0.0, fmt)
+        if partial != NULL and centered and ((i + 1 - m0) % FLUSH == 0 or i + 1 == m1):
+            _flush(acc, partial, n)
+
+
+cdef void _backward16(const uint16_t* dy, const uint16_t* dh, const uint16_t* x, uint16_t* dx, Py_ssize_t m,
+                      Py_ssize_t k, const float* w, const float* mean, const float* rstd, bint centered, int fmt,
+                      float* dweight, float* dbias):
+    """_backward's schedule (see there) on 16-bit data."""
+    cdef Py_ssize_t j, t, per_block, blocks, tiles, n = 2 * k if centered else k
+    cdef double[::1] buf
+    cdef double* grads
+    cdef double* work
+    cdef float* acc
+    cdef int nt = _nthreads
+    if dweight == NULL and dbias == NULL:
+        blocks = min(m, MAX_BLOCKS)
+        per_block = (m + blocks - 1) // blocks
+        blocks = (m + per_block - 1) // per_block
+        for t in prange(blocks, nogil=True, schedule="static", num_threads=nt):
+            _backward_block16(dy, dh, x, dx, t * per_block, min(m, (t + 1) * per_block), k, w, mean, rstd,
+                              centered, fmt, NULL, NULL)
+        return
+    blocks = min(m, MAX_BLOCKS, max(1, PARTIAL_BUDGET // n), max(FEW_BLOCKS, m // BLOCK_ROWS))
+    per_block = (m + blocks - 1) // blocks
+    blocks = (m + per_block - 1) // per_block
+    buf = _scratch(n + blocks * n + (blocks * n * sizeof(float) + 7) // 8)
+    grads = &buf[0]
+    work = grads + n
+    acc = <float*>(work + blocks * n)
+    for t in prange(blocks, nogil=True, schedule="static", num_threads=nt):
+        _backward_block16(dy, dh, x, dx, t * per_block, min(m, (t + 1) * per_block), k, w, mean, rstd, centered,
+                          fmt, work + t * n, acc + t * n)
+    tiles = (n + TILE - 1) // TILE
+    for t in prange(tiles, nogil=True, schedule="static", num_threads=nt):
+        _merge_blocks(work, blocks, n, t * TILE, min(n, (t + 1) * TILE), grads)
+    for j in range(k):
+        if dweight != NULL:
+            dweight[j] = <float>grads[j]
+        if dbias != NULL:
+            dbias[j] = <float>grads[k + j]
+
+
+def rmsnorm_forward16(int fmt, const uint16_t[:, ::1] x, const float[::1] weight, double eps, uint16_t[:, ::1] y,
+                      float[::1] rstd):
+    keep = []
+    cdef const float* w = _ones(weight, x.shape[1], keep)
+    with nogil:
+        _forward16(&x[0, 0], NULL, NULL, &y[0, 0], x.shape[0], x.shape[1], w, NULL, eps, False, fmt, NULL, &rstd[0])
+
+
+def rmsnorm_add_forward16(int fmt, const uint16_t[:, ::1] x, const uint16_t[:, ::1] residual,
+                          const float[::1] weight, double eps, uint16_t[:, ::1] y, uint16_t[:, ::1] h,
+                          float[::1] rstd):
+    keep = []
+    cdef const float* w = _ones(weight, x.shape[1], keep)
+    with nogil:
+        _forward16(&x[0, 0], &residual[0, 0], &h[0, 0], &y[0, 0], x.shape[0], x.shape[1], w, NULL, eps, False, fmt,
+                   NULL, &rstd[0])
+
+
+def layernorm_add_forward16(int fmt, const uint16_t[:, ::1] x, const uint16_t[:, ::1] residual,
+                            const float[::1] weight, const float[::1] bias, double eps, uint16_t[:, ::1] y,
+                            uint16_t[:, ::1] h, float[::1] mean, float[::1] rstd):
+    keep = []
+    cdef const float* w = _ones(weight, x.shape[1], keep)
+    cdef const float* b = _zeros(bias, x.shape[1], keep)
+    with nogil:
+        _forward16(&x[0, 0], &residual[0, 0], &h[0, 0], &y[0, 0], x.shape[0], x.shape[1], w, b, eps, True, fmt,
+                   &mean[0], &rstd[0])
+
+
+def rmsnorm_backward16(int fmt, const uint16_t[:, ::1] dy, const uint16_t[:, ::1] x, const float[::1] rstd,
+                       const float[::1] weight, uint16_t[:, ::1] dx, float[::1] dweight):
+    keep = []
+    _backward16(&dy[0, 0], NULL, &x[0, 0], &dx[0, 0], x.shape[0], x.shape[1], _ones(weight, x.shape[1], keep), NULL,
+                &rstd[0], False, fmt, _out(dweight), NULL)
+
+
+def rmsnorm_add_backward16(int fmt, const uint16_t[:, ::1] dy, const uint16_t[:, ::1] dh, const uint16_t[:, ::1] h,
+                           const float[::1] rstd, const float[::1] weight, uint16_t[:, ::1] dx, float[::1] dweight):
+    keep = []
+    _backward16(&dy[0, 0], &dh[0, 0] if dh is not None else NULL, &h[0, 0], &dx[0, 0], h.shape[0], h.shape[1],
+                _ones(weight, h.shape[1], keep), NULL, &rstd[0], False, fmt, _out(dweight), NULL)
+
+
+def layernorm_add_backward16(int fmt, const uint16_t[:, ::1] dy, const uint16_t[:, ::1] dh,
+                             const uint16_t[:, ::1] h, const float[::1] mean, const float[::1] rstd,
+                             const float[::1] weight, uint16_t[:, ::1] dx, float[::1] dweight, float[::1] dbias):
+    keep = []
+    _backward16(&dy[0, 0], &dh[0, 0] if dh is not None else NULL, &h[0, 0], &dx[0, 0], h.shape[0], h.shape[1],
+                _ones(weight, h.shape[1], keep), &mean[0], &rstd[0], True, fmt, _out(dweight), _out(dbias))

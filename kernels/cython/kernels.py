@@ -128,9 +128,8 @@ KERNELS.update({
     for dtype in _CTYPE
 })
 
-# Each fused kernel's 16-bit twin is its module's function of the same name with a 16 suffix. The row ops of
-# _rownorm (RMSNorm, the fused residual adds) have no such twin yet: their float32 kernels on widened copies; nor
-# have the fused activations (_act16).
+# Each fused kernel's 16-bit twin is its module's function of the same name with a 16 suffix. The fused activations
+# have none (_act16); a kernel without a twin would run as its float32 kernel on widened copies.
 _FORMATS = {"bfloat16": 0, "float16": 1}
 
 
