@@ -37,7 +37,7 @@ import numpy as np
 from numba.core import config
 
 from normkit import half
-from normkit.contract import SPECS, kernel_table
+from normkit.contract import DATA_ARGS, SPECS, kernel_table
 
 from ._common import CACHE, FASTMATH, THREADING_LAYER, set_num_threads
 from .batchnorm import (batchnorm_act_backward, batchnorm_act_forward, batchnorm_apply, batchnorm_backward,
@@ -79,9 +79,7 @@ _FUNCTIONS = {
     ("groupnorm", "backward"): groupnorm_backward,
     ("layernorm", "forward"): layernorm_forward,
     ("layernorm", "backward"): layernorm_backward,
-}
-# RMSNorm and the fused residual adds (rownorm.py) have no 16-bit loops yet: their float32 kernels on widened copies
-_ROWNORM = {
+    # RMSNorm and the fused residual adds (rownorm.py)
     ("layernorm", "add_forward"): layernorm_add_forward,
     ("layernorm", "add_backward"): layernorm_add_backward,
     ("rmsnorm", "forward"): rmsnorm_forward,
@@ -89,7 +87,7 @@ _ROWNORM = {
     ("rmsnorm", "add_forward"): rmsnorm_add_forward,
     ("rmsnorm", "add_backward"): rmsnorm_add_backward,
 }
-# The fused activations (float32 / float64 loops; 16-bit ones, like _ROWNORM's, on widened copies)
+# The fused activations (float32 / float64 loops; the 16-bit ones are those on widened copies)
 _ACT = {
     ("batchnorm", "act_forward"): batchnorm_act_forward,
     ("batchnorm", "act_forward_infer"): channel_act_forward_infer,
@@ -105,31 +103,31 @@ _ACT = {
     ("layernorm", "act_backward"): layernorm_act_backward,
 }
 
-# the 16-bit formats' bit arrays, and the integer type whose numba type picks each format (see _dtype16.py)
-_DATA = ("x", "y", "dy", "dx")
+# the integer type whose numba type picks each 16-bit format, for its bit arrays (see _dtype16.py)
 _FORMATS = {"bfloat16": np.uint16, "float16": np.int16}
 
 
 def _sixteen_bit(f, op, direction, bits):
     """The kernel f for 16-bit data: the data arrays viewed as ``bits`` (no copy), everything else as given."""
-    at = tuple(i for i, name in enumerate(SPECS[op].args(direction)) if name in _DATA)
+    at = tuple(i for i, name in enumerate(SPECS[op].args(direction)) if name in DATA_ARGS)
 
     def kernel(*args):
         args = list(args)
         for i in at:
-            args[i] = args[i].view(bits)
+            if args[i] is not None:  # add_backward's optional dh
+                args[i] = args[i].view(bits)
         f(*args)
     kernel.__name__ = kernel.__qualname__ = f"{f.__name__}_{np.dtype(bits).name}"
     kernel.__doc__ = f.__doc__
     return kernel
 
 
-KERNELS = kernel_table({**_FUNCTIONS, **_ROWNORM, **_ACT}, dtypes=("float32", "float64"))
+KERNELS = kernel_table({**_FUNCTIONS, **_ACT}, dtypes=("float32", "float64"))
 KERNELS.update({(op, direction, dtype): _sixteen_bit(f, op, direction, bits)
                 for (op, direction), f in _FUNCTIONS.items() for dtype, bits in _FORMATS.items()})
 KERNELS.update({(op, direction, dtype): half.through(KERNELS[(op, direction, "float32")], op, direction, dtype,
                                                      np.float32)
-                for op, direction in {**_ROWNORM, **_ACT} for dtype in _FORMATS})
+                for op, direction in _ACT for dtype in _FORMATS})
 # the channels-last kernels (normkit.contract): (op, direction, dtype, "nhwc"), arrays (N, S, C); float32 and
 # float64 only (contract.LAYOUT_DTYPES)
 KERNELS.update({(op, direction, dtype, "nhwc"): f for (op, direction), f in NHWC.items()

@@ -6,6 +6,9 @@ and a bias added (LayerNorm) or not (RMSNorm: rstd = 1/sqrt(mean(x**2) + eps), t
 How the work is split: one work item per row in the forward (the fused add writes the row of h and reads it back
 from cache); in the backward, fixed blocks of rows (a function of the shape only) keep partial parameter gradients,
 merged in block order, so results do not depend on the thread count.
+
+16-bit data (kernels.py views it as uint16 / int16) loads and stores through _dtype16.py's widen / narrow and is
+computed in float32, the dtype of rstd and of the other float arguments, as layernorm.py does.
 """
 
 from __future__ import annotations
@@ -13,8 +16,9 @@ from __future__ import annotations
 import numpy as np
 from numba import prange
 
-from ._common import (TARGET_ITEMS, _cdiv, _finish, _jit, _opt, _pivot, _pjit, _row_grad_sums, _sums,
-                      _sync_threads)
+from ._common import (TARGET_ITEMS, _cdiv, _finish, _jit, _ones, _opt, _pivot, _pjit, _row_grad_sums, _sums,
+                      _sync_threads, _zeros)
+from ._dtype16 import narrow, widen
 
 # A centered op's parameter gradients are summed in the dtype over at most FLUSH rows, then added into float64.
 FLUSH = 16
@@ -26,25 +30,31 @@ PARTIAL_BUDGET = 1 << 20
 def _sumsq(xr):
     s = 0.0
     for i in range(xr.shape[0]):
-        d = np.float64(xr[i])
+        d = np.float64(widen(xr[i]))
         s += d * d
     return s
 
 
 @_jit
-def _add(xr, rr, hr):
+def _add(xr, rr, hr, sr):
+    """h = x + residual, and the sum in the working dtype (that of the kernel's float arguments) into the row
+    buffer sr: what is normalized. For 16-bit data that is the float32 sum, not h rounded to 16 bits, as the
+    conformance kit holds it to the exact sum (float32's is exact for bfloat16; float16 values far apart may
+    round, far below a 16-bit ulp); h rounds it once."""
     for j in range(xr.shape[0]):
-        hr[j] = xr[j] + rr[j]
+        v = widen(xr[j]) + widen(rr[j])
+        sr[j] = v
+        hr[j] = narrow(hr, v)
 
 
 @_jit
 def _normalize(src, yr, w, b, centered, eps, mean, rstd, k):
-    """Statistics of one row (in float64) into mean[k] (when centered) and rstd[k], then y in the dtype, as
-    layernorm.py: the mean rounded to the dtype, with its rounding folded into c0."""
+    """Statistics of one row (in float64) into mean[k] (when centered) and rstd[k], then y in the working dtype
+    (that of w), as layernorm.py: the mean rounded to that dtype, with its rounding folded into c0."""
     K = src.shape[0]
-    t = src.dtype.type
+    t = w.dtype.type
     if centered:
-        p = _pivot(src[0])
+        p = _pivot(widen(src[0]))
         s1, s2 = _sums(src, p)
         m64, r64 = _finish(p, s1, s2, K, eps)
         mean[k] = m64
@@ -52,46 +62,51 @@ def _normalize(src, yr, w, b, centered, eps, mean, rstd, k):
         rt = t(r64)
         c0 = t((np.float64(m) - m64) * r64)
         for j in range(K):
-            yr[j] = ((src[j] - m) * rt + c0) * w[j] + b[j]
+            yr[j] = narrow(yr, ((widen(src[j]) - m) * rt + c0) * w[j] + b[j])
     else:
         r64 = 1.0 / np.sqrt(_sumsq(src) / K + eps)
         rt = t(r64)
         for j in range(K):
-            yr[j] = (src[j] * rt) * w[j]
+            yr[j] = narrow(yr, (widen(src[j]) * rt) * w[j])
     rstd[k] = r64
 
 
 @_pjit
 def _forward(x, res, has_res, h, w, has_w, b, has_b, centered, eps, y, mean, rstd):
     M, K = x.shape
-    wv = w if has_w else np.ones(K, x.dtype)
-    bv = b if has_b else np.zeros(K, x.dtype)
-    for k in prange(M):
-        if has_res:
-            _add(x[k], res[k], h[k])
-            _normalize(h[k], y[k], wv, bv, centered, eps, mean, rstd, k)
-        else:
-            _normalize(x[k], y[k], wv, bv, centered, eps, mean, rstd, k)
+    wv = w if has_w else _ones(K, rstd.dtype)
+    bv = b if has_b else _zeros(K, rstd.dtype)
+    # blocks of rows, each with a row buffer for x + residual in the working dtype (see _add)
+    R = max(1, min(M, 4 * TARGET_ITEMS))
+    RL = _cdiv(M, R)
+    for it in prange(R):
+        s = _zeros(K if has_res else 0, rstd.dtype)
+        for k in range(it * RL, min(M, (it + 1) * RL)):
+            if has_res:
+                _add(x[k], res[k], h[k], s)
+                _normalize(s, y[k], wv, bv, centered, eps, mean, rstd, k)
+            else:
+                _normalize(x[k], y[k], wv, bv, centered, eps, mean, rstd, k)
 
 
 @_jit
 def _dx(dyr, xr, dxr, m, r, B, Cc, w):
     for j in range(xr.shape[0]):
-        dxr[j] = dyr[j] * w[j] * r + (xr[j] - m) * B + Cc
+        dxr[j] = narrow(dxr, widen(dyr[j]) * w[j] * r + (widen(xr[j]) - m) * B + Cc)
 
 
 @_jit
 def _dx_plus(dyr, dhr, xr, dxr, m, r, B, Cc, w):
     for j in range(xr.shape[0]):
-        dxr[j] = dyr[j] * w[j] * r + (xr[j] - m) * B + Cc + dhr[j]
+        dxr[j] = narrow(dxr, widen(dyr[j]) * w[j] * r + (widen(xr[j]) - m) * B + Cc + widen(dhr[j]))
 
 
 @_jit
 def _param_grads(dyr, xr, m, r, acw, acb):
-    """acw += dy * xhat and acb += dy, in the dtype."""
+    """acw += dy * xhat and acb += dy, in the working dtype (that of acw)."""
     for j in range(xr.shape[0]):
-        g = dyr[j]
-        acw[j] += g * ((xr[j] - m) * r)
+        g = widen(dyr[j])
+        acw[j] += g * ((widen(xr[j]) - m) * r)
         acb[j] += g
 
 
@@ -100,7 +115,7 @@ def _weight_grads(dyr, xr, r, out):
     """out += dy * x * r in float64, for an uncentered row: ``reassoc`` may multiply dy * x first, which overflows
     float32 for values near 1e20 but never float64 (a centered row's x - mean keeps that order)."""
     for j in range(xr.shape[0]):
-        out[j] += np.float64(dyr[j]) * (np.float64(xr[j]) * r)
+        out[j] += np.float64(widen(dyr[j])) * (np.float64(widen(xr[j])) * r)
 
 
 @_jit
@@ -113,16 +128,16 @@ def _flush(acc, out):
 @_pjit
 def _backward(dy, dh, has_dh, x, mean, rstd, w, has_w, centered, dx, dw, db, want_dw, want_db):
     M, K = x.shape
-    t = x.dtype.type
-    wv = w if has_w else np.ones(K, x.dtype)
+    t = rstd.dtype.type  # the working dtype: the data's, float32 for 16-bit data
+    wv = w if has_w else _ones(K, rstd.dtype)
     want = want_dw or want_db
     R = max(1, min(TARGET_ITEMS * 2, M // 8, PARTIAL_BUDGET // (2 * K))) if want else min(M, TARGET_ITEMS * 2)
     RL = _cdiv(M, R)
     pw = np.zeros((R, K) if want else (1, 1))
     # the dtype accumulators and the bias gradients: a centered op's only
-    acw = np.zeros((R, K) if want and centered else (1, 1), x.dtype)
+    acw = np.zeros((R, K) if want and centered else (1, 1), rstd.dtype)
     pb = np.zeros((R, K) if want and centered else (1, 1))
-    acb = np.zeros((R, K) if want and centered else (1, 1), x.dtype)
+    acb = np.zeros((R, K) if want and centered else (1, 1), rstd.dtype)
     for it in prange(R):
         k0 = it * RL
         k1 = min(M, (it + 1) * RL)
@@ -163,7 +178,7 @@ def _backward(dy, dh, has_dh, x, mean, rstd, w, has_w, centered, dx, dw, db, wan
 
 # --- the contract's callables -----------------------------------------------------------------------------------
 
-_EMPTY2 = {np.dtype(np.float32): np.empty((0, 0), np.float32), np.dtype(np.float64): np.empty((0, 0), np.float64)}
+_EMPTY2 = {np.dtype(t): np.empty((0, 0), t) for t in (np.float32, np.float64, np.uint16, np.int16)}
 
 
 def _opt2(a, x):
@@ -173,21 +188,21 @@ def _opt2(a, x):
 
 def _fwd(x, residual, h, weight, bias, centered, eps, y, mean, rstd):
     _sync_threads()
-    w, hw = _opt(weight, x)
-    b, hb = _opt(bias, x)
+    w, hw = _opt(weight, rstd)
+    b, hb = _opt(bias, rstd)
     res, has_res = _opt2(residual, x)
     h, _ = _opt2(h, x)
-    m, _ = _opt(mean, x)
+    m, _ = _opt(mean, rstd)
     _forward(x, res, has_res, h, w, hw, b, hb, centered, eps, y, m, rstd)
 
 
 def _bwd(dy, dh, x, mean, rstd, weight, centered, dx, dweight, dbias):
     _sync_threads()
-    w, hw = _opt(weight, x)
-    dw, wdw = _opt(dweight, x)
-    db, wdb = _opt(dbias, x)
+    w, hw = _opt(weight, rstd)
+    dw, wdw = _opt(dweight, rstd)
+    db, wdb = _opt(dbias, rstd)
     d, has_dh = _opt2(dh, x)
-    m, _ = _opt(mean, x)
+    m, _ = _opt(mean, rstd)
     _backward(dy, d, has_dh, x, m, rstd, w, hw, centered, dx, dw, db, wdw, wdb)
 
 
