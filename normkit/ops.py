@@ -483,50 +483,53 @@ class _RowOp(Op):
 
     def _add_forward(self, x, residual, normalized_shape, weight, bias, eps, backend):
         """(y, h, Saved) with h = x + residual and y = norm(h): one kernel where the chosen backend has the fused
-        add, else the sum and then the norm's forward kernel."""
+        add for the dtype, else the sum and then the norm's forward kernel."""
         op, spec = self.name, self.spec
         x, kshape, weight, bias, _ = self._check(x, normalized_shape, weight, bias)
         residual = _same_as(op, "residual", residual, x)
         eps = self._eps(eps, x)
-        dtype = _KERNEL_DTYPES[x.dtype]
-        used, fused = fused_kernel(op, "add_forward", dtype, backend)
-        if fused is None or dtype not in ("float32", "float64"):  # the fused kernels are float32/float64 only
+        used, fused = fused_kernel(op, "add_forward", _KERNEL_DTYPES[x.dtype], backend)
+        if fused is None:
             h = np.add(x, residual)
             y, saved = self._forward(h, kshape, None, weight, bias, eps, used)
             return y.reshape(x.shape), h, saved
         y, h = np.empty(kshape, x.dtype), np.empty(kshape, x.dtype)
-        stat = spec.stat_shape(kshape)
-        rstd = np.empty(stat, x.dtype)
-        mean = np.empty(stat, x.dtype) if spec.centered else None
-        fused(*spec.kernel_args("add_forward", dict(x=x.reshape(kshape), residual=residual.reshape(kshape),
-                                                     weight=weight, bias=bias, eps=eps, y=y, h=h, mean=mean,
-                                                     rstd=rstd)))
+        stat, sdt = spec.stat_shape(kshape), _stat_dtype(x.dtype)
+        rstd = np.empty(stat, sdt)
+        mean = np.empty(stat, sdt) if spec.centered else None
+        fused(*spec.kernel_args("add_forward", dict(
+            x=_bits(x.reshape(kshape)), residual=_bits(residual.reshape(kshape)), weight=weight, bias=bias, eps=eps,
+            y=_bits(y), h=_bits(h), mean=mean, rstd=rstd)))
         return y.reshape(x.shape), h.reshape(x.shape), Saved(mean, rstd, True, used)
 
     def _add_backward(self, grad_y, grad_h, h, saved, normalized_shape, weight, bias, backend):
         """(dx, dweight, dbias): dx is the gradient of both x and residual, the norm's backward at h plus the
         gradient ``grad_h`` flowing into h (None: none)."""
         op, spec = self.name, self.spec
+        given = (weight, bias)  # the parameters as passed: their gradients take their dtype
         h, kshape, weight, bias, shape = self._check(h, normalized_shape, weight, bias)
+        grad_dtypes = tuple(_grad_dtype(p, h) for p in given)
         dy = _grad_output(op, grad_y, h)
         dh = None if grad_h is None else _same_as(op, "grad_h", grad_h, h)
         used, fused = fused_kernel(op, "add_backward", _KERNEL_DTYPES[h.dtype], backend)
-        if fused is None or h.dtype not in (np.float32, np.float64):  # the fused kernels: float32/float64 only
-            dx, dweight, dbias = self._backward(dy, h, kshape, None, saved, weight, bias, used)
+        if fused is None:
+            dx, dweight, dbias = self._backward(dy, h, kshape, None, saved, weight, bias, used, grad_dtypes)
             if dh is not None:
                 dx += dh.reshape(kshape)
-        else:
-            saved = _saved(op, saved, spec.stat_shape(kshape))
-            dt = h.dtype
-            pshape = spec.param_shape(kshape)
-            dx = np.empty(kshape, dt)
-            dweight = None if weight is None else np.empty(pshape, dt)
-            dbias = None if bias is None else np.empty(pshape, dt)
-            mean = None if saved.mean is None else np.ascontiguousarray(saved.mean, dtype=dt)
-            fused(*spec.kernel_args("add_backward", dict(
-                dy=dy.reshape(kshape), dh=None if dh is None else dh.reshape(kshape), h=h.reshape(kshape),
-                mean=mean, rstd=np.ascontiguousarray(saved.rstd, dtype=dt), weight=weight, dx=dx,
-                dweight=dweight, dbias=dbias)))
+            return dx.reshape(h.shape), _unflat(dweight, shape), _unflat(dbias, shape)
+        saved = _saved(op, saved, spec.stat_shape(kshape))
+        sdt = _stat_dtype(h.dtype)
+        pshape = spec.param_shape(kshape)
+        dx = np.empty(kshape, h.dtype)
+        dweight = None if weight is None else np.empty(pshape, sdt)
+        dbias = None if bias is None else np.empty(pshape, sdt)
+        mean = None if saved.mean is None else np.ascontiguousarray(saved.mean, dtype=sdt)
+        fused(*spec.kernel_args("add_backward", dict(
+            dy=_bits(dy.reshape(kshape)), dh=None if dh is None else _bits(dh.reshape(kshape)),
+            h=_bits(h.reshape(kshape)), mean=mean, rstd=np.ascontiguousarray(saved.rstd, dtype=sdt), weight=weight,
+            dx=_bits(dx), dweight=dweight, dbias=dbias)))
+        dweight, dbias = (g if g is None or g.dtype == to else g.astype(to)
+                          for g, to in zip((dweight, dbias), grad_dtypes))
         return dx.reshape(h.shape), _unflat(dweight, shape), _unflat(dbias, shape)
 
 

@@ -400,7 +400,7 @@ def test_nan_inf_propagate(op, kshape, groups, bad, fmt, rng):
 
 THREAD_CASES = [("batchnorm", (8, 40, 33), 1), ("batchnorm", (8, 5, 40), 1), ("batchnorm", (300, 70, 3), 1),
                 ("batchnorm", (600, 20, 1), 1), ("groupnorm", (4, 16, 33), 4), ("instancenorm", (4, 6, 100), 1),
-                ("layernorm", (70, 300), 1), ("layernorm", (3, 70000), 1)]
+                ("layernorm", (70, 300), 1), ("layernorm", (3, 70000), 1), ("rmsnorm", (70, 1100), 1)]
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -417,8 +417,8 @@ def test_thread_count_independent(op, kshape, groups, fmt, rng):
         try:
             outs = {}
             for direction in spec.directions:
-                # the add and act directions' 16-bit kernels are their float32 ones on widened copies
-                if (op, direction) in kernels._FUNCTIONS and not direction.startswith(("add_", "act_")):
+                # the act directions' 16-bit kernels are their float32 ones on widened copies
+                if (op, direction) in kernels._FUNCTIONS and not direction.startswith("act_"):
                     outs.update(_run_any(op, direction, fmt, x, dy, w, b, groups))
         finally:
             kernels.set_num_threads(_THREADS)
@@ -434,7 +434,8 @@ def _run_any(op, direction, fmt, x, dy, w, b, groups):
     kshape = x.shape
     c = kshape[1]
     stat = spec.stat_shape(kshape, groups, training=direction in ("forward", "backward"))
-    arrays = {"x": x, "dy": dy, "weight": w, "bias": b, "eps": 1e-5, "num_groups": groups,
+    arrays = {"x": x, "dy": dy, "residual": dy, "h": x, "dh": dy, "weight": w, "bias": b, "eps": 1e-5,
+              "num_groups": groups,
               "mean": np.full(stat, 3.0, np.float32), "rstd": np.full(stat, 0.5, np.float32),
               "running_mean": np.full(c, 3.0, np.float32), "running_var": np.full(c, 4.0, np.float32),
               "scale": w[:c], "shift": b[:c], "a": w[:c], "b": b[:c], "d": w[:c]}
@@ -444,7 +445,7 @@ def _run_any(op, direction, fmt, x, dy, w, b, groups):
         arrays["mean"], arrays["rstd"] = np.full(c, 3.0), np.full(c, 0.5)
     outs = {}
     for name in OUTPUTS[direction]:
-        if name in ("y", "dx"):
+        if name in ("y", "dx", "h"):
             arrays[name] = np.zeros(kshape, np.uint16)
         elif name in ("dweight", "dbias"):
             arrays[name] = np.zeros(spec.param_shape(kshape), np.float32)

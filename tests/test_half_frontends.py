@@ -9,9 +9,10 @@ import copy
 import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
+from support import BACKENDS
 
 import normkit
-from normkit import half, reference
+from normkit import half, reference, registry
 from normkit.contract import HALF_DTYPES
 
 ml_dtypes = pytest.importorskip("ml_dtypes")
@@ -148,6 +149,106 @@ def test_numpy_primitives_round_once_to_16_bit():
     assert np.array_equal(var.view(np.uint16), half.narrow(x64.var(axis=0), "bfloat16"))
     y = normkit.batch_normalization(x, mean, var, None, None, 1e-3)
     assert y.dtype == x.dtype
+
+
+# The fused residual add (add_forward / add_backward) on 16-bit data: the fused kernel of a backend that has it
+# for the dtype (through a spy that records which kernels run), the sum then the norm for one that has not.
+
+ROW_OPS = ("layernorm", "rmsnorm")
+ADD_SHAPE = (5, 1100)  # rows longer than one 16-bit tile of the Cython kernels (1024 values)
+
+
+def _spy_backend(name, op, dtype, inner, seen, directions):
+    """A backend whose ``directions`` of ``op`` are ``inner``'s own 16-bit kernels, recording each call in seen."""
+    def spy(direction):
+        kernel = registry.lookup(op, direction, dtype, inner)[1]
+
+        def run(*args):
+            seen.append(direction)
+            kernel(*args)
+        return run
+    normkit.register_backend(normkit.Backend(name, registry.runtime_module(
+        {(op, d, dtype): spy(d) for d in directions}), {op: directions}, dtypes=(dtype,)))
+
+
+def _add_inputs(op, dt, pdt, seed):
+    rng = np.random.default_rng(seed)
+    k = ADD_SHAPE[1]
+    x, r, dy, dh = (rng.standard_normal(ADD_SHAPE).astype(np.float32).astype(dt) for _ in range(4))
+    w = (1 + 0.5 * rng.standard_normal(k)).astype(np.float32).astype(pdt)
+    kw = {"weight": w}
+    if op == "layernorm":
+        kw["bias"] = (0.5 * rng.standard_normal(k)).astype(np.float32).astype(pdt)
+    return x, r, dy, dh, kw
+
+
+def _numpy_add_pass(op, x, r, dy, dh, kw, backend):
+    nk = normkit.get(op)
+    y, h, saved = nk.add_forward(x, r, (x.shape[-1],), **kw, backend=backend)
+    dx, dw, db = nk.add_backward(dy, dh, h, saved, (x.shape[-1],), **kw, backend=backend)
+    return {"y": y, "h": h, "mean": saved.mean, "rstd": saved.rstd, "dx": dx, "dweight": dw, "dbias": db}
+
+
+def _assert_add_like_reference(got, want, dtype, pdt, what):
+    """The contract's 16-bit accuracy against the reference's fused add (float64 on the exact sum, rounded once):
+    h exact, y within 1 ulp, the float32 statistics as a float32 kernel's; dx and the parameter gradients (sums
+    over rows, rounded to the parameters' dtype) within a few roundings of their scale."""
+    half_ulp = {"bfloat16": 2.0**-8, "float16": 2.0**-11}[dtype]
+    assert np.array_equal(got["h"].view(np.uint16), want["h"].view(np.uint16)), what
+    assert _ulps(got["y"], want["y"].view(np.uint16)) <= 1, what
+    for name in ("mean", "rstd"):
+        if want[name] is None:
+            assert got[name] is None, what
+        else:
+            assert got[name].dtype == np.float32, what
+            np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-5, err_msg=f"{what} {name}")
+    for name, rel in (("dx", 4 * half_ulp), ("dweight", 1e-4 if pdt == np.float32 else 4 * half_ulp),
+                      ("dbias", 1e-4 if pdt == np.float32 else 4 * half_ulp)):
+        if want[name] is None:
+            assert got[name] is None, what
+            continue
+        assert got[name].dtype == want[name].dtype, what
+        g, e = got[name].astype(np.float64), want[name].astype(np.float64)
+        assert np.abs(g - e).max() <= rel * np.abs(e).max(), f"{what} {name}"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("op", ROW_OPS)
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+@pytest.mark.parametrize("params", ["float32", "same"])
+def test_numpy_16_bit_add_forms_run_the_fused_kernel(backend, op, dtype, params):
+    dt = NUMPY[dtype]
+    pdt = np.dtype(np.float32) if params == "float32" else dt
+    x, r, dy, dh, kw = _add_inputs(op, dt, pdt, seed=len(op) + len(dtype))
+    want = _numpy_add_pass(op, x, r, dy, dh, kw, "reference")
+    seen = []
+    _spy_backend("spy16add", op, dtype, backend, seen, ("forward", "backward", "add_forward", "add_backward"))
+    try:
+        got = _numpy_add_pass(op, x, r, dy, dh, kw, "spy16add")
+    finally:
+        normkit.unregister_backend("spy16add")
+    assert seen == ["add_forward", "add_backward"]
+    assert got["y"].dtype == dt and got["dx"].dtype == dt and got["dweight"].dtype == pdt
+    _assert_add_like_reference(got, want, dtype, pdt, f"{backend} {op} {dtype} params {params}")
+
+
+@pytest.mark.parametrize("op", ROW_OPS)
+def test_numpy_16_bit_add_forms_without_a_fused_kernel_compose(op):
+    """A backend with the plain kernels only: the 16-bit sum, then the norm (of that rounded sum); the same h, and
+    y within a few bfloat16 roundings of its scale (normalizing the rounded rather than the exact sum adds some)."""
+    x, r, dy, dh, kw = _add_inputs(op, NUMPY["bfloat16"], np.dtype(np.float32), seed=7)
+    want = _numpy_add_pass(op, x, r, dy, dh, kw, "reference")
+    seen = []
+    _spy_backend("spy16plain", op, "bfloat16", BACKENDS[0], seen, ("forward", "backward"))
+    try:
+        got = _numpy_add_pass(op, x, r, dy, dh, kw, "spy16plain")
+    finally:
+        normkit.unregister_backend("spy16plain")
+    assert seen == ["forward", "backward"]
+    assert np.array_equal(got["h"].view(np.uint16), want["h"].view(np.uint16))
+    y, y_want = got["y"].astype(np.float64), want["y"].astype(np.float64)
+    assert np.abs(y - y_want).max() <= 4 * 2.0**-8 * np.abs(y_want).max()
+    assert got["dx"].dtype == x.dtype and got["dweight"].dtype == np.float32
 
 
 # --- PyTorch ---------------------------------------------------------------------------------------------------
@@ -338,3 +439,49 @@ def test_torch_compile_under_autocast_matches_eager():
         torch.testing.assert_close(q.grad, p.grad, msg=name)
     for (name, a), b in zip(model.state_dict().items(), twin.state_dict().values()):
         torch.testing.assert_close(b, a, msg=name)
+
+
+@pytest.mark.filterwarnings("ignore:Mismatch dtype between input and weight")  # torch's rms_norm, float32 weight
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("op", ROW_OPS)
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+@pytest.mark.parametrize("params", ["float32", "same"])
+def test_torch_16_bit_add_forms_run_the_fused_kernel(backend, op, dtype, params):
+    """add_layer_norm / add_rms_norm on 16-bit tensors: the fused kernels (bit views of the tensors), the NumPy
+    frontend's results bit for bit, and gradients of x, residual and the parameters in their own dtypes; close to
+    torch's x + r then the norm."""
+    dt, tdt = NUMPY[dtype], TORCH[dtype]
+    pdt = np.dtype(np.float32) if params == "float32" else dt
+    x, r, dy, dh, kw = _add_inputs(op, dt, pdt, seed=3)
+    want = _numpy_add_pass(op, x, r, dy, dh, kw, backend)
+
+    def tensor(a):
+        return torch.from_numpy(a.view(np.int16)).view(tdt).clone().requires_grad_()
+    tx, tr, tdy, tdh = (tensor(a) for a in (x, r, dy, dh))
+    tp = {name: tensor(p) if p.dtype == dt else torch.from_numpy(p).requires_grad_() for name, p in kw.items()}
+    k = (x.shape[-1],)
+    seen = []
+    _spy_backend("spy16add", op, dtype, backend, seen, ("forward", "backward", "add_forward", "add_backward"))
+    try:
+        if op == "layernorm":
+            y, h = nt.add_layer_norm(tx, tr, k, tp["weight"], tp["bias"], backend="spy16add")
+        else:
+            y, h = nt.add_rms_norm(tx, tr, k, tp["weight"], backend="spy16add")
+        grads = torch.autograd.grad((y, h), (tx, tr, *tp.values()), (tdy, tdh))
+    finally:
+        normkit.unregister_backend("spy16add")
+    assert seen == ["add_forward", "add_backward"]
+
+    def bits(t):
+        return t.detach().view(torch.int16).numpy().view(np.uint16)
+    assert y.dtype == h.dtype == tdt and np.array_equal(bits(y), want["y"].view(np.uint16))
+    assert np.array_equal(bits(h), want["h"].view(np.uint16))
+    for g in grads[:2]:  # x and residual: the same gradient
+        assert g.dtype == tdt and np.array_equal(bits(g), want["dx"].view(np.uint16))
+    for g, name in zip(grads[2:], ("dweight", "dbias")):
+        assert g.dtype == tp[{"dweight": "weight", "dbias": "bias"}[name]].dtype
+        np.testing.assert_array_equal(g.float().numpy(), want[name].astype(np.float32))
+    with torch.no_grad():
+        hh = tx + tr
+        ref = F.layer_norm(hh, k, tp["weight"], tp["bias"]) if op == "layernorm" else F.rms_norm(hh, k, tp["weight"])
+    torch.testing.assert_close(y.float(), ref.float(), rtol=2e-2, atol=2e-2)

@@ -297,8 +297,8 @@ PATHS = {
     "group": [((2, 6, 20), 3), ((1, 2, 9000), 1), ((4, 6, 1), 6), ((3, 4, 7), 1)],
     "row": [((9, 40), None), ((2, 9000), None), ((3, 1), None), ((20, 9000), None)],
 }
-# the kernels with native 16-bit loops; the others (RMSNorm, the fused adds) are their float32 kernels on widened
-# copies (normkit.half.through), which the conformance kit covers
+# the kernels whose inputs and bounds _make and _tolerances know; RMSNorm's and the fused adds' 16-bit loops
+# (K._ROWNORM) are covered by the conformance kit and test_half_frontends.py
 NATIVE = [(op, d) for op, spec in SPECS.items() for d in spec.directions if (op, d) in K._FUNCTIONS]
 CASES = [(op, d, shape, g) for op, d in NATIVE for shape, g in PATHS[SPECS[op].sets]]
 

@@ -79,7 +79,9 @@ _FUNCTIONS = {
     ("groupnorm", "backward"): groupnorm_backward,
     ("layernorm", "forward"): layernorm_forward,
     ("layernorm", "backward"): layernorm_backward,
-    # RMSNorm and the fused residual adds (rownorm.py)
+}
+# RMSNorm and the fused residual adds (rownorm.py)
+_ROWNORM = {
     ("layernorm", "add_forward"): layernorm_add_forward,
     ("layernorm", "add_backward"): layernorm_add_backward,
     ("rmsnorm", "forward"): rmsnorm_forward,
@@ -122,9 +124,9 @@ def _sixteen_bit(f, op, direction, bits):
     return kernel
 
 
-KERNELS = kernel_table({**_FUNCTIONS, **_ACT}, dtypes=("float32", "float64"))
+KERNELS = kernel_table({**_FUNCTIONS, **_ROWNORM, **_ACT}, dtypes=("float32", "float64"))
 KERNELS.update({(op, direction, dtype): _sixteen_bit(f, op, direction, bits)
-                for (op, direction), f in _FUNCTIONS.items() for dtype, bits in _FORMATS.items()})
+                for (op, direction), f in {**_FUNCTIONS, **_ROWNORM}.items() for dtype, bits in _FORMATS.items()})
 KERNELS.update({(op, direction, dtype): half.through(KERNELS[(op, direction, "float32")], op, direction, dtype,
                                                      np.float32)
                 for op, direction in _ACT for dtype in _FORMATS})

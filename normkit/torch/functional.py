@@ -924,11 +924,12 @@ class _AddCall:
         self.spec, self.eps, self.kshape, self.pshape, self.backend = spec, eps, kshape, pshape, backend
 
     def forward(self, x: Tensor, residual: Tensor, weight, bias) -> tuple[Tensor, Tensor]:
-        """One kernel where the backend that runs the op has the fused add; else the sum, then the op's kernel."""
+        """One kernel where the backend that runs the op has the fused add for the dtype; else the sum, then the
+        op's kernel."""
         spec = self.spec
         x, residual, weight, bias = (_contiguous(t) for t in (x, residual, weight, bias))
         used, fused = fused_kernel(spec.name, "add_forward", _KERNEL_DTYPES[x.dtype], self.backend)
-        if fused is None or not x.numel() or x.dtype in _HALF:  # the fused kernels are float32/float64 only
+        if fused is None or not x.numel():
             h = torch.add(x, residual)
             y, self.mean, self.rstd = _forward(spec, h, weight, bias, self.eps, 0, self.kshape, None, None, used)
             return y, h
@@ -939,7 +940,7 @@ class _AddCall:
         k = self.kshape
         fused(*spec.kernel_args("add_forward", dict(
             x=_np(x).reshape(k), residual=_np(residual).reshape(k), weight=_flat(weight), bias=_flat(bias),
-            eps=self.eps, y=y.numpy().reshape(k), h=h.numpy().reshape(k), mean=self.mean, rstd=self.rstd)))
+            eps=self.eps, y=_writable(y).reshape(k), h=_writable(h).reshape(k), mean=self.mean, rstd=self.rstd)))
         return y, h
 
     def backward(self, dy: Tensor, dh: Optional[Tensor], h: Tensor, weight, weight_grad: bool, bias_grad: bool):
@@ -947,7 +948,7 @@ class _AddCall:
         spec = self.spec
         dy, dh = _contiguous(dy), _contiguous(dh)
         used, fused = fused_kernel(spec.name, "add_backward", _KERNEL_DTYPES[h.dtype], self.backend)
-        if fused is None or not h.numel() or h.dtype in _HALF:
+        if fused is None or not h.numel():
             dx, dw, db = _backward(spec, dy, h, self.mean, self.rstd, weight, 0, self.kshape, True, self.pshape,
                                    weight_grad, bias_grad, used)
             return (dx if dh is None else dx.add_(dh)), dw, db
@@ -959,7 +960,7 @@ class _AddCall:
         k = self.kshape
         fused(*spec.kernel_args("add_backward", dict(
             dy=_np(dy).reshape(k), dh=None if dh is None else _np(dh).reshape(k), h=_np(h).reshape(k),
-            mean=self.mean, rstd=self.rstd, weight=_flat(weight), dx=dx.numpy().reshape(k),
+            mean=self.mean, rstd=self.rstd, weight=_flat(weight), dx=_writable(dx).reshape(k),
             dweight=None if dwa is None else dwa.reshape(-1), dbias=None if dba is None else dba.reshape(-1))))
         return dx, _from_numpy(dwa), _from_numpy(dba)
 
@@ -970,6 +971,7 @@ class _AddNorm(torch.autograd.Function):
         y, h = call.forward(x, residual, weight, bias)
         ctx.save_for_backward(h, weight)
         ctx.call = call
+        ctx.param_dtypes = tuple(None if p is None else p.dtype for p in (weight, bias))
         ctx.set_materialize_grads(False)  # no gradient for y or h comes as None, not as a tensor of zeros
         return y, h
 
@@ -982,6 +984,8 @@ class _AddNorm(torch.autograd.Function):
             dx, dw, db = dh, None, None
         else:
             dx, dw, db = ctx.call.backward(dy, dh, h, weight, need_w, need_b)
+            if h.dtype in _HALF:
+                dw, db = _param_grads(dw, db, *ctx.param_dtypes)
         return dx if need_x else None, dx if need_r else None, dw, db, None
 
 
