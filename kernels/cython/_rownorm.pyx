@@ -102,10 +102,102 @@ cdef extern from *:
     #endif
         return 0;
     }
+
+    /* The fused add's pass and the y pass straight from and to 16-bit data where the build has AVX2 and F16C:
+       8 values per step, widened and rounded in registers by _common.pxd's normkit_load8 / normkit_round8 (the
+       float32 copies of the tile-by-tile loops cost more than the memory traffic: (8192, 1024) bfloat16 RMSNorm
+       with the add, one thread, ~8.6 ms tile by tile). They return -1 where they do not apply (float16 without
+       F16C, or the baseline build); then the callers go tile by tile. */
+    #if defined(__AVX2__) && defined(__F16C__)
+    /* h = x + res, the float32 sum rounded once, and the sums of d and d * d with d = sum - pivot into s1, s2. */
+    static int nk_add16(const uint16_t* x, const uint16_t* r, uint16_t* h, Py_ssize_t n, int fmt, double pivot,
+                        double* s1, double* s2) {
+        if (fmt == 1 && !normkit_f16c) return -1;
+        __m256d p = _mm256_set1_pd(pivot), z = _mm256_setzero_pd(), a0 = z, a1 = z, b0 = z, b1 = z, lo, hi;
+        __m256 v;
+        uint16_t tx[8] = {0}, tr[8] = {0}, th[8];
+        float tv[8];
+        double ta, tb, d;
+        Py_ssize_t i = 0, j;
+        for (; i + 8 <= n; i += 8) {
+            v = _mm256_add_ps(normkit_load8(x + i, fmt), normkit_load8(r + i, fmt));
+            _mm_storeu_si128((__m128i*)(h + i), normkit_round8(v, fmt));
+            lo = _mm256_cvtps_pd(_mm256_castps256_ps128(v)) - p;
+            hi = _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1)) - p;
+            a0 += lo; a1 += hi; b0 += lo * lo; b1 += hi * hi;
+        }
+        a0 += a1; b0 += b1;
+        ta = (a0[0] + a0[1]) + (a0[2] + a0[3]);
+        tb = (b0[0] + b0[1]) + (b0[2] + b0[3]);
+        if (i < n) {
+            memcpy(tx, x + i, (size_t)(n - i) * 2);
+            memcpy(tr, r + i, (size_t)(n - i) * 2);
+            v = _mm256_add_ps(normkit_load8(tx, fmt), normkit_load8(tr, fmt));
+            _mm_storeu_si128((__m128i*)th, normkit_round8(v, fmt));
+            memcpy(h + i, th, (size_t)(n - i) * 2);
+            _mm256_storeu_ps(tv, v);
+            for (j = 0; j < n - i; j++) { d = tv[j] - pivot; ta += d; tb += d * d; }
+        }
+        *s1 += ta; *s2 += tb;
+        return 0;
+    }
+
+    /* y from x, or from x + res where res is not NULL, as _row_y computes it (centered: b is read; else NULL).
+       Returns whether every output is finite. */
+    static inline __m256 nk_y8(__m256 v, const float* w, const float* b, int centered, __m256 m, __m256 rs,
+                               __m256 c0) {
+        if (centered)
+            return _mm256_fmadd_ps(_mm256_fmadd_ps(_mm256_sub_ps(v, m), rs, c0), _mm256_loadu_ps(w),
+                                   _mm256_loadu_ps(b));
+        return _mm256_mul_ps(_mm256_mul_ps(v, rs), _mm256_loadu_ps(w));
+    }
+
+    static int nk_row_y16(const uint16_t* x, const uint16_t* r, uint16_t* y, Py_ssize_t n, int fmt, const float* w,
+                          const float* b, int centered, float mean, float rstd, float c0) {
+        if (fmt == 1 && !normkit_f16c) return -1;
+        const __m128i top = _mm_set1_epi16(fmt ? 0x7C00 : 0x7F80);
+        __m128i o, bad = _mm_setzero_si128();
+        __m256 m = _mm256_set1_ps(mean), rs = _mm256_set1_ps(rstd), c = _mm256_set1_ps(c0), v;
+        uint16_t tx[8] = {0}, tr[8] = {0}, to[8];
+        float tw[8] = {0}, tb[8] = {0};
+        Py_ssize_t i = 0;
+        for (; i + 8 <= n; i += 8) {
+            v = normkit_load8(x + i, fmt);
+            if (r) v = _mm256_add_ps(v, normkit_load8(r + i, fmt));
+            o = normkit_round8(nk_y8(v, w + i, centered ? b + i : NULL, centered, m, rs, c), fmt);
+            _mm_storeu_si128((__m128i*)(y + i), o);
+            bad = _mm_or_si128(bad, _mm_cmpeq_epi16(_mm_and_si128(o, top), top));
+        }
+        if (i < n) {  /* through zero-padded buffers, as _common.pxd's NORMKIT_PASS16 */
+            memcpy(tx, x + i, (size_t)(n - i) * 2);
+            memcpy(tw, w + i, (size_t)(n - i) * 4);
+            if (centered) memcpy(tb, b + i, (size_t)(n - i) * 4);
+            v = normkit_load8(tx, fmt);
+            if (r) {
+                memcpy(tr, r + i, (size_t)(n - i) * 2);
+                v = _mm256_add_ps(v, normkit_load8(tr, fmt));
+            }
+            o = normkit_round8(nk_y8(v, tw, tb, centered, m, rs, c), fmt);
+            _mm_storeu_si128((__m128i*)to, o);
+            memcpy(y + i, to, (size_t)(n - i) * 2);
+            bad = _mm_or_si128(bad, _mm_cmpeq_epi16(_mm_and_si128(o, top), top));
+        }
+        return _mm_movemask_epi8(bad) == 0;
+    }
+    #else
+    static int nk_add16(const uint16_t* x, const uint16_t* r, uint16_t* h, Py_ssize_t n, int fmt, double pivot,
+                        double* s1, double* s2) { return -1; }
+    static int nk_row_y16(const uint16_t* x, const uint16_t* r, uint16_t* y, Py_ssize_t n, int fmt, const float* w,
+                          const float* b, int centered, float mean, float rstd, float c0) { return -1; }
+    #endif
     """
     double normkit_sumsq_f(const float* x, Py_ssize_t n) noexcept nogil
     double normkit_sumsq_d(const double* x, Py_ssize_t n) noexcept nogil
     bint normkit_sumsq16(const uint16_t* x, Py_ssize_t n, int fmt, int f16c, double* out) noexcept nogil
+    int nk_add16(const uint16_t* x, const uint16_t* r, uint16_t* h, Py_ssize_t n, int fmt, double pivot, double* s1,
+                 double* s2) noexcept nogil
+    int nk_row_y16(const uint16_t* x, const uint16_t* r, uint16_t* y, Py_ssize_t n, int fmt, const float* w,
+                   const float* b, int centered, float mean, float rstd, float c0) noexcept nogil
 
 
 cdef inline double _sumsq(const floating* x, Py_ssize_t n) noexcept nogil:
@@ -408,41 +500,53 @@ cdef void _row_forward16(const uint16_t* x, const uint16_t* res, uint16_t* h, ui
                          float* rstd_out) noexcept nogil:
     """_row_forward on 16-bit data. With res, the float32 sum x + res is what is normalized, as the float32 kernel
     on widened copies does and the conformance kit holds it to (the exact sum for bfloat16; float16 values far
-    apart may round in float32, far below a 16-bit ulp); h is that sum rounded once. The first pass over the tiles
-    writes h and takes the statistics, the second adds x + res again for y rather than reading h back."""
+    apart may round in float32, far below a 16-bit ulp); h is that sum rounded once. The first pass writes h and
+    takes the statistics, the second adds x + res again for y rather than reading h back."""
     cdef float t[TILE16]
     cdef double d[3][TILE16]
-    cdef double s1 = 0.0, s2 = 0.0, ss = 0.0, mean = 0.0, rstd, pivot = 0.0
+    cdef double s1 = 0.0, s2 = 0.0, mean = 0.0, rstd, pivot = 0.0
+    cdef float m = 0.0, r, c0 = 0.0
     cdef Py_ssize_t tile, j, n
+    cdef int done
     if res != NULL:
-        for tile in range((k + TILE16 - 1) // TILE16):
-            j = tile * TILE16
-            n = min(TILE16, k - j)
-            _row_source16(x + j, res + j, t, n, fmt)
-            normkit_narrow(t, h + j, n, fmt)  # float32 overflows only where the 16-bit sum is inf too
-            if not centered:
-                ss += normkit_sumsq_f(t, n)
-                continue
-            if j == 0:
-                pivot = pivot_of(t[0])
-            moments(t, n, pivot, &s1, &s2)
+        if centered:
+            _row_source16(x, res, t, 1, fmt)
+            pivot = pivot_of(t[0])
+        if nk_add16(x, res, h, k, fmt, pivot, &s1, &s2) < 0:
+            for tile in range((k + TILE16 - 1) // TILE16):
+                j = tile * TILE16
+                n = min(TILE16, k - j)
+                _row_source16(x + j, res + j, t, n, fmt)
+                normkit_narrow(t, h + j, n, fmt)  # float32 overflows only where the 16-bit sum is inf too
+                if centered:
+                    moments(t, n, pivot, &s1, &s2)
+                else:
+                    s2 += normkit_sumsq_f(t, n)
     elif centered:
         pivot = pivot16(x, fmt)
         moments16(x, k, fmt, pivot, &s1, &s2)
     else:
-        ss = _sumsq16(x, k, fmt)
+        s2 = _sumsq16(x, k, fmt)
     if centered:
         finish_moments(s1, s2, k, pivot, eps, &mean, &rstd)
         mean_out[0] = <float>mean
+        # as _row_y
+        m = <float>mean
+        c0 = <float>((<double>m - mean) * rstd)
     else:
-        rstd = 1.0 / sqrt(ss / k + eps)
+        rstd = 1.0 / sqrt(s2 / k + eps)
     rstd_out[0] = <float>rstd
+    r = <float>rstd
     for tile in range((k + TILE16 - 1) // TILE16):
         j = tile * TILE16
         n = min(TILE16, k - j)
-        _row_source16(x + j, res + j if res != NULL else NULL, t, n, fmt)
-        _row_y(t, t, n, w + j, b + j if centered else NULL, mean, rstd, centered)
-        if not normkit_narrow(t, y + j, n, fmt):
+        done = nk_row_y16(x + j, res + j if res != NULL else NULL, y + j, n, fmt, w + j,
+                          b + j if centered else NULL, centered, m, r, c0)
+        if done < 0:
+            _row_source16(x + j, res + j if res != NULL else NULL, t, n, fmt)
+            _row_y(t, t, n, w + j, b + j if centered else NULL, mean, rstd, centered)
+            done = normkit_narrow(t, y + j, n, fmt)
+        if not done:  # again in double (see _common.affine16)
             _row_source16(x + j, res + j if res != NULL else NULL, t, n, fmt)
             to_double(t, d[0], n)
             to_double(w + j, d[1], n)
