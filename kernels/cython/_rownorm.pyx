@@ -152,9 +152,11 @@ cdef extern from *:
         return _mm256_mul_ps(_mm256_mul_ps(v, rs), _mm256_loadu_ps(w));
     }
 
-    static int nk_row_y16(const uint16_t* x, const uint16_t* r, uint16_t* y, Py_ssize_t n, int fmt, const float* w,
-                          const float* b, int centered, float mean, float rstd, float c0) {
-        if (fmt == 1 && !normkit_f16c) return -1;
+    /* has_r, centered and fmt are constants in each call from nk_row_y16, so that every combination is a loop of
+       its own, without branches or reloaded constants in it */
+    static inline __attribute__((always_inline)) int nk_row_y16_loop(
+            const uint16_t* x, const uint16_t* r, uint16_t* y, Py_ssize_t n, const float* w, const float* b,
+            float mean, float rstd, float c0, int has_r, int centered, int fmt) {
         const __m128i top = _mm_set1_epi16(fmt ? 0x7C00 : 0x7F80);
         __m128i o, bad = _mm_setzero_si128();
         __m256 m = _mm256_set1_ps(mean), rs = _mm256_set1_ps(rstd), c = _mm256_set1_ps(c0), v;
@@ -163,7 +165,7 @@ cdef extern from *:
         Py_ssize_t i = 0;
         for (; i + 8 <= n; i += 8) {
             v = normkit_load8(x + i, fmt);
-            if (r) v = _mm256_add_ps(v, normkit_load8(r + i, fmt));
+            if (has_r) v = _mm256_add_ps(v, normkit_load8(r + i, fmt));
             o = normkit_round8(nk_y8(v, w + i, centered ? b + i : NULL, centered, m, rs, c), fmt);
             _mm_storeu_si128((__m128i*)(y + i), o);
             bad = _mm_or_si128(bad, _mm_cmpeq_epi16(_mm_and_si128(o, top), top));
@@ -173,7 +175,7 @@ cdef extern from *:
             memcpy(tw, w + i, (size_t)(n - i) * 4);
             if (centered) memcpy(tb, b + i, (size_t)(n - i) * 4);
             v = normkit_load8(tx, fmt);
-            if (r) {
+            if (has_r) {
                 memcpy(tr, r + i, (size_t)(n - i) * 2);
                 v = _mm256_add_ps(v, normkit_load8(tr, fmt));
             }
@@ -183,6 +185,15 @@ cdef extern from *:
             bad = _mm_or_si128(bad, _mm_cmpeq_epi16(_mm_and_si128(o, top), top));
         }
         return _mm_movemask_epi8(bad) == 0;
+    }
+
+    #define NK_ROW_Y16(HAS_R, CENTERED, FMT) nk_row_y16_loop(x, r, y, n, w, b, mean, rstd, c0, HAS_R, CENTERED, FMT)
+    #define NK_ROW_Y16_FMT(HAS_R, CENTERED) (fmt ? NK_ROW_Y16(HAS_R, CENTERED, 1) : NK_ROW_Y16(HAS_R, CENTERED, 0))
+    static int nk_row_y16(const uint16_t* x, const uint16_t* r, uint16_t* y, Py_ssize_t n, int fmt, const float* w,
+                          const float* b, int centered, float mean, float rstd, float c0) {
+        if (fmt == 1 && !normkit_f16c) return -1;
+        if (r) return centered ? NK_ROW_Y16_FMT(1, 1) : NK_ROW_Y16_FMT(1, 0);
+        return centered ? NK_ROW_Y16_FMT(0, 1) : NK_ROW_Y16_FMT(0, 0);
     }
     #else
     static int nk_add16(const uint16_t* x, const uint16_t* r, uint16_t* h, Py_ssize_t n, int fmt, double pivot,
