@@ -187,6 +187,49 @@ cdef extern from *:
         return _mm_movemask_epi8(bad) == 0;
     }
 
+    /* dx = rstd * w * dy + cb * (x - mean) + cc (+ dh where dh is not NULL), as _row_dx computes it; returns whether
+       every output is finite. has_dh and fmt are constants in each call from nk_row_dx16. */
+    static inline __attribute__((always_inline)) int nk_row_dx16_loop(
+            const uint16_t* dy, const uint16_t* dh, const uint16_t* x, uint16_t* dx, Py_ssize_t n, const float* w,
+            float mean, float rstd, float cb, float cc, int has_dh, int fmt) {
+        const __m128i top = _mm_set1_epi16(fmt ? 0x7C00 : 0x7F80);
+        __m128i o, bad = _mm_setzero_si128();
+        __m256 m = _mm256_set1_ps(mean), rs = _mm256_set1_ps(rstd), v;
+        __m256 b = _mm256_set1_ps(cb), c = _mm256_set1_ps(cc);
+        uint16_t tdy[8] = {0}, tdh[8] = {0}, tx[8] = {0}, to[8];
+        float tw[8] = {0};
+        Py_ssize_t i = 0;
+        #define NK_DX8(DY, DH, X, W)                                                                      \
+            (v = _mm256_fmadd_ps(_mm256_mul_ps(rs, _mm256_loadu_ps(W)), normkit_load8(DY, fmt),              \
+                                 _mm256_fmadd_ps(b, _mm256_sub_ps(normkit_load8(X, fmt), m), c)),            \
+             has_dh ? _mm256_add_ps(v, normkit_load8(DH, fmt)) : v)
+        for (; i + 8 <= n; i += 8) {
+            o = normkit_round8(NK_DX8(dy + i, dh + i, x + i, w + i), fmt);
+            _mm_storeu_si128((__m128i*)(dx + i), o);
+            bad = _mm_or_si128(bad, _mm_cmpeq_epi16(_mm_and_si128(o, top), top));
+        }
+        if (i < n) {  /* through zero-padded buffers, as nk_row_y16_loop */
+            memcpy(tdy, dy + i, (size_t)(n - i) * 2);
+            memcpy(tx, x + i, (size_t)(n - i) * 2);
+            memcpy(tw, w + i, (size_t)(n - i) * 4);
+            if (has_dh) memcpy(tdh, dh + i, (size_t)(n - i) * 2);
+            o = normkit_round8(NK_DX8(tdy, tdh, tx, tw), fmt);
+            _mm_storeu_si128((__m128i*)to, o);
+            memcpy(dx + i, to, (size_t)(n - i) * 2);
+            bad = _mm_or_si128(bad, _mm_cmpeq_epi16(_mm_and_si128(o, top), top));
+        }
+        #undef NK_DX8
+        return _mm_movemask_epi8(bad) == 0;
+    }
+
+    #define NK_ROW_DX16(HAS_DH, FMT) nk_row_dx16_loop(dy, dh, x, dx, n, w, mean, rstd, cb, cc, HAS_DH, FMT)
+    static int nk_row_dx16(const uint16_t* dy, const uint16_t* dh, const uint16_t* x, uint16_t* dx, Py_ssize_t n,
+                           int fmt, const float* w, float mean, float rstd, float cb, float cc) {
+        if (fmt == 1 && !normkit_f16c) return -1;
+        if (dh) return fmt ? NK_ROW_DX16(1, 1) : NK_ROW_DX16(1, 0);
+        return fmt ? NK_ROW_DX16(0, 1) : NK_ROW_DX16(0, 0);
+    }
+
     #define NK_ROW_Y16(HAS_R, CENTERED, FMT) nk_row_y16_loop(x, r, y, n, w, b, mean, rstd, c0, HAS_R, CENTERED, FMT)
     #define NK_ROW_Y16_FMT(HAS_R, CENTERED) (fmt ? NK_ROW_Y16(HAS_R, CENTERED, 1) : NK_ROW_Y16(HAS_R, CENTERED, 0))
     static int nk_row_y16(const uint16_t* x, const uint16_t* r, uint16_t* y, Py_ssize_t n, int fmt, const float* w,
@@ -200,6 +243,8 @@ cdef extern from *:
                         double* s1, double* s2) { return -1; }
     static int nk_row_y16(const uint16_t* x, const uint16_t* r, uint16_t* y, Py_ssize_t n, int fmt, const float* w,
                           const float* b, int centered, float mean, float rstd, float c0) { return -1; }
+    static int nk_row_dx16(const uint16_t* dy, const uint16_t* dh, const uint16_t* x, uint16_t* dx, Py_ssize_t n,
+                           int fmt, const float* w, float mean, float rstd, float cb, float cc) { return -1; }
     #endif
     """
     double normkit_sumsq_f(const float* x, Py_ssize_t n) noexcept nogil
@@ -209,6 +254,8 @@ cdef extern from *:
                  double* s2) noexcept nogil
     int nk_row_y16(const uint16_t* x, const uint16_t* r, uint16_t* y, Py_ssize_t n, int fmt, const float* w,
                    const float* b, int centered, float mean, float rstd, float c0) noexcept nogil
+    int nk_row_dx16(const uint16_t* dy, const uint16_t* dh, const uint16_t* x, uint16_t* dx, Py_ssize_t n, int fmt,
+                    const float* w, float mean, float rstd, float cb, float cc) noexcept nogil
 
 
 cdef inline double _sumsq(const floating* x, Py_ssize_t n) noexcept nogil:
@@ -604,16 +651,24 @@ cdef void _row_dx16(const uint16_t* dy, const uint16_t* dh, const uint16_t* x, u
     cdef float th[TILE16]
     cdef double d[4][TILE16]
     cdef Py_ssize_t tile, j, n
+    cdef int done
     for tile in range((k + TILE16 - 1) // TILE16):
         j = tile * TILE16
         n = min(TILE16, k - j)
-        normkit_widen(dy + j, tdy, n, fmt)
-        normkit_widen(x + j, tx, n, fmt)
-        if dh != NULL:
-            normkit_widen(dh + j, th, n, fmt)
-        _row_dx(tdy, th if dh != NULL else NULL, tx, tdy, n, w + j, mean, rstd, cb, cc)
-        if not normkit_narrow(tdy, dx + j, n, fmt):
+        done = nk_row_dx16(dy + j, dh + j if dh != NULL else NULL, x + j, dx + j, n, fmt, w + j, <float>mean,
+                           <float>rstd, <float>cb, <float>cc)
+        if done < 0:
             normkit_widen(dy + j, tdy, n, fmt)
+            normkit_widen(x + j, tx, n, fmt)
+            if dh != NULL:
+                normkit_widen(dh + j, th, n, fmt)
+            _row_dx(tdy, th if dh != NULL else NULL, tx, tdy, n, w + j, mean, rstd, cb, cc)
+            done = normkit_narrow(tdy, dx + j, n, fmt)
+        if not done:  # again in double (see _common.affine16)
+            normkit_widen(dy + j, tdy, n, fmt)
+            normkit_widen(x + j, tx, n, fmt)
+            if dh != NULL:
+                normkit_widen(dh + j, th, n, fmt)
             to_double(tdy, d[0], n)
             to_double(tx, d[1], n)
             to_double(w + j, d[2], n)
