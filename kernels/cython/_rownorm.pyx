@@ -230,6 +230,103 @@ cdef extern from *:
         return fmt ? NK_ROW_DX16(0, 1) : NK_ROW_DX16(0, 0);
     }
 
+    static inline float nk_scalar16(uint16_t h, int fmt) {
+        if (fmt) return _cvtsh_ss(h);
+        uint32_t u = (uint32_t)h << 16; float f; memcpy(&f, &u, 4); return f;
+    }
+
+    static inline double nk_hsum8(__m256 v) {
+        float t[8];
+        _mm256_storeu_ps(t, v);
+        return (float)(((t[0] + t[4]) + (t[1] + t[5])) + ((t[2] + t[6]) + (t[3] + t[7])));
+    }
+
+    /* The first backward pass over a row, as _row_sums16 makes it tile by tile: grad_sums() into sg, sgx (chunks
+       of 256 values summed in float32, a chunk whose sums are not finite again in double) and the parameter
+       gradients: into the float32 accumulators accw, accb (a centered row) unless accw is NULL, else into partial
+       in double (an uncentered row's weight, see _add_weight_grads) unless partial is NULL. */
+    static inline __attribute__((always_inline)) void nk_row_sums16_loop(
+            const uint16_t* dy, const uint16_t* x, Py_ssize_t n, const float* w, double mean, double rstd,
+            double* partial, float* accw, float* accb, double* sg, double* sgx, int fmt) {
+        const __m256 m = _mm256_set1_ps((float)mean), r = _mm256_set1_ps((float)rstd), z = _mm256_setzero_ps();
+        const __m256d r64 = _mm256_set1_pd(rstd);
+        __m256 vdy, vx, d, g, a, b;
+        uint16_t tdy[8], tx[8];
+        float tw[8], taw[8], tab[8];
+        double tp[8], ha, hb, da, db, dg;
+        Py_ssize_t c0, e, i, j, k;
+        for (c0 = 0; c0 < n; c0 += 256) {
+            e = n < c0 + 256 ? n : c0 + 256;
+            a = z;
+            b = z;
+            for (i = c0; i < e; i += 8) {
+                k = e - i < 8 ? e - i : 8;
+                if (k == 8) {
+                    vdy = normkit_load8(dy + i, fmt);
+                    vx = normkit_load8(x + i, fmt);
+                    g = _mm256_mul_ps(vdy, _mm256_loadu_ps(w + i));
+                } else {  /* zero-padded: the padding adds 0 * (0 - mean), or the chunk goes again in double */
+                    memset(tdy, 0, sizeof tdy); memset(tx, 0, sizeof tx); memset(tw, 0, sizeof tw);
+                    memcpy(tdy, dy + i, (size_t)k * 2); memcpy(tx, x + i, (size_t)k * 2);
+                    memcpy(tw, w + i, (size_t)k * 4);
+                    vdy = normkit_load8(tdy, fmt);
+                    vx = normkit_load8(tx, fmt);
+                    g = _mm256_mul_ps(vdy, _mm256_loadu_ps(tw));
+                }
+                d = _mm256_sub_ps(vx, m);
+                a = _mm256_add_ps(a, g);
+                b = _mm256_fmadd_ps(g, d, b);
+                if (accw && k == 8) {
+                    _mm256_storeu_ps(accw + i, _mm256_fmadd_ps(vdy, _mm256_mul_ps(d, r), _mm256_loadu_ps(accw + i)));
+                    _mm256_storeu_ps(accb + i, _mm256_add_ps(_mm256_loadu_ps(accb + i), vdy));
+                } else if (accw) {
+                    memcpy(taw, accw + i, (size_t)k * 4); memcpy(tab, accb + i, (size_t)k * 4);
+                    _mm256_storeu_ps(taw, _mm256_fmadd_ps(vdy, _mm256_mul_ps(d, r), _mm256_loadu_ps(taw)));
+                    _mm256_storeu_ps(tab, _mm256_add_ps(_mm256_loadu_ps(tab), vdy));
+                    memcpy(accw + i, taw, (size_t)k * 4); memcpy(accb + i, tab, (size_t)k * 4);
+                } else if (partial) {
+                    __m256d lo = _mm256_mul_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(vdy)),
+                                               _mm256_mul_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(vx)), r64));
+                    __m256d hi = _mm256_mul_pd(_mm256_cvtps_pd(_mm256_extractf128_ps(vdy, 1)),
+                                               _mm256_mul_pd(_mm256_cvtps_pd(_mm256_extractf128_ps(vx, 1)), r64));
+                    if (k == 8) {
+                        _mm256_storeu_pd(partial + i, _mm256_add_pd(_mm256_loadu_pd(partial + i), lo));
+                        _mm256_storeu_pd(partial + i + 4, _mm256_add_pd(_mm256_loadu_pd(partial + i + 4), hi));
+                    } else {
+                        _mm256_storeu_pd(tp, lo);
+                        _mm256_storeu_pd(tp + 4, hi);
+                        for (j = 0; j < k; j++) partial[i + j] += tp[j];
+                    }
+                }
+            }
+            ha = nk_hsum8(a);
+            hb = nk_hsum8(b);
+            if (isfinite(ha) && isfinite(hb)) {
+                *sg += ha;
+                *sgx += hb;
+                continue;
+            }
+            da = 0.0;
+            db = 0.0;
+            for (i = c0; i < e; i++) {
+                dg = (double)nk_scalar16(dy[i], fmt) * w[i];
+                da = da + dg;
+                db = db + dg * (nk_scalar16(x[i], fmt) - mean);
+            }
+            *sg += da;
+            *sgx += db;
+        }
+    }
+
+    #define NK_ROW_SUMS16(FMT) nk_row_sums16_loop(dy, x, n, w, mean, rstd, partial, accw, accb, sg, sgx, FMT)
+    static int nk_row_sums16(const uint16_t* dy, const uint16_t* x, Py_ssize_t n, int fmt, const float* w,
+                             double mean, double rstd, double* partial, float* accw, float* accb, double* sg,
+                             double* sgx) {
+        if (fmt == 1 && !normkit_f16c) return -1;
+        if (fmt) NK_ROW_SUMS16(1); else NK_ROW_SUMS16(0);
+        return 0;
+    }
+
     #define NK_ROW_Y16(HAS_R, CENTERED, FMT) nk_row_y16_loop(x, r, y, n, w, b, mean, rstd, c0, HAS_R, CENTERED, FMT)
     #define NK_ROW_Y16_FMT(HAS_R, CENTERED) (fmt ? NK_ROW_Y16(HAS_R, CENTERED, 1) : NK_ROW_Y16(HAS_R, CENTERED, 0))
     static int nk_row_y16(const uint16_t* x, const uint16_t* r, uint16_t* y, Py_ssize_t n, int fmt, const float* w,
@@ -245,6 +342,9 @@ cdef extern from *:
                           const float* b, int centered, float mean, float rstd, float c0) { return -1; }
     static int nk_row_dx16(const uint16_t* dy, const uint16_t* dh, const uint16_t* x, uint16_t* dx, Py_ssize_t n,
                            int fmt, const float* w, float mean, float rstd, float cb, float cc) { return -1; }
+    static int nk_row_sums16(const uint16_t* dy, const uint16_t* x, Py_ssize_t n, int fmt, const float* w,
+                             double mean, double rstd, double* partial, float* accw, float* accb, double* sg,
+                             double* sgx) { return -1; }
     #endif
     """
     double normkit_sumsq_f(const float* x, Py_ssize_t n) noexcept nogil
@@ -256,6 +356,8 @@ cdef extern from *:
                    const float* b, int centered, float mean, float rstd, float c0) noexcept nogil
     int nk_row_dx16(const uint16_t* dy, const uint16_t* dh, const uint16_t* x, uint16_t* dx, Py_ssize_t n, int fmt,
                     const float* w, float mean, float rstd, float cb, float cc) noexcept nogil
+    int nk_row_sums16(const uint16_t* dy, const uint16_t* x, Py_ssize_t n, int fmt, const float* w, double mean,
+                      double rstd, double* partial, float* accw, float* accb, double* sg, double* sgx) noexcept nogil
 
 
 cdef inline double _sumsq(const floating* x, Py_ssize_t n) noexcept nogil:
@@ -632,6 +734,8 @@ cdef void _row_sums16(const uint16_t* dy, const uint16_t* x, Py_ssize_t k, const
     cdef float tdy[TILE16]
     cdef float tx[TILE16]
     cdef Py_ssize_t tile, j, n
+    if nk_row_sums16(dy, x, k, fmt, w, mean, rstd, partial, acc, acc + k if acc != NULL else NULL, sg, sgx) == 0:
+        return
     for tile in range((k + TILE16 - 1) // TILE16):
         j = tile * TILE16
         n = min(TILE16, k - j)
