@@ -113,20 +113,36 @@ cdef extern from *:
     static int nk_add16(const uint16_t* x, const uint16_t* r, uint16_t* h, Py_ssize_t n, int fmt, double pivot,
                         double* s1, double* s2) {
         if (fmt == 1 && !normkit_f16c) return -1;
-        __m256d p = _mm256_set1_pd(pivot), z = _mm256_setzero_pd(), a0 = z, a1 = z, b0 = z, b1 = z, lo, hi;
-        __m256 v;
+        __m256d p = _mm256_set1_pd(pivot), z = _mm256_setzero_pd(), d0, d1, d2, d3;
+        __m256d a0 = z, a1 = z, a2 = z, a3 = z, b0 = z, b1 = z, b2 = z, b3 = z;
+        __m256 v, u;
         uint16_t tx[8] = {0}, tr[8] = {0}, th[8];
         float tv[8];
         double ta, tb, d;
         Py_ssize_t i = 0, j;
+        /* 16 values a step into four pairs of sums (as NORMKIT_MOMENTS_BLOCKS): with one pair the loop waited on
+           the latency of its additions */
+        for (; i + 16 <= n; i += 16) {
+            v = _mm256_add_ps(normkit_load8(x + i, fmt), normkit_load8(r + i, fmt));
+            u = _mm256_add_ps(normkit_load8(x + i + 8, fmt), normkit_load8(r + i + 8, fmt));
+            _mm_storeu_si128((__m128i*)(h + i), normkit_round8(v, fmt));
+            _mm_storeu_si128((__m128i*)(h + i + 8), normkit_round8(u, fmt));
+            d0 = _mm256_cvtps_pd(_mm256_castps256_ps128(v)) - p;
+            d1 = _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1)) - p;
+            d2 = _mm256_cvtps_pd(_mm256_castps256_ps128(u)) - p;
+            d3 = _mm256_cvtps_pd(_mm256_extractf128_ps(u, 1)) - p;
+            a0 += d0; a1 += d1; a2 += d2; a3 += d3;
+            b0 += d0 * d0; b1 += d1 * d1; b2 += d2 * d2; b3 += d3 * d3;
+        }
         for (; i + 8 <= n; i += 8) {
             v = _mm256_add_ps(normkit_load8(x + i, fmt), normkit_load8(r + i, fmt));
             _mm_storeu_si128((__m128i*)(h + i), normkit_round8(v, fmt));
-            lo = _mm256_cvtps_pd(_mm256_castps256_ps128(v)) - p;
-            hi = _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1)) - p;
-            a0 += lo; a1 += hi; b0 += lo * lo; b1 += hi * hi;
+            d0 = _mm256_cvtps_pd(_mm256_castps256_ps128(v)) - p;
+            d1 = _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1)) - p;
+            a0 += d0; a1 += d1; b0 += d0 * d0; b1 += d1 * d1;
         }
-        a0 += a1; b0 += b1;
+        a0 = (a0 + a1) + (a2 + a3);
+        b0 = (b0 + b1) + (b2 + b3);
         ta = (a0[0] + a0[1]) + (a0[2] + a0[3]);
         tb = (b0[0] + b0[1]) + (b0[2] + b0[3]);
         if (i < n) {
@@ -152,6 +168,26 @@ cdef extern from *:
         return _mm256_mul_ps(_mm256_mul_ps(v, rs), _mm256_loadu_ps(w));
     }
 
+    /* 16 float32 values (two vectors) rounded to 16 bits in one 256-bit register: bfloat16's rounding as
+       normkit_round8's, packed once for both halves */
+    static inline __m256i nk_round16(__m256 v0, __m256 v1, int fmt) {
+        if (fmt) return _mm256_set_m128i(_mm256_cvtps_ph(v1, _MM_FROUND_TO_NEAREST_INT),
+                                         _mm256_cvtps_ph(v0, _MM_FROUND_TO_NEAREST_INT));
+        const __m256i one = _mm256_set1_epi32(1), half = _mm256_set1_epi32(0x7FFF);
+        const __m256i abs = _mm256_set1_epi32(0x7FFFFFFF);
+        const __m256i inf = _mm256_set1_epi32(0x7F800000), quiet = _mm256_set1_epi32(0x40);
+        __m256i u0 = _mm256_castps_si256(v0), u1 = _mm256_castps_si256(v1), r0, r1;
+        r0 = _mm256_add_epi32(_mm256_add_epi32(u0, half), _mm256_and_si256(_mm256_srli_epi32(u0, 16), one));
+        r1 = _mm256_add_epi32(_mm256_add_epi32(u1, half), _mm256_and_si256(_mm256_srli_epi32(u1, 16), one));
+        r0 = _mm256_srli_epi32(r0, 16);
+        r1 = _mm256_srli_epi32(r1, 16);
+        r0 = _mm256_blendv_epi8(r0, _mm256_or_si256(_mm256_srli_epi32(u0, 16), quiet),
+                                _mm256_cmpgt_epi32(_mm256_and_si256(u0, abs), inf));
+        r1 = _mm256_blendv_epi8(r1, _mm256_or_si256(_mm256_srli_epi32(u1, 16), quiet),
+                                _mm256_cmpgt_epi32(_mm256_and_si256(u1, abs), inf));
+        return _mm256_permute4x64_epi64(_mm256_packus_epi32(r0, r1), 0xD8);
+    }
+
     /* has_r, centered and fmt are constants in each call from nk_row_y16, so that every combination is a loop of
        its own, without branches or reloaded constants in it */
     static inline __attribute__((always_inline)) int nk_row_y16_loop(
@@ -162,7 +198,23 @@ cdef extern from *:
         __m256 m = _mm256_set1_ps(mean), rs = _mm256_set1_ps(rstd), c = _mm256_set1_ps(c0), v;
         uint16_t tx[8] = {0}, tr[8] = {0}, to[8];
         float tw[8] = {0}, tb[8] = {0};
+        const __m256i top16 = _mm256_set1_epi16(fmt ? 0x7C00 : 0x7F80);
+        __m256i o16, bad16 = _mm256_setzero_si256();
+        __m256 u;
         Py_ssize_t i = 0;
+        for (; i + 16 <= n; i += 16) {
+            v = normkit_load8(x + i, fmt);
+            u = normkit_load8(x + i + 8, fmt);
+            if (has_r) {
+                v = _mm256_add_ps(v, normkit_load8(r + i, fmt));
+                u = _mm256_add_ps(u, normkit_load8(r + i + 8, fmt));
+            }
+            o16 = nk_round16(nk_y8(v, w + i, centered ? b + i : NULL, centered, m, rs, c),
+                             nk_y8(u, w + i + 8, centered ? b + i + 8 : NULL, centered, m, rs, c), fmt);
+            _mm256_storeu_si256((__m256i*)(y + i), o16);
+            bad16 = _mm256_or_si256(bad16, _mm256_cmpeq_epi16(_mm256_and_si256(o16, top16), top16));
+        }
+        bad = _mm_or_si128(_mm256_castsi256_si128(bad16), _mm256_extracti128_si256(bad16, 1));
         for (; i + 8 <= n; i += 8) {
             v = normkit_load8(x + i, fmt);
             if (has_r) v = _mm256_add_ps(v, normkit_load8(r + i, fmt));
