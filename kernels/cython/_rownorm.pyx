@@ -255,6 +255,16 @@ cdef extern from *:
             (v = _mm256_fmadd_ps(_mm256_mul_ps(rs, _mm256_loadu_ps(W)), normkit_load8(DY, fmt),              \
                                  _mm256_fmadd_ps(b, _mm256_sub_ps(normkit_load8(X, fmt), m), c)),            \
              has_dh ? _mm256_add_ps(v, normkit_load8(DH, fmt)) : v)
+        const __m256i top16 = _mm256_set1_epi16(fmt ? 0x7C00 : 0x7F80);
+        __m256i o16, bad16 = _mm256_setzero_si256();
+        __m256 u;
+        for (; i + 16 <= n; i += 16) {  /* as nk_row_y16_loop */
+            u = NK_DX8(dy + i, dh + i, x + i, w + i);
+            o16 = nk_round16(u, NK_DX8(dy + i + 8, dh + i + 8, x + i + 8, w + i + 8), fmt);
+            _mm256_storeu_si256((__m256i*)(dx + i), o16);
+            bad16 = _mm256_or_si256(bad16, _mm256_cmpeq_epi16(_mm256_and_si256(o16, top16), top16));
+        }
+        bad = _mm_or_si128(_mm256_castsi256_si128(bad16), _mm256_extracti128_si256(bad16, 1));
         for (; i + 8 <= n; i += 8) {
             o = normkit_round8(NK_DX8(dy + i, dh + i, x + i, w + i), fmt);
             _mm_storeu_si128((__m128i*)(dx + i), o);
