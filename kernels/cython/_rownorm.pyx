@@ -103,11 +103,12 @@ cdef extern from *:
         return 0;
     }
 
-    /* The fused add's pass and the y pass straight from and to 16-bit data where the build has AVX2 and F16C:
-       8 values per step, widened and rounded in registers by _common.pxd's normkit_load8 / normkit_round8 (the
-       float32 copies of the tile-by-tile loops cost more than the memory traffic: (8192, 1024) bfloat16 RMSNorm
-       with the add, one thread, ~8.6 ms tile by tile). They return -1 where they do not apply (float16 without
-       F16C, or the baseline build); then the callers go tile by tile. */
+    /* The passes over a 16-bit row (the fused add, y; the backward's sums, dx) straight from and to its bits where
+       the build has AVX2 and F16C: widened and rounded in registers by _common.pxd's normkit_load8 /
+       normkit_round8 (and nk_round16 below, 16 values at once), where the float32 copies of the tile-by-tile
+       loops cost more than the memory traffic ((8192, 1024) bfloat16 RMSNorm with the add, one thread: ~8.6 ms
+       tile by tile, ~5 ms so). They return -1 where they do not apply (float16 without F16C, or the baseline
+       build); then the callers go tile by tile. */
     #if defined(__AVX2__) && defined(__F16C__)
     /* h = x + res, the float32 sum rounded once, and the sums of d and d * d with d = sum - pivot into s1, s2. */
     static int nk_add16(const uint16_t* x, const uint16_t* r, uint16_t* h, Py_ssize_t n, int fmt, double pivot,
