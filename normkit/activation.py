@@ -13,7 +13,7 @@ import math
 
 import numpy as np
 
-from . import checks, registry
+from . import checks, half, registry
 from .contract import ACTIVATIONS, HALF_DTYPES, SPECS, plain_direction
 
 _SQRT_HALF = math.sqrt(0.5)
@@ -92,8 +92,8 @@ def _z(spec, direction: str, v: dict, work) -> np.ndarray:
     return z
 
 
-def compose(kernel, op: str, direction: str, exact: bool = False):
-    """The ``direction`` (an ``act_`` one) kernel of ``op`` made of ``kernel``, the plain direction's, and the
+def compose(plain_kernel, op: str, direction: str, exact: bool = False):
+    """The ``direction`` (an ``act_`` one) kernel of ``op`` made of ``plain_kernel``, the plain direction's, and the
     functions above: forward applies the activation to the plain output, backward hands ``dy * act'(z)`` to the
     plain backward. ``exact`` (the reference): everything in float64 and each output rounded once; otherwise in the
     kernel's dtype (float32 or float64)."""
@@ -107,7 +107,7 @@ def compose(kernel, op: str, direction: str, exact: bool = False):
             y = v["y"]
             if exact:
                 v["y"] = np.empty(y.shape)
-            kernel(*(v[n] for n in plain_names))
+            plain_kernel(*(v[n] for n in plain_names))
             with np.errstate(over="ignore", invalid="ignore"):
                 y[...] = apply(v["activation"], v["y"], v["slope"])
     else:
@@ -117,9 +117,9 @@ def compose(kernel, op: str, direction: str, exact: bool = False):
             with np.errstate(over="ignore", invalid="ignore"):
                 g = v["dy"].astype(work) * derivative(v["activation"], _z(spec, plain, v, work), v["slope"])
             v["dy"] = g
-            kernel(*(v[n] for n in plain_names))
+            plain_kernel(*(v[n] for n in plain_names))
 
-    return functools.wraps(kernel)(run)
+    return functools.wraps(plain_kernel)(run)
 
 
 _composed: dict = {}
@@ -139,8 +139,6 @@ def kernel(op: str, direction: str, dtype: str, backend=None) -> tuple[str, obje
     found = _composed.get(key)
     if found is None:
         if dtype in HALF_DTYPES:  # the plain 16-bit kernel would round z to 16 bits: compose in float32 instead
-            from . import half
-
             inner = registry.lookup(op, plain, "float32", used)[1]
             found = half.through(compose(inner, op, direction), op, direction, dtype, np.float32)
         else:
