@@ -9,8 +9,9 @@ normkit.set_num_threads(2) the kernels still give the right results and PyTorch 
 
 NUMBA_NUM_THREADS=2 makes numba's start-up want two threads even on a one-CPU machine, so that a change shows. The
 kernels are few (layernorm forward and backward, batchnorm inference forward; float32, one small shape each) so
-that a run without numba's disk cache compiles little: about 25 s here, where batchnorm's training forward, which
-holds every BatchNorm schedule, would add 12 s.
+that an interpreter without numba's disk cache compiles little: about 8 s of CPU here. batchnorm's training forward
+would add about 2 s: the schedule its shape takes (each schedule is a jitted function of its own, picked in Python
+from the shape; kernels/numba/batchnorm.py).
 """
 
 from __future__ import annotations
