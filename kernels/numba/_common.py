@@ -54,13 +54,24 @@ def _can_cache() -> bool:
 
 
 CACHE = _can_cache()
-_jit = njit(cache=CACHE, fastmath=FASTMATH, nogil=True)
+# Results must not depend on the process's history.
+#
+# - A call from one compiled function to another that LLVM leaves as a call runs whichever compiled copy of the
+#   callee the process loaded first: numba compiles the callee on its own (what a process that compiles the
+#   caller loads first) and links a copy into every caller, optimized again there (what a process that loads the
+#   caller from the disk cache runs). Under ``reassoc`` the copies may group additions differently (seen:
+#   LayerNorm's backward dx off by an ulp in 10% of the values between the compiling process and the others). So
+#   every function called from compiled code is inlined into its caller (forceinline), and ``_pjit`` kernels are
+#   called from Python only: each kernel is one piece of code, compiled once. (numba compiles the body of a
+#   parallel loop on its own too, and the compiling process runs that copy; it has given the kernel's bits for
+#   every float32 kernel and kit case so far, and tests/test_numba_determinism.py compares the two processes.)
+_jit = njit(cache=CACHE, fastmath=FASTMATH, nogil=True, forceinline=True)
 _pjit = njit(cache=CACHE, fastmath=FASTMATH, nogil=True, parallel=True)
 # For merges of partial sums: additions in the order the code gives, never regrouped. With ``reassoc`` LLVM
 # vectorizes a reduction loop and peels its first iterations up to an aligned address, so the grouping of the
 # additions, and the last bits of the sum, would depend on where a temporary array happens to sit in memory (seen:
 # BatchNorm's per-channel sums differing in the last bit from call to call).
-_sjit = njit(cache=CACHE, fastmath=FASTMATH - {"reassoc"}, nogil=True)
+_sjit = njit(cache=CACHE, fastmath=FASTMATH - {"reassoc"}, nogil=True, forceinline=True)
 
 
 # --- scalar helpers ---------------------------------------------------------------------------------------------
@@ -350,9 +361,10 @@ _TANH_C = 0.7978845608028654  # sqrt(2 / pi)
 _TANH_K = 0.044715
 # The scalar activations divide: numba's default error model checks each float division for zero (to raise
 # ZeroDivisionError), and that branch alone kept the silu loops from vectorizing (17x slower); NumPy's gives inf.
-# No fastmath: with nsz, LLVM folds the selects below (s != 0 ? z * s : 0) into the product, which is NaN for an
-# infinite z; the loops that call them vectorize as well without it.
-_ajit = njit(cache=CACHE, nogil=True, error_model="numpy")
+# The kernels' fastmath flags, said here: a function that leaves them unset takes its caller's (numba's
+# inherit_if_not_set), so these always had them inside the kernels, and the selects below (s != 0 ? z * s : 0)
+# hold with them (the conformance kit's overflow data). Without them the silu and gelu_tanh kernels ran 1.4x slower.
+_ajit = njit(cache=CACHE, fastmath=FASTMATH, nogil=True, error_model="numpy", forceinline=True)
 
 
 @intrinsic
@@ -365,11 +377,12 @@ def _pow2_f32(typingctx, n):
     return types.float32(n), codegen
 
 
-@njit(cache=CACHE, nogil=True)  # no fastmath: reassoc would undo the two-part reduction by ln 2
+@_ajit
 def _exp_neg32(z):
     """e**z for float32 z <= 0, within about 1 ulp (Cephes' expf: z = n ln 2 + r, a degree-7 polynomial in r),
     in code LLVM vectorizes (libm's expf it does not, without SVML: 10x slower in the silu loops). 0 below -87 (the
-    true value is under 2e-38); a NaN z gives a finite value, which every caller multiplies by z again."""
+    true value is under 2e-38); a NaN z gives a finite value, which every caller multiplies by z again. (reassoc
+    could merge the two parts of n ln 2; LLVM keeps them: within 0.95 ulp on [-87, 0], measured.)"""
     f = np.float32
     zc = z if z > f(-87.0) else f(-87.0)
     n = np.floor(zc * f(1.4426950408889634) + f(0.5))

@@ -293,7 +293,6 @@ def _affine_pieces(x, m, sc, sh, y):
             yr[j] = narrow(yr, (widen(xr[j]) - mc) * scc + shc)
 
 
-@_jit
 def _affine_tiled(x, m, sc, sh, y):
     _tiled_apply(x, x, m, sc, sc, sh, 0, y)
 
@@ -352,7 +351,6 @@ def _dx_pieces(dy, x, m, A, B, Cc, dx):
         _dx(dy[n, c, lo:e], x[n, c, lo:e], dx[n, c, lo:e], A[c], B[c], Cc[c], m[c])
 
 
-@_jit
 def _dx_tiled(dy, x, m, A, B, Cc, dx):
     _tiled_apply(dy, x, m, A, B, Cc, 1, dx)
 

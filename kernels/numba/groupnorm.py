@@ -264,11 +264,11 @@ def instancenorm_backward(dy, x, mean, rstd, weight, dx, dweight, dbias):
 # --- fused activations (normkit.contract): statistics and coefficients here, the element passes _common.act_rows'
 
 @_jit
-def _sets_act_coefs(x, G, w, b, has_w, has_b, eps, mean, rstd):
-    """The statistics (stored), and act_rows' forward coefficients (m, scale, shift) per (n, c) row."""
+def _sets_act_coefs(x, G, st, w, b, has_w, has_b, mean):
+    """act_rows' forward coefficients (m, scale, shift) per (n, c) row, from the sets' statistics ``st`` (mean and
+    rstd in float64, (N * G, 2)) and their stored ``mean``."""
     N, C, _ = x.shape
     cpg = C // G
-    st = _row_stats(x.reshape(N * G, -1), eps, mean.reshape(-1), rstd.reshape(-1))
     m = np.empty((N, C), mean.dtype)
     sc = np.empty((N, C), mean.dtype)
     sh = np.empty((N, C), mean.dtype)
@@ -328,7 +328,9 @@ def groupnorm_act_forward(x, num_groups, weight, bias, eps, activation, slope, y
     _sync_threads()
     w, hw = _opt(weight, mean)
     b, hb = _opt(bias, mean)
-    m, sc, sh = _sets_act_coefs(x, num_groups, w, b, hw, hb, eps, mean, rstd)
+    N, C, S = x.shape
+    st = _row_stats(x.reshape(N * num_groups, C // num_groups * S), eps, mean.reshape(-1), rstd.reshape(-1))
+    m, sc, sh = _sets_act_coefs(x, num_groups, st, w, b, hw, hb, mean)
     act_rows(activation)[0](x, m, sc, sh, y, slope)
 
 
