@@ -54,7 +54,7 @@ def _can_cache() -> bool:
 
 
 CACHE = _can_cache()
-# Results must not depend on the process's history.
+# Results must not depend on the process's history, nor on where arrays sit in memory; two ways they could:
 #
 # - A call from one compiled function to another that LLVM leaves as a call runs whichever compiled copy of the
 #   callee the process loaded first: numba compiles the callee on its own (what a process that compiles the
@@ -65,12 +65,15 @@ CACHE = _can_cache()
 #   called from Python only: each kernel is one piece of code, compiled once. (numba compiles the body of a
 #   parallel loop on its own too, and the compiling process runs that copy; it has given the kernel's bits for
 #   every float32 kernel and kit case so far, and tests/test_numba_determinism.py compares the two processes.)
+# - LLVM vectorizes a loop that stores to memory behind a run-time check that its arrays do not overlap, with the
+#   scalar loop as the fallback, and the two may round differently: a merge of partial sums into memory is
+#   regrouped into vector lanes by ``reassoc`` on one path only (_sjit below), and other loops differed too (seen:
+#   LayerNorm's act_ backward dx). For arrays that do not overlap the check passes, but it takes an array's range
+#   from the loop even where the loop touches the array only under a flag, such as a zero-size placeholder for an
+#   absent argument, which may sit anywhere: so the act_ loops test such a flag outside the loop (layernorm.py).
 _jit = njit(cache=CACHE, fastmath=FASTMATH, nogil=True, forceinline=True)
 _pjit = njit(cache=CACHE, fastmath=FASTMATH, nogil=True, parallel=True)
-# For merges of partial sums: additions in the order the code gives, never regrouped. With ``reassoc`` LLVM
-# vectorizes a reduction loop and peels its first iterations up to an aligned address, so the grouping of the
-# additions, and the last bits of the sum, would depend on where a temporary array happens to sit in memory (seen:
-# BatchNorm's per-channel sums differing in the last bit from call to call).
+# merges of partial sums: additions in the order the code gives, never regrouped (see above)
 _sjit = njit(cache=CACHE, fastmath=FASTMATH - {"reassoc"}, nogil=True, forceinline=True)
 
 
@@ -485,6 +488,18 @@ def per_activation(factory):
     return get
 
 
+@_sjit
+def _merge_pieces(part, N, C, Q):
+    """The (n, c) rows' sums from the (n, c, piece) partial sums, pieces in order (see _sjit): (N, C, 2)."""
+    out = np.zeros((N, C, 2))
+    for n in range(N):
+        for c in range(C):
+            for q in range(Q):
+                out[n, c, 0] += part[(n * C + c) * Q + q, 0]
+                out[n, c, 1] += part[(n * C + c) * Q + q, 1]
+    return out
+
+
 @per_activation
 def act_rows(a):
     """The channel ops' act_ element passes for activation ``a``, over (n, c, piece) work items:
@@ -532,13 +547,7 @@ def act_rows(a):
                 s2 += g * (np.float64(xr[j]) - m64)
             part[it, 0] = s1
             part[it, 1] = s2
-        out = _zeros((N, C, 2), np.float64)
-        for n in range(N):
-            for c in range(C):
-                for q in range(Q):
-                    out[n, c, 0] += part[(n * C + c) * Q + q, 0]
-                    out[n, c, 1] += part[(n * C + c) * Q + q, 1]
-        return out
+        return _merge_pieces(part, N, C, Q)
 
     @_pjit
     def dx(dy, x, m, zs, zb, A, B, Cc, out, slope):

@@ -7,7 +7,8 @@ about edits to it).
 
 How the work is split is a function of the shape only, never of the thread count (each family module describes
 its splits), and partial sums are merged in a fixed order, so results are identical for any number of threads and
-from run to run.
+from run to run; _common.py (above _jit) says what keeps them so from process to process and wherever the arrays
+sit in memory.
 
 Statistics are a shifted single pass accumulated in float64: each set subtracts a pivot (its first element, or
 0 if that is not finite) and sums d and d*d. The shift removes the cancellation of E[x^2] - E[x]^2; float64

@@ -323,13 +323,20 @@ def _ln_act(a):
                     sgx += gw * (np.float64(xr[j]) - m64)
                 B = t(-r64 * r64 * r64 * sgx / K)
                 Cc = t(-r64 * sg / K)
-                for j in range(K):
-                    xm = xr[j] - mk
-                    g = dyr[j] * _dact(xm * rt * w[j] + b[j], a, slope)
-                    dxr[j] = _fma(g, w[j] * rt, xm * B + Cc)
-                    if want:
+                # two loops, not one testing ``want``: a loop that could store to pwi vectorizes behind a check
+                # that pwi's range (K values from where a zero-size placeholder happens to sit) misses the other
+                # arrays, and when it did not, the scalar loop that ran instead rounded otherwise (_common.py)
+                if want:
+                    for j in range(K):
+                        xm = xr[j] - mk
+                        g = dyr[j] * _dact(xm * rt * w[j] + b[j], a, slope)
+                        dxr[j] = _fma(g, w[j] * rt, xm * B + Cc)
                         pwi[j] += np.float64(g) * np.float64(xm * rt)
                         pbi[j] += np.float64(g)
+                else:
+                    for j in range(K):
+                        xm = xr[j] - mk
+                        dxr[j] = _fma(dyr[j] * _dact(xm * rt * w[j] + b[j], a, slope), w[j] * rt, xm * B + Cc)
         for j in range(K if want else 0):
             aw = 0.0
             ab = 0.0
