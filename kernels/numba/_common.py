@@ -62,9 +62,10 @@ CACHE = _can_cache()
 #   caller from the disk cache runs). Under ``reassoc`` the copies may group additions differently (seen:
 #   LayerNorm's backward dx off by an ulp in 10% of the values between the compiling process and the others). So
 #   every function called from compiled code is inlined into its caller (forceinline), and ``_pjit`` kernels are
-#   called from Python only: each kernel is one piece of code, compiled once. (numba compiles the body of a
-#   parallel loop on its own too, and the compiling process runs that copy; it has given the kernel's bits for
-#   every float32 kernel and kit case so far, and tests/test_numba_determinism.py compares the two processes.)
+#   called from Python only: each kernel is one piece of code, compiled once. Not quite: numba compiles the body
+#   of a parallel loop on its own too, and the compiling process runs that copy. For float32 it has given the
+#   kernel's bits in every kernel and kit case; for float64 not (the reductions inside the loop bodies), so
+#   float64 results can differ in the last bits between the process that compiled a kernel and the others.
 # - LLVM vectorizes a loop that stores to memory behind a run-time check that its arrays do not overlap, with the
 #   scalar loop as the fallback, and the two may round differently: a merge of partial sums into memory is
 #   regrouped into vector lanes by ``reassoc`` on one path only (_sjit below), and other loops differed too (seen:
