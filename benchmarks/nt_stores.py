@@ -87,7 +87,7 @@ def main(argv=None) -> None:
                       f"{med[False, True]:.3f} | {med[True, True]:.3f} | {med[True, True] / med[False, True]:.2f} |",
                       flush=True)
     finally:
-        kernels.set_stream_min_bytes(kernels.default_stream_min_bytes())
+        kernels.set_stream_min_bytes(None)
 
 
 if __name__ == "__main__":

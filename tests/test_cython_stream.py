@@ -65,4 +65,4 @@ def test_streamed_outputs_equal_ordinary_ones(op, shape, groups, dtype, act, dir
                 np.testing.assert_array_max_ulp(a, b, maxulp=1)
             assert not buf[:offset].any() and not buf[offset + np.prod(shape):].any()  # nothing written outside
     finally:
-        kernels.set_stream_min_bytes(kernels.default_stream_min_bytes())
+        kernels.set_stream_min_bytes(None)

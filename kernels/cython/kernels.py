@@ -220,18 +220,26 @@ def last_level_cache_bytes() -> int | None:
 
 
 # Outputs (forward y, backward dx) of at least STREAM_LLC_FRACTION of the last-level cache are written with
-# non-temporal stores; where the cache size is unknown, from STREAM_FALLBACK_BYTES. Measured with
-# benchmarks/nt_stores.py (2 threads, 32 MiB L3): from 25.7 MB up they win, 0.85-0.96x forward and backward, also
-# with the next layer's read of the output; at 16.8 MB (half the cache) they lose once that read is counted (it
-# then comes from memory, not the cache), and below that they lose outright.
+# non-temporal stores, by the modules where they win; where the cache size is unknown, from STREAM_FALLBACK_BYTES.
+# Measured with benchmarks/nt_stores.py (2 threads, 32 MiB L3, idle, each kernel also followed by the next layer's
+# read of its output): BatchNorm 0.85-0.89x forward and 0.93-0.95x backward from 25.7 MB up, LayerNorm 0.87-0.91x
+# forward alone but 0.92-1.00x with the read and neutral backward; at half the cache both lose once the read is
+# counted (it then comes from memory, not the cache), below that they lose outright. GroupNorm / InstanceNorm
+# gained nothing (0.95-1.17x), so their module keeps ordinary stores.
 STREAM_LLC_FRACTION = 0.75
 STREAM_FALLBACK_BYTES = 16 << 20
+_STREAMING = (_batchnorm, _layernorm)
+_NEVER = 1 << 62
 
 
-def set_stream_min_bytes(n: int) -> None:
-    """Outputs of ``n`` bytes or more are written with non-temporal stores (the results are the same)."""
+def set_stream_min_bytes(n: int | None) -> None:
+    """Outputs of ``n`` bytes or more are written with non-temporal stores (the results are the same), by every
+    module that has them (to measure or test them); None restores the defaults."""
     for module in (_batchnorm, _groupnorm, _layernorm):
-        module.set_stream_min_bytes(n)
+        if n is not None:
+            module.set_stream_min_bytes(n)
+        else:
+            module.set_stream_min_bytes(default_stream_min_bytes() if module in _STREAMING else _NEVER)
 
 
 def default_stream_min_bytes() -> int:
@@ -239,6 +247,7 @@ def default_stream_min_bytes() -> int:
     return int(llc * STREAM_LLC_FRACTION) if llc else STREAM_FALLBACK_BYTES
 
 
-set_stream_min_bytes(default_stream_min_bytes())
-INFO["non-temporal stores"] = f"outputs of {default_stream_min_bytes() / 2**20:.0f} MiB and up"
+set_stream_min_bytes(None)
+INFO["non-temporal stores"] = (f"outputs of {default_stream_min_bytes() / 2**20:.0f} MiB and up (batchnorm, "
+                               f"layernorm)")
 set_num_threads(get_num_threads())
