@@ -105,7 +105,7 @@ cdef extern from *:
 
     /* The passes over a 16-bit row (the fused add, y; the backward's sums, dx) straight from and to its bits where
        the build has AVX2 and F16C: widened and rounded in registers by _common.pxd's normkit_load8 /
-       normkit_round8 (and nk_round16 below, 16 values at once), where the float32 copies of the tile-by-tile
+       normkit_round8 (and normkit_round16, 16 values at once), where the float32 copies of the tile-by-tile
        loops cost more than the memory traffic ((8192, 1024) bfloat16 RMSNorm with the add, one thread: ~8.6 ms
        tile by tile, ~5 ms so). They return -1 where they do not apply (float16 without F16C, or the baseline
        build); then the callers go tile by tile. */
@@ -169,26 +169,6 @@ cdef extern from *:
         return _mm256_mul_ps(_mm256_mul_ps(v, rs), _mm256_loadu_ps(w));
     }
 
-    /* 16 float32 values (two vectors) rounded to 16 bits in one 256-bit register: bfloat16's rounding as
-       normkit_round8's, packed once for both halves */
-    static inline __m256i nk_round16(__m256 v0, __m256 v1, int fmt) {
-        if (fmt) return _mm256_set_m128i(_mm256_cvtps_ph(v1, _MM_FROUND_TO_NEAREST_INT),
-                                         _mm256_cvtps_ph(v0, _MM_FROUND_TO_NEAREST_INT));
-        const __m256i one = _mm256_set1_epi32(1), half = _mm256_set1_epi32(0x7FFF);
-        const __m256i abs = _mm256_set1_epi32(0x7FFFFFFF);
-        const __m256i inf = _mm256_set1_epi32(0x7F800000), quiet = _mm256_set1_epi32(0x40);
-        __m256i u0 = _mm256_castps_si256(v0), u1 = _mm256_castps_si256(v1), r0, r1;
-        r0 = _mm256_add_epi32(_mm256_add_epi32(u0, half), _mm256_and_si256(_mm256_srli_epi32(u0, 16), one));
-        r1 = _mm256_add_epi32(_mm256_add_epi32(u1, half), _mm256_and_si256(_mm256_srli_epi32(u1, 16), one));
-        r0 = _mm256_srli_epi32(r0, 16);
-        r1 = _mm256_srli_epi32(r1, 16);
-        r0 = _mm256_blendv_epi8(r0, _mm256_or_si256(_mm256_srli_epi32(u0, 16), quiet),
-                                _mm256_cmpgt_epi32(_mm256_and_si256(u0, abs), inf));
-        r1 = _mm256_blendv_epi8(r1, _mm256_or_si256(_mm256_srli_epi32(u1, 16), quiet),
-                                _mm256_cmpgt_epi32(_mm256_and_si256(u1, abs), inf));
-        return _mm256_permute4x64_epi64(_mm256_packus_epi32(r0, r1), 0xD8);
-    }
-
     /* has_r, centered and fmt are constants in each call from nk_row_y16, so that every combination is a loop of
        its own, without branches or reloaded constants in it */
     static inline __attribute__((always_inline)) int nk_row_y16_loop(
@@ -210,7 +190,7 @@ cdef extern from *:
                 v = _mm256_add_ps(v, normkit_load8(r + i, fmt));
                 u = _mm256_add_ps(u, normkit_load8(r + i + 8, fmt));
             }
-            o16 = nk_round16(nk_y8(v, w + i, centered ? b + i : NULL, centered, m, rs, c),
+            o16 = normkit_round16(nk_y8(v, w + i, centered ? b + i : NULL, centered, m, rs, c),
                              nk_y8(u, w + i + 8, centered ? b + i + 8 : NULL, centered, m, rs, c), fmt);
             _mm256_storeu_si256((__m256i*)(y + i), o16);
             bad16 = _mm256_or_si256(bad16, _mm256_cmpeq_epi16(_mm256_and_si256(o16, top16), top16));
@@ -261,7 +241,7 @@ cdef extern from *:
         __m256 u;
         for (; i + 16 <= n; i += 16) {  /* as nk_row_y16_loop */
             u = NK_DX8(dy + i, dh + i, x + i, w + i);
-            o16 = nk_round16(u, NK_DX8(dy + i + 8, dh + i + 8, x + i + 8, w + i + 8), fmt);
+            o16 = normkit_round16(u, NK_DX8(dy + i + 8, dh + i + 8, x + i + 8, w + i + 8), fmt);
             _mm256_storeu_si256((__m256i*)(dx + i), o16);
             bad16 = _mm256_or_si256(bad16, _mm256_cmpeq_epi16(_mm256_and_si256(o16, top16), top16));
         }
