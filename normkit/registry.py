@@ -360,6 +360,9 @@ def lookup(op: str, direction: str, dtype: str, backend: str | None = None,
     hit = _lookup_cache.get((op, direction, dtype, backend, layout))
     if hit is not None and (hit[1] is _ANY_ENV or hit[1] == _env_backend()):
         return hit[0]
+    if type(dtype) is not str:  # a numpy dtype compares equal to its name but is another key, and errors named it
+        raise TypeError(f"{op}: lookup takes the dtype's name (such as 'float32'), got {dtype!r} "
+                        f"({type(dtype).__name__})")
     env = _ANY_ENV if backend is not None or _user_order is not None else _env_backend()
     if layout == NCHW:
         result = _resolve(op, direction, dtype, backend)

@@ -405,6 +405,15 @@ def test_lookup_errors_for_dtype_and_direction():
         normkit.get("gn")(np.ones((2, 4, 3)), 2, backend="only64")
 
 
+def test_lookup_takes_dtype_names_and_says_so():
+    """A NumPy dtype equals its name but is another cache key; it used to fail with 'no float32 kernel ... it
+    supports ..., float32'."""
+    with pytest.raises(TypeError, match=r"layernorm: lookup takes the dtype's name \(such as 'float32'\), got "
+                                        r"dtype\('float32'\)"):
+        registry.lookup("layernorm", "forward", np.dtype("float32"), "cython")
+    assert registry.lookup("layernorm", "forward", "float32", "cython")[0] == "cython"
+
+
 def test_lookup_error_when_no_backend_has_the_dtype(monkeypatch):
     monkeypatch.setenv("NORMKIT_DISABLE_PLUGINS", "1")
     registry.refresh()
