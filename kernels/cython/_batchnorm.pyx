@@ -33,11 +33,11 @@ from libc.string cimport memcpy
 from libc.stdint cimport uint16_t
 
 from _common cimport (
-    ACT_CHUNK, NO_ACT, NORMKIT_BUILD_FLAGS, NORMKIT_HAVE_OPENMP, NORMKIT_OPENMP_NOTE, TILE16, act_apply, act_grad,
-    act_grad_apply, act_grad_apply_stream, act_grad_sums, affine, affine16, affine_act, affine_act_stream,
-    finish_moments, grad_apply, grad_apply16, grad_sums, grad_sums16, moments, moments16, normkit_half_init,
-    normkit_narrow, normkit_sfence, narrow64, normkit_use_x86_64_v3, normkit_widen, pivot16, pivot_of, prefetch_run,
-    scale_copy, scale_copy16, to_double,
+    ACT_CHUNK, NO_ACT, NORMKIT_BUILD_FLAGS, NORMKIT_HAVE_OPENMP, NORMKIT_OPENMP_NOTE, SERIAL_MAX_VALUES, TILE16,
+    act_apply, act_grad, act_grad_apply, act_grad_apply_stream, act_grad_sums, affine, affine16, affine_act,
+    affine_act_stream, finish_moments, grad_apply, grad_apply16, grad_sums, grad_sums16, moments, moments16,
+    normkit_half_init, normkit_narrow, normkit_sfence, narrow64, normkit_use_x86_64_v3, normkit_widen, pivot16,
+    pivot_of, prefetch_run, scale_copy, scale_copy16, threads_for, to_double,
 )
 
 # How this module was built (setup.py); the backend reads it for its INFO and to pick the x86-64-v3 copy.
@@ -68,6 +68,7 @@ cdef enum:
     ACT_ROWS = 8
 
 cdef int _nthreads = 1
+cdef Py_ssize_t _serial_max = SERIAL_MAX_VALUES
 # Outputs of this many bytes or more are written with non-temporal stores (set_stream_min_bytes).
 cdef Py_ssize_t _stream_min = 1 << 62
 
@@ -75,6 +76,11 @@ cdef Py_ssize_t _stream_min = 1 << 62
 def set_num_threads(int n):
     global _nthreads
     _nthreads = n
+
+
+def set_serial_max_values(Py_ssize_t n):
+    global _serial_max
+    _serial_max = n
 
 
 def set_stream_min_bytes(Py_ssize_t n):
@@ -439,7 +445,7 @@ cdef void _channel_moments(const floating[:, :, ::1] x, double[::1] pivot, doubl
     cdef const floating* xp = &x[0, 0, 0]
     cdef double[::1] a, b
     cdef floating[::1] p
-    cdef int nt = _nthreads
+    cdef int nt = threads_for(n * nc * s, _nthreads, _serial_max)
     if s >= SHORT_ROW:
         a = np.zeros(n * nc)
         b = np.zeros(n * nc)
@@ -479,7 +485,7 @@ cdef void _apply_channels(const floating[:, :, ::1] x, floating[:, :, ::1] y, do
     cdef Py_ssize_t length = nc * s
     cdef double[::1] exact_shift
     cdef floating[:, ::1] cols
-    cdef int nt = _nthreads
+    cdef int nt = threads_for(n * nc * s, _nthreads, _serial_max)
     cdef bint stream = n * length * <Py_ssize_t>sizeof(floating) >= _stream_min
     if s >= SHORT_ROW:
         for t in prange(n * nc, nogil=True, schedule="static", num_threads=nt):
@@ -516,7 +522,7 @@ cdef void _channel_grad_sums(const floating[:, :, ::1] dy, const floating[:, :, 
     cdef double[::1] a, b
     cdef floating[::1] m
     cdef floating[:, ::1] zcols
-    cdef int nt = _nthreads
+    cdef int nt = threads_for(n * nc * s, _nthreads, _serial_max)
     if act == NO_ACT:
         zscale = zshift = np.zeros(nc)
     if s >= SHORT_ROW:
@@ -568,7 +574,7 @@ cdef void _grad_apply_channels(const floating[:, :, ::1] dy, const floating[:, :
     cdef const floating* xp = &x[0, 0, 0]
     cdef floating* dxp = &dx[0, 0, 0]
     cdef floating[:, ::1] cols
-    cdef int nt = _nthreads
+    cdef int nt = threads_for(n * nc * s, _nthreads, _serial_max)
     if act == NO_ACT:
         zscale = zshift = np.zeros(nc)
     if s >= SHORT_ROW:
@@ -606,7 +612,7 @@ cdef void _backward(bint training, const floating[:, :, ::1] dy, const floating[
     cdef double[::1] mu = np.asarray(mean, dtype=np.float64), r = np.asarray(rstd, dtype=np.float64)
     cdef double[::1] sdy = np.zeros(nc), sdyx = np.zeros(nc)
     cdef double[::1] ca, cb, cc, zscale = np.empty(nc), zshift = np.empty(nc)
-    cdef int nt = _nthreads
+    cdef int nt = threads_for(n * nc * s, _nthreads, _serial_max)
     cdef bint stream = n * nc * s * <Py_ssize_t>sizeof(floating) >= _stream_min
     if s >= SHORT_ROW and nc >= MANY_CHANNELS:
         for c in prange(nc, nogil=True, schedule="static", num_threads=nt):
@@ -648,7 +654,7 @@ cdef void _forward(const floating[:, :, ::1] x, const floating[::1] weight, cons
     cdef const floating* b = _ptr(bias)
     cdef double[::1] mu = np.empty(nc), r = np.empty(nc)
     cdef double[::1] pivot, s1, s2, scale, shift
-    cdef int nt = _nthreads
+    cdef int nt = threads_for(n * nc * s, _nthreads, _serial_max)
     cdef bint stream = n * nc * s * <Py_ssize_t>sizeof(floating) >= _stream_min
     if s >= SHORT_ROW and nc >= MANY_CHANNELS:
         for c in prange(nc, nogil=True, schedule="static", num_threads=nt):
@@ -773,7 +779,7 @@ cdef void _stats_moments(const floating[:, :, ::1] x, double[::1] pivot, double[
     cdef Py_ssize_t width, tasks, blocks, rows
     cdef const floating* xp = &x[0, 0, 0]
     cdef double[::1] a, b, p
-    cdef int nt = _nthreads
+    cdef int nt = threads_for(n * nc * s, _nthreads, _serial_max)
     if s >= SHORT_ROW:
         _channel_moments(x, pivot, s1, s2)
         return
@@ -967,7 +973,7 @@ cdef void _channel_moments16(const uint16_t[:, :, ::1] x, double[::1] pivot, bin
     cdef const uint16_t* xp = &x[0, 0, 0]
     cdef double[::1] a, b
     cdef float[::1] p
-    cdef int nt = _nthreads
+    cdef int nt = threads_for(n * nc * s, _nthreads, _serial_max)
     if s >= SHORT_ROW:
         a = np.zeros(n * nc)
         b = np.zeros(n * nc)
@@ -1005,7 +1011,7 @@ cdef void _apply_channels16(const uint16_t[:, :, ::1] x, uint16_t[:, :, ::1] y, 
     cdef uint16_t* yp = &y[0, 0, 0]
     cdef double[::1] exact_shift
     cdef float[:, ::1] cols
-    cdef int nt = _nthreads
+    cdef int nt = threads_for(n * nc * s, _nthreads, _serial_max)
     if s >= SHORT_ROW:
         for t in prange(n * nc, nogil=True, schedule="static", num_threads=nt):
             c = t % nc
@@ -1052,7 +1058,7 @@ cdef void _channel_grad_sums16(const uint16_t[:, :, ::1] dy, const uint16_t[:, :
     cdef const uint16_t* xp = &x[0, 0, 0]
     cdef double[::1] a, b
     cdef float[::1] m
-    cdef int nt = _nthreads
+    cdef int nt = threads_for(n * nc * s, _nthreads, _serial_max)
     if s >= SHORT_ROW:
         a = np.zeros(n * nc)
         b = np.zeros(n * nc)
@@ -1091,7 +1097,7 @@ cdef void _grad_apply_channels16(const uint16_t[:, :, ::1] dy, const uint16_t[:,
     cdef const uint16_t* xp = &x[0, 0, 0]
     cdef uint16_t* dxp = &dx[0, 0, 0]
     cdef float[:, ::1] cols
-    cdef int nt = _nthreads
+    cdef int nt = threads_for(n * nc * s, _nthreads, _serial_max)
     if s >= SHORT_ROW:
         for t in prange(n * nc, nogil=True, schedule="static", num_threads=nt):
             c = t % nc
@@ -1155,7 +1161,7 @@ cdef void _backward16(bint training, const uint16_t[:, :, ::1] dy, const uint16_
     cdef double[::1] mu = np.asarray(mean, dtype=np.float64), r = np.asarray(rstd, dtype=np.float64)
     cdef double[::1] sdy = np.zeros(nc), sdyx = np.zeros(nc)
     cdef double[::1] ca, cb, cc
-    cdef int nt = _nthreads
+    cdef int nt = threads_for(n * nc * s, _nthreads, _serial_max)
     if s >= SHORT_ROW and nc >= MANY_CHANNELS:
         for c in prange(nc, nogil=True, schedule="static", num_threads=nt):
             _backward_channel16(dyp, xp, dxp, n, nc, s, c, training, sums, mu[c], r[c],
@@ -1190,7 +1196,7 @@ def batchnorm_forward16(int fmt, const uint16_t[:, :, ::1] x, const float[::1] w
     cdef const float* b = _ptr(bias)
     cdef double[::1] mu = np.empty(nc), r = np.empty(nc)
     cdef double[::1] pivot, s1, s2, scale, shift
-    cdef int nt = _nthreads
+    cdef int nt = threads_for(n * nc * s, _nthreads, _serial_max)
     if s >= SHORT_ROW and nc >= MANY_CHANNELS:
         for c in prange(nc, nogil=True, schedule="static", num_threads=nt):
             _forward_channel16(xp, yp, n, nc, s, c, eps, w, b, fmt, &mu[c], &r[c])

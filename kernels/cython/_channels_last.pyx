@@ -21,14 +21,20 @@ from cython cimport floating
 from cython.parallel cimport prange
 from libc.math cimport isfinite
 
-from _common cimport finish_moments, grad_sums, moments, pivot_of
+from _common cimport SERIAL_MAX_VALUES, finish_moments, grad_sums, moments, pivot_of, threads_for
 
 cdef int _nthreads = 1
+cdef Py_ssize_t _serial_max = SERIAL_MAX_VALUES
 
 
 def set_num_threads(int n):
     global _nthreads
     _nthreads = n
+
+
+def set_serial_max_values(Py_ssize_t n):
+    global _serial_max
+    _serial_max = n
 
 
 cdef enum:
@@ -217,7 +223,7 @@ cdef void _forward(const floating[:, :, ::1] x, Py_ssize_t groups, const floatin
     cdef floating[:, ::1] shift = np.empty((n, nc), dtype)
     cdef double[:, ::1] s1 = np.empty((n * blocks, nc)), s2 = np.empty((n * blocks, nc))
     cdef double[:, ::1] mu = np.empty((n, groups)), rs = np.empty((n, groups))
-    cdef int nt = _nthreads
+    cdef int nt = threads_for(n * s * nc, _nthreads, _serial_max)
     for i in range(n):
         for g in range(groups):
             for c in range(g * cg, (g + 1) * cg):
@@ -262,7 +268,7 @@ cdef void _backward(const floating[:, :, ::1] dy, const floating[:, :, ::1] x, P
     cdef floating[:, ::1] cb = np.empty((n, nc), dtype), cc = np.empty((n, nc), dtype)
     cdef double[:, ::1] sdy = np.empty((n * blocks, nc)), sdyx = np.empty((n * blocks, nc))
     cdef double acc
-    cdef int nt = _nthreads
+    cdef int nt = threads_for(n * s * nc, _nthreads, _serial_max)
     for i in range(n):
         for c in range(nc):
             cm[i, c] = mean[i, c // cg]

@@ -16,6 +16,19 @@ cdef inline double pivot_of(double first) noexcept nogil:
     return first if isfinite(first) else 0.0
 
 
+# PyTorch's grain size (at::internal::GRAIN_SIZE): by default a kernel given at most this many values runs on one
+# thread. Starting the OpenMP team's second thread costs ~2.4 us here, more than such a pass takes alone
+# (BatchNorm inference at (2, 8, 4, 4): 2.6 us on one thread, 4.9 on two; (32, 128, 7, 7), 200K values: 21.6 and
+# 13.6). Each module keeps its own limit (set_serial_max_values), which the tests lower to run small inputs on
+# every thread.
+cdef enum:
+    SERIAL_MAX_VALUES = 32768
+
+
+cdef inline int threads_for(Py_ssize_t values, int nthreads, Py_ssize_t serial_max) noexcept nogil:
+    return 1 if values <= serial_max else nthreads
+
+
 cdef extern from *:
     # The statistics pass, in double. From a plain loop the compiler makes one vector register per sum, and the
     # loop waits on the latency of its additions; with AVX (the x86-64-v3 build) four registers per sum instead:

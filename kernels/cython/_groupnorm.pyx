@@ -16,9 +16,9 @@ from cython.parallel cimport prange
 from libc.stdint cimport uint16_t
 
 from _common cimport (
-    NO_ACT, act_grad_apply, act_grad_apply_stream, act_grad_sums, affine16, affine_act, affine_act_stream,
-    finish_moments, grad_apply16, grad_sums16, moments, moments16, normkit_half_init, normkit_sfence, pivot16,
-    pivot_of,
+    NO_ACT, SERIAL_MAX_VALUES, act_grad_apply, act_grad_apply_stream, act_grad_sums, affine16, affine_act,
+    affine_act_stream, finish_moments, grad_apply16, grad_sums16, moments, moments16, normkit_half_init,
+    normkit_sfence, pivot16, pivot_of, threads_for,
 )
 
 # float16 converts with F16C where the CPU has it, unless NORMKIT_CYTHON_NO_F16C=1 asks for the portable code (to
@@ -26,6 +26,7 @@ from _common cimport (
 F16C = bool(normkit_half_init(os.environ.get("NORMKIT_CYTHON_NO_F16C", "") in ("", "0")))
 
 cdef int _nthreads = 1
+cdef Py_ssize_t _serial_max = SERIAL_MAX_VALUES
 # Outputs of this many bytes or more are written with non-temporal stores (set_stream_min_bytes).
 cdef Py_ssize_t _stream_min = 1 << 62
 
@@ -33,6 +34,11 @@ cdef Py_ssize_t _stream_min = 1 << 62
 def set_num_threads(int n):
     global _nthreads
     _nthreads = n
+
+
+def set_serial_max_values(Py_ssize_t n):
+    global _serial_max
+    _serial_max = n
 
 
 def set_stream_min_bytes(Py_ssize_t n):
@@ -107,7 +113,7 @@ cdef void _groupnorm_forward(const floating[:, :, ::1] x, Py_ssize_t num_groups,
     cdef floating* rp = &rstd[0, 0]
     cdef const floating* w = _ptr(weight)
     cdef const floating* b = _ptr(bias)
-    cdef int nt = _nthreads
+    cdef int nt = threads_for(n * x.shape[1] * s, _nthreads, _serial_max)
     cdef bint stream = n * x.shape[1] * s * <Py_ssize_t>sizeof(floating) >= _stream_min
     # set t = (sample t // G, group t % G) starts at value t * cg * s
     for t in prange(n * num_groups, nogil=True, schedule="static", num_threads=nt):
@@ -133,7 +139,7 @@ cdef void _groupnorm_backward(const floating[:, :, ::1] dy, const floating[:, :,
     cdef double[:, ::1] sdyx = np.empty((n, c))
     cdef double* sdyp = &sdy[0, 0]
     cdef double* sdyxp = &sdyx[0, 0]
-    cdef int nt = _nthreads
+    cdef int nt = threads_for(n * c * s, _nthreads, _serial_max)
     cdef bint stream = n * c * s * <Py_ssize_t>sizeof(floating) >= _stream_min
     for t in prange(n * num_groups, nogil=True, schedule="static", num_threads=nt):
         _backward_set(dyp + t * cg * s, xp + t * cg * s, dxp + t * cg * s, cg, s,
@@ -260,7 +266,7 @@ def groupnorm_forward16(int fmt, const uint16_t[:, :, ::1] x, Py_ssize_t num_gro
     cdef float* rp = &rstd[0, 0]
     cdef const float* w = _ptr(weight)
     cdef const float* b = _ptr(bias)
-    cdef int nt = _nthreads
+    cdef int nt = threads_for(n * x.shape[1] * s, _nthreads, _serial_max)
     for t in prange(n * num_groups, nogil=True, schedule="static", num_threads=nt):
         _forward_set16(xp + t * cg * s, yp + t * cg * s, cg, s,
                        w + (t % num_groups) * cg if w != NULL else NULL,
@@ -282,7 +288,7 @@ def groupnorm_backward16(int fmt, const uint16_t[:, :, ::1] dy, const uint16_t[:
     cdef double[:, ::1] sdyx = np.empty((n, c))
     cdef double* sdyp = &sdy[0, 0]
     cdef double* sdyxp = &sdyx[0, 0]
-    cdef int nt = _nthreads
+    cdef int nt = threads_for(n * c * s, _nthreads, _serial_max)
     for t in prange(n * num_groups, nogil=True, schedule="static", num_threads=nt):
         _backward_set16(dyp + t * cg * s, xp + t * cg * s, dxp + t * cg * s, cg, s,
                         w + (t % num_groups) * cg if w != NULL else NULL,

@@ -22,8 +22,9 @@ from libc.stdint cimport uint16_t
 from libc.string cimport memset
 
 from _common cimport (
-    ACT_CHUNK, NO_ACT, TILE16, act_apply, act_grad, finish_moments, grad_sums, moments, moments16, narrow64,
-    normkit_half_init, normkit_narrow, normkit_sfence, normkit_widen, pivot16, pivot_of, stream_store, to_double,
+    ACT_CHUNK, NO_ACT, SERIAL_MAX_VALUES, TILE16, act_apply, act_grad, finish_moments, grad_sums, moments,
+    moments16, narrow64, normkit_half_init, normkit_narrow, normkit_sfence, normkit_widen, pivot16, pivot_of,
+    stream_store, threads_for, to_double,
 )
 
 # float16 converts with F16C where the CPU has it, unless NORMKIT_CYTHON_NO_F16C=1 asks for the portable code (to
@@ -43,6 +44,7 @@ cdef Py_ssize_t TILE = 4096
 cdef Py_ssize_t FLUSH = 16
 
 cdef int _nthreads = 1
+cdef Py_ssize_t _serial_max = SERIAL_MAX_VALUES
 # Outputs of this many bytes or more are written with non-temporal stores (set_stream_min_bytes).
 cdef Py_ssize_t _stream_min = 1 << 62
 _local = threading.local()
@@ -51,6 +53,11 @@ _local = threading.local()
 def set_num_threads(int n):
     global _nthreads
     _nthreads = n
+
+
+def set_serial_max_values(Py_ssize_t n):
+    global _serial_max
+    _serial_max = n
 
 
 def set_stream_min_bytes(Py_ssize_t n):
@@ -238,7 +245,7 @@ cdef void _forward(const floating[:, ::1] x, const floating[::1] weight, const f
     cdef floating* mp = &mean[0]
     cdef floating* rp = &rstd[0]
     cdef const floating[::1] wv = weight, bv = bias
-    cdef int nt = _nthreads
+    cdef int nt = threads_for(m * k, _nthreads, _serial_max)
     # missing parameters become ones and zeros, so that one loop serves every combination
     dtype = np.float32 if floating is float else np.float64
     if wv is None:
@@ -279,7 +286,7 @@ cdef void _backward(const floating[:, ::1] dy, const floating[:, ::1] x, const f
     cdef double* grads  # weight gradients, then bias gradients: 2k doubles
     cdef double* work
     cdef double sg, sgx, cb, cc
-    cdef int nt = _nthreads
+    cdef int nt = threads_for(m * k, _nthreads, _serial_max)
     cdef bint stream = m * k * <Py_ssize_t>sizeof(floating) >= _stream_min
     dtype = np.float32 if floating is float else np.float64
     if wv is None:
@@ -457,7 +464,7 @@ def layernorm_forward16(int fmt, const uint16_t[:, ::1] x, const float[::1] weig
     cdef uint16_t* yp = &y[0, 0]
     cdef const float[::1] wv = weight if weight is not None else np.ones(k, np.float32)
     cdef const float[::1] bv = bias if bias is not None else np.zeros(k, np.float32)
-    cdef int nt = _nthreads
+    cdef int nt = threads_for(m * k, _nthreads, _serial_max)
     for i in prange(m, nogil=True, schedule="static", num_threads=nt):
         _forward_row16(xp + i * k, yp + i * k, k, &wv[0], &bv[0], eps, fmt, &mean[i], &rstd[i])
 
@@ -480,7 +487,7 @@ def layernorm_backward16(int fmt, const uint16_t[:, ::1] dy, const uint16_t[:, :
     cdef double* grads
     cdef double* work
     cdef double sg, sgx, cb, cc
-    cdef int nt = _nthreads
+    cdef int nt = threads_for(m * k, _nthreads, _serial_max)
     if not params:
         blocks = min(m, MAX_BLOCKS)
         per_block = (m + blocks - 1) // blocks

@@ -22,8 +22,8 @@ from libc.stdint cimport uint16_t
 from libc.string cimport memset
 
 from _common cimport (
-    TILE16, finish_moments, grad_sums, moments, moments16, narrow64, normkit_half_init, normkit_narrow,
-    normkit_widen, pivot16, pivot_of, to_double,
+    SERIAL_MAX_VALUES, TILE16, finish_moments, grad_sums, moments, moments16, narrow64, normkit_half_init,
+    normkit_narrow, normkit_widen, pivot16, pivot_of, threads_for, to_double,
 )
 
 # float16 converts with F16C where the CPU has it, unless NORMKIT_CYTHON_NO_F16C=1 (see _layernorm.pyx).
@@ -41,12 +41,18 @@ cdef Py_ssize_t TILE = 4096
 cdef Py_ssize_t FLUSH = 16
 
 cdef int _nthreads = 1
+cdef Py_ssize_t _serial_max = SERIAL_MAX_VALUES
 _local = threading.local()
 
 
 def set_num_threads(int n):
     global _nthreads
     _nthreads = n
+
+
+def set_serial_max_values(Py_ssize_t n):
+    global _serial_max
+    _serial_max = n
 
 
 cdef extern from *:
@@ -463,7 +469,7 @@ cdef void _forward(const floating* x, const floating* res, floating* h, floating
                    const floating* w, const floating* b, double eps, bint centered, floating* mean,
                    floating* rstd) noexcept nogil:
     cdef Py_ssize_t i
-    cdef int nt = _nthreads
+    cdef int nt = threads_for(m * k, _nthreads, _serial_max)
     for i in prange(m, schedule="static", num_threads=nt):
         _row_forward(x + i * k, res + i * k if res != NULL else NULL, h + i * k if h != NULL else NULL, y + i * k,
                      k, w, b, eps, centered, mean + i if mean != NULL else NULL, rstd + i)
@@ -562,7 +568,7 @@ cdef void _backward(const floating* dy, const floating* dh, const floating* x, f
     cdef double* grads
     cdef double* work
     cdef floating* acc
-    cdef int nt = _nthreads
+    cdef int nt = threads_for(m * k, _nthreads, _serial_max)
     if dweight == NULL and dbias == NULL:
         blocks = min(m, MAX_BLOCKS)
         per_block = (m + blocks - 1) // blocks
@@ -763,7 +769,7 @@ cdef void _forward16(const uint16_t* x, const uint16_t* res, uint16_t* h, uint16
                      Py_ssize_t k, const float* w, const float* b, double eps, bint centered, int fmt, float* mean,
                      float* rstd) noexcept nogil:
     cdef Py_ssize_t i
-    cdef int nt = _nthreads
+    cdef int nt = threads_for(m * k, _nthreads, _serial_max)
     for i in prange(m, schedule="static", num_threads=nt):
         _row_forward16(x + i * k, res + i * k if res != NULL else NULL, h + i * k if h != NULL else NULL,
                        y + i * k, k, w, b, eps, centered, fmt, mean + i if mean != NULL else NULL, rstd + i)
@@ -857,7 +863,7 @@ cdef void _backward16(const uint16_t* dy, const uint16_t* dh, const uint16_t* x,
     cdef double* grads
     cdef double* work
     cdef float* acc
-    cdef int nt = _nthreads
+    cdef int nt = threads_for(m * k, _nthreads, _serial_max)
     if dweight == NULL and dbias == NULL:
         blocks = min(m, MAX_BLOCKS)
         per_block = (m + blocks - 1) // blocks

@@ -204,6 +204,19 @@ def set_num_threads(n: int) -> None:
         module.set_num_threads(n)
 
 
+def set_serial_max_values(n: int | None) -> None:
+    """A kernel given at most ``n`` values runs on one thread (the results are the same on any number of threads);
+    None restores the default: NORMKIT_CYTHON_SERIAL_MAX_VALUES, else PyTorch's grain size of 32768
+    (``_common.pxd``: waking a second thread costs more than a pass over fewer values takes). The test suite sets
+    0, so that small inputs run on every thread."""
+    for module in _MODULES:
+        module.set_serial_max_values(SERIAL_MAX_VALUES if n is None else n)
+
+
+SERIAL_MAX_VALUES_DEFAULT = 32768  # _common.pxd's SERIAL_MAX_VALUES
+SERIAL_MAX_VALUES = int(os.environ.get("NORMKIT_CYTHON_SERIAL_MAX_VALUES", SERIAL_MAX_VALUES_DEFAULT))
+
+
 def last_level_cache_bytes() -> int | None:
     """This CPU's last-level cache in bytes (Linux sysfs), or None where it cannot be read."""
     try:
@@ -251,3 +264,5 @@ set_stream_min_bytes(None)
 INFO["non-temporal stores"] = (f"outputs of {default_stream_min_bytes() / 2**20:.0f} MiB and up (batchnorm, "
                                f"layernorm)")
 set_num_threads(get_num_threads())
+set_serial_max_values(None)
+INFO["one thread"] = f"inputs of at most {SERIAL_MAX_VALUES} values"
