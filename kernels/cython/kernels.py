@@ -235,13 +235,15 @@ def last_level_cache_bytes() -> int | None:
 # Outputs (forward y, backward dx) of at least STREAM_LLC_FRACTION of the last-level cache are written with
 # non-temporal stores, by the modules where they win; where the cache size is unknown, from STREAM_FALLBACK_BYTES.
 # Measured with benchmarks/nt_stores.py (2 threads, 32 MiB L3, idle, each kernel also followed by the next layer's
-# read of its output): BatchNorm 0.85-0.89x forward and 0.93-0.95x backward from 25.7 MB up, LayerNorm 0.87-0.91x
-# forward alone but 0.92-1.00x with the read and neutral backward; at half the cache both lose once the read is
-# counted (it then comes from memory, not the cache), below that they lose outright. GroupNorm / InstanceNorm
-# gained nothing (0.95-1.17x), so their module keeps ordinary stores.
+# read of its output) on two machines. One (a two-thread copy at ~45 GB/s): BatchNorm 0.85-0.89x forward and
+# 0.93-0.95x backward from 25.7 MB up, LayerNorm 0.92-1.00x forward with the read, neutral backward. The other
+# (~75 GB/s): BatchNorm 0.94-0.96x backward, 0.96-1.03x forward; LayerNorm (8192, 1024) forward 1.10-1.18x
+# (a loss), (C,H,W) and backward neutral. So BatchNorm streams and LayerNorm does not. At half the cache they
+# lose once the read is counted (it then comes from memory, not the cache), below that they lose outright.
+# GroupNorm / InstanceNorm gained nothing (0.95-1.17x), so their module keeps ordinary stores.
 STREAM_LLC_FRACTION = 0.75
 STREAM_FALLBACK_BYTES = 16 << 20
-_STREAMING = (_batchnorm, _layernorm)
+_STREAMING = (_batchnorm,)
 _NEVER = 1 << 62
 
 
@@ -261,8 +263,7 @@ def default_stream_min_bytes() -> int:
 
 
 set_stream_min_bytes(None)
-INFO["non-temporal stores"] = (f"outputs of {default_stream_min_bytes() / 2**20:.0f} MiB and up (batchnorm, "
-                               f"layernorm)")
+INFO["non-temporal stores"] = f"outputs of {default_stream_min_bytes() / 2**20:.0f} MiB and up (batchnorm)"
 set_num_threads(get_num_threads())
 set_serial_max_values(None)
 INFO["one thread"] = f"inputs of at most {SERIAL_MAX_VALUES} values"
