@@ -4,7 +4,9 @@ a fused activation, in every schedule that streams.
 
 The same values, up to one thing: a streamed output is computed into a chunk on the stack, a loop the compiler
 vectorizes on its own, and where it contracts a multiply and an add into one fused multiply-add may differ from
-the ordinary loop's (LayerNorm's backward with an activation: a few elements one unit in the last place apart).
+the ordinary loop's (LayerNorm's backward with an activation: a few elements of a row's scalar tail). Such a
+difference is one rounding of a term of the sum, so the bound is a few roundings of the output's largest value,
+not of each element (an element that cancels to a small value may then differ by several of its own ulps).
 """
 
 from __future__ import annotations
@@ -62,7 +64,8 @@ def test_streamed_outputs_equal_ordinary_ones(op, shape, groups, dtype, act, dir
             kernels.set_stream_min_bytes(0)
             got, buf = _outputs(op, direction, dtype, shape, groups, act, offset)
             for a, b in zip(want, got):
-                np.testing.assert_array_max_ulp(a, b, maxulp=1)
+                eps = np.finfo(dtype).eps
+                np.testing.assert_allclose(b, a, rtol=2 * eps, atol=2 * eps * float(np.abs(a).max()))
             assert not buf[:offset].any() and not buf[offset + np.prod(shape):].any()  # nothing written outside
     finally:
         kernels.set_stream_min_bytes(None)
