@@ -978,7 +978,7 @@ cdef void _channel_moments16(const uint16_t[:, :, ::1] x, double[::1] pivot, bin
         a = np.zeros(n * nc)
         b = np.zeros(n * nc)
         for t in prange(n * nc, nogil=True, schedule="static", num_threads=nt):
-            moments16(xp + t * s, s, fmt, pivot[t % nc], &a[t], &b[t])
+            moments16(xp + t * s, s, fmt, pivot[t % nc], &a[t], &b[t], wide)
         for c in range(nc):
             s1[c] = 0.0
             s2[c] = 0.0
