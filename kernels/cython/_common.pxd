@@ -816,11 +816,6 @@ cdef extern from *:
                                         0xD8);
     }
 
-    /* NAME(dy, x, out, n, fmt, PARAMS): out = VALUE of vx (x) and vdy (dy, or x where dy is NULL), 16 values a step.
-       The loop is inlined once per format (fmt a constant: no test in the loop). The last n % 16 values: a last
-       step over the final 16 values of the run, which recomputes some of the previous step's (the same values),
-       when the run has 16 or more and out overlaps neither input; otherwise through zero-padded buffers (a
-       padding lane may flag a non-finite value, which only costs the callers' double pass). */
     /* One step of NORMKIT_PASS16: 16 outputs from x (and dy) at PX (PDY) stored at PO. bfloat16 rounds without
        the NaN care of normkit_round16: every value whose rounding is not a finite bfloat16 (NaN, inf, or beyond
        the largest finite one, |bits| > 0x7F7F7FFF) is flagged in big instead, and the callers redo those runs in
@@ -843,6 +838,11 @@ cdef extern from *:
         }                                                                                             \
         _mm256_storeu_si256((__m256i*)(PO), h);
     #define NORMKIT_OVERLAP(P, Q, n) ((uintptr_t)(P) < (uintptr_t)((Q) + (n)) && (uintptr_t)(Q) < (uintptr_t)((P) + (n)))
+    /* NAME(dy, x, out, n, fmt, PARAMS): out = VALUE of vx (x) and vdy (dy, or x where dy is NULL), 16 values a step.
+       The loop is inlined once per format (fmt a constant: no test in the loop). The last n % 16 values: a last
+       step over the final 16 values of the run, which recomputes some of the previous step's (the same values),
+       when the run has 16 or more and out overlaps neither input; otherwise through zero-padded buffers (a
+       padding lane may flag a non-finite value, which only costs the callers' double pass). */
     #define NORMKIT_PASS16(NAME, PARAMS, ARGS, SETUP, VALUE)                                          \
         static inline __attribute__((always_inline)) int NAME##_loop(                                 \
                 const uint16_t* dy, const uint16_t* x, uint16_t* out, Py_ssize_t n, int fmt PARAMS) { \
@@ -913,41 +913,39 @@ cdef extern from *:
         return 0;
     }
 
-    /* grad_sums() without a weight on a 16-bit run, its loads widened in registers where the build has AVX2 and
-       F16C: each chunk of NORMKIT_SUM_CHUNK values summed in float32 lanes, then added into double; a chunk whose
-       sums are not finite summed again in double. Returns 0 where it does not apply. */
-    #if defined(__AVX2__) && defined(__F16C__)
+    /* grad_sums() without a weight on a 16-bit run, its loads widened in registers where the build has AVX2, FMA
+       and F16C: each chunk of NORMKIT_SUM_CHUNK values summed in float32 lanes (four registers per sum, as
+       normkit_grad_chunk_f), then added into double; a chunk whose sums are not finite summed again in double.
+       Returns 0 where it does not apply. */
+    #if defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
     static inline float normkit_scalar16(uint16_t h, int fmt) {
         return fmt ? _cvtsh_ss(h) : normkit_float_of((uint32_t)h << 16);
     }
+    #define NORMKIT_GSUM16(A, B, j) g = normkit_load8(dy + (j), fmt); A = _mm256_add_ps(A, g);        \
+        B = _mm256_fmadd_ps(g, _mm256_sub_ps(normkit_load8(x + (j), fmt), vm), B);
 
     static inline __attribute__((always_inline)) void normkit_grad_sums16_loop(
             const uint16_t* dy, const uint16_t* x, Py_ssize_t n, int fmt, double mean, double* sdy, double* sdyx) {
         const float mf = (float)mean;
-        const __m256 m = _mm256_set1_ps(mf);
-        __m256 a0, a1, b0, b1, g0, g1;
+        const __m256 vm = _mm256_set1_ps(mf), z = _mm256_setzero_ps();
+        __m256 a0, a1, a2, a3, b0, b1, b2, b3, g;
         Py_ssize_t i0, i, end;
-        float a, b, g;
+        float a, b, gs;
         double da, db, dg;
         for (i0 = 0; i0 < n; i0 += NORMKIT_SUM_CHUNK) {
             end = i0 + NORMKIT_SUM_CHUNK < n ? i0 + NORMKIT_SUM_CHUNK : n;
-            a0 = a1 = b0 = b1 = _mm256_setzero_ps();
-            for (i = i0; i + 16 <= end; i += 16) {
-                g0 = normkit_load8(dy + i, fmt);
-                g1 = normkit_load8(dy + i + 8, fmt);
-                a0 = _mm256_add_ps(a0, g0);
-                a1 = _mm256_add_ps(a1, g1);
-                b0 = _mm256_fmadd_ps(g0, _mm256_sub_ps(normkit_load8(x + i, fmt), m), b0);
-                b1 = _mm256_fmadd_ps(g1, _mm256_sub_ps(normkit_load8(x + i + 8, fmt), m), b1);
+            a0 = a1 = a2 = a3 = b0 = b1 = b2 = b3 = z;
+            for (i = i0; i + 32 <= end; i += 32) {
+                NORMKIT_GSUM16(a0, b0, i) NORMKIT_GSUM16(a1, b1, i + 8)
+                NORMKIT_GSUM16(a2, b2, i + 16) NORMKIT_GSUM16(a3, b3, i + 24)
             }
-            a0 = _mm256_add_ps(a0, a1);
-            b0 = _mm256_add_ps(b0, b1);
-            a = ((a0[0] + a0[1]) + (a0[2] + a0[3])) + ((a0[4] + a0[5]) + (a0[6] + a0[7]));
-            b = ((b0[0] + b0[1]) + (b0[2] + b0[3])) + ((b0[4] + b0[5]) + (b0[6] + b0[7]));
+            for (; i + 8 <= end; i += 8) { NORMKIT_GSUM16(a0, b0, i) }
+            a = normkit_hsum8(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+            b = normkit_hsum8(_mm256_add_ps(_mm256_add_ps(b0, b1), _mm256_add_ps(b2, b3)));
             for (; i < end; i++) {
-                g = normkit_scalar16(dy[i], fmt);
-                a += g;
-                b += g * (normkit_scalar16(x[i], fmt) - mf);
+                gs = normkit_scalar16(dy[i], fmt);
+                a += gs;
+                b += gs * (normkit_scalar16(x[i], fmt) - mf);
             }
             if (isfinite(a) && isfinite(b)) { *sdy += a; *sdyx += b; continue; }
             da = 0.0; db = 0.0;
@@ -963,7 +961,7 @@ cdef extern from *:
 
     static int normkit_grad_sums16(const uint16_t* dy, const uint16_t* x, Py_ssize_t n, int fmt, double mean,
                                    double* sdy, double* sdyx) {
-    #if defined(__AVX2__) && defined(__F16C__)
+    #if defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
         if (fmt == 0) { normkit_grad_sums16_loop(dy, x, n, 0, mean, sdy, sdyx); return 1; }
         if (normkit_f16c) { normkit_grad_sums16_loop(dy, x, n, 1, mean, sdy, sdyx); return 1; }
     #endif
