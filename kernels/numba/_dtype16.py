@@ -6,9 +6,10 @@ bfloat16 as ``uint16``, float16 as ``int16`` (the wrappers in kernels.py view th
 compile time with no flag to pass along. A 16-bit value widens exactly to float32; float32 narrows by one
 round-to-nearest-even, NaN stays a (quiet) NaN with its sign and leading payload bits, beyond the range is +-inf.
 
-The conversions are LLVM IR of their own, not numba code, so that the kernels' fastmath flags never reach them
-(``reassoc`` could otherwise merge float16's subnormal scaling with the arithmetic around it). bfloat16 is integer
-work only. float16 is LLVM's ``fpext``/``fptrunc`` to ``half`` where the compile target has F16C (one vcvtph2ps /
+The conversions are LLVM IR of their own, not numba code. The kernels' fastmath flags still reach their
+floating-point instructions once numba inlines them into a kernel (it sets the flags on everything it compiles);
+that can matter only for float16's subnormal scaling on the path without F16C, and tests/test_numba16.py checks
+that both paths give the same bits for every pattern. bfloat16 is integer work only. float16 is LLVM's ``fpext``/``fptrunc`` to ``half`` where the compile target has F16C (one vcvtph2ps /
 vcvtps2ph per vector), else the bit-exact integer conversion below; both give the same bits (tests/test_numba16.py
 compares them on every pattern). The AVX512-BF16 conversion is not used: it flushes subnormals to zero.
 
