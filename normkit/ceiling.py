@@ -19,7 +19,7 @@ from numba import prange
 
 # imported for its side effect: it starts numba's threading layer without changing OpenMP's (PyTorch's) thread
 # counts, which a parallel loop compiled here would otherwise do on its first call
-from normkit_kernels.numba._common import CACHE
+from normkit_kernels.numba._common import CACHE, use_threads
 
 from .alloc import aligned_empty
 
@@ -47,14 +47,23 @@ def words(nbytes: int) -> np.ndarray:
     return a
 
 
-def set_threads(n: int) -> None:
-    """Run the loops on ``n`` threads (at most numba's pool size) when called from this thread."""
-    numba.set_num_threads(max(1, min(n, numba.config.NUMBA_NUM_THREADS)))
+_threads = numba.config.NUMBA_NUM_THREADS
 
+
+def set_threads(n: int) -> None:
+    """Run the loops on ``n`` threads (at most numba's pool size)."""
+    global _threads
+    _threads = max(1, min(n, numba.config.NUMBA_NUM_THREADS))
+
+
+# numba's thread count is per calling thread and shared with the numba backend, whose kernels set it to 1 for
+# small inputs: each loop sets its own (a thread-local check when it is already right)
 
 def copy(src: np.ndarray, dst: np.ndarray) -> None:
+    use_threads(_threads)
     _copy(src, dst)
 
 
 def read(src: np.ndarray) -> int:
+    use_threads(_threads)
     return int(_read(src))

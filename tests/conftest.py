@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, settings
 
-# The Cython kernels run small inputs (at most 32768 values) on one thread by default; here every input runs on
-# every thread, so that the thread-count tests exercise the parallel schedules at small sizes too (subprocesses
-# inherit it). tests/test_cython.py checks that both give the same bits.
-os.environ.setdefault("NORMKIT_CYTHON_SERIAL_MAX_VALUES", "0")
+# The kernels of both backends run small inputs (at most 32768 values) on one thread by default; here every input
+# runs on every thread, so that the thread-count tests exercise the parallel schedules at small sizes too
+# (subprocesses inherit it). tests/test_threads.py checks that both give the same bits.
+os.environ.setdefault("NORMKIT_SERIAL_MAX_VALUES", "0")
 
 settings.register_profile(
     "normkit",

@@ -23,32 +23,6 @@ REPO = Path(__file__).resolve().parents[1]
 NO_FAST_MATH = ("-ffast-math", "-ffinite-math-only", "-Ofast", "-fno-honor-nans", "-fno-honor-infinities")
 
 
-# (shape, groups): each op at a size of the per-call overhead benchmarks, all at most SERIAL_MAX_VALUES values
-SMALL_CASES = [("batchnorm", (8, 64, 8, 8), 1), ("batchnorm", (300, 40), 1), ("groupnorm", (1, 32, 16, 16), 8),
-               ("instancenorm", (4, 16, 16, 16), 1), ("layernorm", (2, 4096), 1), ("rmsnorm", (5, 1000), 1)]
-
-
-@pytest.mark.parametrize("op,shape,groups", SMALL_CASES, ids=str)
-def test_small_inputs_on_one_thread_give_what_every_thread_gives(op, shape, groups, rng):
-    """By default a kernel given at most 32768 values runs on one thread; the test suite runs every input on every
-    thread (conftest sets NORMKIT_CYTHON_SERIAL_MAX_VALUES=0). Both give the same bits."""
-    x = rng.standard_normal(shape).astype(np.float32)
-    dy = rng.standard_normal(shape).astype(np.float32)
-    kw = op_args(op, x, rng, groups=groups, affine="both")
-    nk = normkit.get(op)
-    runs = []
-    try:
-        for limit in (kernels.SERIAL_MAX_VALUES_DEFAULT, 0):
-            kernels.set_serial_max_values(limit)
-            y, saved = nk.forward(x, **copy_args(kw), backend="cython")
-            runs.append((y, saved.mean, saved.rstd, *nk.backward(dy, x, saved, **copy_args(kw), backend="cython")))
-    finally:
-        kernels.set_serial_max_values(None)
-    for serial, parallel in zip(*runs):
-        if serial is not None:
-            np.testing.assert_array_equal(serial, parallel)
-
-
 def test_info_reports_openmp_and_flags():
     info = kernels.INFO
     assert set(info) == {"openmp", "compile flags", "modules", "float16 conversion", "non-temporal stores",

@@ -22,9 +22,11 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
-from support import TOL
+from support import TOL, copy_args, op_args
 
+import normkit
 from normkit import registry
 
 BACKENDS = tuple(sorted(b.name for b in registry.list_backends(load=False) if b.builtin))
@@ -143,3 +145,40 @@ def test_thread_settings_unchanged(backend, torch_first):
         assert err <= TOL[("float32", direction)], f"{backend}: {what} off by {err:.3g}"
     if backend == "numba":
         assert r["numba_threads"] == nk_threads, "normkit.set_num_threads did not reach numba's kernels"
+
+
+def _serial_limit_setter(backend):
+    """The backend's set_serial_max_values (the one-thread rule for small inputs)."""
+    return pytest.importorskip(f"normkit_kernels.{backend}." + ("kernels" if backend == "cython" else "_common")
+                               ).set_serial_max_values
+
+
+# (op, shape, groups): each op at a size of the per-call overhead benchmarks, all at most 32768 values
+SMALL_CASES = [("batchnorm", (8, 64, 8, 8), 1), ("batchnorm", (300, 40), 1), ("groupnorm", (1, 32, 16, 16), 8),
+               ("instancenorm", (4, 16, 16, 16), 1), ("layernorm", (2, 4096), 1), ("rmsnorm", (5, 1000), 1)]
+
+
+@pytest.mark.parametrize("op,shape,groups", SMALL_CASES, ids=str)
+@pytest.mark.parametrize("backend", ["cython", "numba"])
+def test_small_inputs_on_one_thread_give_what_every_thread_gives(backend, op, shape, groups, rng):
+    """By default a kernel given at most 32768 values runs on one thread; the test suite runs every input on every
+    thread (conftest sets NORMKIT_SERIAL_MAX_VALUES=0). Both give the same bits."""
+    set_limit = _serial_limit_setter(backend)
+    x = rng.standard_normal(shape).astype(np.float32)
+    dy = rng.standard_normal(shape).astype(np.float32)
+    kw = op_args(op, x, rng, groups=groups, affine="both")
+    nk = normkit.get(op)
+    threads = normkit.get_num_threads()
+    runs = []
+    try:
+        normkit.set_num_threads(2)
+        for limit in (32768, 0):
+            set_limit(limit)
+            y, saved = nk.forward(x, **copy_args(kw), backend=backend)
+            runs.append((y, saved.mean, saved.rstd, *nk.backward(dy, x, saved, **copy_args(kw), backend=backend)))
+    finally:
+        set_limit(None)
+        normkit.set_num_threads(threads)
+    for serial, parallel in zip(*runs):
+        if serial is not None:
+            np.testing.assert_array_equal(serial, parallel)

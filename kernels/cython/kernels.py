@@ -206,7 +206,7 @@ def set_num_threads(n: int) -> None:
 
 def set_serial_max_values(n: int | None) -> None:
     """A kernel given at most ``n`` values runs on one thread (the results are the same on any number of threads);
-    None restores the default: NORMKIT_CYTHON_SERIAL_MAX_VALUES, else PyTorch's grain size of 32768
+    None restores the default: NORMKIT_SERIAL_MAX_VALUES, else PyTorch's grain size of 32768
     (``_common.pxd``: waking a second thread costs more than a pass over fewer values takes). The test suite sets
     0, so that small inputs run on every thread."""
     for module in _MODULES:
@@ -214,7 +214,7 @@ def set_serial_max_values(n: int | None) -> None:
 
 
 SERIAL_MAX_VALUES_DEFAULT = 32768  # _common.pxd's SERIAL_MAX_VALUES
-SERIAL_MAX_VALUES = int(os.environ.get("NORMKIT_CYTHON_SERIAL_MAX_VALUES", SERIAL_MAX_VALUES_DEFAULT))
+SERIAL_MAX_VALUES = int(os.environ.get("NORMKIT_SERIAL_MAX_VALUES", SERIAL_MAX_VALUES_DEFAULT))
 
 
 def last_level_cache_bytes() -> int | None:

@@ -234,16 +234,36 @@ _wanted: int | None = None
 _applied = threading.local()
 
 
-def _sync_threads() -> None:
-    if _wanted is not None and getattr(_applied, "n", None) != _wanted:
-        numba.set_num_threads(_wanted)
-        _applied.n = _wanted
+# A kernel given at most this many values runs on one thread: PyTorch's grain size, as in the Cython kernels
+# (waking the other threads costs more than such a pass). NORMKIT_SERIAL_MAX_VALUES moves it for both backends.
+SERIAL_MAX_VALUES_DEFAULT = 32768
+_serial_max = int(os.environ.get("NORMKIT_SERIAL_MAX_VALUES", SERIAL_MAX_VALUES_DEFAULT))
+
+
+def use_threads(n: int) -> None:
+    """numba's thread count for the calling thread, set only when it changes. Everything in normkit that runs
+    numba's parallel loops (these kernels, normkit.ceiling) goes through here, so that the record stays true."""
+    if getattr(_applied, "n", None) != n:
+        numba.set_num_threads(n)
+        _applied.n = n
+
+
+def _sync_threads(values: int) -> None:
+    """Apply the thread count for a kernel given ``values`` values, in the calling thread."""
+    use_threads(1 if values <= _serial_max else _wanted if _wanted is not None else config.NUMBA_NUM_THREADS)
 
 
 def set_num_threads(n: int) -> None:
     global _wanted
     _wanted = min(n, config.NUMBA_NUM_THREADS)
-    _sync_threads()
+    use_threads(_wanted)
+
+
+def set_serial_max_values(n: int | None) -> None:
+    """Kernels given at most ``n`` values run on one thread (the results are the same on any number of threads);
+    None restores the default: NORMKIT_SERIAL_MAX_VALUES, else 32768."""
+    global _serial_max
+    _serial_max = int(os.environ.get("NORMKIT_SERIAL_MAX_VALUES", SERIAL_MAX_VALUES_DEFAULT)) if n is None else n
 
 
 # Why numba's threads are started here, and OpenMP's thread counts put back: when numba's OpenMP threading layer

@@ -744,7 +744,7 @@ def _param_grads(sums, rstd, dw, db, want_dw, want_db):
 # --- the contract's callables -----------------------------------------------------------------------------------
 
 def batchnorm_forward(x, weight, bias, eps, y, mean, rstd):
-    _sync_threads()
+    _sync_threads(x.size)
     w, hw = _opt(weight, mean)
     b, hb = _opt(bias, mean)
     N, C, S = x.shape
@@ -765,7 +765,7 @@ def batchnorm_forward(x, weight, bias, eps, y, mean, rstd):
 
 
 def channel_forward_infer(x, weight, bias, running_mean, running_var, eps, y):
-    _sync_threads()
+    _sync_threads(x.size)
     w, hw = _opt(weight, running_mean)
     b, hb = _opt(bias, running_mean)
     sc, sh = _infer_coefs(w, b, hw, hb, running_mean, running_var, eps)
@@ -773,7 +773,7 @@ def channel_forward_infer(x, weight, bias, running_mean, running_var, eps, y):
 
 
 def batchnorm_backward(dy, x, mean, rstd, weight, dx, dweight, dbias):
-    _sync_threads()
+    _sync_threads(x.size)
     w, hw = _opt(weight, mean)
     dw, wdw = _opt(dweight, mean)
     db, wdb = _opt(dbias, mean)
@@ -794,7 +794,7 @@ def batchnorm_backward(dy, x, mean, rstd, weight, dx, dweight, dbias):
 
 
 def channel_backward_infer(dy, x, mean, rstd, weight, dx, dweight, dbias):
-    _sync_threads()
+    _sync_threads(x.size)
     w, hw = _opt(weight, mean)
     dw, wdw = _opt(dweight, mean)
     db, wdb = _opt(dbias, mean)
@@ -820,26 +820,26 @@ def _stats_finish(piv, sums, cnt, mean, m2):
 
 
 def batchnorm_stats(x, mean, m2):
-    _sync_threads()
+    _sync_threads(x.size)
     piv = _pivots(x)
     sums = _CHANNEL_SUMS[_channel_schedule(*x.shape)](x, x, piv, 0)  # float64 d = x - pivot and d*d, in order
     _stats_finish(piv, sums, x.shape[0] * x.shape[2], mean, m2)
 
 
 def batchnorm_apply(x, scale, shift, y):
-    _sync_threads()
+    _sync_threads(x.size)
     # y = (x - 0) * scale + shift: the per-channel affine pass of inference, with no mean to subtract
     _CHANNEL_AFFINE[_channel_schedule(*x.shape)](x, np.zeros(x.shape[1], scale.dtype), scale, shift, y)
 
 
 def batchnorm_backward_reduce(dy, x, mean, rstd, sum_dy, sum_dy_xhat):
-    _sync_threads()
+    _sync_threads(x.size)
     sums = _CHANNEL_SUMS[_channel_schedule(*x.shape)](dy, x, mean, 1)  # float64 sum(dy), sum(dy * (x - mean))
     _param_grads(sums, rstd, sum_dy_xhat, sum_dy, True, True)
 
 
 def batchnorm_backward_apply(dy, x, a, b, d, dx):
-    _sync_threads()
+    _sync_threads(x.size)
     # dx = dy * a + (x - 0) * b + d: the fused backward's elementwise pass
     _CHANNEL_DX[_channel_schedule(*x.shape)](dy, x, np.zeros(x.shape[1], a.dtype), a, b, d, dx)
 
@@ -916,7 +916,7 @@ def _channel_dx_coefs(sums, N, S, rstd, w, has_w, training):
 
 
 def batchnorm_act_forward(x, weight, bias, eps, activation, slope, y, mean, rstd):
-    _sync_threads()
+    _sync_threads(x.size)
     w, hw = _opt(weight, mean)
     b, hb = _opt(bias, mean)
     piv = _pivots(x)
@@ -926,7 +926,7 @@ def batchnorm_act_forward(x, weight, bias, eps, activation, slope, y, mean, rstd
 
 
 def channel_act_forward_infer(x, weight, bias, running_mean, running_var, eps, activation, slope, y):
-    _sync_threads()
+    _sync_threads(x.size)
     w, hw = _opt(weight, running_mean)
     b, hb = _opt(bias, running_mean)
     m, sc, sh = _infer_act_coefs(x.shape[0], w, b, hw, hb, running_mean, running_var, eps)
@@ -937,7 +937,7 @@ def _act_backward(training):
     """act_backward (``training``: through the batch statistics) or act_backward_infer (running statistics); the
     latter sums the gradients of g only when dweight or dbias is wanted."""
     def kernel(dy, x, mean, rstd, weight, bias, activation, slope, dx, dweight, dbias):
-        _sync_threads()
+        _sync_threads(x.size)
         w, hw = _opt(weight, mean)
         b, hb = _opt(bias, mean)
         dw, wdw = _opt(dweight, mean)

@@ -378,7 +378,7 @@ def _one_sample(a):
 
 
 def batchnorm_forward_nhwc(x, weight, bias, eps, y, mean, rstd):
-    _sync_threads()
+    _sync_threads(x.size)
     w, hw = _opt(weight, x)
     b, hb = _opt(bias, x)
     C = x.shape[2]
@@ -390,7 +390,7 @@ def channel_forward_infer_nhwc(x, weight, bias, running_mean, running_var, eps, 
 
 
 def batchnorm_backward_nhwc(dy, x, mean, rstd, weight, dx, dweight, dbias):
-    _sync_threads()
+    _sync_threads(x.size)
     w, hw = _opt(weight, x)
     dw, wdw = _opt(dweight, x)
     db, wdb = _opt(dbias, x)
@@ -420,14 +420,14 @@ def batchnorm_backward_apply_nhwc(dy, x, a, b, d, dx):
 
 
 def groupnorm_forward_nhwc(x, num_groups, weight, bias, eps, y, mean, rstd):
-    _sync_threads()
+    _sync_threads(x.size)
     w, hw = _opt(weight, x)
     b, hb = _opt(bias, x)
     _sets_forward(x, num_groups, w, b, hw, hb, eps, y, mean, rstd)
 
 
 def groupnorm_backward_nhwc(dy, x, num_groups, mean, rstd, weight, dx, dweight, dbias):
-    _sync_threads()
+    _sync_threads(x.size)
     w, hw = _opt(weight, x)
     dw, wdw = _opt(dweight, x)
     db, wdb = _opt(dbias, x)

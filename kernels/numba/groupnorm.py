@@ -237,7 +237,7 @@ def _whole_sets(x, num_groups):
 
 
 def groupnorm_forward(x, num_groups, weight, bias, eps, y, mean, rstd):
-    _sync_threads()
+    _sync_threads(x.size)
     w, hw = _opt(weight, mean)
     b, hb = _opt(bias, mean)
     kernel = _sets_forward_whole if _whole_sets(x, num_groups) else _sets_forward_pieces
@@ -245,7 +245,7 @@ def groupnorm_forward(x, num_groups, weight, bias, eps, y, mean, rstd):
 
 
 def groupnorm_backward(dy, x, num_groups, mean, rstd, weight, dx, dweight, dbias):
-    _sync_threads()
+    _sync_threads(x.size)
     w, hw = _opt(weight, mean)
     dw, wdw = _opt(dweight, mean)
     db, wdb = _opt(dbias, mean)
@@ -325,7 +325,7 @@ def _sets_dx_coefs(sums, G, S, r, w, has_w, like):
 
 
 def groupnorm_act_forward(x, num_groups, weight, bias, eps, activation, slope, y, mean, rstd):
-    _sync_threads()
+    _sync_threads(x.size)
     w, hw = _opt(weight, mean)
     b, hb = _opt(bias, mean)
     N, C, S = x.shape
@@ -335,7 +335,7 @@ def groupnorm_act_forward(x, num_groups, weight, bias, eps, activation, slope, y
 
 
 def groupnorm_act_backward(dy, x, num_groups, mean, rstd, weight, bias, activation, slope, dx, dweight, dbias):
-    _sync_threads()
+    _sync_threads(x.size)
     w, hw = _opt(weight, mean)
     b, hb = _opt(bias, mean)
     dw, wdw = _opt(dweight, mean)

@@ -248,7 +248,7 @@ def _ln_backward_long(dy, x, mean, rstd, w, has_w, dx, dw, db, want_dw, want_db)
 # --- the contract's callables -----------------------------------------------------------------------------------
 
 def layernorm_forward(x, weight, bias, eps, y, mean, rstd):
-    _sync_threads()
+    _sync_threads(x.size)
     w, hw = _opt(weight, mean)
     b, hb = _opt(bias, mean)
     kernel = _ln_forward if npieces(*x.shape) == 1 else _ln_forward_pieces
@@ -256,7 +256,7 @@ def layernorm_forward(x, weight, bias, eps, y, mean, rstd):
 
 
 def layernorm_backward(dy, x, mean, rstd, weight, dx, dweight, dbias):
-    _sync_threads()
+    _sync_threads(x.size)
     w, hw = _opt(weight, mean)
     dw, wdw = _opt(dweight, mean)
     db, wdb = _opt(dbias, mean)
@@ -358,14 +358,14 @@ def _affine(weight, bias, like):
 
 
 def layernorm_act_forward(x, weight, bias, eps, activation, slope, y, mean, rstd):
-    _sync_threads()
+    _sync_threads(x.size)
     w, b = _affine(weight, bias, x)
     st = _row_stats(x, eps, mean, rstd)
     _ln_act(activation)[0](x, st, w, b, y, mean, slope)
 
 
 def layernorm_act_backward(dy, x, mean, rstd, weight, bias, activation, slope, dx, dweight, dbias):
-    _sync_threads()
+    _sync_threads(x.size)
     w, b = _affine(weight, bias, x)
     dw, wdw = _opt(dweight, mean)
     db, wdb = _opt(dbias, mean)

@@ -187,7 +187,7 @@ def _opt2(a, x):
 
 
 def _fwd(x, residual, h, weight, bias, centered, eps, y, mean, rstd):
-    _sync_threads()
+    _sync_threads(x.size)
     w, hw = _opt(weight, rstd)
     b, hb = _opt(bias, rstd)
     res, has_res = _opt2(residual, x)
@@ -197,7 +197,7 @@ def _fwd(x, residual, h, weight, bias, centered, eps, y, mean, rstd):
 
 
 def _bwd(dy, dh, x, mean, rstd, weight, centered, dx, dweight, dbias):
-    _sync_threads()
+    _sync_threads(x.size)
     w, hw = _opt(weight, rstd)
     dw, wdw = _opt(dweight, rstd)
     db, wdb = _opt(dbias, rstd)
