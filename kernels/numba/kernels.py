@@ -40,6 +40,7 @@ from numba.core import config
 from normkit import half
 from normkit.contract import DATA_ARGS, SPECS, kernel_table
 
+from . import _common
 from ._common import CACHE, FASTMATH, THREADING_LAYER, set_num_threads
 from .batchnorm import (batchnorm_act_backward, batchnorm_act_forward, batchnorm_apply, batchnorm_backward,
                         batchnorm_backward_apply, batchnorm_backward_reduce, batchnorm_forward, batchnorm_stats,
@@ -61,6 +62,7 @@ INFO = {
     "max threads": str(config.NUMBA_NUM_THREADS),
     "fastmath": ",".join(sorted(FASTMATH)),
     "compile cache": "on" if CACHE else "off: no writable cache directory (set NUMBA_CACHE_DIR)",
+    "one thread": f"inputs of at most {_common._serial_max} values",
 }
 
 _FUNCTIONS = {
