@@ -9,6 +9,7 @@ OUTDIR/rankRANK.pt for the test to compare with single-process BatchNorm on the 
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 from datetime import timedelta
@@ -152,6 +153,10 @@ def main(world: int, rank: int, port: int, outdir: str) -> None:
                       "types": [type(m).__module__ + "." + type(m).__name__ for m in model.modules()]}
 
     torch.save(results, os.path.join(outdir, f"rank{rank}.pt"))
+    # DDP's reducer holds gloo work objects: freed while the group and the interpreter live, since gloo's threads
+    # releasing them during the interpreter's teardown abort the process (examples/ddp_syncbn.py failed so 3 in 12)
+    del ddp, opt, loss
+    gc.collect()
     dist.barrier()
     dist.destroy_process_group()
 
