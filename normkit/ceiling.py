@@ -58,7 +58,6 @@ def set_threads(n: int) -> None:
 
 # numba's thread count is per calling thread and shared with the numba backend, whose kernels set it to 1 for
 # small inputs: each loop sets its own (a thread-local check when it is already right)
-
 def copy(src: np.ndarray, dst: np.ndarray) -> None:
     use_threads(_threads)
     _copy(src, dst)
