@@ -967,6 +967,244 @@ cdef extern from *:
     #endif
         return 0;
     }
+
+    /* The passes over a 16-bit row of LayerNorm and RMSNorm (y, optionally from x + res; the backward's sums and
+       dx, optionally + dh) straight from and to its bits where the build has AVX2, FMA and F16C: widened and
+       rounded in registers, where the float32 copies of the tile-by-tile loops cost more than the memory traffic
+       ((8192, 1024) bfloat16 RMSNorm with the add, one thread: ~8.6 ms tile by tile, ~5 ms so). They return -1
+       where they do not apply (float16 without F16C, or the baseline build); then the callers go tile by tile. */
+    #if defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
+    /* y from x, or from x + res where res is not NULL, as _row_y computes it (centered: b is read; else NULL).
+       Returns whether every output is finite. */
+    static inline __m256 normkit_row_y8(__m256 v, const float* w, const float* b, int centered, __m256 m,
+                                        __m256 rs, __m256 c0) {
+        if (centered)
+            return _mm256_fmadd_ps(_mm256_fmadd_ps(_mm256_sub_ps(v, m), rs, c0), _mm256_loadu_ps(w),
+                                   _mm256_loadu_ps(b));
+        return _mm256_mul_ps(_mm256_mul_ps(v, rs), _mm256_loadu_ps(w));
+    }
+
+    /* has_r, centered and fmt are constants in each call from normkit_row_y16, so that every combination is a loop
+       of its own, without branches or reloaded constants in it */
+    static inline __attribute__((always_inline)) int normkit_row_y16_loop(
+            const uint16_t* x, const uint16_t* r, uint16_t* y, Py_ssize_t n, const float* w, const float* b,
+            float mean, float rstd, float c0, int has_r, int centered, int fmt) {
+        const __m128i top = _mm_set1_epi16(fmt ? 0x7C00 : 0x7F80);
+        __m128i o, bad = _mm_setzero_si128();
+        __m256 m = _mm256_set1_ps(mean), rs = _mm256_set1_ps(rstd), c = _mm256_set1_ps(c0), v;
+        uint16_t tx[8] = {0}, tr[8] = {0}, to[8];
+        float tw[8] = {0}, tb[8] = {0};
+        const __m256i top16 = _mm256_set1_epi16(fmt ? 0x7C00 : 0x7F80);
+        __m256i o16, bad16 = _mm256_setzero_si256();
+        __m256 u;
+        Py_ssize_t i = 0;
+        for (; i + 16 <= n; i += 16) {
+            v = normkit_load8(x + i, fmt);
+            u = normkit_load8(x + i + 8, fmt);
+            if (has_r) {
+                v = _mm256_add_ps(v, normkit_load8(r + i, fmt));
+                u = _mm256_add_ps(u, normkit_load8(r + i + 8, fmt));
+            }
+            o16 = normkit_round16(normkit_row_y8(v, w + i, centered ? b + i : NULL, centered, m, rs, c),
+                                  normkit_row_y8(u, w + i + 8, centered ? b + i + 8 : NULL, centered, m, rs, c), fmt);
+            _mm256_storeu_si256((__m256i*)(y + i), o16);
+            bad16 = _mm256_or_si256(bad16, _mm256_cmpeq_epi16(_mm256_and_si256(o16, top16), top16));
+        }
+        bad = _mm_or_si128(_mm256_castsi256_si128(bad16), _mm256_extracti128_si256(bad16, 1));
+        for (; i + 8 <= n; i += 8) {
+            v = normkit_load8(x + i, fmt);
+            if (has_r) v = _mm256_add_ps(v, normkit_load8(r + i, fmt));
+            o = normkit_round8(normkit_row_y8(v, w + i, centered ? b + i : NULL, centered, m, rs, c), fmt);
+            _mm_storeu_si128((__m128i*)(y + i), o);
+            bad = _mm_or_si128(bad, _mm_cmpeq_epi16(_mm_and_si128(o, top), top));
+        }
+        if (i < n) {  /* through zero-padded buffers, as _common.pxd's NORMKIT_PASS16 */
+            memcpy(tx, x + i, (size_t)(n - i) * 2);
+            memcpy(tw, w + i, (size_t)(n - i) * 4);
+            if (centered) memcpy(tb, b + i, (size_t)(n - i) * 4);
+            v = normkit_load8(tx, fmt);
+            if (has_r) {
+                memcpy(tr, r + i, (size_t)(n - i) * 2);
+                v = _mm256_add_ps(v, normkit_load8(tr, fmt));
+            }
+            o = normkit_round8(normkit_row_y8(v, tw, tb, centered, m, rs, c), fmt);
+            _mm_storeu_si128((__m128i*)to, o);
+            memcpy(y + i, to, (size_t)(n - i) * 2);
+            bad = _mm_or_si128(bad, _mm_cmpeq_epi16(_mm_and_si128(o, top), top));
+        }
+        return _mm_movemask_epi8(bad) == 0;
+    }
+
+    /* dx = rstd * w * dy + cb * (x - mean) + cc (+ dh where dh is not NULL), as _row_dx computes it; returns whether
+       every output is finite. has_dh and fmt are constants in each call from normkit_row_dx16. */
+    static inline __attribute__((always_inline)) int normkit_row_dx16_loop(
+            const uint16_t* dy, const uint16_t* dh, const uint16_t* x, uint16_t* dx, Py_ssize_t n, const float* w,
+            float mean, float rstd, float cb, float cc, int has_dh, int fmt) {
+        const __m128i top = _mm_set1_epi16(fmt ? 0x7C00 : 0x7F80);
+        __m128i o, bad = _mm_setzero_si128();
+        __m256 m = _mm256_set1_ps(mean), rs = _mm256_set1_ps(rstd), v;
+        __m256 b = _mm256_set1_ps(cb), c = _mm256_set1_ps(cc);
+        uint16_t tdy[8] = {0}, tdh[8] = {0}, tx[8] = {0}, to[8];
+        float tw[8] = {0};
+        Py_ssize_t i = 0;
+        #define NORMKIT_DX8(DY, DH, X, W)                                                                 \
+            (v = _mm256_fmadd_ps(_mm256_mul_ps(rs, _mm256_loadu_ps(W)), normkit_load8(DY, fmt),              \
+                                 _mm256_fmadd_ps(b, _mm256_sub_ps(normkit_load8(X, fmt), m), c)),            \
+             has_dh ? _mm256_add_ps(v, normkit_load8(DH, fmt)) : v)
+        const __m256i top16 = _mm256_set1_epi16(fmt ? 0x7C00 : 0x7F80);
+        __m256i o16, bad16 = _mm256_setzero_si256();
+        __m256 u;
+        for (; i + 16 <= n; i += 16) {  /* as normkit_row_y16_loop */
+            u = NORMKIT_DX8(dy + i, dh + i, x + i, w + i);
+            o16 = normkit_round16(u, NORMKIT_DX8(dy + i + 8, dh + i + 8, x + i + 8, w + i + 8), fmt);
+            _mm256_storeu_si256((__m256i*)(dx + i), o16);
+            bad16 = _mm256_or_si256(bad16, _mm256_cmpeq_epi16(_mm256_and_si256(o16, top16), top16));
+        }
+        bad = _mm_or_si128(_mm256_castsi256_si128(bad16), _mm256_extracti128_si256(bad16, 1));
+        for (; i + 8 <= n; i += 8) {
+            o = normkit_round8(NORMKIT_DX8(dy + i, dh + i, x + i, w + i), fmt);
+            _mm_storeu_si128((__m128i*)(dx + i), o);
+            bad = _mm_or_si128(bad, _mm_cmpeq_epi16(_mm_and_si128(o, top), top));
+        }
+        if (i < n) {  /* through zero-padded buffers, as normkit_row_y16_loop */
+            memcpy(tdy, dy + i, (size_t)(n - i) * 2);
+            memcpy(tx, x + i, (size_t)(n - i) * 2);
+            memcpy(tw, w + i, (size_t)(n - i) * 4);
+            if (has_dh) memcpy(tdh, dh + i, (size_t)(n - i) * 2);
+            o = normkit_round8(NORMKIT_DX8(tdy, tdh, tx, tw), fmt);
+            _mm_storeu_si128((__m128i*)to, o);
+            memcpy(dx + i, to, (size_t)(n - i) * 2);
+            bad = _mm_or_si128(bad, _mm_cmpeq_epi16(_mm_and_si128(o, top), top));
+        }
+        #undef NORMKIT_DX8
+        return _mm_movemask_epi8(bad) == 0;
+    }
+
+    #define NORMKIT_ROW_DX16(HAS_DH, FMT) normkit_row_dx16_loop(dy, dh, x, dx, n, w, mean, rstd, cb, cc, HAS_DH, FMT)
+    static inline int normkit_row_dx16(const uint16_t* dy, const uint16_t* dh, const uint16_t* x, uint16_t* dx,
+                                       Py_ssize_t n, int fmt, const float* w, float mean, float rstd, float cb,
+                                       float cc) {
+        if (fmt == 1 && !normkit_f16c) return -1;
+        if (dh) return fmt ? NORMKIT_ROW_DX16(1, 1) : NORMKIT_ROW_DX16(1, 0);
+        return fmt ? NORMKIT_ROW_DX16(0, 1) : NORMKIT_ROW_DX16(0, 0);
+    }
+
+
+
+    /* The first backward pass over a row, as _row_sums16 makes it tile by tile: grad_sums() into sg, sgx (chunks
+       of 256 values summed in float32, a chunk whose sums are not finite again in double) and the parameter
+       gradients: into the float32 accumulators accw, accb (a centered row) unless accw is NULL, else into partial
+       in double (an uncentered row's weight, see _add_weight_grads) unless partial is NULL. */
+    static inline __attribute__((always_inline)) void normkit_row_sums16_loop(
+            const uint16_t* dy, const uint16_t* x, Py_ssize_t n, const float* w, double mean, double rstd,
+            double* partial, float* accw, float* accb, double* sg, double* sgx, int fmt) {
+        const __m256 m = _mm256_set1_ps((float)mean), r = _mm256_set1_ps((float)rstd), z = _mm256_setzero_ps();
+        const __m256d r64 = _mm256_set1_pd(rstd);
+        __m256 vdy, vx, d, g, a, b;
+        uint16_t tdy[8], tx[8];
+        float tw[8], taw[8], tab[8];
+        double tp[8], ha, hb, da, db, dg;
+        Py_ssize_t c0, e, i, j, k;
+        for (c0 = 0; c0 < n; c0 += 256) {
+            e = n < c0 + 256 ? n : c0 + 256;
+            a = z;
+            b = z;
+            for (i = c0; i < e; i += 8) {
+                k = e - i < 8 ? e - i : 8;
+                if (k == 8) {
+                    vdy = normkit_load8(dy + i, fmt);
+                    vx = normkit_load8(x + i, fmt);
+                    g = _mm256_mul_ps(vdy, _mm256_loadu_ps(w + i));
+                } else {  /* zero-padded: the padding adds 0 * (0 - mean), or the chunk goes again in double */
+                    memset(tdy, 0, sizeof tdy); memset(tx, 0, sizeof tx); memset(tw, 0, sizeof tw);
+                    memcpy(tdy, dy + i, (size_t)k * 2); memcpy(tx, x + i, (size_t)k * 2);
+                    memcpy(tw, w + i, (size_t)k * 4);
+                    vdy = normkit_load8(tdy, fmt);
+                    vx = normkit_load8(tx, fmt);
+                    g = _mm256_mul_ps(vdy, _mm256_loadu_ps(tw));
+                }
+                d = _mm256_sub_ps(vx, m);
+                a = _mm256_add_ps(a, g);
+                b = _mm256_fmadd_ps(g, d, b);
+                if (accw && k == 8) {
+                    _mm256_storeu_ps(accw + i, _mm256_fmadd_ps(vdy, _mm256_mul_ps(d, r), _mm256_loadu_ps(accw + i)));
+                    _mm256_storeu_ps(accb + i, _mm256_add_ps(_mm256_loadu_ps(accb + i), vdy));
+                } else if (accw) {
+                    memcpy(taw, accw + i, (size_t)k * 4); memcpy(tab, accb + i, (size_t)k * 4);
+                    _mm256_storeu_ps(taw, _mm256_fmadd_ps(vdy, _mm256_mul_ps(d, r), _mm256_loadu_ps(taw)));
+                    _mm256_storeu_ps(tab, _mm256_add_ps(_mm256_loadu_ps(tab), vdy));
+                    memcpy(accw + i, taw, (size_t)k * 4); memcpy(accb + i, tab, (size_t)k * 4);
+                } else if (partial) {
+                    __m256d lo = _mm256_mul_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(vdy)),
+                                               _mm256_mul_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(vx)), r64));
+                    __m256d hi = _mm256_mul_pd(_mm256_cvtps_pd(_mm256_extractf128_ps(vdy, 1)),
+                                               _mm256_mul_pd(_mm256_cvtps_pd(_mm256_extractf128_ps(vx, 1)), r64));
+                    if (k == 8) {
+                        _mm256_storeu_pd(partial + i, _mm256_add_pd(_mm256_loadu_pd(partial + i), lo));
+                        _mm256_storeu_pd(partial + i + 4, _mm256_add_pd(_mm256_loadu_pd(partial + i + 4), hi));
+                    } else {
+                        _mm256_storeu_pd(tp, lo);
+                        _mm256_storeu_pd(tp + 4, hi);
+                        for (j = 0; j < k; j++) partial[i + j] += tp[j];
+                    }
+                }
+            }
+            ha = normkit_hsum8(a);
+            hb = normkit_hsum8(b);
+            if (isfinite(ha) && isfinite(hb)) {
+                *sg += ha;
+                *sgx += hb;
+                continue;
+            }
+            da = 0.0;
+            db = 0.0;
+            for (i = c0; i < e; i++) {
+                dg = (double)normkit_scalar16(dy[i], fmt) * w[i];
+                da = da + dg;
+                db = db + dg * (normkit_scalar16(x[i], fmt) - mean);
+            }
+            *sg += da;
+            *sgx += db;
+        }
+    }
+
+    #define NORMKIT_ROW_SUMS16(FMT) \
+        normkit_row_sums16_loop(dy, x, n, w, mean, rstd, partial, accw, accb, sg, sgx, FMT)
+    static inline int normkit_row_sums16(const uint16_t* dy, const uint16_t* x, Py_ssize_t n, int fmt,
+                                         const float* w, double mean, double rstd, double* partial, float* accw,
+                                         float* accb, double* sg, double* sgx) {
+        if (fmt == 1 && !normkit_f16c) return -1;
+        if (fmt) NORMKIT_ROW_SUMS16(1); else NORMKIT_ROW_SUMS16(0);
+        return 0;
+    }
+
+    #define NORMKIT_ROW_Y16(HAS_R, CENTERED, FMT) \
+        normkit_row_y16_loop(x, r, y, n, w, b, mean, rstd, c0, HAS_R, CENTERED, FMT)
+    #define NORMKIT_ROW_Y16_FMT(HAS_R, CENTERED) \
+        (fmt ? NORMKIT_ROW_Y16(HAS_R, CENTERED, 1) : NORMKIT_ROW_Y16(HAS_R, CENTERED, 0))
+    static inline int normkit_row_y16(const uint16_t* x, const uint16_t* r, uint16_t* y, Py_ssize_t n, int fmt,
+                                      const float* w, const float* b, int centered, float mean, float rstd, float c0) {
+        if (fmt == 1 && !normkit_f16c) return -1;
+        if (r) return centered ? NORMKIT_ROW_Y16_FMT(1, 1) : NORMKIT_ROW_Y16_FMT(1, 0);
+        return centered ? NORMKIT_ROW_Y16_FMT(0, 1) : NORMKIT_ROW_Y16_FMT(0, 0);
+    }
+    #else
+    static inline int normkit_row_y16(const uint16_t* x, const uint16_t* r, uint16_t* y, Py_ssize_t n, int fmt,
+                                      const float* w, const float* b, int centered, float mean, float rstd,
+                                      float c0) {
+        return -1;
+    }
+    static inline int normkit_row_dx16(const uint16_t* dy, const uint16_t* dh, const uint16_t* x, uint16_t* dx,
+                                       Py_ssize_t n, int fmt, const float* w, float mean, float rstd, float cb,
+                                       float cc) {
+        return -1;
+    }
+    static inline int normkit_row_sums16(const uint16_t* dy, const uint16_t* x, Py_ssize_t n, int fmt,
+                                         const float* w, double mean, double rstd, double* partial, float* accw,
+                                         float* accb, double* sg, double* sgx) {
+        return -1;
+    }
+    #endif
     """
     int normkit_half_init(int allow_f16c) noexcept nogil
     void normkit_widen(const uint16_t* s, float* d, Py_ssize_t n, int fmt) noexcept nogil
@@ -979,6 +1217,14 @@ cdef extern from *:
                            double* s2) noexcept nogil
     bint normkit_grad_sums16(const uint16_t* dy, const uint16_t* x, Py_ssize_t n, int fmt, double mean,
                              double* sdy, double* sdyx) noexcept nogil
+
+    int normkit_row_y16(const uint16_t* x, const uint16_t* r, uint16_t* y, Py_ssize_t n, int fmt, const float* w,
+                        const float* b, int centered, float mean, float rstd, float c0) noexcept nogil
+    int normkit_row_dx16(const uint16_t* dy, const uint16_t* dh, const uint16_t* x, uint16_t* dx, Py_ssize_t n,
+                         int fmt, const float* w, float mean, float rstd, float cb, float cc) noexcept nogil
+    int normkit_row_sums16(const uint16_t* dy, const uint16_t* x, Py_ssize_t n, int fmt, const float* w,
+                           double mean, double rstd, double* partial, float* accw, float* accb, double* sg,
+                           double* sgx) noexcept nogil
 
 
 # Values per tile of the 16-bit loops below: widened into float32 on the stack (4 KB per array, in L1), then the

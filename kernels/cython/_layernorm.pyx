@@ -23,8 +23,8 @@ from libc.string cimport memset
 
 from _common cimport (
     ACT_CHUNK, NO_ACT, SERIAL_MAX_VALUES, TILE16, act_apply, act_grad, finish_moments, grad_sums, moments,
-    moments16, narrow64, normkit_half_init, normkit_narrow, normkit_sfence, normkit_widen, pivot16, pivot_of,
-    stream_store, threads_for, to_double,
+    moments16, narrow64, normkit_half_init, normkit_narrow, normkit_row_dx16, normkit_row_sums16, normkit_row_y16,
+    normkit_sfence, normkit_widen, pivot16, pivot_of, stream_store, threads_for, to_double,
 )
 
 # float16 converts with F16C where the CPU has it, unless NORMKIT_CYTHON_NO_F16C=1 asks for the portable code (to
@@ -374,7 +374,9 @@ def layernorm_act_backward(const floating[:, ::1] dy, const floating[:, ::1] x, 
 
 
 # --- 16-bit data (normkit.contract): uint16 patterns, fmt 0 bfloat16 / 1 float16; float32 parameters and stats ----
-# Each row goes tile by tile (TILE16 values widened to float32 on the stack) through the float32 loops above.
+# The passes run on the 16-bit data in registers where the build allows (_common.pxd's normkit_row_* passes, shared
+# with _rownorm.pyx); elsewhere each row goes tile by tile (TILE16 values widened to float32 on the stack) through
+# the float32 loops above.
 
 cdef void _forward_row16(const uint16_t* x, uint16_t* y, Py_ssize_t k, const float* w, const float* b, double eps,
                          int fmt, float* mean_out, float* rstd_out) noexcept nogil:
@@ -382,16 +384,23 @@ cdef void _forward_row16(const uint16_t* x, uint16_t* y, Py_ssize_t k, const flo
     cdef double d[3][TILE16]
     cdef Py_ssize_t tile, j, n
     cdef double s1 = 0.0, s2 = 0.0, mean, rstd, pivot = pivot16(x, fmt)
+    cdef float m
+    cdef int done
     moments16(x, k, fmt, pivot, &s1, &s2)
     finish_moments(s1, s2, k, pivot, eps, &mean, &rstd)
     mean_out[0] = <float>mean
     rstd_out[0] = <float>rstd
+    m = <float>mean  # as _row_y
     for tile in range((k + TILE16 - 1) // TILE16):
         j = tile * TILE16
         n = min(TILE16, k - j)
-        normkit_widen(x + j, t, n, fmt)
-        _row_y(t, t, n, w + j, b + j, mean, rstd)
-        if not normkit_narrow(t, y + j, n, fmt):  # again in double (see _common.affine16)
+        done = normkit_row_y16(x + j, NULL, y + j, n, fmt, w + j, b + j, True, m, <float>rstd,
+                               <float>((<double>m - mean) * rstd))
+        if done < 0:
+            normkit_widen(x + j, t, n, fmt)
+            _row_y(t, t, n, w + j, b + j, mean, rstd)
+            done = normkit_narrow(t, y + j, n, fmt)
+        if not done:  # again in double (see _common.affine16)
             normkit_widen(x + j, t, n, fmt)
             to_double(t, d[0], n)
             to_double(w + j, d[1], n)
@@ -406,6 +415,8 @@ cdef void _row_sums16(const uint16_t* dy, const uint16_t* x, Py_ssize_t k, const
     cdef float tdy[TILE16]
     cdef float tx[TILE16]
     cdef Py_ssize_t tile, j, n
+    if normkit_row_sums16(dy, x, k, fmt, w, mean, rstd, NULL, accw, accb, sg, sgx) == 0:
+        return
     for tile in range((k + TILE16 - 1) // TILE16):
         j = tile * TILE16
         n = min(TILE16, k - j)
@@ -422,14 +433,20 @@ cdef void _row_dx16(const uint16_t* dy, const uint16_t* x, uint16_t* dx, Py_ssiz
     cdef float tx[TILE16]
     cdef double d[3][TILE16]
     cdef Py_ssize_t tile, j, n
+    cdef int done
     for tile in range((k + TILE16 - 1) // TILE16):
         j = tile * TILE16
         n = min(TILE16, k - j)
-        normkit_widen(dy + j, tdy, n, fmt)
-        normkit_widen(x + j, tx, n, fmt)
-        _row_dx(tdy, tx, tdy, n, w + j, mean, rstd, cb, cc)
-        if not normkit_narrow(tdy, dx + j, n, fmt):  # again in double (see _common.affine16)
+        done = normkit_row_dx16(dy + j, NULL, x + j, dx + j, n, fmt, w + j, <float>mean, <float>rstd, <float>cb,
+                                <float>cc)
+        if done < 0:
             normkit_widen(dy + j, tdy, n, fmt)
+            normkit_widen(x + j, tx, n, fmt)
+            _row_dx(tdy, tx, tdy, n, w + j, mean, rstd, cb, cc)
+            done = normkit_narrow(tdy, dx + j, n, fmt)
+        if not done:  # again in double (see _common.affine16)
+            normkit_widen(dy + j, tdy, n, fmt)
+            normkit_widen(x + j, tx, n, fmt)
             to_double(tdy, d[0], n)
             to_double(tx, d[1], n)
             to_double(w + j, d[2], n)

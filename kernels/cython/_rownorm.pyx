@@ -23,7 +23,8 @@ from libc.string cimport memset
 
 from _common cimport (
     SERIAL_MAX_VALUES, TILE16, finish_moments, grad_sums, moments, moments16, narrow64, normkit_half_init,
-    normkit_narrow, normkit_widen, pivot16, pivot_of, threads_for, to_double,
+    normkit_narrow, normkit_row_dx16, normkit_row_sums16, normkit_row_y16, normkit_widen, pivot16, pivot_of,
+    threads_for, to_double,
 )
 
 # float16 converts with F16C where the CPU has it, unless NORMKIT_CYTHON_NO_F16C=1 (see _layernorm.pyx).
@@ -109,12 +110,9 @@ cdef extern from *:
         return 0;
     }
 
-    /* The passes over a 16-bit row (the fused add, y; the backward's sums, dx) straight from and to its bits where
-       the build has AVX2 and F16C: widened and rounded in registers by _common.pxd's normkit_load8 /
-       normkit_round8 (and normkit_round16, 16 values at once), where the float32 copies of the tile-by-tile
-       loops cost more than the memory traffic ((8192, 1024) bfloat16 RMSNorm with the add, one thread: ~8.6 ms
-       tile by tile, ~5 ms so). They return -1 where they do not apply (float16 without F16C, or the baseline
-       build); then the callers go tile by tile. */
+    /* The fused add's first pass over a 16-bit row straight from and to its bits where the build has AVX2 and
+       F16C (as _common.pxd's normkit_row_y16 and the other row passes); returns -1 where it does not apply (float16
+       without F16C, or the baseline build), then the caller goes tile by tile. */
     #if defined(__AVX2__) && defined(__F16C__)
     /* h = x + res, the float32 sum rounded once, and the sums of d and d * d with d = sum - pivot into s1, s2. */
     static int nk_add16(const uint16_t* x, const uint16_t* r, uint16_t* h, Py_ssize_t n, int fmt, double pivot,
@@ -165,235 +163,9 @@ cdef extern from *:
         return 0;
     }
 
-    /* y from x, or from x + res where res is not NULL, as _row_y computes it (centered: b is read; else NULL).
-       Returns whether every output is finite. */
-    static inline __m256 nk_y8(__m256 v, const float* w, const float* b, int centered, __m256 m, __m256 rs,
-                               __m256 c0) {
-        if (centered)
-            return _mm256_fmadd_ps(_mm256_fmadd_ps(_mm256_sub_ps(v, m), rs, c0), _mm256_loadu_ps(w),
-                                   _mm256_loadu_ps(b));
-        return _mm256_mul_ps(_mm256_mul_ps(v, rs), _mm256_loadu_ps(w));
-    }
-
-    /* has_r, centered and fmt are constants in each call from nk_row_y16, so that every combination is a loop of
-       its own, without branches or reloaded constants in it */
-    static inline __attribute__((always_inline)) int nk_row_y16_loop(
-            const uint16_t* x, const uint16_t* r, uint16_t* y, Py_ssize_t n, const float* w, const float* b,
-            float mean, float rstd, float c0, int has_r, int centered, int fmt) {
-        const __m128i top = _mm_set1_epi16(fmt ? 0x7C00 : 0x7F80);
-        __m128i o, bad = _mm_setzero_si128();
-        __m256 m = _mm256_set1_ps(mean), rs = _mm256_set1_ps(rstd), c = _mm256_set1_ps(c0), v;
-        uint16_t tx[8] = {0}, tr[8] = {0}, to[8];
-        float tw[8] = {0}, tb[8] = {0};
-        const __m256i top16 = _mm256_set1_epi16(fmt ? 0x7C00 : 0x7F80);
-        __m256i o16, bad16 = _mm256_setzero_si256();
-        __m256 u;
-        Py_ssize_t i = 0;
-        for (; i + 16 <= n; i += 16) {
-            v = normkit_load8(x + i, fmt);
-            u = normkit_load8(x + i + 8, fmt);
-            if (has_r) {
-                v = _mm256_add_ps(v, normkit_load8(r + i, fmt));
-                u = _mm256_add_ps(u, normkit_load8(r + i + 8, fmt));
-            }
-            o16 = normkit_round16(nk_y8(v, w + i, centered ? b + i : NULL, centered, m, rs, c),
-                             nk_y8(u, w + i + 8, centered ? b + i + 8 : NULL, centered, m, rs, c), fmt);
-            _mm256_storeu_si256((__m256i*)(y + i), o16);
-            bad16 = _mm256_or_si256(bad16, _mm256_cmpeq_epi16(_mm256_and_si256(o16, top16), top16));
-        }
-        bad = _mm_or_si128(_mm256_castsi256_si128(bad16), _mm256_extracti128_si256(bad16, 1));
-        for (; i + 8 <= n; i += 8) {
-            v = normkit_load8(x + i, fmt);
-            if (has_r) v = _mm256_add_ps(v, normkit_load8(r + i, fmt));
-            o = normkit_round8(nk_y8(v, w + i, centered ? b + i : NULL, centered, m, rs, c), fmt);
-            _mm_storeu_si128((__m128i*)(y + i), o);
-            bad = _mm_or_si128(bad, _mm_cmpeq_epi16(_mm_and_si128(o, top), top));
-        }
-        if (i < n) {  /* through zero-padded buffers, as _common.pxd's NORMKIT_PASS16 */
-            memcpy(tx, x + i, (size_t)(n - i) * 2);
-            memcpy(tw, w + i, (size_t)(n - i) * 4);
-            if (centered) memcpy(tb, b + i, (size_t)(n - i) * 4);
-            v = normkit_load8(tx, fmt);
-            if (has_r) {
-                memcpy(tr, r + i, (size_t)(n - i) * 2);
-                v = _mm256_add_ps(v, normkit_load8(tr, fmt));
-            }
-            o = normkit_round8(nk_y8(v, tw, tb, centered, m, rs, c), fmt);
-            _mm_storeu_si128((__m128i*)to, o);
-            memcpy(y + i, to, (size_t)(n - i) * 2);
-            bad = _mm_or_si128(bad, _mm_cmpeq_epi16(_mm_and_si128(o, top), top));
-        }
-        return _mm_movemask_epi8(bad) == 0;
-    }
-
-    /* dx = rstd * w * dy + cb * (x - mean) + cc (+ dh where dh is not NULL), as _row_dx computes it; returns whether
-       every output is finite. has_dh and fmt are constants in each call from nk_row_dx16. */
-    static inline __attribute__((always_inline)) int nk_row_dx16_loop(
-            const uint16_t* dy, const uint16_t* dh, const uint16_t* x, uint16_t* dx, Py_ssize_t n, const float* w,
-            float mean, float rstd, float cb, float cc, int has_dh, int fmt) {
-        const __m128i top = _mm_set1_epi16(fmt ? 0x7C00 : 0x7F80);
-        __m128i o, bad = _mm_setzero_si128();
-        __m256 m = _mm256_set1_ps(mean), rs = _mm256_set1_ps(rstd), v;
-        __m256 b = _mm256_set1_ps(cb), c = _mm256_set1_ps(cc);
-        uint16_t tdy[8] = {0}, tdh[8] = {0}, tx[8] = {0}, to[8];
-        float tw[8] = {0};
-        Py_ssize_t i = 0;
-        #define NK_DX8(DY, DH, X, W)                                                                      \
-            (v = _mm256_fmadd_ps(_mm256_mul_ps(rs, _mm256_loadu_ps(W)), normkit_load8(DY, fmt),              \
-                                 _mm256_fmadd_ps(b, _mm256_sub_ps(normkit_load8(X, fmt), m), c)),            \
-             has_dh ? _mm256_add_ps(v, normkit_load8(DH, fmt)) : v)
-        const __m256i top16 = _mm256_set1_epi16(fmt ? 0x7C00 : 0x7F80);
-        __m256i o16, bad16 = _mm256_setzero_si256();
-        __m256 u;
-        for (; i + 16 <= n; i += 16) {  /* as nk_row_y16_loop */
-            u = NK_DX8(dy + i, dh + i, x + i, w + i);
-            o16 = normkit_round16(u, NK_DX8(dy + i + 8, dh + i + 8, x + i + 8, w + i + 8), fmt);
-            _mm256_storeu_si256((__m256i*)(dx + i), o16);
-            bad16 = _mm256_or_si256(bad16, _mm256_cmpeq_epi16(_mm256_and_si256(o16, top16), top16));
-        }
-        bad = _mm_or_si128(_mm256_castsi256_si128(bad16), _mm256_extracti128_si256(bad16, 1));
-        for (; i + 8 <= n; i += 8) {
-            o = normkit_round8(NK_DX8(dy + i, dh + i, x + i, w + i), fmt);
-            _mm_storeu_si128((__m128i*)(dx + i), o);
-            bad = _mm_or_si128(bad, _mm_cmpeq_epi16(_mm_and_si128(o, top), top));
-        }
-        if (i < n) {  /* through zero-padded buffers, as nk_row_y16_loop */
-            memcpy(tdy, dy + i, (size_t)(n - i) * 2);
-            memcpy(tx, x + i, (size_t)(n - i) * 2);
-            memcpy(tw, w + i, (size_t)(n - i) * 4);
-            if (has_dh) memcpy(tdh, dh + i, (size_t)(n - i) * 2);
-            o = normkit_round8(NK_DX8(tdy, tdh, tx, tw), fmt);
-            _mm_storeu_si128((__m128i*)to, o);
-            memcpy(dx + i, to, (size_t)(n - i) * 2);
-            bad = _mm_or_si128(bad, _mm_cmpeq_epi16(_mm_and_si128(o, top), top));
-        }
-        #undef NK_DX8
-        return _mm_movemask_epi8(bad) == 0;
-    }
-
-    #define NK_ROW_DX16(HAS_DH, FMT) nk_row_dx16_loop(dy, dh, x, dx, n, w, mean, rstd, cb, cc, HAS_DH, FMT)
-    static int nk_row_dx16(const uint16_t* dy, const uint16_t* dh, const uint16_t* x, uint16_t* dx, Py_ssize_t n,
-                           int fmt, const float* w, float mean, float rstd, float cb, float cc) {
-        if (fmt == 1 && !normkit_f16c) return -1;
-        if (dh) return fmt ? NK_ROW_DX16(1, 1) : NK_ROW_DX16(1, 0);
-        return fmt ? NK_ROW_DX16(0, 1) : NK_ROW_DX16(0, 0);
-    }
-
-    static inline float nk_scalar16(uint16_t h, int fmt) {
-        if (fmt) return _cvtsh_ss(h);
-        uint32_t u = (uint32_t)h << 16; float f; memcpy(&f, &u, 4); return f;
-    }
-
-    static inline double nk_hsum8(__m256 v) {
-        float t[8];
-        _mm256_storeu_ps(t, v);
-        return (float)(((t[0] + t[4]) + (t[1] + t[5])) + ((t[2] + t[6]) + (t[3] + t[7])));
-    }
-
-    /* The first backward pass over a row, as _row_sums16 makes it tile by tile: grad_sums() into sg, sgx (chunks
-       of 256 values summed in float32, a chunk whose sums are not finite again in double) and the parameter
-       gradients: into the float32 accumulators accw, accb (a centered row) unless accw is NULL, else into partial
-       in double (an uncentered row's weight, see _add_weight_grads) unless partial is NULL. */
-    static inline __attribute__((always_inline)) void nk_row_sums16_loop(
-            const uint16_t* dy, const uint16_t* x, Py_ssize_t n, const float* w, double mean, double rstd,
-            double* partial, float* accw, float* accb, double* sg, double* sgx, int fmt) {
-        const __m256 m = _mm256_set1_ps((float)mean), r = _mm256_set1_ps((float)rstd), z = _mm256_setzero_ps();
-        const __m256d r64 = _mm256_set1_pd(rstd);
-        __m256 vdy, vx, d, g, a, b;
-        uint16_t tdy[8], tx[8];
-        float tw[8], taw[8], tab[8];
-        double tp[8], ha, hb, da, db, dg;
-        Py_ssize_t c0, e, i, j, k;
-        for (c0 = 0; c0 < n; c0 += 256) {
-            e = n < c0 + 256 ? n : c0 + 256;
-            a = z;
-            b = z;
-            for (i = c0; i < e; i += 8) {
-                k = e - i < 8 ? e - i : 8;
-                if (k == 8) {
-                    vdy = normkit_load8(dy + i, fmt);
-                    vx = normkit_load8(x + i, fmt);
-                    g = _mm256_mul_ps(vdy, _mm256_loadu_ps(w + i));
-                } else {  /* zero-padded: the padding adds 0 * (0 - mean), or the chunk goes again in double */
-                    memset(tdy, 0, sizeof tdy); memset(tx, 0, sizeof tx); memset(tw, 0, sizeof tw);
-                    memcpy(tdy, dy + i, (size_t)k * 2); memcpy(tx, x + i, (size_t)k * 2);
-                    memcpy(tw, w + i, (size_t)k * 4);
-                    vdy = normkit_load8(tdy, fmt);
-                    vx = normkit_load8(tx, fmt);
-                    g = _mm256_mul_ps(vdy, _mm256_loadu_ps(tw));
-                }
-                d = _mm256_sub_ps(vx, m);
-                a = _mm256_add_ps(a, g);
-                b = _mm256_fmadd_ps(g, d, b);
-                if (accw && k == 8) {
-                    _mm256_storeu_ps(accw + i, _mm256_fmadd_ps(vdy, _mm256_mul_ps(d, r), _mm256_loadu_ps(accw + i)));
-                    _mm256_storeu_ps(accb + i, _mm256_add_ps(_mm256_loadu_ps(accb + i), vdy));
-                } else if (accw) {
-                    memcpy(taw, accw + i, (size_t)k * 4); memcpy(tab, accb + i, (size_t)k * 4);
-                    _mm256_storeu_ps(taw, _mm256_fmadd_ps(vdy, _mm256_mul_ps(d, r), _mm256_loadu_ps(taw)));
-                    _mm256_storeu_ps(tab, _mm256_add_ps(_mm256_loadu_ps(tab), vdy));
-                    memcpy(accw + i, taw, (size_t)k * 4); memcpy(accb + i, tab, (size_t)k * 4);
-                } else if (partial) {
-                    __m256d lo = _mm256_mul_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(vdy)),
-                                               _mm256_mul_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(vx)), r64));
-                    __m256d hi = _mm256_mul_pd(_mm256_cvtps_pd(_mm256_extractf128_ps(vdy, 1)),
-                                               _mm256_mul_pd(_mm256_cvtps_pd(_mm256_extractf128_ps(vx, 1)), r64));
-                    if (k == 8) {
-                        _mm256_storeu_pd(partial + i, _mm256_add_pd(_mm256_loadu_pd(partial + i), lo));
-                        _mm256_storeu_pd(partial + i + 4, _mm256_add_pd(_mm256_loadu_pd(partial + i + 4), hi));
-                    } else {
-                        _mm256_storeu_pd(tp, lo);
-                        _mm256_storeu_pd(tp + 4, hi);
-                        for (j = 0; j < k; j++) partial[i + j] += tp[j];
-                    }
-                }
-            }
-            ha = nk_hsum8(a);
-            hb = nk_hsum8(b);
-            if (isfinite(ha) && isfinite(hb)) {
-                *sg += ha;
-                *sgx += hb;
-                continue;
-            }
-            da = 0.0;
-            db = 0.0;
-            for (i = c0; i < e; i++) {
-                dg = (double)nk_scalar16(dy[i], fmt) * w[i];
-                da = da + dg;
-                db = db + dg * (nk_scalar16(x[i], fmt) - mean);
-            }
-            *sg += da;
-            *sgx += db;
-        }
-    }
-
-    #define NK_ROW_SUMS16(FMT) nk_row_sums16_loop(dy, x, n, w, mean, rstd, partial, accw, accb, sg, sgx, FMT)
-    static int nk_row_sums16(const uint16_t* dy, const uint16_t* x, Py_ssize_t n, int fmt, const float* w,
-                             double mean, double rstd, double* partial, float* accw, float* accb, double* sg,
-                             double* sgx) {
-        if (fmt == 1 && !normkit_f16c) return -1;
-        if (fmt) NK_ROW_SUMS16(1); else NK_ROW_SUMS16(0);
-        return 0;
-    }
-
-    #define NK_ROW_Y16(HAS_R, CENTERED, FMT) nk_row_y16_loop(x, r, y, n, w, b, mean, rstd, c0, HAS_R, CENTERED, FMT)
-    #define NK_ROW_Y16_FMT(HAS_R, CENTERED) (fmt ? NK_ROW_Y16(HAS_R, CENTERED, 1) : NK_ROW_Y16(HAS_R, CENTERED, 0))
-    static int nk_row_y16(const uint16_t* x, const uint16_t* r, uint16_t* y, Py_ssize_t n, int fmt, const float* w,
-                          const float* b, int centered, float mean, float rstd, float c0) {
-        if (fmt == 1 && !normkit_f16c) return -1;
-        if (r) return centered ? NK_ROW_Y16_FMT(1, 1) : NK_ROW_Y16_FMT(1, 0);
-        return centered ? NK_ROW_Y16_FMT(0, 1) : NK_ROW_Y16_FMT(0, 0);
-    }
     #else
     static int nk_add16(const uint16_t* x, const uint16_t* r, uint16_t* h, Py_ssize_t n, int fmt, double pivot,
                         double* s1, double* s2) { return -1; }
-    static int nk_row_y16(const uint16_t* x, const uint16_t* r, uint16_t* y, Py_ssize_t n, int fmt, const float* w,
-                          const float* b, int centered, float mean, float rstd, float c0) { return -1; }
-    static int nk_row_dx16(const uint16_t* dy, const uint16_t* dh, const uint16_t* x, uint16_t* dx, Py_ssize_t n,
-                           int fmt, const float* w, float mean, float rstd, float cb, float cc) { return -1; }
-    static int nk_row_sums16(const uint16_t* dy, const uint16_t* x, Py_ssize_t n, int fmt, const float* w,
-                             double mean, double rstd, double* partial, float* accw, float* accb, double* sg,
-                             double* sgx) { return -1; }
     #endif
     """
     double normkit_sumsq_f(const float* x, Py_ssize_t n) noexcept nogil
@@ -401,12 +173,6 @@ cdef extern from *:
     bint normkit_sumsq16(const uint16_t* x, Py_ssize_t n, int fmt, int f16c, double* out) noexcept nogil
     int nk_add16(const uint16_t* x, const uint16_t* r, uint16_t* h, Py_ssize_t n, int fmt, double pivot, double* s1,
                  double* s2) noexcept nogil
-    int nk_row_y16(const uint16_t* x, const uint16_t* r, uint16_t* y, Py_ssize_t n, int fmt, const float* w,
-                   const float* b, int centered, float mean, float rstd, float c0) noexcept nogil
-    int nk_row_dx16(const uint16_t* dy, const uint16_t* dh, const uint16_t* x, uint16_t* dx, Py_ssize_t n, int fmt,
-                    const float* w, float mean, float rstd, float cb, float cc) noexcept nogil
-    int nk_row_sums16(const uint16_t* dy, const uint16_t* x, Py_ssize_t n, int fmt, const float* w, double mean,
-                      double rstd, double* partial, float* accw, float* accb, double* sg, double* sgx) noexcept nogil
 
 
 cdef inline double _sumsq(const floating* x, Py_ssize_t n) noexcept nogil:
@@ -749,7 +515,7 @@ cdef void _row_forward16(const uint16_t* x, const uint16_t* res, uint16_t* h, ui
     for tile in range((k + TILE16 - 1) // TILE16):
         j = tile * TILE16
         n = min(TILE16, k - j)
-        done = nk_row_y16(x + j, res + j if res != NULL else NULL, y + j, n, fmt, w + j,
+        done = normkit_row_y16(x + j, res + j if res != NULL else NULL, y + j, n, fmt, w + j,
                           b + j if centered else NULL, centered, m, r, c0)
         if done < 0:
             _row_source16(x + j, res + j if res != NULL else NULL, t, n, fmt)
@@ -783,7 +549,7 @@ cdef void _row_sums16(const uint16_t* dy, const uint16_t* x, Py_ssize_t k, const
     cdef float tdy[TILE16]
     cdef float tx[TILE16]
     cdef Py_ssize_t tile, j, n
-    if nk_row_sums16(dy, x, k, fmt, w, mean, rstd, partial, acc, acc + k if acc != NULL else NULL, sg, sgx) == 0:
+    if normkit_row_sums16(dy, x, k, fmt, w, mean, rstd, partial, acc, acc + k if acc != NULL else NULL, sg, sgx) == 0:
         return
     for tile in range((k + TILE16 - 1) // TILE16):
         j = tile * TILE16
@@ -808,7 +574,7 @@ cdef void _row_dx16(const uint16_t* dy, const uint16_t* dh, const uint16_t* x, u
     for tile in range((k + TILE16 - 1) // TILE16):
         j = tile * TILE16
         n = min(TILE16, k - j)
-        done = nk_row_dx16(dy + j, dh + j if dh != NULL else NULL, x + j, dx + j, n, fmt, w + j, <float>mean,
+        done = normkit_row_dx16(dy + j, dh + j if dh != NULL else NULL, x + j, dx + j, n, fmt, w + j, <float>mean,
                            <float>rstd, <float>cb, <float>cc)
         if done < 0:
             normkit_widen(dy + j, tdy, n, fmt)
