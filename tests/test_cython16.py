@@ -381,6 +381,20 @@ def test_bfloat16_results_near_the_top_of_the_range(op, kshape, groups, rng):
                          np.ones(kshape[1]), w, groups)
 
 
+@pytest.mark.parametrize("op,kshape,groups", [("batchnorm", (4, 3, 33), 1), ("instancenorm", (2, 3, 65), 1),
+                                              ("groupnorm", (2, 6, 35), 3), ("layernorm", (4, 129), 1)],
+                         ids=str)
+def test_bfloat16_dx_whose_float32_terms_overflow(op, kshape, groups, rng):
+    """rstd * weight beyond float32's range (rstd ~100, weights of 1e38) with a small dy: dx is finite, but the
+    float32 passes give inf; those runs must be redone in double, not stored. (RMSNorm's dx pass is LayerNorm's.)"""
+    x = data(kshape, "bfloat16", rng, std=0.01)
+    fwd, w, _ = run_forward(op, "bfloat16", x, rng, True, groups, wscale=1e38)
+    assert float(np.min(fwd["rstd"])) * float(np.max(np.abs(w))) > float(np.finfo(np.float32).max)
+    dy = data(kshape, "bfloat16", rng, std=1e-6)
+    got = run_backward(op, "backward", "bfloat16", dy, x, fwd["mean"], fwd["rstd"], w, groups)
+    assert np.isfinite(got["dx"]).all()
+
+
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
 @pytest.mark.parametrize("op,kshape,groups", [("batchnorm", (3, 40, 40), 1), ("batchnorm", (30, 6, 2), 1),

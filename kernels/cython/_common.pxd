@@ -808,21 +808,16 @@ cdef extern from *:
         return _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
     }
 
-    /* 16 float32 values (two vectors) rounded to 16 bits in one 256-bit register, packed once for both halves */
-    static inline __m256i normkit_round16(__m256 v0, __m256 v1, int fmt) {
-        if (fmt) return _mm256_set_m128i(_mm256_cvtps_ph(v1, _MM_FROUND_TO_NEAREST_INT),
-                                         _mm256_cvtps_ph(v0, _MM_FROUND_TO_NEAREST_INT));
-        return _mm256_permute4x64_epi64(_mm256_packus_epi32(normkit_round_bf16x8(v0), normkit_round_bf16x8(v1)),
-                                        0xD8);
-    }
-
-    /* One step of NORMKIT_PASS16: 16 outputs from x (and dy) at PX (PDY) stored at PO. bfloat16 rounds without
-       the NaN care of normkit_round16: every value whose rounding is not a finite bfloat16 (NaN, inf, or beyond
-       the largest finite one, |bits| > 0x7F7F7FFF) is flagged in big instead, and the callers redo those runs in
-       double; float16 flags non-finite outputs in bad. */
-    #define NORMKIT_STEP16(PX, PDY, PO, VALUE)                                                        \
-        vx = normkit_load8(PX, fmt); vdy = (PDY) ? normkit_load8(PDY, fmt) : vx; v0 = VALUE;          \
-        vx = normkit_load8((PX) + 8, fmt); vdy = (PDY) ? normkit_load8((PDY) + 8, fmt) : vx; v1 = VALUE; \
+    /* The variables NORMKIT_STORE16 uses (declared once per loop) and what it does: 16 float32 values v0, v1 rounded to
+       16 bits and stored at PO. bfloat16 rounds without the NaN care of normkit_round8: every value whose
+       rounding is not a finite bfloat16 (NaN, inf, or beyond the largest finite one, |bits| > 0x7F7F7FFF) is
+       flagged in big instead, and the callers redo those runs in double; float16 flags non-finite outputs in bad.
+       NORMKIT_ALL_FINITE says whether nothing was flagged. */
+    #define NORMKIT_STORE16_VARS                                                                      \
+        const __m256i top = _mm256_set1_epi16(0x7C00), abs = _mm256_set1_epi32(0x7FFFFFFF);           \
+        const __m256i one = _mm256_set1_epi32(1), half = _mm256_set1_epi32(0x7FFF);                   \
+        __m256i h, u0, u1, bad = _mm256_setzero_si256(), big = _mm256_setzero_si256();
+    #define NORMKIT_STORE16(PO)                                                                       \
         if (fmt) {                                                                                    \
             h = _mm256_set_m128i(_mm256_cvtps_ph(v1, _MM_FROUND_TO_NEAREST_INT),                      \
                                  _mm256_cvtps_ph(v0, _MM_FROUND_TO_NEAREST_INT));                     \
@@ -837,6 +832,14 @@ cdef extern from *:
             h = _mm256_permute4x64_epi64(_mm256_packus_epi32(u0, u1), 0xD8);                          \
         }                                                                                             \
         _mm256_storeu_si256((__m256i*)(PO), h);
+    #define NORMKIT_ALL_FINITE                                                                        \
+        (fmt ? _mm256_testz_si256(bad, bad)                                                           \
+             : _mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(big, _mm256_set1_epi32(0x7F7F7FFF)))) == 0)
+    /* One step of NORMKIT_PASS16: 16 outputs from x (and dy) at PX (PDY) stored at PO. */
+    #define NORMKIT_STEP16(PX, PDY, PO, VALUE)                                                        \
+        vx = normkit_load8(PX, fmt); vdy = (PDY) ? normkit_load8(PDY, fmt) : vx; v0 = VALUE;          \
+        vx = normkit_load8((PX) + 8, fmt); vdy = (PDY) ? normkit_load8((PDY) + 8, fmt) : vx; v1 = VALUE; \
+        NORMKIT_STORE16(PO)
     #define NORMKIT_OVERLAP(P, Q, n) ((uintptr_t)(P) < (uintptr_t)((Q) + (n)) && (uintptr_t)(Q) < (uintptr_t)((P) + (n)))
     /* NAME(dy, x, out, n, fmt, PARAMS): out = VALUE of vx (x) and vdy (dy, or x where dy is NULL), 16 values a step.
        The loop is inlined once per format (fmt a constant: no test in the loop). The last n % 16 values: a last
@@ -846,9 +849,7 @@ cdef extern from *:
     #define NORMKIT_PASS16(NAME, PARAMS, ARGS, SETUP, VALUE)                                          \
         static inline __attribute__((always_inline)) int NAME##_loop(                                 \
                 const uint16_t* dy, const uint16_t* x, uint16_t* out, Py_ssize_t n, int fmt PARAMS) { \
-            const __m256i top = _mm256_set1_epi16(0x7C00), abs = _mm256_set1_epi32(0x7FFFFFFF);       \
-            const __m256i one = _mm256_set1_epi32(1), half = _mm256_set1_epi32(0x7FFF);               \
-            __m256i h, u0, u1, bad = _mm256_setzero_si256(), big = _mm256_setzero_si256();            \
+            NORMKIT_STORE16_VARS                                                                      \
             __m256 vx, vdy, v0, v1;                                                                   \
             uint16_t tdy[16] = {0}, tx[16] = {0}, to[16];                                             \
             Py_ssize_t i = 0;                                                                         \
@@ -865,9 +866,7 @@ cdef extern from *:
                 NORMKIT_STEP16(tx, dy ? tdy : NULL, to, VALUE)                                        \
                 memcpy(out + i, to, (size_t)(n - i) * 2);                                             \
             }                                                                                         \
-            if (fmt) return _mm256_testz_si256(bad, bad);                                             \
-            return _mm256_movemask_ps(_mm256_castsi256_ps(                                            \
-                _mm256_cmpgt_epi32(big, _mm256_set1_epi32(0x7F7F7FFF)))) == 0;                        \
+            return NORMKIT_ALL_FINITE;                                                                \
         }                                                                                             \
         static int NAME(const uint16_t* dy, const uint16_t* x, uint16_t* out, Py_ssize_t n, int fmt PARAMS) { \
             if (fmt == 1 && !normkit_f16c) return -1;                                                 \
@@ -989,50 +988,36 @@ cdef extern from *:
     static inline __attribute__((always_inline)) int normkit_row_y16_loop(
             const uint16_t* x, const uint16_t* r, uint16_t* y, Py_ssize_t n, const float* w, const float* b,
             float mean, float rstd, float c0, int has_r, int centered, int fmt) {
-        const __m128i top = _mm_set1_epi16(fmt ? 0x7C00 : 0x7F80);
-        __m128i o, bad = _mm_setzero_si128();
-        __m256 m = _mm256_set1_ps(mean), rs = _mm256_set1_ps(rstd), c = _mm256_set1_ps(c0), v;
-        uint16_t tx[8] = {0}, tr[8] = {0}, to[8];
-        float tw[8] = {0}, tb[8] = {0};
-        const __m256i top16 = _mm256_set1_epi16(fmt ? 0x7C00 : 0x7F80);
-        __m256i o16, bad16 = _mm256_setzero_si256();
-        __m256 u;
+        NORMKIT_STORE16_VARS
+        const __m256 m = _mm256_set1_ps(mean), rs = _mm256_set1_ps(rstd), c = _mm256_set1_ps(c0);
+        __m256 v0, v1;
+        uint16_t tx[16] = {0}, tr[16] = {0}, to[16];
+        float tw[16] = {0}, tb[16] = {0};
         Py_ssize_t i = 0;
+        #define NORMKIT_Y16(X, R, W, B)                                                                   \
+            v0 = normkit_load8(X, fmt);                                                                   \
+            v1 = normkit_load8((X) + 8, fmt);                                                             \
+            if (has_r) {                                                                                  \
+                v0 = _mm256_add_ps(v0, normkit_load8(R, fmt));                                            \
+                v1 = _mm256_add_ps(v1, normkit_load8((R) + 8, fmt));                                      \
+            }                                                                                             \
+            v0 = normkit_row_y8(v0, W, centered ? (B) : NULL, centered, m, rs, c);                        \
+            v1 = normkit_row_y8(v1, (W) + 8, centered ? (B) + 8 : NULL, centered, m, rs, c);
         for (; i + 16 <= n; i += 16) {
-            v = normkit_load8(x + i, fmt);
-            u = normkit_load8(x + i + 8, fmt);
-            if (has_r) {
-                v = _mm256_add_ps(v, normkit_load8(r + i, fmt));
-                u = _mm256_add_ps(u, normkit_load8(r + i + 8, fmt));
-            }
-            o16 = normkit_round16(normkit_row_y8(v, w + i, centered ? b + i : NULL, centered, m, rs, c),
-                                  normkit_row_y8(u, w + i + 8, centered ? b + i + 8 : NULL, centered, m, rs, c), fmt);
-            _mm256_storeu_si256((__m256i*)(y + i), o16);
-            bad16 = _mm256_or_si256(bad16, _mm256_cmpeq_epi16(_mm256_and_si256(o16, top16), top16));
+            NORMKIT_Y16(x + i, r + i, w + i, b + i)
+            NORMKIT_STORE16(y + i)
         }
-        bad = _mm_or_si128(_mm256_castsi256_si128(bad16), _mm256_extracti128_si256(bad16, 1));
-        for (; i + 8 <= n; i += 8) {
-            v = normkit_load8(x + i, fmt);
-            if (has_r) v = _mm256_add_ps(v, normkit_load8(r + i, fmt));
-            o = normkit_round8(normkit_row_y8(v, w + i, centered ? b + i : NULL, centered, m, rs, c), fmt);
-            _mm_storeu_si128((__m128i*)(y + i), o);
-            bad = _mm_or_si128(bad, _mm_cmpeq_epi16(_mm_and_si128(o, top), top));
-        }
-        if (i < n) {  /* through zero-padded buffers, as _common.pxd's NORMKIT_PASS16 */
+        if (i < n) {  /* through zero-padded buffers (whose lanes give 0, or are flagged and cost a double pass) */
             memcpy(tx, x + i, (size_t)(n - i) * 2);
             memcpy(tw, w + i, (size_t)(n - i) * 4);
             if (centered) memcpy(tb, b + i, (size_t)(n - i) * 4);
-            v = normkit_load8(tx, fmt);
-            if (has_r) {
-                memcpy(tr, r + i, (size_t)(n - i) * 2);
-                v = _mm256_add_ps(v, normkit_load8(tr, fmt));
-            }
-            o = normkit_round8(normkit_row_y8(v, tw, tb, centered, m, rs, c), fmt);
-            _mm_storeu_si128((__m128i*)to, o);
+            if (has_r) memcpy(tr, r + i, (size_t)(n - i) * 2);
+            NORMKIT_Y16(tx, tr, tw, tb)
+            NORMKIT_STORE16(to)
             memcpy(y + i, to, (size_t)(n - i) * 2);
-            bad = _mm_or_si128(bad, _mm_cmpeq_epi16(_mm_and_si128(o, top), top));
         }
-        return _mm_movemask_epi8(bad) == 0;
+        #undef NORMKIT_Y16
+        return NORMKIT_ALL_FINITE;
     }
 
     /* dx = rstd * w * dy + cb * (x - mean) + cc (+ dh where dh is not NULL), as _row_dx computes it; returns whether
@@ -1040,44 +1025,39 @@ cdef extern from *:
     static inline __attribute__((always_inline)) int normkit_row_dx16_loop(
             const uint16_t* dy, const uint16_t* dh, const uint16_t* x, uint16_t* dx, Py_ssize_t n, const float* w,
             float mean, float rstd, float cb, float cc, int has_dh, int fmt) {
-        const __m128i top = _mm_set1_epi16(fmt ? 0x7C00 : 0x7F80);
-        __m128i o, bad = _mm_setzero_si128();
-        __m256 m = _mm256_set1_ps(mean), rs = _mm256_set1_ps(rstd), v;
-        __m256 b = _mm256_set1_ps(cb), c = _mm256_set1_ps(cc);
-        uint16_t tdy[8] = {0}, tdh[8] = {0}, tx[8] = {0}, to[8];
-        float tw[8] = {0};
+        NORMKIT_STORE16_VARS
+        const __m256 m = _mm256_set1_ps(mean), rs = _mm256_set1_ps(rstd);
+        const __m256 b = _mm256_set1_ps(cb), c = _mm256_set1_ps(cc);
+        __m256 v0, v1;
+        uint16_t tdy[16] = {0}, tdh[16] = {0}, tx[16] = {0}, to[16];
+        float tw[16] = {0};
         Py_ssize_t i = 0;
         #define NORMKIT_DX8(DY, DH, X, W)                                                                 \
-            (v = _mm256_fmadd_ps(_mm256_mul_ps(rs, _mm256_loadu_ps(W)), normkit_load8(DY, fmt),              \
-                                 _mm256_fmadd_ps(b, _mm256_sub_ps(normkit_load8(X, fmt), m), c)),            \
-             has_dh ? _mm256_add_ps(v, normkit_load8(DH, fmt)) : v)
-        const __m256i top16 = _mm256_set1_epi16(fmt ? 0x7C00 : 0x7F80);
-        __m256i o16, bad16 = _mm256_setzero_si256();
-        __m256 u;
-        for (; i + 16 <= n; i += 16) {  /* as normkit_row_y16_loop */
-            u = NORMKIT_DX8(dy + i, dh + i, x + i, w + i);
-            o16 = normkit_round16(u, NORMKIT_DX8(dy + i + 8, dh + i + 8, x + i + 8, w + i + 8), fmt);
-            _mm256_storeu_si256((__m256i*)(dx + i), o16);
-            bad16 = _mm256_or_si256(bad16, _mm256_cmpeq_epi16(_mm256_and_si256(o16, top16), top16));
-        }
-        bad = _mm_or_si128(_mm256_castsi256_si128(bad16), _mm256_extracti128_si256(bad16, 1));
-        for (; i + 8 <= n; i += 8) {
-            o = normkit_round8(NORMKIT_DX8(dy + i, dh + i, x + i, w + i), fmt);
-            _mm_storeu_si128((__m128i*)(dx + i), o);
-            bad = _mm_or_si128(bad, _mm_cmpeq_epi16(_mm_and_si128(o, top), top));
+            _mm256_fmadd_ps(_mm256_mul_ps(rs, _mm256_loadu_ps(W)), normkit_load8(DY, fmt),                \
+                            _mm256_fmadd_ps(b, _mm256_sub_ps(normkit_load8(X, fmt), m), c))
+        #define NORMKIT_DX16(DY, DH, X, W)                                                                \
+            v0 = NORMKIT_DX8(DY, DH, X, W);                                                               \
+            v1 = NORMKIT_DX8((DY) + 8, (DH) + 8, (X) + 8, (W) + 8);                                       \
+            if (has_dh) {                                                                                 \
+                v0 = _mm256_add_ps(v0, normkit_load8(DH, fmt));                                           \
+                v1 = _mm256_add_ps(v1, normkit_load8((DH) + 8, fmt));                                     \
+            }
+        for (; i + 16 <= n; i += 16) {
+            NORMKIT_DX16(dy + i, dh + i, x + i, w + i)
+            NORMKIT_STORE16(dx + i)
         }
         if (i < n) {  /* through zero-padded buffers, as normkit_row_y16_loop */
             memcpy(tdy, dy + i, (size_t)(n - i) * 2);
             memcpy(tx, x + i, (size_t)(n - i) * 2);
             memcpy(tw, w + i, (size_t)(n - i) * 4);
             if (has_dh) memcpy(tdh, dh + i, (size_t)(n - i) * 2);
-            o = normkit_round8(NORMKIT_DX8(tdy, tdh, tx, tw), fmt);
-            _mm_storeu_si128((__m128i*)to, o);
+            NORMKIT_DX16(tdy, tdh, tx, tw)
+            NORMKIT_STORE16(to)
             memcpy(dx + i, to, (size_t)(n - i) * 2);
-            bad = _mm_or_si128(bad, _mm_cmpeq_epi16(_mm_and_si128(o, top), top));
         }
+        #undef NORMKIT_DX16
         #undef NORMKIT_DX8
-        return _mm_movemask_epi8(bad) == 0;
+        return NORMKIT_ALL_FINITE;
     }
 
     #define NORMKIT_ROW_DX16(HAS_DH, FMT) normkit_row_dx16_loop(dy, dh, x, dx, n, w, mean, rstd, cb, cc, HAS_DH, FMT)
