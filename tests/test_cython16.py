@@ -334,6 +334,15 @@ def test_large_offset_bfloat16(op, kshape, groups, rng):
     roundtrip(op, "bfloat16", kshape, rng, offset=1e6, std=3e4, groups=groups)
 
 
+@pytest.mark.parametrize("op,kshape,groups", [("batchnorm", (4, 40, 50), 1), ("batchnorm", (64, 5, 3), 1),
+                                              ("batchnorm", (70, 37, 1), 1), ("instancenorm", (3, 4, 300), 1),
+                                              ("groupnorm", (3, 8, 70), 4), ("layernorm", (5, 3000), 1)], ids=str)
+def test_bfloat16_squares_beyond_float32(op, kshape, groups, rng):
+    """bfloat16 data of std 1e25: (x - pivot)**2 overflows float32, so the statistics' float32 chunk sums do; those
+    chunks must be summed again in double (the variance, 1e50, is a double)."""
+    roundtrip(op, "bfloat16", kshape, rng, std=1e25, groups=groups)
+
+
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("op,kshape,groups", [("batchnorm", (3, 4, 40), 1), ("batchnorm", (30, 6, 2), 1),
                                               ("groupnorm", (2, 4, 9), 2), ("layernorm", (4, 50), 1)], ids=str)

@@ -36,8 +36,9 @@ from _common cimport (
     ACT_CHUNK, NO_ACT, NORMKIT_BUILD_FLAGS, NORMKIT_HAVE_OPENMP, NORMKIT_OPENMP_NOTE, SERIAL_MAX_VALUES, TILE16,
     act_apply, act_grad, act_grad_apply, act_grad_apply_stream, act_grad_sums, affine, affine16, affine_act,
     affine_act_stream, finish_moments, grad_apply, grad_apply16, grad_sums, grad_sums16, moments, moments16,
-    normkit_half_init, normkit_narrow, normkit_sfence, narrow64, normkit_use_x86_64_v3, normkit_widen, pivot16,
-    pivot_of, prefetch_run, scale_copy, scale_copy16, threads_for, to_double,
+    normkit_col_sums16, normkit_cols16, normkit_half_init, normkit_narrow, normkit_sfence, narrow64,
+    normkit_use_x86_64_v3, normkit_widen, pivot16, pivot_of, prefetch_run, scale_copy, scale_copy16, threads_for,
+    to_double,
 )
 
 # How this module was built (setup.py); the backend reads it for its INFO and to pick the x86-64-v3 copy.
@@ -920,12 +921,16 @@ cdef void _backward_channel16(const uint16_t* dy, const uint16_t* x, uint16_t* d
 
 cdef void _column_moments16(const uint16_t* x, Py_ssize_t n, Py_ssize_t length, Py_ssize_t l0, Py_ssize_t l1,
                             const float* pivot, bint wide, int fmt, double* s1, double* s2) noexcept nogil:
-    """_column_moments (_column_moments64 if wide) of columns l0..l1 (at most CHUNK), ROWS16 rows at a time."""
+    """_column_moments (_column_moments64 if wide) of columns l0..l1 (at most CHUNK): in registers where the build
+    allows (normkit_col_sums16), else ROWS16 rows at a time through the float32 loop."""
     cdef float t[ROWS16 * CHUNK]
     cdef double p[CHUNK]
     cdef double a[CHUNK]
     cdef double b[CHUNK]
     cdef Py_ssize_t width = l1 - l0, q, i, l, r
+    if not wide and normkit_col_sums16(NULL, x, n, length, l0, l1, pivot, s1, s2, fmt) and \
+            _all_finite(s1, s2, l0, l1):
+        return
     for l in range(width):
         p[l] = pivot[l0 + l]
         s1[l0 + l] = 0.0
@@ -945,12 +950,14 @@ cdef void _column_moments16(const uint16_t* x, Py_ssize_t n, Py_ssize_t length, 
 
 cdef void _column_grad_sums16(const uint16_t* dy, const uint16_t* x, Py_ssize_t n, Py_ssize_t length, Py_ssize_t l0,
                               Py_ssize_t l1, const float* mean, int fmt, double* sdy, double* sdyx) noexcept nogil:
-    """_column_grad_sums of columns l0..l1 (at most CHUNK), ROWS16 rows at a time."""
+    """_column_grad_sums of columns l0..l1 (at most CHUNK): as _column_moments16."""
     cdef float tdy[ROWS16 * CHUNK]
     cdef float tx[ROWS16 * CHUNK]
     cdef double a[CHUNK]
     cdef double b[CHUNK]
     cdef Py_ssize_t width = l1 - l0, q, i, l, r
+    if normkit_col_sums16(dy, x, n, length, l0, l1, mean, sdy, sdyx, fmt) and _all_finite(sdy, sdyx, l0, l1):
+        return
     for l in range(l0, l1):
         sdy[l] = 0.0
         sdyx[l] = 0.0
@@ -1030,16 +1037,20 @@ cdef void _apply_channels16(const uint16_t[:, :, ::1] x, uint16_t[:, :, ::1] y, 
 
 cdef void _affine_row16(const uint16_t* x, uint16_t* y, Py_ssize_t length, const float* mean, const float* scale,
                         const float* shift, int fmt) noexcept nogil:
-    """_affine_columns on one row of the (N, C*S) view, tile by tile."""
+    """_affine_columns on one row of the (N, C*S) view, tile by tile (in registers where the build allows)."""
     cdef float t[TILE16]
     cdef double d[4][TILE16]
     cdef Py_ssize_t q, j, k
+    cdef int done
     for q in range((length + TILE16 - 1) // TILE16):
         j = q * TILE16
         k = min(<Py_ssize_t>TILE16, length - j)
-        normkit_widen(x + j, t, k, fmt)
-        _affine_columns(t, t, k, mean + j, scale + j, shift + j)
-        if not normkit_narrow(t, y + j, k, fmt):  # again in double (see _common.affine16)
+        done = normkit_cols16(NULL, x + j, y + j, k, fmt, mean + j, scale + j, NULL, shift + j, 0)
+        if done < 0:
+            normkit_widen(x + j, t, k, fmt)
+            _affine_columns(t, t, k, mean + j, scale + j, shift + j)
+            done = normkit_narrow(t, y + j, k, fmt)
+        if not done:  # again in double (see _common.affine16)
             normkit_widen(x + j, t, k, fmt)
             to_double(t, d[0], k)
             to_double(mean + j, d[1], k)
@@ -1117,23 +1128,28 @@ cdef void _grad_apply_channels16(const uint16_t[:, :, ::1] dy, const uint16_t[:,
 
 cdef void _grad_apply_row16(const uint16_t* dy, const uint16_t* x, uint16_t* dx, Py_ssize_t length, bint training,
                             const float* cols, int fmt) noexcept nogil:
-    """_grad_apply_columns (or _scale_columns) on one row of the (N, C*S) view, tile by tile; cols holds the rows
-    mean, ca, cb, cc of per-column coefficients."""
+    """_grad_apply_columns (or _scale_columns) on one row of the (N, C*S) view, tile by tile (in registers where the
+    build allows); cols holds the rows mean, ca, cb, cc of per-column coefficients."""
     cdef float tdy[TILE16]
     cdef float tx[TILE16]
     cdef double d[6][TILE16]
     cdef Py_ssize_t q, j, k, c
+    cdef int done
     for q in range((length + TILE16 - 1) // TILE16):
         j = q * TILE16
         k = min(<Py_ssize_t>TILE16, length - j)
-        normkit_widen(dy + j, tdy, k, fmt)
-        if training:
-            normkit_widen(x + j, tx, k, fmt)
-            _grad_apply_columns(tdy, tx, tdy, k, cols + j, cols + length + j, cols + 2 * length + j,
-                                cols + 3 * length + j)
-        else:
-            _scale_columns(tdy, tdy, k, cols + length + j)
-        if normkit_narrow(tdy, dx + j, k, fmt):
+        done = normkit_cols16(dy + j, x + j, dx + j, k, fmt, cols + j, cols + length + j, cols + 2 * length + j,
+                              cols + 3 * length + j, 1 if training else 2)
+        if done < 0:
+            normkit_widen(dy + j, tdy, k, fmt)
+            if training:
+                normkit_widen(x + j, tx, k, fmt)
+                _grad_apply_columns(tdy, tx, tdy, k, cols + j, cols + length + j, cols + 2 * length + j,
+                                    cols + 3 * length + j)
+            else:
+                _scale_columns(tdy, tdy, k, cols + length + j)
+            done = normkit_narrow(tdy, dx + j, k, fmt)
+        if done:
             continue
         # again in double (see _common.affine16)
         normkit_widen(dy + j, tdy, k, fmt)
@@ -1141,6 +1157,7 @@ cdef void _grad_apply_row16(const uint16_t* dy, const uint16_t* x, uint16_t* dx,
         for c in range(4):
             to_double(cols + c * length + j, d[2 + c], k)
         if training:
+            normkit_widen(x + j, tx, k, fmt)
             to_double(tx, d[1], k)
             _grad_apply_columns(d[0], d[1], d[0], k, d[2], d[3], d[4], d[5])
         else:

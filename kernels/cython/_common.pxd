@@ -791,6 +791,10 @@ cdef extern from *:
         return fmt == 0 ? _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16)) : _mm256_cvtph_ps(h);
     }
 
+    static inline float normkit_scalar16(uint16_t h, int fmt) {
+        return fmt ? _cvtsh_ss(h) : normkit_float_of((uint32_t)h << 16);
+    }
+
     /* bfloat16's round to nearest even of 8 float32 values; a NaN stays a NaN (quieted), keeping its sign */
     static inline __m256i normkit_round_bf16x8(__m256 v) {
         __m256i u = _mm256_castps_si256(v), one = _mm256_set1_epi32(1);
@@ -885,7 +889,144 @@ cdef extern from *:
                    __m256 vm = _mm256_set1_ps(m); __m256 va = _mm256_set1_ps(a); __m256 vb = _mm256_set1_ps(b);
                    __m256 vc = _mm256_set1_ps(c);,
                    _mm256_fmadd_ps(va, vdy, _mm256_fmadd_ps(vb, _mm256_sub_ps(vx, vm), vc)))
+
+    /* The same passes with one coefficient per value rather than per run (BatchNorm's columns schedule, which walks
+       (N, C*S) rows when S is small): y = (x - m) * a + c, and dx = a * dy + b * (x - m) + c (training) or a * dy,
+       with m, a, b, c arrays of n floats. Flags and result as NORMKIT_PASS16's; the last n % 16 values through
+       zero-padded buffers. */
+    #define NORMKIT_COLS8(DY, X, M, A, B, C, MODE)                                                    \
+        ((MODE) == 0 ? _mm256_fmadd_ps(_mm256_sub_ps(normkit_load8(X, fmt), _mm256_loadu_ps(M)),     \
+                                       _mm256_loadu_ps(A), _mm256_loadu_ps(C))                        \
+         : (MODE) == 1 ? _mm256_fmadd_ps(_mm256_loadu_ps(A), normkit_load8(DY, fmt),                  \
+                                         _mm256_fmadd_ps(_mm256_loadu_ps(B),                          \
+                                                         _mm256_sub_ps(normkit_load8(X, fmt),         \
+                                                                       _mm256_loadu_ps(M)),           \
+                                                         _mm256_loadu_ps(C)))                         \
+         : _mm256_mul_ps(_mm256_loadu_ps(A), normkit_load8(DY, fmt)))
+    /* mode 0 affine (dy unused), 1 training gradient, 2 inference gradient (x, m, b, c unused) */
+    static inline __attribute__((always_inline)) int normkit_cols16_loop(
+            const uint16_t* dy, const uint16_t* x, uint16_t* out, Py_ssize_t n, int fmt, const float* m,
+            const float* a, const float* b, const float* c, int mode) {
+        NORMKIT_STORE16_VARS
+        __m256 v0, v1;
+        uint16_t tdy[16] = {0}, tx[16] = {0}, to[16];
+        float tm[16] = {0}, ta[16] = {0}, tb[16] = {0}, tc[16] = {0};
+        Py_ssize_t i = 0;
+        size_t k;
+        for (; i + 16 <= n; i += 16) {
+            v0 = NORMKIT_COLS8(dy + i, x + i, m + i, a + i, b + i, c + i, mode);
+            v1 = NORMKIT_COLS8(dy + i + 8, x + i + 8, m + i + 8, a + i + 8, b + i + 8, c + i + 8, mode);
+            NORMKIT_STORE16(out + i)
+        }
+        if (i < n) {
+            k = (size_t)(n - i);
+            memcpy(ta, a + i, k * 4);
+            if (mode != 0) memcpy(tdy, dy + i, k * 2);
+            if (mode != 2) {
+                memcpy(tx, x + i, k * 2);
+                memcpy(tm, m + i, k * 4);
+                memcpy(tc, c + i, k * 4);
+            }
+            if (mode == 1) memcpy(tb, b + i, k * 4);
+            v0 = NORMKIT_COLS8(tdy, tx, tm, ta, tb, tc, mode);
+            v1 = NORMKIT_COLS8(tdy + 8, tx + 8, tm + 8, ta + 8, tb + 8, tc + 8, mode);
+            NORMKIT_STORE16(to)
+            memcpy(out + i, to, k * 2);
+        }
+        return NORMKIT_ALL_FINITE;
+    }
+
+    static int normkit_cols16_v3(const uint16_t* dy, const uint16_t* x, uint16_t* out, Py_ssize_t n, int fmt,
+                                 const float* m, const float* a, const float* b, const float* c, int mode) {
+        if (fmt == 1 && !normkit_f16c) return -1;
+        #define NORMKIT_COLS16(FMT, MODE) normkit_cols16_loop(dy, x, out, n, FMT, m, a, b, c, MODE)
+        if (mode == 0) return fmt ? NORMKIT_COLS16(1, 0) : NORMKIT_COLS16(0, 0);
+        if (mode == 1) return fmt ? NORMKIT_COLS16(1, 1) : NORMKIT_COLS16(0, 1);
+        return fmt ? NORMKIT_COLS16(1, 2) : NORMKIT_COLS16(0, 2);
+        #undef NORMKIT_COLS16
+    }
     #endif
+
+    /* The column sums of the columns schedule on 16-bit data: for each column l in l0..l1 of n rows at stride
+       length, s1[l] = sum(d) and s2[l] = sum(d * d) with d = x - p[l] (the moments, dy NULL), or s1[l] = sum(dy)
+       and s2[l] = sum(dy * d) (p the mean). 32 columns a step (one cache line of each row), each group of 8 rows
+       summed in float32 lanes (exact terms for 16-bit data near p; _column_moments sums 4 rows so), then added
+       into double; columns beyond the last multiple of 8 in double. Returns 0 where it does not apply; the
+       callers check the sums are finite (else they sum again in double, as for float32 data). */
+    #if defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
+    static inline void normkit_add_pd8(double* s, __m256 v) {
+        _mm256_storeu_pd(s, _mm256_add_pd(_mm256_loadu_pd(s), _mm256_cvtps_pd(_mm256_castps256_ps128(v))));
+        _mm256_storeu_pd(s + 4, _mm256_add_pd(_mm256_loadu_pd(s + 4), _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1))));
+    }
+
+    /* V vectors of 8 columns from column l, through all n rows; fmt, grad and V constants in each call */
+    static inline __attribute__((always_inline)) void normkit_col_sums16_step(
+            const uint16_t* dy, const uint16_t* x, Py_ssize_t n, Py_ssize_t length, Py_ssize_t l, const float* p,
+            double* s1, double* s2, int fmt, int grad, int V) {
+        __m256 a[4], b[4], vp[4], d, g;
+        Py_ssize_t i0, i, e;
+        int j;
+        for (j = 0; j < V; j++) vp[j] = _mm256_loadu_ps(p + l + 8 * j);
+        for (i0 = 0; i0 < n; i0 += 8) {
+            e = i0 + 8 < n ? i0 + 8 : n;
+            for (j = 0; j < V; j++) { a[j] = _mm256_setzero_ps(); b[j] = _mm256_setzero_ps(); }
+            for (i = i0; i < e; i++) {
+                for (j = 0; j < V; j++) {
+                    d = _mm256_sub_ps(normkit_load8(x + i * length + l + 8 * j, fmt), vp[j]);
+                    g = grad ? normkit_load8(dy + i * length + l + 8 * j, fmt) : d;
+                    a[j] = _mm256_add_ps(a[j], g);
+                    b[j] = _mm256_fmadd_ps(g, d, b[j]);
+                }
+            }
+            for (j = 0; j < V; j++) {
+                normkit_add_pd8(s1 + l + 8 * j, a[j]);
+                normkit_add_pd8(s2 + l + 8 * j, b[j]);
+            }
+        }
+    }
+
+    static inline __attribute__((always_inline)) void normkit_col_sums16_loop(
+            const uint16_t* dy, const uint16_t* x, Py_ssize_t n, Py_ssize_t length, Py_ssize_t l0, Py_ssize_t l1,
+            const float* p, double* s1, double* s2, int fmt, int grad) {
+        Py_ssize_t l = l0, i;
+        double d, g;
+        for (; l + 32 <= l1; l += 32) normkit_col_sums16_step(dy, x, n, length, l, p, s1, s2, fmt, grad, 4);
+        for (; l + 8 <= l1; l += 8) normkit_col_sums16_step(dy, x, n, length, l, p, s1, s2, fmt, grad, 1);
+        for (; l < l1; l++) {
+            for (i = 0; i < n; i++) {
+                d = (double)normkit_scalar16(x[i * length + l], fmt) - p[l];
+                g = grad ? (double)normkit_scalar16(dy[i * length + l], fmt) : d;
+                s1[l] += g;
+                s2[l] += g * d;
+            }
+        }
+    }
+    #endif
+
+    static inline int normkit_col_sums16(const uint16_t* dy, const uint16_t* x, Py_ssize_t n, Py_ssize_t length,
+                                         Py_ssize_t l0, Py_ssize_t l1, const float* p, double* s1, double* s2,
+                                         int fmt) {
+    #if defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
+        if (fmt == 1 && !normkit_f16c) return 0;
+        for (Py_ssize_t l = l0; l < l1; l++) { s1[l] = 0.0; s2[l] = 0.0; }
+        #define NORMKIT_COL_SUMS16(FMT, GRAD) normkit_col_sums16_loop(dy, x, n, length, l0, l1, p, s1, s2, FMT, GRAD)
+        if (dy) { if (fmt) NORMKIT_COL_SUMS16(1, 1); else NORMKIT_COL_SUMS16(0, 1); }
+        else { if (fmt) NORMKIT_COL_SUMS16(1, 0); else NORMKIT_COL_SUMS16(0, 0); }
+        #undef NORMKIT_COL_SUMS16
+        return 1;
+    #else
+        return 0;
+    #endif
+    }
+
+    static inline int normkit_cols16(const uint16_t* dy, const uint16_t* x, uint16_t* out, Py_ssize_t n, int fmt,
+                                     const float* m, const float* a, const float* b, const float* c, int mode) {
+    #if defined(__AVX2__) && defined(__F16C__)
+        return normkit_cols16_v3(dy, x, out, n, fmt, m, a, b, c, mode);
+    #else
+        return -1;
+    #endif
+    }
 
     static int normkit_affine16(const uint16_t* x, uint16_t* y, Py_ssize_t n, int fmt, float m, float a, float c) {
     #if defined(__AVX2__) && defined(__F16C__)
@@ -917,9 +1058,6 @@ cdef extern from *:
        normkit_grad_chunk_f), then added into double; a chunk whose sums are not finite summed again in double.
        Returns 0 where it does not apply. */
     #if defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
-    static inline float normkit_scalar16(uint16_t h, int fmt) {
-        return fmt ? _cvtsh_ss(h) : normkit_float_of((uint32_t)h << 16);
-    }
     #define NORMKIT_GSUM16(A, B, j) g = normkit_load8(dy + (j), fmt); A = _mm256_add_ps(A, g);        \
         B = _mm256_fmadd_ps(g, _mm256_sub_ps(normkit_load8(x + (j), fmt), vm), B);
 
@@ -1193,6 +1331,10 @@ cdef extern from *:
                          float c) noexcept nogil
     int normkit_grad_apply16(const uint16_t* dy, const uint16_t* x, uint16_t* dx, Py_ssize_t n, int fmt, float m,
                              float a, float b, float c) noexcept nogil
+    int normkit_cols16(const uint16_t* dy, const uint16_t* x, uint16_t* out, Py_ssize_t n, int fmt, const float* m,
+                       const float* a, const float* b, const float* c, int mode) noexcept nogil
+    bint normkit_col_sums16(const uint16_t* dy, const uint16_t* x, Py_ssize_t n, Py_ssize_t length, Py_ssize_t l0,
+                            Py_ssize_t l1, const float* p, double* s1, double* s2, int fmt) noexcept nogil
     bint normkit_moments16(const uint16_t* x, Py_ssize_t n, int fmt, double pivot, double* s1,
                            double* s2) noexcept nogil
     bint normkit_grad_sums16(const uint16_t* dy, const uint16_t* x, Py_ssize_t n, int fmt, double mean,
