@@ -232,6 +232,28 @@ def test_numpy_16_bit_add_forms_run_the_fused_kernel(backend, op, dtype, params)
     _assert_add_like_reference(got, want, dtype, pdt, f"{backend} {op} {dtype} params {params}")
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("op", ROW_OPS)
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+def test_numpy_16_bit_add_forms_with_non_finite_sums(backend, op, dtype):
+    """A NaN and an inf in the residual of two rows, and in a third a sum beyond the format's range (not float32's):
+    h holds them as the reference rounds the sum, the first two rows' y and dx hold NaN where the reference's do,
+    and the third row, whose float32 sum is finite, is normalized as accurately as the others."""
+    dt = NUMPY[dtype]
+    x, r, dy, dh, kw = _add_inputs(op, dt, np.dtype(np.float32), seed=11)
+    r[0, 5], r[1, 1099] = np.nan, np.inf
+    x[2, 17], r[2, 17] = (60000.0, 60000.0) if dtype == "float16" else (2.0**127, 2.0**127 * (1 - 2.0**-8))
+    want = _numpy_add_pass(op, x, r, dy, dh, kw, "reference")
+    got = _numpy_add_pass(op, x, r, dy, dh, kw, backend)
+    h, h_want = got["h"], want["h"]
+    assert np.isinf(h_want[2, 17]) and np.array_equal(np.isnan(h), np.isnan(h_want))
+    assert np.array_equal(h.view(np.uint16)[~np.isnan(h)], h_want.view(np.uint16)[~np.isnan(h_want)])
+    for name in ("y", "dx"):
+        assert np.array_equal(np.isnan(got[name]), np.isnan(want[name])), name
+    assert np.isnan(got["y"][:2]).any(axis=1).all()
+    assert _ulps(got["y"][2:], want["y"][2:].view(np.uint16)) <= 1
+
+
 @pytest.mark.parametrize("op", ROW_OPS)
 def test_numpy_16_bit_add_forms_without_a_fused_kernel_compose(op):
     """A backend with the plain kernels only: the 16-bit sum, then the norm (of that rounded sum); the same h, and

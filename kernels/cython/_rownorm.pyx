@@ -111,56 +111,61 @@ cdef extern from *:
     }
 
     /* The fused add's first pass over a 16-bit row straight from and to its bits where the build has AVX2 and
-       F16C (as _common.pxd's normkit_row_y16 and the other row passes); returns -1 where it does not apply (float16
-       without F16C, or the baseline build), then the caller goes tile by tile. */
+       F16C (as _common.pxd's normkit_row_y16 and the other row passes): h (out) = x + res, the float32 sum rounded
+       once, and the sums of d and d * d, d = sum - pivot, added into s1, s2 in double. NORMKIT_STORE16's flags
+       are not needed here: a float32 sum of two 16-bit values is finite, inf, or a NaN whose low 16 bits are zero,
+       which bfloat16's integer rounding rounds exactly (F16C rounds float16). Returns -1 where it does not apply
+       (float16 without F16C, or the baseline build); then the caller goes tile by tile. */
     #if defined(__AVX2__) && defined(__F16C__)
-    /* h = x + res, the float32 sum rounded once, and the sums of d and d * d with d = sum - pivot into s1, s2. */
-    static int nk_add16(const uint16_t* x, const uint16_t* r, uint16_t* h, Py_ssize_t n, int fmt, double pivot,
-                        double* s1, double* s2) {
-        if (fmt == 1 && !normkit_f16c) return -1;
+    static inline __attribute__((always_inline)) int nk_add16_loop(
+            const uint16_t* x, const uint16_t* r, uint16_t* out, Py_ssize_t n, int fmt, double pivot, double* s1,
+            double* s2) {
+        NORMKIT_STORE16_VARS
         __m256d p = _mm256_set1_pd(pivot), z = _mm256_setzero_pd(), d0, d1, d2, d3;
         __m256d a0 = z, a1 = z, a2 = z, a3 = z, b0 = z, b1 = z, b2 = z, b3 = z;
-        __m256 v, u;
-        uint16_t tx[8] = {0}, tr[8] = {0}, th[8];
-        float tv[8];
+        __m256 v0, v1;
+        uint16_t tx[16] = {0}, tr[16] = {0}, th[16];
+        float tv[16];
         double ta, tb, d;
         Py_ssize_t i = 0, j;
         /* 16 values a step into four pairs of sums (as NORMKIT_MOMENTS_BLOCKS): with one pair the loop waited on
            the latency of its additions */
+        #define NK_ADD16(X, R)                                                                            \
+            v0 = _mm256_add_ps(normkit_load8(X, fmt), normkit_load8(R, fmt));                             \
+            v1 = _mm256_add_ps(normkit_load8((X) + 8, fmt), normkit_load8((R) + 8, fmt));
         for (; i + 16 <= n; i += 16) {
-            v = _mm256_add_ps(normkit_load8(x + i, fmt), normkit_load8(r + i, fmt));
-            u = _mm256_add_ps(normkit_load8(x + i + 8, fmt), normkit_load8(r + i + 8, fmt));
-            _mm_storeu_si128((__m128i*)(h + i), normkit_round8(v, fmt));
-            _mm_storeu_si128((__m128i*)(h + i + 8), normkit_round8(u, fmt));
-            d0 = _mm256_cvtps_pd(_mm256_castps256_ps128(v)) - p;
-            d1 = _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1)) - p;
-            d2 = _mm256_cvtps_pd(_mm256_castps256_ps128(u)) - p;
-            d3 = _mm256_cvtps_pd(_mm256_extractf128_ps(u, 1)) - p;
+            NK_ADD16(x + i, r + i)
+            NORMKIT_STORE16(out + i)
+            d0 = _mm256_cvtps_pd(_mm256_castps256_ps128(v0)) - p;
+            d1 = _mm256_cvtps_pd(_mm256_extractf128_ps(v0, 1)) - p;
+            d2 = _mm256_cvtps_pd(_mm256_castps256_ps128(v1)) - p;
+            d3 = _mm256_cvtps_pd(_mm256_extractf128_ps(v1, 1)) - p;
             a0 += d0; a1 += d1; a2 += d2; a3 += d3;
             b0 += d0 * d0; b1 += d1 * d1; b2 += d2 * d2; b3 += d3 * d3;
-        }
-        for (; i + 8 <= n; i += 8) {
-            v = _mm256_add_ps(normkit_load8(x + i, fmt), normkit_load8(r + i, fmt));
-            _mm_storeu_si128((__m128i*)(h + i), normkit_round8(v, fmt));
-            d0 = _mm256_cvtps_pd(_mm256_castps256_ps128(v)) - p;
-            d1 = _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1)) - p;
-            a0 += d0; a1 += d1; b0 += d0 * d0; b1 += d1 * d1;
         }
         a0 = (a0 + a1) + (a2 + a3);
         b0 = (b0 + b1) + (b2 + b3);
         ta = (a0[0] + a0[1]) + (a0[2] + a0[3]);
         tb = (b0[0] + b0[1]) + (b0[2] + b0[3]);
-        if (i < n) {
+        if (i < n) {  /* through zero-padded buffers (0 + 0 is never flagged) */
             memcpy(tx, x + i, (size_t)(n - i) * 2);
             memcpy(tr, r + i, (size_t)(n - i) * 2);
-            v = _mm256_add_ps(normkit_load8(tx, fmt), normkit_load8(tr, fmt));
-            _mm_storeu_si128((__m128i*)th, normkit_round8(v, fmt));
-            memcpy(h + i, th, (size_t)(n - i) * 2);
-            _mm256_storeu_ps(tv, v);
+            NK_ADD16(tx, tr)
+            NORMKIT_STORE16(th)
+            memcpy(out + i, th, (size_t)(n - i) * 2);
+            _mm256_storeu_ps(tv, v0);
+            _mm256_storeu_ps(tv + 8, v1);
             for (j = 0; j < n - i; j++) { d = tv[j] - pivot; ta += d; tb += d * d; }
         }
+        #undef NK_ADD16
         *s1 += ta; *s2 += tb;
         return 0;
+    }
+
+    static int nk_add16(const uint16_t* x, const uint16_t* r, uint16_t* h, Py_ssize_t n, int fmt, double pivot,
+                        double* s1, double* s2) {
+        if (fmt == 1 && !normkit_f16c) return -1;
+        return fmt ? nk_add16_loop(x, r, h, n, 1, pivot, s1, s2) : nk_add16_loop(x, r, h, n, 0, pivot, s1, s2);
     }
 
     #else
