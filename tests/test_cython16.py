@@ -303,13 +303,14 @@ def test_matches_reference(op, fmt, data):
     roundtrip(op, fmt, kshape, np.random.default_rng(sum(kshape)), groups=groups, affine=affine)
 
 
-# each side of every schedule switch (test_cython.SCHEDULE_CASES), in kernel shapes
+# each side of every schedule switch (test_cython.SCHEDULE_CASES; and _batchnorm.SHORT_ROW16), in kernel shapes
 SCHEDULE_CASES = [
     ("batchnorm", (7, 33, 31), 1), ("batchnorm", (9, 31, 32), 1), ("batchnorm", (5, 32, 32), 1),
     ("batchnorm", (6, 40, 3), 1), ("batchnorm", (1025, 3, 1), 1), ("batchnorm", (300, 700, 1), 1),
     ("batchnorm", (3, 40, 1100), 1), ("layernorm", (3, 65536), 1), ("layernorm", (3, 65537), 1),
     ("layernorm", (2, 100000), 1), ("layernorm", (130, 33), 1), ("groupnorm", (3, 6, 1), 3),
-    ("groupnorm", (2, 8, 1500), 2), ("instancenorm", (2, 3, 2049), 1),
+    ("groupnorm", (2, 8, 1500), 2), ("instancenorm", (2, 3, 2049), 1), ("batchnorm", (3, 5, 127), 1),
+    ("batchnorm", (3, 5, 128), 1), ("instancenorm", (2, 40, 127), 1),
 ]
 
 
@@ -390,12 +391,14 @@ def test_bfloat16_results_near_the_top_of_the_range(op, kshape, groups, rng):
                          np.ones(kshape[1]), w, groups)
 
 
-@pytest.mark.parametrize("op,kshape,groups", [("batchnorm", (4, 3, 33), 1), ("instancenorm", (2, 3, 65), 1),
+@pytest.mark.parametrize("op,kshape,groups", [("batchnorm", (4, 3, 33), 1), ("batchnorm", (4, 40, 200), 1),
+                                              ("batchnorm", (64, 5, 1), 1), ("instancenorm", (2, 3, 65), 1),
                                               ("groupnorm", (2, 6, 35), 3), ("layernorm", (4, 129), 1)],
                          ids=str)
 def test_bfloat16_dx_whose_float32_terms_overflow(op, kshape, groups, rng):
-    """rstd * weight beyond float32's range (rstd ~100, weights of 1e38) with a small dy: dx is finite, but the
-    float32 passes give inf; those runs must be redone in double, not stored. (RMSNorm's dx pass is LayerNorm's.)"""
+    """rstd * weight beyond float32's range (rstd ~100, weights of 1e38) with a small dy: y and dx are finite, but
+    the float32 passes give inf; those runs must be redone in double from double coefficients, not stored (every
+    schedule: BatchNorm's columns, per-run and channels ones). (RMSNorm's dx pass is LayerNorm's.)"""
     x = data(kshape, "bfloat16", rng, std=0.01)
     fwd, w, _ = run_forward(op, "bfloat16", x, rng, True, groups, wscale=1e38)
     assert float(np.min(fwd["rstd"])) * float(np.max(np.abs(w))) > float(np.finfo(np.float32).max)
