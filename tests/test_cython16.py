@@ -392,13 +392,14 @@ def test_bfloat16_results_near_the_top_of_the_range(op, kshape, groups, rng):
 
 
 @pytest.mark.parametrize("op,kshape,groups", [("batchnorm", (4, 3, 33), 1), ("batchnorm", (4, 40, 200), 1),
-                                              ("batchnorm", (64, 5, 1), 1), ("instancenorm", (2, 3, 65), 1),
+                                              ("batchnorm", (64, 5, 1), 1), ("batchnorm", (4, 5, 130), 1),
+                                              ("instancenorm", (2, 3, 65), 1),
                                               ("groupnorm", (2, 6, 35), 3), ("layernorm", (4, 129), 1)],
                          ids=str)
 def test_bfloat16_dx_whose_float32_terms_overflow(op, kshape, groups, rng):
     """rstd * weight beyond float32's range (rstd ~100, weights of 1e38) with a small dy: y and dx are finite, but
-    the float32 passes give inf; those runs must be redone in double from double coefficients, not stored (every
-    schedule: BatchNorm's columns, per-run and channels ones). (RMSNorm's dx pass is LayerNorm's.)"""
+    the float32 passes give inf; those runs must be redone in double from double coefficients, not stored (BatchNorm's
+    columns, per-run and channels schedules, training directions). (RMSNorm's dx pass is LayerNorm's.)"""
     x = data(kshape, "bfloat16", rng, std=0.01)
     fwd, w, _ = run_forward(op, "bfloat16", x, rng, True, groups, wscale=1e38)
     assert float(np.min(fwd["rstd"])) * float(np.max(np.abs(w))) > float(np.finfo(np.float32).max)
