@@ -55,9 +55,10 @@ F16C = bool(normkit_half_init(os.environ.get("NORMKIT_CYTHON_NO_F16C", "") in ("
 
 cdef Py_ssize_t SHORT_ROW = 32
 cdef Py_ssize_t MANY_CHANNELS = 32
-# The 16-bit elementwise pass on its own (inference, and training with few channels) walks whole rows of the
-# (N, C*S) view with per-column coefficients below this S, run by run above it: (32, 128, 7, 7) bfloat16 inference
-# 25 -> 21 us that way (torch 18), but (32, 64, 14, 14) 34 -> 38 us.
+# _apply_channels16 (the 16-bit forward's affine pass on its own: inference, the split apply, training with few
+# channels) walks whole rows of the (N, C*S) view with per-column coefficients below this S, run by run above it:
+# (32, 128, 7, 7) bfloat16 inference 25 -> 21 us that way (torch 18), but (32, 64, 14, 14) 34 -> 38 us. (The
+# backward's pass keeps SHORT_ROW.)
 cdef Py_ssize_t SHORT_ROW16 = 128
 
 cdef enum:
