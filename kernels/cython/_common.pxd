@@ -780,8 +780,9 @@ cdef extern from *:
     #endif
 
     /* The elementwise passes of the channel ops straight from and to 16-bit data where the build has AVX2 and
-       F16C: widened and rounded in registers (bfloat16's RNE in integers, as above), 16 values a step. They return
-       whether every output is finite, or -1 where they do not apply (then the callers go tile by tile).
+       F16C: widened and rounded in registers (bfloat16's RNE in integers, NORMKIT_STORE16), 16 values a step.
+       They return whether every output is finite, or -1 where they do not apply (then the callers go tile by
+       tile).
        Measured on (32, 16, 56, 56) bfloat16 BatchNorm inference, 2 threads: 8 values a step with the format
        tested inside the loop ran at 10 values/ns, half float16's speed, bound by the count of instructions. */
     #define NORMKIT_COMMA ,
@@ -795,25 +796,8 @@ cdef extern from *:
         return fmt ? _cvtsh_ss(h) : normkit_float_of((uint32_t)h << 16);
     }
 
-    /* bfloat16's round to nearest even of 8 float32 values; a NaN stays a NaN (quieted), keeping its sign */
-    static inline __m256i normkit_round_bf16x8(__m256 v) {
-        __m256i u = _mm256_castps_si256(v), one = _mm256_set1_epi32(1);
-        __m256i r = _mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7FFF)),
-                                     _mm256_and_si256(_mm256_srli_epi32(u, 16), one));
-        __m256i nan = _mm256_cmpgt_epi32(_mm256_and_si256(u, _mm256_set1_epi32(0x7FFFFFFF)),
-                                         _mm256_set1_epi32(0x7F800000));
-        return _mm256_blendv_epi8(_mm256_srli_epi32(r, 16), _mm256_or_si256(_mm256_srli_epi32(u, 16),
-                                  _mm256_set1_epi32(0x40)), nan);
-    }
-
-    static inline __m128i normkit_round8(__m256 v, int fmt) {
-        if (fmt) return _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT);
-        __m256i r = normkit_round_bf16x8(v);
-        return _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
-    }
-
     /* The variables NORMKIT_STORE16 uses (declared once per loop) and what it does: 16 float32 values v0, v1 rounded to
-       16 bits and stored at PO. bfloat16 rounds without the NaN care of normkit_round8: every value whose
+       16 bits and stored at PO. bfloat16 rounds without per-lane NaN care (no blend): every value whose
        rounding is not a finite bfloat16 (NaN, inf, or beyond the largest finite one, |bits| > 0x7F7F7FFF) is
        flagged in big instead, and the callers redo those runs in double; float16 flags non-finite outputs in bad.
        NORMKIT_ALL_FINITE says whether nothing was flagged. */
@@ -1108,11 +1092,11 @@ cdef extern from *:
     /* The passes over a 16-bit row of LayerNorm and RMSNorm (y, optionally from x + res; the backward's sums and
        dx, optionally + dh) straight from and to its bits where the build has AVX2, FMA and F16C: widened and
        rounded in registers, where the float32 copies of the tile-by-tile loops cost more than the memory traffic
-       ((8192, 1024) bfloat16 RMSNorm with the add, one thread: ~8.6 ms tile by tile, ~5 ms so). They return -1
-       where they do not apply (float16 without F16C, or the baseline build); then the callers go tile by tile. */
+       ((8192, 1024) bfloat16 RMSNorm with the add, one thread: ~8.6 ms tile by tile, ~5 ms so). The y and dx
+       passes return whether every output is finite (NORMKIT_ALL_FINITE); all return -1 where they do not apply
+       (float16 without F16C, or the baseline build), then the callers go tile by tile. */
     #if defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
-    /* y from x, or from x + res where res is not NULL, as _row_y computes it (centered: b is read; else NULL).
-       Returns whether every output is finite. */
+    /* 8 values of y from v (x, or x + res), as _row_y computes them (centered: b is read; else NULL) */
     static inline __m256 normkit_row_y8(__m256 v, const float* w, const float* b, int centered, __m256 m,
                                         __m256 rs, __m256 c0) {
         if (centered)
