@@ -356,7 +356,8 @@ class _ChannelOp(Op):
             xk = x.reshape(kshape) if cl is None else cl
             y = _empty(xk.shape, x.dtype, x.nbytes)
             kernel(_bits(xk), weight, bias, rm, rv, eps, *act, _bits(y))
-        rstd = (1.0 / np.sqrt(rv.astype(np.float64) + eps)).astype(sdt)
+        with np.errstate(divide="ignore", invalid="ignore"):  # a zero (or negative) variance: inf / NaN, no warning
+            rstd = (1.0 / np.sqrt(rv.astype(np.float64) + eps)).astype(sdt)
         return _output(y, x.shape, cl), Saved(rm, rstd, False, used)
 
     def _channel_backward(self, grad_output, x, saved, weight, bias, backend, act):

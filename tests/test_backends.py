@@ -150,6 +150,19 @@ def test_constant_input_gives_bias_exactly(backend, op, dtype, rng):
         assert np.isfinite(g).all()
 
 
+# (2, 4, 5): the one-thread schedules; (16, 64, 300): the parallel ones
+@pytest.mark.parametrize("shape", [(2, 4, 5), (16, 64, 300)], ids=str)
+@pytest.mark.parametrize("op", OPS)
+def test_zero_eps_constant_input(backend, op, shape, rng):
+    """eps = 0 on constant sets (zeros for RMSNorm): 1 / sqrt(0) is inf and y NaN, as in the reference, not an
+    exception raised inside a compiled loop."""
+    x = np.full(shape, 2.5 if SPECS[op].centered else 0.0, np.float32)
+    dy = rng.standard_normal(shape).astype(np.float32)
+    kw = {**op_args(op, x, rng, groups=2, affine="both"), "eps": 0.0}
+    got = compare(op, x, kw, backend, dy)
+    assert np.isposinf(got["rstd"]).all() and np.isnan(got["y"]).all()
+
+
 @pytest.mark.parametrize("offset", [1e4, 1e6, 1e8])
 @pytest.mark.parametrize("op", OPS)
 def test_large_offset_float32(backend, op, offset, rng):

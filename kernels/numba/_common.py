@@ -72,10 +72,15 @@ CACHE = _can_cache()
 #   LayerNorm's act_ backward dx). For arrays that do not overlap the check passes, but it takes an array's range
 #   from the loop even where the loop touches the array only under a flag, such as a zero-size placeholder for an
 #   absent argument, which may sit anywhere: so the act_ loops test such a flag outside the loop (layernorm.py).
-_jit = njit(cache=CACHE, fastmath=FASTMATH, nogil=True, forceinline=True)
-_pjit = njit(cache=CACHE, fastmath=FASTMATH, nogil=True, parallel=True)
+#
+# NumPy's error model: a float division by zero gives inf or NaN as in the reference (rstd = 1 / sqrt(0) for a
+# constant set with eps = 0, or a zero running variance) rather than raising ZeroDivisionError out of a parallel
+# loop; and numba's default checks each division for zero, a branch that kept the activations' loops from
+# vectorizing (17x slower silu).
+_jit = njit(cache=CACHE, fastmath=FASTMATH, nogil=True, error_model="numpy", forceinline=True)
+_pjit = njit(cache=CACHE, fastmath=FASTMATH, nogil=True, error_model="numpy", parallel=True)
 # merges of partial sums: additions in the order the code gives, never regrouped (see above)
-_sjit = njit(cache=CACHE, fastmath=FASTMATH - {"reassoc"}, nogil=True, forceinline=True)
+_sjit = njit(cache=CACHE, fastmath=FASTMATH - {"reassoc"}, nogil=True, error_model="numpy", forceinline=True)
 
 
 # --- scalar helpers ---------------------------------------------------------------------------------------------
@@ -383,12 +388,9 @@ _SQRT_HALF = 0.7071067811865476
 _INV_SQRT_2PI = 0.3989422804014327
 _TANH_C = 0.7978845608028654  # sqrt(2 / pi)
 _TANH_K = 0.044715
-# The scalar activations divide: numba's default error model checks each float division for zero (to raise
-# ZeroDivisionError), and that branch alone kept the silu loops from vectorizing (17x slower); NumPy's gives inf.
-# The kernels' fastmath flags, said here: a function that leaves them unset takes its caller's (numba's
-# inherit_if_not_set), so these always had them inside the kernels, and the selects below (s != 0 ? z * s : 0)
-# hold with them (the conformance kit's overflow data). Without them the silu and gelu_tanh kernels ran 1.4x slower.
-_ajit = njit(cache=CACHE, fastmath=FASTMATH, nogil=True, error_model="numpy", forceinline=True)
+# The scalar activations run under the kernels' fastmath flags (_jit; a function that left them unset would take
+# its caller's, numba's inherit_if_not_set), and the selects below (s != 0 ? z * s : 0) hold with them (the
+# conformance kit's overflow data). Without them the silu and gelu_tanh kernels ran 1.4x slower.
 
 
 @intrinsic
@@ -401,7 +403,7 @@ def _pow2_f32(typingctx, n):
     return types.float32(n), codegen
 
 
-@_ajit
+@_jit
 def _exp_neg32(z):
     """e**z for float32 z <= 0, within about 1 ulp (Cephes' expf: z = n ln 2 + r, a degree-7 polynomial in r),
     in code LLVM vectorizes (libm's expf it does not, without SVML: 10x slower in the silu loops). 0 below -87 (the
@@ -432,7 +434,7 @@ def _tanh(u):
     """tanh(u)."""
 
 
-@_ajit
+@_jit
 def _tanh32(u):
     """tanh of a float32 as (1 - e) / (1 + e) with e = exp(-2|u|) <= 1: no overflow, and vectorized as
     _exp_neg32 (libm's tanhf: 20 ns a value); near 0 its error is absolute, about eps, which gelu_tanh's
@@ -453,7 +455,7 @@ def _tanh_impl(u):
 # it, in gelu_tanh's derivative) the term would be inf * 0 = NaN, where the float64 reference, whose z is finite,
 # gets the limit (the conformance kit's overflow data, 16-bit weights near 1e38).
 
-@_ajit
+@_jit
 def _act(z, a, slope):
     """act(z) in z's dtype, for a constant ``a`` (an index into contract.ACTIVATIONS); a NaN z stays NaN."""
     t = type(z)
@@ -472,7 +474,7 @@ def _act(z, a, slope):
     return t(0.5) * z * q if q != t(0.0) else t(0.0)
 
 
-@_ajit
+@_jit
 def _dact(z, a, slope):
     """act'(z) in z's dtype (relu, leaky_relu: 1 where z > 0, else 0 or the slope, as torch's)."""
     t = type(z)
