@@ -35,10 +35,11 @@ from __future__ import annotations
 
 import numba
 import numpy as np
+from numba import njit
 from numba.core import config
 
 from normkit import half
-from normkit.contract import DATA_ARGS, SPECS, kernel_table
+from normkit.contract import DATA_ARGS, OUTPUTS, SPECS, kernel_table
 
 from . import _common
 from ._common import CACHE, FASTMATH, THREADING_LAYER, set_num_threads
@@ -127,11 +128,88 @@ def _sixteen_bit(f, op, direction, bits):
     return kernel
 
 
+# The 16-bit kernels compute in float32 with per-set coefficients: rstd * weight scales y and dx, rstd**2 * weight
+# one of dx's terms. A tiny variance with a huge weight (std 0.01, weights of 1e38: the results themselves are
+# finite) takes those beyond float32's range, and the float32 passes would give inf or NaN. Past COEF_LIMIT (far
+# beyond any trained model's, which stay near rstd <= 1/sqrt(eps) with weights near 1; the margin of 2**64 below
+# float32's top leaves room for dy and the set size) a call runs again through the float64 kernel on widened
+# copies, which rounds each output once as the reference does. Detected from the statistics only: O(sets + C).
+COEF_LIMIT = 2.0 ** 64
+
+
+@njit(cache=CACHE, nogil=True, error_model="numpy")
+def _coefficients_overflow(r, w, infer_eps):
+    """Whether max(rstd) * max(1, max(rstd)) * max|weight| passes COEF_LIMIT; r is rstd, or running_var when
+    infer_eps >= 0 (rstd = 1 / sqrt(running_var + eps)). NaNs are skipped (they propagate on either path)."""
+    rmax = 0.0
+    for v in r.ravel():
+        v = np.float64(v)
+        if infer_eps >= 0.0:
+            v = 1.0 / np.sqrt(v + infer_eps)
+        if v > rmax:
+            rmax = v
+    wmax = 1.0
+    if w is not None:
+        wmax = 0.0
+        for v in w.ravel():
+            a = abs(np.float64(v))
+            if a > wmax:
+                wmax = a
+    return rmax * max(1.0, rmax) * wmax > COEF_LIMIT
+
+
+def _guarded(kernel, op, direction, dtype, float64_kernel):
+    """The 16-bit ``kernel`` with the float64 redo above: checked before the call where the statistics are
+    inputs (backward directions; inference from the running variance), after it where the call computes them."""
+    names = SPECS[op].args(direction)
+    if "weight" not in names:
+        return kernel  # the split directions: their coefficients arrive as float32 arguments
+    infer = "running_var" in names
+    r_at = names.index("running_var" if infer else "rstd")
+    w_at, eps_at = names.index("weight"), names.index("eps") if infer else None
+    after = "rstd" in OUTPUTS[direction]
+    redo = half.through(_float64_params(float64_kernel, names, OUTPUTS[direction]), op, direction, dtype)
+
+    def overflows(args):
+        return _coefficients_overflow(args[r_at], args[w_at], float(args[eps_at]) if infer else -1.0)
+
+    def run(*args):
+        if after:
+            kernel(*args)
+            if overflows(args):
+                redo(*args)
+        elif overflows(args):
+            redo(*args)
+        else:
+            kernel(*args)
+    run.__name__ = run.__qualname__ = kernel.__name__
+    run.__doc__ = kernel.__doc__
+    return run
+
+
+def _float64_params(kernel, names, outputs):
+    """kernel (a float64 one) called with its float32 arguments (weights, statistics) as float64 copies, the float32
+    outputs among them written back: the kernels compute in the dtype of these arguments."""
+    def run(*args):
+        args, back = list(args), []
+        for i, a in enumerate(args):
+            if isinstance(a, np.ndarray) and a.dtype == np.float32:
+                args[i] = a.astype(np.float64)
+                if names[i] in outputs:
+                    back.append((a, args[i]))
+        kernel(*args)
+        for out, wide in back:
+            out[...] = wide
+    return run
+
+
 KERNELS = kernel_table({**_FUNCTIONS, **_ROWNORM, **_ACT}, dtypes=("float32", "float64"))
-KERNELS.update({(op, direction, dtype): _sixteen_bit(f, op, direction, bits)
+KERNELS.update({(op, direction, dtype): _guarded(_sixteen_bit(f, op, direction, bits), op, direction, dtype,
+                                                 KERNELS[(op, direction, "float64")])
                 for (op, direction), f in {**_FUNCTIONS, **_ROWNORM}.items() for dtype, bits in _FORMATS.items()})
-KERNELS.update({(op, direction, dtype): half.through(KERNELS[(op, direction, "float32")], op, direction, dtype,
-                                                     np.float32)
+KERNELS.update({(op, direction, dtype): _guarded(half.through(KERNELS[(op, direction, "float32")], op, direction,
+                                                              dtype, np.float32),
+                                                 op, direction, dtype, KERNELS[(op, direction, "float64")])
                 for op, direction in _ACT for dtype in _FORMATS})
 # the channels-last kernels (normkit.contract): (op, direction, dtype, "nhwc"), arrays (N, S, C); float32 and
 # float64 only (contract.LAYOUT_DTYPES)
