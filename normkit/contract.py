@@ -139,6 +139,7 @@ count) and ``INFO`` (a dict of short strings shown by ``normkit list``).
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -407,3 +408,22 @@ def kernel_table(functions, dtypes=DEFAULT_DTYPES) -> dict:
     """``KERNELS`` for a backend whose functions take every dtype: ``{(op, direction): f}`` becomes
     ``{(op, direction, dtype): f}`` for each dtype."""
     return {(op, direction, dtype): f for (op, direction), f in functions.items() for dtype in dtypes}
+
+
+SERIAL_MAX_VALUES_DEFAULT = 32768
+
+
+def serial_max_values() -> int:
+    """The built-in backends' one-thread rule: a kernel given at most this many values runs on one thread, because
+    waking the other threads costs more than such a pass. PyTorch's grain size, 32768, unless the environment's
+    NORMKIT_SERIAL_MAX_VALUES (an integer >= 0) says otherwise."""
+    raw = os.environ.get("NORMKIT_SERIAL_MAX_VALUES")
+    if raw is None:
+        return SERIAL_MAX_VALUES_DEFAULT
+    try:
+        n = int(raw)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise ValueError(f"NORMKIT_SERIAL_MAX_VALUES must be an integer >= 0, got {raw!r}")
+    return n

@@ -11,7 +11,6 @@ import sys
 import sysconfig
 from pathlib import Path
 
-import numpy as np
 import pytest
 from support import assert_close, copy_args, op_args
 

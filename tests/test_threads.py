@@ -27,7 +27,7 @@ import pytest
 from support import TOL, copy_args, op_args
 
 import normkit
-from normkit import registry
+from normkit import contract, registry
 
 BACKENDS = tuple(sorted(b.name for b in registry.list_backends(load=False) if b.builtin))
 HAVE_TORCH = importlib.util.find_spec("torch") is not None
@@ -151,6 +151,19 @@ def _serial_limit_setter(backend):
     """The backend's set_serial_max_values (the one-thread rule for small inputs)."""
     return pytest.importorskip(f"normkit_kernels.{backend}." + ("kernels" if backend == "cython" else "_common")
                                ).set_serial_max_values
+
+
+@pytest.mark.parametrize("raw,want", [(None, 32768), ("0", 0), ("100000", 100000), ("abc", None), ("-1", None)])
+def test_serial_limit_from_the_environment(monkeypatch, raw, want):
+    if raw is None:
+        monkeypatch.delenv("NORMKIT_SERIAL_MAX_VALUES", raising=False)
+    else:
+        monkeypatch.setenv("NORMKIT_SERIAL_MAX_VALUES", raw)
+    if want is None:
+        with pytest.raises(ValueError, match=f"NORMKIT_SERIAL_MAX_VALUES must be an integer >= 0, got '{raw}'"):
+            contract.serial_max_values()
+    else:
+        assert contract.serial_max_values() == want
 
 
 # (op, shape, groups): each op at a size of the per-call overhead benchmarks, all at most 32768 values

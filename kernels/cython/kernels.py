@@ -21,7 +21,7 @@ from functools import partial
 import numpy as np
 
 from normkit import half
-from normkit.contract import OUTPUTS, SPECS
+from normkit.contract import OUTPUTS, SPECS, serial_max_values
 from normkit.registry import get_num_threads
 
 from . import _batchnorm
@@ -206,15 +206,13 @@ def set_num_threads(n: int) -> None:
 
 def set_serial_max_values(n: int | None) -> None:
     """A kernel given at most ``n`` values runs on one thread (the results are the same on any number of threads);
-    None restores the default: NORMKIT_SERIAL_MAX_VALUES, else PyTorch's grain size of 32768
-    (``_common.pxd``: waking a second thread costs more than a pass over fewer values takes). The test suite sets
-    0, so that small inputs run on every thread."""
+    None restores the default (normkit.contract.serial_max_values; ``_common.pxd``: waking a second thread costs
+    more than a pass over fewer values takes). The test suite sets 0, so that small inputs run on every thread."""
     for module in _MODULES:
         module.set_serial_max_values(SERIAL_MAX_VALUES if n is None else n)
 
 
-SERIAL_MAX_VALUES_DEFAULT = 32768  # _common.pxd's SERIAL_MAX_VALUES
-SERIAL_MAX_VALUES = int(os.environ.get("NORMKIT_SERIAL_MAX_VALUES", SERIAL_MAX_VALUES_DEFAULT))
+SERIAL_MAX_VALUES = serial_max_values()
 
 
 def last_level_cache_bytes() -> int | None:

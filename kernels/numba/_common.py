@@ -25,6 +25,8 @@ from numba.core import cgutils, config, types
 from numba.extending import intrinsic, overload
 from numba.np.ufunc.parallel import _launch_threads
 
+from normkit.contract import serial_max_values
+
 from ._dtype16 import narrow, widen
 
 # the fastmath flags: see kernels.py (no nnan or ninf)
@@ -239,10 +241,8 @@ _wanted: int | None = None
 _applied = threading.local()
 
 
-# A kernel given at most this many values runs on one thread: PyTorch's grain size, as in the Cython kernels
-# (waking the other threads costs more than such a pass). NORMKIT_SERIAL_MAX_VALUES moves it for both backends.
-SERIAL_MAX_VALUES_DEFAULT = 32768
-_serial_max = int(os.environ.get("NORMKIT_SERIAL_MAX_VALUES", SERIAL_MAX_VALUES_DEFAULT))
+# A kernel given at most this many values runs on one thread (normkit.contract.serial_max_values)
+_serial_max = serial_max_values()
 
 
 def use_threads(n: int) -> None:
@@ -266,9 +266,9 @@ def set_num_threads(n: int) -> None:
 
 def set_serial_max_values(n: int | None) -> None:
     """Kernels given at most ``n`` values run on one thread (the results are the same on any number of threads);
-    None restores the default: NORMKIT_SERIAL_MAX_VALUES, else 32768."""
+    None restores the default (normkit.contract.serial_max_values)."""
     global _serial_max
-    _serial_max = int(os.environ.get("NORMKIT_SERIAL_MAX_VALUES", SERIAL_MAX_VALUES_DEFAULT)) if n is None else n
+    _serial_max = serial_max_values() if n is None else n
 
 
 # Why numba's threads are started here, and OpenMP's thread counts put back: when numba's OpenMP threading layer
