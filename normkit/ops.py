@@ -11,12 +11,13 @@ statistics in any float dtype (updated in their own); the output has the input's
 float32, and weight / bias gradients have the dtype of weight / bias. The kernels see the data as ``np.uint16``
 bit patterns (views, no copy) and everything else as float32 (:mod:`normkit.contract`).
 
-Channels-last (float32/float64): an input of the channel ops whose strides are NHWC (NDHWC, ...), e.g.
+Channels-last: an input of the channel ops whose strides are NHWC (NDHWC, ...), e.g.
 ``a.transpose(0, 3, 1, 2)`` of a C-contiguous (N, H, W, C) array, goes without a copy to the channels-last kernel as
 its (N, S, C) view, and the outputs ``y`` / ``dx`` come back with the same strides (``dx`` follows ``x``; a
 ``grad_output`` in the other layout is copied). Without a channels-last kernel, the NCHW one runs on a copy and the
 output is still handed back channels-last. An array that is C-contiguous too (C = 1, or S = 1) takes the NCHW path:
-the memory is the same. 16-bit channels-last inputs are copied to NCHW (no 16-bit channels-last kernels yet).
+the memory is the same. The same holds for 16-bit data, which always takes that copy (channels-last kernels are
+float32/float64 only: contract.LAYOUT_DTYPES).
 
 A torch tensor handed to an op goes to :mod:`normkit.torch`, which never comes back here.
 """
@@ -114,12 +115,15 @@ _CHANNELS_LAST_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 
 def channels_last_view(x) -> np.ndarray | None:
-    """The C-contiguous (N, S, C) view of a float32/float64 array of 3 or more dims whose strides are channels-last
-    (dim 1 the fastest, then the spatial dims in order), or None: for any other array, and for one that is
-    C-contiguous too (its NCHW view is the same memory)."""
-    if type(x) is not np.ndarray or x.ndim < 3 or x.flags.c_contiguous or x.dtype not in _CHANNELS_LAST_DTYPES \
-            or not x.size:
+    """The C-contiguous (N, S, C) view of a float array of 3 or more dims whose strides are channels-last (dim 1
+    the fastest, then the spatial dims in order), or None: for any other array, and for one that is C-contiguous
+    too (its NCHW view is the same memory)."""
+    if type(x) is not np.ndarray or x.ndim < 3 or x.flags.c_contiguous or not x.size:
         return None
+    if x.dtype not in _CHANNELS_LAST_DTYPES:
+        if x.dtype.name not in HALF_DTYPES or not x.dtype.isnative:
+            return None
+        _KERNEL_DTYPES.setdefault(x.dtype, x.dtype.name)
     t = np.moveaxis(x, 1, -1)
     return t.reshape(x.shape[0], -1, x.shape[1]) if t.flags.c_contiguous else None
 

@@ -217,6 +217,23 @@ def test_numpy_without_channels_last_kernel_copies_and_keeps_the_layout(op, rng)
     assert_close(got[1], ref[1], "float64", "backward")
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("op", CHANNEL_OPS)
+def test_numpy_16_bit_channels_last_keeps_the_layout(op, dtype, backend, rng):
+    """16-bit data has no channels-last kernels: y and dx come back NHWC-strided, equal to the NCHW input's."""
+    dt = np.dtype(dtype) if dtype == "float16" else np.dtype(pytest.importorskip("ml_dtypes").bfloat16)
+    a = rng.standard_normal((3, 4, 5, 2)).astype(dt)
+    dy = rng.standard_normal((3, 4, 5, 2)).astype(dt)
+    w, b = rng.standard_normal(4).astype(np.float32), rng.standard_normal(4).astype(np.float32)
+    got = _forward_backward(op, nhwc(a), nhwc(dy), 2, w, b, backend)
+    want = _forward_backward(op, a, dy, 2, w, b, backend)
+    assert is_nhwc(got[0]) and is_nhwc(got[1]) and got[0].dtype == dt
+    for g, r in zip(got, want):
+        np.testing.assert_array_equal(g.view(np.uint16) if g.dtype == dt else g, r.view(np.uint16) if r.dtype == dt
+                                      else r)
+
+
 # --- the kernels: numerics the conformance kit's small shapes do not reach --------------------------------------
 
 @pytest.mark.parametrize("backend", CL_BACKENDS)

@@ -82,6 +82,29 @@ def test_layers_on_channels_last_match_torch_nn(dtype, shape):
             _check_step(ours, theirs, x)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_16_bit_channels_last_comes_back_channels_last(dtype):
+    """16-bit data has no channels-last kernels: a contiguous copy, the NCHW kernel, and y and dx handed back in
+    the input's format (as torch.nn gives them, but for its InstanceNorm), with the NCHW input's values bit for
+    bit."""
+    torch.manual_seed(2)
+    for ours, _, dims in _layers(6):
+        x = torch.randn((3, 6, 4, 5) if dims == 4 else (3, 6, 4, 5, 2)).to(dtype)
+        dy = torch.randn(x.shape).to(dtype)
+        for training in (True, False):
+            ours.train(training)
+            got = {}
+            for fmt in (torch.contiguous_format, CL[dims]):
+                xa = x.clone(memory_format=fmt).requires_grad_(True)
+                layer = copy.deepcopy(ours)
+                y = layer(xa)
+                y.backward(dy.contiguous(memory_format=fmt))
+                assert y.is_contiguous(memory_format=fmt) and xa.grad.is_contiguous(memory_format=fmt)
+                got[fmt] = (y, xa.grad)
+            for a, b in zip(got[torch.contiguous_format], got[CL[dims]]):
+                assert torch.equal(a, b), f"{type(ours).__name__} {dtype} training={training}"
+
+
 def test_torch_instance_norm_channels_last_n1_gradient():
     """Why _check_step feeds torch.nn's instance norm an NCHW copy: on a channels-last input with one sample,
     torch's own input gradient disagrees with its NCHW one (and with normkit's, on either layout). If this starts

@@ -23,13 +23,12 @@ gradients in each parameter's dtype. The kernels get the 16-bit data as ``np.uin
 normkit's ops, receiving what torch's would, do what torch's do: a 16-bit convolution's output is normalized in its
 16-bit dtype with the float32 parameters.
 
-Channels-last (float32/float64): an input of the channel ops in ``torch.channels_last`` / ``channels_last_3d`` (or
-any dense layout with dim 1 fastest, then the spatial dims in order) goes without a copy to the channels-last
-kernels as its (N, S, C) view, and ``y`` (and, in backward, ``dx``) has the input's strides, as in PyTorch; a
-grad_output in another layout is copied to it. Without a channels-last kernel the NCHW one runs on a contiguous
-copy, and the output is still handed back channels-last. A tensor that is contiguous too (C = 1, or all spatial dims
-1) takes the NCHW path: the memory is the same. 16-bit channels-last tensors are copied to NCHW (no 16-bit
-channels-last kernels yet).
+Channels-last: an input of the channel ops in ``torch.channels_last`` / ``channels_last_3d`` (or any dense layout
+with dim 1 fastest, then the spatial dims in order) goes without a copy to the channels-last kernels as its
+(N, S, C) view, and ``y`` (and, in backward, ``dx``) has the input's strides, as in PyTorch; a grad_output in
+another layout is copied to it. Without a channels-last kernel (always for 16-bit data: contract.LAYOUT_DTYPES)
+the NCHW one runs on a contiguous copy, and the output is still handed back channels-last. A tensor that is
+contiguous too (C = 1, or all spatial dims 1) takes the NCHW path: the memory is the same.
 """
 
 from __future__ import annotations
@@ -183,13 +182,9 @@ def _contiguous(t: Optional[Tensor]) -> Optional[Tensor]:
 
 
 def _is_nhwc(spec: OpSpec, t: Tensor) -> bool:
-    """Whether a channel op's float32/float64 input of 3 or more dims is channels-last dense and not contiguous (see
-    the module docstring)."""
-    return (spec.sets != "row" and t.dim() >= 3 and t.dtype in _NHWC_DTYPES and not t.is_contiguous()
-            and t.movedim(1, -1).is_contiguous())
-
-
-_NHWC_DTYPES = (torch.float32, torch.float64)
+    """Whether a channel op's input of 3 or more dims is channels-last dense and not contiguous (see the module
+    docstring)."""
+    return (spec.sets != "row" and t.dim() >= 3 and not t.is_contiguous() and t.movedim(1, -1).is_contiguous())
 
 
 def _nsc(t: Tensor, kshape: tuple) -> np.ndarray:
