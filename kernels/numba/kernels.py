@@ -23,8 +23,9 @@ reference.
 
 The 16-bit dtypes (bfloat16, float16) are the same kernels: they load and store through _dtype16.py's ``widen`` /
 ``narrow``, computing in float32 (the dtype of their float arguments) with float64 sums as above, and round each
-output element once. The wrappers below view the contract's uint16 bit arrays as the numba type that names the
-format (uint16 for bfloat16, int16 for float16).
+output element once (through the float64 kernel where float32 coefficients would overflow: COEF_LIMIT below). The
+wrappers below view the contract's uint16 bit arrays as the numba type that names the format (uint16 for
+bfloat16, int16 for float16).
 
 Threads: normkit's thread count (set_num_threads) is numba's, per calling thread; numba's threading layer is
 started when this backend loads, and it leaves PyTorch's and OpenMP's thread settings as they were (see
