@@ -1,4 +1,4 @@
-"""Cython-specific behaviour: the build (OpenMP or not, the x86-64-v3 copy), what INFO reports, and shapes at the
+"""Cython-specific behaviour: the build (OpenMP or not, the x86-64 copies), what INFO reports, and shapes at the
 kernels' schedule boundaries. Numerics and thread independence are covered for every backend in test_backends.py.
 """
 
@@ -92,13 +92,27 @@ def _suite(python, env):
     return _run([python, *safe_path, "-m", "pytest", "tests/test_backends.py", "-k", "cython", "-q", "-x"], env=env)
 
 
+def _modules(env) -> str:
+    return _run([sys.executable, "-c", "import normkit_kernels.cython.kernels as k; print(k.INFO['modules'])"],
+                env).strip()
+
+
 @pytest.mark.slow
-@pytest.mark.skipif(not kernels.INFO["modules"].endswith("x86_64_v3"), reason="this build has only one copy")
+@pytest.mark.skipif(kernels.INFO["modules"] == "normkit_kernels.cython", reason="this build has only one copy")
 def test_baseline_copy_passes_backend_suite():
-    """On x86-64 the tests above ran the x86-64-v3 copy; the baseline copy (any x86-64 CPU) must pass too."""
+    """On x86-64 the tests above ran the highest x86-64 copy the CPU runs; the baseline copy (any x86-64 CPU)
+    must pass too."""
     env = dict(os.environ, NORMKIT_CYTHON_BASELINE="1")
-    info = _run([sys.executable, "-c", "import normkit_kernels.cython.kernels as k; print(k.INFO['modules'])"], env)
-    assert info.strip() == "normkit_kernels.cython"
+    assert _modules(env) == "normkit_kernels.cython"
+    _suite(sys.executable, env)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not kernels.INFO["modules"].endswith("x86_64_v4"), reason="no AVX-512 copy in use")
+def test_x86_64_v3_copy_passes_backend_suite():
+    """Where the tests above ran the x86-64-v4 (AVX-512) copy, the x86-64-v3 one (AVX2 CPUs) must pass too."""
+    env = dict(os.environ, NORMKIT_CYTHON_NO_AVX512="1")
+    assert _modules(env) == "normkit_kernels.cython.x86_64_v3"
     _suite(sys.executable, env)
 
 
@@ -106,7 +120,7 @@ def test_baseline_copy_passes_backend_suite():
 def test_fresh_venv_build_without_openmp(tmp_path):
     """``pip install .`` of a clean copy of the source (no generated C, no binaries) into a new venv, with
     NORMKIT_NO_OPENMP=1: the install succeeds, ``normkit list`` says the kernels are serial, and the build passes
-    the backend suite (both the baseline and the x86-64-v3 copy, where there is one).
+    the backend suite (both the baseline and the highest x86-64 copy, where there is one).
 
     The venv sees the dev environment's packages through a .pth file, so the build runs offline with
     --no-build-isolation; normkit itself comes only from the fresh install.
@@ -135,5 +149,5 @@ def test_fresh_venv_build_without_openmp(tmp_path):
     assert "-fopenmp" not in listing
 
     _suite(python, env)
-    if "x86_64_v3" in listing:
+    if "x86_64_v" in listing:
         _suite(python, dict(env, NORMKIT_CYTHON_BASELINE="1"))

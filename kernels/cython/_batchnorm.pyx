@@ -37,16 +37,18 @@ from _common cimport (
     act_apply, act_grad, act_grad_apply, act_grad_apply_stream, act_grad_sums, affine, affine16, affine_act,
     affine_act_stream, finish_moments, grad_apply, grad_apply16, grad_sums, grad_sums16, moments, moments16,
     normkit_col_sums16, normkit_cols16, normkit_half_init, normkit_narrow, normkit_sfence, narrow64,
-    normkit_use_x86_64_v3, normkit_widen, pivot16, pivot_of, prefetch_run, scale_copy, scale_copy16, threads_for,
+    normkit_widen, normkit_x86_64_copies, pivot16, pivot_of, prefetch_run, scale_copy, scale_copy16, threads_for,
     to_double,
 )
 
-# How this module was built (setup.py); the backend reads it for its INFO and to pick the x86-64-v3 copy.
+# How this module was built (setup.py); the backend reads it for its INFO and to pick an x86-64 copy: the
+# subpackages of the copies built that this CPU runs, lowest level first.
 BUILD = {
     "openmp": bool(NORMKIT_HAVE_OPENMP),
     "openmp_note": NORMKIT_OPENMP_NOTE.decode(),
     "flags": NORMKIT_BUILD_FLAGS.decode(),
-    "use_x86_64_v3": bool(normkit_use_x86_64_v3()),
+    "x86_64_copies": tuple(name for bit, name in ((1, "x86_64_v3"), (2, "x86_64_v4"))
+                           if normkit_x86_64_copies() & bit),
 }
 
 # float16 converts with F16C where the CPU has it, unless NORMKIT_CYTHON_NO_F16C=1 asks for the portable code (to

@@ -580,20 +580,25 @@ cdef extern from *:
     #ifndef NORMKIT_OPENMP_NOTE
     #define NORMKIT_OPENMP_NOTE "unknown (not built by normkit's setup.py)"
     #endif
-    /* Whether setup.py also built the x86-64-v3 copy of the modules and this CPU can run it. */
-    static int normkit_use_x86_64_v3(void) {
-    #ifdef NORMKIT_HAVE_X86_64_V3_BUILD
+    /* Which x86-64 copies of the modules setup.py built that this CPU can run: bit 0 x86-64-v3, bit 1 x86-64-v4. */
+    static int normkit_x86_64_copies(void) {
+        int copies = 0;
+    #if defined(NORMKIT_HAVE_X86_64_V3_BUILD) || defined(NORMKIT_HAVE_X86_64_V4_BUILD)
         __builtin_cpu_init();
-        return __builtin_cpu_supports("x86-64-v3") != 0;
-    #else
-        return 0;
     #endif
+    #ifdef NORMKIT_HAVE_X86_64_V3_BUILD
+        if (__builtin_cpu_supports("x86-64-v3")) copies |= 1;
+    #endif
+    #ifdef NORMKIT_HAVE_X86_64_V4_BUILD
+        if (__builtin_cpu_supports("x86-64-v4")) copies |= 2;
+    #endif
+        return copies;
     }
     """
     const int NORMKIT_HAVE_OPENMP
     const char* NORMKIT_BUILD_FLAGS
     const char* NORMKIT_OPENMP_NOTE
-    int normkit_use_x86_64_v3() noexcept nogil
+    int normkit_x86_64_copies() noexcept nogil
 
 
 # --- 16-bit data (bfloat16, float16; normkit.contract): uint16 bit patterns, widened tile by tile ---------------

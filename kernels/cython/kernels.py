@@ -9,12 +9,14 @@ _channels_last. Every per-channel kernel (all of BatchNorm's, and InstanceNorm's
 running statistics) is the NCHW kernel on the (N*S, C, 1) view: the same channels' values in the same order, which
 the NCHW kernels' columns schedule sums down the columns of an (N*S, C) matrix, vectorized along C.
 
-On x86-64, setup.py also builds the modules for x86-64-v3 (AVX2, FMA); they are used when this CPU supports them,
-unless NORMKIT_CYTHON_BASELINE=1 asks for the baseline build (to test or compare it).
+On x86-64, setup.py also builds the modules for x86-64-v3 (AVX2, FMA) and x86-64-v4 (AVX-512); the highest copy
+this CPU supports is used, unless NORMKIT_CYTHON_BASELINE=1 asks for the baseline build or NORMKIT_CYTHON_NO_AVX512=1
+for the x86-64-v3 copy at most (to test or compare them).
 """
 
 from __future__ import annotations
 
+import importlib
 import os
 from functools import partial
 
@@ -26,8 +28,17 @@ from normkit.registry import get_num_threads
 
 from . import _batchnorm
 
-if _batchnorm.BUILD["use_x86_64_v3"] and os.environ.get("NORMKIT_CYTHON_BASELINE", "") in ("", "0"):
-    from .x86_64_v3 import _batchnorm, _channels_last, _groupnorm, _layernorm, _rownorm
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "") not in ("", "0")
+
+
+_COPIES = [] if _env_flag("NORMKIT_CYTHON_BASELINE") else [
+    c for c in _batchnorm.BUILD["x86_64_copies"] if not (c == "x86_64_v4" and _env_flag("NORMKIT_CYTHON_NO_AVX512"))]
+if _COPIES:  # the highest
+    _batchnorm, _channels_last, _groupnorm, _layernorm, _rownorm = (
+        importlib.import_module(f"{__package__}.{_COPIES[-1]}.{m}")
+        for m in ("_batchnorm", "_channels_last", "_groupnorm", "_layernorm", "_rownorm"))
 else:
     from . import _channels_last, _groupnorm, _layernorm, _rownorm
 
