@@ -199,6 +199,16 @@ cdef inline void grad_apply(const floating* dy, const floating* x, floating* dx,
         dx[i] = ta * dy[i] + tb * (x[i] - m) + tc
 
 
+cdef inline void grad_apply_inplace(floating* g, const floating* x, Py_ssize_t n, double mean, double a, double b,
+                                    double c) noexcept nogil:
+    """grad_apply() with dy read from, and dx written to, the same memory g (one pointer: no aliasing for the
+    compiler to check at run time)."""
+    cdef floating m = <floating>mean, ta = <floating>a, tb = <floating>b, tc = <floating>c
+    cdef Py_ssize_t i
+    for i in range(n):
+        g[i] = ta * g[i] + tb * (x[i] - m) + tc
+
+
 cdef inline void scale_copy(const floating* dy, floating* dx, Py_ssize_t n, double a) noexcept nogil:
     cdef floating ta = <floating>a
     cdef Py_ssize_t i
@@ -492,6 +502,21 @@ cdef inline void act_grad_sums(const floating* dy, const floating* x, Py_ssize_t
         affine(x + i, g, k, mean, scale, shift)
         act_grad(dy + i, g, k, act, slope)
         grad_sums(g, x + i, NULL, k, mean, sdy, sdyx)
+
+
+cdef inline void act_grad_sums_kept(const floating* dy, const floating* x, floating* g, Py_ssize_t n, double mean,
+                                    double scale, double shift, int act, double slope, double* sdy,
+                                    double* sdyx) noexcept nogil:
+    """act_grad_sums() (act != NO_ACT) with g = dy * act'(z) left in g, chunk by chunk as there (the same values):
+    the input gradient's memory, whose second pass then reads g (grad_apply_inplace) rather than computing z and
+    act'(z) again, the exp and division that bound a fused SiLU's backward."""
+    cdef Py_ssize_t q, i, k
+    for q in range((n + ACT_CHUNK - 1) // ACT_CHUNK):
+        i = q * ACT_CHUNK
+        k = min(<Py_ssize_t>ACT_CHUNK, n - i)
+        affine(x + i, g + i, k, mean, scale, shift)
+        act_grad(dy + i, g + i, k, act, slope)
+        grad_sums(g + i, x + i, NULL, k, mean, sdy, sdyx)
 
 
 cdef inline void act_grad_apply(const floating* dy, const floating* x, floating* dx, Py_ssize_t n, double mean,

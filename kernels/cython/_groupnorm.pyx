@@ -16,9 +16,9 @@ from cython.parallel cimport prange
 from libc.stdint cimport uint16_t
 
 from _common cimport (
-    NO_ACT, SERIAL_MAX_VALUES, act_grad_apply, act_grad_apply_stream, act_grad_sums, affine16, affine_act,
-    affine_act_stream, finish_moments, grad_apply16, grad_sums16, moments, moments16, normkit_half_init,
-    normkit_sfence, pivot16, pivot_of, threads_for,
+    NO_ACT, SERIAL_MAX_VALUES, act_grad_apply, act_grad_apply_stream, act_grad_sums, act_grad_sums_kept, affine16,
+    affine_act, affine_act_stream, finish_moments, grad_apply16, grad_apply_inplace, grad_sums16, moments, moments16,
+    normkit_half_init, normkit_sfence, pivot16, pivot_of, threads_for,
 )
 
 # float16 converts with F16C where the CPU has it, unless NORMKIT_CYTHON_NO_F16C=1 asks for the portable code (to
@@ -77,15 +77,21 @@ cdef void _backward_set(const floating* dy, const floating* x, floating* dx, Py_
                         bint stream, double* sdy, double* sdyx) noexcept nogil:
     # sdy, sdyx receive the set's per-channel sum(dy) and sum(dy * (x - mean)) for the parameter gradients.
     # With g = dy * w: dx = rstd * (g - mean(g) - xhat * mean(g * xhat)), expanded into one fused pass. With a
-    # fused activation, dy * act'(z) in place of dy throughout (z recomputed from x in each of the two passes).
+    # fused activation, g = dy * act'(z) in place of dy throughout: the first pass leaves g in dx and the second
+    # reads it there (with streaming stores, where dx is not to be read back, z is recomputed in both passes).
     cdef Py_ssize_t c
     cdef double sg = 0.0, sgx = 0.0, wc, m = <double>(cg * s), b, k, shift
+    cdef bint kept = act != NO_ACT and not stream
     for c in range(cg):
         sdy[c] = 0.0
         sdyx[c] = 0.0
         wc = w[c] if w != NULL else 1.0
         shift = bias[c] if bias != NULL else 0.0
-        act_grad_sums(dy + c * s, x + c * s, s, mean, rstd * wc, shift, act, slope, &sdy[c], &sdyx[c])
+        if kept:
+            act_grad_sums_kept(dy + c * s, x + c * s, dx + c * s, s, mean, rstd * wc, shift, act, slope, &sdy[c],
+                               &sdyx[c])
+        else:
+            act_grad_sums(dy + c * s, x + c * s, s, mean, rstd * wc, shift, act, slope, &sdy[c], &sdyx[c])
         sg = sg + wc * sdy[c]
         sgx = sgx + wc * sdyx[c]
     b = -rstd * rstd * rstd * sgx / m
@@ -93,7 +99,9 @@ cdef void _backward_set(const floating* dy, const floating* x, floating* dx, Py_
     for c in range(cg):
         wc = w[c] if w != NULL else 1.0
         shift = bias[c] if bias != NULL else 0.0
-        if stream:
+        if kept:
+            grad_apply_inplace(dx + c * s, x + c * s, s, mean, rstd * wc, b, k)
+        elif stream:
             act_grad_apply_stream(dy + c * s, x + c * s, dx + c * s, s, mean, rstd * wc, shift, act, slope, True,
                                   rstd * wc, b, k)
         else:
