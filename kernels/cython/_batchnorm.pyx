@@ -690,19 +690,26 @@ cdef void _forward(const floating[:, :, ::1] x, const floating[::1] weight, cons
         rstd[c] = <floating>r[c]
 
 
-cdef void _forward_infer(const floating[:, :, ::1] x, const floating[::1] weight, const floating[::1] bias,
-                         const floating[::1] running_mean, const floating[::1] running_var, double eps, int act,
-                         double slope, floating[:, :, ::1] y):
-    cdef Py_ssize_t nc = x.shape[1], c
-    cdef double[:, ::1] work = np.empty((3, nc))  # one allocation (see _backward)
-    cdef double[::1] mu = work[0], scale = work[1], shift = work[2]
+cdef double[:, ::1] _infer_coefficients(const floating[::1] weight, const floating[::1] bias,
+                                        const floating[::1] running_mean, const floating[::1] running_var,
+                                        double eps):
+    """The inference forward's per-channel mean, scale and shift, as the rows of one allocation (see _backward)."""
+    cdef Py_ssize_t nc = running_mean.shape[0], c
+    cdef double[:, ::1] coefs = np.empty((3, nc))
     cdef double r
     for c in range(nc):
         r = 1.0 / sqrt(<double>running_var[c] + eps)
-        mu[c] = running_mean[c]
-        scale[c] = r * weight[c] if weight is not None else r
-        shift[c] = bias[c] if bias is not None else 0.0
-    _apply_channels(x, y, mu, scale, shift, act, slope)
+        coefs[0, c] = running_mean[c]
+        coefs[1, c] = r * weight[c] if weight is not None else r
+        coefs[2, c] = bias[c] if bias is not None else 0.0
+    return coefs
+
+
+cdef void _forward_infer(const floating[:, :, ::1] x, const floating[::1] weight, const floating[::1] bias,
+                         const floating[::1] running_mean, const floating[::1] running_var, double eps, int act,
+                         double slope, floating[:, :, ::1] y):
+    cdef double[:, ::1] coefs = _infer_coefficients(weight, bias, running_mean, running_var, eps)
+    _apply_channels(x, y, coefs[0], coefs[1], coefs[2], act, slope)
 
 
 def batchnorm_forward(const floating[:, :, ::1] x, const floating[::1] weight, const floating[::1] bias,
@@ -1262,16 +1269,8 @@ def batchnorm_forward16(int fmt, const uint16_t[:, :, ::1] x, const float[::1] w
 def channel_forward_infer16(int fmt, const uint16_t[:, :, ::1] x, const float[::1] weight, const float[::1] bias,
                             const float[::1] running_mean, const float[::1] running_var, double eps,
                             uint16_t[:, :, ::1] y):
-    cdef Py_ssize_t nc = x.shape[1], c
-    cdef double[:, ::1] work = np.empty((3, nc))  # one allocation (see _backward)
-    cdef double[::1] mu = work[0], scale = work[1], shift = work[2]
-    cdef double r
-    for c in range(nc):
-        r = 1.0 / sqrt(<double>running_var[c] + eps)
-        mu[c] = running_mean[c]
-        scale[c] = r * weight[c] if weight is not None else r
-        shift[c] = bias[c] if bias is not None else 0.0
-    _apply_channels16(x, y, mu, scale, shift, fmt)
+    cdef double[:, ::1] coefs = _infer_coefficients(weight, bias, running_mean, running_var, eps)
+    _apply_channels16(x, y, coefs[0], coefs[1], coefs[2], fmt)
 
 
 def batchnorm_backward16(int fmt, const uint16_t[:, :, ::1] dy, const uint16_t[:, :, ::1] x, const float[::1] mean,

@@ -487,23 +487,6 @@ cdef inline void affine_act_stream(const floating* x, floating* y, Py_ssize_t n,
         stream_store(y + i, buf, k)
 
 
-cdef inline void act_grad_sums(const floating* dy, const floating* x, Py_ssize_t n, double mean, double scale,
-                               double shift, int act, double slope, double* sdy, double* sdyx) noexcept nogil:
-    """grad_sums() (without w) of g = dy * act'(z), z = (x - mean) * scale + shift recomputed as affine_act()
-    computes it, chunk by chunk on the stack; grad_sums() of dy for act == NO_ACT."""
-    cdef floating g[ACT_CHUNK]
-    cdef Py_ssize_t q, i, k
-    if act == NO_ACT:
-        grad_sums(dy, x, NULL, n, mean, sdy, sdyx)
-        return
-    for q in range((n + ACT_CHUNK - 1) // ACT_CHUNK):
-        i = q * ACT_CHUNK
-        k = min(<Py_ssize_t>ACT_CHUNK, n - i)
-        affine(x + i, g, k, mean, scale, shift)
-        act_grad(dy + i, g, k, act, slope)
-        grad_sums(g, x + i, NULL, k, mean, sdy, sdyx)
-
-
 cdef inline void act_grad_sums_kept(const floating* dy, const floating* x, floating* g, Py_ssize_t n, double mean,
                                     double scale, double shift, int act, double slope, double* sdy,
                                     double* sdyx) noexcept nogil:
@@ -517,6 +500,21 @@ cdef inline void act_grad_sums_kept(const floating* dy, const floating* x, float
         affine(x + i, g + i, k, mean, scale, shift)
         act_grad(dy + i, g + i, k, act, slope)
         grad_sums(g + i, x + i, NULL, k, mean, sdy, sdyx)
+
+
+cdef inline void act_grad_sums(const floating* dy, const floating* x, Py_ssize_t n, double mean, double scale,
+                               double shift, int act, double slope, double* sdy, double* sdyx) noexcept nogil:
+    """grad_sums() (without w) of g = dy * act'(z), z = (x - mean) * scale + shift recomputed as affine_act()
+    computes it, chunk by chunk on the stack; grad_sums() of dy for act == NO_ACT."""
+    cdef floating g[ACT_CHUNK]
+    cdef Py_ssize_t q, i, k
+    if act == NO_ACT:
+        grad_sums(dy, x, NULL, n, mean, sdy, sdyx)
+        return
+    for q in range((n + ACT_CHUNK - 1) // ACT_CHUNK):
+        i = q * ACT_CHUNK
+        k = min(<Py_ssize_t>ACT_CHUNK, n - i)
+        act_grad_sums_kept(dy + i, x + i, g, k, mean, scale, shift, act, slope, sdy, sdyx)
 
 
 cdef inline void act_grad_apply(const floating* dy, const floating* x, floating* dx, Py_ssize_t n, double mean,
