@@ -1,11 +1,16 @@
 """Per-call overhead: what a call costs on top of its kernel, at the small shapes where it shows.
 
     pytest benchmarks/test_overhead.py                 # pytest-benchmark, one contender after another
-    python benchmarks/test_overhead.py [--threads N]   # interleaved, call by call: the table in the README
+    python benchmarks/test_overhead.py [--threads N]   # interleaved, call by call: the tables in the README
 
 Contenders per shape: the raw kernel (positional call, preallocated outputs), normkit's NumPy frontend,
 ``registry.lookup`` alone; PyTorch's ``torch.nn.functional`` and ``normkit.torch``, forward under ``no_grad`` and
 forward + backward.
+
+The last table times the PyTorch calls as a model makes them: each right after a convolution (a linear layer for
+the row ops) that leaves the caches full of its own data, so the Python between the call and its kernel runs
+cold, several times slower than in a loop of calls. The contenders run in a fresh random order each round (the
+call before a call changes its time, so a fixed rotation would favour one side).
 """
 
 from __future__ import annotations
@@ -89,6 +94,66 @@ def _torch_calls(op: str, shape: tuple) -> dict:
             "torch fwd+bwd": train(F), "normkit fwd+bwd": train(nkt)}
 
 
+# (name, op, shape): shapes of the model benchmark's layers (normkit.torch.models)
+MODEL_CONTEXT = [("BatchNorm2d", "batchnorm", (32, 128, 7, 7)), ("BatchNorm2d", "batchnorm", (32, 32, 28, 28)),
+                 ("GroupNorm", "groupnorm", (8, 128, 16, 16)), ("LayerNorm", "layernorm", (16, 128, 256)),
+                 ("RMSNorm", "rmsnorm", (16, 128, 256))]
+
+
+def _model_context(op: str, shape: tuple, rounds: int) -> dict:
+    """Median µs of torch.nn's and normkit's module, eval (no_grad) and training forward + backward, each call
+    right after the layer before it (not timed), the four contenders in a new random order every round."""
+    import random
+
+    import torch
+
+    import normkit.torch as nkt
+
+    torch.manual_seed(0)
+    nn = torch.nn
+    channel = op in ("batchnorm", "groupnorm")
+    c = shape[1] if channel else shape[-1]
+    make = {"batchnorm": lambda: nn.BatchNorm2d(c), "groupnorm": lambda: nn.GroupNorm(32, c),
+            "layernorm": lambda: nn.LayerNorm(c), "rmsnorm": lambda: nn.RMSNorm(c)}[op]
+    before = nn.Conv2d(c, c, 3, padding=1) if channel else nn.Linear(c, c)
+    x0, dy = torch.randn(shape), torch.randn(shape)
+    mods = {"torch": make(), "normkit": nkt.convert(nn.Sequential(make()))[0]}
+
+    def eval_call(m):
+        def call():
+            m.eval()
+            with torch.no_grad():
+                x = before(x0)
+                t = time.perf_counter()
+                m(x)
+                return time.perf_counter() - t
+        return call
+
+    def train_call(m):
+        def call():
+            m.train()
+            with torch.no_grad():
+                x = before(x0)
+            x.requires_grad_()
+            t = time.perf_counter()
+            m(x).backward(dy)
+            return time.perf_counter() - t
+        return call
+
+    calls = {f"{side} {mode}": (eval_call if mode == "eval" else train_call)(m)
+             for side, m in mods.items() for mode in ("eval", "train")}
+    order = list(calls)
+    rng = random.Random(0)
+    times = {name: [] for name in calls}
+    for r in range(rounds + 5):
+        rng.shuffle(order)
+        for name in order:
+            t = calls[name]()
+            if r >= 5:
+                times[name].append(t * 1e6)
+    return {name: float(np.median(v)) for name, v in times.items()}
+
+
 def _interleaved(calls: dict, rounds: int = 200, per_round: int = 20) -> dict:
     """Median per-call µs of each contender, the contenders taking turns round by round."""
     for call in calls.values():
@@ -129,6 +194,15 @@ def main(argv=None) -> None:
         print(f"| {op} {shape} | {t['torch no_grad']:.1f} | {t['normkit no_grad']:.1f} | "
               f"{t['normkit no_grad'] / t['torch no_grad']:.2f} | {t['torch fwd+bwd']:.1f} | "
               f"{t['normkit fwd+bwd']:.1f} | {t['normkit fwd+bwd'] / t['torch fwd+bwd']:.2f} |")
+    print("\nIn a model's context: the module right after the layer before it (convolution / linear), "
+          "random order")
+    print("| module | torch eval | normkit eval | ratio | torch train fwd+bwd | normkit train fwd+bwd | ratio |")
+    print("|---|---|---|---|---|---|---|")
+    for name, op, shape in MODEL_CONTEXT:
+        t = _model_context(op, shape, args.rounds)
+        print(f"| {name} {shape} | {t['torch eval']:.1f} | {t['normkit eval']:.1f} | "
+              f"{t['normkit eval'] / t['torch eval']:.2f} | {t['torch train']:.1f} | {t['normkit train']:.1f} | "
+              f"{t['normkit train'] / t['torch train']:.2f} |")
 
 
 @pytest.mark.parametrize("op,shape", NUMPY_SHAPES, ids=[f"{o}-{'x'.join(map(str, s))}" for o, s in NUMPY_SHAPES])

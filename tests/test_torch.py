@@ -338,6 +338,50 @@ def test_saved_statistics_do_not_alias_the_running_ones():
     _assert_close_to_scale(x.grad, ref_x.grad, "dx")
 
 
+
+def _strided_copy(t: torch.Tensor) -> torch.Tensor:
+    """t's values in a non-contiguous tensor (every other element of a buffer twice the size)."""
+    return torch.zeros((*t.shape[:-1], 2 * t.shape[-1]), dtype=t.dtype)[..., ::2].copy_(t)
+
+
+PLAIN_CALLS = {  # op -> (input shape, call(f, x, w, b, rm, rv) under autograd)
+    "batchnorm train": ((4, 6, 5), lambda f, x, w, b, rm, rv: f.batch_norm(x, rm, rv, w, b, True, 0.3)),
+    "batchnorm eval": ((4, 6, 5), lambda f, x, w, b, rm, rv: f.batch_norm(x, rm, rv, w, b, False)),
+    "instancenorm": ((4, 6, 5), lambda f, x, w, b, rm, rv: f.instance_norm(x, rm, rv, w, b, True, 0.3)),
+    "groupnorm": ((4, 6, 5), lambda f, x, w, b, rm, rv: f.group_norm(x, 3, w, b)),
+    "layernorm": ((4, 5, 6), lambda f, x, w, b, rm, rv: f.layer_norm(x, (6,), w, b)),
+    "rmsnorm": ((4, 5, 6), lambda f, x, w, b, rm, rv: f.rms_norm(x, (6,), w)),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", PLAIN_CALLS)
+def test_plain_calls_take_the_short_path_and_agree_with_the_general_one(case, dtype, monkeypatch):
+    """Contiguous inputs and parameters take the eager path's short way (functional._plain); the same values in
+    non-contiguous tensors take the general one (copies, then the same kernels): y, the gradients and the running
+    statistics agree bit for bit."""
+    from normkit.torch import functional
+
+    taken = []
+    plain = functional._plain
+    monkeypatch.setattr(functional, "_plain", lambda *a: taken.append(plain(*a)) or taken[-1])
+    shape, call = PLAIN_CALLS[case]
+    g = torch.Generator().manual_seed(0)
+    x, dy = torch.randn(shape, generator=g, dtype=dtype), torch.randn(shape, generator=g, dtype=dtype)
+    c = shape[-1] if case in ("layernorm", "rmsnorm") else shape[1]
+    w, b = torch.rand(c, generator=g, dtype=dtype) + 0.5, torch.randn(c, generator=g, dtype=dtype)
+    rm, rv = torch.randn(c, generator=g, dtype=dtype), torch.rand(c, generator=g, dtype=dtype) + 0.5
+    results = []
+    for make in (lambda t: t.clone(), _strided_copy):
+        xs, ws, bs = (make(t).requires_grad_() for t in (x, w, b))
+        rms, rvs = make(rm), make(rv)
+        y = call(nt, xs, ws, bs, rms, rvs)
+        y.backward(dy)
+        results.append((y.detach(), xs.grad, ws.grad, bs.grad if case != "rmsnorm" else None, rms, rvs))
+    assert taken[0] and not any(taken[1:])  # the first call was plain, the strided one not
+    for name, a, e in zip(("y", "dx", "dweight", "dbias", "running_mean", "running_var"), *results):
+        assert e is None and a is None or torch.equal(a, e), name
+
 # --- convert / revert / state_dict -----------------------------------------------------------------------------
 
 def _train(model, steps, seed, dtype=torch.float32):

@@ -118,6 +118,30 @@ def _running(op: str, x: Tensor, running_mean, running_var, weight=None, bias=No
     return True
 
 
+_PLAIN_DTYPES = (torch.float32, torch.float64)
+
+
+def _plain(x: Tensor, pshape: tuple, *tensors) -> bool:
+    """Whether a call is the common case, which the eager path runs in the fewest Python steps: ``x`` (of type
+    exactly ``torch.Tensor``: the caller checks, before it takes ``pshape`` from x's shape) a contiguous
+    float32/float64 CPU tensor with values, and every other tensor None or a contiguous CPU tensor of shape
+    ``pshape`` and x's dtype. What it accepts the checks accept, so it stands for them; anything else takes the
+    general path, whose checks name what is wrong.
+
+    Why it matters: in a model each norm call comes right after a convolution or a matmul that has evicted the
+    interpreter's data from the caches, and there every Python step of the general path costs several µs (a
+    BatchNorm2d eval call at (32, 128, 7, 7) right after a convolution paid ~70 µs of Python where a loop of calls
+    pays ~10; ``python benchmarks/test_overhead.py``, its last table, times calls in that context)."""
+    if x.dtype not in _PLAIN_DTYPES or not x.is_cpu or not x.is_contiguous() or not x.numel():
+        return False
+    dtype = x.dtype
+    for t in tensors:
+        if t is not None and not (isinstance(t, Tensor) and t.dtype == dtype and t.shape == pshape and t.is_cpu
+                                  and t.is_contiguous()):
+            return False
+    return True
+
+
 def _check_saved(op: str, dy: Tensor, x: Tensor, mean: Optional[Tensor], rstd: Tensor, stats_shape: tuple) -> None:
     if dy.shape != x.shape:
         raise ValueError(f"{op}: grad_output must have the input's shape {tuple(x.shape)}, got {tuple(dy.shape)}")
@@ -234,14 +258,19 @@ def _act(op: str, activation, negative_slope) -> Optional[tuple[int, float]]:
 
 
 def _forward(spec: OpSpec, x: Tensor, weight, bias, eps: float, groups: int, kshape: tuple, running_mean,
-             running_var, backend, save: bool = True,
-             act=None) -> tuple[Tensor, Optional[np.ndarray], Optional[np.ndarray]]:
+             running_var, backend, save: bool = True, act=None,
+             plain: bool = False) -> tuple[Tensor, Optional[np.ndarray], Optional[np.ndarray]]:
     """(y, mean, rstd), the statistics as NumPy arrays: batch statistics when ``running_mean`` is None, else
     normalization by the running ones (then mean and rstd are those, as constants; with ``save=False`` they are
     not made and come back None). ``kshape`` is ``_kernel_shape`` of ``x``; a channels-last x gives a channels-last
-    y. ``act``: None, or the fused activation's (index, slope)."""
+    y. ``act``: None, or the fused activation's (index, slope). ``plain``: the call passed :func:`_plain`, so the
+    layout, copies and 16-bit views need no look."""
     direction = "forward" if running_mean is None else "forward_infer"
-    if _is_nhwc(spec, x):
+    if plain:
+        kernel = registry.lookup(spec.name, direction, _KERNEL_DTYPES[x.dtype], backend)[1]
+        y = torch.empty_like(x, memory_format=_DENSE)
+        xa, ya = x.numpy(force=True).reshape(kshape), y.numpy().reshape(kshape)
+    elif _is_nhwc(spec, x):
         # the activation kernels are NCHW only
         found = None if act else registry.lookup(spec.name, direction, _KERNEL_DTYPES[x.dtype], backend, NHWC)
         if found is None:  # no channels-last kernel: the NCHW one on a copy, y handed back channels-last
@@ -258,7 +287,8 @@ def _forward(spec: OpSpec, x: Tensor, weight, bias, eps: float, groups: int, ksh
         if ya.size:
             kernel = _kernel(spec, direction, x, backend, act)
             xa, ya = _np(x).reshape(kshape), ya.reshape(kshape)
-    weight, bias = _contiguous(weight), _contiguous(bias)
+    if not plain:
+        weight, bias = _contiguous(weight), _contiguous(bias)
     if running_mean is None:
         stat = spec.stat_shape(kshape, groups)
         dtype = _NP_STAT_DTYPES[x.dtype]
@@ -296,12 +326,18 @@ def _forward(spec: OpSpec, x: Tensor, weight, bias, eps: float, groups: int, ksh
 
 def _backward(spec: OpSpec, dy: Tensor, x: Tensor, mean: np.ndarray, rstd: np.ndarray, weight, groups: int,
               kshape: tuple, batch_stats: bool, pshape: tuple, weight_grad: bool, bias_grad: bool,
-              backend, bias=None, act=None) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+              backend, bias=None, act=None, plain: bool = False) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
     """dx and, when asked for, dweight and dbias (None otherwise; float32 for a 16-bit x, whatever the parameters'
     dtype: the callers cast them). ``mean``/``rstd``: contiguous NumPy arrays. A channels-last x gives a
     channels-last dx (dy is copied to that layout if it is not in it). ``act``: None, or the fused activation's
-    (index, slope), whose derivative the kernel recomputes from x, the statistics, weight and ``bias``."""
+    (index, slope), whose derivative the kernel recomputes from x, the statistics, weight and ``bias``.
+    ``plain``: x and weight passed :func:`_plain` in forward (dy, autograd's, has x's shape and dtype)."""
     direction = "backward" if batch_stats else "backward_infer"
+    if plain and dy.is_contiguous():
+        kernel = registry.lookup(spec.name, direction, _KERNEL_DTYPES[x.dtype], backend)[1]
+        return _run_backward(kernel, spec, dy.numpy(force=True).reshape(kshape), x.numpy(force=True).reshape(kshape),
+                             torch.empty_like(x, memory_format=_DENSE), lambda t: t.numpy().reshape(kshape), mean,
+                             rstd, weight, groups, pshape, weight_grad, bias_grad)
     if _is_nhwc(spec, x):
         found = None if act else registry.lookup(spec.name, direction, _KERNEL_DTYPES[x.dtype], backend, NHWC)
         if found is None:  # no channels-last kernel: the NCHW one on copies, dx handed back channels-last
@@ -352,20 +388,21 @@ class _Call:
     statistics, as NumPy arrays: internal constants, so they need neither tensors nor ``save_for_backward``."""
 
     __slots__ = ("spec", "eps", "groups", "kshape", "pshape", "running_mean", "running_var", "batch_stats",
-                 "update", "count", "momentum", "backend", "act", "mean", "rstd")
+                 "update", "count", "momentum", "backend", "act", "plain", "mean", "rstd")
 
     def __init__(self, spec, eps, groups, kshape, pshape, running_mean, running_var, batch_stats, update, count,
-                 momentum, backend, act=None):
+                 momentum, backend, act, plain):
         self.spec, self.eps, self.groups, self.kshape, self.pshape = spec, eps, groups, kshape, pshape
         self.running_mean, self.running_var, self.batch_stats = running_mean, running_var, batch_stats
         self.update, self.count, self.momentum, self.backend, self.act = update, count, momentum, backend, act
+        self.plain = plain
 
     def forward(self, x: Tensor, weight, bias, save: bool) -> Tensor:
         use_running = not self.batch_stats
         y, self.mean, self.rstd = _forward(self.spec, x, weight, bias, self.eps, self.groups, self.kshape,
                                            self.running_mean if use_running else None,
                                            self.running_var if use_running else None, self.backend, save,
-                                           self.act)
+                                           self.act, self.plain)
         if self.update:
             _update_running_now(self.running_mean, self.running_var, self.mean, self.rstd, self.eps, self.count,
                                 self.momentum)
@@ -401,7 +438,7 @@ def _grads(ctx, dy):
     need_x, need_w, need_b, _ = ctx.needs_input_grad
     c = ctx.call
     dx, dw, db = _backward(c.spec, dy, x, c.mean, c.rstd, weight, c.groups, c.kshape, c.batch_stats, c.pshape,
-                           need_w, need_b, c.backend, bias[0] if bias else None, c.act)
+                           need_w, need_b, c.backend, bias[0] if bias else None, c.act, c.plain)
     if x.dtype in _HALF:
         dw, db = _param_grads(dw, db, ctx.param_dtypes[0], ctx.param_dtypes[1])
     return dx if need_x else None, dw, db, None
@@ -790,11 +827,18 @@ def _update_running_traced(running_mean: Tensor, running_var: Tensor, mean: Tens
 def _channel(spec: OpSpec, custom_op, input, running_mean, running_var, weight, bias, batch_stats, momentum, eps,
              backend, act):
     op = spec.name
-    x = _input(op, input)
+    x = input
+    plain = (act is None and type(x) is Tensor and x.dim() >= 2 and type(eps) is float
+             and (running_mean is None) is (running_var is None)
+             and _plain(x, (x.shape[1],), weight, bias, running_mean, running_var))
+    if plain:
+        has_running = running_mean is not None
+    else:
+        x = _input(op, input)
+        weight, bias = _params(op, x, (x.shape[1],), weight, bias)
+        has_running = _running(op, x, running_mean, running_var, weight, bias)
+        eps = _eps(op, eps)
     c = x.shape[1]
-    weight, bias = _params(op, x, (c,), weight, bias)
-    has_running = _running(op, x, running_mean, running_var, weight, bias)
-    eps = _eps(op, eps)
     if batch_stats:
         count = checks.stats_count(op, x.shape, per_instance=spec.sets == "instance")
     elif not has_running:
@@ -813,7 +857,7 @@ def _channel(spec: OpSpec, custom_op, input, running_mean, running_var, weight, 
             return y
         return custom_op(x, weight, bias, running_mean, running_var, batch_stats, eps, backend, *_op_args(act))[0]
     call = _Call(spec, eps, 0, (x.shape[0], c, math.prod(x.shape[2:])), (c,), running_mean, running_var, batch_stats,
-                 update, count, momentum, backend, act)
+                 update, count, momentum, backend, act, plain)
     return _run(call, x, weight, bias)
 
 
@@ -853,27 +897,43 @@ instance_norm.__doc__ = """:func:`torch.nn.functional.instance_norm` computed by
 def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5, *, backend=None, activation=None,
                negative_slope=0.01):
     op = "groupnorm"
-    x = _input(op, input)
+    x = input
+    plain = (activation is None and type(x) is Tensor and x.dim() >= 2 and type(eps) is float
+             and _plain(x, (x.shape[1],), weight, bias))
+    if not plain:
+        x = _input(op, input)
     c = x.shape[1]
     groups = num_groups if type(num_groups) is int and num_groups > 0 and not c % num_groups else \
         checks.num_groups(op, num_groups, c)
-    weight, bias = _params(op, x, (c,), weight, bias)
-    eps = _eps(op, eps)
-    act = _act(op, activation, negative_slope)
+    if not plain:
+        weight, bias = _params(op, x, (c,), weight, bias)
+        eps = _eps(op, eps)
+    act = None if plain else _act(op, activation, negative_slope)
     if _is_compiling():
         return _group_norm(x, groups, weight, bias, eps, backend, *_op_args(act))[0]
     kshape = (x.shape[0], c, math.prod(x.shape[2:]))
-    return _run(_Call(_GN, eps, groups, kshape, (c,), None, None, True, False, 0, 0.0, backend, act), x, weight,
-                bias)
+    return _run(_Call(_GN, eps, groups, kshape, (c,), None, None, True, False, 0, 0.0, backend, act, plain), x,
+                weight, bias)
 
 
 group_norm.__doc__ = """:func:`torch.nn.functional.group_norm` computed by normkit.""" + _ACTIVATION_DOC
 
 
+def _ends_with(x: Tensor, normalized_shape) -> bool:
+    """What a module passes: its own tuple, which the input's shape ends with."""
+    return type(normalized_shape) is tuple and normalized_shape and x.shape[-len(normalized_shape):] == normalized_shape
+
+
+def _row_plain(x, normalized_shape, eps, *params) -> bool:
+    """:func:`_plain` for the row ops, given a module's normalized_shape (a tuple the input ends with)."""
+    return type(x) is Tensor and type(eps) is float and _ends_with(x, normalized_shape) \
+        and _plain(x, normalized_shape, *params)
+
+
 def _row_input(op: str, input, normalized_shape) -> tuple[Tensor, tuple]:
     x = _input(op, input, min_ndim=1)
-    if type(normalized_shape) is tuple and normalized_shape and x.shape[-len(normalized_shape):] == normalized_shape:
-        return x, normalized_shape  # what a module passes: its own tuple, which the input ends with
+    if _ends_with(x, normalized_shape):
+        return x, normalized_shape
     shape = checks.normalized_shape(op, normalized_shape)
     checks.shape(op, "input", x.shape, len(shape), strict=False)
     checks.trailing(op, x.shape, shape)
@@ -883,14 +943,19 @@ def _row_input(op: str, input, normalized_shape) -> tuple[Tensor, tuple]:
 def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5, *, backend=None, activation=None,
                negative_slope=0.01):
     op = "layernorm"
-    x, shape = _row_input(op, input, normalized_shape)
-    weight, bias = _params(op, x, shape, weight, bias)
-    eps = _eps(op, eps)
-    act = _act(op, activation, negative_slope)
+    plain = activation is None and _row_plain(input, normalized_shape, eps, weight, bias)
+    if plain:
+        x, shape, act = input, normalized_shape, None
+    else:
+        x, shape = _row_input(op, input, normalized_shape)
+        weight, bias = _params(op, x, shape, weight, bias)
+        eps = _eps(op, eps)
+        act = _act(op, activation, negative_slope)
     if _is_compiling():
         return _layer_norm(x, list(shape), weight, bias, eps, backend, *_op_args(act))[0]
     kshape = _kernel_shape(_LN, x.shape, len(shape))
-    return _run(_Call(_LN, eps, 0, kshape, shape, None, None, True, False, 0, 0.0, backend, act), x, weight, bias)
+    return _run(_Call(_LN, eps, 0, kshape, shape, None, None, True, False, 0, 0.0, backend, act, plain), x, weight,
+                bias)
 
 
 layer_norm.__doc__ = """:func:`torch.nn.functional.layer_norm` computed by normkit.""" + _ACTIVATION_DOC
@@ -904,13 +969,18 @@ def _rms_eps(x: Tensor, eps) -> float:
 def rms_norm(input, normalized_shape, weight=None, eps=None, *, backend=None):
     """:func:`torch.nn.functional.rms_norm` computed by normkit (``eps=None``: the dtype's machine epsilon)."""
     op = "rmsnorm"
-    x, shape = _row_input(op, input, normalized_shape)
-    weight, _ = _params(op, x, shape, weight, None)
+    plain = _row_plain(input, normalized_shape, 0.0 if eps is None else eps, weight)
+    if plain:
+        x, shape = input, normalized_shape
+    else:
+        x, shape = _row_input(op, input, normalized_shape)
+        weight, _ = _params(op, x, shape, weight, None)
     eps = _rms_eps(x, eps)
     if _is_compiling():
         return _rms_norm(x, list(shape), weight, eps, backend)[0]
     kshape = _kernel_shape(_RMS, x.shape, len(shape))
-    return _run(_Call(_RMS, eps, 0, kshape, shape, None, None, True, False, 0, 0.0, backend), x, weight, None)
+    return _run(_Call(_RMS, eps, 0, kshape, shape, None, None, True, False, 0, 0.0, backend, None, plain), x, weight,
+                None)
 
 
 # --- the fused residual add: (y, h) with h = x + residual and y = norm(h) -----------------------------------------
