@@ -351,6 +351,9 @@ PLAIN_CALLS = {  # op -> (input shape, call(f, x, w, b, rm, rv) under autograd)
     "groupnorm": ((4, 6, 5), lambda f, x, w, b, rm, rv: f.group_norm(x, 3, w, b)),
     "layernorm": ((4, 5, 6), lambda f, x, w, b, rm, rv: f.layer_norm(x, (6,), w, b)),
     "rmsnorm": ((4, 5, 6), lambda f, x, w, b, rm, rv: f.rms_norm(x, (6,), w)),
+    "batchnorm relu": ((4, 6, 5), lambda f, x, w, b, rm, rv: f.batch_norm(x, rm, rv, w, b, True, activation="relu")),
+    "groupnorm silu": ((4, 6, 5), lambda f, x, w, b, rm, rv: f.group_norm(x, 3, w, b, activation="silu")),
+    "layernorm gelu": ((4, 5, 6), lambda f, x, w, b, rm, rv: f.layer_norm(x, (6,), w, b, activation="gelu")),
 }
 
 
@@ -368,7 +371,7 @@ def test_plain_calls_take_the_short_path_and_agree_with_the_general_one(case, dt
     shape, call = PLAIN_CALLS[case]
     g = torch.Generator().manual_seed(0)
     x, dy = torch.randn(shape, generator=g, dtype=dtype), torch.randn(shape, generator=g, dtype=dtype)
-    c = shape[-1] if case in ("layernorm", "rmsnorm") else shape[1]
+    c = shape[-1] if case.startswith(("layernorm", "rmsnorm")) else shape[1]
     w, b = torch.rand(c, generator=g, dtype=dtype) + 0.5, torch.randn(c, generator=g, dtype=dtype)
     rm, rv = torch.randn(c, generator=g, dtype=dtype), torch.rand(c, generator=g, dtype=dtype) + 0.5
     results = []

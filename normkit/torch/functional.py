@@ -267,7 +267,8 @@ def _forward(spec: OpSpec, x: Tensor, weight, bias, eps: float, groups: int, ksh
     layout, copies and 16-bit views need no look."""
     direction = "forward" if running_mean is None else "forward_infer"
     if plain:
-        kernel = registry.lookup(spec.name, direction, _KERNEL_DTYPES[x.dtype], backend)[1]
+        kernel = registry.lookup(spec.name, direction, _KERNEL_DTYPES[x.dtype], backend)[1] if act is None else \
+            _kernel(spec, direction, x, backend, act)
         y = torch.empty_like(x, memory_format=_DENSE)
         xa, ya = x.numpy(force=True).reshape(kshape), y.numpy().reshape(kshape)
     elif _is_nhwc(spec, x):
@@ -334,7 +335,8 @@ def _backward(spec: OpSpec, dy: Tensor, x: Tensor, mean: np.ndarray, rstd: np.nd
     ``plain``: x and weight passed :func:`_plain` in forward (dy, autograd's, has x's shape and dtype)."""
     direction = "backward" if batch_stats else "backward_infer"
     if plain and dy.is_contiguous():
-        kernel = registry.lookup(spec.name, direction, _KERNEL_DTYPES[x.dtype], backend)[1]
+        kernel = registry.lookup(spec.name, direction, _KERNEL_DTYPES[x.dtype], backend)[1] if act is None else \
+            _kernel(spec, direction, x, backend, act, bias)
         return _run_backward(kernel, spec, dy.numpy(force=True).reshape(kshape), x.numpy(force=True).reshape(kshape),
                              torch.empty_like(x, memory_format=_DENSE), lambda t: t.numpy().reshape(kshape), mean,
                              rstd, weight, groups, pshape, weight_grad, bias_grad)
@@ -828,7 +830,7 @@ def _channel(spec: OpSpec, custom_op, input, running_mean, running_var, weight, 
              backend, act):
     op = spec.name
     x = input
-    plain = (act is None and type(x) is Tensor and x.dim() >= 2 and type(eps) is float
+    plain = (type(x) is Tensor and x.dim() >= 2 and type(eps) is float
              and (running_mean is None) is (running_var is None)
              and _plain(x, (x.shape[1],), weight, bias, running_mean, running_var))
     if plain:
@@ -898,8 +900,7 @@ def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5, *, backend=N
                negative_slope=0.01):
     op = "groupnorm"
     x = input
-    plain = (activation is None and type(x) is Tensor and x.dim() >= 2 and type(eps) is float
-             and _plain(x, (x.shape[1],), weight, bias))
+    plain = type(x) is Tensor and x.dim() >= 2 and type(eps) is float and _plain(x, (x.shape[1],), weight, bias)
     if not plain:
         x = _input(op, input)
     c = x.shape[1]
@@ -908,7 +909,7 @@ def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5, *, backend=N
     if not plain:
         weight, bias = _params(op, x, (c,), weight, bias)
         eps = _eps(op, eps)
-    act = None if plain else _act(op, activation, negative_slope)
+    act = _act(op, activation, negative_slope)
     if _is_compiling():
         return _group_norm(x, groups, weight, bias, eps, backend, *_op_args(act))[0]
     kshape = (x.shape[0], c, math.prod(x.shape[2:]))
@@ -943,14 +944,14 @@ def _row_input(op: str, input, normalized_shape) -> tuple[Tensor, tuple]:
 def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5, *, backend=None, activation=None,
                negative_slope=0.01):
     op = "layernorm"
-    plain = activation is None and _row_plain(input, normalized_shape, eps, weight, bias)
+    plain = _row_plain(input, normalized_shape, eps, weight, bias)
     if plain:
-        x, shape, act = input, normalized_shape, None
+        x, shape = input, normalized_shape
     else:
         x, shape = _row_input(op, input, normalized_shape)
         weight, bias = _params(op, x, shape, weight, bias)
         eps = _eps(op, eps)
-        act = _act(op, activation, negative_slope)
+    act = _act(op, activation, negative_slope)
     if _is_compiling():
         return _layer_norm(x, list(shape), weight, bias, eps, backend, *_op_args(act))[0]
     kshape = _kernel_shape(_LN, x.shape, len(shape))
