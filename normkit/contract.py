@@ -124,11 +124,12 @@ C-contiguous (N, S, C) arrays (S the product of the spatial dims, in order): the
 (weight, bias, statistics, running statistics, parameter gradients, the split directions' per-channel arrays) has
 exactly the NCHW kernel's shape and meaning; a GroupNorm group is a run of C/G consecutive channels of each row of
 C. Numerics and tolerances are the NCHW kernel's. ``normkit.registry.lookup(..., layout="nhwc")`` finds them;
-when no backend has one, the frontends copy the input to NCHW, call the NCHW kernel and hand the output back in the
-input's memory format, so a backend without them is only slower on channels-last data. An input that is both
-NCHW- and NHWC-contiguous (C = 1, or S = 1) goes to the NCHW kernel: the memory is the same. Channels-last kernels
-are float32/float64 only (:data:`LAYOUT_DTYPES`): a backend's 16-bit dtypes do not extend its ``channels_last``, and
-16-bit channels-last data goes through an NCHW copy.
+when no backend has one, the frontends run a per-channel direction (:meth:`OpSpec.per_channel`) as the NCHW
+kernel on the (N*S, C, 1) view of the data (:func:`on_columns`, no copy), and any other on an NCHW copy of the
+input, handing the output back in the input's memory format: a backend without them is at most slower on
+channels-last data. An input that is both NCHW- and NHWC-contiguous (C = 1, or S = 1) goes to the NCHW kernel: the
+memory is the same. Channels-last kernels are float32/float64 only (:data:`LAYOUT_DTYPES`): a backend's 16-bit
+dtypes do not extend its ``channels_last``, so 16-bit channels-last data takes those two ways.
 
 The contract is versioned; a backend declares the version it targets and normkit refuses other versions.
 Optional module attributes: ``set_num_threads(n)`` (normkit calls it whenever the user sets a thread count, and
@@ -303,6 +304,13 @@ class OpSpec:
             names = (*names[:at], "num_groups", *names[at:])
         return names
 
+    def per_channel(self, direction: str) -> bool:
+        """Whether ``direction`` normalizes each channel's values as one set: every direction of BatchNorm, and the
+        inference ones of the channel ops (per-channel running statistics). Its NCHW kernel then gives a
+        channels-last input's results when run on the (N*S, C, 1) view of the (N, S, C) memory
+        (:func:`on_columns`): the same values per channel, in another order."""
+        return self.sets == "channel" or (self.sets != "row" and plain_direction(direction).endswith("_infer"))
+
     def outputs(self, direction: str) -> tuple[str, ...]:
         """The outputs of the ``direction`` kernel, among its arguments."""
         args = self.args(direction)
@@ -402,6 +410,23 @@ def kernel_shape(spec_: OpSpec, shape: tuple[int, ...], ndims: int | None = None
         k = math.prod(shape[len(shape) - ndims:])
         return (math.prod(shape[:len(shape) - ndims]), k)
     return (shape[0], shape[1], math.prod(shape[2:]))
+
+
+def on_columns(spec_: OpSpec, direction: str, kernel):
+    """A per-channel direction's NCHW ``kernel`` (:meth:`OpSpec.per_channel`) as a channels-last one: called with
+    ``direction``'s arguments, its data arrays (N, S, C), it runs ``kernel`` on their (N*S, C, 1) views. No copy:
+    how backends without a channels-last kernel of their own, and the frontends for dtypes and activations that
+    have none, run channels-last data of these directions."""
+    data = tuple(i for i, name in enumerate(spec_.args(direction)) if name in DATA_ARGS)
+
+    def columns(*args):
+        args = list(args)
+        for i in data:
+            a = args[i]
+            args[i] = a.reshape(a.shape[0] * a.shape[1], a.shape[2], 1)
+        kernel(*args)
+
+    return columns
 
 
 def kernel_table(functions, dtypes=DEFAULT_DTYPES) -> dict:

@@ -14,10 +14,11 @@ bit patterns (views, no copy) and everything else as float32 (:mod:`normkit.cont
 Channels-last: an input of the channel ops whose strides are NHWC (NDHWC, ...), e.g.
 ``a.transpose(0, 3, 1, 2)`` of a C-contiguous (N, H, W, C) array, goes without a copy to the channels-last kernel as
 its (N, S, C) view, and the outputs ``y`` / ``dx`` come back with the same strides (``dx`` follows ``x``; a
-``grad_output`` in the other layout is copied). Without a channels-last kernel, the NCHW one runs on a copy and the
-output is still handed back channels-last. An array that is C-contiguous too (C = 1, or S = 1) takes the NCHW path:
-the memory is the same. The same holds for 16-bit data, which always takes that copy (channels-last kernels are
-float32/float64 only: contract.LAYOUT_DTYPES).
+``grad_output`` in the other layout is copied). Without a channels-last kernel (none for 16-bit data:
+contract.LAYOUT_DTYPES; none with a fused activation), a per-channel direction (BatchNorm's, and the inference
+ones: contract.OpSpec.per_channel) runs the NCHW kernel on the (N*S, C, 1) view, without a copy; any other runs
+the NCHW one on a copy, and the output is still handed back channels-last. An array that is C-contiguous too
+(C = 1, or S = 1) takes the NCHW path: the memory is the same.
 
 A torch tensor handed to an op goes to :mod:`normkit.torch`, which never comes back here.
 """
@@ -32,7 +33,7 @@ import numpy as np
 from . import activation as _activation, checks, registry
 from .alloc import empty as _empty
 from .running import update_running
-from .contract import HALF_DTYPES, NHWC, SPECS, OpSpec, stat_dtype
+from .contract import ACT_PREFIX, HALF_DTYPES, NHWC, SPECS, OpSpec, on_columns, stat_dtype
 
 
 class UnknownOpError(ValueError):
@@ -233,15 +234,23 @@ class Op:
         return f"<normkit op {self.name} (aliases: {', '.join(self.aliases)})>"
 
     def _kernel(self, direction, dtype, backend, nhwc, act=()):
-        """(backend, kernel) of the channels-last kernel if ``nhwc`` and a backend has it, else None; of the NCHW
-        kernel if not ``nhwc``. With ``act`` (an activation's (index, slope)), of the ``act_`` twin of ``direction``
-        (NCHW only: None for ``nhwc``)."""
+        """(backend, kernel) of the NCHW kernel, or with ``nhwc`` of a channels-last one: a backend's own for the
+        dtype, else for a per-channel direction the NCHW kernel on (N*S, C, 1) views (contract.on_columns), else
+        None. With ``act`` (an activation's (index, slope)), of the ``act_`` twin of ``direction`` (which has no
+        channels-last kernels of its own)."""
+        dt = _KERNEL_DTYPES[dtype]
+        if nhwc and not act:
+            found = registry.lookup(self.name, direction, dt, backend, NHWC)
+            if found is not None:
+                return found
+        if nhwc and not self.spec.per_channel(direction):
+            return None
         if act:
-            return None if nhwc else _activation.kernel(self.name, "act_" + direction, _KERNEL_DTYPES[dtype],
-                                                        backend)
-        if nhwc:
-            return registry.lookup(self.name, direction, _KERNEL_DTYPES[dtype], backend, NHWC)
-        return registry.lookup(self.name, direction, _KERNEL_DTYPES[dtype], backend)
+            direction = ACT_PREFIX + direction
+            found = _activation.kernel(self.name, direction, dt, backend)
+        else:
+            found = registry.lookup(self.name, direction, dt, backend)
+        return (found[0], on_columns(self.spec, direction, found[1])) if nhwc else found
 
     def _forward(self, x, kshape, groups, weight, bias, eps, backend, nhwc=False, act=()):
         """The training forward kernel on the kernel view of x; returns (y, Saved). With ``nhwc``, x and y are

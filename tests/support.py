@@ -67,3 +67,12 @@ def op_args(op: str, x: np.ndarray, rng, *, groups: int = 1, affine: str = "both
 def copy_args(kw: dict) -> dict:
     """Fresh copies of array arguments (running statistics are updated in place)."""
     return {k: v.copy() if isinstance(v, np.ndarray) else v for k, v in kw.items()}
+
+
+def ulps(got, want_bits) -> int:
+    """The largest distance in units in the last place between 16-bit arrays (got as values, want as bits): their
+    patterns as integers ordered like the values (+-0 alike)."""
+    def ordered(bits):
+        b = bits.astype(np.int32)
+        return np.where(b & 0x8000, -(b & 0x7FFF), b & 0x7FFF)
+    return int(np.abs(ordered(got.view(np.uint16)) - ordered(want_bits)).max())

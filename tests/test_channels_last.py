@@ -7,11 +7,12 @@ import numpy as np
 import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
-from support import BACKENDS, assert_close
+from support import BACKENDS, assert_close, ulps
 
 import normkit
-from normkit import registry, testing
-from normkit.contract import CHANNEL_OPS, NHWC, SPECS
+import normkit.reference
+from normkit import half, registry, testing
+from normkit.contract import CHANNEL_OPS, DIRECTIONS, NHWC, SPECS
 from normkit.ops import channels_last_view
 from normkit.registry import Backend, runtime_module
 
@@ -217,21 +218,74 @@ def test_numpy_without_channels_last_kernel_copies_and_keeps_the_layout(op, rng)
     assert_close(got[1], ref[1], "float64", "backward")
 
 
+@pytest.mark.parametrize("case", ["batchnorm", "batchnorm_infer", "instancenorm_infer", "batchnorm_relu"])
+def test_per_channel_directions_run_on_the_columns_view_without_a_copy(case, rng):
+    """A backend without channels-last kernels (and any backend for an activation): BatchNorm's directions and the
+    inference ones run the NCHW kernel on the (N*S, C, 1) view of the channels-last memory itself (contract.
+    on_columns), with the reference's results."""
+    calls = []
+
+    def spy(key, kernel):
+        def call(*args):
+            calls.append((key, args))
+            kernel(*args)
+        return call
+
+    kernels = {key: spy(key, k) for key, k in normkit.reference.KERNELS.items()}
+    normkit.register_backend(Backend("colspy", runtime_module(kernels), kernels=DIRECTIONS))
+    try:
+        op = case.split("_")[0]
+        training = not case.endswith("_infer")
+        kw = {"activation": "relu"} if case.endswith("_relu") else {}
+        x, dy = nhwc(rng.standard_normal((3, 4, 5, 2))), nhwc(rng.standard_normal((3, 4, 5, 2)))
+        w, b = rng.standard_normal(4), rng.standard_normal(4)
+        rm, rv = rng.standard_normal(4), rng.uniform(0.5, 2, 4)
+        fn, flag = normkit.get(op), SPECS[op].training_flag
+        y, saved = fn.forward(x, rm.copy(), rv.copy(), w, b, backend="colspy", **{flag: training}, **kw)
+        dx, dw, db = fn.backward(dy, x, saved, rm, rv, w, b, backend="colspy", **{flag: training}, **kw)
+        assert [key[1] for key, _ in calls] == [("act_" if kw else "") + d + ("" if training else "_infer")
+                                                for d in ("forward", "backward")]
+        for _, args in calls:
+            data = [a for a in args if isinstance(a, np.ndarray) and a.ndim == 3]
+            assert all(a.shape == (30, 4, 1) for a in data)
+            assert any(np.shares_memory(a, x) for a in data)  # x itself, not a copy
+        assert is_nhwc(y) and is_nhwc(dx)
+        ref = normkit.get(op)
+        y_ref, s_ref = ref.forward(np.ascontiguousarray(x), rm.copy(), rv.copy(), w, b, backend="reference",
+                                   **{flag: training}, **kw)
+        want = (y_ref, *ref.backward(np.ascontiguousarray(dy), np.ascontiguousarray(x), s_ref, rm, rv, w, b,
+                                     backend="reference", **{flag: training}, **kw))
+        for g, r, direction in zip((y, dx, dw, db), want, ("forward", "backward", "backward", "backward")):
+            assert_close(g, r, "float64", direction)
+    finally:
+        normkit.unregister_backend("colspy")
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 @pytest.mark.parametrize("op", CHANNEL_OPS)
 def test_numpy_16_bit_channels_last_keeps_the_layout(op, dtype, backend, rng):
-    """16-bit data has no channels-last kernels: y and dx come back NHWC-strided, equal to the NCHW input's."""
+    """16-bit data has no channels-last kernels: y and dx come back NHWC-strided. GroupNorm and InstanceNorm run the
+    NCHW kernel on a copy: equal to the NCHW input's results. BatchNorm (per channel) runs it on the (N*S, C, 1)
+    view, the same sums in another order: the contract's bound against the float64 reference rounded once (1 ulp
+    for y, 2 for dx), float32's for the parameter gradients."""
     dt = np.dtype(dtype) if dtype == "float16" else np.dtype(pytest.importorskip("ml_dtypes").bfloat16)
     a = rng.standard_normal((3, 4, 5, 2)).astype(dt)
     dy = rng.standard_normal((3, 4, 5, 2)).astype(dt)
     w, b = rng.standard_normal(4).astype(np.float32), rng.standard_normal(4).astype(np.float32)
     got = _forward_backward(op, nhwc(a), nhwc(dy), 2, w, b, backend)
-    want = _forward_backward(op, a, dy, 2, w, b, backend)
     assert is_nhwc(got[0]) and is_nhwc(got[1]) and got[0].dtype == dt
-    for g, r in zip(got, want):
-        np.testing.assert_array_equal(g.view(np.uint16) if g.dtype == dt else g, r.view(np.uint16) if r.dtype == dt
-                                      else r)
+    if not SPECS[op].per_channel("forward"):
+        want = _forward_backward(op, a, dy, 2, w, b, backend)
+        for g, r in zip(got, want):
+            np.testing.assert_array_equal(g.view(np.uint16) if g.dtype == dt else g,
+                                          r.view(np.uint16) if r.dtype == dt else r)
+        return
+    want = _forward_backward(op, a.astype(np.float64), dy.astype(np.float64), 2, w.astype(np.float64),
+                             b.astype(np.float64), "reference")
+    assert ulps(got[0], half.narrow(want[0], dtype)) <= 1 and ulps(got[1], half.narrow(want[1], dtype)) <= 2
+    for g, r in zip(got[2:], want[2:]):
+        assert_close(g, r, "float32", "backward")
 
 
 # --- the kernels: numerics the conformance kit's small shapes do not reach --------------------------------------

@@ -9,7 +9,7 @@ import copy
 import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
-from support import BACKENDS
+from support import BACKENDS, ulps
 
 import normkit
 from normkit import half, reference, registry
@@ -33,15 +33,6 @@ def _calls(x, w, b):
     }
 
 
-def _ulps(got, want_bits) -> int:
-    """The largest distance in units in the last place between 16-bit arrays (got as values, want as bits): their
-    patterns as integers ordered like the values (+-0 alike)."""
-    def ordered(bits):
-        b = bits.astype(np.int32)
-        return np.where(b & 0x8000, -(b & 0x7FFF), b & 0x7FFF)
-    return int(np.abs(ordered(got.view(np.uint16)) - ordered(want_bits)).max())
-
-
 @pytest.mark.parametrize("dtype", HALF_DTYPES)
 @pytest.mark.parametrize("params", ["float32", "same"])
 def test_numpy_ops_take_16_bit_arrays(dtype, params):
@@ -60,7 +51,7 @@ def test_numpy_ops_take_16_bit_arrays(dtype, params):
         # contract's 1 ulp (y) / 2 ulp (dx) with a compiled backend's float32 arithmetic (the registry's first)
         args64 = [a.astype(np.float64) if isinstance(a, np.ndarray) else a for a in args]
         y64 = op(*args64)
-        assert _ulps(y, half.narrow(y64, dtype)) <= (0 if saved.backend == "reference" else 1), name
+        assert ulps(y, half.narrow(y64, dtype)) <= (0 if saved.backend == "reference" else 1), name
         dy = rng.standard_normal(x.shape).astype(np.float32).astype(dt)
         dx, dw, db = op.backward(dy, args[0], saved, *args[1:], **kw)
         assert dx.dtype == dt
@@ -69,7 +60,7 @@ def test_numpy_ops_take_16_bit_arrays(dtype, params):
         saved64 = normkit.ops.Saved(saved.mean.astype(np.float64), saved.rstd.astype(np.float64), saved.training,
                                     saved.backend)
         dx64, dw64, _ = op.backward(dy.astype(np.float64), args64[0], saved64, *args64[1:], **kw)
-        assert _ulps(dx, half.narrow(dx64, dtype)) <= (0 if saved.backend == "reference" else 2), name
+        assert ulps(dx, half.narrow(dx64, dtype)) <= (0 if saved.backend == "reference" else 2), name
 
 
 @settings(max_examples=20)
@@ -195,7 +186,7 @@ def _assert_add_like_reference(got, want, dtype, pdt, what):
     over rows, rounded to the parameters' dtype) within a few roundings of their scale."""
     half_ulp = {"bfloat16": 2.0**-8, "float16": 2.0**-11}[dtype]
     assert np.array_equal(got["h"].view(np.uint16), want["h"].view(np.uint16)), what
-    assert _ulps(got["y"], want["y"].view(np.uint16)) <= 1, what
+    assert ulps(got["y"], want["y"].view(np.uint16)) <= 1, what
     for name in ("mean", "rstd"):
         if want[name] is None:
             assert got[name] is None, what
@@ -251,7 +242,7 @@ def test_numpy_16_bit_add_forms_with_non_finite_sums(backend, op, dtype):
     for name in ("y", "dx"):
         assert np.array_equal(np.isnan(got[name]), np.isnan(want[name])), name
     assert np.isnan(got["y"][:2]).any(axis=1).all()
-    assert _ulps(got["y"][2:], want["y"][2:].view(np.uint16)) <= 1
+    assert ulps(got["y"][2:], want["y"][2:].view(np.uint16)) <= 1
 
 
 @pytest.mark.parametrize("op", ROW_OPS)

@@ -23,7 +23,7 @@ from functools import partial
 import numpy as np
 
 from normkit import half
-from normkit.contract import OUTPUTS, SPECS, serial_max_values
+from normkit.contract import ACT_PREFIX, OUTPUTS, SPECS, on_columns, serial_max_values
 from normkit.registry import get_num_threads
 
 from . import _batchnorm
@@ -88,20 +88,10 @@ _FUNCTIONS = {
     ("layernorm", "act_backward"): _layernorm.layernorm_act_backward,
 }
 
-# Channels-last kernels that are the NCHW ones on (N*S, C, 1) views (see the module docstring); the arguments that
-# are data arrays, by position.
-_PER_CHANNEL = {
-    ("batchnorm", "forward"): (0, 4),
-    ("batchnorm", "forward_infer"): (0, 6),
-    ("batchnorm", "backward"): (0, 1, 5),
-    ("batchnorm", "backward_infer"): (0, 1, 5),
-    ("batchnorm", "stats"): (0,),
-    ("batchnorm", "apply"): (0, 3),
-    ("batchnorm", "backward_reduce"): (0, 1),
-    ("batchnorm", "backward_apply"): (0, 1, 5),
-    ("instancenorm", "forward_infer"): (0, 6),
-    ("instancenorm", "backward_infer"): (0, 1, 5),
-}
+# Channels-last kernels that are the NCHW ones on (N*S, C, 1) views (see the module docstring): the per-channel
+# directions but the activation ones (NCHW only)
+_PER_CHANNEL = tuple((op, d) for op in ("batchnorm", "instancenorm") for d in SPECS[op].directions
+                     if SPECS[op].per_channel(d) and not d.startswith(ACT_PREFIX))
 _CHANNELS_LAST = {
     ("instancenorm", "forward"): _channels_last.instancenorm_forward,
     ("instancenorm", "backward"): _channels_last.instancenorm_backward,
@@ -110,27 +100,14 @@ _CHANNELS_LAST = {
 }
 
 
-def _on_columns(kernel, data):
-    """The NCHW ``kernel`` called with its data arguments (positions ``data``) viewed from (N, S, C) as
-    (N*S, C, 1)."""
-    def on_columns(*args):
-        args = list(args)
-        for i in data:
-            a = args[i]
-            args[i] = a.reshape(a.shape[0] * a.shape[1], a.shape[2], 1)
-        kernel(*args)
-
-    return on_columns
-
-
 KERNELS = {
     (op, direction, dtype): function[_CTYPE[dtype]]
     for (op, direction), function in _FUNCTIONS.items()
     for dtype in _CTYPE
 }
 KERNELS.update({
-    (op, direction, dtype, "nhwc"): _on_columns(KERNELS[(op, direction, dtype)], data)
-    for (op, direction), data in _PER_CHANNEL.items()
+    (op, direction, dtype, "nhwc"): on_columns(SPECS[op], direction, KERNELS[(op, direction, dtype)])
+    for op, direction in _PER_CHANNEL
     for dtype in _CTYPE
 })
 KERNELS.update({

@@ -26,9 +26,11 @@ normkit's ops, receiving what torch's would, do what torch's do: a 16-bit convol
 Channels-last: an input of the channel ops in ``torch.channels_last`` / ``channels_last_3d`` (or any dense layout
 with dim 1 fastest, then the spatial dims in order) goes without a copy to the channels-last kernels as its
 (N, S, C) view, and ``y`` (and, in backward, ``dx``) has the input's strides, as in PyTorch; a grad_output in
-another layout is copied to it. Without a channels-last kernel (always for 16-bit data: contract.LAYOUT_DTYPES)
-the NCHW one runs on a contiguous copy, and the output is still handed back channels-last. A tensor that is
-contiguous too (C = 1, or all spatial dims 1) takes the NCHW path: the memory is the same.
+another layout is copied to it. Without a channels-last kernel (none for 16-bit data: contract.LAYOUT_DTYPES; none
+with a fused activation), a per-channel direction (BatchNorm's, and the inference ones) runs the NCHW kernel on
+the (N*S, C, 1) view without a copy (contract.on_columns), any other the NCHW one on a contiguous copy; the output
+is handed back channels-last either way. A tensor that is contiguous too (C = 1, or all spatial dims 1) takes the
+NCHW path: the memory is the same.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ from torch import Tensor
 
 from .. import alloc, checks, registry
 from .. import activation as _activation
-from ..contract import ACT_PREFIX, ACTIVATIONS, NHWC, SPECS, OpSpec
+from ..contract import ACT_PREFIX, ACTIVATIONS, NHWC, SPECS, OpSpec, on_columns
 from ..ops import fused_kernel
 from ..running import update_running
 
@@ -212,8 +214,9 @@ def _is_nhwc(spec: OpSpec, t: Tensor) -> bool:
 
 
 def _nsc(t: Tensor, kshape: tuple) -> np.ndarray:
-    """The (N, S, C) NumPy view of a channels-last tensor whose kernel shape is ``kshape`` (N, C, S)."""
-    return t.movedim(1, -1).numpy(force=True).reshape(kshape[0], kshape[2], kshape[1])
+    """The (N, S, C) NumPy view of a channels-last tensor whose kernel shape is ``kshape`` (N, C, S) (16-bit: its
+    bit patterns)."""
+    return _np(t.movedim(1, -1)).reshape(kshape[0], kshape[2], kshape[1])
 
 
 def _like(spec: OpSpec, x: Tensor) -> Tensor:
@@ -253,6 +256,19 @@ def _kernel(spec: OpSpec, direction: str, x: Tensor, backend, act, bias=None):
 _ACT_AT: dict = {}  # (op, plain direction) -> where the activation's arguments go among the plain ones
 
 
+def _nhwc_kernel(spec: OpSpec, direction: str, x: Tensor, backend, act, bias=None):
+    """The channels-last kernel of a plain direction (its data (N, S, C)), with :func:`_kernel`'s arguments: a
+    backend's own for the dtype if one has it (none with an activation), else for a per-channel direction the NCHW
+    one on (N*S, C, 1) views (contract.on_columns); None when neither exists."""
+    if act is None:
+        found = registry.lookup(spec.name, direction, _KERNEL_DTYPES[x.dtype], backend, NHWC)
+        if found is not None:
+            return found[1]
+    if spec.per_channel(direction):
+        return on_columns(spec, direction, _kernel(spec, direction, x, backend, act, bias))
+    return None
+
+
 def _act(op: str, activation, negative_slope) -> Optional[tuple[int, float]]:
     return None if activation is None else _activation.code(op, activation, negative_slope)
 
@@ -272,13 +288,11 @@ def _forward(spec: OpSpec, x: Tensor, weight, bias, eps: float, groups: int, ksh
         y = torch.empty_like(x, memory_format=_DENSE)
         xa, ya = x.numpy(force=True).reshape(kshape), y.numpy().reshape(kshape)
     elif _is_nhwc(spec, x):
-        # the activation kernels are NCHW only
-        found = None if act else registry.lookup(spec.name, direction, _KERNEL_DTYPES[x.dtype], backend, NHWC)
-        if found is None:  # no channels-last kernel: the NCHW one on a copy, y handed back channels-last
+        kernel = _nhwc_kernel(spec, direction, x, backend, act)
+        if kernel is None:  # no channels-last kernel: the NCHW one on a copy, y handed back channels-last
             y, mean, rstd = _forward(spec, x.contiguous(), weight, bias, eps, groups, kshape, running_mean,
                                      running_var, backend, save, act)
             return torch.empty_like(x).copy_(y), mean, rstd
-        kernel = found[1]
         y = torch.empty_like(x)
         ya, xa = _nsc(y, kshape), _nsc(x, kshape)
     else:
@@ -341,14 +355,14 @@ def _backward(spec: OpSpec, dy: Tensor, x: Tensor, mean: np.ndarray, rstd: np.nd
                              torch.empty_like(x, memory_format=_DENSE), lambda t: t.numpy().reshape(kshape), mean,
                              rstd, weight, groups, pshape, weight_grad, bias_grad)
     if _is_nhwc(spec, x):
-        found = None if act else registry.lookup(spec.name, direction, _KERNEL_DTYPES[x.dtype], backend, NHWC)
-        if found is None:  # no channels-last kernel: the NCHW one on copies, dx handed back channels-last
+        kernel = _nhwc_kernel(spec, direction, x, backend, act, bias)
+        if kernel is None:  # no channels-last kernel: the NCHW one on copies, dx handed back channels-last
             dx, dw, db = _backward(spec, dy.contiguous(), x.contiguous(), mean, rstd, weight, groups, kshape,
                                    batch_stats, pshape, weight_grad, bias_grad, backend, bias, act)
             return torch.empty_like(x).copy_(dx), dw, db
         if dy.stride() != x.stride():
             dy = torch.empty_like(x).copy_(dy)
-        return _run_backward(found[1], spec, _nsc(dy, kshape), _nsc(x, kshape), torch.empty_like(x),
+        return _run_backward(kernel, spec, _nsc(dy, kshape), _nsc(x, kshape), torch.empty_like(x),
                              lambda t: _nsc(t, kshape), mean, rstd, weight, groups, pshape, weight_grad, bias_grad)
     dy, x = _contiguous(dy), _contiguous(x)
     kernel = _kernel(spec, direction, x, backend, act, bias) if x.numel() else None
