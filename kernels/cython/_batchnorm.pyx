@@ -74,6 +74,10 @@ cdef enum:
     BLOCK_ROWS = 64
     # rows of a column task whose dy * act'(z) is made at a time (fused activation's gradient sums)
     ACT_ROWS = 8
+    # the columns schedule's separate elementwise pass takes whole rows of the (N, C*S) view, at least one and as
+    # many as fit in this many values, with the per-column coefficients repeated for them: one call per block of
+    # short rows rather than per row (channels-last (N*S, C, 1) with C = 64: a row is 64 values)
+    ROW_BLOCK = 4096
 
 cdef int _nthreads = 1
 cdef Py_ssize_t _serial_max = SERIAL_MAX_VALUES
@@ -122,6 +126,11 @@ cdef inline Py_ssize_t _column_split(Py_ssize_t n, Py_ssize_t nc, Py_ssize_t s, 
     cdef Py_ssize_t blocks = _row_blocks(n, tasks[0])
     rows[0] = _cdiv(n, blocks)
     return blocks
+
+
+cdef inline Py_ssize_t _block_rows(Py_ssize_t length) noexcept nogil:
+    """Rows of the (N, C*S) view per call of the columns schedule's separate elementwise pass (ROW_BLOCK)."""
+    return max(1, ROW_BLOCK // length)
 
 
 cdef inline bint _whole_columns(Py_ssize_t n, Py_ssize_t nc, Py_ssize_t s) noexcept nogil:
@@ -438,12 +447,15 @@ cdef void _backward_columns(const floating* dy, const floating* x, floating* dx,
 
 # --- schedules -------------------------------------------------------------------------------------------------
 
-cdef void _per_column(const double* per_channel, Py_ssize_t nc, Py_ssize_t s, floating* out) noexcept nogil:
-    """Each channel's value repeated for its s columns of the (N, C*S) view, in the data's precision."""
-    cdef Py_ssize_t c, i
-    for c in range(nc):
-        for i in range(s):
-            out[c * s + i] = <floating>per_channel[c]
+cdef void _per_column(const double* per_channel, Py_ssize_t nc, Py_ssize_t s, floating* out,
+                      Py_ssize_t rows=1) noexcept nogil:
+    """Each channel's value repeated for its s columns of the (N, C*S) view, in the data's precision, for ``rows``
+    rows of it."""
+    cdef Py_ssize_t r, c, i
+    for r in range(rows):
+        for c in range(nc):
+            for i in range(s):
+                out[(r * nc + c) * s + i] = <floating>per_channel[c]
 
 
 cdef void _channel_moments(const floating[:, :, ::1] x, double[::1] pivot, double[::1] s1, double[::1] s2):
@@ -487,7 +499,7 @@ cdef void _channel_moments(const floating[:, :, ::1] x, double[::1] pivot, doubl
 cdef void _apply_channels(const floating[:, :, ::1] x, floating[:, :, ::1] y, double[::1] mean,
                           double[::1] scale, double[::1] shift, int act, double slope):
     """y = act((x - mean) * scale + shift) with per-channel coefficients (no activation for NO_ACT)."""
-    cdef Py_ssize_t n = x.shape[0], nc = x.shape[1], s = x.shape[2], t, c
+    cdef Py_ssize_t n = x.shape[0], nc = x.shape[1], s = x.shape[2], t, c, rows
     cdef const floating* xp = &x[0, 0, 0]
     cdef floating* yp = &y[0, 0, 0]
     cdef Py_ssize_t length = nc * s
@@ -509,13 +521,14 @@ cdef void _apply_channels(const floating[:, :, ::1] x, floating[:, :, ::1] y, do
         exact_shift = np.empty(nc)
         for c in range(nc):
             exact_shift[c] = shift[c] + (<double><floating>mean[c] - mean[c]) * scale[c]
-        cols = np.empty((3, length), np.float32 if floating is float else np.float64)
-        _per_column(&mean[0], nc, s, &cols[0, 0])
-        _per_column(&scale[0], nc, s, &cols[1, 0])
-        _per_column(&exact_shift[0], nc, s, &cols[2, 0])
-        for t in prange(n, nogil=True, schedule="static", num_threads=nt):
-            _affine_columns_act(xp + t * length, yp + t * length, length, &cols[0, 0], &cols[1, 0], &cols[2, 0],
-                                act, slope)
+        rows = _block_rows(length)
+        cols = np.empty((3, rows * length), np.float32 if floating is float else np.float64)
+        _per_column(&mean[0], nc, s, &cols[0, 0], rows)
+        _per_column(&scale[0], nc, s, &cols[1, 0], rows)
+        _per_column(&exact_shift[0], nc, s, &cols[2, 0], rows)
+        for t in prange(_cdiv(n, rows), nogil=True, schedule="static", num_threads=nt):
+            _affine_columns_act(xp + t * rows * length, yp + t * rows * length, min(rows, n - t * rows) * length,
+                                &cols[0, 0], &cols[1, 0], &cols[2, 0], act, slope)
 
 
 cdef void _channel_grad_sums(const floating[:, :, ::1] dy, const floating[:, :, ::1] x, double[::1] mean,
@@ -577,7 +590,7 @@ cdef void _grad_apply_channels(const floating[:, :, ::1] dy, const floating[:, :
                                bint training, double[::1] mean, double[::1] ca, double[::1] cb, double[::1] cc,
                                int act=NO_ACT, double slope=0.0, double[::1] zscale=None, double[::1] zshift=None):
     """dx = ca * g + cb * (x - mean) + cc (training) or ca * g, per channel; g as in _channel_grad_sums."""
-    cdef Py_ssize_t n = x.shape[0], nc = x.shape[1], s = x.shape[2], t, c, length = nc * s
+    cdef Py_ssize_t n = x.shape[0], nc = x.shape[1], s = x.shape[2], t, c, rows, length = nc * s
     cdef const floating* dyp = &dy[0, 0, 0]
     cdef const floating* xp = &x[0, 0, 0]
     cdef floating* dxp = &dx[0, 0, 0]
@@ -592,17 +605,18 @@ cdef void _grad_apply_channels(const floating[:, :, ::1] dy, const floating[:, :
                            training, ca[c], cb[c], cc[c])
     else:
         # per-column coefficients in the data's precision (mean is the saved statistic, already of it)
-        cols = np.empty((6, length), np.float32 if floating is float else np.float64)
-        _per_column(&mean[0], nc, s, &cols[0, 0])
-        _per_column(&ca[0], nc, s, &cols[1, 0])
-        _per_column(&cb[0], nc, s, &cols[2, 0])
-        _per_column(&cc[0], nc, s, &cols[3, 0])
-        _per_column(&zscale[0], nc, s, &cols[4, 0])
-        _per_column(&zshift[0], nc, s, &cols[5, 0])
-        for t in prange(n, nogil=True, schedule="static", num_threads=nt):
-            _grad_apply_columns_act(dyp + t * length, xp + t * length, dxp + t * length, length, training,
-                                    &cols[0, 0], &cols[4, 0], &cols[5, 0], act, slope, &cols[1, 0], &cols[2, 0],
-                                    &cols[3, 0])
+        rows = _block_rows(length)
+        cols = np.empty((6, rows * length), np.float32 if floating is float else np.float64)
+        _per_column(&mean[0], nc, s, &cols[0, 0], rows)
+        _per_column(&ca[0], nc, s, &cols[1, 0], rows)
+        _per_column(&cb[0], nc, s, &cols[2, 0], rows)
+        _per_column(&cc[0], nc, s, &cols[3, 0], rows)
+        _per_column(&zscale[0], nc, s, &cols[4, 0], rows)
+        _per_column(&zshift[0], nc, s, &cols[5, 0], rows)
+        for t in prange(_cdiv(n, rows), nogil=True, schedule="static", num_threads=nt):
+            _grad_apply_columns_act(dyp + t * rows * length, xp + t * rows * length, dxp + t * rows * length,
+                                    min(rows, n - t * rows) * length, training, &cols[0, 0], &cols[4, 0],
+                                    &cols[5, 0], act, slope, &cols[1, 0], &cols[2, 0], &cols[3, 0])
 
 
 cdef void _backward(bint training, const floating[:, :, ::1] dy, const floating[:, :, ::1] x,
@@ -1032,7 +1046,7 @@ cdef void _channel_moments16(const uint16_t[:, :, ::1] x, double[::1] pivot, bin
 cdef void _apply_channels16(const uint16_t[:, :, ::1] x, uint16_t[:, :, ::1] y, double[::1] mean,
                             double[::1] scale, double[::1] shift, int fmt):
     """_apply_channels on 16-bit data."""
-    cdef Py_ssize_t n = x.shape[0], nc = x.shape[1], s = x.shape[2], t, c, length = nc * s
+    cdef Py_ssize_t n = x.shape[0], nc = x.shape[1], s = x.shape[2], t, c, rows, length = nc * s
     cdef const uint16_t* xp = &x[0, 0, 0]
     cdef uint16_t* yp = &y[0, 0, 0]
     cdef double[::1] exact_shift
@@ -1046,22 +1060,23 @@ cdef void _apply_channels16(const uint16_t[:, :, ::1] x, uint16_t[:, :, ::1] y, 
     exact_shift = np.empty(nc)
     for c in range(nc):
         exact_shift[c] = shift[c] + (<double><float>mean[c] - mean[c]) * scale[c]
-    cols = np.empty((3, length), np.float32)
-    _per_column(&mean[0], nc, s, &cols[0, 0])
-    _per_column(&scale[0], nc, s, &cols[1, 0])
-    _per_column(&exact_shift[0], nc, s, &cols[2, 0])
-    for t in prange(n, nogil=True, schedule="static", num_threads=nt):
-        _affine_row16(xp + t * length, yp + t * length, length, &cols[0, 0], &cols[1, 0], &cols[2, 0], fmt,
-                      &mean[0], &scale[0], &shift[0], s)
+    rows = _block_rows(length)
+    cols = np.empty((3, rows * length), np.float32)
+    _per_column(&mean[0], nc, s, &cols[0, 0], rows)
+    _per_column(&scale[0], nc, s, &cols[1, 0], rows)
+    _per_column(&exact_shift[0], nc, s, &cols[2, 0], rows)
+    for t in prange(_cdiv(n, rows), nogil=True, schedule="static", num_threads=nt):
+        _affine_row16(xp + t * rows * length, yp + t * rows * length, min(rows, n - t * rows) * length, &cols[0, 0],
+                      &cols[1, 0], &cols[2, 0], fmt, &mean[0], &scale[0], &shift[0], s, nc)
 
 
 cdef void _affine_row16(const uint16_t* x, uint16_t* y, Py_ssize_t length, const float* mean, const float* scale,
                         const float* shift, int fmt, const double* mean64, const double* scale64,
-                        const double* shift64, Py_ssize_t s) noexcept nogil:
-    """_affine_columns on one row of the (N, C*S) view, tile by tile (in registers where the build allows) with the
-    float32 per-column coefficients; a tile whose outputs are not all finite again in double from the per-channel
-    double ones (mean64, scale64, shift64; column l is channel l // s), since a float32 coefficient may itself
-    have overflowed (scale = rstd * weight)."""
+                        const double* shift64, Py_ssize_t s, Py_ssize_t nc) noexcept nogil:
+    """_affine_columns on whole rows of the (N, C*S) view, tile by tile (in registers where the build allows) with
+    the float32 per-column coefficients; a tile whose outputs are not all finite again in double from the
+    per-channel double ones (mean64, scale64, shift64; value l is channel (l // s) % nc), since a float32
+    coefficient may itself have overflowed (scale = rstd * weight)."""
     cdef float t[TILE16]
     cdef double d[4][TILE16]
     cdef Py_ssize_t q, j, k, i, c
@@ -1078,7 +1093,7 @@ cdef void _affine_row16(const uint16_t* x, uint16_t* y, Py_ssize_t length, const
             normkit_widen(x + j, t, k, fmt)
             to_double(t, d[0], k)
             for i in range(k):
-                c = (j + i) // s
+                c = ((j + i) // s) % nc
                 d[1][i] = mean64[c]
                 d[2][i] = scale64[c]
                 d[3][i] = shift64[c]
@@ -1129,7 +1144,7 @@ cdef void _grad_apply_channels16(const uint16_t[:, :, ::1] dy, const uint16_t[:,
                                  bint training, double[::1] mean, double[::1] ca, double[::1] cb, double[::1] cc,
                                  int fmt):
     """_grad_apply_channels on 16-bit data."""
-    cdef Py_ssize_t n = x.shape[0], nc = x.shape[1], s = x.shape[2], t, c, length = nc * s
+    cdef Py_ssize_t n = x.shape[0], nc = x.shape[1], s = x.shape[2], t, c, rows, length = nc * s
     cdef const uint16_t* dyp = &dy[0, 0, 0]
     cdef const uint16_t* xp = &x[0, 0, 0]
     cdef uint16_t* dxp = &dx[0, 0, 0]
@@ -1143,22 +1158,25 @@ cdef void _grad_apply_channels16(const uint16_t[:, :, ::1] dy, const uint16_t[:,
             else:
                 scale_copy16(dyp + t * s, dxp + t * s, s, fmt, ca[c])
         return
-    cols = np.empty((4, length), np.float32)
-    _per_column(&mean[0], nc, s, &cols[0, 0])
-    _per_column(&ca[0], nc, s, &cols[1, 0])
-    _per_column(&cb[0], nc, s, &cols[2, 0])
-    _per_column(&cc[0], nc, s, &cols[3, 0])
-    for t in prange(n, nogil=True, schedule="static", num_threads=nt):
-        _grad_apply_row16(dyp + t * length, xp + t * length, dxp + t * length, length, training, &cols[0, 0], fmt,
-                          &mean[0], &ca[0], &cb[0], &cc[0], s)
+    rows = _block_rows(length)
+    cols = np.empty((4, rows * length), np.float32)
+    _per_column(&mean[0], nc, s, &cols[0, 0], rows)
+    _per_column(&ca[0], nc, s, &cols[1, 0], rows)
+    _per_column(&cb[0], nc, s, &cols[2, 0], rows)
+    _per_column(&cc[0], nc, s, &cols[3, 0], rows)
+    for t in prange(_cdiv(n, rows), nogil=True, schedule="static", num_threads=nt):
+        _grad_apply_row16(dyp + t * rows * length, xp + t * rows * length, dxp + t * rows * length,
+                          min(rows, n - t * rows) * length, training, &cols[0, 0], rows * length, fmt, &mean[0],
+                          &ca[0], &cb[0], &cc[0], s, nc)
 
 
 cdef void _grad_apply_row16(const uint16_t* dy, const uint16_t* x, uint16_t* dx, Py_ssize_t length, bint training,
-                            const float* cols, int fmt, const double* mean64, const double* ca64, const double* cb64,
-                            const double* cc64, Py_ssize_t s) noexcept nogil:
-    """_grad_apply_columns (or _scale_columns) on one row of the (N, C*S) view, tile by tile (in registers where the
-    build allows); cols holds the rows mean, ca, cb, cc of float32 per-column coefficients. A tile whose outputs are
-    not all finite goes again in double from the per-channel double coefficients, as in _affine_row16."""
+                            const float* cols, Py_ssize_t stride, int fmt, const double* mean64, const double* ca64,
+                            const double* cb64, const double* cc64, Py_ssize_t s, Py_ssize_t nc) noexcept nogil:
+    """_grad_apply_columns (or _scale_columns) on whole rows of the (N, C*S) view, tile by tile (in registers where
+    the build allows); cols holds the rows mean, ca, cb, cc (``stride`` values apart) of float32 per-column
+    coefficients. A tile whose outputs are not all finite goes again in double from the per-channel double
+    coefficients, as in _affine_row16."""
     cdef float tdy[TILE16]
     cdef float tx[TILE16]
     cdef double d[6][TILE16]
@@ -1167,23 +1185,23 @@ cdef void _grad_apply_row16(const uint16_t* dy, const uint16_t* x, uint16_t* dx,
     for q in range((length + TILE16 - 1) // TILE16):
         j = q * TILE16
         k = min(<Py_ssize_t>TILE16, length - j)
-        done = normkit_cols16(dy + j, x + j, dx + j, k, fmt, cols + j, cols + length + j, cols + 2 * length + j,
-                              cols + 3 * length + j, 1 if training else 2)
+        done = normkit_cols16(dy + j, x + j, dx + j, k, fmt, cols + j, cols + stride + j, cols + 2 * stride + j,
+                              cols + 3 * stride + j, 1 if training else 2)
         if done < 0:
             normkit_widen(dy + j, tdy, k, fmt)
             if training:
                 normkit_widen(x + j, tx, k, fmt)
-                _grad_apply_columns(tdy, tx, tdy, k, cols + j, cols + length + j, cols + 2 * length + j,
-                                    cols + 3 * length + j)
+                _grad_apply_columns(tdy, tx, tdy, k, cols + j, cols + stride + j, cols + 2 * stride + j,
+                                    cols + 3 * stride + j)
             else:
-                _scale_columns(tdy, tdy, k, cols + length + j)
+                _scale_columns(tdy, tdy, k, cols + stride + j)
             done = normkit_narrow(tdy, dx + j, k, fmt)
         if done:
             continue
         normkit_widen(dy + j, tdy, k, fmt)
         to_double(tdy, d[0], k)
         for i in range(k):
-            c = (j + i) // s
+            c = ((j + i) // s) % nc
             d[2][i] = mean64[c]
             d[3][i] = ca64[c]
             d[4][i] = cb64[c]
