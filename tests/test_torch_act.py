@@ -98,13 +98,19 @@ def test_training_batch_norm_updates_running_statistics_as_without_activation():
         torch.testing.assert_close(mine, theirs, rtol=1e-6, atol=1e-7)
 
 
-def test_channels_last_input_gives_channels_last_output():
-    x, w, b, _, proj = _case("groupnorm", True, torch.float32)
+@pytest.mark.parametrize("op, training", [("batchnorm", True), ("batchnorm", False), ("instancenorm", False),
+                                          ("groupnorm", True)])
+def test_channels_last_input_gives_channels_last_output(op, training):
+    """No channels-last kernel has an activation: BatchNorm and the inference directions run the NCHW one on the
+    (N*S, C, 1) view, GroupNorm on a copy; either way the output is channels-last."""
+    nk, ref, _, _ = _op(op, training)
+    x, w, b, stats, _ = _case(op, training, torch.float32)
+    x = x.reshape(2, 3, -1, 2) if x.dim() == 3 else x  # 4-D for torch.channels_last
+    proj = torch.randn(x.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     x = x.contiguous(memory_format=torch.channels_last)
-    y, grads = _forward_backward(lambda *a: nt.group_norm(a[0], 2, a[1], a[2], activation="gelu"), x, w, b,
-                                 (None, None), proj)
-    e, expected = _forward_backward(lambda *a: F.gelu(F.group_norm(a[0], 2, a[1], a[2])), x.double(), w.double(),
-                                    b.double(), (None, None), proj)
+    y, grads = _forward_backward(lambda *a: nk(*a, activation="gelu"), x, w, b, stats, proj)
+    e, expected = _forward_backward(lambda *a: F.gelu(ref(*a)), x.double(), w.double(), b.double(),
+                                    tuple(None if s is None else s.double() for s in stats), proj)
     assert y.is_contiguous(memory_format=torch.channels_last) and grads[0].is_contiguous(
         memory_format=torch.channels_last)
     _close(y, e, torch.float32, "y")
