@@ -120,23 +120,24 @@ def _running(op: str, x: Tensor, running_mean, running_var, weight=None, bias=No
     return True
 
 
-_PLAIN_DTYPES = (torch.float32, torch.float64)
-
-
 def _plain(x: Tensor, pshape: tuple, *tensors) -> bool:
     """Whether a call is the common case, which the eager path runs in the fewest Python steps: ``x`` (of type
-    exactly ``torch.Tensor``: the caller checks, before it takes ``pshape`` from x's shape) a contiguous
-    float32/float64 CPU tensor with values, and every other tensor None or a contiguous CPU tensor of shape
-    ``pshape`` and x's dtype. What it accepts the checks accept, so it stands for them; anything else takes the
-    general path, whose checks name what is wrong.
+    exactly ``torch.Tensor``: the caller checks, before it takes ``pshape`` from x's shape) a contiguous CPU tensor
+    of a kernel dtype with values, and every other tensor None or a contiguous CPU tensor of shape ``pshape`` and
+    x's dtype (for 16-bit x: all of them x's dtype or all float32, autocast's case). What it accepts the checks
+    accept, so it stands for them; anything else takes the general path, whose checks name what is wrong.
 
     Why it matters: in a model each norm call comes right after a convolution or a matmul that has evicted the
     interpreter's data from the caches, and there every Python step of the general path costs several µs (a
     BatchNorm2d eval call at (32, 128, 7, 7) right after a convolution paid ~70 µs of Python where a loop of calls
     pays ~10; ``python benchmarks/test_overhead.py``, its last table, times calls in that context)."""
-    if x.dtype not in _PLAIN_DTYPES or not x.is_cpu or not x.is_contiguous() or not x.numel():
-        return False
     dtype = x.dtype
+    if dtype not in _KERNEL_DTYPES or not x.is_cpu or not x.is_contiguous() or not x.numel():
+        return False
+    if dtype in _HALF:  # the parameters' dtype: of the first one given, x's or float32
+        dtype = next((t.dtype for t in tensors if isinstance(t, Tensor)), dtype)
+        if dtype != x.dtype and dtype != torch.float32:
+            return False
     for t in tensors:
         if t is not None and not (isinstance(t, Tensor) and t.dtype == dtype and t.shape == pshape and t.is_cpu
                                   and t.is_contiguous()):
@@ -286,7 +287,10 @@ def _forward(spec: OpSpec, x: Tensor, weight, bias, eps: float, groups: int, ksh
         kernel = registry.lookup(spec.name, direction, _KERNEL_DTYPES[x.dtype], backend)[1] if act is None else \
             _kernel(spec, direction, x, backend, act)
         y = torch.empty_like(x, memory_format=_DENSE)
-        xa, ya = x.numpy(force=True).reshape(kshape), y.numpy().reshape(kshape)
+        if x.dtype in _HALF:
+            xa, ya = _np(x).reshape(kshape), _writable(y).reshape(kshape)
+        else:
+            xa, ya = x.numpy(force=True).reshape(kshape), y.numpy().reshape(kshape)
     elif _is_nhwc(spec, x):
         kernel = _nhwc_kernel(spec, direction, x, backend, act)
         if kernel is None:  # no channels-last kernel: the NCHW one on a copy, y handed back channels-last
@@ -351,9 +355,13 @@ def _backward(spec: OpSpec, dy: Tensor, x: Tensor, mean: np.ndarray, rstd: np.nd
     if plain and dy.is_contiguous():
         kernel = registry.lookup(spec.name, direction, _KERNEL_DTYPES[x.dtype], backend)[1] if act is None else \
             _kernel(spec, direction, x, backend, act, bias)
-        return _run_backward(kernel, spec, dy.numpy(force=True).reshape(kshape), x.numpy(force=True).reshape(kshape),
-                             torch.empty_like(x, memory_format=_DENSE), lambda t: t.numpy().reshape(kshape), mean,
-                             rstd, weight, groups, pshape, weight_grad, bias_grad)
+        if x.dtype in _HALF:
+            dya, xa, view = _np(dy).reshape(kshape), _np(x).reshape(kshape), lambda t: _writable(t).reshape(kshape)
+        else:
+            dya, xa = dy.numpy(force=True).reshape(kshape), x.numpy(force=True).reshape(kshape)
+            view = lambda t: t.numpy().reshape(kshape)  # noqa: E731
+        return _run_backward(kernel, spec, dya, xa, torch.empty_like(x, memory_format=_DENSE), view, mean, rstd,
+                             weight, groups, pshape, weight_grad, bias_grad)
     if _is_nhwc(spec, x):
         kernel = _nhwc_kernel(spec, direction, x, backend, act, bias)
         if kernel is None:  # no channels-last kernel: the NCHW one on copies, dx handed back channels-last
