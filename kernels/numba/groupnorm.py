@@ -11,8 +11,8 @@ from __future__ import annotations
 import numpy as np
 from numba import prange
 
-from ._common import (_act_param_grads, _cdiv, _dact, _dsums, _dx, _finish, _fma, _jit, _npieces, _opt, _pivot, _pjit,
-                      _row_split, _row_stats, _sums, _sync_threads, act_rows, npieces, per_activation)
+from ._common import (_act, _act_param_grads, _cdiv, _dact, _dsums, _dx, _finish, _fma, _jit, _npieces, _opt, _pivot,
+                      _pjit, _row_split, _row_stats, _sums, _sync_threads, act_rows, npieces, per_activation)
 from ._dtype16 import narrow, widen
 
 
@@ -325,6 +325,46 @@ def _sets_dx_coefs(sums, G, S, r, w, has_w, like):
 
 
 @per_activation
+def _act_sets_forward(a):
+    """The act_ forward for activation ``a`` with one (sample, group) set per work item (the whole-sets schedule):
+    the set's statistics, then its y = act((x - m) * scale + shift) while the set is in cache, as
+    _sets_forward_whole does without an activation (the statistics pass and act_rows' pass each read all of x
+    from memory)."""
+
+    @_pjit
+    def forward(x, G, w, b, has_w, has_b, eps, y, mean, rstd, slope):
+        N, C, S = x.shape
+        cpg = C // G
+        m = cpg * S
+        xs2 = x.reshape(N * G, m)
+        mf = mean.reshape(N * G)
+        rf = rstd.reshape(N * G)
+        t = mean.dtype.type
+        for k in prange(N * G):
+            n = k // G
+            c0 = (k % G) * cpg
+            p = _pivot(xs2[k, 0])
+            s1 = 0.0
+            s2 = 0.0
+            for j in range(m):
+                d = np.float64(xs2[k, j]) - p
+                s1 += d
+                s2 += d * d
+            m64, r64 = _finish(p, s1, s2, m, eps)
+            mf[k] = m64
+            rf[k] = r64
+            mk = mf[k]
+            for c in range(c0, c0 + cpg):
+                sc = r64 * (np.float64(w[c]) if has_w else 1.0)
+                sct = t(sc)
+                sht = t((np.float64(b[c]) if has_b else 0.0) + (np.float64(mk) - m64) * sc)
+                for j in range(S):
+                    y[n, c, j] = _act((x[n, c, j] - mk) * sct + sht, a, slope)
+
+    return forward
+
+
+@per_activation
 def _act_sets_backward(a):
     """The act_ backward for activation ``a`` with one (sample, group) set per work item (the whole-sets schedule):
     the first pass over the set's rows leaves g = dy * act'(z) in dx beside each (n, c) row's float64 sums of g and
@@ -373,6 +413,9 @@ def groupnorm_act_forward(x, num_groups, weight, bias, eps, activation, slope, y
     _sync_threads(x.size)
     w, hw = _opt(weight, mean)
     b, hb = _opt(bias, mean)
+    if _whole_sets(x, num_groups):
+        _act_sets_forward(activation)(x, num_groups, w, b, hw, hb, eps, y, mean, rstd, slope)
+        return
     N, C, S = x.shape
     st = _row_stats(x.reshape(N * num_groups, C // num_groups * S), eps, mean.reshape(-1), rstd.reshape(-1))
     m, sc, sh = _sets_act_coefs(x, num_groups, st, w, b, hw, hb, mean)
