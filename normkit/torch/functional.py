@@ -135,7 +135,10 @@ def _plain(x: Tensor, pshape: tuple, *tensors) -> bool:
     if dtype not in _KERNEL_DTYPES or not x.is_cpu or not x.is_contiguous() or not x.numel():
         return False
     if dtype in _HALF:  # the parameters' dtype: of the first one given, x's or float32
-        dtype = next((t.dtype for t in tensors if isinstance(t, Tensor)), dtype)
+        for t in tensors:
+            if isinstance(t, Tensor):
+                dtype = t.dtype
+                break
         if dtype != x.dtype and dtype != torch.float32:
             return False
     for t in tensors:
