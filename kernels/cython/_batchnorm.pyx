@@ -129,8 +129,9 @@ cdef inline Py_ssize_t _column_split(Py_ssize_t n, Py_ssize_t nc, Py_ssize_t s, 
 
 
 cdef inline Py_ssize_t _block_rows(Py_ssize_t length) noexcept nogil:
-    """Rows of the (N, C*S) view per call of the columns schedule's separate elementwise pass (ROW_BLOCK)."""
-    return max(1, ROW_BLOCK // length)
+    """Rows of the (N, C*S) view per call of the columns schedule's separate elementwise pass (ROW_BLOCK; rows
+    without values, C*S = 0, one per call)."""
+    return max(1, ROW_BLOCK // max(1, length))
 
 
 cdef inline bint _whole_columns(Py_ssize_t n, Py_ssize_t nc, Py_ssize_t s) noexcept nogil:
