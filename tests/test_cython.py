@@ -97,6 +97,33 @@ def _modules(env) -> str:
                 env).strip()
 
 
+_EMPTY_CALLS = r"""
+import numpy as np
+from normkit import registry
+from normkit.contract import SPECS, storage_dtype
+spec = SPECS["batchnorm"]
+for d in spec.directions:
+    for dt in ("float32", "bfloat16"):
+        for shape in ((5, 0, 1), (5, 4, 0), (0, 4, 1), (5, 0, 40), (0, 40, 40)):
+            c = shape[1]
+            values = {"eps": 1e-5, "activation": 0, "slope": 0.01}
+            for name in spec.args(d):
+                if name not in values:
+                    size = shape if name in ("x", "y", "dy", "dx") else (c,)
+                    values[name] = np.ones(size, storage_dtype(d, name, dt))
+            registry.lookup("batchnorm", d, dt, "cython")[1](*spec.kernel_args(d, values))
+print("survived")
+"""
+
+
+def test_batchnorm_kernels_survive_data_without_values():
+    """Called directly with C = 0, S = 0 or N = 0 (the frontends never pass such data), every BatchNorm kernel
+    returns: its schedules' task arithmetic divided by S and by the task count, which killed the process with
+    SIGFPE. In a child process, so that a crash fails this test instead of ending the run."""
+    run = subprocess.run([sys.executable, "-c", _EMPTY_CALLS], capture_output=True, text=True)
+    assert run.returncode == 0 and run.stdout.strip() == "survived", (run.returncode, run.stderr[-500:])
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(kernels.INFO["modules"] == "normkit_kernels.cython", reason="this build has only one copy")
 def test_baseline_copy_passes_backend_suite():

@@ -108,20 +108,26 @@ cdef inline Py_ssize_t _cdiv(Py_ssize_t a, Py_ssize_t b) noexcept nogil:
     return (a + b - 1) // b
 
 
+cdef inline Py_ssize_t _chunk_channels(Py_ssize_t s) noexcept nogil:
+    """Whole channels in CHUNK columns of the (N, C*S) view (S < SHORT_ROW <= CHUNK; S = 0, no values, as 1: the
+    schedule's loops then run empty instead of dividing by zero)."""
+    return CHUNK // max(1, s)
+
+
 cdef inline Py_ssize_t _column_tasks(Py_ssize_t nc, Py_ssize_t s) noexcept nogil:
-    """Column tasks of the columns schedule (S < SHORT_ROW <= CHUNK): CHUNK // s whole channels each."""
-    return _cdiv(nc, CHUNK // s)
+    """Column tasks of the columns schedule: _chunk_channels(s) whole channels each."""
+    return _cdiv(nc, _chunk_channels(s))
 
 
 cdef inline Py_ssize_t _row_blocks(Py_ssize_t n, Py_ssize_t tasks) noexcept nogil:
-    return max(1, min(_cdiv(ROW_TASKS, tasks), n // BLOCK_ROWS))
+    return max(1, min(_cdiv(ROW_TASKS, max(1, tasks)), n // BLOCK_ROWS))
 
 
 cdef inline Py_ssize_t _column_split(Py_ssize_t n, Py_ssize_t nc, Py_ssize_t s, Py_ssize_t* width,
                                      Py_ssize_t* tasks, Py_ssize_t* rows) noexcept nogil:
     """The columns schedule with row blocks: sets the width (in columns) of a column task, the number of column
     tasks and the rows per block; returns the number of row blocks."""
-    width[0] = (CHUNK // s) * s
+    width[0] = _chunk_channels(s) * s
     tasks[0] = _column_tasks(nc, s)
     cdef Py_ssize_t blocks = _row_blocks(n, tasks[0])
     rows[0] = _cdiv(n, blocks)
@@ -647,7 +653,7 @@ cdef void _backward(bint training, const floating[:, :, ::1] dy, const floating[
                               w[c] if w != NULL else 1.0, bp[c] if bp != NULL else 0.0, act, slope, stream, &sdy[c],
                               &sdyx[c])
     elif act == NO_ACT and _whole_columns(n, nc, s):
-        k = CHUNK // s
+        k = _chunk_channels(s)
         for t in prange(_column_tasks(nc, s), nogil=True, schedule="static", num_threads=nt):
             _backward_columns(dyp, xp, dxp, n, nc, s, t * k, min(nc, (t + 1) * k), training, sums, &mu[0], &r[0],
                               w, &sdy[0], &sdyx[0])
@@ -688,7 +694,7 @@ cdef void _forward(const floating[:, :, ::1] x, const floating[::1] weight, cons
         for c in prange(nc, nogil=True, schedule="static", num_threads=nt):
             _forward_channel(xp, yp, n, nc, s, c, eps, w, b, act, slope, stream, &mu[c], &r[c])
     elif act == NO_ACT and _whole_columns(n, nc, s):
-        k = CHUNK // s
+        k = _chunk_channels(s)
         for t in prange(_column_tasks(nc, s), nogil=True, schedule="static", num_threads=nt):
             _forward_columns(xp, yp, n, nc, s, t * k, min(nc, (t + 1) * k), eps, w, b, &mu[0], &r[0])
     else:
