@@ -139,6 +139,7 @@ count) and ``INFO`` (a dict of short strings shown by ``normkit list``).
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from dataclasses import dataclass
@@ -284,8 +285,10 @@ class OpSpec:
         act = tuple(ACT_PREFIX + d for d in fused) if self.activation else ()
         return fused + (SPLIT_DIRECTIONS if self.split else ()) + (ADD_DIRECTIONS if self.fused_add else ()) + act
 
+    @functools.cache  # the specs are module constants, so caching per spec never grows
     def args(self, direction: str) -> tuple[str, ...]:
-        """The kernel's positional argument names for ``direction``."""
+        """The kernel's positional argument names for ``direction`` (cached: the frontends ask on every call that
+        places arguments by name)."""
         if direction not in self.directions:
             raise ValueError(f"{self.name} has no direction {direction!r}; it has {', '.join(self.directions)}")
         plain = plain_direction(direction)

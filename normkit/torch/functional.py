@@ -249,15 +249,9 @@ def _kernel(spec: OpSpec, direction: str, x: Tensor, backend, act, bias=None):
     if act is None:
         return registry.lookup(spec.name, direction, dtype, backend)[1]
     kernel = _activation.kernel(spec.name, ACT_PREFIX + direction, dtype, backend)[1]
-    at = _ACT_AT.get((spec.name, direction))
-    if at is None:
-        at = _ACT_AT[spec.name, direction] = spec.args(direction).index("eps" if "forward" in direction else
-                                                                        "weight") + 1
+    at = spec.args(direction).index("eps" if "forward" in direction else "weight") + 1
     extra = act if "forward" in direction else (_flat(_contiguous(bias)), *act)
     return lambda *args: kernel(*args[:at], *extra, *args[at:])
-
-
-_ACT_AT: dict = {}  # (op, plain direction) -> where the activation's arguments go among the plain ones
 
 
 def _nhwc_kernel(spec: OpSpec, direction: str, x: Tensor, backend, act, bias=None):
