@@ -107,7 +107,7 @@ import numpy as np
 
 from . import half, reference, registry
 from .contract import (
-    ACTIVATIONS, DIRECTIONS, DTYPES, HALF_DTYPES, LAYOUTS, NCHW, NHWC, OPS, OUTPUTS, SPECS, SPLIT_DIRECTIONS, OpSpec,
+    ACTIVATIONS, DIRECTIONS, DTYPES, HALF_DTYPES, LAYOUTS, NCHW, NHWC, OPS, SPECS, SPLIT_DIRECTIONS, OpSpec,
     arg_dtype, plain_direction,
 )
 

@@ -8,6 +8,11 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, settings
 
+import normkit
+import normkit.reference
+from normkit import registry
+from normkit.contract import DIRECTIONS
+
 # The kernels of both backends run small inputs (at most 32768 values) on one thread by default; here every input
 # runs on every thread, so that the thread-count tests exercise the parallel schedules at small sizes too
 # (subprocesses inherit it). tests/test_threads.py checks that both give the same bits.
@@ -29,3 +34,21 @@ settings.load_profile("normkit")
 @pytest.fixture
 def rng():
     return np.random.default_rng(12345)
+
+
+@pytest.fixture
+def spy():
+    """A backend named "spy": the reference kernels, recording every call (key and arguments)."""
+    calls = []
+
+    def wrap(key, kernel):
+        def call(*args):
+            calls.append((key, args))
+            kernel(*args)
+
+        return call
+
+    kernels = {key: wrap(key, k) for key, k in normkit.reference.KERNELS.items()}
+    normkit.register_backend(normkit.Backend(name="spy", module=registry.runtime_module(kernels), kernels=DIRECTIONS))
+    yield calls
+    normkit.unregister_backend("spy")

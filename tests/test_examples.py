@@ -70,7 +70,7 @@ def test_tf_idioms(tmp_path):
     (update_diff,) = numbers(rf"over 20 calls: max \|difference\| = {NUM}", out)
     (infer_diff,) = numbers(rf"inference: max \|.*?\| = {NUM}", out)
     assert train_diff < 1e-5 and update_diff < 1e-5 and infer_diff < 1e-5
-    calls = re.findall(rf"call +(\d+): moving_mean \[([^\]]*)\]", out)
+    calls = re.findall(r"call +(\d+): moving_mean \[([^\]]*)\]", out)
     assert [int(i) for i, _ in calls] == list(range(1, 21))  # printed after every training call
     first = [float(v) for v in calls[0][1].split()]
     last = [float(v) for v in calls[-1][1].split()]

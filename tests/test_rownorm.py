@@ -14,7 +14,7 @@ from support import BACKENDS, assert_close
 
 import normkit
 import normkit.torch as nt
-from normkit import reference, registry
+from normkit import reference
 from normkit.registry import Backend, runtime_module
 
 F = torch.nn.functional

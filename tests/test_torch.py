@@ -15,8 +15,6 @@ torch = pytest.importorskip("torch")
 import normkit  # noqa: E402
 import normkit.reference  # noqa: E402
 import normkit.torch as nt  # noqa: E402
-from normkit import registry  # noqa: E402
-from normkit.contract import DIRECTIONS  # noqa: E402
 from normkit.torch.models import SmallCNN  # noqa: E402
 
 nn = torch.nn
@@ -33,24 +31,6 @@ def _assert_close_to_scale(actual, expected, what="", rel=1e-5):
         return
     scale = max(1.0, expected.detach().abs().max().item()) if expected.numel() else 1.0
     torch.testing.assert_close(actual, expected, rtol=0.0, atol=rel * scale, msg=lambda m: f"{what}: {m}")
-
-
-@pytest.fixture
-def spy():
-    """A backend named "spy": the reference kernels, recording every call (key and arguments)."""
-    calls = []
-
-    def wrap(key, kernel):
-        def call(*args):
-            calls.append((key, args))
-            kernel(*args)
-
-        return call
-
-    kernels = {key: wrap(key, k) for key, k in normkit.reference.KERNELS.items()}
-    normkit.register_backend(normkit.Backend(name="spy", module=registry.runtime_module(kernels), kernels=DIRECTIONS))
-    yield calls
-    normkit.unregister_backend("spy")
 
 
 def test_import_normkit_does_not_import_torch():
