@@ -590,6 +590,27 @@ def test_renorm_ghost_bad_inputs():
         g(np.zeros((8, 3, 2, 2), np.float32))
 
 
+@pytest.mark.parametrize("shape", [(0, 3, 2, 2), (4, 3, 0, 2)])
+@pytest.mark.parametrize("kind", ["renorm", "ghost"])
+def test_renorm_ghost_take_empty_batches_as_torch_batchnorm(kind, shape):
+    """A batch without values (detection models and variable-length batching make them) gives what
+    torch.nn.BatchNorm2d gives: an empty output, zero parameter gradients, running statistics untouched and
+    num_batches_tracked counted (it raised an IndexError)."""
+    m = nkt.BatchRenorm2d(3) if kind == "renorm" else nkt.GhostBatchNorm2d(3, virtual_batch_size=2)
+    ref = torch.nn.BatchNorm2d(3)
+    with torch.no_grad():
+        for mod in (m, ref):
+            mod.running_mean.copy_(torch.tensor([0.5, -1.0, 2.0]))
+    for mod in (m, ref):
+        x = torch.zeros(shape, requires_grad=True)
+        y = mod(x)
+        y.sum().backward()
+        assert y.shape == shape and x.grad.shape == shape
+        assert torch.equal(mod.weight.grad, torch.zeros(3)) and torch.equal(mod.bias.grad, torch.zeros(3))
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        assert torch.equal(getattr(m, name), getattr(ref, name)), name
+
+
 def test_convert_sync_batchnorm_refuses_renorm_and_ghost():
     """They subclass torch.nn.BatchNorm*d, so a plain SyncBatchNorm would silently replace their semantics."""
     ghost = torch.nn.Sequential(torch.nn.Conv2d(3, 3, 1), nkt.GhostBatchNorm2d(3, virtual_batch_size=2))

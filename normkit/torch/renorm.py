@@ -11,6 +11,7 @@ for torch's conventions; only the running statistics are updated here, the torch
 
 from __future__ import annotations
 
+import math
 import numbers
 
 import numpy as np
@@ -86,11 +87,15 @@ class _RenormGhostForward:
         if not self.training and has_running:
             return batch_norm(input, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0,
                               self.eps, backend=self.backend)
+        if not input.numel():  # torch.nn.BatchNorm's empty batch: an empty output, running statistics untouched
+            if self.training and self.track_running_stats and has_running:
+                self.num_batches_tracked.add_(1)
+            return batch_norm(input, None, None, self.weight, self.bias, True, 0.0, self.eps, backend=self.backend)
         n, vbs = input.shape[0], self._vbs()
         if vbs is not None and n % vbs:
             raise ValueError(f"{type(self).__name__}: virtual_batch_size={vbs} must divide the batch size, got a "
                              f"batch of {n} (shape {tuple(input.shape)})")
-        count = (n if vbs is None else vbs) * input[0, 0].numel()
+        count = (n if vbs is None else vbs) * math.prod(input.shape[2:])
         if count <= 1:
             raise ValueError(f"{type(self).__name__}: expected more than 1 value per channel "
                              f"{'per ghost batch ' if vbs else ''}when training, got input size {tuple(input.shape)}")
