@@ -160,12 +160,12 @@ def _act_baseline(case, x, dy, w, b):
     return forward, backward
 
 
-def _channels_last(a: np.ndarray, shape: tuple) -> "torch.Tensor":  # noqa: F821
-    """A (N, C, S) array's values as a channels-last tensor of ``shape`` (N, C, *spatial)."""
-    import torch
-
-    nhwc = np.ascontiguousarray(a.transpose(0, 2, 1)).reshape(shape[0], *shape[2:], shape[1])
-    return torch.from_numpy(nhwc).movedim(-1, 1)
+def _channels_last(case: Case, a: np.ndarray) -> "torch.Tensor":  # noqa: F821
+    """A (N, C, S) array's values as a channels-last tensor of the case's shape (N, C, *spatial), as :func:`_data`
+    sees 16-bit patterns."""
+    shape = case.shape
+    nhwc = np.ascontiguousarray(a.transpose(0, 2, 1))
+    return _tensor(nhwc, case.dtype).view(shape[0], *shape[2:], shape[1]).movedim(-1, 1)
 
 
 def prepare(case: Case, direction: str, inputs: dict,
@@ -178,7 +178,7 @@ def prepare(case: Case, direction: str, inputs: dict,
     if case.op not in BASELINES:
         raise ValueError(f"{case.op}: normkit's bench has no PyTorch baseline for this op")
     if layout == "nhwc":
-        x, dy = _channels_last(inputs["x"], case.shape), _channels_last(inputs["dy"], case.shape)
+        x, dy = _channels_last(case, inputs["x"]), _channels_last(case, inputs["dy"])
     else:
         x, dy = _data(case, inputs["x"]), _data(case, inputs["dy"])
     w, b = torch.from_numpy(inputs["weight"]), torch.from_numpy(inputs["bias"])
@@ -209,11 +209,15 @@ def _data(case: Case, a: np.ndarray):
     """x or dy as a tensor of the case's shape. 16-bit data: the same memory as the kernels' uint16 patterns, seen
     as torch's 16-bit dtype; weight and bias stay float32, the mixed types autocast gives torch's kernels after a
     16-bit convolution."""
+    return _tensor(a, case.dtype).view(case.shape)
+
+
+def _tensor(a: np.ndarray, dtype: str):
+    """An array as a tensor on its memory, uint16 patterns as ``dtype`` (bfloat16 or float16)."""
     import torch
 
-    t = torch.from_numpy(a.view(np.int16)).view(getattr(torch, case.dtype)) if a.dtype == np.uint16 else \
+    return torch.from_numpy(a.view(np.int16)).view(getattr(torch, dtype)) if a.dtype == np.uint16 else \
         torch.from_numpy(a)
-    return t.view(case.shape)
 
 
 def _stored(case: Case, out) -> np.ndarray:

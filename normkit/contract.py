@@ -131,8 +131,10 @@ when no backend has one, the frontends run a per-channel direction (:meth:`OpSpe
 kernel on the (N*S, C, 1) view of the data (:func:`on_columns`, no copy), and any other on an NCHW copy of the
 input, handing the output back in the input's memory format: a backend without them is at most slower on
 channels-last data. An input that is both NCHW- and NHWC-contiguous (C = 1, or S = 1) goes to the NCHW kernel: the
-memory is the same. Channels-last kernels are float32/float64 only (:data:`LAYOUT_DTYPES`): a backend's 16-bit
-dtypes do not extend its ``channels_last``, so 16-bit channels-last data takes those two ways.
+memory is the same. A backend's ``channels_last`` covers float32 and float64 (:data:`LAYOUT_DTYPES`) unless it
+names its channels-last dtypes (``Backend.channels_last_dtypes``): 16-bit channels-last kernels take the data
+arrays as (N, S, C) ``np.uint16`` bit patterns and everything else as the 16-bit NCHW kernels do; 16-bit data
+without them takes the two ways above.
 
 The contract is versioned; a backend declares the version it targets and normkit refuses other versions.
 Optional module attributes: ``set_num_threads(n)`` (normkit calls it whenever the user sets a thread count, and
@@ -396,7 +398,7 @@ OPS = tuple(SPECS)
 NCHW, NHWC = "nchw", "nhwc"
 LAYOUTS = (NCHW, NHWC)
 CHANNEL_OPS = tuple(name for name, s in SPECS.items() if s.sets != "row")
-LAYOUT_DTYPES = ("float32", "float64")  # the dtypes channels-last kernels exist for
+LAYOUT_DTYPES = ("float32", "float64")  # the dtypes a backend's channels-last kernels are for, unless it says
 
 DIRECTIONS = {name: spec.directions for name, spec in SPECS.items()}
 

@@ -44,8 +44,9 @@ class Backend:
 
     ``kernels`` maps each op to the directions implemented (see :mod:`normkit.contract`); ``dtypes`` applies to
     all of them. ``channels_last`` maps an op to the directions that also have a channels-last kernel (channel ops
-    only, among the directions of ``kernels``; the same dtypes, float32/float64 only). ``module`` is the dotted name
-    of the kernels module (or, for backends registered at run time, an object with a ``KERNELS`` attribute).
+    only, among the directions of ``kernels``), for the dtypes of ``dtypes`` that are in ``channels_last_dtypes``
+    (float32 and float64 unless the backend names more). ``module`` is the dotted name of the kernels module (or,
+    for backends registered at run time, an object with a ``KERNELS`` attribute).
     """
 
     name: str
@@ -55,6 +56,7 @@ class Backend:
     contract: int = CONTRACT_VERSION
     description: str = ""
     channels_last: Mapping[str, Sequence[str]] = field(default_factory=dict)
+    channels_last_dtypes: Sequence[str] = LAYOUT_DTYPES
 
     def declared(self) -> frozenset[tuple[str, str, str]]:
         """The NCHW kernels (and the row ops'): (op, direction, dtype) keys of ``KERNELS``."""
@@ -72,7 +74,7 @@ class Backend:
             for op, directions in self.channels_last.items()
             for direction in directions
             for dtype in self.dtypes
-            if dtype in LAYOUT_DTYPES
+            if dtype in self.channels_last_dtypes
         )
 
     def validate(self) -> None:
@@ -100,6 +102,13 @@ class Backend:
         bad = [d for d in self.dtypes if d not in DTYPES]
         if bad:
             raise ValueError(f"backend {self.name!r} declares unsupported dtype(s) {bad}; valid: {', '.join(DTYPES)}")
+        if isinstance(self.channels_last_dtypes, str):
+            raise ValueError(f"backend {self.name!r}: channels_last_dtypes must be a sequence of dtype names, got the "
+                             f"string {self.channels_last_dtypes!r}")
+        bad = [d for d in self.channels_last_dtypes if d not in DTYPES]
+        if bad:
+            raise ValueError(f"backend {self.name!r} declares unsupported channels-last dtype(s) {bad}; valid: "
+                             f"{', '.join(DTYPES)}")
         for op, directions in self.channels_last.items():
             if isinstance(directions, str):
                 raise ValueError(f"backend {self.name!r}: channels_last directions for {op} must be a sequence, got "

@@ -269,9 +269,11 @@ def test_bench_16_bit_fused_add(dtype):
     assert all(r.check == "ok" for r in result.rows if r.kind == "backend")
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("op", ["bn", "gn", "in"])
-def test_bench_channels_last_times_both_layouts_against_torch_channels_last(op):
-    result = bench.bench(op, shape=(2, 8, 4, 3), backends=["cython", "reference"], repeat=3, layout="nhwc")
+def test_bench_channels_last_times_both_layouts_against_torch_channels_last(op, dtype):
+    result = bench.bench(op, shape=(2, 8, 4, 3), dtype=dtype, backends=["cython", "reference"], repeat=3,
+                         layout="nhwc")
     rows = [(r.direction, r.name, r.layout) for r in result.rows if r.kind == "backend"]
     assert rows == [(d, n, lay) for d in ("forward", "backward") for n, lay in
                     (("cython", "nhwc"), ("cython", "nchw"), ("reference", "nchw"))]

@@ -12,7 +12,7 @@ from support import BACKENDS, assert_close, ulps
 import normkit
 import normkit.reference
 from normkit import half, registry, testing
-from normkit.contract import CHANNEL_OPS, NHWC, SPECS
+from normkit.contract import CHANNEL_OPS, DTYPES, NHWC, SPECS
 from normkit.ops import channels_last_view
 from normkit.registry import Backend, runtime_module
 
@@ -47,6 +47,23 @@ def test_bad_channels_last_declarations(channels_last, match):
                    channels_last=channels_last)
     with pytest.raises(ValueError, match=match):
         spec.validate()
+
+
+@pytest.mark.parametrize("dtypes, match", [("float32", "must be a sequence"), (("float32", "int8"), "unsupported")])
+def test_bad_channels_last_dtypes(dtypes, match):
+    spec = Backend("bad", runtime_module({}), kernels={"groupnorm": ("forward",)},
+                   channels_last={"groupnorm": ("forward",)}, channels_last_dtypes=dtypes)
+    with pytest.raises(ValueError, match=match):
+        spec.validate()
+
+
+def test_channels_last_dtypes_default_to_float32_and_float64():
+    spec = Backend("cl", runtime_module({}), kernels={"groupnorm": ("forward",)}, dtypes=DTYPES,
+                   channels_last={"groupnorm": ("forward",)})
+    assert {key[2] for key in spec.declared_channels_last()} == {"float32", "float64"}
+    wide = Backend("cl16", runtime_module({}), kernels={"groupnorm": ("forward",)}, dtypes=("float32", "bfloat16"),
+                   channels_last={"groupnorm": ("forward",)}, channels_last_dtypes=DTYPES)
+    assert {key[2] for key in wide.declared_channels_last()} == {"float32", "bfloat16"}
 
 
 def test_lookup_by_layout():
@@ -252,17 +269,20 @@ def test_per_channel_directions_run_on_the_columns_view_without_a_copy(case, rng
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 @pytest.mark.parametrize("op", CHANNEL_OPS)
 def test_numpy_16_bit_channels_last_keeps_the_layout(op, dtype, backend, rng):
-    """16-bit data has no channels-last kernels: y and dx come back NHWC-strided. GroupNorm and InstanceNorm run the
-    NCHW kernel on a copy: equal to the NCHW input's results. BatchNorm (per channel) runs it on the (N*S, C, 1)
-    view, the same sums in another order: the contract's bound against the float64 reference rounded once (1 ulp
-    for y, 2 for dx), float32's for the parameter gradients."""
+    """16-bit data: y and dx come back NHWC-strided. A backend's 16-bit channels-last kernels (Cython's) run, and
+    BatchNorm (per channel) runs the NCHW kernel on the (N*S, C, 1) view where there is none: the same sums in
+    another order, so the contract's bound against the float64 reference rounded once (1 ulp for y, 2 for dx),
+    float32's for the parameter gradients. Without a channels-last kernel (Numba's GroupNorm and InstanceNorm)
+    the NCHW kernel runs on a copy: equal to the NCHW input's results."""
     dt = np.dtype(dtype) if dtype == "float16" else np.dtype(pytest.importorskip("ml_dtypes").bfloat16)
     a = rng.standard_normal((3, 4, 5, 2)).astype(dt)
     dy = rng.standard_normal((3, 4, 5, 2)).astype(dt)
     w, b = rng.standard_normal(4).astype(np.float32), rng.standard_normal(4).astype(np.float32)
     got = _forward_backward(op, nhwc(a), nhwc(dy), 2, w, b, backend)
     assert is_nhwc(got[0]) and is_nhwc(got[1]) and got[0].dtype == dt
-    if not SPECS[op].per_channel("forward"):
+    kernel16 = registry.lookup(op, "forward", dtype, backend, NHWC)
+    assert (kernel16 is not None) == (backend == "cython")
+    if kernel16 is None and not SPECS[op].per_channel("forward"):
         want = _forward_backward(op, a, dy, 2, w, b, backend)
         for g, r in zip(got, want):
             np.testing.assert_array_equal(g.view(np.uint16) if g.dtype == dt else g,
@@ -297,14 +317,35 @@ def test_channels_last_numerics_on_large_sets(backend, op, shape, groups, data):
     assert failures == [], "\n".join(map(str, failures))
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("op, shape, groups", [
+    ("groupnorm", (1, 12, 300), 3),  # one sample: its rows cut into blocks
+    ("groupnorm", (9, 8, 40), 8),  # whole samples per task
+    ("groupnorm", (9, 21, 30), 7),  # rows of 21 values: the registers' loops and the tails past them
+    ("instancenorm", (8, 40, 20), None),
+    ("groupnorm", (2, 1100, 3), 4),  # rows longer than one tile of the elementwise pass
+])
+@pytest.mark.parametrize("data", ["offset1e3", "nan", "constant", "overflow"])
+def test_16_bit_channels_last_numerics_on_large_sets(op, shape, groups, dtype, data):
+    """Cython's 16-bit channels-last kernels on the hostile data the conformance kit runs, on sets larger than its
+    shapes and in both of its task schedules."""
+    failures = []
+    for direction in ("forward", "backward"):
+        case = testing.Case(op, direction, dtype, shape, groups, "weight+bias", data, 1e-5, layout="nhwc")
+        testing._run_case(case, registry.lookup(op, direction, dtype, "cython", "nhwc")[1], failures)
+    assert failures == [], "\n".join(map(str, failures))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("backend", CL_BACKENDS)
 @pytest.mark.parametrize("op, shape, groups", [
     ("groupnorm", (1, 24, 1000), 6), ("groupnorm", (16, 6, 50), 2), ("instancenorm", (2, 33, 700), None),
     ("batchnorm", (4, 40, 600), None), ("groupnorm", (9, 21, 30), 7), ("instancenorm", (8, 40, 20), None),
 ])
-def test_channels_last_results_do_not_depend_on_the_thread_count(backend, op, shape, groups, rng):
-    x = nhwc(rng.standard_normal(shape).astype(np.float32) + 3)
-    dy = nhwc(rng.standard_normal(shape).astype(np.float32))
+def test_channels_last_results_do_not_depend_on_the_thread_count(backend, op, shape, groups, dtype, rng):
+    dt = np.float32 if dtype == "float32" else pytest.importorskip("ml_dtypes").bfloat16
+    x = nhwc((rng.standard_normal(shape) + 3).astype(dt))
+    dy = nhwc(rng.standard_normal(shape).astype(dt))
     w, b = rng.standard_normal(shape[1]).astype(np.float32), rng.standard_normal(shape[1]).astype(np.float32)
     results = []
     threads = registry.get_num_threads()

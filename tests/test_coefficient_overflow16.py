@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from normkit import half, reference
-from normkit.contract import DATA_ARGS, OUTPUTS, SPECS
+from normkit.contract import ACT_PREFIX, CHANNEL_OPS, DATA_ARGS, NHWC, OUTPUTS, SPECS
 
 ml_dtypes = pytest.importorskip("ml_dtypes")
 BF16 = ml_dtypes.bfloat16
@@ -74,10 +74,33 @@ def _run(kernel, op, direction, v, dtype):
 
 @pytest.mark.parametrize("op,direction", CASES, ids="-".join)
 def test_bfloat16_results_whose_coefficients_overflow_float32(kernels, op, direction):
+    _check(kernels.KERNELS[(op, direction, "bfloat16")], op, direction)
+
+
+@pytest.mark.parametrize("op,direction", [(op, d) for op, d in CASES if op in CHANNEL_OPS and not
+                                          d.startswith(ACT_PREFIX)], ids="-".join)
+def test_bfloat16_channels_last_results_whose_coefficients_overflow_float32(op, direction):
+    """The same for Cython's 16-bit channels-last kernels (no other backend has them), given (N, S, C) copies of the
+    data."""
+    kernel = pytest.importorskip("normkit_kernels.cython.kernels").KERNELS[(op, direction, "bfloat16", NHWC)]
+    names, outputs = SPECS[op].args(direction), OUTPUTS[direction]
+
+    def nchw(*args):
+        nsc = [np.ascontiguousarray(a.transpose(0, 2, 1)) if n in DATA_ARGS and a is not None else a
+               for n, a in zip(names, args)]
+        kernel(*nsc)
+        for n, a, t in zip(names, args, nsc):
+            if n in outputs and n in DATA_ARGS:
+                a[...] = t.transpose(0, 2, 1)
+
+    _check(nchw, op, direction)
+
+
+def _check(kernel, op, direction):
     v = _inputs(op, direction, np.random.default_rng(0))
     if "rstd" in v:
         assert float(np.max(v["rstd"])) * float(np.min(np.abs(v["weight"]))) > float(np.finfo(np.float32).max)
-    got = _run(kernels.KERNELS[(op, direction, "bfloat16")], op, direction, v, "bfloat16")
+    got = _run(kernel, op, direction, v, "bfloat16")
     want = _run(reference.KERNELS[(op, direction, "float64")], op, direction, v, "float64")
     for name in got.keys() & {"y", "dx", "h"}:
         with np.errstate(over="ignore"):

@@ -16,5 +16,6 @@ backend = Backend(
              "rmsnorm": _ROW},
     dtypes=("float32", "float64", "bfloat16", "float16"),
     channels_last={"batchnorm": _CHANNEL + _SPLIT, "instancenorm": _CHANNEL, "groupnorm": ("forward", "backward")},
+    channels_last_dtypes=("float32", "float64", "bfloat16", "float16"),
     description="Cython with OpenMP prange, compiled at install time",
 )

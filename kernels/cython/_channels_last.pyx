@@ -13,15 +13,30 @@ samples in sample order.
 
 BatchNorm, and the inference directions that take running statistics, need no kernel here: on (N, S, C) data they
 are the NCHW per-channel kernels on the (N*S, C, 1) view (see kernels.py).
+
+16-bit data (the ...16 kernels, bfloat16 / float16 bit patterns with float32 parameters and statistics): the same
+tasks, the column sums and each row's elementwise pass in registers where the build allows (normkit_col_sums16,
+normkit_cols16: the loops of the NCHW BatchNorm's columns schedule, whose rows are these rows), else widened row
+by row; sums that are not finite again in double, and a tile of outputs that is not all finite again from double
+coefficients, as the NCHW 16-bit kernels do.
 """
+
+import os
 
 import numpy as np
 
 from cython cimport floating
 from cython.parallel cimport prange
 from libc.math cimport isfinite
+from libc.stdint cimport uint16_t
 
-from _common cimport SERIAL_MAX_VALUES, finish_moments, grad_sums, moments, pivot_of, threads_for
+from _common cimport (
+    SERIAL_MAX_VALUES, TILE16, finish_moments, grad_sums, moments, narrow64, normkit_col_sums16, normkit_cols16,
+    normkit_half_init, normkit_narrow, normkit_widen, pivot_of, threads_for,
+)
+
+# float16 converts with F16C where the CPU has it, unless NORMKIT_CYTHON_NO_F16C=1 (see _groupnorm.pyx).
+F16C = bool(normkit_half_init(os.environ.get("NORMKIT_CYTHON_NO_F16C", "") in ("", "0")))
 
 cdef int _nthreads = 1
 cdef Py_ssize_t _serial_max = SERIAL_MAX_VALUES
@@ -332,3 +347,193 @@ def instancenorm_backward(const floating[:, :, ::1] dy, const floating[:, :, ::1
                           const floating[:, ::1] mean, const floating[:, ::1] rstd, const floating[::1] weight,
                           floating[:, :, ::1] dx, floating[::1] dweight, floating[::1] dbias):
     _backward(dy, x, x.shape[2], mean, rstd, weight, dx, dweight, dbias)
+
+
+# --- 16-bit data -----------------------------------------------------------------------------------------------
+
+cdef void _col_sums16(const uint16_t* dy, const uint16_t* x, Py_ssize_t rows, Py_ssize_t nc, const float* p,
+                      int fmt, float* row, double* s1, double* s2) noexcept nogil:
+    """_col_moments (dy NULL; p the pivots) or _col_grad_sums (p the means) of 16-bit rows: in registers where the
+    build allows, else (or where those sums are not finite) in double, a row at a time widened into ``row`` (nc
+    floats, 2 * nc with dy)."""
+    cdef Py_ssize_t i, l
+    cdef double d, g
+    if normkit_col_sums16(dy, x, rows, nc, 0, nc, p, s1, s2, fmt) and _all_finite(s1, s2, nc):
+        return
+    for l in range(nc):
+        s1[l] = 0.0
+        s2[l] = 0.0
+    for i in range(rows):
+        if dy != NULL:
+            normkit_widen(dy + i * nc, row + nc, nc, fmt)
+        normkit_widen(x + i * nc, row, nc, fmt)
+        for l in range(nc):
+            d = <double>row[l] - p[l]
+            g = <double>row[nc + l] if dy != NULL else d
+            s1[l] += g
+            s2[l] += g * d
+
+
+cdef void _rows16(const uint16_t* dy, const uint16_t* x, uint16_t* out, Py_ssize_t rows, Py_ssize_t nc, int fmt,
+                  const float* m, const float* a, const float* b, const float* c, const double* m64,
+                  const double* a64, const double* b64, const double* c64) noexcept nogil:
+    """Each row's elementwise pass with per-column float32 coefficients: y = (x - m) * a + c (dy NULL) or
+    dx = a * dy + b * (x - m) + c, tile by tile, in registers where the build allows, else widened; a tile whose
+    outputs are not all finite again in double from the double coefficients (a float32 coefficient, such as
+    scale = rstd * weight, may itself have overflowed)."""
+    cdef float tdy[TILE16]
+    cdef float tx[TILE16]
+    cdef double d[TILE16]
+    cdef Py_ssize_t i, q, j, k, l
+    cdef int done
+    for i in range(rows):
+        for q in range((nc + TILE16 - 1) // TILE16):
+            j = q * TILE16
+            k = min(<Py_ssize_t>TILE16, nc - j)
+            done = normkit_cols16(dy + i * nc + j if dy != NULL else NULL, x + i * nc + j, out + i * nc + j, k, fmt,
+                                  m + j, a + j, b + j if b != NULL else NULL, c + j, 0 if dy == NULL else 1)
+            if done < 0:
+                normkit_widen(x + i * nc + j, tx, k, fmt)
+                if dy == NULL:
+                    for l in range(k):
+                        tx[l] = (tx[l] - m[j + l]) * a[j + l] + c[j + l]
+                else:
+                    normkit_widen(dy + i * nc + j, tdy, k, fmt)
+                    for l in range(k):
+                        tx[l] = a[j + l] * tdy[l] + b[j + l] * (tx[l] - m[j + l]) + c[j + l]
+                done = normkit_narrow(tx, out + i * nc + j, k, fmt)
+            if done:
+                continue
+            normkit_widen(x + i * nc + j, tx, k, fmt)
+            if dy == NULL:
+                for l in range(k):
+                    d[l] = (<double>tx[l] - m64[j + l]) * a64[j + l] + c64[j + l]
+            else:
+                normkit_widen(dy + i * nc + j, tdy, k, fmt)
+                for l in range(k):
+                    d[l] = a64[j + l] * tdy[l] + b64[j + l] * (<double>tx[l] - m64[j + l]) + c64[j + l]
+            narrow64(d, out + i * nc + j, k, fmt)
+
+
+cdef void _forward16(int fmt, const uint16_t[:, :, ::1] x, Py_ssize_t groups, const float[::1] weight,
+                     const float[::1] bias, double eps, uint16_t[:, :, ::1] y, float[:, ::1] mean,
+                     float[:, ::1] rstd):
+    cdef Py_ssize_t n = x.shape[0], s = x.shape[1], nc = x.shape[2], cg = nc // groups
+    cdef Py_ssize_t blocks = _blocks(n, s), rows = _cdiv(s, blocks), i, g, c, t, r0
+    cdef const uint16_t* xp = &x[0, 0, 0]
+    cdef uint16_t* yp = &y[0, 0, 0]
+    cdef const float* w = _ptr(weight)
+    cdef const float* b = _ptr(bias)
+    cdef float first
+    cdef float[:, ::1] rowbuf = np.empty((n * blocks, nc), np.float32)  # each task's widened row (fallback)
+    cdef float[:, ::1] piv = np.empty((n, nc), np.float32), cm = np.empty((n, nc), np.float32)
+    cdef float[:, ::1] scale = np.empty((n, nc), np.float32), shift = np.empty((n, nc), np.float32)
+    cdef double[:, :, ::1] c64 = np.empty((n, 3, nc))  # per column: mean, scale, shift in double
+    cdef double[:, ::1] s1 = np.empty((n * blocks, nc)), s2 = np.empty((n * blocks, nc))
+    cdef double[:, ::1] mu = np.empty((n, groups)), rs = np.empty((n, groups))
+    cdef int nt = threads_for(n * s * nc, _nthreads, _serial_max)
+    for i in range(n):
+        for g in range(groups):
+            normkit_widen(xp + i * s * nc + g * cg, &first, 1, fmt)
+            for c in range(g * cg, (g + 1) * cg):
+                piv[i, c] = <float>pivot_of(first)
+    for t in prange(n * blocks, nogil=True, schedule="static", num_threads=nt):
+        i = t // blocks
+        r0 = (t % blocks) * rows
+        _col_sums16(NULL, xp + (i * s + r0) * nc, max(0, min(rows, s - r0)), nc, &piv[i, 0], fmt, &rowbuf[t, 0],
+                    &s1[t, 0], &s2[t, 0])
+    for i in range(n):
+        _merge_blocks(&s1[i * blocks, 0], &s2[i * blocks, 0], blocks, nc)
+        _finish_sample(&s1[i * blocks, 0], &s2[i * blocks, 0], nc, groups, s, &piv[i, 0], eps, w, b, &mu[i, 0],
+                       &rs[i, 0], &cm[i, 0], &scale[i, 0], &shift[i, 0])
+        for c in range(nc):
+            c64[i, 0, c] = mu[i, c // cg]
+            c64[i, 1, c] = rs[i, c // cg] * w[c] if w != NULL else rs[i, c // cg]
+            c64[i, 2, c] = b[c] if b != NULL else 0.0
+    for t in prange(n * blocks, nogil=True, schedule="static", num_threads=nt):
+        i = t // blocks
+        r0 = (t % blocks) * rows
+        _rows16(NULL, xp + (i * s + r0) * nc, yp + (i * s + r0) * nc, max(0, min(rows, s - r0)), nc, fmt,
+                &cm[i, 0], &scale[i, 0], NULL, &shift[i, 0], &c64[i, 0, 0], &c64[i, 1, 0], NULL, &c64[i, 2, 0])
+    for i in range(n):
+        for g in range(groups):
+            mean[i, g] = <float>mu[i, g]
+            rstd[i, g] = <float>rs[i, g]
+
+
+cdef void _backward16(int fmt, const uint16_t[:, :, ::1] dy, const uint16_t[:, :, ::1] x, Py_ssize_t groups,
+                      const float[:, ::1] mean, const float[:, ::1] rstd, const float[::1] weight,
+                      uint16_t[:, :, ::1] dx, float[::1] dweight, float[::1] dbias):
+    cdef Py_ssize_t n = x.shape[0], s = x.shape[1], nc = x.shape[2], cg = nc // groups
+    cdef Py_ssize_t blocks = _blocks(n, s), rows = _cdiv(s, blocks), i, c, t, r0
+    cdef const uint16_t* dyp = &dy[0, 0, 0]
+    cdef const uint16_t* xp = &x[0, 0, 0]
+    cdef uint16_t* dxp = &dx[0, 0, 0]
+    cdef float[:, ::1] rowbuf = np.empty((n * blocks, 2 * nc), np.float32)  # each task's widened rows (fallback)
+    cdef float[:, ::1] cm = np.empty((n, nc), np.float32), ca = np.empty((n, nc), np.float32)
+    cdef float[:, ::1] cb = np.empty((n, nc), np.float32), cc = np.empty((n, nc), np.float32)
+    cdef double[:, :, ::1] c64 = np.empty((n, 4, nc))  # per column: mean, ca, cb, cc in double
+    cdef double[:, ::1] sdy = np.empty((n * blocks, nc)), sdyx = np.empty((n * blocks, nc))
+    # the coefficients are computed in double (as the float32 kernels do) from rstd and weight in double
+    cdef double[:, ::1] r64 = np.asarray(rstd, np.float64)
+    cdef double[::1] w64 = np.asarray(weight if weight is not None else np.ones(nc, np.float32), np.float64)
+    cdef double acc
+    cdef int nt = threads_for(n * s * nc, _nthreads, _serial_max)
+    for i in range(n):
+        for c in range(nc):
+            cm[i, c] = mean[i, c // cg]
+    for t in prange(n * blocks, nogil=True, schedule="static", num_threads=nt):
+        i = t // blocks
+        r0 = (t % blocks) * rows
+        _col_sums16(dyp + (i * s + r0) * nc, xp + (i * s + r0) * nc, max(0, min(rows, s - r0)), nc, &cm[i, 0], fmt,
+                    &rowbuf[t, 0], &sdy[t, 0], &sdyx[t, 0])
+    for i in range(n):
+        _merge_blocks(&sdy[i * blocks, 0], &sdyx[i * blocks, 0], blocks, nc)
+        _grad_coefficients(&sdy[i * blocks, 0], &sdyx[i * blocks, 0], nc, groups, s, &r64[i, 0], &w64[0],
+                           &c64[i, 1, 0], &c64[i, 2, 0], &c64[i, 3, 0])
+        for c in range(nc):
+            c64[i, 0, c] = cm[i, c]
+            ca[i, c] = <float>c64[i, 1, c]
+            cb[i, c] = <float>c64[i, 2, c]
+            cc[i, c] = <float>c64[i, 3, c]
+    for t in prange(n * blocks, nogil=True, schedule="static", num_threads=nt):
+        i = t // blocks
+        r0 = (t % blocks) * rows
+        _rows16(dyp + (i * s + r0) * nc, xp + (i * s + r0) * nc, dxp + (i * s + r0) * nc, max(0, min(rows, s - r0)),
+                nc, fmt, &cm[i, 0], &ca[i, 0], &cb[i, 0], &cc[i, 0], &c64[i, 0, 0], &c64[i, 1, 0], &c64[i, 2, 0],
+                &c64[i, 3, 0])
+    if dweight is not None:
+        for c in range(nc):
+            acc = 0.0
+            for i in range(n):
+                acc = acc + <double>rstd[i, c // cg] * sdyx[i * blocks, c]
+            dweight[c] = <float>acc
+    if dbias is not None:
+        for c in range(nc):
+            acc = 0.0
+            for i in range(n):
+                acc = acc + sdy[i * blocks, c]
+            dbias[c] = <float>acc
+
+
+def groupnorm_forward16(int fmt, const uint16_t[:, :, ::1] x, Py_ssize_t num_groups, const float[::1] weight,
+                        const float[::1] bias, double eps, uint16_t[:, :, ::1] y, float[:, ::1] mean,
+                        float[:, ::1] rstd):
+    _forward16(fmt, x, num_groups, weight, bias, eps, y, mean, rstd)
+
+
+def groupnorm_backward16(int fmt, const uint16_t[:, :, ::1] dy, const uint16_t[:, :, ::1] x, Py_ssize_t num_groups,
+                         const float[:, ::1] mean, const float[:, ::1] rstd, const float[::1] weight,
+                         uint16_t[:, :, ::1] dx, float[::1] dweight, float[::1] dbias):
+    _backward16(fmt, dy, x, num_groups, mean, rstd, weight, dx, dweight, dbias)
+
+
+def instancenorm_forward16(int fmt, const uint16_t[:, :, ::1] x, const float[::1] weight, const float[::1] bias,
+                           double eps, uint16_t[:, :, ::1] y, float[:, ::1] mean, float[:, ::1] rstd):
+    _forward16(fmt, x, x.shape[2], weight, bias, eps, y, mean, rstd)
+
+
+def instancenorm_backward16(int fmt, const uint16_t[:, :, ::1] dy, const uint16_t[:, :, ::1] x,
+                            const float[:, ::1] mean, const float[:, ::1] rstd, const float[::1] weight,
+                            uint16_t[:, :, ::1] dx, float[::1] dweight, float[::1] dbias):
+    _backward16(fmt, dy, x, x.shape[2], mean, rstd, weight, dx, dweight, dbias)

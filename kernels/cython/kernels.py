@@ -4,8 +4,8 @@ The kernels are fused-type (float32/float64) Cython functions; each KERNELS entr
 dtype, so a call skips Cython's run-time dispatch on the argument types. The bfloat16 and float16 kernels take the
 format as a first argument (0 bfloat16, 1 float16; the data are uint16 bit patterns either way), bound here.
 
-Channels-last kernels (keys ending in "nhwc", arrays (N, S, C)): GroupNorm and InstanceNorm training are in
-_channels_last. Every per-channel kernel (all of BatchNorm's, and InstanceNorm's inference directions, which take
+Channels-last kernels (keys ending in "nhwc", arrays (N, S, C)), for all four dtypes: GroupNorm and InstanceNorm
+training are in _channels_last (16-bit twins included). Every per-channel kernel (all of BatchNorm's, and InstanceNorm's inference directions, which take
 running statistics) is the NCHW kernel on the (N*S, C, 1) view: the same channels' values in the same order, which
 the NCHW kernels' columns schedule sums down the columns of an (N*S, C) matrix, vectorized along C.
 
@@ -174,6 +174,16 @@ def _act16(op, direction, dtype):
 KERNELS.update({
     (op, direction, dtype): _sixteen_bit(op, direction, function, dtype)
     for (op, direction), function in _FUNCTIONS.items()
+    for dtype in _FORMATS
+})
+KERNELS.update({
+    (op, direction, dtype, "nhwc"): on_columns(SPECS[op], direction, KERNELS[(op, direction, dtype)])
+    for op, direction in _PER_CHANNEL
+    for dtype in _FORMATS
+})
+KERNELS.update({
+    (op, direction, dtype, "nhwc"): partial(getattr(_channels_last, function.__name__ + "16"), _FORMATS[dtype])
+    for (op, direction), function in _CHANNELS_LAST.items()
     for dtype in _FORMATS
 })
 
