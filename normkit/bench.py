@@ -111,7 +111,8 @@ def prepare(case: Case, direction: str, name: str, inputs: dict | None = None, l
         return Contender(COMPILED, "peer", call, output, compile_s)
     start = time.perf_counter()
     if layout == NHWC:
-        found = [registry.lookup(case.op, d, case.dtype, name, NHWC) for d in ("forward", direction)]
+        found = [registry.lookup(case.op, case.kernel_direction(d), case.dtype, name, NHWC)
+                 for d in ("forward", direction)]
         if None in found:
             raise ValueError(f"backend {name!r} has no channels-last {case.op} kernel")
         forward, kernel = found[0][1], found[1][1]

@@ -96,7 +96,9 @@ sigmoid(z)``; gelu (erf) ``Phi(z) + z * phi(z)``; gelu_tanh that of ``0.5 * z * 
 * z**3)))`` (torch's ``approximate="tanh"``). ``z`` is computed in the kernel's working precision (float32 at least)
 and ``y`` rounded once; accuracy as the plain direction's, except that relu's and leaky_relu's derivative jumps at
 0, so an element whose ``z`` is within rounding of 0 may take either side. :mod:`normkit.activation` holds the same
-functions in NumPy. Channels-last data goes through an NCHW copy (no channels-last activation kernels yet).
+functions in NumPy. A backend may declare channels-last ``act_`` kernels like any other direction; without one,
+channels-last data of a per-channel ``act_`` direction runs its NCHW kernel on the (N*S, C, 1) view and any other
+goes through an NCHW copy.
 
 The split, add and activation directions were added to contract 1 without changing its version: a backend that does not
 declare them is unaffected.

@@ -15,7 +15,7 @@ Channels-last: an input of the channel ops whose strides are NHWC (NDHWC, ...), 
 ``a.transpose(0, 3, 1, 2)`` of a C-contiguous (N, H, W, C) array, goes without a copy to the channels-last kernel as
 its (N, S, C) view, and the outputs ``y`` / ``dx`` come back with the same strides (``dx`` follows ``x``; a
 ``grad_output`` in the other layout is copied). Without a channels-last kernel for the dtype (a backend names its
-channels-last dtypes: contract.LAYOUT_DTYPES unless it says more; none with a fused activation), a per-channel direction (BatchNorm's, and the inference
+channels-last dtypes: contract.LAYOUT_DTYPES unless it says more) or the fused activation, a per-channel direction (BatchNorm's, and the inference
 ones: contract.OpSpec.per_channel) runs the NCHW kernel on the (N*S, C, 1) view, without a copy; any other runs
 the NCHW one on a copy, and the output is still handed back channels-last. An array that is C-contiguous too
 (C = 1, or S = 1) takes the NCHW path: the memory is the same.
@@ -236,11 +236,10 @@ class Op:
     def _kernel(self, direction, dtype, backend, nhwc, act=()):
         """(backend, kernel) of the NCHW kernel, or with ``nhwc`` of a channels-last one: a backend's own for the
         dtype, else for a per-channel direction the NCHW kernel on (N*S, C, 1) views (contract.on_columns), else
-        None. With ``act`` (an activation's (index, slope)), of the ``act_`` twin of ``direction`` (which has no
-        channels-last kernels of its own)."""
+        None. With ``act`` (an activation's (index, slope)), of the ``act_`` twin of ``direction``."""
         dt = _KERNEL_DTYPES[dtype]
-        if nhwc and not act:
-            found = registry.lookup(self.name, direction, dt, backend, NHWC)
+        if nhwc:
+            found = registry.lookup(self.name, ACT_PREFIX + direction if act else direction, dt, backend, NHWC)
             if found is not None:
                 return found
         if nhwc and not self.spec.per_channel(direction):

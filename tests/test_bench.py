@@ -284,6 +284,15 @@ def test_bench_channels_last_times_both_layouts_against_torch_channels_last(op, 
     assert "channels-last" in result.format() and "cython nhwc" in result.format()
 
 
+def test_bench_channels_last_times_the_fused_activation_kernels():
+    case = Case("groupnorm", (2, 8, 4, 3), groups=2, activation="silu")
+    result = bench.bench("gn", cases=[case], backends=["cython"], repeat=2, layout="nhwc")
+    assert [(r.direction, r.layout) for r in result.rows if r.kind == "backend"] == [
+        (d, lay) for d in ("forward", "backward") for lay in ("nhwc", "nchw")]
+    if HAS_TORCH:
+        assert all(r.check == "ok" for r in result.rows if r.kind == "backend")
+
+
 def test_bench_channels_last_needs_a_channel_op_with_spatial_dims():
     with pytest.raises(ValueError, match="nhwc"):
         bench.bench("ln", shape=(2, 8, 4), backends=["cython"], repeat=1, layout="nhwc")

@@ -15,7 +15,8 @@ backend = Backend(
              "groupnorm": ("forward", "backward") + _ACT_TRAINING, "layernorm": _ROW + _ACT_TRAINING,
              "rmsnorm": _ROW},
     dtypes=("float32", "float64", "bfloat16", "float16"),
-    channels_last={"batchnorm": _CHANNEL + _SPLIT, "instancenorm": _CHANNEL, "groupnorm": ("forward", "backward")},
+    channels_last={"batchnorm": _CHANNEL + _SPLIT, "instancenorm": _CHANNEL + _ACT_TRAINING,
+                   "groupnorm": ("forward", "backward") + _ACT_TRAINING},
     channels_last_dtypes=("float32", "float64", "bfloat16", "float16"),
     description="Cython with OpenMP prange, compiled at install time",
 )

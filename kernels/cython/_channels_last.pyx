@@ -1,5 +1,6 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
-"""GroupNorm and InstanceNorm (GroupNorm with one channel per group) on channels-last data, training mode.
+"""GroupNorm and InstanceNorm (GroupNorm with one channel per group) on channels-last data, training mode, with or
+without a fused activation.
 
 x is (N, S, C), C-contiguous: sample n is S rows of C values, and a set (n, g) is the columns g*Cg..(g+1)*Cg-1
 of those rows. Sums run down the columns, vectorized along C: four rows per sweep added in the data's precision,
@@ -13,6 +14,10 @@ samples in sample order.
 
 BatchNorm, and the inference directions that take running statistics, need no kernel here: on (N, S, C) data they
 are the NCHW per-channel kernels on the (N*S, C, 1) view (see kernels.py).
+
+A fused activation (the act_ kernels) is applied to each row of y while it is in L1; in backward the gradient
+sums' pass leaves g = dy * act'(z) in dx (z recomputed from x and the statistics), which the elementwise pass then
+reads instead of dy.
 
 16-bit data (the ...16 kernels, bfloat16 / float16 bit patterns with float32 parameters and statistics): the same
 tasks, the column sums and each row's elementwise pass in registers where the build allows (normkit_col_sums16,
@@ -31,8 +36,8 @@ from libc.math cimport isfinite
 from libc.stdint cimport uint16_t
 
 from _common cimport (
-    SERIAL_MAX_VALUES, TILE16, finish_moments, grad_sums, moments, narrow64, normkit_col_sums16, normkit_cols16,
-    normkit_half_init, normkit_narrow, normkit_widen, pivot_of, threads_for,
+    NO_ACT, SERIAL_MAX_VALUES, TILE16, act_apply, act_grad, finish_moments, grad_sums, moments, narrow64,
+    normkit_col_sums16, normkit_cols16, normkit_half_init, normkit_narrow, normkit_widen, pivot_of, threads_for,
 )
 
 # float16 converts with F16C where the CPU has it, unless NORMKIT_CYTHON_NO_F16C=1 (see _groupnorm.pyx).
@@ -150,11 +155,24 @@ cdef void _col_grad_sums(const floating* dy, const floating* x, Py_ssize_t rows,
 
 
 cdef void _affine_rows(const floating* x, floating* y, Py_ssize_t rows, Py_ssize_t nc, const floating* mean,
-                       const floating* scale, const floating* shift) noexcept nogil:
+                       const floating* scale, const floating* shift, int act, double slope) noexcept nogil:
+    """y = act((x - mean) * scale + shift), each row through the activation while it is in L1 (none for NO_ACT)."""
     cdef Py_ssize_t i, l
     for i in range(rows):
         for l in range(nc):
             y[i * nc + l] = (x[i * nc + l] - mean[l]) * scale[l] + shift[l]
+        if act != NO_ACT:
+            act_apply(y + i * nc, nc, act, slope)
+
+
+cdef void _act_grad_rows(const floating* dy, const floating* x, floating* g, Py_ssize_t rows, Py_ssize_t nc,
+                         const floating* mean, const floating* zscale, const floating* zshift, int act,
+                         double slope) noexcept nogil:
+    """g = dy * act'(z), z = (x - mean) * zscale + zshift recomputed row by row (into g, then in place)."""
+    cdef Py_ssize_t i
+    for i in range(rows):
+        _affine_rows(x + i * nc, g + i * nc, 1, nc, mean, zscale, zshift, NO_ACT, 0.0)
+        act_grad(dy + i * nc, g + i * nc, nc, act, slope)
 
 
 cdef void _grad_apply_rows(const floating* dy, const floating* x, floating* dx, Py_ssize_t rows, Py_ssize_t nc,
@@ -224,8 +242,8 @@ cdef void _merge_blocks(double* a, double* b, Py_ssize_t blocks, Py_ssize_t nc) 
 # --- the kernels' bodies ---------------------------------------------------------------------------------------
 
 cdef void _forward(const floating[:, :, ::1] x, Py_ssize_t groups, const floating[::1] weight,
-                   const floating[::1] bias, double eps, floating[:, :, ::1] y, floating[:, ::1] mean,
-                   floating[:, ::1] rstd):
+                   const floating[::1] bias, double eps, int act, double slope, floating[:, :, ::1] y,
+                   floating[:, ::1] mean, floating[:, ::1] rstd):
     cdef Py_ssize_t n = x.shape[0], s = x.shape[1], nc = x.shape[2], cg = nc // groups
     cdef Py_ssize_t blocks = _blocks(n, s), rows = _cdiv(s, blocks), i, g, c, t, r0
     cdef const floating* xp = &x[0, 0, 0]
@@ -248,7 +266,7 @@ cdef void _forward(const floating[:, :, ::1] x, Py_ssize_t groups, const floatin
             _col_moments(xp + i * s * nc, s, nc, &piv[i, 0], &s1[i, 0], &s2[i, 0])
             _finish_sample(&s1[i, 0], &s2[i, 0], nc, groups, s, &piv[i, 0], eps, w, b, &mu[i, 0], &rs[i, 0],
                            &cm[i, 0], &scale[i, 0], &shift[i, 0])
-            _affine_rows(xp + i * s * nc, yp + i * s * nc, s, nc, &cm[i, 0], &scale[i, 0], &shift[i, 0])
+            _affine_rows(xp + i * s * nc, yp + i * s * nc, s, nc, &cm[i, 0], &scale[i, 0], &shift[i, 0], act, slope)
     else:
         for t in prange(n * blocks, nogil=True, schedule="static", num_threads=nt):
             i = t // blocks
@@ -262,7 +280,7 @@ cdef void _forward(const floating[:, :, ::1] x, Py_ssize_t groups, const floatin
             i = t // blocks
             r0 = (t % blocks) * rows
             _affine_rows(xp + (i * s + r0) * nc, yp + (i * s + r0) * nc, max(0, min(rows, s - r0)), nc,
-                         &cm[i, 0], &scale[i, 0], &shift[i, 0])
+                         &cm[i, 0], &scale[i, 0], &shift[i, 0], act, slope)
     for i in range(n):
         for g in range(groups):
             mean[i, g] = <floating>mu[i, g]
@@ -271,35 +289,43 @@ cdef void _forward(const floating[:, :, ::1] x, Py_ssize_t groups, const floatin
 
 cdef void _backward(const floating[:, :, ::1] dy, const floating[:, :, ::1] x, Py_ssize_t groups,
                     const floating[:, ::1] mean, const floating[:, ::1] rstd, const floating[::1] weight,
-                    floating[:, :, ::1] dx, floating[::1] dweight, floating[::1] dbias):
+                    const floating[::1] bias, int act, double slope, floating[:, :, ::1] dx, floating[::1] dweight,
+                    floating[::1] dbias):
+    """With an activation, the gradient sums' pass leaves g = dy * act'(z) in dx (z recomputed from x, the
+    statistics, weight and bias), and the elementwise pass reads g from there instead of dy."""
     cdef Py_ssize_t n = x.shape[0], s = x.shape[1], nc = x.shape[2], cg = nc // groups
-    cdef Py_ssize_t blocks = _blocks(n, s), rows = _cdiv(s, blocks), i, c, t, r0
+    cdef Py_ssize_t blocks = _blocks(n, s), rows = _cdiv(s, blocks), i, c, t, r0, o, k
     cdef const floating* dyp = &dy[0, 0, 0]
     cdef const floating* xp = &x[0, 0, 0]
     cdef floating* dxp = &dx[0, 0, 0]
     cdef const floating* w = _ptr(weight)
+    cdef const floating* b = _ptr(bias)
+    cdef const floating* gp = dyp if act == NO_ACT else dxp  # where the elementwise pass reads g
     dtype = np.float32 if floating is float else np.float64
     cdef floating[:, ::1] cm = np.empty((n, nc), dtype), ca = np.empty((n, nc), dtype)
     cdef floating[:, ::1] cb = np.empty((n, nc), dtype), cc = np.empty((n, nc), dtype)
+    cdef floating[:, ::1] zs = np.empty((n, nc), dtype), zb = np.empty((n, nc), dtype)
     cdef double[:, ::1] sdy = np.empty((n * blocks, nc)), sdyx = np.empty((n * blocks, nc))
     cdef double acc
     cdef int nt = threads_for(n * s * nc, _nthreads, _serial_max)
     for i in range(n):
         for c in range(nc):
             cm[i, c] = mean[i, c // cg]
-    if blocks == 1:
-        for i in prange(n, nogil=True, schedule="static", num_threads=nt):
-            _col_grad_sums(dyp + i * s * nc, xp + i * s * nc, s, nc, &cm[i, 0], &sdy[i, 0], &sdyx[i, 0])
+            zs[i, c] = <floating>(<double>rstd[i, c // cg] * (w[c] if w != NULL else 1.0))
+            zb[i, c] = b[c] if b != NULL else 0.0
+    for t in prange(n * blocks, nogil=True, schedule="static", num_threads=nt):
+        i = t // blocks
+        r0 = (t % blocks) * rows
+        o = (i * s + r0) * nc
+        k = max(0, min(rows, s - r0))
+        if act != NO_ACT:
+            _act_grad_rows(dyp + o, xp + o, dxp + o, k, nc, &cm[i, 0], &zs[i, 0], &zb[i, 0], act, slope)
+        _col_grad_sums(gp + o, xp + o, k, nc, &cm[i, 0], &sdy[t, 0], &sdyx[t, 0])
+        if blocks == 1:  # the whole sample in this task: finish it while it is in cache
             _grad_coefficients(&sdy[i, 0], &sdyx[i, 0], nc, groups, s, &rstd[i, 0], w, &ca[i, 0], &cb[i, 0],
                                &cc[i, 0])
-            _grad_apply_rows(dyp + i * s * nc, xp + i * s * nc, dxp + i * s * nc, s, nc, &cm[i, 0], &ca[i, 0],
-                             &cb[i, 0], &cc[i, 0])
-    else:
-        for t in prange(n * blocks, nogil=True, schedule="static", num_threads=nt):
-            i = t // blocks
-            r0 = (t % blocks) * rows
-            _col_grad_sums(dyp + (i * s + r0) * nc, xp + (i * s + r0) * nc, max(0, min(rows, s - r0)), nc,
-                           &cm[i, 0], &sdy[t, 0], &sdyx[t, 0])
+            _grad_apply_rows(gp + o, xp + o, dxp + o, s, nc, &cm[i, 0], &ca[i, 0], &cb[i, 0], &cc[i, 0])
+    if blocks > 1:
         for i in range(n):
             _merge_blocks(&sdy[i * blocks, 0], &sdyx[i * blocks, 0], blocks, nc)
             _grad_coefficients(&sdy[i * blocks, 0], &sdyx[i * blocks, 0], nc, groups, s, &rstd[i, 0], w,
@@ -307,8 +333,9 @@ cdef void _backward(const floating[:, :, ::1] dy, const floating[:, :, ::1] x, P
         for t in prange(n * blocks, nogil=True, schedule="static", num_threads=nt):
             i = t // blocks
             r0 = (t % blocks) * rows
-            _grad_apply_rows(dyp + (i * s + r0) * nc, xp + (i * s + r0) * nc, dxp + (i * s + r0) * nc,
-                             max(0, min(rows, s - r0)), nc, &cm[i, 0], &ca[i, 0], &cb[i, 0], &cc[i, 0])
+            o = (i * s + r0) * nc
+            _grad_apply_rows(gp + o, xp + o, dxp + o, max(0, min(rows, s - r0)), nc, &cm[i, 0], &ca[i, 0],
+                             &cb[i, 0], &cc[i, 0])
     # dweight = sum(dy * xhat) = sum over samples of rstd * sum(dy * (x - mean)); summed in sample order
     if dweight is not None:
         for c in range(nc):
@@ -329,24 +356,52 @@ cdef void _backward(const floating[:, :, ::1] dy, const floating[:, :, ::1] x, P
 def groupnorm_forward(const floating[:, :, ::1] x, Py_ssize_t num_groups, const floating[::1] weight,
                       const floating[::1] bias, double eps, floating[:, :, ::1] y, floating[:, ::1] mean,
                       floating[:, ::1] rstd):
-    _forward(x, num_groups, weight, bias, eps, y, mean, rstd)
+    _forward(x, num_groups, weight, bias, eps, NO_ACT, 0.0, y, mean, rstd)
 
 
 def groupnorm_backward(const floating[:, :, ::1] dy, const floating[:, :, ::1] x, Py_ssize_t num_groups,
                        const floating[:, ::1] mean, const floating[:, ::1] rstd, const floating[::1] weight,
                        floating[:, :, ::1] dx, floating[::1] dweight, floating[::1] dbias):
-    _backward(dy, x, num_groups, mean, rstd, weight, dx, dweight, dbias)
+    cdef const floating[::1] no_bias = None
+    _backward(dy, x, num_groups, mean, rstd, weight, no_bias, NO_ACT, 0.0, dx, dweight, dbias)
 
 
 def instancenorm_forward(const floating[:, :, ::1] x, const floating[::1] weight, const floating[::1] bias,
                          double eps, floating[:, :, ::1] y, floating[:, ::1] mean, floating[:, ::1] rstd):
-    _forward(x, x.shape[2], weight, bias, eps, y, mean, rstd)
+    _forward(x, x.shape[2], weight, bias, eps, NO_ACT, 0.0, y, mean, rstd)
 
 
 def instancenorm_backward(const floating[:, :, ::1] dy, const floating[:, :, ::1] x,
                           const floating[:, ::1] mean, const floating[:, ::1] rstd, const floating[::1] weight,
                           floating[:, :, ::1] dx, floating[::1] dweight, floating[::1] dbias):
-    _backward(dy, x, x.shape[2], mean, rstd, weight, dx, dweight, dbias)
+    cdef const floating[::1] no_bias = None
+    _backward(dy, x, x.shape[2], mean, rstd, weight, no_bias, NO_ACT, 0.0, dx, dweight, dbias)
+
+
+def groupnorm_act_forward(const floating[:, :, ::1] x, Py_ssize_t num_groups, const floating[::1] weight,
+                          const floating[::1] bias, double eps, int activation, double slope, floating[:, :, ::1] y,
+                          floating[:, ::1] mean, floating[:, ::1] rstd):
+    _forward(x, num_groups, weight, bias, eps, activation, slope, y, mean, rstd)
+
+
+def groupnorm_act_backward(const floating[:, :, ::1] dy, const floating[:, :, ::1] x, Py_ssize_t num_groups,
+                           const floating[:, ::1] mean, const floating[:, ::1] rstd, const floating[::1] weight,
+                           const floating[::1] bias, int activation, double slope, floating[:, :, ::1] dx,
+                           floating[::1] dweight, floating[::1] dbias):
+    _backward(dy, x, num_groups, mean, rstd, weight, bias, activation, slope, dx, dweight, dbias)
+
+
+def instancenorm_act_forward(const floating[:, :, ::1] x, const floating[::1] weight, const floating[::1] bias,
+                             double eps, int activation, double slope, floating[:, :, ::1] y, floating[:, ::1] mean,
+                             floating[:, ::1] rstd):
+    _forward(x, x.shape[2], weight, bias, eps, activation, slope, y, mean, rstd)
+
+
+def instancenorm_act_backward(const floating[:, :, ::1] dy, const floating[:, :, ::1] x,
+                              const floating[:, ::1] mean, const floating[:, ::1] rstd, const floating[::1] weight,
+                              const floating[::1] bias, int activation, double slope, floating[:, :, ::1] dx,
+                              floating[::1] dweight, floating[::1] dbias):
+    _backward(dy, x, x.shape[2], mean, rstd, weight, bias, activation, slope, dx, dweight, dbias)
 
 
 # --- 16-bit data -----------------------------------------------------------------------------------------------

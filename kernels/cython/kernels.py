@@ -5,7 +5,8 @@ dtype, so a call skips Cython's run-time dispatch on the argument types. The bfl
 format as a first argument (0 bfloat16, 1 float16; the data are uint16 bit patterns either way), bound here.
 
 Channels-last kernels (keys ending in "nhwc", arrays (N, S, C)), for all four dtypes: GroupNorm and InstanceNorm
-training are in _channels_last (16-bit twins included). Every per-channel kernel (all of BatchNorm's, and InstanceNorm's inference directions, which take
+training, plain and with a fused activation, are in _channels_last (16-bit twins of the plain ones; the activation
+ones on 16-bit data are the float32 kernels on widened copies, as in NCHW). Every per-channel kernel (all of BatchNorm's, and InstanceNorm's inference directions, which take
 running statistics) is the NCHW kernel on the (N*S, C, 1) view: the same channels' values in the same order, which
 the NCHW kernels' columns schedule sums down the columns of an (N*S, C) matrix, vectorized along C.
 
@@ -97,6 +98,10 @@ _CHANNELS_LAST = {
     ("instancenorm", "backward"): _channels_last.instancenorm_backward,
     ("groupnorm", "forward"): _channels_last.groupnorm_forward,
     ("groupnorm", "backward"): _channels_last.groupnorm_backward,
+    ("instancenorm", "act_forward"): _channels_last.instancenorm_act_forward,
+    ("instancenorm", "act_backward"): _channels_last.instancenorm_act_backward,
+    ("groupnorm", "act_forward"): _channels_last.groupnorm_act_forward,
+    ("groupnorm", "act_backward"): _channels_last.groupnorm_act_backward,
 }
 
 
@@ -154,13 +159,14 @@ def _with_float64_args(kernel64, op, direction):
     return run
 
 
-def _act16(op, direction, dtype):
-    """A fused-activation kernel on 16-bit data: the float32 kernel on widened copies, and where that gives a
-    non-finite output (float32 overflowing where the 16-bit result does not: bfloat16's range is float32's, or
-    NaN/inf data) the float64 kernel again, as the native 16-bit loops recompute such a tile in double."""
-    fast = half.through(KERNELS[(op, direction, "float32")], op, direction, dtype, np.float32)
-    exact = half.through(_with_float64_args(KERNELS[(op, direction, "float64")], op, direction), op, direction,
-                         dtype, np.float64)
+def _act16(op, direction, dtype, layout=()):
+    """A fused-activation kernel on 16-bit data: the float32 kernel (of ``layout``: () NCHW, ("nhwc",)) on widened
+    copies, and where that gives a non-finite output (float32 overflowing where the 16-bit result does not:
+    bfloat16's range is float32's, or NaN/inf data) the float64 kernel again, as the native 16-bit loops recompute
+    such a tile in double."""
+    fast = half.through(KERNELS[(op, direction, "float32", *layout)], op, direction, dtype, np.float32)
+    exact = half.through(_with_float64_args(KERNELS[(op, direction, "float64", *layout)], op, direction), op,
+                         direction, dtype, np.float64)
     outputs = [i for i, name in enumerate(SPECS[op].args(direction)) if name in OUTPUTS[direction]]
 
     def act16(*args):
@@ -182,7 +188,8 @@ KERNELS.update({
     for dtype in _FORMATS
 })
 KERNELS.update({
-    (op, direction, dtype, "nhwc"): partial(getattr(_channels_last, function.__name__ + "16"), _FORMATS[dtype])
+    (op, direction, dtype, "nhwc"): _act16(op, direction, dtype, ("nhwc",)) if direction.startswith(ACT_PREFIX)
+    else partial(getattr(_channels_last, function.__name__ + "16"), _FORMATS[dtype])
     for (op, direction), function in _CHANNELS_LAST.items()
     for dtype in _FORMATS
 })

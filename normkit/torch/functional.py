@@ -27,7 +27,7 @@ Channels-last: an input of the channel ops in ``torch.channels_last`` / ``channe
 with dim 1 fastest, then the spatial dims in order) goes without a copy to the channels-last kernels as its
 (N, S, C) view, and ``y`` (and, in backward, ``dx``) has the input's strides, as in PyTorch; a grad_output in
 another layout is copied to it. Without a channels-last kernel for the dtype (a backend names its channels-last
-dtypes: contract.LAYOUT_DTYPES unless it says more; none with a fused activation), a per-channel direction (BatchNorm's, and the inference ones) runs the NCHW kernel on
+dtypes: contract.LAYOUT_DTYPES unless it says more) or the fused activation, a per-channel direction (BatchNorm's, and the inference ones) runs the NCHW kernel on
 the (N*S, C, 1) view without a copy (contract.on_columns), any other the NCHW one on a contiguous copy; the output
 is handed back channels-last either way. A tensor that is contiguous too (C = 1, or all spatial dims 1) takes the
 NCHW path: the memory is the same.
@@ -248,7 +248,13 @@ def _kernel(spec: OpSpec, direction: str, x: Tensor, backend, act, bias=None):
     dtype = _KERNEL_DTYPES[x.dtype]
     if act is None:
         return registry.lookup(spec.name, direction, dtype, backend)[1]
-    kernel = _activation.kernel(spec.name, ACT_PREFIX + direction, dtype, backend)[1]
+    return _with_act(spec, direction, _activation.kernel(spec.name, ACT_PREFIX + direction, dtype, backend)[1], act,
+                     bias)
+
+
+def _with_act(spec: OpSpec, direction: str, kernel, act, bias):
+    """An ``act_`` kernel called with its plain ``direction``'s arguments: the activation's, and in backward the
+    bias, go where the contract puts them."""
     at = spec.args(direction).index("eps" if "forward" in direction else "weight") + 1
     extra = act if "forward" in direction else (_flat(_contiguous(bias)), *act)
     return lambda *args: kernel(*args[:at], *extra, *args[at:])
@@ -256,12 +262,12 @@ def _kernel(spec: OpSpec, direction: str, x: Tensor, backend, act, bias=None):
 
 def _nhwc_kernel(spec: OpSpec, direction: str, x: Tensor, backend, act, bias=None):
     """The channels-last kernel of a plain direction (its data (N, S, C)), with :func:`_kernel`'s arguments: a
-    backend's own for the dtype if one has it (none with an activation), else for a per-channel direction the NCHW
-    one on (N*S, C, 1) views (contract.on_columns); None when neither exists."""
-    if act is None:
-        found = registry.lookup(spec.name, direction, _KERNEL_DTYPES[x.dtype], backend, NHWC)
-        if found is not None:
-            return found[1]
+    backend's own for the dtype if one has it (with an activation, of the act_ direction), else for a per-channel
+    direction the NCHW one on (N*S, C, 1) views (contract.on_columns); None when neither exists."""
+    found = registry.lookup(spec.name, direction if act is None else ACT_PREFIX + direction, _KERNEL_DTYPES[x.dtype],
+                            backend, NHWC)
+    if found is not None:
+        return found[1] if act is None else _with_act(spec, direction, found[1], act, bias)
     if spec.per_channel(direction):
         return on_columns(spec, direction, _kernel(spec, direction, x, backend, act, bias))
     return None
