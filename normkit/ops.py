@@ -15,9 +15,10 @@ Channels-last: an input of the channel ops whose strides are NHWC (NDHWC, ...), 
 ``a.transpose(0, 3, 1, 2)`` of a C-contiguous (N, H, W, C) array, goes without a copy to the channels-last kernel as
 its (N, S, C) view, and the outputs ``y`` / ``dx`` come back with the same strides (``dx`` follows ``x``; a
 ``grad_output`` in the other layout is copied). Without a channels-last kernel for the dtype (a backend names its
-channels-last dtypes: contract.LAYOUT_DTYPES unless it says more) or the fused activation, a per-channel direction (BatchNorm's, and the inference
-ones: contract.OpSpec.per_channel) runs the NCHW kernel on the (N*S, C, 1) view, without a copy; any other runs
-the NCHW one on a copy, and the output is still handed back channels-last. An array that is C-contiguous too
+channels-last dtypes: contract.LAYOUT_DTYPES unless it says more) or the fused activation, a per-channel
+direction (BatchNorm's, and the inference ones: contract.OpSpec.per_channel) runs the NCHW kernel on the
+(N*S, C, 1) view, without a copy; any other runs the NCHW one on a copy, and the output is still handed back
+channels-last. An array that is C-contiguous too
 (C = 1, or S = 1) takes the NCHW path: the memory is the same.
 
 A torch tensor handed to an op goes to :mod:`normkit.torch`, which never comes back here.

@@ -6,9 +6,10 @@ format as a first argument (0 bfloat16, 1 float16; the data are uint16 bit patte
 
 Channels-last kernels (keys ending in "nhwc", arrays (N, S, C)), for all four dtypes: GroupNorm and InstanceNorm
 training, plain and with a fused activation, are in _channels_last (16-bit twins of the plain ones; the activation
-ones on 16-bit data are the float32 kernels on widened copies, as in NCHW). Every per-channel kernel (all of BatchNorm's, and InstanceNorm's inference directions, which take
-running statistics) is the NCHW kernel on the (N*S, C, 1) view: the same channels' values in the same order, which
-the NCHW kernels' columns schedule sums down the columns of an (N*S, C) matrix, vectorized along C.
+ones on 16-bit data are the float32 kernels on widened copies, as in NCHW). Every per-channel kernel (all of
+BatchNorm's, and InstanceNorm's inference directions, which take running statistics) is the NCHW kernel on the
+(N*S, C, 1) view: the same channels' values in the same order, which the NCHW kernels' columns schedule sums down
+the columns of an (N*S, C) matrix, vectorized along C.
 
 On x86-64, setup.py also builds the modules for x86-64-v3 (AVX2, FMA) and x86-64-v4 (AVX-512); the highest copy
 this CPU supports is used, unless NORMKIT_CYTHON_BASELINE=1 asks for the baseline build or NORMKIT_CYTHON_NO_AVX512=1
