@@ -336,7 +336,8 @@ cdef void _backward(const floating[:, :, ::1] dy, const floating[:, :, ::1] x, P
             o = (i * s + r0) * nc
             _grad_apply_rows(gp + o, xp + o, dxp + o, max(0, min(rows, s - r0)), nc, &cm[i, 0], &ca[i, 0],
                              &cb[i, 0], &cc[i, 0])
-    # dweight = sum(dy * xhat) = sum over samples of rstd * sum(dy * (x - mean)); summed in sample order
+    # dweight = sum(g * xhat) = sum over samples of rstd * sum(g * (x - mean)), g = dy or dy * act'(z); summed in
+    # sample order
     if dweight is not None:
         for c in range(nc):
             acc = 0.0
