@@ -35,12 +35,13 @@ def list_command() -> None:
         for op, directions in ops.items():
             parts = [f"{d} ({', '.join(dts)})" for d, dts in directions.items()]
             click.echo(f"    {op}: {'; '.join(parts)}")
-        channels_last: dict[str, list[str]] = {}
-        for op, direction, _dtype, _layout in row.channels_last:
-            if direction not in channels_last.setdefault(op, []):
-                channels_last[op].append(direction)
+        channels_last: dict[str, dict[str, None]] = {}
+        cl_dtypes: dict[str, dict[str, None]] = {}
+        for op, direction, dtype, _layout in row.channels_last:
+            channels_last.setdefault(op, {})[direction] = None
+            cl_dtypes.setdefault(op, {})[dtype] = None
         for op, directions in channels_last.items():
-            click.echo(f"    {op} channels-last: {', '.join(directions)}")
+            click.echo(f"    {op} channels-last ({', '.join(cl_dtypes[op])}): {', '.join(directions)}")
     click.echo(f"dispatch order: {', '.join(registry.get_backend_order())}")
 
 
