@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 from support import TOL
 
 import normkit
+import normkit.testing
 from normkit import reference
 from normkit.contract import OUTPUTS, SPECS, arg_dtype
 
@@ -502,6 +503,15 @@ def _run_any(op, direction, fmt, x, dy, w, b, groups):
         outs[f"{direction} {name}"] = arrays[name]
     kernels.KERNELS[(op, direction, fmt)](*(arrays.get(n) for n in spec.args(direction)))
     return outs
+
+
+def test_channels_last_16_bit_kernels_conform():
+    """The 16-bit channels-last kernels (GroupNorm and InstanceNorm with and without a fused activation, BatchNorm's
+    on the columns view) through the conformance kit; here so that the baseline-build subprocess below runs them
+    too."""
+    report = normkit.testing.check_backend("cython", dtypes=["bfloat16", "float16"], layouts=["nhwc"], quick=True)
+    assert report == [], report.format()
+    assert report.cases_run > 100
 
 
 @pytest.mark.slow
