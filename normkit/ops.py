@@ -18,8 +18,7 @@ its (N, S, C) view, and the outputs ``y`` / ``dx`` come back with the same strid
 channels-last dtypes: contract.LAYOUT_DTYPES unless it says more) or the fused activation, a per-channel
 direction (BatchNorm's, and the inference ones: contract.OpSpec.per_channel) runs the NCHW kernel on the
 (N*S, C, 1) view, without a copy; any other runs the NCHW one on a copy, and the output is still handed back
-channels-last. An array that is C-contiguous too
-(C = 1, or S = 1) takes the NCHW path: the memory is the same.
+channels-last. An array that is C-contiguous too (C = 1, or S = 1) takes the NCHW path: the memory is the same.
 
 A torch tensor handed to an op goes to :mod:`normkit.torch`, which never comes back here.
 """
