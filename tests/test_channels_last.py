@@ -172,15 +172,15 @@ def _shapes():
     return draw()
 
 
-def _forward_backward(op, x, dy, groups, weight, bias, backend, training=True, running=None):
+def _forward_backward(op, x, dy, groups, weight, bias, backend, training=True, running=None, **kw):
     fn = normkit.get(op)
     if op == "groupnorm":
-        y, saved = fn.forward(x, groups, weight, bias, backend=backend)
-        return (y, *fn.backward(dy, x, saved, groups, weight, bias, backend=backend))
+        y, saved = fn.forward(x, groups, weight, bias, backend=backend, **kw)
+        return (y, *fn.backward(dy, x, saved, groups, weight, bias, backend=backend, **kw))
     rm, rv = running if running is not None else (None, None)
     flag = SPECS[op].training_flag
-    y, saved = fn.forward(x, rm, rv, weight, bias, backend=backend, **{flag: training})
-    return (y, *fn.backward(dy, x, saved, rm, rv, weight, bias, backend=backend, **{flag: training}))
+    y, saved = fn.forward(x, rm, rv, weight, bias, backend=backend, **{flag: training}, **kw)
+    return (y, *fn.backward(dy, x, saved, rm, rv, weight, bias, backend=backend, **{flag: training}, **kw))
 
 
 @pytest.mark.parametrize("op", CHANNEL_OPS)
@@ -225,6 +225,32 @@ def test_numpy_nhwc_inference(op, rng):
     for g, r, direction in zip(got, ref, ("forward", "backward", "backward", "backward")):
         assert_close(g, r, "float64", direction)
     assert is_nhwc(got[0]) and is_nhwc(got[1])
+
+
+@pytest.mark.parametrize("op", ["groupnorm", "instancenorm"])
+def test_numpy_nhwc_fused_activation_runs_the_channels_last_act_kernels(op, rng):
+    """Cython's channels-last act_ kernels get the array's own memory (a spy backend around them) and give the
+    NCHW kernels' results."""
+    calls = []
+    directions = ("forward", "backward", "act_forward", "act_backward")
+    table = {(op, d, "float64"): registry.lookup(op, d, "float64", "cython")[1] for d in directions}
+    for d in directions[2:]:
+        kernel = registry.lookup(op, d, "float64", "cython", NHWC)[1]
+        table[(op, d, "float64", NHWC)] = (lambda d, k: lambda *a: (calls.append((d, a)), k(*a)))(d, kernel)
+    normkit.register_backend(Backend("np_act_spy", runtime_module(table), kernels={op: directions},
+                                     dtypes=("float64",), channels_last={op: directions[2:]}))
+    try:
+        x, dy = nhwc(rng.standard_normal((3, 4, 5, 2))), nhwc(rng.standard_normal((3, 4, 5, 2)))
+        w, b = rng.standard_normal(4), rng.standard_normal(4)
+        got = _forward_backward(op, x, dy, 2, w, b, "np_act_spy", activation="silu")
+        assert [d for d, _ in calls] == ["act_forward", "act_backward"]
+        assert np.shares_memory(calls[0][1][0], x) and is_nhwc(got[0]) and is_nhwc(got[1])
+        want = _forward_backward(op, np.ascontiguousarray(x), np.ascontiguousarray(dy), 2, w, b, "cython",
+                                 activation="silu")
+        for g, r, direction in zip(got, want, ("forward", "backward", "backward", "backward")):
+            assert_close(g, r, "float64", direction)
+    finally:
+        normkit.unregister_backend("np_act_spy")
 
 
 @pytest.mark.parametrize("op", CHANNEL_OPS)
