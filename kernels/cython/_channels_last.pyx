@@ -239,6 +239,26 @@ cdef void _merge_blocks(double* a, double* b, Py_ssize_t blocks, Py_ssize_t nc) 
             b[l] += b[k * nc + l]
 
 
+cdef void _param_grads(const double[:, ::1] sdy, const double[:, ::1] sdyx, const floating[:, ::1] rstd,
+                       Py_ssize_t cg, Py_ssize_t blocks, floating[::1] dweight, floating[::1] dbias):
+    """dweight = sum(g * xhat) = sum over samples of rstd * sum(g * (x - mean)), g = dy or dy * act'(z), and
+    dbias = sum(g), from each sample's merged column sums (row i * blocks of sdy, sdyx); summed in sample order."""
+    cdef Py_ssize_t n = rstd.shape[0], nc = sdy.shape[1], i, c
+    cdef double acc
+    if dweight is not None:
+        for c in range(nc):
+            acc = 0.0
+            for i in range(n):
+                acc = acc + <double>rstd[i, c // cg] * sdyx[i * blocks, c]
+            dweight[c] = <floating>acc
+    if dbias is not None:
+        for c in range(nc):
+            acc = 0.0
+            for i in range(n):
+                acc = acc + sdy[i * blocks, c]
+            dbias[c] = <floating>acc
+
+
 # --- the kernels' bodies ---------------------------------------------------------------------------------------
 
 cdef void _forward(const floating[:, :, ::1] x, Py_ssize_t groups, const floating[::1] weight,
@@ -306,7 +326,6 @@ cdef void _backward(const floating[:, :, ::1] dy, const floating[:, :, ::1] x, P
     cdef floating[:, ::1] cb = np.empty((n, nc), dtype), cc = np.empty((n, nc), dtype)
     cdef floating[:, ::1] zs = np.empty((n, nc), dtype), zb = np.empty((n, nc), dtype)
     cdef double[:, ::1] sdy = np.empty((n * blocks, nc)), sdyx = np.empty((n * blocks, nc))
-    cdef double acc
     cdef int nt = threads_for(n * s * nc, _nthreads, _serial_max)
     for i in range(n):
         for c in range(nc):
@@ -336,20 +355,7 @@ cdef void _backward(const floating[:, :, ::1] dy, const floating[:, :, ::1] x, P
             o = (i * s + r0) * nc
             _grad_apply_rows(gp + o, xp + o, dxp + o, max(0, min(rows, s - r0)), nc, &cm[i, 0], &ca[i, 0],
                              &cb[i, 0], &cc[i, 0])
-    # dweight = sum(g * xhat) = sum over samples of rstd * sum(g * (x - mean)), g = dy or dy * act'(z); summed in
-    # sample order
-    if dweight is not None:
-        for c in range(nc):
-            acc = 0.0
-            for i in range(n):
-                acc = acc + <double>rstd[i, c // cg] * sdyx[i * blocks, c]
-            dweight[c] = <floating>acc
-    if dbias is not None:
-        for c in range(nc):
-            acc = 0.0
-            for i in range(n):
-                acc = acc + sdy[i * blocks, c]
-            dbias[c] = <floating>acc
+    _param_grads(sdy, sdyx, rstd, cg, blocks, dweight, dbias)
 
 
 # --- kernels (normkit.contract, channels-last: x, y, dy, dx are (N, S, C)) ------------------------------------
@@ -533,7 +539,6 @@ cdef void _backward16(int fmt, const uint16_t[:, :, ::1] dy, const uint16_t[:, :
     # the coefficients are computed in double (as the float32 kernels do) from rstd and weight in double
     cdef double[:, ::1] r64 = np.asarray(rstd, np.float64)
     cdef double[::1] w64 = np.asarray(weight if weight is not None else np.ones(nc, np.float32), np.float64)
-    cdef double acc
     cdef int nt = threads_for(n * s * nc, _nthreads, _serial_max)
     for i in range(n):
         for c in range(nc):
@@ -558,18 +563,7 @@ cdef void _backward16(int fmt, const uint16_t[:, :, ::1] dy, const uint16_t[:, :
         _rows16(dyp + (i * s + r0) * nc, xp + (i * s + r0) * nc, dxp + (i * s + r0) * nc, max(0, min(rows, s - r0)),
                 nc, fmt, &cm[i, 0], &ca[i, 0], &cb[i, 0], &cc[i, 0], &c64[i, 0, 0], &c64[i, 1, 0], &c64[i, 2, 0],
                 &c64[i, 3, 0])
-    if dweight is not None:
-        for c in range(nc):
-            acc = 0.0
-            for i in range(n):
-                acc = acc + <double>rstd[i, c // cg] * sdyx[i * blocks, c]
-            dweight[c] = <float>acc
-    if dbias is not None:
-        for c in range(nc):
-            acc = 0.0
-            for i in range(n):
-                acc = acc + sdy[i * blocks, c]
-            dbias[c] = <float>acc
+    _param_grads(sdy, sdyx, rstd, cg, blocks, dweight, dbias)
 
 
 def groupnorm_forward16(int fmt, const uint16_t[:, :, ::1] x, Py_ssize_t num_groups, const float[::1] weight,
