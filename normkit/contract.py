@@ -138,6 +138,18 @@ names its channels-last dtypes (``Backend.channels_last_dtypes``): 16-bit channe
 arrays as (N, S, C) ``np.uint16`` bit patterns and everything else as the 16-bit NCHW kernels do; 16-bit data
 without them takes the two ways above.
 
+Address kernels (optional; float32 and float64, :data:`ADDRESS_DTYPES`): the NCHW kernel of a direction, taking
+memory by address. A backend declares them in ``Backend.addresses`` (op -> directions, each also a direction of its
+``kernels``) and provides them under keys ``(op, direction, dtype, "addr")``. An address kernel takes the kernel
+shape first, (N, C, S) or the row ops' (M, K), then the NCHW kernel's positional arguments, except that every array
+but the statistics ``mean`` and ``rstd`` is passed as the integer address of its C-contiguous memory (0 for None);
+``mean`` and ``rstd`` stay arrays. The kernel cannot check memory behind an address: the caller guarantees that each
+holds exactly the array the NCHW kernel would get. Why they exist: ``normkit.torch``'s eager path hands them a
+tensor's ``data_ptr()`` where a NumPy view of it and a typed-memoryview acquisition of that view cost ~1 us each,
+as much as the whole kernel at small shapes. ``normkit.registry.lookup_address`` finds the one of the backend
+``lookup`` picks; :func:`with_addresses` calls one as its NCHW kernel is called (the conformance kit runs them on
+the NCHW cases so).
+
 The contract is versioned; a backend declares the version it targets and normkit refuses other versions.
 Optional module attributes: ``set_num_threads(n)`` (normkit calls it whenever the user sets a thread count, and
 once when the module is loaded; it must not change any process-wide setting such as OpenMP's or PyTorch's thread
@@ -401,6 +413,8 @@ NCHW, NHWC = "nchw", "nhwc"
 LAYOUTS = (NCHW, NHWC)
 CHANNEL_OPS = tuple(name for name, s in SPECS.items() if s.sets != "row")
 LAYOUT_DTYPES = ("float32", "float64")  # the dtypes a backend's channels-last kernels are for, unless it says
+ADDRESS = "addr"  # the last element of an address kernel's key (see the module docstring)
+ADDRESS_DTYPES = ("float32", "float64")
 
 DIRECTIONS = {name: spec.directions for name, spec in SPECS.items()}
 
@@ -437,6 +451,28 @@ def on_columns(spec_: OpSpec, direction: str, kernel):
         kernel(*args)
 
     return columns
+
+
+def with_addresses(spec_: OpSpec, direction: str, kernel):
+    """An address kernel of ``direction`` called with the NCHW kernel's arguments (C-contiguous arrays): it gets the
+    kernel shape (``x``'s) and the arrays' addresses, ``mean`` and ``rstd`` as they are."""
+    names = spec_.args(direction)
+    at_x = names.index("x")
+    by_address = tuple(i for i, name in enumerate(names) if name not in ("mean", "rstd"))
+
+    def addresses(*args):
+        shape, args = args[at_x].shape, list(args)
+        for i in by_address:
+            a = args[i]
+            if a is None:
+                args[i] = 0
+            elif isinstance(a, np.ndarray):
+                if not a.flags.c_contiguous:
+                    raise ValueError(f"{spec_.name} {direction}: {names[i]} must be C-contiguous for its address")
+                args[i] = a.ctypes.data
+        kernel(*shape, *args)
+
+    return addresses
 
 
 def kernel_table(functions, dtypes=DEFAULT_DTYPES) -> dict:

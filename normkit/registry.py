@@ -22,7 +22,8 @@ from importlib import metadata
 from typing import Callable, Mapping, Sequence
 
 from .contract import (
-    CHANNEL_OPS, CONTRACT_VERSION, DEFAULT_DTYPES, DIRECTIONS, DTYPES, LAYOUT_DTYPES, LAYOUTS, NCHW, NHWC, OPS,
+    ADDRESS, ADDRESS_DTYPES, CHANNEL_OPS, CONTRACT_VERSION, DEFAULT_DTYPES, DIRECTIONS, DTYPES, LAYOUT_DTYPES,
+    LAYOUTS, NCHW, NHWC, OPS,
 )
 
 GROUP = "normkit.backends"
@@ -45,8 +46,9 @@ class Backend:
     ``kernels`` maps each op to the directions implemented (see :mod:`normkit.contract`); ``dtypes`` applies to
     all of them. ``channels_last`` maps an op to the directions that also have a channels-last kernel (channel ops
     only, among the directions of ``kernels``), for the dtypes of ``dtypes`` that are in ``channels_last_dtypes``
-    (float32 and float64 unless the backend names more). ``module`` is the dotted name of the kernels module (or,
-    for backends registered at run time, an object with a ``KERNELS`` attribute).
+    (float32 and float64 unless the backend names more). ``addresses`` maps an op to the directions that also have
+    an address kernel (among the directions of ``kernels``; float32 and float64). ``module`` is the dotted name of
+    the kernels module (or, for backends registered at run time, an object with a ``KERNELS`` attribute).
     """
 
     name: str
@@ -57,6 +59,7 @@ class Backend:
     description: str = ""
     channels_last: Mapping[str, Sequence[str]] = field(default_factory=dict)
     channels_last_dtypes: Sequence[str] = LAYOUT_DTYPES
+    addresses: Mapping[str, Sequence[str]] = field(default_factory=dict)
 
     def declared(self) -> frozenset[tuple[str, str, str]]:
         """The NCHW kernels (and the row ops'): (op, direction, dtype) keys of ``KERNELS``."""
@@ -76,6 +79,20 @@ class Backend:
             for dtype in self.dtypes
             if dtype in self.channels_last_dtypes
         )
+
+    def declared_addresses(self) -> frozenset[tuple[str, str, str, str]]:
+        """The address kernels: (op, direction, dtype, "addr") keys of ``KERNELS``."""
+        return frozenset(
+            (op, direction, dtype, ADDRESS)
+            for op, directions in self.addresses.items()
+            for direction in directions
+            for dtype in self.dtypes
+            if dtype in ADDRESS_DTYPES
+        )
+
+    def declared_all(self) -> frozenset[tuple[str, ...]]:
+        """Every key of ``KERNELS`` the backend declares."""
+        return self.declared() | self.declared_channels_last() | self.declared_addresses()
 
     def validate(self) -> None:
         """Raise ValueError if the declaration itself is malformed or targets another contract."""
@@ -120,6 +137,13 @@ class Backend:
             if bad:
                 raise ValueError(f"backend {self.name!r} declares channels-last {op} direction(s) {bad} without the "
                                  f"NCHW kernel; its {op} directions: {', '.join(self.kernels.get(op, ())) or 'none'}")
+        for op, directions in self.addresses.items():
+            bad = [d for d in directions if d not in self.kernels.get(op, ())] if not isinstance(directions, str) \
+                else [directions]
+            if bad:
+                raise ValueError(f"backend {self.name!r} declares address kernels for {op} direction(s) {bad} without "
+                                 f"the NCHW kernel (a sequence of its directions); its {op} directions: "
+                                 f"{', '.join(self.kernels.get(op, ())) or 'none'}")
 
 
 @dataclass
@@ -148,6 +172,7 @@ class BackendInfo:
     info: Mapping[str, str]
     description: str
     channels_last: tuple[tuple[str, str, str, str], ...] = ()
+    addresses: tuple[tuple[str, str, str, str], ...] = ()
 
 
 _lock = threading.RLock()
@@ -243,10 +268,10 @@ def _load_kernels(entry: _Entry) -> dict | None:
     try:
         module = importlib.import_module(spec.module) if isinstance(spec.module, str) else spec.module
         kernels = dict(module.KERNELS)
-        missing = sorted(spec.declared() - kernels.keys()) + sorted(spec.declared_channels_last() - kernels.keys())
+        missing = sorted(spec.declared_all() - kernels.keys())
         if missing:
             raise LookupError(f"declares kernels it does not provide: {', '.join(map(':'.join, missing))}")
-        not_callable = sorted(k for k in spec.declared() | spec.declared_channels_last() if not callable(kernels[k]))
+        not_callable = sorted(k for k in spec.declared_all() if not callable(kernels[k]))
         if not_callable:
             raise TypeError(f"kernels are not callable: {', '.join(map(':'.join, not_callable))}")
         entry.set_threads = getattr(module, "set_num_threads", None)
@@ -381,6 +406,24 @@ def lookup(op: str, direction: str, dtype: str, backend: str | None = None,
     return result
 
 
+def lookup_address(op: str, direction: str, dtype: str, backend: str | None = None) -> Callable | None:
+    """The address kernel (:mod:`normkit.contract`) of the backend that ``lookup(op, direction, dtype, backend)``
+    picks, or None when that backend has none. Raises what :func:`lookup` raises; cached as it is."""
+    hit = _lookup_cache.get((op, direction, dtype, backend, ADDRESS))
+    if hit is not None and (hit[1] is _ANY_ENV or hit[1] == _env_backend()):
+        return hit[0]
+    name = lookup(op, direction, dtype, backend)[0]
+    env = _ANY_ENV if backend is not None or _user_order is not None else _env_backend()
+    key = (op, direction, dtype, ADDRESS)
+    with _lock:
+        entry = _entry(name)
+        spec = _load_spec(entry)
+        kernels = _load_kernels(entry) if spec is not None and key in spec.declared_addresses() else None
+    result = None if kernels is None else kernels[key]
+    _lookup_cache[(op, direction, dtype, backend, ADDRESS)] = (result, env)
+    return result
+
+
 def _resolve_layout(op: str, direction: str, dtype: str, backend: str | None,
                     layout: str) -> tuple[str, Callable] | None:
     if layout not in LAYOUTS:
@@ -499,6 +542,7 @@ def list_backends(load: bool = True) -> list[BackendInfo]:
                     info=dict(entry.info),
                     description=spec.description if spec else "",
                     channels_last=tuple(sorted(spec.declared_channels_last())) if spec and not entry.error else (),
+                    addresses=tuple(sorted(spec.declared_addresses())) if spec and not entry.error else (),
                 )
             )
     return rows

@@ -23,7 +23,8 @@ declared direction (training and inference) and dtype; no affine, weight only, w
 standard normal, offset (mean 1e4, 1e6, 1e8, std 1), constant, of small variance next to a large eps, or
 holding one NaN (in ``x`` for forward, in ``dy`` for backward). ``quick=True`` runs a subset. A backend's
 channels-last kernels (``layouts=["nhwc"]``; :mod:`normkit.contract`) run the same cases with ``x``, ``dy``, ``y``
-and ``dx`` as (N, S, C) arrays, and their outputs are compared on the NCHW view with the same tolerances.
+and ``dx`` as (N, S, C) arrays, and their outputs are compared on the NCHW view with the same tolerances. Its
+address kernels run the NCHW cases, given the same arrays' addresses.
 
 Tolerances (derived; only the constant in K was checked against real kernels). A correct kernel is backward stable:
 its result is the exact result for inputs perturbed by a few roundings, plus the rounding of the result. Perturbing
@@ -107,8 +108,8 @@ import numpy as np
 
 from . import half, reference, registry
 from .contract import (
-    ACTIVATIONS, DIRECTIONS, DTYPES, HALF_DTYPES, LAYOUTS, NCHW, NHWC, OPS, SPECS, SPLIT_DIRECTIONS, OpSpec,
-    arg_dtype, plain_direction,
+    ACTIVATIONS, ADDRESS, DIRECTIONS, DTYPES, HALF_DTYPES, LAYOUTS, NCHW, NHWC, OPS, SPECS, SPLIT_DIRECTIONS, OpSpec,
+    arg_dtype, plain_direction, with_addresses,
 )
 
 __all__ = ["Case", "Failure", "Report", "assert_backend_conforms", "cases", "check_backend", "tolerance_factor"]
@@ -167,10 +168,12 @@ class Case:
     layout: str = NCHW  # "nhwc": the channels-last kernel, given (N, S, C) data arrays
     activation: int | None = None  # the act_ directions': an index into ACTIVATIONS
     slope: float = _SLOPE
+    calls: str = "arrays"  # "addr": the address kernel, given the arrays' addresses (contract.with_addresses)
 
     def __str__(self) -> str:
         groups = f" groups={self.groups}" if self.groups else ""
         layout = f" layout={self.layout}" if self.layout != NCHW else ""
+        layout += " by address" if self.calls == ADDRESS else ""
         act = "" if self.activation is None else f" activation={ACTIVATIONS[self.activation]}"
         return (f"{self.op} {self.direction} {self.dtype} shape={self.shape}{groups}{layout}{act} "
                 f"affine={self.affine} data={self.data} eps={self.eps:g}")
@@ -797,6 +800,12 @@ def check_backend(name: str, ops: Sequence[str] | None = None, dtypes: Sequence[
                     for case in cases(op, direction, dtype, quick=quick, layout=layout):
                         report.cases_run += 1
                         _run_case(case, kernel, report)
+                    if layout == NCHW and (op, direction, dtype, ADDRESS) in row.addresses:
+                        kernel = with_addresses(SPECS[op], direction,
+                                                registry.lookup_address(op, direction, dtype, backend=name))
+                        for case in cases(op, direction, dtype, quick=quick):
+                            report.cases_run += 1
+                            _run_case(replace(case, calls=ADDRESS), kernel, report)
     return report
 
 

@@ -18,5 +18,9 @@ backend = Backend(
     channels_last={"batchnorm": _CHANNEL + _SPLIT, "instancenorm": _CHANNEL + _ACT_TRAINING,
                    "groupnorm": ("forward", "backward") + _ACT_TRAINING},
     channels_last_dtypes=("float32", "float64", "bfloat16", "float16"),
+    addresses={"batchnorm": ("forward", "forward_infer", "backward"),
+               "instancenorm": ("forward", "forward_infer", "backward"),
+               "groupnorm": ("forward", "backward"), "layernorm": ("forward", "backward"),
+               "rmsnorm": ("forward", "backward")},
     description="Cython with OpenMP prange, compiled at install time",
 )

@@ -104,6 +104,10 @@ cdef inline const floating* _ptr(const floating[::1] a) noexcept:
     return NULL if a is None else &a[0]
 
 
+cdef inline floating* _out(floating[::1] a) noexcept:
+    return NULL if a is None else &a[0]
+
+
 cdef inline Py_ssize_t _cdiv(Py_ssize_t a, Py_ssize_t b) noexcept nogil:
     return (a + b - 1) // b
 
@@ -465,11 +469,11 @@ cdef void _per_column(const double* per_channel, Py_ssize_t nc, Py_ssize_t s, fl
                 out[(r * nc + c) * s + i] = <floating>per_channel[c]
 
 
-cdef void _channel_moments(const floating[:, :, ::1] x, double[::1] pivot, double[::1] s1, double[::1] s2):
-    """Per-channel sum(x - pivot) and sum((x - pivot)**2) with the rows or the columns schedule."""
-    cdef Py_ssize_t n = x.shape[0], nc = x.shape[1], s = x.shape[2], t, c, i, k, length = nc * s
+cdef void _channel_moments(const floating* xp, Py_ssize_t n, Py_ssize_t nc, Py_ssize_t s, double[::1] pivot,
+                           double[::1] s1, double[::1] s2):
+    """Per-channel sum(x - pivot) and sum((x - pivot)**2) with the rows or the columns schedule; x is (n, nc, s)."""
+    cdef Py_ssize_t t, c, i, k, length = nc * s
     cdef Py_ssize_t width, tasks, blocks, rows
-    cdef const floating* xp = &x[0, 0, 0]
     cdef double[::1] a, b
     cdef floating[::1] p
     cdef int nt = threads_for(n * nc * s, _nthreads, _serial_max)
@@ -503,12 +507,11 @@ cdef void _channel_moments(const floating[:, :, ::1] x, double[::1] pivot, doubl
                 _merge_columns(&a[k * length + c * s], &b[k * length + c * s], s, &s1[c], &s2[c])
 
 
-cdef void _apply_channels(const floating[:, :, ::1] x, floating[:, :, ::1] y, double[::1] mean,
-                          double[::1] scale, double[::1] shift, int act, double slope):
-    """y = act((x - mean) * scale + shift) with per-channel coefficients (no activation for NO_ACT)."""
-    cdef Py_ssize_t n = x.shape[0], nc = x.shape[1], s = x.shape[2], t, c, rows
-    cdef const floating* xp = &x[0, 0, 0]
-    cdef floating* yp = &y[0, 0, 0]
+cdef void _apply_channels(const floating* xp, floating* yp, Py_ssize_t n, Py_ssize_t nc, Py_ssize_t s,
+                          double[::1] mean, double[::1] scale, double[::1] shift, int act, double slope):
+    """y = act((x - mean) * scale + shift) with per-channel coefficients (no activation for NO_ACT); x, y are
+    (n, nc, s)."""
+    cdef Py_ssize_t t, c, rows
     cdef Py_ssize_t length = nc * s
     cdef double[::1] exact_shift
     cdef floating[:, ::1] cols
@@ -538,15 +541,13 @@ cdef void _apply_channels(const floating[:, :, ::1] x, floating[:, :, ::1] y, do
                                 &cols[0, 0], &cols[1, 0], &cols[2, 0], act, slope)
 
 
-cdef void _channel_grad_sums(const floating[:, :, ::1] dy, const floating[:, :, ::1] x, double[::1] mean,
-                             double[::1] sdy, double[::1] sdyx, int act=NO_ACT, double slope=0.0,
+cdef void _channel_grad_sums(const floating* dyp, const floating* xp, Py_ssize_t n, Py_ssize_t nc, Py_ssize_t s,
+                             double[::1] mean, double[::1] sdy, double[::1] sdyx, int act=NO_ACT, double slope=0.0,
                              double[::1] zscale=None, double[::1] zshift=None):
     """Per-channel sum(g) and sum(g * (x - mean)) with the rows or the columns schedule: g = dy, or with a fused
-    activation dy * act'(z), z = (x - mean) * zscale + zshift."""
-    cdef Py_ssize_t n = x.shape[0], nc = x.shape[1], s = x.shape[2], t, c, i, k, length = nc * s
+    activation dy * act'(z), z = (x - mean) * zscale + zshift; dy, x are (n, nc, s)."""
+    cdef Py_ssize_t t, c, i, k, length = nc * s
     cdef Py_ssize_t width, tasks, blocks, rows
-    cdef const floating* dyp = &dy[0, 0, 0]
-    cdef const floating* xp = &x[0, 0, 0]
     cdef double[::1] a, b
     cdef floating[::1] m
     cdef floating[:, ::1] zcols
@@ -593,14 +594,13 @@ cdef void _channel_grad_sums(const floating[:, :, ::1] dy, const floating[:, :, 
                 _merge_columns(&a[k * length + c * s], &b[k * length + c * s], s, &sdy[c], &sdyx[c])
 
 
-cdef void _grad_apply_channels(const floating[:, :, ::1] dy, const floating[:, :, ::1] x, floating[:, :, ::1] dx,
-                               bint training, double[::1] mean, double[::1] ca, double[::1] cb, double[::1] cc,
-                               int act=NO_ACT, double slope=0.0, double[::1] zscale=None, double[::1] zshift=None):
-    """dx = ca * g + cb * (x - mean) + cc (training) or ca * g, per channel; g as in _channel_grad_sums."""
-    cdef Py_ssize_t n = x.shape[0], nc = x.shape[1], s = x.shape[2], t, c, rows, length = nc * s
-    cdef const floating* dyp = &dy[0, 0, 0]
-    cdef const floating* xp = &x[0, 0, 0]
-    cdef floating* dxp = &dx[0, 0, 0]
+cdef void _grad_apply_channels(const floating* dyp, const floating* xp, floating* dxp, Py_ssize_t n, Py_ssize_t nc,
+                               Py_ssize_t s, bint training, double[::1] mean, double[::1] ca, double[::1] cb,
+                               double[::1] cc, int act=NO_ACT, double slope=0.0, double[::1] zscale=None,
+                               double[::1] zshift=None):
+    """dx = ca * g + cb * (x - mean) + cc (training) or ca * g, per channel; g as in _channel_grad_sums; dy, x, dx
+    are (n, nc, s)."""
+    cdef Py_ssize_t t, c, rows, length = nc * s
     cdef floating[:, ::1] cols
     cdef int nt = threads_for(n * nc * s, _nthreads, _serial_max)
     if act == NO_ACT:
@@ -630,14 +630,16 @@ cdef void _backward(bint training, const floating[:, :, ::1] dy, const floating[
                     const floating[::1] mean, const floating[::1] rstd, const floating[::1] weight,
                     const floating[::1] bias, int act, double slope, floating[:, :, ::1] dx, floating[::1] dweight,
                     floating[::1] dbias):
-    cdef Py_ssize_t n = x.shape[0], nc = x.shape[1], s = x.shape[2], c, t, k
-    cdef const floating* dyp = &dy[0, 0, 0]
-    cdef const floating* xp = &x[0, 0, 0]
-    cdef floating* dxp = &dx[0, 0, 0]
-    cdef const floating* w = _ptr(weight)
-    cdef const floating* bp = _ptr(bias)
+    _backward_p(training, &dy[0, 0, 0], &x[0, 0, 0], x.shape[0], x.shape[1], x.shape[2], &mean[0], &rstd[0],
+                _ptr(weight), _ptr(bias), act, slope, &dx[0, 0, 0], _out(dweight), _out(dbias))
+
+
+cdef void _backward_p(bint training, const floating* dyp, const floating* xp, Py_ssize_t n, Py_ssize_t nc,
+                      Py_ssize_t s, const floating* mean, const floating* rstd, const floating* w,
+                      const floating* bp, int act, double slope, floating* dxp, floating* dweight, floating* dbias):
+    cdef Py_ssize_t c, t, k
     # inference without parameter gradients needs no sums: dx = dy * rstd * weight
-    cdef bint sums = training or dweight is not None or dbias is not None
+    cdef bint sums = training or dweight != NULL or dbias != NULL
     # the per-channel vectors in one allocation (each of its own cost ~0.5 us a call, most of a small call's time)
     cdef double[:, ::1] work = np.zeros((9, nc))
     cdef double[::1] mu = work[0], r = work[1], sdy = work[2], sdyx = work[3], zscale = work[4], zshift = work[5]
@@ -662,16 +664,16 @@ cdef void _backward(bint training, const floating[:, :, ::1] dy, const floating[
             zscale[c] = r[c] * w[c] if w != NULL else r[c]
             zshift[c] = bp[c] if bp != NULL else 0.0
         if sums:
-            _channel_grad_sums(dy, x, mu, sdy, sdyx, act, slope, zscale, zshift)
+            _channel_grad_sums(dyp, xp, n, nc, s, mu, sdy, sdyx, act, slope, zscale, zshift)
         for c in range(nc):
             _coefficients(training, sdy[c], sdyx[c], <double>(n * s), r[c], w[c] if w != NULL else 1.0,
                           &ca[c], &cb[c], &cc[c])
-        _grad_apply_channels(dy, x, dx, training, mu, ca, cb, cc, act, slope, zscale, zshift)
+        _grad_apply_channels(dyp, xp, dxp, n, nc, s, training, mu, ca, cb, cc, act, slope, zscale, zshift)
     # dweight = sum(g * xhat) = rstd * sum(g * (x - mean)); dbias = sum(g); g = dy, or dy * act'(z)
     for c in range(nc):
-        if dweight is not None:
+        if dweight != NULL:
             dweight[c] = <floating>(r[c] * sdyx[c])
-        if dbias is not None:
+        if dbias != NULL:
             dbias[c] = <floating>sdy[c]
 
 
@@ -679,11 +681,14 @@ cdef void _backward(bint training, const floating[:, :, ::1] dy, const floating[
 
 cdef void _forward(const floating[:, :, ::1] x, const floating[::1] weight, const floating[::1] bias, double eps,
                    int act, double slope, floating[:, :, ::1] y, floating[::1] mean, floating[::1] rstd):
-    cdef Py_ssize_t n = x.shape[0], nc = x.shape[1], s = x.shape[2], c, t, k
-    cdef const floating* xp = &x[0, 0, 0]
-    cdef floating* yp = &y[0, 0, 0]
-    cdef const floating* w = _ptr(weight)
-    cdef const floating* b = _ptr(bias)
+    _forward_p(&x[0, 0, 0], x.shape[0], x.shape[1], x.shape[2], _ptr(weight), _ptr(bias), eps, act, slope, &y[0, 0, 0],
+               &mean[0], &rstd[0])
+
+
+cdef void _forward_p(const floating* xp, Py_ssize_t n, Py_ssize_t nc, Py_ssize_t s, const floating* w,
+                     const floating* b, double eps, int act, double slope, floating* yp, floating* mean,
+                     floating* rstd):
+    cdef Py_ssize_t c, t, k
     # the per-channel vectors in one allocation (see _backward)
     cdef double[:, ::1] work = np.empty((7, nc))
     cdef double[::1] mu = work[0], r = work[1], pivot = work[2], s1 = work[3], s2 = work[4], scale = work[5]
@@ -699,38 +704,45 @@ cdef void _forward(const floating[:, :, ::1] x, const floating[::1] weight, cons
             _forward_columns(xp, yp, n, nc, s, t * k, min(nc, (t + 1) * k), eps, w, b, &mu[0], &r[0])
     else:
         for c in range(nc):
-            pivot[c] = pivot_of(x[0, c, 0])
-        _channel_moments(x, pivot, s1, s2)
+            pivot[c] = pivot_of(xp[c * s])
+        _channel_moments(xp, n, nc, s, pivot, s1, s2)
         for c in range(nc):
             finish_moments(s1[c], s2[c], n * s, pivot[c], eps, &mu[c], &r[c])
             scale[c] = r[c] * w[c] if w != NULL else r[c]
             shift[c] = b[c] if b != NULL else 0.0
-        _apply_channels(x, y, mu, scale, shift, act, slope)
+        _apply_channels(xp, yp, n, nc, s, mu, scale, shift, act, slope)
     for c in range(nc):
         mean[c] = <floating>mu[c]
         rstd[c] = <floating>r[c]
 
 
-cdef double[:, ::1] _infer_coefficients(const floating[::1] weight, const floating[::1] bias,
-                                        const floating[::1] running_mean, const floating[::1] running_var,
-                                        double eps):
-    """The inference forward's per-channel mean, scale and shift, as the rows of one allocation (see _backward)."""
-    cdef Py_ssize_t nc = running_mean.shape[0], c
+cdef double[:, ::1] _infer_coefficients(const floating* weight, const floating* bias, const floating* running_mean,
+                                        const floating* running_var, Py_ssize_t nc, double eps):
+    """The inference forward's per-channel mean, scale and shift, as the rows of one allocation (see _backward);
+    weight, bias: NULL when absent."""
+    cdef Py_ssize_t c
     cdef double[:, ::1] coefs = np.empty((3, nc))
     cdef double r
     for c in range(nc):
         r = 1.0 / sqrt(<double>running_var[c] + eps)
         coefs[0, c] = running_mean[c]
-        coefs[1, c] = r * weight[c] if weight is not None else r
-        coefs[2, c] = bias[c] if bias is not None else 0.0
+        coefs[1, c] = r * weight[c] if weight != NULL else r
+        coefs[2, c] = bias[c] if bias != NULL else 0.0
     return coefs
 
 
 cdef void _forward_infer(const floating[:, :, ::1] x, const floating[::1] weight, const floating[::1] bias,
                          const floating[::1] running_mean, const floating[::1] running_var, double eps, int act,
                          double slope, floating[:, :, ::1] y):
-    cdef double[:, ::1] coefs = _infer_coefficients(weight, bias, running_mean, running_var, eps)
-    _apply_channels(x, y, coefs[0], coefs[1], coefs[2], act, slope)
+    _forward_infer_p(&x[0, 0, 0], x.shape[0], x.shape[1], x.shape[2], _ptr(weight), _ptr(bias), &running_mean[0],
+                     &running_var[0], eps, act, slope, &y[0, 0, 0])
+
+
+cdef void _forward_infer_p(const floating* xp, Py_ssize_t n, Py_ssize_t nc, Py_ssize_t s, const floating* weight,
+                           const floating* bias, const floating* running_mean, const floating* running_var,
+                           double eps, int act, double slope, floating* yp):
+    cdef double[:, ::1] coefs = _infer_coefficients(weight, bias, running_mean, running_var, nc, eps)
+    _apply_channels(xp, yp, n, nc, s, coefs[0], coefs[1], coefs[2], act, slope)
 
 
 def batchnorm_forward(const floating[:, :, ::1] x, const floating[::1] weight, const floating[::1] bias,
@@ -822,7 +834,7 @@ cdef void _stats_moments(const floating[:, :, ::1] x, double[::1] pivot, double[
     cdef double[::1] a, b, p
     cdef int nt = threads_for(n * nc * s, _nthreads, _serial_max)
     if s >= SHORT_ROW:
-        _channel_moments(x, pivot, s1, s2)
+        _channel_moments(xp, n, nc, s, pivot, s1, s2)
         return
     blocks = _column_split(n, nc, s, &width, &tasks, &rows)
     a = np.empty(blocks * length)
@@ -863,14 +875,14 @@ def batchnorm_apply(const floating[:, :, ::1] x, const floating[::1] scale, cons
     # y = (x - 0) * scale + shift: the per-channel affine pass, with no mean to subtract
     cdef double[::1] zero = np.zeros(x.shape[1])
     cdef double[::1] sc = np.asarray(scale, dtype=np.float64), sh = np.asarray(shift, dtype=np.float64)
-    _apply_channels(x, y, zero, sc, sh, NO_ACT, 0.0)
+    _apply_channels(&x[0, 0, 0], &y[0, 0, 0], x.shape[0], x.shape[1], x.shape[2], zero, sc, sh, NO_ACT, 0.0)
 
 
 def batchnorm_backward_reduce(const floating[:, :, ::1] dy, const floating[:, :, ::1] x, const double[::1] mean,
                               const double[::1] rstd, double[::1] sum_dy, double[::1] sum_dy_xhat):
     cdef Py_ssize_t nc = x.shape[1], c
     cdef double[::1] mu = np.array(mean), sdyx = np.empty(nc)
-    _channel_grad_sums(dy, x, mu, sum_dy, sdyx)
+    _channel_grad_sums(&dy[0, 0, 0], &x[0, 0, 0], x.shape[0], nc, x.shape[2], mu, sum_dy, sdyx)
     for c in range(nc):
         sum_dy_xhat[c] = rstd[c] * sdyx[c]
 
@@ -881,7 +893,49 @@ def batchnorm_backward_apply(const floating[:, :, ::1] dy, const floating[:, :, 
     cdef double[::1] zero = np.zeros(x.shape[1])
     cdef double[::1] ca = np.asarray(a, dtype=np.float64), cb = np.asarray(b, dtype=np.float64)
     cdef double[::1] cc = np.asarray(d, dtype=np.float64)
-    _grad_apply_channels(dy, x, dx, True, zero, ca, cb, cc)
+    _grad_apply_channels(&dy[0, 0, 0], &x[0, 0, 0], &dx[0, 0, 0], x.shape[0], x.shape[1], x.shape[2], True, zero, ca,
+                         cb, cc)
+
+
+# --- address kernels (normkit.contract): the plain kernels on memory given by address ----------------------------
+
+cdef int _check(Py_ssize_t n, Py_ssize_t c, Py_ssize_t s, size_t x, size_t out, Py_ssize_t stat_a,
+                Py_ssize_t stat_b) except -1:
+    # what can be checked without the arrays: the shapes against each other, data addresses not NULL
+    if n < 1 or c < 1 or s < 1 or x == 0 or out == 0:
+        raise ValueError(f"address kernel: bad shape ({n}, {c}, {s}) or a NULL data address")
+    if stat_a != c or stat_b != c:
+        raise ValueError(f"address kernel: the statistics must be ({c},), got ({stat_a},) and ({stat_b},)")
+    return 0
+
+
+def batchnorm_forward_addr(Py_ssize_t n, Py_ssize_t c, Py_ssize_t s, size_t x, size_t weight, size_t bias,
+                           double eps, size_t y, floating[::1] mean, floating[::1] rstd):
+    _check(n, c, s, x, y, mean.shape[0], rstd.shape[0])
+    _forward_p(<const floating*>x, n, c, s, <const floating*>weight, <const floating*>bias, eps, NO_ACT, 0.0,
+               <floating*>y, &mean[0], &rstd[0])
+
+
+# (no argument of this one has the data's type, so it comes as two functions, not a fused one)
+def channel_forward_infer_addr_float(Py_ssize_t n, Py_ssize_t c, Py_ssize_t s, size_t x, size_t weight, size_t bias,
+                                     size_t running_mean, size_t running_var, double eps, size_t y):
+    _check(n, c, s, x if running_mean and running_var else 0, y, c, c)
+    _forward_infer_p[float](<const float*>x, n, c, s, <const float*>weight, <const float*>bias,
+                            <const float*>running_mean, <const float*>running_var, eps, NO_ACT, 0.0, <float*>y)
+
+
+def channel_forward_infer_addr_double(Py_ssize_t n, Py_ssize_t c, Py_ssize_t s, size_t x, size_t weight, size_t bias,
+                                      size_t running_mean, size_t running_var, double eps, size_t y):
+    _check(n, c, s, x if running_mean and running_var else 0, y, c, c)
+    _forward_infer_p[double](<const double*>x, n, c, s, <const double*>weight, <const double*>bias,
+                             <const double*>running_mean, <const double*>running_var, eps, NO_ACT, 0.0, <double*>y)
+
+
+def batchnorm_backward_addr(Py_ssize_t n, Py_ssize_t c, Py_ssize_t s, size_t dy, size_t x, const floating[::1] mean,
+                            const floating[::1] rstd, size_t weight, size_t dx, size_t dweight, size_t dbias):
+    _check(n, c, s, dy if x else 0, dx, mean.shape[0], rstd.shape[0])
+    _backward_p(True, <const floating*>dy, <const floating*>x, n, c, s, &mean[0], &rstd[0], <const floating*>weight,
+                NULL, NO_ACT, 0.0, <floating*>dx, <floating*>dweight, <floating*>dbias)
 
 
 # --- 16-bit data (normkit.contract): uint16 patterns, fmt 0 bfloat16 / 1 float16; float32 parameters and stats ----
@@ -1294,7 +1348,8 @@ def batchnorm_forward16(int fmt, const uint16_t[:, :, ::1] x, const float[::1] w
 def channel_forward_infer16(int fmt, const uint16_t[:, :, ::1] x, const float[::1] weight, const float[::1] bias,
                             const float[::1] running_mean, const float[::1] running_var, double eps,
                             uint16_t[:, :, ::1] y):
-    cdef double[:, ::1] coefs = _infer_coefficients(weight, bias, running_mean, running_var, eps)
+    cdef double[:, ::1] coefs = _infer_coefficients(_ptr(weight), _ptr(bias), &running_mean[0], &running_var[0],
+                                                    running_mean.shape[0], eps)
     _apply_channels16(x, y, coefs[0], coefs[1], coefs[2], fmt)
 
 

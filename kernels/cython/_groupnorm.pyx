@@ -14,6 +14,7 @@ from cython cimport floating
 from cython.parallel cimport prange
 
 from libc.stdint cimport uint16_t
+from libc.stdlib cimport free, malloc
 
 from _common cimport (
     NO_ACT, SERIAL_MAX_VALUES, act_grad_apply, act_grad_apply_stream, act_grad_sums, act_grad_sums_kept, affine16,
@@ -47,6 +48,10 @@ def set_stream_min_bytes(Py_ssize_t n):
 
 
 cdef inline const floating* _ptr(const floating[::1] a) noexcept:
+    return NULL if a is None else &a[0]
+
+
+cdef inline floating* _out(floating[::1] a) noexcept:
     return NULL if a is None else &a[0]
 
 
@@ -114,15 +119,16 @@ cdef void _backward_set(const floating* dy, const floating* x, floating* dx, Py_
 cdef void _groupnorm_forward(const floating[:, :, ::1] x, Py_ssize_t num_groups, const floating[::1] weight,
                              const floating[::1] bias, double eps, int act, double slope, floating[:, :, ::1] y,
                              floating[:, ::1] mean, floating[:, ::1] rstd):
-    cdef Py_ssize_t n = x.shape[0], s = x.shape[2], cg = x.shape[1] // num_groups, t
-    cdef const floating* xp = &x[0, 0, 0]
-    cdef floating* yp = &y[0, 0, 0]
-    cdef floating* mp = &mean[0, 0]
-    cdef floating* rp = &rstd[0, 0]
-    cdef const floating* w = _ptr(weight)
-    cdef const floating* b = _ptr(bias)
-    cdef int nt = threads_for(n * x.shape[1] * s, _nthreads, _serial_max)
-    cdef bint stream = n * x.shape[1] * s * <Py_ssize_t>sizeof(floating) >= _stream_min
+    _forward_sets(&x[0, 0, 0], x.shape[0], x.shape[1], x.shape[2], num_groups, _ptr(weight), _ptr(bias), eps, act,
+                  slope, &y[0, 0, 0], &mean[0, 0], &rstd[0, 0])
+
+
+cdef void _forward_sets(const floating* xp, Py_ssize_t n, Py_ssize_t c, Py_ssize_t s, Py_ssize_t num_groups,
+                        const floating* w, const floating* b, double eps, int act, double slope, floating* yp,
+                        floating* mp, floating* rp) noexcept:
+    cdef Py_ssize_t cg = c // num_groups, t
+    cdef int nt = threads_for(n * c * s, _nthreads, _serial_max)
+    cdef bint stream = n * c * s * <Py_ssize_t>sizeof(floating) >= _stream_min
     # set t = (sample t // G, group t % G) starts at value t * cg * s
     for t in prange(n * num_groups, nogil=True, schedule="static", num_threads=nt):
         _forward_set(xp + t * cg * s, yp + t * cg * s, cg, s,
@@ -135,45 +141,49 @@ cdef void _groupnorm_backward(const floating[:, :, ::1] dy, const floating[:, :,
                               const floating[:, ::1] mean, const floating[:, ::1] rstd, const floating[::1] weight,
                               const floating[::1] bias, int act, double slope, floating[:, :, ::1] dx,
                               floating[::1] dweight, floating[::1] dbias):
-    cdef Py_ssize_t n = x.shape[0], c = x.shape[1], s = x.shape[2], cg = c // num_groups, t
-    cdef const floating* dyp = &dy[0, 0, 0]
-    cdef const floating* xp = &x[0, 0, 0]
-    cdef floating* dxp = &dx[0, 0, 0]
-    cdef const floating* mp = &mean[0, 0]
-    cdef const floating* rp = &rstd[0, 0]
-    cdef const floating* w = _ptr(weight)
-    cdef const floating* b = _ptr(bias)
-    cdef double[:, ::1] sdy = np.empty((n, c))
-    cdef double[:, ::1] sdyx = np.empty((n, c))
-    cdef double* sdyp = &sdy[0, 0]
-    cdef double* sdyxp = &sdyx[0, 0]
+    _backward_sets(&dy[0, 0, 0], &x[0, 0, 0], x.shape[0], x.shape[1], x.shape[2], num_groups, &mean[0, 0],
+                   &rstd[0, 0], _ptr(weight), _ptr(bias), act, slope, &dx[0, 0, 0], _out(dweight), _out(dbias))
+
+
+cdef int _backward_sets(const floating* dyp, const floating* xp, Py_ssize_t n, Py_ssize_t c, Py_ssize_t s,
+                        Py_ssize_t num_groups, const floating* mp, const floating* rp, const floating* w,
+                        const floating* b, int act, double slope, floating* dxp, floating* dweight,
+                        floating* dbias) except -1:
+    cdef Py_ssize_t cg = c // num_groups, t
+    # per-channel sum(dy), then sum(dy * (x - mean)), of each sample (malloc: np.empty costs ~1 us a call)
+    cdef double* sdyp = <double*>malloc(2 * n * c * sizeof(double))
+    cdef double* sdyxp = sdyp + n * c
     cdef int nt = threads_for(n * c * s, _nthreads, _serial_max)
     cdef bint stream = n * c * s * <Py_ssize_t>sizeof(floating) >= _stream_min
+    if sdyp == NULL:
+        raise MemoryError()
     for t in prange(n * num_groups, nogil=True, schedule="static", num_threads=nt):
         _backward_set(dyp + t * cg * s, xp + t * cg * s, dxp + t * cg * s, cg, s,
                       w + (t % num_groups) * cg if w != NULL else NULL,
                       b + (t % num_groups) * cg if b != NULL else NULL, act, slope,
                       mp[t], rp[t], stream, sdyp + t * cg, sdyxp + t * cg)
-    _param_grads(sdy, sdyx, rstd, cg, dweight, dbias)
+    _param_grads(sdyp, sdyxp, rp, n, c, cg, dweight, dbias)
+    free(sdyp)
+    return 0
 
 
-cdef void _param_grads(const double[:, ::1] sdy, const double[:, ::1] sdyx, const floating[:, ::1] rstd,
-                       Py_ssize_t cg, floating[::1] dweight, floating[::1] dbias):
+cdef void _param_grads(const double* sdy, const double* sdyx, const floating* rstd, Py_ssize_t n, Py_ssize_t c,
+                       Py_ssize_t cg, floating* dweight, floating* dbias) noexcept nogil:
     """dweight = sum(dy * xhat) = sum over samples of rstd * sum(dy * (x - mean)), dbias = sum(dy); summed in
-    sample order."""
-    cdef Py_ssize_t n = sdy.shape[0], c = sdy.shape[1], i, j
+    sample order. sdy, sdyx: (n, c); rstd: (n, c // cg); dweight, dbias: (c,) or NULL."""
+    cdef Py_ssize_t i, j
     cdef double acc
-    if dweight is not None:
+    if dweight != NULL:
         for j in range(c):
             acc = 0.0
             for i in range(n):
-                acc = acc + <double>rstd[i, j // cg] * sdyx[i, j]
+                acc = acc + <double>rstd[i * (c // cg) + j // cg] * sdyx[i * c + j]
             dweight[j] = <floating>acc
-    if dbias is not None:
+    if dbias != NULL:
         for j in range(c):
             acc = 0.0
             for i in range(n):
-                acc = acc + sdy[i, j]
+                acc = acc + sdy[i * c + j]
             dbias[j] = <floating>acc
 
 
@@ -228,6 +238,49 @@ def instancenorm_act_backward(const floating[:, :, ::1] dy, const floating[:, :,
                               const floating[::1] bias, int activation, double slope, floating[:, :, ::1] dx,
                               floating[::1] dweight, floating[::1] dbias):
     _groupnorm_backward(dy, x, x.shape[1], mean, rstd, weight, bias, activation, slope, dx, dweight, dbias)
+
+
+# --- address kernels (normkit.contract): the plain kernels on memory given by address ----------------------------
+
+cdef int _check(Py_ssize_t n, Py_ssize_t c, Py_ssize_t s, Py_ssize_t num_groups, size_t x, size_t out,
+                Py_ssize_t[8] mean_shape, Py_ssize_t[8] rstd_shape) except -1:
+    # what can be checked without the arrays: the shapes against each other, data addresses not NULL
+    if n < 1 or c < 1 or s < 1 or num_groups < 1 or c % num_groups or x == 0 or out == 0:
+        raise ValueError(f"address kernel: bad shape ({n}, {c}, {s}) / groups {num_groups} or a NULL data address")
+    if (mean_shape[0], mean_shape[1]) != (n, num_groups) or (rstd_shape[0], rstd_shape[1]) != (n, num_groups):
+        raise ValueError(f"address kernel: mean and rstd must be ({n}, {num_groups}), got "
+                         f"({mean_shape[0]}, {mean_shape[1]}) and ({rstd_shape[0]}, {rstd_shape[1]})")
+    return 0
+
+
+def groupnorm_forward_addr(Py_ssize_t n, Py_ssize_t c, Py_ssize_t s, size_t x, Py_ssize_t num_groups, size_t weight,
+                           size_t bias, double eps, size_t y, floating[:, ::1] mean, floating[:, ::1] rstd):
+    _check(n, c, s, num_groups, x, y, mean.shape, rstd.shape)
+    _forward_sets(<const floating*>x, n, c, s, num_groups, <const floating*>weight, <const floating*>bias, eps,
+                  NO_ACT, 0.0, <floating*>y, &mean[0, 0], &rstd[0, 0])
+
+
+def groupnorm_backward_addr(Py_ssize_t n, Py_ssize_t c, Py_ssize_t s, size_t dy, size_t x, Py_ssize_t num_groups,
+                            const floating[:, ::1] mean, const floating[:, ::1] rstd, size_t weight, size_t dx,
+                            size_t dweight, size_t dbias):
+    _check(n, c, s, num_groups, dy if x else 0, dx, mean.shape, rstd.shape)
+    _backward_sets(<const floating*>dy, <const floating*>x, n, c, s, num_groups, &mean[0, 0], &rstd[0, 0],
+                   <const floating*>weight, NULL, NO_ACT, 0.0, <floating*>dx, <floating*>dweight, <floating*>dbias)
+
+
+def instancenorm_forward_addr(Py_ssize_t n, Py_ssize_t c, Py_ssize_t s, size_t x, size_t weight, size_t bias,
+                              double eps, size_t y, floating[:, ::1] mean, floating[:, ::1] rstd):
+    _check(n, c, s, c, x, y, mean.shape, rstd.shape)
+    _forward_sets(<const floating*>x, n, c, s, c, <const floating*>weight, <const floating*>bias, eps, NO_ACT, 0.0,
+                  <floating*>y, &mean[0, 0], &rstd[0, 0])
+
+
+def instancenorm_backward_addr(Py_ssize_t n, Py_ssize_t c, Py_ssize_t s, size_t dy, size_t x,
+                               const floating[:, ::1] mean, const floating[:, ::1] rstd, size_t weight, size_t dx,
+                               size_t dweight, size_t dbias):
+    _check(n, c, s, c, dy if x else 0, dx, mean.shape, rstd.shape)
+    _backward_sets(<const floating*>dy, <const floating*>x, n, c, s, c, &mean[0, 0], &rstd[0, 0],
+                   <const floating*>weight, NULL, NO_ACT, 0.0, <floating*>dx, <floating*>dweight, <floating*>dbias)
 
 
 # --- 16-bit data (normkit.contract): uint16 patterns, fmt 0 bfloat16 / 1 float16; float32 parameters and stats ----
@@ -301,7 +354,7 @@ def groupnorm_backward16(int fmt, const uint16_t[:, :, ::1] dy, const uint16_t[:
         _backward_set16(dyp + t * cg * s, xp + t * cg * s, dxp + t * cg * s, cg, s,
                         w + (t % num_groups) * cg if w != NULL else NULL,
                         mp[t], rp[t], fmt, sdyp + t * cg, sdyxp + t * cg)
-    _param_grads(sdy, sdyx, rstd, cg, dweight, dbias)
+    _param_grads(sdyp, sdyxp, &rstd[0, 0], n, c, cg, _out(dweight), _out(dbias))
 
 
 def instancenorm_forward16(int fmt, const uint16_t[:, :, ::1] x, const float[::1] weight, const float[::1] bias,

@@ -239,21 +239,23 @@ cdef void _merge_blocks(const double* partial, Py_ssize_t blocks, Py_ssize_t k, 
 
 cdef void _forward(const floating[:, ::1] x, const floating[::1] weight, const floating[::1] bias, double eps,
                    int act, double slope, floating[:, ::1] y, floating[::1] mean, floating[::1] rstd):
-    cdef Py_ssize_t m = x.shape[0], k = x.shape[1], i
-    cdef const floating* xp = &x[0, 0]
-    cdef floating* yp = &y[0, 0]
-    cdef floating* mp = &mean[0]
-    cdef floating* rp = &rstd[0]
-    cdef const floating[::1] wv = weight, bv = bias
+    _forward_rows(&x[0, 0], x.shape[0], x.shape[1], NULL if weight is None else &weight[0],
+                  NULL if bias is None else &bias[0], eps, act, slope, &y[0, 0], &mean[0], &rstd[0])
+
+
+cdef void _forward_rows(const floating* xp, Py_ssize_t m, Py_ssize_t k, const floating* w, const floating* b,
+                        double eps, int act, double slope, floating* yp, floating* mp, floating* rp):
+    cdef Py_ssize_t i
+    cdef floating[::1] ones, zeros
     cdef int nt = threads_for(m * k, _nthreads, _serial_max)
     # missing parameters become ones and zeros, so that one loop serves every combination
     dtype = np.float32 if floating is float else np.float64
-    if wv is None:
-        wv = np.ones(k, dtype)
-    if bv is None:
-        bv = np.zeros(k, dtype)
-    cdef const floating* w = &wv[0]
-    cdef const floating* b = &bv[0]
+    if w == NULL:
+        ones = np.ones(k, dtype)
+        w = &ones[0]
+    if b == NULL:
+        zeros = np.zeros(k, dtype)
+        b = &zeros[0]
     cdef bint stream = m * k * <Py_ssize_t>sizeof(floating) >= _stream_min
     for i in prange(m, nogil=True, schedule="static", num_threads=nt):
         _forward_row(xp + i * k, yp + i * k, k, w, b, eps, act, slope, stream, mp + i, rp + i)
@@ -273,14 +275,17 @@ def layernorm_act_forward(const floating[:, ::1] x, const floating[::1] weight, 
 cdef void _backward(const floating[:, ::1] dy, const floating[:, ::1] x, const floating[::1] mean,
                     const floating[::1] rstd, const floating[::1] weight, const floating[::1] bias, int act,
                     double slope, floating[:, ::1] dx, floating[::1] dweight, floating[::1] dbias):
-    cdef Py_ssize_t m = x.shape[0], k = x.shape[1], i, j, t, per_block, blocks, tiles, n
-    cdef const floating* dyp = &dy[0, 0]
-    cdef const floating* xp = &x[0, 0]
-    cdef floating* dxp = &dx[0, 0]
-    cdef const floating* mp = &mean[0]
-    cdef const floating* rp = &rstd[0]
-    cdef bint params = dweight is not None or dbias is not None
-    cdef const floating[::1] wv = weight, bv = bias
+    _backward_rows(&dy[0, 0], &x[0, 0], x.shape[0], x.shape[1], &mean[0], &rstd[0],
+                   NULL if weight is None else &weight[0], NULL if bias is None else &bias[0], act, slope, &dx[0, 0],
+                   NULL if dweight is None else &dweight[0], NULL if dbias is None else &dbias[0])
+
+
+cdef void _backward_rows(const floating* dyp, const floating* xp, Py_ssize_t m, Py_ssize_t k, const floating* mp,
+                         const floating* rp, const floating* w, const floating* b, int act, double slope,
+                         floating* dxp, floating* dweight, floating* dbias):
+    cdef Py_ssize_t i, j, t, per_block, blocks, tiles, n
+    cdef bint params = dweight != NULL or dbias != NULL
+    cdef floating[::1] ones, zeros
     cdef floating* acc  # float accumulators of the parameter gradients, weight then bias
     cdef double[::1] buf
     cdef double* grads  # weight gradients, then bias gradients: 2k doubles
@@ -289,12 +294,12 @@ cdef void _backward(const floating[:, ::1] dy, const floating[:, ::1] x, const f
     cdef int nt = threads_for(m * k, _nthreads, _serial_max)
     cdef bint stream = m * k * <Py_ssize_t>sizeof(floating) >= _stream_min
     dtype = np.float32 if floating is float else np.float64
-    if wv is None:
-        wv = np.ones(k, dtype)
-    if bv is None:
-        bv = np.zeros(k, dtype)
-    cdef const floating* w = &wv[0]
-    cdef const floating* b = &bv[0]
+    if w == NULL:
+        ones = np.ones(k, dtype)
+        w = &ones[0]
+    if b == NULL:
+        zeros = np.zeros(k, dtype)
+        b = &zeros[0]
     if not params:
         blocks = min(m, MAX_BLOCKS)
         per_block = (m + blocks - 1) // blocks
@@ -353,9 +358,9 @@ cdef void _backward(const floating[:, ::1] dy, const floating[:, ::1] x, const f
         for t in prange(tiles, nogil=True, schedule="static", num_threads=nt):
             _merge_blocks(work, blocks, 2 * k, t * TILE, min(2 * k, (t + 1) * TILE), grads)
     for j in range(k):
-        if dweight is not None:
+        if dweight != NULL:
             dweight[j] = <floating>grads[j]
-        if dbias is not None:
+        if dbias != NULL:
             dbias[j] = <floating>grads[k + j]
 
 
@@ -371,6 +376,32 @@ def layernorm_act_backward(const floating[:, ::1] dy, const floating[:, ::1] x, 
                            int activation, double slope, floating[:, ::1] dx, floating[::1] dweight,
                            floating[::1] dbias):
     _backward(dy, x, mean, rstd, weight, bias, activation, slope, dx, dweight, dbias)
+
+
+# --- address kernels (normkit.contract): the plain kernels on memory given by address ----------------------------
+
+cdef int _check(Py_ssize_t m, Py_ssize_t k, size_t x, size_t out, Py_ssize_t mean_rows,
+                Py_ssize_t rstd_rows) except -1:
+    # what can be checked without the arrays: the shapes against each other, data addresses not NULL
+    if m < 1 or k < 1 or x == 0 or out == 0:
+        raise ValueError(f"address kernel: bad shape ({m}, {k}) or a NULL data address")
+    if mean_rows != m or rstd_rows != m:
+        raise ValueError(f"address kernel: mean and rstd must be ({m},), got ({mean_rows},) and ({rstd_rows},)")
+    return 0
+
+
+def layernorm_forward_addr(Py_ssize_t m, Py_ssize_t k, size_t x, size_t weight, size_t bias, double eps, size_t y,
+                           floating[::1] mean, floating[::1] rstd):
+    _check(m, k, x, y, mean.shape[0], rstd.shape[0])
+    _forward_rows(<const floating*>x, m, k, <const floating*>weight, <const floating*>bias, eps, NO_ACT, 0.0,
+                  <floating*>y, &mean[0], &rstd[0])
+
+
+def layernorm_backward_addr(Py_ssize_t m, Py_ssize_t k, size_t dy, size_t x, const floating[::1] mean,
+                            const floating[::1] rstd, size_t weight, size_t dx, size_t dweight, size_t dbias):
+    _check(m, k, dy if x else 0, dx, mean.shape[0], rstd.shape[0])
+    _backward_rows(<const floating*>dy, <const floating*>x, m, k, &mean[0], &rstd[0], <const floating*>weight, NULL,
+                   NO_ACT, 0.0, <floating*>dx, <floating*>dweight, <floating*>dbias)
 
 
 # --- 16-bit data (normkit.contract): uint16 patterns, fmt 0 bfloat16 / 1 float16; float32 parameters and stats ----

@@ -444,6 +444,37 @@ def layernorm_add_backward(const floating[:, ::1] dy, const floating[:, ::1] dh,
               _ones(weight, h.shape[1], keep), &mean[0], &rstd[0], True, _out(dweight), _out(dbias))
 
 
+# --- address kernels (normkit.contract): the plain kernels on memory given by address ----------------------------
+
+cdef int _check(Py_ssize_t m, Py_ssize_t k, size_t x, size_t out, Py_ssize_t rstd_rows) except -1:
+    # what can be checked without the arrays: the shapes against each other, data addresses not NULL
+    if m < 1 or k < 1 or x == 0 or out == 0:
+        raise ValueError(f"address kernel: bad shape ({m}, {k}) or a NULL data address")
+    if rstd_rows != m:
+        raise ValueError(f"address kernel: rstd must be ({m},), got ({rstd_rows},)")
+    return 0
+
+
+def rmsnorm_forward_addr(Py_ssize_t m, Py_ssize_t k, size_t x, size_t weight, double eps, size_t y,
+                         floating[::1] rstd):
+    _check(m, k, x, y, rstd.shape[0])
+    cdef const floating[::1] no_weight = None
+    keep = []
+    cdef const floating* w = <const floating*>weight if weight else _ones(no_weight, k, keep)
+    with nogil:
+        _forward(<const floating*>x, NULL, NULL, <floating*>y, m, k, w, NULL, eps, False, NULL, &rstd[0])
+
+
+def rmsnorm_backward_addr(Py_ssize_t m, Py_ssize_t k, size_t dy, size_t x, const floating[::1] rstd, size_t weight,
+                          size_t dx, size_t dweight):
+    _check(m, k, dy if x else 0, dx, rstd.shape[0])
+    cdef const floating[::1] no_weight = None
+    keep = []
+    cdef const floating* w = <const floating*>weight if weight else _ones(no_weight, k, keep)
+    _backward(<const floating*>dy, NULL, <const floating*>x, <floating*>dx, m, k, w, NULL, &rstd[0], False,
+              <floating*>dweight, NULL)
+
+
 # --- 16-bit data (normkit.contract): uint16 patterns, fmt 0 bfloat16 / 1 float16; float32 parameters and stats ----
 # As _layernorm.pyx's: each row goes tile by tile (TILE16 values widened to float32 on the stack) through the float32
 # loops above, each 16-bit output rounded once; a tile whose float32 result is not finite is computed again in

@@ -25,7 +25,7 @@ from functools import partial
 import numpy as np
 
 from normkit import half
-from normkit.contract import ACT_PREFIX, OUTPUTS, SPECS, on_columns, serial_max_values
+from normkit.contract import ACT_PREFIX, ADDRESS, OUTPUTS, SPECS, on_columns, serial_max_values
 from normkit.registry import get_num_threads
 
 from . import _batchnorm
@@ -193,6 +193,30 @@ KERNELS.update({
     else partial(getattr(_channels_last, function.__name__ + "16"), _FORMATS[dtype])
     for (op, direction), function in _CHANNELS_LAST.items()
     for dtype in _FORMATS
+})
+
+# The address kernels (normkit.contract): the float32 / float64 kernels above taking memory by address
+_ADDRESSES = {
+    ("batchnorm", "forward"): _batchnorm.batchnorm_forward_addr,
+    ("batchnorm", "backward"): _batchnorm.batchnorm_backward_addr,
+    ("instancenorm", "forward"): _groupnorm.instancenorm_forward_addr,
+    ("instancenorm", "backward"): _groupnorm.instancenorm_backward_addr,
+    ("groupnorm", "forward"): _groupnorm.groupnorm_forward_addr,
+    ("groupnorm", "backward"): _groupnorm.groupnorm_backward_addr,
+    ("layernorm", "forward"): _layernorm.layernorm_forward_addr,
+    ("layernorm", "backward"): _layernorm.layernorm_backward_addr,
+    ("rmsnorm", "forward"): _rownorm.rmsnorm_forward_addr,
+    ("rmsnorm", "backward"): _rownorm.rmsnorm_backward_addr,
+}
+KERNELS.update({
+    (op, direction, dtype, ADDRESS): function[_CTYPE[dtype]]
+    for (op, direction), function in _ADDRESSES.items()
+    for dtype in _CTYPE
+})
+KERNELS.update({  # no argument of this one has the data's type: a function per type
+    (op, "forward_infer", dtype, ADDRESS): getattr(_batchnorm, "channel_forward_infer_addr_" + _CTYPE[dtype])
+    for op in ("batchnorm", "instancenorm")
+    for dtype in _CTYPE
 })
 
 _build = _batchnorm.BUILD
