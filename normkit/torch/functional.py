@@ -2,8 +2,10 @@
 
 Two paths to the same kernels:
 
-* **eager** (the common case): a few checks, then the kernel on NumPy views of the tensors' own memory; under
-  autograd, one ``torch.autograd.Function`` around it. This costs about what ``torch.nn.functional`` costs.
+* **eager** (the common case): a few checks, then the kernel on the tensors' own memory: a plain call
+  (:func:`_plain`, no fused activation) goes to the backend's address kernel if it has one (``data_ptr()``s; see
+  normkit.contract), any other call to the kernel on NumPy views; under autograd, one
+  ``torch.autograd.Function`` around it. This costs about what ``torch.nn.functional`` costs.
 * **under torch.compile**: each op is a ``torch.library.custom_op`` in the ``normkit::`` namespace (forward and
   backward are separate custom ops, both with a fake implementation), so the compiler sees one operator and
   never traces into NumPy. Running statistics are updated with torch operations in the wrapper, which the
@@ -124,15 +126,17 @@ def _plain(x: Tensor, pshape: tuple, *tensors) -> bool:
     """Whether a call is the common case, which the eager path runs in the fewest Python steps: ``x`` (of type
     exactly ``torch.Tensor``: the caller checks, before it takes ``pshape`` from x's shape) a contiguous CPU tensor
     of a kernel dtype with values, and every other tensor None or a contiguous CPU tensor of shape ``pshape`` and
-    x's dtype (for 16-bit x: all of them x's dtype or all float32, autocast's case). What it accepts the checks
-    accept, so it stands for them; anything else takes the general path, whose checks name what is wrong.
+    x's dtype (for 16-bit x: all of them x's dtype or all float32, autocast's case), none of them a negative view
+    (``torch._neg_view``: its memory holds the values' negatives, which the address kernels would read as they
+    are). What it accepts the checks accept, so it stands for them; anything else takes the general path, whose
+    checks name what is wrong.
 
     Why it matters: in a model each norm call comes right after a convolution or a matmul that has evicted the
     interpreter's data from the caches, and there every Python step of the general path costs several µs (a
     BatchNorm2d eval call at (32, 128, 7, 7) right after a convolution paid ~70 µs of Python where a loop of calls
     pays ~10; ``python benchmarks/test_overhead.py``, its last table, times calls in that context)."""
     dtype = x.dtype
-    if dtype not in _KERNEL_DTYPES or not x.is_cpu or not x.is_contiguous() or not x.numel():
+    if dtype not in _KERNEL_DTYPES or not x.is_cpu or not x.is_contiguous() or not x.numel() or x.is_neg():
         return False
     if dtype in _HALF:  # the parameters' dtype: of the first one given, x's or float32
         for t in tensors:
@@ -143,7 +147,7 @@ def _plain(x: Tensor, pshape: tuple, *tensors) -> bool:
             return False
     for t in tensors:
         if t is not None and not (isinstance(t, Tensor) and t.dtype == dtype and t.shape == pshape and t.is_cpu
-                                  and t.is_contiguous()):
+                                  and t.is_contiguous() and not t.is_neg()):
             return False
     return True
 
@@ -165,7 +169,10 @@ def _check_saved(op: str, dy: Tensor, x: Tensor, mean: Optional[Tensor], rstd: T
 # --- the kernels on tensors: shared by the eager path and the custom ops ---------------------------------------
 #
 # Per-call cost matters here (at small shapes it is most of a call), hence these choices, each measured:
-# * inputs: NumPy views by ``numpy(force=True)`` (one C call, where ``detach().numpy()`` makes a tensor first);
+# * plain calls: addresses (``data_ptr()``, ~0.2 us) to the address kernels, where a NumPy view (~0.9 us) and the
+#   kernel's typed-memoryview acquisition of it (~0.35 us) cost about 1.2 us per tensor;
+# * inputs otherwise: NumPy views by ``numpy(force=True)`` (one C call, where ``detach().numpy()`` makes a tensor
+#   first);
 # * y and dx (input-sized): ``torch.empty_like(x, memory_format=_DENSE)``, ~1 µs less than ``new_empty`` and the
 #   same standard strides (without memory_format, a contiguous x with odd strides on size-1 dimensions would pass
 #   them on). They stay torch's: its allocator maps large blocks as huge pages, where ``np.empty`` of a 2 MB
@@ -287,6 +294,11 @@ def _forward(spec: OpSpec, x: Tensor, weight, bias, eps: float, groups: int, ksh
     layout, copies and 16-bit views need no look."""
     direction = "forward" if running_mean is None else "forward_infer"
     if plain:
+        if act is None and (running_mean is None or not save):
+            kernel = registry.lookup_address(spec.name, direction, _KERNEL_DTYPES[x.dtype], backend)
+            if kernel is not None:
+                return _forward_by_address(kernel, spec, x, weight, bias, eps, groups, kshape, running_mean,
+                                           running_var)
         kernel = registry.lookup(spec.name, direction, _KERNEL_DTYPES[x.dtype], backend)[1] if act is None else \
             _kernel(spec, direction, x, backend, act)
         y = torch.empty_like(x, memory_format=_DENSE)
@@ -346,6 +358,30 @@ def _forward(spec: OpSpec, x: Tensor, weight, bias, eps: float, groups: int, ksh
     return y, mean, rstd
 
 
+def _forward_by_address(kernel, spec: OpSpec, x: Tensor, weight, bias, eps: float, groups: int, kshape: tuple,
+                        running_mean, running_var) -> tuple[Tensor, Optional[np.ndarray], Optional[np.ndarray]]:
+    """:func:`_forward` of a call that passed :func:`_plain` (so every tensor is contiguous, of the shape and dtype
+    its kernel takes), by the direction's address kernel (see normkit.contract). Inference saves nothing here."""
+    y = torch.empty_like(x, memory_format=_DENSE)
+    w = 0 if weight is None else weight.data_ptr()
+    b = 0 if bias is None else bias.data_ptr()
+    if running_mean is not None:
+        kernel(*kshape, x.data_ptr(), w, b, running_mean.data_ptr(), running_var.data_ptr(), eps, y.data_ptr())
+        return y, None, None
+    stat = spec.stat_shape(kshape, groups)
+    dtype = _NP_STAT_DTYPES[x.dtype]
+    rstd = np.empty(stat, dtype)
+    if not spec.centered:
+        kernel(*kshape, x.data_ptr(), w, eps, y.data_ptr(), rstd)
+        return y, None, rstd
+    mean = np.empty(stat, dtype)
+    if spec.grouped:
+        kernel(*kshape, x.data_ptr(), groups, w, b, eps, y.data_ptr(), mean, rstd)
+    else:
+        kernel(*kshape, x.data_ptr(), w, b, eps, y.data_ptr(), mean, rstd)
+    return y, mean, rstd
+
+
 def _backward(spec: OpSpec, dy: Tensor, x: Tensor, mean: np.ndarray, rstd: np.ndarray, weight, groups: int,
               kshape: tuple, batch_stats: bool, pshape: tuple, weight_grad: bool, bias_grad: bool,
               backend, bias=None, act=None, plain: bool = False) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
@@ -355,6 +391,11 @@ def _backward(spec: OpSpec, dy: Tensor, x: Tensor, mean: np.ndarray, rstd: np.nd
     (index, slope), whose derivative the kernel recomputes from x, the statistics, weight and ``bias``.
     ``plain``: x and weight passed :func:`_plain` in forward (dy, autograd's, has x's shape and dtype)."""
     direction = "backward" if batch_stats else "backward_infer"
+    if plain and act is None and dy.is_contiguous() and dy.dtype == x.dtype and dy.shape == x.shape:
+        kernel = registry.lookup_address(spec.name, direction, _KERNEL_DTYPES[x.dtype], backend)
+        if kernel is not None:
+            return _backward_by_address(kernel, spec, dy, x, mean, rstd, weight, groups, kshape, pshape, weight_grad,
+                                        bias_grad)
     if plain and dy.is_contiguous():
         kernel = registry.lookup(spec.name, direction, _KERNEL_DTYPES[x.dtype], backend)[1] if act is None else \
             _kernel(spec, direction, x, backend, act, bias)
@@ -380,6 +421,27 @@ def _backward(spec: OpSpec, dy: Tensor, x: Tensor, mean: np.ndarray, rstd: np.nd
     return _run_backward(kernel, spec, _np(dy).reshape(kshape), _np(x).reshape(kshape),
                          torch.empty_like(x, memory_format=_DENSE), lambda t: _writable(t).reshape(kshape), mean,
                          rstd, weight, groups, pshape, weight_grad, bias_grad)
+
+
+def _backward_by_address(kernel, spec: OpSpec, dy: Tensor, x: Tensor, mean, rstd, weight, groups: int, kshape: tuple,
+                         pshape: tuple, weight_grad: bool,
+                         bias_grad: bool) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+    """:func:`_backward` of a call whose forward passed :func:`_plain` and whose dy is contiguous with x's shape and
+    dtype, by the direction's address kernel. dweight and dbias are torch's (64-byte aligned, as in torch)."""
+    dx = torch.empty_like(x, memory_format=_DENSE)
+    sdt = _STAT_DTYPES[x.dtype]
+    dw = torch.empty(pshape, dtype=sdt) if weight_grad else None
+    w, dwp = 0 if weight is None else weight.data_ptr(), 0 if dw is None else dw.data_ptr()
+    if not spec.centered:
+        kernel(*kshape, dy.data_ptr(), x.data_ptr(), rstd, w, dx.data_ptr(), dwp)
+        return dx, dw, None
+    db = torch.empty(pshape, dtype=sdt) if bias_grad else None
+    dbp = 0 if db is None else db.data_ptr()
+    if spec.grouped:
+        kernel(*kshape, dy.data_ptr(), x.data_ptr(), groups, mean, rstd, w, dx.data_ptr(), dwp, dbp)
+    else:
+        kernel(*kshape, dy.data_ptr(), x.data_ptr(), mean, rstd, w, dx.data_ptr(), dwp, dbp)
+    return dx, dw, db
 
 
 def _run_backward(kernel, spec: OpSpec, dya: np.ndarray, xa: np.ndarray, dx: Tensor, view, mean, rstd, weight,

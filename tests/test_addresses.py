@@ -1,0 +1,253 @@
+"""Address kernels (normkit.contract): the NCHW kernels taking memory by address, which normkit.torch's eager path
+calls on the inputs its checks accepted. The kit runs them on the NCHW cases; here: the registry's declarations and
+look-up, the kit catching a wrong one, the Cython kernels' own argument checks, and the torch frontend using them
+exactly where it may, with the array kernels' results."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import normkit
+from normkit import Backend, reference, registry, testing
+from normkit.contract import ADDRESS, DIRECTIONS, SPECS, with_addresses
+from normkit.registry import runtime_module
+
+cython_backend = pytest.importorskip("normkit_kernels.cython")
+cython_kernels = pytest.importorskip("normkit_kernels.cython.kernels")
+torch = pytest.importorskip("torch")
+nt = pytest.importorskip("normkit.torch")
+
+CYTHON = cython_kernels.KERNELS
+
+
+@pytest.fixture
+def register():
+    names = []
+
+    def _register(backend):
+        normkit.register_backend(backend, replace=True)
+        names.append(backend.name)
+        return backend.name
+
+    yield _register
+    for name in names:
+        normkit.unregister_backend(name)
+
+
+def test_the_kit_runs_address_kernels_and_catches_a_wrong_one(register):
+    """A backend whose LayerNorm forward address kernel drops the bias: its array kernels conform, the address
+    cases fail, named as such."""
+    def drop_bias(m, k, x, weight, bias, eps, y, mean, rstd):
+        CYTHON[("layernorm", "forward", "float64", ADDRESS)](m, k, x, weight, 0, eps, y, mean, rstd)
+
+    table = dict(reference.KERNELS)
+    table[("layernorm", "forward", "float64", ADDRESS)] = drop_bias
+    register(Backend("addr_wrong", runtime_module(table), kernels={"layernorm": ("forward",)}, dtypes=("float64",),
+                     addresses={"layernorm": ("forward",)}))
+    report = testing.check_backend("addr_wrong")
+    assert report, "a wrong address kernel passed"
+    assert all("by address" in f.case and "bias" in f.case for f in report), report.format()
+    assert all("affine=weight+bias" in f.case for f in report), report.format()
+    right = dict(table)
+    right[("layernorm", "forward", "float64", ADDRESS)] = CYTHON[("layernorm", "forward", "float64", ADDRESS)]
+    register(Backend("addr_right", runtime_module(right), kernels={"layernorm": ("forward",)}, dtypes=("float64",),
+                     addresses={"layernorm": ("forward",)}))
+    report = testing.check_backend("addr_right")
+    assert not report, report.format()
+    assert report.cases_run == 2 * len(testing.cases("layernorm", "forward", "float64"))
+
+
+def test_declarations_are_checked(register):
+    with pytest.raises(ValueError, match="address kernels for groupnorm direction.*without the NCHW kernel"):
+        Backend("bad", runtime_module({}), kernels={"groupnorm": ("forward",)},
+                addresses={"groupnorm": ("backward",)}).validate()
+    with pytest.raises(ValueError, match="address kernels for groupnorm direction"):
+        Backend("bad", runtime_module({}), kernels={"groupnorm": ("forward",)},
+                addresses={"groupnorm": "forward"}).validate()
+    # declared but not provided: the backend fails to load, with the key named
+    name = register(Backend("addr_missing", runtime_module(dict(reference.KERNELS)), kernels=DIRECTIONS,
+                            addresses={"layernorm": ("forward",)}))
+    with pytest.warns(RuntimeWarning, match="layernorm:forward:float32:addr"):
+        with pytest.raises(ValueError):
+            registry.lookup("layernorm", "forward", "float32", name)
+
+
+def test_lookup_address_follows_the_backend_lookup_picks(register):
+    assert registry.lookup_address("groupnorm", "forward", "float32", "cython") is \
+        CYTHON[("groupnorm", "forward", "float32", ADDRESS)]
+    assert registry.lookup_address("groupnorm", "forward", "float32", "reference") is None
+    assert registry.lookup_address("groupnorm", "forward", "bfloat16", "cython") is None  # float32 / float64 only
+    assert registry.lookup_address("groupnorm", "act_forward", "float32", "cython") is None
+    order = normkit.get_backend_order()
+    try:
+        normkit.set_backend_order(["reference", "cython"])
+        # reference is picked, and it has none: never another backend's address kernel
+        assert registry.lookup("layernorm", "forward", "float32")[0] == "reference"
+        assert registry.lookup_address("layernorm", "forward", "float32") is None
+        normkit.set_backend_order(["cython", "reference"])
+        assert registry.lookup_address("layernorm", "forward", "float32") is not None
+    finally:
+        normkit.set_backend_order(order)
+    with pytest.raises(ValueError, match="unknown op"):
+        registry.lookup_address("pixelnorm", "forward", "float32")
+
+
+@pytest.mark.parametrize("key, args, match", [
+    (("groupnorm", "forward", "float32"), lambda x, y, s: (1, 6, 5, x, 4, 0, 0, 1e-5, y, s((1, 4)), s((1, 4))),
+     "groups 4"),
+    (("groupnorm", "forward", "float32"), lambda x, y, s: (1, 6, 5, x, 3, 0, 0, 1e-5, y, s((1, 3)), s((2, 3))),
+     "mean and rstd must be"),
+    (("groupnorm", "forward", "float32"), lambda x, y, s: (1, 6, 5, 0, 3, 0, 0, 1e-5, y, s((1, 3)), s((1, 3))),
+     "NULL"),
+    (("layernorm", "forward", "float32"), lambda x, y, s: (3, 10, x, 0, 0, 1e-5, y, s((2,)), s((3,))),
+     "mean and rstd must be"),
+    (("layernorm", "backward", "float32"), lambda x, y, s: (3, 10, x, 0, s((3,)), s((3,)), 0, y, 0, 0), "NULL"),
+    (("rmsnorm", "forward", "float32"), lambda x, y, s: (3, 0, x, 0, 1e-5, y, s((3,))), "bad shape"),
+    (("batchnorm", "forward", "float32"), lambda x, y, s: (2, 3, 5, x, 0, 0, 1e-5, y, s((3,)), s((4,))),
+     "statistics must be"),
+    (("batchnorm", "forward_infer", "float32"), lambda x, y, s: (2, 3, 5, x, 0, 0, 0, x, 1e-5, y), "NULL"),
+])
+def test_cython_address_kernels_check_what_they_can(key, args, match):
+    """Shapes that disagree, and NULL data, are a ValueError, never a write through a bad pointer."""
+    x, y = np.zeros(60, np.float32), np.zeros(60, np.float32)
+    kernel = CYTHON[(*key, ADDRESS)]
+    with pytest.raises(ValueError, match=match):
+        kernel(*args(x.ctypes.data, y.ctypes.data, lambda shape: np.zeros(shape, np.float32)))
+
+
+def test_cython_address_kernels_give_the_array_kernels_bits(rng):
+    """The same code behind both: bit-identical outputs, on every declared key (the kit holds them to the
+    reference; this holds them to their twins)."""
+    shapes = {"channel": (3, 5, 7), "instance": (3, 5, 7), "group": (3, 6, 7), "row": (5, 33)}
+    for op, direction, dtype, _ in sorted(k for k in CYTHON if len(k) == 4 and k[3] == ADDRESS):
+        spec = SPECS[op]
+        shape = shapes[spec.sets]
+        c = shape[1]
+        npdt = np.dtype(dtype)
+        values = {"x": rng.standard_normal(shape).astype(npdt), "dy": rng.standard_normal(shape).astype(npdt),
+                  "weight": rng.standard_normal(c).astype(npdt), "bias": rng.standard_normal(c).astype(npdt),
+                  "running_mean": rng.standard_normal(c).astype(npdt),
+                  "running_var": rng.uniform(0.5, 2, c).astype(npdt), "eps": 1e-5, "num_groups": 3}
+        stat = spec.stat_shape(shape, 3, direction != "forward_infer")
+        values["mean"] = rng.standard_normal(stat).astype(npdt)
+        values["rstd"] = rng.uniform(0.5, 2, stat).astype(npdt)
+        outs = {"y": shape, "dx": shape, "dweight": (c,), "dbias": (c,)}
+        if direction == "forward":
+            outs |= {"mean": stat, "rstd": stat}
+        results = []
+        for kernel in (CYTHON[(op, direction, dtype)], with_addresses(spec, direction,
+                                                                      CYTHON[(op, direction, dtype, ADDRESS)])):
+            named = dict(values) | {k: np.full(s, np.nan, npdt) for k, s in outs.items()}
+            kernel(*(named[a] for a in spec.args(direction)))
+            results.append({a: named[a] for a in spec.args(direction) if a in outs})
+        for name in results[0]:
+            assert results[0][name].tobytes() == results[1][name].tobytes(), (op, direction, dtype, name)
+
+
+@pytest.fixture
+def address_spy(register):
+    """A backend "aspy": Cython's kernels, recording the keys called."""
+    calls = []
+    declared = cython_backend.backend
+
+    def wrap(key, kernel):
+        def call(*args):
+            calls.append(key)
+            return kernel(*args)
+
+        return call
+
+    table = {key: wrap(key, k) for key, k in CYTHON.items()}
+    register(Backend("aspy", runtime_module(table), kernels=declared.kernels, dtypes=declared.dtypes,
+                     channels_last=declared.channels_last, channels_last_dtypes=declared.channels_last_dtypes,
+                     addresses=declared.addresses))
+    return calls
+
+
+def _run_all(dtype=torch.float32, channels_last=False, activation=None, eps=1e-5):
+    """Forward and backward of every op on small tensors through backend "aspy", and BatchNorm inference; returns
+    the outputs and gradients. An ``eps`` that is not a Python float takes the checked (array kernel) path."""
+    g = torch.Generator().manual_seed(0)
+    out = []
+    x4 = torch.randn(2, 6, 3, 5, generator=g, dtype=torch.float32).to(dtype)
+    if channels_last:
+        x4 = x4.contiguous(memory_format=torch.channels_last)
+    x3 = torch.randn(4, 7, 12, generator=g).to(dtype)
+    w6, b6 = torch.randn(6, generator=g), torch.randn(6, generator=g)
+    w12, b12 = torch.randn(12, generator=g), torch.randn(12, generator=g)
+    if dtype == torch.float64:
+        w6, b6, w12, b12 = w6.double(), b6.double(), w12.double(), b12.double()
+    kw = {"backend": "aspy", "eps": eps}
+    act = {} if activation is None else {"activation": activation}
+    cases = [
+        (x4, (w6, b6), lambda x, w, b: nt.group_norm(x, 3, w, b, **kw, **act)),
+        (x4, (w6, b6), lambda x, w, b: nt.batch_norm(x, None, None, w, b, True, **kw, **act)),
+        (x4, (w6, b6), lambda x, w, b: nt.instance_norm(x, None, None, w, b, **kw, **act)),
+        (x3, (w12, b12), lambda x, w, b: nt.layer_norm(x, (12,), w, b, **kw, **act)),
+    ]
+    if activation is None:
+        cases.append((x3, (w12,), lambda x, w: nt.rms_norm(x, (12,), w, **kw)))
+    for x, params, f in cases:
+        leaves = [t.detach().clone().requires_grad_() for t in (x, *params)]
+        y = f(*leaves)
+        y.backward(torch.randn(y.shape, generator=g).to(y.dtype))
+        out.extend([y.detach(), *(t.grad for t in leaves)])
+    rm, rv = torch.randn(6, generator=g).to(w6.dtype), torch.rand(6, generator=g).to(w6.dtype) + 0.5
+    out.append(nt.batch_norm(x4, rm, rv, w6, b6, False, **kw, **act))
+    return out
+
+
+def test_torch_goes_by_address_exactly_where_it_may(address_spy):
+    addr = lambda: sorted({k[:2] for k in address_spy if k[-1] == ADDRESS})  # noqa: E731
+    _run_all()
+    assert addr() == [("batchnorm", "backward"), ("batchnorm", "forward"), ("batchnorm", "forward_infer"),
+                      ("groupnorm", "backward"), ("groupnorm", "forward"), ("instancenorm", "backward"),
+                      ("instancenorm", "forward"), ("layernorm", "backward"), ("layernorm", "forward"),
+                      ("rmsnorm", "backward"), ("rmsnorm", "forward")]
+    assert not [k for k in address_spy if k[-1] != ADDRESS]  # nothing else was needed
+    for kwargs in ({"dtype": torch.bfloat16}, {"activation": "relu"}):
+        address_spy.clear()
+        _run_all(**kwargs)
+        assert address_spy and not addr(), kwargs  # the array kernels, as before
+    address_spy.clear()
+    _run_all(channels_last=True)  # the channel ops' input: the row ops' stays contiguous
+    assert addr() == [("layernorm", "backward"), ("layernorm", "forward"), ("rmsnorm", "backward"),
+                      ("rmsnorm", "forward")]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_torch_by_address_gives_the_array_kernels_results(address_spy, dtype):
+    """The same tensors through the address kernels and through the array ones (the checked path, which an eps of
+    type np.float64 takes): bit-identical outputs and gradients."""
+    by_address = _run_all(dtype)
+    assert any(k[-1] == ADDRESS for k in address_spy)
+    address_spy.clear()
+    by_arrays = _run_all(dtype, eps=np.float64(1e-5))
+    assert address_spy and not any(k[-1] == ADDRESS for k in address_spy)
+    assert len(by_address) == len(by_arrays) == 20
+    for i, (a, b) in enumerate(zip(by_address, by_arrays)):
+        assert a.dtype == b.dtype == dtype and a.numpy().tobytes() == b.numpy().tobytes(), i
+
+
+def test_negative_views_are_not_read_by_address():
+    """A tensor with the negative bit (torch._neg_view) holds its values' negatives in memory: the calls that
+    would go by address take the checked path, which reads the values."""
+    g = torch.Generator().manual_seed(1)
+    x, w, b = torch.randn(3, 4, 5, generator=g), torch.randn(5, generator=g), torch.randn(5, generator=g)
+    F = torch.nn.functional
+    neg = torch._neg_view
+    assert neg(x).is_neg() and neg(x).is_contiguous()
+    torch.testing.assert_close(nt.layer_norm(neg(x), (5,), w, b), F.layer_norm(-x, (5,), w, b))
+    torch.testing.assert_close(nt.layer_norm(x, (5,), neg(w), b), F.layer_norm(x, (5,), -w, b))
+    torch.testing.assert_close(nt.rms_norm(x, (5,), neg(w)), F.rms_norm(x, (5,), -w))
+    torch.testing.assert_close(nt.group_norm(neg(x), 2, neg(w[:4]), b[:4]), F.group_norm(-x, 2, -w[:4], b[:4]))
+    rm, rv = torch.randn(4, generator=g), torch.rand(4, generator=g) + 0.5
+    torch.testing.assert_close(nt.batch_norm(x, neg(rm), rv, None, None, False),
+                               F.batch_norm(x, -rm, rv, None, None, False))
+    dy = torch.randn(x.shape, generator=g)
+    xg = neg(x).requires_grad_()  # a leaf neg view: its gradient too
+    nt.batch_norm(xg, None, None, w[:4], b[:4], True).backward(dy)
+    xr = (-x).requires_grad_()
+    F.batch_norm(xr, None, None, w[:4], b[:4], True).backward(dy)
+    torch.testing.assert_close(xg.grad, xr.grad)
