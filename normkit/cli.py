@@ -35,13 +35,14 @@ def list_command() -> None:
         for op, directions in ops.items():
             parts = [f"{d} ({', '.join(dts)})" for d, dts in directions.items()]
             click.echo(f"    {op}: {'; '.join(parts)}")
-        channels_last: dict[str, dict[str, None]] = {}
-        cl_dtypes: dict[str, dict[str, None]] = {}
-        for op, direction, dtype, _layout in row.channels_last:
-            channels_last.setdefault(op, {})[direction] = None
-            cl_dtypes.setdefault(op, {})[dtype] = None
-        for op, directions in channels_last.items():
-            click.echo(f"    {op} channels-last ({', '.join(cl_dtypes[op])}): {', '.join(directions)}")
+        for label, keys in (("channels-last", row.channels_last), ("by address", row.addresses)):
+            directions: dict[str, dict[str, None]] = {}
+            dtypes: dict[str, dict[str, None]] = {}
+            for op, direction, dtype, _kind in keys:
+                directions.setdefault(op, {})[direction] = None
+                dtypes.setdefault(op, {})[dtype] = None
+            for op, names in directions.items():
+                click.echo(f"    {op} {label} ({', '.join(dtypes[op])}): {', '.join(names)}")
     click.echo(f"dispatch order: {', '.join(registry.get_backend_order())}")
 
 

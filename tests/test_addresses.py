@@ -251,3 +251,14 @@ def test_negative_views_are_not_read_by_address():
     xr = (-x).requires_grad_()
     F.batch_norm(xr, None, None, w[:4], b[:4], True).backward(dy)
     torch.testing.assert_close(xg.grad, xr.grad)
+
+
+def test_list_shows_the_address_kernels():
+    from click.testing import CliRunner
+
+    from normkit.cli import main
+
+    listing = CliRunner().invoke(main, ["list"]).output
+    assert "batchnorm by address (float32, float64): backward, forward, forward_infer" in listing
+    assert "rmsnorm by address (float32, float64): backward, forward" in listing
+    assert listing.count(" by address (") == 5  # cython's only

@@ -247,7 +247,7 @@ cdef int _check(Py_ssize_t n, Py_ssize_t c, Py_ssize_t s, Py_ssize_t num_groups,
     # what can be checked without the arrays: the shapes against each other, data addresses not NULL
     if n < 1 or c < 1 or s < 1 or num_groups < 1 or c % num_groups or x == 0 or out == 0:
         raise ValueError(f"address kernel: bad shape ({n}, {c}, {s}) / groups {num_groups} or a NULL data address")
-    if (mean_shape[0], mean_shape[1]) != (n, num_groups) or (rstd_shape[0], rstd_shape[1]) != (n, num_groups):
+    if mean_shape[0] != n or mean_shape[1] != num_groups or rstd_shape[0] != n or rstd_shape[1] != num_groups:
         raise ValueError(f"address kernel: mean and rstd must be ({n}, {num_groups}), got "
                          f"({mean_shape[0]}, {mean_shape[1]}) and ({rstd_shape[0]}, {rstd_shape[1]})")
     return 0
