@@ -126,17 +126,15 @@ def _plain(x: Tensor, pshape: tuple, *tensors) -> bool:
     """Whether a call is the common case, which the eager path runs in the fewest Python steps: ``x`` (of type
     exactly ``torch.Tensor``: the caller checks, before it takes ``pshape`` from x's shape) a contiguous CPU tensor
     of a kernel dtype with values, and every other tensor None or a contiguous CPU tensor of shape ``pshape`` and
-    x's dtype (for 16-bit x: all of them x's dtype or all float32, autocast's case), none of them a negative view
-    (``torch._neg_view``: its memory holds the values' negatives, which the address kernels would read as they
-    are). What it accepts the checks accept, so it stands for them; anything else takes the general path, whose
-    checks name what is wrong.
+    x's dtype (for 16-bit x: all of them x's dtype or all float32, autocast's case). What it accepts the checks
+    accept, so it stands for them; anything else takes the general path, whose checks name what is wrong.
 
     Why it matters: in a model each norm call comes right after a convolution or a matmul that has evicted the
     interpreter's data from the caches, and there every Python step of the general path costs several µs (a
     BatchNorm2d eval call at (32, 128, 7, 7) right after a convolution paid ~70 µs of Python where a loop of calls
     pays ~10; ``python benchmarks/test_overhead.py``, its last table, times calls in that context)."""
     dtype = x.dtype
-    if dtype not in _KERNEL_DTYPES or not x.is_cpu or not x.is_contiguous() or not x.numel() or x.is_neg():
+    if dtype not in _KERNEL_DTYPES or not x.is_cpu or not x.is_contiguous() or not x.numel():
         return False
     if dtype in _HALF:  # the parameters' dtype: of the first one given, x's or float32
         for t in tensors:
@@ -147,7 +145,7 @@ def _plain(x: Tensor, pshape: tuple, *tensors) -> bool:
             return False
     for t in tensors:
         if t is not None and not (isinstance(t, Tensor) and t.dtype == dtype and t.shape == pshape and t.is_cpu
-                                  and t.is_contiguous() and not t.is_neg()):
+                                  and t.is_contiguous()):
             return False
     return True
 
@@ -294,7 +292,8 @@ def _forward(spec: OpSpec, x: Tensor, weight, bias, eps: float, groups: int, ksh
     layout, copies and 16-bit views need no look."""
     direction = "forward" if running_mean is None else "forward_infer"
     if plain:
-        if act is None and (running_mean is None or not save):
+        if act is None and (running_mean is None or not save) and not _negative(x, weight, bias, running_mean,
+                                                                                 running_var):
             kernel = registry.lookup_address(spec.name, direction, _KERNEL_DTYPES[x.dtype], backend)
             if kernel is not None:
                 return _forward_by_address(kernel, spec, x, weight, bias, eps, groups, kshape, running_mean,
@@ -358,6 +357,16 @@ def _forward(spec: OpSpec, x: Tensor, weight, bias, eps: float, groups: int, ksh
     return y, mean, rstd
 
 
+def _negative(*tensors) -> bool:
+    """Whether a tensor (None: no) is a negative view (``torch._neg_view``): its memory holds the values' negatives,
+    which an address kernel would read as they are (a NumPy view, ``numpy(force=True)``, resolves them). Eager only:
+    torch.compile cannot trace ``is_neg``."""
+    for t in tensors:
+        if t is not None and t.is_neg():
+            return True
+    return False
+
+
 def _forward_by_address(kernel, spec: OpSpec, x: Tensor, weight, bias, eps: float, groups: int, kshape: tuple,
                         running_mean, running_var) -> tuple[Tensor, Optional[np.ndarray], Optional[np.ndarray]]:
     """:func:`_forward` of a call that passed :func:`_plain` (so every tensor is contiguous, of the shape and dtype
@@ -391,7 +400,8 @@ def _backward(spec: OpSpec, dy: Tensor, x: Tensor, mean: np.ndarray, rstd: np.nd
     (index, slope), whose derivative the kernel recomputes from x, the statistics, weight and ``bias``.
     ``plain``: x and weight passed :func:`_plain` in forward (dy, autograd's, has x's shape and dtype)."""
     direction = "backward" if batch_stats else "backward_infer"
-    if plain and act is None and dy.is_contiguous() and dy.dtype == x.dtype and dy.shape == x.shape:
+    if plain and act is None and dy.is_contiguous() and dy.dtype == x.dtype and dy.shape == x.shape \
+            and not _negative(dy, x, weight):
         kernel = registry.lookup_address(spec.name, direction, _KERNEL_DTYPES[x.dtype], backend)
         if kernel is not None:
             return _backward_by_address(kernel, spec, dy, x, mean, rstd, weight, groups, kshape, pshape, weight_grad,
