@@ -165,9 +165,10 @@ def address_spy(register):
     return calls
 
 
-def _run_all(dtype=torch.float32, channels_last=False, activation=None, eps=1e-5):
+def _run_all(dtype=torch.float32, channels_last=False, activation=None, strided=False):
     """Forward and backward of every op on small tensors through backend "aspy", and BatchNorm inference; returns
-    the outputs and gradients. An ``eps`` that is not a Python float takes the checked (array kernel) path."""
+    the outputs and gradients. ``strided``: the parameters and running statistics as non-contiguous views of the
+    same values, which take the array kernels."""
     g = torch.Generator().manual_seed(0)
     out = []
     x4 = torch.randn(2, 6, 3, 5, generator=g, dtype=torch.float32).to(dtype)
@@ -178,7 +179,8 @@ def _run_all(dtype=torch.float32, channels_last=False, activation=None, eps=1e-5
     w12, b12 = torch.randn(12, generator=g), torch.randn(12, generator=g)
     if dtype == torch.float64:
         w6, b6, w12, b12 = w6.double(), b6.double(), w12.double(), b12.double()
-    kw = {"backend": "aspy", "eps": eps}
+    kw = {"backend": "aspy"}
+    view = (lambda p: torch.stack([p, p], 1)[:, 0]) if strided else (lambda p: p)  # noqa: E731
     act = {} if activation is None else {"activation": activation}
     cases = [
         (x4, (w6, b6), lambda x, w, b: nt.group_norm(x, 3, w, b, **kw, **act)),
@@ -190,11 +192,11 @@ def _run_all(dtype=torch.float32, channels_last=False, activation=None, eps=1e-5
         cases.append((x3, (w12,), lambda x, w: nt.rms_norm(x, (12,), w, **kw)))
     for x, params, f in cases:
         leaves = [t.detach().clone().requires_grad_() for t in (x, *params)]
-        y = f(*leaves)
+        y = f(leaves[0], *map(view, leaves[1:]))
         y.backward(torch.randn(y.shape, generator=g).to(y.dtype))
         out.extend([y.detach(), *(t.grad for t in leaves)])
     rm, rv = torch.randn(6, generator=g).to(w6.dtype), torch.rand(6, generator=g).to(w6.dtype) + 0.5
-    out.append(nt.batch_norm(x4, rm, rv, w6, b6, False, **kw, **act))
+    out.append(nt.batch_norm(x4, view(rm), view(rv), view(w6), view(b6), False, **kw, **act))
     return out
 
 
@@ -211,23 +213,32 @@ def test_torch_goes_by_address_exactly_where_it_may(address_spy):
         _run_all(**kwargs)
         assert address_spy and not addr(), kwargs  # the array kernels, as before
     address_spy.clear()
-    _run_all(channels_last=True)  # the channel ops' input: the row ops' stays contiguous
-    assert addr() == [("layernorm", "backward"), ("layernorm", "forward"), ("rmsnorm", "backward"),
+    _run_all(strided=True)
+    assert address_spy and not addr()
+    address_spy.clear()
+    _run_all(channels_last=True)  # BatchNorm on the columns view; GroupNorm / InstanceNorm by their own kernels
+    assert addr() == [("batchnorm", "backward"), ("batchnorm", "forward"), ("batchnorm", "forward_infer"),
+                      ("layernorm", "backward"), ("layernorm", "forward"), ("rmsnorm", "backward"),
                       ("rmsnorm", "forward")]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_torch_by_address_gives_the_array_kernels_results(address_spy, dtype):
-    """The same tensors through the address kernels and through the array ones (the checked path, which an eps of
-    type np.float64 takes): bit-identical outputs and gradients."""
-    by_address = _run_all(dtype)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_torch_by_address_gives_the_array_kernels_results(address_spy, dtype, channels_last):
+    """The same values through the address kernels and through the array ones (parameters given as strided views):
+    bit-identical outputs and gradients, in the input's memory format."""
+    by_address = _run_all(dtype, channels_last)
     assert any(k[-1] == ADDRESS for k in address_spy)
     address_spy.clear()
-    by_arrays = _run_all(dtype, eps=np.float64(1e-5))
+    by_arrays = _run_all(dtype, channels_last, strided=True)
     assert address_spy and not any(k[-1] == ADDRESS for k in address_spy)
     assert len(by_address) == len(by_arrays) == 20
     for i, (a, b) in enumerate(zip(by_address, by_arrays)):
-        assert a.dtype == b.dtype == dtype and a.numpy().tobytes() == b.numpy().tobytes(), i
+        assert a.dtype == b.dtype == dtype and a.stride() == b.stride(), i
+        assert a.numpy().tobytes() == b.numpy().tobytes(), i
+    if channels_last:  # y and dx of the channel ops stay channels-last
+        assert by_address[4].is_contiguous(memory_format=torch.channels_last) and not by_address[4].is_contiguous()
+        assert by_address[5].is_contiguous(memory_format=torch.channels_last) and not by_address[5].is_contiguous()
 
 
 def test_negative_views_are_not_read_by_address():
@@ -245,6 +256,11 @@ def test_negative_views_are_not_read_by_address():
     rm, rv = torch.randn(4, generator=g), torch.rand(4, generator=g) + 0.5
     torch.testing.assert_close(nt.batch_norm(x, neg(rm), rv, None, None, False),
                                F.batch_norm(x, -rm, rv, None, None, False))
+    x4 = torch.randn(2, 4, 3, 5, generator=g).contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(nt.batch_norm(neg(x4), rm, rv, w[:4], b[:4], False),
+                               F.batch_norm(-x4, rm, rv, w[:4], b[:4], False))
+    torch.testing.assert_close(nt.batch_norm(x4, neg(rm), rv, None, None, False),
+                               F.batch_norm(x4, -rm, rv, None, None, False))
     dy = torch.randn(x.shape, generator=g)
     xg = neg(x).requires_grad_()  # a leaf neg view: its gradient too
     nt.batch_norm(xg, None, None, w[:4], b[:4], True).backward(dy)

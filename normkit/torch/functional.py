@@ -306,6 +306,11 @@ def _forward(spec: OpSpec, x: Tensor, weight, bias, eps: float, groups: int, ksh
         else:
             xa, ya = x.numpy(force=True).reshape(kshape), y.numpy().reshape(kshape)
     elif _is_nhwc(spec, x):
+        kernel = _columns_by_address(spec, direction, x, backend, act, weight, bias, running_mean, running_var) \
+            if running_mean is None or not save else None
+        if kernel is not None:  # the (N*S, C, 1) columns are x's own memory: no views to make
+            return _forward_by_address(kernel, spec, x, weight, bias, eps, groups, _columns(kshape), running_mean,
+                                       running_var, torch.empty_like(x))
         kernel = _nhwc_kernel(spec, direction, x, backend, act)
         if kernel is None:  # no channels-last kernel: the NCHW one on a copy, y handed back channels-last
             y, mean, rstd = _forward(spec, x.contiguous(), weight, bias, eps, groups, kshape, running_mean,
@@ -357,6 +362,30 @@ def _forward(spec: OpSpec, x: Tensor, weight, bias, eps: float, groups: int, ksh
     return y, mean, rstd
 
 
+def _columns(kshape: tuple) -> tuple:
+    """The kernel shape (N*S, C, 1) of the columns view of channels-last data whose (N, C, S) shape is kshape."""
+    return (kshape[0] * kshape[2], kshape[1], 1)
+
+
+def _columns_by_address(spec: OpSpec, direction: str, x: Tensor, backend, act, *tensors):
+    """For channels-last ``x``: the address kernel of a per-channel direction, to run on the (N*S, C, 1) columns
+    view (contract.on_columns: the same memory), or None. None without one, with a fused activation, when the
+    backend with channels-last kernels for it is another than the NCHW one (then its own kernel runs), or when a
+    tensor (weight, bias, running statistics) is not contiguous of x's dtype or any is a negative view; the shapes
+    were checked already."""
+    if act is not None or not spec.per_channel(direction) or _negative(x, *tensors):
+        return None
+    for t in tensors:
+        if t is not None and (t.dtype != x.dtype or not t.is_contiguous()):
+            return None
+    dtype = _KERNEL_DTYPES[x.dtype]
+    kernel = registry.lookup_address(spec.name, direction, dtype, backend)
+    if kernel is None:
+        return None
+    own = registry.lookup(spec.name, direction, dtype, backend, NHWC)
+    return kernel if own is None or own[0] == registry.lookup(spec.name, direction, dtype, backend)[0] else None
+
+
 def _negative(*tensors) -> bool:
     """Whether a tensor (None: no) is a negative view (``torch._neg_view``): its memory holds the values' negatives,
     which an address kernel would read as they are (a NumPy view, ``numpy(force=True)``, resolves them). Eager only:
@@ -368,10 +397,13 @@ def _negative(*tensors) -> bool:
 
 
 def _forward_by_address(kernel, spec: OpSpec, x: Tensor, weight, bias, eps: float, groups: int, kshape: tuple,
-                        running_mean, running_var) -> tuple[Tensor, Optional[np.ndarray], Optional[np.ndarray]]:
-    """:func:`_forward` of a call that passed :func:`_plain` (so every tensor is contiguous, of the shape and dtype
-    its kernel takes), by the direction's address kernel (see normkit.contract). Inference saves nothing here."""
-    y = torch.empty_like(x, memory_format=_DENSE)
+                        running_mean, running_var,
+                        y: Optional[Tensor] = None) -> tuple[Tensor, Optional[np.ndarray], Optional[np.ndarray]]:
+    """:func:`_forward` of a call whose tensors are dense, of the shapes and dtype its kernel takes (a call that
+    passed :func:`_plain`, or :func:`_columns_by_address`'s), by the direction's address kernel (see
+    normkit.contract); ``y``: the output, if not a new contiguous one. Inference saves nothing here."""
+    if y is None:
+        y = torch.empty_like(x, memory_format=_DENSE)
     w = 0 if weight is None else weight.data_ptr()
     b = 0 if bias is None else bias.data_ptr()
     if running_mean is not None:
@@ -424,6 +456,10 @@ def _backward(spec: OpSpec, dy: Tensor, x: Tensor, mean: np.ndarray, rstd: np.nd
             return torch.empty_like(x).copy_(dx), dw, db
         if dy.stride() != x.stride():
             dy = torch.empty_like(x).copy_(dy)
+        by_address = None if dy.is_neg() else _columns_by_address(spec, direction, x, backend, act, weight)
+        if by_address is not None:  # dy has x's strides: its columns too
+            return _backward_by_address(by_address, spec, dy, x, mean, rstd, weight, groups, _columns(kshape), pshape,
+                                        weight_grad, bias_grad, torch.empty_like(x))
         return _run_backward(kernel, spec, _nsc(dy, kshape), _nsc(x, kshape), torch.empty_like(x),
                              lambda t: _nsc(t, kshape), mean, rstd, weight, groups, pshape, weight_grad, bias_grad)
     dy, x = _contiguous(dy), _contiguous(x)
@@ -434,11 +470,13 @@ def _backward(spec: OpSpec, dy: Tensor, x: Tensor, mean: np.ndarray, rstd: np.nd
 
 
 def _backward_by_address(kernel, spec: OpSpec, dy: Tensor, x: Tensor, mean, rstd, weight, groups: int, kshape: tuple,
-                         pshape: tuple, weight_grad: bool,
-                         bias_grad: bool) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+                         pshape: tuple, weight_grad: bool, bias_grad: bool,
+                         dx: Optional[Tensor] = None) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
     """:func:`_backward` of a call whose forward passed :func:`_plain` and whose dy is contiguous with x's shape and
-    dtype, by the direction's address kernel. dweight and dbias are torch's (64-byte aligned, as in torch)."""
-    dx = torch.empty_like(x, memory_format=_DENSE)
+    dtype (or, channels-last, :func:`_columns_by_address`'s), by the direction's address kernel; ``dx``: the input
+    gradient, if not a new contiguous one. dweight and dbias are torch's (64-byte aligned, as in torch)."""
+    if dx is None:
+        dx = torch.empty_like(x, memory_format=_DENSE)
     sdt = _STAT_DTYPES[x.dtype]
     dw = torch.empty(pshape, dtype=sdt) if weight_grad else None
     w, dwp = 0 if weight is None else weight.data_ptr(), 0 if dw is None else dw.data_ptr()
