@@ -243,19 +243,24 @@ cdef void _forward(const floating[:, ::1] x, const floating[::1] weight, const f
                   NULL if bias is None else &bias[0], eps, act, slope, &y[0, 0], &mean[0], &rstd[0])
 
 
+cdef const floating* _or_filled(const floating* p, Py_ssize_t k, double value, list keep):
+    """p, or when it is NULL a row of k ``value``s (kept alive in ``keep``): missing parameters become ones and
+    zeros, so that one loop serves every combination."""
+    cdef floating[::1] row
+    if p != NULL:
+        return p
+    row = np.full(k, value, np.float32 if floating is float else np.float64)
+    keep.append(row)
+    return &row[0]
+
+
 cdef void _forward_rows(const floating* xp, Py_ssize_t m, Py_ssize_t k, const floating* w, const floating* b,
                         double eps, int act, double slope, floating* yp, floating* mp, floating* rp):
     cdef Py_ssize_t i
-    cdef floating[::1] ones, zeros
     cdef int nt = threads_for(m * k, _nthreads, _serial_max)
-    # missing parameters become ones and zeros, so that one loop serves every combination
-    dtype = np.float32 if floating is float else np.float64
-    if w == NULL:
-        ones = np.ones(k, dtype)
-        w = &ones[0]
-    if b == NULL:
-        zeros = np.zeros(k, dtype)
-        b = &zeros[0]
+    keep = []
+    w = _or_filled(w, k, 1.0, keep)
+    b = _or_filled(b, k, 0.0, keep)
     cdef bint stream = m * k * <Py_ssize_t>sizeof(floating) >= _stream_min
     for i in prange(m, nogil=True, schedule="static", num_threads=nt):
         _forward_row(xp + i * k, yp + i * k, k, w, b, eps, act, slope, stream, mp + i, rp + i)
@@ -285,7 +290,6 @@ cdef void _backward_rows(const floating* dyp, const floating* xp, Py_ssize_t m, 
                          floating* dxp, floating* dweight, floating* dbias):
     cdef Py_ssize_t i, j, t, per_block, blocks, tiles, n
     cdef bint params = dweight != NULL or dbias != NULL
-    cdef floating[::1] ones, zeros
     cdef floating* acc  # float accumulators of the parameter gradients, weight then bias
     cdef double[::1] buf
     cdef double* grads  # weight gradients, then bias gradients: 2k doubles
@@ -293,13 +297,9 @@ cdef void _backward_rows(const floating* dyp, const floating* xp, Py_ssize_t m, 
     cdef double sg, sgx, cb, cc
     cdef int nt = threads_for(m * k, _nthreads, _serial_max)
     cdef bint stream = m * k * <Py_ssize_t>sizeof(floating) >= _stream_min
-    dtype = np.float32 if floating is float else np.float64
-    if w == NULL:
-        ones = np.ones(k, dtype)
-        w = &ones[0]
-    if b == NULL:
-        zeros = np.zeros(k, dtype)
-        b = &zeros[0]
+    keep = []
+    w = _or_filled(w, k, 1.0, keep)
+    b = _or_filled(b, k, 0.0, keep)
     if not params:
         blocks = min(m, MAX_BLOCKS)
         per_block = (m + blocks - 1) // blocks
