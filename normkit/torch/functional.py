@@ -292,10 +292,9 @@ def _forward(spec: OpSpec, x: Tensor, weight, bias, eps: float, groups: int, ksh
     layout, copies and 16-bit views need no look."""
     direction = "forward" if running_mean is None else "forward_infer"
     if plain:
-        if act is None and (running_mean is None or not save) and not _negative(x, weight, bias, running_mean,
-                                                                                 running_var):
+        if act is None and (running_mean is None or not save):
             kernel = registry.lookup_address(spec.name, direction, _KERNEL_DTYPES[x.dtype], backend)
-            if kernel is not None:
+            if kernel is not None and not _negative(x, weight, bias, running_mean, running_var):
                 return _forward_by_address(kernel, spec, x, weight, bias, eps, groups, kshape, running_mean,
                                            running_var)
         kernel = registry.lookup(spec.name, direction, _KERNEL_DTYPES[x.dtype], backend)[1] if act is None else \
@@ -373,15 +372,15 @@ def _columns_by_address(spec: OpSpec, direction: str, x: Tensor, backend, act, *
     backend with channels-last kernels for it is another than the NCHW one (then its own kernel runs), or when a
     tensor (weight, bias, running statistics) is not contiguous of x's dtype or any is a negative view; the shapes
     were checked already."""
-    if act is not None or not spec.per_channel(direction) or _negative(x, *tensors):
+    if act is not None or not spec.per_channel(direction):
+        return None
+    dtype = _KERNEL_DTYPES[x.dtype]
+    kernel = registry.lookup_address(spec.name, direction, dtype, backend)  # cached: cheaper than the looks below
+    if kernel is None or _negative(x, *tensors):
         return None
     for t in tensors:
         if t is not None and (t.dtype != x.dtype or not t.is_contiguous()):
             return None
-    dtype = _KERNEL_DTYPES[x.dtype]
-    kernel = registry.lookup_address(spec.name, direction, dtype, backend)
-    if kernel is None:
-        return None
     own = registry.lookup(spec.name, direction, dtype, backend, NHWC)
     return kernel if own is None or own[0] == registry.lookup(spec.name, direction, dtype, backend)[0] else None
 
@@ -432,10 +431,9 @@ def _backward(spec: OpSpec, dy: Tensor, x: Tensor, mean: np.ndarray, rstd: np.nd
     (index, slope), whose derivative the kernel recomputes from x, the statistics, weight and ``bias``.
     ``plain``: x and weight passed :func:`_plain` in forward (dy, autograd's, has x's shape and dtype)."""
     direction = "backward" if batch_stats else "backward_infer"
-    if plain and act is None and dy.is_contiguous() and dy.dtype == x.dtype and dy.shape == x.shape \
-            and not _negative(dy, x, weight):
+    if plain and act is None and dy.is_contiguous() and dy.dtype == x.dtype and dy.shape == x.shape:
         kernel = registry.lookup_address(spec.name, direction, _KERNEL_DTYPES[x.dtype], backend)
-        if kernel is not None:
+        if kernel is not None and not _negative(dy, x, weight):
             return _backward_by_address(kernel, spec, dy, x, mean, rstd, weight, groups, kshape, pshape, weight_grad,
                                         bias_grad)
     if plain and dy.is_contiguous():
