@@ -117,7 +117,7 @@ LARGE = [
     ("layernorm", (300, 1000), {}),
     ("layernorm", (2051, 300), {}),  # blocks of 33 rows: row quads, a leftover row, flushes inside a block
     ("layernorm", (3, 5, 4097), {"ln_dims": 1}),
-    ("layernorm", (31, 70000), {}),  # long rows: the numba backward's column-block path; an odd row count
+    ("layernorm", (31, 70000), {}),  # long rows: the backward's column-block path; an odd row count
     ("instancenorm", (2, 4, 129, 65), {}),
     ("instancenorm", (8, 96, 7, 7), {}),  # many sets of runs shorter than numba's vector loop
     ("instancenorm", (1, 1, 100000), {}),
@@ -240,7 +240,8 @@ def test_non_contiguous_input(backend, rng):
 # tiles of rows) and in tasks of whole channels
 THREAD_CASES = [("batchnorm", (64, 3, 40, 40)), ("batchnorm", (301, 5, 2, 3)), ("batchnorm", (4096, 16)),
                 ("batchnorm", (32, 100, 3, 3)),
-                ("layernorm", (64, 3, 40, 40)), ("instancenorm", (8, 16, 33, 31)), ("groupnorm", (8, 16, 33, 31))]
+                ("layernorm", (64, 3, 40, 40)), ("layernorm", (7, 70000)),  # long rows: groups of rows, a row pair
+                ("instancenorm", (8, 16, 33, 31)), ("groupnorm", (8, 16, 33, 31))]
 
 
 @pytest.mark.parametrize("op,shape", THREAD_CASES, ids=str)

@@ -3,9 +3,12 @@
 
 Rows are independent tasks. The parameter gradients sum over rows; to stay independent of the thread count they
 are summed per fixed block of rows (blocks depend on the shape only) and the blocks merged in order. Rows too long
-for per-block partial sums (K > LONG_ROW) are instead processed one at a time, split into tiles of columns: one
-parallel pass for the row's sums (merged in tile order), one for dx and the parameter gradients, which then
-accumulate in row order while the row is still in cache.
+for per-block partial sums (K > LONG_ROW) are instead processed in groups of rows that stay in the last-level cache
+between two parallel passes: one for the rows' sums, by (row, tile of columns) items merged in tile order; one for
+dx and the parameter gradients, by blocks of columns, each adding the group's rows in row order (two rows per loop
+where no activation is fused, so that the accumulators are loaded once per pair). (Float32 (32, 200704) on two
+threads: 5.2-5.9 -> 4.6-5.7 ms, the same as the Numba kernel, which has this schedule; the earlier one row at a
+time, its tiles in parallel, was 15% slower.)
 
 Fused activation (the act_ directions): the activation is applied to each chunk of y as it is written; backward
 recomputes z = xhat * w + b chunk by chunk in each of its passes over a row and uses g = dy * act'(z) for dy.
@@ -40,6 +43,10 @@ cdef Py_ssize_t BLOCK_ROWS = 16
 cdef Py_ssize_t FEW_BLOCKS = 4
 cdef Py_ssize_t LONG_ROW = 1 << 16
 cdef Py_ssize_t TILE = 4096
+# Long rows go in groups of rows whose dy and x fit this many bytes (in the last-level cache between the two passes
+# over them), and their dx pass by blocks of COLUMNS columns (whose parameter-gradient accumulators stay in L1).
+cdef Py_ssize_t GROUP_BYTES = 4 << 20
+cdef Py_ssize_t COLUMNS = 2048
 # Parameter-gradient terms summed in the data's precision before they are added to the double sums.
 cdef Py_ssize_t FLUSH = 16
 
@@ -147,6 +154,90 @@ cdef void _add_param_grads(const floating* dy, const floating* x, Py_ssize_t k, 
         accb[j] += g
 
 
+cdef extern from *:
+    # _row_dx and _add_param_grads in one loop, which loads dy and x once. Written in C for ``restrict``: without
+    # it, gcc's run-time overlap checks for six pointers exceed its limit and the loop stays scalar (2x slower).
+    """
+    #define NORMKIT_LN_DX_GRADS(NAME, T)                                                                   \
+        static inline void NAME(const T* restrict dy, const T* restrict x, T* restrict dx, Py_ssize_t k,   \
+                                const T* restrict w, T m, T r, T b, T c, T* restrict accw,                 \
+                                T* restrict accb) {                                                        \
+            for (Py_ssize_t j = 0; j < k; j++) {                                                           \
+                T g = dy[j], xm = x[j] - m;                                                                \
+                dx[j] = r * w[j] * g + b * xm + c;                                                         \
+                accw[j] += g * (xm * r);                                                                   \
+                accb[j] += g;                                                                              \
+            }                                                                                              \
+        }
+    #define NORMKIT_LN_DX_GRADS2(NAME, T)                                                                  \
+        static inline void NAME(const T* restrict dy, const T* restrict x, T* restrict dx, Py_ssize_t k,   \
+                                const T* restrict w, T m, T r, T b, T c, const T* restrict dy2,             \
+                                const T* restrict x2, T* restrict dx2, T m2, T r2, T b2, T c2,              \
+                                T* restrict accw, T* restrict accb) {                                      \
+            for (Py_ssize_t j = 0; j < k; j++) {                                                           \
+                T g = dy[j], xm = x[j] - m, g2 = dy2[j], xm2 = x2[j] - m2, wj = w[j];                     \
+                dx[j] = r * wj * g + b * xm + c;                                                           \
+                dx2[j] = r2 * wj * g2 + b2 * xm2 + c2;                                                     \
+                accw[j] += g * (xm * r) + g2 * (xm2 * r2);                                                 \
+                accb[j] += g + g2;                                                                         \
+            }                                                                                              \
+        }
+    NORMKIT_LN_DX_GRADS(normkit_ln_dx_grads_f, float)
+    NORMKIT_LN_DX_GRADS(normkit_ln_dx_grads_d, double)
+    NORMKIT_LN_DX_GRADS2(normkit_ln_dx_grads2_f, float)
+    NORMKIT_LN_DX_GRADS2(normkit_ln_dx_grads2_d, double)
+    """
+    void normkit_ln_dx_grads_f(const float* dy, const float* x, float* dx, Py_ssize_t k, const float* w, float m,
+                               float r, float b, float c, float* accw, float* accb) noexcept nogil
+    void normkit_ln_dx_grads_d(const double* dy, const double* x, double* dx, Py_ssize_t k, const double* w,
+                               double m, double r, double b, double c, double* accw, double* accb) noexcept nogil
+    void normkit_ln_dx_grads2_f(const float* dy, const float* x, float* dx, Py_ssize_t k, const float* w, float m,
+                                float r, float b, float c, const float* dy2, const float* x2, float* dx2, float m2,
+                                float r2, float b2, float c2, float* accw, float* accb) noexcept nogil
+    void normkit_ln_dx_grads2_d(const double* dy, const double* x, double* dx, Py_ssize_t k, const double* w,
+                                double m, double r, double b, double c, const double* dy2, const double* x2,
+                                double* dx2, double m2, double r2, double b2, double c2, double* accw,
+                                double* accb) noexcept nogil
+
+
+cdef inline void _row_dx_grads(const floating* dy, const floating* x, floating* dx, Py_ssize_t k,
+                               const floating* w, double mean, double rstd, double cb, double cc, floating* accw,
+                               floating* accb) noexcept nogil:
+    """_row_dx, then _add_param_grads, fused (dx must not overlap the other arrays)."""
+    if floating is float:
+        normkit_ln_dx_grads_f(dy, x, dx, k, w, <float>mean, <float>rstd, <float>cb, <float>cc, accw, accb)
+    else:
+        normkit_ln_dx_grads_d(dy, x, dx, k, w, mean, rstd, cb, cc, accw, accb)
+
+
+cdef void _rows_dx_grads(const floating* dy, const floating* x, floating* dx, Py_ssize_t k, Py_ssize_t ld,
+                         const floating* w, const floating* mean, const floating* rstd, const double* coef,
+                         Py_ssize_t i0, Py_ssize_t i1, Py_ssize_t m, floating* accw, floating* accb,
+                         double* gw, double* gb) noexcept nogil:
+    """dx and the parameter-gradient terms of rows i0..i1-1 (i0 even) over one run of k columns (rows ld apart;
+    coef: each row's cb, cc from i0 on), two rows per loop: the accumulators are loaded once per pair. They flush
+    into gw, gb after every FLUSH rows (FLUSH is even, so a pair never straddles a flush)."""
+    cdef Py_ssize_t i, o, last
+    cdef const double* c
+    for i in range(i0, i1, 2):
+        o = i * ld
+        c = coef + 2 * (i - i0)
+        if i + 1 < i1:
+            if floating is float:
+                normkit_ln_dx_grads2_f(dy + o, x + o, dx + o, k, w, mean[i], rstd[i], <float>c[0], <float>c[1],
+                                       dy + o + ld, x + o + ld, dx + o + ld, mean[i + 1], rstd[i + 1],
+                                       <float>c[2], <float>c[3], accw, accb)
+            else:
+                normkit_ln_dx_grads2_d(dy + o, x + o, dx + o, k, w, mean[i], rstd[i], c[0], c[1], dy + o + ld,
+                                       x + o + ld, dx + o + ld, mean[i + 1], rstd[i + 1], c[2], c[3], accw, accb)
+        else:
+            _row_dx_grads(dy + o, x + o, dx + o, k, w, mean[i], rstd[i], c[0], c[1], accw, accb)
+        last = min(i + 1, i1 - 1)
+        if last % FLUSH == FLUSH - 1 or last == m - 1:
+            _flush(accw, gw, k)
+            _flush(accb, gb, k)
+
+
 cdef void _flush(floating* acc, double* out, Py_ssize_t n) noexcept nogil:
     cdef Py_ssize_t j
     for j in range(n):
@@ -160,6 +251,9 @@ cdef inline void _row_run(const floating* g, const floating* x, floating* dx, Py
     """The steps of one backward pass over a run of a row, with g for dy: g's parameter-gradient terms into accw,
     accb (unless NULL, _add_param_grads), g * w's sums into sg, sgx (unless NULL, grad_sums), then dx (unless
     NULL, _row_dx with cb, cc; with stream, by non-temporal stores)."""
+    if accw != NULL and dx != NULL and not stream:
+        _row_dx_grads(g, x, dx, n, w, mean, rstd, cb, cc, accw, accb)
+        return
     if accw != NULL:
         _add_param_grads(g, x, n, mean, rstd, accw, accb)
     if sg != NULL:
@@ -288,12 +382,13 @@ cdef void _backward(const floating[:, ::1] dy, const floating[:, ::1] x, const f
 cdef void _backward_rows(const floating* dyp, const floating* xp, Py_ssize_t m, Py_ssize_t k, const floating* mp,
                          const floating* rp, const floating* w, const floating* b, int act, double slope,
                          floating* dxp, floating* dweight, floating* dbias):
-    cdef Py_ssize_t i, j, t, per_block, blocks, tiles, n
+    cdef Py_ssize_t i, j, t, per_block, blocks, tiles, n, cols, group, q, g0, rows, r
     cdef bint params = dweight != NULL or dbias != NULL
     cdef floating* acc  # float accumulators of the parameter gradients, weight then bias
     cdef double[::1] buf
     cdef double* grads  # weight gradients, then bias gradients: 2k doubles
     cdef double* work
+    cdef double* coef
     cdef double sg, sgx, cb, cc
     cdef int nt = threads_for(m * k, _nthreads, _serial_max)
     cdef bint stream = m * k * <Py_ssize_t>sizeof(floating) >= _stream_min
@@ -310,37 +405,53 @@ cdef void _backward_rows(const floating* dyp, const floating* xp, Py_ssize_t m, 
         return
     if k > LONG_ROW:
         tiles = (k + TILE - 1) // TILE
-        # 2k doubles of gradients, 2 per tile of row sums, then 2k accumulators (in doubles' room)
-        buf = _scratch(2 * k + 2 * tiles + (2 * k * sizeof(floating) + 7) // 8)
+        cols = (k + COLUMNS - 1) // COLUMNS
+        group = min(m, max(2, GROUP_BYTES // (2 * k * <Py_ssize_t>sizeof(floating)) // 2 * 2))  # even
+        # 2k doubles of gradients, 2 per (row, tile) of a group's row sums, 2 coefficients per row of a group,
+        # then 2k accumulators (in doubles' room)
+        buf = _scratch(2 * k + 2 * group * tiles + 2 * group + (2 * k * sizeof(floating) + 7) // 8)
         grads = &buf[0]
         work = grads + 2 * k
-        acc = <floating*>(work + 2 * tiles)
+        coef = work + 2 * group * tiles
+        acc = <floating*>(coef + 2 * group)
         memset(acc, 0, 2 * k * sizeof(floating))
         memset(grads, 0, 2 * k * sizeof(double))
         with nogil:
-            for i in range(m):
-                for t in prange(tiles, schedule="static", num_threads=nt):
+            for q in range((m + group - 1) // group):
+                g0 = q * group
+                rows = min(group, m - g0)
+                # the group's row sums, item t being row t % rows, tile t // rows
+                for t in prange(rows * tiles, schedule="static", num_threads=nt):
+                    i = g0 + t % rows
+                    j = (t // rows) * TILE
                     work[2 * t] = 0.0
                     work[2 * t + 1] = 0.0
-                    _row_pass(dyp + i * k + t * TILE, xp + i * k + t * TILE, NULL, min(TILE, k - t * TILE),
-                              w + t * TILE, b + t * TILE, mp[i], rp[i], act, slope, &work[2 * t], &work[2 * t + 1],
-                              NULL, NULL, 0.0, 0.0, False)
-                sg = 0.0
-                sgx = 0.0
-                for t in range(tiles):
-                    sg = sg + work[2 * t]
-                    sgx = sgx + work[2 * t + 1]
-                _coefficients(sg, sgx, k, rp[i], &cb, &cc)
-                for t in prange(tiles, schedule="static", num_threads=nt):
-                    n = min(TILE, k - t * TILE)
-                    _row_pass(dyp + i * k + t * TILE, xp + i * k + t * TILE, dxp + i * k + t * TILE, n,
-                              w + t * TILE, b + t * TILE, mp[i], rp[i], act, slope, NULL, NULL, acc + t * TILE,
-                              acc + k + t * TILE, cb, cc, stream)
+                    _row_pass(dyp + i * k + j, xp + i * k + j, NULL, min(TILE, k - j), w + j, b + j, mp[i], rp[i],
+                              act, slope, &work[2 * t], &work[2 * t + 1], NULL, NULL, 0.0, 0.0, False)
+                for r in range(rows):
+                    sg = 0.0
+                    sgx = 0.0
+                    for t in range(tiles):
+                        sg = sg + work[2 * (t * rows + r)]
+                        sgx = sgx + work[2 * (t * rows + r) + 1]
+                    _coefficients(sg, sgx, k, rp[g0 + r], &coef[2 * r], &coef[2 * r + 1])
+                # dx and the parameter gradients by blocks of columns, each adding the group's rows in row order
+                for t in prange(cols, schedule="static", num_threads=nt):
+                    j = t * COLUMNS
+                    n = min(COLUMNS, k - j)
+                    if act == NO_ACT and not stream:
+                        _rows_dx_grads(dyp + j, xp + j, dxp + j, n, k, w + j, mp, rp, coef, g0, g0 + rows, m,
+                                       acc + j, acc + k + j, grads + j, grads + k + j)
+                        continue
+                    for r in range(rows):
+                        i = g0 + r
+                        _row_pass(dyp + i * k + j, xp + i * k + j, dxp + i * k + j, n, w + j, b + j, mp[i], rp[i],
+                                  act, slope, NULL, NULL, acc + j, acc + k + j, coef[2 * r], coef[2 * r + 1], stream)
+                        if i % FLUSH == FLUSH - 1 or i == m - 1:
+                            _flush(acc + j, grads + j, n)
+                            _flush(acc + k + j, grads + k + j, n)
                     if stream:
                         normkit_sfence()
-                    if i % FLUSH == FLUSH - 1 or i == m - 1:
-                        _flush(acc + t * TILE, grads + t * TILE, n)
-                        _flush(acc + k + t * TILE, grads + k + t * TILE, n)
     else:
         blocks = min(m, MAX_BLOCKS, max(1, PARTIAL_BUDGET // (2 * k)), max(FEW_BLOCKS, m // BLOCK_ROWS))
         per_block = (m + blocks - 1) // blocks
