@@ -250,8 +250,9 @@ cdef inline void _row_run(const floating* g, const floating* x, floating* dx, Py
                           double cb, double cc, bint stream) noexcept nogil:
     """The steps of one backward pass over a run of a row, with g for dy: g's parameter-gradient terms into accw,
     accb (unless NULL, _add_param_grads), g * w's sums into sg, sgx (unless NULL, grad_sums), then dx (unless
-    NULL, _row_dx with cb, cc; with stream, by non-temporal stores)."""
-    if accw != NULL and dx != NULL and not stream:
+    NULL, _row_dx with cb, cc; with stream, by non-temporal stores). The parameter gradients and dx without the
+    sums or streaming: _row_dx_grads, one loop."""
+    if accw != NULL and dx != NULL and sg == NULL and not stream:
         _row_dx_grads(g, x, dx, n, w, mean, rstd, cb, cc, accw, accb)
         return
     if accw != NULL:
