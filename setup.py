@@ -19,6 +19,7 @@ are built serial (the same code: prange runs as a plain loop) and ``normkit list
                             CPU
 """
 
+import glob
 import os
 import platform
 import shutil
@@ -29,6 +30,7 @@ from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 MODULES = ("_batchnorm", "_channels_last", "_groupnorm", "_layernorm", "_rownorm")
+SOURCE_DIR = os.path.join("kernels", "cython")
 PACKAGE = "normkit_kernels.cython"
 
 UNIX_FLAGS = ["-O3", "-fno-math-errno", "-fno-trapping-math", "-fno-signed-zeros", "-fassociative-math"]
@@ -125,7 +127,16 @@ class BuildExt(build_ext):
                 ("NORMKIT_BUILD_FLAGS", _c_string(" ".join(ext_flags + omp))),
                 ("NORMKIT_OPENMP_NOTE", _c_string(note)),
             ] + [(macro, "1") for _, macro in copies.values()]
+        # setuptools skips a module whose binary is newer than its C, whatever flags it was built with; so a
+        # change of flags (NORMKIT_NO_OPENMP, another compiler's probes) rebuilds everything
+        config = repr([(e.name, e.extra_compile_args, e.define_macros) for e in self.extensions])
+        stamp = os.path.join(self.build_temp, "normkit-build-config")
+        if not os.path.exists(stamp) or open(stamp).read() != config:
+            self.force = True
         super().build_extensions()
+        os.makedirs(self.build_temp, exist_ok=True)
+        with open(stamp, "w") as f:
+            f.write(config)
 
     def copy_extensions_to_source(self):
         # In-place and editable builds: the x86-64 subpackages have no Python files, so nothing else creates
@@ -137,12 +148,30 @@ class BuildExt(build_ext):
         super().copy_extensions_to_source()
 
 
-# _common.pxd holds inline loops only, so it is cimported by its bare name from this include path.
-extensions = cythonize(
-    [Extension(f"{PACKAGE}.{name}", [f"kernels/cython/{name}.pyx"]) for name in MODULES],
-    include_path=["kernels/cython"],
-    language_level=3,
-)
+def _generated_c_is_current():
+    """Whether each module's generated C exists and is newer than every .pyx / .pxd of the package.
+
+    Then the C is compiled as it is, without cythonize: cythonize also compares the C with Cython's own .pxd files
+    (libc, cython.parallel), which pip's isolated build environment installs afresh, with new times, for every
+    build; so it would generate all the C again, and every module would compile again, on each ``pip install .``
+    (3 minutes on 2 cores). Delete the .c files to generate them with another Cython.
+    """
+    ours = glob.glob(os.path.join(SOURCE_DIR, "*.pyx")) + glob.glob(os.path.join(SOURCE_DIR, "*.pxd"))
+    generated = [os.path.join(SOURCE_DIR, f"{name}.c") for name in MODULES]
+    if not all(os.path.exists(c) for c in generated):
+        return False
+    return min(map(os.path.getmtime, generated)) > max(map(os.path.getmtime, ours))
+
+
+if _generated_c_is_current():
+    extensions = [Extension(f"{PACKAGE}.{name}", [os.path.join(SOURCE_DIR, f"{name}.c")]) for name in MODULES]
+else:
+    # _common.pxd holds inline loops only, so it is cimported by its bare name from this include path.
+    extensions = cythonize(
+        [Extension(f"{PACKAGE}.{name}", [os.path.join(SOURCE_DIR, f"{name}.pyx")]) for name in MODULES],
+        include_path=[SOURCE_DIR],
+        language_level=3,
+    )
 # The x86-64 copies compile the C that Cython generated for the baseline modules; same module names, so the same
 # init functions, each copy in its own subpackage. build_extensions drops them where they do not apply.
 extensions += [Extension(f"{PACKAGE}.{package}.{ext.name.rsplit('.', 1)[1]}", list(ext.sources))
