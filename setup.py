@@ -79,6 +79,11 @@ def _compiles(compiler, flags, source="int main(void) { return 0; }\n", link=Fal
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _read(path):
+    with open(path) as f:
+        return f.read()
+
+
 def _c_string(text):
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
@@ -131,7 +136,7 @@ class BuildExt(build_ext):
         # change of flags (NORMKIT_NO_OPENMP, another compiler's probes) rebuilds everything
         config = repr([(e.name, e.extra_compile_args, e.define_macros) for e in self.extensions])
         stamp = os.path.join(self.build_temp, "normkit-build-config")
-        if not os.path.exists(stamp) or open(stamp).read() != config:
+        if not os.path.exists(stamp) or _read(stamp) != config:
             self.force = True
         super().build_extensions()
         os.makedirs(self.build_temp, exist_ok=True)
