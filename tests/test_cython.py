@@ -147,7 +147,8 @@ def test_x86_64_v3_copy_passes_backend_suite():
 def test_fresh_venv_build_without_openmp(tmp_path):
     """``pip install .`` of a clean copy of the source (no generated C, no binaries) into a new venv, with
     NORMKIT_NO_OPENMP=1: the install succeeds, ``normkit list`` says the kernels are serial, and the build passes
-    the backend suite (both the baseline and the highest x86-64 copy, where there is one).
+    the backend suite (both the baseline and the highest x86-64 copy, where there is one). A second install of the
+    same tree with the same flags rebuilds nothing.
 
     The venv sees the dev environment's packages through a .pth file, so the build runs offline with
     --no-build-isolation; normkit itself comes only from the fresh install.
@@ -164,9 +165,15 @@ def test_fresh_venv_build_without_openmp(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("NORMKIT_", "PYTHON"))}
     env["NORMKIT_NO_OPENMP"] = "1"
     # --ignore-installed: never touch the dev environment's normkit, which pip can see through the .pth file
-    _run([python, "-m", "pip", "install", "--no-build-isolation", "--no-deps", "--no-index", "--ignore-installed",
-          "-q", str(src)],
-         env=env, cwd=tmp_path)
+    install = [python, "-m", "pip", "install", "--no-build-isolation", "--no-deps", "--no-index", "--ignore-installed",
+               "-q", str(src)]
+    _run(install, env=env, cwd=tmp_path)
+    # a second install of the same tree with the same flags generates no C and compiles nothing (setup.py)
+    built = sorted(src.glob("kernels/cython/*.c")) + sorted(src.glob("build/**/*.so"))
+    assert len(built) > 5, built
+    before = [p.stat().st_mtime_ns for p in built]
+    _run(install, env=env, cwd=tmp_path)
+    assert [p.stat().st_mtime_ns for p in built] == before, "the second install built the extensions again"
     env.pop("NORMKIT_NO_OPENMP")
 
     where = _run([python, "-c", "import normkit_kernels.cython.kernels as k; print(k.__file__)"], env, tmp_path)
