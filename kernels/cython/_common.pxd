@@ -1221,6 +1221,7 @@ cdef extern from *:
 
 
 
+
     /* The first backward pass over a row, as _row_sums16 makes it tile by tile: grad_sums() into sg, sgx (chunks
        of 256 values summed in float32, a chunk whose sums are not finite again in double) and the parameter
        gradients: into the float32 accumulators accw, accb (a centered row) unless accw is NULL, else into partial
@@ -1230,21 +1231,60 @@ cdef extern from *:
             double* partial, float* accw, float* accb, double* sg, double* sgx, int fmt) {
         const __m256 m = _mm256_set1_ps((float)mean), r = _mm256_set1_ps((float)rstd), z = _mm256_setzero_ps();
         const __m256d r64 = _mm256_set1_pd(rstd);
-        __m256 vdy, vx, d, g, a, b;
+        __m256 vdy, vx, d, g, a, b, a1, b1;
         uint16_t tdy[8], tx[8];
         float tw[8], taw[8], tab[8];
         double tp[8], ha, hb, da, db, dg;
         Py_ssize_t c0, e, i, j, k;
+        /* One step over the 8 values at I (vdy, vx, g loaded) into the sums A, B and the parameter gradients; K
+           (8 but at a chunk's end) values are real. */
+        #define NORMKIT_SUMS8(I, A, B, K)                                                                     \
+            d = _mm256_sub_ps(vx, m);                                                                         \
+            A = _mm256_add_ps(A, g);                                                                          \
+            B = _mm256_fmadd_ps(g, d, B);                                                                     \
+            if (accw && (K) == 8) {                                                                           \
+                _mm256_storeu_ps(accw + (I), _mm256_fmadd_ps(vdy, _mm256_mul_ps(d, r), _mm256_loadu_ps(accw + (I)))); \
+                _mm256_storeu_ps(accb + (I), _mm256_add_ps(_mm256_loadu_ps(accb + (I)), vdy));                \
+            } else if (accw) {                                                                                \
+                memcpy(taw, accw + (I), (size_t)(K) * 4); memcpy(tab, accb + (I), (size_t)(K) * 4);           \
+                _mm256_storeu_ps(taw, _mm256_fmadd_ps(vdy, _mm256_mul_ps(d, r), _mm256_loadu_ps(taw)));       \
+                _mm256_storeu_ps(tab, _mm256_add_ps(_mm256_loadu_ps(tab), vdy));                              \
+                memcpy(accw + (I), taw, (size_t)(K) * 4); memcpy(accb + (I), tab, (size_t)(K) * 4);           \
+            } else if (partial) {                                                                             \
+                __m256d lo = _mm256_mul_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(vdy)),                      \
+                                           _mm256_mul_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(vx)), r64));  \
+                __m256d hi = _mm256_mul_pd(_mm256_cvtps_pd(_mm256_extractf128_ps(vdy, 1)),                    \
+                                           _mm256_mul_pd(_mm256_cvtps_pd(_mm256_extractf128_ps(vx, 1)), r64)); \
+                if ((K) == 8) {                                                                               \
+                    _mm256_storeu_pd(partial + (I), _mm256_add_pd(_mm256_loadu_pd(partial + (I)), lo));       \
+                    _mm256_storeu_pd(partial + (I) + 4, _mm256_add_pd(_mm256_loadu_pd(partial + (I) + 4), hi)); \
+                } else {                                                                                      \
+                    _mm256_storeu_pd(tp, lo);                                                                 \
+                    _mm256_storeu_pd(tp + 4, hi);                                                             \
+                    for (j = 0; j < (K); j++) partial[(I) + j] += tp[j];                                      \
+                }                                                                                             \
+            }
+        #define NORMKIT_LOAD_SUMS8(I)                                                                         \
+            vdy = normkit_load8(dy + (I), fmt);                                                               \
+            vx = normkit_load8(x + (I), fmt);                                                                 \
+            g = _mm256_mul_ps(vdy, _mm256_loadu_ps(w + (I)));
         for (c0 = 0; c0 < n; c0 += 256) {
             e = n < c0 + 256 ? n : c0 + 256;
             a = z;
             b = z;
-            for (i = c0; i < e; i += 8) {
+            a1 = z;
+            b1 = z;
+            /* two pairs of sums, 16 values a step: the additions of one pair wait on each other's latency */
+            for (i = c0; i + 16 <= e; i += 16) {
+                NORMKIT_LOAD_SUMS8(i)
+                NORMKIT_SUMS8(i, a, b, 8)
+                NORMKIT_LOAD_SUMS8(i + 8)
+                NORMKIT_SUMS8(i + 8, a1, b1, 8)
+            }
+            for (; i < e; i += 8) {
                 k = e - i < 8 ? e - i : 8;
                 if (k == 8) {
-                    vdy = normkit_load8(dy + i, fmt);
-                    vx = normkit_load8(x + i, fmt);
-                    g = _mm256_mul_ps(vdy, _mm256_loadu_ps(w + i));
+                    NORMKIT_LOAD_SUMS8(i)
                 } else {  /* zero-padded: the padding adds 0 * (0 - mean), or the chunk goes again in double */
                     memset(tdy, 0, sizeof tdy); memset(tx, 0, sizeof tx); memset(tw, 0, sizeof tw);
                     memcpy(tdy, dy + i, (size_t)k * 2); memcpy(tx, x + i, (size_t)k * 2);
@@ -1253,32 +1293,10 @@ cdef extern from *:
                     vx = normkit_load8(tx, fmt);
                     g = _mm256_mul_ps(vdy, _mm256_loadu_ps(tw));
                 }
-                d = _mm256_sub_ps(vx, m);
-                a = _mm256_add_ps(a, g);
-                b = _mm256_fmadd_ps(g, d, b);
-                if (accw && k == 8) {
-                    _mm256_storeu_ps(accw + i, _mm256_fmadd_ps(vdy, _mm256_mul_ps(d, r), _mm256_loadu_ps(accw + i)));
-                    _mm256_storeu_ps(accb + i, _mm256_add_ps(_mm256_loadu_ps(accb + i), vdy));
-                } else if (accw) {
-                    memcpy(taw, accw + i, (size_t)k * 4); memcpy(tab, accb + i, (size_t)k * 4);
-                    _mm256_storeu_ps(taw, _mm256_fmadd_ps(vdy, _mm256_mul_ps(d, r), _mm256_loadu_ps(taw)));
-                    _mm256_storeu_ps(tab, _mm256_add_ps(_mm256_loadu_ps(tab), vdy));
-                    memcpy(accw + i, taw, (size_t)k * 4); memcpy(accb + i, tab, (size_t)k * 4);
-                } else if (partial) {
-                    __m256d lo = _mm256_mul_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(vdy)),
-                                               _mm256_mul_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(vx)), r64));
-                    __m256d hi = _mm256_mul_pd(_mm256_cvtps_pd(_mm256_extractf128_ps(vdy, 1)),
-                                               _mm256_mul_pd(_mm256_cvtps_pd(_mm256_extractf128_ps(vx, 1)), r64));
-                    if (k == 8) {
-                        _mm256_storeu_pd(partial + i, _mm256_add_pd(_mm256_loadu_pd(partial + i), lo));
-                        _mm256_storeu_pd(partial + i + 4, _mm256_add_pd(_mm256_loadu_pd(partial + i + 4), hi));
-                    } else {
-                        _mm256_storeu_pd(tp, lo);
-                        _mm256_storeu_pd(tp + 4, hi);
-                        for (j = 0; j < k; j++) partial[i + j] += tp[j];
-                    }
-                }
+                NORMKIT_SUMS8(i, a, b, k)
             }
+            a = _mm256_add_ps(a, a1);
+            b = _mm256_add_ps(b, b1);
             ha = normkit_hsum8(a);
             hb = normkit_hsum8(b);
             if (isfinite(ha) && isfinite(hb)) {
@@ -1296,6 +1314,8 @@ cdef extern from *:
             *sg += da;
             *sgx += db;
         }
+        #undef NORMKIT_LOAD_SUMS8
+        #undef NORMKIT_SUMS8
     }
 
     #define NORMKIT_ROW_SUMS16(FMT) \
