@@ -1223,19 +1223,19 @@ cdef extern from *:
 
 
     /* The first backward pass over a row, as _row_sums16 makes it tile by tile: grad_sums() into sg, sgx (chunks
-       of 256 values summed in float32, a chunk whose sums are not finite again in double) and the parameter
-       gradients: into the float32 accumulators accw, accb (a centered row) unless accw is NULL, else into partial
-       in double (an uncentered row's weight, see _add_weight_grads) unless partial is NULL. */
+       of 256 values summed in float32, a chunk whose sums are not finite again in double) and, unless accw is
+       NULL, the parameter gradients into the float32 accumulators accw and (unless NULL: an uncentered row has no
+       bias) accb. The weight's term is dy * ((x - mean) * rstd), that order kept by the fma (the compiler does not
+       reassociate into it), so it overflows float32 only where the gradient itself is near float32's limit. */
     static inline __attribute__((always_inline)) void normkit_row_sums16_loop(
             const uint16_t* dy, const uint16_t* x, Py_ssize_t n, const float* w, double mean, double rstd,
-            double* partial, float* accw, float* accb, double* sg, double* sgx, int fmt) {
+            float* accw, float* accb, double* sg, double* sgx, int fmt) {
         const __m256 m = _mm256_set1_ps((float)mean), r = _mm256_set1_ps((float)rstd), z = _mm256_setzero_ps();
-        const __m256d r64 = _mm256_set1_pd(rstd);
         __m256 vdy, vx, d, g, a, b, a1, b1;
         uint16_t tdy[8], tx[8];
         float tw[8], taw[8], tab[8];
-        double tp[8], ha, hb, da, db, dg;
-        Py_ssize_t c0, e, i, j, k;
+        double ha, hb, da, db, dg;
+        Py_ssize_t c0, e, i, k;
         /* One step over the 8 values at I (vdy, vx, g loaded) into the sums A, B and the parameter gradients; K
            (8 but at a chunk's end) values are real. */
         #define NORMKIT_SUMS8(I, A, B, K)                                                                     \
@@ -1244,24 +1244,15 @@ cdef extern from *:
             B = _mm256_fmadd_ps(g, d, B);                                                                     \
             if (accw && (K) == 8) {                                                                           \
                 _mm256_storeu_ps(accw + (I), _mm256_fmadd_ps(vdy, _mm256_mul_ps(d, r), _mm256_loadu_ps(accw + (I)))); \
-                _mm256_storeu_ps(accb + (I), _mm256_add_ps(_mm256_loadu_ps(accb + (I)), vdy));                \
+                if (accb) _mm256_storeu_ps(accb + (I), _mm256_add_ps(_mm256_loadu_ps(accb + (I)), vdy));      \
             } else if (accw) {                                                                                \
-                memcpy(taw, accw + (I), (size_t)(K) * 4); memcpy(tab, accb + (I), (size_t)(K) * 4);           \
+                memcpy(taw, accw + (I), (size_t)(K) * 4);                                                     \
                 _mm256_storeu_ps(taw, _mm256_fmadd_ps(vdy, _mm256_mul_ps(d, r), _mm256_loadu_ps(taw)));       \
-                _mm256_storeu_ps(tab, _mm256_add_ps(_mm256_loadu_ps(tab), vdy));                              \
-                memcpy(accw + (I), taw, (size_t)(K) * 4); memcpy(accb + (I), tab, (size_t)(K) * 4);           \
-            } else if (partial) {                                                                             \
-                __m256d lo = _mm256_mul_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(vdy)),                      \
-                                           _mm256_mul_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(vx)), r64));  \
-                __m256d hi = _mm256_mul_pd(_mm256_cvtps_pd(_mm256_extractf128_ps(vdy, 1)),                    \
-                                           _mm256_mul_pd(_mm256_cvtps_pd(_mm256_extractf128_ps(vx, 1)), r64)); \
-                if ((K) == 8) {                                                                               \
-                    _mm256_storeu_pd(partial + (I), _mm256_add_pd(_mm256_loadu_pd(partial + (I)), lo));       \
-                    _mm256_storeu_pd(partial + (I) + 4, _mm256_add_pd(_mm256_loadu_pd(partial + (I) + 4), hi)); \
-                } else {                                                                                      \
-                    _mm256_storeu_pd(tp, lo);                                                                 \
-                    _mm256_storeu_pd(tp + 4, hi);                                                             \
-                    for (j = 0; j < (K); j++) partial[(I) + j] += tp[j];                                      \
+                memcpy(accw + (I), taw, (size_t)(K) * 4);                                                     \
+                if (accb) {                                                                                   \
+                    memcpy(tab, accb + (I), (size_t)(K) * 4);                                                 \
+                    _mm256_storeu_ps(tab, _mm256_add_ps(_mm256_loadu_ps(tab), vdy));                          \
+                    memcpy(accb + (I), tab, (size_t)(K) * 4);                                                 \
                 }                                                                                             \
             }
         #define NORMKIT_LOAD_SUMS8(I)                                                                         \
@@ -1319,10 +1310,10 @@ cdef extern from *:
     }
 
     #define NORMKIT_ROW_SUMS16(FMT) \
-        normkit_row_sums16_loop(dy, x, n, w, mean, rstd, partial, accw, accb, sg, sgx, FMT)
+        normkit_row_sums16_loop(dy, x, n, w, mean, rstd, accw, accb, sg, sgx, FMT)
     static inline int normkit_row_sums16(const uint16_t* dy, const uint16_t* x, Py_ssize_t n, int fmt,
-                                         const float* w, double mean, double rstd, double* partial, float* accw,
-                                         float* accb, double* sg, double* sgx) {
+                                         const float* w, double mean, double rstd, float* accw, float* accb,
+                                         double* sg, double* sgx) {
         if (fmt == 1 && !normkit_f16c) return -1;
         if (fmt) NORMKIT_ROW_SUMS16(1); else NORMKIT_ROW_SUMS16(0);
         return 0;
@@ -1350,8 +1341,8 @@ cdef extern from *:
         return -1;
     }
     static inline int normkit_row_sums16(const uint16_t* dy, const uint16_t* x, Py_ssize_t n, int fmt,
-                                         const float* w, double mean, double rstd, double* partial, float* accw,
-                                         float* accb, double* sg, double* sgx) {
+                                         const float* w, double mean, double rstd, float* accw, float* accb,
+                                         double* sg, double* sgx) {
         return -1;
     }
     #endif
@@ -1377,8 +1368,7 @@ cdef extern from *:
     int normkit_row_dx16(const uint16_t* dy, const uint16_t* dh, const uint16_t* x, uint16_t* dx, Py_ssize_t n,
                          int fmt, const float* w, float mean, float rstd, float cb, float cc) noexcept nogil
     int normkit_row_sums16(const uint16_t* dy, const uint16_t* x, Py_ssize_t n, int fmt, const float* w,
-                           double mean, double rstd, double* partial, float* accw, float* accb, double* sg,
-                           double* sgx) noexcept nogil
+                           double mean, double rstd, float* accw, float* accb, double* sg, double* sgx) noexcept nogil
 
 
 # Values per tile of the 16-bit loops below: widened into float32 on the stack (4 KB per array, in L1), then the

@@ -558,7 +558,7 @@ cdef void _row_sums16(const uint16_t* dy, const uint16_t* x, Py_ssize_t k, const
     cdef float tdy[TILE16]
     cdef float tx[TILE16]
     cdef Py_ssize_t tile, j, n
-    if normkit_row_sums16(dy, x, k, fmt, w, mean, rstd, NULL, accw, accb, sg, sgx) == 0:
+    if normkit_row_sums16(dy, x, k, fmt, w, mean, rstd, accw, accb, sg, sgx) == 0:
         return
     for tile in range((k + TILE16 - 1) // TILE16):
         j = tile * TILE16

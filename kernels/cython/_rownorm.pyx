@@ -578,23 +578,26 @@ cdef void _forward16(const uint16_t* x, const uint16_t* res, uint16_t* h, uint16
 
 
 cdef void _row_sums16(const uint16_t* dy, const uint16_t* x, Py_ssize_t k, const float* w, double mean,
-                      double rstd, int fmt, double* partial, float* acc, double* sg, double* sgx) noexcept nogil:
-    """A row's grad_sums() into sg, sgx and its parameter gradients, taken in one visit of each tile: into the
-    float32 accumulators acc (weight, then bias at acc + k; a centered row) unless acc is NULL, or into partial in
-    double (an uncentered row's weight, see _add_weight_grads) unless partial is NULL."""
+                      double rstd, int fmt, bint centered, double* partial, float* acc, double* sg,
+                      double* sgx) noexcept nogil:
+    """A row's grad_sums() into sg, sgx and, unless acc is NULL, its parameter gradients, taken in one visit of each
+    tile. The native 16-bit loop adds them into the float32 accumulators acc (weight, then, for a centered row,
+    bias at acc + k); the tile loops here add a centered row's there too, an uncentered row's weight into partial
+    in double (see _add_weight_grads)."""
     cdef float tdy[TILE16]
     cdef float tx[TILE16]
     cdef Py_ssize_t tile, j, n
-    if normkit_row_sums16(dy, x, k, fmt, w, mean, rstd, partial, acc, acc + k if acc != NULL else NULL, sg, sgx) == 0:
+    if normkit_row_sums16(dy, x, k, fmt, w, mean, rstd, acc, acc + k if acc != NULL and centered else NULL, sg,
+                          sgx) == 0:
         return
     for tile in range((k + TILE16 - 1) // TILE16):
         j = tile * TILE16
         n = min(TILE16, k - j)
         normkit_widen(dy + j, tdy, n, fmt)
         normkit_widen(x + j, tx, n, fmt)
-        if acc != NULL:
+        if acc != NULL and centered:
             _add_param_grads(tdy, tx, n, mean, rstd, acc + j, acc + k + j)
-        elif partial != NULL:
+        elif acc != NULL:
             _add_weight_grads(tdy, tx, n, rstd, partial + j)
         grad_sums(tdy, tx, w + j, n, mean, sg, sgx)
 
@@ -636,7 +639,9 @@ cdef void _row_dx16(const uint16_t* dy, const uint16_t* dh, const uint16_t* x, u
 cdef void _backward_block16(const uint16_t* dy, const uint16_t* dh, const uint16_t* x, uint16_t* dx, Py_ssize_t m0,
                             Py_ssize_t m1, Py_ssize_t k, const float* w, const float* mean, const float* rstd,
                             bint centered, int fmt, double* partial, float* acc) noexcept nogil:
-    """_backward_block on 16-bit data: per row, _row_sums16 then _row_dx16."""
+    """_backward_block on 16-bit data: per row, _row_sums16 then _row_dx16. The parameter gradients go through the
+    float32 accumulators acc for uncentered rows too (flushed into partial every FLUSH rows, as centered ones; the
+    tile loops add an uncentered row's into partial directly, and acc stays zero)."""
     cdef Py_ssize_t i, o, n = 2 * k if centered else k
     cdef double sg, sgx, mi, r
     if partial != NULL:
@@ -648,11 +653,10 @@ cdef void _backward_block16(const uint16_t* dy, const uint16_t* dh, const uint16
         r = rstd[i]
         sg = 0.0
         sgx = 0.0
-        _row_sums16(dy + o, x + o, k, w, mi, r, fmt, partial, acc if partial != NULL and centered else NULL, &sg,
-                    &sgx)
+        _row_sums16(dy + o, x + o, k, w, mi, r, fmt, centered, partial, acc if partial != NULL else NULL, &sg, &sgx)
         _row_dx16(dy + o, dh + o if dh != NULL else NULL, x + o, dx + o, k, w, mi, r, -r * r * r * sgx / k,
                   -r * sg / k if centered else 0.0, fmt)
-        if partial != NULL and centered and ((i + 1 - m0) % FLUSH == 0 or i + 1 == m1):
+        if partial != NULL and ((i + 1 - m0) % FLUSH == 0 or i + 1 == m1):
             _flush(acc, partial, n)
 
 
