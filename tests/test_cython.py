@@ -25,7 +25,7 @@ NO_FAST_MATH = ("-ffast-math", "-ffinite-math-only", "-Ofast", "-fno-honor-nans"
 def test_info_reports_openmp_and_flags():
     info = kernels.INFO
     assert set(info) == {"openmp", "compile flags", "modules", "float16 conversion", "non-temporal stores",
-                         "one thread", "layernorm backward in row pairs"}
+                         "one thread", "row pairs"}
     assert info["float16 conversion"] in ("F16C", "portable")
     assert info["non-temporal stores"].startswith("outputs of ")
     assert info["openmp"] == "yes" or info["openmp"].startswith("no ("), info["openmp"]
@@ -80,17 +80,18 @@ def test_schedule_boundaries(op, shape, extra, dtype, rng):
     _compare(op, shape, dtype, rng, **extra)
 
 
-# LayerNorm's backward of rows up to 65536 values takes them two at a time while dy, x and dx fit in the
-# last-level cache, in three loops per row above that: both, forced, against the reference (odd row counts leave a
-# row without a pair; (2, 5, 20000) spans several row blocks).
+# LayerNorm's and RMSNorm's backward of rows up to 65536 values take them two at a time while dy, x and dx fit in
+# the last-level cache, in three loops per row above that: both, forced, against the reference (odd row counts
+# leave a row without a pair; (2, 5, 20000) spans several row blocks).
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("shape,extra", [((130, 33), {}), ((7, 1031), {}), ((2, 5, 20000), {"ln_dims": 2})],
                          ids=str)
+@pytest.mark.parametrize("op", ["layernorm", "rmsnorm"])
 @pytest.mark.parametrize("pairs", [True, False], ids=["row pairs", "three loops"])
-def test_layernorm_backward_row_pairs_and_three_loops(pairs, shape, extra, dtype, rng):
+def test_row_op_backward_row_pairs_and_three_loops(pairs, op, shape, extra, dtype, rng):
     kernels.set_pairs_max_bytes(1 << 62 if pairs else 0)
     try:
-        _compare("layernorm", shape, dtype, rng, **extra)
+        _compare(op, shape, dtype, rng, **extra)
     finally:
         kernels.set_pairs_max_bytes(None)
 

@@ -43,6 +43,7 @@ cdef Py_ssize_t FLUSH = 16
 
 cdef int _nthreads = 1
 cdef Py_ssize_t _serial_max = SERIAL_MAX_VALUES
+cdef Py_ssize_t _pairs_max = 0
 _local = threading.local()
 
 
@@ -54,6 +55,13 @@ def set_num_threads(int n):
 def set_serial_max_values(Py_ssize_t n):
     global _serial_max
     _serial_max = n
+
+
+def set_pairs_max_bytes(Py_ssize_t n):
+    """RMSNorm's backward takes rows two at a time (_backward_block) when dy, x and dx together are at most n
+    bytes, as _layernorm's."""
+    global _pairs_max
+    _pairs_max = n
 
 
 cdef extern from *:
@@ -101,6 +109,36 @@ cdef extern from *:
     }
     NK_SUMSQ(normkit_sumsq_bf16, uint16_t, NK_SQ_LOAD_BF16, nk_sq_bf16)
     NK_SUMSQ(normkit_sumsq_f16, uint16_t, NK_SQ_LOAD_F16, _cvtsh_ss)
+    #endif
+    /* RMSNorm's dx of two rows (r * w * g + b * x: _row_dx with mean 0 and no constant term) and their weight
+       terms g * (x * r) added into accw, in one loop; restrict, as _layernorm.pyx's NORMKIT_LN_DX_GRADS2, so that
+       gcc vectorizes it without run-time overlap checks. The terms go through fma: written as products, gcc's
+       -fassociative-math makes (g * x) * r of them, which overflows float32 for data near 1e20 (measured: NaN
+       weight gradients); it does not reassociate into an fma. Where the build has no FMA instructions fma would be
+       a library call, so there the rows go one at a time (NORMKIT_RMS_PAIRS 0). */
+    #if defined(__FMA__)
+    #define NORMKIT_RMS_PAIRS 1
+    #define NORMKIT_RMS_DX_GRADS2(NAME, T, FMA)                                                         \
+        static inline void NAME(const T* restrict dy, const T* restrict x, T* restrict dx, Py_ssize_t k, \
+                                const T* restrict w, T r, T b, const T* restrict dy2,                   \
+                                const T* restrict x2, T* restrict dx2, T r2, T b2, T* restrict accw) {  \
+            for (Py_ssize_t j = 0; j < k; j++) {                                                        \
+                T g = dy[j], xj = x[j], g2 = dy2[j], xj2 = x2[j], wj = w[j];                            \
+                dx[j] = r * wj * g + b * xj;                                                            \
+                dx2[j] = r2 * wj * g2 + b2 * xj2;                                                       \
+                accw[j] = FMA(g2, xj2 * r2, FMA(g, xj * r, accw[j]));                                   \
+            }                                                                                           \
+        }
+    NORMKIT_RMS_DX_GRADS2(normkit_rms_dx_grads2_f, float, __builtin_fmaf)
+    NORMKIT_RMS_DX_GRADS2(normkit_rms_dx_grads2_d, double, __builtin_fma)
+    #else
+    #define NORMKIT_RMS_PAIRS 0
+    static inline void normkit_rms_dx_grads2_f(const float* dy, const float* x, float* dx, Py_ssize_t k,
+            const float* w, float r, float b, const float* dy2, const float* x2, float* dx2, float r2, float b2,
+            float* accw) {}
+    static inline void normkit_rms_dx_grads2_d(const double* dy, const double* x, double* dx, Py_ssize_t k,
+            const double* w, double r, double b, const double* dy2, const double* x2, double* dx2, double r2,
+            double b2, double* accw) {}
     #endif
     static int normkit_sumsq16(const uint16_t* x, Py_ssize_t n, int fmt, int f16c, double* out) {
     #if defined(__AVX2__) && defined(__F16C__)
@@ -176,6 +214,13 @@ cdef extern from *:
     double normkit_sumsq_f(const float* x, Py_ssize_t n) noexcept nogil
     double normkit_sumsq_d(const double* x, Py_ssize_t n) noexcept nogil
     bint normkit_sumsq16(const uint16_t* x, Py_ssize_t n, int fmt, int f16c, double* out) noexcept nogil
+    bint NORMKIT_RMS_PAIRS
+    void normkit_rms_dx_grads2_f(const float* dy, const float* x, float* dx, Py_ssize_t k, const float* w, float r,
+                                 float b, const float* dy2, const float* x2, float* dx2, float r2, float b2,
+                                 float* accw) noexcept nogil
+    void normkit_rms_dx_grads2_d(const double* dy, const double* x, double* dx, Py_ssize_t k, const double* w,
+                                 double r, double b, const double* dy2, const double* x2, double* dx2, double r2,
+                                 double b2, double* accw) noexcept nogil
     int nk_add16(const uint16_t* x, const uint16_t* r, uint16_t* h, Py_ssize_t n, int fmt, double pivot, double* s1,
                  double* s2) noexcept nogil
 
@@ -291,16 +336,42 @@ cdef void _flush(floating* acc, double* out, Py_ssize_t n) noexcept nogil:
 
 cdef void _backward_block(const floating* dy, const floating* dh, const floating* x, floating* dx, Py_ssize_t m0,
                           Py_ssize_t m1, Py_ssize_t k, const floating* w, const floating* mean,
-                          const floating* rstd, bint centered, double* partial, floating* acc) noexcept nogil:
+                          const floating* rstd, bint centered, double* partial, floating* acc,
+                          bint pairs) noexcept nogil:
     """Rows m0..m1-1. Unless partial is NULL, their parameter gradients go to partial[0:k] (weight) and, when
     centered, partial[k:2k] (bias): through the accumulators acc in the data's precision when centered, directly
     in double when not (see _add_weight_grads). The loops of a row in
-    _layernorm.pyx's order: parameter gradients (the one that reads dy and x from memory), the row's sums, dx."""
-    cdef Py_ssize_t i, o, n = 2 * k if centered else k
+    _layernorm.pyx's order: parameter gradients (the one that reads dy and x from memory), the row's sums, dx.
+    With pairs, an uncentered block with parameter gradients and no dh (RMSNorm's backward) goes two rows at a
+    time as _layernorm's: each row's sums, then both rows' dx and weight terms in one loop
+    (normkit_rms_dx_grads2, where the build has FMA), through acc, flushed every FLUSH rows."""
+    cdef Py_ssize_t i, o, q, n = 2 * k if centered else k
     cdef double sg, sgx, mi, r
+    cdef double cb[2]
     if partial != NULL:
         memset(partial, 0, n * sizeof(double))
         memset(acc, 0, n * sizeof(floating))
+    if NORMKIT_RMS_PAIRS and pairs and partial != NULL and not centered and dh == NULL:
+        for i in range(m0, m1 - 1, 2):
+            for q in range(2):
+                o = (i + q) * k
+                sg = 0.0
+                sgx = 0.0
+                grad_sums(dy + o, x + o, w, k, 0.0, &sg, &sgx)
+                r = rstd[i + q]  # in double: rstd**3 underflows float32 for data near 1e20
+                cb[q] = -r * r * r * sgx / k
+            o = i * k
+            if floating is float:
+                normkit_rms_dx_grads2_f(dy + o, x + o, dx + o, k, w, rstd[i], <float>cb[0], dy + o + k, x + o + k,
+                                        dx + o + k, rstd[i + 1], <float>cb[1], acc)
+            else:
+                normkit_rms_dx_grads2_d(dy + o, x + o, dx + o, k, w, rstd[i], cb[0], dy + o + k, x + o + k,
+                                        dx + o + k, rstd[i + 1], cb[1], acc)
+            if (i + 2 - m0) % FLUSH == 0 or i + 2 >= m1 - 1:
+                _flush(acc, partial, k)
+        if (m1 - m0) % 2 == 0:
+            return
+        m0 = m1 - 1  # the row without a pair: the loops below
     for i in range(m0, m1):
         o = i * k
         mi = mean[i] if centered else 0.0
@@ -346,7 +417,7 @@ cdef void _backward(const floating* dy, const floating* dh, const floating* x, f
         blocks = (m + per_block - 1) // per_block
         for t in prange(blocks, nogil=True, schedule="static", num_threads=nt):
             _backward_block(dy, dh, x, dx, t * per_block, min(m, (t + 1) * per_block), k, w, mean, rstd, centered,
-                            NULL, NULL)
+                            NULL, NULL, False)
         return
     blocks = min(m, MAX_BLOCKS, max(1, PARTIAL_BUDGET // n), max(FEW_BLOCKS, m // BLOCK_ROWS))
     per_block = (m + blocks - 1) // blocks
@@ -358,7 +429,7 @@ cdef void _backward(const floating* dy, const floating* dh, const floating* x, f
     acc = <floating*>(work + blocks * n)
     for t in prange(blocks, nogil=True, schedule="static", num_threads=nt):
         _backward_block(dy, dh, x, dx, t * per_block, min(m, (t + 1) * per_block), k, w, mean, rstd, centered,
-                        work + t * n, acc + t * n)
+                        work + t * n, acc + t * n, 3 * m * k * <Py_ssize_t>sizeof(floating) <= _pairs_max)
     tiles = (n + TILE - 1) // TILE
     for t in prange(tiles, nogil=True, schedule="static", num_threads=nt):
         _merge_blocks(work, blocks, n, t * TILE, min(n, (t + 1) * TILE), grads)

@@ -294,10 +294,11 @@ set_stream_min_bytes(None)
 
 
 def set_pairs_max_bytes(n: int | None) -> None:
-    """LayerNorm's backward takes rows two at a time where dy, x and dx together are at most ``n`` bytes (see
-    _layernorm._backward_block; the results differ by a rounding of the parameter-gradient terms); None restores
-    the default, the last-level cache's size."""
-    _layernorm.set_pairs_max_bytes(default_pairs_max_bytes() if n is None else n)
+    """The backward of LayerNorm and RMSNorm takes rows two at a time where dy, x and dx together are at most ``n``
+    bytes (see _layernorm._backward_block; the results differ by a rounding of the parameter-gradient terms);
+    None restores the default, the last-level cache's size."""
+    for module in (_layernorm, _rownorm):
+        module.set_pairs_max_bytes(default_pairs_max_bytes() if n is None else n)
 
 
 def default_pairs_max_bytes() -> int:
@@ -305,7 +306,7 @@ def default_pairs_max_bytes() -> int:
 
 
 set_pairs_max_bytes(None)
-INFO["layernorm backward in row pairs"] = f"inputs of {default_pairs_max_bytes() / 2**20:.0f} MiB and less (dy, x, dx)"
+INFO["row pairs"] = f"layernorm and rmsnorm backward on {default_pairs_max_bytes() / 2**20:.0f} MiB and less"
 INFO["non-temporal stores"] = f"outputs of {default_stream_min_bytes() / 2**20:.0f} MiB and up (batchnorm)"
 set_num_threads(get_num_threads())
 set_serial_max_values(None)
