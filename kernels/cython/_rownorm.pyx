@@ -95,21 +95,50 @@ cdef extern from *:
     NK_SUMSQ(normkit_sumsq_f, float, NK_SQ_LOAD_F, NK_SQ_SAME)
     NK_SUMSQ(normkit_sumsq_d, double, NK_SQ_LOAD_D, NK_SQ_SAME)
 
-    /* 16-bit rows (fmt 0 bfloat16, 1 float16) straight from their bits where the build has AVX2 and F16C (the
-       x86-64-v3 one), widened in registers as _common.pxd's moments16; returns 0 where that does not apply (then
-       the caller widens tile by tile). */
-    #if defined(__AVX2__) && defined(__F16C__)
+    /* sum(x**2) of 16-bit rows (fmt 0 bfloat16, 1 float16) straight from their bits where the build has AVX2, F16C
+       and FMA (the x86-64-v3 one), widened in registers as _common.pxd's moments16: runs of 256 values summed in
+       float32 (the square of a 16-bit value is exact there; 8 lanes rather than 4 doubles, four registers), each
+       run then added in double, and a run whose float32 sum is not finite (squares beyond float32's range) summed
+       again in double. Returns 0 where it does not apply (then the caller widens tile by tile). */
+    #if defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
     #include <stdint.h>
     #include <string.h>
-    #define NK_SQ_LOAD_BF16(p) _mm256_cvtps_pd(_mm_castsi128_ps(                                      \
-        _mm_slli_epi32(_mm_cvtepu16_epi32(_mm_loadl_epi64((const __m128i*)(p))), 16)))
-    #define NK_SQ_LOAD_F16(p) _mm256_cvtps_pd(_mm_cvtph_ps(_mm_loadl_epi64((const __m128i*)(p))))
+    #define NK_SQ_LOAD8_BF16(p) _mm256_castsi256_ps(_mm256_slli_epi32(                                \
+        _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)(p))), 16))
+    #define NK_SQ_LOAD8_F16(p) _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(p)))
     static inline float nk_sq_bf16(uint16_t h) {
         uint32_t u = (uint32_t)h << 16; float f; memcpy(&f, &u, 4); return f;
     }
-    NK_SUMSQ(normkit_sumsq_bf16, uint16_t, NK_SQ_LOAD_BF16, nk_sq_bf16)
-    NK_SUMSQ(normkit_sumsq_f16, uint16_t, NK_SQ_LOAD_F16, _cvtsh_ss)
+    #define NK_SQ8(LOAD8, A, j) v = LOAD8(x + (j)); A = _mm256_fmadd_ps(v, v, A);
+    #define NK_SUMSQ16(NAME, LOAD8, SCALAR)                                                           \
+        static inline double NAME(const uint16_t* x, Py_ssize_t n) {                                \
+            double t = 0.0, d;                                                                      \
+            float f, e;                                                                             \
+            Py_ssize_t i0, i, end;                                                                  \
+            __m256 z = _mm256_setzero_ps(), a0, a1, a2, a3, v;                                      \
+            __m128 q;                                                                               \
+            for (i0 = 0; i0 < n; i0 += 256) {                                                       \
+                end = i0 + 256 < n ? i0 + 256 : n;                                                  \
+                a0 = a1 = a2 = a3 = z;                                                              \
+                for (i = i0; i + 32 <= end; i += 32) {                                              \
+                    NK_SQ8(LOAD8, a0, i) NK_SQ8(LOAD8, a1, i + 8)                                   \
+                    NK_SQ8(LOAD8, a2, i + 16) NK_SQ8(LOAD8, a3, i + 24)                             \
+                }                                                                                   \
+                for (; i + 8 <= end; i += 8) { NK_SQ8(LOAD8, a0, i) }                               \
+                a0 = _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3));                   \
+                q = _mm_add_ps(_mm256_castps256_ps128(a0), _mm256_extractf128_ps(a0, 1));           \
+                q = _mm_add_ps(q, _mm_movehl_ps(q, q));                                             \
+                f = _mm_cvtss_f32(_mm_add_ss(q, _mm_movehdup_ps(q)));                               \
+                for (; i < end; i++) { e = SCALAR(x[i]); f += e * e; }                              \
+                if (__builtin_isfinite(f)) { t += f; continue; }                                    \
+                for (i = i0; i < end; i++) { d = SCALAR(x[i]); t += d * d; }                        \
+            }                                                                                       \
+            return t;                                                                               \
+        }
+    NK_SUMSQ16(normkit_sumsq_bf16, NK_SQ_LOAD8_BF16, nk_sq_bf16)
+    NK_SUMSQ16(normkit_sumsq_f16, NK_SQ_LOAD8_F16, _cvtsh_ss)
     #endif
+
     /* RMSNorm's dx of two rows (r * w * g + b * x: _row_dx with mean 0 and no constant term) and their weight
        terms g * (x * r) added into accw, in one loop; restrict, as _layernorm.pyx's NORMKIT_LN_DX_GRADS2, so that
        gcc vectorizes it without run-time overlap checks. The terms go through fma: written as products, gcc's
@@ -141,7 +170,7 @@ cdef extern from *:
             double b2, double* accw) {}
     #endif
     static int normkit_sumsq16(const uint16_t* x, Py_ssize_t n, int fmt, int f16c, double* out) {
-    #if defined(__AVX2__) && defined(__F16C__)
+    #if defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
         if (fmt == 0) { *out = normkit_sumsq_bf16(x, n); return 1; }
         if (f16c) { *out = normkit_sumsq_f16(x, n); return 1; }
     #endif
