@@ -312,9 +312,10 @@ cdef void _backward_block(const floating* dy, const floating* x, floating* dx, P
     gradients, no activation, no streaming) two rows at a time instead: each row's sums, then both rows' dx and
     parameter-gradient terms in one loop (_rows_dx_grads), which loads and stores the accumulators once per pair
     and makes two passes over the data instead of three. Measured (in-process A/B, 2 threads, float32) against
-    the three loops: 0.81-0.90x on data that fits in the last-level cache ((128, 768) to (2048, 1024), (128,
-    4096)), but 1.02-1.07x on data that does not ((8192, 1024), (16384, 768)), likely because the loop that reads
-    from memory is then the heavier sums loop; so pairs go up to the cache's size (set_pairs_max_bytes)."""
+    the three loops: 0.77-0.86x on data well inside the last-level cache ((128, 768), (256, 256), (2048, 256),
+    (512, 1024), (128, 4096)), 0.90-1.0x at (2048, 1024) (24 MB), but 1.02-1.07x on data that does not fit
+    ((8192, 1024), (16384, 768)), likely because the loop that reads from memory is then the heavier sums loop;
+    so pairs go up to the cache's size (set_pairs_max_bytes)."""
     cdef Py_ssize_t i, o, q
     cdef double sg, sgx, cb, cc
     cdef double coef[4]
