@@ -1219,9 +1219,6 @@ cdef extern from *:
         return fmt ? NORMKIT_ROW_DX16(0, 1) : NORMKIT_ROW_DX16(0, 0);
     }
 
-
-
-
     /* The first backward pass over a row, as _row_sums16 makes it tile by tile: grad_sums() into sg, sgx (chunks
        of 256 values summed in float32, a chunk whose sums are not finite again in double) and, unless accw is
        NULL, the parameter gradients into the float32 accumulators accw and (unless NULL: an uncentered row has no

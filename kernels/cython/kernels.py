@@ -260,6 +260,10 @@ def last_level_cache_bytes() -> int | None:
         return None
 
 
+# read once: the import's defaults below would otherwise scan sysfs once per module and once more for INFO
+LLC_BYTES = last_level_cache_bytes()
+
+
 # Outputs (forward y, backward dx) of at least STREAM_LLC_FRACTION of the last-level cache are written with
 # non-temporal stores, by the modules where they win; where the cache size is unknown, from STREAM_FALLBACK_BYTES.
 # Measured with benchmarks/nt_stores.py (2 threads, 32 MiB L3, idle, each kernel also followed by the next layer's
@@ -286,8 +290,7 @@ def set_stream_min_bytes(n: int | None) -> None:
 
 
 def default_stream_min_bytes() -> int:
-    llc = last_level_cache_bytes()
-    return int(llc * STREAM_LLC_FRACTION) if llc else STREAM_FALLBACK_BYTES
+    return int(LLC_BYTES * STREAM_LLC_FRACTION) if LLC_BYTES else STREAM_FALLBACK_BYTES
 
 
 set_stream_min_bytes(None)
@@ -296,13 +299,16 @@ set_stream_min_bytes(None)
 def set_pairs_max_bytes(n: int | None) -> None:
     """The backward of LayerNorm and RMSNorm takes rows two at a time where dy, x and dx together are at most ``n``
     bytes (see _layernorm._backward_block; the results differ by a rounding of the parameter-gradient terms);
-    None restores the default, the last-level cache's size."""
+    None restores the default, the last-level cache's size (PAIRS_FALLBACK_BYTES where it is unknown)."""
     for module in (_layernorm, _rownorm):
         module.set_pairs_max_bytes(default_pairs_max_bytes() if n is None else n)
 
 
+PAIRS_FALLBACK_BYTES = 16 << 20  # a common last-level cache size of the machines measured
+
+
 def default_pairs_max_bytes() -> int:
-    return last_level_cache_bytes() or STREAM_FALLBACK_BYTES
+    return LLC_BYTES or PAIRS_FALLBACK_BYTES
 
 
 set_pairs_max_bytes(None)
