@@ -255,25 +255,30 @@ class Op:
         """The training forward kernel on the kernel view of x; returns (y, Saved). With ``nhwc``, x and y are
         (N, S, C) arrays. ``act``: () or a fused activation's (index, slope), the kernel arguments that follow
         eps."""
-        found = self._kernel("forward", x.dtype, backend, nhwc, act)
-        if found is None:  # no channels-last kernel: the NCHW one on a copy
-            y, saved = self._forward(_to_nchw(x), kshape, groups, weight, bias, eps, backend, act=act)
-            return np.ascontiguousarray(y.transpose(0, 2, 1)), saved
+        if nhwc or act:
+            found = self._kernel("forward", x.dtype, backend, nhwc, act)
+            if found is None:  # no channels-last kernel: the NCHW one on a copy
+                y, saved = self._forward(_to_nchw(x), kshape, groups, weight, bias, eps, backend, act=act)
+                return np.ascontiguousarray(y.transpose(0, 2, 1)), saved
+        else:  # the common call, without _kernel's frame (this path is most of a small call's cost)
+            found = registry.lookup(self.name, "forward", _KERNEL_DTYPES[x.dtype], backend)
         used, kernel = found
         shape = (kshape[0], kshape[2], kshape[1]) if nhwc else kshape
-        x = x.reshape(shape)
+        if x.shape != shape:
+            x = x.reshape(shape)
         y = _empty(shape, x.dtype, x.nbytes)
         stat = self.spec.stat_shape(kshape, groups)
         sdt = _stat_dtype(x.dtype)
         rstd = np.empty(stat, sdt)  # one scalar store per set: alignment is moot
+        xb, yb = (x.view(np.uint16), y.view(np.uint16)) if x.dtype.itemsize == 2 else (x, y)  # _bits of both
         if not self.spec.centered:
-            kernel(_bits(x), weight, eps, _bits(y), rstd)
+            kernel(xb, weight, eps, yb, rstd)
             return y, Saved(None, rstd, True, used)
         mean = np.empty(stat, sdt)
         if self.spec.grouped:
-            kernel(_bits(x), groups, weight, bias, eps, *act, _bits(y), mean, rstd)
+            kernel(xb, groups, weight, bias, eps, *act, yb, mean, rstd)
         else:
-            kernel(_bits(x), weight, bias, eps, *act, _bits(y), mean, rstd)
+            kernel(xb, weight, bias, eps, *act, yb, mean, rstd)
         return y, Saved(mean, rstd, True, used)
 
     def _backward(self, dy, x, kshape, groups, saved, weight, bias, backend, grad_dtypes=(None, None), nhwc=False,
@@ -476,8 +481,9 @@ class _RowOp(Op):
             _half_params(op, x, weight=weight, bias=bias)
         weight = as_param(op, "weight", weight, normalized_shape, x.dtype)
         bias = as_param(op, "bias", bias, normalized_shape, x.dtype)
-        return (x, (x.size // k, k), None if weight is None else weight.reshape(k),
-                None if bias is None else bias.reshape(k), normalized_shape)
+        if len(normalized_shape) > 1:  # the kernels take them flat
+            weight, bias = (None if p is None else p.reshape(k) for p in (weight, bias))
+        return x, (x.size // k, k), weight, bias, normalized_shape
 
     def _eps(self, eps, x):
         return _eps(self.name, eps)
@@ -485,7 +491,7 @@ class _RowOp(Op):
     def _row_forward(self, x, normalized_shape, weight, bias, eps, backend, act=()):
         x, kshape, weight, bias, _ = self._check(x, normalized_shape, weight, bias)
         y, saved = self._forward(x, kshape, None, weight, bias, self._eps(eps, x), backend, act=act)
-        return y.reshape(x.shape), saved
+        return (y if y.shape == x.shape else y.reshape(x.shape)), saved
 
     def _row_backward(self, grad_output, x, saved, normalized_shape, weight, bias, backend, act=()):
         x, kshape, weight_k, bias_k, shape = self._check(x, normalized_shape, weight, bias)
