@@ -270,15 +270,14 @@ class Op:
         stat = self.spec.stat_shape(kshape, groups)
         sdt = _stat_dtype(x.dtype)
         rstd = np.empty(stat, sdt)  # one scalar store per set: alignment is moot
-        xb, yb = (x.view(np.uint16), y.view(np.uint16)) if x.dtype.itemsize == 2 else (x, y)  # _bits of both
         if not self.spec.centered:
-            kernel(xb, weight, eps, yb, rstd)
+            kernel(_bits(x), weight, eps, _bits(y), rstd)
             return y, Saved(None, rstd, True, used)
         mean = np.empty(stat, sdt)
         if self.spec.grouped:
-            kernel(xb, groups, weight, bias, eps, *act, yb, mean, rstd)
+            kernel(_bits(x), groups, weight, bias, eps, *act, _bits(y), mean, rstd)
         else:
-            kernel(xb, weight, bias, eps, *act, yb, mean, rstd)
+            kernel(_bits(x), weight, bias, eps, *act, _bits(y), mean, rstd)
         return y, Saved(mean, rstd, True, used)
 
     def _backward(self, dy, x, kshape, groups, saved, weight, bias, backend, grad_dtypes=(None, None), nhwc=False,
