@@ -124,20 +124,24 @@ def test_non_finite_poisons_its_row_only(backend, op, bad, rng):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("op", ROW_OPS)
-def test_large_shapes_and_thread_count_independent(backend, op, rng):
-    """Enough rows for several parameter-gradient blocks (and a short last one); identical for 1 and 2 threads."""
-    x = (rng.standard_normal((2051, 300)) * 2 + 0.5).astype(np.float32)
+@pytest.mark.parametrize("shape", [(2051, 300), (3, 70001), (5, 270001)], ids=str)
+def test_large_shapes_and_thread_count_independent(backend, op, shape, rng):
+    """Enough rows for several parameter-gradient blocks (and a short last one), or rows over 65536 values in
+    fewer than four blocks (the Cython backward then shares each row among the threads by tiles); identical for 1
+    and 2 threads."""
+    k = shape[1]
+    x = (rng.standard_normal(shape) * 2 + 0.5).astype(np.float32)
     r = rng.standard_normal(x.shape).astype(np.float32)
     dy, dh = rng.standard_normal(x.shape).astype(np.float32), rng.standard_normal(x.shape).astype(np.float32)
-    kw = params(op, 300, np.float32, rng, "both")
+    kw = params(op, k, np.float32, rng, "both")
     threads = normkit.get_num_threads()
     runs = []
     try:
         for n in (1, 2, 1):
             normkit.set_num_threads(min(n, threads))
             runs.append(add_pass(op, x, r, dy, dh, kw, backend))
-            y, saved = normkit.get(op).forward(x, (300,), **kw, backend=backend)
-            runs[-1].update(plain_y=y, plain_dx=normkit.get(op).backward(dy, x, saved, (300,), **kw,
+            y, saved = normkit.get(op).forward(x, (k,), **kw, backend=backend)
+            runs[-1].update(plain_y=y, plain_dx=normkit.get(op).backward(dy, x, saved, (k,), **kw,
                                                                              backend=backend)[0])
     finally:
         normkit.set_num_threads(threads)
@@ -145,9 +149,9 @@ def test_large_shapes_and_thread_count_independent(backend, op, rng):
         for name, value in runs[0].items():
             if value is not None:
                 np.testing.assert_array_equal(other[name], value, err_msg=f"{op} {name} differs between runs")
-    compare({k: runs[0][k] for k in ("y", "h", "dx", "dweight", "dbias")},
-            {k: v for k, v in add_pass(op, x, r, dy, dh, kw, "reference").items() if k in ("y", "h", "dx", "dweight",
-                                                                                            "dbias")},
+    outputs = ("y", "h", "dx", "dweight", "dbias")
+    compare({name: runs[0][name] for name in outputs},
+            {name: v for name, v in add_pass(op, x, r, dy, dh, kw, "reference").items() if name in outputs},
             "float32", op)
 
 

@@ -7,7 +7,8 @@ whether a row's mean is subtracted and a bias added (LayerNorm) or not (RMSNorm)
 of h and reads it back from L1 for its statistics and y; the fused backward adds dh (the gradient flowing into h
 from its other uses) where it writes dx. Rows are independent tasks. The parameter gradients are summed per fixed
 block of rows (blocks depend on the shape only) and the blocks merged in order, as in _layernorm.pyx, so results
-do not depend on the thread count. Rows longer than PARTIAL_BUDGET / 2 make one block, which runs on one thread.
+do not depend on the thread count. Rows longer than LONG_ROW that would make fewer than FEW_BLOCKS blocks (few
+rows, or partial sums beyond PARTIAL_BUDGET) go one at a time instead, the threads sharing each row by tiles.
 """
 
 import os
@@ -38,6 +39,10 @@ cdef Py_ssize_t MAX_BLOCKS = 64
 cdef Py_ssize_t BLOCK_ROWS = 16
 cdef Py_ssize_t FEW_BLOCKS = 4
 cdef Py_ssize_t TILE = 4096
+# Rows longer than this that make fewer than FEW_BLOCKS blocks are shared by the threads tile by tile instead
+# (_backward_tiles): as blocks of rows they ran on one thread each, and the whole kernel on one thread from rows of
+# 2**20 values (RMSNorm with a weight gradient).
+cdef Py_ssize_t LONG_ROW = 1 << 16
 # Parameter-gradient terms summed in the data's precision before they are added to the double sums.
 cdef Py_ssize_t FLUSH = 16
 
@@ -430,38 +435,95 @@ cdef void _merge_blocks(const double* partial, Py_ssize_t blocks, Py_ssize_t n, 
             out[j] += partial[t * n + j]
 
 
+cdef inline Py_ssize_t _row_blocks(Py_ssize_t m, Py_ssize_t n, bint params) noexcept nogil:
+    """How many blocks of rows the backward makes (n: parameter-gradient values per row); the shape alone decides,
+    so that results do not depend on the thread count."""
+    if not params:
+        return min(m, MAX_BLOCKS)
+    return min(m, MAX_BLOCKS, max(1, PARTIAL_BUDGET // n), max(FEW_BLOCKS, m // BLOCK_ROWS))
+
+
+cdef void _backward_tiles(const floating* dy, const floating* dh, const floating* x, floating* dx, Py_ssize_t m,
+                          Py_ssize_t k, const floating* w, const floating* mean, const floating* rstd, bint centered,
+                          double* grads, floating* acc, double* work, int nt) noexcept nogil:
+    """The backward of long rows one at a time, the threads sharing each row by tiles of TILE columns: each tile's
+    parameter-gradient terms (as _backward_block's, into grads unless it is NULL, through acc when centered) and
+    sums (into work, 2 per tile), then the row's sums added in tile order, then each tile's dx."""
+    cdef Py_ssize_t i, t, j, n, o, tiles = (k + TILE - 1) // TILE
+    cdef double sg, sgx, mi, r
+    for i in range(m):
+        o = i * k
+        mi = mean[i] if centered else 0.0
+        r = rstd[i]
+        for t in prange(tiles, schedule="static", num_threads=nt):
+            j = t * TILE
+            n = min(TILE, k - j)
+            if grads != NULL and centered:
+                _add_param_grads(dy + o + j, x + o + j, n, mi, r, acc + j, acc + k + j)
+                if (i + 1) % FLUSH == 0 or i + 1 == m:
+                    _flush(acc + j, grads + j, n)
+                    _flush(acc + k + j, grads + k + j, n)
+            elif grads != NULL:
+                _add_weight_grads(dy + o + j, x + o + j, n, r, grads + j)
+            work[2 * t] = 0.0
+            work[2 * t + 1] = 0.0
+            grad_sums(dy + o + j, x + o + j, w + j, n, mi, &work[2 * t], &work[2 * t + 1])
+        sg = 0.0
+        sgx = 0.0
+        for t in range(tiles):
+            sg = sg + work[2 * t]
+            sgx = sgx + work[2 * t + 1]
+        for t in prange(tiles, schedule="static", num_threads=nt):
+            j = t * TILE
+            _row_dx(dy + o + j, dh + o + j if dh != NULL else NULL, x + o + j, dx + o + j, min(TILE, k - j), w + j,
+                    mi, r, -r * r * r * sgx / k, -r * sg / k if centered else 0.0)
+
+
 cdef void _backward(const floating* dy, const floating* dh, const floating* x, floating* dx, Py_ssize_t m,
                     Py_ssize_t k, const floating* w, const floating* mean, const floating* rstd, bint centered,
                     floating* dweight, floating* dbias):
     """dweight / dbias: NULL when not wanted."""
-    cdef Py_ssize_t j, t, per_block, blocks, tiles, n = 2 * k if centered else k
+    cdef Py_ssize_t j, t, per_block, tiles, n = 2 * k if centered else k
+    cdef bint params = dweight != NULL or dbias != NULL
+    cdef Py_ssize_t blocks = _row_blocks(m, n, params)
     cdef double[::1] buf
     cdef double* grads
     cdef double* work
     cdef floating* acc
     cdef int nt = threads_for(m * k, _nthreads, _serial_max)
-    if dweight == NULL and dbias == NULL:
-        blocks = min(m, MAX_BLOCKS)
+    if k > LONG_ROW and blocks < FEW_BLOCKS:
+        tiles = (k + TILE - 1) // TILE
+        # n doubles of gradients, 2 per tile of row sums, then n accumulators (in doubles' room)
+        buf = _scratch(n + 2 * tiles + (n * sizeof(floating) + 7) // 8)
+        grads = &buf[0]
+        work = grads + n
+        acc = <floating*>(work + 2 * tiles)
+        memset(grads, 0, n * sizeof(double))
+        memset(acc, 0, n * sizeof(floating))
+        with nogil:
+            _backward_tiles(dy, dh, x, dx, m, k, w, mean, rstd, centered, grads if params else NULL, acc, work, nt)
+    else:
         per_block = (m + blocks - 1) // blocks
         blocks = (m + per_block - 1) // per_block
+        if not params:
+            for t in prange(blocks, nogil=True, schedule="static", num_threads=nt):
+                _backward_block(dy, dh, x, dx, t * per_block, min(m, (t + 1) * per_block), k, w, mean, rstd,
+                                centered, NULL, NULL, False)
+            return
+        # n doubles of gradients, n per block of partial sums, then n accumulators per block (in doubles' room)
+        buf = _scratch(n + blocks * n + (blocks * n * sizeof(floating) + 7) // 8)
+        grads = &buf[0]
+        work = grads + n
+        acc = <floating*>(work + blocks * n)
         for t in prange(blocks, nogil=True, schedule="static", num_threads=nt):
-            _backward_block(dy, dh, x, dx, t * per_block, min(m, (t + 1) * per_block), k, w, mean, rstd, centered,
-                            NULL, NULL, False)
+            _backward_block(dy, dh, x, dx, t * per_block, min(m, (t + 1) * per_block), k, w, mean, rstd,
+                            centered, work + t * n, acc + t * n,
+                            3 * m * k * <Py_ssize_t>sizeof(floating) <= _pairs_max)
+        tiles = (n + TILE - 1) // TILE
+        for t in prange(tiles, nogil=True, schedule="static", num_threads=nt):
+            _merge_blocks(work, blocks, n, t * TILE, min(n, (t + 1) * TILE), grads)
+    if not params:
         return
-    blocks = min(m, MAX_BLOCKS, max(1, PARTIAL_BUDGET // n), max(FEW_BLOCKS, m // BLOCK_ROWS))
-    per_block = (m + blocks - 1) // blocks
-    blocks = (m + per_block - 1) // per_block
-    # n doubles of gradients, n per block of partial sums, then n accumulators per block (in doubles' room)
-    buf = _scratch(n + blocks * n + (blocks * n * sizeof(floating) + 7) // 8)
-    grads = &buf[0]
-    work = grads + n
-    acc = <floating*>(work + blocks * n)
-    for t in prange(blocks, nogil=True, schedule="static", num_threads=nt):
-        _backward_block(dy, dh, x, dx, t * per_block, min(m, (t + 1) * per_block), k, w, mean, rstd, centered,
-                        work + t * n, acc + t * n, 3 * m * k * <Py_ssize_t>sizeof(floating) <= _pairs_max)
-    tiles = (n + TILE - 1) // TILE
-    for t in prange(tiles, nogil=True, schedule="static", num_threads=nt):
-        _merge_blocks(work, blocks, n, t * TILE, min(n, (t + 1) * TILE), grads)
     for j in range(k):
         if dweight != NULL:
             dweight[j] = <floating>grads[j]
@@ -678,16 +740,16 @@ cdef void _forward16(const uint16_t* x, const uint16_t* res, uint16_t* h, uint16
 
 
 cdef void _row_sums16(const uint16_t* dy, const uint16_t* x, Py_ssize_t k, const float* w, double mean,
-                      double rstd, int fmt, bint centered, double* partial, float* acc, double* sg,
+                      double rstd, int fmt, bint centered, double* partial, float* accw, float* accb, double* sg,
                       double* sgx) noexcept nogil:
-    """A row's grad_sums() into sg, sgx and, unless acc is NULL, its parameter gradients, taken in one visit of each
-    tile. The native 16-bit loop adds them into the float32 accumulators acc (weight, then, for a centered row,
-    bias at acc + k); the tile loops here add a centered row's there too, an uncentered row's weight into partial
-    in double (see _add_weight_grads)."""
+    """A run of a row: its grad_sums() into sg, sgx and, unless accw is NULL, its parameter gradients, taken in one
+    visit of each tile. The native 16-bit loop adds them into the float32 accumulators accw (weight) and, for a
+    centered row, accb (bias); the tile loops here add a centered row's there too, an uncentered row's weight into
+    partial in double (see _add_weight_grads)."""
     cdef float tdy[TILE16]
     cdef float tx[TILE16]
     cdef Py_ssize_t tile, j, n
-    if normkit_row_sums16(dy, x, k, fmt, w, mean, rstd, acc, acc + k if acc != NULL and centered else NULL, sg,
+    if normkit_row_sums16(dy, x, k, fmt, w, mean, rstd, accw, accb if accw != NULL and centered else NULL, sg,
                           sgx) == 0:
         return
     for tile in range((k + TILE16 - 1) // TILE16):
@@ -695,9 +757,9 @@ cdef void _row_sums16(const uint16_t* dy, const uint16_t* x, Py_ssize_t k, const
         n = min(TILE16, k - j)
         normkit_widen(dy + j, tdy, n, fmt)
         normkit_widen(x + j, tx, n, fmt)
-        if acc != NULL and centered:
-            _add_param_grads(tdy, tx, n, mean, rstd, acc + j, acc + k + j)
-        elif acc != NULL:
+        if accw != NULL and centered:
+            _add_param_grads(tdy, tx, n, mean, rstd, accw + j, accb + j)
+        elif accw != NULL:
             _add_weight_grads(tdy, tx, n, rstd, partial + j)
         grad_sums(tdy, tx, w + j, n, mean, sg, sgx)
 
@@ -753,44 +815,90 @@ cdef void _backward_block16(const uint16_t* dy, const uint16_t* dh, const uint16
         r = rstd[i]
         sg = 0.0
         sgx = 0.0
-        _row_sums16(dy + o, x + o, k, w, mi, r, fmt, centered, partial, acc if partial != NULL else NULL, &sg, &sgx)
+        _row_sums16(dy + o, x + o, k, w, mi, r, fmt, centered, partial, acc if partial != NULL else NULL,
+                    acc + k if partial != NULL else NULL, &sg, &sgx)
         _row_dx16(dy + o, dh + o if dh != NULL else NULL, x + o, dx + o, k, w, mi, r, -r * r * r * sgx / k,
                   -r * sg / k if centered else 0.0, fmt)
         if partial != NULL and ((i + 1 - m0) % FLUSH == 0 or i + 1 == m1):
             _flush(acc, partial, n)
 
 
+cdef void _backward_tiles16(const uint16_t* dy, const uint16_t* dh, const uint16_t* x, uint16_t* dx, Py_ssize_t m,
+                            Py_ssize_t k, const float* w, const float* mean, const float* rstd, bint centered,
+                            int fmt, double* grads, float* acc, double* work, int nt) noexcept nogil:
+    """_backward_tiles on 16-bit data (the parameter gradients through acc as _backward_block16's)."""
+    cdef Py_ssize_t i, t, j, n, o, tiles = (k + TILE - 1) // TILE
+    cdef double sg, sgx, mi, r
+    for i in range(m):
+        o = i * k
+        mi = mean[i] if centered else 0.0
+        r = rstd[i]
+        for t in prange(tiles, schedule="static", num_threads=nt):
+            j = t * TILE
+            n = min(TILE, k - j)
+            work[2 * t] = 0.0
+            work[2 * t + 1] = 0.0
+            _row_sums16(dy + o + j, x + o + j, n, w + j, mi, r, fmt, centered,
+                        grads + j if grads != NULL else NULL, acc + j if grads != NULL else NULL,
+                        acc + k + j if grads != NULL and centered else NULL, &work[2 * t], &work[2 * t + 1])
+            if grads != NULL and ((i + 1) % FLUSH == 0 or i + 1 == m):
+                _flush(acc + j, grads + j, n)
+                if centered:
+                    _flush(acc + k + j, grads + k + j, n)
+        sg = 0.0
+        sgx = 0.0
+        for t in range(tiles):
+            sg = sg + work[2 * t]
+            sgx = sgx + work[2 * t + 1]
+        for t in prange(tiles, schedule="static", num_threads=nt):
+            j = t * TILE
+            _row_dx16(dy + o + j, dh + o + j if dh != NULL else NULL, x + o + j, dx + o + j, min(TILE, k - j), w + j,
+                      mi, r, -r * r * r * sgx / k, -r * sg / k if centered else 0.0, fmt)
+
+
 cdef void _backward16(const uint16_t* dy, const uint16_t* dh, const uint16_t* x, uint16_t* dx, Py_ssize_t m,
                       Py_ssize_t k, const float* w, const float* mean, const float* rstd, bint centered, int fmt,
                       float* dweight, float* dbias):
-    """_backward's schedule (see there) on 16-bit data."""
-    cdef Py_ssize_t j, t, per_block, blocks, tiles, n = 2 * k if centered else k
+    """_backward's schedules (see there) on 16-bit data."""
+    cdef Py_ssize_t j, t, per_block, tiles, n = 2 * k if centered else k
+    cdef bint params = dweight != NULL or dbias != NULL
+    cdef Py_ssize_t blocks = _row_blocks(m, n, params)
     cdef double[::1] buf
     cdef double* grads
     cdef double* work
     cdef float* acc
     cdef int nt = threads_for(m * k, _nthreads, _serial_max)
-    if dweight == NULL and dbias == NULL:
-        blocks = min(m, MAX_BLOCKS)
+    if k > LONG_ROW and blocks < FEW_BLOCKS:
+        tiles = (k + TILE - 1) // TILE
+        buf = _scratch(n + 2 * tiles + (n * sizeof(float) + 7) // 8)
+        grads = &buf[0]
+        work = grads + n
+        acc = <float*>(work + 2 * tiles)
+        memset(grads, 0, n * sizeof(double))
+        memset(acc, 0, n * sizeof(float))
+        with nogil:
+            _backward_tiles16(dy, dh, x, dx, m, k, w, mean, rstd, centered, fmt, grads if params else NULL, acc, work,
+                              nt)
+    else:
         per_block = (m + blocks - 1) // blocks
         blocks = (m + per_block - 1) // per_block
+        if not params:
+            for t in prange(blocks, nogil=True, schedule="static", num_threads=nt):
+                _backward_block16(dy, dh, x, dx, t * per_block, min(m, (t + 1) * per_block), k, w, mean, rstd,
+                                  centered, fmt, NULL, NULL)
+            return
+        buf = _scratch(n + blocks * n + (blocks * n * sizeof(float) + 7) // 8)
+        grads = &buf[0]
+        work = grads + n
+        acc = <float*>(work + blocks * n)
         for t in prange(blocks, nogil=True, schedule="static", num_threads=nt):
             _backward_block16(dy, dh, x, dx, t * per_block, min(m, (t + 1) * per_block), k, w, mean, rstd,
-                              centered, fmt, NULL, NULL)
+                              centered, fmt, work + t * n, acc + t * n)
+        tiles = (n + TILE - 1) // TILE
+        for t in prange(tiles, nogil=True, schedule="static", num_threads=nt):
+            _merge_blocks(work, blocks, n, t * TILE, min(n, (t + 1) * TILE), grads)
+    if not params:
         return
-    blocks = min(m, MAX_BLOCKS, max(1, PARTIAL_BUDGET // n), max(FEW_BLOCKS, m // BLOCK_ROWS))
-    per_block = (m + blocks - 1) // blocks
-    blocks = (m + per_block - 1) // per_block
-    buf = _scratch(n + blocks * n + (blocks * n * sizeof(float) + 7) // 8)
-    grads = &buf[0]
-    work = grads + n
-    acc = <float*>(work + blocks * n)
-    for t in prange(blocks, nogil=True, schedule="static", num_threads=nt):
-        _backward_block16(dy, dh, x, dx, t * per_block, min(m, (t + 1) * per_block), k, w, mean, rstd, centered,
-                          fmt, work + t * n, acc + t * n)
-    tiles = (n + TILE - 1) // TILE
-    for t in prange(tiles, nogil=True, schedule="static", num_threads=nt):
-        _merge_blocks(work, blocks, n, t * TILE, min(n, (t + 1) * TILE), grads)
     for j in range(k):
         if dweight != NULL:
             dweight[j] = <float>grads[j]
