@@ -5,7 +5,8 @@ One forward and one backward serve all four directions each; ``centered`` says w
 and a bias added (LayerNorm) or not (RMSNorm: rstd = 1/sqrt(mean(x**2) + eps), the sum of squares in float64).
 How the work is split: one work item per row in the forward (the fused add writes the row of h and reads it back
 from cache); in the backward, fixed blocks of rows (a function of the shape only) keep partial parameter gradients,
-merged in block order, so results do not depend on the thread count.
+merged in block order, so results do not depend on the thread count; long rows in few blocks go one at a time
+instead, the threads sharing each row by pieces (_backward_pieces).
 
 16-bit data (kernels.py views it as uint16 / int16) loads and stores through _dtype16.py's widen / narrow and is
 computed in float32, the dtype of rstd and of the other float arguments, as layernorm.py does.
@@ -16,14 +17,24 @@ from __future__ import annotations
 import numpy as np
 from numba import prange
 
-from ._common import (TARGET_ITEMS, _cdiv, _finish, _jit, _ones, _opt, _pivot, _pjit, _row_grad_sums, _sums,
-                      _sync_threads, _zeros)
+from ._common import (PIECE, TARGET_ITEMS, _cdiv, _finish, _jit, _ones, _opt, _pivot, _pjit, _row_grad_sums,
+                      _sums, _sync_threads, _zeros)
 from ._dtype16 import narrow, widen
 
 # A centered op's parameter gradients are summed in the dtype over at most FLUSH rows, then added into float64.
 FLUSH = 16
 # Partial parameter gradients of all row blocks together stay under this many doubles (8 MB).
 PARTIAL_BUDGET = 1 << 20
+# Rows longer than this in fewer than FEW_BLOCKS blocks go one at a time, the threads sharing each row by pieces
+# (_backward_pieces): as blocks they ran on a thread each ((8, 2**20) RMSNorm with a weight gradient: one block).
+LONG_ROW = 1 << 16
+FEW_BLOCKS = 4
+
+
+@_jit
+def _row_blocks(M, K, want):
+    """How many blocks of rows _backward makes: the shape's alone, so results do not depend on the thread count."""
+    return max(1, min(TARGET_ITEMS * 2, M // 8, PARTIAL_BUDGET // (2 * K))) if want else min(M, TARGET_ITEMS * 2)
 
 
 @_jit
@@ -131,7 +142,7 @@ def _backward(dy, dh, has_dh, x, mean, rstd, w, has_w, centered, dx, dw, db, wan
     t = rstd.dtype.type  # the working dtype: the data's, float32 for 16-bit data
     wv = w if has_w else _ones(K, rstd.dtype)
     want = want_dw or want_db
-    R = max(1, min(TARGET_ITEMS * 2, M // 8, PARTIAL_BUDGET // (2 * K))) if want else min(M, TARGET_ITEMS * 2)
+    R = _row_blocks(M, K, want)
     RL = _cdiv(M, R)
     pw = np.zeros((R, K) if want else (1, 1))
     # the dtype accumulators and the bias gradients: a centered op's only
@@ -176,6 +187,58 @@ def _backward(dy, dh, has_dh, x, mean, rstd, w, has_w, centered, dx, dw, db, wan
                 db[j] = ab[j]
 
 
+@_pjit
+def _backward_pieces(dy, dh, has_dh, x, mean, rstd, w, has_w, centered, dx, dw, db, want_dw, want_db):
+    """_backward for long rows in few blocks: one row at a time, the threads sharing it by pieces of PIECE columns,
+    each piece's sums and parameter-gradient terms (as _backward's), the row's sums added in piece order, then each
+    piece's dx."""
+    M, K = x.shape
+    t = rstd.dtype.type
+    wv = w if has_w else _ones(K, rstd.dtype)
+    want = want_dw or want_db
+    P = _cdiv(K, PIECE)
+    sums = np.zeros((P, 2))
+    aw = np.zeros(K if want else 1)
+    ab = np.zeros(K if want and centered else 1)
+    acw = np.zeros(K if want and centered else 1, rstd.dtype)
+    acb = np.zeros(K if want and centered else 1, rstd.dtype)
+    for k in range(M):
+        mk = mean[k] if centered else t(0.0)
+        r = np.float64(rstd[k])
+        for it in prange(P):
+            j0 = it * PIECE
+            j1 = min(K, j0 + PIECE)
+            sg, sgx = _row_grad_sums(dy[k, j0:j1], x[k, j0:j1], np.float64(mk), 1.0, wv[j0:j1])
+            sums[it, 0] = sg
+            sums[it, 1] = sgx
+            if want and centered:
+                _param_grads(dy[k, j0:j1], x[k, j0:j1], mk, rstd[k], acw[j0:j1], acb[j0:j1])
+                if k % FLUSH == FLUSH - 1 or k == M - 1:
+                    _flush(acw[j0:j1], aw[j0:j1])
+                    _flush(acb[j0:j1], ab[j0:j1])
+            elif want:
+                _weight_grads(dy[k, j0:j1], x[k, j0:j1], r, aw[j0:j1])
+        sg = 0.0
+        sgx = 0.0
+        for it in range(P):
+            sg += sums[it, 0]
+            sgx += sums[it, 1]
+        B = t(-r * r * r * sgx / K)
+        Cc = t(-r * sg / K) if centered else t(0.0)
+        for it in prange(P):
+            j0 = it * PIECE
+            j1 = min(K, j0 + PIECE)
+            if has_dh:
+                _dx_plus(dy[k, j0:j1], dh[k, j0:j1], x[k, j0:j1], dx[k, j0:j1], mk, rstd[k], B, Cc, wv[j0:j1])
+            else:
+                _dx(dy[k, j0:j1], x[k, j0:j1], dx[k, j0:j1], mk, rstd[k], B, Cc, wv[j0:j1])
+    for j in range(K):
+        if want_dw:
+            dw[j] = aw[j]
+        if want_db:
+            db[j] = ab[j]
+
+
 # --- the contract's callables -----------------------------------------------------------------------------------
 
 _EMPTY2 = {np.dtype(t): np.empty((0, 0), t) for t in (np.float32, np.float64, np.uint16, np.int16)}
@@ -203,7 +266,9 @@ def _bwd(dy, dh, x, mean, rstd, weight, centered, dx, dweight, dbias):
     db, wdb = _opt(dbias, rstd)
     d, has_dh = _opt2(dh, x)
     m, _ = _opt(mean, rstd)
-    _backward(dy, d, has_dh, x, m, rstd, w, hw, centered, dx, dw, db, wdw, wdb)
+    M, K = x.shape
+    long_rows = K > LONG_ROW and _row_blocks(M, K, wdw or wdb) < FEW_BLOCKS
+    (_backward_pieces if long_rows else _backward)(dy, d, has_dh, x, m, rstd, w, hw, centered, dx, dw, db, wdw, wdb)
 
 
 def rmsnorm_forward(x, weight, eps, y, rstd):
