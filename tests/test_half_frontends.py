@@ -231,9 +231,9 @@ def test_numpy_16_bit_add_forms_run_the_fused_kernel(backend, op, dtype, params)
     _assert_add_like_reference(got, want, dtype, pdt, f"{backend} {op} {dtype} params {params}")
 
 
-# Rows over 65536 values in fewer than four blocks of rows: the Cython backward shares each row among the threads
-# by tiles ((3, 70001): few rows; (5, 270001): partial sums beyond the budget), and the tiles' bias accumulators
-# sit k values after the weight's.
+# Rows over 65536 values in fewer than four blocks of rows: the backward of both backends shares each row among the
+# threads by pieces ((3, 70001): few rows; (5, 270001): partial sums beyond the budget), each piece with its own
+# weight and bias accumulators.
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("op", ROW_OPS)
 @pytest.mark.parametrize("dtype", HALF_DTYPES)
