@@ -435,12 +435,36 @@ cdef void _merge_blocks(const double* partial, Py_ssize_t blocks, Py_ssize_t n, 
             out[j] += partial[t * n + j]
 
 
-cdef inline Py_ssize_t _row_blocks(Py_ssize_t m, Py_ssize_t n, bint params) noexcept nogil:
-    """How many blocks of rows the backward makes (n: parameter-gradient values per row); the shape alone decides,
-    so that results do not depend on the thread count."""
+cdef Py_ssize_t _plan(Py_ssize_t m, Py_ssize_t k, bint centered, bint params, size_t acc_item,
+                      Py_ssize_t* per_block, double** grads, double** work, char** acc):
+    """The backward's schedule, chosen from the shape alone (so that results do not depend on the thread count),
+    and its scratch, for both data types. Returns how many blocks of rows of per_block rows each, or 0 for rows
+    longer than LONG_ROW that would make fewer than FEW_BLOCKS blocks (_backward_tiles). The calling thread's
+    scratch (_scratch, alive until its next use) holds n doubles of gradients (weight, then bias when centered),
+    the work area (n partial sums per block, or 2 sums per tile), then n accumulators of acc_item bytes per block
+    (one set for the tiles, zeroed with the gradients). Blocks without parameter gradients need no scratch."""
+    cdef Py_ssize_t n = 2 * k if centered else k, blocks, work_n, sets
+    cdef double[::1] buf
     if not params:
-        return min(m, MAX_BLOCKS)
-    return min(m, MAX_BLOCKS, max(1, PARTIAL_BUDGET // n), max(FEW_BLOCKS, m // BLOCK_ROWS))
+        blocks = min(m, MAX_BLOCKS)
+    else:
+        blocks = min(m, MAX_BLOCKS, max(1, PARTIAL_BUDGET // n), max(FEW_BLOCKS, m // BLOCK_ROWS))
+    if k > LONG_ROW and blocks < FEW_BLOCKS:
+        blocks, work_n, sets = 0, 2 * ((k + TILE - 1) // TILE), 1
+    else:
+        per_block[0] = (m + blocks - 1) // blocks
+        blocks = (m + per_block[0] - 1) // per_block[0]
+        if not params:
+            return blocks
+        work_n, sets = blocks * n, blocks
+    buf = _scratch(n + work_n + (sets * n * acc_item + 7) // 8)
+    grads[0] = &buf[0]
+    work[0] = grads[0] + n
+    acc[0] = <char*>(work[0] + work_n)
+    if blocks == 0:
+        memset(grads[0], 0, n * sizeof(double))
+        memset(acc[0], 0, n * acc_item)
+    return blocks
 
 
 cdef void _backward_tiles(const floating* dy, const floating* dh, const floating* x, floating* dx, Py_ssize_t m,
@@ -485,39 +509,23 @@ cdef void _backward(const floating* dy, const floating* dh, const floating* x, f
     """dweight / dbias: NULL when not wanted."""
     cdef Py_ssize_t j, t, per_block, tiles, n = 2 * k if centered else k
     cdef bint params = dweight != NULL or dbias != NULL
-    cdef Py_ssize_t blocks = _row_blocks(m, n, params)
-    cdef double[::1] buf
-    cdef double* grads
-    cdef double* work
-    cdef floating* acc
+    cdef double* grads = NULL
+    cdef double* work = NULL
+    cdef char* acc = NULL
     cdef int nt = threads_for(m * k, _nthreads, _serial_max)
-    if k > LONG_ROW and blocks < FEW_BLOCKS:
-        tiles = (k + TILE - 1) // TILE
-        # n doubles of gradients, 2 per tile of row sums, then n accumulators (in doubles' room)
-        buf = _scratch(n + 2 * tiles + (n * sizeof(floating) + 7) // 8)
-        grads = &buf[0]
-        work = grads + n
-        acc = <floating*>(work + 2 * tiles)
-        memset(grads, 0, n * sizeof(double))
-        memset(acc, 0, n * sizeof(floating))
+    cdef Py_ssize_t blocks = _plan(m, k, centered, params, sizeof(floating), &per_block, &grads, &work, &acc)
+    if blocks == 0:
         with nogil:
-            _backward_tiles(dy, dh, x, dx, m, k, w, mean, rstd, centered, grads if params else NULL, acc, work, nt)
-    else:
-        per_block = (m + blocks - 1) // blocks
-        blocks = (m + per_block - 1) // per_block
-        if not params:
-            for t in prange(blocks, nogil=True, schedule="static", num_threads=nt):
-                _backward_block(dy, dh, x, dx, t * per_block, min(m, (t + 1) * per_block), k, w, mean, rstd,
-                                centered, NULL, NULL, False)
-            return
-        # n doubles of gradients, n per block of partial sums, then n accumulators per block (in doubles' room)
-        buf = _scratch(n + blocks * n + (blocks * n * sizeof(floating) + 7) // 8)
-        grads = &buf[0]
-        work = grads + n
-        acc = <floating*>(work + blocks * n)
+            _backward_tiles(dy, dh, x, dx, m, k, w, mean, rstd, centered, grads if params else NULL,
+                            <floating*>acc, work, nt)
+    elif not params:
         for t in prange(blocks, nogil=True, schedule="static", num_threads=nt):
-            _backward_block(dy, dh, x, dx, t * per_block, min(m, (t + 1) * per_block), k, w, mean, rstd,
-                            centered, work + t * n, acc + t * n,
+            _backward_block(dy, dh, x, dx, t * per_block, min(m, (t + 1) * per_block), k, w, mean, rstd, centered,
+                            NULL, NULL, False)
+    else:
+        for t in prange(blocks, nogil=True, schedule="static", num_threads=nt):
+            _backward_block(dy, dh, x, dx, t * per_block, min(m, (t + 1) * per_block), k, w, mean, rstd, centered,
+                            work + t * n, <floating*>acc + t * n,
                             3 * m * k * <Py_ssize_t>sizeof(floating) <= _pairs_max)
         tiles = (n + TILE - 1) // TILE
         for t in prange(tiles, nogil=True, schedule="static", num_threads=nt):
@@ -862,38 +870,23 @@ cdef void _backward16(const uint16_t* dy, const uint16_t* dh, const uint16_t* x,
     """_backward's schedules (see there) on 16-bit data."""
     cdef Py_ssize_t j, t, per_block, tiles, n = 2 * k if centered else k
     cdef bint params = dweight != NULL or dbias != NULL
-    cdef Py_ssize_t blocks = _row_blocks(m, n, params)
-    cdef double[::1] buf
-    cdef double* grads
-    cdef double* work
-    cdef float* acc
+    cdef double* grads = NULL
+    cdef double* work = NULL
+    cdef char* acc = NULL
     cdef int nt = threads_for(m * k, _nthreads, _serial_max)
-    if k > LONG_ROW and blocks < FEW_BLOCKS:
-        tiles = (k + TILE - 1) // TILE
-        buf = _scratch(n + 2 * tiles + (n * sizeof(float) + 7) // 8)
-        grads = &buf[0]
-        work = grads + n
-        acc = <float*>(work + 2 * tiles)
-        memset(grads, 0, n * sizeof(double))
-        memset(acc, 0, n * sizeof(float))
+    cdef Py_ssize_t blocks = _plan(m, k, centered, params, sizeof(float), &per_block, &grads, &work, &acc)
+    if blocks == 0:
         with nogil:
-            _backward_tiles16(dy, dh, x, dx, m, k, w, mean, rstd, centered, fmt, grads if params else NULL, acc, work,
-                              nt)
-    else:
-        per_block = (m + blocks - 1) // blocks
-        blocks = (m + per_block - 1) // per_block
-        if not params:
-            for t in prange(blocks, nogil=True, schedule="static", num_threads=nt):
-                _backward_block16(dy, dh, x, dx, t * per_block, min(m, (t + 1) * per_block), k, w, mean, rstd,
-                                  centered, fmt, NULL, NULL)
-            return
-        buf = _scratch(n + blocks * n + (blocks * n * sizeof(float) + 7) // 8)
-        grads = &buf[0]
-        work = grads + n
-        acc = <float*>(work + blocks * n)
+            _backward_tiles16(dy, dh, x, dx, m, k, w, mean, rstd, centered, fmt, grads if params else NULL,
+                              <float*>acc, work, nt)
+    elif not params:
         for t in prange(blocks, nogil=True, schedule="static", num_threads=nt):
             _backward_block16(dy, dh, x, dx, t * per_block, min(m, (t + 1) * per_block), k, w, mean, rstd,
-                              centered, fmt, work + t * n, acc + t * n)
+                              centered, fmt, NULL, NULL)
+    else:
+        for t in prange(blocks, nogil=True, schedule="static", num_threads=nt):
+            _backward_block16(dy, dh, x, dx, t * per_block, min(m, (t + 1) * per_block), k, w, mean, rstd,
+                              centered, fmt, work + t * n, <float*>acc + t * n)
         tiles = (n + TILE - 1) // TILE
         for t in prange(tiles, nogil=True, schedule="static", num_threads=nt):
             _merge_blocks(work, blocks, n, t * TILE, min(n, (t + 1) * TILE), grads)
