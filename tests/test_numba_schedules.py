@@ -105,3 +105,25 @@ def test_schedule_matches_reference_and_thread_count(case):
         K.set_num_threads(before)
     for name in one:
         assert one[name].tobytes() == two[name].tobytes(), f"{name} differs between 1 and 2 threads"
+
+
+# The row ops' backward kernels sum into work memory that _common.work_arrays hands out again on the next call in
+# the thread; each must clear what it uses. (M, K): short rows, LayerNorm's long rows, rows shared by pieces.
+WORK_CASES = [
+    testing.Case(op, direction, "float32", shape, None, "weight" if op == "rmsnorm" else "weight+bias", "normal",
+                 1e-5, activation=0 if direction.startswith("act_") else None)
+    for op, direction, shapes in [("layernorm", "backward", [(64, 100), (8, 8200), (2, 20000)]),
+                                  ("layernorm", "act_backward", [(64, 100)]),
+                                  ("rmsnorm", "backward", [(64, 100), (2, 70000)]),
+                                  ("layernorm", "add_backward", [(64, 100), (2, 70000)])]
+    for shape in shapes
+]
+
+
+@pytest.mark.parametrize("case", WORK_CASES, ids=str)
+def test_row_backward_does_not_read_old_work_memory(case):
+    kernel = registry.lookup(case.op, case.direction, case.dtype, "numba")[1]
+    clean = _outputs(case, kernel)
+    _common._work.buf.fill(0xFF)  # NaN in every float that a kernel would fail to clear
+    dirty = _outputs(case, kernel)
+    assert {k: v.tobytes() for k, v in dirty.items()} == {k: v.tobytes() for k, v in clean.items()}

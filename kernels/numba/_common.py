@@ -165,6 +165,46 @@ def _ones(shape, dtype):
     return np.ones(shape, dtype)
 
 
+@_jit
+def _clear(a):
+    for j in range(a.shape[0]):
+        a[j] = 0.0
+
+
+@_jit
+def _store(acc, out):
+    """out = acc, rounded to out's dtype (the float64 sums of parameter gradients into their outputs)."""
+    for j in range(acc.shape[0]):
+        out[j] = acc[j]
+
+
+_work = threading.local()
+
+
+def work_arrays(*specs):
+    """Uninitialized arrays of the given (shape, dtype) pairs, carved from one 64-byte aligned buffer kept per calling
+    thread and reused from call to call, as the Cython backend's _scratch: a kernel that allocated megabytes of
+    partial sums page-faulted on every call, which cost more than the kernel did (LayerNorm backward (1, 2**20):
+    14 of 17 ms). The kernels clear what they sum into. One call per kernel call: the next hands out the same
+    memory. The buffer keeps the largest size asked for; the arrays of the last specs are kept too, since carving
+    them costs 7 us, more than a small kernel."""
+    last = getattr(_work, "last", None)
+    if last is not None and last[0] == specs:
+        return last[1]
+    sizes = [-(-math.prod(shape) * np.dtype(dtype).itemsize // 64) * 64 for shape, dtype in specs]
+    buf = getattr(_work, "buf", None)
+    if buf is None or buf.shape[0] < sum(sizes):
+        raw = np.empty(sum(sizes) + 64, np.uint8)
+        buf = _work.buf = raw[-raw.ctypes.data % 64:][:sum(sizes)]
+    out = []
+    o = 0
+    for (shape, dtype), n in zip(specs, sizes):
+        out.append(buf[o:o + n].view(dtype)[:math.prod(shape)].reshape(shape))
+        o += n
+    _work.last = (specs, out)
+    return out
+
+
 # The inner loops run from 0, over a view or over the last index of the whole array (x[n, c, j] for j in
 # range(S)): a loop from a run-time start index keeps numba's negative-index wraparound check in the loop, which
 # stops LLVM from vectorizing it (measured 7x slower; x[n, c, c0 + j] doubled InstanceNorm's backward). A view

@@ -10,8 +10,9 @@ from __future__ import annotations
 import numpy as np
 from numba import prange
 
-from ._common import (BLOCK, PIECE, TARGET_ITEMS, _act, _cdiv, _dact, _finish, _fma, _jit, _npieces, _ones, _opt,
-                      _pivot, _pjit, _row_grad_sums, _row_stats, _sums, _sync_threads, _zeros, npieces, per_activation)
+from ._common import (BLOCK, PIECE, TARGET_ITEMS, _act, _cdiv, _clear, _dact, _finish, _fma, _jit, _npieces, _ones,
+                      _opt, _pivot, _pjit, _row_grad_sums, _row_stats, _store, _sums, _sync_threads, _zeros, npieces,
+                      per_activation, work_arrays)
 from ._dtype16 import narrow, widen
 
 # layernorm backward with long rows sums its parameter gradients in the data's dtype over at most FLUSH rows.
@@ -128,25 +129,35 @@ def _ln_dx(dyr, xr, dxr, m, r, B, Cc, w):
         dxr[j] = narrow(dxr, _fma(widen(dyr[j]), w[j] * r, (widen(xr[j]) - m) * B + Cc))
 
 
+def ln_blocks(M, want):
+    """Blocks of rows of the short-row backward (and of the fused activations'), each with its partial parameter
+    gradients when ``want``."""
+    return max(1, min(TARGET_ITEMS * 2, M // 8)) if want else min(M, TARGET_ITEMS * 2)
+
+
+_ln_blocks = _jit(ln_blocks)
+
+
 @_pjit
-def _ln_backward_short(dy, x, mean, rstd, w, has_w, dx, dw, db, want_dw, want_db):
+def _ln_backward_short(dy, x, mean, rstd, w, has_w, dx, dw, db, want_dw, want_db, pw, pb, acw, acb):
     M, K = x.shape
     t = mean.dtype.type
     wv = w if has_w else _ones(K, mean.dtype)
     want = want_dw or want_db
     # A row fits in L1: its sums, then dx and the parameter gradients (in the dtype, flushed into float64
-    # every FLUSH rows) while it is there. Blocks of rows keep partial parameter gradients. (Measured against
-    # float64 gradients in the sums' loop, and against PyTorch's order of a separate first loop for them:
-    # this order is 10-20% faster.)
-    R = max(1, min(TARGET_ITEMS * 2, M // 8)) if want else min(M, TARGET_ITEMS * 2)
+    # every FLUSH rows) while it is there. Blocks of rows keep partial parameter gradients (pw, pb; acw, acb the
+    # dtype's, (R, K) each when ``want``). (Measured against float64 gradients in the sums' loop, and against
+    # PyTorch's order of a separate first loop for them: this order is 10-20% faster.)
+    R = _ln_blocks(M, want)
     RL = _cdiv(M, R)
-    pw = _zeros((R, K) if want else (1, 1), np.float64)
-    pb = _zeros((R, K) if want else (1, 1), np.float64)
-    acw = _zeros((R, K) if want else (1, 1), mean.dtype)
-    acb = _zeros((R, K) if want else (1, 1), mean.dtype)
     for it in prange(R):
         k0 = it * RL
         k1 = min(M, (it + 1) * RL)
+        if want:
+            _clear(pw[it])
+            _clear(pb[it])
+            _clear(acw[it])
+            _clear(acb[it])
         for k in range(k0, k1):
             mk = mean[k]
             m64 = np.float64(mk)
@@ -179,25 +190,22 @@ def _ln_backward_short(dy, x, mean, rstd, w, has_w, dx, dw, db, want_dw, want_db
 
 
 @_pjit
-def _ln_backward_long(dy, x, mean, rstd, w, has_w, dx, dw, db, want_dw, want_db):
+def _ln_backward_long(dy, x, mean, rstd, w, has_w, dx, dw, db, want_dw, want_db, aw, ab, acw, acb):
     M, K = x.shape
     t = mean.dtype.type
     wv = w if has_w else _ones(K, mean.dtype)
     want = want_dw or want_db
     # Long rows, in groups of rows small enough to stay in L3 between the two passes over them: row sums over
     # (row, piece) items, then dx and the parameter gradients over column blocks, each block adding its rows in
-    # order. The dtype partial sums flush every FLUSH rows of the whole input, so the grouping does not change
-    # the results.
+    # order into aw, ab (float64) through acw, acb (the dtype; (K,) each when ``want``), cleared in the first
+    # group and stored in the last. The dtype partial sums flush every FLUSH rows of the whole input, so the
+    # grouping does not change the results.
     GR = max(2, GROUP_BYTES // (2 * K * x.itemsize) // 2 * 2)
     P = max(1, min(_cdiv(TARGET_ITEMS, min(GR, M)), K // PIECE))
     L = _cdiv(K, P)
     part = np.empty((GR * P, 2))
     coef = np.empty((M, 2), mean.dtype)
     JB = _cdiv(K, BLOCK)
-    aw = _zeros(K, np.float64)
-    ab = _zeros(K, np.float64)
-    acw = _zeros(K, mean.dtype)
-    acb = _zeros(K, mean.dtype)
     for k0 in range(0, M, GR):
         k1 = min(M, k0 + GR)
         for it in prange((k1 - k0) * P):
@@ -230,6 +238,11 @@ def _ln_backward_long(dy, x, mean, rstd, w, has_w, dx, dw, db, want_dw, want_db)
             abv = ab[j0:j1]
             acwv = acw[j0:j1]
             acbv = acb[j0:j1]
+            if k0 == 0:
+                _clear(awv)
+                _clear(abv)
+                _clear(acwv)
+                _clear(acbv)
             for k in range(k0, k1, 2):
                 k2 = min(k + 1, k1 - 1)
                 _ln_dx_grads_pair(dy[k, j0:j1], x[k, j0:j1], dx[k, j0:j1], mean[k], rstd[k], coef[k, 0],
@@ -238,11 +251,10 @@ def _ln_backward_long(dy, x, mean, rstd, w, has_w, dx, dw, db, want_dw, want_db)
                 if k2 % FLUSH == FLUSH - 1 or k2 == M - 1:
                     _ln_flush(acwv, awv)
                     _ln_flush(acbv, abv)
-    for j in range(K if want else 0):
-        if want_dw:
-            dw[j] = aw[j]
-        if want_db:
-            db[j] = ab[j]
+            if k1 == M and want_dw:
+                _store(awv, dw[j0:j1])
+            if k1 == M and want_db:
+                _store(abv, db[j0:j1])
 
 
 # --- the contract's callables -----------------------------------------------------------------------------------
@@ -260,9 +272,13 @@ def layernorm_backward(dy, x, mean, rstd, weight, dx, dweight, dbias):
     w, hw = _opt(weight, mean)
     dw, wdw = _opt(dweight, mean)
     db, wdb = _opt(dbias, mean)
-    # rows that fit in L1 (see _ln_backward_short), or longer ones
-    kernel = _ln_backward_short if x.shape[1] <= 4 * BLOCK else _ln_backward_long
-    kernel(dy, x, mean, rstd, w, hw, dx, dw, db, wdw, wdb)
+    M, K = x.shape
+    short = K <= 4 * BLOCK  # rows that fit in L1 (see _ln_backward_short), or longer ones
+    # the parameter gradients' partial sums: weight's and bias's in float64, then in the dtype
+    shape = ((ln_blocks(M, True), K) if short else (K,)) if wdw or wdb else (0,) * (2 if short else 1)
+    wide, own = (shape, np.float64), (shape, mean.dtype)
+    acc = work_arrays(wide, wide, own, own)
+    (_ln_backward_short if short else _ln_backward_long)(dy, x, mean, rstd, w, hw, dx, dw, db, wdw, wdb, *acc)
 
 
 # --- fused activations (normkit.contract): the element loops built per activation (_common.per_activation) ----
@@ -292,20 +308,20 @@ def _ln_act(a):
                 yr[j] = _act(((xr[j] - m) * rt + c0) * wr[j] + br[j], a, slope)
 
     @_pjit
-    def backward(dy, x, mean, rstd, w, b, dx, dw, db, want_dw, want_db, slope):
+    def backward(dy, x, mean, rstd, w, b, dx, dw, db, want_dw, want_db, slope, pw, pb):
         """Blocks of rows (as many as _ln_backward's short-row path makes); per row the sums of g * w and
         g * w * (x - m) with g = dy * act'(z), then dx and the parameter gradients (float64, per block, merged in
-        block order) while the row is in cache."""
+        block order; pw, pb (R, K), or (R, 0) without ``want``) while the row is in cache."""
         M, K = x.shape
         t = mean.dtype.type
         want = want_dw or want_db
-        R = max(1, min(TARGET_ITEMS * 2, M // 8)) if want else min(M, TARGET_ITEMS * 2)
+        R = _ln_blocks(M, want)
         RL = _cdiv(M, R)
-        pw = np.zeros((R, K if want else 0))
-        pb = np.zeros((R, K if want else 0))
         for it in prange(R):
             pwi = pw[it]
             pbi = pb[it]
+            _clear(pwi)
+            _clear(pbi)
             for k in range(it * RL, min(M, (it + 1) * RL)):
                 dyr = dy[k]
                 xr = x[k]
@@ -369,4 +385,8 @@ def layernorm_act_backward(dy, x, mean, rstd, weight, bias, activation, slope, d
     w, b = _affine(weight, bias, x)
     dw, wdw = _opt(dweight, mean)
     db, wdb = _opt(dbias, mean)
-    _ln_act(activation)[1](dy, x, mean, rstd, w, b, dx, dw, db, wdw, wdb, slope)
+    M, K = x.shape
+    want = wdw or wdb
+    spec = ((ln_blocks(M, want), K if want else 0), np.float64)
+    pw, pb = work_arrays(spec, spec)
+    _ln_act(activation)[1](dy, x, mean, rstd, w, b, dx, dw, db, wdw, wdb, slope, pw, pb)

@@ -17,8 +17,8 @@ from __future__ import annotations
 import numpy as np
 from numba import prange
 
-from ._common import (PIECE, TARGET_ITEMS, _cdiv, _finish, _jit, _ones, _opt, _pivot, _pjit, _row_grad_sums,
-                      _sums, _sync_threads, _zeros)
+from ._common import (PIECE, TARGET_ITEMS, _cdiv, _clear, _finish, _jit, _ones, _opt, _pivot, _pjit, _row_grad_sums,
+                      _store, _sums, _sync_threads, _zeros, work_arrays)
 from ._dtype16 import narrow, widen
 
 # A centered op's parameter gradients are summed in the dtype over at most FLUSH rows, then added into float64.
@@ -137,21 +137,24 @@ def _flush(acc, out):
 
 
 @_pjit
-def _backward(dy, dh, has_dh, x, mean, rstd, w, has_w, centered, dx, dw, db, want_dw, want_db):
+def _backward(dy, dh, has_dh, x, mean, rstd, w, has_w, centered, dx, dw, db, want_dw, want_db, pw, pb, acw, acb):
+    """The parameter gradients' partial sums per block, (R, K) each when ``want``: pw, pb in float64 (pb a
+    centered op's only), acw, acb the dtype accumulators of a centered op."""
     M, K = x.shape
     t = rstd.dtype.type  # the working dtype: the data's, float32 for 16-bit data
     wv = w if has_w else _ones(K, rstd.dtype)
     want = want_dw or want_db
     R = _row_blocks(M, K, want)
     RL = _cdiv(M, R)
-    pw = np.zeros((R, K) if want else (1, 1))
-    # the dtype accumulators and the bias gradients: a centered op's only
-    acw = np.zeros((R, K) if want and centered else (1, 1), rstd.dtype)
-    pb = np.zeros((R, K) if want and centered else (1, 1))
-    acb = np.zeros((R, K) if want and centered else (1, 1), rstd.dtype)
     for it in prange(R):
         k0 = it * RL
         k1 = min(M, (it + 1) * RL)
+        if want:
+            _clear(pw[it])
+        if want and centered:
+            _clear(pb[it])
+            _clear(acw[it])
+            _clear(acb[it])
         for k in range(k0, k1):
             mk = mean[k] if centered else t(0.0)
             r = np.float64(rstd[k])
@@ -188,26 +191,30 @@ def _backward(dy, dh, has_dh, x, mean, rstd, w, has_w, centered, dx, dw, db, wan
 
 
 @_pjit
-def _backward_pieces(dy, dh, has_dh, x, mean, rstd, w, has_w, centered, dx, dw, db, want_dw, want_db):
+def _backward_pieces(dy, dh, has_dh, x, mean, rstd, w, has_w, centered, dx, dw, db, want_dw, want_db, aw, ab, acw,
+                     acb):
     """_backward for long rows in few blocks: one row at a time, the threads sharing it by pieces of PIECE columns,
     each piece's sums and parameter-gradient terms (as _backward's), the row's sums added in piece order, then each
-    piece's dx."""
+    piece's dx. aw, ab, acw, acb are _backward's pw, pb, acw, acb of one block, (K,) each; each piece clears its
+    part in the first row and stores it in the last."""
     M, K = x.shape
     t = rstd.dtype.type
     wv = w if has_w else _ones(K, rstd.dtype)
     want = want_dw or want_db
     P = _cdiv(K, PIECE)
     sums = np.zeros((P, 2))
-    aw = np.zeros(K if want else 1)
-    ab = np.zeros(K if want and centered else 1)
-    acw = np.zeros(K if want and centered else 1, rstd.dtype)
-    acb = np.zeros(K if want and centered else 1, rstd.dtype)
     for k in range(M):
         mk = mean[k] if centered else t(0.0)
         r = np.float64(rstd[k])
         for it in prange(P):
             j0 = it * PIECE
             j1 = min(K, j0 + PIECE)
+            if k == 0 and want:
+                _clear(aw[j0:j1])
+            if k == 0 and want and centered:
+                _clear(ab[j0:j1])
+                _clear(acw[j0:j1])
+                _clear(acb[j0:j1])
             sg, sgx = _row_grad_sums(dy[k, j0:j1], x[k, j0:j1], np.float64(mk), 1.0, wv[j0:j1])
             sums[it, 0] = sg
             sums[it, 1] = sgx
@@ -232,11 +239,10 @@ def _backward_pieces(dy, dh, has_dh, x, mean, rstd, w, has_w, centered, dx, dw, 
                 _dx_plus(dy[k, j0:j1], dh[k, j0:j1], x[k, j0:j1], dx[k, j0:j1], mk, rstd[k], B, Cc, wv[j0:j1])
             else:
                 _dx(dy[k, j0:j1], x[k, j0:j1], dx[k, j0:j1], mk, rstd[k], B, Cc, wv[j0:j1])
-    for j in range(K):
-        if want_dw:
-            dw[j] = aw[j]
-        if want_db:
-            db[j] = ab[j]
+            if k == M - 1 and want_dw:
+                _store(aw[j0:j1], dw[j0:j1])
+            if k == M - 1 and want_db:
+                _store(ab[j0:j1], db[j0:j1])
 
 
 # --- the contract's callables -----------------------------------------------------------------------------------
@@ -267,8 +273,15 @@ def _bwd(dy, dh, x, mean, rstd, weight, centered, dx, dweight, dbias):
     d, has_dh = _opt2(dh, x)
     m, _ = _opt(mean, rstd)
     M, K = x.shape
-    long_rows = K > LONG_ROW and _row_blocks(M, K, wdw or wdb) < FEW_BLOCKS
-    (_backward_pieces if long_rows else _backward)(dy, d, has_dh, x, m, rstd, w, hw, centered, dx, dw, db, wdw, wdb)
+    want = wdw or wdb
+    blocks = _row_blocks(M, K, want)
+    long_rows = K > LONG_ROW and blocks < FEW_BLOCKS
+    # the parameter gradients' partial sums (see _backward): pw, then pb, acw, acb (a centered op's only)
+    full = ((K,) if long_rows else (blocks, K)) if want else (0,) * (1 if long_rows else 2)
+    part = full if centered else full[:-1] + (0,)
+    acc = work_arrays((full, np.float64), (part, np.float64), (part, rstd.dtype), (part, rstd.dtype))
+    (_backward_pieces if long_rows else _backward)(dy, d, has_dh, x, m, rstd, w, hw, centered, dx, dw, db, wdw, wdb,
+                                                   *acc)
 
 
 def rmsnorm_forward(x, weight, eps, y, rstd):
