@@ -15,6 +15,9 @@ import pytest
 from support import assert_close, copy_args, op_args
 
 import normkit
+import numpy as np
+from normkit import registry, testing
+from normkit.contract import storage_dtype
 
 kernels = pytest.importorskip("normkit_kernels.cython.kernels")
 
@@ -98,6 +101,29 @@ def test_row_op_backward_row_pairs_and_three_loops(pairs, op, shape, extra, dtyp
         _compare(op, shape, dtype, rng, **extra)
     finally:
         kernels.set_pairs_max_bytes(None)
+
+
+# The long-row backward of LayerNorm and of the row ops (_rownorm's tiles) clears its sums in the module's scratch,
+# kept per thread from call to call, tile by tile: a call after the scratch was filled with NaN gives the same bits.
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("op,direction,module,shape", [("layernorm", "backward", "_layernorm", (2, 70000)),
+                                                       ("rmsnorm", "backward", "_rownorm", (3, 70000)),
+                                                       ("layernorm", "add_backward", "_rownorm", (2, 70000))])
+def test_long_row_backward_does_not_read_old_scratch(op, direction, module, shape, dtype):
+    case = testing.Case(op, direction, dtype, shape, None, "weight" if op == "rmsnorm" else "weight+bias", "normal",
+                        1e-5)
+    kernel = registry.lookup(op, direction, dtype, "cython")[1]
+    inputs = testing._inputs(case)
+    shapes = testing._output_shapes(case, inputs)
+
+    def outputs():
+        outs = {k: np.zeros(s, storage_dtype(direction, k, dtype)) for k, s in shapes.items() if s is not None}
+        kernel(*testing._args(case, {**inputs, **dict.fromkeys(shapes), **outs}))
+        return {k: v.tobytes() for k, v in outs.items()}
+
+    clean = outputs()
+    getattr(kernels, module)._local.buf.fill(np.nan)
+    assert outputs() == clean
 
 
 def _run(cmd, env=None, cwd=REPO, timeout=600):

@@ -8,6 +8,7 @@ Every reduction is a plain loop over one accumulator pair; the build's -fassocia
 from cython cimport floating
 from libc.math cimport isfinite, sqrt
 from libc.stdint cimport uint16_t
+from libc.string cimport memset
 
 
 cdef inline double pivot_of(double first) noexcept nogil:
@@ -194,6 +195,26 @@ cdef inline void grad_sums(const floating* dy, const floating* x, const floating
             tb += db
     sdy[0] = ta
     sdyx[0] = tb
+
+
+cdef inline void clear_sums(double* grads, floating* acc, Py_ssize_t n) noexcept nogil:
+    """n of the row ops' double sums of parameter gradients and of their accumulators in the data's precision."""
+    memset(grads, 0, n * sizeof(double))
+    memset(acc, 0, n * sizeof(floating))
+
+
+cdef inline void store_grads(const double* grads, Py_ssize_t k, Py_ssize_t j0, Py_ssize_t j1, floating* dweight,
+                             floating* dbias) noexcept nogil:
+    """dweight[j0:j1] and dbias[j0:j1] (each NULL when not wanted) from the row ops' double sums, the weight's at
+    grads[j] and the bias's at grads[k + j]: called per tile in a parallel loop (serial, this and the clearing of
+    the sums took a third of LayerNorm's backward on (1, 2**20))."""
+    cdef Py_ssize_t j
+    if dweight != NULL:
+        for j in range(j0, j1):
+            dweight[j] = <floating>grads[j]
+    if dbias != NULL:
+        for j in range(j0, j1):
+            dbias[j] = <floating>grads[k + j]
 
 
 cdef inline void grad_apply(const floating* dy, const floating* x, floating* dx, Py_ssize_t n, double mean,

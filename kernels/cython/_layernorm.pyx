@@ -25,9 +25,10 @@ from libc.stdint cimport uint16_t
 from libc.string cimport memset
 
 from _common cimport (
-    ACT_CHUNK, NO_ACT, SERIAL_MAX_VALUES, TILE16, act_apply, act_grad, finish_moments, grad_sums, moments,
-    moments16, narrow64, normkit_half_init, normkit_narrow, normkit_row_dx16, normkit_row_sums16, normkit_row_y16,
-    normkit_sfence, normkit_widen, pivot16, pivot_of, stream_store, threads_for, to_double,
+    ACT_CHUNK, NO_ACT, SERIAL_MAX_VALUES, TILE16, act_apply, act_grad, clear_sums, finish_moments, grad_sums,
+    moments, moments16, narrow64, normkit_half_init, normkit_narrow, normkit_row_dx16, normkit_row_sums16,
+    normkit_row_y16, normkit_sfence, normkit_widen, pivot16, pivot_of, store_grads, stream_store, threads_for,
+    to_double,
 )
 
 # float16 converts with F16C where the CPU has it, unless NORMKIT_CYTHON_NO_F16C=1 asks for the portable code (to
@@ -436,14 +437,12 @@ cdef void _backward_rows(const floating* dyp, const floating* xp, Py_ssize_t m, 
         cols = (k + COLUMNS - 1) // COLUMNS
         group = min(m, max(2, GROUP_BYTES // (2 * k * <Py_ssize_t>sizeof(floating)) // 2 * 2))  # even
         # 2k doubles of gradients, 2 per (row, tile) of a group's row sums, 2 coefficients per row of a group,
-        # then 2k accumulators (in doubles' room)
+        # then 2k accumulators (in doubles' room); the first group's column blocks clear their columns of both
         buf = _scratch(2 * k + 2 * group * tiles + 2 * group + (2 * k * sizeof(floating) + 7) // 8)
         grads = &buf[0]
         work = grads + 2 * k
         coef = work + 2 * group * tiles
         acc = <floating*>(coef + 2 * group)
-        memset(acc, 0, 2 * k * sizeof(floating))
-        memset(grads, 0, 2 * k * sizeof(double))
         with nogil:
             for q in range((m + group - 1) // group):
                 g0 = q * group
@@ -467,6 +466,9 @@ cdef void _backward_rows(const floating* dyp, const floating* xp, Py_ssize_t m, 
                 for t in prange(cols, schedule="static", num_threads=nt):
                     j = t * COLUMNS
                     n = min(COLUMNS, k - j)
+                    if q == 0:
+                        clear_sums(grads + j, acc + j, n)
+                        clear_sums(grads + k + j, acc + k + j, n)
                     if act == NO_ACT and not stream:
                         _rows_dx_grads(dyp + j, xp + j, dxp + j, n, k, w + j, mp, rp, coef, g0, g0 + rows, 0, m,
                                        acc + j, acc + k + j, grads + j, grads + k + j)
@@ -497,11 +499,8 @@ cdef void _backward_rows(const floating* dyp, const floating* xp, Py_ssize_t m, 
         tiles = (2 * k + TILE - 1) // TILE
         for t in prange(tiles, nogil=True, schedule="static", num_threads=nt):
             _merge_blocks(work, blocks, 2 * k, t * TILE, min(2 * k, (t + 1) * TILE), grads)
-    for j in range(k):
-        if dweight != NULL:
-            dweight[j] = <floating>grads[j]
-        if dbias != NULL:
-            dbias[j] = <floating>grads[k + j]
+    for t in prange((k + TILE - 1) // TILE, nogil=True, schedule="static", num_threads=nt):
+        store_grads(grads, k, t * TILE, min(k, (t + 1) * TILE), dweight, dbias)
 
 
 def layernorm_backward(const floating[:, ::1] dy, const floating[:, ::1] x, const floating[::1] mean,
@@ -668,6 +667,8 @@ def layernorm_backward16(int fmt, const uint16_t[:, ::1] dy, const uint16_t[:, :
     cdef const float* mp = &mean[0]
     cdef const float* rp = &rstd[0]
     cdef bint params = dweight is not None or dbias is not None
+    cdef float* dwp = NULL if dweight is None else &dweight[0]
+    cdef float* dbp = NULL if dbias is None else &dbias[0]
     cdef const float[::1] wv = weight if weight is not None else np.ones(k, np.float32)
     cdef const float* w = &wv[0]
     cdef float* acc
@@ -690,12 +691,13 @@ def layernorm_backward16(int fmt, const uint16_t[:, ::1] dy, const uint16_t[:, :
         grads = &buf[0]
         work = grads + 2 * k
         acc = <float*>(work + 2 * tiles)
-        memset(acc, 0, 2 * k * sizeof(float))
-        memset(grads, 0, 2 * k * sizeof(double))
         with nogil:
             for i in range(m):
                 for t in prange(tiles, schedule="static", num_threads=nt):
                     n = min(TILE, k - t * TILE)
+                    if i == 0:
+                        clear_sums(grads + t * TILE, acc + t * TILE, n)
+                        clear_sums(grads + k + t * TILE, acc + k + t * TILE, n)
                     work[2 * t] = 0.0
                     work[2 * t + 1] = 0.0
                     _row_sums16(dyp + i * k + t * TILE, xp + i * k + t * TILE, n, w + t * TILE, mp[i], rp[i], fmt,
@@ -726,8 +728,5 @@ def layernorm_backward16(int fmt, const uint16_t[:, ::1] dy, const uint16_t[:, :
         tiles = (2 * k + TILE - 1) // TILE
         for t in prange(tiles, nogil=True, schedule="static", num_threads=nt):
             _merge_blocks(work, blocks, 2 * k, t * TILE, min(2 * k, (t + 1) * TILE), grads)
-    for j in range(k):
-        if dweight is not None:
-            dweight[j] = <float>grads[j]
-        if dbias is not None:
-            dbias[j] = <float>grads[k + j]
+    for t in prange((k + TILE - 1) // TILE, nogil=True, schedule="static", num_threads=nt):
+        store_grads(grads, k, t * TILE, min(k, (t + 1) * TILE), dwp, dbp)

@@ -23,9 +23,9 @@ from libc.stdint cimport uint16_t
 from libc.string cimport memset
 
 from _common cimport (
-    SERIAL_MAX_VALUES, TILE16, finish_moments, grad_sums, moments, moments16, narrow64, normkit_half_init,
-    normkit_narrow, normkit_row_dx16, normkit_row_sums16, normkit_row_y16, normkit_widen, pivot16, pivot_of,
-    threads_for, to_double,
+    SERIAL_MAX_VALUES, TILE16, clear_sums, finish_moments, grad_sums, moments, moments16, narrow64,
+    normkit_half_init, normkit_narrow, normkit_row_dx16, normkit_row_sums16, normkit_row_y16, normkit_widen, pivot16,
+    pivot_of, store_grads, threads_for, to_double,
 )
 
 # float16 converts with F16C where the CPU has it, unless NORMKIT_CYTHON_NO_F16C=1 (see _layernorm.pyx).
@@ -442,7 +442,8 @@ cdef Py_ssize_t _plan(Py_ssize_t m, Py_ssize_t k, bint centered, bint params, si
     longer than LONG_ROW that would make fewer than FEW_BLOCKS blocks (_backward_tiles). The calling thread's
     scratch (_scratch, alive until its next use) holds n doubles of gradients (weight, then bias when centered),
     the work area (n partial sums per block, or 2 sums per tile), then n accumulators of acc_item bytes per block
-    (one set for the tiles, zeroed with the gradients). Blocks without parameter gradients need no scratch."""
+    (one set for the tiles, which clear it and the gradients in the first row). Blocks without parameter
+    gradients need no scratch."""
     cdef Py_ssize_t n = 2 * k if centered else k, blocks, work_n, sets
     cdef double[::1] buf
     if not params:
@@ -461,9 +462,6 @@ cdef Py_ssize_t _plan(Py_ssize_t m, Py_ssize_t k, bint centered, bint params, si
     grads[0] = &buf[0]
     work[0] = grads[0] + n
     acc[0] = <char*>(work[0] + work_n)
-    if blocks == 0:
-        memset(grads[0], 0, n * sizeof(double))
-        memset(acc[0], 0, n * acc_item)
     return blocks
 
 
@@ -482,6 +480,10 @@ cdef void _backward_tiles(const floating* dy, const floating* dh, const floating
         for t in prange(tiles, schedule="static", num_threads=nt):
             j = t * TILE
             n = min(TILE, k - j)
+            if grads != NULL and i == 0:
+                clear_sums(grads + j, acc + j, n)
+                if centered:
+                    clear_sums(grads + k + j, acc + k + j, n)
             if grads != NULL and centered:
                 _add_param_grads(dy + o + j, x + o + j, n, mi, r, acc + j, acc + k + j)
                 if (i + 1) % FLUSH == 0 or i + 1 == m:
@@ -532,11 +534,8 @@ cdef void _backward(const floating* dy, const floating* dh, const floating* x, f
             _merge_blocks(work, blocks, n, t * TILE, min(n, (t + 1) * TILE), grads)
     if not params:
         return
-    for j in range(k):
-        if dweight != NULL:
-            dweight[j] = <floating>grads[j]
-        if dbias != NULL:
-            dbias[j] = <floating>grads[k + j]
+    for t in prange((k + TILE - 1) // TILE, nogil=True, schedule="static", num_threads=nt):
+        store_grads(grads, k, t * TILE, min(k, (t + 1) * TILE), dweight, dbias)
 
 
 # --- the contract's kernels --------------------------------------------------------------------------------------
@@ -844,6 +843,10 @@ cdef void _backward_tiles16(const uint16_t* dy, const uint16_t* dh, const uint16
         for t in prange(tiles, schedule="static", num_threads=nt):
             j = t * TILE
             n = min(TILE, k - j)
+            if grads != NULL and i == 0:
+                clear_sums(grads + j, acc + j, n)
+                if centered:
+                    clear_sums(grads + k + j, acc + k + j, n)
             work[2 * t] = 0.0
             work[2 * t + 1] = 0.0
             _row_sums16(dy + o + j, x + o + j, n, w + j, mi, r, fmt, centered,
@@ -892,11 +895,8 @@ cdef void _backward16(const uint16_t* dy, const uint16_t* dh, const uint16_t* x,
             _merge_blocks(work, blocks, n, t * TILE, min(n, (t + 1) * TILE), grads)
     if not params:
         return
-    for j in range(k):
-        if dweight != NULL:
-            dweight[j] = <float>grads[j]
-        if dbias != NULL:
-            dbias[j] = <float>grads[k + j]
+    for t in prange((k + TILE - 1) // TILE, nogil=True, schedule="static", num_threads=nt):
+        store_grads(grads, k, t * TILE, min(k, (t + 1) * TILE), dweight, dbias)
 
 
 def rmsnorm_forward16(int fmt, const uint16_t[:, ::1] x, const float[::1] weight, double eps, uint16_t[:, ::1] y,
