@@ -63,7 +63,8 @@ def _compare(op, shape, dtype, rng, **extra):
 # Each side of every schedule switch in the kernels: BatchNorm's short rows (S < 32, with row counts that are
 # not a multiple of the 4-row sweep) and many channels (C >= 32); LayerNorm's long rows (K > 65536, tiles of
 # 4096) and its row blocks; RMSNorm's long rows in fewer than four row blocks (few rows, or partial sums beyond
-# the budget: (5, 270001)), which the threads share by tiles.
+# the budget: (5, 270001)), which the threads share by tiles; GroupNorm's and InstanceNorm's single set of 65536
+# values or more, cut into pieces.
 SCHEDULE_CASES = [
     ("batchnorm", (7, 33, 31), {}),
     ("batchnorm", (9, 31, 32), {}),
@@ -75,6 +76,8 @@ SCHEDULE_CASES = [
     ("layernorm", (2, 5, 20000), {"ln_dims": 2}),
     ("layernorm", (130, 33), {}),
     ("groupnorm", (3, 6, 1), {"groups": 3}),
+    ("groupnorm", (1, 4, 128, 130), {"groups": 1}),
+    ("instancenorm", (1, 1, 300, 301), {}),
     ("rmsnorm", (3, 65536), {}),
     ("rmsnorm", (3, 65537), {}),
     ("rmsnorm", (5, 270001), {}),

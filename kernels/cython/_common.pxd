@@ -102,8 +102,9 @@ cdef inline void affine(const floating* x, floating* y, Py_ssize_t n, double mea
         y[i] = (x[i] - m) * a + c
 
 
-# Values per chunk that grad_sums() adds in the data's precision before adding them into double.
-DEF SUM_CHUNK = 256
+cdef enum:
+    # Values per chunk that grad_sums() adds in the data's precision before adding them into double.
+    SUM_CHUNK = 256
 
 
 cdef extern from *:
