@@ -813,7 +813,7 @@ cdef extern from *:
             __m256 a0, a1, a2, a3, b0, b1, b2, b3, d;                                                 \
             Py_ssize_t i0, i, end;                                                                    \
             float ta, tb, e;                                                                          \
-            double da, db, de;                                                                        \
+            double da, db, de, t1 = *s1, t2 = *s2;  /* in locals: see grad_sums() */                  \
             for (i0 = 0; i0 < n; i0 += NORMKIT_SUM_CHUNK) {                                           \
                 end = i0 + NORMKIT_SUM_CHUNK < n ? i0 + NORMKIT_SUM_CHUNK : n;                        \
                 a0 = a1 = a2 = a3 = b0 = b1 = b2 = b3 = z;                                            \
@@ -825,11 +825,12 @@ cdef extern from *:
                 ta = normkit_hsum8(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));      \
                 tb = normkit_hsum8(_mm256_add_ps(_mm256_add_ps(b0, b1), _mm256_add_ps(b2, b3)));      \
                 for (; i < end; i++) { e = SCALAR(x[i]) - pf; ta += e; tb += e * e; }                 \
-                if (isfinite(ta) && isfinite(tb)) { *s1 += ta; *s2 += tb; continue; }                 \
+                if (isfinite(ta) && isfinite(tb)) { t1 += ta; t2 += tb; continue; }                   \
                 da = 0.0; db = 0.0;                                                                   \
                 for (i = i0; i < end; i++) { de = SCALAR(x[i]) - pivot; da += de; db += de * de; }    \
-                *s1 += da; *s2 += db;                                                                 \
+                t1 += da; t2 += db;                                                                   \
             }                                                                                         \
+            *s1 = t1; *s2 = t2;                                                                       \
         }
     #define NORMKIT_BF16_SCALAR(h) normkit_float_of((uint32_t)(h) << 16)
     NORMKIT_MOMENTS16(normkit_moments_bf16, NORMKIT_LOAD8_BF16, NORMKIT_BF16_SCALAR)
@@ -1109,7 +1110,7 @@ cdef extern from *:
         __m256 a0, a1, a2, a3, b0, b1, b2, b3, g;
         Py_ssize_t i0, i, end;
         float a, b, gs;
-        double da, db, dg;
+        double da, db, dg, t1 = *sdy, t2 = *sdyx;  /* in locals: see grad_sums() */
         for (i0 = 0; i0 < n; i0 += NORMKIT_SUM_CHUNK) {
             end = i0 + NORMKIT_SUM_CHUNK < n ? i0 + NORMKIT_SUM_CHUNK : n;
             a0 = a1 = a2 = a3 = b0 = b1 = b2 = b3 = z;
@@ -1125,15 +1126,16 @@ cdef extern from *:
                 a += gs;
                 b += gs * (normkit_scalar16(x[i], fmt) - mf);
             }
-            if (isfinite(a) && isfinite(b)) { *sdy += a; *sdyx += b; continue; }
+            if (isfinite(a) && isfinite(b)) { t1 += a; t2 += b; continue; }
             da = 0.0; db = 0.0;
             for (i = i0; i < end; i++) {
                 dg = normkit_scalar16(dy[i], fmt);
                 da += dg;
                 db += dg * (normkit_scalar16(x[i], fmt) - mean);
             }
-            *sdy += da; *sdyx += db;
+            t1 += da; t2 += db;
         }
+        *sdy = t1; *sdyx = t2;
     }
     #endif
 
@@ -1260,7 +1262,7 @@ cdef extern from *:
         __m256 vdy, vx, d, g, a, b, a1, b1;
         uint16_t tdy[8], tx[8];
         float tw[8], taw[8], tab[8];
-        double ha, hb, da, db, dg;
+        double ha, hb, da, db, dg, t1 = *sg, t2 = *sgx;  /* in locals: see grad_sums() */
         Py_ssize_t c0, e, i, k;
         /* One step over the 8 values at I (vdy, vx, g loaded) into the sums A, B and the parameter gradients; K
            (8 but at a chunk's end) values are real. */
@@ -1317,8 +1319,8 @@ cdef extern from *:
             ha = normkit_hsum8(a);
             hb = normkit_hsum8(b);
             if (isfinite(ha) && isfinite(hb)) {
-                *sg += ha;
-                *sgx += hb;
+                t1 += ha;
+                t2 += hb;
                 continue;
             }
             da = 0.0;
@@ -1328,9 +1330,11 @@ cdef extern from *:
                 da = da + dg;
                 db = db + dg * (normkit_scalar16(x[i], fmt) - mean);
             }
-            *sg += da;
-            *sgx += db;
+            t1 += da;
+            t2 += db;
         }
+        *sg = t1;
+        *sgx = t2;
         #undef NORMKIT_LOAD_SUMS8
         #undef NORMKIT_SUMS8
     }
