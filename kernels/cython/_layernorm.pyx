@@ -499,8 +499,7 @@ cdef void _backward_rows(const floating* dyp, const floating* xp, Py_ssize_t m, 
         tiles = (2 * k + TILE - 1) // TILE
         for t in prange(tiles, nogil=True, schedule="static", num_threads=nt):
             _merge_blocks(work, blocks, 2 * k, t * TILE, min(2 * k, (t + 1) * TILE), grads)
-    for t in prange((k + TILE - 1) // TILE, nogil=True, schedule="static", num_threads=nt):
-        store_grads(grads, k, t * TILE, min(k, (t + 1) * TILE), dweight, dbias)
+    store_grads(grads, k, dweight, dbias, TILE, nt)
 
 
 def layernorm_backward(const floating[:, ::1] dy, const floating[:, ::1] x, const floating[::1] mean,
@@ -728,5 +727,4 @@ def layernorm_backward16(int fmt, const uint16_t[:, ::1] dy, const uint16_t[:, :
         tiles = (2 * k + TILE - 1) // TILE
         for t in prange(tiles, nogil=True, schedule="static", num_threads=nt):
             _merge_blocks(work, blocks, 2 * k, t * TILE, min(2 * k, (t + 1) * TILE), grads)
-    for t in prange((k + TILE - 1) // TILE, nogil=True, schedule="static", num_threads=nt):
-        store_grads(grads, k, t * TILE, min(k, (t + 1) * TILE), dwp, dbp)
+    store_grads(grads, k, dwp, dbp, TILE, nt)

@@ -534,8 +534,7 @@ cdef void _backward(const floating* dy, const floating* dh, const floating* x, f
             _merge_blocks(work, blocks, n, t * TILE, min(n, (t + 1) * TILE), grads)
     if not params:
         return
-    for t in prange((k + TILE - 1) // TILE, nogil=True, schedule="static", num_threads=nt):
-        store_grads(grads, k, t * TILE, min(k, (t + 1) * TILE), dweight, dbias)
+    store_grads(grads, k, dweight, dbias, TILE, nt)
 
 
 # --- the contract's kernels --------------------------------------------------------------------------------------
@@ -895,8 +894,7 @@ cdef void _backward16(const uint16_t* dy, const uint16_t* dh, const uint16_t* x,
             _merge_blocks(work, blocks, n, t * TILE, min(n, (t + 1) * TILE), grads)
     if not params:
         return
-    for t in prange((k + TILE - 1) // TILE, nogil=True, schedule="static", num_threads=nt):
-        store_grads(grads, k, t * TILE, min(k, (t + 1) * TILE), dweight, dbias)
+    store_grads(grads, k, dweight, dbias, TILE, nt)
 
 
 def rmsnorm_forward16(int fmt, const uint16_t[:, ::1] x, const float[::1] weight, double eps, uint16_t[:, ::1] y,
