@@ -242,7 +242,7 @@ THREAD_CASES = [("batchnorm", (64, 3, 40, 40)), ("batchnorm", (301, 5, 2, 3)), (
                 ("batchnorm", (32, 100, 3, 3)),
                 ("layernorm", (64, 3, 40, 40)), ("layernorm", (7, 70000)),  # long rows: groups of rows, a row pair
                 ("instancenorm", (8, 16, 33, 31)), ("groupnorm", (8, 16, 33, 31)),
-                ("instancenorm", (1, 1, 300, 301))]  # one set: cut into pieces (cython) or pieces of a row (numba)
+                ("instancenorm", (1, 1, 300, 301)), ("layernorm", (1, 70001))]  # one set / row: cut into pieces
 
 
 @pytest.mark.parametrize("op,shape", THREAD_CASES, ids=str)

@@ -64,7 +64,7 @@ def _compare(op, shape, dtype, rng, **extra):
 # not a multiple of the 4-row sweep) and many channels (C >= 32); LayerNorm's long rows (K > 65536, tiles of
 # 4096) and its row blocks; RMSNorm's long rows in fewer than four row blocks (few rows, or partial sums beyond
 # the budget: (5, 270001)), which the threads share by tiles; GroupNorm's and InstanceNorm's single set of 65536
-# values or more, cut into pieces.
+# values or more, cut into pieces; LayerNorm's forward of a single long row, by tiles.
 SCHEDULE_CASES = [
     ("batchnorm", (7, 33, 31), {}),
     ("batchnorm", (9, 31, 32), {}),
@@ -73,6 +73,7 @@ SCHEDULE_CASES = [
     ("batchnorm", (1025, 3), {}),
     ("layernorm", (3, 65536), {}),
     ("layernorm", (3, 65537), {}),
+    ("layernorm", (1, 70001), {}),
     ("layernorm", (2, 5, 20000), {"ln_dims": 2}),
     ("layernorm", (130, 33), {}),
     ("groupnorm", (3, 6, 1), {"groups": 3}),

@@ -94,12 +94,41 @@ cdef void _forward_row(const floating* x, floating* y, Py_ssize_t k, const float
                        double eps, int act, double slope, bint stream, floating* mean_out,
                        floating* rstd_out) noexcept nogil:
     cdef double s1 = 0.0, s2 = 0.0, mean, rstd, pivot = pivot_of(x[0])
-    cdef Py_ssize_t q, j, n
-    cdef floating buf[ACT_CHUNK]
     moments(x, k, pivot, &s1, &s2)
     finish_moments(s1, s2, k, pivot, eps, &mean, &rstd)
     mean_out[0] = <floating>mean
     rstd_out[0] = <floating>rstd
+    _row_out(x, y, k, w, b, mean, rstd, act, slope, stream)
+
+
+cdef void _forward_row_tiles(const floating* x, floating* y, Py_ssize_t k, const floating* w, const floating* b,
+                             double eps, int act, double slope, bint stream, int nt, double* part,
+                             floating* mean_out, floating* rstd_out) noexcept nogil:
+    """_forward_row of a single long row, the threads sharing its TILE-value tiles: the tiles' moments about the
+    row's pivot (into part, 2 per tile), added in tile order, then the tiles' output. As one row it ran on one
+    thread."""
+    cdef Py_ssize_t t, tiles = (k + TILE - 1) // TILE
+    cdef double s1 = 0.0, s2 = 0.0, mean, rstd, pivot = pivot_of(x[0])
+    for t in prange(tiles, schedule="static", num_threads=nt):
+        part[2 * t] = 0.0
+        part[2 * t + 1] = 0.0
+        moments(x + t * TILE, min(TILE, k - t * TILE), pivot, &part[2 * t], &part[2 * t + 1])
+    for t in range(tiles):
+        s1 = s1 + part[2 * t]
+        s2 = s2 + part[2 * t + 1]
+    finish_moments(s1, s2, k, pivot, eps, &mean, &rstd)
+    mean_out[0] = <floating>mean
+    rstd_out[0] = <floating>rstd
+    for t in prange(tiles, schedule="static", num_threads=nt):
+        _row_out(x + t * TILE, y + t * TILE, min(TILE, k - t * TILE), w + t * TILE, b + t * TILE, mean, rstd, act,
+                 slope, stream)
+
+
+cdef void _row_out(const floating* x, floating* y, Py_ssize_t k, const floating* w, const floating* b, double mean,
+                   double rstd, int act, double slope, bint stream) noexcept nogil:
+    """y of a row (or of a run of it) from its statistics."""
+    cdef Py_ssize_t q, j, n
+    cdef floating buf[ACT_CHUNK]
     # In the data's precision (twice the vector lanes of double for float32): xhat = (x - m) * r + c0 with m the
     # mean rounded to that precision and c0 = (m - mean) * rstd the rounding's correction, so that a large offset
     # loses nothing; a constant row gives xhat = 0 exactly and so exactly the bias.
@@ -385,6 +414,12 @@ cdef void _forward_rows(const floating* xp, Py_ssize_t m, Py_ssize_t k, const fl
     w = _or_filled(w, k, 1.0, keep)
     b = _or_filled(b, k, 0.0, keep)
     cdef bint stream = m * k * <Py_ssize_t>sizeof(floating) >= _stream_min
+    cdef double[::1] part
+    if m == 1 and k > LONG_ROW:
+        part = _scratch(2 * ((k + TILE - 1) // TILE))
+        with nogil:
+            _forward_row_tiles(xp, yp, k, w, b, eps, act, slope, stream, nt, &part[0], mp, rp)
+        return
     for i in prange(m, nogil=True, schedule="static", num_threads=nt):
         _forward_row(xp + i * k, yp + i * k, k, w, b, eps, act, slope, stream, mp + i, rp + i)
 
