@@ -34,10 +34,9 @@ cdef Py_ssize_t _serial_max = SERIAL_MAX_VALUES
 # Outputs of this many bytes or more are written with non-temporal stores (set_stream_min_bytes).
 cdef Py_ssize_t _stream_min = 1 << 62
 # The pieces schedule: a single set of at least TARGET_ITEMS * PIECE values, cut into about TARGET_ITEMS items of
-# at least PIECE values. Two or more sets keep the sets schedule: pieces (a set at a time, or all sets' items
-# together) ran 1.1-1.6x slower at two and four sets of 64K-512K values on two threads (the sets schedule's second
-# pass finds its set in its thread's cache), 0.85x at three (one thread idle half the time), 0.5-0.65x on a
-# single set.
+# at least PIECE values (0.5-0.65x of one thread per set). Two or more sets keep the sets schedule: pieces for them
+# (tried, a set at a time or all sets' items together) ran 1.1-1.6x slower at two and four sets of 64K-512K values
+# on two threads, whose sets schedule finds a set in its thread's cache on the second pass, and 0.85x at three.
 cdef Py_ssize_t TARGET_ITEMS = 16
 cdef Py_ssize_t PIECE = 4096
 
@@ -127,8 +126,8 @@ cdef void _backward_set(const floating* dy, const floating* x, floating* dx, Py_
 
 
 cdef Py_ssize_t _piece_length(Py_ssize_t n, Py_ssize_t c, Py_ssize_t s, Py_ssize_t num_groups) noexcept nogil:
-    """Values per piece of a channel in the pieces schedule (a multiple of SUM_CHUNK, so the pieces' float sums
-    are the whole run's chunks), or 0 for the sets schedule."""
+    """Values per piece of a channel in the pieces schedule, for a single set (n = 1, one group), or 0 for the
+    sets schedule. A multiple of SUM_CHUNK, so that the pieces' float sums are the whole run's chunks."""
     cdef Py_ssize_t pieces
     if n * num_groups > 1 or c * s < TARGET_ITEMS * PIECE:
         return 0
@@ -150,7 +149,7 @@ cdef int _forward_sets(const floating* xp, Py_ssize_t n, Py_ssize_t c, Py_ssize_
     cdef int nt = threads_for(n * c * s, _nthreads, _serial_max)
     cdef bint stream = n * c * s * <Py_ssize_t>sizeof(floating) >= _stream_min
     if length:
-        return _forward_pieces(xp, n, c, s, num_groups, length, w, b, eps, act, slope, stream, nt, yp, mp, rp)
+        return _forward_pieces(xp, c, s, length, w, b, eps, act, slope, stream, nt, yp, mp, rp)
     # set t = (sample t // G, group t % G) starts at value t * cg * s
     for t in prange(n * num_groups, nogil=True, schedule="static", num_threads=nt):
         _forward_set(xp + t * cg * s, yp + t * cg * s, cg, s,
@@ -160,46 +159,40 @@ cdef int _forward_sets(const floating* xp, Py_ssize_t n, Py_ssize_t c, Py_ssize_
     return 0
 
 
-cdef int _forward_pieces(const floating* xp, Py_ssize_t n, Py_ssize_t c, Py_ssize_t s, Py_ssize_t num_groups,
-                         Py_ssize_t length, const floating* w, const floating* b, double eps, int act, double slope,
-                         bint stream, int nt, floating* yp, floating* mp, floating* rp) except -1:
-    """_forward_sets' pieces schedule, one set at a time: its items' moments about the set's pivot in parallel,
-    added in item order, then the items' elementwise pass in parallel (a thread's items the same in both, so
-    they are still in its cache). Item i of set t is piece i % q of the set's channel i // q, q pieces of
-    ``length`` values per channel."""
-    cdef Py_ssize_t cg = c // num_groups, q = (s + length - 1) // length, per_set = cg * q
-    cdef Py_ssize_t i, t, ch, o, e
-    cdef double s1, s2, pivot, mean, rstd
-    cdef double* part = <double*>malloc(2 * per_set * sizeof(double))
+cdef int _forward_pieces(const floating* xp, Py_ssize_t c, Py_ssize_t s, Py_ssize_t length, const floating* w,
+                         const floating* b, double eps, int act, double slope, bint stream, int nt, floating* yp,
+                         floating* mp, floating* rp) except -1:
+    """_forward_sets' pieces schedule for its single set (all c channels of the one sample): the items' moments
+    about the set's pivot in parallel, added in item order, then the items' elementwise pass in parallel (a
+    thread's items are the same in both, so they are still in its cache). Item i is piece i % q of channel i // q,
+    q pieces of ``length`` values per channel."""
+    cdef Py_ssize_t q = (s + length - 1) // length, i, o, e
+    cdef double s1 = 0.0, s2 = 0.0, pivot = pivot_of(xp[0]), mean, rstd
+    cdef double* part = <double*>malloc(2 * c * q * sizeof(double))
     if part == NULL:
         raise MemoryError()
     with nogil:
-        for t in range(n * num_groups):
-            pivot = pivot_of(xp[t * cg * s])
-            for i in prange(per_set, schedule="static", num_threads=nt):
-                o = t * cg * s + (i // q) * s + (i % q) * length
-                part[2 * i] = 0.0
-                part[2 * i + 1] = 0.0
-                moments(xp + o, min(length, s - (i % q) * length), pivot, &part[2 * i], &part[2 * i + 1])
-            s1 = 0.0
-            s2 = 0.0
-            for i in range(per_set):
-                s1 = s1 + part[2 * i]
-                s2 = s2 + part[2 * i + 1]
-            finish_moments(s1, s2, cg * s, pivot, eps, &mean, &rstd)
-            mp[t] = <floating>mean
-            rp[t] = <floating>rstd
-            for i in prange(per_set, schedule="static", num_threads=nt):
-                ch = (t % num_groups) * cg + i // q
-                o = t * cg * s + (i // q) * s + (i % q) * length
-                e = min(length, s - (i % q) * length)
-                if stream:
-                    affine_act_stream(xp + o, yp + o, e, mean, rstd * w[ch] if w != NULL else rstd,
-                                      b[ch] if b != NULL else 0.0, act, slope)
-                    normkit_sfence()
-                else:
-                    affine_act(xp + o, yp + o, e, mean, rstd * w[ch] if w != NULL else rstd,
-                               b[ch] if b != NULL else 0.0, act, slope)
+        for i in prange(c * q, schedule="static", num_threads=nt):
+            o = (i // q) * s + (i % q) * length
+            part[2 * i] = 0.0
+            part[2 * i + 1] = 0.0
+            moments(xp + o, min(length, s - (i % q) * length), pivot, &part[2 * i], &part[2 * i + 1])
+        for i in range(c * q):
+            s1 = s1 + part[2 * i]
+            s2 = s2 + part[2 * i + 1]
+        finish_moments(s1, s2, c * s, pivot, eps, &mean, &rstd)
+        mp[0] = <floating>mean
+        rp[0] = <floating>rstd
+        for i in prange(c * q, schedule="static", num_threads=nt):
+            o = (i // q) * s + (i % q) * length
+            e = min(length, s - (i % q) * length)
+            if stream:
+                affine_act_stream(xp + o, yp + o, e, mean, rstd * w[i // q] if w != NULL else rstd,
+                                  b[i // q] if b != NULL else 0.0, act, slope)
+                normkit_sfence()
+            else:
+                affine_act(xp + o, yp + o, e, mean, rstd * w[i // q] if w != NULL else rstd,
+                           b[i // q] if b != NULL else 0.0, act, slope)
     free(part)
     return 0
 
@@ -226,8 +219,7 @@ cdef int _backward_sets(const floating* dyp, const floating* xp, Py_ssize_t n, P
         raise MemoryError()
     try:
         if length:
-            _backward_pieces(dyp, xp, n, c, s, num_groups, length, mp, rp, w, b, act, slope, stream, nt, dxp, sdyp,
-                             sdyxp)
+            _backward_pieces(dyp, xp, c, s, length, mp[0], rp[0], w, b, act, slope, stream, nt, dxp, sdyp, sdyxp)
         else:
             for t in prange(n * num_groups, nogil=True, schedule="static", num_threads=nt):
                 _backward_set(dyp + t * cg * s, xp + t * cg * s, dxp + t * cg * s, cg, s,
@@ -240,66 +232,56 @@ cdef int _backward_sets(const floating* dyp, const floating* xp, Py_ssize_t n, P
     return 0
 
 
-cdef int _backward_pieces(const floating* dyp, const floating* xp, Py_ssize_t n, Py_ssize_t c, Py_ssize_t s,
-                          Py_ssize_t num_groups, Py_ssize_t length, const floating* mp, const floating* rp,
-                          const floating* w, const floating* bias, int act, double slope, bint stream, int nt,
-                          floating* dxp, double* sdy, double* sdyx) except -1:
-    """_backward_sets' pieces schedule, one set at a time as _forward_pieces: its items' sums of g and g * (x -
-    mean) in parallel, each channel's added in item order into sdy, sdyx (n, c), the set's coefficients from them
+cdef int _backward_pieces(const floating* dyp, const floating* xp, Py_ssize_t c, Py_ssize_t s, Py_ssize_t length,
+                          double mean, double rstd, const floating* w, const floating* bias, int act, double slope,
+                          bint stream, int nt, floating* dxp, double* sdy, double* sdyx) except -1:
+    """_backward_sets' pieces schedule for its single set, items as _forward_pieces': the items' sums of g and
+    g * (x - mean) in parallel, each channel's added in item order into sdy, sdyx (c,), the coefficients from them
     as _backward_set's, then the items' input gradient in parallel (as there, g is left in dx between the passes
     unless dx is streamed)."""
-    cdef Py_ssize_t cg = c // num_groups, q = (s + length - 1) // length, per_set = cg * q
-    cdef Py_ssize_t i, t, ch, o, e, j
-    cdef double wc, sg, sgx, mean, rstd, cb, cc, m = <double>(cg * s)
+    cdef Py_ssize_t q = (s + length - 1) // length, i, o, e, ch
+    cdef double wc, sg = 0.0, sgx = 0.0, cb, cc, m = <double>(c * s)
     cdef bint kept = act != NO_ACT and not stream
-    cdef double* part = <double*>malloc(2 * per_set * sizeof(double))
+    cdef double* part = <double*>malloc(2 * c * q * sizeof(double))
     if part == NULL:
         raise MemoryError()
     with nogil:
-        for t in range(n * num_groups):
-            mean = mp[t]
-            rstd = rp[t]
-            for i in prange(per_set, schedule="static", num_threads=nt):
-                ch = (t % num_groups) * cg + i // q
-                o = t * cg * s + (i // q) * s + (i % q) * length
-                e = min(length, s - (i % q) * length)
-                wc = w[ch] if w != NULL else 1.0
-                part[2 * i] = 0.0
-                part[2 * i + 1] = 0.0
-                if kept:
-                    act_grad_sums_kept(dyp + o, xp + o, dxp + o, e, mean, rstd * wc, bias[ch] if bias != NULL else 0.0,
-                                       act, slope, &part[2 * i], &part[2 * i + 1])
-                else:
-                    act_grad_sums(dyp + o, xp + o, e, mean, rstd * wc, bias[ch] if bias != NULL else 0.0, act, slope,
-                                  &part[2 * i], &part[2 * i + 1])
-            sg = 0.0
-            sgx = 0.0
-            for j in range(cg):
-                ch = t * cg + j  # of all n * c
-                sdy[ch] = 0.0
-                sdyx[ch] = 0.0
-                for i in range(j * q, (j + 1) * q):
-                    sdy[ch] += part[2 * i]
-                    sdyx[ch] += part[2 * i + 1]
-                wc = w[ch % c] if w != NULL else 1.0
-                sg = sg + wc * sdy[ch]
-                sgx = sgx + wc * sdyx[ch]
-            cb = -rstd * rstd * rstd * sgx / m
-            cc = -rstd * sg / m
-            for i in prange(per_set, schedule="static", num_threads=nt):
-                ch = (t % num_groups) * cg + i // q
-                o = t * cg * s + (i // q) * s + (i % q) * length
-                e = min(length, s - (i % q) * length)
-                wc = w[ch] if w != NULL else 1.0
-                if kept:
-                    grad_apply_inplace(dxp + o, xp + o, e, mean, rstd * wc, cb, cc)
-                elif stream:
-                    act_grad_apply_stream(dyp + o, xp + o, dxp + o, e, mean, rstd * wc,
-                                          bias[ch] if bias != NULL else 0.0, act, slope, True, rstd * wc, cb, cc)
-                    normkit_sfence()
-                else:
-                    act_grad_apply(dyp + o, xp + o, dxp + o, e, mean, rstd * wc, bias[ch] if bias != NULL else 0.0,
-                                   act, slope, True, rstd * wc, cb, cc)
+        for i in prange(c * q, schedule="static", num_threads=nt):
+            o = (i // q) * s + (i % q) * length
+            e = min(length, s - (i % q) * length)
+            wc = w[i // q] if w != NULL else 1.0
+            part[2 * i] = 0.0
+            part[2 * i + 1] = 0.0
+            if kept:
+                act_grad_sums_kept(dyp + o, xp + o, dxp + o, e, mean, rstd * wc, bias[i // q] if bias != NULL else 0.0,
+                                   act, slope, &part[2 * i], &part[2 * i + 1])
+            else:
+                act_grad_sums(dyp + o, xp + o, e, mean, rstd * wc, bias[i // q] if bias != NULL else 0.0, act, slope,
+                              &part[2 * i], &part[2 * i + 1])
+        for ch in range(c):
+            sdy[ch] = 0.0
+            sdyx[ch] = 0.0
+            for i in range(ch * q, (ch + 1) * q):
+                sdy[ch] += part[2 * i]
+                sdyx[ch] += part[2 * i + 1]
+            wc = w[ch] if w != NULL else 1.0
+            sg = sg + wc * sdy[ch]
+            sgx = sgx + wc * sdyx[ch]
+        cb = -rstd * rstd * rstd * sgx / m
+        cc = -rstd * sg / m
+        for i in prange(c * q, schedule="static", num_threads=nt):
+            o = (i // q) * s + (i % q) * length
+            e = min(length, s - (i % q) * length)
+            wc = w[i // q] if w != NULL else 1.0
+            if kept:
+                grad_apply_inplace(dxp + o, xp + o, e, mean, rstd * wc, cb, cc)
+            elif stream:
+                act_grad_apply_stream(dyp + o, xp + o, dxp + o, e, mean, rstd * wc,
+                                      bias[i // q] if bias != NULL else 0.0, act, slope, True, rstd * wc, cb, cc)
+                normkit_sfence()
+            else:
+                act_grad_apply(dyp + o, xp + o, dxp + o, e, mean, rstd * wc, bias[i // q] if bias != NULL else 0.0,
+                               act, slope, True, rstd * wc, cb, cc)
     free(part)
     return 0
 
