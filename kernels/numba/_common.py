@@ -704,9 +704,11 @@ def _merge_row_stats(x2, part, P, eps, mean, rstd):
 @_jit
 def _rows(v, N):
     """A per-channel (C,) array as the (N, C) row coefficients of the act_ element loops."""
-    out = np.empty((N, v.shape[0]), v.dtype)
+    C = v.shape[0]
+    out = np.empty((N, C), v.dtype)
     for n in range(N):
-        out[n] = v
+        for c in range(C):  # element by element: ``out[n] = v`` compiles numba's broadcasting, 2 s on a first call
+            out[n, c] = v[c]
     return out
 
 

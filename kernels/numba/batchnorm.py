@@ -882,12 +882,14 @@ def _infer_act_coefs(N, w, b, has_w, has_b, running_mean, running_var, eps):
 def _channel_z_coefs(N, mean, rstd, w, b, has_w, has_b):
     """Per (n, c) row: mean, rstd in float64, and z = (x - mean) * zs + zb's zs and zb (per-channel statistics)."""
     C = mean.shape[0]
+    r = np.empty(C)
     zs = np.empty(C, mean.dtype)
     zb = np.empty(C, mean.dtype)
     for c in range(C):
+        r[c] = rstd[c]
         zs[c] = np.float64(rstd[c]) * (np.float64(w[c]) if has_w else 1.0)
         zb[c] = b[c] if has_b else 0.0
-    return _rows(mean, N), _rows(rstd.astype(np.float64), N), _rows(zs, N), _rows(zb, N)
+    return _rows(mean, N), _rows(r, N), _rows(zs, N), _rows(zb, N)
 
 
 @_jit
