@@ -61,8 +61,8 @@ def _compare(op, shape, dtype, rng, **extra):
 
 
 # Each side of every schedule switch in the kernels: BatchNorm's short rows (S < 32, with row counts that are
-# not a multiple of the 4-row sweep) and many channels (C >= 32); LayerNorm's long rows (K > 65536, tiles of
-# 4096) and its row blocks; RMSNorm's long rows in fewer than four row blocks (few rows, or partial sums beyond
+# not a multiple of the 4-row sweep) and many channels (C >= 32); LayerNorm's backward of rows over 4096 values
+# (groups of rows, two groups at (130, 4097)) and its row blocks; RMSNorm's long rows in fewer than four row blocks (few rows, or partial sums beyond
 # the budget: (5, 270001)), which the threads share by tiles; GroupNorm's and InstanceNorm's single set of 65536
 # values or more, cut into pieces; LayerNorm's forward of a single long row, by tiles.
 SCHEDULE_CASES = [
@@ -71,8 +71,10 @@ SCHEDULE_CASES = [
     ("batchnorm", (5, 32, 32), {}),
     ("batchnorm", (6, 40, 3), {}),
     ("batchnorm", (1025, 3), {}),
-    ("layernorm", (3, 65536), {}),
-    ("layernorm", (3, 65537), {}),
+    ("layernorm", (3, 4096), {}),
+    ("layernorm", (3, 4097), {}),
+    ("layernorm", (130, 4097), {}),
+    ("layernorm", (1, 65536), {}),
     ("layernorm", (1, 70001), {}),
     ("layernorm", (2, 5, 20000), {"ln_dims": 2}),
     ("layernorm", (130, 33), {}),
@@ -91,9 +93,9 @@ def test_schedule_boundaries(op, shape, extra, dtype, rng):
     _compare(op, shape, dtype, rng, **extra)
 
 
-# LayerNorm's and RMSNorm's backward of rows up to 65536 values take them two at a time while dy, x and dx fit in
-# the last-level cache, in three loops per row above that: both, forced, against the reference (odd row counts
-# leave a row without a pair; (2, 5, 20000) spans several row blocks).
+# LayerNorm's backward of rows up to 4096 values and RMSNorm's up to 65536 take them two at a time while dy, x and
+# dx fit in the last-level cache, in three loops per row above that: both, forced, against the reference (odd row
+# counts leave a row without a pair; (2, 5, 20000) spans several row blocks).
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("shape,extra", [((130, 33), {}), ((7, 1031), {}), ((2, 5, 20000), {"ln_dims": 2})],
                          ids=str)

@@ -3,7 +3,7 @@
 
 Rows are independent tasks. The parameter gradients sum over rows; to stay independent of the thread count they
 are summed per fixed block of rows (blocks depend on the shape only) and the blocks merged in order. Rows too long
-for per-block partial sums (K > LONG_ROW) are instead processed in groups of rows that stay in the last-level cache
+for per-block partial sums (K > GROUPED_ROW) are instead processed in groups of rows that stay in the last-level cache
 between two parallel passes: one for the rows' sums, by (row, tile of columns) items merged in tile order; one for
 dx and the parameter gradients, by blocks of columns, each adding the group's rows in row order (two rows per loop
 where no activation is fused, so that the accumulators are loaded once per pair). (Float32 (32, 200704) on two
@@ -43,6 +43,12 @@ cdef Py_ssize_t MAX_BLOCKS = 64
 cdef Py_ssize_t BLOCK_ROWS = 16
 cdef Py_ssize_t FEW_BLOCKS = 4
 cdef Py_ssize_t LONG_ROW = 1 << 16
+# The backward of rows longer than this takes the groups-of-rows schedule (below): per-block partial sums of 2k
+# values per block cost as much as the rows themselves when rows are few ((8, 65536): 4 blocks of 2 rows, 0.89 ->
+# 0.41 ms on two threads) and a fifth of them at (1024, 8192) (6.1 -> 5.2 ms). In-process A/B, float32, 0.45-0.95x
+# on one and two threads from k = 5000 to 65536 and m = 1 to 2048; its dx pass splits rows into COLUMNS-wide
+# blocks, two of them at k = 4096, too few to go lower.
+cdef Py_ssize_t GROUPED_ROW = 4096
 cdef Py_ssize_t TILE = 4096
 # Long rows go in groups of rows whose dy and x fit this many bytes (in the last-level cache between the two passes
 # over them), and their dx pass by blocks of COLUMNS columns (whose parameter-gradient accumulators stay in L1).
@@ -75,7 +81,7 @@ def set_stream_min_bytes(Py_ssize_t n):
 
 
 def set_pairs_max_bytes(Py_ssize_t n):
-    """The backward of rows up to LONG_ROW takes them two at a time (_backward_block) when dy, x and dx together
+    """The backward of rows up to GROUPED_ROW takes them two at a time (_backward_block) when dy, x and dx together
     are at most n bytes."""
     global _pairs_max
     _pairs_max = n
@@ -467,7 +473,7 @@ cdef void _backward_rows(const floating* dyp, const floating* xp, Py_ssize_t m, 
             _backward_block(dyp, xp, dxp, t * per_block, min(m, (t + 1) * per_block), k, w, b, act, slope, mp, rp,
                             NULL, NULL, stream, False)
         return
-    if k > LONG_ROW:
+    if k > GROUPED_ROW:
         tiles = (k + TILE - 1) // TILE
         cols = (k + COLUMNS - 1) // COLUMNS
         group = min(m, max(2, GROUP_BYTES // (2 * k * <Py_ssize_t>sizeof(floating)) // 2 * 2))  # even
