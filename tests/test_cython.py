@@ -60,11 +60,12 @@ def _compare(op, shape, dtype, rng, **extra):
                 assert_close(got[name], expected, dtype, direction, what=f"{op} {shape} {affine} {training} {name}")
 
 
-# Each side of every schedule switch in the kernels: BatchNorm's short rows (S < 32, with row counts that are
-# not a multiple of the 4-row sweep) and many channels (C >= 32); LayerNorm's backward of rows over 4096 values
-# (groups of rows, two groups at (130, 4097)) and its row blocks; RMSNorm's long rows in fewer than four row blocks (few rows, or partial sums beyond
-# the budget: (5, 270001)), which the threads share by tiles; GroupNorm's and InstanceNorm's single set of 65536
-# values or more, cut into pieces; LayerNorm's forward of a single long row, by tiles.
+# Each side of every schedule switch in the kernels: BatchNorm's short rows (S < 32, with row counts that are not a
+# multiple of the 4-row sweep) and many channels (C >= 32); LayerNorm's backward of rows over 4096 values (groups of
+# rows, two groups at (130, 4097)) and its row blocks; RMSNorm's long rows in fewer than four row blocks (few rows, or
+# partial sums beyond the budget: (5, 270001)) or up to 16 rows over 16384 values, which the threads share by tiles;
+# GroupNorm's and InstanceNorm's single set of 65536 values or more, cut into pieces; LayerNorm's forward of a single
+# long row, by tiles.
 SCHEDULE_CASES = [
     ("batchnorm", (7, 33, 31), {}),
     ("batchnorm", (9, 31, 32), {}),
@@ -83,6 +84,8 @@ SCHEDULE_CASES = [
     ("instancenorm", (1, 1, 300, 301), {}),
     ("rmsnorm", (3, 65536), {}),
     ("rmsnorm", (3, 65537), {}),
+    ("rmsnorm", (16, 16385), {}),
+    ("rmsnorm", (17, 16385), {}),
     ("rmsnorm", (5, 270001), {}),
 ]
 

@@ -8,7 +8,8 @@ of h and reads it back from L1 for its statistics and y; the fused backward adds
 from its other uses) where it writes dx. Rows are independent tasks. The parameter gradients are summed per fixed
 block of rows (blocks depend on the shape only) and the blocks merged in order, as in _layernorm.pyx, so results
 do not depend on the thread count. Rows longer than LONG_ROW that would make fewer than FEW_BLOCKS blocks (few
-rows, or partial sums beyond PARTIAL_BUDGET) go one at a time instead, the threads sharing each row by tiles.
+rows, or partial sums beyond PARTIAL_BUDGET), and up to TILED_ROWS rows longer than TILED_ROW with parameter
+gradients, go one at a time instead, the threads sharing each row by tiles.
 """
 
 import os
@@ -43,6 +44,12 @@ cdef Py_ssize_t TILE = 4096
 # (_backward_tiles): as blocks of rows they ran on one thread each, and the whole kernel on one thread from rows of
 # 2**20 values (RMSNorm with a weight gradient).
 cdef Py_ssize_t LONG_ROW = 1 << 16
+# So are rows over TILED_ROW values when there are at most TILED_ROWS of them and parameter gradients to sum: the
+# blocks' partial sums (k or 2k per block) then cost about as much as the rows (RMSNorm backward, in-process A/B,
+# float32, two threads: (8, 65536) 0.79x, (3, 65536) 0.56x, (16, 32768) 0.71x, (1, 32768) 0.76x; one thread
+# 0.69-0.90x); the tiles' two parallel regions per row cost more below ((8, 9000) 1.19x, (16, 8192) 1.22x).
+cdef Py_ssize_t TILED_ROW = 16384
+cdef Py_ssize_t TILED_ROWS = 16
 # Parameter-gradient terms summed in the data's precision before they are added to the double sums.
 cdef Py_ssize_t FLUSH = 16
 
@@ -437,20 +444,19 @@ cdef void _merge_blocks(const double* partial, Py_ssize_t blocks, Py_ssize_t n, 
 
 cdef Py_ssize_t _plan(Py_ssize_t m, Py_ssize_t k, bint centered, bint params, size_t acc_item,
                       Py_ssize_t* per_block, double** grads, double** work, char** acc):
-    """The backward's schedule, chosen from the shape alone (so that results do not depend on the thread count),
-    and its scratch, for both data types. Returns how many blocks of rows of per_block rows each, or 0 for rows
-    longer than LONG_ROW that would make fewer than FEW_BLOCKS blocks (_backward_tiles). The calling thread's
-    scratch (_scratch, alive until its next use) holds n doubles of gradients (weight, then bias when centered),
-    the work area (n partial sums per block, or 2 sums per tile), then n accumulators of acc_item bytes per block
-    (one set for the tiles, which clear it and the gradients in the first row). Blocks without parameter
-    gradients need no scratch."""
+    """The backward's schedule, chosen from the shape alone (so that results do not depend on the thread count), and
+    its scratch, for both data types. Returns how many blocks of rows of per_block rows each, or 0 for rows shared
+    by tiles (_backward_tiles; see LONG_ROW and TILED_ROW). The calling thread's scratch (_scratch, alive until its
+    next use) holds n doubles of gradients (weight, then bias when centered), the work area (n partial sums per
+    block, or 2 sums per tile), then n accumulators of acc_item bytes per block (one set for the tiles, which clear
+    it and the gradients in the first row). Blocks without parameter gradients need no scratch."""
     cdef Py_ssize_t n = 2 * k if centered else k, blocks, work_n, sets
     cdef double[::1] buf
     if not params:
         blocks = min(m, MAX_BLOCKS)
     else:
         blocks = min(m, MAX_BLOCKS, max(1, PARTIAL_BUDGET // n), max(FEW_BLOCKS, m // BLOCK_ROWS))
-    if k > LONG_ROW and blocks < FEW_BLOCKS:
+    if (k > LONG_ROW and blocks < FEW_BLOCKS) or (params and k > TILED_ROW and m <= TILED_ROWS):
         blocks, work_n, sets = 0, 2 * ((k + TILE - 1) // TILE), 1
     else:
         per_block[0] = (m + blocks - 1) // blocks
