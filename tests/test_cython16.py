@@ -304,14 +304,16 @@ def test_matches_reference(op, fmt, data):
     roundtrip(op, fmt, kshape, np.random.default_rng(sum(kshape)), groups=groups, affine=affine)
 
 
-# each side of every schedule switch (test_cython.SCHEDULE_CASES; and _batchnorm.SHORT_ROW16), in kernel shapes
+# each side of every schedule switch (test_cython.SCHEDULE_CASES; and _batchnorm.SHORT_ROW16, _layernorm's
+# 16-bit TILED_ROW), in kernel shapes
 SCHEDULE_CASES = [
     ("batchnorm", (7, 33, 31), 1), ("batchnorm", (9, 31, 32), 1), ("batchnorm", (5, 32, 32), 1),
     ("batchnorm", (6, 40, 3), 1), ("batchnorm", (1025, 3, 1), 1), ("batchnorm", (300, 700, 1), 1),
     ("batchnorm", (3, 40, 1100), 1), ("layernorm", (3, 65536), 1), ("layernorm", (3, 65537), 1),
-    ("layernorm", (2, 100000), 1), ("layernorm", (130, 33), 1), ("groupnorm", (3, 6, 1), 3),
-    ("groupnorm", (2, 8, 1500), 2), ("instancenorm", (2, 3, 2049), 1), ("batchnorm", (3, 5, 127), 1),
-    ("batchnorm", (3, 5, 128), 1), ("instancenorm", (2, 40, 127), 1),
+    ("layernorm", (16, 16385), 1), ("layernorm", (17, 16385), 1), ("layernorm", (2, 100000), 1),
+    ("layernorm", (130, 33), 1), ("groupnorm", (3, 6, 1), 3), ("groupnorm", (2, 8, 1500), 2),
+    ("instancenorm", (2, 3, 2049), 1), ("batchnorm", (3, 5, 127), 1), ("batchnorm", (3, 5, 128), 1),
+    ("instancenorm", (2, 40, 127), 1),
 ]
 
 

@@ -49,6 +49,10 @@ cdef Py_ssize_t LONG_ROW = 1 << 16
 # on one and two threads from k = 5000 to 65536 and m = 1 to 2048; its dx pass splits rows into COLUMNS-wide
 # blocks, two of them at k = 4096, too few to go lower.
 cdef Py_ssize_t GROUPED_ROW = 4096
+# The 16-bit backward has no such schedule: rows over LONG_ROW go one at a time, the threads sharing each by tiles,
+# and so do up to TILED_ROWS rows over TILED_ROW values, for the same reason (as in _rownorm.pyx).
+cdef Py_ssize_t TILED_ROW = 16384
+cdef Py_ssize_t TILED_ROWS = 16
 cdef Py_ssize_t TILE = 4096
 # Long rows go in groups of rows whose dy and x fit this many bytes (in the last-level cache between the two passes
 # over them), and their dx pass by blocks of COLUMNS columns (whose parameter-gradient accumulators stay in L1).
@@ -725,7 +729,7 @@ def layernorm_backward16(int fmt, const uint16_t[:, ::1] dy, const uint16_t[:, :
             _backward_block16(dyp, xp, dxp, t * per_block, min(m, (t + 1) * per_block), k, w, mp, rp, fmt, NULL,
                               NULL)
         return
-    if k > LONG_ROW:
+    if k > LONG_ROW or (k > TILED_ROW and m <= TILED_ROWS):
         tiles = (k + TILE - 1) // TILE
         buf = _scratch(2 * k + 2 * tiles + (2 * k * sizeof(float) + 7) // 8)
         grads = &buf[0]
