@@ -241,6 +241,7 @@ def test_non_contiguous_input(backend, rng):
 THREAD_CASES = [("batchnorm", (64, 3, 40, 40)), ("batchnorm", (301, 5, 2, 3)), ("batchnorm", (4096, 16)),
                 ("batchnorm", (32, 100, 3, 3)),
                 ("layernorm", (64, 3, 40, 40)), ("layernorm", (7, 70000)),  # long rows: groups of rows, a row pair
+                ("layernorm", (6, 20000)),  # Cython: groups of rows from 4097 values
                 ("instancenorm", (8, 16, 33, 31)), ("groupnorm", (8, 16, 33, 31)),
                 ("instancenorm", (1, 1, 300, 301)), ("layernorm", (1, 70001))]  # one set / row: cut into pieces
 

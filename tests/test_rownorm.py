@@ -124,11 +124,11 @@ def test_non_finite_poisons_its_row_only(backend, op, bad, rng):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("op", ROW_OPS)
-@pytest.mark.parametrize("shape", [(2051, 300), (3, 70001), (5, 270001)], ids=str)
+@pytest.mark.parametrize("shape", [(2051, 300), (3, 70001), (5, 270001), (8, 20000)], ids=str)
 def test_large_shapes_and_thread_count_independent(backend, op, shape, rng):
     """Enough rows for several parameter-gradient blocks (and a short last one), or rows over 65536 values in
-    fewer than four blocks (the backward then shares each row among the threads by pieces); identical for 1 and 2
-    threads."""
+    fewer than four blocks, or (Cython) up to 16 rows over 16384 values (the backward then shares each row among
+    the threads by pieces); identical for 1 and 2 threads."""
     k = shape[1]
     x = (rng.standard_normal(shape) * 2 + 0.5).astype(np.float32)
     r = rng.standard_normal(x.shape).astype(np.float32)
