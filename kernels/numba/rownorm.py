@@ -1,8 +1,9 @@
 """RMSNorm, and the fused residual add of both row ops (h = x + residual, then LayerNorm or RMSNorm of h, in one
 pass over memory).
 
-One forward and one backward serve all four directions each; ``centered`` says whether a row's mean is subtracted
-and a bias added (LayerNorm) or not (RMSNorm: rstd = 1/sqrt(mean(x**2) + eps), the sum of squares in float64).
+One forward serves the four forward directions and one backward, built for each kind of op (_backward_kernels), the
+backward ones; ``centered`` says whether a row's mean is subtracted and a bias added (LayerNorm) or not (RMSNorm:
+rstd = 1/sqrt(mean(x**2) + eps), the sum of squares in float64).
 How the work is split: one work item per row in the forward (the fused add writes the row of h and reads it back
 from cache); in the backward, fixed blocks of rows (a function of the shape only) keep partial parameter gradients,
 merged in block order, so results do not depend on the thread count; long rows in few blocks go one at a time
@@ -13,6 +14,8 @@ computed in float32, the dtype of rstd and of the other float arguments, as laye
 """
 
 from __future__ import annotations
+
+import functools
 
 import numpy as np
 from numba import prange
@@ -136,113 +139,120 @@ def _flush(acc, out):
         acc[j] = 0.0
 
 
-@_pjit
-def _backward(dy, dh, has_dh, x, mean, rstd, w, has_w, centered, dx, dw, db, want_dw, want_db, pw, pb, acw, acb):
-    """The parameter gradients' partial sums per block, (R, K) each when ``want``: pw, pb in float64 (pb a
-    centered op's only), acw, acb the dtype accumulators of a centered op."""
-    M, K = x.shape
-    t = rstd.dtype.type  # the working dtype: the data's, float32 for 16-bit data
-    wv = w if has_w else _ones(K, rstd.dtype)
-    want = want_dw or want_db
-    R = _row_blocks(M, K, want)
-    RL = _cdiv(M, R)
-    for it in prange(R):
-        k0 = it * RL
-        k1 = min(M, (it + 1) * RL)
+@functools.cache
+def _backward_kernels(centered, has_dh):
+    """(_backward, _backward_pieces) for one kind of row op: ``centered`` (LayerNorm) or not (RMSNorm), with a dh or
+    not (the fused add). Both are constants of the compiled code, whose other branches numba drops: one function
+    for every kind compiled them all, 0.6-0.8 s more on a first call."""
+
+    @_pjit
+    def _backward(dy, dh, x, mean, rstd, w, has_w, dx, dw, db, want_dw, want_db, pw, pb, acw, acb):
+        """The parameter gradients' partial sums per block, (R, K) each when ``want``: pw, pb in float64 (pb a
+        centered op's only), acw, acb the dtype accumulators of a centered op."""
+        M, K = x.shape
+        t = rstd.dtype.type  # the working dtype: the data's, float32 for 16-bit data
+        wv = w if has_w else _ones(K, rstd.dtype)
+        want = want_dw or want_db
+        R = _row_blocks(M, K, want)
+        RL = _cdiv(M, R)
+        for it in prange(R):
+            k0 = it * RL
+            k1 = min(M, (it + 1) * RL)
+            if want:
+                _clear(pw[it])
+            if want and centered:
+                _clear(pb[it])
+                _clear(acw[it])
+                _clear(acb[it])
+            for k in range(k0, k1):
+                mk = mean[k] if centered else t(0.0)
+                r = np.float64(rstd[k])
+                sg, sgx = _row_grad_sums(dy[k], x[k], np.float64(mk), 1.0, wv)
+                # dx = rstd * (g - mean(g) - xhat * mean(g * xhat)); an uncentered row has no mean(g) term
+                B = t(-r * r * r * sgx / K)
+                Cc = t(-r * sg / K) if centered else t(0.0)
+                if has_dh:
+                    _dx_plus(dy[k], dh[k], x[k], dx[k], mk, rstd[k], B, Cc, wv)
+                else:
+                    _dx(dy[k], x[k], dx[k], mk, rstd[k], B, Cc, wv)
+                if want and centered:
+                    _param_grads(dy[k], x[k], mk, rstd[k], acw[it], acb[it])
+                    if (k - k0) % FLUSH == FLUSH - 1 or k == k1 - 1:
+                        _flush(acw[it], pw[it])
+                        _flush(acb[it], pb[it])
+                elif want:
+                    _weight_grads(dy[k], x[k], r, pw[it])
         if want:
-            _clear(pw[it])
-        if want and centered:
-            _clear(pb[it])
-            _clear(acw[it])
-            _clear(acb[it])
-        for k in range(k0, k1):
+            # block by block, in block order for every j
+            aw = np.zeros(K)
+            ab = np.zeros(K)
+            for it in range(R):
+                for j in range(K):
+                    aw[j] += pw[it, j]
+                if centered:
+                    for j in range(K):
+                        ab[j] += pb[it, j]
+            for j in range(K):
+                if want_dw:
+                    dw[j] = aw[j]
+                if want_db:
+                    db[j] = ab[j]
+
+
+    @_pjit
+    def _backward_pieces(dy, dh, x, mean, rstd, w, has_w, dx, dw, db, want_dw, want_db, aw, ab, acw, acb):
+        """_backward for long rows in few blocks: one row at a time, the threads sharing it by pieces of PIECE columns,
+        each piece's sums and parameter-gradient terms (as _backward's), the row's sums added in piece order, then each
+        piece's dx. aw, ab, acw, acb are _backward's pw, pb, acw, acb of one block, (K,) each; each piece clears its
+        part in the first row and stores it in the last."""
+        M, K = x.shape
+        t = rstd.dtype.type
+        wv = w if has_w else _ones(K, rstd.dtype)
+        want = want_dw or want_db
+        P = _cdiv(K, PIECE)
+        sums = np.zeros((P, 2))
+        for k in range(M):
             mk = mean[k] if centered else t(0.0)
             r = np.float64(rstd[k])
-            sg, sgx = _row_grad_sums(dy[k], x[k], np.float64(mk), 1.0, wv)
-            # dx = rstd * (g - mean(g) - xhat * mean(g * xhat)); an uncentered row has no mean(g) term
+            for it in prange(P):
+                j0 = it * PIECE
+                j1 = min(K, j0 + PIECE)
+                if k == 0 and want:
+                    _clear(aw[j0:j1])
+                if k == 0 and want and centered:
+                    _clear(ab[j0:j1])
+                    _clear(acw[j0:j1])
+                    _clear(acb[j0:j1])
+                sg, sgx = _row_grad_sums(dy[k, j0:j1], x[k, j0:j1], np.float64(mk), 1.0, wv[j0:j1])
+                sums[it, 0] = sg
+                sums[it, 1] = sgx
+                if want and centered:
+                    _param_grads(dy[k, j0:j1], x[k, j0:j1], mk, rstd[k], acw[j0:j1], acb[j0:j1])
+                    if k % FLUSH == FLUSH - 1 or k == M - 1:
+                        _flush(acw[j0:j1], aw[j0:j1])
+                        _flush(acb[j0:j1], ab[j0:j1])
+                elif want:
+                    _weight_grads(dy[k, j0:j1], x[k, j0:j1], r, aw[j0:j1])
+            sg = 0.0
+            sgx = 0.0
+            for it in range(P):
+                sg += sums[it, 0]
+                sgx += sums[it, 1]
             B = t(-r * r * r * sgx / K)
             Cc = t(-r * sg / K) if centered else t(0.0)
-            if has_dh:
-                _dx_plus(dy[k], dh[k], x[k], dx[k], mk, rstd[k], B, Cc, wv)
-            else:
-                _dx(dy[k], x[k], dx[k], mk, rstd[k], B, Cc, wv)
-            if want and centered:
-                _param_grads(dy[k], x[k], mk, rstd[k], acw[it], acb[it])
-                if (k - k0) % FLUSH == FLUSH - 1 or k == k1 - 1:
-                    _flush(acw[it], pw[it])
-                    _flush(acb[it], pb[it])
-            elif want:
-                _weight_grads(dy[k], x[k], r, pw[it])
-    if want:
-        # block by block, in block order for every j
-        aw = np.zeros(K)
-        ab = np.zeros(K)
-        for it in range(R):
-            for j in range(K):
-                aw[j] += pw[it, j]
-            if centered:
-                for j in range(K):
-                    ab[j] += pb[it, j]
-        for j in range(K):
-            if want_dw:
-                dw[j] = aw[j]
-            if want_db:
-                db[j] = ab[j]
+            for it in prange(P):
+                j0 = it * PIECE
+                j1 = min(K, j0 + PIECE)
+                if has_dh:
+                    _dx_plus(dy[k, j0:j1], dh[k, j0:j1], x[k, j0:j1], dx[k, j0:j1], mk, rstd[k], B, Cc, wv[j0:j1])
+                else:
+                    _dx(dy[k, j0:j1], x[k, j0:j1], dx[k, j0:j1], mk, rstd[k], B, Cc, wv[j0:j1])
+                if k == M - 1 and want_dw:
+                    _store(aw[j0:j1], dw[j0:j1])
+                if k == M - 1 and want_db:
+                    _store(ab[j0:j1], db[j0:j1])
 
-
-@_pjit
-def _backward_pieces(dy, dh, has_dh, x, mean, rstd, w, has_w, centered, dx, dw, db, want_dw, want_db, aw, ab, acw,
-                     acb):
-    """_backward for long rows in few blocks: one row at a time, the threads sharing it by pieces of PIECE columns,
-    each piece's sums and parameter-gradient terms (as _backward's), the row's sums added in piece order, then each
-    piece's dx. aw, ab, acw, acb are _backward's pw, pb, acw, acb of one block, (K,) each; each piece clears its
-    part in the first row and stores it in the last."""
-    M, K = x.shape
-    t = rstd.dtype.type
-    wv = w if has_w else _ones(K, rstd.dtype)
-    want = want_dw or want_db
-    P = _cdiv(K, PIECE)
-    sums = np.zeros((P, 2))
-    for k in range(M):
-        mk = mean[k] if centered else t(0.0)
-        r = np.float64(rstd[k])
-        for it in prange(P):
-            j0 = it * PIECE
-            j1 = min(K, j0 + PIECE)
-            if k == 0 and want:
-                _clear(aw[j0:j1])
-            if k == 0 and want and centered:
-                _clear(ab[j0:j1])
-                _clear(acw[j0:j1])
-                _clear(acb[j0:j1])
-            sg, sgx = _row_grad_sums(dy[k, j0:j1], x[k, j0:j1], np.float64(mk), 1.0, wv[j0:j1])
-            sums[it, 0] = sg
-            sums[it, 1] = sgx
-            if want and centered:
-                _param_grads(dy[k, j0:j1], x[k, j0:j1], mk, rstd[k], acw[j0:j1], acb[j0:j1])
-                if k % FLUSH == FLUSH - 1 or k == M - 1:
-                    _flush(acw[j0:j1], aw[j0:j1])
-                    _flush(acb[j0:j1], ab[j0:j1])
-            elif want:
-                _weight_grads(dy[k, j0:j1], x[k, j0:j1], r, aw[j0:j1])
-        sg = 0.0
-        sgx = 0.0
-        for it in range(P):
-            sg += sums[it, 0]
-            sgx += sums[it, 1]
-        B = t(-r * r * r * sgx / K)
-        Cc = t(-r * sg / K) if centered else t(0.0)
-        for it in prange(P):
-            j0 = it * PIECE
-            j1 = min(K, j0 + PIECE)
-            if has_dh:
-                _dx_plus(dy[k, j0:j1], dh[k, j0:j1], x[k, j0:j1], dx[k, j0:j1], mk, rstd[k], B, Cc, wv[j0:j1])
-            else:
-                _dx(dy[k, j0:j1], x[k, j0:j1], dx[k, j0:j1], mk, rstd[k], B, Cc, wv[j0:j1])
-            if k == M - 1 and want_dw:
-                _store(aw[j0:j1], dw[j0:j1])
-            if k == M - 1 and want_db:
-                _store(ab[j0:j1], db[j0:j1])
+    return _backward, _backward_pieces
 
 
 # --- the contract's callables -----------------------------------------------------------------------------------
@@ -280,8 +290,8 @@ def _bwd(dy, dh, x, mean, rstd, weight, centered, dx, dweight, dbias):
     full = ((K,) if long_rows else (blocks, K)) if want else (0,) * (1 if long_rows else 2)
     part = full if centered else full[:-1] + (0,)
     acc = work_arrays((full, np.float64), (part, np.float64), (part, rstd.dtype), (part, rstd.dtype))
-    (_backward_pieces if long_rows else _backward)(dy, d, has_dh, x, m, rstd, w, hw, centered, dx, dw, db, wdw, wdb,
-                                                   *acc)
+    backward, backward_pieces = _backward_kernels(centered, has_dh)
+    (backward_pieces if long_rows else backward)(dy, d, x, m, rstd, w, hw, dx, dw, db, wdw, wdb, *acc)
 
 
 def rmsnorm_forward(x, weight, eps, y, rstd):
