@@ -39,8 +39,11 @@ F16C = bool(normkit_half_init(os.environ.get("NORMKIT_CYTHON_NO_F16C", "") in ("
 cdef Py_ssize_t PARTIAL_BUDGET = 1 << 20
 cdef Py_ssize_t MAX_BLOCKS = 64
 # Rows per block, at least, once there are more than a few blocks: each block clears, fills and merges 2k partial
-# sums, which for blocks of one row cost more than the rows themselves ((64, 1024): 46 us against 16 us).
-cdef Py_ssize_t BLOCK_ROWS = 16
+# sums, which for blocks of one row cost more than the rows themselves ((64, 1024): 46 us against 16 us), and for
+# blocks of 16 rows still a tenth of the backward of short rows (in-process A/B, 64 rows against 16, two threads:
+# (2048, 256) 0.90x, (512, 768) 0.86x, (128, 768) 0.92x; right after a Linear, as in a model, 0.96x and 0.92x;
+# (8192, 1024) and (4096, 512) equal). 64 rows still make 32 blocks of (2048, 256), rows of a transformer layer.
+cdef Py_ssize_t BLOCK_ROWS = 64
 cdef Py_ssize_t FEW_BLOCKS = 4
 cdef Py_ssize_t LONG_ROW = 1 << 16
 # The backward of rows longer than this takes the groups-of-rows schedule (below): per-block partial sums of 2k

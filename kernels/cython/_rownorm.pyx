@@ -37,7 +37,7 @@ F16C = bool(_f16c)
 cdef Py_ssize_t PARTIAL_BUDGET = 1 << 20
 cdef Py_ssize_t MAX_BLOCKS = 64
 # Rows per block, at least, once there are more than a few blocks (see _layernorm.pyx).
-cdef Py_ssize_t BLOCK_ROWS = 16
+cdef Py_ssize_t BLOCK_ROWS = 64
 cdef Py_ssize_t FEW_BLOCKS = 4
 cdef Py_ssize_t TILE = 4096
 # Rows longer than this that make fewer than FEW_BLOCKS blocks are shared by the threads tile by tile instead
