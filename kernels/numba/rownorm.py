@@ -198,7 +198,6 @@ def _backward_kernels(centered, has_dh):
                 if want_db:
                     db[j] = ab[j]
 
-
     @_pjit
     def _backward_pieces(dy, dh, x, mean, rstd, w, has_w, dx, dw, db, want_dw, want_db, aw, ab, acw, acb):
         """_backward for long rows in few blocks: one row at a time, the threads sharing it by pieces of PIECE columns,
