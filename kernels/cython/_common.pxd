@@ -230,6 +230,17 @@ cdef inline void store_grads(const double* grads, Py_ssize_t k, floating* dweigh
         _store_range(grads, k, t * tile, min(k, (t + 1) * tile), dweight, dbias)
 
 
+cdef enum:
+    # The row ops' backward (_layernorm's 16-bit one, _rownorm's) shares each row among the threads by tiles, one
+    # row at a time, for up to TILED_ROWS rows of more than TILED_ROW values with parameter gradients to sum: their
+    # blocks' partial sums (k or 2k per block) then cost about as much as the rows (in-process A/B, two threads:
+    # RMSNorm float32 (8, 65536) 0.79x, (3, 65536) 0.56x, (16, 32768) 0.71x, (1, 32768) 0.76x, LayerNorm bfloat16
+    # (8, 65536) 0.52x; one thread 0.51-0.90x). Below, the tiles' two parallel regions per row cost more ((8, 9000)
+    # 1.19x, (16, 8192) 1.22x).
+    TILED_ROW = 16384
+    TILED_ROWS = 16
+
+
 cdef inline void grad_apply(const floating* dy, const floating* x, floating* dx, Py_ssize_t n, double mean,
                             double a, double b, double c) noexcept nogil:
     """dx = a * dy + b * (x - mean) + c: the input gradient of one normalized set, or of one channel within it.

@@ -25,10 +25,10 @@ from libc.stdint cimport uint16_t
 from libc.string cimport memset
 
 from _common cimport (
-    ACT_CHUNK, NO_ACT, SERIAL_MAX_VALUES, TILE16, act_apply, act_grad, clear_sums, finish_moments, grad_sums,
-    moments, moments16, narrow64, normkit_half_init, normkit_narrow, normkit_row_dx16, normkit_row_sums16,
-    normkit_row_y16, normkit_sfence, normkit_widen, pivot16, pivot_of, store_grads, stream_store, threads_for,
-    to_double,
+    ACT_CHUNK, NO_ACT, SERIAL_MAX_VALUES, TILE16, TILED_ROW, TILED_ROWS, act_apply, act_grad, clear_sums,
+    finish_moments, grad_sums, moments, moments16, narrow64, normkit_half_init, normkit_narrow, normkit_row_dx16,
+    normkit_row_sums16, normkit_row_y16, normkit_sfence, normkit_widen, pivot16, pivot_of, store_grads,
+    stream_store, threads_for, to_double,
 )
 
 # float16 converts with F16C where the CPU has it, unless NORMKIT_CYTHON_NO_F16C=1 asks for the portable code (to
@@ -53,9 +53,7 @@ cdef Py_ssize_t LONG_ROW = 1 << 16
 # blocks, two of them at k = 4096, too few to go lower.
 cdef Py_ssize_t GROUPED_ROW = 4096
 # The 16-bit backward has no such schedule: rows over LONG_ROW go one at a time, the threads sharing each by tiles,
-# and so do up to TILED_ROWS rows over TILED_ROW values, for the same reason (as in _rownorm.pyx).
-cdef Py_ssize_t TILED_ROW = 16384
-cdef Py_ssize_t TILED_ROWS = 16
+# and so do up to TILED_ROWS rows over TILED_ROW values (_common.pxd), as in _rownorm.pyx.
 cdef Py_ssize_t TILE = 4096
 # Long rows go in groups of rows whose dy and x fit this many bytes (in the last-level cache between the two passes
 # over them), and their dx pass by blocks of COLUMNS columns (whose parameter-gradient accumulators stay in L1).

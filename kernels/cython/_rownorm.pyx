@@ -24,9 +24,9 @@ from libc.stdint cimport uint16_t
 from libc.string cimport memset
 
 from _common cimport (
-    SERIAL_MAX_VALUES, TILE16, clear_sums, finish_moments, grad_sums, moments, moments16, narrow64,
-    normkit_half_init, normkit_narrow, normkit_row_dx16, normkit_row_sums16, normkit_row_y16, normkit_widen, pivot16,
-    pivot_of, store_grads, threads_for, to_double,
+    SERIAL_MAX_VALUES, TILE16, TILED_ROW, TILED_ROWS, clear_sums, finish_moments, grad_sums, moments, moments16,
+    narrow64, normkit_half_init, normkit_narrow, normkit_row_dx16, normkit_row_sums16, normkit_row_y16,
+    normkit_widen, pivot16, pivot_of, store_grads, threads_for, to_double,
 )
 
 # float16 converts with F16C where the CPU has it, unless NORMKIT_CYTHON_NO_F16C=1 (see _layernorm.pyx).
@@ -44,12 +44,7 @@ cdef Py_ssize_t TILE = 4096
 # (_backward_tiles): as blocks of rows they ran on one thread each, and the whole kernel on one thread from rows of
 # 2**20 values (RMSNorm with a weight gradient).
 cdef Py_ssize_t LONG_ROW = 1 << 16
-# So are rows over TILED_ROW values when there are at most TILED_ROWS of them and parameter gradients to sum: the
-# blocks' partial sums (k or 2k per block) then cost about as much as the rows (RMSNorm backward, in-process A/B,
-# float32, two threads: (8, 65536) 0.79x, (3, 65536) 0.56x, (16, 32768) 0.71x, (1, 32768) 0.76x; one thread
-# 0.69-0.90x); the tiles' two parallel regions per row cost more below ((8, 9000) 1.19x, (16, 8192) 1.22x).
-cdef Py_ssize_t TILED_ROW = 16384
-cdef Py_ssize_t TILED_ROWS = 16
+# So are up to TILED_ROWS rows over TILED_ROW values (_common.pxd) with parameter gradients.
 # Parameter-gradient terms summed in the data's precision before they are added to the double sums.
 cdef Py_ssize_t FLUSH = 16
 
