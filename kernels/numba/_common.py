@@ -422,7 +422,7 @@ def _row_grad_sums(dyr, xr, m, r, w):
 # an activation is first used. Everything else of an act_ kernel (statistics, coefficients, merges) is plain njit
 # code, compiled once per dtype. The 16-bit act kernels are these float32 ones on widened copies (kernels.py), so
 # the act loops need no widen/narrow. The channel ops' loops take per-(n, c) row coefficients: (N, C) arrays of
-# the data's dtype.
+# the data's dtype, or (1, C) ones that every n shares (BatchNorm's per-channel coefficients).
 
 _SQRT_HALF = 0.7071067811865476
 _INV_SQRT_2PI = 0.3989422804014327
@@ -522,46 +522,107 @@ def _phi_impl(z):
 # it, in gelu_tanh's derivative) the term would be inf * 0 = NaN, where the float64 reference, whose z is finite,
 # gets the limit (the conformance kit's overflow data, 16-bit weights near 1e38).
 
+# One function per activation and per derivative; _act / _dact pick one by the constant index ``a`` (the act_ loops'
+# closures hold it, which numba types as a literal), so that a first call compiles that activation only: one
+# function branching on ``a`` compiled all five (with the exp, erf and tanh helpers) in every act_ kernel, 0.5 s.
+
 @_jit
-def _act(z, a, slope):
-    """act(z) in z's dtype, for a constant ``a`` (an index into contract.ACTIVATIONS); a NaN z stays NaN."""
+def _relu(z, slope):
     t = type(z)
-    if a == 0:
-        return t(0.0) if z <= t(0.0) else z
-    if a == 1:
-        return z if z > t(0.0) else z * t(slope)
-    if a == 2:
-        e = _exp_neg(-abs(z))  # of -|z| only: no overflow for either sign
-        s = t(1.0) / (t(1.0) + e) if z >= t(0.0) else e / (t(1.0) + e)
-        return z * s if s != t(0.0) else t(0.0)
-    if a == 3:
-        q = _phi(z)[0]
-        return z * q if q != t(0.0) else t(0.0)
+    return t(0.0) if z <= t(0.0) else z
+
+
+@_jit
+def _leaky_relu(z, slope):
+    t = type(z)
+    return z if z > t(0.0) else z * t(slope)
+
+
+@_jit
+def _silu(z, slope):
+    t = type(z)
+    e = _exp_neg(-abs(z))  # of -|z| only: no overflow for either sign
+    s = t(1.0) / (t(1.0) + e) if z >= t(0.0) else e / (t(1.0) + e)
+    return z * s if s != t(0.0) else t(0.0)
+
+
+@_jit
+def _gelu(z, slope):
+    t = type(z)
+    q = _phi(z)[0]
+    return z * q if q != t(0.0) else t(0.0)
+
+
+@_jit
+def _gelu_tanh(z, slope):
+    t = type(z)
     q = t(1.0) + _tanh(t(_TANH_C) * (z + t(_TANH_K) * z * z * z))
     return t(0.5) * z * q if q != t(0.0) else t(0.0)
 
 
+# the derivatives (relu, leaky_relu: 1 where z > 0, else 0 or the slope, as torch's)
+
 @_jit
-def _dact(z, a, slope):
-    """act'(z) in z's dtype (relu, leaky_relu: 1 where z > 0, else 0 or the slope, as torch's)."""
+def _drelu(z, slope):
     t = type(z)
-    if a == 0:
-        return t(1.0) if z > t(0.0) else t(0.0)
-    if a == 1:
-        return t(1.0) if z > t(0.0) else t(slope)
-    if a == 2:
-        e = _exp_neg(-abs(z))
-        s = t(1.0) / (t(1.0) + e) if z >= t(0.0) else e / (t(1.0) + e)
-        tail = z * (t(1.0) - s) if s != t(1.0) else t(0.0)
-        return s * (t(1.0) + tail) if s != t(0.0) else t(0.0)
-    if a == 3:
-        q, g = _phi(z)
-        tail = z * g * t(_INV_SQRT_2PI) if g != t(0.0) else t(0.0)
-        return q + tail
+    return t(1.0) if z > t(0.0) else t(0.0)
+
+
+@_jit
+def _dleaky_relu(z, slope):
+    t = type(z)
+    return t(1.0) if z > t(0.0) else t(slope)
+
+
+@_jit
+def _dsilu(z, slope):
+    t = type(z)
+    e = _exp_neg(-abs(z))
+    s = t(1.0) / (t(1.0) + e) if z >= t(0.0) else e / (t(1.0) + e)
+    tail = z * (t(1.0) - s) if s != t(1.0) else t(0.0)
+    return s * (t(1.0) + tail) if s != t(0.0) else t(0.0)
+
+
+@_jit
+def _dgelu(z, slope):
+    t = type(z)
+    q, g = _phi(z)
+    tail = z * g * t(_INV_SQRT_2PI) if g != t(0.0) else t(0.0)
+    return q + tail
+
+
+@_jit
+def _dgelu_tanh(z, slope):
+    t = type(z)
     th = _tanh(t(_TANH_C) * (z + t(_TANH_K) * z * z * z))
     sech2 = t(1.0) - th * th
     tail = t(0.5) * z * sech2 * t(_TANH_C) * (t(1.0) + t(3.0 * _TANH_K) * z * z) if sech2 != t(0.0) else t(0.0)
     return t(0.5) * (t(1.0) + th) + tail
+
+
+_ACTS = (_relu, _leaky_relu, _silu, _gelu, _gelu_tanh)  # in the order of contract.ACTIVATIONS
+_DACTS = (_drelu, _dleaky_relu, _dsilu, _dgelu, _dgelu_tanh)
+
+
+def _act(z, a, slope):
+    """act(z) in z's dtype, for a constant ``a`` (an index into contract.ACTIVATIONS); a NaN z stays NaN."""
+
+
+def _dact(z, a, slope):
+    """act'(z) in z's dtype, for a constant ``a``."""
+
+
+def _by_index(functions):
+    def typer(z, a, slope):
+        if isinstance(a, types.IntegerLiteral):
+            f = functions[a.literal_value]
+            return lambda z, a, slope: f(z, slope)
+        return None
+    return typer
+
+
+overload(_act, prefer_literal=True)(_by_index(_ACTS))
+overload(_dact, prefer_literal=True)(_by_index(_DACTS))
 
 
 def per_activation(factory):
@@ -606,9 +667,10 @@ def act_rows(a):
             lo = (it % Q) * L
             xr = x[n, c, lo:min(S, lo + L)]
             yr = y[n, c, lo:min(S, lo + L)]
-            mc = m[n, c]
-            scc = sc[n, c]
-            shc = sh[n, c]
+            k = n if m.shape[0] > 1 else 0
+            mc = m[k, c]
+            scc = sc[k, c]
+            shc = sh[k, c]
             for j in range(xr.shape[0]):
                 yr[j] = _act((xr[j] - mc) * scc + shc, a, slope)
 
@@ -625,10 +687,11 @@ def act_rows(a):
             lo = (it % Q) * L
             dyr = dy[n, c, lo:min(S, lo + L)]
             xr = x[n, c, lo:min(S, lo + L)]
-            mc = m[n, c]
+            k = n if m.shape[0] > 1 else 0
+            mc = m[k, c]
             m64 = np.float64(mc)
-            zsc = zs[n, c]
-            zbc = zb[n, c]
+            zsc = zs[k, c]
+            zbc = zb[k, c]
             s1 = 0.0
             s2 = 0.0
             for j in range(xr.shape[0]):
@@ -651,12 +714,13 @@ def act_rows(a):
             dyr = dy[n, c, lo:min(S, lo + L)]
             xr = x[n, c, lo:min(S, lo + L)]
             outr = out[n, c, lo:min(S, lo + L)]
-            mc = m[n, c]
-            zsc = zs[n, c]
-            zbc = zb[n, c]
-            Ac = A[n, c]
-            Bc = B[n, c]
-            Cv = Cc[n, c]
+            k = n if m.shape[0] > 1 else 0
+            mc = m[k, c]
+            zsc = zs[k, c]
+            zbc = zb[k, c]
+            Ac = A[k, c]
+            Bc = B[k, c]
+            Cv = Cc[k, c]
             for j in range(xr.shape[0]):
                 xm = xr[j] - mc
                 outr[j] = _fma(dyr[j] * _dact(xm * zsc + zbc, a, slope), Ac, xm * Bc + Cv)
@@ -702,27 +766,16 @@ def _merge_row_stats(x2, part, P, eps, mean, rstd):
 
 
 @_jit
-def _rows(v, N):
-    """A per-channel (C,) array as the (N, C) row coefficients of the act_ element loops."""
-    C = v.shape[0]
-    out = np.empty((N, C), v.dtype)
-    for n in range(N):
-        for c in range(C):  # element by element: ``out[n] = v`` compiles numba's broadcasting, 2 s on a first call
-            out[n, c] = v[c]
-    return out
-
-
-@_jit
 def _act_param_grads(sums, r, dw, db, want_dw, want_db):
     """dweight[c] = sum over n of r[n, c] * sum(g * (x - m)) and dbias[c] = sum over n of sum(g), from act_rows'
-    sums, over n in order; r is rstd per (n, c) row, in float64."""
+    sums, over n in order; r is rstd per (n, c) row, in float64 ((N, C), or (1, C) per channel)."""
     N, C, _ = sums.shape
     for c in range(C):
         s1 = 0.0
         s2 = 0.0
         for n in range(N):
             s1 += sums[n, c, 0]
-            s2 += r[n, c] * sums[n, c, 1]
+            s2 += r[n if r.shape[0] > 1 else 0, c] * sums[n, c, 1]
         if want_db:
             db[c] = s1
         if want_dw:

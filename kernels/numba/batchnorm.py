@@ -19,8 +19,8 @@ from __future__ import annotations
 import numpy as np
 from numba import prange
 
-from ._common import (BLOCK, MIN_SETS, TARGET_ITEMS, _act_param_grads, _cdiv, _dsums, _dx, _finish, _jit, _opt, _pivot,
-                      _pjit, _prefetch, _row_split, _rows, _sjit, _sums, _sync_threads, _zeros, act_rows, row_split)
+from ._common import (BLOCK, MIN_SETS, TARGET_ITEMS, _act_param_grads, _cdiv, _clear, _dsums, _dx, _finish, _jit, _opt, _pivot,
+                      _pjit, _prefetch, _row_split, _sjit, _sums, _sync_threads, act_rows, row_split)
 from ._dtype16 import narrow, widen
 
 # batchnorm: spatial sizes below WIDE_S use the flattened (N, C*S) view; a channel is one work item when there
@@ -68,26 +68,31 @@ _wide_split = _jit(wide_split)
 
 
 @_jit
-def _add_terms(av, bv, ref, p1, p2, mode):
-    """Elementwise, in float64, the terms of the per-channel sums' integrands: mode 0 adds d = a - ref to p1 and
-    d*d to p2; mode 1 adds a to p1 and a*(b - ref) to p2."""
-    if mode == 0:
-        for j in range(av.shape[0]):
-            d = np.float64(widen(av[j])) - ref[j]
-            p1[j] += d
-            p2[j] += d * d
-    else:
-        for j in range(av.shape[0]):
-            g = np.float64(widen(av[j]))
-            p1[j] += g
-            p2[j] += g * (np.float64(widen(bv[j])) - ref[j])
+def _add_sq_terms(av, ref, p1, p2):
+    """Elementwise, in float64: d = a - ref added to p1 and d*d to p2 (the statistics' integrands)."""
+    for j in range(av.shape[0]):
+        d = np.float64(widen(av[j])) - ref[j]
+        p1[j] += d
+        p2[j] += d * d
+
+
+@_jit
+def _add_dot_terms(av, bv, ref, p1, p2):
+    """Elementwise, in float64: a added to p1 and a*(b - ref) to p2 (the gradients' integrands)."""
+    for j in range(av.shape[0]):
+        g = np.float64(widen(av[j]))
+        p1[j] += g
+        p2[j] += g * (np.float64(widen(bv[j])) - ref[j])
 
 
 @_sjit
 def _merge_rows(part, N, C, Q):
     """Per-channel sums of the (n, c, piece) partial sums: over n, then q, in order for every c, reading the
     partial sums in memory order."""
-    out = np.zeros((C, 2))
+    out = np.empty((C, 2))  # not np.zeros: its implementation compiles on its own, 0.15 s of a first call
+    for c in range(C):
+        out[c, 0] = 0.0
+        out[c, 1] = 0.0
     for n in range(N):
         for c in range(C):
             for q in range(Q):
@@ -96,90 +101,14 @@ def _merge_rows(part, N, C, Q):
     return out
 
 
-# The per-channel sums' schedules, one parallel loop each (the callables pick one by _channel_schedule).
-# Per-channel float64 sums over (N, S) of one of two integrands, merged in a fixed order:
-#
-# mode 0: d = a - ref[c]          -> (sum d, sum d*d)            (statistics; ref = pivots)
-# mode 1: a = dy, bx = x          -> (sum dy, sum dy*(x - ref[c])) (parameter gradients)
-
-@_pjit
-def _sums_rows(a, bx, ref, mode):
-    """(n, c) rows, one work item each (S >= WIDE_S, one piece per row)."""
-    N, C, S = a.shape
-    part = np.empty((N * C, 2))
-    for it in prange(N * C):
-        n = it // C
-        c = it - n * C
-        rc = ref[c]
-        s1 = 0.0
-        s2 = 0.0
-        if mode == 0:
-            for j in range(S):
-                d = np.float64(widen(a[n, c, j])) - rc
-                s1 += d
-                s2 += d * d
-        else:
-            for j in range(S):
-                g = np.float64(widen(a[n, c, j]))
-                s1 += g
-                s2 += g * (np.float64(widen(bx[n, c, j])) - rc)
-        part[it, 0] = s1
-        part[it, 1] = s2
-    return _merge_rows(part, N, C, 1)
-
-
-@_pjit
-def _sums_pieces(a, bx, ref, mode):
-    """(n, c, piece) work items (S >= WIDE_S, more than one piece per row)."""
-    N, C, S = a.shape
-    Q, L = _row_split(N, C, S)
-    part = np.empty((N * C * Q, 2))
-    for it in prange(N * C * Q):
-        n = it // (C * Q)
-        c = (it // Q) % C
-        lo = (it % Q) * L
-        e = min(S, lo + L)
-        if mode == 0:
-            s1, s2 = _sums(a[n, c, lo:e], ref[c])
-        else:
-            s1, s2 = _dsums(a[n, c, lo:e], bx[n, c, lo:e], ref[c])
-        part[it, 0] = s1
-        part[it, 1] = s2
-    return _merge_rows(part, N, C, Q)
-
-
-@_pjit
-def _sums_blocks(a, bx, ref, mode):
-    """Blocks of rows and columns of the flattened (N, C*S) view (S < WIDE_S, rows longer than a block)."""
-    N, C, S = a.shape
-    W = C * S
-    R, RL, JB = _wide_split(N, W)
-    a2 = a.reshape(N, W)
-    b2 = bx.reshape(N, W)
-    refw = np.empty(W)
-    for j in range(W):
-        refw[j] = ref[j // S]
-    part = np.empty((R, 2, W))
-    for it in prange(R * JB):
-        r = it // JB
-        j0 = (it % JB) * BLOCK
-        j1 = min(W, j0 + BLOCK)
-        p1 = part[r, 0, j0:j1]
-        p2 = part[r, 1, j0:j1]
-        for j in range(j1 - j0):
-            p1[j] = 0.0
-            p2[j] = 0.0
-        rw = refw[j0:j1]
-        for n in range(r * RL, min(N, (r + 1) * RL)):
-            _add_terms(a2[n, j0:j1], b2[n, j0:j1], rw, p1, p2, mode)
-    return _merge_columns(part, C, S)
-
-
 @_sjit
 def _merge_columns(part, C, S):
     """Per-channel sums of the (R, 2, T) column sums of the flattened view (T: whole rows of C*S columns): over
     blocks r, then tiles, then a channel's S columns, in order."""
-    out = np.zeros((C, 2))
+    out = np.empty((C, 2))  # see _merge_rows
+    for c in range(C):
+        out[c, 0] = 0.0
+        out[c, 1] = 0.0
     for r in range(part.shape[0]):
         for q0 in range(0, part.shape[2], C * S):
             for c in range(C):
@@ -201,61 +130,163 @@ def _tiled(per_channel, S, T, dtype):
     return out
 
 
-@_pjit
-def _tiled_sums(a, bx, ref, mode):
-    """The sums on the flattened view when a row fits in one column block: each of R blocks of RL rows walks its
-    contiguous span in tiles of whole rows, summing per tile position; tile positions, then blocks, are merged
-    per channel in a fixed order."""
-    N, C, S = a.shape
-    W = C * S
-    R, RL, _ = _wide_split(N, W)
-    RT = max(1, TILE // W)
-    T = RT * W
-    fa = a.reshape(N * W)
-    fb = bx.reshape(N * W)
-    rt = _tiled(ref, S, T, np.float64)
-    part = _zeros((R, 2, T), np.float64)
-    for r in prange(R):
-        p1 = part[r, 0]
-        p2 = part[r, 1]
-        n1 = min(N, (r + 1) * RL)
-        for n in range(r * RL, n1, RT):
-            o = n * W
-            L = (min(n1, n + RT) - n) * W
-            _add_terms(fa[o:o + L], fb[o:o + L], rt, p1, p2, mode)
-    return _merge_columns(part, C, S)
+def _channel_sums(mode):
+    """The per-channel sums' schedules (rows, pieces, tiled, blocks; the callables pick one by _channel_schedule),
+    one parallel loop each: per-channel float64 sums over (N, S) of one of two integrands, merged in a fixed order:
 
+    mode 0: d = a - ref[c]          -> (sum d, sum d*d)            (statistics; ref = pivots)
+    mode 1: a = dy, bx = x          -> (sum dy, sum dy*(x - ref[c])) (parameter gradients)
 
-@_pjit
-def _tiled_apply(a, bx, m, A, B, Cc, mode, out):
-    """The elementwise passes on the flattened view in tiles of whole rows (see _tiled_sums):
-    mode 0: out = (a - m) * A + Cc;  mode 1: out = a * A + (bx - m) * B + Cc (a = dy, bx = x)."""
-    N, C, S = a.shape
-    W = C * S
-    R, RL, _ = _wide_split(N, W)
-    RT = max(1, TILE // W)
-    T = RT * W
-    fa = a.reshape(N * W)
-    fb = bx.reshape(N * W)
-    fo = out.reshape(N * W)
-    mt = _tiled(m, S, T, m.dtype)
-    at = _tiled(A, S, T, m.dtype)
-    bt = _tiled(B, S, T, m.dtype)
-    ct = _tiled(Cc, S, T, m.dtype)
-    for r in prange(R):
-        n1 = min(N, (r + 1) * RL)
-        for n in range(r * RL, n1, RT):
-            o = n * W
-            L = (min(n1, n + RT) - n) * W
-            av = fa[o:o + L]
-            bv = fb[o:o + L]
-            ov = fo[o:o + L]
+    ``mode`` is a constant of the compiled code, whose other branches numba drops: as an argument, every first
+    call compiled both integrands (0.3-0.4 s of a schedule's 2.2-2.6 s)."""
+
+    @_pjit
+    def rows(a, bx, ref):
+        """(n, c) rows, one work item each (S >= WIDE_S, one piece per row)."""
+        N, C, S = a.shape
+        part = np.empty((N * C, 2))
+        for it in prange(N * C):
+            n = it // C
+            c = it - n * C
+            rc = ref[c]
+            s1 = 0.0
+            s2 = 0.0
             if mode == 0:
-                for q in range(L):
-                    ov[q] = narrow(ov, (widen(av[q]) - mt[q]) * at[q] + ct[q])
+                for j in range(S):
+                    d = np.float64(widen(a[n, c, j])) - rc
+                    s1 += d
+                    s2 += d * d
             else:
-                for q in range(L):
-                    ov[q] = narrow(ov, widen(av[q]) * at[q] + (widen(bv[q]) - mt[q]) * bt[q] + ct[q])
+                for j in range(S):
+                    g = np.float64(widen(a[n, c, j]))
+                    s1 += g
+                    s2 += g * (np.float64(widen(bx[n, c, j])) - rc)
+            part[it, 0] = s1
+            part[it, 1] = s2
+        return _merge_rows(part, N, C, 1)
+
+    @_pjit
+    def pieces(a, bx, ref):
+        """(n, c, piece) work items (S >= WIDE_S, more than one piece per row)."""
+        N, C, S = a.shape
+        Q, L = _row_split(N, C, S)
+        part = np.empty((N * C * Q, 2))
+        for it in prange(N * C * Q):
+            n = it // (C * Q)
+            c = (it // Q) % C
+            lo = (it % Q) * L
+            e = min(S, lo + L)
+            if mode == 0:
+                s1, s2 = _sums(a[n, c, lo:e], ref[c])
+            else:
+                s1, s2 = _dsums(a[n, c, lo:e], bx[n, c, lo:e], ref[c])
+            part[it, 0] = s1
+            part[it, 1] = s2
+        return _merge_rows(part, N, C, Q)
+
+    @_pjit
+    def tiled(a, bx, ref):
+        """The flattened view when a row fits in one column block: each of R blocks of RL rows walks its
+        contiguous span in tiles of whole rows, summing per tile position; tile positions, then blocks, are
+        merged per channel in a fixed order."""
+        N, C, S = a.shape
+        W = C * S
+        R, RL, _ = _wide_split(N, W)
+        RT = max(1, TILE // W)
+        T = RT * W
+        fa = a.reshape(N * W)
+        fb = bx.reshape(N * W)
+        rt = _tiled(ref, S, T, np.float64)
+        part = np.empty((R, 2, T))
+        for r in prange(R):
+            p1 = part[r, 0]
+            p2 = part[r, 1]
+            _clear(p1)
+            _clear(p2)
+            n1 = min(N, (r + 1) * RL)
+            for n in range(r * RL, n1, RT):
+                o = n * W
+                L = (min(n1, n + RT) - n) * W
+                if mode == 0:
+                    _add_sq_terms(fa[o:o + L], rt, p1, p2)
+                else:
+                    _add_dot_terms(fa[o:o + L], fb[o:o + L], rt, p1, p2)
+        return _merge_columns(part, C, S)
+
+    @_pjit
+    def blocks(a, bx, ref):
+        """Blocks of rows and columns of the flattened (N, C*S) view (S < WIDE_S, rows longer than a block)."""
+        N, C, S = a.shape
+        W = C * S
+        R, RL, JB = _wide_split(N, W)
+        a2 = a.reshape(N, W)
+        b2 = bx.reshape(N, W)
+        refw = np.empty(W)
+        for j in range(W):
+            refw[j] = ref[j // S]
+        part = np.empty((R, 2, W))
+        for it in prange(R * JB):
+            r = it // JB
+            j0 = (it % JB) * BLOCK
+            j1 = min(W, j0 + BLOCK)
+            p1 = part[r, 0, j0:j1]
+            p2 = part[r, 1, j0:j1]
+            for j in range(j1 - j0):
+                p1[j] = 0.0
+                p2[j] = 0.0
+            rw = refw[j0:j1]
+            for n in range(r * RL, min(N, (r + 1) * RL)):
+                if mode == 0:
+                    _add_sq_terms(a2[n, j0:j1], rw, p1, p2)
+                else:
+                    _add_dot_terms(a2[n, j0:j1], b2[n, j0:j1], rw, p1, p2)
+        return _merge_columns(part, C, S)
+
+    return rows, pieces, tiled, blocks
+
+
+def _tiled_pass(mode):
+    """The elementwise passes on the flattened view in tiles of whole rows (see _channel_sums' tiled), ``mode``
+    compiled in as there: mode 0: out = (a - m) * A + Cc;  mode 1: out = a * A + (bx - m) * B + Cc (a = dy,
+    bx = x)."""
+
+    @_pjit
+    def apply(a, bx, m, A, B, Cc, out):
+        N, C, S = a.shape
+        W = C * S
+        R, RL, _ = _wide_split(N, W)
+        RT = max(1, TILE // W)
+        T = RT * W
+        fa = a.reshape(N * W)
+        fb = bx.reshape(N * W)
+        fo = out.reshape(N * W)
+        mt = _tiled(m, S, T, m.dtype)
+        at = _tiled(A, S, T, m.dtype)
+        ct = _tiled(Cc, S, T, m.dtype)
+        if mode == 0:
+            bt = mt
+        else:
+            bt = _tiled(B, S, T, m.dtype)
+        for r in prange(R):
+            n1 = min(N, (r + 1) * RL)
+            for n in range(r * RL, n1, RT):
+                o = n * W
+                L = (min(n1, n + RT) - n) * W
+                av = fa[o:o + L]
+                bv = fb[o:o + L]
+                ov = fo[o:o + L]
+                if mode == 0:
+                    for q in range(L):
+                        ov[q] = narrow(ov, (widen(av[q]) - mt[q]) * at[q] + ct[q])
+                else:
+                    for q in range(L):
+                        ov[q] = narrow(ov, widen(av[q]) * at[q] + (widen(bv[q]) - mt[q]) * bt[q] + ct[q])
+
+    return apply
+
+
+_tiled_affine = _tiled_pass(0)
+_tiled_dx = _tiled_pass(1)
 
 
 # The elementwise passes' schedules, one parallel loop each, as the sums' (the same shapes take the same kind):
@@ -294,7 +325,7 @@ def _affine_pieces(x, m, sc, sh, y):
 
 
 def _affine_tiled(x, m, sc, sh, y):
-    _tiled_apply(x, x, m, sc, sc, sh, 0, y)
+    _tiled_affine(x, x, m, sc, sc, sh, y)
 
 
 @_pjit
@@ -352,7 +383,7 @@ def _dx_pieces(dy, x, m, A, B, Cc, dx):
 
 
 def _dx_tiled(dy, x, m, A, B, Cc, dx):
-    _tiled_apply(dy, x, m, A, B, Cc, 1, dx)
+    _tiled_dx(dy, x, m, A, B, Cc, dx)
 
 
 @_pjit
@@ -390,7 +421,7 @@ def _dx_blocks(dy, x, m, A, B, Cc, dx):
 
 # the schedules of the per-channel passes, by _channel_schedule's kind
 _ROWS, _PIECES, _TILED, _BLOCKS = range(4)
-_CHANNEL_SUMS = (_sums_rows, _sums_pieces, _tiled_sums, _sums_blocks)
+_CHANNEL_SUMS = (_channel_sums(0), _channel_sums(1))  # [mode][kind]
 _CHANNEL_AFFINE = (_affine_rows, _affine_pieces, _affine_tiled, _affine_blocks)
 _CHANNEL_DX = (_dx_rows, _dx_pieces, _dx_tiled, _dx_blocks)
 
@@ -468,7 +499,10 @@ def _column_sums(a2, b2, l0, L, ref, mode):
                 s2[j] += ((g0 * (np.float64(widen(b0[j])) - rj) + g1 * (np.float64(widen(b1[j])) - rj))
                           + (g2 * (np.float64(widen(b2_[j])) - rj) + g3 * (np.float64(widen(b3[j])) - rj)))
     for n in range(N - N % 4, N):
-        _add_terms(a2[n, l0:l0 + L], b2[n, l0:l0 + L], ref, s1, s2, mode)
+        if mode == 0:
+            _add_sq_terms(a2[n, l0:l0 + L], ref, s1, s2)
+        else:
+            _add_dot_terms(a2[n, l0:l0 + L], b2[n, l0:l0 + L], ref, s1, s2)
     return s1, s2
 
 
@@ -759,7 +793,7 @@ def batchnorm_forward(x, weight, bias, eps, y, mean, rstd):
     else:
         kind = _channel_schedule(N, C, S)
         piv = _pivots(x)
-        sums = _CHANNEL_SUMS[kind](x, x, piv, 0)
+        sums = _CHANNEL_SUMS[0][kind](x, x, piv)
         sc, sh = _forward_coefs(piv, sums, N * S, eps, w, b, hw, hb, mean, rstd)
         _CHANNEL_AFFINE[kind](x, mean, sc, sh, y)
 
@@ -788,7 +822,7 @@ def batchnorm_backward(dy, x, mean, rstd, weight, dx, dweight, dbias):
         _bn_backward_small(dy, x, mean, rstd, w, hw, dx, dw, db, wdw, wdb)
     else:
         kind = _channel_schedule(N, C, S)
-        sums = _CHANNEL_SUMS[kind](dy, x, _float64(mean), 1)
+        sums = _CHANNEL_SUMS[1][kind](dy, x, _float64(mean))
         A, B, Cc = _backward_coefs(sums, N * S, mean, rstd, w, hw, dw, db, wdw, wdb)
         _CHANNEL_DX[kind](dy, x, mean, A, B, Cc, dx)
 
@@ -802,7 +836,7 @@ def channel_backward_infer(dy, x, mean, rstd, weight, dx, dweight, dbias):
     zero = np.zeros(x.shape[1], rstd.dtype)
     _CHANNEL_AFFINE[kind](dy, zero, _infer_dx_scale(rstd, w, hw), zero, dx)  # dx = dy * rstd * weight
     if wdw or wdb:
-        _param_grads(_CHANNEL_SUMS[kind](dy, x, _float64(mean), 1), rstd, dw, db, wdw, wdb)
+        _param_grads(_CHANNEL_SUMS[1][kind](dy, x, _float64(mean)), rstd, dw, db, wdw, wdb)
 
 
 # --- the split directions (normkit.contract): reductions and elementwise passes of the fused kernels above --------
@@ -822,7 +856,7 @@ def _stats_finish(piv, sums, cnt, mean, m2):
 def batchnorm_stats(x, mean, m2):
     _sync_threads(x.size)
     piv = _pivots(x)
-    sums = _CHANNEL_SUMS[_channel_schedule(*x.shape)](x, x, piv, 0)  # float64 d = x - pivot and d*d, in order
+    sums = _CHANNEL_SUMS[0][_channel_schedule(*x.shape)](x, x, piv)  # float64 d = x - pivot and d*d, in order
     _stats_finish(piv, sums, x.shape[0] * x.shape[2], mean, m2)
 
 
@@ -834,7 +868,7 @@ def batchnorm_apply(x, scale, shift, y):
 
 def batchnorm_backward_reduce(dy, x, mean, rstd, sum_dy, sum_dy_xhat):
     _sync_threads(x.size)
-    sums = _CHANNEL_SUMS[_channel_schedule(*x.shape)](dy, x, mean, 1)  # float64 sum(dy), sum(dy * (x - mean))
+    sums = _CHANNEL_SUMS[1][_channel_schedule(*x.shape)](dy, x, mean)  # float64 sum(dy), sum(dy * (x - mean))
     _param_grads(sums, rstd, sum_dy_xhat, sum_dy, True, True)
 
 
@@ -850,71 +884,80 @@ def batchnorm_backward_apply(dy, x, a, b, d, dx):
 # forward's (its _CHANNEL_SUMS schedule for the shape).
 
 @_jit
-def _bn_act_coefs(N, S, piv, sums, w, b, has_w, has_b, eps, mean, rstd):
+def _bn_act_coefs(piv, sums, cnt, w, b, has_w, has_b, eps, mean, rstd):
     """The batch statistics (stored) from the pivots and shifted sums, and act_rows' forward coefficients (m,
-    scale, shift) per (n, c) row."""
+    scale, shift) per channel, (1, C) each."""
     C = piv.shape[0]
-    sc = np.empty(C, mean.dtype)
-    sh = np.empty(C, mean.dtype)
+    m = np.empty((1, C), mean.dtype)
+    sc = np.empty((1, C), mean.dtype)
+    sh = np.empty((1, C), mean.dtype)
     for c in range(C):
-        m64, r64 = _finish(piv[c], sums[c, 0], sums[c, 1], N * S, eps)
+        m64, r64 = _finish(piv[c], sums[c, 0], sums[c, 1], cnt, eps)
         mean[c] = m64
         rstd[c] = r64
+        m[0, c] = mean[c]
         s = r64 * (np.float64(w[c]) if has_w else 1.0)
-        sc[c] = s
-        sh[c] = (np.float64(b[c]) if has_b else 0.0) + (np.float64(mean[c]) - m64) * s
-    return _rows(mean, N), _rows(sc, N), _rows(sh, N)
+        sc[0, c] = s
+        sh[0, c] = (np.float64(b[c]) if has_b else 0.0) + (np.float64(mean[c]) - m64) * s
+    return m, sc, sh
 
 
 @_jit
-def _infer_act_coefs(N, w, b, has_w, has_b, running_mean, running_var, eps):
-    """act_rows' forward coefficients per (n, c) row from running statistics."""
+def _infer_act_coefs(w, b, has_w, has_b, running_mean, running_var, eps):
+    """act_rows' forward coefficients per channel from running statistics, (1, C) each."""
     C = running_mean.shape[0]
-    sc = np.empty(C, running_mean.dtype)
-    sh = np.empty(C, running_mean.dtype)
+    m = np.empty((1, C), running_mean.dtype)
+    sc = np.empty((1, C), running_mean.dtype)
+    sh = np.empty((1, C), running_mean.dtype)
     for c in range(C):
-        sc[c] = (np.float64(w[c]) if has_w else 1.0) / np.sqrt(np.float64(running_var[c]) + eps)
-        sh[c] = np.float64(b[c]) if has_b else 0.0
-    return _rows(running_mean, N), _rows(sc, N), _rows(sh, N)
+        m[0, c] = running_mean[c]
+        sc[0, c] = (np.float64(w[c]) if has_w else 1.0) / np.sqrt(np.float64(running_var[c]) + eps)
+        sh[0, c] = np.float64(b[c]) if has_b else 0.0
+    return m, sc, sh
 
 
 @_jit
-def _channel_z_coefs(N, mean, rstd, w, b, has_w, has_b):
-    """Per (n, c) row: mean, rstd in float64, and z = (x - mean) * zs + zb's zs and zb (per-channel statistics)."""
+def _channel_z_coefs(mean, rstd, w, b, has_w, has_b):
+    """Per channel, (1, C) each: mean, rstd in float64, and z = (x - mean) * zs + zb's zs and zb."""
     C = mean.shape[0]
-    r = np.empty(C)
-    zs = np.empty(C, mean.dtype)
-    zb = np.empty(C, mean.dtype)
+    m = np.empty((1, C), mean.dtype)
+    r = np.empty((1, C))
+    zs = np.empty((1, C), mean.dtype)
+    zb = np.empty((1, C), mean.dtype)
     for c in range(C):
-        r[c] = rstd[c]
-        zs[c] = np.float64(rstd[c]) * (np.float64(w[c]) if has_w else 1.0)
-        zb[c] = b[c] if has_b else 0.0
-    return _rows(mean, N), _rows(r, N), _rows(zs, N), _rows(zb, N)
+        m[0, c] = mean[c]
+        r[0, c] = rstd[c]
+        zs[0, c] = np.float64(rstd[c]) * (np.float64(w[c]) if has_w else 1.0)
+        zb[0, c] = b[c] if has_b else 0.0
+    return m, r, zs, zb
 
 
 @_jit
-def _channel_dx_coefs(sums, N, S, rstd, w, has_w, training):
-    """dx = g * A + (x - m) * B + Cc per (n, c) row from act_rows' sums: through the batch statistics
-    (``training``), or dx = g * w * rstd (running statistics; ``sums`` unused)."""
+def _channel_dx_coefs(sums, cnt, rstd, w, has_w, training):
+    """dx = g * A + (x - m) * B + Cc per channel, (1, C) each, from act_rows' sums: through the batch statistics
+    (``training``, over cnt = N * S values a channel), or dx = g * w * rstd (running statistics; ``sums``
+    unused)."""
+    N = sums.shape[0]
     C = rstd.shape[0]
     t = rstd.dtype.type
-    cnt = N * S
-    A = np.empty(C, rstd.dtype)
-    B = np.zeros(C, rstd.dtype)
-    Cc = np.zeros(C, rstd.dtype)
+    A = np.empty((1, C), rstd.dtype)
+    B = np.empty((1, C), rstd.dtype)
+    Cc = np.empty((1, C), rstd.dtype)
     for c in range(C):
         rc = np.float64(rstd[c])
         wc = np.float64(w[c]) if has_w else 1.0
-        A[c] = rc * wc
+        A[0, c] = rc * wc
+        B[0, c] = 0.0
+        Cc[0, c] = 0.0
         if training:
             s1 = 0.0
             s2 = 0.0
             for n in range(N):
                 s1 += sums[n, c, 0]
                 s2 += sums[n, c, 1]
-            B[c] = t(-rc * rc * (rc * wc * s2 / cnt))
-            Cc[c] = t(-rc * (wc * s1 / cnt))
-    return _rows(A, N), _rows(B, N), _rows(Cc, N)
+            B[0, c] = t(-rc * rc * (rc * wc * s2 / cnt))
+            Cc[0, c] = t(-rc * (wc * s1 / cnt))
+    return A, B, Cc
 
 
 def batchnorm_act_forward(x, weight, bias, eps, activation, slope, y, mean, rstd):
@@ -922,8 +965,8 @@ def batchnorm_act_forward(x, weight, bias, eps, activation, slope, y, mean, rstd
     w, hw = _opt(weight, mean)
     b, hb = _opt(bias, mean)
     piv = _pivots(x)
-    sums = _CHANNEL_SUMS[_channel_schedule(*x.shape)](x, x, piv, 0)  # the plain forward's statistics pass
-    m, sc, sh = _bn_act_coefs(x.shape[0], x.shape[2], piv, sums, w, b, hw, hb, eps, mean, rstd)
+    sums = _CHANNEL_SUMS[0][_channel_schedule(*x.shape)](x, x, piv)  # the plain forward's statistics pass
+    m, sc, sh = _bn_act_coefs(piv, sums, x.shape[0] * x.shape[2], w, b, hw, hb, eps, mean, rstd)
     act_rows(activation)[0](x, m, sc, sh, y, slope)
 
 
@@ -931,7 +974,7 @@ def channel_act_forward_infer(x, weight, bias, running_mean, running_var, eps, a
     _sync_threads(x.size)
     w, hw = _opt(weight, running_mean)
     b, hb = _opt(bias, running_mean)
-    m, sc, sh = _infer_act_coefs(x.shape[0], w, b, hw, hb, running_mean, running_var, eps)
+    m, sc, sh = _infer_act_coefs(w, b, hw, hb, running_mean, running_var, eps)
     act_rows(activation)[0](x, m, sc, sh, y, slope)
 
 
@@ -945,9 +988,9 @@ def _act_backward(training):
         dw, wdw = _opt(dweight, mean)
         db, wdb = _opt(dbias, mean)
         _, sums_pass, dx_pass = act_rows(activation)
-        m, r, zs, zb = _channel_z_coefs(x.shape[0], mean, rstd, w, b, hw, hb)
+        m, r, zs, zb = _channel_z_coefs(mean, rstd, w, b, hw, hb)
         sums = sums_pass(dy, x, m, zs, zb, slope) if training or wdw or wdb else _NO_SUMS
-        A, B, Cc = _channel_dx_coefs(sums, x.shape[0], x.shape[2], rstd, w, hw, training)
+        A, B, Cc = _channel_dx_coefs(sums, x.shape[0] * x.shape[2], rstd, w, hw, training)
         dx_pass(dy, x, m, zs, zb, A, B, Cc, dx, slope)
         if wdw or wdb:
             _act_param_grads(sums, r, dw, db, wdw, wdb)
