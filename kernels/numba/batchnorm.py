@@ -85,6 +85,31 @@ def _add_dot_terms(av, bv, ref, p1, p2):
         p2[j] += g * (np.float64(widen(bv[j])) - ref[j])
 
 
+@_jit
+def _add_dot_terms_scaled(av, bv, ref, p1, p2, sv, ov):
+    """_add_dot_terms, and ov = a * sv elementwise in the same pass."""
+    for j in range(av.shape[0]):
+        a = widen(av[j])
+        ov[j] = narrow(ov, a * sv[j])
+        g = np.float64(a)
+        p1[j] += g
+        p2[j] += g * (np.float64(widen(bv[j])) - ref[j])
+
+
+@_jit
+def _dsums_scaled(dyr, xr, m, s, outr):
+    """_dsums(dyr, xr, m), and outr = dy * s in the same pass."""
+    s1 = 0.0
+    s2 = 0.0
+    for i in range(xr.shape[0]):
+        a = widen(dyr[i])
+        outr[i] = narrow(outr, a * s)
+        g = np.float64(a)
+        s1 += g
+        s2 += g * (np.float64(widen(xr[i])) - m)
+    return s1, s2
+
+
 @_sjit
 def _merge_rows(part, N, C, Q):
     """Per-channel sums of the (n, c, piece) partial sums: over n, then q, in order for every c, reading the
@@ -136,12 +161,13 @@ def _channel_sums(mode):
 
     mode 0: d = a - ref[c]          -> (sum d, sum d*d)            (statistics; ref = pivots)
     mode 1: a = dy, bx = x          -> (sum dy, sum dy*(x - ref[c])) (parameter gradients)
+    mode 2: mode 1, and out = dy * sc[c] in the same pass          (backward_infer's dx; sc and out given)
 
     ``mode`` is a constant of the compiled code, whose other branches numba drops: as an argument, every first
     call compiled both integrands (0.3-0.4 s of a schedule's 2.2-2.6 s)."""
 
     @_pjit
-    def rows(a, bx, ref):
+    def rows(a, bx, ref, sc=None, out=None):
         """(n, c) rows, one work item each (S >= WIDE_S, one piece per row)."""
         N, C, S = a.shape
         part = np.empty((N * C, 2))
@@ -156,9 +182,17 @@ def _channel_sums(mode):
                     d = np.float64(widen(a[n, c, j])) - rc
                     s1 += d
                     s2 += d * d
-            else:
+            elif mode == 1:
                 for j in range(S):
                     g = np.float64(widen(a[n, c, j]))
+                    s1 += g
+                    s2 += g * (np.float64(widen(bx[n, c, j])) - rc)
+            else:
+                scc = sc[c]
+                for j in range(S):
+                    v = widen(a[n, c, j])
+                    out[n, c, j] = narrow(out, v * scc)
+                    g = np.float64(v)
                     s1 += g
                     s2 += g * (np.float64(widen(bx[n, c, j])) - rc)
             part[it, 0] = s1
@@ -166,7 +200,7 @@ def _channel_sums(mode):
         return _merge_rows(part, N, C, 1)
 
     @_pjit
-    def pieces(a, bx, ref):
+    def pieces(a, bx, ref, sc=None, out=None):
         """(n, c, piece) work items (S >= WIDE_S, more than one piece per row)."""
         N, C, S = a.shape
         Q, L = _row_split(N, C, S)
@@ -178,14 +212,16 @@ def _channel_sums(mode):
             e = min(S, lo + L)
             if mode == 0:
                 s1, s2 = _sums(a[n, c, lo:e], ref[c])
-            else:
+            elif mode == 1:
                 s1, s2 = _dsums(a[n, c, lo:e], bx[n, c, lo:e], ref[c])
+            else:
+                s1, s2 = _dsums_scaled(a[n, c, lo:e], bx[n, c, lo:e], ref[c], sc[c], out[n, c, lo:e])
             part[it, 0] = s1
             part[it, 1] = s2
         return _merge_rows(part, N, C, Q)
 
     @_pjit
-    def tiled(a, bx, ref):
+    def tiled(a, bx, ref, sc=None, out=None):
         """The flattened view when a row fits in one column block: each of R blocks of RL rows walks its
         contiguous span in tiles of whole rows, summing per tile position; tile positions, then blocks, are
         merged per channel in a fixed order."""
@@ -197,6 +233,9 @@ def _channel_sums(mode):
         fa = a.reshape(N * W)
         fb = bx.reshape(N * W)
         rt = _tiled(ref, S, T, np.float64)
+        if mode == 2:
+            st = _tiled(sc, S, T, sc.dtype)
+            fo = out.reshape(N * W)
         part = np.empty((R, 2, T))
         for r in prange(R):
             p1 = part[r, 0]
@@ -209,12 +248,14 @@ def _channel_sums(mode):
                 L = (min(n1, n + RT) - n) * W
                 if mode == 0:
                     _add_sq_terms(fa[o:o + L], rt, p1, p2)
-                else:
+                elif mode == 1:
                     _add_dot_terms(fa[o:o + L], fb[o:o + L], rt, p1, p2)
+                else:
+                    _add_dot_terms_scaled(fa[o:o + L], fb[o:o + L], rt, p1, p2, st, fo[o:o + L])
         return _merge_columns(part, C, S)
 
     @_pjit
-    def blocks(a, bx, ref):
+    def blocks(a, bx, ref, sc=None, out=None):
         """Blocks of rows and columns of the flattened (N, C*S) view (S < WIDE_S, rows longer than a block)."""
         N, C, S = a.shape
         W = C * S
@@ -224,6 +265,11 @@ def _channel_sums(mode):
         refw = np.empty(W)
         for j in range(W):
             refw[j] = ref[j // S]
+        if mode == 2:
+            o2 = out.reshape(N, W)
+            scw = np.empty(W, sc.dtype)
+            for j in range(W):
+                scw[j] = sc[j // S]
         part = np.empty((R, 2, W))
         for it in prange(R * JB):
             r = it // JB
@@ -238,8 +284,10 @@ def _channel_sums(mode):
             for n in range(r * RL, min(N, (r + 1) * RL)):
                 if mode == 0:
                     _add_sq_terms(a2[n, j0:j1], rw, p1, p2)
-                else:
+                elif mode == 1:
                     _add_dot_terms(a2[n, j0:j1], b2[n, j0:j1], rw, p1, p2)
+                else:
+                    _add_dot_terms_scaled(a2[n, j0:j1], b2[n, j0:j1], rw, p1, p2, scw[j0:j1], o2[n, j0:j1])
         return _merge_columns(part, C, S)
 
     return rows, pieces, tiled, blocks
@@ -421,7 +469,7 @@ def _dx_blocks(dy, x, m, A, B, Cc, dx):
 
 # the schedules of the per-channel passes, by _channel_schedule's kind
 _ROWS, _PIECES, _TILED, _BLOCKS = range(4)
-_CHANNEL_SUMS = (_channel_sums(0), _channel_sums(1))  # [mode][kind]
+_CHANNEL_SUMS = (_channel_sums(0), _channel_sums(1), _channel_sums(2))  # [mode][kind]
 _CHANNEL_AFFINE = (_affine_rows, _affine_pieces, _affine_tiled, _affine_blocks)
 _CHANNEL_DX = (_dx_rows, _dx_pieces, _dx_tiled, _dx_blocks)
 
@@ -833,10 +881,12 @@ def channel_backward_infer(dy, x, mean, rstd, weight, dx, dweight, dbias):
     dw, wdw = _opt(dweight, mean)
     db, wdb = _opt(dbias, mean)
     kind = _channel_schedule(*x.shape)
-    zero = np.zeros(x.shape[1], rstd.dtype)
-    _CHANNEL_AFFINE[kind](dy, zero, _infer_dx_scale(rstd, w, hw), zero, dx)  # dx = dy * rstd * weight
-    if wdw or wdb:
-        _param_grads(_CHANNEL_SUMS[1][kind](dy, x, _float64(mean)), rstd, dw, db, wdw, wdb)
+    scale = _infer_dx_scale(rstd, w, hw)  # dx = dy * rstd * weight
+    if wdw or wdb:  # dx in the pass of the gradients' sums, one read of dy
+        _param_grads(_CHANNEL_SUMS[2][kind](dy, x, _float64(mean), scale, dx), rstd, dw, db, wdw, wdb)
+    else:
+        zero = np.zeros(x.shape[1], rstd.dtype)
+        _CHANNEL_AFFINE[kind](dy, zero, scale, zero, dx)
 
 
 # --- the split directions (normkit.contract): reductions and elementwise passes of the fused kernels above --------
