@@ -511,47 +511,59 @@ def _channel_of_columns(s1, s2, c, S):
     return a1, a2
 
 
-@_jit
-def _column_sums(a2, b2, l0, L, ref, mode):
-    """Float64 sums down columns l0..l0+L of a flattened (N, W) view, in row order, with the integrands of
-    the per-channel sums (mode 0: d = a - ref -> sum d, sum d*d; mode 1: sum a, sum a*(b - ref)). Four rows per sweep:
-    a quarter of the loads and stores of the column sums, which bound this loop."""
-    N = a2.shape[0]
-    s1 = np.zeros(L)
-    s2 = np.zeros(L)
-    for n in range(0, N - N % 4, 4):
-        a0 = a2[n, l0:l0 + L]
-        a1 = a2[n + 1, l0:l0 + L]
-        a2_ = a2[n + 2, l0:l0 + L]
-        a3 = a2[n + 3, l0:l0 + L]
-        if mode == 0:
-            for j in range(L):
-                d0 = np.float64(widen(a0[j])) - ref[j]
-                d1 = np.float64(widen(a1[j])) - ref[j]
-                d2 = np.float64(widen(a2_[j])) - ref[j]
-                d3 = np.float64(widen(a3[j])) - ref[j]
-                s1[j] += (d0 + d1) + (d2 + d3)
-                s2[j] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)
-        else:
-            b0 = b2[n, l0:l0 + L]
-            b1 = b2[n + 1, l0:l0 + L]
-            b2_ = b2[n + 2, l0:l0 + L]
-            b3 = b2[n + 3, l0:l0 + L]
-            for j in range(L):
-                g0 = np.float64(widen(a0[j]))
-                g1 = np.float64(widen(a1[j]))
-                g2 = np.float64(widen(a2_[j]))
-                g3 = np.float64(widen(a3[j]))
-                rj = ref[j]
-                s1[j] += (g0 + g1) + (g2 + g3)
-                s2[j] += ((g0 * (np.float64(widen(b0[j])) - rj) + g1 * (np.float64(widen(b1[j])) - rj))
-                          + (g2 * (np.float64(widen(b2_[j])) - rj) + g3 * (np.float64(widen(b3[j])) - rj)))
-    for n in range(N - N % 4, N):
-        if mode == 0:
-            _add_sq_terms(a2[n, l0:l0 + L], ref, s1, s2)
-        else:
-            _add_dot_terms(a2[n, l0:l0 + L], b2[n, l0:l0 + L], ref, s1, s2)
-    return s1, s2
+def _column_sums_of(mode):
+    """Float64 sums down columns l0..l0+L of a flattened (N, W) view, in row order, with the integrands of the
+    per-channel sums (mode 0: d = a - ref -> sum d, sum d*d; mode 1: sum a, sum a*(b - ref)), ``mode`` compiled in
+    as in _channel_sums. Four rows per sweep: a quarter of the loads and stores of the column sums, which bound
+    this loop."""
+
+    @_jit
+    def column_sums(a2, b2, l0, L, ref):
+        N = a2.shape[0]
+        s1 = np.empty(L)
+        s2 = np.empty(L)
+        for j in range(L):
+            s1[j] = 0.0
+            s2[j] = 0.0
+        for n in range(0, N - N % 4, 4):
+            a0 = a2[n, l0:l0 + L]
+            a1 = a2[n + 1, l0:l0 + L]
+            a2_ = a2[n + 2, l0:l0 + L]
+            a3 = a2[n + 3, l0:l0 + L]
+            if mode == 0:
+                for j in range(L):
+                    d0 = np.float64(widen(a0[j])) - ref[j]
+                    d1 = np.float64(widen(a1[j])) - ref[j]
+                    d2 = np.float64(widen(a2_[j])) - ref[j]
+                    d3 = np.float64(widen(a3[j])) - ref[j]
+                    s1[j] += (d0 + d1) + (d2 + d3)
+                    s2[j] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)
+            else:
+                b0 = b2[n, l0:l0 + L]
+                b1 = b2[n + 1, l0:l0 + L]
+                b2_ = b2[n + 2, l0:l0 + L]
+                b3 = b2[n + 3, l0:l0 + L]
+                for j in range(L):
+                    g0 = np.float64(widen(a0[j]))
+                    g1 = np.float64(widen(a1[j]))
+                    g2 = np.float64(widen(a2_[j]))
+                    g3 = np.float64(widen(a3[j]))
+                    rj = ref[j]
+                    s1[j] += (g0 + g1) + (g2 + g3)
+                    s2[j] += ((g0 * (np.float64(widen(b0[j])) - rj) + g1 * (np.float64(widen(b1[j])) - rj))
+                              + (g2 * (np.float64(widen(b2_[j])) - rj) + g3 * (np.float64(widen(b3[j])) - rj)))
+        for n in range(N - N % 4, N):
+            if mode == 0:
+                _add_sq_terms(a2[n, l0:l0 + L], ref, s1, s2)
+            else:
+                _add_dot_terms(a2[n, l0:l0 + L], b2[n, l0:l0 + L], ref, s1, s2)
+        return s1, s2
+
+    return column_sums
+
+
+_column_sq_sums = _column_sums_of(0)
+_column_dot_sums = _column_sums_of(1)
 
 
 @_jit
@@ -564,7 +576,7 @@ def _forward_columns(x2, y2, S, c0, c1, n0, n1, write, eps, w, b, has_w, has_b, 
     p = np.empty(L)
     for j in range(L):
         p[j] = _pivot(widen(x2[0, l0 + j // S * S]))
-    s1, s2 = _column_sums(x2, x2, l0, L, p, 0)
+    s1, s2 = _column_sq_sums(x2, x2, l0, L, p)
     m = np.empty(L, mean.dtype)
     sc = np.empty(L, mean.dtype)
     sh = np.empty(L, mean.dtype)
@@ -599,7 +611,7 @@ def _backward_columns(dy2, x2, dx2, S, c0, c1, n0, n1, write, mean, rstd, w, has
     ref = np.empty(L)
     for j in range(L):
         ref[j] = mean[c0 + j // S]
-    s1, s2 = _column_sums(dy2, x2, l0, L, ref, 1)
+    s1, s2 = _column_dot_sums(dy2, x2, l0, L, ref)
     m = np.empty(L, mean.dtype)
     A = np.empty(L, mean.dtype)
     B = np.empty(L, mean.dtype)
