@@ -1,9 +1,9 @@
 """RMSNorm, and the fused residual add of both row ops (h = x + residual, then LayerNorm or RMSNorm of h, in one
 pass over memory).
 
-One forward serves the four forward directions and one backward, built for each kind of op (_backward_kernels), the
-backward ones; ``centered`` says whether a row's mean is subtracted and a bias added (LayerNorm) or not (RMSNorm:
-rstd = 1/sqrt(mean(x**2) + eps), the sum of squares in float64).
+A forward and a backward are built for each kind of op (_forward_kernel, _backward_kernels); ``centered`` says
+whether a row's mean is subtracted and a bias added (LayerNorm) or not (RMSNorm: rstd = 1/sqrt(mean(x**2) + eps),
+the sum of squares in float64).
 How the work is split: one work item per row in the forward (the fused add writes the row of h and reads it back
 from cache); in the backward, fixed blocks of rows (a function of the shape only) keep partial parameter gradients,
 merged in block order, so results do not depend on the thread count; long rows in few blocks go one at a time
@@ -62,45 +62,63 @@ def _add(xr, rr, hr, sr):
 
 
 @_jit
-def _normalize(src, yr, w, b, centered, eps, mean, rstd, k):
-    """Statistics of one row (in float64) into mean[k] (when centered) and rstd[k], then y in the working dtype
-    (that of w), as layernorm.py: the mean rounded to that dtype, with its rounding folded into c0."""
+def _normalize_centered(src, yr, w, b, eps, mean, rstd, k):
+    """LayerNorm of one row: statistics in float64 into mean[k] and rstd[k], then y in the working dtype (that of
+    w), as layernorm.py: the mean rounded to that dtype, with its rounding folded into c0."""
     K = src.shape[0]
     t = w.dtype.type
-    if centered:
-        p = _pivot(widen(src[0]))
-        s1, s2 = _sums(src, p)
-        m64, r64 = _finish(p, s1, s2, K, eps)
-        mean[k] = m64
-        m = mean[k]
-        rt = t(r64)
-        c0 = t((np.float64(m) - m64) * r64)
-        for j in range(K):
-            yr[j] = narrow(yr, ((widen(src[j]) - m) * rt + c0) * w[j] + b[j])
-    else:
-        r64 = 1.0 / np.sqrt(_sumsq(src) / K + eps)
-        rt = t(r64)
-        for j in range(K):
-            yr[j] = narrow(yr, (widen(src[j]) * rt) * w[j])
+    p = _pivot(widen(src[0]))
+    s1, s2 = _sums(src, p)
+    m64, r64 = _finish(p, s1, s2, K, eps)
+    mean[k] = m64
+    m = mean[k]
+    rt = t(r64)
+    c0 = t((np.float64(m) - m64) * r64)
+    for j in range(K):
+        yr[j] = narrow(yr, ((widen(src[j]) - m) * rt + c0) * w[j] + b[j])
     rstd[k] = r64
 
 
-@_pjit
-def _forward(x, res, has_res, h, w, has_w, b, has_b, centered, eps, y, mean, rstd):
-    M, K = x.shape
-    wv = w if has_w else _ones(K, rstd.dtype)
-    bv = b if has_b else _zeros(K, rstd.dtype)
-    # blocks of rows, each with a row buffer for x + residual in the working dtype (see _add)
-    R = max(1, min(M, 4 * TARGET_ITEMS))
-    RL = _cdiv(M, R)
-    for it in prange(R):
-        s = _zeros(K if has_res else 0, rstd.dtype)
-        for k in range(it * RL, min(M, (it + 1) * RL)):
-            if has_res:
-                _add(x[k], res[k], h[k], s)
-                _normalize(s, y[k], wv, bv, centered, eps, mean, rstd, k)
-            else:
-                _normalize(x[k], y[k], wv, bv, centered, eps, mean, rstd, k)
+@_jit
+def _normalize_rms(src, yr, w, eps, rstd, k):
+    """RMSNorm of one row: rstd[k] from the float64 sum of squares, then y in the working dtype (that of w)."""
+    K = src.shape[0]
+    t = w.dtype.type
+    r64 = 1.0 / np.sqrt(_sumsq(src) / K + eps)
+    rt = t(r64)
+    for j in range(K):
+        yr[j] = narrow(yr, (widen(src[j]) * rt) * w[j])
+    rstd[k] = r64
+
+
+@functools.cache
+def _forward_kernel(centered, has_res):
+    """The forward of one kind of row op, ``centered`` (LayerNorm) or not (RMSNorm), with a residual to add or not:
+    both constants of the compiled code, as in _backward_kernels."""
+
+    @_pjit
+    def forward(x, res, h, w, has_w, b, has_b, eps, y, mean, rstd):
+        M, K = x.shape
+        wv = w if has_w else _ones(K, rstd.dtype)
+        bv = b if has_b else _zeros(K, rstd.dtype)
+        # blocks of rows, each with a row buffer for x + residual in the working dtype (see _add)
+        R = max(1, min(M, 4 * TARGET_ITEMS))
+        RL = _cdiv(M, R)
+        for it in prange(R):
+            s = _zeros(K if has_res else 0, rstd.dtype)
+            for k in range(it * RL, min(M, (it + 1) * RL)):
+                if has_res:
+                    _add(x[k], res[k], h[k], s)
+                    if centered:
+                        _normalize_centered(s, y[k], wv, bv, eps, mean, rstd, k)
+                    else:
+                        _normalize_rms(s, y[k], wv, eps, rstd, k)
+                elif centered:
+                    _normalize_centered(x[k], y[k], wv, bv, eps, mean, rstd, k)
+                else:
+                    _normalize_rms(x[k], y[k], wv, eps, rstd, k)
+
+    return forward
 
 
 @_jit
@@ -160,10 +178,10 @@ def _backward_kernels(centered, has_dh):
             k1 = min(M, (it + 1) * RL)
             if want:
                 _clear(pw[it])
-            if want and centered:
-                _clear(pb[it])
-                _clear(acw[it])
-                _clear(acb[it])
+                if centered:
+                    _clear(pb[it])
+                    _clear(acw[it])
+                    _clear(acb[it])
             for k in range(k0, k1):
                 mk = mean[k] if centered else t(0.0)
                 r = np.float64(rstd[k])
@@ -175,17 +193,18 @@ def _backward_kernels(centered, has_dh):
                     _dx_plus(dy[k], dh[k], x[k], dx[k], mk, rstd[k], B, Cc, wv)
                 else:
                     _dx(dy[k], x[k], dx[k], mk, rstd[k], B, Cc, wv)
-                if want and centered:
-                    _param_grads(dy[k], x[k], mk, rstd[k], acw[it], acb[it])
-                    if (k - k0) % FLUSH == FLUSH - 1 or k == k1 - 1:
-                        _flush(acw[it], pw[it])
-                        _flush(acb[it], pb[it])
-                elif want:
-                    _weight_grads(dy[k], x[k], r, pw[it])
+                if want:  # (nested ifs: numba drops the branch of the other kind of op only when ``centered`` stands alone)
+                    if centered:
+                        _param_grads(dy[k], x[k], mk, rstd[k], acw[it], acb[it])
+                        if (k - k0) % FLUSH == FLUSH - 1 or k == k1 - 1:
+                            _flush(acw[it], pw[it])
+                            _flush(acb[it], pb[it])
+                    else:
+                        _weight_grads(dy[k], x[k], r, pw[it])
         if want:
             # block by block, in block order for every j
-            aw = np.zeros(K)
-            ab = np.zeros(K)
+            aw = _zeros(K, np.float64)  # (np.zeros here would be a parallel loop of its own: see _zeros)
+            ab = _zeros(K, np.float64)
             for it in range(R):
                 for j in range(K):
                     aw[j] += pw[it, j]
@@ -209,7 +228,7 @@ def _backward_kernels(centered, has_dh):
         wv = w if has_w else _ones(K, rstd.dtype)
         want = want_dw or want_db
         P = _cdiv(K, PIECE)
-        sums = np.zeros((P, 2))
+        sums = np.empty((P, 2))  # every piece writes its row of it
         for k in range(M):
             mk = mean[k] if centered else t(0.0)
             r = np.float64(rstd[k])
@@ -218,20 +237,21 @@ def _backward_kernels(centered, has_dh):
                 j1 = min(K, j0 + PIECE)
                 if k == 0 and want:
                     _clear(aw[j0:j1])
-                if k == 0 and want and centered:
-                    _clear(ab[j0:j1])
-                    _clear(acw[j0:j1])
-                    _clear(acb[j0:j1])
+                    if centered:
+                        _clear(ab[j0:j1])
+                        _clear(acw[j0:j1])
+                        _clear(acb[j0:j1])
                 sg, sgx = _row_grad_sums(dy[k, j0:j1], x[k, j0:j1], np.float64(mk), 1.0, wv[j0:j1])
                 sums[it, 0] = sg
                 sums[it, 1] = sgx
-                if want and centered:
-                    _param_grads(dy[k, j0:j1], x[k, j0:j1], mk, rstd[k], acw[j0:j1], acb[j0:j1])
-                    if k % FLUSH == FLUSH - 1 or k == M - 1:
-                        _flush(acw[j0:j1], aw[j0:j1])
-                        _flush(acb[j0:j1], ab[j0:j1])
-                elif want:
-                    _weight_grads(dy[k, j0:j1], x[k, j0:j1], r, aw[j0:j1])
+                if want:
+                    if centered:
+                        _param_grads(dy[k, j0:j1], x[k, j0:j1], mk, rstd[k], acw[j0:j1], acb[j0:j1])
+                        if k % FLUSH == FLUSH - 1 or k == M - 1:
+                            _flush(acw[j0:j1], aw[j0:j1])
+                            _flush(acb[j0:j1], ab[j0:j1])
+                    else:
+                        _weight_grads(dy[k, j0:j1], x[k, j0:j1], r, aw[j0:j1])
             sg = 0.0
             sgx = 0.0
             for it in range(P):
@@ -271,7 +291,7 @@ def _fwd(x, residual, h, weight, bias, centered, eps, y, mean, rstd):
     res, has_res = _opt2(residual, x)
     h, _ = _opt2(h, x)
     m, _ = _opt(mean, rstd)
-    _forward(x, res, has_res, h, w, hw, b, hb, centered, eps, y, m, rstd)
+    _forward_kernel(centered, has_res)(x, res, h, w, hw, b, hb, eps, y, m, rstd)
 
 
 def _bwd(dy, dh, x, mean, rstd, weight, centered, dx, dweight, dbias):
