@@ -143,7 +143,7 @@ def _coefficients_overflow(r, w, infer_eps):
     """Whether max(rstd) * max(1, max(rstd)) * max|weight| passes COEF_LIMIT; r is rstd, or running_var when
     infer_eps >= 0 (rstd = 1 / sqrt(running_var + eps)). NaNs are skipped (they propagate on either path)."""
     rmax = 0.0
-    for v in r.ravel():
+    for v in r.flat:
         v = np.float64(v)
         if infer_eps >= 0.0:
             v = 1.0 / np.sqrt(v + infer_eps)
@@ -152,7 +152,7 @@ def _coefficients_overflow(r, w, infer_eps):
     wmax = 1.0
     if w is not None:
         wmax = 0.0
-        for v in w.ravel():
+        for v in w.flat:
             a = abs(np.float64(v))
             if a > wmax:
                 wmax = a
