@@ -21,8 +21,8 @@ from libc.stdlib cimport free, malloc
 
 from _common cimport (
     NO_ACT, SERIAL_MAX_VALUES, SUM_CHUNK, act_grad_apply, act_grad_apply_stream, act_grad_sums, act_grad_sums_kept,
-    affine16, affine_act, affine_act_stream, finish_moments, grad_apply16, grad_apply_inplace, grad_sums16, moments,
-    moments16, normkit_half_init, normkit_sfence, pivot16, pivot_of, threads_for,
+    affine16, affine_act, affine_act_stream, finish_moments, grad_apply, grad_apply16, grad_apply_inplace, grad_sums,
+    grad_sums16, moments, moments16, normkit_half_init, normkit_sfence, pivot16, pivot_of, threads_for,
 )
 
 # float16 converts with F16C where the CPU has it, unless NORMKIT_CYTHON_NO_F16C=1 asks for the portable code (to
@@ -101,7 +101,9 @@ cdef void _backward_set(const floating* dy, const floating* x, floating* dx, Py_
         sdyx[c] = 0.0
         wc = w[c] if w != NULL else 1.0
         shift = bias[c] if bias != NULL else 0.0
-        if kept:
+        if act == NO_ACT:  # grad_sums inlined here: through act_grad_sums, a call per channel (short channels)
+            grad_sums(dy + c * s, x + c * s, NULL, s, mean, &sdy[c], &sdyx[c])
+        elif kept:
             act_grad_sums_kept(dy + c * s, x + c * s, dx + c * s, s, mean, rstd * wc, shift, act, slope, &sdy[c],
                                &sdyx[c])
         else:
@@ -115,6 +117,8 @@ cdef void _backward_set(const floating* dy, const floating* x, floating* dx, Py_
         shift = bias[c] if bias != NULL else 0.0
         if kept:
             grad_apply_inplace(dx + c * s, x + c * s, s, mean, rstd * wc, b, k)
+        elif act == NO_ACT and not stream:  # as grad_sums above
+            grad_apply(dy + c * s, x + c * s, dx + c * s, s, mean, rstd * wc, b, k)
         elif stream:
             act_grad_apply_stream(dy + c * s, x + c * s, dx + c * s, s, mean, rstd * wc, shift, act, slope, True,
                                   rstd * wc, b, k)
