@@ -202,7 +202,11 @@ cdef void _backward_channel(const floating* dy, const floating* x, floating* dx,
             if i + 1 < n:
                 prefetch_run(dy + ((i + 1) * nc + c) * s, s * sizeof(floating))
                 prefetch_run(x + ((i + 1) * nc + c) * s, s * sizeof(floating))
-            act_grad_sums(dy + (i * nc + c) * s, x + (i * nc + c) * s, s, mean, rstd * w, bias, act, slope, &a, &b)
+            if act == NO_ACT:  # grad_sums inlined here: through act_grad_sums, a call per row (short rows)
+                grad_sums(dy + (i * nc + c) * s, x + (i * nc + c) * s, NULL, s, mean, &a, &b)
+            else:
+                act_grad_sums(dy + (i * nc + c) * s, x + (i * nc + c) * s, s, mean, rstd * w, bias, act, slope, &a,
+                              &b)
     sdy[0] = a
     sdyx[0] = b
     _coefficients(training, a, b, <double>(n * s), rstd, w, &ca, &cb, &cc)
@@ -211,6 +215,10 @@ cdef void _backward_channel(const floating* dy, const floating* x, floating* dx,
         if stream:
             act_grad_apply_stream(dy + off, x + off, dx + off, s, mean, rstd * w, bias, act, slope, training, ca, cb,
                                   cc)
+        elif act == NO_ACT and training:  # as grad_sums above
+            grad_apply(dy + off, x + off, dx + off, s, mean, ca, cb, cc)
+        elif act == NO_ACT:
+            scale_copy(dy + off, dx + off, s, ca)
         else:
             act_grad_apply(dy + off, x + off, dx + off, s, mean, rstd * w, bias, act, slope, training, ca, cb, cc)
     if stream:
