@@ -107,6 +107,7 @@ def _forward_kernel(centered, has_res):
         for it in prange(R):
             s = _zeros(K if has_res else 0, rstd.dtype)
             for k in range(it * RL, min(M, (it + 1) * RL)):
+                # four calls, not one on ``s if has_res else x[k]``: for 16-bit data the two rows differ in type
                 if has_res:
                     _add(x[k], res[k], h[k], s)
                     if centered:
