@@ -766,17 +766,28 @@ def _merge_row_stats(x2, part, P, eps, mean, rstd):
 
 
 @_jit
-def _act_param_grads(sums, r, dw, db, want_dw, want_db):
-    """dweight[c] = sum over n of r[n, c] * sum(g * (x - m)) and dbias[c] = sum over n of sum(g), from act_rows'
-    sums, over n in order; r is rstd per (n, c) row, in float64 ((N, C), or (1, C) per channel)."""
+def _param_grads(sums, r, dw, db, want_dw, want_db):
+    """dweight[c] = sum over n of rstd * sum(g * (x - m)) and dbias[c] = sum over n of sum(g), over n in order, from
+    the per-(n, c) float64 sums (N, C, 2) of g and g * (x - m); r is rstd per (n, group) of C // G channels, (N, G)
+    or (1, G) when every n shares it (per channel). Row by row, so that the loop over channels vectorizes (the
+    sums of 512 channels over 32 samples took 35-77 us reading them column by column)."""
     N, C, _ = sums.shape
+    R, G = r.shape
+    cpg = C // G
+    s1 = np.zeros(C)
+    s2 = np.zeros(C)
+    rc = np.empty(C)
+    for n in range(N):
+        if n == 0 or R > 1:
+            for g in range(G):
+                rg = np.float64(r[n if R > 1 else 0, g])
+                for c in range(g * cpg, (g + 1) * cpg):
+                    rc[c] = rg
+        for c in range(C):
+            s1[c] += sums[n, c, 0]
+            s2[c] += rc[c] * sums[n, c, 1]
     for c in range(C):
-        s1 = 0.0
-        s2 = 0.0
-        for n in range(N):
-            s1 += sums[n, c, 0]
-            s2 += r[n if r.shape[0] > 1 else 0, c] * sums[n, c, 1]
         if want_db:
-            db[c] = s1
+            db[c] = s1[c]
         if want_dw:
-            dw[c] = s2
+            dw[c] = s2[c]

@@ -19,8 +19,8 @@ from __future__ import annotations
 import numpy as np
 from numba import prange
 
-from ._common import (BLOCK, MIN_SETS, TARGET_ITEMS, _act_param_grads, _cdiv, _clear, _dsums, _dx, _finish, _jit, _opt, _pivot,
-                      _pjit, _prefetch, _row_split, _sjit, _sums, _sync_threads, act_rows, row_split)
+from ._common import (BLOCK, MIN_SETS, TARGET_ITEMS, _cdiv, _clear, _dsums, _dx, _finish, _jit, _opt, _param_grads,
+                      _pivot, _pjit, _prefetch, _row_split, _sjit, _sums, _sync_threads, act_rows, row_split)
 from ._dtype16 import narrow, widen
 
 # batchnorm: spatial sizes below WIDE_S use the flattened (N, C*S) view; a channel is one work item when there
@@ -827,7 +827,7 @@ def _infer_dx_scale(rstd, w, has_w):
 
 
 @_jit
-def _param_grads(sums, rstd, dw, db, want_dw, want_db):
+def _channel_param_grads(sums, rstd, dw, db, want_dw, want_db):
     for c in range(sums.shape[0]):
         if want_db:
             db[c] = sums[c, 0]
@@ -895,7 +895,7 @@ def channel_backward_infer(dy, x, mean, rstd, weight, dx, dweight, dbias):
     kind = _channel_schedule(*x.shape)
     scale = _infer_dx_scale(rstd, w, hw)  # dx = dy * rstd * weight
     if wdw or wdb:  # dx in the pass of the gradients' sums, one read of dy
-        _param_grads(_CHANNEL_SUMS[2][kind](dy, x, _float64(mean), scale, dx), rstd, dw, db, wdw, wdb)
+        _channel_param_grads(_CHANNEL_SUMS[2][kind](dy, x, _float64(mean), scale, dx), rstd, dw, db, wdw, wdb)
     else:
         zero = np.zeros(x.shape[1], rstd.dtype)
         _CHANNEL_AFFINE[kind](dy, zero, scale, zero, dx)
@@ -931,7 +931,7 @@ def batchnorm_apply(x, scale, shift, y):
 def batchnorm_backward_reduce(dy, x, mean, rstd, sum_dy, sum_dy_xhat):
     _sync_threads(x.size)
     sums = _CHANNEL_SUMS[1][_channel_schedule(*x.shape)](dy, x, mean)  # float64 sum(dy), sum(dy * (x - mean))
-    _param_grads(sums, rstd, sum_dy_xhat, sum_dy, True, True)
+    _channel_param_grads(sums, rstd, sum_dy_xhat, sum_dy, True, True)
 
 
 def batchnorm_backward_apply(dy, x, a, b, d, dx):
@@ -1055,7 +1055,7 @@ def _act_backward(training):
         A, B, Cc = _channel_dx_coefs(sums, x.shape[0] * x.shape[2], rstd, w, hw, training)
         dx_pass(dy, x, m, zs, zb, A, B, Cc, dx, slope)
         if wdw or wdb:
-            _act_param_grads(sums, r, dw, db, wdw, wdb)
+            _param_grads(sums, r, dw, db, wdw, wdb)
     kernel.__name__ = kernel.__qualname__ = "batchnorm_act_backward" if training else "channel_act_backward_infer"
     return kernel
 

@@ -21,7 +21,8 @@ from __future__ import annotations
 import numpy as np
 from numba import prange
 
-from ._common import MIN_SETS, PIECE, TARGET_ITEMS, _finish, _jit, _opt, _pivot, _pjit, _sync_threads
+from ._common import (MIN_SETS, PIECE, TARGET_ITEMS, _finish, _jit, _opt, _param_grads, _pivot, _pjit,
+                      _sync_threads)
 from .batchnorm import (batchnorm_apply, batchnorm_backward_apply, batchnorm_backward_reduce,
                         batchnorm_stats, channel_backward_infer, channel_forward_infer)
 from .groupnorm import _set_coefs
@@ -209,19 +210,19 @@ def _forward_coefs(part, n, Q, piv, S, eps, w, b, has_w, has_b, mean, rstd, coef
 
 
 @_jit
-def _backward_coefs(part, n, Q, S, mean, rstd, w, has_w, sdy, sdyx, coef):
-    """Sample n's per-channel sums (stored in sdy[n], sdyx[n]) and the coefficients (m, A, B, Cc) of
+def _backward_coefs(part, n, Q, S, mean, rstd, w, has_w, sums, coef):
+    """Sample n's per-channel sums (stored in sums[n]) and the coefficients (m, A, B, Cc) of
     dx = dy * A + (x - m) * B + Cc per tile position, in the data's dtype, into coef (4, T)."""
     G = mean.shape[1]
     C = part.shape[2]
     cpg = C // G
     s = _sample_sums(part, n, Q)
     for c in range(C):
-        sdy[n, c] = s[0, c]
-        sdyx[n, c] = s[1, c]
+        sums[n, c, 0] = s[0, c]
+        sums[n, c, 1] = s[1, c]
     per_g = np.empty((G, 2))
     for g in range(G):
-        per_g[g, 0], per_g[g, 1] = _set_coefs(sdy, sdyx, n, g, cpg, cpg * S, np.float64(rstd[n, g]), w, has_w)
+        per_g[g, 0], per_g[g, 1] = _set_coefs(sums, n, g, cpg, cpg * S, np.float64(rstd[n, g]), w, has_w)
     for q in range(coef.shape[1]):
         c = q % C
         g = c // cpg
@@ -240,24 +241,6 @@ def _as_float64(a):
         for j in range(a.shape[1]):
             out[i, j] = a[i, j]
     return out
-
-
-@_jit
-def _param_grads(sdy, sdyx, rstd, dw, db, want_dw, want_db):
-    """dbias = sum over n of sdy, dweight = sum over n of rstd * sdyx, in order of n for every c."""
-    N, C = sdy.shape
-    cpg = C // rstd.shape[1]
-    s1 = np.zeros(C)
-    s2 = np.zeros(C)
-    for n in range(N):
-        for c in range(C):
-            s1[c] += sdy[n, c]
-            s2[c] += np.float64(rstd[n, c // cpg]) * sdyx[n, c]
-    for c in range(C):
-        if want_db:
-            db[c] = s1[c]
-        if want_dw:
-            dw[c] = s2[c]
 
 
 # The kernels hold no array expressions: in a parallel function each would become a parallel loop of its own and
@@ -316,18 +299,17 @@ def _sets_backward_whole(dy, x, G, mean, rstd, w, has_w, dx, dw, db, want_dw, wa
     fx = x.reshape(N * S * C)
     fdx = dx.reshape(N * S * C)
     m64 = _as_float64(mean)
-    sdy = np.empty((N, C))
-    sdyx = np.empty((N, C))
+    sums = np.empty((N, C, 2))
     part = np.empty((N, 2, C))
     for n in prange(N):
         r0 = n * S
         r1 = r0 + S
         _rows_grad_sums(fdy, fx, r0, r1, _set_ref(m64, n, C // G, T), part[n])
         coef = np.empty((4, T), x.dtype)
-        _backward_coefs(part, n, 1, S, mean, rstd, w, has_w, sdy, sdyx, coef)
+        _backward_coefs(part, n, 1, S, mean, rstd, w, has_w, sums, coef)
         _rows_dx(fdy, fx, fdx, r0, r1, C, coef)
     if want_dw or want_db:
-        _param_grads(sdy, sdyx, rstd, dw, db, want_dw, want_db)
+        _param_grads(sums, rstd, dw, db, want_dw, want_db)
 
 
 @_pjit
@@ -338,8 +320,7 @@ def _sets_backward_pieces(dy, x, G, mean, rstd, w, has_w, dx, dw, db, want_dw, w
     fx = x.reshape(N * S * C)
     fdx = dx.reshape(N * S * C)
     m64 = _as_float64(mean)
-    sdy = np.empty((N, C))
-    sdyx = np.empty((N, C))
+    sums = np.empty((N, C, 2))
     Q, RL = _sample_split(N, S, C)
     part = np.empty((N * Q, 2, C))
     for it in prange(N * Q):
@@ -349,14 +330,14 @@ def _sets_backward_pieces(dy, x, G, mean, rstd, w, has_w, dx, dw, db, want_dw, w
         _rows_grad_sums(fdy, fx, r0, r1, _set_ref(m64, n, C // G, T), part[it])
     coefs = np.empty((N, 4, T), x.dtype)
     for n in range(N):
-        _backward_coefs(part, n, Q, S, mean, rstd, w, has_w, sdy, sdyx, coefs[n])
+        _backward_coefs(part, n, Q, S, mean, rstd, w, has_w, sums, coefs[n])
     for rev in prange(N * Q):
         it = N * Q - 1 - rev
         n = it // Q
         r0 = n * S + (it % Q) * RL
         _rows_dx(fdy, fx, fdx, r0, min((n + 1) * S, r0 + RL), C, coefs[n])
     if want_dw or want_db:
-        _param_grads(sdy, sdyx, rstd, dw, db, want_dw, want_db)
+        _param_grads(sums, rstd, dw, db, want_dw, want_db)
 
 
 def _sets_forward(x, G, w, b, has_w, has_b, eps, y, mean, rstd):

@@ -11,8 +11,8 @@ from __future__ import annotations
 import numpy as np
 from numba import prange
 
-from ._common import (_act, _act_param_grads, _cdiv, _dact, _dsums, _dx, _finish, _fma, _jit, _npieces, _opt, _pivot,
-                      _pjit, _row_split, _row_stats, _sums, _sync_threads, act_rows, npieces, per_activation)
+from ._common import (_act, _cdiv, _dact, _dsums, _dx, _finish, _fma, _jit, _npieces, _opt, _param_grads,
+                      _pivot, _pjit, _row_split, _row_stats, _sums, _sync_threads, act_rows, npieces, per_activation)
 from ._dtype16 import narrow, widen
 
 
@@ -130,37 +130,19 @@ def _sets_forward_pieces(x, G, w, b, has_w, has_b, eps, y, mean, rstd):
 
 
 @_jit
-def _set_coefs(sdy, sdyx, n, g, cpg, m, r, w, has_w):
-    """dx = dy * (r * w_c) + (x - mean) * B + Cc for set (n, g): returns (B, Cc) in float64."""
+def _set_coefs(sums, n, g, cpg, m, r, w, has_w):
+    """dx = dy * (r * w_c) + (x - mean) * B + Cc for set (n, g), from the per-(n, c) sums of dy and dy * (x - mean)
+    (N, C, 2): returns (B, Cc) in float64."""
     sg = 0.0
     sgx = 0.0
     for ci in range(cpg):
         c = g * cpg + ci
         wc = np.float64(w[c]) if has_w else 1.0
-        sg += wc * sdy[n, c]
-        sgx += wc * sdyx[n, c]
+        sg += wc * sums[n, c, 0]
+        sgx += wc * sums[n, c, 1]
     mg = sg / m
     mgx = r * sgx / m  # mean(g * xhat)
     return -r * r * mgx, -r * mg
-
-
-@_jit
-def _param_grads(sdy, sdyx, rstd, cpg, dw, db, want_dw, want_db):
-    """The parameter gradients from the per-(n, c) sums: over n in order for every c, reading them row by row."""
-    if not (want_dw or want_db):
-        return
-    N, C = sdy.shape
-    s1 = np.zeros(C)
-    s2 = np.zeros(C)
-    for n in range(N):
-        for c in range(C):
-            s1[c] += sdy[n, c]
-            s2[c] += np.float64(rstd[n, c // cpg]) * sdyx[n, c]
-    for c in range(C):
-        if want_db:
-            db[c] = s1[c]
-        if want_dw:
-            dw[c] = s2[c]
 
 
 @_pjit
@@ -170,8 +152,7 @@ def _sets_backward_whole(dy, x, G, mean, rstd, w, has_w, dx, dw, db, want_dw, wa
     m = cpg * S
     nsets = N * G
     t = mean.dtype.type
-    sdy = np.empty((N, C))
-    sdyx = np.empty((N, C))
+    sums = np.empty((N, C, 2))
     for k in prange(nsets):
         n = k // G
         g = k % G
@@ -186,16 +167,17 @@ def _sets_backward_whole(dy, x, G, mean, rstd, w, has_w, dx, dw, db, want_dw, wa
                 gj = np.float64(widen(dy[n, c, j]))
                 s1 += gj
                 s2 += gj * (np.float64(widen(x[n, c, j])) - m64)
-            sdy[n, c] = s1
-            sdyx[n, c] = s2
-        B, Cc = _set_coefs(sdy, sdyx, n, g, cpg, m, r, w, has_w)
+            sums[n, c, 0] = s1
+            sums[n, c, 1] = s2
+        B, Cc = _set_coefs(sums, n, g, cpg, m, r, w, has_w)
         Bt = t(B)
         Ct = t(Cc)
         for c in range(g * cpg, (g + 1) * cpg):
             At = t(r * (np.float64(w[c]) if has_w else 1.0))
             for j in range(S):
                 dx[n, c, j] = narrow(dx, widen(dy[n, c, j]) * At + (widen(x[n, c, j]) - mk) * Bt + Ct)
-    _param_grads(sdy, sdyx, rstd, cpg, dw, db, want_dw, want_db)
+    if want_dw or want_db:
+        _param_grads(sums, rstd, dw, db, want_dw, want_db)
 
 
 @_pjit
@@ -205,8 +187,7 @@ def _sets_backward_pieces(dy, x, G, mean, rstd, w, has_w, dx, dw, db, want_dw, w
     cpg = C // G
     m = cpg * S
     t = mean.dtype.type
-    sdy = np.empty((N, C))
-    sdyx = np.empty((N, C))
+    sums = np.empty((N, C, 2))
     Q, L = _row_split(N, C, S)
     part = np.empty((N * C * Q, 2))
     for it in prange(N * C * Q):
@@ -224,12 +205,12 @@ def _sets_backward_pieces(dy, x, G, mean, rstd, w, has_w, dx, dw, db, want_dw, w
             for q in range(Q):
                 s1 += part[(n * C + c) * Q + q, 0]
                 s2 += part[(n * C + c) * Q + q, 1]
-            sdy[n, c] = s1
-            sdyx[n, c] = s2
+            sums[n, c, 0] = s1
+            sums[n, c, 1] = s2
     coef = np.empty((N, G, 2))
     for n in range(N):
         for g in range(G):
-            B, Cc = _set_coefs(sdy, sdyx, n, g, cpg, m, np.float64(rstd[n, g]), w, has_w)
+            B, Cc = _set_coefs(sums, n, g, cpg, m, np.float64(rstd[n, g]), w, has_w)
             coef[n, g, 0] = B
             coef[n, g, 1] = Cc
     for it in prange(N * C * Q):
@@ -240,7 +221,8 @@ def _sets_backward_pieces(dy, x, G, mean, rstd, w, has_w, dx, dw, db, want_dw, w
         A = np.float64(rstd[n, g]) * (np.float64(w[c]) if has_w else 1.0)
         e = min(S, a + L)
         _dx(dy[n, c, a:e], x[n, c, a:e], dx[n, c, a:e], t(A), t(coef[n, g, 0]), t(coef[n, g, 1]), mean[n, g])
-    _param_grads(sdy, sdyx, rstd, cpg, dw, db, want_dw, want_db)
+    if want_dw or want_db:
+        _param_grads(sums, rstd, dw, db, want_dw, want_db)
 
 
 # --- the contract's callables -----------------------------------------------------------------------------------
@@ -324,14 +306,12 @@ def _sets_dx_coefs(sums, G, S, r, w, has_w, like):
     cpg = C // G
     dtype = like.dtype
     t = dtype.type
-    sdy = np.ascontiguousarray(sums[:, :, 0])
-    sdyx = np.ascontiguousarray(sums[:, :, 1])
     A = np.empty((N, C), dtype)
     B = np.empty((N, C), dtype)
     Cc = np.empty((N, C), dtype)
     for n in range(N):
         for g in range(G):
-            Bg, Cg = _set_coefs(sdy, sdyx, n, g, cpg, cpg * S, r[n, g * cpg], w, has_w)
+            Bg, Cg = _set_coefs(sums, n, g, cpg, cpg * S, r[n, g * cpg], w, has_w)
             for c in range(g * cpg, (g + 1) * cpg):
                 A[n, c] = t(r[n, c] * (np.float64(w[c]) if has_w else 1.0))
                 B[n, c] = Bg
@@ -384,8 +364,6 @@ def _act_sets_backward(a):
         N, C, S = x.shape
         cpg = C // G
         t = dx.dtype.type
-        sdy = sums[:, :, 0]
-        sdyx = sums[:, :, 1]
         for k in prange(N * G):
             n = k // G
             c0 = (k % G) * cpg
@@ -402,9 +380,9 @@ def _act_sets_backward(a):
                     g64 = np.float64(gj)
                     s1 += g64
                     s2 += g64 * (np.float64(x[n, c, j]) - m64)
-                sdy[n, c] = s1
-                sdyx[n, c] = s2
-            B, Cc = _set_coefs(sdy, sdyx, n, k % G, cpg, cpg * S, r[n, c0], w, has_w)
+                sums[n, c, 0] = s1
+                sums[n, c, 1] = s2
+            B, Cc = _set_coefs(sums, n, k % G, cpg, cpg * S, r[n, c0], w, has_w)
             Bt = t(B)
             Ct = t(Cc)
             for c in range(c0, c0 + cpg):
@@ -446,7 +424,7 @@ def groupnorm_act_backward(dy, x, num_groups, mean, rstd, weight, bias, activati
         sums = sums_pass(dy, x, m, zs, zb, slope)
         A, B, Cc = _sets_dx_coefs(sums, num_groups, x.shape[2], r, w, hw, mean)
         dx_pass(dy, x, m, zs, zb, A, B, Cc, dx, slope)
-    _act_param_grads(sums, r, dw, db, wdw, wdb)
+    _param_grads(sums, r, dw, db, wdw, wdb)
 
 
 def instancenorm_act_forward(x, weight, bias, eps, activation, slope, y, mean, rstd):
