@@ -35,8 +35,8 @@ from libc.stdint cimport uint16_t
 from _common cimport (
     ACT_CHUNK, NO_ACT, NORMKIT_BUILD_FLAGS, NORMKIT_HAVE_OPENMP, NORMKIT_OPENMP_NOTE, SERIAL_MAX_VALUES, TILE16,
     act_apply, act_grad, act_grad_apply, act_grad_apply_stream, act_grad_sums, affine, affine16, affine_act,
-    affine_act_stream, finish_moments, grad_apply, grad_apply16, grad_sums, grad_sums16, moments, moments16,
-    normkit_col_sums16, normkit_cols16, normkit_half_init, normkit_narrow, normkit_sfence, narrow64,
+    affine_act_stream, finish_moments, grad_apply, grad_apply16, grad_sums, grad_sums16, grad_sums_scale, moments,
+    moments16, normkit_col_sums16, normkit_cols16, normkit_half_init, normkit_narrow, normkit_sfence, narrow64,
     normkit_widen, normkit_x86_64_copies, pivot16, pivot_of, prefetch_run, scale_copy, scale_copy16, threads_for,
     to_double,
 )
@@ -197,18 +197,25 @@ cdef void _backward_channel(const floating* dy, const floating* x, floating* dx,
                             double* sdyx) noexcept nogil:
     cdef Py_ssize_t i, off
     cdef double a = 0.0, b = 0.0, ca, cb, cc
+    # inference with parameter gradients: dx = dy * rstd * w in the pass of the sums
+    cdef bint scaled = sums and not training and act == NO_ACT and not stream
     if sums:
         for i in range(n):
             if i + 1 < n:
                 prefetch_run(dy + ((i + 1) * nc + c) * s, s * sizeof(floating))
                 prefetch_run(x + ((i + 1) * nc + c) * s, s * sizeof(floating))
-            if act == NO_ACT:  # grad_sums inlined here: through act_grad_sums, a call per row (short rows)
+            if scaled:
+                off = (i * nc + c) * s
+                grad_sums_scale(dy + off, x + off, dx + off, s, mean, rstd * w, &a, &b)
+            elif act == NO_ACT:  # grad_sums inlined here: through act_grad_sums, a call per row (short rows)
                 grad_sums(dy + (i * nc + c) * s, x + (i * nc + c) * s, NULL, s, mean, &a, &b)
             else:
                 act_grad_sums(dy + (i * nc + c) * s, x + (i * nc + c) * s, s, mean, rstd * w, bias, act, slope, &a,
                               &b)
     sdy[0] = a
     sdyx[0] = b
+    if scaled:
+        return
     _coefficients(training, a, b, <double>(n * s), rstd, w, &ca, &cb, &cc)
     for i in range(n):
         off = (i * nc + c) * s
@@ -554,23 +561,27 @@ cdef void _apply_channels(const floating* xp, floating* yp, Py_ssize_t n, Py_ssi
 
 cdef void _channel_grad_sums(const floating* dyp, const floating* xp, Py_ssize_t n, Py_ssize_t nc, Py_ssize_t s,
                              double[::1] mean, double[::1] sdy, double[::1] sdyx, int act=NO_ACT, double slope=0.0,
-                             double[::1] zscale=None, double[::1] zshift=None):
+                             double[::1] zscale=None, double[::1] zshift=None, floating* dxp=NULL):
     """Per-channel sum(g) and sum(g * (x - mean)) with the rows or the columns schedule: g = dy, or with a fused
-    activation dy * act'(z), z = (x - mean) * zscale + zshift; dy, x are (n, nc, s)."""
+    activation dy * act'(z), z = (x - mean) * zscale + zshift; dy, x are (n, nc, s). With dxp (no activation, the
+    rows schedule: s >= SHORT_ROW), also dx = dy * zscale in the same pass (the inference backward's)."""
     cdef Py_ssize_t t, c, i, k, length = nc * s
     cdef Py_ssize_t width, tasks, blocks, rows
     cdef double[::1] a, b
     cdef floating[::1] m
     cdef floating[:, ::1] zcols
     cdef int nt = threads_for(n * nc * s, _nthreads, _serial_max)
-    if act == NO_ACT:
+    if zscale is None:  # unused without an activation or dxp, but act_grad_sums takes them
         zscale = zshift = np.zeros(nc)
     if s >= SHORT_ROW:
         a = np.zeros(n * nc)
         b = np.zeros(n * nc)
         for t in prange(n * nc, nogil=True, schedule="static", num_threads=nt):
-            act_grad_sums(dyp + t * s, xp + t * s, s, mean[t % nc], zscale[t % nc], zshift[t % nc], act, slope,
-                          &a[t], &b[t])
+            if dxp != NULL:
+                grad_sums_scale(dyp + t * s, xp + t * s, dxp + t * s, s, mean[t % nc], zscale[t % nc], &a[t], &b[t])
+            else:
+                act_grad_sums(dyp + t * s, xp + t * s, s, mean[t % nc], zscale[t % nc], zshift[t % nc], act, slope,
+                              &a[t], &b[t])
         for c in range(nc):
             sdy[c] = 0.0
             sdyx[c] = 0.0
@@ -650,7 +661,7 @@ cdef void _backward_p(bint training, const floating* dyp, const floating* xp, Py
                       const floating* bp, int act, double slope, floating* dxp, floating* dweight, floating* dbias):
     cdef Py_ssize_t c, t, k
     # inference without parameter gradients needs no sums: dx = dy * rstd * weight
-    cdef bint sums = training or dweight != NULL or dbias != NULL
+    cdef bint sums = training or dweight != NULL or dbias != NULL, scaled
     # the per-channel vectors in one allocation (each of its own cost ~0.5 us a call, most of a small call's time)
     cdef double[:, ::1] work = np.zeros((9, nc))
     cdef double[::1] mu = work[0], r = work[1], sdy = work[2], sdyx = work[3], zscale = work[4], zshift = work[5]
@@ -674,12 +685,15 @@ cdef void _backward_p(bint training, const floating* dyp, const floating* xp, Py
         for c in range(nc):  # z = (x - mean) * zscale + zshift, for a fused activation
             zscale[c] = r[c] * w[c] if w != NULL else r[c]
             zshift[c] = bp[c] if bp != NULL else 0.0
+        # inference with parameter gradients, rows schedule: dx = dy * rstd * w in the pass of the sums
+        scaled = sums and not training and act == NO_ACT and s >= SHORT_ROW
         if sums:
-            _channel_grad_sums(dyp, xp, n, nc, s, mu, sdy, sdyx, act, slope, zscale, zshift)
-        for c in range(nc):
-            _coefficients(training, sdy[c], sdyx[c], <double>(n * s), r[c], w[c] if w != NULL else 1.0,
-                          &ca[c], &cb[c], &cc[c])
-        _grad_apply_channels(dyp, xp, dxp, n, nc, s, training, mu, ca, cb, cc, act, slope, zscale, zshift)
+            _channel_grad_sums(dyp, xp, n, nc, s, mu, sdy, sdyx, act, slope, zscale, zshift, dxp if scaled else NULL)
+        if not scaled:
+            for c in range(nc):
+                _coefficients(training, sdy[c], sdyx[c], <double>(n * s), r[c], w[c] if w != NULL else 1.0,
+                              &ca[c], &cb[c], &cc[c])
+            _grad_apply_channels(dyp, xp, dxp, n, nc, s, training, mu, ca, cb, cc, act, slope, zscale, zshift)
     # dweight = sum(g * xhat) = rstd * sum(g * (x - mean)); dbias = sum(g); g = dy, or dy * act'(z)
     for c in range(nc):
         if dweight != NULL:
