@@ -320,7 +320,7 @@ cdef void _row_pass(const floating* dy, const floating* x, floating* dx, Py_ssiz
                     const floating* b, double mean, double rstd, int act, double slope, double* sg, double* sgx,
                     floating* accw, floating* accb, double cb, double cc, bint stream) noexcept nogil:
     """_row_run of dy (NO_ACT), or of g = dy * act'(z) with z recomputed as _row_y computes it, chunk by chunk on
-    the stack."""
+    the stack; b is read only then (NULL without an activation)."""
     cdef floating g[ACT_CHUNK]
     cdef Py_ssize_t q, j, m
     if act == NO_ACT:
@@ -469,7 +469,8 @@ cdef void _backward_rows(const floating* dyp, const floating* xp, Py_ssize_t m, 
     cdef bint stream = m * k * <Py_ssize_t>sizeof(floating) >= _stream_min
     keep = []
     w = _or_filled(w, k, 1.0, keep)
-    b = _or_filled(b, k, 0.0, keep)
+    if act != NO_ACT:  # b is read only to recompute an activation's input (a row of zeros cost ~2 us a call)
+        b = _or_filled(b, k, 0.0, keep)
     if not params:
         blocks = min(m, MAX_BLOCKS)
         per_block = (m + blocks - 1) // blocks
@@ -499,8 +500,9 @@ cdef void _backward_rows(const floating* dyp, const floating* xp, Py_ssize_t m, 
                     j = (t // rows) * TILE
                     work[2 * t] = 0.0
                     work[2 * t + 1] = 0.0
-                    _row_pass(dyp + i * k + j, xp + i * k + j, NULL, min(TILE, k - j), w + j, b + j, mp[i], rp[i],
-                              act, slope, &work[2 * t], &work[2 * t + 1], NULL, NULL, 0.0, 0.0, False)
+                    _row_pass(dyp + i * k + j, xp + i * k + j, NULL, min(TILE, k - j), w + j,
+                              b + j if b != NULL else NULL, mp[i], rp[i], act, slope, &work[2 * t], &work[2 * t + 1],
+                              NULL, NULL, 0.0, 0.0, False)
                 for r in range(rows):
                     sg = 0.0
                     sgx = 0.0
@@ -521,8 +523,9 @@ cdef void _backward_rows(const floating* dyp, const floating* xp, Py_ssize_t m, 
                         continue
                     for r in range(rows):
                         i = g0 + r
-                        _row_pass(dyp + i * k + j, xp + i * k + j, dxp + i * k + j, n, w + j, b + j, mp[i], rp[i],
-                                  act, slope, NULL, NULL, acc + j, acc + k + j, coef[2 * r], coef[2 * r + 1], stream)
+                        _row_pass(dyp + i * k + j, xp + i * k + j, dxp + i * k + j, n, w + j,
+                                  b + j if b != NULL else NULL, mp[i], rp[i], act, slope, NULL, NULL, acc + j,
+                                  acc + k + j, coef[2 * r], coef[2 * r + 1], stream)
                         if i % FLUSH == FLUSH - 1 or i == m - 1:
                             _flush(acc + j, grads + j, n)
                             _flush(acc + k + j, grads + k + j, n)
