@@ -1051,7 +1051,7 @@ def _act_backward(training):
         db, wdb = _opt(dbias, mean)
         _, sums_pass, dx_pass = act_rows(activation)
         m, r, zs, zb = _channel_z_coefs(mean, rstd, w, b, hw, hb)
-        sums = sums_pass(dy, x, m, zs, zb, slope) if training or wdw or wdb else _NO_SUMS
+        sums = sums_pass(dy, x, m, zs, zb, slope, dx) if training or wdw or wdb else _NO_SUMS
         A, B, Cc = _channel_dx_coefs(sums, x.shape[0] * x.shape[2], rstd, w, hw, training)
         dx_pass(dy, x, m, zs, zb, A, B, Cc, dx, slope)
         if wdw or wdb:

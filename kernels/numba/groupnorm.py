@@ -11,8 +11,9 @@ from __future__ import annotations
 import numpy as np
 from numba import prange
 
-from ._common import (_act, _cdiv, _dact, _dsums, _dx, _finish, _fma, _jit, _npieces, _opt, _param_grads,
-                      _pivot, _pjit, _row_split, _row_stats, _sums, _sync_threads, act_rows, npieces, per_activation)
+from ._common import (_act, _cdiv, _dact, _dsums, _dx, _finish, _fma, _jit, _npieces, _opt,
+                      _param_grads, _pivot, _pjit, _row_split, _row_stats, _sums, _sync_threads, act_rows, npieces,
+                      per_activation, split_sums)
 from ._dtype16 import narrow, widen
 
 
@@ -356,8 +357,9 @@ def _act_sets_forward(a):
 def _act_sets_backward(a):
     """The act_ backward for activation ``a`` with one (sample, group) set per work item (the whole-sets schedule):
     the first pass over the set's rows leaves g = dy * act'(z) in dx beside each (n, c) row's float64 sums of g and
-    g * (x - m), the second reads g back from dx, still in cache, instead of computing act'(z) again. The same
-    values as act_rows' two passes (g is rounded to the dtype in both), the sums in one run per row."""
+    g * (x - m) (in a loop of their own, from dx, where split_sums(a)), the second reads g back from
+    dx, still in cache, instead of computing act'(z) again. g is rounded to the dtype as in act_rows' two passes."""
+    split = split_sums(a)
 
     @_pjit
     def backward(dy, x, G, m, zs, zb, r, w, has_w, dx, sums, slope):
@@ -374,12 +376,20 @@ def _act_sets_backward(a):
                 zbc = zb[n, c]
                 s1 = 0.0
                 s2 = 0.0
-                for j in range(S):
-                    gj = dy[n, c, j] * _dact((x[n, c, j] - mc) * zsc + zbc, a, slope)
-                    dx[n, c, j] = gj
-                    g64 = np.float64(gj)
-                    s1 += g64
-                    s2 += g64 * (np.float64(x[n, c, j]) - m64)
+                if split:  # see split_sums
+                    for j in range(S):
+                        dx[n, c, j] = dy[n, c, j] * _dact((x[n, c, j] - mc) * zsc + zbc, a, slope)
+                    for j in range(S):
+                        g64 = np.float64(dx[n, c, j])
+                        s1 += g64
+                        s2 += g64 * (np.float64(x[n, c, j]) - m64)
+                else:
+                    for j in range(S):
+                        gj = dy[n, c, j] * _dact((x[n, c, j] - mc) * zsc + zbc, a, slope)
+                        dx[n, c, j] = gj
+                        g64 = np.float64(gj)
+                        s1 += g64
+                        s2 += g64 * (np.float64(x[n, c, j]) - m64)
                 sums[n, c, 0] = s1
                 sums[n, c, 1] = s2
             B, Cc = _set_coefs(sums, n, k % G, cpg, cpg * S, r[n, c0], w, has_w)
@@ -421,7 +431,7 @@ def groupnorm_act_backward(dy, x, num_groups, mean, rstd, weight, bias, activati
         _act_sets_backward(activation)(dy, x, num_groups, m, zs, zb, r, w, hw, dx, sums, slope)
     else:
         _, sums_pass, dx_pass = act_rows(activation)
-        sums = sums_pass(dy, x, m, zs, zb, slope)
+        sums = sums_pass(dy, x, m, zs, zb, slope, dx)
         A, B, Cc = _sets_dx_coefs(sums, num_groups, x.shape[2], r, w, hw, mean)
         dx_pass(dy, x, m, zs, zb, A, B, Cc, dx, slope)
     _param_grads(sums, r, dw, db, wdw, wdb)

@@ -10,9 +10,9 @@ from __future__ import annotations
 import numpy as np
 from numba import prange
 
-from ._common import (BLOCK, PIECE, TARGET_ITEMS, _act, _cdiv, _clear, _dact, _finish, _fma, _jit, _npieces, _ones,
-                      _opt, _pivot, _pjit, _row_grad_sums, _row_stats, _store, _sums, _sync_threads, _zeros, npieces,
-                      per_activation, work_arrays)
+from ._common import (BLOCK, PIECE, TARGET_ITEMS, _act, _cdiv, _clear, _dact, _finish, _fma, _jit,
+                      _npieces, _ones, _opt, _pivot, _pjit, _row_grad_sums, _row_stats, _store, _sums, _sync_threads,
+                      _zeros, npieces, per_activation, split_sums, work_arrays)
 from ._dtype16 import narrow, widen
 
 # layernorm backward with long rows sums its parameter gradients in the data's dtype over at most FLUSH rows.
@@ -286,6 +286,7 @@ def layernorm_backward(dy, x, mean, rstd, weight, dx, dweight, dbias):
 @per_activation
 def _ln_act(a):
     """LayerNorm's act_ passes for activation ``a``: (forward apply, backward)."""
+    split = split_sums(a)
 
     @_pjit
     def apply(x, st, w, b, y, mean, slope):
@@ -332,15 +333,23 @@ def _ln_act(a):
                 rt = rstd[k]
                 sg = 0.0
                 sgx = 0.0
-                for j in range(K):
-                    # g = dy * act'(z), kept in dx for the second loop: act' once per value (computed in both
-                    # loops, the exp and division of silu and gelu made this kernel 2x Cython's)
-                    g = dyr[j] * _dact((xr[j] - mk) * rt * w[j] + b[j], a, slope)
-                    dxr[j] = g
-                    # g * w in float64: with 16-bit data a float32 weight may carry it past float32's range
-                    gw = np.float64(g) * np.float64(w[j])
-                    sg += gw
-                    sgx += gw * (np.float64(xr[j]) - m64)
+                # g = dy * act'(z), kept in dx for the second loop: act' once per value (computed in both loops,
+                # the exp and division of silu and gelu made this kernel 2x Cython's); the sums of g * w in float64
+                # (with 16-bit data a float32 weight may carry it past float32's range), from dx where split
+                if split:  # see split_sums
+                    for j in range(K):
+                        dxr[j] = dyr[j] * _dact((xr[j] - mk) * rt * w[j] + b[j], a, slope)
+                    for j in range(K):
+                        gw = np.float64(dxr[j]) * np.float64(w[j])
+                        sg += gw
+                        sgx += gw * (np.float64(xr[j]) - m64)
+                else:
+                    for j in range(K):
+                        g = dyr[j] * _dact((xr[j] - mk) * rt * w[j] + b[j], a, slope)
+                        dxr[j] = g
+                        gw = np.float64(g) * np.float64(w[j])
+                        sg += gw
+                        sgx += gw * (np.float64(xr[j]) - m64)
                 B = t(-r64 * r64 * r64 * sgx / K)
                 Cc = t(-r64 * sg / K)
                 # two loops, not one testing ``want``: a loop that could store to pwi vectorizes behind a check
