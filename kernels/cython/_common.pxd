@@ -272,7 +272,9 @@ cdef inline void grad_sums_scale(const floating* dy, const floating* x, floating
                                  double a, double* sdy, double* sdyx) noexcept nogil:
     """grad_sums() (without w) and scale_copy() with coefficient a in one pass, SUM_CHUNK values at a time while
     the chunk of dy is in cache: the inference backward's dx = dy * rstd * weight beside the sums of its parameter
-    gradients, one read of dy instead of two. The same values as the two apart (grad_sums adds chunk by chunk)."""
+    gradients, one read of dy instead of two. The arithmetic of the two apart (grad_sums adds chunk by chunk); as
+    code inlined elsewhere the compiler may group a chunk's float32 sum otherwise (-fassociative-math), which moves
+    the sum of dy (dbias) by its last bits, not dx."""
     cdef Py_ssize_t q, i0, k
     for q in range((n + SUM_CHUNK - 1) // SUM_CHUNK):
         i0 = q * SUM_CHUNK

@@ -608,16 +608,20 @@ class _Norm(torch.autograd.Function):
 # What Function.apply (torch/autograd/function.py) does before the C++ apply, for a Function without setup_context
 # such as _Norm: unless a functorch transform is active (then the whole Python apply), unwrap the dead functorch
 # wrappers among the arguments. Done here with the same two C calls, it skips the Python frames of apply and of
-# its argument scan, ~4 us of a small call's 50 with autograd.
-_are_functorch_transforms_active = torch._C._are_functorch_transforms_active
-_unwrap_if_dead = torch._C._functorch.unwrap_if_dead
-_norm_apply = torch._C._FunctionBase.__dict__["apply"].__get__(None, _Norm)
+# its argument scan, ~4 us of a small call's 50 with autograd. They are torch's private API (2.1 and later); a torch
+# without them gets Function.apply.
+try:
+    _are_functorch_transforms_active = torch._C._are_functorch_transforms_active
+    _unwrap_if_dead = torch._C._functorch.unwrap_if_dead
+    _norm_apply = torch._C._FunctionBase.__dict__["apply"].__get__(None, _Norm)
+except (AttributeError, KeyError):
+    _norm_apply = None
 
 
 def _run(call: _Call, x: Tensor, weight, bias) -> Tensor:
     if torch.is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad)
                                     or (bias is not None and bias.requires_grad)):
-        if _are_functorch_transforms_active():
+        if _norm_apply is None or _are_functorch_transforms_active():
             return _Norm.apply(x, weight, bias, call)
         return _norm_apply(_unwrap_if_dead(x), None if weight is None else _unwrap_if_dead(weight),
                            None if bias is None else _unwrap_if_dead(bias), call)
