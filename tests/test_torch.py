@@ -544,3 +544,26 @@ def test_errors_surface_under_torch_compile():
     f = torch.compile(lambda x: nt.group_norm(x, 4), backend="eager", fullgraph=True)
     with pytest.raises(Exception, match=r"groupnorm: num_groups=4 must divide the number of channels C=6"):
         f(torch.randn(2, 6, 3))
+
+
+def test_autograd_without_the_direct_cpp_apply(monkeypatch):
+    """Eager calls reach the autograd Functions' C++ apply directly (functional._norm_apply, _add_norm_apply); where
+    torch lacks the private calls for it they go through Function.apply: the same outputs and gradients."""
+    from normkit.torch import functional
+
+    g = torch.Generator().manual_seed(0)
+    x, r = (torch.randn(2, 8, 5, dtype=torch.float64, generator=g, requires_grad=True) for _ in range(2))
+    w, b = (torch.randn(8, dtype=torch.float64, generator=g, requires_grad=True) for _ in range(2))
+    wl, bl = (torch.randn(5, dtype=torch.float64, generator=g, requires_grad=True) for _ in range(2))
+
+    def results():
+        y = nt.group_norm(x, 4, w, b)
+        ya, h = nt.add_layer_norm(x, r, (5,), wl, bl)
+        loss = (y * y).sum() + (ya * ya).sum() + (h * h).sum()
+        return (y, ya, h, *torch.autograd.grad(loss, (x, r, w, b, wl, bl)))
+
+    direct = results()
+    monkeypatch.setattr(functional, "_norm_apply", None)
+    monkeypatch.setattr(functional, "_add_norm_apply", None)
+    for a, c in zip(direct, results()):
+        assert torch.equal(a, c)

@@ -606,16 +606,18 @@ class _Norm(torch.autograd.Function):
 
 
 # What Function.apply (torch/autograd/function.py) does before the C++ apply, for a Function without setup_context
-# such as _Norm: unless a functorch transform is active (then the whole Python apply), unwrap the dead functorch
-# wrappers among the arguments. Done here with the same two C calls, it skips the Python frames of apply and of
-# its argument scan, ~4 us of a small call's 50 with autograd. They are torch's private API (2.1 and later); a torch
-# without them gets Function.apply.
+# such as _Norm and _AddNorm: unless a functorch transform is active (then the whole Python apply), unwrap the dead
+# functorch wrappers among the tensor arguments. Written out at each call with the same C calls, it skips the Python
+# frames of apply and of its argument scan, ~4 us of a small call's 50 with autograd (a shared wrapper taking
+# *args gave half of it back). They are torch's private API (2.1 and later); a torch without them gets
+# Function.apply.
 try:
     _are_functorch_transforms_active = torch._C._are_functorch_transforms_active
     _unwrap_if_dead = torch._C._functorch.unwrap_if_dead
-    _norm_apply = torch._C._FunctionBase.__dict__["apply"].__get__(None, _Norm)
+    _cpp_apply = torch._C._FunctionBase.__dict__["apply"]
 except (AttributeError, KeyError):
-    _norm_apply = None
+    _cpp_apply = None
+_norm_apply = None if _cpp_apply is None else _cpp_apply.__get__(None, _Norm)
 
 
 def _run(call: _Call, x: Tensor, weight, bias) -> Tensor:
@@ -1209,6 +1211,9 @@ class _AddNorm(torch.autograd.Function):
         return dx if need_x else None, dx if need_r else None, dw, db, None
 
 
+_add_norm_apply = None if _cpp_apply is None else _cpp_apply.__get__(None, _AddNorm)  # see _norm_apply
+
+
 def _add_norm(spec, x, residual, shape, weight, bias, eps, backend):
     op = spec.name
     residual = _tensor(op, "residual", residual, optional=False)
@@ -1222,7 +1227,11 @@ def _add_norm(spec, x, residual, shape, weight, bias, eps, backend):
         return norm, h
     call = _AddCall(spec, eps, _kernel_shape(spec, x.shape, len(shape)), shape, backend)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, residual, weight, bias)):
-        return _AddNorm.apply(x, residual, weight, bias, call)
+        if _add_norm_apply is None or _are_functorch_transforms_active():  # see _norm_apply
+            return _AddNorm.apply(x, residual, weight, bias, call)
+        return _add_norm_apply(_unwrap_if_dead(x), _unwrap_if_dead(residual),
+                               None if weight is None else _unwrap_if_dead(weight),
+                               None if bias is None else _unwrap_if_dead(bias), call)
     return call.forward(x, residual, weight, bias)
 
 
