@@ -703,17 +703,14 @@ def act_rows(a):
             m64 = np.float64(mc)
             zsc = zs[k, c]
             zbc = zb[k, c]
-            s1 = 0.0
-            s2 = 0.0
             if split:
                 g = out[n, c, lo:min(S, lo + L)]
                 for j in range(xr.shape[0]):
                     g[j] = dyr[j] * _dact((xr[j] - mc) * zsc + zbc, a, slope)
-                for j in range(xr.shape[0]):
-                    g64 = np.float64(g[j])
-                    s1 += g64
-                    s2 += g64 * (np.float64(xr[j]) - m64)
+                s1, s2 = _dsums(g, xr, m64)
             else:
+                s1 = 0.0
+                s2 = 0.0
                 for j in range(xr.shape[0]):
                     g64 = np.float64(dyr[j] * _dact((xr[j] - mc) * zsc + zbc, a, slope))
                     s1 += g64
