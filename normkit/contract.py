@@ -138,15 +138,16 @@ names its channels-last dtypes (``Backend.channels_last_dtypes``): 16-bit channe
 arrays as (N, S, C) ``np.uint16`` bit patterns and everything else as the 16-bit NCHW kernels do; 16-bit data
 without them takes the two ways above.
 
-Address kernels (optional; float32 and float64, :data:`ADDRESS_DTYPES`): the NCHW kernel of a direction, taking
+Address kernels (optional; every dtype, :data:`ADDRESS_DTYPES`): the NCHW kernel of a direction, taking
 memory by address. A backend declares them in ``Backend.addresses`` (op -> directions, each also a direction of its
 ``kernels``) and provides them under keys ``(op, direction, dtype, "addr")``. An address kernel takes the kernel
 shape first, (N, C, S) or the row ops' (M, K), then the NCHW kernel's positional arguments, except that every array
 but the statistics ``mean`` and ``rstd`` is passed as the integer address of its C-contiguous memory (0 for None);
 ``mean`` and ``rstd`` stay arrays. The kernel cannot check memory behind an address: the caller guarantees that each
-holds exactly the array the NCHW kernel would get. Why they exist: ``normkit.torch``'s eager path hands them a
-tensor's ``data_ptr()`` where a NumPy view of it and a typed-memoryview acquisition of that view cost ~1 us each,
-as much as the whole kernel at small shapes. ``normkit.registry.lookup_address`` finds the one of the backend
+holds exactly the array the NCHW kernel would get (16-bit data: its uint16 bit patterns, everything else float32,
+as the 16-bit kernels take them). Why they exist: ``normkit.torch``'s eager path hands them a tensor's
+``data_ptr()`` where a NumPy view of it and a typed-memoryview acquisition of that view cost ~1 us each, as much as
+the whole kernel at small shapes. ``normkit.registry.lookup_address`` finds the one of the backend
 ``lookup`` picks; :func:`with_addresses` calls one as its NCHW kernel is called (the conformance kit runs them on
 the NCHW cases so).
 
@@ -414,7 +415,7 @@ LAYOUTS = (NCHW, NHWC)
 CHANNEL_OPS = tuple(name for name, s in SPECS.items() if s.sets != "row")
 LAYOUT_DTYPES = ("float32", "float64")  # the dtypes a backend's channels-last kernels are for, unless it says
 ADDRESS = "addr"  # the last element of an address kernel's key (see the module docstring)
-ADDRESS_DTYPES = ("float32", "float64")
+ADDRESS_DTYPES = DTYPES
 
 DIRECTIONS = {name: spec.directions for name, spec in SPECS.items()}
 

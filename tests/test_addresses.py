@@ -77,7 +77,8 @@ def test_lookup_address_follows_the_backend_lookup_picks(register):
     assert registry.lookup_address("groupnorm", "forward", "float32", "cython") is \
         CYTHON[("groupnorm", "forward", "float32", ADDRESS)]
     assert registry.lookup_address("groupnorm", "forward", "float32", "reference") is None
-    assert registry.lookup_address("groupnorm", "forward", "bfloat16", "cython") is None  # float32 / float64 only
+    assert registry.lookup_address("groupnorm", "forward", "bfloat16", "cython") is \
+        CYTHON[("groupnorm", "forward", "bfloat16", ADDRESS)]
     assert registry.lookup_address("groupnorm", "act_forward", "float32", "cython") is None
     order = normkit.get_backend_order()
     try:
@@ -118,14 +119,26 @@ def test_cython_address_kernels_check_what_they_can(key, args, match):
 
 def test_cython_address_kernels_give_the_array_kernels_bits(rng):
     """The same code behind both: bit-identical outputs, on every declared key (the kit holds them to the
-    reference; this holds them to their twins)."""
+    reference; this holds them to their twins). 16-bit data as the kernels take it: uint16 bit patterns (of
+    random values), everything else float32."""
     shapes = {"channel": (3, 5, 7), "instance": (3, 5, 7), "group": (3, 6, 7), "row": (5, 33)}
-    for op, direction, dtype, _ in sorted(k for k in CYTHON if len(k) == 4 and k[3] == ADDRESS):
+    keys = sorted(k for k in CYTHON if len(k) == 4 and k[3] == ADDRESS)
+    assert {k[2] for k in keys} == {"float32", "float64", "bfloat16", "float16"}
+    for op, direction, dtype, _ in keys:
         spec = SPECS[op]
         shape = shapes[spec.sets]
         c = shape[1]
-        npdt = np.dtype(dtype)
-        values = {"x": rng.standard_normal(shape).astype(npdt), "dy": rng.standard_normal(shape).astype(npdt),
+        half = dtype in ("bfloat16", "float16")
+        npdt = np.dtype(np.float32 if half else dtype)
+
+        def data(a):  # 16-bit: the bit patterns of float32 values' top halves (bfloat16) or of float16 values
+            a = a.astype(np.float32)
+            if not half:
+                return a.astype(npdt)
+            return (a.view(np.uint32) >> 16).astype(np.uint16) if dtype == "bfloat16" else \
+                a.astype(np.float16).view(np.uint16)
+
+        values = {"x": data(rng.standard_normal(shape)), "dy": data(rng.standard_normal(shape)),
                   "weight": rng.standard_normal(c).astype(npdt), "bias": rng.standard_normal(c).astype(npdt),
                   "running_mean": rng.standard_normal(c).astype(npdt),
                   "running_var": rng.uniform(0.5, 2, c).astype(npdt), "eps": 1e-5, "num_groups": 3}
@@ -139,6 +152,8 @@ def test_cython_address_kernels_give_the_array_kernels_bits(rng):
         for kernel in (CYTHON[(op, direction, dtype)], with_addresses(spec, direction,
                                                                       CYTHON[(op, direction, dtype, ADDRESS)])):
             named = dict(values) | {k: np.full(s, np.nan, npdt) for k, s in outs.items()}
+            if half:
+                named |= {k: np.full(outs[k], 0x7FC0, np.uint16) for k in ("y", "dx")}
             kernel(*(named[a] for a in spec.args(direction)))
             results.append({a: named[a] for a in spec.args(direction) if a in outs})
         for name in results[0]:
@@ -165,10 +180,11 @@ def address_spy(register):
     return calls
 
 
-def _run_all(dtype=torch.float32, channels_last=False, activation=None, strided=False):
+def _run_all(dtype=torch.float32, channels_last=False, activation=None, strided=False, params16=False):
     """Forward and backward of every op on small tensors through backend "aspy", and BatchNorm inference; returns
     the outputs and gradients. ``strided``: the parameters and running statistics as non-contiguous views of the
-    same values, which take the array kernels."""
+    same values, which take the array kernels. Parameters are float32 for 16-bit data (autocast's case), or with
+    ``params16`` of the data's dtype, which take the array kernels too."""
     g = torch.Generator().manual_seed(0)
     out = []
     x4 = torch.randn(2, 6, 3, 5, generator=g, dtype=torch.float32).to(dtype)
@@ -177,8 +193,8 @@ def _run_all(dtype=torch.float32, channels_last=False, activation=None, strided=
     x3 = torch.randn(4, 7, 12, generator=g).to(dtype)
     w6, b6 = torch.randn(6, generator=g), torch.randn(6, generator=g)
     w12, b12 = torch.randn(12, generator=g), torch.randn(12, generator=g)
-    if dtype == torch.float64:
-        w6, b6, w12, b12 = w6.double(), b6.double(), w12.double(), b12.double()
+    if dtype == torch.float64 or params16:
+        w6, b6, w12, b12 = (p.to(dtype) for p in (w6, b6, w12, b12))
     kw = {"backend": "aspy"}
     view = (lambda p: torch.stack([p, p], 1)[:, 0]) if strided else (lambda p: p)  # noqa: E731
     act = {} if activation is None else {"activation": activation}
@@ -202,13 +218,16 @@ def _run_all(dtype=torch.float32, channels_last=False, activation=None, strided=
 
 def test_torch_goes_by_address_exactly_where_it_may(address_spy):
     addr = lambda: sorted({k[:2] for k in address_spy if k[-1] == ADDRESS})  # noqa: E731
-    _run_all()
-    assert addr() == [("batchnorm", "backward"), ("batchnorm", "forward"), ("batchnorm", "forward_infer"),
-                      ("groupnorm", "backward"), ("groupnorm", "forward"), ("instancenorm", "backward"),
-                      ("instancenorm", "forward"), ("layernorm", "backward"), ("layernorm", "forward"),
-                      ("rmsnorm", "backward"), ("rmsnorm", "forward")]
-    assert not [k for k in address_spy if k[-1] != ADDRESS]  # nothing else was needed
-    for kwargs in ({"dtype": torch.bfloat16}, {"activation": "relu"}):
+    everything = [("batchnorm", "backward"), ("batchnorm", "forward"), ("batchnorm", "forward_infer"),
+                  ("groupnorm", "backward"), ("groupnorm", "forward"), ("instancenorm", "backward"),
+                  ("instancenorm", "forward"), ("layernorm", "backward"), ("layernorm", "forward"),
+                  ("rmsnorm", "backward"), ("rmsnorm", "forward")]
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):  # 16-bit data with float32 parameters too
+        address_spy.clear()
+        _run_all(dtype)
+        assert addr() == everything, dtype
+        assert not [k for k in address_spy if k[-1] != ADDRESS], dtype  # nothing else was needed
+    for kwargs in ({"dtype": torch.bfloat16, "params16": True}, {"activation": "relu"}):
         address_spy.clear()
         _run_all(**kwargs)
         assert address_spy and not addr(), kwargs  # the array kernels, as before
@@ -222,11 +241,12 @@ def test_torch_goes_by_address_exactly_where_it_may(address_spy):
                       ("rmsnorm", "forward")]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_torch_by_address_gives_the_array_kernels_results(address_spy, dtype, channels_last):
     """The same values through the address kernels and through the array ones (parameters given as strided views):
-    bit-identical outputs and gradients, in the input's memory format."""
+    bit-identical outputs and gradients, in the input's memory format (16-bit data: float32 parameters and their
+    gradients)."""
     by_address = _run_all(dtype, channels_last)
     assert any(k[-1] == ADDRESS for k in address_spy)
     address_spy.clear()
@@ -234,7 +254,9 @@ def test_torch_by_address_gives_the_array_kernels_results(address_spy, dtype, ch
     assert address_spy and not any(k[-1] == ADDRESS for k in address_spy)
     assert len(by_address) == len(by_arrays) == 20
     for i, (a, b) in enumerate(zip(by_address, by_arrays)):
-        assert a.dtype == b.dtype == dtype and a.stride() == b.stride(), i
+        assert a.dtype == b.dtype and a.dtype in (dtype, torch.float32) and a.stride() == b.stride(), i
+        if a.dtype in (torch.bfloat16, torch.float16):  # NumPy has no bfloat16: compare the bit patterns
+            a, b = a.view(torch.int16), b.view(torch.int16)
         assert a.numpy().tobytes() == b.numpy().tobytes(), i
     if channels_last:  # y and dx of the channel ops stay channels-last
         assert by_address[4].is_contiguous(memory_format=torch.channels_last) and not by_address[4].is_contiguous()
@@ -275,6 +297,6 @@ def test_list_shows_the_address_kernels():
     from normkit.cli import main
 
     listing = CliRunner().invoke(main, ["list"]).output
-    assert "batchnorm by address (float32, float64): backward, forward, forward_infer" in listing
-    assert "rmsnorm by address (float32, float64): backward, forward" in listing
+    assert "batchnorm by address (bfloat16, float16, float32, float64): backward, forward, forward_infer" in listing
+    assert "rmsnorm by address (bfloat16, float16, float32, float64): backward, forward" in listing
     assert listing.count(" by address (") == 5  # cython's only

@@ -1091,12 +1091,11 @@ cdef void _column_grad_sums16(const uint16_t* dy, const uint16_t* x, Py_ssize_t 
             sdyx[l0 + l] += b[l]
 
 
-cdef void _channel_moments16(const uint16_t[:, :, ::1] x, double[::1] pivot, bint wide, int fmt, double[::1] s1,
-                             double[::1] s2):
-    """_channel_moments (or, if wide, _stats_moments) on 16-bit data."""
-    cdef Py_ssize_t n = x.shape[0], nc = x.shape[1], s = x.shape[2], t, c, i, k, length = nc * s
+cdef void _channel_moments16(const uint16_t* xp, Py_ssize_t n, Py_ssize_t nc, Py_ssize_t s, double[::1] pivot,
+                             bint wide, int fmt, double[::1] s1, double[::1] s2):
+    """_channel_moments (or, if wide, _stats_moments) on 16-bit data (n, nc, s)."""
+    cdef Py_ssize_t t, c, i, k, length = nc * s
     cdef Py_ssize_t width, tasks, blocks, rows
-    cdef const uint16_t* xp = &x[0, 0, 0]
     cdef double[::1] a, b
     cdef float[::1] p
     cdef int nt = threads_for(n * nc * s, _nthreads, _serial_max)
@@ -1129,12 +1128,10 @@ cdef void _channel_moments16(const uint16_t[:, :, ::1] x, double[::1] pivot, bin
                 _merge_columns(&a[k * length + c * s], &b[k * length + c * s], s, &s1[c], &s2[c])
 
 
-cdef void _apply_channels16(const uint16_t[:, :, ::1] x, uint16_t[:, :, ::1] y, double[::1] mean,
-                            double[::1] scale, double[::1] shift, int fmt):
-    """_apply_channels on 16-bit data."""
-    cdef Py_ssize_t n = x.shape[0], nc = x.shape[1], s = x.shape[2], t, c, rows, length = nc * s
-    cdef const uint16_t* xp = &x[0, 0, 0]
-    cdef uint16_t* yp = &y[0, 0, 0]
+cdef void _apply_channels16(const uint16_t* xp, uint16_t* yp, Py_ssize_t n, Py_ssize_t nc, Py_ssize_t s,
+                            double[::1] mean, double[::1] scale, double[::1] shift, int fmt):
+    """_apply_channels on 16-bit data (n, nc, s)."""
+    cdef Py_ssize_t t, c, rows, length = nc * s
     cdef double[::1] exact_shift
     cdef float[:, ::1] cols
     cdef int nt = threads_for(n * nc * s, _nthreads, _serial_max)
@@ -1187,13 +1184,11 @@ cdef void _affine_row16(const uint16_t* x, uint16_t* y, Py_ssize_t length, const
             narrow64(d[0], y + j, k, fmt)
 
 
-cdef void _channel_grad_sums16(const uint16_t[:, :, ::1] dy, const uint16_t[:, :, ::1] x, double[::1] mean, int fmt,
-                               double[::1] sdy, double[::1] sdyx):
-    """_channel_grad_sums on 16-bit data."""
-    cdef Py_ssize_t n = x.shape[0], nc = x.shape[1], s = x.shape[2], t, c, i, k, length = nc * s
+cdef void _channel_grad_sums16(const uint16_t* dyp, const uint16_t* xp, Py_ssize_t n, Py_ssize_t nc, Py_ssize_t s,
+                               double[::1] mean, int fmt, double[::1] sdy, double[::1] sdyx):
+    """_channel_grad_sums on 16-bit data (n, nc, s)."""
+    cdef Py_ssize_t t, c, i, k, length = nc * s
     cdef Py_ssize_t width, tasks, blocks, rows
-    cdef const uint16_t* dyp = &dy[0, 0, 0]
-    cdef const uint16_t* xp = &x[0, 0, 0]
     cdef double[::1] a, b
     cdef float[::1] m
     cdef int nt = threads_for(n * nc * s, _nthreads, _serial_max)
@@ -1226,14 +1221,11 @@ cdef void _channel_grad_sums16(const uint16_t[:, :, ::1] dy, const uint16_t[:, :
                 _merge_columns(&a[k * length + c * s], &b[k * length + c * s], s, &sdy[c], &sdyx[c])
 
 
-cdef void _grad_apply_channels16(const uint16_t[:, :, ::1] dy, const uint16_t[:, :, ::1] x, uint16_t[:, :, ::1] dx,
-                                 bint training, double[::1] mean, double[::1] ca, double[::1] cb, double[::1] cc,
-                                 int fmt):
-    """_grad_apply_channels on 16-bit data."""
-    cdef Py_ssize_t n = x.shape[0], nc = x.shape[1], s = x.shape[2], t, c, rows, length = nc * s
-    cdef const uint16_t* dyp = &dy[0, 0, 0]
-    cdef const uint16_t* xp = &x[0, 0, 0]
-    cdef uint16_t* dxp = &dx[0, 0, 0]
+cdef void _grad_apply_channels16(const uint16_t* dyp, const uint16_t* xp, uint16_t* dxp, Py_ssize_t n, Py_ssize_t nc,
+                                 Py_ssize_t s, bint training, double[::1] mean, double[::1] ca, double[::1] cb,
+                                 double[::1] cc, int fmt):
+    """_grad_apply_channels on 16-bit data (n, nc, s)."""
+    cdef Py_ssize_t t, c, rows, length = nc * s
     cdef float[:, ::1] cols
     cdef int nt = threads_for(n * nc * s, _nthreads, _serial_max)
     if s >= SHORT_ROW:
@@ -1301,16 +1293,13 @@ cdef void _grad_apply_row16(const uint16_t* dy, const uint16_t* x, uint16_t* dx,
         narrow64(d[0], dx + j, k, fmt)
 
 
-cdef void _backward16(bint training, const uint16_t[:, :, ::1] dy, const uint16_t[:, :, ::1] x,
-                      const float[::1] mean, const float[::1] rstd, const float[::1] weight, uint16_t[:, :, ::1] dx,
-                      float[::1] dweight, float[::1] dbias, int fmt):
-    """_backward on 16-bit data (the channels schedule, or sums and elementwise pass apart)."""
-    cdef Py_ssize_t n = x.shape[0], nc = x.shape[1], s = x.shape[2], c
-    cdef const uint16_t* dyp = &dy[0, 0, 0]
-    cdef const uint16_t* xp = &x[0, 0, 0]
-    cdef uint16_t* dxp = &dx[0, 0, 0]
-    cdef const float* w = _ptr(weight)
-    cdef bint sums = training or dweight is not None or dbias is not None
+cdef void _backward16(bint training, const uint16_t* dyp, const uint16_t* xp, Py_ssize_t n, Py_ssize_t nc,
+                      Py_ssize_t s, const float* mean, const float* rstd, const float* w, uint16_t* dxp,
+                      float* dweight, float* dbias, int fmt):
+    """_backward on 16-bit data (n, nc, s) (the channels schedule, or sums and elementwise pass apart); w, dweight,
+    dbias: NULL when absent."""
+    cdef Py_ssize_t c
+    cdef bint sums = training or dweight != NULL or dbias != NULL
     cdef double[:, ::1] work = np.zeros((7, nc))  # one allocation (see _backward)
     cdef double[::1] mu = work[0], r = work[1], sdy = work[2], sdyx = work[3], ca = work[4], cb = work[5]
     cdef double[::1] cc = work[6]
@@ -1324,31 +1313,27 @@ cdef void _backward16(bint training, const uint16_t[:, :, ::1] dy, const uint16_
                                 w[c] if w != NULL else 1.0, fmt, &sdy[c], &sdyx[c])
     else:
         if sums:
-            _channel_grad_sums16(dy, x, mu, fmt, sdy, sdyx)
+            _channel_grad_sums16(dyp, xp, n, nc, s, mu, fmt, sdy, sdyx)
         for c in range(nc):
             _coefficients(training, sdy[c], sdyx[c], <double>(n * s), r[c], w[c] if w != NULL else 1.0,
                           &ca[c], &cb[c], &cc[c])
-        _grad_apply_channels16(dy, x, dx, training, mu, ca, cb, cc, fmt)
+        _grad_apply_channels16(dyp, xp, dxp, n, nc, s, training, mu, ca, cb, cc, fmt)
     for c in range(nc):
-        if dweight is not None:
+        if dweight != NULL:
             dweight[c] = <float>(r[c] * sdyx[c])
-        if dbias is not None:
+        if dbias != NULL:
             dbias[c] = <float>sdy[c]
 
 
-cdef void _pivots16(const uint16_t[:, :, ::1] x, int fmt, double[::1] pivot):
+cdef void _pivots16(const uint16_t* xp, Py_ssize_t nc, Py_ssize_t s, int fmt, double[::1] pivot):
     cdef Py_ssize_t c
-    for c in range(x.shape[1]):
-        pivot[c] = pivot16(&x[0, c, 0], fmt)
+    for c in range(nc):
+        pivot[c] = pivot16(xp + c * s, fmt)
 
 
-def batchnorm_forward16(int fmt, const uint16_t[:, :, ::1] x, const float[::1] weight, const float[::1] bias,
-                        double eps, uint16_t[:, :, ::1] y, float[::1] mean, float[::1] rstd):
-    cdef Py_ssize_t n = x.shape[0], nc = x.shape[1], s = x.shape[2], c
-    cdef const uint16_t* xp = &x[0, 0, 0]
-    cdef uint16_t* yp = &y[0, 0, 0]
-    cdef const float* w = _ptr(weight)
-    cdef const float* b = _ptr(bias)
+cdef void _forward16(int fmt, const uint16_t* xp, Py_ssize_t n, Py_ssize_t nc, Py_ssize_t s, const float* w,
+                     const float* b, double eps, uint16_t* yp, float* mean, float* rstd):
+    cdef Py_ssize_t c
     # the per-channel vectors in one allocation (see _backward)
     cdef double[:, ::1] work = np.empty((7, nc))
     cdef double[::1] mu = work[0], r = work[1], pivot = work[2], s1 = work[3], s2 = work[4], scale = work[5]
@@ -1358,44 +1343,58 @@ def batchnorm_forward16(int fmt, const uint16_t[:, :, ::1] x, const float[::1] w
         for c in prange(nc, nogil=True, schedule="static", num_threads=nt):
             _forward_channel16(xp, yp, n, nc, s, c, eps, w, b, fmt, &mu[c], &r[c])
     else:
-        _pivots16(x, fmt, pivot)
-        _channel_moments16(x, pivot, False, fmt, s1, s2)
+        _pivots16(xp, nc, s, fmt, pivot)
+        _channel_moments16(xp, n, nc, s, pivot, False, fmt, s1, s2)
         for c in range(nc):
             finish_moments(s1[c], s2[c], n * s, pivot[c], eps, &mu[c], &r[c])
             scale[c] = r[c] * w[c] if w != NULL else r[c]
             shift[c] = b[c] if b != NULL else 0.0
-        _apply_channels16(x, y, mu, scale, shift, fmt)
+        _apply_channels16(xp, yp, n, nc, s, mu, scale, shift, fmt)
     for c in range(nc):
         mean[c] = <float>mu[c]
         rstd[c] = <float>r[c]
 
 
+cdef void _forward_infer16(int fmt, const uint16_t* xp, Py_ssize_t n, Py_ssize_t nc, Py_ssize_t s, const float* w,
+                           const float* b, const float* running_mean, const float* running_var, double eps,
+                           uint16_t* yp):
+    cdef double[:, ::1] coefs = _infer_coefficients(w, b, running_mean, running_var, nc, eps)
+    _apply_channels16(xp, yp, n, nc, s, coefs[0], coefs[1], coefs[2], fmt)
+
+
+def batchnorm_forward16(int fmt, const uint16_t[:, :, ::1] x, const float[::1] weight, const float[::1] bias,
+                        double eps, uint16_t[:, :, ::1] y, float[::1] mean, float[::1] rstd):
+    _forward16(fmt, &x[0, 0, 0], x.shape[0], x.shape[1], x.shape[2], _ptr(weight), _ptr(bias), eps, &y[0, 0, 0],
+               &mean[0], &rstd[0])
+
+
 def channel_forward_infer16(int fmt, const uint16_t[:, :, ::1] x, const float[::1] weight, const float[::1] bias,
                             const float[::1] running_mean, const float[::1] running_var, double eps,
                             uint16_t[:, :, ::1] y):
-    cdef double[:, ::1] coefs = _infer_coefficients(_ptr(weight), _ptr(bias), &running_mean[0], &running_var[0],
-                                                    running_mean.shape[0], eps)
-    _apply_channels16(x, y, coefs[0], coefs[1], coefs[2], fmt)
+    _forward_infer16(fmt, &x[0, 0, 0], x.shape[0], x.shape[1], x.shape[2], _ptr(weight), _ptr(bias),
+                     &running_mean[0], &running_var[0], eps, &y[0, 0, 0])
 
 
 def batchnorm_backward16(int fmt, const uint16_t[:, :, ::1] dy, const uint16_t[:, :, ::1] x, const float[::1] mean,
                          const float[::1] rstd, const float[::1] weight, uint16_t[:, :, ::1] dx, float[::1] dweight,
                          float[::1] dbias):
-    _backward16(True, dy, x, mean, rstd, weight, dx, dweight, dbias, fmt)
+    _backward16(True, &dy[0, 0, 0], &x[0, 0, 0], x.shape[0], x.shape[1], x.shape[2], &mean[0], &rstd[0],
+                _ptr(weight), &dx[0, 0, 0], _out(dweight), _out(dbias), fmt)
 
 
 def channel_backward_infer16(int fmt, const uint16_t[:, :, ::1] dy, const uint16_t[:, :, ::1] x,
                              const float[::1] mean, const float[::1] rstd, const float[::1] weight,
                              uint16_t[:, :, ::1] dx, float[::1] dweight, float[::1] dbias):
-    _backward16(False, dy, x, mean, rstd, weight, dx, dweight, dbias, fmt)
+    _backward16(False, &dy[0, 0, 0], &x[0, 0, 0], x.shape[0], x.shape[1], x.shape[2], &mean[0], &rstd[0],
+                _ptr(weight), &dx[0, 0, 0], _out(dweight), _out(dbias), fmt)
 
 
 def batchnorm_stats16(int fmt, const uint16_t[:, :, ::1] x, double[::1] mean, double[::1] m2):
     cdef Py_ssize_t nc = x.shape[1], c
     cdef double cnt = <double>(x.shape[0] * x.shape[2]), d, v
     cdef double[::1] pivot = np.empty(nc), s1 = np.empty(nc), s2 = np.empty(nc)
-    _pivots16(x, fmt, pivot)
-    _channel_moments16(x, pivot, True, fmt, s1, s2)
+    _pivots16(&x[0, 0, 0], nc, x.shape[2], fmt, pivot)
+    _channel_moments16(&x[0, 0, 0], x.shape[0], nc, x.shape[2], pivot, True, fmt, s1, s2)
     for c in range(nc):
         d = s1[c] / cnt
         v = s2[c] - s1[c] * d
@@ -1409,7 +1408,7 @@ def batchnorm_apply16(int fmt, const uint16_t[:, :, ::1] x, const float[::1] sca
                       uint16_t[:, :, ::1] y):
     cdef double[::1] zero = np.zeros(x.shape[1])
     cdef double[::1] sc = np.asarray(scale, dtype=np.float64), sh = np.asarray(shift, dtype=np.float64)
-    _apply_channels16(x, y, zero, sc, sh, fmt)
+    _apply_channels16(&x[0, 0, 0], &y[0, 0, 0], x.shape[0], x.shape[1], x.shape[2], zero, sc, sh, fmt)
 
 
 def batchnorm_backward_reduce16(int fmt, const uint16_t[:, :, ::1] dy, const uint16_t[:, :, ::1] x,
@@ -1417,7 +1416,7 @@ def batchnorm_backward_reduce16(int fmt, const uint16_t[:, :, ::1] dy, const uin
                                 double[::1] sum_dy_xhat):
     cdef Py_ssize_t nc = x.shape[1], c
     cdef double[::1] mu = np.array(mean), sdyx = np.empty(nc)
-    _channel_grad_sums16(dy, x, mu, fmt, sum_dy, sdyx)
+    _channel_grad_sums16(&dy[0, 0, 0], &x[0, 0, 0], x.shape[0], nc, x.shape[2], mu, fmt, sum_dy, sdyx)
     for c in range(nc):
         sum_dy_xhat[c] = rstd[c] * sdyx[c]
 
@@ -1427,4 +1426,30 @@ def batchnorm_backward_apply16(int fmt, const uint16_t[:, :, ::1] dy, const uint
     cdef double[::1] zero = np.zeros(x.shape[1])
     cdef double[::1] ca = np.asarray(a, dtype=np.float64), cb = np.asarray(b, dtype=np.float64)
     cdef double[::1] cc = np.asarray(d, dtype=np.float64)
-    _grad_apply_channels16(dy, x, dx, True, zero, ca, cb, cc, fmt)
+    _grad_apply_channels16(&dy[0, 0, 0], &x[0, 0, 0], &dx[0, 0, 0], x.shape[0], x.shape[1], x.shape[2], True, zero,
+                           ca, cb, cc, fmt)
+
+
+# 16-bit address kernels: as the float ones, fmt first (as the array kernels); the data's addresses hold uint16
+# patterns, weight, bias, the running statistics and the gradients float32
+
+def batchnorm_forward16_addr(int fmt, Py_ssize_t n, Py_ssize_t c, Py_ssize_t s, size_t x, size_t weight, size_t bias,
+                             double eps, size_t y, float[::1] mean, float[::1] rstd):
+    _check(n, c, s, x, y, mean.shape[0], rstd.shape[0])
+    _forward16(fmt, <const uint16_t*>x, n, c, s, <const float*>weight, <const float*>bias, eps, <uint16_t*>y,
+               &mean[0], &rstd[0])
+
+
+def channel_forward_infer16_addr(int fmt, Py_ssize_t n, Py_ssize_t c, Py_ssize_t s, size_t x, size_t weight,
+                                 size_t bias, size_t running_mean, size_t running_var, double eps, size_t y):
+    _check(n, c, s, x if running_mean and running_var else 0, y, c, c)
+    _forward_infer16(fmt, <const uint16_t*>x, n, c, s, <const float*>weight, <const float*>bias,
+                     <const float*>running_mean, <const float*>running_var, eps, <uint16_t*>y)
+
+
+def batchnorm_backward16_addr(int fmt, Py_ssize_t n, Py_ssize_t c, Py_ssize_t s, size_t dy, size_t x,
+                              const float[::1] mean, const float[::1] rstd, size_t weight, size_t dx, size_t dweight,
+                              size_t dbias):
+    _check(n, c, s, dy if x else 0, dx, mean.shape[0], rstd.shape[0])
+    _backward16(True, <const uint16_t*>dy, <const uint16_t*>x, n, c, s, &mean[0], &rstd[0], <const float*>weight,
+                <uint16_t*>dx, <float*>dweight, <float*>dbias, fmt)

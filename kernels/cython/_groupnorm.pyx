@@ -448,17 +448,10 @@ cdef void _backward_set16(const uint16_t* dy, const uint16_t* x, uint16_t* dx, P
         grad_apply16(dy + c * s, x + c * s, dx + c * s, s, fmt, mean, rstd * wc, b, k)
 
 
-def groupnorm_forward16(int fmt, const uint16_t[:, :, ::1] x, Py_ssize_t num_groups, const float[::1] weight,
-                        const float[::1] bias, double eps, uint16_t[:, :, ::1] y, float[:, ::1] mean,
-                        float[:, ::1] rstd):
-    cdef Py_ssize_t n = x.shape[0], s = x.shape[2], cg = x.shape[1] // num_groups, t
-    cdef const uint16_t* xp = &x[0, 0, 0]
-    cdef uint16_t* yp = &y[0, 0, 0]
-    cdef float* mp = &mean[0, 0]
-    cdef float* rp = &rstd[0, 0]
-    cdef const float* w = _ptr(weight)
-    cdef const float* b = _ptr(bias)
-    cdef int nt = threads_for(n * x.shape[1] * s, _nthreads, _serial_max)
+cdef void _forward16(int fmt, const uint16_t* xp, Py_ssize_t n, Py_ssize_t c, Py_ssize_t s, Py_ssize_t num_groups,
+                     const float* w, const float* b, double eps, uint16_t* yp, float* mp, float* rp) noexcept:
+    cdef Py_ssize_t cg = c // num_groups, t
+    cdef int nt = threads_for(n * c * s, _nthreads, _serial_max)
     for t in prange(n * num_groups, nogil=True, schedule="static", num_threads=nt):
         _forward_set16(xp + t * cg * s, yp + t * cg * s, cg, s,
                        w + (t % num_groups) * cg if w != NULL else NULL,
@@ -466,26 +459,39 @@ def groupnorm_forward16(int fmt, const uint16_t[:, :, ::1] x, Py_ssize_t num_gro
                        eps, fmt, mp + t, rp + t)
 
 
+cdef int _backward16(int fmt, const uint16_t* dyp, const uint16_t* xp, Py_ssize_t n, Py_ssize_t c, Py_ssize_t s,
+                     Py_ssize_t num_groups, const float* mp, const float* rp, const float* w, uint16_t* dxp,
+                     float* dweight, float* dbias) except -1:
+    cdef Py_ssize_t cg = c // num_groups, t
+    # per-channel sum(dy), then sum(dy * (x - mean)), of each sample (malloc, as _backward_sets)
+    cdef double* sdyp = <double*>malloc(2 * n * c * sizeof(double))
+    cdef double* sdyxp = sdyp + n * c
+    cdef int nt = threads_for(n * c * s, _nthreads, _serial_max)
+    if sdyp == NULL:
+        raise MemoryError()
+    try:
+        for t in prange(n * num_groups, nogil=True, schedule="static", num_threads=nt):
+            _backward_set16(dyp + t * cg * s, xp + t * cg * s, dxp + t * cg * s, cg, s,
+                            w + (t % num_groups) * cg if w != NULL else NULL,
+                            mp[t], rp[t], fmt, sdyp + t * cg, sdyxp + t * cg)
+        _param_grads(sdyp, sdyxp, rp, n, c, cg, dweight, dbias)
+    finally:
+        free(sdyp)
+    return 0
+
+
+def groupnorm_forward16(int fmt, const uint16_t[:, :, ::1] x, Py_ssize_t num_groups, const float[::1] weight,
+                        const float[::1] bias, double eps, uint16_t[:, :, ::1] y, float[:, ::1] mean,
+                        float[:, ::1] rstd):
+    _forward16(fmt, &x[0, 0, 0], x.shape[0], x.shape[1], x.shape[2], num_groups, _ptr(weight), _ptr(bias), eps,
+               &y[0, 0, 0], &mean[0, 0], &rstd[0, 0])
+
+
 def groupnorm_backward16(int fmt, const uint16_t[:, :, ::1] dy, const uint16_t[:, :, ::1] x, Py_ssize_t num_groups,
                          const float[:, ::1] mean, const float[:, ::1] rstd, const float[::1] weight,
                          uint16_t[:, :, ::1] dx, float[::1] dweight, float[::1] dbias):
-    cdef Py_ssize_t n = x.shape[0], c = x.shape[1], s = x.shape[2], cg = c // num_groups, t
-    cdef const uint16_t* dyp = &dy[0, 0, 0]
-    cdef const uint16_t* xp = &x[0, 0, 0]
-    cdef uint16_t* dxp = &dx[0, 0, 0]
-    cdef const float* mp = &mean[0, 0]
-    cdef const float* rp = &rstd[0, 0]
-    cdef const float* w = _ptr(weight)
-    cdef double[:, ::1] sdy = np.empty((n, c))
-    cdef double[:, ::1] sdyx = np.empty((n, c))
-    cdef double* sdyp = &sdy[0, 0]
-    cdef double* sdyxp = &sdyx[0, 0]
-    cdef int nt = threads_for(n * c * s, _nthreads, _serial_max)
-    for t in prange(n * num_groups, nogil=True, schedule="static", num_threads=nt):
-        _backward_set16(dyp + t * cg * s, xp + t * cg * s, dxp + t * cg * s, cg, s,
-                        w + (t % num_groups) * cg if w != NULL else NULL,
-                        mp[t], rp[t], fmt, sdyp + t * cg, sdyxp + t * cg)
-    _param_grads(sdyp, sdyxp, &rstd[0, 0], n, c, cg, _out(dweight), _out(dbias))
+    _backward16(fmt, &dy[0, 0, 0], &x[0, 0, 0], x.shape[0], x.shape[1], x.shape[2], num_groups, &mean[0, 0],
+                &rstd[0, 0], _ptr(weight), &dx[0, 0, 0], _out(dweight), _out(dbias))
 
 
 def instancenorm_forward16(int fmt, const uint16_t[:, :, ::1] x, const float[::1] weight, const float[::1] bias,
@@ -497,3 +503,37 @@ def instancenorm_backward16(int fmt, const uint16_t[:, :, ::1] dy, const uint16_
                             const float[:, ::1] mean, const float[:, ::1] rstd, const float[::1] weight,
                             uint16_t[:, :, ::1] dx, float[::1] dweight, float[::1] dbias):
     groupnorm_backward16(fmt, dy, x, x.shape[1], mean, rstd, weight, dx, dweight, dbias)
+
+
+# 16-bit address kernels: as the float ones, fmt first (as the array kernels); the data's addresses hold uint16
+# patterns, weight, bias and the gradients float32
+
+def groupnorm_forward16_addr(int fmt, Py_ssize_t n, Py_ssize_t c, Py_ssize_t s, size_t x, Py_ssize_t num_groups,
+                             size_t weight, size_t bias, double eps, size_t y, float[:, ::1] mean,
+                             float[:, ::1] rstd):
+    _check(n, c, s, num_groups, x, y, mean.shape, rstd.shape)
+    _forward16(fmt, <const uint16_t*>x, n, c, s, num_groups, <const float*>weight, <const float*>bias, eps,
+               <uint16_t*>y, &mean[0, 0], &rstd[0, 0])
+
+
+def groupnorm_backward16_addr(int fmt, Py_ssize_t n, Py_ssize_t c, Py_ssize_t s, size_t dy, size_t x,
+                              Py_ssize_t num_groups, const float[:, ::1] mean, const float[:, ::1] rstd,
+                              size_t weight, size_t dx, size_t dweight, size_t dbias):
+    _check(n, c, s, num_groups, dy if x else 0, dx, mean.shape, rstd.shape)
+    _backward16(fmt, <const uint16_t*>dy, <const uint16_t*>x, n, c, s, num_groups, &mean[0, 0], &rstd[0, 0],
+                <const float*>weight, <uint16_t*>dx, <float*>dweight, <float*>dbias)
+
+
+def instancenorm_forward16_addr(int fmt, Py_ssize_t n, Py_ssize_t c, Py_ssize_t s, size_t x, size_t weight,
+                                size_t bias, double eps, size_t y, float[:, ::1] mean, float[:, ::1] rstd):
+    _check(n, c, s, c, x, y, mean.shape, rstd.shape)
+    _forward16(fmt, <const uint16_t*>x, n, c, s, c, <const float*>weight, <const float*>bias, eps, <uint16_t*>y,
+               &mean[0, 0], &rstd[0, 0])
+
+
+def instancenorm_backward16_addr(int fmt, Py_ssize_t n, Py_ssize_t c, Py_ssize_t s, size_t dy, size_t x,
+                                 const float[:, ::1] mean, const float[:, ::1] rstd, size_t weight, size_t dx,
+                                 size_t dweight, size_t dbias):
+    _check(n, c, s, c, dy if x else 0, dx, mean.shape, rstd.shape)
+    _backward16(fmt, <const uint16_t*>dy, <const uint16_t*>x, n, c, s, c, &mean[0, 0], &rstd[0, 0],
+                <const float*>weight, <uint16_t*>dx, <float*>dweight, <float*>dbias)

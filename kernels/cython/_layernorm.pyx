@@ -692,33 +692,45 @@ cdef void _backward_block16(const uint16_t* dy, const uint16_t* x, uint16_t* dx,
             _flush(acc, partial, 2 * k)
 
 
-def layernorm_forward16(int fmt, const uint16_t[:, ::1] x, const float[::1] weight, const float[::1] bias,
-                        double eps, uint16_t[:, ::1] y, float[::1] mean, float[::1] rstd):
-    cdef Py_ssize_t m = x.shape[0], k = x.shape[1], i
-    cdef const uint16_t* xp = &x[0, 0]
-    cdef uint16_t* yp = &y[0, 0]
-    cdef const float[::1] wv = weight if weight is not None else np.ones(k, np.float32)
-    cdef const float[::1] bv = bias if bias is not None else np.zeros(k, np.float32)
+cdef void _forward16(int fmt, const uint16_t* xp, Py_ssize_t m, Py_ssize_t k, const float* w, const float* b,
+                     double eps, uint16_t* yp, float* mp, float* rp):
+    """The 16-bit forward of m rows of k values; w, b: NULL when absent."""
+    cdef Py_ssize_t i
+    cdef const float[::1] wv, bv
+    if w == NULL:
+        wv = np.ones(k, np.float32)
+        w = &wv[0]
+    if b == NULL:
+        bv = np.zeros(k, np.float32)
+        b = &bv[0]
     cdef int nt = threads_for(m * k, _nthreads, _serial_max)
     for i in prange(m, nogil=True, schedule="static", num_threads=nt):
-        _forward_row16(xp + i * k, yp + i * k, k, &wv[0], &bv[0], eps, fmt, &mean[i], &rstd[i])
+        _forward_row16(xp + i * k, yp + i * k, k, w, b, eps, fmt, mp + i, rp + i)
+
+
+def layernorm_forward16(int fmt, const uint16_t[:, ::1] x, const float[::1] weight, const float[::1] bias,
+                        double eps, uint16_t[:, ::1] y, float[::1] mean, float[::1] rstd):
+    _forward16(fmt, &x[0, 0], x.shape[0], x.shape[1], NULL if weight is None else &weight[0],
+               NULL if bias is None else &bias[0], eps, &y[0, 0], &mean[0], &rstd[0])
 
 
 def layernorm_backward16(int fmt, const uint16_t[:, ::1] dy, const uint16_t[:, ::1] x, const float[::1] mean,
                          const float[::1] rstd, const float[::1] weight, uint16_t[:, ::1] dx, float[::1] dweight,
                          float[::1] dbias):
-    """layernorm_backward's schedules (see there), on 16-bit data."""
-    cdef Py_ssize_t m = x.shape[0], k = x.shape[1], i, j, t, per_block, blocks, tiles, n
-    cdef const uint16_t* dyp = &dy[0, 0]
-    cdef const uint16_t* xp = &x[0, 0]
-    cdef uint16_t* dxp = &dx[0, 0]
-    cdef const float* mp = &mean[0]
-    cdef const float* rp = &rstd[0]
-    cdef bint params = dweight is not None or dbias is not None
-    cdef float* dwp = NULL if dweight is None else &dweight[0]
-    cdef float* dbp = NULL if dbias is None else &dbias[0]
-    cdef const float[::1] wv = weight if weight is not None else np.ones(k, np.float32)
-    cdef const float* w = &wv[0]
+    _backward16(fmt, &dy[0, 0], &x[0, 0], x.shape[0], x.shape[1], &mean[0], &rstd[0],
+                NULL if weight is None else &weight[0], &dx[0, 0], NULL if dweight is None else &dweight[0],
+                NULL if dbias is None else &dbias[0])
+
+
+cdef void _backward16(int fmt, const uint16_t* dyp, const uint16_t* xp, Py_ssize_t m, Py_ssize_t k, const float* mp,
+                      const float* rp, const float* w, uint16_t* dxp, float* dwp, float* dbp):
+    """layernorm_backward's schedules (see there), on 16-bit data (m, k); w, dwp, dbp: NULL when absent."""
+    cdef Py_ssize_t i, j, t, per_block, blocks, tiles, n
+    cdef bint params = dwp != NULL or dbp != NULL
+    cdef const float[::1] wv
+    if w == NULL:
+        wv = np.ones(k, np.float32)
+        w = &wv[0]
     cdef float* acc
     cdef double[::1] buf
     cdef double* grads
@@ -777,3 +789,20 @@ def layernorm_backward16(int fmt, const uint16_t[:, ::1] dy, const uint16_t[:, :
         for t in prange(tiles, nogil=True, schedule="static", num_threads=nt):
             _merge_blocks(work, blocks, 2 * k, t * TILE, min(2 * k, (t + 1) * TILE), grads)
     store_grads(grads, k, dwp, dbp, TILE, nt)
+
+
+# 16-bit address kernels: as the float ones, fmt first (as the array kernels); the data's addresses hold uint16
+# patterns, weight, bias and the gradients float32
+
+def layernorm_forward16_addr(int fmt, Py_ssize_t m, Py_ssize_t k, size_t x, size_t weight, size_t bias, double eps,
+                             size_t y, float[::1] mean, float[::1] rstd):
+    _check(m, k, x, y, mean.shape[0], rstd.shape[0])
+    _forward16(fmt, <const uint16_t*>x, m, k, <const float*>weight, <const float*>bias, eps, <uint16_t*>y, &mean[0],
+               &rstd[0])
+
+
+def layernorm_backward16_addr(int fmt, Py_ssize_t m, Py_ssize_t k, size_t dy, size_t x, const float[::1] mean,
+                              const float[::1] rstd, size_t weight, size_t dx, size_t dweight, size_t dbias):
+    _check(m, k, dy if x else 0, dx, mean.shape[0], rstd.shape[0])
+    _backward16(fmt, <const uint16_t*>dy, <const uint16_t*>x, m, k, &mean[0], &rstd[0], <const float*>weight,
+                <uint16_t*>dx, <float*>dweight, <float*>dbias)

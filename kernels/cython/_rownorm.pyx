@@ -947,3 +947,26 @@ def layernorm_add_backward16(int fmt, const uint16_t[:, ::1] dy, const uint16_t[
     keep = []
     _backward16(&dy[0, 0], &dh[0, 0] if dh is not None else NULL, &h[0, 0], &dx[0, 0], h.shape[0], h.shape[1],
                 _ones(weight, h.shape[1], keep), &mean[0], &rstd[0], True, fmt, _out(dweight), _out(dbias))
+
+
+# 16-bit address kernels: as the float ones, fmt first (as the array kernels); the data's addresses hold uint16
+# patterns, weight and its gradient float32
+
+def rmsnorm_forward16_addr(int fmt, Py_ssize_t m, Py_ssize_t k, size_t x, size_t weight, double eps, size_t y,
+                           float[::1] rstd):
+    _check(m, k, x, y, rstd.shape[0])
+    cdef const float[::1] no_weight = None
+    keep = []
+    cdef const float* w = <const float*>weight if weight else _ones(no_weight, k, keep)
+    with nogil:
+        _forward16(<const uint16_t*>x, NULL, NULL, <uint16_t*>y, m, k, w, NULL, eps, False, fmt, NULL, &rstd[0])
+
+
+def rmsnorm_backward16_addr(int fmt, Py_ssize_t m, Py_ssize_t k, size_t dy, size_t x, const float[::1] rstd,
+                            size_t weight, size_t dx, size_t dweight):
+    _check(m, k, dy if x else 0, dx, rstd.shape[0])
+    cdef const float[::1] no_weight = None
+    keep = []
+    cdef const float* w = <const float*>weight if weight else _ones(no_weight, k, keep)
+    _backward16(<const uint16_t*>dy, NULL, <const uint16_t*>x, <uint16_t*>dx, m, k, w, NULL, &rstd[0], False, fmt,
+                <float*>dweight, NULL)

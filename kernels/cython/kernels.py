@@ -195,7 +195,7 @@ KERNELS.update({
     for dtype in _FORMATS
 })
 
-# The address kernels (normkit.contract): the float32 / float64 kernels above taking memory by address
+# The address kernels (normkit.contract): the kernels above taking memory by address
 _ADDRESSES = {
     ("batchnorm", "forward"): _batchnorm.batchnorm_forward_addr,
     ("batchnorm", "backward"): _batchnorm.batchnorm_backward_addr,
@@ -217,6 +217,18 @@ KERNELS.update({  # no argument of this one has the data's type: a function per 
     (op, "forward_infer", dtype, ADDRESS): getattr(_batchnorm, "channel_forward_infer_addr_" + _CTYPE[dtype])
     for op in ("batchnorm", "instancenorm")
     for dtype in _CTYPE
+})
+# and the 16-bit ones, the format bound as for the array kernels
+KERNELS.update({
+    (op, direction, dtype, ADDRESS): partial(getattr(_module_of(f), f.__name__.replace("_addr", "16_addr")),
+                                             _FORMATS[dtype])
+    for (op, direction), f in _ADDRESSES.items()
+    for dtype in _FORMATS
+})
+KERNELS.update({
+    (op, "forward_infer", dtype, ADDRESS): partial(_batchnorm.channel_forward_infer16_addr, _FORMATS[dtype])
+    for op in ("batchnorm", "instancenorm")
+    for dtype in _FORMATS
 })
 
 _build = _batchnorm.BUILD

@@ -294,7 +294,8 @@ def _forward(spec: OpSpec, x: Tensor, weight, bias, eps: float, groups: int, ksh
     if plain:
         if act is None and (running_mean is None or not save):
             kernel = registry.lookup_address(spec.name, direction, _KERNEL_DTYPES[x.dtype], backend)
-            if kernel is not None and not _negative(x, weight, bias, running_mean, running_var):
+            if kernel is not None and _float32_params(x, weight, bias, running_mean, running_var) and \
+                    not _negative(x, weight, bias, running_mean, running_var):
                 return _forward_by_address(kernel, spec, x, weight, bias, eps, groups, kshape, running_mean,
                                            running_var)
         kernel = registry.lookup(spec.name, direction, _KERNEL_DTYPES[x.dtype], backend)[1] if act is None else \
@@ -370,19 +371,31 @@ def _columns_by_address(spec: OpSpec, direction: str, x: Tensor, backend, act, *
     """For channels-last ``x``: the address kernel of a per-channel direction, to run on the (N*S, C, 1) columns
     view (contract.on_columns: the same memory), or None. None without one, with a fused activation, when the
     backend with channels-last kernels for it is another than the NCHW one (then its own kernel runs), or when a
-    tensor (weight, bias, running statistics) is not contiguous of x's dtype or any is a negative view; the shapes
-    were checked already."""
+    tensor (weight, bias, running statistics) is not contiguous of x's dtype (float32 for 16-bit x) or any is a
+    negative view; the shapes were checked already."""
     if act is not None or not spec.per_channel(direction):
         return None
     dtype = _KERNEL_DTYPES[x.dtype]
     kernel = registry.lookup_address(spec.name, direction, dtype, backend)  # cached: cheaper than the looks below
     if kernel is None or _negative(x, *tensors):
         return None
+    pdtype = torch.float32 if x.dtype in _HALF else x.dtype  # what the kernel reads behind the addresses
     for t in tensors:
-        if t is not None and (t.dtype != x.dtype or not t.is_contiguous()):
+        if t is not None and (t.dtype != pdtype or not t.is_contiguous()):
             return None
     own = registry.lookup(spec.name, direction, dtype, backend, NHWC)
     return kernel if own is None or own[0] == registry.lookup(spec.name, direction, dtype, backend)[0] else None
+
+
+def _float32_params(x: Tensor, *tensors) -> bool:
+    """Whether the parameters and running statistics (None: absent) are what an address kernel reads for x: for
+    16-bit x float32 (autocast's case; a 16-bit parameter takes the kernel on arrays, which converts it), for
+    others x's dtype, which _plain checked."""
+    if x.dtype in _HALF:
+        for t in tensors:
+            if t is not None and t.dtype != torch.float32:
+                return False
+    return True
 
 
 def _negative(*tensors) -> bool:
@@ -433,7 +446,7 @@ def _backward(spec: OpSpec, dy: Tensor, x: Tensor, mean: np.ndarray, rstd: np.nd
     direction = "backward" if batch_stats else "backward_infer"
     if plain and act is None and dy.is_contiguous() and dy.dtype == x.dtype and dy.shape == x.shape:
         kernel = registry.lookup_address(spec.name, direction, _KERNEL_DTYPES[x.dtype], backend)
-        if kernel is not None and not _negative(dy, x, weight):
+        if kernel is not None and _float32_params(x, weight) and not _negative(dy, x, weight):
             return _backward_by_address(kernel, spec, dy, x, mean, rstd, weight, groups, kshape, pshape, weight_grad,
                                         bias_grad)
     if plain and dy.is_contiguous():
