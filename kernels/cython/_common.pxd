@@ -959,9 +959,12 @@ cdef extern from *:
         __m256i h = _mm256_loadu_si256((const __m256i*)p);
         return fmt == 1 ? _mm512_cvtph_ps(h) : _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
     }
-    #define NORMKIT_PASS_VARS __m512 vx, vdy, v;
-    #define NORMKIT_STEP16(PX, PDY, PO, VALUE)                                                        \
-        vx = normkit_load16(PX, fmt); vdy = (PDY) ? normkit_load16(PDY, fmt) : vx; v = VALUE;         \
+    #define NORMKIT_LOADU _mm512_loadu_ps
+    #define NORMKIT_MUL _mm512_mul_ps
+    #define NORMKIT_LOAD_DATA normkit_load16
+    #define NORMKIT_STEP_VARS __m512 v;
+    /* v (16 lanes) rounded to 16 bits, flagged as NORMKIT_STORE16 does, and stored at PO */
+    #define NORMKIT_STORE_V(PO)                                                                       \
         if (fmt) {                                                                                    \
             h = _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT);                                        \
             bad = _mm256_or_si256(bad, _mm256_cmpeq_epi16(_mm256_and_si256(h, top), top));           \
@@ -969,16 +972,25 @@ cdef extern from *:
             NORMKIT_BF16_ROUND512(v)                                                                  \
         }                                                                                             \
         _mm256_storeu_si256((__m256i*)(PO), h);
+    #define NORMKIT_STEP16(PX, PDY, PO, VALUE)                                                        \
+        vx = normkit_load16(PX, fmt); vdy = (PDY) ? normkit_load16(PDY, fmt) : vx; v = VALUE;         \
+        NORMKIT_STORE_V(PO)
+    /* a step of 16 values of a per-value expression E(o) of the values at offset o */
+    #define NORMKIT_STEP16_AT(PO, E) v = E(0); NORMKIT_STORE_V(PO)
     #else
     #define NORMKIT_VEC __m256
     #define NORMKIT_SET1 _mm256_set1_ps
     #define NORMKIT_SUB _mm256_sub_ps
     #define NORMKIT_FMADD _mm256_fmadd_ps
-    #define NORMKIT_PASS_VARS __m256 vx, vdy, v0, v1;
+    #define NORMKIT_LOADU _mm256_loadu_ps
+    #define NORMKIT_MUL _mm256_mul_ps
+    #define NORMKIT_LOAD_DATA normkit_load8
+    #define NORMKIT_STEP_VARS __m256 v0, v1;
     #define NORMKIT_STEP16(PX, PDY, PO, VALUE)                                                        \
         vx = normkit_load8(PX, fmt); vdy = (PDY) ? normkit_load8(PDY, fmt) : vx; v0 = VALUE;          \
         vx = normkit_load8((PX) + 8, fmt); vdy = (PDY) ? normkit_load8((PDY) + 8, fmt) : vx; v1 = VALUE; \
         NORMKIT_STORE16(PO)
+    #define NORMKIT_STEP16_AT(PO, E) v0 = E(0); v1 = E(8); NORMKIT_STORE16(PO)
     #endif
     #define NORMKIT_OVERLAP(P, Q, n) ((uintptr_t)(P) < (uintptr_t)((Q) + (n)) && (uintptr_t)(Q) < (uintptr_t)((P) + (n)))
     /* NAME(dy, x, out, n, fmt, PARAMS): out = VALUE of vx (x) and vdy (dy, or x where dy is NULL), 16 values a step.
@@ -990,7 +1002,8 @@ cdef extern from *:
         static inline __attribute__((always_inline)) int NAME##_loop(                                 \
                 const uint16_t* dy, const uint16_t* x, uint16_t* out, Py_ssize_t n, int fmt PARAMS) { \
             NORMKIT_STORE16_VARS                                                                      \
-            NORMKIT_PASS_VARS                                                                         \
+            NORMKIT_STEP_VARS                                                                         \
+            NORMKIT_VEC vx, vdy;                                                                      \
             uint16_t tdy[16] = {0}, tx[16] = {0}, to[16];                                             \
             Py_ssize_t i = 0;                                                                         \
             SETUP                                                                                     \
@@ -1030,29 +1043,29 @@ cdef extern from *:
        (N, C*S) rows when S is small): y = (x - m) * a + c, and dx = a * dy + b * (x - m) + c (training) or a * dy,
        with m, a, b, c arrays of n floats. Flags and result as NORMKIT_PASS16's; the last n % 16 values through
        zero-padded buffers. */
-    #define NORMKIT_COLS8(DY, X, M, A, B, C, MODE)                                                    \
-        ((MODE) == 0 ? _mm256_fmadd_ps(_mm256_sub_ps(normkit_load8(X, fmt), _mm256_loadu_ps(M)),     \
-                                       _mm256_loadu_ps(A), _mm256_loadu_ps(C))                        \
-         : (MODE) == 1 ? _mm256_fmadd_ps(_mm256_loadu_ps(A), normkit_load8(DY, fmt),                  \
-                                         _mm256_fmadd_ps(_mm256_loadu_ps(B),                          \
-                                                         _mm256_sub_ps(normkit_load8(X, fmt),         \
-                                                                       _mm256_loadu_ps(M)),           \
-                                                         _mm256_loadu_ps(C)))                         \
-         : _mm256_mul_ps(_mm256_loadu_ps(A), normkit_load8(DY, fmt)))
+    #define NORMKIT_COLS(DY, X, M, A, B, C, MODE)                                                     \
+        ((MODE) == 0 ? NORMKIT_FMADD(NORMKIT_SUB(NORMKIT_LOAD_DATA(X, fmt), NORMKIT_LOADU(M)),        \
+                                     NORMKIT_LOADU(A), NORMKIT_LOADU(C))                              \
+         : (MODE) == 1 ? NORMKIT_FMADD(NORMKIT_LOADU(A), NORMKIT_LOAD_DATA(DY, fmt),                  \
+                                       NORMKIT_FMADD(NORMKIT_LOADU(B),                                \
+                                                     NORMKIT_SUB(NORMKIT_LOAD_DATA(X, fmt), NORMKIT_LOADU(M)), \
+                                                     NORMKIT_LOADU(C)))                               \
+         : NORMKIT_MUL(NORMKIT_LOADU(A), NORMKIT_LOAD_DATA(DY, fmt)))
     /* mode 0 affine (dy unused), 1 training gradient, 2 inference gradient (x, m, b, c unused) */
     static inline __attribute__((always_inline)) int normkit_cols16_loop(
             const uint16_t* dy, const uint16_t* x, uint16_t* out, Py_ssize_t n, int fmt, const float* m,
             const float* a, const float* b, const float* c, int mode) {
         NORMKIT_STORE16_VARS
-        __m256 v0, v1;
+        NORMKIT_STEP_VARS
         uint16_t tdy[16] = {0}, tx[16] = {0}, to[16];
         float tm[16] = {0}, ta[16] = {0}, tb[16] = {0}, tc[16] = {0};
         Py_ssize_t i = 0;
         size_t k;
+        #define NORMKIT_COLS_AT(o) NORMKIT_COLS(dy + i + (o), x + i + (o), m + i + (o), a + i + (o), b + i + (o), \
+                                                c + i + (o), mode)
+        #define NORMKIT_COLS_TAIL(o) NORMKIT_COLS(tdy + (o), tx + (o), tm + (o), ta + (o), tb + (o), tc + (o), mode)
         for (; i + 16 <= n; i += 16) {
-            v0 = NORMKIT_COLS8(dy + i, x + i, m + i, a + i, b + i, c + i, mode);
-            v1 = NORMKIT_COLS8(dy + i + 8, x + i + 8, m + i + 8, a + i + 8, b + i + 8, c + i + 8, mode);
-            NORMKIT_STORE16(out + i)
+            NORMKIT_STEP16_AT(out + i, NORMKIT_COLS_AT)
         }
         if (i < n) {
             k = (size_t)(n - i);
@@ -1064,11 +1077,11 @@ cdef extern from *:
                 memcpy(tc, c + i, k * 4);
             }
             if (mode == 1) memcpy(tb, b + i, k * 4);
-            v0 = NORMKIT_COLS8(tdy, tx, tm, ta, tb, tc, mode);
-            v1 = NORMKIT_COLS8(tdy + 8, tx + 8, tm + 8, ta + 8, tb + 8, tc + 8, mode);
-            NORMKIT_STORE16(to)
+            NORMKIT_STEP16_AT(to, NORMKIT_COLS_TAIL)
             memcpy(out + i, to, k * 2);
         }
+        #undef NORMKIT_COLS_TAIL
+        #undef NORMKIT_COLS_AT
         return NORMKIT_ALL_FINITE;
     }
 
