@@ -961,6 +961,7 @@ cdef extern from *:
     }
     #define NORMKIT_LOADU _mm512_loadu_ps
     #define NORMKIT_MUL _mm512_mul_ps
+    #define NORMKIT_ADD _mm512_add_ps
     #define NORMKIT_LOAD_DATA normkit_load16
     #define NORMKIT_STEP_VARS __m512 v;
     /* v (16 lanes) rounded to 16 bits, flagged as NORMKIT_STORE16 does, and stored at PO */
@@ -984,6 +985,7 @@ cdef extern from *:
     #define NORMKIT_FMADD _mm256_fmadd_ps
     #define NORMKIT_LOADU _mm256_loadu_ps
     #define NORMKIT_MUL _mm256_mul_ps
+    #define NORMKIT_ADD _mm256_add_ps
     #define NORMKIT_LOAD_DATA normkit_load8
     #define NORMKIT_STEP_VARS __m256 v0, v1;
     #define NORMKIT_STEP16(PX, PDY, PO, VALUE)                                                        \
@@ -1262,13 +1264,12 @@ cdef extern from *:
        passes return whether every output is finite (NORMKIT_ALL_FINITE); all return -1 where they do not apply
        (float16 without F16C, or the baseline build), then the callers go tile by tile. */
     #if defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
-    /* 8 values of y from v (x, or x + res), as _row_y computes them (centered: b is read; else NULL) */
-    static inline __m256 normkit_row_y8(__m256 v, const float* w, const float* b, int centered, __m256 m,
-                                        __m256 rs, __m256 c0) {
+    /* a register of y from v (x, or x + res), as _row_y computes them (centered: b is read; else NULL) */
+    static inline NORMKIT_VEC normkit_row_y(NORMKIT_VEC v, const float* w, const float* b, int centered,
+                                            NORMKIT_VEC m, NORMKIT_VEC rs, NORMKIT_VEC c0) {
         if (centered)
-            return _mm256_fmadd_ps(_mm256_fmadd_ps(_mm256_sub_ps(v, m), rs, c0), _mm256_loadu_ps(w),
-                                   _mm256_loadu_ps(b));
-        return _mm256_mul_ps(_mm256_mul_ps(v, rs), _mm256_loadu_ps(w));
+            return NORMKIT_FMADD(NORMKIT_FMADD(NORMKIT_SUB(v, m), rs, c0), NORMKIT_LOADU(w), NORMKIT_LOADU(b));
+        return NORMKIT_MUL(NORMKIT_MUL(v, rs), NORMKIT_LOADU(w));
     }
 
     /* has_r, centered and fmt are constants in each call from normkit_row_y16, so that every combination is a loop
@@ -1277,34 +1278,32 @@ cdef extern from *:
             const uint16_t* x, const uint16_t* r, uint16_t* y, Py_ssize_t n, const float* w, const float* b,
             float mean, float rstd, float c0, int has_r, int centered, int fmt) {
         NORMKIT_STORE16_VARS
-        const __m256 m = _mm256_set1_ps(mean), rs = _mm256_set1_ps(rstd), c = _mm256_set1_ps(c0);
-        __m256 v0, v1;
+        NORMKIT_STEP_VARS
+        const NORMKIT_VEC m = NORMKIT_SET1(mean), rs = NORMKIT_SET1(rstd), c = NORMKIT_SET1(c0);
         uint16_t tx[16] = {0}, tr[16] = {0}, to[16];
         float tw[16] = {0}, tb[16] = {0};
         Py_ssize_t i = 0;
-        #define NORMKIT_Y16(X, R, W, B)                                                                   \
-            v0 = normkit_load8(X, fmt);                                                                   \
-            v1 = normkit_load8((X) + 8, fmt);                                                             \
-            if (has_r) {                                                                                  \
-                v0 = _mm256_add_ps(v0, normkit_load8(R, fmt));                                            \
-                v1 = _mm256_add_ps(v1, normkit_load8((R) + 8, fmt));                                      \
-            }                                                                                             \
-            v0 = normkit_row_y8(v0, W, centered ? (B) : NULL, centered, m, rs, c);                        \
-            v1 = normkit_row_y8(v1, (W) + 8, centered ? (B) + 8 : NULL, centered, m, rs, c);
+        /* the register of y at offset o from X (+ R), W, B */
+        #define NORMKIT_Y(X, R, W, B, o)                                                                  \
+            normkit_row_y(has_r ? NORMKIT_ADD(NORMKIT_LOAD_DATA((X) + (o), fmt), NORMKIT_LOAD_DATA((R) + (o), fmt)) \
+                                : NORMKIT_LOAD_DATA((X) + (o), fmt),                                      \
+                          (W) + (o), centered ? (B) + (o) : NULL, centered, m, rs, c)
+        #define NORMKIT_Y_AT(o) NORMKIT_Y(x + i, r + i, w + i, b + i, o)
+        #define NORMKIT_Y_TAIL(o) NORMKIT_Y(tx, tr, tw, tb, o)
         for (; i + 16 <= n; i += 16) {
-            NORMKIT_Y16(x + i, r + i, w + i, b + i)
-            NORMKIT_STORE16(y + i)
+            NORMKIT_STEP16_AT(y + i, NORMKIT_Y_AT)
         }
         if (i < n) {  /* through zero-padded buffers (whose lanes give 0, or are flagged and cost a double pass) */
             memcpy(tx, x + i, (size_t)(n - i) * 2);
             memcpy(tw, w + i, (size_t)(n - i) * 4);
             if (centered) memcpy(tb, b + i, (size_t)(n - i) * 4);
             if (has_r) memcpy(tr, r + i, (size_t)(n - i) * 2);
-            NORMKIT_Y16(tx, tr, tw, tb)
-            NORMKIT_STORE16(to)
+            NORMKIT_STEP16_AT(to, NORMKIT_Y_TAIL)
             memcpy(y + i, to, (size_t)(n - i) * 2);
         }
-        #undef NORMKIT_Y16
+        #undef NORMKIT_Y_TAIL
+        #undef NORMKIT_Y_AT
+        #undef NORMKIT_Y
         return NORMKIT_ALL_FINITE;
     }
 
@@ -1314,37 +1313,36 @@ cdef extern from *:
             const uint16_t* dy, const uint16_t* dh, const uint16_t* x, uint16_t* dx, Py_ssize_t n, const float* w,
             float mean, float rstd, float cb, float cc, int has_dh, int fmt) {
         NORMKIT_STORE16_VARS
-        const __m256 m = _mm256_set1_ps(mean), rs = _mm256_set1_ps(rstd);
-        const __m256 b = _mm256_set1_ps(cb), c = _mm256_set1_ps(cc);
-        __m256 v0, v1;
+        NORMKIT_STEP_VARS
+        const NORMKIT_VEC m = NORMKIT_SET1(mean), rs = NORMKIT_SET1(rstd);
+        const NORMKIT_VEC b = NORMKIT_SET1(cb), c = NORMKIT_SET1(cc);
         uint16_t tdy[16] = {0}, tdh[16] = {0}, tx[16] = {0}, to[16];
         float tw[16] = {0};
         Py_ssize_t i = 0;
-        #define NORMKIT_DX8(DY, DH, X, W)                                                                 \
-            _mm256_fmadd_ps(_mm256_mul_ps(rs, _mm256_loadu_ps(W)), normkit_load8(DY, fmt),                \
-                            _mm256_fmadd_ps(b, _mm256_sub_ps(normkit_load8(X, fmt), m), c))
-        #define NORMKIT_DX16(DY, DH, X, W)                                                                \
-            v0 = NORMKIT_DX8(DY, DH, X, W);                                                               \
-            v1 = NORMKIT_DX8((DY) + 8, (DH) + 8, (X) + 8, (W) + 8);                                       \
-            if (has_dh) {                                                                                 \
-                v0 = _mm256_add_ps(v0, normkit_load8(DH, fmt));                                           \
-                v1 = _mm256_add_ps(v1, normkit_load8((DH) + 8, fmt));                                     \
-            }
+        /* the register of dx at offset o (the 8-lane build's order of operations: dh added last) */
+        #define NORMKIT_DX0(DY, X, W, o)                                                                  \
+            NORMKIT_FMADD(NORMKIT_MUL(rs, NORMKIT_LOADU((W) + (o))), NORMKIT_LOAD_DATA((DY) + (o), fmt),  \
+                          NORMKIT_FMADD(b, NORMKIT_SUB(NORMKIT_LOAD_DATA((X) + (o), fmt), m), c))
+        #define NORMKIT_DX(DY, DH, X, W, o)                                                               \
+            (has_dh ? NORMKIT_ADD(NORMKIT_DX0(DY, X, W, o), NORMKIT_LOAD_DATA((DH) + (o), fmt))          \
+                    : NORMKIT_DX0(DY, X, W, o))
+        #define NORMKIT_DX_AT(o) NORMKIT_DX(dy + i, dh + i, x + i, w + i, o)
+        #define NORMKIT_DX_TAIL(o) NORMKIT_DX(tdy, tdh, tx, tw, o)
         for (; i + 16 <= n; i += 16) {
-            NORMKIT_DX16(dy + i, dh + i, x + i, w + i)
-            NORMKIT_STORE16(dx + i)
+            NORMKIT_STEP16_AT(dx + i, NORMKIT_DX_AT)
         }
         if (i < n) {  /* through zero-padded buffers, as normkit_row_y16_loop */
             memcpy(tdy, dy + i, (size_t)(n - i) * 2);
             memcpy(tx, x + i, (size_t)(n - i) * 2);
             memcpy(tw, w + i, (size_t)(n - i) * 4);
             if (has_dh) memcpy(tdh, dh + i, (size_t)(n - i) * 2);
-            NORMKIT_DX16(tdy, tdh, tx, tw)
-            NORMKIT_STORE16(to)
+            NORMKIT_STEP16_AT(to, NORMKIT_DX_TAIL)
             memcpy(dx + i, to, (size_t)(n - i) * 2);
         }
-        #undef NORMKIT_DX16
-        #undef NORMKIT_DX8
+        #undef NORMKIT_DX_TAIL
+        #undef NORMKIT_DX_AT
+        #undef NORMKIT_DX
+        #undef NORMKIT_DX0
         return NORMKIT_ALL_FINITE;
     }
 
