@@ -897,11 +897,12 @@ cdef extern from *:
        rounding is not a finite bfloat16 (NaN, inf, or beyond the largest finite one, |bits| > 0x7F7F7FFF) is
        flagged in big instead, and the callers redo those runs in double; float16 flags non-finite outputs in bad.
        NORMKIT_ALL_FINITE says whether nothing was flagged.
-       The x86-64-v4 build rounds bfloat16 in one 16-lane register, half the instructions of two 8-lane ones (the
-       same bits): these loops are bound by their instruction count, and bfloat16 ran at 60% of float16's speed,
-       now at 80% ((4, 64, 4096) BatchNorm inference, one thread: 8.0 -> 10.8 values/ns, float16 13.4).
-       AVX512-BF16's VCVTNEPS2BF16 in 8-lane registers gave 8.4: it reads float32 subnormals as zero, so every
-       value has to be tested for one, which costs what the instruction saves. */
+       These loops are bound by their instruction count: with two 8-lane registers bfloat16 ran at 60% of float16's
+       speed ((4, 64, 4096) BatchNorm inference, one thread: 8.0 against 13.4 values/ns). The x86-64-v4 build
+       rounds bfloat16 in one 16-lane register (the same bits; 10.8), and the loops that can run a whole step in
+       one 16-lane register do (NORMKIT_STEP16 below; 14.6, float16 17.8). AVX512-BF16's VCVTNEPS2BF16 in 8-lane
+       registers gave 8.4: it reads float32 subnormals as zero, so every value has to be tested for one, which
+       costs what the instruction saves. */
     #define NORMKIT_STORE16_VARS                                                                      \
         const __m256i top = _mm256_set1_epi16(0x7C00);                                                \
         __m256i h, bad = _mm256_setzero_si256();                                                      \
