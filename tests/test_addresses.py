@@ -227,7 +227,8 @@ def test_torch_goes_by_address_exactly_where_it_may(address_spy):
         _run_all(dtype)
         assert addr() == everything, dtype
         assert not [k for k in address_spy if k[-1] != ADDRESS], dtype  # nothing else was needed
-    for kwargs in ({"dtype": torch.bfloat16, "params16": True}, {"activation": "relu"}):
+    for kwargs in ({"dtype": torch.bfloat16, "params16": True}, {"activation": "relu"},
+                   {"dtype": torch.bfloat16, "params16": True, "channels_last": True}):
         address_spy.clear()
         _run_all(**kwargs)
         assert address_spy and not addr(), kwargs  # the array kernels, as before
