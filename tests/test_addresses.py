@@ -290,6 +290,10 @@ def test_negative_views_are_not_read_by_address():
     xr = (-x).requires_grad_()
     F.batch_norm(xr, None, None, w[:4], b[:4], True).backward(dy)
     torch.testing.assert_close(xg.grad, xr.grad)
+    xg, xr = x.clone().requires_grad_(), x.clone().requires_grad_()  # a negative grad_output
+    nt.layer_norm(xg, (5,), w, b).backward(neg(dy))
+    F.layer_norm(xr, (5,), w, b).backward(-dy)
+    torch.testing.assert_close(xg.grad, xr.grad)
 
 
 def test_list_shows_the_address_kernels():

@@ -126,15 +126,17 @@ def _plain(x: Tensor, pshape: tuple, *tensors) -> bool:
     """Whether a call is the common case, which the eager path runs in the fewest Python steps: ``x`` (of type
     exactly ``torch.Tensor``: the caller checks, before it takes ``pshape`` from x's shape) a contiguous CPU tensor
     of a kernel dtype with values, and every other tensor None or a contiguous CPU tensor of shape ``pshape`` and
-    x's dtype (for 16-bit x: all of them x's dtype or all float32, autocast's case). What it accepts the checks
-    accept, so it stands for them; anything else takes the general path, whose checks name what is wrong.
+    x's dtype (for 16-bit x: all of them x's dtype or all float32, autocast's case), none of them a negative view
+    (``torch._neg_view``, whose memory holds the values' negatives: an address kernel would read them as they are).
+    What it accepts the checks accept, so it stands for them; anything else takes the general path, whose checks
+    name what is wrong (and whose NumPy views resolve negative views).
 
     Why it matters: in a model each norm call comes right after a convolution or a matmul that has evicted the
     interpreter's data from the caches, and there every Python step of the general path costs several µs (a
     BatchNorm2d eval call at (32, 128, 7, 7) right after a convolution paid ~70 µs of Python where a loop of calls
     pays ~10; ``python benchmarks/test_overhead.py``, its last table, times calls in that context)."""
     dtype = x.dtype
-    if dtype not in _KERNEL_DTYPES or not x.is_cpu or not x.is_contiguous() or not x.numel():
+    if dtype not in _KERNEL_DTYPES or not x.is_cpu or not x.is_contiguous() or not x.numel() or x.is_neg():
         return False
     if dtype in _HALF:  # the parameters' dtype: of the first one given, x's or float32
         for t in tensors:
@@ -145,7 +147,7 @@ def _plain(x: Tensor, pshape: tuple, *tensors) -> bool:
             return False
     for t in tensors:
         if t is not None and not (isinstance(t, Tensor) and t.dtype == dtype and t.shape == pshape and t.is_cpu
-                                  and t.is_contiguous()):
+                                  and t.is_contiguous() and not t.is_neg()):
             return False
     return True
 
@@ -294,8 +296,8 @@ def _forward(spec: OpSpec, x: Tensor, weight, bias, eps: float, groups: int, ksh
     if plain:
         if act is None and (running_mean is None or not save):
             kernel = registry.lookup_address(spec.name, direction, _KERNEL_DTYPES[x.dtype], backend)
-            if kernel is not None and _float32_params(x, weight, bias, running_mean, running_var) and \
-                    not _negative(x, weight, bias, running_mean, running_var):
+            if kernel is not None and (x.dtype not in _HALF or _float32_params(x, weight, bias, running_mean,
+                                                                               running_var)):
                 return _forward_by_address(kernel, spec, x, weight, bias, eps, groups, kshape, running_mean,
                                            running_var)
         kernel = registry.lookup(spec.name, direction, _KERNEL_DTYPES[x.dtype], backend)[1] if act is None else \
@@ -390,7 +392,8 @@ def _columns_by_address(spec: OpSpec, direction: str, x: Tensor, backend, act, *
 def _float32_params(x: Tensor, *tensors) -> bool:
     """Whether the parameters and running statistics (None: absent) are what an address kernel reads for x: for
     16-bit x float32 (autocast's case; a 16-bit parameter takes the kernel on arrays, which converts it), for
-    others x's dtype, which _plain checked."""
+    others x's dtype, which _plain checked (the callers test ``x.dtype in _HALF`` first: a call costs µs in a
+    model, see _plain)."""
     if x.dtype in _HALF:
         for t in tensors:
             if t is not None and t.dtype != torch.float32:
@@ -446,7 +449,7 @@ def _backward(spec: OpSpec, dy: Tensor, x: Tensor, mean: np.ndarray, rstd: np.nd
     direction = "backward" if batch_stats else "backward_infer"
     if plain and act is None and dy.is_contiguous() and dy.dtype == x.dtype and dy.shape == x.shape:
         kernel = registry.lookup_address(spec.name, direction, _KERNEL_DTYPES[x.dtype], backend)
-        if kernel is not None and _float32_params(x, weight) and not _negative(dy, x, weight):
+        if kernel is not None and not dy.is_neg() and (x.dtype not in _HALF or _float32_params(x, weight)):
             return _backward_by_address(kernel, spec, dy, x, mean, rstd, weight, groups, kshape, pshape, weight_grad,
                                         bias_grad)
     if plain and dy.is_contiguous():
@@ -994,7 +997,8 @@ def _channel(spec: OpSpec, custom_op, input, running_mean, running_var, weight, 
              backend, act):
     op = spec.name
     x = input
-    plain = (type(x) is Tensor and x.dim() >= 2 and type(eps) is float
+    compiling = _is_compiling()  # first: _plain's looks are eager-only
+    plain = (not compiling and type(x) is Tensor and x.dim() >= 2 and type(eps) is float
              and (running_mean is None) is (running_var is None)
              and _plain(x, (x.shape[1],), weight, bias, running_mean, running_var))
     if plain:
@@ -1004,26 +1008,30 @@ def _channel(spec: OpSpec, custom_op, input, running_mean, running_var, weight, 
         weight, bias = _params(op, x, (x.shape[1],), weight, bias)
         has_running = _running(op, x, running_mean, running_var, weight, bias)
         eps = _eps(op, eps)
-    c = x.shape[1]
+    shape = x.shape
+    n, c = shape[0], shape[1]
+    s = x.numel() // (n * c) if plain else math.prod(shape[2:])  # plain: values, so n, c > 0
     if batch_stats:
-        count = checks.stats_count(op, x.shape, per_instance=spec.sets == "instance")
+        count = s if spec.sets == "instance" else n * s
+        if count == 1:
+            checks.stats_count(op, shape, per_instance=spec.sets == "instance")  # raises torch's error
     elif not has_running:
         raise checks.missing_running(op, spec.training_flag)
     else:
         count = 0
     update = has_running and batch_stats
-    if update:
+    if update and type(momentum) is not float:
         momentum = checks.momentum(op, momentum, strict=False)
-    if not x.numel():  # torch: no statistics to take; the running ones stay as they are
+    if not plain and not x.numel():  # torch: no statistics to take; the running ones stay as they are
         update = False
-    if _is_compiling():
+    if compiling:
         if update:
             y, mean, rstd = custom_op(x, weight, bias, None, None, True, eps, backend, *_op_args(act))
             _update_running_traced(running_mean, running_var, mean, rstd, eps, count, momentum)
             return y
         return custom_op(x, weight, bias, running_mean, running_var, batch_stats, eps, backend, *_op_args(act))[0]
-    call = _Call(spec, eps, 0, (x.shape[0], c, math.prod(x.shape[2:])), (c,), running_mean, running_var, batch_stats,
-                 update, count, momentum, backend, act, plain)
+    call = _Call(spec, eps, 0, (n, c, s), (c,), running_mean, running_var, batch_stats, update, count, momentum,
+                 backend, act, plain)
     return _run(call, x, weight, bias)
 
 
@@ -1064,19 +1072,22 @@ def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5, *, backend=N
                negative_slope=0.01):
     op = "groupnorm"
     x = input
-    plain = type(x) is Tensor and x.dim() >= 2 and type(eps) is float and _plain(x, (x.shape[1],), weight, bias)
+    compiling = _is_compiling()  # first: _plain's looks are eager-only
+    plain = not compiling and type(x) is Tensor and x.dim() >= 2 and type(eps) is float and \
+        _plain(x, (x.shape[1],), weight, bias)
     if not plain:
         x = _input(op, input)
-    c = x.shape[1]
+    shape = x.shape
+    n, c = shape[0], shape[1]
     groups = num_groups if type(num_groups) is int and num_groups > 0 and not c % num_groups else \
         checks.num_groups(op, num_groups, c)
     if not plain:
         weight, bias = _params(op, x, (c,), weight, bias)
         eps = _eps(op, eps)
-    act = _act(op, activation, negative_slope)
-    if _is_compiling():
+    act = None if activation is None else _act(op, activation, negative_slope)
+    if compiling:
         return _group_norm(x, groups, weight, bias, eps, backend, *_op_args(act))[0]
-    kshape = (x.shape[0], c, math.prod(x.shape[2:]))
+    kshape = (n, c, x.numel() // (n * c) if plain else math.prod(shape[2:]))  # plain: values, so n, c > 0
     return _run(_Call(_GN, eps, groups, kshape, (c,), None, None, True, False, 0, 0.0, backend, act, plain), x,
                 weight, bias)
 
@@ -1108,15 +1119,16 @@ def _row_input(op: str, input, normalized_shape) -> tuple[Tensor, tuple]:
 def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5, *, backend=None, activation=None,
                negative_slope=0.01):
     op = "layernorm"
-    plain = _row_plain(input, normalized_shape, eps, weight, bias)
+    compiling = _is_compiling()  # first: _plain's looks are eager-only
+    plain = not compiling and _row_plain(input, normalized_shape, eps, weight, bias)
     if plain:
         x, shape = input, normalized_shape
     else:
         x, shape = _row_input(op, input, normalized_shape)
         weight, bias = _params(op, x, shape, weight, bias)
         eps = _eps(op, eps)
-    act = _act(op, activation, negative_slope)
-    if _is_compiling():
+    act = None if activation is None else _act(op, activation, negative_slope)
+    if compiling:
         return _layer_norm(x, list(shape), weight, bias, eps, backend, *_op_args(act))[0]
     kshape = _kernel_shape(_LN, x.shape, len(shape))
     return _run(_Call(_LN, eps, 0, kshape, shape, None, None, True, False, 0, 0.0, backend, act, plain), x, weight,
@@ -1134,14 +1146,15 @@ def _rms_eps(x: Tensor, eps) -> float:
 def rms_norm(input, normalized_shape, weight=None, eps=None, *, backend=None):
     """:func:`torch.nn.functional.rms_norm` computed by normkit (``eps=None``: the dtype's machine epsilon)."""
     op = "rmsnorm"
-    plain = _row_plain(input, normalized_shape, 0.0 if eps is None else eps, weight)
+    compiling = _is_compiling()  # first: _plain's looks are eager-only
+    plain = not compiling and _row_plain(input, normalized_shape, 0.0 if eps is None else eps, weight)
     if plain:
         x, shape = input, normalized_shape
     else:
         x, shape = _row_input(op, input, normalized_shape)
         weight, _ = _params(op, x, shape, weight, None)
     eps = _rms_eps(x, eps)
-    if _is_compiling():
+    if compiling:
         return _rms_norm(x, list(shape), weight, eps, backend)[0]
     kshape = _kernel_shape(_RMS, x.shape, len(shape))
     return _run(_Call(_RMS, eps, 0, kshape, shape, None, None, True, False, 0, 0.0, backend, None, plain), x, weight,
