@@ -23,7 +23,7 @@ from typing import Callable, Mapping, Sequence
 
 from .contract import (
     ADDRESS, ADDRESS_DTYPES, CHANNEL_OPS, CONTRACT_VERSION, DEFAULT_DTYPES, DIRECTIONS, DTYPES, LAYOUT_DTYPES,
-    LAYOUTS, NCHW, NHWC, OPS,
+    LAYOUTS, NCHW, NHWC, OPS, SPECS,
 )
 
 GROUP = "normkit.backends"
@@ -406,10 +406,17 @@ def lookup(op: str, direction: str, dtype: str, backend: str | None = None,
     return result
 
 
-def lookup_address(op: str, direction: str, dtype: str, backend: str | None = None) -> Callable | None:
+def lookup_address(op: str, direction: str, dtype: str, backend: str | None = None,
+                   layout: str = NCHW) -> Callable | None:
     """The address kernel (:mod:`normkit.contract`) of the backend that ``lookup(op, direction, dtype, backend)``
-    picks, or None when that backend has none. Raises what :func:`lookup` raises; cached as it is."""
-    hit = _lookup_cache.get((op, direction, dtype, backend, ADDRESS))
+    picks, or None when that backend has none. Raises what :func:`lookup` raises; cached as it is.
+
+    ``layout="nhwc"``: the address kernel to run on the (N*S, C, 1) columns view of channels-last data
+    (:func:`normkit.contract.on_columns`: the same memory), or None: for a direction that is not per-channel, or
+    when ``lookup(op, direction, dtype, backend, "nhwc")`` picks another backend (its own channels-last kernel
+    runs)."""
+    tail = ADDRESS if layout == NCHW else (ADDRESS, layout)
+    hit = _lookup_cache.get((op, direction, dtype, backend, tail))
     if hit is not None and (hit[1] is _ANY_ENV or hit[1] == _env_backend()):
         return hit[0]
     name = lookup(op, direction, dtype, backend)[0]
@@ -420,7 +427,14 @@ def lookup_address(op: str, direction: str, dtype: str, backend: str | None = No
         spec = _load_spec(entry)
         kernels = _load_kernels(entry) if spec is not None and key in spec.declared_addresses() else None
     result = None if kernels is None else kernels[key]
-    _lookup_cache[(op, direction, dtype, backend, ADDRESS)] = (result, env)
+    if layout != NCHW and result is not None:
+        if not SPECS[op].per_channel(direction):
+            result = None
+        else:
+            own = lookup(op, direction, dtype, backend, layout)
+            if own is not None and own[0] != name:
+                result = None
+    _lookup_cache[(op, direction, dtype, backend, tail)] = (result, env)
     return result
 
 

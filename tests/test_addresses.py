@@ -94,6 +94,18 @@ def test_lookup_address_follows_the_backend_lookup_picks(register):
         registry.lookup_address("pixelnorm", "forward", "float32")
 
 
+def test_lookup_address_for_channels_last_data_is_the_columns_kernel():
+    """layout="nhwc": the NCHW address kernel of a per-channel direction (run on the (N*S, C, 1) columns view),
+    None for the other directions."""
+    for op, direction in (("batchnorm", "forward"), ("batchnorm", "backward"), ("instancenorm", "forward_infer")):
+        assert registry.lookup_address(op, direction, "float32", "cython", "nhwc") is \
+            CYTHON[(op, direction, "float32", ADDRESS)]
+    for op, direction in (("groupnorm", "forward"), ("instancenorm", "forward"), ("layernorm", "forward")):
+        assert CYTHON[(op, direction, "float32", ADDRESS)] is not None
+        assert registry.lookup_address(op, direction, "float32", "cython", "nhwc") is None
+    assert registry.lookup_address("batchnorm", "forward", "float32", "reference", "nhwc") is None
+
+
 @pytest.mark.parametrize("key, args, match", [
     (("groupnorm", "forward", "float32"), lambda x, y, s: (1, 6, 5, x, 4, 0, 0, 1e-5, y, s((1, 4)), s((1, 4))),
      "groups 4"),

@@ -352,7 +352,7 @@ def test_plain_calls_take_the_short_path_and_agree_with_the_general_one(case, dt
 
     taken = []
     plain = functional._plain
-    monkeypatch.setattr(functional, "_plain", lambda *a: taken.append(plain(*a)) or taken[-1])
+    monkeypatch.setattr(functional, "_plain", lambda *a, **k: taken.append(plain(*a, **k)) or taken[-1])
     shape, call = PLAIN_CALLS[case]
     g = torch.Generator().manual_seed(0)
     x, dy = (torch.randn(shape, generator=g).to(dtype) for _ in range(2))
@@ -369,6 +369,40 @@ def test_plain_calls_take_the_short_path_and_agree_with_the_general_one(case, dt
     assert taken[0] and not any(taken[1:])  # the first call was plain, the strided one not
     for name, a, e in zip(("y", "dx", "dweight", "dbias", "running_mean", "running_var"), *results):
         assert e is None and a is None or torch.equal(a, e), name
+
+
+@pytest.mark.parametrize("dtype, pdtype", PLAIN_DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+@pytest.mark.parametrize("case", [c for c in PLAIN_CALLS if not c.startswith(("layernorm", "rmsnorm"))])
+def test_channels_last_plain_calls_agree_with_the_general_path(case, dtype, pdtype, monkeypatch):
+    """A channels-last input with plain parameters takes the short way too (functional._plain gives
+    _CHANNELS_LAST); the same tensors sent down the general path (_plain made to refuse them) give the same bits,
+    y and dx channels-last."""
+    from normkit.torch import functional
+
+    taken = []
+    plain = functional._plain
+    shape, call = PLAIN_CALLS[case]
+    shape = (shape[0], shape[1], 3, shape[2])
+    g = torch.Generator().manual_seed(0)
+    x, dy = (torch.randn(shape, generator=g).to(dtype).contiguous(memory_format=torch.channels_last)
+             for _ in range(2))
+    c = shape[1]
+    w, b = (torch.rand(c, generator=g) + 0.5).to(pdtype), torch.randn(c, generator=g).to(pdtype)
+    rm, rv = torch.randn(c, generator=g).to(pdtype), (torch.rand(c, generator=g) + 0.5).to(pdtype)
+    results = []
+    for general in (False, True):
+        monkeypatch.setattr(functional, "_plain", lambda *a, **k: 0 if general else taken.append(plain(*a, **k))
+                            or taken[-1])
+        xs, ws, bs = (t.clone(memory_format=torch.preserve_format).requires_grad_() for t in (x, w, b))
+        rms, rvs = rm.clone(), rv.clone()
+        y = call(nt, xs, ws, bs, rms, rvs)
+        y.backward(dy)
+        assert y.is_contiguous(memory_format=torch.channels_last) and not y.is_contiguous()
+        assert xs.grad.is_contiguous(memory_format=torch.channels_last)
+        results.append((y.detach(), xs.grad, ws.grad, bs.grad, rms, rvs))
+    assert taken == [functional._CHANNELS_LAST]
+    for name, a, e in zip(("y", "dx", "dweight", "dbias", "running_mean", "running_var"), *results):
+        assert torch.equal(a, e), name
 
 # --- convert / revert / state_dict -----------------------------------------------------------------------------
 

@@ -122,34 +122,47 @@ def _running(op: str, x: Tensor, running_mean, running_var, weight=None, bias=No
     return True
 
 
-def _plain(x: Tensor, pshape: tuple, *tensors) -> bool:
+# what _plain finds: not plain (0), or plain with x contiguous or channels-last dense
+_CONTIGUOUS, _CHANNELS_LAST = 1, 2
+_CHANNELS_LAST_FORMATS = {4: torch.channels_last, 5: torch.channels_last_3d}
+
+
+def _plain(x: Tensor, pshape: tuple, *tensors, channels_last: bool = False) -> int:
     """Whether a call is the common case, which the eager path runs in the fewest Python steps: ``x`` (of type
     exactly ``torch.Tensor``: the caller checks, before it takes ``pshape`` from x's shape) a contiguous CPU tensor
     of a kernel dtype with values, and every other tensor None or a contiguous CPU tensor of shape ``pshape`` and
     x's dtype (for 16-bit x: all of them x's dtype or all float32, autocast's case), none of them a negative view
     (``torch._neg_view``, whose memory holds the values' negatives: an address kernel would read them as they are).
     What it accepts the checks accept, so it stands for them; anything else takes the general path, whose checks
-    name what is wrong (and whose NumPy views resolve negative views).
+    name what is wrong (and whose NumPy views resolve negative views). Returns 0 (not plain) or _CONTIGUOUS; with
+    ``channels_last`` (the channel ops), an x in ``torch.channels_last`` / ``channels_last_3d`` that is not also
+    contiguous gives _CHANNELS_LAST.
 
     Why it matters: in a model each norm call comes right after a convolution or a matmul that has evicted the
     interpreter's data from the caches, and there every Python step of the general path costs several µs (a
     BatchNorm2d eval call at (32, 128, 7, 7) right after a convolution paid ~70 µs of Python where a loop of calls
     pays ~10; ``python benchmarks/test_overhead.py``, its last table, times calls in that context)."""
     dtype = x.dtype
-    if dtype not in _KERNEL_DTYPES or not x.is_cpu or not x.is_contiguous() or not x.numel() or x.is_neg():
-        return False
+    if dtype not in _KERNEL_DTYPES or not x.is_cpu or not x.numel() or x.is_neg():
+        return 0
+    if x.is_contiguous():
+        plain = _CONTIGUOUS
+    elif channels_last and x.is_contiguous(memory_format=_CHANNELS_LAST_FORMATS.get(x.dim(), _DENSE)):
+        plain = _CHANNELS_LAST
+    else:
+        return 0
     if dtype in _HALF:  # the parameters' dtype: of the first one given, x's or float32
         for t in tensors:
             if isinstance(t, Tensor):
                 dtype = t.dtype
                 break
         if dtype != x.dtype and dtype != torch.float32:
-            return False
+            return 0
     for t in tensors:
         if t is not None and not (isinstance(t, Tensor) and t.dtype == dtype and t.shape == pshape and t.is_cpu
                                   and t.is_contiguous() and not t.is_neg()):
-            return False
-    return True
+            return 0
+    return plain
 
 
 def _check_saved(op: str, dy: Tensor, x: Tensor, mean: Optional[Tensor], rstd: Tensor, stats_shape: tuple) -> None:
@@ -286,14 +299,14 @@ def _act(op: str, activation, negative_slope) -> Optional[tuple[int, float]]:
 
 def _forward(spec: OpSpec, x: Tensor, weight, bias, eps: float, groups: int, kshape: tuple, running_mean,
              running_var, backend, save: bool = True, act=None,
-             plain: bool = False) -> tuple[Tensor, Optional[np.ndarray], Optional[np.ndarray]]:
+             plain: int = 0) -> tuple[Tensor, Optional[np.ndarray], Optional[np.ndarray]]:
     """(y, mean, rstd), the statistics as NumPy arrays: batch statistics when ``running_mean`` is None, else
     normalization by the running ones (then mean and rstd are those, as constants; with ``save=False`` they are
     not made and come back None). ``kshape`` is ``_kernel_shape`` of ``x``; a channels-last x gives a channels-last
-    y. ``act``: None, or the fused activation's (index, slope). ``plain``: the call passed :func:`_plain`, so the
-    layout, copies and 16-bit views need no look."""
+    y. ``act``: None, or the fused activation's (index, slope). ``plain``: what :func:`_plain` gave the call (the
+    checks it stands for, and the layout, need no second look)."""
     direction = "forward" if running_mean is None else "forward_infer"
-    if plain:
+    if plain == _CONTIGUOUS:
         if act is None and (running_mean is None or not save):
             kernel = registry.lookup_address(spec.name, direction, _KERNEL_DTYPES[x.dtype], backend)
             if kernel is not None and (x.dtype not in _HALF or _float32_params(x, weight, bias, running_mean,
@@ -307,9 +320,9 @@ def _forward(spec: OpSpec, x: Tensor, weight, bias, eps: float, groups: int, ksh
             xa, ya = _np(x).reshape(kshape), _writable(y).reshape(kshape)
         else:
             xa, ya = x.numpy(force=True).reshape(kshape), y.numpy().reshape(kshape)
-    elif _is_nhwc(spec, x):
-        kernel = _columns_by_address(spec, direction, x, backend, act, weight, bias, running_mean, running_var) \
-            if running_mean is None or not save else None
+    elif plain or _is_nhwc(spec, x):
+        kernel = _columns_by_address(spec, direction, x, backend, act, plain, weight, bias, running_mean,
+                                     running_var) if running_mean is None or not save else None
         if kernel is not None:  # the (N*S, C, 1) columns are x's own memory: no views to make
             return _forward_by_address(kernel, spec, x, weight, bias, eps, groups, _columns(kshape), running_mean,
                                        running_var, torch.empty_like(x))
@@ -369,24 +382,25 @@ def _columns(kshape: tuple) -> tuple:
     return (kshape[0] * kshape[2], kshape[1], 1)
 
 
-def _columns_by_address(spec: OpSpec, direction: str, x: Tensor, backend, act, *tensors):
+def _columns_by_address(spec: OpSpec, direction: str, x: Tensor, backend, act, plain: int, *tensors):
     """For channels-last ``x``: the address kernel of a per-channel direction, to run on the (N*S, C, 1) columns
-    view (contract.on_columns: the same memory), or None. None without one, with a fused activation, when the
-    backend with channels-last kernels for it is another than the NCHW one (then its own kernel runs), or when a
-    tensor (weight, bias, running statistics) is not contiguous of x's dtype (float32 for 16-bit x) or any is a
-    negative view; the shapes were checked already."""
-    if act is not None or not spec.per_channel(direction):
+    view (contract.on_columns: the same memory), or None. None without one (see registry.lookup_address), with a
+    fused activation, or when a tensor (weight, bias, running statistics) is not contiguous of x's dtype (float32
+    for 16-bit x) or any is a negative view: what _plain checked when ``plain``; the shapes were checked already."""
+    if act is not None:
         return None
-    dtype = _KERNEL_DTYPES[x.dtype]
-    kernel = registry.lookup_address(spec.name, direction, dtype, backend)  # cached: cheaper than the looks below
-    if kernel is None or _negative(x, *tensors):
+    kernel = registry.lookup_address(spec.name, direction, _KERNEL_DTYPES[x.dtype], backend, NHWC)
+    if kernel is None:
+        return None
+    if plain:
+        return kernel if x.dtype not in _HALF or _float32_params(x, *tensors) else None
+    if _negative(x, *tensors):
         return None
     pdtype = torch.float32 if x.dtype in _HALF else x.dtype  # what the kernel reads behind the addresses
     for t in tensors:
         if t is not None and (t.dtype != pdtype or not t.is_contiguous()):
             return None
-    own = registry.lookup(spec.name, direction, dtype, backend, NHWC)
-    return kernel if own is None or own[0] == registry.lookup(spec.name, direction, dtype, backend)[0] else None
+    return kernel
 
 
 def _float32_params(x: Tensor, *tensors) -> bool:
@@ -440,19 +454,19 @@ def _forward_by_address(kernel, spec: OpSpec, x: Tensor, weight, bias, eps: floa
 
 def _backward(spec: OpSpec, dy: Tensor, x: Tensor, mean: np.ndarray, rstd: np.ndarray, weight, groups: int,
               kshape: tuple, batch_stats: bool, pshape: tuple, weight_grad: bool, bias_grad: bool,
-              backend, bias=None, act=None, plain: bool = False) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+              backend, bias=None, act=None, plain: int = 0) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
     """dx and, when asked for, dweight and dbias (None otherwise; float32 for a 16-bit x, whatever the parameters'
     dtype: the callers cast them). ``mean``/``rstd``: contiguous NumPy arrays. A channels-last x gives a
     channels-last dx (dy is copied to that layout if it is not in it). ``act``: None, or the fused activation's
     (index, slope), whose derivative the kernel recomputes from x, the statistics, weight and ``bias``.
-    ``plain``: x and weight passed :func:`_plain` in forward (dy, autograd's, has x's shape and dtype)."""
+    ``plain``: what :func:`_plain` gave x and weight in forward (dy, autograd's, has x's shape and dtype)."""
     direction = "backward" if batch_stats else "backward_infer"
-    if plain and act is None and dy.is_contiguous() and dy.dtype == x.dtype and dy.shape == x.shape:
+    if plain == _CONTIGUOUS and act is None and dy.is_contiguous() and dy.dtype == x.dtype and dy.shape == x.shape:
         kernel = registry.lookup_address(spec.name, direction, _KERNEL_DTYPES[x.dtype], backend)
         if kernel is not None and not dy.is_neg() and (x.dtype not in _HALF or _float32_params(x, weight)):
             return _backward_by_address(kernel, spec, dy, x, mean, rstd, weight, groups, kshape, pshape, weight_grad,
                                         bias_grad)
-    if plain and dy.is_contiguous():
+    if plain == _CONTIGUOUS and dy.is_contiguous():
         kernel = registry.lookup(spec.name, direction, _KERNEL_DTYPES[x.dtype], backend)[1] if act is None else \
             _kernel(spec, direction, x, backend, act, bias)
         if x.dtype in _HALF:
@@ -462,18 +476,18 @@ def _backward(spec: OpSpec, dy: Tensor, x: Tensor, mean: np.ndarray, rstd: np.nd
             view = lambda t: t.numpy().reshape(kshape)  # noqa: E731
         return _run_backward(kernel, spec, dya, xa, torch.empty_like(x, memory_format=_DENSE), view, mean, rstd,
                              weight, groups, pshape, weight_grad, bias_grad)
-    if _is_nhwc(spec, x):
+    if plain or _is_nhwc(spec, x):
+        if dy.stride() != x.stride():
+            dy = torch.empty_like(x).copy_(dy)
+        by_address = None if dy.is_neg() else _columns_by_address(spec, direction, x, backend, act, plain, weight)
+        if by_address is not None:  # dy has x's strides: its columns too
+            return _backward_by_address(by_address, spec, dy, x, mean, rstd, weight, groups, _columns(kshape), pshape,
+                                        weight_grad, bias_grad, torch.empty_like(x))
         kernel = _nhwc_kernel(spec, direction, x, backend, act, bias)
         if kernel is None:  # no channels-last kernel: the NCHW one on copies, dx handed back channels-last
             dx, dw, db = _backward(spec, dy.contiguous(), x.contiguous(), mean, rstd, weight, groups, kshape,
                                    batch_stats, pshape, weight_grad, bias_grad, backend, bias, act)
             return torch.empty_like(x).copy_(dx), dw, db
-        if dy.stride() != x.stride():
-            dy = torch.empty_like(x).copy_(dy)
-        by_address = None if dy.is_neg() else _columns_by_address(spec, direction, x, backend, act, weight)
-        if by_address is not None:  # dy has x's strides: its columns too
-            return _backward_by_address(by_address, spec, dy, x, mean, rstd, weight, groups, _columns(kshape), pshape,
-                                        weight_grad, bias_grad, torch.empty_like(x))
         return _run_backward(kernel, spec, _nsc(dy, kshape), _nsc(x, kshape), torch.empty_like(x),
                              lambda t: _nsc(t, kshape), mean, rstd, weight, groups, pshape, weight_grad, bias_grad)
     dy, x = _contiguous(dy), _contiguous(x)
@@ -1000,7 +1014,7 @@ def _channel(spec: OpSpec, custom_op, input, running_mean, running_var, weight, 
     compiling = _is_compiling()  # first: _plain's looks are eager-only
     plain = (not compiling and type(x) is Tensor and x.dim() >= 2 and type(eps) is float
              and (running_mean is None) is (running_var is None)
-             and _plain(x, (x.shape[1],), weight, bias, running_mean, running_var))
+             and _plain(x, (x.shape[1],), weight, bias, running_mean, running_var, channels_last=True))
     if plain:
         has_running = running_mean is not None
     else:
@@ -1074,7 +1088,7 @@ def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5, *, backend=N
     x = input
     compiling = _is_compiling()  # first: _plain's looks are eager-only
     plain = not compiling and type(x) is Tensor and x.dim() >= 2 and type(eps) is float and \
-        _plain(x, (x.shape[1],), weight, bias)
+        _plain(x, (x.shape[1],), weight, bias, channels_last=True)
     if not plain:
         x = _input(op, input)
     shape = x.shape
