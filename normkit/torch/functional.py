@@ -505,13 +505,14 @@ def _backward_by_address(kernel, spec: OpSpec, dy: Tensor, x: Tensor, mean, rstd
     gradient, if not a new contiguous one. dweight and dbias are torch's (64-byte aligned, as in torch)."""
     if dx is None:
         dx = torch.empty_like(x, memory_format=_DENSE)
-    sdt = _STAT_DTYPES[x.dtype]
-    dw = torch.empty(pshape, dtype=sdt) if weight_grad else None
+    # weight, when given, has the gradients' shape and dtype: empty_like costs 0.7 us where empty(shape, dtype=) 1.1
+    dw = torch.empty_like(weight) if weight_grad else None
     w, dwp = 0 if weight is None else weight.data_ptr(), 0 if dw is None else dw.data_ptr()
     if not spec.centered:
         kernel(*kshape, dy.data_ptr(), x.data_ptr(), rstd, w, dx.data_ptr(), dwp)
         return dx, dw, None
-    db = torch.empty(pshape, dtype=sdt) if bias_grad else None
+    db = None if not bias_grad else torch.empty_like(weight) if weight is not None else \
+        torch.empty(pshape, dtype=_STAT_DTYPES[x.dtype])
     dbp = 0 if db is None else db.data_ptr()
     if spec.grouped:
         kernel(*kshape, dy.data_ptr(), x.data_ptr(), groups, mean, rstd, w, dx.data_ptr(), dwp, dbp)
