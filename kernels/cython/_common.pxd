@@ -871,8 +871,10 @@ cdef extern from *:
             *s1 = t1; *s2 = t2;                                                                       \
         }
     #define NORMKIT_BF16_SCALAR(h) normkit_float_of((uint32_t)(h) << 16)
+    #ifndef __AVX512F__  /* the x86-64-v4 build's 16-lane ones follow normkit_load16 */
     NORMKIT_MOMENTS16(normkit_moments_bf16, NORMKIT_LOAD8_BF16, NORMKIT_BF16_SCALAR)
     NORMKIT_MOMENTS16(normkit_moments_f16, NORMKIT_LOAD8_F16, _cvtsh_ss)
+    #endif
     #endif
 
     /* The elementwise passes of the channel ops straight from and to 16-bit data where the build has AVX2 and
@@ -960,6 +962,55 @@ cdef extern from *:
         __m256i h = _mm256_loadu_si256((const __m256i*)p);
         return fmt == 1 ? _mm512_cvtph_ps(h) : _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
     }
+    /* the first k (< 16) values at p, the other lanes 0 (a masked load reads nothing past them) */
+    static inline __m512 normkit_load16_first(const uint16_t* p, Py_ssize_t k, int fmt) {
+        __m256i h = _mm256_maskz_loadu_epi16((__mmask16)((1u << k) - 1), p);
+        return fmt == 1 ? _mm512_cvtph_ps(h) : _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    }
+    /* NORMKIT_MOMENTS16 with 16 lanes a register (two per sum) and the chunk's last n % 16 values in a masked step
+       rather than one by one: runs of a few hundred values (BatchNorm's rows of 7x7 to 28x28) spent as much in the
+       scalar tail and the 8-lane horizontal sums as in the loop. Same chunks, same double fallback. */
+    #define NORMKIT_MOMENTS16_512(NAME, FMT)                                                          \
+        static inline void NAME(const uint16_t* x, Py_ssize_t n, double pivot, double* s1, double* s2) { \
+            const float pf = (float)pivot;                                                            \
+            const __m512 p = _mm512_set1_ps(pf), z = _mm512_setzero_ps();                             \
+            __m512 a0, a1, b0, b1, d;                                                                 \
+            Py_ssize_t i0, i, end;                                                                    \
+            float ta, tb;                                                                             \
+            double da, db, de, t1 = *s1, t2 = *s2;  /* in locals: see grad_sums() */                  \
+            for (i0 = 0; i0 < n; i0 += NORMKIT_SUM_CHUNK) {                                           \
+                end = i0 + NORMKIT_SUM_CHUNK < n ? i0 + NORMKIT_SUM_CHUNK : n;                        \
+                a0 = a1 = b0 = b1 = z;                                                                \
+                for (i = i0; i + 32 <= end; i += 32) {                                                \
+                    d = _mm512_sub_ps(normkit_load16(x + i, FMT), p);                                 \
+                    a0 = _mm512_add_ps(a0, d); b0 = _mm512_fmadd_ps(d, d, b0);                        \
+                    d = _mm512_sub_ps(normkit_load16(x + i + 16, FMT), p);                            \
+                    a1 = _mm512_add_ps(a1, d); b1 = _mm512_fmadd_ps(d, d, b1);                        \
+                }                                                                                     \
+                if (i + 16 <= end) {                                                                  \
+                    d = _mm512_sub_ps(normkit_load16(x + i, FMT), p);                                 \
+                    a0 = _mm512_add_ps(a0, d); b0 = _mm512_fmadd_ps(d, d, b0);                        \
+                    i += 16;                                                                          \
+                }                                                                                     \
+                if (i < end) {                                                                        \
+                    d = _mm512_maskz_sub_ps((__mmask16)((1u << (end - i)) - 1),                       \
+                                            normkit_load16_first(x + i, end - i, FMT), p);            \
+                    a1 = _mm512_add_ps(a1, d); b1 = _mm512_fmadd_ps(d, d, b1);                        \
+                }                                                                                     \
+                ta = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));                                     \
+                tb = _mm512_reduce_add_ps(_mm512_add_ps(b0, b1));                                     \
+                if (isfinite(ta) && isfinite(tb)) { t1 += ta; t2 += tb; continue; }                   \
+                da = 0.0; db = 0.0;                                                                   \
+                for (i = i0; i < end; i++) {                                                          \
+                    de = (FMT ? _cvtsh_ss(x[i]) : NORMKIT_BF16_SCALAR(x[i])) - pivot;                 \
+                    da += de; db += de * de;                                                          \
+                }                                                                                     \
+                t1 += da; t2 += db;                                                                   \
+            }                                                                                         \
+            *s1 = t1; *s2 = t2;                                                                       \
+        }
+    NORMKIT_MOMENTS16_512(normkit_moments_bf16, 0)
+    NORMKIT_MOMENTS16_512(normkit_moments_f16, 1)
     #define NORMKIT_LOADU _mm512_loadu_ps
     #define NORMKIT_MUL _mm512_mul_ps
     #define NORMKIT_ADD _mm512_add_ps
@@ -1216,6 +1267,46 @@ cdef extern from *:
     static inline __attribute__((always_inline)) void normkit_grad_sums16_loop(
             const uint16_t* dy, const uint16_t* x, Py_ssize_t n, int fmt, double mean, double* sdy, double* sdyx) {
         const float mf = (float)mean;
+    #ifdef __AVX512F__
+        /* 16 lanes, the chunk's last n % 16 values in a masked step (see NORMKIT_MOMENTS16_512) */
+        const __m512 vm = _mm512_set1_ps(mf), z = _mm512_setzero_ps();
+        __m512 a0, a1, b0, b1, g;
+        __mmask16 k;
+        Py_ssize_t i0, i, end;
+        float a, b;
+        double da, db, dg, t1 = *sdy, t2 = *sdyx;
+        for (i0 = 0; i0 < n; i0 += NORMKIT_SUM_CHUNK) {
+            end = i0 + NORMKIT_SUM_CHUNK < n ? i0 + NORMKIT_SUM_CHUNK : n;
+            a0 = a1 = b0 = b1 = z;
+            for (i = i0; i + 32 <= end; i += 32) {
+                g = normkit_load16(dy + i, fmt); a0 = _mm512_add_ps(a0, g);
+                b0 = _mm512_fmadd_ps(g, _mm512_sub_ps(normkit_load16(x + i, fmt), vm), b0);
+                g = normkit_load16(dy + i + 16, fmt); a1 = _mm512_add_ps(a1, g);
+                b1 = _mm512_fmadd_ps(g, _mm512_sub_ps(normkit_load16(x + i + 16, fmt), vm), b1);
+            }
+            if (i + 16 <= end) {
+                g = normkit_load16(dy + i, fmt); a0 = _mm512_add_ps(a0, g);
+                b0 = _mm512_fmadd_ps(g, _mm512_sub_ps(normkit_load16(x + i, fmt), vm), b0);
+                i += 16;
+            }
+            if (i < end) {  /* the other lanes: g = 0 and x - mean = 0 */
+                k = (__mmask16)((1u << (end - i)) - 1);
+                g = normkit_load16_first(dy + i, end - i, fmt); a1 = _mm512_add_ps(a1, g);
+                b1 = _mm512_fmadd_ps(g, _mm512_maskz_sub_ps(k, normkit_load16_first(x + i, end - i, fmt), vm), b1);
+            }
+            a = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+            b = _mm512_reduce_add_ps(_mm512_add_ps(b0, b1));
+            if (isfinite(a) && isfinite(b)) { t1 += a; t2 += b; continue; }
+            da = 0.0; db = 0.0;
+            for (i = i0; i < end; i++) {
+                dg = normkit_scalar16(dy[i], fmt);
+                da += dg;
+                db += dg * (normkit_scalar16(x[i], fmt) - mean);
+            }
+            t1 += da; t2 += db;
+        }
+        *sdy = t1; *sdyx = t2;
+    #else
         const __m256 vm = _mm256_set1_ps(mf), z = _mm256_setzero_ps();
         __m256 a0, a1, a2, a3, b0, b1, b2, b3, g;
         Py_ssize_t i0, i, end;
@@ -1246,6 +1337,7 @@ cdef extern from *:
             t1 += da; t2 += db;
         }
         *sdy = t1; *sdyx = t2;
+    #endif
     }
     #endif
 
