@@ -844,25 +844,32 @@ cdef extern from *:
     #define NORMKIT_LOAD8_F16(p) _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(p)))
     #define NORMKIT_MOMENTS8(A, B, LOAD, j) d = _mm256_sub_ps(LOAD(x + (j)), p); A = _mm256_add_ps(A, d); \
         B = _mm256_fmadd_ps(d, d, B);
-    #define NORMKIT_MOMENTS16(NAME, LOAD, SCALAR)                                                     \
+    /* one chunk's float32 sums ta, tb of x[i0..end) about pf: 8 lanes, four registers per sum, the last values
+       one by one */
+    #define NORMKIT_MOMENTS_CHUNK8(LOAD, SCALAR) {                                                    \
+            const __m256 p = _mm256_set1_ps(pf), z = _mm256_setzero_ps();                             \
+            __m256 a0 = z, a1 = z, a2 = z, a3 = z, b0 = z, b1 = z, b2 = z, b3 = z, d;                 \
+            float e;                                                                                  \
+            for (i = i0; i + 32 <= end; i += 32) {                                                    \
+                NORMKIT_MOMENTS8(a0, b0, LOAD, i) NORMKIT_MOMENTS8(a1, b1, LOAD, i + 8)               \
+                NORMKIT_MOMENTS8(a2, b2, LOAD, i + 16) NORMKIT_MOMENTS8(a3, b3, LOAD, i + 24)         \
+            }                                                                                         \
+            for (; i + 8 <= end; i += 8) { NORMKIT_MOMENTS8(a0, b0, LOAD, i) }                        \
+            ta = normkit_hsum8(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));          \
+            tb = normkit_hsum8(_mm256_add_ps(_mm256_add_ps(b0, b1), _mm256_add_ps(b2, b3)));          \
+            for (; i < end; i++) { e = SCALAR(x[i]) - pf; ta += e; tb += e * e; }                     \
+        }
+    /* NAME(x, n, pivot, s1, s2): each chunk's sums by CHUNK (a NORMKIT_MOMENTS_CHUNK*), added into double; a
+       chunk whose sums are not finite summed again in double */
+    #define NORMKIT_MOMENTS16(NAME, CHUNK, SCALAR)                                                    \
         static inline void NAME(const uint16_t* x, Py_ssize_t n, double pivot, double* s1, double* s2) { \
             const float pf = (float)pivot;                                                            \
-            const __m256 p = _mm256_set1_ps(pf), z = _mm256_setzero_ps();                             \
-            __m256 a0, a1, a2, a3, b0, b1, b2, b3, d;                                                 \
             Py_ssize_t i0, i, end;                                                                    \
-            float ta, tb, e;                                                                          \
+            float ta, tb;                                                                             \
             double da, db, de, t1 = *s1, t2 = *s2;  /* in locals: see grad_sums() */                  \
             for (i0 = 0; i0 < n; i0 += NORMKIT_SUM_CHUNK) {                                           \
                 end = i0 + NORMKIT_SUM_CHUNK < n ? i0 + NORMKIT_SUM_CHUNK : n;                        \
-                a0 = a1 = a2 = a3 = b0 = b1 = b2 = b3 = z;                                            \
-                for (i = i0; i + 32 <= end; i += 32) {                                                \
-                    NORMKIT_MOMENTS8(a0, b0, LOAD, i) NORMKIT_MOMENTS8(a1, b1, LOAD, i + 8)           \
-                    NORMKIT_MOMENTS8(a2, b2, LOAD, i + 16) NORMKIT_MOMENTS8(a3, b3, LOAD, i + 24)     \
-                }                                                                                     \
-                for (; i + 8 <= end; i += 8) { NORMKIT_MOMENTS8(a0, b0, LOAD, i) }                    \
-                ta = normkit_hsum8(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));      \
-                tb = normkit_hsum8(_mm256_add_ps(_mm256_add_ps(b0, b1), _mm256_add_ps(b2, b3)));      \
-                for (; i < end; i++) { e = SCALAR(x[i]) - pf; ta += e; tb += e * e; }                 \
+                CHUNK                                                                                 \
                 if (isfinite(ta) && isfinite(tb)) { t1 += ta; t2 += tb; continue; }                   \
                 da = 0.0; db = 0.0;                                                                   \
                 for (i = i0; i < end; i++) { de = SCALAR(x[i]) - pivot; da += de; db += de * de; }    \
@@ -872,8 +879,9 @@ cdef extern from *:
         }
     #define NORMKIT_BF16_SCALAR(h) normkit_float_of((uint32_t)(h) << 16)
     #ifndef __AVX512F__  /* the x86-64-v4 build's 16-lane ones follow normkit_load16 */
-    NORMKIT_MOMENTS16(normkit_moments_bf16, NORMKIT_LOAD8_BF16, NORMKIT_BF16_SCALAR)
-    NORMKIT_MOMENTS16(normkit_moments_f16, NORMKIT_LOAD8_F16, _cvtsh_ss)
+    NORMKIT_MOMENTS16(normkit_moments_bf16, NORMKIT_MOMENTS_CHUNK8(NORMKIT_LOAD8_BF16, NORMKIT_BF16_SCALAR),
+                      NORMKIT_BF16_SCALAR)
+    NORMKIT_MOMENTS16(normkit_moments_f16, NORMKIT_MOMENTS_CHUNK8(NORMKIT_LOAD8_F16, _cvtsh_ss), _cvtsh_ss)
     #endif
     #endif
 
@@ -967,50 +975,33 @@ cdef extern from *:
         __m256i h = _mm256_maskz_loadu_epi16((__mmask16)((1u << k) - 1), p);
         return fmt == 1 ? _mm512_cvtph_ps(h) : _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
     }
-    /* NORMKIT_MOMENTS16 with 16 lanes a register (two per sum) and the chunk's last n % 16 values in a masked step
-       rather than one by one: runs of a few hundred values (BatchNorm's rows of 7x7 to 28x28) spent as much in the
-       scalar tail and the 8-lane horizontal sums as in the loop. Same chunks, same double fallback. */
-    #define NORMKIT_MOMENTS16_512(NAME, FMT)                                                          \
-        static inline void NAME(const uint16_t* x, Py_ssize_t n, double pivot, double* s1, double* s2) { \
-            const float pf = (float)pivot;                                                            \
+    /* NORMKIT_MOMENTS_CHUNK8 with 16 lanes a register (two per sum) and the chunk's last n % 16 values in a masked
+       step rather than one by one: runs of a few hundred values (BatchNorm's rows of 7x7 to 28x28) spent as much
+       in the scalar tail and the 8-lane horizontal sums as in the loop */
+    #define NORMKIT_MOMENTS_CHUNK16(FMT) {                                                            \
             const __m512 p = _mm512_set1_ps(pf), z = _mm512_setzero_ps();                             \
-            __m512 a0, a1, b0, b1, d;                                                                 \
-            Py_ssize_t i0, i, end;                                                                    \
-            float ta, tb;                                                                             \
-            double da, db, de, t1 = *s1, t2 = *s2;  /* in locals: see grad_sums() */                  \
-            for (i0 = 0; i0 < n; i0 += NORMKIT_SUM_CHUNK) {                                           \
-                end = i0 + NORMKIT_SUM_CHUNK < n ? i0 + NORMKIT_SUM_CHUNK : n;                        \
-                a0 = a1 = b0 = b1 = z;                                                                \
-                for (i = i0; i + 32 <= end; i += 32) {                                                \
-                    d = _mm512_sub_ps(normkit_load16(x + i, FMT), p);                                 \
-                    a0 = _mm512_add_ps(a0, d); b0 = _mm512_fmadd_ps(d, d, b0);                        \
-                    d = _mm512_sub_ps(normkit_load16(x + i + 16, FMT), p);                            \
-                    a1 = _mm512_add_ps(a1, d); b1 = _mm512_fmadd_ps(d, d, b1);                        \
-                }                                                                                     \
-                if (i + 16 <= end) {                                                                  \
-                    d = _mm512_sub_ps(normkit_load16(x + i, FMT), p);                                 \
-                    a0 = _mm512_add_ps(a0, d); b0 = _mm512_fmadd_ps(d, d, b0);                        \
-                    i += 16;                                                                          \
-                }                                                                                     \
-                if (i < end) {                                                                        \
-                    d = _mm512_maskz_sub_ps((__mmask16)((1u << (end - i)) - 1),                       \
-                                            normkit_load16_first(x + i, end - i, FMT), p);            \
-                    a1 = _mm512_add_ps(a1, d); b1 = _mm512_fmadd_ps(d, d, b1);                        \
-                }                                                                                     \
-                ta = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));                                     \
-                tb = _mm512_reduce_add_ps(_mm512_add_ps(b0, b1));                                     \
-                if (isfinite(ta) && isfinite(tb)) { t1 += ta; t2 += tb; continue; }                   \
-                da = 0.0; db = 0.0;                                                                   \
-                for (i = i0; i < end; i++) {                                                          \
-                    de = (FMT ? _cvtsh_ss(x[i]) : NORMKIT_BF16_SCALAR(x[i])) - pivot;                 \
-                    da += de; db += de * de;                                                          \
-                }                                                                                     \
-                t1 += da; t2 += db;                                                                   \
+            __m512 a0 = z, a1 = z, b0 = z, b1 = z, d;                                                 \
+            for (i = i0; i + 32 <= end; i += 32) {                                                    \
+                d = _mm512_sub_ps(normkit_load16(x + i, FMT), p);                                     \
+                a0 = _mm512_add_ps(a0, d); b0 = _mm512_fmadd_ps(d, d, b0);                            \
+                d = _mm512_sub_ps(normkit_load16(x + i + 16, FMT), p);                                \
+                a1 = _mm512_add_ps(a1, d); b1 = _mm512_fmadd_ps(d, d, b1);                            \
             }                                                                                         \
-            *s1 = t1; *s2 = t2;                                                                       \
+            if (i + 16 <= end) {                                                                      \
+                d = _mm512_sub_ps(normkit_load16(x + i, FMT), p);                                     \
+                a0 = _mm512_add_ps(a0, d); b0 = _mm512_fmadd_ps(d, d, b0);                            \
+                i += 16;                                                                              \
+            }                                                                                         \
+            if (i < end) {                                                                            \
+                d = _mm512_maskz_sub_ps((__mmask16)((1u << (end - i)) - 1),                           \
+                                        normkit_load16_first(x + i, end - i, FMT), p);                \
+                a1 = _mm512_add_ps(a1, d); b1 = _mm512_fmadd_ps(d, d, b1);                            \
+            }                                                                                         \
+            ta = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));                                         \
+            tb = _mm512_reduce_add_ps(_mm512_add_ps(b0, b1));                                         \
         }
-    NORMKIT_MOMENTS16_512(normkit_moments_bf16, 0)
-    NORMKIT_MOMENTS16_512(normkit_moments_f16, 1)
+    NORMKIT_MOMENTS16(normkit_moments_bf16, NORMKIT_MOMENTS_CHUNK16(0), NORMKIT_BF16_SCALAR)
+    NORMKIT_MOMENTS16(normkit_moments_f16, NORMKIT_MOMENTS_CHUNK16(1), _cvtsh_ss)
     #define NORMKIT_LOADU _mm512_loadu_ps
     #define NORMKIT_MUL _mm512_mul_ps
     #define NORMKIT_ADD _mm512_add_ps
@@ -1272,11 +1263,17 @@ cdef extern from *:
         const __m512 vm = _mm512_set1_ps(mf), z = _mm512_setzero_ps();
         __m512 a0, a1, b0, b1, g;
         __mmask16 k;
+    #else
+        const __m256 vm = _mm256_set1_ps(mf), z = _mm256_setzero_ps();
+        __m256 a0, a1, a2, a3, b0, b1, b2, b3, g;
+        float gs;
+    #endif
         Py_ssize_t i0, i, end;
         float a, b;
-        double da, db, dg, t1 = *sdy, t2 = *sdyx;
+        double da, db, dg, t1 = *sdy, t2 = *sdyx;  /* in locals: see grad_sums() */
         for (i0 = 0; i0 < n; i0 += NORMKIT_SUM_CHUNK) {
             end = i0 + NORMKIT_SUM_CHUNK < n ? i0 + NORMKIT_SUM_CHUNK : n;
+    #ifdef __AVX512F__
             a0 = a1 = b0 = b1 = z;
             for (i = i0; i + 32 <= end; i += 32) {
                 g = normkit_load16(dy + i, fmt); a0 = _mm512_add_ps(a0, g);
@@ -1296,24 +1293,7 @@ cdef extern from *:
             }
             a = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
             b = _mm512_reduce_add_ps(_mm512_add_ps(b0, b1));
-            if (isfinite(a) && isfinite(b)) { t1 += a; t2 += b; continue; }
-            da = 0.0; db = 0.0;
-            for (i = i0; i < end; i++) {
-                dg = normkit_scalar16(dy[i], fmt);
-                da += dg;
-                db += dg * (normkit_scalar16(x[i], fmt) - mean);
-            }
-            t1 += da; t2 += db;
-        }
-        *sdy = t1; *sdyx = t2;
     #else
-        const __m256 vm = _mm256_set1_ps(mf), z = _mm256_setzero_ps();
-        __m256 a0, a1, a2, a3, b0, b1, b2, b3, g;
-        Py_ssize_t i0, i, end;
-        float a, b, gs;
-        double da, db, dg, t1 = *sdy, t2 = *sdyx;  /* in locals: see grad_sums() */
-        for (i0 = 0; i0 < n; i0 += NORMKIT_SUM_CHUNK) {
-            end = i0 + NORMKIT_SUM_CHUNK < n ? i0 + NORMKIT_SUM_CHUNK : n;
             a0 = a1 = a2 = a3 = b0 = b1 = b2 = b3 = z;
             for (i = i0; i + 32 <= end; i += 32) {
                 NORMKIT_GSUM16(a0, b0, i) NORMKIT_GSUM16(a1, b1, i + 8)
@@ -1327,6 +1307,7 @@ cdef extern from *:
                 a += gs;
                 b += gs * (normkit_scalar16(x[i], fmt) - mf);
             }
+    #endif
             if (isfinite(a) && isfinite(b)) { t1 += a; t2 += b; continue; }
             da = 0.0; db = 0.0;
             for (i = i0; i < end; i++) {
@@ -1337,7 +1318,6 @@ cdef extern from *:
             t1 += da; t2 += db;
         }
         *sdy = t1; *sdyx = t2;
-    #endif
     }
     #endif
 
