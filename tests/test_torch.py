@@ -371,6 +371,31 @@ def test_plain_calls_take_the_short_path_and_agree_with_the_general_one(case, dt
         assert e is None and a is None or torch.equal(a, e), name
 
 
+@pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
+@pytest.mark.parametrize("case", [c for c in PLAIN_CALLS if not c.endswith(("relu", "silu", "gelu"))])
+def test_plain_calls_with_a_strided_grad_output(case, channels_last):
+    """A plain input whose grad_output is not in its layout (an expanded one, as autograd gives for a broadcast
+    loss): dx as torch's, in float64."""
+    shape, call = PLAIN_CALLS[case]
+    shape = (shape[0], shape[1], 3, shape[2])
+    if channels_last and case.startswith(("layernorm", "rmsnorm")):
+        pytest.skip("channels-last is a layout of the channel ops")
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=g, dtype=torch.float64)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    c = shape[-1] if case.startswith(("layernorm", "rmsnorm")) else shape[1]
+    w, b = torch.rand(c, generator=g, dtype=torch.float64) + 0.5, torch.randn(c, generator=g, dtype=torch.float64)
+    rm, rv = torch.randn(c, generator=g, dtype=torch.float64), torch.rand(c, generator=g, dtype=torch.float64) + 0.5
+    dy = torch.randn(shape[1:], generator=g, dtype=torch.float64).expand(shape)
+    grads = []
+    for f in (nt, torch.nn.functional):
+        xs, ws, bs = (t.clone(memory_format=torch.preserve_format).requires_grad_() for t in (x, w, b))
+        call(f, xs, ws, bs, rm.clone(), rv.clone()).backward(dy)
+        grads.append((xs.grad, ws.grad))
+    torch.testing.assert_close(grads[0], grads[1])
+
+
 @pytest.mark.parametrize("dtype, pdtype", PLAIN_DTYPES, ids=lambda d: str(d).removeprefix("torch."))
 @pytest.mark.parametrize("case", [c for c in PLAIN_CALLS if not c.startswith(("layernorm", "rmsnorm"))])
 def test_channels_last_plain_calls_agree_with_the_general_path(case, dtype, pdtype, monkeypatch):

@@ -320,7 +320,7 @@ def _forward(spec: OpSpec, x: Tensor, weight, bias, eps: float, groups: int, ksh
             xa, ya = _np(x).reshape(kshape), _writable(y).reshape(kshape)
         else:
             xa, ya = x.numpy(force=True).reshape(kshape), y.numpy().reshape(kshape)
-    elif plain or _is_nhwc(spec, x):
+    elif plain == _CHANNELS_LAST or _is_nhwc(spec, x):
         kernel = _columns_by_address(spec, direction, x, backend, act, plain, weight, bias, running_mean,
                                      running_var) if running_mean is None or not save else None
         if kernel is not None:  # the (N*S, C, 1) columns are x's own memory: no views to make
@@ -476,7 +476,7 @@ def _backward(spec: OpSpec, dy: Tensor, x: Tensor, mean: np.ndarray, rstd: np.nd
             view = lambda t: t.numpy().reshape(kshape)  # noqa: E731
         return _run_backward(kernel, spec, dya, xa, torch.empty_like(x, memory_format=_DENSE), view, mean, rstd,
                              weight, groups, pshape, weight_grad, bias_grad)
-    if plain or _is_nhwc(spec, x):
+    if plain == _CHANNELS_LAST or (not plain and _is_nhwc(spec, x)):  # (a contiguous x with a strided dy: below)
         if dy.stride() != x.stride():
             dy = torch.empty_like(x).copy_(dy)
         by_address = None if dy.is_neg() else _columns_by_address(spec, direction, x, backend, act, plain, weight)
