@@ -28,6 +28,7 @@ import numpy as np
 from cython cimport floating
 from cython.parallel cimport prange
 from libc.math cimport isfinite, sqrt
+from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy
 
 from libc.stdint cimport uint16_t
@@ -141,10 +142,10 @@ cdef inline Py_ssize_t _column_split(Py_ssize_t n, Py_ssize_t nc, Py_ssize_t s, 
     return blocks
 
 
-cdef inline Py_ssize_t _block_rows(Py_ssize_t length) noexcept nogil:
-    """Rows of the (N, C*S) view per call of the columns schedule's separate elementwise pass (ROW_BLOCK; rows
-    without values, C*S = 0, one per call)."""
-    return max(1, ROW_BLOCK // max(1, length))
+cdef inline Py_ssize_t _block_rows(Py_ssize_t n, Py_ssize_t length) noexcept nogil:
+    """Rows of the (N, C*S) view per call of the columns schedule's separate elementwise pass (ROW_BLOCK, at most
+    the n there are; rows without values, C*S = 0, one per call)."""
+    return max(1, min(n, ROW_BLOCK // max(1, length)))
 
 
 cdef inline bint _whole_columns(Py_ssize_t n, Py_ssize_t nc, Py_ssize_t s) noexcept nogil:
@@ -526,13 +527,14 @@ cdef void _channel_moments(const floating* xp, Py_ssize_t n, Py_ssize_t nc, Py_s
 
 
 cdef void _apply_channels(const floating* xp, floating* yp, Py_ssize_t n, Py_ssize_t nc, Py_ssize_t s,
-                          double[::1] mean, double[::1] scale, double[::1] shift, int act, double slope):
+                          const double* mean, const double* scale, const double* shift, int act, double slope):
     """y = act((x - mean) * scale + shift) with per-channel coefficients (no activation for NO_ACT); x, y are
-    (n, nc, s)."""
+    (n, nc, s). Its buffers come from malloc: a NumPy allocation is a Python call, several µs right after a
+    convolution (see normkit.torch.functional._plain)."""
     cdef Py_ssize_t t, c, rows
     cdef Py_ssize_t length = nc * s
-    cdef double[::1] exact_shift
-    cdef floating[:, ::1] cols
+    cdef double* exact_shift
+    cdef floating* cols
     cdef int nt = threads_for(n * nc * s, _nthreads, _serial_max)
     cdef bint stream = n * length * <Py_ssize_t>sizeof(floating) >= _stream_min
     if s >= SHORT_ROW:
@@ -546,17 +548,20 @@ cdef void _apply_channels(const floating* xp, floating* yp, Py_ssize_t n, Py_ssi
     else:
         # per-column mean, scale and shift in the data's precision; as in affine(), the shift takes the mean's
         # rounding to that precision
-        exact_shift = np.empty(nc)
+        rows = _block_rows(n, length)
+        exact_shift = <double*>malloc(nc * sizeof(double) + 3 * rows * length * sizeof(floating))
+        if exact_shift == NULL:
+            raise MemoryError()
+        cols = <floating*>(exact_shift + nc)
         for c in range(nc):
             exact_shift[c] = shift[c] + (<double><floating>mean[c] - mean[c]) * scale[c]
-        rows = _block_rows(length)
-        cols = np.empty((3, rows * length), np.float32 if floating is float else np.float64)
-        _per_column(&mean[0], nc, s, &cols[0, 0], rows)
-        _per_column(&scale[0], nc, s, &cols[1, 0], rows)
-        _per_column(&exact_shift[0], nc, s, &cols[2, 0], rows)
+        _per_column(mean, nc, s, cols, rows)
+        _per_column(scale, nc, s, cols + rows * length, rows)
+        _per_column(exact_shift, nc, s, cols + 2 * rows * length, rows)
         for t in prange(_cdiv(n, rows), nogil=True, schedule="static", num_threads=nt):
             _affine_columns_act(xp + t * rows * length, yp + t * rows * length, min(rows, n - t * rows) * length,
-                                &cols[0, 0], &cols[1, 0], &cols[2, 0], act, slope)
+                                cols, cols + rows * length, cols + 2 * rows * length, act, slope)
+        free(exact_shift)
 
 
 cdef void _channel_grad_sums(const floating* dyp, const floating* xp, Py_ssize_t n, Py_ssize_t nc, Py_ssize_t s,
@@ -634,7 +639,7 @@ cdef void _grad_apply_channels(const floating* dyp, const floating* xp, floating
                            training, ca[c], cb[c], cc[c])
     else:
         # per-column coefficients in the data's precision (mean is the saved statistic, already of it)
-        rows = _block_rows(length)
+        rows = _block_rows(n, length)
         cols = np.empty((6, rows * length), np.float32 if floating is float else np.float64)
         _per_column(&mean[0], nc, s, &cols[0, 0], rows)
         _per_column(&ca[0], nc, s, &cols[1, 0], rows)
@@ -735,24 +740,26 @@ cdef void _forward_p(const floating* xp, Py_ssize_t n, Py_ssize_t nc, Py_ssize_t
             finish_moments(s1[c], s2[c], n * s, pivot[c], eps, &mu[c], &r[c])
             scale[c] = r[c] * w[c] if w != NULL else r[c]
             shift[c] = b[c] if b != NULL else 0.0
-        _apply_channels(xp, yp, n, nc, s, mu, scale, shift, act, slope)
+        _apply_channels(xp, yp, n, nc, s, &mu[0], &scale[0], &shift[0], act, slope)
     for c in range(nc):
         mean[c] = <floating>mu[c]
         rstd[c] = <floating>r[c]
 
 
-cdef double[:, ::1] _infer_coefficients(const floating* weight, const floating* bias, const floating* running_mean,
-                                        const floating* running_var, Py_ssize_t nc, double eps):
-    """The inference forward's per-channel mean, scale and shift, as the rows of one allocation (see _backward);
-    weight, bias: NULL when absent."""
+cdef double* _infer_coefficients(const floating* weight, const floating* bias, const floating* running_mean,
+                                 const floating* running_var, Py_ssize_t nc, double eps) except NULL:
+    """The inference forward's per-channel mean, scale and shift, as the three rows of one malloc'd (nc,)
+    allocation (the caller frees it; see _apply_channels); weight, bias: NULL when absent."""
     cdef Py_ssize_t c
-    cdef double[:, ::1] coefs = np.empty((3, nc))
+    cdef double* coefs = <double*>malloc(3 * nc * sizeof(double))
     cdef double r
+    if coefs == NULL:
+        raise MemoryError()
     for c in range(nc):
         r = 1.0 / sqrt(<double>running_var[c] + eps)
-        coefs[0, c] = running_mean[c]
-        coefs[1, c] = r * weight[c] if weight != NULL else r
-        coefs[2, c] = bias[c] if bias != NULL else 0.0
+        coefs[c] = running_mean[c]
+        coefs[nc + c] = r * weight[c] if weight != NULL else r
+        coefs[2 * nc + c] = bias[c] if bias != NULL else 0.0
     return coefs
 
 
@@ -766,8 +773,11 @@ cdef void _forward_infer(const floating[:, :, ::1] x, const floating[::1] weight
 cdef void _forward_infer_p(const floating* xp, Py_ssize_t n, Py_ssize_t nc, Py_ssize_t s, const floating* weight,
                            const floating* bias, const floating* running_mean, const floating* running_var,
                            double eps, int act, double slope, floating* yp):
-    cdef double[:, ::1] coefs = _infer_coefficients(weight, bias, running_mean, running_var, nc, eps)
-    _apply_channels(xp, yp, n, nc, s, coefs[0], coefs[1], coefs[2], act, slope)
+    cdef double* coefs = _infer_coefficients(weight, bias, running_mean, running_var, nc, eps)
+    try:
+        _apply_channels(xp, yp, n, nc, s, coefs, coefs + nc, coefs + 2 * nc, act, slope)
+    finally:
+        free(coefs)
 
 
 def batchnorm_forward(const floating[:, :, ::1] x, const floating[::1] weight, const floating[::1] bias,
@@ -900,7 +910,8 @@ def batchnorm_apply(const floating[:, :, ::1] x, const floating[::1] scale, cons
     # y = (x - 0) * scale + shift: the per-channel affine pass, with no mean to subtract
     cdef double[::1] zero = np.zeros(x.shape[1])
     cdef double[::1] sc = np.asarray(scale, dtype=np.float64), sh = np.asarray(shift, dtype=np.float64)
-    _apply_channels(&x[0, 0, 0], &y[0, 0, 0], x.shape[0], x.shape[1], x.shape[2], zero, sc, sh, NO_ACT, 0.0)
+    _apply_channels(&x[0, 0, 0], &y[0, 0, 0], x.shape[0], x.shape[1], x.shape[2], &zero[0], &sc[0], &sh[0], NO_ACT,
+                    0.0)
 
 
 def batchnorm_backward_reduce(const floating[:, :, ::1] dy, const floating[:, :, ::1] x, const double[::1] mean,
@@ -1129,28 +1140,31 @@ cdef void _channel_moments16(const uint16_t* xp, Py_ssize_t n, Py_ssize_t nc, Py
 
 
 cdef void _apply_channels16(const uint16_t* xp, uint16_t* yp, Py_ssize_t n, Py_ssize_t nc, Py_ssize_t s,
-                            double[::1] mean, double[::1] scale, double[::1] shift, int fmt):
+                            const double* mean, const double* scale, const double* shift, int fmt):
     """_apply_channels on 16-bit data (n, nc, s)."""
     cdef Py_ssize_t t, c, rows, length = nc * s
-    cdef double[::1] exact_shift
-    cdef float[:, ::1] cols
+    cdef double* exact_shift
+    cdef float* cols
     cdef int nt = threads_for(n * nc * s, _nthreads, _serial_max)
     if s >= SHORT_ROW16:
         for t in prange(n * nc, nogil=True, schedule="static", num_threads=nt):
             c = t % nc
             affine16(xp + t * s, yp + t * s, s, fmt, mean[c], scale[c], shift[c])
         return
-    exact_shift = np.empty(nc)
+    rows = _block_rows(n, length)
+    exact_shift = <double*>malloc(nc * sizeof(double) + 3 * rows * length * sizeof(float))
+    if exact_shift == NULL:
+        raise MemoryError()
+    cols = <float*>(exact_shift + nc)
     for c in range(nc):
         exact_shift[c] = shift[c] + (<double><float>mean[c] - mean[c]) * scale[c]
-    rows = _block_rows(length)
-    cols = np.empty((3, rows * length), np.float32)
-    _per_column(&mean[0], nc, s, &cols[0, 0], rows)
-    _per_column(&scale[0], nc, s, &cols[1, 0], rows)
-    _per_column(&exact_shift[0], nc, s, &cols[2, 0], rows)
+    _per_column(mean, nc, s, cols, rows)
+    _per_column(scale, nc, s, cols + rows * length, rows)
+    _per_column(exact_shift, nc, s, cols + 2 * rows * length, rows)
     for t in prange(_cdiv(n, rows), nogil=True, schedule="static", num_threads=nt):
-        _affine_row16(xp + t * rows * length, yp + t * rows * length, min(rows, n - t * rows) * length, &cols[0, 0],
-                      &cols[1, 0], &cols[2, 0], fmt, &mean[0], &scale[0], &shift[0], s, nc)
+        _affine_row16(xp + t * rows * length, yp + t * rows * length, min(rows, n - t * rows) * length, cols,
+                      cols + rows * length, cols + 2 * rows * length, fmt, mean, scale, shift, s, nc)
+    free(exact_shift)
 
 
 cdef void _affine_row16(const uint16_t* x, uint16_t* y, Py_ssize_t length, const float* mean, const float* scale,
@@ -1236,7 +1250,7 @@ cdef void _grad_apply_channels16(const uint16_t* dyp, const uint16_t* xp, uint16
             else:
                 scale_copy16(dyp + t * s, dxp + t * s, s, fmt, ca[c])
         return
-    rows = _block_rows(length)
+    rows = _block_rows(n, length)
     cols = np.empty((4, rows * length), np.float32)
     _per_column(&mean[0], nc, s, &cols[0, 0], rows)
     _per_column(&ca[0], nc, s, &cols[1, 0], rows)
@@ -1349,7 +1363,7 @@ cdef void _forward16(int fmt, const uint16_t* xp, Py_ssize_t n, Py_ssize_t nc, P
             finish_moments(s1[c], s2[c], n * s, pivot[c], eps, &mu[c], &r[c])
             scale[c] = r[c] * w[c] if w != NULL else r[c]
             shift[c] = b[c] if b != NULL else 0.0
-        _apply_channels16(xp, yp, n, nc, s, mu, scale, shift, fmt)
+        _apply_channels16(xp, yp, n, nc, s, &mu[0], &scale[0], &shift[0], fmt)
     for c in range(nc):
         mean[c] = <float>mu[c]
         rstd[c] = <float>r[c]
@@ -1358,8 +1372,11 @@ cdef void _forward16(int fmt, const uint16_t* xp, Py_ssize_t n, Py_ssize_t nc, P
 cdef void _forward_infer16(int fmt, const uint16_t* xp, Py_ssize_t n, Py_ssize_t nc, Py_ssize_t s, const float* w,
                            const float* b, const float* running_mean, const float* running_var, double eps,
                            uint16_t* yp):
-    cdef double[:, ::1] coefs = _infer_coefficients(w, b, running_mean, running_var, nc, eps)
-    _apply_channels16(xp, yp, n, nc, s, coefs[0], coefs[1], coefs[2], fmt)
+    cdef double* coefs = _infer_coefficients(w, b, running_mean, running_var, nc, eps)
+    try:
+        _apply_channels16(xp, yp, n, nc, s, coefs, coefs + nc, coefs + 2 * nc, fmt)
+    finally:
+        free(coefs)
 
 
 def batchnorm_forward16(int fmt, const uint16_t[:, :, ::1] x, const float[::1] weight, const float[::1] bias,
@@ -1408,7 +1425,7 @@ def batchnorm_apply16(int fmt, const uint16_t[:, :, ::1] x, const float[::1] sca
                       uint16_t[:, :, ::1] y):
     cdef double[::1] zero = np.zeros(x.shape[1])
     cdef double[::1] sc = np.asarray(scale, dtype=np.float64), sh = np.asarray(shift, dtype=np.float64)
-    _apply_channels16(&x[0, 0, 0], &y[0, 0, 0], x.shape[0], x.shape[1], x.shape[2], zero, sc, sh, fmt)
+    _apply_channels16(&x[0, 0, 0], &y[0, 0, 0], x.shape[0], x.shape[1], x.shape[2], &zero[0], &sc[0], &sh[0], fmt)
 
 
 def batchnorm_backward_reduce16(int fmt, const uint16_t[:, :, ::1] dy, const uint16_t[:, :, ::1] x,
