@@ -28,7 +28,7 @@ import numpy as np
 from cython cimport floating
 from cython.parallel cimport prange
 from libc.math cimport isfinite, sqrt
-from libc.stdlib cimport free, malloc
+from libc.stdlib cimport calloc, free, malloc
 from libc.string cimport memcpy
 
 from libc.stdint cimport uint16_t
@@ -549,7 +549,7 @@ cdef void _apply_channels(const floating* xp, floating* yp, Py_ssize_t n, Py_ssi
         # per-column mean, scale and shift in the data's precision; as in affine(), the shift takes the mean's
         # rounding to that precision
         rows = _block_rows(n, length)
-        exact_shift = <double*>malloc(nc * sizeof(double) + 3 * rows * length * sizeof(floating))
+        exact_shift = <double*>malloc((nc + 1) * sizeof(double) + 3 * rows * length * sizeof(floating))
         if exact_shift == NULL:
             raise MemoryError()
         cols = <floating*>(exact_shift + nc)
@@ -667,44 +667,60 @@ cdef void _backward_p(bint training, const floating* dyp, const floating* xp, Py
     cdef Py_ssize_t c, t, k
     # inference without parameter gradients needs no sums: dx = dy * rstd * weight
     cdef bint sums = training or dweight != NULL or dbias != NULL, scaled
-    # the per-channel vectors in one allocation (each of its own cost ~0.5 us a call, most of a small call's time)
-    cdef double[:, ::1] work = np.zeros((9, nc))
-    cdef double[::1] mu = work[0], r = work[1], sdy = work[2], sdyx = work[3], zscale = work[4], zshift = work[5]
-    cdef double[::1] ca = work[6], cb = work[7], cc = work[8]
-    for c in range(nc):
-        mu[c] = mean[c]
-        r[c] = rstd[c]
+    # the per-channel vectors in one malloc'd block: NumPy's allocation is a Python call (see _apply_channels)
+    cdef double* work = <double*>calloc(9 * nc + 1, sizeof(double))  # + 1: never malloc(0)
+    cdef double* mu = work
+    cdef double* r = work + nc
+    cdef double* sdy = work + 2 * nc
+    cdef double* sdyx = work + 3 * nc
+    cdef double* zscale = work + 4 * nc
+    cdef double* zshift = work + 5 * nc
+    cdef double* ca = work + 6 * nc
+    cdef double* cb = work + 7 * nc
+    cdef double* cc = work + 8 * nc
+    cdef double[::1] v  # the block as a memoryview, for the rows and columns schedules' helpers
     cdef int nt = threads_for(n * nc * s, _nthreads, _serial_max)
     cdef bint stream = n * nc * s * <Py_ssize_t>sizeof(floating) >= _stream_min
-    if s >= SHORT_ROW and nc >= MANY_CHANNELS:
-        for c in prange(nc, nogil=True, schedule="static", num_threads=nt):
-            _backward_channel(dyp, xp, dxp, n, nc, s, c, training, sums, mu[c], r[c],
-                              w[c] if w != NULL else 1.0, bp[c] if bp != NULL else 0.0, act, slope, stream, &sdy[c],
-                              &sdyx[c])
-    elif act == NO_ACT and _whole_columns(n, nc, s):
-        k = _chunk_channels(s)
-        for t in prange(_column_tasks(nc, s), nogil=True, schedule="static", num_threads=nt):
-            _backward_columns(dyp, xp, dxp, n, nc, s, t * k, min(nc, (t + 1) * k), training, sums, &mu[0], &r[0],
-                              w, &sdy[0], &sdyx[0])
-    else:
-        for c in range(nc):  # z = (x - mean) * zscale + zshift, for a fused activation
-            zscale[c] = r[c] * w[c] if w != NULL else r[c]
-            zshift[c] = bp[c] if bp != NULL else 0.0
-        # inference with parameter gradients, rows schedule: dx = dy * rstd * w in the pass of the sums
-        scaled = sums and not training and act == NO_ACT and s >= SHORT_ROW
-        if sums:
-            _channel_grad_sums(dyp, xp, n, nc, s, mu, sdy, sdyx, act, slope, zscale, zshift, dxp if scaled else NULL)
-        if not scaled:
-            for c in range(nc):
-                _coefficients(training, sdy[c], sdyx[c], <double>(n * s), r[c], w[c] if w != NULL else 1.0,
-                              &ca[c], &cb[c], &cc[c])
-            _grad_apply_channels(dyp, xp, dxp, n, nc, s, training, mu, ca, cb, cc, act, slope, zscale, zshift)
-    # dweight = sum(g * xhat) = rstd * sum(g * (x - mean)); dbias = sum(g); g = dy, or dy * act'(z)
-    for c in range(nc):
-        if dweight != NULL:
-            dweight[c] = <floating>(r[c] * sdyx[c])
-        if dbias != NULL:
-            dbias[c] = <floating>sdy[c]
+    if work == NULL:
+        raise MemoryError()
+    try:
+        for c in range(nc):
+            mu[c] = mean[c]
+            r[c] = rstd[c]
+        if s >= SHORT_ROW and nc >= MANY_CHANNELS:
+            for c in prange(nc, nogil=True, schedule="static", num_threads=nt):
+                _backward_channel(dyp, xp, dxp, n, nc, s, c, training, sums, mu[c], r[c],
+                                  w[c] if w != NULL else 1.0, bp[c] if bp != NULL else 0.0, act, slope, stream,
+                                  &sdy[c], &sdyx[c])
+        elif act == NO_ACT and _whole_columns(n, nc, s):
+            k = _chunk_channels(s)
+            for t in prange(_column_tasks(nc, s), nogil=True, schedule="static", num_threads=nt):
+                _backward_columns(dyp, xp, dxp, n, nc, s, t * k, min(nc, (t + 1) * k), training, sums, mu, r, w,
+                                  sdy, sdyx)
+        else:
+            v = <double[:9 * nc + 1]> work
+            for c in range(nc):  # z = (x - mean) * zscale + zshift, for a fused activation
+                zscale[c] = r[c] * w[c] if w != NULL else r[c]
+                zshift[c] = bp[c] if bp != NULL else 0.0
+            # inference with parameter gradients, rows schedule: dx = dy * rstd * w in the pass of the sums
+            scaled = sums and not training and act == NO_ACT and s >= SHORT_ROW
+            if sums:
+                _channel_grad_sums(dyp, xp, n, nc, s, v[:nc], v[2 * nc:3 * nc], v[3 * nc:4 * nc], act, slope,
+                                   v[4 * nc:5 * nc], v[5 * nc:6 * nc], dxp if scaled else NULL)
+            if not scaled:
+                for c in range(nc):
+                    _coefficients(training, sdy[c], sdyx[c], <double>(n * s), r[c], w[c] if w != NULL else 1.0,
+                                  &ca[c], &cb[c], &cc[c])
+                _grad_apply_channels(dyp, xp, dxp, n, nc, s, training, v[:nc], v[6 * nc:7 * nc], v[7 * nc:8 * nc],
+                                     v[8 * nc:9 * nc], act, slope, v[4 * nc:5 * nc], v[5 * nc:6 * nc])
+        # dweight = sum(g * xhat) = rstd * sum(g * (x - mean)); dbias = sum(g); g = dy, or dy * act'(z)
+        for c in range(nc):
+            if dweight != NULL:
+                dweight[c] = <floating>(r[c] * sdyx[c])
+            if dbias != NULL:
+                dbias[c] = <floating>sdy[c]
+    finally:
+        free(work)
 
 
 # --- kernels (normkit.contract) --------------------------------------------------------------------------------
@@ -719,31 +735,41 @@ cdef void _forward_p(const floating* xp, Py_ssize_t n, Py_ssize_t nc, Py_ssize_t
                      const floating* b, double eps, int act, double slope, floating* yp, floating* mean,
                      floating* rstd):
     cdef Py_ssize_t c, t, k
-    # the per-channel vectors in one allocation (see _backward)
-    cdef double[:, ::1] work = np.empty((7, nc))
-    cdef double[::1] mu = work[0], r = work[1], pivot = work[2], s1 = work[3], s2 = work[4], scale = work[5]
-    cdef double[::1] shift = work[6]
+    # the per-channel vectors in one malloc'd block (see _backward_p)
+    cdef double* work = <double*>malloc((7 * nc + 1) * sizeof(double))
+    cdef double* mu = work
+    cdef double* r = work + nc
+    cdef double* pivot = work + 2 * nc
+    cdef double* scale = work + 5 * nc
+    cdef double* shift = work + 6 * nc
+    cdef double[::1] v
     cdef int nt = threads_for(n * nc * s, _nthreads, _serial_max)
     cdef bint stream = n * nc * s * <Py_ssize_t>sizeof(floating) >= _stream_min
-    if s >= SHORT_ROW and nc >= MANY_CHANNELS:
-        for c in prange(nc, nogil=True, schedule="static", num_threads=nt):
-            _forward_channel(xp, yp, n, nc, s, c, eps, w, b, act, slope, stream, &mu[c], &r[c])
-    elif act == NO_ACT and _whole_columns(n, nc, s):
-        k = _chunk_channels(s)
-        for t in prange(_column_tasks(nc, s), nogil=True, schedule="static", num_threads=nt):
-            _forward_columns(xp, yp, n, nc, s, t * k, min(nc, (t + 1) * k), eps, w, b, &mu[0], &r[0])
-    else:
+    if work == NULL:
+        raise MemoryError()
+    try:
+        if s >= SHORT_ROW and nc >= MANY_CHANNELS:
+            for c in prange(nc, nogil=True, schedule="static", num_threads=nt):
+                _forward_channel(xp, yp, n, nc, s, c, eps, w, b, act, slope, stream, &mu[c], &r[c])
+        elif act == NO_ACT and _whole_columns(n, nc, s):
+            k = _chunk_channels(s)
+            for t in prange(_column_tasks(nc, s), nogil=True, schedule="static", num_threads=nt):
+                _forward_columns(xp, yp, n, nc, s, t * k, min(nc, (t + 1) * k), eps, w, b, mu, r)
+        else:
+            v = <double[:7 * nc + 1]> work
+            for c in range(nc):
+                pivot[c] = pivot_of(xp[c * s])
+            _channel_moments(xp, n, nc, s, v[2 * nc:3 * nc], v[3 * nc:4 * nc], v[4 * nc:5 * nc])
+            for c in range(nc):
+                finish_moments(v[3 * nc + c], v[4 * nc + c], n * s, pivot[c], eps, &mu[c], &r[c])
+                scale[c] = r[c] * w[c] if w != NULL else r[c]
+                shift[c] = b[c] if b != NULL else 0.0
+            _apply_channels(xp, yp, n, nc, s, mu, scale, shift, act, slope)
         for c in range(nc):
-            pivot[c] = pivot_of(xp[c * s])
-        _channel_moments(xp, n, nc, s, pivot, s1, s2)
-        for c in range(nc):
-            finish_moments(s1[c], s2[c], n * s, pivot[c], eps, &mu[c], &r[c])
-            scale[c] = r[c] * w[c] if w != NULL else r[c]
-            shift[c] = b[c] if b != NULL else 0.0
-        _apply_channels(xp, yp, n, nc, s, &mu[0], &scale[0], &shift[0], act, slope)
-    for c in range(nc):
-        mean[c] = <floating>mu[c]
-        rstd[c] = <floating>r[c]
+            mean[c] = <floating>mu[c]
+            rstd[c] = <floating>r[c]
+    finally:
+        free(work)
 
 
 cdef double* _infer_coefficients(const floating* weight, const floating* bias, const floating* running_mean,
@@ -751,7 +777,7 @@ cdef double* _infer_coefficients(const floating* weight, const floating* bias, c
     """The inference forward's per-channel mean, scale and shift, as the three rows of one malloc'd (nc,)
     allocation (the caller frees it; see _apply_channels); weight, bias: NULL when absent."""
     cdef Py_ssize_t c
-    cdef double* coefs = <double*>malloc(3 * nc * sizeof(double))
+    cdef double* coefs = <double*>malloc((3 * nc + 1) * sizeof(double))
     cdef double r
     if coefs == NULL:
         raise MemoryError()
@@ -1152,7 +1178,7 @@ cdef void _apply_channels16(const uint16_t* xp, uint16_t* yp, Py_ssize_t n, Py_s
             affine16(xp + t * s, yp + t * s, s, fmt, mean[c], scale[c], shift[c])
         return
     rows = _block_rows(n, length)
-    exact_shift = <double*>malloc(nc * sizeof(double) + 3 * rows * length * sizeof(float))
+    exact_shift = <double*>malloc((nc + 1) * sizeof(double) + 3 * rows * length * sizeof(float))
     if exact_shift == NULL:
         raise MemoryError()
     cols = <float*>(exact_shift + nc)
