@@ -1340,29 +1340,40 @@ cdef void _backward16(bint training, const uint16_t* dyp, const uint16_t* xp, Py
     dbias: NULL when absent."""
     cdef Py_ssize_t c
     cdef bint sums = training or dweight != NULL or dbias != NULL
-    cdef double[:, ::1] work = np.zeros((7, nc))  # one allocation (see _backward)
-    cdef double[::1] mu = work[0], r = work[1], sdy = work[2], sdyx = work[3], ca = work[4], cb = work[5]
-    cdef double[::1] cc = work[6]
-    for c in range(nc):
-        mu[c] = mean[c]
-        r[c] = rstd[c]
+    # the per-channel vectors in one malloc'd block, a memoryview of it only for the helpers (see _backward_p)
+    cdef double* work = <double*>calloc(7 * nc + 1, sizeof(double))
+    cdef double* mu = work
+    cdef double* r = work + nc
+    cdef double* sdy = work + 2 * nc
+    cdef double* sdyx = work + 3 * nc
+    cdef double[::1] v
     cdef int nt = threads_for(n * nc * s, _nthreads, _serial_max)
-    if s >= SHORT_ROW and nc >= MANY_CHANNELS:
-        for c in prange(nc, nogil=True, schedule="static", num_threads=nt):
-            _backward_channel16(dyp, xp, dxp, n, nc, s, c, training, sums, mu[c], r[c],
-                                w[c] if w != NULL else 1.0, fmt, &sdy[c], &sdyx[c])
-    else:
-        if sums:
-            _channel_grad_sums16(dyp, xp, n, nc, s, mu, fmt, sdy, sdyx)
+    if work == NULL:
+        raise MemoryError()
+    try:
         for c in range(nc):
-            _coefficients(training, sdy[c], sdyx[c], <double>(n * s), r[c], w[c] if w != NULL else 1.0,
-                          &ca[c], &cb[c], &cc[c])
-        _grad_apply_channels16(dyp, xp, dxp, n, nc, s, training, mu, ca, cb, cc, fmt)
-    for c in range(nc):
-        if dweight != NULL:
-            dweight[c] = <float>(r[c] * sdyx[c])
-        if dbias != NULL:
-            dbias[c] = <float>sdy[c]
+            mu[c] = mean[c]
+            r[c] = rstd[c]
+        if s >= SHORT_ROW and nc >= MANY_CHANNELS:
+            for c in prange(nc, nogil=True, schedule="static", num_threads=nt):
+                _backward_channel16(dyp, xp, dxp, n, nc, s, c, training, sums, mu[c], r[c],
+                                    w[c] if w != NULL else 1.0, fmt, &sdy[c], &sdyx[c])
+        else:
+            v = <double[:7 * nc + 1]> work
+            if sums:
+                _channel_grad_sums16(dyp, xp, n, nc, s, v[:nc], fmt, v[2 * nc:3 * nc], v[3 * nc:4 * nc])
+            for c in range(nc):
+                _coefficients(training, sdy[c], sdyx[c], <double>(n * s), r[c], w[c] if w != NULL else 1.0,
+                              &work[4 * nc + c], &work[5 * nc + c], &work[6 * nc + c])
+            _grad_apply_channels16(dyp, xp, dxp, n, nc, s, training, v[:nc], v[4 * nc:5 * nc], v[5 * nc:6 * nc],
+                                   v[6 * nc:7 * nc], fmt)
+        for c in range(nc):
+            if dweight != NULL:
+                dweight[c] = <float>(r[c] * sdyx[c])
+            if dbias != NULL:
+                dbias[c] = <float>sdy[c]
+    finally:
+        free(work)
 
 
 cdef void _pivots16(const uint16_t* xp, Py_ssize_t nc, Py_ssize_t s, int fmt, double[::1] pivot):
@@ -1374,25 +1385,34 @@ cdef void _pivots16(const uint16_t* xp, Py_ssize_t nc, Py_ssize_t s, int fmt, do
 cdef void _forward16(int fmt, const uint16_t* xp, Py_ssize_t n, Py_ssize_t nc, Py_ssize_t s, const float* w,
                      const float* b, double eps, uint16_t* yp, float* mean, float* rstd):
     cdef Py_ssize_t c
-    # the per-channel vectors in one allocation (see _backward)
-    cdef double[:, ::1] work = np.empty((7, nc))
-    cdef double[::1] mu = work[0], r = work[1], pivot = work[2], s1 = work[3], s2 = work[4], scale = work[5]
-    cdef double[::1] shift = work[6]
+    # the per-channel vectors in one malloc'd block, a memoryview of it only for the helpers (see _backward_p)
+    cdef double* work = <double*>malloc((7 * nc + 1) * sizeof(double))
+    cdef double* mu = work
+    cdef double* r = work + nc
+    cdef double* scale = work + 5 * nc
+    cdef double* shift = work + 6 * nc
+    cdef double[::1] v
     cdef int nt = threads_for(n * nc * s, _nthreads, _serial_max)
-    if s >= SHORT_ROW and nc >= MANY_CHANNELS:
-        for c in prange(nc, nogil=True, schedule="static", num_threads=nt):
-            _forward_channel16(xp, yp, n, nc, s, c, eps, w, b, fmt, &mu[c], &r[c])
-    else:
-        _pivots16(xp, nc, s, fmt, pivot)
-        _channel_moments16(xp, n, nc, s, pivot, False, fmt, s1, s2)
+    if work == NULL:
+        raise MemoryError()
+    try:
+        if s >= SHORT_ROW and nc >= MANY_CHANNELS:
+            for c in prange(nc, nogil=True, schedule="static", num_threads=nt):
+                _forward_channel16(xp, yp, n, nc, s, c, eps, w, b, fmt, &mu[c], &r[c])
+        else:
+            v = <double[:7 * nc + 1]> work
+            _pivots16(xp, nc, s, fmt, v[2 * nc:3 * nc])
+            _channel_moments16(xp, n, nc, s, v[2 * nc:3 * nc], False, fmt, v[3 * nc:4 * nc], v[4 * nc:5 * nc])
+            for c in range(nc):
+                finish_moments(v[3 * nc + c], v[4 * nc + c], n * s, v[2 * nc + c], eps, &mu[c], &r[c])
+                scale[c] = r[c] * w[c] if w != NULL else r[c]
+                shift[c] = b[c] if b != NULL else 0.0
+            _apply_channels16(xp, yp, n, nc, s, mu, scale, shift, fmt)
         for c in range(nc):
-            finish_moments(s1[c], s2[c], n * s, pivot[c], eps, &mu[c], &r[c])
-            scale[c] = r[c] * w[c] if w != NULL else r[c]
-            shift[c] = b[c] if b != NULL else 0.0
-        _apply_channels16(xp, yp, n, nc, s, &mu[0], &scale[0], &shift[0], fmt)
-    for c in range(nc):
-        mean[c] = <float>mu[c]
-        rstd[c] = <float>r[c]
+            mean[c] = <float>mu[c]
+            rstd[c] = <float>r[c]
+    finally:
+        free(work)
 
 
 cdef void _forward_infer16(int fmt, const uint16_t* xp, Py_ssize_t n, Py_ssize_t nc, Py_ssize_t s, const float* w,
