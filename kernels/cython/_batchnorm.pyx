@@ -740,6 +740,8 @@ cdef void _forward_p(const floating* xp, Py_ssize_t n, Py_ssize_t nc, Py_ssize_t
     cdef double* mu = work
     cdef double* r = work + nc
     cdef double* pivot = work + 2 * nc
+    cdef double* s1 = work + 3 * nc
+    cdef double* s2 = work + 4 * nc
     cdef double* scale = work + 5 * nc
     cdef double* shift = work + 6 * nc
     cdef double[::1] v
@@ -761,7 +763,7 @@ cdef void _forward_p(const floating* xp, Py_ssize_t n, Py_ssize_t nc, Py_ssize_t
                 pivot[c] = pivot_of(xp[c * s])
             _channel_moments(xp, n, nc, s, v[2 * nc:3 * nc], v[3 * nc:4 * nc], v[4 * nc:5 * nc])
             for c in range(nc):
-                finish_moments(v[3 * nc + c], v[4 * nc + c], n * s, pivot[c], eps, &mu[c], &r[c])
+                finish_moments(s1[c], s2[c], n * s, pivot[c], eps, &mu[c], &r[c])
                 scale[c] = r[c] * w[c] if w != NULL else r[c]
                 shift[c] = b[c] if b != NULL else 0.0
             _apply_channels(xp, yp, n, nc, s, mu, scale, shift, act, slope)
@@ -1346,6 +1348,9 @@ cdef void _backward16(bint training, const uint16_t* dyp, const uint16_t* xp, Py
     cdef double* r = work + nc
     cdef double* sdy = work + 2 * nc
     cdef double* sdyx = work + 3 * nc
+    cdef double* ca = work + 4 * nc
+    cdef double* cb = work + 5 * nc
+    cdef double* cc = work + 6 * nc
     cdef double[::1] v
     cdef int nt = threads_for(n * nc * s, _nthreads, _serial_max)
     if work == NULL:
@@ -1364,7 +1369,7 @@ cdef void _backward16(bint training, const uint16_t* dyp, const uint16_t* xp, Py
                 _channel_grad_sums16(dyp, xp, n, nc, s, v[:nc], fmt, v[2 * nc:3 * nc], v[3 * nc:4 * nc])
             for c in range(nc):
                 _coefficients(training, sdy[c], sdyx[c], <double>(n * s), r[c], w[c] if w != NULL else 1.0,
-                              &work[4 * nc + c], &work[5 * nc + c], &work[6 * nc + c])
+                              &ca[c], &cb[c], &cc[c])
             _grad_apply_channels16(dyp, xp, dxp, n, nc, s, training, v[:nc], v[4 * nc:5 * nc], v[5 * nc:6 * nc],
                                    v[6 * nc:7 * nc], fmt)
         for c in range(nc):
@@ -1389,6 +1394,9 @@ cdef void _forward16(int fmt, const uint16_t* xp, Py_ssize_t n, Py_ssize_t nc, P
     cdef double* work = <double*>malloc((7 * nc + 1) * sizeof(double))
     cdef double* mu = work
     cdef double* r = work + nc
+    cdef double* pivot = work + 2 * nc
+    cdef double* s1 = work + 3 * nc
+    cdef double* s2 = work + 4 * nc
     cdef double* scale = work + 5 * nc
     cdef double* shift = work + 6 * nc
     cdef double[::1] v
@@ -1404,7 +1412,7 @@ cdef void _forward16(int fmt, const uint16_t* xp, Py_ssize_t n, Py_ssize_t nc, P
             _pivots16(xp, nc, s, fmt, v[2 * nc:3 * nc])
             _channel_moments16(xp, n, nc, s, v[2 * nc:3 * nc], False, fmt, v[3 * nc:4 * nc], v[4 * nc:5 * nc])
             for c in range(nc):
-                finish_moments(v[3 * nc + c], v[4 * nc + c], n * s, v[2 * nc + c], eps, &mu[c], &r[c])
+                finish_moments(s1[c], s2[c], n * s, pivot[c], eps, &mu[c], &r[c])
                 scale[c] = r[c] * w[c] if w != NULL else r[c]
                 shift[c] = b[c] if b != NULL else 0.0
             _apply_channels16(xp, yp, n, nc, s, mu, scale, shift, fmt)
