@@ -1335,12 +1335,76 @@ cdef void _grad_apply_row16(const uint16_t* dy, const uint16_t* x, uint16_t* dx,
         narrow64(d[0], dx + j, k, fmt)
 
 
+cdef void _forward_columns16(const uint16_t* x, uint16_t* y, Py_ssize_t n, Py_ssize_t nc, Py_ssize_t s,
+                             Py_ssize_t c0, Py_ssize_t c1, double eps, const float* w, const float* b, int fmt,
+                             double* mean, double* rstd, double* scale, double* shift) noexcept nogil:
+    """_forward_columns on 16-bit data: channels c0..c1 whole, their columns read a second time from cache; the
+    per-column float32 coefficients and the double fallback as in _apply_channels16 (scale, shift: the channels'
+    double coefficients, written for c0..c1)."""
+    cdef Py_ssize_t length = nc * s, l0 = c0 * s, width = (c1 - c0) * s, c, i, j
+    cdef float piv[CHUNK]
+    cdef float cols[3 * CHUNK]  # per column: mean, scale, the shift that takes the mean's float32 rounding
+    cdef double s1[CHUNK]
+    cdef double s2[CHUNK]
+    cdef double t1, t2
+    for c in range(c0, c1):
+        t1 = pivot16(x + c * s, fmt)  # a 16-bit value: exact in float32
+        for i in range((c - c0) * s, (c - c0 + 1) * s):
+            piv[i] = <float>t1
+    _column_moments16(x + l0, n, length, 0, width, piv, False, fmt, s1, s2)
+    for c in range(c0, c1):
+        j = (c - c0) * s
+        t1 = 0.0
+        t2 = 0.0
+        _merge_columns(s1 + j, s2 + j, s, &t1, &t2)
+        finish_moments(t1, t2, n * s, piv[j], eps, &mean[c], &rstd[c])
+        scale[c] = rstd[c] * w[c] if w != NULL else rstd[c]
+        shift[c] = b[c] if b != NULL else 0.0
+        for i in range(j, j + s):
+            cols[i] = <float>mean[c]
+            cols[CHUNK + i] = <float>scale[c]
+            cols[2 * CHUNK + i] = <float>(shift[c] + (<double><float>mean[c] - mean[c]) * scale[c])
+    for i in range(n):
+        _affine_row16(x + i * length + l0, y + i * length + l0, width, cols, cols + CHUNK, cols + 2 * CHUNK, fmt,
+                      mean + c0, scale + c0, shift + c0, s, nc)
+
+
+cdef void _backward_columns16(const uint16_t* dy, const uint16_t* x, uint16_t* dx, Py_ssize_t n, Py_ssize_t nc,
+                              Py_ssize_t s, Py_ssize_t c0, Py_ssize_t c1, bint training, bint sums,
+                              const double* mean, const double* rstd, const float* w, int fmt, double* sdy,
+                              double* sdyx, double* ca, double* cb, double* cc) noexcept nogil:
+    """_backward_columns on 16-bit data: channels c0..c1 whole; the per-column float32 coefficients and the double
+    fallback as in _grad_apply_channels16 (ca, cb, cc: written for c0..c1)."""
+    cdef Py_ssize_t length = nc * s, l0 = c0 * s, width = (c1 - c0) * s, c, i, j
+    cdef float cols[4 * CHUNK]  # per column: mean, ca, cb, cc (_grad_apply_row16's rows, CHUNK apart)
+    cdef double a[CHUNK]
+    cdef double b[CHUNK]
+    for c in range(c0, c1):
+        for i in range((c - c0) * s, (c - c0 + 1) * s):
+            cols[i] = <float>mean[c]
+    if sums:
+        _column_grad_sums16(dy + l0, x + l0, n, length, 0, width, cols, fmt, a, b)
+        for c in range(c0, c1):
+            _merge_columns(a + (c - c0) * s, b + (c - c0) * s, s, &sdy[c], &sdyx[c])
+    for c in range(c0, c1):
+        _coefficients(training, sdy[c], sdyx[c], <double>(n * s), rstd[c], w[c] if w != NULL else 1.0,
+                      &ca[c], &cb[c], &cc[c])
+        for i in range((c - c0) * s, (c - c0 + 1) * s):
+            cols[CHUNK + i] = <float>ca[c]
+            cols[2 * CHUNK + i] = <float>cb[c]
+            cols[3 * CHUNK + i] = <float>cc[c]
+    for i in range(n):
+        j = i * length + l0
+        _grad_apply_row16(dy + j, x + j, dx + j, width, training, cols, CHUNK, fmt, mean + c0, ca + c0, cb + c0,
+                          cc + c0, s, nc)
+
+
 cdef void _backward16(bint training, const uint16_t* dyp, const uint16_t* xp, Py_ssize_t n, Py_ssize_t nc,
                       Py_ssize_t s, const float* mean, const float* rstd, const float* w, uint16_t* dxp,
                       float* dweight, float* dbias, int fmt):
-    """_backward on 16-bit data (n, nc, s) (the channels schedule, or sums and elementwise pass apart); w, dweight,
-    dbias: NULL when absent."""
-    cdef Py_ssize_t c
+    """_backward on 16-bit data (n, nc, s) (the channels schedule, whole-columns tasks, or sums and elementwise pass
+    apart); w, dweight, dbias: NULL when absent."""
+    cdef Py_ssize_t c, t, k
     cdef bint sums = training or dweight != NULL or dbias != NULL
     # the per-channel vectors in one malloc'd block, a memoryview of it only for the helpers (see _backward_p)
     cdef double* work = <double*>calloc(7 * nc + 1, sizeof(double))
@@ -1363,6 +1427,11 @@ cdef void _backward16(bint training, const uint16_t* dyp, const uint16_t* xp, Py
             for c in prange(nc, nogil=True, schedule="static", num_threads=nt):
                 _backward_channel16(dyp, xp, dxp, n, nc, s, c, training, sums, mu[c], r[c],
                                     w[c] if w != NULL else 1.0, fmt, &sdy[c], &sdyx[c])
+        elif _whole_columns(n, nc, s):
+            k = _chunk_channels(s)
+            for t in prange(_column_tasks(nc, s), nogil=True, schedule="static", num_threads=nt):
+                _backward_columns16(dyp, xp, dxp, n, nc, s, t * k, min(nc, (t + 1) * k), training, sums, mu, r, w,
+                                    fmt, sdy, sdyx, ca, cb, cc)
         else:
             v = <double[:7 * nc + 1]> work
             if sums:
@@ -1389,7 +1458,7 @@ cdef void _pivots16(const uint16_t* xp, Py_ssize_t nc, Py_ssize_t s, int fmt, do
 
 cdef void _forward16(int fmt, const uint16_t* xp, Py_ssize_t n, Py_ssize_t nc, Py_ssize_t s, const float* w,
                      const float* b, double eps, uint16_t* yp, float* mean, float* rstd):
-    cdef Py_ssize_t c
+    cdef Py_ssize_t c, t, k
     # the per-channel vectors in one malloc'd block, a memoryview of it only for the helpers (see _backward_p)
     cdef double* work = <double*>malloc((7 * nc + 1) * sizeof(double))
     cdef double* mu = work
@@ -1407,6 +1476,11 @@ cdef void _forward16(int fmt, const uint16_t* xp, Py_ssize_t n, Py_ssize_t nc, P
         if s >= SHORT_ROW and nc >= MANY_CHANNELS:
             for c in prange(nc, nogil=True, schedule="static", num_threads=nt):
                 _forward_channel16(xp, yp, n, nc, s, c, eps, w, b, fmt, &mu[c], &r[c])
+        elif _whole_columns(n, nc, s):
+            k = _chunk_channels(s)
+            for t in prange(_column_tasks(nc, s), nogil=True, schedule="static", num_threads=nt):
+                _forward_columns16(xp, yp, n, nc, s, t * k, min(nc, (t + 1) * k), eps, w, b, fmt, mu, r, scale,
+                                   shift)
         else:
             v = <double[:7 * nc + 1]> work
             _pivots16(xp, nc, s, fmt, v[2 * nc:3 * nc])
