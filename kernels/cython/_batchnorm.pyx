@@ -37,9 +37,9 @@ from _common cimport (
     ACT_CHUNK, NO_ACT, NORMKIT_BUILD_FLAGS, NORMKIT_HAVE_OPENMP, NORMKIT_OPENMP_NOTE, SERIAL_MAX_VALUES, TILE16,
     act_apply, act_grad, act_grad_apply, act_grad_apply_stream, act_grad_sums, affine, affine16, affine_act,
     affine_act_stream, finish_moments, grad_apply, grad_apply16, grad_sums, grad_sums16, grad_sums_scale, moments,
-    moments16, normkit_col_sums16, normkit_cols16, normkit_half_init, normkit_narrow, normkit_sfence, narrow64,
-    normkit_widen, normkit_x86_64_copies, pivot16, pivot_of, prefetch_run, scale_copy, scale_copy16, threads_for,
-    to_double,
+    moments16, normkit_col_sums16, normkit_col_sums32, normkit_cols16, normkit_half_init, normkit_narrow,
+    normkit_sfence, narrow64, normkit_widen, normkit_x86_64_copies, pivot16, pivot_of, prefetch_run, scale_copy,
+    scale_copy16, threads_for, to_double,
 )
 
 # How this module was built (setup.py); the backend reads it for its INFO and to pick an x86-64 copy: the
@@ -240,6 +240,9 @@ cdef void _column_moments(const floating* x, Py_ssize_t n, Py_ssize_t length, Py
     cdef Py_ssize_t i, l
     cdef const floating* r
     cdef floating d0, d1, d2, d3
+    if floating is float:
+        if normkit_col_sums32(NULL, x, n, length, l0, l1, pivot, s1, s2) and _all_finite(s1, s2, l0, l1):
+            return
     for l in range(l0, l1):
         s1[l] = 0.0
         s2[l] = 0.0
@@ -274,6 +277,9 @@ cdef void _column_grad_sums(const floating* dy, const floating* x, Py_ssize_t n,
     # As _column_moments: four rows per sweep in the data's precision, added into double.
     cdef Py_ssize_t i, l, o
     cdef floating g0, g1, g2, g3
+    if floating is float:
+        if normkit_col_sums32(dy, x, n, length, l0, l1, mean, sdy, sdyx) and _all_finite(sdy, sdyx, l0, l1):
+            return
     for l in range(l0, l1):
         sdy[l] = 0.0
         sdyx[l] = 0.0
