@@ -1141,68 +1141,19 @@ cdef extern from *:
     }
     #endif
 
-    /* The column sums of the columns schedule on 16-bit data: for each column l in l0..l1 of n rows at stride
-       length, s1[l] = sum(d) and s2[l] = sum(d * d) with d = x - p[l] (the moments, dy NULL), or s1[l] = sum(dy)
-       and s2[l] = sum(dy * d) (p the mean). 32 columns a step (one cache line of each row), each group of 8 rows
-       summed in float32 lanes (exact terms for 16-bit data near p; _column_moments sums 4 rows so), then added
-       into double; columns beyond the last multiple of 8 in double. Returns 0 where it does not apply; the
-       callers check the sums are finite (else they sum again in double, as for float32 data). */
-    #if defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
-    static inline void normkit_add_pd8(double* s, __m256 v) {
-        _mm256_storeu_pd(s, _mm256_add_pd(_mm256_loadu_pd(s), _mm256_cvtps_pd(_mm256_castps256_ps128(v))));
-        _mm256_storeu_pd(s + 4, _mm256_add_pd(_mm256_loadu_pd(s + 4), _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1))));
-    }
-
-    /* V vectors of 8 columns from column l, through all n rows; fmt, grad and V constants in each call */
-    static inline __attribute__((always_inline)) void normkit_col_sums16_step(
-            const uint16_t* dy, const uint16_t* x, Py_ssize_t n, Py_ssize_t length, Py_ssize_t l, const float* p,
-            double* s1, double* s2, int fmt, int grad, int V) {
-        __m256 a[4], b[4], vp[4], d, g;
-        Py_ssize_t i0, i, e;
-        int j;
-        for (j = 0; j < V; j++) vp[j] = _mm256_loadu_ps(p + l + 8 * j);
-        for (i0 = 0; i0 < n; i0 += 8) {
-            e = i0 + 8 < n ? i0 + 8 : n;
-            for (j = 0; j < V; j++) { a[j] = _mm256_setzero_ps(); b[j] = _mm256_setzero_ps(); }
-            for (i = i0; i < e; i++) {
-                for (j = 0; j < V; j++) {
-                    d = _mm256_sub_ps(normkit_load8(x + i * length + l + 8 * j, fmt), vp[j]);
-                    g = grad ? normkit_load8(dy + i * length + l + 8 * j, fmt) : d;
-                    a[j] = _mm256_add_ps(a[j], g);
-                    b[j] = _mm256_fmadd_ps(g, d, b[j]);
-                }
-            }
-            for (j = 0; j < V; j++) {
-                normkit_add_pd8(s1 + l + 8 * j, a[j]);
-                normkit_add_pd8(s2 + l + 8 * j, b[j]);
-            }
-        }
-    }
-
-    static inline __attribute__((always_inline)) void normkit_col_sums16_loop(
-            const uint16_t* dy, const uint16_t* x, Py_ssize_t n, Py_ssize_t length, Py_ssize_t l0, Py_ssize_t l1,
-            const float* p, double* s1, double* s2, int fmt, int grad) {
-        Py_ssize_t l = l0, i;
-        double d, g;
-        for (; l + 32 <= l1; l += 32) normkit_col_sums16_step(dy, x, n, length, l, p, s1, s2, fmt, grad, 4);
-        for (; l + 8 <= l1; l += 8) normkit_col_sums16_step(dy, x, n, length, l, p, s1, s2, fmt, grad, 1);
-        for (; l < l1; l++) {
-            for (i = 0; i < n; i++) {
-                d = (double)normkit_scalar16(x[i * length + l], fmt) - p[l];
-                g = grad ? (double)normkit_scalar16(dy[i * length + l], fmt) : d;
-                s1[l] += g;
-                s2[l] += g * d;
-            }
-        }
-    }
-    #endif
-
-    /* The same column sums on float32 data: a whole register of columns a step (16 in the x86-64-v4 build, 8 in
-       the x86-64-v3 one), up to four registers across (64 columns: a channels-last row of 64 channels, read
-       straight through), each group of 8 rows summed in float32 lanes and then added into double. The loops of
-       _column_moments / _column_grad_sums (four rows a sweep, the double sums loaded and stored each sweep) ran
-       at about half a two-thread read's speed on data from memory: channels-last BatchNorm (32, 64, 56, 56)'s
-       gradient sums, 2 threads, 1.77 -> 0.91 ms. */
+    /* The column sums of BatchNorm's columns schedule (and of the channels-last GroupNorm / InstanceNorm kernels on
+       16-bit data): for each column l in l0..l1 of n rows at stride length, s1[l] = sum(d) and s2[l] = sum(d * d)
+       with d = x - p[l] (the moments, dy NULL), or s1[l] = sum(dy) and s2[l] = sum(dy * d) (p the mean). Rows go
+       in groups of 8, each group across all the columns (a row is read once, straight through: channels-last data
+       of 64 to 256 channels are rows of 64 to 256 values), four registers of columns a step (16 columns a register
+       in the x86-64-v4 build, 8 in the x86-64-v3 one), then one, then one of the last columns only; each group's
+       terms summed in float32 lanes (exact for 16-bit data near p; 8 float32 terms for float32 data, as
+       _column_moments sums 4), then added into double. Returns 0 where it does not apply; the callers check the
+       sums are finite (else they sum again in double).
+       The loops of _column_moments / _column_grad_sums (four rows a sweep, the double sums loaded and stored each
+       sweep) read float32 data from memory at about half a two-thread read's speed: channels-last BatchNorm (32,
+       64, 56, 56)'s gradient sums, 2 threads, 1.77 -> 0.91 ms. The 16-bit loop walked each 32-column strip through
+       all the rows of its task before the next strip, reading wide rows from memory once per strip. */
     #if defined(__AVX2__) && defined(__FMA__)
     #ifdef __AVX512F__
     #define NORMKIT_CW 16
@@ -1236,62 +1187,80 @@ cdef extern from *:
     }
     #endif
 
-    /* rows i0..e (at most 8) of V registers of columns from column l, summed in float32 and added into the double
-       sums; k < NORMKIT_CW: one register of the first k columns only (a masked load) */
-    static inline __attribute__((always_inline)) void normkit_col_sums32_rows(
-            const float* dy, const float* x, Py_ssize_t i0, Py_ssize_t e, Py_ssize_t length, Py_ssize_t l,
-            const float* p, double* s1, double* s2, int grad, int V, int k) {
-        NORMKIT_CVEC a[4], b[4], vp[4], d, g;
-        double t1[NORMKIT_CW], t2[NORMKIT_CW];
-        Py_ssize_t i;
-        int j;
-        for (j = 0; j < V; j++) {
-            a[j] = NORMKIT_CZERO(); b[j] = NORMKIT_CZERO();
-            vp[j] = k < NORMKIT_CW ? NORMKIT_CLOADN(p + l, k) : NORMKIT_CLOAD(p + l + NORMKIT_CW * j);
+    /* NAME_rows: rows i0..e (at most 8) of V registers of columns from column l, summed in float32 and added into
+       the double sums; k < NORMKIT_CW: one register of the first k columns only. NAME_loop: all n rows, columns
+       l0..l1. T is the data's type, LOAD(P) and LOADN(P, K) read a register (its first K values) of it as float32;
+       FMT_PARAM / FMT_ARG pass the 16-bit format along; grad, V, k and the format are constants in each call. */
+    #define NORMKIT_COL_SUMS(NAME, T, LOAD, LOADN, FMT_PARAM, FMT_ARG)                                    \
+        static inline __attribute__((always_inline)) void NAME##_rows(                                    \
+                const T* dy, const T* x, Py_ssize_t i0, Py_ssize_t e, Py_ssize_t length, Py_ssize_t l,     \
+                const float* p, double* s1, double* s2, int grad, int V, int k FMT_PARAM) {                 \
+            NORMKIT_CVEC a[4], b[4], vp[4], d, g;                                                          \
+            double t1[NORMKIT_CW], t2[NORMKIT_CW];                                                         \
+            Py_ssize_t i, o;                                                                               \
+            int j;                                                                                         \
+            for (j = 0; j < V; j++) {                                                                      \
+                a[j] = NORMKIT_CZERO(); b[j] = NORMKIT_CZERO();                                            \
+                vp[j] = k < NORMKIT_CW ? NORMKIT_CLOADN(p + l, k) : NORMKIT_CLOAD(p + l + NORMKIT_CW * j); \
+            }                                                                                              \
+            for (i = i0; i < e; i++) {                                                                     \
+                for (j = 0; j < V; j++) {                                                                  \
+                    o = i * length + l + NORMKIT_CW * j;                                                   \
+                    d = NORMKIT_CSUB(k < NORMKIT_CW ? LOADN(x + o, k) : LOAD(x + o), vp[j]);               \
+                    g = !grad ? d : k < NORMKIT_CW ? LOADN(dy + o, k) : LOAD(dy + o);                      \
+                    a[j] = NORMKIT_CADD(a[j], g);                                                          \
+                    b[j] = NORMKIT_CFMADD(g, d, b[j]);                                                     \
+                }                                                                                          \
+            }                                                                                              \
+            if (k < NORMKIT_CW) {                                                                          \
+                for (j = 0; j < NORMKIT_CW; j++) { t1[j] = 0.0; t2[j] = 0.0; }                             \
+                normkit_add_pd_c(t1, a[0]);                                                                \
+                normkit_add_pd_c(t2, b[0]);                                                                \
+                for (j = 0; j < k; j++) { s1[l + j] += t1[j]; s2[l + j] += t2[j]; }                        \
+                return;                                                                                    \
+            }                                                                                              \
+            for (j = 0; j < V; j++) {                                                                      \
+                normkit_add_pd_c(s1 + l + NORMKIT_CW * j, a[j]);                                           \
+                normkit_add_pd_c(s2 + l + NORMKIT_CW * j, b[j]);                                           \
+            }                                                                                              \
+        }                                                                                                  \
+        static inline __attribute__((always_inline)) void NAME##_loop(                                    \
+                const T* dy, const T* x, Py_ssize_t n, Py_ssize_t length, Py_ssize_t l0, Py_ssize_t l1,    \
+                const float* p, double* s1, double* s2, int grad FMT_PARAM) {                               \
+            Py_ssize_t i0, e, l;                                                                           \
+            for (l = l0; l < l1; l++) { s1[l] = 0.0; s2[l] = 0.0; }                                        \
+            for (i0 = 0; i0 < n; i0 += 8) {                                                                \
+                e = i0 + 8 < n ? i0 + 8 : n;                                                               \
+                for (l = l0; l + 4 * NORMKIT_CW <= l1; l += 4 * NORMKIT_CW)                                \
+                    NAME##_rows(dy, x, i0, e, length, l, p, s1, s2, grad, 4, NORMKIT_CW FMT_ARG);           \
+                for (; l + NORMKIT_CW <= l1; l += NORMKIT_CW)                                              \
+                    NAME##_rows(dy, x, i0, e, length, l, p, s1, s2, grad, 1, NORMKIT_CW FMT_ARG);           \
+                if (l < l1) NAME##_rows(dy, x, i0, e, length, l, p, s1, s2, grad, 1, (int)(l1 - l) FMT_ARG); \
+            }                                                                                              \
         }
-        for (i = i0; i < e; i++) {
-            for (j = 0; j < V; j++) {
-                Py_ssize_t o = i * length + l + NORMKIT_CW * j;
-                d = NORMKIT_CSUB(k < NORMKIT_CW ? NORMKIT_CLOADN(x + o, k) : NORMKIT_CLOAD(x + o), vp[j]);
-                g = !grad ? d : k < NORMKIT_CW ? NORMKIT_CLOADN(dy + o, k) : NORMKIT_CLOAD(dy + o);
-                a[j] = NORMKIT_CADD(a[j], g);
-                b[j] = NORMKIT_CFMADD(g, d, b[j]);
-            }
-        }
-        if (k < NORMKIT_CW) {
-            for (j = 0; j < NORMKIT_CW; j++) { t1[j] = 0.0; t2[j] = 0.0; }
-            normkit_add_pd_c(t1, a[0]);
-            normkit_add_pd_c(t2, b[0]);
-            for (j = 0; j < k; j++) { s1[l + j] += t1[j]; s2[l + j] += t2[j]; }
-            return;
-        }
-        for (j = 0; j < V; j++) {
-            normkit_add_pd_c(s1 + l + NORMKIT_CW * j, a[j]);
-            normkit_add_pd_c(s2 + l + NORMKIT_CW * j, b[j]);
-        }
-    }
+    NORMKIT_COL_SUMS(normkit_col_sums32, float, NORMKIT_CLOAD, NORMKIT_CLOADN, , )
+    #endif
 
-    /* groups of 8 rows in row order (each group's rows across all the columns, so a row is read once, straight
-       through), four registers of columns a step, then one, then a masked one */
-    static inline __attribute__((always_inline)) void normkit_col_sums32_loop(
-            const float* dy, const float* x, Py_ssize_t n, Py_ssize_t length, Py_ssize_t l0, Py_ssize_t l1,
-            const float* p, double* s1, double* s2, int grad) {
-        Py_ssize_t i0, e, l;
-        for (i0 = 0; i0 < n; i0 += 8) {
-            e = i0 + 8 < n ? i0 + 8 : n;
-            for (l = l0; l + 4 * NORMKIT_CW <= l1; l += 4 * NORMKIT_CW)
-                normkit_col_sums32_rows(dy, x, i0, e, length, l, p, s1, s2, grad, 4, NORMKIT_CW);
-            for (; l + NORMKIT_CW <= l1; l += NORMKIT_CW)
-                normkit_col_sums32_rows(dy, x, i0, e, length, l, p, s1, s2, grad, 1, NORMKIT_CW);
-            if (l < l1) normkit_col_sums32_rows(dy, x, i0, e, length, l, p, s1, s2, grad, 1, (int)(l1 - l));
-        }
+    #if defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
+    #ifdef __AVX512F__
+    #define NORMKIT_CLOAD16(P) normkit_load16((P), fmt)
+    #define NORMKIT_CLOAD16N(P, K) normkit_load16_first((P), (K), fmt)
+    #else
+    static inline __m256 normkit_load8_first(const uint16_t* p, Py_ssize_t k, int fmt) {
+        uint16_t t[8] = {0};
+        memcpy(t, p, (size_t)k * 2);
+        return normkit_load8(t, fmt);
     }
+    #define NORMKIT_CLOAD16(P) normkit_load8((P), fmt)
+    #define NORMKIT_CLOAD16N(P, K) normkit_load8_first((P), (K), fmt)
+    #endif
+    NORMKIT_COL_SUMS(normkit_col_sums16, uint16_t, NORMKIT_CLOAD16, NORMKIT_CLOAD16N, NORMKIT_COMMA int fmt,
+                     NORMKIT_COMMA fmt)
     #endif
 
     static inline int normkit_col_sums32(const float* dy, const float* x, Py_ssize_t n, Py_ssize_t length,
                                          Py_ssize_t l0, Py_ssize_t l1, const float* p, double* s1, double* s2) {
     #if defined(__AVX2__) && defined(__FMA__)
-        for (Py_ssize_t l = l0; l < l1; l++) { s1[l] = 0.0; s2[l] = 0.0; }
         if (dy) normkit_col_sums32_loop(dy, x, n, length, l0, l1, p, s1, s2, 1);
         else normkit_col_sums32_loop(NULL, x, n, length, l0, l1, p, s1, s2, 0);
         return 1;
@@ -1305,8 +1274,7 @@ cdef extern from *:
                                          int fmt) {
     #if defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
         if (fmt == 1 && !normkit_f16c) return 0;
-        for (Py_ssize_t l = l0; l < l1; l++) { s1[l] = 0.0; s2[l] = 0.0; }
-        #define NORMKIT_COL_SUMS16(FMT, GRAD) normkit_col_sums16_loop(dy, x, n, length, l0, l1, p, s1, s2, FMT, GRAD)
+        #define NORMKIT_COL_SUMS16(FMT, GRAD) normkit_col_sums16_loop(dy, x, n, length, l0, l1, p, s1, s2, GRAD, FMT)
         if (dy) { if (fmt) NORMKIT_COL_SUMS16(1, 1); else NORMKIT_COL_SUMS16(0, 1); }
         else { if (fmt) NORMKIT_COL_SUMS16(1, 0); else NORMKIT_COL_SUMS16(0, 0); }
         #undef NORMKIT_COL_SUMS16
