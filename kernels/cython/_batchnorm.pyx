@@ -235,8 +235,9 @@ cdef void _backward_channel(const floating* dy, const floating* x, floating* dx,
 
 cdef void _column_moments(const floating* x, Py_ssize_t n, Py_ssize_t length, Py_ssize_t l0, Py_ssize_t l1,
                           const floating* pivot, double* s1, double* s2) noexcept nogil:
-    # Four rows per sweep, their terms added in the data's precision and then into double: the column sums are
-    # loaded and stored a quarter as often, and the arithmetic runs in 8 float32 lanes rather than 4 doubles.
+    # float32 data: in registers where the build allows (normkit_col_sums32). Otherwise four rows per sweep, their
+    # terms added in the data's precision and then into double: the column sums are loaded and stored a quarter as
+    # often, and the arithmetic runs in 8 float32 lanes rather than 4 doubles.
     cdef Py_ssize_t i, l
     cdef const floating* r
     cdef floating d0, d1, d2, d3
@@ -274,7 +275,8 @@ cdef void _column_moments(const floating* x, Py_ssize_t n, Py_ssize_t length, Py
 cdef void _column_grad_sums(const floating* dy, const floating* x, Py_ssize_t n, Py_ssize_t length,
                             Py_ssize_t l0, Py_ssize_t l1, const floating* mean, double* sdy,
                             double* sdyx) noexcept nogil:
-    # As _column_moments: four rows per sweep in the data's precision, added into double.
+    # As _column_moments: in registers for float32 where the build allows, else four rows per sweep in the data's
+    # precision, added into double.
     cdef Py_ssize_t i, l, o
     cdef floating g0, g1, g2, g3
     if floating is float:
@@ -1009,8 +1011,9 @@ def batchnorm_backward_addr(Py_ssize_t n, Py_ssize_t c, Py_ssize_t s, size_t dy,
 
 
 # --- 16-bit data (normkit.contract): uint16 patterns, fmt 0 bfloat16 / 1 float16; float32 parameters and stats ----
-# The same schedules (the columns one always with separate passes), each run of data widened to float32 tile by
-# tile (TILE16 values, or ROWS16 rows of a column task's CHUNK columns) and handed to the float32 loops above.
+# The same schedules (the whole-columns tasks too), each run of data widened to float32 in registers where the
+# build allows, else tile by tile (TILE16 values, or ROWS16 rows of a column task's CHUNK columns) and handed to the
+# float32 loops above.
 
 cdef enum:
     ROWS16 = 8

@@ -37,7 +37,8 @@ from libc.stdint cimport uint16_t
 
 from _common cimport (
     NO_ACT, SERIAL_MAX_VALUES, TILE16, act_apply, act_grad, finish_moments, grad_sums, moments, narrow64,
-    normkit_col_sums16, normkit_cols16, normkit_half_init, normkit_narrow, normkit_widen, pivot_of, threads_for,
+    normkit_col_sums16, normkit_col_sums32, normkit_cols16, normkit_half_init, normkit_narrow, normkit_widen,
+    pivot_of, threads_for,
 )
 
 # float16 converts with F16C where the CPU has it, unless NORMKIT_CYTHON_NO_F16C=1 (see _groupnorm.pyx).
@@ -91,10 +92,15 @@ cdef bint _all_finite(const double* a, const double* b, Py_ssize_t nc) noexcept 
 
 cdef void _col_moments(const floating* x, Py_ssize_t rows, Py_ssize_t nc, const floating* piv, double* s1,
                        double* s2) noexcept nogil:
-    """s1[l] = sum(x[:, l] - piv[l]) and s2[l] = sum((x[:, l] - piv[l])**2) over ``rows`` rows."""
+    """s1[l] = sum(x[:, l] - piv[l]) and s2[l] = sum((x[:, l] - piv[l])**2) over ``rows`` rows: for float32 in
+    registers where the build allows (normkit_col_sums32), else four rows a sweep in the data's precision, added
+    into double."""
     cdef Py_ssize_t i, l
     cdef const floating* r
     cdef floating d0, d1, d2, d3
+    if floating is float:
+        if normkit_col_sums32(NULL, x, rows, nc, 0, nc, piv, s1, s2) and _all_finite(s1, s2, nc):
+            return
     for l in range(nc):
         s1[l] = 0.0
         s2[l] = 0.0
@@ -127,6 +133,9 @@ cdef void _col_grad_sums(const floating* dy, const floating* x, Py_ssize_t rows,
     """sdy[l] = sum(dy[:, l]) and sdyx[l] = sum(dy[:, l] * (x[:, l] - mean[l])), as _col_moments."""
     cdef Py_ssize_t i, l, o
     cdef floating g0, g1, g2, g3
+    if floating is float:
+        if normkit_col_sums32(dy, x, rows, nc, 0, nc, mean, sdy, sdyx) and _all_finite(sdy, sdyx, nc):
+            return
     for l in range(nc):
         sdy[l] = 0.0
         sdyx[l] = 0.0
