@@ -3,9 +3,10 @@
 without a fused activation.
 
 x is (N, S, C), C-contiguous: sample n is S rows of C values, and a set (n, g) is the columns g*Cg..(g+1)*Cg-1
-of those rows. Sums run down the columns, vectorized along C: four rows per sweep added in the data's precision,
-then into double per column (as the NCHW kernels' columns schedule), redone in double where that overflowed or
-met a NaN/inf. A set's column sums are then merged in channel order.
+of those rows. Sums run down the columns, vectorized along C, as the NCHW BatchNorm's columns schedule does: in
+registers where the build allows (normkit_col_sums32 / 16: groups of 8 rows in float32 lanes), else four rows per
+sweep in the data's precision, then into double per column; redone in double where that overflowed or met a
+NaN/inf. A set's column sums are then merged in channel order.
 
 Tasks are cut from the shape alone, so no result depends on the thread count: one task per sample when there are
 enough samples (its sums, statistics and elementwise pass while the sample is in cache); otherwise blocks of rows,
