@@ -419,18 +419,32 @@ cdef void _forward_columns(const floating* x, floating* y, Py_ssize_t n, Py_ssiz
                            Py_ssize_t c0, Py_ssize_t c1, double eps, const floating* w, const floating* b,
                            double* mean, double* rstd) noexcept nogil:
     """Channels c0..c1 of the columns schedule, whole: their column sums, statistics and elementwise pass."""
-    cdef Py_ssize_t length = nc * s, l0 = c0 * s, width = (c1 - c0) * s, c, i, j
+    cdef Py_ssize_t length = nc * s, l0 = c0 * s, width = (c1 - c0) * s, c, i
     cdef floating piv[CHUNK]
     cdef floating cm[CHUNK]
     cdef floating scale[CHUNK]
     cdef floating shift[CHUNK]
     cdef double s1[CHUNK]
     cdef double s2[CHUNK]
-    cdef double t1, t2, sc, sh
     for c in range(c0, c1):
         for i in range(s):
             piv[(c - c0) * s + i] = <floating>pivot_of(x[c * s])
     _column_moments(x + l0, n, length, 0, width, piv, s1, s2)
+    _finish_columns(s1, s2, n, s, c0, c1, piv, eps, w, b, mean, rstd, cm, scale, shift, NULL, NULL)
+    for i in range(n):
+        _affine_columns(x + i * length + l0, y + i * length + l0, width, cm, scale, shift)
+
+
+cdef void _finish_columns(const double* s1, const double* s2, Py_ssize_t n, Py_ssize_t s, Py_ssize_t c0,
+                          Py_ssize_t c1, const floating* piv, double eps, const floating* w, const floating* b,
+                          double* mean, double* rstd, floating* cm, floating* scale, floating* shift,
+                          double* scale64, double* shift64) noexcept nogil:
+    """The whole-columns tasks' statistics of channels c0..c1 from their column sums (s1, s2 and the pivots piv
+    per column of the task), and their elementwise pass's per-column coefficients in the data's precision: cm,
+    scale, and a shift that takes the mean's rounding to that precision (as affine() does). scale64, shift64 (or
+    NULL): the channels' scale and shift in double."""
+    cdef Py_ssize_t c, i, j
+    cdef double t1, t2, sc, sh
     for c in range(c0, c1):
         j = (c - c0) * s
         t1 = 0.0
@@ -438,14 +452,15 @@ cdef void _forward_columns(const floating* x, floating* y, Py_ssize_t n, Py_ssiz
         _merge_columns(s1 + j, s2 + j, s, &t1, &t2)
         finish_moments(t1, t2, n * s, piv[j], eps, &mean[c], &rstd[c])
         sc = rstd[c] * w[c] if w != NULL else rstd[c]
-        # as in affine(): the shift takes the mean's rounding to the data's precision
-        sh = (b[c] if b != NULL else 0.0) + (<double><floating>mean[c] - mean[c]) * sc
+        sh = b[c] if b != NULL else 0.0
+        if scale64 != NULL:
+            scale64[c] = sc
+            shift64[c] = sh
+        sh = sh + (<double><floating>mean[c] - mean[c]) * sc
         for i in range(j, j + s):
             cm[i] = <floating>mean[c]
             scale[i] = <floating>sc
             shift[i] = <floating>sh
-    for i in range(n):
-        _affine_columns(x + i * length + l0, y + i * length + l0, width, cm, scale, shift)
 
 
 cdef void _backward_columns(const floating* dy, const floating* x, floating* dx, Py_ssize_t n, Py_ssize_t nc,
@@ -1350,29 +1365,19 @@ cdef void _forward_columns16(const uint16_t* x, uint16_t* y, Py_ssize_t n, Py_ss
     """_forward_columns on 16-bit data: channels c0..c1 whole, their columns read a second time from cache; the
     per-column float32 coefficients and the double fallback as in _apply_channels16 (scale, shift: the channels'
     double coefficients, written for c0..c1)."""
-    cdef Py_ssize_t length = nc * s, l0 = c0 * s, width = (c1 - c0) * s, c, i, j
+    cdef Py_ssize_t length = nc * s, l0 = c0 * s, width = (c1 - c0) * s, c, i
     cdef float piv[CHUNK]
-    cdef float cols[3 * CHUNK]  # per column: mean, scale, the shift that takes the mean's float32 rounding
+    cdef float cols[3 * CHUNK]  # per column: mean, scale, shift (_finish_columns)
     cdef double s1[CHUNK]
     cdef double s2[CHUNK]
-    cdef double t1, t2
+    cdef double p
     for c in range(c0, c1):
-        t1 = pivot16(x + c * s, fmt)  # a 16-bit value: exact in float32
+        p = pivot16(x + c * s, fmt)  # a 16-bit value: exact in float32
         for i in range((c - c0) * s, (c - c0 + 1) * s):
-            piv[i] = <float>t1
+            piv[i] = <float>p
     _column_moments16(x + l0, n, length, 0, width, piv, False, fmt, s1, s2)
-    for c in range(c0, c1):
-        j = (c - c0) * s
-        t1 = 0.0
-        t2 = 0.0
-        _merge_columns(s1 + j, s2 + j, s, &t1, &t2)
-        finish_moments(t1, t2, n * s, piv[j], eps, &mean[c], &rstd[c])
-        scale[c] = rstd[c] * w[c] if w != NULL else rstd[c]
-        shift[c] = b[c] if b != NULL else 0.0
-        for i in range(j, j + s):
-            cols[i] = <float>mean[c]
-            cols[CHUNK + i] = <float>scale[c]
-            cols[2 * CHUNK + i] = <float>(shift[c] + (<double><float>mean[c] - mean[c]) * scale[c])
+    _finish_columns(s1, s2, n, s, c0, c1, piv, eps, w, b, mean, rstd, cols, cols + CHUNK, cols + 2 * CHUNK, scale,
+                    shift)
     for i in range(n):
         _affine_row16(x + i * length + l0, y + i * length + l0, width, cols, cols + CHUNK, cols + 2 * CHUNK, fmt,
                       mean + c0, scale + c0, shift + c0, s, nc)
