@@ -35,11 +35,11 @@ from libc.stdint cimport uint16_t
 
 from _common cimport (
     ACT_CHUNK, NO_ACT, NORMKIT_BUILD_FLAGS, NORMKIT_HAVE_OPENMP, NORMKIT_OPENMP_NOTE, SERIAL_MAX_VALUES, TILE16,
-    act_apply, act_grad, act_grad_apply, act_grad_apply_stream, act_grad_sums, affine, affine16, affine_act,
-    affine_act_stream, finish_moments, grad_apply, grad_apply16, grad_sums, grad_sums16, grad_sums_scale, moments,
-    moments16, normkit_col_sums16, normkit_col_sums32, normkit_cols16, normkit_half_init, normkit_narrow,
-    normkit_sfence, narrow64, normkit_widen, normkit_x86_64_copies, pivot16, pivot_of, prefetch_run, scale_copy,
-    scale_copy16, threads_for, to_double,
+    act_apply, act_grad, act_grad_apply, act_grad_apply_stream, act_grad_sums, affine, affine16, affine16_runs,
+    affine_act, affine_act_stream, finish_moments, grad_apply, grad_apply16, grad_apply16_runs, grad_sums, grad_sums16,
+    grad_sums_scale, moments, moments16, normkit_col_sums16, normkit_col_sums32, normkit_cols16, normkit_half_init,
+    normkit_narrow, normkit_sfence, narrow64, normkit_widen, normkit_x86_64_copies, pivot16, pivot_of, prefetch_run,
+    scale_copy, scale_copy16, threads_for, to_double,
 )
 
 # How this module was built (setup.py); the backend reads it for its INFO and to pick an x86-64 copy: the
@@ -1075,8 +1075,7 @@ cdef void _forward_channel16(const uint16_t* x, uint16_t* y, Py_ssize_t n, Py_ss
         moments16(x + (i * nc + c) * s, s, fmt, pivot, &s1, &s2)
     finish_moments(s1, s2, n * s, pivot, eps, mean, rstd)
     scale = rstd[0] * w[c] if w != NULL else rstd[0]
-    for i in range(n):
-        affine16(x + (i * nc + c) * s, y + (i * nc + c) * s, s, fmt, mean[0], scale, b[c] if b != NULL else 0.0)
+    affine16_runs(x + c * s, y + c * s, n, s, nc * s, fmt, mean[0], scale, b[c] if b != NULL else 0.0)
 
 
 cdef void _backward_channel16(const uint16_t* dy, const uint16_t* x, uint16_t* dx, Py_ssize_t n, Py_ssize_t nc,
@@ -1093,12 +1092,12 @@ cdef void _backward_channel16(const uint16_t* dy, const uint16_t* x, uint16_t* d
     sdy[0] = a
     sdyx[0] = b
     _coefficients(training, a, b, <double>(n * s), rstd, w, &ca, &cb, &cc)
+    if training:
+        grad_apply16_runs(dy + c * s, x + c * s, dx + c * s, n, s, nc * s, fmt, mean, ca, cb, cc)
+        return
     for i in range(n):
         off = (i * nc + c) * s
-        if training:
-            grad_apply16(dy + off, x + off, dx + off, s, fmt, mean, ca, cb, cc)
-        else:
-            scale_copy16(dy + off, dx + off, s, fmt, ca)
+        scale_copy16(dy + off, dx + off, s, fmt, ca)
 
 
 cdef void _column_moments16(const uint16_t* x, Py_ssize_t n, Py_ssize_t length, Py_ssize_t l0, Py_ssize_t l1,

@@ -1301,10 +1301,45 @@ cdef extern from *:
     #endif
     }
 
+    /* normkit_affine16 on `runs` runs of n values, `stride` values apart (a channel's rows of (N, C, S) data) in one
+       call: 1 if every output is finite, 0 if not (the caller then goes run by run, which redoes such runs in
+       double), -1 where it does not apply */
+    static int normkit_affine16_runs(const uint16_t* x, uint16_t* y, Py_ssize_t runs, Py_ssize_t n,
+                                     Py_ssize_t stride, int fmt, float m, float a, float c) {
+    #if defined(__AVX2__) && defined(__F16C__)
+        int ok = 1;
+        Py_ssize_t r;
+        if (fmt == 1 && !normkit_f16c) return -1;
+        for (r = 0; r < runs; r++, x += stride, y += stride)
+            ok &= fmt ? normkit_affine16_v3_loop(NULL, x, y, n, 1, m, a, c)
+                      : normkit_affine16_v3_loop(NULL, x, y, n, 0, m, a, c);
+        return ok;
+    #else
+        return -1;
+    #endif
+    }
+
     static int normkit_grad_apply16(const uint16_t* dy, const uint16_t* x, uint16_t* dx, Py_ssize_t n, int fmt,
                                     float m, float a, float b, float c) {
     #if defined(__AVX2__) && defined(__F16C__)
         return normkit_grad_apply16_v3(dy, x, dx, n, fmt, m, a, b, c);
+    #else
+        return -1;
+    #endif
+    }
+
+    /* normkit_grad_apply16 on runs as normkit_affine16_runs */
+    static int normkit_grad_apply16_runs(const uint16_t* dy, const uint16_t* x, uint16_t* dx, Py_ssize_t runs,
+                                         Py_ssize_t n, Py_ssize_t stride, int fmt, float m, float a, float b,
+                                         float c) {
+    #if defined(__AVX2__) && defined(__F16C__)
+        int ok = 1;
+        Py_ssize_t r;
+        if (fmt == 1 && !normkit_f16c) return -1;
+        for (r = 0; r < runs; r++, dy += stride, x += stride, dx += stride)
+            ok &= fmt ? normkit_grad_apply16_v3_loop(dy, x, dx, n, 1, m, a, b, c)
+                      : normkit_grad_apply16_v3_loop(dy, x, dx, n, 0, m, a, b, c);
+        return ok;
     #else
         return -1;
     #endif
@@ -1631,8 +1666,12 @@ cdef extern from *:
     bint normkit_narrow(const float* s, uint16_t* d, Py_ssize_t n, int fmt) noexcept nogil
     int normkit_affine16(const uint16_t* x, uint16_t* y, Py_ssize_t n, int fmt, float m, float a,
                          float c) noexcept nogil
+    int normkit_affine16_runs(const uint16_t* x, uint16_t* y, Py_ssize_t runs, Py_ssize_t n, Py_ssize_t stride,
+                              int fmt, float m, float a, float c) noexcept nogil
     int normkit_grad_apply16(const uint16_t* dy, const uint16_t* x, uint16_t* dx, Py_ssize_t n, int fmt, float m,
                              float a, float b, float c) noexcept nogil
+    int normkit_grad_apply16_runs(const uint16_t* dy, const uint16_t* x, uint16_t* dx, Py_ssize_t runs, Py_ssize_t n,
+                                  Py_ssize_t stride, int fmt, float m, float a, float b, float c) noexcept nogil
     int normkit_cols16(const uint16_t* dy, const uint16_t* x, uint16_t* out, Py_ssize_t n, int fmt, const float* m,
                        const float* a, const float* b, const float* c, int mode) noexcept nogil
     bint normkit_col_sums32(const float* dy, const float* x, Py_ssize_t n, Py_ssize_t length, Py_ssize_t l0,
@@ -1724,6 +1763,19 @@ cdef inline void affine16(const uint16_t* x, uint16_t* y, Py_ssize_t n, int fmt,
             narrow64(d, y + i, k, fmt)
 
 
+cdef inline void affine16_runs(const uint16_t* x, uint16_t* y, Py_ssize_t runs, Py_ssize_t n, Py_ssize_t stride,
+                               int fmt, double mean, double scale, double shift) noexcept nogil:
+    """affine16 on runs of n values, stride apart, in one call where the build allows (a run of 196 values spent
+    a third of its time in the per-call setup), else or where an output is not finite run by run."""
+    cdef float m = <float>mean
+    cdef Py_ssize_t r
+    if normkit_affine16_runs(x, y, runs, n, stride, fmt, m, <float>scale,
+                             <float>(shift + (<double>m - mean) * scale)) == 1:
+        return
+    for r in range(runs):
+        affine16(x + r * stride, y + r * stride, n, fmt, mean, scale, shift)
+
+
 cdef inline void grad_sums16(const uint16_t* dy, const uint16_t* x, const float* w, Py_ssize_t n, int fmt,
                              double mean, double* sdy, double* sdyx) noexcept nogil:
     cdef float tdy[TILE16]
@@ -1763,6 +1815,17 @@ cdef inline void grad_apply16(const uint16_t* dy, const uint16_t* x, uint16_t* d
             to_double(tx, dx64, k)
             grad_apply(ddy, dx64, dx64, k, mean, a, b, c)
             narrow64(dx64, dx + i, k, fmt)
+
+
+cdef inline void grad_apply16_runs(const uint16_t* dy, const uint16_t* x, uint16_t* dx, Py_ssize_t runs,
+                                   Py_ssize_t n, Py_ssize_t stride, int fmt, double mean, double a, double b,
+                                   double c) noexcept nogil:
+    """grad_apply16 on runs of n values, stride apart, as affine16_runs."""
+    cdef Py_ssize_t r
+    if normkit_grad_apply16_runs(dy, x, dx, runs, n, stride, fmt, <float>mean, <float>a, <float>b, <float>c) == 1:
+        return
+    for r in range(runs):
+        grad_apply16(dy + r * stride, x + r * stride, dx + r * stride, n, fmt, mean, a, b, c)
 
 
 cdef inline void scale_copy16(const uint16_t* dy, uint16_t* dx, Py_ssize_t n, int fmt, double a) noexcept nogil:
