@@ -1153,7 +1153,14 @@ cdef extern from *:
        The loops of _column_moments / _column_grad_sums (four rows a sweep, the double sums loaded and stored each
        sweep) read float32 data from memory at about half a two-thread read's speed: channels-last BatchNorm (32,
        64, 56, 56)'s gradient sums, 2 threads, 1.77 -> 0.91 ms. The 16-bit loop walked each 32-column strip through
-       all the rows of its task before the next strip, reading wide rows from memory once per strip. */
+       all the rows of its task before the next strip, reading wide rows from memory once per strip.
+       Each load is preceded by a prefetch of the same columns NORMKIT_PREFETCH_BYTES further on (8 rows at least):
+       with the hardware's prefetchers alone, the moments read from memory at 55-65% of a plain read's speed. Against
+       no prefetch (2 threads, caches flushed before each call, one process sweeping 4-32 KB; 4-16 KB alike):
+       channels-last GroupNorm (8, 256, 56, 56) forward 0.88, backward 0.86; (32, 64, 56, 56) 0.98 / 0.83;
+       BatchNorm's columns on (12544, 256) 0.83 / 0.88, (100352, 64) 1.0 / 0.95, (256, 1024) 0.88 / 0.89; bfloat16
+       (12544, 256) 0.81 / 0.74, (100352, 64) 0.91 / 0.95. */
+    #define NORMKIT_PREFETCH_BYTES 8192
     #if defined(__AVX2__) && defined(__FMA__)
     #ifdef __AVX512F__
     #define NORMKIT_CW 16
@@ -1194,7 +1201,7 @@ cdef extern from *:
     #define NORMKIT_COL_SUMS(NAME, T, LOAD, LOADN, FMT_PARAM, FMT_ARG)                                    \
         static inline __attribute__((always_inline)) void NAME##_rows(                                    \
                 const T* dy, const T* x, Py_ssize_t i0, Py_ssize_t e, Py_ssize_t length, Py_ssize_t l,     \
-                const float* p, double* s1, double* s2, int grad, int V, int k FMT_PARAM) {                 \
+                const float* p, double* s1, double* s2, int grad, int V, int k, Py_ssize_t pf FMT_PARAM) {  \
             NORMKIT_CVEC a[4], b[4], vp[4], d, g;                                                          \
             double t1[NORMKIT_CW], t2[NORMKIT_CW];                                                         \
             Py_ssize_t i, o;                                                                               \
@@ -1206,6 +1213,10 @@ cdef extern from *:
             for (i = i0; i < e; i++) {                                                                     \
                 for (j = 0; j < V; j++) {                                                                  \
                     o = i * length + l + NORMKIT_CW * j;                                                   \
+                    if (pf) {                                                                              \
+                        __builtin_prefetch(x + o + pf, 0, 3);                                              \
+                        if (grad) __builtin_prefetch(dy + o + pf, 0, 3);                                   \
+                    }                                                                                      \
                     d = NORMKIT_CSUB(k < NORMKIT_CW ? LOADN(x + o, k) : LOAD(x + o), vp[j]);               \
                     g = !grad ? d : k < NORMKIT_CW ? LOADN(dy + o, k) : LOAD(dy + o);                      \
                     a[j] = NORMKIT_CADD(a[j], g);                                                          \
@@ -1227,15 +1238,19 @@ cdef extern from *:
         static inline __attribute__((always_inline)) void NAME##_loop(                                    \
                 const T* dy, const T* x, Py_ssize_t n, Py_ssize_t length, Py_ssize_t l0, Py_ssize_t l1,    \
                 const float* p, double* s1, double* s2, int grad FMT_PARAM) {                               \
-            Py_ssize_t i0, e, l;                                                                           \
+            Py_ssize_t i0, e, l, pf, ahead = 8;  /* rows; length is 0 for data without values */          \
+            if (length > 0 && NORMKIT_PREFETCH_BYTES / (length * (Py_ssize_t)sizeof(T)) > 8)                \
+                ahead = NORMKIT_PREFETCH_BYTES / (length * (Py_ssize_t)sizeof(T));                          \
             for (l = l0; l < l1; l++) { s1[l] = 0.0; s2[l] = 0.0; }                                        \
             for (i0 = 0; i0 < n; i0 += 8) {                                                                \
                 e = i0 + 8 < n ? i0 + 8 : n;                                                               \
+                pf = e + ahead <= n ? ahead * length : 0;                                                  \
                 for (l = l0; l + 4 * NORMKIT_CW <= l1; l += 4 * NORMKIT_CW)                                \
-                    NAME##_rows(dy, x, i0, e, length, l, p, s1, s2, grad, 4, NORMKIT_CW FMT_ARG);           \
+                    NAME##_rows(dy, x, i0, e, length, l, p, s1, s2, grad, 4, NORMKIT_CW, pf FMT_ARG);       \
                 for (; l + NORMKIT_CW <= l1; l += NORMKIT_CW)                                              \
-                    NAME##_rows(dy, x, i0, e, length, l, p, s1, s2, grad, 1, NORMKIT_CW FMT_ARG);           \
-                if (l < l1) NAME##_rows(dy, x, i0, e, length, l, p, s1, s2, grad, 1, (int)(l1 - l) FMT_ARG); \
+                    NAME##_rows(dy, x, i0, e, length, l, p, s1, s2, grad, 1, NORMKIT_CW, pf FMT_ARG);       \
+                if (l < l1)                                                                                \
+                    NAME##_rows(dy, x, i0, e, length, l, p, s1, s2, grad, 1, (int)(l1 - l), pf FMT_ARG);    \
             }                                                                                              \
         }
     NORMKIT_COL_SUMS(normkit_col_sums32, float, NORMKIT_CLOAD, NORMKIT_CLOADN, , )
