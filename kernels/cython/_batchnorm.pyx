@@ -38,8 +38,8 @@ from _common cimport (
     act_apply, act_grad, act_grad_apply, act_grad_apply_stream, act_grad_sums, affine, affine16, affine16_runs,
     affine_act, affine_act_stream, finish_moments, grad_apply, grad_apply16, grad_apply16_runs, grad_sums, grad_sums16,
     grad_sums_scale, moments, moments16, normkit_col_sums16, normkit_col_sums32, normkit_cols16, normkit_half_init,
-    normkit_narrow, normkit_sfence, narrow64, normkit_widen, normkit_x86_64_copies, pivot16, pivot_of, prefetch_run,
-    scale_copy, scale_copy16, threads_for, to_double,
+    normkit_narrow, normkit_sfence, narrow64, normkit_sums16_runs, normkit_widen, normkit_x86_64_copies, pivot16,
+    pivot_of, prefetch_run, scale_copy, scale_copy16, threads_for, to_double,
 )
 
 # How this module was built (setup.py); the backend reads it for its INFO and to pick an x86-64 copy: the
@@ -1069,10 +1069,11 @@ cdef void _forward_channel16(const uint16_t* x, uint16_t* y, Py_ssize_t n, Py_ss
                              double* rstd) noexcept nogil:
     cdef Py_ssize_t i
     cdef double s1 = 0.0, s2 = 0.0, pivot = pivot16(x + c * s, fmt), scale
-    for i in range(n):
-        if i + 1 < n:
-            prefetch_run(x + ((i + 1) * nc + c) * s, s * sizeof(uint16_t))
-        moments16(x + (i * nc + c) * s, s, fmt, pivot, &s1, &s2)
+    if not normkit_sums16_runs(NULL, x + c * s, n, s, nc * s, fmt, pivot, &s1, &s2):
+        for i in range(n):
+            if i + 1 < n:
+                prefetch_run(x + ((i + 1) * nc + c) * s, s * sizeof(uint16_t))
+            moments16(x + (i * nc + c) * s, s, fmt, pivot, &s1, &s2)
     finish_moments(s1, s2, n * s, pivot, eps, mean, rstd)
     scale = rstd[0] * w[c] if w != NULL else rstd[0]
     affine16_runs(x + c * s, y + c * s, n, s, nc * s, fmt, mean[0], scale, b[c] if b != NULL else 0.0)
@@ -1083,7 +1084,7 @@ cdef void _backward_channel16(const uint16_t* dy, const uint16_t* x, uint16_t* d
                               double w, int fmt, double* sdy, double* sdyx) noexcept nogil:
     cdef Py_ssize_t i, off
     cdef double a = 0.0, b = 0.0, ca, cb, cc
-    if sums:
+    if sums and not normkit_sums16_runs(dy + c * s, x + c * s, n, s, nc * s, fmt, mean, &a, &b):
         for i in range(n):
             if i + 1 < n:
                 prefetch_run(dy + ((i + 1) * nc + c) * s, s * sizeof(uint16_t))
