@@ -57,6 +57,9 @@ def main(argv=None) -> None:
     parser.add_argument("--ops", default="gn,ln,bn")
     parser.add_argument("--rounds", type=int, default=41)
     args = parser.parse_args(argv)
+    unknown = sorted(set(args.ops.split(",")) - set(OPS))
+    if unknown:
+        parser.error(f"--ops: {', '.join(unknown)} not among {', '.join(OPS)} (the kernels that have streaming loops)")
     from normkit_kernels.cython import kernels
 
     normkit.set_num_threads(args.threads)
