@@ -62,10 +62,10 @@ def _compare(op, shape, dtype, rng, **extra):
 
 # Each side of every schedule switch in the kernels: BatchNorm's short rows (S < 32, with row counts that are not a
 # multiple of the 4-row sweep) and many channels (C >= 32); LayerNorm's backward of rows over 4096 values (groups of
-# rows, two groups at (130, 4097)) and its row blocks; RMSNorm's long rows in fewer than four row blocks (few rows, or
-# partial sums beyond the budget: (5, 270001)) or up to 16 rows over 16384 values, which the threads share by tiles;
-# GroupNorm's and InstanceNorm's single set of 65536 values or more, cut into pieces; LayerNorm's forward of a single
-# long row, by tiles.
+# rows below 128 rows, two of them at (40, 20000); row blocks again from 128 rows) and its row blocks of shorter
+# rows; RMSNorm's long rows in fewer than four row blocks (few rows, or partial sums beyond the budget: (5, 270001))
+# or up to 16 rows over 16384 values, which the threads share by tiles; GroupNorm's and InstanceNorm's single set of
+# 65536 values or more, cut into pieces; LayerNorm's forward of a single long row, by tiles.
 SCHEDULE_CASES = [
     ("batchnorm", (7, 33, 31), {}),
     ("batchnorm", (9, 31, 32), {}),
@@ -74,7 +74,9 @@ SCHEDULE_CASES = [
     ("batchnorm", (1025, 3), {}),
     ("layernorm", (3, 4096), {}),
     ("layernorm", (3, 4097), {}),
-    ("layernorm", (130, 4097), {}),
+    ("layernorm", (127, 4097), {}),
+    ("layernorm", (128, 4097), {}),
+    ("layernorm", (40, 20000), {}),
     ("layernorm", (1, 65536), {}),
     ("layernorm", (1, 70001), {}),
     ("layernorm", (2, 5, 20000), {"ln_dims": 2}),

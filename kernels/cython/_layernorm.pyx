@@ -3,12 +3,12 @@
 
 Rows are independent tasks. The parameter gradients sum over rows; to stay independent of the thread count they
 are summed per fixed block of rows (blocks depend on the shape only) and the blocks merged in order. Rows too long
-for per-block partial sums (K > GROUPED_ROW) are instead processed in groups of rows that stay in the last-level cache
-between two parallel passes: one for the rows' sums, by (row, tile of columns) items merged in tile order; one for
-dx and the parameter gradients, by blocks of columns, each adding the group's rows in row order (two rows per loop
-where no activation is fused, so that the accumulators are loaded once per pair). (Float32 (32, 200704) on two
-threads: 5.2-5.9 -> 4.6-5.7 ms, the same as the Numba kernel, which has this schedule; the earlier one row at a
-time, its tiles in parallel, was 15% slower.)
+for per-block partial sums (K > GROUPED_ROW, unless there are GROUPED_MAX_ROWS of them or more) are instead
+processed in groups of rows that stay in the last-level cache between two parallel passes: one for the rows' sums,
+by (row, tile of columns) items merged in tile order; one for dx and the parameter gradients, by blocks of columns,
+each adding the group's rows in row order (two rows per loop where no activation is fused, so that the
+accumulators are loaded once per pair). (Float32 (32, 200704) on two threads: 5.2-5.9 -> 4.6-5.7 ms, the same as
+the Numba kernel, which has this schedule; the earlier one row at a time, its tiles in parallel, was 15% slower.)
 
 Fused activation (the act_ directions): the activation is applied to each chunk of y as it is written; backward
 recomputes z = xhat * w + b chunk by chunk in each of its passes over a row and uses g = dy * act'(z) for dy.
@@ -52,6 +52,11 @@ cdef Py_ssize_t LONG_ROW = 1 << 16
 # on one and two threads from k = 5000 to 65536 and m = 1 to 2048; its dx pass splits rows into COLUMNS-wide
 # blocks, two of them at k = 4096, too few to go lower.
 cdef Py_ssize_t GROUPED_ROW = 4096
+# ...but with this many rows or more, up to LONG_ROW values each, the blocks of rows win again (their partial sums
+# are then a small part of the work): blocks against groups, in-process A/B, float32, 2 threads, two runs, 128 to
+# 1024 rows of 8192 to 65536 values 0.76-0.94x (one cell 1.05 in one run); 64 rows 0.95-1.08x; 8 to 32 rows up to
+# 2.3x (the groups' case). Longer rows with many rows (100 MB and more) were not measured and keep the groups.
+cdef Py_ssize_t GROUPED_MAX_ROWS = 128
 # The 16-bit backward has no such schedule: rows over LONG_ROW go one at a time, the threads sharing each by tiles,
 # and so do up to TILED_ROWS rows over TILED_ROW values (_common.pxd), as in _rownorm.pyx.
 cdef Py_ssize_t TILE = 4096
@@ -86,8 +91,8 @@ def set_stream_min_bytes(Py_ssize_t n):
 
 
 def set_pairs_max_bytes(Py_ssize_t n):
-    """The backward of rows up to GROUPED_ROW takes them two at a time (_backward_block) when dy, x and dx together
-    are at most n bytes."""
+    """The backward's blocks of rows (_backward_block) take them two at a time when dy, x and dx together are at
+    most n bytes."""
     global _pairs_max
     _pairs_max = n
 
@@ -479,7 +484,7 @@ cdef void _backward_rows(const floating* dyp, const floating* xp, Py_ssize_t m, 
             _backward_block(dyp, xp, dxp, t * per_block, min(m, (t + 1) * per_block), k, w, b, act, slope, mp, rp,
                             NULL, NULL, stream, False)
         return
-    if k > GROUPED_ROW:
+    if k > GROUPED_ROW and (m < GROUPED_MAX_ROWS or k > LONG_ROW):
         tiles = (k + TILE - 1) // TILE
         cols = (k + COLUMNS - 1) // COLUMNS
         group = min(m, max(2, GROUP_BYTES // (2 * k * <Py_ssize_t>sizeof(floating)) // 2 * 2))  # even
