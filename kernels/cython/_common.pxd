@@ -1141,8 +1141,8 @@ cdef extern from *:
     }
     #endif
 
-    /* The column sums of BatchNorm's columns schedule (and of the channels-last GroupNorm / InstanceNorm kernels on
-       16-bit data): for each column l in l0..l1 of n rows at stride length, s1[l] = sum(d) and s2[l] = sum(d * d)
+    /* The column sums of BatchNorm's columns schedule (and of the channels-last GroupNorm / InstanceNorm kernels):
+       for each column l in l0..l1 of n rows at stride length, s1[l] = sum(d) and s2[l] = sum(d * d)
        with d = x - p[l] (the moments, dy NULL), or s1[l] = sum(dy) and s2[l] = sum(dy * d) (p the mean). Rows go
        in groups of 8, each group across all the columns (a row is read once, straight through: channels-last data
        of 64 to 256 channels are rows of 64 to 256 values), four registers of columns a step (16 columns a register

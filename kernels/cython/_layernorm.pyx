@@ -3,7 +3,7 @@
 
 Rows are independent tasks. The parameter gradients sum over rows; to stay independent of the thread count they
 are summed per fixed block of rows (blocks depend on the shape only) and the blocks merged in order. Rows too long
-for per-block partial sums (K > GROUPED_ROW, unless there are GROUPED_MAX_ROWS of them or more) are instead
+for per-block partial sums (K > GROUPED_ROW, with fewer than GROUPED_MAX_ROWS rows or K > LONG_ROW) are instead
 processed in groups of rows that stay in the last-level cache between two parallel passes: one for the rows' sums,
 by (row, tile of columns) items merged in tile order; one for dx and the parameter gradients, by blocks of columns,
 each adding the group's rows in row order (two rows per loop where no activation is fused, so that the
