@@ -305,7 +305,8 @@ def test_matches_reference(op, fmt, data):
 
 
 # each side of every schedule switch (test_cython.SCHEDULE_CASES; and _batchnorm.SHORT_ROW16, _layernorm's
-# 16-bit TILED_ROW), in kernel shapes
+# 16-bit TILED_ROW), in kernel shapes; (20, 70000): LayerNorm's long rows in several groups (on two threads or
+# more), the parameter gradients' flush after row 16 inside one
 SCHEDULE_CASES = [
     ("batchnorm", (7, 33, 31), 1), ("batchnorm", (9, 31, 32), 1), ("batchnorm", (5, 32, 32), 1),
     ("batchnorm", (6, 40, 3), 1), ("batchnorm", (1025, 3, 1), 1), ("batchnorm", (300, 700, 1), 1),
@@ -313,7 +314,7 @@ SCHEDULE_CASES = [
     ("layernorm", (16, 16385), 1), ("layernorm", (17, 16385), 1), ("layernorm", (2, 100000), 1),
     ("layernorm", (130, 33), 1), ("groupnorm", (3, 6, 1), 3), ("groupnorm", (2, 8, 1500), 2),
     ("instancenorm", (2, 3, 2049), 1), ("batchnorm", (3, 5, 127), 1), ("batchnorm", (3, 5, 128), 1),
-    ("instancenorm", (2, 40, 127), 1),
+    ("instancenorm", (2, 40, 127), 1), ("layernorm", (20, 70000), 1),
 ]
 
 

@@ -57,8 +57,10 @@ cdef Py_ssize_t GROUPED_ROW = 4096
 # 1024 rows of 8192 to 65536 values 0.76-0.94x (one cell 1.05 in one run); 64 rows 0.95-1.08x; 8 to 32 rows up to
 # 2.3x (the groups' case). Longer rows with many rows (100 MB and more) were not measured and keep the groups.
 cdef Py_ssize_t GROUPED_MAX_ROWS = 128
-# The 16-bit backward has no such schedule: rows over LONG_ROW go one at a time, the threads sharing each by tiles,
-# and so do up to TILED_ROWS rows over TILED_ROW values (_common.pxd), as in _rownorm.pyx.
+# The 16-bit backward has no such schedule: rows over LONG_ROW, and up to TILED_ROWS rows over TILED_ROW values
+# (_common.pxd), go in groups of rows, the threads sharing their tiles, each thread's share of a group's dy and x
+# within GROUP16_BYTES (in L2 between the group's two passes).
+cdef Py_ssize_t GROUP16_BYTES = 512 << 10
 cdef Py_ssize_t TILE = 4096
 # Long rows go in groups of rows whose dy and x fit this many bytes (in the last-level cache between the two passes
 # over them), and their dx pass by blocks of COLUMNS columns (whose parameter-gradient accumulators stay in L1).
@@ -730,7 +732,7 @@ def layernorm_backward16(int fmt, const uint16_t[:, ::1] dy, const uint16_t[:, :
 cdef void _backward16(int fmt, const uint16_t* dyp, const uint16_t* xp, Py_ssize_t m, Py_ssize_t k, const float* mp,
                       const float* rp, const float* w, uint16_t* dxp, float* dwp, float* dbp):
     """layernorm_backward's schedules (see there), on 16-bit data (m, k); w, dwp, dbp: NULL when absent."""
-    cdef Py_ssize_t i, j, t, per_block, blocks, tiles, n
+    cdef Py_ssize_t i, j, t, per_block, blocks, tiles, n, group, q, g0, rows, r
     cdef bint params = dwp != NULL or dbp != NULL
     cdef const float[::1] wv
     if w == NULL:
@@ -740,7 +742,8 @@ cdef void _backward16(int fmt, const uint16_t* dyp, const uint16_t* xp, Py_ssize
     cdef double[::1] buf
     cdef double* grads
     cdef double* work
-    cdef double sg, sgx, cb, cc
+    cdef double* coef
+    cdef double sg, sgx
     cdef int nt = threads_for(m * k, _nthreads, _serial_max)
     if not params:
         blocks = min(m, MAX_BLOCKS)
@@ -751,34 +754,48 @@ cdef void _backward16(int fmt, const uint16_t* dyp, const uint16_t* xp, Py_ssize
                               NULL)
         return
     if k > LONG_ROW or (k > TILED_ROW and m <= TILED_ROWS):
+        # Groups of rows (each thread's share of their dy and x within GROUP16_BYTES, in L2 between the group's two
+        # parallel passes), the threads sharing the tiles: each tile adds the group's rows in row order, the same
+        # sums as one row at a time gave, with two parallel regions a group instead of two a row.
         tiles = (k + TILE - 1) // TILE
-        buf = _scratch(2 * k + 2 * tiles + (2 * k * sizeof(float) + 7) // 8)
+        group = min(m, max(1, GROUP16_BYTES * nt // (2 * k * <Py_ssize_t>sizeof(uint16_t))))
+        buf = _scratch(2 * k + 2 * tiles * group + 2 * group + (2 * k * sizeof(float) + 7) // 8)
         grads = &buf[0]
         work = grads + 2 * k
-        acc = <float*>(work + 2 * tiles)
+        coef = work + 2 * tiles * group
+        acc = <float*>(coef + 2 * group)
         with nogil:
-            for i in range(m):
+            for q in range((m + group - 1) // group):
+                g0 = q * group
+                rows = min(group, m - g0)
                 for t in prange(tiles, schedule="static", num_threads=nt):
                     n = min(TILE, k - t * TILE)
-                    if i == 0:
+                    if q == 0:
                         clear_sums(grads + t * TILE, acc + t * TILE, n)
                         clear_sums(grads + k + t * TILE, acc + k + t * TILE, n)
-                    work[2 * t] = 0.0
-                    work[2 * t + 1] = 0.0
-                    _row_sums16(dyp + i * k + t * TILE, xp + i * k + t * TILE, n, w + t * TILE, mp[i], rp[i], fmt,
-                                acc + t * TILE, acc + k + t * TILE, &work[2 * t], &work[2 * t + 1])
-                    if i % FLUSH == FLUSH - 1 or i == m - 1:
-                        _flush(acc + t * TILE, grads + t * TILE, n)
-                        _flush(acc + k + t * TILE, grads + k + t * TILE, n)
-                sg = 0.0
-                sgx = 0.0
-                for t in range(tiles):
-                    sg = sg + work[2 * t]
-                    sgx = sgx + work[2 * t + 1]
-                _coefficients(sg, sgx, k, rp[i], &cb, &cc)
+                    for r in range(rows):
+                        i = g0 + r
+                        work[2 * (r * tiles + t)] = 0.0
+                        work[2 * (r * tiles + t) + 1] = 0.0
+                        _row_sums16(dyp + i * k + t * TILE, xp + i * k + t * TILE, n, w + t * TILE, mp[i], rp[i],
+                                    fmt, acc + t * TILE, acc + k + t * TILE, &work[2 * (r * tiles + t)],
+                                    &work[2 * (r * tiles + t) + 1])
+                        if i % FLUSH == FLUSH - 1 or i == m - 1:
+                            _flush(acc + t * TILE, grads + t * TILE, n)
+                            _flush(acc + k + t * TILE, grads + k + t * TILE, n)
+                for r in range(rows):
+                    sg = 0.0
+                    sgx = 0.0
+                    for t in range(tiles):
+                        sg = sg + work[2 * (r * tiles + t)]
+                        sgx = sgx + work[2 * (r * tiles + t) + 1]
+                    _coefficients(sg, sgx, k, rp[g0 + r], &coef[2 * r], &coef[2 * r + 1])
                 for t in prange(tiles, schedule="static", num_threads=nt):
-                    _row_dx16(dyp + i * k + t * TILE, xp + i * k + t * TILE, dxp + i * k + t * TILE,
-                              min(TILE, k - t * TILE), w + t * TILE, mp[i], rp[i], cb, cc, fmt)
+                    for r in range(rows):
+                        i = g0 + r
+                        _row_dx16(dyp + i * k + t * TILE, xp + i * k + t * TILE, dxp + i * k + t * TILE,
+                                  min(TILE, k - t * TILE), w + t * TILE, mp[i], rp[i], coef[2 * r], coef[2 * r + 1],
+                                  fmt)
     else:
         blocks = min(m, MAX_BLOCKS, max(1, PARTIAL_BUDGET // (2 * k)), max(FEW_BLOCKS, m // BLOCK_ROWS))
         per_block = (m + blocks - 1) // blocks
