@@ -348,6 +348,21 @@ cdef inline void _coefficients(double sg, double sgx, Py_ssize_t k, double rstd,
     cc[0] = -rstd * sg / k
 
 
+cdef void _group_coefficients(const double* work, Py_ssize_t tiles, Py_ssize_t rows, Py_ssize_t k,
+                              const floating* rstd, double* coef) noexcept nogil:
+    """The coefficients of each row r of a group (_coefficients, into coef[2r], coef[2r + 1]) from its sums per
+    tile t, work[2 * (t * rows + r)] and the next, added in tile order; rstd from the group's first row."""
+    cdef Py_ssize_t r, t
+    cdef double sg, sgx
+    for r in range(rows):
+        sg = 0.0
+        sgx = 0.0
+        for t in range(tiles):
+            sg = sg + work[2 * (t * rows + r)]
+            sgx = sgx + work[2 * (t * rows + r) + 1]
+        _coefficients(sg, sgx, k, rstd[r], &coef[2 * r], &coef[2 * r + 1])
+
+
 cdef void _backward_block(const floating* dy, const floating* x, floating* dx, Py_ssize_t m0, Py_ssize_t m1,
                           Py_ssize_t k, const floating* w, const floating* b, int act, double slope,
                           const floating* mean, const floating* rstd, double* partial, floating* acc,
@@ -471,7 +486,6 @@ cdef void _backward_rows(const floating* dyp, const floating* xp, Py_ssize_t m, 
     cdef double* grads  # weight gradients, then bias gradients: 2k doubles
     cdef double* work
     cdef double* coef
-    cdef double sg, sgx, cb, cc
     cdef int nt = threads_for(m * k, _nthreads, _serial_max)
     cdef bint stream = m * k * <Py_ssize_t>sizeof(floating) >= _stream_min
     keep = []
@@ -510,13 +524,7 @@ cdef void _backward_rows(const floating* dyp, const floating* xp, Py_ssize_t m, 
                     _row_pass(dyp + i * k + j, xp + i * k + j, NULL, min(TILE, k - j), w + j,
                               b + j if b != NULL else NULL, mp[i], rp[i], act, slope, &work[2 * t], &work[2 * t + 1],
                               NULL, NULL, 0.0, 0.0, False)
-                for r in range(rows):
-                    sg = 0.0
-                    sgx = 0.0
-                    for t in range(tiles):
-                        sg = sg + work[2 * (t * rows + r)]
-                        sgx = sgx + work[2 * (t * rows + r) + 1]
-                    _coefficients(sg, sgx, k, rp[g0 + r], &coef[2 * r], &coef[2 * r + 1])
+                _group_coefficients(work, tiles, rows, k, rp + g0, coef)
                 # dx and the parameter gradients by blocks of columns, each adding the group's rows in row order
                 for t in prange(cols, schedule="static", num_threads=nt):
                     j = t * COLUMNS
@@ -743,7 +751,6 @@ cdef void _backward16(int fmt, const uint16_t* dyp, const uint16_t* xp, Py_ssize
     cdef double* grads
     cdef double* work
     cdef double* coef
-    cdef double sg, sgx
     cdef int nt = threads_for(m * k, _nthreads, _serial_max)
     if not params:
         blocks = min(m, MAX_BLOCKS)
@@ -775,21 +782,15 @@ cdef void _backward16(int fmt, const uint16_t* dyp, const uint16_t* xp, Py_ssize
                         clear_sums(grads + k + t * TILE, acc + k + t * TILE, n)
                     for r in range(rows):
                         i = g0 + r
-                        work[2 * (r * tiles + t)] = 0.0
-                        work[2 * (r * tiles + t) + 1] = 0.0
+                        work[2 * (t * rows + r)] = 0.0
+                        work[2 * (t * rows + r) + 1] = 0.0
                         _row_sums16(dyp + i * k + t * TILE, xp + i * k + t * TILE, n, w + t * TILE, mp[i], rp[i],
-                                    fmt, acc + t * TILE, acc + k + t * TILE, &work[2 * (r * tiles + t)],
-                                    &work[2 * (r * tiles + t) + 1])
+                                    fmt, acc + t * TILE, acc + k + t * TILE, &work[2 * (t * rows + r)],
+                                    &work[2 * (t * rows + r) + 1])
                         if i % FLUSH == FLUSH - 1 or i == m - 1:
                             _flush(acc + t * TILE, grads + t * TILE, n)
                             _flush(acc + k + t * TILE, grads + k + t * TILE, n)
-                for r in range(rows):
-                    sg = 0.0
-                    sgx = 0.0
-                    for t in range(tiles):
-                        sg = sg + work[2 * (r * tiles + t)]
-                        sgx = sgx + work[2 * (r * tiles + t) + 1]
-                    _coefficients(sg, sgx, k, rp[g0 + r], &coef[2 * r], &coef[2 * r + 1])
+                _group_coefficients(work, tiles, rows, k, rp + g0, coef)
                 for t in prange(tiles, schedule="static", num_threads=nt):
                     for r in range(rows):
                         i = g0 + r
