@@ -27,7 +27,7 @@ import numpy as np
 
 from cython cimport floating
 from cython.parallel cimport prange
-from libc.math cimport isfinite, sqrt
+from libc.math cimport sqrt
 from libc.stdlib cimport calloc, free, malloc
 from libc.string cimport memcpy
 
@@ -36,10 +36,10 @@ from libc.stdint cimport uint16_t
 from _common cimport (
     ACT_CHUNK, NO_ACT, NORMKIT_BUILD_FLAGS, NORMKIT_HAVE_OPENMP, NORMKIT_OPENMP_NOTE, SERIAL_MAX_VALUES, TILE16,
     act_apply, act_grad, act_grad_apply, act_grad_apply_stream, act_grad_sums, affine, affine16, affine16_runs,
-    affine_act, affine_act_stream, finish_moments, grad_apply, grad_apply16, grad_apply16_runs, grad_sums, grad_sums16,
-    grad_sums_scale, moments, moments16, normkit_col_sums16, normkit_col_sums32, normkit_cols16, normkit_half_init,
-    normkit_narrow, normkit_sfence, narrow64, normkit_sums16_runs, normkit_widen, normkit_x86_64_copies, pivot16,
-    pivot_of, prefetch_run, scale_copy, scale_copy16, threads_for, to_double,
+    affine_act, affine_act_stream, all_finite, column_grad_sums, column_moments, finish_moments, grad_apply,
+    grad_apply16, grad_apply16_runs, grad_sums, grad_sums16, grad_sums_scale, moments, moments16, normkit_col_sums16,
+    normkit_cols16, normkit_half_init, normkit_narrow, normkit_sfence, narrow64, normkit_sums16_runs, normkit_widen,
+    normkit_x86_64_copies, pivot16, pivot_of, prefetch_run, scale_copy, scale_copy16, threads_for, to_double,
 )
 
 # How this module was built (setup.py); the backend reads it for its INFO and to pick an x86-64 copy: the
@@ -233,91 +233,6 @@ cdef void _backward_channel(const floating* dy, const floating* x, floating* dx,
         normkit_sfence()
 
 
-cdef void _column_moments(const floating* x, Py_ssize_t n, Py_ssize_t length, Py_ssize_t l0, Py_ssize_t l1,
-                          const floating* pivot, double* s1, double* s2) noexcept nogil:
-    # float32 data: in registers where the build allows (normkit_col_sums32). Otherwise four rows per sweep, their
-    # terms added in the data's precision and then into double: the column sums are loaded and stored a quarter as
-    # often, and the arithmetic runs in 8 float32 lanes rather than 4 doubles.
-    cdef Py_ssize_t i, l
-    cdef const floating* r
-    cdef floating d0, d1, d2, d3
-    if floating is float:
-        if normkit_col_sums32(NULL, x, n, length, l0, l1, pivot, s1, s2) and _all_finite(s1, s2, l0, l1):
-            return
-    for l in range(l0, l1):
-        s1[l] = 0.0
-        s2[l] = 0.0
-    for i in range(0, n - 3, 4):
-        r = x + i * length
-        for l in range(l0, l1):
-            d0 = r[l] - pivot[l]
-            d1 = r[length + l] - pivot[l]
-            d2 = r[2 * length + l] - pivot[l]
-            d3 = r[3 * length + l] - pivot[l]
-            s1[l] += (d0 + d1) + (d2 + d3)
-            s2[l] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)
-    for i in range(n - n % 4, n):
-        for l in range(l0, l1):
-            d0 = x[i * length + l] - pivot[l]
-            s1[l] += d0
-            s2[l] += d0 * d0
-    if not _all_finite(s1, s2, l0, l1):
-        # squares that overflow the data's precision (|x - pivot| beyond ~1e19 in float32), or a NaN or inf in
-        # the data (which the double sums keep): this chunk again, in double
-        for l in range(l0, l1):
-            s1[l] = 0.0
-            s2[l] = 0.0
-        for i in range(n):
-            for l in range(l0, l1):
-                moments(x + i * length + l, 1, pivot[l], &s1[l], &s2[l])
-
-
-cdef void _column_grad_sums(const floating* dy, const floating* x, Py_ssize_t n, Py_ssize_t length,
-                            Py_ssize_t l0, Py_ssize_t l1, const floating* mean, double* sdy,
-                            double* sdyx) noexcept nogil:
-    # As _column_moments: in registers for float32 where the build allows, else four rows per sweep in the data's
-    # precision, added into double.
-    cdef Py_ssize_t i, l, o
-    cdef floating g0, g1, g2, g3
-    if floating is float:
-        if normkit_col_sums32(dy, x, n, length, l0, l1, mean, sdy, sdyx) and _all_finite(sdy, sdyx, l0, l1):
-            return
-    for l in range(l0, l1):
-        sdy[l] = 0.0
-        sdyx[l] = 0.0
-    for i in range(0, n - 3, 4):
-        o = i * length
-        for l in range(l0, l1):
-            g0 = dy[o + l]
-            g1 = dy[o + length + l]
-            g2 = dy[o + 2 * length + l]
-            g3 = dy[o + 3 * length + l]
-            sdy[l] += (g0 + g1) + (g2 + g3)
-            sdyx[l] += ((g0 * (x[o + l] - mean[l]) + g1 * (x[o + length + l] - mean[l]))
-                        + (g2 * (x[o + 2 * length + l] - mean[l]) + g3 * (x[o + 3 * length + l] - mean[l])))
-    for i in range(n - n % 4, n):
-        for l in range(l0, l1):
-            g0 = dy[i * length + l]
-            sdy[l] += g0
-            sdyx[l] += g0 * (x[i * length + l] - mean[l])
-    if not _all_finite(sdy, sdyx, l0, l1):
-        # products that overflow the data's precision, or non-finite data: this chunk again, in double
-        for l in range(l0, l1):
-            sdy[l] = 0.0
-            sdyx[l] = 0.0
-        for i in range(n):
-            for l in range(l0, l1):
-                grad_sums(dy + i * length + l, x + i * length + l, NULL, 1, mean[l], &sdy[l], &sdyx[l])
-
-
-cdef bint _all_finite(const double* a, const double* b, Py_ssize_t l0, Py_ssize_t l1) noexcept nogil:
-    cdef Py_ssize_t l
-    for l in range(l0, l1):
-        if not (isfinite(a[l]) and isfinite(b[l])):
-            return False
-    return True
-
-
 cdef void _affine_columns(const floating* x, floating* y, Py_ssize_t length, const floating* mean,
                           const floating* scale, const floating* shift) noexcept nogil:
     cdef Py_ssize_t l
@@ -382,7 +297,7 @@ cdef void _column_act_grad_sums(const floating* dy, const floating* x, Py_ssize_
                                 Py_ssize_t l0, Py_ssize_t l1, const floating* mean, const floating* zscale,
                                 const floating* zshift, int act, double slope, double* sdy,
                                 double* sdyx) noexcept nogil:
-    """_column_grad_sums of g = dy * act'(z) over columns l0..l1 (at most CHUNK), ACT_ROWS rows at a time: their g
+    """column_grad_sums() of g = dy * act'(z) over columns l0..l1 (at most CHUNK), ACT_ROWS rows at a time: their g
     (z as in _grad_apply_columns_act) and x copied on the stack as rows of the task's width."""
     cdef floating tg[ACT_ROWS * CHUNK]
     cdef floating tx[ACT_ROWS * CHUNK]
@@ -400,7 +315,7 @@ cdef void _column_act_grad_sums(const floating* dy, const floating* x, Py_ssize_
             memcpy(tx + j * width, x + o, width * sizeof(floating))
             _affine_columns(x + o, tg + j * width, width, mean + l0, zscale + l0, zshift + l0)
             act_grad(dy + o, tg + j * width, width, act, slope)
-        _column_grad_sums(tg, tx, r, width, 0, width, mean + l0, a, b)
+        column_grad_sums(tg, tx, r, width, 0, width, mean + l0, a, b)
         for l in range(width):
             sdy[l0 + l] += a[l]
             sdyx[l0 + l] += b[l]
@@ -429,7 +344,7 @@ cdef void _forward_columns(const floating* x, floating* y, Py_ssize_t n, Py_ssiz
     for c in range(c0, c1):
         for i in range(s):
             piv[(c - c0) * s + i] = <floating>pivot_of(x[c * s])
-    _column_moments(x + l0, n, length, 0, width, piv, s1, s2)
+    column_moments(x + l0, n, length, 0, width, piv, s1, s2)
     _finish_columns(s1, s2, n, s, c0, c1, piv, eps, w, b, mean, rstd, cm, scale, shift, NULL, NULL)
     for i in range(n):
         _affine_columns(x + i * length + l0, y + i * length + l0, width, cm, scale, shift)
@@ -480,7 +395,7 @@ cdef void _backward_columns(const floating* dy, const floating* x, floating* dx,
         for i in range((c - c0) * s, (c - c0 + 1) * s):
             cm[i] = <floating>mean[c]
     if sums:
-        _column_grad_sums(dy + l0, x + l0, n, length, 0, width, cm, a, b)
+        column_grad_sums(dy + l0, x + l0, n, length, 0, width, cm, a, b)
         for c in range(c0, c1):
             _merge_columns(a + (c - c0) * s, b + (c - c0) * s, s, &sdy[c], &sdyx[c])
     for c in range(c0, c1):
@@ -539,7 +454,7 @@ cdef void _channel_moments(const floating* xp, Py_ssize_t n, Py_ssize_t nc, Py_s
         _per_column(&pivot[0], nc, s, &p[0])
         for t in prange(blocks * tasks, nogil=True, schedule="static", num_threads=nt):
             k = t // tasks
-            _column_moments(xp + k * rows * length, max(0, min(rows, n - k * rows)), length,
+            column_moments(xp + k * rows * length, max(0, min(rows, n - k * rows)), length,
                             (t % tasks) * width, min(length, (t % tasks + 1) * width), &p[0], &a[k * length],
                             &b[k * length])
         for c in range(nc):
@@ -629,7 +544,7 @@ cdef void _channel_grad_sums(const floating* dyp, const floating* xp, Py_ssize_t
         for t in prange(blocks * tasks, nogil=True, schedule="static", num_threads=nt):
             k = t // tasks
             if act == NO_ACT:
-                _column_grad_sums(dyp + k * rows * length, xp + k * rows * length, max(0, min(rows, n - k * rows)),
+                column_grad_sums(dyp + k * rows * length, xp + k * rows * length, max(0, min(rows, n - k * rows)),
                                   length, (t % tasks) * width, min(length, (t % tasks + 1) * width), &m[0],
                                   &a[k * length], &b[k * length])
             else:
@@ -888,7 +803,7 @@ def channel_act_backward_infer(const floating[:, :, ::1] dy, const floating[:, :
 
 cdef void _column_moments64(const floating* x, Py_ssize_t n, Py_ssize_t length, Py_ssize_t l0, Py_ssize_t l1,
                             const double* pivot, double* s1, double* s2) noexcept nogil:
-    """As _column_moments, all in double (the statistics of ``stats`` are float64 whatever the data's dtype)."""
+    """As column_moments(), all in double (the statistics of ``stats`` are float64 whatever the data's dtype)."""
     cdef Py_ssize_t i, l
     cdef const floating* r
     cdef double d0, d1, d2, d3
@@ -1103,7 +1018,7 @@ cdef void _backward_channel16(const uint16_t* dy, const uint16_t* x, uint16_t* d
 
 cdef void _column_moments16(const uint16_t* x, Py_ssize_t n, Py_ssize_t length, Py_ssize_t l0, Py_ssize_t l1,
                             const float* pivot, bint wide, int fmt, double* s1, double* s2) noexcept nogil:
-    """_column_moments (_column_moments64 if wide) of columns l0..l1 (at most CHUNK): in registers where the build
+    """column_moments() (_column_moments64 if wide) of columns l0..l1 (at most CHUNK): in registers where the build
     allows (normkit_col_sums16), else ROWS16 rows at a time through the float32 loop."""
     cdef float t[ROWS16 * CHUNK]
     cdef double p[CHUNK]
@@ -1111,7 +1026,7 @@ cdef void _column_moments16(const uint16_t* x, Py_ssize_t n, Py_ssize_t length, 
     cdef double b[CHUNK]
     cdef Py_ssize_t width = l1 - l0, q, i, l, r
     if not wide and normkit_col_sums16(NULL, x, n, length, l0, l1, pivot, s1, s2, fmt) and \
-            _all_finite(s1, s2, l0, l1):
+            all_finite(s1, s2, l0, l1):
         return
     for l in range(width):
         p[l] = pivot[l0 + l]
@@ -1124,7 +1039,7 @@ cdef void _column_moments16(const uint16_t* x, Py_ssize_t n, Py_ssize_t length, 
         if wide:
             _column_moments64(t, r, width, 0, width, p, a, b)
         else:
-            _column_moments(t, r, width, 0, width, pivot + l0, a, b)
+            column_moments(t, r, width, 0, width, pivot + l0, a, b)
         for l in range(width):
             s1[l0 + l] += a[l]
             s2[l0 + l] += b[l]
@@ -1132,13 +1047,13 @@ cdef void _column_moments16(const uint16_t* x, Py_ssize_t n, Py_ssize_t length, 
 
 cdef void _column_grad_sums16(const uint16_t* dy, const uint16_t* x, Py_ssize_t n, Py_ssize_t length, Py_ssize_t l0,
                               Py_ssize_t l1, const float* mean, int fmt, double* sdy, double* sdyx) noexcept nogil:
-    """_column_grad_sums of columns l0..l1 (at most CHUNK): as _column_moments16."""
+    """column_grad_sums() of columns l0..l1 (at most CHUNK): as _column_moments16."""
     cdef float tdy[ROWS16 * CHUNK]
     cdef float tx[ROWS16 * CHUNK]
     cdef double a[CHUNK]
     cdef double b[CHUNK]
     cdef Py_ssize_t width = l1 - l0, q, i, l, r
-    if normkit_col_sums16(dy, x, n, length, l0, l1, mean, sdy, sdyx, fmt) and _all_finite(sdy, sdyx, l0, l1):
+    if normkit_col_sums16(dy, x, n, length, l0, l1, mean, sdy, sdyx, fmt) and all_finite(sdy, sdyx, l0, l1):
         return
     for l in range(l0, l1):
         sdy[l] = 0.0
@@ -1148,7 +1063,7 @@ cdef void _column_grad_sums16(const uint16_t* dy, const uint16_t* x, Py_ssize_t 
         r = min(<Py_ssize_t>ROWS16, n - i)
         _widen_block(dy + i * length + l0, r, length, width, fmt, tdy)
         _widen_block(x + i * length + l0, r, length, width, fmt, tx)
-        _column_grad_sums(tdy, tx, r, width, 0, width, mean + l0, a, b)
+        column_grad_sums(tdy, tx, r, width, 0, width, mean + l0, a, b)
         for l in range(width):
             sdy[l0 + l] += a[l]
             sdyx[l0 + l] += b[l]

@@ -3,10 +3,11 @@
 without a fused activation.
 
 x is (N, S, C), C-contiguous: sample n is S rows of C values, and a set (n, g) is the columns g*Cg..(g+1)*Cg-1
-of those rows. Sums run down the columns, vectorized along C, as the NCHW BatchNorm's columns schedule does: in
-registers where the build allows (normkit_col_sums32 / 16: groups of 8 rows in float32 lanes), else four rows per
-sweep in the data's precision, then into double per column; redone in double where that overflowed or met a
-NaN/inf. A set's column sums are then merged in channel order.
+of those rows. Sums run down the columns, vectorized along C, with the NCHW BatchNorm's columns schedule's loops
+(column_moments() and column_grad_sums() of _common.pxd, whole rows; normkit_col_sums16 for 16-bit data): in
+registers where the build allows (groups of 8 rows in float32 lanes), else four rows per sweep in the data's
+precision, then into double per column; redone in double where that overflowed or met a NaN/inf. A set's column
+sums are then merged in channel order.
 
 Tasks are cut from the shape alone, so no result depends on the thread count: one task per sample when there are
 enough samples (its sums, statistics and elementwise pass while the sample is in cache); otherwise blocks of rows,
@@ -33,12 +34,11 @@ import numpy as np
 
 from cython cimport floating
 from cython.parallel cimport prange
-from libc.math cimport isfinite
 from libc.stdint cimport uint16_t
 
 from _common cimport (
-    NO_ACT, SERIAL_MAX_VALUES, TILE16, act_apply, act_grad, finish_moments, grad_sums, moments, narrow64,
-    normkit_col_sums16, normkit_col_sums32, normkit_cols16, normkit_half_init, normkit_narrow, normkit_widen,
+    NO_ACT, SERIAL_MAX_VALUES, TILE16, act_apply, act_grad, all_finite, column_grad_sums, column_moments,
+    finish_moments, narrow64, normkit_col_sums16, normkit_cols16, normkit_half_init, normkit_narrow, normkit_widen,
     pivot_of, threads_for,
 )
 
@@ -82,87 +82,6 @@ cdef inline const floating* _ptr(const floating[::1] a) noexcept:
 
 
 # --- column loops: rows of nc values, one accumulator per column ----------------------------------------------
-
-cdef bint _all_finite(const double* a, const double* b, Py_ssize_t nc) noexcept nogil:
-    cdef Py_ssize_t l
-    for l in range(nc):
-        if not (isfinite(a[l]) and isfinite(b[l])):
-            return False
-    return True
-
-
-cdef void _col_moments(const floating* x, Py_ssize_t rows, Py_ssize_t nc, const floating* piv, double* s1,
-                       double* s2) noexcept nogil:
-    """s1[l] = sum(x[:, l] - piv[l]) and s2[l] = sum((x[:, l] - piv[l])**2) over ``rows`` rows: for float32 in
-    registers where the build allows (normkit_col_sums32), else four rows a sweep in the data's precision, added
-    into double."""
-    cdef Py_ssize_t i, l
-    cdef const floating* r
-    cdef floating d0, d1, d2, d3
-    if floating is float:
-        if normkit_col_sums32(NULL, x, rows, nc, 0, nc, piv, s1, s2) and _all_finite(s1, s2, nc):
-            return
-    for l in range(nc):
-        s1[l] = 0.0
-        s2[l] = 0.0
-    for i in range(0, rows - 3, 4):
-        r = x + i * nc
-        for l in range(nc):
-            d0 = r[l] - piv[l]
-            d1 = r[nc + l] - piv[l]
-            d2 = r[2 * nc + l] - piv[l]
-            d3 = r[3 * nc + l] - piv[l]
-            s1[l] += (d0 + d1) + (d2 + d3)
-            s2[l] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)
-    for i in range(rows - rows % 4, rows):
-        for l in range(nc):
-            d0 = x[i * nc + l] - piv[l]
-            s1[l] += d0
-            s2[l] += d0 * d0
-    if not _all_finite(s1, s2, nc):
-        # squares beyond the data's range, or a NaN / inf in the data (which double keeps): again, in double
-        for l in range(nc):
-            s1[l] = 0.0
-            s2[l] = 0.0
-        for i in range(rows):
-            for l in range(nc):
-                moments(x + i * nc + l, 1, piv[l], &s1[l], &s2[l])
-
-
-cdef void _col_grad_sums(const floating* dy, const floating* x, Py_ssize_t rows, Py_ssize_t nc,
-                         const floating* mean, double* sdy, double* sdyx) noexcept nogil:
-    """sdy[l] = sum(dy[:, l]) and sdyx[l] = sum(dy[:, l] * (x[:, l] - mean[l])), as _col_moments."""
-    cdef Py_ssize_t i, l, o
-    cdef floating g0, g1, g2, g3
-    if floating is float:
-        if normkit_col_sums32(dy, x, rows, nc, 0, nc, mean, sdy, sdyx) and _all_finite(sdy, sdyx, nc):
-            return
-    for l in range(nc):
-        sdy[l] = 0.0
-        sdyx[l] = 0.0
-    for i in range(0, rows - 3, 4):
-        o = i * nc
-        for l in range(nc):
-            g0 = dy[o + l]
-            g1 = dy[o + nc + l]
-            g2 = dy[o + 2 * nc + l]
-            g3 = dy[o + 3 * nc + l]
-            sdy[l] += (g0 + g1) + (g2 + g3)
-            sdyx[l] += ((g0 * (x[o + l] - mean[l]) + g1 * (x[o + nc + l] - mean[l]))
-                        + (g2 * (x[o + 2 * nc + l] - mean[l]) + g3 * (x[o + 3 * nc + l] - mean[l])))
-    for i in range(rows - rows % 4, rows):
-        for l in range(nc):
-            g0 = dy[i * nc + l]
-            sdy[l] += g0
-            sdyx[l] += g0 * (x[i * nc + l] - mean[l])
-    if not _all_finite(sdy, sdyx, nc):
-        for l in range(nc):
-            sdy[l] = 0.0
-            sdyx[l] = 0.0
-        for i in range(rows):
-            for l in range(nc):
-                grad_sums(dy + i * nc + l, x + i * nc + l, NULL, 1, mean[l], &sdy[l], &sdyx[l])
-
 
 cdef void _affine_rows(const floating* x, floating* y, Py_ssize_t rows, Py_ssize_t nc, const floating* mean,
                        const floating* scale, const floating* shift, int act, double slope) noexcept nogil:
@@ -293,7 +212,7 @@ cdef void _forward(const floating[:, :, ::1] x, Py_ssize_t groups, const floatin
                 piv[i, c] = <floating>pivot_of(x[i, 0, g * cg])
     if blocks == 1:
         for i in prange(n, nogil=True, schedule="static", num_threads=nt):
-            _col_moments(xp + i * s * nc, s, nc, &piv[i, 0], &s1[i, 0], &s2[i, 0])
+            column_moments(xp + i * s * nc, s, nc, 0, nc, &piv[i, 0], &s1[i, 0], &s2[i, 0])
             _finish_sample(&s1[i, 0], &s2[i, 0], nc, groups, s, &piv[i, 0], eps, w, b, &mu[i, 0], &rs[i, 0],
                            &cm[i, 0], &scale[i, 0], &shift[i, 0])
             _affine_rows(xp + i * s * nc, yp + i * s * nc, s, nc, &cm[i, 0], &scale[i, 0], &shift[i, 0], act, slope)
@@ -301,7 +220,8 @@ cdef void _forward(const floating[:, :, ::1] x, Py_ssize_t groups, const floatin
         for t in prange(n * blocks, nogil=True, schedule="static", num_threads=nt):
             i = t // blocks
             r0 = (t % blocks) * rows
-            _col_moments(xp + (i * s + r0) * nc, max(0, min(rows, s - r0)), nc, &piv[i, 0], &s1[t, 0], &s2[t, 0])
+            column_moments(xp + (i * s + r0) * nc, max(0, min(rows, s - r0)), nc, 0, nc, &piv[i, 0], &s1[t, 0],
+                           &s2[t, 0])
         for i in range(n):
             _merge_blocks(&s1[i * blocks, 0], &s2[i * blocks, 0], blocks, nc)
             _finish_sample(&s1[i * blocks, 0], &s2[i * blocks, 0], nc, groups, s, &piv[i, 0], eps, w, b,
@@ -349,7 +269,7 @@ cdef void _backward(const floating[:, :, ::1] dy, const floating[:, :, ::1] x, P
         k = max(0, min(rows, s - r0))
         if act != NO_ACT:
             _act_grad_rows(dyp + o, xp + o, dxp + o, k, nc, &cm[i, 0], &zs[i, 0], &zb[i, 0], act, slope)
-        _col_grad_sums(gp + o, xp + o, k, nc, &cm[i, 0], &sdy[t, 0], &sdyx[t, 0])
+        column_grad_sums(gp + o, xp + o, k, nc, 0, nc, &cm[i, 0], &sdy[t, 0], &sdyx[t, 0])
         if blocks == 1:  # the whole sample in this task: finish it while it is in cache
             _grad_coefficients(&sdy[i, 0], &sdyx[i, 0], nc, groups, s, &rstd[i, 0], w, &ca[i, 0], &cb[i, 0],
                                &cc[i, 0])
@@ -425,12 +345,12 @@ def instancenorm_act_backward(const floating[:, :, ::1] dy, const floating[:, :,
 
 cdef void _col_sums16(const uint16_t* dy, const uint16_t* x, Py_ssize_t rows, Py_ssize_t nc, const float* p,
                       int fmt, float* row, double* s1, double* s2) noexcept nogil:
-    """_col_moments (dy NULL; p the pivots) or _col_grad_sums (p the means) of 16-bit rows: in registers where the
-    build allows, else (or where those sums are not finite) in double, a row at a time widened into ``row`` (nc
-    floats, 2 * nc with dy)."""
+    """column_moments() (dy NULL; p the pivots) or column_grad_sums() (p the means) of 16-bit rows: in registers
+    where the build allows, else (or where those sums are not finite) in double, a row at a time widened into
+    ``row`` (nc floats, 2 * nc with dy)."""
     cdef Py_ssize_t i, l
     cdef double d, g
-    if normkit_col_sums16(dy, x, rows, nc, 0, nc, p, s1, s2, fmt) and _all_finite(s1, s2, nc):
+    if normkit_col_sums16(dy, x, rows, nc, 0, nc, p, s1, s2, fmt) and all_finite(s1, s2, 0, nc):
         return
     for l in range(nc):
         s1[l] = 0.0

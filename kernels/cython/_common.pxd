@@ -1148,9 +1148,9 @@ cdef extern from *:
        of 64 to 256 channels are rows of 64 to 256 values), four registers of columns a step (16 columns a register
        in the x86-64-v4 build, 8 in the x86-64-v3 one), then one, then one of the last columns only; each group's
        terms summed in float32 lanes (exact for 16-bit data near p; 8 float32 terms for float32 data, as
-       _column_moments sums 4), then added into double. Returns 0 where it does not apply; the callers check the
+       column_moments() sums 4), then added into double. Returns 0 where it does not apply; the callers check the
        sums are finite (else they sum again in double).
-       The loops of _column_moments / _column_grad_sums (four rows a sweep, the double sums loaded and stored each
+       The loops of column_moments() / column_grad_sums() (four rows a sweep, the double sums loaded and stored each
        sweep) read float32 data from memory at about half a two-thread read's speed: channels-last BatchNorm (32,
        64, 56, 56)'s gradient sums, 2 threads, 1.77 -> 0.91 ms. The 16-bit loop walked each 32-column strip through
        all the rows of its task before the next strip, reading wide rows from memory once per strip.
@@ -1930,3 +1930,91 @@ cdef inline void scale_copy16(const uint16_t* dy, uint16_t* dx, Py_ssize_t n, in
             to_double(t, d, k)
             scale_copy(d, d, k, a)
             narrow64(d, dx + i, k, fmt)
+
+
+# --- column sums: columns l0..l1 of n rows, `length` values apart (BatchNorm's columns schedule; the channels-last
+# GroupNorm / InstanceNorm rows, l0 = 0 and l1 = length) --------------------------------------------------------
+
+cdef inline bint all_finite(const double* a, const double* b, Py_ssize_t l0, Py_ssize_t l1) noexcept nogil:
+    cdef Py_ssize_t l
+    for l in range(l0, l1):
+        if not (isfinite(a[l]) and isfinite(b[l])):
+            return False
+    return True
+
+
+cdef inline void column_moments(const floating* x, Py_ssize_t n, Py_ssize_t length, Py_ssize_t l0, Py_ssize_t l1,
+                                 const floating* pivot, double* s1, double* s2) noexcept nogil:
+    # float32 data: in registers where the build allows (normkit_col_sums32). Otherwise four rows per sweep, their
+    # terms added in the data's precision and then into double: the column sums are loaded and stored a quarter as
+    # often, and the arithmetic runs in 8 float32 lanes rather than 4 doubles.
+    cdef Py_ssize_t i, l
+    cdef const floating* r
+    cdef floating d0, d1, d2, d3
+    if floating is float:
+        if normkit_col_sums32(NULL, x, n, length, l0, l1, pivot, s1, s2) and all_finite(s1, s2, l0, l1):
+            return
+    for l in range(l0, l1):
+        s1[l] = 0.0
+        s2[l] = 0.0
+    for i in range(0, n - 3, 4):
+        r = x + i * length
+        for l in range(l0, l1):
+            d0 = r[l] - pivot[l]
+            d1 = r[length + l] - pivot[l]
+            d2 = r[2 * length + l] - pivot[l]
+            d3 = r[3 * length + l] - pivot[l]
+            s1[l] += (d0 + d1) + (d2 + d3)
+            s2[l] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)
+    for i in range(n - n % 4, n):
+        for l in range(l0, l1):
+            d0 = x[i * length + l] - pivot[l]
+            s1[l] += d0
+            s2[l] += d0 * d0
+    if not all_finite(s1, s2, l0, l1):
+        # squares that overflow the data's precision (|x - pivot| beyond ~1e19 in float32), or a NaN or inf in
+        # the data (which the double sums keep): this chunk again, in double
+        for l in range(l0, l1):
+            s1[l] = 0.0
+            s2[l] = 0.0
+        for i in range(n):
+            for l in range(l0, l1):
+                moments(x + i * length + l, 1, pivot[l], &s1[l], &s2[l])
+
+
+cdef inline void column_grad_sums(const floating* dy, const floating* x, Py_ssize_t n, Py_ssize_t length,
+                                   Py_ssize_t l0, Py_ssize_t l1, const floating* mean, double* sdy,
+                                   double* sdyx) noexcept nogil:
+    # As column_moments(): in registers for float32 where the build allows, else four rows per sweep in the data's
+    # precision, added into double.
+    cdef Py_ssize_t i, l, o
+    cdef floating g0, g1, g2, g3
+    if floating is float:
+        if normkit_col_sums32(dy, x, n, length, l0, l1, mean, sdy, sdyx) and all_finite(sdy, sdyx, l0, l1):
+            return
+    for l in range(l0, l1):
+        sdy[l] = 0.0
+        sdyx[l] = 0.0
+    for i in range(0, n - 3, 4):
+        o = i * length
+        for l in range(l0, l1):
+            g0 = dy[o + l]
+            g1 = dy[o + length + l]
+            g2 = dy[o + 2 * length + l]
+            g3 = dy[o + 3 * length + l]
+            sdy[l] += (g0 + g1) + (g2 + g3)
+            sdyx[l] += ((g0 * (x[o + l] - mean[l]) + g1 * (x[o + length + l] - mean[l]))
+                        + (g2 * (x[o + 2 * length + l] - mean[l]) + g3 * (x[o + 3 * length + l] - mean[l])))
+    for i in range(n - n % 4, n):
+        for l in range(l0, l1):
+            g0 = dy[i * length + l]
+            sdy[l] += g0
+            sdyx[l] += g0 * (x[i * length + l] - mean[l])
+    if not all_finite(sdy, sdyx, l0, l1):
+        # products that overflow the data's precision, or non-finite data: this chunk again, in double
+        for l in range(l0, l1):
+            sdy[l] = 0.0
+            sdyx[l] = 0.0
+        for i in range(n):
+            for l in range(l0, l1):
+                grad_sums(dy + i * length + l, x + i * length + l, NULL, 1, mean[l], &sdy[l], &sdyx[l])
