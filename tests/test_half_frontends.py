@@ -233,11 +233,12 @@ def test_numpy_16_bit_add_forms_run_the_fused_kernel(backend, op, dtype, params)
 
 # Rows over 65536 values in fewer than four blocks of rows: the backward of both backends shares each row among the
 # threads by pieces ((3, 70001): few rows; (5, 270001): partial sums beyond the budget), each piece with its own
-# weight and bias accumulators.
+# weight and bias accumulators; so does Cython's for up to 16 rows over 16384 values, in groups of rows ((16, 40000):
+# groups of 6 rows on two threads, of 3 on one, the last one shorter).
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("op", ROW_OPS)
 @pytest.mark.parametrize("dtype", HALF_DTYPES)
-@pytest.mark.parametrize("shape", [(3, 70001), (5, 270001)], ids=str)
+@pytest.mark.parametrize("shape", [(3, 70001), (5, 270001), (16, 40000)], ids=str)
 def test_numpy_16_bit_add_forms_on_long_rows(backend, op, dtype, shape):
     dt = NUMPY[dtype]
     x, r, dy, dh, kw = _add_inputs(op, dt, np.dtype(np.float32), seed=shape[0], shape=shape)

@@ -205,6 +205,25 @@ cdef inline void clear_sums(double* grads, floating* acc, Py_ssize_t n) noexcept
     memset(acc, 0, n * sizeof(floating))
 
 
+cdef inline void group_coefficients(const double* work, Py_ssize_t tiles, Py_ssize_t rows, Py_ssize_t k,
+                                    const floating* rstd, bint centered, double* coef) noexcept nogil:
+    """The row ops' dx coefficients of each row q of a group of tiled rows: cb = -rstd**3 * sum(g * (x - mean)) / k
+    into coef[2q] and cc = -rstd * sum(g) / k (0 when not centered) into coef[2q + 1], from the row's sums per tile
+    t, work[2 * (t * rows + q)] and the next, added in tile order; rstd from the group's first row, in double
+    (rstd**3 underflows float32 for data near 1e20)."""
+    cdef Py_ssize_t q, t
+    cdef double sg, sgx, r
+    for q in range(rows):
+        sg = 0.0
+        sgx = 0.0
+        for t in range(tiles):
+            sg = sg + work[2 * (t * rows + q)]
+            sgx = sgx + work[2 * (t * rows + q) + 1]
+        r = rstd[q]
+        coef[2 * q] = -r * r * r * sgx / k
+        coef[2 * q + 1] = -r * sg / k if centered else 0.0
+
+
 cdef inline void _store_range(const double* grads, Py_ssize_t k, Py_ssize_t j0, Py_ssize_t j1, floating* dweight,
                               floating* dbias) noexcept nogil:
     cdef Py_ssize_t j
@@ -231,14 +250,17 @@ cdef inline void store_grads(const double* grads, Py_ssize_t k, floating* dweigh
 
 
 cdef enum:
-    # The row ops' backward (_layernorm's 16-bit one, _rownorm's) shares each row among the threads by tiles, one
-    # row at a time, for up to TILED_ROWS rows of more than TILED_ROW values with parameter gradients to sum: their
-    # blocks' partial sums (k or 2k per block) then cost about as much as the rows (in-process A/B, two threads:
+    # The row ops' backward (_layernorm's 16-bit one, _rownorm's) shares long rows among the threads by tiles, for
+    # up to TILED_ROWS rows of more than TILED_ROW values with parameter gradients to sum: their blocks' partial sums
+    # (k or 2k per block) then cost about as much as the rows (in-process A/B, two threads, rows one at a time:
     # RMSNorm float32 (8, 65536) 0.79x, (3, 65536) 0.56x, (16, 32768) 0.71x, (1, 32768) 0.76x, LayerNorm bfloat16
     # (8, 65536) 0.52x; one thread 0.51-0.90x). Below, the tiles' two parallel regions per row cost more ((8, 9000)
     # 1.19x, (16, 8192) 1.22x).
     TILED_ROW = 16384
     TILED_ROWS = 16
+    # The tiled rows go in groups: each thread's share of a group's dy and x within this many bytes (its L2, where
+    # they stay between the group's two parallel regions), two regions a group instead of two a row.
+    ROW_GROUP_BYTES = 524288
 
 
 cdef inline void grad_apply(const floating* dy, const floating* x, floating* dx, Py_ssize_t n, double mean,

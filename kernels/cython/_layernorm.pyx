@@ -25,10 +25,10 @@ from libc.stdint cimport uint16_t
 from libc.string cimport memset
 
 from _common cimport (
-    ACT_CHUNK, NO_ACT, SERIAL_MAX_VALUES, TILE16, TILED_ROW, TILED_ROWS, act_apply, act_grad, clear_sums,
-    finish_moments, grad_sums, moments, moments16, narrow64, normkit_half_init, normkit_narrow, normkit_row_dx16,
-    normkit_row_sums16, normkit_row_y16, normkit_sfence, normkit_widen, pivot16, pivot_of, store_grads,
-    stream_store, threads_for, to_double,
+    ACT_CHUNK, NO_ACT, ROW_GROUP_BYTES, SERIAL_MAX_VALUES, TILE16, TILED_ROW, TILED_ROWS, act_apply, act_grad,
+    clear_sums, finish_moments, grad_sums, group_coefficients, moments, moments16, narrow64, normkit_half_init,
+    normkit_narrow, normkit_row_dx16, normkit_row_sums16, normkit_row_y16, normkit_sfence, normkit_widen, pivot16,
+    pivot_of, store_grads, stream_store, threads_for, to_double,
 )
 
 # float16 converts with F16C where the CPU has it, unless NORMKIT_CYTHON_NO_F16C=1 asks for the portable code (to
@@ -57,10 +57,8 @@ cdef Py_ssize_t GROUPED_ROW = 4096
 # 1024 rows of 8192 to 65536 values 0.76-0.94x (one cell 1.05 in one run); 64 rows 0.95-1.08x; 8 to 32 rows up to
 # 2.3x (the groups' case). Longer rows with many rows (100 MB and more) were not measured and keep the groups.
 cdef Py_ssize_t GROUPED_MAX_ROWS = 128
-# The 16-bit backward has no such schedule: rows over LONG_ROW, and up to TILED_ROWS rows over TILED_ROW values
-# (_common.pxd), go in groups of rows, the threads sharing their tiles, each thread's share of a group's dy and x
-# within GROUP16_BYTES (in L2 between the group's two passes).
-cdef Py_ssize_t GROUP16_BYTES = 512 << 10
+# The 16-bit backward has no such schedule: rows over LONG_ROW, and up to TILED_ROWS rows over TILED_ROW values,
+# go in groups of rows, the threads sharing their tiles (ROW_GROUP_BYTES, _common.pxd).
 cdef Py_ssize_t TILE = 4096
 # Long rows go in groups of rows whose dy and x fit this many bytes (in the last-level cache between the two passes
 # over them), and their dx pass by blocks of COLUMNS columns (whose parameter-gradient accumulators stay in L1).
@@ -348,21 +346,6 @@ cdef inline void _coefficients(double sg, double sgx, Py_ssize_t k, double rstd,
     cc[0] = -rstd * sg / k
 
 
-cdef void _group_coefficients(const double* work, Py_ssize_t tiles, Py_ssize_t rows, Py_ssize_t k,
-                              const floating* rstd, double* coef) noexcept nogil:
-    """The coefficients of each row r of a group (_coefficients, into coef[2r], coef[2r + 1]) from its sums per
-    tile t, work[2 * (t * rows + r)] and the next, added in tile order; rstd from the group's first row."""
-    cdef Py_ssize_t r, t
-    cdef double sg, sgx
-    for r in range(rows):
-        sg = 0.0
-        sgx = 0.0
-        for t in range(tiles):
-            sg = sg + work[2 * (t * rows + r)]
-            sgx = sgx + work[2 * (t * rows + r) + 1]
-        _coefficients(sg, sgx, k, rstd[r], &coef[2 * r], &coef[2 * r + 1])
-
-
 cdef void _backward_block(const floating* dy, const floating* x, floating* dx, Py_ssize_t m0, Py_ssize_t m1,
                           Py_ssize_t k, const floating* w, const floating* b, int act, double slope,
                           const floating* mean, const floating* rstd, double* partial, floating* acc,
@@ -524,7 +507,7 @@ cdef void _backward_rows(const floating* dyp, const floating* xp, Py_ssize_t m, 
                     _row_pass(dyp + i * k + j, xp + i * k + j, NULL, min(TILE, k - j), w + j,
                               b + j if b != NULL else NULL, mp[i], rp[i], act, slope, &work[2 * t], &work[2 * t + 1],
                               NULL, NULL, 0.0, 0.0, False)
-                _group_coefficients(work, tiles, rows, k, rp + g0, coef)
+                group_coefficients(work, tiles, rows, k, rp + g0, True, coef)
                 # dx and the parameter gradients by blocks of columns, each adding the group's rows in row order
                 for t in prange(cols, schedule="static", num_threads=nt):
                     j = t * COLUMNS
@@ -761,11 +744,11 @@ cdef void _backward16(int fmt, const uint16_t* dyp, const uint16_t* xp, Py_ssize
                               NULL)
         return
     if k > LONG_ROW or (k > TILED_ROW and m <= TILED_ROWS):
-        # Groups of rows (each thread's share of their dy and x within GROUP16_BYTES, in L2 between the group's two
+        # Groups of rows (each thread's share of their dy and x within ROW_GROUP_BYTES, in L2 between the group's
         # parallel passes), the threads sharing the tiles: each tile adds the group's rows in row order, the same
         # sums as one row at a time gave, with two parallel regions a group instead of two a row.
         tiles = (k + TILE - 1) // TILE
-        group = min(m, max(1, GROUP16_BYTES * nt // (2 * k * <Py_ssize_t>sizeof(uint16_t))))
+        group = min(m, max(1, ROW_GROUP_BYTES * nt // (2 * k * <Py_ssize_t>sizeof(uint16_t))))
         buf = _scratch(2 * k + 2 * tiles * group + 2 * group + (2 * k * sizeof(float) + 7) // 8)
         grads = &buf[0]
         work = grads + 2 * k
@@ -790,7 +773,7 @@ cdef void _backward16(int fmt, const uint16_t* dyp, const uint16_t* xp, Py_ssize
                         if i % FLUSH == FLUSH - 1 or i == m - 1:
                             _flush(acc + t * TILE, grads + t * TILE, n)
                             _flush(acc + k + t * TILE, grads + k + t * TILE, n)
-                _group_coefficients(work, tiles, rows, k, rp + g0, coef)
+                group_coefficients(work, tiles, rows, k, rp + g0, True, coef)
                 for t in prange(tiles, schedule="static", num_threads=nt):
                     for r in range(rows):
                         i = g0 + r

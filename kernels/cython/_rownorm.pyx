@@ -9,7 +9,7 @@ from its other uses) where it writes dx. Rows are independent tasks. The paramet
 block of rows (blocks depend on the shape only) and the blocks merged in order, as in _layernorm.pyx, so results
 do not depend on the thread count. Rows longer than LONG_ROW that would make fewer than FEW_BLOCKS blocks (few
 rows, or partial sums beyond PARTIAL_BUDGET), and up to TILED_ROWS rows longer than TILED_ROW with parameter
-gradients, go one at a time instead, the threads sharing each row by tiles.
+gradients, go in groups of rows instead, the threads sharing each group by tiles (_backward_tiles).
 """
 
 import os
@@ -24,9 +24,9 @@ from libc.stdint cimport uint16_t
 from libc.string cimport memset
 
 from _common cimport (
-    SERIAL_MAX_VALUES, TILE16, TILED_ROW, TILED_ROWS, clear_sums, finish_moments, grad_sums, moments, moments16,
-    narrow64, normkit_half_init, normkit_narrow, normkit_row_dx16, normkit_row_sums16, normkit_row_y16,
-    normkit_widen, pivot16, pivot_of, store_grads, threads_for, to_double,
+    ROW_GROUP_BYTES, SERIAL_MAX_VALUES, TILE16, TILED_ROW, TILED_ROWS, clear_sums, finish_moments, grad_sums,
+    group_coefficients, moments, moments16, narrow64, normkit_half_init, normkit_narrow, normkit_row_dx16,
+    normkit_row_sums16, normkit_row_y16, normkit_widen, pivot16, pivot_of, store_grads, threads_for, to_double,
 )
 
 # float16 converts with F16C where the CPU has it, unless NORMKIT_CYTHON_NO_F16C=1 (see _layernorm.pyx).
@@ -437,14 +437,16 @@ cdef void _merge_blocks(const double* partial, Py_ssize_t blocks, Py_ssize_t n, 
             out[j] += partial[t * n + j]
 
 
-cdef Py_ssize_t _plan(Py_ssize_t m, Py_ssize_t k, bint centered, bint params, size_t acc_item,
-                      Py_ssize_t* per_block, double** grads, double** work, char** acc):
+cdef Py_ssize_t _plan(Py_ssize_t m, Py_ssize_t k, bint centered, bint params, size_t item, size_t acc_item,
+                      int nt, Py_ssize_t* per_block, double** grads, double** work, char** acc):
     """The backward's schedule, chosen from the shape alone (so that results do not depend on the thread count), and
-    its scratch, for both data types. Returns how many blocks of rows of per_block rows each, or 0 for rows shared
-    by tiles (_backward_tiles; see LONG_ROW and TILED_ROW). The calling thread's scratch (_scratch, alive until its
-    next use) holds n doubles of gradients (weight, then bias when centered), the work area (n partial sums per
-    block, or 2 sums per tile), then n accumulators of acc_item bytes per block (one set for the tiles, which clear
-    it and the gradients in the first row). Blocks without parameter gradients need no scratch."""
+    its scratch, for both data types (item: the data's bytes per value). Returns how many blocks of rows of
+    per_block rows each, or 0 for rows shared by tiles (_backward_tiles, in groups of per_block rows: a group's
+    size, which follows the thread count, changes no result; see LONG_ROW and TILED_ROW). The
+    calling thread's scratch (_scratch, alive until its next use) holds n doubles of gradients (weight, then bias
+    when centered), the work area (n partial sums per block, or 2 sums per tile and row of a group, then 2
+    coefficients per row of a group), then n accumulators of acc_item bytes per block (one set for the tiles, which
+    clear it and the gradients in the first group). Blocks without parameter gradients need no scratch."""
     cdef Py_ssize_t n = 2 * k if centered else k, blocks, work_n, sets
     cdef double[::1] buf
     if not params:
@@ -452,7 +454,8 @@ cdef Py_ssize_t _plan(Py_ssize_t m, Py_ssize_t k, bint centered, bint params, si
     else:
         blocks = min(m, MAX_BLOCKS, max(1, PARTIAL_BUDGET // n), max(FEW_BLOCKS, m // BLOCK_ROWS))
     if (k > LONG_ROW and blocks < FEW_BLOCKS) or (params and k > TILED_ROW and m <= TILED_ROWS):
-        blocks, work_n, sets = 0, 2 * ((k + TILE - 1) // TILE), 1
+        per_block[0] = min(m, max(1, ROW_GROUP_BYTES * nt // (2 * k * <Py_ssize_t>item)))
+        blocks, work_n, sets = 0, 2 * per_block[0] * ((k + TILE - 1) // TILE + 1), 1
     else:
         per_block[0] = (m + blocks - 1) // blocks
         blocks = (m + per_block[0] - 1) // per_block[0]
@@ -468,42 +471,43 @@ cdef Py_ssize_t _plan(Py_ssize_t m, Py_ssize_t k, bint centered, bint params, si
 
 cdef void _backward_tiles(const floating* dy, const floating* dh, const floating* x, floating* dx, Py_ssize_t m,
                           Py_ssize_t k, const floating* w, const floating* mean, const floating* rstd, bint centered,
-                          double* grads, floating* acc, double* work, int nt) noexcept nogil:
-    """The backward of long rows one at a time, the threads sharing each row by tiles of TILE columns: each tile's
-    parameter-gradient terms (as _backward_block's, into grads unless it is NULL, through acc when centered) and
-    sums (into work, 2 per tile), then the row's sums added in tile order, then each tile's dx."""
-    cdef Py_ssize_t i, t, j, n, o, tiles = (k + TILE - 1) // TILE
-    cdef double sg, sgx, mi, r
-    for i in range(m):
-        o = i * k
-        mi = mean[i] if centered else 0.0
-        r = rstd[i]
+                          Py_ssize_t group, double* grads, floating* acc, double* work, int nt) noexcept nogil:
+    """The backward of long rows in groups of ``group`` rows, the threads sharing each group by tiles of TILE
+    columns, two parallel regions a group: each tile's parameter-gradient terms of the group's rows in row order
+    (as _backward_block's, into grads unless it is NULL, through acc when centered) and their sums (into work, 2
+    per tile and row); then each row's sums added in tile order; then each tile's dx of the group's rows. The
+    group's dy and x stay in cache between the two regions (ROW_GROUP_BYTES)."""
+    cdef Py_ssize_t i, t, j, n, q, g0, rows, tiles = (k + TILE - 1) // TILE
+    cdef double* coef = work + 2 * group * tiles
+    for q in range((m + group - 1) // group):
+        g0 = q * group
+        rows = min(group, m - g0)
         for t in prange(tiles, schedule="static", num_threads=nt):
             j = t * TILE
             n = min(TILE, k - j)
-            if grads != NULL and i == 0:
+            if grads != NULL and q == 0:
                 clear_sums(grads + j, acc + j, n)
                 if centered:
                     clear_sums(grads + k + j, acc + k + j, n)
-            if grads != NULL and centered:
-                _add_param_grads(dy + o + j, x + o + j, n, mi, r, acc + j, acc + k + j)
-                if (i + 1) % FLUSH == 0 or i + 1 == m:
-                    _flush(acc + j, grads + j, n)
-                    _flush(acc + k + j, grads + k + j, n)
-            elif grads != NULL:
-                _add_weight_grads(dy + o + j, x + o + j, n, r, grads + j)
-            work[2 * t] = 0.0
-            work[2 * t + 1] = 0.0
-            grad_sums(dy + o + j, x + o + j, w + j, n, mi, &work[2 * t], &work[2 * t + 1])
-        sg = 0.0
-        sgx = 0.0
-        for t in range(tiles):
-            sg = sg + work[2 * t]
-            sgx = sgx + work[2 * t + 1]
+            for i in range(g0, g0 + rows):
+                if grads != NULL and centered:
+                    _add_param_grads(dy + i * k + j, x + i * k + j, n, mean[i], rstd[i], acc + j, acc + k + j)
+                    if (i + 1) % FLUSH == 0 or i + 1 == m:
+                        _flush(acc + j, grads + j, n)
+                        _flush(acc + k + j, grads + k + j, n)
+                elif grads != NULL:
+                    _add_weight_grads(dy + i * k + j, x + i * k + j, n, rstd[i], grads + j)
+                work[2 * (t * rows + i - g0)] = 0.0
+                work[2 * (t * rows + i - g0) + 1] = 0.0
+                grad_sums(dy + i * k + j, x + i * k + j, w + j, n, mean[i] if centered else 0.0,
+                          &work[2 * (t * rows + i - g0)], &work[2 * (t * rows + i - g0) + 1])
+        group_coefficients(work, tiles, rows, k, rstd + g0, centered, coef)
         for t in prange(tiles, schedule="static", num_threads=nt):
             j = t * TILE
-            _row_dx(dy + o + j, dh + o + j if dh != NULL else NULL, x + o + j, dx + o + j, min(TILE, k - j), w + j,
-                    mi, r, -r * r * r * sgx / k, -r * sg / k if centered else 0.0)
+            for i in range(g0, g0 + rows):
+                _row_dx(dy + i * k + j, dh + i * k + j if dh != NULL else NULL, x + i * k + j, dx + i * k + j,
+                        min(TILE, k - j), w + j, mean[i] if centered else 0.0, rstd[i], coef[2 * (i - g0)],
+                        coef[2 * (i - g0) + 1])
 
 
 cdef void _backward(const floating* dy, const floating* dh, const floating* x, floating* dx, Py_ssize_t m,
@@ -516,10 +520,11 @@ cdef void _backward(const floating* dy, const floating* dh, const floating* x, f
     cdef double* work = NULL
     cdef char* acc = NULL
     cdef int nt = threads_for(m * k, _nthreads, _serial_max)
-    cdef Py_ssize_t blocks = _plan(m, k, centered, params, sizeof(floating), &per_block, &grads, &work, &acc)
+    cdef Py_ssize_t blocks = _plan(m, k, centered, params, sizeof(floating), sizeof(floating), nt, &per_block,
+                                   &grads, &work, &acc)
     if blocks == 0:
         with nogil:
-            _backward_tiles(dy, dh, x, dx, m, k, w, mean, rstd, centered, grads if params else NULL,
+            _backward_tiles(dy, dh, x, dx, m, k, w, mean, rstd, centered, per_block, grads if params else NULL,
                             <floating*>acc, work, nt)
     elif not params:
         for t in prange(blocks, nogil=True, schedule="static", num_threads=nt):
@@ -832,39 +837,39 @@ cdef void _backward_block16(const uint16_t* dy, const uint16_t* dh, const uint16
 
 cdef void _backward_tiles16(const uint16_t* dy, const uint16_t* dh, const uint16_t* x, uint16_t* dx, Py_ssize_t m,
                             Py_ssize_t k, const float* w, const float* mean, const float* rstd, bint centered,
-                            int fmt, double* grads, float* acc, double* work, int nt) noexcept nogil:
+                            int fmt, Py_ssize_t group, double* grads, float* acc, double* work,
+                            int nt) noexcept nogil:
     """_backward_tiles on 16-bit data (the parameter gradients through acc as _backward_block16's)."""
-    cdef Py_ssize_t i, t, j, n, o, tiles = (k + TILE - 1) // TILE
-    cdef double sg, sgx, mi, r
-    for i in range(m):
-        o = i * k
-        mi = mean[i] if centered else 0.0
-        r = rstd[i]
+    cdef Py_ssize_t i, t, j, n, q, g0, rows, tiles = (k + TILE - 1) // TILE
+    cdef double* coef = work + 2 * group * tiles
+    for q in range((m + group - 1) // group):
+        g0 = q * group
+        rows = min(group, m - g0)
         for t in prange(tiles, schedule="static", num_threads=nt):
             j = t * TILE
             n = min(TILE, k - j)
-            if grads != NULL and i == 0:
+            if grads != NULL and q == 0:
                 clear_sums(grads + j, acc + j, n)
                 if centered:
                     clear_sums(grads + k + j, acc + k + j, n)
-            work[2 * t] = 0.0
-            work[2 * t + 1] = 0.0
-            _row_sums16(dy + o + j, x + o + j, n, w + j, mi, r, fmt, centered,
-                        grads + j if grads != NULL else NULL, acc + j if grads != NULL else NULL,
-                        acc + k + j if grads != NULL and centered else NULL, &work[2 * t], &work[2 * t + 1])
-            if grads != NULL and ((i + 1) % FLUSH == 0 or i + 1 == m):
-                _flush(acc + j, grads + j, n)
-                if centered:
-                    _flush(acc + k + j, grads + k + j, n)
-        sg = 0.0
-        sgx = 0.0
-        for t in range(tiles):
-            sg = sg + work[2 * t]
-            sgx = sgx + work[2 * t + 1]
+            for i in range(g0, g0 + rows):
+                work[2 * (t * rows + i - g0)] = 0.0
+                work[2 * (t * rows + i - g0) + 1] = 0.0
+                _row_sums16(dy + i * k + j, x + i * k + j, n, w + j, mean[i] if centered else 0.0, rstd[i], fmt,
+                            centered, grads + j if grads != NULL else NULL, acc + j if grads != NULL else NULL,
+                            acc + k + j if grads != NULL and centered else NULL, &work[2 * (t * rows + i - g0)],
+                            &work[2 * (t * rows + i - g0) + 1])
+                if grads != NULL and ((i + 1) % FLUSH == 0 or i + 1 == m):
+                    _flush(acc + j, grads + j, n)
+                    if centered:
+                        _flush(acc + k + j, grads + k + j, n)
+        group_coefficients(work, tiles, rows, k, rstd + g0, centered, coef)
         for t in prange(tiles, schedule="static", num_threads=nt):
             j = t * TILE
-            _row_dx16(dy + o + j, dh + o + j if dh != NULL else NULL, x + o + j, dx + o + j, min(TILE, k - j), w + j,
-                      mi, r, -r * r * r * sgx / k, -r * sg / k if centered else 0.0, fmt)
+            for i in range(g0, g0 + rows):
+                _row_dx16(dy + i * k + j, dh + i * k + j if dh != NULL else NULL, x + i * k + j, dx + i * k + j,
+                          min(TILE, k - j), w + j, mean[i] if centered else 0.0, rstd[i], coef[2 * (i - g0)],
+                          coef[2 * (i - g0) + 1], fmt)
 
 
 cdef void _backward16(const uint16_t* dy, const uint16_t* dh, const uint16_t* x, uint16_t* dx, Py_ssize_t m,
@@ -877,10 +882,11 @@ cdef void _backward16(const uint16_t* dy, const uint16_t* dh, const uint16_t* x,
     cdef double* work = NULL
     cdef char* acc = NULL
     cdef int nt = threads_for(m * k, _nthreads, _serial_max)
-    cdef Py_ssize_t blocks = _plan(m, k, centered, params, sizeof(float), &per_block, &grads, &work, &acc)
+    cdef Py_ssize_t blocks = _plan(m, k, centered, params, sizeof(uint16_t), sizeof(float), nt, &per_block, &grads,
+                                   &work, &acc)
     if blocks == 0:
         with nogil:
-            _backward_tiles16(dy, dh, x, dx, m, k, w, mean, rstd, centered, fmt, grads if params else NULL,
+            _backward_tiles16(dy, dh, x, dx, m, k, w, mean, rstd, centered, fmt, per_block, grads if params else NULL,
                               <float*>acc, work, nt)
     elif not params:
         for t in prange(blocks, nogil=True, schedule="static", num_threads=nt):
