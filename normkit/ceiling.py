@@ -56,13 +56,27 @@ def set_threads(n: int) -> None:
     _threads = max(1, min(n, numba.config.NUMBA_NUM_THREADS))
 
 
+def _check_words(name: str, what: str, a) -> None:
+    # the loops index without bounds checks: anything but a 1-D array of words would read or write past it
+    if not isinstance(a, np.ndarray) or a.ndim != 1 or a.dtype != WORD:
+        got = f"{a.ndim}-D {a.dtype}" if isinstance(a, np.ndarray) else type(a).__name__
+        raise ValueError(f"ceiling.{name}: {what} must be a 1-D array of {np.dtype(WORD)} words (words()), got {got}")
+
+
 # numba's thread count is per calling thread and shared with the numba backend, whose kernels set it to 1 for
 # small inputs: each loop sets its own (a thread-local check when it is already right)
 def copy(src: np.ndarray, dst: np.ndarray) -> None:
+    """dst[:] = src, for 1-D word arrays of the same size (:func:`words`)."""
+    _check_words("copy", "src", src)
+    _check_words("copy", "dst", dst)
+    if dst.size != src.size:
+        raise ValueError(f"ceiling.copy: dst must have src's {src.size} words, got {dst.size}")
     use_threads(_threads)
     _copy(src, dst)
 
 
 def read(src: np.ndarray) -> int:
+    """The sum of a 1-D word array's words (:func:`words`), wrapping around."""
+    _check_words("read", "src", src)
     use_threads(_threads)
     return int(_read(src))

@@ -505,6 +505,20 @@ def test_ceiling_loops_move_the_bytes():
     assert ceiling.read(src) == 999 * 1000 // 2
 
 
+def test_ceiling_loops_refuse_what_they_would_overrun():
+    """The loops do not check bounds: a 3-D array (whose src[i] is a plane) or a shorter dst would have been read
+    or written past its end (a segfault); they get a ValueError instead."""
+    from normkit import ceiling
+
+    words = ceiling.words(8 * 64)
+    with pytest.raises(ValueError, match=r"ceiling.copy: src must be a 1-D array of uint64 words .*got 3-D float32"):
+        ceiling.copy(np.zeros((4, 4, 4), np.float32), words)
+    with pytest.raises(ValueError, match="ceiling.copy: dst must have src's 64 words, got 63"):
+        ceiling.copy(words, words[:63].copy())
+    with pytest.raises(ValueError, match="ceiling.read: src must be a 1-D array of uint64 words .*got list"):
+        ceiling.read([1, 2, 3])
+
+
 @pytest.mark.parametrize("threads", [1, 2])
 def test_ceilings_run_on_the_bench_threads(threads, monkeypatch):
     import numba
