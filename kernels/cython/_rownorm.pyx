@@ -442,11 +442,11 @@ cdef Py_ssize_t _plan(Py_ssize_t m, Py_ssize_t k, bint centered, bint params, si
     """The backward's schedule, chosen from the shape alone (so that results do not depend on the thread count), and
     its scratch, for both data types (item: the data's bytes per value). Returns how many blocks of rows of
     per_block rows each, or 0 for rows shared by tiles (_backward_tiles, in groups of per_block rows: a group's
-    size, which follows the thread count, changes no result; see LONG_ROW and TILED_ROW). The
-    calling thread's scratch (_scratch, alive until its next use) holds n doubles of gradients (weight, then bias
-    when centered), the work area (n partial sums per block, or 2 sums per tile and row of a group, then 2
-    coefficients per row of a group), then n accumulators of acc_item bytes per block (one set for the tiles, which
-    clear it and the gradients in the first group). Blocks without parameter gradients need no scratch."""
+    size, which follows the thread count, changes no result; see LONG_ROW and TILED_ROW). The calling thread's
+    scratch (_scratch, alive until its next use) holds n doubles of gradients (weight, then bias when centered),
+    the work area (n partial sums per block, or 2 sums per tile and row of a group, then 2 coefficients per row of a
+    group), then n accumulators of acc_item bytes per block (one set for the tiles, which clear it and the
+    gradients in the first group). Blocks without parameter gradients need no scratch."""
     cdef Py_ssize_t n = 2 * k if centered else k, blocks, work_n, sets
     cdef double[::1] buf
     if not params:
