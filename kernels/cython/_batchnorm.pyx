@@ -34,12 +34,13 @@ from libc.string cimport memcpy
 from libc.stdint cimport uint16_t
 
 from _common cimport (
-    ACT_CHUNK, NO_ACT, NORMKIT_BUILD_FLAGS, NORMKIT_HAVE_OPENMP, NORMKIT_OPENMP_NOTE, SERIAL_MAX_VALUES, TILE16,
+    ACT_CHUNK, NORMKIT_BUILD_FLAGS, NORMKIT_HAVE_OPENMP, NORMKIT_OPENMP_NOTE, NO_ACT, SERIAL_MAX_VALUES, TILE16,
     act_apply, act_grad, act_grad_apply, act_grad_apply_stream, act_grad_sums, affine, affine16, affine16_runs,
     affine_act, affine_act_stream, all_finite, column_grad_sums, column_moments, finish_moments, grad_apply,
-    grad_apply16, grad_apply16_runs, grad_sums, grad_sums16, grad_sums_scale, moments, moments16, normkit_col_sums16,
-    normkit_cols16, normkit_half_init, normkit_narrow, normkit_sfence, narrow64, normkit_sums16_runs, normkit_widen,
-    normkit_x86_64_copies, pivot16, pivot_of, prefetch_run, scale_copy, scale_copy16, threads_for, to_double,
+    grad_apply16, grad_apply16_runs, grad_sums, grad_sums16, grad_sums_scale, moments, moments16, narrow64,
+    normkit_col_sums16, normkit_cols16, normkit_cols_act_f, normkit_half_init, normkit_narrow, normkit_sfence,
+    normkit_sums16_runs, normkit_widen, normkit_x86_64_copies, pivot16, pivot_of, prefetch_run, scale_copy,
+    scale_copy16, threads_for, to_double,
 )
 
 # How this module was built (setup.py); the backend reads it for its INFO and to pick an x86-64 copy: the
@@ -256,10 +257,14 @@ cdef void _scale_columns(const floating* dy, floating* dx, Py_ssize_t length, co
 
 cdef void _affine_columns_act(const floating* x, floating* y, Py_ssize_t length, const floating* mean,
                               const floating* scale, const floating* shift, int act, double slope) noexcept nogil:
-    """_affine_columns, each chunk then through the activation while it is in L1 (_affine_columns for NO_ACT)."""
+    """_affine_columns through the activation: float32 in one loop, double chunk by chunk while it is in L1
+    (_affine_columns for NO_ACT)."""
     cdef Py_ssize_t q, l, k
     if act == NO_ACT:
         _affine_columns(x, y, length, mean, scale, shift)
+        return
+    if floating is float:
+        normkit_cols_act_f(x, y, length, mean, scale, shift, act, <float>slope)
         return
     for q in range((length + ACT_CHUNK - 1) // ACT_CHUNK):
         l = q * ACT_CHUNK

@@ -38,8 +38,8 @@ from libc.stdint cimport uint16_t
 
 from _common cimport (
     NO_ACT, SERIAL_MAX_VALUES, TILE16, act_apply, act_grad, all_finite, column_grad_sums, column_moments,
-    finish_moments, narrow64, normkit_col_sums16, normkit_cols16, normkit_half_init, normkit_narrow, normkit_widen,
-    pivot_of, threads_for,
+    finish_moments, narrow64, normkit_col_sums16, normkit_cols16, normkit_cols_act_f, normkit_half_init,
+    normkit_narrow, normkit_widen, pivot_of, threads_for,
 )
 
 # float16 converts with F16C where the CPU has it, unless NORMKIT_CYTHON_NO_F16C=1 (see _groupnorm.pyx).
@@ -85,8 +85,13 @@ cdef inline const floating* _ptr(const floating[::1] a) noexcept:
 
 cdef void _affine_rows(const floating* x, floating* y, Py_ssize_t rows, Py_ssize_t nc, const floating* mean,
                        const floating* scale, const floating* shift, int act, double slope) noexcept nogil:
-    """y = act((x - mean) * scale + shift), each row through the activation while it is in L1 (none for NO_ACT)."""
+    """y = act((x - mean) * scale + shift): float32 in one loop, double each row through the activation while it is
+    in L1 (none for NO_ACT)."""
     cdef Py_ssize_t i, l
+    if floating is float and act != NO_ACT:
+        for i in range(rows):
+            normkit_cols_act_f(x + i * nc, y + i * nc, nc, mean, scale, shift, act, <float>slope)
+        return
     for i in range(rows):
         for l in range(nc):
             y[i * nc + l] = (x[i * nc + l] - mean[l]) * scale[l] + shift[l]

@@ -393,6 +393,41 @@ cdef extern from *:
         }
     }
 
+    /* y[i] = act(Z) for i < n, Z an expression of i (the argument as the plain loop computes it): in one loop, so
+       the argument is not stored and loaded again between the two. Against chunks that wrote it, then ran
+       normkit_act_f over them (in-process, two threads, the same bits): GroupNorm + SiLU forward (8, 256, 3136)
+       0.82-0.85x, + ReLU 0.66-0.74x; LayerNorm (8192, 1024) 0.69-0.78x. The non-temporal stores' chunks
+       (affine_act_stream) keep the two loops: there ReLU ran 1.07x in one. */
+    #define NORMKIT_ACT_OF(Z)                                                                                 \
+        Py_ssize_t i;                                                                                       \
+        float z, s, t, g;                                                                                   \
+        switch (act) {                                                                                      \
+        case 0: for (i = 0; i < n; i++) { z = (Z); y[i] = z < 0.0f ? 0.0f : z; } break;                     \
+        case 1: for (i = 0; i < n; i++) { z = (Z); y[i] = z > 0.0f ? z : z * slope; } break;                \
+        case 2: for (i = 0; i < n; i++) { z = (Z); normkit_sigmoid2(z, &s, &t); y[i] = z * s; } break;      \
+        case 3: for (i = 0; i < n; i++) { z = (Z); y[i] = z * normkit_phi_cdf(z, &g); } break;              \
+        default:                                                                                            \
+            for (i = 0; i < n; i++) { z = (Z); normkit_sigmoid2(normkit_tanh_arg2(z), &s, &t); y[i] = z * s; } \
+        }
+
+    /* y = act((x - m) * a + c): affine()'s argument */
+    static void normkit_affine_act_f(const float* x, float* y, Py_ssize_t n, float m, float a, float c, int act,
+                                     float slope) {
+        NORMKIT_ACT_OF((x[i] - m) * a + c)
+    }
+
+    /* y = act((x - m) * a + c) with a coefficient per element */
+    static void normkit_cols_act_f(const float* x, float* y, Py_ssize_t n, const float* m, const float* a,
+                                   const float* c, int act, float slope) {
+        NORMKIT_ACT_OF((x[i] - m[i]) * a[i] + c[i])
+    }
+
+    /* y = act(((x - m) * r + c0) * w + b): a LayerNorm row's (_layernorm._row_y) */
+    static void normkit_row_y_act_f(const float* x, float* y, Py_ssize_t n, const float* w, const float* b, float m,
+                                    float r, float c0, int act, float slope) {
+        NORMKIT_ACT_OF(((x[i] - m) * r + c0) * w[i] + b[i])
+    }
+
     /* On entry z holds the pre-activation, on exit dy * act'(z) */
     static void normkit_act_grad_f(const float* dy, float* z, Py_ssize_t n, int act, float slope) {
         Py_ssize_t i;
@@ -463,6 +498,12 @@ cdef extern from *:
     }
     """
     void normkit_act_f(float* y, Py_ssize_t n, int act, float slope) noexcept nogil
+    void normkit_affine_act_f(const float* x, float* y, Py_ssize_t n, float m, float a, float c, int act,
+                              float slope) noexcept nogil
+    void normkit_cols_act_f(const float* x, float* y, Py_ssize_t n, const float* m, const float* a, const float* c,
+                            int act, float slope) noexcept nogil
+    void normkit_row_y_act_f(const float* x, float* y, Py_ssize_t n, const float* w, const float* b, float m,
+                             float r, float c0, int act, float slope) noexcept nogil
     void normkit_act_grad_f(const float* dy, float* z, Py_ssize_t n, int act, float slope) noexcept nogil
     void normkit_act_d(double* y, Py_ssize_t n, int act, double slope) noexcept nogil
     void normkit_act_grad_d(const double* dy, double* z, Py_ssize_t n, int act, double slope) noexcept nogil
@@ -494,11 +535,17 @@ cdef inline void act_grad(const floating* dy, floating* z, Py_ssize_t n, int act
 
 cdef inline void affine_act(const floating* x, floating* y, Py_ssize_t n, double mean, double scale, double shift,
                             int act, double slope) noexcept nogil:
-    """y = act((x - mean) * scale + shift) as affine() computes the argument, chunk by chunk while it is in L1;
-    affine() alone for act == NO_ACT."""
+    """y = act((x - mean) * scale + shift) as affine() computes the argument: float32 in one loop, double chunk by
+    chunk while it is in L1; affine() alone for act == NO_ACT."""
     cdef Py_ssize_t q, i, k
+    cdef float m, a
     if act == NO_ACT:
         affine(x, y, n, mean, scale, shift)
+        return
+    if floating is float:
+        m = <float>mean
+        a = <float>scale
+        normkit_affine_act_f(x, y, n, m, a, <float>(shift + (<double>m - mean) * scale), act, <float>slope)
         return
     for q in range((n + ACT_CHUNK - 1) // ACT_CHUNK):
         i = q * ACT_CHUNK

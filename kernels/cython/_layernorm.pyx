@@ -27,8 +27,8 @@ from libc.string cimport memset
 from _common cimport (
     ACT_CHUNK, NO_ACT, ROW_GROUP_BYTES, SERIAL_MAX_VALUES, TILE16, TILED_ROW, TILED_ROWS, act_apply, act_grad,
     clear_sums, finish_moments, grad_sums, group_coefficients, moments, moments16, narrow64, normkit_half_init,
-    normkit_narrow, normkit_row_dx16, normkit_row_sums16, normkit_row_y16, normkit_sfence, normkit_widen, pivot16,
-    pivot_of, store_grads, stream_store, threads_for, to_double,
+    normkit_narrow, normkit_row_dx16, normkit_row_sums16, normkit_row_y16, normkit_row_y_act_f, normkit_sfence,
+    normkit_widen, pivot16, pivot_of, store_grads, stream_store, threads_for, to_double,
 )
 
 # float16 converts with F16C where the CPU has it, unless NORMKIT_CYTHON_NO_F16C=1 asks for the portable code (to
@@ -148,8 +148,14 @@ cdef void _row_out(const floating* x, floating* y, Py_ssize_t k, const floating*
     # In the data's precision (twice the vector lanes of double for float32): xhat = (x - m) * r + c0 with m the
     # mean rounded to that precision and c0 = (m - mean) * rstd the rounding's correction, so that a large offset
     # loses nothing; a constant row gives xhat = 0 exactly and so exactly the bias.
+    cdef floating m, r
     if act == NO_ACT and not stream:
         _row_y(x, y, k, w, b, mean, rstd)
+        return
+    if floating is float and not stream:
+        m = <floating>mean
+        r = <floating>rstd
+        normkit_row_y_act_f(x, y, k, w, b, m, r, <floating>((<double>m - mean) * rstd), act, <float>slope)
         return
     for q in range((k + ACT_CHUNK - 1) // ACT_CHUNK):
         j = q * ACT_CHUNK
