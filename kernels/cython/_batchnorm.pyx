@@ -38,9 +38,9 @@ from _common cimport (
     act_apply, act_grad, act_grad_apply, act_grad_apply_stream, act_grad_sums, affine, affine16, affine16_runs,
     affine_act, affine_act_stream, all_finite, column_grad_sums, column_moments, finish_moments, grad_apply,
     grad_apply16, grad_apply16_runs, grad_sums, grad_sums16, grad_sums_scale, moments, moments16, narrow64,
-    normkit_col_sums16, normkit_cols16, normkit_cols_act_f, normkit_half_init, normkit_narrow, normkit_sfence,
-    normkit_sums16_runs, normkit_widen, normkit_x86_64_copies, pivot16, pivot_of, prefetch_run, scale_copy,
-    scale_copy16, threads_for, to_double,
+    normkit_col_sums16, normkit_cols16, normkit_cols_act_f, normkit_cols_act_grad_f, normkit_half_init,
+    normkit_narrow, normkit_sfence, normkit_sums16_runs, normkit_widen, normkit_x86_64_copies, pivot16, pivot_of,
+    prefetch_run, scale_copy, scale_copy16, threads_for, to_double,
 )
 
 # How this module was built (setup.py); the backend reads it for its INFO and to pick an x86-64 copy: the
@@ -273,6 +273,17 @@ cdef void _affine_columns_act(const floating* x, floating* y, Py_ssize_t length,
         act_apply(y + l, k, act, slope)
 
 
+cdef inline void _columns_act_grad(const floating* dy, const floating* x, floating* g, Py_ssize_t length,
+                                   const floating* mean, const floating* zscale, const floating* zshift, int act,
+                                   double slope) noexcept nogil:
+    """g = dy * act'(z), z = _affine_columns(x, zscale, zshift): float32 in one loop, double through g."""
+    if floating is float:
+        normkit_cols_act_grad_f(dy, x, g, length, mean, zscale, zshift, act, <float>slope)
+    else:
+        _affine_columns(x, g, length, mean, zscale, zshift)
+        act_grad(dy, g, length, act, slope)
+
+
 cdef void _grad_apply_columns_act(const floating* dy, const floating* x, floating* dx, Py_ssize_t length,
                                   bint training, const floating* mean, const floating* zscale,
                                   const floating* zshift, int act, double slope, const floating* ca,
@@ -290,8 +301,7 @@ cdef void _grad_apply_columns_act(const floating* dy, const floating* x, floatin
     for q in range((length + ACT_CHUNK - 1) // ACT_CHUNK):
         l = q * ACT_CHUNK
         k = min(<Py_ssize_t>ACT_CHUNK, length - l)
-        _affine_columns(x + l, g, k, mean + l, zscale + l, zshift + l)
-        act_grad(dy + l, g, k, act, slope)
+        _columns_act_grad(dy + l, x + l, g, k, mean + l, zscale + l, zshift + l, act, slope)
         if training:
             _grad_apply_columns(g, x + l, dx + l, k, mean + l, ca + l, cb + l, cc + l)
         else:
@@ -318,8 +328,7 @@ cdef void _column_act_grad_sums(const floating* dy, const floating* x, Py_ssize_
         for j in range(r):
             o = (i + j) * length + l0
             memcpy(tx + j * width, x + o, width * sizeof(floating))
-            _affine_columns(x + o, tg + j * width, width, mean + l0, zscale + l0, zshift + l0)
-            act_grad(dy + o, tg + j * width, width, act, slope)
+            _columns_act_grad(dy + o, x + o, tg + j * width, width, mean + l0, zscale + l0, zshift + l0, act, slope)
         column_grad_sums(tg, tx, r, width, 0, width, mean + l0, a, b)
         for l in range(width):
             sdy[l0 + l] += a[l]

@@ -38,8 +38,8 @@ from libc.stdint cimport uint16_t
 
 from _common cimport (
     NO_ACT, SERIAL_MAX_VALUES, TILE16, act_apply, act_grad, all_finite, column_grad_sums, column_moments,
-    finish_moments, narrow64, normkit_col_sums16, normkit_cols16, normkit_cols_act_f, normkit_half_init,
-    normkit_narrow, normkit_widen, pivot_of, threads_for,
+    finish_moments, narrow64, normkit_col_sums16, normkit_cols16, normkit_cols_act_f, normkit_cols_act_grad_f,
+    normkit_half_init, normkit_narrow, normkit_widen, pivot_of, threads_for,
 )
 
 # float16 converts with F16C where the CPU has it, unless NORMKIT_CYTHON_NO_F16C=1 (see _groupnorm.pyx).
@@ -105,8 +105,11 @@ cdef void _act_grad_rows(const floating* dy, const floating* x, floating* g, Py_
     """g = dy * act'(z), z = (x - mean) * zscale + zshift recomputed row by row (into g, then in place)."""
     cdef Py_ssize_t i
     for i in range(rows):
-        _affine_rows(x + i * nc, g + i * nc, 1, nc, mean, zscale, zshift, NO_ACT, 0.0)
-        act_grad(dy + i * nc, g + i * nc, nc, act, slope)
+        if floating is float:
+            normkit_cols_act_grad_f(dy + i * nc, x + i * nc, g + i * nc, nc, mean, zscale, zshift, act, <float>slope)
+        else:
+            _affine_rows(x + i * nc, g + i * nc, 1, nc, mean, zscale, zshift, NO_ACT, 0.0)
+            act_grad(dy + i * nc, g + i * nc, nc, act, slope)
 
 
 cdef void _grad_apply_rows(const floating* dy, const floating* x, floating* dx, Py_ssize_t rows, Py_ssize_t nc,

@@ -103,6 +103,13 @@ cdef inline void affine(const floating* x, floating* y, Py_ssize_t n, double mea
         y[i] = (x[i] - m) * a + c
 
 
+cdef inline void affine_consts(double mean, double scale, double shift, float* m, float* a, float* c) noexcept nogil:
+    """affine()'s float32 constants, for the C loops that compute its argument (m, a, c: mean, scale, shift)."""
+    m[0] = <float>mean
+    a[0] = <float>scale
+    c[0] = <float>(shift + (<double>m[0] - mean) * scale)
+
+
 cdef enum:
     # Values per chunk that grad_sums() adds in the data's precision before adding them into double.
     SUM_CHUNK = 256
@@ -428,6 +435,52 @@ cdef extern from *:
         NORMKIT_ACT_OF(((x[i] - m) * r + c0) * w[i] + b[i])
     }
 
+    /* out[i] = dy[i] * act'(Z) for i < n, Z as in NORMKIT_ACT_OF, in one loop: normkit_act_grad_f's arithmetic on
+       the argument as the plain loop computes it, without storing it first */
+    #define NORMKIT_ACT_GRAD_OF(Z)                                                                            \
+        Py_ssize_t i;                                                                                       \
+        float z, s, t, g, c, q;                                                                             \
+        switch (act) {                                                                                      \
+        case 0: for (i = 0; i < n; i++) { z = (Z); out[i] = z > 0.0f ? dy[i] : dy[i] - dy[i]; } break;      \
+        case 1: for (i = 0; i < n; i++) { z = (Z); out[i] = z > 0.0f ? dy[i] : dy[i] * slope; } break;      \
+        case 2:                                                                                             \
+            for (i = 0; i < n; i++) {                                                                       \
+                z = (Z);                                                                                    \
+                normkit_sigmoid2(z, &s, &t);                                                                \
+                out[i] = dy[i] * (s * (1.0f + z * t));                                                      \
+            }                                                                                               \
+            break;                                                                                          \
+        case 3:                                                                                             \
+            for (i = 0; i < n; i++) {                                                                       \
+                z = (Z);                                                                                    \
+                c = normkit_phi_cdf(z, &g);                                                                 \
+                out[i] = dy[i] * (c + z * g * 0.3989422804014327f);                                         \
+            }                                                                                               \
+            break;                                                                                          \
+        default:                                                                                            \
+            for (i = 0; i < n; i++) {                                                                       \
+                z = (Z);                                                                                    \
+                q = normkit_clamp_abs(z, 0x461C4000u);                                                      \
+                normkit_sigmoid2(normkit_tanh_arg2(z), &s, &t);                                             \
+                out[i] = dy[i] * (s + 2.0f * q * s * t * NORMKIT_TANH_C * (1.0f + 3.0f * NORMKIT_TANH_K * q * q)); \
+            }                                                                                               \
+        }
+
+    static void normkit_affine_act_grad_f(const float* dy, const float* x, float* out, Py_ssize_t n, float m, float a,
+                                          float c0, int act, float slope) {
+        NORMKIT_ACT_GRAD_OF((x[i] - m) * a + c0)
+    }
+
+    static void normkit_cols_act_grad_f(const float* dy, const float* x, float* out, Py_ssize_t n, const float* m,
+                                        const float* a, const float* c0, int act, float slope) {
+        NORMKIT_ACT_GRAD_OF((x[i] - m[i]) * a[i] + c0[i])
+    }
+
+    static void normkit_row_y_act_grad_f(const float* dy, const float* x, float* out, Py_ssize_t n, const float* w,
+                                         const float* b, float m, float r, float c0, int act, float slope) {
+        NORMKIT_ACT_GRAD_OF(((x[i] - m) * r + c0) * w[i] + b[i])
+    }
+
     /* On entry z holds the pre-activation, on exit dy * act'(z) */
     static void normkit_act_grad_f(const float* dy, float* z, Py_ssize_t n, int act, float slope) {
         Py_ssize_t i;
@@ -505,6 +558,12 @@ cdef extern from *:
     void normkit_row_y_act_f(const float* x, float* y, Py_ssize_t n, const float* w, const float* b, float m,
                              float r, float c0, int act, float slope) noexcept nogil
     void normkit_act_grad_f(const float* dy, float* z, Py_ssize_t n, int act, float slope) noexcept nogil
+    void normkit_affine_act_grad_f(const float* dy, const float* x, float* out, Py_ssize_t n, float m, float a,
+                                   float c0, int act, float slope) noexcept nogil
+    void normkit_cols_act_grad_f(const float* dy, const float* x, float* out, Py_ssize_t n, const float* m,
+                                 const float* a, const float* c0, int act, float slope) noexcept nogil
+    void normkit_row_y_act_grad_f(const float* dy, const float* x, float* out, Py_ssize_t n, const float* w,
+                                  const float* b, float m, float r, float c0, int act, float slope) noexcept nogil
     void normkit_act_d(double* y, Py_ssize_t n, int act, double slope) noexcept nogil
     void normkit_act_grad_d(const double* dy, double* z, Py_ssize_t n, int act, double slope) noexcept nogil
 
@@ -538,14 +597,13 @@ cdef inline void affine_act(const floating* x, floating* y, Py_ssize_t n, double
     """y = act((x - mean) * scale + shift) as affine() computes the argument: float32 in one loop, double chunk by
     chunk while it is in L1; affine() alone for act == NO_ACT."""
     cdef Py_ssize_t q, i, k
-    cdef float m, a
+    cdef float m, a, c
     if act == NO_ACT:
         affine(x, y, n, mean, scale, shift)
         return
     if floating is float:
-        m = <float>mean
-        a = <float>scale
-        normkit_affine_act_f(x, y, n, m, a, <float>(shift + (<double>m - mean) * scale), act, <float>slope)
+        affine_consts(mean, scale, shift, &m, &a, &c)
+        normkit_affine_act_f(x, y, n, m, a, c, act, <float>slope)
         return
     for q in range((n + ACT_CHUNK - 1) // ACT_CHUNK):
         i = q * ACT_CHUNK
@@ -623,6 +681,19 @@ cdef inline void affine_act_stream(const floating* x, floating* y, Py_ssize_t n,
         stream_store(y + i, buf, k)
 
 
+cdef inline void affine_act_grad(const floating* dy, const floating* x, floating* g, Py_ssize_t n, double mean,
+                                 double scale, double shift, int act, double slope) noexcept nogil:
+    """g = dy * act'(z), z = (x - mean) * scale + shift as affine() computes it (act != NO_ACT): float32 in one loop,
+    double through g."""
+    cdef float m, a, c
+    if floating is float:
+        affine_consts(mean, scale, shift, &m, &a, &c)
+        normkit_affine_act_grad_f(dy, x, g, n, m, a, c, act, <float>slope)
+    else:
+        affine(x, g, n, mean, scale, shift)
+        act_grad(dy, g, n, act, slope)
+
+
 cdef inline void act_grad_sums_kept(const floating* dy, const floating* x, floating* g, Py_ssize_t n, double mean,
                                     double scale, double shift, int act, double slope, double* sdy,
                                     double* sdyx) noexcept nogil:
@@ -633,8 +704,7 @@ cdef inline void act_grad_sums_kept(const floating* dy, const floating* x, float
     for q in range((n + ACT_CHUNK - 1) // ACT_CHUNK):
         i = q * ACT_CHUNK
         k = min(<Py_ssize_t>ACT_CHUNK, n - i)
-        affine(x + i, g + i, k, mean, scale, shift)
-        act_grad(dy + i, g + i, k, act, slope)
+        affine_act_grad(dy + i, x + i, g + i, k, mean, scale, shift, act, slope)
         grad_sums(g + i, x + i, NULL, k, mean, sdy, sdyx)
 
 
@@ -669,8 +739,7 @@ cdef inline void act_grad_apply(const floating* dy, const floating* x, floating*
     for q in range((n + ACT_CHUNK - 1) // ACT_CHUNK):
         i = q * ACT_CHUNK
         k = min(<Py_ssize_t>ACT_CHUNK, n - i)
-        affine(x + i, g, k, mean, scale, shift)
-        act_grad(dy + i, g, k, act, slope)
+        affine_act_grad(dy + i, x + i, g, k, mean, scale, shift, act, slope)
         if training:
             grad_apply(g, x + i, dx + i, k, mean, a, b, c)
         else:
@@ -693,8 +762,7 @@ cdef inline void act_grad_apply_stream(const floating* dy, const floating* x, fl
             else:
                 scale_copy(dy + i, g, k, a)
         else:
-            affine(x + i, g, k, mean, scale, shift)
-            act_grad(dy + i, g, k, act, slope)
+            affine_act_grad(dy + i, x + i, g, k, mean, scale, shift, act, slope)
             if training:
                 grad_apply(g, x + i, g, k, mean, a, b, c)
             else:

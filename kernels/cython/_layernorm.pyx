@@ -27,8 +27,9 @@ from libc.string cimport memset
 from _common cimport (
     ACT_CHUNK, NO_ACT, ROW_GROUP_BYTES, SERIAL_MAX_VALUES, TILE16, TILED_ROW, TILED_ROWS, act_apply, act_grad,
     clear_sums, finish_moments, grad_sums, group_coefficients, moments, moments16, narrow64, normkit_half_init,
-    normkit_narrow, normkit_row_dx16, normkit_row_sums16, normkit_row_y16, normkit_row_y_act_f, normkit_sfence,
-    normkit_widen, pivot16, pivot_of, store_grads, stream_store, threads_for, to_double,
+    normkit_narrow, normkit_row_dx16, normkit_row_sums16, normkit_row_y16, normkit_row_y_act_f,
+    normkit_row_y_act_grad_f, normkit_sfence, normkit_widen, pivot16, pivot_of, store_grads, stream_store,
+    threads_for, to_double,
 )
 
 # float16 converts with F16C where the CPU has it, unless NORMKIT_CYTHON_NO_F16C=1 asks for the portable code (to
@@ -334,14 +335,18 @@ cdef void _row_pass(const floating* dy, const floating* x, floating* dx, Py_ssiz
     the stack; b is read only then (NULL without an activation)."""
     cdef floating g[ACT_CHUNK]
     cdef Py_ssize_t q, j, m
+    cdef float fm = <float>mean, fr = <float>rstd, c0 = <float>((<double>fm - mean) * rstd)  # _row_y's
     if act == NO_ACT:
         _row_run(dy, x, dx, n, w, mean, rstd, sg, sgx, accw, accb, cb, cc, stream)
         return
     for q in range((n + ACT_CHUNK - 1) // ACT_CHUNK):
         j = q * ACT_CHUNK
         m = min(<Py_ssize_t>ACT_CHUNK, n - j)
-        _row_y(x + j, g, m, w + j, b + j, mean, rstd)
-        act_grad(dy + j, g, m, act, slope)
+        if floating is float:  # g = dy * act'(z) in one loop
+            normkit_row_y_act_grad_f(dy + j, x + j, g, m, w + j, b + j, fm, fr, c0, act, <float>slope)
+        else:
+            _row_y(x + j, g, m, w + j, b + j, mean, rstd)
+            act_grad(dy + j, g, m, act, slope)
         _row_run(g, x + j, dx + j if dx != NULL else NULL, m, w + j, mean, rstd, sg, sgx,
                  accw + j if accw != NULL else NULL, accb + j if accb != NULL else NULL, cb, cc, stream)
 
