@@ -149,14 +149,13 @@ cdef void _row_out(const floating* x, floating* y, Py_ssize_t k, const floating*
     # In the data's precision (twice the vector lanes of double for float32): xhat = (x - m) * r + c0 with m the
     # mean rounded to that precision and c0 = (m - mean) * rstd the rounding's correction, so that a large offset
     # loses nothing; a constant row gives xhat = 0 exactly and so exactly the bias.
-    cdef floating m, r
+    cdef float m, r, c0
     if act == NO_ACT and not stream:
         _row_y(x, y, k, w, b, mean, rstd)
         return
     if floating is float and not stream:
-        m = <floating>mean
-        r = <floating>rstd
-        normkit_row_y_act_f(x, y, k, w, b, m, r, <floating>((<double>m - mean) * rstd), act, <float>slope)
+        _row_consts(mean, rstd, &m, &r, &c0)
+        normkit_row_y_act_f(x, y, k, w, b, m, r, c0, act, <float>slope)
         return
     for q in range((k + ACT_CHUNK - 1) // ACT_CHUNK):
         j = q * ACT_CHUNK
@@ -171,6 +170,13 @@ cdef void _row_out(const floating* x, floating* y, Py_ssize_t k, const floating*
             act_apply(y + j, n, act, slope)
     if stream:
         normkit_sfence()
+
+
+cdef inline void _row_consts(double mean, double rstd, float* m, float* r, float* c0) noexcept nogil:
+    """_row_y's float32 constants, for the C loops that compute its value."""
+    m[0] = <float>mean
+    r[0] = <float>rstd
+    c0[0] = <float>((<double>m[0] - mean) * rstd)
 
 
 cdef inline void _row_y(const floating* x, floating* y, Py_ssize_t k, const floating* w, const floating* b,
@@ -335,10 +341,11 @@ cdef void _row_pass(const floating* dy, const floating* x, floating* dx, Py_ssiz
     the stack; b is read only then (NULL without an activation)."""
     cdef floating g[ACT_CHUNK]
     cdef Py_ssize_t q, j, m
-    cdef float fm = <float>mean, fr = <float>rstd, c0 = <float>((<double>fm - mean) * rstd)  # _row_y's
+    cdef float fm, fr, c0
     if act == NO_ACT:
         _row_run(dy, x, dx, n, w, mean, rstd, sg, sgx, accw, accb, cb, cc, stream)
         return
+    _row_consts(mean, rstd, &fm, &fr, &c0)
     for q in range((n + ACT_CHUNK - 1) // ACT_CHUNK):
         j = q * ACT_CHUNK
         m = min(<Py_ssize_t>ACT_CHUNK, n - j)
