@@ -435,8 +435,10 @@ cdef extern from *:
         NORMKIT_ACT_OF(((x[i] - m) * r + c0) * w[i] + b[i])
     }
 
-    /* out[i] = dy[i] * act'(Z) for i < n, Z as in NORMKIT_ACT_OF, in one loop: normkit_act_grad_f's arithmetic on
-       the argument as the plain loop computes it, without storing it first */
+    /* out[i] = dy[i] * act'(Z) for i < n, Z as in NORMKIT_ACT_OF, in one loop (the argument is not stored first).
+       relu's dy - dy is the reference's dy * 0: NaN for a NaN or inf dy (with -fno-signed-zeros gcc folds dy * 0
+       to 0); gelu_tanh's d/dz z sigmoid(2u) = s + 2 z s (1 - s) u', and beyond |z| = 1e4 s (1 - s) is 0 and z*z
+       would overflow into 0 * inf */
     #define NORMKIT_ACT_GRAD_OF(Z)                                                                            \
         Py_ssize_t i;                                                                                       \
         float z, s, t, g, c, q;                                                                             \
@@ -479,34 +481,6 @@ cdef extern from *:
     static void normkit_row_y_act_grad_f(const float* dy, const float* x, float* out, Py_ssize_t n, const float* w,
                                          const float* b, float m, float r, float c0, int act, float slope) {
         NORMKIT_ACT_GRAD_OF(((x[i] - m) * r + c0) * w[i] + b[i])
-    }
-
-    /* On entry z holds the pre-activation, on exit dy * act'(z) */
-    static void normkit_act_grad_f(const float* dy, float* z, Py_ssize_t n, int act, float slope) {
-        Py_ssize_t i;
-        float s, t, g, c, q;
-        switch (act) {
-        /* dy - dy, as the reference's dy * 0: NaN for a NaN or inf dy (with -fno-signed-zeros gcc folds dy * 0 to 0) */
-        case 0: for (i = 0; i < n; i++) z[i] = z[i] > 0.0f ? dy[i] : dy[i] - dy[i]; break;
-        case 1: for (i = 0; i < n; i++) z[i] = z[i] > 0.0f ? dy[i] : dy[i] * slope; break;
-        case 2:
-            for (i = 0; i < n; i++) { normkit_sigmoid2(z[i], &s, &t); z[i] = dy[i] * (s * (1.0f + z[i] * t)); }
-            break;
-        case 3:
-            for (i = 0; i < n; i++) {
-                c = normkit_phi_cdf(z[i], &g);
-                z[i] = dy[i] * (c + z[i] * g * 0.3989422804014327f);
-            }
-            break;
-        default:
-            for (i = 0; i < n; i++) {
-                /* d/dz z sigmoid(2u) = s + 2 z s (1 - s) u'; beyond |z| = 1e4 s (1 - s) is 0 and z*z would
-                   overflow into 0 * inf */
-                q = normkit_clamp_abs(z[i], 0x461C4000u);  /* 1e4f */
-                normkit_sigmoid2(normkit_tanh_arg2(z[i]), &s, &t);
-                z[i] = dy[i] * (s + 2.0f * q * s * t * NORMKIT_TANH_C * (1.0f + 3.0f * NORMKIT_TANH_K * q * q));
-            }
-        }
     }
 
     static inline double normkit_sigmoid_d(double v) {
@@ -557,7 +531,6 @@ cdef extern from *:
                             int act, float slope) noexcept nogil
     void normkit_row_y_act_f(const float* x, float* y, Py_ssize_t n, const float* w, const float* b, float m,
                              float r, float c0, int act, float slope) noexcept nogil
-    void normkit_act_grad_f(const float* dy, float* z, Py_ssize_t n, int act, float slope) noexcept nogil
     void normkit_affine_act_grad_f(const float* dy, const float* x, float* out, Py_ssize_t n, float m, float a,
                                    float c0, int act, float slope) noexcept nogil
     void normkit_cols_act_grad_f(const float* dy, const float* x, float* out, Py_ssize_t n, const float* m,
@@ -584,12 +557,10 @@ cdef inline void act_apply(floating* y, Py_ssize_t n, int act, double slope) noe
         normkit_act_d(y, n, act, slope)
 
 
-cdef inline void act_grad(const floating* dy, floating* z, Py_ssize_t n, int act, double slope) noexcept nogil:
-    """z (the pre-activation on entry) = dy * act'(z)."""
-    if floating is float:
-        normkit_act_grad_f(dy, z, n, act, <float>slope)
-    else:
-        normkit_act_grad_d(dy, z, n, act, slope)
+cdef inline void act_grad(const double* dy, double* z, Py_ssize_t n, int act, double slope) noexcept nogil:
+    """z (the pre-activation on entry) = dy * act'(z), in double (float32 computes z and act'(z) in one loop: the
+    *_act_grad_f loops)."""
+    normkit_act_grad_d(dy, z, n, act, slope)
 
 
 cdef inline void affine_act(const floating* x, floating* y, Py_ssize_t n, double mean, double scale, double shift,
