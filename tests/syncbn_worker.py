@@ -140,6 +140,15 @@ def main(world: int, rank: int, port: int, outdir: str) -> None:
     results["no-input-grad"] = {"case": name, "dweight": module.weight.grad, "dbias": module.bias.grad,
                                 "collectives": {k: calls[k] - before[k] for k in calls}}
 
+    # gradients of gradients: a clear error (raised before the backward's all_reduce, on every process alike)
+    module = make_module(nkt.SyncBatchNorm, shape, dtype, kwargs, name, n)
+    xg = x[lo:hi].clone().requires_grad_()
+    try:
+        torch.autograd.grad(module(xg).pow(3).sum(), xg, create_graph=True)
+        results["create_graph"] = None
+    except RuntimeError as e:
+        results["create_graph"] = str(e)
+
     # one DistributedDataParallel step of a small CNN converted with convert_sync_batchnorm
     model = nkt.convert_sync_batchnorm(ddp_model())
     ddp = torch.nn.parallel.DistributedDataParallel(model)

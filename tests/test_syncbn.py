@@ -150,6 +150,12 @@ def test_no_input_grad_skips_the_backward_all_reduce(group):
         assert rel(sum(g[key] for g in got), ref) < TOL[dtype]
 
 
+def test_gradients_of_gradients_are_a_clear_error(group):
+    world, results = group
+    for res in results:
+        assert "gradients of its gradients (create_graph=True) are not supported" in res["create_graph"]
+
+
 def test_ddp_step(group):
     world, results = group
     n = sum(W.SIZES[world])

@@ -286,14 +286,9 @@ def test_outputs_are_plain_contiguous_tensors():
     assert y2.stride() == (3, 1, 1, 1) and y2.untyped_storage().data_ptr() != y.untyped_storage().data_ptr()
 
 
-def test_differentiating_gradients_is_an_error_and_in_place_changes_are_caught():
+def test_in_place_changes_are_caught():
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(2, 4, 5, generator=g, requires_grad=True)
-    y = nt.group_norm(x, 2)
-    (dx,) = torch.autograd.grad((y * y).sum(), x, create_graph=True)
-    with pytest.raises(RuntimeError, match="differentiate twice"):
-        dx.sum().backward()
-    xc = x.detach().clone().requires_grad_()
+    xc = torch.randn(2, 4, 5, generator=g, requires_grad=True)
     w = torch.rand(4, generator=g, requires_grad=True)
     y = nt.group_norm(xc, 2, w)
     with torch.no_grad():

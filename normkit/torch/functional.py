@@ -11,7 +11,10 @@ Two paths to the same kernels:
   never traces into NumPy. Running statistics are updated with torch operations in the wrapper, which the
   compiler traces like any other (torch refuses ``register_autograd`` on an op that declares ``mutates_args``).
 
-Both paths run :func:`_forward` and :func:`_backward`, which take CPU tensors. Inputs are made contiguous (a copy
+Both paths run :func:`_forward` and :func:`_backward`, which take CPU tensors. Two cases leave the kernels for
+torch's own operations, which autograd and torch.func can see through: a backward asked for a graph
+(``create_graph=True``; :mod:`normkit.torch.differentiable`), and any call under a torch.func transform (vmap,
+grad, ...), which is ``torch.nn.functional``'s. Inputs are made contiguous (a copy
 only when they are not); outputs are allocated (see below) and handed to the kernel to write into; the saved
 statistics stay NumPy arrays (tensors only where a custom op returns or receives them).
 The domain is torch's: empty batches, negative ``eps`` and any ``momentum`` are accepted and give what
@@ -42,6 +45,7 @@ from typing import Optional
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .. import alloc, checks, registry
@@ -49,6 +53,7 @@ from .. import activation as _activation
 from ..contract import ACT_PREFIX, ACTIVATIONS, NHWC, SPECS, OpSpec, on_columns
 from ..ops import fused_kernel
 from ..running import update_running
+from . import differentiable
 
 __all__ = ["add_layer_norm", "add_rms_norm", "batch_norm", "group_norm", "instance_norm", "layer_norm", "rms_norm"]
 
@@ -60,6 +65,9 @@ _STAT_DTYPES = {torch.float32: torch.float32, torch.float64: torch.float64, torc
                 torch.float16: torch.float32}
 _NP_STAT_DTYPES = {dt: np.dtype(str(s).removeprefix("torch.")) for dt, s in _STAT_DTYPES.items()}
 _is_compiling = torch.compiler.is_compiling
+# torch.func's transforms (vmap, grad, jacrev, ...) see through torch's operations, not through the kernels: under
+# one, each function is torch.nn.functional's (then the activation), with torch's checks and errors
+_transforms_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)
 _DENSE = torch.contiguous_format
 
 
@@ -610,9 +618,6 @@ def _grads(ctx, dy):
     return dx if need_x else None, dw, db, None
 
 
-_grads_once = torch.autograd.function.once_differentiable(_grads)
-
-
 class _Norm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, call):
@@ -628,11 +633,14 @@ class _Norm(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        # Grad mode is off in backward unless it was asked for a graph (create_graph=True). Only then is
-        # once_differentiable needed (it makes differentiating the gradients an error, where the kernels would
-        # silently give none); its no_grad block costs about a µs on every other call.
+        # Grad mode is off in backward unless it was asked for a graph (create_graph=True): then gradients that
+        # autograd can differentiate again, from torch's operations (the kernels' would silently have none)
         if torch.is_grad_enabled():
-            return _grads_once(ctx, dy)
+            x, weight, *bias = ctx.saved_tensors
+            need = ctx.needs_input_grad[:3]
+            bias_dtype = ctx.param_dtypes[1] if x.dtype in _HALF else x.dtype
+            return (*differentiable.grads(ctx.call, x, weight, bias[0] if bias else None, dy, need, bias_dtype),
+                    None)
         return _grads(ctx, dy)
 
 
@@ -643,7 +651,6 @@ class _Norm(torch.autograd.Function):
 # *args gave half of it back). They are torch's private API (2.1 and later); a torch without them gets
 # Function.apply.
 try:
-    _are_functorch_transforms_active = torch._C._are_functorch_transforms_active
     _unwrap_if_dead = torch._C._functorch.unwrap_if_dead
     _cpp_apply = torch._C._FunctionBase.__dict__["apply"]
 except (AttributeError, KeyError):
@@ -654,7 +661,7 @@ _norm_apply = None if _cpp_apply is None else _cpp_apply.__get__(None, _Norm)
 def _run(call: _Call, x: Tensor, weight, bias) -> Tensor:
     if torch.is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad)
                                     or (bias is not None and bias.requires_grad)):
-        if _norm_apply is None or _are_functorch_transforms_active():
+        if _norm_apply is None:
             return _Norm.apply(x, weight, bias, call)
         return _norm_apply(_unwrap_if_dead(x), None if weight is None else _unwrap_if_dead(weight),
                            None if bias is None else _unwrap_if_dead(bias), call)
@@ -1060,6 +1067,9 @@ _ACTIVATION_DOC = """
 
 def batch_norm(input, running_mean=None, running_var=None, weight=None, bias=None, training=False, momentum=0.1,
                eps=1e-5, *, backend=None, activation=None, negative_slope=0.01):
+    if _transforms_active():
+        return differentiable.activation(F.batch_norm(input, running_mean, running_var, weight, bias, training,
+                                                      momentum, eps), _act("batchnorm", activation, negative_slope))
     if isinstance(input, Tensor) and input.dim() == 1 and not input.numel() and weight is None and bias is None \
             and all(r is None or (isinstance(r, Tensor) and not r.numel()) for r in (running_mean, running_var)):
         _act("batchnorm", activation, negative_slope)
@@ -1075,6 +1085,10 @@ batch_norm.__doc__ = """:func:`torch.nn.functional.batch_norm` computed by normk
 
 def instance_norm(input, running_mean=None, running_var=None, weight=None, bias=None, use_input_stats=True,
                   momentum=0.1, eps=1e-5, *, backend=None, activation=None, negative_slope=0.01):
+    if _transforms_active():
+        return differentiable.activation(F.instance_norm(input, running_mean, running_var, weight, bias,
+                                                         use_input_stats, momentum, eps),
+                                         _act("instancenorm", activation, negative_slope))
     return _channel(_IN, _instance_norm, input, running_mean, running_var, weight, bias, use_input_stats, momentum,
                     eps, backend, _act("instancenorm", activation, negative_slope))
 
@@ -1085,6 +1099,9 @@ instance_norm.__doc__ = """:func:`torch.nn.functional.instance_norm` computed by
 
 def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5, *, backend=None, activation=None,
                negative_slope=0.01):
+    if _transforms_active():
+        return differentiable.activation(F.group_norm(input, num_groups, weight, bias, eps),
+                                         _act("groupnorm", activation, negative_slope))
     op = "groupnorm"
     x = input
     compiling = _is_compiling()  # first: _plain's looks are eager-only
@@ -1133,6 +1150,9 @@ def _row_input(op: str, input, normalized_shape) -> tuple[Tensor, tuple]:
 
 def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5, *, backend=None, activation=None,
                negative_slope=0.01):
+    if _transforms_active():
+        return differentiable.activation(F.layer_norm(input, normalized_shape, weight, bias, eps),
+                                         _act("layernorm", activation, negative_slope))
     op = "layernorm"
     compiling = _is_compiling()  # first: _plain's looks are eager-only
     plain = not compiling and _row_plain(input, normalized_shape, eps, weight, bias)
@@ -1160,6 +1180,8 @@ def _rms_eps(x: Tensor, eps) -> float:
 
 def rms_norm(input, normalized_shape, weight=None, eps=None, *, backend=None):
     """:func:`torch.nn.functional.rms_norm` computed by normkit (``eps=None``: the dtype's machine epsilon)."""
+    if _transforms_active():
+        return F.rms_norm(input, normalized_shape, weight, eps)
     op = "rmsnorm"
     compiling = _is_compiling()  # first: _plain's looks are eager-only
     plain = not compiling and _row_plain(input, normalized_shape, 0.0 if eps is None else eps, weight)
@@ -1182,6 +1204,7 @@ class _AddCall:
     """One call of a fused add: its op, shapes and backend; after forward, the saved statistics (NumPy)."""
 
     __slots__ = ("spec", "eps", "kshape", "pshape", "backend", "mean", "rstd")
+    act = None  # no fused activation (differentiable.grads reads it as of a _Call)
 
     def __init__(self, spec, eps, kshape, pshape, backend):
         self.spec, self.eps, self.kshape, self.pshape, self.backend = spec, eps, kshape, pshape, backend
@@ -1239,12 +1262,15 @@ class _AddNorm(torch.autograd.Function):
         return y, h
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, dy, dh):
         h, weight = ctx.saved_tensors
         need_x, need_r, need_w, need_b, _ = ctx.needs_input_grad
         if dy is None:  # only h was used: the norm passes no gradient
             dx, dw, db = dh, None, None
+        elif torch.is_grad_enabled():  # create_graph=True: see _Norm.backward
+            dx, dw, db = differentiable.grads(ctx.call, h, weight, None, dy, (need_x or need_r, need_w, need_b),
+                                              ctx.param_dtypes[1] or h.dtype)
+            dx = dx if dh is None else dx + dh
         else:
             dx, dw, db = ctx.call.backward(dy, dh, h, weight, need_w, need_b)
             if h.dtype in _HALF:
@@ -1261,14 +1287,14 @@ def _add_norm(spec, x, residual, shape, weight, bias, eps, backend):
     if residual.shape != x.shape or residual.dtype != x.dtype:
         raise ValueError(f"{op}: residual must have the input's shape {tuple(x.shape)} and dtype "
                          f"{_dtype_name(x)}, got {tuple(residual.shape)} and {_dtype_name(residual)}")
-    if _is_compiling():  # the sum, then the op's custom op: the compiler fuses what it can
+    if _is_compiling() or _transforms_active():  # the sum, then the op: the compiler fuses what it can
         h = x + residual
         norm = layer_norm(h, shape, weight, bias, eps, backend=backend) if spec.centered else \
             rms_norm(h, shape, weight, eps, backend=backend)
         return norm, h
     call = _AddCall(spec, eps, _kernel_shape(spec, x.shape, len(shape)), shape, backend)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, residual, weight, bias)):
-        if _add_norm_apply is None or _are_functorch_transforms_active():  # see _norm_apply
+        if _add_norm_apply is None:  # see _norm_apply
             return _AddNorm.apply(x, residual, weight, bias, call)
         return _add_norm_apply(_unwrap_if_dead(x), _unwrap_if_dead(residual),
                                None if weight is None else _unwrap_if_dead(weight),

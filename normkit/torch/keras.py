@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import keras as _keras
+from . import differentiable
 
 __all__ = ["BatchNormalization"]
 
@@ -47,6 +48,7 @@ class _KerasBN(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
+        differentiable.refuse("normkit BatchNormalization")
         dya = dy.contiguous().numpy()
         if ctx.saved is not None:
             dx, dgamma, dbeta = ctx.core._backward(ctx.saved, dya)

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import keras as _keras
+from . import differentiable
 from .functional import batch_norm
 
 __all__ = ["BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d", "GhostBatchNorm1d", "GhostBatchNorm2d",
@@ -39,6 +40,7 @@ class _CoreTrain(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
+        differentiable.refuse(f"normkit {ctx.core.name}")
         dx, dw, db = ctx.core._backward(ctx.saved, dy.contiguous().numpy())
         dw = None if ctx.wdtype is None else torch.from_numpy(dw.reshape(-1)).to(ctx.wdtype)
         db = None if ctx.bdtype is None else torch.from_numpy(db.reshape(-1)).to(ctx.bdtype)

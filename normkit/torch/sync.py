@@ -28,6 +28,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..split import (Stats, apply_coefficients, backward_coefficients, batchnorm_apply, batchnorm_backward_apply,
                      batchnorm_backward_reduce, batchnorm_stats, merge_stats)
+from . import differentiable
 from .functional import _input, _np, _params, batch_norm
 
 __all__ = ["SyncBatchNorm", "convert_sync_batchnorm"]
@@ -85,8 +86,8 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         return y
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, dy):
+        differentiable.refuse("normkit SyncBatchNorm")
         x, weight = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         c = x.shape[1]

@@ -1,0 +1,91 @@
+"""Gradients that can be differentiated again: normkit's backward under ``create_graph=True``.
+
+The kernels return gradients as numbers, not as a graph. Autograd runs a backward with grad mode on only when it
+was asked for a graph (``create_graph=True``: gradient penalties, Hessian-vector products, meta-learning), and
+there normkit's autograd Functions take their gradients from this module instead: the call's output recomputed
+with torch's own differentiable operations (``torch.nn.functional``'s norm with the call's arguments, then its
+activation) and differentiated by autograd, which records the graph. The first-order values are then torch's
+(float32 arithmetic for 16-bit data), the speed torch's; every other backward stays on the kernels.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..contract import ACTIVATIONS
+
+_HALF = (torch.bfloat16, torch.float16)
+
+
+def activation(z: Tensor, act: Optional[tuple[int, float]]) -> Tensor:
+    """The fused activation ``act`` (normkit.torch.functional's code for it, or None) of z."""
+    if act is None:
+        return z
+    name, slope = ACTIVATIONS[act[0]], act[1]
+    if name == "relu":
+        return F.relu(z)
+    if name == "leaky_relu":
+        return F.leaky_relu(z, slope)
+    if name == "silu":
+        return F.silu(z)
+    return F.gelu(z, approximate="tanh" if name == "gelu_tanh" else "none")
+
+
+def _norm(call, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]) -> Tensor:
+    """The call's norm (before its activation) on x, in torch operations."""
+    op = call.spec.name
+    if op in ("batchnorm", "instancenorm") and not call.batch_stats:
+        # normalized by running statistics: constants, the ones the call's forward used (the buffers may have
+        # moved since)
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        mean, rstd = (torch.from_numpy(s).to(x.dtype).view(shape) for s in (call.mean, call.rstd))
+        y = (x - mean) * rstd
+        if weight is not None:
+            y = y * weight.view(shape)
+        return y if bias is None else y + bias.view(shape)
+    if op == "batchnorm":
+        return F.batch_norm(x, None, None, weight, bias, True, 0.0, call.eps)
+    if op == "instancenorm":
+        return F.instance_norm(x, None, None, weight, bias, True, 0.0, call.eps)
+    if op == "groupnorm":
+        return F.group_norm(x, call.groups, weight, bias, call.eps)
+    if op == "layernorm":
+        return F.layer_norm(x, call.pshape, weight, bias, call.eps)
+    return F.rms_norm(x, call.pshape, weight, call.eps)
+
+
+def grads(call, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], dy: Tensor,
+          need: tuple[bool, bool, bool], bias_dtype) -> tuple[Optional[Tensor], ...]:
+    """(dx, dweight, dbias) of the call's output for the output gradient ``dy``, recorded by autograd; ``need``
+    says which of x, weight and bias want one. A wanted bias may come as None: without an activation the callers
+    do not keep it (it enters no other gradient), and its gradient, dy summed over the other dimensions, comes in
+    ``bias_dtype``."""
+    compute = torch.float32 if x.dtype in _HALF else x.dtype  # as the kernels: 16-bit data computed in float32
+
+    def up(t):
+        return None if t is None else t.to(compute)
+
+    y = activation(_norm(call, up(x), up(weight), up(bias)), call.act).to(x.dtype)
+    wanted = [t if n else None for t, n in zip((x, weight, bias), need)]
+    inputs = [t for t in wanted if t is not None]
+    found = iter(torch.autograd.grad(y, inputs, dy, create_graph=True, allow_unused=True) if inputs else ())
+    dx, dw, db = (None if t is None else next(found) for t in wanted)
+    if need[2] and bias is None:
+        dims = tuple(range(dy.dim() - len(call.pshape))) if call.spec.sets == "row" else (0, *range(2, dy.dim()))
+        db = dy.to(compute)
+        if dims:  # (sum over () would sum over every dimension)
+            db = db.sum(dims)
+        db = db.to(bias_dtype)
+    return dx, dw, db
+
+
+def refuse(name: str) -> None:
+    """In the backward of an autograd Function that has no differentiable form: a clear error under
+    ``create_graph=True``. (``once_differentiable`` is not enough: its error fires only if a later backward walks
+    through it, and ``torch.autograd.grad(loss, inputs)`` prunes it away, silently dropping the term.)"""
+    if torch.is_grad_enabled():
+        raise RuntimeError(f"{name}: gradients of its gradients (create_graph=True) are not supported")

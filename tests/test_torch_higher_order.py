@@ -1,0 +1,248 @@
+"""Gradients of gradients (create_graph=True) through normkit.torch: the same values as torch.nn.functional's,
+second derivatives checked by finite differences (gradgradcheck), and a clear error where normkit has no
+differentiable backward; and torch.func's transforms (grad, vmap, jacrev, hessian), under which normkit's
+functions are torch's."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import normkit.torch as nt  # noqa: E402
+
+F = torch.nn.functional
+
+
+def _data(shape, c, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g, dtype=dtype)
+    w = (torch.rand(c, generator=g, dtype=dtype) + 0.5)
+    b = torch.randn(c, generator=g, dtype=dtype)
+    rm = torch.randn(shape[1], generator=g, dtype=dtype)
+    rv = torch.rand(shape[1], generator=g, dtype=dtype) + 0.5
+    return x, w, b, rm, rv
+
+
+def _act(z, name, slope=0.2):
+    return {None: lambda: z, "relu": lambda: F.relu(z), "leaky_relu": lambda: F.leaky_relu(z, slope),
+            "silu": lambda: F.silu(z), "gelu": lambda: F.gelu(z),
+            "gelu_tanh": lambda: F.gelu(z, approximate="tanh")}[name]()
+
+
+# (id, input shape, parameter shape, normkit's call, torch's) with f(m, x, w, b, rm, rv, act): m is normkit.torch or
+# torch.nn.functional; torch's side applies the activation after the norm
+CASES = [
+    ("bn", (6, 3, 4, 5), (3,), lambda m, x, w, b, rm, rv: m.batch_norm(x, None, None, w, b, True)),
+    ("bn-eval", (6, 3, 4, 5), (3,), lambda m, x, w, b, rm, rv: m.batch_norm(x, rm, rv, w, b, False)),
+    ("bn-1d", (8, 3), (3,), lambda m, x, w, b, rm, rv: m.batch_norm(x, None, None, w, b, True)),
+    ("in", (3, 4, 6, 5), (4,), lambda m, x, w, b, rm, rv: m.instance_norm(x, None, None, w, b)),
+    ("in-running", (3, 4, 6, 5), (4,),
+     lambda m, x, w, b, rm, rv: m.instance_norm(x, rm, rv, w, b, use_input_stats=False)),
+    ("gn", (3, 6, 4, 5), (6,), lambda m, x, w, b, rm, rv: m.group_norm(x, 3, w, b)),
+    ("ln", (3, 5, 4, 6), (4, 6), lambda m, x, w, b, rm, rv: m.layer_norm(x, (4, 6), w, b)),
+    ("ln-all", (4, 6), (4, 6), lambda m, x, w, b, rm, rv: m.layer_norm(x, (4, 6), w, b)),  # no leading dims
+    ("rms", (3, 5, 24), (24,), lambda m, x, w, b, rm, rv: m.rms_norm(x, (24,), w)),
+]
+ACTS = {"bn": "relu", "bn-eval": "leaky_relu", "bn-1d": "gelu", "in": "silu", "in-running": "gelu",
+        "gn": "gelu_tanh", "ln": "silu"}  # RMSNorm has no fused activation
+
+
+def _call(case, m, x, w, b, rm, rv, act):
+    name, _, _, f = case
+    if m is nt and act is not None:
+        kw = {"activation": act, **({"negative_slope": 0.2} if act == "leaky_relu" else {})}
+        return {"bn": lambda: nt.batch_norm(x, None, None, w, b, True, **kw),
+                "bn-eval": lambda: nt.batch_norm(x, rm, rv, w, b, False, **kw),
+                "bn-1d": lambda: nt.batch_norm(x, None, None, w, b, True, **kw),
+                "in": lambda: nt.instance_norm(x, None, None, w, b, **kw),
+                "in-running": lambda: nt.instance_norm(x, rm, rv, w, b, use_input_stats=False, **kw),
+                "gn": lambda: nt.group_norm(x, 3, w, b, **kw),
+                "ln": lambda: nt.layer_norm(x, (4, 6), w, b, **kw)}[name]()
+    return _act(f(m, x, w, b, rm, rv), act)
+
+
+def _second_order(case, m, act, params=True, dtype=torch.float64):
+    """Gradients of a gradient penalty plus the loss, wrt x, weight and bias: loss = sum(y^3 * r), then autograd
+    .grad with create_graph=True, then autograd.grad of |grads|^2 + loss (autograd.grad with inputs: the call that
+    prunes what it cannot reach)."""
+    name, shape, pshape, _ = case
+    x, w, b, rm, rv = _data(shape, pshape, dtype)
+    r = torch.randn(shape, generator=torch.Generator().manual_seed(1), dtype=dtype)
+    leaves = [x.requires_grad_()] + ([w.requires_grad_(), b.requires_grad_()] if params else [])
+    if not params:
+        w = b = None
+    y = _call(case, m, x, w, b, rm, rv, act)
+    loss = (y.pow(3) * r).sum()
+    used = [t for t in leaves if t is not None and (name != "rms" or t is not b)]
+    first = torch.autograd.grad(loss, used, create_graph=True)
+    penalty = sum(g.pow(2).sum() for g in first)
+    return first, torch.autograd.grad(penalty + loss, used)
+
+
+@pytest.mark.parametrize("case,act", [(c, None) for c in CASES] + [(c, ACTS[c[0]]) for c in CASES if c[0] in ACTS],
+                         ids=lambda v: v[0] if isinstance(v, tuple) else str(v))
+def test_second_order_matches_torch(case, act):
+    got1, got2 = _second_order(case, nt, act)
+    ref1, ref2 = _second_order(case, F, act)
+    for g, r in zip(got1 + got2, ref1 + ref2):
+        torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c[0] in ("bn", "in", "gn", "ln", "rms")], ids=lambda c: c[0])
+def test_without_parameters(case):
+    got1, got2 = _second_order(case, nt, None, params=False)
+    ref1, ref2 = _second_order(case, F, None, params=False)
+    for g, r in zip(got1 + got2, ref1 + ref2):
+        torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c[0] in ("bn", "bn-eval", "gn", "ln", "rms")],
+                         ids=lambda c: c[0])
+def test_gradgradcheck(case):
+    """Second derivatives by finite differences, wrt every input and the output gradient."""
+    name, shape, pshape, _ = case
+    x, w, b, rm, rv = _data(shape, pshape)
+    act = ACTS.get(name, None)
+    inputs = (x.requires_grad_(), w.requires_grad_()) + (() if name == "rms" else (b.requires_grad_(),))
+
+    def f(x, w, b=None):
+        return _call(case, nt, x, w, b, rm, rv, act)
+    assert torch.autograd.gradgradcheck(f, inputs)
+
+
+def test_first_order_values_match_the_kernels():
+    """Under create_graph the first-order gradients come from torch's operations: the kernels' values, to float32
+    rounding."""
+    case = CASES[5]  # gn
+    x, w, b, _, _ = _data(case[1], case[2], torch.float32)
+    xs = [x.clone().requires_grad_() for _ in range(2)]
+    ws = [w.clone().requires_grad_() for _ in range(2)]
+    dy = torch.randn(x.shape, generator=torch.Generator().manual_seed(2))
+    plain = torch.autograd.grad(nt.group_norm(xs[0], 3, ws[0], b, activation="silu"), (xs[0], ws[0]), dy)
+    graph = torch.autograd.grad(nt.group_norm(xs[1], 3, ws[1], b, activation="silu"), (xs[1], ws[1]), dy,
+                                create_graph=True)
+    assert all(g.requires_grad for g in graph)
+    for p, g in zip(plain, graph):
+        torch.testing.assert_close(g.detach(), p, rtol=1e-5, atol=1e-5)
+
+
+def test_bfloat16_and_channels_last():
+    """16-bit data with float32 parameters (autocast's mix) and a channels-last input: the gradients keep the
+    dtypes of the first-order backward and match torch's float32 computation rounded to bfloat16."""
+    x, w, b, _, _ = _data((4, 6, 5, 3), (6,), torch.float32)
+    x16 = x.to(torch.bfloat16).to(memory_format=torch.channels_last)
+
+    def run(m, x16, w):
+        x16 = x16.clone().requires_grad_()
+        w = w.clone().requires_grad_()
+        y = m.batch_norm(x16, None, None, w, b, True) if m is nt else \
+            F.batch_norm(x16.float(), None, None, w, b, True).to(torch.bfloat16)
+        gx, gw = torch.autograd.grad(y.float().pow(2).sum(), (x16, w), create_graph=True)
+        return (gx, gw), torch.autograd.grad(gx.float().pow(2).sum() + gw.pow(2).sum(), (x16, w))
+
+    got, ref = run(nt, x16, w), run(F, x16, w)
+    for g, r in zip(got[0] + got[1], ref[0] + ref[1]):
+        assert g.dtype == r.dtype
+        torch.testing.assert_close(g.float(), r.float(), rtol=2e-2, atol=2e-2 * r.abs().max().item())
+
+
+@pytest.mark.parametrize("op", ["layer", "rms"])
+def test_fused_add(op):
+    x, w, b, _, _ = _data((3, 4, 8), (8,))
+    res = torch.randn(x.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+
+    def run(fused):
+        xs, rs, ws, bs = (t.clone().requires_grad_() for t in (x, res, w, b))
+        if fused:
+            y, h = nt.add_layer_norm(xs, rs, (8,), ws, bs) if op == "layer" else nt.add_rms_norm(xs, rs, (8,), ws)
+        else:
+            h = xs + rs
+            y = F.layer_norm(h, (8,), ws, bs) if op == "layer" else F.rms_norm(h, (8,), ws)
+        loss = y.pow(3).sum() + h.pow(2).sum()
+        leaves = (xs, rs, ws) + ((bs,) if op == "layer" else ())
+        first = torch.autograd.grad(loss, leaves, create_graph=True)
+        return first + torch.autograd.grad(sum(g.pow(2).sum() for g in first), leaves)
+
+    for g, r in zip(run(True), run(False)):
+        torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-9)
+
+
+def test_a_converted_model_takes_a_gradient_penalty():
+    """WGAN-GP's step: the penalty's gradient reaches the parameters through .backward() as with torch.nn."""
+    torch.manual_seed(0)
+    ref = torch.nn.Sequential(torch.nn.Conv2d(2, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.SiLU(),
+                              torch.nn.GroupNorm(2, 4), torch.nn.Flatten(), torch.nn.LayerNorm(144),
+                              torch.nn.Linear(144, 1)).double()
+    model = nt.convert(copy.deepcopy(ref), fuse=True)
+    assert isinstance(model[1], nt.BatchNorm2d) and model[1].activation == "silu"
+    x = torch.randn(5, 2, 8, 8, dtype=torch.float64)
+    for m in (ref, model):
+        xi = x.clone().requires_grad_()
+        out = m(xi)
+        (gx,) = torch.autograd.grad(out.sum(), xi, create_graph=True)
+        (out.mean() + gx.pow(2).sum()).backward()
+    for (name, p), q in zip(ref.named_parameters(), model.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-8, atol=1e-10, msg=name)
+
+
+@pytest.mark.parametrize("make", [lambda: nt.BatchRenorm2d(3), lambda: nt.GhostBatchNorm2d(3, virtual_batch_size=2),
+                                  lambda: nt.BatchNormalization(3)], ids=["renorm", "ghost", "keras"])
+def test_layers_without_a_differentiable_backward_say_so(make):
+    layer = make().train()
+    x = torch.randn(4, 3, 5, 5, requires_grad=True)
+    with pytest.raises(RuntimeError, match=r"gradients of its gradients \(create_graph=True\) are not supported"):
+        torch.autograd.grad(layer(x).pow(3).sum(), x, create_graph=True)
+    layer(x).pow(3).sum().backward()  # the first-order backward is unaffected
+    assert x.grad is not None
+
+
+FUNCS = [("bn", (6, 3, 4), lambda m, x: m.batch_norm(x, None, None, None, None, True)),
+         ("in", (2, 3, 5), lambda m, x: m.instance_norm(x)),
+         ("gn", (2, 4, 3), lambda m, x: m.group_norm(x, 2)),
+         ("ln", (3, 8), lambda m, x: m.layer_norm(x, (8,))),
+         ("rms", (3, 8), lambda m, x: m.rms_norm(x, (8,))),
+         ("gn-silu", (2, 4, 3), lambda m, x: m.group_norm(x, 2, activation="silu") if m is nt
+          else F.silu(F.group_norm(x, 2))),
+         ("add-ln", (3, 8), lambda m, x: m.add_layer_norm(x, x.cos(), (8,))[0] if m is nt
+          else F.layer_norm(x + x.cos(), (8,)))]
+
+
+@pytest.mark.parametrize("transform", ["grad", "hessian", "jacrev", "vmap"])
+@pytest.mark.parametrize("name,shape,f", FUNCS, ids=[c[0] for c in FUNCS])
+def test_torch_func_transforms(name, shape, f, transform):
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+
+    def run(m):
+        if transform == "grad":
+            return torch.func.grad(lambda x: f(m, x).pow(3).sum())(x)
+        if transform == "hessian":
+            return torch.func.hessian(lambda x: f(m, x).pow(3).sum())(x)
+        if transform == "jacrev":
+            return torch.func.jacrev(lambda x: f(m, x))(x)
+        return torch.func.vmap(lambda xi: f(m, xi[None])[0])(x)  # each sample its own batch of one
+
+    torch.testing.assert_close(run(nt), run(F), rtol=1e-10, atol=1e-10)
+
+
+def test_per_sample_gradients_of_a_converted_model():
+    """torch.func's per-sample-gradient recipe (functional_call, vmap over grad) on a converted model."""
+    torch.manual_seed(0)
+    ref = torch.nn.Sequential(torch.nn.Conv2d(2, 4, 3), torch.nn.GroupNorm(2, 4), torch.nn.SiLU(),
+                              torch.nn.Flatten(), torch.nn.LayerNorm(16), torch.nn.Linear(16, 1)).double()
+    model = nt.convert(copy.deepcopy(ref), fuse=True)
+    assert isinstance(model[1], nt.GroupNorm) and model[1].activation == "silu"
+    x = torch.randn(5, 2, 4, 4, dtype=torch.float64)
+
+    def per_sample(m):
+        params = {k: v.detach() for k, v in m.named_parameters()}
+
+        def loss(p, xi):
+            return torch.func.functional_call(m, p, (xi[None],)).pow(2).sum()
+        return torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0))(params, x)
+
+    got, want = per_sample(model), per_sample(ref)
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-10, atol=1e-12, msg=k)
