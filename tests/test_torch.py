@@ -508,6 +508,31 @@ def test_convert_keeps_state_and_revert_undoes_it():
         nt.convert(model, backend="nope")
 
 
+def test_convert_makes_lazy_layers_normkit_layers_at_their_first_forward():
+    def make():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.LazyConv2d(4, 3), nn.LazyBatchNorm2d(), nn.ReLU(),
+                             nn.LazyInstanceNorm2d(affine=True))
+
+    ref = make()  # (lazy layers cannot be deep-copied)
+    model = nt.convert(make(), backend="reference")
+    x = torch.randn(4, 3, 8, 8)
+    for step in range(2):  # the first forward is torch's (it materializes the layers), the second normkit's
+        ys = []
+        for m in (model, ref):
+            torch.manual_seed(1)  # the convolution's weights are drawn at the first forward
+            ys.append(m(x))
+        torch.testing.assert_close(*ys)
+        assert [type(m) for m in model[1::2]] == [nt.BatchNorm2d, nt.InstanceNorm2d]
+        assert model[1].backend == "reference"
+    torch.testing.assert_close(model[1].running_var, ref[1].running_var)
+
+    lazy = nt.revert(nt.convert(nn.Sequential(nn.LazyBatchNorm2d()), backend="reference"))
+    assert "cls_to_become" not in vars(lazy[0]) and "backend" not in vars(lazy[0])
+    lazy(x)
+    assert type(lazy[0]) is nn.BatchNorm2d
+
+
 @pytest.mark.parametrize("case", MODULES)
 def test_state_dict_round_trip(case):
     make, shape = MODULES[case]

@@ -246,6 +246,13 @@ _TO_NORMKIT = {
     nn.LayerNorm: LayerNorm, nn.GroupNorm: GroupNorm, nn.RMSNorm: RMSNorm,
 }
 _TO_TORCH = {nk: tn for tn, nk in _TO_NORMKIT.items()}
+# torch's lazy norm layers become their class (cls_to_become) at their first forward; convert() points them at
+# normkit's class instead (the first forward itself runs torch's, which has already started)
+_LAZY = {
+    nn.LazyBatchNorm1d: BatchNorm1d, nn.LazyBatchNorm2d: BatchNorm2d, nn.LazyBatchNorm3d: BatchNorm3d,
+    nn.LazyInstanceNorm1d: InstanceNorm1d, nn.LazyInstanceNorm2d: InstanceNorm2d,
+    nn.LazyInstanceNorm3d: InstanceNorm3d,
+}
 
 
 def convert(model: nn.Module, backend: str | None = None, *,
@@ -260,7 +267,11 @@ def convert(model: nn.Module, backend: str | None = None, *,
 
     ``fuse=True`` then fuses each norm layer with the activation after it wherever that is provable (in
     ``nn.Sequential`` and in forwards that ``torch.fx`` can trace; see :mod:`normkit.torch.fuse`), in place;
-    :func:`~normkit.torch.fusion_report` tells what was fused."""
+    :func:`~normkit.torch.fusion_report` tells what was fused.
+
+    Lazy layers (``nn.LazyBatchNorm2d``, ...) whose first forward has not run yet become normkit's layers at it,
+    when torch would make them torch.nn's (that first forward is torch's); ``fuse`` leaves them out: convert after
+    a first forward to fuse them."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"convert: model must be a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(fuse, bool):
@@ -285,7 +296,10 @@ def convert(model: nn.Module, backend: str | None = None, *,
             cls._normkit_semantics.check(module)
         if cls is not None:
             module.__class__ = cls
-        if backend is not None and (type(module) in _TO_TORCH or isinstance(module, _DeclaredRMSNormForward)):
+        elif type(module) in _LAZY:
+            module.cls_to_become = _LAZY[type(module)]
+        if backend is not None and (type(module) in _TO_TORCH or type(module) in _LAZY
+                                    or isinstance(module, _DeclaredRMSNormForward)):
             module.backend = backend
     if fuse:
         from .fuse import fuse_model
@@ -309,6 +323,7 @@ def revert(model: nn.Module) -> nn.Module:
             cls = type(module)._normkit_original
         if cls is not None:
             module.__class__ = cls
-            for attribute in ("backend", "activation", "negative_slope"):
+        if cls is not None or type(module) in _LAZY:
+            for attribute in ("backend", "activation", "negative_slope", "cls_to_become"):
                 module.__dict__.pop(attribute, None)
     return model
