@@ -178,7 +178,8 @@ class BackendInfo:
 _lock = threading.RLock()
 _entries: dict[str, _Entry] | None = None
 _user_order: tuple[str, ...] | None = None
-_num_threads: int | None = None
+_num_threads: int | None = None  # the user's choice (set_num_threads)
+_followed_threads: int | None = None  # a framework's thread count, used while the user has made no choice
 _lookup_cache: dict = {}
 
 
@@ -276,8 +277,9 @@ def _load_kernels(entry: _Entry) -> dict | None:
             raise TypeError(f"kernels are not callable: {', '.join(map(':'.join, not_callable))}")
         entry.set_threads = getattr(module, "set_num_threads", None)
         entry.info = dict(getattr(module, "INFO", {}))
-        if _num_threads is not None and entry.set_threads is not None:
-            entry.set_threads(_num_threads)
+        threads = _num_threads or _followed_threads
+        if threads is not None and entry.set_threads is not None:
+            entry.set_threads(threads)
     except Exception as exc:
         _fail(entry, "kernels", exc)
         return None
@@ -563,7 +565,8 @@ def list_backends(load: bool = True) -> list[BackendInfo]:
 
 
 def set_num_threads(n: int) -> None:
-    """Threads used by every backend's kernels (default: all CPUs this process may use)."""
+    """Threads used by every backend's kernels (default: all CPUs this process may use; once ``normkit.torch`` is
+    imported, torch's ``torch.get_num_threads()``). A count set here holds until the next call."""
     global _num_threads
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"set_num_threads: expected a positive int, got {n!r}")
@@ -572,19 +575,38 @@ def set_num_threads(n: int) -> None:
         raise ValueError(f"set_num_threads: {n} threads requested, this machine has {limit} CPUs")
     with _lock:
         _num_threads = n
-        _lookup_cache.clear()
-        for entry in _all().values():
-            if entry.kernels is not None and entry.set_threads is not None:
-                try:
-                    entry.set_threads(n)
-                except Exception as exc:  # one backend's broken hook must not break the others
-                    _fail(entry, "set_num_threads", exc)
-                    _lookup_cache.clear()
+        _apply_threads(n)
+
+
+def follow_num_threads(n: int) -> None:
+    """A framework's thread count (``normkit.torch`` passes ``torch.get_num_threads()`` whenever it changes), used,
+    capped at the CPUs this process may use, while :func:`set_num_threads` has not been called: a process that
+    runs torch on one thread (a DataLoader worker, one of several training processes) runs normkit's kernels on
+    one thread too."""
+    global _followed_threads
+    with _lock:
+        _followed_threads = max(1, min(n, _cpus()))
+        if _num_threads is None:
+            _apply_threads(_followed_threads)
+
+
+def _apply_threads(n: int) -> None:
+    """Give the loaded backends ``n`` threads (under _lock)."""
+    _lookup_cache.clear()
+    for entry in _all().values():
+        if entry.kernels is not None and entry.set_threads is not None:
+            try:
+                entry.set_threads(n)
+            except Exception as exc:  # one backend's broken hook must not break the others
+                _fail(entry, "set_num_threads", exc)
+                _lookup_cache.clear()
 
 
 def get_num_threads() -> int:
-    if _num_threads is not None:
-        return _num_threads
+    return _num_threads or _followed_threads or _cpus()
+
+
+def _cpus() -> int:
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux

@@ -195,3 +195,39 @@ def test_small_inputs_on_one_thread_give_what_every_thread_gives(backend, op, sh
     for serial, parallel in zip(*runs):
         if serial is not None:
             np.testing.assert_array_equal(serial, parallel)
+
+
+FOLLOW = r"""
+import json, sys
+import torch
+import normkit, normkit.torch as nkt
+import normkit_kernels.cython.kernels as K
+
+given = []  # what the Cython backend is told (the registry keeps the hook it finds when it loads the backend)
+real = K.set_num_threads
+K.set_num_threads = lambda n: (given.append(n), real(n))[1]
+n = int(sys.argv[1])
+x = torch.randn(64, 1024)
+seen = {}
+for step, threads in (("one", 1), ("n", n)):
+    torch.set_num_threads(threads)
+    nkt.layer_norm(x, (1024,), backend="cython")
+    seen[step] = [normkit.get_num_threads(), given[-1]]
+normkit.set_num_threads(1)  # the user's choice holds whatever torch does next
+torch.set_num_threads(n)
+nkt.layer_norm(x, (1024,), backend="cython")
+seen["explicit"] = [normkit.get_num_threads(), given[-1]]
+print(json.dumps(seen))
+"""
+
+
+def test_normkit_torch_follows_torchs_thread_count_until_set_num_threads():
+    """A process that runs torch on one thread (a DataLoader worker, one of several training processes) runs
+    normkit's kernels on one thread too, unless normkit.set_num_threads says otherwise."""
+    if not HAVE_TORCH or "cython" not in BACKENDS:
+        pytest.skip("needs torch and the Cython backend")
+    n = min(2, len(os.sched_getaffinity(0)))
+    out = subprocess.run([sys.executable, "-c", FOLLOW, str(n)], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    seen = json.loads(out.stdout.strip().splitlines()[-1])
+    assert seen == {"one": [1, 1], "n": [n, n], "explicit": [1, 1]}
