@@ -180,6 +180,8 @@ _entries: dict[str, _Entry] | None = None
 _user_order: tuple[str, ...] | None = None
 _num_threads: int | None = None  # the user's choice (set_num_threads)
 _followed_threads: int | None = None  # a framework's thread count, used while the user has made no choice
+_fork_cap: int | None = None  # 1 in a process forked from one that had threads (see _after_fork_in_child)
+_parent_threaded = False
 _lookup_cache: dict = {}
 
 
@@ -277,7 +279,7 @@ def _load_kernels(entry: _Entry) -> dict | None:
             raise TypeError(f"kernels are not callable: {', '.join(map(':'.join, not_callable))}")
         entry.set_threads = getattr(module, "set_num_threads", None)
         entry.info = dict(getattr(module, "INFO", {}))
-        threads = _num_threads or _followed_threads
+        threads = _wanted_threads()
         if threads is not None and entry.set_threads is not None:
             entry.set_threads(threads)
     except Exception as exc:
@@ -575,7 +577,7 @@ def set_num_threads(n: int) -> None:
         raise ValueError(f"set_num_threads: {n} threads requested, this machine has {limit} CPUs")
     with _lock:
         _num_threads = n
-        _apply_threads(n)
+        _apply_threads(_wanted_threads())
 
 
 def follow_num_threads(n: int) -> None:
@@ -587,13 +589,13 @@ def follow_num_threads(n: int) -> None:
     with _lock:
         _followed_threads = max(1, min(n, _cpus()))
         if _num_threads is None:
-            _apply_threads(_followed_threads)
+            _apply_threads(_wanted_threads())
 
 
 def _apply_threads(n: int) -> None:
-    """Give the loaded backends ``n`` threads (under _lock)."""
+    """Give the loaded backends ``n`` threads (under _lock; the others get it when they load)."""
     _lookup_cache.clear()
-    for entry in _all().values():
+    for entry in (_entries or {}).values():
         if entry.kernels is not None and entry.set_threads is not None:
             try:
                 entry.set_threads(n)
@@ -603,7 +605,37 @@ def _apply_threads(n: int) -> None:
 
 
 def get_num_threads() -> int:
-    return _num_threads or _followed_threads or _cpus()
+    return _wanted_threads() or _cpus()
+
+
+def _wanted_threads() -> int | None:
+    """The thread count to give the backends, or None for their default (every CPU)."""
+    n = _num_threads or _followed_threads
+    return n if _fork_cap is None else min(n or _fork_cap, _fork_cap)
+
+
+# GNU OpenMP cannot start a team of threads in a process forked from one whose OpenMP threads were running: the
+# child waits forever for threads that fork did not copy (PyTorch's CPU ops hang there too, and share the runtime
+# with normkit's Cython kernels). So a child forked from a process that had more than one thread runs the kernels
+# on one thread, whatever it asks; numba's OpenMP layer, for its part, ends such a child with a message.
+def _before_fork() -> None:
+    global _parent_threaded
+    try:
+        _parent_threaded = len(os.listdir("/proc/self/task")) > 1
+    except OSError:  # no /proc: assume threads
+        _parent_threaded = True
+
+
+def _after_fork_in_child() -> None:
+    global _fork_cap, _lock
+    _lock = threading.RLock()  # another thread of the parent may have held it: it does not exist here
+    if _parent_threaded:
+        _fork_cap = 1
+        _apply_threads(1)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(before=_before_fork, after_in_child=_after_fork_in_child)
 
 
 def _cpus() -> int:

@@ -231,3 +231,41 @@ def test_normkit_torch_follows_torchs_thread_count_until_set_num_threads():
     assert out.returncode == 0, out.stderr
     seen = json.loads(out.stdout.strip().splitlines()[-1])
     assert seen == {"one": [1, 1], "n": [n, n], "explicit": [1, 1]}
+
+
+FORK = r"""
+import multiprocessing as mp, sys
+import numpy as np
+import normkit
+
+x = np.random.default_rng(0).standard_normal((64, 4096)).astype(np.float32)
+ln = normkit.get("ln")
+want = ln(x, (4096,), backend=sys.argv[1])  # the parent's OpenMP threads are running from here on
+
+
+def child(q):
+    normkit.set_num_threads(2)  # asked for, but a team of threads cannot start here
+    q.put((normkit.get_num_threads(), ln(x, (4096,), backend=sys.argv[1]).tobytes() == want.tobytes()))
+
+
+ctx = mp.get_context("fork")
+q = ctx.Queue()
+p = ctx.Process(target=child, args=(q,))
+p.start()
+p.join(60)
+if p.is_alive():
+    p.kill()
+    print("hang")
+else:
+    print(p.exitcode, *(q.get() if p.exitcode == 0 else ()))
+"""
+
+
+def test_a_forked_child_runs_the_kernels_on_one_thread():
+    """GNU OpenMP deadlocks a team of threads started in a process forked from one whose OpenMP threads ran
+    (multiprocessing's default start method on Linux before Python 3.14): the child gets one thread."""
+    if "cython" not in BACKENDS or len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("needs the Cython backend and two CPUs")
+    out = subprocess.run([sys.executable, "-c", FORK, "cython"], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["0", "1", "True"], out.stdout
