@@ -596,6 +596,13 @@ def test_errors_name_op_argument_expectation_and_what_came():
         nt.instance_norm(torch.ones(2, 3, 4, dtype=torch.long))
     with pytest.raises(TypeError, match=r"batchnorm: input must be a torch.Tensor, got ndarray"):
         nt.batch_norm(np.ones((2, 3)), training=True)
+    with pytest.raises(TypeError, match=r"groupnorm: input must be a dense tensor, got a sparse_coo tensor"):
+        nt.group_norm(x.to_sparse(), 2)
+    with pytest.raises(TypeError, match=r"layernorm: weight must be a dense tensor, got a sparse_coo tensor"):
+        nt.layer_norm(x, (5,), torch.ones(5).to_sparse())
+    jagged = torch.nested.nested_tensor([torch.randn(3, 5), torch.randn(2, 5)], layout=torch.jagged)
+    with pytest.raises(TypeError, match=r"rmsnorm: input must be a dense tensor, got a nested tensor"):
+        nt.rms_norm(jagged, (5,))
     with pytest.raises(ValueError, match=r"batchnorm: input must have shape \(N, C\) or \(N, C, \*spatial\), got "
                                          r"shape \(6,\)"):
         nt.batch_norm(torch.randn(6), training=True)

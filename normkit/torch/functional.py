@@ -98,6 +98,9 @@ def _tensor(op: str, name: str, t, optional: bool = True) -> Optional[Tensor]:
     if not t.is_cpu:
         raise ValueError(f"{op}: {name} is on device {t.device}; normkit's kernels run on the CPU only "
                          f"(move it with .cpu())")
+    if t.layout is not torch.strided or t.is_nested:
+        raise TypeError(f"{op}: {name} must be a dense tensor, got a "
+                        f"{'nested' if t.is_nested else str(t.layout).removeprefix('torch.')} tensor")
     return t
 
 
@@ -164,11 +167,14 @@ def _plain(x: Tensor, pshape: tuple, *tensors, channels_last: bool = False) -> i
     dtype = x.dtype
     if dtype not in _KERNEL_DTYPES or not x.is_cpu or not x.numel() or x.is_neg():
         return 0
-    if x.is_contiguous():
-        plain = _CONTIGUOUS
-    elif channels_last and x.is_contiguous(memory_format=_CHANNELS_LAST_FORMATS.get(x.dim(), _DENSE)):
-        plain = _CHANNELS_LAST
-    else:
+    try:
+        if x.is_contiguous():
+            plain = _CONTIGUOUS
+        elif channels_last and x.is_contiguous(memory_format=_CHANNELS_LAST_FORMATS.get(x.dim(), _DENSE)):
+            plain = _CHANNELS_LAST
+        else:
+            return 0
+    except RuntimeError:  # a layout without strides (sparse, mkldnn): the checks name it
         return 0
     if dtype in _HALF:  # the parameters' dtype: of the first one given, x's or float32
         for t in tensors:
