@@ -182,10 +182,12 @@ def test_unknown_activation_is_a_clear_error(bad, match):
         normkit.get("bn")(x, None, None, w, b, training=True, activation=bad)
 
 
-def test_bad_slope_is_a_clear_error():
+@pytest.mark.parametrize("bad,got", [("0.1", "str"), (float("nan"), "nan"), (float("inf"), "inf"),
+                                     (-float("inf"), "-inf")])
+def test_bad_slope_is_a_clear_error(bad, got):
     x, w, b, _ = data("groupnorm")
-    with pytest.raises(ValueError, match="groupnorm: negative_slope must be a finite number, got str"):
-        normkit.get("gn")(x, 3, w, b, activation="leaky_relu", negative_slope="0.1")
+    with pytest.raises(ValueError, match=f"groupnorm: negative_slope must be a finite number, got {got}"):
+        normkit.get("gn")(x, 3, w, b, activation="leaky_relu", negative_slope=bad)
 
 
 def test_rmsnorm_has_no_activation():

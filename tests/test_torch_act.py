@@ -359,3 +359,16 @@ def test_torch_compile_of_fused_model_matches_eager(monkeypatch):
     for name in expected:
         torch.testing.assert_close(grads[name], expected[name], rtol=1e-4,
                                    atol=1e-5 * expected[name].abs().max().item())
+
+
+def test_torch_compile_dynamic_shapes_of_fused_model():
+    """dynamic=True makes a module's float attributes (negative_slope) symbolic: the checks take them without a
+    graph break, and two batch sizes run one graph."""
+    torch.manual_seed(0)
+    model = nt.convert(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.LeakyReLU(0.2),
+                                     nn.GroupNorm(4, 8), nn.SiLU()), fuse=True, backend="reference")
+    assert model[1].activation == "leaky_relu" and model[1].negative_slope == 0.2
+    compiled = torch.compile(copy.deepcopy(model), backend="aot_eager", fullgraph=True, dynamic=True)
+    for n in (2, 3):
+        x = torch.randn(n, 3, 6, 6, generator=torch.Generator().manual_seed(n))
+        torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-6)
