@@ -1,7 +1,7 @@
 """Gradients of gradients (create_graph=True) through normkit.torch: the same values as torch.nn.functional's,
 second derivatives checked by finite differences (gradgradcheck), and a clear error where normkit has no
-differentiable backward; and torch.func's transforms (grad, vmap, jacrev, hessian), under which normkit's
-functions are torch's."""
+differentiable backward; and torch.func's transforms (grad, vmap, jacrev, hessian, jvp) and forward-mode AD, under
+which normkit's functions are torch's."""
 
 from __future__ import annotations
 
@@ -210,7 +210,7 @@ FUNCS = [("bn", (6, 3, 4), lambda m, x: m.batch_norm(x, None, None, None, None, 
           else F.layer_norm(x + x.cos(), (8,)))]
 
 
-@pytest.mark.parametrize("transform", ["grad", "hessian", "jacrev", "vmap"])
+@pytest.mark.parametrize("transform", ["grad", "hessian", "jacrev", "vmap", "jvp", "dual"])
 @pytest.mark.parametrize("name,shape,f", FUNCS, ids=[c[0] for c in FUNCS])
 def test_torch_func_transforms(name, shape, f, transform):
     x = torch.randn(shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
@@ -222,6 +222,12 @@ def test_torch_func_transforms(name, shape, f, transform):
             return torch.func.hessian(lambda x: f(m, x).pow(3).sum())(x)
         if transform == "jacrev":
             return torch.func.jacrev(lambda x: f(m, x))(x)
+        if transform == "jvp":
+            return torch.func.jvp(lambda x: f(m, x), (x,), (x.sin(),))[1]
+        if transform == "dual":  # forward-mode AD with dual tensors
+            with torch.autograd.forward_ad.dual_level():
+                out = f(m, torch.autograd.forward_ad.make_dual(x, x.sin()))
+                return torch.autograd.forward_ad.unpack_dual(out).tangent
         return torch.func.vmap(lambda xi: f(m, xi[None])[0])(x)  # each sample its own batch of one
 
     torch.testing.assert_close(run(nt), run(F), rtol=1e-10, atol=1e-10)

@@ -65,9 +65,15 @@ _STAT_DTYPES = {torch.float32: torch.float32, torch.float64: torch.float64, torc
                 torch.float16: torch.float32}
 _NP_STAT_DTYPES = {dt: np.dtype(str(s).removeprefix("torch.")) for dt, s in _STAT_DTYPES.items()}
 _is_compiling = torch.compiler.is_compiling
-# torch.func's transforms (vmap, grad, jacrev, ...) see through torch's operations, not through the kernels: under
-# one, each function is torch.nn.functional's (then the activation), with torch's checks and errors
 _transforms_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)
+_forward_ad = torch.autograd.forward_ad
+
+
+def _torch_only() -> bool:
+    """Under torch.func's transforms (vmap, grad, jacrev, ...) and in forward-mode AD (dual tensors), which see
+    through torch's operations and not through the kernels, each function is torch.nn.functional's (then the
+    activation), with torch's checks and errors."""
+    return _transforms_active() or _forward_ad._current_level >= 0
 _DENSE = torch.contiguous_format
 _torch_threads = torch.get_num_threads
 _followed = [0]  # the torch thread count last passed to registry.follow_num_threads
@@ -1086,7 +1092,7 @@ _ACTIVATION_DOC = """
 
 def batch_norm(input, running_mean=None, running_var=None, weight=None, bias=None, training=False, momentum=0.1,
                eps=1e-5, *, backend=None, activation=None, negative_slope=0.01):
-    if _transforms_active():
+    if _torch_only():
         return differentiable.activation(F.batch_norm(input, running_mean, running_var, weight, bias, training,
                                                       momentum, eps), _act("batchnorm", activation, negative_slope))
     if isinstance(input, Tensor) and input.dim() == 1 and not input.numel() and weight is None and bias is None \
@@ -1104,7 +1110,7 @@ batch_norm.__doc__ = """:func:`torch.nn.functional.batch_norm` computed by normk
 
 def instance_norm(input, running_mean=None, running_var=None, weight=None, bias=None, use_input_stats=True,
                   momentum=0.1, eps=1e-5, *, backend=None, activation=None, negative_slope=0.01):
-    if _transforms_active():
+    if _torch_only():
         return differentiable.activation(F.instance_norm(input, running_mean, running_var, weight, bias,
                                                          use_input_stats, momentum, eps),
                                          _act("instancenorm", activation, negative_slope))
@@ -1118,7 +1124,7 @@ instance_norm.__doc__ = """:func:`torch.nn.functional.instance_norm` computed by
 
 def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5, *, backend=None, activation=None,
                negative_slope=0.01):
-    if _transforms_active():
+    if _torch_only():
         return differentiable.activation(F.group_norm(input, num_groups, weight, bias, eps),
                                          _act("groupnorm", activation, negative_slope))
     op = "groupnorm"
@@ -1169,7 +1175,7 @@ def _row_input(op: str, input, normalized_shape) -> tuple[Tensor, tuple]:
 
 def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5, *, backend=None, activation=None,
                negative_slope=0.01):
-    if _transforms_active():
+    if _torch_only():
         return differentiable.activation(F.layer_norm(input, normalized_shape, weight, bias, eps),
                                          _act("layernorm", activation, negative_slope))
     op = "layernorm"
@@ -1199,7 +1205,7 @@ def _rms_eps(x: Tensor, eps) -> float:
 
 def rms_norm(input, normalized_shape, weight=None, eps=None, *, backend=None):
     """:func:`torch.nn.functional.rms_norm` computed by normkit (``eps=None``: the dtype's machine epsilon)."""
-    if _transforms_active():
+    if _torch_only():
         return F.rms_norm(input, normalized_shape, weight, eps)
     op = "rmsnorm"
     compiling = _is_compiling()  # first: _plain's looks are eager-only
@@ -1308,7 +1314,7 @@ def _add_norm(spec, x, residual, shape, weight, bias, eps, backend):
     if residual.shape != x.shape or residual.dtype != x.dtype:
         raise ValueError(f"{op}: residual must have the input's shape {tuple(x.shape)} and dtype "
                          f"{_dtype_name(x)}, got {tuple(residual.shape)} and {_dtype_name(residual)}")
-    if _is_compiling() or _transforms_active():  # the sum, then the op: the compiler fuses what it can
+    if _is_compiling() or _torch_only():  # the sum, then the op: the compiler fuses what it can
         h = x + residual
         norm = layer_norm(h, shape, weight, bias, eps, backend=backend) if spec.centered else \
             rms_norm(h, shape, weight, eps, backend=backend)
