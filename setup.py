@@ -19,6 +19,7 @@ are built serial (the same code: prange runs as a plain loop) and ``normkit list
                             CPU
 """
 
+import copy
 import glob
 import os
 import platform
@@ -142,6 +143,18 @@ class BuildExt(build_ext):
         os.makedirs(self.build_temp, exist_ok=True)
         with open(stamp, "w") as f:
             f.write(config)
+
+    def build_extension(self, ext):
+        # The x86-64 copies compile the baseline modules' C files, whose objects would all go to one path in
+        # build_temp: in a parallel build two copies of a module wrote it at once (a corrupt object, or one copy
+        # linked with another's code). Each copy compiles into its own directory, through a shallow copy of this
+        # command (the threads of a parallel build share this one).
+        package = _copy_of(ext)
+        if package is None:
+            return super().build_extension(ext)
+        command = copy.copy(self)
+        command.build_temp = os.path.join(self.build_temp, package)
+        return build_ext.build_extension(command, ext)
 
     def copy_extensions_to_source(self):
         # In-place and editable builds: the x86-64 subpackages have no Python files, so nothing else creates

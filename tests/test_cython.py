@@ -191,6 +191,23 @@ def test_baseline_copy_passes_backend_suite():
     _suite(sys.executable, env)
 
 
+@pytest.mark.skipif(shutil.which("objdump") is None, reason="no objdump")
+def test_each_copy_holds_its_own_instruction_set():
+    """The x86-64 copies compile the same C with other flags: a copy holding another's code (the parallel build
+    once wrote their objects to one path) would run AVX-512 on a CPU without it. AVX-512 registers (zmm) appear
+    in the x86-64-v4 copy only."""
+    root = Path(kernels.__file__).parent
+    found = {}
+    for package in ("", "x86_64_v3", "x86_64_v4"):
+        for so in sorted((root / package).glob("_*.so")):
+            code = subprocess.run(["objdump", "-d", "--no-show-raw-insn", str(so)], capture_output=True, text=True,
+                                  check=True).stdout
+            found[f"{package or 'baseline'}/{so.name.split('.')[0]}"] = "zmm" in code
+    if not any(name.startswith("x86_64_v4") for name in found):
+        pytest.skip("no x86-64-v4 copy was built")
+    assert found and all(has == name.startswith("x86_64_v4") for name, has in found.items()), found
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not kernels.INFO["modules"].endswith("x86_64_v4"), reason="no AVX-512 copy in use")
 def test_x86_64_v3_copy_passes_backend_suite():
