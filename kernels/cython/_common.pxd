@@ -1736,12 +1736,62 @@ cdef extern from *:
     static inline __attribute__((always_inline)) void normkit_row_sums16_loop(
             const uint16_t* dy, const uint16_t* x, Py_ssize_t n, const float* w, double mean, double rstd,
             float* accw, float* accb, double* sg, double* sgx, int fmt) {
+    #ifdef __AVX512F__
+        /* 16 lanes a register, the chunk's last n % 16 values in a masked step (as normkit_grad_sums16_loop): the
+           parameter gradients get the same operations, so the same bits, as in 8 lanes; the sums another order */
+        const __m512 m = _mm512_set1_ps((float)mean), r = _mm512_set1_ps((float)rstd), z = _mm512_setzero_ps();
+        __m512 vdy, vx, d, g, a, b, a1, b1;
+        __mmask16 km;
+    #else
         const __m256 m = _mm256_set1_ps((float)mean), r = _mm256_set1_ps((float)rstd), z = _mm256_setzero_ps();
         __m256 vdy, vx, d, g, a, b, a1, b1;
         uint16_t tdy[8], tx[8];
         float tw[8], taw[8], tab[8];
+        Py_ssize_t k;
+    #endif
         double ha, hb, da, db, dg, t1 = *sg, t2 = *sgx;  /* in locals: see grad_sums() */
-        Py_ssize_t c0, e, i, k;
+        Py_ssize_t c0, e, i;
+    #ifdef __AVX512F__
+        /* One step over the 16 values at I into the sums A, B and the parameter gradients, the lanes of KM only */
+        #define NORMKIT_SUMS16(I, A, B, KM)                                                                   \
+            d = _mm512_maskz_sub_ps(KM, vx, m);                                                               \
+            A = _mm512_add_ps(A, g);                                                                          \
+            B = _mm512_fmadd_ps(g, d, B);                                                                     \
+            if (accw) {                                                                                       \
+                _mm512_mask_storeu_ps(accw + (I), KM, _mm512_fmadd_ps(vdy, _mm512_mul_ps(d, r),               \
+                                                                      _mm512_maskz_loadu_ps(KM, accw + (I)))); \
+                if (accb)                                                                                     \
+                    _mm512_mask_storeu_ps(accb + (I), KM,                                                     \
+                                          _mm512_add_ps(_mm512_maskz_loadu_ps(KM, accb + (I)), vdy));         \
+            }
+        #define NORMKIT_LOAD_SUMS16(I)                                                                        \
+            vdy = normkit_load16(dy + (I), fmt);                                                              \
+            vx = normkit_load16(x + (I), fmt);                                                                \
+            g = _mm512_mul_ps(vdy, _mm512_loadu_ps(w + (I)));
+        for (c0 = 0; c0 < n; c0 += 256) {
+            e = n < c0 + 256 ? n : c0 + 256;
+            a = b = a1 = b1 = z;
+            for (i = c0; i + 32 <= e; i += 32) {
+                NORMKIT_LOAD_SUMS16(i)
+                NORMKIT_SUMS16(i, a, b, 0xFFFF)
+                NORMKIT_LOAD_SUMS16(i + 16)
+                NORMKIT_SUMS16(i + 16, a1, b1, 0xFFFF)
+            }
+            if (i + 16 <= e) {
+                NORMKIT_LOAD_SUMS16(i)
+                NORMKIT_SUMS16(i, a, b, 0xFFFF)
+                i += 16;
+            }
+            if (i < e) {  /* the other lanes: dy = 0, w = 0 and x - mean = 0 */
+                km = (__mmask16)((1u << (e - i)) - 1);
+                vdy = normkit_load16_first(dy + i, e - i, fmt);
+                vx = normkit_load16_first(x + i, e - i, fmt);
+                g = _mm512_mul_ps(vdy, _mm512_maskz_loadu_ps(km, w + i));
+                NORMKIT_SUMS16(i, a1, b1, km)
+            }
+            ha = _mm512_reduce_add_ps(_mm512_add_ps(a, a1));
+            hb = _mm512_reduce_add_ps(_mm512_add_ps(b, b1));
+    #else
         /* One step over the 8 values at I (vdy, vx, g loaded) into the sums A, B and the parameter gradients; K
            (8 but at a chunk's end) values are real. */
         #define NORMKIT_SUMS8(I, A, B, K)                                                                     \
@@ -1796,6 +1846,7 @@ cdef extern from *:
             b = _mm256_add_ps(b, b1);
             ha = normkit_hsum8(a);
             hb = normkit_hsum8(b);
+    #endif
             if (isfinite(ha) && isfinite(hb)) {
                 t1 += ha;
                 t2 += hb;
@@ -1813,8 +1864,13 @@ cdef extern from *:
         }
         *sg = t1;
         *sgx = t2;
+    #ifdef __AVX512F__
+        #undef NORMKIT_LOAD_SUMS16
+        #undef NORMKIT_SUMS16
+    #else
         #undef NORMKIT_LOAD_SUMS8
         #undef NORMKIT_SUMS8
+    #endif
     }
 
     #define NORMKIT_ROW_SUMS16(FMT) \
