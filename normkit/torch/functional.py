@@ -14,7 +14,7 @@ Two paths to the same kernels:
 Both paths run :func:`_forward` and :func:`_backward`, which take CPU tensors. Two cases leave the kernels for
 torch's own operations, which autograd and torch.func can see through: a backward asked for a graph
 (``create_graph=True``; :mod:`normkit.torch.differentiable`), and any call under a torch.func transform (vmap,
-grad, ...), which is ``torch.nn.functional``'s. Inputs are made contiguous (a copy
+grad, ...) or in forward-mode AD, which is ``torch.nn.functional``'s (:func:`_torch_only`). Inputs are made contiguous (a copy
 only when they are not); outputs are allocated (see below) and handed to the kernel to write into; the saved
 statistics stay NumPy arrays (tensors only where a custom op returns or receives them).
 The domain is torch's: empty batches, negative ``eps`` and any ``momentum`` are accepted and give what
@@ -81,7 +81,7 @@ _followed = [0]  # the torch thread count last passed to registry.follow_num_thr
 
 def _follow_threads() -> None:
     """normkit's kernels on torch's thread count (until normkit.set_num_threads): checked wherever normkit.torch
-    runs a kernel (17 ns), since torch.set_num_threads may come at any time."""
+    runs a kernel (~40 ns a check), since torch.set_num_threads may come at any time."""
     n = _torch_threads()
     if n != _followed[0]:
         _followed[0] = n
@@ -180,7 +180,7 @@ def _plain(x: Tensor, pshape: tuple, *tensors, channels_last: bool = False) -> i
             plain = _CHANNELS_LAST
         else:
             return 0
-    except RuntimeError:  # a layout without strides (sparse, mkldnn): the checks name it
+    except RuntimeError:  # a layout without strides (sparse): the checks name it
         return 0
     if dtype in _HALF:  # the parameters' dtype: of the first one given, x's or float32
         for t in tensors:
