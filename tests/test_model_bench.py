@@ -90,6 +90,9 @@ def test_benchmark_quick_models(name):
         assert r.torch_ms == statistics.median(r.torch_times_ms) > 0
         assert r.normkit_ms == statistics.median(r.normkit_times_ms) > 0
         assert r.ratio == pytest.approx(r.normkit_ms / r.torch_ms)
+        ratios = sorted(n / t for t, n in zip(r.torch_times_ms, r.normkit_times_ms))
+        lo, hi = r.ratio_range
+        assert ratios[0] <= lo <= hi <= ratios[-1]
     n_norm = sum(type(m).__name__ == NORM_CLASS[name] for m in model.modules())
     assert res.layers == {NORM_CLASS[name]: n_norm}
     assert set(res.kernels) == {NORM_CLASS[name].lower().removesuffix("2d")}
@@ -102,6 +105,8 @@ def test_benchmark_quick_models(name):
     text = out.getvalue()
     assert text.strip() == res.format()
     assert "normkit/torch" in text and "\ntrain " in text and "\ninfer " in text
+    lo, hi = res.train.ratio_range
+    assert f"{res.train.ratio:.3f} {f'{lo:.3f}-{hi:.3f}':>15}" in text
     assert f"{n_norm} {NORM_CLASS[name]}" in text
 
     assert_unchanged(model, before)

@@ -80,6 +80,16 @@ class ModeResult:
     torch_times_ms: tuple[float, ...] = field(repr=False)
     normkit_times_ms: tuple[float, ...] = field(repr=False)
 
+    @property
+    def ratio_range(self) -> tuple[float, float]:
+        """The 10th and 90th percentiles of the rounds' own ratios (each round times both copies back to back): how
+        far the machine's noise moves the ratio. With fewer than two rounds, the one ratio twice."""
+        ratios = [n / t for t, n in zip(self.torch_times_ms, self.normkit_times_ms)]
+        if len(ratios) < 2:
+            return ratios[0], ratios[0]
+        deciles = statistics.quantiles(ratios, n=10, method="inclusive")
+        return deciles[0], deciles[-1]
+
 
 @dataclass
 class BenchmarkResult:
@@ -115,10 +125,12 @@ class BenchmarkResult:
             "converted: " + ", ".join(f"{n} {cls}" for cls, n in self.layers.items())
             + ("" if self.fused is None else f"; fused {self.fused} norm + activation pairs")
             + "; agreement: " + ", ".join(f"{k} {v:.1e}" for k, v in self.agreement.items()),
-            f"{'mode':<6} {'torch ms':>10} {'normkit ms':>11} {'normkit/torch':>14}",
+            f"{'mode':<6} {'torch ms':>10} {'normkit ms':>11} {'normkit/torch':>14} {'rounds p10-p90':>15}",
         ]
         for r in self.modes:
-            lines.append(f"{r.mode:<6} {r.torch_ms:>10.2f} {r.normkit_ms:>11.2f} {r.ratio:>14.3f}")
+            lo, hi = r.ratio_range
+            lines.append(f"{r.mode:<6} {r.torch_ms:>10.2f} {r.normkit_ms:>11.2f} {r.ratio:>14.3f} "
+                         f"{f'{lo:.3f}-{hi:.3f}':>15}")
         lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
 
