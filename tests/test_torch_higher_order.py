@@ -1,7 +1,7 @@
 """Gradients of gradients (create_graph=True) through normkit.torch: the same values as torch.nn.functional's,
 second derivatives checked by finite differences (gradgradcheck), and a clear error where normkit has no
-differentiable backward; and torch.func's transforms (grad, vmap, jacrev, hessian, jvp) and forward-mode AD, under
-which normkit's functions are torch's."""
+differentiable backward; and torch.func's transforms (grad, vmap, jacrev, hessian, jvp), forward-mode AD and
+torch.jit.trace, under which normkit's functions are torch's."""
 
 from __future__ import annotations
 
@@ -252,3 +252,18 @@ def test_per_sample_gradients_of_a_converted_model():
     got, want = per_sample(model), per_sample(ref)
     for k in want:
         torch.testing.assert_close(got[k], want[k], rtol=1e-10, atol=1e-12, msg=k)
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_torch_jit_trace_records_the_norms(mode):
+    """A kernel's writes through a pointer are invisible to the tracer (the traced graph returned an empty
+    tensor's contents): under torch.jit.trace the functions are torch's, which it records."""
+    torch.manual_seed(0)
+    model = nt.convert(torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.ReLU(), torch.nn.GroupNorm(2, 8),
+        torch.nn.Flatten(), torch.nn.LayerNorm(8 * 6 * 6), torch.nn.RMSNorm(8 * 6 * 6)), fuse=True)
+    getattr(model, mode)()
+    with torch.no_grad():
+        traced = torch.jit.trace(model, torch.randn(2, 3, 8, 8), check_trace=False)
+        x = torch.randn(2, 3, 8, 8)
+        torch.testing.assert_close(traced(x), model(x), rtol=1e-5, atol=1e-5)

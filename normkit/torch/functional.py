@@ -14,7 +14,7 @@ Two paths to the same kernels:
 Both paths run :func:`_forward` and :func:`_backward`, which take CPU tensors. Two cases leave the kernels for
 torch's own operations, which autograd and torch.func can see through: a backward asked for a graph
 (``create_graph=True``; :mod:`normkit.torch.differentiable`), and any call under a torch.func transform (vmap,
-grad, ...) or in forward-mode AD, which is ``torch.nn.functional``'s (:func:`_torch_only`). Inputs are made contiguous (a copy
+grad, ...), in forward-mode AD or under torch.jit.trace, which is ``torch.nn.functional``'s (:func:`_torch_only`). Inputs are made contiguous (a copy
 only when they are not); outputs are allocated (see below) and handed to the kernel to write into; the saved
 statistics stay NumPy arrays (tensors only where a custom op returns or receives them).
 The domain is torch's: empty batches, negative ``eps`` and any ``momentum`` are accepted and give what
@@ -67,13 +67,14 @@ _NP_STAT_DTYPES = {dt: np.dtype(str(s).removeprefix("torch.")) for dt, s in _STA
 _is_compiling = torch.compiler.is_compiling
 _transforms_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)
 _forward_ad = torch.autograd.forward_ad
+_tracing = torch._C._is_tracing
 
 
 def _torch_only() -> bool:
-    """Under torch.func's transforms (vmap, grad, jacrev, ...) and in forward-mode AD (dual tensors), which see
-    through torch's operations and not through the kernels, each function is torch.nn.functional's (then the
-    activation), with torch's checks and errors."""
-    return _transforms_active() or _forward_ad._current_level >= 0
+    """Under torch.func's transforms (vmap, grad, jacrev, ...), in forward-mode AD (dual tensors) and under
+    torch.jit.trace, which see torch's operations and not what a kernel writes through a pointer, each function
+    is torch.nn.functional's (then the activation), with torch's checks and errors."""
+    return _transforms_active() or _forward_ad._current_level >= 0 or _tracing()
 _DENSE = torch.contiguous_format
 _torch_threads = torch.get_num_threads
 _followed = [0]  # the torch thread count last passed to registry.follow_num_threads
