@@ -67,7 +67,7 @@ _NP_STAT_DTYPES = {dt: np.dtype(str(s).removeprefix("torch.")) for dt, s in _STA
 _is_compiling = torch.compiler.is_compiling
 _transforms_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)
 _forward_ad = torch.autograd.forward_ad
-_tracing = torch._C._is_tracing
+_tracing = torch.jit.is_tracing  # (torch._C._is_tracing breaks a torch.compile graph)
 
 
 def _torch_only() -> bool:
