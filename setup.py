@@ -125,8 +125,8 @@ class BuildExt(build_ext):
         built = "".join(f" (and a {' '.join(f)} copy)" for f, _ in copies.values())
         print(f"normkit: building the Cython kernels with {' '.join(flags + omp)}{built}; OpenMP: {note}")
         for ext in self.extensions:
-            copy = _copy_of(ext)
-            ext_flags = flags + (copies[copy][0] if copy else [])
+            package = _copy_of(ext)
+            ext_flags = flags + (copies[package][0] if package else [])
             ext.extra_compile_args = ext_flags + omp
             ext.extra_link_args = [] if msvc else omp
             ext.define_macros = [
