@@ -267,3 +267,20 @@ def test_torch_jit_trace_records_the_norms(mode):
         traced = torch.jit.trace(model, torch.randn(2, 3, 8, 8), check_trace=False)
         x = torch.randn(2, 3, 8, 8)
         torch.testing.assert_close(traced(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_second_order_uses_the_forwards_running_statistics():
+    """Eval-mode batch_norm under create_graph: the running statistics of the forward call, even when a training
+    step moves the buffers before the backward."""
+    x, w, b, rm, rv = _data((6, 3, 4, 5), (3,))
+
+    def second_order(m, rm, rv):
+        xs, ws = x.clone().requires_grad_(), w.clone().requires_grad_()
+        y = m.batch_norm(xs, rm, rv, ws, b, False)
+        if m is nt:
+            nt.batch_norm(torch.randn(6, 3, 4, 5, dtype=torch.float64), rm, rv, training=True)  # moves rm, rv
+        first = torch.autograd.grad(y.pow(3).sum(), (xs, ws), create_graph=True)
+        return first + torch.autograd.grad(sum(g.pow(2).sum() for g in first), (xs, ws))
+
+    for g, r in zip(second_order(nt, rm.clone(), rv.clone()), second_order(F, rm.clone(), rv.clone())):
+        torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-9)
