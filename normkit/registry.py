@@ -180,6 +180,8 @@ _entries: dict[str, _Entry] | None = None
 _user_order: tuple[str, ...] | None = None
 _num_threads: int | None = None  # the user's choice (set_num_threads)
 _followed_threads: int | None = None  # a framework's thread count, used while the user has made no choice
+_thread_source: Callable[[], int] | None = None  # where that count comes from (follow_num_threads)
+_source_threads = 0  # what _thread_source gave last
 _fork_cap: int | None = None  # 1 in a process forked from one that had threads (see _after_fork_in_child)
 _parent_threaded = False
 _lookup_cache: dict = {}
@@ -395,6 +397,8 @@ def lookup(op: str, direction: str, dtype: str, backend: str | None = None,
     it (or the named one), or **None** when none has (or the named one has not); the caller then copies to NCHW
     and looks up the NCHW kernel, which raises the errors above.
     """
+    if _thread_source is not None and _thread_source() != _source_threads:  # (tens of ns)
+        _follow_source()
     hit = _lookup_cache.get((op, direction, dtype, backend, layout))
     if hit is not None and (hit[1] is _ANY_ENV or hit[1] == _env_backend()):
         return hit[0]
@@ -419,6 +423,8 @@ def lookup_address(op: str, direction: str, dtype: str, backend: str | None = No
     (:func:`normkit.contract.on_columns`: the same memory), or None: for a direction that is not per-channel, or
     when ``lookup(op, direction, dtype, backend, "nhwc")`` picks another backend (its own channels-last kernel
     runs)."""
+    if _thread_source is not None and _thread_source() != _source_threads:  # as in lookup
+        _follow_source()
     tail = ADDRESS if layout == NCHW else (ADDRESS, layout)
     hit = _lookup_cache.get((op, direction, dtype, backend, tail))
     if hit is not None and (hit[1] is _ANY_ENV or hit[1] == _env_backend()):
@@ -580,13 +586,21 @@ def set_num_threads(n: int) -> None:
         _apply_threads(_wanted_threads())
 
 
-def follow_num_threads(n: int) -> None:
-    """A framework's thread count (``normkit.torch`` passes ``torch.get_num_threads()`` whenever it changes), used,
-    capped at the CPUs this process may use, while :func:`set_num_threads` has not been called: a process that
-    runs torch on one thread (a DataLoader worker, one of several training processes) runs normkit's kernels on
-    one thread too."""
-    global _followed_threads
+def follow_num_threads(source: Callable[[], int]) -> None:
+    """Take the kernels' thread count from a framework: ``source()`` (``normkit.torch`` passes
+    ``torch.get_num_threads``), read at every kernel lookup and capped at the CPUs this process may use, while
+    :func:`set_num_threads` has not been called. A process that runs torch on one thread (a DataLoader worker, one
+    of several training processes) runs normkit's kernels on one thread too."""
+    global _thread_source
+    _thread_source = source
+    _follow_source()
+
+
+def _follow_source() -> None:
+    """The lookups' check found the source's count changed (or it was just set): follow it."""
+    global _followed_threads, _source_threads
     with _lock:
+        _source_threads = n = _thread_source()
         _followed_threads = max(1, min(n, _cpus()))
         if _num_threads is None:
             _apply_threads(_wanted_threads())

@@ -99,6 +99,7 @@ def clean_registry(monkeypatch):
     monkeypatch.delenv("NORMKIT_DISABLE_PLUGINS", raising=False)
     monkeypatch.setattr(registry, "_num_threads", None)
     monkeypatch.setattr(registry, "_followed_threads", None)  # (normkit.torch, in earlier tests, follows torch)
+    monkeypatch.setattr(registry, "_thread_source", None)
     registry.set_backend_order(None)
     registry.refresh()
     yield

@@ -76,17 +76,9 @@ def _torch_only() -> bool:
     is torch.nn.functional's (then the activation), with torch's checks and errors."""
     return _transforms_active() or _forward_ad._current_level >= 0 or _tracing()
 _DENSE = torch.contiguous_format
-_torch_threads = torch.get_num_threads
-_followed = [0]  # the torch thread count last passed to registry.follow_num_threads
-
-
-def _follow_threads() -> None:
-    """normkit's kernels on torch's thread count (until normkit.set_num_threads): checked wherever normkit.torch
-    runs a kernel (~40 ns a check), since torch.set_num_threads may come at any time."""
-    n = _torch_threads()
-    if n != _followed[0]:
-        _followed[0] = n
-        registry.follow_num_threads(n)
+# normkit's kernels on torch's thread count, until normkit.set_num_threads: the registry reads it at each lookup,
+# since torch.set_num_threads may come at any time
+registry.follow_num_threads(torch.get_num_threads)
 
 
 # --- checks ----------------------------------------------------------------------------------------------------
@@ -337,7 +329,6 @@ def _forward(spec: OpSpec, x: Tensor, weight, bias, eps: float, groups: int, ksh
     not made and come back None). ``kshape`` is ``_kernel_shape`` of ``x``; a channels-last x gives a channels-last
     y. ``act``: None, or the fused activation's (index, slope). ``plain``: what :func:`_plain` gave the call (the
     checks it stands for, and the layout, need no second look)."""
-    _follow_threads()
     direction = "forward" if running_mean is None else "forward_infer"
     if plain == _CONTIGUOUS:
         if act is None and (running_mean is None or not save):
@@ -493,7 +484,6 @@ def _backward(spec: OpSpec, dy: Tensor, x: Tensor, mean: np.ndarray, rstd: np.nd
     channels-last dx (dy is copied to that layout if it is not in it). ``act``: None, or the fused activation's
     (index, slope), whose derivative the kernel recomputes from x, the statistics, weight and ``bias``.
     ``plain``: what :func:`_plain` gave x and weight in forward (dy, autograd's, has x's shape and dtype)."""
-    _follow_threads()
     direction = "backward" if batch_stats else "backward_infer"
     if plain == _CONTIGUOUS and act is None and dy.is_contiguous() and dy.dtype == x.dtype and dy.shape == x.shape:
         kernel = registry.lookup_address(spec.name, direction, _KERNEL_DTYPES[x.dtype], backend)
@@ -1238,7 +1228,6 @@ class _AddCall:
     def forward(self, x: Tensor, residual: Tensor, weight, bias) -> tuple[Tensor, Tensor]:
         """One kernel where the backend that runs the op has the fused add for the dtype; else the sum, then the
         op's kernel."""
-        _follow_threads()
         spec = self.spec
         x, residual, weight, bias = (_contiguous(t) for t in (x, residual, weight, bias))
         used, fused = fused_kernel(spec.name, "add_forward", _KERNEL_DTYPES[x.dtype], self.backend)
@@ -1258,7 +1247,6 @@ class _AddCall:
 
     def backward(self, dy: Tensor, dh: Optional[Tensor], h: Tensor, weight, weight_grad: bool, bias_grad: bool):
         """(dx, dweight, dbias): dx is the gradient of both x and residual, the norm's backward plus dh."""
-        _follow_threads()
         spec = self.spec
         dy, dh = _contiguous(dy), _contiguous(dh)
         used, fused = fused_kernel(spec.name, "add_backward", _KERNEL_DTYPES[h.dtype], self.backend)

@@ -17,7 +17,6 @@ from torch import Tensor, nn
 
 from .. import keras as _keras
 from . import differentiable
-from .functional import _follow_threads
 
 __all__ = ["BatchNormalization"]
 
@@ -28,7 +27,6 @@ _RENORM_BUFFERS = ("moving_stddev", "renorm_mean", "renorm_stddev")
 class _KerasBN(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, gamma, beta, module):
-        _follow_threads()
         core = module._core
         xa = x.detach().contiguous().numpy()
         y = core(xa, training=module.training)
@@ -51,7 +49,6 @@ class _KerasBN(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         differentiable.refuse("normkit BatchNormalization")
-        _follow_threads()
         dya = dy.contiguous().numpy()
         if ctx.saved is not None:
             dx, dgamma, dbeta = ctx.core._backward(ctx.saved, dya)

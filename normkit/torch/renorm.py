@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from .. import keras as _keras
 from . import differentiable
-from .functional import _follow_threads, batch_norm
+from .functional import batch_norm
 
 __all__ = ["BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d", "GhostBatchNorm1d", "GhostBatchNorm2d",
            "GhostBatchNorm3d"]
@@ -31,7 +31,6 @@ class _CoreTrain(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, core, out):
-        _follow_threads()
         y = core(x.detach().contiguous().numpy(), training=True)
         ctx.core, ctx.saved, core._saved = core, core._saved, None
         ctx.wdtype = None if weight is None else weight.dtype
@@ -42,7 +41,6 @@ class _CoreTrain(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         differentiable.refuse(f"normkit {ctx.core.name}")
-        _follow_threads()
         dx, dw, db = ctx.core._backward(ctx.saved, dy.contiguous().numpy())
         dw = None if ctx.wdtype is None else torch.from_numpy(dw.reshape(-1)).to(ctx.wdtype)
         db = None if ctx.bdtype is None else torch.from_numpy(db.reshape(-1)).to(ctx.bdtype)

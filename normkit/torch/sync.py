@@ -29,7 +29,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from ..split import (Stats, apply_coefficients, backward_coefficients, batchnorm_apply, batchnorm_backward_apply,
                      batchnorm_backward_reduce, batchnorm_stats, merge_stats)
 from . import differentiable
-from .functional import _follow_threads, _input, _np, _params, batch_norm
+from .functional import _input, _np, _params, batch_norm
 
 __all__ = ["SyncBatchNorm", "convert_sync_batchnorm"]
 
@@ -49,7 +49,6 @@ def _merge_gathered(rows: list[np.ndarray], c: int) -> Stats:
 class _SyncBatchNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, eps, momentum, group, backend):
-        _follow_threads()
         x = x.contiguous()
         c = x.shape[1]
         local = np.zeros(2 * c + 1)
@@ -89,7 +88,6 @@ class _SyncBatchNormFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         differentiable.refuse("normkit SyncBatchNorm")
-        _follow_threads()
         x, weight = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         c = x.shape[1]
