@@ -32,35 +32,28 @@ def _act(z, name, slope=0.2):
             "gelu_tanh": lambda: F.gelu(z, approximate="tanh")}[name]()
 
 
-# (id, input shape, parameter shape, normkit's call, torch's) with f(m, x, w, b, rm, rv, act): m is normkit.torch or
-# torch.nn.functional; torch's side applies the activation after the norm
+# (id, input shape, parameter shape, call) with call(m, x, w, b, rm, rv, **kw): m is normkit.torch or
+# torch.nn.functional; kw (normkit's only) asks for a fused activation, which torch's side applies after the norm
 CASES = [
-    ("bn", (6, 3, 4, 5), (3,), lambda m, x, w, b, rm, rv: m.batch_norm(x, None, None, w, b, True)),
-    ("bn-eval", (6, 3, 4, 5), (3,), lambda m, x, w, b, rm, rv: m.batch_norm(x, rm, rv, w, b, False)),
-    ("bn-1d", (8, 3), (3,), lambda m, x, w, b, rm, rv: m.batch_norm(x, None, None, w, b, True)),
-    ("in", (3, 4, 6, 5), (4,), lambda m, x, w, b, rm, rv: m.instance_norm(x, None, None, w, b)),
+    ("bn", (6, 3, 4, 5), (3,), lambda m, x, w, b, rm, rv, **kw: m.batch_norm(x, None, None, w, b, True, **kw)),
+    ("bn-eval", (6, 3, 4, 5), (3,), lambda m, x, w, b, rm, rv, **kw: m.batch_norm(x, rm, rv, w, b, False, **kw)),
+    ("bn-1d", (8, 3), (3,), lambda m, x, w, b, rm, rv, **kw: m.batch_norm(x, None, None, w, b, True, **kw)),
+    ("in", (3, 4, 6, 5), (4,), lambda m, x, w, b, rm, rv, **kw: m.instance_norm(x, None, None, w, b, **kw)),
     ("in-running", (3, 4, 6, 5), (4,),
-     lambda m, x, w, b, rm, rv: m.instance_norm(x, rm, rv, w, b, use_input_stats=False)),
-    ("gn", (3, 6, 4, 5), (6,), lambda m, x, w, b, rm, rv: m.group_norm(x, 3, w, b)),
-    ("ln", (3, 5, 4, 6), (4, 6), lambda m, x, w, b, rm, rv: m.layer_norm(x, (4, 6), w, b)),
-    ("ln-all", (4, 6), (4, 6), lambda m, x, w, b, rm, rv: m.layer_norm(x, (4, 6), w, b)),  # no leading dims
-    ("rms", (3, 5, 24), (24,), lambda m, x, w, b, rm, rv: m.rms_norm(x, (24,), w)),
+     lambda m, x, w, b, rm, rv, **kw: m.instance_norm(x, rm, rv, w, b, use_input_stats=False, **kw)),
+    ("gn", (3, 6, 4, 5), (6,), lambda m, x, w, b, rm, rv, **kw: m.group_norm(x, 3, w, b, **kw)),
+    ("ln", (3, 5, 4, 6), (4, 6), lambda m, x, w, b, rm, rv, **kw: m.layer_norm(x, (4, 6), w, b, **kw)),
+    ("ln-all", (4, 6), (4, 6), lambda m, x, w, b, rm, rv, **kw: m.layer_norm(x, (4, 6), w, b, **kw)),  # no lead dims
+    ("rms", (3, 5, 24), (24,), lambda m, x, w, b, rm, rv, **kw: m.rms_norm(x, (24,), w, **kw)),
 ]
 ACTS = {"bn": "relu", "bn-eval": "leaky_relu", "bn-1d": "gelu", "in": "silu", "in-running": "gelu",
         "gn": "gelu_tanh", "ln": "silu"}  # RMSNorm has no fused activation
 
 
 def _call(case, m, x, w, b, rm, rv, act):
-    name, _, _, f = case
+    f = case[3]
     if m is nt and act is not None:
-        kw = {"activation": act, **({"negative_slope": 0.2} if act == "leaky_relu" else {})}
-        return {"bn": lambda: nt.batch_norm(x, None, None, w, b, True, **kw),
-                "bn-eval": lambda: nt.batch_norm(x, rm, rv, w, b, False, **kw),
-                "bn-1d": lambda: nt.batch_norm(x, None, None, w, b, True, **kw),
-                "in": lambda: nt.instance_norm(x, None, None, w, b, **kw),
-                "in-running": lambda: nt.instance_norm(x, rm, rv, w, b, use_input_stats=False, **kw),
-                "gn": lambda: nt.group_norm(x, 3, w, b, **kw),
-                "ln": lambda: nt.layer_norm(x, (4, 6), w, b, **kw)}[name]()
+        return f(m, x, w, b, rm, rv, activation=act, **({"negative_slope": 0.2} if act == "leaky_relu" else {}))
     return _act(f(m, x, w, b, rm, rv), act)
 
 
