@@ -1,7 +1,7 @@
 """Gradients of gradients (create_graph=True) through normkit.torch: the same values as torch.nn.functional's,
 second derivatives checked by finite differences (gradgradcheck), and a clear error where normkit has no
 differentiable backward; and torch.func's transforms (grad, vmap, jacrev, hessian, jvp), forward-mode AD and
-torch.jit.trace, under which normkit's functions are torch's."""
+torch.jit.trace, under which normkit's functions are torch's; so they are on the meta device."""
 
 from __future__ import annotations
 
@@ -224,6 +224,49 @@ def test_torch_func_transforms(name, shape, f, transform):
         return torch.func.vmap(lambda xi: f(m, xi[None])[0])(x)  # each sample its own batch of one
 
     torch.testing.assert_close(run(nt), run(F), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name,shape,f", FUNCS + [
+    ("bn-cl", (4, 3, 2, 5), lambda m, x: m.batch_norm(x.contiguous(memory_format=torch.channels_last), None, None,
+                                                      None, None, True)),
+    ("add-rms", (3, 8), lambda m, x: m.add_rms_norm(x, x + 1, (8,))[1] if m is nt else x + (x + 1))],
+    ids=lambda c: c if isinstance(c, str) else None)
+def test_meta_device(name, shape, f, dtype):
+    """Shapes without data (shape inference, FlopCounterMode): each function is torch's, with its output's shape,
+    dtype and memory format."""
+    x = torch.empty(shape, dtype=dtype, device="meta")
+    got, want = f(nt, x), f(F, x)
+    assert got.device.type == "meta"
+    assert (got.shape, got.dtype, got.stride()) == (want.shape, want.dtype, want.stride())
+
+
+def test_meta_device_checks_and_mixed_devices():
+    x = torch.empty(3, 8, device="meta")
+    with pytest.raises(ValueError, match="layernorm: residual must have the input's shape"):
+        nt.add_layer_norm(x, torch.empty(8, device="meta"), (8,))
+    with pytest.raises(TypeError, match="rmsnorm: residual must be a torch.Tensor"):
+        nt.add_rms_norm(x, 1.0, (8,))
+    with pytest.raises(ValueError, match="layernorm: weight is on device meta; normkit's kernels run on the CPU"):
+        nt.layer_norm(torch.randn(3, 8), (8,), torch.empty(8, device="meta"))
+
+
+def test_a_converted_model_runs_on_the_meta_device():
+    """A model built on the meta device (no memory for its parameters) and converted runs there, training mode
+    included (its running statistics are meta tensors too)."""
+    def build():
+        return torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+                                   torch.nn.GroupNorm(2, 8), torch.nn.SiLU(), torch.nn.Flatten(),
+                                   torch.nn.LayerNorm(8 * 6 * 6), torch.nn.RMSNorm(8 * 6 * 6))
+    with torch.device("meta"):
+        ref, model = build(), nt.convert(build(), fuse=True)
+    assert isinstance(model[1], nt.BatchNorm2d) and model[1].activation == "relu"
+    x = torch.empty(2, 3, 8, 8, device="meta")
+    for mode in ("train", "eval"):
+        getattr(model, mode)(), getattr(ref, mode)()
+        got = model(x)
+        assert got.device.type == "meta" and got.shape == ref(x).shape == (2, 8 * 6 * 6)
+    assert model[1].num_batches_tracked.device.type == "meta"
 
 
 def test_per_sample_gradients_of_a_converted_model():

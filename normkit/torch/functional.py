@@ -70,11 +70,18 @@ _forward_ad = torch.autograd.forward_ad
 _tracing = torch.jit.is_tracing  # (torch._C._is_tracing breaks a torch.compile graph)
 
 
-def _torch_only() -> bool:
+def _torch_only(input) -> bool:
     """Under torch.func's transforms (vmap, grad, jacrev, ...), in forward-mode AD (dual tensors) and under
     torch.jit.trace, which see torch's operations and not what a kernel writes through a pointer, each function
-    is torch.nn.functional's (then the activation), with torch's checks and errors."""
-    return _transforms_active() or _forward_ad._current_level >= 0 or _tracing()
+    is torch.nn.functional's (then the activation), with torch's checks and errors. So is a call on the meta
+    device, which has shapes and no data (shape inference, FlopCounterMode, models built on the meta device)."""
+    return _transforms_active() or _forward_ad._current_level >= 0 or _tracing() or _on_meta(input)
+
+
+def _on_meta(t) -> bool:
+    return isinstance(t, Tensor) and t.is_meta
+
+
 _DENSE = torch.contiguous_format
 # normkit's kernels on torch's thread count, until normkit.set_num_threads: the registry reads it at each lookup,
 # since torch.set_num_threads may come at any time
@@ -1083,7 +1090,7 @@ _ACTIVATION_DOC = """
 
 def batch_norm(input, running_mean=None, running_var=None, weight=None, bias=None, training=False, momentum=0.1,
                eps=1e-5, *, backend=None, activation=None, negative_slope=0.01):
-    if _torch_only():
+    if _torch_only(input):
         return differentiable.activation(F.batch_norm(input, running_mean, running_var, weight, bias, training,
                                                       momentum, eps), _act("batchnorm", activation, negative_slope))
     if isinstance(input, Tensor) and input.dim() == 1 and not input.numel() and weight is None and bias is None \
@@ -1101,7 +1108,7 @@ batch_norm.__doc__ = """:func:`torch.nn.functional.batch_norm` computed by normk
 
 def instance_norm(input, running_mean=None, running_var=None, weight=None, bias=None, use_input_stats=True,
                   momentum=0.1, eps=1e-5, *, backend=None, activation=None, negative_slope=0.01):
-    if _torch_only():
+    if _torch_only(input):
         return differentiable.activation(F.instance_norm(input, running_mean, running_var, weight, bias,
                                                          use_input_stats, momentum, eps),
                                          _act("instancenorm", activation, negative_slope))
@@ -1115,7 +1122,7 @@ instance_norm.__doc__ = """:func:`torch.nn.functional.instance_norm` computed by
 
 def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5, *, backend=None, activation=None,
                negative_slope=0.01):
-    if _torch_only():
+    if _torch_only(input):
         return differentiable.activation(F.group_norm(input, num_groups, weight, bias, eps),
                                          _act("groupnorm", activation, negative_slope))
     op = "groupnorm"
@@ -1166,7 +1173,7 @@ def _row_input(op: str, input, normalized_shape) -> tuple[Tensor, tuple]:
 
 def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5, *, backend=None, activation=None,
                negative_slope=0.01):
-    if _torch_only():
+    if _torch_only(input):
         return differentiable.activation(F.layer_norm(input, normalized_shape, weight, bias, eps),
                                          _act("layernorm", activation, negative_slope))
     op = "layernorm"
@@ -1196,7 +1203,7 @@ def _rms_eps(x: Tensor, eps) -> float:
 
 def rms_norm(input, normalized_shape, weight=None, eps=None, *, backend=None):
     """:func:`torch.nn.functional.rms_norm` computed by normkit (``eps=None``: the dtype's machine epsilon)."""
-    if _torch_only():
+    if _torch_only(input):
         return F.rms_norm(input, normalized_shape, weight, eps)
     op = "rmsnorm"
     compiling = _is_compiling()  # first: _plain's looks are eager-only
@@ -1297,17 +1304,34 @@ class _AddNorm(torch.autograd.Function):
 _add_norm_apply = None if _cpp_apply is None else _cpp_apply.__get__(None, _AddNorm)  # see _norm_apply
 
 
-def _add_norm(spec, x, residual, shape, weight, bias, eps, backend):
-    op = spec.name
-    residual = _tensor(op, "residual", residual, optional=False)
+def _check_residual(op: str, x: Tensor, residual: Tensor) -> None:
     if residual.shape != x.shape or residual.dtype != x.dtype:
         raise ValueError(f"{op}: residual must have the input's shape {tuple(x.shape)} and dtype "
                          f"{_dtype_name(x)}, got {tuple(residual.shape)} and {_dtype_name(residual)}")
-    if _is_compiling() or _torch_only():  # the sum, then the op: the compiler fuses what it can
-        h = x + residual
-        norm = layer_norm(h, shape, weight, bias, eps, backend=backend) if spec.centered else \
-            rms_norm(h, shape, weight, eps, backend=backend)
-        return norm, h
+
+
+def _add_then_norm(spec, x, residual, shape, weight, bias, eps, backend):
+    """The sum, then the op: under torch.compile (which fuses what it can) and where each function is torch's."""
+    h = x + residual
+    norm = layer_norm(h, shape, weight, bias, eps, backend=backend) if spec.centered else \
+        rms_norm(h, shape, weight, eps, backend=backend)
+    return norm, h
+
+
+def _add_on_meta(spec, x, residual, shape, weight, bias, eps, backend):
+    """A fused add on the meta device (see _torch_only): the residual's checks, then torch's operations."""
+    if not isinstance(residual, Tensor):
+        raise TypeError(f"{spec.name}: residual must be a torch.Tensor, got {type(residual).__name__}")
+    _check_residual(spec.name, x, residual)
+    return _add_then_norm(spec, x, residual, shape, weight, bias, eps, backend)
+
+
+def _add_norm(spec, x, residual, shape, weight, bias, eps, backend):
+    op = spec.name
+    residual = _tensor(op, "residual", residual, optional=False)
+    _check_residual(op, x, residual)
+    if _is_compiling() or _torch_only(x):
+        return _add_then_norm(spec, x, residual, shape, weight, bias, eps, backend)
     call = _AddCall(spec, eps, _kernel_shape(spec, x.shape, len(shape)), shape, backend)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, residual, weight, bias)):
         if _add_norm_apply is None:  # see _norm_apply
@@ -1323,6 +1347,8 @@ def add_layer_norm(x, residual, normalized_shape, weight=None, bias=None, eps=1e
     pre-norm transformer's residual step, in one pass over memory where the backend has the fused kernel (else
     the sum, then layer_norm). Gradients flow to x and residual from both y and h."""
     op = "layernorm"
+    if _on_meta(x):
+        return _add_on_meta(_LN, x, residual, normalized_shape, weight, bias, eps, backend)
     x, shape = _row_input(op, x, normalized_shape)
     weight, bias = _params(op, x, shape, weight, bias)
     return _add_norm(_LN, x, residual, shape, weight, bias, _eps(op, eps), backend)
@@ -1332,6 +1358,8 @@ def add_rms_norm(x, residual, normalized_shape, weight=None, eps=None, *, backen
     """``(y, h)`` with ``h = x + residual`` and ``y = rms_norm(h, normalized_shape, weight, eps)``, in one pass
     over memory where the backend has the fused kernel (see :func:`add_layer_norm`)."""
     op = "rmsnorm"
+    if _on_meta(x):
+        return _add_on_meta(_RMS, x, residual, normalized_shape, weight, None, eps, backend)
     x, shape = _row_input(op, x, normalized_shape)
     weight, _ = _params(op, x, shape, weight, None)
     return _add_norm(_RMS, x, residual, shape, weight, None, _rms_eps(x, eps), backend)
