@@ -222,6 +222,45 @@ def test_act_kernels_hard_data(op, direction, data):
         _check(case, act, case.call(kernel), case.expected())
 
 
+# z at and past the ends of float32's exp: |z| around 88, huge, infinite and NaN
+EXTREME_Z = np.array([88, -88, 88.5, -88.5, 89, -89, 100, -100, 1e30, -1e30, 3.4e38, -3.4e38, np.inf, -np.inf, np.nan,
+                      1e-40, -1e-40, 0.0, -0.0, 17, -17, 1, -1], np.float32)
+
+
+@pytest.mark.parametrize("op", ["batchnorm", "groupnorm", "layernorm"])
+@pytest.mark.parametrize("act", ACTIVATIONS)
+def test_act_forward_at_the_ends_of_the_range(op, act):
+    """weight 0 makes z the bias exactly, one extreme value per channel (LayerNorm: per column): inf and NaN as the
+    reference gives them (silu(-inf) and gelu_tanh(-inf) are -inf * 0 = NaN, as in torch), finite values within
+    a few ulp of |z| (past |z| = 88 the sigmoid is 0 or 1 to float precision)."""
+    kernel = kernels.KERNELS[(op, "act_forward", "float32")]
+    c = EXTREME_Z.size
+    w, b = np.zeros(c, np.float32), EXTREME_Z
+    rng = np.random.default_rng(0)
+    if op == "layernorm":
+        x = rng.standard_normal((3, c)).astype(np.float32)
+        y, stats = np.empty_like(x), [np.empty(3, np.float32) for _ in range(2)]
+        kernel(x, w, b, EPS, ACTIVATIONS.index(act), SLOPE, y, *stats)
+        z = np.broadcast_to(b.astype(np.float64), x.shape)
+    else:  # batchnorm: the columns schedule (S = 1); groupnorm: sets of 37 values (vector loop and tail)
+        x = rng.standard_normal((8, c, 1) if op == "batchnorm" else (2, c, 37)).astype(np.float32)
+        y = np.empty_like(x)
+        stats = [np.empty(c, np.float32) for _ in range(2)] if op == "batchnorm" else \
+            [np.empty((2, c), np.float32) for _ in range(2)]
+        args = (x, w, b) if op == "batchnorm" else (x, c, w, b)
+        kernel(*args, EPS, ACTIVATIONS.index(act), SLOPE, y, *stats)
+        z = np.broadcast_to(b.astype(np.float64)[None, :, None], x.shape)
+    with np.errstate(all="ignore"):
+        want = activation.apply(ACTIVATIONS.index(act), z, SLOPE)
+    special = ~np.isfinite(want)
+    np.testing.assert_array_equal(y[special], want[special].astype(np.float32))
+    assert np.isfinite(y[~special]).all()
+    err = np.abs(y[~special] - want[~special])
+    magnitude = np.maximum(np.abs(want), np.where(np.isfinite(z), np.abs(z), 0.0))  # relu(-inf) = 0: of want
+    scale = np.spacing(magnitude[~special].astype(np.float32)).astype(np.float64)
+    assert (err <= 4 * scale).all(), (act, z[~special][err > 4 * scale], y[~special][err > 4 * scale])
+
+
 @pytest.mark.parametrize("op,direction", ACT_DIRECTIONS)
 def test_act_kernels_independent_of_thread_count(op, direction):
     kernel = kernels.KERNELS[(op, direction, "float32")]
