@@ -1,6 +1,7 @@
 """The Cython kernels write large outputs (forward y, backward dx) with non-temporal stores: the same values as
 ordinary stores, at any alignment of the output and any length (the vector loop's head and tail), with and without
-a fused activation, in every schedule that streams.
+a fused activation, in every schedule that streams (BatchNorm's backward with an activation does not: it keeps
+g = dy * act'(z) in dx between its passes, so there both sides use ordinary stores).
 
 The same values, up to one thing: a streamed output is computed into a chunk on the stack, a loop the compiler
 vectorizes on its own, and where it contracts a multiply and an add into one fused multiply-add may differ from
