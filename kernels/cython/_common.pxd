@@ -443,9 +443,11 @@ cdef extern from *:
             for (i = 0; i < n; i++) { z = (Z); y[i] = normkit_mul_sigmoid_f(z, normkit_tanh_arg2(z)); }      \
         }
 
-    /* y = act((x - m) * a + c): affine()'s argument */
-    static void normkit_affine_act_f(const float* x, float* y, Py_ssize_t n, float m, float a, float c, int act,
-                                     float slope) {
+    /* y = act((x - m) * a + c): affine()'s argument. Inlined into its callers: BatchNorm's channel schedule calls
+       it once per run of S values, and as a call BatchNorm + ReLU forward (64, 256, 14, 14) took 1.10x the time */
+    static inline __attribute__((always_inline)) void normkit_affine_act_f(const float* x, float* y, Py_ssize_t n,
+                                                                           float m, float a, float c, int act,
+                                                                           float slope) {
         NORMKIT_ACT_OF((x[i] - m) * a + c)
     }
 
