@@ -345,11 +345,9 @@ cdef extern from *:
         return v;
     }
 
-    /* exp(v) for v <= 0; below -88 (also -inf) as at -88: 0 */
-    static inline float normkit_exp_neg(float v) {
-        v = normkit_clamp_abs(v, 0x42B00000u);  /* 88.0f */
-        int n = (int)(v * NORMKIT_LOG2E - 0.5f);  /* round to nearest for v <= 0 (truncation toward 0) */
-        float fn = (float)n;
+    /* e^v as 2^fn e^r, v = fn ln 2 + r with fn = v / ln 2 rounded (|r| <= ln 2 / 2): Cephes' polynomial in r (ln 2
+       in two parts) times 2^fn built in the exponent bits from k = fn + 127 in [0, 255] (0 gives 0, 255 inf) */
+    static inline float normkit_exp_parts(float v, float fn, int k) {
         float r = (v - fn * 0.693359375f) + fn * 2.12194440e-4f;
         float p = 1.9875691500e-4f;
         p = p * r + 1.3981999507e-3f;
@@ -358,10 +356,17 @@ cdef extern from *:
         p = p * r + 1.6666665459e-1f;
         p = p * r + 5.0000001201e-1f;
         p = p * r * r + r + 1.0f;
-        uint32_t bits = (uint32_t)(n + 127) << 23;  /* n >= -127: 2^-127 becomes 0, a flush below -87.3 */
+        uint32_t bits = (uint32_t)k << 23;
         float scale;
         memcpy(&scale, &bits, 4);
         return p * scale;
+    }
+
+    /* exp(v) for v <= 0; below -88 (also -inf) as at -88: 0 */
+    static inline float normkit_exp_neg(float v) {
+        v = normkit_clamp_abs(v, 0x42B00000u);  /* 88.0f */
+        int n = (int)(v * NORMKIT_LOG2E - 0.5f);  /* round to nearest for v <= 0 (truncation toward 0) */
+        return normkit_exp_parts(v, (float)n, n + 127);  /* n >= -127: 2^-127 becomes 0, a flush below -87.3 */
     }
 
     /* z * sigmoid(v) as z / (1 + exp(-v)), the forwards of silu (v = z) and gelu_tanh (v = 2u): they need neither
@@ -375,18 +380,7 @@ cdef extern from *:
         v = normkit_clamp_abs(-v, 0x42B20000u);  /* 89.0f */
         float fn = rintf(v * NORMKIT_LOG2E);
         int k = (int)fn + 127;
-        float r = (v - fn * 0.693359375f) + fn * 2.12194440e-4f;
-        float p = 1.9875691500e-4f;
-        p = p * r + 1.3981999507e-3f;
-        p = p * r + 8.3334519073e-3f;
-        p = p * r + 4.1665795894e-2f;
-        p = p * r + 1.6666665459e-1f;
-        p = p * r + 5.0000001201e-1f;
-        p = p * r * r + r + 1.0f;
-        uint32_t bits = (uint32_t)(k < 0 ? 0 : k) << 23;  /* k = 255: inf */
-        float scale;
-        memcpy(&scale, &bits, 4);
-        return z / (1.0f + p * scale);
+        return z / (1.0f + normkit_exp_parts(v, fn, k < 0 ? 0 : k));
     }
 
     /* sigmoid(v) and 1 - sigmoid(v), without cancellation */
