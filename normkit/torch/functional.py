@@ -14,9 +14,10 @@ Two paths to the same kernels:
 Both paths run :func:`_forward` and :func:`_backward`, which take CPU tensors. Two cases leave the kernels for
 torch's own operations, which autograd and torch.func can see through: a backward asked for a graph
 (``create_graph=True``; :mod:`normkit.torch.differentiable`), and any call under a torch.func transform (vmap,
-grad, ...), in forward-mode AD or under torch.jit.trace, which is ``torch.nn.functional``'s (:func:`_torch_only`). Inputs are made contiguous (a copy
-only when they are not); outputs are allocated (see below) and handed to the kernel to write into; the saved
-statistics stay NumPy arrays (tensors only where a custom op returns or receives them).
+grad, ...), in forward-mode AD, under torch.jit.trace or on the meta device, which is ``torch.nn.functional``'s
+(:func:`_torch_only`). Inputs are made contiguous (a copy only when they are not); outputs are allocated (see
+below) and handed to the kernel to write into; the saved statistics stay NumPy arrays (tensors only where a
+custom op returns or receives them).
 The domain is torch's: empty batches, negative ``eps`` and any ``momentum`` are accepted and give what
 ``torch.nn.functional`` gives.
 
