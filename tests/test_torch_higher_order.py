@@ -269,6 +269,24 @@ def test_a_converted_model_runs_on_the_meta_device():
     assert model[1].num_batches_tracked.device.type == "meta"
 
 
+def test_flop_counter_on_the_meta_device():
+    """FlopCounterMode over a training step on meta tensors counts a converted model as it counts torch.nn's."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    def build():
+        return torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+                                   torch.nn.Flatten(), torch.nn.LayerNorm(8 * 6 * 6), torch.nn.Linear(288, 4))
+    with torch.device("meta"):
+        ref, model = build(), nt.convert(build())
+    x = torch.empty(2, 3, 8, 8, device="meta")
+    flops = []
+    for m in (ref, model):
+        with FlopCounterMode(display=False) as counter:
+            m(x).sum().backward()
+        flops.append(counter.get_total_flops())
+    assert flops[0] == flops[1] > 0
+
+
 def test_per_sample_gradients_of_a_converted_model():
     """torch.func's per-sample-gradient recipe (functional_call, vmap over grad) on a converted model."""
     torch.manual_seed(0)
