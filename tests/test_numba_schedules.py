@@ -23,6 +23,7 @@ CHANNEL = {
     (4, 16, 64): "fused channels",
     (8, 256, 4): "column tasks",
     (64, 32, 4): "small view",
+    (40, 8, 36): "small view",  # S >= WIDE_S, but a batch of S or more (FLAT_S)
     (4, 4, 64): "rows",
     (2, 2, 9000): "pieces",
     (1024, 16, 4): "tiles",
@@ -38,7 +39,7 @@ def _channel_schedule(shape) -> str:
     N, C, S = shape
     if batchnorm._fused_channels(N, C, S, 4, 1):
         return "fused channels"
-    if batchnorm._column_tasks(C, S):
+    if batchnorm._column_tasks(N, C, S):
         return "column tasks"
     if batchnorm._small_view(N, C, S, 4):
         return "small view"

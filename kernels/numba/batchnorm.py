@@ -29,6 +29,14 @@ from ._dtype16 import narrow, widen
 # the Zen 4 this was tuned on; a partial miss falls back to L3).
 WIDE_S = 16
 FUSED_BYTES = 1 << 20
+# ...and so do spatial sizes below FLAT_S where the batch has at least S samples: the (n, c) schedules then read N
+# runs of fewer than 64 values a channel, each paying a loop's start, and the flattened view is faster. In-process,
+# 2 threads, float32, the flattened view against the (n, c) schedules, forward / backward: (64, 256, 4x4) 0.43 /
+# 0.52, (2048, 32, 16) 0.36 / 0.42, (64, 128, 5x5) 0.57 / 0.77, (64, 256, 6x6) 0.59 / 0.74, (256, 64, 32) 0.43 /
+# 0.62, (64, 512, 7x7) 0.74 / 0.89, (128, 256, 7x7) 0.63 / 0.82, (64, 512, 63) 0.61 / 0.78; with a fused ReLU
+# 0.31-0.97 / 0.30-0.93. Smaller batches lose ((8, 256, 4x4) 1.4 / 1.7, (16, 256, 5x5) 0.93 / 1.13, (32, 256, 7x7)
+# 0.91 / 1.15, (8, 2048, 7x7) 1.8 / 2.2), and so do 8x8 and larger ((64, 256, 8x8) 0.94 / 1.29).
+FLAT_S = 64
 # batchnorm on the flattened view: a column task takes the whole channels in CHUNK columns; with at least
 # WIDE_TASKS of them, each task sums, finishes and applies its channels in one parallel region, in cache.
 CHUNK = 256
@@ -169,7 +177,7 @@ def _channel_sums(mode):
 
     @_pjit
     def rows(a, bx, ref, sc=None, out=None):
-        """(n, c) rows, one work item each (S >= WIDE_S, one piece per row)."""
+        """(n, c) rows, one work item each (not _flat_view, one piece per row)."""
         N, C, S = a.shape
         part = np.empty((N * C, 2))
         for it in prange(N * C):
@@ -202,7 +210,7 @@ def _channel_sums(mode):
 
     @_pjit
     def pieces(a, bx, ref, sc=None, out=None):
-        """(n, c, piece) work items (S >= WIDE_S, more than one piece per row)."""
+        """(n, c, piece) work items (not _flat_view, more than one piece per row)."""
         N, C, S = a.shape
         Q, L = _row_split(N, C, S)
         part = np.empty((N * C * Q, 2))
@@ -257,7 +265,7 @@ def _channel_sums(mode):
 
     @_pjit
     def blocks(a, bx, ref, sc=None, out=None):
-        """Blocks of rows and columns of the flattened (N, C*S) view (S < WIDE_S, rows longer than a block)."""
+        """Blocks of rows and columns of the flattened (N, C*S) view (_flat_view, rows longer than a block)."""
         N, C, S = a.shape
         W = C * S
         R, RL, JB = _wide_split(N, W)
@@ -475,11 +483,16 @@ _CHANNEL_AFFINE = (_affine_rows, _affine_pieces, _affine_tiled, _affine_blocks)
 _CHANNEL_DX = (_dx_rows, _dx_pieces, _dx_tiled, _dx_blocks)
 
 
+def _flat_view(N, S):
+    """Whether (N, C, S) data take the schedules of the flattened (N, C*S) view (WIDE_S, FLAT_S)."""
+    return S < WIDE_S or (S < FLAT_S and N >= S)
+
+
 def _channel_schedule(N, C, S):
     """Which schedule the per-channel sums and passes take for (N, C, S) data: (n, c) rows with one or more
     pieces each, or the flattened (N, C*S) view in tiles of whole rows (a row fits in one column block) or in
     blocks of rows and columns."""
-    if S >= WIDE_S:
+    if not _flat_view(N, S):
         return _ROWS if row_split(N, C, S)[0] == 1 else _PIECES
     return _TILED if wide_split(N, C * S)[2] == 1 else _BLOCKS
 
@@ -487,18 +500,18 @@ def _channel_schedule(N, C, S):
 # The dispatchers' predicates (plain Python: they choose which schedule to compile and call)
 
 def _fused_channels(N, C, S, itemsize, arrays):
-    return S >= WIDE_S and C >= MIN_SETS and N * S * itemsize * arrays <= FUSED_BYTES
+    return not _flat_view(N, S) and C >= MIN_SETS and N * S * itemsize * arrays <= FUSED_BYTES
 
 
-def _column_tasks(C, S):
+def _column_tasks(N, C, S):
     """Column tasks of CHUNK // S whole channels on the flattened (N, C*S) view, or 0 if there are too few."""
     T = -(-C // max(1, CHUNK // S))
-    return T if S < WIDE_S and T >= WIDE_TASKS else 0
+    return T if _flat_view(N, S) and T >= WIDE_TASKS else 0
 
 
 def _small_view(N, C, S, itemsize):
     """Whether a flattened (N, C*S) input is small enough that every task sums all of it (see SMALL_BYTES)."""
-    return S < WIDE_S and N * C * S * itemsize <= SMALL_BYTES
+    return _flat_view(N, S) and N * C * S * itemsize <= SMALL_BYTES
 
 
 @_jit
@@ -846,7 +859,7 @@ def batchnorm_forward(x, weight, bias, eps, y, mean, rstd):
     if _fused_channels(N, C, S, x.itemsize, 1):
         _bn_forward_fused(x, w, b, hw, hb, eps, y, mean, rstd)
         return
-    T = _column_tasks(C, S)
+    T = _column_tasks(N, C, S)
     if T:
         _bn_forward_columns(x, w, b, hw, hb, eps, y, mean, rstd, T)
     elif _small_view(N, C, S, x.itemsize):
@@ -876,7 +889,7 @@ def batchnorm_backward(dy, x, mean, rstd, weight, dx, dweight, dbias):
     if _fused_channels(N, C, S, x.itemsize, 2):
         _bn_backward_fused(dy, x, mean, rstd, w, hw, dx, dw, db, wdw, wdb)
         return
-    T = _column_tasks(C, S)
+    T = _column_tasks(N, C, S)
     if T:
         _bn_backward_columns(dy, x, mean, rstd, w, hw, dx, dw, db, wdw, wdb, T)
     elif _small_view(N, C, S, x.itemsize):
@@ -943,8 +956,9 @@ def batchnorm_backward_apply(dy, x, a, b, d, dx):
 
 # --- fused activations (normkit.contract): statistics and coefficients here, the element passes _common.act_rows'
 # over (n, c) rows (forward: one read of x for the statistics, one fused pass; backward: the gradient sums, then
-# dx, each a read of dy and x), whatever the shape: the simplest of the schedules above. The statistics are the plain
-# forward's (its _CHANNEL_SUMS schedule for the shape).
+# dx, each a read of dy and x): the simplest of the schedules above; the shapes of the flattened view take the plain
+# kernels and _act_flat's passes instead. The statistics are the plain forward's (its _CHANNEL_SUMS schedule for
+# the shape).
 
 @_jit
 def _bn_act_coefs(piv, sums, cnt, w, b, has_w, has_b, eps, mean, rstd):
@@ -1025,10 +1039,10 @@ def _channel_dx_coefs(sums, cnt, rstd, w, has_w, training):
 
 @per_activation
 def _act_flat(a):
-    """BatchNorm's act_ element passes for activation ``a`` on the flattened (N, C*S) view, for spatial sizes below
-    WIDE_S, where act_rows' (n, c) work items hold S values each (one for BatchNorm1d's (N, C)): there the fused
-    kernels ran 10-75x slower than the plain ones ((2048, 256, 1) ReLU backward 16 ms against 0.15). So the plain
-    kernels run, with these around them: (the activation in place, g = dy * act'(z) with per-column
+    """BatchNorm's act_ element passes for activation ``a`` on the flattened (N, C*S) view, for the shapes that
+    take it (_flat_view), where act_rows' (n, c) work items hold S values each (one for BatchNorm1d's (N, C)): there
+    the fused kernels ran 10-75x slower than the plain ones ((2048, 256, 1) ReLU backward 16 ms against 0.15). So
+    the plain kernels run, with these around them: (the activation in place, g = dy * act'(z) with per-column
     coefficients)."""
 
     @_pjit
@@ -1055,7 +1069,7 @@ def _flat(a):
 
 
 def batchnorm_act_forward(x, weight, bias, eps, activation, slope, y, mean, rstd):
-    if x.shape[2] < WIDE_S:  # see _act_flat
+    if _flat_view(x.shape[0], x.shape[2]):  # see _act_flat
         batchnorm_forward(x, weight, bias, eps, y, mean, rstd)
         _act_flat(activation)[0](_flat(y), slope)
         return
@@ -1069,7 +1083,7 @@ def batchnorm_act_forward(x, weight, bias, eps, activation, slope, y, mean, rstd
 
 
 def channel_act_forward_infer(x, weight, bias, running_mean, running_var, eps, activation, slope, y):
-    if x.shape[2] < WIDE_S:  # see _act_flat
+    if _flat_view(x.shape[0], x.shape[2]):  # see _act_flat
         channel_forward_infer(x, weight, bias, running_mean, running_var, eps, y)
         _act_flat(activation)[0](_flat(y), slope)
         return
@@ -1089,7 +1103,7 @@ def _act_backward(training):
         b, hb = _opt(bias, mean)
         m, r, zs, zb = _channel_z_coefs(mean, rstd, w, b, hw, hb)
         S = x.shape[2]
-        if S < WIDE_S:  # see _act_flat: g, then the plain backward of it
+        if _flat_view(x.shape[0], S):  # see _act_flat: g, then the plain backward of it
             g = np.empty_like(dy)
             _act_flat(activation)[1](_flat(dy), _flat(x), np.repeat(m[0], S), np.repeat(zs[0], S),
                                      np.repeat(zb[0], S), slope, _flat(g))
