@@ -314,7 +314,8 @@ SCHEDULE_CASES = [
     ("layernorm", (16, 16385), 1), ("layernorm", (17, 16385), 1), ("layernorm", (2, 100000), 1),
     ("layernorm", (130, 33), 1), ("groupnorm", (3, 6, 1), 3), ("groupnorm", (2, 8, 1500), 2),
     ("instancenorm", (2, 3, 2049), 1), ("batchnorm", (3, 5, 127), 1), ("batchnorm", (3, 5, 128), 1),
-    ("instancenorm", (2, 40, 127), 1), ("layernorm", (20, 70000), 1),
+    ("instancenorm", (2, 40, 127), 1), ("layernorm", (20, 70000), 1), ("batchnorm", (40, 32, 40), 1),
+    ("batchnorm", (39, 32, 40), 1),
 ]
 
 

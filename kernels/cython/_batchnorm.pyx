@@ -8,12 +8,13 @@ alone, so that the summation order (and so every result) never depends on the th
   pass over them while they are still in cache;
 - rows (S >= SHORT_ROW, few channels): one task per row (i, c) for the sums, merged per channel in row order,
   then one task per row for the elementwise pass;
-- columns (S < SHORT_ROW, e.g. (N, C) input): on the (N, C*S) view, a task takes the whole channels in CHUNK
-  columns and sums down its columns in row order (vectorized across columns); the S columns of a channel are
-  merged in order. With enough such tasks, each one then finishes its channels and runs their elementwise pass
-  with per-column coefficients, all in one parallel region. With few (narrow inputs such as (256, 16)) and
-  enough rows, the rows are cut into blocks too, so that every core sums, the blocks' sums are merged per
-  channel in block order, and the elementwise pass runs row by row.
+- columns (S < SHORT_ROW, e.g. (N, C) input; in the plain training kernels also S < COLUMNS_S with N >= S): on
+  the (N, C*S) view, a task takes the whole channels in CHUNK columns and sums down its columns in row order
+  (vectorized across columns); the S columns of a channel are merged in order. With enough such tasks, each one
+  then finishes its channels and runs their elementwise pass with per-column coefficients, all in one parallel
+  region. With few (narrow inputs such as (256, 16)) and enough rows, the rows are cut into blocks too, so that
+  every core sums, the blocks' sums are merged per channel in block order, and the elementwise pass runs row by
+  row.
 
 Fused activation (the act_ directions): the channels schedule where it applies, otherwise the rows or columns
 schedule with separate passes (never the whole-columns tasks): statistics (forward) or gradient sums (backward),
@@ -59,6 +60,13 @@ F16C = bool(normkit_half_init(os.environ.get("NORMKIT_CYTHON_NO_F16C", "") in ("
 
 cdef Py_ssize_t SHORT_ROW = 32
 cdef Py_ssize_t MANY_CHANNELS = 32
+# The plain kernels (no fused activation) take the columns schedule also for runs shorter than COLUMNS_S where the
+# batch holds at least S samples (_columns): the channels schedule then reads N runs of under 64 values a channel.
+# In-process, 2 threads, float32, against the channels schedule, forward / backward: (256, 64, 32) 0.41 / 0.56,
+# (64, 512, 63) 0.67 / 0.74, (128, 256, 7x7) 0.77 / 0.78, (64, 512, 7x7) 0.87 / 0.82, (48, 128, 6x6) 0.67 / 0.82,
+# (64, 64, 60) 0.61 / 0.81; smaller batches lose ((32, 512, 7x7) backward 1.03, (8, 256, 6x6) 1.43), and so do
+# the fused activations' backward (1.03-1.46 at those shapes).
+cdef Py_ssize_t COLUMNS_S = 64
 # _apply_channels16 (the 16-bit forward's affine pass on its own: inference, the split apply, training with few
 # channels) walks whole rows of the (N, C*S) view with per-column coefficients below this S, run by run above it:
 # (32, 128, 7, 7) bfloat16 inference 25 -> 21 us that way (torch 18), but (32, 64, 14, 14) 34 -> 38 us. (The
@@ -127,7 +135,7 @@ cdef inline Py_ssize_t _cdiv(Py_ssize_t a, Py_ssize_t b) noexcept nogil:
 
 
 cdef inline Py_ssize_t _chunk_channels(Py_ssize_t s) noexcept nogil:
-    """Whole channels in CHUNK columns of the (N, C*S) view (S < SHORT_ROW <= CHUNK; S = 0, no values, as 1: the
+    """Whole channels in CHUNK columns of the (N, C*S) view (S < COLUMNS_S <= CHUNK; S = 0, no values, as 1: the
     schedule's loops then run empty instead of dividing by zero)."""
     return CHUNK // max(1, s)
 
@@ -163,11 +171,23 @@ cdef inline Py_ssize_t _block_rows(Py_ssize_t n, Py_ssize_t length) noexcept nog
     return max(1, min(n, ROW_BLOCK // max(1, length)))
 
 
+cdef inline bint _columns(Py_ssize_t n, Py_ssize_t s, int act) noexcept nogil:
+    """Whether BatchNorm's forward and backward (training, and the inference backward) of (n, nc, s) data take the
+    columns schedule rather than the channels or rows one: runs shorter than SHORT_ROW, and for the plain kernels
+    runs shorter than COLUMNS_S in a batch of s samples or more. (The inference forward and the split directions
+    keep SHORT_ROW.)"""
+    return s < SHORT_ROW or (act == NO_ACT and s < COLUMNS_S and n >= s)
+
+
 cdef inline bint _whole_columns(Py_ssize_t n, Py_ssize_t nc, Py_ssize_t s) noexcept nogil:
-    """Whether the columns schedule runs tasks of whole channels (sums, statistics and the elementwise pass in
-    one parallel region): with enough tasks, or when cutting the rows into blocks would not add any."""
-    cdef Py_ssize_t tasks = _column_tasks(nc, s)
-    return s < SHORT_ROW and (tasks >= WIDE_TASKS or _row_blocks(n, tasks) == 1)
+    """Whether the columns schedule of a plain kernel runs tasks of whole channels (sums, statistics and the
+    elementwise pass in one parallel region): with enough tasks, or when cutting the rows into blocks would not add
+    any. (The tasks are counted only then: CHUNK // s is 0 for longer runs.)"""
+    cdef Py_ssize_t tasks
+    if not _columns(n, s, NO_ACT):
+        return False
+    tasks = _column_tasks(nc, s)
+    return tasks >= WIDE_TASKS or _row_blocks(n, tasks) == 1
 
 
 # --- per-task loops --------------------------------------------------------------------------------------------
@@ -670,7 +690,7 @@ cdef void _backward_p(bint training, const floating* dyp, const floating* xp, Py
         for c in range(nc):
             mu[c] = mean[c]
             r[c] = rstd[c]
-        if s >= SHORT_ROW and nc >= MANY_CHANNELS:
+        if nc >= MANY_CHANNELS and not _columns(n, s, act):
             for c in prange(nc, nogil=True, schedule="static", num_threads=nt):
                 _backward_channel(dyp, xp, dxp, n, nc, s, c, training, sums, mu[c], r[c],
                                   w[c] if w != NULL else 1.0, bp[c] if bp != NULL else 0.0, act, slope, stream,
@@ -733,7 +753,7 @@ cdef void _forward_p(const floating* xp, Py_ssize_t n, Py_ssize_t nc, Py_ssize_t
     if work == NULL:
         raise MemoryError()
     try:
-        if s >= SHORT_ROW and nc >= MANY_CHANNELS:
+        if nc >= MANY_CHANNELS and not _columns(n, s, act):
             for c in prange(nc, nogil=True, schedule="static", num_threads=nt):
                 _forward_channel(xp, yp, n, nc, s, c, eps, w, b, act, slope, stream, &mu[c], &r[c])
         elif act == NO_ACT and _whole_columns(n, nc, s):
@@ -1397,7 +1417,7 @@ cdef void _backward16(bint training, const uint16_t* dyp, const uint16_t* xp, Py
         for c in range(nc):
             mu[c] = mean[c]
             r[c] = rstd[c]
-        if s >= SHORT_ROW and nc >= MANY_CHANNELS:
+        if nc >= MANY_CHANNELS and not _columns(n, s, NO_ACT):
             for c in prange(nc, nogil=True, schedule="static", num_threads=nt):
                 _backward_channel16(dyp, xp, dxp, n, nc, s, c, training, sums, mu[c], r[c],
                                     w[c] if w != NULL else 1.0, fmt, &sdy[c], &sdyx[c])
@@ -1447,7 +1467,7 @@ cdef void _forward16(int fmt, const uint16_t* xp, Py_ssize_t n, Py_ssize_t nc, P
     if work == NULL:
         raise MemoryError()
     try:
-        if s >= SHORT_ROW and nc >= MANY_CHANNELS:
+        if nc >= MANY_CHANNELS and not _columns(n, s, NO_ACT):
             for c in prange(nc, nogil=True, schedule="static", num_threads=nt):
                 _forward_channel16(xp, yp, n, nc, s, c, eps, w, b, fmt, &mu[c], &r[c])
         elif _whole_columns(n, nc, s):
