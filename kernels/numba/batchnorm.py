@@ -50,8 +50,14 @@ SMALL_TASKS = 2
 # Rows of the flattened view shorter than a column block are handled TILE values (whole rows) at a time: one slice
 # and one vectorized loop per tile rather than per row ((4096, 16): one per 16 rows).
 TILE = 256
-# Runs of data up to this long are prefetched by hand (see _prefetch_run).
+# Runs of data up to this long are prefetched by hand (see _prefetch_run). The fused-channel schedules ask for the
+# run AHEAD_BYTES ahead where the input has AHEAD_MIN_BYTES or more (beyond a quarter of the 32 MiB L3 the data
+# come from memory, and the next run alone is closer than memory's latency), else the next one, as the Cython
+# channel schedule does: in-process A/B against the next run, 2 threads, float32, forward / backward (64, 256,
+# 14, 14) 0.90-0.92 / 0.87-0.89, (128, 256, 14, 14) 0.80-0.83 / 0.85-0.92 (the same bits; in cache unchanged).
 PREFETCH_BYTES = 4096
+AHEAD_BYTES = 8192
+AHEAD_MIN_BYTES = 8 << 20
 
 
 @_jit
@@ -64,6 +70,11 @@ def _prefetch_run(a, start, count):
         return
     for j in range(0, count, 64 // a.itemsize):
         _prefetch(a, start + j)
+
+
+def _runs_ahead(run_bytes, data_bytes):
+    """How many runs ahead the fused-channel schedules ask for the run they will read (AHEAD_BYTES)."""
+    return 1 if data_bytes < AHEAD_MIN_BYTES else max(1, AHEAD_BYTES // max(1, run_bytes))
 
 
 def wide_split(N, W):
@@ -655,7 +666,7 @@ def _backward_columns(dy2, x2, dx2, S, c0, c1, n0, n1, write, mean, rstd, w, has
 # shape takes (numba compiles a function whole, every branch of it; the dispatchers below choose in Python).
 
 @_pjit
-def _bn_forward_fused(x, w, b, has_w, has_b, eps, y, mean, rstd):
+def _bn_forward_fused(x, w, b, has_w, has_b, eps, y, mean, rstd, ahead):
     """One channel per work item: its rows are still in L2 for the apply pass. The loops index x[n, c, j] rather
     than take a view of each row: a view per row of 196 values made this path 1.5x slower."""
     N, C, S = x.shape
@@ -666,9 +677,11 @@ def _bn_forward_fused(x, w, b, has_w, has_b, eps, y, mean, rstd):
         p = _pivot(widen(x[0, c, 0]))
         s1 = 0.0
         s2 = 0.0
+        for n in range(1, min(ahead, N)):
+            _prefetch_run(xf, (n * C + c) * S, S)
         for n in range(N):
-            if n + 1 < N:
-                _prefetch_run(xf, ((n + 1) * C + c) * S, S)
+            if n + ahead < N:
+                _prefetch_run(xf, ((n + ahead) * C + c) * S, S)
             for j in range(S):
                 d = np.float64(widen(x[n, c, j])) - p
                 s1 += d
@@ -733,7 +746,7 @@ def _forward_coefs(piv, sums, cnt, eps, w, b, has_w, has_b, mean, rstd):
 
 
 @_pjit
-def _bn_backward_fused(dy, x, mean, rstd, w, has_w, dx, dw, db, want_dw, want_db):
+def _bn_backward_fused(dy, x, mean, rstd, w, has_w, dx, dw, db, want_dw, want_db, ahead):
     """As _bn_forward_fused: one channel per work item, indexed without a view per row."""
     N, C, S = x.shape
     cnt = N * S
@@ -746,10 +759,13 @@ def _bn_backward_fused(dy, x, mean, rstd, w, has_w, dx, dw, db, want_dw, want_db
         r = np.float64(rstd[c])
         s1 = 0.0
         s2 = 0.0
+        for n in range(1, min(ahead, N)):
+            _prefetch_run(dyf, (n * C + c) * S, S)
+            _prefetch_run(xf, (n * C + c) * S, S)
         for n in range(N):
-            if n + 1 < N:
-                _prefetch_run(dyf, ((n + 1) * C + c) * S, S)
-                _prefetch_run(xf, ((n + 1) * C + c) * S, S)
+            if n + ahead < N:
+                _prefetch_run(dyf, ((n + ahead) * C + c) * S, S)
+                _prefetch_run(xf, ((n + ahead) * C + c) * S, S)
             for j in range(S):
                 g = np.float64(widen(dy[n, c, j]))
                 s1 += g
@@ -857,7 +873,7 @@ def batchnorm_forward(x, weight, bias, eps, y, mean, rstd):
     b, hb = _opt(bias, mean)
     N, C, S = x.shape
     if _fused_channels(N, C, S, x.itemsize, 1):
-        _bn_forward_fused(x, w, b, hw, hb, eps, y, mean, rstd)
+        _bn_forward_fused(x, w, b, hw, hb, eps, y, mean, rstd, _runs_ahead(S * x.itemsize, x.nbytes))
         return
     T = _column_tasks(N, C, S)
     if T:
@@ -887,7 +903,8 @@ def batchnorm_backward(dy, x, mean, rstd, weight, dx, dweight, dbias):
     db, wdb = _opt(dbias, mean)
     N, C, S = x.shape
     if _fused_channels(N, C, S, x.itemsize, 2):
-        _bn_backward_fused(dy, x, mean, rstd, w, hw, dx, dw, db, wdw, wdb)
+        _bn_backward_fused(dy, x, mean, rstd, w, hw, dx, dw, db, wdw, wdb,
+                           _runs_ahead(2 * S * x.itemsize, x.nbytes))  # dy's and x's runs
         return
     T = _column_tasks(N, C, S)
     if T:
