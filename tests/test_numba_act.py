@@ -35,10 +35,10 @@ K = pytest.importorskip("normkit_kernels.numba.kernels")
 ACT_DIRECTIONS = [(op, d) for op, s in SPECS.items() for d in s.directions if d.startswith("act_")]
 DTYPES = ("float32", "float64", "bfloat16")
 # (N, C, S) / (M, K) and groups: N = 1, C = 1, groups = C and groups = 1, runs not a multiple of the vector width,
-# S = 1 ((N, C) input); BatchNorm on (n, c) rows (N = 1) and on the flattened view (batchnorm._flat_view: S below
-# WIDE_S, and S = 17 with N >= S)
+# S = 1 ((N, C) input); BatchNorm on (n, c) rows (N = 1) and on the flattened view (batchnorm._act_flat_view: S
+# below WIDE_S, S = 17 with N >= S, and S = 19 from a batch of ACT_FLAT_N)
 SHAPES = {
-    "channel": [((1, 3, 37), None), ((20, 1, 17), None), ((9, 4, 1), None)],
+    "channel": [((1, 3, 37), None), ((20, 1, 17), None), ((5, 2, 19), None), ((9, 4, 1), None)],
     "instance": [((1, 3, 37), None), ((2, 1, 19), None), ((3, 2, 1), None)],
     "group": [((2, 6, 13), 3), ((1, 6, 5), 6), ((3, 1, 9), 1)],
     "row": [((1, 37), None), ((6, 19), None), ((9, 1), None)],

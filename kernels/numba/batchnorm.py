@@ -37,6 +37,14 @@ FUSED_BYTES = 1 << 20
 # 0.31-0.97 / 0.30-0.93. Smaller batches lose ((8, 256, 4x4) 1.4 / 1.7, (16, 256, 5x5) 0.93 / 1.13, (32, 256, 7x7)
 # 0.91 / 1.15, (8, 2048, 7x7) 1.8 / 2.2), and so do 8x8 and larger ((64, 256, 8x8) 0.94 / 1.29).
 FLAT_S = 64
+# The fused activations' (n, c) passes (act_rows) cost more a run than the plain kernels' schedules, so the act_
+# kernels take the flattened view (the plain kernels and _act_flat's passes) also for S < ACT_FLAT_S from a batch
+# of ACT_FLAT_N: in-process, 2 threads, float32, against act_rows, forward / backward: SiLU (4, 256, 4x4) 1.0 /
+# 0.63, (8, 256, 4x4) 0.71 / 0.39, (8, 512, 5x5) 0.72 / 0.43, (16, 256, 5x5) 0.54 / 0.33, (16, 64, 30) 0.55 /
+# 0.32; ReLU (8, 256, 4x4) 0.73 / 0.65. Smaller batches lose ((1, 256, 5x5) SiLU 2.4 / 1.6, (3, 512, 4x4) 1.3 /
+# 0.74), and so does ReLU at 7x7 in small batches ((8, 2048, 7x7) 1.6 / 1.5).
+ACT_FLAT_S = 32
+ACT_FLAT_N = 4
 # batchnorm on the flattened view: a column task takes the whole channels in CHUNK columns; with at least
 # WIDE_TASKS of them, each task sums, finishes and applies its channels in one parallel region, in cache.
 CHUNK = 256
@@ -497,6 +505,11 @@ _CHANNEL_DX = (_dx_rows, _dx_pieces, _dx_tiled, _dx_blocks)
 def _flat_view(N, S):
     """Whether (N, C, S) data take the schedules of the flattened (N, C*S) view (WIDE_S, FLAT_S)."""
     return S < WIDE_S or (S < FLAT_S and N >= S)
+
+
+def _act_flat_view(N, S):
+    """Whether the act_ kernels of (N, C, S) data take the flattened view (ACT_FLAT_S, ACT_FLAT_N)."""
+    return _flat_view(N, S) or (S < ACT_FLAT_S and N >= ACT_FLAT_N)
 
 
 def _channel_schedule(N, C, S):
@@ -1057,7 +1070,7 @@ def _channel_dx_coefs(sums, cnt, rstd, w, has_w, training):
 @per_activation
 def _act_flat(a):
     """BatchNorm's act_ element passes for activation ``a`` on the flattened (N, C*S) view, for the shapes that
-    take it (_flat_view), where act_rows' (n, c) work items hold S values each (one for BatchNorm1d's (N, C)): there
+    take it (_act_flat_view), where act_rows' (n, c) work items hold S values each (one for BatchNorm1d's (N, C)): there
     the fused kernels ran 10-75x slower than the plain ones ((2048, 256, 1) ReLU backward 16 ms against 0.15). So
     the plain kernels run, with these around them: (the activation in place, g = dy * act'(z) with per-column
     coefficients)."""
@@ -1086,7 +1099,7 @@ def _flat(a):
 
 
 def batchnorm_act_forward(x, weight, bias, eps, activation, slope, y, mean, rstd):
-    if _flat_view(x.shape[0], x.shape[2]):  # see _act_flat
+    if _act_flat_view(x.shape[0], x.shape[2]):  # see _act_flat
         batchnorm_forward(x, weight, bias, eps, y, mean, rstd)
         _act_flat(activation)[0](_flat(y), slope)
         return
@@ -1100,7 +1113,7 @@ def batchnorm_act_forward(x, weight, bias, eps, activation, slope, y, mean, rstd
 
 
 def channel_act_forward_infer(x, weight, bias, running_mean, running_var, eps, activation, slope, y):
-    if _flat_view(x.shape[0], x.shape[2]):  # see _act_flat
+    if _act_flat_view(x.shape[0], x.shape[2]):  # see _act_flat
         channel_forward_infer(x, weight, bias, running_mean, running_var, eps, y)
         _act_flat(activation)[0](_flat(y), slope)
         return
@@ -1120,7 +1133,7 @@ def _act_backward(training):
         b, hb = _opt(bias, mean)
         m, r, zs, zb = _channel_z_coefs(mean, rstd, w, b, hw, hb)
         S = x.shape[2]
-        if _flat_view(x.shape[0], S):  # see _act_flat: g, then the plain backward of it
+        if _act_flat_view(x.shape[0], S):  # see _act_flat: g, then the plain backward of it
             g = np.empty_like(dy)
             _act_flat(activation)[1](_flat(dy), _flat(x), np.repeat(m[0], S), np.repeat(zs[0], S),
                                      np.repeat(zb[0], S), slope, _flat(g))
