@@ -42,35 +42,36 @@ cdef extern from *:
     """
     #if defined(__AVX512F__)
     #include <immintrin.h>
+    typedef __m512d normkit_vd;
+    #define NORMKIT_VW 8
+    #define NORMKIT_VD_SET1 _mm512_set1_pd
+    #define NORMKIT_VD_ZERO _mm512_setzero_pd
+    #define NORMKIT_VD_SUM(v) _mm512_reduce_add_pd(v)
     #define NORMKIT_MLOAD_F(p) _mm512_cvtps_pd(_mm256_loadu_ps(p))
     #define NORMKIT_MLOAD_D(p) _mm512_loadu_pd(p)
-    #define NORMKIT_MOMENTS_BLOCKS(LOAD)                                                              \
-        __m512d p = _mm512_set1_pd(pivot), z = _mm512_setzero_pd(), d0, d1, d2, d3;               \
-        __m512d a0 = z, a1 = z, a2 = z, a3 = z, b0 = z, b1 = z, b2 = z, b3 = z;                   \
-        for (; i + 32 <= n; i += 32) {                                                            \
-            d0 = LOAD(x + i) - p; d1 = LOAD(x + i + 8) - p;                                       \
-            d2 = LOAD(x + i + 16) - p; d3 = LOAD(x + i + 24) - p;                                 \
-            a0 += d0; a1 += d1; a2 += d2; a3 += d3;                                               \
-            b0 += d0 * d0; b1 += d1 * d1; b2 += d2 * d2; b3 += d3 * d3;                           \
-        }                                                                                         \
-        for (; i + 8 <= n; i += 8) { d0 = LOAD(x + i) - p; a0 += d0; b0 += d0 * d0; }             \
-        a0 = (a0 + a1) + (a2 + a3); b0 = (b0 + b1) + (b2 + b3);                                   \
-        ta = _mm512_reduce_add_pd(a0); tb = _mm512_reduce_add_pd(b0);
     #elif defined(__AVX__)
     #include <immintrin.h>
+    typedef __m256d normkit_vd;
+    #define NORMKIT_VW 4
+    #define NORMKIT_VD_SET1 _mm256_set1_pd
+    #define NORMKIT_VD_ZERO _mm256_setzero_pd
+    #define NORMKIT_VD_SUM(v) (((v)[0] + (v)[1]) + ((v)[2] + (v)[3]))
     #define NORMKIT_MLOAD_F(p) _mm256_cvtps_pd(_mm_loadu_ps(p))
     #define NORMKIT_MLOAD_D(p) _mm256_loadu_pd(p)
+    #endif
+    #ifdef NORMKIT_VW
     #define NORMKIT_MOMENTS_BLOCKS(LOAD)                                                              \
-        __m256d p = _mm256_set1_pd(pivot), z = _mm256_setzero_pd(), d0, d1, d2, d3;               \
-        __m256d a0 = z, a1 = z, a2 = z, a3 = z, b0 = z, b1 = z, b2 = z, b3 = z;                   \
-        for (; i + 16 <= n; i += 16) {                                                            \
-            d0 = LOAD(x + i) - p; d1 = LOAD(x + i + 4) - p;                                       \
-            d2 = LOAD(x + i + 8) - p; d3 = LOAD(x + i + 12) - p;                                  \
+        normkit_vd p = NORMKIT_VD_SET1(pivot), z = NORMKIT_VD_ZERO(), d0, d1, d2, d3;             \
+        normkit_vd a0 = z, a1 = z, a2 = z, a3 = z, b0 = z, b1 = z, b2 = z, b3 = z;                \
+        for (; i + 4 * NORMKIT_VW <= n; i += 4 * NORMKIT_VW) {                                    \
+            d0 = LOAD(x + i) - p; d1 = LOAD(x + i + NORMKIT_VW) - p;                              \
+            d2 = LOAD(x + i + 2 * NORMKIT_VW) - p; d3 = LOAD(x + i + 3 * NORMKIT_VW) - p;         \
             a0 += d0; a1 += d1; a2 += d2; a3 += d3;                                               \
             b0 += d0 * d0; b1 += d1 * d1; b2 += d2 * d2; b3 += d3 * d3;                           \
         }                                                                                         \
+        for (; i + NORMKIT_VW <= n; i += NORMKIT_VW) { d0 = LOAD(x + i) - p; a0 += d0; b0 += d0 * d0; } \
         a0 = (a0 + a1) + (a2 + a3); b0 = (b0 + b1) + (b2 + b3);                                   \
-        ta = (a0[0] + a0[1]) + (a0[2] + a0[3]); tb = (b0[0] + b0[1]) + (b0[2] + b0[3]);
+        ta = NORMKIT_VD_SUM(a0); tb = NORMKIT_VD_SUM(b0);
     #else
     #define NORMKIT_MOMENTS_BLOCKS(LOAD)
     #endif
