@@ -55,6 +55,14 @@ int main(void) {
     return omp_get_max_threads() > 0 && n > 0 ? 0 : 1;
 }
 """
+# _common.pxd's one-thread shortcut for parallel regions: linked in where the linker wraps a symbol (GNU ld, lld)
+# and the OpenMP runtime is libgomp's interface.
+WRAP_GOMP = "-Wl,--wrap=GOMP_parallel"
+WRAP_PROBE = OPENMP_PROBE.replace("#include <omp.h>", """#include <omp.h>
+void __real_GOMP_parallel(void (*fn)(void*), void* data, unsigned num_threads, unsigned flags);
+void __wrap_GOMP_parallel(void (*fn)(void*), void* data, unsigned num_threads, unsigned flags) {
+    __real_GOMP_parallel(fn, data, num_threads, flags);
+}""")
 # The run-time check that picks a copy (see _common.pxd) must compile too.
 CPU_PROBE = 'int main(void) {{ __builtin_cpu_init(); return !__builtin_cpu_supports("{}"); }}\n'
 
@@ -117,6 +125,7 @@ class BuildExt(build_ext):
             omp, note = [openmp], "yes"
         else:
             omp, note = [], "no (the compiler has no OpenMP); kernels run serial"
+        wrap = bool(omp) and not msvc and _compiles(self.compiler, omp + [WRAP_GOMP], WRAP_PROBE, link=True)
 
         x86 = not msvc and not native and platform.machine().lower() in ("x86_64", "amd64")
         copies = {package: (copy_flags, macro) for package, copy_flags, level, macro in X86_COPIES
@@ -128,11 +137,13 @@ class BuildExt(build_ext):
             package = _copy_of(ext)
             ext_flags = flags + (copies[package][0] if package else [])
             ext.extra_compile_args = ext_flags + omp
-            ext.extra_link_args = [] if msvc else omp
+            ext.extra_link_args = [] if msvc else omp + ([WRAP_GOMP] if wrap else [])
             ext.define_macros = [
                 ("NORMKIT_BUILD_FLAGS", _c_string(" ".join(ext_flags + omp))),
                 ("NORMKIT_OPENMP_NOTE", _c_string(note)),
             ] + [(macro, "1") for _, macro in copies.values()]
+            if wrap:
+                ext.define_macros.append(("NORMKIT_WRAP_GOMP_PARALLEL", "1"))
         # setuptools skips a module whose binary is newer than its C, whatever flags it was built with; so a
         # change of flags (NORMKIT_NO_OPENMP, another compiler's probes) rebuilds everything
         config = repr([(e.name, e.extra_compile_args, e.define_macros) for e in self.extensions])

@@ -820,6 +820,23 @@ cdef extern from *:
     #ifndef NORMKIT_OPENMP_NOTE
     #define NORMKIT_OPENMP_NOTE "unknown (not built by normkit's setup.py)"
     #endif
+    /* A prange on one thread (every call below the serial threshold) still enters libgomp, whose team of one ends
+       in barriers that each make a futex syscall: two per region here, ~0.25 us of a GroupNorm (1, 32, 16, 16)
+       call's ~1.5 us. setup.py links with --wrap=GOMP_parallel where the linker has it, so the compiler's call
+       lands here, which runs a one-thread region's body directly: outside any parallel region the body's static
+       schedule (omp_get_num_threads() 1, omp_get_thread_num() 0) and its barriers (orphaned: no-ops) are those
+       of a team of one. Inside an active region (never from Python) the runtime decides, as without the wrap. */
+    #if defined(_OPENMP) && defined(NORMKIT_WRAP_GOMP_PARALLEL)
+    #include <omp.h>
+    void __real_GOMP_parallel(void (*fn)(void*), void* data, unsigned num_threads, unsigned flags);
+    __attribute__((visibility("hidden")))
+    void __wrap_GOMP_parallel(void (*fn)(void*), void* data, unsigned num_threads, unsigned flags) {
+        if (num_threads == 1 && !omp_in_parallel())
+            fn(data);
+        else
+            __real_GOMP_parallel(fn, data, num_threads, flags);
+    }
+    #endif
     /* Which x86-64 copies of the modules setup.py built that this CPU can run: bit 0 x86-64-v3, bit 1 x86-64-v4. */
     static int normkit_x86_64_copies(void) {
         int copies = 0;
