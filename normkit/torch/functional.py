@@ -682,6 +682,18 @@ except (AttributeError, KeyError):
 _norm_apply = None if _cpp_apply is None else _cpp_apply.__get__(None, _Norm)
 
 
+def _direct_backward(function) -> None:
+    """In backward the engine calls the node's ``apply(*grads)``, whose BackwardCFunction version looks up the
+    Function's backward in two Python frames (~0.6 us of a small call's ~20 us backward): the node class of
+    ``function`` (torch makes one per Function) calls ``function.backward`` itself."""
+    node = getattr(function, "_backward_cls", None)  # torch's private API (1.x to 2.13): without it, torch's way
+    if node is not None:
+        node.apply = function.backward
+
+
+_direct_backward(_Norm)
+
+
 def _run(call: _Call, x: Tensor, weight, bias) -> Tensor:
     if torch.is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad)
                                     or (bias is not None and bias.requires_grad)):
@@ -1303,6 +1315,7 @@ class _AddNorm(torch.autograd.Function):
 
 
 _add_norm_apply = None if _cpp_apply is None else _cpp_apply.__get__(None, _AddNorm)  # see _norm_apply
+_direct_backward(_AddNorm)
 
 
 def _check_residual(op: str, x: Tensor, residual: Tensor) -> None:
