@@ -37,6 +37,14 @@ def aligned_empty(shape, dtype) -> np.ndarray:
     return np.ndarray(shape, dtype, raw, -ctypes.addressof(_char_at(raw)) % ALIGNMENT)
 
 
+def aligned_copy(a: np.ndarray) -> np.ndarray:
+    """A C-contiguous copy of ``a`` on a 64-byte boundary, as normkit's frontends allocate outputs and torch's
+    allocator does tensors (``np.ascontiguousarray`` would give NumPy's 16-byte alignment)."""
+    out = aligned_empty(a.shape, a.dtype)
+    out[...] = a
+    return out
+
+
 def empty(shape, dtype, nbytes: int | None = None) -> np.ndarray:
     """An output array: :func:`aligned_empty` at ``ALIGN_MIN_BYTES`` or more, else ``np.empty``. ``nbytes``, when
     the caller knows it, saves computing it."""

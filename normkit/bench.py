@@ -35,7 +35,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from . import bench_torch, registry
+from . import alloc, bench_torch, registry
 from .cases import Case, select_cases
 from .contract import LAYOUTS, NCHW, NHWC
 
@@ -77,8 +77,8 @@ class Contender:
 
 
 def _nhwc(a: np.ndarray) -> np.ndarray:
-    """(N, C, S) -> the same values as a C-contiguous (N, S, C) array."""
-    return np.ascontiguousarray(a.transpose(0, 2, 1))
+    """(N, C, S) -> the same values as a C-contiguous (N, S, C) array, 64-byte aligned as the NCHW arrays are."""
+    return alloc.aligned_copy(a.transpose(0, 2, 1))
 
 
 def prepare(case: Case, direction: str, name: str, inputs: dict | None = None, layout: str = NCHW) -> Contender:

@@ -18,6 +18,7 @@ from typing import Callable
 
 import numpy as np
 
+from .alloc import aligned_copy
 from .cases import EPS, NEGATIVE_SLOPE, Case
 
 MASK = [True, True, True]  # dx, dweight, dbias: what the normkit kernels compute too
@@ -164,7 +165,7 @@ def _channels_last(case: Case, a: np.ndarray) -> "torch.Tensor":  # noqa: F821
     """A (N, C, S) array's values as a channels-last tensor of the case's shape (N, C, *spatial), as :func:`_data`
     sees 16-bit patterns."""
     shape = case.shape
-    nhwc = np.ascontiguousarray(a.transpose(0, 2, 1))
+    nhwc = aligned_copy(a.transpose(0, 2, 1))  # as torch's allocator and the NCHW cases align
     return _tensor(nhwc, case.dtype).view(shape[0], *shape[2:], shape[1]).movedim(-1, 1)
 
 

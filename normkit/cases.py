@@ -19,7 +19,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from . import half
-from .alloc import aligned_empty
+from .alloc import aligned_copy
 from .contract import (
     ACT_PREFIX, ACTIVATIONS, DTYPES, HALF_DTYPES, OPS, SPECS, OpSpec, arg_dtype, kernel_shape, storage_dtype,
 )
@@ -163,7 +163,7 @@ class Case:
         if self.add:  # the residual, and the gradient flowing into h (data arrays, stored as x is)
             values.update(residual=rng.standard_normal(self.kernel_shape, dtype=data_dt),
                           dh=rng.standard_normal(self.kernel_shape, dtype=data_dt))
-        return {name: _aligned(self._stored("x" if name in ("residual", "dh") else name, v))
+        return {name: aligned_copy(self._stored("x" if name in ("residual", "dh") else name, v))
                 for name, v in values.items()}
 
     def _stored(self, name: str, values: np.ndarray) -> np.ndarray:
@@ -180,7 +180,7 @@ class Case:
                 names["h"] = self.kernel_shape
         else:
             names = {"dx": self.kernel_shape, "dweight": self.param_shape, "dbias": self.param_shape}
-        return {name: _aligned(np.zeros(shape, storage_dtype(direction, name, self.dtype)))
+        return {name: aligned_copy(np.zeros(shape, storage_dtype(direction, name, self.dtype)))
                 for name, shape in names.items()}
 
     def values(self, name: str, a: np.ndarray) -> np.ndarray:
@@ -204,13 +204,6 @@ class Case:
         if self.activation is None:
             return {}
         return {"activation": ACTIVATIONS.index(self.activation), "slope": NEGATIVE_SLOPE}
-
-
-def _aligned(a: np.ndarray) -> np.ndarray:
-    """A 64-byte-aligned copy of ``a``: as normkit's frontends allocate outputs and torch's allocator does tensors."""
-    out = aligned_empty(a.shape, a.dtype)
-    out[...] = a
-    return out
 
 
 def _dims(shape) -> str:

@@ -7,7 +7,7 @@ import pytest
 from support import OPS, op_args
 
 import normkit
-from normkit.alloc import ALIGN_MIN_BYTES, ALIGNMENT, aligned_empty, empty
+from normkit.alloc import ALIGN_MIN_BYTES, ALIGNMENT, aligned_copy, aligned_empty, empty
 from normkit.contract import SPECS
 
 
@@ -24,6 +24,23 @@ def test_aligned_empty(shape, dtype):
     assert _aligned(a) and a.flags.c_contiguous and a.flags.writeable
     a.fill(1)  # the whole array is inside its allocation
     assert a.sum() == a.size
+
+
+def test_aligned_copy_of_a_strided_view():
+    a = np.arange(2 * 3 * 5, dtype=np.float32).reshape(2, 3, 5)
+    for view in (a.transpose(0, 2, 1), a[:, ::2]):
+        c = aligned_copy(view)
+        assert _aligned(c) and c.flags.c_contiguous and c.dtype == view.dtype
+        np.testing.assert_array_equal(c, view)
+        assert not np.shares_memory(c, a)
+
+
+def test_bench_channels_last_arrays_are_aligned():
+    # the bench's NHWC inputs and outputs, for normkit's kernels and for torch's, as its NCHW ones are
+    from normkit import bench
+
+    a = np.ones((3, 4, 50), np.float32)
+    assert all(_aligned(bench._nhwc(a)) for _ in range(10))
 
 
 def test_empty_aligns_from_the_threshold_up():
