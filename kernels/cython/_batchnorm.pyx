@@ -89,8 +89,13 @@ cdef enum:
     # short rows rather than per row (channels-last (N*S, C, 1) with C = 64: a row is 64 values). Small enough
     # that the coefficients (3 arrays forward, 6 backward) stay in L1 beside the data: at 4096 (48 KB of float32
     # coefficients forward) the channels-last BatchNorm (32, 128, 7, 7) ran at 1.02x / 1.42x torch forward /
-    # backward, at 1024 0.68x / 0.90x, and its inference pass 33 -> 18 us
-    ROW_BLOCK = 1024
+    # backward, at 1024 0.68x / 0.90x, and its inference pass 33 -> 18 us. Float32 at 256 rather than 1024
+    # (in-process A/B, 2 threads, channels-last (N*S, C, 1) view, both orders): backward (64, 256, 14, 14)
+    # 0.83x, (8, 64, 28, 28) 0.81x, (32, 128, 7, 7) 0.86x; forward (32, 512, 7, 7) 0.76-0.79x; (32, 64, 56, 56)
+    # unchanged (the same bits). The 16-bit passes keep 1024 (ROW_BLOCK16): at 256, (64, 256, 14, 14) bfloat16
+    # ran 5-11% slower in all three directions
+    ROW_BLOCK = 256
+    ROW_BLOCK16 = 1024
     # The channel schedule reads a channel's rows, runs of S values C * S apart, and asks for a run ahead of the
     # one it works on (prefetch_run). A run of S = 196 float32 is ~30 ns of memory traffic, short of memory's
     # latency: where x has AHEAD_MIN_BYTES or more (a quarter of the 32 MiB L3 of the machines measured; beyond
@@ -165,10 +170,12 @@ cdef inline Py_ssize_t _runs_ahead(Py_ssize_t run_bytes, Py_ssize_t data_bytes) 
     return 1 if data_bytes < AHEAD_MIN_BYTES else max(1, AHEAD_BYTES // max(1, run_bytes))
 
 
-cdef inline Py_ssize_t _block_rows(Py_ssize_t n, Py_ssize_t length) noexcept nogil:
-    """Rows of the (N, C*S) view per call of the columns schedule's separate elementwise pass (ROW_BLOCK, at most
-    the n there are; rows without values, C*S = 0, one per call)."""
-    return max(1, min(n, ROW_BLOCK // max(1, length)))
+cdef inline Py_ssize_t _block_rows(Py_ssize_t n, Py_ssize_t length,
+                                   Py_ssize_t block=ROW_BLOCK) noexcept nogil:
+    """Rows of the (N, C*S) view per call of the columns schedule's separate elementwise pass (``block`` values:
+    ROW_BLOCK, ROW_BLOCK16 for 16-bit data; at most the n there are; rows without values, C*S = 0, one per
+    call)."""
+    return max(1, min(n, block // max(1, length)))
 
 
 cdef inline bint _columns(Py_ssize_t n, Py_ssize_t s, int act) noexcept nogil:
@@ -1183,7 +1190,7 @@ cdef void _apply_channels16(const uint16_t* xp, uint16_t* yp, Py_ssize_t n, Py_s
             c = t % nc
             affine16(xp + t * s, yp + t * s, s, fmt, mean[c], scale[c], shift[c])
         return
-    rows = _block_rows(n, length)
+    rows = _block_rows(n, length, ROW_BLOCK16)
     exact_shift = <double*>malloc((nc + 1) * sizeof(double) + 3 * rows * length * sizeof(float))
     if exact_shift == NULL:
         raise MemoryError()
@@ -1282,7 +1289,7 @@ cdef void _grad_apply_channels16(const uint16_t* dyp, const uint16_t* xp, uint16
             else:
                 scale_copy16(dyp + t * s, dxp + t * s, s, fmt, ca[c])
         return
-    rows = _block_rows(n, length)
+    rows = _block_rows(n, length, ROW_BLOCK16)
     cols = np.empty((4, rows * length), np.float32)
     _per_column(&mean[0], nc, s, &cols[0, 0], rows)
     _per_column(&ca[0], nc, s, &cols[1, 0], rows)
