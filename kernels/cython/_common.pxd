@@ -822,10 +822,11 @@ cdef extern from *:
     #endif
     /* A prange on one thread (every call below the serial threshold) still enters libgomp, whose team of one ends
        in barriers that each make a futex syscall: two per region, ~0.35 us a region here (a raw GroupNorm
-       (1, 32, 16, 16) forward, two regions: 2.2 us with them, 1.5 without). setup.py links with --wrap=GOMP_parallel where the linker has it, so the compiler's call
-       lands here, which runs a one-thread region's body directly: outside any parallel region the body's static
-       schedule (omp_get_num_threads() 1, omp_get_thread_num() 0) and its barriers (orphaned: no-ops) are those
-       of a team of one. Inside an active region (never from Python) the runtime decides, as without the wrap. */
+       (1, 32, 16, 16) forward, two regions: 2.2 us with them, 1.5 without). setup.py links with
+       --wrap=GOMP_parallel where the linker has it, so the compiler's call lands here, which runs a one-thread
+       region's body directly: outside any parallel region the body's static schedule (omp_get_num_threads() 1,
+       omp_get_thread_num() 0) and its barriers (orphaned: no-ops) are those of a team of one. Inside an active
+       region (never from Python) the runtime decides, as without the wrap. */
     #if defined(_OPENMP) && defined(NORMKIT_WRAP_GOMP_PARALLEL)
     #include <omp.h>
     void __real_GOMP_parallel(void (*fn)(void*), void* data, unsigned num_threads, unsigned flags);
