@@ -4,6 +4,7 @@ copy), its agreement check, its argument errors, and ``normkit bench --model``. 
 from __future__ import annotations
 
 import io
+import mmap
 import statistics
 
 import pytest
@@ -14,7 +15,7 @@ torch = pytest.importorskip("torch")
 import normkit.torch as nt  # noqa: E402
 from normkit import registry  # noqa: E402
 from normkit.cli import main  # noqa: E402
-from normkit.torch import modules  # noqa: E402
+from normkit.torch import model_bench, modules  # noqa: E402
 from normkit.torch.model_bench import BenchmarkResult, ModelMismatchError, ModeResult  # noqa: E402
 from normkit.torch.models import MODELS  # noqa: E402
 
@@ -93,6 +94,7 @@ def test_benchmark_quick_models(name):
         ratios = sorted(n / t for t, n in zip(r.torch_times_ms, r.normkit_times_ms))
         lo, hi = r.ratio_range
         assert ratios[0] <= lo <= hi <= ratios[-1]
+        assert r.torch_faults >= 0 and r.normkit_faults >= 0
     n_norm = sum(type(m).__name__ == NORM_CLASS[name] for m in model.modules())
     assert res.layers == {NORM_CLASS[name]: n_norm}
     assert set(res.kernels) == {NORM_CLASS[name].lower().removesuffix("2d")}
@@ -107,9 +109,31 @@ def test_benchmark_quick_models(name):
     assert "normkit/torch" in text and "\ntrain " in text and "\ninfer " in text
     lo, hi = res.train.ratio_range
     assert f"{res.train.ratio:.3f} {f'{lo:.3f}-{hi:.3f}':>15}" in text
+    assert f"{res.train.torch_faults:.0f}, {res.train.normkit_faults:.0f}\n" in text
     assert f"{n_norm} {NORM_CLASS[name]}" in text
 
     assert_unchanged(model, before)
+
+
+def test_page_faults_are_counted_per_call_and_a_difference_is_noted():
+    """_time counts each contender's minor page faults outside its timed span: a call that touches every page of a
+    new 4 MiB anonymous mapping faults at least once per page (1024), the call beside it that touches nothing does
+    not fault for it; the difference gets a note, a small one does not."""
+    pages = 1024
+
+    def touch_new_pages():
+        with mmap.mmap(-1, pages * mmap.PAGESIZE) as m:
+            for i in range(0, len(m), mmap.PAGESIZE):
+                m[i] = 1
+
+    r = model_bench._time("train", [lambda: None, touch_new_pages], steps=3, warmup=1)
+    assert r.normkit_faults >= pages > r.torch_faults
+    note = model_bench._faults_note(r)
+    assert note.startswith("train: the copies' page faults per step differ") and "normkit)" in note
+    close = ModeResult("infer", 1.0, 1.0, 1.0, (1.0,), (1.0,), 5000.0, 5000.0 + model_bench.FAULTS_NOTED)
+    assert model_bench._faults_note(close) is None
+    assert model_bench._faults_note(ModeResult("infer", 1.0, 1.0, 1.0, (1.0,), (1.0,))) is None  # not counted
+    assert ModeResult("infer", 1.0, 1.0, 1.0, (1.0,), (1.0,)).torch_faults is None
 
 
 def test_benchmark_one_mode_custom_loss_and_tensor_input():

@@ -30,6 +30,11 @@ from .. import registry
 from . import modules
 from .fuse import fusion_report
 
+try:  # page-fault counts (Unix); without it the results carry None
+    from resource import RUSAGE_SELF, getrusage
+except ImportError:  # pragma: no cover - Windows
+    getrusage = None
+
 __all__ = ["BenchmarkResult", "ModelMismatchError", "ModeResult", "benchmark", "format_summary"]
 
 #: the agreement check: each output tensor must agree to within RTOL of its largest magnitude (the two sides
@@ -45,6 +50,8 @@ GRAD_RTOL = 5e-2
 #: exact reference backend too). There each gradient is held to its float32 value instead: normkit's must be within
 #: AUTOCAST_SLACK times torch's own distance from it (plus GRAD_RTOL).
 AUTOCAST_SLACK = 2.0
+#: a difference in page faults per step that the table's notes point out: 1 MiB of 4 KiB pages, a few ms
+FAULTS_NOTED = 256
 SGD_LR = 1e-3
 SGD_MOMENTUM = 0.9
 
@@ -71,7 +78,9 @@ _STDOUT = _Stdout()
 
 @dataclass(frozen=True)
 class ModeResult:
-    """One mode ("train" or "infer"): medians over the timed steps, and every step's time, in milliseconds."""
+    """One mode ("train" or "infer"): medians over the timed steps, and every step's time, in milliseconds; and the
+    median of each copy's minor page faults per step (None where the platform does not count them): memory the
+    allocator handed back to the OS and took again, whose pages fault in on first touch (1-2 µs each)."""
 
     mode: str
     torch_ms: float
@@ -79,6 +88,8 @@ class ModeResult:
     ratio: float  # normkit_ms / torch_ms: below 1 means the converted model is faster
     torch_times_ms: tuple[float, ...] = field(repr=False)
     normkit_times_ms: tuple[float, ...] = field(repr=False)
+    torch_faults: Optional[float] = None
+    normkit_faults: Optional[float] = None
 
     @property
     def ratio_range(self) -> tuple[float, float]:
@@ -125,12 +136,14 @@ class BenchmarkResult:
             "converted: " + ", ".join(f"{n} {cls}" for cls, n in self.layers.items())
             + ("" if self.fused is None else f"; fused {self.fused} norm + activation pairs")
             + "; agreement: " + ", ".join(f"{k} {v:.1e}" for k, v in self.agreement.items()),
-            f"{'mode':<6} {'torch ms':>10} {'normkit ms':>11} {'normkit/torch':>14} {'rounds p10-p90':>15}",
+            f"{'mode':<6} {'torch ms':>10} {'normkit ms':>11} {'normkit/torch':>14} {'rounds p10-p90':>15}"
+            f"{'page faults/step: torch, normkit':>34}",
         ]
         for r in self.modes:
             lo, hi = r.ratio_range
+            faults = "-" if r.torch_faults is None else f"{r.torch_faults:.0f}, {r.normkit_faults:.0f}"
             lines.append(f"{r.mode:<6} {r.torch_ms:>10.2f} {r.normkit_ms:>11.2f} {r.ratio:>14.3f} "
-                         f"{f'{lo:.3f}-{hi:.3f}':>15}")
+                         f"{f'{lo:.3f}-{hi:.3f}':>15}{faults:>34}")
         lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
 
@@ -283,7 +296,8 @@ def benchmark(model: nn.Module, example_inputs, *, steps: int = 20, warmup: int 
     (compilation happens during the agreement check and is not timed). ``autocast``: ``torch.bfloat16`` or
     ``torch.float16`` (or the name) runs every forward under ``torch.autocast("cpu", dtype=autocast)``; outputs
     then agree to within a few ulps of that dtype instead of RTOL. Threads are left as they are.
-    ``file``: where to print the table (default: ``sys.stdout`` at call time; None prints nothing).
+    ``file``: where to print the table (default: ``sys.stdout`` at call time; None prints nothing). Each mode also
+    reports each copy's median page faults per step (counted outside the timed spans), and a note when they differ.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"benchmark: model must be a torch.nn.Module, got {type(model).__name__}")
@@ -419,6 +433,7 @@ def benchmark(model: nn.Module, example_inputs, *, steps: int = 20, warmup: int 
             m.eval()
         result.infer = _time("infer", [infer_step(run) for run in runners], steps, warmup)
 
+    result.notes += [note for note in map(_faults_note, result.modes) if note]
     if torch.get_num_threads() != threads_before:
         result.notes.append(f"torch's thread count changed from {threads_before} to {torch.get_num_threads()} "
                             f"during the run (an OpenMP runtime started by a backend?); timings are suspect")
@@ -493,21 +508,43 @@ def _coverage_notes(torch_model: nn.Module) -> list[str]:
     return notes
 
 
+def _faults_note(r: ModeResult) -> Optional[str]:
+    """A note when the copies' page faults per step differ by more than FAULTS_NOTED and a tenth."""
+    if r.torch_faults is None or abs(r.normkit_faults - r.torch_faults) <= max(
+            FAULTS_NOTED, 0.1 * max(r.torch_faults, r.normkit_faults)):
+        return None
+    return (f"{r.mode}: the copies' page faults per step differ ({r.torch_faults:.0f} torch, {r.normkit_faults:.0f} "
+            f"normkit): memory the allocator gave back to the OS and a step touched again, 1-2 µs a page, which "
+            f"follows the process's allocation history more than the norm layers (README, 'Is my model faster?')")
+
+
+def _minor_faults() -> int:
+    return getrusage(RUSAGE_SELF).ru_minflt if getrusage is not None else 0
+
+
 def _time(mode: str, calls: Sequence[Callable[[], None]], steps: int, warmup: int) -> ModeResult:
-    """Warm-up and timed rounds; each round calls both contenders, the first one alternating."""
+    """Warm-up and timed rounds; each round calls both contenders, the first one alternating. The page faults of
+    each call are counted outside its timed span."""
     times: list[list[float]] = [[], []]
+    faults: list[list[int]] = [[], []]
     gc_was_enabled = gc.isenabled()
     gc.collect()
     gc.disable()
     try:
         for r in range(warmup + steps):
             for i in ((0, 1) if r % 2 == 0 else (1, 0)):
+                f0 = _minor_faults()
                 t0 = time.perf_counter_ns()
                 calls[i]()
+                t1 = time.perf_counter_ns()
                 if r >= warmup:
-                    times[i].append((time.perf_counter_ns() - t0) * 1e-6)
+                    times[i].append((t1 - t0) * 1e-6)
+                    faults[i].append(_minor_faults() - f0)
     finally:
         if gc_was_enabled:
             gc.enable()
     t, n = statistics.median(times[0]), statistics.median(times[1])
-    return ModeResult(mode, t, n, n / t, tuple(times[0]), tuple(times[1]))
+    counted = getrusage is not None
+    return ModeResult(mode, t, n, n / t, tuple(times[0]), tuple(times[1]),
+                      statistics.median(faults[0]) if counted else None,
+                      statistics.median(faults[1]) if counted else None)
