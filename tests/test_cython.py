@@ -104,6 +104,28 @@ def test_schedule_boundaries(op, shape, extra, dtype, rng):
     _compare(op, shape, dtype, rng, **extra)
 
 
+# BatchNorm's columns schedule (channels-last data, short rows) runs its elementwise pass in smaller blocks on inputs
+# of 8 MiB or more, which come from memory (ROW_BLOCK_MEMORY in _batchnorm.pyx); each row's arithmetic is the same:
+# inference on such an input gives the bits of two calls on its halves (4 MiB each, the cache-sized blocks), and the
+# training forward, whose pass it is too, the reference's values.
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("c", [3, 16, 40])
+def test_batchnorm_columns_pass_from_memory(c, dtype, rng):
+    n = (8 << 20) // (c * np.dtype(dtype).itemsize) + 5
+    x = (rng.standard_normal((n, c)) * 2 + 3).astype(dtype)
+    w, b = rng.standard_normal(c).astype(dtype), rng.standard_normal(c).astype(dtype)
+    rm, rv = rng.standard_normal(c).astype(dtype), (rng.random(c) + 0.5).astype(dtype)
+    bn = normkit.get("batchnorm")
+    kw = dict(weight=w, bias=b, training=False)
+    whole = bn(x, rm, rv, **kw, backend="cython")
+    halves = [bn(part, rm, rv, **kw, backend="cython") for part in (x[: n // 2], x[n // 2:])]
+    np.testing.assert_array_equal(whole, np.concatenate(halves))
+    assert_close(whole, bn(x, rm, rv, **kw, backend="reference"), dtype, "forward", what="inference")
+    y, _ = bn.forward(x, weight=w, bias=b, training=True, backend="cython")
+    want, _ = bn.forward(x, weight=w, bias=b, training=True, backend="reference")
+    assert_close(y, want, dtype, "forward", what="training forward")
+
+
 # LayerNorm's backward of rows up to 4096 values and RMSNorm's up to 65536 take them two at a time while dy, x and
 # dx fit in the last-level cache, in three loops per row above that: both, forced, against the reference (odd row
 # counts leave a row without a pair; (2, 5, 20000) spans several row blocks).

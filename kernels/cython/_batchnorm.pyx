@@ -96,6 +96,13 @@ cdef enum:
     # ran 5-11% slower in all three directions
     ROW_BLOCK = 256
     ROW_BLOCK16 = 1024
+    # ...but where the data come from memory (x of AHEAD_MIN_BYTES or more), blocks of ROW_BLOCK_MEMORY values: the
+    # same loop over x and y streaming from memory ran 17-37% slower beside coefficients of 256 values than of 64
+    # (C model of the pass, channels-last C = 16 and 64, 6 to 26 MB, 1 and 2 threads; the cause not pinned down:
+    # the prefetchers, or the coefficients' loads against the stores' addresses), where in cache the 256 win (64:
+    # 1.1-1.6x their time). float32 channels-last inference (32, 64, 56, 56) and (32, 16, 112, 112) had run at
+    # 1.15-1.5x torch's kernel, which keeps its per-channel coefficients in one row of C values.
+    ROW_BLOCK_MEMORY = 64
     # The channel schedule reads a channel's rows, runs of S values C * S apart, and asks for a run ahead of the
     # one it works on (prefetch_run). A run of S = 196 float32 is ~30 ns of memory traffic, short of memory's
     # latency: where x has AHEAD_MIN_BYTES or more (a quarter of the 32 MiB L3 of the machines measured; beyond
@@ -176,6 +183,12 @@ cdef inline Py_ssize_t _block_rows(Py_ssize_t n, Py_ssize_t length,
     ROW_BLOCK, ROW_BLOCK16 for 16-bit data; at most the n there are; rows without values, C*S = 0, one per
     call)."""
     return max(1, min(n, block // max(1, length)))
+
+
+cdef inline Py_ssize_t _pass_rows(Py_ssize_t n, Py_ssize_t length, Py_ssize_t itemsize) noexcept nogil:
+    """Rows per call of the columns schedule's separate elementwise pass over (n, length) data of ``itemsize``
+    bytes a value (float32, float64): _block_rows of ROW_BLOCK, or of ROW_BLOCK_MEMORY for data from memory."""
+    return _block_rows(n, length, ROW_BLOCK if n * length * itemsize < AHEAD_MIN_BYTES else ROW_BLOCK_MEMORY)
 
 
 cdef inline bint _columns(Py_ssize_t n, Py_ssize_t s, int act) noexcept nogil:
@@ -555,7 +568,7 @@ cdef void _apply_channels(const floating* xp, floating* yp, Py_ssize_t n, Py_ssi
     else:
         # per-column mean, scale and shift in the data's precision; as in affine(), the shift takes the mean's
         # rounding to that precision
-        rows = _block_rows(n, length)
+        rows = _pass_rows(n, length, sizeof(floating))
         exact_shift = <double*>malloc((nc + 1) * sizeof(double) + 3 * rows * length * sizeof(floating))
         if exact_shift == NULL:
             raise MemoryError()
