@@ -100,8 +100,9 @@ cdef enum:
     # same loop over x and y streaming from memory ran 17-37% slower beside coefficients of 256 values than of 64
     # (C model of the pass, channels-last C = 16 and 64, 6 to 26 MB, 1 and 2 threads; the cause not pinned down:
     # the prefetchers, or the coefficients' loads against the stores' addresses), where in cache the 256 win (64:
-    # 1.1-1.6x their time). float32 channels-last inference (32, 64, 56, 56) and (32, 16, 112, 112) had run at
-    # 1.15-1.5x torch's kernel, which keeps its per-channel coefficients in one row of C values.
+    # 1.15-1.3x their time). float32 channels-last inference (32, 64, 56, 56) and (32, 16, 112, 112) had run at
+    # 1.03-1.5x torch's kernel, which keeps its per-channel coefficients in one row of C values. The backward's
+    # pass (in-process A/B 0.88-1.12x) and the 16-bit ones (bfloat16 forward 1.0-1.19x) keep their blocks.
     ROW_BLOCK_MEMORY = 64
     # The channel schedule reads a channel's rows, runs of S values C * S apart, and asks for a run ahead of the
     # one it works on (prefetch_run). A run of S = 196 float32 is ~30 ns of memory traffic, short of memory's
