@@ -104,10 +104,10 @@ def test_schedule_boundaries(op, shape, extra, dtype, rng):
     _compare(op, shape, dtype, rng, **extra)
 
 
-# BatchNorm's columns schedule (channels-last data, short rows) runs its elementwise pass in smaller blocks on inputs
-# of 8 MiB or more, which come from memory (ROW_BLOCK_MEMORY in _batchnorm.pyx); each row's arithmetic is the same:
-# inference on such an input gives the bits of two calls on its halves (4 MiB each, the cache-sized blocks), and the
-# training forward, whose pass it is too, the reference's values.
+# BatchNorm's columns schedule (channels-last data, short rows) runs its elementwise pass in blocks of 64 values in
+# inference and, on inputs of 8 MiB or more, in training (ROW_BLOCK_MEMORY in _batchnorm.pyx; 256 otherwise): on
+# such an input, inference gives the bits of two calls on its halves (the blocks cut elsewhere) and the reference's
+# values; the training forward, whose pass it is too, the reference's values.
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("c", [3, 16, 40])
 def test_batchnorm_columns_pass_from_memory(c, dtype, rng):

@@ -103,6 +103,12 @@ cdef enum:
     # 1.15-1.3x their time). float32 channels-last inference (32, 64, 56, 56) and (32, 16, 112, 112) had run at
     # 1.03-1.5x torch's kernel, which keeps its per-channel coefficients in one row of C values. The backward's
     # pass (in-process A/B 0.88-1.12x) and the 16-bit ones (bfloat16 forward 1.0-1.19x) keep their blocks.
+    # The inference forward takes ROW_BLOCK_MEMORY at any size: its input comes from the layer before, not from
+    # the cache of a pass of its own (right after a channels-last convolution, in-process, at the ResNet model's
+    # shapes (32, 16, 56, 56) to (32, 128, 7, 7): 0.77-0.94x the time of 256-value blocks in 12 runs of 12; the
+    # model's channels-last inference step 1.01-1.03x torch against 1.03-1.06x), where the training forward's
+    # pass reads x again right after its statistics pass (with 64-value blocks below 8 MiB too, that model's
+    # channels-last training step went from 1.01-1.03x torch to 1.05-1.06x).
     ROW_BLOCK_MEMORY = 64
     # The channel schedule reads a channel's rows, runs of S values C * S apart, and asks for a run ahead of the
     # one it works on (prefetch_run). A run of S = 196 float32 is ~30 ns of memory traffic, short of memory's
@@ -186,10 +192,12 @@ cdef inline Py_ssize_t _block_rows(Py_ssize_t n, Py_ssize_t length,
     return max(1, min(n, block // max(1, length)))
 
 
-cdef inline Py_ssize_t _pass_rows(Py_ssize_t n, Py_ssize_t length, Py_ssize_t itemsize) noexcept nogil:
+cdef inline Py_ssize_t _pass_rows(Py_ssize_t n, Py_ssize_t length, Py_ssize_t itemsize,
+                                  Py_ssize_t block) noexcept nogil:
     """Rows per call of the columns schedule's separate elementwise pass over (n, length) data of ``itemsize``
-    bytes a value (float32, float64): _block_rows of ROW_BLOCK, or of ROW_BLOCK_MEMORY for data from memory."""
-    return _block_rows(n, length, ROW_BLOCK if n * length * itemsize < AHEAD_MIN_BYTES else ROW_BLOCK_MEMORY)
+    bytes a value (float32, float64): _block_rows of ``block`` (ROW_BLOCK, or ROW_BLOCK_MEMORY for an input that
+    comes from the layer before), or of ROW_BLOCK_MEMORY for data from memory."""
+    return _block_rows(n, length, block if n * length * itemsize < AHEAD_MIN_BYTES else ROW_BLOCK_MEMORY)
 
 
 cdef inline bint _columns(Py_ssize_t n, Py_ssize_t s, int act) noexcept nogil:
@@ -548,10 +556,11 @@ cdef void _channel_moments(const floating* xp, Py_ssize_t n, Py_ssize_t nc, Py_s
 
 
 cdef void _apply_channels(const floating* xp, floating* yp, Py_ssize_t n, Py_ssize_t nc, Py_ssize_t s,
-                          const double* mean, const double* scale, const double* shift, int act, double slope):
+                          const double* mean, const double* scale, const double* shift, int act, double slope,
+                          Py_ssize_t block=ROW_BLOCK):
     """y = act((x - mean) * scale + shift) with per-channel coefficients (no activation for NO_ACT); x, y are
-    (n, nc, s). Its buffers come from malloc: a NumPy allocation is a Python call, several µs right after a
-    convolution (see normkit.torch.functional._plain)."""
+    (n, nc, s); ``block``: the columns schedule's values per call (_pass_rows). Its buffers come from malloc: a
+    NumPy allocation is a Python call, several µs right after a convolution (see normkit.torch.functional._plain)."""
     cdef Py_ssize_t t, c, rows
     cdef Py_ssize_t length = nc * s
     cdef double* exact_shift
@@ -569,7 +578,7 @@ cdef void _apply_channels(const floating* xp, floating* yp, Py_ssize_t n, Py_ssi
     else:
         # per-column mean, scale and shift in the data's precision; as in affine(), the shift takes the mean's
         # rounding to that precision
-        rows = _pass_rows(n, length, sizeof(floating))
+        rows = _pass_rows(n, length, sizeof(floating), block)
         exact_shift = <double*>malloc((nc + 1) * sizeof(double) + 3 * rows * length * sizeof(floating))
         if exact_shift == NULL:
             raise MemoryError()
@@ -827,7 +836,7 @@ cdef void _forward_infer_p(const floating* xp, Py_ssize_t n, Py_ssize_t nc, Py_s
                            double eps, int act, double slope, floating* yp):
     cdef double* coefs = _infer_coefficients(weight, bias, running_mean, running_var, nc, eps)
     try:
-        _apply_channels(xp, yp, n, nc, s, coefs, coefs + nc, coefs + 2 * nc, act, slope)
+        _apply_channels(xp, yp, n, nc, s, coefs, coefs + nc, coefs + 2 * nc, act, slope, ROW_BLOCK_MEMORY)
     finally:
         free(coefs)
 
