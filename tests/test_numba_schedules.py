@@ -128,3 +128,25 @@ def test_row_backward_does_not_read_old_work_memory(case):
     _common._work.buf.fill(0xFF)  # NaN in every float that a kernel would fail to clear
     dirty = _outputs(case, kernel)
     assert {k: v.tobytes() for k, v in dirty.items()} == {k: v.tobytes() for k, v in clean.items()}
+
+
+def test_batchnorm_tiles_from_memory():
+    """The tiles schedule's elementwise pass takes tiles of TILE_MEMORY values on float32 data of AHEAD_MIN_BYTES or
+    more: inference on such an input gives the bits of calls on its halves (TILE-value tiles) and the reference's
+    values."""
+    n, c = batchnorm.AHEAD_MIN_BYTES // (4 * 16) + 3, 16
+    assert batchnorm._channel_schedule(n, c, 1) == batchnorm._TILED and batchnorm.TILE_MEMORY < batchnorm.TILE
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((n, c, 1)) * 2 + 3).astype(np.float32)
+    w, b, rm = (rng.standard_normal(c).astype(np.float32) for _ in range(3))
+    rv = (rng.random(c) + 0.5).astype(np.float32)
+    outs = {}
+    for backend in ("numba", "reference"):
+        kernel = registry.lookup("batchnorm", "forward_infer", "float32", backend)[1]
+        outs[backend] = np.empty_like(x)
+        kernel(x, w, b, rm, rv, 1e-5, outs[backend])
+    halves = np.empty_like(x)
+    for part in (slice(0, n // 2), slice(n // 2, n)):
+        registry.lookup("batchnorm", "forward_infer", "float32", "numba")[1](x[part], w, b, rm, rv, 1e-5, halves[part])
+    np.testing.assert_array_equal(outs["numba"], halves)
+    np.testing.assert_allclose(outs["numba"], outs["reference"], rtol=1e-5, atol=1e-5)

@@ -58,6 +58,12 @@ SMALL_TASKS = 2
 # Rows of the flattened view shorter than a column block are handled TILE values (whole rows) at a time: one slice
 # and one vectorized loop per tile rather than per row ((4096, 16): one per 16 rows).
 TILE = 256
+# ...and TILE_MEMORY values where the data come from memory (AHEAD_MIN_BYTES or more), as the Cython columns pass
+# (ROW_BLOCK_MEMORY in _batchnorm.pyx): the channels-last inference pass of (32, 64, 56, 56) right after a
+# convolution took 0.85x the time of 256-value tiles (in-process); in cache the 256 win (64: 1.11-1.16x), and right
+# after a convolution at the ResNet model's smaller shapes the two were within 0.95-1.02x of each other. 16-bit data
+# keep TILE (bfloat16 (32, 64, 56, 56) and (32, 128, 56, 56): 0.88-0.98x after a convolution, 1.03-1.13x in cache).
+TILE_MEMORY = 64
 # Runs of data up to this long are prefetched by hand (see _prefetch_run). The fused-channel schedules ask for the
 # run AHEAD_BYTES ahead where the input has AHEAD_MIN_BYTES or more (beyond a quarter of the 32 MiB L3 the data
 # come from memory, and the next run alone is closer than memory's latency), else the next one, as the Cython
@@ -322,16 +328,16 @@ def _channel_sums(mode):
 
 
 def _tiled_pass(mode):
-    """The elementwise passes on the flattened view in tiles of whole rows (see _channel_sums' tiled), ``mode``
-    compiled in as there: mode 0: out = (a - m) * A + Cc;  mode 1: out = a * A + (bx - m) * B + Cc (a = dy,
-    bx = x)."""
+    """The elementwise passes on the flattened view in tiles of whole rows, at least ``tile`` values each (see
+    _channel_sums' tiled), ``mode`` compiled in as there: mode 0: out = (a - m) * A + Cc;  mode 1: out = a * A +
+    (bx - m) * B + Cc (a = dy, bx = x)."""
 
     @_pjit
-    def apply(a, bx, m, A, B, Cc, out):
+    def apply(a, bx, m, A, B, Cc, out, tile):
         N, C, S = a.shape
         W = C * S
         R, RL, _ = _wide_split(N, W)
-        RT = max(1, TILE // W)
+        RT = max(1, tile // W)
         T = RT * W
         fa = a.reshape(N * W)
         fb = bx.reshape(N * W)
@@ -401,7 +407,7 @@ def _affine_pieces(x, m, sc, sh, y):
 
 
 def _affine_tiled(x, m, sc, sh, y):
-    _tiled_affine(x, x, m, sc, sc, sh, y)
+    _tiled_affine(x, x, m, sc, sc, sh, y, TILE_MEMORY if x.nbytes >= AHEAD_MIN_BYTES and x.itemsize >= 4 else TILE)
 
 
 @_pjit
@@ -459,7 +465,7 @@ def _dx_pieces(dy, x, m, A, B, Cc, dx):
 
 
 def _dx_tiled(dy, x, m, A, B, Cc, dx):
-    _tiled_dx(dy, x, m, A, B, Cc, dx)
+    _tiled_dx(dy, x, m, A, B, Cc, dx, TILE)
 
 
 @_pjit
