@@ -105,7 +105,7 @@ cdef enum:
     # pass (in-process A/B 0.88-1.12x) and the 16-bit ones (bfloat16 forward 1.0-1.19x) keep their blocks.
     # The inference forward takes ROW_BLOCK_MEMORY at any size: its input comes from the layer before, not from
     # the cache of a pass of its own (right after a channels-last convolution, in-process, at the ResNet model's
-    # shapes (32, 16, 56, 56) to (32, 128, 7, 7): 0.77-0.94x the time of 256-value blocks in 12 runs of 12; the
+    # shapes (32, 16, 56, 56) to (32, 128, 7, 7): 0.77-0.97x the time of 256-value blocks in 15 runs of 15; the
     # model's channels-last inference step 1.01-1.03x torch against 1.03-1.06x), where the training forward's
     # pass reads x again right after its statistics pass (with 64-value blocks below 8 MiB too, that model's
     # channels-last training step went from 1.01-1.03x torch to 1.05-1.06x).
