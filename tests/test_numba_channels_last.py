@@ -1,6 +1,6 @@
-"""The numba channels-last kernels (channels_last.NHWC, the ``(op, direction, dtype, "nhwc")`` kernels of both
-dtypes), called directly on C-contiguous (N, S, C) data, against the float64 reference kernels run on the
-NCHW-transposed copy of the same values.
+"""The numba channels-last kernels (the backend's ``(op, direction, dtype, "nhwc")`` kernels of both dtypes:
+channels_last.NHWC's, and the per-channel NCHW kernels on the (N*S, C, 1) view), called directly on C-contiguous
+(N, S, C) data, against the float64 reference kernels run on the NCHW-transposed copy of the same values.
 
 Hypothesis draws small shapes (N=1, S=1, C=1, groups=C, C not a multiple of the vector width), large offsets,
 constant sets and NaN/inf; fixed larger shapes take the parallel schedules (row blocks, tiles of whole rows, whole
@@ -20,10 +20,10 @@ from normkit import reference
 from normkit.contract import OUTPUTS, SPECS, arg_dtype
 
 pytest.importorskip("numba")
-from normkit_kernels.numba.channels_last import NHWC  # noqa: E402
+from normkit_kernels.numba.kernels import KERNELS  # noqa: E402
 
 # the directions that have channels-last kernels (the fused activations have none)
-DIRECTIONS = {op: tuple(d for d in SPECS[op].directions if (op, d) in NHWC)
+DIRECTIONS = {op: tuple(d for d in SPECS[op].directions if (op, d, "float64", "nhwc") in KERNELS)
               for op in ("batchnorm", "instancenorm", "groupnorm")}
 EPS = 1e-5
 
@@ -85,7 +85,7 @@ def _outputs(op, direction, shape, groups, dtype, want_params=True, nchw=False):
 
 
 def run_nhwc(op, direction, values, out):
-    kernel = NHWC[(op, direction)]
+    kernel = KERNELS[(op, direction, values["x"].dtype.name, "nhwc")]
     kernel(*SPECS[op].kernel_args(direction, {**values, **out}))
     return out
 

@@ -1,10 +1,13 @@
 """Channels-last kernels: the channel ops on C-contiguous (N, S, C) data (see the channels-last part of
 normkit.contract), with per-channel and per-set arrays shaped as for the NCHW kernels.
 
-BatchNorm's training kernels are InstanceNorm's on the (1, N*S, C) view: its per-channel sets over all rows are the
-sets of one sample. The per-channel passes (inference, the split directions) are the NCHW kernels' on the
-(N*S, C, 1) view, which batchnorm.py handles by tiles of whole rows (vectorized along the contiguous C) in row
-blocks merged in a fixed order.
+BatchNorm's training backward is InstanceNorm's on the (1, N*S, C) view: its per-channel sets over all rows are the
+sets of one sample. Its other directions have no kernel here: kernels.py runs the NCHW kernels on the
+(N*S, C, 1) view (contract.on_columns), which batchnorm.py handles by tiles of whole rows (vectorized along the
+contiguous C) in row blocks merged in a fixed order. For the training forward that schedule is the faster: in one
+process, 2 threads, float32, with a 64 MiB write between calls, the columns view took 0.78-1.03x this module's time
+at (32, 16, 112, 112), (32, 32, 56, 56), (32, 64, 56, 56), (64, 256, 14, 14), (32, 64, 28, 28) (median ~0.9), and
+the backward 0.90-1.25x (median ~1.04), so the backward stays here.
 
 GroupNorm and InstanceNorm (GroupNorm with G = C) have sets (n, g) that are strided here: each of the S rows of
 sample n holds a run of C/G channels of every group. A work item takes rows of one sample in tiles of whole rows
@@ -23,17 +26,10 @@ from numba import prange
 
 from ._common import (MIN_SETS, PIECE, TARGET_ITEMS, _finish, _jit, _opt, _param_grads, _pivot, _pjit,
                       _sync_threads)
-from .batchnorm import (batchnorm_apply, batchnorm_backward_apply, batchnorm_backward_reduce,
-                        batchnorm_stats, channel_backward_infer, channel_forward_infer)
 from .groupnorm import _set_coefs
 
 # Values per tile of whole rows (at least one row).
 TILE = 256
-
-
-def _rows(a):
-    """(N, S, C) -> the (N*S, C, 1) view that the per-channel NCHW kernels take (a view: a is C-contiguous)."""
-    return a.reshape(a.shape[0] * a.shape[1], a.shape[2], 1)
 
 
 def sample_split(N, S, C):
@@ -358,18 +354,6 @@ def _one_sample(a):
     return a.reshape(1, a.shape[0] * a.shape[1], a.shape[2])
 
 
-def batchnorm_forward_nhwc(x, weight, bias, eps, y, mean, rstd):
-    _sync_threads(x.size)
-    w, hw = _opt(weight, x)
-    b, hb = _opt(bias, x)
-    C = x.shape[2]
-    _sets_forward(_one_sample(x), C, w, b, hw, hb, eps, _one_sample(y), mean.reshape(1, C), rstd.reshape(1, C))
-
-
-def channel_forward_infer_nhwc(x, weight, bias, running_mean, running_var, eps, y):
-    channel_forward_infer(_rows(x), weight, bias, running_mean, running_var, eps, _rows(y))
-
-
 def batchnorm_backward_nhwc(dy, x, mean, rstd, weight, dx, dweight, dbias):
     _sync_threads(x.size)
     w, hw = _opt(weight, x)
@@ -378,26 +362,6 @@ def batchnorm_backward_nhwc(dy, x, mean, rstd, weight, dx, dweight, dbias):
     C = x.shape[2]
     _sets_backward(_one_sample(dy), _one_sample(x), C, mean.reshape(1, C), rstd.reshape(1, C), w, hw, _one_sample(dx),
                    dw, db, wdw, wdb)
-
-
-def channel_backward_infer_nhwc(dy, x, mean, rstd, weight, dx, dweight, dbias):
-    channel_backward_infer(_rows(dy), _rows(x), mean, rstd, weight, _rows(dx), dweight, dbias)
-
-
-def batchnorm_stats_nhwc(x, mean, m2):
-    batchnorm_stats(_rows(x), mean, m2)
-
-
-def batchnorm_apply_nhwc(x, scale, shift, y):
-    batchnorm_apply(_rows(x), scale, shift, _rows(y))
-
-
-def batchnorm_backward_reduce_nhwc(dy, x, mean, rstd, sum_dy, sum_dy_xhat):
-    batchnorm_backward_reduce(_rows(dy), _rows(x), mean, rstd, sum_dy, sum_dy_xhat)
-
-
-def batchnorm_backward_apply_nhwc(dy, x, a, b, d, dx):
-    batchnorm_backward_apply(_rows(dy), _rows(x), a, b, d, _rows(dx))
 
 
 def groupnorm_forward_nhwc(x, num_groups, weight, bias, eps, y, mean, rstd):
@@ -423,19 +387,11 @@ def instancenorm_backward_nhwc(dy, x, mean, rstd, weight, dx, dweight, dbias):
     groupnorm_backward_nhwc(dy, x, x.shape[2], mean, rstd, weight, dx, dweight, dbias)
 
 
+# the directions with a kernel here (kernels.py adds the per-channel ones as NCHW kernels on the columns view)
 NHWC = {
-    ("batchnorm", "forward"): batchnorm_forward_nhwc,
-    ("batchnorm", "forward_infer"): channel_forward_infer_nhwc,
     ("batchnorm", "backward"): batchnorm_backward_nhwc,
-    ("batchnorm", "backward_infer"): channel_backward_infer_nhwc,
-    ("batchnorm", "stats"): batchnorm_stats_nhwc,
-    ("batchnorm", "apply"): batchnorm_apply_nhwc,
-    ("batchnorm", "backward_reduce"): batchnorm_backward_reduce_nhwc,
-    ("batchnorm", "backward_apply"): batchnorm_backward_apply_nhwc,
     ("instancenorm", "forward"): instancenorm_forward_nhwc,
-    ("instancenorm", "forward_infer"): channel_forward_infer_nhwc,
     ("instancenorm", "backward"): instancenorm_backward_nhwc,
-    ("instancenorm", "backward_infer"): channel_backward_infer_nhwc,
     ("groupnorm", "forward"): groupnorm_forward_nhwc,
     ("groupnorm", "backward"): groupnorm_backward_nhwc,
 }
