@@ -76,9 +76,10 @@ class Contender:
     load_s: float = 0.0
 
 
-def _nhwc(a: np.ndarray) -> np.ndarray:
-    """(N, C, S) -> the same values as a C-contiguous (N, S, C) array, 64-byte aligned as the NCHW arrays are."""
-    return alloc.aligned_copy(a.transpose(0, 2, 1))
+def _nhwc(a: np.ndarray, near=()) -> np.ndarray:
+    """(N, C, S) -> the same values as a C-contiguous (N, S, C) array, 64-byte aligned (and placed beside ``near``)
+    as the NCHW arrays are."""
+    return alloc.aligned_copy(a.transpose(0, 2, 1), near)
 
 
 def prepare(case: Case, direction: str, name: str, inputs: dict | None = None, layout: str = NCHW) -> Contender:
@@ -122,17 +123,20 @@ def prepare(case: Case, direction: str, name: str, inputs: dict | None = None, l
         kernel = forward if direction == "forward" else \
             registry.lookup(case.op, case.kernel_direction("backward"), case.dtype, name)[1]
     load_s = time.perf_counter() - start
-    out = case.empty_outputs(direction)
+    # the outputs beside the inputs that their pass reads, as the NumPy frontend allocates them
+    near = tuple(inputs[name] for name in (("x", "residual") if direction == "forward" else ("x", "dy", "dh"))
+                 if name in inputs)
+    out = case.empty_outputs(direction, near)
     data = "y" if direction == "forward" else "dx"
     if layout == NHWC:
-        out[data] = _nhwc(out[data])
+        out[data] = _nhwc(out[data], near)
     if direction == "forward":
         args, result = case.forward_args(inputs, out), out["y"]
     else:
         # backward takes the statistics of this backend's own training forward, as in a training step
-        stats = case.empty_outputs("forward")
+        stats = case.empty_outputs("forward", near[:1])  # h, for the fused add, beside x
         if layout == NHWC:
-            stats["y"] = _nhwc(stats["y"])
+            stats["y"] = _nhwc(stats["y"], near[:1])
         forward(*case.forward_args(inputs, stats))
         del stats["y"]
         args, result = case.backward_args(inputs, stats, out), out["dx"]

@@ -266,7 +266,7 @@ class Op:
         shape = (kshape[0], kshape[2], kshape[1]) if nhwc else kshape
         if x.shape != shape:
             x = x.reshape(shape)
-        y = _empty(shape, x.dtype, x.nbytes)
+        y = _empty(shape, x.dtype, x.nbytes, (x,))
         stat = self.spec.stat_shape(kshape, groups)
         sdt = _stat_dtype(x.dtype)
         rstd = np.empty(stat, sdt)  # one scalar store per set: alignment is moot
@@ -298,7 +298,7 @@ class Op:
         shape = (kshape[0], kshape[2], kshape[1]) if nhwc else kshape
         sdt = _stat_dtype(dt)
         pshape = self.spec.param_shape(kshape)
-        dx = _empty(shape, dt, x.nbytes)
+        dx = _empty(shape, dt, x.nbytes, (x, dy))
         dweight = None if weight is None else _empty(pshape, sdt)
         dbias = None if bias is None else _empty(pshape, sdt)
         rstd = np.ascontiguousarray(saved.rstd, dtype=sdt)
@@ -363,14 +363,15 @@ class _ChannelOp(Op):
         rm, rv = np.array(running_mean, dtype=sdt), np.array(running_var, dtype=sdt)
         found = self._kernel("forward_infer", x.dtype, backend, cl is not None, act)
         if found is None:  # no channels-last kernel: the NCHW one on a copy
-            xk, y = np.ascontiguousarray(x).reshape(kshape), _empty(kshape, x.dtype, x.nbytes)
+            xk = np.ascontiguousarray(x).reshape(kshape)
+            y = _empty(kshape, x.dtype, x.nbytes, (xk,))
             used, kernel = self._kernel("forward_infer", x.dtype, backend, False, act)
             kernel(_bits(xk), weight, bias, rm, rv, eps, *act, _bits(y))
             y = np.ascontiguousarray(y.transpose(0, 2, 1))
         else:
             used, kernel = found
             xk = x.reshape(kshape) if cl is None else cl
-            y = _empty(xk.shape, x.dtype, x.nbytes)
+            y = _empty(xk.shape, x.dtype, x.nbytes, (xk,))
             kernel(_bits(xk), weight, bias, rm, rv, eps, *act, _bits(y))
         with np.errstate(divide="ignore", invalid="ignore"):  # a zero (or negative) variance: inf / NaN, no warning
             rstd = (1.0 / np.sqrt(rv.astype(np.float64) + eps)).astype(sdt)
@@ -511,7 +512,8 @@ class _RowOp(Op):
             h = np.add(x, residual)
             y, saved = self._forward(h, kshape, None, weight, bias, eps, used)
             return y.reshape(x.shape), h, saved
-        y, h = np.empty(kshape, x.dtype), np.empty(kshape, x.dtype)
+        near = (x, residual)
+        y, h = _empty(kshape, x.dtype, x.nbytes, near), _empty(kshape, x.dtype, x.nbytes, near)
         stat, sdt = spec.stat_shape(kshape), _stat_dtype(x.dtype)
         rstd = np.empty(stat, sdt)
         mean = np.empty(stat, sdt) if spec.centered else None
@@ -538,9 +540,9 @@ class _RowOp(Op):
         saved = _saved(op, saved, spec.stat_shape(kshape))
         sdt = _stat_dtype(h.dtype)
         pshape = spec.param_shape(kshape)
-        dx = np.empty(kshape, h.dtype)
-        dweight = None if weight is None else np.empty(pshape, sdt)
-        dbias = None if bias is None else np.empty(pshape, sdt)
+        dx = _empty(kshape, h.dtype, h.nbytes, (h, dy) if dh is None else (h, dy, dh))
+        dweight = None if weight is None else _empty(pshape, sdt)
+        dbias = None if bias is None else _empty(pshape, sdt)
         mean = None if saved.mean is None else np.ascontiguousarray(saved.mean, dtype=sdt)
         fused(*spec.kernel_args("add_backward", dict(
             dy=_bits(dy.reshape(kshape)), dh=None if dh is None else _bits(dh.reshape(kshape)),

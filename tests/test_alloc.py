@@ -1,4 +1,5 @@
-"""Large outputs that normkit allocates start on a 64-byte boundary (normkit.alloc), in both frontends."""
+"""Large outputs that normkit allocates start on a 64-byte boundary (normkit.alloc), in both frontends; the NumPy
+frontend's at or just below its inputs' addresses modulo 4 KiB."""
 
 from __future__ import annotations
 
@@ -7,12 +8,26 @@ import pytest
 from support import OPS, op_args
 
 import normkit
-from normkit.alloc import ALIGN_MIN_BYTES, ALIGNMENT, aligned_copy, aligned_empty, empty
+from normkit.alloc import ALIGN_MIN_BYTES, ALIGNMENT, PAGE, aligned_copy, aligned_empty, empty, page_offset
 from normkit.contract import SPECS
 
 
 def _aligned(a) -> bool:
     return a.ctypes.data % ALIGNMENT == 0
+
+
+def _at(offset: int, shape, dtype=np.float32) -> np.ndarray:
+    """An array whose data start ``offset`` bytes past a 4 KiB boundary."""
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape)) * dtype.itemsize
+    raw = np.empty(nbytes + 2 * PAGE, np.uint8)
+    start = (offset - raw.ctypes.data) % PAGE
+    return raw[start:start + nbytes].view(dtype).reshape(shape)
+
+
+def _behind(out, a) -> bool:
+    """Whether ``out`` starts at ``a``'s address modulo 4 KiB or less than 64 bytes below it."""
+    return (a.ctypes.data - out.ctypes.data) % PAGE < ALIGNMENT
 
 
 @pytest.mark.parametrize("shape", [(), (0,), (1,), (3,), (2, 0, 5), (7, 33), [4, 5], 9])
@@ -97,3 +112,49 @@ def test_torch_frontend_outputs_are_aligned(op):
     dx, *dparams = torch.autograd.grad(y, (x, *params), torch.randn_like(y))
     tensors = [y, dx, *(dparams if row else ())]  # torch's allocator: y, dx; normkit's: the parameter gradients
     assert all(t.data_ptr() % ALIGNMENT == 0 for t in tensors), [t.data_ptr() % ALIGNMENT for t in tensors]
+
+
+@pytest.mark.parametrize("offsets,want", [((16,), 0), ((64,), 64), ((16, 576), 0), ((576, 16), 0), ((3900, 16), 3840),
+                                          ((16, 3900), 3840), ((100, 100, 200), 64), ((0, 2048), 0)])
+def test_page_offset(offsets, want):
+    """Below the input that the others lead by less than half a page (the first one when none is)."""
+    assert page_offset([_at(o, (8,)) for o in offsets]) == want
+
+
+@pytest.mark.parametrize("offsets", [(16,), (64,), (16, 576), (3900, 16), (4080,)])
+def test_aligned_empty_near(offsets):
+    near = [_at(o, (1000,)) for o in offsets]
+    before = [a.copy() for a in near]
+    a = aligned_empty((250, 4), np.float32, near)
+    assert a.ctypes.data % PAGE == page_offset(near) and _aligned(a) and a.flags.c_contiguous
+    a.fill(7)  # the whole array is inside its allocation, and no input is touched
+    assert (a == 7).all() and all(np.array_equal(n, b) for n, b in zip(near, before))
+    c = aligned_copy(near[0].reshape(250, 4), near)
+    assert c.ctypes.data % PAGE == page_offset(near)
+    np.testing.assert_array_equal(c, near[0].reshape(250, 4))
+
+
+def test_near_reads_read_only_inputs():
+    a = _at(16, (100,))
+    a.flags.writeable = False
+    assert page_offset([a]) == 0 and aligned_empty((4,), np.float64, [a]).ctypes.data % PAGE == 0
+
+
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("offset", [16, 80, 4080])
+def test_numpy_frontend_places_outputs_behind_inputs(op, offset, rng):
+    """y at or just below x modulo 4 KiB, dx below x and dy (here at the same offset): never just ahead of an input
+    that its pass reads (NumPy's large arrays start 16 bytes past a page; 64-byte alignment alone put outputs 48
+    bytes ahead of them)."""
+    shape = (2, 4, ALIGN_MIN_BYTES // 4 // 4 + 3)
+    x = _at(offset, shape)
+    x[...] = rng.standard_normal(shape)
+    dy = _at(offset, shape)
+    dy[...] = rng.standard_normal(shape)
+    kw = op_args(op, x, rng, groups=2, affine="both")
+    f = normkit.get(op)
+    y, saved = f.forward(x, **kw)
+    dx = f.backward(dy, x, saved, **kw)[0]
+    assert _behind(y, x) and _behind(dx, x) and _behind(dx, dy), [
+        a.ctypes.data % PAGE for a in (x, y, dx)]
+    assert _aligned(y) and _aligned(dx)
