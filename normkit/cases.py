@@ -182,7 +182,7 @@ class Case:
         else:
             names = {"dx": self.kernel_shape, "dweight": self.param_shape, "dbias": self.param_shape}
         return {name: aligned_copy(np.zeros(shape, storage_dtype(direction, name, self.dtype)),
-                                   near if shape == self.kernel_shape else ())
+                                   near if name in ("y", "h", "dx") else ())
                 for name, shape in names.items()}
 
     def values(self, name: str, a: np.ndarray) -> np.ndarray:
