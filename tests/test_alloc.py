@@ -30,6 +30,11 @@ def _behind(out, a) -> bool:
     return (a.ctypes.data - out.ctypes.data) % PAGE < ALIGNMENT
 
 
+def _not_ahead(out, a) -> bool:
+    """Whether ``out`` starts at or below ``a``'s address modulo 4 KiB, by less than half a page (and 64 bytes)."""
+    return (a.ctypes.data - out.ctypes.data) % PAGE < PAGE // 2 + ALIGNMENT
+
+
 @pytest.mark.parametrize("shape", [(), (0,), (1,), (3,), (2, 0, 5), (7, 33), [4, 5], 9])
 @pytest.mark.parametrize("dtype", [np.float32, "float64", np.dtype(np.uint16)])
 def test_aligned_empty(shape, dtype):
@@ -124,6 +129,8 @@ def test_page_offset(offsets, want):
 @pytest.mark.parametrize("offsets", [(16,), (64,), (16, 576), (3900, 16), (4080,)])
 def test_aligned_empty_near(offsets):
     near = [_at(o, (1000,)) for o in offsets]
+    for i, n in enumerate(near):
+        n[...] = np.arange(1000) + 1000 * i
     before = [a.copy() for a in near]
     a = aligned_empty((250, 4), np.float32, near)
     assert a.ctypes.data % PAGE == page_offset(near) and _aligned(a) and a.flags.c_contiguous
@@ -158,3 +165,16 @@ def test_numpy_frontend_places_outputs_behind_inputs(op, offset, rng):
     assert _behind(y, x) and _behind(dx, x) and _behind(dx, dy), [
         a.ctypes.data % PAGE for a in (x, y, dx)]
     assert _aligned(y) and _aligned(dx)
+
+
+@pytest.mark.parametrize("direction", ["forward", "backward"])
+def test_bench_places_outputs_behind_inputs(direction):
+    """The bench times normkit's kernels on outputs placed as the NumPy frontend places them."""
+    from normkit import bench, cases
+
+    case = cases.select_cases("groupnorm", (2, 4, 64, 257), groups=2)[0]
+    inputs = case.make_inputs()
+    out = bench.prepare(case, direction, "cython", inputs).output()
+    assert out.nbytes >= ALIGN_MIN_BYTES
+    assert _not_ahead(out, inputs["x"]) and (direction == "forward" or _not_ahead(out, inputs["dy"]))
+    assert _behind(out, inputs["x"]) or _behind(out, inputs["dy"])
