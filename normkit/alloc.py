@@ -14,7 +14,7 @@ Where an output sits relative to the inputs its kernel reads matters too: a load
 store still in flight in its low 12 bits waits for the store ("4K aliasing"). A pass that stores dx[i] and then
 loads x[i + 16] stalls on every vector when dx starts 64 bytes past x modulo 4 KiB. Hot, in one process, Cython
 backward by dx's offset from x and dy: GroupNorm (32, 512, 7, 7) 142-148 µs at 0 and at or below it, 158 at +32,
-171-184 at +64, 149-170 up to +256, 152-156 up to +512; LayerNorm (2048, 256) 187-204 µs at 0, 205-232 from +64 to
+171-184 at +64, 149-170 up to +256, 152-156 up to +512; LayerNorm (2048, 256) 193-204 µs at 0, 205-232 from +64 to
 +480. The allocator decides that offset: through the NumPy frontend, with NumPy's inputs, dx landed 304 and 368
 bytes past x in most calls of a loop, and those calls took 1.12-1.24x (GroupNorm) and 1.25-1.30x (LayerNorm) the
 time of the others. So an output that goes with inputs (``near``) starts at the 64-byte boundary at or just below
