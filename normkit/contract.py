@@ -413,6 +413,10 @@ OPS = tuple(SPECS)
 NCHW, NHWC = "nchw", "nhwc"
 LAYOUTS = (NCHW, NHWC)
 CHANNEL_OPS = tuple(name for name, s in SPECS.items() if s.sets != "row")
+# (op, direction) of the plain per-channel directions (OpSpec.per_channel, no fused activation): those a backend can
+# give channels-last data as its NCHW kernels on the (N*S, C, 1) view (on_columns), as both built-in backends do
+PER_CHANNEL = tuple((op, d) for op in CHANNEL_OPS for d in SPECS[op].directions
+                    if SPECS[op].per_channel(d) and not d.startswith(ACT_PREFIX))
 LAYOUT_DTYPES = ("float32", "float64")  # the dtypes a backend's channels-last kernels are for, unless it says
 ADDRESS = "addr"  # the last element of an address kernel's key (see the module docstring)
 ADDRESS_DTYPES = DTYPES

@@ -25,7 +25,7 @@ from functools import partial
 import numpy as np
 
 from normkit import half
-from normkit.contract import ACT_PREFIX, ADDRESS, OUTPUTS, SPECS, on_columns, serial_max_values
+from normkit.contract import ACT_PREFIX, ADDRESS, OUTPUTS, PER_CHANNEL, SPECS, on_columns, serial_max_values
 from normkit.registry import get_num_threads
 
 from . import _batchnorm
@@ -90,10 +90,8 @@ _FUNCTIONS = {
     ("layernorm", "act_backward"): _layernorm.layernorm_act_backward,
 }
 
-# Channels-last kernels that are the NCHW ones on (N*S, C, 1) views (see the module docstring): the per-channel
-# directions but the activation ones (NCHW only)
-_PER_CHANNEL = tuple((op, d) for op in ("batchnorm", "instancenorm") for d in SPECS[op].directions
-                     if SPECS[op].per_channel(d) and not d.startswith(ACT_PREFIX))
+# Channels-last kernels that are the NCHW ones on (N*S, C, 1) views (see the module docstring): contract.PER_CHANNEL,
+# the per-channel directions but the activation ones (NCHW only); and those of _channels_last
 _CHANNELS_LAST = {
     ("instancenorm", "forward"): _channels_last.instancenorm_forward,
     ("instancenorm", "backward"): _channels_last.instancenorm_backward,
@@ -113,7 +111,7 @@ KERNELS = {
 }
 KERNELS.update({
     (op, direction, dtype, "nhwc"): on_columns(SPECS[op], direction, KERNELS[(op, direction, dtype)])
-    for op, direction in _PER_CHANNEL
+    for op, direction in PER_CHANNEL
     for dtype in _CTYPE
 })
 KERNELS.update({
@@ -185,7 +183,7 @@ KERNELS.update({
 })
 KERNELS.update({
     (op, direction, dtype, "nhwc"): on_columns(SPECS[op], direction, KERNELS[(op, direction, dtype)])
-    for op, direction in _PER_CHANNEL
+    for op, direction in PER_CHANNEL
     for dtype in _FORMATS
 })
 KERNELS.update({

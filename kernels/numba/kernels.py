@@ -40,7 +40,7 @@ from numba import njit
 from numba.core import config
 
 from normkit import half
-from normkit.contract import ACT_PREFIX, DATA_ARGS, OUTPUTS, SPECS, kernel_table, on_columns
+from normkit.contract import DATA_ARGS, OUTPUTS, PER_CHANNEL, SPECS, kernel_table, on_columns
 
 from . import _common
 from ._common import CACHE, FASTMATH, THREADING_LAYER, set_num_threads
@@ -213,11 +213,9 @@ KERNELS.update({(op, direction, dtype): _guarded(half.through(KERNELS[(op, direc
                                                  op, direction, dtype, KERNELS[(op, direction, "float64")])
                 for op, direction in _ACT for dtype in _FORMATS})
 # the channels-last kernels (normkit.contract): (op, direction, dtype, "nhwc"), arrays (N, S, C); float32 and
-# float64 only (contract.LAYOUT_DTYPES): channels_last.py's, and for the other per-channel directions the NCHW
-# kernels on the (N*S, C, 1) view, as the Cython backend's
-_PER_CHANNEL = tuple((op, d) for op in ("batchnorm", "instancenorm") for d in SPECS[op].directions
-                     if SPECS[op].per_channel(d) and not d.startswith(ACT_PREFIX) and (op, d) not in NHWC)
+# float64 only (contract.LAYOUT_DTYPES): the per-channel directions' NCHW kernels on the (N*S, C, 1) view, as the
+# Cython backend's, replaced by channels_last.py's where it has one
 KERNELS.update({(op, direction, dtype, "nhwc"): on_columns(SPECS[op], direction, KERNELS[(op, direction, dtype)])
-                for op, direction in _PER_CHANNEL for dtype in ("float32", "float64")})
+                for op, direction in PER_CHANNEL for dtype in ("float32", "float64")})
 KERNELS.update({(op, direction, dtype, "nhwc"): f for (op, direction), f in NHWC.items()
                 for dtype in ("float32", "float64")})
