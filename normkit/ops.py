@@ -145,7 +145,7 @@ def as_param(op: str, name: str, p, shape: tuple, dtype: np.dtype) -> np.ndarray
     if p is None:
         return None
     if type(p) is np.ndarray and p.dtype == dtype and p.shape == shape and p.flags.c_contiguous and \
-            not _is_half(dtype):
+            dtype.itemsize != 2:  # not 16-bit (_is_half inline: this runs on every call)
         return p
     if not isinstance(p, np.ndarray):
         p = np.asarray(p)
@@ -221,14 +221,17 @@ class Op:
     spec: OpSpec
 
     def __init__(self) -> None:
-        self.name, self.aliases = self.spec.name, self.spec.aliases  # plain attributes: read on every call
+        # plain attributes: read on every call
+        self.name, self.aliases, self.grouped = self.spec.name, self.spec.aliases, self.spec.grouped
 
-    def __call__(self, x, *args, **kwargs):
-        if type(x) is not np.ndarray and _is_torch(x):
-            from . import torch as nk_torch
+    # Each op's ``__call__`` spells out ``forward``'s signature (a test holds them equal): called with keywords, a
+    # ``__call__(self, x, *args, **kwargs)`` that hands them on costs 0.4 µs more, most of a small call's Python.
 
-            return getattr(nk_torch, self.spec.torch_name)(x, *args, **kwargs)
-        return self.forward(x, *args, **kwargs)[0]
+    def _torch_function(self):
+        """normkit.torch's function of this op: where a torch tensor handed to the NumPy op goes."""
+        from . import torch as nk_torch
+
+        return getattr(nk_torch, self.spec.torch_name)
 
     def __repr__(self) -> str:
         return f"<normkit op {self.name} (aliases: {', '.join(self.aliases)})>"
@@ -270,14 +273,15 @@ class Op:
         stat = self.spec.stat_shape(kshape, groups)
         sdt = _stat_dtype(x.dtype)
         rstd = np.empty(stat, sdt)  # one scalar store per set: alignment is moot
+        xb, yb = (x, y) if x.dtype.itemsize != 2 else (_bits(x), _bits(y))
         if not self.spec.centered:
-            kernel(_bits(x), weight, eps, _bits(y), rstd)
+            kernel(xb, weight, eps, yb, rstd)
             return y, Saved(None, rstd, True, used)
         mean = np.empty(stat, sdt)
-        if self.spec.grouped:
-            kernel(_bits(x), groups, weight, bias, eps, *act, _bits(y), mean, rstd)
+        if self.grouped:
+            kernel(xb, groups, weight, bias, eps, *act, yb, mean, rstd)
         else:
-            kernel(_bits(x), weight, bias, eps, *act, _bits(y), mean, rstd)
+            kernel(xb, weight, bias, eps, *act, yb, mean, rstd)
         return y, Saved(mean, rstd, True, used)
 
     def _backward(self, dy, x, kshape, groups, saved, weight, bias, backend, grad_dtypes=(None, None), nhwc=False,
@@ -325,8 +329,8 @@ class _ChannelOp(Op):
         op = self.name
         cl = channels_last_view(x)
         x = x if cl is not None else as_input(op, "input", x)
-        c = x.shape[1]
-        kshape = (x.shape[0], c, x.size // (x.shape[0] * c))
+        n, c = x.shape[:2]  # (each .shape is a new tuple: read once)
+        kshape = (n, c, x.size // (n * c))
         if _is_half(x.dtype):
             _half_params(op, x, weight=weight, bias=bias)
         return (x, cl, kshape, as_param(op, "weight", weight, (c,), x.dtype),
@@ -394,6 +398,14 @@ class _ChannelOp(Op):
 class BatchNorm(_ChannelOp):
     spec = SPECS["batchnorm"]
 
+    def __call__(self, x, running_mean=None, running_var=None, weight=None, bias=None, training=False,
+                 momentum=0.1, eps=1e-5, *, activation=None, negative_slope=0.01, backend=None):
+        if type(x) is not np.ndarray and _is_torch(x):
+            return self._torch_function()(x, running_mean, running_var, weight, bias, training, momentum, eps,
+                                          activation=activation, negative_slope=negative_slope, backend=backend)
+        return self._channel_forward(x, running_mean, running_var, weight, bias, training, momentum, eps, backend,
+                                     _act(self.name, activation, negative_slope))[0]
+
     def forward(self, x, running_mean=None, running_var=None, weight=None, bias=None, training=False,
                 momentum=0.1, eps=1e-5, *, activation=None, negative_slope=0.01, backend=None):
         return self._channel_forward(x, running_mean, running_var, weight, bias, training, momentum, eps, backend,
@@ -407,6 +419,14 @@ class BatchNorm(_ChannelOp):
 
 class InstanceNorm(_ChannelOp):
     spec = SPECS["instancenorm"]
+
+    def __call__(self, x, running_mean=None, running_var=None, weight=None, bias=None, use_input_stats=True,
+                 momentum=0.1, eps=1e-5, *, activation=None, negative_slope=0.01, backend=None):
+        if type(x) is not np.ndarray and _is_torch(x):
+            return self._torch_function()(x, running_mean, running_var, weight, bias, use_input_stats, momentum, eps,
+                                          activation=activation, negative_slope=negative_slope, backend=backend)
+        return self._channel_forward(x, running_mean, running_var, weight, bias, use_input_stats, momentum, eps,
+                                     backend, _act(self.name, activation, negative_slope))[0]
 
     def forward(self, x, running_mean=None, running_var=None, weight=None, bias=None, use_input_stats=True,
                 momentum=0.1, eps=1e-5, *, activation=None, negative_slope=0.01, backend=None):
@@ -422,6 +442,14 @@ class InstanceNorm(_ChannelOp):
 
 class GroupNorm(Op):
     spec = SPECS["groupnorm"]
+
+    def __call__(self, x, num_groups, weight=None, bias=None, eps=1e-5, *, activation=None, negative_slope=0.01,
+                 backend=None):
+        if type(x) is not np.ndarray and _is_torch(x):
+            return self._torch_function()(x, num_groups, weight, bias, eps, activation=activation,
+                                          negative_slope=negative_slope, backend=backend)
+        return self.forward(x, num_groups, weight, bias, eps, activation=activation, negative_slope=negative_slope,
+                            backend=backend)[0]
 
     def _check(self, x, num_groups, weight, bias):
         op = self.name
@@ -587,6 +615,14 @@ def fused_kernel(op: str, direction: str, dtype: str, backend):
 class LayerNorm(_RowOp):
     spec = SPECS["layernorm"]
 
+    def __call__(self, x, normalized_shape, weight=None, bias=None, eps=1e-5, *, activation=None, negative_slope=0.01,
+                 backend=None):
+        if type(x) is not np.ndarray and _is_torch(x):
+            return self._torch_function()(x, normalized_shape, weight, bias, eps, activation=activation,
+                                          negative_slope=negative_slope, backend=backend)
+        return self._row_forward(x, normalized_shape, weight, bias, eps, backend,
+                                 _act(self.name, activation, negative_slope))[0]
+
     def forward(self, x, normalized_shape, weight=None, bias=None, eps=1e-5, *, activation=None, negative_slope=0.01,
                 backend=None):
         return self._row_forward(x, normalized_shape, weight, bias, eps, backend,
@@ -617,6 +653,11 @@ class RMSNorm(_RowOp):
 
     def _eps(self, eps, x):
         return float(np.finfo(x.dtype).eps) if eps is None else _eps(self.name, eps)
+
+    def __call__(self, x, normalized_shape, weight=None, eps=None, *, backend=None):
+        if type(x) is not np.ndarray and _is_torch(x):
+            return self._torch_function()(x, normalized_shape, weight, eps, backend=backend)
+        return self._row_forward(x, normalized_shape, weight, None, eps, backend)[0]
 
     def forward(self, x, normalized_shape, weight=None, eps=None, *, backend=None):
         return self._row_forward(x, normalized_shape, weight, None, eps, backend)

@@ -10,6 +10,7 @@ import pytest
 from support import OPS, copy_args, op_args
 
 import normkit
+from normkit.contract import SPECS
 
 REF = {"backend": "reference"}
 
@@ -42,6 +43,32 @@ def test_call_equals_forward_output(rng):
     y2, saved = normkit.get("gn").forward(x, 2, **REF)
     np.testing.assert_array_equal(y1, y2)
     assert saved.mean.shape == saved.rstd.shape == (2, 2) and saved.training and saved.backend == "reference"
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_call_takes_forwards_arguments(op, rng):
+    """Each op's __call__ spells out forward's signature (for speed) and hands every argument on."""
+    import inspect
+
+    front = normkit.get(op)
+    assert inspect.signature(type(front).__call__) == inspect.signature(type(front).forward)
+    x = rng.standard_normal((3, 4, 5))
+    kw = op_args(op, x, rng, groups=2, running=SPECS[op].running)
+    kw.update(eps=0.25, backend="reference")  # eps not the default, so an argument dropped on the way shows
+    if SPECS[op].running:
+        kw["momentum"] = 0.5
+    if SPECS[op].activation:
+        kw.update(activation="leaky_relu", negative_slope=0.5)
+    by_call, by_forward = copy_args(kw), copy_args(kw)
+    y = front(x, **by_call)
+    np.testing.assert_array_equal(y, front.forward(x, **by_forward)[0])
+    for name in ("running_mean", "running_var"):
+        if name in kw:
+            np.testing.assert_array_equal(by_call[name], by_forward[name])
+            assert not np.array_equal(by_call[name], kw[name])
+    assert not np.array_equal(y, front(x, **{**kw, "eps": 1e-5}))
+    if SPECS[op].activation:
+        assert (y < 0).any() and not np.array_equal(y, front(x, **{**kw, "negative_slope": 0.01}))
 
 
 def x4(dtype=np.float32, shape=(2, 4, 3, 3)):

@@ -229,11 +229,12 @@ def test_functional_matches_torch_and_get_routes_tensors(spy):
         (normkit.get("in")(x, weight=w, bias=b, backend="spy"), F.instance_norm(x, weight=w, bias=b)),
         (normkit.get("gn")(x, 3, w, b, 1e-3, backend="spy"), F.group_norm(x, 3, w, b, 1e-3)),
         (normkit.get("ln")(x, (6, 5), backend="spy"), F.layer_norm(x, (6, 5))),
+        (normkit.get("rms")(x, (5,), b[:5], 1e-3, backend="spy"), F.rms_norm(x, (5,), b[:5], 1e-3)),
     ]
     for y, y_ref in cases:
         torch.testing.assert_close(y, y_ref, **TOL[torch.float64])
     torch.testing.assert_close(rm, rm_ref), torch.testing.assert_close(rv, rv_ref)
-    assert [key[0] for key, _ in spy] == ["batchnorm", "instancenorm", "groupnorm", "layernorm"]
+    assert [key[0] for key, _ in spy] == ["batchnorm", "instancenorm", "groupnorm", "layernorm", "rmsnorm"]
 
 
 # --- kernels get the tensors' memory ---------------------------------------------------------------------------
