@@ -115,7 +115,8 @@ LARGE = [
     ("groupnorm", (4, 64, 7, 7), {"groups": 8}),  # sets of 8 short channel runs
     ("groupnorm", (1, 6, 1000), {"groups": 1}),
     ("layernorm", (300, 1000), {}),
-    ("layernorm", (2051, 300), {}),  # blocks of 65 rows: row pairs, a leftover row, flushes inside a block
+    ("layernorm", (2051, 300), {}),  # blocks of 65 rows, flushes inside a block
+    ("layernorm", (523, 2050), {}),  # blocks of 66 rows (the last 61): row pairs, a leftover row
     ("layernorm", (3, 5, 4097), {"ln_dims": 1}),
     ("layernorm", (31, 70000), {}),  # long rows: the backward's column-block path; an odd row count
     ("instancenorm", (2, 4, 129, 65), {}),

@@ -126,12 +126,13 @@ def test_batchnorm_columns_pass_from_memory(c, dtype, rng):
     assert_close(y, want, dtype, "forward", what="training forward")
 
 
-# LayerNorm's backward of rows up to 4096 values and RMSNorm's up to 65536 take them two at a time while dy, x and
-# dx fit in the last-level cache, in three loops per row above that: both, forced, against the reference (odd row
-# counts leave a row without a pair; (2, 5, 20000) spans several row blocks).
+# LayerNorm's backward of rows of 2048 to 4096 values and RMSNorm's of 2048 to 65536 take them two at a time while
+# dy, x and dx fit in the last-level cache, in three loops per row otherwise: both, forced, against the reference
+# (odd row counts leave a row without a pair; (130, 2049) spans four row blocks of 33 rows; (8, 2, 5000) is four
+# blocks of two 10000-value rows, LayerNorm's long-row groups; rows of 33 values never pair).
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
-@pytest.mark.parametrize("shape,extra", [((130, 33), {}), ((7, 1031), {}), ((2, 5, 20000), {"ln_dims": 2})],
-                         ids=str)
+@pytest.mark.parametrize("shape,extra", [((130, 33), {}), ((7, 2051), {}), ((130, 2049), {}),
+                                         ((8, 2, 5000), {"ln_dims": 2})], ids=str)
 @pytest.mark.parametrize("op", ["layernorm", "rmsnorm"])
 @pytest.mark.parametrize("pairs", [True, False], ids=["row pairs", "three loops"])
 def test_row_op_backward_row_pairs_and_three_loops(pairs, op, shape, extra, dtype, rng):
@@ -140,6 +141,28 @@ def test_row_op_backward_row_pairs_and_three_loops(pairs, op, shape, extra, dtyp
         _compare(op, shape, dtype, rng, **extra)
     finally:
         kernels.set_pairs_max_bytes(None)
+
+
+@pytest.mark.parametrize("op", ["layernorm", "rmsnorm"])
+def test_row_pairs_only_for_long_rows(op, rng):
+    """Pairs change the parameter gradients' roundings: forced on, they show at 2048 values a row, not at 2047."""
+    front = normkit.get(op)
+
+    def grads(k, pairs):
+        x, dy = rng.standard_normal((2, 9, k), dtype=np.float32)
+        kw = dict(normalized_shape=(k,), weight=np.ones(k, np.float32), backend="cython")
+        kernels.set_pairs_max_bytes(1 << 62 if pairs else 0)
+        try:
+            return front.backward(dy, x, front.forward(x, **kw)[1], **kw)[:2]
+        finally:
+            kernels.set_pairs_max_bytes(None)
+
+    for k, differ in ((2047, False), (2048, True)):
+        state = rng.bit_generator.state
+        on = grads(k, True)
+        rng.bit_generator.state = state
+        off = grads(k, False)
+        assert (not np.array_equal(on[1], off[1])) == differ, k
 
 
 # The long-row backward of LayerNorm and of the row ops (_rownorm's tiles) clears its sums in the module's scratch,

@@ -288,6 +288,14 @@ cdef enum:
     # The tiled rows go in groups: each thread's share of a group's dy and x within this many bytes (its L2, where
     # they stay between the group's two parallel regions), two regions a group instead of two a row.
     ROW_GROUP_BYTES = 524288
+    # The row ops' backward takes rows two at a time (_layernorm._backward_block) only for rows of this many values
+    # or more. Measured with the data cold (64 MiB written between calls, as a model leaves it: the input saved in
+    # forward comes back from memory), pairs against three loops per row, float32, 2 threads: LayerNorm / RMSNorm
+    # (2048, 256) 1.17-1.21x / 1.20x, (512, 768) 1.11x, (128, 768) 1.09x, (1024, 1024) 1.00x / 1.09x, but (256,
+    # 2048) 0.83x / 0.85x, (512, 2048) 0.85x, (128, 4096) 0.84x / 0.81x; in the transformer model of the model
+    # benchmark ((16, 128, 256)) the backward kernel took 192-222 us a call without pairs against 223-247 with them
+    # (LayerNorm), 171-183 against 220-233 (RMSNorm). Hot, in a loop of calls, pairs win by 4-10% on short rows too.
+    PAIRS_MIN_ROW = 2048
 
 
 cdef inline void grad_apply(const floating* dy, const floating* x, floating* dx, Py_ssize_t n, double mean,

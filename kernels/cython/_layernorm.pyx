@@ -25,9 +25,9 @@ from libc.stdint cimport uint16_t
 from libc.string cimport memset
 
 from _common cimport (
-    ACT_CHUNK, NO_ACT, ROW_GROUP_BYTES, SERIAL_MAX_VALUES, TILE16, TILED_ROW, TILED_ROWS, act_apply, act_grad,
-    clear_sums, finish_moments, grad_sums, group_coefficients, moments, moments16, narrow64, normkit_half_init,
-    normkit_narrow, normkit_row_dx16, normkit_row_sums16, normkit_row_y16, normkit_row_y_act_f,
+    ACT_CHUNK, NO_ACT, PAIRS_MIN_ROW, ROW_GROUP_BYTES, SERIAL_MAX_VALUES, TILE16, TILED_ROW, TILED_ROWS, act_apply,
+    act_grad, clear_sums, finish_moments, grad_sums, group_coefficients, moments, moments16, narrow64,
+    normkit_half_init, normkit_narrow, normkit_row_dx16, normkit_row_sums16, normkit_row_y16, normkit_row_y_act_f,
     normkit_row_y_act_grad_f, normkit_sfence, normkit_widen, pivot16, pivot_of, store_grads, stream_store,
     threads_for, to_double,
 )
@@ -390,10 +390,11 @@ cdef void _backward_block(const floating* dy, const floating* x, floating* dx, P
     gradients, no activation, no streaming) two rows at a time instead: each row's sums, then both rows' dx and
     parameter-gradient terms in one loop (_rows_dx_grads), which loads and stores the accumulators once per pair
     and makes two passes over the data instead of three. Measured (in-process A/B, 2 threads, float32) against
-    the three loops: 0.77-0.86x on data well inside the last-level cache ((128, 768), (256, 256), (2048, 256),
-    (512, 1024), (128, 4096)), 0.90-1.0x at (2048, 1024) (24 MB), but 1.02-1.07x on data that does not fit
+    the three loops: 0.77-0.86x on data well inside the last-level cache and hot ((128, 768), (256, 256), (2048,
+    256), (512, 1024), (128, 4096)), 0.90-1.0x at (2048, 1024) (24 MB), but 1.02-1.07x on data that does not fit
     ((8192, 1024), (16384, 768)), likely because the loop that reads from memory is then the heavier sums loop;
-    so pairs go up to the cache's size (set_pairs_max_bytes)."""
+    so pairs go up to the cache's size (set_pairs_max_bytes). Data that fits but comes from memory, as in a model,
+    loses the same way on rows shorter than PAIRS_MIN_ROW (_common.pxd), so the caller pairs only longer rows."""
     cdef Py_ssize_t i, o, q
     cdef double sg, sgx, cb, cc
     cdef double coef[4]
@@ -582,7 +583,7 @@ cdef void _backward_rows(const floating* dyp, const floating* xp, Py_ssize_t m, 
         for t in prange(blocks, nogil=True, schedule="static", num_threads=nt):
             _backward_block(dyp, xp, dxp, t * per_block, min(m, (t + 1) * per_block), k, w, b, act, slope, mp, rp,
                             work + t * 2 * k, acc + t * 2 * k, stream,
-                            3 * m * k * <Py_ssize_t>sizeof(floating) <= _pairs_max)
+                            k >= PAIRS_MIN_ROW and 3 * m * k * <Py_ssize_t>sizeof(floating) <= _pairs_max)
         # the partials are laid out as rows of 2k (weight then bias), so one merge does both
         tiles = (2 * k + TILE - 1) // TILE
         for t in prange(tiles, nogil=True, schedule="static", num_threads=nt):

@@ -24,8 +24,8 @@ from libc.stdint cimport uint16_t
 from libc.string cimport memset
 
 from _common cimport (
-    ROW_GROUP_BYTES, SERIAL_MAX_VALUES, TILE16, TILED_ROW, TILED_ROWS, clear_sums, finish_moments, grad_sums,
-    group_coefficients, moments, moments16, narrow64, normkit_half_init, normkit_narrow, normkit_row_dx16,
+    PAIRS_MIN_ROW, ROW_GROUP_BYTES, SERIAL_MAX_VALUES, TILE16, TILED_ROW, TILED_ROWS, clear_sums, finish_moments,
+    grad_sums, group_coefficients, moments, moments16, narrow64, normkit_half_init, normkit_narrow, normkit_row_dx16,
     normkit_row_sums16, normkit_row_y16, normkit_widen, pivot16, pivot_of, store_grads, threads_for, to_double,
 )
 
@@ -534,7 +534,7 @@ cdef void _backward(const floating* dy, const floating* dh, const floating* x, f
         for t in prange(blocks, nogil=True, schedule="static", num_threads=nt):
             _backward_block(dy, dh, x, dx, t * per_block, min(m, (t + 1) * per_block), k, w, mean, rstd, centered,
                             work + t * n, <floating*>acc + t * n,
-                            3 * m * k * <Py_ssize_t>sizeof(floating) <= _pairs_max)
+                            k >= PAIRS_MIN_ROW and 3 * m * k * <Py_ssize_t>sizeof(floating) <= _pairs_max)
         tiles = (n + TILE - 1) // TILE
         for t in prange(tiles, nogil=True, schedule="static", num_threads=nt):
             _merge_blocks(work, blocks, n, t * TILE, min(n, (t + 1) * TILE), grads)

@@ -307,8 +307,9 @@ set_stream_min_bytes(None)
 
 
 def set_pairs_max_bytes(n: int | None) -> None:
-    """The backward of LayerNorm and RMSNorm takes rows two at a time where dy, x and dx together are at most ``n``
-    bytes (see _layernorm._backward_block; the results differ by a rounding of the parameter-gradient terms);
+    """The backward of LayerNorm and RMSNorm takes rows of 2048 values or more (_common.pxd's PAIRS_MIN_ROW) two at
+    a time where dy, x and dx together are at most ``n`` bytes (see _layernorm._backward_block; the results differ
+    by a rounding of the parameter-gradient terms);
     None restores the default, the last-level cache's size (PAIRS_FALLBACK_BYTES where it is unknown)."""
     for module in (_layernorm, _rownorm):
         module.set_pairs_max_bytes(default_pairs_max_bytes() if n is None else n)
@@ -324,7 +325,8 @@ def default_pairs_max_bytes() -> int:
 
 
 set_pairs_max_bytes(None)
-INFO["row pairs"] = f"layernorm and rmsnorm backward on {default_pairs_max_bytes() / 2**20:.0f} MiB and less"
+INFO["row pairs"] = (f"layernorm and rmsnorm backward of rows of 2048 values and more, on "
+                     f"{default_pairs_max_bytes() / 2**20:.0f} MiB and less")
 INFO["non-temporal stores"] = f"outputs of {default_stream_min_bytes() / 2**20:.0f} MiB and up (batchnorm)"
 set_num_threads(get_num_threads())
 set_serial_max_values(None)
