@@ -110,6 +110,7 @@ LARGE = [
     ("batchnorm", (4, 70000), {}),
     ("batchnorm", (70, 100, 3, 3), {}),  # the Cython columns schedule, tasks of whole channels; a short last task
     ("batchnorm", (301, 5, 2, 3), {}),  # the Cython columns schedule with row blocks; a short last block
+    ("batchnorm", (25, 40, 7, 7), {}),  # Cython: forward on the columns (a batch of S/2), backward by channel
     ("groupnorm", (2, 64, 33, 33), {"groups": 8}),
     ("groupnorm", (3, 12, 17, 19), {"groups": 12}),
     ("groupnorm", (4, 64, 7, 7), {"groups": 8}),  # sets of 8 short channel runs
