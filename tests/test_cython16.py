@@ -304,9 +304,10 @@ def test_matches_reference(op, fmt, data):
     roundtrip(op, fmt, kshape, np.random.default_rng(sum(kshape)), groups=groups, affine=affine)
 
 
-# each side of every schedule switch (test_cython.SCHEDULE_CASES; and _batchnorm.SHORT_ROW16, _layernorm's
-# 16-bit TILED_ROW), in kernel shapes; (20, 70000): LayerNorm's long rows in several groups (on two threads or
-# more), the parameter gradients' flush after row 16 inside one
+# each side of every schedule switch (test_cython.SCHEDULE_CASES; BatchNorm's columns from a batch of S / 2, 20 for
+# S = 40, in the 16-bit forward and of S, 40, in its backward; _batchnorm.SHORT_ROW16, _layernorm's 16-bit
+# TILED_ROW), in kernel shapes; (20, 70000): LayerNorm's long rows in several groups (on two threads or more), the
+# parameter gradients' flush after row 16 inside one
 SCHEDULE_CASES = [
     ("batchnorm", (7, 33, 31), 1), ("batchnorm", (9, 31, 32), 1), ("batchnorm", (5, 32, 32), 1),
     ("batchnorm", (6, 40, 3), 1), ("batchnorm", (1025, 3, 1), 1), ("batchnorm", (300, 700, 1), 1),
@@ -315,7 +316,7 @@ SCHEDULE_CASES = [
     ("layernorm", (130, 33), 1), ("groupnorm", (3, 6, 1), 3), ("groupnorm", (2, 8, 1500), 2),
     ("instancenorm", (2, 3, 2049), 1), ("batchnorm", (3, 5, 127), 1), ("batchnorm", (3, 5, 128), 1),
     ("instancenorm", (2, 40, 127), 1), ("layernorm", (20, 70000), 1), ("batchnorm", (40, 32, 40), 1),
-    ("batchnorm", (39, 32, 40), 1),
+    ("batchnorm", (39, 32, 40), 1), ("batchnorm", (20, 32, 40), 1), ("batchnorm", (19, 32, 40), 1),
 ]
 
 

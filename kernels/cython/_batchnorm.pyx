@@ -66,13 +66,16 @@ cdef Py_ssize_t MANY_CHANNELS = 32
 # (64, 512, 63) 0.67 / 0.74, (128, 256, 7x7) 0.77 / 0.78, (64, 512, 7x7) 0.87 / 0.82, (48, 128, 6x6) 0.67 / 0.82,
 # (64, 64, 60) 0.61 / 0.81; smaller batches lose ((32, 512, 7x7) backward 1.03, (8, 256, 6x6) 1.43), and so do
 # the fused activations' backward (1.03-1.46 at those shapes).
-# The float forward takes the columns from a batch of S / 2: in-process against the channels schedule, 2 threads,
-# float32, in cache / with the data from memory (32 MiB written between calls, as a model leaves them): (32, 128,
-# 7x7) 0.78 / 0.87, (32, 512, 7x7) 0.85 / 0.92, (32, 2048, 7x7) 0.82 / 0.87, (48, 128, 7x7) 0.76 / 0.85, (28, 256,
-# 7x7) 0.87 / 0.96, (25, 64, 7x7) 0.76 / 0.99, (20, 256, 6x6) 0.73 / 0.83, (18, 512, 6x6) 0.71 / 0.76, (13, 256,
-# 5x5) 1.00 / 0.96; batches below S / 2 lose from memory ((20, 256, 7x7) 1.04, (16, 512, 7x7) 1.05). The backward
-# keeps a batch of S: there the columns win from memory too ((32, 128, 7x7) 0.91, (32, 512, 7x7) 0.89) but lose
-# in cache (1.22-1.46), and its data (x saved in forward, dy just made) are both.
+# Since then the columns start at a batch of S / 2, for ResNet's last stage at batch 32 ((32, C, 7x7)): in-process
+# against the channels schedule, 2 threads, float32, forward in cache / with the data from memory (32 MiB written
+# between calls, as a model leaves them): (32, 128, 7x7) 0.78 / 0.87, (32, 512, 7x7) 0.85 / 0.92, (32, 2048, 7x7)
+# 0.82 / 0.87, (48, 128, 7x7) 0.76 / 0.85, (28, 256, 7x7) 0.87 / 0.96, (20, 256, 6x6) 0.73 / 0.83, (18, 512, 6x6)
+# 0.71 / 0.76, (13, 256, 5x5) 1.00 / 0.96 (below S / 2 they lose from memory: (20, 256, 7x7) 1.04). The backward
+# loses in cache ((32, 128, 7x7) 1.25, (32, 512, 7x7) 1.25, (20, 256, 6x6) 1.06) but wins from memory (0.91 /
+# 0.93 / 0.77) and with dy in cache and x from memory (0.90 / 0.91 / 0.81), its state in a model: inside the
+# ResNet of the model benchmark its (32, 128, 7, 7) backward kernels took 0.83-0.86x their time on the channels
+# schedule, the forward ones 0.95-0.96x. bfloat16: the forward wins everywhere (0.83-0.94), the backward loses
+# (0.95-1.21), so the 16-bit backward keeps a batch of S (_columns' half_batch).
 cdef Py_ssize_t COLUMNS_S = 64
 # _apply_channels16 (the 16-bit forward's affine pass on its own: inference, the split apply, training with few
 # channels) walks whole rows of the (N, C*S) view with per-column coefficients below this S, run by run above it:
@@ -207,20 +210,20 @@ cdef inline Py_ssize_t _pass_rows(Py_ssize_t n, Py_ssize_t length, Py_ssize_t it
     return _block_rows(n, length, block if n * length * itemsize < AHEAD_MIN_BYTES else ROW_BLOCK_MEMORY)
 
 
-cdef inline bint _columns(Py_ssize_t n, Py_ssize_t s, int act, bint forward) noexcept nogil:
+cdef inline bint _columns(Py_ssize_t n, Py_ssize_t s, int act, bint half_batch=True) noexcept nogil:
     """Whether BatchNorm's forward and backward (training, and the inference backward) of (n, nc, s) data take the
     columns schedule rather than the channels or rows one: runs shorter than SHORT_ROW, and for the plain kernels
-    runs shorter than COLUMNS_S in a batch of s samples or more (the float forward: of s / 2 or more). (The
-    inference forward and the split directions keep SHORT_ROW.)"""
-    return s < SHORT_ROW or (act == NO_ACT and s < COLUMNS_S and (2 * n >= s if forward else n >= s))
+    runs shorter than COLUMNS_S in a batch of s / 2 samples or more (without ``half_batch``, the 16-bit backward's:
+    of s or more). (The inference forward and the split directions keep SHORT_ROW.)"""
+    return s < SHORT_ROW or (act == NO_ACT and s < COLUMNS_S and (2 * n >= s if half_batch else n >= s))
 
 
-cdef inline bint _whole_columns(Py_ssize_t n, Py_ssize_t nc, Py_ssize_t s, bint forward) noexcept nogil:
+cdef inline bint _whole_columns(Py_ssize_t n, Py_ssize_t nc, Py_ssize_t s, bint half_batch=True) noexcept nogil:
     """Whether the columns schedule of a plain kernel runs tasks of whole channels (sums, statistics and the
     elementwise pass in one parallel region): with enough tasks, or when cutting the rows into blocks would not add
     any. (The tasks are counted only then: CHUNK // s is 0 for longer runs.)"""
     cdef Py_ssize_t tasks
-    if not _columns(n, s, NO_ACT, forward):
+    if not _columns(n, s, NO_ACT, half_batch):
         return False
     tasks = _column_tasks(nc, s)
     return tasks >= WIDE_TASKS or _row_blocks(n, tasks) == 1
@@ -727,12 +730,12 @@ cdef void _backward_p(bint training, const floating* dyp, const floating* xp, Py
         for c in range(nc):
             mu[c] = mean[c]
             r[c] = rstd[c]
-        if nc >= MANY_CHANNELS and not _columns(n, s, act, False):
+        if nc >= MANY_CHANNELS and not _columns(n, s, act):
             for c in prange(nc, nogil=True, schedule="static", num_threads=nt):
                 _backward_channel(dyp, xp, dxp, n, nc, s, c, training, sums, mu[c], r[c],
                                   w[c] if w != NULL else 1.0, bp[c] if bp != NULL else 0.0, act, slope, stream,
                                   &sdy[c], &sdyx[c])
-        elif act == NO_ACT and _whole_columns(n, nc, s, False):
+        elif act == NO_ACT and _whole_columns(n, nc, s):
             k = _chunk_channels(s)
             for t in prange(_column_tasks(nc, s), nogil=True, schedule="static", num_threads=nt):
                 _backward_columns(dyp, xp, dxp, n, nc, s, t * k, min(nc, (t + 1) * k), training, sums, mu, r, w,
@@ -790,10 +793,10 @@ cdef void _forward_p(const floating* xp, Py_ssize_t n, Py_ssize_t nc, Py_ssize_t
     if work == NULL:
         raise MemoryError()
     try:
-        if nc >= MANY_CHANNELS and not _columns(n, s, act, True):
+        if nc >= MANY_CHANNELS and not _columns(n, s, act):
             for c in prange(nc, nogil=True, schedule="static", num_threads=nt):
                 _forward_channel(xp, yp, n, nc, s, c, eps, w, b, act, slope, stream, &mu[c], &r[c])
-        elif act == NO_ACT and _whole_columns(n, nc, s, True):
+        elif act == NO_ACT and _whole_columns(n, nc, s):
             k = _chunk_channels(s)
             for t in prange(_column_tasks(nc, s), nogil=True, schedule="static", num_threads=nt):
                 _forward_columns(xp, yp, n, nc, s, t * k, min(nc, (t + 1) * k), eps, w, b, mu, r)
@@ -1504,10 +1507,10 @@ cdef void _forward16(int fmt, const uint16_t* xp, Py_ssize_t n, Py_ssize_t nc, P
     if work == NULL:
         raise MemoryError()
     try:
-        if nc >= MANY_CHANNELS and not _columns(n, s, NO_ACT, False):
+        if nc >= MANY_CHANNELS and not _columns(n, s, NO_ACT):
             for c in prange(nc, nogil=True, schedule="static", num_threads=nt):
                 _forward_channel16(xp, yp, n, nc, s, c, eps, w, b, fmt, &mu[c], &r[c])
-        elif _whole_columns(n, nc, s, False):
+        elif _whole_columns(n, nc, s):
             k = _chunk_channels(s)
             for t in prange(_column_tasks(nc, s), nogil=True, schedule="static", num_threads=nt):
                 _forward_columns16(xp, yp, n, nc, s, t * k, min(nc, (t + 1) * k), eps, w, b, fmt, mu, r, scale,
