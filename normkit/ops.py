@@ -310,7 +310,7 @@ class Op:
         act = (bias, *act) if act else ()  # the act_ kernels recompute the activation's input, so need the bias
         if not self.spec.centered:
             kernel(dy, x, rstd, weight, _bits(dx), dweight)
-        elif self.spec.grouped:
+        elif self.grouped:
             kernel(dy, x, groups, np.ascontiguousarray(saved.mean, dtype=sdt), rstd, weight, *act, _bits(dx),
                    dweight, dbias)
         else:
