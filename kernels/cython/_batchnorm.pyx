@@ -73,8 +73,8 @@ cdef Py_ssize_t MANY_CHANNELS = 32
 # 0.71 / 0.76, (13, 256, 5x5) 1.00 / 0.96 (below S / 2 they lose from memory: (20, 256, 7x7) 1.04). The backward
 # loses in cache ((32, 128, 7x7) 1.25, (32, 512, 7x7) 1.25, (20, 256, 6x6) 1.06) but wins from memory (0.91 /
 # 0.93 / 0.77) and with dy in cache and x from memory (0.90 / 0.91 / 0.81), its state in a model: inside the
-# ResNet of the model benchmark its (32, 128, 7, 7) backward kernels took 0.83-0.86x their time on the channels
-# schedule, the forward ones 0.95-0.96x. bfloat16: the forward wins everywhere (0.83-0.94), the backward loses
+# ResNet of the model benchmark its (32, 128, 7, 7) backward kernels took 0.83-0.93x their time on the channels
+# schedule, the forward ones 0.88-0.96x. bfloat16: the forward wins everywhere (0.83-0.94), the backward loses
 # (0.95-1.21), so the 16-bit backward keeps a batch of S (_columns' half_batch).
 cdef Py_ssize_t COLUMNS_S = 64
 # _apply_channels16 (the 16-bit forward's affine pass on its own: inference, the split apply, training with few
