@@ -124,8 +124,8 @@ def prepare(case: Case, direction: str, name: str, inputs: dict | None = None, l
             registry.lookup(case.op, case.kernel_direction("backward"), case.dtype, name)[1]
     load_s = time.perf_counter() - start
     # the outputs beside the inputs that their pass reads, as the NumPy frontend allocates them
-    near = tuple(inputs[name] for name in (("x", "residual") if direction == "forward" else ("x", "dy", "dh"))
-                 if name in inputs)
+    near = tuple(inputs[arg] for arg in (("x", "residual") if direction == "forward" else ("x", "dy", "dh"))
+                 if arg in inputs)
     out = case.empty_outputs(direction, near)
     data = "y" if direction == "forward" else "dx"
     if layout == NHWC:

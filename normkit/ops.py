@@ -145,7 +145,7 @@ def as_param(op: str, name: str, p, shape: tuple, dtype: np.dtype) -> np.ndarray
     if p is None:
         return None
     if type(p) is np.ndarray and p.dtype == dtype and p.shape == shape and p.flags.c_contiguous and \
-            dtype.itemsize != 2:  # not 16-bit (_is_half inline: this runs on every call)
+            not _is_half(dtype):
         return p
     if not isinstance(p, np.ndarray):
         p = np.asarray(p)
@@ -273,15 +273,14 @@ class Op:
         stat = self.spec.stat_shape(kshape, groups)
         sdt = _stat_dtype(x.dtype)
         rstd = np.empty(stat, sdt)  # one scalar store per set: alignment is moot
-        xb, yb = (x, y) if x.dtype.itemsize != 2 else (_bits(x), _bits(y))
         if not self.spec.centered:
-            kernel(xb, weight, eps, yb, rstd)
+            kernel(_bits(x), weight, eps, _bits(y), rstd)
             return y, Saved(None, rstd, True, used)
         mean = np.empty(stat, sdt)
         if self.grouped:
-            kernel(xb, groups, weight, bias, eps, *act, yb, mean, rstd)
+            kernel(_bits(x), groups, weight, bias, eps, *act, _bits(y), mean, rstd)
         else:
-            kernel(xb, weight, bias, eps, *act, yb, mean, rstd)
+            kernel(_bits(x), weight, bias, eps, *act, _bits(y), mean, rstd)
         return y, Saved(mean, rstd, True, used)
 
     def _backward(self, dy, x, kshape, groups, saved, weight, bias, backend, grad_dtypes=(None, None), nhwc=False,
