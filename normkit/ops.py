@@ -645,13 +645,15 @@ class LayerNorm(_RowOp):
 
 class RMSNorm(_RowOp):
     """RMSNorm (``torch.nn.functional.rms_norm``): ``y = x / sqrt(mean(x**2) + eps) * weight``; ``eps=None`` is
-    the dtype's machine epsilon, as in torch. It has no bias: backward returns ``(dx, dweight, None)``, the shape of
-    every op's backward."""
+    the machine epsilon of the type it computes in, as in torch: float32's for 16-bit data. It has no bias:
+    backward returns ``(dx, dweight, None)``, the shape of every op's backward."""
 
     spec = SPECS["rmsnorm"]
 
     def _eps(self, eps, x):
-        return float(np.finfo(x.dtype).eps) if eps is None else _eps(self.name, eps)
+        if eps is not None:
+            return _eps(self.name, eps)
+        return float(np.finfo(np.float32 if _is_half(x.dtype) else x.dtype).eps)
 
     def __call__(self, x, normalized_shape, weight=None, eps=None, *, backend=None):
         if type(x) is not np.ndarray and _is_torch(x):

@@ -234,6 +234,24 @@ def test_rms_norm_matches_torch(dtype, shape, normalized):
     assert normkit.get("rms_norm")(x.detach(), normalized).shape == x.shape  # a tensor goes to normkit.torch
 
 
+@pytest.mark.filterwarnings("ignore:Mismatch dtype between input and weight")  # torch's rms_norm, float32 weight
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_rms_norm_default_eps_of_16_bit_data_is_float32s(dtype):
+    """eps=None on 16-bit data is float32's machine epsilon, as torch computes it (ATen takes its opmath type's),
+    not the dtype's: on rows of small values the two give outputs that differ by a factor of 7 (bfloat16)."""
+    x = torch.tensor([[0.01, -0.02, 0.015, 0.0], [3.0, -1.0, 0.5, 2.0]], dtype=dtype)
+    want = F.rms_norm(x, (4,))
+    assert not torch.equal(want, F.rms_norm(x, (4,), eps=torch.finfo(dtype).eps))  # the case tells them apart
+    torch.testing.assert_close(nt.rms_norm(x, (4,)), want, rtol=0, atol=0)
+    torch.testing.assert_close(nt.convert(torch.nn.RMSNorm(4).to(dtype))(x), want, rtol=0, atol=0)
+    torch.testing.assert_close(nt.add_rms_norm(x, torch.zeros_like(x), (4,))[0], want, rtol=0, atol=0)
+    if dtype == torch.float16:
+        a = x.numpy()
+    else:
+        a = x.view(torch.int16).numpy().view(pytest.importorskip("ml_dtypes").bfloat16)
+    np.testing.assert_array_equal(normkit.get("rms")(a, (4,)).view(np.int16), want.view(torch.int16).numpy())
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_add_forms_gradcheck_and_match_composition(backend):
     """Gradients to x and residual (and weight, bias) from y, from h, and from both, against torch's autograd of

@@ -1210,12 +1210,14 @@ layer_norm.__doc__ = """:func:`torch.nn.functional.layer_norm` computed by normk
 
 
 def _rms_eps(x: Tensor, eps) -> float:
-    """torch's default: the dtype's machine epsilon."""
-    return torch.finfo(x.dtype).eps if eps is None else _eps("rmsnorm", eps)
+    """torch's default: the machine epsilon of the type it computes in (float32's for 16-bit data, not the
+    dtype's own: ATen takes its opmath type's)."""
+    return torch.finfo(_STAT_DTYPES[x.dtype]).eps if eps is None else _eps("rmsnorm", eps)
 
 
 def rms_norm(input, normalized_shape, weight=None, eps=None, *, backend=None):
-    """:func:`torch.nn.functional.rms_norm` computed by normkit (``eps=None``: the dtype's machine epsilon)."""
+    """:func:`torch.nn.functional.rms_norm` computed by normkit (``eps=None``: the machine epsilon of the type it
+    computes in, float32's for 16-bit data, as in torch)."""
     if _torch_only(input):
         return F.rms_norm(input, normalized_shape, weight, eps)
     op = "rmsnorm"

@@ -215,7 +215,7 @@ def transformer(quick: bool = False, seed: int = 0, norm=nn.LayerNorm) -> tuple[
 
 
 def transformer_rms(quick: bool = False, seed: int = 0) -> tuple[nn.Module, tuple[Tensor]]:
-    """:func:`transformer` with nn.RMSNorm (eps None: the dtype's machine epsilon, as in torch)."""
+    """:func:`transformer` with nn.RMSNorm (eps None: machine epsilon, as in torch)."""
     return transformer(quick, seed, norm=nn.RMSNorm)
 
 
