@@ -232,11 +232,12 @@ def _check_saved(op: str, dy: Tensor, x: Tensor, mean: Optional[Tensor], rstd: T
 def _np(t: Optional[Tensor]):
     """A NumPy view of a CPU tensor's memory, for the kernel to read (below autograd). ``force=True`` detaches
     without a copy; it would copy only a tensor NumPy cannot view (a negative-bit one), which a read tolerates.
-    16-bit tensors give their bit patterns (``np.uint16``), as the kernels take them."""
+    16-bit tensors give their bit patterns (``np.uint16``), as the kernels take them; a negative one is resolved
+    first (torch cannot view its bits as another dtype)."""
     if t is None:
         return None
     if t.dtype in _HALF:  # torch's uint16 view: ~0.6 us less than int16 and NumPy's own view on top
-        return t.view(torch.uint16).numpy(force=True)
+        return (t.resolve_neg() if t.is_neg() else t).view(torch.uint16).numpy(force=True)
     return t.numpy(force=True)
 
 
