@@ -93,6 +93,22 @@ def stats_count(op: str, shape_: tuple, per_instance: bool) -> int:
     return count
 
 
+def group_count(op: str, shape_: tuple, groups: int) -> None:
+    """torch.nn.functional.group_norm refuses a batch whose groups hold one value in all (N * (C / G) * S == 1)."""
+    if len(shape_) >= 2 and shape_[0] * (shape_[1] // groups) * math.prod(shape_[2:]) == 1:
+        raise ValueError(f"{op}: expected more than 1 value per group in the batch, got input of shape "
+                         f"{tuple(shape_)} with num_groups={groups}")
+
+
+def batchnorm_eps(op: str, value, training) -> None:
+    """torch.nn.functional.batch_norm (torch 2.13) refuses eps <= 0 in training and eps < 0 otherwise."""
+    value = eps(op, value, strict=False)
+    if training and value <= 0.0:
+        raise ValueError(f"{op}: eps must be positive in training, got {value!r}")
+    if value < 0.0:
+        raise ValueError(f"{op}: eps must be >= 0, got {value!r}")
+
+
 def num_groups(op: str, groups, c: int) -> int:
     if isinstance(groups, bool) or not isinstance(groups, numbers.Integral) or groups < 1:
         raise ValueError(f"{op}: num_groups must be a positive int, got {groups!r}")

@@ -618,8 +618,18 @@ def test_errors_name_op_argument_expectation_and_what_came():
         nt.batch_norm(x, torch.zeros(6), torch.ones(5), training=True)
     with pytest.raises(ValueError, match=r"batchnorm: training=False normalizes with running_mean"):
         nt.batch_norm(x)
-    # no refusal of momentum outside [0, 1] or of a negative eps: torch.nn.functional accepts both (NaN where
-    # var + eps < 0), and so must normkit.torch (tests/test_opinfo.py runs PyTorch's own samples of them)
+    # torch.nn.functional's own refusals (torch 2.13): batch_norm's eps <= 0 in training, < 0 otherwise; a group
+    # norm whose groups hold one value in the whole batch
+    with pytest.raises(ValueError, match=r"batchnorm: eps must be positive in training, got 0.0"):
+        nt.batch_norm(x, training=True, eps=0.0)
+    with pytest.raises(ValueError, match=r"batchnorm: eps must be >= 0, got -0.001"):
+        nt.batch_norm(x, torch.zeros(6), torch.ones(6), eps=-1e-3)
+    with pytest.raises(ValueError, match=r"groupnorm: expected more than 1 value per group in the batch, got input of "
+                                         r"shape \(1, 6, 1\) with num_groups=6"):
+        nt.group_norm(x[:1, :, :1], 6)
+    assert nt.group_norm(x[:2, :, :1], 6).shape == (2, 6, 1)  # torch takes two samples of one value a group
+    # no refusal of momentum outside [0, 1] or of other ops' negative eps: torch.nn.functional accepts them (NaN
+    # where var + eps < 0), and so must normkit.torch (tests/test_opinfo.py runs PyTorch's own samples of them)
     with pytest.raises(normkit.UnknownBackendError, match=r"unknown backend 'nope'"):
         nt.group_norm(x, 2, backend="nope")
     with pytest.raises(ValueError, match=r"groupnorm: grad_output must have the input's shape"):

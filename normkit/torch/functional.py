@@ -1111,6 +1111,8 @@ def batch_norm(input, running_mean=None, running_var=None, weight=None, bias=Non
             and all(r is None or (isinstance(r, Tensor) and not r.numel()) for r in (running_mean, running_var)):
         _act("batchnorm", activation, negative_slope)
         return input.clone()  # the one 1-D input torch takes: an empty one, with nothing to normalize
+    if type(eps) is not float or eps <= 0.0:
+        checks.batchnorm_eps("batchnorm", eps, training)
     return _channel(_BN, _batch_norm, input, running_mean, running_var, weight, bias, training, momentum, eps,
                     backend, _act("batchnorm", activation, negative_slope))
 
@@ -1150,6 +1152,8 @@ def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5, *, backend=N
     n, c = shape[0], shape[1]
     groups = num_groups if type(num_groups) is int and num_groups > 0 and not c % num_groups else \
         checks.num_groups(op, num_groups, c)
+    if n * c == groups and x.numel() == groups:  # torch's check: N * (C / G) * S must not be 1
+        checks.group_count(op, shape, groups)
     if not plain:
         weight, bias = _params(op, x, (c,), weight, bias)
         eps = _eps(op, eps)
