@@ -12,6 +12,11 @@ def update_running(running_mean: np.ndarray, running_var: np.ndarray, batch_mean
     ``batch_mean``/``batch_rstd`` have the channel as their last axis; leading axes (instances) are averaged.
     The biased variance is recovered from rstd in float64; it is clamped at 0 because rounding of rstd can make
     1/rstd^2 - eps slightly negative when var << eps. Shared by both frontends' eager paths.
+
+    Its error is that of rstd's rounding to the statistics' dtype: relative to var + eps (float32: ~1e-7 of it),
+    which is all that normalizing with the running statistics reads. The stored running_var itself is off by up
+    to that much, so where var is far below eps (var 1e-10 with eps 1e-3: +57%, where torch keeps it) the buffer
+    is not torch's, while the outputs computed from it are. The kernels' contract saves rstd, not the variance.
     """
     var = np.maximum(1.0 / np.square(batch_rstd.astype(np.float64)) - eps, 0.0) * (count / (count - 1))
     mean = batch_mean.astype(np.float64)
