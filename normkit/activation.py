@@ -62,10 +62,11 @@ def apply(act: int, z: np.ndarray, slope: float) -> np.ndarray:
 
 
 def derivative(act: int, z: np.ndarray, slope: float) -> np.ndarray:
-    """act'(z), computed in z's dtype (relu and leaky_relu: 1 where z > 0, else 0 or the slope, as in torch)."""
+    """act'(z), computed in z's dtype (relu: 0 where z <= 0, else 1, so 1 at a NaN z; leaky_relu: 1 where z > 0,
+    else the slope; as in torch)."""
     name = ACTIVATIONS[act]
     if name == "relu":
-        return (z > 0).astype(z.dtype)
+        return (~(z <= 0)).astype(z.dtype)
     if name == "leaky_relu":
         return np.where(z > 0, 1.0, slope).astype(z.dtype)
     if name == "silu":

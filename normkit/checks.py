@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import operator
 
 from .contract import DTYPES, HALF_DTYPES
 
@@ -123,7 +124,7 @@ def normalized_shape(op: str, value) -> tuple:
     try:
         if isinstance(value, (str, bytes)):
             raise TypeError
-        value = tuple(int(d) for d in value)
+        value = tuple(operator.index(d) for d in value)  # integers only: int() would truncate 5.9 to 5
     except (TypeError, ValueError):
         raise TypeError(f"{op}: normalized_shape must be an int or a tuple of ints, got {describe(value)}") from None
     if not value or min(value) < 0:

@@ -202,7 +202,7 @@ def _saved(op: str, saved, shape: tuple) -> Saved:
                         f"that this op's forward returned")
     if (saved.mean is not None and saved.mean.shape != shape) or saved.rstd.shape != shape:
         raise ValueError(
-            f"{op}: saved statistics have shape {saved.mean.shape}, expected {shape} for this input; "
+            f"{op}: saved statistics have shape {saved.rstd.shape}, expected {shape} for this input; "
             f"pass the same arguments to backward as to forward"
         )
     return saved

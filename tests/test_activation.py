@@ -64,6 +64,26 @@ def test_functions_match_torch(name):
         assert np.isnan(activation.apply(act, np.array([np.nan]), 0.2)).all()
 
 
+@pytest.mark.parametrize("name", ["relu", "leaky_relu"])
+def test_derivative_at_nan_is_torchs(name):
+    """torch's relu backward passes dy at a NaN (its test is result <= 0), leaky_relu's scales it by the slope
+    (its test is z > 0): in a set with a NaN, dbias (the sum of dy * act'(z)) is the dy torch's has, in every
+    backend."""
+    act = ACTIVATIONS.index(name)
+    zt = torch.tensor([np.nan, -1.0, 2.0], dtype=torch.float64, requires_grad=True)
+    TORCH_ACT[name](zt).backward(torch.ones(3, dtype=torch.float64))
+    np.testing.assert_array_equal(activation.derivative(act, zt.detach().numpy(), 0.2), zt.grad.numpy())
+    x = np.array([[1.0, np.nan, 3.0], [1.0, 2.0, 4.0]], np.float32)
+    w, b, dy = np.ones(3, np.float32), np.zeros(3, np.float32), np.ones((2, 3), np.float32)
+    xt, bt = torch.tensor(x), torch.zeros(3, requires_grad=True)
+    TORCH_ACT[name](F.layer_norm(xt, (3,), torch.ones(3), bt)).backward(torch.tensor(dy))
+    ln = normkit.get("ln")
+    for backend in ("reference", "cython", "numba"):
+        _, saved = ln.forward(x, (3,), w, b, activation=name, negative_slope=0.2, backend=backend)
+        db = ln.backward(dy, x, saved, (3,), w, b, activation=name, negative_slope=0.2, backend=backend)[2]
+        np.testing.assert_allclose(db, bt.grad.numpy(), rtol=1e-6, err_msg=backend)
+
+
 @pytest.mark.parametrize("name", ["silu", "gelu", "gelu_tanh"])
 def test_derivatives_match_finite_differences(name):
     z, h, act = np.linspace(-6, 6, 97), 1e-6, ACTIVATIONS.index(name)

@@ -207,6 +207,14 @@ def test_errors(rng):
         rms.add_backward(x, x[:2].copy(), h, saved, (8,))
     with pytest.raises(ValueError, match="rmsnorm: eps must be"):
         rms.forward(x, (8,), eps=-1.0)
+    _, saved = rms.forward(x, (8,))
+    with pytest.raises(ValueError, match=r"rmsnorm: saved statistics have shape \(4,\), expected \(3,\)"):
+        rms.backward(x[:3], x[:3], saved, (8,))
+    for shape in ((7.9,), [8.0], (2, 4.5)):  # torch refuses them too; int() would have truncated them
+        with pytest.raises(TypeError, match="normalized_shape must be an int or a tuple of ints"):
+            rms(x, shape)
+        with pytest.raises(TypeError, match="normalized_shape must be an int or a tuple of ints"):
+            ln(x, shape)
     with pytest.raises(ValueError, match=r"rmsnorm: residual must have the input's shape \(4, 8\) and dtype"):
         nt.add_rms_norm(torch.from_numpy(x), torch.zeros(4, 7), (8,))
     with pytest.raises(TypeError, match="rmsnorm: residual must be a torch.Tensor"):

@@ -560,12 +560,13 @@ def _gelu_tanh(z, slope):
     return t(0.5) * z * q if q != t(0.0) else t(0.0)
 
 
-# the derivatives (relu, leaky_relu: 1 where z > 0, else 0 or the slope, as torch's)
+# the derivatives (relu: 0 where z <= 0, else 1, so 1 at a NaN z; leaky_relu: 1 where z > 0, else the slope; as
+# torch's)
 
 @_jit
 def _drelu(z, slope):
     t = type(z)
-    return t(1.0) if z > t(0.0) else t(0.0)
+    return t(0.0) if z <= t(0.0) else t(1.0)
 
 
 @_jit
