@@ -187,6 +187,19 @@ def test_huge_values(backend, op, dtype, rng):
     assert all(np.isfinite(v).all() for k, v in got.items() if k not in ("mean", "rstd") and v is not None)
 
 
+@pytest.mark.parametrize("op", OPS)
+def test_float64_variance_beyond_float64(backend, op):
+    """Finite float64 values whose squares overflow (1e160): the variance is inf, not inf - inf, so rstd is 0 and y
+    the bias, as in the reference (Numba's statistics gave NaN)."""
+    x = np.tile(np.array([1e160, -1e160, 3e159, 0.0]), (2, 4, 1))
+    kw = op_args(op, x, np.random.default_rng(0), groups=2, affine="both")
+    y, saved = normkit.get(op).forward(x, **copy_args(kw), backend=backend)
+    want_y, want = normkit.get(op).forward(x, **copy_args(kw), backend="reference")
+    np.testing.assert_array_equal(saved.rstd, want.rstd)
+    assert (saved.rstd == 0).all()
+    np.testing.assert_array_equal(y, want_y)
+
+
 # (256, 4, 3, 3): layernorm's row quads, batchnorm's columns with row blocks; (32, 100, 3, 3): batchnorm's columns
 # in tasks of whole channels
 @pytest.mark.parametrize("shape", [(256, 4, 3, 3), (32, 100, 3, 3)], ids=str)

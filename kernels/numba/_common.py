@@ -241,9 +241,14 @@ def _dsums(dyr, xr, m):
 def _finish(p, s1, s2, count, eps):
     """(mean, rstd) in float64 from shifted sums."""
     mu = s1 / count
-    var = s2 / count - mu * mu
+    m2 = s2 / count
+    var = m2 - mu * mu
     if var < 0.0:  # rounding; written as a comparison so that a NaN variance stays NaN
         var = 0.0
+    elif var != var and m2 == np.inf and abs(mu) < np.inf:
+        # finite data whose squares overflow float64 (|x - pivot| ~1e154): the variance is that large, not NaN
+        # (inf - inf); rstd 0, as the Cython kernels and the reference give
+        var = np.inf
     return p + mu, 1.0 / np.sqrt(var + eps)
 
 
