@@ -60,7 +60,8 @@ def batch_normalization(x, mean, variance, offset, scale, variance_epsilon):
     """``(x - mean) / sqrt(variance + variance_epsilon) * scale + offset``, broadcasting like
     ``tf.nn.batch_normalization``. ``offset``/``scale`` may be None. Computed in float64, returned in x's dtype."""
     x = _float_array("batch_normalization", "x", x)
-    if isinstance(variance_epsilon, bool) or not isinstance(variance_epsilon, numbers.Real) or variance_epsilon < 0:
+    eps = variance_epsilon
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not eps >= 0:  # (NaN too)
         raise ValueError(f"batch_normalization: variance_epsilon must be a number >= 0, got {variance_epsilon!r}")
     terms = {"mean": mean, "variance": variance, "offset": offset, "scale": scale}
     arrays = {k: None if v is None else _float_array("batch_normalization", k, v).astype(np.float64)

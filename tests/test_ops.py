@@ -260,3 +260,6 @@ def test_batch_normalization_formula_and_broadcasting(rng):
         normkit.batch_normalization(x, mean, var, np.zeros(3), None, 1e-3)
     with pytest.raises(TypeError, match="x must be a float array, got dtype int64"):
         normkit.batch_normalization(np.ones((2, 2), np.int64), 0.0, 1.0, None, None, 1e-3)
+    for bad in (-1e-3, float("nan")):
+        with pytest.raises(ValueError, match="variance_epsilon must be a number >= 0"):
+            normkit.batch_normalization(x, mean, var, None, None, bad)
