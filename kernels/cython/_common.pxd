@@ -7,7 +7,7 @@ Every reduction is a plain loop over one accumulator pair; the build's -fassocia
 
 from cython cimport floating
 from cython.parallel cimport prange
-from libc.math cimport isfinite, sqrt
+from libc.math cimport isfinite, isinf, sqrt
 from libc.stdint cimport uint16_t
 from libc.string cimport memset
 
@@ -100,11 +100,15 @@ cdef inline void moments(const floating* x, Py_ssize_t n, double pivot, double* 
 
 cdef inline void finish_moments(double s1, double s2, Py_ssize_t m, double pivot, double eps,
                                 double* mean, double* rstd) noexcept nogil:
-    """mean and 1/sqrt(var + eps) from shifted sums; var is the biased variance, clamped at 0 (NaN stays NaN)."""
+    """mean and 1/sqrt(var + eps) from shifted sums; var is the biased variance, clamped at 0 (NaN stays NaN), and
+    inf where finite data's squares overflow double (|x - pivot| ~1e154: inf - inf would make it NaN)."""
     cdef double dmean = s1 / m
-    cdef double var = s2 / m - dmean * dmean
+    cdef double m2 = s2 / m
+    cdef double var = m2 - dmean * dmean
     if var < 0.0:
         var = 0.0
+    elif var != var and isinf(m2) and m2 > 0.0 and isfinite(dmean):
+        var = m2
     mean[0] = pivot + dmean
     rstd[0] = 1.0 / sqrt(var + eps)
 

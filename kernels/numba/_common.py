@@ -247,7 +247,7 @@ def _finish(p, s1, s2, count, eps):
         var = 0.0
     elif var != var and m2 == np.inf and abs(mu) < np.inf:
         # finite data whose squares overflow float64 (|x - pivot| ~1e154): the variance is that large, not NaN
-        # (inf - inf); rstd 0, as the Cython kernels and the reference give
+        # (inf - inf); rstd 0, as the reference gives (the Cython kernels' finish_moments likewise)
         var = np.inf
     return p + mu, 1.0 / np.sqrt(var + eps)
 
