@@ -67,22 +67,13 @@ class BatchNormalization:
         self.axis = [int(a) for a in axes] if isinstance(axis, (list, tuple)) else int(axis)
         self.momentum = self._fraction("momentum", momentum)
         self.renorm_momentum = self._fraction("renorm_momentum", renorm_momentum)
-        if (isinstance(epsilon, bool) or not isinstance(epsilon, numbers.Real)
-                or not (math.isfinite(epsilon) and epsilon >= 0)):
-            raise ValueError(f"{self._who}: epsilon must be a finite number >= 0, got {_describe(epsilon)}")
-        self.epsilon = float(epsilon)
+        self.epsilon = self._epsilon(epsilon)
         for arg, v in (("center", center), ("scale", scale), ("renorm", renorm)):
             if not isinstance(v, (bool, np.bool_)):
                 raise TypeError(f"{self._who}: {arg} must be a bool, got {_describe(v)}")
         self.center, self.scale, self.renorm = bool(center), bool(scale), bool(renorm)
         self.renorm_clipping = self._clipping(renorm_clipping)
-        if virtual_batch_size is not None and (isinstance(virtual_batch_size, bool)
-                                               or not isinstance(virtual_batch_size, numbers.Integral)):
-            raise TypeError(f"{self._who}: virtual_batch_size must be None or a positive int, got "
-                            f"{_describe(virtual_batch_size)}")
-        if virtual_batch_size is not None and virtual_batch_size <= 0:
-            raise ValueError(f"{self._who}: virtual_batch_size must be a positive int, got {virtual_batch_size}")
-        self.virtual_batch_size = None if virtual_batch_size is None else int(virtual_batch_size)
+        self.virtual_batch_size = self._virtual_batch_size(virtual_batch_size)
         try:
             self.dtype = np.dtype(dtype)
         except TypeError:
@@ -105,6 +96,20 @@ class BatchNormalization:
         if isinstance(v, bool) or not isinstance(v, numbers.Real) or not 0.0 <= v <= 1.0:
             raise ValueError(f"{self._who}: {arg} must be a number in [0, 1], got {_describe(v)}")
         return float(v)
+
+    def _epsilon(self, v) -> float:
+        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not (math.isfinite(v) and v >= 0):
+            raise ValueError(f"{self._who}: epsilon must be a finite number >= 0, got {_describe(v)}")
+        return float(v)
+
+    def _virtual_batch_size(self, v):
+        if v is None:
+            return None
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+            raise TypeError(f"{self._who}: virtual_batch_size must be None or a positive int, got {_describe(v)}")
+        if v <= 0:
+            raise ValueError(f"{self._who}: virtual_batch_size must be a positive int, got {v}")
+        return int(v)
 
     def _clipping(self, clipping) -> dict:
         if clipping is None:
@@ -133,9 +138,9 @@ class BatchNormalization:
         if type(x).__module__.split(".")[0] == "torch" or isinstance(x, (str, bytes)) or x is None:
             raise TypeError(f"{self._who}: {arg} must be a float32 or float64 NumPy array, got {type(x).__name__}")
         x = np.asarray(x)
-        if x.dtype not in (np.float32, np.float64):
+        if x.dtype.newbyteorder("=") not in (np.float32, np.float64):
             raise TypeError(f"{self._who}: {arg} must be float32 or float64, got dtype {x.dtype}")
-        if not x.dtype.isnative:
+        if not x.dtype.isnative:  # byte-swapped: copied, as the ops do
             x = x.astype(x.dtype.newbyteorder("="))
         if x.size == 0:
             raise ValueError(f"{self._who}: {arg} must not be empty, got shape {x.shape}")

@@ -75,15 +75,17 @@ def _view(name: str, a) -> np.ndarray:
     """A C-contiguous (N, C, S) view (or copy) of an (N, C, *spatial) float32/float64 array."""
     if not isinstance(a, np.ndarray):
         raise TypeError(f"{OP}: {name} must be a NumPy array, got {type(a).__name__}")
-    if a.dtype not in (np.float32, np.float64):
+    native = a.dtype.newbyteorder("=")
+    if native not in (np.float32, np.float64):
         raise TypeError(f"{OP}: {name} must be float32 or float64, got dtype {a.dtype}")
     if a.ndim < 2 or a.size == 0:
         raise ValueError(f"{OP}: {name} must be a non-empty (N, C) or (N, C, *spatial) array, got shape {a.shape}")
-    return np.ascontiguousarray(a).reshape(a.shape[0], a.shape[1], -1)
+    return np.ascontiguousarray(a, native).reshape(a.shape[0], a.shape[1], -1)  # byte-swapped data: copied
 
 
 def _pair(dy, x) -> tuple[np.ndarray, np.ndarray]:
-    if getattr(dy, "shape", None) != getattr(x, "shape", None) or getattr(dy, "dtype", None) != x.dtype:
+    if getattr(dy, "shape", None) != getattr(x, "shape", None) or getattr(dy, "dtype", None) is None \
+            or dy.dtype.newbyteorder("=") != x.dtype.newbyteorder("="):
         raise ValueError(f"{OP}: dy must have x's shape {x.shape} and dtype {x.dtype}, got "
                          f"{getattr(dy, 'shape', None)} {getattr(dy, 'dtype', None)}")
     return _view("dy", dy), _view("x", x)
@@ -190,4 +192,4 @@ def batchnorm_backward(dy: np.ndarray, x: np.ndarray, mean, rstd, weight=None,
     count = x.shape[0] * math.prod(x.shape[2:])
     a, b, d = backward_coefficients(mean, rstd, weight, sum_dy, sum_dy_xhat, count, x.dtype)
     dx = batchnorm_backward_apply(dy, x, a, b, d, backend)
-    return dx, sum_dy_xhat.astype(x.dtype), sum_dy.astype(x.dtype)
+    return dx, sum_dy_xhat.astype(dx.dtype), sum_dy.astype(dx.dtype)

@@ -276,3 +276,23 @@ def test_huge_values_float32(backend, shape):
     for name, g, r in zip(("dx", "dweight", "dbias"), got, want):
         assert np.isfinite(g).all(), name
         assert_close(g, r, "float32", "backward", what=name)
+
+
+def test_byte_swapped_input_is_copied():
+    """As normkit.get("bn") and the Keras-style layer take them: copied to native order (the dtype test had refused
+    '>f8' as not float64)."""
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((4, 3, 5))
+    dy = rng.standard_normal(x.shape)
+    swapped = np.dtype(np.float64).newbyteorder("S")
+    got, want = split.batchnorm_forward(x.astype(swapped)), split.batchnorm_forward(x)
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(g, w)
+    mean, rstd = want[1:]
+    got = split.batchnorm_backward(dy.astype(swapped), x.astype(swapped), mean, rstd)
+    for g, w in zip(got, split.batchnorm_backward(dy, x, mean, rstd)):
+        assert g.dtype.isnative
+        np.testing.assert_array_equal(g, w)
+    layer, native = normkit.BatchNormalization(axis=1, dtype="float64"), normkit.BatchNormalization(axis=1,
+                                                                                                   dtype="float64")
+    np.testing.assert_array_equal(layer(x.astype(swapped), training=True), native(x, training=True))

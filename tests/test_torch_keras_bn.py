@@ -444,20 +444,23 @@ def test_renorm_ghost_gradcheck(kind):
     torch.autograd.gradcheck(f, (x, m.weight, m.bias))
 
 
-@pytest.mark.parametrize("momentum", [0.1, None])
+@pytest.mark.parametrize("momentum, bias", [(0.1, True), (None, True), (0.1, False)])
 @pytest.mark.parametrize("dims", [1, 2, 3])
 @pytest.mark.parametrize("kind", ["renorm", "ghost"])
-def test_reduces_to_torch_batchnorm(kind, dims, momentum):
+def test_reduces_to_torch_batchnorm(kind, dims, momentum, bias):
+    """rmax=1, dmax=0, or one ghost batch, is torch's BatchNorm; also with torch 2.13's bias=False."""
     shape = TORCH_SHAPES[dims]
     if kind == "renorm":
-        m = RENORM[dims](3, momentum=momentum, rmax=1.0, dmax=0.0)
+        m = RENORM[dims](3, momentum=momentum, rmax=1.0, dmax=0.0, bias=bias)
     else:
-        m = GHOST[dims](3, momentum=momentum, virtual_batch_size=shape[0])
-    ref = TORCH_BN[dims](3, momentum=momentum)
+        m = GHOST[dims](3, momentum=momentum, virtual_batch_size=shape[0], bias=bias)
+    ref = TORCH_BN[dims](3, momentum=momentum, bias=bias)
+    assert (m.bias is None) is (not bias)
     with torch.no_grad():
         for mod in (m, ref):
             mod.weight.copy_(torch.tensor([1.3, -0.6, 0.9]))
-            mod.bias.copy_(torch.tensor([0.2, -0.1, 0.4]))
+            if bias:
+                mod.bias.copy_(torch.tensor([0.2, -0.1, 0.4]))
     assert list(m.state_dict()) == list(ref.state_dict())
     rng = np.random.default_rng(1)
     for step in range(4):
@@ -469,7 +472,7 @@ def test_reduces_to_torch_batchnorm(kind, dims, momentum):
             y.backward(dy)
         close(ys[0], ys[1].detach().numpy(), 1e-5, "y")
         close(xs[0].grad, xs[1].grad.numpy(), 1e-5, "dx")
-        for name in ("weight", "bias"):
+        for name in ("weight", "bias") if bias else ("weight",):
             close(getattr(m, name).grad, getattr(ref, name).grad.numpy(), 1e-5, f"d{name}")
         for name in ("running_mean", "running_var", "num_batches_tracked"):
             close(getattr(m, name), getattr(ref, name).numpy(), 1e-6, name)
@@ -611,10 +614,61 @@ def test_renorm_ghost_take_empty_batches_as_torch_batchnorm(kind, shape):
         assert torch.equal(getattr(m, name), getattr(ref, name)), name
 
 
-def test_convert_sync_batchnorm_refuses_renorm_and_ghost():
-    """They subclass torch.nn.BatchNorm*d, so a plain SyncBatchNorm would silently replace their semantics."""
+def test_convert_sync_batchnorm_refuses_renorm_ghost_and_keras():
+    """Renorm and ghost subclass torch.nn.BatchNorm*d, so a plain SyncBatchNorm would silently replace their
+    semantics; the Keras-style layer, left alone, would silently normalize per process."""
     ghost = torch.nn.Sequential(torch.nn.Conv2d(3, 3, 1), nkt.GhostBatchNorm2d(3, virtual_batch_size=2))
-    for m in (nkt.BatchRenorm2d(3), ghost):
+    for m in (nkt.BatchRenorm2d(3), ghost, torch.nn.Sequential(nkt.BatchNormalization(3))):
         with pytest.raises(TypeError, match="no synchronized version"):
             nkt.convert_sync_batchnorm(m)
     assert isinstance(nkt.convert_sync_batchnorm(torch.nn.BatchNorm2d(3)), nkt.SyncBatchNorm)
+
+
+@pytest.mark.parametrize("make, train", [(lambda: nkt.BatchRenorm1d(3), True),
+                                         (lambda: nkt.GhostBatchNorm1d(3, virtual_batch_size=4), True),
+                                         (lambda: nkt.BatchNormalization(3), True),
+                                         (lambda: nkt.BatchNormalization(3), False)])
+def test_input_changed_in_place_after_forward_is_torchs_error(make, train):
+    """Their backward reads NumPy views of the input's memory: an in-place change of it between forward and
+    backward raises torch's error, as torch.nn.BatchNorm's does, rather than giving wrong gradients."""
+    m = make().double().train(train)
+    lin = torch.nn.Linear(3, 3).double()
+    h = lin(torch.randn(8, 3, dtype=torch.float64))
+    h += m(h)  # the Linear does not save its output: only the norm's check can catch it
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        h.pow(2).sum().backward()
+
+
+def test_keras_module_hyperparameters_take_effect_when_assigned():
+    """As in tf_keras (and the NumPy layer), momentum, epsilon, renorm_clipping, renorm_momentum and
+    virtual_batch_size are read at every call: assigning them changes the next call, and is checked."""
+    x = torch.from_numpy(np.random.default_rng(0).standard_normal((8, 3, 4, 4)) * 2 + 5)
+    m = nkt.BatchNormalization(3, renorm=True).double()
+    layer = normkit.BatchNormalization(axis=1, renorm=True, dtype="float64")
+    for obj in (m, layer):
+        obj.momentum, obj.epsilon, obj.renorm_momentum = 0.0, 100.0, 0.5
+        obj.renorm_clipping = {"rmax": 1.5, "rmin": 0.8, "dmax": 0.3}
+        obj.virtual_batch_size = 4
+    y = m(x)
+    close(y, layer(x.numpy(), training=True), 1e-12, "y")
+    for name in ("moving_mean", "moving_variance", *RENORM_VARS):
+        close(getattr(m, name), getattr(layer, name), 1e-12, name)
+    assert "momentum=0.0, epsilon=100.0" in repr(m)
+    with pytest.raises(ValueError, match="momentum must be a number in"):
+        m.momentum = 1.5
+    with pytest.raises(ValueError, match="epsilon must be a finite number"):
+        m.epsilon = -1.0
+    with pytest.raises(ValueError, match="renorm_clipping has keys"):
+        m.renorm_clipping = {"r": 1.0}
+    with pytest.raises(ValueError, match="virtual_batch_size must be a positive int"):
+        m.virtual_batch_size = 0
+
+
+def test_renorm_rmax_dmax_assigned_are_checked_at_the_call():
+    m = nkt.BatchRenorm2d(3)
+    x = torch.randn(4, 3, 2, 2)
+    for name, value, low in (("rmax", 0.5, 1.0), ("rmax", 0, 1.0), ("dmax", -1.0, 0.0)):
+        setattr(m, name, value)
+        with pytest.raises(ValueError, match=f"BatchRenorm2d: {name} must be a finite number >= {low}, got {value}"):
+            m(x)
+        setattr(m, name, 3.0)

@@ -33,10 +33,11 @@ Channels-last: an input of the channel ops in ``torch.channels_last`` / ``channe
 with dim 1 fastest, then the spatial dims in order) goes without a copy to the channels-last kernels as its
 (N, S, C) view, and ``y`` (and, in backward, ``dx``) has the input's strides, as torch's BatchNorm and GroupNorm
 give them (torch's InstanceNorm, and its ops on a 3-D input with C fastest, return a contiguous tensor of the same
-values); a grad_output in another layout is copied to it. Without a channels-last kernel for the dtype (a backend names its channels-last
-dtypes: contract.LAYOUT_DTYPES unless it says more) or the fused activation, a per-channel direction (BatchNorm's,
-and the inference ones) runs the NCHW kernel on the (N*S, C, 1) view without a copy (contract.on_columns), any
-other the NCHW one on a contiguous copy; the output is handed back channels-last either way. A tensor that is
+values); a grad_output in another layout is copied to it. Without a channels-last kernel for the dtype (a backend
+names its channels-last dtypes: contract.LAYOUT_DTYPES unless it says more) or the fused activation, a per-channel
+direction (BatchNorm's, and the inference ones) runs the NCHW kernel on the (N*S, C, 1) view without a copy
+(contract.on_columns), any other the NCHW one on a contiguous copy; the output is handed back channels-last either
+way. A tensor that is
 contiguous too (C = 1, or all spatial dims 1) takes the NCHW path: the memory is the same.
 """
 

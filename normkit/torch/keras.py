@@ -30,6 +30,7 @@ class _KerasBN(torch.autograd.Function):
         core = module._core
         xa = x.detach().contiguous().numpy()
         y = core(xa, training=module.training)
+        ctx.save_for_backward(x)  # only for torch's check of in-place changes (backward reads views of its memory)
         if module.training:
             ctx.saved = core._saved
             core._saved = None                    # the state belongs to this call (autograd may interleave calls)
@@ -49,6 +50,7 @@ class _KerasBN(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         differentiable.refuse("normkit BatchNormalization")
+        ctx.saved_tensors  # raises torch's error if x was changed in place since forward
         dya = dy.contiguous().numpy()
         if ctx.saved is not None:
             dx, dgamma, dbeta = ctx.core._backward(ctx.saved, dya)
@@ -109,9 +111,7 @@ class BatchNormalization(nn.Module):
             virtual_batch_size=virtual_batch_size, name="normkit.torch")
         core = self._core
         self.num_features, self.axis = int(num_features), core.axis
-        self.momentum, self.epsilon, self.center, self.scale = core.momentum, core.epsilon, core.center, core.scale
-        self.renorm, self.renorm_clipping = core.renorm, dict(core.renorm_clipping)
-        self.renorm_momentum, self.virtual_batch_size = core.renorm_momentum, core.virtual_batch_size
+        self.center, self.scale, self.renorm = core.center, core.scale, core.renorm
         kw = {"device": device, "dtype": dtype}
         c = self.num_features
         self.gamma = nn.Parameter(torch.ones(c, **kw)) if self.scale else None
@@ -122,6 +122,49 @@ class BatchNormalization(nn.Module):
             self.register_buffer("moving_stddev", torch.ones(c, **kw))
             self.register_buffer("renorm_mean", torch.zeros(c, **kw))
             self.register_buffer("renorm_stddev", torch.ones(c, **kw))
+
+    # The hyperparameters Keras reads at every call live in the core, which computes with them: assigning one here
+    # checks it as the constructor does and takes effect at the next call, as in tf_keras.
+    @property
+    def momentum(self) -> float:
+        return self._core.momentum
+
+    @momentum.setter
+    def momentum(self, v):
+        self._core.momentum = self._core._fraction("momentum", v)
+
+    @property
+    def renorm_momentum(self) -> float:
+        return self._core.renorm_momentum
+
+    @renorm_momentum.setter
+    def renorm_momentum(self, v):
+        self._core.renorm_momentum = self._core._fraction("renorm_momentum", v)
+
+    @property
+    def epsilon(self) -> float:
+        return self._core.epsilon
+
+    @epsilon.setter
+    def epsilon(self, v):
+        self._core.epsilon = self._core._epsilon(v)
+
+    @property
+    def renorm_clipping(self) -> dict:
+        return self._core.renorm_clipping
+
+    @renorm_clipping.setter
+    def renorm_clipping(self, v):
+        self._core.renorm_clipping = self._core._clipping(v)
+
+    @property
+    def virtual_batch_size(self):
+        return self._core.virtual_batch_size
+
+    @virtual_batch_size.setter
+    def virtual_batch_size(self, v):
+        self._core.virtual_batch_size = self._core._virtual_batch_size(v)
+        self._core.built = False  # build checks the layout against it
 
     @property
     def backend(self):

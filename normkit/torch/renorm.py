@@ -32,6 +32,7 @@ class _CoreTrain(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, core, out):
         y = core(x.detach().contiguous().numpy(), training=True)
+        ctx.save_for_backward(x)  # only for torch's check of in-place changes (the core kept views of its memory)
         ctx.core, ctx.saved, core._saved = core, core._saved, None
         ctx.wdtype = None if weight is None else weight.dtype
         ctx.bdtype = None if bias is None else bias.dtype
@@ -41,6 +42,7 @@ class _CoreTrain(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         differentiable.refuse(f"normkit {ctx.core.name}")
+        ctx.saved_tensors  # raises torch's error if x was changed in place since forward
         dx, dw, db = ctx.core._backward(ctx.saved, dy.contiguous().numpy())
         dw = None if ctx.wdtype is None else torch.from_numpy(dw.reshape(-1)).to(ctx.wdtype)
         db = None if ctx.bdtype is None else torch.from_numpy(db.reshape(-1)).to(ctx.bdtype)
@@ -57,9 +59,8 @@ class _RenormGhostForward:
     def _core_for(self, x: Tensor, use_running: bool):
         core = _keras.BatchNormalization(
             axis=1, momentum=1.0, epsilon=self.eps, center=self.bias is not None, scale=self.weight is not None,
-            renorm=use_running, renorm_clipping={"rmin": 1.0 / self.rmax, "rmax": self.rmax, "dmax": self.dmax}
-            if use_running else None, renorm_momentum=1.0, virtual_batch_size=self._vbs(), dtype="float64",
-            name=type(self).__name__, backend=self.backend)
+            renorm=use_running, renorm_clipping=self._clipping() if use_running else None, renorm_momentum=1.0,
+            virtual_batch_size=self._vbs(), dtype="float64", name=type(self).__name__, backend=self.backend)
         core.build(tuple(x.shape))
         core.gamma = None if self.weight is None else self.weight.detach().numpy()
         core.beta = None if self.bias is None else self.bias.detach().numpy()
@@ -134,7 +135,7 @@ class _BatchRenorm(_RenormGhostForward):
     _renorm = True
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True, rmax=3.0,
-                 dmax=5.0, renorm_momentum=None, device=None, dtype=None):
+                 dmax=5.0, renorm_momentum=None, device=None, dtype=None, *, bias=True):
         who = type(self).__name__
         rmax = _positive_number(who, "rmax", rmax, 1.0)
         dmax = _positive_number(who, "dmax", dmax, 0.0)
@@ -143,7 +144,8 @@ class _BatchRenorm(_RenormGhostForward):
             if isinstance(v, bool) or not isinstance(v, numbers.Real) or not 0.0 <= v <= 1.0:
                 raise ValueError(f"{who}: renorm_momentum must be None or a number in [0, 1], got {v!r}")
             renorm_momentum = float(v)
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype,
+                         bias=bias)
         self.rmax, self.dmax, self.renorm_momentum = rmax, dmax, renorm_momentum
         if renorm_momentum is not None:
             if self.track_running_stats:
@@ -153,6 +155,13 @@ class _BatchRenorm(_RenormGhostForward):
             else:
                 self.register_buffer("renorm_mean", None)
                 self.register_buffer("renorm_std", None)
+
+    def _clipping(self) -> dict:
+        """r's and d's clipping from rmax and dmax, which are read (and checked) at every call: they are ramped by
+        assignment."""
+        who = type(self).__name__
+        rmax, dmax = _positive_number(who, "rmax", self.rmax, 1.0), _positive_number(who, "dmax", self.dmax, 0.0)
+        return {"rmin": 1.0 / rmax, "rmax": rmax, "dmax": dmax}
 
     def reset_running_stats(self) -> None:
         super().reset_running_stats()
@@ -166,8 +175,9 @@ class _BatchRenorm(_RenormGhostForward):
 
 class _GhostBatchNorm(_RenormGhostForward):
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
-                 virtual_batch_size=None, device=None, dtype=None):
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
+                 virtual_batch_size=None, device=None, dtype=None, *, bias=True):
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype,
+                         bias=bias)
         v = virtual_batch_size
         if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v <= 0:
             raise ValueError(f"{type(self).__name__}: virtual_batch_size must be a positive int, got {v!r}")

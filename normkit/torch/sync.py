@@ -190,14 +190,19 @@ def convert_sync_batchnorm(module: nn.Module, process_group=None) -> nn.Module:
     """:meth:`torch.nn.SyncBatchNorm.convert_sync_batchnorm` making normkit's :class:`SyncBatchNorm`: every
     BatchNorm layer (torch's or normkit's BatchNorm1d/2d/3d, or a torch.nn.SyncBatchNorm) is replaced by a new
     module that carries the very same parameter and buffer objects; ``module`` itself is returned converted (a new
-    object if it is a BatchNorm layer)."""
+    object if it is a BatchNorm layer). BatchRenorm*d, GhostBatchNorm*d and the Keras-style BatchNormalization have
+    no synchronized version: a TypeError, rather than their semantics lost or their statistics left per process."""
     if not isinstance(module, nn.Module):
         raise TypeError(f"convert_sync_batchnorm: module must be a torch.nn.Module, got {type(module).__name__}")
+    from .keras import BatchNormalization
     from .renorm import _RenormGhostForward
 
     if isinstance(module, _RenormGhostForward):  # a torch.nn.BatchNorm*d subclass: SyncBatchNorm would drop r, d
         raise TypeError(f"convert_sync_batchnorm: {type(module).__name__} has no synchronized version (its batch "
                         f"renormalization / ghost batches would be lost)")
+    if isinstance(module, BatchNormalization):  # not a _BatchNorm: left alone it would normalize per process
+        raise TypeError("convert_sync_batchnorm: the Keras-style BatchNormalization has no synchronized version "
+                        "(its statistics would stay those of each process)")
     if getattr(module, "activation", None) is not None:
         raise ValueError(f"convert_sync_batchnorm: this {type(module).__name__} applies activation="
                          f"{module.activation!r}, which SyncBatchNorm has no fused form of (convert without fuse=True, "
