@@ -451,6 +451,29 @@ def test_normkit_models_under_bf16_autocast(name):
     _assert_model_like_torch(model, inputs, torch.bfloat16, 8 * float(torch.finfo(torch.bfloat16).eps))
 
 
+@pytest.mark.filterwarnings("ignore:Mismatch dtype between input and weight")
+@pytest.mark.parametrize("same", [True, False], ids=["weight_16_bit", "weight_float32"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_torch_compile_16_bit_rms_norm_matches_eager(dtype, same):
+    """rms_norm's custom ops on 16-bit data under torch.compile: the fakes give rstd and dweight in float32, as the
+    kernels do (they gave the input's dtype, and the backward's check refused the real rstd), and dweight comes back
+    in the weight's dtype, as in eager."""
+    g = torch.Generator().manual_seed(0)
+    wdtype = dtype if same else torch.float32
+    x0, w0 = torch.randn(4, 16, generator=g).to(dtype), torch.randn(16, generator=g).to(wdtype)
+    outs = []
+    for compiled in (False, True):
+        x, w = x0.clone().requires_grad_(), w0.clone().requires_grad_()
+        f = (lambda a, b: nt.rms_norm(a, (16,), b, 1e-5))
+        y = (torch.compile(f, backend="aot_eager", fullgraph=True) if compiled else f)(x, w)
+        y.float().pow(2).sum().backward()
+        outs.append((y, x.grad, w.grad))
+    for a, b in zip(*outs):
+        assert a.dtype == b.dtype
+        torch.testing.assert_close(b, a, atol=0, rtol=0)
+    assert outs[0][2].dtype == wdtype
+
+
 def test_torch_compile_under_autocast_matches_eager():
     """The custom ops under torch.compile with 16-bit inputs and float32 parameters: fake outputs of the right
     dtypes (fullgraph: no graph break), the same results as eager. aot_eager traces with fake tensors and autograd

@@ -914,7 +914,8 @@ def _rms_norm(input: Tensor, normalized_shape: list[int], weight: Optional[Tenso
 @_rms_norm.register_fake
 def _(input, normalized_shape, weight, eps, backend):
     shape = _check_layer_op(input, normalized_shape, weight, None, eps, _RMS)
-    return input.new_empty(input.shape), input.new_empty(_stat_shape(_RMS, input, 0, len(shape), True))
+    return input.new_empty(input.shape), input.new_empty(_stat_shape(_RMS, input, 0, len(shape), True),
+                                                         dtype=_STAT_DTYPES[input.dtype])
 
 
 @torch.library.custom_op("normkit::rms_norm_backward", mutates_args=(), device_types="cpu")
@@ -929,13 +930,15 @@ def _rms_norm_backward(grad_output: Tensor, input: Tensor, rstd: Tensor, normali
 @_rms_norm_backward.register_fake
 def _(grad_output, input, rstd, normalized_shape, weight, weight_grad, backend):
     shape = _check_layer_backward(grad_output, input, None, rstd, normalized_shape, weight, _RMS)
-    return input.new_empty(input.shape), input.new_empty(shape if weight_grad else (0,))
+    return input.new_empty(input.shape), input.new_empty(shape if weight_grad else (0,),
+                                                         dtype=_STAT_DTYPES[input.dtype])
 
 
 def _rms_setup(ctx, inputs, output):
     x, normalized_shape, weight, _eps, backend = inputs
     ctx.save_for_backward(x, weight, output[1])
     ctx.extra, ctx.backend = normalized_shape, backend
+    ctx.weight_dtype = None if weight is None else weight.dtype
     ctx.mark_non_differentiable(output[1])
 
 
@@ -943,6 +946,8 @@ def _rms_autograd(ctx, dy, _drstd):
     x, weight, rstd = ctx.saved_tensors
     need_w = ctx.needs_input_grad[2]
     dx, dw = _rms_norm_backward(dy, x, rstd, ctx.extra, weight, need_w, ctx.backend)
+    if x.dtype in _HALF and need_w:  # the kernels' float32 gradient, in the weight's dtype (see _autograd)
+        dw = _param_grads(dw, None, ctx.weight_dtype, None)[0]
     return dx if ctx.needs_input_grad[0] else None, None, dw if need_w else None, None, None
 
 
