@@ -338,6 +338,85 @@ def test_convert_leaves_a_norm_with_other_users_and_training_dependent_forwards(
     assert report.fused == [] and "train and eval mode" in report.not_traced["1"]
 
 
+class _WithOptional(nn.Module):  # diffusers' ResnetBlock2D(x, temb=None)
+    def __init__(self):
+        super().__init__()
+        self.norm, self.proj = nn.LayerNorm(4), nn.Linear(4, 4)
+
+    def forward(self, x, temb=None):
+        h = F.silu(self.norm(x))
+        return h if temb is None else h + self.proj(temb)
+
+
+class _NoGrad(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.norm = nn.LayerNorm(4)
+
+    def forward(self, x):
+        with torch.no_grad():
+            t = F.relu(self.norm(x))
+        return x * t
+
+
+class _Constant(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.norm = nn.LayerNorm(4)
+
+    def forward(self, x):
+        return F.relu(self.norm(x)) * torch.tensor(2.0)
+
+
+class _TwoMethods(nn.Module):  # timm's forward_features / forward_head
+    def __init__(self):
+        super().__init__()
+        self.norm = nn.LayerNorm(4)
+
+    def features(self, x):
+        return F.gelu(self.norm(x))
+
+    def forward(self, x):
+        return F.relu(self.norm(x))
+
+
+def test_convert_fuses_only_what_fx_records_faithfully():
+    """Found by a fuzz of the fusion: fx freezes an optional argument's branch, drops no_grad / autocast blocks
+    and Python random draws, and keeps tensor constants only on its own GraphModule (the rewrite raised outside
+    its try); a method other than forward that calls the norm would get the activation too; hooks on either
+    module (or on every module) would see other values or not run; a forward set on the instance is not the
+    class's. All of them are left unfused, with the reason in the report, and compute as torch's."""
+    torch.manual_seed(0)
+    with_hooks = nn.Sequential(nn.LayerNorm(4), nn.ReLU())
+    with_hooks[0].register_forward_hook(lambda m, i, o: o * 2)
+    act_hook = nn.Sequential(nn.LayerNorm(4), nn.GELU())
+    act_hook[1].register_forward_pre_hook(lambda m, i: (i[0] - 1,))
+    patched = nn.Sequential(nn.LayerNorm(4), nn.SiLU())
+    patched[0].forward = lambda x: nn.LayerNorm.forward(patched[0], x) + 1  # accelerate's add_hook_to_module
+    model = nn.ModuleList([_WithOptional(), _NoGrad(), _Constant(), _TwoMethods(), with_hooks, act_hook, patched])
+    original = copy.deepcopy(model)
+    nt.convert(model, fuse=True)
+    report = nt.fusion_report(model)
+    assert report.fused == []
+    assert "optional arguments (temb)" in report.not_traced["0"]
+    assert "uses no_grad" in report.not_traced["1"]
+    assert "tensor constants" in report.not_traced["2"]
+    assert "_TwoMethods.features uses it too" in report.not_traced["3.norm"]
+    x = torch.randn(3, 4)
+    for i in range(6):  # (patched's instance forward closes over its own module: left out)
+        torch.testing.assert_close(model[i](x), original[i](x))
+    torch.testing.assert_close(model[0](x, x), original[0](x, x))
+    torch.testing.assert_close(model[3].features(x), original[3].features(x))
+    assert model[6][0].activation is None
+    plain = nn.Sequential(nn.LayerNorm(4), nn.ReLU())
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda m, i, o: None)
+    try:
+        nt.convert(plain, fuse=True)
+    finally:
+        handle.remove()
+    assert nt.fusion_report(plain).fused == [] and "global module hooks" in nt.fusion_report(plain).not_traced[""]
+
+
 def test_torch_compile_of_fused_model_matches_eager(monkeypatch):
     """The compiled graph calls the custom ops with the activation: the act_ kernels run, forward and backward."""
     torch.manual_seed(0)

@@ -15,8 +15,17 @@ activation and nowhere else:
   gets the activation, and the module's class becomes a subclass of its own class whose forward is the rewritten
   graph's code (``isinstance`` and the module's other methods stay; :func:`~normkit.torch.revert` restores the
   class). A module whose forward cannot be traced, or traces differently in train and eval mode (it reads
-  ``self.training``, which fx would freeze), is left alone, and the report says why. As with any fx rewrite,
-  plain Python values the forward reads (a float attribute, a flag) are frozen at their values at conversion.
+  ``self.training``, which fx would freeze), is left alone, and the report says why; so is one whose forward
+  fx would record wrongly: an argument with a default (its ``None`` branch would be lost), a ``no_grad`` /
+  ``autocast`` block or a Python random draw (fx records neither), tensor constants. A norm child that another
+  method of the module calls (timm's ``forward_features``) or that is a grandchild stays unfused. As with any
+  fx rewrite, plain Python values the forward reads (a float attribute, a flag) are frozen at their values at
+  conversion, and the rewritten module cannot be pickled whole (save its state_dict).
+
+Neither path fuses a norm or an activation that has hooks (they would see other values, or not run), or a forward
+set on the instance, nor anything while global module hooks are registered. What the Sequential path cannot see:
+code that calls the fused Sequential's norm child directly (``seq[0](x)``, or iterating over its children to
+tap the norm's output) gets the activation's output from it.
 
 A norm layer is fused only when it is an exact normkit (after conversion) BatchNorm, InstanceNorm, GroupNorm or
 LayerNorm without an activation yet, called once, and held in one place of the model. In-place activations
@@ -28,7 +37,9 @@ INFO on the ``normkit.torch`` logger.
 from __future__ import annotations
 
 import copy
+import inspect
 import logging
+import re
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -153,12 +164,33 @@ def _fusable(norm: nn.Module, shared: set) -> bool:
     from . import modules
 
     return (type(norm) in modules._TO_TORCH and type(norm) is not modules.RMSNorm and norm.activation is None
-            and id(norm) not in shared)
+            and id(norm) not in shared and _plain_calls(norm))
+
+
+_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+
+
+def _plain_calls(module: nn.Module) -> bool:
+    """Whether calling the module runs its class's forward and nothing else: no hooks (a hook on the norm would
+    see the activation's output, one on the activation would not run) and no forward set on the instance
+    (accelerate's hooks do that)."""
+    return "forward" not in module.__dict__ and not any(getattr(module, h, None) for h in _HOOKS)
+
+
+def _global_hooks() -> bool:
+    """Module hooks registered for every module (torch.nn.modules.module.register_module_forward_hook, ...)."""
+    from torch.nn.modules import module as _module
+
+    return any(getattr(_module, f"_global{h}", None) for h in _HOOKS)
 
 
 def fuse_model(model: nn.Module) -> FusionReport:
     """``convert(model, fuse=True)``'s fusion, on a model whose norms convert() has already switched."""
     report = FusionReport()
+    if _global_hooks():
+        report.not_traced[""] = "global module hooks are registered: fusing would change what they see"
+        model.__dict__[_REPORT] = report
+        return report
     counts: dict[int, int] = {}
     for _, m in model.named_modules(remove_duplicate=False):
         counts[id(m)] = counts.get(id(m), 0) + 1
@@ -180,7 +212,7 @@ def _fuse_sequential(seq: nn.Sequential, names: dict, shared: set, report: Fusio
     keys = list(seq._modules)
     for key, next_key in zip(keys, keys[1:]):
         norm, act = seq._modules[key], seq._modules[next_key]
-        if norm is None or act is None or not _fusable(norm, shared):
+        if norm is None or act is None or not _fusable(norm, shared) or not _plain_calls(act):
             continue
         try:
             name, slope = activation_of(act)
@@ -220,10 +252,55 @@ class _ChildrenAreLeaves(fx.Tracer):
 def _trace(module: nn.Module) -> fx.Graph:
     before = set(module.__dict__)
     try:
-        return _ChildrenAreLeaves().trace(module)
+        graph = _ChildrenAreLeaves().trace(module)
     finally:
-        for key in set(module.__dict__) - before:  # tensor constants fx attaches to the traced module
+        added = set(module.__dict__) - before
+        for key in added:  # tensor constants fx attaches to the traced module
             del module.__dict__[key]
+    if added:  # the graph reads them: its code cannot run without them
+        raise ValueError("its forward makes tensor constants (torch.tensor(...) and the like), which the rewritten "
+                         "forward could not keep")
+    return graph
+
+
+# What fx records wrongly in a forward, refused before tracing: an argument with a default (fx traces it as a value
+# that is always given, so a `None` default's branch is lost), and the context managers and Python random draws fx
+# does not record (a no_grad or autocast block would silently vanish; a layer-drop draw would be frozen).
+_NOT_RECORDED = ("no_grad", "enable_grad", "set_grad_enabled", "inference_mode", "autocast", "random")
+
+
+def _untraceable(cls: type) -> Optional[str]:
+    """Why fx cannot be trusted with ``cls``'s forward, or None."""
+    params = list(inspect.signature(cls.forward).parameters.values())[1:]
+    optional = [p.name for p in params if p.default is not p.empty or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    if optional:
+        return f"its forward has optional arguments ({', '.join(optional)}), which fx would freeze"
+    try:
+        source = inspect.getsource(cls.forward)
+    except (OSError, TypeError):
+        return "its forward's source is not available to check"
+    used = [word for word in _NOT_RECORDED if word in source]
+    return f"its forward uses {', '.join(used)}, which fx does not record" if used else None
+
+
+def _used_elsewhere(cls: type, attribute: str) -> Optional[str]:
+    """The first method of ``cls`` (its own classes, not torch's) other than forward and __init__ that calls
+    ``self.<attribute>(...)`` (timm's forward_features, say): it would get the activation that forward's rewrite
+    moved into the norm."""
+    call = re.compile(rf"self\.{re.escape(attribute)}\s*\(")
+    for klass in cls.__mro__:
+        if klass.__module__.startswith("torch.") or klass is object:
+            continue
+        for name, member in vars(klass).items():
+            if name in ("forward", "__init__") or not inspect.isfunction(member):
+                continue
+            try:
+                source = inspect.getsource(member)
+            except (OSError, TypeError):
+                return name
+            if call.search(source):
+                return name
+    return None
 
 
 def _trace_both_modes(module: nn.Module) -> fx.Graph:
@@ -252,7 +329,7 @@ def _activation_call(node: fx.Node, root: nn.Module, arg: fx.Node) -> Optional[t
     if any(isinstance(a, (fx.Node, list, tuple, dict)) for a in (*node.args[1:], *node.kwargs.values())):
         return None  # computed or structured arguments: not provably an activation of arg alone
     if node.op == "call_module":
-        if len(node.args) != 1 or node.kwargs:
+        if len(node.args) != 1 or node.kwargs or not _plain_calls(root.get_submodule(node.target)):
             return None
         try:
             name, slope = activation_of(root.get_submodule(node.target))
@@ -280,6 +357,10 @@ def _activation_call(node: fx.Node, root: nn.Module, arg: fx.Node) -> Optional[t
 
 
 def _fuse_traced(module: nn.Module, name: str, shared: set, report: FusionReport) -> None:
+    why = _untraceable(type(module))
+    if why is not None:
+        report.not_traced[name] = why
+        return
     try:
         graph = _trace_both_modes(module)
     except Exception as exc:  # anything fx raises: the module is simply not rewritten
@@ -291,7 +372,8 @@ def _fuse_traced(module: nn.Module, name: str, shared: set, report: FusionReport
             calls[node.target] = calls.get(node.target, 0) + 1
     fused = []
     for node in list(graph.nodes):
-        if node.op != "call_module" or calls[node.target] != 1 or len(node.users) != 1:
+        # a direct child only: a grandchild's own parent calls it too, without the activation
+        if node.op != "call_module" or "." in node.target or calls[node.target] != 1 or len(node.users) != 1:
             continue
         norm = module.get_submodule(node.target)
         if not _fusable(norm, shared):
@@ -299,6 +381,11 @@ def _fuse_traced(module: nn.Module, name: str, shared: set, report: FusionReport
         user = next(iter(node.users))
         found = _activation_call(user, module, node)
         if found is None:
+            continue
+        elsewhere = _used_elsewhere(type(module), node.target)
+        if elsewhere is not None:
+            report.not_traced[f"{name}.{node.target}" if name else node.target] = \
+                f"not fused: {type(module).__name__}.{elsewhere} uses it too"
             continue
         act, slope, described = found
         user.replace_all_uses_with(node)
