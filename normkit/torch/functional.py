@@ -37,8 +37,7 @@ values); a grad_output in another layout is copied to it. Without a channels-las
 names its channels-last dtypes: contract.LAYOUT_DTYPES unless it says more) or the fused activation, a per-channel
 direction (BatchNorm's, and the inference ones) runs the NCHW kernel on the (N*S, C, 1) view without a copy
 (contract.on_columns), any other the NCHW one on a contiguous copy; the output is handed back channels-last either
-way. A tensor that is
-contiguous too (C = 1, or all spatial dims 1) takes the NCHW path: the memory is the same.
+way. A tensor that is contiguous too (C = 1, or all spatial dims 1) takes the NCHW path: the memory is the same.
 """
 
 from __future__ import annotations

@@ -137,7 +137,8 @@ class Fusion:
 
 @dataclass
 class FusionReport:
-    """What ``convert(model, fuse=True)`` fused, and the modules it traced in vain (qualified name -> reason)."""
+    """What ``convert(model, fuse=True)`` fused, and what it traced in vain or left unfused (qualified name ->
+    reason: a module fx could not be trusted with, or a norm another method calls)."""
 
     fused: list[Fusion] = field(default_factory=list)
     not_traced: dict[str, str] = field(default_factory=dict)
