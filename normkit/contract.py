@@ -90,15 +90,15 @@ Each plain direction ``d`` among forward, forward_infer, backward, backward_infe
   ``weight``: the plain gradient of ``g = dy * act'(z)`` (so ``dbias = sum(g)``, ``dweight = sum(g * xhat)``),
   where ``z`` is recomputed from x, the given statistics, weight and bias rather than saved.
 
-Derivatives, at z: relu ``0 if z <= 0 else 1``; leaky_relu ``1 if z > 0 else slope`` (both as torch's, also for a
-NaN z, whose set is NaN anyway: relu passes dy there, leaky_relu scales it by the slope); silu ``s * (1 + z * (1 - s))`` with ``s =
-sigmoid(z)``; gelu (erf) ``Phi(z) + z * phi(z)``; gelu_tanh that of ``0.5 * z * (1 + tanh(sqrt(2/pi) * (z + 0.044715
-* z**3)))`` (torch's ``approximate="tanh"``). ``z`` is computed in the kernel's working precision (float32 at least)
-and ``y`` rounded once; accuracy as the plain direction's, except that relu's and leaky_relu's derivative jumps at
-0, so an element whose ``z`` is within rounding of 0 may take either side. :mod:`normkit.activation` holds the same
+Derivatives, at z: relu ``0 if z <= 0 else 1``; leaky_relu ``1 if z > 0 else slope`` (both as torch's, also for a NaN z,
+whose set is NaN anyway: relu passes dy there, leaky_relu scales it by the slope); silu ``s * (1 + z * (1 - s))`` with
+``s = sigmoid(z)``; gelu (erf) ``Phi(z) + z * phi(z)``; gelu_tanh that of ``0.5 * z * (1 + tanh(sqrt(2/pi) * (z +
+0.044715 * z**3)))`` (torch's ``approximate="tanh"``). ``z`` is computed in the kernel's working precision (float32 at
+least) and ``y`` rounded once; accuracy as the plain direction's, except that relu's and leaky_relu's derivative jumps
+at 0, so an element whose ``z`` is within rounding of 0 may take either side. :mod:`normkit.activation` holds the same
 functions in NumPy. A backend may declare channels-last ``act_`` kernels like any other direction; without one,
-channels-last data of a per-channel ``act_`` direction runs its NCHW kernel on the (N*S, C, 1) view and any other
-goes through an NCHW copy.
+channels-last data of a per-channel ``act_`` direction runs its NCHW kernel on the (N*S, C, 1) view and any other goes
+through an NCHW copy.
 
 The split, add and activation directions were added to contract 1 without changing its version: a backend that does not
 declare them is unaffected.

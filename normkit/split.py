@@ -84,11 +84,11 @@ def _view(name: str, a) -> np.ndarray:
 
 
 def _pair(dy, x) -> tuple[np.ndarray, np.ndarray]:
-    if getattr(dy, "shape", None) != getattr(x, "shape", None) or getattr(dy, "dtype", None) is None \
-            or dy.dtype.newbyteorder("=") != x.dtype.newbyteorder("="):
-        raise ValueError(f"{OP}: dy must have x's shape {x.shape} and dtype {x.dtype}, got "
+    xk = _view("x", x)
+    if not isinstance(dy, np.ndarray) or dy.shape != x.shape or dy.dtype.newbyteorder("=") != xk.dtype:
+        raise ValueError(f"{OP}: dy must have x's shape {x.shape} and dtype {xk.dtype}, got "
                          f"{getattr(dy, 'shape', None)} {getattr(dy, 'dtype', None)}")
-    return _view("dy", dy), _view("x", x)
+    return _view("dy", dy), xk
 
 
 def _per_channel(name: str, v, c: int, dtype) -> np.ndarray:

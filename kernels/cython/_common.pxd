@@ -491,8 +491,9 @@ cdef extern from *:
 
     /* out[i] = dy[i] * act'(Z) for i < n, Z as in NORMKIT_ACT_OF, in one loop (the argument is not stored first).
        relu's dy - dy is the reference's dy * 0: NaN for a NaN or inf dy (with -fno-signed-zeros gcc folds dy * 0
-       to 0), and a NaN z passes dy, as torch's relu backward does (leaky_relu's gives the slope, as torch's); gelu_tanh's d/dz z sigmoid(2u) = s + 2 z s (1 - s) u', and beyond |z| = 1e4 s (1 - s) is 0 and z*z
-       would overflow into 0 * inf */
+       to 0), and a NaN z passes dy, as torch's relu backward does (leaky_relu's gives the slope, as torch's);
+       gelu_tanh's d/dz z sigmoid(2u) = s + 2 z s (1 - s) u', and beyond |z| = 1e4 s (1 - s) is 0 and z*z would
+       overflow into 0 * inf */
     #define NORMKIT_ACT_GRAD_OF(Z)                                                                            \
         Py_ssize_t i;                                                                                       \
         float z, s, t, g, c, q;                                                                             \
