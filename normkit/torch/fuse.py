@@ -330,13 +330,14 @@ def _activation_call(node: fx.Node, root: nn.Module, arg: fx.Node) -> Optional[t
     if any(isinstance(a, (fx.Node, list, tuple, dict)) for a in (*node.args[1:], *node.kwargs.values())):
         return None  # computed or structured arguments: not provably an activation of arg alone
     if node.op == "call_module":
-        if len(node.args) != 1 or node.kwargs or not _plain_calls(root.get_submodule(node.target)):
+        module = root.get_submodule(node.target)
+        if len(node.args) != 1 or node.kwargs or not _plain_calls(module):
             return None
         try:
-            name, slope = activation_of(root.get_submodule(node.target))
+            name, slope = activation_of(module)
         except (TypeError, ValueError):
             return None
-        return name, slope, f"{node.target} ({type(root.get_submodule(node.target)).__name__})"
+        return name, slope, f"{node.target} ({type(module).__name__})"
     if node.op == "call_method" and node.target in ("relu", "relu_") and len(node.args) == 1 and not node.kwargs:
         return "relu", 0.01, f"Tensor.{node.target}"
     if node.op != "call_function":

@@ -72,6 +72,26 @@ class _KerasBN(torch.autograd.Function):
         return grads[0], grads[1], grads[2], None
 
 
+class _CoreSetting:
+    """A module attribute that is the core's hyperparameter of the same name: read from the core, and on assignment
+    checked by ``check(core, value)`` (the constructor's check) and stored there; ``rebuild``: the core's build
+    checks the layout against it, so the next call builds again."""
+
+    def __init__(self, check, rebuild: bool = False):
+        self.check, self.rebuild = check, rebuild
+
+    def __set_name__(self, owner, name):
+        self.name = name
+
+    def __get__(self, module, owner=None):
+        return self if module is None else getattr(module._core, self.name)
+
+    def __set__(self, module, value):
+        setattr(module._core, self.name, self.check(module._core, value))
+        if self.rebuild:
+            module._core.built = False
+
+
 class BatchNormalization(nn.Module):
     """tf_keras 2.21's ``BatchNormalization`` (non-fused) as a torch.nn.Module: Keras's constructor arguments, with
     ``axis=1`` by default (channels of NCHW inputs) and ``num_features`` the size of that axis.
@@ -125,46 +145,11 @@ class BatchNormalization(nn.Module):
 
     # The hyperparameters Keras reads at every call live in the core, which computes with them: assigning one here
     # checks it as the constructor does and takes effect at the next call, as in tf_keras.
-    @property
-    def momentum(self) -> float:
-        return self._core.momentum
-
-    @momentum.setter
-    def momentum(self, v):
-        self._core.momentum = self._core._fraction("momentum", v)
-
-    @property
-    def renorm_momentum(self) -> float:
-        return self._core.renorm_momentum
-
-    @renorm_momentum.setter
-    def renorm_momentum(self, v):
-        self._core.renorm_momentum = self._core._fraction("renorm_momentum", v)
-
-    @property
-    def epsilon(self) -> float:
-        return self._core.epsilon
-
-    @epsilon.setter
-    def epsilon(self, v):
-        self._core.epsilon = self._core._epsilon(v)
-
-    @property
-    def renorm_clipping(self) -> dict:
-        return self._core.renorm_clipping
-
-    @renorm_clipping.setter
-    def renorm_clipping(self, v):
-        self._core.renorm_clipping = self._core._clipping(v)
-
-    @property
-    def virtual_batch_size(self):
-        return self._core.virtual_batch_size
-
-    @virtual_batch_size.setter
-    def virtual_batch_size(self, v):
-        self._core.virtual_batch_size = self._core._virtual_batch_size(v)
-        self._core.built = False  # build checks the layout against it
+    momentum = _CoreSetting(lambda core, v: core._fraction("momentum", v))
+    renorm_momentum = _CoreSetting(lambda core, v: core._fraction("renorm_momentum", v))
+    epsilon = _CoreSetting(lambda core, v: core._epsilon(v))
+    renorm_clipping = _CoreSetting(lambda core, v: core._clipping(v))
+    virtual_batch_size = _CoreSetting(lambda core, v: core._virtual_batch_size(v), rebuild=True)
 
     @property
     def backend(self):
