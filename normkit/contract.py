@@ -64,10 +64,10 @@ Fused residual add (ops whose spec has ``fused_add=True``: the row ops). ``h = x
 dtype) and ``y = norm(h)`` in one pass over memory, the pre-norm transformer's ``h = x + sublayer(x)`` then
 ``norm(h)``:
 
-- ``add_forward(x, residual, weight, bias, eps, y, h, mean, rstd)`` writes ``h`` and what ``forward`` on ``h``
-  writes: the statistics and ``y`` of the rounded ``h`` for float32 / float64 data, of the exact sum for 16-bit
-  data (what the conformance kit's reference computes; the stored ``h`` is that sum rounded once, so the two
-  differ by its rounding, where a separate 16-bit add then the norm normalizes the rounded ``h``);
+- ``add_forward(x, residual, weight, bias, eps, y, h, mean, rstd)`` writes ``h`` and what ``forward`` on that
+  ``h`` writes: the statistics and ``y`` of the sum rounded to the dtype, as a separate add then the norm computes
+  them, so that ``add_backward`` (which reads ``h``) differentiates what was normalized. For 16-bit data the
+  exact sum and the rounded one can differ by more than the rows' spread (1.0 + 1e-4 in float16);
 - ``add_backward(dy, dh, h, mean, rstd, weight, dx, dweight, dbias)``: ``dx`` = the ``backward`` of ``y``'s
   gradient ``dy`` at ``h``, plus ``dh``, the gradient flowing into ``h`` from its other uses (``None`` when there
   is none). ``dx`` is the gradient of both ``x`` and ``residual``.

@@ -85,14 +85,22 @@ def ulp(values: np.ndarray, dtype: str) -> np.ndarray:
     return np.where(np.isfinite(a), np.ldexp(1.0, (e - mant).astype(np.int64)), np.nan)
 
 
+def rounded_sum(x: np.ndarray, residual: np.ndarray, dtype: str) -> np.ndarray:
+    """``x + residual`` (float32 or float64 values of the 16-bit format ``dtype``) rounded once to ``dtype``, as
+    values of their float type: the ``h`` that a fused residual add stores and normalizes (see the contract)."""
+    return widen(narrow(x + residual, dtype), dtype, x.dtype)
+
+
 def through(kernel, op: str, direction: str, dtype: str, work=np.float64):
     """A 16-bit ``direction`` kernel of ``op`` from a float64 or float32 one (``work``): the data arrays (uint16
     patterns) widened exactly to ``work``, each 16-bit output computed in ``work`` and rounded once. The other
     arguments pass through (float32, as the contract gives them to 16-bit kernels). The reference is made this
     way; a compiled backend uses it (with ``work=np.float32``) for ops that have no native 16-bit loops, at the
-    cost of the widened copies."""
+    cost of the widened copies. A fused add's ``work`` kernel is given h rounded to 16 bits as its x and a zero
+    residual, so that it normalizes the rounded h, as the contract asks."""
     names = SPECS[op].args(direction)
     at = [(i, name in OUTPUTS[direction]) for i, name in enumerate(names) if arg_dtype(direction, name, dtype) == dtype]
+    adds = (names.index("x"), names.index("residual")) if direction == "add_forward" else None
 
     def run(*args):
         args, rounds = list(args), []
@@ -104,6 +112,9 @@ def through(kernel, op: str, direction: str, dtype: str, work=np.float64):
                 args[i] = rounds[-1][1]
             else:
                 args[i] = widen(args[i], dtype, work)
+        if adds:
+            ix, ir = adds
+            args[ix], args[ir] = rounded_sum(args[ix], args[ir], dtype), np.zeros_like(args[ir])
         kernel(*args)
         for out, values in rounds:
             out[...] = narrow(values, dtype)

@@ -53,9 +53,10 @@ dbias               K(n) eps sum(|dy|)
 ==================  ====================================================================================
 
 RMSNorm (not centered) is checked with the same bounds, its mean taken as 0 (kappa = max|x| * rstd, xhat = x * rstd).
-The fused residual add of the row ops: ``add_forward`` as forward on h = x + residual (the exact sum; the kernel's h
-is rounded once, which the bounds absorb, and h itself is held to ``K(1) eps |h|``), ``add_backward`` as backward on
-h, plus ``K(1) eps (|dh| + |dx|)`` for the added gradient of h (absent, ``dh=None``, in the cases with a weight only).
+The fused residual add of the row ops: ``add_forward`` as forward on h = x + residual (for 16-bit data the sum
+rounded once to the format, which the kernel normalizes; for the others the exact sum: the kernel's h is rounded
+once, which the bounds absorb), h itself held to ``K(1) eps |h|``; ``add_backward`` as backward on h, plus
+``K(1) eps (|dh| + |dx|)`` for the added gradient of h (absent, ``dh=None``, in the cases with a weight only).
 
 The split directions of batchnorm (``stats``, ``apply``, ``backward_reduce``, ``backward_apply``; see
 :mod:`normkit.contract`) run on the same shapes and data, with arguments as a BatchNorm training step makes them
@@ -486,10 +487,19 @@ def _args(case: Case, a: dict, direction: str | None = None) -> tuple:
 
 def _expected(case: Case, inputs: dict, out_shapes: dict) -> dict[str, np.ndarray]:
     named = {k: _f64(case, k, v) for k, v in inputs.items()}
+    if case.direction == "add_forward" and case.dtype in HALF_DTYPES:
+        named["x"], named["residual"] = _normalized(case, named), np.zeros(case.shape)
     outs = {k: None if s is None else np.empty(s) for k, s in out_shapes.items()}
     with np.errstate(all="ignore"):
         reference.KERNELS[(case.op, case.direction, "float64")](*_args(case, {**named, **outs}))
     return {k: v for k, v in outs.items() if v is not None}
+
+
+def _normalized(case: Case, f64: dict) -> np.ndarray:
+    """The values add_forward normalizes: h = x + residual, rounded once for 16-bit data (see the contract)."""
+    if case.dtype in HALF_DTYPES:
+        return half.rounded_sum(f64["x"], f64["residual"], case.dtype)
+    return f64["x"] + f64["residual"]
 
 
 def _tolerances(case: Case, inputs: dict, expected: dict) -> dict[str, np.ndarray]:
@@ -509,7 +519,7 @@ def _working_tolerances(case: Case, inputs: dict, expected: dict) -> dict[str, n
     f64 = {k: _f64(case, k, v) for k, v in inputs.items()}
     x = f64["x"]
     if case.direction == "add_forward":
-        x = x + f64["residual"]  # the normalized values: h (here exact; the kernel's h is rounded once)
+        x = _normalized(case, f64)
     ones = np.ones(case.shape[1])
     w = _per_channel(case, np.abs(f64["weight"]) if f64["weight"] is not None else ones)
     b = _per_channel(case, np.abs(f64["bias"]) if f64["bias"] is not None else 0 * ones)

@@ -1703,14 +1703,14 @@ cdef extern from *:
     #endif
     }
 
-    /* The passes over a 16-bit row of LayerNorm and RMSNorm (y, optionally from x + res; the backward's sums and
+    /* The passes over a 16-bit row of LayerNorm and RMSNorm (y; the backward's sums and
        dx, optionally + dh) straight from and to its bits where the build has AVX2, FMA and F16C: widened and
        rounded in registers, where the float32 copies of the tile-by-tile loops cost more than the memory traffic
        ((8192, 1024) bfloat16 RMSNorm with the add, one thread: ~8.6 ms tile by tile, ~5 ms so). The y and dx
        passes return whether every output is finite (NORMKIT_ALL_FINITE); all return -1 where they do not apply
        (float16 without F16C, or the baseline build), then the callers go tile by tile. */
     #if defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
-    /* a register of y from v (x, or x + res), as _row_y computes them (centered: b is read; else NULL) */
+    /* a register of y from v (x), as _row_y computes them (centered: b is read; else NULL) */
     static inline NORMKIT_VEC normkit_row_y(NORMKIT_VEC v, const float* w, const float* b, int centered,
                                             NORMKIT_VEC m, NORMKIT_VEC rs, NORMKIT_VEC c0) {
         if (centered)
@@ -1718,24 +1718,22 @@ cdef extern from *:
         return NORMKIT_MUL(NORMKIT_MUL(v, rs), NORMKIT_LOADU(w));
     }
 
-    /* has_r, centered and fmt are constants in each call from normkit_row_y16, so that every combination is a loop
+    /* centered and fmt are constants in each call from normkit_row_y16, so that every combination is a loop
        of its own, without branches or reloaded constants in it */
     static inline __attribute__((always_inline)) int normkit_row_y16_loop(
-            const uint16_t* x, const uint16_t* r, uint16_t* y, Py_ssize_t n, const float* w, const float* b,
-            float mean, float rstd, float c0, int has_r, int centered, int fmt) {
+            const uint16_t* x, uint16_t* y, Py_ssize_t n, const float* w, const float* b,
+            float mean, float rstd, float c0, int centered, int fmt) {
         NORMKIT_STORE16_VARS
         NORMKIT_STEP_VARS
         const NORMKIT_VEC m = NORMKIT_SET1(mean), rs = NORMKIT_SET1(rstd), c = NORMKIT_SET1(c0);
-        uint16_t tx[16] = {0}, tr[16] = {0}, to[16];
+        uint16_t tx[16] = {0}, to[16];
         float tw[16] = {0}, tb[16] = {0};
         Py_ssize_t i = 0;
-        /* the register of y at offset o from X (+ R), W, B */
-        #define NORMKIT_Y(X, R, W, B, o)                                                                  \
-            normkit_row_y(has_r ? NORMKIT_ADD(NORMKIT_LOAD_DATA((X) + (o), fmt), NORMKIT_LOAD_DATA((R) + (o), fmt)) \
-                                : NORMKIT_LOAD_DATA((X) + (o), fmt),                                      \
-                          (W) + (o), centered ? (B) + (o) : NULL, centered, m, rs, c)
-        #define NORMKIT_Y_AT(o) NORMKIT_Y(x + i, r + i, w + i, b + i, o)
-        #define NORMKIT_Y_TAIL(o) NORMKIT_Y(tx, tr, tw, tb, o)
+        /* the register of y at offset o from X, W, B */
+        #define NORMKIT_Y(X, W, B, o) \
+            normkit_row_y(NORMKIT_LOAD_DATA((X) + (o), fmt), (W) + (o), centered ? (B) + (o) : NULL, centered, m, rs, c)
+        #define NORMKIT_Y_AT(o) NORMKIT_Y(x + i, w + i, b + i, o)
+        #define NORMKIT_Y_TAIL(o) NORMKIT_Y(tx, tw, tb, o)
         for (; i + 16 <= n; i += 16) {
             NORMKIT_STEP16_AT(y + i, NORMKIT_Y_AT)
         }
@@ -1743,7 +1741,6 @@ cdef extern from *:
             memcpy(tx, x + i, (size_t)(n - i) * 2);
             memcpy(tw, w + i, (size_t)(n - i) * 4);
             if (centered) memcpy(tb, b + i, (size_t)(n - i) * 4);
-            if (has_r) memcpy(tr, r + i, (size_t)(n - i) * 2);
             NORMKIT_STEP16_AT(to, NORMKIT_Y_TAIL)
             memcpy(y + i, to, (size_t)(n - i) * 2);
         }
@@ -1956,20 +1953,16 @@ cdef extern from *:
         return 0;
     }
 
-    #define NORMKIT_ROW_Y16(HAS_R, CENTERED, FMT) \
-        normkit_row_y16_loop(x, r, y, n, w, b, mean, rstd, c0, HAS_R, CENTERED, FMT)
-    #define NORMKIT_ROW_Y16_FMT(HAS_R, CENTERED) \
-        (fmt ? NORMKIT_ROW_Y16(HAS_R, CENTERED, 1) : NORMKIT_ROW_Y16(HAS_R, CENTERED, 0))
-    static inline int normkit_row_y16(const uint16_t* x, const uint16_t* r, uint16_t* y, Py_ssize_t n, int fmt,
-                                      const float* w, const float* b, int centered, float mean, float rstd, float c0) {
+    #define NORMKIT_ROW_Y16(CENTERED, FMT) normkit_row_y16_loop(x, y, n, w, b, mean, rstd, c0, CENTERED, FMT)
+    #define NORMKIT_ROW_Y16_FMT(CENTERED) (fmt ? NORMKIT_ROW_Y16(CENTERED, 1) : NORMKIT_ROW_Y16(CENTERED, 0))
+    static inline int normkit_row_y16(const uint16_t* x, uint16_t* y, Py_ssize_t n, int fmt, const float* w,
+                                      const float* b, int centered, float mean, float rstd, float c0) {
         if (fmt == 1 && !normkit_f16c) return -1;
-        if (r) return centered ? NORMKIT_ROW_Y16_FMT(1, 1) : NORMKIT_ROW_Y16_FMT(1, 0);
-        return centered ? NORMKIT_ROW_Y16_FMT(0, 1) : NORMKIT_ROW_Y16_FMT(0, 0);
+        return centered ? NORMKIT_ROW_Y16_FMT(1) : NORMKIT_ROW_Y16_FMT(0);
     }
     #else
-    static inline int normkit_row_y16(const uint16_t* x, const uint16_t* r, uint16_t* y, Py_ssize_t n, int fmt,
-                                      const float* w, const float* b, int centered, float mean, float rstd,
-                                      float c0) {
+    static inline int normkit_row_y16(const uint16_t* x, uint16_t* y, Py_ssize_t n, int fmt, const float* w,
+                                      const float* b, int centered, float mean, float rstd, float c0) {
         return -1;
     }
     static inline int normkit_row_dx16(const uint16_t* dy, const uint16_t* dh, const uint16_t* x, uint16_t* dx,
@@ -2008,8 +2001,8 @@ cdef extern from *:
     bint normkit_grad_sums16(const uint16_t* dy, const uint16_t* x, Py_ssize_t n, int fmt, double mean,
                              double* sdy, double* sdyx) noexcept nogil
 
-    int normkit_row_y16(const uint16_t* x, const uint16_t* r, uint16_t* y, Py_ssize_t n, int fmt, const float* w,
-                        const float* b, int centered, float mean, float rstd, float c0) noexcept nogil
+    int normkit_row_y16(const uint16_t* x, uint16_t* y, Py_ssize_t n, int fmt, const float* w, const float* b,
+                        int centered, float mean, float rstd, float c0) noexcept nogil
     int normkit_row_dx16(const uint16_t* dy, const uint16_t* dh, const uint16_t* x, uint16_t* dx, Py_ssize_t n,
                          int fmt, const float* w, float mean, float rstd, float cb, float cc) noexcept nogil
     int normkit_row_sums16(const uint16_t* dy, const uint16_t* x, Py_ssize_t n, int fmt, const float* w,

@@ -652,7 +652,7 @@ cdef void _forward_row16(const uint16_t* x, uint16_t* y, Py_ssize_t k, const flo
     for tile in range((k + TILE16 - 1) // TILE16):
         j = tile * TILE16
         n = min(TILE16, k - j)
-        done = normkit_row_y16(x + j, NULL, y + j, n, fmt, w + j, b + j, True, m, <float>rstd,
+        done = normkit_row_y16(x + j, y + j, n, fmt, w + j, b + j, True, m, <float>rstd,
                                <float>((<double>m - mean) * rstd))
         if done < 0:
             normkit_widen(x + j, t, n, fmt)

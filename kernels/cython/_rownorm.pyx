@@ -185,66 +185,42 @@ cdef extern from *:
     }
 
     /* The fused add's first pass over a 16-bit row straight from and to its bits where the build has AVX2 and
-       F16C (as _common.pxd's normkit_row_y16 and the other row passes): h (out) = x + res, the float32 sum rounded
-       once, and the sums of d and d * d, d = sum - pivot, added into s1, s2 in double. NORMKIT_STORE16's flags
-       are not needed here: a float32 sum of two 16-bit values is finite, inf, or a NaN whose low 16 bits are zero,
-       which bfloat16's integer rounding rounds exactly (F16C rounds float16). Returns -1 where it does not apply
-       (float16 without F16C, or the baseline build); then the caller goes tile by tile. */
+       F16C (as _common.pxd's normkit_row_y16 and the other row passes): h = x + r, the float32 sum rounded once.
+       NORMKIT_STORE16's flags are not needed here: a float32 sum of two 16-bit values is finite, inf, or a NaN
+       whose low 16 bits are zero, which bfloat16's integer rounding rounds exactly (F16C rounds float16). Returns
+       -1 where it does not apply (float16 without F16C, or the baseline build); then the caller goes tile by tile. */
     #if defined(__AVX2__) && defined(__F16C__)
-    static inline __attribute__((always_inline)) int nk_add16_loop(
-            const uint16_t* x, const uint16_t* r, uint16_t* out, Py_ssize_t n, int fmt, double pivot, double* s1,
-            double* s2) {
+    static inline __attribute__((always_inline)) void nk_add16_loop(
+            const uint16_t* x, const uint16_t* r, uint16_t* out, Py_ssize_t n, int fmt) {
         NORMKIT_STORE16_VARS
-        __m256d p = _mm256_set1_pd(pivot), z = _mm256_setzero_pd(), d0, d1, d2, d3;
-        __m256d a0 = z, a1 = z, a2 = z, a3 = z, b0 = z, b1 = z, b2 = z, b3 = z;
         __m256 v0, v1;
         uint16_t tx[16] = {0}, tr[16] = {0}, th[16];
-        float tv[16];
-        double ta, tb, d;
-        Py_ssize_t i = 0, j;
-        /* 16 values a step into four pairs of sums (as NORMKIT_MOMENTS_BLOCKS): with one pair the loop waited on
-           the latency of its additions */
+        Py_ssize_t i = 0;
         #define NK_ADD16(X, R)                                                                            \
             v0 = _mm256_add_ps(normkit_load8(X, fmt), normkit_load8(R, fmt));                             \
             v1 = _mm256_add_ps(normkit_load8((X) + 8, fmt), normkit_load8((R) + 8, fmt));
         for (; i + 16 <= n; i += 16) {
             NK_ADD16(x + i, r + i)
             NORMKIT_STORE16(out + i)
-            d0 = _mm256_cvtps_pd(_mm256_castps256_ps128(v0)) - p;
-            d1 = _mm256_cvtps_pd(_mm256_extractf128_ps(v0, 1)) - p;
-            d2 = _mm256_cvtps_pd(_mm256_castps256_ps128(v1)) - p;
-            d3 = _mm256_cvtps_pd(_mm256_extractf128_ps(v1, 1)) - p;
-            a0 += d0; a1 += d1; a2 += d2; a3 += d3;
-            b0 += d0 * d0; b1 += d1 * d1; b2 += d2 * d2; b3 += d3 * d3;
         }
-        a0 = (a0 + a1) + (a2 + a3);
-        b0 = (b0 + b1) + (b2 + b3);
-        ta = (a0[0] + a0[1]) + (a0[2] + a0[3]);
-        tb = (b0[0] + b0[1]) + (b0[2] + b0[3]);
         if (i < n) {  /* through zero-padded buffers (0 + 0 is never flagged) */
             memcpy(tx, x + i, (size_t)(n - i) * 2);
             memcpy(tr, r + i, (size_t)(n - i) * 2);
             NK_ADD16(tx, tr)
             NORMKIT_STORE16(th)
             memcpy(out + i, th, (size_t)(n - i) * 2);
-            _mm256_storeu_ps(tv, v0);
-            _mm256_storeu_ps(tv + 8, v1);
-            for (j = 0; j < n - i; j++) { d = tv[j] - pivot; ta += d; tb += d * d; }
         }
         #undef NK_ADD16
-        *s1 += ta; *s2 += tb;
+    }
+
+    static int nk_add16(const uint16_t* x, const uint16_t* r, uint16_t* h, Py_ssize_t n, int fmt) {
+        if (fmt == 1 && !normkit_f16c) return -1;
+        if (fmt) nk_add16_loop(x, r, h, n, 1); else nk_add16_loop(x, r, h, n, 0);
         return 0;
     }
 
-    static int nk_add16(const uint16_t* x, const uint16_t* r, uint16_t* h, Py_ssize_t n, int fmt, double pivot,
-                        double* s1, double* s2) {
-        if (fmt == 1 && !normkit_f16c) return -1;
-        return fmt ? nk_add16_loop(x, r, h, n, 1, pivot, s1, s2) : nk_add16_loop(x, r, h, n, 0, pivot, s1, s2);
-    }
-
     #else
-    static int nk_add16(const uint16_t* x, const uint16_t* r, uint16_t* h, Py_ssize_t n, int fmt, double pivot,
-                        double* s1, double* s2) { return -1; }
+    static int nk_add16(const uint16_t* x, const uint16_t* r, uint16_t* h, Py_ssize_t n, int fmt) { return -1; }
     #endif
     """
     double normkit_sumsq_f(const float* x, Py_ssize_t n) noexcept nogil
@@ -257,8 +233,7 @@ cdef extern from *:
     void normkit_rms_dx_grads2_d(const double* dy, const double* x, double* dx, Py_ssize_t k, const double* w,
                                  double r, double b, const double* dy2, const double* x2, double* dx2, double r2,
                                  double b2, double* accw) noexcept nogil
-    int nk_add16(const uint16_t* x, const uint16_t* r, uint16_t* h, Py_ssize_t n, int fmt, double pivot, double* s1,
-                 double* s2) noexcept nogil
+    int nk_add16(const uint16_t* x, const uint16_t* r, uint16_t* h, Py_ssize_t n, int fmt) noexcept nogil
 
 
 cdef inline double _sumsq(const floating* x, Py_ssize_t n) noexcept nogil:
@@ -668,71 +643,60 @@ cdef double _sumsq16(const uint16_t* x, Py_ssize_t n, int fmt) noexcept nogil:
     return s
 
 
-cdef void _row_source16(const uint16_t* x, const uint16_t* res, float* t, Py_ssize_t n, int fmt) noexcept nogil:
-    """The values a run of a row normalizes, in float32: x, or x + res where res is not NULL."""
+cdef void _add16(const uint16_t* x, const uint16_t* res, uint16_t* h, Py_ssize_t k, int fmt) noexcept nogil:
+    """h = x + res, the float32 sum rounded once."""
+    cdef float t[TILE16]
     cdef float u[TILE16]
-    cdef Py_ssize_t i
-    normkit_widen(x, t, n, fmt)
-    if res == NULL:
+    cdef Py_ssize_t tile, i, j, n
+    if nk_add16(x, res, h, k, fmt) == 0:
         return
-    normkit_widen(res, u, n, fmt)
-    for i in range(n):
-        t[i] = t[i] + u[i]
+    for tile in range((k + TILE16 - 1) // TILE16):
+        j = tile * TILE16
+        n = min(TILE16, k - j)
+        normkit_widen(x + j, t, n, fmt)
+        normkit_widen(res + j, u, n, fmt)
+        for i in range(n):
+            t[i] = t[i] + u[i]
+        normkit_narrow(t, h + j, n, fmt)  # float32 overflows only where the 16-bit sum is inf too
 
 
 cdef void _row_forward16(const uint16_t* x, const uint16_t* res, uint16_t* h, uint16_t* y, Py_ssize_t k,
                          const float* w, const float* b, double eps, bint centered, int fmt, float* mean_out,
                          float* rstd_out) noexcept nogil:
-    """_row_forward on 16-bit data. With res, the float32 sum x + res is what is normalized, as the float32 kernel
-    on widened copies does and the conformance kit holds it to (the exact sum for bfloat16; float16 values far
-    apart may round in float32, far below a 16-bit ulp); h is that sum rounded once. The first pass writes h and
-    takes the statistics, the second adds x + res again for y rather than reading h back."""
+    """_row_forward on 16-bit data. With res, h = x + res rounded to 16 bits is written first and then normalized,
+    as the contract asks (what a 16-bit add then the norm computes, and what backward, which reads h, assumes);
+    the row is then in L1 or L2 for the statistics and y passes."""
     cdef float t[TILE16]
     cdef double d[3][TILE16]
-    cdef double s1 = 0.0, s2 = 0.0, mean = 0.0, rstd, pivot = 0.0
+    cdef double s1 = 0.0, s2 = 0.0, mean = 0.0, rstd, pivot
     cdef float m = 0.0, r, c0 = 0.0
     cdef Py_ssize_t tile, j, n
     cdef int done
     if res != NULL:
-        if centered:
-            _row_source16(x, res, t, 1, fmt)
-            pivot = pivot_of(t[0])
-        if nk_add16(x, res, h, k, fmt, pivot, &s1, &s2) < 0:
-            for tile in range((k + TILE16 - 1) // TILE16):
-                j = tile * TILE16
-                n = min(TILE16, k - j)
-                _row_source16(x + j, res + j, t, n, fmt)
-                normkit_narrow(t, h + j, n, fmt)  # float32 overflows only where the 16-bit sum is inf too
-                if centered:
-                    moments(t, n, pivot, &s1, &s2)
-                else:
-                    s2 += normkit_sumsq_f(t, n)
-    elif centered:
+        _add16(x, res, h, k, fmt)
+        x = h
+    if centered:
         pivot = pivot16(x, fmt)
         moments16(x, k, fmt, pivot, &s1, &s2)
-    else:
-        s2 = _sumsq16(x, k, fmt)
-    if centered:
         finish_moments(s1, s2, k, pivot, eps, &mean, &rstd)
         mean_out[0] = <float>mean
         # as _row_y
         m = <float>mean
         c0 = <float>((<double>m - mean) * rstd)
     else:
-        rstd = 1.0 / sqrt(s2 / k + eps)
+        rstd = 1.0 / sqrt(_sumsq16(x, k, fmt) / k + eps)
     rstd_out[0] = <float>rstd
     r = <float>rstd
     for tile in range((k + TILE16 - 1) // TILE16):
         j = tile * TILE16
         n = min(TILE16, k - j)
-        done = normkit_row_y16(x + j, res + j if res != NULL else NULL, y + j, n, fmt, w + j,
-                          b + j if centered else NULL, centered, m, r, c0)
+        done = normkit_row_y16(x + j, y + j, n, fmt, w + j, b + j if centered else NULL, centered, m, r, c0)
         if done < 0:
-            _row_source16(x + j, res + j if res != NULL else NULL, t, n, fmt)
+            normkit_widen(x + j, t, n, fmt)
             _row_y(t, t, n, w + j, b + j if centered else NULL, mean, rstd, centered)
             done = normkit_narrow(t, y + j, n, fmt)
         if not done:  # again in double (see _common.affine16)
-            _row_source16(x + j, res + j if res != NULL else NULL, t, n, fmt)
+            normkit_widen(x + j, t, n, fmt)
             to_double(t, d[0], n)
             to_double(w + j, d[1], n)
             if centered:

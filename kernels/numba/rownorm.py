@@ -51,14 +51,12 @@ def _sumsq(xr):
 
 @_jit
 def _add(xr, rr, hr, sr):
-    """h = x + residual, and the sum in the working dtype (that of the kernel's float arguments) into the row
-    buffer sr: what is normalized. For 16-bit data that is the float32 sum, not h rounded to 16 bits, as the
-    conformance kit holds it to the exact sum (float32's is exact for bfloat16; float16 values far apart may
-    round, far below a 16-bit ulp); h rounds it once."""
+    """h = x + residual rounded once to h's dtype, and h's values in the working dtype (that of the kernel's float
+    arguments) into the row buffer sr: what is normalized, so that backward (which reads h) sees what forward did.
+    For 16-bit data the float32 sum rounds once more to h's format."""
     for j in range(xr.shape[0]):
-        v = widen(xr[j]) + widen(rr[j])
-        sr[j] = v
-        hr[j] = narrow(hr, v)
+        hr[j] = narrow(hr, widen(xr[j]) + widen(rr[j]))
+        sr[j] = widen(hr[j])
 
 
 @_jit
