@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import math
+import pickle
 
 import pytest
 
@@ -220,7 +221,32 @@ def test_fuse_errors():
         nt.revert(nn.Sequential(nt.BatchNorm2d(4, activation="relu")))
 
 
+def test_modules_with_an_activation_attribute_are_no_fused_norms():
+    """A user's block holding ``self.activation = nn.ReLU()`` (diffusers, transformers) is not a norm with a fused
+    activation: convert_sync_batchnorm and revert raised for it."""
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn, self.activation = nn.BatchNorm2d(4), nn.ReLU()
+
+        def forward(self, x):
+            return self.activation(self.bn(x))
+
+    model = nt.convert(nn.Sequential(Block()), fuse=True)
+    assert type(nt.convert_sync_batchnorm(copy.deepcopy(model))[0].bn) is nt.SyncBatchNorm
+    assert type(nt.revert(model)[0].bn) is nn.BatchNorm2d
+
+
 # --- convert(fuse=True) -------------------------------------------------------------------------------------------
+
+def _spy_fused_kernels(monkeypatch) -> list:
+    """The (op, direction) of each fused-activation kernel normkit looks up from now on."""
+    looked_up = []
+    kernel = functional._activation.kernel
+    monkeypatch.setattr(functional._activation, "kernel",
+                        lambda op, direction, *a: looked_up.append((op, direction)) or kernel(op, direction, *a))
+    return looked_up
+
 
 def _train_step(model, x, proj, owner=None):
     """Output and parameter gradients (of ``owner``'s parameters: the module a compiled ``model`` wraps)."""
@@ -250,7 +276,7 @@ def _assert_same_model_results(original, converted, x):
     torch.testing.assert_close(converted(x), original(x), rtol=1e-4, atol=1e-5)
 
 
-def test_convert_fuses_in_sequential():
+def test_convert_fuses_in_sequential(monkeypatch):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(inplace=True),
                           nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.LeakyReLU(SLOPE), nn.Flatten(),
@@ -261,12 +287,69 @@ def test_convert_fuses_in_sequential():
     report = nt.fusion_report(model)
     assert [(f.norm, f.activation, f.found_by) for f in report.fused] == [
         ("1", "relu", "nn.Sequential"), ("4", f"leaky_relu(negative_slope={SLOPE:g})", "nn.Sequential")]
-    assert type(model[2]) is nt.FusedActivation and type(model[8]) is nn.Tanh
+    assert type(model) is nt.FusedSequential and type(model[2]) is nn.ReLU and model[1].activation is None
     assert list(model.state_dict()) == keys
     x = torch.randn(4, 3, 6, 6, generator=torch.Generator().manual_seed(6))
+    looked_up = _spy_fused_kernels(monkeypatch)
     _assert_same_model_results(original, model, x)
+    assert {("batchnorm", "act_forward"), ("batchnorm", "act_backward")} <= set(looked_up)
+    twin = pickle.loads(pickle.dumps(model))
+    assert type(twin) is nt.FusedSequential
+    torch.testing.assert_close(twin(x), model(x))
     nt.revert(model)
-    assert type(model[1]) is nn.BatchNorm2d and type(model[2]) is nn.ReLU and nt.fusion_report(model) is None
+    assert type(model) is nn.Sequential and type(model[1]) is nn.BatchNorm2d and nt.fusion_report(model) is None
+
+
+class _Taps(nn.Module):
+    """One norm called twice (each call followed by an activation), a grandchild's norm called directly, and a
+    norm that the Sequential beside it holds too."""
+
+    def __init__(self, c, shared):
+        super().__init__()
+        self.norm, self.inner, self.shared = nn.GroupNorm(2, c), nn.Sequential(nn.LayerNorm([c, 4, 4])), shared
+        self.seq = nn.Sequential(nn.Conv2d(c, c, 1), shared, nn.SiLU())
+
+    def forward(self, x):
+        h = F.relu(self.norm(x)) + F.silu(self.norm(x * 2))
+        return self.seq(F.gelu(self.inner[0](h))) + self.shared(h)
+
+
+def test_fused_call_sites_leave_the_modules_alone(monkeypatch):
+    """convert(fuse=True) rewrites call sites, not modules: every norm called alone (``seq[1](x)``, by another
+    method, by a hook-based feature extractor) gives its own output, so one norm called in several places fuses
+    at each call that an activation follows and nowhere else. A call site finds at each call what would tell the
+    difference (a hook registered since, an activation module replaced, global module hooks) and then makes the
+    two calls."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), _Taps(4, nn.GroupNorm(2, 4)))
+    original = copy.deepcopy(model)
+    nt.convert(model, fuse=True)
+    taps = model[1]
+    assert sorted((f.norm, f.activation) for f in nt.fusion_report(model).fused) == [
+        ("1.inner.0", "gelu"), ("1.norm", "relu"), ("1.norm", "silu"), ("1.seq.1", "silu")]
+    x = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(3))
+    looked_up = _spy_fused_kernels(monkeypatch)
+    _assert_same_model_results(original, model, x)
+    assert {("groupnorm", "act_forward"), ("layernorm", "act_backward")} <= set(looked_up)
+    h = torch.randn(2, 4, 4, 4)
+    for name in ("norm", "inner", "shared", "seq"):  # eval mode, after _assert_same_model_results
+        torch.testing.assert_close(getattr(taps, name)(h), getattr(original[1], name)(h), msg=name)
+
+    seen = []
+    handle = taps.seq[1].register_forward_hook(lambda m, i, o: seen.append(o.min().item()))
+    torch.testing.assert_close(model(x), original(x))
+    assert seen and seen[0] < -0.5  # the norm's own output, not silu's (>= -0.28)
+    handle.remove()
+    taps.seq[2] = nn.Tanh()
+    original[1].seq[2] = nn.Tanh()
+    global_hook = torch.nn.modules.module.register_module_forward_hook(lambda m, i, o: None)
+    try:
+        torch.testing.assert_close(model(x), original(x))
+    finally:
+        global_hook.remove()
+    looked_up.clear()
+    torch.testing.assert_close(model(x), original(x))
+    assert ("groupnorm", "act_forward") in looked_up
 
 
 class ResnetBlock(nn.Module):
@@ -306,7 +389,7 @@ def test_convert_fuses_in_traced_module_and_falls_back_where_fx_cannot_trace():
     assert {(f.norm, f.activation, f.found_by) for f in report.fused} == {
         ("1.norm1", "silu", "torch.fx"), ("1.norm2", "silu", "torch.fx"), ("2.body.1", "gelu", "nn.Sequential")}
     assert list(report.not_traced) == ["2"] and "TraceError" in report.not_traced["2"]
-    assert isinstance(model[1], ResnetBlock) and model[2].norm.activation is None
+    assert isinstance(model[1], ResnetBlock) and type(model[2]) is Untraceable
     assert list(model.state_dict()) == keys
     assert "1.norm1 + silu" in str(report)
     _assert_same_model_results(original, model, torch.randn(2, 3, 6, 6, generator=torch.Generator().manual_seed(7)))
@@ -383,9 +466,9 @@ class _TwoMethods(nn.Module):  # timm's forward_features / forward_head
 def test_convert_fuses_only_what_fx_records_faithfully():
     """Found by a fuzz of the fusion: fx freezes an optional argument's branch, drops no_grad / autocast blocks
     and Python random draws, and keeps tensor constants only on its own GraphModule (the rewrite raised outside
-    its try); a method other than forward that calls the norm would get the activation too; hooks on either
-    module (or on every module) would see other values or not run; a forward set on the instance is not the
-    class's. All of them are left unfused, with the reason in the report, and compute as torch's."""
+    its try); hooks on either module (or on every module) would see other values or not run; a forward set on
+    the instance is not the class's. All of them are left unfused, with the reason in the report, and compute as
+    torch's. A method other than forward that calls a fused norm gets the norm's own output."""
     torch.manual_seed(0)
     with_hooks = nn.Sequential(nn.LayerNorm(4), nn.ReLU())
     with_hooks[0].register_forward_hook(lambda m, i, o: o * 2)
@@ -397,17 +480,16 @@ def test_convert_fuses_only_what_fx_records_faithfully():
     original = copy.deepcopy(model)
     nt.convert(model, fuse=True)
     report = nt.fusion_report(model)
-    assert report.fused == []
+    assert [(f.norm, f.activation) for f in report.fused] == [("3.norm", "relu")]
     assert "optional arguments (temb)" in report.not_traced["0"]
     assert "uses no_grad" in report.not_traced["1"]
     assert "tensor constants" in report.not_traced["2"]
-    assert "_TwoMethods.features uses it too" in report.not_traced["3.norm"]
     x = torch.randn(3, 4)
     for i in range(6):  # (patched's instance forward closes over its own module: left out)
         torch.testing.assert_close(model[i](x), original[i](x))
     torch.testing.assert_close(model[0](x, x), original[0](x, x))
     torch.testing.assert_close(model[3].features(x), original[3].features(x))
-    assert model[6][0].activation is None
+    assert [type(m) for m in model[4:]] == [nn.Sequential] * 3
     plain = nn.Sequential(nn.LayerNorm(4), nn.ReLU())
     handle = torch.nn.modules.module.register_module_forward_hook(lambda m, i, o: None)
     try:
@@ -424,10 +506,7 @@ def test_torch_compile_of_fused_model_matches_eager(monkeypatch):
                                      nn.Conv2d(8, 8, 3, padding=1), nn.GroupNorm(4, 8), nn.SiLU()),
                        fuse=True, backend="reference")
     twin = copy.deepcopy(model)
-    looked_up = []
-    kernel = functional._activation.kernel
-    monkeypatch.setattr(functional._activation, "kernel",
-                        lambda op, direction, *a: looked_up.append((op, direction)) or kernel(op, direction, *a))
+    looked_up = _spy_fused_kernels(monkeypatch)
     compiled = torch.compile(twin, backend="aot_eager", fullgraph=True)
     x = torch.randn(2, 3, 6, 6, generator=torch.Generator().manual_seed(8))
     proj = torch.randn(2, 8, 6, 6, generator=torch.Generator().manual_seed(9))
@@ -446,7 +525,7 @@ def test_torch_compile_dynamic_shapes_of_fused_model():
     torch.manual_seed(0)
     model = nt.convert(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.LeakyReLU(0.2),
                                      nn.GroupNorm(4, 8), nn.SiLU()), fuse=True, backend="reference")
-    assert model[1].activation == "leaky_relu" and model[1].negative_slope == 0.2
+    assert nt.fusion_report(model).fused[0].activation == "leaky_relu(negative_slope=0.2)"
     compiled = torch.compile(copy.deepcopy(model), backend="aot_eager", fullgraph=True, dynamic=True)
     for n in (2, 3):
         x = torch.randn(n, 3, 6, 6, generator=torch.Generator().manual_seed(n))

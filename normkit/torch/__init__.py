@@ -40,10 +40,10 @@ from .modules import (
     revert,
 )
 from .sync import SyncBatchNorm, convert_sync_batchnorm
-from .fuse import FusedActivation, Fusion, FusionReport, fuse, fusion_report
+from .fuse import Fusion, FusionReport, FusedSequential, fuse, fusion_report
 
 __all__ = [
-    "FusedActivation", "Fusion", "FusionReport", "fuse", "fusion_report",
+    "Fusion", "FusionReport", "FusedSequential", "fuse", "fusion_report",
     "RMSNorm", "RMSNormSemantics", "add_layer_norm", "add_rms_norm", "rms_norm",
     "BatchNormalization", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchRenorm1d", "BatchRenorm2d",
     "BatchRenorm3d", "GhostBatchNorm1d", "GhostBatchNorm2d", "GhostBatchNorm3d", "GroupNorm", "InstanceNorm1d",

@@ -1,37 +1,33 @@
 """Fusing a norm layer with the activation that follows it: :func:`fuse` for one pair, and what
 ``convert(model, fuse=True)`` does to a whole model.
 
-``convert(model, fuse=True)`` fuses, in place, wherever it can prove that a norm layer's output goes to an
-activation and nowhere else:
+``convert(model, fuse=True)`` fuses, in place, the call sites where it can prove that a norm layer's output goes to
+an activation and nowhere else. The norm and activation modules themselves do not change: called on their own
+(``seq[0](x)``, from another method, by a hook-based feature extractor) they compute what they did before. Where:
 
-* **in every ``nn.Sequential``** (exactly that class, whose forward is known): a norm child followed by an
-  activation child. The norm module itself gets the activation (so its state_dict keys, parameters and buffers
-  are untouched) and the activation child is replaced by a :class:`FusedActivation` (an ``nn.Identity`` that
-  remembers it), so the indices and keys of the other children stay valid;
+* **in every ``nn.Sequential``** (exactly that class, whose forward is known) with a norm child followed by an
+  activation child: its class becomes :class:`FusedSequential`, whose forward runs each such pair as one call of
+  the norm's fused kernels. Its children, indices and state_dict keys stay as they were;
 * **in every other module whose own forward ``torch.fx`` can trace** (its children are leaves: each module is
-  traced alone, so the children's forwards and hooks still run): a call of a norm child whose only user is a
-  supported activation (a module call, or ``F.relu``, ``torch.relu``, ``x.relu()``, ``F.leaky_relu``, ``F.silu``,
-  ``F.gelu`` with constant arguments). The activation node is removed from the traced graph, the norm child
-  gets the activation, and the module's class becomes a subclass of its own class whose forward is the rewritten
-  graph's code (``isinstance`` and the module's other methods stay; :func:`~normkit.torch.revert` restores the
-  class). A module whose forward cannot be traced, or traces differently in train and eval mode (it reads
-  ``self.training``, which fx would freeze), is left alone, and the report says why; so is one whose forward
-  fx would record wrongly: an argument with a default (its ``None`` branch would be lost), a ``no_grad`` /
-  ``autocast`` block or a Python random draw (fx records neither), tensor constants. A norm child that another
-  method of the module calls (timm's ``forward_features``) or that is a grandchild stays unfused. As with any
-  fx rewrite, plain Python values the forward reads (a float attribute, a flag) are frozen at their values at
-  conversion, and the rewritten module cannot be pickled whole (save its state_dict).
+  traced alone, so the children's forwards and hooks still run): a call of a norm submodule whose only user is a
+  supported activation (a module call, or ``F.relu``, ``torch.relu``, ``x.relu()``, ``F.leaky_relu``,
+  ``F.silu``, ``F.gelu`` with constant arguments) becomes one call of :func:`call_fused`. The module's class
+  becomes a subclass of its own class whose forward is the rewritten graph's code (``isinstance`` and the module's
+  other methods stay; :func:`~normkit.torch.revert` restores the class). A module whose forward cannot be traced,
+  or traces differently in train and eval mode (it reads ``self.training``, which fx would freeze), is left
+  alone, and the report says why; so is one whose forward fx would record wrongly: an argument with a default
+  (its ``None`` branch would be lost), a ``no_grad`` / ``autocast`` block or a Python random draw (fx records
+  neither), tensor constants. As with any fx rewrite, plain Python values the forward reads (a float attribute,
+  a flag) are frozen at their values at conversion, and the rewritten module cannot be pickled whole (save its
+  state_dict).
 
-Neither path fuses a norm or an activation that has hooks (they would see other values, or not run), or a forward
-set on the instance, nor anything while global module hooks are registered. What the Sequential path cannot see:
-code that calls the fused Sequential's norm child directly (``seq[0](x)``, or iterating over its children to
-tap the norm's output) gets the activation's output from it.
-
-A norm layer is fused only when it is an exact normkit (after conversion) BatchNorm, InstanceNorm, GroupNorm or
-LayerNorm without an activation yet, called once, and held in one place of the model. In-place activations
-(``nn.ReLU(inplace=True)``) fuse too: the norm's output had no other user. What was fused and what was not comes
-back in a :class:`FusionReport`: ``fusion_report(model)`` after ``convert(model, fuse=True)``, also logged at
-INFO on the ``normkit.torch`` logger.
+A fused call site checks at each call that nothing could tell the difference, and otherwise makes the two calls
+the code made: the norm is still an exact normkit (after conversion) BatchNorm, InstanceNorm, GroupNorm or
+LayerNorm without an activation of its own, the activation still a supported one (a module may have been
+replaced), neither has hooks or a forward set on the instance, and no global module hooks are registered.
+In-place activations (``nn.ReLU(inplace=True)``) fuse too: the norm's output had no other user. What was fused
+and what was not comes back in a :class:`FusionReport`: ``fusion_report(model)`` after
+``convert(model, fuse=True)``, also logged at INFO on the ``normkit.torch`` logger.
 """
 
 from __future__ import annotations
@@ -39,24 +35,25 @@ from __future__ import annotations
 import copy
 import inspect
 import logging
-import re
 from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
+from torch.nn.modules import module as _module
 
+from . import modules
 
-__all__ = ["FusedActivation", "Fusion", "FusionReport", "fuse", "fusion_report"]
+__all__ = ["FusedSequential", "Fusion", "FusionReport", "call_fused", "fuse", "fusion_report"]
 
 _log = logging.getLogger("normkit.torch")
 _REPORT = "_normkit_fusion_report"
 _SUPPORTED = "nn.ReLU, nn.LeakyReLU, nn.SiLU, nn.GELU"
 
 
-def activation_of(module: nn.Module) -> tuple[str, float]:
-    """``(activation, negative_slope)`` for a torch.nn activation module; TypeError/ValueError for any other."""
+def _kind(module: nn.Module) -> Optional[tuple[str, float]]:
+    """``(activation, negative_slope)`` for a supported torch.nn activation module, else None."""
     kind = type(module)
     if kind is nn.ReLU:
         return "relu", 0.01
@@ -64,18 +61,25 @@ def activation_of(module: nn.Module) -> tuple[str, float]:
         return "leaky_relu", float(module.negative_slope)
     if kind is nn.SiLU:
         return "silu", 0.01
-    if kind is nn.GELU:
-        if module.approximate not in ("none", "tanh"):
-            raise ValueError(f"fuse: nn.GELU(approximate={module.approximate!r}) has no fused form; "
-                             f"approximate must be 'none' or 'tanh'")
+    if kind is nn.GELU and module.approximate in ("none", "tanh"):
         return ("gelu" if module.approximate == "none" else "gelu_tanh"), 0.01
-    raise TypeError(f"fuse: activation must be one of {_SUPPORTED} (exactly those classes), got {kind.__name__}")
+    return None
+
+
+def activation_of(module: nn.Module) -> tuple[str, float]:
+    """``(activation, negative_slope)`` for a torch.nn activation module; TypeError/ValueError for any other."""
+    found = _kind(module)
+    if found is not None:
+        return found
+    if type(module) is nn.GELU:
+        raise ValueError(f"fuse: nn.GELU(approximate={module.approximate!r}) has no fused form; "
+                         f"approximate must be 'none' or 'tanh'")
+    raise TypeError(f"fuse: activation must be one of {_SUPPORTED} (exactly those classes), "
+                    f"got {type(module).__name__}")
 
 
 def _normkit_class(norm: nn.Module) -> type:
     """The normkit class a norm module becomes when fused; TypeError/ValueError when there is none."""
-    from . import modules
-
     kind = type(norm)
     cls = modules._TO_NORMKIT.get(kind, kind if kind in modules._TO_TORCH else None)
     if cls is modules.RMSNorm:
@@ -108,17 +112,67 @@ def fuse(norm: nn.Module, activation: nn.Module) -> nn.Module:
     return fused
 
 
-class FusedActivation(nn.Identity):
-    """What ``convert(model, fuse=True)`` leaves where an ``nn.Sequential`` had an activation fused into the norm
-    before it: an identity that keeps the activation module (unregistered: it has no state) for ``revert``."""
+# the norm classes with a fused form (exactly these: a subclass may compute something else)
+_NORMS = frozenset(cls for cls in modules._TO_TORCH if cls is not modules.RMSNorm)
+_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
 
-    def __init__(self, original: nn.Module, into: str):
-        super().__init__()
-        self.__dict__["original"] = original
-        self.into = into
 
-    def extra_repr(self) -> str:
-        return f"{type(self.original).__name__} fused into {self.into}"
+def _plain_calls(module: nn.Module) -> bool:
+    """Whether calling the module runs its class's forward and nothing else: no hooks (a hook on the norm would
+    not see its output alone, one on the activation would not run) and no forward set on the instance
+    (accelerate's hooks do that)."""
+    return "forward" not in module.__dict__ and not any(getattr(module, h, None) for h in _HOOKS)
+
+
+def _global_hooks() -> bool:
+    """Module hooks registered for every module (torch.nn.modules.module.register_module_forward_hook, ...)."""
+    return any(getattr(_module, f"_global{h}", None) for h in _HOOKS)
+
+
+def _pair(norm: nn.Module, act) -> Optional[tuple[str, float]]:
+    """``(activation, negative_slope)`` when ``norm`` then ``act`` (an activation module, or the ``(activation,
+    negative_slope)`` of a function) can run as one call of the norm's fused kernels now, else None."""
+    if type(norm) not in _NORMS or norm.activation is not None or not _plain_calls(norm) or _global_hooks():
+        return None
+    if isinstance(act, tuple):
+        return act
+    return _kind(act) if _plain_calls(act) else None
+
+
+_FUNCTIONS = {"relu": lambda y, slope: F.relu(y), "leaky_relu": F.leaky_relu, "silu": lambda y, slope: F.silu(y),
+              "gelu": lambda y, slope: F.gelu(y), "gelu_tanh": lambda y, slope: F.gelu(y, approximate="tanh")}
+
+
+def call_fused(norm: nn.Module, act, x: torch.Tensor) -> torch.Tensor:
+    """``act(norm(x))`` as one call of the norm's fused kernels where :func:`_pair` allows it, else the two calls:
+    what a call site that ``convert(fuse=True)`` rewrote in a traced forward runs. ``act`` is the activation
+    module or, for a function, its ``(activation, negative_slope)``."""
+    found = _pair(norm, act)
+    if found is not None:
+        return norm._normalize(x, *found)
+    y = norm(x)
+    return _FUNCTIONS[act[0]](y, act[1]) if isinstance(act, tuple) else act(y)
+
+
+class FusedSequential(nn.Sequential):
+    """An ``nn.Sequential`` whose forward runs each norm child followed by an activation child as one call of the
+    norm's fused kernels (where :func:`call_fused` would); what ``convert(model, fuse=True)`` makes of an
+    ``nn.Sequential``. The children are untouched: each called alone computes what it computes anywhere."""
+
+    def forward(self, input):
+        norm = None  # a norm child whose call waits for the next child
+        for module in self._modules.values():
+            if norm is not None:
+                found = _pair(norm, module)
+                if found is not None:
+                    input, norm = norm._normalize(input, *found), None
+                    continue
+                input, norm = norm(input), None
+            if type(module) in _NORMS:
+                norm = module
+            else:
+                input = module(input)
+        return input if norm is None else norm(input)
 
 
 @dataclass(frozen=True)
@@ -161,30 +215,6 @@ def _describe(name: str, slope: float) -> str:
     return f"leaky_relu(negative_slope={slope:g})" if name == "leaky_relu" else name
 
 
-def _fusable(norm: nn.Module, shared: set) -> bool:
-    from . import modules
-
-    return (type(norm) in modules._TO_TORCH and type(norm) is not modules.RMSNorm and norm.activation is None
-            and id(norm) not in shared and _plain_calls(norm))
-
-
-_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
-
-
-def _plain_calls(module: nn.Module) -> bool:
-    """Whether calling the module runs its class's forward and nothing else: no hooks (a hook on the norm would
-    see the activation's output, one on the activation would not run) and no forward set on the instance
-    (accelerate's hooks do that)."""
-    return "forward" not in module.__dict__ and not any(getattr(module, h, None) for h in _HOOKS)
-
-
-def _global_hooks() -> bool:
-    """Module hooks registered for every module (torch.nn.modules.module.register_module_forward_hook, ...)."""
-    from torch.nn.modules import module as _module
-
-    return any(getattr(_module, f"_global{h}", None) for h in _HOOKS)
-
-
 def fuse_model(model: nn.Module) -> FusionReport:
     """``convert(model, fuse=True)``'s fusion, on a model whose norms convert() has already switched."""
     report = FusionReport()
@@ -192,51 +222,38 @@ def fuse_model(model: nn.Module) -> FusionReport:
         report.not_traced[""] = "global module hooks are registered: fusing would change what they see"
         model.__dict__[_REPORT] = report
         return report
-    counts: dict[int, int] = {}
-    for _, m in model.named_modules(remove_duplicate=False):
-        counts[id(m)] = counts.get(id(m), 0) + 1
-    shared = {i for i, n in counts.items() if n > 1}
-    names = {id(m): name for name, m in model.named_modules()}
-    for module in model.modules():
-        if type(module) is nn.Sequential:
-            _fuse_sequential(module, names, shared, report)
     for name, module in list(model.named_modules()):
-        if _traceable_candidate(module, shared):
-            _fuse_traced(module, name, shared, report)
+        if type(module) is nn.Sequential:
+            _fuse_sequential(module, name, report)
+        elif _traceable_candidate(module):
+            _fuse_traced(module, name, report)
     model.__dict__[_REPORT] = report
     _log.info("normkit.torch.convert(fuse=True): %s", report)
     return report
 
 
-def _fuse_sequential(seq: nn.Sequential, names: dict, shared: set, report: FusionReport) -> None:
-    prefix = names[id(seq)]
+def _fuse_sequential(seq: nn.Sequential, prefix: str, report: FusionReport) -> None:
     keys = list(seq._modules)
     for key, next_key in zip(keys, keys[1:]):
         norm, act = seq._modules[key], seq._modules[next_key]
-        if norm is None or act is None or not _fusable(norm, shared) or not _plain_calls(act):
+        found = None if norm is None or act is None else _pair(norm, act)
+        if found is None:
             continue
-        try:
-            name, slope = activation_of(act)
-        except (TypeError, ValueError):
-            continue
-        norm_name = f"{prefix}.{key}" if prefix else key
-        norm.activation, norm.negative_slope = name, slope
-        norm.__dict__["_normkit_fused"] = True
-        seq._modules[next_key] = FusedActivation(act, norm_name)
+        seq.__class__ = FusedSequential
         act_name = f"{prefix}.{next_key}" if prefix else next_key
-        report.fused.append(Fusion(norm_name, _describe(name, slope), "nn.Sequential",
+        report.fused.append(Fusion(f"{prefix}.{key}" if prefix else key, _describe(*found), "nn.Sequential",
                                    f"{act_name} ({type(act).__name__})"))
 
 
 # --- torch.fx: a module's own forward ----------------------------------------------------------------------------
 
-def _traceable_candidate(module: nn.Module, shared: set) -> bool:
+def _traceable_candidate(module: nn.Module) -> bool:
     """A module with a forward of its own (not torch's or normkit's) and a norm it could fuse among its
     descendants."""
     origin = type(module).__module__
     if origin.startswith("torch.") or origin in _LAYER_MODULES or hasattr(type(module), "_normkit_fx_original"):
         return False
-    return any(_fusable(m, shared) for m in module.modules() if m is not module)
+    return any(type(m) in _NORMS for m in module.modules() if m is not module)
 
 
 # normkit's own layers: their forwards call normkit's functions, nothing to fuse in them
@@ -284,26 +301,6 @@ def _untraceable(cls: type) -> Optional[str]:
     return f"its forward uses {', '.join(used)}, which fx does not record" if used else None
 
 
-def _used_elsewhere(cls: type, attribute: str) -> Optional[str]:
-    """The first method of ``cls`` (its own classes, not torch's) other than forward and __init__ that calls
-    ``self.<attribute>(...)`` (timm's forward_features, say): it would get the activation that forward's rewrite
-    moved into the norm."""
-    call = re.compile(rf"self\.{re.escape(attribute)}\s*\(")
-    for klass in cls.__mro__:
-        if klass.__module__.startswith("torch.") or klass is object:
-            continue
-        for name, member in vars(klass).items():
-            if name in ("forward", "__init__") or not inspect.isfunction(member):
-                continue
-            try:
-                source = inspect.getsource(member)
-            except (OSError, TypeError):
-                return name
-            if call.search(source):
-                return name
-    return None
-
-
 def _trace_both_modes(module: nn.Module) -> fx.Graph:
     """The graph of the module's forward, checked to be the same in train and eval mode."""
     modes = {m: m.training for m in module.modules()}
@@ -323,42 +320,39 @@ def _trace_both_modes(module: nn.Module) -> fx.Graph:
 _RELU_FUNCTIONS = (F.relu, torch.relu, torch.relu_, F.relu_)
 
 
-def _activation_call(node: fx.Node, root: nn.Module, arg: fx.Node) -> Optional[tuple[str, float, str]]:
-    """(activation, slope, description) when ``node`` applies a supported activation to ``arg`` alone."""
+def _activation_call(node: fx.Node, root: nn.Module, arg: fx.Node) -> Optional[tuple]:
+    """``(act, description)`` when ``node`` applies a supported activation to ``arg`` alone: ``act`` is the
+    activation module's target, or ``(activation, negative_slope)`` for a function."""
     if not node.args or node.args[0] is not arg:
         return None
     if any(isinstance(a, (fx.Node, list, tuple, dict)) for a in (*node.args[1:], *node.kwargs.values())):
         return None  # computed or structured arguments: not provably an activation of arg alone
     if node.op == "call_module":
         module = root.get_submodule(node.target)
-        if len(node.args) != 1 or node.kwargs or not _plain_calls(module):
+        if len(node.args) != 1 or node.kwargs or _kind(module) is None:
             return None
-        try:
-            name, slope = activation_of(module)
-        except (TypeError, ValueError):
-            return None
-        return name, slope, f"{node.target} ({type(module).__name__})"
+        return node.target, f"{node.target} ({type(module).__name__})"
     if node.op == "call_method" and node.target in ("relu", "relu_") and len(node.args) == 1 and not node.kwargs:
-        return "relu", 0.01, f"Tensor.{node.target}"
+        return ("relu", 0.01), f"Tensor.{node.target}"
     if node.op != "call_function":
         return None
     target = node.target
     described = f"{getattr(target, '__module__', None) or 'torch'}.{getattr(target, '__name__', target)}"
     if target in _RELU_FUNCTIONS:
-        return "relu", 0.01, described
+        return ("relu", 0.01), described
     if target is F.silu:
-        return "silu", 0.01, described
+        return ("silu", 0.01), described
     if target is F.leaky_relu:
         slope = node.args[1] if len(node.args) > 1 else node.kwargs.get("negative_slope", 0.01)
-        return ("leaky_relu", float(slope), described) if isinstance(slope, (int, float)) else None
+        return (("leaky_relu", float(slope)), described) if isinstance(slope, (int, float)) else None
     if target is F.gelu:
         approximate = node.args[1] if len(node.args) > 1 else node.kwargs.get("approximate", "none")
         if approximate in ("none", "tanh"):
-            return ("gelu" if approximate == "none" else "gelu_tanh"), 0.01, described
+            return ("gelu" if approximate == "none" else "gelu_tanh", 0.01), described
     return None
 
 
-def _fuse_traced(module: nn.Module, name: str, shared: set, report: FusionReport) -> None:
+def _fuse_traced(module: nn.Module, name: str, report: FusionReport) -> None:
     why = _untraceable(type(module))
     if why is not None:
         report.not_traced[name] = why
@@ -368,41 +362,33 @@ def _fuse_traced(module: nn.Module, name: str, shared: set, report: FusionReport
     except Exception as exc:  # anything fx raises: the module is simply not rewritten
         report.not_traced[name] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}".rstrip()
         return
-    calls: dict[str, int] = {}
-    for node in graph.nodes:
-        if node.op == "call_module":
-            calls[node.target] = calls.get(node.target, 0) + 1
     fused = []
     for node in list(graph.nodes):
-        # a direct child only: a grandchild's own parent calls it too, without the activation
-        if node.op != "call_module" or "." in node.target or calls[node.target] != 1 or len(node.users) != 1:
+        if node.op != "call_module" or len(node.users) != 1 or len(node.args) != 1 or node.kwargs:
             continue
         norm = module.get_submodule(node.target)
-        if not _fusable(norm, shared):
-            continue
         user = next(iter(node.users))
         found = _activation_call(user, module, node)
         if found is None:
             continue
-        elsewhere = _used_elsewhere(type(module), node.target)
-        if elsewhere is not None:
-            report.not_traced[f"{name}.{node.target}" if name else node.target] = \
-                f"not fused: {type(module).__name__}.{elsewhere} uses it too"
+        act, described = found
+        pair = _pair(norm, module.get_submodule(act) if isinstance(act, str) else act)
+        if pair is None:
             continue
-        act, slope, described = found
-        user.replace_all_uses_with(node)
+        with graph.inserting_before(user):
+            call = graph.call_function(call_fused, (graph.get_attr(node.target),
+                                                    graph.get_attr(act) if isinstance(act, str) else act,
+                                                    node.args[0]))
+        user.replace_all_uses_with(call)
         graph.erase_node(user)
-        fused.append((node.target, norm, act, slope, described))
+        graph.erase_node(node)
+        fused.append(Fusion(f"{name}.{node.target}" if name else node.target, _describe(*pair), "torch.fx",
+                            described))
     if not fused:
         return
     graph.lint()
-    code = fx.GraphModule(module, graph)
-    for target, norm, act, slope, described in fused:
-        norm.activation, norm.negative_slope = act, slope
-        norm.__dict__["_normkit_fused"] = True
-        report.fused.append(Fusion(f"{name}.{target}" if name else target, _describe(act, slope), "torch.fx",
-                                   described))
-    module.__class__ = _traced_class(type(module), type(code).forward)
+    report.fused += fused
+    module.__class__ = _traced_class(type(module), type(fx.GraphModule(module, graph)).forward)
 
 
 def _traced_class(cls: type, forward) -> type:
@@ -414,23 +400,19 @@ def _traced_class(cls: type, forward) -> type:
 
 
 def unfuse_model(model: nn.Module) -> None:
-    """Undo :func:`fuse_model` (for revert): activations back in their Sequentials, traced classes back to the
-    user's, fused norms without their activation. A norm given an activation by its constructor or :func:`fuse`
-    cannot become a torch.nn module: ValueError, before anything is changed."""
+    """Undo :func:`fuse_model` (for revert): fused Sequentials and traced classes back to the user's classes. A
+    norm given an activation by its constructor or :func:`fuse` cannot become a torch.nn module: ValueError,
+    before anything is changed."""
     stuck = [name for name, m in model.named_modules()
-             if getattr(m, "activation", None) is not None and not m.__dict__.get("_normkit_fused")]
+             if isinstance(m, modules._Activation) and m.activation is not None]
     if stuck:
         raise ValueError(f"revert: {', '.join(n or '(model)' for n in stuck)} applies a fused activation that a "
                          f"torch.nn norm cannot hold (built with activation= or by fuse()); replace "
                          f"{'it' if len(stuck) == 1 else 'them'} first")
     for module in model.modules():
-        for key, child in list(module._modules.items()):
-            if isinstance(child, FusedActivation):
-                module._modules[key] = child.original
+        if type(module) is FusedSequential:
+            module.__class__ = nn.Sequential
         original = type(module).__dict__.get("_normkit_fx_original")
         if original is not None:
             module.__class__ = original
-        if module.__dict__.pop("_normkit_fused", False):
-            module.__dict__.pop("activation", None)
-            module.__dict__.pop("negative_slope", None)
     model.__dict__.pop(_REPORT, None)

@@ -35,7 +35,9 @@ __all__ = [
 
 class _Activation:
     """The ``activation`` and ``negative_slope`` keyword arguments of the norms that fuse one. Class attributes
-    give the default (none) to modules :func:`convert` switched the class of, which never ran this ``__init__``."""
+    give the default (none) to modules :func:`convert` switched the class of, which never ran this ``__init__``.
+    ``_normalize(input, activation, negative_slope)`` is the forward with another activation: what a call site
+    that ``convert(fuse=True)`` fused calls (:mod:`.fuse`), the module itself unchanged."""
 
     activation: Optional[str] = None
     negative_slope: float = 0.01
@@ -44,6 +46,9 @@ class _Activation:
         super().__init__(*args, **kwargs)
         _activation.code(type(self).__name__, activation, negative_slope)
         self.activation, self.negative_slope = activation, float(negative_slope)
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return self._normalize(input, self.activation, self.negative_slope)
 
     def extra_repr(self) -> str:
         text = super().extra_repr()
@@ -59,7 +64,7 @@ class _BatchNormForward(_Activation):
     #: Backend name for this layer's kernels; None means the registry's order. Not part of the state_dict.
     backend = None
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
+    def _normalize(self, input: torch.Tensor, activation: Optional[str], negative_slope: float) -> torch.Tensor:
         # torch.nn's _BatchNorm.forward, calling normkit's batch_norm
         self._check_input_dim(input)
         factor = 0.0 if self.momentum is None else self.momentum
@@ -81,15 +86,15 @@ class _BatchNormForward(_Activation):
             factor,
             self.eps,
             backend=self.backend,
-            activation=self.activation,
-            negative_slope=self.negative_slope,
+            activation=activation,
+            negative_slope=negative_slope,
         )
 
 
 class _InstanceNormForward(_Activation):
     backend = None
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
+    def _normalize(self, input: torch.Tensor, activation: Optional[str], negative_slope: float) -> torch.Tensor:
         # torch.nn's _InstanceNorm.forward, calling normkit's instance_norm
         self._check_input_dim(input)
         feature_dim = input.dim() - self._get_no_batch_dim()
@@ -115,8 +120,8 @@ class _InstanceNormForward(_Activation):
             self.momentum if self.momentum is not None else 0.0,
             self.eps,
             backend=self.backend,
-            activation=self.activation,
-            negative_slope=self.negative_slope,
+            activation=activation,
+            negative_slope=negative_slope,
         )
         return y.squeeze(0) if unbatched else y
 
@@ -124,9 +129,9 @@ class _InstanceNormForward(_Activation):
 class _LayerNormForward(_Activation):
     backend = None
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
+    def _normalize(self, input: torch.Tensor, activation: Optional[str], negative_slope: float) -> torch.Tensor:
         return layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps, backend=self.backend,
-                          activation=self.activation, negative_slope=self.negative_slope)
+                          activation=activation, negative_slope=negative_slope)
 
 
 class _RMSNormForward:
@@ -139,9 +144,9 @@ class _RMSNormForward:
 class _GroupNormForward(_Activation):
     backend = None
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
+    def _normalize(self, input: torch.Tensor, activation: Optional[str], negative_slope: float) -> torch.Tensor:
         return group_norm(input, self.num_groups, self.weight, self.bias, self.eps, backend=self.backend,
-                          activation=self.activation, negative_slope=self.negative_slope)
+                          activation=activation, negative_slope=negative_slope)
 
 
 class BatchNorm1d(_BatchNormForward, nn.BatchNorm1d):

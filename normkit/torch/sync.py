@@ -203,12 +203,12 @@ def convert_sync_batchnorm(module: nn.Module, process_group=None) -> nn.Module:
     if isinstance(module, BatchNormalization):  # not a _BatchNorm: left alone it would normalize per process
         raise TypeError("convert_sync_batchnorm: the Keras-style BatchNormalization has no synchronized version "
                         "(its statistics would stay those of each process)")
-    if getattr(module, "activation", None) is not None:
-        raise ValueError(f"convert_sync_batchnorm: this {type(module).__name__} applies activation="
-                         f"{module.activation!r}, which SyncBatchNorm has no fused form of (convert without fuse=True, "
-                         f"or convert_sync_batchnorm first)")
     out = module
     if isinstance(module, _BatchNorm):
+        if getattr(module, "activation", None) is not None:  # a normkit BatchNorm*d built with activation=
+            raise ValueError(f"convert_sync_batchnorm: this {type(module).__name__} applies activation="
+                             f"{module.activation!r}, which SyncBatchNorm has no fused form of (built with "
+                             f"activation= or by normkit.torch.fuse)")
         out = SyncBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
                             module.track_running_stats, process_group, bias=module.bias is not None)
         if module.affine:
