@@ -614,6 +614,24 @@ def test_renorm_ghost_take_empty_batches_as_torch_batchnorm(kind, shape):
         assert torch.equal(getattr(m, name), getattr(ref, name)), name
 
 
+@pytest.mark.parametrize("train", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_keras_module_takes_empty_batches_as_torch_batchnorm(train, dtype):
+    """An empty batch through the Keras-style module: an empty output in the input's dtype, zero gradients of gamma
+    and beta, the moving statistics untouched (it raised "input_shape must have positive sizes", in eval too)."""
+    m = nkt.BatchNormalization(3, axis=-1)
+    m.train(train)
+    before = copy.deepcopy(m.state_dict())
+    x = torch.zeros((0, 4, 3), dtype=dtype, requires_grad=True)
+    y = m(x)
+    y.sum().backward()
+    assert y.shape == x.shape and y.dtype == dtype and x.grad.shape == x.shape
+    assert torch.equal(m.gamma.grad, torch.zeros(3)) and torch.equal(m.beta.grad, torch.zeros(3))
+    for name, value in m.state_dict().items():
+        assert torch.equal(value, before[name]), name
+    assert m(torch.randn(5, 4, 3)).shape == (5, 4, 3)  # and the layer builds on the next real batch
+
+
 def test_convert_sync_batchnorm_refuses_renorm_ghost_and_keras():
     """Renorm and ghost subclass torch.nn.BatchNorm*d, so a plain SyncBatchNorm would silently replace their
     semantics; the Keras-style layer, left alone, would silently normalize per process."""

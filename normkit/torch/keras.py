@@ -188,6 +188,9 @@ class BatchNormalization(nn.Module):
 
     def forward(self, input: Tensor) -> Tensor:
         self._check(input)
+        if input.numel() == 0:  # as torch's BatchNorm: an empty output, zero parameter gradients, statistics untouched
+            params = [p.sum() for p in (self.gamma, self.beta) if p is not None]
+            return input.clone() + (sum(params).to(input.dtype) * 0 if params else 0)
         core = self._core
         core.dtype = np.dtype(_NP[self.moving_mean.dtype])
         if not core.built or core._ndim != input.dim():
