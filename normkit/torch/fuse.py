@@ -136,7 +136,7 @@ def _pair(norm: nn.Module, act) -> Optional[tuple[str, float]]:
         return None
     if isinstance(act, tuple):
         return act
-    return _kind(act) if _plain_calls(act) else None
+    return _kind(act) if isinstance(act, nn.Module) and _plain_calls(act) else None
 
 
 _FUNCTIONS = {"relu": lambda y, slope: F.relu(y), "leaky_relu": F.leaky_relu, "silu": lambda y, slope: F.silu(y),
