@@ -301,17 +301,17 @@ def test_convert_fuses_in_sequential(monkeypatch):
 
 
 class _Taps(nn.Module):
-    """One norm called twice (each call followed by an activation), a grandchild's norm called directly, and a
-    norm that the Sequential beside it holds too."""
+    """One norm called twice (each call followed by an activation), grandchildren's norms called directly (one of
+    them without an activation, and held by another Sequential of the model too)."""
 
     def __init__(self, c, shared):
         super().__init__()
-        self.norm, self.inner, self.shared = nn.GroupNorm(2, c), nn.Sequential(nn.LayerNorm([c, 4, 4])), shared
+        self.norm, self.inner = nn.GroupNorm(2, c), nn.Sequential(nn.LayerNorm([c, 4, 4]))
         self.seq = nn.Sequential(nn.Conv2d(c, c, 1), shared, nn.SiLU())
 
     def forward(self, x):
         h = F.relu(self.norm(x)) + F.silu(self.norm(x * 2))
-        return self.seq(F.gelu(self.inner[0](h))) + self.shared(h)
+        return self.seq(F.gelu(self.inner[0](h))) + self.seq[1](h)
 
 
 def test_fused_call_sites_leave_the_modules_alone(monkeypatch):
@@ -321,19 +321,21 @@ def test_fused_call_sites_leave_the_modules_alone(monkeypatch):
     difference (a hook registered since, an activation module replaced, global module hooks) and then makes the
     two calls."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 4, 1), _Taps(4, nn.GroupNorm(2, 4)))
+    shared = nn.GroupNorm(2, 4)
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), _Taps(4, shared), nn.Sequential(shared, nn.ReLU()))
     original = copy.deepcopy(model)
     nt.convert(model, fuse=True)
     taps = model[1]
     assert sorted((f.norm, f.activation) for f in nt.fusion_report(model).fused) == [
-        ("1.inner.0", "gelu"), ("1.norm", "relu"), ("1.norm", "silu"), ("1.seq.1", "silu")]
+        ("1.inner.0", "gelu"), ("1.norm", "relu"), ("1.norm", "silu"), ("1.seq.1", "silu"), ("2.0", "relu")]
     x = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(3))
     looked_up = _spy_fused_kernels(monkeypatch)
     _assert_same_model_results(original, model, x)
     assert {("groupnorm", "act_forward"), ("layernorm", "act_backward")} <= set(looked_up)
     h = torch.randn(2, 4, 4, 4)
-    for name in ("norm", "inner", "shared", "seq"):  # eval mode, after _assert_same_model_results
+    for name in ("norm", "inner", "seq"):  # eval mode, after _assert_same_model_results
         torch.testing.assert_close(getattr(taps, name)(h), getattr(original[1], name)(h), msg=name)
+    torch.testing.assert_close(model[2][0](h), original[2][0](h))
 
     seen = []
     handle = taps.seq[1].register_forward_hook(lambda m, i, o: seen.append(o.min().item()))
@@ -350,6 +352,9 @@ def test_fused_call_sites_leave_the_modules_alone(monkeypatch):
     looked_up.clear()
     torch.testing.assert_close(model(x), original(x))
     assert ("groupnorm", "act_forward") in looked_up
+    fused = sorted(map(str, nt.fusion_report(model).fused))
+    nt.convert(model, fuse=True)  # again (to pin a backend, say): the same report, less seq's pair (a Tanh now)
+    assert sorted(map(str, nt.fusion_report(model).fused)) == [f for f in fused if not f.startswith("1.seq.1 ")]
 
 
 class ResnetBlock(nn.Module):
@@ -497,6 +502,135 @@ def test_convert_fuses_only_what_fx_records_faithfully():
     finally:
         handle.remove()
     assert nt.fusion_report(plain).fused == [] and "global module hooks" in nt.fusion_report(plain).not_traced[""]
+
+
+class _InPlace(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.norm = nn.BatchNorm1d(4)
+
+    def forward(self, x):
+        return F.leaky_relu(self.norm(x), 0.3, inplace=True)
+
+
+class _SideEffects(nn.Module):  # a forward keeping a feature map and counting its calls
+    def __init__(self):
+        super().__init__()
+        self.norm, self.last, self.feats = nn.BatchNorm1d(4), None, []
+
+    def forward(self, x):
+        y = F.relu(self.norm(x))
+        self.last = y
+        self.feats.append(y)
+        return y
+
+
+class _HelperNoGrad(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj, self.norm = nn.Linear(4, 4), nn.BatchNorm1d(4)
+
+    def forward(self, x):
+        return self.body(x)
+
+    def body(self, x):
+        with torch.no_grad():
+            h = self.proj(x)
+        return F.relu(self.norm(h))
+
+
+class _Alias(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.norm, self.act = nn.BatchNorm1d(4), nn.ReLU()
+        self.out_act = self.act
+
+    def forward(self, x):
+        return self.out_act(self.norm(x))
+
+
+class _FreezingTrain(nn.Module):  # detection backbones: train() freezes the BatchNorm
+    def __init__(self):
+        super().__init__()
+        self.norm = nn.BatchNorm1d(4)
+
+    def train(self, mode=True):
+        super().train(mode)
+        if mode:
+            self.norm.requires_grad_(False)
+        return self
+
+    def forward(self, x):
+        return F.relu(self.norm(x))
+
+
+class _Registered(nn.Module):
+    registry = []
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        _Registered.registry.append(cls)
+
+
+class _RegisteredBlock(_Registered):
+    def __init__(self):
+        super().__init__()
+        self.norm = nn.BatchNorm1d(4)
+
+    def forward(self, x):
+        return F.relu(self.norm(x))
+
+
+class _ConvNormActivation(nn.Sequential):  # torchvision's Conv2dNormActivation: nn.Sequential's forward
+    pass
+
+
+def test_convert_fuse_keeps_what_a_traced_forward_does():
+    """Found by a fuzz of the call-site fusion: the fallback made an in-place activation out of place (a hook on the
+    norm saw another tensor); tracing left fx proxies in attributes a forward assigns and lost a no_grad block in
+    a method forward calls; a module held under two names was called by the other; a user's train() ran (freezing
+    parameters); a class's __init_subclass__ saw normkit's class; nn.Sequential subclasses were unrolled by fx (a
+    slice then failed); LeakyReLU(inf) was fused (the kernel refuses it); a patched activation class was ignored;
+    converting again lost the report. Each now runs as the original, fused or with the reason in the report."""
+    torch.manual_seed(0)
+    model = nn.ModuleList([_InPlace(), _SideEffects(), _HelperNoGrad(), _Alias(), _FreezingTrain().eval(),
+                           _RegisteredBlock(), _ConvNormActivation(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.SiLU()),
+                           nn.Sequential(nn.BatchNorm1d(4), nn.LeakyReLU(float("inf")))])
+    original = copy.deepcopy(model)
+    registered = list(_Registered.registry)
+    nt.convert(model, fuse=True)
+    report = nt.fusion_report(model)
+    assert sorted(f.norm for f in report.fused) == ["0.norm", "4.norm", "6.1"]
+    assert "changes module attributes (feats, last)" in report.not_traced["1"]
+    assert "uses no_grad" in report.not_traced["2"]
+    assert "two names" in report.not_traced["3"]
+    assert "__init_subclass__" in report.not_traced["5"] and _Registered.registry == registered
+    assert model[1].last is None and model[1].feats == []
+    assert all(p.requires_grad for p in model[4].parameters())
+    assert isinstance(model[6], _ConvNormActivation) and isinstance(model[6][0:2], _ConvNormActivation)
+    x = torch.randn(6, 4)
+    seen = []
+    model[0].norm.register_forward_hook(lambda m, i, o: seen.append(o))
+    original[0].norm.register_forward_hook(lambda m, i, o: seen.append(o))
+    outputs = [(m(x), o(x)) for m, o in zip(model, original)]
+    for got, want in outputs:
+        torch.testing.assert_close(got, want)
+    torch.testing.assert_close(seen[0], seen[1])  # the hook's tensor, activated in place on both
+    assert seen[0].data_ptr() == outputs[0][0].data_ptr()
+    original[2](x).sum().backward()
+    model[2](x).sum().backward()
+    assert model[2].proj.weight.grad is None and original[2].proj.weight.grad is None
+    model[3].out_act = original[3].out_act = nn.Tanh()
+    torch.testing.assert_close(model[3](x), original[3](x))
+    nt.convert(model, fuse=True)
+    assert sorted(f.norm for f in nt.fusion_report(model).fused) == ["0.norm", "4.norm", "6.1"]
+
+
+def test_fused_sites_follow_a_patched_activation_class(monkeypatch):
+    model = nt.convert(nn.Sequential(nn.BatchNorm1d(4), nn.SiLU()), fuse=True)
+    monkeypatch.setattr(nn.SiLU, "forward", lambda self, x: torch.clamp(F.silu(x), max=0.1))
+    x = torch.randn(6, 4)
+    assert model(x).max() <= 0.1
 
 
 def test_torch_compile_of_fused_model_matches_eager(monkeypatch):

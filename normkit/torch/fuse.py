@@ -5,21 +5,24 @@
 an activation and nowhere else. The norm and activation modules themselves do not change: called on their own
 (``seq[0](x)``, from another method, by a hook-based feature extractor) they compute what they did before. Where:
 
-* **in every ``nn.Sequential``** (exactly that class, whose forward is known) with a norm child followed by an
-  activation child: its class becomes :class:`FusedSequential`, whose forward runs each such pair as one call of
-  the norm's fused kernels. Its children, indices and state_dict keys stay as they were;
-* **in every other module whose own forward ``torch.fx`` can trace** (its children are leaves: each module is
-  traced alone, so the children's forwards and hooks still run): a call of a norm submodule whose only user is a
-  supported activation (a module call, or ``F.relu``, ``torch.relu``, ``x.relu()``, ``F.leaky_relu``,
-  ``F.silu``, ``F.gelu`` with constant arguments) becomes one call of :func:`call_fused`. The module's class
-  becomes a subclass of its own class whose forward is the rewritten graph's code (``isinstance`` and the module's
-  other methods stay; :func:`~normkit.torch.revert` restores the class). A module whose forward cannot be traced,
-  or traces differently in train and eval mode (it reads ``self.training``, which fx would freeze), is left
-  alone, and the report says why; so is one whose forward fx would record wrongly: an argument with a default
-  (its ``None`` branch would be lost), a ``no_grad`` / ``autocast`` block or a Python random draw (fx records
-  neither), tensor constants. As with any fx rewrite, plain Python values the forward reads (a float attribute,
-  a flag) are frozen at their values at conversion, and the rewritten module cannot be pickled whole (save its
-  state_dict).
+* **in every ``nn.Sequential``** (or subclass running its forward, as torchvision's ``Conv2dNormActivation``)
+  with a norm child followed by an activation child: its class becomes :class:`FusedSequential` (for a subclass,
+  a subclass of its class with that forward), whose forward runs each such pair as one call of the norm's fused
+  kernels. Its children, indices and state_dict keys stay as they were;
+* **in every other module whose own forward ``torch.fx`` can trace** (its children are leaves: each module is traced
+  alone, so the children's forwards and hooks still run): a call of a norm submodule whose only user is a supported
+  activation (a module call, or ``F.relu``, ``torch.relu``, ``x.relu()``, ``F.leaky_relu``, ``F.silu``, ``F.gelu`` with
+  constant arguments) becomes one call of :func:`call_fused`. The module's class becomes a subclass of its own class
+  whose forward is the rewritten graph's code (``isinstance`` and the module's other methods stay;
+  :func:`~normkit.torch.revert` restores the class). A module whose forward cannot be traced, or traces differently in
+  train and eval mode (it reads ``self.training``, which fx would freeze), is left alone, and the report says why; so is
+  one whose forward fx would record wrongly: an argument with a default (its ``None`` branch would be lost), a
+  ``no_grad`` / ``autocast`` block or a Python random draw in it or in a method it calls (fx records neither), tensor
+  constants, attributes it assigns or containers it appends to (fx does not record them; tracing's changes are undone),
+  a submodule or parameter held under two names (fx would call one), an ``nn.Sequential`` subclass with its own forward
+  (its slices would run the rewrite), a class with ``__init_subclass__`` (it would see the rewritten class). As with any
+  fx rewrite, plain Python values the forward reads (a float attribute, a flag) are frozen at their values at
+  conversion, and the rewritten module cannot be pickled whole (save its state_dict).
 
 A fused call site checks at each call that nothing could tell the difference, and otherwise makes the two calls
 the code made: the norm is still an exact normkit (after conversion) BatchNorm, InstanceNorm, GroupNorm or
@@ -35,6 +38,8 @@ from __future__ import annotations
 import copy
 import inspect
 import logging
+import math
+import re
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -52,13 +57,20 @@ _REPORT = "_normkit_fusion_report"
 _SUPPORTED = "nn.ReLU, nn.LeakyReLU, nn.SiLU, nn.GELU"
 
 
+# the activation classes with a fused form, and their forwards (a class patched since runs unfused)
+_ACTIVATION_FORWARDS = {cls: cls.forward for cls in (nn.ReLU, nn.LeakyReLU, nn.SiLU, nn.GELU)}
+
+
 def _kind(module: nn.Module) -> Optional[tuple[str, float]]:
     """``(activation, negative_slope)`` for a supported torch.nn activation module, else None."""
     kind = type(module)
+    if _ACTIVATION_FORWARDS.get(kind, _kind) is not kind.forward:
+        return None
     if kind is nn.ReLU:
         return "relu", 0.01
     if kind is nn.LeakyReLU:
-        return "leaky_relu", float(module.negative_slope)
+        slope = float(module.negative_slope)
+        return ("leaky_relu", slope) if slope - slope == 0 else None  # finite (activation.code: compile-safe)
     if kind is nn.SiLU:
         return "silu", 0.01
     if kind is nn.GELU and module.approximate in ("none", "tanh"):
@@ -71,6 +83,9 @@ def activation_of(module: nn.Module) -> tuple[str, float]:
     found = _kind(module)
     if found is not None:
         return found
+    if type(module) is nn.LeakyReLU:
+        raise ValueError(f"fuse: nn.LeakyReLU(negative_slope={module.negative_slope}) has no fused form; "
+                         f"negative_slope must be finite")
     if type(module) is nn.GELU:
         raise ValueError(f"fuse: nn.GELU(approximate={module.approximate!r}) has no fused form; "
                          f"approximate must be 'none' or 'tanh'")
@@ -112,8 +127,8 @@ def fuse(norm: nn.Module, activation: nn.Module) -> nn.Module:
     return fused
 
 
-# the norm classes with a fused form (exactly these: a subclass may compute something else)
-_NORMS = frozenset(cls for cls in modules._TO_TORCH if cls is not modules.RMSNorm)
+# the norm classes with a fused form (exactly these: a subclass may compute something else), and their forwards
+_NORMS = {cls: cls.forward for cls in modules._TO_TORCH if cls is not modules.RMSNorm}
 _HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
 
 
@@ -130,28 +145,36 @@ def _global_hooks() -> bool:
 
 
 def _pair(norm: nn.Module, act) -> Optional[tuple[str, float]]:
-    """``(activation, negative_slope)`` when ``norm`` then ``act`` (an activation module, or the ``(activation,
-    negative_slope)`` of a function) can run as one call of the norm's fused kernels now, else None."""
-    if type(norm) not in _NORMS or norm.activation is not None or not _plain_calls(norm) or _global_hooks():
+    """``(activation, negative_slope)`` when ``norm`` then ``act`` (an activation module, or a function's call as
+    :func:`call_fused` takes it) can run as one call of the norm's fused kernels now, else None."""
+    if _NORMS.get(type(norm), _pair) is not type(norm).forward or norm.activation is not None \
+            or not _plain_calls(norm) or _global_hooks():
         return None
     if isinstance(act, tuple):
-        return act
+        return act[:2]
     return _kind(act) if isinstance(act, nn.Module) and _plain_calls(act) else None
 
 
-_FUNCTIONS = {"relu": lambda y, slope: F.relu(y), "leaky_relu": F.leaky_relu, "silu": lambda y, slope: F.silu(y),
-              "gelu": lambda y, slope: F.gelu(y), "gelu_tanh": lambda y, slope: F.gelu(y, approximate="tanh")}
+# the activation functions a traced forward's call site may have called, by the name call_fused gets (fx's code can
+# hold strings and constants, not function objects)
+_FUNCTIONS = {"F.relu": F.relu, "F.relu_": F.relu_, "torch.relu": torch.relu, "torch.relu_": torch.relu_,
+              "Tensor.relu": torch.Tensor.relu, "Tensor.relu_": torch.Tensor.relu_, "F.silu": F.silu,
+              "F.leaky_relu": F.leaky_relu, "F.gelu": F.gelu}
+_FUNCTION_NAMES = {f: name for name, f in _FUNCTIONS.items() if not name.startswith("Tensor.")}
 
 
 def call_fused(norm: nn.Module, act, x: torch.Tensor) -> torch.Tensor:
-    """``act(norm(x))`` as one call of the norm's fused kernels where :func:`_pair` allows it, else the two calls:
-    what a call site that ``convert(fuse=True)`` rewrote in a traced forward runs. ``act`` is the activation
-    module or, for a function, its ``(activation, negative_slope)``."""
+    """``act(norm(x))`` as one call of the norm's fused kernels where :func:`_pair` allows it, else the two calls
+    as the code made them: what a call site that ``convert(fuse=True)`` rewrote in a traced forward runs. ``act``
+    is the activation module or, for a function, ``(activation, negative_slope, name, args, kwargs)``: the fused
+    form and the call (``_FUNCTIONS[name](y, *args, **kwargs)``, in place where it was)."""
     found = _pair(norm, act)
     if found is not None:
         return norm._normalize(x, *found)
     y = norm(x)
-    return _FUNCTIONS[act[0]](y, act[1]) if isinstance(act, tuple) else act(y)
+    if isinstance(act, tuple):
+        return _FUNCTIONS[act[2]](y, *act[3], **act[4])
+    return act(y)
 
 
 class FusedSequential(nn.Sequential):
@@ -223,8 +246,11 @@ def fuse_model(model: nn.Module) -> FusionReport:
         model.__dict__[_REPORT] = report
         return report
     for name, module in list(model.named_modules()):
-        if type(module) is nn.Sequential:
+        if isinstance(module, nn.Sequential) and type(module).forward in (nn.Sequential.forward,
+                                                                           FusedSequential.forward):
             _fuse_sequential(module, name, report)
+        elif hasattr(type(module), "_normkit_fx_original"):  # rewritten by an earlier convert(fuse=True)
+            _report_traced(module, name, report)
         elif _traceable_candidate(module):
             _fuse_traced(module, name, report)
     model.__dict__[_REPORT] = report
@@ -239,7 +265,10 @@ def _fuse_sequential(seq: nn.Sequential, prefix: str, report: FusionReport) -> N
         found = None if norm is None or act is None else _pair(norm, act)
         if found is None:
             continue
-        seq.__class__ = FusedSequential
+        if type(seq) is nn.Sequential:
+            seq.__class__ = FusedSequential
+        elif type(seq).forward is nn.Sequential.forward:  # a subclass (torchvision's Conv2dNormActivation)
+            seq.__class__ = _traced_class(type(seq), FusedSequential.forward)
         act_name = f"{prefix}.{next_key}" if prefix else next_key
         report.fused.append(Fusion(f"{prefix}.{key}" if prefix else key, _describe(*found), "nn.Sequential",
                                    f"{act_name} ({type(act).__name__})"))
@@ -251,7 +280,7 @@ def _traceable_candidate(module: nn.Module) -> bool:
     """A module with a forward of its own (not torch's or normkit's) and a norm it could fuse among its
     descendants."""
     origin = type(module).__module__
-    if origin.startswith("torch.") or origin in _LAYER_MODULES or hasattr(type(module), "_normkit_fx_original"):
+    if origin.startswith("torch.") or origin in _LAYER_MODULES:
         return False
     return any(type(m) in _NORMS for m in module.modules() if m is not module)
 
@@ -267,17 +296,51 @@ class _ChildrenAreLeaves(fx.Tracer):
         return True
 
 
+def _state(module: nn.Module) -> list:
+    """Every submodule's attributes, with shallow copies of the lists, dicts and sets among them."""
+    return [(m, dict(m.__dict__), {k: copy.copy(v) for k, v in m.__dict__.items() if type(v) in (list, dict, set)})
+            for m in module.modules()]
+
+
+def _same(a, b) -> bool:
+    """Whether two lists, dicts or sets hold the same objects (by identity: the values may be fx proxies)."""
+    if type(a) is dict:
+        return a.keys() == b.keys() and all(a[k] is b[k] for k in a)
+    if type(a) is set:
+        return {id(v) for v in a} == {id(v) for v in b}
+    return len(a) == len(b) and all(x is y for x, y in zip(a, b))
+
+
+def _restore(state: list) -> list[str]:
+    """Puts back the attributes of :func:`_state` and returns those that had changed: what a forward assigned or
+    appended while fx traced it, which the rewritten forward would not do (the values left would be fx's
+    proxies)."""
+    changed = []
+    for m, attributes, containers in state:
+        now, missing = m.__dict__, object()
+        changed += [k for k in now.keys() | attributes.keys() if now.get(k, missing) is not attributes.get(k, missing)]
+        now.clear()
+        now.update(attributes)
+        for k, saved in containers.items():
+            if not _same(now[k], saved):
+                changed.append(k)
+                now[k].clear()
+                now[k].extend(saved) if type(saved) is list else now[k].update(saved)
+    return changed
+
+
 def _trace(module: nn.Module) -> fx.Graph:
-    before = set(module.__dict__)
+    state = _state(module)
     try:
         graph = _ChildrenAreLeaves().trace(module)
     finally:
-        added = set(module.__dict__) - before
-        for key in added:  # tensor constants fx attaches to the traced module
-            del module.__dict__[key]
-    if added:  # the graph reads them: its code cannot run without them
+        changed = _restore(state)
+    if any(k.startswith("_tensor_constant") for k in changed):  # the graph reads them: its code needs them
         raise ValueError("its forward makes tensor constants (torch.tensor(...) and the like), which the rewritten "
                          "forward could not keep")
+    if changed:
+        raise ValueError(f"its forward changes module attributes ({', '.join(sorted(set(changed)))}), which fx "
+                         f"does not record")
     return graph
 
 
@@ -287,18 +350,42 @@ def _trace(module: nn.Module) -> fx.Graph:
 _NOT_RECORDED = ("no_grad", "enable_grad", "set_grad_enabled", "inference_mode", "autocast", "random")
 
 
-def _untraceable(cls: type) -> Optional[str]:
-    """Why fx cannot be trusted with ``cls``'s forward, or None."""
+def _untraceable(module: nn.Module) -> Optional[str]:
+    """Why fx cannot be trusted with the module's forward, or None."""
+    cls = type(module)
+    if isinstance(module, nn.Sequential):  # its slices are made by self.__class__: they would run the rewrite
+        return "an nn.Sequential subclass with a forward of its own"
+    if any("__init_subclass__" in vars(k) for k in cls.__mro__[:-1] if not k.__module__.startswith("torch.")):
+        return "its class defines __init_subclass__, which the rewritten class would run"
+    for kind in ("modules", "parameters", "buffers"):
+        named = getattr(module, f"named_{kind}")
+        if len(list(named(remove_duplicate=False))) != len(list(named())):
+            return f"one of its {kind} has two names, of which fx would call one"
     params = list(inspect.signature(cls.forward).parameters.values())[1:]
     optional = [p.name for p in params if p.default is not p.empty or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
     if optional:
         return f"its forward has optional arguments ({', '.join(optional)}), which fx would freeze"
     try:
-        source = inspect.getsource(cls.forward)
+        source = _source(cls, "forward", set())
     except (OSError, TypeError):
         return "its forward's source is not available to check"
     used = [word for word in _NOT_RECORDED if word in source]
     return f"its forward uses {', '.join(used)}, which fx does not record" if used else None
+
+
+def _source(cls: type, method: str, seen: set) -> str:
+    """The source of ``cls``'s ``method`` and of the methods of ``cls`` it calls as ``self.name(...)`` (not torch's
+    own), as far as they go: what tracing the method runs through."""
+    seen.add(method)
+    function = inspect.getattr_static(cls, method)
+    function = getattr(function, "__func__", function)
+    text = inspect.getsource(function)
+    for name in re.findall(r"self\.(\w+)\s*\(", text):
+        member = inspect.getattr_static(cls, name, None)
+        if name not in seen and (inspect.isfunction(member) or isinstance(member, (staticmethod, classmethod))) \
+                and not getattr(member, "__module__", "torch.").startswith("torch."):
+            text += _source(cls, name, seen)
+    return text
 
 
 def _trace_both_modes(module: nn.Module) -> fx.Graph:
@@ -307,7 +394,8 @@ def _trace_both_modes(module: nn.Module) -> fx.Graph:
     try:
         graphs = []
         for mode in (module.training, not module.training):
-            module.train(mode)
+            for m in modes:  # the flag alone: a train() of the user's may do more (freeze parameters)
+                m.training = mode
             graphs.append(_trace(module))
     finally:
         for m, mode in modes.items():
@@ -317,43 +405,42 @@ def _trace_both_modes(module: nn.Module) -> fx.Graph:
     return graphs[0]
 
 
-_RELU_FUNCTIONS = (F.relu, torch.relu, torch.relu_, F.relu_)
-
-
 def _activation_call(node: fx.Node, root: nn.Module, arg: fx.Node) -> Optional[tuple]:
     """``(act, description)`` when ``node`` applies a supported activation to ``arg`` alone: ``act`` is the
-    activation module's target, or ``(activation, negative_slope)`` for a function."""
+    activation module's target, or a function's call as :func:`call_fused` takes it."""
     if not node.args or node.args[0] is not arg:
         return None
-    if any(isinstance(a, (fx.Node, list, tuple, dict)) for a in (*node.args[1:], *node.kwargs.values())):
+    rest, kwargs = node.args[1:], dict(node.kwargs)
+    if any(isinstance(a, (fx.Node, list, tuple, dict)) for a in (*rest, *kwargs.values())):
         return None  # computed or structured arguments: not provably an activation of arg alone
     if node.op == "call_module":
         module = root.get_submodule(node.target)
-        if len(node.args) != 1 or node.kwargs or _kind(module) is None:
+        if rest or kwargs or _kind(module) is None:
             return None
         return node.target, f"{node.target} ({type(module).__name__})"
-    if node.op == "call_method" and node.target in ("relu", "relu_") and len(node.args) == 1 and not node.kwargs:
-        return ("relu", 0.01), f"Tensor.{node.target}"
-    if node.op != "call_function":
+    if node.op == "call_method" and node.target in ("relu", "relu_") and not rest and not kwargs:
+        return ("relu", 0.01, f"Tensor.{node.target}", (), {}), f"Tensor.{node.target}"
+    name = _FUNCTION_NAMES.get(node.target) if node.op == "call_function" else None
+    if name is None:
         return None
+    if name == "F.leaky_relu":
+        slope = rest[0] if rest else kwargs.get("negative_slope", 0.01)
+        if not isinstance(slope, (int, float)) or not math.isfinite(slope):
+            return None
+        fused = ("leaky_relu", float(slope))
+    elif name == "F.gelu":
+        approximate = rest[0] if rest else kwargs.get("approximate", "none")
+        if approximate not in ("none", "tanh"):
+            return None
+        fused = ("gelu" if approximate == "none" else "gelu_tanh", 0.01)
+    else:
+        fused = (name.split(".")[-1].rstrip("_"), 0.01)
     target = node.target
-    described = f"{getattr(target, '__module__', None) or 'torch'}.{getattr(target, '__name__', target)}"
-    if target in _RELU_FUNCTIONS:
-        return ("relu", 0.01), described
-    if target is F.silu:
-        return ("silu", 0.01), described
-    if target is F.leaky_relu:
-        slope = node.args[1] if len(node.args) > 1 else node.kwargs.get("negative_slope", 0.01)
-        return (("leaky_relu", float(slope)), described) if isinstance(slope, (int, float)) else None
-    if target is F.gelu:
-        approximate = node.args[1] if len(node.args) > 1 else node.kwargs.get("approximate", "none")
-        if approximate in ("none", "tanh"):
-            return ("gelu" if approximate == "none" else "gelu_tanh", 0.01), described
-    return None
+    return (*fused, name, rest, kwargs), f"{getattr(target, '__module__', None) or 'torch'}.{target.__name__}"
 
 
 def _fuse_traced(module: nn.Module, name: str, report: FusionReport) -> None:
-    why = _untraceable(type(module))
+    why = _untraceable(module)
     if why is not None:
         report.not_traced[name] = why
         return
@@ -382,19 +469,24 @@ def _fuse_traced(module: nn.Module, name: str, report: FusionReport) -> None:
         user.replace_all_uses_with(call)
         graph.erase_node(user)
         graph.erase_node(node)
-        fused.append(Fusion(f"{name}.{node.target}" if name else node.target, _describe(*pair), "torch.fx",
-                            described))
+        fused.append((node.target, _describe(*pair), described))
     if not fused:
         return
     graph.lint()
-    report.fused += fused
-    module.__class__ = _traced_class(type(module), type(fx.GraphModule(module, graph)).forward)
+    module.__class__ = _traced_class(type(module), type(fx.GraphModule(module, graph)).forward, tuple(fused))
+    _report_traced(module, name, report)
 
 
-def _traced_class(cls: type, forward) -> type:
-    """A subclass of ``cls`` whose forward is a rewritten graph's (one per module: the code is the module's)."""
-    return type(cls.__name__, (cls,), {"forward": forward, "_normkit_fx_original": cls, "__module__": cls.__module__,
-                                       "__qualname__": cls.__qualname__,
+def _report_traced(module: nn.Module, name: str, report: FusionReport) -> None:
+    report.fused += [Fusion(f"{name}.{target}" if name else target, activation, "torch.fx", described)
+                     for target, activation, described in type(module)._normkit_fusions]
+
+
+def _traced_class(cls: type, forward, fusions: tuple = ()) -> type:
+    """A subclass of ``cls`` whose forward is a rewritten graph's (one per module: the code is the module's), with
+    the call sites it fused (``(norm's target, activation, activation call)``)."""
+    return type(cls.__name__, (cls,), {"forward": forward, "_normkit_fx_original": cls, "_normkit_fusions": fusions,
+                                       "__module__": cls.__module__, "__qualname__": cls.__qualname__,
                                        "__doc__": f"{cls.__qualname__} with norm + activation pairs fused by "
                                                   f"normkit.torch.convert(fuse=True)"})
 
