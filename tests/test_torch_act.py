@@ -626,6 +626,126 @@ def test_convert_fuse_keeps_what_a_traced_forward_does():
     assert sorted(f.norm for f in nt.fusion_report(model).fused) == ["0.norm", "4.norm", "6.1"]
 
 
+class _Frozen(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin, self.norm = nn.Linear(4, 4), nn.BatchNorm1d(4)
+
+    def forward(self, x):
+        with torch.no_grad():
+            x = self.lin(x)
+        return F.relu(self.norm(x))
+
+
+class _SuperForward(_Frozen):  # the no_grad is in the overridden forward
+    def forward(self, x):
+        return super().forward(x) * 2
+
+
+def _frozen_projection(m, x):
+    with torch.no_grad():
+        return m.lin(x)
+
+
+class _ModuleHelper(_Frozen):
+    def forward(self, x):
+        return F.relu(self.norm(_frozen_projection(self, x)))
+
+
+class _SharedOrder(nn.Module):  # the fused call must run where the norm's call ran: the running statistics' order
+    def __init__(self):
+        super().__init__()
+        self.bn, self.act = nn.BatchNorm1d(4), nn.ReLU(inplace=True)
+
+    def forward(self, a):
+        ya = self.bn(a)
+        yb = self.bn(a * 3 + 1)
+        skip = self.act(a)  # in place on the norm's input, after the norm read it
+        return F.silu(ya) + yb + skip
+
+
+class _Bookkeeping(nn.Module):  # state a forward keeps, deeper than an attribute
+    def __init__(self):
+        super().__init__()
+        self.norm, self.log = nn.BatchNorm1d(4), {"feats": []}
+        self.register_buffer("calls", torch.zeros((), dtype=torch.long))
+
+    def forward(self, x):
+        self.calls += 1
+        y = F.relu(self.norm(x))
+        self.log["feats"].append(y)
+        return y
+
+
+class _LayerDrop(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.norm = nn.LayerNorm(4)
+
+    def forward(self, x):
+        if self.training and torch.rand([]) < 0.5:
+            return x
+        return F.gelu(self.norm(x))
+
+
+class _Body(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.norm = nn.BatchNorm1d(4)
+
+    def features(self, x):
+        return F.relu(self.norm(x))
+
+
+class _ChildMethod(nn.Module):  # timm's forward_features, on a child
+    def __init__(self):
+        super().__init__()
+        self.body = _Body()
+
+    def forward(self, x):
+        return self.body.features(x)
+
+
+def test_convert_fuse_traces_without_touching_the_model():
+    """Found by a second fuzz of the call-site fusion: a no_grad reached through super().forward or a module's
+    helper function, torch.rand deciding a layer drop, a buffer updated in place and containers nested in an
+    attribute (tracing ran them for real, or left fx proxies in them), a child's method (fx copies its code) were
+    all traced; the fused call ran where the activation was (a shared BatchNorm's running statistics then came in
+    the other order, an in-place op between them changed the norm's input); a norm replaced by a function raised.
+    Now fx traces a copy of the module (sharing its tensors), such forwards are left alone, and the rest runs as
+    the original."""
+    torch.manual_seed(0)
+    model = nn.ModuleList([_SuperForward(), _ModuleHelper(), _SharedOrder(), _Bookkeeping(), _LayerDrop(),
+                           _ChildMethod()])
+    original = copy.deepcopy(model)
+    nt.convert(model, fuse=True)
+    report = nt.fusion_report(model)
+    assert [f.norm for f in report.fused] == ["2.bn"]
+    for i, why in enumerate(["uses no_grad", "uses no_grad", None, "changes module attributes", "uses rand",
+                             "calls body.features"]):
+        assert why is None or why in report.not_traced[str(i)], i
+    assert model[3].calls.item() == 0 and model[3].log == {"feats": []}
+    x = torch.randn(6, 4)
+    with torch.no_grad():  # (its in-place op on a saved input: torch's backward refuses it)
+        torch.testing.assert_close(model[2](x.clone()), original[2](x.clone()))
+    for i, (m, o) in enumerate(zip(model, original)):
+        if i in (2, 4):
+            continue  # its draws: compared in eval below
+        y, want = m(x.clone()), o(x.clone())
+        torch.testing.assert_close(y, want, msg=str(i))
+        y.sum().backward()
+        want.sum().backward()
+        for (name, p), q in zip(m.named_parameters(), o.parameters()):
+            assert (p.grad is None) == (q.grad is None), (i, name)
+    torch.testing.assert_close(model[2].bn.running_mean, original[2].bn.running_mean)
+    model.eval(), original.eval()
+    torch.testing.assert_close(model[4](x), original[4](x))
+    for m in (model[2], original[2]):  # no longer a module: the two calls
+        del m.bn
+        m.bn = lambda t: t * 2
+    torch.testing.assert_close(model[2](x.clone()), original[2](x.clone()))
+
+
 def test_fused_sites_follow_a_patched_activation_class(monkeypatch):
     model = nt.convert(nn.Sequential(nn.BatchNorm1d(4), nn.SiLU()), fuse=True)
     monkeypatch.setattr(nn.SiLU, "forward", lambda self, x: torch.clamp(F.silu(x), max=0.1))

@@ -16,13 +16,17 @@ an activation and nowhere else. The norm and activation modules themselves do no
   whose forward is the rewritten graph's code (``isinstance`` and the module's other methods stay;
   :func:`~normkit.torch.revert` restores the class). A module whose forward cannot be traced, or traces differently in
   train and eval mode (it reads ``self.training``, which fx would freeze), is left alone, and the report says why; so is
-  one whose forward fx would record wrongly: an argument with a default (its ``None`` branch would be lost), a
-  ``no_grad`` / ``autocast`` block or a Python random draw in it or in a method it calls (fx records neither), tensor
-  constants, attributes it assigns or containers it appends to (fx does not record them; tracing's changes are undone),
-  a submodule or parameter held under two names (fx would call one), an ``nn.Sequential`` subclass with its own forward
-  (its slices would run the rewrite), a class with ``__init_subclass__`` (it would see the rewritten class). As with any
-  fx rewrite, plain Python values the forward reads (a float attribute, a flag) are frozen at their values at
-  conversion, and the rewritten module cannot be pickled whole (save its state_dict).
+  one whose forward fx would record wrongly: an argument with a default (its ``None`` branch would be lost), a grad-mode
+  read, a ``no_grad`` / ``autocast`` block or a random draw (Python's or torch's) in it or in what it calls of its class
+  and module (fx records none of them), tensor constants, attributes it assigns, containers it appends to or buffers it
+  updates in place (fx does not record them; fx traces a copy of the module that shares its tensors, so the model itself
+  is not touched), a call of a child's method other than forward (fx would copy its code), a submodule or parameter held
+  under two names (fx would call one), an ``nn.Sequential`` subclass with its own forward (its slices would run the
+  rewrite), a class with ``__init_subclass__`` (it would see the rewritten class). As with any fx rewrite, the forward's
+  structure and the plain Python values it reads are frozen at conversion (a loop over an ``nn.ModuleList`` runs the
+  modules it held then; a flag, a float attribute, an ``is None`` test keep their values): add or remove modules before
+  converting (replacing one works). A rewritten module, and an ``nn.Sequential`` subclass fused, cannot be pickled whole
+  (save its state_dict).
 
 A fused call site checks at each call that nothing could tell the difference, and otherwise makes the two calls
 the code made: the norm is still an exact normkit (after conversion) BatchNorm, InstanceNorm, GroupNorm or
@@ -35,10 +39,10 @@ and what was not comes back in a :class:`FusionReport`: ``fusion_report(model)``
 
 from __future__ import annotations
 
+import collections
 import copy
 import inspect
 import logging
-import math
 import re
 from dataclasses import dataclass, field
 from typing import Optional
@@ -57,6 +61,7 @@ _REPORT = "_normkit_fusion_report"
 _SUPPORTED = "nn.ReLU, nn.LeakyReLU, nn.SiLU, nn.GELU"
 
 
+_FLT_MAX = 3.4028234663852886e38  # a larger leaky_relu slope: torch refuses it for float32 data, so no fusing
 # the activation classes with a fused form, and their forwards (a class patched since runs unfused)
 _ACTIVATION_FORWARDS = {cls: cls.forward for cls in (nn.ReLU, nn.LeakyReLU, nn.SiLU, nn.GELU)}
 
@@ -70,7 +75,7 @@ def _kind(module: nn.Module) -> Optional[tuple[str, float]]:
         return "relu", 0.01
     if kind is nn.LeakyReLU:
         slope = float(module.negative_slope)
-        return ("leaky_relu", slope) if slope - slope == 0 else None  # finite (activation.code: compile-safe)
+        return ("leaky_relu", slope) if abs(slope) <= _FLT_MAX else None  # finite, float32's (compile-safe)
     if kind is nn.SiLU:
         return "silu", 0.01
     if kind is nn.GELU and module.approximate in ("none", "tanh"):
@@ -147,7 +152,7 @@ def _global_hooks() -> bool:
 def _pair(norm: nn.Module, act) -> Optional[tuple[str, float]]:
     """``(activation, negative_slope)`` when ``norm`` then ``act`` (an activation module, or a function's call as
     :func:`call_fused` takes it) can run as one call of the norm's fused kernels now, else None."""
-    if _NORMS.get(type(norm), _pair) is not type(norm).forward or norm.activation is not None \
+    if type(norm) not in _NORMS or _NORMS[type(norm)] is not type(norm).forward or norm.activation is not None \
             or not _plain_calls(norm) or _global_hooks():
         return None
     if isinstance(act, tuple):
@@ -184,7 +189,7 @@ class FusedSequential(nn.Sequential):
 
     def forward(self, input):
         norm = None  # a norm child whose call waits for the next child
-        for module in self._modules.values():
+        for module in self:
             if norm is not None:
                 found = _pair(norm, module)
                 if found is not None:
@@ -268,6 +273,9 @@ def _fuse_sequential(seq: nn.Sequential, prefix: str, report: FusionReport) -> N
         if type(seq) is nn.Sequential:
             seq.__class__ = FusedSequential
         elif type(seq).forward is nn.Sequential.forward:  # a subclass (torchvision's Conv2dNormActivation)
+            if _init_subclass(type(seq)):
+                report.not_traced[prefix] = _init_subclass(type(seq))
+                return
             seq.__class__ = _traced_class(type(seq), FusedSequential.forward)
         act_name = f"{prefix}.{next_key}" if prefix else next_key
         report.fused.append(Fusion(f"{prefix}.{key}" if prefix else key, _describe(*found), "nn.Sequential",
@@ -296,40 +304,52 @@ class _ChildrenAreLeaves(fx.Tracer):
         return True
 
 
-def _state(module: nn.Module) -> list:
-    """Every submodule's attributes, with shallow copies of the lists, dicts and sets among them."""
-    return [(m, dict(m.__dict__), {k: copy.copy(v) for k, v in m.__dict__.items() if type(v) in (list, dict, set)})
-            for m in module.modules()]
+_CONTAINERS = (list, dict, set, collections.deque)  # and their subclasses (OrderedDict, defaultdict)
+
+
+def _state(module: nn.Module) -> tuple[list, list]:
+    """Every submodule's attributes, with shallow copies of the containers among them; and its buffers, their
+    version counters and copies (a forward's in-place update of a buffer runs for real while fx traces)."""
+    attributes = [(m, dict(m.__dict__), {k: copy.copy(v) for k, v in m.__dict__.items() if isinstance(v, _CONTAINERS)})
+                  for m in module.modules()]
+    return attributes, [(b, b._version, b.detach().clone()) for b in module.buffers()]
 
 
 def _same(a, b) -> bool:
-    """Whether two lists, dicts or sets hold the same objects (by identity: the values may be fx proxies)."""
-    if type(a) is dict:
+    """Whether two containers hold the same objects (by identity: the values may be fx proxies)."""
+    if isinstance(a, dict):
         return a.keys() == b.keys() and all(a[k] is b[k] for k in a)
-    if type(a) is set:
+    if isinstance(a, set):
         return {id(v) for v in a} == {id(v) for v in b}
     return len(a) == len(b) and all(x is y for x, y in zip(a, b))
 
 
-def _restore(state: list) -> list[str]:
-    """Puts back the attributes of :func:`_state` and returns those that had changed: what a forward assigned or
-    appended while fx traced it, which the rewritten forward would not do (the values left would be fx's
-    proxies)."""
+def _restore(state: tuple[list, list]) -> list[str]:
+    """Puts back what :func:`_state` took and returns the names of what had changed: what a forward assigned,
+    appended or updated in place while fx traced it, which the rewritten forward would not do (the values left
+    would be fx's proxies). Containers nested in others, and state outside the modules, are not seen."""
     changed = []
-    for m, attributes, containers in state:
+    attributes, buffers = state
+    for m, saved, containers in attributes:
         now, missing = m.__dict__, object()
-        changed += [k for k in now.keys() | attributes.keys() if now.get(k, missing) is not attributes.get(k, missing)]
+        changed += [k for k in now.keys() | saved.keys() if now.get(k, missing) is not saved.get(k, missing)]
         now.clear()
-        now.update(attributes)
-        for k, saved in containers.items():
-            if not _same(now[k], saved):
+        now.update(saved)
+        for k, items in containers.items():
+            if not _same(now[k], items):
                 changed.append(k)
                 now[k].clear()
-                now[k].extend(saved) if type(saved) is list else now[k].update(saved)
+                now[k].update(items) if isinstance(items, (dict, set)) else now[k].extend(items)
+    with torch.no_grad():
+        for b, version, values in buffers:
+            if b._version != version:
+                changed.append("a buffer, in place")
+                b.copy_(values)
     return changed
 
 
 def _trace(module: nn.Module) -> fx.Graph:
+    """The graph of the module's forward; ValueError where tracing changed the module (see :func:`_restore`)."""
     state = _state(module)
     try:
         graph = _ChildrenAreLeaves().trace(module)
@@ -345,9 +365,10 @@ def _trace(module: nn.Module) -> fx.Graph:
 
 
 # What fx records wrongly in a forward, refused before tracing: an argument with a default (fx traces it as a value
-# that is always given, so a `None` default's branch is lost), and the context managers and Python random draws fx
-# does not record (a no_grad or autocast block would silently vanish; a layer-drop draw would be frozen).
-_NOT_RECORDED = ("no_grad", "enable_grad", "set_grad_enabled", "inference_mode", "autocast", "random")
+# that is always given, so a `None` default's branch is lost), and the grad-mode reads and context managers and the
+# random draws (Python's or torch's) fx does not record (a no_grad or autocast block would silently vanish; a
+# layer-drop draw would be frozen). Words in the source: conservative ("operand" has "rand").
+_NOT_RECORDED = ("no_grad", "enable_grad", "grad_enabled", "inference_mode", "autocast", "rand")
 
 
 def _untraceable(module: nn.Module) -> Optional[str]:
@@ -355,8 +376,8 @@ def _untraceable(module: nn.Module) -> Optional[str]:
     cls = type(module)
     if isinstance(module, nn.Sequential):  # its slices are made by self.__class__: they would run the rewrite
         return "an nn.Sequential subclass with a forward of its own"
-    if any("__init_subclass__" in vars(k) for k in cls.__mro__[:-1] if not k.__module__.startswith("torch.")):
-        return "its class defines __init_subclass__, which the rewritten class would run"
+    if _init_subclass(cls):
+        return _init_subclass(cls)
     for kind in ("modules", "parameters", "buffers"):
         named = getattr(module, f"named_{kind}")
         if len(list(named(remove_duplicate=False))) != len(list(named())):
@@ -366,40 +387,64 @@ def _untraceable(module: nn.Module) -> Optional[str]:
     if optional:
         return f"its forward has optional arguments ({', '.join(optional)}), which fx would freeze"
     try:
-        source = _source(cls, "forward", set())
+        source = _source(cls, cls.forward, set())
     except (OSError, TypeError):
         return "its forward's source is not available to check"
     used = [word for word in _NOT_RECORDED if word in source]
-    return f"its forward uses {', '.join(used)}, which fx does not record" if used else None
+    if used:
+        return f"its forward uses {', '.join(used)}, which fx does not record"
+    for child, method in re.findall(r"\b\w+\.(\w+)\.(\w+)\s*\(", source):
+        if isinstance(getattr(module, child, None), nn.Module) \
+                and not isinstance(getattr(getattr(module, child), method, None), (nn.Module, type(None))):
+            return f"its forward calls {child}.{method}, whose code fx would copy into the rewrite"
+    return None
 
 
-def _source(cls: type, method: str, seen: set) -> str:
-    """The source of ``cls``'s ``method`` and of the methods of ``cls`` it calls as ``self.name(...)`` (not torch's
-    own), as far as they go: what tracing the method runs through."""
-    seen.add(method)
-    function = inspect.getattr_static(cls, method)
+def _init_subclass(cls: type) -> Optional[str]:
+    if any("__init_subclass__" in vars(k) for k in cls.__mro__[:-1] if not k.__module__.startswith("torch.")):
+        return "its class defines __init_subclass__, which the rewritten class would run"
+    return None
+
+
+def _source(cls: type, function, seen: set) -> str:
+    """The source of ``function`` (and of what decorates it) and, as far as they go, of what it calls that is not
+    torch's: methods and properties of ``cls`` (by name, however reached: ``self.f(``, ``super().f(``,
+    ``type(self).f(``) and functions of its module. What tracing it runs through, as far as names tell."""
     function = getattr(function, "__func__", function)
-    text = inspect.getsource(function)
-    for name in re.findall(r"self\.(\w+)\s*\(", text):
-        member = inspect.getattr_static(cls, name, None)
-        if name not in seen and (inspect.isfunction(member) or isinstance(member, (staticmethod, classmethod))) \
-                and not getattr(member, "__module__", "torch.").startswith("torch."):
-            text += _source(cls, name, seen)
+    if function in seen or getattr(function, "__module__", None) is None \
+            or function.__module__.startswith("torch."):
+        return ""
+    seen.add(function)
+    text = inspect.getsource(function.__code__)  # the wrapper, where a decorator made one
+    wrapped = getattr(function, "__wrapped__", None)
+    if wrapped is not None:
+        text += _source(cls, wrapped, seen)
+    for name in set(re.findall(r"\b(\w+)\s*\(", text)) | set(re.findall(r"\.(\w+)\b", text)):
+        for klass in cls.__mro__:  # every definition: super().f( reaches the overridden ones
+            member = vars(klass).get(name)
+            if isinstance(member, property):
+                member = member.fget
+            if inspect.isfunction(member) or isinstance(member, (staticmethod, classmethod)):
+                text += _source(cls, member, seen)
+        found = function.__globals__.get(name)
+        if inspect.isfunction(found):
+            text += _source(cls, found, seen)
     return text
 
 
 def _trace_both_modes(module: nn.Module) -> fx.Graph:
-    """The graph of the module's forward, checked to be the same in train and eval mode."""
-    modes = {m: m.training for m in module.modules()}
+    """The graph of the module's forward, checked to be the same in train and eval mode. fx runs the forward's
+    Python: it runs on a copy of the module (sharing its tensors), so that what the forward stores, however deep,
+    stays there (global state aside); :func:`_trace` still refuses a forward that stores anything."""
     try:
-        graphs = []
-        for mode in (module.training, not module.training):
-            for m in modes:  # the flag alone: a train() of the user's may do more (freeze parameters)
-                m.training = mode
-            graphs.append(_trace(module))
-    finally:
-        for m, mode in modes.items():
+        twin = copy.deepcopy(module, {id(t): t for t in (*module.parameters(), *module.buffers())})
+    except Exception as exc:  # an attribute that cannot be copied
+        raise ValueError(f"it cannot be copied for tracing ({type(exc).__name__})") from None
+    graphs = []
+    for mode in (module.training, not module.training):
+        for m in twin.modules():  # the flag alone: a train() of the user's may do more (freeze parameters)
             m.training = mode
+        graphs.append(_trace(twin))
     if graphs[0].python_code("self").src != graphs[1].python_code("self").src:
         raise ValueError("its forward traces differently in train and eval mode (it reads self.training)")
     return graphs[0]
@@ -425,7 +470,7 @@ def _activation_call(node: fx.Node, root: nn.Module, arg: fx.Node) -> Optional[t
         return None
     if name == "F.leaky_relu":
         slope = rest[0] if rest else kwargs.get("negative_slope", 0.01)
-        if not isinstance(slope, (int, float)) or not math.isfinite(slope):
+        if not isinstance(slope, (int, float)) or not abs(slope) <= _FLT_MAX:
             return None
         fused = ("leaky_relu", float(slope))
     elif name == "F.gelu":
@@ -462,7 +507,7 @@ def _fuse_traced(module: nn.Module, name: str, report: FusionReport) -> None:
         pair = _pair(norm, module.get_submodule(act) if isinstance(act, str) else act)
         if pair is None:
             continue
-        with graph.inserting_before(user):
+        with graph.inserting_before(node):  # where the norm ran (the activation reads nothing else)
             call = graph.call_function(call_fused, (graph.get_attr(node.target),
                                                     graph.get_attr(act) if isinstance(act, str) else act,
                                                     node.args[0]))
