@@ -746,6 +746,23 @@ def test_convert_fuse_traces_without_touching_the_model():
     torch.testing.assert_close(model[2](x.clone()), original[2](x.clone()))
 
 
+def test_convert_fuse_leaves_a_forward_without_python_source():
+    """A forward that is a callable object (no function, no code to read): left alone, not a crash."""
+    class Forward:
+        def __call__(self, module, x):
+            return F.relu(module.norm(x))
+
+    class Odd(nn.Module):
+        forward = Forward()
+
+        def __init__(self):
+            super().__init__()
+            self.norm = nn.BatchNorm1d(4)
+
+    model = nt.convert(Odd(), fuse=True)
+    assert "source is not available" in nt.fusion_report(model).not_traced[""]
+
+
 def test_fused_sites_follow_a_patched_activation_class(monkeypatch):
     model = nt.convert(nn.Sequential(nn.BatchNorm1d(4), nn.SiLU()), fuse=True)
     monkeypatch.setattr(nn.SiLU, "forward", lambda self, x: torch.clamp(F.silu(x), max=0.1))

@@ -388,7 +388,7 @@ def _untraceable(module: nn.Module) -> Optional[str]:
         return f"its forward has optional arguments ({', '.join(optional)}), which fx would freeze"
     try:
         source = _source(cls, cls.forward, set())
-    except (OSError, TypeError):
+    except (OSError, TypeError, AttributeError):  # no source file, or a forward that is no Python function
         return "its forward's source is not available to check"
     used = [word for word in _NOT_RECORDED if word in source]
     if used:
