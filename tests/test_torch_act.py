@@ -763,6 +763,127 @@ def test_convert_fuse_leaves_a_forward_without_python_source():
     assert "source is not available" in nt.fusion_report(model).not_traced[""]
 
 
+class _Stopper:  # a callable attribute: no name in the forward's source leads to its no_grad
+    def __call__(self, lin, x):
+        with torch.no_grad():
+            return lin(x)
+
+
+class _CallableNoGrad(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin, self.norm, self.stop = nn.Linear(4, 4), nn.BatchNorm1d(4), _Stopper()
+
+    def forward(self, x):
+        return F.relu(self.norm(self.stop(self.lin, x)))
+
+
+class _Dropping(nn.Module):  # a layer drop drawn without a word the source check knows
+    def __init__(self):
+        super().__init__()
+        self.norm = nn.LayerNorm(4)
+
+    def forward(self, x):
+        if torch.empty(()).exponential_().item() < 0.69 and self.norm.eps > 0:
+            return x
+        return F.gelu(self.norm(x))
+
+
+class _DataCounter(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.norm = nn.BatchNorm1d(4)
+        self.register_buffer("calls", torch.zeros(()))
+
+    def forward(self, x):
+        self.calls.data += 1  # .data: a version counter of its own
+        return F.relu(self.norm(x))
+
+
+class _Registry(type):
+    classes: dict = {}
+
+    def __new__(mcs, name, bases, namespace):
+        cls = super().__new__(mcs, name, bases, namespace)
+        _Registry.classes[name] = cls
+        return cls
+
+
+class _MetaBlock(nn.Module, metaclass=_Registry):
+    def __init__(self):
+        super().__init__()
+        self.norm = nn.BatchNorm1d(4)
+
+    def forward(self, x):
+        return F.relu(self.norm(x))
+
+
+class _ConfigGetattr(nn.Module):  # a __getattr__ falling back to a dict: KeyError, not AttributeError
+    def __init__(self):
+        super().__init__()
+        self.norm, self.config = nn.BatchNorm1d(4), {}
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name.startswith("__"):
+                raise
+            return self.__dict__["config"][name]
+
+    def forward(self, x):
+        return F.relu(self.norm(torch.nn.functional.dropout(x, 0.0)))
+
+
+class _Stages(nn.Module):  # ModuleDict's own methods are fine to call
+    def __init__(self):
+        super().__init__()
+        self.norm, self.stages = nn.BatchNorm1d(4), nn.ModuleDict({"a": nn.Linear(4, 4)})
+
+    def forward(self, x):
+        for _, stage in self.stages.items():
+            x = stage(x)
+        return F.relu(self.norm(x))
+
+
+def test_convert_fuse_watches_what_the_trace_runs():
+    """Found by a third fuzz: a no_grad reached through a callable attribute (no name leads there), a random draw
+    without "rand" in its name (it also moved torch's generator during convert), a buffer updated through .data,
+    a class with a metaclass (it ran for normkit's class), a __getattr__ raising KeyError and a forward without a
+    signature (convert raised), a ModuleDict's items() taken for a child's method. Tracing now watches grad mode,
+    autocast and the random generators as it runs; the rest are refused, and ModuleDict fuses."""
+    torch.manual_seed(0)
+    model = nn.ModuleList([_CallableNoGrad(), _Dropping(), _DataCounter(), _MetaBlock(), _ConfigGetattr(),
+                           _Stages()])
+    original = copy.deepcopy(model)
+    registered = dict(_Registry.classes)
+    rng = torch.get_rng_state()
+    nt.convert(model, fuse=True)
+    assert torch.equal(torch.get_rng_state(), rng) and _Registry.classes == registered
+    report = nt.fusion_report(model)
+    assert sorted(f.norm for f in report.fused) == ["4.norm", "5.norm"]
+    for i, why in enumerate(["no_grad", "a random draw", "a buffer, in place", "metaclass"]):
+        assert why in report.not_traced[str(i)], i
+    assert model[2].calls.item() == 0
+    x = torch.randn(6, 4)
+    torch.manual_seed(1)
+    got = [m(x) for m in model]
+    torch.manual_seed(1)
+    for g, want in zip(got, [o(x) for o in original]):
+        torch.testing.assert_close(g, want)
+    got[0].sum().backward()
+    assert model[0].lin.weight.grad is None
+
+    class NoSignature(nn.Module):
+        forward = staticmethod(torch.relu)
+
+        def __init__(self):
+            super().__init__()
+            self.norm = nn.BatchNorm1d(4)
+
+    assert "source is not available" in nt.fusion_report(nt.convert(NoSignature(), fuse=True)).not_traced[""]
+
+
 def test_fused_sites_follow_a_patched_activation_class(monkeypatch):
     model = nt.convert(nn.Sequential(nn.BatchNorm1d(4), nn.SiLU()), fuse=True)
     monkeypatch.setattr(nn.SiLU, "forward", lambda self, x: torch.clamp(F.silu(x), max=0.1))

@@ -17,12 +17,15 @@ an activation and nowhere else. The norm and activation modules themselves do no
   :func:`~normkit.torch.revert` restores the class). A module whose forward cannot be traced, or traces differently in
   train and eval mode (it reads ``self.training``, which fx would freeze), is left alone, and the report says why; so is
   one whose forward fx would record wrongly: an argument with a default (its ``None`` branch would be lost), a grad-mode
-  read, a ``no_grad`` / ``autocast`` block or a random draw (Python's or torch's) in it or in what it calls of its class
-  and module (fx records none of them), tensor constants, attributes it assigns, containers it appends to or buffers it
-  updates in place (fx does not record them; fx traces a copy of the module that shares its tensors, so the model itself
-  is not touched), a call of a child's method other than forward (fx would copy its code), a submodule or parameter held
-  under two names (fx would call one), an ``nn.Sequential`` subclass with its own forward (its slices would run the
-  rewrite), a class with ``__init_subclass__`` (it would see the rewritten class). As with any fx rewrite, the forward's
+  read, a ``no_grad`` / ``autocast`` block or a random draw (torch's, Python's or NumPy's generator) anywhere the trace
+  runs (fx records none of them: they are watched as it traces, and looked for in the source of what the forward calls
+  of its class and module), ``isinstance`` / ``is_tensor`` tests and ``autograd.Function.apply`` (fx sees proxies: the
+  test's branch and the function's backward would be lost), tensor constants, attributes it assigns, containers it
+  appends to or buffers it updates in place (fx does not record them; fx traces a copy of the module that shares its
+  tensors, so the model itself is not touched; parameters changed through ``.data`` are not seen), a call of a child's
+  method other than forward (fx would copy its code), a submodule or parameter held under two names (fx would call one),
+  an ``nn.Sequential`` subclass with its own forward (its slices would run the rewrite), a class with
+  ``__init_subclass__`` or a metaclass (it would see the rewritten class). As with any fx rewrite, the forward's
   structure and the plain Python values it reads are frozen at conversion (a loop over an ``nn.ModuleList`` runs the
   modules it held then; a flag, a float attribute, an ``is None`` test keep their values): add or remove modules before
   converting (replacing one works). A rewritten module, and an ``nn.Sequential`` subclass fused, cannot be pickled whole
@@ -39,17 +42,22 @@ and what was not comes back in a :class:`FusionReport`: ``fusion_report(model)``
 
 from __future__ import annotations
 
+import abc
 import collections
+import contextlib
 import copy
 import inspect
 import logging
+import random
 import re
 from dataclasses import dataclass, field
 from typing import Optional
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
+from torch.autograd import grad_mode
 from torch.nn.modules import module as _module
 
 from . import modules
@@ -341,20 +349,56 @@ def _restore(state: tuple[list, list]) -> list[str]:
                 now[k].clear()
                 now[k].update(items) if isinstance(items, (dict, set)) else now[k].extend(items)
     with torch.no_grad():
-        for b, version, values in buffers:
-            if b._version != version:
+        for b, version, values in buffers:  # .data has a version counter of its own: the values too
+            if b._version != version or not (b.eq(values) | (b.isnan() & values.isnan())).all():
                 changed.append("a buffer, in place")
                 b.copy_(values)
     return changed
 
 
-def _trace(module: nn.Module) -> fx.Graph:
-    """The graph of the module's forward; ValueError where tracing changed the module (see :func:`_restore`)."""
-    state = _state(module)
+@contextlib.contextmanager
+def _watch(used: list):
+    """Notes in ``used`` what fx runs but does not record while it traces: grad-mode and autocast blocks and reads
+    (fx's own tracing uses none of them), and random draws of torch's, Python's or NumPy's generator (their states
+    are put back)."""
+    patched = [(cls, name, getattr(cls, name)) for cls, name in (
+        (grad_mode.no_grad, "__enter__"), (grad_mode.enable_grad, "__enter__"),
+        (grad_mode.inference_mode, "__enter__"), (grad_mode.set_grad_enabled, "__init__"),
+        (torch.autocast, "__enter__"), (torch, "is_grad_enabled"), (torch, "is_autocast_enabled"))]
+
+    def noting(what, original):
+        def run(*args, **kwargs):
+            used.append(what)
+            return original(*args, **kwargs)
+        return run
+
+    rng = torch.get_rng_state(), random.getstate(), np.random.get_state()
+    for owner, name, original in patched:
+        setattr(owner, name, noting(getattr(owner, "__name__", "torch") + "." + name.strip("_"), original))
     try:
-        graph = _ChildrenAreLeaves().trace(module)
+        yield
+    finally:
+        for owner, name, original in patched:
+            setattr(owner, name, original)
+        if not torch.equal(torch.get_rng_state(), rng[0]) or random.getstate() != rng[1] \
+                or any(not np.array_equal(a, b) for a, b in zip(np.random.get_state()[1:3], rng[2][1:3])):
+            used.append("a random draw")
+        torch.set_rng_state(rng[0])
+        random.setstate(rng[1])
+        np.random.set_state(rng[2])
+
+
+def _trace(module: nn.Module) -> fx.Graph:
+    """The graph of the module's forward; ValueError where tracing changed the module (see :func:`_restore`) or
+    ran what fx does not record (see :func:`_watch`)."""
+    state, used = _state(module), []
+    try:
+        with _watch(used):
+            graph = _ChildrenAreLeaves().trace(module)
     finally:
         changed = _restore(state)
+    if used:
+        raise ValueError(f"its forward uses {', '.join(sorted(set(used)))}, which fx does not record")
     if any(k.startswith("_tensor_constant") for k in changed):  # the graph reads them: its code needs them
         raise ValueError("its forward makes tensor constants (torch.tensor(...) and the like), which the rewritten "
                          "forward could not keep")
@@ -365,10 +409,12 @@ def _trace(module: nn.Module) -> fx.Graph:
 
 
 # What fx records wrongly in a forward, refused before tracing: an argument with a default (fx traces it as a value
-# that is always given, so a `None` default's branch is lost), and the grad-mode reads and context managers and the
-# random draws (Python's or torch's) fx does not record (a no_grad or autocast block would silently vanish; a
-# layer-drop draw would be frozen). Words in the source: conservative ("operand" has "rand").
-_NOT_RECORDED = ("no_grad", "enable_grad", "grad_enabled", "inference_mode", "autocast", "rand")
+# that is always given, so a `None` default's branch is lost), and, by words in the source of the forward and what it
+# calls (conservative: "operand" has "rand"), the grad-mode reads and blocks and random draws fx does not record (a
+# no_grad would silently vanish; a layer-drop draw would be frozen; _watch catches them where no name leads), type
+# tests on what fx makes proxies, and autograd.Function.apply (fx records its forward only).
+_NOT_RECORDED = ("no_grad", "enable_grad", "grad_enabled", "inference_mode", "autocast", "rand", "uniform",
+                 "bernoulli", "normal_", "multinomial", "isinstance", "is_tensor", ".apply(")
 
 
 def _untraceable(module: nn.Module) -> Optional[str]:
@@ -382,25 +428,33 @@ def _untraceable(module: nn.Module) -> Optional[str]:
         named = getattr(module, f"named_{kind}")
         if len(list(named(remove_duplicate=False))) != len(list(named())):
             return f"one of its {kind} has two names, of which fx would call one"
-    params = list(inspect.signature(cls.forward).parameters.values())[1:]
+    try:
+        params = list(inspect.signature(cls.forward).parameters.values())[1:]
+        source = _source(cls, cls.forward, set())
+    except (OSError, TypeError, ValueError, AttributeError):  # no source file, or no Python function
+        return "its forward's source is not available to check"
     optional = [p.name for p in params if p.default is not p.empty or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
     if optional:
         return f"its forward has optional arguments ({', '.join(optional)}), which fx would freeze"
-    try:
-        source = _source(cls, cls.forward, set())
-    except (OSError, TypeError, AttributeError):  # no source file, or a forward that is no Python function
-        return "its forward's source is not available to check"
     used = [word for word in _NOT_RECORDED if word in source]
     if used:
         return f"its forward uses {', '.join(used)}, which fx does not record"
     for child, method in re.findall(r"\b\w+\.(\w+)\.(\w+)\s*\(", source):
-        if isinstance(getattr(module, child, None), nn.Module) \
-                and not isinstance(getattr(getattr(module, child), method, None), (nn.Module, type(None))):
+        found = module._modules.get(child)
+        if found is not None and not isinstance(found, _CONTAINER_MODULES) \
+                and not isinstance(getattr(found, method, None), (nn.Module, type(None))):
             return f"its forward calls {child}.{method}, whose code fx would copy into the rewrite"
     return None
 
 
+# containers of modules: their methods (items, values) are fine to call in a forward
+_CONTAINER_MODULES = (nn.ModuleList, nn.ModuleDict, nn.ParameterList, nn.ParameterDict)
+
+
 def _init_subclass(cls: type) -> Optional[str]:
+    """Why a subclass of ``cls`` made at run time would run the user's code, or None."""
+    if type(cls) not in (type, abc.ABCMeta):
+        return "its class has a metaclass, which the rewritten class would run"
     if any("__init_subclass__" in vars(k) for k in cls.__mro__[:-1] if not k.__module__.startswith("torch.")):
         return "its class defines __init_subclass__, which the rewritten class would run"
     return None
@@ -411,8 +465,7 @@ def _source(cls: type, function, seen: set) -> str:
     torch's: methods and properties of ``cls`` (by name, however reached: ``self.f(``, ``super().f(``,
     ``type(self).f(``) and functions of its module. What tracing it runs through, as far as names tell."""
     function = getattr(function, "__func__", function)
-    if function in seen or getattr(function, "__module__", None) is None \
-            or function.__module__.startswith("torch."):
+    if function in seen or (getattr(function, "__module__", None) or "").startswith("torch."):
         return ""
     seen.add(function)
     text = inspect.getsource(function.__code__)  # the wrapper, where a decorator made one
