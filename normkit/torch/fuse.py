@@ -361,7 +361,7 @@ def _watch(used: list):
     """Notes in ``used`` what fx runs but does not record while it traces: grad-mode and autocast blocks and reads
     (fx's own tracing uses none of them), and random draws of torch's, Python's or NumPy's generator (their states
     are put back)."""
-    patched = [(cls, name, getattr(cls, name)) for cls, name in (
+    patched = [(owner, name, getattr(owner, name), name in vars(owner)) for owner, name in (
         (grad_mode.no_grad, "__enter__"), (grad_mode.enable_grad, "__enter__"),
         (grad_mode.inference_mode, "__enter__"), (grad_mode.set_grad_enabled, "__init__"),
         (torch.autocast, "__enter__"), (torch, "is_grad_enabled"), (torch, "is_autocast_enabled"))]
@@ -373,13 +373,16 @@ def _watch(used: list):
         return run
 
     rng = torch.get_rng_state(), random.getstate(), np.random.get_state()
-    for owner, name, original in patched:
+    for owner, name, original, _ in patched:
         setattr(owner, name, noting(getattr(owner, "__name__", "torch") + "." + name.strip("_"), original))
     try:
         yield
     finally:
-        for owner, name, original in patched:
-            setattr(owner, name, original)
+        for owner, name, original, own in patched:
+            if own:
+                setattr(owner, name, original)
+            else:  # inherited: the class gets no attribute of its own
+                delattr(owner, name)
         if not torch.equal(torch.get_rng_state(), rng[0]) or random.getstate() != rng[1] \
                 or any(not np.array_equal(a, b) for a, b in zip(np.random.get_state()[1:3], rng[2][1:3])):
             used.append("a random draw")
