@@ -69,7 +69,7 @@ _REPORT = "_normkit_fusion_report"
 _SUPPORTED = "nn.ReLU, nn.LeakyReLU, nn.SiLU, nn.GELU"
 
 
-_FLT_MAX = 3.4028234663852886e38  # a larger leaky_relu slope: torch refuses it for float32 data, so no fusing
+_FLT_MAX = float(np.finfo(np.float32).max)  # a larger leaky_relu slope: torch refuses it on float32 data: no fusing
 # the activation classes with a fused form, and their forwards (a class patched since runs unfused)
 _ACTIVATION_FORWARDS = {cls: cls.forward for cls in (nn.ReLU, nn.LeakyReLU, nn.SiLU, nn.GELU)}
 
@@ -227,8 +227,8 @@ class Fusion:
 
 @dataclass
 class FusionReport:
-    """What ``convert(model, fuse=True)`` fused, and what it traced in vain or left unfused (qualified name ->
-    reason: a module fx could not be trusted with, or a norm another method calls)."""
+    """What ``convert(model, fuse=True)`` fused, and what it left alone (qualified name -> reason: a module fx
+    could not be trusted with, or a Sequential subclass whose class could not be rewritten)."""
 
     fused: list[Fusion] = field(default_factory=list)
     not_traced: dict[str, str] = field(default_factory=dict)
@@ -281,8 +281,9 @@ def _fuse_sequential(seq: nn.Sequential, prefix: str, report: FusionReport) -> N
         if type(seq) is nn.Sequential:
             seq.__class__ = FusedSequential
         elif type(seq).forward is nn.Sequential.forward:  # a subclass (torchvision's Conv2dNormActivation)
-            if _init_subclass(type(seq)):
-                report.not_traced[prefix] = _init_subclass(type(seq))
+            why = _init_subclass(type(seq))
+            if why:
+                report.not_traced[prefix] = why
                 return
             seq.__class__ = _traced_class(type(seq), FusedSequential.forward)
         act_name = f"{prefix}.{next_key}" if prefix else next_key
@@ -425,8 +426,9 @@ def _untraceable(module: nn.Module) -> Optional[str]:
     cls = type(module)
     if isinstance(module, nn.Sequential):  # its slices are made by self.__class__: they would run the rewrite
         return "an nn.Sequential subclass with a forward of its own"
-    if _init_subclass(cls):
-        return _init_subclass(cls)
+    why = _init_subclass(cls)
+    if why:
+        return why
     for kind in ("modules", "parameters", "buffers"):
         named = getattr(module, f"named_{kind}")
         if len(list(named(remove_duplicate=False))) != len(list(named())):
