@@ -6,6 +6,7 @@ results are within a few ulps of the float64 ones."""
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 import pickle
 
@@ -402,7 +403,10 @@ def test_convert_fuses_in_traced_module_and_falls_back_where_fx_cannot_trace():
     assert type(model[1]) is ResnetBlock and type(model[1].norm1) is nn.GroupNorm
 
 
-def test_convert_leaves_a_norm_with_other_users_and_training_dependent_forwards():
+def test_convert_leaves_a_norm_with_other_users_and_fuses_each_mode_apart():
+    """A forward that reads self.training gets a graph per mode. One that reads a submodule's flag (a BatchNorm
+    frozen in eval while its block trains) was traced with every flag alike: with mixed flags its own forward runs
+    (found by a fuzz of the fusion: the mixed branch was frozen out)."""
     class TwoUses(nn.Module):
         def __init__(self):
             super().__init__()
@@ -415,15 +419,45 @@ def test_convert_leaves_a_norm_with_other_users_and_training_dependent_forwards(
     class ModeDependent(nn.Module):
         def __init__(self):
             super().__init__()
-            self.norm = nn.LayerNorm(4)
+            self.norm = nn.BatchNorm1d(4)
 
         def forward(self, x):
             return F.relu(self.norm(x)) if self.training else self.norm(x)
 
-    model = nn.Sequential(TwoUses(), ModeDependent())
+    class ReadsNormFlag(ModeDependent):
+        def forward(self, x):
+            y = F.relu(self.norm(x))
+            return y * 2 if self.training and not self.norm.training else y
+
+    model = nn.Sequential(TwoUses(), ModeDependent(), ReadsNormFlag())
+    original = copy.deepcopy(model)
     nt.convert(model, fuse=True)
     report = nt.fusion_report(model)
-    assert report.fused == [] and "train and eval mode" in report.not_traced["1"]
+    assert [f.norm for f in report.fused] == ["1.norm", "2.norm"] and report.not_traced == {}
+    x = torch.randn(3, 4, requires_grad=True)
+    # (mode, norm's mode) -> whether each block's output has a relu of its own (not fused)
+    for train, norm_train, relu in ((True, True, (False, False)), (False, False, (False, False)),
+                                    (True, False, (False, True))):
+        for m in (model, original):
+            m.train(train)
+            m[1].norm.train(norm_train)
+            m[2].norm.train(norm_train)
+        for i in (1, 2):
+            y, want = model[i](x), original[i](x)
+            torch.testing.assert_close(y, want)
+            assert y.requires_grad == want.requires_grad
+            assert ("ReluBackward0" in _autograd_nodes(y)) == relu[i - 1], (i, train, norm_train)
+
+
+def _autograd_nodes(y: torch.Tensor) -> set:
+    """The names of the autograd nodes behind ``y`` (a fused call has no separate activation node)."""
+    seen, todo = set(), [y.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is not None and node not in seen:
+            seen.add(node)
+            todo += [n for n, _ in node.next_functions]
+    return {type(node).__name__ for node in seen}
 
 
 class _WithOptional(nn.Module):  # diffusers' ResnetBlock2D(x, temb=None)
@@ -434,6 +468,113 @@ class _WithOptional(nn.Module):  # diffusers' ResnetBlock2D(x, temb=None)
     def forward(self, x, temb=None):
         h = F.silu(self.norm(x))
         return h if temb is None else h + self.proj(temb)
+
+
+class _VarArgs(nn.Module):  # diffusers' ResnetBlock2D(input_tensor, temb, *args, **kwargs)
+    def __init__(self):
+        super().__init__()
+        self.norm, self.proj = nn.GroupNorm(2, 4), nn.Linear(3, 4)
+
+    def forward(self, x, temb, *args, **kwargs):
+        h = F.silu(self.norm(x))
+        if temb is not None:  # (fx's proxy never is None)
+            h = h + self.proj(temb)[:, :, None]
+        if args:
+            h = h + args[0]
+        return h * kwargs.get("scale", 1.0)
+
+
+def test_convert_fuses_a_forward_for_the_calls_it_traced():
+    """A forward with optional arguments, *args or **kwargs is traced for calls giving its required arguments
+    alone, by position, for each choice of those after the first being None, and runs fused for those; any other
+    call runs the forward as written (fx would have frozen the branch the call takes)."""
+    torch.manual_seed(0)
+    model = _VarArgs()
+    original = copy.deepcopy(model)
+    nt.convert(model, fuse=True)
+    assert [f.norm for f in nt.fusion_report(model).fused] == ["norm"]
+    x, temb = torch.randn(2, 4, 5, requires_grad=True), torch.randn(2, 3)
+    calls = [((x, temb), {}, True), ((x, None), {}, True), ((x, temb, 1.5), {}, False),
+             ((x, temb), {"scale": 2.0}, False), ((), {"x": x, "temb": temb}, False)]
+    for args, kwargs, fused in calls:
+        y = model(*args, **kwargs)
+        torch.testing.assert_close(y, original(*args, **kwargs))
+        assert ("SiluBackward0" not in _autograd_nodes(y)) == fused, (len(args), kwargs)
+    assert list(inspect.signature(model.forward).parameters) == ["x", "temb", "args", "kwargs"]
+    nt.revert(model)
+    assert type(model) is _VarArgs
+
+
+class _Doubler:  # not a module: no name in the forward's source leads to its code
+    def scale(self, y):
+        return y * 2 if isinstance(y, torch.Tensor) else y  # an fx proxy is no Tensor: the trace would keep y
+
+
+class _ThroughObject(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.norm, self.helper = nn.LayerNorm(4), _Doubler()
+
+    def forward(self, x):
+        return self.helper.scale(F.relu(self.norm(x)))
+
+
+class _WordsNotCode(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.norm = nn.LayerNorm(4)
+
+    def forward(self, x):
+        """Not random: a no_grad here would be wrong."""
+        y = F.relu(self.norm(x))  # isinstance, torch.rand, autocast: words in a comment
+        if len(self.norm.normalized_shape) > 5:
+            raise ValueError("an operand of rank 6 is not supported")
+        return y
+
+
+def test_convert_reads_the_code_the_trace_runs():
+    """What fx would record wrongly is looked for in the code the trace runs, wherever it is (a helper object's
+    method was not seen, and its isinstance test was frozen: the converted block returned y instead of 2y), and
+    not in comments, strings or code the trace does not run (diffusers' deprecate() behind *args)."""
+    torch.manual_seed(0)
+    model = nn.ModuleList([_ThroughObject(), _WordsNotCode()])
+    original = copy.deepcopy(model)
+    nt.convert(model, fuse=True)
+    report = nt.fusion_report(model)
+    assert [f.norm for f in report.fused] == ["1.norm"]
+    assert "uses isinstance" in report.not_traced["0"]
+    x = torch.randn(3, 4)
+    for m, o in zip(model, original):
+        torch.testing.assert_close(m(x), o(x))
+
+
+class _WithTemb(nn.Module):
+    def __init__(self, block, temb):
+        super().__init__()
+        self.block = block
+        self.register_buffer("temb", temb)
+
+    def forward(self, x):
+        return self.block(x, self.temb)
+
+
+def test_convert_fuses_diffusers_resnet_blocks(monkeypatch):
+    """diffusers' ResnetBlock2D (forward(input_tensor, temb, *args, **kwargs), reading self.training before its
+    shortcut; temb=None in a VAE) was left unfused: a diffusers UNet or VAE fused none of its GroupNorm + SiLU
+    pairs."""
+    resnet = pytest.importorskip("diffusers.models.resnet")
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, 5, 5)
+    for temb in (torch.randn(2, 3), None):
+        block = resnet.ResnetBlock2D(in_channels=4, out_channels=8, temb_channels=None if temb is None else 3,
+                                     groups=2)
+        model = _WithTemb(block, temb)
+        original = copy.deepcopy(model)
+        nt.convert(model, fuse=True)
+        assert [f.norm for f in nt.fusion_report(model).fused] == ["block.norm1", "block.norm2"]
+        looked_up = _spy_fused_kernels(monkeypatch)
+        _assert_same_model_results(original, model, x)
+        assert ("groupnorm", "act_backward") in looked_up
 
 
 class _NoGrad(nn.Module):
@@ -485,8 +626,7 @@ def test_convert_fuses_only_what_fx_records_faithfully():
     original = copy.deepcopy(model)
     nt.convert(model, fuse=True)
     report = nt.fusion_report(model)
-    assert [(f.norm, f.activation) for f in report.fused] == [("3.norm", "relu")]
-    assert "optional arguments (temb)" in report.not_traced["0"]
+    assert [(f.norm, f.activation) for f in report.fused] == [("0.norm", "silu"), ("3.norm", "relu")]
     assert "uses no_grad" in report.not_traced["1"]
     assert "tensor constants" in report.not_traced["2"]
     x = torch.randn(3, 4)

@@ -13,23 +13,29 @@ an activation and nowhere else. The norm and activation modules themselves do no
   alone, so the children's forwards and hooks still run): a call of a norm submodule whose only user is a supported
   activation (a module call, or ``F.relu``, ``torch.relu``, ``x.relu()``, ``F.leaky_relu``, ``F.silu``, ``F.gelu`` with
   constant arguments) becomes one call of :func:`call_fused`. The module's class becomes a subclass of its own class
-  whose forward is the rewritten graph's code (``isinstance`` and the module's other methods stay;
-  :func:`~normkit.torch.revert` restores the class). A module whose forward cannot be traced, or traces differently in
-  train and eval mode (it reads ``self.training``, which fx would freeze), is left alone, and the report says why; so is
-  one whose forward fx would record wrongly: an argument with a default (its ``None`` branch would be lost), a grad-mode
-  read, a ``no_grad`` / ``autocast`` block or a random draw (torch's, Python's or NumPy's generator) anywhere the trace
-  runs (fx records none of them: they are watched as it traces, and looked for in the source of what the forward calls
-  of its class and module), ``isinstance`` / ``is_tensor`` tests and ``autograd.Function.apply`` (fx sees proxies: the
-  test's branch and the function's backward would be lost), tensor constants, attributes it assigns, containers it
-  appends to or buffers it updates in place (fx does not record them; fx traces a copy of the module that shares its
-  tensors, so the model itself is not touched; parameters changed through ``.data`` are not seen), a call of a child's
-  method other than forward (fx would copy its code), a submodule or parameter held under two names (fx would call one),
-  an ``nn.Sequential`` subclass with its own forward (its slices would run the rewrite), a class with
-  ``__init_subclass__`` or a metaclass (it would see the rewritten class). As with any fx rewrite, the forward's
-  structure and the plain Python values it reads are frozen at conversion (a loop over an ``nn.ModuleList`` runs the
-  modules it held then; a flag, a float attribute, an ``is None`` test keep their values): add or remove modules before
-  converting (replacing one works). A rewritten module, and an ``nn.Sequential`` subclass fused, cannot be pickled whole
-  (save its state_dict).
+  whose forward runs the rewritten graphs' code (``isinstance`` and the module's other methods stay;
+  :func:`~normkit.torch.revert` restores the class). fx freezes the Python a forward runs, so a graph holds for the
+  calls like the one traced: the forward is traced for calls giving its required arguments alone, by position
+  (arguments with defaults at their defaults, ``*args`` and ``**kwargs`` empty: diffusers'
+  ``ResnetBlock2D(input_tensor, temb, *args, **kwargs)``), for each choice of those after the first being ``None``
+  (up to four arguments: a VAE's ``temb=None``), in train and in eval mode with every submodule in that mode; a call
+  runs the graph traced for its arguments and its module's mode, and the module's own forward where there is none
+  (an optional argument or a keyword given) or where the forward reads another module's training flag
+  (``self.bn.training``) and the flags differ. A module whose forward cannot be traced is left alone, and the
+  report says why; so is one whose forward fx would record wrongly: a grad-mode read, a ``no_grad`` / ``autocast``
+  block or a random draw (torch's, Python's or NumPy's generator) anywhere the trace runs (fx records none of them:
+  they are watched as it traces, and looked for in the code of every function the trace runs, torch's, normkit's
+  and the standard library's aside, comments and strings aside), ``isinstance`` / ``is_tensor`` tests and
+  ``autograd.Function.apply`` (fx sees proxies: the test's branch and the function's backward would be lost), tensor
+  constants, attributes it assigns, containers it appends to or buffers it updates in place (fx does not record
+  them; fx traces a copy of the module that shares its tensors, so the model itself is not touched; parameters
+  changed through ``.data`` are not seen), a call of a child's method other than forward (fx would copy its code), a
+  submodule or parameter held under two names (fx would call one), an ``nn.Sequential`` subclass with its own forward
+  (its slices would run the rewrite), a class with ``__init_subclass__`` or a metaclass (it would see the rewritten
+  class). As with any fx rewrite, the forward's structure and the plain Python values it reads are frozen at
+  conversion (a loop over an ``nn.ModuleList`` runs the modules it held then; a float attribute, an ``is None`` test
+  of a submodule keep their values): add or remove modules before converting (replacing one works). A rewritten
+  module, and an ``nn.Sequential`` subclass fused, cannot be pickled whole (save its state_dict).
 
 A fused call site checks at each call that nothing could tell the difference, and otherwise makes the two calls
 the code made: the norm is still an exact normkit (after conversion) BatchNorm, InstanceNorm, GroupNorm or
@@ -46,10 +52,17 @@ import abc
 import collections
 import contextlib
 import copy
+import functools
 import inspect
+import itertools
 import logging
+import os
 import random
 import re
+import sys
+import sysconfig
+import textwrap
+import tokenize
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -392,15 +405,20 @@ def _watch(used: list):
         np.random.set_state(rng[2])
 
 
-def _trace(module: nn.Module) -> fx.Graph:
-    """The graph of the module's forward; ValueError where tracing changed the module (see :func:`_restore`) or
-    ran what fx does not record (see :func:`_watch`)."""
-    state, used = _state(module), []
+def _trace(module: nn.Module, inputs: int) -> tuple[fx.Graph, str]:
+    """The graph of the module's forward called with ``inputs`` arguments (:func:`_specialized`), and the code that
+    tracing it ran (:func:`_ran_code`); ValueError where tracing changed the module (see :func:`_restore`) or ran
+    what fx does not record (see :func:`_watch`, :func:`_misrecorded`)."""
+    state, used, ran = _state(module), [], set()
     try:
-        with _watch(used):
-            graph = _ChildrenAreLeaves().trace(module)
+        with _watch(used), _running(ran):
+            graph = _ChildrenAreLeaves().trace(module, concrete_args=(fx._symbolic_trace.PH,) * inputs)
     finally:
         changed = _restore(state)
+    code = _ran_code(ran)
+    why = _misrecorded(module, code)
+    if why:
+        raise ValueError(why)
     if used:
         raise ValueError(f"its forward uses {', '.join(sorted(set(used)))}, which fx does not record")
     if any(k.startswith("_tensor_constant") for k in changed):  # the graph reads them: its code needs them
@@ -409,14 +427,13 @@ def _trace(module: nn.Module) -> fx.Graph:
     if changed:
         raise ValueError(f"its forward changes module attributes ({', '.join(sorted(set(changed)))}), which fx "
                          f"does not record")
-    return graph
+    return graph, code
 
 
-# What fx records wrongly in a forward, refused before tracing: an argument with a default (fx traces it as a value
-# that is always given, so a `None` default's branch is lost), and, by words in the source of the forward and what it
-# calls (conservative: "operand" has "rand"), the grad-mode reads and blocks and random draws fx does not record (a
-# no_grad would silently vanish; a layer-drop draw would be frozen; _watch catches them where no name leads), type
-# tests on what fx makes proxies, and autograd.Function.apply (fx records its forward only).
+# What fx records wrongly and _watch does not catch, by words in the code the trace runs (conservative: "operand" has
+# "rand"): grad-mode reads and blocks and random draws (a no_grad would silently vanish; a layer-drop draw would be
+# frozen; _watch catches them where no name leads), type tests on what fx makes proxies, and autograd.Function.apply
+# (fx records its forward only).
 _NOT_RECORDED = ("no_grad", "enable_grad", "grad_enabled", "inference_mode", "autocast", "rand", "uniform",
                  "bernoulli", "normal_", "multinomial", "isinstance", "is_tensor", ".apply(")
 
@@ -435,12 +452,28 @@ def _untraceable(module: nn.Module) -> Optional[str]:
             return f"one of its {kind} has two names, of which fx would call one"
     try:
         params = list(inspect.signature(cls.forward).parameters.values())[1:]
-        source = _source(cls, cls.forward, set())
+        inspect.getsource(cls.forward)
     except (OSError, TypeError, ValueError, AttributeError):  # no source file, or no Python function
         return "its forward's source is not available to check"
-    optional = [p.name for p in params if p.default is not p.empty or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
-    if optional:
-        return f"its forward has optional arguments ({', '.join(optional)}), which fx would freeze"
+    keywords = [p.name for p in params if p.kind is p.KEYWORD_ONLY and p.default is p.empty]
+    if keywords:
+        return f"its forward has keyword-only arguments without defaults ({', '.join(keywords)})"
+    if not _inputs(cls):
+        return "its forward has no required arguments"
+    return None
+
+
+def _ran_code(ran: set) -> str:
+    """The source of the functions a trace ran (``ran``: their code objects; torch's, normkit's and the standard
+    library's aside), comments and strings blanked; ValueError where one has no source."""
+    try:
+        return "".join(_code(inspect.getsource(code)) for code in ran if not code.co_filename.startswith(_TRUSTED))
+    except (OSError, TypeError):
+        raise ValueError("its forward runs code whose source is not available to check") from None
+
+
+def _misrecorded(module: nn.Module, source: str) -> Optional[str]:
+    """Why fx recorded the module's forward wrongly, read from the ``source`` its trace ran, or None."""
     used = [word for word in _NOT_RECORDED if word in source]
     if used:
         return f"its forward uses {', '.join(used)}, which fx does not record"
@@ -450,6 +483,49 @@ def _untraceable(module: nn.Module) -> Optional[str]:
                 and not isinstance(getattr(found, method, None), (nn.Module, type(None))):
             return f"its forward calls {child}.{method}, whose code fx would copy into the rewrite"
     return None
+
+
+# whose code fx's tracing runs and that cannot be the user's (fx itself, torch.nn.functional, this module's _watch,
+# code made at run time: dataclasses', fx's own)
+_TRUSTED = (os.path.dirname(torch.__file__) + os.sep, os.path.dirname(os.path.dirname(__file__)) + os.sep,
+            sysconfig.get_paths()["stdlib"] + os.sep, "<")
+
+
+def _code(source: str) -> str:
+    """``source`` with its comments and string literals blanked out (their words are not code)."""
+    lines = textwrap.dedent(source).splitlines(keepends=True)
+    try:
+        tokens = list(tokenize.generate_tokens(iter(lines).__next__))
+    except (tokenize.TokenError, SyntaxError):  # (a lambda's line, cut out of its expression): every word counts
+        return source
+    for token in tokens:
+        if token.type in (tokenize.COMMENT, tokenize.STRING):
+            (first, start), (last, end) = token.start, token.end
+            for row in range(first - 1, last):
+                line = lines[row]
+                a, b = (start if row == first - 1 else 0), (end if row == last - 1 else len(line.rstrip("\n")))
+                lines[row] = line[:a] + " " * (b - a) + line[b:]
+    return "".join(lines)
+
+
+@contextlib.contextmanager
+def _running(ran: set):
+    """Notes in ``ran`` the code of every Python function called in this thread (a tracer or coverage tool set
+    before misses those calls)."""
+    def note(frame, event, arg):
+        ran.add(frame.f_code)  # (the global trace function only sees "call" events)
+    previous = sys.gettrace()
+    sys.settrace(note)
+    try:
+        yield
+    finally:
+        sys.settrace(previous)
+
+
+def _inputs(cls: type) -> int:
+    """How many arguments a call of the forward must give (the ones before the first default)."""
+    params = list(inspect.signature(cls.forward).parameters.values())[1:]
+    return sum(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty for p in params)
 
 
 # containers of modules: their methods (items, values) are fine to call in a forward
@@ -465,47 +541,80 @@ def _init_subclass(cls: type) -> Optional[str]:
     return None
 
 
-def _source(cls: type, function, seen: set) -> str:
-    """The source of ``function`` (and of what decorates it) and, as far as they go, of what it calls that is not
-    torch's: methods and properties of ``cls`` (by name, however reached: ``self.f(``, ``super().f(``,
-    ``type(self).f(``) and functions of its module. What tracing it runs through, as far as names tell."""
-    function = getattr(function, "__func__", function)
-    if function in seen or (getattr(function, "__module__", None) or "").startswith("torch."):
-        return ""
-    seen.add(function)
-    text = inspect.getsource(function.__code__)  # the wrapper, where a decorator made one
-    wrapped = getattr(function, "__wrapped__", None)
-    if wrapped is not None:
-        text += _source(cls, wrapped, seen)
-    for name in set(re.findall(r"\b(\w+)\s*\(", text)) | set(re.findall(r"\.(\w+)\b", text)):
-        for klass in cls.__mro__:  # every definition: super().f( reaches the overridden ones
-            member = vars(klass).get(name)
-            if isinstance(member, property):
-                member = member.fget
-            if inspect.isfunction(member) or isinstance(member, (staticmethod, classmethod)):
-                text += _source(cls, member, seen)
-        found = function.__globals__.get(name)
-        if inspect.isfunction(found):
-            text += _source(cls, found, seen)
-    return text
-
-
-def _trace_both_modes(module: nn.Module) -> fx.Graph:
-    """The graph of the module's forward, checked to be the same in train and eval mode. fx runs the forward's
-    Python: it runs on a copy of the module (sharing its tensors), so that what the forward stores, however deep,
-    stays there (global state aside); :func:`_trace` still refuses a forward that stores anything."""
+def _trace_calls(module: nn.Module) -> tuple[dict[tuple, fx.Graph], bool]:
+    """The graphs of the module's forward, by ``(mode, nones)``: traced with every submodule in train or in eval
+    mode, for calls whose required arguments are None where ``nones`` says (the first never: see
+    :func:`_none_patterns`), one graph object where two are the same; and whether the code traced reads a training
+    flag other than the module's own. A call with no None is always traced (what stops it is the module's reason not
+    to be rewritten); a call with a None that cannot be traced gets no graph. fx runs the forward's Python: it runs on
+    a copy of the module (sharing its tensors), so that what the forward stores, however deep, stays there (global
+    state aside); :func:`_trace` still refuses a forward that stores anything."""
     try:
         twin = copy.deepcopy(module, {id(t): t for t in (*module.parameters(), *module.buffers())})
     except Exception as exc:  # an attribute that cannot be copied
         raise ValueError(f"it cannot be copied for tracing ({type(exc).__name__})") from None
-    graphs = []
-    for mode in (module.training, not module.training):
-        for m in twin.modules():  # the flag alone: a train() of the user's may do more (freeze parameters)
-            m.training = mode
-        graphs.append(_trace(twin))
-    if graphs[0].python_code("self").src != graphs[1].python_code("self").src:
-        raise ValueError("its forward traces differently in train and eval mode (it reads self.training)")
-    return graphs[0]
+    graphs, sources, code = {}, {}, ""
+    for nones in _none_patterns(_inputs(type(module))):
+        twin.__class__ = _specialized(type(module), nones)
+        for mode in (True, False):
+            for m in twin.modules():  # the flag alone: a train() of the user's may do more (freeze parameters)
+                m.training = mode
+            try:
+                graph, ran = _trace(twin, nones.count(False))
+            except Exception:
+                if any(nones):
+                    continue
+                raise
+            src = graph.python_code("self").src
+            graphs[mode, nones] = sources.setdefault(src, graph)
+            code += ran
+    return graphs, _OTHER_FLAG.search(code) is not None
+
+
+# a read of a training flag other than the module's own (self.norm.training, a helper's m.training)
+_OTHER_FLAG = re.compile(r"(?<!\bself)\.training\b")
+
+
+def _none_patterns(inputs: int) -> list[tuple[bool, ...]]:
+    """Which of ``inputs`` required arguments are None, for each call traced: none, and for up to four arguments
+    each choice among all but the first (the input: diffusers' ``ResnetBlock2D(x, temb)`` gets ``temb=None`` in a
+    VAE)."""
+    if inputs > 4:
+        return [(False,) * inputs]
+    return [(False, *rest) for rest in itertools.product((False, True), repeat=inputs - 1)]
+
+
+def _specialized(cls: type, nones: tuple[bool, ...]) -> type:
+    """``cls`` with a forward taking its required arguments that are not None (``nones``) alone, for fx to trace:
+    optional ones at their defaults, ``*args`` and ``**kwargs`` empty (:func:`_guarded` runs the graph only for such
+    calls)."""
+    def forward(self, *args):
+        given = iter(args)
+        return cls.forward(self, *(None if none else next(given) for none in nones))
+    return type(cls.__name__, (cls,), {"forward": forward})
+
+
+def _guarded(cls: type, inputs: int, traced: dict, flags: bool):
+    """The rewritten forward: for calls like one traced (``inputs`` arguments by position, each None or not as
+    traced), the graph traced for it in the module's mode (``traced[self.training, nones]``) with the arguments that
+    are not None, unless the forward reads other modules' training flags (``flags``) and a submodule is in another
+    mode (fx traced them all alike); the class's own forward for any other call."""
+    original = cls.forward
+
+    @functools.wraps(original)
+    def forward(self, *args, **kwargs):
+        if not kwargs and len(args) == inputs and not (flags and not _in_mode(self, self.training)):
+            nones = tuple(arg is None for arg in args)
+            graph = traced.get((self.training, nones))
+            if graph is not None:
+                return graph(self, *(arg for arg in args if arg is not None)) if True in nones else graph(self, *args)
+        return original(self, *args, **kwargs)
+    return forward
+
+
+def _in_mode(module: nn.Module, mode: bool) -> bool:
+    """Whether every submodule's training flag is ``mode``."""
+    return all(m is None or (m.training is mode and _in_mode(m, mode)) for m in module._modules.values())
 
 
 def _activation_call(node: fx.Node, root: nn.Module, arg: fx.Node) -> Optional[tuple]:
@@ -548,10 +657,26 @@ def _fuse_traced(module: nn.Module, name: str, report: FusionReport) -> None:
         report.not_traced[name] = why
         return
     try:
-        graph = _trace_both_modes(module)
+        graphs, flags = _trace_calls(module)
     except Exception as exc:  # anything fx raises: the module is simply not rewritten
         report.not_traced[name] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}".rstrip()
         return
+    unique = {id(g): g for g in graphs.values()}
+    fused = {}  # the pairs fused in any graph, in order
+    for graph in unique.values():
+        fused.update(dict.fromkeys(_fuse_graph(module, graph)))
+    if not fused:
+        return
+    code = {key: type(fx.GraphModule(module, graph)).forward for key, graph in unique.items()}
+    forwards = {call: code[id(graph)] for call, graph in graphs.items()}
+    module.__class__ = _traced_class(type(module), _guarded(type(module), _inputs(type(module)), forwards, flags),
+                                     tuple(fused))
+    _report_traced(module, name, report)
+
+
+def _fuse_graph(module: nn.Module, graph: fx.Graph) -> list[tuple]:
+    """Rewrites each norm + activation pair of ``graph`` as one :func:`call_fused`; the pairs, as
+    ``(norm's target, activation, activation call)``."""
     fused = []
     for node in list(graph.nodes):
         if node.op != "call_module" or len(node.users) != 1 or len(node.args) != 1 or node.kwargs:
@@ -573,11 +698,8 @@ def _fuse_traced(module: nn.Module, name: str, report: FusionReport) -> None:
         graph.erase_node(user)
         graph.erase_node(node)
         fused.append((node.target, _describe(*pair), described))
-    if not fused:
-        return
     graph.lint()
-    module.__class__ = _traced_class(type(module), type(fx.GraphModule(module, graph)).forward, tuple(fused))
-    _report_traced(module, name, report)
+    return fused
 
 
 def _report_traced(module: nn.Module, name: str, report: FusionReport) -> None:
