@@ -501,6 +501,9 @@ def test_convert_fuses_a_forward_for_the_calls_it_traced():
         torch.testing.assert_close(y, original(*args, **kwargs))
         assert ("SiluBackward0" not in _autograd_nodes(y)) == fused, (len(args), kwargs)
     assert list(inspect.signature(model.forward).parameters) == ["x", "temb", "args", "kwargs"]
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)  # the choice of graph compiles too
+    for args in ((x, temb), (x, None)):
+        torch.testing.assert_close(compiled(*args), original(*args))
     nt.revert(model)
     assert type(model) is _VarArgs
 
@@ -532,17 +535,27 @@ class _WordsNotCode(nn.Module):
         return y
 
 
+_MADE = {}
+exec("def scale(y):\n    return y * 2 if isinstance(y, torch.Tensor) else y\n", {"torch": torch}, _MADE)
+
+
+class _MadeAtRunTime(_ThroughObject):  # a helper without source: its bytecode's names are read
+    def forward(self, x):
+        return _MADE["scale"](F.relu(self.norm(x)))
+
+
 def test_convert_reads_the_code_the_trace_runs():
     """What fx would record wrongly is looked for in the code the trace runs, wherever it is (a helper object's
-    method was not seen, and its isinstance test was frozen: the converted block returned y instead of 2y), and
-    not in comments, strings or code the trace does not run (diffusers' deprecate() behind *args)."""
+    method was not seen, and its isinstance test was frozen: the converted block returned y instead of 2y; code made
+    by exec has no source: the names it uses), and not in comments, strings or code the trace does not run
+    (diffusers' deprecate() behind *args)."""
     torch.manual_seed(0)
-    model = nn.ModuleList([_ThroughObject(), _WordsNotCode()])
+    model = nn.ModuleList([_ThroughObject(), _WordsNotCode(), _MadeAtRunTime()])
     original = copy.deepcopy(model)
     nt.convert(model, fuse=True)
     report = nt.fusion_report(model)
     assert [f.norm for f in report.fused] == ["1.norm"]
-    assert "uses isinstance" in report.not_traced["0"]
+    assert "uses isinstance" in report.not_traced["0"] and "uses isinstance" in report.not_traced["2"]
     x = torch.randn(3, 4)
     for m, o in zip(model, original):
         torch.testing.assert_close(m(x), o(x))

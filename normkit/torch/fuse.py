@@ -464,12 +464,17 @@ def _untraceable(module: nn.Module) -> Optional[str]:
 
 
 def _ran_code(ran: set) -> str:
-    """The source of the functions a trace ran (``ran``: their code objects; torch's, normkit's and the standard
-    library's aside), comments and strings blanked; ValueError where one has no source."""
+    """The code of the functions a trace ran (``ran``: their code objects; torch's, normkit's and the standard
+    library's aside): their source, comments and strings blanked, or for code made at run time (``exec``, a
+    namedtuple's ``__new__``), the names its bytecode uses."""
+    return "".join(_text(code) for code in ran if not _trusted(code.co_filename))
+
+
+def _text(code) -> str:
     try:
-        return "".join(_code(inspect.getsource(code)) for code in ran if not code.co_filename.startswith(_TRUSTED))
-    except (OSError, TypeError):
-        raise ValueError("its forward runs code whose source is not available to check") from None
+        return _code(inspect.getsource(code))
+    except (OSError, TypeError):  # no source: each name as a call and as an attribute call, for _NOT_RECORDED
+        return "".join(f" {name}( .{name}(\n" for name in code.co_names)
 
 
 def _misrecorded(module: nn.Module, source: str) -> Optional[str]:
@@ -485,10 +490,21 @@ def _misrecorded(module: nn.Module, source: str) -> Optional[str]:
     return None
 
 
-# whose code fx's tracing runs and that cannot be the user's (fx itself, torch.nn.functional, this module's _watch,
-# code made at run time: dataclasses', fx's own)
-_TRUSTED = (os.path.dirname(torch.__file__) + os.sep, os.path.dirname(os.path.dirname(__file__)) + os.sep,
-            sysconfig.get_paths()["stdlib"] + os.sep, "<")
+def _trusted(filename: str) -> bool:
+    """Whether code from ``filename`` is fx's tracing or what it calls rather than the user's: torch's (fx itself,
+    torch.nn.functional), normkit's (this module's _watch) and the standard library's (not the packages installed
+    beside it)."""
+    if filename.startswith(_OURS):
+        return True
+    return filename.startswith(_STDLIB) and not {"site-packages", "dist-packages"} & set(filename.split(os.sep))
+
+
+_OURS = (os.path.dirname(torch.__file__) + os.sep, os.path.dirname(os.path.dirname(__file__)) + os.sep)
+_STDLIB = sysconfig.get_paths()["stdlib"] + os.sep
+
+
+# comments, string literals and (Python 3.12 and later) the literal text of f-strings
+_NOT_CODE = {tokenize.COMMENT, tokenize.STRING, getattr(tokenize, "FSTRING_MIDDLE", tokenize.STRING)}
 
 
 def _code(source: str) -> str:
@@ -499,7 +515,7 @@ def _code(source: str) -> str:
     except (tokenize.TokenError, SyntaxError):  # (a lambda's line, cut out of its expression): every word counts
         return source
     for token in tokens:
-        if token.type in (tokenize.COMMENT, tokenize.STRING):
+        if token.type in _NOT_CODE:
             (first, start), (last, end) = token.start, token.end
             for row in range(first - 1, last):
                 line = lines[row]
