@@ -9,7 +9,10 @@ import copy
 import inspect
 import math
 import pickle
+import random
+import sys
 
+import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -588,6 +591,183 @@ def test_convert_fuses_diffusers_resnet_blocks(monkeypatch):
         looked_up = _spy_fused_kernels(monkeypatch)
         _assert_same_model_results(original, model, x)
         assert ("groupnorm", "act_backward") in looked_up
+
+
+class _FlagBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv1d(4, 4, 1)
+
+    def forward(self, x):
+        return self.conv(x)
+
+    @property
+    def frozen(self):
+        return not self.training
+
+    def maybe_scale(self, h):
+        return h * 2 if self.training else h
+
+
+class _ChildFlagProperty(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.bn, self.block = nn.BatchNorm1d(4), _FlagBlock()
+
+    def forward(self, x):
+        h = F.relu(self.bn(x))
+        return self.block(h * 3 if self.block.frozen else h)
+
+
+class _ChildFlagMethod(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.bn, self.blocks = nn.BatchNorm1d(4), nn.ModuleList([_FlagBlock(), _FlagBlock()])
+
+    def forward(self, x):
+        h = F.relu(self.bn(x))
+        for b in self.blocks:
+            h = b(b.maybe_scale(h))
+        return h
+
+
+class _FlagByName(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.bn, self.act = nn.BatchNorm1d(4), nn.ReLU()
+
+    def forward(self, x):
+        h = self.act(self.bn(x))
+        return h + 1 if getattr(self.bn, "training", False) else h
+
+
+def test_convert_fuse_reads_flags_wherever_the_trace_reads_them():
+    """Found by a fourth fuzz: a child's flag read in the child's own code (a property, a method through a loop
+    variable) or by getattr with the name in a string was not seen, and with a child in eval while the model
+    trained the converted model took the all-train branch."""
+    torch.manual_seed(0)
+    model = nn.ModuleList([_ChildFlagProperty(), _ChildFlagMethod(), _FlagByName()])
+    original = copy.deepcopy(model)
+    nt.convert(model, fuse=True)
+    assert [f.norm for f in nt.fusion_report(model).fused] == ["0.bn", "1.bn", "2.bn"]
+    x = torch.randn(3, 4, 5)
+    for frozen in ("0.block", "1.blocks.0", "2.bn", None):
+        for m in (model, original):
+            m.train()
+            if frozen:
+                m.get_submodule(frozen).eval()
+        for i in range(3):
+            torch.testing.assert_close(model[i](x), original[i](x), msg=f"{i} with {frozen} in eval")
+
+
+class _FStringTest(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.bn = nn.BatchNorm1d(4)
+
+    def forward(self, x, y):
+        kind = f"{isinstance(y, torch.Tensor)}"  # (before Python 3.12, one string token: code in it)
+        h = F.relu(self.bn(x))
+        return h * y if kind == "True" else h + 1
+
+
+class _MutableDefault(_FStringTest):
+    def forward(self, x, feats=[]):  # noqa: B006 (the point)
+        h = F.relu(self.bn(x))
+        feats.append(h)
+        return h
+
+
+class _OwnGenerators(_FStringTest):
+    def __init__(self):
+        super().__init__()
+        self.py, self.np = random.Random(0), np.random.default_rng(0)
+
+    def forward(self, x):
+        h = F.relu(self.bn(x))
+        return h * 0 if self.py.choice((True, False)) or self.np.integers(0, 2) else h
+
+
+class _Reverse(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return -g
+
+
+_reverse = _Reverse.apply
+
+
+class _ApplyAlias(_FStringTest):
+    def forward(self, x):
+        return _reverse(F.relu(self.bn(x)))
+
+
+class _BufferTest(_FStringTest):
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("warm", torch.tensor(0.0))
+
+    def forward(self, x):
+        h = F.relu(self.bn(x))
+        return h * 2 if self.warm > 0 else h
+
+
+def test_convert_fuse_refuses_what_a_fourth_fuzz_found_frozen():
+    """Found by a fourth fuzz, each frozen at conversion by the trace: an isinstance in an f-string (its words
+    were blanked as a string's), a forward's list default (the trace at the defaults appended fx proxies to the
+    class's own list), draws of a generator the module holds, a Function's apply under another name (its backward
+    was lost), a test of a buffer's value. Each is left unfused, the default list untouched."""
+    torch.manual_seed(0)
+    model = nn.ModuleList([_FStringTest(), _MutableDefault(), _OwnGenerators(), _ApplyAlias(), _BufferTest()])
+    feats = _MutableDefault.forward.__defaults__[0]
+    original = copy.deepcopy(model)
+    nt.convert(model, fuse=True)
+    report = nt.fusion_report(model)
+    assert report.fused == [] and feats == []
+    for i, why in enumerate(["uses isinstance", "a default argument's value", "a random draw",
+                             "autograd.Function.apply", "Tensor.bool"]):
+        assert why in report.not_traced[str(i)], (i, report.not_traced[str(i)])
+    model[4].warm.fill_(1.0), original[4].warm.fill_(1.0)
+    x, y = torch.randn(3, 4, 5, requires_grad=True), torch.randn(3, 4, 1)
+    torch.testing.assert_close(model[0](x, y), original[0](x, y))
+    for i in range(1, 5):
+        torch.testing.assert_close(model[i](x), original[i](x))
+    (g,) = torch.autograd.grad(model[3](x).sum(), x)
+    torch.testing.assert_close(g, torch.autograd.grad(original[3](x).sum(), x)[0])
+    assert len(feats) == 2  # one call each
+
+
+def test_convert_fuse_ignores_what_an_import_in_the_forward_runs(tmp_path, monkeypatch):
+    """Found by a fourth fuzz: a forward's first import ran the module's top level under the trace, and its words
+    refused the forward on the first convert of a process but not on the next."""
+    (tmp_path / "_normkit_lazy_import.py").write_text(
+        "def check():\n    return isinstance(3, int)\n\nCHECKED = check()\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+
+    class Lazy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn = nn.BatchNorm1d(4)
+
+        def forward(self, x):
+            import _normkit_lazy_import  # noqa: F401
+            return F.relu(self.bn(x))
+
+    assert "_normkit_lazy_import" not in sys.modules
+    monkeypatch.delitem(sys.modules, "_normkit_lazy_import", raising=False)
+    model = nt.convert(Lazy(), fuse=True)
+    assert [f.norm for f in nt.fusion_report(model).fused] == ["bn"], nt.fusion_report(model)
+
+
+def test_rewritten_modules_have_code_of_their_own():
+    """Found by a fourth fuzz: every rewritten module's forward shared one code object, and torch.compile, which
+    counts recompilations per code object (8), failed on the ninth block compiled with fullgraph=True."""
+    blocks = [nt.convert(_WithOptional(), fuse=True) for _ in range(2)]
+    assert type(blocks[0]).forward.__code__ is not type(blocks[1]).forward.__code__
 
 
 class _NoGrad(nn.Module):

@@ -21,20 +21,24 @@ an activation and nowhere else. The norm and activation modules themselves do no
   (up to four arguments: a VAE's ``temb=None``), in train and in eval mode with every submodule in that mode; a call
   runs the graph traced for its arguments and its module's mode, and the module's own forward where there is none
   (an optional argument or a keyword given) or where the forward reads another module's training flag
-  (``self.bn.training``) and the flags differ. A module whose forward cannot be traced is left alone, and the
-  report says why; so is one whose forward fx would record wrongly: a grad-mode read, a ``no_grad`` / ``autocast``
-  block or a random draw (torch's, Python's or NumPy's generator) anywhere the trace runs (fx records none of them:
-  they are watched as it traces, and looked for in the code of every function the trace runs, torch's, normkit's
-  and the standard library's aside, comments and strings aside), ``isinstance`` / ``is_tensor`` tests and
-  ``autograd.Function.apply`` (fx sees proxies: the test's branch and the function's backward would be lost), tensor
-  constants, attributes it assigns, containers it appends to or buffers it updates in place (fx does not record
-  them; fx traces a copy of the module that shares its tensors, so the model itself is not touched; parameters
-  changed through ``.data`` are not seen), a call of a child's method other than forward (fx would copy its code), a
+  (``self.bn.training``, anywhere the trace runs) and the flags differ. A module whose forward cannot be traced is
+  left alone, and the report says why; so is one whose forward fx would record wrongly: a grad-mode read, a
+  ``no_grad`` / ``autocast`` block or a random draw (torch's, Python's or NumPy's global generator, or one the
+  modules hold) anywhere the trace runs (fx records none of them: they are watched as it traces, and looked for in
+  the code of every function the trace runs, torch's, normkit's and the standard library's aside, comments and
+  strings aside, and what an import runs), a test of a buffer's or a parameter's value (``if self.step > 0``: fx
+  would run it once), ``isinstance`` / ``is_tensor`` tests and an ``autograd.Function``'s apply by any name (fx sees
+  proxies: the test's branch and the function's backward would be lost), tensor constants, attributes it assigns,
+  containers it appends to (among them the forward's default arguments) or buffers it updates in place (fx does not
+  record them; fx traces a copy of the module that shares its tensors, so the model itself is not touched;
+  parameters changed through ``.data`` are not seen), a call of a child's method other than forward (fx would copy
+  its code), a
   submodule or parameter held under two names (fx would call one), an ``nn.Sequential`` subclass with its own forward
   (its slices would run the rewrite), a class with ``__init_subclass__`` or a metaclass (it would see the rewritten
   class). As with any fx rewrite, the forward's structure and the plain Python values it reads are frozen at
   conversion (a loop over an ``nn.ModuleList`` runs the modules it held then; a float attribute, an ``is None`` test
-  of a submodule keep their values): add or remove modules before converting (replacing one works). A rewritten
+  of a submodule, a ``type(x) is`` or ``hasattr`` test of an argument keep their values): add or remove modules
+  before converting (replacing one works). A rewritten
   module, and an ``nn.Sequential`` subclass fused, cannot be pickled whole (save its state_dict).
 
 A fused call site checks at each call that nothing could tell the difference, and otherwise makes the two calls
@@ -53,16 +57,19 @@ import collections
 import contextlib
 import copy
 import functools
+import importlib
 import inspect
 import itertools
 import logging
 import os
+import pickle
 import random
 import re
 import sys
 import sysconfig
 import textwrap
 import tokenize
+import types
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -329,12 +336,17 @@ class _ChildrenAreLeaves(fx.Tracer):
 _CONTAINERS = (list, dict, set, collections.deque)  # and their subclasses (OrderedDict, defaultdict)
 
 
-def _state(module: nn.Module) -> tuple[list, list]:
-    """Every submodule's attributes, with shallow copies of the containers among them; and its buffers, their
-    version counters and copies (a forward's in-place update of a buffer runs for real while fx traces)."""
+def _state(module: nn.Module) -> tuple[list, list, list]:
+    """Every submodule's attributes, with shallow copies of the containers among them; its buffers, their version
+    counters and copies (a forward's in-place update of a buffer runs for real while fx traces); and the containers
+    among the defaults of its forwards (its class's and those it overrides: fx traces at the defaults, and they are
+    the class's, shared with the user's model), with copies."""
     attributes = [(m, dict(m.__dict__), {k: copy.copy(v) for k, v in m.__dict__.items() if isinstance(v, _CONTAINERS)})
                   for m in module.modules()]
-    return attributes, [(b, b._version, b.detach().clone()) for b in module.buffers()]
+    forwards = [vars(k)["forward"] for k in type(module).__mro__ if inspect.isfunction(vars(k).get("forward"))]
+    defaults = [d for f in forwards for d in (*(f.__defaults__ or ()), *(f.__kwdefaults__ or {}).values())]
+    return (attributes, [(b, b._version, b.detach().clone()) for b in module.buffers()],
+            [(d, copy.copy(d)) for d in defaults if isinstance(d, _CONTAINERS)])
 
 
 def _same(a, b) -> bool:
@@ -346,12 +358,17 @@ def _same(a, b) -> bool:
     return len(a) == len(b) and all(x is y for x, y in zip(a, b))
 
 
-def _restore(state: tuple[list, list]) -> list[str]:
+def _put_back(container, items) -> None:
+    container.clear()
+    container.update(items) if isinstance(items, (dict, set)) else container.extend(items)
+
+
+def _restore(state: tuple[list, list, list]) -> list[str]:
     """Puts back what :func:`_state` took and returns the names of what had changed: what a forward assigned,
     appended or updated in place while fx traced it, which the rewritten forward would not do (the values left
     would be fx's proxies). Containers nested in others, and state outside the modules, are not seen."""
     changed = []
-    attributes, buffers = state
+    attributes, buffers, defaults = state
     for m, saved, containers in attributes:
         now, missing = m.__dict__, object()
         changed += [k for k in now.keys() | saved.keys() if now.get(k, missing) is not saved.get(k, missing)]
@@ -360,8 +377,11 @@ def _restore(state: tuple[list, list]) -> list[str]:
         for k, items in containers.items():
             if not _same(now[k], items):
                 changed.append(k)
-                now[k].clear()
-                now[k].update(items) if isinstance(items, (dict, set)) else now[k].extend(items)
+                _put_back(now[k], items)
+    for default, items in defaults:
+        if not _same(default, items):
+            changed.append("a default argument's value")
+            _put_back(default, items)
     with torch.no_grad():
         for b, version, values in buffers:  # .data has a version counter of its own: the values too
             if b._version != version or not (b.eq(values) | (b.isnan() & values.isnan())).all():
@@ -371,14 +391,17 @@ def _restore(state: tuple[list, list]) -> list[str]:
 
 
 @contextlib.contextmanager
-def _watch(used: list):
+def _watch(used: list, module: nn.Module):
     """Notes in ``used`` what fx runs but does not record while it traces: grad-mode and autocast blocks and reads
-    (fx's own tracing uses none of them), and random draws of torch's, Python's or NumPy's generator (their states
-    are put back)."""
+    (fx's own tracing uses none of them), and random draws of torch's, Python's or NumPy's global generator or of a
+    generator that ``module`` or a submodule holds as an attribute (their states are put back); and reads of a
+    tensor's value (the inputs are fx's proxies: a buffer's or a parameter's, ``if self.step > 0``, which fx would
+    run once)."""
     patched = [(owner, name, getattr(owner, name), name in vars(owner)) for owner, name in (
         (grad_mode.no_grad, "__enter__"), (grad_mode.enable_grad, "__enter__"),
         (grad_mode.inference_mode, "__enter__"), (grad_mode.set_grad_enabled, "__init__"),
-        (torch.autocast, "__enter__"), (torch, "is_grad_enabled"), (torch, "is_autocast_enabled"))]
+        (torch.autocast, "__enter__"), (torch, "is_grad_enabled"), (torch, "is_autocast_enabled"),
+        *((torch.Tensor, name) for name in _VALUE_READS))]
 
     def noting(what, original):
         def run(*args, **kwargs):
@@ -387,6 +410,7 @@ def _watch(used: list):
         return run
 
     rng = torch.get_rng_state(), random.getstate(), np.random.get_state()
+    held = [(g, _rng_state(g)) for m in module.modules() for g in vars(m).values() if isinstance(g, _GENERATORS)]
     for owner, name, original, _ in patched:
         setattr(owner, name, noting(getattr(owner, "__name__", "torch") + "." + name.strip("_"), original))
     try:
@@ -403,22 +427,51 @@ def _watch(used: list):
         torch.set_rng_state(rng[0])
         random.setstate(rng[1])
         np.random.set_state(rng[2])
+        for g, state in held:
+            if _rng_state(g) != state:
+                used.append("a random draw")
+                _set_rng_state(g, state)
 
 
-def _trace(module: nn.Module, inputs: int) -> tuple[fx.Graph, str]:
-    """The graph of the module's forward called with ``inputs`` arguments (:func:`_specialized`), and the code that
-    tracing it ran (:func:`_ran_code`); ValueError where tracing changed the module (see :func:`_restore`) or ran
-    what fx does not record (see :func:`_watch`, :func:`_misrecorded`)."""
-    state, used, ran = _state(module), [], set()
+_VALUE_READS = ("__bool__", "__int__", "__float__", "__index__", "item", "tolist")
+_GENERATORS = (torch.Generator, random.Random, np.random.Generator, np.random.RandomState)
+
+
+def _rng_state(generator) -> bytes:
+    if isinstance(generator, torch.Generator):
+        return generator.get_state().numpy().tobytes()
+    if isinstance(generator, np.random.Generator):
+        return pickle.dumps(generator.bit_generator.state)
+    return pickle.dumps(generator.get_state() if isinstance(generator, np.random.RandomState) else generator.getstate())
+
+
+def _set_rng_state(generator, state: bytes) -> None:
+    if isinstance(generator, torch.Generator):
+        generator.set_state(torch.frombuffer(bytearray(state), dtype=torch.uint8))
+    elif isinstance(generator, np.random.Generator):
+        generator.bit_generator.state = pickle.loads(state)
+    elif isinstance(generator, np.random.RandomState):
+        generator.set_state(pickle.loads(state))
+    else:
+        generator.setstate(pickle.loads(state))
+
+
+def _trace(module: nn.Module, inputs: int) -> tuple[fx.Graph, bool]:
+    """The graph of the module's forward called with ``inputs`` arguments (:func:`_specialized`), and whether the
+    code that tracing it ran reads training flags other than the module's own (:func:`_reads_flags`); ValueError
+    where tracing changed the module (see :func:`_restore`) or ran what fx does not record (see :func:`_watch`,
+    :func:`_misrecorded`)."""
+    state, used, ran = _state(module), [], {}
     try:
-        with _watch(used), _running(ran):
+        with _watch(used, module), _running(ran, module):
             graph = _ChildrenAreLeaves().trace(module, concrete_args=(fx._symbolic_trace.PH,) * inputs)
     finally:
         changed = _restore(state)
-    code = _ran_code(ran)
-    why = _misrecorded(module, code)
+    why = _misrecorded(module, _ran_code(ran))
     if why:
         raise ValueError(why)
+    if _FUNCTION_APPLY in ran:  # (reached by any name: an alias of a Function's apply has no ".apply(")
+        used.append("autograd.Function.apply")
     if used:
         raise ValueError(f"its forward uses {', '.join(sorted(set(used)))}, which fx does not record")
     if any(k.startswith("_tensor_constant") for k in changed):  # the graph reads them: its code needs them
@@ -427,7 +480,10 @@ def _trace(module: nn.Module, inputs: int) -> tuple[fx.Graph, str]:
     if changed:
         raise ValueError(f"its forward changes module attributes ({', '.join(sorted(set(changed)))}), which fx "
                          f"does not record")
-    return graph, code
+    return graph, _reads_flags(ran)
+
+
+_FUNCTION_APPLY = torch.autograd.Function.apply.__func__.__code__
 
 
 # What fx records wrongly and _watch does not catch, by words in the code the trace runs (conservative: "operand" has
@@ -467,14 +523,33 @@ def _ran_code(ran: set) -> str:
     """The code of the functions a trace ran (``ran``: their code objects; torch's, normkit's and the standard
     library's aside): their source, comments and strings blanked, or for code made at run time (``exec``, a
     namedtuple's ``__new__``), the names its bytecode uses."""
-    return "".join(_text(code) for code in ran if not _trusted(code.co_filename))
+    return "".join(_code(_text(code)) for code in _users(ran))
+
+
+def _users(ran: dict) -> list:
+    """The code objects in ``ran`` that are not :func:`_trusted`."""
+    return [code for code in ran if not _trusted(code.co_filename)]
 
 
 def _text(code) -> str:
     try:
-        return _code(inspect.getsource(code))
+        return inspect.getsource(code)
     except (OSError, TypeError):  # no source: each name as a call and as an attribute call, for _NOT_RECORDED
         return "".join(f" {name}( .{name}(\n" for name in code.co_names)
+
+
+def _reads_flags(ran: dict) -> bool:
+    """Whether the code a trace ran may read a training flag other than the traced module's own: the word
+    ``training`` anywhere in it (comments and strings too: ``getattr(m, "training")``), but for ``self.training``
+    in code that only ran with the traced module as ``self`` (see :func:`_running`)."""
+    for code in _users(ran):
+        text = _text(code)
+        reads = len(re.findall(r"\btraining\b", text))
+        if ran[code] == {True}:
+            reads -= len(re.findall(r"\bself\.training\b", text))
+        if reads:
+            return True
+    return False
 
 
 def _misrecorded(module: nn.Module, source: str) -> Optional[str]:
@@ -494,17 +569,19 @@ def _trusted(filename: str) -> bool:
     """Whether code from ``filename`` is fx's tracing or what it calls rather than the user's: torch's (fx itself,
     torch.nn.functional), normkit's (this module's _watch) and the standard library's (not the packages installed
     beside it)."""
-    if filename.startswith(_OURS):
+    if filename.startswith(_OURS):  # (and "<frozen importlib._bootstrap>": the standard library, frozen)
         return True
     return filename.startswith(_STDLIB) and not {"site-packages", "dist-packages"} & set(filename.split(os.sep))
 
 
-_OURS = (os.path.dirname(torch.__file__) + os.sep, os.path.dirname(os.path.dirname(__file__)) + os.sep)
+_OURS = (os.path.dirname(torch.__file__) + os.sep, os.path.dirname(os.path.dirname(__file__)) + os.sep, "<frozen ")
 _STDLIB = sysconfig.get_paths()["stdlib"] + os.sep
 
 
-# comments, string literals and (Python 3.12 and later) the literal text of f-strings
+# comments, string literals and (Python 3.12 and later) the literal text of f-strings; before 3.12 an f-string is
+# one token, code in its braces included: kept whole
 _NOT_CODE = {tokenize.COMMENT, tokenize.STRING, getattr(tokenize, "FSTRING_MIDDLE", tokenize.STRING)}
+_F_STRING = re.compile(r"[a-zA-Z]*[fF][a-zA-Z]*['\"]")
 
 
 def _code(source: str) -> str:
@@ -515,7 +592,7 @@ def _code(source: str) -> str:
     except (tokenize.TokenError, SyntaxError):  # (a lambda's line, cut out of its expression): every word counts
         return source
     for token in tokens:
-        if token.type in _NOT_CODE:
+        if token.type in _NOT_CODE and not _F_STRING.match(token.string):
             (first, start), (last, end) = token.start, token.end
             for row in range(first - 1, last):
                 line = lines[row]
@@ -525,17 +602,36 @@ def _code(source: str) -> str:
 
 
 @contextlib.contextmanager
-def _running(ran: set):
-    """Notes in ``ran`` the code of every Python function called in this thread (a tracer or coverage tool set
-    before misses those calls)."""
-    def note(frame, event, arg):
-        ran.add(frame.f_code)  # (the global trace function only sees "call" events)
+def _running(ran: dict, module: nn.Module):
+    """Notes in ``ran`` the code of every Python function called in this thread, with whether its ``self`` was
+    ``module`` in each call; not what an import runs (a module's top level and what it calls set up global state,
+    once per process). A tracer or coverage tool set before misses those calls."""
+    importing = 0
+
+    def imported(frame, event, arg):
+        nonlocal importing
+        if event == "return":
+            importing -= 1
+        return imported
+
+    def note(frame, event, arg):  # (the global trace function sees "call" events only)
+        nonlocal importing
+        if importing:
+            return None
+        if frame.f_code is _FIND_AND_LOAD or frame.f_code.co_name == "<module>":  # (the finders, loaders too)
+            importing += 1
+            return imported  # (a local trace function: it sees that frame's "return")
+        ran.setdefault(frame.f_code, set()).add(frame.f_locals.get("self") is module)
+        return None
     previous = sys.gettrace()
     sys.settrace(note)
     try:
         yield
     finally:
         sys.settrace(previous)
+
+
+_FIND_AND_LOAD = importlib._bootstrap._find_and_load.__code__  # what an import statement runs, if not imported yet
 
 
 def _inputs(cls: type) -> int:
@@ -569,26 +665,22 @@ def _trace_calls(module: nn.Module) -> tuple[dict[tuple, fx.Graph], bool]:
         twin = copy.deepcopy(module, {id(t): t for t in (*module.parameters(), *module.buffers())})
     except Exception as exc:  # an attribute that cannot be copied
         raise ValueError(f"it cannot be copied for tracing ({type(exc).__name__})") from None
-    graphs, sources, code = {}, {}, ""
+    graphs, sources, flags = {}, {}, False
     for nones in _none_patterns(_inputs(type(module))):
         twin.__class__ = _specialized(type(module), nones)
         for mode in (True, False):
             for m in twin.modules():  # the flag alone: a train() of the user's may do more (freeze parameters)
                 m.training = mode
             try:
-                graph, ran = _trace(twin, nones.count(False))
+                graph, reads = _trace(twin, nones.count(False))
             except Exception:
                 if any(nones):
                     continue
                 raise
             src = graph.python_code("self").src
             graphs[mode, nones] = sources.setdefault(src, graph)
-            code += ran
-    return graphs, _OTHER_FLAG.search(code) is not None
-
-
-# a read of a training flag other than the module's own (self.norm.training, a helper's m.training)
-_OTHER_FLAG = re.compile(r"(?<!\bself)\.training\b")
+            flags |= reads
+    return graphs, flags
 
 
 def _none_patterns(inputs: int) -> list[tuple[bool, ...]]:
@@ -617,7 +709,6 @@ def _guarded(cls: type, inputs: int, traced: dict, flags: bool):
     mode (fx traced them all alike); the class's own forward for any other call."""
     original = cls.forward
 
-    @functools.wraps(original)
     def forward(self, *args, **kwargs):
         if not kwargs and len(args) == inputs and not (flags and not _in_mode(self, self.training)):
             nones = tuple(arg is None for arg in args)
@@ -625,7 +716,11 @@ def _guarded(cls: type, inputs: int, traced: dict, flags: bool):
             if graph is not None:
                 return graph(self, *(arg for arg in args if arg is not None)) if True in nones else graph(self, *args)
         return original(self, *args, **kwargs)
-    return forward
+    # a code object of its own, as each fx graph's forward has: torch.compile counts recompilations per code object
+    # (8 at most), and each rewritten module would be one more for a code shared by all of them
+    own = forward.__code__.replace(co_name=cls.__name__, co_qualname=f"{cls.__qualname__}.forward")
+    return functools.update_wrapper(types.FunctionType(own, forward.__globals__, forward.__name__,
+                                                       forward.__defaults__, forward.__closure__), original)
 
 
 def _in_mode(module: nn.Module, mode: bool) -> bool:
