@@ -11,6 +11,8 @@ import math
 import pickle
 import random
 import sys
+import threading
+import types
 
 import numpy as np
 import pytest
@@ -644,12 +646,17 @@ class _FlagByName(nn.Module):
 def test_convert_fuse_reads_flags_wherever_the_trace_reads_them():
     """Found by a fourth fuzz: a child's flag read in the child's own code (a property, a method through a loop
     variable) or by getattr with the name in a string was not seen, and with a child in eval while the model
-    trained the converted model took the all-train branch."""
+    trained the converted model took the all-train branch. A child's method or property run by the forward is
+    refused (fx copies its code: a fifth fuzz found a method reached through a loop variable kept after the child
+    was replaced); the getattr read makes the fused graph run only while every flag agrees."""
     torch.manual_seed(0)
     model = nn.ModuleList([_ChildFlagProperty(), _ChildFlagMethod(), _FlagByName()])
     original = copy.deepcopy(model)
     nt.convert(model, fuse=True)
-    assert [f.norm for f in nt.fusion_report(model).fused] == ["0.bn", "1.bn", "2.bn"]
+    report = nt.fusion_report(model)
+    assert [f.norm for f in report.fused] == ["2.bn"]
+    assert "_FlagBlock.frozen of a submodule" in report.not_traced["0"]
+    assert "_FlagBlock.maybe_scale of a submodule" in report.not_traced["1"]
     x = torch.randn(3, 4, 5)
     for frozen in ("0.block", "1.blocks.0", "2.bn", None):
         for m in (model, original):
@@ -768,6 +775,121 @@ def test_rewritten_modules_have_code_of_their_own():
     counts recompilations per code object (8), failed on the ninth block compiled with fullgraph=True."""
     blocks = [nt.convert(_WithOptional(), fuse=True) for _ in range(2)]
     assert type(blocks[0]).forward.__code__ is not type(blocks[1]).forward.__code__
+
+
+_FEATURES: list = []
+_DRAWS = random.Random(0)
+
+
+class _Holds(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.bn, self.cache, self.log = nn.BatchNorm1d(4), {"feats": []}, types.SimpleNamespace(calls=0)
+        rng = np.random.default_rng(0)
+        self.drop = lambda: rng.integers(0, 2)
+        self.register_buffer("warm", torch.tensor(0.0))
+
+
+class _AppendsNested(_Holds):
+    def forward(self, x):
+        h = F.relu(self.bn(x))
+        self.cache["feats"].append(h)
+        return h
+
+
+class _CountsOnObject(_Holds):
+    def forward(self, x):
+        self.log.calls += 1
+        return F.relu(self.bn(x))
+
+
+class _AppendsGlobal(_Holds):
+    def forward(self, x):
+        h = F.relu(self.bn(x))
+        _FEATURES.append(h)
+        return h
+
+
+class _GlobalDraw(_Holds):
+    def forward(self, x):
+        h = F.relu(self.bn(x))
+        return h * 0 if _DRAWS.choice((True, False)) else h
+
+
+class _ClosureDraw(_Holds):
+    def forward(self, x):
+        h = F.relu(self.bn(x))
+        return h * 0 if self.drop() else h
+
+
+class _EqualBuffer(_Holds):
+    def forward(self, x):
+        h = F.relu(self.bn(x))
+        return h * 2 if torch.equal(self.warm, self.warm * 0 + 1) else h
+
+
+def test_convert_fuse_refuses_what_a_fifth_fuzz_found_frozen():
+    """Found by a fifth fuzz, each run once by the trace and frozen by the rewrite: appends to a list in a dict
+    attribute or in a global, a counter on a plain object, draws of a global generator or one in a closure, a
+    buffer's value read by torch.equal. Each is left unfused; the global list and generator are as they were."""
+    torch.manual_seed(0)
+    model = nn.ModuleList([_AppendsNested(), _CountsOnObject(), _AppendsGlobal(), _GlobalDraw(), _ClosureDraw(),
+                           _EqualBuffer()])
+    draws = _DRAWS.getstate()
+    nt.convert(model, fuse=True)
+    report = nt.fusion_report(model)
+    assert report.fused == [] and _FEATURES == [] and _DRAWS.getstate() == draws
+    for i, why in enumerate(["what it holds", "what it holds", "a global", "a random draw", "a random draw",
+                             "torch.equal"]):
+        assert why in report.not_traced[str(i)], (i, report.not_traced[str(i)])
+    x = torch.randn(3, 4)
+    model[0](x), model[1](x), model[2](x)
+    assert len(model[0].cache["feats"]) == 1 and model[1].log.calls == 1 and len(_FEATURES) == 1
+    _FEATURES.clear()
+
+
+class _Instantiating(dict):  # transformers' ACT2FN: a global whose items are made when looked up
+    def __getitem__(self, key):
+        return super().__getitem__(key)()
+
+
+_ACTIVATIONS = _Instantiating(relu=nn.ReLU)
+
+
+class _FromRegistry(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.bn, self.act = nn.BatchNorm1d(4), _ACTIVATIONS["relu"]
+
+    def forward(self, x):
+        return self.act(self.bn(x))
+
+
+def test_convert_fuse_watches_plain_globals_only():
+    """The globals watched for appends are plain lists, dicts, sets and deques: a dict subclass making its items
+    when looked up (transformers' ACT2FN) compared unequal to its copy, and every transformers ResNet block was
+    refused."""
+    model = nt.convert(_FromRegistry(), fuse=True)
+    assert [f.norm for f in nt.fusion_report(model).fused] == ["bn"]
+
+
+def test_concurrent_converts_leave_torch_as_it_was():
+    """Found by a fifth fuzz: two threads' traces overlapping left the first one's watches patched into torch for
+    good (the second saved them as the originals): every bool(tensor) then appended to a dead list."""
+    originals = {name: vars(torch.Tensor).get(name) for name in ("__bool__", "item", "numpy")}
+    grad_enabled = torch.is_grad_enabled
+
+    def convert_some():
+        for _ in range(4):
+            nt.convert(nn.Sequential(_WithOptional()), fuse=True)
+
+    threads = [threading.Thread(target=convert_some) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert {name: vars(torch.Tensor).get(name) for name in originals} == originals
+    assert torch.is_grad_enabled is grad_enabled
 
 
 class _NoGrad(nn.Module):
@@ -934,7 +1056,7 @@ def test_convert_fuse_keeps_what_a_traced_forward_does():
     nt.convert(model, fuse=True)
     report = nt.fusion_report(model)
     assert sorted(f.norm for f in report.fused) == ["0.norm", "4.norm", "6.1"]
-    assert "changes module attributes (feats, last)" in report.not_traced["1"]
+    assert "changes module attributes (feats, last, " in report.not_traced["1"]
     assert "uses no_grad" in report.not_traced["2"]
     assert "two names" in report.not_traced["3"]
     assert "__init_subclass__" in report.not_traced["5"] and _Registered.registry == registered

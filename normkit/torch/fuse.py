@@ -24,21 +24,25 @@ an activation and nowhere else. The norm and activation modules themselves do no
   (``self.bn.training``, anywhere the trace runs) and the flags differ. A module whose forward cannot be traced is
   left alone, and the report says why; so is one whose forward fx would record wrongly: a grad-mode read, a
   ``no_grad`` / ``autocast`` block or a random draw (torch's, Python's or NumPy's global generator, or one the
-  modules hold) anywhere the trace runs (fx records none of them: they are watched as it traces, and looked for in
-  the code of every function the trace runs, torch's, normkit's and the standard library's aside, comments and
-  strings aside, and what an import runs), a test of a buffer's or a parameter's value (``if self.step > 0``: fx
-  would run it once), ``isinstance`` / ``is_tensor`` tests and an ``autograd.Function``'s apply by any name (fx sees
-  proxies: the test's branch and the function's backward would be lost), tensor constants, attributes it assigns,
-  containers it appends to (among them the forward's default arguments) or buffers it updates in place (fx does not
-  record them; fx traces a copy of the module that shares its tensors, so the model itself is not touched;
-  parameters changed through ``.data`` are not seen), a call of a child's method other than forward (fx would copy
-  its code), a
+  modules, the forward's globals or closures hold) anywhere the trace runs (fx records none of them: they are watched
+  as it traces, and looked for in the code of every function the trace runs, torch's, normkit's and the standard
+  library's aside, comments and strings aside, and what an import runs), a read of a buffer's or a parameter's value
+  (``if self.step > 0``, ``torch.equal``, ``.item()``: fx would run it once), ``isinstance`` / ``is_tensor`` tests
+  and an ``autograd.Function``'s apply by any name (fx sees proxies: the test's branch and the function's backward
+  would be lost), tensor constants, attributes it assigns, containers it appends to or counters it bumps (in the
+  modules, in what they hold three levels down, in the forward's default arguments and globals) or buffers it
+  updates in place (fx does not record them; fx traces a copy of the module that shares its tensors, so the model
+  itself is not touched; parameters changed through ``.data`` are not seen), a child's method or property other
+  than forward (fx would copy its code), a
   submodule or parameter held under two names (fx would call one), an ``nn.Sequential`` subclass with its own forward
   (its slices would run the rewrite), a class with ``__init_subclass__`` or a metaclass (it would see the rewritten
   class). As with any fx rewrite, the forward's structure and the plain Python values it reads are frozen at
   conversion (a loop over an ``nn.ModuleList`` runs the modules it held then; a float attribute, an ``is None`` test
-  of a submodule, a ``type(x) is`` or ``hasattr`` test of an argument keep their values): add or remove modules
-  before converting (replacing one works). A rewritten
+  of a submodule, attributes a ``train()`` override sets (each mode is traced with the flags set directly), a
+  ``type(x) is`` or ``hasattr`` test of an argument keep their values; ``a, b = pair`` takes two items unchecked):
+  add or remove modules before converting (replacing one works). Traces run one at a time (their watches patch
+  torch process-wide), and each puts the global random states back: convert while no other thread draws from
+  them. A rewritten
   module, and an ``nn.Sequential`` subclass fused, cannot be pickled whole (save its state_dict).
 
 A fused call site checks at each call that nothing could tell the difference, and otherwise makes the two calls
@@ -68,6 +72,7 @@ import re
 import sys
 import sysconfig
 import textwrap
+import threading
 import tokenize
 import types
 from dataclasses import dataclass, field
@@ -336,17 +341,45 @@ class _ChildrenAreLeaves(fx.Tracer):
 _CONTAINERS = (list, dict, set, collections.deque)  # and their subclasses (OrderedDict, defaultdict)
 
 
-def _state(module: nn.Module) -> tuple[list, list, list]:
+def _state(module: nn.Module) -> tuple[list, list, list, list]:
     """Every submodule's attributes, with shallow copies of the containers among them; its buffers, their version
-    counters and copies (a forward's in-place update of a buffer runs for real while fx traces); and the containers
-    among the defaults of its forwards (its class's and those it overrides: fx traces at the defaults, and they are
-    the class's, shared with the user's model), with copies."""
+    counters and copies (a forward's in-place update of a buffer runs for real while fx traces); the containers
+    among the defaults and the globals of its forwards (its class's and those it overrides: shared with the user's
+    model), with copies; and what the attributes and those containers hold (:func:`_held`)."""
     attributes = [(m, dict(m.__dict__), {k: copy.copy(v) for k, v in m.__dict__.items() if isinstance(v, _CONTAINERS)})
                   for m in module.modules()]
-    forwards = [vars(k)["forward"] for k in type(module).__mro__ if inspect.isfunction(vars(k).get("forward"))]
-    defaults = [d for f in forwards for d in (*(f.__defaults__ or ()), *(f.__kwdefaults__ or {}).values())]
+    forwards = _forwards(type(module))
+    shared = [d for f in forwards for d in (*(f.__defaults__ or ()), *(f.__kwdefaults__ or {}).values(),
+                                            *f.__globals__.values())]
+    shared = list({id(d): d for d in shared if type(d) in _CONTAINERS and len(d) <= _LARGE}.values())
+    deep = [*(v for m in module.modules() for v in vars(m).values()), *shared]
     return (attributes, [(b, b._version, b.detach().clone()) for b in module.buffers()],
-            [(d, copy.copy(d)) for d in defaults if isinstance(d, _CONTAINERS)])
+            [(d, copy.copy(d)) for d in shared], [(v, _held(v)) for v in deep])
+
+
+_LARGE = 10_000  # a larger container among a forward's globals is not watched (a vocabulary, a table)
+
+
+def _forwards(cls: type) -> list:
+    """The forward functions of ``cls`` and of the classes it overrides."""
+    return [vars(k)["forward"] for k in cls.__mro__ if inspect.isfunction(vars(k).get("forward"))]
+
+
+def _held(value, depth: int = 3):
+    """What a container or a plain object (not a module, tensor, class or function) holds, ``depth`` levels down,
+    as nested tuples of identities: a forward's appends and counters there run once, while fx traces."""
+    if depth == 0:
+        return None
+    if isinstance(value, dict):
+        return tuple((k, id(v), _held(v, depth - 1)) for k, v in value.items()) if len(value) <= _LARGE else None
+    if isinstance(value, (list, tuple, collections.deque)):
+        return tuple((id(v), _held(v, depth - 1)) for v in value) if len(value) <= _LARGE else None
+    if isinstance(value, set):
+        return frozenset(id(v) for v in value)
+    if hasattr(value, "__dict__") and not isinstance(value, (nn.Module, torch.Tensor, type, types.ModuleType,
+                                                             types.FunctionType, types.MethodType, *_GENERATORS)):
+        return _held(vars(value), depth - 1)
+    return None
 
 
 def _same(a, b) -> bool:
@@ -363,12 +396,14 @@ def _put_back(container, items) -> None:
     container.update(items) if isinstance(items, (dict, set)) else container.extend(items)
 
 
-def _restore(state: tuple[list, list, list]) -> list[str]:
+def _restore(state: tuple[list, list, list, list]) -> list[str]:
     """Puts back what :func:`_state` took and returns the names of what had changed: what a forward assigned,
     appended or updated in place while fx traced it, which the rewritten forward would not do (the values left
     would be fx's proxies). Containers nested in others, and state outside the modules, are not seen."""
     changed = []
-    attributes, buffers, defaults = state
+    attributes, buffers, shared, deep = state
+    if any(_held(v) != held for v, held in deep):
+        changed.append("what it holds (a nested container, an object's attribute, a global)")
     for m, saved, containers in attributes:
         now, missing = m.__dict__, object()
         changed += [k for k in now.keys() | saved.keys() if now.get(k, missing) is not saved.get(k, missing)]
@@ -378,10 +413,10 @@ def _restore(state: tuple[list, list, list]) -> list[str]:
             if not _same(now[k], items):
                 changed.append(k)
                 _put_back(now[k], items)
-    for default, items in defaults:
-        if not _same(default, items):
-            changed.append("a default argument's value")
-            _put_back(default, items)
+    for container, items in shared:
+        if not _same(container, items):
+            changed.append("a default argument's value or a global")
+            _put_back(container, items)
     with torch.no_grad():
         for b, version, values in buffers:  # .data has a version counter of its own: the values too
             if b._version != version or not (b.eq(values) | (b.isnan() & values.isnan())).all():
@@ -401,7 +436,8 @@ def _watch(used: list, module: nn.Module):
         (grad_mode.no_grad, "__enter__"), (grad_mode.enable_grad, "__enter__"),
         (grad_mode.inference_mode, "__enter__"), (grad_mode.set_grad_enabled, "__init__"),
         (torch.autocast, "__enter__"), (torch, "is_grad_enabled"), (torch, "is_autocast_enabled"),
-        *((torch.Tensor, name) for name in _VALUE_READS))]
+        *((torch.Tensor, name) for name in _VALUE_READS), (torch, "equal"), (torch, "allclose"),
+        (torch, "is_nonzero"))]
 
     def noting(what, original):
         def run(*args, **kwargs):
@@ -410,7 +446,7 @@ def _watch(used: list, module: nn.Module):
         return run
 
     rng = torch.get_rng_state(), random.getstate(), np.random.get_state()
-    held = [(g, _rng_state(g)) for m in module.modules() for g in vars(m).values() if isinstance(g, _GENERATORS)]
+    held = [(g, _rng_state(g)) for g in _generators(module)]
     for owner, name, original, _ in patched:
         setattr(owner, name, noting(getattr(owner, "__name__", "torch") + "." + name.strip("_"), original))
     try:
@@ -433,8 +469,32 @@ def _watch(used: list, module: nn.Module):
                 _set_rng_state(g, state)
 
 
-_VALUE_READS = ("__bool__", "__int__", "__float__", "__index__", "item", "tolist")
+_VALUE_READS = ("__bool__", "__int__", "__float__", "__index__", "item", "tolist", "is_nonzero", "numpy",
+                "__array__")
 _GENERATORS = (torch.Generator, random.Random, np.random.Generator, np.random.RandomState)
+
+
+def _generators(module: nn.Module) -> list:
+    """The random generators a forward could draw from by a method without a telling name (``choice``,
+    ``integers``): held by the modules (as attributes, in container attributes, in closures or bound methods among
+    them) or by its forwards' globals and closures."""
+    values = [v for m in module.modules() for v in vars(m).values()]
+    for f in _forwards(type(module)):
+        values += [f, *f.__globals__.values()]
+    values += [v for c in list(values) if type(c) in (list, tuple, dict) and len(c) <= _LARGE
+               for v in (c.values() if type(c) is dict else c)]
+    values += [c.cell_contents for f in values if isinstance(f, types.FunctionType) for c in f.__closure__ or ()
+               if _filled(c)]
+    values += [getattr(v, "__self__", None) for v in values]  # a generator's bound method: self.draw = rng.random
+    return list({id(g): g for g in values if isinstance(g, _GENERATORS)}.values())
+
+
+def _filled(cell) -> bool:
+    try:
+        cell.cell_contents
+    except ValueError:  # a closure variable not assigned yet
+        return False
+    return True
 
 
 def _rng_state(generator) -> bytes:
@@ -463,13 +523,17 @@ def _trace(module: nn.Module, inputs: int) -> tuple[fx.Graph, bool]:
     :func:`_misrecorded`)."""
     state, used, ran = _state(module), [], {}
     try:
-        with _watch(used, module), _running(ran, module):
+        with _TRACING, _watch(used, module), _running(ran, module):
             graph = _ChildrenAreLeaves().trace(module, concrete_args=(fx._symbolic_trace.PH,) * inputs)
     finally:
         changed = _restore(state)
     why = _misrecorded(module, _ran_code(ran))
     if why:
         raise ValueError(why)
+    inlined = sorted({getattr(code, "co_qualname", code.co_name) for code in _users(ran) if "child" in ran[code]})
+    if inlined:  # (a child's forward is a call in the graph: its methods and properties are not)
+        raise ValueError(f"its forward runs {', '.join(inlined)} of a submodule, whose code fx would copy into the "
+                         f"rewrite")
     if _FUNCTION_APPLY in ran:  # (reached by any name: an alias of a Function's apply has no ".apply(")
         used.append("autograd.Function.apply")
     if used:
@@ -484,6 +548,9 @@ def _trace(module: nn.Module, inputs: int) -> tuple[fx.Graph, bool]:
 
 
 _FUNCTION_APPLY = torch.autograd.Function.apply.__func__.__code__
+# one trace at a time: _watch patches process-wide functions and puts back what it found, which two overlapping
+# traces in two threads would leave patched (the second saves the first's patches as the originals)
+_TRACING = threading.Lock()
 
 
 # What fx records wrongly and _watch does not catch, by words in the code the trace runs (conservative: "operand" has
@@ -545,7 +612,7 @@ def _reads_flags(ran: dict) -> bool:
     for code in _users(ran):
         text = _text(code)
         reads = len(re.findall(r"\btraining\b", text))
-        if ran[code] == {True}:
+        if ran[code] == {"root"}:
             reads -= len(re.findall(r"\bself\.training\b", text))
         if reads:
             return True
@@ -603,10 +670,11 @@ def _code(source: str) -> str:
 
 @contextlib.contextmanager
 def _running(ran: dict, module: nn.Module):
-    """Notes in ``ran`` the code of every Python function called in this thread, with whether its ``self`` was
-    ``module`` in each call; not what an import runs (a module's top level and what it calls set up global state,
-    once per process). A tracer or coverage tool set before misses those calls."""
-    importing = 0
+    """Notes in ``ran`` the code of every Python function called in this thread, with what its ``self`` was in each
+    call: "root" (``module``), "child" (one of its submodules) or "other"; not what an import runs (a module's top
+    level and what it calls set up global state, once per process). A tracer or coverage tool set before misses
+    those calls."""
+    importing, children = 0, {id(m) for m in module.modules() if m is not module}
 
     def imported(frame, event, arg):
         nonlocal importing
@@ -621,7 +689,8 @@ def _running(ran: dict, module: nn.Module):
         if frame.f_code is _FIND_AND_LOAD or frame.f_code.co_name == "<module>":  # (the finders, loaders too)
             importing += 1
             return imported  # (a local trace function: it sees that frame's "return")
-        ran.setdefault(frame.f_code, set()).add(frame.f_locals.get("self") is module)
+        me = frame.f_locals.get("self")
+        ran.setdefault(frame.f_code, set()).add("root" if me is module else "child" if id(me) in children else "other")
         return None
     previous = sys.gettrace()
     sys.settrace(note)
@@ -718,7 +787,10 @@ def _guarded(cls: type, inputs: int, traced: dict, flags: bool):
         return original(self, *args, **kwargs)
     # a code object of its own, as each fx graph's forward has: torch.compile counts recompilations per code object
     # (8 at most), and each rewritten module would be one more for a code shared by all of them
-    own = forward.__code__.replace(co_name=cls.__name__, co_qualname=f"{cls.__qualname__}.forward")
+    names = {"co_name": cls.__name__}
+    if hasattr(forward.__code__, "co_qualname"):  # (Python 3.11 and later)
+        names["co_qualname"] = f"{cls.__qualname__}.forward"
+    own = forward.__code__.replace(**names)
     return functools.update_wrapper(types.FunctionType(own, forward.__globals__, forward.__name__,
                                                        forward.__defaults__, forward.__closure__), original)
 
