@@ -5,7 +5,11 @@ results are within a few ulps of the float64 ones."""
 
 from __future__ import annotations
 
+import collections
 import copy
+import dataclasses
+import functools
+import importlib
 import inspect
 import math
 import pickle
@@ -871,6 +875,103 @@ def test_convert_fuse_watches_plain_globals_only():
     refused."""
     model = nt.convert(_FromRegistry(), fuse=True)
     assert [f.norm for f in nt.fusion_report(model).fused] == ["bn"]
+
+
+_CALLS = 0
+
+
+class _CountsGlobal(_Holds):
+    def forward(self, x):
+        global _CALLS
+        _CALLS += 1
+        return F.relu(self.bn(x))
+
+
+class _CountsOnClass(_Holds):
+    calls = 0
+
+    def forward(self, x):
+        type(self).calls += 1
+        return F.relu(self.bn(x))
+
+
+@dataclasses.dataclass(slots=True)
+class _Record:
+    calls: int = 0
+
+
+class _Tracker:
+    def __init__(self):
+        self.stats = types.SimpleNamespace(calls=0, rng=np.random.default_rng(0))
+
+
+class _CountsDeep(_Holds):
+    def __init__(self):
+        super().__init__()
+        self.record, self.tracker, self.steps = _Record(), _Tracker(), torch.zeros(())
+
+    def forward(self, x):
+        self.record.calls += 1
+        self.tracker.stats.calls += 1
+        self.steps += 1  # a tensor attribute, not a buffer
+        return F.relu(self.bn(x))
+
+
+class _DrawsDeep(_CountsDeep):
+    picks = collections.OrderedDict(rng=random.Random(1))
+
+    def __init__(self):
+        super().__init__()
+        self.pick = functools.partial(np.random.default_rng(2).integers, 0, 2)
+
+    def forward(self, x):
+        h = F.relu(self.bn(x))
+        return h * 0 if self.tracker.stats.rng.integers(0, 2) or self.pick() or self.picks["rng"].choice((0, 1)) \
+            else h
+
+
+class _EqualMethod(_Holds):
+    def forward(self, x):
+        h = F.relu(self.bn(x))
+        return h * 2 if self.warm.equal(self.warm * 0 + 1) else h
+
+
+class _ConvertsInside(_Holds):
+    def forward(self, x):
+        nt.convert(nn.Sequential(nn.BatchNorm1d(4), nn.ReLU()), fuse=True)  # (a trace inside a trace)
+        return F.relu(self.bn(x))
+
+
+def test_convert_fuse_refuses_what_a_sixth_fuzz_found_frozen(tmp_path, monkeypatch):
+    """Found by a sixth fuzz, each run once by the trace and frozen by the rewrite: a global counter, a class
+    attribute counter, a helper in another module appending to that module's list, counters in a slots record,
+    two plain objects down and in a tensor attribute, draws of generators behind a plain object, a partial, a
+    class attribute's OrderedDict, a buffer's value read by Tensor.equal. Each is refused, and the globals and
+    class attributes are as they were. A forward converting a model of its own hung on the trace lock (now a
+    reentrant lock)."""
+    (tmp_path / "_normkit_helper.py").write_text("SEEN = []\n\ndef keep(h):\n    SEEN.append(h)\n    return h\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    helper = importlib.import_module("_normkit_helper")
+
+    class ViaHelper(_Holds):
+        def forward(self, x):
+            return helper.keep(F.relu(self.bn(x)))
+
+    torch.manual_seed(0)
+    model = nn.ModuleList([_CountsGlobal(), _CountsOnClass(), ViaHelper(), _CountsDeep(), _DrawsDeep(), _EqualMethod(),
+                           _ConvertsInside()])
+    nt.convert(model, fuse=True)
+    report = nt.fusion_report(model)
+    assert report.fused == []  # (the last: its trace ran the inner convert's no_grad; it came back)
+    for i, why in enumerate(["a global", "a class attribute", "a global", "what it holds", "a random draw",
+                             "Tensor.equal", "no_grad"]):
+        assert why in report.not_traced[str(i)], (i, report.not_traced[str(i)])
+    assert (_CALLS, _CountsOnClass.calls, helper.SEEN) == (0, 0, [])
+    x = torch.randn(3, 4)
+    for m in model[:4]:
+        m(x)
+    assert (_CALLS, _CountsOnClass.calls, len(helper.SEEN)) == (1, 1, 1)
+    assert (model[3].record.calls, model[3].tracker.stats.calls, model[3].steps.item()) == (1, 1, 1)
 
 
 def test_concurrent_converts_leave_torch_as_it_was():

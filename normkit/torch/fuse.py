@@ -23,27 +23,29 @@ an activation and nowhere else. The norm and activation modules themselves do no
   (an optional argument or a keyword given) or where the forward reads another module's training flag
   (``self.bn.training``, anywhere the trace runs) and the flags differ. A module whose forward cannot be traced is
   left alone, and the report says why; so is one whose forward fx would record wrongly: a grad-mode read, a
-  ``no_grad`` / ``autocast`` block or a random draw (torch's, Python's or NumPy's global generator, or one the
-  modules, the forward's globals or closures hold) anywhere the trace runs (fx records none of them: they are watched
-  as it traces, and looked for in the code of every function the trace runs, torch's, normkit's and the standard
-  library's aside, comments and strings aside, and what an import runs), a read of a buffer's or a parameter's value
-  (``if self.step > 0``, ``torch.equal``, ``.item()``: fx would run it once), ``isinstance`` / ``is_tensor`` tests
-  and an ``autograd.Function``'s apply by any name (fx sees proxies: the test's branch and the function's backward
-  would be lost), tensor constants, attributes it assigns, containers it appends to or counters it bumps (in the
-  modules, in what they hold three levels down, in the forward's default arguments and globals) or buffers it
-  updates in place (fx does not record them; fx traces a copy of the module that shares its tensors, so the model
-  itself is not touched; parameters changed through ``.data`` are not seen), a child's method or property other
-  than forward (fx would copy its code), a
-  submodule or parameter held under two names (fx would call one), an ``nn.Sequential`` subclass with its own forward
-  (its slices would run the rewrite), a class with ``__init_subclass__`` or a metaclass (it would see the rewritten
-  class). As with any fx rewrite, the forward's structure and the plain Python values it reads are frozen at
-  conversion (a loop over an ``nn.ModuleList`` runs the modules it held then; a float attribute, an ``is None`` test
-  of a submodule, attributes a ``train()`` override sets (each mode is traced with the flags set directly), a
-  ``type(x) is`` or ``hasattr`` test of an argument keep their values; ``a, b = pair`` takes two items unchecked):
-  add or remove modules before converting (replacing one works). Traces run one at a time (their watches patch
-  torch process-wide), and each puts the global random states back: convert while no other thread draws from
-  them. A rewritten
-  module, and an ``nn.Sequential`` subclass fused, cannot be pickled whole (save its state_dict).
+  ``no_grad`` / ``autocast`` block or a random draw (torch's, Python's or NumPy's global generator, or one reachable
+  from the modules, their classes, the forward's globals and closures, or the globals of the code the trace runs)
+  anywhere the trace runs (fx records none of them: they are watched as it traces, and looked for in the code of
+  every function the trace runs, torch's, normkit's and the standard library's aside, comments and strings aside,
+  and what an import runs), a read of a buffer's or a parameter's value (``if self.step > 0``, ``torch.equal``,
+  ``.item()``: fx would run it once), ``isinstance`` / ``is_tensor`` tests and an ``autograd.Function``'s apply by
+  any name (fx sees proxies: the test's branch and the function's backward would be lost), tensor constants,
+  attributes it assigns, containers it appends to, counters it bumps or tensors it updates in place (in the modules
+  and what they hold, four references down; in its classes; in the forward's default arguments; in the globals of
+  the code the trace runs, and objects of the user's classes they hold) or buffers it updates in place (fx does not
+  record them; fx traces a copy of the module that shares its tensors, and puts back the globals, class attributes
+  and random states the trace changed, so the model itself is not touched; parameters changed through ``.data`` are
+  not seen; ``print``, logging and warnings run once, at conversion), a child's method or property other
+  than forward (fx would copy its code), a submodule or parameter held under two names (fx would call one), an
+  ``nn.Sequential`` subclass with its own forward (its slices would run the rewrite), a class with
+  ``__init_subclass__`` or a metaclass (it would see the rewritten class). As with any fx rewrite, the forward's
+  structure and the plain Python values it reads are frozen at conversion (a loop over an ``nn.ModuleList`` runs the
+  modules it held then; a float attribute, an ``is None`` test of a submodule, attributes a ``train()`` override sets
+  (each mode is traced with the flags set directly), a ``type(x) is`` or ``hasattr`` test of an argument keep their
+  values; ``a, b = pair`` takes two items unchecked): add or remove modules before converting (replacing one works).
+  Traces run one at a time (their watches patch torch process-wide), and each puts the global random states and the
+  globals it changed back: convert while no other thread draws from them or changes those globals. A rewritten module,
+  and an ``nn.Sequential`` subclass fused, cannot be pickled whole (save its state_dict).
 
 A fused call site checks at each call that nothing could tell the difference, and otherwise makes the two calls
 the code made: the norm is still an exact normkit (after conversion) BatchNorm, InstanceNorm, GroupNorm or
@@ -341,45 +343,125 @@ class _ChildrenAreLeaves(fx.Tracer):
 _CONTAINERS = (list, dict, set, collections.deque)  # and their subclasses (OrderedDict, defaultdict)
 
 
-def _state(module: nn.Module) -> tuple[list, list, list, list]:
-    """Every submodule's attributes, with shallow copies of the containers among them; its buffers, their version
-    counters and copies (a forward's in-place update of a buffer runs for real while fx traces); the containers
-    among the defaults and the globals of its forwards (its class's and those it overrides: shared with the user's
-    model), with copies; and what the attributes and those containers hold (:func:`_held`)."""
+def _state(module: nn.Module) -> tuple:
+    """Every submodule's attributes, with shallow copies of the containers among them, and what they hold
+    (:func:`_held`) with the version counters of the tensors among it; its buffers, their version counters and
+    copies (a forward's in-place update of a buffer runs for real while fx traces); the containers among the
+    defaults of its forwards (its class's and those it overrides: shared with the user's model), with copies; and
+    the bindings of its classes that are not torch's (:class:`_Bindings`)."""
     attributes = [(m, dict(m.__dict__), {k: copy.copy(v) for k, v in m.__dict__.items() if isinstance(v, _CONTAINERS)})
                   for m in module.modules()]
+    held = [v for m in module.modules() for v in vars(m).values()]
     forwards = _forwards(type(module))
-    shared = [d for f in forwards for d in (*(f.__defaults__ or ()), *(f.__kwdefaults__ or {}).values(),
-                                            *f.__globals__.values())]
-    shared = list({id(d): d for d in shared if type(d) in _CONTAINERS and len(d) <= _LARGE}.values())
-    deep = [*(v for m in module.modules() for v in vars(m).values()), *shared]
-    return (attributes, [(b, b._version, b.detach().clone()) for b in module.buffers()],
-            [(d, copy.copy(d)) for d in shared], [(v, _held(v)) for v in deep])
+    defaults = [d for f in forwards for d in (*(f.__defaults__ or ()), *(f.__kwdefaults__ or {}).values())]
+    defaults = [(d, copy.copy(d)) for d in {id(d): d for d in defaults if _plain(d)}.values()]
+    tensors = [t for t in _reachable(held + [d for d, _ in defaults]) if isinstance(t, torch.Tensor)]
+    classes = [_Bindings(k) for k in type(module).__mro__[:-1] if not k.__module__.startswith("torch.")]
+    return (attributes, [(b, b._version, b.detach().clone()) for b in module.buffers()], defaults,
+            [(v, _held(v)) for v in held], [(t, t._version) for t in tensors], classes)
 
 
-_LARGE = 10_000  # a larger container among a forward's globals is not watched (a vocabulary, a table)
+_LARGE = 10_000  # a larger container is not looked into (a vocabulary, a table)
+_STDLIB_CONTAINERS = (list, dict, set, collections.deque, collections.OrderedDict, collections.defaultdict,
+                      collections.Counter)
+
+
+def _plain(value) -> bool:
+    """A container of the standard library's (not a subclass of the user's, whose methods could do anything)."""
+    return type(value) in _STDLIB_CONTAINERS and len(value) <= _LARGE
+
+
+def _inside(value) -> list:
+    """The objects a container, a plain object (not a module, tensor, class or function), a partial, a closure or a
+    bound method refers to."""
+    if isinstance(value, (nn.Module, torch.Tensor, type, types.ModuleType, str, bytes, int, float, complex)) \
+            or value is None:
+        return []
+    if isinstance(value, dict):
+        return [*dict.keys(value), *dict.values(value)] if len(value) <= _LARGE else []
+    if isinstance(value, (list, tuple, set, frozenset, collections.deque)):
+        return list(value) if len(value) <= _LARGE else []
+    if isinstance(value, functools.partial):
+        return [value.func, *value.args, *value.keywords.values()]
+    if isinstance(value, types.FunctionType):
+        return [c.cell_contents for c in value.__closure__ or () if _filled(c)]
+    if isinstance(value, (types.MethodType, types.BuiltinMethodType)):
+        return [value.__self__]
+    slots = [n for k in type(value).__mro__ for n in vars(k).get("__slots__", ()) if isinstance(n, str)]
+    attributes = list(vars(value).values()) if hasattr(value, "__dict__") else []
+    return attributes + [getattr(value, n) for n in slots if hasattr(value, n)]
+
+
+def _reachable(roots: list, depth: int = 4, limit: int = 100_000) -> list:
+    """The objects reachable from ``roots`` through :func:`_inside`, ``depth`` steps at most."""
+    seen, found, layer = set(), [], list(roots)
+    for _ in range(depth):
+        following = []
+        for value in layer:
+            if id(value) not in seen and len(seen) < limit:
+                seen.add(id(value))
+                found.append(value)
+                following += _inside(value)
+        layer = following
+    return found
+
+
+def _held(value) -> tuple:
+    """What ``value`` holds (:func:`_reachable`), by identity: a forward's appends and counters there run once,
+    while fx traces."""
+    return tuple(map(id, _reachable([value])))
+
+
+class _Bindings:
+    """The names a module's globals (a dict) or a class binds, the plain containers among them and what objects of
+    the user's classes among them hold, taken before a trace: a forward's rebinding, appends and counters there run
+    once, while fx traces; bindings and containers are put back after."""
+
+    def __init__(self, owner):
+        self.owner = owner
+        self.names = self._now()
+        self.containers = [(v, copy.copy(v), _held(v)) for v in self.names.values() if _plain(v)]
+        self.objects = [(v, _held(v)) for v in self.names.values() if _users_object(v)]
+
+    def _now(self) -> dict:
+        namespace = self.owner if isinstance(self.owner, dict) else vars(self.owner)
+        # (not the dunders: a module's __loader__, warnings' __warningregistry__ are the machinery's own state)
+        return {k: v for k, v in namespace.items() if not (k.startswith("__") and k.endswith("__"))}
+
+    def restore(self) -> bool:
+        """Puts back what changed; whether anything had."""
+        now = self._now()
+        changed = now.keys() != self.names.keys() or any(now[k] is not v for k, v in self.names.items())
+        for k in now.keys() - self.names.keys():
+            if isinstance(self.owner, dict):
+                del self.owner[k]
+            else:
+                delattr(self.owner, k)
+        for k, v in self.names.items():
+            if now.get(k, self) is not v:
+                if isinstance(self.owner, dict):
+                    self.owner[k] = v
+                else:
+                    setattr(self.owner, k, v)
+        for container, items, held in self.containers:
+            if not _same(container, items) or _held(container) != held:
+                changed = True
+                _put_back(container, items)
+        return changed or any(_held(v) != held for v, held in self.objects)
+
+
+def _users_object(value) -> bool:
+    """An instance of a class defined in a file of the user's (not torch's, NumPy's C types, the standard library's:
+    a logger's caches change as it logs)."""
+    if isinstance(value, (type, types.ModuleType, types.FunctionType, nn.Module, torch.Tensor)):
+        return False
+    filename = getattr(sys.modules.get(type(value).__module__), "__file__", None)
+    return filename is not None and not _trusted(filename)
 
 
 def _forwards(cls: type) -> list:
     """The forward functions of ``cls`` and of the classes it overrides."""
     return [vars(k)["forward"] for k in cls.__mro__ if inspect.isfunction(vars(k).get("forward"))]
-
-
-def _held(value, depth: int = 3):
-    """What a container or a plain object (not a module, tensor, class or function) holds, ``depth`` levels down,
-    as nested tuples of identities: a forward's appends and counters there run once, while fx traces."""
-    if depth == 0:
-        return None
-    if isinstance(value, dict):
-        return tuple((k, id(v), _held(v, depth - 1)) for k, v in value.items()) if len(value) <= _LARGE else None
-    if isinstance(value, (list, tuple, collections.deque)):
-        return tuple((id(v), _held(v, depth - 1)) for v in value) if len(value) <= _LARGE else None
-    if isinstance(value, set):
-        return frozenset(id(v) for v in value)
-    if hasattr(value, "__dict__") and not isinstance(value, (nn.Module, torch.Tensor, type, types.ModuleType,
-                                                             types.FunctionType, types.MethodType, *_GENERATORS)):
-        return _held(vars(value), depth - 1)
-    return None
 
 
 def _same(a, b) -> bool:
@@ -396,14 +478,19 @@ def _put_back(container, items) -> None:
     container.update(items) if isinstance(items, (dict, set)) else container.extend(items)
 
 
-def _restore(state: tuple[list, list, list, list]) -> list[str]:
+def _restore(state: tuple, bindings: list) -> list[str]:
     """Puts back what :func:`_state` took and returns the names of what had changed: what a forward assigned,
     appended or updated in place while fx traced it, which the rewritten forward would not do (the values left
-    would be fx's proxies). Containers nested in others, and state outside the modules, are not seen."""
+    would be fx's proxies). What it holds deeper than :func:`_held` looks, and globals other than plain containers
+    of the forward's own module, are not seen."""
     changed = []
-    attributes, buffers, shared, deep = state
-    if any(_held(v) != held for v, held in deep):
-        changed.append("what it holds (a nested container, an object's attribute, a global)")
+    attributes, buffers, defaults, held, versions, classes = state
+    if any(_held(v) != before for v, before in held) or any(t._version != before for t, before in versions):
+        changed.append("what it holds (a nested container, an object's attribute, a tensor)")
+    if any([b.restore() for b in classes]):  # (a list: every one put back)
+        changed.append("a class attribute")
+    if any([b.restore() for b in bindings]):
+        changed.append("a global")
     for m, saved, containers in attributes:
         now, missing = m.__dict__, object()
         changed += [k for k in now.keys() | saved.keys() if now.get(k, missing) is not saved.get(k, missing)]
@@ -413,9 +500,9 @@ def _restore(state: tuple[list, list, list, list]) -> list[str]:
             if not _same(now[k], items):
                 changed.append(k)
                 _put_back(now[k], items)
-    for container, items in shared:
+    for container, items in defaults:
         if not _same(container, items):
-            changed.append("a default argument's value or a global")
+            changed.append("a default argument's value")
             _put_back(container, items)
     with torch.no_grad():
         for b, version, values in buffers:  # .data has a version counter of its own: the values too
@@ -426,10 +513,11 @@ def _restore(state: tuple[list, list, list, list]) -> list[str]:
 
 
 @contextlib.contextmanager
-def _watch(used: list, module: nn.Module):
+def _watch(used: list, module: nn.Module, generators: list):
     """Notes in ``used`` what fx runs but does not record while it traces: grad-mode and autocast blocks and reads
     (fx's own tracing uses none of them), and random draws of torch's, Python's or NumPy's global generator or of a
-    generator that ``module`` or a submodule holds as an attribute (their states are put back); and reads of a
+    generator the forward can reach (:func:`_generators`, and those :func:`_running` adds to ``generators`` as it
+    meets the globals of other modules; their states are put back); and reads of a
     tensor's value (the inputs are fx's proxies: a buffer's or a parameter's, ``if self.step > 0``, which fx would
     run once)."""
     patched = [(owner, name, getattr(owner, name), name in vars(owner)) for owner, name in (
@@ -446,7 +534,7 @@ def _watch(used: list, module: nn.Module):
         return run
 
     rng = torch.get_rng_state(), random.getstate(), np.random.get_state()
-    held = [(g, _rng_state(g)) for g in _generators(module)]
+    generators.extend((g, _rng_state(g)) for g in _generators(module))
     for owner, name, original, _ in patched:
         setattr(owner, name, noting(getattr(owner, "__name__", "torch") + "." + name.strip("_"), original))
     try:
@@ -463,30 +551,27 @@ def _watch(used: list, module: nn.Module):
         torch.set_rng_state(rng[0])
         random.setstate(rng[1])
         np.random.set_state(rng[2])
-        for g, state in held:
+        for g, state in generators:
             if _rng_state(g) != state:
                 used.append("a random draw")
                 _set_rng_state(g, state)
 
 
-_VALUE_READS = ("__bool__", "__int__", "__float__", "__index__", "item", "tolist", "is_nonzero", "numpy",
-                "__array__")
+_VALUE_READS = ("__bool__", "__int__", "__float__", "__complex__", "__index__", "item", "tolist", "is_nonzero",
+                "numpy", "__array__", "__dlpack__", "equal", "allclose")
 _GENERATORS = (torch.Generator, random.Random, np.random.Generator, np.random.RandomState)
 
 
 def _generators(module: nn.Module) -> list:
     """The random generators a forward could draw from by a method without a telling name (``choice``,
-    ``integers``): held by the modules (as attributes, in container attributes, in closures or bound methods among
-    them) or by its forwards' globals and closures."""
-    values = [v for m in module.modules() for v in vars(m).values()]
+    ``integers``): those :func:`_reachable` from the modules' attributes, its classes' attributes, its forwards
+    (their closures) and their globals."""
+    roots = [v for m in module.modules() for v in vars(m).values()]
+    for k in type(module).__mro__[:-1]:
+        roots += [v for v in vars(k).values() if not isinstance(v, type)]
     for f in _forwards(type(module)):
-        values += [f, *f.__globals__.values()]
-    values += [v for c in list(values) if type(c) in (list, tuple, dict) and len(c) <= _LARGE
-               for v in (c.values() if type(c) is dict else c)]
-    values += [c.cell_contents for f in values if isinstance(f, types.FunctionType) for c in f.__closure__ or ()
-               if _filled(c)]
-    values += [getattr(v, "__self__", None) for v in values]  # a generator's bound method: self.draw = rng.random
-    return list({id(g): g for g in values if isinstance(g, _GENERATORS)}.values())
+        roots += [f, *(v for v in f.__globals__.values() if not isinstance(v, (type, types.FunctionType)))]
+    return [g for g in _reachable(roots) if isinstance(g, _GENERATORS)]
 
 
 def _filled(cell) -> bool:
@@ -521,12 +606,12 @@ def _trace(module: nn.Module, inputs: int) -> tuple[fx.Graph, bool]:
     code that tracing it ran reads training flags other than the module's own (:func:`_reads_flags`); ValueError
     where tracing changed the module (see :func:`_restore`) or ran what fx does not record (see :func:`_watch`,
     :func:`_misrecorded`)."""
-    state, used, ran = _state(module), [], {}
+    state, used, ran, bindings, generators = _state(module), [], {}, [], []
     try:
-        with _TRACING, _watch(used, module), _running(ran, module):
+        with _TRACING, _watch(used, module, generators), _running(ran, module, bindings, generators):
             graph = _ChildrenAreLeaves().trace(module, concrete_args=(fx._symbolic_trace.PH,) * inputs)
     finally:
-        changed = _restore(state)
+        changed = _restore(state, bindings)
     why = _misrecorded(module, _ran_code(ran))
     if why:
         raise ValueError(why)
@@ -550,7 +635,7 @@ def _trace(module: nn.Module, inputs: int) -> tuple[fx.Graph, bool]:
 _FUNCTION_APPLY = torch.autograd.Function.apply.__func__.__code__
 # one trace at a time: _watch patches process-wide functions and puts back what it found, which two overlapping
 # traces in two threads would leave patched (the second saves the first's patches as the originals)
-_TRACING = threading.Lock()
+_TRACING = threading.RLock()  # (reentrant: a forward may convert a model of its own)
 
 
 # What fx records wrongly and _watch does not catch, by words in the code the trace runs (conservative: "operand" has
@@ -586,7 +671,7 @@ def _untraceable(module: nn.Module) -> Optional[str]:
     return None
 
 
-def _ran_code(ran: set) -> str:
+def _ran_code(ran: dict) -> str:
     """The code of the functions a trace ran (``ran``: their code objects; torch's, normkit's and the standard
     library's aside): their source, comments and strings blanked, or for code made at run time (``exec``, a
     namedtuple's ``__new__``), the names its bytecode uses."""
@@ -669,12 +754,13 @@ def _code(source: str) -> str:
 
 
 @contextlib.contextmanager
-def _running(ran: dict, module: nn.Module):
+def _running(ran: dict, module: nn.Module, bindings: list, generators: list):
     """Notes in ``ran`` the code of every Python function called in this thread, with what its ``self`` was in each
-    call: "root" (``module``), "child" (one of its submodules) or "other"; not what an import runs (a module's top
-    level and what it calls set up global state, once per process). A tracer or coverage tool set before misses
-    those calls."""
-    importing, children = 0, {id(m) for m in module.modules() if m is not module}
+    call: "root" (``module``), "child" (one of its submodules) or "other"; and, the first time a function of the
+    user's (not :func:`_trusted`) runs, its module's globals in ``bindings`` (:class:`_Bindings`) and the states of
+    the random generators they reach in ``generators``. Not what an import runs (a module's top level and what it
+    calls set up global state, once per process). A tracer or coverage tool set before misses those calls."""
+    importing, children, namespaces = 0, {id(m) for m in module.modules() if m is not module}, set()
 
     def imported(frame, event, arg):
         nonlocal importing
@@ -689,7 +775,12 @@ def _running(ran: dict, module: nn.Module):
         if frame.f_code is _FIND_AND_LOAD or frame.f_code.co_name == "<module>":  # (the finders, loaders too)
             importing += 1
             return imported  # (a local trace function: it sees that frame's "return")
-        me = frame.f_locals.get("self")
+        me, namespace = frame.f_locals.get("self"), frame.f_globals
+        if frame.f_code not in ran and id(namespace) not in namespaces and not _trusted(frame.f_code.co_filename):
+            namespaces.add(id(namespace))
+            bindings.append(_Bindings(namespace))
+            roots = [v for v in namespace.values() if not isinstance(v, (type, types.FunctionType))]
+            generators.extend((g, _rng_state(g)) for g in _reachable(roots, depth=2) if isinstance(g, _GENERATORS))
         ran.setdefault(frame.f_code, set()).add("root" if me is module else "child" if id(me) in children else "other")
         return None
     previous = sys.gettrace()
