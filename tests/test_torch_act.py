@@ -17,6 +17,7 @@ import random
 import sys
 import threading
 import types
+import weakref
 
 import numpy as np
 import pytest
@@ -972,6 +973,46 @@ def test_convert_fuse_refuses_what_a_sixth_fuzz_found_frozen(tmp_path, monkeypat
         m(x)
     assert (_CALLS, _CountsOnClass.calls, len(helper.SEEN)) == (1, 1, 1)
     assert (model[3].record.calls, model[3].tracker.stats.calls, model[3].steps.item()) == (1, 1, 1)
+
+
+class _RaisingList(list):
+    def __iter__(self):
+        raise RuntimeError("not now")
+
+
+class _Gone:
+    pass
+
+
+_SYSTEM_RANDOM = random.SystemRandom()  # (no state to read)
+_RAISING = _RaisingList([1])
+_DEAD = weakref.proxy(_Gone())  # (dead at once: touching it raises ReferenceError)
+
+
+def test_convert_fuse_reads_odd_globals_and_lazy_imports(tmp_path, monkeypatch):
+    """Found by a seventh fuzz: reading the globals of the code the trace runs raised inside the trace function
+    for a SystemRandom (the exception reached the forward and switched the watching off: a forward catching it
+    was traced unwatched), a dead weak proxy stopped the putting back of the rest, a list subclass's raising
+    __iter__ refused the module, and a package's lazy `from . import sub` was undone (pkg.sub then raised
+    AttributeError). Odd objects hold nothing, imports stay, and these blocks fuse."""
+    package = tmp_path / "_normkit_lazy_pkg"
+    package.mkdir()
+    (package / "__init__.py").write_text("def scale():\n    from . import sub\n    return sub.SCALE\n")
+    (package / "sub.py").write_text("SCALE = 2.0\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    lazy = importlib.import_module("_normkit_lazy_pkg")
+
+    class Lazy(_Holds):
+        def forward(self, x):
+            return F.relu(self.bn(x)) * lazy.scale()
+
+    model = nn.ModuleList([Lazy(), _FromRegistry()])
+    original = copy.deepcopy(model)
+    nt.convert(model, fuse=True)
+    assert [f.norm for f in nt.fusion_report(model).fused] == ["0.bn", "1.bn"], nt.fusion_report(model)
+    assert importlib.import_module("_normkit_lazy_pkg.sub").SCALE == lazy.sub.SCALE == 2.0
+    x = torch.randn(3, 4)
+    torch.testing.assert_close(model[0](x), original[0](x))
 
 
 def test_concurrent_converts_leave_torch_as_it_was():

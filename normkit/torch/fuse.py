@@ -355,9 +355,11 @@ def _state(module: nn.Module) -> tuple:
     forwards = _forwards(type(module))
     defaults = [d for f in forwards for d in (*(f.__defaults__ or ()), *(f.__kwdefaults__ or {}).values())]
     defaults = [(d, copy.copy(d)) for d in {id(d): d for d in defaults if _plain(d)}.values()]
-    tensors = [t for t in _reachable(held + [d for d, _ in defaults]) if isinstance(t, torch.Tensor)]
+    tensors = [t for t in _reachable(held + [d for d, _ in defaults])
+               if issubclass(type(t), torch.Tensor) and not t.is_inference()]  # (which have no version counter)
     classes = [_Bindings(k) for k in type(module).__mro__[:-1] if not k.__module__.startswith("torch.")]
-    return (attributes, [(b, b._version, b.detach().clone()) for b in module.buffers()], defaults,
+    buffers = [(b, None if b.is_inference() else b._version, b.detach().clone()) for b in module.buffers()]
+    return (attributes, buffers, defaults,
             [(v, _held(v)) for v in held], [(t, t._version) for t in tensors], classes)
 
 
@@ -372,24 +374,29 @@ def _plain(value) -> bool:
 
 
 def _inside(value) -> list:
-    """The objects a container, a plain object (not a module, tensor, class or function), a partial, a closure or a
-    bound method refers to."""
-    if isinstance(value, (nn.Module, torch.Tensor, type, types.ModuleType, str, bytes, int, float, complex)) \
-            or value is None:
+    """The objects a container, a plain object (a SimpleNamespace or an instance of a class of the user's), a
+    partial, a closure or a bound method refers to. Read by the built-in types' own methods and by the type rather
+    than the object (a user's override does not run); an object that cannot be read holds nothing."""
+    kind = type(value)
+    try:
+        if issubclass(kind, dict):
+            return [*dict.keys(value), *dict.values(value)] if dict.__len__(value) <= _LARGE else []
+        for base in (list, tuple, set, frozenset, collections.deque):
+            if issubclass(kind, base):
+                return list(base.__iter__(value)) if base.__len__(value) <= _LARGE else []
+        if kind is functools.partial:
+            return [value.func, *value.args, *value.keywords.values()]
+        if kind is types.FunctionType:
+            return [c.cell_contents for c in value.__closure__ or () if _filled(c)]
+        if kind in (types.MethodType, types.BuiltinMethodType):
+            return [value.__self__]
+        if kind is not types.SimpleNamespace and not _users_object(value):
+            return []  # (a logger, a tensor, a module: their own state, or watched apart)
+        slots = [n for k in kind.__mro__ for n in vars(k).get("__slots__", ()) if isinstance(n, str)]
+        attributes = list(object.__getattribute__(value, "__dict__").values()) if "__dict__" in dir(kind) else []
+        return attributes + [getattr(value, n) for n in slots if hasattr(value, n)]
+    except Exception:  # (a dead weak proxy, a context proxy outside its context, a raising slot)
         return []
-    if isinstance(value, dict):
-        return [*dict.keys(value), *dict.values(value)] if len(value) <= _LARGE else []
-    if isinstance(value, (list, tuple, set, frozenset, collections.deque)):
-        return list(value) if len(value) <= _LARGE else []
-    if isinstance(value, functools.partial):
-        return [value.func, *value.args, *value.keywords.values()]
-    if isinstance(value, types.FunctionType):
-        return [c.cell_contents for c in value.__closure__ or () if _filled(c)]
-    if isinstance(value, (types.MethodType, types.BuiltinMethodType)):
-        return [value.__self__]
-    slots = [n for k in type(value).__mro__ for n in vars(k).get("__slots__", ()) if isinstance(n, str)]
-    attributes = list(vars(value).values()) if hasattr(value, "__dict__") else []
-    return attributes + [getattr(value, n) for n in slots if hasattr(value, n)]
 
 
 def _reachable(roots: list, depth: int = 4, limit: int = 100_000) -> list:
@@ -429,10 +436,12 @@ class _Bindings:
         return {k: v for k, v in namespace.items() if not (k.startswith("__") and k.endswith("__"))}
 
     def restore(self) -> bool:
-        """Puts back what changed; whether anything had."""
+        """Puts back what changed; whether anything had. A module bound anew is an import's doing (a package's
+        ``from . import sub``): it stays, and is no change."""
         now = self._now()
-        changed = now.keys() != self.names.keys() or any(now[k] is not v for k, v in self.names.items())
-        for k in now.keys() - self.names.keys():
+        added = [k for k in now.keys() - self.names.keys() if not issubclass(type(now[k]), types.ModuleType)]
+        changed = bool(added) or any(now.get(k, self) is not v for k, v in self.names.items())
+        for k in added:
             if isinstance(self.owner, dict):
                 del self.owner[k]
             else:
@@ -450,13 +459,25 @@ class _Bindings:
         return changed or any(_held(v) != held for v, held in self.objects)
 
 
+def _put_back_bindings(bindings) -> bool:
+    """:meth:`_Bindings.restore`; True (changed, for all one can tell) where the bindings could not be taken or
+    compared (:func:`_running` keeps the exception)."""
+    if isinstance(bindings, Exception):
+        return True
+    try:
+        return bindings.restore()
+    except Exception:
+        return True
+
+
 def _users_object(value) -> bool:
     """An instance of a class defined in a file of the user's (not torch's, NumPy's C types, the standard library's:
     a logger's caches change as it logs)."""
-    if isinstance(value, (type, types.ModuleType, types.FunctionType, nn.Module, torch.Tensor)):
+    kind = type(value)
+    if issubclass(kind, (type, types.ModuleType, types.FunctionType, nn.Module, torch.Tensor)):
         return False
-    filename = getattr(sys.modules.get(type(value).__module__), "__file__", None)
-    return filename is not None and not _trusted(filename)
+    filename = getattr(sys.modules.get(kind.__module__), "__file__", None)
+    return isinstance(filename, str) and not _trusted(filename)
 
 
 def _forwards(cls: type) -> list:
@@ -487,9 +508,9 @@ def _restore(state: tuple, bindings: list) -> list[str]:
     attributes, buffers, defaults, held, versions, classes = state
     if any(_held(v) != before for v, before in held) or any(t._version != before for t, before in versions):
         changed.append("what it holds (a nested container, an object's attribute, a tensor)")
-    if any([b.restore() for b in classes]):  # (a list: every one put back)
+    if any([_put_back_bindings(b) for b in classes]):  # (a list: every one put back)
         changed.append("a class attribute")
-    if any([b.restore() for b in bindings]):
+    if any([_put_back_bindings(b) for b in bindings]):
         changed.append("a global")
     for m, saved, containers in attributes:
         now, missing = m.__dict__, object()
@@ -506,7 +527,8 @@ def _restore(state: tuple, bindings: list) -> list[str]:
             _put_back(container, items)
     with torch.no_grad():
         for b, version, values in buffers:  # .data has a version counter of its own: the values too
-            if b._version != version or not (b.eq(values) | (b.isnan() & values.isnan())).all():
+            if (version is not None and b._version != version) \
+                    or not (b.eq(values) | (b.isnan() & values.isnan())).all():
                 changed.append("a buffer, in place")
                 b.copy_(values)
     return changed
@@ -568,10 +590,15 @@ def _generators(module: nn.Module) -> list:
     (their closures) and their globals."""
     roots = [v for m in module.modules() for v in vars(m).values()]
     for k in type(module).__mro__[:-1]:
-        roots += [v for v in vars(k).values() if not isinstance(v, type)]
+        roots += [v for v in vars(k).values() if not issubclass(type(v), type)]
     for f in _forwards(type(module)):
-        roots += [f, *(v for v in f.__globals__.values() if not isinstance(v, (type, types.FunctionType)))]
-    return [g for g in _reachable(roots) if isinstance(g, _GENERATORS)]
+        roots += [f, *(v for v in f.__globals__.values() if not issubclass(type(v), (type, types.FunctionType)))]
+    return [g for g in _reachable(roots) if _generator(g)]
+
+
+def _generator(value) -> bool:
+    """A random generator with a state (not ``random.SystemRandom``, which draws from the system)."""
+    return issubclass(type(value), _GENERATORS) and not issubclass(type(value), random.SystemRandom)
 
 
 def _filled(cell) -> bool:
@@ -778,9 +805,12 @@ def _running(ran: dict, module: nn.Module, bindings: list, generators: list):
         me, namespace = frame.f_locals.get("self"), frame.f_globals
         if frame.f_code not in ran and id(namespace) not in namespaces and not _trusted(frame.f_code.co_filename):
             namespaces.add(id(namespace))
-            bindings.append(_Bindings(namespace))
-            roots = [v for v in namespace.values() if not isinstance(v, (type, types.FunctionType))]
-            generators.extend((g, _rng_state(g)) for g in _reachable(roots, depth=2) if isinstance(g, _GENERATORS))
+            try:  # (an exception here would go to the user's forward, and switch this trace function off)
+                bindings.append(_Bindings(namespace))
+                roots = [v for v in namespace.values() if not issubclass(type(v), (type, types.FunctionType))]
+                generators.extend((g, _rng_state(g)) for g in _reachable(roots, depth=2) if _generator(g))
+            except Exception as exc:
+                bindings.append(exc)
         ran.setdefault(frame.f_code, set()).add("root" if me is module else "child" if id(me) in children else "other")
         return None
     previous = sys.gettrace()
