@@ -459,6 +459,14 @@ def test_convert_leaves_a_norm_with_other_users_and_fuses_each_mode_apart():
             assert ("ReluBackward0" in _autograd_nodes(y)) == relu[i - 1], (i, train, norm_train)
 
 
+def _converted(modules: list) -> tuple:
+    """The modules in an nn.ModuleList converted with fuse=True, a copy of them as they were, and the report."""
+    model = nn.ModuleList(modules)
+    original = copy.deepcopy(model)
+    nt.convert(model, fuse=True)
+    return model, original, nt.fusion_report(model)
+
+
 def _autograd_nodes(y: torch.Tensor) -> set:
     """The names of the autograd nodes behind ``y`` (a fused call has no separate activation node)."""
     seen, todo = set(), [y.grad_fn]
@@ -560,10 +568,7 @@ def test_convert_reads_the_code_the_trace_runs():
     by exec has no source: the names it uses), and not in comments, strings or code the trace does not run
     (diffusers' deprecate() behind *args)."""
     torch.manual_seed(0)
-    model = nn.ModuleList([_ThroughObject(), _WordsNotCode(), _MadeAtRunTime()])
-    original = copy.deepcopy(model)
-    nt.convert(model, fuse=True)
-    report = nt.fusion_report(model)
+    model, original, report = _converted([_ThroughObject(), _WordsNotCode(), _MadeAtRunTime()])
     assert [f.norm for f in report.fused] == ["1.norm"]
     assert "uses isinstance" in report.not_traced["0"] and "uses isinstance" in report.not_traced["2"]
     x = torch.randn(3, 4)
@@ -655,10 +660,7 @@ def test_convert_fuse_reads_flags_wherever_the_trace_reads_them():
     refused (fx copies its code: a fifth fuzz found a method reached through a loop variable kept after the child
     was replaced); the getattr read makes the fused graph run only while every flag agrees."""
     torch.manual_seed(0)
-    model = nn.ModuleList([_ChildFlagProperty(), _ChildFlagMethod(), _FlagByName()])
-    original = copy.deepcopy(model)
-    nt.convert(model, fuse=True)
-    report = nt.fusion_report(model)
+    model, original, report = _converted([_ChildFlagProperty(), _ChildFlagMethod(), _FlagByName()])
     assert [f.norm for f in report.fused] == ["2.bn"]
     assert "_FlagBlock.frozen of a submodule" in report.not_traced["0"]
     assert "_FlagBlock.maybe_scale of a submodule" in report.not_traced["1"]
@@ -760,11 +762,7 @@ def test_convert_fuse_ignores_what_an_import_in_the_forward_runs(tmp_path, monke
         "def check():\n    return isinstance(3, int)\n\nCHECKED = check()\n")
     monkeypatch.syspath_prepend(str(tmp_path))
 
-    class Lazy(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.bn = nn.BatchNorm1d(4)
-
+    class Lazy(_Holds):
         def forward(self, x):
             import _normkit_lazy_import  # noqa: F401
             return F.relu(self.bn(x))
@@ -1079,10 +1077,8 @@ def test_convert_fuses_only_what_fx_records_faithfully():
     act_hook[1].register_forward_pre_hook(lambda m, i: (i[0] - 1,))
     patched = nn.Sequential(nn.LayerNorm(4), nn.SiLU())
     patched[0].forward = lambda x: nn.LayerNorm.forward(patched[0], x) + 1  # accelerate's add_hook_to_module
-    model = nn.ModuleList([_WithOptional(), _NoGrad(), _Constant(), _TwoMethods(), with_hooks, act_hook, patched])
-    original = copy.deepcopy(model)
-    nt.convert(model, fuse=True)
-    report = nt.fusion_report(model)
+    model, original, report = _converted([_WithOptional(), _NoGrad(), _Constant(), _TwoMethods(), with_hooks,
+                                          act_hook, patched])
     assert [(f.norm, f.activation) for f in report.fused] == [("0.norm", "silu"), ("3.norm", "relu")]
     assert "uses no_grad" in report.not_traced["1"]
     assert "tensor constants" in report.not_traced["2"]
