@@ -9,6 +9,7 @@ import collections
 import copy
 import dataclasses
 import functools
+import gc
 import importlib
 import inspect
 import math
@@ -1011,6 +1012,28 @@ def test_convert_fuse_reads_odd_globals_and_lazy_imports(tmp_path, monkeypatch):
     assert importlib.import_module("_normkit_lazy_pkg.sub").SCALE == lazy.sub.SCALE == 2.0
     x = torch.randn(3, 4)
     torch.testing.assert_close(model[0](x), original[0](x))
+
+
+_COLLECTIONS = 0
+
+
+def _count_collections(phase, info):  # a gc callback rebinding a global, as hypothesis's GC timing does
+    global _COLLECTIONS
+    _COLLECTIONS += 1
+
+
+def test_convert_fuse_does_not_blame_a_forward_for_garbage_collection():
+    """Found by CI: a garbage collection during the trace ran hypothesis's gc callback, which rebinds globals of its
+    own module, and every later forward was refused for changing a global. The trace runs with gc paused."""
+    threshold = gc.get_threshold()
+    gc.callbacks.append(_count_collections)
+    gc.set_threshold(1)  # (a collection at nearly every allocation, were gc running)
+    try:
+        model = nt.convert(_FromRegistry(), fuse=True)
+    finally:
+        gc.set_threshold(*threshold)
+        gc.callbacks.remove(_count_collections)
+    assert [f.norm for f in nt.fusion_report(model).fused] == ["bn"], nt.fusion_report(model)
 
 
 def test_concurrent_converts_leave_torch_as_it_was():

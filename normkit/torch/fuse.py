@@ -63,6 +63,7 @@ import collections
 import contextlib
 import copy
 import functools
+import gc
 import importlib
 import inspect
 import itertools
@@ -393,7 +394,8 @@ def _inside(value) -> list:
         if kind is not types.SimpleNamespace and not _users_object(value):
             return []  # (a logger, a tensor, a module: their own state, or watched apart)
         slots = [n for k in kind.__mro__ for n in vars(k).get("__slots__", ()) if isinstance(n, str)]
-        attributes = list(object.__getattribute__(value, "__dict__").values()) if "__dict__" in dir(kind) else []
+        has_dict = any("__dict__" in vars(k) for k in kind.__mro__[:-1])  # (object's own is no instance dict)
+        attributes = list(object.__getattribute__(value, "__dict__").values()) if has_dict else []
         return attributes + [getattr(value, n) for n in slots if hasattr(value, n)]
     except Exception:  # (a dead weak proxy, a context proxy outside its context, a raising slot)
         return []
@@ -633,12 +635,13 @@ def _trace(module: nn.Module, inputs: int) -> tuple[fx.Graph, bool]:
     code that tracing it ran reads training flags other than the module's own (:func:`_reads_flags`); ValueError
     where tracing changed the module (see :func:`_restore`) or ran what fx does not record (see :func:`_watch`,
     :func:`_misrecorded`)."""
-    state, used, ran, bindings, generators = _state(module), [], {}, [], []
-    try:
-        with _TRACING, _watch(used, module, generators), _running(ran, module, bindings, generators):
-            graph = _ChildrenAreLeaves().trace(module, concrete_args=(fx._symbolic_trace.PH,) * inputs)
-    finally:
-        changed = _restore(state, bindings)
+    with _TRACING, _gc_paused():
+        state, used, ran, bindings, generators = _state(module), [], {}, [], []
+        try:
+            with _watch(used, module, generators), _running(ran, module, bindings, generators):
+                graph = _ChildrenAreLeaves().trace(module, concrete_args=(fx._symbolic_trace.PH,) * inputs)
+        finally:
+            changed = _restore(state, bindings)
     why = _misrecorded(module, _ran_code(ran))
     if why:
         raise ValueError(why)
@@ -819,6 +822,19 @@ def _running(ran: dict, module: nn.Module, bindings: list, generators: list):
         yield
     finally:
         sys.settrace(previous)
+
+
+@contextlib.contextmanager
+def _gc_paused():
+    """No garbage collection: it would run gc.callbacks and finalizers, the code of whatever asked for them, as if
+    the traced forward had (hypothesis's callback rebinds globals of its own)."""
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if collecting:
+            gc.enable()
 
 
 _FIND_AND_LOAD = importlib._bootstrap._find_and_load.__code__  # what an import statement runs, if not imported yet
