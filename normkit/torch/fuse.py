@@ -865,8 +865,8 @@ def _trace_calls(module: nn.Module) -> tuple[dict[tuple, fx.Graph], bool]:
     :func:`_none_patterns`), one graph object where two are the same; and whether the code traced reads a training
     flag other than the module's own. A call with no None is always traced (what stops it is the module's reason not
     to be rewritten); a call with a None that cannot be traced gets no graph. fx runs the forward's Python: it runs on
-    a copy of the module (sharing its tensors), so that what the forward stores, however deep, stays there (global
-    state aside); :func:`_trace` still refuses a forward that stores anything."""
+    a copy of the module (sharing its tensors), so that what the forward stores in the module, however deep, stays
+    there; :func:`_trace` puts back globals and class attributes, and refuses a forward that stores anything."""
     try:
         twin = copy.deepcopy(module, {id(t): t for t in (*module.parameters(), *module.buffers())})
     except Exception as exc:  # an attribute that cannot be copied
@@ -924,10 +924,8 @@ def _guarded(cls: type, inputs: int, traced: dict, flags: bool):
         return original(self, *args, **kwargs)
     # a code object of its own, as each fx graph's forward has: torch.compile counts recompilations per code object
     # (8 at most), and each rewritten module would be one more for a code shared by all of them
-    names = {"co_name": cls.__name__}
-    if hasattr(forward.__code__, "co_qualname"):  # (Python 3.11 and later)
-        names["co_qualname"] = f"{cls.__qualname__}.forward"
-    own = forward.__code__.replace(**names)
+    names = {"co_qualname": f"{cls.__qualname__}.forward"} if hasattr(forward.__code__, "co_qualname") else {}
+    own = forward.__code__.replace(**names)  # (a new code object even where no name changes: Python 3.10)
     return functools.update_wrapper(types.FunctionType(own, forward.__globals__, forward.__name__,
                                                        forward.__defaults__, forward.__closure__), original)
 
