@@ -352,16 +352,16 @@ def _state(module: nn.Module) -> tuple:
     the bindings of its classes that are not torch's (:class:`_Bindings`)."""
     attributes = [(m, dict(m.__dict__), {k: copy.copy(v) for k, v in m.__dict__.items() if isinstance(v, _CONTAINERS)})
                   for m in module.modules()]
-    held = [v for m in module.modules() for v in vars(m).values()]
     forwards = _forwards(type(module))
     defaults = [d for f in forwards for d in (*(f.__defaults__ or ()), *(f.__kwdefaults__ or {}).values())]
     defaults = [(d, copy.copy(d)) for d in {id(d): d for d in defaults if _plain(d)}.values()]
-    tensors = [t for t in _reachable(held + [d for d, _ in defaults])
-               if issubclass(type(t), torch.Tensor) and not t.is_inference()]  # (which have no version counter)
+    held = [(v, _reachable([v])) for m in module.modules() for v in vars(m).values()]
+    tensors = {id(t): t for found in (*(found for _, found in held), _reachable([d for d, _ in defaults]))
+               for t in found if issubclass(type(t), torch.Tensor) and not t.is_inference()}  # (no version counter)
     classes = [_Bindings(k) for k in type(module).__mro__[:-1] if not k.__module__.startswith("torch.")]
     buffers = [(b, None if b.is_inference() else b._version, b.detach().clone()) for b in module.buffers()]
-    return (attributes, buffers, defaults,
-            [(v, _held(v)) for v in held], [(t, t._version) for t in tensors], classes)
+    return (attributes, buffers, defaults, [(v, tuple(map(id, found))) for v, found in held],
+            [(t, t._version) for t in tensors.values()], classes)
 
 
 _LARGE = 10_000  # a larger container is not looked into (a vocabulary, a table)
@@ -504,8 +504,8 @@ def _put_back(container, items) -> None:
 def _restore(state: tuple, bindings: list) -> list[str]:
     """Puts back what :func:`_state` took and returns the names of what had changed: what a forward assigned,
     appended or updated in place while fx traced it, which the rewritten forward would not do (the values left
-    would be fx's proxies). What it holds deeper than :func:`_held` looks, and globals other than plain containers
-    of the forward's own module, are not seen."""
+    would be fx's proxies), with the globals :func:`_running` took (``bindings``). What lies deeper than
+    :func:`_reachable` looks is not seen."""
     changed = []
     attributes, buffers, defaults, held, versions, classes = state
     if any(_held(v) != before for v, before in held) or any(t._version != before for t, before in versions):
@@ -539,11 +539,10 @@ def _restore(state: tuple, bindings: list) -> list[str]:
 @contextlib.contextmanager
 def _watch(used: list, module: nn.Module, generators: list):
     """Notes in ``used`` what fx runs but does not record while it traces: grad-mode and autocast blocks and reads
-    (fx's own tracing uses none of them), and random draws of torch's, Python's or NumPy's global generator or of a
+    (fx's own tracing uses none of them), random draws of torch's, Python's or NumPy's global generator or of a
     generator the forward can reach (:func:`_generators`, and those :func:`_running` adds to ``generators`` as it
-    meets the globals of other modules; their states are put back); and reads of a
-    tensor's value (the inputs are fx's proxies: a buffer's or a parameter's, ``if self.step > 0``, which fx would
-    run once)."""
+    meets the globals of other modules; their states are put back), and reads of a tensor's value (the inputs are
+    fx's proxies: a buffer's or a parameter's, ``if self.step > 0``, which fx would run once)."""
     patched = [(owner, name, getattr(owner, name), name in vars(owner)) for owner, name in (
         (grad_mode.no_grad, "__enter__"), (grad_mode.enable_grad, "__enter__"),
         (grad_mode.inference_mode, "__enter__"), (grad_mode.set_grad_enabled, "__init__"),
@@ -557,8 +556,7 @@ def _watch(used: list, module: nn.Module, generators: list):
             return original(*args, **kwargs)
         return run
 
-    rng = torch.get_rng_state(), random.getstate(), np.random.get_state()
-    generators.extend((g, _rng_state(g)) for g in _generators(module))
+    generators.extend((g, _rng_state(g)) for g in (*_GLOBAL_GENERATORS, *_generators(module)))
     for owner, name, original, _ in patched:
         setattr(owner, name, noting(getattr(owner, "__name__", "torch") + "." + name.strip("_"), original))
     try:
@@ -569,12 +567,6 @@ def _watch(used: list, module: nn.Module, generators: list):
                 setattr(owner, name, original)
             else:  # inherited: the class gets no attribute of its own
                 delattr(owner, name)
-        if not torch.equal(torch.get_rng_state(), rng[0]) or random.getstate() != rng[1] \
-                or any(not np.array_equal(a, b) for a, b in zip(np.random.get_state()[1:3], rng[2][1:3])):
-            used.append("a random draw")
-        torch.set_rng_state(rng[0])
-        random.setstate(rng[1])
-        np.random.set_state(rng[2])
         for g, state in generators:
             if _rng_state(g) != state:
                 used.append("a random draw")
@@ -584,6 +576,8 @@ def _watch(used: list, module: nn.Module, generators: list):
 _VALUE_READS = ("__bool__", "__int__", "__float__", "__complex__", "__index__", "item", "tolist", "is_nonzero",
                 "numpy", "__array__", "__dlpack__", "equal", "allclose")
 _GENERATORS = (torch.Generator, random.Random, np.random.Generator, np.random.RandomState)
+# the generators behind torch.rand, random.random and np.random.rand (the last two private, and long stable)
+_GLOBAL_GENERATORS = (torch.default_generator, random._inst, np.random.mtrand._rand)
 
 
 def _generators(module: nn.Module) -> list:
@@ -642,10 +636,11 @@ def _trace(module: nn.Module, inputs: int) -> tuple[fx.Graph, bool]:
                 graph = _ChildrenAreLeaves().trace(module, concrete_args=(fx._symbolic_trace.PH,) * inputs)
         finally:
             changed = _restore(state, bindings)
-    why = _misrecorded(module, _ran_code(ran))
+    texts = {code: _text(code) for code in ran if not _trusted(code.co_filename)}  # the user's code the trace ran
+    why = _misrecorded(module, "".join(map(_code, texts.values())))
     if why:
         raise ValueError(why)
-    inlined = sorted({getattr(code, "co_qualname", code.co_name) for code in _users(ran) if "child" in ran[code]})
+    inlined = sorted({getattr(code, "co_qualname", code.co_name) for code in texts if "child" in ran[code]})
     if inlined:  # (a child's forward is a call in the graph: its methods and properties are not)
         raise ValueError(f"its forward runs {', '.join(inlined)} of a submodule, whose code fx would copy into the "
                          f"rewrite")
@@ -659,7 +654,7 @@ def _trace(module: nn.Module, inputs: int) -> tuple[fx.Graph, bool]:
     if changed:
         raise ValueError(f"its forward changes module attributes ({', '.join(sorted(set(changed)))}), which fx "
                          f"does not record")
-    return graph, _reads_flags(ran)
+    return graph, _reads_flags(texts, ran)
 
 
 _FUNCTION_APPLY = torch.autograd.Function.apply.__func__.__code__
@@ -701,31 +696,21 @@ def _untraceable(module: nn.Module) -> Optional[str]:
     return None
 
 
-def _ran_code(ran: dict) -> str:
-    """The code of the functions a trace ran (``ran``: their code objects; torch's, normkit's and the standard
-    library's aside): their source, comments and strings blanked, or for code made at run time (``exec``, a
-    namedtuple's ``__new__``), the names its bytecode uses."""
-    return "".join(_code(_text(code)) for code in _users(ran))
-
-
-def _users(ran: dict) -> list:
-    """The code objects in ``ran`` that are not :func:`_trusted`."""
-    return [code for code in ran if not _trusted(code.co_filename)]
-
-
 def _text(code) -> str:
+    """The source of ``code``; for code made at run time (``exec``, a namedtuple's ``__new__``), the names its
+    bytecode uses."""
     try:
         return inspect.getsource(code)
     except (OSError, TypeError):  # no source: each name as a call and as an attribute call, for _NOT_RECORDED
         return "".join(f" {name}( .{name}(\n" for name in code.co_names)
 
 
-def _reads_flags(ran: dict) -> bool:
-    """Whether the code a trace ran may read a training flag other than the traced module's own: the word
-    ``training`` anywhere in it (comments and strings too: ``getattr(m, "training")``), but for ``self.training``
-    in code that only ran with the traced module as ``self`` (see :func:`_running`)."""
-    for code in _users(ran):
-        text = _text(code)
+def _reads_flags(texts: dict, ran: dict) -> bool:
+    """Whether the user's code a trace ran (``texts``: code object -> source) may read a training flag other than
+    the traced module's own: the word ``training`` anywhere in it (comments and strings too: ``getattr(m,
+    "training")``), but for ``self.training`` in code that only ran with the traced module as ``self`` (``ran``,
+    see :func:`_running`)."""
+    for code, text in texts.items():
         reads = len(re.findall(r"\btraining\b", text))
         if ran[code] == {"root"}:
             reads -= len(re.findall(r"\bself\.training\b", text))
