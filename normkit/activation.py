@@ -30,13 +30,14 @@ def code(op: str, activation, negative_slope=0.01) -> tuple[int, float] | None:
         return None
     if not isinstance(activation, str) or activation not in ACTIVATIONS:
         got = repr(activation) if isinstance(activation, str) else checks.describe(activation)
-        raise ValueError(f"{op}: activation must be None or one of {', '.join(map(repr, ACTIVATIONS))}, got {got}")
+        raise checks.ArgumentError(f"{op}: activation must be None or one of "
+                                   f"{', '.join(map(repr, ACTIVATIONS))}, got {got}")
     # x - x is 0 exactly for finite x: unlike math.isfinite, it works on the symbolic float that a module's
     # attribute becomes under torch.compile(dynamic=True)
     if isinstance(negative_slope, bool) or not isinstance(negative_slope, (int, float)) \
             or negative_slope - negative_slope != 0:
         got = repr(negative_slope) if isinstance(negative_slope, float) else checks.describe(negative_slope)
-        raise ValueError(f"{op}: negative_slope must be a finite number, got {got}")
+        raise checks.ArgumentError(f"{op}: negative_slope must be a finite number, got {got}")
     return ACTIVATIONS.index(activation), float(negative_slope)
 
 

@@ -15,6 +15,22 @@ import operator
 from .contract import DTYPES, HALF_DTYPES
 
 
+class ArgumentError(ValueError, RuntimeError):
+    """A bad argument value: a ValueError, and a RuntimeError as well, the class torch raises for most of the same
+    mistakes (a weight of the wrong shape, channels that num_groups does not divide), so that code written against
+    ``torch.nn`` and catching RuntimeError still catches it (as NumPy's AxisError is both a ValueError and an
+    IndexError)."""
+
+
+class ArgumentTypeError(TypeError, RuntimeError):
+    """A bad argument type or dtype: a TypeError, and a RuntimeError as torch raises for mixed dtypes."""
+
+
+class DtypeError(TypeError, NotImplementedError):
+    """An input dtype that no kernel computes in (integers, complex): a TypeError, and a NotImplementedError (a
+    RuntimeError) as torch raises for an op "not implemented for 'Long'"."""
+
+
 def describe(a) -> str:
     shape, dtype = getattr(a, "shape", None), getattr(a, "dtype", None)
     if shape is not None and dtype is not None:
@@ -24,15 +40,15 @@ def describe(a) -> str:
 
 def dtype(op: str, name: str, dtype_name: str) -> None:
     if dtype_name not in DTYPES:
-        raise TypeError(f"{op}: {name} must be float32, float64, bfloat16 or float16, got dtype {dtype_name}")
+        raise DtypeError(f"{op}: {name} must be float32, float64, bfloat16 or float16, got dtype {dtype_name}")
 
 
 def shape(op: str, name: str, shape_: tuple, min_ndim: int = 2, strict: bool = True) -> None:
     if len(shape_) < min_ndim:
         want = "(N, C) or (N, C, *spatial)" if min_ndim == 2 else f"at least {min_ndim} dims"
-        raise ValueError(f"{op}: {name} must have shape {want}, got shape {tuple(shape_)}")
+        raise ArgumentError(f"{op}: {name} must have shape {want}, got shape {tuple(shape_)}")
     if strict and math.prod(shape_) == 0:
-        raise ValueError(f"{op}: {name} is empty (shape {tuple(shape_)}); there is nothing to normalize")
+        raise ArgumentError(f"{op}: {name} is empty (shape {tuple(shape_)}); there is nothing to normalize")
 
 
 def param(op: str, name: str, shape_: tuple, dtype_, want_shape: tuple, want_dtype) -> None:
@@ -40,9 +56,9 @@ def param(op: str, name: str, shape_: tuple, dtype_, want_shape: tuple, want_dty
     kernels take them)."""
     if str(dtype_) != str(want_dtype) and not (str(want_dtype) in HALF_DTYPES and str(dtype_) == "float32"):
         also = " or float32" if str(want_dtype) in HALF_DTYPES else ""
-        raise TypeError(f"{op}: {name} must have the input's dtype {want_dtype}{also}, got {dtype_}")
+        raise ArgumentTypeError(f"{op}: {name} must have the input's dtype {want_dtype}{also}, got {dtype_}")
     if tuple(shape_) != tuple(want_shape):
-        raise ValueError(f"{op}: {name} must have shape {tuple(want_shape)}, got {tuple(shape_)}")
+        raise ArgumentError(f"{op}: {name} must have shape {tuple(want_shape)}, got {tuple(shape_)}")
 
 
 def half_params(op: str, dtype_name: str, given: dict) -> None:
@@ -52,32 +68,32 @@ def half_params(op: str, dtype_name: str, given: dict) -> None:
         return
     for name, d in given.items():
         if d not in ("float32", dtype_name):
-            raise TypeError(f"{op}: {name} must have the input's dtype {dtype_name} or float32, got {d}")
+            raise ArgumentTypeError(f"{op}: {name} must have the input's dtype {dtype_name} or float32, got {d}")
     if len(set(given.values())) > 1:
         named = ", ".join(f"{n} {d}" for n, d in given.items())
-        raise TypeError(f"{op}: with a {dtype_name} input, weight, bias and running statistics must share one dtype "
-                        f"(float32 or {dtype_name}), got {named}")
+        raise ArgumentTypeError(f"{op}: with a {dtype_name} input, weight, bias and running statistics must share "
+                                f"one dtype (float32 or {dtype_name}), got {named}")
 
 
 def running(op: str, name: str, shape_: tuple, is_float: bool, dtype_, c: int) -> None:
     """running_mean / running_var: a float vector of the input's C channels (any float dtype)."""
     if not is_float:
-        raise TypeError(f"{op}: {name} must be a float array, got dtype {dtype_}")
+        raise ArgumentTypeError(f"{op}: {name} must be a float array, got dtype {dtype_}")
     if tuple(shape_) != (c,):
-        raise ValueError(f"{op}: {name} must have shape ({c},) to match the input's {c} channels, "
-                         f"got {tuple(shape_)}")
+        raise ArgumentError(f"{op}: {name} must have shape ({c},) to match the input's {c} channels, "
+                            f"got {tuple(shape_)}")
 
 
 def running_pair(op: str, running_mean, running_var) -> bool:
     """Whether running statistics were given: both or neither."""
     if (running_mean is None) != (running_var is None):
-        raise ValueError(f"{op}: pass both running_mean and running_var, or neither")
+        raise ArgumentError(f"{op}: pass both running_mean and running_var, or neither")
     return running_mean is not None
 
 
-def missing_running(op: str, flag: str) -> ValueError:
-    return ValueError(f"{op}: {flag}=False normalizes with running_mean and running_var, and none were given; "
-                      f"pass them, or {flag}=True to use the input's statistics")
+def missing_running(op: str, flag: str) -> ArgumentError:
+    return ArgumentError(f"{op}: {flag}=False normalizes with running_mean and running_var, and none were given; "
+                         f"pass them, or {flag}=True to use the input's statistics")
 
 
 def stats_count(op: str, shape_: tuple, per_instance: bool) -> int:
@@ -87,34 +103,34 @@ def stats_count(op: str, shape_: tuple, per_instance: bool) -> int:
     count = spatial if per_instance else shape_[0] * spatial
     if count == 1:
         if per_instance:
-            raise ValueError(f"{op}: expected more than 1 spatial element when using input statistics, got "
-                             f"input of shape {tuple(shape_)}")
-        raise ValueError(f"{op}: expected more than 1 value per channel when training, got input of shape "
-                         f"{tuple(shape_)}")
+            raise ArgumentError(f"{op}: expected more than 1 spatial element when using input statistics, got "
+                                f"input of shape {tuple(shape_)}")
+        raise ArgumentError(f"{op}: expected more than 1 value per channel when training, got input of shape "
+                            f"{tuple(shape_)}")
     return count
 
 
 def group_count(op: str, shape_: tuple, groups: int) -> None:
     """torch.nn.functional.group_norm refuses a batch whose groups hold one value in all (N * (C / G) * S == 1)."""
     if len(shape_) >= 2 and shape_[0] * (shape_[1] // groups) * math.prod(shape_[2:]) == 1:
-        raise ValueError(f"{op}: expected more than 1 value per group in the batch, got input of shape "
-                         f"{tuple(shape_)} with num_groups={groups}")
+        raise ArgumentError(f"{op}: expected more than 1 value per group in the batch, got input of shape "
+                            f"{tuple(shape_)} with num_groups={groups}")
 
 
 def batchnorm_eps(op: str, value, training) -> None:
     """torch.nn.functional.batch_norm (torch 2.13) refuses eps <= 0 in training and eps < 0 otherwise."""
     value = eps(op, value, strict=False)
     if training and value <= 0.0:
-        raise ValueError(f"{op}: eps must be positive in training, got {value!r}")
+        raise ArgumentError(f"{op}: eps must be positive in training, got {value!r}")
     if value < 0.0:
-        raise ValueError(f"{op}: eps must be >= 0, got {value!r}")
+        raise ArgumentError(f"{op}: eps must be >= 0, got {value!r}")
 
 
 def num_groups(op: str, groups, c: int) -> int:
     if isinstance(groups, bool) or not isinstance(groups, numbers.Integral) or groups < 1:
-        raise ValueError(f"{op}: num_groups must be a positive int, got {groups!r}")
+        raise ArgumentError(f"{op}: num_groups must be a positive int, got {groups!r}")
     if c % groups:
-        raise ValueError(f"{op}: num_groups={groups} must divide the number of channels C={c}")
+        raise ArgumentError(f"{op}: num_groups={groups} must divide the number of channels C={c}")
     return int(groups)
 
 
@@ -126,30 +142,31 @@ def normalized_shape(op: str, value) -> tuple:
             raise TypeError
         value = tuple(operator.index(d) for d in value)  # integers only: int() would truncate 5.9 to 5
     except (TypeError, ValueError):
-        raise TypeError(f"{op}: normalized_shape must be an int or a tuple of ints, got {describe(value)}") from None
+        raise ArgumentTypeError(f"{op}: normalized_shape must be an int or a tuple of ints, "
+                                f"got {describe(value)}") from None
     if not value or min(value) < 0:
-        raise ValueError(f"{op}: normalized_shape must be a non-empty tuple of ints >= 0, got {value}")
+        raise ArgumentError(f"{op}: normalized_shape must be a non-empty tuple of ints >= 0, got {value}")
     return value
 
 
 def trailing(op: str, shape_: tuple, normalized: tuple) -> None:
     if len(shape_) < len(normalized) or tuple(shape_[len(shape_) - len(normalized):]) != normalized:
-        raise ValueError(f"{op}: input of shape {tuple(shape_)} does not end with normalized_shape {normalized}")
+        raise ArgumentError(f"{op}: input of shape {tuple(shape_)} does not end with normalized_shape {normalized}")
 
 
 def eps(op: str, value, strict: bool = True) -> float:
     """``strict``: finite and >= 0 (the NumPy frontend); otherwise any real number, as torch takes it."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{op}: eps must be a number, got {describe(value)}")
+        raise ArgumentTypeError(f"{op}: eps must be a number, got {describe(value)}")
     if strict and (not math.isfinite(value) or value < 0):
-        raise ValueError(f"{op}: eps must be a finite number >= 0, got {value!r}")
+        raise ArgumentError(f"{op}: eps must be a finite number >= 0, got {value!r}")
     return float(value)
 
 
 def momentum(op: str, value, strict: bool = True) -> float:
     """``strict``: in [0, 1] (the NumPy frontend); otherwise any real number, as torch takes it."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{op}: momentum must be a number, got {describe(value)}")
+        raise ArgumentTypeError(f"{op}: momentum must be a number, got {describe(value)}")
     if strict and not 0.0 <= value <= 1.0:
-        raise ValueError(f"{op}: momentum must be a number in [0, 1], got {value!r}")
+        raise ArgumentError(f"{op}: momentum must be a number in [0, 1], got {value!r}")
     return float(value)

@@ -100,8 +100,8 @@ def as_input(op: str, name: str, x, min_ndim: int = 2) -> np.ndarray:
         return x
     if not isinstance(x, np.ndarray):
         if isinstance(x, (str, bytes)) or x is None:
-            raise TypeError(f"{op}: {name} must be a float32, float64, bfloat16 or float16 array, got "
-                            f"{checks.describe(x)}")
+            raise checks.DtypeError(f"{op}: {name} must be a float32, float64, bfloat16 or float16 array, got "
+                                    f"{checks.describe(x)}")
         x = np.asarray(x)
     checks.dtype(op, name, x.dtype.name)
     checks.shape(op, name, x.shape, min_ndim)
@@ -158,10 +158,11 @@ def as_param(op: str, name: str, p, shape: tuple, dtype: np.dtype) -> np.ndarray
 def as_running(op: str, name: str, r, c: int, writable: bool) -> np.ndarray:
     """running_mean / running_var: a float ndarray of shape (C,), updated in place when ``writable``."""
     if not isinstance(r, np.ndarray):
-        raise TypeError(f"{op}: {name} must be a NumPy array (it is updated in place), got {checks.describe(r)}")
+        raise checks.ArgumentTypeError(f"{op}: {name} must be a NumPy array (it is updated in place), got "
+                                       f"{checks.describe(r)}")
     checks.running(op, name, r.shape, r.dtype.kind == "f" or r.dtype.name in HALF_DTYPES, r.dtype, c)
     if writable and not r.flags.writeable:
-        raise ValueError(f"{op}: {name} is read-only but training updates it in place")
+        raise checks.ArgumentError(f"{op}: {name} is read-only but training updates it in place")
     return r
 
 
@@ -174,9 +175,9 @@ def _eps(op: str, eps) -> float:
 def _grad_output(op: str, dy, x: np.ndarray) -> np.ndarray:
     dy = as_input(op, "grad_output", dy, min_ndim=1)
     if dy.shape != x.shape:
-        raise ValueError(f"{op}: grad_output must have the input's shape {x.shape}, got {dy.shape}")
+        raise checks.ArgumentError(f"{op}: grad_output must have the input's shape {x.shape}, got {dy.shape}")
     if dy.dtype != x.dtype:
-        raise TypeError(f"{op}: grad_output must have the input's dtype {x.dtype}, got {dy.dtype}")
+        raise checks.ArgumentTypeError(f"{op}: grad_output must have the input's dtype {x.dtype}, got {dy.dtype}")
     return dy
 
 
@@ -196,12 +197,13 @@ def _output(a: np.ndarray, shape: tuple, cl) -> np.ndarray:
 
 def _saved(op: str, saved, shape: tuple) -> Saved:
     if not isinstance(saved, Saved):
-        raise TypeError(f"{op}: saved must be the Saved returned by forward, got {checks.describe(saved)}")
+        raise checks.ArgumentTypeError(f"{op}: saved must be the Saved returned by forward, got "
+                                       f"{checks.describe(saved)}")
     if (saved.mean is None) == SPECS[op].centered:  # another op's statistics: rmsnorm saves no mean
-        raise TypeError(f"{op}: saved {'holds no' if saved.mean is None else 'holds a'} mean; pass the Saved "
-                        f"that this op's forward returned")
+        raise checks.ArgumentTypeError(f"{op}: saved {'holds no' if saved.mean is None else 'holds a'} mean; pass "
+                                       f"the Saved that this op's forward returned")
     if (saved.mean is not None and saved.mean.shape != shape) or saved.rstd.shape != shape:
-        raise ValueError(
+        raise checks.ArgumentError(
             f"{op}: saved statistics have shape {saved.rstd.shape}, expected {shape} for this input; "
             f"pass the same arguments to backward as to forward"
         )
@@ -593,9 +595,9 @@ def _same_as(op: str, name: str, a, x: np.ndarray) -> np.ndarray:
     """An array that must have x's shape and dtype (residual, grad_h)."""
     a = as_input(op, name, a, min_ndim=1)
     if a.shape != x.shape:
-        raise ValueError(f"{op}: {name} must have the input's shape {x.shape}, got {a.shape}")
+        raise checks.ArgumentError(f"{op}: {name} must have the input's shape {x.shape}, got {a.shape}")
     if a.dtype != x.dtype:
-        raise TypeError(f"{op}: {name} must have the input's dtype {x.dtype}, got {a.dtype}")
+        raise checks.ArgumentTypeError(f"{op}: {name} must have the input's dtype {x.dtype}, got {a.dtype}")
     return a
 
 

@@ -15,6 +15,7 @@ torch = pytest.importorskip("torch")
 import normkit  # noqa: E402
 import normkit.reference  # noqa: E402
 import normkit.torch as nt  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 from normkit.torch.models import SmallCNN  # noqa: E402
 
 nn = torch.nn
@@ -634,6 +635,53 @@ def test_errors_name_op_argument_expectation_and_what_came():
         nt.group_norm(x, 2, backend="nope")
     with pytest.raises(ValueError, match=r"groupnorm: grad_output must have the input's shape"):
         torch.ops.normkit.group_norm_backward(x[:1], x, x[:, :2, 0], x[:, :2, 0], 2, None, False, False, None)
+
+
+_X = torch.randn(4, 6, 5, 5, generator=torch.Generator().manual_seed(0))
+_LONG = torch.ones(4, 6, 2, dtype=torch.long)
+# mistakes a user makes, as (name, call on a functional namespace or a module factory); torch's own error classes
+# are RuntimeError, NotImplementedError, ValueError and TypeError among these
+_MISTAKES = [
+    ("batch_norm running statistics of 5 channels", lambda f: f.batch_norm(_X, torch.zeros(5), torch.ones(5))),
+    ("batch_norm weight of 5 channels", lambda f: f.batch_norm(_X, None, None, torch.ones(5), training=True)),
+    ("batch_norm float64 weight", lambda f: f.batch_norm(_X, None, None, torch.ones(6, dtype=torch.float64),
+                                                         training=True)),
+    ("batch_norm float64 input, float32 weight",
+     lambda f: f.batch_norm(_X.double(), None, None, torch.ones(6), training=True)),
+    ("batch_norm int64 input", lambda f: f.batch_norm(_LONG, None, None, training=True)),
+    ("batch_norm one value a channel", lambda f: f.batch_norm(torch.ones(1, 6), None, None, training=True)),
+    ("batch_norm eps < 0 in training", lambda f: f.batch_norm(_X, None, None, training=True, eps=-1.0)),
+    ("group_norm groups not dividing C", lambda f: f.group_norm(_X, 4)),
+    ("group_norm weight of 5 channels", lambda f: f.group_norm(_X, 3, torch.ones(5))),
+    ("group_norm int64 input", lambda f: f.group_norm(_LONG, 3)),
+    ("group_norm float64 input, float32 weight", lambda f: f.group_norm(_X.double(), 3, torch.ones(6))),
+    ("layer_norm shape not trailing", lambda f: f.layer_norm(_X, (4,))),
+    ("layer_norm weight of another shape", lambda f: f.layer_norm(_X, (5,), torch.ones(4))),
+    ("layer_norm int64 input", lambda f: f.layer_norm(_LONG, (2,))),
+    ("layer_norm float64 input, float32 weight", lambda f: f.layer_norm(_X.double(), (5,), torch.ones(5))),
+    ("layer_norm float in normalized_shape", lambda f: f.layer_norm(_X, (5.0,))),
+    ("instance_norm running statistics of 5 channels", lambda f: f.instance_norm(_X, torch.zeros(5), torch.ones(5))),
+    ("instance_norm int64 input", lambda f: f.instance_norm(_LONG)),
+    ("instance_norm one spatial element", lambda f: f.instance_norm(torch.ones(4, 6, 1))),
+    ("rms_norm shape not trailing", lambda f: f.rms_norm(_X, (4,))),
+    ("rms_norm weight of another shape", lambda f: f.rms_norm(_X, (5,), torch.ones(4))),
+    ("rms_norm int64 input", lambda f: f.rms_norm(_LONG, (2,))),
+    ("BatchNorm2d of 5 features", lambda f: (torch.nn if f is F else nt).BatchNorm2d(5)(_X)),
+    ("LayerNorm of another shape", lambda f: (torch.nn if f is F else nt).LayerNorm(4)(_X)),
+]
+
+
+@pytest.mark.parametrize("name,call", _MISTAKES, ids=[m[0] for m in _MISTAKES])
+def test_errors_are_of_the_class_torch_raises(name, call):
+    """A drop-in replacement: what torch raises for a mistake, normkit raises an instance of (its errors are also
+    ValueError or TypeError, which name the op and the argument)."""
+    with pytest.raises(Exception) as torch_error:
+        call(F)
+    with pytest.raises(type(torch_error.value)) as normkit_error:
+        call(nt)
+    assert isinstance(normkit_error.value, (ValueError, TypeError))
+    assert str(normkit_error.value).startswith(("batchnorm:", "groupnorm:", "layernorm:", "instancenorm:",
+                                                "rmsnorm:")), normkit_error.value
 
 
 def test_errors_surface_under_torch_compile():

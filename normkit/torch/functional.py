@@ -102,13 +102,13 @@ def _tensor(op: str, name: str, t, optional: bool = True) -> Optional[Tensor]:
     if t is None and optional:
         return None
     if not isinstance(t, Tensor):
-        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+        raise checks.ArgumentTypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
     if not t.is_cpu:
-        raise ValueError(f"{op}: {name} is on device {t.device}; normkit's kernels run on the CPU only "
-                         f"(move it with .cpu())")
+        raise checks.ArgumentError(f"{op}: {name} is on device {t.device}; normkit's kernels run on the CPU only "
+                                   f"(move it with .cpu())")
     if t.layout is not torch.strided or t.is_nested:
-        raise TypeError(f"{op}: {name} must be a dense tensor, got a "
-                        f"{'nested' if t.is_nested else str(t.layout).removeprefix('torch.')} tensor")
+        raise checks.ArgumentTypeError(f"{op}: {name} must be a dense tensor, got a "
+                                       f"{'nested' if t.is_nested else str(t.layout).removeprefix('torch.')} tensor")
     return t
 
 
@@ -200,16 +200,18 @@ def _plain(x: Tensor, pshape: tuple, *tensors, channels_last: bool = False) -> i
 
 def _check_saved(op: str, dy: Tensor, x: Tensor, mean: Optional[Tensor], rstd: Tensor, stats_shape: tuple) -> None:
     if dy.shape != x.shape:
-        raise ValueError(f"{op}: grad_output must have the input's shape {tuple(x.shape)}, got {tuple(dy.shape)}")
+        raise checks.ArgumentError(f"{op}: grad_output must have the input's shape {tuple(x.shape)}, got "
+                                   f"{tuple(dy.shape)}")
     if dy.dtype != x.dtype:
-        raise TypeError(f"{op}: grad_output must have the input's dtype {_dtype_name(x)}, got {_dtype_name(dy)}")
+        raise checks.ArgumentTypeError(f"{op}: grad_output must have the input's dtype {_dtype_name(x)}, got "
+                                       f"{_dtype_name(dy)}")
     for name, s in (("mean", mean), ("rstd", rstd)):
         if s is None and not SPECS[op].centered:
             continue
         if tuple(s.shape) != tuple(stats_shape) or s.dtype != _STAT_DTYPES[x.dtype]:
-            raise ValueError(f"{op}: saved {name} must have shape {tuple(stats_shape)} and dtype "
-                             f"{_dtype_name(rstd.new_empty(0, dtype=_STAT_DTYPES[x.dtype]))}, got "
-                             f"{tuple(s.shape)} and {_dtype_name(s)}; pass what forward returned")
+            raise checks.ArgumentError(f"{op}: saved {name} must have shape {tuple(stats_shape)} and dtype "
+                                       f"{_dtype_name(rstd.new_empty(0, dtype=_STAT_DTYPES[x.dtype]))}, got "
+                                       f"{tuple(s.shape)} and {_dtype_name(s)}; pass what forward returned")
 
 
 # --- the kernels on tensors: shared by the eager path and the custom ops ---------------------------------------
@@ -738,7 +740,8 @@ def _op_act(op: str, activation: Optional[int], slope: float) -> Optional[tuple[
     if activation is None:
         return None
     if isinstance(activation, bool) or not isinstance(activation, int) or not 0 <= activation < len(ACTIVATIONS):
-        raise ValueError(f"{op}: activation must be None or an index into {ACTIVATIONS}, got {activation!r}")
+        raise checks.ArgumentError(f"{op}: activation must be None or an index into {ACTIVATIONS}, got "
+                                   f"{activation!r}")
     return _activation.code(op, ACTIVATIONS[activation], slope)
 
 
@@ -1175,8 +1178,10 @@ group_norm.__doc__ = """:func:`torch.nn.functional.group_norm` computed by normk
 
 
 def _ends_with(x: Tensor, normalized_shape) -> bool:
-    """What a module passes: its own tuple, which the input's shape ends with."""
-    return type(normalized_shape) is tuple and normalized_shape and x.shape[-len(normalized_shape):] == normalized_shape
+    """What a module passes: its own tuple of ints, which the input's shape ends with (a float equals the int it
+    holds, so (5.0,) would pass the comparison where torch refuses it)."""
+    return type(normalized_shape) is tuple and normalized_shape \
+        and x.shape[-len(normalized_shape):] == normalized_shape and all(type(d) is int for d in normalized_shape)
 
 
 def _row_plain(x, normalized_shape, eps, *params) -> bool:
@@ -1333,8 +1338,8 @@ _direct_backward(_AddNorm)
 
 def _check_residual(op: str, x: Tensor, residual: Tensor) -> None:
     if residual.shape != x.shape or residual.dtype != x.dtype:
-        raise ValueError(f"{op}: residual must have the input's shape {tuple(x.shape)} and dtype "
-                         f"{_dtype_name(x)}, got {tuple(residual.shape)} and {_dtype_name(residual)}")
+        raise checks.ArgumentError(f"{op}: residual must have the input's shape {tuple(x.shape)} and dtype "
+                                   f"{_dtype_name(x)}, got {tuple(residual.shape)} and {_dtype_name(residual)}")
 
 
 def _add_then_norm(spec, x, residual, shape, weight, bias, eps, backend):
@@ -1348,7 +1353,8 @@ def _add_then_norm(spec, x, residual, shape, weight, bias, eps, backend):
 def _add_on_meta(spec, x, residual, shape, weight, bias, eps, backend):
     """A fused add on the meta device (see _torch_only): the residual's checks, then torch's operations."""
     if not isinstance(residual, Tensor):
-        raise TypeError(f"{spec.name}: residual must be a torch.Tensor, got {type(residual).__name__}")
+        raise checks.ArgumentTypeError(f"{spec.name}: residual must be a torch.Tensor, got "
+                                       f"{type(residual).__name__}")
     _check_residual(spec.name, x, residual)
     return _add_then_norm(spec, x, residual, shape, weight, bias, eps, backend)
 
