@@ -684,6 +684,30 @@ def test_errors_are_of_the_class_torch_raises(name, call):
                                                 "rmsnorm:")), normkit_error.value
 
 
+@pytest.mark.parametrize("module", [False, True])
+def test_instance_norm_eps_0_on_a_constant_instance_is_torchs(module):
+    """torch's instance_norm takes rstd = 0 where an instance's variance and eps are both 0: the bias and zero
+    gradients rather than NaN, and the running statistics as torch updates them."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 4, 5, generator=g, dtype=torch.float64)
+    x[1, 2] = 7.0  # a constant instance
+    weight, bias, proj = (torch.randn(shape, generator=g, dtype=torch.float64) for shape in (4, 4, x.shape))
+    results = []
+    for lib in (torch.nn, nt):
+        norm = lib.InstanceNorm1d(4, eps=0.0, affine=True, track_running_stats=True).double()
+        with torch.no_grad():
+            norm.weight.copy_(weight), norm.bias.copy_(bias)
+        xi = x.clone().requires_grad_()
+        y = norm(xi) if module else lib.functional.instance_norm(xi, norm.running_mean, norm.running_var,
+                                                                 norm.weight, norm.bias, eps=0.0)
+        (y * proj).sum().backward()
+        results.append((y, xi.grad, norm.weight.grad, norm.bias.grad, norm.running_mean, norm.running_var))
+    y = results[1][0]
+    assert torch.isfinite(y).all() and torch.equal(y[1, 2], bias[2].expand(5))
+    for want, got in zip(*results):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
 def test_errors_surface_under_torch_compile():
     f = torch.compile(lambda x: nt.group_norm(x, 4), backend="eager", fullgraph=True)
     with pytest.raises(Exception, match=r"groupnorm: num_groups=4 must divide the number of channels C=6"):

@@ -1133,7 +1133,10 @@ batch_norm.__doc__ = """:func:`torch.nn.functional.batch_norm` computed by normk
 
 def instance_norm(input, running_mean=None, running_var=None, weight=None, bias=None, use_input_stats=True,
                   momentum=0.1, eps=1e-5, *, backend=None, activation=None, negative_slope=0.01):
-    if _torch_only(input):
+    # eps 0 with input statistics: torch's batch-norm kernel takes rstd = 0 where an instance's variance is 0 too
+    # (ATen's InvStd), so a constant instance gives the bias and zero gradients where normkit's kernels, like
+    # torch's other norms, give NaN; its own kernel keeps that answer
+    if _torch_only(input) or (use_input_stats and isinstance(eps, (int, float)) and eps == 0):
         return differentiable.activation(F.instance_norm(input, running_mean, running_var, weight, bias,
                                                          use_input_stats, momentum, eps),
                                          _act("instancenorm", activation, negative_slope))
