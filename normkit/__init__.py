@@ -10,7 +10,7 @@ the PyTorch frontend (:mod:`normkit.torch`) only when asked for.
 
 from importlib.metadata import PackageNotFoundError, version as _version
 
-from .checks import ArgumentError, ArgumentTypeError, DtypeError
+from .checks import ArgumentError, ArgumentTypeError, UnsupportedInputError
 from .keras import BatchNormalization
 from .ops import Op, Saved, UnknownOpError, add_layer_norm, add_rms_norm, get, list_ops
 from .primitives import batch_normalization, moments
@@ -33,8 +33,8 @@ except PackageNotFoundError:  # running from a source tree that was never instal
     __version__ = "0+unknown"
 
 __all__ = [
-    "ArgumentError", "ArgumentTypeError", "Backend", "BackendInfo", "BatchNormalization", "DtypeError", "Op", "Saved",
-    "UnknownBackendError", "UnknownOpError",
+    "ArgumentError", "ArgumentTypeError", "Backend", "BackendInfo", "BatchNormalization", "Op", "Saved",
+    "UnknownBackendError", "UnknownOpError", "UnsupportedInputError",
     "__version__", "add_layer_norm", "add_rms_norm", "batch_normalization", "get", "get_backend_order",
     "get_num_threads", "list_backends", "list_ops", "moments",
     "register_backend", "set_backend_order", "set_num_threads", "unregister_backend",

@@ -26,9 +26,10 @@ class ArgumentTypeError(TypeError, RuntimeError):
     """A bad argument type or dtype: a TypeError, and a RuntimeError as torch raises for mixed dtypes."""
 
 
-class DtypeError(TypeError, NotImplementedError):
-    """An input dtype that no kernel computes in (integers, complex): a TypeError, and a NotImplementedError (a
-    RuntimeError) as torch raises for an op "not implemented for 'Long'"."""
+class UnsupportedInputError(TypeError, NotImplementedError):
+    """An input that no kernel computes on, for its dtype (integers, bool, complex) or its layout (sparse, nested):
+    a TypeError, and a NotImplementedError (a RuntimeError) as torch raises for an op "not implemented for
+    'Long'" or a tensor of a backend it has no kernel for."""
 
 
 def describe(a) -> str:
@@ -40,7 +41,8 @@ def describe(a) -> str:
 
 def dtype(op: str, name: str, dtype_name: str) -> None:
     if dtype_name not in DTYPES:
-        raise DtypeError(f"{op}: {name} must be float32, float64, bfloat16 or float16, got dtype {dtype_name}")
+        raise UnsupportedInputError(f"{op}: {name} must be float32, float64, bfloat16 or float16, got dtype "
+                                    f"{dtype_name}")
 
 
 def shape(op: str, name: str, shape_: tuple, min_ndim: int = 2, strict: bool = True) -> None:

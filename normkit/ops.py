@@ -100,8 +100,8 @@ def as_input(op: str, name: str, x, min_ndim: int = 2) -> np.ndarray:
         return x
     if not isinstance(x, np.ndarray):
         if isinstance(x, (str, bytes)) or x is None:
-            raise checks.DtypeError(f"{op}: {name} must be a float32, float64, bfloat16 or float16 array, got "
-                                    f"{checks.describe(x)}")
+            raise checks.UnsupportedInputError(f"{op}: {name} must be a float32, float64, bfloat16 or float16 "
+                                               f"array, got {checks.describe(x)}")
         x = np.asarray(x)
     checks.dtype(op, name, x.dtype.name)
     checks.shape(op, name, x.shape, min_ndim)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -604,6 +605,14 @@ def test_errors_name_op_argument_expectation_and_what_came():
     jagged = torch.nested.nested_tensor([torch.randn(3, 5), torch.randn(2, 5)], layout=torch.jagged)
     with pytest.raises(TypeError, match=r"rmsnorm: input must be a dense tensor, got a nested tensor"):
         nt.rms_norm(jagged, (5,))
+    with warnings.catch_warnings():  # torch's: strided nested tensors are a prototype
+        warnings.simplefilter("ignore")
+        strided = torch.nested.nested_tensor([torch.randn(3, 5), torch.randn(2, 5)])
+    # it has no shape, which the common case's looks read first
+    for call in (lambda: nt.layer_norm(strided, (5,)), lambda: nt.group_norm(strided, 1),
+                 lambda: nt.batch_norm(strided, None, None, training=True)):
+        with pytest.raises(TypeError, match=r"norm: input must be a dense tensor, got a nested tensor"):
+            call()
     with pytest.raises(ValueError, match=r"batchnorm: input must have shape \(N, C\) or \(N, C, \*spatial\), got "
                                          r"shape \(6,\)"):
         nt.batch_norm(torch.randn(6), training=True)
@@ -666,6 +675,9 @@ _MISTAKES = [
     ("rms_norm shape not trailing", lambda f: f.rms_norm(_X, (4,))),
     ("rms_norm weight of another shape", lambda f: f.rms_norm(_X, (5,), torch.ones(4))),
     ("rms_norm int64 input", lambda f: f.rms_norm(_LONG, (2,))),
+    ("batch_norm sparse input", lambda f: f.batch_norm(_X.to_sparse(), None, None, training=True)),
+    ("group_norm sparse input", lambda f: f.group_norm(_X.to_sparse(), 3)),
+    ("layer_norm sparse weight", lambda f: f.layer_norm(_X, (5,), torch.ones(5).to_sparse())),
     ("BatchNorm2d of 5 features", lambda f: (torch.nn if f is F else nt).BatchNorm2d(5)(_X)),
     ("LayerNorm of another shape", lambda f: (torch.nn if f is F else nt).LayerNorm(4)(_X)),
 ]

@@ -107,8 +107,9 @@ def _tensor(op: str, name: str, t, optional: bool = True) -> Optional[Tensor]:
         raise checks.ArgumentError(f"{op}: {name} is on device {t.device}; normkit's kernels run on the CPU only "
                                    f"(move it with .cpu())")
     if t.layout is not torch.strided or t.is_nested:
-        raise checks.ArgumentTypeError(f"{op}: {name} must be a dense tensor, got a "
-                                       f"{'nested' if t.is_nested else str(t.layout).removeprefix('torch.')} tensor")
+        raise checks.UnsupportedInputError(f"{op}: {name} must be a dense tensor, got a "
+                                           f"{'nested' if t.is_nested else str(t.layout).removeprefix('torch.')} "
+                                           f"tensor")
     return t
 
 
@@ -1066,9 +1067,12 @@ def _channel(spec: OpSpec, custom_op, input, running_mean, running_var, weight, 
     op = spec.name
     x = input
     compiling = _is_compiling()  # first: _plain's looks are eager-only
-    plain = (not compiling and type(x) is Tensor and x.dim() >= 2 and type(eps) is float
-             and (running_mean is None) is (running_var is None)
-             and _plain(x, (x.shape[1],), weight, bias, running_mean, running_var, channels_last=True))
+    try:
+        plain = (not compiling and type(x) is Tensor and x.dim() >= 2 and type(eps) is float
+                 and (running_mean is None) is (running_var is None)
+                 and _plain(x, (x.shape[1],), weight, bias, running_mean, running_var, channels_last=True))
+    except RuntimeError:  # a strided nested tensor, which has no shape: the checks name it
+        plain = 0
     if plain:
         has_running = running_mean is not None
     else:
@@ -1156,8 +1160,11 @@ def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5, *, backend=N
     op = "groupnorm"
     x = input
     compiling = _is_compiling()  # first: _plain's looks are eager-only
-    plain = not compiling and type(x) is Tensor and x.dim() >= 2 and type(eps) is float and \
-        _plain(x, (x.shape[1],), weight, bias, channels_last=True)
+    try:
+        plain = not compiling and type(x) is Tensor and x.dim() >= 2 and type(eps) is float and \
+            _plain(x, (x.shape[1],), weight, bias, channels_last=True)
+    except RuntimeError:  # a strided nested tensor, which has no shape: the checks name it
+        plain = 0
     if not plain:
         x = _input(op, input)
     shape = x.shape
@@ -1189,8 +1196,11 @@ def _ends_with(x: Tensor, normalized_shape) -> bool:
 
 def _row_plain(x, normalized_shape, eps, *params) -> bool:
     """:func:`_plain` for the row ops, given a module's normalized_shape (a tuple the input ends with)."""
-    return type(x) is Tensor and type(eps) is float and _ends_with(x, normalized_shape) \
-        and _plain(x, normalized_shape, *params)
+    try:
+        return type(x) is Tensor and type(eps) is float and _ends_with(x, normalized_shape) \
+            and _plain(x, normalized_shape, *params)
+    except RuntimeError:  # a strided nested tensor, which has no shape: the checks name it
+        return False
 
 
 def _row_input(op: str, input, normalized_shape) -> tuple[Tensor, tuple]:
