@@ -129,7 +129,9 @@ def batchnorm_eps(op: str, value, training) -> None:
 
 
 def num_groups(op: str, groups, c: int) -> int:
-    if isinstance(groups, bool) or not isinstance(groups, numbers.Integral) or groups < 1:
+    if isinstance(groups, bool) or not isinstance(groups, numbers.Integral):
+        raise ArgumentTypeError(f"{op}: num_groups must be a positive int, got {describe(groups)}")
+    if groups < 1:
         raise ArgumentError(f"{op}: num_groups must be a positive int, got {groups!r}")
     if c % groups:
         raise ArgumentError(f"{op}: num_groups={groups} must divide the number of channels C={c}")
@@ -140,7 +142,7 @@ def normalized_shape(op: str, value) -> tuple:
     if isinstance(value, numbers.Integral) and not isinstance(value, bool):
         value = (int(value),)
     try:
-        if isinstance(value, (str, bytes)):
+        if isinstance(value, (str, bytes)) or any(isinstance(d, bool) for d in value):
             raise TypeError
         value = tuple(operator.index(d) for d in value)  # integers only: int() would truncate 5.9 to 5
     except (TypeError, ValueError):

@@ -99,7 +99,7 @@ BAD_CALLS = [
     ("in", (x4(),), dict(use_input_stats=False), ValueError, r"instancenorm: use_input_stats=False normalizes"),
     ("gn", (x4(), 3), {}, ValueError, r"groupnorm: num_groups=3 must divide the number of channels C=4"),
     ("gn", (x4(), 0), {}, ValueError, r"groupnorm: num_groups must be a positive int, got 0"),
-    ("gn", (x4(), 2.0), {}, ValueError, r"groupnorm: num_groups must be a positive int, got 2.0"),
+    ("gn", (x4(), 2.0), {}, TypeError, r"groupnorm: num_groups must be a positive int, got float"),
     ("ln", (x4(), (3, 4)), {}, ValueError,
      r"layernorm: input of shape \(2, 4, 3, 3\) does not end with normalized_shape \(3, 4\)"),
     ("ln", (x4(), (3, 3)), dict(weight=np.ones(9, np.float32)), ValueError,

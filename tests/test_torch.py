@@ -628,6 +628,12 @@ def test_errors_name_op_argument_expectation_and_what_came():
         nt.batch_norm(x, torch.zeros(6), torch.ones(5), training=True)
     with pytest.raises(ValueError, match=r"batchnorm: training=False normalizes with running_mean"):
         nt.batch_norm(x)
+    # torch's batch_norm takes them and each channel's update overwrites the last one's; its instance_norm refuses
+    with pytest.raises(ValueError, match=r"batchnorm: running_mean is updated in place, but its 6 elements share one "
+                                         r"memory location"):
+        nt.batch_norm(x, torch.zeros(1).expand(6), torch.ones(1).expand(6), training=True)
+    torch.testing.assert_close(nt.batch_norm(x, torch.zeros(1).expand(6), torch.ones(1).expand(6)),
+                               F.batch_norm(x, torch.zeros(6), torch.ones(6)))  # only read: as torch, taken
     # torch.nn.functional's own refusals (torch 2.13): batch_norm's eps <= 0 in training, < 0 otherwise; a group
     # norm whose groups hold one value in the whole batch
     with pytest.raises(ValueError, match=r"batchnorm: eps must be positive in training, got 0.0"):
@@ -662,6 +668,8 @@ _MISTAKES = [
     ("batch_norm eps < 0 in training", lambda f: f.batch_norm(_X, None, None, training=True, eps=-1.0)),
     ("group_norm groups not dividing C", lambda f: f.group_norm(_X, 4)),
     ("group_norm weight of 5 channels", lambda f: f.group_norm(_X, 3, torch.ones(5))),
+    ("group_norm float num_groups", lambda f: f.group_norm(_X, 3.0)),
+    ("group_norm str num_groups", lambda f: f.group_norm(_X, "3")),
     ("group_norm int64 input", lambda f: f.group_norm(_LONG, 3)),
     ("group_norm float64 input, float32 weight", lambda f: f.group_norm(_X.double(), 3, torch.ones(6))),
     ("layer_norm shape not trailing", lambda f: f.layer_norm(_X, (4,))),
@@ -669,8 +677,11 @@ _MISTAKES = [
     ("layer_norm int64 input", lambda f: f.layer_norm(_LONG, (2,))),
     ("layer_norm float64 input, float32 weight", lambda f: f.layer_norm(_X.double(), (5,), torch.ones(5))),
     ("layer_norm float in normalized_shape", lambda f: f.layer_norm(_X, (5.0,))),
+    ("layer_norm bool in normalized_shape", lambda f: f.layer_norm(_X[..., :1], (True,))),
     ("instance_norm running statistics of 5 channels", lambda f: f.instance_norm(_X, torch.zeros(5), torch.ones(5))),
     ("instance_norm int64 input", lambda f: f.instance_norm(_LONG)),
+    ("instance_norm expanded running statistics",
+     lambda f: f.instance_norm(_X, torch.zeros(1).expand(6), torch.ones(1).expand(6))),
     ("instance_norm one spatial element", lambda f: f.instance_norm(torch.ones(4, 6, 1))),
     ("rms_norm shape not trailing", lambda f: f.rms_norm(_X, (4,))),
     ("rms_norm weight of another shape", lambda f: f.rms_norm(_X, (5,), torch.ones(4))),

@@ -1092,6 +1092,11 @@ def _channel(spec: OpSpec, custom_op, input, running_mean, running_var, weight, 
     else:
         count = 0
     update = has_running and batch_stats
+    if update and not plain:
+        for name, r in (("running_mean", running_mean), ("running_var", running_var)):
+            if c > 1 and r.stride(0) == 0:  # an expanded tensor: every channel's update would land on one element
+                raise checks.ArgumentError(f"{op}: {name} is updated in place, but its {c} elements share one "
+                                           f"memory location (an expanded tensor); pass a tensor of its own")
     if update and type(momentum) is not float:
         momentum = checks.momentum(op, momentum, strict=False)
     if not plain and not x.numel():  # torch: no statistics to take; the running ones stay as they are
