@@ -84,6 +84,39 @@ def test_derivative_at_nan_is_torchs(name):
         np.testing.assert_allclose(db, bt.grad.numpy(), rtol=1e-6, err_msg=backend)
 
 
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("name", ACTIVATIONS)
+def test_nonfinite_input_in_inference_gives_torchs_gradients(name, bad):
+    """BatchNorm in inference with a NaN or an infinite x: dx at that element and dbias as torch's norm then
+    activation give them, NaN where torch's are NaN and finite where they are finite (leaky_relu passes dy times
+    the slope at a NaN), in every backend and for shapes of each of the Numba schedules (act_rows: S = 17, 100;
+    the flat view: S = 5). Cython's gelu_tanh derivative gave a finite value at a NaN or infinite z, and Numba's
+    dx at a NaN x was NaN on act_rows (its (x - m) * 0 term)."""
+    for s in (5, 17, 100):
+        rng = np.random.default_rng(s)
+        x = rng.standard_normal((2, 3, s)).astype(np.float32)
+        x[1, 1, 3] = bad
+        dy = rng.standard_normal(x.shape).astype(np.float32)
+        w, b = np.array([0.5, -1.5, 2.0], np.float32), np.array([0.1, 0.2, -0.3], np.float32)
+        rm, rv = np.array([0.1, -0.2, 0.3], np.float32), np.array([1.5, 0.5, 2.0], np.float32)
+        xt, wt, bt = (torch.tensor(a, dtype=torch.float64, requires_grad=True) for a in (x, w, b))
+        z = F.batch_norm(xt, torch.tensor(rm, dtype=torch.float64), torch.tensor(rv, dtype=torch.float64), wt, bt)
+        TORCH_ACT[name](z).backward(torch.tensor(dy, dtype=torch.float64))
+        want_dx, want_db = xt.grad[1, 1, 3].item(), bt.grad[1].item()
+        bn = normkit.get("bn")
+        for backend in ("reference", "cython", "numba"):
+            _, saved = bn.forward(x, rm, rv, w, b, training=False, activation=name, negative_slope=0.2,
+                                  backend=backend)
+            dx, _, db = bn.backward(dy, x, saved, rm, rv, w, b, training=False, activation=name,
+                                    negative_slope=0.2, backend=backend)
+            where = f"{backend}, S={s}"
+            assert np.isnan(dx[1, 1, 3]) == np.isnan(want_dx), where
+            assert np.isnan(db[1]) == np.isnan(want_db), where
+            if not np.isnan(want_dx):
+                np.testing.assert_allclose(dx[1, 1, 3], want_dx, rtol=1e-5, err_msg=where)
+                np.testing.assert_allclose(db[1], want_db, rtol=1e-5, err_msg=where)
+
+
 @pytest.mark.parametrize("name", ["silu", "gelu", "gelu_tanh"])
 def test_derivatives_match_finite_differences(name):
     z, h, act = np.linspace(-6, 6, 97), 1e-6, ACTIVATIONS.index(name)

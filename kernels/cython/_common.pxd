@@ -493,7 +493,8 @@ cdef extern from *:
        relu's dy - dy is the reference's dy * 0: NaN for a NaN or inf dy (with -fno-signed-zeros gcc folds dy * 0
        to 0), and a NaN z passes dy, as torch's relu backward does (leaky_relu's gives the slope, as torch's);
        gelu_tanh's d/dz z sigmoid(2u) = s + 2 z s (1 - s) u', and beyond |z| = 1e4 s (1 - s) is 0 and z*z would
-       overflow into 0 * inf */
+       overflow into 0 * inf. The clamp that keeps it finite there would give a NaN z, and an infinite one from an
+       infinite x, a finite derivative: they give NaN, as in torch (a z that overflowed from a finite x, the limit) */
     #define NORMKIT_ACT_GRAD_OF(Z)                                                                            \
         Py_ssize_t i;                                                                                       \
         float z, s, t, g, c, q;                                                                             \
@@ -519,7 +520,8 @@ cdef extern from *:
                 z = (Z);                                                                                    \
                 q = normkit_clamp_abs(z, 0x461C4000u);                                                      \
                 normkit_sigmoid2(normkit_tanh_arg2(z), &s, &t);                                             \
-                out[i] = dy[i] * (s + 2.0f * q * s * t * NORMKIT_TANH_C * (1.0f + 3.0f * NORMKIT_TANH_K * q * q)); \
+                g = dy[i] * (s + 2.0f * q * s * t * NORMKIT_TANH_C * (1.0f + 3.0f * NORMKIT_TANH_K * q * q));     \
+                out[i] = z - z == 0.0f || (z == z && x[i] - x[i] == 0.0f) ? g : z - z;                      \
             }                                                                                               \
         }
 

@@ -525,7 +525,9 @@ def _phi_impl(z):
 
 # Where a factor of a term is exactly 0 the term is 0, by a select: for |z| beyond float32's range (or z**2 beyond
 # it, in gelu_tanh's derivative) the term would be inf * 0 = NaN, where the float64 reference, whose z is finite,
-# gets the limit (the conformance kit's overflow data, 16-bit weights near 1e38).
+# gets the limit (the conformance kit's overflow data, 16-bit weights near 1e38). An infinite z from an infinite x
+# is the reference's too, and there silu, gelu and gelu_tanh give torch's (and the reference's) NaN: at -inf, and
+# in the derivative at either end; so _act and _dact take the x that z came from.
 
 # One function per activation and per derivative; _act / _dact pick one by the constant index ``a`` (the act_ loops'
 # closures hold it, which numba types as a literal), so that a first call compiles that activation only: one
@@ -610,25 +612,43 @@ _ACTS = (_relu, _leaky_relu, _silu, _gelu, _gelu_tanh)  # in the order of contra
 _DACTS = (_drelu, _dleaky_relu, _dsilu, _dgelu, _dgelu_tanh)
 
 
-def _act(z, a, slope):
-    """act(z) in z's dtype, for a constant ``a`` (an index into contract.ACTIVATIONS); a NaN z stays NaN."""
+def _act(z, x, a, slope):
+    """act(z) in z's dtype, for a constant ``a`` (an index into contract.ACTIVATIONS), z computed from the input
+    value x; a NaN z stays NaN."""
 
 
-def _dact(z, a, slope):
-    """act'(z) in z's dtype, for a constant ``a``."""
+def _dact(z, x, a, slope):
+    """act'(z) in z's dtype, for a constant ``a``, z computed from the input value x."""
 
 
-def _by_index(functions):
-    def typer(z, a, slope):
+_SMOOTH = 2  # silu and after in _ACTS: inf * 0 in their formulas
+
+
+# (NaN as a constant and math.isfinite for the test: under fastmath's reassoc LLVM folds z - z to 0)
+@_jit
+def _act_at_infinite_x(z):
+    t = type(z)
+    return z if z > t(0.0) else t(np.nan)  # z * (0 < s <= 1): inf, or -inf * 0
+
+
+@_jit
+def _dact_at_infinite_x(z):
+    return type(z)(np.nan)  # an infinite (or NaN) z: inf * 0 in each derivative
+
+
+def _by_index(functions, at_infinite_x):
+    def typer(z, x, a, slope):
         if isinstance(a, types.IntegerLiteral):
             f = functions[a.literal_value]
-            return lambda z, a, slope: f(z, slope)
+            if a.literal_value < _SMOOTH:
+                return lambda z, x, a, slope: f(z, slope)
+            return lambda z, x, a, slope: f(z, slope) if math.isfinite(x) else at_infinite_x(z)
         return None
     return typer
 
 
-overload(_act, prefer_literal=True)(_by_index(_ACTS))
-overload(_dact, prefer_literal=True)(_by_index(_DACTS))
+overload(_act, prefer_literal=True)(_by_index(_ACTS, _act_at_infinite_x))
+overload(_dact, prefer_literal=True)(_by_index(_DACTS, _dact_at_infinite_x))
 
 
 def per_activation(factory):
@@ -686,7 +706,7 @@ def act_rows(a):
             scc = sc[k, c]
             shc = sh[k, c]
             for j in range(xr.shape[0]):
-                yr[j] = _act((xr[j] - mc) * scc + shc, a, slope)
+                yr[j] = _act((xr[j] - mc) * scc + shc, xr[j], a, slope)
 
     split = split_sums(a)
 
@@ -712,13 +732,13 @@ def act_rows(a):
             if split:
                 g = out[n, c, lo:min(S, lo + L)]
                 for j in range(xr.shape[0]):
-                    g[j] = dyr[j] * _dact((xr[j] - mc) * zsc + zbc, a, slope)
+                    g[j] = dyr[j] * _dact((xr[j] - mc) * zsc + zbc, xr[j], a, slope)
                 s1, s2 = _dsums(g, xr, m64)
             else:
                 s1 = 0.0
                 s2 = 0.0
                 for j in range(xr.shape[0]):
-                    g64 = np.float64(dyr[j] * _dact((xr[j] - mc) * zsc + zbc, a, slope))
+                    g64 = np.float64(dyr[j] * _dact((xr[j] - mc) * zsc + zbc, xr[j], a, slope))
                     s1 += g64
                     s2 += g64 * (np.float64(xr[j]) - m64)
             part[it, 0] = s1
@@ -744,9 +764,13 @@ def act_rows(a):
             Ac = A[k, c]
             Bc = B[k, c]
             Cv = Cc[k, c]
-            for j in range(xr.shape[0]):
-                xm = xr[j] - mc
-                outr[j] = _fma(dyr[j] * _dact(xm * zsc + zbc, a, slope), Ac, xm * Bc + Cv)
+            if Bc == 0 and Cv == 0:  # running statistics: dx = g * A, where (x - m) * 0 would make a NaN x's dx NaN
+                for j in range(xr.shape[0]):
+                    outr[j] = dyr[j] * _dact((xr[j] - mc) * zsc + zbc, xr[j], a, slope) * Ac
+            else:
+                for j in range(xr.shape[0]):
+                    xm = xr[j] - mc
+                    outr[j] = _fma(dyr[j] * _dact(xm * zsc + zbc, xr[j], a, slope), Ac, xm * Bc + Cv)
 
     return forward, sums, dx
 

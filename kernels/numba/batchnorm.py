@@ -1082,11 +1082,12 @@ def _act_flat(a):
     coefficients)."""
 
     @_pjit
-    def apply(y2, slope):
+    def apply(y2, x2, slope):
         for n in prange(y2.shape[0]):
             yr = y2[n]
+            xr = x2[n]
             for j in range(yr.shape[0]):
-                yr[j] = _act(yr[j], a, slope)
+                yr[j] = _act(yr[j], xr[j], a, slope)
 
     @_pjit
     def grad(dy2, x2, m, zs, zb, slope, g2):
@@ -1095,7 +1096,7 @@ def _act_flat(a):
             xr = x2[n]
             gr = g2[n]
             for j in range(xr.shape[0]):
-                gr[j] = dyr[j] * _dact((xr[j] - m[j]) * zs[j] + zb[j], a, slope)
+                gr[j] = dyr[j] * _dact((xr[j] - m[j]) * zs[j] + zb[j], xr[j], a, slope)
 
     return apply, grad
 
@@ -1107,7 +1108,7 @@ def _flat(a):
 def batchnorm_act_forward(x, weight, bias, eps, activation, slope, y, mean, rstd):
     if _act_flat_view(x.shape[0], x.shape[2]):  # see _act_flat
         batchnorm_forward(x, weight, bias, eps, y, mean, rstd)
-        _act_flat(activation)[0](_flat(y), slope)
+        _act_flat(activation)[0](_flat(y), _flat(x), slope)
         return
     _sync_threads(x.size)
     w, hw = _opt(weight, mean)
@@ -1121,7 +1122,7 @@ def batchnorm_act_forward(x, weight, bias, eps, activation, slope, y, mean, rstd
 def channel_act_forward_infer(x, weight, bias, running_mean, running_var, eps, activation, slope, y):
     if _act_flat_view(x.shape[0], x.shape[2]):  # see _act_flat
         channel_forward_infer(x, weight, bias, running_mean, running_var, eps, y)
-        _act_flat(activation)[0](_flat(y), slope)
+        _act_flat(activation)[0](_flat(y), _flat(x), slope)
         return
     _sync_threads(x.size)
     w, hw = _opt(weight, running_mean)

@@ -348,7 +348,7 @@ def _act_sets_forward(a):
                 sct = t(sc)
                 sht = t(sh)
                 for j in range(S):
-                    y[n, c, j] = _act((x[n, c, j] - mk) * sct + sht, a, slope)
+                    y[n, c, j] = _act((x[n, c, j] - mk) * sct + sht, x[n, c, j], a, slope)
 
     return forward
 
@@ -378,14 +378,14 @@ def _act_sets_backward(a):
                 s2 = 0.0
                 if split:  # see split_sums
                     for j in range(S):
-                        dx[n, c, j] = dy[n, c, j] * _dact((x[n, c, j] - mc) * zsc + zbc, a, slope)
+                        dx[n, c, j] = dy[n, c, j] * _dact((x[n, c, j] - mc) * zsc + zbc, x[n, c, j], a, slope)
                     for j in range(S):
                         g64 = np.float64(dx[n, c, j])
                         s1 += g64
                         s2 += g64 * (np.float64(x[n, c, j]) - m64)
                 else:
                     for j in range(S):
-                        gj = dy[n, c, j] * _dact((x[n, c, j] - mc) * zsc + zbc, a, slope)
+                        gj = dy[n, c, j] * _dact((x[n, c, j] - mc) * zsc + zbc, x[n, c, j], a, slope)
                         dx[n, c, j] = gj
                         g64 = np.float64(gj)
                         s1 += g64

@@ -306,7 +306,7 @@ def _ln_act(a):
             rt = t(st[k, 1])
             c0 = t((np.float64(m) - st[k, 0]) * st[k, 1])
             for j in range(xr.shape[0]):
-                yr[j] = _act(((xr[j] - m) * rt + c0) * wr[j] + br[j], a, slope)
+                yr[j] = _act(((xr[j] - m) * rt + c0) * wr[j] + br[j], xr[j], a, slope)
 
     @_pjit
     def backward(dy, x, mean, rstd, w, b, dx, dw, db, want_dw, want_db, slope, pw, pb):
@@ -338,14 +338,14 @@ def _ln_act(a):
                 # (with 16-bit data a float32 weight may carry it past float32's range), from dx where split
                 if split:  # see split_sums
                     for j in range(K):
-                        dxr[j] = dyr[j] * _dact((xr[j] - mk) * rt * w[j] + b[j], a, slope)
+                        dxr[j] = dyr[j] * _dact((xr[j] - mk) * rt * w[j] + b[j], xr[j], a, slope)
                     for j in range(K):
                         gw = np.float64(dxr[j]) * np.float64(w[j])
                         sg += gw
                         sgx += gw * (np.float64(xr[j]) - m64)
                 else:
                     for j in range(K):
-                        g = dyr[j] * _dact((xr[j] - mk) * rt * w[j] + b[j], a, slope)
+                        g = dyr[j] * _dact((xr[j] - mk) * rt * w[j] + b[j], xr[j], a, slope)
                         dxr[j] = g
                         gw = np.float64(g) * np.float64(w[j])
                         sg += gw
