@@ -64,7 +64,7 @@ def _check_words(name: str, what: str, a) -> None:
 
 
 # numba's thread count is per calling thread and shared with the numba backend, whose kernels set it to 1 for
-# small inputs: each loop sets its own (a thread-local check when it is already right)
+# small inputs: each loop sets its own (the bench's tool: the count is left so, where the backend puts it back)
 def copy(src: np.ndarray, dst: np.ndarray) -> None:
     """dst[:] = src, for 1-D word arrays of the same size (:func:`words`)."""
     _check_words("copy", "src", src)

@@ -405,12 +405,15 @@ def lookup(op: str, direction: str, dtype: str, backend: str | None = None,
     if type(dtype) is not str:  # a numpy dtype compares equal to its name but is another key, and errors named it
         raise TypeError(f"{op}: lookup takes the dtype's name (such as 'float32'), got {dtype!r} "
                         f"({type(dtype).__name__})")
-    env = _ANY_ENV if backend is not None or _user_order is not None else _env_backend()
-    if layout == NCHW:
-        result = _resolve(op, direction, dtype, backend)
-    else:
-        result = _resolve_layout(op, direction, dtype, backend, layout)
-    _lookup_cache[(op, direction, dtype, backend, layout)] = (result, env)
+    # resolved and cached under the lock that every change of the order, the threads or the registrations takes
+    # to clear the cache: a lookup in another thread cannot cache what an order set meanwhile has replaced
+    with _lock:
+        env = _ANY_ENV if backend is not None or _user_order is not None else _env_backend()
+        if layout == NCHW:
+            result = _resolve(op, direction, dtype, backend)
+        else:
+            result = _resolve_layout(op, direction, dtype, backend, layout)
+        _lookup_cache[(op, direction, dtype, backend, layout)] = (result, env)
     return result
 
 
@@ -429,22 +432,22 @@ def lookup_address(op: str, direction: str, dtype: str, backend: str | None = No
     hit = _lookup_cache.get((op, direction, dtype, backend, tail))
     if hit is not None and (hit[1] is _ANY_ENV or hit[1] == _env_backend()):
         return hit[0]
-    name = lookup(op, direction, dtype, backend)[0]
-    env = _ANY_ENV if backend is not None or _user_order is not None else _env_backend()
-    key = (op, direction, dtype, ADDRESS)
-    with _lock:
+    with _lock:  # as in lookup
+        name = lookup(op, direction, dtype, backend)[0]
+        env = _ANY_ENV if backend is not None or _user_order is not None else _env_backend()
+        key = (op, direction, dtype, ADDRESS)
         entry = _entry(name)
         spec = _load_spec(entry)
         kernels = _load_kernels(entry) if spec is not None and key in spec.declared_addresses() else None
-    result = None if kernels is None else kernels[key]
-    if layout != NCHW and result is not None:
-        if not SPECS[op].per_channel(direction):
-            result = None
-        else:
-            own = lookup(op, direction, dtype, backend, layout)
-            if own is not None and own[0] != name:
+        result = None if kernels is None else kernels[key]
+        if layout != NCHW and result is not None:
+            if not SPECS[op].per_channel(direction):
                 result = None
-    _lookup_cache[(op, direction, dtype, backend, tail)] = (result, env)
+            else:
+                own = lookup(op, direction, dtype, backend, layout)
+                if own is not None and own[0] != name:
+                    result = None
+        _lookup_cache[(op, direction, dtype, backend, tail)] = (result, env)
     return result
 
 
@@ -472,8 +475,8 @@ def _resolve(op: str, direction: str, dtype: str, backend: str | None) -> tuple[
         raise ValueError(f"unknown op {op!r}; ops are {', '.join(OPS)}")
     if direction not in DIRECTIONS[op]:
         raise ValueError(f"{op} has no direction {direction!r}; it has {', '.join(DIRECTIONS[op])}")
-    order = (backend,) if backend is not None else get_backend_order()
     with _lock:
+        order = (backend,) if backend is not None else get_backend_order()
         wanted = (op, direction, dtype)
         if backend is not None:
             entry = _entry(backend)
@@ -619,6 +622,8 @@ def _apply_threads(n: int) -> None:
 
 
 def get_num_threads() -> int:
+    if _thread_source is not None and _thread_source() != _source_threads:  # followed as it changes, as in lookup
+        _follow_source()
     return _wanted_threads() or _cpus()
 
 

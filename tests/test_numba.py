@@ -66,26 +66,30 @@ def test_lazy_compile_and_second_process_loads_from_cache(tmp_path):
     assert second["seconds"] < first["seconds"]
 
 
-def test_normkit_set_num_threads_reaches_numba():
+def test_normkit_set_num_threads_reaches_the_kernels_not_numbas_setting():
+    """The kernels' loops take normkit's count (tests/test_threads.py runs them); numba's own per-thread count is
+    the user's and stays as it is."""
+    from normkit_kernels.numba import _common
+
     registry.lookup("layernorm", "forward", "float32", "numba")  # loads the backend
-    before = numba.get_num_threads()
+    before, wanted = numba.get_num_threads(), _common._wanted
     try:
         normkit.set_num_threads(1)
-        assert numba.get_num_threads() == 1
+        assert _common._wanted == 1
+        assert numba.get_num_threads() == before
     finally:
-        normkit.set_num_threads(before)
-    assert numba.get_num_threads() == before
+        normkit.set_num_threads(wanted or before)
 
 
 def test_more_threads_than_numba_has_is_clamped():
-    from normkit_kernels.numba import kernels as K
+    from normkit_kernels.numba import _common, kernels as K
 
-    before = numba.get_num_threads()
+    wanted = _common._wanted
     try:
         K.set_num_threads(numba.config.NUMBA_NUM_THREADS + 5)
-        assert numba.get_num_threads() == numba.config.NUMBA_NUM_THREADS
+        assert _common._wanted == numba.config.NUMBA_NUM_THREADS
     finally:
-        numba.set_num_threads(before)
+        _common._wanted = wanted
 
 
 def test_info_names_threading_layer():
@@ -96,26 +100,30 @@ def test_info_names_threading_layer():
     assert "nnan" not in K.INFO["fastmath"] and "ninf" not in K.INFO["fastmath"]
 
 
-def test_thread_count_applies_in_other_python_threads():
-    """numba's thread count is per calling thread; the backend applies normkit's setting in every thread."""
+def test_thread_count_applies_in_other_python_threads(monkeypatch):
+    """numba's thread count is per calling thread; the backend's kernels run their loops on normkit's count in
+    every thread and give the thread's own count back."""
     import threading
 
-    from normkit_kernels.numba import kernels as K
+    from normkit_kernels.numba import _common, kernels as K
 
     x = np.ones((2, 8), np.float32)
-    seen = []
+    used, after = [], []
+    set_for_loops = _common.use_threads
+    monkeypatch.setattr(_common, "use_threads", lambda n: (used.append(n), set_for_loops(n)))
+    monkeypatch.setattr(_common, "_serial_max", 0)  # no one-thread rule for this small input
 
     def work():
         K.KERNELS[("layernorm", "forward", "float32")](x, None, None, 1e-5, np.empty_like(x), np.empty(2, np.float32),
                                                       np.empty(2, np.float32))
-        seen.append(numba.get_num_threads())
+        after.append(numba.get_num_threads())
 
-    before = numba.get_num_threads()
+    wanted = _common._wanted
     try:
         K.set_num_threads(1)
         t = threading.Thread(target=work)
         t.start()
         t.join()
-        assert seen == [1]
+        assert used == [1] and after == [numba.config.NUMBA_NUM_THREADS]
     finally:
-        K.set_num_threads(before)
+        _common._wanted = wanted

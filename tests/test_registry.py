@@ -477,6 +477,33 @@ def test_lookup_cache_follows_the_order_and_registrations(monkeypatch):
             normkit.unregister_backend("cached")
 
 
+def test_an_order_set_during_a_lookup_in_another_thread_is_not_lost(monkeypatch):
+    """A lookup resolves and caches under the registry's lock, which set_backend_order takes to clear the cache: an
+    order set by another thread while a lookup resolves applies to every lookup after it (the lookup's result was
+    cached after the resolution, outside the lock, so the old order's backend came back until the next change)."""
+    import threading
+
+    monkeypatch.delenv("NORMKIT_BACKEND", raising=False)
+    resolve = registry._resolve
+    setter = threading.Thread(target=normkit.set_backend_order, args=(["reference"],))
+
+    def resolve_while_another_thread_sets_the_order(*args):
+        result = resolve(*args)
+        setter.start()
+        setter.join(0.5)  # it waits for the lock (it ran to the end before the fix)
+        return result
+
+    normkit.set_backend_order(["cython"])
+    try:
+        monkeypatch.setattr(registry, "_resolve", resolve_while_another_thread_sets_the_order)
+        assert registry.lookup("layernorm", "forward", "float64")[0] == "cython"
+        setter.join()
+        monkeypatch.setattr(registry, "_resolve", resolve)
+        assert registry.lookup("layernorm", "forward", "float64")[0] == "reference"
+    finally:
+        normkit.set_backend_order(None)
+
+
 # --- run-time registration -------------------------------------------------------------------------------------
 
 def test_register_backend_dispatches_and_unregisters():

@@ -143,8 +143,8 @@ def test_thread_settings_unchanged(backend, torch_first):
             assert not changed, f"{backend}: OpenMP max threads changed from 1 ({when.replace('_', ' ')}): {changed}"
     for direction, what, err in r["errors"]:
         assert err <= TOL[("float32", direction)], f"{backend}: {what} off by {err:.3g}"
-    if backend == "numba":
-        assert r["numba_threads"] == nk_threads, "normkit.set_num_threads did not reach numba's kernels"
+    if backend == "numba":  # the process's default (NUMBA_NUM_THREADS above); tested further below
+        assert r["numba_threads"] == 2, "normkit changed numba's thread count"
 
 
 def _serial_limit_setter(backend):
@@ -211,6 +211,7 @@ x = torch.randn(64, 1024)
 seen = {}
 for step, threads in (("one", 1), ("n", n)):
     torch.set_num_threads(threads)
+    seen[step + " before a call"] = normkit.get_num_threads()  # followed without a kernel call in between
     nkt.layer_norm(x, (1024,), backend="cython")
     seen[step] = [normkit.get_num_threads(), given[-1]]
 normkit.set_num_threads(1)  # the user's choice holds whatever torch does next
@@ -230,7 +231,40 @@ def test_normkit_torch_follows_torchs_thread_count_until_set_num_threads():
     out = subprocess.run([sys.executable, "-c", FOLLOW, str(n)], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr
     seen = json.loads(out.stdout.strip().splitlines()[-1])
-    assert seen == {"one": [1, 1], "n": [n, n], "explicit": [1, 1]}
+    assert seen == {"one before a call": 1, "one": [1, 1], "n before a call": n, "n": [n, n], "explicit": [1, 1]}
+
+
+NUMBA_COUNT = r"""
+import numba, numpy as np, normkit
+from normkit_kernels.numba import _common
+
+used = []
+set_for_loops = _common.use_threads
+_common.use_threads = lambda n: (used.append(n), set_for_loops(n))  # what the kernels' loops run on
+gn = normkit.get("gn")
+small, large = np.ones((2, 8, 4, 4), np.float32), np.ones((8, 64, 32, 32), np.float32)
+seen = []
+for user, nk in ((1, 2), (2, 1)):
+    numba.set_num_threads(user)
+    normkit.set_num_threads(nk)
+    for x in (large, small):
+        used.clear()
+        gn(x, num_groups=4, backend="numba")
+        seen.append((used[-1], numba.get_num_threads()))
+print(seen)
+"""
+
+
+def test_numba_thread_count_stays_the_callers():
+    """numba's thread count is per calling thread, and the user's: the numba backend's kernels run their loops on
+    normkit's count (one thread for small inputs) and give the caller's count back; normkit.set_num_threads
+    reaches the kernels, whatever numba's count is."""
+    if "numba" not in BACKENDS or len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("needs the Numba backend and two CPUs")
+    env = dict(os.environ, NUMBA_NUM_THREADS="2", NORMKIT_SERIAL_MAX_VALUES="32768")  # (conftest's is 0)
+    out = subprocess.run([sys.executable, "-c", NUMBA_COUNT], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "[(2, 1), (1, 1), (1, 2), (1, 2)]"
 
 
 FORK = r"""

@@ -23,6 +23,7 @@ from llvmlite import ir
 from numba import njit, prange
 from numba.core import cgutils, config, types
 from numba.extending import intrinsic, overload
+from numba.np.ufunc import parallel as _parallel
 from numba.np.ufunc.parallel import _launch_threads
 
 from normkit.contract import serial_max_values
@@ -280,10 +281,11 @@ def _opt(a, like):
 
 # --- threads ----------------------------------------------------------------------------------------------------
 
-# numba's thread count is per calling thread: remember the wanted count and apply it in whichever thread calls a
-# kernel (a threading.local check costs far less than numba.get_num_threads()).
+# numba's thread count is per calling thread, and it is the user's setting (numba.set_num_threads), not normkit's:
+# a kernel sets the count it wants in the calling thread (_sync_threads) and the backend's entry points put the
+# caller's back afterwards (in_callers_threads). The threading layer's own get and set (~0.1 and ~0.2 us; numba's
+# public ones check their argument first, ~1 us) are bound when the layer starts, which this module does at import.
 _wanted: int | None = None
-_applied = threading.local()
 
 
 # A kernel given at most this many values runs on one thread (normkit.contract.serial_max_values)
@@ -291,11 +293,23 @@ _serial_max = serial_max_values()
 
 
 def use_threads(n: int) -> None:
-    """numba's thread count for the calling thread, set only when it changes. Everything in normkit that runs
-    numba's parallel loops (these kernels, normkit.ceiling) goes through here, so that the record stays true."""
-    if getattr(_applied, "n", None) != n:
-        numba.set_num_threads(n)
-        _applied.n = n
+    """numba's thread count for the calling thread, set only when it differs."""
+    if _parallel._get_num_threads() != n:
+        _parallel._set_num_threads(n)
+
+
+def in_callers_threads(kernel):
+    """``kernel`` with the calling thread's numba thread count as it was before the call put back after it."""
+    def run(*args):
+        before = _parallel._get_num_threads()
+        try:
+            return kernel(*args)
+        finally:
+            if _parallel._get_num_threads() != before:
+                _parallel._set_num_threads(before)
+    run.__name__ = run.__qualname__ = kernel.__name__
+    run.__doc__ = kernel.__doc__
+    return run
 
 
 def _sync_threads(values: int) -> None:
@@ -306,7 +320,6 @@ def _sync_threads(values: int) -> None:
 def set_num_threads(n: int) -> None:
     global _wanted
     _wanted = min(n, config.NUMBA_NUM_THREADS)
-    use_threads(_wanted)
 
 
 def set_serial_max_values(n: int | None) -> None:

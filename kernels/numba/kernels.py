@@ -27,9 +27,9 @@ output element once (through the float64 kernel where float32 coefficients would
 wrappers below view the contract's uint16 bit arrays as the numba type that names the format (uint16 for
 bfloat16, int16 for float16).
 
-Threads: normkit's thread count (set_num_threads) is numba's, per calling thread; numba's threading layer is
-started when this backend loads, and it leaves PyTorch's and OpenMP's thread settings as they were (see
-_common.py).
+Threads: normkit's thread count (set_num_threads) is the numba thread count each kernel sets in the calling thread
+for its own parallel loops, the caller's count put back when it returns; numba's threading layer is started when
+this backend loads, and it leaves PyTorch's and OpenMP's thread settings as they were (see _common.py).
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ from normkit import half
 from normkit.contract import DATA_ARGS, OUTPUTS, PER_CHANNEL, SPECS, kernel_table, on_columns
 
 from . import _common
-from ._common import CACHE, FASTMATH, THREADING_LAYER, set_num_threads
+from ._common import CACHE, FASTMATH, THREADING_LAYER, in_callers_threads, set_num_threads
 from .batchnorm import (batchnorm_act_backward, batchnorm_act_forward, batchnorm_apply, batchnorm_backward,
                         batchnorm_backward_apply, batchnorm_backward_reduce, batchnorm_forward, batchnorm_stats,
                         channel_act_backward_infer, channel_act_forward_infer, channel_backward_infer,
@@ -219,3 +219,5 @@ KERNELS.update({(op, direction, dtype, "nhwc"): on_columns(SPECS[op], direction,
                 for op, direction in PER_CHANNEL for dtype in ("float32", "float64")})
 KERNELS.update({(op, direction, dtype, "nhwc"): f for (op, direction), f in NHWC.items()
                 for dtype in ("float32", "float64")})
+# numba's thread count, which the kernels set for themselves, is the caller's again after each call (_common.py)
+KERNELS = {key: in_callers_threads(f) for key, f in KERNELS.items()}
