@@ -215,12 +215,12 @@ def _dims(shape) -> str:
 # --- building cases from user options --------------------------------------------------------------------------
 
 def parse_shape(text: str) -> tuple[int, ...]:
-    """``"8,256,56,56"``, ``"8x256x56x56"``, ``"(8, 256, 56, 56)"`` -> ``(8, 256, 56, 56)``."""
-    parts = [p for p in re.split(r"[,x\s]+", text.strip().strip("()[]").strip()) if p]
-    try:
-        shape = tuple(int(p) for p in parts)
-    except ValueError:
-        raise ValueError(f"shape must be integers separated by commas, like 8,256,56,56; got {text!r}") from None
+    """``"8,256,56,56"``, ``"8x256x56x56"``, ``"(8, 256, 56, 56)"`` -> ``(8, 256, 56, 56)``: digits only between
+    the separators (``int()`` would take ``2_0`` as 20), none of them empty."""
+    parts = re.split(r"\s*[,x]\s*|\s+", text.strip().strip("()[]").strip())
+    if not all(p.isascii() and p.isdigit() for p in parts):
+        raise ValueError(f"shape must be integers separated by commas, like 8,256,56,56; got {text!r}")
+    shape = tuple(int(p) for p in parts)
     check_shape(shape)
     return shape
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import click
 
 import normkit
@@ -89,6 +91,17 @@ def _shape_option(ctx, param, value):
         raise click.BadParameter(str(exc)) from None
 
 
+def _output_option(ctx, param, value):
+    """A file to write after the benchmark: its directory must exist and be writable now, not after the run."""
+    if value is not None:
+        folder = os.path.dirname(os.path.abspath(value))
+        if not os.path.isdir(folder):
+            raise click.BadParameter(f"directory {folder!r} does not exist")
+        if not os.access(folder, os.W_OK) or (os.path.exists(value) and not os.access(value, os.W_OK)):
+            raise click.BadParameter(f"{value!r} is not writable")
+    return value
+
+
 def _backend_option(ctx, param, values):
     from normkit import bench
 
@@ -125,8 +138,9 @@ def _backend_option(ctx, param, values):
 @click.option("--compile", "compiled", is_flag=True,
               help="Add torch.compile'd torch.nn.functional calls (inductor's C++; needs PyTorch and a C++ compiler; "
                    "compilation is not timed) as a second peer, and each backend's ratio to the faster of the two.")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Also write the results here as JSON.")
-@click.option("--plot", "plot_path", type=click.Path(dir_okay=False),
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), callback=_output_option,
+              help="Also write the results here as JSON.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), callback=_output_option,
               help="Also draw GB/s against the copy ceiling here (.png, .svg, .pdf; needs normkit[plot]).")
 @click.option("--model", metavar="NAME", help="Instead of the kernels, time a training and an inference step of a "
               "model from normkit.torch.models (resnet, unet, transformer, transformer_rms, or all) with torch.nn's "
@@ -187,6 +201,9 @@ def bench_command(op, shape, groups, case_set, dtype, backends, direction, threa
                                  baseline=not no_torch, compile=compiled, layout=layout, progress=progress)
         except ValueError as exc:  # e.g. --layout nhwc with no case that has a layout
             raise click.UsageError(str(exc)) from None
+        except MemoryError:
+            raise click.ClickException("the arrays of these shapes do not fit in this machine's memory; try a "
+                                       "smaller --shape") from None
         except bench.BenchError as exc:
             raise click.ClickException(f"{exc}\ninstalled backends: {', '.join(registry.get_backend_order())}; "
                                        f"try --backend reference") from None

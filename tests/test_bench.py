@@ -165,7 +165,7 @@ def test_parse_shape(text):
     assert cases.parse_shape(text) == (8, 256, 56, 56)
 
 
-@pytest.mark.parametrize("text", ["8", "8,a", "8,0,3", "", "8,-1"])
+@pytest.mark.parametrize("text", ["8", "8,a", "8,0,3", "", "8,-1", "2,,4", "2,8,", "2_0,8", "8,4.5"])
 def test_parse_shape_rejects(text):
     with pytest.raises(ValueError, match="shape"):
         cases.parse_shape(text)
@@ -440,6 +440,9 @@ def test_cli_threads(monkeypatch):
     (["--direction", "sideways"], "Invalid value for '--direction'"),
     (["--threads", "100000"], "Invalid value for '--threads': set_num_threads: 100000 threads requested"),
     (["--repeat", "0"], "Invalid value for '--repeat'"),
+    (["--shape", "2,,4"], "Invalid value for '--shape': shape must be integers separated by commas"),
+    (["--json", "/nonexistent-normkit-dir/out.json"],
+     "Invalid value for '--json': directory '/nonexistent-normkit-dir' does not exist"),
     (["--dtype", "float8"],
      "Invalid value for '--dtype': 'float8' is not one of 'float32', 'float64', 'bfloat16', 'float16'"),
 ])
@@ -448,6 +451,12 @@ def test_cli_usage_errors(args, message):
     assert result.exit_code == 2, result.output
     assert message in " ".join(result.output.split()), result.output
     assert "Traceback" not in result.output
+
+
+def test_cli_shape_beyond_memory_is_a_clear_error():
+    result = run("--op", "ln", "--shape", "99999999,99999,9999", "--repeat", "3", "--no-torch")
+    assert result.exit_code == 1, result.output
+    assert "do not fit in this machine's memory" in result.output and "Traceback" not in result.output
 
 
 def test_cli_lists_installed_backends_for_an_unknown_one():
