@@ -80,6 +80,14 @@ def derivative(act: int, z: np.ndarray, slope: float) -> np.ndarray:
     return (s + z * 2.0 * s * (1.0 - s) * _TANH_C * (1.0 + 3.0 * _TANH_K * z * z)).astype(z.dtype)
 
 
+def gradient(act: int, dy: np.ndarray, z: np.ndarray, slope: float) -> np.ndarray:
+    """dy * act'(z) as torch's backward computes it: relu's is a select (its threshold_backward), so a unit whose
+    z <= 0 passes 0 even where dy is NaN or infinite; the others multiply."""
+    if ACTIVATIONS[act] == "relu":
+        return np.where(z <= 0, dy.dtype.type(0.0), dy)
+    return dy * derivative(act, z, slope)
+
+
 def _z(spec, direction: str, v: dict, work) -> np.ndarray:
     """The plain forward's output (before the activation) recomputed from x, the statistics, weight and bias."""
     x = v["x"]
@@ -99,9 +107,9 @@ def _z(spec, direction: str, v: dict, work) -> np.ndarray:
 
 def compose(plain_kernel, op: str, direction: str, exact: bool = False):
     """The ``direction`` (an ``act_`` one) kernel of ``op`` made of ``plain_kernel``, the plain direction's, and the
-    functions above: forward applies the activation to the plain output, backward hands ``dy * act'(z)`` to the
-    plain backward. ``exact`` (the reference): everything in float64 and each output rounded once; otherwise in the
-    kernel's dtype (float32 or float64)."""
+    functions above: forward applies the activation to the plain output, backward hands ``dy * act'(z)``
+    (:func:`gradient`) to the plain backward. ``exact`` (the reference): everything in float64 and each output
+    rounded once; otherwise in the kernel's dtype (float32 or float64)."""
     spec = SPECS[op]
     plain = plain_direction(direction)
     names, plain_names = spec.args(direction), spec.args(plain)
@@ -120,7 +128,7 @@ def compose(plain_kernel, op: str, direction: str, exact: bool = False):
             v = dict(zip(names, args))
             work = np.float64 if exact else v["x"].dtype
             with np.errstate(over="ignore", invalid="ignore"):
-                g = v["dy"].astype(work) * derivative(v["activation"], _z(spec, plain, v, work), v["slope"])
+                g = gradient(v["activation"], v["dy"].astype(work), _z(spec, plain, v, work), v["slope"])
             v["dy"] = g
             plain_kernel(*(v[n] for n in plain_names))
 

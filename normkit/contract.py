@@ -91,7 +91,8 @@ Each plain direction ``d`` among forward, forward_infer, backward, backward_infe
   where ``z`` is recomputed from x, the given statistics, weight and bias rather than saved.
 
 Derivatives, at z: relu ``0 if z <= 0 else 1``; leaky_relu ``1 if z > 0 else slope`` (both as torch's, also for a NaN z,
-whose set is NaN anyway: relu passes dy there, leaky_relu scales it by the slope); silu ``s * (1 + z * (1 - s))`` with
+whose set is NaN anyway: relu passes dy there, leaky_relu scales it by the slope; and relu's ``g`` is a select, as
+torch's backward: 0 where z <= 0 even for a NaN or infinite dy); silu ``s * (1 + z * (1 - s))`` with
 ``s = sigmoid(z)``; gelu (erf) ``Phi(z) + z * phi(z)``; gelu_tanh that of ``0.5 * z * (1 + tanh(sqrt(2/pi) * (z +
 0.044715 * z**3)))`` (torch's ``approximate="tanh"``). ``z`` is computed in the kernel's working precision (float32 at
 least) and ``y`` rounded once; accuracy as the plain direction's, except that relu's and leaky_relu's derivative jumps

@@ -84,6 +84,33 @@ def test_derivative_at_nan_is_torchs(name):
         np.testing.assert_allclose(db, bt.grad.numpy(), rtol=1e-6, err_msg=backend)
 
 
+@pytest.mark.parametrize("training", [True, False])
+def test_relu_passes_no_nan_from_an_inactive_unit(training):
+    """torch's relu backward is a select (threshold_backward): a unit with z <= 0 passes 0 even where grad_output
+    is NaN, so the rest of its set keeps finite gradients; normkit's took dy * 0 = NaN there, which spread to
+    the whole set (training) and to dbias, in every backend."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((4, 3, 8)).astype(np.float32)
+    dy = rng.standard_normal(x.shape).astype(np.float32)
+    w, b = np.ones(3, np.float32), np.zeros(3, np.float32)
+    rm, rv = (None, None) if training else (np.zeros(3, np.float32), np.ones(3, np.float32))
+    xt, bt = torch.tensor(x, dtype=torch.float64, requires_grad=True), torch.zeros(3, dtype=torch.float64,
+                                                                                requires_grad=True)
+    z = F.batch_norm(xt, None if training else torch.tensor(rm, dtype=torch.float64),
+                     None if training else torch.tensor(rv, dtype=torch.float64), torch.ones(3, dtype=torch.float64),
+                     bt, training=training)
+    inactive = tuple(np.argwhere(z.detach().numpy()[:, 1] <= 0)[0])  # a unit of channel 1 that relu turns off
+    dy[:, 1][inactive] = np.nan
+    F.relu(z).backward(torch.tensor(dy, dtype=torch.float64))
+    assert np.isfinite(xt.grad.numpy()).all() and np.isfinite(bt.grad.numpy()).all()
+    bn = normkit.get("bn")
+    for backend in ("reference", "cython", "numba"):
+        _, saved = bn.forward(x, rm, rv, w, b, training=training, activation="relu", backend=backend)
+        dx, _, db = bn.backward(dy, x, saved, rm, rv, w, b, training=training, activation="relu", backend=backend)
+        np.testing.assert_allclose(dx, xt.grad.numpy(), rtol=1e-4, atol=1e-5, err_msg=backend)
+        np.testing.assert_allclose(db, bt.grad.numpy(), rtol=1e-5, err_msg=backend)
+
+
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
 @pytest.mark.parametrize("name", ACTIVATIONS)
 def test_nonfinite_input_in_inference_gives_torchs_gradients(name, bad):

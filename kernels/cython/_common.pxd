@@ -490,8 +490,8 @@ cdef extern from *:
     }
 
     /* out[i] = dy[i] * act'(Z) for i < n, Z as in NORMKIT_ACT_OF, in one loop (the argument is not stored first).
-       relu's dy - dy is the reference's dy * 0: NaN for a NaN or inf dy (with -fno-signed-zeros gcc folds dy * 0
-       to 0), and a NaN z passes dy, as torch's relu backward does (leaky_relu's gives the slope, as torch's);
+       relu's is a select, as torch's backward (threshold_backward): 0 where z <= 0 whatever dy is (NaN too), and
+       a NaN z passes dy (leaky_relu's multiplies, the slope at a NaN z, as torch's);
        gelu_tanh's d/dz z sigmoid(2u) = s + 2 z s (1 - s) u', and beyond |z| = 1e4 s (1 - s) is 0 and z*z would
        overflow into 0 * inf. The clamp that keeps it finite there would give a NaN z, and an infinite one from an
        infinite x, a finite derivative: they give NaN, as in torch (a z that overflowed from a finite x, the limit) */
@@ -499,7 +499,7 @@ cdef extern from *:
         Py_ssize_t i;                                                                                       \
         float z, s, t, g, c, q;                                                                             \
         switch (act) {                                                                                      \
-        case 0: for (i = 0; i < n; i++) { z = (Z); out[i] = z <= 0.0f ? dy[i] - dy[i] : dy[i]; } break;     \
+        case 0: for (i = 0; i < n; i++) { z = (Z); out[i] = z <= 0.0f ? 0.0f : dy[i]; } break;              \
         case 1: for (i = 0; i < n; i++) { z = (Z); out[i] = z > 0.0f ? dy[i] : dy[i] * slope; } break;      \
         case 2:                                                                                             \
             for (i = 0; i < n; i++) {                                                                       \
@@ -566,7 +566,7 @@ cdef extern from *:
         for (i = 0; i < n; i++) {
             v = z[i];
             switch (act) {
-            case 0: z[i] = v <= 0.0 ? dy[i] - dy[i] : dy[i]; break;
+            case 0: z[i] = v <= 0.0 ? 0.0 : dy[i]; break;
             case 1: z[i] = v > 0.0 ? dy[i] : dy[i] * slope; break;
             case 2: s = normkit_sigmoid_d(v); z[i] = dy[i] * (s * (1.0 + v * (1.0 - s))); break;
             case 3:

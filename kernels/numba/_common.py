@@ -540,9 +540,9 @@ def _phi_impl(z):
 # it, in gelu_tanh's derivative) the term would be inf * 0 = NaN, where the float64 reference, whose z is finite,
 # gets the limit (the conformance kit's overflow data, 16-bit weights near 1e38). An infinite z from an infinite x
 # is the reference's too, and there silu, gelu and gelu_tanh give torch's (and the reference's) NaN: at -inf, and
-# in the derivative at either end; so _act and _dact take the x that z came from.
+# in the derivative at either end; so _act and _gact take the x that z came from.
 
-# One function per activation and per derivative; _act / _dact pick one by the constant index ``a`` (the act_ loops'
+# One function per activation and per derivative; _act / _gact pick one by the constant index ``a`` (the act_ loops'
 # closures hold it, which numba types as a literal), so that a first call compiles that activation only: one
 # function branching on ``a`` compiled all five (with the exp, erf and tanh helpers) in every act_ kernel, 0.5 s.
 
@@ -630,8 +630,9 @@ def _act(z, x, a, slope):
     value x; a NaN z stays NaN."""
 
 
-def _dact(z, x, a, slope):
-    """act'(z) in z's dtype, for a constant ``a``, z computed from the input value x."""
+def _gact(dy, z, x, a, slope):
+    """dy * act'(z) in z's dtype, for a constant ``a``, z computed from the input value x; relu's a select, as
+    torch's backward: 0 where z <= 0 whatever dy is."""
 
 
 _SMOOTH = 2  # silu and after in _ACTS: inf * 0 in their formulas
@@ -649,19 +650,33 @@ def _dact_at_infinite_x(z):
     return type(z)(np.nan)  # an infinite (or NaN) z: inf * 0 in each derivative
 
 
-def _by_index(functions, at_infinite_x):
-    def typer(z, x, a, slope):
-        if isinstance(a, types.IntegerLiteral):
-            f = functions[a.literal_value]
-            if a.literal_value < _SMOOTH:
-                return lambda z, x, a, slope: f(z, slope)
-            return lambda z, x, a, slope: f(z, slope) if math.isfinite(x) else at_infinite_x(z)
-        return None
-    return typer
+@_jit
+def _relu_gradient(dy, z):
+    return type(dy)(0.0) if z <= type(z)(0.0) else dy
 
 
-overload(_act, prefer_literal=True)(_by_index(_ACTS, _act_at_infinite_x))
-overload(_dact, prefer_literal=True)(_by_index(_DACTS, _dact_at_infinite_x))
+def _act_typer(z, x, a, slope):
+    if isinstance(a, types.IntegerLiteral):
+        f = _ACTS[a.literal_value]
+        if a.literal_value < _SMOOTH:
+            return lambda z, x, a, slope: f(z, slope)
+        return lambda z, x, a, slope: f(z, slope) if math.isfinite(x) else _act_at_infinite_x(z)
+    return None
+
+
+def _gact_typer(dy, z, x, a, slope):
+    if isinstance(a, types.IntegerLiteral):
+        f = _DACTS[a.literal_value]
+        if a.literal_value == 0:
+            return lambda dy, z, x, a, slope: _relu_gradient(dy, z)
+        if a.literal_value < _SMOOTH:
+            return lambda dy, z, x, a, slope: dy * f(z, slope)
+        return lambda dy, z, x, a, slope: dy * (f(z, slope) if math.isfinite(x) else _dact_at_infinite_x(z))
+    return None
+
+
+overload(_act, prefer_literal=True)(_act_typer)
+overload(_gact, prefer_literal=True)(_gact_typer)
 
 
 def per_activation(factory):
@@ -745,13 +760,13 @@ def act_rows(a):
             if split:
                 g = out[n, c, lo:min(S, lo + L)]
                 for j in range(xr.shape[0]):
-                    g[j] = dyr[j] * _dact((xr[j] - mc) * zsc + zbc, xr[j], a, slope)
+                    g[j] = _gact(dyr[j], (xr[j] - mc) * zsc + zbc, xr[j], a, slope)
                 s1, s2 = _dsums(g, xr, m64)
             else:
                 s1 = 0.0
                 s2 = 0.0
                 for j in range(xr.shape[0]):
-                    g64 = np.float64(dyr[j] * _dact((xr[j] - mc) * zsc + zbc, xr[j], a, slope))
+                    g64 = np.float64(_gact(dyr[j], (xr[j] - mc) * zsc + zbc, xr[j], a, slope))
                     s1 += g64
                     s2 += g64 * (np.float64(xr[j]) - m64)
             part[it, 0] = s1
@@ -779,11 +794,11 @@ def act_rows(a):
             Cv = Cc[k, c]
             if Bc == 0 and Cv == 0:  # running statistics: dx = g * A, where (x - m) * 0 would make a NaN x's dx NaN
                 for j in range(xr.shape[0]):
-                    outr[j] = dyr[j] * _dact((xr[j] - mc) * zsc + zbc, xr[j], a, slope) * Ac
+                    outr[j] = _gact(dyr[j], (xr[j] - mc) * zsc + zbc, xr[j], a, slope) * Ac
             else:
                 for j in range(xr.shape[0]):
                     xm = xr[j] - mc
-                    outr[j] = _fma(dyr[j] * _dact(xm * zsc + zbc, xr[j], a, slope), Ac, xm * Bc + Cv)
+                    outr[j] = _fma(_gact(dyr[j], xm * zsc + zbc, xr[j], a, slope), Ac, xm * Bc + Cv)
 
     return forward, sums, dx
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 from numba import prange
 
-from ._common import (BLOCK, MIN_SETS, TARGET_ITEMS, _act, _cdiv, _clear, _dact, _dsums, _dx, _finish, _jit, _opt,
+from ._common import (BLOCK, MIN_SETS, TARGET_ITEMS, _act, _cdiv, _clear, _dsums, _dx, _finish, _gact, _jit, _opt,
                       _param_grads, _pivot, _pjit, _prefetch, _row_split, _sjit, _sums, _sync_threads, act_rows,
                       per_activation, row_split)
 from ._dtype16 import narrow, widen
@@ -1096,7 +1096,7 @@ def _act_flat(a):
             xr = x2[n]
             gr = g2[n]
             for j in range(xr.shape[0]):
-                gr[j] = dyr[j] * _dact((xr[j] - m[j]) * zs[j] + zb[j], xr[j], a, slope)
+                gr[j] = _gact(dyr[j], (xr[j] - m[j]) * zs[j] + zb[j], xr[j], a, slope)
 
     return apply, grad
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 from numba import prange
 
-from ._common import (_act, _cdiv, _dact, _dsums, _dx, _finish, _fma, _jit, _npieces, _opt,
+from ._common import (_act, _cdiv, _dsums, _dx, _finish, _fma, _gact, _jit, _npieces, _opt,
                       _param_grads, _pivot, _pjit, _row_split, _row_stats, _sums, _sync_threads, act_rows, npieces,
                       per_activation, split_sums)
 from ._dtype16 import narrow, widen
@@ -378,14 +378,14 @@ def _act_sets_backward(a):
                 s2 = 0.0
                 if split:  # see split_sums
                     for j in range(S):
-                        dx[n, c, j] = dy[n, c, j] * _dact((x[n, c, j] - mc) * zsc + zbc, x[n, c, j], a, slope)
+                        dx[n, c, j] = _gact(dy[n, c, j], (x[n, c, j] - mc) * zsc + zbc, x[n, c, j], a, slope)
                     for j in range(S):
                         g64 = np.float64(dx[n, c, j])
                         s1 += g64
                         s2 += g64 * (np.float64(x[n, c, j]) - m64)
                 else:
                     for j in range(S):
-                        gj = dy[n, c, j] * _dact((x[n, c, j] - mc) * zsc + zbc, x[n, c, j], a, slope)
+                        gj = _gact(dy[n, c, j], (x[n, c, j] - mc) * zsc + zbc, x[n, c, j], a, slope)
                         dx[n, c, j] = gj
                         g64 = np.float64(gj)
                         s1 += g64

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 from numba import prange
 
-from ._common import (BLOCK, PIECE, TARGET_ITEMS, _act, _cdiv, _clear, _dact, _finish, _fma, _jit,
+from ._common import (BLOCK, PIECE, TARGET_ITEMS, _act, _cdiv, _clear, _finish, _fma, _gact, _jit,
                       _npieces, _ones, _opt, _pivot, _pjit, _row_grad_sums, _row_stats, _store, _sums, _sync_threads,
                       _zeros, npieces, per_activation, split_sums, work_arrays)
 from ._dtype16 import narrow, widen
@@ -338,14 +338,14 @@ def _ln_act(a):
                 # (with 16-bit data a float32 weight may carry it past float32's range), from dx where split
                 if split:  # see split_sums
                     for j in range(K):
-                        dxr[j] = dyr[j] * _dact((xr[j] - mk) * rt * w[j] + b[j], xr[j], a, slope)
+                        dxr[j] = _gact(dyr[j], (xr[j] - mk) * rt * w[j] + b[j], xr[j], a, slope)
                     for j in range(K):
                         gw = np.float64(dxr[j]) * np.float64(w[j])
                         sg += gw
                         sgx += gw * (np.float64(xr[j]) - m64)
                 else:
                     for j in range(K):
-                        g = dyr[j] * _dact((xr[j] - mk) * rt * w[j] + b[j], xr[j], a, slope)
+                        g = _gact(dyr[j], (xr[j] - mk) * rt * w[j] + b[j], xr[j], a, slope)
                         dxr[j] = g
                         gw = np.float64(g) * np.float64(w[j])
                         sg += gw
