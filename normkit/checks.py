@@ -142,7 +142,10 @@ def normalized_shape(op: str, value) -> tuple:
     if isinstance(value, numbers.Integral) and not isinstance(value, bool):
         value = (int(value),)
     try:
-        if isinstance(value, (str, bytes)) or any(isinstance(d, bool) for d in value):
+        if isinstance(value, (str, bytes)):
+            raise TypeError
+        value = tuple(value)
+        if any(isinstance(d, bool) for d in value):  # an int to operator.index, not to torch
             raise TypeError
         value = tuple(operator.index(d) for d in value)  # integers only: int() would truncate 5.9 to 5
     except (TypeError, ValueError):

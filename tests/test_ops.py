@@ -106,6 +106,7 @@ BAD_CALLS = [
      r"layernorm: weight must have shape \(3, 3\), got \(9,\)"),
     ("ln", (x4(), "3"), {}, TypeError, r"layernorm: normalized_shape must be an int or a tuple of ints, got str"),
     ("ln", (x4(), None), {}, TypeError, r"layernorm: normalized_shape must be an int or a tuple of ints, got NoneType"),
+    ("ln", (x4(), (3.0,)), {}, TypeError, r"layernorm: normalized_shape must be an int or a tuple of ints, got tuple"),
     ("gn", (np.ones((2, 4, 3), np.int64), 2), {}, TypeError,
      r"groupnorm: input must be float32, float64, bfloat16 or float16, got dtype int64"),
     ("gn", (np.ones((2, 4, 3), np.complex128), 2), {}, TypeError, r"got dtype complex128"),
