@@ -156,6 +156,17 @@ def normalized_shape(op: str, value) -> tuple:
     return value
 
 
+def ends_with(shape_: tuple, normalized) -> bool:
+    """Whether ``normalized`` is what a module passes, a non-empty tuple of ints that ``shape_`` ends with: the
+    frontends' short path, which skips :func:`normalized_shape` and :func:`trailing` (a float equals the int it
+    holds, so (5.0,) would pass the comparison alone)."""
+    return type(normalized) is tuple and normalized and shape_[-len(normalized):] == normalized \
+        and _INT.issuperset(map(type, normalized))  # (a third of all()'s time over a generator)
+
+
+_INT = frozenset((int,))
+
+
 def trailing(op: str, shape_: tuple, normalized: tuple) -> None:
     if len(shape_) < len(normalized) or tuple(shape_[len(shape_) - len(normalized):]) != normalized:
         raise ArgumentError(f"{op}: input of shape {tuple(shape_)} does not end with normalized_shape {normalized}")

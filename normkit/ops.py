@@ -498,9 +498,7 @@ class _RowOp(Op):
 
     def _check(self, x, normalized_shape, weight, bias=None):
         op = self.name
-        if (type(normalized_shape) is tuple and normalized_shape and type(x) is np.ndarray
-                and x.shape[-len(normalized_shape):] == normalized_shape
-                and all(type(d) is int for d in normalized_shape)):  # (5.0,) == (5,) too
+        if type(x) is np.ndarray and checks.ends_with(x.shape, normalized_shape):
             x = as_input(op, "input", x, min_ndim=len(normalized_shape))  # the short path: a tuple x ends with
         else:
             normalized_shape = checks.normalized_shape(op, normalized_shape)

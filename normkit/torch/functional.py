@@ -1192,17 +1192,10 @@ def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5, *, backend=N
 group_norm.__doc__ = """:func:`torch.nn.functional.group_norm` computed by normkit.""" + _ACTIVATION_DOC
 
 
-def _ends_with(x: Tensor, normalized_shape) -> bool:
-    """What a module passes: its own tuple of ints, which the input's shape ends with (a float equals the int it
-    holds, so (5.0,) would pass the comparison where torch refuses it)."""
-    return type(normalized_shape) is tuple and normalized_shape \
-        and x.shape[-len(normalized_shape):] == normalized_shape and all(type(d) is int for d in normalized_shape)
-
-
 def _row_plain(x, normalized_shape, eps, *params) -> bool:
     """:func:`_plain` for the row ops, given a module's normalized_shape (a tuple the input ends with)."""
     try:
-        return type(x) is Tensor and type(eps) is float and _ends_with(x, normalized_shape) \
+        return type(x) is Tensor and type(eps) is float and checks.ends_with(x.shape, normalized_shape) \
             and _plain(x, normalized_shape, *params)
     except RuntimeError:  # a strided nested tensor, which has no shape: the checks name it
         return False
@@ -1210,7 +1203,7 @@ def _row_plain(x, normalized_shape, eps, *params) -> bool:
 
 def _row_input(op: str, input, normalized_shape) -> tuple[Tensor, tuple]:
     x = _input(op, input, min_ndim=1)
-    if _ends_with(x, normalized_shape):
+    if checks.ends_with(x.shape, normalized_shape):
         return x, normalized_shape
     shape = checks.normalized_shape(op, normalized_shape)
     checks.shape(op, "input", x.shape, len(shape), strict=False)
