@@ -32,7 +32,7 @@ import numpy as np
 
 from . import activation as _activation, checks, registry
 from .alloc import empty as _empty
-from .running import update_running
+from .running import batch_variance, numpy_variance, update_running
 from .contract import ACT_PREFIX, HALF_DTYPES, NHWC, SPECS, OpSpec, on_columns, stat_dtype
 
 
@@ -359,7 +359,8 @@ class _ChannelOp(Op):
             else:
                 y, saved = self._forward(cl, kshape, None, weight, bias, eps, backend, nhwc=True, act=act)
             if running_mean is not None:
-                update_running(running_mean, running_var, saved.mean, saved.rstd, eps, count, momentum)
+                var = batch_variance(saved.rstd, eps, count, numpy_variance(x, spec.sets == "instance"))
+                update_running(running_mean, running_var, saved.mean, var, momentum)
             return _output(y, x.shape, cl), saved
         if running_mean is None:
             raise checks.missing_running(op, spec.training_flag)

@@ -2,24 +2,53 @@
 
 from __future__ import annotations
 
+from typing import Callable, Optional
+
 import numpy as np
+
+# 1/rstd^2 - eps is trusted where it is at least this fraction of eps: there the float32 rounding of rstd (a
+# relative error of ~5e-7 in 1/rstd^2, i.e. of var + eps) is at most ~1e-5 of var.
+_TRUSTED = 1.0 / 16.0
+
+
+def batch_variance(batch_rstd: np.ndarray, eps: float, count: int,
+                   exact: Optional[Callable[[np.ndarray], np.ndarray]]) -> np.ndarray:
+    """The unbiased variance of each set, float64, from the saved ``rstd`` (the kernels' contract saves rstd, not
+    the variance).
+
+    ``var = 1/rstd^2 - eps`` cancels where var is not well above eps (var 1e-10 with eps 1e-3 would be +57%, and
+    eps = inf gives NaN): for the channels holding such a set, ``exact(channels)`` recomputes the biased variance
+    from the data (an index array in, the variances of those channels out, shaped as ``batch_rstd[..., channels]``),
+    so that running_var is torch's also for nearly constant channels. That costs one more pass over those channels
+    only. ``exact=None`` (a traced graph, where data-dependent indexing has no place) keeps the cancelled value.
+    """
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        var = 1.0 / np.square(batch_rstd.astype(np.float64)) - eps
+        doubtful = ~(var >= eps * _TRUSTED)  # NaN included
+    if exact is not None and doubtful.any():
+        channels = np.flatnonzero(doubtful if doubtful.ndim == 1 else doubtful.any(axis=0))
+        var[..., channels] = exact(channels)
+    return np.maximum(var, 0.0) * (count / (count - 1))
+
+
+def numpy_variance(x: np.ndarray, per_instance: bool) -> Callable[[np.ndarray], np.ndarray]:
+    """:func:`batch_variance`'s ``exact`` for an (N, C, *spatial) array of any layout and float dtype."""
+    def exact(channels: np.ndarray) -> np.ndarray:
+        axes = tuple(range(2, x.ndim)) if per_instance else (0, *range(2, x.ndim))
+        return np.take(x, channels, axis=1).astype(np.float64).var(axis=axes)  # two passes: mean, then deviations
+    return exact
 
 
 def update_running(running_mean: np.ndarray, running_var: np.ndarray, batch_mean: np.ndarray,
-                   batch_rstd: np.ndarray, eps: float, count: int, momentum: float) -> None:
-    """PyTorch's convention: running = (1 - momentum) * running + momentum * batch, unbiased batch variance.
+                   batch_var: np.ndarray, momentum: float) -> None:
+    """PyTorch's convention: running = (1 - momentum) * running + momentum * batch, ``batch_var`` unbiased (from
+    :func:`batch_variance`).
 
-    ``batch_mean``/``batch_rstd`` have the channel as their last axis; leading axes (instances) are averaged.
-    The biased variance is recovered from rstd in float64; it is clamped at 0 because rounding of rstd can make
-    1/rstd^2 - eps slightly negative when var << eps. Shared by both frontends' eager paths.
-
-    Its error is that of rstd's rounding to the statistics' dtype: relative to var + eps (float32: ~1e-7 of it),
-    which is all that normalizing with the running statistics reads. The stored running_var itself is off by up
-    to that much, so where var is far below eps (var 1e-10 with eps 1e-3: +57%, where torch keeps it) the buffer
-    is not torch's, while the outputs computed from it are. The kernels' contract saves rstd, not the variance.
+    ``batch_mean``/``batch_var`` have the channel as their last axis; leading axes (instances) are averaged.
+    Shared by both frontends' eager paths.
     """
-    var = np.maximum(1.0 / np.square(batch_rstd.astype(np.float64)) - eps, 0.0) * (count / (count - 1))
     mean = batch_mean.astype(np.float64)
+    var = batch_var
     if mean.ndim == 2:
         mean, var = mean.mean(axis=0), var.mean(axis=0)
     # 16-bit buffers (float16, bfloat16) are read in float64, so that the update rounds once, to their own dtype

@@ -7,7 +7,7 @@ import re
 
 import numpy as np
 import pytest
-from support import OPS, copy_args, op_args
+from support import BACKENDS, OPS, copy_args, op_args
 
 import normkit
 from normkit.contract import SPECS
@@ -192,6 +192,35 @@ def test_running_stats_follow_pytorch_over_several_steps(rng):
             tfn(torch.from_numpy(x), trm, trv, momentum=0.3, **flag)
         np.testing.assert_allclose(rm, trm.numpy(), rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(rv, trv.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def _nearly_constant_channels(rng, layout, dtype):
+    """(4, 5, 6, 3) data whose channels have variances 1, 1e-10, 0, 9e-6 and 1e4 around offsets up to 1e3."""
+    scale = np.array([1.0, 1e-5, 0.0, 3e-3, 1e2])
+    x = rng.standard_normal((4, 6, 3, 5)) * scale + np.array([0.0, 1.0, 3.0, -2.0, 1e3])  # NHWC
+    x = x.astype(dtype).transpose(0, 3, 1, 2)
+    return x if layout == "nhwc" else np.ascontiguousarray(x)
+
+
+@pytest.mark.parametrize("backend", ("reference",) + BACKENDS)
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+def test_running_var_of_nearly_constant_channels(backend, dtype, layout, rng):
+    """running_var is the batch's unbiased variance also where it is far below eps (var 1e-10 with eps 1e-3, a
+    constant channel, eps 10), where 1/rstd^2 - eps, from the saved float32 rstd, is cancellation noise."""
+    if dtype == "bfloat16":
+        dtype = pytest.importorskip("ml_dtypes").bfloat16
+    x = _nearly_constant_channels(rng, layout, dtype)
+    x0 = x.copy()
+    x64 = x.astype(np.float64)
+    for op, flag, axes in (("bn", "training", (0, 2, 3)), ("in", "use_input_stats", (2, 3))):
+        want = x64.var(axis=axes, ddof=1)
+        want = want if want.ndim == 1 else want.mean(axis=0)
+        for eps in (1e-3, 10.0):
+            rm, rv = np.zeros(5, np.float32), np.ones(5, np.float32)
+            normkit.get(op)(x, rm, rv, momentum=1.0, eps=eps, backend=backend, **{flag: True})
+            np.testing.assert_allclose(rv, want, rtol=2e-5, atol=0, err_msg=f"{op} eps={eps}")
+    np.testing.assert_array_equal(x, x0)
 
 
 def test_saved_inference_stats_do_not_alias_running_buffers():

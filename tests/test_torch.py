@@ -317,6 +317,28 @@ def test_saved_statistics_do_not_alias_the_running_ones():
 
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("buffers", [torch.float32, torch.bfloat16])
+def test_running_var_of_nearly_constant_channels(dtype, buffers):
+    """running_var is torch's also where the batch variance is far below eps (var 1e-10 with eps 1e-3, a constant
+    channel, eps = inf), where 1/rstd^2 - eps, from the saved float32 rstd, is cancellation noise; channels-last
+    and contiguous inputs, and buffers NumPy updates (float32) or torch does (bfloat16)."""
+    g = torch.Generator().manual_seed(0)
+    scale = torch.tensor([1.0, 1e-5, 0.0, 3e-3, 1e2], dtype=torch.float64)[:, None, None]
+    offset = torch.tensor([0.0, 1.0, 3.0, -2.0, 1e3], dtype=torch.float64)[:, None, None]
+    x = (torch.randn(4, 5, 6, 3, generator=g, dtype=torch.float64) * scale + offset).to(dtype)
+    for xin in (x, x.contiguous(memory_format=torch.channels_last)):
+        for fn, flag in ((F.batch_norm, "training"), (F.instance_norm, "use_input_stats")):
+            for eps in (1e-3, float("inf")):
+                rv64 = torch.ones(5, dtype=torch.float64)
+                fn(x.double(), torch.zeros(5, dtype=torch.float64), rv64, momentum=1.0, eps=eps, **{flag: True})
+                rv = torch.ones(5, dtype=buffers)
+                getattr(nt, fn.__name__)(xin, torch.zeros(5, dtype=buffers), rv, momentum=1.0, eps=eps,
+                                         **{flag: True})
+                tol = 2e-5 if buffers == torch.float32 else 8e-3
+                torch.testing.assert_close(rv.double(), rv64, rtol=tol, atol=0, msg=f"{fn.__name__} eps={eps}")
+
+
 def _strided_copy(t: torch.Tensor) -> torch.Tensor:
     """t's values in a non-contiguous tensor (every other element of a buffer twice the size)."""
     return torch.zeros((*t.shape[:-1], 2 * t.shape[-1]), dtype=t.dtype)[..., ::2].copy_(t)

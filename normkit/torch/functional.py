@@ -54,7 +54,7 @@ from .. import alloc, checks, registry
 from .. import activation as _activation
 from ..contract import ACT_PREFIX, ACTIVATIONS, NHWC, SPECS, OpSpec, on_columns
 from ..ops import fused_kernel
-from ..running import update_running
+from ..running import batch_variance, update_running
 from . import differentiable
 
 __all__ = ["add_layer_norm", "add_rms_norm", "batch_norm", "group_norm", "instance_norm", "layer_norm", "rms_norm"]
@@ -608,7 +608,7 @@ class _Call:
                                            self.act, self.plain)
         if self.update:
             _update_running_now(self.running_mean, self.running_var, self.mean, self.rstd, self.eps, self.count,
-                                self.momentum)
+                                self.momentum, x, self.spec.sets == "instance")
         return y
 
 
@@ -616,15 +616,25 @@ _NUMPY_RUNNING = (torch.float32, torch.float64)
 
 
 def _update_running_now(running_mean: Tensor, running_var: Tensor, mean: np.ndarray, rstd: np.ndarray, eps: float,
-                        count: int, momentum: float) -> None:
+                        count: int, momentum: float, x: Tensor, per_instance: bool) -> None:
     """The eager update: NumPy on the buffers' own memory (a few µs on (C,) vectors where torch operations cost
     tens), except for dtypes NumPy lacks. The buffers are written, so their views come from ``numpy()``, which never
     copies (``numpy(force=True)`` could)."""
+    var = batch_variance(rstd, eps, count, _exact_variance(x, per_instance))
     if running_mean.dtype in _NUMPY_RUNNING and running_var.dtype in _NUMPY_RUNNING:
-        update_running(_writable(running_mean), _writable(running_var), mean, rstd, eps, count, momentum)
+        update_running(_writable(running_mean), _writable(running_var), mean, var, momentum)
     else:
-        _update_running_traced(running_mean, running_var, torch.from_numpy(mean), torch.from_numpy(rstd), eps,
-                               count, momentum)
+        _update_running_traced(running_mean, running_var, torch.from_numpy(mean), torch.from_numpy(var), momentum)
+
+
+def _exact_variance(x: Tensor, per_instance: bool):
+    """:func:`normkit.running.batch_variance`'s ``exact`` for an (N, C, *spatial) tensor."""
+    def exact(channels: np.ndarray) -> np.ndarray:
+        dims = list(range(2, x.dim())) if per_instance else [0, *range(2, x.dim())]
+        with torch.no_grad():
+            part = x.detach().index_select(1, torch.from_numpy(channels)).double()
+            return part.var(dim=dims, unbiased=False).numpy()
+    return exact
 
 
 def _param_grads(dw: Optional[Tensor], db: Optional[Tensor], weight_dtype, bias_dtype):
@@ -1048,12 +1058,11 @@ def _check_layer_backward(dy, x, mean, rstd, normalized_shape, weight, spec=_LN)
     return shape
 
 
-def _update_running_traced(running_mean: Tensor, running_var: Tensor, mean: Tensor, rstd: Tensor, eps: float,
-                           count: int, momentum: float) -> None:
-    """:func:`normkit.running.update_running` in torch operations, for torch.compile to trace."""
+def _update_running_traced(running_mean: Tensor, running_var: Tensor, mean: Tensor, var: Tensor,
+                           momentum: float) -> None:
+    """:func:`normkit.running.update_running` in torch operations, for torch.compile to trace; ``var`` unbiased."""
     with torch.no_grad():
-        var = (rstd.double().pow(-2) - eps).clamp_min(0.0) * (count / (count - 1))
-        mean = mean.double()
+        mean, var = mean.double(), var.double()
         if mean.dim() == 2:
             mean, var = mean.mean(0), var.mean(0)
         running_mean.copy_((1.0 - momentum) * running_mean.double() + momentum * mean)
@@ -1104,7 +1113,9 @@ def _channel(spec: OpSpec, custom_op, input, running_mean, running_var, weight, 
     if compiling:
         if update:
             y, mean, rstd = custom_op(x, weight, bias, None, None, True, eps, backend, *_op_args(act))
-            _update_running_traced(running_mean, running_var, mean, rstd, eps, count, momentum)
+            # the variance from rstd alone: a graph has no data-dependent recomputation (running.batch_variance)
+            var = (rstd.double().pow(-2) - eps).clamp_min(0.0) * (count / (count - 1))
+            _update_running_traced(running_mean, running_var, mean, var, momentum)
             return y
         return custom_op(x, weight, bias, running_mean, running_var, batch_stats, eps, backend, *_op_args(act))[0]
     call = _Call(spec, eps, 0, (n, c, s), (c,), running_mean, running_var, batch_stats, update, count, momentum,
