@@ -195,9 +195,26 @@ def _dist_name(ep: metadata.EntryPoint) -> str:
         return ""
 
 
+_FLAG_OFF = ("", "0", "false", "no", "off")
+_FLAG_ON = ("1", "true", "yes", "on")
+
+
+def _plugins_disabled() -> bool:
+    """NORMKIT_DISABLE_PLUGINS read as a switch: 1 / true / yes / on disable plugins, unset, empty, 0 / false / no /
+    off do not (any case); another value disables them too, with a warning that says how it was read."""
+    value = os.environ.get("NORMKIT_DISABLE_PLUGINS", "").strip().lower()
+    if value in _FLAG_OFF:
+        return False
+    if value not in _FLAG_ON:
+        warnings.warn(f"normkit: NORMKIT_DISABLE_PLUGINS={os.environ['NORMKIT_DISABLE_PLUGINS']!r} is not one of "
+                      f"{', '.join(_FLAG_ON)} or {', '.join(v for v in _FLAG_OFF if v)}; read as set: plugins are "
+                      f"disabled", RuntimeWarning, stacklevel=2)
+    return True
+
+
 def _scan() -> dict[str, _Entry]:
     """Read entry point names and packages; imports nothing."""
-    only_builtins = os.environ.get("NORMKIT_DISABLE_PLUGINS", "") not in ("", "0")
+    only_builtins = _plugins_disabled()
     entries: dict[str, _Entry] = {}
     for ep in metadata.entry_points(group=GROUP):
         package = _dist_name(ep)
@@ -294,7 +311,7 @@ def _load_kernels(entry: _Entry) -> dict | None:
 def _entry(name: str) -> _Entry:
     entries = _all()
     if name not in entries:
-        hint = " (plugins are disabled by NORMKIT_DISABLE_PLUGINS)" if os.environ.get("NORMKIT_DISABLE_PLUGINS") else ""
+        hint = " (plugins are disabled by NORMKIT_DISABLE_PLUGINS)" if _plugins_disabled() else ""
         raise UnknownBackendError(
             f"unknown backend {name!r}{hint}; installed backends: {', '.join(sorted(entries)) or 'none'}"
         )
@@ -326,13 +343,19 @@ def _parse_order(names: Sequence[str], source: str) -> tuple[str, ...]:
     return tuple(names)
 
 
+_env_warned = None  # the NORMKIT_BACKEND value (and installed backends) last warned about
+
+
 def _env_order() -> tuple[str, ...]:
     """NORMKIT_BACKEND, minus names that are not installed: an environment variable left over from an
     uninstalled plugin (or naming a plugin that NORMKIT_DISABLE_PLUGINS hides) must not break every op."""
-    names = [n.strip() for n in os.environ.get("NORMKIT_BACKEND", "").split(",") if n.strip()]
+    global _env_warned
+    raw = os.environ.get("NORMKIT_BACKEND", "")
+    names = [n.strip() for n in raw.split(",") if n.strip()]
     entries = _all()
     unknown = [n for n in names if n not in entries]
-    if unknown:
+    if unknown and (raw, tuple(entries)) != _env_warned:  # once per value (every lookup reads the order)
+        _env_warned = (raw, tuple(entries))
         warnings.warn(
             f"normkit: NORMKIT_BACKEND names unknown backend(s) {', '.join(map(repr, unknown))}, ignored; "
             f"installed backends: {', '.join(sorted(entries))}",

@@ -314,6 +314,20 @@ def test_disable_plugins_loads_builtins_only(plugins, monkeypatch):
     assert "fakehidden" in normkit.get_backend_order()
 
 
+def test_disable_plugins_is_read_as_a_switch(plugins, monkeypatch):
+    plugins.add("fakeswitch")
+    for value, disabled in (("false", False), ("No", False), (" off ", False), ("0", False), ("", False),
+                            ("true", True), ("YES", True), ("on", True)):
+        monkeypatch.setenv("NORMKIT_DISABLE_PLUGINS", value)
+        registry.refresh()
+        assert ("fakeswitch" not in normkit.get_backend_order()) is disabled, value
+    monkeypatch.setenv("NORMKIT_DISABLE_PLUGINS", "maybe")
+    registry.refresh()
+    with pytest.warns(RuntimeWarning, match="NORMKIT_DISABLE_PLUGINS='maybe' is not one of 1, true, yes, on or 0, "
+                                            "false, no, off; read as set: plugins are disabled"):
+        assert "fakeswitch" not in normkit.get_backend_order()
+
+
 def test_disable_plugins_in_a_fresh_process(plugins):
     plugins.add("fakehidden2")
     out = run_subprocess("import normkit; print(','.join(normkit.get_backend_order()))",
@@ -340,6 +354,20 @@ def test_normkit_backend_env_var_with_unknown_names_warns_and_is_ignored(monkeyp
     with pytest.warns(RuntimeWarning, match="NORMKIT_BACKEND names unknown backend.*'nosuch'.*installed backends: "):
         order = normkit.get_backend_order()
     assert order[0] == "reference" and "nosuch" not in order
+
+
+def test_normkit_backend_env_var_warns_once_per_value(monkeypatch, recwarn):
+    """Every lookup reads the order: one warning for a value, not one per call site."""
+    monkeypatch.setenv("NORMKIT_BACKEND", "nosuch_once,reference")
+    x = np.ones((2, 4, 3), np.float32)
+    for _ in range(3):
+        normkit.get_backend_order()
+        normkit.get("ln")(x, (3,))
+        normkit.get("gn")(x, 2)
+    assert [str(w.message).count("nosuch_once") for w in recwarn.list] == [1]
+    monkeypatch.setenv("NORMKIT_BACKEND", "nosuch_twice,reference")
+    with pytest.warns(RuntimeWarning, match="nosuch_twice"):
+        normkit.get_backend_order()
 
 
 def test_normkit_backend_env_var_in_a_fresh_process():
