@@ -323,6 +323,44 @@ def test_torch_jit_trace_records_the_norms(mode):
         torch.testing.assert_close(traced(x), model(x), rtol=1e-5, atol=1e-5)
 
 
+class _OwnRMSNorm(torch.nn.Module):
+    def __init__(self, n):
+        super().__init__()
+        self.weight, self.eps = torch.nn.Parameter(torch.ones(n)), 1e-6
+
+    def forward(self, x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+@pytest.mark.parametrize("fuse", [False, True])
+def test_torch_jit_script_names_normkit_and_what_to_use(fuse):
+    """TorchScript cannot compile a kernel call: every normkit module says so and what works instead (its own error
+    named normkit's internal signatures), before compiling anything, and the model is left as it was; the reverted
+    model scripts."""
+    torch.manual_seed(0)
+    layers = [torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.ReLU(), torch.nn.GroupNorm(2, 8),
+              torch.nn.InstanceNorm2d(8), torch.nn.Flatten(), torch.nn.LayerNorm(8 * 6 * 6),
+              torch.nn.RMSNorm(8 * 6 * 6), _OwnRMSNorm(8 * 6 * 6)]
+    model = nt.convert(torch.nn.Sequential(*layers), fuse=fuse,
+                       rmsnorm_classes={_OwnRMSNorm: nt.RMSNormSemantics()}).eval()
+    classes = [type(m) for m in model.modules()]
+    with pytest.raises(RuntimeError, match=r"torch.jit.script: BatchNorm2d is normkit's, whose kernels TorchScript "
+                                           r"cannot compile; use torch.compile or torch.jit.trace on the model, or "
+                                           r"script normkit.torch.revert\(model\)"):
+        torch.jit.script(model)
+    assert [type(m) for m in model.modules()] == classes
+    for m in (nt.GroupNorm(2, 8), nt.LayerNorm(4), nt.RMSNorm(4), nt.InstanceNorm2d(3), nt.BatchRenorm2d(3),
+              nt.GhostBatchNorm2d(3, virtual_batch_size=2), nt.BatchNormalization(3), nt.SyncBatchNorm(3),
+              model[-1]):
+        with pytest.raises(RuntimeError, match=f"torch.jit.script: {type(m).__name__} is normkit's"):
+            torch.jit.script(torch.nn.Sequential(m))
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        want = model(x)
+        torch.testing.assert_close(torch.jit.script(nt.revert(model))(x), want, rtol=1e-5, atol=1e-5)
+
+
 def test_second_order_uses_the_forwards_running_statistics():
     """Eval-mode batch_norm under create_graph: the running statistics of the forward call, even when a training
     step moves the buffers before the backward."""

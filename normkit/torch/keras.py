@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from .. import keras as _keras
 from . import differentiable
+from .modules import NotScriptable
 
 __all__ = ["BatchNormalization"]
 
@@ -92,7 +93,7 @@ class _CoreSetting:
             module._core.built = False
 
 
-class BatchNormalization(nn.Module):
+class BatchNormalization(NotScriptable, nn.Module):
     """tf_keras 2.21's ``BatchNormalization`` (non-fused) as a torch.nn.Module: Keras's constructor arguments, with
     ``axis=1`` by default (channels of NCHW inputs) and ``num_features`` the size of that axis.
 

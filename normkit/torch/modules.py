@@ -33,7 +33,18 @@ __all__ = [
 ]
 
 
-class _Activation:
+class NotScriptable:
+    """Every normkit module: ``torch.jit.script`` cannot compile a kernel called from Python, and without this its
+    error names normkit's internal signatures. ``__prepare_scriptable__`` is the hook it calls on each module before
+    compiling; a module returned from it would replace this one inside the user's model, so it refuses instead."""
+
+    def __prepare_scriptable__(self):
+        raise RuntimeError(f"torch.jit.script: {type(self).__name__} is normkit's, whose kernels TorchScript cannot "
+                           f"compile; use torch.compile or torch.jit.trace on the model, or script "
+                           f"normkit.torch.revert(model)")
+
+
+class _Activation(NotScriptable):
     """The ``activation`` and ``negative_slope`` keyword arguments of the norms that fuse one. Class attributes
     give the default (none) to modules :func:`convert` switched the class of, which never ran this ``__init__``.
     ``_normalize(input, activation, negative_slope)`` is the forward with another activation: what a call site
@@ -134,7 +145,7 @@ class _LayerNormForward(_Activation):
                           activation=activation, negative_slope=negative_slope)
 
 
-class _RMSNormForward:
+class _RMSNormForward(NotScriptable):
     backend = None
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
@@ -211,7 +222,7 @@ class RMSNormSemantics:
             raise ValueError(f"convert: {cls} has no tensor in attribute {self.weight!r} (RMSNormSemantics.weight)")
 
 
-class _DeclaredRMSNormForward:
+class _DeclaredRMSNormForward(NotScriptable):
     """forward of a user's RMSNorm class converted with its RMSNormSemantics (``_normkit_semantics``)."""
 
     backend = None

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from .. import keras as _keras
 from . import differentiable
 from .functional import batch_norm
+from .modules import NotScriptable
 
 __all__ = ["BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d", "GhostBatchNorm1d", "GhostBatchNorm2d",
            "GhostBatchNorm3d"]
@@ -49,7 +50,7 @@ class _CoreTrain(torch.autograd.Function):
         return torch.from_numpy(dx), dw, db, None, None
 
 
-class _RenormGhostForward:
+class _RenormGhostForward(NotScriptable):
     """forward of BatchRenorm*d and GhostBatchNorm*d: the shared core in training, torch's batch_norm in eval."""
 
     _renorm = False

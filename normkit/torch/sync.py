@@ -30,6 +30,7 @@ from ..split import (Stats, apply_coefficients, backward_coefficients, batchnorm
                      batchnorm_backward_reduce, batchnorm_stats, merge_stats)
 from . import differentiable
 from .functional import _input, _np, _params, batch_norm
+from .modules import NotScriptable
 
 __all__ = ["SyncBatchNorm", "convert_sync_batchnorm"]
 
@@ -113,7 +114,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         return dx, dw, db, None, None, None, None, None, None
 
 
-class SyncBatchNorm(_BatchNorm):
+class SyncBatchNorm(NotScriptable, _BatchNorm):
     """:class:`torch.nn.SyncBatchNorm` for CPU tensors, computed by normkit's split kernels (float32/float64).
 
     Same constructor, parameters, buffers, ``state_dict`` and ``repr`` as torch's, but not a subclass of it:
