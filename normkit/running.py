@@ -22,10 +22,11 @@ def batch_variance(batch_rstd: np.ndarray, eps: float, count: int,
     so that running_var is torch's also for nearly constant channels. That costs one more pass over those channels
     only. ``exact=None`` (a traced graph, where data-dependent indexing has no place) keeps the cancelled value.
     """
-    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        var = 1.0 / np.square(batch_rstd.astype(np.float64)) - eps
-        doubtful = ~(var >= eps * _TRUSTED)  # NaN included
-    if exact is not None and doubtful.any():
+    with np.errstate(divide="ignore", invalid="ignore"):  # rstd 0 (eps = inf): inf - inf, recomputed below
+        var = 1.0 / np.square(batch_rstd, dtype=np.float64) - eps
+    trusted = eps * _TRUSTED
+    if exact is not None and not var.min() >= trusted:  # (NaN: not)
+        doubtful = ~(var >= trusted)
         channels = np.flatnonzero(doubtful if doubtful.ndim == 1 else doubtful.any(axis=0))
         var[..., channels] = exact(channels)
     return np.maximum(var, 0.0) * (count / (count - 1))
