@@ -5,6 +5,8 @@ test_backends.py, test_reference.py and the conformance kit cover rmsnorm's plai
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -353,6 +355,24 @@ def test_convert_declared_rmsnorm_class(dtype):
         torch.testing.assert_close(a, b, **tol)
     nt.revert(model)
     assert type(model[1]) is ToyRMSNorm
+
+
+def test_declared_rmsnorm_class_pickles_and_copies():
+    """The declared class is made at run time: a whole model pickles (torch.save / torch.load) and deep-copies,
+    and comes back converted, with its own parameters, computing the same."""
+    import io
+
+    model = torch.nn.Sequential(torch.nn.Linear(16, 16), ToyRMSNorm(16))
+    nt.convert(model, rmsnorm_classes={ToyRMSNorm: LLAMA})
+    x = torch.randn(3, 16)
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    for twin in (torch.load(buf, weights_only=False), copy.deepcopy(model)):
+        assert type(twin[1]) is type(model[1]) and twin[1].weight is not model[1].weight
+        torch.testing.assert_close(twin(x), model(x), rtol=0, atol=0)
+        nt.revert(twin)
+        assert type(twin[1]) is ToyRMSNorm and type(model[1]) is not ToyRMSNorm
 
 
 def test_convert_declared_class_errors():

@@ -241,6 +241,17 @@ class _DeclaredRMSNormForward(NotScriptable):
         y = rms_norm(input.to(compute), shape, None, float(eps), backend=self.backend).to(input.dtype)
         return y if weight is None else weight * y
 
+    def __reduce_ex__(self, protocol):
+        # the class is made at run time, so pickle cannot find it by name: it is made again on loading, from the
+        # user's class (found by name as in the unconverted model) and the semantics; the state is the module's own
+        return _declared_instance, (self._normkit_original, self._normkit_semantics), self.__dict__
+
+
+def _declared_instance(cls: type, semantics: RMSNormSemantics) -> nn.Module:
+    """An empty instance of ``_declared_class(cls, semantics)``, for pickle to give the module's state."""
+    declared = _declared_class(cls, semantics)
+    return declared.__new__(declared)
+
 
 _declared_classes: dict = {}
 
