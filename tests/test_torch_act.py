@@ -852,6 +852,44 @@ def test_convert_fuse_refuses_what_a_fifth_fuzz_found_frozen():
     _FEATURES.clear()
 
 
+_SCRIPT = """
+data = torch.Generator().manual_seed(0)  # a training script's generator: a global of the forward's file
+
+
+class Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return F.relu(self.bn(x))
+
+
+class Draws(Block):
+    def forward(self, x):
+        h = F.relu(self.bn(x))
+        return h + torch.rand(1, generator=data)
+"""
+
+
+def test_convert_fuse_with_a_global_torch_generator(tmp_path):
+    """A torch.Generator among the forward's globals: its state was taken by Tensor.numpy while that was watched
+    as the forward's value read, so nothing in the file fused ("uses Tensor.numpy"). It fuses; a forward that does
+    draw from it is still refused, and the generator's state is put back."""
+    path = tmp_path / "user_script_with_generator.py"
+    path.write_text("import torch\nimport torch.nn.functional as F\nfrom torch import nn\n" + _SCRIPT)
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    model = nn.ModuleList([script.Block(), script.Draws()])
+    state = script.data.get_state()
+    nt.convert(model, fuse=True)
+    report = nt.fusion_report(model)
+    assert [f.norm for f in report.fused] == ["0.bn"] and list(report.not_traced) == ["1"], report
+    assert "its forward uses rand" in report.not_traced["1"]
+    assert torch.equal(script.data.get_state(), state)
+
+
 class _Instantiating(dict):  # transformers' ACT2FN: a global whose items are made when looked up
     def __getitem__(self, key):
         return super().__getitem__(key)()

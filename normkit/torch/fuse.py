@@ -605,9 +605,14 @@ def _filled(cell) -> bool:
     return True
 
 
+# Tensor.numpy as torch defines it: _watch patches the class's to note a forward's value reads, and the states that
+# _rng_state takes while it is patched are normkit's bookkeeping, not the forward's
+_tensor_numpy = torch.Tensor.numpy
+
+
 def _rng_state(generator) -> bytes:
     if isinstance(generator, torch.Generator):
-        return generator.get_state().numpy().tobytes()
+        return _tensor_numpy(generator.get_state()).tobytes()
     if isinstance(generator, np.random.Generator):
         return pickle.dumps(generator.bit_generator.state)
     return pickle.dumps(generator.get_state() if isinstance(generator, np.random.RandomState) else generator.getstate())
