@@ -605,6 +605,33 @@ def test_torch_compile_matches_eager():
     _assert_close_to_scale(compiled(x), model(x), "eval output")
 
 
+def test_row_ops_on_nested_and_complex_inputs_are_torchs():
+    """Inputs normkit has no kernels for, where torch computes: nested tensors in layer_norm / rms_norm (jagged, as
+    variable-length batches; strided, as nn.TransformerEncoder makes them) and complex rms_norm. They run torch's
+    function: its values and gradients, and its errors where it refuses."""
+    g = torch.Generator().manual_seed(0)
+    rows = [torch.randn(3, 5, generator=g), torch.randn(2, 5, generator=g)]
+    w, b = torch.randn(5, generator=g), torch.randn(5, generator=g)
+    jagged = torch.nested.nested_tensor(rows, layout=torch.jagged)
+    with warnings.catch_warnings():  # torch's: strided nested tensors are a prototype
+        warnings.simplefilter("ignore")
+        strided = torch.nested.nested_tensor(rows)
+    for x in (jagged, strided):
+        for got, want in ((nt.layer_norm(x, (5,), w, b), F.layer_norm(x, (5,), w, b)),
+                          (nt.LayerNorm(5).eval()(x), torch.nn.LayerNorm(5).eval()(x))):
+            for a, e in zip(got.unbind(), want.unbind()):
+                torch.testing.assert_close(a, e, rtol=0, atol=0)
+    for a, e in zip(nt.rms_norm(jagged, (5,), w).unbind(), F.rms_norm(jagged, (5,), w).unbind()):
+        torch.testing.assert_close(a, e, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="NestedTensor layer_norm requires weight and bias"):  # torch's refusal
+        nt.layer_norm(strided, (5,))
+    xc = torch.randn(4, 5, dtype=torch.complex64, generator=g, requires_grad=True)
+    y = nt.rms_norm(xc, (5,), w)
+    torch.testing.assert_close(y, F.rms_norm(xc, (5,), w), rtol=0, atol=0)
+    y.abs().sum().backward()
+    assert xc.grad is not None and xc.grad.dtype == torch.complex64
+
+
 # --- errors ----------------------------------------------------------------------------------------------------
 
 def test_errors_name_op_argument_expectation_and_what_came():
@@ -625,14 +652,12 @@ def test_errors_name_op_argument_expectation_and_what_came():
     with pytest.raises(TypeError, match=r"layernorm: weight must be a dense tensor, got a sparse_coo tensor"):
         nt.layer_norm(x, (5,), torch.ones(5).to_sparse())
     jagged = torch.nested.nested_tensor([torch.randn(3, 5), torch.randn(2, 5)], layout=torch.jagged)
-    with pytest.raises(TypeError, match=r"rmsnorm: input must be a dense tensor, got a nested tensor"):
-        nt.rms_norm(jagged, (5,))
     with warnings.catch_warnings():  # torch's: strided nested tensors are a prototype
         warnings.simplefilter("ignore")
         strided = torch.nested.nested_tensor([torch.randn(3, 5), torch.randn(2, 5)])
-    # it has no shape, which the common case's looks read first
-    for call in (lambda: nt.layer_norm(strided, (5,)), lambda: nt.group_norm(strided, 1),
-                 lambda: nt.batch_norm(strided, None, None, training=True)):
+    # the channel ops: torch has no answer either; a strided one has no shape, which the common case's looks read
+    for call in (lambda: nt.group_norm(strided, 1), lambda: nt.batch_norm(strided, None, None, training=True),
+                 lambda: nt.instance_norm(jagged)):
         with pytest.raises(TypeError, match=r"norm: input must be a dense tensor, got a nested tensor"):
             call()
     with pytest.raises(ValueError, match=r"batchnorm: input must have shape \(N, C\) or \(N, C, \*spatial\), got "

@@ -1212,6 +1212,13 @@ def _row_plain(x, normalized_shape, eps, *params) -> bool:
         return False
 
 
+def _torch_computes(input, op: str) -> bool:
+    """Inputs of the row ops that normkit has no kernels for and torch computes: nested tensors, jagged or strided
+    (the batches of variable-length sequences that nn.TransformerEncoder makes), and complex data for RMSNorm. They
+    run torch's function, as a drop-in replacement must (also where torch refuses some of them: torch's error)."""
+    return isinstance(input, Tensor) and (input.is_nested or op == "rmsnorm" and input.is_complex())
+
+
 def _row_input(op: str, input, normalized_shape) -> tuple[Tensor, tuple]:
     x = _input(op, input, min_ndim=1)
     if checks.ends_with(x.shape, normalized_shape):
@@ -1232,6 +1239,9 @@ def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5, *, bac
     plain = not compiling and _row_plain(input, normalized_shape, eps, weight, bias)
     if plain:
         x, shape = input, normalized_shape
+    elif _torch_computes(input, op):
+        return differentiable.activation(F.layer_norm(input, normalized_shape, weight, bias, eps),
+                                         _act(op, activation, negative_slope))
     else:
         x, shape = _row_input(op, input, normalized_shape)
         weight, bias = _params(op, x, shape, weight, bias)
@@ -1263,6 +1273,8 @@ def rms_norm(input, normalized_shape, weight=None, eps=None, *, backend=None):
     plain = not compiling and _row_plain(input, normalized_shape, 0.0 if eps is None else eps, weight)
     if plain:
         x, shape = input, normalized_shape
+    elif _torch_computes(input, op):
+        return F.rms_norm(input, normalized_shape, weight, eps)
     else:
         x, shape = _row_input(op, input, normalized_shape)
         weight, _ = _params(op, x, shape, weight, None)
