@@ -129,8 +129,12 @@ def batchnorm_eps(op: str, value, training) -> None:
 
 
 def num_groups(op: str, groups, c: int) -> int:
-    if isinstance(groups, bool) or not isinstance(groups, numbers.Integral):
-        raise ArgumentTypeError(f"{op}: num_groups must be a positive int, got {describe(groups)}")
+    try:  # what operator.index takes: ints of any kind, a 0-d integer array or tensor (as torch's group_norm)
+        if isinstance(groups, bool):
+            raise TypeError
+        groups = operator.index(groups)
+    except TypeError:
+        raise ArgumentTypeError(f"{op}: num_groups must be a positive int, got {describe(groups)}") from None
     if groups < 1:
         raise ArgumentError(f"{op}: num_groups must be a positive int, got {groups!r}")
     if c % groups:

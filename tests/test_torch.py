@@ -754,6 +754,20 @@ def test_errors_are_of_the_class_torch_raises(name, call):
                                                 "rmsnorm:")), normkit_error.value
 
 
+def test_num_groups_takes_what_torch_takes():
+    """torch's group_norm takes any integer num_groups operator.index takes (a 0-d integer tensor or array, a NumPy
+    int), and refuses floats and bools; so do both frontends."""
+    want = F.group_norm(_X, 3)
+    for groups in (torch.tensor(3), np.int64(3), np.array(3)):
+        _assert_close_to_scale(nt.group_norm(_X, groups), want, f"num_groups={groups!r}")
+        np.testing.assert_allclose(normkit.get("gn")(_X.numpy(), groups), want.numpy(), rtol=1e-5, atol=1e-5)
+    for groups in (torch.tensor(3.0), np.float64(3), True):
+        with pytest.raises(TypeError, match="groupnorm: num_groups must be a positive int"):
+            nt.group_norm(_X, groups)
+        with pytest.raises(TypeError, match="groupnorm: num_groups must be a positive int"):
+            normkit.get("gn")(_X.numpy(), groups)
+
+
 @pytest.mark.parametrize("module", [False, True])
 def test_instance_norm_eps_0_on_a_constant_instance_is_torchs(module):
     """torch's instance_norm takes rstd = 0 where an instance's variance and eps are both 0: the bias and zero
