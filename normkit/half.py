@@ -59,6 +59,8 @@ def narrow(values: np.ndarray, dtype: str) -> np.ndarray:
     """``values`` (float32 or float64) rounded once to the 16-bit format ``dtype``, as ``np.uint16`` patterns."""
     _check(dtype)
     values = np.asarray(values)
+    if values.ndim == 0:  # NumPy's operators give a 0-d array's result as a scalar, which cannot be assigned into
+        return narrow(values.reshape(1), dtype).reshape(())
     with np.errstate(over="ignore", invalid="ignore"):
         if values.dtype == np.float64:
             u = _f32_round_to_odd(values)

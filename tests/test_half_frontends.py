@@ -142,6 +142,19 @@ def test_numpy_primitives_round_once_to_16_bit():
     assert y.dtype == x.dtype
 
 
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+def test_numpy_primitives_on_0_d_results(dtype):
+    """Every axis reduced (a 0-d result) and a 0-d input: NumPy's operators give a 0-d array's result as a scalar,
+    which the rounding to bfloat16 assigned into (a TypeError)."""
+    x = np.array([1.0, 2.0, 3.0], NUMPY[dtype])
+    mean, var = normkit.moments(x, [0])
+    assert mean.shape == var.shape == () and mean.dtype == var.dtype == x.dtype
+    assert float(mean) == 2.0 and var.view(np.uint16) == half.narrow(np.float64(2 / 3), dtype)
+    y = normkit.batch_normalization(x[2], mean, np.ones((), x.dtype), None, None, 0.0)
+    assert y.shape == () and y.dtype == x.dtype and float(y) == 1.0
+    assert half.narrow(np.float32("nan"), dtype).shape == ()
+
+
 # The fused residual add (add_forward / add_backward) on 16-bit data: the fused kernel of a backend that has it
 # for the dtype (through a spy that records which kernels run), the sum then the norm for one that has not.
 
