@@ -223,6 +223,28 @@ def test_running_var_of_nearly_constant_channels(backend, dtype, layout, rng):
     np.testing.assert_array_equal(x, x0)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", ["float32", "float64", "float16", "bfloat16"])
+@pytest.mark.parametrize("s", [1, 5, 300])
+def test_inference_with_zero_variance_and_eps_is_the_references(backend, dtype, s, rng):
+    """running_var 0 and eps 0: rstd = inf, and y = (x - mean) * inf + bias, +-inf where x is not the mean and NaN
+    where it is (torch's and the reference's). Cython's correction of the shift for the mean's rounding, 0 * inf,
+    made every y of such a channel NaN."""
+    if dtype == "bfloat16":
+        dtype = pytest.importorskip("ml_dtypes").bfloat16
+    x = rng.standard_normal((3, 4, s)).astype(dtype)
+    x[0, :, 0] = 0.5  # the mean, exactly
+    rm, rv = np.full(4, 0.5, np.float32), np.array([0.0, 0.0, 1.0, 0.0], np.float32)
+    w, b = np.ones(4, np.float32), np.array([0.0, 1.0, 0.0, -2.0], np.float32)
+    if np.dtype(dtype) == np.float64:
+        rm, rv, w, b = (a.astype(np.float64) for a in (rm, rv, w, b))
+    want = normkit.get("bn")(x, rm, rv, w, b, training=False, eps=0.0, **REF)
+    assert np.isinf(want.astype(np.float64)).any() and np.isnan(want[0, :, 0].astype(np.float64))[[0, 1, 3]].all()
+    for xin in (x, np.ascontiguousarray(x.transpose(0, 2, 1)).transpose(0, 2, 1)):  # NCHW and channels-last
+        got = normkit.get("bn")(xin, rm, rv, w, b, training=False, eps=0.0, backend=backend)
+        np.testing.assert_array_equal(got.astype(np.float64), want.astype(np.float64))
+
+
 def test_saved_inference_stats_do_not_alias_running_buffers():
     x = x4(np.float64)
     rm, rv = np.zeros(4), np.ones(4)

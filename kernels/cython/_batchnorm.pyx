@@ -41,7 +41,7 @@ from _common cimport (
     grad_apply, grad_apply16, grad_apply16_runs, grad_apply_inplace, grad_sums, grad_sums16, grad_sums_scale, moments,
     moments16, narrow64, normkit_col_sums16, normkit_cols16, normkit_cols_act_f, normkit_cols_act_grad_f,
     normkit_half_init, normkit_narrow, normkit_sfence, normkit_sums16_runs, normkit_widen, normkit_x86_64_copies,
-    pivot16, pivot_of, prefetch_run, scale_copy, scale_copy16, threads_for, to_double,
+    pivot16, pivot_of, prefetch_run, rounded_shift, scale_copy, scale_copy16, threads_for, to_double,
 )
 
 # How this module was built (setup.py); the backend reads it for its INFO and to pick an x86-64 copy: the
@@ -594,7 +594,7 @@ cdef void _apply_channels(const floating* xp, floating* yp, Py_ssize_t n, Py_ssi
             raise MemoryError()
         cols = <floating*>(exact_shift + nc)
         for c in range(nc):
-            exact_shift[c] = shift[c] + (<double><floating>mean[c] - mean[c]) * scale[c]
+            exact_shift[c] = rounded_shift(shift[c], <floating>mean[c], mean[c], scale[c])
         _per_column(mean, nc, s, cols, rows)
         _per_column(scale, nc, s, cols + rows * length, rows)
         _per_column(exact_shift, nc, s, cols + 2 * rows * length, rows)
@@ -1229,7 +1229,7 @@ cdef void _apply_channels16(const uint16_t* xp, uint16_t* yp, Py_ssize_t n, Py_s
         raise MemoryError()
     cols = <float*>(exact_shift + nc)
     for c in range(nc):
-        exact_shift[c] = shift[c] + (<double><float>mean[c] - mean[c]) * scale[c]
+        exact_shift[c] = rounded_shift(shift[c], <float>mean[c], mean[c], scale[c])
     _per_column(mean, nc, s, cols, rows)
     _per_column(scale, nc, s, cols + rows * length, rows)
     _per_column(exact_shift, nc, s, cols + 2 * rows * length, rows)

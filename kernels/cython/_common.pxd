@@ -113,6 +113,16 @@ cdef inline void finish_moments(double s1, double s2, Py_ssize_t m, double pivot
     rstd[0] = 1.0 / sqrt(var + eps)
 
 
+cdef inline double rounded_shift(double shift, double m, double mean, double scale) noexcept nogil:
+    """The shift of (x - m) * scale + shift where m is the mean rounded to the data's precision: shift + (m - mean)
+    * scale, with the rounding's correction. Without it where m is the mean or the scale is not finite (var + eps =
+    0, where torch gives (x - mean) * inf): there the product, 0 * inf or a rounding times inf, made every y of the
+    set NaN."""
+    if m == mean or not isfinite(scale):
+        return shift
+    return shift + (m - mean) * scale
+
+
 cdef inline void affine(const floating* x, floating* y, Py_ssize_t n, double mean, double scale,
                         double shift) noexcept nogil:
     """y = (x - mean) * scale + shift, computed in the data's precision: for float32 that is twice the vector
@@ -121,7 +131,7 @@ cdef inline void affine(const floating* x, floating* y, Py_ssize_t n, double mea
     a constant input's output exactly equal to the bias."""
     cdef floating m = <floating>mean
     cdef floating a = <floating>scale
-    cdef floating c = <floating>(shift + (<double>m - mean) * scale)
+    cdef floating c = <floating>rounded_shift(shift, m, mean, scale)
     cdef Py_ssize_t i
     for i in range(n):
         y[i] = (x[i] - m) * a + c
@@ -131,7 +141,7 @@ cdef inline void affine_consts(double mean, double scale, double shift, float* m
     """affine()'s float32 constants, for the C loops that compute its argument (m, a, c: mean, scale, shift)."""
     m[0] = <float>mean
     a[0] = <float>scale
-    c[0] = <float>(shift + (<double>m[0] - mean) * scale)
+    c[0] = <float>rounded_shift(shift, m[0], mean, scale)
 
 
 cdef enum:
@@ -2071,7 +2081,8 @@ cdef inline void affine16(const uint16_t* x, uint16_t* y, Py_ssize_t n, int fmt,
         i = tile * TILE16
         k = min(TILE16, n - i)
         # as affine() computes it
-        done = normkit_affine16(x + i, y + i, k, fmt, m, <float>scale, <float>(shift + (<double>m - mean) * scale))
+        done = normkit_affine16(x + i, y + i, k, fmt, m, <float>scale,
+                                <float>rounded_shift(shift, m, mean, scale))
         if done < 0:
             normkit_widen(x + i, t, k, fmt)
             affine(t, t, k, mean, scale, shift)
@@ -2090,7 +2101,7 @@ cdef inline void affine16_runs(const uint16_t* x, uint16_t* y, Py_ssize_t runs, 
     cdef float m = <float>mean
     cdef Py_ssize_t r
     if normkit_affine16_runs(x, y, runs, n, stride, fmt, m, <float>scale,
-                             <float>(shift + (<double>m - mean) * scale)) == 1:
+                             <float>rounded_shift(shift, m, mean, scale)) == 1:
         return
     for r in range(runs):
         affine16(x + r * stride, y + r * stride, n, fmt, mean, scale, shift)
