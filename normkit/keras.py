@@ -197,11 +197,11 @@ class BatchNormalization:
                 raise ValueError(f"{self._who}: expected axis {a} of the input to have size {s} (as built), got "
                                  f"shape {x.shape}")
 
-    def _flat(self, v) -> np.ndarray:
-        """A variable as a float64 (C,) array (checked: the user may have assigned it)."""
-        v = np.asarray(v, np.float64)
+    def _flat(self, name: str) -> np.ndarray:
+        """The variable ``name`` as a float64 (C,) array (checked: the user may have assigned it)."""
+        v = np.asarray(getattr(self, name), np.float64)
         if v.size != self._c:
-            raise ValueError(f"{self._who}: a variable has shape {v.shape}, expected {self._param_shape}")
+            raise ValueError(f"{self._who}: {name} has shape {v.shape}, expected {self._param_shape}")
         return v.reshape(self._c)
 
     def _store(self, v: np.ndarray) -> np.ndarray:
@@ -253,17 +253,17 @@ class BatchNormalization:
     def _infer(self, x: np.ndarray) -> np.ndarray:
         layout = self._layout(x.shape, 0)
         x3 = self._to_kernel(x, layout)
-        rstd = 1.0 / np.sqrt(self._flat(self.moving_variance) + self.epsilon)
-        scale, shift = split.apply_coefficients(self._flat(self.moving_mean), rstd, self._weight(),
+        rstd = 1.0 / np.sqrt(self._flat("moving_variance") + self.epsilon)
+        scale, shift = split.apply_coefficients(self._flat("moving_mean"), rstd, self._weight(),
                                                 self._bias(), x.dtype)
         y3 = split.batchnorm_apply(x3, scale, shift, self.backend)
         return self._from_kernel(y3, layout, x.shape)
 
     def _weight(self):
-        return None if self.gamma is None else self._flat(self.gamma)
+        return None if self.gamma is None else self._flat("gamma")
 
     def _bias(self):
-        return None if self.beta is None else self._flat(self.beta)
+        return None if self.beta is None else self._flat("beta")
 
     def _train(self, x: np.ndarray) -> np.ndarray:
         n, vbs = x.shape[0], self.virtual_batch_size
@@ -298,7 +298,7 @@ class BatchNormalization:
         """Batch Renormalization's r and d (tf_keras's ``_renorm_correction_and_moments``); updates renorm_mean
         and renorm_stddev."""
         sigma = np.sqrt(var + self.epsilon)
-        renorm_mean, renorm_stddev = self._flat(self.renorm_mean), self._flat(self.renorm_stddev)
+        renorm_mean, renorm_stddev = self._flat("renorm_mean"), self._flat("renorm_stddev")
         s = np.maximum(renorm_stddev, math.sqrt(self.epsilon))
         r = sigma / s
         d = (mean - renorm_mean) / s
@@ -316,16 +316,16 @@ class BatchNormalization:
 
     def _update(self, mean: np.ndarray, var: np.ndarray) -> None:
         decay = 1.0 - self.momentum
-        moving_mean = self._flat(self.moving_mean)
+        moving_mean = self._flat("moving_mean")
         self.moving_mean = self._store(moving_mean - (moving_mean - mean) * decay)
         if self.renorm:
-            moving_stddev = self._flat(self.moving_stddev)
+            moving_stddev = self._flat("moving_stddev")
             moving_stddev = moving_stddev - (moving_stddev - np.sqrt(var + self.epsilon)) * decay
             self.moving_stddev = self._store(moving_stddev)
-            stddev = self._flat(self.moving_stddev)                  # as stored, as tf_keras reads it back
+            stddev = self._flat("moving_stddev")  # as stored, as tf_keras reads it back
             self.moving_variance = self._store(np.maximum(stddev * stddev - self.epsilon, 0.0))
         else:
-            moving_variance = self._flat(self.moving_variance)
+            moving_variance = self._flat("moving_variance")
             self.moving_variance = self._store(moving_variance - (moving_variance - var) * decay)
 
     def backward(self, dy):

@@ -355,6 +355,14 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match=r"BatchNormalization 'g': virtual_batch_size=3 must divide the batch "
                                          r"size, got a batch of 4"):
         ghost(x, training=True)
+    # a variable the user assigned with another size: the error names it
+    for name, training in (("gamma", False), ("beta", True), ("moving_mean", False), ("moving_variance", False),
+                           ("moving_stddev", True), ("renorm_mean", True), ("renorm_stddev", True)):
+        layer = normkit.BatchNormalization(renorm=name.startswith(("renorm", "moving_stddev")), name="v")
+        layer(x, training=True)
+        setattr(layer, name, np.zeros(4, np.float32))
+        with pytest.raises(ValueError, match=rf"BatchNormalization 'v': {name} has shape \(4,\), expected \(2,\)"):
+            layer(x, training=training)
 
 
 def test_inputs_and_saved_arrays_are_not_modified():

@@ -40,7 +40,7 @@ class _KerasBN(torch.autograd.Function):
                     getattr(module, name).copy_(torch.from_numpy(np.asarray(getattr(core, name)).reshape(-1)))
         else:
             ctx.saved = None
-            ctx.infer = (xa, core._flat(core.moving_mean).copy(), 1.0 / np.sqrt(core._flat(core.moving_variance)
+            ctx.infer = (xa, core._flat("moving_mean").copy(), 1.0 / np.sqrt(core._flat("moving_variance")
                                                                          + core.epsilon))
         ctx.core, ctx.axis, ctx.pdtype = core, module._axis(x.dim()), module.moving_mean.dtype
         ctx.has_gamma, ctx.has_beta = gamma is not None, beta is not None
