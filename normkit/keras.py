@@ -287,7 +287,7 @@ class BatchNormalization:
         w = (1.0 if gamma is None else gamma) * r                       # y = w * xhat + b, r and d constants
         b = (1.0 if gamma is None else gamma) * d + (0.0 if beta is None else beta)
         w_gc, b_gc = np.tile(w, g), np.tile(b, g)
-        scale, shift = split.apply_coefficients(mean_gc, rstd_gc, w_gc, b_gc, x.dtype)
+        scale, shift = split.apply_coefficients(mean_gc, rstd_gc, w_gc, b_gc, x.dtype, var_gc)
         y3 = split.batchnorm_apply(x3, scale, shift, self.backend)
         self._update(new_mean, new_var)
         self._batch_stats = (new_mean, new_var, stats.count)       # for normkit.torch's BatchRenorm/GhostBatchNorm

@@ -146,11 +146,16 @@ def batchnorm_backward_apply(dy: np.ndarray, x: np.ndarray, a, b, d, backend: st
 
 # --- the coefficients (the contract's docstring), in float64 ---------------------------------------------------
 
-def apply_coefficients(mean, rstd, weight=None, bias=None, dtype=np.float32) -> tuple[np.ndarray, np.ndarray]:
-    """``scale = weight * rstd`` and ``shift = bias - mean * scale`` in ``dtype``. The shift is computed from the
-    scale as rounded to ``dtype``, so that ``x * scale + shift`` is exact where x equals the mean."""
+def apply_coefficients(mean, rstd, weight=None, bias=None, dtype=np.float32,
+                       var=None) -> tuple[np.ndarray, np.ndarray]:
+    """``scale = weight * rstd`` and ``shift = bias - mean * scale`` in ``dtype`` (the shift from the scale as
+    rounded to ``dtype``). ``x * scale + shift`` then errs by the shift's rounding, half a unit of ``|mean| *
+    scale``: for a set whose every value is its mean (``var``, the sets' variances, 0 there: a batch of one sample,
+    a constant channel) the scale is 0, so that y is the bias exactly, as ``(x - mean) * scale`` gives it."""
     mean, rstd = np.asarray(mean, np.float64), np.asarray(rstd, np.float64)
     scale = rstd if weight is None else np.asarray(weight, np.float64) * rstd
+    if var is not None:
+        scale = np.where(np.asarray(var) == 0, 0.0, scale)
     scale = scale.astype(dtype)
     shift = -mean * scale.astype(np.float64)
     if bias is not None:
@@ -180,7 +185,7 @@ def batchnorm_forward(x: np.ndarray, weight=None, bias=None, eps: float = 1e-5,
         raise ValueError(f"{OP}: eps must be a finite number >= 0, got {eps!r}")
     stats = batchnorm_stats(x, backend)
     rstd = stats.rstd(eps)
-    scale, shift = apply_coefficients(stats.mean, rstd, weight, bias, x.dtype)
+    scale, shift = apply_coefficients(stats.mean, rstd, weight, bias, x.dtype, stats.var)
     return batchnorm_apply(x, scale, shift, backend), stats.mean, rstd
 
 

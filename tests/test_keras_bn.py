@@ -324,6 +324,27 @@ def test_bad_arguments(kw, exc, match):
     assert "BatchNormalization" in str(info.value)
 
 
+@pytest.mark.parametrize("backend", ["reference", "cython", "numba"])
+def test_constant_sets_give_beta_exactly(backend):
+    """A batch of one sample (every channel constant) and a constant channel among others, float32, large values:
+    y is beta exactly, as tf_keras gives it. x * scale + shift erred by the rounding of the float32 shift, half a
+    unit of |mean| * scale (0.02 at values of 1e4)."""
+    rng = np.random.default_rng(7)
+    beta = rng.standard_normal(8).astype(np.float32)
+    one = (rng.standard_normal((1, 8)) * 1e4).astype(np.float32)
+    x = rng.standard_normal((4, 5, 3, 8)).astype(np.float32)
+    x[..., 2] = 12345.678
+    for data, ghosts in ((one, None), (x, None), (x, 2)):
+        layer = normkit.BatchNormalization(backend=backend, virtual_batch_size=ghosts)
+        layer.build(data.shape)
+        layer.beta = beta.reshape(layer.beta.shape)
+        y = layer(data, training=True)
+        flat = y.reshape(-1, 8)
+        assert np.array_equal(flat[:, 2], np.full(len(flat), beta[2])), (data.shape, ghosts)
+        if data is one:
+            assert np.array_equal(y[0], beta)
+
+
 def test_bad_inputs():
     x = np.zeros((4, 3, 2), np.float32)
     with pytest.raises(ValueError, match="axis 3 is out of range for inputs of rank 3"):

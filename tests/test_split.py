@@ -217,14 +217,20 @@ def test_stats_are_float64_for_float32_data(backend):
         np.testing.assert_allclose(s.m2, np.square(x64 - x64.mean(axis=1, keepdims=True)).sum(axis=1), rtol=1e-10)
 
 
-def test_apply_coefficients_make_a_constant_input_exact():
-    x = np.full((3, 4, 5), 3.7, np.float32)
-    stats = split.batchnorm_stats(x, backend="reference")
-    scale, shift = split.apply_coefficients(stats.mean, stats.rstd(EPS), np.ones(4, np.float32),
-                                            np.arange(4, dtype=np.float32), np.float32)
-    assert scale.dtype == shift.dtype == np.float32
-    y = split.batchnorm_apply(x, scale, shift, backend="reference")
-    np.testing.assert_allclose(y, np.broadcast_to(np.arange(4.0)[None, :, None], x.shape), atol=2e-4)
+@pytest.mark.parametrize("backend", ("reference",) + BACKENDS)
+def test_apply_coefficients_make_a_constant_input_exact(backend):
+    """Given the variances, a set whose values all equal its mean gets the bias exactly (without them, the shift's
+    float32 rounding, half a unit of |mean| * scale, stays in y); so does split.batchnorm_forward."""
+    bias = np.arange(4, dtype=np.float32) - 1.5
+    want = np.broadcast_to(bias[None, :, None], (3, 4, 5))
+    for value in (3.7, 12345.678):
+        x = np.full((3, 4, 5), value, np.float32)
+        stats = split.batchnorm_stats(x, backend=backend)
+        scale, shift = split.apply_coefficients(stats.mean, stats.rstd(EPS), np.ones(4, np.float32), bias,
+                                                np.float32, stats.var)
+        assert scale.dtype == shift.dtype == np.float32
+        np.testing.assert_array_equal(split.batchnorm_apply(x, scale, shift, backend=backend), want)
+        np.testing.assert_array_equal(split.batchnorm_forward(x, None, bias, EPS, backend)[0], want)
 
 
 def test_argument_errors():
