@@ -233,6 +233,24 @@ def test_apply_coefficients_make_a_constant_input_exact(backend):
         np.testing.assert_array_equal(split.batchnorm_forward(x, None, bias, EPS, backend)[0], want)
 
 
+@pytest.mark.parametrize("backend", ("reference",) + BACKENDS)
+@pytest.mark.parametrize("s", [5, 37, 300])
+def test_backward_reduce_at_large_offsets(backend, s):
+    """sum_dy_xhat about the float64 mean, also where that mean is not a float32 (offsets 1e4, 1e6): Cython's sums,
+    about the mean rounded to float32, were 0.2% and 18% off (the Keras-style layer's gamma gradient, SyncBatchNorm's
+    backward); both schedules (short and long runs)."""
+    rng = np.random.default_rng(s)
+    for offset in (1e4, 1e6):
+        x = (rng.standard_normal((8, 4, s)) + offset + 0.1234).astype(np.float32)
+        dy = rng.standard_normal((8, 4, s)).astype(np.float32)
+        stats = split.batchnorm_stats(x, backend="reference")
+        rstd = stats.rstd(EPS)
+        x64 = x.astype(np.float64)
+        want = (dy * (x64 - x64.mean(axis=(0, 2))[None, :, None])).sum(axis=(0, 2)) * rstd
+        got = split.batchnorm_backward_reduce(dy, x, stats.mean, rstd, backend)[1]
+        np.testing.assert_allclose(got, want, rtol=2e-5, err_msg=f"offset {offset}")
+
+
 def test_argument_errors():
     x = np.zeros((2, 3, 4), np.float32)
     with pytest.raises(TypeError, match="x must be float32 or float64, got dtype int64"):

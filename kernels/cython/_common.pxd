@@ -202,8 +202,10 @@ cdef inline void grad_sums(const floating* dy, const floating* x, const floating
 
     This loop reads dy and x from memory and runs at the speed of its arithmetic, so each chunk of SUM_CHUNK
     values is summed in the data's precision (8 float32 lanes rather than 4 doubles) and then added into double;
-    mean is the saved statistic, of the data's precision. A chunk whose sums are not finite (products beyond
-    float32's range, or NaN/inf data) is summed again in double, which keeps what can be kept.
+    the sums are about m, the mean rounded to the data's precision (the saved statistic is of that precision; a
+    float64 mean, the split directions', needs (m - mean) * sum(g) added: batchnorm_backward_reduce). A chunk whose
+    sums are not finite (products beyond float32's range, or NaN/inf data) is summed again in double, which keeps
+    what can be kept.
 
     The double sums stay in locals until the end: added through the pointers chunk by chunk (Python's builds
     compile with -fno-strict-aliasing, so every addition was a store), two threads summing neighbouring items of
@@ -233,7 +235,7 @@ cdef inline void grad_sums(const floating* dy, const floating* x, const floating
             for i in range(i0, i0 + k):
                 dg = <double>dy[i] * w[i] if w != NULL else dy[i]
                 da = da + dg
-                db = db + dg * (x[i] - mean)
+                db = db + dg * (x[i] - <double>m)  # about m, as the other chunks (exact in double)
             ta += da
             tb += db
     sdy[0] = ta
