@@ -128,11 +128,17 @@ def batchnorm_eps(op: str, value, training) -> None:
         raise ArgumentError(f"{op}: eps must be >= 0, got {value!r}")
 
 
+def _index(value) -> int:
+    """``operator.index(value)`` (ints of any kind, a 0-d integer array or tensor), refusing a bool, which is an int
+    to Python and not to torch: TypeError."""
+    if isinstance(value, bool):
+        raise TypeError(value)
+    return operator.index(value)
+
+
 def num_groups(op: str, groups, c: int) -> int:
-    try:  # what operator.index takes: ints of any kind, a 0-d integer array or tensor (as torch's group_norm)
-        if isinstance(groups, bool):
-            raise TypeError
-        groups = operator.index(groups)
+    try:
+        groups = _index(groups)
     except TypeError:
         raise ArgumentTypeError(f"{op}: num_groups must be a positive int, got {describe(groups)}") from None
     if groups < 1:
@@ -149,9 +155,7 @@ def normalized_shape(op: str, value) -> tuple:
         if isinstance(value, (str, bytes)):
             raise TypeError
         value = tuple(value)
-        if any(isinstance(d, bool) for d in value):  # an int to operator.index, not to torch
-            raise TypeError
-        value = tuple(operator.index(d) for d in value)  # integers only: int() would truncate 5.9 to 5
+        value = tuple(_index(d) for d in value)  # integers only: int() would truncate 5.9 to 5
     except (TypeError, ValueError):
         raise ArgumentTypeError(f"{op}: normalized_shape must be an int or a tuple of ints, "
                                 f"got {describe(value)}") from None
