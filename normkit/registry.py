@@ -199,13 +199,14 @@ _FLAG_OFF = ("", "0", "false", "no", "off")
 _FLAG_ON = ("1", "true", "yes", "on")
 
 
-def _plugins_disabled() -> bool:
+def _plugins_disabled(warn: bool = True) -> bool:
     """NORMKIT_DISABLE_PLUGINS read as a switch: 1 / true / yes / on disable plugins, unset, empty, 0 / false / no /
-    off do not (any case); another value disables them too, with a warning that says how it was read."""
+    off do not (any case); another value disables them too, with a warning that says how it was read (``warn``:
+    the scan's reading; an error message that only mentions the variable reads it again without one)."""
     value = os.environ.get("NORMKIT_DISABLE_PLUGINS", "").strip().lower()
     if value in _FLAG_OFF:
         return False
-    if value not in _FLAG_ON:
+    if warn and value not in _FLAG_ON:
         warnings.warn(f"normkit: NORMKIT_DISABLE_PLUGINS={os.environ['NORMKIT_DISABLE_PLUGINS']!r} is not one of "
                       f"{', '.join(_FLAG_ON)} or {', '.join(v for v in _FLAG_OFF if v)}; read as set: plugins are "
                       f"disabled", RuntimeWarning, stacklevel=2)
@@ -311,7 +312,7 @@ def _load_kernels(entry: _Entry) -> dict | None:
 def _entry(name: str) -> _Entry:
     entries = _all()
     if name not in entries:
-        hint = " (plugins are disabled by NORMKIT_DISABLE_PLUGINS)" if _plugins_disabled() else ""
+        hint = " (plugins are disabled by NORMKIT_DISABLE_PLUGINS)" if _plugins_disabled(warn=False) else ""
         raise UnknownBackendError(
             f"unknown backend {name!r}{hint}; installed backends: {', '.join(sorted(entries)) or 'none'}"
         )

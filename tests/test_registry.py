@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import numpy as np
 import pytest
@@ -326,6 +327,10 @@ def test_disable_plugins_is_read_as_a_switch(plugins, monkeypatch):
     with pytest.warns(RuntimeWarning, match="NORMKIT_DISABLE_PLUGINS='maybe' is not one of 1, true, yes, on or 0, "
                                             "false, no, off; read as set: plugins are disabled"):
         assert "fakeswitch" not in normkit.get_backend_order()
+    with warnings.catch_warnings():  # warned once, by the scan: the error's hint reads it without a warning
+        warnings.simplefilter("error")
+        with pytest.raises(UnknownBackendError, match="disabled by NORMKIT_DISABLE_PLUGINS"):
+            normkit.get("ln")(ln_input(), 8, backend="fakeswitch")
 
 
 def test_disable_plugins_in_a_fresh_process(plugins):

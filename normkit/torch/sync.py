@@ -78,7 +78,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
                     buf.copy_(new)
         if x.numel():
             w, b = _np(weight), _np(bias)
-            scale, shift = apply_coefficients(mean, rstd, w, b, _np(x).dtype, stats.m2)
+            scale, shift = apply_coefficients(mean, rstd, w, b, _np(x).dtype, stats.var)
             y = torch.from_numpy(batchnorm_apply(_np(x), scale, shift, backend))
         else:
             y = torch.empty_like(x)
