@@ -251,6 +251,51 @@ def test_backward_reduce_at_large_offsets(backend, s):
         np.testing.assert_allclose(got, want, rtol=2e-5, err_msg=f"offset {offset}")
 
 
+@pytest.mark.parametrize("backend", ("reference",) + BACKENDS)
+@pytest.mark.parametrize("fmt", ["bfloat16", "float16"])
+@pytest.mark.parametrize("s", [5, 37, 300])
+def test_backward_reduce16_at_large_offsets(backend, fmt, s):
+    """The 16-bit kernels (the split API takes float32 / float64; a kernel's user calls them through the registry,
+    uint16 bit patterns): Cython's sums were about the float32 rounding of the float64 mean, as in the test above,
+    6e-4 off for float16 data at an offset of 1e3."""
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    dtype = {"bfloat16": ml_dtypes.bfloat16, "float16": np.float16}[fmt]
+    rng = np.random.default_rng(s)
+    kernel = normkit.registry.lookup("batchnorm", "backward_reduce", fmt, backend)[1]
+    for offset, std in ((1e3, 1.0), (1e2, 1.0), (1e4, 64.0)):
+        x = (rng.standard_normal((8, 4, s)) * std + offset + 0.1234).astype(dtype)
+        dy = rng.standard_normal((8, 4, s)).astype(dtype)
+        x64, dy64 = x.astype(np.float64), dy.astype(np.float64)
+        mean = x64.mean(axis=(0, 2))
+        rstd = 1 / x64.std(axis=(0, 2))
+        want = (dy64 * (x64 - mean[None, :, None])).sum(axis=(0, 2)) * rstd
+        sum_dy, got = np.empty(4), np.empty(4)
+        kernel(dy.view(np.uint16), x.view(np.uint16), mean, rstd, sum_dy, got)
+        np.testing.assert_allclose(got, want, rtol=2e-5, err_msg=f"offset {offset}")
+
+
+@pytest.mark.parametrize("backend", ("reference",) + BACKENDS)
+@pytest.mark.parametrize("fmt", ["float32", "float64", "bfloat16", "float16"])
+def test_backward_reduce_infinite_dy(backend, fmt):
+    """An infinite dy makes sum_dy_xhat the infinity of dy * (x - mean)'s sign, at a mean that is not a value of
+    the data's type: the rounding correction above, (m - mean) * sum(dy), gave NaN where its sign differed."""
+    dtype = pytest.importorskip("ml_dtypes").bfloat16 if fmt == "bfloat16" else np.dtype(fmt)
+    x = (np.random.default_rng(1).standard_normal((4, 3, 37)) + 0.1234).astype(dtype)
+    dy = np.ones(x.shape, dtype)
+    x64 = x.astype(np.float64)
+    mean = x64.mean(axis=(0, 2))
+    for sign in (1, -1):
+        at = np.unravel_index(np.argmax(sign * x64[:, 1]), x64[:, 1].shape)  # dy * (x - mean) > 0 there
+        d = dy.copy()
+        d[at[0], 1, at[1]] = sign * np.inf
+        kernel = normkit.registry.lookup("batchnorm", "backward_reduce", fmt, backend)[1]
+        sum_dy, got = np.empty(3), np.empty(3)
+        args = (d, x) if fmt in ("float32", "float64") else (d.view(np.uint16), x.view(np.uint16))
+        kernel(*args, mean, np.ones(3), sum_dy, got)
+        assert sum_dy[1] == sign * np.inf and got[1] == np.inf, (sum_dy, got)
+        assert np.isfinite(got[[0, 2]]).all()
+
+
 def test_argument_errors():
     x = np.zeros((2, 3, 4), np.float32)
     with pytest.raises(TypeError, match="x must be float32 or float64, got dtype int64"):

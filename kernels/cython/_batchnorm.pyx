@@ -28,7 +28,7 @@ import numpy as np
 
 from cython cimport floating
 from cython.parallel cimport prange
-from libc.math cimport sqrt
+from libc.math cimport isfinite, sqrt
 from libc.stdlib cimport calloc, free, malloc
 from libc.string cimport memcpy
 
@@ -993,9 +993,10 @@ def batchnorm_backward_reduce(const floating[:, :, ::1] dy, const floating[:, :,
     _channel_grad_sums(&dy[0, 0, 0], &x[0, 0, 0], x.shape[0], nc, x.shape[2], mu, sum_dy, sdyx)
     for c in range(nc):
         # the sums are about m, the mean rounded to the data's precision: sum(dy * (x - mean)) = sum(dy * (x - m)) +
-        # (m - mean) * sum(dy), where a float64 mean at a large offset is not m (1e4: 0.2% of the sum, 1e6: 18%)
+        # (m - mean) * sum(dy), where a float64 mean at a large offset is not m (1e4: 0.2% of the sum, 1e6: 18%); an
+        # infinite sum(dy) keeps the sum's own sign (the term would be inf of either sign, NaN where it differs)
         m = <floating>mean[c]
-        if m != mean[c]:
+        if m != mean[c] and isfinite(sum_dy[c]):
             sdyx[c] += (m - mean[c]) * sum_dy[c]
         sum_dy_xhat[c] = rstd[c] * sdyx[c]
 
@@ -1601,8 +1602,12 @@ def batchnorm_backward_reduce16(int fmt, const uint16_t[:, :, ::1] dy, const uin
                                 double[::1] sum_dy_xhat):
     cdef Py_ssize_t nc = x.shape[1], c
     cdef double[::1] mu = np.array(mean), sdyx = np.empty(nc)
+    cdef float m
     _channel_grad_sums16(&dy[0, 0, 0], &x[0, 0, 0], x.shape[0], nc, x.shape[2], mu, fmt, sum_dy, sdyx)
     for c in range(nc):
+        m = <float>mean[c]  # the sums are about m, as in batchnorm_backward_reduce
+        if m != mean[c] and isfinite(sum_dy[c]):
+            sdyx[c] += (m - mean[c]) * sum_dy[c]
         sum_dy_xhat[c] = rstd[c] * sdyx[c]
 
 

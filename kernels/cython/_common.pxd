@@ -1629,7 +1629,7 @@ cdef extern from *:
             for (i = i0; i < end; i++) {
                 dg = normkit_scalar16(dy[i], fmt);
                 da += dg;
-                db += dg * (normkit_scalar16(x[i], fmt) - mean);
+                db += dg * (normkit_scalar16(x[i], fmt) - (double)mf);  /* about mf, as the other chunks */
             }
             t1 += da; t2 += db;
         }
