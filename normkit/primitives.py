@@ -30,6 +30,8 @@ def moments(x, axes, keepdims: bool = False) -> tuple[np.ndarray, np.ndarray]:
     Two passes accumulated in float64 (never E[x^2] - E[x]^2), returned in ``x``'s dtype (rounded once, also to
     float16 or ml_dtypes' bfloat16).
     For BatchNorm statistics of an NCHW batch use ``axes=(0, 2, 3)``; of an (N, C) batch ``axes=[0]``.
+    ``axes=[]`` reduces nothing: the mean is x and the variance 0, both of x's shape, as NumPy's reductions over
+    ``axis=()`` (``tf.nn.moments`` also squeezes every dimension of size 1 there).
     """
     x = _float_array("moments", "x", x)
     if isinstance(axes, numbers.Integral):

@@ -284,6 +284,11 @@ def test_moments_match_numpy_and_keep_dims(rng):
     dense = rng.standard_normal((6, 10))
     mean, var = normkit.moments(dense, axes=[0])  # the MLP case of the tutorials
     np.testing.assert_allclose(var, dense.var(axis=0))
+    # no axes: nothing reduced, the shape kept as by NumPy's reductions (tf.nn.moments squeezes size-1 dims there)
+    mean, var = normkit.moments(x[:1], axes=[])
+    assert mean.shape == var.shape == (1, 3, 5, 6)
+    np.testing.assert_array_equal(mean, x[:1])
+    np.testing.assert_array_equal(var, 0)
 
 
 def test_moments_large_offset_float32(rng):
