@@ -188,8 +188,77 @@ def test_layers_without_a_differentiable_backward_say_so(make):
     x = torch.randn(4, 3, 5, 5, requires_grad=True)
     with pytest.raises(RuntimeError, match=r"gradients of its gradients \(create_graph=True\) are not supported"):
         torch.autograd.grad(layer(x).pow(3).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match=r"batched gradients \(is_grads_batched=True"):
+        torch.autograd.grad(layer(x), x, torch.ones(2, *x.shape), is_grads_batched=True)
     layer(x).pow(3).sum().backward()  # the first-order backward is unaffected
     assert x.grad is not None
+
+
+def test_create_graph_in_any_layout():
+    """The differentiable form runs torch's operations on contiguous copies: torch's batch-norm backward is wrong for
+    an instance_norm of one sample with a channels-last dy (dx off by 3.6 where its scale is 3.2) and for a batch_norm
+    input with the channels fastest (7.5 of 3.7); normkit's answers are its kernels' whatever the layout."""
+    g = torch.Generator().manual_seed(4)
+    cases = [(lambda m, x, w: m.instance_norm(x, weight=w), (1, 3, 4, 5), None, torch.channels_last),
+             (lambda m, x, w: m.batch_norm(x, None, None, w, None, True), (1, 3, 1, 3, 1), (1, 1, 3, 3, 9), None)]
+    for f, shape, strides, dy_format in cases:
+        x = torch.randn(shape, generator=g, dtype=torch.float64)
+        if strides is not None:
+            x = torch.empty_strided(shape, strides, dtype=torch.float64).copy_(x)
+        w = torch.rand(3, generator=g, dtype=torch.float64) + 0.5
+        dy = torch.randn(shape, generator=g, dtype=torch.float64)
+        if dy_format is not None:
+            dy = dy.contiguous(memory_format=dy_format)
+        results = []
+        for create_graph in (False, True):
+            xs, ws = x.clone().requires_grad_(), w.clone().requires_grad_()
+            results.append(torch.autograd.grad(f(nt, xs, ws), (xs, ws), dy, create_graph=create_graph))
+        xs, ws = x.contiguous().requires_grad_(), w.clone().requires_grad_()
+        want = torch.autograd.grad(f(F, xs, ws), (xs, ws), dy.contiguous())  # torch's, on contiguous tensors
+        for got in results:
+            for a, b in zip(got, want):
+                torch.testing.assert_close(a.detach(), b, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("op", ["layer", "rms"])
+def test_fused_add_h_without_a_graph(op):
+    """h = x + residual has no graph where neither requires grad (torch's sum has none), also under create_graph:
+    the differentiable backward added dh to a dx that was not computed (TypeError)."""
+    x, w, b, _, _ = _data((3, 4, 8), (8,))
+    res = x.cos()
+    ws = w.clone().requires_grad_()
+    y, h = nt.add_layer_norm(x, res, (8,), ws, b) if op == "layer" else nt.add_rms_norm(x, res, (8,), ws)
+    assert not h.requires_grad
+    (dw,) = torch.autograd.grad((y.pow(3)).sum(), ws, create_graph=True)
+    yt = F.layer_norm(x + res, (8,), ws, b) if op == "layer" else F.rms_norm(x + res, (8,), ws)
+    torch.testing.assert_close(dw, torch.autograd.grad((yt.pow(3)).sum(), ws)[0], rtol=1e-9, atol=1e-9)
+
+
+BATCHED = [("bn", lambda m, x, w: m.batch_norm(x, None, None, w, None, True)),
+           ("gn-relu", lambda m, x, w: m.group_norm(x, 2, w, activation="relu") if m is nt
+            else F.relu(F.group_norm(x, 2, w))),
+           ("ln", lambda m, x, w: m.layer_norm(x, (5,))),
+           ("add-rms", lambda m, x, w: m.add_rms_norm(x, x.sin(), (5,), None)[0] if m is nt
+            else F.rms_norm(x + x.sin(), (5,)))]
+
+
+@pytest.mark.parametrize("name,f", BATCHED, ids=[c[0] for c in BATCHED])
+def test_batched_output_gradients(name, f):
+    """torch.autograd.grad(..., is_grads_batched=True) and the vectorized jacobian hand backward a batched dy (no
+    memory for a kernel): torch's operations take it, as torch's own functions do (an internal error before)."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 4, 3, 5, generator=g, dtype=torch.float64)
+    w = torch.rand(4, generator=g, dtype=torch.float64) + 0.5
+    dys = torch.randn(3, 2, 4, 3, 5, generator=g, dtype=torch.float64)
+
+    def vjps(m):
+        xs = x.clone().requires_grad_()
+        return torch.autograd.grad(f(m, xs, w), xs, dys, is_grads_batched=True)[0]
+
+    torch.testing.assert_close(vjps(nt), vjps(F), rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(torch.autograd.functional.jacobian(lambda t: f(nt, t, w), x, vectorize=True),
+                               torch.autograd.functional.jacobian(lambda t: f(F, t, w), x, vectorize=True),
+                               rtol=1e-9, atol=1e-9)
 
 
 FUNCS = [("bn", (6, 3, 4), lambda m, x: m.batch_norm(x, None, None, None, None, True)),

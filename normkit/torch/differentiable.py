@@ -5,7 +5,9 @@ was asked for a graph (``create_graph=True``: gradient penalties, Hessian-vector
 there normkit's autograd Functions take their gradients from this module instead: the call's output recomputed
 with torch's own differentiable operations (``torch.nn.functional``'s norm with the call's arguments, then its
 activation) and differentiated by autograd, which records the graph. The first-order values are then torch's
-(float32 arithmetic for 16-bit data), the speed torch's; every other backward stays on the kernels.
+(float32 arithmetic for 16-bit data), the speed torch's; every other backward stays on the kernels. So does a
+backward of batched output gradients (``torch.autograd.grad(..., is_grads_batched=True)``, the vectorized
+``jacobian`` / ``hessian``: autograd's vmap over dy), which kernels reading memory cannot take.
 """
 
 from __future__ import annotations
@@ -60,19 +62,25 @@ def _norm(call, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]) -> 
 
 def grads(call, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], dy: Tensor,
           need: tuple[bool, bool, bool], bias_dtype) -> tuple[Optional[Tensor], ...]:
-    """(dx, dweight, dbias) of the call's output for the output gradient ``dy``, recorded by autograd; ``need``
-    says which of x, weight and bias want one. A wanted bias may come as None: without an activation the callers
-    do not keep it (it enters no other gradient), and its gradient, dy summed over the other dimensions, comes in
-    ``bias_dtype``."""
+    """(dx, dweight, dbias) of the call's output for the output gradient ``dy``, by autograd (recorded where grad
+    mode is on: create_graph=True); ``need`` says which of x, weight and bias want one. A wanted bias may come as
+    None: without an activation the callers do not keep it (it enters no other gradient), and its gradient, dy
+    summed over the other dimensions, comes in ``bias_dtype``."""
     compute = torch.float32 if x.dtype in _HALF else x.dtype  # as the kernels: 16-bit data computed in float32
+    create_graph = torch.is_grad_enabled()
 
     def up(t):
-        return None if t is None else t.to(compute)
+        # contiguous: torch's batch-norm backward gives wrong gradients for some layouts (instance_norm of one
+        # sample with a channels-last dy, batch_norm with the channels fastest), and its channels-last group_norm
+        # backward can crash; normkit's own kernels take any layout, so its gradients must not depend on one
+        return None if t is None else t.to(compute).contiguous()
 
-    y = activation(_norm(call, up(x), up(weight), up(bias)), call.act).to(x.dtype)
+    with torch.enable_grad():
+        y = activation(_norm(call, up(x), up(weight), up(bias)), call.act).to(x.dtype)
+    dy = dy.contiguous()
     wanted = [t if n else None for t, n in zip((x, weight, bias), need)]
     inputs = [t for t in wanted if t is not None]
-    found = iter(torch.autograd.grad(y, inputs, dy, create_graph=True, allow_unused=True) if inputs else ())
+    found = iter(torch.autograd.grad(y, inputs, dy, create_graph=create_graph, allow_unused=True) if inputs else ())
     dx, dw, db = (None if t is None else next(found) for t in wanted)
     if need[2] and bias is None:
         dims = tuple(range(dy.dim() - len(call.pshape))) if call.spec.sets == "row" else (0, *range(2, dy.dim()))
@@ -83,9 +91,17 @@ def grads(call, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], dy:
     return dx, dw, db
 
 
-def refuse(name: str) -> None:
+# autograd's own vmap (is_grads_batched) hands a backward batched gradients, which have no memory to read
+batched = getattr(torch._C._functorch, "is_legacy_batchedtensor", lambda t: False)
+
+
+def refuse(name: str, dy: Tensor) -> None:
     """In the backward of an autograd Function that has no differentiable form: a clear error under
-    ``create_graph=True``. (``once_differentiable`` is not enough: its error fires only if a later backward walks
-    through it, and ``torch.autograd.grad(loss, inputs)`` prunes it away, silently dropping the term.)"""
+    ``create_graph=True`` (``once_differentiable`` is not enough: its error fires only if a later backward walks
+    through it, and ``torch.autograd.grad(loss, inputs)`` prunes it away, silently dropping the term), and for a
+    batched ``dy`` (torch's own error there names a tensor without storage)."""
     if torch.is_grad_enabled():
         raise RuntimeError(f"{name}: gradients of its gradients (create_graph=True) are not supported")
+    if batched(dy):
+        raise RuntimeError(f"{name}: batched gradients (is_grads_batched=True, a vectorized jacobian or hessian) "
+                           f"are not supported")

@@ -68,6 +68,7 @@ _STAT_DTYPES = {torch.float32: torch.float32, torch.float64: torch.float64, torc
 _NP_STAT_DTYPES = {dt: np.dtype(str(s).removeprefix("torch.")) for dt, s in _STAT_DTYPES.items()}
 _is_compiling = torch.compiler.is_compiling
 _transforms_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)
+_batched = differentiable.batched
 _forward_ad = torch.autograd.forward_ad
 _tracing = torch.jit.is_tracing  # (torch._C._is_tracing breaks a torch.compile graph)
 
@@ -673,8 +674,9 @@ class _Norm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         # Grad mode is off in backward unless it was asked for a graph (create_graph=True): then gradients that
-        # autograd can differentiate again, from torch's operations (the kernels' would silently have none)
-        if torch.is_grad_enabled():
+        # autograd can differentiate again, from torch's operations (the kernels' would silently have none); so
+        # for a batched dy (is_grads_batched, the vectorized jacobian), which has no memory for a kernel to read
+        if torch.is_grad_enabled() or _batched(dy):
             x, weight, *bias = ctx.saved_tensors
             need = ctx.needs_input_grad[:3]
             bias_dtype = ctx.param_dtypes[1] if x.dtype in _HALF else x.dtype
@@ -1343,6 +1345,8 @@ class _AddNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, residual, weight, bias, call):
         y, h = call.forward(x, residual, weight, bias)
+        if not (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]):  # h = x + residual has no graph, as in torch
+            ctx.mark_non_differentiable(h)
         ctx.save_for_backward(h, weight)
         ctx.call = call
         ctx.param_dtypes = tuple(None if p is None else p.dtype for p in (weight, bias))
@@ -1355,10 +1359,10 @@ class _AddNorm(torch.autograd.Function):
         need_x, need_r, need_w, need_b, _ = ctx.needs_input_grad
         if dy is None:  # only h was used: the norm passes no gradient
             dx, dw, db = dh, None, None
-        elif torch.is_grad_enabled():  # create_graph=True: see _Norm.backward
+        elif torch.is_grad_enabled() or _batched(dy):  # see _Norm.backward
             dx, dw, db = differentiable.grads(ctx.call, h, weight, None, dy, (need_x or need_r, need_w, need_b),
                                               ctx.param_dtypes[1] or h.dtype)
-            dx = dx if dh is None else dx + dh
+            dx = dx if dh is None else dx + dh  # (dx is None only where h has no graph: dh None)
         else:
             dx, dw, db = ctx.call.backward(dy, dh, h, weight, need_w, need_b)
             if h.dtype in _HALF:

@@ -50,7 +50,7 @@ class _KerasBN(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        differentiable.refuse("normkit BatchNormalization")
+        differentiable.refuse("normkit BatchNormalization", dy)
         ctx.saved_tensors  # raises torch's error if x was changed in place since forward
         dya = dy.contiguous().numpy()
         if ctx.saved is not None:

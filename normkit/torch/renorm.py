@@ -42,7 +42,7 @@ class _CoreTrain(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        differentiable.refuse(f"normkit {ctx.core.name}")
+        differentiable.refuse(f"normkit {ctx.core.name}", dy)
         ctx.saved_tensors  # raises torch's error if x was changed in place since forward
         dx, dw, db = ctx.core._backward(ctx.saved, dy.contiguous().numpy())
         dw = None if ctx.wdtype is None else torch.from_numpy(dw.reshape(-1)).to(ctx.wdtype)

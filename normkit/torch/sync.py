@@ -88,7 +88,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        differentiable.refuse("normkit SyncBatchNorm")
+        differentiable.refuse("normkit SyncBatchNorm", dy)
         x, weight = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         c = x.shape[1]
