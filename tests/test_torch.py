@@ -339,6 +339,52 @@ def test_running_var_of_nearly_constant_channels(dtype, buffers):
                 torch.testing.assert_close(rv.double(), rv64, rtol=tol, atol=0, msg=f"{fn.__name__} eps={eps}")
 
 
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_instance_norm_running_statistics_under_checkpoint(use_reentrant):
+    """torch's instance_norm updates its buffers after its output: a non-reentrant checkpoint's recomputation stops
+    before that (its default early stop), a reentrant one runs the whole forward again; normkit's buffers were
+    updated twice in the first case (0.17 for torch's 0.09)."""
+    from torch.utils.checkpoint import checkpoint
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(3, 2, 5, 4, generator=g) + 1.0
+    dy = torch.randn(3, 2, 5, 4, generator=g)
+    buffers = {}
+    for lib in (F, nt):
+        x = x0.clone().requires_grad_()
+        rm, rv = torch.zeros(2), torch.ones(2)
+        y = checkpoint(lambda t: lib.instance_norm(t, rm, rv, use_input_stats=True), x, use_reentrant=use_reentrant)
+        y.backward(dy)
+        buffers[lib] = (rm, rv)
+    for a, b in zip(buffers[nt], buffers[F]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_instance_norm_running_statistics_are_written_as_torch_writes_them():
+    """With copy_, as torch's instance_norm: a graph that saved a buffer refuses its backward after the update
+    (normkit's NumPy write left the version counter, and that backward read the new values), and an inference-mode
+    buffer refuses the update outside inference mode. batch_norm's buffers, which torch's kernel writes in place,
+    and negative views (torch._neg_view, which NumPy cannot view: an error before) are updated."""
+    x = torch.randn(3, 2, 5, generator=torch.Generator().manual_seed(1))
+    for lib in (F, nt):
+        rm = torch.zeros(2)
+        s = torch.ones(2, requires_grad=True)
+        saved = s * rm  # saves rm for s's gradient
+        lib.instance_norm(x, rm, torch.ones(2), use_input_stats=True)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            saved.sum().backward()
+        with torch.inference_mode():
+            rm, rv = torch.zeros(2), torch.ones(2)
+        with pytest.raises(RuntimeError, match="Inplace update to inference tensor outside InferenceMode"):
+            lib.instance_norm(x, rm, rv, use_input_stats=True)
+    for fn in (nt.batch_norm, nt.instance_norm):
+        rm, rv = torch._neg_view(torch.zeros(2)), torch._neg_view(-torch.ones(2))
+        fn(x, rm, rv, momentum=1.0, **({"training": True} if fn is nt.batch_norm else {"use_input_stats": True}))
+        dims = (0, 2) if fn is nt.batch_norm else (2,)
+        mean, var = x.mean(dims), x.var(dims)
+        torch.testing.assert_close(rm, mean if mean.dim() == 1 else mean.mean(0))
+        torch.testing.assert_close(rv, var if var.dim() == 1 else var.mean(0))
+
+
 def _strided_copy(t: torch.Tensor) -> torch.Tensor:
     """t's values in a non-contiguous tensor (every other element of a buffer twice the size)."""
     return torch.zeros((*t.shape[:-1], 2 * t.shape[-1]), dtype=t.dtype)[..., ::2].copy_(t)

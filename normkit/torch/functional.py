@@ -607,10 +607,13 @@ class _Call:
                                            self.running_mean if use_running else None,
                                            self.running_var if use_running else None, self.backend, save,
                                            self.act, self.plain)
-        if self.update:
-            _update_running_now(self.running_mean, self.running_var, self.mean, self.rstd, self.eps, self.count,
-                                self.momentum, x, self.spec.sets == "instance")
+        if self.update and self.spec.sets != "instance":  # (instance norm: after the output, see _run)
+            self.update_running(x)
         return y
+
+    def update_running(self, x: Tensor) -> None:
+        _update_running_now(self.running_mean, self.running_var, self.mean, self.rstd, self.eps, self.count,
+                            self.momentum, x, self.spec.sets == "instance")
 
 
 _NUMPY_RUNNING = (torch.float32, torch.float64)
@@ -619,10 +622,14 @@ _NUMPY_RUNNING = (torch.float32, torch.float64)
 def _update_running_now(running_mean: Tensor, running_var: Tensor, mean: np.ndarray, rstd: np.ndarray, eps: float,
                         count: int, momentum: float, x: Tensor, per_instance: bool) -> None:
     """The eager update: NumPy on the buffers' own memory (a few µs on (C,) vectors where torch operations cost
-    tens), except for dtypes NumPy lacks. The buffers are written, so their views come from ``numpy()``, which never
-    copies (``numpy(force=True)`` could)."""
+    tens), except for dtypes NumPy lacks and negative views, and for instance norm, whose buffers torch writes with
+    ``copy_``: autograd's version counters see that (a graph that saved a buffer refuses its backward) and an
+    inference tensor refuses it outside inference mode (torch's batch-norm kernel writes its own buffers in place,
+    as NumPy does). The buffers are written, so their views come from ``numpy()``, which never copies
+    (``numpy(force=True)`` could)."""
     var = batch_variance(rstd, eps, count, _exact_variance(x, per_instance))
-    if running_mean.dtype in _NUMPY_RUNNING and running_var.dtype in _NUMPY_RUNNING:
+    if not per_instance and running_mean.dtype in _NUMPY_RUNNING and running_var.dtype in _NUMPY_RUNNING \
+            and not (running_mean.is_neg() or running_var.is_neg()):
         update_running(_writable(running_mean), _writable(running_var), mean, var, momentum)
     else:
         _update_running_traced(running_mean, running_var, torch.from_numpy(mean), torch.from_numpy(var), momentum)
@@ -715,10 +722,17 @@ def _run(call: _Call, x: Tensor, weight, bias) -> Tensor:
     if torch.is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad)
                                     or (bias is not None and bias.requires_grad)):
         if _norm_apply is None:
-            return _Norm.apply(x, weight, bias, call)
-        return _norm_apply(_unwrap_if_dead(x), None if weight is None else _unwrap_if_dead(weight),
-                           None if bias is None else _unwrap_if_dead(bias), call)
-    return call.forward(x, weight, bias, save=False)
+            y = _Norm.apply(x, weight, bias, call)
+        else:
+            y = _norm_apply(_unwrap_if_dead(x), None if weight is None else _unwrap_if_dead(weight),
+                            None if bias is None else _unwrap_if_dead(bias), call)
+    else:
+        y = call.forward(x, weight, bias, save=False)
+    if call.update and call.spec.sets == "instance":
+        # torch's instance_norm updates its buffers after its output is made and saved for backward, so that a
+        # checkpoint's recomputation, which stops there (torch.utils.checkpoint's default), updates them once
+        call.update_running(x)
+    return y
 
 
 # --- under torch.compile: custom ops -----------------------------------------------------------------------------
