@@ -432,6 +432,15 @@ def test_custom_ops_opcheck_16_bit(dtype):
             backward = ops.group_norm_backward if op is ops.group_norm else ops.layer_norm_backward
             bargs = (dy, x, mean, rstd, args[1], args[2], True, args[3] is not None, None)
         torch.library.opcheck(backward, bargs)
+    x = torch.randn(3, 4, 5, generator=torch.Generator().manual_seed(1)).to(dtype)
+    for w in (torch.randn(5), torch.randn(5).to(dtype), None):
+        args = (x, [5], w, 1e-6, None)
+        torch.library.opcheck(ops.rms_norm, args)
+        _, rstd = ops.rms_norm(*args)
+        for weight_grad in (True, False) if w is not None else (False,):
+            # (weight_grad False: the empty placeholder was of x's dtype where the fake one is float32)
+            torch.library.opcheck(ops.rms_norm_backward, (torch.randn(x.shape).to(dtype), x, rstd, [5], w,
+                                                          weight_grad, None))
 
 
 # --- models under torch.autocast -------------------------------------------------------------------------------

@@ -953,7 +953,7 @@ def _rms_norm_backward(grad_output: Tensor, input: Tensor, rstd: Tensor, normali
     shape = _check_layer_backward(grad_output, input, None, rstd, normalized_shape, weight, _RMS)
     dx, dw, _ = _backward(_RMS, grad_output, input, None, _stat(rstd), weight, 0,
                           _kernel_shape(_RMS, input.shape, len(shape)), True, shape, weight_grad, False, backend)
-    return dx, input.new_empty((0,)) if dw is None else dw
+    return dx, input.new_empty((0,), dtype=_STAT_DTYPES[input.dtype]) if dw is None else dw  # as _grads_or_empty
 
 
 @_rms_norm_backward.register_fake
