@@ -140,6 +140,14 @@ def main(world: int, rank: int, port: int, outdir: str) -> None:
     results["no-input-grad"] = {"case": name, "dweight": module.weight.grad, "dbias": module.bias.grad,
                                 "collectives": {k: calls[k] - before[k] for k in calls}}
 
+    # channels-last input: output and input gradient come back channels-last, with the contiguous run's values
+    module = make_module(nkt.SyncBatchNorm, shape, dtype, kwargs, name, n)
+    xc = x[lo:hi].contiguous(memory_format=torch.channels_last).requires_grad_()
+    y = module(xc)
+    y.backward(dy[lo:hi])
+    results["channels-last"] = {"case": name, "y": y.detach(), "dx": xc.grad,
+                                "layouts": [t.is_contiguous(memory_format=torch.channels_last) for t in (y, xc.grad)]}
+
     # gradients of gradients: a clear error (raised before the backward's all_reduce, on every process alike)
     module = make_module(nkt.SyncBatchNorm, shape, dtype, kwargs, name, n)
     xg = x[lo:hi].clone().requires_grad_()

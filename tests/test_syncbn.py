@@ -150,6 +150,22 @@ def test_no_input_grad_skips_the_backward_all_reduce(group):
         assert rel(sum(g[key] for g in got), ref) < TOL[dtype]
 
 
+def test_channels_last_input_gives_channels_last_results(group):
+    world, results = group
+    got = [res["channels-last"] for res in results]
+    name, shape, dtype, kwargs = next(c for c in W.cases() if c[0] == got[0]["case"])
+    n = sum(W.SIZES[world])
+    bn = W.make_module(torch_bn(shape), shape, dtype, kwargs, name, n)
+    x, dy, _, _ = W.data(name, shape, dtype, n, 0)
+    x = x.requires_grad_()
+    y = bn(x)
+    y.backward(dy)
+    for r, g in enumerate(got):
+        lo, hi = W.bounds(world, r)
+        assert g["layouts"] == [True, True] or hi == lo  # (an empty batch is contiguous in every format)
+        assert rel(g["y"], y[lo:hi].detach()) < TOL[dtype] and rel(g["dx"], x.grad[lo:hi]) < TOL[dtype]
+
+
 def test_gradients_of_gradients_are_a_clear_error(group):
     world, results = group
     for res in results:

@@ -4,6 +4,7 @@ memory format torch.nn gives them, with and without a channels-last kernel; the 
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 
@@ -192,18 +193,40 @@ def test_channels_last_fused_activation_runs_the_channels_last_act_kernels(op):
         registry.unregister_backend("cl_act_spy")
 
 
-def test_sync_and_renorm_modules_accept_channels_last():
-    """Modules built on the split kernels copy a channels-last input to NCHW (documented); they must not break."""
+@pytest.mark.parametrize("make", [lambda: nt.BatchRenorm2d(6), lambda: nt.GhostBatchNorm2d(6, virtual_batch_size=2),
+                                  lambda: nt.SyncBatchNorm(6)], ids=["renorm", "ghost", "sync"])
+def test_sync_and_renorm_modules_keep_channels_last(make):
+    """Modules built on the split kernels or the Keras-style core compute on an NCHW copy; their output and input
+    gradient come back channels-last in training as in eval, as torch.nn.BatchNorm2d's (training gave NCHW)."""
     torch.manual_seed(2)
     x = torch.randn(4, 6, 3, 3)
-    for make in (lambda: nt.BatchRenorm2d(6) if hasattr(nt, "BatchRenorm2d") else None,
-                 lambda: nt.SyncBatchNorm(6) if hasattr(nt, "SyncBatchNorm") else None):
-        layer = make()
-        if layer is None:
-            continue
+    dy = torch.randn(4, 6, 3, 3)
+    for training in (True, False):
+        layer = make().train(training)
         twin = copy.deepcopy(layer)
-        y = layer(x.contiguous(memory_format=torch.channels_last))
-        torch.testing.assert_close(y, twin(x))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # SyncBatchNorm without a process group says so
+            xc = x.contiguous(memory_format=torch.channels_last).requires_grad_()
+            y = layer(xc)
+            y.backward(dy)
+            xs = x.clone().requires_grad_()
+            ys = twin(xs)
+            ys.backward(dy)
+        assert y.is_contiguous(memory_format=torch.channels_last)
+        assert xc.grad.is_contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(y, ys)
+        torch.testing.assert_close(xc.grad, xs.grad)
+
+
+@pytest.mark.parametrize("make", [lambda: nt.BatchRenorm2d(3), lambda: nt.GhostBatchNorm2d(3, virtual_batch_size=2)],
+                         ids=["renorm", "ghost"])
+def test_renorm_and_ghost_refuse_an_input_of_another_dtype_in_training_as_in_eval(make):
+    """A float64 input to a float32 layer: training took it (torch.nn.BatchNorm2d refuses it) and eval refused it,
+    so a model trained and then failed at evaluation."""
+    x = torch.randn(4, 3, 2, 2, dtype=torch.float64)
+    for training in (True, False):
+        with pytest.raises(TypeError, match="weight must have the input's dtype float64, got float32"):
+            make().train(training)(x)
 
 
 def test_channels_last_under_torch_compile():

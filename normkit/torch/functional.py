@@ -275,6 +275,18 @@ def _is_nhwc(spec: OpSpec, t: Tensor) -> bool:
     return (spec.sets != "row" and t.dim() >= 3 and not t.is_contiguous() and t.movedim(1, -1).is_contiguous())
 
 
+def channels_last(x: Tensor) -> bool:
+    """Whether a channel op gives ``x``'s results channels-last (see _like)."""
+    return _is_nhwc(_BN, x)
+
+
+def in_layout(t: Tensor, nhwc: bool) -> Tensor:
+    """A contiguous result ``t`` of a channel op, channels-last where the op's input was (``nhwc``:
+    :func:`channels_last`): for the layers whose cores take contiguous copies (Batch Renormalization, ghost batches,
+    SyncBatchNorm)."""
+    return t.movedim(1, -1).contiguous().movedim(-1, 1) if nhwc else t
+
+
 def _nsc(t: Tensor, kshape: tuple) -> np.ndarray:
     """The (N, S, C) NumPy view of a channels-last tensor whose kernel shape is ``kshape`` (N, C, S) (16-bit: its
     bit patterns)."""

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from .. import keras as _keras
 from . import differentiable
-from .functional import batch_norm
+from .functional import _params, batch_norm, channels_last, in_layout
 from .modules import NotScriptable
 
 __all__ = ["BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d", "GhostBatchNorm1d", "GhostBatchNorm2d",
@@ -38,7 +38,8 @@ class _CoreTrain(torch.autograd.Function):
         ctx.wdtype = None if weight is None else weight.dtype
         ctx.bdtype = None if bias is None else bias.dtype
         out.append(core._batch_stats)
-        return torch.from_numpy(y)
+        ctx.nhwc = channels_last(x)
+        return in_layout(torch.from_numpy(y), ctx.nhwc)
 
     @staticmethod
     def backward(ctx, dy):
@@ -47,7 +48,7 @@ class _CoreTrain(torch.autograd.Function):
         dx, dw, db = ctx.core._backward(ctx.saved, dy.contiguous().numpy())
         dw = None if ctx.wdtype is None else torch.from_numpy(dw.reshape(-1)).to(ctx.wdtype)
         db = None if ctx.bdtype is None else torch.from_numpy(db.reshape(-1)).to(ctx.bdtype)
-        return torch.from_numpy(dx), dw, db, None, None
+        return in_layout(torch.from_numpy(dx), ctx.nhwc), dw, db, None, None
 
 
 class _RenormGhostForward(NotScriptable):
@@ -107,6 +108,7 @@ class _RenormGhostForward(NotScriptable):
             raise TypeError(f"{type(self).__name__}: training takes a float32 or float64 input, got "
                             f"{str(input.dtype).removeprefix('torch.')}; cast it to float32 (torch.autocast: end the "
                             f"autocast region before this layer)")
+        _params(type(self).__name__, input, (self.num_features,), self.weight, self.bias)  # as eval's batch_norm
         core = self._core_for(input, self._renorm and has_running)
         out = []
         y = _CoreTrain.apply(input, self.weight, self.bias, core, out)

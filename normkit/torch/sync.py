@@ -29,7 +29,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from ..split import (Stats, apply_coefficients, backward_coefficients, batchnorm_apply, batchnorm_backward_apply,
                      batchnorm_backward_reduce, batchnorm_stats, merge_stats)
 from . import differentiable
-from .functional import _input, _np, _params, batch_norm
+from .functional import _input, _np, _params, batch_norm, channels_last, in_layout
 from .modules import NotScriptable
 
 __all__ = ["SyncBatchNorm", "convert_sync_batchnorm"]
@@ -50,7 +50,7 @@ def _merge_gathered(rows: list[np.ndarray], c: int) -> Stats:
 class _SyncBatchNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, eps, momentum, group, backend):
-        x = x.contiguous()
+        ctx.nhwc, x = channels_last(x), x.contiguous()
         c = x.shape[1]
         local = np.zeros(2 * c + 1)
         if x.numel():
@@ -79,7 +79,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         if x.numel():
             w, b = _np(weight), _np(bias)
             scale, shift = apply_coefficients(mean, rstd, w, b, _np(x).dtype, stats.var)
-            y = torch.from_numpy(batchnorm_apply(_np(x), scale, shift, backend))
+            y = in_layout(torch.from_numpy(batchnorm_apply(_np(x), scale, shift, backend)), ctx.nhwc)
         else:
             y = torch.empty_like(x)
         ctx.save_for_backward(x, weight)
@@ -108,7 +108,8 @@ class _SyncBatchNormFunction(torch.autograd.Function):
             if x.numel():
                 a, b, d = backward_coefficients(ctx.mean, ctx.rstd, None if weight is None else _np(weight),
                                                 g[:c], g[c:], ctx.count, _np(x).dtype)
-                dx = torch.from_numpy(batchnorm_backward_apply(_np(dy), _np(x), a, b, d, ctx.backend))
+                dx = in_layout(torch.from_numpy(batchnorm_backward_apply(_np(dy), _np(x), a, b, d, ctx.backend)),
+                               ctx.nhwc)
             else:
                 dx = torch.empty_like(x)
         return dx, dw, db, None, None, None, None, None, None
