@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from support import BACKENDS, assert_close
 
 import normkit
-from normkit import reference, split, testing
+from normkit import half, reference, split, testing
 
 ALL = (*BACKENDS, "reference")
 DATA = ("normal", "offset1e4", "offset1e8", "constant", "nan")
@@ -251,6 +251,11 @@ def test_backward_reduce_at_large_offsets(backend, s):
         np.testing.assert_allclose(got, want, rtol=2e-5, err_msg=f"offset {offset}")
 
 
+def _kernel_data(a: np.ndarray) -> np.ndarray:
+    """A data array as a kernel takes it (16-bit: its bit patterns)."""
+    return a.view(np.uint16) if a.dtype.itemsize == 2 else a
+
+
 @pytest.mark.parametrize("backend", ("reference",) + BACKENDS)
 @pytest.mark.parametrize("fmt", ["bfloat16", "float16"])
 @pytest.mark.parametrize("s", [5, 37, 300])
@@ -258,8 +263,8 @@ def test_backward_reduce16_at_large_offsets(backend, fmt, s):
     """The 16-bit kernels (the split API takes float32 / float64; a kernel's user calls them through the registry,
     uint16 bit patterns): Cython's sums were about the float32 rounding of the float64 mean, as in the test above,
     6e-4 off for float16 data at an offset of 1e3."""
-    ml_dtypes = pytest.importorskip("ml_dtypes")
-    dtype = {"bfloat16": ml_dtypes.bfloat16, "float16": np.float16}[fmt]
+    pytest.importorskip("ml_dtypes")
+    dtype = half.numpy_dtype(fmt)
     rng = np.random.default_rng(s)
     kernel = normkit.registry.lookup("batchnorm", "backward_reduce", fmt, backend)[1]
     for offset, std in ((1e3, 1.0), (1e2, 1.0), (1e4, 64.0)):
@@ -270,7 +275,7 @@ def test_backward_reduce16_at_large_offsets(backend, fmt, s):
         rstd = 1 / x64.std(axis=(0, 2))
         want = (dy64 * (x64 - mean[None, :, None])).sum(axis=(0, 2)) * rstd
         sum_dy, got = np.empty(4), np.empty(4)
-        kernel(dy.view(np.uint16), x.view(np.uint16), mean, rstd, sum_dy, got)
+        kernel(_kernel_data(dy), _kernel_data(x), mean, rstd, sum_dy, got)
         np.testing.assert_allclose(got, want, rtol=2e-5, err_msg=f"offset {offset}")
 
 
@@ -279,7 +284,9 @@ def test_backward_reduce16_at_large_offsets(backend, fmt, s):
 def test_backward_reduce_infinite_dy(backend, fmt):
     """An infinite dy makes sum_dy_xhat the infinity of dy * (x - mean)'s sign, at a mean that is not a value of
     the data's type: the rounding correction above, (m - mean) * sum(dy), gave NaN where its sign differed."""
-    dtype = pytest.importorskip("ml_dtypes").bfloat16 if fmt == "bfloat16" else np.dtype(fmt)
+    if fmt == "bfloat16":
+        pytest.importorskip("ml_dtypes")
+    dtype = half.numpy_dtype(fmt)
     x = (np.random.default_rng(1).standard_normal((4, 3, 37)) + 0.1234).astype(dtype)
     dy = np.ones(x.shape, dtype)
     x64 = x.astype(np.float64)
@@ -290,8 +297,7 @@ def test_backward_reduce_infinite_dy(backend, fmt):
         d[at[0], 1, at[1]] = sign * np.inf
         kernel = normkit.registry.lookup("batchnorm", "backward_reduce", fmt, backend)[1]
         sum_dy, got = np.empty(3), np.empty(3)
-        args = (d, x) if fmt in ("float32", "float64") else (d.view(np.uint16), x.view(np.uint16))
-        kernel(*args, mean, np.ones(3), sum_dy, got)
+        kernel(_kernel_data(d), _kernel_data(x), mean, np.ones(3), sum_dy, got)
         assert sum_dy[1] == sign * np.inf and got[1] == np.inf, (sum_dy, got)
         assert np.isfinite(got[[0, 2]]).all()
 

@@ -136,14 +136,23 @@ def test_two_collectives_per_step_none_in_eval(group):
             assert res[name]["collectives"] == {"all_gather": W.STEPS, "all_reduce": W.STEPS}, name
 
 
-def test_no_input_grad_skips_the_backward_all_reduce(group):
-    world, results = group
-    got = [res["no-input-grad"] for res in results]
-    name, shape, dtype, kwargs = next(c for c in W.cases() if c[0] == got[0]["case"])
+def _whole_batch_step(world: int, case: str):
+    """torch.nn.BatchNorm's first training step of the worker's ``case`` on the whole batch: (module, x, y, dtype),
+    x's and the parameters' gradients filled."""
+    name, shape, dtype, kwargs = next(c for c in W.cases() if c[0] == case)
     n = sum(W.SIZES[world])
     bn = W.make_module(torch_bn(shape), shape, dtype, kwargs, name, n)
     x, dy, _, _ = W.data(name, shape, dtype, n, 0)
-    bn(x).backward(dy)
+    x = x.requires_grad_()
+    y = bn(x)
+    y.backward(dy)
+    return bn, x, y.detach(), dtype
+
+
+def test_no_input_grad_skips_the_backward_all_reduce(group):
+    world, results = group
+    got = [res["no-input-grad"] for res in results]
+    bn, _, _, dtype = _whole_batch_step(world, got[0]["case"])
     for g in got:
         assert g["collectives"] == {"all_gather": 1, "all_reduce": 0}
     for key, ref in (("dweight", bn.weight.grad), ("dbias", bn.bias.grad)):
@@ -153,17 +162,11 @@ def test_no_input_grad_skips_the_backward_all_reduce(group):
 def test_channels_last_input_gives_channels_last_results(group):
     world, results = group
     got = [res["channels-last"] for res in results]
-    name, shape, dtype, kwargs = next(c for c in W.cases() if c[0] == got[0]["case"])
-    n = sum(W.SIZES[world])
-    bn = W.make_module(torch_bn(shape), shape, dtype, kwargs, name, n)
-    x, dy, _, _ = W.data(name, shape, dtype, n, 0)
-    x = x.requires_grad_()
-    y = bn(x)
-    y.backward(dy)
+    _, x, y, dtype = _whole_batch_step(world, got[0]["case"])
     for r, g in enumerate(got):
         lo, hi = W.bounds(world, r)
         assert g["layouts"] == [True, True] or hi == lo  # (an empty batch is contiguous in every format)
-        assert rel(g["y"], y[lo:hi].detach()) < TOL[dtype] and rel(g["dx"], x.grad[lo:hi]) < TOL[dtype]
+        assert rel(g["y"], y[lo:hi]) < TOL[dtype] and rel(g["dx"], x.grad[lo:hi]) < TOL[dtype]
 
 
 def test_gradients_of_gradients_are_a_clear_error(group):
