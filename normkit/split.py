@@ -75,7 +75,9 @@ def _view(name: str, a) -> np.ndarray:
     """A C-contiguous (N, C, S) view (or copy) of an (N, C, *spatial) float32/float64 array."""
     if not isinstance(a, np.ndarray):
         raise TypeError(f"{OP}: {name} must be a NumPy array, got {type(a).__name__}")
-    native = a.dtype.newbyteorder("=")
+    # (not a new dtype object per call where the array's own is native: torch.compile guards the code that traced
+    # this on the object's identity, and a later call's new object at a freed address passed that guard)
+    native = a.dtype if a.dtype.isnative else a.dtype.newbyteorder("=")
     if native not in (np.float32, np.float64):
         raise TypeError(f"{OP}: {name} must be float32 or float64, got dtype {a.dtype}")
     if a.ndim < 2 or a.size == 0:

@@ -157,6 +157,28 @@ def main(world: int, rank: int, port: int, outdir: str) -> None:
     except RuntimeError as e:
         results["create_graph"] = str(e)
 
+    # torch.func's transforms: a clear error (raised before any collective, on every process alike); without
+    # running statistics, whose in-place update is torch's own error under them
+    module = make_module(nkt.SyncBatchNorm, shape, dtype, {"track_running_stats": False}, name, n)
+    try:
+        torch.func.grad(lambda xi: module(xi).pow(3).sum())(x[lo:hi].clone())
+        results["func"] = None
+    except RuntimeError as e:
+        results["func"] = str(e)
+
+    # torch.compile: the synchronized step runs outside the graph (traced, dynamo guarded its NumPy code on per-call
+    # objects and once ran a float64 kernel on float32 data), so results equal eager's, float64 then float32;
+    # fullgraph=True says the layer cannot be captured whole
+    for case in (cases()[2], cases()[6]):
+        module = make_module(nkt.SyncBatchNorm, *case[1:], case[0], n)
+        results["compiled-" + case[0]] = run_module(torch.compile(module, backend="eager"), *case[:3], lo, hi, n)
+    try:
+        torch.compile(make_module(nkt.SyncBatchNorm, shape, dtype, kwargs, name, n), backend="eager",
+                      fullgraph=True)(x[lo:hi])
+        results["fullgraph"] = None
+    except Exception as e:  # torch._dynamo's Unsupported
+        results["fullgraph"] = str(e)
+
     # one DistributedDataParallel step of a small CNN converted with convert_sync_batchnorm
     model = nkt.convert_sync_batchnorm(ddp_model())
     ddp = torch.nn.parallel.DistributedDataParallel(model)

@@ -371,3 +371,15 @@ def test_byte_swapped_input_is_copied():
     layer, native = normkit.BatchNormalization(axis=1, dtype="float64"), normkit.BatchNormalization(axis=1,
                                                                                                    dtype="float64")
     np.testing.assert_array_equal(layer(x.astype(swapped), training=True), native(x, training=True))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_views_keep_a_native_arrays_dtype_object(dtype):
+    """No new dtype object per call where the array's is native: torch.compile guards code it traced through
+    these functions on the object's identity, and a later call's float32 dtype at a freed float64 one's address
+    passed that guard (a float64 kernel then ran on float32 data). Byte-swapped data is still copied to native."""
+    a = np.arange(24, dtype=dtype).reshape(2, 3, 4)
+    assert split._view("x", a).dtype is a.dtype
+    swapped = a.astype(a.dtype.newbyteorder("S"))
+    view = split._view("x", swapped)
+    assert view.dtype == dtype and view.dtype.isnative and np.array_equal(view, a.reshape(2, 3, 4))

@@ -175,6 +175,25 @@ def test_gradients_of_gradients_are_a_clear_error(group):
         assert "gradients of its gradients (create_graph=True) are not supported" in res["create_graph"]
 
 
+def test_torch_func_is_a_clear_error(group):
+    world, results = group
+    for res in results:
+        assert res["func"].startswith("SyncBatchNorm: torch.func transforms (grad, vmap, jacrev, ...) are not "
+                                      "supported")
+
+
+def test_torch_compile_runs_the_synchronized_step_as_eager(group):
+    world, results = group
+    for res in results:
+        for name in (W.cases()[2][0], W.cases()[6][0]):
+            eager, compiled = res[name], res["compiled-" + name]
+            assert eager.keys() - {"collectives"} == compiled.keys()
+            for key in compiled:
+                assert torch.equal(compiled[key], eager[key]), (name, key)
+        assert "normkit's SyncBatchNorm layers, in a process group of more than one process, run NumPy code" in \
+            res["fullgraph"]
+
+
 def test_ddp_step(group):
     world, results = group
     n = sum(W.SIZES[world])

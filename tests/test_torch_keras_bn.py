@@ -8,6 +8,7 @@ itself for one renorm + ghost-batch configuration when tf_keras is installed.
 from __future__ import annotations
 
 import copy
+import re
 
 import numpy as np
 import pytest
@@ -690,3 +691,56 @@ def test_renorm_rmax_dmax_assigned_are_checked_at_the_call():
         with pytest.raises(ValueError, match=f"BatchRenorm2d: {name} must be a finite number >= {low}, got {value}"):
             m(x)
         setattr(m, name, 3.0)
+
+
+NUMPY_STEP_LAYERS = {
+    "BatchRenorm2d": (lambda **kw: nkt.BatchRenorm2d(3, rmax=2.0, dmax=1.0, **kw), "BatchRenorm*d"),
+    "GhostBatchNorm2d": (lambda **kw: nkt.GhostBatchNorm2d(3, virtual_batch_size=2, **kw), "GhostBatchNorm*d"),
+    "BatchNormalization": (lambda **kw: nkt.BatchNormalization(3, renorm=True, **kw), "BatchNormalization"),
+}
+
+
+@pytest.mark.parametrize("name", list(NUMPY_STEP_LAYERS))
+def test_numpy_step_layers_under_torch_compile(name):
+    """Their step is NumPy code, which torch.compile runs outside its graph (traced, dynamo guarded that code on
+    per-call objects, and a SyncBatchNorm call ran a float64 kernel on float32 data): training steps and an eval
+    call of the compiled module equal eager's, running statistics included; fullgraph=True says which layers
+    cannot be captured whole."""
+    make, family = NUMPY_STEP_LAYERS[name]
+    rng = np.random.default_rng(1)
+    xs = [torch.from_numpy(rng.standard_normal((4, 3, 5, 5)) * 2 + 3) for _ in range(3)]
+    eager = make().double()
+    compiled_module = copy.deepcopy(eager)
+    compiled = torch.compile(compiled_module, backend="eager")
+    for step, x in enumerate(xs):
+        if step == 2:
+            eager.eval(), compiled_module.eval()
+        outs = []
+        for run, module in ((eager, eager), (compiled, compiled_module)):
+            xi = x.clone().requires_grad_()
+            y = run(xi)
+            y.backward(torch.cos(x))
+            outs.append([y.detach(), xi.grad, *[p.grad.clone() for p in module.parameters()],
+                         *[b.clone() for b in module.buffers()]])
+        for got, want in zip(outs[1], outs[0]):
+            assert torch.equal(got, want), (name, step)
+    torch._dynamo.reset()
+    with pytest.raises(torch._dynamo.exc.Unsupported, match=rf"normkit's .*{re.escape(family)}.* run NumPy code"):
+        torch.compile(make().double(), backend="eager", fullgraph=True)(xs[0])
+
+
+@pytest.mark.parametrize("transform", ["grad", "vmap"])
+@pytest.mark.parametrize("name", list(NUMPY_STEP_LAYERS))
+def test_numpy_step_layers_refuse_torch_func_transforms(name, transform):
+    """torch.func's tensors have no memory for NumPy to read: a clear error naming the layer (torch's own named
+    a tensor without storage, or autograd.Function's setup_context)."""
+    make, _ = NUMPY_STEP_LAYERS[name]
+    kw = {} if name == "BatchNormalization" else {"track_running_stats": False}  # (torch's own then works)
+    m = make(**kw)
+    params = dict(m.named_parameters())
+    x = torch.randn(4, 3, 3, 3)
+    with pytest.raises(RuntimeError, match=f"^{name}: torch.func transforms .* are not supported"):
+        if transform == "grad":
+            torch.func.grad(lambda p: torch.func.functional_call(m, p, (x,)).pow(2).sum())(params)
+        else:
+            torch.func.vmap(m)(x.unsqueeze(1).expand(4, 2, 3, 3, 3))

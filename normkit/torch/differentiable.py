@@ -12,6 +12,7 @@ backward of batched output gradients (``torch.autograd.grad(..., is_grads_batche
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -105,3 +106,27 @@ def refuse(name: str, dy: Tensor) -> None:
     if batched(dy):
         raise RuntimeError(f"{name}: batched gradients (is_grads_batched=True, a vectorized jacobian or hessian) "
                            f"are not supported")
+
+
+# inside torch.func.grad, vmap, jacrev, ...
+transforms_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)
+
+
+def numpy_step(layers: str):
+    """Decorator for the forward methods of the layers whose step runs NumPy code on the tensors' memory
+    (``layers`` names them in messages). torch.func's transforms (grad, vmap, jacrev, ...) get a clear error,
+    since their tensors have no memory to read. torch.compile runs the step outside its graph: traced, dynamo
+    guards the NumPy code on transient objects (a dtype made per call) whose address a later call's object can
+    reuse, and then ran a float64 kernel on float32 data."""
+
+    def wrap(method):
+        @functools.wraps(method)
+        def run(self, *args, **kwargs):
+            if transforms_active():
+                raise RuntimeError(f"{type(self).__name__}: torch.func transforms (grad, vmap, jacrev, ...) are not "
+                                   f"supported: its step runs NumPy code on the tensors' memory")
+            return method(self, *args, **kwargs)
+
+        return torch.compiler.disable(run, reason=f"normkit's {layers} run NumPy code, which torch.compile leaves "
+                                                  f"outside its graph (a graph break)")
+    return wrap

@@ -67,7 +67,7 @@ _STAT_DTYPES = {torch.float32: torch.float32, torch.float64: torch.float64, torc
                 torch.float16: torch.float32}
 _NP_STAT_DTYPES = {dt: np.dtype(str(s).removeprefix("torch.")) for dt, s in _STAT_DTYPES.items()}
 _is_compiling = torch.compiler.is_compiling
-_transforms_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)
+_transforms_active = differentiable.transforms_active
 _batched = differentiable.batched
 _forward_ad = torch.autograd.forward_ad
 _tracing = torch.jit.is_tracing  # (torch._C._is_tracing breaks a torch.compile graph)

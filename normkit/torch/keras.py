@@ -187,6 +187,7 @@ class BatchNormalization(NotScriptable, nn.Module):
             raise TypeError(f"BatchNormalization: parameters and buffers must all be float32 or all float64, got "
                             f"{sorted(str(d) for d in dtypes)}")
 
+    @differentiable.numpy_step("Keras-style BatchNormalization layers")
     def forward(self, input: Tensor) -> Tensor:
         self._check(input)
         if input.numel() == 0:  # as torch's BatchNorm: an empty output, zero parameter gradients, statistics untouched

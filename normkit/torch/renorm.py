@@ -109,6 +109,10 @@ class _RenormGhostForward(NotScriptable):
                             f"{str(input.dtype).removeprefix('torch.')}; cast it to float32 (torch.autocast: end the "
                             f"autocast region before this layer)")
         _params(type(self).__name__, input, (self.num_features,), self.weight, self.bias)  # as eval's batch_norm
+        return self._train(input, has_running)
+
+    @differentiable.numpy_step("BatchRenorm*d and GhostBatchNorm*d in training")
+    def _train(self, input: Tensor, has_running: bool) -> Tensor:
         core = self._core_for(input, self._renorm and has_running)
         out = []
         y = _CoreTrain.apply(input, self.weight, self.bias, core, out)

@@ -168,17 +168,23 @@ class SyncBatchNorm(NotScriptable, _BatchNorm):
         group = None
         if bn_training and self.training:
             if not (dist.is_available() and dist.is_initialized()):
-                warnings.warn("normkit.torch.SyncBatchNorm: torch.distributed is not initialized, so this layer "
-                              "normalizes with the local batch's statistics only (plain BatchNorm), as "
-                              "torch.nn.SyncBatchNorm does then; call torch.distributed.init_process_group to "
-                              "synchronize", RuntimeWarning, stacklevel=2)
+                # in eager mode only: dynamo cannot trace warnings.warn, so under torch.compile it would break
+                # the graph (and fail fullgraph=True) of a layer that otherwise compiles whole
+                if not torch.compiler.is_compiling():
+                    warnings.warn("normkit.torch.SyncBatchNorm: torch.distributed is not initialized, so this layer "
+                                  "normalizes with the local batch's statistics only (plain BatchNorm), as "
+                                  "torch.nn.SyncBatchNorm does then; call torch.distributed.init_process_group to "
+                                  "synchronize", RuntimeWarning, stacklevel=2)
             else:
                 group = self.process_group if self.process_group else dist.group.WORLD
                 world = dist.get_world_size(group)
         if world <= 1:
             return batch_norm(input, running_mean, running_var, self.weight, self.bias, bn_training, factor,
                               self.eps, backend=self.backend)
+        return self._synchronized(input, running_mean, running_var, factor, group)
 
+    @differentiable.numpy_step("SyncBatchNorm layers, in a process group of more than one process,")
+    def _synchronized(self, input: Tensor, running_mean, running_var, factor: float, group) -> Tensor:
         x = _input(_OP, input)
         if x.dtype not in (torch.float32, torch.float64):  # the split kernels' NumPy functions take no others
             raise TypeError(f"{_OP}: synchronized statistics need a float32 or float64 input, got "
