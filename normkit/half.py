@@ -83,7 +83,7 @@ def ulp(values: np.ndarray, dtype: str) -> np.ndarray:
     a = np.abs(np.asarray(values, np.float64))
     with np.errstate(divide="ignore", invalid="ignore"):
         e = np.floor(np.log2(np.where(a > 0, a, 1.0)))
-    e = np.maximum(np.where(a > 0, e, emin), emin)
+    e = np.maximum(np.where((a > 0) & np.isfinite(a), e, emin), emin)
     return np.where(np.isfinite(a), np.ldexp(1.0, (e - mant).astype(np.int64)), np.nan)
 
 

@@ -18,10 +18,13 @@ What it checks, for every case:
   arrays it was given: every array sits inside a larger buffer whose guard zones are compared after the call;
 - the kernel did not raise, and gives bit-identical results when called twice on one case per kernel.
 
-The cases: several shapes per op, including N=1, C=1, S=1, groups=C and groups=1, odd and longer sets; every
-declared direction (training and inference) and dtype; no affine, weight only, weight and bias; data that is
-standard normal, offset (mean 1e4, 1e6, 1e8, std 1), constant, of small variance next to a large eps, or
-holding one NaN (in ``x`` for forward, in ``dy`` for backward). ``quick=True`` runs a subset. A backend's
+The cases: several shapes per op, including N=1, C=1, S=1, groups=C and groups=1, odd and longer sets, and one
+case above the built-in backends' serial limit with sets longer than their tiles (their threaded and blocked
+paths); every declared direction (training and inference) and dtype; no affine, weight only, weight and bias, a
+bias without a weight; data that is standard normal, offset (mean 1e4, 1e6, 1e8, std 1), constant, constant with
+a negative eps (NaN), of small variance next to a large eps, or holding one NaN or one inf (in ``x`` for forward,
+in ``dy`` for backward; where a set holds an inf any non-finite result is right, a finite one is not).
+``quick=True`` runs a subset. A backend's
 channels-last kernels (``layouts=["nhwc"]``; :mod:`normkit.contract`) run the same cases with ``x``, ``dy``, ``y``
 and ``dx`` as (N, S, C) arrays, and their outputs are compared on the NCHW view with the same tolerances. Its
 address kernels run the NCHW cases, given the same arrays' addresses.
@@ -93,8 +96,12 @@ ulp on well-conditioned data); where the reference rounds to +-inf (overflow), t
 within the tolerance). bfloat16's range is float32's, so float32 arithmetic may overflow an intermediate where the
 result is finite: there an inf of the right sign is accepted for results within the format's top binade. Float32
 outputs (mean, rstd, dweight, dbias, the split directions' sums) get the float32 tolerances. The data kinds differ:
-float16 cannot hold means of 1e6 or 1e8 (they are left out; 1e3 is added), and an ``overflow`` kind multiplies the
-weight so that y and dx leave the 16-bit range where |xhat| is large.
+float16 cannot hold means of 1e6 or 1e8 (they are left out; 1e3 is added), an ``overflow`` kind multiplies the
+weight so that y and dx leave the 16-bit range where |xhat| is large, and float16's ``tiny`` kind divides it so
+that they are subnormal. Since an output rounded towards zero stays within an ulp of every element, the mean of a
+16-bit output's signed errors (towards the reference's magnitude, in ulps) over the values that float32 arithmetic
+gets right to half an ulp must stay within 0.2 ulp where a case has 4096 of them: rounding to nearest even gives
+about 0 (the built-in backends at most 0.03), rounding towards zero about -0.5.
 """
 
 from __future__ import annotations
@@ -128,6 +135,14 @@ _SHAPES = {
               ((2, 8, 250), 4)],
     "row": [((5, 7), None), ((1, 9), None), ((6, 1), None), ((33, 16), None), ((3, 1000), None)],
 }
+# One case per kernel above the built-in backends' serial limit (32768 values: their threaded schedules) with sets
+# longer than their tiles (8192 values, rows of 4096), where blocked and merged sums meet.
+_LARGE = {
+    "channel": ((2, 3, 8200), None),
+    "instance": ((2, 3, 8200), None),
+    "group": ((2, 4, 4200), 2),
+    "row": ((9, 4100), None),
+}
 # The shape the data kinds run on: sets of 65..132 values, small enough to be quick, long enough to accumulate.
 _DATA_SHAPE = {
     "channel": ((4, 3, 33), None),
@@ -135,21 +150,31 @@ _DATA_SHAPE = {
     "group": ((2, 6, 35), 3),
     "row": ((4, 129), None),
 }
-# data kind -> eps. small_var has variance 1e-4 next to eps 1e-3, where eps dominates rstd.
+# data kind -> eps. small_var has variance 1e-4 next to eps 1e-3, where eps dominates rstd; negative_eps is
+# constant data with a negative eps (torch takes one), where var + eps < 0 makes every result of the set NaN.
 _DATA = {"offset1e4": 1e-5, "offset1e6": 1e-5, "offset1e8": 1e-5, "constant": 1e-5, "small_var": 1e-3,
-         "nan": 1e-5}
+         "nan": 1e-5, "inf": 1e-5, "negative_eps": -1e-5}
 _QUICK_DATA = ("offset1e4", "offset1e8", "constant", "small_var", "nan", "overflow")
 # The 16-bit dtypes' data kinds: float16's largest value is 65504, so no offsets beyond 1e4 there (and at 1e4, with
 # float16's spacing of 8, std-1 sets are constant; at 1e3 they are not); the weight of the overflow kind (float32)
 # makes y and dx exceed the 16-bit range for large |xhat|.
 _HALF_DATA = {"bfloat16": {**_DATA, "overflow": 1e-5},
-              "float16": {"offset1e3": 1e-5, **{k: v for k, v in {**_DATA, "overflow": 1e-5}.items()
+              "float16": {"offset1e3": 1e-5, **{k: v for k, v in {**_DATA, "overflow": 1e-5, "tiny": 1e-5}.items()
                                                 if k not in ("offset1e6", "offset1e8")}}}
-_OVERFLOW_WEIGHT = {"bfloat16": 1e38, "float16": 3e4}
+# the weight of the overflow and tiny kinds (the tiny kind's bias too): float16's tiny one makes y and dx subnormal
+# (below 6.1e-5)
+_DATA_WEIGHT = {"overflow": {"bfloat16": 1e38, "float16": 3e4}, "tiny": {"float16": 1e-5}}
 _BF16_MAX = 3.3895313892515355e38
 # ulps of the 16-bit type allowed on its outputs (the contract's bounds)
 _HALF_ULPS = {"y": 1, "dx": 2}
-_AFFINE = ("none", "weight", "weight+bias")
+# Rounding to nearest even leaves 16-bit outputs off the reference by errors of either sign, whose mean over many
+# values (signed towards the reference's magnitude, in its ulps) is about 0; rounding towards zero makes it about
+# -0.5, within the ulp bounds above at every single element. Checked where a case has this many values.
+_BIAS_VALUES = 4096
+_BIAS_MAX_ULPS = 0.2
+# (quick mode takes the first and the third in turn; "bias", a bias without a weight, as torch's layer_norm(x, shape,
+# None, bias) hands the kernels, only for the centered ops: RMSNorm has no bias)
+_AFFINE = ("none", "weight", "weight+bias", "bias")
 # The split directions take no weight or bias; apply and backward_apply take per-channel coefficients that the kit
 # derives from a BatchNorm with weight and bias, the reductions none.
 _SPLIT_AFFINE = {"stats": "none", "apply": "weight+bias", "backward_reduce": "none", "backward_apply": "weight+bias"}
@@ -162,7 +187,7 @@ class Case:
     dtype: str
     shape: tuple[int, ...]
     groups: int | None
-    affine: str  # "none", "weight" or "weight+bias"
+    affine: str  # one of _AFFINE
     data: str  # "normal" or a key of _DATA
     eps: float
     repeat: bool = False  # also call twice and compare bit for bit
@@ -198,18 +223,22 @@ def cases(op: str, direction: str, dtype: str, quick: bool = False, layout: str 
     shapes = [s for s in _SHAPES[SPECS[op].sets] if _allowed(op, direction, s[0])]
     split = direction in SPLIT_DIRECTIONS
     for i, (shape, groups) in enumerate(shapes):
-        affines = (_AFFINE[(i % 2) * 2],) if quick else _AFFINE
+        affines = (_AFFINE[(i % 2) * 2],) if quick else _AFFINE if SPECS[op].centered else _AFFINE[:3]
         if split:
             affines = (_SPLIT_AFFINE[direction],)
         last = i == len(shapes) - 1
         out += [Case(op, direction, dtype, shape, groups, a, "normal", 1e-5, repeat=last and a == "weight+bias")
                 for a in affines]
+    if not quick:
+        shape, groups = _LARGE[SPECS[op].sets]
+        out.append(Case(op, direction, dtype, shape, groups, _SPLIT_AFFINE[direction] if split else "weight+bias",
+                        "normal", 1e-5))
     shape, groups = _DATA_SHAPE[SPECS[op].sets]
     for data, eps in _HALF_DATA.get(dtype, _DATA).items():
         if quick and data not in _QUICK_DATA:
             continue
         affines = (_SPLIT_AFFINE[direction],) if split else ("weight+bias",) if quick else ("none", "weight+bias")
-        if data == "overflow":  # the weight makes the overflow
+        if data in _DATA_WEIGHT:  # the weight makes the data kind
             affines = [a for a in affines if a != "none"]
         out += [Case(op, direction, dtype, shape, groups, a, data, eps) for a in affines]
     if direction != plain_direction(direction):  # the activations in turn, so that each meets shapes and data
@@ -375,11 +404,11 @@ def _inputs(case: Case) -> dict[str, np.ndarray | None]:
     rng = np.random.default_rng(zlib.crc32(str(case).encode()))
     to = (lambda name, v: _to_arg(case, name, v))
     shape = case.shape
-    if case.data in ("normal", "nan", "overflow"):
+    if case.data in ("normal", "nan", "inf", "overflow", "tiny"):
         x = rng.standard_normal(shape)
     elif case.data.startswith("offset"):
         x = float(case.data[len("offset"):]) + rng.standard_normal(shape)
-    elif case.data == "constant":
+    elif case.data in ("constant", "negative_eps"):
         x = np.full(shape, 1.1)  # not a binary fraction, so sums of it round
     elif case.data == "small_var":
         x = 1.0 + 0.01 * rng.standard_normal(shape)
@@ -390,11 +419,14 @@ def _inputs(case: Case) -> dict[str, np.ndarray | None]:
     reads_dy = direction.startswith("backward") or direction == "add_backward"
     if case.data == "nan" and not reads_dy:
         x[nan_at] = np.nan
+    if case.data == "inf" and not reads_dy:
+        x[nan_at] = np.inf
     x = to("x", x)
     k = _spec(case).param_shape(shape)
-    scale = _OVERFLOW_WEIGHT[case.dtype] if case.data == "overflow" else 1.0
-    weight = to("weight", scale * (1.0 + 0.5 * rng.standard_normal(k))) if case.affine != "none" else None
-    bias = to("bias", 0.5 * rng.standard_normal(k)) if case.affine == "weight+bias" else None
+    scale = _DATA_WEIGHT[case.data][case.dtype] if case.data in _DATA_WEIGHT else 1.0
+    weight = to("weight", scale * (1.0 + 0.5 * rng.standard_normal(k))) if "weight" in case.affine else None
+    bias_scale = scale if case.data == "tiny" else 1.0  # (the overflow kind's bias stays in range)
+    bias = to("bias", bias_scale * 0.5 * rng.standard_normal(k)) if "bias" in case.affine else None
     inputs: dict[str, np.ndarray | None] = {"x": x, "weight": weight, "bias": bias}
     x64 = _f64(case, "x", x)
     if _spec(case).running:
@@ -408,7 +440,8 @@ def _inputs(case: Case) -> dict[str, np.ndarray | None]:
         if direction == "forward_infer":
             inputs.update(running_mean=running_mean, running_var=running_var)
         elif direction == "backward_infer":
-            rstd = 1.0 / np.sqrt(running_var.astype(np.float64) + case.eps)
+            with np.errstate(invalid="ignore"):  # (negative_eps: NaN)
+                rstd = 1.0 / np.sqrt(running_var.astype(np.float64) + case.eps)
             inputs.update(mean=to("mean", running_mean), rstd=to("rstd", rstd))
     if case.direction == "add_forward":
         inputs["residual"] = to("residual", rng.standard_normal(shape))
@@ -423,8 +456,8 @@ def _inputs(case: Case) -> dict[str, np.ndarray | None]:
         inputs.update(mean=to("mean", mean), rstd=to("rstd", rstd))
     if reads_dy:
         dy = rng.standard_normal(shape)
-        if case.data == "nan":
-            dy[nan_at] = np.nan
+        if case.data in ("nan", "inf"):
+            dy[nan_at] = -np.inf if case.data == "inf" else np.nan
         inputs["dy"] = to("dy", dy)
     if case.direction == "add_backward":
         # h is the normalized input; the gradient flowing into h from its other uses is absent in the cases with
@@ -663,15 +696,21 @@ def _compare(case: Case, name: str, got: np.ndarray, ref: np.ndarray, tol: np.nd
     if dtype == "bfloat16":  # its range is float32's: float32 intermediates may overflow within its top binade
         top = (np.abs(ref) >= _BF16_MAX / 2) & np.isinf(got64) & (np.sign(got64) == np.sign(ref))
         limit = np.where(top, got64, limit)
-    ref_nan = np.isnan(ref)
     failures = []
-    swallowed = ref_nan & ~np.isnan(got64)
+    if case.data == "inf":
+        # where a set holds an inf, inf - inf and 0 * inf make NaN or inf of either sign by the order of operations:
+        # any non-finite value is right where the reference's is, a finite one is not
+        must, swallowed, what = ~np.isfinite(ref), np.isfinite(got64), "inf propagation"
+    else:
+        must, swallowed, what = np.isnan(ref), ~np.isnan(got64), "NaN propagation"
+    swallowed &= must
     if swallowed.any():
         i = _index(np.flatnonzero(swallowed)[0], ref.shape)
-        failures.append(Failure(str(case), f"NaN propagation ({name})",
-                                f"{int(swallowed.sum())} of {int(ref_nan.sum())} elements that must be NaN "
-                                f"(their set holds a NaN) are not, e.g. {name}{list(i)} = {got64[i]:.9g}"))
-    check = ~ref_nan
+        kind = "non-finite (their set holds an inf)" if case.data == "inf" else "NaN (their set holds a NaN)"
+        failures.append(Failure(str(case), f"{what} ({name})",
+                                f"{int(swallowed.sum())} of {int(must.sum())} elements that must be {kind} are "
+                                f"not, e.g. {name}{list(i)} = {got64[i]:.9g}"))
+    check = ~must
     nonfinite = check & ~np.isfinite(got64) & (np.isfinite(ref) | np.isinf(limit)) & (got64 != limit)
     with np.errstate(all="ignore"):
         err = np.where(check & np.isfinite(got64), np.abs(got64 - ref), 0.0)
@@ -682,6 +721,8 @@ def _compare(case: Case, name: str, got: np.ndarray, ref: np.ndarray, tol: np.nd
         failures.append(Failure(str(case), name,
                                 f"{int(nonfinite.sum())} non-finite values where the reference is finite, "
                                 f"e.g. {name}{list(i)} = {got64[i]} (expected {limit[i]:.9g})"))
+    if dtype in HALF_DTYPES and name in _HALF_ULPS:
+        failures += _rounding_bias(case, name, got64, ref, tol, dtype)
     if over.any():
         i = _index(int(np.argmax(ratio)), ref.shape)
         rel = err[i] / abs(ref[i]) if ref[i] else math.inf
@@ -691,6 +732,24 @@ def _compare(case: Case, name: str, got: np.ndarray, ref: np.ndarray, tol: np.nd
             f"{ref[i]:.9g}; tolerance there {tol[i]:.3g}, exceeded {ratio[i]:.3g}x; "
             f"{int(over.sum())} of {over.size} elements out of tolerance"))
     return failures
+
+
+def _rounding_bias(case: Case, name: str, got64: np.ndarray, ref: np.ndarray, tol: np.ndarray,
+                   dtype: str) -> list[Failure]:
+    with np.errstate(invalid="ignore"):
+        u = half.ulp(ref, dtype)
+        # only values that the arithmetic before the rounding must get right to a small part of an ulp
+        ok = np.isfinite(ref) & np.isfinite(got64) & (ref != 0) & (tol - _HALF_ULPS[name] * u <= 0.5 * u)
+    if ok.sum() < _BIAS_VALUES:
+        return []
+    r = ref[ok]
+    bias = float(np.mean((got64[ok] - r) * np.sign(r) / u[ok]))
+    if abs(bias) <= _BIAS_MAX_ULPS:
+        return []
+    return [Failure(str(case), f"rounding ({name})",
+                    f"{name} is {abs(bias):.2f} ulp {'smaller' if bias < 0 else 'larger'} in magnitude than the "
+                    f"reference on average over {int(ok.sum())} values, where rounding to nearest even gives about "
+                    f"0 (rounded towards {'zero' if bias < 0 else 'infinity'}?)")]
 
 
 _DATA_ARRAYS = ("x", "y", "dy", "dx")

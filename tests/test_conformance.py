@@ -7,6 +7,7 @@ Every broken backend here is the reference with exactly one thing broken, regist
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 from pathlib import Path
@@ -18,7 +19,7 @@ from click.testing import CliRunner
 import normkit
 from normkit import Backend, UnknownBackendError, activation, reference, registry, testing
 from normkit.cli import main
-from normkit.contract import ACT_PREFIX, DEFAULT_DTYPES, DIRECTIONS, DTYPES, SPECS, plain_direction
+from normkit.contract import ACT_PREFIX, DEFAULT_DTYPES, DIRECTIONS, DTYPES, OPS, SPECS, plain_direction
 from normkit.registry import runtime_module
 
 
@@ -184,6 +185,46 @@ def batchnorm_backward_apply_swapped(dy, x, a, b, d, dx):
 
 # --- correct backends pass -------------------------------------------------------------------------------------
 
+def layernorm_ignores_a_lone_bias(x, weight, bias, eps, y, mean, rstd):
+    reference.layernorm_forward(x, weight, bias if weight is not None else None, eps, y, mean, rstd)
+
+
+def layernorm_off_past_the_serial_limit(x, weight, bias, eps, y, mean, rstd):
+    """Right on small inputs; 1e-3 off on large ones (a threaded or blocked path's bug)."""
+    reference.layernorm_forward(x, weight, bias, eps, y, mean, rstd)
+    if x.size > 32768:
+        y *= 1.001
+
+
+def layernorm_clamps_inf(x, weight, bias, eps, y, mean, rstd):
+    big = np.finfo(x.dtype).max
+    reference.layernorm_forward(np.clip(x, -big, big), weight, bias, eps, y, mean, rstd)
+
+
+def layernorm_abs_eps(x, weight, bias, eps, y, mean, rstd):
+    reference.layernorm_forward(x, weight, bias, abs(eps), y, mean, rstd)
+
+
+def _narrow_towards_zero(values, dtype):
+    """float64 values rounded towards zero to the 16-bit format (the wrong rounding)."""
+    bits = normkit.half.narrow(values, dtype)
+    got = normkit.half.widen(bits, dtype)
+    away = np.isfinite(got) & (np.abs(got) > np.abs(values))
+    bits[away] -= 1  # the next pattern towards zero (a sign-magnitude format)
+    return bits
+
+
+def _layernorm16(narrow):
+    """A 16-bit LayerNorm forward from the float64 reference, rounded by ``narrow``."""
+    def kernel(x, weight, bias, eps, y, mean, rstd):
+        dtype = "bfloat16" if kernel.dtype == "bfloat16" else "float16"
+        y64 = np.empty(x.shape)
+        w, b = (None if a is None else a.astype(np.float64) for a in (weight, bias))
+        reference.layernorm_forward(normkit.half.widen(x, dtype), w, b, eps, y64, mean, rstd)
+        y[...] = narrow(y64, dtype)
+    return kernel
+
+
 def test_reference_conforms():
     report = testing.check_backend("reference")
     assert report == [], report.format()
@@ -272,7 +313,8 @@ def test_eps_outside_the_square_root_fails(register):
     # a constant set has rstd = 1/sqrt(eps) = 316.2; this kernel gives 1/eps
     assert "got 100000, expected 316.227766" in constant[0].message
     assert any("data=small_var" in f.case and f.check == "y" for f in report)
-    assert all(f.check in ("y", "rstd") for f in report)
+    # (and with a negative eps, finite where var + eps < 0 makes the reference NaN)
+    assert all(f.check in ("y", "rstd") or "data=negative_eps" in f.case for f in report)
 
 
 def test_unbiased_variance_fails(register):
@@ -346,6 +388,44 @@ def test_swallowed_nan_is_caught(register):
     assert "129 of 129 elements that must be NaN (their set holds a NaN) are not" in y.message
 
 
+def test_lone_bias_large_input_inf_and_negative_eps_cases_catch_their_bugs(register):
+    """Bugs that only a bias without a weight, an input past the built-ins' serial limit, an inf in the data or
+    a negative eps (torch takes all four) reveal, each caught by those cases alone."""
+    for kernel, case, check in [(layernorm_ignores_a_lone_bias, "affine=bias ", "y"),
+                                (layernorm_off_past_the_serial_limit, "shape=(9, 4100)", "y"),
+                                (layernorm_clamps_inf, "data=inf", "inf propagation (y)"),
+                                (layernorm_abs_eps, "data=negative_eps", "NaN propagation (y)")]:
+        report = testing.check_backend(register(kernel.__name__, {("layernorm", "forward"): kernel}),
+                                       ops=["layernorm"])
+        assert report and all(case in f.case for f in report), (kernel.__name__, report.format())
+        assert check in {f.check for f in report}, kernel.__name__
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_16_bit_rounding_towards_zero_or_flushing_subnormals_fails(register, dtype):
+    """Rounded towards zero, every y is within the contract's ulp of the reference, but on average half an ulp
+    small: the rounding check catches it (and nothing else fails); float16 subnormals flushed to zero fail the
+    tiny data kind."""
+    kernel = _layernorm16(_narrow_towards_zero)
+    kernel.dtype = dtype
+    report = testing.check_backend(register("trunc16", {("layernorm", "forward"): kernel}, dtypes=(dtype,)),
+                                   ops=["layernorm"])
+    assert {f.check for f in report} == {"rounding (y)"}
+    assert "ulp smaller in magnitude than the reference on average" in report[0].message
+    exact = _layernorm16(normkit.half.narrow)
+    exact.dtype = dtype
+    assert not testing.check_backend(register("rne16", {("layernorm", "forward"): exact}, dtypes=(dtype,)),
+                                     ops=["layernorm"])
+    if dtype == "float16":
+        def flush(values, dtype):
+            return normkit.half.narrow(np.where(np.abs(values) < 2.0 ** -14, 0.0, values), dtype)
+        ftz = _layernorm16(flush)
+        ftz.dtype = dtype
+        report = testing.check_backend(register("ftz16", {("layernorm", "forward"): ftz}, dtypes=(dtype,)),
+                                       ops=["layernorm"])
+        assert report and all("data=tiny" in f.case for f in report)
+
+
 def test_raising_kernel_is_reported_not_fatal(register):
     name = register("raiser", {("layernorm", "forward"): layernorm_raises})
     report = testing.check_backend(name, ops=["layernorm"], quick=True)
@@ -385,11 +465,17 @@ def test_cases_cover_the_hard_shapes_and_data():
     assert ("groupnorm", (1, 6, 1), 6) in shapes  # S = 1, groups = C
     assert ("groupnorm", (3, 4, 5), 1) in shapes  # groups = 1
     assert {c.data for c in all_cases} == {"normal", "offset1e4", "offset1e6", "offset1e8", "constant",
-                                           "small_var", "nan", "overflow", "offset1e3"}
-    # float16 holds no mean of 1e6; the overflow kind is the 16-bit dtypes' only
+                                           "small_var", "nan", "inf", "negative_eps", "overflow", "tiny", "offset1e3"}
+    # float16 holds no mean of 1e6; the overflow kind is the 16-bit dtypes' only, the tiny one float16's
     assert not any(c.dtype == "float16" and c.data in ("offset1e6", "offset1e8") for c in all_cases)
     assert {c.dtype for c in all_cases if c.data == "overflow"} == {"bfloat16", "float16"}
-    assert {c.affine for c in all_cases} == {"none", "weight", "weight+bias"}
+    assert {c.dtype for c in all_cases if c.data == "tiny"} == {"float16"}
+    assert {c.affine for c in all_cases} == {"none", "weight", "weight+bias", "bias"}
+    assert not any(c.op == "rmsnorm" and c.affine == "bias" for c in all_cases)  # (RMSNorm has no bias)
+    # past the built-ins' serial limit (32768 values) with sets past their tiles (8192 values, rows of 4096)
+    for op in OPS:
+        big = [c for c in all_cases if c.op == op and math.prod(c.shape) > 32768]
+        assert big and all(SPECS[op].set_size(c.shape, c.groups) > 4096 for c in big), op
     # training statistics are never asked of a set of one value (the frontends refuse those inputs)
     assert not any(c.op == "instancenorm" and c.training and c.shape[2] == 1 for c in all_cases)
     assert any(c.op == "instancenorm" and not c.training and c.shape[2] == 1 for c in all_cases)

@@ -85,8 +85,11 @@ def groupnorm_forward(x, num_groups, weight, bias, eps, y, mean, rstd):
 
 def groupnorm_backward(dy, x, num_groups, mean, rstd, weight, dx, dweight, dbias):
     n, c, s = x.shape
+    # a bias without a weight: aten's CPU kernel cannot give the bias gradient alone ("tensor does not have a
+    # device"), and a weight of ones leaves dx as it is
+    w = torch.ones(c, dtype=_t(x).dtype) if weight is None and dbias is not None else _t(weight)
     grads = aten.native_group_norm_backward(
-        _t(dy), _t(x), _t(mean), _t(rstd), _t(weight), n, c, s, num_groups, _mask(dx, dweight, dbias)
+        _t(dy), _t(x), _t(mean), _t(rstd), w, n, c, s, num_groups, _mask(dx, dweight, dbias)
     )
     for dst, src in zip((dx, dweight, dbias), grads):
         _store(dst, src)
