@@ -744,3 +744,21 @@ def test_numpy_step_layers_refuse_torch_func_transforms(name, transform):
             torch.func.grad(lambda p: torch.func.functional_call(m, p, (x,)).pow(2).sum())(params)
         else:
             torch.func.vmap(m)(x.unsqueeze(1).expand(4, 2, 3, 3, 3))
+
+
+@pytest.mark.parametrize("name", list(NUMPY_STEP_LAYERS))
+def test_numpy_step_layers_refuse_jit_trace_and_export(name):
+    """A trace would record the NumPy step's results of the tracing call as constants (BatchRenorm's and
+    GhostBatchNorm's running statistics were then rewritten with them at every call, silently); torch.export's
+    FakeTensors have no memory to read. Both are clear errors. In eval BatchRenorm and GhostBatchNorm are
+    batch_norm, which traces."""
+    make, _ = NUMPY_STEP_LAYERS[name]
+    x = torch.randn(4, 3, 5, 5)
+    with pytest.raises(RuntimeError, match=f"{name}: torch.jit.trace cannot record its step"):
+        torch.jit.trace(make(), x, check_trace=False)
+    with pytest.raises(RuntimeError, match=f"{name}: torch.export and FakeTensors cannot run its step"):
+        torch.export.export(make(), (x,))
+    if name != "BatchNormalization":
+        m = make().eval()
+        traced = torch.jit.trace(m, x)
+        assert torch.equal(traced(2 * x + 1), m(2 * x + 1))

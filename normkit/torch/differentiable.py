@@ -18,6 +18,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch._subclasses.fake_tensor import is_fake
 
 from ..contract import ACTIVATIONS
 
@@ -114,17 +115,25 @@ transforms_active = getattr(torch._C, "_are_functorch_transforms_active", lambda
 
 def numpy_step(layers: str):
     """Decorator for the forward methods of the layers whose step runs NumPy code on the tensors' memory
-    (``layers`` names them in messages). torch.func's transforms (grad, vmap, jacrev, ...) get a clear error,
-    since their tensors have no memory to read. torch.compile runs the step outside its graph: traced, dynamo
-    guards the NumPy code on transient objects (a dtype made per call) whose address a later call's object can
-    reuse, and then ran a float64 kernel on float32 data."""
+    (``layers`` names them in messages). torch.func's transforms (grad, vmap, jacrev, ...), torch.export and
+    FakeTensors get a clear error, since their tensors have no memory to read; so does torch.jit.trace, which
+    would record this call's NumPy results as constants and replay them at every later call. torch.compile runs
+    the step outside its graph: traced, dynamo guards the NumPy code on transient objects (a dtype made per call)
+    whose address a later call's object can reuse, and then ran a float64 kernel on float32 data."""
 
     def wrap(method):
         @functools.wraps(method)
         def run(self, *args, **kwargs):
+            name = type(self).__name__
             if transforms_active():
-                raise RuntimeError(f"{type(self).__name__}: torch.func transforms (grad, vmap, jacrev, ...) are not "
-                                   f"supported: its step runs NumPy code on the tensors' memory")
+                raise RuntimeError(f"{name}: torch.func transforms (grad, vmap, jacrev, ...) are not supported: its "
+                                   f"step runs NumPy code on the tensors' memory")
+            if torch.jit.is_tracing():
+                raise RuntimeError(f"{name}: torch.jit.trace cannot record its step, NumPy code whose results the "
+                                   f"trace would replay as constants at every call; use torch.compile")
+            if torch.compiler.is_exporting() or any(isinstance(a, Tensor) and is_fake(a) for a in args):
+                raise RuntimeError(f"{name}: torch.export and FakeTensors cannot run its step, NumPy code on the "
+                                   f"tensors' memory")
             return method(self, *args, **kwargs)
 
         return torch.compiler.disable(run, reason=f"normkit's {layers} run NumPy code, which torch.compile leaves "
