@@ -865,3 +865,40 @@ def test_autograd_without_the_direct_cpp_apply(monkeypatch):
     monkeypatch.setattr(functional, "_add_norm_apply", None)
     for a, c in zip(direct, results()):
         assert torch.equal(a, c)
+
+
+class _Softplus(torch.nn.Module):
+    def forward(self, w):
+        return torch.nn.functional.softplus(w)
+
+
+def test_convert_and_revert_take_parametrized_layers():
+    """A parametrization makes a layer's class torch's Parametrized<class> subclass: convert and revert switch the
+    class under it (with its parametrized properties), before or after it was registered; the results stay torch's,
+    and the reverted model is torch.nn's again (it scripts, where normkit's layers refuse)."""
+    from torch.nn.utils import parametrize
+
+    torch.manual_seed(0)
+    ref = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4), torch.nn.GroupNorm(2, 4),
+                              torch.nn.LayerNorm(5)).double()
+    for i in (1, 3):
+        parametrize.register_parametrization(ref[i], "weight", _Softplus())
+    before = copy.deepcopy(ref)            # parametrized, then converted
+    model = nt.convert(before)
+    after = nt.convert(copy.deepcopy(ref))
+    parametrize.register_parametrization(after[2], "bias", _Softplus())  # and one registered after convert
+    parametrize.register_parametrization(ref[2], "bias", _Softplus())
+    parametrize.register_parametrization(model[2], "bias", _Softplus())
+    for m in (model, after):
+        assert [type(layer).__name__ for layer in m[1:]] == ["ParametrizedBatchNorm2d", "ParametrizedGroupNorm",
+                                                             "ParametrizedLayerNorm"]
+        assert all(isinstance(layer, nt.modules._Activation) for layer in m[1:])
+    x = torch.randn(2, 3, 5, 5, dtype=torch.float64)
+    want = ref(x)
+    for m in (model, after):
+        torch.testing.assert_close(m(x), want, rtol=1e-12, atol=1e-12)
+        nt.revert(m)
+        assert [type(layer).__mro__[1] for layer in m[1:]] == [torch.nn.BatchNorm2d, torch.nn.GroupNorm,
+                                                               torch.nn.LayerNorm]
+        torch.testing.assert_close(m(x), want, rtol=1e-12, atol=1e-12)
+        torch.jit.script(m)  # compiles, as torch.nn's does (running a parametrization scripted is torch's error)

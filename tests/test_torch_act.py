@@ -18,6 +18,7 @@ import random
 import sys
 import threading
 import types
+import warnings
 import weakref
 
 import numpy as np
@@ -1576,3 +1577,40 @@ def test_torch_compile_dynamic_shapes_of_fused_model():
     for n in (2, 3):
         x = torch.randn(n, 3, 6, 6, generator=torch.Generator().manual_seed(n))
         torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-6)
+
+
+class _EveryNorm(nn.Module):
+    """Every kind of norm layer, in a Sequential (fused by convert(fuse=True) as a FusedSequential) and in a forward
+    of its own (fused by rewriting it with fx)."""
+
+    def __init__(self):
+        super().__init__()
+        self.seq = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.GroupNorm(4, 8),
+                                 nn.SiLU(), nn.InstanceNorm2d(8, affine=True))
+        self.extra = nn.Sequential(nt.BatchRenorm2d(8, rmax=2.0, dmax=1.0), nt.GhostBatchNorm2d(8, virtual_batch_size=2),
+                                   nt.BatchNormalization(8), nt.SyncBatchNorm(8))
+        self.ln, self.rms = nn.LayerNorm(6), nn.RMSNorm(6)
+
+    def forward(self, x):
+        h = self.extra(self.seq(x))
+        return self.rms(F.gelu(self.ln(h[..., :6])))
+
+
+@pytest.mark.parametrize("fuse", [False, True])
+def test_fx_symbolic_trace_makes_each_normkit_layer_one_node(fuse):
+    """fx's default tracer keeps torch.nn's layers as leaves by their module path and traces into any other's
+    forward, which a Proxy cannot go through (normkit's checks, kernels and fused calls): normkit's layers make
+    their call_module node themselves, and the traced module computes what the model computes."""
+    torch.manual_seed(0)
+    model = nt.convert(_EveryNorm().double(), fuse=fuse)
+    x = torch.randn(4, 3, 6, 6, dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (SyncBatchNorm without a process group says so)
+        graph = torch.fx.symbolic_trace(model)
+        called = {n.target for n in graph.graph.nodes if n.op == "call_module"}
+        assert {"seq.1", "seq.3", "seq.5", "extra.0", "extra.1", "extra.2", "extra.3", "ln", "rms"} <= called
+        for mode in (False, True):
+            model.train(mode), graph.train(mode)
+            twin = copy.deepcopy(model)
+            # (the graph calls a fused pair's norm and activation one after the other: float64 rounding apart)
+            torch.testing.assert_close(graph(x), twin(x), rtol=1e-12, atol=1e-12)

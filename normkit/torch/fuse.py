@@ -224,6 +224,8 @@ class FusedSequential(nn.Sequential):
     ``nn.Sequential``. The children are untouched: each called alone computes what it computes anywhere."""
 
     def forward(self, input):
+        if isinstance(input, fx.Proxy):  # torch.fx.symbolic_trace: each child one node, as in nn.Sequential
+            return super().forward(input)
         norm = None  # a norm child whose call waits for the next child
         for module in self:
             if norm is not None:
@@ -906,7 +908,9 @@ def _guarded(cls: type, inputs: int, traced: dict, flags: bool):
     original = cls.forward
 
     def forward(self, *args, **kwargs):
-        if not kwargs and len(args) == inputs and not (flags and not _in_mode(self, self.training)):
+        # (under torch.fx.symbolic_trace, the class's own forward: its fused calls cannot take a Proxy)
+        if not kwargs and len(args) == inputs and not (flags and not _in_mode(self, self.training)) and \
+                not any(isinstance(arg, fx.Proxy) for arg in args):
             nones = tuple(arg is None for arg in args)
             graph = traced.get((self.training, nones))
             if graph is not None:

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from .. import keras as _keras
 from . import differentiable
-from .modules import NotScriptable
+from .modules import NotScriptable, fx_node
 
 __all__ = ["BatchNormalization"]
 
@@ -189,6 +189,8 @@ class BatchNormalization(NotScriptable, nn.Module):
 
     @differentiable.numpy_step("Keras-style BatchNormalization layers")
     def forward(self, input: Tensor) -> Tensor:
+        if isinstance(input, torch.fx.Proxy):
+            return fx_node(self, input)
         self._check(input)
         if input.numel() == 0:  # as torch's BatchNorm: an empty output, zero parameter gradients, statistics untouched
             params = [p.sum() for p in (self.gamma, self.beta) if p is not None]

@@ -2,7 +2,9 @@
 
 Each normkit module subclasses its ``torch.nn`` twin and overrides only ``forward``: constructors, parameters,
 buffers, ``state_dict`` and ``repr`` are torch's own, and ``isinstance(m, torch.nn.BatchNorm2d)`` stays true, so
-code that looks for norm layers (weight-decay filters, conv-BN fusion) keeps working.
+code that looks for norm layers (weight-decay filters, ``torch.nn.utils.fusion.fuse_conv_bn_eval``) keeps working;
+code that matches exact types (``torch.ao.quantization.fuse_modules``) needs :func:`revert` first.
+Under ``torch.fx.symbolic_trace`` each module is one ``call_module`` node, as torch.nn's norm layers are.
 
 Because a normkit module adds no state, :func:`convert` switches the class of each torch.nn instance in place
 instead of building new modules: parameters, buffers, hooks, device, train/eval state and the references an
@@ -21,7 +23,9 @@ from dataclasses import dataclass
 from typing import Mapping, Optional, Union
 
 import torch
+import torch.fx
 from torch import nn
+from torch.nn.utils import parametrize
 
 from .. import activation as _activation
 from .. import registry
@@ -31,6 +35,14 @@ __all__ = [
     "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "GroupNorm", "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d",
     "LayerNorm", "RMSNorm", "RMSNormSemantics", "convert", "revert",
 ]
+
+
+def fx_node(module: nn.Module, input: torch.fx.Proxy) -> torch.fx.Proxy:
+    """A normkit module's forward under torch.fx.symbolic_trace: one call_module node, as torch.nn's norm layers
+    are (fx's default tracer keeps modules of torch.nn.* as leaves and traces into any other's forward, and a Proxy
+    cannot go through normkit's checks and kernels)."""
+    tracer = input.tracer
+    return tracer.create_proxy("call_module", tracer.path_of_module(module), (input,), {})
 
 
 class NotScriptable:
@@ -59,6 +71,8 @@ class _Activation(NotScriptable):
         self.activation, self.negative_slope = activation, float(negative_slope)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if isinstance(input, torch.fx.Proxy):
+            return fx_node(self, input)
         return self._normalize(input, self.activation, self.negative_slope)
 
     def extra_repr(self) -> str:
@@ -149,6 +163,8 @@ class _RMSNormForward(NotScriptable):
     backend = None
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if isinstance(input, torch.fx.Proxy):
+            return fx_node(self, input)
         return rms_norm(input, self.normalized_shape, self.weight, self.eps, backend=self.backend)
 
 
@@ -230,6 +246,8 @@ class _DeclaredRMSNormForward(NotScriptable):
     _normkit_original: type
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if isinstance(input, torch.fx.Proxy):
+            return fx_node(self, input)
         sem = self._normkit_semantics
         eps = getattr(self, sem.eps) if isinstance(sem.eps, str) else sem.eps
         weight = None if sem.weight is None else getattr(self, sem.weight)
@@ -282,6 +300,24 @@ _LAZY = {
 }
 
 
+def _plain_class(module: nn.Module) -> tuple[type, bool]:
+    """The module's class, and whether it is the subclass ``torch.nn.utils.parametrize`` made of it (its
+    ``Parametrized<class>``, whose only base it is)."""
+    cls = type(module)
+    # (the submodule register_parametrization adds, looked up without the module's own __getattr__)
+    if "parametrizations" in module._modules and cls.__name__ == f"Parametrized{cls.__bases__[0].__name__}":
+        return cls.__bases__[0], True
+    return cls, False
+
+
+def _switch_class(module: nn.Module, cls: type, parametrized: bool) -> None:
+    module.__class__ = cls
+    if parametrized:  # torch's Parametrized<class> of the new class, as register_parametrization makes it
+        parametrize._inject_new_class(module)
+        for name in module.parametrizations:
+            parametrize._inject_property(module, name)
+
+
 def convert(model: nn.Module, backend: str | None = None, *,
             rmsnorm_classes: Mapping[type, RMSNormSemantics] | None = None, fuse: bool = False) -> nn.Module:
     """Make every torch.nn normalization layer of ``model`` (the model itself included) a normkit layer, in
@@ -317,16 +353,17 @@ def convert(model: nn.Module, backend: str | None = None, *,
             raise registry.UnknownBackendError(
                 f"convert: unknown backend {backend!r}; installed backends: {', '.join(installed)}")
     for module in model.modules():
-        cls = _TO_NORMKIT.get(type(module))
-        if cls is None and type(module) in declared:
-            cls = declared[type(module)]
+        plain, parametrized = _plain_class(module)
+        cls = _TO_NORMKIT.get(plain)
+        if cls is None and plain in declared:
+            cls = declared[plain]
             cls._normkit_semantics.check(module)
         if cls is not None:
-            module.__class__ = cls
-        elif type(module) in _LAZY:
-            module.cls_to_become = _LAZY[type(module)]
-        if backend is not None and (type(module) in _TO_TORCH or type(module) in _LAZY
-                                    or isinstance(module, _DeclaredRMSNormForward)):
+            _switch_class(module, cls, parametrized)
+            plain = cls
+        elif plain in _LAZY:
+            module.cls_to_become = _LAZY[plain]
+        if backend is not None and (plain in _TO_TORCH or plain in _LAZY or isinstance(module, _DeclaredRMSNormForward)):
             module.backend = backend
     if fuse:
         from .fuse import fuse_model
@@ -345,12 +382,13 @@ def revert(model: nn.Module) -> nn.Module:
 
     unfuse_model(model)
     for module in model.modules():
-        cls = _TO_TORCH.get(type(module))
+        plain, parametrized = _plain_class(module)
+        cls = _TO_TORCH.get(plain)
         if isinstance(module, _DeclaredRMSNormForward):
-            cls = type(module)._normkit_original
+            cls = plain._normkit_original
         if cls is not None:
-            module.__class__ = cls
-        if cls is not None or type(module) in _LAZY:
+            _switch_class(module, cls, parametrized)
+        if cls is not None or plain in _LAZY:
             for attribute in ("backend", "activation", "negative_slope", "cls_to_become"):
                 module.__dict__.pop(attribute, None)
     return model

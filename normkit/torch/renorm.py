@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from .. import keras as _keras
 from . import differentiable
 from .functional import _params, batch_norm, channels_last, in_layout
-from .modules import NotScriptable
+from .modules import NotScriptable, fx_node
 
 __all__ = ["BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d", "GhostBatchNorm1d", "GhostBatchNorm2d",
            "GhostBatchNorm3d"]
@@ -79,6 +79,8 @@ class _RenormGhostForward(NotScriptable):
         return None
 
     def forward(self, input: Tensor) -> Tensor:
+        if isinstance(input, torch.fx.Proxy):
+            return fx_node(self, input)
         if not isinstance(input, Tensor):
             raise TypeError(f"{type(self).__name__}: input must be a torch.Tensor, got {type(input).__name__}")
         if not input.is_cpu:

@@ -30,7 +30,7 @@ from ..split import (Stats, apply_coefficients, backward_coefficients, batchnorm
                      batchnorm_backward_reduce, batchnorm_stats, merge_stats)
 from . import differentiable
 from .functional import _input, _np, _params, batch_norm, channels_last, in_layout
-from .modules import NotScriptable
+from .modules import NotScriptable, fx_node
 
 __all__ = ["SyncBatchNorm", "convert_sync_batchnorm"]
 
@@ -150,6 +150,8 @@ class SyncBatchNorm(NotScriptable, _BatchNorm):
 
     def forward(self, input: Tensor) -> Tensor:
         # torch.nn.SyncBatchNorm.forward, with normkit's kernels and a CPU instead of a GPU requirement
+        if isinstance(input, torch.fx.Proxy):
+            return fx_node(self, input)
         if isinstance(input, Tensor) and not input.is_cpu:
             raise ValueError(f"normkit.torch.SyncBatchNorm runs on the CPU only, got an input on device "
                              f"{input.device} (torch.nn.SyncBatchNorm is the one for GPUs)")
