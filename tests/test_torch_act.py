@@ -1587,8 +1587,9 @@ class _EveryNorm(nn.Module):
         super().__init__()
         self.seq = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.GroupNorm(4, 8),
                                  nn.SiLU(), nn.InstanceNorm2d(8, affine=True))
-        self.extra = nn.Sequential(nt.BatchRenorm2d(8, rmax=2.0, dmax=1.0), nt.GhostBatchNorm2d(8, virtual_batch_size=2),
-                                   nt.BatchNormalization(8), nt.SyncBatchNorm(8))
+        self.extra = nn.Sequential(nt.BatchRenorm2d(8, rmax=2.0, dmax=1.0),
+                                   nt.GhostBatchNorm2d(8, virtual_batch_size=2), nt.BatchNormalization(8),
+                                   nt.SyncBatchNorm(8))
         self.ln, self.rms = nn.LayerNorm(6), nn.RMSNorm(6)
 
     def forward(self, x):

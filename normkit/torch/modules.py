@@ -37,6 +37,9 @@ __all__ = [
 ]
 
 
+_Proxy = torch.fx.Proxy  # (looked up once: every forward tests its input against it)
+
+
 def fx_node(module: nn.Module, input: torch.fx.Proxy) -> torch.fx.Proxy:
     """A normkit module's forward under torch.fx.symbolic_trace: one call_module node, as torch.nn's norm layers
     are (fx's default tracer keeps modules of torch.nn.* as leaves and traces into any other's forward, and a Proxy
@@ -71,7 +74,7 @@ class _Activation(NotScriptable):
         self.activation, self.negative_slope = activation, float(negative_slope)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        if isinstance(input, torch.fx.Proxy):
+        if isinstance(input, _Proxy):
             return fx_node(self, input)
         return self._normalize(input, self.activation, self.negative_slope)
 
@@ -163,7 +166,7 @@ class _RMSNormForward(NotScriptable):
     backend = None
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        if isinstance(input, torch.fx.Proxy):
+        if isinstance(input, _Proxy):
             return fx_node(self, input)
         return rms_norm(input, self.normalized_shape, self.weight, self.eps, backend=self.backend)
 
@@ -246,7 +249,7 @@ class _DeclaredRMSNormForward(NotScriptable):
     _normkit_original: type
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        if isinstance(input, torch.fx.Proxy):
+        if isinstance(input, _Proxy):
             return fx_node(self, input)
         sem = self._normkit_semantics
         eps = getattr(self, sem.eps) if isinstance(sem.eps, str) else sem.eps
@@ -363,7 +366,8 @@ def convert(model: nn.Module, backend: str | None = None, *,
             plain = cls
         elif plain in _LAZY:
             module.cls_to_become = _LAZY[plain]
-        if backend is not None and (plain in _TO_TORCH or plain in _LAZY or isinstance(module, _DeclaredRMSNormForward)):
+        if backend is not None and (plain in _TO_TORCH or plain in _LAZY
+                                    or isinstance(module, _DeclaredRMSNormForward)):
             module.backend = backend
     if fuse:
         from .fuse import fuse_model
