@@ -108,7 +108,7 @@ def prepare(case: Case, direction: str, name: str, inputs: dict | None = None, l
         call, output = bench_torch.prepare(case, direction, inputs, layout)
         return Contender(BASELINE, "baseline", call, output)
     if name == COMPILED:
-        call, output, compile_s = bench_torch.prepare_compiled(case, direction, inputs)
+        call, output, compile_s = bench_torch.prepare_compiled(case, direction, inputs, layout)
         return Contender(COMPILED, "peer", call, output, compile_s)
     start = time.perf_counter()
     if layout == NHWC:
@@ -404,17 +404,19 @@ def bench(op: str = "all", *, shape=None, groups: int | None = None, dtype: str 
     :func:`normkit.set_num_threads`; PyTorch runs with the same thread count during the run. ``recycle_memory``
     calls :func:`recycle_freed_memory`.
     ``progress(done, total, label)`` is called as the run advances (``done`` counts case-directions, with
-    fractions). ``layout="nhwc"``: the channels-last kernels of the channel ops (layernorm cases are left out)
-    against PyTorch on channels-last tensors, each backend's NCHW kernel timed alongside for comparison.
+    fractions). ``layout="nhwc"``: the channels-last kernels of the channel ops (the row ops' cases are left out,
+    and groupnorm's with one spatial dim, where torch has no channels-last format) against PyTorch on channels-last
+    tensors, each backend's NCHW kernel timed alongside for comparison.
     """
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
     selected = select_cases(op, shape=shape, groups=groups, dtype=dtype, cases=cases)
     if layout == NHWC:
-        selected = [c for c in selected if c.spec.sets != "row" and len(c.shape) > 2]
+        # (torch's group_norm takes channels-last input in its memory formats only: 4-D and 5-D)
+        selected = [c for c in selected if c.spec.sets != "row" and len(c.shape) > (3 if c.spec.grouped else 2)]
         if not selected:
-            raise ValueError("--layout nhwc applies to batchnorm, groupnorm and instancenorm on inputs with spatial "
-                             "dims")
+            raise ValueError("--layout nhwc applies to batchnorm and instancenorm on inputs with spatial dims, and "
+                             "to groupnorm on inputs with 2 or 3 (torch has channels-last formats for those only)")
     directions = _directions(direction)
     names = _check_backends(default_backends() if backends is None else backends)
     if not names:
@@ -523,7 +525,7 @@ def _run_task(case, direction, names, baseline, compile, repeat, min_time, seed,
         contenders.append(prepare(case, direction, BASELINE, inputs, layout))
     if compile:
         try:
-            contenders.append(prepare(case, direction, COMPILED, inputs))
+            contenders.append(prepare(case, direction, COMPILED, inputs, layout))
         except bench_torch.CompileUnavailable as exc:
             _note(notes, f"no torch.compile row for {case.label} {direction}: {exc}")
     contenders += [prepare(case, direction, COPY, inputs), prepare(case, direction, READ, inputs)]

@@ -5,6 +5,8 @@ matplotlib is the optional extra ``plot``; it is imported only here, and only wh
 
 from __future__ import annotations
 
+import os
+
 from .bench import BenchResult, machine_line
 
 MISSING = "--plot needs matplotlib, which is not installed; install it with: pip install 'normkit[plot]'"
@@ -20,6 +22,18 @@ def require_matplotlib() -> None:
         import matplotlib  # noqa: F401
     except ImportError:
         raise MissingDependencyError(MISSING) from None
+
+
+def check_format(path) -> None:
+    """ValueError unless matplotlib can write ``path``'s file type (checked before a run, not after it)."""
+    require_matplotlib()
+    from matplotlib.figure import Figure
+
+    kinds = Figure().canvas.get_supported_filetypes()
+    suffix = os.path.splitext(str(path))[1].lower().lstrip(".")
+    if suffix not in kinds:
+        raise ValueError(f"{path!r}: matplotlib writes {', '.join('.' + k for k in sorted(kinds))}, not "
+                         f"{'.' + suffix if suffix else 'a name without an extension'}")
 
 
 def plot(result: BenchResult, path) -> None:

@@ -274,9 +274,10 @@ def check_compiler() -> None:
                                  f"({type(exc).__name__}: {exc}); install g++ or set CXX") from None
 
 
-def prepare_compiled(case: Case, direction: str, inputs: dict) -> tuple[Callable[[], object],
-                                                                        Callable[[], np.ndarray], float]:
-    """``(call, output, compile_s)`` for ``torch.compile`` of the op's ``torch.nn.functional`` call.
+def prepare_compiled(case: Case, direction: str, inputs: dict,
+                     layout: str = "nchw") -> tuple[Callable[[], object], Callable[[], np.ndarray], float]:
+    """``(call, output, compile_s)`` for ``torch.compile`` of the op's ``torch.nn.functional`` call, on
+    channels-last tensors for ``layout="nhwc"`` (as :func:`prepare`).
 
     forward: the compiled function on inputs without gradients (inductor's forward kernel); backward: one
     compiled forward on inputs that require gradients, then ``torch.autograd.grad`` of its output with
@@ -289,7 +290,8 @@ def prepare_compiled(case: Case, direction: str, inputs: dict) -> tuple[Callable
     check_compiler()
     torch._dynamo.reset()  # each case compiles afresh, never against dynamo's recompilation limit
     fn = torch.compile(_with_activation(case), dynamic=False, fullgraph=True)
-    x = _data(case, inputs["x"])
+    data = _channels_last if layout == "nhwc" else _data
+    x = data(case, inputs["x"])
     w, b = torch.from_numpy(inputs["weight"]), torch.from_numpy(inputs["bias"])
     start = time.perf_counter()
     try:
@@ -297,7 +299,7 @@ def prepare_compiled(case: Case, direction: str, inputs: dict) -> tuple[Callable
             def call():
                 return fn(x, w, b)
         else:
-            dy = _data(case, inputs["dy"])
+            dy = data(case, inputs["dy"])
             leaves = tuple(t.detach().requires_grad_() for t in (x, w, b))
             y = fn(*leaves)
 

@@ -93,6 +93,8 @@ def _shape_option(ctx, param, value):
 
 def _output_option(ctx, param, value):
     """A file to write after the benchmark: its directory must exist and be writable now, not after the run."""
+    if value == "":
+        raise click.BadParameter("an empty path")
     if value is not None:
         folder = os.path.dirname(os.path.abspath(value))
         if not os.path.isdir(folder):
@@ -175,9 +177,11 @@ def bench_command(op, shape, groups, case_set, dtype, backends, direction, threa
         from normkit import bench_plot
 
         try:
-            bench_plot.require_matplotlib()
+            bench_plot.check_format(plot_path)
         except ImportError as exc:
             raise click.UsageError(str(exc)) from None
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint=["--plot"]) from None
     if case_set and (shape or groups):
         raise click.UsageError("--cases fixes the shapes and groups; drop --shape/--groups, or drop --cases")
     try:
@@ -185,7 +189,8 @@ def bench_command(op, shape, groups, case_set, dtype, backends, direction, threa
         if threads is not None:
             registry.set_num_threads(threads)
     except ValueError as exc:
-        hint = "--groups" if "groups" in str(exc) else "--threads" if "threads" in str(exc) else "--shape"
+        hint = ("--groups" if "groups" in str(exc) else "--threads" if "threads" in str(exc)
+                else "--cases" if case_set else "--shape")
         raise click.BadParameter(str(exc), param_hint=[hint]) from None
 
     with click.progressbar(length=1000, label="benchmarking", file=sys.stderr, show_eta=False,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import resource
@@ -601,3 +602,37 @@ def test_cli_compile_peer(tmp_path):
             assert r["check"] == "ok" and r["ratio_to_best"] > 0
         if r["kind"] == "peer":
             assert r["load_s"] > 0  # the compilation, kept out of the timings
+
+
+def test_cli_output_paths_and_case_set_errors_before_the_run(tmp_path):
+    """Found by a campaign on the CLI: ``--json ''`` ran and wrote nothing, ``--plot`` of a type matplotlib cannot
+    write failed after the whole run with its traceback, ``--cases small --op rmsnorm`` blamed --shape."""
+    result = run("--op", "gn", "--backend", "reference", "--json", "", *TINY)
+    assert result.exit_code == 2 and "Invalid value for '--json': an empty path" in result.output
+    result = run("--cases", "small", "--op", "rmsnorm", "--backend", "reference")
+    assert result.exit_code == 2 and "Invalid value for '--cases': the case set has no case for rmsnorm" in \
+        result.output
+    if importlib.util.find_spec("matplotlib"):
+        result = run("--op", "gn", "--backend", "reference", "--plot", str(tmp_path / "p.txt"), *TINY)
+        assert result.exit_code == 2 and "Invalid value for '--plot'" in result.output
+        assert "matplotlib writes" in result.output and ".png" in result.output and "not .txt" in result.output
+
+
+@needs_torch
+def test_nhwc_groupnorm_needs_a_torch_channels_last_format_and_compile_runs_on_channels_last(monkeypatch):
+    """torch's group_norm takes no channels-last 3-D input (it raised from the baseline); and --compile's row ran
+    on NCHW tensors under the channels-last heading."""
+    result = run("--op", "gn", "--layout", "nhwc", "--shape", "4,8,3", "--backend", "reference", "--repeat", "1")
+    assert result.exit_code == 2 and "to groupnorm on inputs with 2 or 3" in result.output
+    import torch
+
+    from normkit import bench_torch
+
+    seen = []
+    monkeypatch.setattr(bench_torch, "check_compiler", lambda: None)
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: lambda x, *a: seen.append(x.stride()) or fn(x, *a))
+    case = Case("batchnorm", (4, 8, 3, 3))
+    call, output, _ = bench_torch.prepare_compiled(case, "forward", case.make_inputs(), "nhwc")
+    want, _ = bench_torch.prepare(case, "forward", case.make_inputs())
+    assert seen and all(s == (72, 1, 24, 8) for s in seen)  # channels-last strides of (4, 8, 3, 3)
+    np.testing.assert_allclose(output(), bench_torch._stored(case, want()[0]), rtol=1e-6, atol=1e-6)

@@ -323,3 +323,54 @@ def test_gradients_under_autocast_are_held_to_their_float32_values():
     assert agreement["gradients"] == pytest.approx(0.6 / (1.09 ** 0.5))
     with pytest.raises(model_bench.ModelMismatchError, match="under autocast: 0.96 from the float32 gradient"):
         model_bench._compare_gradients(torch_side, model_with_grad([1.0, 1.0]), {}, float32_grads=exact)
+
+
+# --- models users bring (campaign on the benchmark API) ----------------------------------------------------------
+
+class _TwoOutputs(nn.Module):
+    """A norm model returning its output and a second tensor made by ``extra`` from it."""
+
+    def __init__(self, extra, dropout=0.0):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Dropout(dropout))
+        self.extra = extra
+
+    def forward(self, x):
+        y = self.net(x)
+        return y, self.extra(y)
+
+
+def _bench(model, x, **kw):
+    return nt.benchmark(model, (x,), file=None, **QUICK, **kw)
+
+
+def test_models_with_dropout_16_bit_weights_integer_or_nan_outputs_agree():
+    """The agreement check runs both copies under the same random numbers (dropout drew different masks: a false
+    ModelMismatchError for every model with dropout, nn.TransformerEncoderLayer's default), holds a 16-bit model to
+    its dtype's precision (it held bfloat16 to 1e-3, below one ulp), reports integer outputs as the share of
+    elements that differ (it recorded a 0/1 flag as if a relative difference of 1), and NaN in both copies agrees."""
+    x = torch.randn(4, 3, 8, 8)
+    r = _bench(_TwoOutputs(lambda y: y * 2, dropout=0.5), x)
+    assert r.agreement["training output"] < 1e-5
+    r = _bench(_TwoOutputs(lambda y: y * 2).bfloat16(), x.bfloat16())
+    assert r.agreement["training output"] < 8 * torch.finfo(torch.bfloat16).eps
+    r = _bench(_TwoOutputs(lambda y: (y.detach() * 1e5).round().long()), x)
+    assert 0 < r.agreement["training output, integer elements differing"] < 0.05
+    assert r.agreement["training output"] < 1e-5
+    r = _bench(_TwoOutputs(lambda y: torch.full_like(y, float("nan"))), x, loss_fn=lambda out: out[0].sum())
+    assert r.agreement["training output"] < 1e-5
+
+
+def test_benchmark_under_no_grad_parametrized_layers_detached_outputs_and_lazy_layers():
+    x = torch.randn(4, 3, 8, 8)
+    with torch.no_grad():  # the training step turns gradients on (it crashed in backward)
+        assert _bench(small_bn_model(), x).train.ratio > 0
+    model = small_bn_model()
+    torch.nn.utils.parametrize.register_parametrization(model[1], "weight", nn.Softplus())
+    assert _bench(model, x).layers == {"BatchNorm2d": 1}  # (refused: "has no torch.nn normalization layer")
+    with pytest.raises(ValueError, match="benchmark: the training loss does not require grad"):
+        _bench(_TwoOutputs(lambda y: y), x, loss_fn=lambda out: out[0].detach().sum())
+    lazy = nn.Sequential(nn.Conv2d(3, 4, 3), nn.LazyBatchNorm2d())
+    with pytest.raises(ValueError, match=r"benchmark: model has lazy modules whose first forward has not run \(1\)"):
+        _bench(lazy, x)
