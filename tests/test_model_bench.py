@@ -374,3 +374,23 @@ def test_benchmark_under_no_grad_parametrized_layers_detached_outputs_and_lazy_l
     lazy = nn.Sequential(nn.Conv2d(3, 4, 3), nn.LazyBatchNorm2d())
     with pytest.raises(ValueError, match=r"benchmark: model has lazy modules whose first forward has not run \(1\)"):
         _bench(lazy, x)
+
+
+def test_models_that_change_their_input_in_place_and_inputs_that_require_grad():
+    """Each copy runs on tensors of its own: an in-place change of the input made the second copy see the first's
+    result (a false mismatch), and a backward filled the caller's input's .grad."""
+    class Doubling(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = small_bn_model()
+
+        def forward(self, x):
+            return self.net(x.mul_(2))
+
+    x = torch.randn(4, 3, 8, 8)
+    before = x.clone()
+    assert _bench(Doubling(), x).agreement["training output"] < 1e-5
+    assert torch.equal(x, before)
+    x.requires_grad_()
+    _bench(small_bn_model(), x)
+    assert x.grad is None

@@ -273,6 +273,12 @@ def _same_random_numbers():
         yield
 
 
+def _own(inputs: tuple) -> tuple:
+    """Copies of the input tensors for one copy of the model: a forward that changes its input in place changes
+    neither the other copy's nor the caller's, and a backward fills no ``.grad`` of the caller's tensors."""
+    return tuple(t.detach().clone().requires_grad_(t.requires_grad) if isinstance(t, Tensor) else t for t in inputs)
+
+
 def _float32(inputs: tuple) -> tuple:
     return tuple(t.float() if isinstance(t, Tensor) and t.is_floating_point() else t for t in inputs)
 
@@ -413,7 +419,7 @@ def benchmark(model: nn.Module, example_inputs, *, steps: int = 20, warmup: int 
             opt.zero_grad(set_to_none=True)
             t0 = time.perf_counter()
             with _same_random_numbers(), torch.enable_grad():  # (dropout draws the same masks in both copies)
-                out = run(*example_inputs)
+                out = run(*_own(example_inputs))
                 if loss_fn is None:
                     loss_fn = _projection_loss(out)
                 _backward(_loss(loss_fn, out))
@@ -424,7 +430,7 @@ def benchmark(model: nn.Module, example_inputs, *, steps: int = 20, warmup: int 
         if float32_model is not None:
             float32_model.train()
             with _same_random_numbers(), torch.enable_grad():
-                _backward(_loss(loss_fn, float32_model(*_float32(example_inputs))))
+                _backward(_loss(loss_fn, float32_model(*_float32(_own(example_inputs)))))
             float32_grads = _grads(float32_model)
         _compare_gradients(torch_model, nk_model, agreement,
                            1e-3 if low is None else max(1e-3, torch.finfo(low).eps), float32_grads)
@@ -436,7 +442,7 @@ def benchmark(model: nn.Module, example_inputs, *, steps: int = 20, warmup: int 
             m.eval()
             t0 = time.perf_counter()
             with _same_random_numbers(), torch.no_grad():
-                outs.append(run(*example_inputs))
+                outs.append(run(*_own(example_inputs)))
             first.setdefault("inference step", []).append(time.perf_counter() - t0)
         _compare_outputs("inference output", outs, agreement, rtol)
     notes.append("first calls, not timed (" + ("compilation, " if compile else "") + "JIT, first touch): " + "; ".join(
@@ -450,28 +456,28 @@ def benchmark(model: nn.Module, example_inputs, *, steps: int = 20, warmup: int 
         fused=len(fusion_report(nk_model).fused) if fuse else None)
 
     if train:
-        def train_step(m, run, opt):
+        def train_step(run, opt, inputs):
             def step():
                 opt.zero_grad(set_to_none=True)
                 with torch.enable_grad():  # (also when benchmark itself is called under no_grad)
-                    _loss(loss_fn, run(*example_inputs)).backward()
+                    _loss(loss_fn, run(*inputs)).backward()
                 opt.step()
             return step
 
         for m in (torch_model, nk_model):
             m.train()
-        result.train = _time("train", [train_step(*c) for c in zip((torch_model, nk_model), runners, optimizers)],
-                             steps, warmup)
+        result.train = _time("train", [train_step(run, opt, _own(example_inputs))
+                                       for run, opt in zip(runners, optimizers)], steps, warmup)
     if infer:
-        def infer_step(run):
+        def infer_step(run, inputs):
             def step():
                 with torch.no_grad():
-                    run(*example_inputs)
+                    run(*inputs)
             return step
 
         for m in (torch_model, nk_model):
             m.eval()
-        result.infer = _time("infer", [infer_step(run) for run in runners], steps, warmup)
+        result.infer = _time("infer", [infer_step(run, _own(example_inputs)) for run in runners], steps, warmup)
 
     result.notes += [note for note in map(_faults_note, result.modes) if note]
     if torch.get_num_threads() != threads_before:
