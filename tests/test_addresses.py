@@ -48,7 +48,7 @@ def test_the_kit_runs_address_kernels_and_catches_a_wrong_one(register):
     report = testing.check_backend("addr_wrong")
     assert report, "a wrong address kernel passed"
     assert all("by address" in f.case and "bias" in f.case for f in report), report.format()
-    assert all("affine=weight+bias" in f.case for f in report), report.format()
+    assert all("affine=weight+bias" in f.case or "affine=bias " in f.case for f in report), report.format()
     right = dict(table)
     right[("layernorm", "forward", "float64", ADDRESS)] = CYTHON[("layernorm", "forward", "float64", ADDRESS)]
     register(Backend("addr_right", runtime_module(right), kernels={"layernorm": ("forward",)}, dtypes=("float64",),
