@@ -8,6 +8,10 @@ activation) and differentiated by autograd, which records the graph. The first-o
 (float32 arithmetic for 16-bit data), the speed torch's; every other backward stays on the kernels. So does a
 backward of batched output gradients (``torch.autograd.grad(..., is_grads_batched=True)``, the vectorized
 ``jacobian`` / ``hessian``: autograd's vmap over dy), which kernels reading memory cannot take.
+
+The layers whose step is NumPy code and has no such form (BatchRenorm, GhostBatchNorm, the Keras-style
+BatchNormalization, SyncBatchNorm across processes) take from here what tells the user so instead: :func:`refuse`
+in their backward, :func:`numpy_step` around their forward.
 """
 
 from __future__ import annotations
