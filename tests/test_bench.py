@@ -572,7 +572,7 @@ def test_no_compile_column_without_a_cpp_compiler():
 
 
 def test_a_failed_compilation_drops_the_row_with_a_note(monkeypatch):
-    def fail(case, direction, inputs):
+    def fail(case, direction, inputs, layout):
         raise bench.bench_torch.CompileUnavailable(f"torch.compile failed for {case.label} {direction}: boom")
 
     monkeypatch.setattr(bench.bench_torch, "check_compiler", lambda: None)
