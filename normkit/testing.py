@@ -13,7 +13,8 @@ What it checks, for every case:
 - the outputs against the NumPy reference run in float64 on the very same (already rounded) inputs, within the
   tolerances below; NaN where the reference has NaN (NaN propagation), finite where the reference is finite;
 - every output element was written: outputs are pre-filled with a signalling-NaN sentinel whose bit pattern no
-  computation produces;
+  computation produces, and none was read before (arithmetic on the sentinel, an output added into, leaves its
+  payload in a quiet NaN);
 - no input was modified (bit-for-bit comparison after the call), and nothing was written just outside any of the
   arrays it was given: every array sits inside a larger buffer whose guard zones are compared after the call;
 - the kernel did not raise, and gives bit-identical results when called twice on one case per kernel.
@@ -284,11 +285,20 @@ class Report(list):
                 f"failed checks: {by_check}")
 
     def format(self, limit: int | None = 40) -> str:
+        """The summary, then one line per failure, those with the same check and message as an earlier one (a
+        kernel that raises the same error on every case) counted on that one's line instead."""
+        groups: dict[tuple[str, str], list[Failure]] = {}
+        for f in self:
+            groups.setdefault((f.check, f.message), []).append(f)
         lines = [self.summary()]
-        shown = self if limit is None else self[:limit]
-        lines += [f"  {f}" for f in shown]
-        if len(shown) < len(self):
-            lines.append(f"  ... and {len(self) - len(shown)} more failures")
+        firsts = list(groups.values())
+        shown = firsts if limit is None else firsts[:limit]
+        for same in shown:
+            more = f" (and {len(same) - 1} more cases with this message)" if len(same) > 1 else ""
+            lines.append(f"  {same[0]}{more}")
+        rest = sum(len(same) for same in firsts[len(shown):])
+        if rest:
+            lines.append(f"  ... and {rest} more failures")
         return "\n".join(lines)
 
     def __str__(self) -> str:
@@ -302,13 +312,15 @@ _GUARD = 16  # elements of sentinel before and after every array
 # element that still holds them was never written.
 _SENTINEL = {"float32": (np.uint32, 0x7F80DEAD), "float64": (np.uint64, 0x7FF00000DEADBEEF),
              "bfloat16": (np.uint16, 0x7F8D), "float16": (np.uint16, 0x7DAD)}
+# The same NaN made quiet, payload kept: what arithmetic on a sentinel gives (an output added into, y += ...)
+_QUIET_BIT = {"float32": 0x00400000, "float64": 0x0008000000000000, "bfloat16": 0x0040, "float16": 0x0200}
 
 
 class _Guarded:
     """An array inside a buffer with sentinel-filled guard zones; remembers the buffer's bits for comparison."""
 
     def __init__(self, name: str, shape: tuple[int, ...], dtype: str, value: np.ndarray | None):
-        self.name = name
+        self.name, self.dtype = name, dtype
         self.itype, bits = _SENTINEL[dtype]
         n = math.prod(shape)
         self.buf = np.empty(n + 2 * _GUARD, np.uint16 if dtype in HALF_DTYPES else dtype)
@@ -342,6 +354,10 @@ class _Guarded:
 
     def unwritten(self) -> np.ndarray:
         return (self.bits()[_GUARD:-_GUARD] == self.sentinel).reshape(self.array.shape)
+
+    def read_before_written(self) -> np.ndarray:
+        quiet = self.sentinel | _QUIET_BIT[self.dtype]
+        return (self.bits()[_GUARD:-_GUARD] == quiet).reshape(self.array.shape)
 
 
 # --- per-op geometry: how sets and weights map onto elements ---------------------------------------------------
@@ -802,6 +818,14 @@ def _run_case(case: Case, kernel, failures: list[Failure]) -> None:
             failures.append(Failure(label, "unwritten output",
                                     f"{int(unwritten.sum())} of {unwritten.size} elements of {name} were never "
                                     f"written, first at {name}{list(i)}"))
+            continue
+        stale = _in_layout(case, name, g.read_before_written())
+        if stale.any():
+            i = tuple(int(j) for j in np.argwhere(stale)[0])
+            failures.append(Failure(label, "output read before written",
+                                    f"{int(stale.sum())} of {stale.size} elements of {name} hold the kit's NaN "
+                                    f"sentinel made quiet, first at {name}{list(i)}: the kernel computed with the "
+                                    f"output's old contents (added into it?) where it must only write it"))
             continue
         failures.extend(_compare(case, name, _in_layout(case, name, g.array), expected[name], tolerances[name]))
     if case.repeat and len(failures) == already:  # a kernel that changed its inputs cannot be rerun on them

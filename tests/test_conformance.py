@@ -372,6 +372,33 @@ def test_unwritten_output_is_caught(register):
     assert unwritten[0].message == "1 of 35 elements of y were never written, first at y[4, 6]"
 
 
+def layernorm_adds_into_its_output(x, weight, bias, eps, y, mean, rstd):
+    out = np.empty_like(y)
+    reference.layernorm_forward(x, weight, bias, eps, out, mean, rstd)
+    y += out  # reads the output's old contents: right only where the caller zeroed it
+
+
+def test_output_read_before_written_is_named(register):
+    """A kernel that adds into its output meets the kit's NaN sentinel there: named as such, not as "non-finite
+    values where the reference is finite"."""
+    name = register("adder", {("layernorm", "forward"): layernorm_adds_into_its_output})
+    report = testing.check_backend(name, ops=["layernorm"], quick=True, dtypes=["float32", "float64"])
+    assert report and {f.check for f in report} == {"output read before written"}
+    assert report[0].message.startswith("35 of 35 elements of y hold the kit's NaN sentinel made quiet, first at "
+                                        "y[0, 0]: the kernel computed with the output's old contents")
+
+
+def test_report_counts_repeated_messages_once(register):
+    """A kernel raising the same error on every case: one line with the count, not one per case."""
+    name = register("raiser", {("layernorm", "forward"): layernorm_raises})
+    report = testing.check_backend(name, ops=["layernorm"], dtypes=["float32"])
+    raised = [f for f in report if f.check == "raised"]
+    assert len(raised) > 10
+    text = report.format()
+    assert text.count("RuntimeError: kernel exploded") == 1
+    assert f"(and {len(raised) - 1} more cases with this message)" in text
+
+
 def test_write_past_an_output_is_caught(register):
     name = register("overrun", {("layernorm", "forward"): layernorm_writes_past_the_end})
     report = testing.check_backend(name, ops=["layernorm"], quick=True)
