@@ -196,6 +196,17 @@ def layernorm_off_past_the_serial_limit(x, weight, bias, eps, y, mean, rstd):
         y *= 1.001
 
 
+def layernorm_sums_sequentially(x, weight, bias, eps, y, mean, rstd):
+    """Two-pass statistics, each sum taken one term after another in x's dtype (np.cumsum's order): wrong in
+    float32 on long sets, what PyTorch does in float64."""
+    m = np.cumsum(x, axis=1)[:, -1] / x.dtype.type(x.shape[1])
+    d = x - m[:, None]
+    var = np.cumsum(d * d, axis=1)[:, -1] / x.dtype.type(x.shape[1])
+    m, r = m.astype(np.float64), 1 / np.sqrt(var.astype(np.float64) + eps)
+    y[...] = _affine((x - m[:, None]) * r[:, None], weight, bias, (1, -1))
+    mean[...], rstd[...] = m, r
+
+
 def layernorm_clamps_inf(x, weight, bias, eps, y, mean, rstd):
     big = np.finfo(x.dtype).max
     reference.layernorm_forward(np.clip(x, -big, big), weight, bias, eps, y, mean, rstd)
@@ -415,16 +426,19 @@ def test_swallowed_nan_is_caught(register):
     assert "129 of 129 elements that must be NaN (their set holds a NaN) are not" in y.message
 
 
-def test_lone_bias_large_input_inf_and_negative_eps_cases_catch_their_bugs(register):
-    """Bugs that only a bias without a weight, an input past the built-ins' serial limit, an inf in the data or
-    a negative eps (torch takes all four) reveal, each caught by those cases alone."""
-    for kernel, case, check in [(layernorm_ignores_a_lone_bias, "affine=bias ", "y"),
-                                (layernorm_off_past_the_serial_limit, "shape=(9, 4100)", "y"),
-                                (layernorm_clamps_inf, "data=inf", "inf propagation (y)"),
-                                (layernorm_abs_eps, "data=negative_eps", "NaN propagation (y)")]:
+def test_lone_bias_large_input_inf_negative_eps_and_long_set_cases_catch_their_bugs(register):
+    """Bugs that only a bias without a weight, an input past the built-ins' serial limit, an inf in the data, a
+    negative eps (torch takes all four) or a long set of repeated values (float32 sums taken in order drift there)
+    reveal, each caught by those cases alone."""
+    long_set = "shape=(1, 131072)"  # (past the serial limit too)
+    for kernel, cases, check in [(layernorm_ignores_a_lone_bias, ["affine=bias "], "y"),
+                                 (layernorm_off_past_the_serial_limit, ["shape=(9, 4100)", long_set], "y"),
+                                 (layernorm_clamps_inf, ["data=inf"], "inf propagation (y)"),
+                                 (layernorm_abs_eps, ["data=negative_eps"], "NaN propagation (y)"),
+                                 (layernorm_sums_sequentially, [long_set], "rstd")]:
         report = testing.check_backend(register(kernel.__name__, {("layernorm", "forward"): kernel}),
                                        ops=["layernorm"])
-        assert report and all(case in f.case for f in report), (kernel.__name__, report.format())
+        assert report and all(any(c in f.case for c in cases) for f in report), (kernel.__name__, report.format())
         assert check in {f.check for f in report}, kernel.__name__
 
 
@@ -451,6 +465,23 @@ def test_16_bit_rounding_towards_zero_or_flushing_subnormals_fails(register, dty
         report = testing.check_backend(register("ftz16", {("layernorm", "forward"): ftz}, dtypes=(dtype,)),
                                        ops=["layernorm"])
         assert report and all("data=tiny" in f.case for f in report)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_rounding_check_counts_a_repeated_value_once(dtype):
+    """4096 distinct values rounded to nearest even, and one value 10,000 times over whose rounding errs by 0.45
+    ulp: an unbiased rounding, which the check passes (one value per reference value; over every element the mean
+    would read 0.32 ulp), while rounding towards zero fails it."""
+    rng = np.random.default_rng(0)
+    ref = np.concatenate([rng.uniform(1.0, 2.0, 4096), np.full(10_000, 1.0 + 0.45 * 2.0 ** -7 * (dtype == "bfloat16")
+                                                              + 0.45 * 2.0 ** -10 * (dtype == "float16"))])
+    u = normkit.half.ulp(ref, dtype)
+    case = testing.cases("layernorm", "forward", dtype)[0]
+    for narrow, fails in [(normkit.half.narrow, False), (_narrow_towards_zero, True)]:
+        got = normkit.half.widen(narrow(ref, dtype), dtype)
+        assert np.all(np.abs(got - ref) <= u)
+        report = testing._rounding_bias(case, "y", got, ref, u, dtype)
+        assert bool(report) == fails, report
 
 
 def test_raising_kernel_is_reported_not_fatal(register):
@@ -492,11 +523,16 @@ def test_cases_cover_the_hard_shapes_and_data():
     assert ("groupnorm", (1, 6, 1), 6) in shapes  # S = 1, groups = C
     assert ("groupnorm", (3, 4, 5), 1) in shapes  # groups = 1
     assert {c.data for c in all_cases} == {"normal", "offset1e4", "offset1e6", "offset1e8", "constant",
-                                           "small_var", "nan", "inf", "negative_eps", "overflow", "tiny", "offset1e3"}
+                                           "small_var", "nan", "inf", "negative_eps", "overflow", "tiny", "offset1e3",
+                                           "rectified"}
     # float16 holds no mean of 1e6; the overflow kind is the 16-bit dtypes' only, the tiny one float16's
     assert not any(c.dtype == "float16" and c.data in ("offset1e6", "offset1e8") for c in all_cases)
     assert {c.dtype for c in all_cases if c.data == "overflow"} == {"bfloat16", "float16"}
     assert {c.dtype for c in all_cases if c.data == "tiny"} == {"float16"}
+    # a set of 2**17 values per kernel, but for float64 (a sum in float64 taken term by term is good enough there)
+    long = {(c.op, c.direction, c.dtype) for c in all_cases if c.data == "rectified"}
+    assert long == {(op, d, t) for op, ds in DIRECTIONS.items() for d in ds for t in DTYPES if t != "float64"}
+    assert all(SPECS[c.op].set_size(c.shape, c.groups) == 2 ** 17 for c in all_cases if c.data == "rectified")
     assert {c.affine for c in all_cases} == {"none", "weight", "weight+bias", "bias"}
     assert not any(c.op == "rmsnorm" and c.affine == "bias" for c in all_cases)  # (RMSNorm has no bias)
     # past the built-ins' serial limit (32768 values) with sets past their tiles (8192 values, rows of 4096)
@@ -521,8 +557,12 @@ def test_float32_tolerance_on_standard_normal_data_is_tight():
 def test_unknown_backend_and_bad_arguments():
     with pytest.raises(UnknownBackendError, match="unknown backend 'nosuch'; installed backends: .*reference"):
         testing.check_backend("nosuch")
-    with pytest.raises(ValueError, match="check_backend: unknown op\\(s\\) 'gn'; known: batchnorm"):
-        testing.check_backend("reference", ops=["gn"])
+    with pytest.raises(ValueError, match="check_backend: unknown op\\(s\\) 'pixelnorm'; known: batchnorm"):
+        testing.check_backend("reference", ops=["pixelnorm"])
+    # aliases, as normkit.get and `normkit check --op` take them; each op once
+    by_alias = testing.check_backend("reference", ops=["gn", "group_norm"], dtypes=["float32"], quick=True)
+    assert by_alias.cases_run == testing.check_backend("reference", ops=["groupnorm"], dtypes=["float32"],
+                                                       quick=True).cases_run > 0
     with pytest.raises(ValueError, match="check_backend: unknown dtype\\(s\\) 'float8'"):
         testing.check_backend("reference", dtypes="float8")
 
