@@ -305,7 +305,8 @@ class BenchResult:
                  f"% copy, % read: share of the speed of a copy (read half the bytes, write half) and of a pure read "
                  f"of the same bytes, on {threads} thread{'s' if threads != 1 else ''}, in the same rounds;",
                  "time/torch: per-round ratio to PyTorch's kernel (< 1 is faster)"
-                 + ("; time/best: to the faster of PyTorch and torch.compile in each round" if best else "")]
+                 + ("; time/best: to the faster of PyTorch and torch.compile in each round" if best else "")
+                 if any(r.kind == "baseline" for r in self.rows) else "time/torch: - (no PyTorch baseline in this run)"]
         for (label, direction), rows in _groups(self.rows):
             layout = ", channels-last" if any(r.layout == NHWC for r in rows) else ""
             lines += ["", f"{label}{layout}, {direction}: {rows[0].bytes / 1e6:.1f} MB moved, {rows[0].rounds} rounds",
@@ -506,19 +507,30 @@ def _note(notes: list[str], text: str) -> None:
         notes.append(text)
 
 
+def _first_call(contender) -> float:
+    """The contender's first call (a Numba kernel's includes its compilation or cache load), in seconds."""
+    start = time.perf_counter()
+    contender.call()
+    return time.perf_counter() - start
+
+
 def _run_task(case, direction, names, baseline, compile, repeat, min_time, seed, notes, tick,
               layout=NCHW) -> list[Row]:
     inputs = case.make_inputs(seed)
-    contenders, layouts = [], []
+    contenders, layouts, first = [], [], []
     for name in names:
         # channels-last: each backend's NCHW kernel runs alongside, for the ratio of the two
         for lay in (NHWC, NCHW) if layout == NHWC else (NCHW,):
             try:
-                contenders.append(prepare(case, direction, name, inputs, lay))
-                layouts.append(lay)
-            except (ValueError, TypeError) as exc:  # it lacks this op, direction, dtype or layout
+                c = prepare(case, direction, name, inputs, lay)
+                first.append(_first_call(c))
+            except Exception as exc:  # it lacks this op, direction, dtype or layout, or (a plugin's) its kernel raised
                 which = f" ({lay})" if layout == NHWC else ""
-                _note(notes, f"backend {name!r} skipped for {case.label} {direction}{which}: {exc}")
+                why = str(exc) if isinstance(exc, (ValueError, TypeError)) else f"{type(exc).__name__}: {exc}"
+                _note(notes, f"backend {name!r} skipped for {case.label} {direction}{which}: {why}")
+                continue
+            contenders.append(c)
+            layouts.append(lay)
     if not contenders:
         return []
     if baseline:
@@ -530,11 +542,7 @@ def _run_task(case, direction, names, baseline, compile, repeat, min_time, seed,
             _note(notes, f"no torch.compile row for {case.label} {direction}: {exc}")
     contenders += [prepare(case, direction, COPY, inputs), prepare(case, direction, READ, inputs)]
 
-    first = []
-    for c in contenders:
-        start = time.perf_counter()
-        c.call()
-        first.append(time.perf_counter() - start)
+    first += [_first_call(c) for c in contenders[len(first):]]
     for _ in range(WARMUP_ROUNDS):
         for c in contenders:
             c.call()

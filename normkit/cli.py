@@ -50,7 +50,7 @@ def list_command() -> None:
 
 @main.command("check")
 @click.argument("backend")
-@click.option("--op", "ops", multiple=True, help="Only this op (repeatable; aliases such as gn work).")
+@click.option("--op", "ops", multiple=True, help="Only this op (repeatable; aliases such as gn work; all: every op).")
 @click.option("--dtype", "dtypes", multiple=True, type=click.Choice(DTYPES), help="Only this dtype.")
 @click.option("--layout", "layouts", multiple=True, type=click.Choice(["nchw", "nhwc"]),
               help="Only this layout (nhwc: the channels-last kernels the backend declares).")
@@ -62,7 +62,7 @@ def check_command(backend: str, ops: tuple[str, ...], dtypes: tuple[str, ...], l
     from normkit import testing
 
     try:
-        op_names = [normkit.get(op).name for op in ops] or None
+        op_names = None if "all" in ops else [normkit.get(op).name for op in ops] or None
         report = testing.check_backend(backend, ops=op_names, dtypes=list(dtypes) or None, quick=quick,
                                        layouts=list(layouts) or None)
     except ValueError as exc:  # unknown op or backend
@@ -115,7 +115,7 @@ def _backend_option(ctx, param, values):
 
 @main.command("bench")
 @click.option("--op", type=click.Choice(_op_choices(), case_sensitive=False), default="all", show_default=True,
-              help="Op name or alias, or all four.")
+              help="Op name or alias, or all.")
 @click.option("--shape", callback=_shape_option, metavar="N,C,...",
               help="Input shape, e.g. 8,256,56,56 (the default); layernorm normalizes over all dims but the first.")
 @click.option("--groups", type=click.IntRange(min=1), help="GroupNorm groups [default: 32, or the largest divisor "
@@ -275,3 +275,7 @@ def _bench_models(name: str, quick: bool, steps: int | None, backends: list[str]
     if len(results) > 1:
         click.echo()
         click.echo(format_summary(results))
+
+
+if __name__ == "__main__":  # python -m normkit.cli, as the console script
+    main()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import re
 import threading
 import types
 import warnings
@@ -47,8 +48,8 @@ class Backend:
     all of them. ``channels_last`` maps an op to the directions that also have a channels-last kernel (channel ops
     only, among the directions of ``kernels``), for the dtypes of ``dtypes`` that are in ``channels_last_dtypes``
     (float32 and float64 unless the backend names more). ``addresses`` maps an op to the directions that also have
-    an address kernel (among the directions of ``kernels``; float32 and float64). ``module`` is the dotted name of
-    the kernels module (or, for backends registered at run time, an object with a ``KERNELS`` attribute).
+    an address kernel (among the directions of ``kernels``; every dtype of ``dtypes``). ``module`` is the dotted
+    name of the kernels module (or, for backends registered at run time, an object with a ``KERNELS`` attribute).
     """
 
     name: str
@@ -95,7 +96,13 @@ class Backend:
         return self.declared() | self.declared_channels_last() | self.declared_addresses()
 
     def validate(self) -> None:
-        """Raise ValueError if the declaration itself is malformed or targets another contract."""
+        """Raise ValueError (TypeError for a name that is no string) if the declaration itself is malformed or
+        targets another contract."""
+        if not isinstance(self.name, str):
+            raise TypeError(f"Backend: name must be a str, got {self.name!r} ({type(self.name).__name__})")
+        if not self.name or self.name != self.name.strip() or "," in self.name:
+            raise ValueError(f"Backend: name must be non-empty, without a comma or surrounding spaces (as "
+                             f"NORMKIT_BACKEND lists names), got {self.name!r}")
         if self.contract != CONTRACT_VERSION:
             raise ValueError(
                 f"backend {self.name!r} targets kernel contract {self.contract}, "
@@ -187,12 +194,15 @@ _parent_threaded = False
 _lookup_cache: dict = {}
 
 
+_UNNAMED = "<unnamed package>"  # an installed entry point whose distribution's metadata has no Name
+
+
 def _dist_name(ep: metadata.EntryPoint) -> str:
     dist = getattr(ep, "dist", None)
     try:
-        return (dist.metadata["Name"] or "") if dist is not None else ""
+        return (dist.metadata["Name"] or _UNNAMED) if dist is not None else _UNNAMED
     except Exception:  # malformed metadata must not break the scan (a missing Name raises on newer Pythons)
-        return ""
+        return _UNNAMED
 
 
 _FLAG_OFF = ("", "0", "false", "no", "off")
@@ -225,7 +235,7 @@ def _scan() -> dict[str, _Entry]:
         new = _Entry(ep.name, package, builtin, ep)
         if ep.name in entries:
             kept = entries[ep.name]
-            if kept.package == package:  # the same distribution seen twice on sys.path
+            if (kept.package, kept.entry_point.value) == (package, ep.value):  # one distribution seen twice
                 continue
             if builtin and not kept.builtin:  # a plugin may not shadow a built-in
                 kept, new = new, kept
@@ -262,20 +272,30 @@ def _fail(entry: _Entry, stage: str, exc: BaseException | str) -> None:
     entry.error = f"{stage}: {msg}"
     entry.kernels = None
     who = f"package {entry.package!r}" if entry.package else "registered at run time"
+    if entry.entry_point is not None and entry.package == _UNNAMED:
+        who = f"entry point {entry.name} = {entry.entry_point.value!r} of a package with no Name in its metadata"
     warnings.warn(f"normkit: backend {entry.name!r} ({who}) was skipped; {entry.error}", RuntimeWarning, stacklevel=4)
+
+
+# what EntryPoint.load can take: a dotted module, then an attribute path (importlib.metadata's own pattern requires
+# neither part to be non-empty, and a value like 'mod:' fails inside it with an AttributeError on None)
+_ENTRY_POINT_VALUE = re.compile(r"\s*[\w.]+\s*(:\s*[\w.]+\s*)?(\[.*\])?\s*")
 
 
 def _load_spec(entry: _Entry) -> Backend | None:
     if entry.spec is not None or entry.error is not None:
         return entry.spec
     try:
+        if not _ENTRY_POINT_VALUE.fullmatch(entry.entry_point.value):
+            raise ValueError(f"entry point {entry.name} = {entry.entry_point.value!r} is not "
+                             f"'module:attribute' (for example 'mypackage.backend:backend')")
         spec = entry.entry_point.load()
         if not isinstance(spec, Backend):
             raise TypeError(f"entry point must name a normkit.Backend, got {type(spec).__name__}")
         if spec.name != entry.name:
             raise ValueError(f"entry point name {entry.name!r} differs from the declared name {spec.name!r}")
         spec.validate()
-    except Exception as exc:  # a broken plugin must not break normkit
+    except (Exception, SystemExit) as exc:  # a broken plugin must not break normkit (nor end the process)
         _fail(entry, "declaration", exc)
         return None
     entry.spec = spec
@@ -302,7 +322,7 @@ def _load_kernels(entry: _Entry) -> dict | None:
         threads = _wanted_threads()
         if threads is not None and entry.set_threads is not None:
             entry.set_threads(threads)
-    except Exception as exc:
+    except (Exception, SystemExit) as exc:
         _fail(entry, "kernels", exc)
         return None
     entry.kernels = kernels

@@ -349,6 +349,30 @@ def test_a_backend_without_the_op_is_skipped_for_that_op_only():
            "implement forward" in result.notes
 
 
+@pytest.mark.parametrize("direction", ["forward", "backward"])
+def test_a_kernel_that_raises_is_skipped_with_a_note(direction):
+    """A plugin's kernel raising at run time (in a backward's preparing forward too): a note, not a traceback."""
+    def raises(*args):
+        raise RuntimeError("kernel exploded")
+
+    kernels = {("groupnorm", d, t): raises for d in ("forward", "backward") for t in ("float32", "float64")}
+    _register("raiser", kernels)
+    try:
+        result = bench.bench("gn", shape=(2, 4, 3), groups=2, backends=["raiser", "reference"], direction=direction,
+                             repeat=2, baseline=False)
+    finally:
+        registry.unregister_backend("raiser")
+    assert [r.name for r in result.rows] == ["reference", "copy", "read"]
+    assert f"backend 'raiser' skipped for groupnorm 2x4x3 G=2 float32 {direction}: RuntimeError: kernel exploded" \
+        in result.notes
+
+
+def test_header_says_when_there_is_no_torch_column():
+    text = bench.bench("ln", shape=(4, 8), backends=["reference"], direction="forward", repeat=2,
+                       baseline=False).format()
+    assert "time/torch: - (no PyTorch baseline in this run)" in text and "per-round ratio" not in text
+
+
 def test_nothing_to_run_is_an_error(broken_backend):
     with pytest.raises(bench.BenchError, match="no selected backend could run: backend 'broken' failed to load"):
         bench.bench("gn", shape=(2, 4, 3), backends=["broken"], repeat=1, baseline=False)

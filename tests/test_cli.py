@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 from click.testing import CliRunner
 
 import normkit
@@ -29,3 +32,20 @@ def test_unknown_command_is_a_usage_error():
     result = CliRunner().invoke(main, ["frobnicate"])
     assert result.exit_code == 2
     assert "No such command 'frobnicate'" in result.output
+
+
+def test_python_m_normkit_cli_runs_the_cli():
+    """`python -m normkit.cli check no-such-backend` exited 0 having done nothing: a false green in a plugin's CI."""
+    proc = subprocess.run([sys.executable, "-m", "normkit.cli", "check", "no-such-backend"], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2 and "unknown backend 'no-such-backend'" in proc.stderr
+
+
+def test_check_runs_each_selected_case_once_and_takes_all():
+    one = CliRunner().invoke(main, ["check", "reference", "--op", "ln", "--dtype", "float32", "--quick"])
+    twice = CliRunner().invoke(main, ["check", "reference", "--op", "ln", "--op", "layernorm", "--dtype", "float32",
+                                      "--dtype", "float32", "--quick"])
+    assert one.exit_code == twice.exit_code == 0 and one.output == twice.output
+    every = CliRunner().invoke(main, ["check", "reference", "--op", "all", "--dtype", "float32", "--quick"])
+    assert every.exit_code == 0
+    assert int(every.output.split(": ")[1].split()[0]) > int(one.output.split(": ")[1].split()[0])

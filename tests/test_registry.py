@@ -49,7 +49,7 @@ class FakePlugins:
         self.modules: list[str] = []
 
     def add(self, name, *, kernels=None, dtypes=("float64",), contract=1, provide=None, declaration_raises=False,
-            kernels_raise=False, kernels_extra="", dist=None, entry_name=None, declaration=None):
+            kernels_raise=False, kernels_extra="", dist=None, entry_name=None, declaration=None, entry_value=None):
         """A plugin distribution whose ``normkit.backends`` entry point ``entry_name`` (default ``name``) names
         a Backend called ``name``. It provides the kernels in ``provide`` (default: everything it declares),
         each the reference kernel wrapped to log its calls in ``<kernels module>.CALLS``."""
@@ -74,8 +74,10 @@ class FakePlugins:
         (self.root / f"{kern_mod}.py").write_text(source)
         info = self.root / f"{dist.replace('-', '_')}-0.1.dist-info"
         info.mkdir()
-        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 0.1\n")
-        (info / "entry_points.txt").write_text(f"[normkit.backends]\n{entry_name or name} = {decl_mod}:backend\n")
+        (info / "METADATA").write_text("Metadata-Version: 2.1\n" + (f"Name: {dist}\n" if dist != "-" else "")
+                                       + "Version: 0.1\n")  # (dist "-": no Name)
+        value = entry_value or f"{decl_mod}:backend"
+        (info / "entry_points.txt").write_text(f"[normkit.backends]\n{entry_name or name} = {value}\n")
         importlib.invalidate_caches()
         registry.refresh()
         return kern_mod
@@ -229,6 +231,33 @@ def test_plugin_raising_on_import_is_skipped(plugins):
 def test_plugin_whose_kernels_module_raises_is_skipped(plugins):
     plugins.add("fakekboom", kernels_raise=True)
     assert_skipped("fakekboom", "kernels exploded")
+
+
+def test_plugin_exiting_at_import_is_skipped(plugins):
+    """sys.exit() in a plugin's module (one that bails out on a CPU without some feature) skips the plugin; it
+    does not end the process."""
+    plugins.add("fakeexit", declaration="import sys\nsys.exit(3)\n")
+    assert_skipped("fakeexit", "declaration: SystemExit: 3")
+
+
+def test_plugin_whose_kernels_module_exits_is_skipped(plugins):
+    plugins.add("fakekexit", kernels_extra="import sys\nsys.exit('no AVX2 here')\n")
+    assert_skipped("fakekexit", "kernels: SystemExit: no AVX2 here")
+
+
+def test_malformed_entry_point_value_is_named(plugins):
+    plugins.add("fakebadep", entry_value="nkfake_module:")
+    assert_skipped("fakebadep", "entry point fakebadep = 'nkfake_module:' is not 'module:attribute'")
+
+
+def test_plugin_of_a_package_without_a_name_is_not_called_a_run_time_registration(plugins):
+    kern = plugins.add("fakenoname", dist="-", kernels_raise=True)
+    decl = kern.replace("_kernels", "_decl")
+    with pytest.warns(RuntimeWarning, match=f"backend 'fakenoname' \\(entry point fakenoname = '{decl}:backend' of a "
+                                            "package with no Name in its metadata\\) was skipped"):
+        listing = rows()
+    assert listing["fakenoname"].package == "<unnamed package>"
+    assert "run time" not in listing["fakenoname"].error
 
 
 def test_plugin_with_another_contract_version_is_skipped(plugins):
@@ -576,6 +605,21 @@ def test_register_backend_validates_the_declaration(kwargs, message):
     with pytest.raises(ValueError, match=message):
         normkit.register_backend(Backend("bad", runtime_module({}), **kwargs))
     assert "bad" not in normkit.get_backend_order()
+
+
+@pytest.mark.parametrize("name, error, message", [
+    (7, TypeError, "Backend: name must be a str, got 7 \\(int\\)"),
+    ("", ValueError, "name must be non-empty, without a comma or surrounding spaces .* got ''"),
+    ("a,b", ValueError, "got 'a,b'"),
+    (" sp ", ValueError, "got ' sp '"),
+])
+def test_register_backend_refuses_a_name_normkit_backend_cannot_list(name, error, message):
+    """A name that is no string broke every later dispatch (sorting the names); one with a comma or spaces could
+    never be named in NORMKIT_BACKEND."""
+    with pytest.raises(error, match=message):
+        normkit.register_backend(Backend(name, runtime_module({}), kernels={}))
+    y, saved = normkit.get("ln").forward(ln_input(), 8)
+    assert saved.backend in normkit.get_backend_order()
 
 
 def test_register_backend_needs_a_backend():
