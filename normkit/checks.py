@@ -78,7 +78,8 @@ def half_params(op: str, dtype_name: str, given: dict) -> None:
 
 
 def running(op: str, name: str, shape_: tuple, is_float: bool, dtype_, c: int) -> None:
-    """running_mean / running_var: a float vector of the input's C channels (any float dtype)."""
+    """running_mean / running_var: a float vector of the input's C channels (any float dtype for a float32 /
+    float64 input; a 16-bit input's: :func:`half_params`)."""
     if not is_float:
         raise ArgumentTypeError(f"{op}: {name} must be a float array, got dtype {dtype_}")
     if tuple(shape_) != (c,):

@@ -6,8 +6,8 @@ Each call checks its arguments once, reshapes to the kernel's view ((N, C, S) or
 float32/float64 array) takes a short path: a few microseconds of Python on top of the kernel.
 
 16-bit inputs: float16 arrays, and bfloat16 arrays of ``ml_dtypes`` (normkit itself needs ml_dtypes for nothing
-else). As PyTorch's CPU kernels, they take weight and bias in float32 or in the input's dtype, and running
-statistics in any float dtype (updated in their own); the output has the input's dtype, the saved statistics are
+else). As PyTorch's CPU kernels, they take weight, bias and running statistics in one dtype, float32 or the
+input's (running statistics are updated in their own); the output has the input's dtype, the saved statistics are
 float32, and weight / bias gradients have the dtype of weight / bias. The kernels see the data as ``np.uint16``
 bit patterns (views, no copy) and everything else as float32 (:mod:`normkit.contract`).
 
@@ -87,10 +87,19 @@ def _half_params(op: str, x: np.ndarray, **arrays) -> None:
 
 def _grad_dtype(p, x: np.ndarray) -> np.dtype:
     """The dtype of the gradient of weight / bias ``p`` (as given) for input x: that of the parameter."""
-    return p.dtype if _is_half(x.dtype) and isinstance(p, np.ndarray) and p.dtype == x.dtype else _stat_dtype(x.dtype)
+    # (by name: a byte-swapped float16 parameter is float16 too; the gradient comes in native order)
+    half_param = _is_half(x.dtype) and isinstance(p, np.ndarray) and p.dtype.name == x.dtype.name
+    return x.dtype if half_param else _stat_dtype(x.dtype)
 
 
 # --- NumPy arrays ----------------------------------------------------------------------------------------------
+
+def _unmasked(op: str, name: str, a: np.ndarray) -> None:
+    """A masked array's mask would be dropped (its hidden values counted in the statistics): refused."""
+    if isinstance(a, np.ma.MaskedArray):
+        raise checks.UnsupportedInputError(f"{op}: {name} is a masked array, whose mask normkit cannot honour; "
+                                           f"pass its values (a.filled(...) or a.data) or leave out the masked ones")
+
 
 def as_input(op: str, name: str, x, min_ndim: int = 2) -> np.ndarray:
     """A float32/float64/bfloat16/float16, native-byte-order, C-contiguous, non-empty array (copied only when
@@ -103,6 +112,7 @@ def as_input(op: str, name: str, x, min_ndim: int = 2) -> np.ndarray:
             raise checks.UnsupportedInputError(f"{op}: {name} must be a float32, float64, bfloat16 or float16 "
                                                f"array, got {checks.describe(x)}")
         x = np.asarray(x)
+    _unmasked(op, name, x)
     checks.dtype(op, name, x.dtype.name)
     checks.shape(op, name, x.shape, min_ndim)
     if not x.dtype.isnative:
@@ -149,6 +159,7 @@ def as_param(op: str, name: str, p, shape: tuple, dtype: np.dtype) -> np.ndarray
         return p
     if not isinstance(p, np.ndarray):
         p = np.asarray(p)
+    _unmasked(op, name, p)
     checks.param(op, name, p.shape, p.dtype.newbyteorder("="), shape, dtype)
     if not p.dtype.isnative:
         p = p.astype(p.dtype.newbyteorder("="))
@@ -460,6 +471,8 @@ class GroupNorm(Op):
         n, c = x.shape[:2]
         groups = num_groups if type(num_groups) is int and num_groups > 0 and not c % num_groups else \
             checks.num_groups(op, num_groups, c)
+        if x.size == groups:  # one value per group in the whole batch, which torch refuses
+            checks.group_count(op, x.shape, groups)
         if _is_half(x.dtype):
             _half_params(op, x, weight=weight, bias=bias)
         weight = as_param(op, "weight", weight, (c,), x.dtype)

@@ -39,6 +39,9 @@ def moments(x, axes, keepdims: bool = False) -> tuple[np.ndarray, np.ndarray]:
     try:
         if isinstance(axes, (str, bytes)):
             raise TypeError
+        axes = tuple(axes)
+        if not all(isinstance(a, numbers.Integral) and not isinstance(a, bool) for a in axes):
+            raise TypeError  # (int() would truncate 1.7 to 1)
         axes = tuple(int(a) for a in axes)
     except (TypeError, ValueError):
         raise TypeError(f"moments: axes must be an int or a sequence of ints, got {axes!r}") from None

@@ -36,7 +36,8 @@ def numpy_variance(x: np.ndarray, per_instance: bool) -> Callable[[np.ndarray], 
     """:func:`batch_variance`'s ``exact`` for an (N, C, *spatial) array of any layout and float dtype."""
     def exact(channels: np.ndarray) -> np.ndarray:
         axes = tuple(range(2, x.ndim)) if per_instance else (0, *range(2, x.ndim))
-        return np.take(x, channels, axis=1).astype(np.float64).var(axis=axes)  # two passes: mean, then deviations
+        with np.errstate(invalid="ignore", over="ignore"):  # (an inf in the data: inf - inf, NaN as it must be)
+            return np.take(x, channels, axis=1).astype(np.float64).var(axis=axes)  # two passes: mean, deviations
     return exact
 
 
@@ -54,5 +55,6 @@ def update_running(running_mean: np.ndarray, running_var: np.ndarray, batch_mean
         mean, var = mean.mean(axis=0), var.mean(axis=0)
     # 16-bit buffers (float16, bfloat16) are read in float64, so that the update rounds once, to their own dtype
     widen = (lambda r: r.astype(np.float64) if r.dtype.itemsize == 2 else r)
-    running_mean[...] = (1.0 - momentum) * widen(running_mean) + momentum * mean
-    running_var[...] = (1.0 - momentum) * widen(running_var) + momentum * var
+    with np.errstate(invalid="ignore", over="ignore"):  # inf and NaN statistics, and a float32 buffer's overflow
+        running_mean[...] = (1.0 - momentum) * widen(running_mean) + momentum * mean
+        running_var[...] = (1.0 - momentum) * widen(running_var) + momentum * var

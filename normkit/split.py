@@ -21,6 +21,7 @@ backend (by default the first in the dispatch order that implements the directio
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import numpy as np
@@ -180,12 +181,23 @@ def backward_coefficients(mean, rstd, weight, sum_dy, sum_dy_xhat, count: int,
 
 # --- one batch -------------------------------------------------------------------------------------------------
 
+def _params(c: int, **params) -> None:
+    """weight / bias of a C-channel input: None or of shape (C,)."""
+    for name, p in params.items():
+        if p is not None and np.shape(p) != (c,):
+            raise ValueError(f"{OP}: {name} must have shape ({c},) to match the input's {c} channels, got "
+                             f"{np.shape(p)}")
+
+
 def batchnorm_forward(x: np.ndarray, weight=None, bias=None, eps: float = 1e-5,
                       backend: str | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Training-mode BatchNorm from ``stats`` and ``apply``: ``(y, mean, rstd)``, mean and rstd float64."""
-    if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps >= 0):
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
+        raise TypeError(f"{OP}: eps must be a number, got {eps!r} ({type(eps).__name__})")
+    if not (math.isfinite(eps) and eps >= 0):
         raise ValueError(f"{OP}: eps must be a finite number >= 0, got {eps!r}")
     stats = batchnorm_stats(x, backend)
+    _params(x.shape[1], weight=weight, bias=bias)
     rstd = stats.rstd(eps)
     scale, shift = apply_coefficients(stats.mean, rstd, weight, bias, x.dtype, stats.var)
     return batchnorm_apply(x, scale, shift, backend), stats.mean, rstd
@@ -196,6 +208,7 @@ def batchnorm_backward(dy: np.ndarray, x: np.ndarray, mean, rstd, weight=None,
     """The training-mode BatchNorm gradient from ``backward_reduce`` and ``backward_apply``: ``(dx, dweight,
     dbias)``, dweight and dbias in x's dtype (as the fused backward's)."""
     sum_dy, sum_dy_xhat = batchnorm_backward_reduce(dy, x, mean, rstd, backend)
+    _params(x.shape[1], weight=weight)
     count = x.shape[0] * math.prod(x.shape[2:])
     a, b, d = backward_coefficients(mean, rstd, weight, sum_dy, sum_dy_xhat, count, x.dtype)
     dx = batchnorm_backward_apply(dy, x, a, b, d, backend)

@@ -33,6 +33,16 @@ def _calls(x, w, b):
     }
 
 
+def test_byte_swapped_float16_parameters_get_float16_gradients():
+    """A '>f2' weight is float16: its gradients are float16 (native order), as a native one's."""
+    x = np.random.default_rng(0).standard_normal((4, 6, 5)).astype(np.float16)
+    for op, args, pshape in ((normkit.get("gn"), (2,), 6), (normkit.get("rms"), (5,), 5)):
+        w = np.ones(pshape, ">f2")
+        y, saved = op.forward(x, *args, w)
+        _, dw, *_ = op.backward(np.ones_like(y), x, saved, *args, w)
+        assert dw.dtype == np.dtype(np.float16) and dw.dtype.isnative, op.name
+
+
 @pytest.mark.parametrize("dtype", HALF_DTYPES)
 @pytest.mark.parametrize("params", ["float32", "same"])
 def test_numpy_ops_take_16_bit_arrays(dtype, params):

@@ -299,7 +299,9 @@ def test_moments_large_offset_float32(rng):
 
 @pytest.mark.parametrize("axes,exc,pattern", [((5,), ValueError, "axis 5 is out of range"),
                                               ((0, 0), ValueError, "repeated axis"),
-                                              ("a", TypeError, "axes must be an int or a sequence of ints")])
+                                              ("a", TypeError, "axes must be an int or a sequence of ints"),
+                                              ([1.7], TypeError, "axes must be an int"),  # (int() truncated it)
+                                              ([True], TypeError, "axes must be an int")])
 def test_moments_errors(axes, exc, pattern):
     with pytest.raises(exc, match=pattern):
         normkit.moments(np.ones((2, 3)), axes)
@@ -335,3 +337,39 @@ def test_numpy_frontend_errors_are_the_same_classes():
     assert issubclass(normkit.ArgumentTypeError, TypeError) and issubclass(normkit.ArgumentTypeError, RuntimeError)
     assert issubclass(normkit.UnsupportedInputError, TypeError)
     assert issubclass(normkit.UnsupportedInputError, NotImplementedError)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape, groups", [((1, 4), 4), ((1, 1), 1), ((1, 6, 1, 1), 6)])
+def test_groupnorm_refuses_one_value_per_group_in_the_batch(backend, shape, groups):
+    """As torch (and normkit.torch) do; the NumPy frontend returned zeros."""
+    x = np.ones(shape, np.float32)
+    with pytest.raises(ValueError, match=re.escape(f"groupnorm: expected more than 1 value per group in the batch, "
+                                                   f"got input of shape {shape} with num_groups={groups}")):
+        normkit.get("gn")(x, groups, backend=backend)
+    normkit.get("gn")(np.ones((2, 4), np.float32), 4, backend=backend)  # two values per group: taken
+
+
+def test_masked_arrays_are_refused():
+    """Their mask would be dropped and the hidden values counted."""
+    x = np.ma.masked_array(np.ones((4, 8), np.float32), mask=np.zeros((4, 8), bool))
+    with pytest.raises(TypeError, match="layernorm: input is a masked array, whose mask normkit cannot honour"):
+        normkit.get("ln")(x, 8)
+    w = np.ma.masked_array(np.ones(8, np.float32))
+    with pytest.raises(TypeError, match="layernorm: weight is a masked array"):
+        normkit.get("ln")(np.ones((4, 8), np.float32), 8, w)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_running_statistics_of_non_finite_or_huge_data_warn_nothing(backend, recwarn):
+    """inf data (running statistics turn NaN / inf, as they must) and a variance beyond a float32 buffer's range."""
+    x = np.random.default_rng(0).standard_normal((4, 3, 5)).astype(np.float32)
+    x[0, 1, 2] = np.inf
+    rm, rv = np.zeros(3, np.float32), np.ones(3, np.float32)
+    normkit.get("bn")(x, rm, rv, training=True, backend=backend)
+    assert np.isnan(rm[1]) or np.isinf(rm[1])
+    big = (np.random.default_rng(1).standard_normal((4, 3, 5)) * 1e37).astype(np.float32)
+    rm, rv = np.zeros(3, np.float32), np.ones(3, np.float32)
+    normkit.get("in")(big, rm, rv, use_input_stats=True, backend=backend)
+    assert np.isinf(rv).all()
+    assert not [str(w.message) for w in recwarn]

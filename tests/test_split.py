@@ -8,6 +8,8 @@ the fused kernels, while a float64 composition is held to float64 accuracy.
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 from hypothesis import given
@@ -314,6 +316,16 @@ def test_argument_errors():
         split.batchnorm_apply(x, np.ones(2), np.zeros(3))
     with pytest.raises(ValueError, match="eps must be"):
         split.batchnorm_forward(x, eps=-1.0)
+    with pytest.raises(TypeError, match="batchnorm: eps must be a number, got True"):
+        split.batchnorm_forward(x, eps=True)
+    for eps in (np.float32(1e-5), np.int64(1)):  # NumPy scalars, as the functional ops take them
+        split.batchnorm_forward(x, eps=eps)
+    for name, shape in (("weight", (2,)), ("weight", (3, 1)), ("bias", (4,))):
+        with pytest.raises(ValueError, match=re.escape(f"batchnorm: {name} must have shape (3,) to match the "
+                                                       f"input's 3 channels, got {shape}")):
+            split.batchnorm_forward(x, **{name: np.ones(shape, np.float32)})
+    with pytest.raises(ValueError, match=re.escape("weight must have shape (3,) to match the input's 3 channels")):
+        split.batchnorm_backward(x, x, np.zeros(3), np.ones(3), np.ones(2, np.float32))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
