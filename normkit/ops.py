@@ -30,7 +30,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from . import activation as _activation, checks, registry
+from . import activation as _activation, checks, recenter, registry
 from .alloc import empty as _empty
 from .running import batch_variance, numpy_variance, update_running
 from .contract import ACT_PREFIX, HALF_DTYPES, NHWC, SPECS, OpSpec, on_columns, stat_dtype
@@ -318,16 +318,17 @@ class Op:
         dweight = None if weight is None else _empty(pshape, sdt)
         dbias = None if bias is None else _empty(pshape, sdt)
         rstd = np.ascontiguousarray(saved.rstd, dtype=sdt)
+        mean = np.ascontiguousarray(saved.mean, dtype=sdt) if self.spec.centered else None
         dy, x = _bits(dy.reshape(shape)), _bits(x.reshape(shape))
+        if training and dt == _FLOAT32 and mean is not None and recenter.needed(mean, rstd):
+            x, mean = _recentered(self.spec, x, mean, groups, nhwc)
         act = (bias, *act) if act else ()  # the act_ kernels recompute the activation's input, so need the bias
         if not self.spec.centered:
             kernel(dy, x, rstd, weight, _bits(dx), dweight)
         elif self.grouped:
-            kernel(dy, x, groups, np.ascontiguousarray(saved.mean, dtype=sdt), rstd, weight, *act, _bits(dx),
-                   dweight, dbias)
+            kernel(dy, x, groups, mean, rstd, weight, *act, _bits(dx), dweight, dbias)
         else:
-            kernel(dy, x, np.ascontiguousarray(saved.mean, dtype=sdt), rstd, weight, *act, _bits(dx), dweight,
-                   dbias)
+            kernel(dy, x, mean, rstd, weight, *act, _bits(dx), dweight, dbias)
         dweight, dbias = (g if g is None or to is None or g.dtype == to else g.astype(to)
                           for g, to in zip((dweight, dbias), grad_dtypes))
         return dx, dweight, dbias
@@ -586,13 +587,23 @@ class _RowOp(Op):
         dweight = None if weight is None else _empty(pshape, sdt)
         dbias = None if bias is None else _empty(pshape, sdt)
         mean = None if saved.mean is None else np.ascontiguousarray(saved.mean, dtype=sdt)
+        rstd = np.ascontiguousarray(saved.rstd, dtype=sdt)
+        hk = h.reshape(kshape)
+        if h.dtype == _FLOAT32 and mean is not None and recenter.needed(mean, rstd):
+            hk, mean = _recentered(spec, hk, mean, None)
         fused(*spec.kernel_args("add_backward", dict(
             dy=_bits(dy.reshape(kshape)), dh=None if dh is None else _bits(dh.reshape(kshape)),
-            h=_bits(h.reshape(kshape)), mean=mean, rstd=np.ascontiguousarray(saved.rstd, dtype=sdt), weight=weight,
+            h=_bits(hk), mean=mean, rstd=rstd, weight=weight,
             dx=_bits(dx), dweight=dweight, dbias=dbias)))
         dweight, dbias = (g if g is None or g.dtype == to else g.astype(to)
                           for g, to in zip((dweight, dbias), grad_dtypes))
         return dx.reshape(h.shape), _unflat(dweight, shape), _unflat(dbias, shape)
+
+
+def _recentered(spec, x: np.ndarray, mean: np.ndarray, groups, nhwc: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """x (kernel-shaped) shifted by its float32 mean per set, and the shifted data's mean (:mod:`normkit.recenter`)."""
+    out = np.empty_like(x)
+    return out, recenter.shifted(spec, x, mean, groups, out, nhwc)
 
 
 def _act(op: str, activation, negative_slope) -> tuple:

@@ -86,8 +86,8 @@ def test_numpy_16_bit_shapes_match_the_rounded_float64_ops(dtype, n, c, s, offse
     w, b = (1 + 0.5 * rng.standard_normal(c)).astype(np.float32), rng.standard_normal(c).astype(np.float32)
     x64 = x.astype(np.float64)
     for op, args in (("gn", (groups, w, b)), ("ln", ((s,),)), ("in", (None, None, w, b, True))):
-        if op == "in" and s == 1:
-            continue  # no statistics of one value
+        if (op == "in" and s == 1) or (op == "gn" and n * (c // groups) * s == 1):
+            continue  # no statistics of one value (for groupnorm: one in the whole batch, which torch refuses)
         y = normkit.get(op)(x, *args)
         y64 = normkit.get(op)(x64, *[a.astype(np.float64) if isinstance(a, np.ndarray) else a for a in args])
         assert np.array_equal(y.view(np.uint16), half.narrow(y64, dtype)), op

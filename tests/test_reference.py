@@ -36,7 +36,7 @@ def cases(draw, op):
     if training and op == "instancenorm":
         assume(s > 1)
     groups = draw(st.sampled_from([g for g in range(1, c + 1) if c % g == 0]))
-    if op == "groupnorm":  # torch refuses N * C/G * S == 1 ("more than 1 value per channel"); normkit gives y = bias
+    if op == "groupnorm":  # torch (and normkit) refuse N * C/G * S == 1 ("more than 1 value per group")
         assume(n * (c // groups) * s > 1)
     return dict(shape=shape, training=training, running=draw(st.booleans()),
                 affine=draw(st.sampled_from(["none", "weight", "bias", "both"])), groups=groups,

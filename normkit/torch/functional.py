@@ -50,7 +50,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .. import alloc, checks, registry
+from .. import alloc, checks, recenter, registry
 from .. import activation as _activation
 from ..contract import ACT_PREFIX, ACTIVATIONS, NHWC, SPECS, OpSpec, on_columns
 from ..ops import fused_kernel
@@ -511,6 +511,8 @@ def _backward(spec: OpSpec, dy: Tensor, x: Tensor, mean: np.ndarray, rstd: np.nd
     (index, slope), whose derivative the kernel recomputes from x, the statistics, weight and ``bias``.
     ``plain``: what :func:`_plain` gave x and weight in forward (dy, autograd's, has x's shape and dtype)."""
     direction = "backward" if batch_stats else "backward_infer"
+    if x.dtype == torch.float32 and batch_stats and spec.centered and recenter.needed(mean, rstd):
+        x, mean, plain = _recentered(spec, x, mean, groups, kshape, plain)
     if plain == _CONTIGUOUS and act is None and dy.is_contiguous() and dy.dtype == x.dtype and dy.shape == x.shape:
         kernel = registry.lookup_address(spec.name, direction, _KERNEL_DTYPES[x.dtype], backend)
         if kernel is not None and not dy.is_neg() and (x.dtype not in _HALF or _float32_params(x, weight)):
@@ -545,6 +547,18 @@ def _backward(spec: OpSpec, dy: Tensor, x: Tensor, mean: np.ndarray, rstd: np.nd
     return _run_backward(kernel, spec, _np(dy).reshape(kshape), _np(x).reshape(kshape),
                          torch.empty_like(x, memory_format=_DENSE), lambda t: _writable(t).reshape(kshape), mean,
                          rstd, weight, groups, pshape, weight_grad, bias_grad)
+
+
+def _recentered(spec: OpSpec, x: Tensor, mean: np.ndarray, groups: int, kshape: tuple,
+                plain: int) -> tuple[Tensor, np.ndarray, int]:
+    """x shifted by its float32 mean per set, in x's layout, the shifted data's mean, and ``plain`` for the new x
+    (:mod:`normkit.recenter`)."""
+    nhwc = plain == _CHANNELS_LAST or (not plain and _is_nhwc(spec, x))
+    if not (nhwc or x.is_contiguous()):
+        x, plain = x.contiguous(), 0
+    shifted = torch.empty_like(x)  # (x's strides)
+    view = (lambda t: _nsc(t, kshape)) if nhwc else (lambda t: _np(t).reshape(kshape))  # noqa: E731
+    return shifted, recenter.shifted(spec, view(x), mean, groups, view(shifted), nhwc), plain
 
 
 def _backward_by_address(kernel, spec: OpSpec, dy: Tensor, x: Tensor, mean, rstd, weight, groups: int, kshape: tuple,
@@ -1357,12 +1371,15 @@ class _AddCall:
         weight = _contiguous(weight)
         dx = torch.empty_like(h, memory_format=_DENSE)
         dtype = _NP_STAT_DTYPES[h.dtype]
+        mean = self.mean
+        if h.dtype == torch.float32 and mean is not None and recenter.needed(mean, self.rstd):
+            h, mean, _ = _recentered(spec, _contiguous(h), mean, 0, self.kshape, _CONTIGUOUS)
         dwa = np.empty(self.pshape, dtype) if weight_grad else None
         dba = np.empty(self.pshape, dtype) if bias_grad else None
         k = self.kshape
         fused(*spec.kernel_args("add_backward", dict(
             dy=_np(dy).reshape(k), dh=None if dh is None else _np(dh).reshape(k), h=_np(h).reshape(k),
-            mean=self.mean, rstd=self.rstd, weight=_flat(weight), dx=_writable(dx).reshape(k),
+            mean=mean, rstd=self.rstd, weight=_flat(weight), dx=_writable(dx).reshape(k),
             dweight=None if dwa is None else dwa.reshape(-1), dbias=None if dba is None else dba.reshape(-1))))
         return dx, _from_numpy(dwa), _from_numpy(dba)
 

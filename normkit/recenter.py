@@ -1,0 +1,36 @@
+"""Backward of float32 data far from zero against its spread: both frontends' training backward.
+
+The kernels compute a float32 input's statistics in float64, but save them in float32 (the contract's statistics
+dtype, PyTorch's too), so the saved mean is rounded by up to ``|mean| * 2**-24``, and backward, which recomputes
+``xhat = (x - mean) * rstd`` from it, carries that rounding as an error of ``|mean| * rstd * 2**-24`` in every
+xhat: 1e-3 of dx at mean 1e6 and std 1, 16% at mean 1e8 and std 8, and a fused ReLU's recomputed input changing
+sign next to zero. The gradient is the same for data shifted by a constant per set, so where a set's mean is
+more than :data:`OFFSET` standard deviations from zero the frontends hand the backward kernel ``x - mean`` (in
+float32: exact where x is within a factor 2 of the mean, else rounded by half an ulp of the difference) and that
+shifted data's own mean, summed in float64 and small, whose rounding no longer matters. This costs one pass over
+the data, only for such calls; other calls pay the test, a few NumPy operations on the statistics.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .contract import OpSpec
+
+# |mean| * rstd above which the float32 mean's rounding (2**-24 of it) may pass 2**-20 of a standard deviation
+OFFSET = 16.0
+
+
+def needed(mean: np.ndarray, rstd: np.ndarray) -> bool:
+    """Whether a set's saved float32 mean lies more than OFFSET of its standard deviations from zero."""
+    # (fmax: a NaN does not hide the other sets)
+    return bool(mean.size) and bool(np.fmax.reduce(np.abs(mean) * rstd, axis=None) > OFFSET)
+
+
+def shifted(spec: OpSpec, x: np.ndarray, mean: np.ndarray, groups: int | None, out: np.ndarray,
+            nhwc: bool = False) -> np.ndarray:
+    """Writes ``x - mean`` per set into ``out`` (x's kernel shape and layout: (N, S, C) with ``nhwc``) and returns
+    the float32 mean of what it wrote, summed in float64 (``mean``'s shape)."""
+    xk, ok = (x.transpose(0, 2, 1), out.transpose(0, 2, 1)) if nhwc else (x, out)
+    np.subtract(xk, spec.per_element(mean, xk.shape), out=ok)
+    return spec.as_sets(ok, groups).mean(axis=-1, dtype=np.float64).astype(np.float32).reshape(mean.shape)
