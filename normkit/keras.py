@@ -24,6 +24,10 @@ What tf_keras does, and so what this layer does:
   batches of their means and of their variances. As in tf_keras the parameters then have the shape
   ``(1, 1, ..., C)`` (rank + 1) instead of ``(C,)``.
 
+As in Keras 2, a layer whose ``trainable`` is False runs in inference mode whatever ``training`` says (freezing
+a BatchNormalization for fine-tuning freezes its statistics too), and ``training`` takes Keras's learning phase, 1
+or 0, as well as a bool.
+
 Variables are NumPy arrays of the layer's ``dtype`` (float32 unless ``dtype="float64"``), replaced (never
 modified in place) by each training call. Inputs may be float32 or float64 (the output has the input's dtype, not
 the layer's); statistics are float64. ``backward`` keeps a reference to the last training call's input: do not
@@ -53,7 +57,7 @@ class BatchNormalization:
 
     def __init__(self, axis=-1, momentum=0.99, epsilon=1e-3, center=True, scale=True, renorm=False,
                  renorm_clipping=None, renorm_momentum=0.99, virtual_batch_size=None, dtype="float32",
-                 name="batch_normalization", backend=None):
+                 name="batch_normalization", backend=None, trainable=True):
         if not isinstance(name, str):
             raise TypeError(f"BatchNormalization: name must be a str, got {_describe(name)}")
         self.name = name
@@ -74,8 +78,11 @@ class BatchNormalization:
         self.center, self.scale, self.renorm = bool(center), bool(scale), bool(renorm)
         self.renorm_clipping = self._clipping(renorm_clipping)
         self.virtual_batch_size = self._virtual_batch_size(virtual_batch_size)
+        if not isinstance(trainable, (bool, np.bool_)):
+            raise TypeError(f"{self._who}: trainable must be a bool, got {_describe(trainable)}")
+        self.trainable = bool(trainable)
         try:
-            self.dtype = np.dtype(dtype)
+            self.dtype = np.dtype("float32" if dtype is None else dtype)  # (np.dtype(None) is float64)
         except TypeError:
             raise TypeError(f"{self._who}: dtype must be float32 or float64, got {_describe(dtype)}") from None
         if self.dtype not in (np.float32, np.float64):
@@ -152,10 +159,10 @@ class BatchNormalization:
         """Create the variables for inputs of ``input_shape`` (Keras's initial values: gamma 1, beta 0,
         moving_mean 0, moving_variance 1; with renorm moving_stddev 1, renorm_mean 0, renorm_stddev 1)."""
         try:
-            shape = tuple(int(s) for s in input_shape)
+            shape = tuple(None if s is None else int(s) for s in input_shape)
         except (TypeError, ValueError):
-            raise TypeError(f"{self._who}: input_shape must be a sequence of ints, got "
-                            f"{_describe(input_shape)}") from None
+            raise TypeError(f"{self._who}: input_shape must be a sequence of ints (None where unknown, as the "
+                            f"batch size), got {_describe(input_shape)}") from None
         ndim = len(shape)
         axes = self.axis if isinstance(self.axis, list) else [self.axis]
         for a in axes:
@@ -168,8 +175,11 @@ class BatchNormalization:
         if self.virtual_batch_size is not None and 0 in axes:
             raise ValueError(f"{self._who}: with virtual_batch_size the batch dimension must be 0, so axis cannot "
                              f"include 0, got axis={self.axis} for inputs of rank {ndim}")
-        if any(s <= 0 for s in shape):
+        if any(s is not None and s <= 0 for s in shape):
             raise ValueError(f"{self._who}: input_shape must have positive sizes, got {shape}")
+        if any(shape[a] is None for a in axes):
+            raise ValueError(f"{self._who}: the size of axis {self.axis} must be known to build, got input_shape "
+                             f"{shape}")
         self._ndim, self._axes = ndim, axes
         self._dims = {a: shape[a] for a in axes}
         self._c = math.prod(shape[a] for a in axes)
@@ -241,14 +251,20 @@ class BatchNormalization:
     def __call__(self, inputs, training=False):
         """The layer's output for ``inputs``: batch statistics when ``training`` (and the moving statistics are
         updated), the moving statistics otherwise (``training=None`` is inference, as tf_keras's default learning
-        phase). The first call builds the layer for the input's shape."""
+        phase; 1 and 0 are Keras's learning phases). A layer with ``trainable = False`` runs in inference mode
+        whatever ``training`` says (Keras 2's rule for BatchNormalization, which fine-tuning relies on). The first
+        call builds the layer for the input's shape."""
+        if isinstance(training, numbers.Integral) and not isinstance(training, (bool, np.bool_)) \
+                and training in (0, 1):
+            training = bool(training)
         if not isinstance(training, (bool, np.bool_)) and training is not None:
-            raise TypeError(f"{self._who}: training must be a bool, got {_describe(training)}")
+            raise TypeError(f"{self._who}: training must be a bool (or Keras's learning phase, 0 or 1), got "
+                            f"{_describe(training)}")
         x = self._input("inputs", inputs)
         if not self.built:
             self.build(x.shape)
         self._check_shape(x)
-        return self._train(x) if training else self._infer(x)
+        return self._train(x) if training and self.trainable else self._infer(x)
 
     def _infer(self, x: np.ndarray) -> np.ndarray:
         layout = self._layout(x.shape, 0)
@@ -280,8 +296,9 @@ class BatchNormalization:
         new_mean = mean_gc.reshape(g, self._c).mean(axis=0)           # tf_keras: the mean over ghost batches
         new_var = var_gc.reshape(g, self._c).mean(axis=0)
         gamma, beta = self._weight(), self._bias()
+        renorm_state = {}
         if self.renorm:
-            r, d = self._renorm(new_mean, new_var)
+            r, d, renorm_state = self._renorm(new_mean, new_var)
         else:
             r, d = np.ones(self._c), np.zeros(self._c)
         w = (1.0 if gamma is None else gamma) * r                       # y = w * xhat + b, r and d constants
@@ -289,14 +306,16 @@ class BatchNormalization:
         w_gc, b_gc = np.tile(w, g), np.tile(b, g)
         scale, shift = split.apply_coefficients(mean_gc, rstd_gc, w_gc, b_gc, x.dtype, var_gc)
         y3 = split.batchnorm_apply(x3, scale, shift, self.backend)
+        for name, v in renorm_state.items():  # (the state moves only once the call has succeeded)
+            setattr(self, name, v)
         self._update(new_mean, new_var)
         self._batch_stats = (new_mean, new_var, stats.count)       # for normkit.torch's BatchRenorm/GhostBatchNorm
         self._saved = (x3, layout, x.shape, mean_gc, rstd_gc, w_gc, r, d, stats.count, g)
         return self._from_kernel(y3, layout, x.shape)
 
-    def _renorm(self, mean: np.ndarray, var: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Batch Renormalization's r and d (tf_keras's ``_renorm_correction_and_moments``); updates renorm_mean
-        and renorm_stddev."""
+    def _renorm(self, mean: np.ndarray, var: np.ndarray) -> tuple[np.ndarray, np.ndarray, dict]:
+        """Batch Renormalization's r and d (tf_keras's ``_renorm_correction_and_moments``), and the new
+        renorm_mean and renorm_stddev."""
         sigma = np.sqrt(var + self.epsilon)
         renorm_mean, renorm_stddev = self._flat("renorm_mean"), self._flat("renorm_stddev")
         s = np.maximum(renorm_stddev, math.sqrt(self.epsilon))
@@ -310,9 +329,8 @@ class BatchNormalization:
         if "dmax" in clip:
             d = np.minimum(np.maximum(d, -clip["dmax"]), clip["dmax"])
         decay = 1.0 - self.renorm_momentum
-        self.renorm_mean = self._store(renorm_mean - (renorm_mean - mean) * decay)
-        self.renorm_stddev = self._store(renorm_stddev - (renorm_stddev - sigma) * decay)
-        return r, d
+        return r, d, {"renorm_mean": self._store(renorm_mean - (renorm_mean - mean) * decay),
+                      "renorm_stddev": self._store(renorm_stddev - (renorm_stddev - sigma) * decay)}
 
     def _update(self, mean: np.ndarray, var: np.ndarray) -> None:
         decay = 1.0 - self.momentum

@@ -365,6 +365,8 @@ def test_bad_inputs():
         layer(np.zeros((0, 3, 2), np.float32), training=True)
     with pytest.raises(TypeError, match="training must be a bool"):
         layer(x, training="yes")
+    with pytest.raises(TypeError, match=r"training must be a bool \(or Keras's learning phase, 0 or 1\), got 2"):
+        layer(x, training=2)
     with pytest.raises(ValueError, match="backward needs a training call"):
         layer.backward(x)
     layer(x, training=True)
@@ -490,3 +492,46 @@ def test_tf_keras_fused_path_keeps_the_unbiased_variance():
     count = x.size // x.shape[-1]
     np.testing.assert_allclose(fused.moving_variance.numpy(), layer.moving_variance * count / (count - 1),
                                rtol=1e-5)
+
+
+def test_keras_2_conventions_trainable_learning_phase_dtype_none_and_open_batch_size():
+    """tf_keras 2.21: a layer with trainable=False runs in inference mode; training takes the learning phase 1 / 0;
+    dtype=None is the float32 policy; build((None, C)) leaves the batch size open."""
+    x = (np.random.default_rng(0).standard_normal((6, 3)) + 2).astype(np.float32)
+    frozen = normkit.BatchNormalization(trainable=False)
+    y = frozen(x, training=True)
+    np.testing.assert_array_equal(frozen.moving_mean, 0)  # not updated
+    np.testing.assert_allclose(y, x / np.sqrt(1 + 1e-3), rtol=1e-6)  # the moving statistics normalize
+    frozen.trainable = True
+    frozen(x, training=1)
+    assert (frozen.moving_mean != 0).all()
+    learning = normkit.BatchNormalization()
+    np.testing.assert_array_equal(learning(x, training=0), normkit.BatchNormalization()(x, training=False))
+    assert normkit.BatchNormalization(dtype=None).dtype == np.float32
+    with pytest.raises(TypeError, match="trainable must be a bool, got 'no'"):
+        normkit.BatchNormalization(trainable="no")
+    open_batch = normkit.BatchNormalization()
+    open_batch.build((None, 3))
+    assert open_batch.gamma.shape == (3,)
+    open_batch(x[:5], training=True)
+    with pytest.raises(ValueError, match=r"the size of axis -1 must be known to build, got input_shape \(4, None\)"):
+        normkit.BatchNormalization().build((4, None))
+
+
+def test_a_failed_renorm_call_leaves_every_variable_as_it_was():
+    """renorm_mean and renorm_stddev moved before the output was made: a call failing after the statistics (here a
+    backend without the apply kernel) left them moved and the moving statistics not."""
+    stats_only = {k: v for k, v in normkit.reference.KERNELS.items() if k[:2] == ("batchnorm", "stats")}
+    normkit.register_backend(normkit.Backend("statsonly", normkit.registry.runtime_module(stats_only),
+                                             kernels={"batchnorm": ["stats"]}), replace=True)
+    try:
+        layer = normkit.BatchNormalization(renorm=True, backend="statsonly")
+        x = (np.random.default_rng(0).standard_normal((8, 3)) + 1).astype(np.float32)
+        layer.build(x.shape)
+        before = [w.copy() for w in layer.get_weights()]
+        with pytest.raises(ValueError, match="does not implement apply"):
+            layer(x, training=True)
+        for b, a in zip(before, layer.get_weights()):
+            np.testing.assert_array_equal(a, b)
+    finally:
+        normkit.unregister_backend("statsonly")

@@ -762,3 +762,20 @@ def test_numpy_step_layers_refuse_jit_trace_and_export(name):
         m = make().eval()
         traced = torch.jit.trace(m, x)
         assert torch.equal(traced(2 * x + 1), m(2 * x + 1))
+
+
+def test_layout_settings_are_fixed_and_a_dtype_mix_is_named():
+    """axis, center, scale and renorm decide the parameters and buffers: assigning one was taken by repr and the
+    input check while the computation kept the old one (or, for renorm, failed with an AttributeError)."""
+    m = nkt.BatchNormalization(4, axis=1)
+    for name, value in (("axis", 2), ("renorm", True), ("center", False), ("scale", False)):
+        with pytest.raises(AttributeError, match=f"BatchNormalization: {name} is fixed at construction"):
+            setattr(m, name, value)
+    assert (m.axis, m.renorm, m.center, m.scale) == (1, False, True, True)
+    copy.deepcopy(m)(torch.randn(3, 4, 2))
+    m.moving_mean = m.moving_mean.double()
+    with pytest.raises(TypeError, match=re.escape("must all be float32 or all float64, got ['torch.float32', "
+                                                  "'torch.float64']")):
+        m(torch.randn(3, 4, 2))
+    with pytest.raises(TypeError, match=re.escape("got ['torch.float16']")):
+        nkt.BatchNormalization(4).half()(torch.randn(3, 4, 2))

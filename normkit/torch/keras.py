@@ -93,6 +93,21 @@ class _CoreSetting:
             module._core.built = False
 
 
+class _FixedSetting:
+    """A module attribute fixed at construction, the core's of the same name: it decides which parameters and
+    buffers the module has, or their layout, so assigning it would leave them behind."""
+
+    def __set_name__(self, owner, name):
+        self.name = name
+
+    def __get__(self, module, owner=None):
+        return self if module is None else getattr(module._core, self.name)
+
+    def __set__(self, module, value):
+        raise AttributeError(f"BatchNormalization: {self.name} is fixed at construction (it decides the parameters "
+                             f"and buffers); make a new layer for {self.name}={value!r}")
+
+
 class BatchNormalization(NotScriptable, nn.Module):
     """tf_keras 2.21's ``BatchNormalization`` (non-fused) as a torch.nn.Module: Keras's constructor arguments, with
     ``axis=1`` by default (channels of NCHW inputs) and ``num_features`` the size of that axis.
@@ -130,9 +145,7 @@ class BatchNormalization(NotScriptable, nn.Module):
             axis=int(axis), momentum=momentum, epsilon=epsilon, center=center, scale=scale, renorm=renorm,
             renorm_clipping=renorm_clipping, renorm_momentum=renorm_momentum,
             virtual_batch_size=virtual_batch_size, name="normkit.torch")
-        core = self._core
-        self.num_features, self.axis = int(num_features), core.axis
-        self.center, self.scale, self.renorm = core.center, core.scale, core.renorm
+        self.num_features = int(num_features)
         kw = {"device": device, "dtype": dtype}
         c = self.num_features
         self.gamma = nn.Parameter(torch.ones(c, **kw)) if self.scale else None
@@ -151,6 +164,7 @@ class BatchNormalization(NotScriptable, nn.Module):
     epsilon = _CoreSetting(lambda core, v: core._epsilon(v))
     renorm_clipping = _CoreSetting(lambda core, v: core._clipping(v))
     virtual_batch_size = _CoreSetting(lambda core, v: core._virtual_batch_size(v), rebuild=True)
+    axis, center, scale, renorm = _FixedSetting(), _FixedSetting(), _FixedSetting(), _FixedSetting()
 
     @property
     def backend(self):
@@ -183,7 +197,7 @@ class BatchNormalization(NotScriptable, nn.Module):
             raise ValueError(f"BatchNormalization: expected input's size at dim={self._axis(x.dim())} to match "
                              f"num_features ({self.num_features}), got shape {tuple(x.shape)}")
         dtypes = {t.dtype for t in (*self.parameters(recurse=False), *self.buffers(recurse=False))}
-        if len(dtypes) != 1 or dtypes.pop() not in _NP:
+        if len(dtypes) != 1 or next(iter(dtypes)) not in _NP:
             raise TypeError(f"BatchNormalization: parameters and buffers must all be float32 or all float64, got "
                             f"{sorted(str(d) for d in dtypes)}")
 
