@@ -8,7 +8,7 @@ sign next to zero. The gradient is the same for data shifted by a constant per s
 more than :data:`OFFSET` standard deviations from zero the frontends hand the backward kernel ``x - mean`` (in
 float32: exact where x is within a factor 2 of the mean, else rounded by half an ulp of the difference) and that
 shifted data's own mean, summed in float64 and small, whose rounding no longer matters. This costs one pass over
-the data, only for such calls; other calls pay the test, a few NumPy operations on the statistics.
+the data, only for such calls; other calls pay the test, two NumPy operations on the statistics (~4 µs).
 """
 
 from __future__ import annotations
@@ -23,8 +23,10 @@ OFFSET = 16.0
 
 def needed(mean: np.ndarray, rstd: np.ndarray) -> bool:
     """Whether a set's saved float32 mean lies more than OFFSET of its standard deviations from zero."""
-    # (fmax: a NaN does not hide the other sets)
-    return bool(mean.size) and bool(np.fmax.reduce(np.abs(mean) * rstd, axis=None) > OFFSET)
+    v = mean * rstd
+    # The sum of squares bounds every set's: for most batches two NumPy calls decide (this runs on every backward,
+    # where each costs microseconds, the Python around it being cold). fmax: a NaN does not hide the other sets.
+    return not np.vdot(v, v) <= OFFSET * OFFSET and bool(np.fmax.reduce(np.abs(v), axis=None) > OFFSET)
 
 
 def shifted(spec: OpSpec, x: np.ndarray, mean: np.ndarray, groups: int | None, out: np.ndarray,
