@@ -150,7 +150,10 @@ as the 16-bit kernels take them). Why they exist: ``normkit.torch``'s eager path
 ``data_ptr()`` where a NumPy view of it and a typed-memoryview acquisition of that view cost ~1 us each, as much as
 the whole kernel at small shapes. ``normkit.registry.lookup_address`` finds the one of the backend
 ``lookup`` picks; :func:`with_addresses` calls one as its NCHW kernel is called (the conformance kit runs them on
-the NCHW cases so).
+the NCHW cases so). The ``forward`` address kernel of a centered op may return the largest ``|mean| * rstd`` over
+its sets (a float, sets with a NaN left out), else None: it tells ``normkit.torch`` whether the backward of float32
+data shifts it by its mean first (:mod:`normkit.recenter`), which otherwise costs two NumPy calls there, several
+microseconds right after autograd's engine (the conformance kit checks a returned value).
 
 The contract is versioned; a backend declares the version it targets and normkit refuses other versions.
 Optional module attributes: ``set_num_threads(n)`` (normkit calls it whenever the user sets a thread count, and
@@ -476,7 +479,7 @@ def with_addresses(spec_: OpSpec, direction: str, kernel):
                 if not a.flags.c_contiguous:
                     raise ValueError(f"{spec_.name} {direction}: {names[i]} must be C-contiguous for its address")
                 args[i] = a.ctypes.data
-        kernel(*shape, *args)
+        return kernel(*shape, *args)
 
     return addresses
 

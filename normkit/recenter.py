@@ -8,7 +8,10 @@ sign next to zero. The gradient is the same for data shifted by a constant per s
 more than :data:`OFFSET` standard deviations from zero the frontends hand the backward kernel ``x - mean`` (in
 float32: exact where x is within a factor 2 of the mean, else rounded by half an ulp of the difference) and that
 shifted data's own mean, summed in float64 and small, whose rounding no longer matters. This costs one pass over
-the data, only for such calls; other calls pay the test, two NumPy operations on the statistics (~4 µs).
+the data, only for such calls. The test comes with the statistics where the forward kernel was an address kernel
+that returns the largest ``|mean| * rstd`` (the Cython backend's; normkit.contract); elsewhere it is
+:func:`needed`, two NumPy calls on the statistics (in the torch frontend, right after autograd's engine, ~9 us of
+a small call's time).
 """
 
 from __future__ import annotations

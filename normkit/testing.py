@@ -17,7 +17,9 @@ What it checks, for every case:
   payload in a quiet NaN);
 - no input was modified (bit-for-bit comparison after the call), and nothing was written just outside any of the
   arrays it was given: every array sits inside a larger buffer whose guard zones are compared after the call;
-- the kernel did not raise, and gives bit-identical results when called twice on one case per kernel.
+- the kernel did not raise, and gives bit-identical results when called twice on one case per kernel;
+- an address ``forward`` kernel that returns a value returns the largest ``|mean| * rstd`` of its sets
+  (:mod:`normkit.contract`).
 
 The cases: several shapes per op, including N=1, C=1, S=1, groups=C and groups=1, odd and longer sets, one case
 above the built-in backends' serial limit with sets longer than their tiles (their threaded and blocked paths), and
@@ -111,6 +113,7 @@ about -0.5.
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 import zlib
 from dataclasses import dataclass, replace
@@ -766,6 +769,20 @@ def _compare(case: Case, name: str, got: np.ndarray, ref: np.ndarray, tol: np.nd
     return failures
 
 
+def _offset(case: Case, returned, expected: dict) -> list[Failure]:
+    """An address forward kernel's return value: the largest |mean| * rstd over the sets, NaN ones left out (the
+    statistics' own float32 rounding is far inside the 1e-3 allowed: the value only decides whether backward
+    recentres the data)."""
+    with np.errstate(all="ignore"):
+        want = float(np.fmax.reduce(np.abs(expected["mean"]) * expected["rstd"], axis=None, initial=0.0))
+    if isinstance(returned, numbers.Real) and not isinstance(returned, bool) and (
+            returned == want or abs(float(returned) - want) <= 1e-3 * want):
+        return []
+    return [Failure(str(case), "returned offset",
+                    f"the forward address kernel returned {returned!r}, where the largest |mean| * rstd over the "
+                    f"sets is {want:.9g} (or it returns None)")]
+
+
 def _rounding_bias(case: Case, name: str, got64: np.ndarray, ref: np.ndarray, tol: np.ndarray,
                    dtype: str) -> list[Failure]:
     with np.errstate(invalid="ignore"):
@@ -814,10 +831,12 @@ def _run_case(case: Case, kernel, failures: list[Failure]) -> None:
     already = len(failures)
     try:
         with np.errstate(all="ignore"):
-            kernel(*args)
+            returned = kernel(*args)
     except Exception as exc:  # a failing kernel is a finding, not a crash of the kit
         failures.append(Failure(label, "raised", f"{type(exc).__name__}: {exc}"))
         return
+    if returned is not None and case.calls == ADDRESS and case.direction == "forward" and _spec(case).centered:
+        failures.extend(_offset(case, returned, expected))
     for g in [*guarded_in.values(), *(g for g in outs.values() if g is not None)]:
         msg = g.outside_writes()
         if msg:

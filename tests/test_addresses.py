@@ -35,6 +35,36 @@ def register():
         normkit.unregister_backend(name)
 
 
+def test_the_kit_checks_what_a_forward_address_kernel_returns(register):
+    """The largest |mean| * rstd over the sets (normkit.torch decides by it whether backward recentres float32
+    data): a kernel returning a wrong one fails the cases it returns it in; one returning None passes."""
+    cython_ln = CYTHON[("layernorm", "forward", "float32", ADDRESS)]
+
+    def says(value):
+        def kernel(*args):
+            cython_ln(*args)
+            return value
+        return kernel
+
+    table = dict(reference.KERNELS)
+    for name, value in (("offset_zero", 0.0), ("offset_none", None)):
+        table[("layernorm", "forward", "float32", ADDRESS)] = says(value)
+        register(Backend(name, runtime_module(table), kernels={"layernorm": ("forward",)}, dtypes=("float32",),
+                         addresses={"layernorm": ("forward",)}))
+    report = testing.check_backend("offset_zero")
+    assert report and {f.check for f in report} == {"returned offset"}
+    assert all("by address" in f.case for f in report)
+    assert "the forward address kernel returned 0.0, where the largest |mean| * rstd over the sets is" in \
+        report[0].message
+    assert not testing.check_backend("offset_none")
+    assert not testing.check_backend("cython", ops=["layernorm", "groupnorm", "batchnorm", "instancenorm"],
+                                     dtypes=["float32"], quick=True)  # (its kernels return it)
+    x = np.full((2, 8), 3.0, np.float32) + np.arange(8, dtype=np.float32)
+    mean, rstd = np.empty(2, np.float32), np.empty(2, np.float32)
+    got = cython_ln(2, 8, x.ctypes.data, 0, 0, 1e-5, np.empty_like(x).ctypes.data, mean, rstd)
+    assert got == pytest.approx(float(np.max(np.abs(mean) * rstd)), rel=1e-6)
+
+
 def test_the_kit_runs_address_kernels_and_catches_a_wrong_one(register):
     """A backend whose LayerNorm forward address kernel drops the bias: its array kernels conform, the address
     cases fail, named as such."""

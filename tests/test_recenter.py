@@ -159,3 +159,25 @@ def test_torch_add_layer_norm_backward_at_large_offsets(backend):
     _close(r.grad.numpy(), h64.grad.numpy(), "dresidual")
     _close(w.grad.numpy(), w64.grad.numpy(), "dweight")
     _close(b.grad.numpy(), b64.grad.numpy(), "dbias")
+
+
+@pytest.mark.parametrize("op", CASES)
+def test_torch_takes_the_decision_from_the_cython_address_kernel(op, monkeypatch):
+    """A plain call's forward address kernel returns the largest |mean| * rstd, so that backward needs no NumPy
+    test (two calls, ~9 us there): the test is not called, and large offsets are still recentred."""
+    if "cython" not in BACKENDS:
+        pytest.skip("no Cython backend")
+
+    def no_numpy_test(mean, rstd):
+        raise AssertionError("recenter.needed called")
+
+    monkeypatch.setattr(recenter, "needed", no_numpy_test)
+    shape = CASES[op][0]
+    w, b = _params(shape[-1] if op == "layernorm" else shape[1])
+    for mean, std in ((0.0, 1.0), (1e6, 1.0)):
+        x, dy = _data(shape, mean, std)
+        got = _torch_grads(op, x, dy, w, b, "cython")
+        monkeypatch.undo()
+        ref = _torch_grads(op, *(a.astype(np.float64) for a in (x, dy, w, b)), "cython")
+        monkeypatch.setattr(recenter, "needed", no_numpy_test)
+        _close(got[0], ref[0], f"{op} dx at mean {mean}")

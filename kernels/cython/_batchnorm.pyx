@@ -38,10 +38,11 @@ from _common cimport (
     ACT_CHUNK, NORMKIT_BUILD_FLAGS, NORMKIT_HAVE_OPENMP, NORMKIT_OPENMP_NOTE, NO_ACT, SERIAL_MAX_VALUES, TILE16,
     act_apply, act_grad, act_grad_apply, act_grad_apply_stream, act_grad_sums, act_grad_sums_kept, affine, affine16,
     affine16_runs, affine_act, affine_act_stream, all_finite, column_grad_sums, column_moments, finish_moments,
-    grad_apply, grad_apply16, grad_apply16_runs, grad_apply_inplace, grad_sums, grad_sums16, grad_sums_scale, moments,
-    moments16, narrow64, normkit_col_sums16, normkit_cols16, normkit_cols_act_f, normkit_cols_act_grad_f,
-    normkit_half_init, normkit_narrow, normkit_sfence, normkit_sums16_runs, normkit_widen, normkit_x86_64_copies,
-    pivot16, pivot_of, prefetch_run, rounded_shift, scale_copy, scale_copy16, threads_for, to_double,
+    grad_apply, grad_apply16, grad_apply16_runs, grad_apply_inplace, grad_sums, grad_sums16, grad_sums_scale,
+    max_offset, moments, moments16, narrow64, normkit_col_sums16, normkit_cols16, normkit_cols_act_f,
+    normkit_cols_act_grad_f, normkit_half_init, normkit_narrow, normkit_sfence, normkit_sums16_runs, normkit_widen,
+    normkit_x86_64_copies, pivot16, pivot_of, prefetch_run, rounded_shift, scale_copy, scale_copy16, threads_for,
+    to_double,
 )
 
 # How this module was built (setup.py); the backend reads it for its INFO and to pick an x86-64 copy: the
@@ -1028,6 +1029,7 @@ def batchnorm_forward_addr(Py_ssize_t n, Py_ssize_t c, Py_ssize_t s, size_t x, s
     _check(n, c, s, x, y, mean.shape[0], rstd.shape[0])
     _forward_p(<const floating*>x, n, c, s, <const floating*>weight, <const floating*>bias, eps, NO_ACT, 0.0,
                <floating*>y, &mean[0], &rstd[0])
+    return max_offset(&mean[0], &rstd[0], c)
 
 
 # (no argument of this one has the data's type, so it comes as two functions, not a fused one)

@@ -7,9 +7,21 @@ Every reduction is a plain loop over one accumulator pair; the build's -fassocia
 
 from cython cimport floating
 from cython.parallel cimport prange
-from libc.math cimport isfinite, isinf, sqrt
+from libc.math cimport fabs, isfinite, isinf, sqrt
 from libc.stdint cimport uint16_t
 from libc.string cimport memset
+
+
+cdef inline double max_offset(const floating* mean, const floating* rstd, Py_ssize_t sets) noexcept nogil:
+    """The largest |mean| * rstd over the sets, NaN ones skipped: what an address forward kernel returns
+    (normkit.contract), so that the frontends need no NumPy call to know whether backward recentres."""
+    cdef double top = 0.0, v
+    cdef Py_ssize_t i
+    for i in range(sets):
+        v = fabs(<double>mean[i]) * rstd[i]
+        if v > top:  # (False for NaN)
+            top = v
+    return top
 
 
 cdef inline double pivot_of(double first) noexcept nogil:

@@ -22,7 +22,7 @@ from libc.stdlib cimport free, malloc
 from _common cimport (
     NO_ACT, SERIAL_MAX_VALUES, SUM_CHUNK, act_grad_apply, act_grad_apply_stream, act_grad_sums, act_grad_sums_kept,
     affine16, affine_act, affine_act_stream, finish_moments, grad_apply, grad_apply16, grad_apply_inplace, grad_sums,
-    grad_sums16, moments, moments16, normkit_half_init, normkit_sfence, pivot16, pivot_of, threads_for,
+    grad_sums16, max_offset, moments, moments16, normkit_half_init, normkit_sfence, pivot16, pivot_of, threads_for,
 )
 
 # float16 converts with F16C where the CPU has it, unless NORMKIT_CYTHON_NO_F16C=1 asks for the portable code (to
@@ -389,6 +389,7 @@ def groupnorm_forward_addr(Py_ssize_t n, Py_ssize_t c, Py_ssize_t s, size_t x, P
     _check(n, c, s, num_groups, x, y, mean.shape, rstd.shape)
     _forward_sets(<const floating*>x, n, c, s, num_groups, <const floating*>weight, <const floating*>bias, eps,
                   NO_ACT, 0.0, <floating*>y, &mean[0, 0], &rstd[0, 0])
+    return max_offset(&mean[0, 0], &rstd[0, 0], n * num_groups)
 
 
 def groupnorm_backward_addr(Py_ssize_t n, Py_ssize_t c, Py_ssize_t s, size_t dy, size_t x, Py_ssize_t num_groups,
@@ -404,6 +405,7 @@ def instancenorm_forward_addr(Py_ssize_t n, Py_ssize_t c, Py_ssize_t s, size_t x
     _check(n, c, s, c, x, y, mean.shape, rstd.shape)
     _forward_sets(<const floating*>x, n, c, s, c, <const floating*>weight, <const floating*>bias, eps, NO_ACT, 0.0,
                   <floating*>y, &mean[0, 0], &rstd[0, 0])
+    return max_offset(&mean[0, 0], &rstd[0, 0], n * c)
 
 
 def instancenorm_backward_addr(Py_ssize_t n, Py_ssize_t c, Py_ssize_t s, size_t dy, size_t x,

@@ -26,7 +26,7 @@ from libc.string cimport memset
 
 from _common cimport (
     ACT_CHUNK, NO_ACT, PAIRS_MIN_ROW, ROW_GROUP_BYTES, SERIAL_MAX_VALUES, TILE16, TILED_ROW, TILED_ROWS, act_apply,
-    act_grad, clear_sums, finish_moments, grad_sums, group_coefficients, moments, moments16, narrow64,
+    act_grad, clear_sums, finish_moments, grad_sums, group_coefficients, max_offset, moments, moments16, narrow64,
     normkit_half_init, normkit_narrow, normkit_row_dx16, normkit_row_sums16, normkit_row_y16, normkit_row_y_act_f,
     normkit_row_y_act_grad_f, normkit_sfence, normkit_widen, pivot16, pivot_of, store_grads, stream_store,
     threads_for, to_double,
@@ -622,6 +622,7 @@ def layernorm_forward_addr(Py_ssize_t m, Py_ssize_t k, size_t x, size_t weight, 
     _check(m, k, x, y, mean.shape[0], rstd.shape[0])
     _forward_rows(<const floating*>x, m, k, <const floating*>weight, <const floating*>bias, eps, NO_ACT, 0.0,
                   <floating*>y, &mean[0], &rstd[0])
+    return max_offset(&mean[0], &rstd[0], m)
 
 
 def layernorm_backward_addr(Py_ssize_t m, Py_ssize_t k, size_t dy, size_t x, const floating[::1] mean,

@@ -349,8 +349,9 @@ def _act(op: str, activation, negative_slope) -> Optional[tuple[int, float]]:
 
 def _forward(spec: OpSpec, x: Tensor, weight, bias, eps: float, groups: int, kshape: tuple, running_mean,
              running_var, backend, save: bool = True, act=None,
-             plain: int = 0) -> tuple[Tensor, Optional[np.ndarray], Optional[np.ndarray]]:
-    """(y, mean, rstd), the statistics as NumPy arrays: batch statistics when ``running_mean`` is None, else
+             plain: int = 0) -> tuple[Tensor, Optional[np.ndarray], Optional[np.ndarray], Optional[float]]:
+    """(y, mean, rstd, offset), the statistics as NumPy arrays and ``offset`` what an address kernel returned
+    (normkit.contract; else None): batch statistics when ``running_mean`` is None, else
     normalization by the running ones (then mean and rstd are those, as constants; with ``save=False`` they are
     not made and come back None). ``kshape`` is ``_kernel_shape`` of ``x``; a channels-last x gives a channels-last
     y. ``act``: None, or the fused activation's (index, slope). ``plain``: what :func:`_plain` gave the call (the
@@ -378,9 +379,9 @@ def _forward(spec: OpSpec, x: Tensor, weight, bias, eps: float, groups: int, ksh
                                        running_var, torch.empty_like(x))
         kernel = _nhwc_kernel(spec, direction, x, backend, act)
         if kernel is None:  # no channels-last kernel: the NCHW one on a copy, y handed back channels-last
-            y, mean, rstd = _forward(spec, x.contiguous(), weight, bias, eps, groups, kshape, running_mean,
-                                     running_var, backend, save, act)
-            return torch.empty_like(x).copy_(y), mean, rstd
+            y, mean, rstd, offset = _forward(spec, x.contiguous(), weight, bias, eps, groups, kshape, running_mean,
+                                             running_var, backend, save, act)
+            return torch.empty_like(x).copy_(y), mean, rstd, offset
         y = torch.empty_like(x)
         ya, xa = _nsc(y, kshape), _nsc(x, kshape)
     else:
@@ -408,7 +409,7 @@ def _forward(spec: OpSpec, x: Tensor, weight, bias, eps: float, groups: int, ksh
             if mean is not None:
                 mean.fill(0.0)
             rstd.fill(1.0 / math.sqrt(eps) if eps > 0 else math.inf if eps == 0 else math.nan)
-        return y, mean, rstd
+        return y, mean, rstd, None
     sdt = _STAT_DTYPES[x.dtype]
     if save or running_mean.dtype != sdt or running_var.dtype != sdt or not (
             running_mean.is_contiguous() and running_var.is_contiguous()):
@@ -421,10 +422,10 @@ def _forward(spec: OpSpec, x: Tensor, weight, bias, eps: float, groups: int, ksh
     if ya.size:
         kernel(xa, _flat(weight), _flat(bias), rm, rv, eps, ya)
     if not save:
-        return y, None, None
+        return y, None, None, None
     with np.errstate(invalid="ignore", divide="ignore"):  # var + eps <= 0 gives NaN / inf, as in torch
         rstd = (1.0 / np.sqrt(rv.astype(np.float64) + eps)).astype(rv.dtype)
-    return y, mean, rstd
+    return y, mean, rstd, None
 
 
 def _columns(kshape: tuple) -> tuple:
@@ -477,7 +478,8 @@ def _negative(*tensors) -> bool:
 
 def _forward_by_address(kernel, spec: OpSpec, x: Tensor, weight, bias, eps: float, groups: int, kshape: tuple,
                         running_mean, running_var,
-                        y: Optional[Tensor] = None) -> tuple[Tensor, Optional[np.ndarray], Optional[np.ndarray]]:
+                        y: Optional[Tensor] = None) -> tuple[Tensor, Optional[np.ndarray], Optional[np.ndarray],
+                                                             Optional[float]]:
     """:func:`_forward` of a call whose tensors are dense, of the shapes and dtype its kernel takes (a call that
     passed :func:`_plain`, or :func:`_columns_by_address`'s), by the direction's address kernel (see
     normkit.contract); ``y``: the output, if not a new contiguous one. Inference saves nothing here."""
@@ -487,31 +489,35 @@ def _forward_by_address(kernel, spec: OpSpec, x: Tensor, weight, bias, eps: floa
     b = 0 if bias is None else bias.data_ptr()
     if running_mean is not None:
         kernel(*kshape, x.data_ptr(), w, b, running_mean.data_ptr(), running_var.data_ptr(), eps, y.data_ptr())
-        return y, None, None
+        return y, None, None, None
     stat = spec.stat_shape(kshape, groups)
     dtype = _NP_STAT_DTYPES[x.dtype]
     rstd = np.empty(stat, dtype)
     if not spec.centered:
         kernel(*kshape, x.data_ptr(), w, eps, y.data_ptr(), rstd)
-        return y, None, rstd
+        return y, None, rstd, None
     mean = np.empty(stat, dtype)
     if spec.grouped:
-        kernel(*kshape, x.data_ptr(), groups, w, b, eps, y.data_ptr(), mean, rstd)
+        offset = kernel(*kshape, x.data_ptr(), groups, w, b, eps, y.data_ptr(), mean, rstd)
     else:
-        kernel(*kshape, x.data_ptr(), w, b, eps, y.data_ptr(), mean, rstd)
-    return y, mean, rstd
+        offset = kernel(*kshape, x.data_ptr(), w, b, eps, y.data_ptr(), mean, rstd)
+    return y, mean, rstd, offset
 
 
 def _backward(spec: OpSpec, dy: Tensor, x: Tensor, mean: np.ndarray, rstd: np.ndarray, weight, groups: int,
               kshape: tuple, batch_stats: bool, pshape: tuple, weight_grad: bool, bias_grad: bool,
-              backend, bias=None, act=None, plain: int = 0) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+              backend, bias=None, act=None, plain: int = 0,
+              recentre: Optional[bool] = None) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
     """dx and, when asked for, dweight and dbias (None otherwise; float32 for a 16-bit x, whatever the parameters'
     dtype: the callers cast them). ``mean``/``rstd``: contiguous NumPy arrays. A channels-last x gives a
     channels-last dx (dy is copied to that layout if it is not in it). ``act``: None, or the fused activation's
     (index, slope), whose derivative the kernel recomputes from x, the statistics, weight and ``bias``.
-    ``plain``: what :func:`_plain` gave x and weight in forward (dy, autograd's, has x's shape and dtype)."""
+    ``plain``: what :func:`_plain` gave x and weight in forward (dy, autograd's, has x's shape and dtype).
+    ``recentre``: whether x is first shifted by its mean (:mod:`normkit.recenter`), as forward's kernel told (None:
+    decided here)."""
     direction = "backward" if batch_stats else "backward_infer"
-    if x.dtype == torch.float32 and batch_stats and spec.centered and recenter.needed(mean, rstd):
+    if recentre or (recentre is None and x.dtype == torch.float32 and batch_stats and spec.centered
+                    and recenter.needed(mean, rstd)):
         x, mean, plain = _recentered(spec, x, mean, groups, kshape, plain)
     if plain == _CONTIGUOUS and act is None and dy.is_contiguous() and dy.dtype == x.dtype and dy.shape == x.shape:
         kernel = registry.lookup_address(spec.name, direction, _KERNEL_DTYPES[x.dtype], backend)
@@ -618,7 +624,7 @@ class _Call:
     statistics, as NumPy arrays: internal constants, so they need neither tensors nor ``save_for_backward``."""
 
     __slots__ = ("spec", "eps", "groups", "kshape", "pshape", "running_mean", "running_var", "batch_stats",
-                 "update", "count", "momentum", "backend", "act", "plain", "mean", "rstd")
+                 "update", "count", "momentum", "backend", "act", "plain", "mean", "rstd", "recentre")
 
     def __init__(self, spec, eps, groups, kshape, pshape, running_mean, running_var, batch_stats, update, count,
                  momentum, backend, act, plain):
@@ -629,10 +635,12 @@ class _Call:
 
     def forward(self, x: Tensor, weight, bias, save: bool) -> Tensor:
         use_running = not self.batch_stats
-        y, self.mean, self.rstd = _forward(self.spec, x, weight, bias, self.eps, self.groups, self.kshape,
-                                           self.running_mean if use_running else None,
-                                           self.running_var if use_running else None, self.backend, save,
-                                           self.act, self.plain)
+        y, self.mean, self.rstd, offset = _forward(self.spec, x, weight, bias, self.eps, self.groups, self.kshape,
+                                                   self.running_mean if use_running else None,
+                                                   self.running_var if use_running else None, self.backend, save,
+                                                   self.act, self.plain)
+        # whether backward shifts x by its mean (normkit.recenter), where the kernel said (else backward finds out)
+        self.recentre = None if offset is None else offset > recenter.OFFSET and x.dtype == torch.float32
         if self.update and self.spec.sets != "instance":  # (instance norm: after the output, see _run)
             self.update_running(x)
         return y
@@ -685,7 +693,7 @@ def _grads(ctx, dy):
     need_x, need_w, need_b, _ = ctx.needs_input_grad
     c = ctx.call
     dx, dw, db = _backward(c.spec, dy, x, c.mean, c.rstd, weight, c.groups, c.kshape, c.batch_stats, c.pshape,
-                           need_w, need_b, c.backend, bias[0] if bias else None, c.act, c.plain)
+                           need_w, need_b, c.backend, bias[0] if bias else None, c.act, c.plain, c.recentre)
     if x.dtype in _HALF:
         dw, db = _param_grads(dw, db, ctx.param_dtypes[0], ctx.param_dtypes[1])
     return dx if need_x else None, dw, db, None
@@ -779,7 +787,8 @@ def _grads_or_empty(x: Tensor, dx, dw, db):
     return dx, x.new_empty((0,), dtype=sdt) if dw is None else dw, x.new_empty((0,), dtype=sdt) if db is None else db
 
 
-def _op_outputs(y: Tensor, mean: np.ndarray, rstd: np.ndarray) -> tuple[Tensor, Tensor, Tensor]:
+def _op_outputs(y: Tensor, mean: np.ndarray, rstd: np.ndarray, _offset=None) -> tuple[Tensor, Tensor, Tensor]:
+    """A forward custom op's outputs from :func:`_forward`'s (the backward op decides on recentring itself)."""
     return y, torch.from_numpy(mean), torch.from_numpy(rstd)
 
 
@@ -961,8 +970,8 @@ def _(grad_output, input, mean, rstd, normalized_shape, weight, weight_grad, bia
 def _rms_norm(input: Tensor, normalized_shape: list[int], weight: Optional[Tensor], eps: float,
               backend: Optional[str]) -> tuple[Tensor, Tensor]:
     shape = _check_layer_op(input, normalized_shape, weight, None, eps, _RMS)
-    y, _, rstd = _forward(_RMS, input, weight, None, eps, 0, _kernel_shape(_RMS, input.shape, len(shape)), None,
-                          None, backend)
+    y, _, rstd, _ = _forward(_RMS, input, weight, None, eps, 0, _kernel_shape(_RMS, input.shape, len(shape)), None,
+                             None, backend)
     return y, torch.from_numpy(rstd)
 
 
@@ -1347,7 +1356,7 @@ class _AddCall:
         used, fused = fused_kernel(spec.name, "add_forward", _KERNEL_DTYPES[x.dtype], self.backend)
         if fused is None or not x.numel():
             h = torch.add(x, residual)
-            y, self.mean, self.rstd = _forward(spec, h, weight, bias, self.eps, 0, self.kshape, None, None, used)
+            y, self.mean, self.rstd, _ = _forward(spec, h, weight, bias, self.eps, 0, self.kshape, None, None, used)
             return y, h
         y, h = torch.empty_like(x, memory_format=_DENSE), torch.empty_like(x, memory_format=_DENSE)
         stat = spec.stat_shape(self.kshape)
