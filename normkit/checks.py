@@ -113,6 +113,14 @@ def stats_count(op: str, shape_: tuple, per_instance: bool) -> int:
     return count
 
 
+def flag(op: str, name: str, value, also: tuple = ()) -> bool:
+    """``training`` / ``use_input_stats``: a bool (or one of the types ``also``: the NumPy frontend takes NumPy's
+    bool), as torch's functions take it; a truthy string or None, read as a bool, would pick the mode silently."""
+    if not isinstance(value, (bool, *also)):
+        raise ArgumentTypeError(f"{op}: {name} must be a bool, got {value!r} ({type(value).__name__})")
+    return bool(value)
+
+
 def group_count(op: str, shape_: tuple, groups: int) -> None:
     """torch.nn.functional.group_norm refuses a batch whose groups hold one value in all (N * (C / G) * S == 1)."""
     if len(shape_) >= 2 and shape_[0] * (shape_[1] // groups) * math.prod(shape_[2:]) == 1:

@@ -351,6 +351,8 @@ class _ChannelOp(Op):
 
     def _channel_forward(self, x, running_mean, running_var, weight, bias, training, momentum, eps, backend, act):
         op, spec = self.name, self.spec
+        if type(training) is not bool:
+            training = checks.flag(op, spec.training_flag, training, (np.bool_,))
         weight_in, bias_in = weight, bias
         x, cl, kshape, weight, bias = self._check(x, weight, bias)
         eps = _eps(op, eps)

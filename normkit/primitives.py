@@ -21,7 +21,8 @@ def _rounded(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
     """float64 values in ``dtype``, rounded once (a float64 -> bfloat16 cast would round twice, via float32)."""
     if dtype.name in HALF_DTYPES:
         return half.narrow(values, dtype.name).view(dtype)
-    return values.astype(dtype)
+    with np.errstate(over="ignore"):  # a variance beyond the dtype's range is inf there, as it must be
+        return values.astype(dtype)
 
 
 def moments(x, axes, keepdims: bool = False) -> tuple[np.ndarray, np.ndarray]:

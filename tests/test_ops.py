@@ -373,3 +373,22 @@ def test_running_statistics_of_non_finite_or_huge_data_warn_nothing(backend, rec
     normkit.get("in")(big, rm, rv, use_input_stats=True, backend=backend)
     assert np.isinf(rv).all()
     assert not [str(w.message) for w in recwarn]
+
+
+@pytest.mark.parametrize("op, flag", [("bn", "training"), ("in", "use_input_stats")])
+def test_the_mode_flag_must_be_a_bool(op, flag):
+    """torch refuses anything but a bool there; a truthy string or None picked the mode silently."""
+    op_names = {"bn": "batchnorm", "in": "instancenorm"}
+    x = np.ones((4, 3, 5), np.float32)
+    rm, rv = np.zeros(3, np.float32), np.ones(3, np.float32)
+    for bad in ("yes", None, 1):
+        with pytest.raises(TypeError, match=f"{op_names[op]}: {flag} must be a bool, got {re.escape(repr(bad))} "):
+            normkit.get(op)(x, rm, rv, **{flag: bad})
+    normkit.get(op)(x, rm, rv, **{flag: np.bool_(True)})  # NumPy's bool, in the NumPy frontend
+
+
+def test_moments_beyond_float32_range_is_inf_without_warnings(recwarn):
+    x = np.array([[3e38, -3e38, 1e38]], np.float32)
+    mean, var = normkit.moments(x, axes=[1])
+    assert np.isinf(var).all() and np.isfinite(mean).all()
+    assert not [str(w.message) for w in recwarn]

@@ -902,3 +902,11 @@ def test_convert_and_revert_take_parametrized_layers():
                                                                torch.nn.LayerNorm]
         torch.testing.assert_close(m(x), want, rtol=1e-12, atol=1e-12)
         torch.jit.script(m)  # compiles, as torch.nn's does (running a parametrization scripted is torch's error)
+
+
+@pytest.mark.parametrize("fn, flag", [(nt.batch_norm, "training"), (nt.instance_norm, "use_input_stats")])
+def test_the_mode_flag_must_be_a_bool_as_in_torch(fn, flag):
+    x = torch.ones(4, 3, 5)
+    for bad in ("yes", None, 1, np.bool_(True)):
+        with pytest.raises(TypeError, match="must be a bool, got"):
+            fn(x, torch.zeros(3), torch.ones(3), **{flag: bad})

@@ -1126,6 +1126,8 @@ def _channel(spec: OpSpec, custom_op, input, running_mean, running_var, weight, 
              backend, act):
     op = spec.name
     x = input
+    if type(batch_stats) is not bool:
+        checks.flag(op, spec.training_flag, batch_stats)
     compiling = _is_compiling()  # first: _plain's looks are eager-only
     try:
         plain = (not compiling and type(x) is Tensor and x.dim() >= 2 and type(eps) is float
