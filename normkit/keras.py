@@ -254,8 +254,7 @@ class BatchNormalization:
         phase; 1 and 0 are Keras's learning phases). A layer with ``trainable = False`` runs in inference mode
         whatever ``training`` says (Keras 2's rule for BatchNormalization, which fine-tuning relies on). The first
         call builds the layer for the input's shape."""
-        if isinstance(training, numbers.Integral) and not isinstance(training, (bool, np.bool_)) \
-                and training in (0, 1):
+        if isinstance(training, numbers.Integral) and training in (0, 1):  # (bools too)
             training = bool(training)
         if not isinstance(training, (bool, np.bool_)) and training is not None:
             raise TypeError(f"{self._who}: training must be a bool (or Keras's learning phase, 0 or 1), got "

@@ -321,7 +321,7 @@ class Op:
         mean = np.ascontiguousarray(saved.mean, dtype=sdt) if self.spec.centered else None
         dy, x = _bits(dy.reshape(shape)), _bits(x.reshape(shape))
         if training and dt == _FLOAT32 and mean is not None and recenter.needed(mean, rstd):
-            x, mean = _recentered(self.spec, x, mean, groups, nhwc)
+            x, mean = recenter.shifted(self.spec, x, mean, groups, nhwc)
         act = (bias, *act) if act else ()  # the act_ kernels recompute the activation's input, so need the bias
         if not self.spec.centered:
             kernel(dy, x, rstd, weight, _bits(dx), dweight)
@@ -592,7 +592,7 @@ class _RowOp(Op):
         rstd = np.ascontiguousarray(saved.rstd, dtype=sdt)
         hk = h.reshape(kshape)
         if h.dtype == _FLOAT32 and mean is not None and recenter.needed(mean, rstd):
-            hk, mean = _recentered(spec, hk, mean, None)
+            hk, mean = recenter.shifted(spec, hk, mean, None)
         fused(*spec.kernel_args("add_backward", dict(
             dy=_bits(dy.reshape(kshape)), dh=None if dh is None else _bits(dh.reshape(kshape)),
             h=_bits(hk), mean=mean, rstd=rstd, weight=weight,
@@ -600,12 +600,6 @@ class _RowOp(Op):
         dweight, dbias = (g if g is None or g.dtype == to else g.astype(to)
                           for g, to in zip((dweight, dbias), grad_dtypes))
         return dx.reshape(h.shape), _unflat(dweight, shape), _unflat(dbias, shape)
-
-
-def _recentered(spec, x: np.ndarray, mean: np.ndarray, groups, nhwc: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """x (kernel-shaped) shifted by its float32 mean per set, and the shifted data's mean (:mod:`normkit.recenter`)."""
-    out = np.empty_like(x)
-    return out, recenter.shifted(spec, x, mean, groups, out, nhwc)
 
 
 def _act(op: str, activation, negative_slope) -> tuple:

@@ -32,10 +32,11 @@ def needed(mean: np.ndarray, rstd: np.ndarray) -> bool:
     return not np.vdot(v, v) <= OFFSET * OFFSET and bool(np.fmax.reduce(np.abs(v), axis=None) > OFFSET)
 
 
-def shifted(spec: OpSpec, x: np.ndarray, mean: np.ndarray, groups: int | None, out: np.ndarray,
-            nhwc: bool = False) -> np.ndarray:
-    """Writes ``x - mean`` per set into ``out`` (x's kernel shape and layout: (N, S, C) with ``nhwc``) and returns
-    the float32 mean of what it wrote, summed in float64 (``mean``'s shape)."""
+def shifted(spec: OpSpec, x: np.ndarray, mean: np.ndarray, groups: int | None, nhwc: bool = False,
+            out: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """``x - mean`` per set (x's kernel shape and layout: (N, S, C) with ``nhwc``), written into ``out`` if given,
+    and the float32 mean of it, summed in float64 (``mean``'s shape)."""
+    out = np.empty_like(x) if out is None else out
     xk, ok = (x.transpose(0, 2, 1), out.transpose(0, 2, 1)) if nhwc else (x, out)
     np.subtract(xk, spec.per_element(mean, xk.shape), out=ok)
-    return spec.as_sets(ok, groups).mean(axis=-1, dtype=np.float64).astype(np.float32).reshape(mean.shape)
+    return out, spec.as_sets(ok, groups).mean(axis=-1, dtype=np.float64).astype(np.float32).reshape(mean.shape)

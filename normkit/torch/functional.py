@@ -564,7 +564,7 @@ def _recentered(spec: OpSpec, x: Tensor, mean: np.ndarray, groups: int, kshape: 
         x, plain = x.contiguous(), 0
     shifted = torch.empty_like(x)  # (x's strides)
     view = (lambda t: _nsc(t, kshape)) if nhwc else (lambda t: _np(t).reshape(kshape))  # noqa: E731
-    return shifted, recenter.shifted(spec, view(x), mean, groups, view(shifted), nhwc), plain
+    return shifted, recenter.shifted(spec, view(x), mean, groups, nhwc, view(shifted))[1], plain
 
 
 def _backward_by_address(kernel, spec: OpSpec, dy: Tensor, x: Tensor, mean, rstd, weight, groups: int, kshape: tuple,
