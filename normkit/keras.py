@@ -41,7 +41,7 @@ import numbers
 
 import numpy as np
 
-from . import split
+from . import registry, split
 
 __all__ = ["BatchNormalization"]
 
@@ -87,6 +87,8 @@ class BatchNormalization:
             raise TypeError(f"{self._who}: dtype must be float32 or float64, got {_describe(dtype)}") from None
         if self.dtype not in (np.float32, np.float64):
             raise TypeError(f"{self._who}: dtype must be float32 or float64, got {self.dtype}")
+        if backend is not None:
+            registry.require_backend(backend, self._who)
         self.backend = backend
         self.built = False
         self.gamma = self.beta = self.moving_mean = self.moving_variance = None

@@ -332,11 +332,25 @@ def _load_kernels(entry: _Entry) -> dict | None:
 def _entry(name: str) -> _Entry:
     entries = _all()
     if name not in entries:
-        hint = " (plugins are disabled by NORMKIT_DISABLE_PLUGINS)" if _plugins_disabled(warn=False) else ""
         raise UnknownBackendError(
-            f"unknown backend {name!r}{hint}; installed backends: {', '.join(sorted(entries)) or 'none'}"
+            f"unknown backend {name!r}{_disabled_hint()}; installed backends: {', '.join(sorted(entries)) or 'none'}"
         )
     return entries[name]
+
+
+def _disabled_hint() -> str:
+    return " (plugins are disabled by NORMKIT_DISABLE_PLUGINS)" if _plugins_disabled(warn=False) else ""
+
+
+def require_backend(name, source: str) -> None:
+    """Refuse, naming ``source``, a backend name that is no installed backend's: for callers that take a name now
+    and look kernels up later (a layer's constructor, convert), so the mistake shows where it is made."""
+    if not isinstance(name, str):
+        raise TypeError(f"{source}: backend must be a str or None, got {type(name).__name__}")
+    entries = _all()
+    if name not in entries:
+        raise UnknownBackendError(f"{source}: unknown backend {name!r}{_disabled_hint()}; installed backends: "
+                                  f"{', '.join(sorted(entries)) or 'none'}")
 
 
 def default_order() -> tuple[str, ...]:
@@ -358,7 +372,7 @@ def _parse_order(names: Sequence[str], source: str) -> tuple[str, ...]:
     unknown = [n for n in names if n not in entries]
     if unknown:
         raise UnknownBackendError(
-            f"{source} names unknown backend(s) {', '.join(map(repr, unknown))}; "
+            f"{source} names unknown backend(s) {', '.join(map(repr, unknown))}{_disabled_hint()}; "
             f"installed backends: {', '.join(sorted(entries))}"
         )
     return tuple(names)

@@ -317,6 +317,8 @@ def test_float64_input_to_float32_layer():
     ({"virtual_batch_size": 0}, ValueError, "virtual_batch_size must be a positive int, got 0"),
     ({"virtual_batch_size": 2.0}, TypeError, "virtual_batch_size must be None or a positive int"),
     ({"dtype": "float16"}, TypeError, "dtype must be float32 or float64"),
+    ({"backend": "nope"}, normkit.UnknownBackendError, "'batch_normalization': unknown backend 'nope'; installed "),
+    ({"backend": 3}, TypeError, "backend must be a str or None, got int"),
 ])
 def test_bad_arguments(kw, exc, match):
     with pytest.raises(exc, match=match) as info:

@@ -339,6 +339,8 @@ def test_disable_plugins_loads_builtins_only(plugins, monkeypatch):
     assert all(row.builtin for row in normkit.list_backends(load=False))
     with pytest.raises(UnknownBackendError, match="disabled by NORMKIT_DISABLE_PLUGINS"):
         normkit.get("ln")(ln_input(), 8, backend="fakehidden")
+    with pytest.raises(UnknownBackendError, match=r"'fakehidden' \(plugins are disabled by NORMKIT_DISABLE_PLUGINS"):
+        normkit.set_backend_order(["fakehidden", "reference"])
     monkeypatch.setenv("NORMKIT_DISABLE_PLUGINS", "0")
     registry.refresh()
     assert "fakehidden" in normkit.get_backend_order()

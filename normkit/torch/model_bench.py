@@ -371,11 +371,8 @@ def benchmark(model: nn.Module, example_inputs, *, steps: int = 20, warmup: int 
     if lazy:  # (copy.deepcopy refuses them)
         raise ValueError(f"benchmark: model has lazy modules whose first forward has not run ({', '.join(lazy)}); "
                          f"run model(*example_inputs) once first")
-    if backend is not None:  # convert() checks it too, but this names benchmark and the argument
-        installed = [b.name for b in registry.list_backends(load=False)]
-        if backend not in installed:
-            raise registry.UnknownBackendError(
-                f"benchmark: unknown backend {backend!r}; installed backends: {', '.join(installed)}")
+    if backend is not None:  # convert() checks it too, but this names benchmark
+        registry.require_backend(backend, "benchmark")
 
     # the two contenders: copies, never the user's instance (which may itself be converted already)
     torch_model = modules.revert(copy.deepcopy(model))

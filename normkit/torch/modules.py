@@ -351,10 +351,7 @@ def convert(model: nn.Module, backend: str | None = None, *,
                             f"{type(sem).__name__}")
         declared[cls] = _declared_class(cls, sem)
     if backend is not None:
-        installed = [b.name for b in registry.list_backends(load=False)]
-        if backend not in installed:
-            raise registry.UnknownBackendError(
-                f"convert: unknown backend {backend!r}; installed backends: {', '.join(installed)}")
+        registry.require_backend(backend, "convert")
     for module in model.modules():
         plain, parametrized = _plain_class(module)
         cls = _TO_NORMKIT.get(plain)
