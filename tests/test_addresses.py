@@ -65,6 +65,30 @@ def test_the_kit_checks_what_a_forward_address_kernel_returns(register):
     assert got == pytest.approx(float(np.max(np.abs(mean) * rstd)), rel=1e-6)
 
 
+def test_the_kit_flags_any_other_kernel_that_returns_a_value(register):
+    """Kernels return nothing (normkit.contract): an array kernel's value, or a backward address kernel's, is one
+    the frontends drop, so the kit names it, and only that."""
+    def returning(kernel, value):
+        def wrapped(*args):
+            kernel(*args)
+            return value
+        return wrapped
+
+    table = dict(reference.KERNELS)
+    table[("layernorm", "forward", "float32")] = returning(reference.KERNELS[("layernorm", "forward", "float32")],
+                                                          1.5)
+    cython_bwd = CYTHON[("layernorm", "backward", "float32", ADDRESS)]
+    table[("layernorm", "backward", "float32", ADDRESS)] = returning(cython_bwd, np.zeros(3))
+    table[("layernorm", "backward", "float32")] = reference.KERNELS[("layernorm", "backward", "float32")]
+    register(Backend("returns", runtime_module(table), kernels={"layernorm": ("forward", "backward")},
+                     dtypes=("float32",), addresses={"layernorm": ("backward",)}))
+    report = testing.check_backend("returns")
+    assert report and {f.check for f in report} == {"returned a value"}, report.format()
+    assert {"by address" in f.case for f in report} == {True, False}
+    assert {f.case.split()[1] for f in report} == {"forward", "backward"}, [f.case for f in report]
+    assert "the kernel returned 1.5, where kernels write their outputs and return None" in report.format()
+
+
 def test_the_kit_runs_address_kernels_and_catches_a_wrong_one(register):
     """A backend whose LayerNorm forward address kernel drops the bias: its array kernels conform, the address
     cases fail, named as such."""
