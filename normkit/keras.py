@@ -84,7 +84,8 @@ class BatchNormalization:
         try:
             self.dtype = np.dtype("float32" if dtype is None else dtype)  # (np.dtype(None) is float64)
         except TypeError:
-            raise TypeError(f"{self._who}: dtype must be float32 or float64, got {_describe(dtype)}") from None
+            raise TypeError(f"{self._who}: dtype must be float32 or float64 (a NumPy dtype or its name), got "
+                            f"{_describe(dtype)}") from None
         if self.dtype not in (np.float32, np.float64):
             raise TypeError(f"{self._who}: dtype must be float32 or float64, got {self.dtype}")
         if backend is not None:
@@ -157,9 +158,16 @@ class BatchNormalization:
 
     # --- build -----------------------------------------------------------------------------------------------
 
+    _VARIABLES = ("gamma", "beta", "moving_mean", "moving_variance", "moving_stddev", "renorm_mean", "renorm_stddev")
+
     def build(self, input_shape) -> None:
         """Create the variables for inputs of ``input_shape`` (Keras's initial values: gamma 1, beta 0,
         moving_mean 0, moving_variance 1; with renorm moving_stddev 1, renorm_mean 0, renorm_stddev 1)."""
+        if not self.built:  # (a layer is built once; torch's module rebuilds its core, whose variables it lends)
+            assigned = [k for k in self._VARIABLES if getattr(self, k) is not None]
+            if assigned:  # build would replace them with the initial values, silently
+                raise ValueError(f"{self._who}: {', '.join(assigned)} assigned before the layer was built; build "
+                                 f"it first (layer.build(input_shape)), then assign them or call set_weights")
         try:
             shape = tuple(None if s is None else int(s) for s in input_shape)
         except (TypeError, ValueError):
@@ -293,7 +301,8 @@ class BatchNormalization:
         x3 = self._to_kernel(x, layout)
         stats = split.batchnorm_stats(x3, self.backend)
         mean_gc, var_gc = stats.mean, stats.var                       # (G * C,), ghost-major
-        rstd_gc = 1.0 / np.sqrt(var_gc + self.epsilon)
+        with np.errstate(divide="ignore"):  # epsilon 0 and a set without variance: inf, then NaN as in tf_keras
+            rstd_gc = 1.0 / np.sqrt(var_gc + self.epsilon)
         new_mean = mean_gc.reshape(g, self._c).mean(axis=0)           # tf_keras: the mean over ghost batches
         new_var = var_gc.reshape(g, self._c).mean(axis=0)
         gamma, beta = self._weight(), self._bias()
@@ -305,7 +314,8 @@ class BatchNormalization:
         w = (1.0 if gamma is None else gamma) * r                       # y = w * xhat + b, r and d constants
         b = (1.0 if gamma is None else gamma) * d + (0.0 if beta is None else beta)
         w_gc, b_gc = np.tile(w, g), np.tile(b, g)
-        scale, shift = split.apply_coefficients(mean_gc, rstd_gc, w_gc, b_gc, x.dtype, var_gc)
+        with np.errstate(invalid="ignore"):
+            scale, shift = split.apply_coefficients(mean_gc, rstd_gc, w_gc, b_gc, x.dtype, var_gc)
         y3 = split.batchnorm_apply(x3, scale, shift, self.backend)
         for name, v in renorm_state.items():  # (the state moves only once the call has succeeded)
             setattr(self, name, v)
@@ -368,7 +378,8 @@ class BatchNormalization:
                             f"{dy.dtype}")
         dy3 = self._to_kernel(dy, layout)
         sum_dy, sum_dy_xhat = split.batchnorm_backward_reduce(dy3, x3, mean_gc, rstd_gc, self.backend)
-        a, b, dd = split.backward_coefficients(mean_gc, rstd_gc, w_gc, sum_dy, sum_dy_xhat, count, x3.dtype)
+        with np.errstate(invalid="ignore"):  # (rstd inf: see _train)
+            a, b, dd = split.backward_coefficients(mean_gc, rstd_gc, w_gc, sum_dy, sum_dy_xhat, count, x3.dtype)
         dx = self._from_kernel(split.batchnorm_backward_apply(dy3, x3, a, b, dd, self.backend), layout, shape)
         sdy = sum_dy.reshape(g, self._c).sum(axis=0)
         sdyx = sum_dy_xhat.reshape(g, self._c).sum(axis=0)
@@ -379,10 +390,32 @@ class BatchNormalization:
     def get_weights(self) -> list[np.ndarray]:
         """The variables in tf_keras's order: gamma, beta (when present), moving_mean, moving_variance, and with
         renorm moving_stddev, renorm_mean, renorm_stddev."""
-        names = ["gamma", "beta", "moving_mean", "moving_variance"]
-        if self.renorm:
-            names += ["moving_stddev", "renorm_mean", "renorm_stddev"]
-        return [getattr(self, k).copy() for k in names if getattr(self, k) is not None]
+        return [getattr(self, k).copy() for k in self._weight_names()] if self.built else []
+
+    def _weight_names(self) -> list[str]:
+        names = [k for k in ("gamma", "beta") if getattr(self, k) is not None] + ["moving_mean", "moving_variance"]
+        return names + (["moving_stddev", "renorm_mean", "renorm_stddev"] if self.renorm else [])
+
+    def set_weights(self, weights) -> None:
+        """Assign the variables from a list in :meth:`get_weights`'s order and shapes (tf_keras's), copied in the
+        layer's dtype: a tf_keras layer's ``get_weights()`` loads here. The layer must be built."""
+        if not self.built:
+            raise ValueError(f"{self._who}: set_weights on a layer that is not built; build it first "
+                             f"(layer.build(input_shape)) or call it once")
+        names = self._weight_names()
+        weights = list(weights)
+        if len(weights) != len(names):
+            raise ValueError(f"{self._who}: set_weights expects {len(names)} arrays ({', '.join(names)}), got "
+                             f"{len(weights)}")
+        values = [np.asarray(w) for w in weights]
+        for name, v in zip(names, values):
+            if v.shape != self._param_shape:
+                raise ValueError(f"{self._who}: set_weights: {name} must have shape {self._param_shape}, got "
+                                 f"{v.shape}")
+            if v.dtype.kind not in "fiu":
+                raise TypeError(f"{self._who}: set_weights: {name} must be real numbers, got dtype {v.dtype}")
+        for name, v in zip(names, values):
+            setattr(self, name, v.astype(self.dtype))
 
     def __repr__(self) -> str:
         return (f"BatchNormalization(axis={self.axis}, momentum={self.momentum}, epsilon={self.epsilon}, "

@@ -154,11 +154,13 @@ def apply_coefficients(mean, rstd, weight=None, bias=None, dtype=np.float32,
     """``scale = weight * rstd`` and ``shift = bias - mean * scale`` in ``dtype`` (the shift from the scale as
     rounded to ``dtype``). ``x * scale + shift`` then errs by the shift's rounding, half a unit of ``|mean| *
     scale``: for a set whose every value is its mean (``var``, the sets' variances, 0 there: a batch of one sample,
-    a constant channel) the scale is 0, so that y is the bias exactly, as ``(x - mean) * scale`` gives it."""
+    a constant channel) the scale is 0, so that y is the bias exactly, as ``(x - mean) * scale`` gives it. Not
+    where the scale is not finite (eps 0 there: rstd is inf), where ``(x - mean) * scale`` is 0 * inf, NaN, as in
+    torch and tf_keras."""
     mean, rstd = np.asarray(mean, np.float64), np.asarray(rstd, np.float64)
     scale = rstd if weight is None else np.asarray(weight, np.float64) * rstd
     if var is not None:
-        scale = np.where(np.asarray(var) == 0, 0.0, scale)
+        scale = np.where((np.asarray(var) == 0) & np.isfinite(scale), 0.0, scale)
     scale = scale.astype(dtype)
     shift = -mean * scale.astype(np.float64)
     if bias is not None:

@@ -317,6 +317,7 @@ def test_float64_input_to_float32_layer():
     ({"virtual_batch_size": 0}, ValueError, "virtual_batch_size must be a positive int, got 0"),
     ({"virtual_batch_size": 2.0}, TypeError, "virtual_batch_size must be None or a positive int"),
     ({"dtype": "float16"}, TypeError, "dtype must be float32 or float64"),
+    ({"dtype": object()}, TypeError, r"dtype must be float32 or float64 \(a NumPy dtype or its name\), got"),
     ({"backend": "nope"}, normkit.UnknownBackendError, "'batch_normalization': unknown backend 'nope'; installed "),
     ({"backend": 3}, TypeError, "backend must be a str or None, got int"),
 ])
@@ -345,6 +346,51 @@ def test_constant_sets_give_beta_exactly(backend):
         assert np.array_equal(flat[:, 2], np.full(len(flat), beta[2])), (data.shape, ghosts)
         if data is one:
             assert np.array_equal(y[0], beta)
+
+
+@pytest.mark.filterwarnings("error::RuntimeWarning")  # (the NaN is the answer, not normkit's arithmetic failing)
+def test_epsilon_zero_and_a_constant_set_give_nan_as_the_formula():
+    """With epsilon 0 a set without variance has rstd inf, and tf_keras's y = gamma * (x - mean) * rstd + beta is
+    0 * inf, NaN, as this layer's own gradient there; the other channels are normalized. (y was beta, and with
+    renorm the batch mean.)"""
+    x = np.array([[1.5, -2.0, 0.25], [1.5, 2.0, 0.75]], np.float32)
+    for kw in ({}, {"renorm": True}, {"virtual_batch_size": 1}):
+        layer = normkit.BatchNormalization(epsilon=0.0, **kw)
+        y = layer(x, training=True)
+        dx = layer.backward(np.ones_like(x))[0]
+        assert np.isnan(y[:, 0]).all() and np.isnan(dx[:, 0]).all(), kw
+        if not kw:
+            assert np.allclose(y[:, 1:], [[-1, -1], [1, 1]], atol=1e-6)
+
+
+def test_variables_assigned_before_build_are_refused_and_set_weights_loads_them():
+    """Assigning the variables of a layer that is not built was undone by the first call's build (gamma 1, beta 0,
+    ...), silently. It is refused; build, then assign or set_weights (tf_keras's order and shapes), works."""
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((6, 4)).astype(np.float32)
+    layer = normkit.BatchNormalization(renorm=True)
+    assert layer.get_weights() == []
+    layer.gamma = np.full(4, 2.0, np.float32)
+    with pytest.raises(ValueError, match=r"'batch_normalization': gamma assigned before the layer was built; build "
+                                         r"it first \(layer.build\(input_shape\)\), then assign them or call set_weights"):
+        layer(x)
+    layer = normkit.BatchNormalization(renorm=True)
+    with pytest.raises(ValueError, match="set_weights on a layer that is not built"):
+        layer.set_weights([])
+    layer.build((None, 4))
+    values = [rng.uniform(0.5, 2.0, 4) for _ in range(7)]  # float64: stored in the layer's float32
+    layer.set_weights(values)
+    got = layer.get_weights()
+    assert [w.dtype for w in got] == [np.float32] * 7
+    assert all(np.array_equal(g, v.astype(np.float32)) for g, v in zip(got, values))
+    gamma, beta, mean, var = (v.astype(np.float32).astype(np.float64) for v in values[:4])
+    expected = gamma * (x - mean) / np.sqrt(var + 1e-3) + beta
+    assert np.allclose(layer(x), expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match=r"set_weights expects 7 arrays \(gamma, beta, moving_mean, "):
+        layer.set_weights(values[:4])
+    with pytest.raises(ValueError, match=r"set_weights: beta must have shape \(4,\), got \(1, 4\)"):
+        layer.set_weights(values[:1] + [values[1][None]] + values[2:])
+    assert all(np.array_equal(g, w) for g, w in zip(layer.get_weights(), got))  # a refused call changes nothing
 
 
 def test_bad_inputs():

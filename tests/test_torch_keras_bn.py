@@ -225,10 +225,37 @@ def test_two_calls_before_backward():
     ({"num_features": 3, "renorm_clipping": {"rmax": 1, "foo": 2}}, ValueError, "renorm_clipping"),
     ({"num_features": 3, "virtual_batch_size": 0}, ValueError, "virtual_batch_size"),
     ({"num_features": 3, "renorm": "yes"}, TypeError, "renorm"),
+    ({"num_features": 3, "dtype": torch.bfloat16}, TypeError,
+     r"dtype must be torch.float32 or torch.float64, got torch.bfloat16"),
+    ({"num_features": 3, "trainable": 0}, TypeError, "trainable must be a bool"),
 ])
 def test_bad_arguments(kw, exc, match):
     with pytest.raises(exc, match=match):
         nkt.BatchNormalization(**kw)
+
+
+def test_trainable_false_freezes_as_in_keras():
+    """Keras 2's freeze: with trainable False a module in train() runs inference (the moving statistics, which do
+    not move) and gamma and beta get no gradient; assigning it was silently ignored before."""
+    torch.manual_seed(0)
+    x = torch.randn(8, 3, 4) * 2 + 1
+    frozen, reference = nkt.BatchNormalization(3), nkt.BatchNormalization(3).eval()
+    for m in (frozen, reference):
+        m(x)  # (reference: eval, statistics untouched)
+    frozen.train()(x)  # one training call: the moving statistics move
+    reference.load_state_dict(frozen.state_dict())
+    frozen.trainable = False
+    assert not frozen.gamma.requires_grad and not frozen.beta.requires_grad
+    before = {k: v.clone() for k, v in frozen.state_dict().items()}
+    xg = x.clone().requires_grad_()
+    y = frozen(xg)
+    y.sum().backward()
+    assert torch.equal(y, reference(x)) and frozen.training
+    assert all(torch.equal(v, before[k]) for k, v in frozen.state_dict().items())
+    assert frozen.gamma.grad is None and xg.grad is not None
+    frozen.trainable = True
+    assert frozen.gamma.requires_grad and not torch.equal(frozen(x), reference(x))
+    assert not nkt.BatchNormalization(3, trainable=False).gamma.requires_grad
 
 
 def test_bad_inputs():

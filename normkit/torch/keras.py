@@ -30,9 +30,10 @@ class _KerasBN(torch.autograd.Function):
     def forward(ctx, x, gamma, beta, module):
         core = module._core
         xa = x.detach().contiguous().numpy()
-        y = core(xa, training=module.training)
+        training = module.training and core.trainable
+        y = core(xa, training=training)
         ctx.save_for_backward(x)  # only for torch's check of in-place changes (backward reads views of its memory)
-        if module.training:
+        if training:
             ctx.saved = core._saved
             core._saved = None                    # the state belongs to this call (autograd may interleave calls)
             with torch.no_grad():
@@ -134,17 +135,20 @@ class BatchNormalization(NotScriptable, nn.Module):
 
     def __init__(self, num_features: int, axis: int = 1, momentum: float = 0.99, epsilon: float = 1e-3,
                  center: bool = True, scale: bool = True, renorm: bool = False, renorm_clipping=None,
-                 renorm_momentum: float = 0.99, virtual_batch_size=None, device=None, dtype=None):
+                 renorm_momentum: float = 0.99, virtual_batch_size=None, device=None, dtype=None,
+                 trainable: bool = True):
         super().__init__()
         if isinstance(num_features, bool) or not isinstance(num_features, numbers.Integral) or num_features <= 0:
             raise ValueError(f"BatchNormalization: num_features must be a positive int, got {num_features!r}")
         if isinstance(axis, bool) or not isinstance(axis, numbers.Integral):
             raise TypeError(f"BatchNormalization: axis must be an int, got {axis!r} ({type(axis).__name__})")
+        if dtype is not None and dtype not in _NP:  # (the computation's: checked at the first call otherwise)
+            raise TypeError(f"BatchNormalization: dtype must be torch.float32 or torch.float64, got {dtype!r}")
         # the NumPy layer checks (and keeps) every other argument
         self._core = _keras.BatchNormalization(
             axis=int(axis), momentum=momentum, epsilon=epsilon, center=center, scale=scale, renorm=renorm,
             renorm_clipping=renorm_clipping, renorm_momentum=renorm_momentum,
-            virtual_batch_size=virtual_batch_size, name="normkit.torch")
+            virtual_batch_size=virtual_batch_size, name="normkit.torch", trainable=trainable)
         self.num_features = int(num_features)
         kw = {"device": device, "dtype": dtype}
         c = self.num_features
@@ -156,6 +160,7 @@ class BatchNormalization(NotScriptable, nn.Module):
             self.register_buffer("moving_stddev", torch.ones(c, **kw))
             self.register_buffer("renorm_mean", torch.zeros(c, **kw))
             self.register_buffer("renorm_stddev", torch.ones(c, **kw))
+        self.trainable = trainable  # (gamma's and beta's requires_grad)
 
     # The hyperparameters Keras reads at every call live in the core, which computes with them: assigning one here
     # checks it as the constructor does and takes effect at the next call, as in tf_keras.
@@ -165,6 +170,21 @@ class BatchNormalization(NotScriptable, nn.Module):
     renorm_clipping = _CoreSetting(lambda core, v: core._clipping(v))
     virtual_batch_size = _CoreSetting(lambda core, v: core._virtual_batch_size(v), rebuild=True)
     axis, center, scale, renorm = _FixedSetting(), _FixedSetting(), _FixedSetting(), _FixedSetting()
+
+    @property
+    def trainable(self) -> bool:
+        """Keras 2's freeze: False makes every call inference, as in ``eval()`` (the moving statistics are used and
+        stay), and gamma and beta get no gradient (``requires_grad`` False; True gives it back)."""
+        return self._core.trainable
+
+    @trainable.setter
+    def trainable(self, value) -> None:
+        if not isinstance(value, (bool, np.bool_)):
+            raise TypeError(f"BatchNormalization: trainable must be a bool, got {type(value).__name__}")
+        self._core.trainable = bool(value)
+        for p in (self.gamma, self.beta):
+            if p is not None:
+                p.requires_grad_(bool(value))
 
     @property
     def backend(self):
