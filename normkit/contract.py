@@ -464,9 +464,10 @@ def on_columns(spec_: OpSpec, direction: str, kernel):
 
 def with_addresses(spec_: OpSpec, direction: str, kernel):
     """An address kernel of ``direction`` called with the NCHW kernel's arguments (C-contiguous arrays): it gets the
-    kernel shape (``x``'s) and the arrays' addresses, ``mean`` and ``rstd`` as they are."""
+    kernel shape (``x``'s; ``h``'s for a fused add's backward, which has no x) and the arrays' addresses, ``mean``
+    and ``rstd`` as they are."""
     names = spec_.args(direction)
-    at_x = names.index("x")
+    at_x = names.index("x" if "x" in names else "h")
     by_address = tuple(i for i, name in enumerate(names) if name not in ("mean", "rstd"))
 
     def addresses(*args):

@@ -89,6 +89,33 @@ def test_the_kit_flags_any_other_kernel_that_returns_a_value(register):
     assert "the kernel returned 1.5, where kernels write their outputs and return None" in report.format()
 
 
+def test_a_fused_add_backward_address_kernel_takes_the_shape_of_h(register):
+    """add_backward has no x: its kernel shape is h's (the kit crashed on such a declaration, checking nothing).
+    An address kernel made of the reference's array kernel conforms."""
+    import ctypes
+
+    def at(address, shape):
+        return None if address == 0 else np.ctypeslib.as_array(ctypes.cast(address, ctypes.POINTER(ctypes.c_float)),
+                                                                shape)
+
+    array_kernel = reference.KERNELS[("layernorm", "add_backward", "float32")]
+
+    calls = []
+
+    def by_address(m, k, dy, dh, h, mean, rstd, weight, dx, dweight, dbias):
+        calls.append((m, k))
+        array_kernel(at(dy, (m, k)), at(dh, (m, k)), at(h, (m, k)), mean, rstd, at(weight, (k,)), at(dx, (m, k)),
+                     at(dweight, (k,)), at(dbias, (k,)))
+
+    table = dict(reference.KERNELS)
+    table[("layernorm", "add_backward", "float32", ADDRESS)] = by_address
+    register(Backend("add_addr", runtime_module(table), kernels={"layernorm": ("add_forward", "add_backward")},
+                     dtypes=("float32",), addresses={"layernorm": ("add_backward",)}))
+    report = testing.check_backend("add_addr", quick=True)
+    assert not report, report.format()
+    assert calls and report.cases_run > len(calls)  # (the array kernels' cases, then the same by address)
+
+
 def test_the_kit_runs_address_kernels_and_catches_a_wrong_one(register):
     """A backend whose LayerNorm forward address kernel drops the bias: its array kernels conform, the address
     cases fail, named as such."""
