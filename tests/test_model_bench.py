@@ -285,6 +285,23 @@ def test_cli_model_fuse():
     assert result.output.startswith("[unet --quick --fuse]") and "fused 11 norm + activation pairs" in result.output
 
 
+def test_cli_model_with_a_backend_that_lacks_a_models_op_skips_that_model():
+    """A pinned backend without a model's op (here LayerNorm only: no BatchNorm for the ResNet) gave a traceback;
+    the model is reported as not timed, the others run, and the exit code says so."""
+    from normkit import Backend, reference
+
+    table = {k: v for k, v in reference.KERNELS.items() if k[0] == "layernorm"}
+    registry.register_backend(Backend("lnonly", registry.runtime_module(table),
+                                      kernels={"layernorm": ("forward", "backward")}, dtypes=("float32",)))
+    try:
+        result = run("--model", "resnet", "--quick", "--steps", "1", "--backend", "lnonly")
+    finally:
+        registry.unregister_backend("lnonly")
+    assert result.exit_code == 1, result.output
+    assert "not timed: batchnorm: backend 'lnonly' does not implement forward" in result.output
+    assert "Error: not timed: resnet (above)" in result.output and "Traceback" not in result.output
+
+
 def test_cli_model_help_names_every_model():
     result = CliRunner().invoke(main, ["bench", "--help"])
     assert result.exit_code == 0

@@ -393,7 +393,7 @@ def benchmark(model: nn.Module, example_inputs, *, steps: int = 20, warmup: int 
     for op in dict.fromkeys(_OPS[cls] for cls in layers):
         try:
             kernels[op] = registry.lookup(op, "forward", str(dtype).removeprefix("torch."), backend)[0]
-        except Exception as exc:  # reported by the check below when the layers actually run
+        except Exception as exc:  # the header says so; the first call below raises it if a layer needs the kernel
             kernels[op] = f"none ({exc})"
 
     if train and not any(p.requires_grad for p in nk_model.parameters()):
