@@ -141,7 +141,8 @@ _composed: dict = {}
 def kernel(op: str, direction: str, dtype: str, backend=None) -> tuple[str, object]:
     """``(backend, kernel)`` for an ``act_`` direction, from the backend that runs the op's plain kernels (the named
     one, or the first in the registry's order): its fused kernel where it has one, else its plain kernel composed
-    with the activation (:func:`compose`), rather than another backend's fused kernel."""
+    with the activation (:func:`compose`), rather than another backend's fused kernel. 16-bit data compose the
+    float32 plain kernel (the same backend's; for a backend with 16-bit kernels only, the registry order's)."""
     plain = plain_direction(direction)
     used, plain_kernel = registry.lookup(op, plain, dtype, backend)
     try:
@@ -152,7 +153,10 @@ def kernel(op: str, direction: str, dtype: str, backend=None) -> tuple[str, obje
     found = _composed.get(key)
     if found is None:
         if dtype in HALF_DTYPES:  # the plain 16-bit kernel would round z to 16 bits: compose in float32 instead
-            inner = registry.lookup(op, plain, "float32", used)[1]
+            try:
+                inner = registry.lookup(op, plain, "float32", used)[1]
+            except (ValueError, TypeError):
+                inner = registry.lookup(op, plain, "float32")[1]
             found = half.through(compose(inner, op, direction), op, direction, dtype, np.float32)
         else:
             found = compose(plain_kernel, op, direction)

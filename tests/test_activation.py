@@ -254,6 +254,32 @@ def test_bfloat16_matches_float32_rounded_once():
     assert (np.abs(y.astype(np.float64) - want) <= ulp + 1e-6).all()
 
 
+def test_a_backend_with_16_bit_kernels_only_runs_a_fused_activation():
+    """16-bit data compose a float32 plain kernel (z must not be rounded to 16 bits before the activation); a
+    backend without float32 kernels got TypeError ("no float32 kernel") although it runs the plain op: the
+    registry order's float32 kernel composes instead."""
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    table = {k: v for k, v in reference.KERNELS.items() if k[0] == "groupnorm" and k[2] == "bfloat16"
+             and not k[1].startswith("act_")}
+    normkit.register_backend(Backend("bf16_only", runtime_module(table), kernels={"groupnorm": ("forward",
+                                                                                                "backward")},
+                                     dtypes=("bfloat16",)), replace=True)
+    try:
+        x, w, b, dy = data("groupnorm", dtype=np.float32)
+        xb, dyb = x.astype(ml_dtypes.bfloat16), dy.astype(ml_dtypes.bfloat16)
+        nk = normkit.get("groupnorm")
+        for backend in ("bf16_only", "reference"):
+            y, saved = nk.forward(xb, 3, w, b, activation="silu", backend=backend)
+            dx = nk.backward(dyb, xb, saved, 3, w, b, activation="silu", backend=backend)[0]
+            if backend == "bf16_only":
+                got = (y, dx)
+        for a, want, ulps in ((got[0], y, 1), (got[1], dx, 2)):  # (the contract's y and dx tolerances)
+            ulp = np.spacing(np.abs(want.astype(np.float32))).astype(np.float64) * 2**16
+            assert (np.abs(a.astype(np.float64) - want.astype(np.float64)) <= ulps * ulp + 1e-6).all()
+    finally:
+        normkit.unregister_backend("bf16_only")
+
+
 @pytest.mark.parametrize("bad, match", [("tanh", "activation must be None or one of .*got 'tanh'"),
                                         (1, "activation must be None .*got int")])
 def test_unknown_activation_is_a_clear_error(bad, match):
