@@ -129,8 +129,9 @@ C-contiguous (N, S, C) arrays (S the product of the spatial dims, in order): the
 ``channels_last`` / ``channels_last_3d`` tensor, or of a NumPy array with NHWC strides. Every other array
 (weight, bias, statistics, running statistics, parameter gradients, the split directions' per-channel arrays) has
 exactly the NCHW kernel's shape and meaning; a GroupNorm group is a run of C/G consecutive channels of each row of
-C. Numerics and tolerances are the NCHW kernel's. ``normkit.registry.lookup(..., layout="nhwc")`` finds them;
-when no backend has one, the frontends run a per-channel direction (:meth:`OpSpec.per_channel`) as the NCHW
+C. Numerics and tolerances are the NCHW kernel's. ``normkit.registry.lookup(..., layout="nhwc")`` finds them, of
+the backend that runs the op's NCHW kernels (never a later one in the order); when that backend has none, the
+frontends run a per-channel direction (:meth:`OpSpec.per_channel`) as the NCHW
 kernel on the (N*S, C, 1) view of the data (:func:`on_columns`, no copy), and any other on an NCHW copy of the
 input, handing the output back in the input's memory format: a backend without them is at most slower on
 channels-last data. An input that is both NCHW- and NHWC-contiguous (C = 1, or S = 1) goes to the NCHW kernel: the

@@ -24,7 +24,7 @@ from typing import Callable, Mapping, Sequence
 
 from .contract import (
     ADDRESS, ADDRESS_DTYPES, CHANNEL_OPS, CONTRACT_VERSION, DEFAULT_DTYPES, DIRECTIONS, DTYPES, LAYOUT_DTYPES,
-    LAYOUTS, NCHW, NHWC, OPS, SPECS,
+    LAYOUTS, NCHW, NHWC, OPS, SPECS, plain_direction,
 )
 
 GROUP = "normkit.backends"
@@ -451,9 +451,10 @@ def lookup(op: str, direction: str, dtype: str, backend: str | None = None,
     ``NORMKIT_BACKEND``, a read of that variable): the cache is dropped whenever the order, the thread count or the
     registrations change.
 
-    ``layout="nhwc"`` asks for a channels-last kernel (channel ops only): the first backend in the order that has
-    it (or the named one), or **None** when none has (or the named one has not); the caller then copies to NCHW
-    and looks up the NCHW kernel, which raises the errors above.
+    ``layout="nhwc"`` asks for a channels-last kernel (channel ops only) of the backend that runs the op's NCHW
+    kernels (the named one, or the first in the order that has the op's plain direction), or **None** when it has
+    none; the caller then runs the NCHW kernel (on the columns view, or on a copy), which raises the errors above.
+    Never another backend's: a backend later in the order would run only the channels-last calls.
     """
     if _thread_source is not None and _thread_source() != _source_threads:  # (tens of ns)
         _follow_source()
@@ -517,15 +518,17 @@ def _resolve_layout(op: str, direction: str, dtype: str, backend: str | None,
         raise ValueError(f"{op} has no channels-last kernels (only {', '.join(CHANNEL_OPS)} have a layout)")
     wanted = (op, direction, dtype, layout)
     with _lock:
-        for name in (backend,) if backend is not None else get_backend_order():
-            entry = _entry(name)
-            spec = _load_spec(entry)
-            if spec is None or wanted not in spec.declared_channels_last():
-                continue
-            kernels = _load_kernels(entry)
-            if kernels is not None:
-                return name, kernels[wanted]
-    return None
+        if backend is None:
+            try:
+                backend = _resolve(op, plain_direction(direction), dtype, None)[0]
+            except (ValueError, TypeError):  # (the NCHW look-up the caller makes next names it)
+                return None
+        entry = _entry(backend)
+        spec = _load_spec(entry)
+        if spec is None or wanted not in spec.declared_channels_last():
+            return None
+        kernels = _load_kernels(entry)
+        return None if kernels is None else (backend, kernels[wanted])
 
 
 def _resolve(op: str, direction: str, dtype: str, backend: str | None) -> tuple[str, Callable]:

@@ -77,6 +77,33 @@ def test_lookup_by_layout():
         registry.lookup("batchnorm", "forward", "float32", layout="nchwc")
 
 
+def test_channels_last_kernels_come_from_the_backend_that_runs_the_op():
+    """Unpinned, a channels-last look-up answers for the backend that runs the op's NCHW kernels (the first in the
+    order with the plain direction), never a later one's: cython has no channels-last kernel for BatchNorm's fused
+    directions, and a plugin after it that has one ran every channels-last fused call while cython ran the rest."""
+    def kernel(*args):
+        raise AssertionError("the later backend's kernel ran")
+
+    directions = ("forward", "backward", "act_forward", "act_backward")
+    table = {("batchnorm", d, "float32"): kernel for d in directions}
+    table |= {("batchnorm", d, "float32", NHWC): kernel for d in directions}
+    normkit.register_backend(Backend("zz_later", runtime_module(table), kernels={"batchnorm": directions},
+                                     dtypes=("float32",), channels_last={"batchnorm": directions}))
+    try:
+        assert registry.get_backend_order().index("zz_later") > registry.get_backend_order().index("cython")
+        assert registry.lookup("batchnorm", "act_forward", "float32", layout=NHWC) is None
+        assert registry.lookup("batchnorm", "forward", "float32", layout=NHWC)[0] == "cython"
+        assert registry.lookup("batchnorm", "act_forward", "float32", "zz_later", NHWC)[0] == "zz_later"
+        x = nhwc(np.random.default_rng(0).standard_normal((4, 3, 2, 5)).astype(np.float32))
+        y = normkit.get("bn")(x, training=True, activation="relu")  # (the later backend's kernel raises)
+        assert is_nhwc(y)
+        normkit.set_backend_order(["zz_later", "cython"])  # first in the order: its own kernels
+        assert registry.lookup("batchnorm", "act_forward", "float32", layout=NHWC)[0] == "zz_later"
+    finally:
+        normkit.set_backend_order(None)
+        normkit.unregister_backend("zz_later")
+
+
 def test_declared_channels_last_kernel_missing_fails_to_load():
     from normkit import reference
 
