@@ -187,7 +187,8 @@ _BF16_MAX = 3.3895313892515355e38
 _HALF_ULPS = {"y": 1, "dx": 2}
 # Rounding to nearest even leaves 16-bit outputs off the reference by errors of either sign, whose mean over many
 # values (signed towards the reference's magnitude, in its ulps) is about 0; rounding towards zero makes it about
-# -0.5, within the ulp bounds above at every single element. Checked where a case has this many values.
+# -0.5, within the ulp bounds above at every single element. Checked where a case has this many values; smaller
+# cases pool theirs per kernel and output (a kernel may round only its short rows' tails, or every small output).
 _BIAS_VALUES = 4096
 _BIAS_MAX_ULPS = 0.2
 # (quick mode takes the first and the third in turn; "bias", a bias without a weight, as torch's layer_norm(x, shape,
@@ -722,7 +723,10 @@ def _index(flat: int, shape) -> tuple[int, ...]:
     return tuple(int(i) for i in np.unravel_index(flat, shape))
 
 
-def _compare(case: Case, name: str, got: np.ndarray, ref: np.ndarray, tol: np.ndarray) -> list[Failure]:
+def _compare(case: Case, name: str, got: np.ndarray, ref: np.ndarray, tol: np.ndarray,
+             pool: dict | None = None) -> list[Failure]:
+    """``got`` against the reference within ``tol``; ``pool``: where a small 16-bit case's rounding errors go (see
+    :func:`_rounding_errors`)."""
     got64 = _f64(case, name, got)
     tol = np.broadcast_to(tol, ref.shape)
     # a 16-bit output may round a finite reference to +-inf: then that inf is right
@@ -757,7 +761,11 @@ def _compare(case: Case, name: str, got: np.ndarray, ref: np.ndarray, tol: np.nd
                                 f"{int(nonfinite.sum())} non-finite values where the reference is finite, "
                                 f"e.g. {name}{list(i)} = {got64[i]} (expected {limit[i]:.9g})"))
     if dtype in HALF_DTYPES and name in _HALF_ULPS and not over.any():  # (a kernel whose values miss: that alone)
-        failures += _rounding_bias(case, name, got64, ref, tol, dtype)
+        errors = _rounding_errors(name, got64, ref, tol, dtype)
+        if errors.size >= _BIAS_VALUES:
+            failures += _rounding_bias(str(case), name, errors)
+        elif pool is not None:
+            pool.setdefault(name, []).append(errors)
     if over.any():
         i = _index(int(np.argmax(ratio)), ref.shape)
         rel = err[i] / abs(ref[i]) if ref[i] else math.inf
@@ -788,24 +796,35 @@ def _short_repr(value) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
-def _rounding_bias(case: Case, name: str, got64: np.ndarray, ref: np.ndarray, tol: np.ndarray,
-                   dtype: str) -> list[Failure]:
+def _rounding_errors(name: str, got64: np.ndarray, ref: np.ndarray, tol: np.ndarray, dtype: str) -> np.ndarray:
+    """A 16-bit output's rounding errors, in ulps of the reference, signed towards its magnitude: one per distinct
+    reference value (a value repeated, as data a ReLU leaves, is one rounding, whose error has the same sign every
+    time), among the values that the arithmetic before the rounding must get right to a small part of an ulp."""
     with np.errstate(invalid="ignore"):
         u = half.ulp(ref, dtype)
-        # only values that the arithmetic before the rounding must get right to a small part of an ulp
         ok = np.isfinite(ref) & np.isfinite(got64) & (ref != 0) & (tol - _HALF_ULPS[name] * u <= 0.5 * u)
-    # one value per distinct reference value: a value repeated (data as a ReLU leaves it) is one rounding, whose
-    # error has the same sign every time
     r, first = np.unique(ref[ok], return_index=True)
-    if r.size < _BIAS_VALUES:
-        return []
-    bias = float(np.mean((got64[ok][first] - r) * np.sign(r) / u[ok][first]))
+    return (got64[ok][first] - r) * np.sign(r) / u[ok][first]
+
+
+def _rounding_bias(label: str, name: str, errors: np.ndarray) -> list[Failure]:
+    bias = float(np.mean(errors)) if errors.size else 0.0
     if abs(bias) <= _BIAS_MAX_ULPS:
         return []
-    return [Failure(str(case), f"rounding ({name})",
+    return [Failure(label, f"rounding ({name})",
                     f"{name} is {abs(bias):.2f} ulp {'smaller' if bias < 0 else 'larger'} in magnitude than the "
-                    f"reference on average over {r.size} distinct values, where rounding to nearest even gives about "
-                    f"0 (rounded towards {'zero' if bias < 0 else 'infinity'}?)")]
+                    f"reference on average over {errors.size} distinct values, where rounding to nearest even gives "
+                    f"about 0 (rounded towards {'zero' if bias < 0 else 'infinity'}?)")]
+
+
+def _pooled_rounding(label: str, pool: dict) -> list[Failure]:
+    """The rounding check on the small cases' errors of one kernel, pooled per output (from this many values)."""
+    failures = []
+    for name, parts in pool.items():
+        errors = np.concatenate(parts)
+        if errors.size >= _BIAS_VALUES:
+            failures += _rounding_bias(f"{label} ({len(parts)} smaller cases pooled)", name, errors)
+    return failures
 
 
 _DATA_ARRAYS = ("x", "y", "dy", "dx")
@@ -820,7 +839,7 @@ def _layout_shape(case: Case, name: str, shape: tuple[int, ...]) -> tuple[int, .
     return (shape[0], shape[2], shape[1]) if case.layout == NHWC and name in _DATA_ARRAYS else shape
 
 
-def _run_case(case: Case, kernel, failures: list[Failure]) -> None:
+def _run_case(case: Case, kernel, failures: list[Failure], pool: dict | None = None) -> None:
     inputs = _inputs(case)
     out_shapes = _output_shapes(case, inputs)
     expected = _expected(case, inputs, out_shapes)
@@ -875,7 +894,8 @@ def _run_case(case: Case, kernel, failures: list[Failure]) -> None:
                                     f"sentinel made quiet, first at {name}{list(i)}: the kernel computed with the "
                                     f"output's old contents (added into it?) where it must only write it"))
             continue
-        failures.extend(_compare(case, name, _in_layout(case, name, g.array), expected[name], tolerances[name]))
+        failures.extend(_compare(case, name, _in_layout(case, name, g.array), expected[name], tolerances[name],
+                                 pool))
     if case.repeat and len(failures) == already:  # a kernel that changed its inputs cannot be rerun on them
         again = {k: None if s is None else _Guarded(k, _layout_shape(case, k, s), dtype_of(k), None).array
              for k, s in out_shapes.items()}
@@ -941,15 +961,20 @@ def check_backend(name: str, ops: Sequence[str] | None = None, dtypes: Sequence[
                     except ValueError as exc:  # failed to load its kernels module
                         report.append(Failure(f"backend {name}", "load", str(exc)))
                         return report
+                    label = f"{op} {direction} {dtype}" + ("" if layout == NCHW else f" {layout}")
+                    pool: dict = {}
                     for case in cases(op, direction, dtype, quick=quick, layout=layout):
                         report.cases_run += 1
-                        _run_case(case, kernel, report)
+                        _run_case(case, kernel, report, pool)
+                    report.extend(_pooled_rounding(label, pool))
                     if layout == NCHW and (op, direction, dtype, ADDRESS) in row.addresses:
                         kernel = with_addresses(SPECS[op], direction,
                                                 registry.lookup_address(op, direction, dtype, backend=name))
+                        pool = {}
                         for case in cases(op, direction, dtype, quick=quick):
                             report.cases_run += 1
-                            _run_case(replace(case, calls=ADDRESS), kernel, report)
+                            _run_case(replace(case, calls=ADDRESS), kernel, report, pool)
+                        report.extend(_pooled_rounding(f"{label} by address", pool))
     return report
 
 

@@ -480,8 +480,23 @@ def test_rounding_check_counts_a_repeated_value_once(dtype):
     for narrow, fails in [(normkit.half.narrow, False), (_narrow_towards_zero, True)]:
         got = normkit.half.widen(narrow(ref, dtype), dtype)
         assert np.all(np.abs(got - ref) <= u)
-        report = testing._rounding_bias(case, "y", got, ref, u, dtype)
+        report = testing._rounding_bias(str(case), "y", testing._rounding_errors("y", got, ref, u, dtype))
         assert bool(report) == fails, report
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_rounding_towards_zero_on_small_outputs_only_fails_the_pooled_check(register, dtype):
+    """A kernel that truncates only outputs of fewer than 4096 values (a small-shape path) passed: no single case
+    had enough values to judge. The small cases' errors are pooled per kernel and output."""
+    def small_only(values, dtype):
+        return (_narrow_towards_zero if values.size < 4096 else normkit.half.narrow)(values, dtype)
+
+    kernel = _layernorm16(small_only)
+    kernel.dtype = dtype
+    report = testing.check_backend(register("smalltrunc16", {("layernorm", "forward"): kernel}, dtypes=(dtype,)),
+                                   ops=["layernorm"])
+    assert [f.check for f in report] == ["rounding (y)"], report.format()
+    assert report[0].case.startswith(f"layernorm forward {dtype} (") and "smaller cases pooled" in report[0].case
 
 
 def test_raising_kernel_is_reported_not_fatal(register):
