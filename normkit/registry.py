@@ -330,12 +330,12 @@ def _load_kernels(entry: _Entry) -> dict | None:
 
 
 def _entry(name: str) -> _Entry:
-    entries = _all()
-    if name not in entries:
-        raise UnknownBackendError(
-            f"unknown backend {name!r}{_disabled_hint()}; installed backends: {', '.join(sorted(entries)) or 'none'}"
-        )
-    return entries[name]
+    with _lock:
+        entries = _all()
+        if name not in entries:
+            raise UnknownBackendError(f"unknown backend {name!r}{_disabled_hint()}; installed backends: "
+                                      f"{', '.join(sorted(entries)) or 'none'}")
+        return entries[name]
 
 
 def _disabled_hint() -> str:
@@ -347,18 +347,20 @@ def require_backend(name, source: str) -> None:
     and look kernels up later (a layer's constructor, convert), so the mistake shows where it is made."""
     if not isinstance(name, str):
         raise TypeError(f"{source}: backend must be a str or None, got {type(name).__name__}")
-    entries = _all()
-    if name not in entries:
-        raise UnknownBackendError(f"{source}: unknown backend {name!r}{_disabled_hint()}; installed backends: "
-                                  f"{', '.join(sorted(entries)) or 'none'}")
+    with _lock:
+        entries = _all()
+        if name not in entries:
+            raise UnknownBackendError(f"{source}: unknown backend {name!r}{_disabled_hint()}; installed backends: "
+                                      f"{', '.join(sorted(entries)) or 'none'}")
 
 
 def default_order() -> tuple[str, ...]:
-    entries = _all()
-    builtins = [n for n in BUILTIN_PREFERENCE if n in entries]
-    builtins += sorted(n for n, e in entries.items() if e.builtin and n not in builtins and n != REFERENCE)
-    plugins = sorted(n for n, e in entries.items() if not e.builtin and n != REFERENCE)
-    return tuple(builtins + plugins + ([REFERENCE] if REFERENCE in entries else []))
+    with _lock:
+        entries = _all()
+        builtins = [n for n in BUILTIN_PREFERENCE if n in entries]
+        builtins += sorted(n for n, e in entries.items() if e.builtin and n not in builtins and n != REFERENCE)
+        plugins = sorted(n for n, e in entries.items() if not e.builtin and n != REFERENCE)
+        return tuple(builtins + plugins + ([REFERENCE] if REFERENCE in entries else []))
 
 
 def _parse_order(names: Sequence[str], source: str) -> tuple[str, ...]:
@@ -407,12 +409,13 @@ def get_backend_order() -> tuple[str, ...]:
     variable; unknown names there are ignored with a RuntimeWarning) come first; every other installed backend
     follows in the default order.
     """
-    if _user_order is not None:
-        # a name may have gone since it was set (unregister_backend, refresh)
-        preferred = tuple(n for n in _user_order if n in _all())
-    else:
-        preferred = _env_order()
-    return preferred + tuple(n for n in default_order() if n not in preferred)
+    with _lock:  # (the entries that register_backend / unregister_backend change under it)
+        if _user_order is not None:
+            # a name may have gone since it was set (unregister_backend, refresh)
+            preferred = tuple(n for n in _user_order if n in _all())
+        else:
+            preferred = _env_order()
+        return preferred + tuple(n for n in default_order() if n not in preferred)
 
 
 def set_backend_order(names: Sequence[str] | None) -> None:

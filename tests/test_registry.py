@@ -14,6 +14,8 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 import warnings
 
 import numpy as np
@@ -327,6 +329,45 @@ def test_broken_plugin_cannot_break_import_normkit(plugins):
               sum("fakeboom2" in str(w.message) for w in caught), sep=";")
     """, pythonpath=plugins.root, NORMKIT_BACKEND="fakeboom2,fakefuture2,reference")
     assert out.strip() == "failed;failed;not loaded;(2, 3);1"
+
+
+def test_backend_order_while_another_thread_registers():
+    """get_backend_order read the registry's entries without its lock, so another thread's register_backend /
+    unregister_backend made it raise 'dictionary changed size during iteration' (within a second at this switch
+    interval, before the lock)."""
+    specs = [Backend(f"rt_race{i}", runtime_module({}), kernels={}) for i in range(400)]
+    stop, errors = threading.Event(), []
+
+    def mutate():
+        while not stop.is_set():
+            for spec in specs:
+                normkit.register_backend(spec)
+            for spec in specs:
+                normkit.unregister_backend(spec.name)
+
+    def read():
+        while not stop.is_set() and not errors:
+            try:
+                normkit.get_backend_order()
+            except Exception as exc:  # noqa: BLE001 - any error is the finding
+                errors.append(repr(exc))
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    threads = [threading.Thread(target=mutate), threading.Thread(target=read)]
+    try:
+        for t in threads:
+            t.start()
+        time.sleep(1.5)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+        sys.setswitchinterval(interval)
+        for spec in specs:
+            if spec.name in normkit.get_backend_order():
+                normkit.unregister_backend(spec.name)
+    assert not errors, errors[0]
 
 
 # --- environment variables -------------------------------------------------------------------------------------

@@ -83,12 +83,17 @@ def test_read_only_input_is_fine_and_untouched():
     assert y.shape == x.shape and np.isfinite(y).all()
 
 
-def test_set_num_threads_reaches_torch(monkeypatch):
+def test_normkit_thread_count_leaves_torchs_alone(monkeypatch):
+    """aten's kernels run on torch's thread count, the user's: loading the plugin, or setting normkit's count,
+    never changes it (it did, through the plugin's set_num_threads)."""
     monkeypatch.setattr(normkit.registry, "_num_threads", None)  # restored afterwards: the default again
     before = torch.get_num_threads()
     try:
+        torch.set_num_threads(1)
         normkit.registry.lookup("layernorm", "forward", "float32", backend="aten")
-        normkit.set_num_threads(1)
+        normkit.set_num_threads(2)
+        assert torch.get_num_threads() == 1
+        assert normkit.get("ln")(np.ones((2, 8), np.float32), 8, backend="aten").shape == (2, 8)
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)

@@ -15,11 +15,9 @@ from normkit.contract import kernel_table
 
 aten = torch.ops.aten
 
-INFO = {"torch": torch.__version__}
-
-
-def set_num_threads(n: int) -> None:
-    torch.set_num_threads(n)
+# No set_num_threads: aten's kernels run on torch's thread count, which is the user's (torch.set_num_threads) and
+# shared with the rest of the process; a backend never changes it (plugins/README.md).
+INFO = {"torch": torch.__version__, "threads": "torch's"}
 
 
 def _t(a: np.ndarray | None) -> torch.Tensor | None:
