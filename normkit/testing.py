@@ -161,6 +161,14 @@ _LONG = {
     "row": ((1, 131072), None),
 }
 _LONG_DATA = "rectified"
+# One case per 16-bit kernel whose runs (rows; a channel's S values; a channels-last row of C) of 55 values end in
+# tails of 7, 7 and 23 values after vectors of 8, 16 and 32: the run-tail rounding check's values (_TAIL_WIDTHS).
+_TAILS = {
+    "channel": ((4, 55, 55), None),
+    "instance": ((4, 55, 55), None),
+    "group": ((4, 55, 55), 5),
+    "row": ((220, 55), None),
+}
 # The shape the data kinds run on: sets of 65..132 values, small enough to be quick, long enough to accumulate.
 _DATA_SHAPE = {
     "channel": ((4, 3, 33), None),
@@ -191,6 +199,11 @@ _HALF_ULPS = {"y": 1, "dx": 2}
 # cases pool theirs per kernel and output (a kernel may round only its short rows' tails, or every small output).
 _BIAS_VALUES = 4096
 _BIAS_MAX_ULPS = 0.2
+# Vector loops end in a scalar tail, where a rounding of its own hides among the other values: the last n % w values
+# of each run (a row, a channel's S values, a channels-last row of C) are pooled apart for these widths, and judged
+# from this many values.
+_TAIL_WIDTHS = (8, 16, 32)
+_TAIL_VALUES = 256
 # (quick mode takes the first and the third in turn; "bias", a bias without a weight, as torch's layer_norm(x, shape,
 # None, bias) hands the kernels, only for the centered ops: RMSNorm has no bias)
 _AFFINE = ("none", "weight", "weight+bias", "bias")
@@ -250,7 +263,8 @@ def cases(op: str, direction: str, dtype: str, quick: bool = False, layout: str 
                 for a in affines]
     if not quick:
         affine = _SPLIT_AFFINE[direction] if split else "weight+bias"
-        big = [(_LARGE, "normal")] + ([(_LONG, _LONG_DATA)] if dtype != "float64" else [])
+        big = [(_LARGE, "normal")] + ([(_LONG, _LONG_DATA)] if dtype != "float64" else []) + (
+            [(_TAILS, "normal")] if dtype in HALF_DTYPES else [])
         out += [Case(op, direction, dtype, *shapes_of[SPECS[op].sets], affine, data, 1e-5) for shapes_of, data in big]
     shape, groups = _DATA_SHAPE[SPECS[op].sets]
     for data, eps in _HALF_DATA.get(dtype, _DATA).items():
@@ -766,6 +780,12 @@ def _compare(case: Case, name: str, got: np.ndarray, ref: np.ndarray, tol: np.nd
             failures += _rounding_bias(str(case), name, errors)
         elif pool is not None:
             pool.setdefault(name, []).append(errors)
+        if pool is not None:
+            for w in _TAIL_WIDTHS:
+                tail = _run_tails(case, ref.shape, w)
+                if tail is not None:
+                    pool.setdefault(f"{name} at the last n % {w} of each run", []).append(
+                        _rounding_errors(name, got64[tail], ref[tail], tol[tail], dtype))
     if over.any():
         i = _index(int(np.argmax(ratio)), ref.shape)
         rel = err[i] / abs(ref[i]) if ref[i] else math.inf
@@ -818,13 +838,29 @@ def _rounding_bias(label: str, name: str, errors: np.ndarray) -> list[Failure]:
 
 
 def _pooled_rounding(label: str, pool: dict) -> list[Failure]:
-    """The rounding check on the small cases' errors of one kernel, pooled per output (from this many values)."""
+    """The rounding check on one kernel's pooled errors: its small cases', per output, and every case's run tails
+    (see :func:`_run_tails`)."""
     failures = []
     for name, parts in pool.items():
         errors = np.concatenate(parts)
-        if errors.size >= _BIAS_VALUES:
-            failures += _rounding_bias(f"{label} ({len(parts)} smaller cases pooled)", name, errors)
+        tails = " at the last " in name
+        if errors.size >= (_TAIL_VALUES if tails else _BIAS_VALUES):
+            pooled = f"{len(parts)} cases' run tails pooled" if tails else f"{len(parts)} smaller cases pooled"
+            failures += _rounding_bias(f"{label} ({pooled})", name, errors)
     return failures
+
+
+def _run_tails(case: Case, shape: tuple[int, ...], width: int) -> np.ndarray | None:
+    """A mask of the last n % width values of each run of an output of ``shape`` (in the kit's NCHW view), a run
+    being what a kernel's inner loop walks: the last axis (a row, a channel's S values), or for channels-last
+    data the channel axis; None where no run has a tail."""
+    axis = 1 if case.layout == NHWC else len(shape) - 1
+    n = shape[axis]
+    if n % width == 0 or n < width:  # (runs shorter than a vector are all tail: the whole pool judges them)
+        return None
+    at = [1] * len(shape)
+    at[axis] = n
+    return np.broadcast_to((np.arange(n) >= n - n % width).reshape(at), shape)
 
 
 _DATA_ARRAYS = ("x", "y", "dy", "dx")
