@@ -133,6 +133,10 @@ class Backend:
         if bad:
             raise ValueError(f"backend {self.name!r} declares unsupported channels-last dtype(s) {bad}; valid: "
                              f"{', '.join(DTYPES)}")
+        if self.channels_last and not set(self.channels_last_dtypes) & set(self.dtypes):
+            raise ValueError(f"backend {self.name!r} declares channels-last kernels for none of its dtypes: "
+                             f"channels_last_dtypes {tuple(self.channels_last_dtypes)}, dtypes {tuple(self.dtypes)} "
+                             f"(channels-last kernels are for the dtypes in both)")
         for op, directions in self.channels_last.items():
             if isinstance(directions, str):
                 raise ValueError(f"backend {self.name!r}: channels_last directions for {op} must be a sequence, got "

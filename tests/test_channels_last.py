@@ -49,7 +49,9 @@ def test_bad_channels_last_declarations(channels_last, match):
         spec.validate()
 
 
-@pytest.mark.parametrize("dtypes, match", [("float32", "must be a sequence"), (("float32", "int8"), "unsupported")])
+@pytest.mark.parametrize("dtypes, match", [("float32", "must be a sequence"), (("float32", "int8"), "unsupported"),
+                                           (("bfloat16",), r"channels-last kernels for none of its dtypes: "
+                                                           r"channels_last_dtypes \('bfloat16',\), dtypes \('float32', ")])
 def test_bad_channels_last_dtypes(dtypes, match):
     spec = Backend("bad", runtime_module({}), kernels={"groupnorm": ("forward",)},
                    channels_last={"groupnorm": ("forward",)}, channels_last_dtypes=dtypes)
