@@ -148,6 +148,16 @@ def main(world: int, rank: int, port: int, outdir: str) -> None:
     results["channels-last"] = {"case": name, "y": y.detach(), "dx": xc.grad,
                                 "layouts": [t.is_contiguous(memory_format=torch.channels_last) for t in (y, xc.grad)]}
 
+    # bfloat16 input to a float32 layer (autocast's case): computed in float32, as torch's SyncBatchNorm does
+    module = make_module(nkt.SyncBatchNorm, shape, torch.float32, kwargs, name, n)
+    xf, dyf, _, _ = data(name, shape, torch.float32, n, 0)  # (mean 10: bfloat16 resolves 1e4 to 64)
+    xb = xf[lo:hi].to(torch.bfloat16).requires_grad_()
+    y = module(xb)
+    y.backward(dyf[lo:hi].to(torch.bfloat16))
+    results["bfloat16"] = {"case": name, "y": y.detach(), "dx": xb.grad, "dweight": module.weight.grad,
+                           "dbias": module.bias.grad, "running_mean": module.running_mean.clone(),
+                           "running_var": module.running_var.clone()}
+
     # gradients of gradients: a clear error (raised before the backward's all_reduce, on every process alike)
     module = make_module(nkt.SyncBatchNorm, shape, dtype, kwargs, name, n)
     xg = x[lo:hi].clone().requires_grad_()

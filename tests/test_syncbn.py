@@ -169,6 +169,32 @@ def test_channels_last_input_gives_channels_last_results(group):
         assert rel(g["y"], y[lo:hi]) < TOL[dtype] and rel(g["dx"], x.grad[lo:hi]) < TOL[dtype]
 
 
+def test_bfloat16_input_to_a_float32_layer(group):
+    """Autocast's case: bfloat16 data, float32 parameters and statistics. It was refused in a process group (it ran
+    on one process); now computed in float32 as torch does: y and dx bfloat16 within two of its ulps of the float64
+    result on the same bfloat16 values, the parameter gradients and running statistics float32."""
+    world, results = group
+    got = [res["bfloat16"] for res in results]
+    name = got[0]["case"]
+    _, shape, _, kwargs = next(c for c in W.cases() if c[0] == name)
+    n = sum(W.SIZES[world])
+    x, dy, _, _ = W.data(name, shape, torch.float32, n, 0)
+    module = W.make_module(torch_bn(shape), shape, torch.float32, kwargs, name, n).double()
+    xb = x.to(torch.bfloat16).double().requires_grad_()
+    y = module(xb)
+    y.backward(dy.to(torch.bfloat16).double())
+    for key, want in (("y", y.detach()), ("dx", xb.grad)):
+        whole = torch.cat([g[key] for g in got])
+        assert whole.dtype == torch.bfloat16
+        assert ((whole.double() - want).abs() <= 2 * 2.0 ** -8 * want.abs() + 1e-6 * want.abs().max()).all(), key
+    for key, want in (("dweight", module.weight.grad), ("dbias", module.bias.grad)):
+        total = sum(g[key] for g in got)
+        assert total.dtype == torch.float32 and rel(total.double(), want) < 1e-2, key
+    for g in got:
+        assert g["running_mean"].dtype == torch.float32 and torch.equal(g["running_mean"], got[0]["running_mean"])
+        assert rel(g["running_mean"].double(), module.running_mean) < 1e-5
+
+
 def test_gradients_of_gradients_are_a_clear_error(group):
     world, results = group
     for res in results:
@@ -276,6 +302,16 @@ def test_convert_sync_batchnorm():
     assert out[2][1].weight is None and out[2][1].num_features == 2
     single = nkt.convert_sync_batchnorm(torch.nn.BatchNorm1d(5))
     assert type(single) is nkt.SyncBatchNorm
+
+
+def test_convert_sync_batchnorm_keeps_a_sync_layers_own_process_group():
+    """A SyncBatchNorm's subgroup was replaced by the function's default (None: every process), silently; it is
+    kept unless process_group is given."""
+    subgroup, other = object(), object()  # (stand-ins: the layer only stores its group)
+    for layer in (torch.nn.SyncBatchNorm(3, process_group=subgroup), nkt.SyncBatchNorm(3, process_group=subgroup)):
+        assert nkt.convert_sync_batchnorm(layer).process_group is subgroup
+        assert nkt.convert_sync_batchnorm(layer, process_group=other).process_group is other
+    assert nkt.convert_sync_batchnorm(torch.nn.BatchNorm2d(3)).process_group is None
 
 
 def test_example_quick():

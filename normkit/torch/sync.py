@@ -116,7 +116,8 @@ class _SyncBatchNormFunction(torch.autograd.Function):
 
 
 class SyncBatchNorm(NotScriptable, _BatchNorm):
-    """:class:`torch.nn.SyncBatchNorm` for CPU tensors, computed by normkit's split kernels (float32/float64).
+    """:class:`torch.nn.SyncBatchNorm` for CPU tensors, computed by normkit's split kernels (float32/float64;
+    bfloat16 and float16 data in float32, as torch does).
 
     Same constructor, parameters, buffers, ``state_dict`` and ``repr`` as torch's, but not a subclass of it:
     :class:`torch.nn.parallel.DistributedDataParallel` refuses every ``torch.nn.SyncBatchNorm`` instance in a CPU
@@ -188,10 +189,13 @@ class SyncBatchNorm(NotScriptable, _BatchNorm):
     @differentiable.numpy_step("SyncBatchNorm layers, in a process group of more than one process,")
     def _synchronized(self, input: Tensor, running_mean, running_var, factor: float, group) -> Tensor:
         x = _input(_OP, input)
-        if x.dtype not in (torch.float32, torch.float64):  # the split kernels' NumPy functions take no others
-            raise TypeError(f"{_OP}: synchronized statistics need a float32 or float64 input, got "
-                            f"{str(x.dtype).removeprefix('torch.')}; cast it (or its model) to float32")
         weight, bias = _params(_OP, x, (x.shape[1],), self.weight, self.bias)
+        if x.dtype in (torch.bfloat16, torch.float16):
+            # computed in float32, as torch's SyncBatchNorm computes 16-bit data (statistics of the exact widened
+            # values; y and the input gradient rounded once from float32), the casts differentiable by autograd
+            return _SyncBatchNormFunction.apply(
+                x.float(), None if weight is None else weight.float(), None if bias is None else bias.float(),
+                running_mean, running_var, float(self.eps), float(factor), group, self.backend).to(x.dtype)
         return _SyncBatchNormFunction.apply(x, weight, bias, running_mean, running_var, float(self.eps),
                                             float(factor), group, self.backend)
 
@@ -201,7 +205,8 @@ def convert_sync_batchnorm(module: nn.Module, process_group=None) -> nn.Module:
     BatchNorm layer (torch's or normkit's BatchNorm1d/2d/3d, or a torch.nn.SyncBatchNorm) is replaced by a new
     module that carries the very same parameter and buffer objects; ``module`` itself is returned converted (a new
     object if it is a BatchNorm layer). BatchRenorm*d, GhostBatchNorm*d and the Keras-style BatchNormalization have
-    no synchronized version: a TypeError, rather than their semantics lost or their statistics left per process."""
+    no synchronized version: a TypeError, rather than their semantics lost or their statistics left per process.
+    A SyncBatchNorm (torch's or normkit's) keeps its own ``process_group`` unless ``process_group`` is given."""
     if not isinstance(module, nn.Module):
         raise TypeError(f"convert_sync_batchnorm: module must be a torch.nn.Module, got {type(module).__name__}")
     from .keras import BatchNormalization
@@ -219,8 +224,9 @@ def convert_sync_batchnorm(module: nn.Module, process_group=None) -> nn.Module:
             raise ValueError(f"convert_sync_batchnorm: this {type(module).__name__} applies activation="
                              f"{module.activation!r}, which SyncBatchNorm has no fused form of (built with "
                              f"activation= or by normkit.torch.fuse)")
+        group = process_group if process_group is not None else getattr(module, "process_group", None)
         out = SyncBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
-                            module.track_running_stats, process_group, bias=module.bias is not None)
+                            module.track_running_stats, group, bias=module.bias is not None)
         if module.affine:
             with torch.no_grad():
                 out.weight = module.weight
