@@ -333,12 +333,13 @@ def _load_kernels(entry: _Entry) -> dict | None:
     return kernels
 
 
-def _entry(name: str) -> _Entry:
+def _entry(name: str, source: str = "") -> _Entry:
+    """The installed backend ``name``; UnknownBackendError (its message prefixed with ``source``) otherwise."""
     with _lock:
         entries = _all()
         if name not in entries:
-            raise UnknownBackendError(f"unknown backend {name!r}{_disabled_hint()}; installed backends: "
-                                      f"{', '.join(sorted(entries)) or 'none'}")
+            raise UnknownBackendError(f"{source + ': ' if source else ''}unknown backend {name!r}{_disabled_hint()}; "
+                                      f"installed backends: {', '.join(sorted(entries)) or 'none'}")
         return entries[name]
 
 
@@ -351,11 +352,7 @@ def require_backend(name, source: str) -> None:
     and look kernels up later (a layer's constructor, convert), so the mistake shows where it is made."""
     if not isinstance(name, str):
         raise TypeError(f"{source}: backend must be a str or None, got {type(name).__name__}")
-    with _lock:
-        entries = _all()
-        if name not in entries:
-            raise UnknownBackendError(f"{source}: unknown backend {name!r}{_disabled_hint()}; installed backends: "
-                                      f"{', '.join(sorted(entries)) or 'none'}")
+    _entry(name, source)
 
 
 def default_order() -> tuple[str, ...]:
