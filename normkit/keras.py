@@ -164,7 +164,7 @@ class BatchNormalization:
         """Create the variables for inputs of ``input_shape`` (Keras's initial values: gamma 1, beta 0,
         moving_mean 0, moving_variance 1; with renorm moving_stddev 1, renorm_mean 0, renorm_stddev 1)."""
         if not self.built:  # (a layer is built once; torch's module rebuilds its core, whose variables it lends)
-            assigned = [k for k in self._VARIABLES if getattr(self, k) is not None]
+            assigned = self._weight_names()
             if assigned:  # build would replace them with the initial values, silently
                 raise ValueError(f"{self._who}: {', '.join(assigned)} assigned before the layer was built; build "
                                  f"it first (layer.build(input_shape)), then assign them or call set_weights")
@@ -390,11 +390,11 @@ class BatchNormalization:
     def get_weights(self) -> list[np.ndarray]:
         """The variables in tf_keras's order: gamma, beta (when present), moving_mean, moving_variance, and with
         renorm moving_stddev, renorm_mean, renorm_stddev."""
-        return [getattr(self, k).copy() for k in self._weight_names()] if self.built else []
+        return [getattr(self, k).copy() for k in self._weight_names()]
 
     def _weight_names(self) -> list[str]:
-        names = [k for k in ("gamma", "beta") if getattr(self, k) is not None] + ["moving_mean", "moving_variance"]
-        return names + (["moving_stddev", "renorm_mean", "renorm_stddev"] if self.renorm else [])
+        """The variables the layer has (built: per scale, center and renorm), in tf_keras's order."""
+        return [k for k in self._VARIABLES if getattr(self, k) is not None]
 
     def set_weights(self, weights) -> None:
         """Assign the variables from a list in :meth:`get_weights`'s order and shapes (tf_keras's), copied in the

@@ -779,12 +779,12 @@ def _compare(case: Case, name: str, got: np.ndarray, ref: np.ndarray, tol: np.nd
         if errors.size >= _BIAS_VALUES:
             failures += _rounding_bias(str(case), name, errors)
         elif pool is not None:
-            pool.setdefault(name, []).append(errors)
+            pool.setdefault((name, None), []).append(errors)
         if pool is not None:
             for w in _TAIL_WIDTHS:
                 tail = _run_tails(case, ref.shape, w)
                 if tail is not None:
-                    pool.setdefault(f"{name} at the last n % {w} of each run", []).append(
+                    pool.setdefault((name, w), []).append(
                         _rounding_errors(name, got64[tail], ref[tail], tol[tail], dtype))
     if over.any():
         i = _index(int(np.argmax(ratio)), ref.shape)
@@ -838,15 +838,16 @@ def _rounding_bias(label: str, name: str, errors: np.ndarray) -> list[Failure]:
 
 
 def _pooled_rounding(label: str, pool: dict) -> list[Failure]:
-    """The rounding check on one kernel's pooled errors: its small cases', per output, and every case's run tails
-    (see :func:`_run_tails`)."""
+    """The rounding check on one kernel's pooled errors, keyed (output, None) for its small cases' and (output,
+    width) for every case's run tails (see :func:`_run_tails`)."""
     failures = []
-    for name, parts in pool.items():
+    for (name, width), parts in pool.items():
         errors = np.concatenate(parts)
-        tails = " at the last " in name
-        if errors.size >= (_TAIL_VALUES if tails else _BIAS_VALUES):
-            pooled = f"{len(parts)} cases' run tails pooled" if tails else f"{len(parts)} smaller cases pooled"
-            failures += _rounding_bias(f"{label} ({pooled})", name, errors)
+        if width is None and errors.size >= _BIAS_VALUES:
+            failures += _rounding_bias(f"{label} ({len(parts)} smaller cases pooled)", name, errors)
+        elif width is not None and errors.size >= _TAIL_VALUES:
+            failures += _rounding_bias(f"{label} ({len(parts)} cases' run tails pooled)",
+                                       f"{name} at the last n % {width} of each run", errors)
     return failures
 
 

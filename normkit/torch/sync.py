@@ -190,14 +190,14 @@ class SyncBatchNorm(NotScriptable, _BatchNorm):
     def _synchronized(self, input: Tensor, running_mean, running_var, factor: float, group) -> Tensor:
         x = _input(_OP, input)
         weight, bias = _params(_OP, x, (x.shape[1],), self.weight, self.bias)
-        if x.dtype in (torch.bfloat16, torch.float16):
+        dtype = x.dtype
+        if dtype in (torch.bfloat16, torch.float16):
             # computed in float32, as torch's SyncBatchNorm computes 16-bit data (statistics of the exact widened
             # values; y and the input gradient rounded once from float32), the casts differentiable by autograd
-            return _SyncBatchNormFunction.apply(
-                x.float(), None if weight is None else weight.float(), None if bias is None else bias.float(),
-                running_mean, running_var, float(self.eps), float(factor), group, self.backend).to(x.dtype)
-        return _SyncBatchNormFunction.apply(x, weight, bias, running_mean, running_var, float(self.eps),
-                                            float(factor), group, self.backend)
+            x, weight, bias = (None if t is None else t.float() for t in (x, weight, bias))
+        y = _SyncBatchNormFunction.apply(x, weight, bias, running_mean, running_var, float(self.eps), float(factor),
+                                         group, self.backend)
+        return y.to(dtype)  # (itself where x was float32 or float64)
 
 
 def convert_sync_batchnorm(module: nn.Module, process_group=None) -> nn.Module:
