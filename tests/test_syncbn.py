@@ -314,6 +314,27 @@ def test_convert_sync_batchnorm_keeps_a_sync_layers_own_process_group():
     assert nkt.convert_sync_batchnorm(torch.nn.BatchNorm2d(3)).process_group is None
 
 
+
+def test_revert_makes_torchs_sync_batchnorm_again():
+    """revert left normkit's SyncBatchNorm layers as they were: they become torch.nn.SyncBatchNorm, with the same
+    parameter and buffer objects and process group, and without normkit's backend attribute."""
+    subgroup = object()
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 3, 1), torch.nn.SyncBatchNorm(3, process_group=subgroup))
+    nkt.convert_sync_batchnorm(model, process_group=None)
+    layer = model[1]
+    layer.backend = "numba"
+    tensors = [id(t) for t in (layer.weight, layer.bias, layer.running_mean, layer.running_var)]
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    assert nkt.revert(model) is model
+    assert type(model[1]) is torch.nn.SyncBatchNorm and model[1] is layer
+    assert model[1].process_group is subgroup and "backend" not in model[1].__dict__
+    assert [id(t) for t in (layer.weight, layer.bias, layer.running_mean, layer.running_var)] == tensors
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+    model.eval()
+    x = torch.randn(2, 1, 4, 4)
+    ref = torch.nn.functional.batch_norm(model[0](x), layer.running_mean, layer.running_var, layer.weight, layer.bias)
+    torch.testing.assert_close(model(x), ref)
+
 def test_example_quick():
     proc = subprocess.run([sys.executable, str(HERE.parent / "examples" / "ddp_syncbn.py"), "--quick"],
                           env=child_env(), capture_output=True, text=True, timeout=TIMEOUT)

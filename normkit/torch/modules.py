@@ -375,16 +375,19 @@ def convert(model: nn.Module, backend: str | None = None, *,
 
 def revert(model: nn.Module) -> nn.Module:
     """Undo :func:`convert`: every normkit normalization layer becomes its torch.nn class again, in place, and what
-    ``fuse=True`` fused is unfused. ValueError for a norm layer built with an activation (``activation=`` or
-    :func:`~normkit.torch.fuse`), which no torch.nn class can hold."""
+    ``fuse=True`` fused is unfused; a normkit :class:`~normkit.torch.SyncBatchNorm` becomes a
+    ``torch.nn.SyncBatchNorm`` (with its process group), undoing :func:`~normkit.torch.convert_sync_batchnorm`.
+    ValueError for a norm layer built with an activation (``activation=`` or :func:`~normkit.torch.fuse`), which
+    no torch.nn class can hold."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"revert: model must be a torch.nn.Module, got {type(model).__name__}")
     from .fuse import unfuse_model
+    from .sync import SyncBatchNorm
 
     unfuse_model(model)
     for module in model.modules():
         plain, parametrized = _plain_class(module)
-        cls = _TO_TORCH.get(plain)
+        cls = nn.SyncBatchNorm if plain is SyncBatchNorm else _TO_TORCH.get(plain)
         if isinstance(module, _DeclaredRMSNormForward):
             cls = plain._normkit_original
         if cls is not None:
