@@ -112,6 +112,7 @@ about -0.5.
 
 from __future__ import annotations
 
+import itertools
 import math
 import numbers
 import warnings
@@ -121,7 +122,7 @@ from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
-from . import half, reference, registry
+from . import alloc, half, reference, registry
 from .contract import (
     ACTIVATIONS, ADDRESS, DIRECTIONS, DTYPES, HALF_DTYPES, LAYOUTS, NCHW, NHWC, OPS, SPECS, SPLIT_DIRECTIONS, OpSpec,
     arg_dtype, plain_direction, with_addresses,
@@ -344,18 +345,28 @@ _GUARD = 16  # elements of sentinel before and after every array
 # element that still holds them was never written.
 _SENTINEL = {"float32": (np.uint32, 0x7F80DEAD), "float64": (np.uint64, 0x7FF00000DEADBEEF),
              "bfloat16": (np.uint16, 0x7F8D), "float16": (np.uint16, 0x7DAD)}
+# The guard zones of the inputs hold other signalling NaNs, the i-th input's this plus i, so that an output that
+# holds one (as it is or made quiet) names the input the kernel read past
+_INPUT_SENTINEL = {"float32": 0x7F80BE00, "float64": 0x7FF00000BEEF0000, "bfloat16": 0x7F90, "float16": 0x7D00}
 # The same NaN made quiet, payload kept: what arithmetic on a sentinel gives (an output added into, y += ...)
 _QUIET_BIT = {"float32": 0x00400000, "float64": 0x0008000000000000, "bfloat16": 0x0040, "float16": 0x0200}
 
 
 class _Guarded:
-    """An array inside a buffer with sentinel-filled guard zones; remembers the buffer's bits for comparison."""
+    """An array inside a buffer with sentinel-filled guard zones; remembers the buffer's bits for comparison.
+    ``shift``: the array starts that many elements past a 64-byte boundary (the frontends hand kernels views that
+    start on any element: the contract promises no more). ``guard``: the guard zones' bits (an input's), else the
+    output sentinel."""
 
-    def __init__(self, name: str, shape: tuple[int, ...], dtype: str, value: np.ndarray | None):
+    def __init__(self, name: str, shape: tuple[int, ...], dtype: str, value: np.ndarray | None, shift: int = 0,
+                 guard: int | None = None):
         self.name, self.dtype = name, dtype
         self.itype, bits = _SENTINEL[dtype]
+        if guard is not None:
+            bits = guard
         n = math.prod(shape)
-        self.buf = np.empty(n + 2 * _GUARD, np.uint16 if dtype in HALF_DTYPES else dtype)
+        size = n + 2 * _GUARD
+        self.buf = alloc.aligned_empty(size + shift, np.uint16 if dtype in HALF_DTYPES else dtype)[shift:]
         self.buf.view(self.itype)[:] = bits
         self.sentinel = bits
         self.array = self.buf[_GUARD:_GUARD + n].reshape(shape)
@@ -388,8 +399,15 @@ class _Guarded:
         return (self.bits()[_GUARD:-_GUARD] == self.sentinel).reshape(self.array.shape)
 
     def read_before_written(self) -> np.ndarray:
-        quiet = self.sentinel | _QUIET_BIT[self.dtype]
-        return (self.bits()[_GUARD:-_GUARD] == quiet).reshape(self.array.shape)
+        return self.holds(self.sentinel | _QUIET_BIT[self.dtype])
+
+    def holds(self, *patterns: int) -> np.ndarray:
+        """Where the array's elements have one of the bit ``patterns``."""
+        bits = self.bits()[_GUARD:-_GUARD]
+        found = np.zeros(bits.shape, bool)
+        for p in patterns:
+            found |= bits == p
+        return found.reshape(self.array.shape)
 
 
 # --- per-op geometry: how sets and weights map onto elements ---------------------------------------------------
@@ -881,14 +899,17 @@ def _run_case(case: Case, kernel, failures: list[Failure], pool: dict | None = N
     out_shapes = _output_shapes(case, inputs)
     expected = _expected(case, inputs, out_shapes)
     dtype_of = (lambda name: arg_dtype(case.direction, name, case.dtype))
-    guarded_in = {k: _Guarded(k, _layout_shape(case, k, v.shape), dtype_of(k), _in_layout(case, k, v))
-                  for k, v in inputs.items() if v is not None}
-    outs = {k: None if s is None else _Guarded(k, _layout_shape(case, k, s), dtype_of(k), None)
+    label = str(case)
+    given = [k for k, v in inputs.items() if v is not None]
+    # every other array starts one element past a 64-byte boundary, which case by case
+    shifts = itertools.count(zlib.crc32(label.encode()) % 2)
+    guarded_in = {k: _Guarded(k, _layout_shape(case, k, inputs[k].shape), dtype_of(k), _in_layout(case, k, inputs[k]),
+                              next(shifts) % 2, _INPUT_SENTINEL[dtype_of(k)] + i) for i, k in enumerate(given)}
+    outs = {k: None if s is None else _Guarded(k, _layout_shape(case, k, s), dtype_of(k), None, next(shifts) % 2)
             for k, s in out_shapes.items()}
     named = {k: None for k in inputs} | {k: g.array for k, g in guarded_in.items()}
     named |= {k: None if g is None else g.array for k, g in outs.items()}
     args = _args(case, named)
-    label = str(case)
     already = len(failures)
     try:
         with np.errstate(all="ignore"):
@@ -916,6 +937,13 @@ def _run_case(case: Case, kernel, failures: list[Failure], pool: dict | None = N
     for name, g in outs.items():
         if g is None:
             continue
+        past = [k for k, i in guarded_in.items() if i.dtype == g.dtype
+                and _in_layout(case, name, g.holds(i.sentinel, i.sentinel | _QUIET_BIT[g.dtype])).any()]
+        if past:
+            failures.append(Failure(label, "read outside inputs",
+                                    f"{name} holds the NaN of the guard zone around {' and '.join(past)}: the kernel "
+                                    f"read before or past the end of that input"))
+            continue
         unwritten = _in_layout(case, name, g.unwritten())  # (N, C, S) again: (N, S, C) transposed back
         if unwritten.any():
             i = tuple(int(j) for j in np.argwhere(unwritten)[0])
@@ -934,8 +962,8 @@ def _run_case(case: Case, kernel, failures: list[Failure], pool: dict | None = N
         failures.extend(_compare(case, name, _in_layout(case, name, g.array), expected[name], tolerances[name],
                                  pool))
     if case.repeat and len(failures) == already:  # a kernel that changed its inputs cannot be rerun on them
-        again = {k: None if s is None else _Guarded(k, _layout_shape(case, k, s), dtype_of(k), None).array
-             for k, s in out_shapes.items()}
+        again = {k: None if s is None else _Guarded(k, _layout_shape(case, k, s), dtype_of(k), None,
+                                                    next(shifts) % 2).array for k, s in out_shapes.items()}
         try:
             with np.errstate(all="ignore"):
                 kernel(*_args(case, named | again))

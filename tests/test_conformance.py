@@ -383,6 +383,40 @@ def test_unwritten_output_is_caught(register):
     assert unwritten[0].message == "1 of 35 elements of y were never written, first at y[4, 6]"
 
 
+def layernorm_reads_one_past_x(x, weight, bias, eps, y, mean, rstd):
+    flat = x.reshape(-1)
+    beyond = np.lib.stride_tricks.as_strided(flat, (flat.size + 1,), flat.strides)  # one element too many
+    reference.layernorm_forward(beyond[1:].reshape(x.shape), weight, bias, eps, y, mean, rstd)
+
+
+def test_read_past_an_input_is_named(register):
+    """A kernel reading one element past x met the guard's NaN there, which the kit took for its output sentinel:
+    "output read before written" (float32) or "unwritten output" (float64, the NaN copied bit for bit). The
+    inputs' guard zones hold NaNs of their own, and the kit names the input."""
+    name = register("overreader", {("layernorm", "forward"): layernorm_reads_one_past_x})
+    report = testing.check_backend(name, ops=["layernorm"], quick=True, dtypes=["float32", "float64"])
+    forward = [f for f in report if "layernorm forward" in f.case]
+    assert forward and {f.check for f in forward} == {"read outside inputs"}
+    assert {f.message for f in forward} >= {"y holds the NaN of the guard zone around x: the kernel read before or "
+                                            "past the end of that input"}
+
+
+def layernorm_needs_16_byte_alignment(x, weight, bias, eps, y, mean, rstd):
+    if any(a.ctypes.data % 16 for a in (x, weight, bias, y, mean, rstd) if a is not None):
+        raise RuntimeError("an aligned SIMD load would crash here")
+    reference.layernorm_forward(x, weight, bias, eps, y, mean, rstd)
+
+
+def test_arrays_start_at_any_element(register):
+    """The kit handed kernels 16-byte-aligned arrays only, while the frontends hand them views that start on any
+    element: a kernel assuming alignment conformed, then crashed in use. Each case now has arrays one element past
+    a 64-byte boundary."""
+    name = register("aligned_only", {("layernorm", "forward"): layernorm_needs_16_byte_alignment},
+                    kernels={"layernorm": ("forward",)})
+    report = testing.check_backend(name, quick=True, dtypes=["float32", "float64"])
+    assert {f.check for f in report} == {"raised"} and len({f.case for f in report}) == report.cases_run
+
+
 def layernorm_adds_into_its_output(x, weight, bias, eps, y, mean, rstd):
     out = np.empty_like(y)
     reference.layernorm_forward(x, weight, bias, eps, out, mean, rstd)
