@@ -89,3 +89,11 @@ def empty(shape, dtype, nbytes: int | None = None, near=()) -> np.ndarray:
     if nbytes is None:
         nbytes = math.prod(shape) * np.dtype(dtype).itemsize
     return aligned_empty(shape, dtype, near) if nbytes >= ALIGN_MIN_BYTES else np.empty(shape, dtype)
+
+
+def kernel_array(a, dtype=None) -> np.ndarray:
+    """``a`` as kernels are handed arrays (normkit.contract): C-contiguous and at an address that is a multiple of
+    its element size. NumPy keeps a view of a byte buffer at an odd offset (``np.frombuffer(..., offset=1)``) as it
+    is, and compiled kernels may not read floats there; such an array is copied."""
+    a = np.ascontiguousarray(a, dtype)
+    return a if a.flags.aligned else a.copy()

@@ -12,6 +12,8 @@ import math
 import numbers
 import operator
 
+import numpy as np
+
 from .contract import DTYPES, HALF_DTYPES
 
 
@@ -30,6 +32,13 @@ class UnsupportedInputError(TypeError, NotImplementedError):
     """An input that no kernel computes on, for its dtype (integers, bool, complex) or its layout (sparse, nested):
     a TypeError, and a NotImplementedError (a RuntimeError) as torch raises for an op "not implemented for
     'Long'" or a tensor of a backend it has no kernel for."""
+
+
+def unmasked(op: str, name: str, a) -> None:
+    """A masked array's mask would be dropped (its hidden values counted in the statistics): refused."""
+    if isinstance(a, np.ma.MaskedArray):
+        raise UnsupportedInputError(f"{op}: {name} is a masked array, whose mask normkit cannot honour; pass its "
+                                    f"values (a.filled(...) or a.data) or leave out the masked ones")
 
 
 def describe(a) -> str:

@@ -30,7 +30,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from . import activation as _activation, checks, recenter, registry
+from . import activation as _activation, alloc, checks, recenter, registry
 from .alloc import empty as _empty
 from .running import batch_variance, numpy_variance, update_running
 from .contract import ACT_PREFIX, HALF_DTYPES, NHWC, SPECS, OpSpec, on_columns, stat_dtype
@@ -94,32 +94,26 @@ def _grad_dtype(p, x: np.ndarray) -> np.dtype:
 
 # --- NumPy arrays ----------------------------------------------------------------------------------------------
 
-def _unmasked(op: str, name: str, a: np.ndarray) -> None:
-    """A masked array's mask would be dropped (its hidden values counted in the statistics): refused."""
-    if isinstance(a, np.ma.MaskedArray):
-        raise checks.UnsupportedInputError(f"{op}: {name} is a masked array, whose mask normkit cannot honour; "
-                                           f"pass its values (a.filled(...) or a.data) or leave out the masked ones")
-
-
 def as_input(op: str, name: str, x, min_ndim: int = 2) -> np.ndarray:
-    """A float32/float64/bfloat16/float16, native-byte-order, C-contiguous, non-empty array (copied only when
-    needed; never modified)."""
-    if (type(x) is np.ndarray and x.dtype in _KERNEL_DTYPES and x.ndim >= min_ndim and x.flags.c_contiguous
-            and x.size):
-        return x
+    """A float32/float64/bfloat16/float16, native-byte-order, C-contiguous, element-aligned, non-empty array
+    (copied only when needed; never modified)."""
+    if type(x) is np.ndarray and x.dtype in _KERNEL_DTYPES and x.ndim >= min_ndim and x.size:
+        flags = x.flags
+        if flags.c_contiguous and flags.aligned:
+            return x
     if not isinstance(x, np.ndarray):
         if isinstance(x, (str, bytes)) or x is None:
             raise checks.UnsupportedInputError(f"{op}: {name} must be a float32, float64, bfloat16 or float16 "
                                                f"array, got {checks.describe(x)}")
         x = np.asarray(x)
-    _unmasked(op, name, x)
+    checks.unmasked(op, name, x)
     checks.dtype(op, name, x.dtype.name)
     checks.shape(op, name, x.shape, min_ndim)
     if not x.dtype.isnative:
         x = x.astype(x.dtype.newbyteorder("="))
     if x.dtype.name in HALF_DTYPES:
         _KERNEL_DTYPES.setdefault(x.dtype, x.dtype.name)
-    return np.ascontiguousarray(x)
+    return alloc.kernel_array(x)
 
 
 _CHANNELS_LAST_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
@@ -129,7 +123,7 @@ def channels_last_view(x) -> np.ndarray | None:
     """The C-contiguous (N, S, C) view of a float array of 3 or more dims whose strides are channels-last (dim 1
     the fastest, then the spatial dims in order), or None: for any other array, and for one that is C-contiguous
     too (its NCHW view is the same memory)."""
-    if type(x) is not np.ndarray or x.ndim < 3 or x.flags.c_contiguous or not x.size:
+    if type(x) is not np.ndarray or x.ndim < 3 or x.flags.c_contiguous or not x.flags.aligned or not x.size:
         return None
     if x.dtype not in _CHANNELS_LAST_DTYPES:
         if x.dtype.name not in HALF_DTYPES or not x.dtype.isnative:
@@ -155,15 +149,15 @@ def as_param(op: str, name: str, p, shape: tuple, dtype: np.dtype) -> np.ndarray
     if p is None:
         return None
     if type(p) is np.ndarray and p.dtype == dtype and p.shape == shape and p.flags.c_contiguous and \
-            not _is_half(dtype):
+            p.flags.aligned and not _is_half(dtype):
         return p
     if not isinstance(p, np.ndarray):
         p = np.asarray(p)
-    _unmasked(op, name, p)
+    checks.unmasked(op, name, p)
     checks.param(op, name, p.shape, p.dtype.newbyteorder("="), shape, dtype)
     if not p.dtype.isnative:
         p = p.astype(p.dtype.newbyteorder("="))
-    return np.ascontiguousarray(p, dtype=_FLOAT32 if _is_half(dtype) else None)
+    return alloc.kernel_array(p, _FLOAT32 if _is_half(dtype) else None)
 
 
 def as_running(op: str, name: str, r, c: int, writable: bool) -> np.ndarray:
@@ -171,6 +165,7 @@ def as_running(op: str, name: str, r, c: int, writable: bool) -> np.ndarray:
     if not isinstance(r, np.ndarray):
         raise checks.ArgumentTypeError(f"{op}: {name} must be a NumPy array (it is updated in place), got "
                                        f"{checks.describe(r)}")
+    checks.unmasked(op, name, r)
     checks.running(op, name, r.shape, r.dtype.kind == "f" or r.dtype.name in HALF_DTYPES, r.dtype, c)
     if writable and not r.flags.writeable:
         raise checks.ArgumentError(f"{op}: {name} is read-only but training updates it in place")
@@ -317,8 +312,8 @@ class Op:
         dx = _empty(shape, dt, x.nbytes, (x, dy))
         dweight = None if weight is None else _empty(pshape, sdt)
         dbias = None if bias is None else _empty(pshape, sdt)
-        rstd = np.ascontiguousarray(saved.rstd, dtype=sdt)
-        mean = np.ascontiguousarray(saved.mean, dtype=sdt) if self.spec.centered else None
+        rstd = alloc.kernel_array(saved.rstd, sdt)
+        mean = alloc.kernel_array(saved.mean, sdt) if self.spec.centered else None
         dy, x = _bits(dy.reshape(shape)), _bits(x.reshape(shape))
         if training and dt == _FLOAT32 and mean is not None and recenter.needed(mean, rstd):
             x, mean = recenter.shifted(self.spec, x, mean, groups, nhwc)
@@ -588,8 +583,8 @@ class _RowOp(Op):
         dx = _empty(kshape, h.dtype, h.nbytes, (h, dy) if dh is None else (h, dy, dh))
         dweight = None if weight is None else _empty(pshape, sdt)
         dbias = None if bias is None else _empty(pshape, sdt)
-        mean = None if saved.mean is None else np.ascontiguousarray(saved.mean, dtype=sdt)
-        rstd = np.ascontiguousarray(saved.rstd, dtype=sdt)
+        mean = None if saved.mean is None else alloc.kernel_array(saved.mean, sdt)
+        rstd = alloc.kernel_array(saved.rstd, sdt)
         hk = h.reshape(kshape)
         if h.dtype == _FLOAT32 and mean is not None and recenter.needed(mean, rstd):
             hk, mean = recenter.shifted(spec, hk, mean, None)

@@ -6,11 +6,12 @@ import numbers
 
 import numpy as np
 
-from . import half
+from . import checks, half
 from .contract import HALF_DTYPES
 
 
 def _float_array(fn: str, name: str, a) -> np.ndarray:
+    checks.unmasked(fn, name, a)
     a = np.asarray(a)
     if a.dtype.kind != "f" and a.dtype.name not in HALF_DTYPES:  # ml_dtypes' bfloat16 is not of kind "f"
         raise TypeError(f"{fn}: {name} must be a float array, got dtype {a.dtype}")

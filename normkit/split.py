@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import registry
+from . import alloc, registry
 
 __all__ = ["Stats", "apply_coefficients", "backward_coefficients", "batchnorm_apply", "batchnorm_backward",
            "batchnorm_backward_apply", "batchnorm_backward_reduce", "batchnorm_forward", "batchnorm_stats",
@@ -83,7 +83,7 @@ def _view(name: str, a) -> np.ndarray:
         raise TypeError(f"{OP}: {name} must be float32 or float64, got dtype {a.dtype}")
     if a.ndim < 2 or a.size == 0:
         raise ValueError(f"{OP}: {name} must be a non-empty (N, C) or (N, C, *spatial) array, got shape {a.shape}")
-    return np.ascontiguousarray(a, native).reshape(a.shape[0], a.shape[1], -1)  # byte-swapped data: copied
+    return alloc.kernel_array(a, native).reshape(a.shape[0], a.shape[1], -1)  # byte-swapped or misaligned data: copied
 
 
 def _pair(dy, x) -> tuple[np.ndarray, np.ndarray]:
@@ -95,7 +95,7 @@ def _pair(dy, x) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _per_channel(name: str, v, c: int, dtype) -> np.ndarray:
-    v = np.ascontiguousarray(v, dtype=dtype)
+    v = alloc.kernel_array(v, dtype)
     if v.shape != (c,):
         raise ValueError(f"{OP}: {name} must have shape ({c},), got {v.shape}")
     return v

@@ -418,3 +418,63 @@ def test_list_shows_the_address_kernels():
     assert "batchnorm by address (bfloat16, float16, float32, float64): backward, forward, forward_infer" in listing
     assert "rmsnorm by address (bfloat16, float16, float32, float64): backward, forward" in listing
     assert listing.count(" by address (") == 5  # cython's only
+
+
+def _misaligned(values: np.ndarray, dtype) -> np.ndarray:
+    """``values`` in an array of ``dtype`` one byte into a buffer: its address is not a multiple of the element
+    size (``np.frombuffer(..., offset=1)``)."""
+    data = values.astype(dtype).tobytes()
+    return np.frombuffer(bytearray(b"\0" + data), dtype, offset=1).reshape(values.shape)
+
+
+def test_misaligned_data_reaches_kernels_as_an_aligned_copy(register):
+    """Views of a byte buffer at an odd offset went to the kernels as they were (NumPy keeps them; torch's
+    data_ptr() of one is odd), which compiled kernels may not read floats from; they are copied first, by both
+    frontends, with the results of aligned data."""
+    offsets = []
+
+    def recording(op, direction):
+        kernel = reference.KERNELS[(op, direction, "float32")]
+
+        def run(*args):
+            offsets.extend(a.ctypes.data % a.itemsize for a in args if isinstance(a, np.ndarray))
+            kernel(*args)
+        return run
+
+    table = {(op, d, "float32"): recording(op, d) for op in ("layernorm", "batchnorm") for d in SPECS[op].directions}
+    name = register(Backend("recorder", runtime_module(table), kernels={"layernorm": ("forward", "backward"),
+                                                                       "batchnorm": DIRECTIONS["batchnorm"]},
+                            dtypes=("float32",)))
+    rng = np.random.default_rng(0)
+    x, dy, w = rng.standard_normal((4, 6, 5)), rng.standard_normal((4, 6, 5)), rng.standard_normal(6)
+    ln, bn = normkit.get("layernorm"), normkit.get("batchnorm")
+    for a in (x, dy, w):
+        assert not _misaligned(a, np.float32).flags.aligned
+    y, saved = ln.forward(_misaligned(x, np.float32), (5,), backend=name)
+    grads = ln.backward(_misaligned(dy, np.float32), _misaligned(x, np.float32), saved, (5,), backend=name)
+    y_ref, saved_ref = ln.forward(x.astype(np.float32), (5,), backend=name)
+    np.testing.assert_array_equal(y, y_ref)
+    np.testing.assert_array_equal(grads[0], ln.backward(dy.astype(np.float32), x.astype(np.float32), saved_ref, (5,),
+                                                        backend=name)[0])
+    yb = bn(_misaligned(x, np.float32), weight=_misaligned(w, np.float32), training=True, backend=name)
+    np.testing.assert_array_equal(yb, bn(x.astype(np.float32), weight=w.astype(np.float32), training=True,
+                                         backend=name))
+
+    def tensor(a):
+        t = torch.frombuffer(bytearray(b"\0" + a.astype(np.float32).tobytes()), dtype=torch.float32, offset=1,
+                             count=a.size).view(a.shape)
+        assert t.data_ptr() % 4
+        return t
+
+    for fn in (lambda x, w: nt.layer_norm(x, (5,), w[:5], None, backend=name),
+               lambda x, w: nt.batch_norm(x, None, None, w, None, True, backend=name)):
+        xt, wt = tensor(x).requires_grad_(), tensor(w).requires_grad_()
+        out = fn(xt, wt)
+        out.backward(tensor(dy))
+        xc, wc = (torch.from_numpy(a.astype(np.float32)).requires_grad_() for a in (x, w))
+        expected = fn(xc, wc)
+        expected.backward(torch.from_numpy(dy.astype(np.float32)))
+        torch.testing.assert_close(out, expected, rtol=0, atol=0)
+        torch.testing.assert_close(xt.grad, xc.grad, rtol=0, atol=0)
+        torch.testing.assert_close(wt.grad, wc.grad, rtol=0, atol=0)
+    assert offsets and not any(offsets)

@@ -358,6 +358,17 @@ def test_masked_arrays_are_refused():
     w = np.ma.masked_array(np.ones(8, np.float32))
     with pytest.raises(TypeError, match="layernorm: weight is a masked array"):
         normkit.get("ln")(np.ones((4, 8), np.float32), 8, w)
+    # the running statistics (BatchNorm wrote into their masked slots) and the TensorFlow primitives (their
+    # statistics counted the hidden values)
+    running = np.ma.masked_array(np.zeros(8, np.float32), mask=[True] + [False] * 7)
+    with pytest.raises(TypeError, match="batchnorm: running_mean is a masked array"):
+        normkit.get("bn")(np.ones((4, 8), np.float32), running, np.ones(8, np.float32), training=True)
+    with pytest.raises(TypeError, match="moments: x is a masked array"):
+        normkit.moments(x, axes=[0])
+    with pytest.raises(TypeError, match="batch_normalization: x is a masked array"):
+        normkit.batch_normalization(x, 0.0, 1.0, None, None, 1e-3)
+    with pytest.raises(TypeError, match="batch_normalization: scale is a masked array"):
+        normkit.batch_normalization(x.data, 0.0, 1.0, None, w, 1e-3)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

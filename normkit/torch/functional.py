@@ -200,6 +200,21 @@ def _plain(x: Tensor, pshape: tuple, *tensors, channels_last: bool = False) -> i
     return plain
 
 
+def _misaligned(*tensors) -> bool:
+    """Whether a tensor (None: no) starts at an address that is not a multiple of its element size: a tensor over
+    a byte buffer at an odd offset (``torch.frombuffer(..., offset=1)``). Kernels are handed element-aligned memory
+    only (normkit.contract), so :func:`_aligned` copies such tensors."""
+    for t in tensors:
+        if t is not None and t.data_ptr() % t.element_size():
+            return True
+    return False
+
+
+def _aligned(*tensors) -> tuple:
+    """The tensors, each misaligned one (:func:`_misaligned`) replaced by a copy with its strides."""
+    return tuple(t if t is None or not _misaligned(t) else t.clone() for t in tensors)
+
+
 def _check_saved(op: str, dy: Tensor, x: Tensor, mean: Optional[Tensor], rstd: Tensor, stats_shape: tuple) -> None:
     if dy.shape != x.shape:
         raise checks.ArgumentError(f"{op}: grad_output must have the input's shape {tuple(x.shape)}, got "
@@ -357,6 +372,8 @@ def _forward(spec: OpSpec, x: Tensor, weight, bias, eps: float, groups: int, ksh
     y. ``act``: None, or the fused activation's (index, slope). ``plain``: what :func:`_plain` gave the call (the
     checks it stands for, and the layout, need no second look)."""
     direction = "forward" if running_mean is None else "forward_infer"
+    if _misaligned(x, weight, bias, running_mean, running_var):
+        x, weight, bias, running_mean, running_var = _aligned(x, weight, bias, running_mean, running_var)
     if plain == _CONTIGUOUS:
         if act is None and (running_mean is None or not save):
             kernel = registry.lookup_address(spec.name, direction, _KERNEL_DTYPES[x.dtype], backend)
@@ -516,6 +533,8 @@ def _backward(spec: OpSpec, dy: Tensor, x: Tensor, mean: np.ndarray, rstd: np.nd
     ``recentre``: whether x is first shifted by its mean (:mod:`normkit.recenter`), as forward's kernel told (None:
     decided here)."""
     direction = "backward" if batch_stats else "backward_infer"
+    if _misaligned(dy, x, weight, bias):
+        dy, x, weight, bias = _aligned(dy, x, weight, bias)
     if recentre or (recentre is None and x.dtype == torch.float32 and batch_stats and spec.centered
                     and recenter.needed(mean, rstd)):
         x, mean, plain = _recentered(spec, x, mean, groups, kshape, plain)
@@ -1354,7 +1373,7 @@ class _AddCall:
         """One kernel where the backend that runs the op has the fused add for the dtype; else the sum, then the
         op's kernel."""
         spec = self.spec
-        x, residual, weight, bias = (_contiguous(t) for t in (x, residual, weight, bias))
+        x, residual, weight, bias = (_contiguous(t) for t in _aligned(x, residual, weight, bias))
         used, fused = fused_kernel(spec.name, "add_forward", _KERNEL_DTYPES[x.dtype], self.backend)
         if fused is None or not x.numel():
             h = torch.add(x, residual)
@@ -1373,7 +1392,7 @@ class _AddCall:
     def backward(self, dy: Tensor, dh: Optional[Tensor], h: Tensor, weight, weight_grad: bool, bias_grad: bool):
         """(dx, dweight, dbias): dx is the gradient of both x and residual, the norm's backward plus dh."""
         spec = self.spec
-        dy, dh = _contiguous(dy), _contiguous(dh)
+        dy, dh, weight = _aligned(_contiguous(dy), _contiguous(dh), weight)
         used, fused = fused_kernel(spec.name, "add_backward", _KERNEL_DTYPES[h.dtype], self.backend)
         if fused is None or not h.numel():
             dx, dw, db = _backward(spec, dy, h, self.mean, self.rstd, weight, 0, self.kshape, True, self.pshape,
