@@ -165,6 +165,27 @@ def test_benchmark_backend_is_passed_to_convert():
     assert res.backend == "reference" and res.kernels == {"batchnorm": "reference"}
 
 
+def test_benchmark_takes_a_models_own_rmsnorm_classes():
+    """benchmark had no rmsnorm_classes, so a model whose norms are its own RMSNorm class (transformers' Llama) was
+    refused as having nothing to compare."""
+    class OwnRMSNorm(nn.Module):
+        def __init__(self, hidden):
+            super().__init__()
+            self.weight = nn.Parameter(torch.ones(hidden))
+            self.variance_epsilon = 1e-6
+
+        def forward(self, h):
+            return self.weight * h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+
+    model = nn.Sequential(nn.Linear(8, 8), OwnRMSNorm(8), nn.Linear(8, 8), OwnRMSNorm(8))
+    with pytest.raises(ValueError, match="none of rmsnorm_classes; nothing to compare"):
+        nt.benchmark(model, torch.randn(4, 8), file=None, **QUICK)
+    own = {OwnRMSNorm: nt.RMSNormSemantics(eps="variance_epsilon")}
+    res = nt.benchmark(model, torch.randn(4, 8), rmsnorm_classes=own, file=None, **QUICK)
+    assert res.layers == {"OwnRMSNorm": 2} and set(res.kernels) == {"rmsnorm"}
+    assert type(model[1]) is OwnRMSNorm  # the user's model untouched
+
+
 def test_benchmark_notes_norm_layers_convert_leaves_alone():
     class MyNorm(nn.BatchNorm2d):
         pass

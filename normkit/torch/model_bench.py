@@ -310,12 +310,14 @@ def _autocasting(run: Callable, dtype: Optional[torch.dtype]) -> Callable:
 
 def benchmark(model: nn.Module, example_inputs, *, steps: int = 20, warmup: int = 3, train: bool = True,
               infer: bool = True, backend: Optional[str] = None, loss_fn: Optional[Callable[[Any], Tensor]] = None,
-              compile: bool = False, autocast=None, fuse: bool = False, file=_STDOUT) -> BenchmarkResult:
+              compile: bool = False, autocast=None, fuse: bool = False, rmsnorm_classes=None,
+              file=_STDOUT) -> BenchmarkResult:
     """Time ``model`` with its torch.nn norm layers against a copy converted to normkit's; print a table.
 
     ``example_inputs`` is a tensor or a tuple of arguments: ``model(*example_inputs)``. Two deep copies are
     made: one keeps (or gets back) the torch.nn layers, the other is passed to ``convert(copy, backend=backend,
-    fuse=fuse)`` (``fuse=True``: norm layers fused with the activation after them, the count in ``result.fused``);
+    fuse=fuse, rmsnorm_classes=rmsnorm_classes)`` (``fuse=True``: norm layers fused with the activation after them,
+    the count in ``result.fused``; ``rmsnorm_classes``: a model's own RMSNorm classes, as convert takes them);
     ``model`` itself is left untouched. Before timing, one training forward and backward and one inference forward
     of each copy are compared, each copy's under the same random numbers (dropout draws the same masks);
     :class:`ModelMismatchError` if a floating-point output differs by more than 1e-3 of its largest magnitude, or a
@@ -376,12 +378,13 @@ def benchmark(model: nn.Module, example_inputs, *, steps: int = 20, warmup: int 
 
     # the two contenders: copies, never the user's instance (which may itself be converted already)
     torch_model = modules.revert(copy.deepcopy(model))
-    nk_model = modules.convert(copy.deepcopy(model), backend=backend, fuse=fuse)
-    classes = [modules._plain_class(m)[0] for m in nk_model.modules()]  # (under a parametrization's subclass)
-    layers = dict(sorted(Counter(cls.__name__ for cls in classes if cls in modules._TO_TORCH).items()))
+    nk_model = modules.convert(copy.deepcopy(model), backend=backend, fuse=fuse, rmsnorm_classes=rmsnorm_classes)
+    converted = [c for c in map(_converted, nk_model.modules()) if c is not None]
+    layers = dict(sorted(Counter(name for name, _ in converted).items()))
     if not layers:
         raise ValueError(f"benchmark: model ({type(model).__name__}) has no torch.nn normalization layer that "
-                         f"normkit.torch.convert replaces ({', '.join(sorted(_OPS))}); nothing to compare")
+                         f"normkit.torch.convert replaces ({', '.join(sorted(_OPS))}) and none of rmsnorm_classes; "
+                         f"nothing to compare")
     notes = _coverage_notes(torch_model)
     # the norm layers see the autocast dtype (a 16-bit convolution's or linear layer's output)
     dtype = autocast or next((p.dtype for p in nk_model.parameters() if p.is_floating_point()), torch.float32)
@@ -390,7 +393,7 @@ def benchmark(model: nn.Module, example_inputs, *, steps: int = 20, warmup: int 
     low = dtype if dtype in (torch.bfloat16, torch.float16) else None
     rtol = RTOL if low is None else max(RTOL, 8 * torch.finfo(low).eps)
     kernels = {}
-    for op in dict.fromkeys(_OPS[cls] for cls in layers):
+    for op in dict.fromkeys(op for _, op in converted):
         try:
             kernels[op] = registry.lookup(op, "forward", str(dtype).removeprefix("torch."), backend)[0]
         except Exception as exc:  # the header says so; the first call below raises it if a layer needs the kernel
@@ -532,6 +535,17 @@ def _compare_outputs(what: str, outs: Sequence, agreement: dict[str, float], rto
     for e, a in zip(expected, actual):
         if isinstance(e, Tensor) and isinstance(a, Tensor):
             _compare(what, what, e, a, agreement, rtol)
+
+
+def _converted(module: nn.Module) -> Optional[tuple[str, str]]:
+    """(class name, op) of a layer that convert() made normkit's, else None: a torch.nn class's name, or the name
+    of a model's own RMSNorm class taken with rmsnorm_classes."""
+    cls = modules._plain_class(module)[0]  # (under a parametrization's subclass)
+    if cls in modules._TO_TORCH:
+        return cls.__name__, _OPS[cls.__name__]
+    if issubclass(cls, modules._DeclaredRMSNormForward):
+        return cls._normkit_original.__name__, "rmsnorm"
+    return None
 
 
 def _coverage_notes(torch_model: nn.Module) -> list[str]:
