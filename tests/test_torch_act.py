@@ -327,6 +327,28 @@ class _Taps(nn.Module):
         return self.seq(F.gelu(self.inner[0](h))) + self.seq[1](h)
 
 
+def test_rewritten_modules_copy_and_refuse_pickle_clearly():
+    """A module whose forward convert(fuse=True) rewrote cannot be pickled (its forward has no name); pickle said
+    the user's class was "not the same object" as itself, naming neither normkit nor what to do. copy and deepcopy
+    keep working, with the rewritten forward."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), _Taps(4, nn.GroupNorm(2, 4))).eval()
+    nt.convert(model, fuse=True)
+    assert nt.fusion_report(model).fused
+    with pytest.raises(pickle.PicklingError, match=r"_Taps: its forward was rewritten by normkit.torch.convert\("
+                                                   r"fuse=True\), which pickle cannot save; save the model's "
+                                                   r"state_dict\(\) instead, or normkit.torch.revert\(model\)"):
+        pickle.dumps(model)
+    x = torch.randn(2, 3, 4, 4)
+    for twin in (copy.deepcopy(model), copy.copy(model)):
+        assert type(twin[1]) is type(model[1])
+        torch.testing.assert_close(twin(x), model(x))
+    deep = copy.deepcopy(model)
+    assert deep[1].norm is not model[1].norm and copy.copy(model[1]).norm is model[1].norm
+    nt.revert(deep)
+    assert len(pickle.dumps(deep))
+
+
 def test_fused_call_sites_leave_the_modules_alone(monkeypatch):
     """convert(fuse=True) rewrites call sites, not modules: every norm called alone (``seq[1](x)``, by another
     method, by a hook-based feature extractor) gives its own output, so one norm called in several places fuses

@@ -1025,7 +1025,31 @@ def _traced_class(cls: type, forward, fusions: tuple = ()) -> type:
     return type(cls.__name__, (cls,), {"forward": forward, "_normkit_fx_original": cls, "_normkit_fusions": fusions,
                                        "__module__": cls.__module__, "__qualname__": cls.__qualname__,
                                        "__doc__": f"{cls.__qualname__} with norm + activation pairs fused by "
-                                                  f"normkit.torch.convert(fuse=True)"})
+                                                  f"normkit.torch.convert(fuse=True)",
+                                       "__reduce_ex__": _refuse_pickle, "__copy__": _copy, "__deepcopy__": _deepcopy})
+
+
+def _refuse_pickle(self, protocol):
+    # pickle would save the class by the user's name, find the user's class there and say it is "not the same
+    # object", which blames the user's library; the rewritten forward has no name pickle could find
+    raise pickle.PicklingError(f"{type(self).__qualname__}: its forward was rewritten by normkit.torch.convert("
+                               f"fuse=True), which pickle cannot save; save the model's state_dict() instead, or "
+                               f"normkit.torch.revert(model) before pickling it")
+
+
+def _copy(self):
+    """copy.copy, as for any module (it would otherwise ask __reduce_ex__, which refuses pickling)."""
+    new = object.__new__(type(self))
+    new.__setstate__(dict(self.__dict__))
+    return new
+
+
+def _deepcopy(self, memo):
+    """copy.deepcopy, as for any module (see _copy): the class object itself, the state deep-copied."""
+    new = object.__new__(type(self))
+    memo[id(self)] = new
+    new.__setstate__(copy.deepcopy(self.__dict__, memo))
+    return new
 
 
 def unfuse_model(model: nn.Module) -> None:
