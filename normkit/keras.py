@@ -279,8 +279,8 @@ class BatchNormalization:
         layout = self._layout(x.shape, 0)
         x3 = self._to_kernel(x, layout)
         rstd = 1.0 / np.sqrt(self._flat("moving_variance") + self.epsilon)
-        scale, shift = split.apply_coefficients(self._flat("moving_mean"), rstd, self._weight(),
-                                                self._bias(), x.dtype)
+        x3, centre = split.centered(x3, self._flat("moving_mean"), rstd)
+        scale, shift = split.apply_coefficients(centre, rstd, self._weight(), self._bias(), x.dtype)
         y3 = split.batchnorm_apply(x3, scale, shift, self.backend)
         return self._from_kernel(y3, layout, x.shape)
 
@@ -314,9 +314,10 @@ class BatchNormalization:
         w = (1.0 if gamma is None else gamma) * r                       # y = w * xhat + b, r and d constants
         b = (1.0 if gamma is None else gamma) * d + (0.0 if beta is None else beta)
         w_gc, b_gc = np.tile(w, g), np.tile(b, g)
+        xc, centre = split.centered(x3, mean_gc, rstd_gc)
         with np.errstate(invalid="ignore"):
-            scale, shift = split.apply_coefficients(mean_gc, rstd_gc, w_gc, b_gc, x.dtype, var_gc)
-        y3 = split.batchnorm_apply(x3, scale, shift, self.backend)
+            scale, shift = split.apply_coefficients(centre, rstd_gc, w_gc, b_gc, x.dtype, var_gc)
+        y3 = split.batchnorm_apply(xc, scale, shift, self.backend)
         for name, v in renorm_state.items():  # (the state moves only once the call has succeeded)
             setattr(self, name, v)
         self._update(new_mean, new_var)
@@ -377,9 +378,10 @@ class BatchNormalization:
             raise TypeError(f"{self._who}: dy must have the last training call's input dtype {x3.dtype}, got "
                             f"{dy.dtype}")
         dy3 = self._to_kernel(dy, layout)
-        sum_dy, sum_dy_xhat = split.batchnorm_backward_reduce(dy3, x3, mean_gc, rstd_gc, self.backend)
+        x3, centre = split.centered(x3, mean_gc, rstd_gc)
+        sum_dy, sum_dy_xhat = split.batchnorm_backward_reduce(dy3, x3, centre, rstd_gc, self.backend)
         with np.errstate(invalid="ignore"):  # (rstd inf: see _train)
-            a, b, dd = split.backward_coefficients(mean_gc, rstd_gc, w_gc, sum_dy, sum_dy_xhat, count, x3.dtype)
+            a, b, dd = split.backward_coefficients(centre, rstd_gc, w_gc, sum_dy, sum_dy_xhat, count, x3.dtype)
         dx = self._from_kernel(split.batchnorm_backward_apply(dy3, x3, a, b, dd, self.backend), layout, shape)
         sdy = sum_dy.reshape(g, self._c).sum(axis=0)
         sdyx = sum_dy_xhat.reshape(g, self._c).sum(axis=0)

@@ -34,20 +34,21 @@ def cases():
     out.append(("cumulative-float64", (3, 4, 5), torch.float64, {"momentum": None}))
     out.append(("noaffine-norunning-float64", (3, 4, 5), torch.float64,
                 {"affine": False, "track_running_stats": False}))
+    out.append(("offset-float32", (4, 6), torch.float32, {}))  # mean 1e4, compared with float64 BatchNorm
     return out
 
 
 def data(name: str, shape, dtype, n: int, step: int):
     """The whole batch (x, dy) and the affine parameters of one case and step: channels with std 1 and mean 1e4
-    in float64, mean 10 in float32."""
+    in float64, mean 10 in float32; the "offset" cases' mean 1e4 and every value a float32 one (the same values in
+    float64, for the reference)."""
     rng = np.random.default_rng([sum(map(ord, name)), step])
-    mean = 1e4 if dtype == torch.float64 else 10.0
-    x = torch.from_numpy(rng.standard_normal((n, *shape)) + mean).to(dtype)
-    dy = torch.from_numpy(rng.standard_normal((n, *shape))).to(dtype)
+    offset = name.startswith("offset")
+    mean = 1e4 if dtype == torch.float64 or offset else 10.0
     c = shape[0]
-    weight = torch.from_numpy(rng.uniform(0.5, 1.5, c)).to(dtype)
-    bias = torch.from_numpy(rng.standard_normal(c)).to(dtype)
-    return x, dy, weight, bias
+    arrays = (rng.standard_normal((n, *shape)) + mean, rng.standard_normal((n, *shape)), rng.uniform(0.5, 1.5, c),
+              rng.standard_normal(c))
+    return tuple(torch.from_numpy(a.astype(np.float32) if offset else a).to(dtype) for a in arrays)
 
 
 def bounds(world: int, rank: int) -> tuple[int, int]:

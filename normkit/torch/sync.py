@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..split import (Stats, apply_coefficients, backward_coefficients, batchnorm_apply, batchnorm_backward_apply,
-                     batchnorm_backward_reduce, batchnorm_stats, merge_stats)
+                     batchnorm_backward_reduce, batchnorm_stats, centered, merge_stats)
 from . import differentiable
 from .functional import _input, _np, _params, batch_norm, channels_last, in_layout
 from .modules import NotScriptable, fx_node
@@ -77,9 +77,9 @@ class _SyncBatchNormFunction(torch.autograd.Function):
                     new = (1.0 - momentum) * buf.double() + momentum * torch.from_numpy(value)
                     buf.copy_(new)
         if x.numel():
-            w, b = _np(weight), _np(bias)
-            scale, shift = apply_coefficients(mean, rstd, w, b, _np(x).dtype, stats.var)
-            y = in_layout(torch.from_numpy(batchnorm_apply(_np(x), scale, shift, backend)), ctx.nhwc)
+            xc, centre = centered(_np(x), mean, rstd)
+            scale, shift = apply_coefficients(centre, rstd, _np(weight), _np(bias), xc.dtype, stats.var)
+            y = in_layout(torch.from_numpy(batchnorm_apply(xc, scale, shift, backend)), ctx.nhwc)
         else:
             y = torch.empty_like(x)
         ctx.save_for_backward(x, weight)
@@ -93,8 +93,9 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         c = x.shape[1]
         dy = dy.contiguous()
+        xc, centre = centered(_np(x), ctx.mean, ctx.rstd)
         if x.numel():
-            sum_dy, sum_dy_xhat = batchnorm_backward_reduce(_np(dy), _np(x), ctx.mean, ctx.rstd, ctx.backend)
+            sum_dy, sum_dy_xhat = batchnorm_backward_reduce(_np(dy), xc, centre, ctx.rstd, ctx.backend)
         else:
             sum_dy, sum_dy_xhat = np.zeros(c), np.zeros(c)
         # the local sums (torch's convention: DDP reduces parameter gradients), before the all_reduce
@@ -106,9 +107,9 @@ class _SyncBatchNormFunction(torch.autograd.Function):
             dist.all_reduce(both, dist.ReduceOp.SUM, ctx.group)  # collective 2 of 2
             g = both.numpy()
             if x.numel():
-                a, b, d = backward_coefficients(ctx.mean, ctx.rstd, None if weight is None else _np(weight),
-                                                g[:c], g[c:], ctx.count, _np(x).dtype)
-                dx = in_layout(torch.from_numpy(batchnorm_backward_apply(_np(dy), _np(x), a, b, d, ctx.backend)),
+                a, b, d = backward_coefficients(centre, ctx.rstd, None if weight is None else _np(weight),
+                                                g[:c], g[c:], ctx.count, xc.dtype)
+                dx = in_layout(torch.from_numpy(batchnorm_backward_apply(_np(dy), xc, a, b, d, ctx.backend)),
                                ctx.nhwc)
             else:
                 dx = torch.empty_like(x)
