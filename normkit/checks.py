@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import numbers
 import operator
+import sys
 
 import numpy as np
 
@@ -148,9 +149,15 @@ def batchnorm_eps(op: str, value, training) -> None:
 
 def _index(value) -> int:
     """``operator.index(value)`` (ints of any kind, a 0-d integer array or tensor), refusing a bool, which is an int
-    to Python and not to torch: TypeError."""
+    to Python and not to torch: TypeError. A torch.SymInt (a size under torch.compile or torch.export) is returned as
+    it is: its index() would fix the size to its current value in the compiled graph."""
     if isinstance(value, bool):
         raise TypeError(value)
+    if type(value) is int:  # (torch.compile's tracing sees a SymInt as an int)
+        return value
+    torch = sys.modules.get("torch")  # (normkit does not import torch; a SymInt exists only where torch was)
+    if torch is not None and isinstance(value, torch.SymInt):
+        return value
     return operator.index(value)
 
 

@@ -303,6 +303,25 @@ def test_add_forms_without_grad_and_compiled():
     torch.testing.assert_close(y, F.layer_norm(x + r, (16,), w, None))
 
 
+def test_dynamic_hidden_size_compiles_once():
+    """Under dynamic shapes the checks of normalized_shape took each size with operator.index, which fixed a
+    symbolic size to its value: a graph per hidden size (torch's F: one), and mark_dynamic / torch.export with a
+    Dim on it refused. The values stay the eager ones."""
+    from torch._dynamo.testing import CompileCounter
+
+    for fn in (lambda x, r, w: nt.layer_norm(x, (x.shape[-1],), w, w), lambda x, r, w: nt.rms_norm(x, x.shape[-1:], w),
+               lambda x, r, w: nt.add_layer_norm(x, r, x.shape[-1:], w, None)[0],
+               lambda x, r, w: nt.add_rms_norm(x, r, (x.shape[-1],), w)[1]):
+        torch._dynamo.reset()
+        counter = CompileCounter()
+        compiled = torch.compile(fn, backend=counter, dynamic=True, fullgraph=True)
+        for hidden in (8, 12, 20):
+            x, r, w = torch.randn(3, hidden), torch.randn(3, hidden), torch.rand(hidden) + 0.5
+            torch.testing.assert_close(compiled(x, r, w), fn(x, r, w))
+        assert counter.frame_count == 1
+    torch._dynamo.reset()
+
+
 def test_rmsnorm_module_and_convert():
     model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.RMSNorm(8), torch.nn.RMSNorm([2, 4], eps=1e-3,
                                                                                               elementwise_affine=False))

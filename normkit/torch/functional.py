@@ -175,7 +175,7 @@ def _plain(x: Tensor, pshape: tuple, *tensors, channels_last: bool = False) -> i
     BatchNorm2d eval call at (32, 128, 7, 7) right after a convolution paid ~70 µs of Python where a loop of calls
     pays ~10; ``python benchmarks/test_overhead.py``, its last table, times calls in that context)."""
     dtype = x.dtype
-    if dtype not in _KERNEL_DTYPES or not x.is_cpu or not x.numel() or x.is_neg():
+    if dtype not in _KERNEL_DTYPES or not x.is_cpu or not x.numel() or x.is_neg() or _misaligned(x):
         return 0
     try:
         if x.is_contiguous():
@@ -195,7 +195,7 @@ def _plain(x: Tensor, pshape: tuple, *tensors, channels_last: bool = False) -> i
             return 0
     for t in tensors:
         if t is not None and not (isinstance(t, Tensor) and t.dtype == dtype and t.shape == pshape and t.is_cpu
-                                  and t.is_contiguous() and not t.is_neg()):
+                                  and t.is_contiguous() and not t.is_neg() and not _misaligned(t)):
             return 0
     return plain
 
@@ -372,7 +372,7 @@ def _forward(spec: OpSpec, x: Tensor, weight, bias, eps: float, groups: int, ksh
     y. ``act``: None, or the fused activation's (index, slope). ``plain``: what :func:`_plain` gave the call (the
     checks it stands for, and the layout, need no second look)."""
     direction = "forward" if running_mean is None else "forward_infer"
-    if _misaligned(x, weight, bias, running_mean, running_var):
+    if not plain and _misaligned(x, weight, bias, running_mean, running_var):  # (_plain checked its tensors)
         x, weight, bias, running_mean, running_var = _aligned(x, weight, bias, running_mean, running_var)
     if plain == _CONTIGUOUS:
         if act is None and (running_mean is None or not save):
@@ -533,7 +533,7 @@ def _backward(spec: OpSpec, dy: Tensor, x: Tensor, mean: np.ndarray, rstd: np.nd
     ``recentre``: whether x is first shifted by its mean (:mod:`normkit.recenter`), as forward's kernel told (None:
     decided here)."""
     direction = "backward" if batch_stats else "backward_infer"
-    if _misaligned(dy, x, weight, bias):
+    if _misaligned(dy) or not plain and _misaligned(x, weight, bias):  # (_plain checked x and weight in forward)
         dy, x, weight, bias = _aligned(dy, x, weight, bias)
     if recentre or (recentre is None and x.dtype == torch.float32 and batch_stats and spec.centered
                     and recenter.needed(mean, rstd)):
