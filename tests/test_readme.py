@@ -42,3 +42,11 @@ def test_16_bit_examples_run():
     assert len(blocks) == 2
     for block in blocks:
         exec(compile(block, "README.md", "exec"), {})
+
+
+def test_the_checkout_holds_no_package_but_normkits_own():
+    """A Python started in the checkout (python -m pytest, python -c, a notebook) has it first on sys.path, so a
+    package directory there hides any installed package of its name: a kernels/ hid PyPI's kernels package, which
+    transformers imports. The README's layout paragraph names the directories."""
+    packages = sorted(p.name for p in ROOT.iterdir() if (p / "__init__.py").is_file())
+    assert packages == ["normkit", "normkit_kernels"]
