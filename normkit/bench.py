@@ -24,6 +24,7 @@ from __future__ import annotations
 import ctypes
 import gc
 import json
+import math
 import os
 import platform
 import sys
@@ -67,13 +68,18 @@ class BenchError(RuntimeError):
 
 @dataclass
 class Contender:
-    """One thing to time: ``call()`` runs one pass; ``output()`` runs one and returns y or dx (kernel shape)."""
+    """One thing to time: ``call()`` runs one pass; ``output()`` runs one and returns what it computed of
+    :data:`CHECKED` (kernel shapes, as the kernels store them)."""
 
     name: str
     kind: str  # "backend", "baseline" (PyTorch), "peer" (torch.compile), "copy" or "read"
     call: Callable[[], object]
-    output: Callable[[], np.ndarray] | None = None
+    output: Callable[[], dict[str, np.ndarray]] | None = None
     load_s: float = 0.0
+
+
+# the outputs of a pass that are compared with PyTorch's (the statistics follow other conventions in torch)
+CHECKED = {"forward": ("y", "h"), "backward": ("dx", "dweight", "dbias")}
 
 
 def _nhwc(a: np.ndarray, near=()) -> np.ndarray:
@@ -146,7 +152,11 @@ def prepare(case: Case, direction: str, name: str, inputs: dict | None = None, l
 
     def output():
         kernel(*args)
-        return result.transpose(0, 2, 1) if layout == NHWC else result
+        named = {k: out[k] for k in CHECKED[direction] if k in out and k in case.spec.args(case.kernel_direction(
+            direction))}
+        if layout == NHWC:
+            named[data] = result.transpose(0, 2, 1)
+        return named
 
     return Contender(name, "backend", call, output, load_s)
 
@@ -279,6 +289,12 @@ class Row:
     layout: str = NCHW  # of this row's kernel: "nhwc" (channels-last) or "nchw"
 
 
+def shown_name(row: Row, channels_last: bool) -> str:
+    """A row's contender as the report and the plot name it: a backend's with its kernel's layout in a table that
+    has channels-last rows (``channels_last``), where each backend's NCHW kernel runs alongside."""
+    return f"{row.name} {row.layout}" if channels_last and row.kind == "backend" else row.name
+
+
 @dataclass
 class BenchResult:
     machine: dict
@@ -301,7 +317,7 @@ class BenchResult:
         best = any(r.ratio_to_best is not None for r in self.rows)
         lines = [f"normkit bench | {machine_line(self.machine)}",
                  "median and p10-p90 of interleaved rounds; GB/s counts the bytes that must move (x, y forward; "
-                 "x, dy, dx backward);",
+                 "x, dy, dx backward; the fused add: x, residual, y, h forward, dy, dh, h, dx backward);",
                  f"% copy, % read: share of the speed of a copy (read half the bytes, write half) and of a pure read "
                  f"of the same bytes, on {threads} thread{'s' if threads != 1 else ''}, in the same rounds;",
                  "time/torch: per-round ratio to PyTorch's kernel (< 1 is faster)"
@@ -322,7 +338,7 @@ class BenchResult:
                 to_best = "-" if r.ratio_to_best is None or r.kind in CEILINGS else f"{r.ratio_to_best:.2f}"
                 p1090 = f"{_ms(r.p10_s)} - {_ms(r.p90_s)}"
                 check = "" if r.kind in CEILINGS else r.check
-                name = f"{r.name} {r.layout}" if layout and r.kind == "backend" else r.name
+                name = shown_name(r, bool(layout))
                 lines.append(f"  {name:<14}{_ms(r.median_s):>11}{p1090:>21}{r.gb_per_s:>9.1f}"
                              f"{r.pct_of_copy:>7.0f}%{r.pct_of_read:>7.0f}%   {ratio:<20}"
                              + (f"{to_best:<11}" if best else "") + check)
@@ -578,26 +594,31 @@ def _run_task(case, direction, names, baseline, compile, repeat, min_time, seed,
 
 
 def _check_outputs(case, direction, contenders, notes) -> list[str]:
-    """Compare each backend's y or dx with PyTorch's once, so that a fast but wrong kernel cannot pass unseen."""
+    """Compare each backend's outputs (:data:`CHECKED`: y and the fused add's h, or dx, dweight and dbias) with
+    PyTorch's once, so that a fast but wrong kernel, or one that skips an output, cannot pass unseen. Each output
+    is held to the tolerance relative to its own largest magnitude (at least 1)."""
     base = next((c for c in contenders if c.kind == "baseline"), None)
     if base is None:
         return ["-"] * len(contenders)
-    output = "y" if direction == "forward" else "dx"
-    expected = case.values(output, base.output())
-    scale = max(1.0, float(np.abs(expected).max()))
+    expected = {k: case.values(k, a) for k, a in base.output().items()}
     tol = CHECK_TOL[(case.dtype, direction)]
     checks = []
     for c in contenders:
         if c.kind not in ("backend", "peer"):
             checks.append("-")
             continue
-        err = float(np.abs(case.values(output, c.output()) - expected).max()) / scale
-        if err <= tol:  # also False for NaN
+        got = c.output()
+        errors = {k: (float(np.abs(case.values(k, got[k]) - e).max()) / max(1.0, float(np.abs(e).max()))
+                      if k in got else math.inf) for k, e in expected.items()}
+        wrong = {k: err for k, err in errors.items() if not err <= tol}  # (NaN too)
+        if not wrong:
             checks.append("ok")
-        else:
-            checks.append(f"MISMATCH {err:.1e}")
-            _note(notes, f"{c.name}: {case.label} {direction} differs from PyTorch by {err:.1e} (relative), "
-                         f"more than {tol:.0e}")
+            continue
+        worst = max(wrong, key=lambda k: wrong[k] if not math.isnan(wrong[k]) else math.inf)
+        checks.append(f"MISMATCH {wrong[worst]:.1e} ({worst})")
+        _note(notes, f"{c.name}: {case.label} {direction} differs from PyTorch by "
+                     + ", ".join(f"{err:.1e} in {k}" for k, err in wrong.items())
+                     + f" (relative), more than {tol:.0e}")
     return checks
 
 

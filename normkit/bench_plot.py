@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import os
 
-from .bench import BenchResult, machine_line
+from .bench import BenchResult, machine_line, shown_name
+from .contract import NHWC
 
 MISSING = "--plot needs matplotlib, which is not installed; install it with: pip install 'normkit[plot]'"
 
@@ -43,10 +44,17 @@ def plot(result: BenchResult, path) -> None:
     require_matplotlib()
     from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend
 
+    # a group with channels-last rows has each backend twice, its channels-last and its NCHW kernel: the table's
+    # names tell them apart
+    channels_last = {(r.label, r.direction) for r in result.rows if r.layout == NHWC}
     groups: dict[tuple[str, str], dict[str, float]] = {}
+    names: dict[str, None] = {}
     for r in result.rows:
-        groups.setdefault((r.label, r.direction), {})[r.name] = r.gb_per_s
-    names = list(dict.fromkeys(r.name for r in result.rows if r.kind not in ("copy", "read")))
+        name = shown_name(r, (r.label, r.direction) in channels_last)
+        groups.setdefault((r.label, r.direction), {})[name] = r.gb_per_s
+        if r.kind not in ("copy", "read"):
+            names[name] = None
+    names = list(names)
     height = 1.0 / (len(names) + 1)
 
     fig = Figure(figsize=(9, 1.5 + 0.2 * len(groups) * (len(names) + 1)), layout="constrained")

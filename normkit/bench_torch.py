@@ -170,10 +170,9 @@ def _channels_last(case: Case, a: np.ndarray) -> "torch.Tensor":  # noqa: F821
 
 
 def prepare(case: Case, direction: str, inputs: dict,
-            layout: str = "nchw") -> tuple[Callable[[], object], Callable[[], np.ndarray]]:
-    """``(call, output)``: ``call()`` runs one pass; ``output()`` runs one and returns y or dx as NumPy, shaped
-    like the (NCHW) kernels' outputs. ``layout="nhwc"``: on channels-last tensors (PyTorch's channels-last
-    kernels)."""
+            layout: str = "nchw") -> tuple[Callable[[], object], Callable[[], dict]]:
+    """``(call, output)``: ``call()`` runs one pass; ``output()`` runs one and returns its outputs as
+    :func:`outputs` names them. ``layout="nhwc"``: on channels-last tensors (PyTorch's channels-last kernels)."""
     import torch
 
     if case.op not in BASELINES:
@@ -186,10 +185,10 @@ def prepare(case: Case, direction: str, inputs: dict,
     if case.add:
         r, dh = (_data(case, inputs[k]) for k in ("residual", "dh"))  # stored as x is (16-bit: uint16 patterns)
         call = _add_baseline(case, x, r, dy, dh, w, b)[direction == "backward"]
-        return call, lambda: _stored(case, call()[0])
+        return call, lambda: outputs(case, direction, call())
     if case.activation:
         call = _act_baseline(case, x, dy, w, b)[direction == "backward"]
-        return call, lambda: _stored(case, call()[0])
+        return call, lambda: outputs(case, direction, call())
     forward, backward = BASELINES[case.op](case, torch.ops.aten, x, dy, w, b)
 
     if direction == "forward":
@@ -200,10 +199,29 @@ def prepare(case: Case, direction: str, inputs: dict,
         def call():
             return backward(mean, rstd)
 
-    def output() -> np.ndarray:
-        return _stored(case, call()[0])
+    return call, lambda: outputs(case, direction, call())
 
-    return call, output
+
+def outputs(case: Case, direction: str, result) -> dict[str, np.ndarray]:
+    """What the bench compares of a torch contender's pass, as the kernels store it: forward y (and the fused add's
+    h), backward dx, dweight and dbias (those torch computes: RMSNorm has no dbias). ``result``: the pass's
+    return, its tensors in the kernels' argument order (forward: y first, then h or the statistics; backward: the
+    gradients of x, of the residual for the fused add, of weight and of bias)."""
+    if direction == "forward":
+        if not isinstance(result, (tuple, list)):
+            result = (result,)
+        named = {"y": result[0]}
+        if case.add:
+            named["h"] = result[1]
+        return {k: _stored(case, t) for k, t in named.items()}
+    grads = list(result)
+    if case.add:
+        del grads[1]  # the residual's gradient is x's
+    out = {"dx": _stored(case, grads[0])}
+    for name, g in zip(("dweight", "dbias"), grads[1:]):
+        if g is not None:
+            out[name] = g.detach().numpy().reshape(-1)  # (the parameters are float32 for 16-bit data)
+    return out
 
 
 def _data(case: Case, a: np.ndarray):
@@ -239,7 +257,7 @@ class CompileUnavailable(RuntimeError):
 
 def _functional(case: Case):
     """The op's torch.nn.functional call in training mode, as a function of (x, weight, bias) (without the case's
-    activation: :func:`_with_activation`)."""
+    activation: :func:`_peer`)."""
     import torch.nn.functional as F
 
     if case.op == "batchnorm":
@@ -248,19 +266,26 @@ def _functional(case: Case):
         return lambda x, w, b: F.instance_norm(x, None, None, w, b, True, 0.1, EPS)
     if case.op == "groupnorm":
         return lambda x, w, b: F.group_norm(x, case.groups, w, b, EPS)
+    norm = list(case.normalized_shape)
     if case.op == "layernorm":
-        norm = list(case.normalized_shape)
         return lambda x, w, b: F.layer_norm(x, norm, w.view(norm), b.view(norm), EPS)
-    raise ValueError(f"{case.op}: normkit's bench has no torch.compile peer for this op")
+    return lambda x, w, b: F.rms_norm(x, norm, w.view(norm), EPS)
 
 
-def _with_activation(case: Case):
-    """:func:`_functional`, followed by the case's activation if it has one (what torch.compile may fuse)."""
+def _peer(case: Case):
+    """What torch.compile compiles for the case, and its tensor arguments' names: :func:`_functional` followed by
+    the case's activation if it has one (what the compiler may fuse); for the fused add, ``x + residual`` then the
+    op, returning ``(y, h)``, as the eager baseline."""
     fn = _functional(case)
-    if not case.activation:
-        return fn
-    act = _activation(case)
-    return lambda x, w, b: act(fn(x, w, b))
+    if case.activation:
+        act = _activation(case)
+        return (lambda x, w, b: act(fn(x, w, b))), ("x", "weight", "bias")
+    if case.add:
+        def add_then_norm(x, r, w, b):
+            h = x + r
+            return fn(h, w, b), h
+        return add_then_norm, ("x", "residual", "weight", "bias")
+    return fn, ("x", "weight", "bias")
 
 
 def check_compiler() -> None:
@@ -289,31 +314,26 @@ def prepare_compiled(case: Case, direction: str, inputs: dict,
 
     check_compiler()
     torch._dynamo.reset()  # each case compiles afresh, never against dynamo's recompilation limit
-    fn = torch.compile(_with_activation(case), dynamic=False, fullgraph=True)
+    peer, names = _peer(case)
+    fn = torch.compile(peer, dynamic=False, fullgraph=True)
     data = _channels_last if layout == "nhwc" else _data
-    x = data(case, inputs["x"])
-    w, b = torch.from_numpy(inputs["weight"]), torch.from_numpy(inputs["bias"])
+    tensors = [torch.from_numpy(inputs[n]) if n in ("weight", "bias") else data(case, inputs[n]) for n in names]
     start = time.perf_counter()
     try:
         if direction == "forward":
             def call():
-                return fn(x, w, b)
+                return fn(*tensors)
         else:
-            dy = data(case, inputs["dy"])
-            leaves = tuple(t.detach().requires_grad_() for t in (x, w, b))
-            y = fn(*leaves)
+            grads = tuple(data(case, inputs[n]) for n in (("dy", "dh") if case.add else ("dy",)))
+            leaves = tuple(t.detach().requires_grad_() for t in tensors)
+            out = fn(*leaves)
 
-            def call():
-                return torch.autograd.grad(y, leaves, dy, retain_graph=True)
+            def call():  # (RMSNorm's graph does not use the bias)
+                return torch.autograd.grad(out, leaves, grads, retain_graph=True, allow_unused=True)
         call()
         call()
     except Exception as exc:  # noqa: BLE001 - dynamo and inductor raise many types; the bench goes on without it
         raise CompileUnavailable(f"torch.compile failed for {case.label} {direction}: "
                                  f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
     compile_s = time.perf_counter() - start
-
-    def output() -> np.ndarray:
-        out = call()
-        return _stored(case, out if direction == "forward" else out[0])
-
-    return call, output, compile_s
+    return call, lambda: outputs(case, direction, call()), compile_s

@@ -107,9 +107,15 @@ def test_small_cases_run_on_the_reference_and_agree_with_the_frontend(case, dire
     if case.activation:
         kw.update(activation=case.activation, negative_slope=cases.NEGATIVE_SLOPE)
     y, saved = op.forward(x, backend="reference", **kw)
-    want = y if direction == "forward" else op.backward(inputs["dy"].reshape(case.shape), x, saved,
-                                                        backend="reference", **kw)[0]
-    np.testing.assert_array_equal(got, want.reshape(case.kernel_shape))
+    if direction == "forward":
+        assert set(got) == {"y"}
+        np.testing.assert_array_equal(got["y"], y.reshape(case.kernel_shape))
+        return
+    dx, dweight, dbias = op.backward(inputs["dy"].reshape(case.shape), x, saved, backend="reference", **kw)
+    assert set(got) == {"dx", "dweight", "dbias"}
+    np.testing.assert_array_equal(got["dx"], dx.reshape(case.kernel_shape))
+    np.testing.assert_array_equal(got["dweight"], dweight.reshape(-1))
+    np.testing.assert_array_equal(got["dbias"], dbias.reshape(-1))
 
 
 @needs_torch
@@ -121,7 +127,9 @@ def test_torch_baseline_computes_the_same_pass(case, direction):
     inputs = case.make_inputs(seed=4)
     expected = bench.prepare(case, direction, "reference", inputs).output()
     got = bench.prepare(case, direction, "pytorch", inputs).output()
-    np.testing.assert_allclose(got, expected, rtol=1e-9, atol=1e-9)
+    assert set(got) == set(expected)  # (the parameters' gradients too, which the bench's check compares)
+    for name in got:
+        np.testing.assert_allclose(got[name], expected[name], rtol=1e-9, atol=1e-9, err_msg=name)
 
 
 # --- selecting cases -------------------------------------------------------------------------------------------
@@ -397,6 +405,28 @@ def test_a_wrong_kernel_is_flagged():
     assert any(n.startswith("wrong: groupnorm 2x4x3 G=2 float32 forward differs from PyTorch") for n in result.notes)
 
 
+@needs_torch
+def test_a_backward_that_skips_the_parameter_gradients_is_flagged():
+    """The check compared y or dx only, so a backward leaving dweight and dbias unwritten (less work, a faster
+    time) read "ok"."""
+    def without_param_grads(dy, x, groups, mean, rstd, weight, dx, dweight, dbias):
+        registry.lookup("groupnorm", "backward", str(x.dtype), "reference")[1](dy, x, groups, mean, rstd, weight,
+                                                                               dx, np.zeros_like(dweight),
+                                                                               np.zeros_like(dbias))
+
+    kernels = {("groupnorm", d, t): registry.lookup("groupnorm", d, t, "reference")[1]
+               for d in ("forward", "backward") for t in ("float32", "float64")}
+    kernels |= {("groupnorm", "backward", t): without_param_grads for t in ("float32", "float64")}
+    _register("lazy_grads", kernels)
+    try:
+        result = bench.bench("gn", shape=(2, 4, 3), groups=2, backends=["lazy_grads"], direction="backward",
+                             repeat=2)
+    finally:
+        registry.unregister_backend("lazy_grads")
+    assert result.rows[0].check == "MISMATCH 1.0e+00 (dweight)"
+    assert any("in dweight" in n and "in dbias" in n for n in result.notes)
+
+
 # --- the command line ------------------------------------------------------------------------------------------
 
 def test_cli_table_and_json(tmp_path):
@@ -511,6 +541,28 @@ def test_cli_plot(tmp_path):
     result = run("--op", "all", "--shape", "2,4,3", "--backend", "reference", "--plot", str(path), "--repeat", "2")
     assert result.exit_code == 0, result.output
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_names_a_backends_two_layouts_apart(monkeypatch, tmp_path):
+    """With --layout nhwc each backend has a channels-last and an NCHW row; the plot keyed its bars by backend
+    name, so the NCHW row's bar replaced the channels-last one. It draws both, named as in the table."""
+    pytest.importorskip("matplotlib")
+    from matplotlib.axes import Axes
+
+    from normkit import bench_plot
+
+    drawn = {}
+    barh = Axes.barh
+    monkeypatch.setattr(Axes, "barh", lambda self, ys, xs, **kw: drawn.update({kw["label"]: list(xs)}) or
+                        barh(self, ys, xs, **kw))
+    result = bench.bench("bn", shape=(2, 4, 3, 3), backends=["cython"], layout="nhwc", repeat=2, baseline=False)
+    bench_plot.plot(result, tmp_path / "p.png")
+    rows = {}
+    for r in result.rows:  # (forward's table, then backward's)
+        if r.kind == "backend":
+            rows.setdefault(bench.shown_name(r, True), []).append(r.gb_per_s)
+    assert set(rows) == {"cython nhwc", "cython nchw"}
+    assert {name: drawn[name] for name in rows} == rows
 
 
 @needs_torch
@@ -659,4 +711,30 @@ def test_nhwc_groupnorm_needs_a_torch_channels_last_format_and_compile_runs_on_c
     call, output, _ = bench_torch.prepare_compiled(case, "forward", case.make_inputs(), "nhwc")
     want, _ = bench_torch.prepare(case, "forward", case.make_inputs())
     assert seen and all(s == (72, 1, 24, 8) for s in seen)  # channels-last strides of (4, 8, 3, 3)
-    np.testing.assert_allclose(output(), bench_torch._stored(case, want()[0]), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(output()["y"], bench_torch._stored(case, want()[0]), rtol=1e-6, atol=1e-6)
+
+
+@needs_torch
+@pytest.mark.parametrize("case", [Case("layernorm", (8, 16), add=True), Case("rmsnorm", (8, 16)),
+                                  Case("rmsnorm", (8, 16), add=True)], ids=lambda c: c.id)
+def test_the_compiled_peer_computes_the_baselines_pass(monkeypatch, case):
+    """torch.compile's peer for the fused add ran the norm without the add (and was timed and ranked that way), and
+    for RMSNorm raised an error that ended the whole run. It compiles what the eager baseline runs, outputs and
+    gradients alike (torch.compile stands in as the identity here)."""
+    import torch
+
+    from normkit import bench_torch
+
+    monkeypatch.setattr(bench_torch, "check_compiler", lambda: None)
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)
+    inputs = case.make_inputs()
+    for direction in ("forward", "backward"):
+        _, output, _ = bench_torch.prepare_compiled(case, direction, inputs)
+        got, want = output(), bench_torch.prepare(case, direction, inputs)[1]()
+        if direction == "forward":
+            names = {"y", "h"} if case.add else {"y"}
+        else:
+            names = {"dx", "dweight", "dbias"} if case.op == "layernorm" else {"dx", "dweight"}
+        assert set(got) == set(want) == names
+        for name in want:
+            np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-5, err_msg=f"{direction} {name}")

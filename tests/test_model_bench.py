@@ -205,6 +205,16 @@ def test_benchmark_raises_when_the_copies_disagree(monkeypatch):
         nt.benchmark(model, inputs, train=False, file=None, **QUICK)
 
 
+def test_agreement_tolerance_is_the_documented_one():
+    """Outputs agree to RTOL of their largest magnitude: assert_close was given that as atol and as rtol too, so
+    the largest element could differ by twice it."""
+    expected = torch.tensor([1.0, 0.5, -0.25])
+    agreement = {}
+    model_bench._compare("output", "output", expected, expected + torch.tensor([0.9e-3, 0.0, 0.0]), agreement)
+    with pytest.raises(ModelMismatchError, match="tolerance 0.001 of its largest magnitude"):
+        model_bench._compare("output", "output", expected, expected + torch.tensor([1.5e-3, 0.0, 0.0]), agreement)
+
+
 def test_benchmark_raises_when_gradients_disagree(monkeypatch):
     class Scale(torch.autograd.Function):  # identity forward, wrong backward
         @staticmethod

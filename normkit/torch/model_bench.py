@@ -224,7 +224,8 @@ def _compare(key: str, what: str, expected: Tensor, actual: Tensor, agreement: d
         diff = ((actual.double() - expected.double()).abs()[~both_nan].max().item() / scale
                 if (~both_nan).any() else 0.0)
         try:
-            torch.testing.assert_close(actual, expected, rtol=rtol, atol=rtol * scale, equal_nan=True)
+            # (atol alone: with rtol too an element as large as the scale could differ by twice the tolerance)
+            torch.testing.assert_close(actual, expected, rtol=0.0, atol=rtol * scale, equal_nan=True)
         except AssertionError as exc:
             raise ModelMismatchError(
                 f"benchmark: the converted (normkit) copy's {what} differs from the torch.nn copy's on the example "
