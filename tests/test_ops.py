@@ -371,6 +371,26 @@ def test_masked_arrays_are_refused():
         normkit.batch_normalization(x.data, 0.0, 1.0, None, w, 1e-3)
 
 
+def test_exact_running_variance_of_a_constant_channel_widens_pieces_only():
+    """A channel of variance below eps / 16 gets its running variance from the data again (batch_variance); that
+    took float64 copies of the whole channel and temporaries in var(): 9x the input's size for bfloat16 data. It
+    widens pieces of 2**20 values at a time, and gives the same variance."""
+    import tracemalloc
+
+    x = np.full((256, 2, 16384), 3.0, np.float32)  # 32 MiB, two constant channels
+    x[:, 1, ::7] = 3.0001
+    rm, rv = np.zeros(2), np.ones(2)
+    tracemalloc.start()
+    try:
+        y = normkit.get("bn")(x, rm, rv, training=True, momentum=1.0, backend="cython")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak - y.nbytes < 5 * 8 * 2**20, (peak - y.nbytes) / 2**20  # a few float64 pieces (before: 130 MiB)
+    want = x.astype(np.float64).var(axis=(0, 2)) * (x[:, 0].size / (x[:, 0].size - 1))
+    np.testing.assert_allclose(rv, want, rtol=1e-9, atol=0)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_running_statistics_of_non_finite_or_huge_data_warn_nothing(backend, recwarn):
     """inf data (running statistics turn NaN / inf, as they must) and a variance beyond a float32 buffer's range."""

@@ -42,6 +42,7 @@ way. A tensor that is contiguous too (C = 1, or all spatial dims 1) takes the NC
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional
 
@@ -50,11 +51,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .. import alloc, checks, recenter, registry
+from .. import alloc, checks, half, recenter, registry
 from .. import activation as _activation
 from ..contract import ACT_PREFIX, ACTIVATIONS, NHWC, SPECS, OpSpec, on_columns
 from ..ops import fused_kernel
-from ..running import batch_variance, update_running
+from ..running import batch_variance, numpy_variance, update_running
 from . import differentiable
 
 __all__ = ["add_layer_norm", "add_rms_norm", "batch_norm", "group_norm", "instance_norm", "layer_norm", "rms_norm"]
@@ -690,13 +691,10 @@ def _update_running_now(running_mean: Tensor, running_var: Tensor, mean: np.ndar
 
 
 def _exact_variance(x: Tensor, per_instance: bool):
-    """:func:`normkit.running.batch_variance`'s ``exact`` for an (N, C, *spatial) tensor."""
-    def exact(channels: np.ndarray) -> np.ndarray:
-        dims = list(range(2, x.dim())) if per_instance else [0, *range(2, x.dim())]
-        with torch.no_grad():
-            part = x.detach().index_select(1, torch.from_numpy(channels)).double()
-            return part.var(dim=dims, unbiased=False).numpy()
-    return exact
+    """:func:`normkit.running.batch_variance`'s ``exact`` for an (N, C, *spatial) tensor: NumPy's on its memory
+    (16-bit: the bit patterns, widened piece by piece)."""
+    widen = functools.partial(half.widen, dtype=_dtype_name(x)) if x.dtype in _HALF else None
+    return numpy_variance(_np(x.detach()), per_instance, widen)
 
 
 def _param_grads(dw: Optional[Tensor], db: Optional[Tensor], weight_dtype, bias_dtype):
