@@ -31,7 +31,7 @@ from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 MODULES = ("_batchnorm", "_channels_last", "_groupnorm", "_layernorm", "_rownorm")
-SOURCE_DIR = os.path.join("normkit_kernels", "cython")
+SOURCE_DIR = os.path.join("src", "normkit_kernels", "cython")
 PACKAGE = "normkit_kernels.cython"
 
 UNIX_FLAGS = ["-O3", "-fno-math-errno", "-fno-trapping-math", "-fno-signed-zeros", "-fassociative-math"]

@@ -2,7 +2,7 @@
 0.01 (rstd ~100) with weights of 1e38, so rstd * weight (a factor of y and dx) is ~1e40. The compiled backends
 compute 16-bit data in float32; each must still give the float64 reference rounded once (1 ulp for y, 2 for dx,
 the same non-finite values), in every direction that takes a weight: Cython redoes such runs in double, Numba
-the whole call through its float64 kernel (normkit_kernels/numba/kernels.py, COEF_LIMIT)."""
+the whole call through its float64 kernel (src/normkit_kernels/numba/kernels.py, COEF_LIMIT)."""
 
 from __future__ import annotations
 

@@ -294,7 +294,7 @@ def test_fresh_venv_build_without_openmp(tmp_path):
                "-q", str(src)]
     _run(install, env=env, cwd=tmp_path)
     # a second install of the same tree with the same flags generates no C and compiles nothing (setup.py)
-    built = sorted(src.glob("normkit_kernels/cython/*.c")) + sorted(src.glob("build/**/*.so"))
+    built = sorted(src.glob("src/normkit_kernels/cython/*.c")) + sorted(src.glob("build/**/*.so"))
     assert len(built) > 5, built
     before = [p.stat().st_mtime_ns for p in built]
     _run(install, env=env, cwd=tmp_path)

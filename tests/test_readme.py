@@ -44,9 +44,11 @@ def test_16_bit_examples_run():
         exec(compile(block, "README.md", "exec"), {})
 
 
-def test_the_checkout_holds_no_package_but_normkits_own():
+def test_the_checkout_holds_no_package_but_the_pure_python_one():
     """A Python started in the checkout (python -m pytest, python -c, a notebook) has it first on sys.path, so a
     package directory there hides any installed package of its name: a kernels/ hid PyPI's kernels package, which
-    transformers imports. The README's layout paragraph names the directories."""
+    transformers imports, and the kernels' own package there would hide the installed build's compiled modules
+    (they are under src/). The README's layout paragraph names the directories."""
     packages = sorted(p.name for p in ROOT.iterdir() if (p / "__init__.py").is_file())
-    assert packages == ["normkit", "normkit_kernels"]
+    assert packages == ["normkit"]
+    assert (ROOT / "src" / "normkit_kernels" / "__init__.py").is_file() and not (ROOT / "src" / "__init__.py").exists()

@@ -2,7 +2,7 @@
 
 numba's OpenMP threading layer sets OpenMP's thread count when it starts, in whichever libgomp its symbols bind to
 (PyTorch's own when torch was imported first), which made torch.get_num_threads() jump from the user's 1 to all
-CPUs after one normkit call (see normkit_kernels/numba/_common.py). Each case runs in a fresh interpreter, since thread
+CPUs after one normkit call (see src/normkit_kernels/numba/_common.py). Each case runs in a fresh interpreter, since thread
 pools start once per process: the user sets PyTorch (and, through OMP_NUM_THREADS, every OpenMP runtime) to one
 thread, calls a backend through the NumPy frontend, and the settings must be as they were; then with
 normkit.set_num_threads(2) the kernels still give the right results and PyTorch still says 1.
@@ -11,7 +11,7 @@ NUMBA_NUM_THREADS=2 makes numba's start-up want two threads even on a one-CPU ma
 kernels are few (layernorm forward and backward, batchnorm inference forward; float32, one small shape each) so
 that an interpreter without numba's disk cache compiles little: about 8 s of CPU here. batchnorm's training forward
 would add about 2 s: the schedule its shape takes (each schedule is a jitted function of its own, picked in Python
-from the shape; normkit_kernels/numba/batchnorm.py).
+from the shape; src/normkit_kernels/numba/batchnorm.py).
 """
 
 from __future__ import annotations

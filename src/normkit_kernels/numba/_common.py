@@ -5,7 +5,7 @@ what the kernels guarantee and how).
 
 numba caches a compiled kernel next to the file that defines it and checks only that file (numba issue #1833): a
 kernel from batchnorm.py carries the helpers and constants it took from here, compiled in. After an edit to this
-file, delete ``normkit_kernels/numba/__pycache__/*.nbi`` and ``*.nbc`` so that the family modules compile again; they would
+file, delete ``src/normkit_kernels/numba/__pycache__/*.nbi`` and ``*.nbc`` so that the family modules compile again; they would
 otherwise keep running the old code. Touching them is not enough: numba 0.68 stamps a file by a hash of its
 contents, not by its modification time.
 """
