@@ -1,4 +1,5 @@
-"""Non-temporal stores in the Cython kernels: where do they win? (the threshold in src/normkit_kernels/cython/kernels.py)
+"""Non-temporal stores in the Cython kernels: where do they win? (the threshold in
+src/normkit_kernels/cython/kernels.py)
 
     python benchmarks/nt_stores.py [--threads 2] [--direction forward|backward] [--ops gn,ln,bn]
 

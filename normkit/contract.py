@@ -9,13 +9,14 @@ this table; an op that is not in it is an error everywhere, never another op.
 A backend's kernels module exposes ``KERNELS``, a dict mapping ``(op, direction, dtype)`` to a callable, e.g.
 ``KERNELS[("groupnorm", "forward", "float32")]``. normkit's frontends validate all arguments, make every array
 C-contiguous with the kernel's dtype, allocate every output, and then call the kernel positionally with the
-arguments :attr:`OpSpec.args` names. Every array (and every address) starts at a multiple of its element size, and at
-no larger boundary in general: views of a tensor or an array start anywhere on an element, so a kernel must not
-assume 16-, 32- or 64-byte alignment (unaligned vector loads, or a scalar start up to an aligned address). A kernel only computes: it writes its outputs in place, returns nothing, and
-never writes anywhere else. Data without values never reaches a kernel (the PyTorch frontend gives empty inputs
-torch's results itself: empty outputs, untouched running statistics, zero parameter gradients; the NumPy frontend
-refuses them), so a kernel may assume every dimension of its data is at least 1: the conformance kit never calls
-one on empty data, and the built-in kernels promise only not to crash the process there.
+arguments :attr:`OpSpec.args` names. Every array (and every address) starts at a multiple of its element size,
+and at no larger boundary in general: views of a tensor or an array start anywhere on an element, so a kernel
+must not assume 16-, 32- or 64-byte alignment (unaligned vector loads, or a scalar start up to an aligned
+address). A kernel only computes: it writes its outputs in place, returns nothing, and never writes anywhere else.
+Data without values never reaches a kernel (the PyTorch frontend gives empty inputs torch's results itself: empty
+outputs, untouched running statistics, zero parameter gradients; the NumPy frontend refuses them), so a kernel may
+assume every dimension of its data is at least 1: the conformance kit never calls one on empty data, and the
+built-in kernels promise only not to crash the process there.
 
 Shapes: ``x``, ``dy``, ``y``, ``dx`` are (N, C, S) for the channel ops (batchnorm / instancenorm / groupnorm; S is
 the product of the spatial dims, 1 for (N, C) inputs) and (M, K) for the row ops (layernorm, rmsnorm; K =

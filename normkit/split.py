@@ -166,6 +166,7 @@ def centered(x: np.ndarray, mean, rstd) -> tuple[np.ndarray, np.ndarray]:
     m = mean.astype(np.float32)
     return x - m.reshape((1, -1) + (1,) * (x.ndim - 2)), mean - m
 
+
 def apply_coefficients(mean, rstd, weight=None, bias=None, dtype=np.float32,
                        var=None) -> tuple[np.ndarray, np.ndarray]:
     """``scale = weight * rstd`` and ``shift = bias - mean * scale`` in ``dtype`` (the shift from the scale as

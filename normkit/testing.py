@@ -362,11 +362,9 @@ class _Guarded:
                  guard: int | None = None):
         self.name, self.dtype = name, dtype
         self.itype, bits = _SENTINEL[dtype]
-        if guard is not None:
-            bits = guard
+        bits = bits if guard is None else guard
         n = math.prod(shape)
-        size = n + 2 * _GUARD
-        self.buf = alloc.aligned_empty(size + shift, np.uint16 if dtype in HALF_DTYPES else dtype)[shift:]
+        self.buf = alloc.aligned_empty(n + 2 * _GUARD + shift, np.uint16 if dtype in HALF_DTYPES else dtype)[shift:]
         self.buf.view(self.itype)[:] = bits
         self.sentinel = bits
         self.array = self.buf[_GUARD:_GUARD + n].reshape(shape)

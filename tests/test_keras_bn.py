@@ -373,7 +373,8 @@ def test_variables_assigned_before_build_are_refused_and_set_weights_loads_them(
     assert layer.get_weights() == []
     layer.gamma = np.full(4, 2.0, np.float32)
     with pytest.raises(ValueError, match=r"'batch_normalization': gamma assigned before the layer was built; build "
-                                         r"it first \(layer.build\(input_shape\)\), then assign them or call set_weights"):
+                                         r"it first \(layer.build\(input_shape\)\), then assign them or call "
+                                         r"set_weights"):
         layer(x)
     layer = normkit.BatchNormalization(renorm=True)
     with pytest.raises(ValueError, match="set_weights on a layer that is not built"):

@@ -1,6 +1,7 @@
 """The numba kernels' results depend neither on where the allocator puts their arrays and temporaries nor, for
-float32, on whether the process compiled a kernel or loaded it from numba's disk cache; src/normkit_kernels/numba/_common.py
-(above _jit) says how either could happen, and why float64 results still can differ between those processes.
+float32, on whether the process compiled a kernel or loaded it from numba's disk cache;
+src/normkit_kernels/numba/_common.py (above _jit) says how either could happen, and why float64 results still can
+differ between those processes.
 
 In one process, each kernel runs again and again on the same inputs, and every call must give the bits of the
 first, while what surrounds its arrays changes from call to call: each array (the inputs, copied to another

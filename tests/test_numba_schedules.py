@@ -1,8 +1,8 @@
 """Every schedule of the numba kernels (NCHW), one float32 shape each: the conformance kit's check against the
 reference, and identical results with one thread and two.
 
-The kernels choose a schedule in Python from the shape (src/normkit_kernels/numba/batchnorm.py: each is compiled on its own
-when a shape first needs it); the kit's own shapes take only some of them. The shapes here are small and each
+The kernels choose a schedule in Python from the shape (src/normkit_kernels/numba/batchnorm.py: each is compiled on
+its own when a shape first needs it); the kit's own shapes take only some of them. The shapes here are small and each
 asserts the schedule it is for, so that a change of the splitting constants that moves it elsewhere shows.
 """
 

@@ -2,9 +2,9 @@
 
 numba's OpenMP threading layer sets OpenMP's thread count when it starts, in whichever libgomp its symbols bind to
 (PyTorch's own when torch was imported first), which made torch.get_num_threads() jump from the user's 1 to all
-CPUs after one normkit call (see src/normkit_kernels/numba/_common.py). Each case runs in a fresh interpreter, since thread
-pools start once per process: the user sets PyTorch (and, through OMP_NUM_THREADS, every OpenMP runtime) to one
-thread, calls a backend through the NumPy frontend, and the settings must be as they were; then with
+CPUs after one normkit call (see src/normkit_kernels/numba/_common.py). Each case runs in a fresh interpreter,
+since thread pools start once per process: the user sets PyTorch (and, through OMP_NUM_THREADS, every OpenMP
+runtime) to one thread, calls a backend through the NumPy frontend, and the settings must be as they were; then with
 normkit.set_num_threads(2) the kernels still give the right results and PyTorch still says 1.
 
 NUMBA_NUM_THREADS=2 makes numba's start-up want two threads even on a one-CPU machine, so that a change shows. The

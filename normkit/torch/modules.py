@@ -324,8 +324,9 @@ def _switch_class(module: nn.Module, cls: type, parametrized: bool) -> None:
 def convert(model: nn.Module, backend: str | None = None, *,
             rmsnorm_classes: Mapping[type, RMSNormSemantics] | None = None, fuse: bool = False) -> nn.Module:
     """Make every torch.nn normalization layer of ``model`` (the model itself included) a normkit layer, in
-    place, and return ``model`` (but ``torch.nn.SyncBatchNorm``: :func:`~normkit.torch.convert_sync_batchnorm`). ``backend`` pins the layers to one backend by name (also on layers that were
-    already normkit's); None leaves the registry's order in charge.
+    place, and return ``model`` (but ``torch.nn.SyncBatchNorm``: :func:`~normkit.torch.convert_sync_batchnorm`).
+    ``backend`` pins the layers to one backend by name (also on layers that were already normkit's); None leaves
+    the registry's order in charge.
 
     ``rmsnorm_classes`` opts a model's own RMSNorm classes in: ``{LlamaRMSNorm: RMSNormSemantics(
     eps="variance_epsilon", compute_dtype=torch.float32)}`` converts every instance of exactly that class (not of
