@@ -629,6 +629,69 @@ def test_convert_fuses_diffusers_resnet_blocks(monkeypatch):
         assert ("groupnorm", "act_backward") in looked_up
 
 
+@pytest.mark.parametrize("key, fused", [("silu", "silu"), ("gelu", "gelu"), ("gelu_pytorch_tanh", "gelu_tanh"),
+                                        ("gelu_new", "gelu_tanh"), ("gelu_fast", "gelu_tanh")])
+def test_fuse_takes_transformers_activation_modules(monkeypatch, key, fused):
+    """transformers' ACT2FN modules (LLaMA's and MobileViT's "silu", BERT's "gelu", GPT-2's "gelu_new") are not
+    nn.SiLU / nn.GELU: convert(fuse=True) fused none of them (MobileViT: 0 of its BatchNorm + SiLU pairs)."""
+    activations = pytest.importorskip("transformers.activations")
+    torch.manual_seed(0)
+    act = activations.ACT2FN[key]
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), act)
+    original = copy.deepcopy(model)
+    nt.convert(model, fuse=True)
+    assert [(f.norm, f.activation) for f in nt.fusion_report(model).fused] == [("1", fused)]
+    looked_up = _spy_fused_kernels(monkeypatch)
+    _assert_same_model_results(original, model, torch.randn(2, 3, 5, 5))
+    assert ("batchnorm", "act_backward") in looked_up
+    assert nt.fuse(nn.GroupNorm(2, 4), act).activation == fused
+
+
+def test_fuse_leaves_transformers_activations_that_compute_otherwise():
+    """GELUActivation(use_gelu_python=True) and a class whose forward was replaced (the kernels hub does that) run
+    other code than torch's function: not fused."""
+    activations = pytest.importorskip("transformers.activations")
+    python_gelu = activations.GELUActivation(use_gelu_python=True)
+    with pytest.raises(ValueError, match="fuse: this GELUActivation does not run transformers' own forward"):
+        nt.fuse(nn.BatchNorm2d(4), python_gelu)
+    model = nn.Sequential(nn.BatchNorm2d(4), python_gelu)
+    nt.convert(model, fuse=True)
+    assert nt.fusion_report(model).fused == []
+
+    class Patched(activations.SiLUActivation):
+        pass
+
+    with pytest.raises(TypeError, match="got Patched"):
+        nt.fuse(nn.BatchNorm2d(4), Patched())
+    forward = activations.SiLUActivation.forward
+    try:
+        activations.SiLUActivation.forward = lambda self, x: F.silu(x) * 2
+        with pytest.raises(ValueError, match="this SiLUActivation does not run"):
+            nt.fuse(nn.BatchNorm2d(4), activations.SiLUActivation())
+    finally:
+        activations.SiLUActivation.forward = forward
+
+
+def test_convert_fuses_transformers_mobilevit_conv_layers(monkeypatch):
+    """MobileViT's convolution layers (convolution, BatchNorm, ACT2FN["silu"]) fuse through fx."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.MobileViTConfig(image_size=32, hidden_sizes=[16, 24, 32],
+                                          neck_hidden_sizes=[8, 8, 8, 16, 16, 16, 32], num_attention_heads=2)
+    model = transformers.MobileViTModel(config).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = model(x).last_hidden_state
+    nt.convert(model, fuse=True)
+    fused = nt.fusion_report(model).fused
+    assert len(fused) > 10 and {f.activation for f in fused} == {"silu"}
+    assert all(f.replaced.endswith("(SiLUActivation)") for f in fused)
+    looked_up = _spy_fused_kernels(monkeypatch)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x).last_hidden_state, expected, rtol=1e-4, atol=1e-4)
+    assert ("batchnorm", "act_forward_infer") in looked_up
+
+
 class _FlagBlock(nn.Module):
     def __init__(self):
         super().__init__()

@@ -11,7 +11,7 @@ an activation and nowhere else. The norm and activation modules themselves do no
   kernels. Its children, indices and state_dict keys stay as they were;
 * **in every other module whose own forward ``torch.fx`` can trace** (its children are leaves: each module is traced
   alone, so the children's forwards and hooks still run): a call of a norm submodule whose only user is a supported
-  activation (a module call, or ``F.relu``, ``torch.relu``, ``x.relu()``, ``F.leaky_relu``, ``F.silu``, ``F.gelu`` with
+  activation (a module call: torch.nn's or transformers' ``ACT2FN`` modules, see :func:`fuse`; or ``F.relu``, ``torch.relu``, ``x.relu()``, ``F.leaky_relu``, ``F.silu``, ``F.gelu`` with
   constant arguments) becomes one call of :func:`call_fused`. The module's class becomes a subclass of its own class
   whose forward runs the rewritten graphs' code (``isinstance`` and the module's other methods stay;
   :func:`~normkit.torch.revert` restores the class). fx freezes the Python a forward runs, so a graph holds for the
@@ -94,17 +94,49 @@ __all__ = ["FusedSequential", "Fusion", "FusionReport", "call_fused", "fuse", "f
 
 _log = logging.getLogger("normkit.torch")
 _REPORT = "_normkit_fusion_report"
-_SUPPORTED = "nn.ReLU, nn.LeakyReLU, nn.SiLU, nn.GELU"
+_SUPPORTED = ("nn.ReLU, nn.LeakyReLU, nn.SiLU, nn.GELU, and transformers' SiLUActivation, GELUActivation, "
+              "GELUTanh, NewGELUActivation, FastGELUActivation")
 
 
 _FLT_MAX = float(np.finfo(np.float32).max)  # a larger leaky_relu slope: torch refuses it on float32 data: no fusing
 # the activation classes with a fused form, and their forwards (a class patched since runs unfused)
 _ACTIVATION_FORWARDS = {cls: cls.forward for cls in (nn.ReLU, nn.LeakyReLU, nn.SiLU, nn.GELU)}
+# transformers' activation classes (ACT2FN's: BERT's "gelu", LLaMA's and MobileViT's "silu", GPT-2's "gelu_new")
+# whose forward computes an activation normkit fuses: the fused form by class name, for the classes of
+# transformers.activations as defined there (a forward replaced since, by the kernels hub for one, runs unfused).
+# NewGELU and FastGELU write the tanh approximation out (FastGELU with sqrt(2/pi) to 10 digits): the same function
+# as torch's gelu(approximate="tanh") to float32's precision, as GELUTanh's own docstring says.
+_TRANSFORMERS = "transformers.activations"
+_TRANSFORMERS_KINDS = {"SiLUActivation": "silu", "GELUActivation": "gelu", "GELUTanh": "gelu_tanh",
+                       "NewGELUActivation": "gelu_tanh", "FastGELUActivation": "gelu_tanh"}
+
+
+def _transformers_kind(module: nn.Module) -> Optional[str]:
+    """The fused form of one of transformers' activation modules, else None (transformers is not imported here:
+    a model holding its modules has imported it)."""
+    kind = type(module)
+    name = _TRANSFORMERS_KINDS.get(kind.__name__)
+    source = sys.modules.get(_TRANSFORMERS)
+    if name is None or getattr(source, kind.__name__, None) is not kind \
+            or getattr(kind.forward, "__module__", None) != _TRANSFORMERS \
+            or getattr(kind.forward, "__qualname__", None) != f"{kind.__name__}.forward":
+        return None
+    if kind.__name__ == "GELUActivation":  # act is F.gelu, or a Python formula of it (use_gelu_python=True)
+        return name if module.__dict__.get("act") is F.gelu else None
+    if kind.__name__ == "GELUTanh":  # act is partial(F.gelu, approximate="tanh"), or a Python formula of it
+        act = module.__dict__.get("act")
+        plain = isinstance(act, functools.partial) and act.func is F.gelu and not act.args \
+            and act.keywords == {"approximate": "tanh"}
+        return name if plain else None
+    return name
 
 
 def _kind(module: nn.Module) -> Optional[tuple[str, float]]:
-    """``(activation, negative_slope)`` for a supported torch.nn activation module, else None."""
+    """``(activation, negative_slope)`` for a supported activation module, else None."""
     kind = type(module)
+    if kind.__module__ == _TRANSFORMERS:
+        name = _transformers_kind(module)
+        return None if name is None else (name, 0.01)
     if _ACTIVATION_FORWARDS.get(kind, _kind) is not kind.forward:
         return None
     if kind is nn.ReLU:
@@ -130,6 +162,9 @@ def activation_of(module: nn.Module) -> tuple[str, float]:
     if type(module) is nn.GELU:
         raise ValueError(f"fuse: nn.GELU(approximate={module.approximate!r}) has no fused form; "
                          f"approximate must be 'none' or 'tanh'")
+    if type(module).__module__ == _TRANSFORMERS and type(module).__name__ in _TRANSFORMERS_KINDS:
+        raise ValueError(f"fuse: this {type(module).__name__} does not run transformers' own forward with torch's "
+                         f"function (its act or forward was replaced): no fused form")
     raise TypeError(f"fuse: activation must be one of {_SUPPORTED} (exactly those classes), "
                     f"got {type(module).__name__}")
 
@@ -153,7 +188,8 @@ def fuse(norm: nn.Module, activation: nn.Module) -> nn.Module:
     """A normkit norm module computing ``activation(norm(x))`` in one pass: a new module of the normkit class of
     ``norm`` sharing its parameters and buffers (the same tensors: training either updates both), with
     ``activation``/``negative_slope`` set from the activation module (``nn.ReLU``, ``nn.LeakyReLU`` with its
-    negative_slope, ``nn.SiLU``, ``nn.GELU`` with approximate "none" or "tanh"). ``norm`` itself is not changed.
+    negative_slope, ``nn.SiLU``, ``nn.GELU`` with approximate "none" or "tanh", transformers' activation modules
+    for "silu", "gelu", "gelu_pytorch_tanh", "gelu_new" and "gelu_fast"). ``norm`` itself is not changed.
     TypeError for another norm or activation class, ValueError for a norm that already has an activation."""
     if not isinstance(norm, nn.Module):
         raise TypeError(f"fuse: norm must be a torch.nn.Module, got {type(norm).__name__}")
