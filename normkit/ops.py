@@ -122,15 +122,18 @@ _CHANNELS_LAST_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 def channels_last_view(x) -> np.ndarray | None:
     """The C-contiguous (N, S, C) view of a float array of 3 or more dims whose strides are channels-last (dim 1
     the fastest, then the spatial dims in order), or None: for any other array, and for one that is C-contiguous
-    too (its NCHW view is the same memory)."""
-    if type(x) is not np.ndarray or x.ndim < 3 or x.flags.c_contiguous or not x.flags.aligned or not x.size:
+    too (its NCHW view is the same memory). An array at an address that is no multiple of its element size (a
+    view of a byte buffer) gets an aligned copy in the same order, so that its result keeps the layout."""
+    if type(x) is not np.ndarray or x.ndim < 3 or x.flags.c_contiguous or not x.size:
         return None
     if x.dtype not in _CHANNELS_LAST_DTYPES:
         if x.dtype.name not in HALF_DTYPES or not x.dtype.isnative:
             return None
         _KERNEL_DTYPES.setdefault(x.dtype, x.dtype.name)
     t = np.moveaxis(x, 1, -1)
-    return t.reshape(x.shape[0], -1, x.shape[1]) if t.flags.c_contiguous else None
+    if not t.flags.c_contiguous:
+        return None
+    return (t if t.flags.aligned else t.copy()).reshape(x.shape[0], -1, x.shape[1])
 
 
 def _nhwc_output(a: np.ndarray, shape: tuple) -> np.ndarray:

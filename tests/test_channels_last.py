@@ -187,6 +187,24 @@ def test_channels_last_view_and_ambiguous_strides(rng):
     assert channels_last_view(x.astype(np.int32)) is None
 
 
+@pytest.mark.parametrize("op", CHANNEL_OPS)
+def test_misaligned_channels_last_array_keeps_the_layout(op, rng):
+    """A channels-last view of a byte buffer at an odd offset (no multiple of the element size) came back
+    NCHW-contiguous: the NHWC kernels got no view of it and the general path's copy is NCHW."""
+    a = rng.standard_normal((2, 3, 5, 4))  # (N, H, W, C)
+    raw = bytearray(a.nbytes + 1)
+    misaligned = np.frombuffer(raw, np.float64, a.size, offset=1).reshape(a.shape)
+    misaligned[...] = a
+    x, dy = misaligned.transpose(0, 3, 1, 2), nhwc(rng.standard_normal((2, 4, 3, 5)))
+    assert not x.flags.aligned and channels_last_view(x).flags.aligned
+    got = _forward_backward(op, x, dy, 2, None, None, None)
+    want = _forward_backward(op, np.ascontiguousarray(x), dy, 2, None, None, None)
+    assert is_nhwc(got[0]) and is_nhwc(got[1])
+    assert_close(got[0], want[0], "float64", "forward")
+    assert_close(got[1], want[1], "float64", "backward")
+    np.testing.assert_array_equal(misaligned, a)
+
+
 def _shapes():
     """(N, C, *spatial, groups) with awkward sizes: N = 1, C = 1, spatial 1, groups = C, C not a multiple of 8,
     1 to 3 spatial dims."""
