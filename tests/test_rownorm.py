@@ -394,6 +394,103 @@ def test_declared_rmsnorm_class_pickles_and_copies():
         assert type(twin[1]) is ToyRMSNorm and type(model[1]) is not ToyRMSNorm
 
 
+class ToyT5LayerNorm(torch.nn.Module):
+    """transformers' T5LayerNorm (diffusers' RMSNorm the same with a weight): the normalized value is cast to the
+    weight's dtype only when that is 16-bit."""
+
+    def __init__(self, hidden, eps=1e-6):
+        super().__init__()
+        self.weight = torch.nn.Parameter(1 + 0.1 * torch.randn(hidden))
+        self.variance_epsilon = eps
+
+    def forward(self, hidden_states):
+        variance = hidden_states.to(torch.float32).pow(2).mean(-1, keepdim=True)
+        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+        if self.weight.dtype in [torch.float16, torch.bfloat16]:
+            hidden_states = hidden_states.to(self.weight.dtype)
+        return self.weight * hidden_states
+
+
+T5 = nt.RMSNormSemantics(eps="variance_epsilon", compute_dtype=torch.float32, cast_to="weight")
+
+
+def _t5_style_classes():
+    """The toy, and transformers' and diffusers' own classes where installed, as (class, semantics, make)."""
+    found = [(ToyT5LayerNorm, T5, ToyT5LayerNorm)]
+    try:
+        from transformers.models.t5.modeling_t5 import T5LayerNorm
+        found.append((T5LayerNorm, T5, lambda h: T5LayerNorm(h, eps=1e-6)))
+    except ImportError:
+        pass
+    try:
+        from diffusers.models.normalization import RMSNorm
+        found.append((RMSNorm, nt.RMSNormSemantics(compute_dtype=torch.float32, cast_to="weight"),
+                      lambda h: RMSNorm(h, eps=1e-6)))
+    except ImportError:
+        pass
+    return found
+
+
+@pytest.mark.parametrize("x_dtype, w_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32),
+                                              (torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16),
+                                              (torch.float32, torch.bfloat16), (torch.float64, torch.float32),
+                                              (torch.float32, torch.float64)])
+def test_convert_declared_rmsnorm_cast_to_weight(x_dtype, w_dtype):
+    """T5LayerNorm and diffusers' RMSNorm: a bfloat16 input with a float32 weight gives a float32 output (type
+    promotion), which cast_to="input" could not say; the same dtype and values as the class's own forward."""
+    for cls, semantics, make in _t5_style_classes():
+        torch.manual_seed(0)
+        module = make(16)
+        with torch.no_grad():
+            module.weight.copy_(1 + 0.1 * torch.randn(16))
+        module.to(w_dtype)
+        x = (3 + torch.randn(3, 5, 16)).to(x_dtype).requires_grad_()
+        want = module(x)
+        want_grads = torch.autograd.grad((want.float() * torch.linspace(-1, 1, 16)).sum(), (x, module.weight))
+        nt.convert(module, rmsnorm_classes={cls: semantics})
+        assert type(module) is not cls
+        got = module(x)
+        got_grads = torch.autograd.grad((got.float() * torch.linspace(-1, 1, 16)).sum(), (x, module.weight))
+        assert got.dtype == want.dtype, cls.__name__
+        half = {x_dtype, w_dtype} & {torch.bfloat16, torch.float16}
+        tol = dict(rtol=1e-2, atol=1e-2) if half else dict(rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got, want, **tol)
+        for a, b in zip(got_grads, want_grads):
+            assert a.dtype == b.dtype
+            torch.testing.assert_close(a, b, **tol)
+
+
+def test_rmsnorm_semantics_errors():
+    with pytest.raises(ValueError, match="RMSNormSemantics: cast_to must be 'input' or 'weight', got 'output'"):
+        nt.RMSNormSemantics(cast_to="output")
+    with pytest.raises(TypeError, match="RMSNormSemantics: compute_dtype must be None or a floating torch.dtype, "
+                                        "got 'float32'"):
+        nt.RMSNormSemantics(compute_dtype="float32")
+    with pytest.raises(ValueError, match="ToyT5LayerNorm has no tensor or None in attribute 'gamma'"):
+        nt.convert(ToyT5LayerNorm(4), rmsnorm_classes={ToyT5LayerNorm: nt.RMSNormSemantics(
+            eps="variance_epsilon", weight="gamma")})
+    module = ToyT5LayerNorm(4)
+    module.bias = torch.nn.Parameter(torch.zeros(4))
+    with pytest.raises(ValueError, match="this ToyT5LayerNorm holds a bias tensor, which RMSNormSemantics does not"):
+        nt.convert(module, rmsnorm_classes={ToyT5LayerNorm: T5})
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_convert_declared_rmsnorm_instance_without_weight(dtype):
+    """diffusers' RMSNorm(elementwise_affine=False) holds weight None: it converts (it was refused) and computes
+    the class's own forward, in the input's dtype."""
+    normalization = pytest.importorskip("diffusers.models.normalization")
+    module = normalization.RMSNorm(16, eps=1e-6, elementwise_affine=False)
+    x = (2 + torch.randn(3, 16)).to(dtype)
+    want = module(x)
+    nt.convert(module, rmsnorm_classes={normalization.RMSNorm: nt.RMSNormSemantics(compute_dtype=torch.float32,
+                                                                                   cast_to="weight")})
+    got = module(x)
+    assert type(module) is not normalization.RMSNorm and got.dtype == want.dtype == dtype
+    tol = dict(rtol=1e-2, atol=1e-2) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got, want, **tol)
+
+
 def test_convert_declared_class_errors():
     with pytest.raises(TypeError, match="rmsnorm_classes keys must be torch.nn.Module classes"):
         nt.convert(torch.nn.Linear(2, 2), rmsnorm_classes={int: LLAMA})

@@ -221,24 +221,45 @@ class RMSNormSemantics:
     the last dimension: ``y = x / sqrt(mean(x**2, -1) + eps) * weight``.
 
     ``eps``: the name of the instance attribute holding eps, or a number. ``weight``: the name of the attribute
-    holding the weight (a Parameter of shape (hidden,)), or None for no weight. ``compute_dtype``: None to compute
+    holding the weight (a Parameter of shape (hidden,), or None in an instance without one), or None for no weight.
+    An instance holding a ``bias`` tensor is refused (it would not be added). ``compute_dtype``: None to compute
     in the input's dtype (``torch.nn.RMSNorm``'s semantics); ``torch.float32`` for transformers' LlamaRMSNorm
     (and its copies in Mistral, Qwen2, ...), which normalizes ``x.to(float32)``, casts the result back to the
     input's dtype, and only then multiplies by the weight::
 
         RMSNormSemantics(eps="variance_epsilon", compute_dtype=torch.float32)
+
+    ``cast_to``: with a ``compute_dtype``, the dtype the normalized value is cast to before the weight multiplies
+    it: "input" (LlamaRMSNorm's), or "weight" for transformers' T5LayerNorm and diffusers' RMSNorm, which
+    normalize in the wider of the input's dtype and ``compute_dtype`` and cast the result to the weight's dtype when
+    that is float16 or bfloat16 (a bfloat16 input with a float32 weight gives a float32 output; without a weight,
+    the input's dtype)::
+
+        RMSNormSemantics(eps="variance_epsilon", compute_dtype=torch.float32, cast_to="weight")
     """
 
     eps: Union[str, float] = "eps"
     weight: Optional[str] = "weight"
     compute_dtype: Optional[torch.dtype] = None
+    cast_to: str = "input"
+
+    def __post_init__(self):
+        if self.cast_to not in ("input", "weight"):
+            raise ValueError(f"RMSNormSemantics: cast_to must be 'input' or 'weight', got {self.cast_to!r}")
+        if self.compute_dtype is not None and not (isinstance(self.compute_dtype, torch.dtype)
+                                                   and self.compute_dtype.is_floating_point):
+            raise TypeError(f"RMSNormSemantics: compute_dtype must be None or a floating torch.dtype, got "
+                            f"{self.compute_dtype!r}")
 
     def check(self, module: nn.Module) -> None:
         cls = type(module).__name__
         if isinstance(self.eps, str) and not isinstance(getattr(module, self.eps, None), (int, float)):
             raise ValueError(f"convert: {cls} has no number in attribute {self.eps!r} (RMSNormSemantics.eps)")
-        if self.weight is not None and not isinstance(getattr(module, self.weight, None), torch.Tensor):
-            raise ValueError(f"convert: {cls} has no tensor in attribute {self.weight!r} (RMSNormSemantics.weight)")
+        if self.weight is not None and not isinstance(getattr(module, self.weight, False), (torch.Tensor, type(None))):
+            raise ValueError(f"convert: {cls} has no tensor or None in attribute {self.weight!r} "
+                             f"(RMSNormSemantics.weight)")
+        if isinstance(getattr(module, "bias", None), torch.Tensor):  # diffusers' RMSNorm(bias=True)
+            raise ValueError(f"convert: this {cls} holds a bias tensor, which RMSNormSemantics does not add")
 
 
 class _DeclaredRMSNormForward(NotScriptable):
@@ -257,10 +278,18 @@ class _DeclaredRMSNormForward(NotScriptable):
         shape = tuple(input.shape[-1:])
         compute = sem.compute_dtype
         if compute is None or (input.dtype == compute and (weight is None or weight.dtype == compute)):
-            # one kernel: torch.nn.RMSNorm's semantics, and LlamaRMSNorm's when nothing is cast
+            # one kernel: torch.nn.RMSNorm's semantics, and the others' when nothing is cast
             return rms_norm(input, shape, weight, float(eps), backend=self.backend)
-        y = rms_norm(input.to(compute), shape, None, float(eps), backend=self.backend).to(input.dtype)
-        return y if weight is None else weight * y
+        if sem.cast_to == "input":
+            y = rms_norm(input.to(compute), shape, None, float(eps), backend=self.backend).to(input.dtype)
+            return y if weight is None else weight * y
+        normalized = torch.promote_types(input.dtype, compute)  # T5's x * rsqrt(variance computed in float32)
+        if weight is not None and weight.dtype == normalized:  # nothing cast between: one kernel
+            return rms_norm(input.to(normalized), shape, weight, float(eps), backend=self.backend)
+        y = rms_norm(input.to(normalized), shape, None, float(eps), backend=self.backend)
+        if weight is None:
+            return y.to(input.dtype)
+        return weight * (y.to(weight.dtype) if weight.dtype in (torch.float16, torch.bfloat16) else y)
 
     def __reduce_ex__(self, protocol):
         # the class is made at run time, so pickle cannot find it by name: it is made again on loading, from the
