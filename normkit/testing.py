@@ -118,7 +118,7 @@ import numbers
 import warnings
 import zlib
 from dataclasses import dataclass, replace
-from typing import Iterable, Mapping, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -992,13 +992,15 @@ def _select(values: Sequence[str] | None, known: Sequence[str], what: str,
 
 
 def check_backend(name: str, ops: Sequence[str] | None = None, dtypes: Sequence[str] | None = None,
-                  quick: bool = False, layouts: Sequence[str] | None = None) -> Report:
+                  quick: bool = False, layouts: Sequence[str] | None = None,
+                  progress: Callable[[str], None] | None = None) -> Report:
     """Run backend ``name`` against the reference on the hard cases; returns the failures (empty: conforms).
 
     Only what the backend declares is checked, restricted to ``ops`` (names or aliases) / ``dtypes`` /
     ``layouts`` ("nchw", "nhwc": its channels-last kernels, on the same cases, compared with the reference on the
     NCHW view) when given, each once. A backend that fails to load yields a single ``load`` failure. Raises
-    :class:`normkit.UnknownBackendError` for a name that is not installed.
+    :class:`normkit.UnknownBackendError` for a name that is not installed. ``progress`` is called with each
+    case's label before the case runs (``normkit check`` names the case a crashing kernel died in with it).
     """
     ops = _select(ops, OPS, "op(s)", {alias: op for op in OPS for alias in (op, *SPECS[op].aliases)})
     dtypes = _select(dtypes, DTYPES, "dtype(s)")
@@ -1028,6 +1030,8 @@ def check_backend(name: str, ops: Sequence[str] | None = None, dtypes: Sequence[
                     pool: dict = {}
                     for case in cases(op, direction, dtype, quick=quick, layout=layout):
                         report.cases_run += 1
+                        if progress is not None:
+                            progress(str(case))
                         _run_case(case, kernel, report, pool)
                     report.extend(_pooled_rounding(label, pool))
                     if layout == NCHW and (op, direction, dtype, ADDRESS) in row.addresses:
@@ -1036,7 +1040,10 @@ def check_backend(name: str, ops: Sequence[str] | None = None, dtypes: Sequence[
                         pool = {}
                         for case in cases(op, direction, dtype, quick=quick):
                             report.cases_run += 1
-                            _run_case(replace(case, calls=ADDRESS), kernel, report, pool)
+                            case = replace(case, calls=ADDRESS)
+                            if progress is not None:
+                                progress(str(case))
+                            _run_case(case, kernel, report, pool)
                         report.extend(_pooled_rounding(f"{label} by address", pool))
     return report
 

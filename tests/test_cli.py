@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -39,6 +40,42 @@ def test_python_m_normkit_cli_runs_the_cli():
     proc = subprocess.run([sys.executable, "-m", "normkit.cli", "check", "no-such-backend"], capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 2 and "unknown backend 'no-such-backend'" in proc.stderr
+
+
+_CRASHING_KERNELS = """\
+import ctypes
+from normkit import reference
+
+calls = []
+
+def forward(*args):
+    calls.append(1)
+    if len(calls) == 3:
+        ctypes.string_at(0)  # a read at address 0: SIGSEGV, as a kernel reading where it assumed alignment
+    reference.KERNELS[("layernorm", "forward", "float64")](*args)
+
+KERNELS = {("layernorm", "forward", "float32"): forward}
+"""
+
+
+def test_check_reports_a_kernel_that_crashes_the_process(tmp_path):
+    """A plugin kernel that segfaults (on the kit's misaligned arrays, say) killed `normkit check` with no word on
+    what failed: the check runs in a child process and names the case the kernel died in."""
+    (tmp_path / "crashy_kernels.py").write_text(_CRASHING_KERNELS)
+    (tmp_path / "crashy_decl.py").write_text(
+        "from normkit import Backend\nbackend = Backend(name='crashy', module='crashy_kernels', "
+        "kernels={'layernorm': ('forward',)}, dtypes=('float32',))\n")
+    info = tmp_path / "crashy-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: crashy\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("[normkit.backends]\ncrashy = crashy_decl:backend\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), *sys.path])}
+    proc = subprocess.run([sys.executable, "-m", "normkit.cli", "check", "crashy", "--quick"], capture_output=True,
+                          text=True, timeout=300, env=env)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert proc.stdout.startswith("backend 'crashy' FAILS: it crashed the process (SIGSEGV) in case layernorm "
+                                  "forward float32 shape="), proc.stdout
+    assert "(2 cases ran before it)" in proc.stdout and "one element past a 64-byte boundary" in proc.stdout
 
 
 def test_check_runs_each_selected_case_once_and_takes_all():
