@@ -194,10 +194,13 @@ def test_channels_last_fused_activation_runs_the_channels_last_act_kernels(op):
 
 
 @pytest.mark.parametrize("make", [lambda: nt.BatchRenorm2d(6), lambda: nt.GhostBatchNorm2d(6, virtual_batch_size=2),
-                                  lambda: nt.SyncBatchNorm(6)], ids=["renorm", "ghost", "sync"])
+                                  lambda: nt.SyncBatchNorm(6), lambda: nt.BatchNormalization(6, axis=1),
+                                  lambda: nt.BatchNormalization(6, axis=1, renorm=True, virtual_batch_size=2)],
+                         ids=["renorm", "ghost", "sync", "keras", "keras_renorm_ghost"])
 def test_sync_and_renorm_modules_keep_channels_last(make):
     """Modules built on the split kernels or the Keras-style core compute on an NCHW copy; their output and input
-    gradient come back channels-last in training as in eval, as torch.nn.BatchNorm2d's (training gave NCHW)."""
+    gradient come back channels-last in training as in eval, as torch.nn.BatchNorm2d's (training gave NCHW; the
+    Keras-style layer gave NCHW in both)."""
     torch.manual_seed(2)
     x = torch.randn(4, 6, 3, 3)
     dy = torch.randn(4, 6, 3, 3)

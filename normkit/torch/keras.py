@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from .. import keras as _keras
 from . import differentiable
+from .functional import channels_last, in_layout
 from .modules import NotScriptable, fx_node
 
 __all__ = ["BatchNormalization"]
@@ -47,7 +48,8 @@ class _KerasBN(torch.autograd.Function):
         ctx.has_gamma, ctx.has_beta = gamma is not None, beta is not None
         if gamma is not None:
             ctx.gamma = gamma.detach().numpy().astype(np.float64)
-        return torch.from_numpy(y)
+        ctx.nhwc = channels_last(x)
+        return in_layout(torch.from_numpy(y), ctx.nhwc)
 
     @staticmethod
     def backward(ctx, dy):
@@ -68,7 +70,7 @@ class _KerasBN(torch.autograd.Function):
             np_dtype = _NP[ctx.pdtype]
             dgamma = (dy64 * xhat).sum(axis=red).astype(np_dtype) if ctx.has_gamma else None
             dbeta = dy64.sum(axis=red).astype(np_dtype) if ctx.has_beta else None
-        grads = [torch.from_numpy(np.ascontiguousarray(dx))]
+        grads = [in_layout(torch.from_numpy(np.ascontiguousarray(dx)), ctx.nhwc)]
         for g in (dgamma, dbeta):
             grads.append(None if g is None else torch.from_numpy(np.ascontiguousarray(g).reshape(-1)))
         return grads[0], grads[1], grads[2], None
