@@ -1,5 +1,5 @@
-"""A Keras-style ``BatchNormalization`` layer on NumPy arrays, with the semantics of tf_keras 2.21's layer (its
-non-fused path), computed with BatchNorm's split kernels (:mod:`normkit.split`).
+"""A Keras-style ``BatchNormalization`` layer on NumPy arrays, with the semantics of tf_keras 2.21's layer,
+computed with BatchNorm's split kernels (:mod:`normkit.split`).
 
     layer = normkit.BatchNormalization(axis=-1, momentum=0.99, epsilon=1e-3)
     y = layer(x, training=True)            # batch statistics; updates the moving statistics
@@ -12,6 +12,10 @@ What tf_keras does, and so what this layer does:
   ``y = gamma * (x - mean) / sqrt(var + epsilon) + beta``; each moving statistic becomes
   ``moving - (moving - batch) * (1 - momentum)`` (``moving * momentum + batch * (1 - momentum)``) with the biased
   batch variance. Inference normalizes with ``moving_mean`` and ``moving_variance``.
+- ``fused``: tf_keras's fused path, which it takes by default (``fused=None``) for float32 layers on inputs of
+  rank 4 with axis 1 or 3 and rank 5 with axis 1 or 4, without renorm or ghost batches, computes the same but
+  moves ``moving_variance`` towards the unbiased batch variance (count / (count - 1) times the biased one; 0 for
+  one value). ``fused`` is decided as tf_keras decides it, at build; ``fused=False`` is the path described here.
 - ``renorm`` (Batch Renormalization): with ``sigma = sqrt(var + epsilon)`` and ``s = max(renorm_stddev,
   sqrt(epsilon))``, ``r = clip(sigma / s, rmin, rmax)`` and ``d = clip((mean - renorm_mean) / s, -dmax, dmax)``
   (a missing key does not clip), ``y = gamma * (xhat * r + d) + beta`` with r and d constants for the gradient.
@@ -53,14 +57,14 @@ def _describe(v) -> str:
 
 
 class BatchNormalization:
-    """tf_keras's ``BatchNormalization`` (non-fused) for NumPy arrays, with a ``backward``; see :mod:`normkit.keras`."""
+    """tf_keras's ``BatchNormalization`` for NumPy arrays, with a ``backward``; see :mod:`normkit.keras`."""
 
     def __init__(self, axis=-1, momentum=0.99, epsilon=1e-3, center=True, scale=True, renorm=False,
-                 renorm_clipping=None, renorm_momentum=0.99, virtual_batch_size=None, dtype="float32",
+                 renorm_clipping=None, renorm_momentum=0.99, virtual_batch_size=None, fused=None, dtype="float32",
                  name="batch_normalization", backend=None, trainable=True):
-        if not isinstance(name, str):
-            raise TypeError(f"BatchNormalization: name must be a str, got {_describe(name)}")
-        self.name = name
+        if name is not None and not isinstance(name, str):
+            raise TypeError(f"BatchNormalization: name must be a str or None, got {_describe(name)}")
+        self.name = "batch_normalization" if name is None else name
         if isinstance(axis, (list, tuple)):
             axes = list(axis)
         else:
@@ -88,6 +92,12 @@ class BatchNormalization:
                             f"{_describe(dtype)}") from None
         if self.dtype not in (np.float32, np.float64):
             raise TypeError(f"{self._who}: dtype must be float32 or float64, got {self.dtype}")
+        if fused is not None and not isinstance(fused, (bool, np.bool_)):
+            raise TypeError(f"{self._who}: fused must be None or a bool, got {_describe(fused)}")
+        self._fused_arg = None if fused is None else bool(fused)
+        if self._fused_arg:
+            self._fused_cannot_be_used(raise_=True)
+        self.fused = self._fused_arg if self._fused_cannot_be_used() is None else False  # tf_keras: None till build
         if backend is not None:
             registry.require_backend(backend, self._who)
         self.backend = backend
@@ -111,6 +121,40 @@ class BatchNormalization:
         if isinstance(v, bool) or not isinstance(v, numbers.Real) or not (math.isfinite(v) and v >= 0):
             raise ValueError(f"{self._who}: epsilon must be a finite number >= 0, got {_describe(v)}")
         return float(v)
+
+    def _fused_cannot_be_used(self, raise_: bool = False):
+        """Why tf_keras's fused path cannot take this layer whatever the input's rank (its
+        ``_raise_if_fused_cannot_be_used``), or None; with ``raise_`` a ValueError saying it."""
+        axes = self.axis if isinstance(self.axis, list) else [self.axis]
+        why = None
+        if self.renorm:
+            why = "fused=True and renorm=True together are not supported"
+        elif len(axes) > 1 or axes[0] not in (-4, -3, -1, 1, 3, 4):
+            why = (f"fused=True is only supported when axis is 1 or 3 for inputs of rank 4, 1 or 4 for rank 5; "
+                   f"got axis={self.axis}")
+        elif self.virtual_batch_size is not None:
+            why = "fused=True is not supported with virtual_batch_size"
+        elif self.dtype == np.float64:
+            why = "fused=True is only supported for float32 layers (as tf_keras's, for float16/bfloat16/float32)"
+        if why and raise_:
+            raise ValueError(f"{self._who}: {why}")
+        return why
+
+    def _resolve_fused(self, ndim: int, axes: list) -> bool:
+        """Whether a layer built for inputs of rank ``ndim`` takes tf_keras's fused path (its ``build``): fused
+        None takes it for rank 4 with axis 1 or 3 and rank 5 with axis 1 or 4 where nothing else rules it out."""
+        if self._fused_arg is False or self._fused_cannot_be_used(raise_=bool(self._fused_arg)):
+            return False
+        if ndim not in (4, 5):
+            if self._fused_arg:
+                raise ValueError(f"{self._who}: fused=True supports inputs of rank 4 or 5 only, got rank {ndim}")
+            return False
+        if axes == [1] or axes == [ndim - 1]:
+            return True
+        if ndim == 5:
+            return False
+        raise ValueError(f"{self._who}: the fused path (fused={self._fused_arg}) takes axis 1 or 3 for inputs of "
+                         f"rank 4, got axis {axes} (tf_keras refuses it too; pass fused=False)")
 
     def _virtual_batch_size(self, v):
         if v is None:
@@ -190,6 +234,7 @@ class BatchNormalization:
         if any(shape[a] is None for a in axes):
             raise ValueError(f"{self._who}: the size of axis {self.axis} must be known to build, got input_shape "
                              f"{shape}")
+        self.fused = self._resolve_fused(ndim, axes)
         self._ndim, self._axes = ndim, axes
         self._dims = {a: shape[a] for a in axes}
         self._c = math.prod(shape[a] for a in axes)
@@ -320,7 +365,11 @@ class BatchNormalization:
         y3 = split.batchnorm_apply(xc, scale, shift, self.backend)
         for name, v in renorm_state.items():  # (the state moves only once the call has succeeded)
             setattr(self, name, v)
-        self._update(new_mean, new_var)
+        moving_var = new_var
+        if self.fused:  # FusedBatchNormV3's unbiased variance goes into moving_variance (of 1 value: 0)
+            count = stats.count
+            moving_var = new_var * (count / (count - 1)) if count > 1 else np.zeros_like(new_var)
+        self._update(new_mean, moving_var)
         self._batch_stats = (new_mean, new_var, stats.count)       # for normkit.torch's BatchRenorm/GhostBatchNorm
         self._saved = (x3, layout, x.shape, mean_gc, rstd_gc, w_gc, r, d, stats.count, g)
         return self._from_kernel(y3, layout, x.shape)

@@ -1,4 +1,4 @@
-"""normkit.BatchNormalization (normkit.keras): tf_keras 2.21's BatchNormalization (non-fused) on NumPy arrays.
+"""normkit.BatchNormalization (normkit.keras): tf_keras 2.21's BatchNormalization on NumPy arrays.
 
 Checked against a float64 oracle written plainly here from tf_keras's formulas (moments over the reduction axes,
 Batch Renormalization's r and d, ghost batches from the reshape (virtual_batch_size, N // virtual_batch_size,
@@ -23,10 +23,12 @@ RENORM_VARS = ("moving_stddev", "renorm_mean", "renorm_stddev")
 # --- the oracle ------------------------------------------------------------------------------------------------
 
 class Oracle:
-    """tf_keras's non-fused BatchNormalization, float64, written from its formulas."""
+    """tf_keras's BatchNormalization, float64, written from its formulas; ``fused``: its fused path, which differs
+    in putting the unbiased batch variance into moving_variance."""
 
     def __init__(self, shape, axis=-1, momentum=0.99, epsilon=1e-3, renorm=False, renorm_clipping=None,
-                 renorm_momentum=0.99, virtual_batch_size=None):
+                 renorm_momentum=0.99, virtual_batch_size=None, fused=False):
+        self.fused = fused
         nd = len(shape)
         axes = axis if isinstance(axis, list) else [axis]
         self.axes = sorted(a % nd for a in axes)
@@ -91,7 +93,9 @@ class Oracle:
             v["moving_stddev"] = v["moving_stddev"] * m + np.sqrt(new_var + self.eps) * (1 - m)
             v["moving_variance"] = np.maximum(v["moving_stddev"] ** 2 - self.eps, 0)
         else:
-            v["moving_variance"] = v["moving_variance"] * m + new_var * (1 - m)
+            count = xr.size // self.c
+            unbiased = new_var * count / (count - 1) if count > 1 else 0 * new_var
+            v["moving_variance"] = v["moving_variance"] * m + (unbiased if self.fused else new_var) * (1 - m)
         self.v = {k: a.reshape(self.c) for k, a in v.items()}
         # the gradient with r and d constants: y = (g * r) * xhat + const per ghost batch and channel
         gdy = dyr * g * r
@@ -107,7 +111,8 @@ def make_pair(shape, seed, dtype=np.float64, offset=0.0, **kw):
     rng = np.random.default_rng(seed)
     layer = normkit.BatchNormalization(dtype=dtype, **kw)
     layer.build(shape)
-    oracle = Oracle(shape, **{k: v for k, v in kw.items() if k not in ("center", "scale")})
+    oracle = Oracle(shape, **{k: v for k, v in kw.items() if k not in ("center", "scale", "fused")},
+                    fused=layer.fused)
     gamma, beta = 1 + 0.5 * rng.standard_normal(oracle.c), 0.5 * rng.standard_normal(oracle.c)
     if layer.scale:
         layer.gamma = gamma.astype(dtype).reshape(layer.gamma.shape)
@@ -459,7 +464,9 @@ def test_inputs_and_saved_arrays_are_not_modified():
 
 TF_CASES = {
     "plain axis=-1 rank 2": ((16, 5), {}),
-    "plain axis=1 rank 4": ((8, 3, 4, 5), {"axis": 1}),
+    "plain axis=1 rank 4": ((8, 3, 4, 5), {"axis": 1, "fused": False}),
+    "fused (the default) axis=1 rank 4": ((8, 3, 4, 5), {"axis": 1}),
+    "fused axis=-1 rank 5": ((4, 3, 2, 3, 2), {"fused": True}),
     "renorm": ((16, 4, 3), {"renorm": True}),
     "renorm clipped": ((16, 4, 3), {"renorm": True, "renorm_clipping": {"rmax": 1.05, "rmin": 0.97, "dmax": 0.1}}),
     "ghost": ((12, 3, 4), {"virtual_batch_size": 4, "axis": 1}),
@@ -483,10 +490,11 @@ def test_matches_tf_keras(case):
     tf_keras = pytest.importorskip("tf_keras")
     shape, kw = TF_CASES[case]
     kw = dict(kw, momentum=0.9, renorm_momentum=0.8) if kw.get("renorm") else dict(kw, momentum=0.9)
-    ref = tf_keras.layers.BatchNormalization(fused=False, **kw)
+    ref = tf_keras.layers.BatchNormalization(**kw)
     ref.build(shape)
     layer = normkit.BatchNormalization(**kw)
     layer.build(shape)
+    assert layer.fused == ref.fused
     rng = np.random.default_rng(11)
     if layer.scale:
         layer.gamma = (1 + 0.3 * rng.standard_normal(layer.gamma.shape)).astype(np.float32)
@@ -528,20 +536,62 @@ def test_matches_tf_keras(case):
     print(f"\n{case}: " + ", ".join(f"{k} {v:.2g}" for k, v in errors.items()))
 
 
-def test_tf_keras_fused_path_keeps_the_unbiased_variance():
-    """tf_keras's fused path (the default for rank 4 with axis 1 or 3, without renorm / ghost batches) puts the
-    unbiased batch variance (count / (count - 1)) in moving_variance; the non-fused path, and normkit, the biased."""
+@pytest.mark.parametrize("shape, kw", [
+    ((2, 3, 2, 4), {}), ((2, 3, 2, 4), {"axis": 1}), ((2, 3, 2, 4), {"axis": 2}), ((2, 3, 2, 4, 2), {"axis": 1}),
+    ((2, 3, 2, 4, 2), {"axis": 2}), ((6, 4), {}), ((2, 3, 2, 4), {"renorm": True}), ((1, 1, 1, 3), {}),
+    ((2, 3, 2, 4), {"virtual_batch_size": 1}), ((2, 3, 2, 4), {"dtype": "float64"}), ((2, 3, 2, 4), {"axis": [1, 2]}),
+])
+def test_fused_is_decided_as_tf_keras_decides_it(shape, kw):
+    """tf_keras's default (fused=None) takes its fused path for rank 4 with axis 1 or 3 and rank 5 with axis 1 or
+    4 (float32, no renorm, no ghost batches), which puts the unbiased batch variance count / (count - 1) (0 for one
+    value) into moving_variance: normkit followed the non-fused path whatever fused said, and refused fused=."""
     tf = pytest.importorskip("tensorflow")
     tf_keras = pytest.importorskip("tf_keras")
+    x = (1 + 2 * np.random.default_rng(0).standard_normal(shape)).astype(kw.get("dtype", "float32"))
+    ref = tf_keras.layers.BatchNormalization(momentum=0.5, **kw)
+    y_ref = ref(tf.constant(x), training=True).numpy()
+    layer = normkit.BatchNormalization(momentum=0.5, **kw)
+    y = layer(x, training=True)
+    assert layer.fused == ref.fused
+    np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
+    for got, want in zip(layer.get_weights(), ref.get_weights()):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_fused_path_puts_the_unbiased_variance_into_the_moving_variance():
     x = np.random.default_rng(0).standard_normal((2, 3, 2, 4)).astype(np.float32)
-    fused = tf_keras.layers.BatchNormalization(axis=-1, momentum=0.0)
-    fused(tf.constant(x), training=True)
-    assert fused.fused
-    layer = normkit.BatchNormalization(axis=-1, momentum=0.0)
-    layer(x, training=True)
     count = x.size // x.shape[-1]
-    np.testing.assert_allclose(fused.moving_variance.numpy(), layer.moving_variance * count / (count - 1),
-                               rtol=1e-5)
+    biased = x.reshape(-1, 4).astype(np.float64).var(axis=0)
+    for fused, want in ((None, biased * count / (count - 1)), (True, biased * count / (count - 1)), (False, biased)):
+        layer = normkit.BatchNormalization(axis=-1, momentum=0.0, fused=fused)
+        assert layer.fused is fused
+        layer(x, training=True)
+        assert layer.fused is (fused is not False)
+        np.testing.assert_allclose(layer.moving_variance, want, rtol=1e-6)
+    one = normkit.BatchNormalization(momentum=0.5)
+    one(np.ones((1, 1, 1, 3), np.float32), training=True)
+    np.testing.assert_array_equal(one.moving_variance, 0.5)  # FusedBatchNormV3: the variance of one value is 0
+    for shape, kw in (((6, 4), {}), ((2, 3, 2, 4), {"axis": 2}), ((2, 3, 2, 4), {"dtype": "float64"}),
+                      ((2, 3, 2, 4), {"renorm": True})):
+        layer = normkit.BatchNormalization(**kw)
+        layer.build(shape)
+        assert layer.fused is False
+
+
+def test_fused_errors_as_tf_keras():
+    for kw, match in (({"renorm": True}, "fused=True and renorm=True together are not supported"),
+                      ({"axis": 2}, r"fused=True is only supported when axis is 1 or 3 .*got axis=2"),
+                      ({"axis": [1, 2]}, r"got axis=\[1, 2\]"),
+                      ({"virtual_batch_size": 2}, "fused=True is not supported with virtual_batch_size"),
+                      ({"dtype": "float64"}, "fused=True is only supported for float32 layers")):
+        with pytest.raises(ValueError, match=match):
+            normkit.BatchNormalization(fused=True, **kw)
+    with pytest.raises(ValueError, match="fused=True supports inputs of rank 4 or 5 only, got rank 2"):
+        normkit.BatchNormalization(fused=True)(np.ones((4, 3), np.float32))
+    with pytest.raises(ValueError, match=r"takes axis 1 or 3 for inputs of rank 4, got axis \[0\]"):
+        normkit.BatchNormalization(axis=-4)(np.ones((4, 3, 2, 2), np.float32))
+    with pytest.raises(TypeError, match="fused must be None or a bool, got 'yes'"):
+        normkit.BatchNormalization(fused="yes")
 
 
 def test_keras_2_conventions_trainable_learning_phase_dtype_none_and_open_batch_size():

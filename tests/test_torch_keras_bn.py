@@ -806,3 +806,25 @@ def test_layout_settings_are_fixed_and_a_dtype_mix_is_named():
         m(torch.randn(3, 4, 2))
     with pytest.raises(TypeError, match=re.escape("got ['torch.float16']")):
         nkt.BatchNormalization(4).half()(torch.randn(3, 4, 2))
+
+
+def test_keras_module_takes_fused_as_tf_keras():
+    """fused (tf_keras's default None takes the fused path for float32 rank-4/5 channel axes: unbiased batch
+    variance into moving_variance) was refused; decided again when the module's dtype changes."""
+    x = torch.randn(2, 3, 2, 4, generator=torch.Generator().manual_seed(0))
+    count = x.numel() // 3
+    biased = x.transpose(0, 1).reshape(3, -1).double().var(dim=1, unbiased=False)
+    for fused, dtype, factor in ((None, torch.float32, count / (count - 1)), (False, torch.float32, 1.0),
+                                 (True, torch.float32, count / (count - 1)), (None, torch.float64, 1.0)):
+        module = nkt.BatchNormalization(3, momentum=0.0, fused=fused).to(dtype)
+        module(x.to(dtype))
+        assert module.fused is (factor != 1.0) and f"fused={module.fused}" in repr(module)
+        torch.testing.assert_close(module.moving_variance.double(), biased * factor, rtol=1e-5, atol=1e-7)
+    module = nkt.BatchNormalization(3, fused=True)
+    module(x)
+    with pytest.raises(ValueError, match="fused=True is only supported for float32 layers"):
+        module.double()(x.double())
+    with pytest.raises(ValueError, match="fused=True and renorm=True together are not supported"):
+        nkt.BatchNormalization(3, fused=True, renorm=True)
+    with pytest.raises(AttributeError, match="fused is fixed at construction"):
+        module.fused = False

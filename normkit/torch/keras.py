@@ -112,8 +112,10 @@ class _FixedSetting:
 
 
 class BatchNormalization(NotScriptable, nn.Module):
-    """tf_keras 2.21's ``BatchNormalization`` (non-fused) as a torch.nn.Module: Keras's constructor arguments, with
-    ``axis=1`` by default (channels of NCHW inputs) and ``num_features`` the size of that axis.
+    """tf_keras 2.21's ``BatchNormalization`` as a torch.nn.Module: Keras's constructor arguments, with ``axis=1``
+    by default (channels of NCHW inputs) and ``num_features`` the size of that axis. ``fused`` as in tf_keras: its
+    fused path (the default, ``fused=None``, for float32 inputs of rank 4 or 5 with the channels at axis 1 or last,
+    without renorm or virtual_batch_size) puts the unbiased batch variance into ``moving_variance``.
 
     Training in ``module.train()`` (batch statistics; the moving statistics are updated), inference in
     ``module.eval()`` (``moving_mean`` and ``moving_variance``), as ``layer(x, training=True/False)`` in Keras.
@@ -137,7 +139,7 @@ class BatchNormalization(NotScriptable, nn.Module):
 
     def __init__(self, num_features: int, axis: int = 1, momentum: float = 0.99, epsilon: float = 1e-3,
                  center: bool = True, scale: bool = True, renorm: bool = False, renorm_clipping=None,
-                 renorm_momentum: float = 0.99, virtual_batch_size=None, device=None, dtype=None,
+                 renorm_momentum: float = 0.99, virtual_batch_size=None, fused=None, device=None, dtype=None,
                  trainable: bool = True):
         super().__init__()
         if isinstance(num_features, bool) or not isinstance(num_features, numbers.Integral) or num_features <= 0:
@@ -150,7 +152,8 @@ class BatchNormalization(NotScriptable, nn.Module):
         self._core = _keras.BatchNormalization(
             axis=int(axis), momentum=momentum, epsilon=epsilon, center=center, scale=scale, renorm=renorm,
             renorm_clipping=renorm_clipping, renorm_momentum=renorm_momentum,
-            virtual_batch_size=virtual_batch_size, name="normkit.torch", trainable=trainable)
+            virtual_batch_size=virtual_batch_size, fused=fused, dtype="float64" if dtype == torch.float64 else None,
+            name="normkit.torch", trainable=trainable)
         self.num_features = int(num_features)
         kw = {"device": device, "dtype": dtype}
         c = self.num_features
@@ -172,6 +175,7 @@ class BatchNormalization(NotScriptable, nn.Module):
     renorm_clipping = _CoreSetting(lambda core, v: core._clipping(v))
     virtual_batch_size = _CoreSetting(lambda core, v: core._virtual_batch_size(v), rebuild=True)
     axis, center, scale, renorm = _FixedSetting(), _FixedSetting(), _FixedSetting(), _FixedSetting()
+    fused = _FixedSetting()  # (resolved for the input's rank at the first call, as in tf_keras: None till then)
 
     @property
     def trainable(self) -> bool:
@@ -232,8 +236,9 @@ class BatchNormalization(NotScriptable, nn.Module):
             params = [p.sum() for p in (self.gamma, self.beta) if p is not None]
             return input.clone() + (sum(params).to(input.dtype) * 0 if params else 0)
         core = self._core
-        core.dtype = np.dtype(_NP[self.moving_mean.dtype])
-        if not core.built or core._ndim != input.dim():
+        dtype = np.dtype(_NP[self.moving_mean.dtype])
+        if not core.built or core._ndim != input.dim() or core.dtype != dtype:
+            core.dtype = dtype  # (the fused path takes float32 layers only)
             core.build(tuple(input.shape))    # the layout for this rank (checks axis 0 with virtual_batch_size)
         core.gamma = None if self.gamma is None else self.gamma.detach().numpy()
         core.beta = None if self.beta is None else self.beta.detach().numpy()
@@ -249,4 +254,4 @@ class BatchNormalization(NotScriptable, nn.Module):
         return (f"{self.num_features}, axis={self.axis}, momentum={self.momentum}, epsilon={self.epsilon}, "
                 f"center={self.center}, scale={self.scale}, renorm={self.renorm}, "
                 f"renorm_clipping={self.renorm_clipping or None}, renorm_momentum={self.renorm_momentum}, "
-                f"virtual_batch_size={self.virtual_batch_size}")
+                f"virtual_batch_size={self.virtual_batch_size}, fused={self.fused}")

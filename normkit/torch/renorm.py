@@ -62,7 +62,8 @@ class _RenormGhostForward(NotScriptable):
         core = _keras.BatchNormalization(
             axis=1, momentum=1.0, epsilon=self.eps, center=self.bias is not None, scale=self.weight is not None,
             renorm=use_running, renorm_clipping=self._clipping() if use_running else None, renorm_momentum=1.0,
-            virtual_batch_size=self._vbs(), dtype="float64", name=type(self).__name__, backend=self.backend)
+            virtual_batch_size=self._vbs(), fused=False, dtype="float64", name=type(self).__name__,
+            backend=self.backend)
         core.build(tuple(x.shape))
         core.gamma = None if self.weight is None else self.weight.detach().numpy()
         core.beta = None if self.bias is None else self.bias.detach().numpy()
