@@ -154,7 +154,9 @@ as the 16-bit kernels take them). Why they exist: ``normkit.torch``'s eager path
 ``data_ptr()`` where a NumPy view of it and a typed-memoryview acquisition of that view cost ~1 us each, as much as
 the whole kernel at small shapes. ``normkit.registry.lookup_address`` finds the one of the backend
 ``lookup`` picks; :func:`with_addresses` calls one as its NCHW kernel is called (the conformance kit runs them on
-the NCHW cases so). The ``forward`` address kernel of a centered op may return the largest ``|mean| * rstd`` over
+the NCHW cases so). On channels-last data of a per-channel direction ``normkit.torch`` runs the address kernel on
+the (N*S, C, 1) columns view unless the backend has a channels-last kernel of its own for it (one that
+:func:`on_columns` did not make), which then runs. The ``forward`` address kernel of a centered op may return the largest ``|mean| * rstd`` over
 its sets (a float, sets with a NaN left out), else None: it tells ``normkit.torch`` whether the backward of float32
 data shifts it by its mean first (:mod:`normkit.recenter`), which otherwise costs two NumPy calls there, several
 microseconds right after autograd's engine (the conformance kit checks a returned value).
@@ -463,6 +465,7 @@ def on_columns(spec_: OpSpec, direction: str, kernel):
             args[i] = a.reshape(a.shape[0] * a.shape[1], a.shape[2], 1)
         kernel(*args)
 
+    columns.on_columns_of = kernel  # (normkit.torch runs the backend's address kernel in its place)
     return columns
 
 

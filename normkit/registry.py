@@ -487,8 +487,8 @@ def lookup_address(op: str, direction: str, dtype: str, backend: str | None = No
 
     ``layout="nhwc"``: the address kernel to run on the (N*S, C, 1) columns view of channels-last data
     (:func:`normkit.contract.on_columns`: the same memory), or None: for a direction that is not per-channel, or
-    when ``lookup(op, direction, dtype, backend, "nhwc")`` picks another backend (its own channels-last kernel
-    runs)."""
+    when the backend has a channels-last kernel of its own for it (other than its NCHW kernel on that view, made
+    by ``on_columns``): that kernel runs."""
     if _thread_source is not None and _thread_source() != _source_threads:  # as in lookup
         _follow_source()
     tail = ADDRESS if layout == NCHW else (ADDRESS, layout)
@@ -507,8 +507,8 @@ def lookup_address(op: str, direction: str, dtype: str, backend: str | None = No
             if not SPECS[op].per_channel(direction):
                 result = None
             else:
-                own = lookup(op, direction, dtype, backend, layout)
-                if own is not None and own[0] != name:
+                own = lookup(op, direction, dtype, name, layout)
+                if own is not None and not hasattr(own[1], "on_columns_of"):
                     result = None
         _lookup_cache[(op, direction, dtype, backend, tail)] = (result, env)
     return result

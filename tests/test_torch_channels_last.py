@@ -11,7 +11,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import normkit.torch as nt  # noqa: E402
-from normkit import registry  # noqa: E402
+from normkit import contract, registry  # noqa: E402
 from support import ulps  # noqa: E402
 
 nn = torch.nn
@@ -155,6 +155,36 @@ def test_channels_last_input_goes_to_the_channels_last_kernel_without_copies():
         assert ya.ctypes.data == y.data_ptr() and y.is_contiguous(memory_format=torch.channels_last)
     finally:
         registry.unregister_backend("cl_spy")
+
+
+@pytest.mark.parametrize("own", [True, False])
+def test_a_backends_own_channels_last_kernel_runs_before_its_address_kernel(own):
+    """A backend with address kernels and a channels-last BatchNorm kernel of its own: normkit.torch ran the address
+    kernel on the (N*S, C, 1) columns view, never the declared kernel (the NumPy frontend ran it). Where its
+    channels-last kernel is its NCHW kernel on that view (contract.on_columns, as the built-ins'), the address kernel
+    still runs in its place."""
+    calls = []
+    nchw = registry.lookup("batchnorm", "forward", "float32", "reference")[1]
+    nhwc = contract.on_columns(contract.SPECS["batchnorm"], "forward", nchw)
+    table = {("batchnorm", "forward", "float32"): nchw,
+             ("batchnorm", "forward", "float32", "nhwc"):
+                 (lambda *a: (calls.append("nhwc"), nhwc(*a))) if own else nhwc,
+             ("batchnorm", "forward", "float32", "addr"): lambda n, c, s, *a: calls.append(("addr", n, c, s))}
+    spec = registry.Backend("cl_addr_spy", registry.runtime_module(table), kernels={"batchnorm": ("forward",)},
+                            dtypes=("float32",), channels_last={"batchnorm": ("forward",)},
+                            addresses={"batchnorm": ("forward",)})
+    registry.register_backend(spec)
+    try:
+        x = torch.randn(2, 8, 3, 3).contiguous(memory_format=torch.channels_last)
+        with torch.no_grad():
+            y = nt.batch_norm(x, None, None, training=True, backend="cl_addr_spy")
+        if own:
+            assert calls == ["nhwc"]
+            torch.testing.assert_close(y, torch.nn.functional.batch_norm(x, None, None, training=True))
+        else:
+            assert calls == [("addr", 18, 8, 1)]
+    finally:
+        registry.unregister_backend("cl_addr_spy")
 
 
 @pytest.mark.parametrize("op", ["groupnorm", "instancenorm"])
