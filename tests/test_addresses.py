@@ -5,6 +5,8 @@ exactly where it may, with the array kernels' results."""
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pytest
 
@@ -260,6 +262,7 @@ def address_spy(register):
     declared = cython_backend.backend
 
     def wrap(key, kernel):
+        @functools.wraps(kernel)  # (keeps on_columns's mark: the columns view by address, as Cython's)
         def call(*args):
             calls.append(key)
             return kernel(*args)
