@@ -498,7 +498,8 @@ def test_16_bit_rounding_towards_zero_or_flushing_subnormals_fails(register, dty
         ftz.dtype = dtype
         report = testing.check_backend(register("ftz16", {("layernorm", "forward"): ftz}, dtypes=(dtype,)),
                                        ops=["layernorm"])
-        assert report and all("data=tiny" in f.case for f in report)
+        assert any("data=tiny" in f.case for f in report)
+        assert all(f.check == "y" and "got 0, expected" in f.message for f in report)  # (a large case has one too)
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
@@ -551,7 +552,28 @@ def test_rounding_towards_zero_in_a_scalar_tail_fails_the_run_tails_check(regist
     report = testing.check_backend(register("tail16", {("layernorm", "forward"): kernel}, dtypes=(dtype,)),
                                    ops=["layernorm"])
     assert "rounding (y at the last n % 8 of each run)" in {f.check for f in report}, report.format()
-    assert all(f.check.startswith("rounding (y at the last") and "run tails pooled" in f.case for f in report)
+    # (rows of 4 are tails only: the case of such rows fails the check on its own)
+    assert all(f.check.startswith("rounding (y at the last") and "run tails pooled" in f.case
+               or f.check == "rounding (y)" and "shape=(4096, 4)" in f.case for f in report), report.format()
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_rounding_towards_zero_where_runs_have_one_value_fails(register, dtype):
+    """A BatchNorm kernel that truncates where S = 1 (BatchNorm1d's (N, C), and the columns view channels-last
+    BatchNorm runs on) passed: the only S = 1 cases were small, pooled with the others' correctly rounded values.
+    A case of 16384 values with S = 1 meets the check alone."""
+    def kernel(x, weight, bias, eps, y, mean, rstd):
+        x64 = normkit.half.widen(x, dtype)
+        w, b = (None if a is None else a.astype(np.float64) for a in (weight, bias))
+        y64 = np.empty(x.shape)
+        reference.batchnorm_forward(x64, w, b, eps, y64, mean, rstd)
+        y[...] = (_narrow_towards_zero if x.shape[2] == 1 else normkit.half.narrow)(y64, dtype)
+
+    report = testing.check_backend(register("s1trunc16", {("batchnorm", "forward"): kernel}, dtypes=(dtype,)),
+                                   ops=["batchnorm"])
+    assert [(f.check, f.case.split(" eps")[0]) for f in report] == [
+        ("rounding (y)", f"batchnorm forward {dtype} shape=(1024, 16, 1) affine=weight+bias data=normal")], \
+        report.format()
 
 
 def test_raising_kernel_is_reported_not_fatal(register):
