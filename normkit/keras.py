@@ -40,6 +40,7 @@ modify it in between.
 
 from __future__ import annotations
 
+import collections.abc
 import math
 import numbers
 
@@ -50,6 +51,7 @@ from . import registry, split
 __all__ = ["BatchNormalization"]
 
 _CLIP_KEYS = ("rmax", "rmin", "dmax")
+_NAMED_INITIALIZERS = {"zeros": 0.0, "ones": 1.0}
 
 
 def _describe(v) -> str:
@@ -59,12 +61,30 @@ def _describe(v) -> str:
 class BatchNormalization:
     """tf_keras's ``BatchNormalization`` for NumPy arrays, with a ``backward``; see :mod:`normkit.keras`."""
 
-    def __init__(self, axis=-1, momentum=0.99, epsilon=1e-3, center=True, scale=True, renorm=False,
-                 renorm_clipping=None, renorm_momentum=0.99, virtual_batch_size=None, fused=None, dtype="float32",
-                 name="batch_normalization", backend=None, trainable=True):
+    def __init__(self, axis=-1, momentum=0.99, epsilon=1e-3, center=True, scale=True,
+                 beta_initializer="zeros", gamma_initializer="ones", moving_mean_initializer="zeros",
+                 moving_variance_initializer="ones", beta_regularizer=None, gamma_regularizer=None,
+                 beta_constraint=None, gamma_constraint=None, renorm=False, renorm_clipping=None,
+                 renorm_momentum=0.99, fused=None, trainable=True, virtual_batch_size=None, adjustment=None,
+                 name="batch_normalization", synchronized=False, dtype="float32", backend=None):
         if name is not None and not isinstance(name, str):
             raise TypeError(f"BatchNormalization: name must be a str or None, got {_describe(name)}")
         self.name = "batch_normalization" if name is None else name
+        for arg, v in (("beta_regularizer", beta_regularizer), ("gamma_regularizer", gamma_regularizer),
+                       ("beta_constraint", beta_constraint), ("gamma_constraint", gamma_constraint)):
+            if v is not None:  # (tf_keras adds a regularizer to the model's loss, applies a constraint after an update)
+                raise ValueError(f"{self._who}: {arg} must be None: normkit's layer has no loss or optimizer to "
+                                 f"apply it in (add it in the training code), got {_describe(v)}")
+        if adjustment is not None:
+            raise ValueError(f"{self._who}: adjustment must be None (not supported), got {_describe(adjustment)}")
+        if synchronized is not False:
+            raise ValueError(f"{self._who}: synchronized must be False (normkit.torch.SyncBatchNorm synchronizes "
+                             f"BatchNorm across processes), got {_describe(synchronized)}")
+        self.beta_initializer = self._initializer("beta_initializer", beta_initializer)
+        self.gamma_initializer = self._initializer("gamma_initializer", gamma_initializer)
+        self.moving_mean_initializer = self._initializer("moving_mean_initializer", moving_mean_initializer)
+        self.moving_variance_initializer = self._initializer("moving_variance_initializer",
+                                                             moving_variance_initializer)
         if isinstance(axis, (list, tuple)):
             axes = list(axis)
         else:
@@ -165,10 +185,39 @@ class BatchNormalization:
             raise ValueError(f"{self._who}: virtual_batch_size must be a positive int, got {v}")
         return int(v)
 
+    def _initializer(self, arg, v):
+        """An initializer as tf_keras takes it: "zeros" / "ones", its serialized form (a dict with "class_name"
+        Zeros, Ones or Constant), or a callable ``f(shape, dtype=...)`` (tf_keras's initializer objects are)."""
+        if isinstance(v, str) and v.lower() in _NAMED_INITIALIZERS:
+            return v
+        if isinstance(v, collections.abc.Mapping) and v.get("class_name") in ("Zeros", "Ones", "Constant"):
+            value = dict(v.get("config") or {}).get("value", 0.0)
+            if v["class_name"] != "Constant" or (isinstance(value, numbers.Real) and not isinstance(value, bool)):
+                return dict(v)
+        if callable(v) and not isinstance(v, type):
+            return v
+        raise ValueError(f"{self._who}: {arg} must be 'zeros', 'ones', a serialized Zeros / Ones / Constant "
+                         f"initializer, or a callable f(shape, dtype=...) (a tf_keras initializer object), got "
+                         f"{_describe(v)}")
+
+    def _initial(self, arg: str, shape: tuple) -> np.ndarray:
+        """The initial value of shape ``shape`` that initializer ``arg`` gives."""
+        init = getattr(self, arg)
+        if isinstance(init, str):
+            return np.full(shape, _NAMED_INITIALIZERS[init.lower()], self.dtype)
+        if isinstance(init, collections.abc.Mapping):
+            value = {"Zeros": 0.0, "Ones": 1.0}.get(init["class_name"])
+            return np.full(shape, dict(init.get("config") or {}).get("value", 0.0) if value is None else value,
+                           self.dtype)
+        value = np.asarray(init(shape, dtype=self.dtype.name))
+        if value.shape != shape:
+            raise ValueError(f"{self._who}: {arg} gave an array of shape {value.shape}, expected {shape}")
+        return value.astype(self.dtype)
+
     def _clipping(self, clipping) -> dict:
         if clipping is None:
             return {}
-        if not isinstance(clipping, dict):
+        if not isinstance(clipping, collections.abc.Mapping):
             raise TypeError(f"{self._who}: renorm_clipping must be None or a dict with keys among {_CLIP_KEYS}, "
                             f"got {_describe(clipping)}")
         bad = sorted(set(clipping) - set(_CLIP_KEYS), key=str)
@@ -205,8 +254,9 @@ class BatchNormalization:
     _VARIABLES = ("gamma", "beta", "moving_mean", "moving_variance", "moving_stddev", "renorm_mean", "renorm_stddev")
 
     def build(self, input_shape) -> None:
-        """Create the variables for inputs of ``input_shape`` (Keras's initial values: gamma 1, beta 0,
-        moving_mean 0, moving_variance 1; with renorm moving_stddev 1, renorm_mean 0, renorm_stddev 1)."""
+        """Create the variables for inputs of ``input_shape`` from the initializers (Keras's defaults: gamma 1, beta 0,
+        moving_mean 0, moving_variance 1; with renorm moving_stddev and renorm_stddev the square root of
+        moving_variance's, renorm_mean 0)."""
         if not self.built:  # (a layer is built once; torch's module rebuilds its core, whose variables it lends)
             assigned = self._weight_names()
             if assigned:  # build would replace them with the initial values, silently
@@ -246,13 +296,20 @@ class BatchNormalization:
                 param_shape.insert(1, 1)
             param_shape = tuple(param_shape)
         self._param_shape = param_shape
-        ones, zeros = np.ones(param_shape, self.dtype), np.zeros(param_shape, self.dtype)
-        self.gamma = ones.copy() if self.scale else None
-        self.beta = zeros.copy() if self.center else None
-        self.moving_mean, self.moving_variance = zeros.copy(), ones.copy()
-        if self.renorm:
-            self.moving_stddev, self.renorm_mean, self.renorm_stddev = ones.copy(), zeros.copy(), ones.copy()
+        for name, value in self._initial_values(param_shape).items():
+            setattr(self, name, value)
         self.built = True
+
+    def _initial_values(self, shape: tuple) -> dict[str, np.ndarray]:
+        """The variables the layer has, of ``shape``, as its initializers make them."""
+        values = {"gamma": self._initial("gamma_initializer", shape) if self.scale else None,
+                  "beta": self._initial("beta_initializer", shape) if self.center else None,
+                  "moving_mean": self._initial("moving_mean_initializer", shape),
+                  "moving_variance": self._initial("moving_variance_initializer", shape)}
+        if self.renorm:  # tf_keras: the standard deviations start at the square root of the variance's initializer
+            stddev = np.sqrt(self._initial("moving_variance_initializer", shape))
+            values |= {"moving_stddev": stddev, "renorm_mean": np.zeros_like(stddev), "renorm_stddev": stddev.copy()}
+        return values
 
     def _check_shape(self, x: np.ndarray) -> None:
         if x.ndim != self._ndim:
@@ -437,6 +494,25 @@ class BatchNormalization:
         dgamma = self._store(r * sdyx + d * sdy) if self.scale else None
         dbeta = self._store(sdy) if self.center else None
         return dx, dgamma, dbeta
+
+    def get_config(self) -> dict:
+        """The constructor's arguments, as tf_keras's ``get_config`` gives them (and ``fused`` and ``backend``):
+        ``BatchNormalization.from_config(layer.get_config())`` makes the same layer, unbuilt."""
+        return {"name": self.name, "trainable": self.trainable, "dtype": self.dtype.name, "axis": self.axis,
+                "momentum": self.momentum, "epsilon": self.epsilon, "center": self.center, "scale": self.scale,
+                "beta_initializer": self.beta_initializer, "gamma_initializer": self.gamma_initializer,
+                "moving_mean_initializer": self.moving_mean_initializer,
+                "moving_variance_initializer": self.moving_variance_initializer, "beta_regularizer": None,
+                "gamma_regularizer": None, "beta_constraint": None, "gamma_constraint": None, "renorm": self.renorm,
+                "renorm_clipping": dict(self.renorm_clipping), "renorm_momentum": self.renorm_momentum,
+                "virtual_batch_size": self.virtual_batch_size, "fused": self._fused_arg, "backend": self.backend}
+
+    @classmethod
+    def from_config(cls, config) -> "BatchNormalization":
+        """A layer from :meth:`get_config`'s dict, or from a tf_keras BatchNormalization's ``get_config()``."""
+        if not isinstance(config, collections.abc.Mapping):
+            raise TypeError(f"BatchNormalization.from_config: config must be a dict, got {_describe(config)}")
+        return cls(**config)
 
     def get_weights(self) -> list[np.ndarray]:
         """The variables in tf_keras's order: gamma, beta (when present), moving_mean, moving_variance, and with

@@ -594,6 +594,73 @@ def test_fused_errors_as_tf_keras():
         normkit.BatchNormalization(fused="yes")
 
 
+def test_initializers_as_tf_keras_takes_them():
+    """beta/gamma/moving_mean/moving_variance_initializer (the zero-init residual idiom gamma_initializer="zeros")
+    were refused. With renorm the standard deviations start at the square root of the variance's initializer."""
+    layer = normkit.BatchNormalization(gamma_initializer="zeros", beta_initializer="ones",
+                                       moving_mean_initializer={"class_name": "Constant", "config": {"value": 2.5}},
+                                       moving_variance_initializer=lambda shape, dtype: np.full(shape, 4.0), renorm=True)
+    layer.build((None, 3))
+    want = {"gamma": 0.0, "beta": 1.0, "moving_mean": 2.5, "moving_variance": 4.0, "moving_stddev": 2.0,
+            "renorm_mean": 0.0, "renorm_stddev": 2.0}
+    for name, value in want.items():
+        v = getattr(layer, name)
+        assert v.dtype == np.float32 and v.shape == (3,)
+        np.testing.assert_array_equal(v, value, err_msg=name)
+    ghost = normkit.BatchNormalization(axis=1, virtual_batch_size=2, gamma_initializer="Zeros", dtype="float64")
+    ghost.build((4, 3, 2))
+    assert ghost.gamma.shape == (1, 1, 3, 1) and ghost.gamma.dtype == np.float64 and not ghost.gamma.any()
+    for kw, exc, match in (
+            ({"gamma_initializer": "glorot_uniform"}, ValueError, "gamma_initializer must be 'zeros', 'ones'"),
+            ({"beta_initializer": {"class_name": "RandomNormal", "config": {}}}, ValueError, "beta_initializer must"),
+            ({"gamma_regularizer": "l2"}, ValueError, "gamma_regularizer must be None: normkit's layer has no loss"),
+            ({"beta_constraint": object()}, ValueError, "beta_constraint must be None"),
+            ({"adjustment": lambda shape: shape}, ValueError, "adjustment must be None"),
+            ({"synchronized": True}, ValueError, "synchronized must be False")):
+        with pytest.raises(exc, match=match):
+            normkit.BatchNormalization(**kw)
+    wrong = normkit.BatchNormalization(gamma_initializer=lambda shape, dtype: np.ones(5))
+    with pytest.raises(ValueError, match=r"gamma_initializer gave an array of shape \(5,\), expected \(3,\)"):
+        wrong.build((None, 3))
+
+
+def test_get_config_from_config_round_trip():
+    layer = normkit.BatchNormalization(axis=[1, 2], momentum=0.9, epsilon=1e-4, center=False, renorm=True,
+                                       renorm_clipping={"rmax": 2.0}, gamma_initializer="zeros", name="bn7",
+                                       trainable=False, dtype="float64", fused=False)
+    config = layer.get_config()
+    twin = normkit.BatchNormalization.from_config(config)
+    assert twin.get_config() == config and config["axis"] == [1, 2] and config["renorm_clipping"] == {"rmax": 2.0}
+    x = np.random.default_rng(0).standard_normal((4, 3, 2, 5))
+    layer.trainable = twin.trainable = True
+    np.testing.assert_array_equal(layer(x, training=True), twin(x, training=True))
+    with pytest.raises(TypeError, match="from_config: config must be a dict, got"):
+        normkit.BatchNormalization.from_config([("axis", 1)])
+
+
+def test_from_a_tf_keras_config_and_tf_keras_initializers():
+    tf_keras = pytest.importorskip("tf_keras")
+    initializers = tf_keras.initializers
+    for kw in ({"renorm": True, "virtual_batch_size": 2, "gamma_initializer": initializers.Constant(2.0)},
+               {"moving_variance_initializer": "zeros", "renorm": True, "renorm_clipping": {"rmax": 2.0}},
+               {"gamma_initializer": "zeros", "axis": [1, 2]},
+               {"moving_variance_initializer": initializers.Constant(4.0), "renorm": True}):
+        ref = tf_keras.layers.BatchNormalization(**kw)
+        config = ref.get_config()
+        ref.build((4, 3, 2))
+        for layer in (normkit.BatchNormalization(**kw), normkit.BatchNormalization.from_config(config)):
+            layer.build((4, 3, 2))
+            assert len(layer.get_weights()) == len(ref.get_weights())
+            for got, want in zip(layer.get_weights(), ref.get_weights()):
+                np.testing.assert_allclose(got, want, rtol=1e-6)
+    layer = normkit.BatchNormalization(gamma_initializer=initializers.RandomNormal(seed=1))  # the object: called
+    layer.build((4, 3))
+    assert layer.gamma.shape == (3,) and len(set(layer.gamma.tolist())) == 3
+    random = tf_keras.layers.BatchNormalization(gamma_initializer=initializers.RandomNormal(seed=1)).get_config()
+    with pytest.raises(ValueError, match="gamma_initializer must be 'zeros', 'ones', a serialized Zeros"):
+        normkit.BatchNormalization.from_config(random)  # serialized, a random draw normkit cannot repeat
+
+
 def test_keras_2_conventions_trainable_learning_phase_dtype_none_and_open_batch_size():
     """tf_keras 2.21: a layer with trainable=False runs in inference mode; training takes the learning phase 1 / 0;
     dtype=None is the float32 policy; build((None, C)) leaves the batch size open."""

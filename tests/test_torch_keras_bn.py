@@ -828,3 +828,12 @@ def test_keras_module_takes_fused_as_tf_keras():
         nkt.BatchNormalization(3, fused=True, renorm=True)
     with pytest.raises(AttributeError, match="fused is fixed at construction"):
         module.fused = False
+
+
+def test_keras_module_takes_initializers():
+    module = nkt.BatchNormalization(3, gamma_initializer="zeros", moving_variance_initializer={
+        "class_name": "Constant", "config": {"value": 9.0}}, renorm=True, dtype=torch.float64)
+    assert module.gamma.dtype == torch.float64 and not module.gamma.any() and module.beta.eq(0).all()
+    assert module.moving_variance.eq(9).all() and module.moving_stddev.eq(3).all() and module.renorm_stddev.eq(3).all()
+    with pytest.raises(ValueError, match="beta_initializer must be 'zeros', 'ones'"):
+        nkt.BatchNormalization(3, beta_initializer="he_normal")

@@ -138,9 +138,10 @@ class BatchNormalization(NotScriptable, nn.Module):
     """
 
     def __init__(self, num_features: int, axis: int = 1, momentum: float = 0.99, epsilon: float = 1e-3,
-                 center: bool = True, scale: bool = True, renorm: bool = False, renorm_clipping=None,
-                 renorm_momentum: float = 0.99, virtual_batch_size=None, fused=None, device=None, dtype=None,
-                 trainable: bool = True):
+                 center: bool = True, scale: bool = True, beta_initializer="zeros", gamma_initializer="ones",
+                 moving_mean_initializer="zeros", moving_variance_initializer="ones", renorm: bool = False,
+                 renorm_clipping=None, renorm_momentum: float = 0.99, virtual_batch_size=None, fused=None,
+                 device=None, dtype=None, trainable: bool = True):
         super().__init__()
         if isinstance(num_features, bool) or not isinstance(num_features, numbers.Integral) or num_features <= 0:
             raise ValueError(f"BatchNormalization: num_features must be a positive int, got {num_features!r}")
@@ -150,21 +151,21 @@ class BatchNormalization(NotScriptable, nn.Module):
             raise TypeError(f"BatchNormalization: dtype must be torch.float32 or torch.float64, got {dtype!r}")
         # the NumPy layer checks (and keeps) every other argument
         self._core = _keras.BatchNormalization(
-            axis=int(axis), momentum=momentum, epsilon=epsilon, center=center, scale=scale, renorm=renorm,
+            axis=int(axis), momentum=momentum, epsilon=epsilon, center=center, scale=scale,
+            beta_initializer=beta_initializer, gamma_initializer=gamma_initializer,
+            moving_mean_initializer=moving_mean_initializer, moving_variance_initializer=moving_variance_initializer,
+            renorm=renorm,
             renorm_clipping=renorm_clipping, renorm_momentum=renorm_momentum,
             virtual_batch_size=virtual_batch_size, fused=fused, dtype="float64" if dtype == torch.float64 else None,
             name="normkit.torch", trainable=trainable)
         self.num_features = int(num_features)
         kw = {"device": device, "dtype": dtype}
-        c = self.num_features
-        self.gamma = nn.Parameter(torch.ones(c, **kw)) if self.scale else None
-        self.beta = nn.Parameter(torch.zeros(c, **kw)) if self.center else None
-        self.register_buffer("moving_mean", torch.zeros(c, **kw))
-        self.register_buffer("moving_variance", torch.ones(c, **kw))
-        if self.renorm:
-            self.register_buffer("moving_stddev", torch.ones(c, **kw))
-            self.register_buffer("renorm_mean", torch.zeros(c, **kw))
-            self.register_buffer("renorm_stddev", torch.ones(c, **kw))
+        initial = {name: None if v is None else torch.from_numpy(v).to(**kw)
+                   for name, v in self._core._initial_values((self.num_features,)).items()}
+        self.gamma = nn.Parameter(initial["gamma"]) if self.scale else None
+        self.beta = nn.Parameter(initial["beta"]) if self.center else None
+        for name in ("moving_mean", "moving_variance") + (_RENORM_BUFFERS if self.renorm else ()):
+            self.register_buffer(name, initial[name])
         self.trainable = trainable  # (gamma's and beta's requires_grad)
 
     # The hyperparameters Keras reads at every call live in the core, which computes with them: assigning one here
