@@ -43,6 +43,7 @@ from __future__ import annotations
 import collections.abc
 import math
 import numbers
+import warnings
 
 import numpy as np
 
@@ -56,6 +57,31 @@ _NAMED_INITIALIZERS = {"zeros": 0.0, "ones": 1.0}
 
 def _describe(v) -> str:
     return f"{v!r} ({type(v).__name__})"
+
+
+def _weighted_moments(x3: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per channel of the (N, C, S) kernel view: tf.nn.weighted_moments's mean and variance (0 where the weights
+    sum to 0) in float64, and the weights' sum (the count of a 0 / 1 mask)."""
+    x64 = x3.astype(np.float64)
+    total = weights.sum(axis=(0, 2))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        scale = np.where(total > 0, 1.0 / total, 0.0)
+        mean = (weights * x64).sum(axis=(0, 2)) * scale
+        var = (weights * np.square(x64 - mean[:, None])).sum(axis=(0, 2)) * scale
+    return mean, var, total
+
+
+def _weighted_backward(dy3, x3, weights, mean, rstd, w) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """dx of y = w * (x - mean) * rstd + b with the weighted statistics, and the sums of dy and dy * xhat over
+    every position: dx = w * rstd * (dy - weights * (sum(dy) + xhat * sum(dy * xhat)) / sum(weights))."""
+    dy64 = dy3.astype(np.float64)
+    xhat = (x3.astype(np.float64) - mean[:, None]) * rstd[:, None]
+    sum_dy, sum_dy_xhat = dy64.sum(axis=(0, 2)), (dy64 * xhat).sum(axis=(0, 2))
+    total = weights.sum(axis=(0, 2))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        scale = np.where(total > 0, 1.0 / total, 0.0)
+        dx = (w * rstd)[:, None] * (dy64 - weights * scale[:, None] * (sum_dy[:, None] + xhat * sum_dy_xhat[:, None]))
+    return dx.astype(x3.dtype), sum_dy, sum_dy_xhat
 
 
 class BatchNormalization:
@@ -360,12 +386,17 @@ class BatchNormalization:
 
     # --- the layer -------------------------------------------------------------------------------------------
 
-    def __call__(self, inputs, training=False):
+    def __call__(self, inputs, training=False, mask=None):
         """The layer's output for ``inputs``: batch statistics when ``training`` (and the moving statistics are
         updated), the moving statistics otherwise (``training=None`` is inference, as tf_keras's default learning
         phase; 1 and 0 are Keras's learning phases). A layer with ``trainable = False`` runs in inference mode
         whatever ``training`` says (Keras 2's rule for BatchNormalization, which fine-tuning relies on). The first
-        call builds the layer for the input's shape."""
+        call builds the layer for the input's shape.
+
+        ``mask`` (tf_keras's): weights, usually 0 / 1, of the input's shape without its last axis (as a Masking or
+        ``Embedding(mask_zero=True)`` layer gives them); training statistics are then the weighted mean and
+        variance (masked positions left out), and every position is normalized with them. The fused path ignores
+        it with a warning, as tf_keras's does; inference does not use it."""
         if isinstance(training, numbers.Integral) and training in (0, 1):  # (bools too)
             training = bool(training)
         if not isinstance(training, (bool, np.bool_)) and training is not None:
@@ -375,7 +406,30 @@ class BatchNormalization:
         if not self.built:
             self.build(x.shape)
         self._check_shape(x)
-        return self._train(x) if training and self.trainable else self._infer(x)
+        if mask is not None:
+            mask = self._mask(mask, x)
+        return self._train(x, mask) if training and self.trainable else self._infer(x)
+
+    def _mask(self, mask, x: np.ndarray) -> np.ndarray | None:
+        """tf_keras's mask as weights of x's shape (float64), or None where the fused path ignores it."""
+        if type(mask).__module__.split(".")[0] == "torch" or isinstance(mask, (str, bytes)):
+            raise TypeError(f"{self._who}: mask must be a NumPy array of bools or numbers, got {type(mask).__name__}")
+        m = np.asarray(mask)
+        if m.dtype.kind not in "biuf":
+            raise TypeError(f"{self._who}: mask must hold bools or numbers, got dtype {m.dtype}")
+        try:
+            weights = np.broadcast_to(m.astype(np.float64)[..., None], x.shape)
+        except ValueError:
+            raise ValueError(f"{self._who}: mask of shape {m.shape} does not broadcast to the input's shape {x.shape} "
+                             f"with an axis added last (tf_keras's rule: the input's shape without its last "
+                             f"axis)") from None
+        if self.virtual_batch_size is not None:
+            raise ValueError(f"{self._who}: mask with virtual_batch_size is not supported")
+        if self.fused:
+            warnings.warn(f"{self._who}: mask is ignored on the fused path (as tf_keras does); pass fused=False to "
+                          f"use it", UserWarning, stacklevel=3)
+            return None
+        return weights
 
     def _infer(self, x: np.ndarray) -> np.ndarray:
         layout = self._layout(x.shape, 0)
@@ -392,7 +446,7 @@ class BatchNormalization:
     def _bias(self):
         return None if self.beta is None else self._flat("beta")
 
-    def _train(self, x: np.ndarray) -> np.ndarray:
+    def _train(self, x: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
         n, vbs = x.shape[0], self.virtual_batch_size
         if vbs is not None and n % vbs:
             raise ValueError(f"{self._who}: virtual_batch_size={vbs} must divide the batch size, got a batch of "
@@ -401,8 +455,12 @@ class BatchNormalization:
         g = max(ghosts, 1)
         layout = self._layout(x.shape, ghosts)
         x3 = self._to_kernel(x, layout)
-        stats = split.batchnorm_stats(x3, self.backend)
-        mean_gc, var_gc = stats.mean, stats.var                       # (G * C,), ghost-major
+        if mask is None:
+            stats = split.batchnorm_stats(x3, self.backend)
+            mean_gc, var_gc, count, weights = stats.mean, stats.var, stats.count, None  # (G * C,), ghost-major
+        else:  # (no ghost batches, not fused: see _mask)
+            weights = self._to_kernel(mask, layout)
+            mean_gc, var_gc, count = _weighted_moments(x3, weights)
         with np.errstate(divide="ignore"):  # epsilon 0 and a set without variance: inf, then NaN as in tf_keras
             rstd_gc = 1.0 / np.sqrt(var_gc + self.epsilon)
         new_mean = mean_gc.reshape(g, self._c).mean(axis=0)           # tf_keras: the mean over ghost batches
@@ -418,17 +476,18 @@ class BatchNormalization:
         w_gc, b_gc = np.tile(w, g), np.tile(b, g)
         xc, centre = split.centered(x3, mean_gc, rstd_gc)
         with np.errstate(invalid="ignore"):
-            scale, shift = split.apply_coefficients(centre, rstd_gc, w_gc, b_gc, x.dtype, var_gc)
+            # (a weighted variance of 0 does not make every value its mean: masked values may differ)
+            scale, shift = split.apply_coefficients(centre, rstd_gc, w_gc, b_gc, x.dtype,
+                                                    var_gc if weights is None else None)
         y3 = split.batchnorm_apply(xc, scale, shift, self.backend)
         for name, v in renorm_state.items():  # (the state moves only once the call has succeeded)
             setattr(self, name, v)
         moving_var = new_var
         if self.fused:  # FusedBatchNormV3's unbiased variance goes into moving_variance (of 1 value: 0)
-            count = stats.count
             moving_var = new_var * (count / (count - 1)) if count > 1 else np.zeros_like(new_var)
         self._update(new_mean, moving_var)
-        self._batch_stats = (new_mean, new_var, stats.count)       # for normkit.torch's BatchRenorm/GhostBatchNorm
-        self._saved = (x3, layout, x.shape, mean_gc, rstd_gc, w_gc, r, d, stats.count, g)
+        self._batch_stats = (new_mean, new_var, count)             # for normkit.torch's BatchRenorm/GhostBatchNorm
+        self._saved = (x3, layout, x.shape, mean_gc, rstd_gc, w_gc, r, d, count, g, weights)
         return self._from_kernel(y3, layout, x.shape)
 
     def _renorm(self, mean: np.ndarray, var: np.ndarray) -> tuple[np.ndarray, np.ndarray, dict]:
@@ -475,7 +534,7 @@ class BatchNormalization:
     def _backward(self, saved: tuple, dy):
         """``backward`` for the state ``saved`` by one training call (``_saved`` right after it): the torch frontend
         (normkit.torch.BatchNormalization) keeps it per call, for autograd."""
-        x3, layout, shape, mean_gc, rstd_gc, w_gc, r, d, count, g = saved
+        x3, layout, shape, mean_gc, rstd_gc, w_gc, r, d, count, g, weights = saved
         dy = self._input("dy", dy)
         if dy.shape != shape:
             raise ValueError(f"{self._who}: dy must have the shape of the last training call's input {shape}, "
@@ -484,11 +543,15 @@ class BatchNormalization:
             raise TypeError(f"{self._who}: dy must have the last training call's input dtype {x3.dtype}, got "
                             f"{dy.dtype}")
         dy3 = self._to_kernel(dy, layout)
-        x3, centre = split.centered(x3, mean_gc, rstd_gc)
-        sum_dy, sum_dy_xhat = split.batchnorm_backward_reduce(dy3, x3, centre, rstd_gc, self.backend)
-        with np.errstate(invalid="ignore"):  # (rstd inf: see _train)
-            a, b, dd = split.backward_coefficients(centre, rstd_gc, w_gc, sum_dy, sum_dy_xhat, count, x3.dtype)
-        dx = self._from_kernel(split.batchnorm_backward_apply(dy3, x3, a, b, dd, self.backend), layout, shape)
+        if weights is None:
+            x3, centre = split.centered(x3, mean_gc, rstd_gc)
+            sum_dy, sum_dy_xhat = split.batchnorm_backward_reduce(dy3, x3, centre, rstd_gc, self.backend)
+            with np.errstate(invalid="ignore"):  # (rstd inf: see _train)
+                a, b, dd = split.backward_coefficients(centre, rstd_gc, w_gc, sum_dy, sum_dy_xhat, count, x3.dtype)
+            dx3 = split.batchnorm_backward_apply(dy3, x3, a, b, dd, self.backend)
+        else:
+            dx3, sum_dy, sum_dy_xhat = _weighted_backward(dy3, x3, weights, mean_gc, rstd_gc, w_gc)
+        dx = self._from_kernel(dx3, layout, shape)
         sdy = sum_dy.reshape(g, self._c).sum(axis=0)
         sdyx = sum_dy_xhat.reshape(g, self._c).sum(axis=0)
         dgamma = self._store(r * sdyx + d * sdy) if self.scale else None

@@ -661,6 +661,103 @@ def test_from_a_tf_keras_config_and_tf_keras_initializers():
         normkit.BatchNormalization.from_config(random)  # serialized, a random draw normkit cannot repeat
 
 
+def _masked_oracle(x, dy, weights, gamma, beta, eps):
+    """tf.nn.weighted_moments's statistics over all axes but the last, and y = gamma * xhat + beta at every
+    position; the gradient by autograd-free algebra checked against finite differences in the test."""
+    x64, w = x.astype(np.float64), np.broadcast_to(weights[..., None], x.shape).astype(np.float64)
+    axes = tuple(range(x.ndim - 1))
+    total = w.sum(axes)
+    mean = np.where(total > 0, (w * x64).sum(axes) / np.where(total > 0, total, 1), 0)
+    var = np.where(total > 0, (w * (x64 - mean) ** 2).sum(axes) / np.where(total > 0, total, 1), 0)
+    return (x64 - mean) / np.sqrt(var + eps) * gamma + beta, mean, var
+
+
+@pytest.mark.parametrize("shape", [(4, 6, 3), (3, 4, 5, 2), (8, 5)])
+def test_mask_weights_the_training_statistics(shape):
+    """tf_keras's call(inputs, training, mask): the weighted moments over the unmasked positions (the mask has the
+    input's shape without its last axis), every position normalized with them. It was refused."""
+    rng = np.random.default_rng(3)
+    x = (2 + 1.5 * rng.standard_normal(shape))
+    dy = rng.standard_normal(shape)
+    mask = rng.random(shape[:-1]) < 0.6
+    mask.flat[0] = True
+    layer = normkit.BatchNormalization(momentum=0.5, dtype="float64", fused=False)
+    layer.build(shape)
+    layer.gamma = 1 + 0.3 * rng.standard_normal(shape[-1])
+    layer.beta = 0.3 * rng.standard_normal(shape[-1])
+    y = layer(x, training=True, mask=mask)
+    want, mean, var = _masked_oracle(x, dy, mask, layer.gamma, layer.beta, 1e-3)
+    np.testing.assert_allclose(y, want, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(layer.moving_mean, 0.5 * mean, rtol=1e-12)
+    np.testing.assert_allclose(layer.moving_variance, 0.5 + 0.5 * var, rtol=1e-12)
+    dx, dgamma, dbeta = layer.backward(dy)
+    h = 1e-6
+    for i in [0, 1, x.size // 2, x.size - 1]:  # finite differences of sum(y * dy) through the weighted moments
+        xp, xm = x.copy(), x.copy()
+        xp.flat[i] += h
+        xm.flat[i] -= h
+        numeric = ((_masked_oracle(xp, dy, mask, layer.gamma, layer.beta, 1e-3)[0] -
+                    _masked_oracle(xm, dy, mask, layer.gamma, layer.beta, 1e-3)[0]) * dy).sum() / (2 * h)
+        np.testing.assert_allclose(dx.flat[i], numeric, rtol=1e-6, atol=1e-8)
+    xhat = (x - mean) / np.sqrt(var + 1e-3)
+    np.testing.assert_allclose(dgamma, (dy * xhat).reshape(-1, shape[-1]).sum(0), rtol=1e-10)
+    np.testing.assert_allclose(dbeta, dy.reshape(-1, shape[-1]).sum(0), rtol=1e-10)
+    ones = normkit.BatchNormalization(dtype="float64")
+    np.testing.assert_allclose(ones(x, training=True, mask=np.ones(shape[:-1])), ones(x, training=True), rtol=1e-12,
+                               atol=1e-12)
+
+
+def test_mask_edges_and_errors():
+    x = np.random.default_rng(0).standard_normal((4, 6, 3)).astype(np.float32)
+    layer = normkit.BatchNormalization(momentum=0.0)
+    y = layer(x, training=True, mask=np.zeros((4, 6), bool))  # nothing unmasked: mean 0, variance 0 (tf's)
+    np.testing.assert_allclose(y, x / np.sqrt(1e-3), rtol=1e-6)
+    np.testing.assert_array_equal(layer.moving_variance, 0)
+    one = np.zeros((4, 6), bool)
+    one[1, 2] = True  # one value: variance 0, and the other values are not its mean
+    y = layer(x, training=True, mask=one)
+    np.testing.assert_allclose(y, (x - x[1, 2]) / np.sqrt(1e-3), rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(layer(x, mask=one), layer(x))  # inference does not use it
+    with pytest.raises(ValueError, match=r"mask of shape \(4, 3\) does not broadcast to the input's shape"):
+        layer(x, training=True, mask=np.ones((4, 3)))
+    with pytest.raises(TypeError, match="mask must hold bools or numbers, got dtype <U1"):
+        layer(x, training=True, mask=np.full((4, 6), "a"))
+    with pytest.raises(ValueError, match="mask with virtual_batch_size is not supported"):
+        normkit.BatchNormalization(virtual_batch_size=2)(x, training=True, mask=np.ones((4, 6)))
+    fused = normkit.BatchNormalization()
+    x4 = np.random.default_rng(1).standard_normal((2, 3, 3, 4)).astype(np.float32)
+    with pytest.warns(UserWarning, match="mask is ignored on the fused path"):
+        y = fused(x4, training=True, mask=np.zeros((2, 3, 3)))
+    np.testing.assert_array_equal(y, normkit.BatchNormalization()(x4, training=True))
+
+
+def test_mask_matches_tf_keras():
+    tf = pytest.importorskip("tensorflow")
+    tf_keras = pytest.importorskip("tf_keras")
+    rng = np.random.default_rng(5)
+    for shape, kw in (((4, 6, 3), {}), ((4, 6, 3), {"renorm": True, "renorm_clipping": {"rmax": 1.2, "dmax": 0.3}}),
+                      ((3, 4, 5, 6), {"fused": False}), ((8, 5), {})):
+        ref = tf_keras.layers.BatchNormalization(momentum=0.7, **kw)
+        layer = normkit.BatchNormalization(momentum=0.7, **kw)
+        ref.build(shape)
+        layer.build(shape)
+        for _ in range(3):
+            x = (2 + 1.5 * rng.standard_normal(shape)).astype(np.float32)
+            dy = rng.standard_normal(shape).astype(np.float32)
+            mask = rng.random(shape[:-1]) < 0.6
+            xt = tf.constant(x)
+            with tf.GradientTape() as tape:
+                tape.watch(xt)
+                yt = ref(xt, training=True, mask=tf.constant(mask))
+                loss = tf.reduce_sum(yt * dy)
+            grads = tape.gradient(loss, [xt, ref.gamma, ref.beta])
+            y = layer(x, training=True, mask=mask)
+            got = [y, *layer.backward(dy), *layer.get_weights()]
+            want = [yt.numpy(), *(g.numpy() for g in grads), *ref.get_weights()]
+            for g, w in zip(got, want):
+                assert rel(g, w) <= 1e-5, (shape, kw)
+
+
 def test_keras_2_conventions_trainable_learning_phase_dtype_none_and_open_batch_size():
     """tf_keras 2.21: a layer with trainable=False runs in inference mode; training takes the learning phase 1 / 0;
     dtype=None is the float32 policy; build((None, C)) leaves the batch size open."""

@@ -837,3 +837,25 @@ def test_keras_module_takes_initializers():
     assert module.moving_variance.eq(9).all() and module.moving_stddev.eq(3).all() and module.renorm_stddev.eq(3).all()
     with pytest.raises(ValueError, match="beta_initializer must be 'zeros', 'ones'"):
         nkt.BatchNormalization(3, beta_initializer="he_normal")
+
+
+def test_keras_module_takes_a_mask():
+    """forward(input, mask): the NumPy layer's weighted statistics, gradients through autograd."""
+    g = torch.Generator().manual_seed(0)
+    x = (2 + torch.randn(4, 6, 3, generator=g, dtype=torch.float64)).requires_grad_()
+    mask = torch.rand(4, 6, generator=g) < 0.6
+    module = nkt.BatchNormalization(3, axis=-1, momentum=0.5).double()
+    y = module(x, mask)
+    dy = torch.randn(4, 6, 3, generator=g, dtype=torch.float64)
+    y.backward(dy)
+    layer = normkit.BatchNormalization(momentum=0.5, dtype="float64")
+    want = layer(x.detach().numpy(), training=True, mask=mask.numpy())
+    dx, dgamma, dbeta = layer.backward(dy.numpy())
+    torch.testing.assert_close(y.detach(), torch.from_numpy(want))
+    torch.testing.assert_close(x.grad, torch.from_numpy(dx))
+    torch.testing.assert_close(module.gamma.grad, torch.from_numpy(dgamma))
+    torch.testing.assert_close(module.moving_variance, torch.from_numpy(layer.moving_variance))
+    module.eval()
+    torch.testing.assert_close(module(x, mask), module(x))
+    with pytest.raises(TypeError, match="mask must be a torch.Tensor or None, got list"):
+        module(x, [1, 0])

@@ -28,11 +28,11 @@ _RENORM_BUFFERS = ("moving_stddev", "renorm_mean", "renorm_stddev")
 
 class _KerasBN(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, gamma, beta, module):
+    def forward(ctx, x, gamma, beta, module, mask):
         core = module._core
         xa = x.detach().contiguous().numpy()
         training = module.training and core.trainable
-        y = core(xa, training=training)
+        y = core(xa, training=training, mask=mask)
         ctx.save_for_backward(x)  # only for torch's check of in-place changes (backward reads views of its memory)
         if training:
             ctx.saved = core._saved
@@ -73,7 +73,7 @@ class _KerasBN(torch.autograd.Function):
         grads = [in_layout(torch.from_numpy(np.ascontiguousarray(dx)), ctx.nhwc)]
         for g in (dgamma, dbeta):
             grads.append(None if g is None else torch.from_numpy(np.ascontiguousarray(g).reshape(-1)))
-        return grads[0], grads[1], grads[2], None
+        return grads[0], grads[1], grads[2], None, None
 
 
 class _CoreSetting:
@@ -229,10 +229,16 @@ class BatchNormalization(NotScriptable, nn.Module):
                             f"{sorted(str(d) for d in dtypes)}")
 
     @differentiable.numpy_step("Keras-style BatchNormalization layers")
-    def forward(self, input: Tensor) -> Tensor:
+    def forward(self, input: Tensor, mask: Tensor | None = None) -> Tensor:
+        """``mask``: tf_keras's (see :class:`normkit.BatchNormalization`), a bool or float tensor of the input's
+        shape without its last dimension: training statistics leave out the positions where it is 0."""
         if isinstance(input, torch.fx.Proxy):
-            return fx_node(self, input)
+            return fx_node(self, input) if mask is None else fx_node(self, input, mask)
         self._check(input)
+        if mask is not None:
+            if not isinstance(mask, Tensor):
+                raise TypeError(f"BatchNormalization: mask must be a torch.Tensor or None, got {type(mask).__name__}")
+            mask = mask.detach().cpu().numpy()
         if input.numel() == 0:  # as torch's BatchNorm: an empty output, zero parameter gradients, statistics untouched
             params = [p.sum() for p in (self.gamma, self.beta) if p is not None]
             return input.clone() + (sum(params).to(input.dtype) * 0 if params else 0)
@@ -246,7 +252,7 @@ class BatchNormalization(NotScriptable, nn.Module):
         for name in self._buffer_names():
             setattr(core, name, getattr(self, name).numpy())
         try:
-            return _KerasBN.apply(input, self.gamma, self.beta, self)
+            return _KerasBN.apply(input, self.gamma, self.beta, self, mask)
         finally:                              # the core keeps no reference to the module's tensors
             for name in ("gamma", "beta") + self._buffer_names():
                 setattr(core, name, None)

@@ -40,12 +40,12 @@ __all__ = [
 _Proxy = torch.fx.Proxy  # (looked up once: every forward tests its input against it)
 
 
-def fx_node(module: nn.Module, input: torch.fx.Proxy) -> torch.fx.Proxy:
+def fx_node(module: nn.Module, input: torch.fx.Proxy, *args) -> torch.fx.Proxy:
     """A normkit module's forward under torch.fx.symbolic_trace: one call_module node, as torch.nn's norm layers
     are (fx's default tracer keeps modules of torch.nn.* as leaves and traces into any other's forward, and a Proxy
     cannot go through normkit's checks and kernels)."""
     tracer = input.tracer
-    return tracer.create_proxy("call_module", tracer.path_of_module(module), (input,), {})
+    return tracer.create_proxy("call_module", tracer.path_of_module(module), (input, *args), {})
 
 
 class NotScriptable:
