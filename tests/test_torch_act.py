@@ -528,8 +528,9 @@ class _VarArgs(nn.Module):  # diffusers' ResnetBlock2D(input_tensor, temb, *args
 
 def test_convert_fuses_a_forward_for_the_calls_it_traced():
     """A forward with optional arguments, *args or **kwargs is traced for calls giving its required arguments
-    alone, by position, for each choice of those after the first being None, and runs fused for those; any other
-    call runs the forward as written (fx would have frozen the branch the call takes)."""
+    alone, for each choice of those after the first being None, and runs fused for those, by position or by name
+    (diffusers' VAE calls resnet(h, temb=None), which ran unfused while reported fused); any other call runs the
+    forward as written (fx would have frozen the branch the call takes)."""
     torch.manual_seed(0)
     model = _VarArgs()
     original = copy.deepcopy(model)
@@ -537,7 +538,8 @@ def test_convert_fuses_a_forward_for_the_calls_it_traced():
     assert [f.norm for f in nt.fusion_report(model).fused] == ["norm"]
     x, temb = torch.randn(2, 4, 5, requires_grad=True), torch.randn(2, 3)
     calls = [((x, temb), {}, True), ((x, None), {}, True), ((x, temb, 1.5), {}, False),
-             ((x, temb), {"scale": 2.0}, False), ((), {"x": x, "temb": temb}, False)]
+             ((x, temb), {"scale": 2.0}, False), ((), {"x": x, "temb": temb}, True), ((x,), {"temb": None}, True),
+             ((x,), {"temb": temb, "scale": 2.0}, False), ((x,), {"scale": 2.0, "temb": temb}, False)]
     for args, kwargs, fused in calls:
         y = model(*args, **kwargs)
         torch.testing.assert_close(y, original(*args, **kwargs))
@@ -690,6 +692,30 @@ def test_convert_fuses_transformers_mobilevit_conv_layers(monkeypatch):
     with torch.no_grad():
         torch.testing.assert_close(model(x).last_hidden_state, expected, rtol=1e-4, atol=1e-4)
     assert ("batchnorm", "act_forward_infer") in looked_up
+
+
+def test_convert_fuses_what_a_diffusers_vae_calls_by_keyword(monkeypatch):
+    """AutoencoderKL's encoder and decoder blocks call resnet(h, temb=None): every pair the report lists runs
+    fused (they ran the blocks' own forward, unfused)."""
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    vae = diffusers.AutoencoderKL(block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8,
+                                  latent_channels=4, down_block_types=("DownEncoderBlock2D",) * 2,
+                                  up_block_types=("UpDecoderBlock2D",) * 2)
+    x = torch.randn(1, 3, 16, 16)
+    with torch.no_grad():
+        want = vae(x, sample_posterior=False).sample
+    nt.convert(vae, fuse=True)
+    reported = {f.norm for f in nt.fusion_report(vae).fused}
+    names = {id(m): n for n, m in vae.named_modules()}
+    ran = set()
+    normalize = type(vae.encoder.down_blocks[0].resnets[0].norm1)._normalize
+    monkeypatch.setattr(type(vae.encoder.down_blocks[0].resnets[0].norm1), "_normalize",
+                        lambda self, x, act, slope: (act is not None and ran.add(names[id(self)]),
+                                                     normalize(self, x, act, slope))[1])
+    with torch.no_grad():
+        torch.testing.assert_close(vae(x, sample_posterior=False).sample, want, rtol=1e-4, atol=1e-4)
+    assert len(reported) > 10 and reported <= ran
 
 
 class _FlagBlock(nn.Module):

@@ -15,12 +15,12 @@ an activation and nowhere else. The norm and activation modules themselves do no
   constant arguments) becomes one call of :func:`call_fused`. The module's class becomes a subclass of its own class
   whose forward runs the rewritten graphs' code (``isinstance`` and the module's other methods stay;
   :func:`~normkit.torch.revert` restores the class). fx freezes the Python a forward runs, so a graph holds for the
-  calls like the one traced: the forward is traced for calls giving its required arguments alone, by position
-  (arguments with defaults at their defaults, ``*args`` and ``**kwargs`` empty: diffusers'
+  calls like the one traced: the forward is traced for calls giving its required arguments alone, by position or
+  by name (arguments with defaults at their defaults, ``*args`` and ``**kwargs`` empty: diffusers'
   ``ResnetBlock2D(input_tensor, temb, *args, **kwargs)``), for each choice of those after the first being ``None``
   (up to four arguments: a VAE's ``temb=None``), in train and in eval mode with every submodule in that mode; a call
   runs the graph traced for its arguments and its module's mode, and the module's own forward where there is none
-  (an optional argument or a keyword given) or where the forward reads another module's training flag
+  (an optional argument given) or where the forward reads another module's training flag
   (``self.bn.training``, anywhere the trace runs) and the flags differ. A module whose forward cannot be traced is
   left alone, and the report says why; so is one whose forward fx would record wrongly: a grad-mode read, a
   ``no_grad`` / ``autocast`` block or a random draw (torch's, Python's or NumPy's global generator, or one reachable
@@ -937,13 +937,18 @@ def _specialized(cls: type, nones: tuple[bool, ...]) -> type:
 
 
 def _guarded(cls: type, inputs: int, traced: dict, flags: bool):
-    """The rewritten forward: for calls like one traced (``inputs`` arguments by position, each None or not as
-    traced), the graph traced for it in the module's mode (``traced[self.training, nones]``) with the arguments that
+    """The rewritten forward: for calls like one traced (``inputs`` arguments, by position or by the names of
+    parameters that take either, each None or not as traced), the graph traced for it in the module's mode (``traced[self.training, nones]``) with the arguments that
     are not None, unless the forward reads other modules' training flags (``flags``) and a submodule is in another
     mode (fx traced them all alike); the class's own forward for any other call."""
     original = cls.forward
+    # the required arguments' names, where a call may give them by keyword (resnet(h, temb=None) in diffusers' VAE)
+    params = list(inspect.signature(original).parameters.values())[1:1 + inputs]
+    by_name = tuple(p.name if p.kind is p.POSITIONAL_OR_KEYWORD else None for p in params)
 
     def forward(self, *args, **kwargs):
+        if kwargs and len(args) + len(kwargs) == inputs and all(k in by_name[len(args):] for k in kwargs):
+            args, kwargs = (*args, *(kwargs[name] for name in by_name[len(args):])), {}
         # (under torch.fx.symbolic_trace, the class's own forward: its fused calls cannot take a Proxy)
         if not kwargs and len(args) == inputs and not (flags and not _in_mode(self, self.training)) and \
                 not any(isinstance(arg, fx.Proxy) for arg in args):
