@@ -471,8 +471,11 @@ def test_rmsnorm_semantics_errors():
             eps="variance_epsilon", weight="gamma")})
     module = ToyT5LayerNorm(4)
     module.bias = torch.nn.Parameter(torch.zeros(4))
+    model = torch.nn.Sequential(torch.nn.LayerNorm(4), ToyT5LayerNorm(4), module)
     with pytest.raises(ValueError, match="this ToyT5LayerNorm holds a bias tensor, which RMSNormSemantics does not"):
-        nt.convert(module, rmsnorm_classes={ToyT5LayerNorm: T5})
+        nt.convert(model, rmsnorm_classes={ToyT5LayerNorm: T5})
+    # refused before anything changed (the layers before the refused one were converted)
+    assert [type(m) for m in model] == [torch.nn.LayerNorm, ToyT5LayerNorm, ToyT5LayerNorm]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])

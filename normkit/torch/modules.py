@@ -382,12 +382,12 @@ def convert(model: nn.Module, backend: str | None = None, *,
         declared[cls] = _declared_class(cls, sem)
     if backend is not None:
         registry.require_backend(backend, "convert")
-    for module in model.modules():
-        plain, parametrized = _plain_class(module)
-        cls = _TO_NORMKIT.get(plain)
-        if cls is None and plain in declared:
-            cls = declared[plain]
-            cls._normkit_semantics.check(module)
+    modules = [(module, *_plain_class(module)) for module in model.modules()]
+    for module, plain, _ in modules:  # (every check before any change: a refusal leaves the model as it was)
+        if plain not in _TO_NORMKIT and plain in declared:
+            declared[plain]._normkit_semantics.check(module)
+    for module, plain, parametrized in modules:
+        cls = _TO_NORMKIT.get(plain, declared.get(plain))
         if cls is not None:
             _switch_class(module, cls, parametrized)
             plain = cls
