@@ -56,8 +56,10 @@ def list_command() -> None:
               help="Only this layout (nhwc: the channels-last kernels the backend declares).")
 @click.option("--quick", is_flag=True, help="A smaller set of cases.")
 @click.option("--all-failures", is_flag=True, help="Print every failure, not the first 40.")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=300.0, show_default=True,
+              help="Seconds one case may take (a first call that compiles included) before the check stops there.")
 def check_command(backend: str, ops: tuple[str, ...], dtypes: tuple[str, ...], layouts: tuple[str, ...],
-                  quick: bool, all_failures: bool) -> None:
+                  quick: bool, all_failures: bool, timeout: float) -> None:
     """Run BACKEND's kernels against the reference on the hard cases (the conformance kit); exit 1 on failure."""
     from normkit import testing
 
@@ -70,10 +72,13 @@ def check_command(backend: str, ops: tuple[str, ...], dtypes: tuple[str, ...], l
     if installed and progress_path is None:
         argv = [backend, *(f"--op={o}" for o in ops), *(f"--dtype={d}" for d in dtypes),
                 *(f"--layout={layout}" for layout in layouts), *["--quick"] * quick, *["--all-failures"] * all_failures]
-        _check_in_child(argv)
+        _check_in_child(argv, timeout)
         return
     progress = None
     if progress_path:
+        import faulthandler
+
+        faulthandler.enable()  # a crash prints the Python stack it happened under (the parent shows stderr)
         fd = os.open(progress_path, os.O_WRONLY | os.O_APPEND)
         progress = (lambda label: os.write(fd, label.encode() + b"\n"))
     try:
@@ -89,32 +94,54 @@ def check_command(backend: str, ops: tuple[str, ...], dtypes: tuple[str, ...], l
 _PROGRESS = "_NORMKIT_CHECK_PROGRESS"  # set in the child that runs the cases: the file their labels go to
 
 
-def _check_in_child(argv: list[str]) -> None:
+def _check_in_child(argv: list[str], timeout: float) -> None:
     """The same check in a child process, so that a kernel that crashes the process (a segfault on an address it
-    did not expect) is reported as a failure with the case it died in. A backend registered at run time exists in
-    this process only and is checked here."""
+    did not expect) or never returns is reported as a failure with the case it happened in. A backend registered at
+    run time exists in this process only and is checked here."""
     import signal
     import subprocess
     import sys
     import tempfile
+    import time
 
-    with tempfile.NamedTemporaryFile("rb", prefix="normkit-check-", suffix=".txt") as log:
-        child = subprocess.run([sys.executable, "-m", "normkit.cli", "check", *argv],
-                               env={**os.environ, _PROGRESS: log.name}, capture_output=True, text=True)
-        labels = log.read().decode().splitlines()
-    click.echo(child.stdout, nl=False)
-    click.echo(child.stderr, nl=False, err=True)
-    if child.returncode >= 0:
+    with tempfile.TemporaryDirectory(prefix="normkit-check-") as tmp:
+        paths = {name: os.path.join(tmp, name) for name in ("progress", "stdout", "stderr")}
+        open(paths["progress"], "wb").close()
+        with open(paths["stdout"], "wb") as out, open(paths["stderr"], "wb") as err:
+            child = subprocess.Popen([sys.executable, "-m", "normkit.cli", "check", *argv], stdout=out, stderr=err,
+                                     env={**os.environ, _PROGRESS: paths["progress"]})
+            size, since, hung = 0, time.monotonic(), False
+            while child.poll() is None:
+                time.sleep(0.05)
+                now = os.path.getsize(paths["progress"])
+                if now != size:
+                    size, since = now, time.monotonic()
+                elif time.monotonic() - since > timeout:  # (before the first case: imports, loading the kernels)
+                    child.kill()
+                    child.wait()
+                    hung = True
+        with open(paths["progress"], "rb") as log:
+            labels = log.read().decode().splitlines()
+        with open(paths["stdout"]) as out, open(paths["stderr"]) as err:
+            stdout, stderr = out.read(), err.read()
+    click.echo(stdout, nl=False)
+    click.echo(stderr, nl=False, err=True)
+    if not hung and child.returncode >= 0:
         if child.returncode:
             raise SystemExit(child.returncode)
         return
+    where = f"in case {labels[-1]} ({len(labels) - 1} cases ran before it)" if labels else "before its first case"
+    if hung:
+        click.echo(f"backend {argv[0]!r} FAILS: a kernel did not return within {timeout:g} s {where}; the check "
+                   f"stopped there (--timeout sets the limit)")
+        raise SystemExit(1)
     try:
         how = signal.Signals(-child.returncode).name
     except ValueError:
         how = f"signal {-child.returncode}"
-    where = f"in case {labels[-1]} ({len(labels) - 1} cases ran before it)" if labels else "before its first case"
-    click.echo(f"backend {argv[0]!r} FAILS: it crashed the process ({how}) {where}. In each case some arrays start "
-               f"one element past a 64-byte boundary: a kernel may assume no alignment beyond the element's (see "
+    click.echo(f"backend {argv[0]!r} FAILS: it crashed the process ({how}) {where}; the check stopped there (its "
+               f"Python stack is above). If the kernel reads or writes memory: in each case some arrays start one "
+               f"element past a 64-byte boundary, and a kernel may assume no alignment beyond the element's (see "
                f"plugins/README.md)")
     raise SystemExit(1)
 

@@ -58,10 +58,9 @@ KERNELS = {("layernorm", "forward", "float32"): forward}
 """
 
 
-def test_check_reports_a_kernel_that_crashes_the_process(tmp_path):
-    """A plugin kernel that segfaults (on the kit's misaligned arrays, say) killed `normkit check` with no word on
-    what failed: the check runs in a child process and names the case the kernel died in."""
-    (tmp_path / "crashy_kernels.py").write_text(_CRASHING_KERNELS)
+def _installed_plugin(tmp_path, kernels_source: str) -> dict:
+    """A backend "crashy" (layernorm forward, float32) installed in tmp_path: the environment to run it in."""
+    (tmp_path / "crashy_kernels.py").write_text(kernels_source)
     (tmp_path / "crashy_decl.py").write_text(
         "from normkit import Backend\nbackend = Backend(name='crashy', module='crashy_kernels', "
         "kernels={'layernorm': ('forward',)}, dtypes=('float32',))\n")
@@ -69,13 +68,31 @@ def test_check_reports_a_kernel_that_crashes_the_process(tmp_path):
     info.mkdir()
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: crashy\nVersion: 0.1\n")
     (info / "entry_points.txt").write_text("[normkit.backends]\ncrashy = crashy_decl:backend\n")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), *sys.path])}
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), *sys.path])}
+
+
+def test_check_reports_a_kernel_that_never_returns(tmp_path):
+    """A kernel that blocks hung `normkit check` forever, with no output: --timeout bounds each case."""
+    env = _installed_plugin(tmp_path, _CRASHING_KERNELS.replace("ctypes.string_at(0)", "__import__('time').sleep(600)"))
+    proc = subprocess.run([sys.executable, "-m", "normkit.cli", "check", "crashy", "--quick", "--timeout", "3"],
+                          capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert proc.stdout.startswith("backend 'crashy' FAILS: a kernel did not return within 3 s in case layernorm "
+                                  "forward float32 shape="), proc.stdout
+    assert "(2 cases ran before it); the check stopped there (--timeout sets the limit)" in proc.stdout
+
+
+def test_check_reports_a_kernel_that_crashes_the_process(tmp_path):
+    """A plugin kernel that segfaults (on the kit's misaligned arrays, say) killed `normkit check` with no word on
+    what failed: the check runs in a child process and names the case the kernel died in."""
+    env = _installed_plugin(tmp_path, _CRASHING_KERNELS)
     proc = subprocess.run([sys.executable, "-m", "normkit.cli", "check", "crashy", "--quick"], capture_output=True,
                           text=True, timeout=300, env=env)
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert proc.stdout.startswith("backend 'crashy' FAILS: it crashed the process (SIGSEGV) in case layernorm "
                                   "forward float32 shape="), proc.stdout
     assert "(2 cases ran before it)" in proc.stdout and "one element past a 64-byte boundary" in proc.stdout
+    assert "Fatal Python error: Segmentation fault" in proc.stderr and "crashy_kernels.py" in proc.stderr
 
 
 def test_check_runs_each_selected_case_once_and_takes_all():
