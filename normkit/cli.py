@@ -45,7 +45,9 @@ def list_command() -> None:
                 dtypes.setdefault(op, {})[dtype] = None
             for op, names in directions.items():
                 click.echo(f"    {op} {label} ({', '.join(dtypes[op])}): {', '.join(names)}")
-    click.echo(f"dispatch order: {', '.join(registry.get_backend_order())}")
+    failed = {row.name for row in rows if row.error}  # (the order names them; dispatch skips them)
+    click.echo(f"dispatch order: {', '.join(registry.get_backend_order())}"
+               + (f" ({', '.join(sorted(failed))}: failed to load, skipped)" if failed else ""))
 
 
 @main.command("check")

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 from click.testing import CliRunner
 
 import normkit
@@ -27,6 +28,20 @@ def test_list_shows_every_backend_op_and_the_dispatch_order():
         assert f"    {op}: " in result.output
     assert "groupnorm: backward (float32, float64); forward (float32, float64)" in result.output
     assert f"dispatch order: {', '.join(normkit.get_backend_order())}" in result.output
+
+
+def test_list_says_which_backends_in_the_dispatch_order_failed_to_load():
+    from normkit.registry import runtime_module
+
+    normkit.register_backend(normkit.Backend("hollow", runtime_module({}), kernels={"layernorm": ("forward",)}))
+    try:
+        with pytest.warns(RuntimeWarning, match="hollow"):
+            result = CliRunner().invoke(main, ["list"])
+        assert result.exit_code == 0, result.output
+        order = ", ".join(normkit.get_backend_order())
+        assert f"dispatch order: {order} (hollow: failed to load, skipped)" in result.output
+    finally:
+        normkit.unregister_backend("hollow")
 
 
 def test_unknown_command_is_a_usage_error():
