@@ -859,3 +859,16 @@ def test_keras_module_takes_a_mask():
     torch.testing.assert_close(module(x, mask), module(x))
     with pytest.raises(TypeError, match="mask must be a torch.Tensor or None, got list"):
         module(x, [1, 0])
+
+
+@pytest.mark.parametrize("make", [lambda: nkt.BatchRenorm2d(3), lambda: nkt.GhostBatchNorm2d(3, virtual_batch_size=2),
+                                  lambda: nkt.BatchNormalization(3)], ids=["renorm", "ghost", "keras"])
+def test_numpy_step_layers_name_forward_mode_ad(make):
+    """Dual tensors in training got torch's "You must implement the jvp function" (the Function's author's
+    business); the layer's own error now (SyncBatchNorm's too, in a process group)."""
+    import torch.autograd.forward_ad as fwad
+
+    x = torch.randn(4, 3, 2, 2)
+    with fwad.dual_level():
+        with pytest.raises(RuntimeError, match="forward-mode AD .* is not supported where its step runs NumPy"):
+            make()(fwad.make_dual(x, torch.randn_like(x)))

@@ -113,6 +113,15 @@ def refuse(name: str, dy: Tensor) -> None:
                            f"are not supported")
 
 
+def no_jvp(name: str):
+    """An autograd Function's ``jvp`` for steps that have no forward-mode form: torch calls it for dual inputs
+    (``torch.autograd.forward_ad``), where its own error asks the Function's author to implement it."""
+    def jvp(ctx, *tangents):
+        raise RuntimeError(f"{name}: forward-mode AD (torch.autograd.forward_ad's dual tensors) is not supported "
+                           f"where its step runs NumPy code")
+    return staticmethod(jvp)
+
+
 # inside torch.func.grad, vmap, jacrev, ...
 transforms_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)
 

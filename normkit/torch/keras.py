@@ -27,6 +27,8 @@ _RENORM_BUFFERS = ("moving_stddev", "renorm_mean", "renorm_stddev")
 
 
 class _KerasBN(torch.autograd.Function):
+    jvp = differentiable.no_jvp("Keras-style BatchNormalization layers")
+
     @staticmethod
     def forward(ctx, x, gamma, beta, module, mask):
         core = module._core

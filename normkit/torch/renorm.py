@@ -30,6 +30,8 @@ __all__ = ["BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d", "GhostBatchNorm1d"
 class _CoreTrain(torch.autograd.Function):
     """The core's training step (normalization by batch statistics, r and d constants) and its backward."""
 
+    jvp = differentiable.no_jvp("Batch Renormalization and ghost-batch layers")
+
     @staticmethod
     def forward(ctx, x, weight, bias, core, out):
         y = core(x.detach().contiguous().numpy(), training=True)

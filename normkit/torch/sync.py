@@ -48,6 +48,8 @@ def _merge_gathered(rows: list[np.ndarray], c: int) -> Stats:
 
 
 class _SyncBatchNormFunction(torch.autograd.Function):
+    jvp = differentiable.no_jvp("SyncBatchNorm")
+
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, eps, momentum, group, backend):
         ctx.nhwc, x = channels_last(x), x.contiguous()
