@@ -61,11 +61,11 @@ def _describe(v) -> str:
 
 def _weighted_moments(x3: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per channel of the (N, C, S) kernel view: tf.nn.weighted_moments's mean and variance (0 where the weights
-    sum to 0) in float64, and the weights' sum (the count of a 0 / 1 mask)."""
+    sum to 0, its div_no_nan) in float64, and the weights' sum (the count of a 0 / 1 mask)."""
     x64 = x3.astype(np.float64)
     total = weights.sum(axis=(0, 2))
     with np.errstate(divide="ignore", invalid="ignore"):
-        scale = np.where(total > 0, 1.0 / total, 0.0)
+        scale = np.where(total != 0, 1.0 / total, 0.0)  # (div_no_nan: any sum but 0, negative ones too)
         mean = (weights * x64).sum(axis=(0, 2)) * scale
         var = (weights * np.square(x64 - mean[:, None])).sum(axis=(0, 2)) * scale
     return mean, var, total
@@ -79,7 +79,7 @@ def _weighted_backward(dy3, x3, weights, mean, rstd, w) -> tuple[np.ndarray, np.
     sum_dy, sum_dy_xhat = dy64.sum(axis=(0, 2)), (dy64 * xhat).sum(axis=(0, 2))
     total = weights.sum(axis=(0, 2))
     with np.errstate(divide="ignore", invalid="ignore"):
-        scale = np.where(total > 0, 1.0 / total, 0.0)
+        scale = np.where(total != 0, 1.0 / total, 0.0)
         dx = (w * rstd)[:, None] * (dy64 - weights * scale[:, None] * (sum_dy[:, None] + xhat * sum_dy_xhat[:, None]))
     return dx.astype(x3.dtype), sum_dy, sum_dy_xhat
 
@@ -218,7 +218,7 @@ class BatchNormalization:
             return v
         if isinstance(v, collections.abc.Mapping) and v.get("class_name") in ("Zeros", "Ones", "Constant"):
             value = dict(v.get("config") or {}).get("value", 0.0)
-            if v["class_name"] != "Constant" or (isinstance(value, numbers.Real) and not isinstance(value, bool)):
+            if v["class_name"] != "Constant" or np.asarray(value).dtype.kind in "iuf":  # (a number or an array)
                 return dict(v)
         if callable(v) and not isinstance(v, type):
             return v
@@ -233,8 +233,12 @@ class BatchNormalization:
             return np.full(shape, _NAMED_INITIALIZERS[init.lower()], self.dtype)
         if isinstance(init, collections.abc.Mapping):
             value = {"Zeros": 0.0, "Ones": 1.0}.get(init["class_name"])
-            return np.full(shape, dict(init.get("config") or {}).get("value", 0.0) if value is None else value,
-                           self.dtype)
+            value = np.asarray(dict(init.get("config") or {}).get("value", 0.0) if value is None else value)
+            try:
+                return np.broadcast_to(value, shape).astype(self.dtype)
+            except ValueError:
+                raise ValueError(f"{self._who}: {arg}'s Constant value has shape {value.shape}, which does not fit "
+                                 f"the variable's shape {shape}") from None
         value = np.asarray(init(shape, dtype=self.dtype.name))
         if value.shape != shape:
             raise ValueError(f"{self._who}: {arg} gave an array of shape {value.shape}, expected {shape}")
@@ -282,7 +286,7 @@ class BatchNormalization:
     def build(self, input_shape) -> None:
         """Create the variables for inputs of ``input_shape`` from the initializers (Keras's defaults: gamma 1, beta 0,
         moving_mean 0, moving_variance 1; with renorm moving_stddev and renorm_stddev the square root of
-        moving_variance's, renorm_mean 0)."""
+        moving_variance's, renorm_mean moving_mean's)."""
         if not self.built:  # (a layer is built once; torch's module rebuilds its core, whose variables it lends)
             assigned = self._weight_names()
             if assigned:  # build would replace them with the initial values, silently
@@ -332,9 +336,11 @@ class BatchNormalization:
                   "beta": self._initial("beta_initializer", shape) if self.center else None,
                   "moving_mean": self._initial("moving_mean_initializer", shape),
                   "moving_variance": self._initial("moving_variance_initializer", shape)}
-        if self.renorm:  # tf_keras: the standard deviations start at the square root of the variance's initializer
+        if self.renorm:  # tf_keras: renorm_mean starts as moving_mean, the standard deviations at the square root of
+            # moving_variance's initializer
             stddev = np.sqrt(self._initial("moving_variance_initializer", shape))
-            values |= {"moving_stddev": stddev, "renorm_mean": np.zeros_like(stddev), "renorm_stddev": stddev.copy()}
+            values |= {"moving_stddev": stddev, "renorm_mean": self._initial("moving_mean_initializer", shape),
+                       "renorm_stddev": stddev.copy()}
         return values
 
     def _check_shape(self, x: np.ndarray) -> None:
@@ -406,12 +412,16 @@ class BatchNormalization:
         if not self.built:
             self.build(x.shape)
         self._check_shape(x)
-        if mask is not None:
-            mask = self._mask(mask, x)
-        return self._train(x, mask) if training and self.trainable else self._infer(x)
+        if mask is not None and self.fused:  # (in training and inference alike, as tf_keras's warning)
+            warnings.warn(f"{self._who}: mask is ignored on the fused path (as tf_keras does); pass fused=False to "
+                          f"use it", UserWarning, stacklevel=2)
+            mask = None
+        if not (training and self.trainable):
+            return self._infer(x)  # (which reads no mask, as tf_keras's does not)
+        return self._train(x, None if mask is None else self._mask(mask, x))
 
-    def _mask(self, mask, x: np.ndarray) -> np.ndarray | None:
-        """tf_keras's mask as weights of x's shape (float64), or None where the fused path ignores it."""
+    def _mask(self, mask, x: np.ndarray) -> np.ndarray:
+        """tf_keras's mask as weights of x's shape (float64), for a training call."""
         if type(mask).__module__.split(".")[0] == "torch" or isinstance(mask, (str, bytes)):
             raise TypeError(f"{self._who}: mask must be a NumPy array of bools or numbers, got {type(mask).__name__}")
         m = np.asarray(mask)
@@ -424,11 +434,7 @@ class BatchNormalization:
                              f"with an axis added last (tf_keras's rule: the input's shape without its last "
                              f"axis)") from None
         if self.virtual_batch_size is not None:
-            raise ValueError(f"{self._who}: mask with virtual_batch_size is not supported")
-        if self.fused:
-            warnings.warn(f"{self._who}: mask is ignored on the fused path (as tf_keras does); pass fused=False to "
-                          f"use it", UserWarning, stacklevel=3)
-            return None
+            raise ValueError(f"{self._who}: mask with virtual_batch_size is not supported in training")
         return weights
 
     def _infer(self, x: np.ndarray) -> np.ndarray:

@@ -596,13 +596,14 @@ def test_fused_errors_as_tf_keras():
 
 def test_initializers_as_tf_keras_takes_them():
     """beta/gamma/moving_mean/moving_variance_initializer (the zero-init residual idiom gamma_initializer="zeros")
-    were refused. With renorm the standard deviations start at the square root of the variance's initializer."""
+    were refused. With renorm the standard deviations start at the square root of the variance's initializer, and
+    renorm_mean at moving_mean's."""
     layer = normkit.BatchNormalization(gamma_initializer="zeros", beta_initializer="ones",
                                        moving_mean_initializer={"class_name": "Constant", "config": {"value": 2.5}},
                                        moving_variance_initializer=lambda shape, dtype: np.full(shape, 4.0), renorm=True)
     layer.build((None, 3))
     want = {"gamma": 0.0, "beta": 1.0, "moving_mean": 2.5, "moving_variance": 4.0, "moving_stddev": 2.0,
-            "renorm_mean": 0.0, "renorm_stddev": 2.0}
+            "renorm_mean": 2.5, "renorm_stddev": 2.0}
     for name, value in want.items():
         v = getattr(layer, name)
         assert v.dtype == np.float32 and v.shape == (3,)
@@ -799,3 +800,33 @@ def test_a_failed_renorm_call_leaves_every_variable_as_it_was():
             np.testing.assert_array_equal(a, b)
     finally:
         normkit.unregister_backend("statsonly")
+
+
+def test_mask_and_initializer_edges_as_tf_keras():
+    """A fifth campaign's findings: weights summing to a negative number normalize (tf's div_no_nan; they gave 0
+    and 0), renorm_mean starts at moving_mean's initializer (it was 0), a Constant of an array loads from a config,
+    and a mask the call does not use (inference, the fused path) is neither checked nor refused."""
+    x = np.array([[1.0], [2.0], [4.0]])
+    layer = normkit.BatchNormalization(dtype="float64", momentum=0.0, epsilon=0.0)
+    y = layer(x, training=True, mask=np.array([-1.0, -1.0, -2.0]))
+    mean = (1 * -1 + 2 * -1 + 4 * -2) / -4.0
+    var = (-(1 - mean) ** 2 - (2 - mean) ** 2 - 2 * (4 - mean) ** 2) / -4.0
+    np.testing.assert_allclose(y.ravel(), (x.ravel() - mean) / np.sqrt(var), rtol=1e-12)
+    np.testing.assert_allclose(layer.moving_mean, [mean], rtol=1e-12)
+    renorm = normkit.BatchNormalization(renorm=True, moving_mean_initializer="ones")
+    renorm.build((None, 2))
+    np.testing.assert_array_equal(renorm.renorm_mean, 1.0)
+    constant = normkit.BatchNormalization.from_config(
+        {"gamma_initializer": {"class_name": "Constant", "config": {"value": [1.0, 2.0, 3.0]}}})
+    constant.build((None, 3))
+    np.testing.assert_array_equal(constant.gamma, [1, 2, 3])
+    with pytest.raises(ValueError, match=r"gamma_initializer's Constant value has shape \(3,\), which does not fit"):
+        normkit.BatchNormalization.from_config(dict(constant.get_config())).build((None, 4))
+    ghost = normkit.BatchNormalization(virtual_batch_size=2)
+    x3 = np.random.default_rng(0).standard_normal((4, 3, 2)).astype(np.float32)
+    ghost(x3, training=True)
+    np.testing.assert_array_equal(ghost(x3, mask=np.ones((7,))), ghost(x3))  # inference: not read
+    with pytest.raises(ValueError, match="mask with virtual_batch_size is not supported in training"):
+        ghost(x3, training=True, mask=np.ones((4, 3)))
+    with pytest.warns(UserWarning, match="mask is ignored on the fused path"):
+        normkit.BatchNormalization()(np.ones((2, 3, 4, 5), np.float32), training=True, mask=np.ones((2, 3)))

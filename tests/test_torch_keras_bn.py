@@ -859,6 +859,8 @@ def test_keras_module_takes_a_mask():
     torch.testing.assert_close(module(x, mask), module(x))
     with pytest.raises(TypeError, match="mask must be a torch.Tensor or None, got list"):
         module(x, [1, 0])
+    module.train()
+    torch.testing.assert_close(module(x, mask.bfloat16()), module(x, mask))  # (NumPy has no bfloat16: it raised)
 
 
 @pytest.mark.parametrize("make", [lambda: nkt.BatchRenorm2d(3), lambda: nkt.GhostBatchNorm2d(3, virtual_batch_size=2),

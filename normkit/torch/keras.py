@@ -136,7 +136,10 @@ class BatchNormalization(NotScriptable, nn.Module):
     ``(1, 1, ..., C)``; reshape when porting): parameters ``gamma`` (when ``scale``) and ``beta`` (when
     ``center``); buffers ``moving_mean``, ``moving_variance`` and, with ``renorm``, ``moving_stddev``,
     ``renorm_mean``, ``renorm_stddev``. The buffers' dtype is the computation's (float32 unless the module is made
-    float64 with ``.double()``); the output has the input's dtype. CPU tensors only.
+    float64 with ``.double()``); the output has the input's dtype. CPU tensors only. The initializers (as
+    :class:`normkit.BatchNormalization` takes them) are called at construction with the shape ``(num_features,)``:
+    with ghost batches a random initializer whose scale depends on the shape's fans (VarianceScaling, Glorot) draws
+    from another distribution than tf_keras's, which calls it with the ghost-batch shape of the input's rank.
     """
 
     def __init__(self, num_features: int, axis: int = 1, momentum: float = 0.99, epsilon: float = 1e-3,
@@ -240,7 +243,8 @@ class BatchNormalization(NotScriptable, nn.Module):
         if mask is not None:
             if not isinstance(mask, Tensor):
                 raise TypeError(f"BatchNormalization: mask must be a torch.Tensor or None, got {type(mask).__name__}")
-            mask = mask.detach().cpu().numpy()
+            mask = mask.detach().cpu()
+            mask = (mask.float() if mask.dtype == torch.bfloat16 else mask).numpy()  # (NumPy has no bfloat16)
         if input.numel() == 0:  # as torch's BatchNorm: an empty output, zero parameter gradients, statistics untouched
             params = [p.sum() for p in (self.gamma, self.beta) if p is not None]
             return input.clone() + (sum(params).to(input.dtype) * 0 if params else 0)
