@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import os
+import warnings
 
 import click
 
 import normkit
-from normkit import registry
+from normkit import check_process, registry
 from normkit.contract import DTYPES
 
 
@@ -58,94 +59,42 @@ def list_command() -> None:
               help="Only this layout (nhwc: the channels-last kernels the backend declares).")
 @click.option("--quick", is_flag=True, help="A smaller set of cases.")
 @click.option("--all-failures", is_flag=True, help="Print every failure, not the first 40.")
-@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=300.0, show_default=True,
-              help="Seconds one case may take (a first call that compiles included) before the check stops there.")
+@click.option("--timeout", type=float, default=300.0, show_default=True, callback=check_process.timeout_option,
+              help="Seconds one case may take (a first call that compiles included) before the check stops there; "
+                   "inf: no limit.")
 def check_command(backend: str, ops: tuple[str, ...], dtypes: tuple[str, ...], layouts: tuple[str, ...],
                   quick: bool, all_failures: bool, timeout: float) -> None:
-    """Run BACKEND's kernels against the reference on the hard cases (the conformance kit); exit 1 on failure."""
+    """Run BACKEND's kernels against the reference on the hard cases (the conformance kit); exit 1 on failure.
+    An installed backend runs in a child process (normkit.check_process): a crash or a hang is a failure too."""
     from normkit import testing
 
-    try:
-        op_names = None if "all" in ops else [normkit.get(op).name for op in ops] or None
-        installed = registry._entry(backend).entry_point is not None
-    except ValueError as exc:  # unknown op or backend
-        raise click.UsageError(str(exc)) from None
-    progress_path = os.environ.get(_PROGRESS)
-    if installed and progress_path is None:
+    child = check_process.in_child()
+    with warnings.catch_warnings(record=True) as scanned:  # (the child scans the plugins again, and says it)
+        try:
+            op_names = None if "all" in ops else [normkit.get(op).name for op in ops] or None
+            installed = registry._entry(backend).entry_point is not None
+        except ValueError as exc:  # unknown op or backend
+            raise click.UsageError(str(exc)) from None
+    if installed and child is None:
         argv = [backend, *(f"--op={o}" for o in ops), *(f"--dtype={d}" for d in dtypes),
-                *(f"--layout={layout}" for layout in layouts), *["--quick"] * quick, *["--all-failures"] * all_failures]
-        _check_in_child(argv, timeout)
+                *(f"--layout={layout}" for layout in layouts), *["--quick"] * quick, *["--all-failures"] * all_failures,
+                f"--timeout={timeout!r}"]
+        code = check_process.run(backend, argv, timeout)
+        if code:
+            raise SystemExit(code)
         return
-    progress = None
-    if progress_path:
-        import faulthandler
-
-        faulthandler.enable()  # a crash prints the Python stack it happened under (the parent shows stderr)
-        fd = os.open(progress_path, os.O_WRONLY | os.O_APPEND)
-        progress = (lambda label: os.write(fd, label.encode() + b"\n"))
+    for w in scanned:
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     try:
         report = testing.check_backend(backend, ops=op_names, dtypes=list(dtypes) or None, quick=quick,
-                                       layouts=list(layouts) or None, progress=progress)
+                                       layouts=list(layouts) or None, progress=child and child[0])
     except ValueError as exc:  # unknown op or backend
         raise click.UsageError(str(exc)) from None
     click.echo(report.format(limit=None if all_failures else 40))
+    if child is not None:
+        child[1](1 if report else 0)
     if report:
         raise SystemExit(1)
-
-
-_PROGRESS = "_NORMKIT_CHECK_PROGRESS"  # set in the child that runs the cases: the file their labels go to
-
-
-def _check_in_child(argv: list[str], timeout: float) -> None:
-    """The same check in a child process, so that a kernel that crashes the process (a segfault on an address it
-    did not expect) or never returns is reported as a failure with the case it happened in. A backend registered at
-    run time exists in this process only and is checked here."""
-    import signal
-    import subprocess
-    import sys
-    import tempfile
-    import time
-
-    with tempfile.TemporaryDirectory(prefix="normkit-check-") as tmp:
-        paths = {name: os.path.join(tmp, name) for name in ("progress", "stdout", "stderr")}
-        open(paths["progress"], "wb").close()
-        with open(paths["stdout"], "wb") as out, open(paths["stderr"], "wb") as err:
-            child = subprocess.Popen([sys.executable, "-m", "normkit.cli", "check", *argv], stdout=out, stderr=err,
-                                     env={**os.environ, _PROGRESS: paths["progress"]})
-            size, since, hung = 0, time.monotonic(), False
-            while child.poll() is None:
-                time.sleep(0.05)
-                now = os.path.getsize(paths["progress"])
-                if now != size:
-                    size, since = now, time.monotonic()
-                elif time.monotonic() - since > timeout:  # (before the first case: imports, loading the kernels)
-                    child.kill()
-                    child.wait()
-                    hung = True
-        with open(paths["progress"], "rb") as log:
-            labels = log.read().decode().splitlines()
-        with open(paths["stdout"]) as out, open(paths["stderr"]) as err:
-            stdout, stderr = out.read(), err.read()
-    click.echo(stdout, nl=False)
-    click.echo(stderr, nl=False, err=True)
-    if not hung and child.returncode >= 0:
-        if child.returncode:
-            raise SystemExit(child.returncode)
-        return
-    where = f"in case {labels[-1]} ({len(labels) - 1} cases ran before it)" if labels else "before its first case"
-    if hung:
-        click.echo(f"backend {argv[0]!r} FAILS: a kernel did not return within {timeout:g} s {where}; the check "
-                   f"stopped there (--timeout sets the limit)")
-        raise SystemExit(1)
-    try:
-        how = signal.Signals(-child.returncode).name
-    except ValueError:
-        how = f"signal {-child.returncode}"
-    click.echo(f"backend {argv[0]!r} FAILS: it crashed the process ({how}) {where}; the check stopped there (its "
-               f"Python stack is above). If the kernel reads or writes memory: in each case some arrays start one "
-               f"element past a 64-byte boundary, and a kernel may assume no alignment beyond the element's (see "
-               f"plugins/README.md)")
-    raise SystemExit(1)
 
 
 def _op_choices() -> list[str]:

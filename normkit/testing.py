@@ -923,7 +923,7 @@ def _run_case(case: Case, kernel, failures: list[Failure], pool: dict | None = N
     try:
         with np.errstate(all="ignore"):
             returned = kernel(*args)
-    except Exception as exc:  # a failing kernel is a finding, not a crash of the kit
+    except (Exception, SystemExit) as exc:  # a failing kernel is a finding, not a crash of the kit (nor its end)
         failures.append(Failure(label, "raised", f"{type(exc).__name__}: {exc}"))
         return
     if returned is not None:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 from click.testing import CliRunner
@@ -108,6 +110,83 @@ def test_check_reports_a_kernel_that_crashes_the_process(tmp_path):
                                   "forward float32 shape="), proc.stdout
     assert "(2 cases ran before it)" in proc.stdout and "one element past a 64-byte boundary" in proc.stdout
     assert "Fatal Python error: Segmentation fault" in proc.stderr and "crashy_kernels.py" in proc.stderr
+
+
+def _check(env, *args, cwd=None, python=(sys.executable,)):
+    return subprocess.run([*python, "-m", "normkit.cli", "check", "crashy", "--quick", *args], capture_output=True,
+                          text=True, timeout=300, env=env, cwd=cwd)
+
+
+@pytest.mark.parametrize("third_call, stdout", [
+    ("os._exit(0)", "backend 'crashy' FAILS: the check's process exited with code 0 in case layernorm forward"),
+    ("os.kill(os.getpid(), signal.SIGKILL)", "backend 'crashy' FAILS: the check's process was killed (SIGKILL: "
+                                             "out of memory?) in case layernorm forward"),
+    ("sys.exit(3)", "backend 'crashy' FAILS: 1 of 10 cases failed; failed checks: raised (1)"),
+])
+def test_check_reports_a_kernel_that_ends_the_process(tmp_path, third_call, stdout):
+    """A kernel calling os._exit(0) passed the check (exit 0, no output), sys.exit(3) ended it with no word of the
+    case; SIGKILL's message claimed a Python stack that faulthandler cannot print there."""
+    source = _CRASHING_KERNELS.replace("import ctypes", "import os, signal, sys").replace("ctypes.string_at(0)",
+                                                                                       third_call)
+    proc = _check(_installed_plugin(tmp_path, source))
+    assert proc.returncode == 1 and proc.stdout.startswith(stdout), proc.stdout + proc.stderr
+    assert "Python stack" not in proc.stdout
+
+
+def test_check_blames_no_case_for_what_happens_after_the_report(tmp_path):
+    """An atexit handler (or a thread) of the backend that misbehaves after the report is no case's failure."""
+    source = _CRASHING_KERNELS.replace("import ctypes", "import atexit, os\natexit.register(os._exit, 5)").replace(
+        "ctypes.string_at(0)", "pass")
+    proc = _check(_installed_plugin(tmp_path, source))
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert proc.stdout.startswith("backend 'crashy' conforms: 10 cases passed")
+    assert "FAILS: after its report the check's process exited with code 5" in proc.stdout
+
+
+def test_check_takes_any_output_and_stops_its_child_on_sigterm(tmp_path):
+    """Bytes that are no UTF-8 on a kernel's stdout crashed the parent; SIGTERM (a job's timeout) left the child
+    running and the temporary files behind."""
+    source = _CRASHING_KERNELS.replace("import ctypes", "import os, sys, time").replace(
+        "ctypes.string_at(0)", "sys.stdout.buffer.write(b'\\xff\\n'); sys.stdout.flush()")
+    proc = _check(_installed_plugin(tmp_path, source))
+    assert proc.returncode == 0 and "backend 'crashy' conforms" in proc.stdout, proc.stdout + proc.stderr
+    pid_file = tmp_path / "child.pid"
+    source = _CRASHING_KERNELS.replace("import ctypes", "import os, time").replace(
+        "ctypes.string_at(0)", f"open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(600)")
+    (tmp_path / "hang").mkdir()
+    env = _installed_plugin(tmp_path / "hang", source)
+    parent = subprocess.Popen([sys.executable, "-m", "normkit.cli", "check", "crashy", "--quick"], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    for _ in range(600):
+        if pid_file.exists() and pid_file.read_text():
+            break
+        time.sleep(0.1)
+    child = int(pid_file.read_text())
+    parent.send_signal(signal.SIGTERM)
+    parent.communicate(timeout=60)
+    assert parent.returncode == 128 + signal.SIGTERM
+    time.sleep(0.2)
+    with pytest.raises(ProcessLookupError):
+        os.kill(child, 0)
+
+
+def test_check_options_and_imports(tmp_path):
+    """--timeout nan switched the timeout off; the child imported normkit from the directory it started in (an old
+    checkout there broke the check); the plugin scan's warnings came twice, from the parent and the child."""
+    env = _installed_plugin(tmp_path, _CRASHING_KERNELS.replace("ctypes.string_at(0)", "pass"))
+    proc = _check(env, "--timeout", "nan")
+    assert proc.returncode == 2 and "must be a positive number of seconds (inf: no limit), got nan" in proc.stderr
+    shadow = tmp_path / "shadow" / "normkit"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text("raise ImportError('an old checkout')\n")
+    if sys.version_info >= (3, 11):  # (-P: the parent does not import from its directory, as a console script)
+        proc = _check(env, cwd=shadow.parent, python=(sys.executable, "-P"))
+        assert proc.returncode == 0 and "backend 'crashy' conforms" in proc.stdout, proc.stdout + proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "normkit.cli", "check", "reference", "--quick", "--op", "ln",
+                           "--timeout", "inf"], capture_output=True, text=True, timeout=300,
+                          env={**env, "NORMKIT_DISABLE_PLUGINS": "maybe"})
+    assert proc.returncode == 0 and proc.stderr.count("NORMKIT_DISABLE_PLUGINS='maybe' is not one of") == 1, \
+        proc.stdout + proc.stderr
 
 
 def test_check_runs_each_selected_case_once_and_takes_all():

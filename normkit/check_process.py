@@ -1,0 +1,157 @@
+"""``normkit check`` in a child process: a kernel that crashes the process, ends it or never returns is reported as
+a failure naming the case it happened in, where in-process it would take the check, and its report, with it.
+
+The parent runs the same command in a child whose environment names a progress file (:data:`PROGRESS`). The child
+appends each case's label to it before running the case, and, once its report is printed, a last line saying the
+exit code it is about to exit with: a child that ends any other way (a signal, ``os._exit``, a hang past the
+timeout, an ``atexit`` handler that crashes) failed, and the last label names the case. The child imports from the
+parent's ``sys.path``, not from the directory it starts in.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Callable, Optional
+
+import click
+
+PROGRESS = "_NORMKIT_CHECK_PROGRESS"  # in the child: the file the case labels go to
+_PATH = "_NORMKIT_CHECK_PATH"  # in the child: the parent's sys.path, as JSON
+_END = "\0end "  # the progress file's last line once the child's report is printed: "\0end <exit code>"
+# the child: the parent's sys.path (python -m would put the directory it starts in first), then the command line
+_CHILD = ("import json, os, sys; sys.path[:] = json.loads(os.environ.pop({path!r})); "
+          "from normkit.cli import main; main(prog_name='normkit')")
+# signals after which faulthandler has printed the Python stack (it cannot run on SIGKILL)
+_STACK_SIGNALS = {signal.SIGSEGV, signal.SIGFPE, signal.SIGABRT, signal.SIGBUS, signal.SIGILL}
+
+
+def in_child() -> Optional[tuple[Callable[[str], None], Callable[[int], None]]]:
+    """In the child: ``(progress, finish)``, the callbacks that write a case's label and the end line; None in any
+    other process. Crashes print the Python stack they happened under (the parent shows the child's stderr)."""
+    path = os.environ.get(PROGRESS)
+    if path is None:
+        return None
+    import faulthandler
+
+    faulthandler.enable()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+
+    def finish(code: int) -> None:
+        sys.stdout.flush()  # (the report is out before the line that says so)
+        sys.stderr.flush()
+        os.write(fd, f"{_END}{code}\n".encode())
+
+    return (lambda label: os.write(fd, label.encode() + b"\n")), finish
+
+
+def run(backend: str, argv: list[str], timeout: float) -> int:
+    """``normkit check`` with ``argv`` (the backend first) in a child; echoes its output and returns the exit
+    code, 1 with a failure line where the child failed to finish. SIGTERM and Ctrl-C stop the child too."""
+    with tempfile.TemporaryDirectory(prefix="normkit-check-") as tmp:
+        paths = {name: os.path.join(tmp, name) for name in ("progress", "stdout", "stderr")}
+        open(paths["progress"], "wb").close()
+        env = {**os.environ, PROGRESS: paths["progress"], _PATH: json.dumps(sys.path)}
+        with open(paths["stdout"], "wb") as out, open(paths["stderr"], "wb") as err, _terminated_as_exit():
+            child = subprocess.Popen([sys.executable, "-c", _CHILD.format(path=_PATH), "check", *argv],
+                                     stdout=out, stderr=err, env=env)
+            try:
+                hung = _wait(child, paths["progress"], timeout)
+            finally:  # (Ctrl-C, SIGTERM: the child must not outlive the check)
+                if child.poll() is None:
+                    child.kill()
+                    child.wait()
+        lines = _read(paths["progress"]).splitlines()
+        stdout, stderr = _read(paths["stdout"]), _read(paths["stderr"])
+    click.echo(stdout, nl=False)
+    click.echo(stderr, nl=False, err=True)
+    ended = lines and lines[-1].startswith(_END)
+    if ended:
+        code = int(lines[-1][len(_END):])
+        if not hung and child.returncode == code:
+            return code
+        how = (f"did not exit within {timeout:g} s" if hung else f"crashed ({_signal_name(-child.returncode)})"
+               if child.returncode < 0 else f"exited with code {child.returncode}")
+        click.echo(f"backend {backend!r} FAILS: after its report the check's process {how} (a thread or an atexit "
+                   f"handler that the backend started?)")
+        return 1
+    where = f"in case {lines[-1]} ({len(lines) - 1} cases ran before it)" if lines else "before its first case"
+    if hung:
+        click.echo(f"backend {backend!r} FAILS: a kernel did not return within {timeout:g} s {where}; the check "
+                   f"stopped there (--timeout sets the limit)")
+    elif child.returncode == 2 and not lines:  # a usage error, which the child printed
+        return 2
+    elif child.returncode >= 0:
+        click.echo(f"backend {backend!r} FAILS: the check's process exited with code {child.returncode} {where}, "
+                   f"before its report (a kernel that calls os._exit, or the error printed above)")
+    elif -child.returncode == signal.SIGKILL:
+        click.echo(f"backend {backend!r} FAILS: the check's process was killed (SIGKILL: out of memory?) {where}")
+    else:
+        hint = (" If the kernel reads or writes memory: in each case some arrays start one element past a 64-byte "
+                "boundary, and a kernel may assume no alignment beyond the element's (see plugins/README.md)."
+                if -child.returncode in (signal.SIGSEGV, signal.SIGBUS) else "")
+        stack = " (its Python stack is above)" if -child.returncode in _STACK_SIGNALS else ""
+        click.echo(f"backend {backend!r} FAILS: it crashed the process ({_signal_name(-child.returncode)}) {where}; "
+                   f"the check stopped there{stack}.{hint}")
+    return 1
+
+
+def _wait(child: subprocess.Popen, progress: str, timeout: float) -> bool:
+    """Wait for the child; True if it went ``timeout`` seconds without starting a case (or ending), and was killed."""
+    size, since = 0, time.monotonic()
+    while child.poll() is None:
+        time.sleep(0.05)
+        now = os.path.getsize(progress)
+        if now != size:
+            size, since = now, time.monotonic()
+        elif time.monotonic() - since > timeout:  # (before the first case: imports, loading the kernels)
+            child.kill()
+            child.wait()
+            return True
+    return False
+
+
+class _terminated_as_exit:
+    """SIGTERM (a job's timeout, ``kill``) raises SystemExit while the child runs, so that it is stopped and the
+    temporary files go; outside the main thread, where no handler can be set, nothing changes."""
+
+    def __enter__(self):
+        try:
+            self.previous = signal.signal(signal.SIGTERM, self._exit)
+        except ValueError:
+            self.previous = None
+        return self
+
+    @staticmethod
+    def _exit(signum, frame):
+        raise SystemExit(128 + signum)
+
+    def __exit__(self, *exc):
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
+        return False
+
+
+def _read(path: str) -> str:
+    with open(path, "rb") as f:
+        return f.read().decode("utf-8", errors="replace")  # (a kernel may print anything)
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
+
+
+def timeout_option(ctx, param, value: float) -> float:
+    """``--timeout``: seconds, positive (inf: no limit)."""
+    if math.isnan(value) or value <= 0:
+        raise click.BadParameter(f"must be a positive number of seconds (inf: no limit), got {value}")
+    return value
