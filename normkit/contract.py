@@ -154,10 +154,10 @@ as the 16-bit kernels take them). Why they exist: ``normkit.torch``'s eager path
 ``data_ptr()`` where a NumPy view of it and a typed-memoryview acquisition of that view cost ~1 us each, as much as
 the whole kernel at small shapes. ``normkit.registry.lookup_address`` finds the one of the backend
 ``lookup`` picks; :func:`with_addresses` calls one as its NCHW kernel is called (the conformance kit runs them on
-the NCHW cases so). On channels-last data of a per-channel direction ``normkit.torch`` runs the address kernel on
-the (N*S, C, 1) columns view unless the backend has a channels-last kernel of its own for it (one that
-:func:`on_columns` did not make), which then runs. The ``forward`` address kernel of a centered op may return the largest ``|mean| * rstd`` over
-its sets (a float, sets with a NaN left out), else None: it tells ``normkit.torch`` whether the backward of float32
+the NCHW cases so). On channels-last data of a per-channel direction ``normkit.torch`` runs the address kernel on the
+(N*S, C, 1) columns view unless the backend has a channels-last kernel of its own for it (one that :func:`on_columns`
+did not make), which then runs. The ``forward`` address kernel of a centered op may return the largest ``|mean| * rstd``
+over its sets (a float, sets with a NaN left out), else None: it tells ``normkit.torch`` whether the backward of float32
 data shifts it by its mean first (:mod:`normkit.recenter`), which otherwise costs two NumPy calls there, several
 microseconds right after autograd's engine (the conformance kit checks a returned value).
 

@@ -598,9 +598,9 @@ def test_initializers_as_tf_keras_takes_them():
     """beta/gamma/moving_mean/moving_variance_initializer (the zero-init residual idiom gamma_initializer="zeros")
     were refused. With renorm the standard deviations start at the square root of the variance's initializer, and
     renorm_mean at moving_mean's."""
-    layer = normkit.BatchNormalization(gamma_initializer="zeros", beta_initializer="ones",
+    layer = normkit.BatchNormalization(gamma_initializer="zeros", beta_initializer="ones", renorm=True,
                                        moving_mean_initializer={"class_name": "Constant", "config": {"value": 2.5}},
-                                       moving_variance_initializer=lambda shape, dtype: np.full(shape, 4.0), renorm=True)
+                                       moving_variance_initializer=lambda shape, dtype: np.full(shape, 4.0))
     layer.build((None, 3))
     want = {"gamma": 0.0, "beta": 1.0, "moving_mean": 2.5, "moving_variance": 4.0, "moving_stddev": 2.0,
             "renorm_mean": 2.5, "renorm_stddev": 2.0}

@@ -11,41 +11,40 @@ an activation and nowhere else. The norm and activation modules themselves do no
   kernels. Its children, indices and state_dict keys stay as they were;
 * **in every other module whose own forward ``torch.fx`` can trace** (its children are leaves: each module is traced
   alone, so the children's forwards and hooks still run): a call of a norm submodule whose only user is a supported
-  activation (a module call: torch.nn's or transformers' ``ACT2FN`` modules, see :func:`fuse`; or ``F.relu``, ``torch.relu``, ``x.relu()``, ``F.leaky_relu``, ``F.silu``, ``F.gelu`` with
-  constant arguments) becomes one call of :func:`call_fused`. The module's class becomes a subclass of its own class
-  whose forward runs the rewritten graphs' code (``isinstance`` and the module's other methods stay;
-  :func:`~normkit.torch.revert` restores the class). fx freezes the Python a forward runs, so a graph holds for the
-  calls like the one traced: the forward is traced for calls giving its required arguments alone, by position or
-  by name (arguments with defaults at their defaults, ``*args`` and ``**kwargs`` empty: diffusers'
-  ``ResnetBlock2D(input_tensor, temb, *args, **kwargs)``), for each choice of those after the first being ``None``
-  (up to four arguments: a VAE's ``temb=None``), in train and in eval mode with every submodule in that mode; a call
-  runs the graph traced for its arguments and its module's mode, and the module's own forward where there is none
-  (an optional argument given) or where the forward reads another module's training flag
-  (``self.bn.training``, anywhere the trace runs) and the flags differ. A module whose forward cannot be traced is
-  left alone, and the report says why; so is one whose forward fx would record wrongly: a grad-mode read, a
-  ``no_grad`` / ``autocast`` block or a random draw (torch's, Python's or NumPy's global generator, or one reachable
-  from the modules, their classes, the forward's globals and closures, or the globals of the code the trace runs)
-  anywhere the trace runs (fx records none of them: they are watched as it traces, and looked for in the code of
-  every function the trace runs, torch's, normkit's and the standard library's aside, comments and strings aside,
-  and what an import runs), a read of a buffer's or a parameter's value (``if self.step > 0``, ``torch.equal``,
-  ``.item()``: fx would run it once), ``isinstance`` / ``is_tensor`` tests and an ``autograd.Function``'s apply by
-  any name (fx sees proxies: the test's branch and the function's backward would be lost), tensor constants,
-  attributes it assigns, containers it appends to, counters it bumps or tensors it updates in place (in the modules
-  and what they hold, four references down; in its classes; in the forward's default arguments; in the globals of
-  the code the trace runs, and objects of the user's classes they hold) or buffers it updates in place (fx does not
-  record them; fx traces a copy of the module that shares its tensors, and puts back the globals, class attributes
-  and random states the trace changed, so the model itself is not touched; parameters changed through ``.data`` are
-  not seen; ``print``, logging and warnings run once, at conversion), a child's method or property other
-  than forward (fx would copy its code), a submodule or parameter held under two names (fx would call one), an
-  ``nn.Sequential`` subclass with its own forward (its slices would run the rewrite), a class with
-  ``__init_subclass__`` or a metaclass (it would see the rewritten class). As with any fx rewrite, the forward's
-  structure and the plain Python values it reads are frozen at conversion (a loop over an ``nn.ModuleList`` runs the
-  modules it held then; a float attribute, an ``is None`` test of a submodule, attributes a ``train()`` override sets
-  (each mode is traced with the flags set directly), a ``type(x) is`` or ``hasattr`` test of an argument keep their
-  values; ``a, b = pair`` takes two items unchecked): add or remove modules before converting (replacing one works).
-  Traces run one at a time (their watches patch torch process-wide), and each puts the global random states and the
-  globals it changed back: convert while no other thread draws from them or changes those globals. A rewritten module,
-  and an ``nn.Sequential`` subclass fused, cannot be pickled whole (save its state_dict).
+  activation (a module call: torch.nn's or transformers' ``ACT2FN`` modules, see :func:`fuse`; or ``F.relu``,
+  ``torch.relu``, ``x.relu()``, ``F.leaky_relu``, ``F.silu``, ``F.gelu`` with constant arguments) becomes one call of
+  :func:`call_fused`. The module's class becomes a subclass of its own class whose forward runs the rewritten graphs'
+  code (``isinstance`` and the module's other methods stay; :func:`~normkit.torch.revert` restores the class). fx
+  freezes the Python a forward runs, so a graph holds for the calls like the one traced: the forward is traced for calls
+  giving its required arguments alone, by position or by name (arguments with defaults at their defaults, ``*args`` and
+  ``**kwargs`` empty: diffusers' ``ResnetBlock2D(input_tensor, temb, *args, **kwargs)``), for each choice of those after
+  the first being ``None`` (up to four arguments: a VAE's ``temb=None``), in train and in eval mode with every submodule
+  in that mode; a call runs the graph traced for its arguments and its module's mode, and the module's own forward where
+  there is none (an optional argument given) or where the forward reads another module's training flag
+  (``self.bn.training``, anywhere the trace runs) and the flags differ. A module whose forward cannot be traced is left
+  alone, and the report says why; so is one whose forward fx would record wrongly: a grad-mode read, a ``no_grad`` /
+  ``autocast`` block or a random draw (torch's, Python's or NumPy's global generator, or one reachable from the modules,
+  their classes, the forward's globals and closures, or the globals of the code the trace runs) anywhere the trace runs
+  (fx records none of them: they are watched as it traces, and looked for in the code of every function the trace runs,
+  torch's, normkit's and the standard library's aside, comments and strings aside, and what an import runs), a read of a
+  buffer's or a parameter's value (``if self.step > 0``, ``torch.equal``, ``.item()``: fx would run it once),
+  ``isinstance`` / ``is_tensor`` tests and an ``autograd.Function``'s apply by any name (fx sees proxies: the test's
+  branch and the function's backward would be lost), tensor constants, attributes it assigns, containers it appends to,
+  counters it bumps or tensors it updates in place (in the modules and what they hold, four references down; in its
+  classes; in the forward's default arguments; in the globals of the code the trace runs, and objects of the user's
+  classes they hold) or buffers it updates in place (fx does not record them; fx traces a copy of the module that shares
+  its tensors, and puts back the globals, class attributes and random states the trace changed, so the model itself is
+  not touched; parameters changed through ``.data`` are not seen; ``print``, logging and warnings run once, at
+  conversion), a child's method or property other than forward (fx would copy its code), a submodule or parameter held
+  under two names (fx would call one), an ``nn.Sequential`` subclass with its own forward (its slices would run the
+  rewrite), a class with ``__init_subclass__`` or a metaclass (it would see the rewritten class). As with any fx
+  rewrite, the forward's structure and the plain Python values it reads are frozen at conversion (a loop over an
+  ``nn.ModuleList`` runs the modules it held then; a float attribute, an ``is None`` test of a submodule, attributes a
+  ``train()`` override sets (each mode is traced with the flags set directly), a ``type(x) is`` or ``hasattr`` test of
+  an argument keep their values; ``a, b = pair`` takes two items unchecked): add or remove modules before converting
+  (replacing one works). Traces run one at a time (their watches patch torch process-wide), and each puts the global
+  random states and the globals it changed back: convert while no other thread draws from them or changes those globals.
+  A rewritten module, and an ``nn.Sequential`` subclass fused, cannot be pickled whole (save its state_dict).
 
 A fused call site checks at each call that nothing could tell the difference, and otherwise makes the two calls
 the code made: the norm is still an exact normkit (after conversion) BatchNorm, InstanceNorm, GroupNorm or
@@ -938,9 +937,10 @@ def _specialized(cls: type, nones: tuple[bool, ...]) -> type:
 
 def _guarded(cls: type, inputs: int, traced: dict, flags: bool):
     """The rewritten forward: for calls like one traced (``inputs`` arguments, by position or by the names of
-    parameters that take either, each None or not as traced), the graph traced for it in the module's mode (``traced[self.training, nones]``) with the arguments that
-    are not None, unless the forward reads other modules' training flags (``flags``) and a submodule is in another
-    mode (fx traced them all alike); the class's own forward for any other call."""
+    parameters that take either, each None or not as traced), the graph traced for it in the module's mode
+    (``traced[self.training, nones]``) with the arguments that are not None, unless the forward reads other modules'
+    training flags (``flags``) and a submodule is in another mode (fx traced them all alike); the class's own forward
+    for any other call."""
     original = cls.forward
     # the required arguments' names, where a call may give them by keyword (resnet(h, temb=None) in diffusers' VAE)
     params = list(inspect.signature(original).parameters.values())[1:1 + inputs]

@@ -159,8 +159,7 @@ class BatchNormalization(NotScriptable, nn.Module):
             axis=int(axis), momentum=momentum, epsilon=epsilon, center=center, scale=scale,
             beta_initializer=beta_initializer, gamma_initializer=gamma_initializer,
             moving_mean_initializer=moving_mean_initializer, moving_variance_initializer=moving_variance_initializer,
-            renorm=renorm,
-            renorm_clipping=renorm_clipping, renorm_momentum=renorm_momentum,
+            renorm=renorm, renorm_clipping=renorm_clipping, renorm_momentum=renorm_momentum,
             virtual_batch_size=virtual_batch_size, fused=fused, dtype="float64" if dtype == torch.float64 else None,
             name="normkit.torch", trainable=trainable)
         self.num_features = int(num_features)
