@@ -874,3 +874,36 @@ def test_numpy_step_layers_name_forward_mode_ad(make):
     with fwad.dual_level():
         with pytest.raises(RuntimeError, match="forward-mode AD .* is not supported where its step runs NumPy"):
             make()(fwad.make_dual(x, torch.randn_like(x)))
+
+
+def test_keras_module_takes_a_list_of_axes():
+    """axis=[1, 2] (tf_keras's and the NumPy layer's) was refused; num_features is the axes' sizes' product and
+    the variables hold those dims flattened. Training and inference, values and gradients, as the NumPy layer."""
+    g = torch.Generator().manual_seed(0)
+    x = (1 + torch.randn(4, 3, 2, 5, generator=g, dtype=torch.float64)).requires_grad_()
+    dy = torch.randn(4, 3, 2, 5, generator=g, dtype=torch.float64)
+    module = nkt.BatchNormalization(6, axis=[1, -2], momentum=0.5).double()
+    layer = normkit.BatchNormalization(axis=[1, -2], momentum=0.5, dtype="float64")
+    for training in (True, False):
+        module.train(training)
+        x.grad = None
+        y = module(x)
+        y.backward(dy)
+        want = layer(x.detach().numpy(), training=training)
+        torch.testing.assert_close(y.detach(), torch.from_numpy(want))
+        torch.testing.assert_close(module.moving_variance, torch.from_numpy(layer.moving_variance.reshape(-1)))
+        if training:
+            dx, dgamma, _ = layer.backward(dy.numpy())
+            torch.testing.assert_close(x.grad, torch.from_numpy(dx))
+            torch.testing.assert_close(module.gamma.grad, torch.from_numpy(dgamma.reshape(-1)))
+        else:  # y = gamma * (x - moving_mean) * rstd + beta, per (dim 1, dim 2) pair
+            rstd = (module.moving_variance + module.epsilon).rsqrt().view(1, 3, 2, 1)
+            torch.testing.assert_close(x.grad, dy * module.gamma.detach().view(1, 3, 2, 1) * rstd)
+    assert module.axis == [1, -2] and module.gamma.shape == (6,)
+    with pytest.raises(ValueError, match=r"expected input's size at dims \[1, 2\] \(their sizes' product\) to match "
+                                         r"num_features \(6\), got shape \(4, 3, 3, 5\)"):
+        module(torch.randn(4, 3, 3, 5, dtype=torch.float64))
+    with pytest.raises(TypeError, match="axis must be an int or a non-empty list of ints, got \\[\\]"):
+        nkt.BatchNormalization(6, axis=[])
+    with pytest.raises(ValueError, match="axis \\[1, -2\\] names a dim twice for an input of rank 3"):
+        nkt.BatchNormalization(3, axis=[1, -2])(torch.randn(2, 3, 4))

@@ -9,6 +9,7 @@ virtual_batch_size)). This module only keeps the variables as torch parameters a
 
 from __future__ import annotations
 
+import math
 import numbers
 
 import numpy as np
@@ -46,7 +47,7 @@ class _KerasBN(torch.autograd.Function):
             ctx.saved = None
             ctx.infer = (xa, core._flat("moving_mean").copy(), 1.0 / np.sqrt(core._flat("moving_variance")
                                                                          + core.epsilon))
-        ctx.core, ctx.axis, ctx.pdtype = core, module._axis(x.dim()), module.moving_mean.dtype
+        ctx.core, ctx.axes, ctx.pdtype = core, module._axes(x.dim()), module.moving_mean.dtype
         ctx.has_gamma, ctx.has_beta = gamma is not None, beta is not None
         if gamma is not None:
             ctx.gamma = gamma.detach().numpy().astype(np.float64)
@@ -62,9 +63,8 @@ class _KerasBN(torch.autograd.Function):
             dx, dgamma, dbeta = ctx.core._backward(ctx.saved, dya)
         else:                                     # inference: y = gamma * (x - moving_mean) * rstd + beta
             xa, mean, rstd = ctx.infer
-            shape = [1] * xa.ndim
-            shape[ctx.axis] = -1
-            red = tuple(i for i in range(xa.ndim) if i != ctx.axis)
+            shape = [xa.shape[i] if i in ctx.axes else 1 for i in range(xa.ndim)]
+            red = tuple(i for i in range(xa.ndim) if i not in ctx.axes)
             w = rstd * (ctx.gamma if ctx.has_gamma else 1.0)
             dy64 = dya.astype(np.float64)
             dx = (dy64 * w.reshape(shape)).astype(xa.dtype)
@@ -115,7 +115,8 @@ class _FixedSetting:
 
 class BatchNormalization(NotScriptable, nn.Module):
     """tf_keras 2.21's ``BatchNormalization`` as a torch.nn.Module: Keras's constructor arguments, with ``axis=1``
-    by default (channels of NCHW inputs) and ``num_features`` the size of that axis. ``fused`` as in tf_keras: its
+    by default (channels of NCHW inputs) and ``num_features`` the size of that axis (a list of axes: their sizes'
+    product, the variables holding those dims flattened in the axes' order). ``fused`` as in tf_keras: its
     fused path (the default, ``fused=None``, for float32 inputs of rank 4 or 5 with the channels at axis 1 or last,
     without renorm or virtual_batch_size) puts the unbiased batch variance into ``moving_variance``.
 
@@ -150,13 +151,15 @@ class BatchNormalization(NotScriptable, nn.Module):
         super().__init__()
         if isinstance(num_features, bool) or not isinstance(num_features, numbers.Integral) or num_features <= 0:
             raise ValueError(f"BatchNormalization: num_features must be a positive int, got {num_features!r}")
-        if isinstance(axis, bool) or not isinstance(axis, numbers.Integral):
-            raise TypeError(f"BatchNormalization: axis must be an int, got {axis!r} ({type(axis).__name__})")
+        axes = list(axis) if isinstance(axis, (list, tuple)) else [axis]
+        if not axes or any(isinstance(a, bool) or not isinstance(a, numbers.Integral) for a in axes):
+            raise TypeError(f"BatchNormalization: axis must be an int or a non-empty list of ints, got {axis!r} "
+                            f"({type(axis).__name__})")
         if dtype is not None and dtype not in _NP:  # (the computation's: checked at the first call otherwise)
             raise TypeError(f"BatchNormalization: dtype must be torch.float32 or torch.float64, got {dtype!r}")
         # the NumPy layer checks (and keeps) every other argument
         self._core = _keras.BatchNormalization(
-            axis=int(axis), momentum=momentum, epsilon=epsilon, center=center, scale=scale,
+            axis=[int(a) for a in axes] if isinstance(axis, (list, tuple)) else int(axis), momentum=momentum, epsilon=epsilon, center=center, scale=scale,
             beta_initializer=beta_initializer, gamma_initializer=gamma_initializer,
             moving_mean_initializer=moving_mean_initializer, moving_variance_initializer=moving_variance_initializer,
             renorm=renorm, renorm_clipping=renorm_clipping, renorm_momentum=renorm_momentum,
@@ -209,8 +212,9 @@ class BatchNormalization(NotScriptable, nn.Module):
     def _buffer_names(self) -> tuple[str, ...]:
         return ("moving_mean", "moving_variance") + (_RENORM_BUFFERS if self.renorm else ())
 
-    def _axis(self, ndim: int) -> int:
-        return self.axis % ndim
+    def _axes(self, ndim: int) -> list[int]:
+        """The normalized axes, sorted (the variables hold the kept dims flattened in this order)."""
+        return sorted(a % ndim for a in (self.axis if isinstance(self.axis, list) else [self.axis]))
 
     def _check(self, x) -> None:
         if not isinstance(x, Tensor):
@@ -221,12 +225,16 @@ class BatchNormalization(NotScriptable, nn.Module):
             if not t.is_cpu:
                 raise ValueError(f"BatchNormalization: {name} is on device {t.device}; normkit's kernels run on "
                                  f"the CPU only")
-        if not -x.dim() <= self.axis < x.dim():
+        if any(not -x.dim() <= a < x.dim() for a in (self.axis if isinstance(self.axis, list) else [self.axis])):
             raise ValueError(f"BatchNormalization: axis {self.axis} is out of range for an input of shape "
                              f"{tuple(x.shape)}")
-        if x.shape[self.axis] != self.num_features:
-            raise ValueError(f"BatchNormalization: expected input's size at dim={self._axis(x.dim())} to match "
-                             f"num_features ({self.num_features}), got shape {tuple(x.shape)}")
+        axes = self._axes(x.dim())
+        if len(set(axes)) != len(axes):
+            raise ValueError(f"BatchNormalization: axis {self.axis} names a dim twice for an input of rank {x.dim()}")
+        if math.prod(x.shape[a] for a in axes) != self.num_features:
+            dims = f"dim={axes[0]}" if len(axes) == 1 else f"dims {axes} (their sizes' product)"
+            raise ValueError(f"BatchNormalization: expected input's size at {dims} to match num_features "
+                             f"({self.num_features}), got shape {tuple(x.shape)}")
         dtypes = {t.dtype for t in (*self.parameters(recurse=False), *self.buffers(recurse=False))}
         if len(dtypes) != 1 or next(iter(dtypes)) not in _NP:
             raise TypeError(f"BatchNormalization: parameters and buffers must all be float32 or all float64, got "
