@@ -64,24 +64,30 @@ def _weighted_moments(x3: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, 
     sum to 0, its div_no_nan) in float64, and the weights' sum (the count of a 0 / 1 mask)."""
     x64 = x3.astype(np.float64)
     total = weights.sum(axis=(0, 2))
-    with np.errstate(divide="ignore", invalid="ignore"):
-        scale = np.where(total != 0, 1.0 / total, 0.0)  # (div_no_nan: any sum but 0, negative ones too)
+    scale = _reciprocal_no_nan(total)
+    with np.errstate(invalid="ignore", over="ignore"):  # (an inf in the data: NaN statistics, as in tf)
         mean = (weights * x64).sum(axis=(0, 2)) * scale
         var = (weights * np.square(x64 - mean[:, None])).sum(axis=(0, 2)) * scale
     return mean, var, total
 
 
-def _weighted_backward(dy3, x3, weights, mean, rstd, w) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """dx of y = w * (x - mean) * rstd + b with the weighted statistics, and the sums of dy and dy * xhat over
-    every position: dx = w * rstd * (dy - weights * (sum(dy) + xhat * sum(dy * xhat)) / sum(weights))."""
+def _weighted_backward(dy3, x3, weights, total, mean, rstd, w) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """dx of y = w * (x - mean) * rstd + b with the weighted statistics (``total``: the weights' sum per channel),
+    and the sums of dy and dy * xhat over every position: dx = w * rstd * (dy - weights * (sum(dy) + xhat *
+    sum(dy * xhat)) / total)."""
     dy64 = dy3.astype(np.float64)
-    xhat = (x3.astype(np.float64) - mean[:, None]) * rstd[:, None]
-    sum_dy, sum_dy_xhat = dy64.sum(axis=(0, 2)), (dy64 * xhat).sum(axis=(0, 2))
-    total = weights.sum(axis=(0, 2))
-    with np.errstate(divide="ignore", invalid="ignore"):
-        scale = np.where(total != 0, 1.0 / total, 0.0)
+    scale = _reciprocal_no_nan(total)
+    with np.errstate(invalid="ignore", over="ignore"):  # (an inf in the data, rstd inf: NaN, as in the forward)
+        xhat = (x3.astype(np.float64) - mean[:, None]) * rstd[:, None]
+        sum_dy, sum_dy_xhat = dy64.sum(axis=(0, 2)), (dy64 * xhat).sum(axis=(0, 2))
         dx = (w * rstd)[:, None] * (dy64 - weights * scale[:, None] * (sum_dy[:, None] + xhat * sum_dy_xhat[:, None]))
     return dx.astype(x3.dtype), sum_dy, sum_dy_xhat
+
+
+def _reciprocal_no_nan(total: np.ndarray) -> np.ndarray:
+    """1 / total, 0 where total is 0 (tf's div_no_nan: negative sums divide too)."""
+    with np.errstate(divide="ignore"):
+        return np.where(total != 0, 1.0 / total, 0.0)
 
 
 class BatchNormalization:
@@ -556,7 +562,7 @@ class BatchNormalization:
                 a, b, dd = split.backward_coefficients(centre, rstd_gc, w_gc, sum_dy, sum_dy_xhat, count, x3.dtype)
             dx3 = split.batchnorm_backward_apply(dy3, x3, a, b, dd, self.backend)
         else:
-            dx3, sum_dy, sum_dy_xhat = _weighted_backward(dy3, x3, weights, mean_gc, rstd_gc, w_gc)
+            dx3, sum_dy, sum_dy_xhat = _weighted_backward(dy3, x3, weights, count, mean_gc, rstd_gc, w_gc)
         dx = self._from_kernel(dx3, layout, shape)
         sdy = sum_dy.reshape(g, self._c).sum(axis=0)
         sdyx = sum_dy_xhat.reshape(g, self._c).sum(axis=0)

@@ -9,6 +9,7 @@ are not part of the test extra).
 from __future__ import annotations
 
 import copy
+import warnings
 
 import numpy as np
 import pytest
@@ -719,6 +720,12 @@ def test_mask_edges_and_errors():
     y = layer(x, training=True, mask=one)
     np.testing.assert_allclose(y, (x - x[1, 2]) / np.sqrt(1e-3), rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(layer(x, mask=one), layer(x))  # inference does not use it
+    bad = x.astype(np.float64)
+    bad[0, 0, 0], bad[1, 1, 1] = np.inf, np.nan
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an inf / NaN in the data: NaN statistics, no RuntimeWarning
+        y = normkit.BatchNormalization(dtype="float64")(bad, training=True, mask=one | True)
+    assert np.isnan(y[..., :2]).all() and np.isfinite(y[..., 2]).all()  # (the channels holding them)
     with pytest.raises(ValueError, match=r"mask of shape \(4, 3\) does not broadcast to the input's shape"):
         layer(x, training=True, mask=np.ones((4, 3)))
     with pytest.raises(TypeError, match="mask must hold bools or numbers, got dtype <U1"):
