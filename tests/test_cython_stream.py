@@ -19,11 +19,14 @@ from normkit import registry
 
 kernels = pytest.importorskip("normkit_kernels.cython.kernels")
 
-# (op, kernel shape, groups): BatchNorm's channels schedule (S >= 32, C >= 32), GroupNorm, InstanceNorm (groups =
+# (op, kernel shape, groups): BatchNorm's channels schedule (S >= 32, C >= 32), its columns schedule's separate
+# elementwise pass (short rows: a channels-last (N*H*W, C, 1) view, and rows of 3 channels of 5 values, so that the
+# streamed chunks start part way into rows), GroupNorm, InstanceNorm (groups =
 # C), GroupNorm's single set cut into pieces (2**16 values or more), LayerNorm rows longer than a chunk (1024
 # values) and longer than a tile of its long-row backward (2**16 values), and a single such row (its forward by
 # tiles); lengths that are not multiples of a vector
-SHAPES = [("batchnorm", (3, 33, 45), None), ("groupnorm", (2, 6, 37), 3), ("groupnorm", (1, 4, 16411), 1),
+SHAPES = [("batchnorm", (3, 33, 45), None), ("batchnorm", (1000, 64, 1), None), ("batchnorm", (200, 3, 5), None),
+          ("groupnorm", (2, 6, 37), 3), ("groupnorm", (1, 4, 16411), 1),
           ("instancenorm", (2, 5, 1031), None), ("layernorm", (3, 2053), None), ("layernorm", (2, 65541), None),
           ("layernorm", (1, 65541), None)]
 OFFSETS = (0, 1, 3)  # elements past a 64-byte boundary

@@ -41,8 +41,8 @@ from _common cimport (
     grad_apply, grad_apply16, grad_apply16_runs, grad_apply_inplace, grad_sums, grad_sums16, grad_sums_scale,
     max_offset, moments, moments16, narrow64, normkit_col_sums16, normkit_cols16, normkit_cols_act_f,
     normkit_cols_act_grad_f, normkit_half_init, normkit_narrow, normkit_sfence, normkit_sums16_runs, normkit_widen,
-    normkit_x86_64_copies, pivot16, pivot_of, prefetch_run, rounded_shift, scale_copy, scale_copy16, threads_for,
-    to_double,
+    normkit_x86_64_copies, pivot16, pivot_of, prefetch_run, rounded_shift, scale_copy, scale_copy16, stream_store,
+    threads_for, to_double,
 )
 
 # How this module was built (setup.py); the backend reads it for its INFO and to pick an x86-64 copy: the
@@ -361,6 +361,58 @@ cdef void _affine_columns_act(const floating* x, floating* y, Py_ssize_t length,
         act_apply(y + l, k, act, slope)
 
 
+cdef inline Py_ssize_t _stream_chunk_end(const floating* y, Py_ssize_t p, Py_ssize_t p1) noexcept nogil:
+    """End of the chunk of a streamed span that starts at y[p]: a 64-byte boundary at most ACT_CHUNK values on (or
+    p1). The chunks after the first start a line, so their non-temporal stores never share one with ordinary
+    stores: a stream restarted part way into a line on every row of a misaligned output (16 bytes past a line, as
+    NumPy places large arrays) ran 1.08-1.13x the time of ordinary stores, where aligned rows ran 0.75-0.80x
+    (channels-last (32, 64, 56, 56) and (32, 16, 112, 112) forward, in-process A/B, 2 threads)."""
+    cdef size_t end = (<size_t>(y + p) + ACT_CHUNK * sizeof(floating)) & ~(<size_t>63)
+    return min(p1, p + <Py_ssize_t>((end - <size_t>(y + p)) // sizeof(floating)))
+
+
+cdef void _affine_span_stream(const floating* x, floating* y, Py_ssize_t p0, Py_ssize_t p1, Py_ssize_t length,
+                              const floating* mean, const floating* scale, const floating* shift, int act,
+                              double slope) noexcept nogil:
+    """Values p0..p1 of the (rows, length) views x and y as _affine_columns_act makes them (the coefficients of
+    column p % length), y written by non-temporal stores chunk by chunk through the stack (_stream_chunk_end).
+    The caller ends its run of such calls with normkit_sfence()."""
+    cdef floating buf[ACT_CHUNK]
+    cdef Py_ssize_t p = p0, e, q, r, l
+    while p < p1:
+        e = _stream_chunk_end(y, p, p1)
+        q = p
+        while q < e:
+            l = q % length
+            r = min(e, q + length - l)
+            _affine_columns_act(x + q, buf + (q - p), r - q, mean + l, scale + l, shift + l, act, slope)
+            q = r
+        stream_store(y + p, buf, e - p)
+        p = e
+
+
+cdef void _grad_apply_span_stream(const floating* dy, const floating* x, floating* dx, Py_ssize_t p0,
+                                  Py_ssize_t p1, Py_ssize_t length, bint training, const floating* mean,
+                                  const floating* ca, const floating* cb, const floating* cc) noexcept nogil:
+    """_affine_span_stream for the backward's pass without an activation: dx = ca * dy + cb * (x - mean) + cc
+    (training) or ca * dy."""
+    cdef floating buf[ACT_CHUNK]
+    cdef Py_ssize_t p = p0, e, q, r, l
+    while p < p1:
+        e = _stream_chunk_end(dx, p, p1)
+        q = p
+        while q < e:
+            l = q % length
+            r = min(e, q + length - l)
+            if training:
+                _grad_apply_columns(dy + q, x + q, buf + (q - p), r - q, mean + l, ca + l, cb + l, cc + l)
+            else:
+                _scale_columns(dy + q, buf + (q - p), r - q, ca + l)
+            q = r
+        stream_store(dx + p, buf, e - p)
+        p = e
+
+
 cdef inline void _columns_act_grad(const floating* dy, const floating* x, floating* g, Py_ssize_t length,
                                    const floating* mean, const floating* zscale, const floating* zshift, int act,
                                    double slope) noexcept nogil:
@@ -599,9 +651,15 @@ cdef void _apply_channels(const floating* xp, floating* yp, Py_ssize_t n, Py_ssi
         _per_column(mean, nc, s, cols, rows)
         _per_column(scale, nc, s, cols + rows * length, rows)
         _per_column(exact_shift, nc, s, cols + 2 * rows * length, rows)
-        for t in prange(_cdiv(n, rows), nogil=True, schedule="static", num_threads=nt):
-            _affine_columns_act(xp + t * rows * length, yp + t * rows * length, min(rows, n - t * rows) * length,
-                                cols, cols + rows * length, cols + 2 * rows * length, act, slope)
+        if stream:  # each thread one contiguous span, fenced once
+            for t in prange(nt, nogil=True, schedule="static", num_threads=nt):
+                _affine_span_stream(xp, yp, n * length * t // nt, n * length * (t + 1) // nt, length, cols,
+                                    cols + rows * length, cols + 2 * rows * length, act, slope)
+                normkit_sfence()
+        else:
+            for t in prange(_cdiv(n, rows), nogil=True, schedule="static", num_threads=nt):
+                _affine_columns_act(xp + t * rows * length, yp + t * rows * length, min(rows, n - t * rows) * length,
+                                    cols, cols + rows * length, cols + 2 * rows * length, act, slope)
         free(exact_shift)
 
 
@@ -665,9 +723,9 @@ cdef void _channel_grad_sums(const floating* dyp, const floating* xp, Py_ssize_t
 cdef void _grad_apply_channels(const floating* dyp, const floating* xp, floating* dxp, Py_ssize_t n, Py_ssize_t nc,
                                Py_ssize_t s, bint training, double[::1] mean, double[::1] ca, double[::1] cb,
                                double[::1] cc, int act=NO_ACT, double slope=0.0, double[::1] zscale=None,
-                               double[::1] zshift=None):
+                               double[::1] zshift=None, bint stream=False):
     """dx = ca * g + cb * (x - mean) + cc (training) or ca * g, per channel; g as in _channel_grad_sums; dy, x, dx
-    are (n, nc, s)."""
+    are (n, nc, s); ``stream`` (no activation): dx by non-temporal stores in the columns schedule."""
     cdef Py_ssize_t t, c, rows, length = nc * s
     cdef floating[:, ::1] cols
     cdef int nt = threads_for(n * nc * s, _nthreads, _serial_max)
@@ -688,10 +746,16 @@ cdef void _grad_apply_channels(const floating* dyp, const floating* xp, floating
         _per_column(&cc[0], nc, s, &cols[3, 0], rows)
         _per_column(&zscale[0], nc, s, &cols[4, 0], rows)
         _per_column(&zshift[0], nc, s, &cols[5, 0], rows)
-        for t in prange(_cdiv(n, rows), nogil=True, schedule="static", num_threads=nt):
-            _grad_apply_columns_act(dyp + t * rows * length, xp + t * rows * length, dxp + t * rows * length,
-                                    min(rows, n - t * rows) * length, training, &cols[0, 0], &cols[4, 0],
-                                    &cols[5, 0], act, slope, &cols[1, 0], &cols[2, 0], &cols[3, 0])
+        if stream:  # (no activation) each thread one contiguous span, fenced once
+            for t in prange(nt, nogil=True, schedule="static", num_threads=nt):
+                _grad_apply_span_stream(dyp, xp, dxp, n * length * t // nt, n * length * (t + 1) // nt, length,
+                                        training, &cols[0, 0], &cols[1, 0], &cols[2, 0], &cols[3, 0])
+                normkit_sfence()
+        else:
+            for t in prange(_cdiv(n, rows), nogil=True, schedule="static", num_threads=nt):
+                _grad_apply_columns_act(dyp + t * rows * length, xp + t * rows * length, dxp + t * rows * length,
+                                        min(rows, n - t * rows) * length, training, &cols[0, 0], &cols[4, 0],
+                                        &cols[5, 0], act, slope, &cols[1, 0], &cols[2, 0], &cols[3, 0])
 
 
 cdef void _backward(bint training, const floating[:, :, ::1] dy, const floating[:, :, ::1] x,
@@ -756,7 +820,7 @@ cdef void _backward_p(bint training, const floating* dyp, const floating* xp, Py
                     _coefficients(training, sdy[c], sdyx[c], <double>(n * s), r[c], w[c] if w != NULL else 1.0,
                                   &ca[c], &cb[c], &cc[c])
                 _grad_apply_channels(dyp, xp, dxp, n, nc, s, training, v[:nc], v[6 * nc:7 * nc], v[7 * nc:8 * nc],
-                                     v[8 * nc:9 * nc], act, slope, v[4 * nc:5 * nc], v[5 * nc:6 * nc])
+                                     v[8 * nc:9 * nc], act, slope, v[4 * nc:5 * nc], v[5 * nc:6 * nc], stream)
         # dweight = sum(g * xhat) = rstd * sum(g * (x - mean)); dbias = sum(g); g = dy, or dy * act'(z)
         for c in range(nc):
             if dweight != NULL:
