@@ -16,62 +16,68 @@ import numpy as np
 import pytest
 
 from normkit import registry
+from normkit.contract import NCHW, NHWC
 
 kernels = pytest.importorskip("normkit_kernels.cython.kernels")
 
-# (op, kernel shape, groups): BatchNorm's channels schedule (S >= 32, C >= 32), its columns schedule's separate
-# elementwise pass (short rows: a channels-last (N*H*W, C, 1) view, and rows of 3 channels of 5 values, so that the
-# streamed chunks start part way into rows), GroupNorm, InstanceNorm (groups =
+# (op, kernel shape, groups, layout): BatchNorm's channels schedule (S >= 32, C >= 32), its columns schedule's
+# separate elementwise pass (short rows: a channels-last (N*H*W, C, 1) view, and rows of 3 channels of 5 values, so
+# that the streamed chunks start part way into rows), GroupNorm, InstanceNorm (groups =
 # C), GroupNorm's single set cut into pieces (2**16 values or more), LayerNorm rows longer than a chunk (1024
 # values) and longer than a tile of its long-row backward (2**16 values), and a single such row (its forward by
-# tiles); lengths that are not multiples of a vector
-SHAPES = [("batchnorm", (3, 33, 45), None), ("batchnorm", (1000, 64, 1), None), ("batchnorm", (200, 3, 5), None),
-          ("groupnorm", (2, 6, 37), 3), ("groupnorm", (1, 4, 16411), 1),
-          ("instancenorm", (2, 5, 1031), None), ("layernorm", (3, 2053), None), ("layernorm", (2, 65541), None),
-          ("layernorm", (1, 65541), None)]
+# tiles); lengths that are not multiples of a vector. Channels-last GroupNorm and InstanceNorm ((N, S, C) kernel
+# shapes): a task per sample (8 samples or more), and samples cut into row blocks (fewer), rows of 24 and 5 values.
+SHAPES = [("batchnorm", (3, 33, 45), None, NCHW), ("batchnorm", (1000, 64, 1), None, NCHW),
+          ("batchnorm", (200, 3, 5), None, NCHW), ("groupnorm", (9, 37, 24), 4, NHWC),
+          ("groupnorm", (2, 300, 24), 6, NHWC), ("instancenorm", (3, 257, 5), None, NHWC),
+          ("groupnorm", (2, 6, 37), 3, NCHW), ("groupnorm", (1, 4, 16411), 1, NCHW),
+          ("instancenorm", (2, 5, 1031), None, NCHW), ("layernorm", (3, 2053), None, NCHW),
+          ("layernorm", (2, 65541), None, NCHW), ("layernorm", (1, 65541), None, NCHW)]
 OFFSETS = (0, 1, 3)  # elements past a 64-byte boundary
 
 
-def _outputs(op, direction, dtype, shape, groups, act, offset):
+def _outputs(op, direction, dtype, shape, groups, layout, act, offset):
     """Every output of a forward (y, mean, rstd) or backward (dx, dweight, dbias) call on fixed data, y / dx placed
     ``offset`` elements past an aligned start of a zeroed buffer, which is returned too."""
     rng = np.random.default_rng(7)
     x = rng.standard_normal(shape).astype(dtype) * 3 + 5
     dy = rng.standard_normal(shape).astype(dtype)
-    c = shape[-1] if op == "layernorm" else shape[1]
+    c = shape[-1] if op == "layernorm" or layout == NHWC else shape[1]
     w, b = rng.standard_normal(c).astype(dtype), rng.standard_normal(c).astype(dtype)
-    stat = {"batchnorm": (c,), "groupnorm": (shape[0], groups), "instancenorm": shape[:2],
+    stat = {"batchnorm": (c,), "groupnorm": (shape[0], groups), "instancenorm": (shape[0], c),
             "layernorm": (shape[0],)}[op]
     mean, rstd = np.empty(stat, dtype), np.empty(stat, dtype)
     buf = np.zeros(x.size + 16, dtype)
     out = buf[offset:offset + x.size].reshape(shape)
     grouped = (groups,) if op == "groupnorm" else ()
     prefix = "act_" if act else ""
-    forward = registry.lookup(op, prefix + "forward", np.dtype(dtype).name, "cython")[1]
+    forward = registry.lookup(op, prefix + "forward", np.dtype(dtype).name, "cython", layout)[1]
     if direction == "forward":
         forward(x, *grouped, w, b, 1e-5, *act, out, mean, rstd)
         return (out.copy(), mean, rstd), buf
     forward(x, *grouped, w, b, 1e-5, *act, np.empty_like(x), mean, rstd)
     dw, db = np.empty(c, dtype), np.empty(c, dtype)
-    backward = registry.lookup(op, prefix + "backward", np.dtype(dtype).name, "cython")[1]
+    backward = registry.lookup(op, prefix + "backward", np.dtype(dtype).name, "cython", layout)[1]
     backward(dy, x, *grouped, mean, rstd, w, *((b, *act) if act else ()), out, dw, db)
     return (out.copy(), dw, db), buf
 
 
-@pytest.mark.parametrize("op,shape,groups", SHAPES, ids=[f"{s[0]}-{'x'.join(map(str, s[1]))}" for s in SHAPES])
+@pytest.mark.parametrize("op,shape,groups,layout", SHAPES,
+                         ids=[f"{s[0]}-{'x'.join(map(str, s[1]))}-{s[3]}" for s in SHAPES])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("act", [(), (2, 0.0)], ids=["plain", "silu"])
 @pytest.mark.parametrize("direction", ["forward", "backward"])
-def test_streamed_outputs_equal_ordinary_ones(op, shape, groups, dtype, act, direction):
+def test_streamed_outputs_equal_ordinary_ones(op, shape, groups, layout, dtype, act, direction):
     try:
         for offset in OFFSETS:
             kernels.set_stream_min_bytes(1 << 62)
-            want, _ = _outputs(op, direction, dtype, shape, groups, act, offset)
+            want, _ = _outputs(op, direction, dtype, shape, groups, layout, act, offset)
             kernels.set_stream_min_bytes(0)
-            got, buf = _outputs(op, direction, dtype, shape, groups, act, offset)
+            got, buf = _outputs(op, direction, dtype, shape, groups, layout, act, offset)
             for a, b in zip(want, got):
                 eps = np.finfo(dtype).eps
                 np.testing.assert_allclose(b, a, rtol=2 * eps, atol=2 * eps * float(np.abs(a).max()))
             assert not buf[:offset].any() and not buf[offset + np.prod(shape):].any()  # nothing written outside
     finally:
         kernels.set_stream_min_bytes(None)
+

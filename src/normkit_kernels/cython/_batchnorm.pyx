@@ -35,13 +35,14 @@ from libc.string cimport memcpy
 from libc.stdint cimport uint16_t
 
 from _common cimport (
-    ACT_CHUNK, NORMKIT_BUILD_FLAGS, NORMKIT_HAVE_OPENMP, NORMKIT_OPENMP_NOTE, NO_ACT, SERIAL_MAX_VALUES, TILE16,
-    act_apply, act_grad, act_grad_apply, act_grad_apply_stream, act_grad_sums, act_grad_sums_kept, affine, affine16,
-    affine16_runs, affine_act, affine_act_stream, all_finite, column_grad_sums, column_moments, finish_moments,
-    grad_apply, grad_apply16, grad_apply16_runs, grad_apply_inplace, grad_sums, grad_sums16, grad_sums_scale,
-    max_offset, moments, moments16, narrow64, normkit_col_sums16, normkit_cols16, normkit_cols_act_f,
+    ACT_CHUNK, NORMKIT_BUILD_FLAGS, NORMKIT_HAVE_OPENMP, NORMKIT_OPENMP_NOTE, NO_ACT, SERIAL_MAX_VALUES,
+    STREAM_AFFINE, STREAM_GRAD, STREAM_SCALE, TILE16, act_grad, act_grad_apply, act_grad_apply_stream,
+    act_grad_sums, act_grad_sums_kept, affine, affine16, affine16_runs, affine_act, affine_act_stream,
+    affine_columns, affine_columns_act, all_finite, column_grad_sums, column_moments, columns_stream,
+    finish_moments, grad_apply, grad_apply16, grad_apply16_runs, grad_apply_columns, grad_apply_inplace, grad_sums,
+    grad_sums16, grad_sums_scale, max_offset, moments, moments16, narrow64, normkit_col_sums16, normkit_cols16,
     normkit_cols_act_grad_f, normkit_half_init, normkit_narrow, normkit_sfence, normkit_sums16_runs, normkit_widen,
-    normkit_x86_64_copies, pivot16, pivot_of, prefetch_run, rounded_shift, scale_copy, scale_copy16, stream_store,
+    normkit_x86_64_copies, pivot16, pivot_of, prefetch_run, rounded_shift, scale_columns, scale_copy, scale_copy16,
     threads_for, to_double,
 )
 
@@ -322,105 +323,14 @@ cdef void _backward_channel(const floating* dy, const floating* x, floating* dx,
         normkit_sfence()
 
 
-cdef void _affine_columns(const floating* x, floating* y, Py_ssize_t length, const floating* mean,
-                          const floating* scale, const floating* shift) noexcept nogil:
-    cdef Py_ssize_t l
-    for l in range(length):
-        y[l] = (x[l] - mean[l]) * scale[l] + shift[l]
-
-
-cdef void _grad_apply_columns(const floating* dy, const floating* x, floating* dx, Py_ssize_t length,
-                              const floating* mean, const floating* ca, const floating* cb,
-                              const floating* cc) noexcept nogil:
-    cdef Py_ssize_t l
-    for l in range(length):
-        dx[l] = ca[l] * dy[l] + cb[l] * (x[l] - mean[l]) + cc[l]
-
-
-cdef void _scale_columns(const floating* dy, floating* dx, Py_ssize_t length, const floating* ca) noexcept nogil:
-    cdef Py_ssize_t l
-    for l in range(length):
-        dx[l] = ca[l] * dy[l]
-
-
-cdef void _affine_columns_act(const floating* x, floating* y, Py_ssize_t length, const floating* mean,
-                              const floating* scale, const floating* shift, int act, double slope) noexcept nogil:
-    """_affine_columns through the activation: float32 in one loop, double chunk by chunk while it is in L1
-    (_affine_columns for NO_ACT)."""
-    cdef Py_ssize_t q, l, k
-    if act == NO_ACT:
-        _affine_columns(x, y, length, mean, scale, shift)
-        return
-    if floating is float:
-        normkit_cols_act_f(x, y, length, mean, scale, shift, act, <float>slope)
-        return
-    for q in range((length + ACT_CHUNK - 1) // ACT_CHUNK):
-        l = q * ACT_CHUNK
-        k = min(<Py_ssize_t>ACT_CHUNK, length - l)
-        _affine_columns(x + l, y + l, k, mean + l, scale + l, shift + l)
-        act_apply(y + l, k, act, slope)
-
-
-cdef inline Py_ssize_t _stream_chunk_end(const floating* y, Py_ssize_t p, Py_ssize_t p1) noexcept nogil:
-    """End of the chunk of a streamed span that starts at y[p]: a 64-byte boundary at most ACT_CHUNK values on (or
-    p1). The chunks after the first start a line, so their non-temporal stores never share one with ordinary
-    stores: a stream restarted part way into a line on every row of a misaligned output (16 bytes past a line, as
-    NumPy places large arrays) ran 1.08-1.13x the time of ordinary stores, where aligned rows ran 0.75-0.80x
-    (channels-last (32, 64, 56, 56) and (32, 16, 112, 112) forward, in-process A/B, 2 threads)."""
-    cdef size_t end = (<size_t>(y + p) + ACT_CHUNK * sizeof(floating)) & ~(<size_t>63)
-    return min(p1, p + <Py_ssize_t>((end - <size_t>(y + p)) // sizeof(floating)))
-
-
-cdef void _affine_span_stream(const floating* x, floating* y, Py_ssize_t p0, Py_ssize_t p1, Py_ssize_t length,
-                              const floating* mean, const floating* scale, const floating* shift, int act,
-                              double slope) noexcept nogil:
-    """Values p0..p1 of the (rows, length) views x and y as _affine_columns_act makes them (the coefficients of
-    column p % length), y written by non-temporal stores chunk by chunk through the stack (_stream_chunk_end).
-    The caller ends its run of such calls with normkit_sfence()."""
-    cdef floating buf[ACT_CHUNK]
-    cdef Py_ssize_t p = p0, e, q, r, l
-    while p < p1:
-        e = _stream_chunk_end(y, p, p1)
-        q = p
-        while q < e:
-            l = q % length
-            r = min(e, q + length - l)
-            _affine_columns_act(x + q, buf + (q - p), r - q, mean + l, scale + l, shift + l, act, slope)
-            q = r
-        stream_store(y + p, buf, e - p)
-        p = e
-
-
-cdef void _grad_apply_span_stream(const floating* dy, const floating* x, floating* dx, Py_ssize_t p0,
-                                  Py_ssize_t p1, Py_ssize_t length, bint training, const floating* mean,
-                                  const floating* ca, const floating* cb, const floating* cc) noexcept nogil:
-    """_affine_span_stream for the backward's pass without an activation: dx = ca * dy + cb * (x - mean) + cc
-    (training) or ca * dy."""
-    cdef floating buf[ACT_CHUNK]
-    cdef Py_ssize_t p = p0, e, q, r, l
-    while p < p1:
-        e = _stream_chunk_end(dx, p, p1)
-        q = p
-        while q < e:
-            l = q % length
-            r = min(e, q + length - l)
-            if training:
-                _grad_apply_columns(dy + q, x + q, buf + (q - p), r - q, mean + l, ca + l, cb + l, cc + l)
-            else:
-                _scale_columns(dy + q, buf + (q - p), r - q, ca + l)
-            q = r
-        stream_store(dx + p, buf, e - p)
-        p = e
-
-
 cdef inline void _columns_act_grad(const floating* dy, const floating* x, floating* g, Py_ssize_t length,
                                    const floating* mean, const floating* zscale, const floating* zshift, int act,
                                    double slope) noexcept nogil:
-    """g = dy * act'(z), z = _affine_columns(x, zscale, zshift): float32 in one loop, double through g."""
+    """g = dy * act'(z), z = affine_columns(x, zscale, zshift): float32 in one loop, double through g."""
     if floating is float:
         normkit_cols_act_grad_f(dy, x, g, length, mean, zscale, zshift, act, <float>slope)
     else:
-        _affine_columns(x, g, length, mean, zscale, zshift)
+        affine_columns(x, g, length, mean, zscale, zshift)
         act_grad(dy, g, length, act, slope)
 
 
@@ -428,24 +338,24 @@ cdef void _grad_apply_columns_act(const floating* dy, const floating* x, floatin
                                   bint training, const floating* mean, const floating* zscale,
                                   const floating* zshift, int act, double slope, const floating* ca,
                                   const floating* cb, const floating* cc) noexcept nogil:
-    """_grad_apply_columns (training) or _scale_columns of g = dy * act'(z), with z = _affine_columns(x, zscale,
+    """grad_apply_columns (training) or scale_columns of g = dy * act'(z), with z = affine_columns(x, zscale,
     zshift) recomputed chunk by chunk on the stack (of dy for NO_ACT)."""
     cdef floating g[ACT_CHUNK]
     cdef Py_ssize_t q, l, k
     if act == NO_ACT:
         if training:
-            _grad_apply_columns(dy, x, dx, length, mean, ca, cb, cc)
+            grad_apply_columns(dy, x, dx, length, mean, ca, cb, cc)
         else:
-            _scale_columns(dy, dx, length, ca)
+            scale_columns(dy, dx, length, ca)
         return
     for q in range((length + ACT_CHUNK - 1) // ACT_CHUNK):
         l = q * ACT_CHUNK
         k = min(<Py_ssize_t>ACT_CHUNK, length - l)
         _columns_act_grad(dy + l, x + l, g, k, mean + l, zscale + l, zshift + l, act, slope)
         if training:
-            _grad_apply_columns(g, x + l, dx + l, k, mean + l, ca + l, cb + l, cc + l)
+            grad_apply_columns(g, x + l, dx + l, k, mean + l, ca + l, cb + l, cc + l)
         else:
-            _scale_columns(g, dx + l, k, ca + l)
+            scale_columns(g, dx + l, k, ca + l)
 
 
 cdef void _column_act_grad_sums(const floating* dy, const floating* x, Py_ssize_t n, Py_ssize_t length,
@@ -501,7 +411,7 @@ cdef void _forward_columns(const floating* x, floating* y, Py_ssize_t n, Py_ssiz
     column_moments(x + l0, n, length, 0, width, piv, s1, s2)
     _finish_columns(s1, s2, n, s, c0, c1, piv, eps, w, b, mean, rstd, cm, scale, shift, NULL, NULL)
     for i in range(n):
-        _affine_columns(x + i * length + l0, y + i * length + l0, width, cm, scale, shift)
+        affine_columns(x + i * length + l0, y + i * length + l0, width, cm, scale, shift)
 
 
 cdef void _finish_columns(const double* s1, const double* s2, Py_ssize_t n, Py_ssize_t s, Py_ssize_t c0,
@@ -562,9 +472,9 @@ cdef void _backward_columns(const floating* dy, const floating* x, floating* dx,
     for i in range(n):
         j = i * length + l0
         if training:
-            _grad_apply_columns(dy + j, x + j, dx + j, width, cm, ca, cb, cc)
+            grad_apply_columns(dy + j, x + j, dx + j, width, cm, ca, cb, cc)
         else:
-            _scale_columns(dy + j, dx + j, width, ca)
+            scale_columns(dy + j, dx + j, width, ca)
 
 
 # --- schedules -------------------------------------------------------------------------------------------------
@@ -653,12 +563,12 @@ cdef void _apply_channels(const floating* xp, floating* yp, Py_ssize_t n, Py_ssi
         _per_column(exact_shift, nc, s, cols + 2 * rows * length, rows)
         if stream:  # each thread one contiguous span, fenced once
             for t in prange(nt, nogil=True, schedule="static", num_threads=nt):
-                _affine_span_stream(xp, yp, n * length * t // nt, n * length * (t + 1) // nt, length, cols,
-                                    cols + rows * length, cols + 2 * rows * length, act, slope)
+                columns_stream(STREAM_AFFINE, NULL, xp, yp, n * length * t // nt, n * length * (t + 1) // nt,
+                               length, cols, cols + rows * length, cols + 2 * rows * length, NULL, act, slope)
                 normkit_sfence()
         else:
             for t in prange(_cdiv(n, rows), nogil=True, schedule="static", num_threads=nt):
-                _affine_columns_act(xp + t * rows * length, yp + t * rows * length, min(rows, n - t * rows) * length,
+                affine_columns_act(xp + t * rows * length, yp + t * rows * length, min(rows, n - t * rows) * length,
                                     cols, cols + rows * length, cols + 2 * rows * length, act, slope)
         free(exact_shift)
 
@@ -748,8 +658,9 @@ cdef void _grad_apply_channels(const floating* dyp, const floating* xp, floating
         _per_column(&zshift[0], nc, s, &cols[5, 0], rows)
         if stream:  # (no activation) each thread one contiguous span, fenced once
             for t in prange(nt, nogil=True, schedule="static", num_threads=nt):
-                _grad_apply_span_stream(dyp, xp, dxp, n * length * t // nt, n * length * (t + 1) // nt, length,
-                                        training, &cols[0, 0], &cols[1, 0], &cols[2, 0], &cols[3, 0])
+                columns_stream(STREAM_GRAD if training else STREAM_SCALE, dyp, xp, dxp, n * length * t // nt,
+                               n * length * (t + 1) // nt, length, &cols[0, 0], &cols[1, 0], &cols[2, 0],
+                               &cols[3, 0], NO_ACT, 0.0)
                 normkit_sfence()
         else:
             for t in prange(_cdiv(n, rows), nogil=True, schedule="static", num_threads=nt):
@@ -1315,7 +1226,7 @@ cdef void _apply_channels16(const uint16_t* xp, uint16_t* yp, Py_ssize_t n, Py_s
 cdef void _affine_row16(const uint16_t* x, uint16_t* y, Py_ssize_t length, const float* mean, const float* scale,
                         const float* shift, int fmt, const double* mean64, const double* scale64,
                         const double* shift64, Py_ssize_t s, Py_ssize_t nc) noexcept nogil:
-    """_affine_columns on whole rows of the (N, C*S) view, tile by tile (in registers where the build allows) with
+    """affine_columns on whole rows of the (N, C*S) view, tile by tile (in registers where the build allows) with
     the float32 per-column coefficients; a tile whose outputs are not all finite again in double from the
     per-channel double ones (mean64, scale64, shift64; value l is channel (l // s) % nc), since a float32
     coefficient may itself have overflowed (scale = rstd * weight)."""
@@ -1329,7 +1240,7 @@ cdef void _affine_row16(const uint16_t* x, uint16_t* y, Py_ssize_t length, const
         done = normkit_cols16(NULL, x + j, y + j, k, fmt, mean + j, scale + j, NULL, shift + j, 0)
         if done < 0:
             normkit_widen(x + j, t, k, fmt)
-            _affine_columns(t, t, k, mean + j, scale + j, shift + j)
+            affine_columns(t, t, k, mean + j, scale + j, shift + j)
             done = normkit_narrow(t, y + j, k, fmt)
         if not done:
             normkit_widen(x + j, t, k, fmt)
@@ -1339,7 +1250,7 @@ cdef void _affine_row16(const uint16_t* x, uint16_t* y, Py_ssize_t length, const
                 d[1][i] = mean64[c]
                 d[2][i] = scale64[c]
                 d[3][i] = shift64[c]
-            _affine_columns(d[0], d[0], k, d[1], d[2], d[3])
+            affine_columns(d[0], d[0], k, d[1], d[2], d[3])
             narrow64(d[0], y + j, k, fmt)
 
 
@@ -1410,7 +1321,7 @@ cdef void _grad_apply_channels16(const uint16_t* dyp, const uint16_t* xp, uint16
 cdef void _grad_apply_row16(const uint16_t* dy, const uint16_t* x, uint16_t* dx, Py_ssize_t length, bint training,
                             const float* cols, Py_ssize_t stride, int fmt, const double* mean64, const double* ca64,
                             const double* cb64, const double* cc64, Py_ssize_t s, Py_ssize_t nc) noexcept nogil:
-    """_grad_apply_columns (or _scale_columns) on whole rows of the (N, C*S) view, tile by tile (in registers where
+    """grad_apply_columns (or scale_columns) on whole rows of the (N, C*S) view, tile by tile (in registers where
     the build allows); cols holds the rows mean, ca, cb, cc (``stride`` values apart) of float32 per-column
     coefficients. A tile whose outputs are not all finite goes again in double from the per-channel double
     coefficients, as in _affine_row16."""
@@ -1428,10 +1339,10 @@ cdef void _grad_apply_row16(const uint16_t* dy, const uint16_t* x, uint16_t* dx,
             normkit_widen(dy + j, tdy, k, fmt)
             if training:
                 normkit_widen(x + j, tx, k, fmt)
-                _grad_apply_columns(tdy, tx, tdy, k, cols + j, cols + stride + j, cols + 2 * stride + j,
+                grad_apply_columns(tdy, tx, tdy, k, cols + j, cols + stride + j, cols + 2 * stride + j,
                                     cols + 3 * stride + j)
             else:
-                _scale_columns(tdy, tdy, k, cols + stride + j)
+                scale_columns(tdy, tdy, k, cols + stride + j)
             done = normkit_narrow(tdy, dx + j, k, fmt)
         if done:
             continue
@@ -1446,9 +1357,9 @@ cdef void _grad_apply_row16(const uint16_t* dy, const uint16_t* x, uint16_t* dx,
         if training:
             normkit_widen(x + j, tx, k, fmt)
             to_double(tx, d[1], k)
-            _grad_apply_columns(d[0], d[1], d[0], k, d[2], d[3], d[4], d[5])
+            grad_apply_columns(d[0], d[1], d[0], k, d[2], d[3], d[4], d[5])
         else:
-            _scale_columns(d[0], d[0], k, d[3])
+            scale_columns(d[0], d[0], k, d[3])
         narrow64(d[0], dx + j, k, fmt)
 
 

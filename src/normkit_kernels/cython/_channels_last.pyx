@@ -21,6 +21,9 @@ A fused activation (the act_ kernels) is applied to each row of y while it is in
 sums' pass leaves g = dy * act'(z) in dx (z recomputed from x and the statistics), which the elementwise pass then
 reads instead of dy.
 
+Large outputs (set_stream_min_bytes) are written with non-temporal stores (columns_stream), but for the backward
+with an activation, which reads g back from dx.
+
 16-bit data (the ...16 kernels, bfloat16 / float16 bit patterns with float32 parameters and statistics): the same
 tasks, the column sums and each row's elementwise pass in registers where the build allows (normkit_col_sums16,
 normkit_cols16: the loops of the NCHW BatchNorm's columns schedule, whose rows are these rows), else widened row
@@ -37,9 +40,10 @@ from cython.parallel cimport prange
 from libc.stdint cimport uint16_t
 
 from _common cimport (
-    NO_ACT, SERIAL_MAX_VALUES, TILE16, act_apply, act_grad, all_finite, column_grad_sums, column_moments,
-    finish_moments, narrow64, normkit_col_sums16, normkit_cols16, normkit_cols_act_f, normkit_cols_act_grad_f,
-    normkit_half_init, normkit_narrow, normkit_widen, pivot_of, threads_for,
+    NO_ACT, SERIAL_MAX_VALUES, STREAM_AFFINE, STREAM_GRAD, TILE16, act_grad, affine_columns, affine_columns_act,
+    all_finite, column_grad_sums, column_moments, columns_stream, finish_moments, grad_apply_columns, narrow64,
+    normkit_col_sums16, normkit_cols16, normkit_cols_act_grad_f, normkit_half_init, normkit_narrow, normkit_sfence,
+    normkit_widen, pivot_of, threads_for,
 )
 
 # float16 converts with F16C where the CPU has it, unless NORMKIT_CYTHON_NO_F16C=1 (see _groupnorm.pyx).
@@ -47,6 +51,8 @@ F16C = bool(normkit_half_init(os.environ.get("NORMKIT_CYTHON_NO_F16C", "") in ("
 
 cdef int _nthreads = 1
 cdef Py_ssize_t _serial_max = SERIAL_MAX_VALUES
+# Outputs of this many bytes or more are written with non-temporal stores (set_stream_min_bytes).
+cdef Py_ssize_t _stream_min = 1 << 62
 
 
 def set_num_threads(int n):
@@ -57,6 +63,11 @@ def set_num_threads(int n):
 def set_serial_max_values(Py_ssize_t n):
     global _serial_max
     _serial_max = n
+
+
+def set_stream_min_bytes(Py_ssize_t n):
+    global _stream_min
+    _stream_min = n
 
 
 cdef enum:
@@ -85,18 +96,10 @@ cdef inline const floating* _ptr(const floating[::1] a) noexcept:
 
 cdef void _affine_rows(const floating* x, floating* y, Py_ssize_t rows, Py_ssize_t nc, const floating* mean,
                        const floating* scale, const floating* shift, int act, double slope) noexcept nogil:
-    """y = act((x - mean) * scale + shift): float32 in one loop, double each row through the activation while it is
-    in L1 (none for NO_ACT)."""
-    cdef Py_ssize_t i, l
-    if floating is float and act != NO_ACT:
-        for i in range(rows):
-            normkit_cols_act_f(x + i * nc, y + i * nc, nc, mean, scale, shift, act, <float>slope)
-        return
+    """y = act((x - mean) * scale + shift) row by row, each row while it is in L1 (none for NO_ACT)."""
+    cdef Py_ssize_t i
     for i in range(rows):
-        for l in range(nc):
-            y[i * nc + l] = (x[i * nc + l] - mean[l]) * scale[l] + shift[l]
-        if act != NO_ACT:
-            act_apply(y + i * nc, nc, act, slope)
+        affine_columns_act(x + i * nc, y + i * nc, nc, mean, scale, shift, act, slope)
 
 
 cdef void _act_grad_rows(const floating* dy, const floating* x, floating* g, Py_ssize_t rows, Py_ssize_t nc,
@@ -108,17 +111,16 @@ cdef void _act_grad_rows(const floating* dy, const floating* x, floating* g, Py_
         if floating is float:
             normkit_cols_act_grad_f(dy + i * nc, x + i * nc, g + i * nc, nc, mean, zscale, zshift, act, <float>slope)
         else:
-            _affine_rows(x + i * nc, g + i * nc, 1, nc, mean, zscale, zshift, NO_ACT, 0.0)
+            affine_columns(x + i * nc, g + i * nc, nc, mean, zscale, zshift)
             act_grad(dy + i * nc, g + i * nc, nc, act, slope)
 
 
 cdef void _grad_apply_rows(const floating* dy, const floating* x, floating* dx, Py_ssize_t rows, Py_ssize_t nc,
                            const floating* mean, const floating* ca, const floating* cb,
                            const floating* cc) noexcept nogil:
-    cdef Py_ssize_t i, l
+    cdef Py_ssize_t i
     for i in range(rows):
-        for l in range(nc):
-            dx[i * nc + l] = ca[l] * dy[i * nc + l] + cb[l] * (x[i * nc + l] - mean[l]) + cc[l]
+        grad_apply_columns(dy + i * nc, x + i * nc, dx + i * nc, nc, mean, ca, cb, cc)
 
 
 # --- per-sample steps ------------------------------------------------------------------------------------------
@@ -214,6 +216,7 @@ cdef void _forward(const floating[:, :, ::1] x, Py_ssize_t groups, const floatin
     cdef double[:, ::1] s1 = np.empty((n * blocks, nc)), s2 = np.empty((n * blocks, nc))
     cdef double[:, ::1] mu = np.empty((n, groups)), rs = np.empty((n, groups))
     cdef int nt = threads_for(n * s * nc, _nthreads, _serial_max)
+    cdef bint stream = n * s * nc * <Py_ssize_t>sizeof(floating) >= _stream_min
     for i in range(n):
         for g in range(groups):
             for c in range(g * cg, (g + 1) * cg):
@@ -223,7 +226,13 @@ cdef void _forward(const floating[:, :, ::1] x, Py_ssize_t groups, const floatin
             column_moments(xp + i * s * nc, s, nc, 0, nc, &piv[i, 0], &s1[i, 0], &s2[i, 0])
             _finish_sample(&s1[i, 0], &s2[i, 0], nc, groups, s, &piv[i, 0], eps, w, b, &mu[i, 0], &rs[i, 0],
                            &cm[i, 0], &scale[i, 0], &shift[i, 0])
-            _affine_rows(xp + i * s * nc, yp + i * s * nc, s, nc, &cm[i, 0], &scale[i, 0], &shift[i, 0], act, slope)
+            if stream:
+                columns_stream(STREAM_AFFINE, NULL, xp + i * s * nc, yp + i * s * nc, 0, s * nc, nc, &cm[i, 0],
+                               &scale[i, 0], &shift[i, 0], NULL, act, slope)
+                normkit_sfence()
+            else:
+                _affine_rows(xp + i * s * nc, yp + i * s * nc, s, nc, &cm[i, 0], &scale[i, 0], &shift[i, 0], act,
+                             slope)
     else:
         for t in prange(n * blocks, nogil=True, schedule="static", num_threads=nt):
             i = t // blocks
@@ -237,8 +246,13 @@ cdef void _forward(const floating[:, :, ::1] x, Py_ssize_t groups, const floatin
         for t in prange(n * blocks, nogil=True, schedule="static", num_threads=nt):
             i = t // blocks
             r0 = (t % blocks) * rows
-            _affine_rows(xp + (i * s + r0) * nc, yp + (i * s + r0) * nc, max(0, min(rows, s - r0)), nc,
-                         &cm[i, 0], &scale[i, 0], &shift[i, 0], act, slope)
+            if stream:
+                columns_stream(STREAM_AFFINE, NULL, xp + i * s * nc, yp + i * s * nc, min(s, r0) * nc,
+                               min(s, r0 + rows) * nc, nc, &cm[i, 0], &scale[i, 0], &shift[i, 0], NULL, act, slope)
+                normkit_sfence()
+            else:
+                _affine_rows(xp + (i * s + r0) * nc, yp + (i * s + r0) * nc, max(0, min(rows, s - r0)), nc,
+                             &cm[i, 0], &scale[i, 0], &shift[i, 0], act, slope)
     for i in range(n):
         for g in range(groups):
             mean[i, g] = <floating>mu[i, g]
@@ -265,6 +279,8 @@ cdef void _backward(const floating[:, :, ::1] dy, const floating[:, :, ::1] x, P
     cdef floating[:, ::1] zs = np.empty((n, nc), dtype), zb = np.empty((n, nc), dtype)
     cdef double[:, ::1] sdy = np.empty((n * blocks, nc)), sdyx = np.empty((n * blocks, nc))
     cdef int nt = threads_for(n * s * nc, _nthreads, _serial_max)
+    # with an activation, g is read from dx itself: ordinary stores, as BatchNorm's backward does
+    cdef bint stream = act == NO_ACT and n * s * nc * <Py_ssize_t>sizeof(floating) >= _stream_min
     for i in range(n):
         for c in range(nc):
             cm[i, c] = mean[i, c // cg]
@@ -281,7 +297,12 @@ cdef void _backward(const floating[:, :, ::1] dy, const floating[:, :, ::1] x, P
         if blocks == 1:  # the whole sample in this task: finish it while it is in cache
             _grad_coefficients(&sdy[i, 0], &sdyx[i, 0], nc, groups, s, &rstd[i, 0], w, &ca[i, 0], &cb[i, 0],
                                &cc[i, 0])
-            _grad_apply_rows(gp + o, xp + o, dxp + o, s, nc, &cm[i, 0], &ca[i, 0], &cb[i, 0], &cc[i, 0])
+            if stream:
+                columns_stream(STREAM_GRAD, gp + o, xp + o, dxp + o, 0, s * nc, nc, &cm[i, 0], &ca[i, 0], &cb[i, 0],
+                               &cc[i, 0], NO_ACT, 0.0)
+                normkit_sfence()
+            else:
+                _grad_apply_rows(gp + o, xp + o, dxp + o, s, nc, &cm[i, 0], &ca[i, 0], &cb[i, 0], &cc[i, 0])
     if blocks > 1:
         for i in range(n):
             _merge_blocks(&sdy[i * blocks, 0], &sdyx[i * blocks, 0], blocks, nc)
@@ -291,8 +312,13 @@ cdef void _backward(const floating[:, :, ::1] dy, const floating[:, :, ::1] x, P
             i = t // blocks
             r0 = (t % blocks) * rows
             o = (i * s + r0) * nc
-            _grad_apply_rows(gp + o, xp + o, dxp + o, max(0, min(rows, s - r0)), nc, &cm[i, 0], &ca[i, 0],
-                             &cb[i, 0], &cc[i, 0])
+            k = max(0, min(rows, s - r0))
+            if stream:
+                columns_stream(STREAM_GRAD, gp + o, xp + o, dxp + o, 0, k * nc, nc, &cm[i, 0], &ca[i, 0], &cb[i, 0],
+                               &cc[i, 0], NO_ACT, 0.0)
+                normkit_sfence()
+            else:
+                _grad_apply_rows(gp + o, xp + o, dxp + o, k, nc, &cm[i, 0], &ca[i, 0], &cb[i, 0], &cc[i, 0])
     _param_grads(sdy, sdyx, rstd, cg, blocks, dweight, dbias)
 
 

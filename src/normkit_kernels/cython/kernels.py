@@ -282,17 +282,20 @@ LLC_BYTES = last_level_cache_bytes()
 # (~75 GB/s): BatchNorm 0.94-0.96x backward, 0.96-1.03x forward; LayerNorm (8192, 1024) forward 1.10-1.18x
 # (a loss), (C,H,W) and backward neutral. So BatchNorm streams and LayerNorm does not. At half the cache they
 # lose once the read is counted (it then comes from memory, not the cache), below that they lose outright.
-# GroupNorm / InstanceNorm gained nothing (0.95-1.17x), so their module keeps ordinary stores.
+# GroupNorm / InstanceNorm gained nothing (0.95-1.17x), so their module keeps ordinary stores. Their channels-last
+# kernels (_channels_last), whose samples' rows stride across all channels, do stream: from 25.7 MB, idle, 2 threads,
+# with the read, forward 0.91-0.99x and backward 0.86-0.94x (at 16.8 MB 0.93-1.04x / 0.87-0.88x; alone, channels-
+# last BatchNorm 0.73-1.03x forward; `python benchmarks/nt_stores.py --layout nhwc`).
 STREAM_LLC_FRACTION = 0.75
 STREAM_FALLBACK_BYTES = 16 << 20
-_STREAMING = (_batchnorm,)
+_STREAMING = (_batchnorm, _channels_last)
 _NEVER = 1 << 62
 
 
 def set_stream_min_bytes(n: int | None) -> None:
     """Outputs of ``n`` bytes or more are written with non-temporal stores (the results are the same), by every
     module that has them (to measure or test them); None restores the defaults."""
-    for module in (_batchnorm, _groupnorm, _layernorm):
+    for module in (_batchnorm, _channels_last, _groupnorm, _layernorm):
         if n is not None:
             module.set_stream_min_bytes(n)
         else:
@@ -327,7 +330,8 @@ def default_pairs_max_bytes() -> int:
 set_pairs_max_bytes(None)
 INFO["row pairs"] = (f"layernorm and rmsnorm backward of rows of 2048 values and more, on "
                      f"{default_pairs_max_bytes() / 2**20:.0f} MiB and less")
-INFO["non-temporal stores"] = f"outputs of {default_stream_min_bytes() / 2**20:.0f} MiB and up (batchnorm)"
+INFO["non-temporal stores"] = (f"outputs of {default_stream_min_bytes() / 2**20:.0f} MiB and up (batchnorm; "
+                                "channels-last groupnorm and instancenorm)")
 set_num_threads(get_num_threads())
 set_serial_max_values(None)
 INFO["one thread"] = f"inputs of at most {SERIAL_MAX_VALUES} values"
