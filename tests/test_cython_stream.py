@@ -81,3 +81,26 @@ def test_streamed_outputs_equal_ordinary_ones(op, shape, groups, layout, dtype, 
     finally:
         kernels.set_stream_min_bytes(None)
 
+
+@pytest.mark.parametrize("shape", [(3, 33, 45), (2, 64, 1024)])
+def test_streaming_keeps_the_bits_of_the_inference_backward(shape):
+    """BatchNorm's inference backward with parameter gradients (a frozen BatchNorm whose affine parameters train)
+    computes them in the pass that writes dx, whatever the output's size: the same bits with streaming on."""
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal(shape).astype(np.float32)
+    dy = rng.standard_normal(shape).astype(np.float32)
+    c = shape[1]
+    w = np.linspace(0.5, 1.5, c).astype(np.float32)
+    mean, rstd = rng.standard_normal(c).astype(np.float32), rng.uniform(0.5, 2, c).astype(np.float32)
+    backward = registry.lookup("batchnorm", "backward_infer", "float32", "cython")[1]
+    results = []
+    try:
+        for threshold in (1 << 62, 0):
+            kernels.set_stream_min_bytes(threshold)
+            dx, dw, db = np.empty_like(x), np.empty(c, np.float32), np.empty(c, np.float32)
+            backward(dy, x, mean, rstd, w, dx, dw, db)
+            results.append((dx, dw, db))
+    finally:
+        kernels.set_stream_min_bytes(None)
+    for a, b in zip(*results):
+        np.testing.assert_array_equal(b, a)

@@ -276,8 +276,10 @@ cdef void _backward_channel(const floating* dy, const floating* x, floating* dx,
                             double* sdyx) noexcept nogil:
     cdef Py_ssize_t i, off
     cdef double a = 0.0, b = 0.0, ca, cb, cc
-    # inference with parameter gradients: dx = dy * rstd * w in the pass of the sums
-    cdef bint scaled = sums and not training and act == NO_ACT and not stream
+    # inference with parameter gradients: dx = dy * rstd * w in the pass of the sums, with ordinary stores also
+    # where dx would stream (one pass, rather than the sums' pass and a streamed one, whose sums the compiler may
+    # group otherwise: dweight and dbias would then depend on the output's size and the cache's)
+    cdef bint scaled = sums and not training and act == NO_ACT
     # a fused activation's g = dy * act'(z), made for the sums, left in dx (the channel's rows stay in cache) for
     # the second pass to read rather than make again (not with streaming stores, where dx is not to be read back):
     # float32, 2 threads, against making it again: (64, 256, 14, 14) ReLU 0.61x, SiLU 0.61x; (16, 128, 28, 28)
