@@ -20,7 +20,9 @@ _SQRT_HALF = math.sqrt(0.5)
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 _TANH_C = math.sqrt(2.0 / math.pi)
 _TANH_K = 0.044715
-_erf = np.frompyfunc(math.erf, 1, 1)  # NumPy has no erf; libm's, element by element (the compiled kernels have theirs)
+# NumPy has no erfc; libm's, element by element (the compiled kernels have theirs). Phi(z) = erfc(-z / sqrt(2)) / 2
+# keeps the digits of a negative z's tail that 1 + erf(z / sqrt(2)) cancels (below z = -8 in float64)
+_erfc = np.frompyfunc(math.erfc, 1, 1)
 
 
 def code(op: str, activation, negative_slope=0.01) -> tuple[int, float] | None:
@@ -57,7 +59,7 @@ def apply(act: int, z: np.ndarray, slope: float) -> np.ndarray:
     if name == "silu":
         return z * _sigmoid(z)
     if name == "gelu":
-        return (0.5 * z * (1.0 + _erf(z * _SQRT_HALF).astype(z.dtype))).astype(z.dtype)
+        return (0.5 * z * _erfc(-z * _SQRT_HALF).astype(z.dtype)).astype(z.dtype)
     # 0.5 * (1 + tanh(u)) = sigmoid(2u), which keeps the digits that 1 + tanh(u) cancels for z << 0
     return (z * _sigmoid(2.0 * _TANH_C * (z + _TANH_K * z * z * z))).astype(z.dtype)
 
@@ -74,7 +76,7 @@ def derivative(act: int, z: np.ndarray, slope: float) -> np.ndarray:
         s = _sigmoid(z)
         return s * (1.0 + z * (1.0 - s))
     if name == "gelu":
-        cdf = 0.5 * (1.0 + _erf(z * _SQRT_HALF).astype(z.dtype))
+        cdf = 0.5 * _erfc(-z * _SQRT_HALF).astype(z.dtype)
         return (cdf + z * np.exp(-0.5 * z * z) * _INV_SQRT_2PI).astype(z.dtype)
     s = _sigmoid(2.0 * _TANH_C * (z + _TANH_K * z * z * z))
     return (s + z * 2.0 * s * (1.0 - s) * _TANH_C * (1.0 + 3.0 * _TANH_K * z * z)).astype(z.dtype)

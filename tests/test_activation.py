@@ -64,6 +64,17 @@ def test_functions_match_torch(name):
         assert np.isnan(activation.apply(act, np.array([np.nan]), 0.2)).all()
 
 
+def test_gelu_keeps_the_digits_of_its_negative_tail():
+    """Phi(z) as erfc(-z / sqrt(2)) / 2: 1 + erf(z / sqrt(2)) cancels to a multiple of 2**-53 below z = -8 (Phi's
+    values from the series, to 15 digits)."""
+    z = np.array([-8.0, -10.0, -20.0])
+    phi = np.array([6.22096057427178e-16, 7.61985302416047e-24, 2.75362411860623e-89])
+    pdf = np.exp(-0.5 * z * z) / np.sqrt(2 * np.pi)
+    gelu = ACTIVATIONS.index("gelu")
+    np.testing.assert_allclose(activation.apply(gelu, z, 0.0), z * phi, rtol=1e-13)
+    np.testing.assert_allclose(activation.derivative(gelu, z, 0.0), phi + z * pdf, rtol=1e-13)
+
+
 @pytest.mark.parametrize("name", ["relu", "leaky_relu"])
 def test_derivative_at_nan_is_torchs(name):
     """torch's relu backward passes dy at a NaN (its test is result <= 0), leaky_relu's scales it by the slope
@@ -207,6 +218,41 @@ def test_float32_frontend_matches_reference(backend):
         r = nk.backward(dy, x, want[1], *args[1:], **kw, activation="silu", backend="reference")
         for a, e in zip(g, r):
             np.testing.assert_allclose(a, e, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("backend", ["cython", "numba"])
+@pytest.mark.parametrize("name", ["gelu", "gelu_tanh"])
+def test_fused_gelus_keep_their_negative_tails(backend, name):
+    """z from -7.7 to -4.3, where gelu's y is 1e-14 to 1e-5 of |z|: bfloat16 y within one of its ulps of the
+    float64 result, dx within two, float32 y within 2e-5 of it (gelu's Phi was Abramowitz & Stegun's erf, whose
+    absolute error left y 3 bfloat16 ulps off below z = -4.5 and 1e7 times too large at z = -8; Numba's
+    gelu_tanh cancelled 1 + tanh u to 0 there)."""
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    ln = normkit.get("ln")
+    x64 = np.linspace(-1, 1, 1001)[None, :]
+    dy64 = np.linspace(0.5, 1.5, 1001)[None, :]
+    bias = np.full(1001, -6.0)
+    kw = dict(activation=name)
+
+    def run(dtype, be):
+        x, dy, b = x64.astype(dtype), dy64.astype(dtype), bias.astype(np.float32 if dtype != np.float64 else dtype)
+        y, saved = ln.forward(x, (1001,), None, b, backend=be, **kw)
+        return y, ln.backward(dy, x, saved, (1001,), None, b, backend=be, **kw)[0]
+
+    bf16 = ml_dtypes.bfloat16
+    got_y, got_dx = run(bf16, backend)
+    want_y, want_dx = run(bf16, "reference")  # the float64 results rounded once
+
+    def ulps(a, b):  # bfloat16 ulps between a and b's nearest bfloat16
+        key = [np.ascontiguousarray(v.astype(bf16)).view(np.uint16).astype(np.int64) for v in (a, b)]
+        key = [np.where(k >= 0x8000, 0x8000 - k, k) for k in key]
+        return np.abs(key[0] - key[1])
+    assert ulps(got_y, want_y).max() <= 1
+    assert ulps(got_dx, want_dx).max() <= 2
+    assert (got_y != 0).all()
+    y32, _ = run(np.float32, backend)
+    ref32, _ = run(np.float32, "reference")
+    np.testing.assert_allclose(y32, ref32, rtol=2e-5, atol=0)
 
 
 @pytest.fixture

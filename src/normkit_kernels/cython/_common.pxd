@@ -376,8 +376,14 @@ cdef extern from *:
     # pass stays near memory speed rather than calling libm's expf per element. The backwards' sigmoid(v) uses
     # exp(-|v|) only, so neither sign overflows, and gives 1 - sigmoid(v) without cancellation; the forwards'
     # z * sigmoid(v) is z / (1 + exp(-v)). gelu_tanh is z * sigmoid(2u) (= 0.5 z (1 + tanh u), without the
-    # cancellation of 1 + tanh u); gelu's Phi is Abramowitz & Stegun 7.1.26 (erf to 1.5e-7 absolute, as torch's
-    # vectorized CPU erf), whose exp(-z*z/2) its derivative shares. Accuracy: a few ulp of |z|.
+    # cancellation of 1 + tanh u); gelu's Phi of a negative z is half of erfc(a), a = |z| / sqrt(2), without the
+    # cancellation of 1 + erf, as t Q(t) exp(-a*a), t = 1 / (1 + a/2): Q is a degree-8 fit of erfc(a) exp(a*a) / t
+    # for relative error on t in [0.15, 1] (a up to 11, past where exp(-a*a) leaves float32), within 5e-8 (1.6e-7
+    # in float32). The form is Abramowitz & Stegun 7.1.26's (torch's vectorized CPU erf), whose fit for erf's
+    # absolute error left y 3 bfloat16 ulps off below z = -4.5 and 1e7 times too large at z = -8 (Numerical
+    # Recipes' erfcc, exp(-a*a + P(t)), is as exact but needs a second exp for the derivative: the Numba act_
+    # loops then stopped vectorizing). The derivative shares exp(-a*a). Accuracy: a few ulp of |z| (in gelu's
+    # tail, the rounding of a*a in the exponent: 1.5e-5 of y at z = -13).
     # float64: libm, as normkit.activation computes them. NaN z gives NaN y (relu keeps it too, as np.maximum).
     """
     #include <math.h>
@@ -449,12 +455,16 @@ cdef extern from *:
     /* Phi(z), the standard normal CDF, and exp(-z*z/2) */
     static inline float normkit_phi_cdf(float z, float* g) {
         float a = fabsf(z) * 0.70710678118654752f;
-        float t = 1.0f / (1.0f + 0.3275911f * a);
-        float p = 1.061405429f;
-        p = p * t - 1.453152027f;
-        p = p * t + 1.421413741f;
-        p = p * t - 0.284496736f;
-        p = p * t + 0.254829592f;
+        float t = 1.0f / (1.0f + 0.5f * a);
+        float p = -6.024568307e-02f;
+        p = p * t + 2.900955132e-01f;
+        p = p * t - 4.981316318e-01f;
+        p = p * t + 2.899517648e-01f;
+        p = p * t - 3.434922912e-02f;
+        p = p * t + 2.057445845e-01f;
+        p = p * t + 2.423870697e-01f;
+        p = p * t + 2.824658482e-01f;
+        p = p * t + 2.820817123e-01f;
         *g = normkit_exp_neg(-a * a);
         float half_erfc = 0.5f * p * t * *g;
         return z >= 0.0f ? 1.0f - half_erfc : half_erfc;
@@ -578,8 +588,8 @@ cdef extern from *:
             case 0: y[i] = z < 0.0 ? 0.0 : z; break;
             case 1: y[i] = z > 0.0 ? z : z * slope; break;
             case 2: y[i] = z * normkit_sigmoid_d(z); break;
-            case 3: y[i] = 0.5 * z * (1.0 + erf(z * 0.70710678118654752)); break;
-            default: y[i] = 0.5 * z * (1.0 + tanh(0.7978845608028654 * (z + 0.044715 * z * z * z)));
+            case 3: y[i] = 0.5 * z * erfc(-z * 0.70710678118654752); break;
+            default: y[i] = z * normkit_sigmoid_d(2.0 * 0.7978845608028654 * (z + 0.044715 * z * z * z));
             }
         }
     }
@@ -594,13 +604,13 @@ cdef extern from *:
             case 1: z[i] = v > 0.0 ? dy[i] : dy[i] * slope; break;
             case 2: s = normkit_sigmoid_d(v); z[i] = dy[i] * (s * (1.0 + v * (1.0 - s))); break;
             case 3:
-                z[i] = dy[i] * (0.5 * (1.0 + erf(v * 0.70710678118654752))
-                                + v * exp(-0.5 * v * v) * 0.3989422804014327);
+                z[i] = dy[i] * (0.5 * erfc(-v * 0.70710678118654752) + v * exp(-0.5 * v * v) * 0.3989422804014327);
                 break;
-            default:
-                t = tanh(0.7978845608028654 * (v + 0.044715 * v * v * v));
-                z[i] = dy[i] * (0.5 * (1.0 + t) + 0.5 * v * (1.0 - t * t) * 0.7978845608028654
-                                * (1.0 + 3.0 * 0.044715 * v * v));
+            default:  /* with s = sigmoid(2u) = (1 + tanh u) / 2 and t = 1 - s = sigmoid(-2u), no cancellation */
+                s = 2.0 * 0.7978845608028654 * (v + 0.044715 * v * v * v);
+                t = normkit_sigmoid_d(-s);
+                s = normkit_sigmoid_d(s);
+                z[i] = dy[i] * (s + 2.0 * v * s * t * 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * v * v));
             }
         }
     }

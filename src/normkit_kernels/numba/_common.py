@@ -488,27 +488,6 @@ def _exp_neg_impl(z):
     return lambda z: math.exp(z)
 
 
-def _tanh(u):
-    """tanh(u)."""
-
-
-@_jit
-def _tanh32(u):
-    """tanh of a float32 as (1 - e) / (1 + e) with e = exp(-2|u|) <= 1: no overflow, and vectorized as
-    _exp_neg32 (libm's tanhf: 20 ns a value); near 0 its error is absolute, about eps, which gelu_tanh's
-    1 + tanh absorbs."""
-    e = _exp_neg32(np.float32(-2.0) * abs(u))
-    v = (np.float32(1.0) - e) / (np.float32(1.0) + e)
-    return v if u >= np.float32(0.0) else (-v if u < np.float32(0.0) else u)  # NaN stays NaN
-
-
-@overload(_tanh)
-def _tanh_impl(u):
-    if u == types.float32:
-        return lambda u: _tanh32(u)
-    return lambda u: math.tanh(u)
-
-
 def _phi(z):
     """(Phi(z), exp(-z*z/2)): the standard normal CDF and the density's exponential, which gelu's derivative
     shares."""
@@ -516,14 +495,16 @@ def _phi(z):
 
 @_jit
 def _phi32(z):
-    """_phi for float32, as the Cython kernels compute it: Abramowitz & Stegun 7.1.26 for erfc(|z|/sqrt(2))
-    (erf to 1.5e-7 absolute, as torch's vectorized CPU erf) times _exp_neg32's exp, in code LLVM vectorizes
-    (libm's erff it does not: the gelu kernels ran 5-8x slower than Cython's); Phi of a negative z is half that
-    erfc, without the cancellation of 1 + erf."""
+    """_phi for float32, as the Cython kernels compute it (normkit_phi_cdf, where its fit is described):
+    erfc(|z|/sqrt(2)) as t Q(t) exp(-a*a) with _exp_neg32's exp, in code LLVM vectorizes (libm's erff it does not:
+    the gelu kernels ran 5-8x slower than Cython's); Phi of a negative z is half that erfc, without the
+    cancellation of 1 + erf."""
     f = np.float32
     a = abs(z) * f(_SQRT_HALF)
-    t = f(1.0) / (f(1.0) + f(0.3275911) * a)
-    p = (((f(1.061405429) * t - f(1.453152027)) * t + f(1.421413741)) * t - f(0.284496736)) * t + f(0.254829592)
+    t = f(1.0) / (f(1.0) + f(0.5) * a)
+    p = (((f(-6.024568307e-02) * t + f(2.900955132e-01)) * t - f(4.981316318e-01)) * t + f(2.899517648e-01)) * t
+    p = (((p - f(3.434922912e-02)) * t + f(2.057445845e-01)) * t + f(2.423870697e-01)) * t + f(2.824658482e-01)
+    p = p * t + f(2.820817123e-01)
     g = _exp_neg32(-a * a)
     half_erfc = f(0.5) * p * t * g
     return (f(1.0) - half_erfc if z >= f(0.0) else half_erfc), g
@@ -533,7 +514,7 @@ def _phi32(z):
 def _phi_impl(z):
     if z == types.float32:
         return lambda z: _phi32(z)
-    return lambda z: (0.5 * (1.0 + math.erf(z * _SQRT_HALF)), math.exp(-0.5 * z * z))
+    return lambda z: (0.5 * math.erfc(-z * _SQRT_HALF), math.exp(-0.5 * z * z))
 
 
 # Where a factor of a term is exactly 0 the term is 0, by a select: for |z| beyond float32's range (or z**2 beyond
@@ -559,11 +540,16 @@ def _leaky_relu(z, slope):
 
 
 @_jit
+def _sigmoid(v):
+    t = type(v)
+    e = _exp_neg(-abs(v))  # of -|v| only: no overflow for either sign
+    return t(1.0) / (t(1.0) + e) if v >= t(0.0) else e / (t(1.0) + e)
+
+
+@_jit
 def _silu(z, slope):
-    t = type(z)
-    e = _exp_neg(-abs(z))  # of -|z| only: no overflow for either sign
-    s = t(1.0) / (t(1.0) + e) if z >= t(0.0) else e / (t(1.0) + e)
-    return z * s if s != t(0.0) else t(0.0)
+    s = _sigmoid(z)
+    return z * s if s != type(z)(0.0) else type(z)(0.0)
 
 
 @_jit
@@ -575,9 +561,10 @@ def _gelu(z, slope):
 
 @_jit
 def _gelu_tanh(z, slope):
+    # 0.5 z (1 + tanh u) as z sigmoid(2u), without the cancellation of 1 + tanh u (0 below z = -5.5 in float32)
     t = type(z)
-    q = t(1.0) + _tanh(t(_TANH_C) * (z + t(_TANH_K) * z * z * z))
-    return t(0.5) * z * q if q != t(0.0) else t(0.0)
+    s = _sigmoid(t(2.0 * _TANH_C) * (z + t(_TANH_K) * z * z * z))
+    return z * s if s != t(0.0) else t(0.0)
 
 
 # the derivatives (relu: 0 where z <= 0, else 1, so 1 at a NaN z; leaky_relu: 1 where z > 0, else the slope; as
@@ -598,8 +585,7 @@ def _dleaky_relu(z, slope):
 @_jit
 def _dsilu(z, slope):
     t = type(z)
-    e = _exp_neg(-abs(z))
-    s = t(1.0) / (t(1.0) + e) if z >= t(0.0) else e / (t(1.0) + e)
+    s = _sigmoid(z)
     tail = z * (t(1.0) - s) if s != t(1.0) else t(0.0)
     return s * (t(1.0) + tail) if s != t(0.0) else t(0.0)
 
@@ -614,11 +600,13 @@ def _dgelu(z, slope):
 
 @_jit
 def _dgelu_tanh(z, slope):
+    # with s = sigmoid(2u) = (1 + tanh u) / 2 and 1 - s = sigmoid(-2u): s + 2 z s (1 - s) u', no cancellation
     t = type(z)
-    th = _tanh(t(_TANH_C) * (z + t(_TANH_K) * z * z * z))
-    sech2 = t(1.0) - th * th
-    tail = t(0.5) * z * sech2 * t(_TANH_C) * (t(1.0) + t(3.0 * _TANH_K) * z * z) if sech2 != t(0.0) else t(0.0)
-    return t(0.5) * (t(1.0) + th) + tail
+    v = t(2.0 * _TANH_C) * (z + t(_TANH_K) * z * z * z)
+    s, r = _sigmoid(v), _sigmoid(-v)
+    sech2 = s * r
+    tail = t(2.0) * z * sech2 * t(_TANH_C) * (t(1.0) + t(3.0 * _TANH_K) * z * z) if sech2 != t(0.0) else t(0.0)
+    return s + tail
 
 
 _ACTS = (_relu, _leaky_relu, _silu, _gelu, _gelu_tanh)  # in the order of contract.ACTIVATIONS
@@ -655,12 +643,19 @@ def _relu_gradient(dy, z):
     return type(dy)(0.0) if z <= type(z)(0.0) else dy
 
 
+@_jit
+def _pick(c, a, b):
+    """a if c else b, both computed: a select, where a branch around gelu's arithmetic stopped LLVM from
+    vectorizing the act_ loops (13x slower)."""
+    return a if c else b
+
+
 def _act_typer(z, x, a, slope):
     if isinstance(a, types.IntegerLiteral):
         f = _ACTS[a.literal_value]
         if a.literal_value < _SMOOTH:
             return lambda z, x, a, slope: f(z, slope)
-        return lambda z, x, a, slope: f(z, slope) if math.isfinite(x) else _act_at_infinite_x(z)
+        return lambda z, x, a, slope: _pick(math.isfinite(x), f(z, slope), _act_at_infinite_x(z))
     return None
 
 
@@ -671,7 +666,7 @@ def _gact_typer(dy, z, x, a, slope):
             return lambda dy, z, x, a, slope: _relu_gradient(dy, z)
         if a.literal_value < _SMOOTH:
             return lambda dy, z, x, a, slope: dy * f(z, slope)
-        return lambda dy, z, x, a, slope: dy * (f(z, slope) if math.isfinite(x) else _dact_at_infinite_x(z))
+        return lambda dy, z, x, a, slope: dy * _pick(math.isfinite(x), f(z, slope), _dact_at_infinite_x(z))
     return None
 
 
