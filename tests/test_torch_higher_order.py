@@ -261,6 +261,35 @@ def test_batched_output_gradients(name, f):
                                rtol=1e-9, atol=1e-9)
 
 
+SHARED = [("ln-of-x-times-w", lambda m, x, w, b: m.layer_norm(x * w, (5,), w, b)),
+          ("ln-of-ln", lambda m, x, w, b: m.layer_norm(m.layer_norm(x, (5,), w), (5,), w, b)),
+          ("add-ln", lambda m, x, w, b: m.add_layer_norm(x * w, x, (5,), w, b)[0] if m is nt
+           else F.layer_norm(x * w + x, (5,), w, b)),
+          ("gn-of-x-times-w", lambda m, x, w, b: (lambda w4: m.group_norm(x * w4[:, None], 2, w4, b[:4]))(w[:4]))]
+
+
+@pytest.mark.parametrize("name,f", SHARED, ids=[c[0] for c in SHARED])
+def test_a_weight_that_also_feeds_the_input(name, f):
+    """The backwards that go through autograd (create_graph=True, batched output gradients) differentiate the norm
+    alone: its weight's gradient once (it took the path through the input too, counting it twice), and the
+    caller's graph kept for its own retain_graph=True backward (its nodes had freed their saved tensors)."""
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(3, 4, 5, generator=g, dtype=torch.float64).requires_grad_()
+    w = (torch.rand(5, generator=g, dtype=torch.float64) + 0.5).requires_grad_()
+    b = torch.randn(5, generator=g, dtype=torch.float64).requires_grad_()
+    dy = torch.randn(3, 4, 5, generator=g, dtype=torch.float64)
+    want = torch.autograd.grad(f(F, x, w, b), (x, w, b), dy)
+    for create_graph in (False, True):
+        got = torch.autograd.grad(f(nt, x, w, b), (x, w, b), dy, create_graph=create_graph)
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    y = f(nt, x, w, b)
+    dys = torch.stack([dy, 2 * dy])
+    batched = torch.autograd.grad(y, (x, w, b), dys, is_grads_batched=True, retain_graph=True)
+    torch.testing.assert_close(tuple(t[1] for t in batched), tuple(2 * t for t in want), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(torch.autograd.grad(y, (x, w, b), dy), want, rtol=1e-10, atol=1e-10)
+    assert torch.autograd.gradgradcheck(lambda *t: f(nt, *t), (x, w, b))
+
+
 FUNCS = [("bn", (6, 3, 4), lambda m, x: m.batch_norm(x, None, None, None, None, True)),
          ("in", (2, 3, 5), lambda m, x: m.instance_norm(x)),
          ("gn", (2, 4, 3), lambda m, x: m.group_norm(x, 2)),

@@ -82,6 +82,11 @@ def grads(call, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], dy:
         return None if t is None else t.to(compute).contiguous()
 
     with torch.enable_grad():
+        # Differentiate through aliases (new autograd nodes), not the tensors themselves: with x or weight as inputs
+        # autograd also runs the caller's graph between them (layer_norm(x * w, w): the weight's gradient took the
+        # path through x too, counting it twice, and the caller's nodes freed their saved tensors, so its own
+        # retain_graph=True backward found the graph gone); the aliases' nodes lead to no other input.
+        x, weight, bias = (None if t is None else t.view_as(t) for t in (x, weight, bias))
         y = activation(_norm(call, up(x), up(weight), up(bias)), call.act).to(x.dtype)
     dy = dy.contiguous()
     wanted = [t if n else None for t, n in zip((x, weight, bias), need)]
