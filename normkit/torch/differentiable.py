@@ -102,8 +102,15 @@ def grads(call, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], dy:
     return dx, dw, db
 
 
-# autograd's own vmap (is_grads_batched) hands a backward batched gradients, which have no memory to read
-batched = getattr(torch._C._functorch, "is_legacy_batchedtensor", lambda t: False)
+_legacy_batched = getattr(torch._C._functorch, "is_legacy_batchedtensor", lambda t: False)
+_functorch_wrapped = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", lambda t: False)
+
+
+def batched(t: Tensor) -> bool:
+    """Whether a backward's output gradient is batched, without memory to read: by autograd's own vmap
+    (is_grads_batched=True, a vectorized jacobian), or by torch.func's transforms around an autograd.grad of a
+    graph built outside them (vmap(lambda v: autograd.grad(y, x, v))), whose wrappers have no storage either."""
+    return _legacy_batched(t) or _functorch_wrapped(t)
 
 
 def refuse(name: str, dy: Tensor) -> None:
@@ -114,8 +121,8 @@ def refuse(name: str, dy: Tensor) -> None:
     if torch.is_grad_enabled():
         raise RuntimeError(f"{name}: gradients of its gradients (create_graph=True) are not supported")
     if batched(dy):
-        raise RuntimeError(f"{name}: batched gradients (is_grads_batched=True, a vectorized jacobian or hessian) "
-                           f"are not supported")
+        raise RuntimeError(f"{name}: batched gradients (is_grads_batched=True, a vectorized jacobian or hessian, "
+                           f"torch.func.vmap around torch.autograd.grad) are not supported")
 
 
 def no_jvp(name: str):

@@ -734,7 +734,8 @@ class _Norm(torch.autograd.Function):
     def backward(ctx, dy):
         # Grad mode is off in backward unless it was asked for a graph (create_graph=True): then gradients that
         # autograd can differentiate again, from torch's operations (the kernels' would silently have none); so
-        # for a batched dy (is_grads_batched, the vectorized jacobian), which has no memory for a kernel to read
+        # for a batched dy (is_grads_batched, the vectorized jacobian, torch.func.vmap around autograd.grad), which
+        # has no memory for a kernel to read
         if torch.is_grad_enabled() or _batched(dy):
             x, weight, *bias = ctx.saved_tensors
             need = ctx.needs_input_grad[:3]
