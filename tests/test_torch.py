@@ -727,6 +727,16 @@ def test_errors_name_op_argument_expectation_and_what_came():
         nt.batch_norm(x, torch.zeros(1).expand(6), torch.ones(1).expand(6), training=True)
     torch.testing.assert_close(nt.batch_norm(x, torch.zeros(1).expand(6), torch.ones(1).expand(6)),
                                F.batch_norm(x, torch.zeros(6), torch.ones(6)))  # only read: as torch, taken
+    # running statistics that require grad: torch refuses them (no derivative), normkit treated them as constants
+    # and, in training, updated such a leaf in place; without grad mode both take them
+    for training in (False, True):
+        for f in (nt.batch_norm, nt.instance_norm):
+            flag = {"training" if f is nt.batch_norm else "use_input_stats": training}
+            with pytest.raises(ValueError, match=r"norm: the running statistics get no gradient, so they must not "
+                                                 r"require one; got running_var with requires_grad=True"):
+                f(x, torch.zeros(6), torch.ones(6, requires_grad=True), **flag)
+            with torch.no_grad():
+                f(x, torch.zeros(6, requires_grad=True), torch.ones(6), **flag)
     # torch.nn.functional's own refusals (torch 2.13): batch_norm's eps <= 0 in training, < 0 otherwise; a group
     # norm whose groups hold one value in the whole batch
     with pytest.raises(ValueError, match=r"batchnorm: eps must be positive in training, got 0.0"):

@@ -1172,6 +1172,12 @@ def _channel(spec: OpSpec, custom_op, input, running_mean, running_var, weight, 
         raise checks.missing_running(op, spec.training_flag)
     else:
         count = 0
+    if has_running and (running_mean.requires_grad or running_var.requires_grad) and torch.is_grad_enabled():
+        # as torch's batch_norm: they would be constants to autograd (and training updates them in place)
+        which = " and ".join(name for name, r in (("running_mean", running_mean), ("running_var", running_var))
+                             if r.requires_grad)
+        raise checks.ArgumentError(f"{op}: the running statistics get no gradient, so they must not require one; "
+                                   f"got {which} with requires_grad=True (detach them, or pass buffers)")
     update = has_running and batch_stats
     if update and not plain:
         for name, r in (("running_mean", running_mean), ("running_var", running_var)):
