@@ -391,6 +391,28 @@ def test_a_converted_model_runs_on_the_meta_device():
     assert model[1].num_batches_tracked.device.type == "meta"
 
 
+def test_a_converted_model_under_fake_tensor_mode():
+    """FakeTensorMode outside torch.compile (shape propagation, torch.fx's FakeTensorProp): a converted model runs
+    torch's functions on the fakes, as on the meta device (the kernel path failed: .numpy() of a tensor
+    subclass)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    def build():
+        return torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.GroupNorm(2, 8),
+                                   torch.nn.InstanceNorm2d(8, affine=True), torch.nn.Flatten(),
+                                   torch.nn.LayerNorm(8 * 6 * 6), torch.nn.RMSNorm(8 * 6 * 6))
+    ref = build()
+    model = nt.convert(copy.deepcopy(ref))
+    mode = FakeTensorMode()
+    real = ref.state_dict()
+    with mode:
+        x = torch.empty(2, 3, 8, 8)
+        state = {k: mode.from_tensor(v) for k, v in real.items()}
+        for m in (ref, model):
+            y = torch.func.functional_call(m, state, (x,))
+            assert y.shape == (2, 8 * 6 * 6)
+
+
 def test_flop_counter_on_the_meta_device():
     """FlopCounterMode over a training step on meta tensors counts a converted model as it counts torch.nn's."""
     from torch.utils.flop_counter import FlopCounterMode

@@ -78,12 +78,14 @@ def _torch_only(input) -> bool:
     """Under torch.func's transforms (vmap, grad, jacrev, ...), in forward-mode AD (dual tensors) and under
     torch.jit.trace, which see torch's operations and not what a kernel writes through a pointer, each function
     is torch.nn.functional's (then the activation), with torch's checks and errors. So is a call on the meta
-    device, which has shapes and no data (shape inference, FlopCounterMode, models built on the meta device)."""
+    device or on a FakeTensor, which have shapes and no data (shape inference, FlopCounterMode, FakeTensorMode
+    outside torch.compile, models built on the meta device)."""
     return _transforms_active() or _forward_ad._current_level >= 0 or _tracing() or _on_meta(input)
 
 
 def _on_meta(t) -> bool:
-    return isinstance(t, Tensor) and t.is_meta
+    # (a FakeTensor is a subclass: a plain tensor skips the test)
+    return isinstance(t, Tensor) and (t.is_meta or (type(t) is not Tensor and differentiable.is_fake(t)))
 
 
 _DENSE = torch.contiguous_format
