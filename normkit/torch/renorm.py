@@ -101,6 +101,11 @@ class _RenormGhostForward(NotScriptable):
             if self.training and self.track_running_stats and has_running:
                 self.num_batches_tracked.add_(1)
             return batch_norm(input, None, None, self.weight, self.bias, True, 0.0, self.eps, backend=self.backend)
+        return self._train(input, has_running)
+
+    @differentiable.numpy_step("BatchRenorm*d and GhostBatchNorm*d in training")
+    def _train(self, input: Tensor, has_running: bool) -> Tensor:
+        # (checked here, after numpy_step's refusals: under torch.func.vmap the batch seen is one sample's)
         n, vbs = input.shape[0], self._vbs()
         if vbs is not None and n % vbs:
             raise ValueError(f"{type(self).__name__}: virtual_batch_size={vbs} must divide the batch size, got a "
@@ -114,10 +119,6 @@ class _RenormGhostForward(NotScriptable):
                             f"{str(input.dtype).removeprefix('torch.')}; cast it to float32 (torch.autocast: end the "
                             f"autocast region before this layer)")
         _params(type(self).__name__, input, (self.num_features,), self.weight, self.bias)  # as eval's batch_norm
-        return self._train(input, has_running)
-
-    @differentiable.numpy_step("BatchRenorm*d and GhostBatchNorm*d in training")
-    def _train(self, input: Tensor, has_running: bool) -> Tensor:
         core = self._core_for(input, self._renorm and has_running)
         out = []
         y = _CoreTrain.apply(input, self.weight, self.bias, core, out)
