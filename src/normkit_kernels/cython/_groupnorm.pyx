@@ -218,7 +218,9 @@ cdef int _backward_sets(const floating* dyp, const floating* xp, Py_ssize_t n, P
     cdef double* sdyp = <double*>malloc(2 * n * c * sizeof(double))
     cdef double* sdyxp = sdyp + n * c
     cdef int nt = threads_for(n * c * s, _nthreads, _serial_max)
-    cdef bint stream = n * c * s * <Py_ssize_t>sizeof(floating) >= _stream_min
+    # with an activation, ordinary stores (g kept in dx between the passes), as BatchNorm's backward: streaming
+    # never changes which path runs, nor so the gradients' bits
+    cdef bint stream = act == NO_ACT and n * c * s * <Py_ssize_t>sizeof(floating) >= _stream_min
     if sdyp == NULL:
         raise MemoryError()
     try:

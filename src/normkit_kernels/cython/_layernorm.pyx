@@ -512,7 +512,9 @@ cdef void _backward_rows(const floating* dyp, const floating* xp, Py_ssize_t m, 
     cdef double* work
     cdef double* coef
     cdef int nt = threads_for(m * k, _nthreads, _serial_max)
-    cdef bint stream = m * k * <Py_ssize_t>sizeof(floating) >= _stream_min
+    # with an activation, ordinary stores (g kept in dx between the passes), as BatchNorm's backward: streaming
+    # never changes which path runs, nor so the gradients' bits
+    cdef bint stream = act == NO_ACT and m * k * <Py_ssize_t>sizeof(floating) >= _stream_min
     keep = []
     w = _or_filled(w, k, 1.0, keep)
     if act != NO_ACT:  # b is read only to recompute an activation's input (a row of zeros cost ~2 us a call)

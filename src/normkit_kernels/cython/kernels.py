@@ -293,8 +293,10 @@ _NEVER = 1 << 62
 
 
 def set_stream_min_bytes(n: int | None) -> None:
-    """Outputs of ``n`` bytes or more are written with non-temporal stores (the results are the same), by every
-    module that has them (to measure or test them); None restores the defaults."""
+    """Outputs of ``n`` bytes or more are written with non-temporal stores (the results are the same, but for
+    LayerNorm's backward with parameter gradients, whose dx then comes from a second loop rather than the one that
+    adds up the gradients: a few elements differ in the last bit), by every module that has them (to measure or
+    test them); None restores the defaults. A backward with a fused activation never streams."""
     for module in (_batchnorm, _channels_last, _groupnorm, _layernorm):
         if n is not None:
             module.set_stream_min_bytes(n)
