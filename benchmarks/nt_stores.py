@@ -41,7 +41,7 @@ def _calls(op: str, shape: tuple, direction: str, layout: str):
     rng = np.random.default_rng(0)
     groups = 32 if op == "groupnorm" else None
     kshape = _kernel_shape(op, shape, layout)
-    c = shape[1]
+    c = kshape[1] if op == "layernorm" else shape[1]  # LayerNorm's parameters: one per value of a row
     stat = {"layernorm": (shape[0],), "groupnorm": (shape[0], groups), "batchnorm": (c,),
             "instancenorm": (shape[0], c)}[op]
 
@@ -66,10 +66,12 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=normkit.get_num_threads())
     parser.add_argument("--direction", choices=["forward", "backward"], default="forward")
-    parser.add_argument("--ops", default="gn,ln,bn")
+    parser.add_argument("--ops", default=None, help="default: gn,ln,bn, or gn,in,bn with --layout nhwc")
     parser.add_argument("--layout", choices=[NCHW, NHWC], default=NCHW)
     parser.add_argument("--rounds", type=int, default=41)
     args = parser.parse_args(argv)
+    if args.ops is None:
+        args.ops = "gn,in,bn" if args.layout == NHWC else "gn,ln,bn"
     unknown = sorted(set(args.ops.split(",")) - set(OPS))
     if unknown:
         parser.error(f"--ops: {', '.join(unknown)} not among {', '.join(OPS)} (the kernels that have streaming loops)")

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import normkit
-from normkit import activation, reference
+from normkit import activation, reference, registry
 from normkit.contract import ACTIVATIONS, SPECS
 from normkit.registry import Backend, runtime_module
 
@@ -153,6 +153,23 @@ def test_nonfinite_input_in_inference_gives_torchs_gradients(name, bad):
             if not np.isnan(want_dx):
                 np.testing.assert_allclose(dx[1, 1, 3], want_dx, rtol=1e-5, err_msg=where)
                 np.testing.assert_allclose(db[1], want_db, rtol=1e-5, err_msg=where)
+
+
+@pytest.mark.parametrize("name", ["silu", "gelu", "gelu_tanh"])
+def test_a_nan_bias_gives_nan_gradients(name):
+    """A NaN z from finite x (a NaN bias, or statistic): act'(z) is NaN in every backend, as in torch. Numba's
+    float32 gelu_tanh derivative, from two sigmoids of a NaN (finite, from its exp) whose product underflowed,
+    gave about 1e-38."""
+    x = np.array([-3.0, -0.5, 0.0, 0.5, 3.0], np.float32).reshape(1, 1, -1)
+    act = ACTIVATIONS.index(name)
+    for backend in ("reference", "cython", "numba"):
+        for dtype in (np.float32, np.float64):
+            kernel = registry.lookup("batchnorm", "act_backward_infer", np.dtype(dtype).name, backend)[1]
+            xx = x.astype(dtype)
+            dx, dw, db = np.empty_like(xx), np.empty(1, dtype), np.empty(1, dtype)
+            kernel(np.ones_like(xx), xx, np.zeros(1, dtype), np.ones(1, dtype), np.ones(1, dtype),
+                   np.full(1, np.nan, dtype), act, 0.0, dx, dw, db)
+            assert np.isnan(dx).all() and np.isnan(db).all(), (backend, np.dtype(dtype).name)
 
 
 @pytest.mark.parametrize("name", ["silu", "gelu", "gelu_tanh"])

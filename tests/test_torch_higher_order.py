@@ -413,6 +413,16 @@ def test_a_converted_model_under_fake_tensor_mode():
             assert y.shape == (2, 8 * 6 * 6)
 
 
+def test_a_parameter_as_input_compiles_in_one_graph():
+    """A Tensor subclass as the input (a Parameter) under torch.compile(fullgraph=True): the FakeTensor test, which
+    dynamo cannot trace, is an eager-only one (it failed the graph)."""
+    p = torch.nn.Parameter(torch.randn(8, 16, dtype=torch.float64))
+    w = torch.nn.Parameter(torch.rand(16, dtype=torch.float64) + 0.5)
+    torch._dynamo.reset()
+    f = torch.compile(lambda: nt.layer_norm(p, (16,), w), backend="eager", fullgraph=True)
+    torch.testing.assert_close(f(), F.layer_norm(p, (16,), w))
+
+
 def test_flop_counter_on_the_meta_device():
     """FlopCounterMode over a training step on meta tensors counts a converted model as it counts torch.nn's."""
     from torch.utils.flop_counter import FlopCounterMode

@@ -84,8 +84,10 @@ def _torch_only(input) -> bool:
 
 
 def _on_meta(t) -> bool:
-    # (a FakeTensor is a subclass: a plain tensor skips the test)
-    return isinstance(t, Tensor) and (t.is_meta or (type(t) is not Tensor and differentiable.is_fake(t)))
+    # A FakeTensor is a subclass: a plain tensor skips the test, and so does a traced call (dynamo cannot trace
+    # is_fake, and sees a Parameter's own class: a graph break at every call); the compiled path has its own op
+    return isinstance(t, Tensor) and (t.is_meta or (type(t) is not Tensor and not _is_compiling()
+                                                    and differentiable.is_fake(t)))
 
 
 _DENSE = torch.contiguous_format

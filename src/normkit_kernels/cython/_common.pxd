@@ -800,11 +800,11 @@ cdef inline void columns_stream(int what, const floating* dy, const floating* x,
     """Values p0..p1 of the (rows, length) views dy, x and out, column p % length with the coefficients mean[l],
     a[l], b[l], c[l] (``what``: the enum above; dy, c unused by STREAM_AFFINE, act by the others), out written by
     non-temporal stores, chunk by chunk through the stack. A chunk ends at a 64-byte boundary of out, so the chunks
-    after the first start a line and their non-temporal stores never share one with ordinary stores: a stream
-    restarted part way into a line on every row of a misaligned output (16 bytes past a line, as NumPy places
-    large arrays) ran 1.08-1.13x the time of ordinary stores, where aligned rows ran 0.75-0.80x (BatchNorm,
-    channels-last (32, 64, 56, 56) and (32, 16, 112, 112) forward, in-process A/B, 2 threads). The caller ends its
-    run of such calls with normkit_sfence()."""
+    after the first start a line, and a line takes both ordinary stores (stream_store's head and tail) and
+    non-temporal ones only at the span's two ends: a stream restarted part way into a line on every row of a
+    misaligned output (16 bytes past a line, as NumPy places large arrays) ran 1.08-1.13x the time of ordinary
+    stores, where aligned rows ran 0.75-0.80x (BatchNorm, channels-last (32, 64, 56, 56) and (32, 16, 112, 112)
+    forward, in-process A/B, 2 threads). The caller ends its run of such calls with normkit_sfence()."""
     cdef floating buf[ACT_CHUNK]
     cdef Py_ssize_t p = p0, e, q, r, l
     cdef size_t end

@@ -606,7 +606,9 @@ def _dgelu_tanh(z, slope):
     s, r = _sigmoid(v), _sigmoid(-v)
     sech2 = s * r
     tail = t(2.0) * z * sech2 * t(_TANH_C) * (t(1.0) + t(3.0 * _TANH_K) * z * z) if sech2 != t(0.0) else t(0.0)
-    return s + tail
+    # a NaN z (from a NaN bias or statistic) gives finite sigmoids (_exp_neg32's) whose product underflows, and
+    # so a tail of 0: NaN, as the other backends and torch
+    return s + tail if z == z else z
 
 
 _ACTS = (_relu, _leaky_relu, _silu, _gelu, _gelu_tanh)  # in the order of contract.ACTIVATIONS
