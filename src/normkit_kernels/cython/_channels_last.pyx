@@ -95,9 +95,15 @@ cdef inline const floating* _ptr(const floating[::1] a) noexcept:
 # --- column loops: rows of nc values, one accumulator per column ----------------------------------------------
 
 cdef void _affine_rows(const floating* x, floating* y, Py_ssize_t rows, Py_ssize_t nc, const floating* mean,
-                       const floating* scale, const floating* shift, int act, double slope) noexcept nogil:
-    """y = act((x - mean) * scale + shift) row by row, each row while it is in L1 (none for NO_ACT)."""
+                       const floating* scale, const floating* shift, int act, double slope,
+                       bint stream) noexcept nogil:
+    """y = act((x - mean) * scale + shift) row by row, each row while it is in L1 (none for NO_ACT); with
+    ``stream``, y by non-temporal stores."""
     cdef Py_ssize_t i
+    if stream:
+        columns_stream(STREAM_AFFINE, NULL, x, y, 0, rows * nc, nc, mean, scale, shift, NULL, act, slope)
+        normkit_sfence()
+        return
     for i in range(rows):
         affine_columns_act(x + i * nc, y + i * nc, nc, mean, scale, shift, act, slope)
 
@@ -116,9 +122,14 @@ cdef void _act_grad_rows(const floating* dy, const floating* x, floating* g, Py_
 
 
 cdef void _grad_apply_rows(const floating* dy, const floating* x, floating* dx, Py_ssize_t rows, Py_ssize_t nc,
-                           const floating* mean, const floating* ca, const floating* cb,
-                           const floating* cc) noexcept nogil:
+                           const floating* mean, const floating* ca, const floating* cb, const floating* cc,
+                           bint stream) noexcept nogil:
+    """dx = ca * dy + cb * (x - mean) + cc row by row; with ``stream``, by non-temporal stores."""
     cdef Py_ssize_t i
+    if stream:
+        columns_stream(STREAM_GRAD, dy, x, dx, 0, rows * nc, nc, mean, ca, cb, cc, NO_ACT, 0.0)
+        normkit_sfence()
+        return
     for i in range(rows):
         grad_apply_columns(dy + i * nc, x + i * nc, dx + i * nc, nc, mean, ca, cb, cc)
 
@@ -226,13 +237,8 @@ cdef void _forward(const floating[:, :, ::1] x, Py_ssize_t groups, const floatin
             column_moments(xp + i * s * nc, s, nc, 0, nc, &piv[i, 0], &s1[i, 0], &s2[i, 0])
             _finish_sample(&s1[i, 0], &s2[i, 0], nc, groups, s, &piv[i, 0], eps, w, b, &mu[i, 0], &rs[i, 0],
                            &cm[i, 0], &scale[i, 0], &shift[i, 0])
-            if stream:
-                columns_stream(STREAM_AFFINE, NULL, xp + i * s * nc, yp + i * s * nc, 0, s * nc, nc, &cm[i, 0],
-                               &scale[i, 0], &shift[i, 0], NULL, act, slope)
-                normkit_sfence()
-            else:
-                _affine_rows(xp + i * s * nc, yp + i * s * nc, s, nc, &cm[i, 0], &scale[i, 0], &shift[i, 0], act,
-                             slope)
+            _affine_rows(xp + i * s * nc, yp + i * s * nc, s, nc, &cm[i, 0], &scale[i, 0], &shift[i, 0], act,
+                         slope, stream)
     else:
         for t in prange(n * blocks, nogil=True, schedule="static", num_threads=nt):
             i = t // blocks
@@ -246,13 +252,8 @@ cdef void _forward(const floating[:, :, ::1] x, Py_ssize_t groups, const floatin
         for t in prange(n * blocks, nogil=True, schedule="static", num_threads=nt):
             i = t // blocks
             r0 = (t % blocks) * rows
-            if stream:
-                columns_stream(STREAM_AFFINE, NULL, xp + i * s * nc, yp + i * s * nc, min(s, r0) * nc,
-                               min(s, r0 + rows) * nc, nc, &cm[i, 0], &scale[i, 0], &shift[i, 0], NULL, act, slope)
-                normkit_sfence()
-            else:
-                _affine_rows(xp + (i * s + r0) * nc, yp + (i * s + r0) * nc, max(0, min(rows, s - r0)), nc,
-                             &cm[i, 0], &scale[i, 0], &shift[i, 0], act, slope)
+            _affine_rows(xp + (i * s + r0) * nc, yp + (i * s + r0) * nc, max(0, min(rows, s - r0)), nc,
+                         &cm[i, 0], &scale[i, 0], &shift[i, 0], act, slope, stream)
     for i in range(n):
         for g in range(groups):
             mean[i, g] = <floating>mu[i, g]
@@ -297,12 +298,7 @@ cdef void _backward(const floating[:, :, ::1] dy, const floating[:, :, ::1] x, P
         if blocks == 1:  # the whole sample in this task: finish it while it is in cache
             _grad_coefficients(&sdy[i, 0], &sdyx[i, 0], nc, groups, s, &rstd[i, 0], w, &ca[i, 0], &cb[i, 0],
                                &cc[i, 0])
-            if stream:
-                columns_stream(STREAM_GRAD, gp + o, xp + o, dxp + o, 0, s * nc, nc, &cm[i, 0], &ca[i, 0], &cb[i, 0],
-                               &cc[i, 0], NO_ACT, 0.0)
-                normkit_sfence()
-            else:
-                _grad_apply_rows(gp + o, xp + o, dxp + o, s, nc, &cm[i, 0], &ca[i, 0], &cb[i, 0], &cc[i, 0])
+            _grad_apply_rows(gp + o, xp + o, dxp + o, s, nc, &cm[i, 0], &ca[i, 0], &cb[i, 0], &cc[i, 0], stream)
     if blocks > 1:
         for i in range(n):
             _merge_blocks(&sdy[i * blocks, 0], &sdyx[i * blocks, 0], blocks, nc)
@@ -312,13 +308,8 @@ cdef void _backward(const floating[:, :, ::1] dy, const floating[:, :, ::1] x, P
             i = t // blocks
             r0 = (t % blocks) * rows
             o = (i * s + r0) * nc
-            k = max(0, min(rows, s - r0))
-            if stream:
-                columns_stream(STREAM_GRAD, gp + o, xp + o, dxp + o, 0, k * nc, nc, &cm[i, 0], &ca[i, 0], &cb[i, 0],
-                               &cc[i, 0], NO_ACT, 0.0)
-                normkit_sfence()
-            else:
-                _grad_apply_rows(gp + o, xp + o, dxp + o, k, nc, &cm[i, 0], &ca[i, 0], &cb[i, 0], &cc[i, 0])
+            _grad_apply_rows(gp + o, xp + o, dxp + o, max(0, min(rows, s - r0)), nc, &cm[i, 0], &ca[i, 0],
+                             &cb[i, 0], &cc[i, 0], stream)
     _param_grads(sdy, sdyx, rstd, cg, blocks, dweight, dbias)
 
 
