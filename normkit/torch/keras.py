@@ -159,7 +159,8 @@ class BatchNormalization(NotScriptable, nn.Module):
             raise TypeError(f"BatchNormalization: dtype must be torch.float32 or torch.float64, got {dtype!r}")
         # the NumPy layer checks (and keeps) every other argument
         self._core = _keras.BatchNormalization(
-            axis=[int(a) for a in axes] if isinstance(axis, (list, tuple)) else int(axis), momentum=momentum, epsilon=epsilon, center=center, scale=scale,
+            axis=[int(a) for a in axes] if isinstance(axis, (list, tuple)) else int(axis), momentum=momentum,
+            epsilon=epsilon, center=center, scale=scale,
             beta_initializer=beta_initializer, gamma_initializer=gamma_initializer,
             moving_mean_initializer=moving_mean_initializer, moving_variance_initializer=moving_variance_initializer,
             renorm=renorm, renorm_clipping=renorm_clipping, renorm_momentum=renorm_momentum,
@@ -214,7 +215,11 @@ class BatchNormalization(NotScriptable, nn.Module):
 
     def _axes(self, ndim: int) -> list[int]:
         """The normalized axes, sorted (the variables hold the kept dims flattened in this order)."""
-        return sorted(a % ndim for a in (self.axis if isinstance(self.axis, list) else [self.axis]))
+        return sorted(a % ndim for a in self._axis_list())
+
+    def _axis_list(self) -> list[int]:
+        """``axis`` as given: an int, or a list of them."""
+        return self.axis if isinstance(self.axis, list) else [self.axis]
 
     def _check(self, x) -> None:
         if not isinstance(x, Tensor):
@@ -225,7 +230,7 @@ class BatchNormalization(NotScriptable, nn.Module):
             if not t.is_cpu:
                 raise ValueError(f"BatchNormalization: {name} is on device {t.device}; normkit's kernels run on "
                                  f"the CPU only")
-        if any(not -x.dim() <= a < x.dim() for a in (self.axis if isinstance(self.axis, list) else [self.axis])):
+        if any(not -x.dim() <= a < x.dim() for a in self._axis_list()):
             raise ValueError(f"BatchNormalization: axis {self.axis} is out of range for an input of shape "
                              f"{tuple(x.shape)}")
         axes = self._axes(x.dim())
