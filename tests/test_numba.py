@@ -22,8 +22,11 @@ PROBE = r"""
 import json, sys, time
 import numpy as np
 from numba.core.registry import CPUDispatcher
+from normkit_kernels.numba import _common
+if len(sys.argv) > 1:  # stands for an edit to the package's sources
+    _common._PackageCache.digest = sys.argv[1]
 import normkit_kernels.numba.kernels as K
-from normkit_kernels.numba import _common, batchnorm, groupnorm, layernorm
+from normkit_kernels.numba import batchnorm, groupnorm, layernorm
 
 dispatchers = {f"{m.__name__}.{n}": d for m in (_common, batchnorm, groupnorm, layernorm)
                for n, d in vars(m).items() if isinstance(d, CPUDispatcher)}
@@ -45,9 +48,10 @@ print(json.dumps({
 """
 
 
-def _probe(cache_dir) -> dict:
+def _probe(cache_dir, *digest) -> dict:
     env = dict(os.environ, NUMBA_CACHE_DIR=str(cache_dir))
-    out = subprocess.run([sys.executable, "-c", PROBE], env=env, capture_output=True, text=True, timeout=300)
+    out = subprocess.run([sys.executable, "-c", PROBE, *digest], env=env, capture_output=True, text=True,
+                         timeout=300)
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -64,6 +68,27 @@ def test_lazy_compile_and_second_process_loads_from_cache(tmp_path):
     second = _probe(tmp_path)
     assert second["hits"] == 1 and second["misses"] == 0, "the second process compiled again instead of loading"
     assert second["seconds"] < first["seconds"]
+
+    # layernorm.py is unchanged but the package's sources are not (an edit to _common.py's helpers, which the
+    # kernel compiles in): the cached kernel must not be loaded, and the one compiled then is cached beside it
+    edited = _probe(tmp_path, "0" * 64)
+    assert edited["hits"] == 0 and edited["misses"] == 1, "a kernel of older sources was loaded from the cache"
+    assert _probe(tmp_path, "0" * 64)["hits"] == 1
+    assert _probe(tmp_path)["hits"] == 1
+
+
+def test_source_digest_changes_with_any_module(tmp_path):
+    from normkit_kernels.numba._common import source_digest
+
+    (tmp_path / "a.py").write_text("A = 1\n")
+    (tmp_path / "b.py").write_text("B = 2\n")
+    before = source_digest(tmp_path)
+    (tmp_path / "b.py").write_text("B = 3\n")
+    assert source_digest(tmp_path) != before
+    (tmp_path / "b.py").write_text("B = 2\n")
+    assert source_digest(tmp_path) == before
+    (tmp_path / "a.py").rename(tmp_path / "c.py")
+    assert source_digest(tmp_path) != before, "a renamed module changes the digest"
 
 
 def test_normkit_set_num_threads_reaches_the_kernels_not_numbas_setting():

@@ -3,25 +3,27 @@ helpers and shifted sums, the work-splitting constants that more than one family
 arguments, the thread count, and the fused activations' scalar functions and element passes (see kernels.py for
 what the kernels guarantee and how).
 
-numba caches a compiled kernel next to the file that defines it and checks only that file (numba issue #1833): a
-kernel from batchnorm.py carries the helpers and constants it took from here, compiled in. After an edit to this
-file, delete ``src/normkit_kernels/numba/__pycache__/*.nbi`` and ``*.nbc`` so that the family modules compile again; they would
-otherwise keep running the old code. Touching them is not enough: numba 0.68 stamps a file by a hash of its
-contents, not by its modification time.
+numba caches a compiled kernel next to the file that defines it and keys it on that file alone (numba issue #1833),
+but a kernel from batchnorm.py carries the helpers and constants it took from here, compiled in: the jit decorators
+below add a digest of every module of this package to the key (_PackageCache), so that an edit anywhere here
+compiles the kernels again rather than running the old code from the cache.
 """
 
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import math
 import os
 import threading
+from pathlib import Path
 
 import numba
 import numpy as np
 from llvmlite import ir
 from numba import njit, prange
 from numba.core import cgutils, config, types
+from numba.core.caching import FunctionCache
 from numba.extending import intrinsic, overload
 from numba.np.ufunc import parallel as _parallel
 from numba.np.ufunc.parallel import _launch_threads
@@ -57,6 +59,39 @@ def _can_cache() -> bool:
 
 
 CACHE = _can_cache()
+
+
+def source_digest(package: Path) -> str:
+    """sha256 of the names and contents of the package's modules."""
+    digest = hashlib.sha256()
+    for path in sorted(package.glob("*.py")):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
+class _PackageCache(FunctionCache):
+    """numba's disk cache, with the digest of this whole package in each entry's key: numba checks only the file
+    that defines a kernel, and a kernel compiles in the helpers of _common.py and _dtype16.py (and channels_last.py
+    those of groupnorm.py). Entries of older sources stay in the index, unused, until numba rewrites it."""
+
+    digest = source_digest(Path(__file__).parent)
+
+    def _index_key(self, sig, codegen):
+        return (*super()._index_key(sig, codegen), self.digest)
+
+
+def jit(**options):
+    """numba's njit with ``options``, cached on disk (when a cache directory is writable) under _PackageCache."""
+    compile_ = njit(**options)
+
+    def decorate(func):
+        dispatcher = compile_(func)
+        if CACHE:
+            dispatcher._cache = _PackageCache(dispatcher.py_func)
+        return dispatcher
+
+    return decorate
+
 # Results must not depend on the process's history, nor on where arrays sit in memory; two ways they could:
 #
 # - A call from one compiled function to another that LLVM leaves as a call runs whichever compiled copy of the
@@ -80,10 +115,10 @@ CACHE = _can_cache()
 # constant set with eps = 0, or a zero running variance) rather than raising ZeroDivisionError out of a parallel
 # loop; and numba's default checks each division for zero, a branch that kept the activations' loops from
 # vectorizing (17x slower silu).
-_jit = njit(cache=CACHE, fastmath=FASTMATH, nogil=True, error_model="numpy", forceinline=True)
-_pjit = njit(cache=CACHE, fastmath=FASTMATH, nogil=True, error_model="numpy", parallel=True)
+_jit = jit(fastmath=FASTMATH, nogil=True, error_model="numpy", forceinline=True)
+_pjit = jit(fastmath=FASTMATH, nogil=True, error_model="numpy", parallel=True)
 # merges of partial sums: additions in the order the code gives, never regrouped (see above)
-_sjit = njit(cache=CACHE, fastmath=FASTMATH - {"reassoc"}, nogil=True, error_model="numpy", forceinline=True)
+_sjit = jit(fastmath=FASTMATH - {"reassoc"}, nogil=True, error_model="numpy", forceinline=True)
 
 
 # --- scalar helpers ---------------------------------------------------------------------------------------------

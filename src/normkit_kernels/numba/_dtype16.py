@@ -9,12 +9,10 @@ round-to-nearest-even, NaN stays a (quiet) NaN with its sign and leading payload
 The conversions are LLVM IR of their own, not numba code. The kernels' fastmath flags still reach their
 floating-point instructions once numba inlines them into a kernel (it sets the flags on everything it compiles);
 that can matter only for float16's subnormal scaling on the path without F16C, and tests/test_numba16.py checks
-that both paths give the same bits for every pattern. bfloat16 is integer work only. float16 is LLVM's ``fpext``/``fptrunc`` to ``half`` where the compile target has F16C (one vcvtph2ps /
-vcvtps2ph per vector), else the bit-exact integer conversion below; both give the same bits (tests/test_numba16.py
-compares them on every pattern). The AVX512-BF16 conversion is not used: it flushes subnormals to zero.
-
-As with _common.py, numba's cache of a family module does not notice an edit to this file: delete the cached
-kernels after one (see _common.py).
+that both paths give the same bits for every pattern. bfloat16 is integer work only. float16 is LLVM's
+``fpext``/``fptrunc`` to ``half`` where the compile target has F16C (one vcvtph2ps / vcvtps2ph per vector), else the
+bit-exact integer conversion below; both give the same bits (tests/test_numba16.py compares them on every
+pattern). The AVX512-BF16 conversion is not used: it flushes subnormals to zero.
 """
 
 from __future__ import annotations

@@ -1,9 +1,8 @@
 """Numba kernels for the four ops, following :mod:`normkit.contract`: this module assembles the backend (KERNELS,
 INFO, set_num_threads) from one module per kernel family, batchnorm.py (with the per-channel inference passes),
 groupnorm.py (GroupNorm and InstanceNorm), layernorm.py, rownorm.py (RMSNorm and the fused residual add of the row
-ops) and channels_last.py (the channel ops on (N, S, C) data), over the pieces they share in _common.py. numba
-caches compiled kernels per source file, so an edit to one family recompiles only that family (but see _common.py
-about edits to it).
+ops) and channels_last.py (the channel ops on (N, S, C) data), over the pieces they share in _common.py. The
+kernels are cached on disk, keyed on the sources of the whole package (see _common.py).
 
 How the work is split is a function of the shape only, never of the thread count (each family module describes
 its splits), and partial sums are merged in a fixed order, so results are identical for any number of threads and
@@ -36,14 +35,13 @@ from __future__ import annotations
 
 import numba
 import numpy as np
-from numba import njit
 from numba.core import config
 
 from normkit import half
 from normkit.contract import DATA_ARGS, OUTPUTS, PER_CHANNEL, SPECS, kernel_table, on_columns
 
 from . import _common
-from ._common import CACHE, FASTMATH, THREADING_LAYER, in_callers_threads, set_num_threads
+from ._common import CACHE, FASTMATH, THREADING_LAYER, in_callers_threads, jit, set_num_threads
 from .batchnorm import (batchnorm_act_backward, batchnorm_act_forward, batchnorm_apply, batchnorm_backward,
                         batchnorm_backward_apply, batchnorm_backward_reduce, batchnorm_forward, batchnorm_stats,
                         channel_act_backward_infer, channel_act_forward_infer, channel_backward_infer,
@@ -138,7 +136,7 @@ def _sixteen_bit(f, op, direction, bits):
 COEF_LIMIT = 2.0 ** 64
 
 
-@njit(cache=CACHE, nogil=True, error_model="numpy")
+@jit(nogil=True, error_model="numpy")
 def _coefficients_overflow(r, w, infer_eps):
     """Whether max(rstd) * max(1, max(rstd)) * max|weight| passes COEF_LIMIT; r is rstd, or running_var when
     infer_eps >= 0 (rstd = 1 / sqrt(running_var + eps)). NaNs are skipped (they propagate on either path)."""

@@ -192,7 +192,8 @@ def _backward_kernels(centered, has_dh):
                     _dx_plus(dy[k], dh[k], x[k], dx[k], mk, rstd[k], B, Cc, wv)
                 else:
                     _dx(dy[k], x[k], dx[k], mk, rstd[k], B, Cc, wv)
-                if want:  # (nested ifs: numba drops the branch of the other kind of op only when ``centered`` stands alone)
+                # nested ifs: numba drops the branch of the other kind of op only when ``centered`` stands alone
+                if want:
                     if centered:
                         _param_grads(dy[k], x[k], mk, rstd[k], acw[it], acb[it])
                         if (k - k0) % FLUSH == FLUSH - 1 or k == k1 - 1:
