@@ -183,8 +183,11 @@ def _backend_option(ctx, param, values):
 @click.option("--steps", type=click.IntRange(min=1), help="With --model: timed steps per mode [default: 20].")
 @click.option("--autocast", type=click.Choice(["bfloat16", "float16"]), help="With --model: run the forwards under "
               "torch.autocast('cpu', dtype=...) (mixed precision: 16-bit convolutions and norm-layer inputs).")
+@click.option("--control", is_flag=True, help="With --model: also time a second torch.nn copy in the same rounds; "
+              "its ratio to the first (torch/torch) is what noise alone makes of two identical models.")
 def bench_command(op, shape, groups, case_set, dtype, backends, direction, threads, repeat, min_time, no_torch,
-                  compiled, json_path, plot_path, model, layout, channels_last, quick, steps, autocast, fuse) -> None:
+                  compiled, json_path, plot_path, model, layout, channels_last, quick, steps, autocast, fuse,
+                  control) -> None:
     """Time the training forward and backward of every selected backend against PyTorch's own CPU kernels and
     against a copy and a read of the same bytes on as many threads (the ceiling), interleaved call by call; print
     a table.
@@ -194,10 +197,11 @@ def bench_command(op, shape, groups, case_set, dtype, backends, direction, threa
     from normkit import bench, cases
 
     if model is not None:
-        _bench_models(model, quick, steps, backends, threads, autocast, channels_last, fuse)
+        _bench_models(model, quick, steps, backends, threads, autocast, channels_last, fuse, control)
         return
-    if quick or steps is not None or autocast is not None or channels_last or fuse:
-        raise click.UsageError("--quick, --steps, --autocast, --channels-last and --fuse apply to --model only")
+    if quick or steps is not None or autocast is not None or channels_last or fuse or control:
+        raise click.UsageError("--quick, --steps, --autocast, --channels-last, --fuse and --control apply to --model "
+                               "only")
     if plot_path:
         from normkit import bench_plot
 
@@ -247,12 +251,14 @@ def bench_command(op, shape, groups, case_set, dtype, backends, direction, threa
 
 
 def _bench_models(name: str, quick: bool, steps: int | None, backends: list[str] | None, threads: int | None,
-                  autocast: str | None = None, channels_last: bool = False, fuse: bool = False) -> None:
+                  autocast: str | None = None, channels_last: bool = False, fuse: bool = False,
+                  control: bool = False) -> None:
     """``normkit bench --model NAME``: normkit.torch.benchmark on the models of normkit.torch.models
-    (``channels_last``: the model and its 4-D inputs in torch.channels_last; ``fuse``: convert(fuse=True))."""
+    (``channels_last``: the model and its 4-D inputs in torch.channels_last; ``fuse``: convert(fuse=True);
+    ``control``: a second torch.nn copy timed too)."""
     ctx = click.get_current_context()
     kernel_only = [p for p in ctx.command.params if p.name not in ("model", "quick", "steps", "backends", "threads",
-                                                                    "autocast", "channels_last", "fuse")
+                                                                    "autocast", "channels_last", "fuse", "control")
                    and ctx.get_parameter_source(p.name) is not click.core.ParameterSource.DEFAULT]
     if kernel_only:
         raise click.UsageError(f"--model times whole models; drop {', '.join(p.opts[0] for p in kernel_only)}")
@@ -291,7 +297,7 @@ def _bench_models(name: str, quick: bool, steps: int | None, backends: list[str]
             try:
                 results[n] = benchmark(model, inputs, steps=20 if steps is None else steps,
                                        backend=backends[0] if backends else None, autocast=autocast, fuse=fuse,
-                                       file=None)
+                                       control=control, file=None)
             except ModelMismatchError as exc:
                 raise click.ClickException(str(exc)) from None
             except (ValueError, TypeError) as exc:  # the registry's: a pinned backend without this model's op,

@@ -316,6 +316,75 @@ def test_cli_model_fuse():
     assert result.output.startswith("[unet --quick --fuse]") and "fused 11 norm + activation pairs" in result.output
 
 
+def test_cli_model_control():
+    """--control: a torch/torch column in each model's table and in the summary of several."""
+    result = run("--model", "all", "--quick", "--steps", "1", "--control")
+    assert result.exit_code == 0, result.output
+    tables = result.output.split("\n\n")
+    assert len(tables) == len(MODELS) + 1
+    for table in tables[:-1]:
+        assert "normkit/torch  rounds p10-p90  torch/torch" in table
+        assert "\ntorch/torch: a second torch.nn copy against the first" in table
+    summary = tables[-1].splitlines()
+    assert summary[0].split() == ["model", "train:", "torch", "ms", "normkit", "ms", "ratio", "torch/torch",
+                                  "infer:", "torch", "ms", "normkit", "ms", "ratio", "torch/torch"]
+    assert [line.split()[0] for line in summary[1:]] == list(MODELS)
+    assert all(len(line.split()) == 9 for line in summary[1:])
+
+
+def test_control_is_a_second_torch_copy_timed_in_every_order():
+    """The control is a third contender: a torch.nn copy (no normkit layer in it), made before any step, timed in
+    the same rounds, with the three contenders' order cycling through all six permutations; its first call comes
+    before the rounds, untimed."""
+    model = small_bn_model()
+    before = snapshot(model)
+    seen = []  # (round marker, which copy) for each forward
+    real_time = model_bench._time
+
+    def spy(mode, calls, steps, warmup):
+        assert len(calls) == 3
+        return real_time(mode, calls, steps, warmup)
+
+    def tag(m, name):
+        m.register_forward_pre_hook(lambda mod, args: seen.append(name))
+
+    real_convert = modules.convert
+
+    def convert(m, **kwargs):
+        out = real_convert(m, **kwargs)
+        tag(out, "normkit")
+        return out
+
+    real_revert = modules.revert
+
+    def revert(m):
+        out = real_revert(m)
+        tag(out, "torch")
+        return out
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(model_bench, "_time", spy)
+    mp.setattr(modules, "convert", convert)
+    mp.setattr(modules, "revert", revert)
+    try:
+        res = nt.benchmark(model, torch.randn(4, 3, 8, 8), steps=6, warmup=0, train=False, control=True,
+                           file=None)
+    finally:
+        mp.undo()
+    assert_unchanged(model, before)
+    # (the control, a deep copy of the reverted torch copy, carries its hook: both are "torch")
+    timed = seen[-19:]  # its first call, then six rounds of three
+    assert timed[0] == "torch" and sorted(timed[1:]) == ["normkit"] * 6 + ["torch"] * 12
+    rounds = [tuple(timed[1 + 3 * r: 4 + 3 * r]) for r in range(6)]
+    assert sorted(rounds) == sorted([("torch", "normkit", "torch"), ("torch", "torch", "normkit"),
+                                     ("normkit", "torch", "torch")] * 2)
+    r = res.infer
+    assert len(r.control_times_ms) == 6 and r.control_ms == statistics.median(r.control_times_ms) > 0
+    assert r.control_ratio == pytest.approx(r.control_ms / r.torch_ms)
+    assert ModeResult("infer", 1.0, 1.0, 1.0, (1.0,), (1.0,)).control_ratio is None  # without control
+    assert "torch/torch" not in nt.benchmark(model, torch.randn(4, 3, 8, 8), file=None, **QUICK).format()
+
+
 def test_cli_model_with_a_backend_that_lacks_a_models_op_skips_that_model():
     """A pinned backend without a model's op (here LayerNorm only: no BatchNorm for the ResNet) gave a traceback;
     the model is reported as not timed, the others run, and the exit code says so."""
@@ -342,8 +411,10 @@ def test_cli_model_help_names_every_model():
 
 @pytest.mark.parametrize("args, message", [
     (["--model", "vgg"], "unknown model 'vgg'; choose from resnet, unet, transformer, transformer_rms, all"),
-    (["--quick"], "--quick, --steps, --autocast, --channels-last and --fuse apply to --model only"),
-    (["--steps", "3", "--op", "ln"], "--quick, --steps, --autocast, --channels-last and --fuse apply to --model only"),
+    (["--quick"], "--quick, --steps, --autocast, --channels-last, --fuse and --control apply to --model only"),
+    (["--steps", "3", "--op", "ln"], "--quick, --steps, --autocast, --channels-last, --fuse and --control apply to "
+                                     "--model only"),
+    (["--control"], "--quick, --steps, --autocast, --channels-last, --fuse and --control apply to --model only"),
     (["--model", "resnet", "--op", "ln", "--repeat", "3"], "--model times whole models; drop --op, --repeat"),
     (["--model", "resnet", "--backend", "reference", "--backend", "numba"], "at most one backend"),
     (["--model", "resnet", "--steps", "0"], "0 is not in the range x>=1"),

@@ -8,7 +8,9 @@ one copy with :func:`normkit.torch.convert` (``fuse=True``: also fusing norm + a
 copies compute the same outputs and gradients, then times a training step (zero_grad, forward, loss, backward, SGD
 step) and an inference step (``eval()`` under ``torch.no_grad()``) of each, the two copies interleaved call by call,
 and reports medians. ``autocast=torch.bfloat16`` (or float16) runs both copies' forwards under
-``torch.autocast("cpu", dtype=...)``, mixed-precision training as on a real CPU model.
+``torch.autocast("cpu", dtype=...)``, mixed-precision training as on a real CPU model. ``control=True`` times a
+third copy, a second torch.nn one, in the same rounds: its ratio to the first is what the machine and memory
+placement alone make of two identical models, the resolution of the normkit/torch ratio.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import gc
+import itertools
 import math
 import statistics
 import sys
@@ -91,6 +94,15 @@ class ModeResult:
     normkit_times_ms: tuple[float, ...] = field(repr=False)
     torch_faults: Optional[float] = None
     normkit_faults: Optional[float] = None
+    # with control=True: a second torch.nn copy, timed in the same rounds
+    control_ms: Optional[float] = None
+    control_times_ms: tuple[float, ...] = field(default=(), repr=False)
+
+    @property
+    def control_ratio(self) -> Optional[float]:
+        """control_ms / torch_ms: two identical torch.nn copies, so what the machine's noise and the copies' places
+        in memory alone make of a tie (None without control)."""
+        return None if self.control_ms is None else self.control_ms / self.torch_ms
 
     @property
     def ratio_range(self) -> tuple[float, float]:
@@ -128,6 +140,7 @@ class BenchmarkResult:
 
     def format(self) -> str:
         backend = self.backend or "registry order"
+        control = any(r.control_ms is not None for r in self.modes)
         lines = [
             f"{self.model}: inputs {self.inputs}; {self.steps} timed steps after {self.warmup} warm-up, "
             f"interleaved{', torch.compile on both' if self.compiled else ''}"
@@ -138,27 +151,36 @@ class BenchmarkResult:
             + ("" if self.fused is None else f"; fused {self.fused} norm + activation pairs")
             + "; agreement: " + ", ".join(f"{k} {v:.1e}" for k, v in self.agreement.items()),
             f"{'mode':<6} {'torch ms':>10} {'normkit ms':>11} {'normkit/torch':>14} {'rounds p10-p90':>15}"
-            f"{'page faults/step: torch, normkit':>34}",
+            + (f" {'torch/torch':>12}" if control else "") + f"{'page faults/step: torch, normkit':>34}",
         ]
         for r in self.modes:
             lo, hi = r.ratio_range
             faults = "-" if r.torch_faults is None else f"{r.torch_faults:.0f}, {r.normkit_faults:.0f}"
             lines.append(f"{r.mode:<6} {r.torch_ms:>10.2f} {r.normkit_ms:>11.2f} {r.ratio:>14.3f} "
-                         f"{f'{lo:.3f}-{hi:.3f}':>15}{faults:>34}")
+                         f"{f'{lo:.3f}-{hi:.3f}':>15}" + (f" {r.control_ratio:>12.3f}" if control else "")
+                         + f"{faults:>34}")
+        if control:
+            lines.append("torch/torch: a second torch.nn copy against the first, timed in the same rounds (control): "
+                         "a normkit/torch ratio as far from 1 as that one is a tie")
         lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
 
 
 def format_summary(results: dict[str, BenchmarkResult]) -> str:
-    """One line per model (name -> result): train and inference medians and ratios."""
+    """One line per model (name -> result): train and inference medians and ratios (and, where a result has one,
+    the control's torch/torch ratio)."""
     width = max([5] + [len(name) for name in results])
-    lines = [f"{'model':<{width}}  {'train: torch ms':>15} {'normkit ms':>10} {'ratio':>6}   "
-             f"{'infer: torch ms':>15} {'normkit ms':>10} {'ratio':>6}"]
+    control = any(r.control_ms is not None for res in results.values() for r in res.modes)
+    extra = f" {'torch/torch':>11}" if control else ""
+    lines = [f"{'model':<{width}}  {'train: torch ms':>15} {'normkit ms':>10} {'ratio':>6}{extra}   "
+             f"{'infer: torch ms':>15} {'normkit ms':>10} {'ratio':>6}{extra}"]
     for name, res in results.items():
         cells = []
         for r in (res.train, res.infer):
-            cells.append(f"{r.torch_ms:>15.2f} {r.normkit_ms:>10.2f} {r.ratio:>6.3f}" if r
-                         else f"{'-':>15} {'-':>10} {'-':>6}")
+            ctl = "" if not control else f" {r.control_ratio:>11.3f}" if r and r.control_ms is not None else \
+                f" {'-':>11}"
+            cells.append((f"{r.torch_ms:>15.2f} {r.normkit_ms:>10.2f} {r.ratio:>6.3f}" if r
+                          else f"{'-':>15} {'-':>10} {'-':>6}") + ctl)
         lines.append(f"{name:<{width}}  {cells[0]}   {cells[1]}")
     return "\n".join(lines)
 
@@ -312,7 +334,7 @@ def _autocasting(run: Callable, dtype: Optional[torch.dtype]) -> Callable:
 def benchmark(model: nn.Module, example_inputs, *, steps: int = 20, warmup: int = 3, train: bool = True,
               infer: bool = True, backend: Optional[str] = None, loss_fn: Optional[Callable[[Any], Tensor]] = None,
               compile: bool = False, autocast=None, fuse: bool = False, rmsnorm_classes=None,
-              file=_STDOUT) -> BenchmarkResult:
+              control: bool = False, file=_STDOUT) -> BenchmarkResult:
     """Time ``model`` with its torch.nn norm layers against a copy converted to normkit's; print a table.
 
     ``example_inputs`` is a tensor or a tuple of arguments: ``model(*example_inputs)``. Two deep copies are
@@ -335,6 +357,10 @@ def benchmark(model: nn.Module, example_inputs, *, steps: int = 20, warmup: int 
     ``torch.float16`` (or the name) runs every forward under ``torch.autocast("cpu", dtype=autocast)``; outputs
     then agree to within a few ulps of that dtype instead of RTOL. The training step runs with gradients on, also
     when ``benchmark`` is called under ``torch.no_grad()``. Threads are left as they are.
+    ``control``: also time a second torch.nn copy in the same rounds (the order of the three rotating through all
+    six permutations), with its own first call untimed; ``result.train.control_ratio`` (its median over the first
+    copy's) is what noise and memory placement alone make of two identical models: a normkit/torch ratio no further
+    from 1 is a tie.
     ``file``: where to print the table (default: ``sys.stdout`` at call time; None prints nothing). Each mode also
     reports each copy's median page faults per step (counted outside the timed spans), and a note when they differ.
     """
@@ -350,7 +376,7 @@ def benchmark(model: nn.Module, example_inputs, *, steps: int = 20, warmup: int 
     steps = _check_int("steps", steps, 1)
     warmup = _check_int("warmup", warmup, 0)
     train, infer, compile = _check_bool("train", train), _check_bool("infer", infer), _check_bool("compile", compile)
-    fuse = _check_bool("fuse", fuse)
+    fuse, control = _check_bool("fuse", fuse), _check_bool("control", control)
     autocast = _autocast_dtype(autocast)
     if not (train or infer):
         raise ValueError("benchmark: train and infer are both False; nothing to time")
@@ -403,9 +429,11 @@ def benchmark(model: nn.Module, example_inputs, *, steps: int = 20, warmup: int 
     if train and not any(p.requires_grad for p in nk_model.parameters()):
         raise ValueError("benchmark: model has no parameter that requires grad, so there is no training step to "
                          "time; pass train=False")
-    runners = [_autocasting(torch.compile(m) if compile else m, autocast) for m in (torch_model, nk_model)]
+    # the control: a second torch.nn copy, made before any step changes the first
+    contenders = (torch_model, nk_model) + ((copy.deepcopy(torch_model),) if control else ())
+    runners = [_autocasting(torch.compile(m) if compile else m, autocast) for m in contenders]
     optimizers = [torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=SGD_LR, momentum=SGD_MOMENTUM)
-                  for m in (torch_model, nk_model)] if train else []
+                  for m in contenders] if train else []
     threads_before = torch.get_num_threads()
 
     # the agreement check (first calls: also JIT and torch.compile compilation)
@@ -465,7 +493,7 @@ def benchmark(model: nn.Module, example_inputs, *, steps: int = 20, warmup: int 
                 opt.step()
             return step
 
-        for m in (torch_model, nk_model):
+        for m in contenders:
             m.train()
         result.train = _time("train", [train_step(run, opt, _own(example_inputs))
                                        for run, opt in zip(runners, optimizers)], steps, warmup)
@@ -476,7 +504,7 @@ def benchmark(model: nn.Module, example_inputs, *, steps: int = 20, warmup: int 
                     run(*inputs)
             return step
 
-        for m in (torch_model, nk_model):
+        for m in contenders:
             m.eval()
         result.infer = _time("infer", [infer_step(run, _own(example_inputs)) for run in runners], steps, warmup)
 
@@ -581,16 +609,21 @@ def _minor_faults() -> int:
 
 
 def _time(mode: str, calls: Sequence[Callable[[], None]], steps: int, warmup: int) -> ModeResult:
-    """Warm-up and timed rounds; each round calls both contenders, the first one alternating. The page faults of
-    each call are counted outside its timed span."""
-    times: list[list[float]] = [[], []]
-    faults: list[list[int]] = [[], []]
+    """Warm-up and timed rounds of the contenders (torch, normkit and, if given, the control); each round calls
+    every one, in the next of their orders (both orders of two, the six of three, in turn). The page faults of each
+    call are counted outside its timed span. A control's own first call is made first, untimed (its compilation,
+    under compile=True: the other two made theirs in the agreement check)."""
+    times: list[list[float]] = [[] for _ in calls]
+    faults: list[list[int]] = [[] for _ in calls]
+    orders = list(itertools.permutations(range(len(calls))))
+    if len(calls) > 2:
+        calls[2]()
     gc_was_enabled = gc.isenabled()
     gc.collect()
     gc.disable()
     try:
         for r in range(warmup + steps):
-            for i in ((0, 1) if r % 2 == 0 else (1, 0)):
+            for i in orders[r % len(orders)]:
                 f0 = _minor_faults()
                 t0 = time.perf_counter_ns()
                 calls[i]()
@@ -603,6 +636,8 @@ def _time(mode: str, calls: Sequence[Callable[[], None]], steps: int, warmup: in
             gc.enable()
     t, n = statistics.median(times[0]), statistics.median(times[1])
     counted = getrusage is not None
+    control = len(calls) > 2
     return ModeResult(mode, t, n, n / t, tuple(times[0]), tuple(times[1]),
                       statistics.median(faults[0]) if counted else None,
-                      statistics.median(faults[1]) if counted else None)
+                      statistics.median(faults[1]) if counted else None,
+                      statistics.median(times[2]) if control else None, tuple(times[2]) if control else ())
