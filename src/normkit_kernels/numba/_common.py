@@ -3,33 +3,28 @@ helpers and shifted sums, the work-splitting constants that more than one family
 arguments, the thread count, and the fused activations' scalar functions and element passes (see kernels.py for
 what the kernels guarantee and how).
 
-numba caches a compiled kernel next to the file that defines it and keys it on that file alone (numba issue #1833),
-but a kernel from batchnorm.py carries the helpers and constants it took from here, compiled in: the jit decorators
-below add a digest of every module of this package to the key (_PackageCache), so that an edit anywhere here
-compiles the kernels again rather than running the old code from the cache.
+The kernels are cached on disk by _cache.py, keyed on every module of this package.
 """
 
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import math
 import os
 import threading
-from pathlib import Path
 
 import numba
 import numpy as np
 from llvmlite import ir
-from numba import njit, prange
+from numba import prange
 from numba.core import cgutils, config, types
-from numba.core.caching import FunctionCache
 from numba.extending import intrinsic, overload
 from numba.np.ufunc import parallel as _parallel
 from numba.np.ufunc.parallel import _launch_threads
 
 from normkit.contract import serial_max_values
 
+from ._cache import jit
 from ._dtype16 import narrow, widen
 
 # the fastmath flags: see kernels.py (no nnan or ninf)
@@ -43,54 +38,6 @@ PIECE = 4096
 # Width of the column blocks of the flattened (N, C*S) view and of layernorm's parameter gradients.
 BLOCK = 2048
 
-
-def _cache_probe():
-    return 0
-
-
-def _can_cache() -> bool:
-    """numba caches next to this file, else in the user's cache directory (or NUMBA_CACHE_DIR); when none of
-    them is writable, decorating with cache=True raises, and the kernels compile in every process instead."""
-    try:
-        njit(cache=True)(_cache_probe)
-    except RuntimeError:
-        return False
-    return True
-
-
-CACHE = _can_cache()
-
-
-def source_digest(package: Path) -> str:
-    """sha256 of the names and contents of the package's modules."""
-    digest = hashlib.sha256()
-    for path in sorted(package.glob("*.py")):
-        digest.update(path.name.encode() + b"\0" + path.read_bytes())
-    return digest.hexdigest()
-
-
-class _PackageCache(FunctionCache):
-    """numba's disk cache, with the digest of this whole package in each entry's key: numba checks only the file
-    that defines a kernel, and a kernel compiles in the helpers of _common.py and _dtype16.py (and channels_last.py
-    those of groupnorm.py). Entries of older sources stay in the index, unused, until numba rewrites it."""
-
-    digest = source_digest(Path(__file__).parent)
-
-    def _index_key(self, sig, codegen):
-        return (*super()._index_key(sig, codegen), self.digest)
-
-
-def jit(**options):
-    """numba's njit with ``options``, cached on disk (when a cache directory is writable) under _PackageCache."""
-    compile_ = njit(**options)
-
-    def decorate(func):
-        dispatcher = compile_(func)
-        if CACHE:
-            dispatcher._cache = _PackageCache(dispatcher.py_func)
-        return dispatcher
-
-    return decorate
 
 # Results must not depend on the process's history, nor on where arrays sit in memory; two ways they could:
 #

@@ -2,7 +2,7 @@
 INFO, set_num_threads) from one module per kernel family, batchnorm.py (with the per-channel inference passes),
 groupnorm.py (GroupNorm and InstanceNorm), layernorm.py, rownorm.py (RMSNorm and the fused residual add of the row
 ops) and channels_last.py (the channel ops on (N, S, C) data), over the pieces they share in _common.py. The
-kernels are cached on disk, keyed on the sources of the whole package (see _common.py).
+kernels are cached on disk, keyed on the sources of the whole package (_cache.py).
 
 How the work is split is a function of the shape only, never of the thread count (each family module describes
 its splits), and partial sums are merged in a fixed order, so results are identical for any number of threads and
@@ -41,7 +41,8 @@ from normkit import half
 from normkit.contract import DATA_ARGS, OUTPUTS, PER_CHANNEL, SPECS, kernel_table, on_columns
 
 from . import _common
-from ._common import CACHE, FASTMATH, THREADING_LAYER, in_callers_threads, jit, set_num_threads
+from ._cache import CACHE, jit
+from ._common import FASTMATH, THREADING_LAYER, in_callers_threads, set_num_threads
 from .batchnorm import (batchnorm_act_backward, batchnorm_act_forward, batchnorm_apply, batchnorm_backward,
                         batchnorm_backward_apply, batchnorm_backward_reduce, batchnorm_forward, batchnorm_stats,
                         channel_act_backward_infer, channel_act_forward_infer, channel_backward_infer,
