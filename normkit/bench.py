@@ -182,6 +182,8 @@ def gb_per_s(nbytes: int, seconds: float) -> float:
 # --- the machine -----------------------------------------------------------------------------------------------
 
 M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc <malloc.h>
+_GLIBC_MMAP_MAX, _GLIBC_TRIM_THRESHOLD = 65536, 128 * 1024  # glibc's defaults of the two
+_recycling = False  # recycle_freed_memory is in effect
 
 
 def recycle_freed_memory() -> str | None:
@@ -193,9 +195,10 @@ def recycle_freed_memory() -> str | None:
     every call (the out= variants of most of these ops are generated wrappers that compute into a temporary and
     copy, which would charge it an extra pass instead), so we switch ``mmap`` off (``M_MMAP_MAX=0``) and trimming
     off (``M_TRIM_THRESHOLD`` at its maximum): a freed block then returns at the next call with its pages still
-    mapped. This is process-wide and stays for the life of the process. Returns the glibc version, or None where
-    the C library is not glibc (then PyTorch's rows include those page faults).
+    mapped. This is process-wide and stays until :func:`release_freed_memory`. Returns the glibc version, or None
+    where the C library is not glibc (then PyTorch's rows include those page faults).
     """
+    global _recycling
     if not sys.platform.startswith("linux"):
         return None
     try:
@@ -205,7 +208,22 @@ def recycle_freed_memory() -> str | None:
         ok = libc.mallopt(M_MMAP_MAX, 0) == 1 and libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1) == 1
     except (OSError, AttributeError):
         return None
+    _recycling = _recycling or ok
     return f"glibc {version}" if ok else None
+
+
+def release_freed_memory() -> None:
+    """Undo :func:`recycle_freed_memory`: glibc's default limits again, and the freed memory it kept goes back to
+    the kernel (``malloc_trim``). glibc's threshold for serving a block by ``mmap`` then stays where it is instead
+    of adapting, as after any ``mallopt``."""
+    global _recycling
+    if not _recycling:
+        return
+    libc = ctypes.CDLL(None)
+    libc.mallopt(M_MMAP_MAX, _GLIBC_MMAP_MAX)
+    libc.mallopt(M_TRIM_THRESHOLD, _GLIBC_TRIM_THRESHOLD)
+    libc.malloc_trim(0)
+    _recycling = False
 
 
 def _cpu_model() -> str:
@@ -419,7 +437,8 @@ def bench(op: str = "all", *, shape=None, groups: int | None = None, dtype: str 
     out with a note where torch.compile cannot run). Each case and direction runs ``repeat`` interleaved rounds,
     or rounds until ``min_time`` seconds have passed (at least 5, at most 1000). ``threads`` calls
     :func:`normkit.set_num_threads`; PyTorch runs with the same thread count during the run. ``recycle_memory``
-    calls :func:`recycle_freed_memory`.
+    calls :func:`recycle_freed_memory` for the run (and :func:`release_freed_memory` after it, unless recycling
+    was on before), so that no contender pays for page faults of memory freed by the call before.
     ``progress(done, total, label)`` is called as the run advances (``done`` counts case-directions, with
     fractions). ``layout="nhwc"``: the channels-last kernels of the channel ops (the row ops' cases are left out,
     and groupnorm's with one spatial dim, where torch has no channels-last format) against PyTorch on channels-last
@@ -458,41 +477,46 @@ def bench(op: str = "all", *, shape=None, groups: int | None = None, dtype: str 
         except bench_torch.CompileUnavailable as exc:
             compile = False
             notes.append(f"no torch.compile column: {exc}")
+    recycled_here = recycle_memory and not _recycling
     allocator = recycle_freed_memory() if recycle_memory else None
-    settings = {"directions": list(directions), "repeat": repeat, "min_time": None if repeat else min_time,
-                "warmup_rounds": WARMUP_ROUNDS, "baseline": baseline, "compile": compile, "backends": names,
-                "layout": layout,
-                "cases": [c.id for c in selected]}
-    result = BenchResult(machine_info(n_threads, allocator), settings, notes=notes)
-    load = result.machine["load_average"]
-    if load is not None and load > 0.5:
-        notes.append(f"the machine was busy when the run began (load average {load} on {os.cpu_count()} CPUs): a "
-                     f"parallel kernel waits for its slowest thread, and a preempted thread costs milliseconds, so "
-                     f"timings are noisy and pessimistic; rerun on an idle machine, or with fewer threads "
-                     f"(--threads 1)")
-    tasks = [(case, d) for case in selected for d in directions]
-    active = _load(names, notes)
-
-    torch_threads = None
-    if baseline or compile:
-        import torch
-
-        torch_threads = torch.get_num_threads()
-        torch.set_num_threads(n_threads)
     try:
-        for i, (case, d) in enumerate(tasks):
-            def tick(fraction, i=i, label=f"{case.label} {d}"):
-                if progress is not None:
-                    progress(i + min(fraction, 1.0), len(tasks), label)
+        settings = {"directions": list(directions), "repeat": repeat, "min_time": None if repeat else min_time,
+                    "warmup_rounds": WARMUP_ROUNDS, "baseline": baseline, "compile": compile, "backends": names,
+                    "layout": layout,
+                    "cases": [c.id for c in selected]}
+        result = BenchResult(machine_info(n_threads, allocator), settings, notes=notes)
+        load = result.machine["load_average"]
+        if load is not None and load > 0.5:
+            notes.append(f"the machine was busy when the run began (load average {load} on {os.cpu_count()} CPUs): a "
+                         f"parallel kernel waits for its slowest thread, and a preempted thread costs milliseconds, so "
+                         f"timings are noisy and pessimistic; rerun on an idle machine, or with fewer threads "
+                         f"(--threads 1)")
+        tasks = [(case, d) for case in selected for d in directions]
+        active = _load(names, notes)
 
-            tick(0.0)
-            result.rows += _run_task(case, d, active, baseline, compile, repeat, min_time, seed, notes, tick,
-                                     layout)
-    finally:
-        if torch_threads is not None:
+        torch_threads = None
+        if baseline or compile:
             import torch
 
-            torch.set_num_threads(torch_threads)
+            torch_threads = torch.get_num_threads()
+            torch.set_num_threads(n_threads)
+        try:
+            for i, (case, d) in enumerate(tasks):
+                def tick(fraction, i=i, label=f"{case.label} {d}"):
+                    if progress is not None:
+                        progress(i + min(fraction, 1.0), len(tasks), label)
+
+                tick(0.0)
+                result.rows += _run_task(case, d, active, baseline, compile, repeat, min_time, seed, notes, tick,
+                                         layout)
+        finally:
+            if torch_threads is not None:
+                import torch
+
+                torch.set_num_threads(torch_threads)
+    finally:
+        if recycled_here:
+            release_freed_memory()
     if not any(r.kind == "backend" for r in result.rows):
         raise BenchError("no selected backend could run: " + "; ".join(n for n in notes if n.startswith("backend ")))
     return result

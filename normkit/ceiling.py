@@ -17,9 +17,10 @@ import numba
 import numpy as np
 from numba import prange
 
+from normkit_kernels.numba._cache import CACHE
 # imported for its side effect: it starts numba's threading layer without changing OpenMP's (PyTorch's) thread
 # counts, which a parallel loop compiled here would otherwise do on its first call
-from normkit_kernels.numba._common import CACHE, use_threads
+from normkit_kernels.numba._common import use_threads
 
 from .alloc import aligned_empty
 

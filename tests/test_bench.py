@@ -7,6 +7,7 @@ import json
 import os
 import resource
 import shutil
+import subprocess
 import sys
 
 import numpy as np
@@ -226,6 +227,39 @@ def test_recycled_memory_does_not_fault_again():
         np.ones(size, np.uint8)
     faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
     assert faults < 1000, f"{faults} page faults for 5 reallocations of {size >> 20} MB"
+
+
+def test_bench_gives_freed_memory_back_after_its_run():
+    """bench() recycled freed memory (recycle_freed_memory) for the rest of the process: afterwards a freed large
+    array stayed resident, so a program that benchmarked once kept every peak. It now does so for its run only,
+    and leaves recycling on where the caller had turned it on. In a child: the setting is process-wide."""
+    script = r"""
+import sys, numpy as np
+import normkit.bench as bench
+def held():  # MiB still resident after a 256 MiB array is freed
+    with open("/proc/self/statm") as f:
+        before = int(f.read().split()[1])
+    a = np.ones(256 << 20, np.uint8)
+    del a
+    with open("/proc/self/statm") as f:
+        return (int(f.read().split()[1]) - before) * 4096 >> 20
+def run():
+    bench.bench("layernorm", shape=(4, 64), backends=["reference"], baseline=False, repeat=5, min_time=0.0)
+print(held(), end=" ")
+run()
+print(held(), end=" ")
+if bench.recycle_freed_memory() is None:
+    sys.exit(3)
+run()
+print(held())
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    if out.returncode == 3:
+        pytest.skip("not glibc")
+    assert out.returncode == 0, out.stderr
+    before, after, recycling = map(int, out.stdout.split())
+    assert before < 64 and after < 64, out.stdout
+    assert recycling > 192, "bench() turned off the recycling its caller had turned on"
 
 
 # --- the library function --------------------------------------------------------------------------------------
