@@ -4,6 +4,7 @@ copy), its agreement check, its argument errors, and ``normkit bench --model``. 
 from __future__ import annotations
 
 import io
+import itertools
 import mmap
 import statistics
 
@@ -334,55 +335,64 @@ def test_cli_model_control():
 
 def test_control_is_a_second_torch_copy_timed_in_every_order():
     """The control is a third contender: a torch.nn copy (no normkit layer in it), made before any step, timed in
-    the same rounds, with the three contenders' order cycling through all six permutations; its first call comes
-    before the rounds, untimed."""
+    the same rounds, with the three contenders' order going through all six permutations, the first timed round
+    taking the first; its own first call comes before the rounds, untimed."""
     model = small_bn_model()
     before = snapshot(model)
-    seen = []  # (round marker, which copy) for each forward
+    order = []  # the contenders' indices (0 torch, 1 normkit, 2 control), call by call
     real_time = model_bench._time
 
     def spy(mode, calls, steps, warmup):
-        assert len(calls) == 3
-        return real_time(mode, calls, steps, warmup)
-
-    def tag(m, name):
-        m.register_forward_pre_hook(lambda mod, args: seen.append(name))
-
-    real_convert = modules.convert
-
-    def convert(m, **kwargs):
-        out = real_convert(m, **kwargs)
-        tag(out, "normkit")
-        return out
-
-    real_revert = modules.revert
-
-    def revert(m):
-        out = real_revert(m)
-        tag(out, "torch")
-        return out
+        def tagged(i, call):
+            def run():
+                order.append(i)
+                call()
+            return run
+        return real_time(mode, [tagged(i, c) for i, c in enumerate(calls)], steps, warmup)
 
     mp = pytest.MonkeyPatch()
     mp.setattr(model_bench, "_time", spy)
-    mp.setattr(modules, "convert", convert)
-    mp.setattr(modules, "revert", revert)
     try:
-        res = nt.benchmark(model, torch.randn(4, 3, 8, 8), steps=6, warmup=0, train=False, control=True,
+        res = nt.benchmark(model, torch.randn(4, 3, 8, 8), steps=12, warmup=2, train=False, control=True,
                            file=None)
     finally:
         mp.undo()
     assert_unchanged(model, before)
-    # (the control, a deep copy of the reverted torch copy, carries its hook: both are "torch")
-    timed = seen[-19:]  # its first call, then six rounds of three
-    assert timed[0] == "torch" and sorted(timed[1:]) == ["normkit"] * 6 + ["torch"] * 12
-    rounds = [tuple(timed[1 + 3 * r: 4 + 3 * r]) for r in range(6)]
-    assert sorted(rounds) == sorted([("torch", "normkit", "torch"), ("torch", "torch", "normkit"),
-                                     ("normkit", "torch", "torch")] * 2)
+    assert order[0] == 2, "the control's untimed first call comes first"
+    rounds = [tuple(order[1 + 3 * r: 4 + 3 * r]) for r in range(2 + 12)]
+    timed = rounds[2:]
+    assert timed[:6] == timed[6:] and sorted(timed[:6]) == sorted(itertools.permutations(range(3)))
+    assert timed[0] == (0, 1, 2)
     r = res.infer
-    assert len(r.control_times_ms) == 6 and r.control_ms == statistics.median(r.control_times_ms) > 0
+    assert len(r.control_times_ms) == 12 and r.control_ms == statistics.median(r.control_times_ms) > 0
     assert r.control_ratio == pytest.approx(r.control_ms / r.torch_ms)
     assert ModeResult("infer", 1.0, 1.0, 1.0, (1.0,), (1.0,)).control_ratio is None  # without control
     assert "torch/torch" not in nt.benchmark(model, torch.randn(4, 3, 8, 8), file=None, **QUICK).format()
+
+
+def test_the_control_copy_runs_torch_nn_layers():
+    """The control's calls run no normkit layer: counting the converted layers' calls of normkit's batch_norm, a
+    run with the control makes as many as one without."""
+    model = small_bn_model()
+    calls = {"n": 0}
+    real_bn = modules.batch_norm
+
+    def counted(*args, **kwargs):
+        calls["n"] += 1
+        return real_bn(*args, **kwargs)
+
+    counts = []
+    mp = pytest.MonkeyPatch()
+    mp.setattr(modules, "batch_norm", counted)
+    try:
+        for control in (False, True):
+            calls["n"] = 0
+            nt.benchmark(model, torch.randn(4, 3, 8, 8), steps=6, warmup=0, train=False, control=control,
+                         file=None)
+            counts.append(calls["n"])
+    finally:
+        mp.undo()
+    assert counts[0] == counts[1] > 0
 
 
 def test_cli_model_with_a_backend_that_lacks_a_models_op_skips_that_model():

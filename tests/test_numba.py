@@ -97,7 +97,7 @@ def test_an_edit_anywhere_in_the_package_compiles_again_and_edits_do_not_pile_up
 
 
 @pytest.mark.parametrize("damage", ["empty index", "garbled index", "truncated data", "garbled data",
-                                    "another entry's data"])
+                                    "another entry's data", "an older numba's data"])
 def test_a_damaged_cache_compiles_again(tmp_path, damage):
     """numba trusted its files: a damaged index or data file raised from every later call (a garbled object file
     crashed LLVM), and a data file that two processes compiling two signatures had both written named the other's
@@ -117,13 +117,20 @@ def test_a_damaged_cache_compiles_again(tmp_path, damage):
         raw = bytearray(data[0].read_bytes())
         raw[len(raw) // 2: len(raw) // 2 + 64] = bytes(64)
         data[0].write_bytes(bytes(raw))
-    else:  # the two entries' data files swapped
+    elif damage == "another entry's data":  # the two entries' data files swapped
         a, b = data[0].read_bytes(), data[1].read_bytes()
         data[0].write_bytes(b)
         data[1].write_bytes(a)
+    else:  # left by a numba before an upgrade, where the new one's write failed: intact, of another version
+        import hashlib
+        import pickle
+
+        version, key, entry = pickle.loads(data[0].read_bytes()[32:])
+        payload = pickle.dumps(("0.1.0", key, entry))
+        data[0].write_bytes(hashlib.sha256(payload).digest() + payload)
     again = _probe(tmp_path, "", "float32", "float64")
     assert again["outputs"] == first["outputs"]
-    assert again["misses"] == (1 if damage in ("truncated data", "garbled data") else 2)
+    assert again["misses"] == (2 if "index" in damage or damage == "another entry's data" else 1)
     assert _probe(tmp_path, "", "float32", "float64")["hits"] == 2, "the entries were not written anew"
 
 

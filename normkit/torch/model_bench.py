@@ -358,7 +358,7 @@ def benchmark(model: nn.Module, example_inputs, *, steps: int = 20, warmup: int 
     then agree to within a few ulps of that dtype instead of RTOL. The training step runs with gradients on, also
     when ``benchmark`` is called under ``torch.no_grad()``. Threads are left as they are.
     ``control``: also time a second torch.nn copy in the same rounds (the order of the three rotating through all
-    six permutations), with its own first call untimed; ``result.train.control_ratio`` (its median over the first
+    six permutations: ``steps`` a multiple of 6 takes each as often), with its own first call untimed; ``result.train.control_ratio`` (its median over the first
     copy's) is what noise and memory placement alone make of two identical models: a normkit/torch ratio no further
     from 1 is a tie.
     ``file``: where to print the table (default: ``sys.stdout`` at call time; None prints nothing). Each mode also
@@ -610,9 +610,10 @@ def _minor_faults() -> int:
 
 def _time(mode: str, calls: Sequence[Callable[[], None]], steps: int, warmup: int) -> ModeResult:
     """Warm-up and timed rounds of the contenders (torch, normkit and, if given, the control); each round calls
-    every one, in the next of their orders (both orders of two, the six of three, in turn). The page faults of each
-    call are counted outside its timed span. A control's own first call is made first, untimed (its compilation,
-    under compile=True: the other two made theirs in the agreement check)."""
+    every one, in the next of their orders (both orders of two, the six of three, in turn, the first timed round
+    taking the first order: ``steps`` a multiple of their count uses each equally). The page faults of each call
+    are counted outside its timed span. A control's own first call is made first, untimed (its compilation, under
+    compile=True: the other two made theirs in the agreement check)."""
     times: list[list[float]] = [[] for _ in calls]
     faults: list[list[int]] = [[] for _ in calls]
     orders = list(itertools.permutations(range(len(calls))))
@@ -623,7 +624,7 @@ def _time(mode: str, calls: Sequence[Callable[[], None]], steps: int, warmup: in
     gc.disable()
     try:
         for r in range(warmup + steps):
-            for i in orders[r % len(orders)]:
+            for i in orders[(r - warmup) % len(orders)]:
                 f0 = _minor_faults()
                 t0 = time.perf_counter_ns()
                 calls[i]()

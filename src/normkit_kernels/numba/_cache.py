@@ -4,14 +4,15 @@ numba caches a compiled kernel next to the file that defines it (or under NUMBA_
 alone (numba issue #1833), but a kernel carries the helpers and constants it took from _common.py and _dtype16.py
 (channels_last.py those of groupnorm.py), compiled in. So each entry's key here ends with a digest of every module
 of the package: an edit anywhere compiles the kernels again instead of running old code from the cache, and a save
-drops the entries of other sources from the index (their data files are reused), so edits do not pile them up.
+drops the entries of other sources from the index (their data files are reused). numba names a kernel's files by
+its line number, though: an edit that moves a kernel leaves its old files behind.
 
 numba trusts its files. A damaged index or data file raised from every later call until someone deleted it (a
 garbled object file crashed LLVM, killing the process); a failed write (a full disk) failed the call that had just
 compiled its kernel; and two processes compiling two signatures of one kernel at once each pick the first data file
 name their copy of the index leaves free, so one entry could name the other's code. Here each data file holds its
-entry's key and a digest of its contents: a file that does not match, or an index that does not read, counts as
-absent (the kernel compiles again and its entry is written anew), and a failed write leaves the kernel uncached,
+entry's key, numba's version and a digest of its contents: a file that does not match, or an index that does not
+read, counts as absent (the kernel compiles again and its entry is written anew), and a failed write leaves the kernel uncached,
 with a warning.
 """
 
@@ -60,7 +61,8 @@ _CHECK = hashlib.sha256().digest_size  # the digest that starts each data file
 
 class _CheckedFile(IndexDataCacheFile):
     """numba's index and data files, each data file holding ``sha256(payload) + payload``, the payload the pickled
-    (key, data): a load that finds anything else (damage, or another entry's code) loads nothing."""
+    (numba's version, key, data): a load that finds anything else (damage, another entry's code, or an older
+    numba's left where a write failed) loads nothing."""
 
     def _load_index(self):
         try:
@@ -70,16 +72,18 @@ class _CheckedFile(IndexDataCacheFile):
 
     def save(self, key, data):
         # only the entries of these sources (key[-1]: the digest): other sources' data file names are free again
-        overloads = {k: name for k, name in self._load_index().items() if k[-1] == key[-1]}
+        index = self._load_index()
+        overloads = {k: name for k, name in index.items() if k[-1] == key[-1]}
         name = overloads.get(key)
         if name is None:
             taken = set(overloads.values())
             name = next(n for n in map(self._data_name, itertools.count(1)) if n not in taken)
             overloads[key] = name
-        self._save_index(overloads)
-        payload = self._dump((key, data))
+        payload = self._dump((self._version, key, data))
         with self._open_for_write(self._data_path(name)) as f:
             f.write(hashlib.sha256(payload).digest() + payload)
+        if overloads != index:
+            self._save_index(overloads)
 
     def load(self, key):
         name = self._load_index().get(key)
@@ -93,8 +97,8 @@ class _CheckedFile(IndexDataCacheFile):
         payload = raw[_CHECK:]
         if raw[:_CHECK] != hashlib.sha256(payload).digest():
             return None
-        saved_key, data = pickle.loads(payload)
-        return data if saved_key == key else None
+        version, saved_key, data = pickle.loads(payload)
+        return data if version == self._version and saved_key == key else None
 
 
 class PackageCache(FunctionCache):
