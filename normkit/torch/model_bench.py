@@ -358,9 +358,9 @@ def benchmark(model: nn.Module, example_inputs, *, steps: int = 20, warmup: int 
     then agree to within a few ulps of that dtype instead of RTOL. The training step runs with gradients on, also
     when ``benchmark`` is called under ``torch.no_grad()``. Threads are left as they are.
     ``control``: also time a second torch.nn copy in the same rounds (the order of the three rotating through all
-    six permutations: ``steps`` a multiple of 6 takes each as often), with its own first call untimed; ``result.train.control_ratio`` (its median over the first
-    copy's) is what noise and memory placement alone make of two identical models: a normkit/torch ratio no further
-    from 1 is a tie.
+    six permutations: ``steps`` a multiple of 6 takes each as often), with its own first call untimed;
+    ``result.train.control_ratio`` (its median over the first copy's) is what noise and memory placement alone
+    make of two identical models: a normkit/torch ratio no further from 1 is a tie.
     ``file``: where to print the table (default: ``sys.stdout`` at call time; None prints nothing). Each mode also
     reports each copy's median page faults per step (counted outside the timed spans), and a note when they differ.
     """

@@ -12,8 +12,8 @@ garbled object file crashed LLVM, killing the process); a failed write (a full d
 compiled its kernel; and two processes compiling two signatures of one kernel at once each pick the first data file
 name their copy of the index leaves free, so one entry could name the other's code. Here each data file holds its
 entry's key, numba's version and a digest of its contents: a file that does not match, or an index that does not
-read, counts as absent (the kernel compiles again and its entry is written anew), and a failed write leaves the kernel uncached,
-with a warning.
+read, counts as absent (the kernel compiles again and its entry is written anew), and a failed write leaves the
+kernel uncached, with a warning.
 """
 
 from __future__ import annotations
