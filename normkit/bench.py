@@ -479,6 +479,7 @@ def bench(op: str = "all", *, shape=None, groups: int | None = None, dtype: str 
             notes.append(f"no torch.compile column: {exc}")
     recycled_here = recycle_memory and not _recycling
     allocator = recycle_freed_memory() if recycle_memory else None
+    torch_threads = None
     try:
         settings = {"directions": list(directions), "repeat": repeat, "min_time": None if repeat else min_time,
                     "warmup_rounds": WARMUP_ROUNDS, "baseline": baseline, "compile": compile, "backends": names,
@@ -494,27 +495,23 @@ def bench(op: str = "all", *, shape=None, groups: int | None = None, dtype: str 
         tasks = [(case, d) for case in selected for d in directions]
         active = _load(names, notes)
 
-        torch_threads = None
         if baseline or compile:
             import torch
 
             torch_threads = torch.get_num_threads()
             torch.set_num_threads(n_threads)
-        try:
-            for i, (case, d) in enumerate(tasks):
-                def tick(fraction, i=i, label=f"{case.label} {d}"):
-                    if progress is not None:
-                        progress(i + min(fraction, 1.0), len(tasks), label)
+        for i, (case, d) in enumerate(tasks):
+            def tick(fraction, i=i, label=f"{case.label} {d}"):
+                if progress is not None:
+                    progress(i + min(fraction, 1.0), len(tasks), label)
 
-                tick(0.0)
-                result.rows += _run_task(case, d, active, baseline, compile, repeat, min_time, seed, notes, tick,
-                                         layout)
-        finally:
-            if torch_threads is not None:
-                import torch
-
-                torch.set_num_threads(torch_threads)
+            tick(0.0)
+            result.rows += _run_task(case, d, active, baseline, compile, repeat, min_time, seed, notes, tick, layout)
     finally:
+        if torch_threads is not None:
+            import torch
+
+            torch.set_num_threads(torch_threads)
         if recycled_here:
             release_freed_memory()
     if not any(r.kind == "backend" for r in result.rows):

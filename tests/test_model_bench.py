@@ -333,7 +333,7 @@ def test_cli_model_control():
     assert all(len(line.split()) == 9 for line in summary[1:])
 
 
-def test_control_is_a_second_torch_copy_timed_in_every_order():
+def test_control_is_a_second_torch_copy_timed_in_every_order(monkeypatch):
     """The control is a third contender: a torch.nn copy (no normkit layer in it), made before any step, timed in
     the same rounds, with the three contenders' order going through all six permutations, the first timed round
     taking the first; its own first call comes before the rounds, untimed."""
@@ -350,13 +350,8 @@ def test_control_is_a_second_torch_copy_timed_in_every_order():
             return run
         return real_time(mode, [tagged(i, c) for i, c in enumerate(calls)], steps, warmup)
 
-    mp = pytest.MonkeyPatch()
-    mp.setattr(model_bench, "_time", spy)
-    try:
-        res = nt.benchmark(model, torch.randn(4, 3, 8, 8), steps=12, warmup=2, train=False, control=True,
-                           file=None)
-    finally:
-        mp.undo()
+    monkeypatch.setattr(model_bench, "_time", spy)
+    res = nt.benchmark(model, torch.randn(4, 3, 8, 8), steps=12, warmup=2, train=False, control=True, file=None)
     assert_unchanged(model, before)
     assert order[0] == 2, "the control's untimed first call comes first"
     rounds = [tuple(order[1 + 3 * r: 4 + 3 * r]) for r in range(2 + 12)]
@@ -370,7 +365,7 @@ def test_control_is_a_second_torch_copy_timed_in_every_order():
     assert "torch/torch" not in nt.benchmark(model, torch.randn(4, 3, 8, 8), file=None, **QUICK).format()
 
 
-def test_the_control_copy_runs_torch_nn_layers():
+def test_the_control_copy_runs_torch_nn_layers(monkeypatch):
     """The control's calls run no normkit layer: counting the converted layers' calls of normkit's batch_norm, a
     run with the control makes as many as one without."""
     model = small_bn_model()
@@ -382,16 +377,11 @@ def test_the_control_copy_runs_torch_nn_layers():
         return real_bn(*args, **kwargs)
 
     counts = []
-    mp = pytest.MonkeyPatch()
-    mp.setattr(modules, "batch_norm", counted)
-    try:
-        for control in (False, True):
-            calls["n"] = 0
-            nt.benchmark(model, torch.randn(4, 3, 8, 8), steps=6, warmup=0, train=False, control=control,
-                         file=None)
-            counts.append(calls["n"])
-    finally:
-        mp.undo()
+    monkeypatch.setattr(modules, "batch_norm", counted)
+    for control in (False, True):
+        calls["n"] = 0
+        nt.benchmark(model, torch.randn(4, 3, 8, 8), steps=6, warmup=0, train=False, control=control, file=None)
+        counts.append(calls["n"])
     assert counts[0] == counts[1] > 0
 
 
