@@ -701,7 +701,8 @@ def _wanted_threads() -> int | None:
 # GNU OpenMP cannot start a team of threads in a process forked from one whose OpenMP threads were running: the
 # child waits forever for threads that fork did not copy (PyTorch's CPU ops hang there too, and share the runtime
 # with normkit's Cython kernels). So a child forked from a process that had more than one thread runs the kernels
-# on one thread, whatever it asks; numba's OpenMP layer, for its part, ends such a child with a message.
+# on one thread, whatever it asks (the Numba backend takes numba's OpenMP layer over in the child, which would
+# otherwise end it: normkit_kernels/numba/_common.py).
 def _before_fork() -> None:
     global _parent_threaded
     try:

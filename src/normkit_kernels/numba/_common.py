@@ -376,6 +376,33 @@ def _start_threads() -> str:
 THREADING_LAYER = _start_threads()
 
 
+# numba's OpenMP layer on GNU OpenMP ends (SIGTERM) a process whose parent is the one that started the layer, at
+# its first parallel loop, because a team of threads started there would wait forever (GNU OpenMP is not fork-safe;
+# multiprocessing's Pool then waits for the dead worker's result for good). A team of one thread is safe there,
+# and that is what normkit runs in such a child (normkit.registry caps it). The layer recognizes the child by the
+# pid it recorded at its start, and its launch_threads records the caller's pid again; with a count of 0 it does
+# nothing else (no thread count is set), so the child calls it right after the fork.
+def _forked_child_owns_layer() -> None:
+    _relaunch(0)
+
+
+def _relauncher():
+    if THREADING_LAYER != "omp" or not hasattr(os, "register_at_fork"):
+        return None
+    try:
+        from numba.np.ufunc import omppool
+    except ImportError:
+        return None
+    if getattr(omppool, "openmp_vendor", None) != "GNU":
+        return None
+    return ctypes.CFUNCTYPE(None, ctypes.c_int)(omppool.launch_threads)
+
+
+_relaunch = _relauncher()
+if _relaunch is not None:
+    os.register_at_fork(after_in_child=_forked_child_owns_layer)
+
+
 # --- row ops (layernorm.py, rownorm.py) -------------------------------------------------------------------------
 
 @_jit
