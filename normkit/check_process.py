@@ -4,8 +4,11 @@ a failure naming the case it happened in, where in-process it would take the che
 The parent runs the same command in a child whose environment names a progress file (:data:`PROGRESS`). The child
 appends each case's label to it before running the case, and, once its report is printed, a last line saying the
 exit code it is about to exit with: a child that ends any other way (a signal, ``os._exit``, a hang past the
-timeout, an ``atexit`` handler that crashes) failed, and the last label names the case. The child imports from the
-parent's ``sys.path``, not from the directory it starts in.
+timeout, an ``atexit`` handler that crashes) failed, and the last label names the case. A child that a case ended
+is followed by a new one that skips that case and every earlier one that did (:data:`CRASHED`; at most
+:data:`MAX_CRASHES`), so that one report covers all the cases: a kernel that crashes on one shape says nothing of
+the others. A hang stops the check (each would cost the whole timeout). The child imports from the parent's
+``sys.path``, not from the directory it starts in.
 """
 
 from __future__ import annotations
@@ -23,6 +26,9 @@ from typing import Callable, Optional
 import click
 
 PROGRESS = "_NORMKIT_CHECK_PROGRESS"  # in the child: the file the case labels go to
+CRASHED = "_NORMKIT_CHECK_CRASHED"  # in the child: {case label: what happened} of the cases not to run again, JSON
+# crashed cases after which the check stops rather than start another child (each one runs the cases before again)
+MAX_CRASHES = 10
 _PATH = "_NORMKIT_CHECK_PATH"  # in the child: the parent's sys.path, as JSON
 _END = "\0end "  # the progress file's last line once the child's report is printed: "\0end <exit code>"
 # the child: the parent's sys.path (python -m would put the directory it starts in first), then the command line
@@ -32,12 +38,14 @@ _CHILD = ("import json, os, sys; sys.path[:] = json.loads(os.environ.pop({path!r
 _STACK_SIGNALS = {signal.SIGSEGV, signal.SIGFPE, signal.SIGABRT, signal.SIGBUS, signal.SIGILL}
 
 
-def in_child() -> Optional[tuple[Callable[[str], None], Callable[[int], None]]]:
-    """In the child: ``(progress, finish)``, the callbacks that write a case's label and the end line; None in any
-    other process. Crashes print the Python stack they happened under (the parent shows the child's stderr)."""
+def in_child() -> Optional[tuple[Callable[[str], None], Callable[[int], None], dict[str, str]]]:
+    """In the child: ``(progress, finish, crashed)``, the callbacks that write a case's label and the end line, and
+    the cases that ended earlier children; None in any other process. Crashes print the Python stack they happened
+    under (the parent shows the child's stderr)."""
     path = os.environ.get(PROGRESS)
     if path is None:
         return None
+    crashed = json.loads(os.environ.pop(CRASHED, "{}"))
     import faulthandler
 
     faulthandler.enable()
@@ -48,16 +56,55 @@ def in_child() -> Optional[tuple[Callable[[str], None], Callable[[int], None]]]:
         sys.stderr.flush()
         os.write(fd, f"{_END}{code}\n".encode())
 
-    return (lambda label: os.write(fd, label.encode() + b"\n")), finish
+    return (lambda label: os.write(fd, label.encode() + b"\n")), finish, crashed
 
 
 def run(backend: str, argv: list[str], timeout: float) -> int:
     """``normkit check`` with ``argv`` (the backend first) in a child; echoes its output and returns the exit
     code, 1 with a failure line where the child failed to finish. SIGTERM and Ctrl-C stop the child too."""
+    crashed: dict[str, str] = {}
+    while True:
+        returncode, hung, lines, stdout, stderr = _run_child(argv, timeout, crashed)
+        ended = lines and lines[-1].startswith(_END)
+        if ended or hung or not lines or len(crashed) == MAX_CRASHES:
+            break
+        # a case ended the child: say so, then run the check again without it
+        how, detail = _ended(returncode)
+        click.echo(f"backend {backend!r} FAILS: {how} in case {lines[-1]} ({len(lines) - 1} cases ran before it)"
+                   f"{detail}; the check goes on in a new process, without that case.{_hint(returncode)}")
+        click.echo(stderr, nl=False, err=True)
+        crashed[lines[-1]] = how
+    click.echo(stdout, nl=False)
+    click.echo(stderr, nl=False, err=True)
+    if ended:
+        code = int(lines[-1][len(_END):])
+        if not hung and returncode == code:
+            return code
+        how = (f"did not exit within {timeout:g} s" if hung else f"crashed ({_signal_name(-returncode)})"
+               if returncode < 0 else f"exited with code {returncode}")
+        click.echo(f"backend {backend!r} FAILS: after its report the check's process {how} (a thread or an atexit "
+                   f"handler that the backend started?)")
+        return 1
+    where = f"in case {lines[-1]} ({len(lines) - 1} cases ran before it)" if lines else "before its first case"
+    stopped = "; the check stopped there" + (f" (after {len(crashed)} cases that crashed it)" if crashed else "")
+    if hung:
+        click.echo(f"backend {backend!r} FAILS: a kernel did not return within {timeout:g} s {where}{stopped} "
+                   f"(--timeout sets the limit)")
+    elif returncode == 2 and not lines:  # a usage error, which the child printed
+        return 2
+    else:
+        how, detail = _ended(returncode)
+        click.echo(f"backend {backend!r} FAILS: {how} {where}{detail}{stopped}.{_hint(returncode)}")
+    return 1
+
+
+def _run_child(argv: list[str], timeout: float, crashed: dict[str, str]) -> tuple[int, bool, list[str], str, str]:
+    """One child running the check, skipping the ``crashed`` cases: its exit code, whether it hung (and was
+    killed), the lines of its progress file, its stdout and stderr."""
     with tempfile.TemporaryDirectory(prefix="normkit-check-") as tmp:
         paths = {name: os.path.join(tmp, name) for name in ("progress", "stdout", "stderr")}
         open(paths["progress"], "wb").close()
-        env = {**os.environ, PROGRESS: paths["progress"], _PATH: json.dumps(sys.path)}
+        env = {**os.environ, PROGRESS: paths["progress"], _PATH: json.dumps(sys.path), CRASHED: json.dumps(crashed)}
         with open(paths["stdout"], "wb") as out, open(paths["stderr"], "wb") as err, _terminated_as_exit():
             child = subprocess.Popen([sys.executable, "-c", _CHILD.format(path=_PATH), "check", *argv],
                                      stdout=out, stderr=err, env=env)
@@ -67,39 +114,26 @@ def run(backend: str, argv: list[str], timeout: float) -> int:
                 if child.poll() is None:
                     child.kill()
                     child.wait()
-        lines = _read(paths["progress"]).splitlines()
-        stdout, stderr = _read(paths["stdout"]), _read(paths["stderr"])
-    click.echo(stdout, nl=False)
-    click.echo(stderr, nl=False, err=True)
-    ended = lines and lines[-1].startswith(_END)
-    if ended:
-        code = int(lines[-1][len(_END):])
-        if not hung and child.returncode == code:
-            return code
-        how = (f"did not exit within {timeout:g} s" if hung else f"crashed ({_signal_name(-child.returncode)})"
-               if child.returncode < 0 else f"exited with code {child.returncode}")
-        click.echo(f"backend {backend!r} FAILS: after its report the check's process {how} (a thread or an atexit "
-                   f"handler that the backend started?)")
-        return 1
-    where = f"in case {lines[-1]} ({len(lines) - 1} cases ran before it)" if lines else "before its first case"
-    if hung:
-        click.echo(f"backend {backend!r} FAILS: a kernel did not return within {timeout:g} s {where}; the check "
-                   f"stopped there (--timeout sets the limit)")
-    elif child.returncode == 2 and not lines:  # a usage error, which the child printed
-        return 2
-    elif child.returncode >= 0:
-        click.echo(f"backend {backend!r} FAILS: the check's process exited with code {child.returncode} {where}, "
-                   f"before its report (a kernel that calls os._exit, or the error printed above)")
-    elif -child.returncode == signal.SIGKILL:
-        click.echo(f"backend {backend!r} FAILS: the check's process was killed (SIGKILL: out of memory?) {where}")
-    else:
-        hint = (" If the kernel reads or writes memory: in each case some arrays start one element past a 64-byte "
-                "boundary, and a kernel may assume no alignment beyond the element's (see plugins/README.md)."
-                if -child.returncode in (signal.SIGSEGV, signal.SIGBUS) else "")
-        stack = " (its Python stack is above)" if -child.returncode in _STACK_SIGNALS else ""
-        click.echo(f"backend {backend!r} FAILS: it crashed the process ({_signal_name(-child.returncode)}) {where}; "
-                   f"the check stopped there{stack}.{hint}")
-    return 1
+        return (child.returncode, hung, _read(paths["progress"]).splitlines(), _read(paths["stdout"]),
+                _read(paths["stderr"]))
+
+
+def _ended(returncode: int) -> tuple[str, str]:
+    """What ended a child before its report (not a hang), and what to add after the case it happened in."""
+    if returncode >= 0:
+        return (f"the check's process exited with code {returncode}",
+                ", before its report (a kernel that calls os._exit, or the error printed above)")
+    if -returncode == signal.SIGKILL:
+        return "the check's process was killed (SIGKILL: out of memory?)", ""
+    return (f"it crashed the process ({_signal_name(-returncode)})",
+            "; its Python stack is above" if -returncode in _STACK_SIGNALS else "")
+
+
+def _hint(returncode: int) -> str:
+    if -returncode in (signal.SIGSEGV, signal.SIGBUS):
+        return (" If the kernel reads or writes memory: in each case some arrays start one element past a 64-byte "
+                "boundary, and a kernel may assume no alignment beyond the element's (see plugins/README.md).")
+    return ""
 
 
 def _wait(child: subprocess.Popen, progress: str, timeout: float) -> bool:

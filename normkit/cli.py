@@ -87,7 +87,8 @@ def check_command(backend: str, ops: tuple[str, ...], dtypes: tuple[str, ...], l
         warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     try:
         report = testing.check_backend(backend, ops=op_names, dtypes=list(dtypes) or None, quick=quick,
-                                       layouts=list(layouts) or None, progress=None if child is None else child[0])
+                                       layouts=list(layouts) or None, progress=None if child is None else child[0],
+                                       crashed=None if child is None else child[2])
     except ValueError as exc:  # unknown op or backend
         raise click.UsageError(str(exc)) from None
     click.echo(report.format(limit=None if all_failures else 40))
