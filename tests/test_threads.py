@@ -306,3 +306,66 @@ def test_a_forked_child_runs_the_kernels_on_one_thread(backend):
     out = subprocess.run([sys.executable, "-c", FORK, backend], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["0", "1", "True"], out.stdout
+
+
+NUMBA_LAYER_FORK = r"""
+import hashlib, multiprocessing as mp, sys
+import numba
+import numpy as np
+import normkit
+
+
+@numba.njit(parallel=True)
+def user_sum(a):
+    s = 0.0
+    for i in numba.prange(a.size):
+        s += a[i]
+    return s
+
+
+x = np.random.default_rng(0).standard_normal((64, 4096)).astype(np.float32)
+
+
+def digest(a):
+    return hashlib.sha256(a.tobytes()).hexdigest()  # (not the bytes: a large put would outlast the child's join)
+
+
+def normkit_child(q):
+    q.put(digest(normkit.get("ln")(x, (4096,), backend="numba")))
+
+
+def user_child(q):
+    q.put(user_sum(np.ones(1_000_000)))
+
+
+def run(target):
+    q = ctx.Queue()
+    p = ctx.Process(target=target, args=(q,))
+    p.start()
+    p.join(60)
+    if p.is_alive():
+        p.kill()
+        return "hang", None
+    return p.exitcode, q.get() if p.exitcode == 0 else None
+
+
+ctx = mp.get_context("fork")
+user_sum(np.ones(1_000_000))  # the user's numba code starts numba's OpenMP layer, before normkit's backend loads
+code, got = run(normkit_child)
+print(code, got == digest(normkit.get("ln")(x, (4096,), backend="numba")))
+print(*run(user_child))  # the parent has run normkit's kernels now: a child that runs none keeps numba's guard
+"""
+
+
+def test_numba_backend_in_a_child_forked_after_any_numba_code():
+    """numba's OpenMP layer ends (SIGTERM) a forked child at its first parallel loop when the parent started the
+    layer. The Numba backend takes the layer over in the process that loads it, even when the user's own numba code
+    had started it, and in a child at its first kernel, so that a child that runs no normkit kernel keeps numba's
+    guard: its other numba code would start a team of threads there and wait forever."""
+    from normkit_kernels.numba import _common
+
+    if "numba" not in BACKENDS or _common._relaunch is None or len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("needs the Numba backend on GNU OpenMP and two CPUs")
+    out = subprocess.run([sys.executable, "-c", NUMBA_LAYER_FORK], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["0", "True", "-15", "None"], out.stdout + out.stderr

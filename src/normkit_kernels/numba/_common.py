@@ -283,6 +283,8 @@ def use_threads(n: int) -> None:
 def in_callers_threads(kernel):
     """``kernel`` with the calling thread's numba thread count as it was before the call put back after it."""
     def run(*args):
+        if _forked:
+            _take_layer()
         before = _parallel._get_num_threads()
         try:
             return kernel(*args)
@@ -381,11 +383,10 @@ THREADING_LAYER = _start_threads()
 # multiprocessing's Pool then waits for the dead worker's result for good). A team of one thread is safe there,
 # and that is what normkit runs in such a child (normkit.registry caps it). The layer recognizes the child by the
 # pid it recorded at its start, and its launch_threads records the caller's pid again; with a count of 0 it does
-# nothing else (no thread count is set), so the child calls it right after the fork.
-def _forked_child_owns_layer() -> None:
-    _relaunch(0)
-
-
+# nothing else (no thread count is set). normkit takes the layer over that way in the process that loads this
+# module (the layer may have been started before, in a parent: by the user's own numba code, or numba's thread
+# count functions), and in a forked child at its first kernel call, not at the fork, so that a child that runs no
+# kernel of normkit's keeps numba's guard for its other numba code (which would otherwise start a team and hang).
 def _relauncher():
     if THREADING_LAYER != "omp" or not hasattr(os, "register_at_fork"):
         return None
@@ -399,8 +400,23 @@ def _relauncher():
 
 
 _relaunch = _relauncher()
+_forked = False  # a fork since the layer was last taken over: take it at the next kernel call
+
+
+def _after_fork_in_child() -> None:
+    global _forked
+    _forked = True
+
+
+def _take_layer() -> None:
+    global _forked
+    _forked = False
+    _relaunch(0)
+
+
 if _relaunch is not None:
-    os.register_at_fork(after_in_child=_forked_child_owns_layer)
+    _relaunch(0)
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 # --- row ops (layernorm.py, rownorm.py) -------------------------------------------------------------------------
