@@ -593,17 +593,22 @@ def _watch(used: list, module: nn.Module, generators: list):
             return original(*args, **kwargs)
         return run
 
-    generators.extend((g, _rng_state(g)) for g in (*_GLOBAL_GENERATORS, *_generators(module)))
-    for owner, name, original, _ in patched:
-        setattr(owner, name, noting(getattr(owner, "__name__", "torch") + "." + name.strip("_"), original))
-    try:
-        yield
-    finally:
+    def restore():
         for owner, name, original, own in patched:
             if own:
                 setattr(owner, name, original)
             else:  # inherited: the class gets no attribute of its own
                 delattr(owner, name)
+
+    generators.extend((g, _rng_state(g)) for g in (*_GLOBAL_GENERATORS, *_generators(module)))
+    for owner, name, original, _ in patched:
+        setattr(owner, name, noting(getattr(owner, "__name__", "torch") + "." + name.strip("_"), original))
+    _UNDO.append(restore)
+    try:
+        yield
+    finally:
+        _UNDO.remove(restore)
+        restore()
         for g, state in generators:
             if _rng_state(g) != state:
                 used.append("a random draw")
@@ -703,6 +708,23 @@ _FUNCTION_APPLY = torch.autograd.Function.apply.__func__.__code__
 # one trace at a time: _watch patches process-wide functions and puts back what it found, which two overlapping
 # traces in two threads would leave patched (the second saves the first's patches as the originals)
 _TRACING = threading.RLock()  # (reentrant: a forward may convert a model of its own)
+_UNDO: list = []  # while a trace runs, how to put back what it changed process-wide: _watch's patches, gc
+
+
+def _after_fork_in_child() -> None:
+    """A trace that another thread was running when the process forked never ends in the child, which has no such
+    thread: its lock would stay taken (the child's next convert(fuse=True) would wait for good), garbage collection
+    off and torch's functions patched. Put back what it changed, latest first, and take a new lock."""
+    global _TRACING
+    if _TRACING._is_owned():  # the forking thread's own trace (a forward that forks) goes on in the child
+        return
+    _TRACING = threading.RLock()
+    while _UNDO:
+        _UNDO.pop()()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 # What fx records wrongly and _watch does not catch, by words in the code the trace runs (conservative: "operand" has
@@ -857,10 +879,13 @@ def _gc_paused():
     the traced forward had (hypothesis's callback rebinds globals of its own)."""
     collecting = gc.isenabled()
     gc.disable()
+    if collecting:
+        _UNDO.append(gc.enable)
     try:
         yield
     finally:
         if collecting:
+            _UNDO.remove(gc.enable)
             gc.enable()
 
 
