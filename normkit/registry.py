@@ -711,6 +711,12 @@ def _before_fork() -> None:
         _parent_threaded = True
 
 
+def in_forked_child() -> bool:
+    """Whether this process was forked from one that had threads running, so that the kernels run on one thread
+    here (the Numba backend's OpenMP layer needs to know)."""
+    return _fork_cap is not None
+
+
 def _after_fork_in_child() -> None:
     global _fork_cap, _lock
     _lock = threading.RLock()  # another thread of the parent may have held it: it does not exist here

@@ -357,6 +357,37 @@ print(*run(user_child))  # the parent has run normkit's kernels now: a child tha
 """
 
 
+# The parent runs the user's numba code without normkit, whose registry then cannot know that the child it forks
+# must run one thread: normkit, imported in the child, leaves numba's guard to end the child (a team would hang).
+NUMBA_LAYER_FORK_BEFORE_NORMKIT = r"""
+import multiprocessing as mp
+import numba
+import numpy as np
+
+
+@numba.njit(parallel=True)
+def user_sum(a):
+    s = 0.0
+    for i in numba.prange(a.size):
+        s += a[i]
+    return s
+
+
+def child():
+    import normkit
+    x = np.random.default_rng(0).standard_normal((64, 4096)).astype(np.float32)
+    normkit.get("ln")(x, (4096,), backend="numba")
+
+
+user_sum(np.ones(1_000_000))
+p = mp.get_context("fork").Process(target=child)
+p.start()
+p.join(60)
+print("hang" if p.is_alive() else p.exitcode)
+p.kill()
+"""
+
+
 def test_numba_backend_in_a_child_forked_after_any_numba_code():
     """numba's OpenMP layer ends (SIGTERM) a forked child at its first parallel loop when the parent started the
     layer. The Numba backend takes the layer over in the process that loads it, even when the user's own numba code
@@ -369,3 +400,7 @@ def test_numba_backend_in_a_child_forked_after_any_numba_code():
     out = subprocess.run([sys.executable, "-c", NUMBA_LAYER_FORK], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["0", "True", "-15", "None"], out.stdout + out.stderr
+    out = subprocess.run([sys.executable, "-c", NUMBA_LAYER_FORK_BEFORE_NORMKIT], capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["-15"], out.stdout + out.stderr  # numba's message, not a hang

@@ -23,6 +23,7 @@ from numba.np.ufunc import parallel as _parallel
 from numba.np.ufunc.parallel import _launch_threads
 
 from normkit.contract import serial_max_values
+from normkit.registry import in_forked_child
 
 from ._cache import jit
 from ._dtype16 import narrow, widen
@@ -375,6 +376,7 @@ def _start_threads() -> str:
     return layer
 
 
+_STARTED_BEFORE = bool(getattr(_parallel, "_is_initialized", False))  # numba's layer, before normkit loaded
 THREADING_LAYER = _start_threads()
 
 
@@ -383,10 +385,14 @@ THREADING_LAYER = _start_threads()
 # multiprocessing's Pool then waits for the dead worker's result for good). A team of one thread is safe there,
 # and that is what normkit runs in such a child (normkit.registry caps it). The layer recognizes the child by the
 # pid it recorded at its start, and its launch_threads records the caller's pid again; with a count of 0 it does
-# nothing else (no thread count is set). normkit takes the layer over that way in the process that loads this
-# module (the layer may have been started before, in a parent: by the user's own numba code, or numba's thread
-# count functions), and in a forked child at its first kernel call, not at the fork, so that a child that runs no
-# kernel of normkit's keeps numba's guard for its other numba code (which would otherwise start a team and hang).
+# nothing else (no thread count is set). normkit takes the layer over that way in a forked child at its first
+# kernel call, not at the fork, so that a child that runs no kernel of normkit's keeps numba's guard for its other
+# numba code (which would otherwise start a team and hang); and when this module loads in a process whose layer
+# was started before (by the user's own numba code, or numba's thread count functions), if normkit's registry
+# knows the process for a child forked from a threaded one (it then runs the kernels on one thread). Otherwise
+# such a layer is left as it is: started in this process, it holds this pid already; started in a parent that
+# forked before normkit was imported, a team of threads here would hang, and numba's guard ends the process
+# instead, with its message.
 def _relauncher():
     if THREADING_LAYER != "omp" or not hasattr(os, "register_at_fork"):
         return None
@@ -410,12 +416,13 @@ def _after_fork_in_child() -> None:
 
 def _take_layer() -> None:
     global _forked
+    _relaunch(0)  # (first: another thread that sees the flag cleared finds the layer taken)
     _forked = False
-    _relaunch(0)
 
 
 if _relaunch is not None:
-    _relaunch(0)
+    if not _STARTED_BEFORE or in_forked_child():
+        _relaunch(0)
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
