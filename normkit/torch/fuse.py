@@ -593,22 +593,22 @@ def _watch(used: list, module: nn.Module, generators: list):
             return original(*args, **kwargs)
         return run
 
-    def restore():
+    def restore():  # (also from a forked child's hook, at any point of the patching: so it can run twice)
         for owner, name, original, own in patched:
             if own:
                 setattr(owner, name, original)
-            else:  # inherited: the class gets no attribute of its own
+            elif name in vars(owner):  # inherited: the class gets no attribute of its own
                 delattr(owner, name)
 
     generators.extend((g, _rng_state(g)) for g in (*_GLOBAL_GENERATORS, *_generators(module)))
+    _UNDO.append(restore)  # (before the change, and taken off after its undo: a fork between sees both)
     for owner, name, original, _ in patched:
         setattr(owner, name, noting(getattr(owner, "__name__", "torch") + "." + name.strip("_"), original))
-    _UNDO.append(restore)
     try:
         yield
     finally:
-        _UNDO.remove(restore)
         restore()
+        _UNDO.remove(restore)
         for g, state in generators:
             if _rng_state(g) != state:
                 used.append("a random draw")
@@ -878,15 +878,15 @@ def _gc_paused():
     """No garbage collection: it would run gc.callbacks and finalizers, the code of whatever asked for them, as if
     the traced forward had (hypothesis's callback rebinds globals of its own)."""
     collecting = gc.isenabled()
-    gc.disable()
     if collecting:
-        _UNDO.append(gc.enable)
+        _UNDO.append(gc.enable)  # (as in _watch: registered before the change, taken off after its undo)
+    gc.disable()
     try:
         yield
     finally:
         if collecting:
-            _UNDO.remove(gc.enable)
             gc.enable()
+            _UNDO.remove(gc.enable)
 
 
 _FIND_AND_LOAD = importlib._bootstrap._find_and_load.__code__  # what an import statement runs, if not imported yet
