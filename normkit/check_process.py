@@ -4,11 +4,12 @@ a failure naming the case it happened in, where in-process it would take the che
 The parent runs the same command in a child whose environment names a progress file (:data:`PROGRESS`). The child
 appends each case's label to it before running the case, and, once its report is printed, a last line saying the
 exit code it is about to exit with: a child that ends any other way (a signal, ``os._exit``, a hang past the
-timeout, an ``atexit`` handler that crashes) failed, and the last label names the case. A child that a case ended
-is followed by a new one that skips that case and every earlier one that did (:data:`CRASHED`; at most
-:data:`MAX_CRASHES`), so that one report covers all the cases: a kernel that crashes on one shape says nothing of
-the others. A hang stops the check (each would cost the whole timeout). The child imports from the parent's
-``sys.path``, not from the directory it starts in.
+timeout, an ``atexit`` handler that crashes) failed, and the last label names the case. A case that ended a child
+runs again alone in another (:data:`ONLY`): if it ends that one too, the check goes on in a new child that skips
+it and every earlier such case (:data:`CRASHED`; up to :data:`MAX_CRASHES` of them), so that one report covers all
+the cases: a kernel that crashes on one shape says nothing of the others. If it passes alone, a case before it may
+have damaged the process, and the check stops there, as it does at a hang (each would cost the whole timeout).
+The child imports from the parent's ``sys.path``, not from the directory it starts in.
 """
 
 from __future__ import annotations
@@ -21,13 +22,15 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional
 
 import click
 
 PROGRESS = "_NORMKIT_CHECK_PROGRESS"  # in the child: the file the case labels go to
 CRASHED = "_NORMKIT_CHECK_CRASHED"  # in the child: {case label: what happened} of the cases not to run again, JSON
-# crashed cases after which the check stops rather than start another child (each one runs the cases before again)
+ONLY = "_NORMKIT_CHECK_ONLY"  # in the child: the label of the one case to run, if set
+# the most crashed cases that the check goes on past (each new child runs the cases before them again); a crash
+# beyond them stops it
 MAX_CRASHES = 10
 _PATH = "_NORMKIT_CHECK_PATH"  # in the child: the parent's sys.path, as JSON
 _END = "\0end "  # the progress file's last line once the child's report is printed: "\0end <exit code>"
@@ -38,14 +41,22 @@ _CHILD = ("import json, os, sys; sys.path[:] = json.loads(os.environ.pop({path!r
 _STACK_SIGNALS = {signal.SIGSEGV, signal.SIGFPE, signal.SIGABRT, signal.SIGBUS, signal.SIGILL}
 
 
-def in_child() -> Optional[tuple[Callable[[str], None], Callable[[int], None], dict[str, str]]]:
-    """In the child: ``(progress, finish, crashed)``, the callbacks that write a case's label and the end line, and
-    the cases that ended earlier children; None in any other process. Crashes print the Python stack they happened
+class Child(NamedTuple):
+    """What the check needs in the child: the callbacks that write a case's label and the end line, the cases that
+    ended earlier children, and the one case to run (None: all)."""
+    progress: Callable[[str], None]
+    finish: Callable[[int], None]
+    crashed: dict[str, str]
+    only: Optional[str]
+
+
+def in_child() -> Optional[Child]:
+    """In the child: its :class:`Child`; None in any other process. Crashes print the Python stack they happened
     under (the parent shows the child's stderr)."""
     path = os.environ.get(PROGRESS)
     if path is None:
         return None
-    crashed = json.loads(os.environ.pop(CRASHED, "{}"))
+    crashed, only = json.loads(os.environ.pop(CRASHED, "{}")), os.environ.pop(ONLY, None)
     import faulthandler
 
     faulthandler.enable()
@@ -56,7 +67,7 @@ def in_child() -> Optional[tuple[Callable[[str], None], Callable[[int], None], d
         sys.stderr.flush()
         os.write(fd, f"{_END}{code}\n".encode())
 
-    return (lambda label: os.write(fd, label.encode() + b"\n")), finish, crashed
+    return Child(lambda label: os.write(fd, label.encode() + b"\n"), finish, crashed, only)
 
 
 def run(backend: str, argv: list[str], timeout: float) -> int:
@@ -68,12 +79,19 @@ def run(backend: str, argv: list[str], timeout: float) -> int:
         ended = lines and lines[-1].startswith(_END)
         if ended or hung or not lines or len(crashed) == MAX_CRASHES:
             break
-        # a case ended the child: say so, then run the check again without it
-        how, detail = _ended(returncode)
-        click.echo(f"backend {backend!r} FAILS: {how} in case {lines[-1]} ({len(lines) - 1} cases ran before it)"
-                   f"{detail}; the check goes on in a new process, without that case.{_hint(returncode)}")
+        # a case ended the child: if it does so alone too, say so and run the check again without it
+        label, (how, detail) = lines[-1], _ended(returncode)
+        where = f"in case {label} ({len(lines) - 1} cases ran before it){detail}"
+        click.echo(stdout, nl=False)
         click.echo(stderr, nl=False, err=True)
-        crashed[lines[-1]] = how
+        alone = _run_child(argv, timeout, crashed, only=label)[2]
+        if alone and alone[-1].startswith(_END):
+            click.echo(f"backend {backend!r} FAILS: {how} {where}; that case passes in a process of its own, so a "
+                       f"case before it may have damaged the process: the check stopped there.{_hint(returncode)}")
+            return 1
+        click.echo(f"backend {backend!r} FAILS: {how} {where}, and alone too; the check goes on in a new process, "
+                   f"without that case.{_hint(returncode)}")
+        crashed[label] = how
     click.echo(stdout, nl=False)
     click.echo(stderr, nl=False, err=True)
     if ended:
@@ -98,13 +116,16 @@ def run(backend: str, argv: list[str], timeout: float) -> int:
     return 1
 
 
-def _run_child(argv: list[str], timeout: float, crashed: dict[str, str]) -> tuple[int, bool, list[str], str, str]:
-    """One child running the check, skipping the ``crashed`` cases: its exit code, whether it hung (and was
-    killed), the lines of its progress file, its stdout and stderr."""
+def _run_child(argv: list[str], timeout: float, crashed: dict[str, str],
+               only: Optional[str] = None) -> tuple[int, bool, list[str], str, str]:
+    """One child running the check, skipping the ``crashed`` cases (running only case ``only``, if given): its exit
+    code, whether it hung (and was killed), the lines of its progress file, its stdout and stderr."""
     with tempfile.TemporaryDirectory(prefix="normkit-check-") as tmp:
         paths = {name: os.path.join(tmp, name) for name in ("progress", "stdout", "stderr")}
         open(paths["progress"], "wb").close()
         env = {**os.environ, PROGRESS: paths["progress"], _PATH: json.dumps(sys.path), CRASHED: json.dumps(crashed)}
+        if only is not None:
+            env[ONLY] = only
         with open(paths["stdout"], "wb") as out, open(paths["stderr"], "wb") as err, _terminated_as_exit():
             child = subprocess.Popen([sys.executable, "-c", _CHILD.format(path=_PATH), "check", *argv],
                                      stdout=out, stderr=err, env=env)

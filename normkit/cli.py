@@ -87,13 +87,14 @@ def check_command(backend: str, ops: tuple[str, ...], dtypes: tuple[str, ...], l
         warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     try:
         report = testing.check_backend(backend, ops=op_names, dtypes=list(dtypes) or None, quick=quick,
-                                       layouts=list(layouts) or None, progress=None if child is None else child[0],
-                                       crashed=None if child is None else child[2])
+                                       layouts=list(layouts) or None,
+                                       **({} if child is None else dict(progress=child.progress, crashed=child.crashed,
+                                                                        only=child.only)))
     except ValueError as exc:  # unknown op or backend
         raise click.UsageError(str(exc)) from None
     click.echo(report.format(limit=None if all_failures else 40))
     if child is not None:
-        child[1](1 if report else 0)
+        child.finish(1 if report else 0)
     if report:
         raise SystemExit(1)
 

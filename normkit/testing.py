@@ -1004,7 +1004,8 @@ def _select(values: Sequence[str] | None, known: Sequence[str], what: str,
 
 def check_backend(name: str, ops: Sequence[str] | None = None, dtypes: Sequence[str] | None = None,
                   quick: bool = False, layouts: Sequence[str] | None = None,
-                  progress: Callable[[str], None] | None = None, crashed: Mapping[str, str] | None = None) -> Report:
+                  progress: Callable[[str], None] | None = None, crashed: Mapping[str, str] | None = None,
+                  only: str | None = None) -> Report:
     """Run backend ``name`` against the reference on the hard cases; returns the failures (empty: conforms).
 
     Only what the backend declares is checked, restricted to ``ops`` (names or aliases) / ``dtypes`` /
@@ -1013,7 +1014,7 @@ def check_backend(name: str, ops: Sequence[str] | None = None, dtypes: Sequence[
     :class:`normkit.UnknownBackendError` for a name that is not installed. ``progress`` is called with each
     case's label before the case runs (``normkit check`` names the case a crashing kernel died in with it).
     ``crashed`` maps the labels of cases that ended an earlier run's process to what happened: those cases are
-    not run again, each is a ``crashed`` failure with that message.
+    not run again, each is a ``crashed`` failure with that message. ``only``: the label of the one case to run.
     """
     ops = _select(ops, OPS, "op(s)", {alias: op for op in OPS for alias in (op, *SPECS[op].aliases)})
     dtypes = _select(dtypes, DTYPES, "dtype(s)")
@@ -1042,24 +1043,26 @@ def check_backend(name: str, ops: Sequence[str] | None = None, dtypes: Sequence[
                     label = f"{op} {direction} {dtype}" + ("" if layout == NCHW else f" {layout}")
                     pool: dict = {}
                     for case in cases(op, direction, dtype, quick=quick, layout=layout):
-                        _run_checked(case, kernel, report, pool, progress, crashed)
+                        _run_checked(case, kernel, report, pool, progress, crashed, only)
                     report.extend(_pooled_rounding(label, pool))
                     if layout == NCHW and (op, direction, dtype, ADDRESS) in row.addresses:
                         kernel = with_addresses(SPECS[op], direction,
                                                 registry.lookup_address(op, direction, dtype, backend=name))
                         pool = {}
                         for case in cases(op, direction, dtype, quick=quick):
-                            _run_checked(replace(case, calls=ADDRESS), kernel, report, pool, progress, crashed)
+                            _run_checked(replace(case, calls=ADDRESS), kernel, report, pool, progress, crashed, only)
                         report.extend(_pooled_rounding(f"{label} by address", pool))
     return report
 
 
 def _run_checked(case: Case, kernel, report: Report, pool: dict, progress: Callable[[str], None] | None,
-                 crashed: Mapping[str, str] | None) -> None:
+                 crashed: Mapping[str, str] | None, only: str | None) -> None:
     """One case of :func:`check_backend`: its label to ``progress`` first, then the case, unless it crashed an
-    earlier run (then its failure)."""
-    report.cases_run += 1
+    earlier run (then its failure) or is not the ``only`` one."""
     label = str(case)
+    if only is not None and label != only:
+        return
+    report.cases_run += 1
     if crashed and label in crashed:
         report.append(Failure(label, "crashed", crashed[label]))
         return
