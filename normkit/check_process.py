@@ -81,7 +81,7 @@ def run(backend: str, argv: list[str], timeout: float) -> int:
             break
         # a case ended the child: if it does so alone too, say so and run the check again without it
         label, (how, detail) = lines[-1], _ended(returncode)
-        where = f"in case {label} ({len(lines) - 1} cases ran before it){detail}"
+        where = _where(lines) + detail
         click.echo(stdout, nl=False)
         click.echo(stderr, nl=False, err=True)
         alone = _run_child(argv, timeout, crashed, only=label)[2]
@@ -103,7 +103,7 @@ def run(backend: str, argv: list[str], timeout: float) -> int:
         click.echo(f"backend {backend!r} FAILS: after its report the check's process {how} (a thread or an atexit "
                    f"handler that the backend started?)")
         return 1
-    where = f"in case {lines[-1]} ({len(lines) - 1} cases ran before it)" if lines else "before its first case"
+    where = _where(lines)
     stopped = "; the check stopped there" + (f" (after {len(crashed)} cases that crashed it)" if crashed else "")
     if hung:
         click.echo(f"backend {backend!r} FAILS: a kernel did not return within {timeout:g} s {where}{stopped} "
@@ -137,6 +137,11 @@ def _run_child(argv: list[str], timeout: float, crashed: dict[str, str],
                     child.wait()
         return (child.returncode, hung, _read(paths["progress"]).splitlines(), _read(paths["stdout"]),
                 _read(paths["stderr"]))
+
+
+def _where(lines: list[str]) -> str:
+    """Where a child that did not finish its report stopped, from its progress file's lines."""
+    return f"in case {lines[-1]} ({len(lines) - 1} cases ran before it)" if lines else "before its first case"
 
 
 def _ended(returncode: int) -> tuple[str, str]:

@@ -308,11 +308,10 @@ def test_a_forked_child_runs_the_kernels_on_one_thread(backend):
     assert out.stdout.split() == ["0", "1", "True"], out.stdout
 
 
-NUMBA_LAYER_FORK = r"""
-import hashlib, multiprocessing as mp, sys
+# the user's own parallel numba code, in both scripts below
+USER_NUMBA = r"""
 import numba
 import numpy as np
-import normkit
 
 
 @numba.njit(parallel=True)
@@ -321,6 +320,11 @@ def user_sum(a):
     for i in numba.prange(a.size):
         s += a[i]
     return s
+"""
+
+NUMBA_LAYER_FORK = USER_NUMBA + r"""
+import hashlib, multiprocessing as mp, sys
+import normkit
 
 
 x = np.random.default_rng(0).standard_normal((64, 4096)).astype(np.float32)
@@ -359,18 +363,8 @@ print(*run(user_child))  # the parent has run normkit's kernels now: a child tha
 
 # The parent runs the user's numba code without normkit, whose registry then cannot know that the child it forks
 # must run one thread: normkit, imported in the child, leaves numba's guard to end the child (a team would hang).
-NUMBA_LAYER_FORK_BEFORE_NORMKIT = r"""
+NUMBA_LAYER_FORK_BEFORE_NORMKIT = USER_NUMBA + r"""
 import multiprocessing as mp
-import numba
-import numpy as np
-
-
-@numba.njit(parallel=True)
-def user_sum(a):
-    s = 0.0
-    for i in numba.prange(a.size):
-        s += a[i]
-    return s
 
 
 def child():
