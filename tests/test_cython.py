@@ -67,15 +67,18 @@ def _compare(op, shape, dtype, rng, **extra):
 # from 128 rows) and its row blocks of shorter rows; RMSNorm's long rows in fewer than four row blocks (few rows, or
 # partial sums beyond the budget: (5, 270001)) or up to 16 rows over 16384 values, which the threads share by tiles;
 # GroupNorm's and InstanceNorm's single set of 65536 values or more, cut into pieces; LayerNorm's forward of a
-# single long row, by tiles. BatchNorm's columns schedule on rows of at most 3 values sums them k at a time (rows
-# of 2 values: k = 64, from 32768 rows; of 1: k = 128, 70001 rows leave 113 over; of 3, one channel of 3 values:
-# k = 43, 23000 rows leave 38 over).
+# single long row, by tiles. BatchNorm's columns schedule on rows of at most 8 values sums them k at a time, 16
+# values' worth (rows of 2 values: k = 8, from 4096 rows, 4101 leave 5 over; of 1: k = 16, 8199 rows leave 7; of
+# 3, one channel of 3 values: k = 6, 3077 rows leave 5; of 5: k = 4, 2051 leave 3; of 8: k = 2, from 1024 rows).
 SCHEDULE_CASES = [
-    ("batchnorm", (32767, 2), {}),
-    ("batchnorm", (32768, 2), {}),
-    ("batchnorm", (40001, 2), {}),
-    ("batchnorm", (70001, 1), {}),
-    ("batchnorm", (23000, 1, 3), {}),
+    ("batchnorm", (4095, 2), {}),
+    ("batchnorm", (4096, 2), {}),
+    ("batchnorm", (4101, 2), {}),
+    ("batchnorm", (8199, 1), {}),
+    ("batchnorm", (3077, 1, 3), {}),
+    ("batchnorm", (2051, 5), {}),
+    ("batchnorm", (1023, 8), {}),
+    ("batchnorm", (1025, 8), {}),
     ("batchnorm", (7, 33, 31), {}),
     ("batchnorm", (9, 31, 32), {}),
     ("batchnorm", (5, 32, 32), {}),

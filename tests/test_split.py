@@ -136,9 +136,10 @@ def test_degenerate_shapes(backend, shape, dtype, data):
     compare_training_step(backend, shape, dtype, data)
 
 
-# shapes that take each backend's parallel paths (see tests/test_backends.py: LARGE, THREAD_CASES)
+# shapes that take each backend's parallel paths (see tests/test_backends.py: LARGE, THREAD_CASES); (8199, 1) and
+# (3077, 1, 3): the Cython columns schedule's rows of few values summed k at a time, with rows left over
 LARGE = [(64, 3, 40, 40), (5, 37, 13, 11), (2, 3, 101, 97), (301, 5, 2, 3), (70, 100, 3, 3), (4096, 16), (256, 16),
-         (4, 70000)]
+         (4, 70000), (8199, 1), (3077, 1, 3)]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -204,8 +205,8 @@ def test_merge_stats_identities():
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("shape", [(64, 3, 40, 40), (301, 5, 2, 3), (4096, 16), (32, 100, 3, 3), (8, 64, 9, 9)],
-                         ids=str)
+@pytest.mark.parametrize("shape", [(64, 3, 40, 40), (301, 5, 2, 3), (4096, 16), (32, 100, 3, 3), (8, 64, 9, 9),
+                                   (9001, 2)], ids=str)
 def test_split_kernels_thread_count_independent(backend, shape):
     rng = np.random.default_rng(5)
     x = rng.standard_normal(shape).astype(np.float32)

@@ -132,14 +132,21 @@ cdef enum:
     AHEAD_BYTES = 8192
     AHEAD_MIN_BYTES = 8 << 20
     # The columns schedule's statistics and gradient sums over rows of at most FOLD_MAX_ROW values (BatchNorm of an
-    # (N, C) input, or of channels-last data, with C <= 3) sum k consecutive rows as one row of at least FOLD_WIDTH
-    # columns, each column a set of its own (_fold), where each row had taken a masked vector load and its sums a
-    # horizontal add per 8 rows. In-process A/B, float32, 2 threads, (R, C) with 3.2M values: forward 0.06x /
-    # 0.39x / 0.54x the unfolded time for C = 1 / 2 / 3, backward 0.12x / 0.57x / 0.76x; at 6.4M values C = 2 / 3
-    # 0.62x / 0.75x and 0.81x / 0.98x. From 5 values a row it lost at 6.4M (C = 5: 0.96x / 1.19x; C = 8 to 63 1.1x
-    # to 1.5x) and from 8 at 3.2M. Only with at least FOLD_MIN_ROWS such wide rows (the schedule's row blocks).
-    FOLD_WIDTH = 128
-    FOLD_MAX_ROW = 3
+    # (N, C) input, or of channels-last data, with C <= 8) sum k consecutive rows as one row of at least FOLD_WIDTH
+    # columns, each column a set of its own (ColumnSplit), where each row had taken a masked vector load (the
+    # 16-bit loops without registers: a call per row) and its sums a horizontal add per 8 rows. Folded rows of 16
+    # rather than 128 values, since the column sums read data from memory at a third of the speed from 128 columns
+    # on (see "wide rows" in the closing note of 2026-12-07; float32 moments, 1 thread, 25 MB: 26 GB/s at 32
+    # columns, 14 at 64, 7.5 at 128; in cache alike). In-process A/B, 2 threads, (R, C) with 6.4M values, unfolded
+    # / folded to 16 / folded to 32, ms: C = 1 forward 5.30 / 1.47 / 1.72, backward 6.94 / 2.87 / 3.08, split
+    # statistics 2.71 / 0.60 / 0.56, bfloat16 forward 5.54 / 1.09 / 1.09, backward 7.31 / 1.91 / 2.01; C = 3
+    # 3.15 / 1.98 / 2.20, 4.09 / 2.80 / 3.30, 1.69 / 0.64 / 0.56, 2.63 / 1.28 / 1.32, 3.60 / 2.13 / 2.23; C = 8
+    # 1.97 / 2.01 / 1.96, 2.98 / 2.96 / 3.05, 0.66 / 0.53 / 0.53, 1.33 / 1.01 / 1.04, 2.06 / 1.90 / 1.95. Against
+    # folds to 128 (the first choice), 1 thread, C = 1: forward 4.24 -> 2.86, backward 6.92 -> 4.98. Lost at C = 12
+    # (float32 backward 2.81 -> 3.16, gradient sums 1.22 -> 1.33) and a little at 5 and 7 (float32 backward 3.26 ->
+    # 3.38, 2.97 -> 3.20; every other direction won there). Only with at least FOLD_MIN_ROWS such wide rows.
+    FOLD_WIDTH = 16
+    FOLD_MAX_ROW = 8
     FOLD_MIN_ROWS = 512
 
 cdef int _nthreads = 1
@@ -210,29 +217,43 @@ cdef inline Py_ssize_t _fold(Py_ssize_t n, Py_ssize_t length) noexcept nogil:
     return k if n >= FOLD_MIN_ROWS * k else 1
 
 
-cdef double[::1] _folded(double[::1] per_channel, Py_ssize_t nc, Py_ssize_t s, Py_ssize_t k):
-    """A per-channel vector for the k * nc * s columns of folded rows (_fold): each column its channel's value."""
-    cdef Py_ssize_t length = nc * s, j
-    cdef double[::1] out = np.empty(k * length)
-    for j in range(k * length):
-        out[j] = per_channel[(j % length) // s]
-    return out
+cdef struct ColumnSplit:
+    # The columns schedule's sums over (n, nc * s) data: k rows taken as one row of `length` = k * nc * s columns
+    # (_fold), n // k such rows cut into `blocks` blocks of `rows` rows and `tasks` column tasks of `width`
+    # columns (_column_split); the n % k rows left over (`tail`) summed on their own after them. Block b's column
+    # sums land at b * length of the sums' buffer, the tail's at blocks * length: groups of nc * s columns in row
+    # order, which _merge_groups adds up per channel.
+    Py_ssize_t k, n, length, width, tasks, rows, blocks, tail
 
 
-cdef void _merge_folded(double[::1] f1, double[::1] f2, double[::1] r1, double[::1] r2, Py_ssize_t nc,
-                        Py_ssize_t s, double[::1] s1, double[::1] s2):
-    """Per-channel sums from the folded columns' (f1, f2: in column order) and the left-over rows' (r1, r2)."""
-    cdef Py_ssize_t length = nc * s, j, c
-    for c in range(nc):
-        s1[c] = 0.0
-        s2[c] = 0.0
-    for j in range(f1.shape[0]):
-        c = (j % length) // s
-        s1[c] += f1[j]
-        s2[c] += f2[j]
-    for c in range(nc):
-        s1[c] += r1[c]
-        s2[c] += r2[c]
+cdef inline ColumnSplit _split_columns(Py_ssize_t n, Py_ssize_t nc, Py_ssize_t s) noexcept nogil:
+    cdef ColumnSplit sp
+    sp.k = _fold(n, nc * s)
+    sp.n = n // sp.k
+    sp.length = sp.k * nc * s
+    sp.tail = n % sp.k
+    sp.blocks = _column_split(sp.n, sp.k * nc, s, &sp.width, &sp.tasks, &sp.rows)
+    return sp
+
+
+cdef inline Py_ssize_t _task_rows(const ColumnSplit* sp, Py_ssize_t t) noexcept nogil:
+    """Rows of task t's block (the last block may have fewer, or none)."""
+    return max(0, min(sp.rows, sp.n - t // sp.tasks * sp.rows))
+
+
+cdef inline Py_ssize_t _task_column(const ColumnSplit* sp, Py_ssize_t t) noexcept nogil:
+    """Task t's first column."""
+    return t % sp.tasks * sp.width
+
+
+cdef inline Py_ssize_t _task_end(const ColumnSplit* sp, Py_ssize_t t) noexcept nogil:
+    """Task t's column past its last."""
+    return min(sp.length, (t % sp.tasks + 1) * sp.width)
+
+
+cdef inline Py_ssize_t _groups(const ColumnSplit* sp) noexcept nogil:
+    """Groups of nc * s column sums in the sums' buffer (the tail's included)."""
+    return sp.blocks * sp.k + (1 if sp.tail else 0)
 
 
 cdef inline Py_ssize_t _runs_ahead(Py_ssize_t run_bytes, Py_ssize_t data_bytes) noexcept nogil:
@@ -431,6 +452,17 @@ cdef void _column_act_grad_sums(const floating* dy, const floating* x, Py_ssize_
             sdyx[l0 + l] += b[l]
 
 
+cdef inline void _column_grad_sums(const floating* dy, const floating* x, Py_ssize_t n, Py_ssize_t length,
+                                   Py_ssize_t l0, Py_ssize_t l1, const floating* mean, const floating* zscale,
+                                   const floating* zshift, int act, double slope, double* sdy,
+                                   double* sdyx) noexcept nogil:
+    """column_grad_sums(), or with a fused activation _column_act_grad_sums()."""
+    if act == NO_ACT:
+        column_grad_sums(dy, x, n, length, l0, l1, mean, sdy, sdyx)
+    else:
+        _column_act_grad_sums(dy, x, n, length, l0, l1, mean, zscale, zshift, act, slope, sdy, sdyx)
+
+
 cdef inline void _merge_columns(const double* a, const double* b, Py_ssize_t s, double* s1,
                                 double* s2) noexcept nogil:
     """Add the s column sums of one channel to its sums, in column order."""
@@ -438,6 +470,17 @@ cdef inline void _merge_columns(const double* a, const double* b, Py_ssize_t s, 
     for i in range(s):
         s1[0] += a[i]
         s2[0] += b[i]
+
+
+cdef void _merge_groups(const double* a, const double* b, Py_ssize_t groups, Py_ssize_t nc, Py_ssize_t s,
+                        double* s1, double* s2) noexcept nogil:
+    """Per-channel sums of `groups` groups of nc * s column sums (a row's nc * s columns each), group by group."""
+    cdef Py_ssize_t c, g
+    for c in range(nc):
+        s1[c] = 0.0
+        s2[c] = 0.0
+        for g in range(groups):
+            _merge_columns(&a[(g * nc + c) * s], &b[(g * nc + c) * s], s, &s1[c], &s2[c])
 
 
 cdef void _forward_columns(const floating* x, floating* y, Py_ssize_t n, Py_ssize_t nc, Py_ssize_t s,
@@ -539,9 +582,9 @@ cdef void _per_column(const double* per_channel, Py_ssize_t nc, Py_ssize_t s, fl
 cdef void _channel_moments(const floating* xp, Py_ssize_t n, Py_ssize_t nc, Py_ssize_t s, double[::1] pivot,
                            double[::1] s1, double[::1] s2):
     """Per-channel sum(x - pivot) and sum((x - pivot)**2) with the rows or the columns schedule; x is (n, nc, s)."""
-    cdef Py_ssize_t t, c, i, k, length = nc * s
-    cdef Py_ssize_t width, tasks, blocks, rows
-    cdef double[::1] a, b, r1, r2
+    cdef Py_ssize_t t, length = nc * s
+    cdef ColumnSplit sp
+    cdef double[::1] a, b
     cdef floating[::1] p
     cdef int nt = threads_for(n * nc * s, _nthreads, _serial_max)
     if s >= SHORT_ROW:
@@ -549,37 +592,20 @@ cdef void _channel_moments(const floating* xp, Py_ssize_t n, Py_ssize_t nc, Py_s
         b = np.zeros(n * nc)
         for t in prange(n * nc, nogil=True, schedule="static", num_threads=nt):
             moments(xp + t * s, s, pivot[t % nc], &a[t], &b[t])
-        for c in range(nc):
-            s1[c] = 0.0
-            s2[c] = 0.0
-            for i in range(n):
-                s1[c] += a[i * nc + c]
-                s2[c] += b[i * nc + c]
-    elif _fold(n, length) > 1:  # k rows as one, each column a set of its own; then the n % k rows left over
-        k = _fold(n, length)
-        a, b = np.empty(k * length), np.empty(k * length)
-        _channel_moments(xp, n // k, k * length, 1, _folded(pivot, nc, s, k), a, b)
-        r1, r2 = np.zeros(nc), np.zeros(nc)
-        if n % k:
-            _channel_moments(xp + n // k * k * length, n % k, nc, s, pivot, r1, r2)
-        _merge_folded(a, b, r1, r2, nc, s, s1, s2)
-    else:
-        # column tasks times row blocks; block k's column sums land in row k of a and b
-        blocks = _column_split(n, nc, s, &width, &tasks, &rows)
-        a = np.empty(blocks * length)
-        b = np.empty(blocks * length)
-        p = np.empty(length, np.float32 if floating is float else np.float64)
-        _per_column(&pivot[0], nc, s, &p[0])
-        for t in prange(blocks * tasks, nogil=True, schedule="static", num_threads=nt):
-            k = t // tasks
-            column_moments(xp + k * rows * length, max(0, min(rows, n - k * rows)), length,
-                            (t % tasks) * width, min(length, (t % tasks + 1) * width), &p[0], &a[k * length],
-                            &b[k * length])
-        for c in range(nc):
-            s1[c] = 0.0
-            s2[c] = 0.0
-            for k in range(blocks):
-                _merge_columns(&a[k * length + c * s], &b[k * length + c * s], s, &s1[c], &s2[c])
+        _merge_groups(&a[0], &b[0], n, nc, 1, &s1[0], &s2[0])
+        return
+    sp = _split_columns(n, nc, s)
+    a = np.empty(sp.blocks * sp.length + length)
+    b = np.empty(sp.blocks * sp.length + length)
+    p = np.empty(sp.length, np.float32 if floating is float else np.float64)
+    _per_column(&pivot[0], nc, s, &p[0], sp.k)
+    for t in prange(sp.blocks * sp.tasks, nogil=True, schedule="static", num_threads=nt):
+        column_moments(xp + t // sp.tasks * sp.rows * sp.length, _task_rows(&sp, t), sp.length, _task_column(&sp, t),
+                       _task_end(&sp, t), &p[0], &a[t // sp.tasks * sp.length], &b[t // sp.tasks * sp.length])
+    if sp.tail:
+        column_moments(xp + sp.n * sp.length, sp.tail, length, 0, length, &p[0], &a[sp.blocks * sp.length],
+                       &b[sp.blocks * sp.length])
+    _merge_groups(&a[0], &b[0], _groups(&sp), nc, s, &s1[0], &s2[0])
 
 
 cdef void _apply_channels(const floating* xp, floating* yp, Py_ssize_t n, Py_ssize_t nc, Py_ssize_t s,
@@ -633,9 +659,9 @@ cdef void _channel_grad_sums(const floating* dyp, const floating* xp, Py_ssize_t
     """Per-channel sum(g) and sum(g * (x - mean)) with the rows or the columns schedule: g = dy, or with a fused
     activation dy * act'(z), z = (x - mean) * zscale + zshift; dy, x are (n, nc, s). With dxp (no activation, the
     rows schedule: s >= SHORT_ROW), also dx = dy * zscale in the same pass (the inference backward's)."""
-    cdef Py_ssize_t t, c, i, k, length = nc * s
-    cdef Py_ssize_t width, tasks, blocks, rows
-    cdef double[::1] a, b, r1, r2
+    cdef Py_ssize_t t, o, length = nc * s
+    cdef ColumnSplit sp
+    cdef double[::1] a, b
     cdef floating[::1] m
     cdef floating[:, ::1] zcols
     cdef int nt = threads_for(n * nc * s, _nthreads, _serial_max)
@@ -650,48 +676,26 @@ cdef void _channel_grad_sums(const floating* dyp, const floating* xp, Py_ssize_t
             else:
                 act_grad_sums(dyp + t * s, xp + t * s, s, mean[t % nc], zscale[t % nc], zshift[t % nc], act, slope,
                               &a[t], &b[t])
-        for c in range(nc):
-            sdy[c] = 0.0
-            sdyx[c] = 0.0
-            for i in range(n):
-                sdy[c] += a[i * nc + c]
-                sdyx[c] += b[i * nc + c]
-    elif _fold(n, length) > 1:  # as in _channel_moments
-        k = _fold(n, length)
-        a, b = np.empty(k * length), np.empty(k * length)
-        _channel_grad_sums(dyp, xp, n // k, k * length, 1, _folded(mean, nc, s, k), a, b, act, slope,
-                           _folded(zscale, nc, s, k), _folded(zshift, nc, s, k))
-        r1, r2 = np.zeros(nc), np.zeros(nc)
-        if n % k:
-            _channel_grad_sums(dyp + n // k * k * length, xp + n // k * k * length, n % k, nc, s, mean, r1, r2, act,
-                               slope, zscale, zshift)
-        _merge_folded(a, b, r1, r2, nc, s, sdy, sdyx)
-    else:
-        # as in _channel_moments
-        blocks = _column_split(n, nc, s, &width, &tasks, &rows)
-        a = np.empty(blocks * length)
-        b = np.empty(blocks * length)
-        m = np.empty(length, np.float32 if floating is float else np.float64)
-        _per_column(&mean[0], nc, s, &m[0])
-        zcols = np.empty((2, length), np.float32 if floating is float else np.float64)
-        _per_column(&zscale[0], nc, s, &zcols[0, 0])
-        _per_column(&zshift[0], nc, s, &zcols[1, 0])
-        for t in prange(blocks * tasks, nogil=True, schedule="static", num_threads=nt):
-            k = t // tasks
-            if act == NO_ACT:
-                column_grad_sums(dyp + k * rows * length, xp + k * rows * length, max(0, min(rows, n - k * rows)),
-                                  length, (t % tasks) * width, min(length, (t % tasks + 1) * width), &m[0],
-                                  &a[k * length], &b[k * length])
-            else:
-                _column_act_grad_sums(dyp + k * rows * length, xp + k * rows * length,
-                                      max(0, min(rows, n - k * rows)), length, (t % tasks) * width,
-                                      min(length, (t % tasks + 1) * width), &m[0], &zcols[0, 0], &zcols[1, 0], act,
-                                      slope, &a[k * length], &b[k * length])
-        for c in range(nc):
-            sdy[c] = 0.0
-            sdyx[c] = 0.0
-            for k in range(blocks):
-                _merge_columns(&a[k * length + c * s], &b[k * length + c * s], s, &sdy[c], &sdyx[c])
+        _merge_groups(&a[0], &b[0], n, nc, 1, &sdy[0], &sdyx[0])
+        return
+    sp = _split_columns(n, nc, s)  # as in _channel_moments
+    a = np.empty(sp.blocks * sp.length + length)
+    b = np.empty(sp.blocks * sp.length + length)
+    m = np.empty(sp.length, np.float32 if floating is float else np.float64)
+    _per_column(&mean[0], nc, s, &m[0], sp.k)
+    zcols = np.empty((2, sp.length), np.float32 if floating is float else np.float64)
+    _per_column(&zscale[0], nc, s, &zcols[0, 0], sp.k)
+    _per_column(&zshift[0], nc, s, &zcols[1, 0], sp.k)
+    for t in prange(sp.blocks * sp.tasks, nogil=True, schedule="static", num_threads=nt):
+        o = t // sp.tasks * sp.rows * sp.length
+        _column_grad_sums(dyp + o, xp + o, _task_rows(&sp, t), sp.length, _task_column(&sp, t), _task_end(&sp, t),
+                          &m[0], &zcols[0, 0], &zcols[1, 0], act, slope, &a[t // sp.tasks * sp.length],
+                          &b[t // sp.tasks * sp.length])
+    if sp.tail:
+        o = sp.n * sp.length
+        _column_grad_sums(dyp + o, xp + o, sp.tail, length, 0, length, &m[0], &zcols[0, 0], &zcols[1, 0], act, slope,
+                          &a[sp.blocks * sp.length], &b[sp.blocks * sp.length])
+    _merge_groups(&a[0], &b[0], _groups(&sp), nc, s, &sdy[0], &sdyx[0])
 
 
 cdef void _grad_apply_channels(const floating* dyp, const floating* xp, floating* dxp, Py_ssize_t n, Py_ssize_t nc,
@@ -974,30 +978,27 @@ cdef void _column_moments64(const floating* x, Py_ssize_t n, Py_ssize_t length, 
 cdef void _stats_moments(const floating[:, :, ::1] x, double[::1] pivot, double[::1] s1, double[::1] s2):
     """Per-channel sum(x - pivot) and sum((x - pivot)**2), in double: _channel_moments' rows schedule (moments()
     is double throughout), and its columns schedule with double column sums."""
-    cdef Py_ssize_t n = x.shape[0], nc = x.shape[1], s = x.shape[2], t, c, k, length = nc * s
-    cdef Py_ssize_t width, tasks, blocks, rows
+    cdef Py_ssize_t n = x.shape[0], nc = x.shape[1], s = x.shape[2], t, length = nc * s
     cdef const floating* xp = &x[0, 0, 0]
+    cdef ColumnSplit sp
     cdef double[::1] a, b, p
     cdef int nt = threads_for(n * nc * s, _nthreads, _serial_max)
     if s >= SHORT_ROW:
         _channel_moments(xp, n, nc, s, pivot, s1, s2)
         return
-    blocks = _column_split(n, nc, s, &width, &tasks, &rows)
-    a = np.empty(blocks * length)
-    b = np.empty(blocks * length)
-    p = np.empty(length)
-    for c in range(nc):
-        for k in range(s):
-            p[c * s + k] = pivot[c]
-    for t in prange(blocks * tasks, nogil=True, schedule="static", num_threads=nt):
-        k = t // tasks
-        _column_moments64(xp + k * rows * length, max(0, min(rows, n - k * rows)), length, (t % tasks) * width,
-                          min(length, (t % tasks + 1) * width), &p[0], &a[k * length], &b[k * length])
-    for c in range(nc):
-        s1[c] = 0.0
-        s2[c] = 0.0
-        for k in range(blocks):
-            _merge_columns(&a[k * length + c * s], &b[k * length + c * s], s, &s1[c], &s2[c])
+    sp = _split_columns(n, nc, s)
+    a = np.empty(sp.blocks * sp.length + length)
+    b = np.empty(sp.blocks * sp.length + length)
+    p = np.empty(sp.length)
+    _per_column(&pivot[0], nc, s, &p[0], sp.k)
+    for t in prange(sp.blocks * sp.tasks, nogil=True, schedule="static", num_threads=nt):
+        _column_moments64(xp + t // sp.tasks * sp.rows * sp.length, _task_rows(&sp, t), sp.length,
+                          _task_column(&sp, t), _task_end(&sp, t), &p[0], &a[t // sp.tasks * sp.length],
+                          &b[t // sp.tasks * sp.length])
+    if sp.tail:
+        _column_moments64(xp + sp.n * sp.length, sp.tail, length, 0, length, &p[0], &a[sp.blocks * sp.length],
+                          &b[sp.blocks * sp.length])
+    _merge_groups(&a[0], &b[0], _groups(&sp), nc, s, &s1[0], &s2[0])
 
 
 def batchnorm_stats(const floating[:, :, ::1] x, double[::1] mean, double[::1] m2):
@@ -1128,6 +1129,9 @@ cdef void _widen_block(const uint16_t* x, Py_ssize_t rows, Py_ssize_t length, Py
                        float* out) noexcept nogil:
     """rows x width values of the (., length) view starting at x, into out as rows of width."""
     cdef Py_ssize_t i
+    if width == length:  # whole rows: one run (folded rows of 16 values had taken a call each)
+        normkit_widen(x, out, rows * width, fmt)
+        return
     for i in range(rows):
         normkit_widen(x + i * length, out + i * width, width, fmt)
 
@@ -1225,8 +1229,8 @@ cdef void _column_grad_sums16(const uint16_t* dy, const uint16_t* x, Py_ssize_t 
 cdef void _channel_moments16(const uint16_t* xp, Py_ssize_t n, Py_ssize_t nc, Py_ssize_t s, double[::1] pivot,
                              bint wide, int fmt, double[::1] s1, double[::1] s2):
     """_channel_moments (or, if wide, _stats_moments) on 16-bit data (n, nc, s)."""
-    cdef Py_ssize_t t, c, i, k, length = nc * s
-    cdef Py_ssize_t width, tasks, blocks, rows
+    cdef Py_ssize_t t, length = nc * s
+    cdef ColumnSplit sp
     cdef double[::1] a, b
     cdef float[::1] p
     cdef int nt = threads_for(n * nc * s, _nthreads, _serial_max)
@@ -1235,28 +1239,21 @@ cdef void _channel_moments16(const uint16_t* xp, Py_ssize_t n, Py_ssize_t nc, Py
         b = np.zeros(n * nc)
         for t in prange(n * nc, nogil=True, schedule="static", num_threads=nt):
             moments16(xp + t * s, s, fmt, pivot[t % nc], &a[t], &b[t], wide)
-        for c in range(nc):
-            s1[c] = 0.0
-            s2[c] = 0.0
-            for i in range(n):
-                s1[c] += a[i * nc + c]
-                s2[c] += b[i * nc + c]
-    else:
-        blocks = _column_split(n, nc, s, &width, &tasks, &rows)
-        a = np.empty(blocks * length)
-        b = np.empty(blocks * length)
-        p = np.empty(length, np.float32)
-        _per_column(&pivot[0], nc, s, &p[0])
-        for t in prange(blocks * tasks, nogil=True, schedule="static", num_threads=nt):
-            k = t // tasks
-            _column_moments16(xp + k * rows * length, max(0, min(rows, n - k * rows)), length, (t % tasks) * width,
-                              min(length, (t % tasks + 1) * width), &p[0], wide, fmt, &a[k * length],
-                              &b[k * length])
-        for c in range(nc):
-            s1[c] = 0.0
-            s2[c] = 0.0
-            for k in range(blocks):
-                _merge_columns(&a[k * length + c * s], &b[k * length + c * s], s, &s1[c], &s2[c])
+        _merge_groups(&a[0], &b[0], n, nc, 1, &s1[0], &s2[0])
+        return
+    sp = _split_columns(n, nc, s)
+    a = np.empty(sp.blocks * sp.length + length)
+    b = np.empty(sp.blocks * sp.length + length)
+    p = np.empty(sp.length, np.float32)
+    _per_column(&pivot[0], nc, s, &p[0], sp.k)
+    for t in prange(sp.blocks * sp.tasks, nogil=True, schedule="static", num_threads=nt):
+        _column_moments16(xp + t // sp.tasks * sp.rows * sp.length, _task_rows(&sp, t), sp.length,
+                          _task_column(&sp, t), _task_end(&sp, t), &p[0], wide, fmt, &a[t // sp.tasks * sp.length],
+                          &b[t // sp.tasks * sp.length])
+    if sp.tail:
+        _column_moments16(xp + sp.n * sp.length, sp.tail, length, 0, length, &p[0], wide, fmt,
+                          &a[sp.blocks * sp.length], &b[sp.blocks * sp.length])
+    _merge_groups(&a[0], &b[0], _groups(&sp), nc, s, &s1[0], &s2[0])
 
 
 cdef void _apply_channels16(const uint16_t* xp, uint16_t* yp, Py_ssize_t n, Py_ssize_t nc, Py_ssize_t s,
@@ -1321,8 +1318,8 @@ cdef void _affine_row16(const uint16_t* x, uint16_t* y, Py_ssize_t length, const
 cdef void _channel_grad_sums16(const uint16_t* dyp, const uint16_t* xp, Py_ssize_t n, Py_ssize_t nc, Py_ssize_t s,
                                double[::1] mean, int fmt, double[::1] sdy, double[::1] sdyx):
     """_channel_grad_sums on 16-bit data (n, nc, s)."""
-    cdef Py_ssize_t t, c, i, k, length = nc * s
-    cdef Py_ssize_t width, tasks, blocks, rows
+    cdef Py_ssize_t t, o, length = nc * s
+    cdef ColumnSplit sp
     cdef double[::1] a, b
     cdef float[::1] m
     cdef int nt = threads_for(n * nc * s, _nthreads, _serial_max)
@@ -1331,28 +1328,22 @@ cdef void _channel_grad_sums16(const uint16_t* dyp, const uint16_t* xp, Py_ssize
         b = np.zeros(n * nc)
         for t in prange(n * nc, nogil=True, schedule="static", num_threads=nt):
             grad_sums16(dyp + t * s, xp + t * s, NULL, s, fmt, mean[t % nc], &a[t], &b[t])
-        for c in range(nc):
-            sdy[c] = 0.0
-            sdyx[c] = 0.0
-            for i in range(n):
-                sdy[c] += a[i * nc + c]
-                sdyx[c] += b[i * nc + c]
-    else:
-        blocks = _column_split(n, nc, s, &width, &tasks, &rows)
-        a = np.empty(blocks * length)
-        b = np.empty(blocks * length)
-        m = np.empty(length, np.float32)
-        _per_column(&mean[0], nc, s, &m[0])
-        for t in prange(blocks * tasks, nogil=True, schedule="static", num_threads=nt):
-            k = t // tasks
-            _column_grad_sums16(dyp + k * rows * length, xp + k * rows * length, max(0, min(rows, n - k * rows)),
-                                length, (t % tasks) * width, min(length, (t % tasks + 1) * width), &m[0], fmt,
-                                &a[k * length], &b[k * length])
-        for c in range(nc):
-            sdy[c] = 0.0
-            sdyx[c] = 0.0
-            for k in range(blocks):
-                _merge_columns(&a[k * length + c * s], &b[k * length + c * s], s, &sdy[c], &sdyx[c])
+        _merge_groups(&a[0], &b[0], n, nc, 1, &sdy[0], &sdyx[0])
+        return
+    sp = _split_columns(n, nc, s)
+    a = np.empty(sp.blocks * sp.length + length)
+    b = np.empty(sp.blocks * sp.length + length)
+    m = np.empty(sp.length, np.float32)
+    _per_column(&mean[0], nc, s, &m[0], sp.k)
+    for t in prange(sp.blocks * sp.tasks, nogil=True, schedule="static", num_threads=nt):
+        o = t // sp.tasks * sp.rows * sp.length
+        _column_grad_sums16(dyp + o, xp + o, _task_rows(&sp, t), sp.length, _task_column(&sp, t), _task_end(&sp, t),
+                            &m[0], fmt, &a[t // sp.tasks * sp.length], &b[t // sp.tasks * sp.length])
+    if sp.tail:
+        o = sp.n * sp.length
+        _column_grad_sums16(dyp + o, xp + o, sp.tail, length, 0, length, &m[0], fmt, &a[sp.blocks * sp.length],
+                            &b[sp.blocks * sp.length])
+    _merge_groups(&a[0], &b[0], _groups(&sp), nc, s, &sdy[0], &sdyx[0])
 
 
 cdef void _grad_apply_channels16(const uint16_t* dyp, const uint16_t* xp, uint16_t* dxp, Py_ssize_t n, Py_ssize_t nc,
