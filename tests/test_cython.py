@@ -69,7 +69,9 @@ def _compare(op, shape, dtype, rng, **extra):
 # GroupNorm's and InstanceNorm's single set of 65536 values or more, cut into pieces; LayerNorm's forward of a
 # single long row, by tiles. BatchNorm's columns schedule on rows of at most 8 values sums them k at a time, 16
 # values' worth (rows of 2 values: k = 8, from 4096 rows, 4101 leave 5 over; of 1: k = 16, 8199 rows leave 7; of
-# 3, one channel of 3 values: k = 6, 3077 rows leave 5; of 5: k = 4, 2051 leave 3; of 8: k = 2, from 1024 rows).
+# 3, one channel of 3 values: k = 6, 3077 rows leave 5; of 5: k = 4, 2051 leave 3; of 8: k = 2, from 1024 rows);
+# its float32 column sums in steps of registers, the last with the columns left over (rows of 127, 128 and 100
+# values: 7 registers of 16 and 15 columns, 8, 6 and 4; in the x86-64-v3 copy steps of 4 registers of 8).
 SCHEDULE_CASES = [
     ("batchnorm", (4095, 2), {}),
     ("batchnorm", (4096, 2), {}),
@@ -79,6 +81,9 @@ SCHEDULE_CASES = [
     ("batchnorm", (2051, 5), {}),
     ("batchnorm", (1023, 8), {}),
     ("batchnorm", (1025, 8), {}),
+    ("batchnorm", (70, 127), {}),
+    ("batchnorm", (70, 128), {}),
+    ("batchnorm", (70, 100), {}),
     ("batchnorm", (7, 33, 31), {}),
     ("batchnorm", (9, 31, 32), {}),
     ("batchnorm", (5, 32, 32), {}),

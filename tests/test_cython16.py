@@ -308,10 +308,11 @@ def test_matches_reference(op, fmt, data):
 # S = 40, in the 16-bit forward and of S, 40, in its backward; _batchnorm.SHORT_ROW16, _layernorm's 16-bit
 # TILED_ROW), in kernel shapes; (20, 70000): LayerNorm's long rows in several groups (on two threads or more), the
 # parameter gradients' flush after row 16 inside one; BatchNorm's rows of at most 8 values summed k at a time (k =
-# 16 for 1 value, 7 rows left over; 6 for 3, 5 left; 2 for 8, from 1024 rows)
+# 16 for 1 value, 7 rows left over; 6 for 3, 5 left; 2 for 8, from 1024 rows); the column sums' steps of
+# registers (rows of 127 and 128 values, as in test_cython.SCHEDULE_CASES)
 SCHEDULE_CASES = [
     ("batchnorm", (8199, 1, 1), 1), ("batchnorm", (3077, 1, 3), 1), ("batchnorm", (1023, 8, 1), 1),
-    ("batchnorm", (1025, 8, 1), 1),
+    ("batchnorm", (1025, 8, 1), 1), ("batchnorm", (70, 127, 1), 1), ("batchnorm", (70, 128, 1), 1),
     ("batchnorm", (7, 33, 31), 1), ("batchnorm", (9, 31, 32), 1), ("batchnorm", (5, 32, 32), 1),
     ("batchnorm", (6, 40, 3), 1), ("batchnorm", (1025, 3, 1), 1), ("batchnorm", (300, 700, 1), 1),
     ("batchnorm", (3, 40, 1100), 1), ("layernorm", (3, 65536), 1), ("layernorm", (3, 65537), 1),

@@ -134,17 +134,15 @@ cdef enum:
     # The columns schedule's statistics and gradient sums over rows of at most FOLD_MAX_ROW values (BatchNorm of an
     # (N, C) input, or of channels-last data, with C <= 8) sum k consecutive rows as one row of at least FOLD_WIDTH
     # columns, each column a set of its own (ColumnSplit), where each row had taken a masked vector load (the
-    # 16-bit loops without registers: a call per row) and its sums a horizontal add per 8 rows. Folded rows of 16
-    # rather than 128 values, since the column sums read data from memory at a third of the speed from 128 columns
-    # on (see "wide rows" in the closing note of 2026-12-07; float32 moments, 1 thread, 25 MB: 26 GB/s at 32
-    # columns, 14 at 64, 7.5 at 128; in cache alike). In-process A/B, 2 threads, (R, C) with 6.4M values, unfolded
-    # / folded to 16 / folded to 32, ms: C = 1 forward 5.30 / 1.47 / 1.72, backward 6.94 / 2.87 / 3.08, split
-    # statistics 2.71 / 0.60 / 0.56, bfloat16 forward 5.54 / 1.09 / 1.09, backward 7.31 / 1.91 / 2.01; C = 3
-    # 3.15 / 1.98 / 2.20, 4.09 / 2.80 / 3.30, 1.69 / 0.64 / 0.56, 2.63 / 1.28 / 1.32, 3.60 / 2.13 / 2.23; C = 8
-    # 1.97 / 2.01 / 1.96, 2.98 / 2.96 / 3.05, 0.66 / 0.53 / 0.53, 1.33 / 1.01 / 1.04, 2.06 / 1.90 / 1.95. Against
-    # folds to 128 (the first choice), 1 thread, C = 1: forward 4.24 -> 2.86, backward 6.92 -> 4.98. Lost at C = 12
-    # (float32 backward 2.81 -> 3.16, gradient sums 1.22 -> 1.33) and a little at 5 and 7 (float32 backward 3.26 ->
-    # 3.38, 2.97 -> 3.20; every other direction won there). Only with at least FOLD_MIN_ROWS such wide rows.
+    # 16-bit loops without registers: a call per row) and its sums a horizontal add per 8 rows. In-process A/B, 2
+    # threads, (R, C) with 6.4M values, unfolded / folded to 16 / 32 / 64 / 128 columns, ms: C = 1 forward 7.54 /
+    # 2.17 / 2.70 / 2.36 / 2.45, backward 8.90 / 3.65 / 3.54 / 3.45 / 3.82, split statistics 5.72 / 0.72 / 0.72 /
+    # 1.04 / 1.61, bfloat16 forward 8.52 / 1.31 / 1.31 / 1.25 / 1.25; C = 3 3.29 / 2.26 / 2.35 / 2.40 / 2.46, 4.35 /
+    # 3.55 / 3.43 / 3.58 / 3.88, 1.63 / 0.66 / 0.64 / 1.04 / 1.71, 2.99 / 1.38 / 1.24 / 1.16 / 1.13. The split
+    # statistics' double loop (_column_moments64, no registers) reads wide rows from memory slowly (see the column
+    # sums in _common.pxd), hence 16. At C = 8 folding won for the split statistics and 16-bit data (bfloat16
+    # forward 1.56 -> 1.13) and lost a little for float32 (backward 3.07 -> 3.21, gradient sums 1.22 -> 1.34); at
+    # C = 12 it lost (float32 backward 2.81 -> 3.16). Only with at least FOLD_MIN_ROWS such wide rows.
     FOLD_WIDTH = 16
     FOLD_MAX_ROW = 8
     FOLD_MIN_ROWS = 512
