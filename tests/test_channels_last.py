@@ -381,6 +381,8 @@ def test_numpy_16_bit_channels_last_keeps_the_layout(op, dtype, backend, rng):
     ("groupnorm", (9, 8, 40), 8),  # whole samples per task
     ("groupnorm", (9, 21, 30), 7),
     ("instancenorm", (8, 40, 20), None),
+    ("instancenorm", (3, 2, 1031), None),  # rows of 2 values 8 at a time (FOLDED below), 7 rows left over
+    ("groupnorm", (9, 4, 301), 2),
 ])
 @pytest.mark.parametrize("data", ["offset1e8", "nan", "constant"])
 def test_channels_last_numerics_on_large_sets(backend, op, shape, groups, data):
@@ -400,6 +402,9 @@ def test_channels_last_numerics_on_large_sets(backend, op, shape, groups, data):
     ("groupnorm", (9, 21, 30), 7),  # rows of 21 values: the registers' loops and the tails past them
     ("instancenorm", (8, 40, 20), None),
     ("groupnorm", (2, 1100, 3), 4),  # rows longer than one tile of the elementwise pass
+    ("groupnorm", (1, 3, 5400), 1),  # rows of 3 values 42 at a time (FOLD16_WIDTH), in blocks, 24 left over
+    ("instancenorm", (9, 2, 4100), None),  # 64 at a time, whole samples, 4 left over
+    ("groupnorm", (2, 24, 703), 6),  # 5 at a time
 ])
 @pytest.mark.parametrize("data", ["offset1e3", "nan", "constant", "overflow"])
 def test_16_bit_channels_last_numerics_on_large_sets(op, shape, groups, dtype, data):
@@ -417,6 +422,7 @@ def test_16_bit_channels_last_numerics_on_large_sets(op, shape, groups, dtype, d
 @pytest.mark.parametrize("op, shape, groups", [
     ("groupnorm", (1, 24, 1000), 6), ("groupnorm", (16, 6, 50), 2), ("instancenorm", (2, 33, 700), None),
     ("batchnorm", (4, 40, 600), None), ("groupnorm", (9, 21, 30), 7), ("instancenorm", (8, 40, 20), None),
+    ("groupnorm", (2, 4, 2200), 2), ("instancenorm", (3, 2, 4203), None),  # folded rows (FOLDED below)
 ])
 def test_channels_last_results_do_not_depend_on_the_thread_count(backend, op, shape, groups, dtype, rng):
     dt = np.float32 if dtype == "float32" else pytest.importorskip("ml_dtypes").bfloat16
@@ -433,3 +439,28 @@ def test_channels_last_results_do_not_depend_on_the_thread_count(backend, op, sh
         registry.set_num_threads(threads)
     for one, two in zip(*results):
         np.testing.assert_array_equal(one, two)
+
+
+# Cython's channels-last GroupNorm / InstanceNorm take a sample's rows of at most 8 values 16 values' worth at a time
+# (Fold in _channels_last.pyx: k rows of C values as one row, each column a set of its own, the coefficients
+# repeated), with the rows left over on their own: whole samples per task (9 samples) and samples cut into blocks
+# (1 to 3 samples), with rows left over and without, plain and with a fused activation. (16-bit rows of up to 32
+# values are folded into up to 128: test_16_bit_channels_last_numerics_on_large_sets.)
+FOLDED = [("instancenorm", (3, 2, 1031), None), ("groupnorm", (9, 4, 301), 2), ("groupnorm", (1, 8, 1500), 4),
+          ("instancenorm", (2, 1, 2003), None), ("groupnorm", (9, 3, 400), 1), ("groupnorm", (2, 6, 1000), 3)]
+
+
+@pytest.mark.parametrize("activation", [None, "silu"])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("op, shape, groups", FOLDED, ids=str)
+def test_cython_channels_last_folded_rows_match_reference(op, shape, groups, dtype, activation, rng):
+    x = nhwc((rng.standard_normal(shape) * 2 + 3).astype(dtype))
+    dy = nhwc(rng.standard_normal(shape).astype(dtype))
+    w, b = rng.standard_normal(shape[1]).astype(dtype), rng.standard_normal(shape[1]).astype(dtype)
+    got = _forward_backward(op, x, dy, groups, w, b, "cython", activation=activation)
+    want = _forward_backward(op, np.ascontiguousarray(x), np.ascontiguousarray(dy), groups, w, b, "reference",
+                             activation=activation)
+    assert is_nhwc(got[0]) and is_nhwc(got[1])
+    for name, g, r, direction in zip(("y", "dx", "dweight", "dbias"), got, want,
+                                     ("forward", "backward", "backward", "backward")):
+        assert_close(g, r, dtype, direction, f"{op} {shape} {activation} {name}")

@@ -35,12 +35,12 @@ from libc.string cimport memcpy
 from libc.stdint cimport uint16_t
 
 from _common cimport (
-    ACT_CHUNK, NORMKIT_BUILD_FLAGS, NORMKIT_HAVE_OPENMP, NORMKIT_OPENMP_NOTE, NO_ACT, SERIAL_MAX_VALUES,
-    STREAM_AFFINE, STREAM_GRAD, STREAM_SCALE, TILE16, act_grad, act_grad_apply, act_grad_apply_stream,
-    act_grad_sums, act_grad_sums_kept, affine, affine16, affine16_runs, affine_act, affine_act_stream,
-    affine_columns, affine_columns_act, all_finite, column_grad_sums, column_moments, columns_stream,
-    finish_moments, grad_apply, grad_apply16, grad_apply16_runs, grad_apply_columns, grad_apply_inplace, grad_sums,
-    grad_sums16, grad_sums_scale, max_offset, moments, moments16, narrow64, normkit_col_sums16, normkit_cols16,
+    ACT_CHUNK, NORMKIT_BUILD_FLAGS, NORMKIT_HAVE_OPENMP, NORMKIT_OPENMP_NOTE, NO_ACT, SERIAL_MAX_VALUES, STREAM_AFFINE,
+    STREAM_GRAD, STREAM_SCALE, TILE16, act_grad, act_grad_apply, act_grad_apply_stream, act_grad_sums,
+    act_grad_sums_kept, affine, affine16, affine16_runs, affine_act, affine_act_stream, affine_columns,
+    affine_columns_act, all_finite, column_grad_sums, column_moments, columns_stream, finish_moments, fold_rows,
+    grad_apply, grad_apply16, grad_apply16_runs, grad_apply_columns, grad_apply_inplace, grad_sums, grad_sums16,
+    grad_sums_scale, max_offset, moments, moments16, narrow64, normkit_col_sums16, normkit_cols16,
     normkit_cols_act_grad_f, normkit_half_init, normkit_narrow, normkit_sfence, normkit_sums16_runs, normkit_widen,
     normkit_x86_64_copies, pivot16, pivot_of, prefetch_run, rounded_shift, scale_columns, scale_copy, scale_copy16,
     threads_for, to_double,
@@ -131,20 +131,8 @@ cdef enum:
     # on data in cache it cost 7-10% ((32, 512, 7, 7), (8, 512, 14, 14): 3.2 MB), 3-4% at 6.4 MB
     AHEAD_BYTES = 8192
     AHEAD_MIN_BYTES = 8 << 20
-    # The columns schedule's statistics and gradient sums over rows of at most FOLD_MAX_ROW values (BatchNorm of an
-    # (N, C) input, or of channels-last data, with C <= 8) sum k consecutive rows as one row of at least FOLD_WIDTH
-    # columns, each column a set of its own (ColumnSplit), where each row had taken a masked vector load (the
-    # 16-bit loops without registers: a call per row) and its sums a horizontal add per 8 rows. In-process A/B, 2
-    # threads, (R, C) with 6.4M values, unfolded / folded to 16 / 32 / 64 / 128 columns, ms: C = 1 forward 7.54 /
-    # 2.17 / 2.70 / 2.36 / 2.45, backward 8.90 / 3.65 / 3.54 / 3.45 / 3.82, split statistics 5.72 / 0.72 / 0.72 /
-    # 1.04 / 1.61, bfloat16 forward 8.52 / 1.31 / 1.31 / 1.25 / 1.25; C = 3 3.29 / 2.26 / 2.35 / 2.40 / 2.46, 4.35 /
-    # 3.55 / 3.43 / 3.58 / 3.88, 1.63 / 0.66 / 0.64 / 1.04 / 1.71, 2.99 / 1.38 / 1.24 / 1.16 / 1.13. The split
-    # statistics' double loop (_column_moments64, no registers) reads wide rows from memory slowly (see the column
-    # sums in _common.pxd), hence 16. At C = 8 folding won for the split statistics and 16-bit data (bfloat16
-    # forward 1.56 -> 1.13) and lost a little for float32 (backward 3.07 -> 3.21, gradient sums 1.22 -> 1.34); at
-    # C = 12 it lost (float32 backward 2.81 -> 3.16). Only with at least FOLD_MIN_ROWS such wide rows.
-    FOLD_WIDTH = 16
-    FOLD_MAX_ROW = 8
+    # The columns schedule's statistics and gradient sums take rows of at most FOLD_MAX_ROW values k at a time
+    # (fold_rows in _common.pxd) where there are at least FOLD_MIN_ROWS such wide rows (the schedule's row blocks).
     FOLD_MIN_ROWS = 512
 
 cdef int _nthreads = 1
@@ -206,18 +194,9 @@ cdef inline Py_ssize_t _column_split(Py_ssize_t n, Py_ssize_t nc, Py_ssize_t s, 
     return blocks
 
 
-cdef inline Py_ssize_t _fold(Py_ssize_t n, Py_ssize_t length) noexcept nogil:
-    """Rows of (n, length) data that the columns schedule sums as one row (see FOLD_WIDTH); 1: none folded."""
-    cdef Py_ssize_t k
-    if length == 0 or length > FOLD_MAX_ROW:
-        return 1
-    k = _cdiv(FOLD_WIDTH, length)
-    return k if n >= FOLD_MIN_ROWS * k else 1
-
-
 cdef struct ColumnSplit:
     # The columns schedule's sums over (n, nc * s) data: k rows taken as one row of `length` = k * nc * s columns
-    # (_fold), n // k such rows cut into `blocks` blocks of `rows` rows and `tasks` column tasks of `width`
+    # (fold_rows), n // k such rows cut into `blocks` blocks of `rows` rows and `tasks` column tasks of `width`
     # columns (_column_split); the n % k rows left over (`tail`) summed on their own after them. Block b's column
     # sums land at b * length of the sums' buffer, the tail's at blocks * length: groups of nc * s columns in row
     # order, which _merge_groups adds up per channel.
@@ -226,7 +205,7 @@ cdef struct ColumnSplit:
 
 cdef inline ColumnSplit _split_columns(Py_ssize_t n, Py_ssize_t nc, Py_ssize_t s) noexcept nogil:
     cdef ColumnSplit sp
-    sp.k = _fold(n, nc * s)
+    sp.k = fold_rows(n, nc * s, FOLD_MIN_ROWS)
     sp.n = n // sp.k
     sp.length = sp.k * nc * s
     sp.tail = n % sp.k

@@ -7,7 +7,9 @@ of those rows. Sums run down the columns, vectorized along C, with the NCHW Batc
 (column_moments() and column_grad_sums() of _common.pxd, whole rows; normkit_col_sums16 for 16-bit data): in
 registers where the build allows (groups of 8 rows in float32 lanes), else four rows per sweep in the data's
 precision, then into double per column; redone in double where that overflowed or met a NaN/inf. A set's column
-sums are then merged in channel order.
+sums are then merged in channel order. Rows of at most 8 values (a few channels) are taken k at a time as one row
+of 16 values or more, each column a set of its own (Fold, fold_rows), the per-column pivots and coefficients
+repeated for them, the rows left over on their own: each short row had cost a masked load and a call.
 
 Tasks are cut from the shape alone, so no result depends on the thread count: one task per sample when there are
 enough samples (its sums, statistics and elementwise pass while the sample is in cache); otherwise blocks of rows,
@@ -41,7 +43,8 @@ from libc.stdint cimport uint16_t
 
 from _common cimport (
     NO_ACT, SERIAL_MAX_VALUES, STREAM_AFFINE, STREAM_GRAD, TILE16, act_grad, affine_columns, affine_columns_act,
-    all_finite, column_grad_sums, column_moments, columns_stream, finish_moments, grad_apply_columns, narrow64,
+    all_finite, column_grad_sums, column_moments, columns_stream, finish_moments, fold_rows, grad_apply_columns,
+    narrow64,
     normkit_col_sums16, normkit_cols16, normkit_cols_act_grad_f, normkit_half_init, normkit_narrow, normkit_sfence,
     normkit_widen, pivot_of, threads_for,
 )
@@ -75,6 +78,17 @@ cdef enum:
     # at least BLOCK_ROWS rows, enough for SAMPLE_TASKS tasks in all
     SAMPLE_TASKS = 8
     BLOCK_ROWS = 64
+    # 16-bit rows of at most FOLD16_MAX_ROW values are folded (Fold) into rows of at most FOLD16_WIDTH values, one
+    # step of the column sums' registers in the x86-64-v4 build, rather than the float kernels' 16 (fold_rows): their
+    # passes cost a call or two per row. In-process A/B, 1 thread, InstanceNorm (8, S, C) bfloat16 with 6.4M values,
+    # rows as they are / folded to 16 (C <= 8) / to 128, forward and backward, ms: C = 1 4.94 / 3.22 / 2.46 and
+    # 6.09 / 4.17 / 4.57 (x86-64-v3 build), 4.70 / - / 2.15 and 5.73 / - / 3.61 (v4); C = 3 15.7 / 9.1 / 3.4 and
+    # 19.3 / 11.8 / 5.3 (v3), 11.0 / - / 2.7 and 12.6 / - / 3.9 (v4); C = 12 20.4 / - / 2.8, 27.7 / - / 4.4 (v3),
+    # 15.8 / - / 2.8, 17.5 / - / 3.7 (v4); C = 32 3.19 / - / 2.35, 3.87 / - / 4.24 (v3), 3.22 / - / 2.03, 3.91 / -
+    # / 3.07 (v4); at C = 48 the backward lost (3.5 -> 3.7-3.8). Float32 rows folded to 128 lost in v3 (backward
+    # 1.3-1.8x: the column sums' steps there are 32 values) and in v4's forward at C = 1 and 32 (1.25-1.35x).
+    FOLD16_WIDTH = 128
+    FOLD16_MAX_ROW = 32
 
 
 cdef inline Py_ssize_t _cdiv(Py_ssize_t a, Py_ssize_t b) noexcept nogil:
@@ -86,6 +100,78 @@ cdef inline Py_ssize_t _blocks(Py_ssize_t n, Py_ssize_t s) noexcept nogil:
     if n >= SAMPLE_TASKS:
         return 1
     return max(1, min(_cdiv(SAMPLE_TASKS, n), s // BLOCK_ROWS))
+
+
+cdef struct Fold:
+    # A sample's S rows of nc values as sf rows of `width` = k * nc values (fold_rows, FOLD16_WIDTH: k rows of a
+    # few values as one, from BLOCK_ROWS such rows; else k = 1), then the `tail` of S - k * sf rows of nc values.
+    # The sf rows are cut into `blocks` blocks of `rows` rows, the tail goes with the last block. A sample has
+    # blocks + 1 rows of column sums, `width` each: its blocks', then its tail's (nc columns), added up per channel
+    # by _merge_sample.
+    Py_ssize_t k, width, sf, tail, blocks, rows
+
+
+cdef inline Fold _fold(Py_ssize_t n, Py_ssize_t s, Py_ssize_t nc, bint half=False) noexcept nogil:
+    """A sample's Fold; ``half``: 16-bit data's (FOLD16_WIDTH)."""
+    cdef Fold f
+    f.k = fold_rows(s, nc, BLOCK_ROWS)
+    if half:
+        f.k = FOLD16_WIDTH // nc if 0 < nc <= FOLD16_MAX_ROW and s >= BLOCK_ROWS * (FOLD16_WIDTH // nc) else 1
+    f.width = f.k * nc
+    f.sf = s // f.k
+    f.tail = s - f.sf * f.k
+    f.blocks = _blocks(n, f.sf)
+    f.rows = _cdiv(f.sf, f.blocks)
+    return f
+
+
+cdef inline int _parts(const Fold* f, Py_ssize_t q) noexcept nogil:
+    """Parts of block q's task: its rows, and with the last block the tail's."""
+    return 2 if q == f.blocks - 1 and f.tail > 0 else 1
+
+
+cdef inline Py_ssize_t _part_offset(const Fold* f, Py_ssize_t q, int j) noexcept nogil:
+    """Where part j of block q starts, in values from the sample's first."""
+    return f.sf * f.width if j else q * f.rows * f.width
+
+
+cdef inline Py_ssize_t _part_rows(const Fold* f, Py_ssize_t q, int j) noexcept nogil:
+    return f.tail if j else max(0, min(f.rows, f.sf - q * f.rows))
+
+
+cdef inline Py_ssize_t _part_width(const Fold* f, Py_ssize_t nc, int j) noexcept nogil:
+    return nc if j else f.width
+
+
+cdef inline Py_ssize_t _part_sums(const Fold* f, Py_ssize_t q, int j) noexcept nogil:
+    """Where part j of block q puts its column sums, in values from the sample's first row of sums."""
+    return (f.blocks if j else q) * f.width
+
+
+cdef void _repeat(floating* a, Py_ssize_t nc, Py_ssize_t k) noexcept nogil:
+    """a's first nc values repeated k - 1 times after them: a folded row's per-column coefficients."""
+    cdef Py_ssize_t g, l
+    for g in range(1, k):
+        for l in range(nc):
+            a[g * nc + l] = a[l]
+
+
+cdef void _merge_sample(double* a, double* b, const Fold* f, Py_ssize_t nc) noexcept nogil:
+    """A sample's column sums per channel, into its first nc: its blocks' in block order (each one's k groups of
+    nc columns in row order), then its tail's."""
+    cdef Py_ssize_t q, l
+    cdef double t1, t2
+    for l in range(nc):
+        t1 = a[l]
+        t2 = b[l]
+        for q in range(1, f.blocks * f.k):
+            t1 = t1 + a[q * nc + l]
+            t2 = t2 + b[q * nc + l]
+        if f.tail:
+            t1 = t1 + a[f.blocks * f.width + l]
+            t2 = t2 + b[f.blocks * f.width + l]
+        a[l] = t1
+        b[l] = t2
 
 
 cdef inline const floating* _ptr(const floating[::1] a) noexcept:
@@ -134,6 +220,55 @@ cdef void _grad_apply_rows(const floating* dy, const floating* x, floating* dx, 
         grad_apply_columns(dy + i * nc, x + i * nc, dx + i * nc, nc, mean, ca, cb, cc)
 
 
+# --- a task's parts (Fold): its block of rows, and with the last block the tail's -------------------------------
+
+cdef void _sums_task(const floating* dy, const floating* x, const Fold* f, Py_ssize_t q, Py_ssize_t nc,
+                     const floating* p, double* s1, double* s2) noexcept nogil:
+    """Block q's column sums of a sample (dy, x: its first value; s1, s2: its first row of sums; p per column of a
+    folded row): column_moments() (dy NULL, p the pivots) or column_grad_sums() (p the means)."""
+    cdef int j
+    cdef Py_ssize_t o, r, w
+    for j in range(_parts(f, q)):
+        o = _part_offset(f, q, j)
+        r = _part_rows(f, q, j)
+        w = _part_width(f, nc, j)
+        if dy == NULL:
+            column_moments(x + o, r, w, 0, w, p, s1 + _part_sums(f, q, j), s2 + _part_sums(f, q, j))
+        else:
+            column_grad_sums(dy + o, x + o, r, w, 0, w, p, s1 + _part_sums(f, q, j), s2 + _part_sums(f, q, j))
+
+
+cdef void _affine_task(const floating* x, floating* y, const Fold* f, Py_ssize_t q, Py_ssize_t nc,
+                       const floating* mean, const floating* scale, const floating* shift, int act, double slope,
+                       bint stream) noexcept nogil:
+    cdef int j
+    cdef Py_ssize_t o
+    for j in range(_parts(f, q)):
+        o = _part_offset(f, q, j)
+        _affine_rows(x + o, y + o, _part_rows(f, q, j), _part_width(f, nc, j), mean, scale, shift, act, slope, stream)
+
+
+cdef void _act_grad_task(const floating* dy, const floating* x, floating* g, const Fold* f, Py_ssize_t q,
+                         Py_ssize_t nc, const floating* mean, const floating* zscale, const floating* zshift, int act,
+                         double slope) noexcept nogil:
+    cdef int j
+    cdef Py_ssize_t o
+    for j in range(_parts(f, q)):
+        o = _part_offset(f, q, j)
+        _act_grad_rows(dy + o, x + o, g + o, _part_rows(f, q, j), _part_width(f, nc, j), mean, zscale, zshift, act,
+                       slope)
+
+
+cdef void _grad_apply_task(const floating* dy, const floating* x, floating* dx, const Fold* f, Py_ssize_t q,
+                           Py_ssize_t nc, const floating* mean, const floating* ca, const floating* cb,
+                           const floating* cc, bint stream) noexcept nogil:
+    cdef int j
+    cdef Py_ssize_t o
+    for j in range(_parts(f, q)):
+        o = _part_offset(f, q, j)
+        _grad_apply_rows(dy + o, x + o, dx + o, _part_rows(f, q, j), _part_width(f, nc, j), mean, ca, cb, cc, stream)
+
+
 # --- per-sample steps ------------------------------------------------------------------------------------------
 
 cdef void _finish_sample(const double* s1, const double* s2, Py_ssize_t nc, Py_ssize_t groups, Py_ssize_t s,
@@ -180,32 +315,23 @@ cdef void _grad_coefficients(const double* sdy, const double* sdyx, Py_ssize_t n
             cc[c] = <floating>k
 
 
-cdef void _merge_blocks(double* a, double* b, Py_ssize_t blocks, Py_ssize_t nc) noexcept nogil:
-    """Add the column sums of a sample's blocks 1.. into block 0's, in block order."""
-    cdef Py_ssize_t k, l
-    for k in range(1, blocks):
-        for l in range(nc):
-            a[l] += a[k * nc + l]
-            b[l] += b[k * nc + l]
-
-
 cdef void _param_grads(const double[:, ::1] sdy, const double[:, ::1] sdyx, const floating[:, ::1] rstd,
-                       Py_ssize_t cg, Py_ssize_t blocks, floating[::1] dweight, floating[::1] dbias):
+                       Py_ssize_t cg, Py_ssize_t per, floating[::1] dweight, floating[::1] dbias):
     """dweight = sum(g * xhat) = sum over samples of rstd * sum(g * (x - mean)), g = dy or dy * act'(z), and
-    dbias = sum(g), from each sample's merged column sums (row i * blocks of sdy, sdyx); summed in sample order."""
-    cdef Py_ssize_t n = rstd.shape[0], nc = sdy.shape[1], i, c
+    dbias = sum(g), from each sample's merged column sums (row i * per of sdy, sdyx); summed in sample order."""
+    cdef Py_ssize_t n = rstd.shape[0], nc = rstd.shape[1] * cg, i, c
     cdef double acc
     if dweight is not None:
         for c in range(nc):
             acc = 0.0
             for i in range(n):
-                acc = acc + <double>rstd[i, c // cg] * sdyx[i * blocks, c]
+                acc = acc + <double>rstd[i, c // cg] * sdyx[i * per, c]
             dweight[c] = <floating>acc
     if dbias is not None:
         for c in range(nc):
             acc = 0.0
             for i in range(n):
-                acc = acc + sdy[i * blocks, c]
+                acc = acc + sdy[i * per, c]
             dbias[c] = <floating>acc
 
 
@@ -215,16 +341,17 @@ cdef void _forward(const floating[:, :, ::1] x, Py_ssize_t groups, const floatin
                    const floating[::1] bias, double eps, int act, double slope, floating[:, :, ::1] y,
                    floating[:, ::1] mean, floating[:, ::1] rstd):
     cdef Py_ssize_t n = x.shape[0], s = x.shape[1], nc = x.shape[2], cg = nc // groups
-    cdef Py_ssize_t blocks = _blocks(n, s), rows = _cdiv(s, blocks), i, g, c, t, r0
+    cdef Fold f = _fold(n, s, nc)
+    cdef Py_ssize_t per = f.blocks + 1, i, g, c, t
     cdef const floating* xp = &x[0, 0, 0]
     cdef floating* yp = &y[0, 0, 0]
     cdef const floating* w = _ptr(weight)
     cdef const floating* b = _ptr(bias)
     dtype = np.float32 if floating is float else np.float64
-    cdef floating[:, ::1] piv = np.empty((n, nc), dtype)
-    cdef floating[:, ::1] cm = np.empty((n, nc), dtype), scale = np.empty((n, nc), dtype)
-    cdef floating[:, ::1] shift = np.empty((n, nc), dtype)
-    cdef double[:, ::1] s1 = np.empty((n * blocks, nc)), s2 = np.empty((n * blocks, nc))
+    cdef floating[:, ::1] piv = np.empty((n, f.width), dtype)
+    cdef floating[:, ::1] cm = np.empty((n, f.width), dtype), scale = np.empty((n, f.width), dtype)
+    cdef floating[:, ::1] shift = np.empty((n, f.width), dtype)
+    cdef double[:, ::1] s1 = np.empty((n * per, f.width)), s2 = np.empty((n * per, f.width))
     cdef double[:, ::1] mu = np.empty((n, groups)), rs = np.empty((n, groups))
     cdef int nt = threads_for(n * s * nc, _nthreads, _serial_max)
     cdef bint stream = n * s * nc * <Py_ssize_t>sizeof(floating) >= _stream_min
@@ -232,28 +359,34 @@ cdef void _forward(const floating[:, :, ::1] x, Py_ssize_t groups, const floatin
         for g in range(groups):
             for c in range(g * cg, (g + 1) * cg):
                 piv[i, c] = <floating>pivot_of(x[i, 0, g * cg])
-    if blocks == 1:
+        _repeat(&piv[i, 0], nc, f.k)
+    if f.blocks == 1:
         for i in prange(n, nogil=True, schedule="static", num_threads=nt):
-            column_moments(xp + i * s * nc, s, nc, 0, nc, &piv[i, 0], &s1[i, 0], &s2[i, 0])
-            _finish_sample(&s1[i, 0], &s2[i, 0], nc, groups, s, &piv[i, 0], eps, w, b, &mu[i, 0], &rs[i, 0],
-                           &cm[i, 0], &scale[i, 0], &shift[i, 0])
-            _affine_rows(xp + i * s * nc, yp + i * s * nc, s, nc, &cm[i, 0], &scale[i, 0], &shift[i, 0], act,
+            _sums_task(<floating*>NULL, xp + i * s * nc, &f, 0, nc, &piv[i, 0], &s1[i * per, 0], &s2[i * per, 0])
+            _merge_sample(&s1[i * per, 0], &s2[i * per, 0], &f, nc)
+            _finish_sample(&s1[i * per, 0], &s2[i * per, 0], nc, groups, s, &piv[i, 0], eps, w, b, &mu[i, 0],
+                           &rs[i, 0], &cm[i, 0], &scale[i, 0], &shift[i, 0])
+            _repeat(&cm[i, 0], nc, f.k)
+            _repeat(&scale[i, 0], nc, f.k)
+            _repeat(&shift[i, 0], nc, f.k)
+            _affine_task(xp + i * s * nc, yp + i * s * nc, &f, 0, nc, &cm[i, 0], &scale[i, 0], &shift[i, 0], act,
                          slope, stream)
     else:
-        for t in prange(n * blocks, nogil=True, schedule="static", num_threads=nt):
-            i = t // blocks
-            r0 = (t % blocks) * rows
-            column_moments(xp + (i * s + r0) * nc, max(0, min(rows, s - r0)), nc, 0, nc, &piv[i, 0], &s1[t, 0],
-                           &s2[t, 0])
+        for t in prange(n * f.blocks, nogil=True, schedule="static", num_threads=nt):
+            i = t // f.blocks
+            _sums_task(<floating*>NULL, xp + i * s * nc, &f, t % f.blocks, nc, &piv[i, 0], &s1[i * per, 0],
+                       &s2[i * per, 0])
         for i in range(n):
-            _merge_blocks(&s1[i * blocks, 0], &s2[i * blocks, 0], blocks, nc)
-            _finish_sample(&s1[i * blocks, 0], &s2[i * blocks, 0], nc, groups, s, &piv[i, 0], eps, w, b,
-                           &mu[i, 0], &rs[i, 0], &cm[i, 0], &scale[i, 0], &shift[i, 0])
-        for t in prange(n * blocks, nogil=True, schedule="static", num_threads=nt):
-            i = t // blocks
-            r0 = (t % blocks) * rows
-            _affine_rows(xp + (i * s + r0) * nc, yp + (i * s + r0) * nc, max(0, min(rows, s - r0)), nc,
-                         &cm[i, 0], &scale[i, 0], &shift[i, 0], act, slope, stream)
+            _merge_sample(&s1[i * per, 0], &s2[i * per, 0], &f, nc)
+            _finish_sample(&s1[i * per, 0], &s2[i * per, 0], nc, groups, s, &piv[i, 0], eps, w, b, &mu[i, 0],
+                           &rs[i, 0], &cm[i, 0], &scale[i, 0], &shift[i, 0])
+            _repeat(&cm[i, 0], nc, f.k)
+            _repeat(&scale[i, 0], nc, f.k)
+            _repeat(&shift[i, 0], nc, f.k)
+        for t in prange(n * f.blocks, nogil=True, schedule="static", num_threads=nt):
+            i = t // f.blocks
+            _affine_task(xp + i * s * nc, yp + i * s * nc, &f, t % f.blocks, nc, &cm[i, 0], &scale[i, 0],
+                         &shift[i, 0], act, slope, stream)
     for i in range(n):
         for g in range(groups):
             mean[i, g] = <floating>mu[i, g]
@@ -267,7 +400,8 @@ cdef void _backward(const floating[:, :, ::1] dy, const floating[:, :, ::1] x, P
     """With an activation, the gradient sums' pass leaves g = dy * act'(z) in dx (z recomputed from x, the
     statistics, weight and bias), and the elementwise pass reads g from there instead of dy."""
     cdef Py_ssize_t n = x.shape[0], s = x.shape[1], nc = x.shape[2], cg = nc // groups
-    cdef Py_ssize_t blocks = _blocks(n, s), rows = _cdiv(s, blocks), i, c, t, r0, o, k
+    cdef Fold f = _fold(n, s, nc)
+    cdef Py_ssize_t per = f.blocks + 1, i, c, t, o, q
     cdef const floating* dyp = &dy[0, 0, 0]
     cdef const floating* xp = &x[0, 0, 0]
     cdef floating* dxp = &dx[0, 0, 0]
@@ -275,10 +409,10 @@ cdef void _backward(const floating[:, :, ::1] dy, const floating[:, :, ::1] x, P
     cdef const floating* b = _ptr(bias)
     cdef const floating* gp = dyp if act == NO_ACT else dxp  # where the elementwise pass reads g
     dtype = np.float32 if floating is float else np.float64
-    cdef floating[:, ::1] cm = np.empty((n, nc), dtype), ca = np.empty((n, nc), dtype)
-    cdef floating[:, ::1] cb = np.empty((n, nc), dtype), cc = np.empty((n, nc), dtype)
-    cdef floating[:, ::1] zs = np.empty((n, nc), dtype), zb = np.empty((n, nc), dtype)
-    cdef double[:, ::1] sdy = np.empty((n * blocks, nc)), sdyx = np.empty((n * blocks, nc))
+    cdef floating[:, ::1] cm = np.empty((n, f.width), dtype), ca = np.empty((n, f.width), dtype)
+    cdef floating[:, ::1] cb = np.empty((n, f.width), dtype), cc = np.empty((n, f.width), dtype)
+    cdef floating[:, ::1] zs = np.empty((n, f.width), dtype), zb = np.empty((n, f.width), dtype)
+    cdef double[:, ::1] sdy = np.empty((n * per, f.width)), sdyx = np.empty((n * per, f.width))
     cdef int nt = threads_for(n * s * nc, _nthreads, _serial_max)
     # with an activation, g is read from dx itself: ordinary stores, as BatchNorm's backward does
     cdef bint stream = act == NO_ACT and n * s * nc * <Py_ssize_t>sizeof(floating) >= _stream_min
@@ -287,30 +421,38 @@ cdef void _backward(const floating[:, :, ::1] dy, const floating[:, :, ::1] x, P
             cm[i, c] = mean[i, c // cg]
             zs[i, c] = <floating>(<double>rstd[i, c // cg] * (w[c] if w != NULL else 1.0))
             zb[i, c] = b[c] if b != NULL else 0.0
-    for t in prange(n * blocks, nogil=True, schedule="static", num_threads=nt):
-        i = t // blocks
-        r0 = (t % blocks) * rows
-        o = (i * s + r0) * nc
-        k = max(0, min(rows, s - r0))
+        _repeat(&cm[i, 0], nc, f.k)
+        _repeat(&zs[i, 0], nc, f.k)
+        _repeat(&zb[i, 0], nc, f.k)
+    for t in prange(n * f.blocks, nogil=True, schedule="static", num_threads=nt):
+        i = t // f.blocks
+        q = t % f.blocks
+        o = i * s * nc
         if act != NO_ACT:
-            _act_grad_rows(dyp + o, xp + o, dxp + o, k, nc, &cm[i, 0], &zs[i, 0], &zb[i, 0], act, slope)
-        column_grad_sums(gp + o, xp + o, k, nc, 0, nc, &cm[i, 0], &sdy[t, 0], &sdyx[t, 0])
-        if blocks == 1:  # the whole sample in this task: finish it while it is in cache
-            _grad_coefficients(&sdy[i, 0], &sdyx[i, 0], nc, groups, s, &rstd[i, 0], w, &ca[i, 0], &cb[i, 0],
-                               &cc[i, 0])
-            _grad_apply_rows(gp + o, xp + o, dxp + o, s, nc, &cm[i, 0], &ca[i, 0], &cb[i, 0], &cc[i, 0], stream)
-    if blocks > 1:
+            _act_grad_task(dyp + o, xp + o, dxp + o, &f, q, nc, &cm[i, 0], &zs[i, 0], &zb[i, 0], act, slope)
+        _sums_task(gp + o, xp + o, &f, q, nc, &cm[i, 0], &sdy[i * per, 0], &sdyx[i * per, 0])
+        if f.blocks == 1:  # the whole sample in this task: finish it while it is in cache
+            _merge_sample(&sdy[i * per, 0], &sdyx[i * per, 0], &f, nc)
+            _grad_coefficients(&sdy[i * per, 0], &sdyx[i * per, 0], nc, groups, s, &rstd[i, 0], w, &ca[i, 0],
+                               &cb[i, 0], &cc[i, 0])
+            _repeat(&ca[i, 0], nc, f.k)
+            _repeat(&cb[i, 0], nc, f.k)
+            _repeat(&cc[i, 0], nc, f.k)
+            _grad_apply_task(gp + o, xp + o, dxp + o, &f, 0, nc, &cm[i, 0], &ca[i, 0], &cb[i, 0], &cc[i, 0], stream)
+    if f.blocks > 1:
         for i in range(n):
-            _merge_blocks(&sdy[i * blocks, 0], &sdyx[i * blocks, 0], blocks, nc)
-            _grad_coefficients(&sdy[i * blocks, 0], &sdyx[i * blocks, 0], nc, groups, s, &rstd[i, 0], w,
-                               &ca[i, 0], &cb[i, 0], &cc[i, 0])
-        for t in prange(n * blocks, nogil=True, schedule="static", num_threads=nt):
-            i = t // blocks
-            r0 = (t % blocks) * rows
-            o = (i * s + r0) * nc
-            _grad_apply_rows(gp + o, xp + o, dxp + o, max(0, min(rows, s - r0)), nc, &cm[i, 0], &ca[i, 0],
-                             &cb[i, 0], &cc[i, 0], stream)
-    _param_grads(sdy, sdyx, rstd, cg, blocks, dweight, dbias)
+            _merge_sample(&sdy[i * per, 0], &sdyx[i * per, 0], &f, nc)
+            _grad_coefficients(&sdy[i * per, 0], &sdyx[i * per, 0], nc, groups, s, &rstd[i, 0], w, &ca[i, 0],
+                               &cb[i, 0], &cc[i, 0])
+            _repeat(&ca[i, 0], nc, f.k)
+            _repeat(&cb[i, 0], nc, f.k)
+            _repeat(&cc[i, 0], nc, f.k)
+        for t in prange(n * f.blocks, nogil=True, schedule="static", num_threads=nt):
+            i = t // f.blocks
+            o = i * s * nc
+            _grad_apply_task(gp + o, xp + o, dxp + o, &f, t % f.blocks, nc, &cm[i, 0], &ca[i, 0], &cb[i, 0],
+                             &cc[i, 0], stream)
+    _param_grads(sdy, sdyx, rstd, cg, per, dweight, dbias)
 
 
 # --- kernels (normkit.contract, channels-last: x, y, dy, dx are (N, S, C)) ------------------------------------
@@ -432,21 +574,44 @@ cdef void _rows16(const uint16_t* dy, const uint16_t* x, uint16_t* out, Py_ssize
             narrow64(d, out + i * nc + j, k, fmt)
 
 
+cdef void _sums16_task(const uint16_t* dy, const uint16_t* x, const Fold* f, Py_ssize_t q, Py_ssize_t nc,
+                       const float* p, int fmt, float* row, double* s1, double* s2) noexcept nogil:
+    """_sums_task on 16-bit data, by _col_sums16 (``row``: a folded row's floats, two with dy)."""
+    cdef int j
+    cdef Py_ssize_t o
+    for j in range(_parts(f, q)):
+        o = _part_offset(f, q, j)
+        _col_sums16(dy + o if dy != NULL else NULL, x + o, _part_rows(f, q, j), _part_width(f, nc, j), p, fmt, row,
+                    s1 + _part_sums(f, q, j), s2 + _part_sums(f, q, j))
+
+
+cdef void _rows16_task(const uint16_t* dy, const uint16_t* x, uint16_t* out, const Fold* f, Py_ssize_t q,
+                       Py_ssize_t nc, int fmt, const float* m, const float* a, const float* b, const float* c,
+                       const double* m64, const double* a64, const double* b64, const double* c64) noexcept nogil:
+    cdef int j
+    cdef Py_ssize_t o
+    for j in range(_parts(f, q)):
+        o = _part_offset(f, q, j)
+        _rows16(dy + o if dy != NULL else NULL, x + o, out + o, _part_rows(f, q, j), _part_width(f, nc, j), fmt, m,
+                a, b, c, m64, a64, b64, c64)
+
+
 cdef void _forward16(int fmt, const uint16_t[:, :, ::1] x, Py_ssize_t groups, const float[::1] weight,
                      const float[::1] bias, double eps, uint16_t[:, :, ::1] y, float[:, ::1] mean,
                      float[:, ::1] rstd):
     cdef Py_ssize_t n = x.shape[0], s = x.shape[1], nc = x.shape[2], cg = nc // groups
-    cdef Py_ssize_t blocks = _blocks(n, s), rows = _cdiv(s, blocks), i, g, c, t, r0
+    cdef Fold f = _fold(n, s, nc, True)
+    cdef Py_ssize_t per = f.blocks + 1, i, g, c, t, o
     cdef const uint16_t* xp = &x[0, 0, 0]
     cdef uint16_t* yp = &y[0, 0, 0]
     cdef const float* w = _ptr(weight)
     cdef const float* b = _ptr(bias)
     cdef float first
-    cdef float[:, ::1] rowbuf = np.empty((n * blocks, nc), np.float32)  # each task's widened row (fallback)
-    cdef float[:, ::1] piv = np.empty((n, nc), np.float32), cm = np.empty((n, nc), np.float32)
-    cdef float[:, ::1] scale = np.empty((n, nc), np.float32), shift = np.empty((n, nc), np.float32)
-    cdef double[:, :, ::1] c64 = np.empty((n, 3, nc))  # per column: mean, scale, shift in double
-    cdef double[:, ::1] s1 = np.empty((n * blocks, nc)), s2 = np.empty((n * blocks, nc))
+    cdef float[:, ::1] rowbuf = np.empty((n * f.blocks, f.width), np.float32)  # each task's widened row (fallback)
+    cdef float[:, ::1] piv = np.empty((n, f.width), np.float32), cm = np.empty((n, f.width), np.float32)
+    cdef float[:, ::1] scale = np.empty((n, f.width), np.float32), shift = np.empty((n, f.width), np.float32)
+    cdef double[:, :, ::1] c64 = np.empty((n, 3, f.width))  # per column: mean, scale, shift in double
+    cdef double[:, ::1] s1 = np.empty((n * per, f.width)), s2 = np.empty((n * per, f.width))
     cdef double[:, ::1] mu = np.empty((n, groups)), rs = np.empty((n, groups))
     cdef int nt = threads_for(n * s * nc, _nthreads, _serial_max)
     for i in range(n):
@@ -454,24 +619,29 @@ cdef void _forward16(int fmt, const uint16_t[:, :, ::1] x, Py_ssize_t groups, co
             normkit_widen(xp + i * s * nc + g * cg, &first, 1, fmt)
             for c in range(g * cg, (g + 1) * cg):
                 piv[i, c] = <float>pivot_of(first)
-    for t in prange(n * blocks, nogil=True, schedule="static", num_threads=nt):
-        i = t // blocks
-        r0 = (t % blocks) * rows
-        _col_sums16(NULL, xp + (i * s + r0) * nc, max(0, min(rows, s - r0)), nc, &piv[i, 0], fmt, &rowbuf[t, 0],
-                    &s1[t, 0], &s2[t, 0])
+        _repeat(&piv[i, 0], nc, f.k)
+    for t in prange(n * f.blocks, nogil=True, schedule="static", num_threads=nt):
+        i = t // f.blocks
+        _sums16_task(NULL, xp + i * s * nc, &f, t % f.blocks, nc, &piv[i, 0], fmt, &rowbuf[t, 0], &s1[i * per, 0],
+                     &s2[i * per, 0])
     for i in range(n):
-        _merge_blocks(&s1[i * blocks, 0], &s2[i * blocks, 0], blocks, nc)
-        _finish_sample(&s1[i * blocks, 0], &s2[i * blocks, 0], nc, groups, s, &piv[i, 0], eps, w, b, &mu[i, 0],
+        _merge_sample(&s1[i * per, 0], &s2[i * per, 0], &f, nc)
+        _finish_sample(&s1[i * per, 0], &s2[i * per, 0], nc, groups, s, &piv[i, 0], eps, w, b, &mu[i, 0],
                        &rs[i, 0], &cm[i, 0], &scale[i, 0], &shift[i, 0])
         for c in range(nc):
             c64[i, 0, c] = mu[i, c // cg]
             c64[i, 1, c] = rs[i, c // cg] * w[c] if w != NULL else rs[i, c // cg]
             c64[i, 2, c] = b[c] if b != NULL else 0.0
-    for t in prange(n * blocks, nogil=True, schedule="static", num_threads=nt):
-        i = t // blocks
-        r0 = (t % blocks) * rows
-        _rows16(NULL, xp + (i * s + r0) * nc, yp + (i * s + r0) * nc, max(0, min(rows, s - r0)), nc, fmt,
-                &cm[i, 0], &scale[i, 0], NULL, &shift[i, 0], &c64[i, 0, 0], &c64[i, 1, 0], NULL, &c64[i, 2, 0])
+        _repeat(&cm[i, 0], nc, f.k)
+        _repeat(&scale[i, 0], nc, f.k)
+        _repeat(&shift[i, 0], nc, f.k)
+        for c in range(3):
+            _repeat(&c64[i, c, 0], nc, f.k)
+    for t in prange(n * f.blocks, nogil=True, schedule="static", num_threads=nt):
+        i = t // f.blocks
+        o = i * s * nc
+        _rows16_task(NULL, xp + o, yp + o, &f, t % f.blocks, nc, fmt, &cm[i, 0], &scale[i, 0], NULL, &shift[i, 0],
+                     &c64[i, 0, 0], &c64[i, 1, 0], NULL, &c64[i, 2, 0])
     for i in range(n):
         for g in range(groups):
             mean[i, g] = <float>mu[i, g]
@@ -482,15 +652,16 @@ cdef void _backward16(int fmt, const uint16_t[:, :, ::1] dy, const uint16_t[:, :
                       const float[:, ::1] mean, const float[:, ::1] rstd, const float[::1] weight,
                       uint16_t[:, :, ::1] dx, float[::1] dweight, float[::1] dbias):
     cdef Py_ssize_t n = x.shape[0], s = x.shape[1], nc = x.shape[2], cg = nc // groups
-    cdef Py_ssize_t blocks = _blocks(n, s), rows = _cdiv(s, blocks), i, c, t, r0
+    cdef Fold f = _fold(n, s, nc, True)
+    cdef Py_ssize_t per = f.blocks + 1, i, c, t, o
     cdef const uint16_t* dyp = &dy[0, 0, 0]
     cdef const uint16_t* xp = &x[0, 0, 0]
     cdef uint16_t* dxp = &dx[0, 0, 0]
-    cdef float[:, ::1] rowbuf = np.empty((n * blocks, 2 * nc), np.float32)  # each task's widened rows (fallback)
-    cdef float[:, ::1] cm = np.empty((n, nc), np.float32), ca = np.empty((n, nc), np.float32)
-    cdef float[:, ::1] cb = np.empty((n, nc), np.float32), cc = np.empty((n, nc), np.float32)
-    cdef double[:, :, ::1] c64 = np.empty((n, 4, nc))  # per column: mean, ca, cb, cc in double
-    cdef double[:, ::1] sdy = np.empty((n * blocks, nc)), sdyx = np.empty((n * blocks, nc))
+    cdef float[:, ::1] rowbuf = np.empty((n * f.blocks, 2 * f.width), np.float32)  # each task's widened rows
+    cdef float[:, ::1] cm = np.empty((n, f.width), np.float32), ca = np.empty((n, f.width), np.float32)
+    cdef float[:, ::1] cb = np.empty((n, f.width), np.float32), cc = np.empty((n, f.width), np.float32)
+    cdef double[:, :, ::1] c64 = np.empty((n, 4, f.width))  # per column: mean, ca, cb, cc in double
+    cdef double[:, ::1] sdy = np.empty((n * per, f.width)), sdyx = np.empty((n * per, f.width))
     # the coefficients are computed in double (as the float32 kernels do) from rstd and weight in double
     cdef double[:, ::1] r64 = np.asarray(rstd, np.float64)
     cdef double[::1] w64 = np.asarray(weight if weight is not None else np.ones(nc, np.float32), np.float64)
@@ -498,27 +669,32 @@ cdef void _backward16(int fmt, const uint16_t[:, :, ::1] dy, const uint16_t[:, :
     for i in range(n):
         for c in range(nc):
             cm[i, c] = mean[i, c // cg]
-    for t in prange(n * blocks, nogil=True, schedule="static", num_threads=nt):
-        i = t // blocks
-        r0 = (t % blocks) * rows
-        _col_sums16(dyp + (i * s + r0) * nc, xp + (i * s + r0) * nc, max(0, min(rows, s - r0)), nc, &cm[i, 0], fmt,
-                    &rowbuf[t, 0], &sdy[t, 0], &sdyx[t, 0])
+        _repeat(&cm[i, 0], nc, f.k)
+    for t in prange(n * f.blocks, nogil=True, schedule="static", num_threads=nt):
+        i = t // f.blocks
+        o = i * s * nc
+        _sums16_task(dyp + o, xp + o, &f, t % f.blocks, nc, &cm[i, 0], fmt, &rowbuf[t, 0], &sdy[i * per, 0],
+                     &sdyx[i * per, 0])
     for i in range(n):
-        _merge_blocks(&sdy[i * blocks, 0], &sdyx[i * blocks, 0], blocks, nc)
-        _grad_coefficients(&sdy[i * blocks, 0], &sdyx[i * blocks, 0], nc, groups, s, &r64[i, 0], &w64[0],
+        _merge_sample(&sdy[i * per, 0], &sdyx[i * per, 0], &f, nc)
+        _grad_coefficients(&sdy[i * per, 0], &sdyx[i * per, 0], nc, groups, s, &r64[i, 0], &w64[0],
                            &c64[i, 1, 0], &c64[i, 2, 0], &c64[i, 3, 0])
         for c in range(nc):
             c64[i, 0, c] = cm[i, c]
             ca[i, c] = <float>c64[i, 1, c]
             cb[i, c] = <float>c64[i, 2, c]
             cc[i, c] = <float>c64[i, 3, c]
-    for t in prange(n * blocks, nogil=True, schedule="static", num_threads=nt):
-        i = t // blocks
-        r0 = (t % blocks) * rows
-        _rows16(dyp + (i * s + r0) * nc, xp + (i * s + r0) * nc, dxp + (i * s + r0) * nc, max(0, min(rows, s - r0)),
-                nc, fmt, &cm[i, 0], &ca[i, 0], &cb[i, 0], &cc[i, 0], &c64[i, 0, 0], &c64[i, 1, 0], &c64[i, 2, 0],
-                &c64[i, 3, 0])
-    _param_grads(sdy, sdyx, rstd, cg, blocks, dweight, dbias)
+        _repeat(&ca[i, 0], nc, f.k)
+        _repeat(&cb[i, 0], nc, f.k)
+        _repeat(&cc[i, 0], nc, f.k)
+        for c in range(4):
+            _repeat(&c64[i, c, 0], nc, f.k)
+    for t in prange(n * f.blocks, nogil=True, schedule="static", num_threads=nt):
+        i = t // f.blocks
+        o = i * s * nc
+        _rows16_task(dyp + o, xp + o, dxp + o, &f, t % f.blocks, nc, fmt, &cm[i, 0], &ca[i, 0], &cb[i, 0],
+                     &cc[i, 0], &c64[i, 0, 0], &c64[i, 1, 0], &c64[i, 2, 0], &c64[i, 3, 0])
+    _param_grads(sdy, sdyx, rstd, cg, per, dweight, dbias)
 
 
 def groupnorm_forward16(int fmt, const uint16_t[:, :, ::1] x, Py_ssize_t num_groups, const float[::1] weight,

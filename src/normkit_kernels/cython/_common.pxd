@@ -43,6 +43,34 @@ cdef inline int threads_for(Py_ssize_t values, int nthreads, Py_ssize_t serial_m
     return 1 if values <= serial_max else nthreads
 
 
+cdef enum:
+    # Column sums over rows of at most FOLD_MAX_ROW values (BatchNorm of an (N, C) input or of channels-last data,
+    # channels-last GroupNorm / InstanceNorm, with C <= 8) take k consecutive rows as one row of at least
+    # FOLD_WIDTH columns, each column a set of its own (fold_rows), where each row had taken a masked vector load
+    # (the 16-bit loops without registers: a call per row) and its sums a horizontal add per 8 rows; the
+    # elementwise passes take such rows too, with their coefficients repeated. BatchNorm's columns schedule,
+    # in-process A/B, 2 threads, (R, C) with 6.4M values, unfolded / folded to 16 / 32 / 64 / 128 columns, ms: C =
+    # 1 forward 7.54 / 2.17 / 2.70 / 2.36 / 2.45, backward 8.90 / 3.65 / 3.54 / 3.45 / 3.82, split statistics 5.72 /
+    # 0.72 / 0.72 / 1.04 / 1.61, bfloat16 forward 8.52 / 1.31 / 1.31 / 1.25 / 1.25; C = 3 3.29 / 2.26 / 2.35 / 2.40
+    # / 2.46, 4.35 / 3.55 / 3.43 / 3.58 / 3.88, 1.63 / 0.66 / 0.64 / 1.04 / 1.71, 2.99 / 1.38 / 1.24 / 1.16 / 1.13.
+    # The split statistics' double loop (_batchnorm's _column_moments64, no registers) reads wide rows from memory
+    # slowly (see the column sums below), hence 16. At C = 8 folding won for the split statistics and 16-bit data
+    # (bfloat16 forward 1.56 -> 1.13) and lost a little for float32 (backward 3.07 -> 3.21, gradient sums 1.22 ->
+    # 1.34); at C = 12 it lost (float32 backward 2.81 -> 3.16).
+    FOLD_WIDTH = 16
+    FOLD_MAX_ROW = 8
+
+
+cdef inline Py_ssize_t fold_rows(Py_ssize_t n, Py_ssize_t length, Py_ssize_t min_rows) noexcept nogil:
+    """Rows of (n, length) data that column sums take as one row (see FOLD_WIDTH), where that leaves at least
+    ``min_rows`` such rows; 1: none folded."""
+    cdef Py_ssize_t k
+    if length == 0 or length > FOLD_MAX_ROW:
+        return 1
+    k = (FOLD_WIDTH + length - 1) // length
+    return k if n >= min_rows * k else 1
+
+
 cdef extern from *:
     # The statistics pass, in double. From a plain loop the compiler makes one vector register per sum, and the
     # loop waits on the latency of its additions; with AVX (the x86-64-v3 build) four registers per sum instead:
@@ -1447,8 +1475,8 @@ cdef extern from *:
        in groups of 8, each group across all the columns (a row is read once, straight through: channels-last data
        of 64 to 256 channels are rows of 64 to 256 values), up to NORMKIT_CREGS registers of columns a step (8 of
        16 columns in the x86-64-v4 build, 4 of 8 in the x86-64-v3 one), the last step's last register holding the
-       columns left over; each group's terms summed in float32 lanes (exact for 16-bit data near p; 8 float32 terms for float32 data, as
-       column_moments() sums 4), then added into double. Returns 0 where it does not apply; the callers check the
+       columns left over; each group's terms summed in float32 lanes (exact for 16-bit data near p; 8 float32
+       terms for float32 data, as column_moments() sums 4), then added into double. Returns 0 where it does not apply; the callers check the
        sums are finite (else they sum again in double).
        The loops of column_moments() / column_grad_sums() (four rows a sweep, the double sums loaded and stored each
        sweep) read float32 data from memory at about half a two-thread read's speed: channels-last BatchNorm (32,
