@@ -405,6 +405,7 @@ def test_channels_last_numerics_on_large_sets(backend, op, shape, groups, data):
     ("groupnorm", (1, 3, 5400), 1),  # rows of 3 values 42 at a time (FOLD16_WIDTH), in blocks, 24 left over
     ("instancenorm", (9, 2, 4100), None),  # 64 at a time, whole samples, 4 left over
     ("groupnorm", (2, 24, 703), 6),  # 5 at a time
+    ("groupnorm", (3, 4, 10), 2), ("instancenorm", (2, 3, 50), None),  # a sample is one folded row (and 8 rows)
 ])
 @pytest.mark.parametrize("data", ["offset1e3", "nan", "constant", "overflow"])
 def test_16_bit_channels_last_numerics_on_large_sets(op, shape, groups, dtype, data):
@@ -443,11 +444,13 @@ def test_channels_last_results_do_not_depend_on_the_thread_count(backend, op, sh
 
 # Cython's channels-last GroupNorm / InstanceNorm take a sample's rows of at most 8 values 16 values' worth at a time
 # (Fold in _channels_last.pyx: k rows of C values as one row, each column a set of its own, the coefficients
-# repeated), with the rows left over on their own: whole samples per task (9 samples) and samples cut into blocks
-# (1 to 3 samples), with rows left over and without, plain and with a fused activation. (16-bit rows of up to 32
-# values are folded into up to 128: test_16_bit_channels_last_numerics_on_large_sets.)
+# repeated), with the rows left over on their own: whole samples per task (9 samples, or too few rows to cut: (2, 1,
+# 2003), and samples shorter than one folded row and a half: (4, 1, 20)) and samples cut into blocks (1 to 3
+# samples), with rows left over and without, plain and with a fused activation. (16-bit rows of up to 32 values
+# are folded into up to 128: test_16_bit_channels_last_numerics_on_large_sets.)
 FOLDED = [("instancenorm", (3, 2, 1031), None), ("groupnorm", (9, 4, 301), 2), ("groupnorm", (1, 8, 1500), 4),
-          ("instancenorm", (2, 1, 2003), None), ("groupnorm", (9, 3, 400), 1), ("groupnorm", (2, 6, 1000), 3)]
+          ("instancenorm", (2, 1, 2003), None), ("groupnorm", (9, 3, 400), 1), ("groupnorm", (2, 6, 1000), 3),
+          ("instancenorm", (4, 1, 20), None)]
 
 
 @pytest.mark.parametrize("activation", [None, "silu"])

@@ -247,6 +247,36 @@ def test_batchnorm_kernels_survive_data_without_values():
     assert run.returncode == 0 and run.stdout.strip() == "survived", (run.returncode, run.stderr[-500:])
 
 
+_EMPTY_CHANNELS_LAST_CALLS = r"""
+import numpy as np
+from normkit import registry
+from normkit.contract import SPECS, storage_dtype
+for op in ("groupnorm", "instancenorm"):
+    spec = SPECS[op]
+    for d in ("forward", "backward", "act_forward", "act_backward"):
+        for dt in ("float32", "bfloat16"):
+            found = registry.lookup(op, d, dt, "cython", "nhwc")
+            for n, c, s in ((5, 4, 0), (0, 4, 3), (5, 0, 3), (0, 4, 0)):
+                values = {"eps": 1e-5, "activation": 0, "slope": 0.01, "num_groups": 2 if c else 1}
+                for name in spec.args(d):
+                    if name not in values:
+                        size = {"x": (n, s, c), "y": (n, s, c), "dy": (n, s, c), "dx": (n, s, c),
+                                "mean": (n, values["num_groups"] if op == "groupnorm" else c)}.get(name, (c,))
+                        values[name] = np.ones(size if name != "rstd" else values["mean"].shape,
+                                               storage_dtype(d, name, dt))
+                found[1](*spec.kernel_args(d, values))
+print("survived")
+"""
+
+
+def test_channels_last_kernels_survive_data_without_values():
+    """As test_batchnorm_kernels_survive_data_without_values, the channels-last GroupNorm / InstanceNorm kernels:
+    N = 0 divided the task count (SIGFPE), InstanceNorm's C = 0 (no groups) the channels per group, and S = 0
+    read a pivot from a first row that is not there."""
+    run = subprocess.run([sys.executable, "-c", _EMPTY_CHANNELS_LAST_CALLS], capture_output=True, text=True)
+    assert run.returncode == 0 and run.stdout.strip() == "survived", (run.returncode, run.stderr[-500:])
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(kernels.INFO["modules"] == "normkit_kernels.cython", reason="this build has only one copy")
 def test_baseline_copy_passes_backend_suite():

@@ -7,9 +7,10 @@ of those rows. Sums run down the columns, vectorized along C, with the NCHW Batc
 (column_moments() and column_grad_sums() of _common.pxd, whole rows; normkit_col_sums16 for 16-bit data): in
 registers where the build allows (groups of 8 rows in float32 lanes), else four rows per sweep in the data's
 precision, then into double per column; redone in double where that overflowed or met a NaN/inf. A set's column
-sums are then merged in channel order. Rows of at most 8 values (a few channels) are taken k at a time as one row
-of 16 values or more, each column a set of its own (Fold, fold_rows), the per-column pivots and coefficients
-repeated for them, the rows left over on their own: each short row had cost a masked load and a call.
+sums are then merged in channel order. Rows of a few values (a few channels) are taken k at a time as one row,
+each column a set of its own (Fold: float rows of at most 8 values into rows of 16 or more, fold_rows; 16-bit rows
+of at most 32 into rows of at most 128, FOLD16_WIDTH), the per-column pivots and coefficients repeated for them,
+the rows left over on their own: each short row had cost a masked load and a call.
 
 Tasks are cut from the shape alone, so no result depends on the thread count: one task per sample when there are
 enough samples (its sums, statistics and elementwise pass while the sample is in cache); otherwise blocks of rows,
@@ -44,9 +45,8 @@ from libc.stdint cimport uint16_t
 from _common cimport (
     NO_ACT, SERIAL_MAX_VALUES, STREAM_AFFINE, STREAM_GRAD, TILE16, act_grad, affine_columns, affine_columns_act,
     all_finite, column_grad_sums, column_moments, columns_stream, finish_moments, fold_rows, grad_apply_columns,
-    narrow64,
-    normkit_col_sums16, normkit_cols16, normkit_cols_act_grad_f, normkit_half_init, normkit_narrow, normkit_sfence,
-    normkit_widen, pivot_of, threads_for,
+    narrow64, normkit_col_sums16, normkit_cols16, normkit_cols_act_grad_f, normkit_half_init, normkit_narrow,
+    normkit_sfence, normkit_widen, pivot_of, threads_for,
 )
 
 # float16 converts with F16C where the CPU has it, unless NORMKIT_CYTHON_NO_F16C=1 (see _groupnorm.pyx).
@@ -79,14 +79,18 @@ cdef enum:
     SAMPLE_TASKS = 8
     BLOCK_ROWS = 64
     # 16-bit rows of at most FOLD16_MAX_ROW values are folded (Fold) into rows of at most FOLD16_WIDTH values, one
-    # step of the column sums' registers in the x86-64-v4 build, rather than the float kernels' 16 (fold_rows): their
-    # passes cost a call or two per row. In-process A/B, 1 thread, InstanceNorm (8, S, C) bfloat16 with 6.4M values,
-    # rows as they are / folded to 16 (C <= 8) / to 128, forward and backward, ms: C = 1 4.94 / 3.22 / 2.46 and
-    # 6.09 / 4.17 / 4.57 (x86-64-v3 build), 4.70 / - / 2.15 and 5.73 / - / 3.61 (v4); C = 3 15.7 / 9.1 / 3.4 and
-    # 19.3 / 11.8 / 5.3 (v3), 11.0 / - / 2.7 and 12.6 / - / 3.9 (v4); C = 12 20.4 / - / 2.8, 27.7 / - / 4.4 (v3),
-    # 15.8 / - / 2.8, 17.5 / - / 3.7 (v4); C = 32 3.19 / - / 2.35, 3.87 / - / 4.24 (v3), 3.22 / - / 2.03, 3.91 / -
-    # / 3.07 (v4); at C = 48 the backward lost (3.5 -> 3.7-3.8). Float32 rows folded to 128 lost in v3 (backward
-    # 1.3-1.8x: the column sums' steps there are 32 values) and in v4's forward at C = 1 and 32 (1.25-1.35x).
+    # step of the column sums' registers in the x86-64-v4 build, rather than the float kernels' 16 (fold_rows):
+    # their passes cost a call or two per row. InstanceNorm (8, S, C) bfloat16 with 6.4M values, 1 thread, forward
+    # / backward, ms. Before any fold (x86-64-v4): C = 1 177 / 205, C = 3 58 / 69, C = 8 22 / 26, C = 16 4.2 /
+    # 5.3, C = 32 3.1 / 4.5. In-process A/B, folded to 16 (the float rule: C <= 8) / to 128, v4: C = 1 4.70 /
+    # 2.15 and 5.73 / 3.61, C = 8 4.63 / 2.13 and 5.37 / 2.95; unfolded / to 128: C = 3 (no float fold: 18 values)
+    # 11.0 / 2.7 and 12.6 / 3.9, C = 12 15.8 / 2.8 and 17.5 / 3.7, C = 16 4.69 / 1.97 and 5.40 / 3.21, C = 32 3.22
+    # / 2.03 and 3.91 / 3.07. The x86-64-v3 build: C = 1 4.94 / 2.46 and 6.09 / 4.57 (folded to 16 / to 128), C =
+    # 12 20.4 / 2.8 and 27.7 / 4.4 (unfolded / to 128), C = 32 3.19 / 2.35 and 3.87 / 4.24: the v3 backward lost
+    # at C = 32, kept for v4's gain; at C = 48 both lost a little in the backward (3.5 -> 3.7-3.8), hence 32.
+    # Float32 folded to 128 lost in v3 (backward 1.3-1.8x: its column sums' steps are 32 values) and in v4's
+    # forward at C = 1 and 32 (1.25-1.35x). Folds take any number of rows a sample has (a sample of S rows: at
+    # most S at a time), so a short sample folds too.
     FOLD16_WIDTH = 128
     FOLD16_MAX_ROW = 32
 
@@ -97,14 +101,14 @@ cdef inline Py_ssize_t _cdiv(Py_ssize_t a, Py_ssize_t b) noexcept nogil:
 
 cdef inline Py_ssize_t _blocks(Py_ssize_t n, Py_ssize_t s) noexcept nogil:
     """Row blocks per sample (1: whole samples)."""
-    if n >= SAMPLE_TASKS:
+    if n >= SAMPLE_TASKS or n == 0:
         return 1
     return max(1, min(_cdiv(SAMPLE_TASKS, n), s // BLOCK_ROWS))
 
 
 cdef struct Fold:
     # A sample's S rows of nc values as sf rows of `width` = k * nc values (fold_rows, FOLD16_WIDTH: k rows of a
-    # few values as one, from BLOCK_ROWS such rows; else k = 1), then the `tail` of S - k * sf rows of nc values.
+    # few values as one; else k = 1), then the `tail` of S - k * sf rows of nc values.
     # The sf rows are cut into `blocks` blocks of `rows` rows, the tail goes with the last block. A sample has
     # blocks + 1 rows of column sums, `width` each: its blocks', then its tail's (nc columns), added up per channel
     # by _merge_sample.
@@ -114,9 +118,10 @@ cdef struct Fold:
 cdef inline Fold _fold(Py_ssize_t n, Py_ssize_t s, Py_ssize_t nc, bint half=False) noexcept nogil:
     """A sample's Fold; ``half``: 16-bit data's (FOLD16_WIDTH)."""
     cdef Fold f
-    f.k = fold_rows(s, nc, BLOCK_ROWS)
-    if half:
-        f.k = FOLD16_WIDTH // nc if 0 < nc <= FOLD16_MAX_ROW and s >= BLOCK_ROWS * (FOLD16_WIDTH // nc) else 1
+    if half and 0 < nc <= FOLD16_MAX_ROW:
+        f.k = max(1, min(FOLD16_WIDTH // nc, s))
+    else:
+        f.k = fold_rows(s, nc, 1)
     f.width = f.k * nc
     f.sf = s // f.k
     f.tail = s - f.sf * f.k
@@ -271,13 +276,15 @@ cdef void _grad_apply_task(const floating* dy, const floating* x, floating* dx, 
 
 # --- per-sample steps ------------------------------------------------------------------------------------------
 
-cdef void _finish_sample(const double* s1, const double* s2, Py_ssize_t nc, Py_ssize_t groups, Py_ssize_t s,
+cdef void _finish_sample(double* s1, double* s2, const Fold* f, Py_ssize_t nc, Py_ssize_t groups, Py_ssize_t s,
                          const floating* piv, double eps, const floating* w, const floating* b, double* mu,
                          double* rs, floating* cm, floating* scale, floating* shift) noexcept nogil:
-    """One sample's statistics (mu, rs: per group) from its column sums, and its per-column coefficients in the
-    data's precision; as in affine(), the shift takes the mean's rounding to that precision."""
-    cdef Py_ssize_t cg = nc // groups, g, c
+    """One sample's statistics (mu, rs: per group) from its column sums (merged first: _merge_sample), and its
+    per-column coefficients in the data's precision, repeated for a folded row; as in affine(), the shift takes the
+    mean's rounding to that precision."""
+    cdef Py_ssize_t cg = nc // max(1, groups), g, c
     cdef double t1, t2, sc
+    _merge_sample(s1, s2, f, nc)
     for g in range(groups):
         t1 = 0.0
         t2 = 0.0
@@ -290,15 +297,20 @@ cdef void _finish_sample(const double* s1, const double* s2, Py_ssize_t nc, Py_s
             cm[c] = <floating>mu[g]
             scale[c] = <floating>sc
             shift[c] = <floating>((b[c] if b != NULL else 0.0) + (<double>cm[c] - mu[g]) * sc)
+    _repeat(cm, nc, f.k)
+    _repeat(scale, nc, f.k)
+    _repeat(shift, nc, f.k)
 
 
-cdef void _grad_coefficients(const double* sdy, const double* sdyx, Py_ssize_t nc, Py_ssize_t groups,
+cdef void _grad_coefficients(double* sdy, double* sdyx, const Fold* f, Py_ssize_t nc, Py_ssize_t groups,
                              Py_ssize_t s, const floating* rstd, const floating* w, floating* ca, floating* cb,
                              floating* cc) noexcept nogil:
-    """dx = ca * dy + cb * (x - mean) + cc per column of one sample: with g = dy * w,
-    dx = rstd * (g - mean(g) - xhat * mean(g * xhat)) over each set."""
-    cdef Py_ssize_t cg = nc // groups, g, c
+    """dx = ca * dy + cb * (x - mean) + cc per column of one sample, from its gradient sums (merged first:
+    _merge_sample), repeated for a folded row: with g = dy * w, dx = rstd * (g - mean(g) - xhat * mean(g * xhat))
+    over each set."""
+    cdef Py_ssize_t cg = nc // max(1, groups), g, c
     cdef double sg, sgx, wc, r, m = <double>(cg * s), bb, k
+    _merge_sample(sdy, sdyx, f, nc)
     for g in range(groups):
         sg = 0.0
         sgx = 0.0
@@ -313,6 +325,9 @@ cdef void _grad_coefficients(const double* sdy, const double* sdyx, Py_ssize_t n
             ca[c] = <floating>(r * (w[c] if w != NULL else 1.0))
             cb[c] = <floating>bb
             cc[c] = <floating>k
+    _repeat(ca, nc, f.k)
+    _repeat(cb, nc, f.k)
+    _repeat(cc, nc, f.k)
 
 
 cdef void _param_grads(const double[:, ::1] sdy, const double[:, ::1] sdyx, const floating[:, ::1] rstd,
@@ -340,7 +355,7 @@ cdef void _param_grads(const double[:, ::1] sdy, const double[:, ::1] sdyx, cons
 cdef void _forward(const floating[:, :, ::1] x, Py_ssize_t groups, const floating[::1] weight,
                    const floating[::1] bias, double eps, int act, double slope, floating[:, :, ::1] y,
                    floating[:, ::1] mean, floating[:, ::1] rstd):
-    cdef Py_ssize_t n = x.shape[0], s = x.shape[1], nc = x.shape[2], cg = nc // groups
+    cdef Py_ssize_t n = x.shape[0], s = x.shape[1], nc = x.shape[2], cg = nc // max(1, groups)  # no groups: C = 0
     cdef Fold f = _fold(n, s, nc)
     cdef Py_ssize_t per = f.blocks + 1, i, g, c, t
     cdef const floating* xp = &x[0, 0, 0]
@@ -358,17 +373,13 @@ cdef void _forward(const floating[:, :, ::1] x, Py_ssize_t groups, const floatin
     for i in range(n):
         for g in range(groups):
             for c in range(g * cg, (g + 1) * cg):
-                piv[i, c] = <floating>pivot_of(x[i, 0, g * cg])
+                piv[i, c] = <floating>pivot_of(x[i, 0, g * cg]) if s else 0
         _repeat(&piv[i, 0], nc, f.k)
     if f.blocks == 1:
         for i in prange(n, nogil=True, schedule="static", num_threads=nt):
             _sums_task(<floating*>NULL, xp + i * s * nc, &f, 0, nc, &piv[i, 0], &s1[i * per, 0], &s2[i * per, 0])
-            _merge_sample(&s1[i * per, 0], &s2[i * per, 0], &f, nc)
-            _finish_sample(&s1[i * per, 0], &s2[i * per, 0], nc, groups, s, &piv[i, 0], eps, w, b, &mu[i, 0],
+            _finish_sample(&s1[i * per, 0], &s2[i * per, 0], &f, nc, groups, s, &piv[i, 0], eps, w, b, &mu[i, 0],
                            &rs[i, 0], &cm[i, 0], &scale[i, 0], &shift[i, 0])
-            _repeat(&cm[i, 0], nc, f.k)
-            _repeat(&scale[i, 0], nc, f.k)
-            _repeat(&shift[i, 0], nc, f.k)
             _affine_task(xp + i * s * nc, yp + i * s * nc, &f, 0, nc, &cm[i, 0], &scale[i, 0], &shift[i, 0], act,
                          slope, stream)
     else:
@@ -377,12 +388,8 @@ cdef void _forward(const floating[:, :, ::1] x, Py_ssize_t groups, const floatin
             _sums_task(<floating*>NULL, xp + i * s * nc, &f, t % f.blocks, nc, &piv[i, 0], &s1[i * per, 0],
                        &s2[i * per, 0])
         for i in range(n):
-            _merge_sample(&s1[i * per, 0], &s2[i * per, 0], &f, nc)
-            _finish_sample(&s1[i * per, 0], &s2[i * per, 0], nc, groups, s, &piv[i, 0], eps, w, b, &mu[i, 0],
+            _finish_sample(&s1[i * per, 0], &s2[i * per, 0], &f, nc, groups, s, &piv[i, 0], eps, w, b, &mu[i, 0],
                            &rs[i, 0], &cm[i, 0], &scale[i, 0], &shift[i, 0])
-            _repeat(&cm[i, 0], nc, f.k)
-            _repeat(&scale[i, 0], nc, f.k)
-            _repeat(&shift[i, 0], nc, f.k)
         for t in prange(n * f.blocks, nogil=True, schedule="static", num_threads=nt):
             i = t // f.blocks
             _affine_task(xp + i * s * nc, yp + i * s * nc, &f, t % f.blocks, nc, &cm[i, 0], &scale[i, 0],
@@ -399,7 +406,7 @@ cdef void _backward(const floating[:, :, ::1] dy, const floating[:, :, ::1] x, P
                     floating[::1] dbias):
     """With an activation, the gradient sums' pass leaves g = dy * act'(z) in dx (z recomputed from x, the
     statistics, weight and bias), and the elementwise pass reads g from there instead of dy."""
-    cdef Py_ssize_t n = x.shape[0], s = x.shape[1], nc = x.shape[2], cg = nc // groups
+    cdef Py_ssize_t n = x.shape[0], s = x.shape[1], nc = x.shape[2], cg = nc // max(1, groups)  # no groups: C = 0
     cdef Fold f = _fold(n, s, nc)
     cdef Py_ssize_t per = f.blocks + 1, i, c, t, o, q
     cdef const floating* dyp = &dy[0, 0, 0]
@@ -432,21 +439,13 @@ cdef void _backward(const floating[:, :, ::1] dy, const floating[:, :, ::1] x, P
             _act_grad_task(dyp + o, xp + o, dxp + o, &f, q, nc, &cm[i, 0], &zs[i, 0], &zb[i, 0], act, slope)
         _sums_task(gp + o, xp + o, &f, q, nc, &cm[i, 0], &sdy[i * per, 0], &sdyx[i * per, 0])
         if f.blocks == 1:  # the whole sample in this task: finish it while it is in cache
-            _merge_sample(&sdy[i * per, 0], &sdyx[i * per, 0], &f, nc)
-            _grad_coefficients(&sdy[i * per, 0], &sdyx[i * per, 0], nc, groups, s, &rstd[i, 0], w, &ca[i, 0],
+            _grad_coefficients(&sdy[i * per, 0], &sdyx[i * per, 0], &f, nc, groups, s, &rstd[i, 0], w, &ca[i, 0],
                                &cb[i, 0], &cc[i, 0])
-            _repeat(&ca[i, 0], nc, f.k)
-            _repeat(&cb[i, 0], nc, f.k)
-            _repeat(&cc[i, 0], nc, f.k)
             _grad_apply_task(gp + o, xp + o, dxp + o, &f, 0, nc, &cm[i, 0], &ca[i, 0], &cb[i, 0], &cc[i, 0], stream)
     if f.blocks > 1:
         for i in range(n):
-            _merge_sample(&sdy[i * per, 0], &sdyx[i * per, 0], &f, nc)
-            _grad_coefficients(&sdy[i * per, 0], &sdyx[i * per, 0], nc, groups, s, &rstd[i, 0], w, &ca[i, 0],
+            _grad_coefficients(&sdy[i * per, 0], &sdyx[i * per, 0], &f, nc, groups, s, &rstd[i, 0], w, &ca[i, 0],
                                &cb[i, 0], &cc[i, 0])
-            _repeat(&ca[i, 0], nc, f.k)
-            _repeat(&cb[i, 0], nc, f.k)
-            _repeat(&cc[i, 0], nc, f.k)
         for t in prange(n * f.blocks, nogil=True, schedule="static", num_threads=nt):
             i = t // f.blocks
             o = i * s * nc
@@ -599,7 +598,7 @@ cdef void _rows16_task(const uint16_t* dy, const uint16_t* x, uint16_t* out, con
 cdef void _forward16(int fmt, const uint16_t[:, :, ::1] x, Py_ssize_t groups, const float[::1] weight,
                      const float[::1] bias, double eps, uint16_t[:, :, ::1] y, float[:, ::1] mean,
                      float[:, ::1] rstd):
-    cdef Py_ssize_t n = x.shape[0], s = x.shape[1], nc = x.shape[2], cg = nc // groups
+    cdef Py_ssize_t n = x.shape[0], s = x.shape[1], nc = x.shape[2], cg = nc // max(1, groups)  # no groups: C = 0
     cdef Fold f = _fold(n, s, nc, True)
     cdef Py_ssize_t per = f.blocks + 1, i, g, c, t, o
     cdef const uint16_t* xp = &x[0, 0, 0]
@@ -616,7 +615,9 @@ cdef void _forward16(int fmt, const uint16_t[:, :, ::1] x, Py_ssize_t groups, co
     cdef int nt = threads_for(n * s * nc, _nthreads, _serial_max)
     for i in range(n):
         for g in range(groups):
-            normkit_widen(xp + i * s * nc + g * cg, &first, 1, fmt)
+            first = 0.0
+            if s:
+                normkit_widen(xp + i * s * nc + g * cg, &first, 1, fmt)
             for c in range(g * cg, (g + 1) * cg):
                 piv[i, c] = <float>pivot_of(first)
         _repeat(&piv[i, 0], nc, f.k)
@@ -625,18 +626,13 @@ cdef void _forward16(int fmt, const uint16_t[:, :, ::1] x, Py_ssize_t groups, co
         _sums16_task(NULL, xp + i * s * nc, &f, t % f.blocks, nc, &piv[i, 0], fmt, &rowbuf[t, 0], &s1[i * per, 0],
                      &s2[i * per, 0])
     for i in range(n):
-        _merge_sample(&s1[i * per, 0], &s2[i * per, 0], &f, nc)
-        _finish_sample(&s1[i * per, 0], &s2[i * per, 0], nc, groups, s, &piv[i, 0], eps, w, b, &mu[i, 0],
+        _finish_sample(&s1[i * per, 0], &s2[i * per, 0], &f, nc, groups, s, &piv[i, 0], eps, w, b, &mu[i, 0],
                        &rs[i, 0], &cm[i, 0], &scale[i, 0], &shift[i, 0])
-        for c in range(nc):
-            c64[i, 0, c] = mu[i, c // cg]
-            c64[i, 1, c] = rs[i, c // cg] * w[c] if w != NULL else rs[i, c // cg]
-            c64[i, 2, c] = b[c] if b != NULL else 0.0
-        _repeat(&cm[i, 0], nc, f.k)
-        _repeat(&scale[i, 0], nc, f.k)
-        _repeat(&shift[i, 0], nc, f.k)
-        for c in range(3):
-            _repeat(&c64[i, c, 0], nc, f.k)
+        for c in range(f.width):  # a folded row's columns: channel c % nc
+            g = c % nc // cg
+            c64[i, 0, c] = mu[i, g]
+            c64[i, 1, c] = rs[i, g] * w[c % nc] if w != NULL else rs[i, g]
+            c64[i, 2, c] = b[c % nc] if b != NULL else 0.0
     for t in prange(n * f.blocks, nogil=True, schedule="static", num_threads=nt):
         i = t // f.blocks
         o = i * s * nc
@@ -651,7 +647,7 @@ cdef void _forward16(int fmt, const uint16_t[:, :, ::1] x, Py_ssize_t groups, co
 cdef void _backward16(int fmt, const uint16_t[:, :, ::1] dy, const uint16_t[:, :, ::1] x, Py_ssize_t groups,
                       const float[:, ::1] mean, const float[:, ::1] rstd, const float[::1] weight,
                       uint16_t[:, :, ::1] dx, float[::1] dweight, float[::1] dbias):
-    cdef Py_ssize_t n = x.shape[0], s = x.shape[1], nc = x.shape[2], cg = nc // groups
+    cdef Py_ssize_t n = x.shape[0], s = x.shape[1], nc = x.shape[2], cg = nc // max(1, groups)  # no groups: C = 0
     cdef Fold f = _fold(n, s, nc, True)
     cdef Py_ssize_t per = f.blocks + 1, i, c, t, o
     cdef const uint16_t* dyp = &dy[0, 0, 0]
@@ -676,19 +672,13 @@ cdef void _backward16(int fmt, const uint16_t[:, :, ::1] dy, const uint16_t[:, :
         _sums16_task(dyp + o, xp + o, &f, t % f.blocks, nc, &cm[i, 0], fmt, &rowbuf[t, 0], &sdy[i * per, 0],
                      &sdyx[i * per, 0])
     for i in range(n):
-        _merge_sample(&sdy[i * per, 0], &sdyx[i * per, 0], &f, nc)
-        _grad_coefficients(&sdy[i * per, 0], &sdyx[i * per, 0], nc, groups, s, &r64[i, 0], &w64[0],
+        _grad_coefficients(&sdy[i * per, 0], &sdyx[i * per, 0], &f, nc, groups, s, &r64[i, 0], &w64[0],
                            &c64[i, 1, 0], &c64[i, 2, 0], &c64[i, 3, 0])
-        for c in range(nc):
+        for c in range(f.width):  # cm and c64 already repeated for a folded row
             c64[i, 0, c] = cm[i, c]
             ca[i, c] = <float>c64[i, 1, c]
             cb[i, c] = <float>c64[i, 2, c]
             cc[i, c] = <float>c64[i, 3, c]
-        _repeat(&ca[i, 0], nc, f.k)
-        _repeat(&cb[i, 0], nc, f.k)
-        _repeat(&cc[i, 0], nc, f.k)
-        for c in range(4):
-            _repeat(&c64[i, c, 0], nc, f.k)
     for t in prange(n * f.blocks, nogil=True, schedule="static", num_threads=nt):
         i = t // f.blocks
         o = i * s * nc

@@ -53,8 +53,11 @@ cdef enum:
     # 1 forward 7.54 / 2.17 / 2.70 / 2.36 / 2.45, backward 8.90 / 3.65 / 3.54 / 3.45 / 3.82, split statistics 5.72 /
     # 0.72 / 0.72 / 1.04 / 1.61, bfloat16 forward 8.52 / 1.31 / 1.31 / 1.25 / 1.25; C = 3 3.29 / 2.26 / 2.35 / 2.40
     # / 2.46, 4.35 / 3.55 / 3.43 / 3.58 / 3.88, 1.63 / 0.66 / 0.64 / 1.04 / 1.71, 2.99 / 1.38 / 1.24 / 1.16 / 1.13.
-    # The split statistics' double loop (_batchnorm's _column_moments64, no registers) reads wide rows from memory
-    # slowly (see the column sums below), hence 16. At C = 8 folding won for the split statistics and 16-bit data
+    # The split statistics' double loop (_batchnorm's _column_moments64, four rows a sweep, no registers) reads rows
+    # wider than 64 values from memory at a third of the speed (a C model of it, 1 thread, 100 MB of float32: 23
+    # GB/s on rows of 16 to 64 values, 7-10 on rows of 96 to 256; the register loops' steps below, likewise),
+    # hence 16. (Two runs of this A/B an hour apart differed by up to 2x in milliseconds, e.g. C = 1 unfolded
+    # forward 5.30 against 7.54, split statistics 2.71 against 5.72; the ratios held.) At C = 8 folding won for the split statistics and 16-bit data
     # (bfloat16 forward 1.56 -> 1.13) and lost a little for float32 (backward 3.07 -> 3.21, gradient sums 1.22 ->
     # 1.34); at C = 12 it lost (float32 backward 2.81 -> 3.16).
     FOLD_WIDTH = 16
@@ -1476,8 +1479,8 @@ cdef extern from *:
        of 64 to 256 channels are rows of 64 to 256 values), up to NORMKIT_CREGS registers of columns a step (8 of
        16 columns in the x86-64-v4 build, 4 of 8 in the x86-64-v3 one), the last step's last register holding the
        columns left over; each group's terms summed in float32 lanes (exact for 16-bit data near p; 8 float32
-       terms for float32 data, as column_moments() sums 4), then added into double. Returns 0 where it does not apply; the callers check the
-       sums are finite (else they sum again in double).
+       terms for float32 data, as column_moments() sums 4), then added into double. Returns 0 where it does not
+       apply; the callers check the sums are finite (else they sum again in double).
        The loops of column_moments() / column_grad_sums() (four rows a sweep, the double sums loaded and stored each
        sweep) read float32 data from memory at about half a two-thread read's speed: channels-last BatchNorm (32,
        64, 56, 56)'s gradient sums, 2 threads, 1.77 -> 0.91 ms. The 16-bit loop walked each 32-column strip through
