@@ -57,9 +57,9 @@ cdef enum:
     # wider than 64 values from memory at a third of the speed (a C model of it, 1 thread, 100 MB of float32: 23
     # GB/s on rows of 16 to 64 values, 7-10 on rows of 96 to 256; the register loops' steps below, likewise),
     # hence 16. (Two runs of this A/B an hour apart differed by up to 2x in milliseconds, e.g. C = 1 unfolded
-    # forward 5.30 against 7.54, split statistics 2.71 against 5.72; the ratios held.) At C = 8 folding won for the split statistics and 16-bit data
-    # (bfloat16 forward 1.56 -> 1.13) and lost a little for float32 (backward 3.07 -> 3.21, gradient sums 1.22 ->
-    # 1.34); at C = 12 it lost (float32 backward 2.81 -> 3.16).
+    # forward 5.30 against 7.54, split statistics 2.71 against 5.72; the ratios held.) At C = 8 folding won for
+    # the split statistics and 16-bit data (bfloat16 forward 1.56 -> 1.13) and lost a little for float32 (backward
+    # 3.07 -> 3.21, gradient sums 1.22 -> 1.34); at C = 12 it lost (float32 backward 2.81 -> 3.16).
     FOLD_WIDTH = 16
     FOLD_MAX_ROW = 8
 
