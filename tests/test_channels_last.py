@@ -445,8 +445,8 @@ def test_channels_last_results_do_not_depend_on_the_thread_count(backend, op, sh
 # Cython's channels-last GroupNorm / InstanceNorm take a sample's rows of at most 8 values 16 values' worth at a time
 # (Fold in _channels_last.pyx: k rows of C values as one row, each column a set of its own, the coefficients
 # repeated), with the rows left over on their own: whole samples per task (9 samples, or too few rows to cut: (2, 1,
-# 2003), and samples shorter than one folded row and a half: (4, 1, 20)) and samples cut into blocks (1 to 3
-# samples), with rows left over and without, plain and with a fused activation. (16-bit rows of up to 32 values
+# 2003), and samples of one folded row and 4 rows over: (4, 1, 20)) and samples cut into blocks (1 to 3 samples),
+# with rows left over and without, plain and with a fused activation. (16-bit rows of up to 32 values
 # are folded into up to 128: test_16_bit_channels_last_numerics_on_large_sets.)
 FOLDED = [("instancenorm", (3, 2, 1031), None), ("groupnorm", (9, 4, 301), 2), ("groupnorm", (1, 8, 1500), 4),
           ("instancenorm", (2, 1, 2003), None), ("groupnorm", (9, 3, 400), 1), ("groupnorm", (2, 6, 1000), 3),

@@ -89,8 +89,8 @@ cdef enum:
     # 12 20.4 / 2.8 and 27.7 / 4.4 (unfolded / to 128), C = 32 3.19 / 2.35 and 3.87 / 4.24: the v3 backward lost
     # at C = 32, kept for v4's gain; at C = 48 both lost a little in the backward (3.5 -> 3.7-3.8), hence 32.
     # Float32 folded to 128 lost in v3 (backward 1.3-1.8x: its column sums' steps are 32 values) and in v4's
-    # forward at C = 1 and 32 (1.25-1.35x). Folds take any number of rows a sample has (a sample of S rows: at
-    # most S at a time), so a short sample folds too.
+    # forward at C = 1 and 32 (1.25-1.35x). A 16-bit fold takes at most the S rows a sample has, so a short
+    # sample folds too (a float one needs its k rows: fold_rows).
     FOLD16_WIDTH = 128
     FOLD16_MAX_ROW = 32
 
