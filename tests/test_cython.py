@@ -277,6 +277,67 @@ def test_channels_last_kernels_survive_data_without_values():
     assert run.returncode == 0 and run.stdout.strip() == "survived", (run.returncode, run.stderr[-500:])
 
 
+_WHOLE_ROWS = r"""
+import numpy as np
+import normkit
+import normkit_kernels.cython.kernels as kernels
+rng = np.random.default_rng(0)
+bn, gn = normkit.get("batchnorm"), normkit.get("groupnorm")
+
+
+def calls(front, x, dy, **kw):
+    y, saved = front.forward(x, **kw)
+    return [y, saved.mean, saved.rstd, *front.backward(dy, x, saved, **kw)]
+
+
+def both(front, shape, dtype, nhwc=False, **kw):
+    x = (rng.standard_normal(shape) * 2 + 3).astype(dtype)
+    dy = rng.standard_normal(shape).astype(dtype)
+    kw.update(weight=rng.standard_normal(shape[1]).astype(np.float32),
+              bias=rng.standard_normal(shape[1]).astype(np.float32), backend="cython")
+    if nhwc:  # (N, C, H, W) views of (N, H, W, C) memory
+        x, dy = (np.ascontiguousarray(a.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2) for a in (x, dy))
+    runs = []
+    for threshold in (None, 0):  # the default (these data are far below it: steps) and whole rows
+        kernels.set_from_memory_bytes(threshold)
+        try:
+            runs.append(calls(front, x, dy, **kw))
+        finally:
+            kernels.set_from_memory_bytes(None)
+    for a, b in zip(*runs):
+        assert a.tobytes() == b.tobytes(), (front, shape, dtype)
+
+
+for dtype in (np.float32, np.float16):
+    for c in (33, 129, 200):  # past one step of registers: 4 of 8 floats (x86-64-v3), 8 of 16 (v4); a partial one
+        both(bn, (65, c), dtype, training=True)  # 65 rows: the last group of 8 rows is one row
+        both(bn, (11, c, 3), dtype, training=True)  # 3 columns a channel
+        both(gn, (3, c, 5, 7), dtype, nhwc=True, num_groups=1)
+    both(bn, (2500 if dtype == np.float32 else 5000, 1000), dtype, training=True)  # 2 MB and more: one task of 1000
+print("same")
+"""
+
+
+@pytest.mark.parametrize("copy", ["default", "x86_64_v3"])
+def test_column_sums_from_memory_give_the_same_bits(copy):
+    """Data from memory (8 MiB and more: set_from_memory_bytes) take the column sums' whole-rows path (rows wider
+    than a step of registers read once per group of rows, the sums of the group's rows in L1): the same additions in
+    the same order as the steps of registers, so the same bits, forced here on small data, for BatchNorm's columns
+    schedule (float32, float16: rows of (N, C) and of (N, C, S) with S < 32) and the channels-last GroupNorm; in
+    the x86-64-v3 copy too, whose steps are 32 floats (in a child process, which picks the copy at import)."""
+    env = dict(os.environ, NORMKIT_CYTHON_NO_AVX512="1") if copy == "x86_64_v3" else None
+    if copy == "x86_64_v3" and not kernels.INFO["modules"].endswith("x86_64_v4"):
+        pytest.skip("no x86-64-v4 copy in use: the default one is tested")
+    run = subprocess.run([sys.executable, "-c", _WHOLE_ROWS], capture_output=True, text=True, env=env)
+    assert run.returncode == 0 and run.stdout.strip() == "same", (run.returncode, run.stderr[-800:])
+
+
+def test_batchnorm_column_sums_from_memory(rng):
+    """BatchNorm of (N, C) float32 data of 8 MiB and more (rows of 200 values, in 8 row blocks with a last group
+    of fewer than 8 rows): the whole-rows path against the reference (16-bit: test_cython16's schedule cases)."""
+    _compare("batchnorm", ((8 << 20) // 800 + 1, 200), "float32", rng)
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(kernels.INFO["modules"] == "normkit_kernels.cython", reason="this build has only one copy")
 def test_baseline_copy_passes_backend_suite():

@@ -9,12 +9,12 @@ alone, so that the summation order (and so every result) never depends on the th
 - rows (S >= SHORT_ROW, few channels): one task per row (i, c) for the sums, merged per channel in row order,
   then one task per row for the elementwise pass;
 - columns (S < SHORT_ROW, e.g. (N, C) input; in the plain training kernels also S < COLUMNS_S with N >= S): on
-  the (N, C*S) view, a task takes the whole channels in CHUNK columns and sums down its columns in row order
-  (vectorized across columns); the S columns of a channel are merged in order. With enough such tasks, each one
-  then finishes its channels and runs their elementwise pass with per-column coefficients, all in one parallel
-  region. With few (narrow inputs such as (256, 16)) and enough rows, the rows are cut into blocks too, so that
-  every core sums, the blocks' sums are merged per channel in block order, and the elementwise pass runs row by
-  row.
+  the (N, C*S) view, a task takes the whole channels in NARROW_CHUNK columns (CHUNK from WIDE_CHUNK_BYTES of
+  data) and sums down its columns in row order (vectorized across columns); the S columns of a channel are
+  merged in order. With enough such tasks, each one then finishes its channels and runs their elementwise pass
+  with per-column coefficients, all in one parallel region. With few (narrow inputs such as (256, 16)) and enough
+  rows, the rows are cut into blocks too, so that every core sums, the blocks' sums are merged per channel in
+  block order, and the elementwise pass runs row by row.
 
 Fused activation (the act_ directions): the channels schedule where it applies, otherwise the rows or columns
 schedule with separate passes (never the whole-columns tasks): statistics (forward) or gradient sums (backward),
@@ -35,15 +35,15 @@ from libc.string cimport memcpy
 from libc.stdint cimport uint16_t
 
 from _common cimport (
-    ACT_CHUNK, NORMKIT_BUILD_FLAGS, NORMKIT_HAVE_OPENMP, NORMKIT_OPENMP_NOTE, NO_ACT, SERIAL_MAX_VALUES, STREAM_AFFINE,
-    STREAM_GRAD, STREAM_SCALE, TILE16, act_grad, act_grad_apply, act_grad_apply_stream, act_grad_sums,
-    act_grad_sums_kept, affine, affine16, affine16_runs, affine_act, affine_act_stream, affine_columns,
-    affine_columns_act, all_finite, column_grad_sums, column_moments, columns_stream, finish_moments, fold_rows,
-    grad_apply, grad_apply16, grad_apply16_runs, grad_apply_columns, grad_apply_inplace, grad_sums, grad_sums16,
-    grad_sums_scale, max_offset, moments, moments16, narrow64, normkit_col_sums16, normkit_cols16,
-    normkit_cols_act_grad_f, normkit_half_init, normkit_narrow, normkit_sfence, normkit_sums16_runs, normkit_widen,
-    normkit_x86_64_copies, pivot16, pivot_of, prefetch_run, rounded_shift, scale_columns, scale_copy, scale_copy16,
-    threads_for, to_double,
+    ACT_CHUNK, FROM_MEMORY_BYTES, NORMKIT_BUILD_FLAGS, NORMKIT_HAVE_OPENMP, NORMKIT_OPENMP_NOTE, NO_ACT,
+    SERIAL_MAX_VALUES, STREAM_AFFINE, STREAM_GRAD, STREAM_SCALE, TILE16, act_grad, act_grad_apply,
+    act_grad_apply_stream, act_grad_sums, act_grad_sums_kept, affine, affine16, affine16_runs, affine_act,
+    affine_act_stream, affine_columns, affine_columns_act, all_finite, column_grad_sums, column_moments, columns_stream,
+    finish_moments, fold_rows, grad_apply, grad_apply16, grad_apply16_runs, grad_apply_columns, grad_apply_inplace,
+    grad_sums, grad_sums16, grad_sums_scale, max_offset, moments, moments16, narrow64, normkit_col_sums16,
+    normkit_cols16, normkit_cols_act_grad_f, normkit_half_init, normkit_narrow, normkit_sfence, normkit_sums16_runs,
+    normkit_widen, normkit_x86_64_copies, pivot16, pivot_of, prefetch_run, rounded_shift, scale_columns, scale_copy,
+    scale_copy16, threads_for, to_double,
 )
 
 # How this module was built (setup.py); the backend reads it for its INFO and to pick an x86-64 copy: the
@@ -86,8 +86,11 @@ cdef Py_ssize_t COLUMNS_S = 64
 cdef Py_ssize_t SHORT_ROW16 = 128
 
 cdef enum:
-    # columns schedule: a task takes the whole channels that fit in CHUNK columns of the (N, C*S) view
-    CHUNK = 256
+    # columns schedule: a task takes the whole channels that fit in NARROW_CHUNK columns of the (N, C*S) view, or
+    # in CHUNK columns for data of WIDE_CHUNK_BYTES or more (_chunk_channels)
+    NARROW_CHUNK = 256
+    CHUNK = 1024
+    WIDE_CHUNK_BYTES = 2 << 20
     # with at least WIDE_TASKS such tasks, each one also runs the elementwise pass over its columns (one parallel
     # region, the columns still in cache); with fewer, the rows are cut into blocks as well (if there are enough),
     # for ROW_TASKS tasks of at least BLOCK_ROWS rows, whose partial sums are merged per channel in block order
@@ -139,6 +142,8 @@ cdef int _nthreads = 1
 cdef Py_ssize_t _serial_max = SERIAL_MAX_VALUES
 # Outputs of this many bytes or more are written with non-temporal stores (set_stream_min_bytes).
 cdef Py_ssize_t _stream_min = 1 << 62
+# Column sums of data of this many bytes or more read whole rows (set_from_memory_bytes; FROM_MEMORY_BYTES).
+cdef Py_ssize_t _from_memory = FROM_MEMORY_BYTES
 
 
 def set_num_threads(int n):
@@ -156,6 +161,14 @@ def set_stream_min_bytes(Py_ssize_t n):
     _stream_min = n
 
 
+DEFAULT_FROM_MEMORY_BYTES = FROM_MEMORY_BYTES  # for kernels.set_from_memory_bytes(None)
+
+
+def set_from_memory_bytes(Py_ssize_t n):
+    global _from_memory
+    _from_memory = n
+
+
 cdef inline const floating* _ptr(const floating[::1] a) noexcept:
     return NULL if a is None else &a[0]
 
@@ -168,27 +181,37 @@ cdef inline Py_ssize_t _cdiv(Py_ssize_t a, Py_ssize_t b) noexcept nogil:
     return (a + b - 1) // b
 
 
-cdef inline Py_ssize_t _chunk_channels(Py_ssize_t s) noexcept nogil:
-    """Whole channels in CHUNK columns of the (N, C*S) view (S < COLUMNS_S <= CHUNK; S = 0, no values, as 1: the
-    schedule's loops then run empty instead of dividing by zero)."""
-    return CHUNK // max(1, s)
+cdef inline Py_ssize_t _chunk_channels(Py_ssize_t s, Py_ssize_t nbytes) noexcept nogil:
+    """Whole channels in a column task of the (N, C*S) view of data of ``nbytes`` bytes: NARROW_CHUNK columns of
+    data that the caches hold, CHUNK of data from WIDE_CHUNK_BYTES (S < COLUMNS_S <= NARROW_CHUNK; S = 0, no
+    values, as 1: the schedule's loops then run empty instead of dividing by zero).
+    From memory, rows wider than a task of NARROW_CHUNK columns are read once per group of rows only if a task
+    takes them whole (the column sums' whole-rows path, NORMKIT_COL_SUMS in _common.pxd; a narrow task reads a
+    strip of each row). BatchNorm of (R, C, 1) (channels-last data), in-process, 2 threads, ms, 256-column tasks
+    with steps against these tasks with whole rows: float32, 100 MB, C = 512 forward 13.1 -> 11.5, backward 23.0 ->
+    17.2; C = 1024 21.9 -> 11.9, 33.1 -> 20.5; C = 2048 21.7 -> 15.5, 37.8 -> 22.1; bfloat16 C = 1024 backward
+    23.5 -> 8.3; with a fused ReLU, C = 1024 10.5 -> 8.1, 36.4 -> 27.8; in cache, (32, 512, 49) float32 (3.2 MB)
+    0.90x / 0.91x the time, (32, 1024, 49) 0.93x / 0.90x. Below WIDE_CHUNK_BYTES the narrow tasks win: (256,
+    1024, 1) float32 (1 MB), 1 thread, took 1.45x / 1.21x the time in tasks of 1024 columns, bfloat16 (64, 2048,
+    1) 1.40x / 1.43x (2 threads); (1024, 512, 1) float32 (2 MB) alike."""
+    return (CHUNK if nbytes >= WIDE_CHUNK_BYTES else NARROW_CHUNK) // max(1, s)
 
 
-cdef inline Py_ssize_t _column_tasks(Py_ssize_t nc, Py_ssize_t s) noexcept nogil:
-    """Column tasks of the columns schedule: _chunk_channels(s) whole channels each."""
-    return _cdiv(nc, _chunk_channels(s))
+cdef inline Py_ssize_t _column_tasks(Py_ssize_t nc, Py_ssize_t s, Py_ssize_t nbytes) noexcept nogil:
+    """Column tasks of the columns schedule: _chunk_channels(s, nbytes) whole channels each."""
+    return _cdiv(nc, _chunk_channels(s, nbytes))
 
 
 cdef inline Py_ssize_t _row_blocks(Py_ssize_t n, Py_ssize_t tasks) noexcept nogil:
     return max(1, min(_cdiv(ROW_TASKS, max(1, tasks)), n // BLOCK_ROWS))
 
 
-cdef inline Py_ssize_t _column_split(Py_ssize_t n, Py_ssize_t nc, Py_ssize_t s, Py_ssize_t* width,
-                                     Py_ssize_t* tasks, Py_ssize_t* rows) noexcept nogil:
+cdef inline Py_ssize_t _column_split(Py_ssize_t n, Py_ssize_t nc, Py_ssize_t s, Py_ssize_t nbytes,
+                                     Py_ssize_t* width, Py_ssize_t* tasks, Py_ssize_t* rows) noexcept nogil:
     """The columns schedule with row blocks: sets the width (in columns) of a column task, the number of column
     tasks and the rows per block; returns the number of row blocks."""
-    width[0] = _chunk_channels(s) * s
-    tasks[0] = _column_tasks(nc, s)
+    width[0] = _chunk_channels(s, nbytes) * s
+    tasks[0] = _column_tasks(nc, s, nbytes)
     cdef Py_ssize_t blocks = _row_blocks(n, tasks[0])
     rows[0] = _cdiv(n, blocks)
     return blocks
@@ -203,13 +226,13 @@ cdef struct ColumnSplit:
     Py_ssize_t k, n, length, width, tasks, rows, blocks, tail
 
 
-cdef inline ColumnSplit _split_columns(Py_ssize_t n, Py_ssize_t nc, Py_ssize_t s) noexcept nogil:
+cdef inline ColumnSplit _split_columns(Py_ssize_t n, Py_ssize_t nc, Py_ssize_t s, Py_ssize_t itemsize) noexcept nogil:
     cdef ColumnSplit sp
     sp.k = fold_rows(n, nc * s, FOLD_MIN_ROWS)
     sp.n = n // sp.k
     sp.length = sp.k * nc * s
     sp.tail = n % sp.k
-    sp.blocks = _column_split(sp.n, sp.k * nc, s, &sp.width, &sp.tasks, &sp.rows)
+    sp.blocks = _column_split(sp.n, sp.k * nc, s, n * nc * s * itemsize, &sp.width, &sp.tasks, &sp.rows)
     return sp
 
 
@@ -262,14 +285,15 @@ cdef inline bint _columns(Py_ssize_t n, Py_ssize_t s, int act, bint half_batch=T
     return s < SHORT_ROW or (act == NO_ACT and s < COLUMNS_S and (2 * n >= s if half_batch else n >= s))
 
 
-cdef inline bint _whole_columns(Py_ssize_t n, Py_ssize_t nc, Py_ssize_t s, bint half_batch=True) noexcept nogil:
+cdef inline bint _whole_columns(Py_ssize_t n, Py_ssize_t nc, Py_ssize_t s, Py_ssize_t itemsize,
+                                bint half_batch=True) noexcept nogil:
     """Whether the columns schedule of a plain kernel runs tasks of whole channels (sums, statistics and the
     elementwise pass in one parallel region): with enough tasks, or when cutting the rows into blocks would not add
-    any. (The tasks are counted only then: CHUNK // s is 0 for longer runs.)"""
+    any. (The tasks are counted only then: NARROW_CHUNK // s is 0 for longer runs.)"""
     cdef Py_ssize_t tasks
     if not _columns(n, s, NO_ACT, half_batch):
         return False
-    tasks = _column_tasks(nc, s)
+    tasks = _column_tasks(nc, s, n * nc * s * itemsize)
     return tasks >= WIDE_TASKS or _row_blocks(n, tasks) == 1
 
 
@@ -431,11 +455,11 @@ cdef void _column_act_grad_sums(const floating* dy, const floating* x, Py_ssize_
 
 cdef inline void _column_grad_sums(const floating* dy, const floating* x, Py_ssize_t n, Py_ssize_t length,
                                    Py_ssize_t l0, Py_ssize_t l1, const floating* mean, const floating* zscale,
-                                   const floating* zshift, int act, double slope, double* sdy,
+                                   const floating* zshift, int act, double slope, bint from_memory, double* sdy,
                                    double* sdyx) noexcept nogil:
     """column_grad_sums(), or with a fused activation _column_act_grad_sums()."""
     if act == NO_ACT:
-        column_grad_sums(dy, x, n, length, l0, l1, mean, sdy, sdyx)
+        column_grad_sums(dy, x, n, length, l0, l1, mean, sdy, sdyx, from_memory)
     else:
         _column_act_grad_sums(dy, x, n, length, l0, l1, mean, zscale, zshift, act, slope, sdy, sdyx)
 
@@ -474,7 +498,7 @@ cdef void _forward_columns(const floating* x, floating* y, Py_ssize_t n, Py_ssiz
     for c in range(c0, c1):
         for i in range(s):
             piv[(c - c0) * s + i] = <floating>pivot_of(x[c * s])
-    column_moments(x + l0, n, length, 0, width, piv, s1, s2)
+    column_moments(x + l0, n, length, 0, width, piv, s1, s2, n * length * <Py_ssize_t>sizeof(floating) >= _from_memory)
     _finish_columns(s1, s2, n, s, c0, c1, piv, eps, w, b, mean, rstd, cm, scale, shift, NULL, NULL)
     for i in range(n):
         affine_columns(x + i * length + l0, y + i * length + l0, width, cm, scale, shift)
@@ -525,7 +549,8 @@ cdef void _backward_columns(const floating* dy, const floating* x, floating* dx,
         for i in range((c - c0) * s, (c - c0 + 1) * s):
             cm[i] = <floating>mean[c]
     if sums:
-        column_grad_sums(dy + l0, x + l0, n, length, 0, width, cm, a, b)
+        column_grad_sums(dy + l0, x + l0, n, length, 0, width, cm, a, b,
+                         n * length * <Py_ssize_t>sizeof(floating) >= _from_memory)
         for c in range(c0, c1):
             _merge_columns(a + (c - c0) * s, b + (c - c0) * s, s, &sdy[c], &sdyx[c])
     for c in range(c0, c1):
@@ -564,6 +589,7 @@ cdef void _channel_moments(const floating* xp, Py_ssize_t n, Py_ssize_t nc, Py_s
     cdef double[::1] a, b
     cdef floating[::1] p
     cdef int nt = threads_for(n * nc * s, _nthreads, _serial_max)
+    cdef bint memory = n * length * <Py_ssize_t>sizeof(floating) >= _from_memory
     if s >= SHORT_ROW:
         a = np.zeros(n * nc)
         b = np.zeros(n * nc)
@@ -571,17 +597,17 @@ cdef void _channel_moments(const floating* xp, Py_ssize_t n, Py_ssize_t nc, Py_s
             moments(xp + t * s, s, pivot[t % nc], &a[t], &b[t])
         _merge_groups(&a[0], &b[0], n, nc, 1, &s1[0], &s2[0])
         return
-    sp = _split_columns(n, nc, s)
+    sp = _split_columns(n, nc, s, sizeof(floating))
     a = np.empty(sp.blocks * sp.length + length)
     b = np.empty(sp.blocks * sp.length + length)
     p = np.empty(sp.length, np.float32 if floating is float else np.float64)
     _per_column(&pivot[0], nc, s, &p[0], sp.k)
     for t in prange(sp.blocks * sp.tasks, nogil=True, schedule="static", num_threads=nt):
         column_moments(xp + t // sp.tasks * sp.rows * sp.length, _task_rows(&sp, t), sp.length, _task_column(&sp, t),
-                       _task_end(&sp, t), &p[0], &a[t // sp.tasks * sp.length], &b[t // sp.tasks * sp.length])
+                       _task_end(&sp, t), &p[0], &a[t // sp.tasks * sp.length], &b[t // sp.tasks * sp.length], memory)
     if sp.tail:
         column_moments(xp + sp.n * sp.length, sp.tail, length, 0, length, &p[0], &a[sp.blocks * sp.length],
-                       &b[sp.blocks * sp.length])
+                       &b[sp.blocks * sp.length], memory)
     _merge_groups(&a[0], &b[0], _groups(&sp), nc, s, &s1[0], &s2[0])
 
 
@@ -642,6 +668,7 @@ cdef void _channel_grad_sums(const floating* dyp, const floating* xp, Py_ssize_t
     cdef floating[::1] m
     cdef floating[:, ::1] zcols
     cdef int nt = threads_for(n * nc * s, _nthreads, _serial_max)
+    cdef bint memory = n * length * <Py_ssize_t>sizeof(floating) >= _from_memory
     if zscale is None:  # unused without an activation or dxp, but act_grad_sums takes them
         zscale = zshift = np.zeros(nc)
     if s >= SHORT_ROW:
@@ -655,7 +682,7 @@ cdef void _channel_grad_sums(const floating* dyp, const floating* xp, Py_ssize_t
                               &a[t], &b[t])
         _merge_groups(&a[0], &b[0], n, nc, 1, &sdy[0], &sdyx[0])
         return
-    sp = _split_columns(n, nc, s)  # as in _channel_moments
+    sp = _split_columns(n, nc, s, sizeof(floating))  # as in _channel_moments
     a = np.empty(sp.blocks * sp.length + length)
     b = np.empty(sp.blocks * sp.length + length)
     m = np.empty(sp.length, np.float32 if floating is float else np.float64)
@@ -666,12 +693,12 @@ cdef void _channel_grad_sums(const floating* dyp, const floating* xp, Py_ssize_t
     for t in prange(sp.blocks * sp.tasks, nogil=True, schedule="static", num_threads=nt):
         o = t // sp.tasks * sp.rows * sp.length
         _column_grad_sums(dyp + o, xp + o, _task_rows(&sp, t), sp.length, _task_column(&sp, t), _task_end(&sp, t),
-                          &m[0], &zcols[0, 0], &zcols[1, 0], act, slope, &a[t // sp.tasks * sp.length],
+                          &m[0], &zcols[0, 0], &zcols[1, 0], act, slope, memory, &a[t // sp.tasks * sp.length],
                           &b[t // sp.tasks * sp.length])
     if sp.tail:
         o = sp.n * sp.length
         _column_grad_sums(dyp + o, xp + o, sp.tail, length, 0, length, &m[0], &zcols[0, 0], &zcols[1, 0], act, slope,
-                          &a[sp.blocks * sp.length], &b[sp.blocks * sp.length])
+                          memory, &a[sp.blocks * sp.length], &b[sp.blocks * sp.length])
     _merge_groups(&a[0], &b[0], _groups(&sp), nc, s, &sdy[0], &sdyx[0])
 
 
@@ -756,9 +783,9 @@ cdef void _backward_p(bint training, const floating* dyp, const floating* xp, Py
                 _backward_channel(dyp, xp, dxp, n, nc, s, c, training, sums, mu[c], r[c],
                                   w[c] if w != NULL else 1.0, bp[c] if bp != NULL else 0.0, act, slope, stream,
                                   &sdy[c], &sdyx[c])
-        elif act == NO_ACT and _whole_columns(n, nc, s):
-            k = _chunk_channels(s)
-            for t in prange(_column_tasks(nc, s), nogil=True, schedule="static", num_threads=nt):
+        elif act == NO_ACT and _whole_columns(n, nc, s, sizeof(floating)):
+            k = _chunk_channels(s, n * nc * s * sizeof(floating))
+            for t in prange(_cdiv(nc, k), nogil=True, schedule="static", num_threads=nt):
                 _backward_columns(dyp, xp, dxp, n, nc, s, t * k, min(nc, (t + 1) * k), training, sums, mu, r, w,
                                   sdy, sdyx)
         else:
@@ -817,9 +844,9 @@ cdef void _forward_p(const floating* xp, Py_ssize_t n, Py_ssize_t nc, Py_ssize_t
         if nc >= MANY_CHANNELS and not _columns(n, s, act):
             for c in prange(nc, nogil=True, schedule="static", num_threads=nt):
                 _forward_channel(xp, yp, n, nc, s, c, eps, w, b, act, slope, stream, &mu[c], &r[c])
-        elif act == NO_ACT and _whole_columns(n, nc, s):
-            k = _chunk_channels(s)
-            for t in prange(_column_tasks(nc, s), nogil=True, schedule="static", num_threads=nt):
+        elif act == NO_ACT and _whole_columns(n, nc, s, sizeof(floating)):
+            k = _chunk_channels(s, n * nc * s * sizeof(floating))
+            for t in prange(_cdiv(nc, k), nogil=True, schedule="static", num_threads=nt):
                 _forward_columns(xp, yp, n, nc, s, t * k, min(nc, (t + 1) * k), eps, w, b, mu, r)
         else:
             v = <double[:7 * nc + 1]> work
@@ -963,7 +990,7 @@ cdef void _stats_moments(const floating[:, :, ::1] x, double[::1] pivot, double[
     if s >= SHORT_ROW:
         _channel_moments(xp, n, nc, s, pivot, s1, s2)
         return
-    sp = _split_columns(n, nc, s)
+    sp = _split_columns(n, nc, s, sizeof(floating))
     a = np.empty(sp.blocks * sp.length + length)
     b = np.empty(sp.blocks * sp.length + length)
     p = np.empty(sp.length)
@@ -1151,7 +1178,8 @@ cdef void _backward_channel16(const uint16_t* dy, const uint16_t* x, uint16_t* d
 
 
 cdef void _column_moments16(const uint16_t* x, Py_ssize_t n, Py_ssize_t length, Py_ssize_t l0, Py_ssize_t l1,
-                            const float* pivot, bint wide, int fmt, double* s1, double* s2) noexcept nogil:
+                            const float* pivot, bint wide, int fmt, bint from_memory, double* s1,
+                            double* s2) noexcept nogil:
     """column_moments() (_column_moments64 if wide) of columns l0..l1 (at most CHUNK): in registers where the build
     allows (normkit_col_sums16), else ROWS16 rows at a time through the float32 loop."""
     cdef float t[ROWS16 * CHUNK]
@@ -1159,7 +1187,7 @@ cdef void _column_moments16(const uint16_t* x, Py_ssize_t n, Py_ssize_t length, 
     cdef double a[CHUNK]
     cdef double b[CHUNK]
     cdef Py_ssize_t width = l1 - l0, q, i, l, r
-    if not wide and normkit_col_sums16(NULL, x, n, length, l0, l1, pivot, s1, s2, fmt) and \
+    if not wide and normkit_col_sums16(NULL, x, n, length, l0, l1, pivot, s1, s2, fmt, from_memory) and \
             all_finite(s1, s2, l0, l1):
         return
     for l in range(width):
@@ -1180,14 +1208,16 @@ cdef void _column_moments16(const uint16_t* x, Py_ssize_t n, Py_ssize_t length, 
 
 
 cdef void _column_grad_sums16(const uint16_t* dy, const uint16_t* x, Py_ssize_t n, Py_ssize_t length, Py_ssize_t l0,
-                              Py_ssize_t l1, const float* mean, int fmt, double* sdy, double* sdyx) noexcept nogil:
+                              Py_ssize_t l1, const float* mean, int fmt, bint from_memory, double* sdy,
+                              double* sdyx) noexcept nogil:
     """column_grad_sums() of columns l0..l1 (at most CHUNK): as _column_moments16."""
     cdef float tdy[ROWS16 * CHUNK]
     cdef float tx[ROWS16 * CHUNK]
     cdef double a[CHUNK]
     cdef double b[CHUNK]
     cdef Py_ssize_t width = l1 - l0, q, i, l, r
-    if normkit_col_sums16(dy, x, n, length, l0, l1, mean, sdy, sdyx, fmt) and all_finite(sdy, sdyx, l0, l1):
+    if normkit_col_sums16(dy, x, n, length, l0, l1, mean, sdy, sdyx, fmt, from_memory) and \
+            all_finite(sdy, sdyx, l0, l1):
         return
     for l in range(l0, l1):
         sdy[l] = 0.0
@@ -1211,6 +1241,7 @@ cdef void _channel_moments16(const uint16_t* xp, Py_ssize_t n, Py_ssize_t nc, Py
     cdef double[::1] a, b
     cdef float[::1] p
     cdef int nt = threads_for(n * nc * s, _nthreads, _serial_max)
+    cdef bint memory = n * length * 2 >= _from_memory
     if s >= SHORT_ROW:
         a = np.zeros(n * nc)
         b = np.zeros(n * nc)
@@ -1218,17 +1249,17 @@ cdef void _channel_moments16(const uint16_t* xp, Py_ssize_t n, Py_ssize_t nc, Py
             moments16(xp + t * s, s, fmt, pivot[t % nc], &a[t], &b[t], wide)
         _merge_groups(&a[0], &b[0], n, nc, 1, &s1[0], &s2[0])
         return
-    sp = _split_columns(n, nc, s)
+    sp = _split_columns(n, nc, s, 2)
     a = np.empty(sp.blocks * sp.length + length)
     b = np.empty(sp.blocks * sp.length + length)
     p = np.empty(sp.length, np.float32)
     _per_column(&pivot[0], nc, s, &p[0], sp.k)
     for t in prange(sp.blocks * sp.tasks, nogil=True, schedule="static", num_threads=nt):
         _column_moments16(xp + t // sp.tasks * sp.rows * sp.length, _task_rows(&sp, t), sp.length,
-                          _task_column(&sp, t), _task_end(&sp, t), &p[0], wide, fmt, &a[t // sp.tasks * sp.length],
-                          &b[t // sp.tasks * sp.length])
+                          _task_column(&sp, t), _task_end(&sp, t), &p[0], wide, fmt, memory,
+                          &a[t // sp.tasks * sp.length], &b[t // sp.tasks * sp.length])
     if sp.tail:
-        _column_moments16(xp + sp.n * sp.length, sp.tail, length, 0, length, &p[0], wide, fmt,
+        _column_moments16(xp + sp.n * sp.length, sp.tail, length, 0, length, &p[0], wide, fmt, memory,
                           &a[sp.blocks * sp.length], &b[sp.blocks * sp.length])
     _merge_groups(&a[0], &b[0], _groups(&sp), nc, s, &s1[0], &s2[0])
 
@@ -1300,6 +1331,7 @@ cdef void _channel_grad_sums16(const uint16_t* dyp, const uint16_t* xp, Py_ssize
     cdef double[::1] a, b
     cdef float[::1] m
     cdef int nt = threads_for(n * nc * s, _nthreads, _serial_max)
+    cdef bint memory = n * length * 2 >= _from_memory
     if s >= SHORT_ROW:
         a = np.zeros(n * nc)
         b = np.zeros(n * nc)
@@ -1307,7 +1339,7 @@ cdef void _channel_grad_sums16(const uint16_t* dyp, const uint16_t* xp, Py_ssize
             grad_sums16(dyp + t * s, xp + t * s, NULL, s, fmt, mean[t % nc], &a[t], &b[t])
         _merge_groups(&a[0], &b[0], n, nc, 1, &sdy[0], &sdyx[0])
         return
-    sp = _split_columns(n, nc, s)
+    sp = _split_columns(n, nc, s, 2)
     a = np.empty(sp.blocks * sp.length + length)
     b = np.empty(sp.blocks * sp.length + length)
     m = np.empty(sp.length, np.float32)
@@ -1315,11 +1347,11 @@ cdef void _channel_grad_sums16(const uint16_t* dyp, const uint16_t* xp, Py_ssize
     for t in prange(sp.blocks * sp.tasks, nogil=True, schedule="static", num_threads=nt):
         o = t // sp.tasks * sp.rows * sp.length
         _column_grad_sums16(dyp + o, xp + o, _task_rows(&sp, t), sp.length, _task_column(&sp, t), _task_end(&sp, t),
-                            &m[0], fmt, &a[t // sp.tasks * sp.length], &b[t // sp.tasks * sp.length])
+                            &m[0], fmt, memory, &a[t // sp.tasks * sp.length], &b[t // sp.tasks * sp.length])
     if sp.tail:
         o = sp.n * sp.length
-        _column_grad_sums16(dyp + o, xp + o, sp.tail, length, 0, length, &m[0], fmt, &a[sp.blocks * sp.length],
-                            &b[sp.blocks * sp.length])
+        _column_grad_sums16(dyp + o, xp + o, sp.tail, length, 0, length, &m[0], fmt, memory,
+                            &a[sp.blocks * sp.length], &b[sp.blocks * sp.length])
     _merge_groups(&a[0], &b[0], _groups(&sp), nc, s, &sdy[0], &sdyx[0])
 
 
@@ -1411,7 +1443,7 @@ cdef void _forward_columns16(const uint16_t* x, uint16_t* y, Py_ssize_t n, Py_ss
         p = pivot16(x + c * s, fmt)  # a 16-bit value: exact in float32
         for i in range((c - c0) * s, (c - c0 + 1) * s):
             piv[i] = <float>p
-    _column_moments16(x + l0, n, length, 0, width, piv, False, fmt, s1, s2)
+    _column_moments16(x + l0, n, length, 0, width, piv, False, fmt, n * length * 2 >= _from_memory, s1, s2)
     _finish_columns(s1, s2, n, s, c0, c1, piv, eps, w, b, mean, rstd, cols, cols + CHUNK, cols + 2 * CHUNK, scale,
                     shift)
     for i in range(n):
@@ -1433,7 +1465,8 @@ cdef void _backward_columns16(const uint16_t* dy, const uint16_t* x, uint16_t* d
         for i in range((c - c0) * s, (c - c0 + 1) * s):
             cols[i] = <float>mean[c]
     if sums:
-        _column_grad_sums16(dy + l0, x + l0, n, length, 0, width, cols, fmt, a, b)
+        _column_grad_sums16(dy + l0, x + l0, n, length, 0, width, cols, fmt, n * length * 2 >= _from_memory, a,
+                            b)
         for c in range(c0, c1):
             _merge_columns(a + (c - c0) * s, b + (c - c0) * s, s, &sdy[c], &sdyx[c])
     for c in range(c0, c1):
@@ -1477,9 +1510,9 @@ cdef void _backward16(bint training, const uint16_t* dyp, const uint16_t* xp, Py
             for c in prange(nc, nogil=True, schedule="static", num_threads=nt):
                 _backward_channel16(dyp, xp, dxp, n, nc, s, c, training, sums, mu[c], r[c],
                                     w[c] if w != NULL else 1.0, fmt, &sdy[c], &sdyx[c])
-        elif _whole_columns(n, nc, s, False):
-            k = _chunk_channels(s)
-            for t in prange(_column_tasks(nc, s), nogil=True, schedule="static", num_threads=nt):
+        elif _whole_columns(n, nc, s, 2, False):
+            k = _chunk_channels(s, n * nc * s * 2)
+            for t in prange(_cdiv(nc, k), nogil=True, schedule="static", num_threads=nt):
                 _backward_columns16(dyp, xp, dxp, n, nc, s, t * k, min(nc, (t + 1) * k), training, sums, mu, r, w,
                                     fmt, sdy, sdyx, ca, cb, cc)
         else:
@@ -1526,9 +1559,9 @@ cdef void _forward16(int fmt, const uint16_t* xp, Py_ssize_t n, Py_ssize_t nc, P
         if nc >= MANY_CHANNELS and not _columns(n, s, NO_ACT):
             for c in prange(nc, nogil=True, schedule="static", num_threads=nt):
                 _forward_channel16(xp, yp, n, nc, s, c, eps, w, b, fmt, &mu[c], &r[c])
-        elif _whole_columns(n, nc, s):
-            k = _chunk_channels(s)
-            for t in prange(_column_tasks(nc, s), nogil=True, schedule="static", num_threads=nt):
+        elif _whole_columns(n, nc, s, 2):
+            k = _chunk_channels(s, n * nc * s * 2)
+            for t in prange(_cdiv(nc, k), nogil=True, schedule="static", num_threads=nt):
                 _forward_columns16(xp, yp, n, nc, s, t * k, min(nc, (t + 1) * k), eps, w, b, fmt, mu, r, scale,
                                    shift)
         else:

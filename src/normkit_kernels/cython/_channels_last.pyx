@@ -43,10 +43,10 @@ from cython.parallel cimport prange
 from libc.stdint cimport uint16_t
 
 from _common cimport (
-    NO_ACT, SERIAL_MAX_VALUES, STREAM_AFFINE, STREAM_GRAD, TILE16, act_grad, affine_columns, affine_columns_act,
-    all_finite, column_grad_sums, column_moments, columns_stream, finish_moments, fold_rows, grad_apply_columns,
-    narrow64, normkit_col_sums16, normkit_cols16, normkit_cols_act_grad_f, normkit_half_init, normkit_narrow,
-    normkit_sfence, normkit_widen, pivot_of, threads_for,
+    FROM_MEMORY_BYTES, NO_ACT, SERIAL_MAX_VALUES, STREAM_AFFINE, STREAM_GRAD, TILE16, act_grad, affine_columns,
+    affine_columns_act, all_finite, column_grad_sums, column_moments, columns_stream, finish_moments, fold_rows,
+    grad_apply_columns, narrow64, normkit_col_sums16, normkit_cols16, normkit_cols_act_grad_f, normkit_half_init,
+    normkit_narrow, normkit_sfence, normkit_widen, pivot_of, threads_for,
 )
 
 # float16 converts with F16C where the CPU has it, unless NORMKIT_CYTHON_NO_F16C=1 (see _groupnorm.pyx).
@@ -56,6 +56,8 @@ cdef int _nthreads = 1
 cdef Py_ssize_t _serial_max = SERIAL_MAX_VALUES
 # Outputs of this many bytes or more are written with non-temporal stores (set_stream_min_bytes).
 cdef Py_ssize_t _stream_min = 1 << 62
+# Column sums of data of this many bytes or more read whole rows (set_from_memory_bytes; FROM_MEMORY_BYTES).
+cdef Py_ssize_t _from_memory = FROM_MEMORY_BYTES
 
 
 def set_num_threads(int n):
@@ -71,6 +73,11 @@ def set_serial_max_values(Py_ssize_t n):
 def set_stream_min_bytes(Py_ssize_t n):
     global _stream_min
     _stream_min = n
+
+
+def set_from_memory_bytes(Py_ssize_t n):
+    global _from_memory
+    _from_memory = n
 
 
 cdef enum:
@@ -111,8 +118,10 @@ cdef struct Fold:
     # few values as one; else k = 1), then the `tail` of S - k * sf rows of nc values.
     # The sf rows are cut into `blocks` blocks of `rows` rows, the tail goes with the last block. A sample has
     # blocks + 1 rows of column sums, `width` each: its blocks', then its tail's (nc columns), added up per channel
-    # by _merge_sample.
+    # by _merge_sample. `from_memory`: the data are large enough to come from memory (_from_memory), where the
+    # column sums read whole rows once (normkit_col_sums32 / 16's from_memory).
     Py_ssize_t k, width, sf, tail, blocks, rows
+    bint from_memory
 
 
 cdef inline Fold _fold(Py_ssize_t n, Py_ssize_t s, Py_ssize_t nc, bint half=False) noexcept nogil:
@@ -127,6 +136,7 @@ cdef inline Fold _fold(Py_ssize_t n, Py_ssize_t s, Py_ssize_t nc, bint half=Fals
     f.tail = s - f.sf * f.k
     f.blocks = _blocks(n, f.sf)
     f.rows = _cdiv(f.sf, f.blocks)
+    f.from_memory = n * s * nc * (2 if half else 4) >= _from_memory  # (float64 sums take no register path)
     return f
 
 
@@ -238,9 +248,10 @@ cdef void _sums_task(const floating* dy, const floating* x, const Fold* f, Py_ss
         r = _part_rows(f, q, j)
         w = _part_width(f, nc, j)
         if dy == NULL:
-            column_moments(x + o, r, w, 0, w, p, s1 + _part_sums(f, q, j), s2 + _part_sums(f, q, j))
+            column_moments(x + o, r, w, 0, w, p, s1 + _part_sums(f, q, j), s2 + _part_sums(f, q, j), f.from_memory)
         else:
-            column_grad_sums(dy + o, x + o, r, w, 0, w, p, s1 + _part_sums(f, q, j), s2 + _part_sums(f, q, j))
+            column_grad_sums(dy + o, x + o, r, w, 0, w, p, s1 + _part_sums(f, q, j), s2 + _part_sums(f, q, j),
+                             f.from_memory)
 
 
 cdef void _affine_task(const floating* x, floating* y, const Fold* f, Py_ssize_t q, Py_ssize_t nc,
@@ -510,13 +521,13 @@ def instancenorm_act_backward(const floating[:, :, ::1] dy, const floating[:, :,
 # --- 16-bit data -----------------------------------------------------------------------------------------------
 
 cdef void _col_sums16(const uint16_t* dy, const uint16_t* x, Py_ssize_t rows, Py_ssize_t nc, const float* p,
-                      int fmt, float* row, double* s1, double* s2) noexcept nogil:
+                      int fmt, float* row, bint from_memory, double* s1, double* s2) noexcept nogil:
     """column_moments() (dy NULL; p the pivots) or column_grad_sums() (p the means) of 16-bit rows: in registers
     where the build allows, else (or where those sums are not finite) in double, a row at a time widened into
     ``row`` (nc floats, 2 * nc with dy)."""
     cdef Py_ssize_t i, l
     cdef double d, g
-    if normkit_col_sums16(dy, x, rows, nc, 0, nc, p, s1, s2, fmt) and all_finite(s1, s2, 0, nc):
+    if normkit_col_sums16(dy, x, rows, nc, 0, nc, p, s1, s2, fmt, from_memory) and all_finite(s1, s2, 0, nc):
         return
     for l in range(nc):
         s1[l] = 0.0
@@ -581,7 +592,7 @@ cdef void _sums16_task(const uint16_t* dy, const uint16_t* x, const Fold* f, Py_
     for j in range(_parts(f, q)):
         o = _part_offset(f, q, j)
         _col_sums16(dy + o if dy != NULL else NULL, x + o, _part_rows(f, q, j), _part_width(f, nc, j), p, fmt, row,
-                    s1 + _part_sums(f, q, j), s2 + _part_sums(f, q, j))
+                    f.from_memory, s1 + _part_sums(f, q, j), s2 + _part_sums(f, q, j))
 
 
 cdef void _rows16_task(const uint16_t* dy, const uint16_t* x, uint16_t* out, const Fold* f, Py_ssize_t q,

@@ -304,6 +304,15 @@ def set_stream_min_bytes(n: int | None) -> None:
             module.set_stream_min_bytes(default_stream_min_bytes() if module in _STREAMING else _NEVER)
 
 
+def set_from_memory_bytes(n: int | None) -> None:
+    """BatchNorm's columns schedule and the channels-last GroupNorm / InstanceNorm take data of ``n`` bytes or more
+    as coming from memory, where their float32 and 16-bit column sums read rows wider than a step of registers whole
+    (NORMKIT_COL_SUMS in _common.pxd; the same results, in another order of loads), to test or measure that path;
+    None restores the default (FROM_MEMORY_BYTES)."""
+    for module in (_batchnorm, _channels_last):
+        module.set_from_memory_bytes(_batchnorm.DEFAULT_FROM_MEMORY_BYTES if n is None else n)
+
+
 def default_stream_min_bytes() -> int:
     return int(LLC_BYTES * STREAM_LLC_FRACTION) if LLC_BYTES else STREAM_FALLBACK_BYTES
 
