@@ -197,6 +197,14 @@ cdef inline Py_ssize_t _chunk_channels(Py_ssize_t s, Py_ssize_t nbytes) noexcept
     return (CHUNK if nbytes >= WIDE_CHUNK_BYTES else NARROW_CHUNK) // max(1, s)
 
 
+cdef inline Py_ssize_t _tile_rows(Py_ssize_t rows, Py_ssize_t width) noexcept nogil:
+    """Rows of ``width`` values per tile of the 16-bit tasks' stack buffers of ``rows`` * NARROW_CHUNK values (the
+    loops that widen 16-bit data into float32 where the build has no register path, and the split statistics'):
+    ``rows`` for the narrow tasks, fewer for CHUNK's, so that the stack frames stay as small as when no task was
+    wider (a thread may have 128 KB of stack: musl's default, or OMP_STACKSIZE's)."""
+    return max(1, rows * NARROW_CHUNK // max(1, width))
+
+
 cdef inline Py_ssize_t _column_tasks(Py_ssize_t nc, Py_ssize_t s, Py_ssize_t nbytes) noexcept nogil:
     """Column tasks of the columns schedule: _chunk_channels(s, nbytes) whole channels each."""
     return _cdiv(nc, _chunk_channels(s, nbytes))
@@ -428,12 +436,14 @@ cdef void _grad_apply_columns_act(const floating* dy, const floating* x, floatin
 
 cdef void _column_act_grad_sums(const floating* dy, const floating* x, Py_ssize_t n, Py_ssize_t length,
                                 Py_ssize_t l0, Py_ssize_t l1, const floating* mean, const floating* zscale,
-                                const floating* zshift, int act, double slope, double* sdy,
+                                const floating* zshift, int act, double slope, floating* tiles, double* sdy,
                                 double* sdyx) noexcept nogil:
     """column_grad_sums() of g = dy * act'(z) over columns l0..l1 (at most CHUNK), ACT_ROWS rows at a time: their g
-    (z as in _grad_apply_columns_act) and x copied on the stack as rows of the task's width."""
-    cdef floating tg[ACT_ROWS * CHUNK]
-    cdef floating tx[ACT_ROWS * CHUNK]
+    (z as in _grad_apply_columns_act) and x copied into ``tiles`` (2 * ACT_ROWS * (l1 - l0) values; on the heap:
+    on the stack, tiles for tasks of CHUNK columns made a float64 frame of 148 KB, which crashed a thread of 128 KB,
+    musl's default) as rows of the task's width."""
+    cdef floating* tg = tiles
+    cdef floating* tx = tiles + ACT_ROWS * (l1 - l0)
     cdef double a[CHUNK]
     cdef double b[CHUNK]
     cdef Py_ssize_t width = l1 - l0, q, i, j, l, r, o
@@ -455,13 +465,13 @@ cdef void _column_act_grad_sums(const floating* dy, const floating* x, Py_ssize_
 
 cdef inline void _column_grad_sums(const floating* dy, const floating* x, Py_ssize_t n, Py_ssize_t length,
                                    Py_ssize_t l0, Py_ssize_t l1, const floating* mean, const floating* zscale,
-                                   const floating* zshift, int act, double slope, bint from_memory, double* sdy,
-                                   double* sdyx) noexcept nogil:
-    """column_grad_sums(), or with a fused activation _column_act_grad_sums()."""
+                                   const floating* zshift, int act, double slope, bint from_memory,
+                                   floating* tiles, double* sdy, double* sdyx) noexcept nogil:
+    """column_grad_sums(), or with a fused activation _column_act_grad_sums() (``tiles``: its buffer)."""
     if act == NO_ACT:
         column_grad_sums(dy, x, n, length, l0, l1, mean, sdy, sdyx, from_memory)
     else:
-        _column_act_grad_sums(dy, x, n, length, l0, l1, mean, zscale, zshift, act, slope, sdy, sdyx)
+        _column_act_grad_sums(dy, x, n, length, l0, l1, mean, zscale, zshift, act, slope, tiles, sdy, sdyx)
 
 
 cdef inline void _merge_columns(const double* a, const double* b, Py_ssize_t s, double* s1,
@@ -667,6 +677,7 @@ cdef void _channel_grad_sums(const floating* dyp, const floating* xp, Py_ssize_t
     cdef double[::1] a, b
     cdef floating[::1] m
     cdef floating[:, ::1] zcols
+    cdef floating[:, ::1] tiles = None
     cdef int nt = threads_for(n * nc * s, _nthreads, _serial_max)
     cdef bint memory = n * length * <Py_ssize_t>sizeof(floating) >= _from_memory
     if zscale is None:  # unused without an activation or dxp, but act_grad_sums takes them
@@ -690,15 +701,20 @@ cdef void _channel_grad_sums(const floating* dyp, const floating* xp, Py_ssize_t
     zcols = np.empty((2, sp.length), np.float32 if floating is float else np.float64)
     _per_column(&zscale[0], nc, s, &zcols[0, 0], sp.k)
     _per_column(&zshift[0], nc, s, &zcols[1, 0], sp.k)
+    if act != NO_ACT:  # _column_act_grad_sums' tiles: one per task, the last for the tail (at most 8 columns)
+        tiles = np.empty((sp.blocks * sp.tasks + 1, 2 * ACT_ROWS * sp.width),
+                         np.float32 if floating is float else np.float64)
     for t in prange(sp.blocks * sp.tasks, nogil=True, schedule="static", num_threads=nt):
         o = t // sp.tasks * sp.rows * sp.length
         _column_grad_sums(dyp + o, xp + o, _task_rows(&sp, t), sp.length, _task_column(&sp, t), _task_end(&sp, t),
-                          &m[0], &zcols[0, 0], &zcols[1, 0], act, slope, memory, &a[t // sp.tasks * sp.length],
+                          &m[0], &zcols[0, 0], &zcols[1, 0], act, slope, memory,
+                          &tiles[t, 0] if act != NO_ACT else NULL, &a[t // sp.tasks * sp.length],
                           &b[t // sp.tasks * sp.length])
     if sp.tail:
         o = sp.n * sp.length
         _column_grad_sums(dyp + o, xp + o, sp.tail, length, 0, length, &m[0], &zcols[0, 0], &zcols[1, 0], act, slope,
-                          memory, &a[sp.blocks * sp.length], &b[sp.blocks * sp.length])
+                          memory, &tiles[sp.blocks * sp.tasks, 0] if act != NO_ACT else NULL,
+                          &a[sp.blocks * sp.length], &b[sp.blocks * sp.length])
     _merge_groups(&a[0], &b[0], _groups(&sp), nc, s, &sdy[0], &sdyx[0])
 
 
@@ -1181,12 +1197,12 @@ cdef void _column_moments16(const uint16_t* x, Py_ssize_t n, Py_ssize_t length, 
                             const float* pivot, bint wide, int fmt, bint from_memory, double* s1,
                             double* s2) noexcept nogil:
     """column_moments() (_column_moments64 if wide) of columns l0..l1 (at most CHUNK): in registers where the build
-    allows (normkit_col_sums16), else ROWS16 rows at a time through the float32 loop."""
-    cdef float t[ROWS16 * CHUNK]
+    allows (normkit_col_sums16), else ROWS16 rows at a time (_tile_rows) through the float32 loop."""
+    cdef float t[ROWS16 * NARROW_CHUNK]
     cdef double p[CHUNK]
     cdef double a[CHUNK]
     cdef double b[CHUNK]
-    cdef Py_ssize_t width = l1 - l0, q, i, l, r
+    cdef Py_ssize_t width = l1 - l0, rows = _tile_rows(ROWS16, width), q, i, l, r
     if not wide and normkit_col_sums16(NULL, x, n, length, l0, l1, pivot, s1, s2, fmt, from_memory) and \
             all_finite(s1, s2, l0, l1):
         return
@@ -1194,9 +1210,9 @@ cdef void _column_moments16(const uint16_t* x, Py_ssize_t n, Py_ssize_t length, 
         p[l] = pivot[l0 + l]
         s1[l0 + l] = 0.0
         s2[l0 + l] = 0.0
-    for q in range((n + ROWS16 - 1) // ROWS16):
-        i = q * ROWS16
-        r = min(<Py_ssize_t>ROWS16, n - i)
+    for q in range(_cdiv(n, rows)):
+        i = q * rows
+        r = min(rows, n - i)
         _widen_block(x + i * length + l0, r, length, width, fmt, t)
         if wide:
             _column_moments64(t, r, width, 0, width, p, a, b)
@@ -1211,20 +1227,20 @@ cdef void _column_grad_sums16(const uint16_t* dy, const uint16_t* x, Py_ssize_t 
                               Py_ssize_t l1, const float* mean, int fmt, bint from_memory, double* sdy,
                               double* sdyx) noexcept nogil:
     """column_grad_sums() of columns l0..l1 (at most CHUNK): as _column_moments16."""
-    cdef float tdy[ROWS16 * CHUNK]
-    cdef float tx[ROWS16 * CHUNK]
+    cdef float tdy[ROWS16 * NARROW_CHUNK]
+    cdef float tx[ROWS16 * NARROW_CHUNK]
     cdef double a[CHUNK]
     cdef double b[CHUNK]
-    cdef Py_ssize_t width = l1 - l0, q, i, l, r
+    cdef Py_ssize_t width = l1 - l0, rows = _tile_rows(ROWS16, width), q, i, l, r
     if normkit_col_sums16(dy, x, n, length, l0, l1, mean, sdy, sdyx, fmt, from_memory) and \
             all_finite(sdy, sdyx, l0, l1):
         return
     for l in range(l0, l1):
         sdy[l] = 0.0
         sdyx[l] = 0.0
-    for q in range((n + ROWS16 - 1) // ROWS16):
-        i = q * ROWS16
-        r = min(<Py_ssize_t>ROWS16, n - i)
+    for q in range(_cdiv(n, rows)):
+        i = q * rows
+        r = min(rows, n - i)
         _widen_block(dy + i * length + l0, r, length, width, fmt, tdy)
         _widen_block(x + i * length + l0, r, length, width, fmt, tx)
         column_grad_sums(tdy, tx, r, width, 0, width, mean + l0, a, b)
