@@ -1552,6 +1552,15 @@ cdef extern from *:
     }
     #endif
 
+    /* the first k lanes of a and b added into the double sums s1[0..k-1], s2[0..k-1] (a partial register) */
+    static inline void normkit_add_pd_first(double* s1, double* s2, NORMKIT_CVEC a, NORMKIT_CVEC b, int k) {
+        double t1[NORMKIT_CW] = {0.0}, t2[NORMKIT_CW] = {0.0};
+        int j;
+        normkit_add_pd_c(t1, a);
+        normkit_add_pd_c(t2, b);
+        for (j = 0; j < k; j++) { s1[j] += t1[j]; s2[j] += t2[j]; }
+    }
+
     /* NAME_rows: rows i0..e (at most 8) of V full registers of columns from column l and, if k > 0, one register
        of the k columns after them, summed in float32 and added into the double sums. NAME_loop: all n rows,
        columns l0..l1, each group of rows in steps of at most NORMKIT_CREGS registers. T is the data's type,
@@ -1566,7 +1575,6 @@ cdef extern from *:
                 const T* dy, const T* x, Py_ssize_t i0, Py_ssize_t e, Py_ssize_t length, Py_ssize_t l,     \
                 const float* p, double* s1, double* s2, int grad, int V, int k, Py_ssize_t pf FMT_PARAM) {  \
             NORMKIT_CVEC a[NORMKIT_CREGS], b[NORMKIT_CREGS], vp[NORMKIT_CREGS], ak, bk, vk, d, g;          \
-            double t1[NORMKIT_CW], t2[NORMKIT_CW];                                                         \
             Py_ssize_t i, o, lk = l + NORMKIT_CW * V;                                                      \
             int j;                                                                                         \
             for (j = 0; j < V; j++) {                                                                      \
@@ -1603,19 +1611,13 @@ cdef extern from *:
                 normkit_add_pd_c(s1 + l + NORMKIT_CW * j, a[j]);                                           \
                 normkit_add_pd_c(s2 + l + NORMKIT_CW * j, b[j]);                                           \
             }                                                                                              \
-            if (k) {                                                                                       \
-                for (j = 0; j < NORMKIT_CW; j++) { t1[j] = 0.0; t2[j] = 0.0; }                             \
-                normkit_add_pd_c(t1, ak);                                                                  \
-                normkit_add_pd_c(t2, bk);                                                                  \
-                for (j = 0; j < k; j++) { s1[lk + j] += t1[j]; s2[lk + j] += t2[j]; }                      \
-            }                                                                                              \
+            if (k) normkit_add_pd_first(s1 + lk, s2 + lk, ak, bk, k);                                      \
         }                                                                                                  \
         static inline __attribute__((always_inline)) void NAME##_row_l1(                                   \
                 const T* dy, const T* x, Py_ssize_t o, Py_ssize_t l, int V, int k, const float* p,         \
                 double* s1, double* s2, float* A, float* B, int grad, int first, int last FMT_PARAM) {     \
             NORMKIT_CVEC d, g, a, b;                                                                       \
-            double t1[NORMKIT_CW], t2[NORMKIT_CW];                                                         \
-            int j, q;                                                                                      \
+            int j;                                                                                         \
             for (j = 0; j <= V; j++, l += NORMKIT_CW) {                                                    \
                 if (j == V && !k) break;                                                                   \
                 if (j < V) {                                                                               \
@@ -1632,12 +1634,7 @@ cdef extern from *:
                 }                                                                                          \
                 if (!last) { NORMKIT_CSTORE(A + NORMKIT_CW * j, a); NORMKIT_CSTORE(B + NORMKIT_CW * j, b); } \
                 else if (j < V) { normkit_add_pd_c(s1 + l, a); normkit_add_pd_c(s2 + l, b); }              \
-                else {                                                                                     \
-                    for (q = 0; q < NORMKIT_CW; q++) { t1[q] = 0.0; t2[q] = 0.0; }                         \
-                    normkit_add_pd_c(t1, a);                                                               \
-                    normkit_add_pd_c(t2, b);                                                               \
-                    for (q = 0; q < k; q++) { s1[l + q] += t1[q]; s2[l + q] += t2[q]; }                    \
-                }                                                                                          \
+                else normkit_add_pd_first(s1 + l, s2 + l, a, b, k);                                        \
             }                                                                                              \
         }                                                                                                  \
         static inline __attribute__((always_inline)) void NAME##_whole_rows(                               \
