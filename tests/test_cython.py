@@ -317,7 +317,7 @@ for dtype in (np.float32, np.float16, bfloat16):
         both(bn, (65, c), dtype, training=True)  # 65 rows: the last group of 8 rows is one row
         both(bn, (11, c, 3), dtype, training=True)  # 3 columns a channel
         both(gn, (3, c, 5, 7), dtype, nhwc=True, num_groups=1)
-    both(bn, (600 if dtype == np.float32 else 1200, 1000), dtype, training=True)  # 2 MB and more: a task of 1000
+    both(bn, (2100 if dtype == np.float32 else 4200, 1000), dtype, training=True)  # 8 MiB and more: a task of 1000
 print("same")
 """
 
@@ -334,7 +334,8 @@ normkit.set_num_threads(1)  # the kernels run on the calling thread
 def run():
     for shape, dtype, kw in (((200, 1000), np.float64, {"activation": "relu"}),  # tasks of 256 columns
                              ((1100, 1000), np.float64, {"activation": "relu"}),  # of 1000 (8.8 MB)
-                             ((2100, 1000), np.float16, {}), ((1100, 1000), np.float32, {})):
+                             ((2100, 1000), np.float16, {}), ((5000, 1000), np.float16, {}),
+                             ((1100, 1000), np.float32, {})):
         pdtype = np.float64 if dtype == np.float64 else np.float32
         x, dy = (rng.standard_normal(shape).astype(dtype) for _ in range(2))
         p = dict(weight=np.ones(shape[1], pdtype), bias=np.zeros(shape[1], pdtype), training=True, backend="cython",
@@ -353,9 +354,10 @@ thread.join()
 
 def test_batchnorm_columns_run_on_a_small_thread_stack():
     """BatchNorm's columns schedule on a thread of 128 KB of stack (musl's default; OMP_STACKSIZE can set one as
-    small): its tasks' stack buffers are sized for tasks of 256 columns (_tile_rows), so tasks of 1024 columns
-    (data of 2 MiB and more) did not make them 4x larger (float64 with a fused activation took 148 KB and crashed
-    the thread). In a child process, so that a crash fails this test instead of ending the run."""
+    small): the sums-only tasks of 1024 columns (data from memory) and the whole-column tasks (256 columns) keep
+    their stack buffers to what tasks of 256 columns had (stack buffers sized for 1024 columns had made float64
+    with a fused activation take 148 KB and float16 whole-column tasks ~130 KB, and crashed the thread). In a child
+    process, so that a crash fails this test instead of ending the run."""
     run = subprocess.run([sys.executable, "-c", _SMALL_STACK], capture_output=True, text=True)
     assert run.returncode == 0 and run.stdout.strip() == "survived", (run.returncode, run.stderr[-500:])
 
@@ -365,9 +367,9 @@ def test_column_sums_from_memory_give_the_same_bits(copy):
     """Data from memory (8 MiB and more: set_from_memory_bytes) take the column sums' whole-rows path (rows wider
     than a step of registers read once per group of rows, the sums of the group's rows in L1): the same additions in
     the same order as the steps of registers, so the same bits, each forced here, for BatchNorm's columns schedule
-    (float32, float16, bfloat16 with ml_dtypes: rows of (N, C) and of (N, C, S) with S < 32, and a task of 1000
-    columns) and the channels-last GroupNorm; in the x86-64-v3 copy too, whose steps are 32 floats (in a child
-    process, which picks the copy at import)."""
+    (float32, float16, bfloat16 with ml_dtypes: rows of (N, C) and of (N, C, S) with S < 32, and 8 MiB of rows of
+    1000 values: a task of 1000 columns) and the channels-last GroupNorm; in the x86-64-v3 copy too, whose steps
+    are 32 floats (in a child process, which picks the copy at import)."""
     env = dict(os.environ, NORMKIT_CYTHON_NO_AVX512="1") if copy == "x86_64_v3" else None
     if copy == "x86_64_v3" and not kernels.INFO["modules"].endswith("x86_64_v4"):
         pytest.skip("no x86-64-v4 copy in use: the default one is tested")

@@ -9,8 +9,8 @@ alone, so that the summation order (and so every result) never depends on the th
 - rows (S >= SHORT_ROW, few channels): one task per row (i, c) for the sums, merged per channel in row order,
   then one task per row for the elementwise pass;
 - columns (S < SHORT_ROW, e.g. (N, C) input; in the plain training kernels also S < COLUMNS_S with N >= S): on
-  the (N, C*S) view, a task takes the whole channels in NARROW_CHUNK columns (CHUNK from WIDE_CHUNK_BYTES of
-  data) and sums down its columns in row order (vectorized across columns); the S columns of a channel are
+  the (N, C*S) view, a task takes the whole channels in NARROW_CHUNK columns (CHUNK for larger data:
+  _chunk_channels) and sums down its columns in row order (vectorized across columns); the S columns of a channel are
   merged in order. With enough such tasks, each one then finishes its channels and runs their elementwise pass
   with per-column coefficients, all in one parallel region. With few (narrow inputs such as (256, 16)) and enough
   rows, the rows are cut into blocks too, so that every core sums, the blocks' sums are merged per channel in
@@ -87,10 +87,9 @@ cdef Py_ssize_t SHORT_ROW16 = 128
 
 cdef enum:
     # columns schedule: a task takes the whole channels that fit in NARROW_CHUNK columns of the (N, C*S) view, or
-    # in CHUNK columns for data of WIDE_CHUNK_BYTES or more (_chunk_channels)
+    # a sums-only task of data from memory in CHUNK columns (_chunk_channels)
     NARROW_CHUNK = 256
     CHUNK = 1024
-    WIDE_CHUNK_BYTES = 2 << 20
     # with at least WIDE_TASKS such tasks, each one also runs the elementwise pass over its columns (one parallel
     # region, the columns still in cache); with fewer, the rows are cut into blocks as well (if there are enough),
     # for ROW_TASKS tasks of at least BLOCK_ROWS rows, whose partial sums are merged per channel in block order
@@ -181,33 +180,25 @@ cdef inline Py_ssize_t _cdiv(Py_ssize_t a, Py_ssize_t b) noexcept nogil:
     return (a + b - 1) // b
 
 
-cdef inline Py_ssize_t _chunk_channels(Py_ssize_t s, Py_ssize_t nbytes) noexcept nogil:
-    """Whole channels in a column task of the (N, C*S) view of data of ``nbytes`` bytes: NARROW_CHUNK columns of
-    data that the caches hold, CHUNK of data from WIDE_CHUNK_BYTES (S < COLUMNS_S <= NARROW_CHUNK; S = 0, no
-    values, as 1: the schedule's loops then run empty instead of dividing by zero).
+cdef inline Py_ssize_t _chunk_channels(Py_ssize_t s, bint wide) noexcept nogil:
+    """Whole channels in a column task of the (N, C*S) view: NARROW_CHUNK columns, or with ``wide`` (the sums-only
+    tasks of data from memory, _column_split) CHUNK (S < COLUMNS_S <= NARROW_CHUNK; S = 0, no values, as 1: the
+    schedule's loops then run empty instead of dividing by zero).
     From memory, rows wider than a task of NARROW_CHUNK columns are read once per group of rows only if a task
     takes them whole (the column sums' whole-rows path, NORMKIT_COL_SUMS in _common.pxd; a narrow task reads a
     strip of each row). BatchNorm of (R, C, 1) (channels-last data), in-process, 2 threads, ms, 256-column tasks
-    with steps against these tasks with whole rows: float32, 100 MB, C = 512 forward 13.1 -> 11.5, backward 23.0 ->
-    17.2; C = 1024 21.9 -> 11.9, 33.1 -> 20.5; C = 2048 21.7 -> 15.5, 37.8 -> 22.1; bfloat16 C = 1024 backward
-    23.5 -> 8.3; with a fused ReLU, C = 1024 10.5 -> 8.1, 36.4 -> 27.8; in cache, (32, 512, 49) float32 (3.2 MB)
-    0.90x / 0.91x the time, (32, 1024, 49) 0.93x / 0.90x. Below WIDE_CHUNK_BYTES the narrow tasks win: (256,
-    1024, 1) float32 (1 MB), 1 thread, took 1.45x / 1.21x the time in tasks of 1024 columns, bfloat16 (64, 2048,
-    1) 1.40x / 1.43x (2 threads); (1024, 512, 1) float32 (2 MB) alike."""
-    return (CHUNK if nbytes >= WIDE_CHUNK_BYTES else NARROW_CHUNK) // max(1, s)
+    with steps against 1024-column ones with whole rows: float32, 100 MB, C = 512 forward 10.7 -> 8.9, backward
+    17.1 -> 10.5; C = 1024 17.9 -> 9.5, 28.0 -> 15.1; C = 2048 21.7 -> 15.5, 37.8 -> 22.1; bfloat16 C = 1024 15.2
+    -> 5.5, 21.6 -> 9.4; with a fused ReLU, C = 1024 12.4 -> 9.8, 37.4 -> 25.8. In cache the whole-column tasks
+    keep NARROW_CHUNK columns: wide ones had gained where they stay many ((32, 1024, 49) float32 0.84x / 0.85x the
+    time) and lost where one wide task is cut into row blocks ((1024, 512, 1) .. (2048, 512, 1) 1.05-1.22x), and
+    their per-column buffers, sized for CHUNK, took a thread of 128 KB of stack (musl's default) past its end."""
+    return (CHUNK if wide else NARROW_CHUNK) // max(1, s)
 
 
-cdef inline Py_ssize_t _tile_rows(Py_ssize_t rows, Py_ssize_t width) noexcept nogil:
-    """Rows of ``width`` values per tile of the 16-bit tasks' stack buffers of ``rows`` * NARROW_CHUNK values (the
-    loops that widen 16-bit data into float32 where the build has no register path, and the split statistics'):
-    ``rows`` for the narrow tasks, fewer for CHUNK's, so that the stack frames stay as small as when no task was
-    wider (a thread may have 128 KB of stack: musl's default, or OMP_STACKSIZE's)."""
-    return max(1, rows * NARROW_CHUNK // max(1, width))
-
-
-cdef inline Py_ssize_t _column_tasks(Py_ssize_t nc, Py_ssize_t s, Py_ssize_t nbytes) noexcept nogil:
-    """Column tasks of the columns schedule: _chunk_channels(s, nbytes) whole channels each."""
-    return _cdiv(nc, _chunk_channels(s, nbytes))
+cdef inline Py_ssize_t _column_tasks(Py_ssize_t nc, Py_ssize_t s, bint wide) noexcept nogil:
+    """Column tasks of the columns schedule: _chunk_channels(s, wide) whole channels each."""
+    return _cdiv(nc, _chunk_channels(s, wide))
 
 
 cdef inline Py_ssize_t _row_blocks(Py_ssize_t n, Py_ssize_t tasks) noexcept nogil:
@@ -218,8 +209,8 @@ cdef inline Py_ssize_t _column_split(Py_ssize_t n, Py_ssize_t nc, Py_ssize_t s, 
                                      Py_ssize_t* width, Py_ssize_t* tasks, Py_ssize_t* rows) noexcept nogil:
     """The columns schedule with row blocks: sets the width (in columns) of a column task, the number of column
     tasks and the rows per block; returns the number of row blocks."""
-    width[0] = _chunk_channels(s, nbytes) * s
-    tasks[0] = _column_tasks(nc, s, nbytes)
+    width[0] = _chunk_channels(s, nbytes >= FROM_MEMORY_BYTES) * s
+    tasks[0] = _column_tasks(nc, s, nbytes >= FROM_MEMORY_BYTES)
     cdef Py_ssize_t blocks = _row_blocks(n, tasks[0])
     rows[0] = _cdiv(n, blocks)
     return blocks
@@ -297,11 +288,14 @@ cdef inline bint _whole_columns(Py_ssize_t n, Py_ssize_t nc, Py_ssize_t s, Py_ss
                                 bint half_batch=True) noexcept nogil:
     """Whether the columns schedule of a plain kernel runs tasks of whole channels (sums, statistics and the
     elementwise pass in one parallel region): with enough tasks, or when cutting the rows into blocks would not add
-    any. (The tasks are counted only then: NARROW_CHUNK // s is 0 for longer runs.)"""
+    any; not channels-last rows of more than NARROW_CHUNK values from memory (s = 1), whose sums read whole rows in
+    the sums-only tasks (_chunk_channels). (The tasks are counted only then: NARROW_CHUNK // s is 0 for longer
+    runs.)"""
     cdef Py_ssize_t tasks
-    if not _columns(n, s, NO_ACT, half_batch):
+    if not _columns(n, s, NO_ACT, half_batch) or (s == 1 and nc > NARROW_CHUNK
+                                                  and n * nc * itemsize >= FROM_MEMORY_BYTES):
         return False
-    tasks = _column_tasks(nc, s, n * nc * s * itemsize)
+    tasks = _column_tasks(nc, s, False)
     return tasks >= WIDE_TASKS or _row_blocks(n, tasks) == 1
 
 
@@ -439,11 +433,12 @@ cdef void _column_act_grad_sums(const floating* dy, const floating* x, Py_ssize_
                                 const floating* zshift, int act, double slope, floating* tiles, double* sdy,
                                 double* sdyx) noexcept nogil:
     """column_grad_sums() of g = dy * act'(z) over columns l0..l1 (at most CHUNK), ACT_ROWS rows at a time: their g
-    (z as in _grad_apply_columns_act) and x copied into ``tiles`` (2 * ACT_ROWS * (l1 - l0) values; on the heap:
-    on the stack, tiles for tasks of CHUNK columns made a float64 frame of 148 KB, which crashed a thread of 128 KB,
-    musl's default) as rows of the task's width."""
-    cdef floating* tg = tiles
-    cdef floating* tx = tiles + ACT_ROWS * (l1 - l0)
+    (z as in _grad_apply_columns_act) and x copied as rows of the task's width into ``tiles`` (2 * ACT_ROWS * (l1 -
+    l0) values, for tasks wider than NARROW_CHUNK: on the stack, tiles for tasks of CHUNK columns made a float64
+    frame of 148 KB, which crashed a thread of 128 KB, musl's default), or where it is NULL on the stack."""
+    cdef floating stack_tiles[2 * ACT_ROWS * NARROW_CHUNK]
+    cdef floating* tg = tiles if tiles != NULL else stack_tiles
+    cdef floating* tx = tg + ACT_ROWS * (l1 - l0)
     cdef double a[CHUNK]
     cdef double b[CHUNK]
     cdef Py_ssize_t width = l1 - l0, q, i, j, l, r, o
@@ -499,12 +494,12 @@ cdef void _forward_columns(const floating* x, floating* y, Py_ssize_t n, Py_ssiz
                            double* mean, double* rstd) noexcept nogil:
     """Channels c0..c1 of the columns schedule, whole: their column sums, statistics and elementwise pass."""
     cdef Py_ssize_t length = nc * s, l0 = c0 * s, width = (c1 - c0) * s, c, i
-    cdef floating piv[CHUNK]
-    cdef floating cm[CHUNK]
-    cdef floating scale[CHUNK]
-    cdef floating shift[CHUNK]
-    cdef double s1[CHUNK]
-    cdef double s2[CHUNK]
+    cdef floating piv[NARROW_CHUNK]
+    cdef floating cm[NARROW_CHUNK]
+    cdef floating scale[NARROW_CHUNK]
+    cdef floating shift[NARROW_CHUNK]
+    cdef double s1[NARROW_CHUNK]
+    cdef double s2[NARROW_CHUNK]
     for c in range(c0, c1):
         for i in range(s):
             piv[(c - c0) * s + i] = <floating>pivot_of(x[c * s])
@@ -548,12 +543,12 @@ cdef void _backward_columns(const floating* dy, const floating* x, floating* dx,
                             double* sdyx) noexcept nogil:
     """Channels c0..c1 of the columns schedule, whole: their gradient sums, coefficients and input gradient."""
     cdef Py_ssize_t length = nc * s, l0 = c0 * s, width = (c1 - c0) * s, c, i, j
-    cdef floating cm[CHUNK]
-    cdef floating ca[CHUNK]
-    cdef floating cb[CHUNK]
-    cdef floating cc[CHUNK]
-    cdef double a[CHUNK]
-    cdef double b[CHUNK]
+    cdef floating cm[NARROW_CHUNK]
+    cdef floating ca[NARROW_CHUNK]
+    cdef floating cb[NARROW_CHUNK]
+    cdef floating cc[NARROW_CHUNK]
+    cdef double a[NARROW_CHUNK]
+    cdef double b[NARROW_CHUNK]
     cdef double da, db, dc
     for c in range(c0, c1):
         for i in range((c - c0) * s, (c - c0 + 1) * s):
@@ -701,19 +696,19 @@ cdef void _channel_grad_sums(const floating* dyp, const floating* xp, Py_ssize_t
     zcols = np.empty((2, sp.length), np.float32 if floating is float else np.float64)
     _per_column(&zscale[0], nc, s, &zcols[0, 0], sp.k)
     _per_column(&zshift[0], nc, s, &zcols[1, 0], sp.k)
-    if act != NO_ACT:  # _column_act_grad_sums' tiles: one per task, the last for the tail (at most 8 columns)
+    if act != NO_ACT and sp.width > NARROW_CHUNK:  # _column_act_grad_sums' tiles: a task's each, the tail's last
         tiles = np.empty((sp.blocks * sp.tasks + 1, 2 * ACT_ROWS * sp.width),
                          np.float32 if floating is float else np.float64)
     for t in prange(sp.blocks * sp.tasks, nogil=True, schedule="static", num_threads=nt):
         o = t // sp.tasks * sp.rows * sp.length
         _column_grad_sums(dyp + o, xp + o, _task_rows(&sp, t), sp.length, _task_column(&sp, t), _task_end(&sp, t),
                           &m[0], &zcols[0, 0], &zcols[1, 0], act, slope, memory,
-                          &tiles[t, 0] if act != NO_ACT else NULL, &a[t // sp.tasks * sp.length],
+                          &tiles[t, 0] if tiles is not None else NULL, &a[t // sp.tasks * sp.length],
                           &b[t // sp.tasks * sp.length])
     if sp.tail:
         o = sp.n * sp.length
         _column_grad_sums(dyp + o, xp + o, sp.tail, length, 0, length, &m[0], &zcols[0, 0], &zcols[1, 0], act, slope,
-                          memory, &tiles[sp.blocks * sp.tasks, 0] if act != NO_ACT else NULL,
+                          memory, &tiles[sp.blocks * sp.tasks, 0] if tiles is not None else NULL,
                           &a[sp.blocks * sp.length], &b[sp.blocks * sp.length])
     _merge_groups(&a[0], &b[0], _groups(&sp), nc, s, &sdy[0], &sdyx[0])
 
@@ -800,7 +795,7 @@ cdef void _backward_p(bint training, const floating* dyp, const floating* xp, Py
                                   w[c] if w != NULL else 1.0, bp[c] if bp != NULL else 0.0, act, slope, stream,
                                   &sdy[c], &sdyx[c])
         elif act == NO_ACT and _whole_columns(n, nc, s, sizeof(floating)):
-            k = _chunk_channels(s, n * nc * s * sizeof(floating))
+            k = _chunk_channels(s, False)
             for t in prange(_cdiv(nc, k), nogil=True, schedule="static", num_threads=nt):
                 _backward_columns(dyp, xp, dxp, n, nc, s, t * k, min(nc, (t + 1) * k), training, sums, mu, r, w,
                                   sdy, sdyx)
@@ -861,7 +856,7 @@ cdef void _forward_p(const floating* xp, Py_ssize_t n, Py_ssize_t nc, Py_ssize_t
             for c in prange(nc, nogil=True, schedule="static", num_threads=nt):
                 _forward_channel(xp, yp, n, nc, s, c, eps, w, b, act, slope, stream, &mu[c], &r[c])
         elif act == NO_ACT and _whole_columns(n, nc, s, sizeof(floating)):
-            k = _chunk_channels(s, n * nc * s * sizeof(floating))
+            k = _chunk_channels(s, False)
             for t in prange(_cdiv(nc, k), nogil=True, schedule="static", num_threads=nt):
                 _forward_columns(xp, yp, n, nc, s, t * k, min(nc, (t + 1) * k), eps, w, b, mu, r)
         else:
@@ -1116,7 +1111,7 @@ def batchnorm_backward_addr(Py_ssize_t n, Py_ssize_t c, Py_ssize_t s, size_t dy,
 
 # --- 16-bit data (normkit.contract): uint16 patterns, fmt 0 bfloat16 / 1 float16; float32 parameters and stats ----
 # The same schedules (the whole-columns tasks too), each run of data widened to float32 in registers where the
-# build allows, else tile by tile (TILE16 values, or ROWS16 rows of a column task's CHUNK columns) and handed to the
+# build allows, else tile by tile (TILE16 values, or ROWS16 rows of NARROW_CHUNK columns of a task) and handed to the
 # float32 loops above.
 
 cdef enum:
@@ -1197,30 +1192,34 @@ cdef void _column_moments16(const uint16_t* x, Py_ssize_t n, Py_ssize_t length, 
                             const float* pivot, bint wide, int fmt, bint from_memory, double* s1,
                             double* s2) noexcept nogil:
     """column_moments() (_column_moments64 if wide) of columns l0..l1 (at most CHUNK): in registers where the build
-    allows (normkit_col_sums16), else ROWS16 rows at a time (_tile_rows) through the float32 loop."""
+    allows (normkit_col_sums16), else in strips of at most NARROW_CHUNK columns, ROWS16 rows at a time through the
+    float32 loop (its buffers sized for a strip: a thread may have 128 KB of stack, musl's default)."""
     cdef float t[ROWS16 * NARROW_CHUNK]
-    cdef double p[CHUNK]
-    cdef double a[CHUNK]
-    cdef double b[CHUNK]
-    cdef Py_ssize_t width = l1 - l0, rows = _tile_rows(ROWS16, width), q, i, l, r
+    cdef double p[NARROW_CHUNK]
+    cdef double a[NARROW_CHUNK]
+    cdef double b[NARROW_CHUNK]
+    cdef Py_ssize_t k, c0, w, q, i, l, r
     if not wide and normkit_col_sums16(NULL, x, n, length, l0, l1, pivot, s1, s2, fmt, from_memory) and \
             all_finite(s1, s2, l0, l1):
         return
-    for l in range(width):
-        p[l] = pivot[l0 + l]
-        s1[l0 + l] = 0.0
-        s2[l0 + l] = 0.0
-    for q in range(_cdiv(n, rows)):
-        i = q * rows
-        r = min(rows, n - i)
-        _widen_block(x + i * length + l0, r, length, width, fmt, t)
-        if wide:
-            _column_moments64(t, r, width, 0, width, p, a, b)
-        else:
-            column_moments(t, r, width, 0, width, pivot + l0, a, b)
-        for l in range(width):
-            s1[l0 + l] += a[l]
-            s2[l0 + l] += b[l]
+    for k in range(_cdiv(l1 - l0, NARROW_CHUNK)):
+        c0 = l0 + k * NARROW_CHUNK
+        w = min(<Py_ssize_t>NARROW_CHUNK, l1 - c0)
+        for l in range(w):
+            p[l] = pivot[c0 + l]
+            s1[c0 + l] = 0.0
+            s2[c0 + l] = 0.0
+        for q in range(_cdiv(n, ROWS16)):
+            i = q * ROWS16
+            r = min(<Py_ssize_t>ROWS16, n - i)
+            _widen_block(x + i * length + c0, r, length, w, fmt, t)
+            if wide:
+                _column_moments64(t, r, w, 0, w, p, a, b)
+            else:
+                column_moments(t, r, w, 0, w, pivot + c0, a, b)
+            for l in range(w):
+                s1[c0 + l] += a[l]
+                s2[c0 + l] += b[l]
 
 
 cdef void _column_grad_sums16(const uint16_t* dy, const uint16_t* x, Py_ssize_t n, Py_ssize_t length, Py_ssize_t l0,
@@ -1229,24 +1228,27 @@ cdef void _column_grad_sums16(const uint16_t* dy, const uint16_t* x, Py_ssize_t 
     """column_grad_sums() of columns l0..l1 (at most CHUNK): as _column_moments16."""
     cdef float tdy[ROWS16 * NARROW_CHUNK]
     cdef float tx[ROWS16 * NARROW_CHUNK]
-    cdef double a[CHUNK]
-    cdef double b[CHUNK]
-    cdef Py_ssize_t width = l1 - l0, rows = _tile_rows(ROWS16, width), q, i, l, r
+    cdef double a[NARROW_CHUNK]
+    cdef double b[NARROW_CHUNK]
+    cdef Py_ssize_t k, c0, w, q, i, l, r
     if normkit_col_sums16(dy, x, n, length, l0, l1, mean, sdy, sdyx, fmt, from_memory) and \
             all_finite(sdy, sdyx, l0, l1):
         return
-    for l in range(l0, l1):
-        sdy[l] = 0.0
-        sdyx[l] = 0.0
-    for q in range(_cdiv(n, rows)):
-        i = q * rows
-        r = min(rows, n - i)
-        _widen_block(dy + i * length + l0, r, length, width, fmt, tdy)
-        _widen_block(x + i * length + l0, r, length, width, fmt, tx)
-        column_grad_sums(tdy, tx, r, width, 0, width, mean + l0, a, b)
-        for l in range(width):
-            sdy[l0 + l] += a[l]
-            sdyx[l0 + l] += b[l]
+    for k in range(_cdiv(l1 - l0, NARROW_CHUNK)):
+        c0 = l0 + k * NARROW_CHUNK
+        w = min(<Py_ssize_t>NARROW_CHUNK, l1 - c0)
+        for l in range(c0, c0 + w):
+            sdy[l] = 0.0
+            sdyx[l] = 0.0
+        for q in range(_cdiv(n, ROWS16)):
+            i = q * ROWS16
+            r = min(<Py_ssize_t>ROWS16, n - i)
+            _widen_block(dy + i * length + c0, r, length, w, fmt, tdy)
+            _widen_block(x + i * length + c0, r, length, w, fmt, tx)
+            column_grad_sums(tdy, tx, r, w, 0, w, mean + c0, a, b)
+            for l in range(w):
+                sdy[c0 + l] += a[l]
+                sdyx[c0 + l] += b[l]
 
 
 cdef void _channel_moments16(const uint16_t* xp, Py_ssize_t n, Py_ssize_t nc, Py_ssize_t s, double[::1] pivot,
@@ -1450,21 +1452,21 @@ cdef void _forward_columns16(const uint16_t* x, uint16_t* y, Py_ssize_t n, Py_ss
     per-column float32 coefficients and the double fallback as in _apply_channels16 (scale, shift: the channels'
     double coefficients, written for c0..c1)."""
     cdef Py_ssize_t length = nc * s, l0 = c0 * s, width = (c1 - c0) * s, c, i
-    cdef float piv[CHUNK]
-    cdef float cols[3 * CHUNK]  # per column: mean, scale, shift (_finish_columns)
-    cdef double s1[CHUNK]
-    cdef double s2[CHUNK]
+    cdef float piv[NARROW_CHUNK]
+    cdef float cols[3 * NARROW_CHUNK]  # per column: mean, scale, shift (_finish_columns)
+    cdef double s1[NARROW_CHUNK]
+    cdef double s2[NARROW_CHUNK]
     cdef double p
     for c in range(c0, c1):
         p = pivot16(x + c * s, fmt)  # a 16-bit value: exact in float32
         for i in range((c - c0) * s, (c - c0 + 1) * s):
             piv[i] = <float>p
     _column_moments16(x + l0, n, length, 0, width, piv, False, fmt, n * length * 2 >= _from_memory, s1, s2)
-    _finish_columns(s1, s2, n, s, c0, c1, piv, eps, w, b, mean, rstd, cols, cols + CHUNK, cols + 2 * CHUNK, scale,
-                    shift)
+    _finish_columns(s1, s2, n, s, c0, c1, piv, eps, w, b, mean, rstd, cols, cols + NARROW_CHUNK,
+                    cols + 2 * NARROW_CHUNK, scale, shift)
     for i in range(n):
-        _affine_row16(x + i * length + l0, y + i * length + l0, width, cols, cols + CHUNK, cols + 2 * CHUNK, fmt,
-                      mean + c0, scale + c0, shift + c0, s, nc)
+        _affine_row16(x + i * length + l0, y + i * length + l0, width, cols, cols + NARROW_CHUNK,
+                      cols + 2 * NARROW_CHUNK, fmt, mean + c0, scale + c0, shift + c0, s, nc)
 
 
 cdef void _backward_columns16(const uint16_t* dy, const uint16_t* x, uint16_t* dx, Py_ssize_t n, Py_ssize_t nc,
@@ -1474,9 +1476,9 @@ cdef void _backward_columns16(const uint16_t* dy, const uint16_t* x, uint16_t* d
     """_backward_columns on 16-bit data: channels c0..c1 whole; the per-column float32 coefficients and the double
     fallback as in _grad_apply_channels16 (ca, cb, cc: written for c0..c1)."""
     cdef Py_ssize_t length = nc * s, l0 = c0 * s, width = (c1 - c0) * s, c, i, j
-    cdef float cols[4 * CHUNK]  # per column: mean, ca, cb, cc (_grad_apply_row16's rows, CHUNK apart)
-    cdef double a[CHUNK]
-    cdef double b[CHUNK]
+    cdef float cols[4 * NARROW_CHUNK]  # per column: mean, ca, cb, cc (_grad_apply_row16's rows, NARROW_CHUNK apart)
+    cdef double a[NARROW_CHUNK]
+    cdef double b[NARROW_CHUNK]
     for c in range(c0, c1):
         for i in range((c - c0) * s, (c - c0 + 1) * s):
             cols[i] = <float>mean[c]
@@ -1489,12 +1491,12 @@ cdef void _backward_columns16(const uint16_t* dy, const uint16_t* x, uint16_t* d
         _coefficients(training, sdy[c], sdyx[c], <double>(n * s), rstd[c], w[c] if w != NULL else 1.0,
                       &ca[c], &cb[c], &cc[c])
         for i in range((c - c0) * s, (c - c0 + 1) * s):
-            cols[CHUNK + i] = <float>ca[c]
-            cols[2 * CHUNK + i] = <float>cb[c]
-            cols[3 * CHUNK + i] = <float>cc[c]
+            cols[NARROW_CHUNK + i] = <float>ca[c]
+            cols[2 * NARROW_CHUNK + i] = <float>cb[c]
+            cols[3 * NARROW_CHUNK + i] = <float>cc[c]
     for i in range(n):
         j = i * length + l0
-        _grad_apply_row16(dy + j, x + j, dx + j, width, training, cols, CHUNK, fmt, mean + c0, ca + c0, cb + c0,
+        _grad_apply_row16(dy + j, x + j, dx + j, width, training, cols, NARROW_CHUNK, fmt, mean + c0, ca + c0, cb + c0,
                           cc + c0, s, nc)
 
 
@@ -1527,7 +1529,7 @@ cdef void _backward16(bint training, const uint16_t* dyp, const uint16_t* xp, Py
                 _backward_channel16(dyp, xp, dxp, n, nc, s, c, training, sums, mu[c], r[c],
                                     w[c] if w != NULL else 1.0, fmt, &sdy[c], &sdyx[c])
         elif _whole_columns(n, nc, s, 2, False):
-            k = _chunk_channels(s, n * nc * s * 2)
+            k = _chunk_channels(s, False)
             for t in prange(_cdiv(nc, k), nogil=True, schedule="static", num_threads=nt):
                 _backward_columns16(dyp, xp, dxp, n, nc, s, t * k, min(nc, (t + 1) * k), training, sums, mu, r, w,
                                     fmt, sdy, sdyx, ca, cb, cc)
@@ -1576,7 +1578,7 @@ cdef void _forward16(int fmt, const uint16_t* xp, Py_ssize_t n, Py_ssize_t nc, P
             for c in prange(nc, nogil=True, schedule="static", num_threads=nt):
                 _forward_channel16(xp, yp, n, nc, s, c, eps, w, b, fmt, &mu[c], &r[c])
         elif _whole_columns(n, nc, s, 2):
-            k = _chunk_channels(s, n * nc * s * 2)
+            k = _chunk_channels(s, False)
             for t in prange(_cdiv(nc, k), nogil=True, schedule="static", num_threads=nt):
                 _forward_columns16(xp, yp, n, nc, s, t * k, min(nc, (t + 1) * k), eps, w, b, fmt, mu, r, scale,
                                    shift)
