@@ -290,7 +290,8 @@ cdef inline bint _whole_columns(Py_ssize_t n, Py_ssize_t nc, Py_ssize_t s, Py_ss
     elementwise pass in one parallel region): with enough tasks, or when cutting the rows into blocks would not add
     any; not channels-last rows of more than NARROW_CHUNK values from memory (s = 1), whose sums read whole rows in
     the sums-only tasks (_chunk_channels). (The tasks are counted only then: NARROW_CHUNK // s is 0 for longer
-    runs.)"""
+    runs.) Whole-column tasks sum in steps of registers: from memory they only come with s > 1, as strips of rows
+    (the whole-rows path was measured on whole rows only)."""
     cdef Py_ssize_t tasks
     if not _columns(n, s, NO_ACT, half_batch) or (s == 1 and nc > NARROW_CHUNK
                                                   and n * nc * itemsize >= FROM_MEMORY_BYTES):
@@ -503,7 +504,7 @@ cdef void _forward_columns(const floating* x, floating* y, Py_ssize_t n, Py_ssiz
     for c in range(c0, c1):
         for i in range(s):
             piv[(c - c0) * s + i] = <floating>pivot_of(x[c * s])
-    column_moments(x + l0, n, length, 0, width, piv, s1, s2, n * length * <Py_ssize_t>sizeof(floating) >= _from_memory)
+    column_moments(x + l0, n, length, 0, width, piv, s1, s2)
     _finish_columns(s1, s2, n, s, c0, c1, piv, eps, w, b, mean, rstd, cm, scale, shift, NULL, NULL)
     for i in range(n):
         affine_columns(x + i * length + l0, y + i * length + l0, width, cm, scale, shift)
@@ -554,8 +555,7 @@ cdef void _backward_columns(const floating* dy, const floating* x, floating* dx,
         for i in range((c - c0) * s, (c - c0 + 1) * s):
             cm[i] = <floating>mean[c]
     if sums:
-        column_grad_sums(dy + l0, x + l0, n, length, 0, width, cm, a, b,
-                         n * length * <Py_ssize_t>sizeof(floating) >= _from_memory)
+        column_grad_sums(dy + l0, x + l0, n, length, 0, width, cm, a, b)
         for c in range(c0, c1):
             _merge_columns(a + (c - c0) * s, b + (c - c0) * s, s, &sdy[c], &sdyx[c])
     for c in range(c0, c1):
@@ -1461,7 +1461,7 @@ cdef void _forward_columns16(const uint16_t* x, uint16_t* y, Py_ssize_t n, Py_ss
         p = pivot16(x + c * s, fmt)  # a 16-bit value: exact in float32
         for i in range((c - c0) * s, (c - c0 + 1) * s):
             piv[i] = <float>p
-    _column_moments16(x + l0, n, length, 0, width, piv, False, fmt, n * length * 2 >= _from_memory, s1, s2)
+    _column_moments16(x + l0, n, length, 0, width, piv, False, fmt, False, s1, s2)
     _finish_columns(s1, s2, n, s, c0, c1, piv, eps, w, b, mean, rstd, cols, cols + NARROW_CHUNK,
                     cols + 2 * NARROW_CHUNK, scale, shift)
     for i in range(n):
@@ -1483,8 +1483,7 @@ cdef void _backward_columns16(const uint16_t* dy, const uint16_t* x, uint16_t* d
         for i in range((c - c0) * s, (c - c0 + 1) * s):
             cols[i] = <float>mean[c]
     if sums:
-        _column_grad_sums16(dy + l0, x + l0, n, length, 0, width, cols, fmt, n * length * 2 >= _from_memory, a,
-                            b)
+        _column_grad_sums16(dy + l0, x + l0, n, length, 0, width, cols, fmt, False, a, b)
         for c in range(c0, c1):
             _merge_columns(a + (c - c0) * s, b + (c - c0) * s, s, &sdy[c], &sdyx[c])
     for c in range(c0, c1):
