@@ -310,7 +310,9 @@ def test_matches_reference(op, fmt, data):
 # parameter gradients' flush after row 16 inside one; BatchNorm's rows of at most 8 values summed k at a time (k =
 # 16 for 1 value, 7 rows left over; 6 for 3, 5 left; 2 for 8, from 1024 rows); the column sums' steps of
 # registers (rows of 127 and 128 values, as in test_cython.SCHEDULE_CASES), and from 8 MiB of data whole rows of
-# up to 1024 values (rows of 200; (20972, 200, 1) is 8 MiB and 192 bytes)
+# up to 1024 values (rows of 200; (20972, 200, 1) is 8 MiB and 192 bytes); whole-column tasks of 1023 columns
+# from 2 MiB where the build converts in registers ((100, 3500, 3), the last task 270 columns) and of 255 below
+# ((100, 3490, 3))
 SCHEDULE_CASES = [
     ("batchnorm", (8199, 1, 1), 1), ("batchnorm", (3077, 1, 3), 1), ("batchnorm", (1023, 8, 1), 1),
     ("batchnorm", (1025, 8, 1), 1), ("batchnorm", (70, 127, 1), 1), ("batchnorm", (70, 128, 1), 1),
@@ -322,7 +324,7 @@ SCHEDULE_CASES = [
     ("instancenorm", (2, 3, 2049), 1), ("batchnorm", (3, 5, 127), 1), ("batchnorm", (3, 5, 128), 1),
     ("instancenorm", (2, 40, 127), 1), ("layernorm", (20, 70000), 1), ("batchnorm", (40, 32, 40), 1),
     ("batchnorm", (39, 32, 40), 1), ("batchnorm", (20, 32, 40), 1), ("batchnorm", (19, 32, 40), 1),
-    ("batchnorm", (20972, 200, 1), 1),
+    ("batchnorm", (20972, 200, 1), 1), ("batchnorm", (100, 3500, 3), 1), ("batchnorm", (100, 3490, 3), 1),
 ]
 
 

@@ -23,11 +23,12 @@ each pass that reads dy.
 """
 
 import os
+import threading
 
 import numpy as np
 
 from cython cimport floating
-from cython.parallel cimport prange
+from cython.parallel cimport prange, threadid
 from libc.math cimport isfinite, sqrt
 from libc.stdlib cimport calloc, free, malloc
 from libc.string cimport memcpy
@@ -35,8 +36,8 @@ from libc.string cimport memcpy
 from libc.stdint cimport uint16_t
 
 from _common cimport (
-    ACT_CHUNK, FROM_MEMORY_BYTES, NORMKIT_BUILD_FLAGS, NORMKIT_HAVE_OPENMP, NORMKIT_OPENMP_NOTE, NO_ACT,
-    SERIAL_MAX_VALUES, STREAM_AFFINE, STREAM_GRAD, STREAM_SCALE, TILE16, act_grad, act_grad_apply,
+    ACT_CHUNK, FROM_MEMORY_BYTES, NORMKIT_BUILD_FLAGS, NORMKIT_HAVE_OPENMP, NORMKIT_OPENMP_NOTE, NORMKIT_REGS16,
+    NO_ACT, SERIAL_MAX_VALUES, STREAM_AFFINE, STREAM_GRAD, STREAM_SCALE, TILE16, act_grad, act_grad_apply,
     act_grad_apply_stream, act_grad_sums, act_grad_sums_kept, affine, affine16, affine16_runs, affine_act,
     affine_act_stream, affine_columns, affine_columns_act, all_finite, column_grad_sums, column_moments, columns_stream,
     finish_moments, fold_rows, grad_apply, grad_apply16, grad_apply16_runs, grad_apply_columns, grad_apply_inplace,
@@ -59,6 +60,9 @@ BUILD = {
 # float16 converts with F16C where the CPU has it, unless NORMKIT_CYTHON_NO_F16C=1 asks for the portable code (to
 # test or compare it); each module holds its own choice.
 F16C = bool(normkit_half_init(os.environ.get("NORMKIT_CYTHON_NO_F16C", "") in ("", "0")))
+
+# the wide whole-column tasks' scratch, per calling thread (_column_scratch)
+_local = threading.local()
 
 cdef Py_ssize_t SHORT_ROW = 32
 cdef Py_ssize_t MANY_CHANNELS = 32
@@ -87,9 +91,14 @@ cdef Py_ssize_t SHORT_ROW16 = 128
 
 cdef enum:
     # columns schedule: a task takes the whole channels that fit in NARROW_CHUNK columns of the (N, C*S) view, or
-    # a sums-only task of data from memory in CHUNK columns (_chunk_channels)
+    # CHUNK columns: a sums-only task of data from memory, or a 16-bit whole-column task of WIDE_CHUNK_BYTES or more
+    # of data with runs (S > 1) (_chunk_channels, _whole_column_channels)
     NARROW_CHUNK = 256
     CHUNK = 1024
+    WIDE_CHUNK_BYTES = 2 << 20
+    # doubles of scratch per 16-bit whole-column task of up to CHUNK columns: two rows of double sums, then three or
+    # four rows of float32 per-column values; on the heap for wide tasks (a thread may have 128 KB of stack)
+    COLUMN_SCRATCH = 5 * CHUNK
     # with at least WIDE_TASKS such tasks, each one also runs the elementwise pass over its columns (one parallel
     # region, the columns still in cache); with fewer, the rows are cut into blocks as well (if there are enough),
     # for ROW_TASKS tasks of at least BLOCK_ROWS rows, whose partial sums are merged per channel in block order
@@ -181,18 +190,19 @@ cdef inline Py_ssize_t _cdiv(Py_ssize_t a, Py_ssize_t b) noexcept nogil:
 
 
 cdef inline Py_ssize_t _chunk_channels(Py_ssize_t s, bint wide) noexcept nogil:
-    """Whole channels in a column task of the (N, C*S) view: NARROW_CHUNK columns, or with ``wide`` (the sums-only
-    tasks of data from memory, _column_split) CHUNK (S < COLUMNS_S <= NARROW_CHUNK; S = 0, no values, as 1: the
-    schedule's loops then run empty instead of dividing by zero).
+    """Whole channels in a column task of the (N, C*S) view: NARROW_CHUNK columns, or with ``wide`` CHUNK (S <
+    COLUMNS_S <= NARROW_CHUNK; S = 0, no values, as 1: the schedule's loops then run empty instead of dividing by
+    zero). Wide are the sums-only tasks of data from memory (_column_split) and the whole-column tasks of 16-bit
+    data with runs from WIDE_CHUNK_BYTES (_whole_column_channels). "From memory" is FROM_MEMORY_BYTES in two places:
+    the task widths here follow the compiled constant, the column sums' whole-rows path follows the module's
+    settable _from_memory, so that a test can force one path on the same schedule.
     From memory, rows wider than a task of NARROW_CHUNK columns are read once per group of rows only if a task
     takes them whole (the column sums' whole-rows path, NORMKIT_COL_SUMS in _common.pxd; a narrow task reads a
     strip of each row). BatchNorm of (R, C, 1) (channels-last data), in-process, 2 threads, ms, 256-column tasks
     with steps against 1024-column ones with whole rows: float32, 100 MB, C = 512 forward 10.7 -> 8.9, backward
     17.1 -> 10.5; C = 1024 17.9 -> 9.5, 28.0 -> 15.1; C = 2048 21.7 -> 15.5, 37.8 -> 22.1; bfloat16 C = 1024 15.2
-    -> 5.5, 21.6 -> 9.4; with a fused ReLU, C = 1024 12.4 -> 9.8, 37.4 -> 25.8. In cache the whole-column tasks
-    keep NARROW_CHUNK columns: wide ones had gained where they stay many ((32, 1024, 49) float32 0.84x / 0.85x the
-    time) and lost where one wide task is cut into row blocks ((1024, 512, 1) .. (2048, 512, 1) 1.05-1.22x), and
-    their per-column buffers, sized for CHUNK, took a thread of 128 KB of stack (musl's default) past its end."""
+    -> 5.5, 21.6 -> 9.4; with a fused ReLU, C = 1024 12.4 -> 9.8, 37.4 -> 25.8. Wide sums-only tasks in cache lost
+    where one wide task is cut into row blocks ((1024, 512, 1) .. (2048, 512, 1) 1.05-1.22x)."""
     return (CHUNK if wide else NARROW_CHUNK) // max(1, s)
 
 
@@ -284,20 +294,50 @@ cdef inline bint _columns(Py_ssize_t n, Py_ssize_t s, int act, bint half_batch=T
     return s < SHORT_ROW or (act == NO_ACT and s < COLUMNS_S and (2 * n >= s if half_batch else n >= s))
 
 
-cdef inline bint _whole_columns(Py_ssize_t n, Py_ssize_t nc, Py_ssize_t s, Py_ssize_t itemsize,
-                                bint half_batch=True) noexcept nogil:
-    """Whether the columns schedule of a plain kernel runs tasks of whole channels (sums, statistics and the
-    elementwise pass in one parallel region): with enough tasks, or when cutting the rows into blocks would not add
-    any; not channels-last rows of more than NARROW_CHUNK values from memory (s = 1), whose sums read whole rows in
-    the sums-only tasks (_chunk_channels). (The tasks are counted only then: NARROW_CHUNK // s is 0 for longer
-    runs.) Whole-column tasks sum in steps of registers: from memory they only come with s > 1, as strips of rows
-    (the whole-rows path was measured on whole rows only)."""
-    cdef Py_ssize_t tasks
-    if not _columns(n, s, NO_ACT, half_batch) or (s == 1 and nc > NARROW_CHUNK
-                                                  and n * nc * itemsize >= FROM_MEMORY_BYTES):
-        return False
+cdef inline Py_ssize_t _whole_column_channels(Py_ssize_t n, Py_ssize_t nc, Py_ssize_t s, Py_ssize_t itemsize,
+                                              bint half_batch=True) noexcept nogil:
+    """Channels per task where the columns schedule of a plain kernel runs tasks of whole channels (sums,
+    statistics and the elementwise pass in one parallel region), else 0. They do with enough tasks, or when cutting
+    the rows into blocks would not add any; not channels-last rows of more than NARROW_CHUNK values from memory (s
+    = 1), whose sums read whole rows in the sums-only tasks (_chunk_channels). (The tasks are counted only then:
+    NARROW_CHUNK // s is 0 for longer runs.) Whole-column tasks sum in steps of registers: from memory they only
+    come with s > 1, as strips of rows (the whole-rows path was measured on whole rows only).
+    16-bit data with runs (s > 1), from WIDE_CHUNK_BYTES, take CHUNK columns a task where that leaves WIDE_TASKS
+    and the build converts in registers (NORMKIT_REGS16): the tasks make their per-row calls a quarter as often.
+    In-process, 2 threads, bfloat16, narrow -> wide tasks' time, forward / backward: (32, 1024, 7x7) 0.74-0.83 /
+    0.95-1.01, (64, 2048, 7x7) 0.65-0.82 / 0.77-0.82, (128, 512, 7x7) 0.82-0.85 / 0.76-0.82, (64, 512, 6x6)
+    0.72-0.88 / 0.80-0.92, (128, 1024, 3x3) 0.85-0.91 / 0.86-0.99, (256, 2048, 2x2) 1.00-1.07 / 0.93-1.03; float16
+    alike; the x86-64-v3 copy (8 lanes) 0.63-0.85 / 0.68-1.02. The baseline build (no register path) ran 0.91-1.21x
+    with them. Float32 tasks of CHUNK columns gained only forward at 7x7 and small batches (0.81-0.90; (32, 1024,
+    4x4) 1.13-1.16, (128, 1024, 3x3) 1.05-1.17) and lost backward (1.05-1.32, but 0.94-0.96 at (32, 1024, 7x7)):
+    float tasks stay narrow."""
+    cdef Py_ssize_t tasks, nbytes = n * nc * s * itemsize
+    if not _columns(n, s, NO_ACT, half_batch) or (s == 1 and nc > NARROW_CHUNK and nbytes >= FROM_MEMORY_BYTES):
+        return 0
+    if NORMKIT_REGS16 and itemsize == 2 and s > 1 and nbytes >= WIDE_CHUNK_BYTES \
+            and _column_tasks(nc, s, True) >= WIDE_TASKS:
+        return _chunk_channels(s, True)
     tasks = _column_tasks(nc, s, False)
-    return tasks >= WIDE_TASKS or _row_blocks(n, tasks) == 1
+    return _chunk_channels(s, False) if tasks >= WIDE_TASKS or _row_blocks(n, tasks) == 1 else 0
+
+
+cdef double* _column_scratch(Py_ssize_t k, Py_ssize_t s, int nt):
+    """The scratch of 16-bit whole-column tasks of k channels of s columns: NULL for narrow ones (their buffers on
+    the stack), else COLUMN_SCRATCH doubles for each of nt threads (at threadid() * COLUMN_SCRATCH), kept per
+    calling thread: a fresh allocation of this size per call, given back to the system at free(), page-faulted on
+    every call (narrow tasks with such a buffer ran 1.1-1.2x slower at (32, 1024, 4x4))."""
+    if k * s <= NARROW_CHUNK:
+        return NULL
+    buf = getattr(_local, "columns", None)
+    if buf is None or buf.shape[0] < nt * COLUMN_SCRATCH:
+        buf = _local.columns = np.empty(nt * COLUMN_SCRATCH)
+    cdef double[::1] v = buf
+    return &v[0]
+
+
+cdef inline double* _task_scratch(double* scratch) noexcept nogil:
+    """The calling thread's part of _column_scratch's buffer (NULL for NULL)."""
+    return NULL if scratch == NULL else scratch + threadid() * COLUMN_SCRATCH
 
 
 # --- per-task loops --------------------------------------------------------------------------------------------
@@ -783,6 +823,7 @@ cdef void _backward_p(bint training, const floating* dyp, const floating* xp, Py
     # stores and g made again: in-process, 2 threads, (32, 64, 56, 56) ReLU 0.81x, SiLU 0.72x; (64, 128, 28, 28)
     # 0.68x / 0.66x (without one, streaming stays: 0.85-0.91x ordinary stores' time)
     cdef bint stream = act == NO_ACT and n * nc * s * <Py_ssize_t>sizeof(floating) >= _stream_min
+    k = _whole_column_channels(n, nc, s, sizeof(floating)) if act == NO_ACT else 0
     if work == NULL:
         raise MemoryError()
     try:
@@ -794,8 +835,7 @@ cdef void _backward_p(bint training, const floating* dyp, const floating* xp, Py
                 _backward_channel(dyp, xp, dxp, n, nc, s, c, training, sums, mu[c], r[c],
                                   w[c] if w != NULL else 1.0, bp[c] if bp != NULL else 0.0, act, slope, stream,
                                   &sdy[c], &sdyx[c])
-        elif act == NO_ACT and _whole_columns(n, nc, s, sizeof(floating)):
-            k = _chunk_channels(s, False)
+        elif k:
             for t in prange(_cdiv(nc, k), nogil=True, schedule="static", num_threads=nt):
                 _backward_columns(dyp, xp, dxp, n, nc, s, t * k, min(nc, (t + 1) * k), training, sums, mu, r, w,
                                   sdy, sdyx)
@@ -849,14 +889,14 @@ cdef void _forward_p(const floating* xp, Py_ssize_t n, Py_ssize_t nc, Py_ssize_t
     cdef double[::1] v
     cdef int nt = threads_for(n * nc * s, _nthreads, _serial_max)
     cdef bint stream = n * nc * s * <Py_ssize_t>sizeof(floating) >= _stream_min
+    k = _whole_column_channels(n, nc, s, sizeof(floating)) if act == NO_ACT else 0
     if work == NULL:
         raise MemoryError()
     try:
         if nc >= MANY_CHANNELS and not _columns(n, s, act):
             for c in prange(nc, nogil=True, schedule="static", num_threads=nt):
                 _forward_channel(xp, yp, n, nc, s, c, eps, w, b, act, slope, stream, &mu[c], &r[c])
-        elif act == NO_ACT and _whole_columns(n, nc, s, sizeof(floating)):
-            k = _chunk_channels(s, False)
+        elif k:
             for t in prange(_cdiv(nc, k), nogil=True, schedule="static", num_threads=nt):
                 _forward_columns(xp, yp, n, nc, s, t * k, min(nc, (t + 1) * k), eps, w, b, mu, r)
         else:
@@ -1447,38 +1487,45 @@ cdef void _grad_apply_row16(const uint16_t* dy, const uint16_t* x, uint16_t* dx,
 
 cdef void _forward_columns16(const uint16_t* x, uint16_t* y, Py_ssize_t n, Py_ssize_t nc, Py_ssize_t s,
                              Py_ssize_t c0, Py_ssize_t c1, double eps, const float* w, const float* b, int fmt,
-                             double* mean, double* rstd, double* scale, double* shift) noexcept nogil:
+                             double* mean, double* rstd, double* scale, double* shift,
+                             double* scratch) noexcept nogil:
     """_forward_columns on 16-bit data: channels c0..c1 whole, their columns read a second time from cache; the
     per-column float32 coefficients and the double fallback as in _apply_channels16 (scale, shift: the channels'
-    double coefficients, written for c0..c1)."""
+    double coefficients, written for c0..c1); ``scratch``: _column_scratch's, or NULL for a task of at most
+    NARROW_CHUNK columns (its buffers on the stack)."""
     cdef Py_ssize_t length = nc * s, l0 = c0 * s, width = (c1 - c0) * s, c, i
-    cdef float piv[NARROW_CHUNK]
-    cdef float cols[3 * NARROW_CHUNK]  # per column: mean, scale, shift (_finish_columns)
-    cdef double s1[NARROW_CHUNK]
-    cdef double s2[NARROW_CHUNK]
+    cdef double stack[5 * NARROW_CHUNK]
+    scratch = scratch if scratch != NULL else stack
+    cdef double* s1 = scratch
+    cdef double* s2 = scratch + width
+    cdef float* piv = <float*>(scratch + 2 * width)
+    cdef float* cols = <float*>(scratch + 3 * width)  # per column: mean, scale, shift (_finish_columns), width apart
     cdef double p
     for c in range(c0, c1):
         p = pivot16(x + c * s, fmt)  # a 16-bit value: exact in float32
         for i in range((c - c0) * s, (c - c0 + 1) * s):
             piv[i] = <float>p
     _column_moments16(x + l0, n, length, 0, width, piv, False, fmt, False, s1, s2)
-    _finish_columns(s1, s2, n, s, c0, c1, piv, eps, w, b, mean, rstd, cols, cols + NARROW_CHUNK,
-                    cols + 2 * NARROW_CHUNK, scale, shift)
+    _finish_columns(s1, s2, n, s, c0, c1, piv, eps, w, b, mean, rstd, cols, cols + width, cols + 2 * width, scale,
+                    shift)
     for i in range(n):
-        _affine_row16(x + i * length + l0, y + i * length + l0, width, cols, cols + NARROW_CHUNK,
-                      cols + 2 * NARROW_CHUNK, fmt, mean + c0, scale + c0, shift + c0, s, nc)
+        _affine_row16(x + i * length + l0, y + i * length + l0, width, cols, cols + width, cols + 2 * width, fmt,
+                      mean + c0, scale + c0, shift + c0, s, nc)
 
 
 cdef void _backward_columns16(const uint16_t* dy, const uint16_t* x, uint16_t* dx, Py_ssize_t n, Py_ssize_t nc,
                               Py_ssize_t s, Py_ssize_t c0, Py_ssize_t c1, bint training, bint sums,
                               const double* mean, const double* rstd, const float* w, int fmt, double* sdy,
-                              double* sdyx, double* ca, double* cb, double* cc) noexcept nogil:
+                              double* sdyx, double* ca, double* cb, double* cc, double* scratch) noexcept nogil:
     """_backward_columns on 16-bit data: channels c0..c1 whole; the per-column float32 coefficients and the double
-    fallback as in _grad_apply_channels16 (ca, cb, cc: written for c0..c1)."""
+    fallback as in _grad_apply_channels16 (ca, cb, cc: written for c0..c1); ``scratch``: as in
+    _forward_columns16."""
     cdef Py_ssize_t length = nc * s, l0 = c0 * s, width = (c1 - c0) * s, c, i, j
-    cdef float cols[4 * NARROW_CHUNK]  # per column: mean, ca, cb, cc (_grad_apply_row16's rows, NARROW_CHUNK apart)
-    cdef double a[NARROW_CHUNK]
-    cdef double b[NARROW_CHUNK]
+    cdef double stack[5 * NARROW_CHUNK]
+    scratch = scratch if scratch != NULL else stack
+    cdef double* a = scratch
+    cdef double* b = scratch + width
+    cdef float* cols = <float*>(scratch + 2 * width)  # per column: mean, ca, cb, cc (_grad_apply_row16's rows)
     for c in range(c0, c1):
         for i in range((c - c0) * s, (c - c0 + 1) * s):
             cols[i] = <float>mean[c]
@@ -1490,12 +1537,12 @@ cdef void _backward_columns16(const uint16_t* dy, const uint16_t* x, uint16_t* d
         _coefficients(training, sdy[c], sdyx[c], <double>(n * s), rstd[c], w[c] if w != NULL else 1.0,
                       &ca[c], &cb[c], &cc[c])
         for i in range((c - c0) * s, (c - c0 + 1) * s):
-            cols[NARROW_CHUNK + i] = <float>ca[c]
-            cols[2 * NARROW_CHUNK + i] = <float>cb[c]
-            cols[3 * NARROW_CHUNK + i] = <float>cc[c]
+            cols[width + i] = <float>ca[c]
+            cols[2 * width + i] = <float>cb[c]
+            cols[3 * width + i] = <float>cc[c]
     for i in range(n):
         j = i * length + l0
-        _grad_apply_row16(dy + j, x + j, dx + j, width, training, cols, NARROW_CHUNK, fmt, mean + c0, ca + c0, cb + c0,
+        _grad_apply_row16(dy + j, x + j, dx + j, width, training, cols, width, fmt, mean + c0, ca + c0, cb + c0,
                           cc + c0, s, nc)
 
 
@@ -1517,6 +1564,8 @@ cdef void _backward16(bint training, const uint16_t* dyp, const uint16_t* xp, Py
     cdef double* cc = work + 6 * nc
     cdef double[::1] v
     cdef int nt = threads_for(n * nc * s, _nthreads, _serial_max)
+    cdef double* scratch = NULL
+    k = _whole_column_channels(n, nc, s, 2, False)
     if work == NULL:
         raise MemoryError()
     try:
@@ -1527,11 +1576,11 @@ cdef void _backward16(bint training, const uint16_t* dyp, const uint16_t* xp, Py
             for c in prange(nc, nogil=True, schedule="static", num_threads=nt):
                 _backward_channel16(dyp, xp, dxp, n, nc, s, c, training, sums, mu[c], r[c],
                                     w[c] if w != NULL else 1.0, fmt, &sdy[c], &sdyx[c])
-        elif _whole_columns(n, nc, s, 2, False):
-            k = _chunk_channels(s, False)
+        elif k:
+            scratch = _column_scratch(k, s, nt)
             for t in prange(_cdiv(nc, k), nogil=True, schedule="static", num_threads=nt):
                 _backward_columns16(dyp, xp, dxp, n, nc, s, t * k, min(nc, (t + 1) * k), training, sums, mu, r, w,
-                                    fmt, sdy, sdyx, ca, cb, cc)
+                                    fmt, sdy, sdyx, ca, cb, cc, _task_scratch(scratch))
         else:
             v = <double[:7 * nc + 1]> work
             if sums:
@@ -1570,17 +1619,19 @@ cdef void _forward16(int fmt, const uint16_t* xp, Py_ssize_t n, Py_ssize_t nc, P
     cdef double* shift = work + 6 * nc
     cdef double[::1] v
     cdef int nt = threads_for(n * nc * s, _nthreads, _serial_max)
+    cdef double* scratch = NULL
+    k = _whole_column_channels(n, nc, s, 2)
     if work == NULL:
         raise MemoryError()
     try:
         if nc >= MANY_CHANNELS and not _columns(n, s, NO_ACT):
             for c in prange(nc, nogil=True, schedule="static", num_threads=nt):
                 _forward_channel16(xp, yp, n, nc, s, c, eps, w, b, fmt, &mu[c], &r[c])
-        elif _whole_columns(n, nc, s, 2):
-            k = _chunk_channels(s, False)
+        elif k:
+            scratch = _column_scratch(k, s, nt)
             for t in prange(_cdiv(nc, k), nogil=True, schedule="static", num_threads=nt):
                 _forward_columns16(xp, yp, n, nc, s, t * k, min(nc, (t + 1) * k), eps, w, b, fmt, mu, r, scale,
-                                   shift)
+                                   shift, _task_scratch(scratch))
         else:
             v = <double[:7 * nc + 1]> work
             _pivots16(xp, nc, s, fmt, v[2 * nc:3 * nc])

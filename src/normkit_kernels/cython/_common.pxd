@@ -983,6 +983,12 @@ cdef extern from *:
     #ifndef NORMKIT_OPENMP_NOTE
     #define NORMKIT_OPENMP_NOTE "unknown (not built by normkit's setup.py)"
     #endif
+    /* whether the 16-bit passes run in registers (else tile by tile through float32 buffers) */
+    #if defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
+    #define NORMKIT_REGS16 1
+    #else
+    #define NORMKIT_REGS16 0
+    #endif
     /* A prange on one thread (every call below the serial threshold) still enters libgomp, whose team of one ends
        in barriers that each make a futex syscall: two per region, ~0.35 us a region here (a raw GroupNorm
        (1, 32, 16, 16) forward, two regions: 2.2 us with them, 1.5 without). setup.py links with
@@ -1017,6 +1023,7 @@ cdef extern from *:
     }
     """
     const int NORMKIT_HAVE_OPENMP
+    const int NORMKIT_REGS16
     const char* NORMKIT_BUILD_FLAGS
     const char* NORMKIT_OPENMP_NOTE
     int normkit_x86_64_copies() noexcept nogil
