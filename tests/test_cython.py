@@ -355,11 +355,11 @@ thread.join()
 
 def test_batchnorm_columns_run_on_a_small_thread_stack():
     """BatchNorm's columns schedule on a thread of 128 KB of stack (musl's default; OMP_STACKSIZE can set one as
-    small): the sums-only tasks of 1024 columns (data from memory) and the whole-column tasks (256 columns; 16-bit
-    ones of up to 1024 from 2 MiB, their buffers on the heap) keep their stack buffers to what tasks of 256 columns
-    had (stack buffers sized for 1024 columns had made float64 with a fused activation take 148 KB and float16
-    whole-column tasks ~130 KB, and crashed the thread). In a child process, so that a crash fails this test
-    instead of ending the run."""
+    small): the sums-only tasks of 1024 columns (data from memory) and the whole-column tasks (256 columns) keep
+    their stack buffers to what tasks of 256 columns had (stack buffers sized for 1024 columns had made float64
+    with a fused activation take 148 KB and float16 whole-column tasks ~130 KB, and crashed the thread); 16-bit
+    whole-column tasks of up to 1024 columns (from 2 MiB) run here too. In a child process, so that a crash fails
+    this test instead of ending the run."""
     run = subprocess.run([sys.executable, "-c", _SMALL_STACK], capture_output=True, text=True)
     assert run.returncode == 0 and run.stdout.strip() == "survived", (run.returncode, run.stderr[-500:])
 

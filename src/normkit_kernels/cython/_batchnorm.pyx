@@ -36,15 +36,15 @@ from libc.string cimport memcpy
 from libc.stdint cimport uint16_t
 
 from _common cimport (
-    ACT_CHUNK, FROM_MEMORY_BYTES, NORMKIT_BUILD_FLAGS, NORMKIT_HAVE_OPENMP, NORMKIT_OPENMP_NOTE, NORMKIT_REGS16,
-    NO_ACT, SERIAL_MAX_VALUES, STREAM_AFFINE, STREAM_GRAD, STREAM_SCALE, TILE16, act_grad, act_grad_apply,
+    ACT_CHUNK, FROM_MEMORY_BYTES, NORMKIT_BUILD_FLAGS, NORMKIT_HAVE_OPENMP, NORMKIT_OPENMP_NOTE, NO_ACT,
+    SERIAL_MAX_VALUES, STREAM_AFFINE, STREAM_GRAD, STREAM_SCALE, TILE16, act_grad, act_grad_apply,
     act_grad_apply_stream, act_grad_sums, act_grad_sums_kept, affine, affine16, affine16_runs, affine_act,
     affine_act_stream, affine_columns, affine_columns_act, all_finite, column_grad_sums, column_moments, columns_stream,
     finish_moments, fold_rows, grad_apply, grad_apply16, grad_apply16_runs, grad_apply_columns, grad_apply_inplace,
     grad_sums, grad_sums16, grad_sums_scale, max_offset, moments, moments16, narrow64, normkit_col_sums16,
-    normkit_cols16, normkit_cols_act_grad_f, normkit_half_init, normkit_narrow, normkit_sfence, normkit_sums16_runs,
-    normkit_widen, normkit_x86_64_copies, pivot16, pivot_of, prefetch_run, rounded_shift, scale_columns, scale_copy,
-    scale_copy16, threads_for, to_double,
+    normkit_cols16, normkit_cols_act_grad_f, normkit_half_init, normkit_narrow, normkit_regs16, normkit_sfence,
+    normkit_sums16_runs, normkit_widen, normkit_x86_64_copies, pivot16, pivot_of, prefetch_run, rounded_shift,
+    scale_columns, scale_copy, scale_copy16, threads_for, to_double,
 )
 
 # How this module was built (setup.py); the backend reads it for its INFO and to pick an x86-64 copy: the
@@ -91,13 +91,15 @@ cdef Py_ssize_t SHORT_ROW16 = 128
 
 cdef enum:
     # columns schedule: a task takes the whole channels that fit in NARROW_CHUNK columns of the (N, C*S) view, or
-    # CHUNK columns: a sums-only task of data from memory, or a 16-bit whole-column task of WIDE_CHUNK_BYTES or more
-    # of data with runs (S > 1) (_chunk_channels, _whole_column_channels)
+    # CHUNK columns: a sums-only task of data from memory, or a 16-bit whole-column task (_chunk_channels,
+    # _whole_column_channels: from WIDE_CHUNK_BYTES of data with runs, S > 1, converted in registers)
     NARROW_CHUNK = 256
     CHUNK = 1024
     WIDE_CHUNK_BYTES = 2 << 20
     # doubles of scratch per 16-bit whole-column task of up to CHUNK columns: two rows of double sums, then three or
-    # four rows of float32 per-column values; on the heap for wide tasks (a thread may have 128 KB of stack)
+    # four rows of float32 per-column values; on the heap for wide tasks (_column_scratch), so that every task's
+    # frame stays as small as a narrow one's (10-23 KB; 41-54 KB with these buffers on the stack: threads may have
+    # 128 KB, musl's default)
     COLUMN_SCRATCH = 5 * CHUNK
     # with at least WIDE_TASKS such tasks, each one also runs the elementwise pass over its columns (one parallel
     # region, the columns still in cache); with fewer, the rows are cut into blocks as well (if there are enough),
@@ -295,27 +297,26 @@ cdef inline bint _columns(Py_ssize_t n, Py_ssize_t s, int act, bint half_batch=T
 
 
 cdef inline Py_ssize_t _whole_column_channels(Py_ssize_t n, Py_ssize_t nc, Py_ssize_t s, Py_ssize_t itemsize,
-                                              bint half_batch=True) noexcept nogil:
+                                              bint half_batch=True, bint regs16=False) noexcept nogil:
     """Channels per task where the columns schedule of a plain kernel runs tasks of whole channels (sums,
     statistics and the elementwise pass in one parallel region), else 0. They do with enough tasks, or when cutting
     the rows into blocks would not add any; not channels-last rows of more than NARROW_CHUNK values from memory (s
     = 1), whose sums read whole rows in the sums-only tasks (_chunk_channels). (The tasks are counted only then:
     NARROW_CHUNK // s is 0 for longer runs.) Whole-column tasks sum in steps of registers: from memory they only
     come with s > 1, as strips of rows (the whole-rows path was measured on whole rows only).
-    16-bit data with runs (s > 1), from WIDE_CHUNK_BYTES, take CHUNK columns a task where that leaves WIDE_TASKS
-    and the build converts in registers (NORMKIT_REGS16): the tasks make their per-row calls a quarter as often.
-    In-process, 2 threads, bfloat16, narrow -> wide tasks' time, forward / backward: (32, 1024, 7x7) 0.74-0.83 /
-    0.95-1.01, (64, 2048, 7x7) 0.65-0.82 / 0.77-0.82, (128, 512, 7x7) 0.82-0.85 / 0.76-0.82, (64, 512, 6x6)
-    0.72-0.88 / 0.80-0.92, (128, 1024, 3x3) 0.85-0.91 / 0.86-0.99, (256, 2048, 2x2) 1.00-1.07 / 0.93-1.03; float16
-    alike; the x86-64-v3 copy (8 lanes) 0.63-0.85 / 0.68-1.02. The baseline build (no register path) ran 0.91-1.21x
-    with them. Float32 tasks of CHUNK columns gained only forward at 7x7 and small batches (0.81-0.90; (32, 1024,
-    4x4) 1.13-1.16, (128, 1024, 3x3) 1.05-1.17) and lost backward (1.05-1.32, but 0.94-0.96 at (32, 1024, 7x7)):
-    float tasks stay narrow."""
+    16-bit data (``regs16``: whose format the build converts in registers, normkit_regs16) with runs (s > 1), from
+    WIDE_CHUNK_BYTES, take CHUNK columns a task where that leaves WIDE_TASKS: the tasks make their per-row calls a
+    quarter as often. In-process, 2 threads, bfloat16, narrow -> wide tasks' time, forward / backward: (32, 1024,
+    7x7) 0.74-0.83 / 0.95-1.01, (64, 2048, 7x7) 0.65-0.82 / 0.77-0.82, (128, 512, 7x7) 0.82-0.85 / 0.76-0.82, (64,
+    512, 6x6) 0.72-0.88 / 0.80-0.97, (128, 1024, 3x3) 0.85-0.91 / 0.86-0.99, (256, 2048, 2x2) 1.00-1.07 /
+    0.93-1.03; float16 alike; the x86-64-v3 copy (8 lanes) 0.63-0.85 / 0.68-1.02. Without the register path (the
+    baseline build; float16 with NORMKIT_CYTHON_NO_F16C) they ran 0.91-1.21x. Float32 tasks of CHUNK columns gained
+    only forward at 7x7 and small batches (0.81-0.90; (32, 1024, 4x4) 1.13-1.16, (128, 1024, 3x3) 1.05-1.17) and
+    lost backward (1.05-1.32, but 0.94-0.96 at (32, 1024, 7x7)): float tasks stay narrow."""
     cdef Py_ssize_t tasks, nbytes = n * nc * s * itemsize
     if not _columns(n, s, NO_ACT, half_batch) or (s == 1 and nc > NARROW_CHUNK and nbytes >= FROM_MEMORY_BYTES):
         return 0
-    if NORMKIT_REGS16 and itemsize == 2 and s > 1 and nbytes >= WIDE_CHUNK_BYTES \
-            and _column_tasks(nc, s, True) >= WIDE_TASKS:
+    if regs16 and s > 1 and nbytes >= WIDE_CHUNK_BYTES and _column_tasks(nc, s, True) >= WIDE_TASKS:
         return _chunk_channels(s, True)
     tasks = _column_tasks(nc, s, False)
     return _chunk_channels(s, False) if tasks >= WIDE_TASKS or _row_blocks(n, tasks) == 1 else 0
@@ -1565,7 +1566,7 @@ cdef void _backward16(bint training, const uint16_t* dyp, const uint16_t* xp, Py
     cdef double[::1] v
     cdef int nt = threads_for(n * nc * s, _nthreads, _serial_max)
     cdef double* scratch = NULL
-    k = _whole_column_channels(n, nc, s, 2, False)
+    k = _whole_column_channels(n, nc, s, 2, False, normkit_regs16(fmt))
     if work == NULL:
         raise MemoryError()
     try:
@@ -1620,7 +1621,7 @@ cdef void _forward16(int fmt, const uint16_t* xp, Py_ssize_t n, Py_ssize_t nc, P
     cdef double[::1] v
     cdef int nt = threads_for(n * nc * s, _nthreads, _serial_max)
     cdef double* scratch = NULL
-    k = _whole_column_channels(n, nc, s, 2)
+    k = _whole_column_channels(n, nc, s, 2, True, normkit_regs16(fmt))
     if work == NULL:
         raise MemoryError()
     try:

@@ -983,12 +983,6 @@ cdef extern from *:
     #ifndef NORMKIT_OPENMP_NOTE
     #define NORMKIT_OPENMP_NOTE "unknown (not built by normkit's setup.py)"
     #endif
-    /* whether the 16-bit passes run in registers (else tile by tile through float32 buffers) */
-    #if defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
-    #define NORMKIT_REGS16 1
-    #else
-    #define NORMKIT_REGS16 0
-    #endif
     /* A prange on one thread (every call below the serial threshold) still enters libgomp, whose team of one ends
        in barriers that each make a futex syscall: two per region, ~0.35 us a region here (a raw GroupNorm
        (1, 32, 16, 16) forward, two regions: 2.2 us with them, 1.5 without). setup.py links with
@@ -1023,7 +1017,6 @@ cdef extern from *:
     }
     """
     const int NORMKIT_HAVE_OPENMP
-    const int NORMKIT_REGS16
     const char* NORMKIT_BUILD_FLAGS
     const char* NORMKIT_OPENMP_NOTE
     int normkit_x86_64_copies() noexcept nogil
@@ -1150,6 +1143,18 @@ cdef extern from *:
         normkit_f16c = allow_f16c && __builtin_cpu_supports("avx") && __builtin_cpu_supports("f16c");
     #endif
         return normkit_f16c;
+    }
+
+    /* Whether this build's 16-bit passes (normkit_col_sums16, normkit_cols16, ...) run format fmt in registers
+       rather than tile by tile through float32 buffers: AVX2, FMA and F16C in the build, and for float16 F16C in
+       use (normkit_half_init). */
+    static int normkit_regs16(int fmt) {
+    #if defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
+        return fmt == 0 || normkit_f16c;
+    #else
+        (void)fmt;
+        return 0;
+    #endif
     }
 
     static void normkit_widen(const uint16_t* s, float* d, Py_ssize_t n, int fmt) {
@@ -2243,6 +2248,7 @@ cdef extern from *:
     #endif
     """
     int normkit_half_init(int allow_f16c) noexcept nogil
+    int normkit_regs16(int fmt) noexcept nogil
     void normkit_widen(const uint16_t* s, float* d, Py_ssize_t n, int fmt) noexcept nogil
     bint normkit_narrow(const float* s, uint16_t* d, Py_ssize_t n, int fmt) noexcept nogil
     int normkit_affine16(const uint16_t* x, uint16_t* y, Py_ssize_t n, int fmt, float m, float a,
