@@ -311,8 +311,8 @@ cdef inline Py_ssize_t _whole_column_channels(Py_ssize_t n, Py_ssize_t nc, Py_ss
     512, 6x6) 0.72-0.88 / 0.80-0.97, (128, 1024, 3x3) 0.85-0.91 / 0.86-0.99, (256, 2048, 2x2) 1.00-1.07 /
     0.93-1.03; float16 alike; the x86-64-v3 copy (8 lanes) 0.63-0.85 / 0.68-1.02. Without the register path (the
     baseline build; float16 with NORMKIT_CYTHON_NO_F16C) they ran 0.91-1.21x. Float32 tasks of CHUNK columns gained
-    only forward at 7x7 and small batches (0.81-0.90; (32, 1024, 4x4) 1.13-1.16, (128, 1024, 3x3) 1.05-1.17) and
-    lost backward (1.05-1.32, but 0.94-0.96 at (32, 1024, 7x7)): float tasks stay narrow."""
+    only forward at 7x7 (0.81-0.95, one run 1.01; (32, 1024, 4x4) 1.13-1.16, (128, 1024, 3x3) 0.96-1.17) and lost
+    backward (1.03-1.32, but 0.92-1.00 at (32, 512..2048, 7x7)): float tasks stay narrow."""
     cdef Py_ssize_t tasks, nbytes = n * nc * s * itemsize
     if not _columns(n, s, NO_ACT, half_batch) or (s == 1 and nc > NARROW_CHUNK and nbytes >= FROM_MEMORY_BYTES):
         return 0
