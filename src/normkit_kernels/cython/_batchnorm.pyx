@@ -325,8 +325,9 @@ cdef inline Py_ssize_t _whole_column_channels(Py_ssize_t n, Py_ssize_t nc, Py_ss
 cdef double* _column_scratch(Py_ssize_t k, Py_ssize_t s, int nt):
     """The scratch of 16-bit whole-column tasks of k channels of s columns: NULL for narrow ones (their buffers on
     the stack), else COLUMN_SCRATCH doubles for each of nt threads (at threadid() * COLUMN_SCRATCH), kept per
-    calling thread: a fresh allocation of this size per call, given back to the system at free(), page-faulted on
-    every call (bfloat16 (32, 1024, 4x4) in narrow tasks with such a buffer: 1.05-1.13x the time)."""
+    calling thread rather than allocated per call (a draft that gave every task, narrow ones too, a slice of a
+    malloc per call ran bfloat16 (32, 1024, 4x4) at 1.05-1.13x the time; the cause was not found: a malloc and
+    free of that size does not page-fault here)."""
     if k * s <= NARROW_CHUNK:
         return NULL
     buf = getattr(_local, "columns", None)
