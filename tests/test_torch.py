@@ -408,12 +408,13 @@ PLAIN_DTYPES = [(torch.float32, torch.float32), (torch.float64, torch.float64), 
                 (torch.float16, torch.float16)]
 
 
+@pytest.mark.parametrize("grad", [True, False], ids=["autograd", "no_grad"])
 @pytest.mark.parametrize("dtype, pdtype", PLAIN_DTYPES, ids=lambda d: str(d).removeprefix("torch."))
 @pytest.mark.parametrize("case", PLAIN_CALLS)
-def test_plain_calls_take_the_short_path_and_agree_with_the_general_one(case, dtype, pdtype, monkeypatch):
-    """Contiguous inputs and parameters take the eager path's short way (functional._plain); the same values in
-    non-contiguous tensors take the general one (copies, then the same kernels): y, the gradients and the running
-    statistics agree bit for bit."""
+def test_plain_calls_take_the_short_path_and_agree_with_the_general_one(case, dtype, pdtype, grad, monkeypatch):
+    """Contiguous inputs and parameters take the eager path's short way (functional._plain; the common calls'
+    steps, with autograd and without it); the same values in non-contiguous tensors take the general one (copies,
+    then the same kernels): y, the gradients and the running statistics agree bit for bit."""
     from normkit.torch import functional
 
     taken = []
@@ -425,14 +426,18 @@ def test_plain_calls_take_the_short_path_and_agree_with_the_general_one(case, dt
     c = shape[-1] if case.startswith(("layernorm", "rmsnorm")) else shape[1]
     w, b = (torch.rand(c, generator=g) + 0.5).to(pdtype), torch.randn(c, generator=g).to(pdtype)
     rm, rv = torch.randn(c, generator=g).to(pdtype), (torch.rand(c, generator=g) + 0.5).to(pdtype)
-    results = []
+    results, plains = [], []
     for make in (lambda t: t.clone(), _strided_copy):
-        xs, ws, bs = (make(t).requires_grad_() for t in (x, w, b))
+        xs, ws, bs = (make(t).requires_grad_(grad) for t in (x, w, b))
         rms, rvs = make(rm), make(rv)
+        taken.clear()
         y = call(nt, xs, ws, bs, rms, rvs)
-        y.backward(dy)
+        plains.append(taken[:])
+        assert y.requires_grad == grad
+        if grad:
+            y.backward(dy)
         results.append((y.detach(), xs.grad, ws.grad, bs.grad if case != "rmsnorm" else None, rms, rvs))
-    assert taken[0] and not any(taken[1:])  # the first call was plain, the strided one not
+    assert plains[0] and all(plains[0]) and not any(plains[1])  # the first call was plain, the strided one not
     for name, a, e in zip(("y", "dx", "dweight", "dbias", "running_mean", "running_var"), *results):
         assert e is None and a is None or torch.equal(a, e), name
 
@@ -491,7 +496,7 @@ def test_channels_last_plain_calls_agree_with_the_general_path(case, dtype, pdty
         assert y.is_contiguous(memory_format=torch.channels_last) and not y.is_contiguous()
         assert xs.grad.is_contiguous(memory_format=torch.channels_last)
         results.append((y.detach(), xs.grad, ws.grad, bs.grad, rms, rvs))
-    assert taken == [functional._CHANNELS_LAST]
+    assert taken[-1] == functional._CHANNELS_LAST  # (group_norm's common path looked first, for a contiguous x)
     for name, a, e in zip(("y", "dx", "dweight", "dbias", "running_mean", "running_var"), *results):
         assert torch.equal(a, e), name
 

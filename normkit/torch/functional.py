@@ -67,11 +67,14 @@ _HALF = (torch.bfloat16, torch.float16)
 _STAT_DTYPES = {torch.float32: torch.float32, torch.float64: torch.float64, torch.bfloat16: torch.float32,
                 torch.float16: torch.float32}
 _NP_STAT_DTYPES = {dt: np.dtype(str(s).removeprefix("torch.")) for dt, s in _STAT_DTYPES.items()}
+_MACHINE_EPS = {dt: torch.finfo(s).eps for dt, s in _STAT_DTYPES.items()}
 _is_compiling = torch.compiler.is_compiling
 _transforms_active = differentiable.transforms_active
 _batched = differentiable.batched
 _forward_ad = torch.autograd.forward_ad
 _tracing = torch.jit.is_tracing  # (torch._C._is_tracing breaks a torch.compile graph)
+# the same where torch.compile cannot be tracing (tested after _is_compiling), without is_tracing's two Python frames
+_eager_tracing = getattr(torch._C, "_is_tracing", _tracing)
 
 
 def _torch_only(input) -> bool:
@@ -382,9 +385,8 @@ def _forward(spec: OpSpec, x: Tensor, weight, bias, eps: float, groups: int, ksh
         x, weight, bias, running_mean, running_var = _aligned(x, weight, bias, running_mean, running_var)
     if plain == _CONTIGUOUS:
         if act is None and (running_mean is None or not save):
-            kernel = registry.lookup_address(spec.name, direction, _KERNEL_DTYPES[x.dtype], backend)
-            if kernel is not None and (x.dtype not in _HALF or _float32_params(x, weight, bias, running_mean,
-                                                                               running_var)):
+            kernel = _common_kernel(spec, direction, x, backend, weight, bias, running_mean, running_var)
+            if kernel is not None:
                 return _forward_by_address(kernel, spec, x, weight, bias, eps, groups, kshape, running_mean,
                                            running_var)
         kernel = registry.lookup(spec.name, direction, _KERNEL_DTYPES[x.dtype], backend)[1] if act is None else \
@@ -499,6 +501,15 @@ def _negative(*tensors) -> bool:
     return False
 
 
+def _common_kernel(spec: OpSpec, direction: str, x: Tensor, backend, *tensors):
+    """The address kernel of ``direction`` (normkit.contract) for a call that :func:`_plain` found contiguous and
+    that has no fused activation, or None (then the kernel on arrays): None where the backend has none, and for
+    16-bit x whose parameters or running statistics (``tensors``, None: absent) are not float32, which an address
+    kernel reads (:func:`_float32_params`)."""
+    kernel = registry.lookup_address(spec.name, direction, _KERNEL_DTYPES[x.dtype], backend)
+    return kernel if kernel is not None and (x.dtype not in _HALF or _float32_params(x, *tensors)) else None
+
+
 def _forward_by_address(kernel, spec: OpSpec, x: Tensor, weight, bias, eps: float, groups: int, kshape: tuple,
                         running_mean, running_var,
                         y: Optional[Tensor] = None) -> tuple[Tensor, Optional[np.ndarray], Optional[np.ndarray],
@@ -545,8 +556,8 @@ def _backward(spec: OpSpec, dy: Tensor, x: Tensor, mean: np.ndarray, rstd: np.nd
                     and recenter.needed(mean, rstd)):
         x, mean, plain = _recentered(spec, x, mean, groups, kshape, plain)
     if plain == _CONTIGUOUS and act is None and dy.is_contiguous() and dy.dtype == x.dtype and dy.shape == x.shape:
-        kernel = registry.lookup_address(spec.name, direction, _KERNEL_DTYPES[x.dtype], backend)
-        if kernel is not None and not dy.is_neg() and (x.dtype not in _HALF or _float32_params(x, weight)):
+        kernel = _common_kernel(spec, direction, x, backend, weight)
+        if kernel is not None and not dy.is_neg():
             return _backward_by_address(kernel, spec, dy, x, mean, rstd, weight, groups, kshape, pshape, weight_grad,
                                         bias_grad)
     if plain == _CONTIGUOUS and dy.is_contiguous():
@@ -649,21 +660,25 @@ class _Call:
     statistics, as NumPy arrays: internal constants, so they need neither tensors nor ``save_for_backward``."""
 
     __slots__ = ("spec", "eps", "groups", "kshape", "pshape", "running_mean", "running_var", "batch_stats",
-                 "update", "count", "momentum", "backend", "act", "plain", "mean", "rstd", "recentre")
+                 "update", "count", "momentum", "backend", "act", "plain", "kernel", "mean", "rstd", "recentre")
 
     def __init__(self, spec, eps, groups, kshape, pshape, running_mean, running_var, batch_stats, update, count,
-                 momentum, backend, act, plain):
+                 momentum, backend, act, plain, kernel=None):
         self.spec, self.eps, self.groups, self.kshape, self.pshape = spec, eps, groups, kshape, pshape
         self.running_mean, self.running_var, self.batch_stats = running_mean, running_var, batch_stats
         self.update, self.count, self.momentum, self.backend, self.act = update, count, momentum, backend, act
-        self.plain = plain
+        self.plain, self.kernel = plain, kernel
 
     def forward(self, x: Tensor, weight, bias, save: bool) -> Tensor:
         use_running = not self.batch_stats
-        y, self.mean, self.rstd, offset = _forward(self.spec, x, weight, bias, self.eps, self.groups, self.kshape,
-                                                   self.running_mean if use_running else None,
-                                                   self.running_var if use_running else None, self.backend, save,
-                                                   self.act, self.plain)
+        if self.kernel is not None:  # a common call (_run_common: batch statistics), its kernel found already
+            y, self.mean, self.rstd, offset = _forward_by_address(self.kernel, self.spec, x, weight, bias, self.eps,
+                                                                  self.groups, self.kshape, None, None)
+        else:
+            y, self.mean, self.rstd, offset = _forward(self.spec, x, weight, bias, self.eps, self.groups,
+                                                       self.kshape, self.running_mean if use_running else None,
+                                                       self.running_var if use_running else None, self.backend,
+                                                       save, self.act, self.plain)
         # whether backward shifts x by its mean (normkit.recenter), where the kernel said (else backward finds out)
         self.recentre = None if offset is None else offset > recenter.OFFSET and x.dtype == torch.float32
         if self.update and self.spec.sets != "instance":  # (instance norm: after the output, see _run)
@@ -710,17 +725,6 @@ def _param_grads(dw: Optional[Tensor], db: Optional[Tensor], weight_dtype, bias_
     return dw, db
 
 
-def _grads(ctx, dy):
-    x, weight, *bias = ctx.saved_tensors  # bias: saved only for an activation's derivative
-    need_x, need_w, need_b, _ = ctx.needs_input_grad
-    c = ctx.call
-    dx, dw, db = _backward(c.spec, dy, x, c.mean, c.rstd, weight, c.groups, c.kshape, c.batch_stats, c.pshape,
-                           need_w, need_b, c.backend, bias[0] if bias else None, c.act, c.plain, c.recentre)
-    if x.dtype in _HALF:
-        dw, db = _param_grads(dw, db, ctx.param_dtypes[0], ctx.param_dtypes[1])
-    return dx if need_x else None, dw, db, None
-
-
 class _Norm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, call):
@@ -746,7 +750,27 @@ class _Norm(torch.autograd.Function):
             bias_dtype = ctx.param_dtypes[1] if x.dtype in _HALF else x.dtype
             return (*differentiable.grads(ctx.call, x, weight, bias[0] if bias else None, dy, need, bias_dtype),
                     None)
-        return _grads(ctx, dy)
+        x, weight, *bias = ctx.saved_tensors  # bias: saved only for an activation's derivative
+        need_x, need_w, need_b, _ = ctx.needs_input_grad
+        c = ctx.call
+        kernel = None
+        # a common call's backward (its forward ran c.kernel) by the address kernel, without _backward's steps:
+        # when x needs no recentring (normkit.recenter: the kernel told forward, or there is no mean to take) and
+        # dy is dense with x's shape and dtype
+        if c.kernel is not None and (c.recentre is False or c.recentre is None and not c.spec.centered) \
+                and dy.is_contiguous() and dy.dtype == x.dtype and dy.shape == x.shape and not dy.is_neg() \
+                and not dy.data_ptr() % dy.itemsize:
+            kernel = registry.lookup_address(c.spec.name, "backward", _KERNEL_DTYPES[x.dtype], c.backend)
+        if kernel is not None:
+            dx, dw, db = _backward_by_address(kernel, c.spec, dy, x, c.mean, c.rstd, weight, c.groups, c.kshape,
+                                              c.pshape, need_w, need_b)
+        else:
+            dx, dw, db = _backward(c.spec, dy, x, c.mean, c.rstd, weight, c.groups, c.kshape, c.batch_stats,
+                                   c.pshape, need_w, need_b, c.backend, bias[0] if bias else None, c.act, c.plain,
+                                   c.recentre)
+        if x.dtype in _HALF:
+            dw, db = _param_grads(dw, db, ctx.param_dtypes[0], ctx.param_dtypes[1])
+        return dx if need_x else None, dw, db, None
 
 
 # What Function.apply (torch/autograd/function.py) does before the C++ apply, for a Function without setup_context
@@ -775,9 +799,14 @@ def _direct_backward(function) -> None:
 _direct_backward(_Norm)
 
 
+def _needs_grad(x: Tensor, weight, bias) -> bool:
+    """Whether autograd records the call (then _Norm runs it)."""
+    return torch.is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad)
+                                        or (bias is not None and bias.requires_grad))
+
+
 def _run(call: _Call, x: Tensor, weight, bias) -> Tensor:
-    if torch.is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad)
-                                    or (bias is not None and bias.requires_grad)):
+    if _needs_grad(x, weight, bias):
         if _norm_apply is None:
             y = _Norm.apply(x, weight, bias, call)
         else:
@@ -1250,8 +1279,33 @@ instance_norm.__doc__ = """:func:`torch.nn.functional.instance_norm` computed by
     given, are updated in place with the average over the instances when ``use_input_stats``.""" + _ACTIVATION_DOC
 
 
+def _common_group(x, num_groups, weight, bias, eps, backend) -> Optional[Tensor]:
+    """group_norm's common call, as :func:`_common_row`: x of two or more dims that :func:`_plain` finds
+    contiguous, an int number of groups that divides C, a float eps; the output, or None."""
+    if type(x) is not Tensor or type(eps) is not float or type(num_groups) is not int or _is_compiling() \
+            or _transforms_active() or _forward_ad._current_level >= 0 or _eager_tracing():
+        return None
+    try:
+        if x.dim() < 2:
+            return None
+        n, c = x.shape[0], x.shape[1]
+        if num_groups <= 0 or c % num_groups or n * c == num_groups and x.numel() == num_groups \
+                or _plain(x, (c,), weight, bias) != _CONTIGUOUS:  # (one value a group: torch's error)
+            return None
+    except RuntimeError:  # a strided nested tensor, which has no shape; a layout without memory (sparse)
+        return None
+    kernel = _common_kernel(_GN, "forward", x, backend, weight, bias)
+    if kernel is None:
+        return None
+    return _run_common(_GN, kernel, x, weight, bias, eps, num_groups, (n, c, x.numel() // (n * c)), (c,), backend)
+
+
 def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5, *, backend=None, activation=None,
                negative_slope=0.01):
+    if activation is None:
+        y = _common_group(input, num_groups, weight, bias, eps, backend)
+        if y is not None:
+            return y
     if _torch_only(input):
         return differentiable.activation(F.group_norm(input, num_groups, weight, bias, eps),
                                          _act("groupnorm", activation, negative_slope))
@@ -1311,8 +1365,45 @@ def _row_input(op: str, input, normalized_shape) -> tuple[Tensor, tuple]:
     return x, shape
 
 
+def _common_row(spec: OpSpec, x, normalized_shape, weight, bias, eps, backend) -> Optional[Tensor]:
+    """A row op's common call in the fewest Python steps (in a model each step costs µs, see _plain): eager, x a
+    tensor that :func:`_plain` finds contiguous and that ends with the module's normalized_shape, a float eps (for
+    RMSNorm None too), no fused activation (the caller checks), and an address kernel. Its output, or None: then the
+    general path runs, which repeats these checks and names what is wrong."""
+    if type(x) is not Tensor or _is_compiling() or _transforms_active() or _forward_ad._current_level >= 0 \
+            or _eager_tracing():  # (_plain refuses the meta device; FakeTensors are subclasses)
+        return None
+    if eps is None and not spec.centered:  # RMSNorm's default (_rms_eps)
+        eps = _MACHINE_EPS.get(x.dtype)
+    try:
+        if type(eps) is not float or not checks.ends_with(x.shape, normalized_shape) \
+                or _plain(x, normalized_shape, weight, bias) != _CONTIGUOUS:
+            return None
+    except RuntimeError:  # a strided nested tensor, which has no shape
+        return None
+    kernel = _common_kernel(spec, "forward", x, backend, weight, bias)
+    if kernel is None:
+        return None
+    k = math.prod(normalized_shape)
+    return _run_common(spec, kernel, x, weight, bias, eps, 0, (x.numel() // k, k), normalized_shape, backend)
+
+
+def _run_common(spec: OpSpec, kernel, x: Tensor, weight, bias, eps: float, groups: int, kshape: tuple,
+                pshape: tuple, backend) -> Tensor:
+    """A common call of an op without running statistics (_common_row, _common_group; ``kernel``: its forward
+    address kernel): with autograd, _Norm, else the kernel alone."""
+    if _needs_grad(x, weight, bias):
+        return _run(_Call(spec, eps, groups, kshape, pshape, None, None, True, False, 0, 0.0, backend, None,
+                          _CONTIGUOUS, kernel), x, weight, bias)
+    return _forward_by_address(kernel, spec, x, weight, bias, eps, groups, kshape, None, None)[0]
+
+
 def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5, *, backend=None, activation=None,
                negative_slope=0.01):
+    if activation is None:
+        y = _common_row(_LN, input, normalized_shape, weight, bias, eps, backend)
+        if y is not None:
+            return y
     if _torch_only(input):
         return differentiable.activation(F.layer_norm(input, normalized_shape, weight, bias, eps),
                                          _act("layernorm", activation, negative_slope))
@@ -1342,12 +1433,15 @@ layer_norm.__doc__ = """:func:`torch.nn.functional.layer_norm` computed by normk
 def _rms_eps(x: Tensor, eps) -> float:
     """torch's default: the machine epsilon of the type it computes in (float32's for 16-bit data, not the
     dtype's own: ATen takes its opmath type's)."""
-    return torch.finfo(_STAT_DTYPES[x.dtype]).eps if eps is None else _eps("rmsnorm", eps)
+    return _MACHINE_EPS[x.dtype] if eps is None else _eps("rmsnorm", eps)
 
 
 def rms_norm(input, normalized_shape, weight=None, eps=None, *, backend=None):
     """:func:`torch.nn.functional.rms_norm` computed by normkit (``eps=None``: the machine epsilon of the type it
     computes in, float32's for 16-bit data, as in torch)."""
+    y = _common_row(_RMS, input, normalized_shape, weight, None, eps, backend)
+    if y is not None:
+        return y
     if _torch_only(input):
         return F.rms_norm(input, normalized_shape, weight, eps)
     op = "rmsnorm"
