@@ -679,8 +679,9 @@ class _Call:
                                                        self.kshape, self.running_mean if use_running else None,
                                                        self.running_var if use_running else None, self.backend,
                                                        save, self.act, self.plain)
-        # whether backward shifts x by its mean (normkit.recenter), where the kernel said (else backward finds out)
-        self.recentre = None if offset is None else offset > recenter.OFFSET and x.dtype == torch.float32
+        # whether backward shifts x by its mean (normkit.recenter: float32 data only), where the kernel said (else
+        # backward finds out)
+        self.recentre = False if x.dtype != torch.float32 else None if offset is None else offset > recenter.OFFSET
         if self.update and self.spec.sets != "instance":  # (instance norm: after the output, see _run)
             self.update_running(x)
         return y
