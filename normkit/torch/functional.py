@@ -726,6 +726,17 @@ def _param_grads(dw: Optional[Tensor], db: Optional[Tensor], weight_dtype, bias_
     return dw, db
 
 
+def _grads(ctx, dy):
+    x, weight, *bias = ctx.saved_tensors  # bias: saved only for an activation's derivative
+    need_x, need_w, need_b, _ = ctx.needs_input_grad
+    c = ctx.call
+    dx, dw, db = _backward(c.spec, dy, x, c.mean, c.rstd, weight, c.groups, c.kshape, c.batch_stats, c.pshape,
+                           need_w, need_b, c.backend, bias[0] if bias else None, c.act, c.plain, c.recentre)
+    if x.dtype in _HALF:
+        dw, db = _param_grads(dw, db, ctx.param_dtypes[0], ctx.param_dtypes[1])
+    return dx if need_x else None, dw, db, None
+
+
 class _Norm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, call):
@@ -751,27 +762,7 @@ class _Norm(torch.autograd.Function):
             bias_dtype = ctx.param_dtypes[1] if x.dtype in _HALF else x.dtype
             return (*differentiable.grads(ctx.call, x, weight, bias[0] if bias else None, dy, need, bias_dtype),
                     None)
-        x, weight, *bias = ctx.saved_tensors  # bias: saved only for an activation's derivative
-        need_x, need_w, need_b, _ = ctx.needs_input_grad
-        c = ctx.call
-        kernel = None
-        # a common call's backward (its forward ran c.kernel) by the address kernel, without _backward's steps:
-        # when x needs no recentring (normkit.recenter: the kernel told forward, or there is no mean to take) and
-        # dy is dense with x's shape and dtype
-        if c.kernel is not None and (c.recentre is False or c.recentre is None and not c.spec.centered) \
-                and dy.is_contiguous() and dy.dtype == x.dtype and dy.shape == x.shape and not dy.is_neg() \
-                and not dy.data_ptr() % dy.itemsize:
-            kernel = registry.lookup_address(c.spec.name, "backward", _KERNEL_DTYPES[x.dtype], c.backend)
-        if kernel is not None:
-            dx, dw, db = _backward_by_address(kernel, c.spec, dy, x, c.mean, c.rstd, weight, c.groups, c.kshape,
-                                              c.pshape, need_w, need_b)
-        else:
-            dx, dw, db = _backward(c.spec, dy, x, c.mean, c.rstd, weight, c.groups, c.kshape, c.batch_stats,
-                                   c.pshape, need_w, need_b, c.backend, bias[0] if bias else None, c.act, c.plain,
-                                   c.recentre)
-        if x.dtype in _HALF:
-            dw, db = _param_grads(dw, db, ctx.param_dtypes[0], ctx.param_dtypes[1])
-        return dx if need_x else None, dw, db, None
+        return _grads(ctx, dy)
 
 
 # What Function.apply (torch/autograd/function.py) does before the C++ apply, for a Function without setup_context
