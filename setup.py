@@ -33,6 +33,11 @@ from setuptools.command.build_ext import build_ext
 MODULES = ("_batchnorm", "_channels_last", "_groupnorm", "_layernorm", "_rownorm")
 SOURCE_DIR = os.path.join("src", "normkit_kernels", "cython")
 PACKAGE = "normkit_kernels.cython"
+# (module, source without its extension): the kernels, then the compiled helper of normkit's core (the
+# running-statistics update of normkit/running.py; beside the kernels, under src/, so that no source tree shadows
+# its binary), which gets no x86-64 copies
+SOURCES = [(f"{PACKAGE}.{name}", os.path.join(SOURCE_DIR, name)) for name in MODULES]
+HELPERS = [("normkit_kernels._running_update", os.path.join("src", "normkit_kernels", "_running_update"))]
 
 UNIX_FLAGS = ["-O3", "-fno-math-errno", "-fno-trapping-math", "-fno-signed-zeros", "-fassociative-math"]
 UNIX_OPENMP = "-fopenmp"
@@ -99,6 +104,8 @@ def _c_string(text):
 
 def _copy_of(ext):
     """The x86-64 subpackage an extension belongs to, or None for a baseline module."""
+    if not ext.name.startswith(PACKAGE + "."):  # normkit's helper
+        return None
     package = ext.name[len(PACKAGE) + 1:].rpartition(".")[0]
     return package or None
 
@@ -134,6 +141,9 @@ class BuildExt(build_ext):
         built = "".join(f" (and a {' '.join(f)} copy)" for f, _ in copies.values())
         print(f"normkit: building the Cython kernels with {' '.join(flags + omp)}{built}; OpenMP: {note}")
         for ext in self.extensions:
+            if not ext.name.startswith(PACKAGE + "."):  # normkit's helper: IEEE arithmetic as written (its results
+                ext.extra_compile_args = flags[:1]      # are NumPy's to the bit, so no reassociation), no threads
+                continue
             package = _copy_of(ext)
             ext_flags = flags + (copies[package][0] if package else [])
             ext.extra_compile_args = ext_flags + omp
@@ -185,25 +195,26 @@ def _generated_c_is_current():
     build; so it would generate all the C again, and every module would compile again, on each ``pip install .``
     (3 minutes on 2 cores). Delete the .c files to generate them with another Cython.
     """
-    ours = glob.glob(os.path.join(SOURCE_DIR, "*.pyx")) + glob.glob(os.path.join(SOURCE_DIR, "*.pxd"))
-    generated = [os.path.join(SOURCE_DIR, f"{name}.c") for name in MODULES]
+    ours = glob.glob(os.path.join(SOURCE_DIR, "*.pyx")) + glob.glob(os.path.join(SOURCE_DIR, "*.pxd")) \
+        + [f"{path}.pyx" for _, path in HELPERS]
+    generated = [f"{path}.c" for _, path in SOURCES + HELPERS]
     if not all(os.path.exists(c) for c in generated):
         return False
     return min(map(os.path.getmtime, generated)) > max(map(os.path.getmtime, ours))
 
 
 if _generated_c_is_current():
-    extensions = [Extension(f"{PACKAGE}.{name}", [os.path.join(SOURCE_DIR, f"{name}.c")]) for name in MODULES]
+    extensions = [Extension(name, [f"{path}.c"]) for name, path in SOURCES + HELPERS]
 else:
     # _common.pxd holds inline loops only, so it is cimported by its bare name from this include path.
     extensions = cythonize(
-        [Extension(f"{PACKAGE}.{name}", [os.path.join(SOURCE_DIR, f"{name}.pyx")]) for name in MODULES],
+        [Extension(name, [f"{path}.pyx"]) for name, path in SOURCES + HELPERS],
         include_path=[SOURCE_DIR],
         language_level=3,
     )
-# The x86-64 copies compile the C that Cython generated for the baseline modules; same module names, so the same
-# init functions, each copy in its own subpackage. build_extensions drops them where they do not apply.
+# The x86-64 copies compile the C that Cython generated for the baseline kernel modules; same module names, so the
+# same init functions, each copy in its own subpackage. build_extensions drops them where they do not apply.
 extensions += [Extension(f"{PACKAGE}.{package}.{ext.name.rsplit('.', 1)[1]}", list(ext.sources))
-               for package, *_ in X86_COPIES for ext in extensions]
+               for package, *_ in X86_COPIES for ext in extensions[:len(SOURCES)]]
 
 setup(ext_modules=extensions, cmdclass={"build_ext": BuildExt})

@@ -32,6 +32,9 @@ NUMPY_SHAPES = [("layernorm", (1, 4096)), ("batchnorm", (2, 8, 4, 4)), ("groupno
                 ("instancenorm", (2, 8, 4, 4))]
 TORCH_SHAPES = [("layernorm", (1, 128, 768)), ("layernorm", (16, 128, 256)), ("groupnorm", (1, 32, 16, 16)),
                 ("batchnorm", (8, 64, 8, 8)), ("instancenorm", (4, 16, 16, 16))]
+# BatchNorm as its module calls it in training: with running statistics, which the call updates
+RUNNING = "batchnorm+running"
+TORCH_SHAPES.append((RUNNING, (8, 64, 8, 8)))
 GROUPS = 8
 
 
@@ -66,16 +69,18 @@ def _torch_calls(op: str, shape: tuple) -> dict:
 
     import normkit.torch as nkt
 
-    spec = SPECS[op]
+    spec = SPECS["batchnorm" if op == RUNNING else op]
     g = torch.Generator().manual_seed(0)
     x = torch.randn(shape, generator=g)
     c = shape[-1] if spec.sets == "row" else shape[1]
+    rm, rv = torch.zeros(c), torch.ones(c)
     w, b = torch.ones(c), torch.zeros(c)
     xg, wg, bg = (t.clone().requires_grad_() for t in (x, w, b))
     dy = torch.randn(shape, generator=g)
     fn = {"layernorm": lambda m, x, w, b: m.layer_norm(x, (c,), w, b),
           "groupnorm": lambda m, x, w, b: m.group_norm(x, GROUPS, w, b),
           "batchnorm": lambda m, x, w, b: m.batch_norm(x, None, None, w, b, True),
+          RUNNING: lambda m, x, w, b: m.batch_norm(x, rm, rv, w, b, True),
           "instancenorm": lambda m, x, w, b: m.instance_norm(x, None, None, w, b)}[op]
     F = torch.nn.functional
 

@@ -32,7 +32,7 @@ import numpy as np
 
 from . import activation as _activation, alloc, checks, recenter, registry
 from .alloc import empty as _empty
-from .running import batch_variance, numpy_variance, update_running
+from .running import numpy_variance, update_from_rstd
 from .contract import ACT_PREFIX, HALF_DTYPES, NHWC, SPECS, OpSpec, on_columns, stat_dtype
 
 
@@ -371,8 +371,8 @@ class _ChannelOp(Op):
             else:
                 y, saved = self._forward(cl, kshape, None, weight, bias, eps, backend, nhwc=True, act=act)
             if running_mean is not None:
-                var = batch_variance(saved.rstd, eps, count, numpy_variance(x, spec.sets == "instance"))
-                update_running(running_mean, running_var, saved.mean, var, momentum)
+                update_from_rstd(running_mean, running_var, saved.mean, saved.rstd, eps, count, momentum,
+                                 numpy_variance(x, spec.sets == "instance"))
             return _output(y, x.shape, cl), saved
         if running_mean is None:
             raise checks.missing_running(op, spec.training_flag)

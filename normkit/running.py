@@ -6,6 +6,8 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from normkit_kernels import _running_update
+
 # 1/rstd^2 - eps is trusted where it is at least this fraction of eps: there the float32 rounding of rstd (a
 # relative error of ~5e-7 in 1/rstd^2, i.e. of var + eps) is at most ~1e-5 of var.
 _TRUSTED = 1.0 / 16.0
@@ -89,3 +91,18 @@ def update_running(running_mean: np.ndarray, running_var: np.ndarray, batch_mean
     with np.errstate(invalid="ignore", over="ignore"):  # inf and NaN statistics, and a float32 buffer's overflow
         running_mean[...] = (1.0 - momentum) * widen(running_mean) + momentum * mean
         running_var[...] = (1.0 - momentum) * widen(running_var) + momentum * var
+
+
+def update_from_rstd(running_mean: np.ndarray, running_var: np.ndarray, batch_mean: np.ndarray, batch_rstd: np.ndarray,
+           eps: float, count: int, momentum: float, exact: Optional[Callable[[np.ndarray], np.ndarray]]) -> None:
+    """:func:`update_running` with the variance of :func:`batch_variance`: the eager update of both frontends.
+
+    The common case (float32 or float64 buffers and (C,) statistics of their dtype, C-contiguous, no channel near
+    constant) runs compiled (``src/normkit_kernels/_running_update.pyx``, the same arithmetic to the bit), ~1 µs
+    where the NumPy form costs ~25 on small vectors; everything else takes the NumPy form."""
+    try:
+        if _running_update.update(running_mean, running_var, batch_mean, batch_rstd, eps, count, momentum):
+            return
+    except (TypeError, ValueError):  # buffers the compiled update does not take: 16-bit, strided, mixed dtypes
+        pass
+    update_running(running_mean, running_var, batch_mean, batch_variance(batch_rstd, eps, count, exact), momentum)
