@@ -1237,6 +1237,10 @@ _ACTIVATION_DOC = """
 
 def batch_norm(input, running_mean=None, running_var=None, weight=None, bias=None, training=False, momentum=0.1,
                eps=1e-5, *, backend=None, activation=None, negative_slope=0.01):
+    if activation is None:
+        y = _common_channel(_BN, input, running_mean, running_var, weight, bias, training, momentum, eps, backend)
+        if y is not None:
+            return y
     if _torch_only(input):
         return differentiable.activation(F.batch_norm(input, running_mean, running_var, weight, bias, training,
                                                       momentum, eps), _act("batchnorm", activation, negative_slope))
@@ -1260,6 +1264,11 @@ def instance_norm(input, running_mean=None, running_var=None, weight=None, bias=
     # eps 0 with input statistics: torch's batch-norm kernel takes rstd = 0 where an instance's variance is 0 too
     # (ATen's InvStd), so a constant instance gives the bias and zero gradients where normkit's kernels, like
     # torch's other norms, give NaN; its own kernel keeps that answer
+    if activation is None:
+        y = _common_channel(_IN, input, running_mean, running_var, weight, bias, use_input_stats, momentum, eps,
+                            backend)
+        if y is not None:
+            return y
     if _torch_only(input) or (use_input_stats and isinstance(eps, (int, float)) and eps == 0):
         return differentiable.activation(F.instance_norm(input, running_mean, running_var, weight, bias,
                                                          use_input_stats, momentum, eps),
@@ -1272,11 +1281,53 @@ instance_norm.__doc__ = """:func:`torch.nn.functional.instance_norm` computed by
     given, are updated in place with the average over the instances when ``use_input_stats``.""" + _ACTIVATION_DOC
 
 
+def _common_channel(spec: OpSpec, x, running_mean, running_var, weight, bias, batch_stats, momentum, eps,
+                    backend) -> Optional[Tensor]:
+    """batch_norm's / instance_norm's common call, as :func:`_common_row`: the plain branch of :func:`_channel`
+    without its steps, for x of two or more dims that :func:`_plain` finds contiguous or channels-last with the
+    parameters and running statistics, a bool mode, a positive float eps (and a float momentum where the buffers
+    are updated), running statistics that require no grad and more than one value a set. The output, or None."""
+    has_running = running_mean is not None
+    if type(batch_stats) is not bool or type(eps) is not float or not eps > 0.0 or not _common_eager(x) \
+            or (running_var is None) is has_running \
+            or (type(momentum) is not float if batch_stats else not has_running):
+        return None
+    try:
+        if x.dim() < 2:
+            return None
+        n, c = x.shape[0], x.shape[1]
+        plain = _plain(x, (c,), weight, bias, running_mean, running_var, channels_last=True)
+    except RuntimeError:  # a strided nested tensor, which has no shape; a layout without memory (sparse)
+        return None
+    if not plain or has_running and (running_mean.requires_grad or running_var.requires_grad):
+        return None
+    kshape = (n, c, x.numel() // (n * c))
+    count, kernel = 0, None
+    if batch_stats:
+        count = kshape[2] if spec.sets == "instance" else n * kshape[2]
+        if count == 1:  # (torch's error)
+            return None
+        if plain == _CONTIGUOUS:  # (else _forward finds the kernel, as for the general path's plain calls)
+            kernel = _common_kernel(spec, "forward", x, backend, weight, bias)
+    elif not _needs_grad(x, weight, bias):  # inference, nothing saved: the kernel alone, where there is one
+        if plain == _CONTIGUOUS:
+            found = _common_kernel(spec, "forward_infer", x, backend, weight, bias, running_mean, running_var)
+            if found is not None:
+                return _forward_by_address(found, spec, x, weight, bias, eps, 0, kshape, running_mean, running_var)[0]
+        else:
+            found = _columns_by_address(spec, "forward_infer", x, backend, None, plain, weight, bias, running_mean,
+                                        running_var)
+            if found is not None:
+                return _forward_by_address(found, spec, x, weight, bias, eps, 0, _columns(kshape), running_mean,
+                                           running_var, torch.empty_like(x))[0]
+    return _run(_Call(spec, eps, 0, kshape, (c,), running_mean, running_var, batch_stats, has_running and batch_stats,
+                      count, momentum, backend, None, plain, kernel), x, weight, bias)
+
+
 def _common_group(x, num_groups, weight, bias, eps, backend) -> Optional[Tensor]:
     """group_norm's common call, as :func:`_common_row`: x of two or more dims that :func:`_plain` finds
     contiguous, an int number of groups that divides C, a float eps; the output, or None."""
-    if type(x) is not Tensor or type(eps) is not float or type(num_groups) is not int or _is_compiling() \
-            or _transforms_active() or _forward_ad._current_level >= 0 or _eager_tracing():
+    if type(eps) is not float or type(num_groups) is not int or not _common_eager(x):
         return None
     try:
         if x.dim() < 2:
@@ -1358,13 +1409,20 @@ def _row_input(op: str, input, normalized_shape) -> tuple[Tensor, tuple]:
     return x, shape
 
 
+def _common_eager(x) -> bool:
+    """Whether a call may be a common call (_common_row, _common_group, _common_channel): x exactly a Tensor, run
+    eagerly, outside torch.func's transforms, forward AD and torch.jit.trace (see _torch_only; _plain refuses the
+    meta device, and FakeTensors are subclasses)."""
+    return type(x) is Tensor and not (_is_compiling() or _transforms_active() or _forward_ad._current_level >= 0
+                                      or _eager_tracing())
+
+
 def _common_row(spec: OpSpec, x, normalized_shape, weight, bias, eps, backend) -> Optional[Tensor]:
     """A row op's common call in the fewest Python steps (in a model each step costs µs, see _plain): eager, x a
     tensor that :func:`_plain` finds contiguous and that ends with the module's normalized_shape, a float eps (for
     RMSNorm None too), no fused activation (the caller checks), and an address kernel. Its output, or None: then the
     general path runs, which repeats these checks and names what is wrong."""
-    if type(x) is not Tensor or _is_compiling() or _transforms_active() or _forward_ad._current_level >= 0 \
-            or _eager_tracing():  # (_plain refuses the meta device; FakeTensors are subclasses)
+    if not _common_eager(x):
         return None
     if eps is None and not spec.centered:  # RMSNorm's default (_rms_eps)
         eps = _MACHINE_EPS.get(x.dtype)
