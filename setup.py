@@ -140,9 +140,13 @@ class BuildExt(build_ext):
         self.extensions = [e for e in self.extensions if _copy_of(e) is None or _copy_of(e) in copies]
         built = "".join(f" (and a {' '.join(f)} copy)" for f, _ in copies.values())
         print(f"normkit: building the Cython kernels with {' '.join(flags + omp)}{built}; OpenMP: {note}")
+        # normkit's helper: IEEE arithmetic as written, its results being NumPy's to the bit (no reassociation, no
+        # FMA contraction, which gcc does by default wherever the target has FMA: -march=native in CFLAGS,
+        # aarch64), and no threads
+        helper = flags[:1] + [f for f in ["-ffp-contract=off"] if not msvc and _compiles(self.compiler, [f])]
         for ext in self.extensions:
-            if not ext.name.startswith(PACKAGE + "."):  # normkit's helper: IEEE arithmetic as written (its results
-                ext.extra_compile_args = flags[:1]      # are NumPy's to the bit, so no reassociation), no threads
+            if not ext.name.startswith(PACKAGE + "."):
+                ext.extra_compile_args = helper
                 continue
             package = _copy_of(ext)
             ext_flags = flags + (copies[package][0] if package else [])

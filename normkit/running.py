@@ -6,7 +6,10 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from normkit_kernels import _running_update
+try:
+    from normkit_kernels._running_update import update as _compiled_update
+except ImportError:  # a build without it (a broken or partial one): the NumPy form, as the registry goes on without
+    _compiled_update = None  # a backend that does not load
 
 # 1/rstd^2 - eps is trusted where it is at least this fraction of eps: there the float32 rounding of rstd (a
 # relative error of ~5e-7 in 1/rstd^2, i.e. of var + eps) is at most ~1e-5 of var.
@@ -93,16 +96,19 @@ def update_running(running_mean: np.ndarray, running_var: np.ndarray, batch_mean
         running_var[...] = (1.0 - momentum) * widen(running_var) + momentum * var
 
 
-def update_from_rstd(running_mean: np.ndarray, running_var: np.ndarray, batch_mean: np.ndarray, batch_rstd: np.ndarray,
-           eps: float, count: int, momentum: float, exact: Optional[Callable[[np.ndarray], np.ndarray]]) -> None:
+def update_from_rstd(running_mean: np.ndarray, running_var: np.ndarray, batch_mean: np.ndarray,
+                     batch_rstd: np.ndarray, eps: float, count: int, momentum: float,
+                     exact: Optional[Callable[[np.ndarray], np.ndarray]]) -> None:
     """:func:`update_running` with the variance of :func:`batch_variance`: the eager update of both frontends.
 
     The common case (float32 or float64 buffers and (C,) statistics of their dtype, C-contiguous, no channel near
     constant) runs compiled (``src/normkit_kernels/_running_update.pyx``, the same arithmetic to the bit), ~1 µs
-    where the NumPy form costs ~25 on small vectors; everything else takes the NumPy form."""
-    try:
-        if _running_update.update(running_mean, running_var, batch_mean, batch_rstd, eps, count, momentum):
-            return
-    except (TypeError, ValueError):  # buffers the compiled update does not take: 16-bit, strided, mixed dtypes
-        pass
+    where the NumPy form costs ~22 on (C,) vectors; everything else takes the NumPy form."""
+    if _compiled_update is not None:
+        try:
+            if _compiled_update(running_mean, running_var, batch_mean, batch_rstd, eps, count / (count - 1),
+                                momentum):
+                return
+        except (TypeError, ValueError):  # buffers the compiled update does not take: 16-bit, strided, mixed dtypes
+            pass
     update_running(running_mean, running_var, batch_mean, batch_variance(batch_rstd, eps, count, exact), momentum)

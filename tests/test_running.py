@@ -3,6 +3,9 @@ form it stands for, bit for bit, and which calls take which."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -14,6 +17,10 @@ from normkit import running
 
 def _numpy_form(rm, rv, mean, rstd, eps, count, momentum, exact):
     running.update_running(rm, rv, mean, running.batch_variance(rstd, eps, count, exact), momentum)
+
+
+def _compiled(rm, rv, mean, rstd, eps, count, momentum):
+    return running._compiled_update(rm, rv, mean, rstd, eps, count / (count - 1), momentum)
 
 
 def _case(seed: int, c: int, dtype, eps: float):
@@ -35,7 +42,7 @@ def test_compiled_update_is_the_numpy_form_to_the_bit(seed, c, dtype, momentum, 
     rm, rv, mean, rstd = _case(seed, c, dtype, eps)
     want_m, want_v = rm.copy(), rv.copy()
     _numpy_form(want_m, want_v, mean, rstd, eps, count, momentum, None)
-    assert running._running_update.update(rm, rv, mean, rstd, eps, count, momentum)
+    assert _compiled(rm, rv, mean, rstd, eps, count, momentum)
     np.testing.assert_array_equal(rm, want_m, strict=True)
     np.testing.assert_array_equal(rv, want_v, strict=True)
 
@@ -49,7 +56,7 @@ def test_compiled_update_refuses_doubtful_channels_and_writes_nothing(dtype, bad
     rm, rv, mean, rstd = _case(0, 9, dtype, 1e-3)
     rstd[4] = {"near_eps": 1 / np.sqrt(eps * 1.01), "nan": np.nan, "zero": 0.0}[bad]
     before = rm.copy(), rv.copy()
-    assert not running._running_update.update(rm, rv, mean, rstd, eps, 8, 0.1)
+    assert not _compiled(rm, rv, mean, rstd, eps, 8, 0.1)
     np.testing.assert_array_equal(rm, before[0], strict=True)
     np.testing.assert_array_equal(rv, before[1], strict=True)
     want_m, want_v = rm.copy(), rv.copy()
@@ -81,10 +88,44 @@ def test_what_the_compiled_update_does_not_take_goes_to_the_numpy_form(what):
             running.update_from_rstd(rm, rv, mean, rstd, 1e-5, 12, 0.1, None)
         return
     with pytest.raises((TypeError, ValueError)):
-        running._running_update.update(rm, rv, mean, rstd, 1e-5, 12, 0.1)
+        _compiled(rm, rv, mean, rstd, 1e-5, 12, 0.1)
     running.update_from_rstd(rm, rv, mean, rstd, 1e-5, 12, 0.1, None)
     np.testing.assert_array_equal(rm, want_m, strict=True)
     np.testing.assert_array_equal(rv, want_v, strict=True)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shift", [-1, 1, 0])
+def test_buffers_that_share_memory_are_updated_as_numpy_updates_them(dtype, shift):
+    """running_mean and running_var overlapping in one buffer (or being one array): NumPy writes all of
+    running_mean, then computes running_var from what is there; the loop does the same, not channel by channel."""
+    _, _, mean, rstd = _case(2, 5, dtype, 1e-5)
+    results = []
+    for form in (_numpy_form, running.update_from_rstd):
+        buf = np.linspace(0.5, 2.0, 6).astype(dtype)
+        rm, rv = (buf[:5], buf[1:]) if shift > 0 else (buf[1:], buf[:5]) if shift < 0 else (buf[:5], buf[:5])
+        form(rm, rv, mean, rstd, 1e-5, 40, 0.3, None)
+        results.append(buf)
+    np.testing.assert_array_equal(results[1], results[0], strict=True)
+
+
+def test_without_the_compiled_loop_the_numpy_form_runs():
+    """A build that lacks normkit_kernels._running_update (a broken or partial one) still imports normkit and
+    updates running statistics, as the registry goes on without a backend that does not load."""
+    code = """
+import sys
+sys.modules["normkit_kernels._running_update"] = None  # its import fails
+import numpy as np
+import normkit
+from normkit import running
+assert running._compiled_update is None
+x = np.random.default_rng(0).standard_normal((8, 3, 5)).astype(np.float32) * 2 + 1
+rm, rv = np.zeros(3, np.float32), np.ones(3, np.float32)
+normkit.get("bn")(x, rm, rv, training=True, momentum=1.0, backend="reference")
+np.testing.assert_allclose(rm, x.mean(axis=(0, 2)), rtol=1e-5)
+np.testing.assert_allclose(rv, x.var(axis=(0, 2), ddof=1), rtol=1e-4)
+"""
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=300)
 
 
 def _numpy_form_refused(*args):

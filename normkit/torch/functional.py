@@ -671,7 +671,7 @@ class _Call:
 
     def forward(self, x: Tensor, weight, bias, save: bool) -> Tensor:
         use_running = not self.batch_stats
-        if self.kernel is not None:  # a common call (_run_common: batch statistics), its kernel found already
+        if self.kernel is not None:  # a common call with batch statistics (_run_common, _common_channel)
             y, self.mean, self.rstd, offset = _forward_by_address(self.kernel, self.spec, x, weight, bias, self.eps,
                                                                   self.groups, self.kshape, None, None)
         else:
@@ -696,8 +696,8 @@ _NUMPY_RUNNING = (torch.float32, torch.float64)
 
 def _update_running_now(running_mean: Tensor, running_var: Tensor, mean: np.ndarray, rstd: np.ndarray, eps: float,
                         count: int, momentum: float, x: Tensor, per_instance: bool) -> None:
-    """The eager update: normkit.running's on the buffers' own memory (~3 µs, compiled, where torch operations
-    cost tens), except for dtypes NumPy lacks and negative views, and for instance norm, whose buffers torch writes with
+    """The eager update: normkit.running's on the buffers' own memory (~5 µs with the views, compiled, where torch
+    operations cost tens), except for 16-bit buffers and negative views, and for instance norm, whose buffers torch writes with
     ``copy_``: autograd's version counters see that (a graph that saved a buffer refuses its backward) and an
     inference tensor refuses it outside inference mode (torch's batch-norm kernel writes its own buffers in place,
     as NumPy does). The buffers are written, so their views come from ``numpy()``, which never copies
@@ -1285,8 +1285,9 @@ def _common_channel(spec: OpSpec, x, running_mean, running_var, weight, bias, ba
                     backend) -> Optional[Tensor]:
     """batch_norm's / instance_norm's common call, as :func:`_common_row`: the plain branch of :func:`_channel`
     without its steps, for x of two or more dims that :func:`_plain` finds contiguous or channels-last with the
-    parameters and running statistics, a bool mode, a positive float eps (and a float momentum where the buffers
-    are updated), running statistics that require no grad and more than one value a set. The output, or None."""
+    parameters and running statistics, a bool mode, a positive float eps, a float momentum with batch statistics
+    (a module's; the general path takes the rest), running statistics that require no grad and more than one value
+    a set. The output, or None."""
     has_running = running_mean is not None
     if type(batch_stats) is not bool or type(eps) is not float or not eps > 0.0 or not _common_eager(x) \
             or (running_var is None) is has_running \
