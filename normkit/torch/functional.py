@@ -1327,22 +1327,23 @@ def _common_channel(spec: OpSpec, x, running_mean, running_var, weight, bias, ba
 
 def _common_group(x, num_groups, weight, bias, eps, backend) -> Optional[Tensor]:
     """group_norm's common call, as :func:`_common_row`: x of two or more dims that :func:`_plain` finds
-    contiguous, an int number of groups that divides C, a float eps; the output, or None."""
+    contiguous or channels-last, an int number of groups that divides C, a float eps; the output, or None."""
     if type(eps) is not float or type(num_groups) is not int or not _common_eager(x):
         return None
     try:
         if x.dim() < 2:
             return None
         n, c = x.shape[0], x.shape[1]
-        if num_groups <= 0 or c % num_groups or n * c == num_groups and x.numel() == num_groups \
-                or _plain(x, (c,), weight, bias) != _CONTIGUOUS:  # (one value a group: torch's error)
-            return None
+        if num_groups <= 0 or c % num_groups or n * c == num_groups and x.numel() == num_groups:
+            return None  # (one value a group: torch's error)
+        plain = _plain(x, (c,), weight, bias, channels_last=True)
     except RuntimeError:  # a strided nested tensor, which has no shape; a layout without memory (sparse)
         return None
-    kernel = _common_kernel(_GN, "forward", x, backend, weight, bias)
-    if kernel is None:
+    if not plain:
         return None
-    return _run_common(_GN, kernel, x, weight, bias, eps, num_groups, (n, c, x.numel() // (n * c)), (c,), backend)
+    kernel = _common_kernel(_GN, "forward", x, backend, weight, bias) if plain == _CONTIGUOUS else None
+    return _run_common(_GN, kernel, x, weight, bias, eps, num_groups, (n, c, x.numel() // (n * c)), (c,), backend,
+                       plain)
 
 
 def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5, *, backend=None, activation=None,
@@ -1421,8 +1422,8 @@ def _common_eager(x) -> bool:
 def _common_row(spec: OpSpec, x, normalized_shape, weight, bias, eps, backend) -> Optional[Tensor]:
     """A row op's common call in the fewest Python steps (in a model each step costs µs, see _plain): eager, x a
     tensor that :func:`_plain` finds contiguous and that ends with the module's normalized_shape, a float eps (for
-    RMSNorm None too), no fused activation (the caller checks), and an address kernel. Its output, or None: then the
-    general path runs, which repeats these checks and names what is wrong."""
+    RMSNorm None too), no fused activation (the caller checks). Its output, or None: then the general path runs,
+    which repeats these checks and names what is wrong."""
     if not _common_eager(x):
         return None
     if eps is None and not spec.centered:  # RMSNorm's default (_rms_eps)
@@ -1433,21 +1434,20 @@ def _common_row(spec: OpSpec, x, normalized_shape, weight, bias, eps, backend) -
             return None
     except RuntimeError:  # a strided nested tensor, which has no shape
         return None
-    kernel = _common_kernel(spec, "forward", x, backend, weight, bias)
-    if kernel is None:
-        return None
     k = math.prod(normalized_shape)
-    return _run_common(spec, kernel, x, weight, bias, eps, 0, (x.numel() // k, k), normalized_shape, backend)
+    return _run_common(spec, _common_kernel(spec, "forward", x, backend, weight, bias), x, weight, bias, eps, 0,
+                       (x.numel() // k, k), normalized_shape, backend, _CONTIGUOUS)
 
 
 def _run_common(spec: OpSpec, kernel, x: Tensor, weight, bias, eps: float, groups: int, kshape: tuple,
-                pshape: tuple, backend) -> Tensor:
-    """A common call of an op without running statistics (_common_row, _common_group; ``kernel``: its forward
-    address kernel): with autograd, _Norm, else the kernel alone."""
-    if _needs_grad(x, weight, bias):
-        return _run(_Call(spec, eps, groups, kshape, pshape, None, None, True, False, 0, 0.0, backend, None,
-                          _CONTIGUOUS, kernel), x, weight, bias)
-    return _forward_by_address(kernel, spec, x, weight, bias, eps, groups, kshape, None, None)[0]
+                pshape: tuple, backend, plain: int) -> Tensor:
+    """A common call of an op without running statistics (_common_row, _common_group), ``plain`` as _plain found
+    it: without autograd and with an address kernel (``kernel``, else None), the kernel alone; else _Norm, or the
+    forward, as the general path runs its plain calls."""
+    if kernel is not None and not _needs_grad(x, weight, bias):
+        return _forward_by_address(kernel, spec, x, weight, bias, eps, groups, kshape, None, None)[0]
+    return _run(_Call(spec, eps, groups, kshape, pshape, None, None, True, False, 0, 0.0, backend, None, plain,
+                      kernel), x, weight, bias)
 
 
 def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5, *, backend=None, activation=None,
