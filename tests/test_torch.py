@@ -442,6 +442,27 @@ def test_plain_calls_take_the_short_path_and_agree_with_the_general_one(case, dt
         assert e is None and a is None or torch.equal(a, e), name
 
 
+@pytest.mark.parametrize("case", [*PLAIN_CALLS, "add_layer_norm"])
+def test_a_zero_tensor_grad_output_is_zeros(case):
+    """autograd may hand a backward a ZeroTensor (torch._efficientzerotensor: zeros without memory, NULL address):
+    the gradients are those of zeros (an address kernel refused the NULL address with a misleading error)."""
+    shape, call = PLAIN_CALLS.get(case, ((4, 5, 6), None))
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=g)
+    c = shape[-1] if case.startswith(("layernorm", "rmsnorm", "add")) else shape[1]
+    w, b = torch.rand(c, generator=g) + 0.5, torch.randn(c, generator=g)
+    grads = []
+    for dy in (torch._efficientzerotensor(shape), torch.zeros(shape)):
+        xs, ws, bs = (t.clone().requires_grad_() for t in (x, w, b))
+        if call is None:
+            y = nt.add_layer_norm(xs, torch.ones(shape), (c,), ws, bs)[0]
+        else:
+            y = call(nt, xs, ws, bs, torch.zeros(c), torch.ones(c))
+        grads.append(torch.autograd.grad(y, (xs, ws), dy, allow_unused=True))
+    for a, e in zip(*grads):
+        assert a is None and e is None or torch.equal(a, e)
+
+
 @pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
 @pytest.mark.parametrize("case", [c for c in PLAIN_CALLS if not c.endswith(("relu", "silu", "gelu"))])
 def test_plain_calls_with_a_strided_grad_output(case, channels_last):

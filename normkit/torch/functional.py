@@ -550,6 +550,7 @@ def _backward(spec: OpSpec, dy: Tensor, x: Tensor, mean: np.ndarray, rstd: np.nd
     ``recentre``: whether x is first shifted by its mean (:mod:`normkit.recenter`), as forward's kernel told (None:
     decided here)."""
     direction = "backward" if batch_stats else "backward_infer"
+    dy = _materialized(dy)
     if _misaligned(dy) or not plain and _misaligned(x, weight, bias):  # (_plain checked x and weight in forward)
         dy, x, weight, bias = _aligned(dy, x, weight, bias)
     if recentre or (recentre is None and x.dtype == torch.float32 and batch_stats and spec.centered
@@ -589,6 +590,12 @@ def _backward(spec: OpSpec, dy: Tensor, x: Tensor, mean: np.ndarray, rstd: np.nd
     return _run_backward(kernel, spec, _np(dy).reshape(kshape), _np(x).reshape(kshape),
                          torch.empty_like(x, memory_format=_DENSE), lambda t: _writable(t).reshape(kshape), mean,
                          rstd, weight, groups, pshape, weight_grad, bias_grad)
+
+
+def _materialized(dy: Optional[Tensor]) -> Optional[Tensor]:
+    """A gradient with memory: autograd can hand a ZeroTensor (``torch._efficientzerotensor``: zeros without
+    storage, whose address is NULL) to a backward; its zeros, made, are what the kernels read."""
+    return torch.zeros_like(dy) if dy is not None and dy._is_zerotensor() else dy
 
 
 def _recentered(spec: OpSpec, x: Tensor, mean: np.ndarray, groups: int, kshape: tuple,
@@ -697,10 +704,10 @@ _NUMPY_RUNNING = (torch.float32, torch.float64)
 def _update_running_now(running_mean: Tensor, running_var: Tensor, mean: np.ndarray, rstd: np.ndarray, eps: float,
                         count: int, momentum: float, x: Tensor, per_instance: bool) -> None:
     """The eager update: normkit.running's on the buffers' own memory (~5 µs with the views, compiled, where torch
-    operations cost tens), except for 16-bit buffers and negative views, and for instance norm, whose buffers torch writes with
-    ``copy_``: autograd's version counters see that (a graph that saved a buffer refuses its backward) and an
-    inference tensor refuses it outside inference mode (torch's batch-norm kernel writes its own buffers in place,
-    as NumPy does). The buffers are written, so their views come from ``numpy()``, which never copies
+    operations cost tens), except for 16-bit buffers and negative views, and for instance norm, whose buffers torch
+    writes with ``copy_``: autograd's version counters see that (a graph that saved a buffer refuses its backward)
+    and an inference tensor refuses it outside inference mode (torch's batch-norm kernel writes its own buffers in
+    place, as NumPy does). The buffers are written, so their views come from ``numpy()``, which never copies
     (``numpy(force=True)`` could)."""
     exact = functools.partial(_exact_variance, x, per_instance)
     if not per_instance and running_mean.dtype in _NUMPY_RUNNING and running_var.dtype in _NUMPY_RUNNING \
@@ -1497,20 +1504,15 @@ def rms_norm(input, normalized_shape, weight=None, eps=None, *, backend=None):
     if _torch_only(input):
         return F.rms_norm(input, normalized_shape, weight, eps)
     op = "rmsnorm"
-    compiling = _is_compiling()  # first: _plain's looks are eager-only
-    plain = not compiling and _row_plain(input, normalized_shape, 0.0 if eps is None else eps, weight)
-    if plain:
-        x, shape = input, normalized_shape
-    elif _torch_computes(input, op):
+    if _torch_computes(input, op):  # (every plain call was _common_row's)
         return F.rms_norm(input, normalized_shape, weight, eps)
-    else:
-        x, shape = _row_input(op, input, normalized_shape)
-        weight, _ = _params(op, x, shape, weight, None)
+    x, shape = _row_input(op, input, normalized_shape)
+    weight, _ = _params(op, x, shape, weight, None)
     eps = _rms_eps(x, eps)
-    if compiling:
+    if _is_compiling():
         return _rms_norm(x, list(shape), weight, eps, backend)[0]
     kshape = _kernel_shape(_RMS, x.shape, len(shape))
-    return _run(_Call(_RMS, eps, 0, kshape, shape, None, None, True, False, 0, 0.0, backend, None, plain), x, weight,
+    return _run(_Call(_RMS, eps, 0, kshape, shape, None, None, True, False, 0, 0.0, backend, None, 0), x, weight,
                 None)
 
 
@@ -1548,7 +1550,7 @@ class _AddCall:
     def backward(self, dy: Tensor, dh: Optional[Tensor], h: Tensor, weight, weight_grad: bool, bias_grad: bool):
         """(dx, dweight, dbias): dx is the gradient of both x and residual, the norm's backward plus dh."""
         spec = self.spec
-        dy, dh, weight = _aligned(_contiguous(dy), _contiguous(dh), weight)
+        dy, dh, weight = _aligned(_contiguous(_materialized(dy)), _contiguous(_materialized(dh)), weight)
         used, fused = fused_kernel(spec.name, "add_backward", _KERNEL_DTYPES[h.dtype], self.backend)
         if fused is None or not h.numel():
             dx, dw, db = _backward(spec, dy, h, self.mean, self.rstd, weight, 0, self.kshape, True, self.pshape,
