@@ -102,9 +102,13 @@ def _c_string(text):
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
+def _is_helper(ext):
+    return ext.name in dict(HELPERS)
+
+
 def _copy_of(ext):
     """The x86-64 subpackage an extension belongs to, or None for a baseline module."""
-    if not ext.name.startswith(PACKAGE + "."):  # normkit's helper
+    if _is_helper(ext):
         return None
     package = ext.name[len(PACKAGE) + 1:].rpartition(".")[0]
     return package or None
@@ -145,7 +149,7 @@ class BuildExt(build_ext):
         # aarch64), and no threads
         helper = flags[:1] + [f for f in ["-ffp-contract=off"] if not msvc and _compiles(self.compiler, [f])]
         for ext in self.extensions:
-            if not ext.name.startswith(PACKAGE + "."):
+            if _is_helper(ext):
                 ext.extra_compile_args = helper
                 continue
             package = _copy_of(ext)

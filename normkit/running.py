@@ -106,8 +106,8 @@ def update_from_rstd(running_mean: np.ndarray, running_var: np.ndarray, batch_me
     where the NumPy form costs ~22 on (C,) vectors; everything else takes the NumPy form."""
     if _compiled_update is not None:
         try:
-            if _compiled_update(running_mean, running_var, batch_mean, batch_rstd, eps, count / (count - 1),
-                                momentum):
+            if _compiled_update(running_mean, running_var, batch_mean, batch_rstd, eps, eps * _TRUSTED,
+                                count / (count - 1), momentum):
                 return
         except (TypeError, ValueError):  # buffers the compiled update does not take: 16-bit, strided, mixed dtypes
             pass

@@ -20,7 +20,7 @@ def _numpy_form(rm, rv, mean, rstd, eps, count, momentum, exact):
 
 
 def _compiled(rm, rv, mean, rstd, eps, count, momentum):
-    return running._compiled_update(rm, rv, mean, rstd, eps, count / (count - 1), momentum)
+    return running._compiled_update(rm, rv, mean, rstd, eps, eps * running._TRUSTED, count / (count - 1), momentum)
 
 
 def _case(seed: int, c: int, dtype, eps: float):

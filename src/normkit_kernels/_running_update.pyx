@@ -19,16 +19,16 @@ from cython cimport floating
 
 
 def update(floating[::1] running_mean not None, floating[::1] running_var not None,
-           const floating[::1] mean not None, const floating[::1] rstd not None, double eps, double correction,
-           double momentum):
+           const floating[::1] mean not None, const floating[::1] rstd not None, double eps, double trusted,
+           double correction, double momentum):
     """Update the buffers in place and return True; or return False, writing nothing, when the arrays are not all
-    (C,) or a channel's ``1/rstd^2 - eps`` is below eps/16 or NaN (normkit.running.batch_variance recomputes such
-    a channel's variance from the data). Buffers of another dtype or layout are refused by the call itself
-    (TypeError or ValueError)."""
+    (C,) or a channel's ``1/rstd^2 - eps`` is below ``trusted`` (normkit.running's eps * _TRUSTED) or NaN
+    (normkit.running.batch_variance recomputes such a channel's variance from the data). Buffers of another dtype
+    or layout are refused by the call itself (TypeError or ValueError)."""
     cdef Py_ssize_t c = running_mean.shape[0], i
     if running_var.shape[0] != c or mean.shape[0] != c or rstd.shape[0] != c:
         return False
-    cdef double trusted = eps * (1.0 / 16.0), r, v
+    cdef double r, v
     for i in range(c):
         r = rstd[i]
         v = 1.0 / (r * r) - eps
